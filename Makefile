@@ -1,0 +1,53 @@
+# The two commands a user needs: `make run` and `make test`. Everything else is a helper.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DHOW := $(VENV)/bin/dhow
+STAMP := $(VENV)/.installed
+DEMO := demo-models
+
+.PHONY: run test install demo-models lint format check-proto proto bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# pinned so that pip takes the CPU build, not gigabytes of CUDA packages
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[all,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(DEMO)/.built: $(STAMP)
+	$(DHOW) demo build --out $(DEMO)
+	touch $@
+
+demo-models: $(DEMO)/.built
+
+run: $(DEMO)/.built
+	$(DHOW) serve --repository $(DEMO) --host 127.0.0.1 --http-port 8080 --grpc-port 8081
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+# regenerate the gRPC stubs from the .proto (committed; tests check they match)
+proto: $(STAMP)
+	$(PY) -m dhow.protocols.grpc.codegen --write
+
+check-proto: $(STAMP)
+	$(PY) -m dhow.protocols.grpc.codegen --check
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The shared vocabulary: tensors, requests, responses, datatypes, errors, model config."""

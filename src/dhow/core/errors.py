@@ -1,0 +1,108 @@
+"""The error tree every layer raises, with transport-neutral codes.
+
+    DhowError                 (INTERNAL)
+    ├── InvalidInput          (INVALID_ARGUMENT) bad request: shape, datatype, framing
+    ├── NotFound              (NOT_FOUND)        unknown model or version
+    ├── Unavailable           (UNAVAILABLE)      model not ready, server shutting down
+    ├── Overloaded            (RESOURCE_EXHAUSTED) queue full; retry later
+    ├── DeadlineExceeded      (DEADLINE_EXCEEDED) request timed out before compute
+    ├── Unsupported           (UNIMPLEMENTED)    feature or runtime not available
+    ├── Forbidden             (PERMISSION_DENIED)
+    ├── Unauthenticated       (UNAUTHENTICATED)
+    ├── ModelLoadError        (UNAVAILABLE)      an artifact or manifest failed to load
+    └── ModelFault            (INTERNAL)         the model raised while computing
+
+The doors map ``ErrorCode`` to HTTP statuses and gRPC codes at the edge; the message of a
+``DhowError`` is written for the client. Any other exception is internal: the client sees
+only a generic message and an id that is in the server log.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.Enum):
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    UNAVAILABLE = "UNAVAILABLE"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    INTERNAL = "INTERNAL"
+
+
+# Triton's mapping: NOT_FOUND→404, UNAVAILABLE→503, UNSUPPORTED→501, INTERNAL→500, rest→400.
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_ARGUMENT: 400,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.RESOURCE_EXHAUSTED: 429,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.UNIMPLEMENTED: 501,
+    ErrorCode.PERMISSION_DENIED: 403,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+class DhowError(Exception):
+    """Base of every error dhow raises on purpose; the message is safe to show a client."""
+
+    code = ErrorCode.INTERNAL
+    #: seconds a client should wait before retrying, for overload and unavailability
+    retry_after: float | None = None
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if retry_after is not None:
+            self.retry_after = retry_after
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS[self.code]
+
+
+class InvalidInput(DhowError):
+    code = ErrorCode.INVALID_ARGUMENT
+
+
+class NotFound(DhowError):
+    code = ErrorCode.NOT_FOUND
+
+
+class Unavailable(DhowError):
+    code = ErrorCode.UNAVAILABLE
+    retry_after = 1.0
+
+
+class Overloaded(DhowError):
+    code = ErrorCode.RESOURCE_EXHAUSTED
+    retry_after = 1.0
+
+
+class DeadlineExceeded(DhowError):
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
+class Unsupported(DhowError):
+    code = ErrorCode.UNIMPLEMENTED
+
+
+class Forbidden(DhowError):
+    code = ErrorCode.PERMISSION_DENIED
+
+
+class Unauthenticated(DhowError):
+    code = ErrorCode.UNAUTHENTICATED
+
+
+class ModelLoadError(DhowError):
+    code = ErrorCode.UNAVAILABLE
+
+
+class ModelFault(DhowError):
+    code = ErrorCode.INTERNAL

@@ -1,0 +1,81 @@
+"""A model's configuration as every layer sees it, once ``model.yaml`` has been validated.
+
+The manifest parser (``dhow.repository.manifest``) builds these; runtimes read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+InstanceKind = Literal["thread", "process", "gpu"]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    #: includes the batch dimension (as -1) when the model batches; -1 marks any variable dim
+    shape: tuple[int, ...]
+    optional: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingConfig:
+    #: how long the first request of a batch may wait for others, in milliseconds
+    max_queue_delay_ms: float = 0.0
+    #: batch sizes to cut at as soon as they are reached
+    preferred_batch_sizes: tuple[int, ...] = ()
+    #: requests waiting beyond this are refused with 429 (0 = unlimited)
+    max_queue_size: int = 0
+    #: a request still queued after this is answered with a timeout, never computed (0 = none)
+    timeout_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceConfig:
+    count: int = 1
+    kind: InstanceKind = "thread"
+
+
+@dataclass(frozen=True, slots=True)
+class VersionPolicy:
+    """Which versions on disk are served: the newest ``latest``, ``all``, or ``specific`` ones."""
+
+    latest: int | None = 1
+    all: bool = False
+    specific: tuple[int, ...] = ()
+
+    def select(self, available: list[int]) -> list[int]:
+        ordered = sorted(available)
+        if self.all:
+            return ordered
+        if self.specific:
+            return [v for v in ordered if v in self.specific]
+        return ordered[-(self.latest or 1) :]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    runtime: str
+    #: None when the runtime reads them from the artifact (ONNX)
+    inputs: tuple[TensorSpec, ...] | None = None
+    outputs: tuple[TensorSpec, ...] | None = None
+    max_batch_size: int = 0
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    #: None: batching off; on by default when ``max_batch_size > 0``
+    batching: BatchingConfig | None = None
+    instances: InstanceConfig = field(default_factory=InstanceConfig)
+    #: "cpu", "cuda" or "cuda:N"
+    device: str = "cpu"
+    #: weights precision on GPU runtimes: fp32, fp16 or bf16
+    precision: str = "fp32"
+    #: intra-op threads per instance; 0 lets dhow size them to the cores
+    threads: int = 0
+    owner: str = ""
+    region: str = ""
+    description: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    #: runtime-specific settings (e.g. the class name of a Python model)
+    parameters: dict[str, Any] = field(default_factory=dict)

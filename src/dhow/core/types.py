@@ -1,0 +1,52 @@
+"""The transport-neutral request and response every door builds and the data plane serves.
+
+Tensors hold numpy arrays: the doors decode wire bytes straight into them (``frombuffer``)
+and encode them back; nothing in between knows which door a request came through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Parameters = dict[str, Any]
+
+
+@dataclass(slots=True)
+class Tensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray
+    parameters: Parameters = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    """An output the client asked for; ``parameters`` carries e.g. ``binary_data``, ``classification``."""
+
+    name: str
+    parameters: Parameters = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    model_name: str
+    inputs: list[Tensor]
+    #: "" lets the server choose (the latest ready version)
+    model_version: str = ""
+    id: str = ""
+    parameters: Parameters = field(default_factory=dict)
+    #: None asks for every output of the model
+    outputs: list[RequestedOutput] | None = None
+
+
+@dataclass(slots=True)
+class InferenceResponse:
+    model_name: str
+    model_version: str
+    outputs: list[Tensor]
+    id: str = ""
+    parameters: Parameters = field(default_factory=dict)
