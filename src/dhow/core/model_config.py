@@ -10,6 +10,9 @@ from typing import Any, Literal
 
 InstanceKind = Literal["thread", "process", "gpu"]
 
+#: the ``runtime:`` values a manifest may name
+RUNTIME_NAMES: tuple[str, ...] = ("onnx", "torch", "sklearn", "xgboost", "lightgbm", "python")
+
 
 @dataclass(frozen=True, slots=True)
 class TensorSpec:

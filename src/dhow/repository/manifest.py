@@ -1,0 +1,234 @@
+"""Parse and validate ``model.yaml`` into a ``ModelConfig``.
+
+Every refusal names the file, the field and what was expected, so that a user can fix a
+manifest without reading dhow's source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dhow.core.datatypes import DATATYPES
+from dhow.core.errors import ModelLoadError
+from dhow.core.model_config import (
+    RUNTIME_NAMES,
+    BatchingConfig,
+    InstanceConfig,
+    ModelConfig,
+    TensorSpec,
+    VersionPolicy,
+)
+
+MANIFEST = "model.yaml"
+
+
+class ManifestError(ModelLoadError):
+    """A manifest that cannot be served; the message names file, field and expectation."""
+
+    def __init__(self, path: Path | str, field: str, expected: str, got: object = None) -> None:
+        where = f"{path}: field '{field}'" if field else str(path)
+        got_text = "" if got is None else f", got {got!r}"
+        super().__init__(f"{where}: expected {expected}{got_text}")
+
+
+class _Fields:
+    """Reads the fields of one mapping, remembering which were used so that extras are refused."""
+
+    def __init__(self, path: Path | str, prefix: str, data: object) -> None:
+        if not isinstance(data, dict):
+            raise ManifestError(path, prefix, "a mapping", data)
+        self.path, self.prefix, self.data = path, prefix, data
+        self.seen: set[str] = set()
+
+    def name(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def error(self, key: str, expected: str) -> ManifestError:
+        return ManifestError(self.path, self.name(key), expected, self.data.get(key))
+
+    def get(self, key: str, check: Callable[[object], bool], expected: str, default: Any = None) -> Any:
+        self.seen.add(key)
+        if key not in self.data or self.data[key] is None:
+            return default
+        value = self.data[key]
+        if not check(value):
+            raise self.error(key, expected)
+        return value
+
+    def require(self, key: str, check: Callable[[object], bool], expected: str) -> Any:
+        if key not in self.data:
+            self.seen.add(key)
+            raise ManifestError(self.path, self.name(key), f"{expected} (the field is required)")
+        return self.get(key, check, expected)
+
+    def finish(self, allowed: str) -> None:
+        extra = sorted(set(map(str, self.data)) - self.seen)
+        if extra:
+            raise ManifestError(self.path, self.name(extra[0]), f"a known field ({allowed}); this one is unknown")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _non_negative_int(value: object) -> bool:
+    return _is_int(value) and value >= 0  # type: ignore[operator]
+
+
+def _positive_int(value: object) -> bool:
+    return _is_int(value) and value > 0  # type: ignore[operator]
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _string_map(value: object) -> bool:
+    return isinstance(value, dict) and all(map(_is_str, value.values()))
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(_positive_int(v) for v in value)
+
+
+def _shape(value: object) -> bool:
+    return isinstance(value, list) and all(_is_int(v) and (v == -1 or v > 0) for v in value)
+
+
+def _tensors(path: Path | str, key: str, raw: object, batched: bool) -> tuple[TensorSpec, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ManifestError(path, key, "a non-empty list of {name, datatype, shape}", raw)
+    specs: list[TensorSpec] = []
+    for index, item in enumerate(raw):
+        fields = _Fields(path, f"{key}[{index}]", item)
+        name = fields.require("name", lambda v: isinstance(v, str) and bool(v), "a non-empty string")
+        datatype = fields.require("datatype", lambda v: v in DATATYPES, f"one of {', '.join(sorted(DATATYPES))}")
+        shape = fields.require("shape", _shape, "a list of dimensions, each a positive integer or -1")
+        optional = fields.get("optional", lambda v: isinstance(v, bool), "true or false", False)
+        fields.finish("name, datatype, shape, optional")
+        if batched and (not shape or shape[0] != -1):
+            raise ManifestError(
+                path, f"{key}[{index}].shape", "the batch dimension first, as -1, because max_batch_size > 0", shape
+            )
+        if name in {s.name for s in specs}:
+            raise ManifestError(path, f"{key}[{index}].name", "a name not used twice", name)
+        specs.append(TensorSpec(name, datatype, tuple(shape), optional))
+    return tuple(specs)
+
+
+def _version_policy(path: Path | str, raw: object) -> VersionPolicy:
+    if raw is None:
+        return VersionPolicy()
+    fields = _Fields(path, "version_policy", raw)
+    latest = fields.get("latest", _positive_int, "a positive integer")
+    every = fields.get("all", lambda v: v is True, "true")
+    specific = fields.get("specific", lambda v: _int_list(v) and bool(v), "a non-empty list of version numbers")
+    fields.finish("latest, all, specific")
+    if sum(x is not None for x in (latest, every, specific)) != 1:
+        raise ManifestError(path, "version_policy", "exactly one of {latest: N}, {all: true}, {specific: [..]}", raw)
+    if every:
+        return VersionPolicy(latest=None, all=True)
+    if specific:
+        return VersionPolicy(latest=None, specific=tuple(specific))
+    return VersionPolicy(latest=latest)
+
+
+def _batching(path: Path | str, raw: object, max_batch_size: int) -> BatchingConfig | None:
+    if raw is False or (raw is None and max_batch_size == 0):
+        return None
+    if raw is None or raw is True:
+        return BatchingConfig()
+    fields = _Fields(path, "batching", raw)
+    delay = fields.get("max_queue_delay_ms", lambda v: _is_number(v) and v >= 0, "a number >= 0", 0.0)  # type: ignore[operator]
+    preferred = fields.get("preferred_batch_sizes", _int_list, "a list of positive integers", [])
+    queue = fields.get("max_queue_size", _non_negative_int, "an integer >= 0", 0)
+    timeout = fields.get("timeout_ms", lambda v: _is_number(v) and v >= 0, "a number >= 0", 0.0)  # type: ignore[operator]
+    fields.finish("max_queue_delay_ms, preferred_batch_sizes, max_queue_size, timeout_ms")
+    if max_batch_size == 0:
+        raise ManifestError(path, "batching", "no batching block when max_batch_size is 0 (the model does not batch)")
+    if any(size > max_batch_size for size in preferred):
+        raise ManifestError(
+            path, "batching.preferred_batch_sizes", f"sizes <= max_batch_size ({max_batch_size})", preferred
+        )
+    return BatchingConfig(float(delay), tuple(sorted(preferred)), queue, float(timeout))
+
+
+def _instances(path: Path | str, raw: object) -> InstanceConfig:
+    if raw is None:
+        return InstanceConfig()
+    fields = _Fields(path, "instances", raw)
+    count = fields.get("count", _positive_int, "a positive integer", 1)
+    kind = fields.get("kind", lambda v: v in ("thread", "process", "gpu"), "one of thread, process, gpu", "thread")
+    fields.finish("count, kind")
+    return InstanceConfig(count, kind)
+
+
+def _device(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    return value in ("cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())
+
+
+def parse_manifest(data: object, path: Path | str, name: str) -> ModelConfig:
+    """Validate manifest data already read from YAML (or JSON) into a ``ModelConfig``."""
+    if data is None:
+        data = {}
+    fields = _Fields(path, "", data)
+    runtime = fields.require("runtime", lambda v: v in RUNTIME_NAMES, f"one of {', '.join(RUNTIME_NAMES)}")
+    max_batch_size = fields.get("max_batch_size", _non_negative_int, "an integer >= 0 (0 = no batching)", 0)
+    batched = max_batch_size > 0
+    raw_inputs = fields.get("inputs", lambda v: True, "")
+    raw_outputs = fields.get("outputs", lambda v: True, "")
+    inputs = None if raw_inputs is None else _tensors(path, "inputs", raw_inputs, batched)
+    outputs = None if raw_outputs is None else _tensors(path, "outputs", raw_outputs, batched)
+    if runtime != "onnx" and (inputs is None or outputs is None):
+        missing = "inputs" if inputs is None else "outputs"
+        raise ManifestError(path, missing, f"a list of tensors (only onnx models may leave {missing} out)")
+    labels = fields.get(
+        "labels", lambda v: isinstance(v, dict) and all(map(_is_str, v.values())), "a mapping of strings", {}
+    )
+    config = ModelConfig(
+        name=name,
+        runtime=runtime,
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=max_batch_size,
+        version_policy=_version_policy(path, fields.get("version_policy", lambda v: True, "")),
+        batching=_batching(path, fields.get("batching", lambda v: True, ""), max_batch_size),
+        instances=_instances(path, fields.get("instances", lambda v: True, "")),
+        device=fields.get("device", _device, "cpu, cuda or cuda:N", "cpu"),
+        precision=fields.get("precision", lambda v: v in ("fp32", "fp16", "bf16"), "one of fp32, fp16, bf16", "fp32"),
+        threads=fields.get("threads", _non_negative_int, "an integer >= 0 (0 = sized to the cores)", 0),
+        owner=fields.get("owner", _is_str, "a string", ""),
+        region=fields.get("region", _is_str, "a string", ""),
+        description=fields.get("description", _is_str, "a string", ""),
+        labels={str(k): v for k, v in labels.items()},
+        parameters=fields.get("parameters", lambda v: isinstance(v, dict), "a mapping", {}),
+    )
+    fields.finish(
+        "runtime, inputs, outputs, max_batch_size, version_policy, batching, instances, device, precision, "
+        "threads, owner, region, description, labels, parameters"
+    )
+    return config
+
+
+def read_manifest(model_dir: Path) -> ModelConfig:
+    """Read ``<model_dir>/model.yaml``; the model's name is its folder's name."""
+    path = model_dir / MANIFEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(path, "", "a model.yaml file in every model folder") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ManifestError(path, "", f"valid YAML ({exc})".replace("\n", " ")) from None
+    return parse_manifest(data, path, model_dir.name)

@@ -1,0 +1,64 @@
+"""The model repository on disk: ``<repo>/<model>/model.yaml`` and ``<repo>/<model>/<version>/…``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dhow.core.errors import NotFound
+from dhow.core.model_config import ModelConfig
+from dhow.repository.manifest import MANIFEST, read_manifest
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """What the repository holds for one model: its config and the versions on disk."""
+
+    name: str
+    path: Path
+    config: ModelConfig
+    #: integer version folders present on disk, ascending
+    versions: tuple[int, ...]
+
+    def version_dir(self, version: int) -> Path:
+        return self.path / str(version)
+
+    def served_versions(self) -> list[int]:
+        """The versions the manifest's version policy selects."""
+        return self.config.version_policy.select(list(self.versions))
+
+
+class ModelRepository:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def model_names(self) -> list[str]:
+        """Folders of the repository root that hold a model.yaml, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file() and not p.name.startswith("."))
+
+    def source(self, name: str) -> ModelSource:
+        """Read one model's manifest and versions; raises ``ManifestError`` or ``NotFound``."""
+        path = self.root / name
+        if "/" in name or name.startswith(".") or not (path / MANIFEST).is_file():
+            raise NotFound(f"model '{name}' is not in the repository {self.root}")
+        config = read_manifest(path)
+        versions = tuple(sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()))
+        return ModelSource(name, path, config, versions)
+
+    def fingerprint(self, name: str) -> tuple[tuple[str, int, int], ...]:
+        """A cheap summary of a model's files (path, size, mtime) that changes when any file does."""
+        path = self.root / name
+        entries: list[tuple[str, int, int]] = []
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames.sort()
+            for filename in sorted(filenames):
+                full = os.path.join(dirpath, filename)
+                try:
+                    stat = os.stat(full)
+                except FileNotFoundError:
+                    continue
+                entries.append((os.path.relpath(full, path), stat.st_size, stat.st_mtime_ns))
+        return tuple(entries)
