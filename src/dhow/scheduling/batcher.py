@@ -1,0 +1,222 @@
+"""Dynamic batching: requests queue per model version and run as batches on the instances.
+
+A batch is cut when it reaches ``max_batch_size``, a preferred size, or when its first
+request has waited ``max_queue_delay_ms``, whichever comes first; with no delay it takes
+whatever queued while the instances were busy, so batches grow with load by themselves.
+Requests of several rows are concatenated and their rows handed back to each. Deadlines
+are monotonic; a request that times out in the queue is answered and never computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from dhow.core.errors import DeadlineExceeded, InvalidInput, ModelFault, Overloaded, Unavailable
+from dhow.core.model_config import BatchingConfig
+from dhow.scheduling.stats import BatchTimings, ModelStats
+
+Arrays = dict[str, np.ndarray]
+#: one model instance: computes the named outputs of a batch, in a worker thread
+Instance = Callable[[Mapping[str, np.ndarray], Sequence[str]], Arrays]
+#: told of every executed batch and the queue wait of each of its requests (for metrics)
+BatchObserver = Callable[[BatchTimings, list[int]], None]
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    inputs: Mapping[str, np.ndarray]
+    outputs: tuple[str, ...]
+    rows: int
+    #: requests batch together only when every non-batch dimension and datatype agrees
+    key: tuple[object, ...]
+    future: asyncio.Future[Arrays]
+    enqueued_ns: int
+    timer: asyncio.TimerHandle | None = None
+
+
+def _batch_key(inputs: Mapping[str, np.ndarray]) -> tuple[object, ...]:
+    return tuple((name, array.dtype.str, array.shape[1:]) for name, array in inputs.items())
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        label: str,
+        instances: Sequence[Instance],
+        executor: Executor,
+        stats: ModelStats,
+        *,
+        max_batch_size: int,
+        batching: BatchingConfig | None,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.label = label
+        self.stats = stats
+        self._observer = observer
+        self._executor = executor
+        self._max_rows = max_batch_size if batching is not None else 0
+        self._batching = batching or BatchingConfig()
+        self._delay_ns = int(self._batching.max_queue_delay_ms * 1e6)
+        self._preferred = set(self._batching.preferred_batch_sizes)
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._busy = 0
+        self._workers = [asyncio.create_task(self._work(instance)) for instance in instances]
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def submit(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], rows: int, timeout_ns: int = 0
+    ) -> Arrays:
+        """Queue one request and wait for its outputs; ``rows`` is its batch dimension."""
+        if self._closing:
+            raise Unavailable(f"{self.label} is being unloaded; retry", retry_after=1)
+        limit = self._batching.max_queue_size
+        if limit and len(self._queue) >= limit:
+            raise Overloaded(f"{self.label} has {limit} requests queued (its max_queue_size); retry later")
+        if self._max_rows and rows > self._max_rows:
+            raise InvalidInput(f"batch of {rows} rows exceeds {self.label}'s max_batch_size of {self._max_rows}")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Arrays] = loop.create_future()
+        pending = _Pending(inputs, tuple(outputs), rows, _batch_key(inputs), future, time.monotonic_ns())
+        timeout_ns = timeout_ns or int(self._batching.timeout_ms * 1e6)
+        if timeout_ns:
+            pending.timer = loop.call_later(timeout_ns / 1e9, self._expire, pending, timeout_ns)
+        self._queue.append(pending)
+        self._wakeup.set()
+        return await future
+
+    def _expire(self, pending: _Pending, timeout_ns: int) -> None:
+        if not pending.future.done():
+            message = f"request to {self.label} timed out after {timeout_ns / 1e6:g} ms in the queue; it was not run"
+            pending.future.set_exception(DeadlineExceeded(message))
+
+    async def close(self) -> None:
+        """Stop taking requests, let queued and running ones finish, then stop the workers."""
+        self._closing = True
+        while self._queue or self._busy:
+            self._wakeup.set()
+            await asyncio.sleep(0.005)
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+    async def _work(self, instance: Instance) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            self._busy += 1
+            try:
+                await self._run(loop, instance, batch)
+            finally:
+                self._busy -= 1
+
+    async def _next_batch(self) -> list[_Pending]:
+        while not self._live_head():
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        head = self._queue.popleft()
+        batch, rows = [head], head.rows
+        if not self._max_rows:
+            return batch
+        deadline = head.enqueued_ns + self._delay_ns
+        while rows < self._max_rows and rows not in self._preferred:
+            rows = self._take_compatible(batch, rows)
+            if rows >= self._max_rows or rows in self._preferred or self._closing:
+                break
+            remaining = deadline - time.monotonic_ns()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining / 1e9):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                self._take_compatible(batch, rows)
+                break
+        return [p for p in batch if not p.future.done()]
+
+    def _live_head(self) -> bool:
+        """Drop answered (timed-out or cancelled) requests from the front; is one left?"""
+        while self._queue and self._queue[0].future.done():
+            self._queue.popleft()
+        return bool(self._queue)
+
+    def _take_compatible(self, batch: list[_Pending], rows: int) -> int:
+        """Move queued requests that fit the batch into it, in arrival order; return its rows."""
+        key = batch[0].key
+        kept: list[_Pending] = []
+        while self._queue:
+            pending = self._queue.popleft()
+            if pending.future.done():
+                continue
+            if pending.key == key and rows + pending.rows <= self._max_rows:
+                batch.append(pending)
+                rows += pending.rows
+                if rows >= self._max_rows or rows in self._preferred:
+                    break
+            else:
+                kept.append(pending)
+        self._queue.extendleft(reversed(kept))
+        return rows
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, instance: Instance, batch: list[_Pending]) -> None:
+        start = time.monotonic_ns()
+        waits = [start - pending.enqueued_ns for pending in batch]
+        for pending, wait in zip(batch, waits, strict=True):
+            if pending.timer is not None:
+                pending.timer.cancel()
+            self.stats.queue.add(wait)
+        outputs = tuple(dict.fromkeys(name for p in batch for name in p.outputs))
+        try:
+            results, timings = await loop.run_in_executor(self._executor, _execute, instance, batch, outputs)
+        except Exception as exc:  # the model's fault reaches every request of the batch
+            fault = exc if isinstance(exc, (ModelFault, InvalidInput)) else ModelFault(f"{self.label} failed: {exc!r}")
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(fault)
+            return
+        self.stats.record_batch(timings, len(batch))
+        if self._observer is not None:
+            self._observer(timings, waits)
+        for pending, result in zip(batch, results, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(result)
+
+
+def _execute(instance: Instance, batch: list[_Pending], outputs: tuple[str, ...]) -> tuple[list[Arrays], BatchTimings]:
+    """Runs in a worker thread: concatenate, compute, split back by rows."""
+    t0 = time.monotonic_ns()
+    if len(batch) == 1:
+        merged = batch[0].inputs
+    else:
+        merged = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
+    t1 = time.monotonic_ns()
+    produced = instance(merged, outputs)
+    t2 = time.monotonic_ns()
+    total = sum(p.rows for p in batch)
+    if len(batch) == 1:
+        results = [produced]
+    else:
+        for name, array in produced.items():
+            if array.ndim == 0 or array.shape[0] != total:
+                raise ModelFault(f"output '{name}' has {array.shape[:1]} rows for a batch of {total}")
+        results, offset = [], 0
+        for pending in batch:
+            end = offset + pending.rows
+            results.append({name: array[offset:end] for name, array in produced.items()})
+            offset = end
+    t3 = time.monotonic_ns()
+    return results, BatchTimings(total, t1 - t0, t2 - t1, t3 - t2)
