@@ -1,52 +1,254 @@
 """The transport-neutral data plane: every door (REST, gRPC, batch, stream) calls this.
 
-Answers are plain data (dicts and lists ready for JSON, or ``InferenceResponse``), so that
-a door only translates; policies, validation, statistics and metrics live here once.
+Answers are plain data (dicts ready for JSON, or ``InferenceResponse``), so that a door
+only translates; validation, statistics and metrics live here once.
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
+import time
+from collections.abc import Mapping
 from typing import Any
 
-from dhow.core.types import InferenceRequest, InferenceResponse
+import numpy as np
+
+from dhow import __version__
+from dhow.core.datatypes import NUMPY_DTYPE, as_bytes
+from dhow.core.errors import DhowError, InvalidInput, ModelFault, NotFound
+from dhow.core.model_config import TensorSpec
+from dhow.core.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
+from dhow.serving.model_manager import ModelManager
+from dhow.serving.model_version import ModelVersion
+from dhow.serving.triton_config import PLATFORMS, triton_model_config
+
+log = logging.getLogger("dhow.dataplane")
+
+EXTENSIONS = [
+    "binary_tensor_data",
+    "classification",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "model_configuration",
+    "schedule_policy",
+    "statistics",
+]
 
 
 class DataPlane:
-    async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        raise NotImplementedError
+    def __init__(self, models: ModelManager, *, server_name: str = "dhow") -> None:
+        self.models = models
+        self.server_name = server_name
+        #: set by the server once the models to load at start are loaded, cleared on shutdown
+        self.is_ready = False
+
+    # -- health and metadata ------------------------------------------------------------
 
     def live(self) -> bool:
-        raise NotImplementedError
+        return True
 
     def ready(self) -> bool:
-        raise NotImplementedError
+        return self.is_ready
 
     def server_metadata(self) -> dict[str, Any]:
-        """``{"name", "version", "extensions": [...]}``."""
-        raise NotImplementedError
+        return {"name": self.server_name, "version": __version__, "extensions": EXTENSIONS}
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        """Raises ``NotFound`` for a model or version the repository does not have."""
-        raise NotImplementedError
+        try:
+            self.models.resolve(name, version)
+        except NotFound:
+            raise
+        except DhowError:
+            return False
+        return True
 
     def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
-        """``{"name", "versions", "platform", "inputs": [{name, datatype, shape}], "outputs": [...]}``."""
-        raise NotImplementedError
+        model = self.models.resolve(name, version)
+        entry = self.models.entries[name]
+        return {
+            "name": name,
+            "versions": [str(v) for v in sorted(entry.versions)],
+            "platform": PLATFORMS[model.config.runtime],
+            "inputs": [_spec_json(s) for s in model.inputs.values()],
+            "outputs": [_spec_json(s) for s in model.outputs.values()],
+        }
 
     def model_config(self, name: str, version: str = "") -> dict[str, Any]:
-        """Triton's model-configuration JSON (dims without the batch dimension)."""
-        raise NotImplementedError
+        return triton_model_config(self.models.resolve(name, version).config)
 
     def model_statistics(self, name: str = "", version: str = "") -> dict[str, Any]:
-        """Triton's statistics: ``{"model_stats": [{name, version, last_inference, ...}]}``."""
-        raise NotImplementedError
+        if name:
+            self.models.resolve(name, version)
+            entries = [self.models.entries[name]]
+        else:
+            entries = [self.models.entries[n] for n in sorted(self.models.entries)]
+        stats = [
+            model.stats.as_dict(entry.name, str(number))
+            for entry in entries
+            for number, model in sorted(entry.versions.items())
+            if not version or str(number) == version
+        ]
+        return {"model_stats": stats}
+
+    # -- the repository -----------------------------------------------------------------
 
     def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
-        """``[{"name", "version", "state", "reason"}]`` for every model the repository holds."""
-        raise NotImplementedError
+        return self.models.index(ready_only)
 
     async def load_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
-        raise NotImplementedError
+        await self.models.request_load(name, parameters or {})
 
     async def unload_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
-        raise NotImplementedError
+        await self.models.request_unload(name)
+
+    # -- inference ----------------------------------------------------------------------
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        start = time.monotonic_ns()
+        model = self.models.resolve(request.model_name, request.model_version)
+        rows = 0
+        try:
+            inputs, rows = _validate_inputs(model, request)
+            wanted = _validate_outputs(model, request.outputs)
+            timeout_ns = _timeout_ns(request.parameters)
+            names = [o.name for o in wanted] if wanted is not None else list(model.output_names)
+            computed_names = [n for n in names if n in model.outputs]
+            results = await model.batcher.submit(inputs, computed_names, rows or 1, timeout_ns)
+            outputs = _response_outputs(model, results, names, wanted)
+        except ModelFault as exc:
+            error_id = secrets.token_hex(4)
+            log.error("model %s version %s failed (error id %s): %s", model.name, model.version, error_id, exc)
+            self._account(model, start, rows, exc.code.value)
+            raise ModelFault(
+                f"model '{model.name}' version {model.version} failed while computing "
+                f"(error id {error_id}; see the server log)"
+            ) from None
+        except DhowError as exc:
+            self._account(model, start, rows, exc.code.value)
+            raise
+        self._account(model, start, rows, "success")
+        return InferenceResponse(model.name, model.version_label, outputs, id=request.id)
+
+    @staticmethod
+    def _account(model: ModelVersion, start: int, rows: int, outcome: str) -> None:
+        elapsed = time.monotonic_ns() - start
+        model.stats.record_request(outcome == "success", elapsed, max(rows, 1))
+        model.count_request(outcome)
+        model.request_seconds.observe(elapsed / 1e9)
+
+
+def _spec_json(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+
+
+def _validate_inputs(model: ModelVersion, request: InferenceRequest) -> tuple[dict[str, np.ndarray], int]:
+    """Check every input against the model's signature; return the arrays and the batch rows."""
+    label = f"model '{model.name}'"
+    arrays: dict[str, np.ndarray] = {}
+    rows = 0
+    batched = model.config.max_batch_size > 0
+    for tensor in request.inputs:
+        spec = model.inputs.get(tensor.name)
+        if spec is None:
+            known = ", ".join(model.inputs)
+            raise InvalidInput(f"{label} has no input '{tensor.name}'; its inputs are: {known}")
+        if tensor.name in arrays:
+            raise InvalidInput(f"input '{tensor.name}' is given twice")
+        if tensor.datatype != spec.datatype:
+            raise InvalidInput(f"input '{tensor.name}' of {label} must be {spec.datatype}, got {tensor.datatype}")
+        shape = tuple(tensor.shape)
+        if len(shape) != len(spec.shape) or any(d != -1 and d != s for d, s in zip(spec.shape, shape, strict=True)):
+            raise InvalidInput(
+                f"input '{tensor.name}' of {label} must have shape {list(spec.shape)} (-1: any size), got {list(shape)}"
+            )
+        if tensor.data.shape != shape:
+            raise InvalidInput(
+                f"input '{tensor.name}': data of shape {list(tensor.data.shape)} for shape {list(shape)}"
+            )
+        if batched:
+            if rows and shape[0] != rows:
+                raise InvalidInput(
+                    f"all inputs must have the same batch size; '{tensor.name}' has {shape[0]}, not {rows}"
+                )
+            rows = shape[0]
+            if rows < 1:
+                raise InvalidInput(f"input '{tensor.name}' has an empty batch")
+        arrays[tensor.name] = tensor.data
+    missing = [name for name, spec in model.inputs.items() if name not in arrays and not spec.optional]
+    if missing:
+        raise InvalidInput(f"{label} needs input(s) {', '.join(missing)}, which the request lacks")
+    if batched and rows > model.config.max_batch_size:
+        raise InvalidInput(f"batch of {rows} rows exceeds {label}'s max_batch_size of {model.config.max_batch_size}")
+    return arrays, rows
+
+
+def _validate_outputs(model: ModelVersion, outputs: list[RequestedOutput] | None) -> list[RequestedOutput] | None:
+    if not outputs:
+        return None
+    for output in outputs:
+        if output.name not in model.outputs:
+            known = ", ".join(model.outputs)
+            raise InvalidInput(f"model '{model.name}' has no output '{output.name}'; its outputs are: {known}")
+        classes = output.parameters.get("classification")
+        if classes is not None and (not isinstance(classes, int) or isinstance(classes, bool) or classes < 1):
+            raise InvalidInput(f"output '{output.name}': classification must be a positive integer, got {classes!r}")
+    return outputs
+
+
+def _timeout_ns(parameters: Mapping[str, Any]) -> int:
+    timeout = parameters.get("timeout")
+    if timeout is None:
+        return 0
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+        raise InvalidInput(f"request parameter 'timeout' must be microseconds (a number >= 0), got {timeout!r}")
+    return int(timeout * 1000)
+
+
+def _response_outputs(
+    model: ModelVersion,
+    results: Mapping[str, np.ndarray],
+    names: list[str],
+    wanted: list[RequestedOutput] | None,
+) -> list[Tensor]:
+    params = {o.name: o.parameters for o in wanted} if wanted is not None else {}
+    outputs: list[Tensor] = []
+    for name in names:
+        array = results.get(name)
+        if array is None:
+            raise ModelFault(f"the model produced no output '{name}'")
+        spec = model.outputs[name]
+        array = _as_datatype(array, spec.datatype)
+        parameters = params.get(name, {})
+        classes = parameters.get("classification")
+        if classes:
+            array = _classify(array, int(classes), model.config.max_batch_size > 0)
+            outputs.append(Tensor(name, "BYTES", list(array.shape), array, parameters))
+        else:
+            outputs.append(Tensor(name, spec.datatype, list(array.shape), array, parameters))
+    return outputs
+
+
+def _as_datatype(array: np.ndarray, datatype: str) -> np.ndarray:
+    array = np.asarray(array)
+    if datatype == "BYTES":
+        if array.dtype.kind in ("U", "S") or (
+            array.dtype.kind == "O" and array.size and not isinstance(array.flat[0], bytes)
+        ):
+            converted = np.empty(array.shape, dtype=np.object_)
+            converted.reshape(-1)[:] = [as_bytes(x) for x in array.reshape(-1)]
+            return converted
+        return array
+    dtype = NUMPY_DTYPE[datatype]
+    return array if array.dtype == dtype else array.astype(dtype)
+
+
+def _classify(array: np.ndarray, classes: int, batched: bool) -> np.ndarray:
+    """Triton's classification extension: the top N as "value:index" strings."""
+    scores = array.reshape(array.shape[0], -1) if batched else array.reshape(1, -1)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :classes]
+    result = np.empty(top.shape, dtype=np.object_)
+    for row in range(top.shape[0]):
+        for col, index in enumerate(top[row]):
+            result[row, col] = f"{scores[row, index]:g}:{index}".encode()
+    return result if batched else result.reshape(-1)

@@ -1,0 +1,124 @@
+"""One dhow server process: the data plane with its REST and gRPC doors on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+
+import uvicorn
+
+from dhow.monitoring.metrics import ServerMetrics
+from dhow.protocols.grpc import create_grpc_server
+from dhow.protocols.rest import RestApp
+from dhow.repository.store import ModelRepository
+from dhow.serving.dataplane import DataPlane
+from dhow.serving.model_manager import ModelControl, ModelManager
+from dhow.settings import ServerSettings
+
+log = logging.getLogger("dhow.server")
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the dhow server owns shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Server:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        control = ModelControl(settings.model_control)
+        upload_dir = settings.data_dir / "uploads" if settings.allow_model_upload else None
+        if upload_dir is not None:
+            upload_dir.mkdir(parents=True, exist_ok=True)
+        self.models = ModelManager(
+            ModelRepository(settings.repository), self.metrics, control=control, upload_dir=upload_dir
+        )
+        self.dataplane = DataPlane(self.models)
+        self.rest = RestApp(
+            self.dataplane, max_body_bytes=settings.max_request_bytes, metrics_handler=self.metrics.render
+        )
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        http = _HttpServer(
+            uvicorn.Config(
+                self.rest,
+                host=settings.host,
+                port=settings.http_port,
+                lifespan="off",
+                access_log=False,
+                log_level="warning",
+                http="httptools",
+                loop="none",
+                timeout_keep_alive=30,
+            )
+        )
+        grpc = await create_grpc_server(
+            self.dataplane, settings.host, settings.grpc_port, max_message_bytes=settings.max_request_bytes
+        )
+        await grpc.server.start()
+        http_task = asyncio.create_task(http.serve())
+        while not http.started and not http_task.done():
+            await asyncio.sleep(0.01)
+        if http_task.done():
+            await grpc.server.stop(None)
+            await http_task
+            raise SystemExit(f"dhow: cannot serve REST on {settings.host}:{settings.http_port}")
+        log.info(
+            "dhow serving %s: REST on http://%s:%d, gRPC on %s:%d, model control %s",
+            settings.repository,
+            settings.host,
+            settings.http_port,
+            settings.host,
+            grpc.port,
+            settings.model_control,
+        )
+        control = self.models.control
+        await self.models.start(None if control is not ModelControl.EXPLICIT else list(settings.load_models))
+        self.dataplane.is_ready = True
+        poller = None
+        if control is ModelControl.POLL:
+            poller = asyncio.create_task(self.models.poll_forever(settings.poll_interval))
+        log.info("dhow is ready")
+        await self._stop.wait()
+        log.info("dhow is shutting down")
+        self.dataplane.is_ready = False
+        if poller is not None:
+            poller.cancel()
+        http.should_exit = True
+        await grpc.server.stop(5)
+        await http_task
+        await self.models.close()
+        log.info("dhow stopped")
+
+
+def run_server(settings: ServerSettings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> None:
+        await Server(settings).serve()
+
+    if settings.loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("uvloop is not installed; using asyncio's event loop")
+        else:
+            asyncio.run(main(), loop_factory=uvloop.new_event_loop)
+            return
+    asyncio.run(main())

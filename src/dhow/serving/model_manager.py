@@ -1,0 +1,313 @@
+"""Loads, reloads and unloads models from the repository, swapping versions with no downtime.
+
+A reload loads the new versions first, then swaps the table that requests resolve against
+in one step on the event loop, then lets the old versions finish what they were given
+before releasing them: a request in flight never meets a half-loaded or closed model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import enum
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from dhow.core.errors import DhowError, Forbidden, InvalidInput, ModelLoadError, NotFound, Unavailable
+from dhow.monitoring.metrics import ServerMetrics
+from dhow.repository.manifest import MANIFEST, parse_manifest
+from dhow.repository.store import ModelRepository, ModelSource
+from dhow.serving.model_version import ModelVersion, load_runtimes
+
+log = logging.getLogger("dhow.models")
+
+
+class ModelControl(enum.Enum):
+    #: load everything at start; the repository API may not change what is loaded
+    NONE = "none"
+    #: load everything at start and follow the repository's changes on disk
+    POLL = "poll"
+    #: load only what is asked, at start (``--load-model``) or through the repository API
+    EXPLICIT = "explicit"
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    name: str
+    state: str = "LOADING"
+    reason: str = ""
+    versions: dict[int, ModelVersion] = field(default_factory=dict)
+    #: versions whose load failed, with the reason
+    failed: dict[int, str] = field(default_factory=dict)
+    fingerprint: tuple[tuple[str, int, int], ...] = ()
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class ModelManager:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        metrics: ServerMetrics,
+        *,
+        control: ModelControl = ModelControl.NONE,
+        upload_dir: Path | None = None,
+    ) -> None:
+        self.repository = repository
+        self.metrics = metrics
+        self.control = control
+        #: where uploaded model files are written; None refuses uploads (they can run code)
+        self.upload_dir = upload_dir
+        self.entries: dict[str, ModelEntry] = {}
+        self._uploaded: dict[str, ModelRepository] = {}
+
+    # -- resolving a request ------------------------------------------------------------
+
+    def resolve(self, name: str, version: str = "") -> ModelVersion:
+        """The version that serves a request; raises NotFound or Unavailable with the reason."""
+        entry = self.entries.get(name)
+        if entry is None or not entry.versions:
+            raise self._not_serving(name, entry)
+        if not version:
+            return entry.versions[max(entry.versions)]
+        try:
+            number = int(version)
+        except ValueError:
+            raise InvalidInput(f"model version must be an integer, got {version!r}") from None
+        found = entry.versions.get(number)
+        if found is None:
+            if number in entry.failed:
+                raise Unavailable(f"model '{name}' version {number} failed to load: {entry.failed[number]}")
+            loaded = ", ".join(map(str, sorted(entry.versions)))
+            raise NotFound(f"model '{name}' has no version {number} loaded (loaded: {loaded})")
+        return found
+
+    def _not_serving(self, name: str, entry: ModelEntry | None) -> DhowError:
+        if entry is not None and entry.state == "LOADING":
+            return Unavailable(f"model '{name}' is loading; retry shortly", retry_after=1)
+        if entry is not None and entry.reason:
+            return Unavailable(f"model '{name}' is not available: {entry.reason}", retry_after=5)
+        if name in self._known_names():
+            hint = (
+                f"load it with POST /v2/repository/models/{name}/load" if self.control is ModelControl.EXPLICIT else ""
+            )
+            return Unavailable(f"model '{name}' is not loaded. {hint}".strip(), retry_after=5)
+        return NotFound(f"unknown model '{name}'; GET /v2/repository/index lists the models")
+
+    def _known_names(self) -> set[str]:
+        return set(self.repository.model_names()) | set(self._uploaded) | set(self.entries)
+
+    def _repository_of(self, name: str) -> ModelRepository:
+        return self._uploaded.get(name, self.repository)
+
+    # -- the repository index -----------------------------------------------------------
+
+    def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for name in sorted(self._known_names()):
+            entry = self.entries.get(name)
+            if entry is None:
+                if not ready_only:
+                    rows.append({"name": name, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"})
+                continue
+            for number in sorted(entry.versions):
+                rows.append({"name": name, "version": str(number), "state": "READY", "reason": ""})
+            if ready_only:
+                continue
+            for number, reason in sorted(entry.failed.items()):
+                rows.append({"name": name, "version": str(number), "state": "UNAVAILABLE", "reason": reason})
+            if not entry.versions and not entry.failed:
+                rows.append({"name": name, "version": "", "state": entry.state, "reason": entry.reason})
+        return rows
+
+    # -- loading and unloading ----------------------------------------------------------
+
+    async def start(self, names: list[str] | None = None) -> None:
+        """Load the models the control mode says to load at start (``names``: explicit ones)."""
+        if names is None or "*" in names:
+            names = self.repository.model_names()
+        await asyncio.gather(*(self.load(name) for name in names))
+
+    async def request_load(self, name: str, parameters: dict[str, Any]) -> None:
+        """A load asked through the repository API: config override and uploaded files allowed."""
+        self._check_api_control("load")
+        config_text = parameters.get("config")
+        files = {key[5:]: value for key, value in parameters.items() if key.startswith("file:")}
+        if files:
+            self._write_upload(name, config_text, files)
+        elif config_text is not None:
+            self._check_config(name, config_text)
+        override = orjson.loads(config_text) if config_text is not None else None
+        await self.load(name, override)
+        entry = self.entries.get(name)
+        if entry is not None and not entry.versions:
+            raise ModelLoadError(f"failed to load model '{name}': {entry.reason}")
+
+    async def request_unload(self, name: str) -> None:
+        self._check_api_control("unload")
+        if name not in self.entries:
+            raise NotFound(f"model '{name}' is not loaded")
+        await self.unload(name)
+
+    def _check_api_control(self, action: str) -> None:
+        if self.control is not ModelControl.EXPLICIT:
+            raise Forbidden(
+                f"cannot {action} models through the API when model control is '{self.control.value}'; "
+                "start dhow with --model-control explicit"
+            )
+
+    def _check_config(self, name: str, config_text: object) -> dict[str, Any]:
+        if not isinstance(config_text, str):
+            raise InvalidInput("load parameter 'config' must be a JSON string holding the model.yaml fields")
+        try:
+            data = orjson.loads(config_text)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"load parameter 'config' is not valid JSON: {exc}") from None
+        parse_manifest(data, f"config parameter of the load request for '{name}'", name)
+        if not isinstance(data, dict):
+            raise InvalidInput("load parameter 'config' must be a JSON object")
+        return data
+
+    def _write_upload(self, name: str, config_text: object, files: dict[str, Any]) -> None:
+        if self.upload_dir is None:
+            raise Forbidden("uploading model files is off because they can run code; start with --allow-model-upload")
+        if config_text is None:
+            raise InvalidInput("a load with 'file:' parameters also needs the 'config' parameter (model.yaml as JSON)")
+        data = self._check_config(name, config_text)
+        target = self.upload_dir / name
+        staging = self.upload_dir / f".{name}.staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        for relative, content in files.items():
+            path = (staging / relative).resolve()
+            parts = Path(relative).parts
+            if not parts or not parts[0].isdigit() or ".." in parts or not path.is_relative_to(staging.resolve()):
+                raise InvalidInput(f"file parameter 'file:{relative}' must be '<version>/<file name>'")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(_decode_file(relative, content))
+        (staging / MANIFEST).write_bytes(orjson.dumps(data))  # JSON is YAML
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        self._uploaded[name] = ModelRepository(self.upload_dir)
+
+    async def load(self, name: str, override: dict[str, Any] | None = None) -> None:
+        """Load or reload a model's versions as its manifest and version policy say."""
+        entry = self.entries.setdefault(name, ModelEntry(name))
+        async with entry.lock:
+            await self._load_locked(entry, override)
+        self.metrics.models_loaded.set(sum(len(e.versions) for e in self.entries.values()))
+
+    async def _load_locked(self, entry: ModelEntry, override: dict[str, Any] | None) -> None:
+        name = entry.name
+        repository = self._repository_of(name)
+        try:
+            fingerprint = await asyncio.to_thread(repository.fingerprint, name)
+            source = await asyncio.to_thread(repository.source, name)
+            if override is not None:
+                config = parse_manifest(override, f"config parameter of the load request for '{name}'", name)
+                source = ModelSource(name, source.path, config, source.versions)
+            wanted = source.served_versions()
+            if not wanted:
+                raise ModelLoadError(f"{source.path} has no version folder (an integer, e.g. 1/) to serve")
+        except DhowError as exc:
+            self._keep_old(entry, exc.message)
+            return
+        reload_all = override is not None or _manifest_changed(entry.fingerprint, fingerprint)
+        new_versions: dict[int, ModelVersion] = {}
+        failed: dict[int, str] = {}
+        for number in wanted:
+            current = entry.versions.get(number)
+            if current is not None and not reload_all and not _version_changed(entry.fingerprint, fingerprint, number):
+                new_versions[number] = current
+                continue
+            try:
+                new_versions[number] = await self._load_version(source, number)
+            except DhowError as exc:
+                failed[number] = exc.message
+            except Exception as exc:
+                log.exception("loading %s version %s failed", name, number)
+                failed[number] = f"{type(exc).__name__}: {exc}"
+        if not new_versions and entry.versions:
+            # nothing new could be loaded: keep serving what was there
+            entry.failed = failed
+            self._keep_old(entry, "; ".join(f"version {v}: {r}" for v, r in failed.items()))
+            return
+        retired = [v for n, v in entry.versions.items() if new_versions.get(n) is not v]
+        entry.versions, entry.failed, entry.fingerprint = new_versions, failed, fingerprint
+        entry.state = "READY" if new_versions else "UNAVAILABLE"
+        entry.reason = "" if new_versions else "; ".join(f"version {v}: {r}" for v, r in failed.items())
+        for version in retired:
+            await version.close()
+        for number, reason in failed.items():
+            log.error("model %s version %s failed to load: %s", name, number, reason)
+        if new_versions:
+            log.info("model %s serving versions %s", name, ", ".join(map(str, sorted(new_versions))))
+
+    def _keep_old(self, entry: ModelEntry, reason: str) -> None:
+        log.error("model %s: %s", entry.name, reason)
+        if entry.versions:
+            entry.reason = f"reload failed, still serving the previous versions: {reason}"
+            return
+        entry.state, entry.reason = "UNAVAILABLE", reason
+
+    async def _load_version(self, source: ModelSource, number: int) -> ModelVersion:
+        runtimes, config = await asyncio.to_thread(load_runtimes, source.config, source.version_dir(number))
+        return ModelVersion(config, number, runtimes, self.metrics)
+
+    async def unload(self, name: str) -> None:
+        entry = self.entries.get(name)
+        if entry is None:
+            return
+        async with entry.lock:
+            self.entries.pop(name, None)
+            for version in entry.versions.values():
+                await version.close()
+        self.metrics.models_loaded.set(sum(len(e.versions) for e in self.entries.values()))
+        log.info("model %s unloaded", name)
+
+    async def poll_forever(self, interval: float) -> None:
+        """Follow the repository: load new or changed models, unload removed ones."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.poll_once()
+            except Exception:
+                log.exception("polling the model repository failed")
+
+    async def poll_once(self) -> None:
+        on_disk = set(await asyncio.to_thread(self.repository.model_names))
+        for name in sorted(set(self.entries) - on_disk - set(self._uploaded)):
+            await self.unload(name)
+        for name in sorted(on_disk):
+            entry = self.entries.get(name)
+            fingerprint = await asyncio.to_thread(self.repository.fingerprint, name)
+            if entry is None or fingerprint != entry.fingerprint:
+                await self.load(name)
+
+    async def close(self) -> None:
+        for name in list(self.entries):
+            await self.unload(name)
+
+
+def _manifest_changed(old: tuple[tuple[str, int, int], ...], new: tuple[tuple[str, int, int], ...]) -> bool:
+    return [f for f in old if f[0] == MANIFEST] != [f for f in new if f[0] == MANIFEST]
+
+
+def _version_changed(old: tuple[tuple[str, int, int], ...], new: tuple[tuple[str, int, int], ...], number: int) -> bool:
+    prefix = f"{number}/"
+    return [f for f in old if f[0].startswith(prefix)] != [f for f in new if f[0].startswith(prefix)]
+
+
+def _decode_file(relative: str, content: object) -> bytes:
+    if isinstance(content, bytes):
+        return content
+    if isinstance(content, str):
+        try:
+            return base64.b64decode(content, validate=True)
+        except binascii.Error:
+            raise InvalidInput(f"file parameter 'file:{relative}' must be base64") from None
+    raise InvalidInput(f"file parameter 'file:{relative}' must be base64 text or bytes")

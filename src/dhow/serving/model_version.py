@@ -1,0 +1,100 @@
+"""One loaded version of a model: its runtime instances, batcher and statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from dhow.core.errors import ModelLoadError
+from dhow.core.model_config import ModelConfig, TensorSpec
+from dhow.monitoring.metrics import ServerMetrics
+from dhow.runtimes.base import Runtime, create_runtime
+from dhow.scheduling.batcher import DynamicBatcher
+from dhow.scheduling.stats import BatchTimings, ModelStats
+
+log = logging.getLogger("dhow.models")
+
+
+def load_runtimes(config: ModelConfig, version_dir: Path) -> tuple[list[Runtime], ModelConfig]:
+    """Load one runtime per instance (blocking: call from a thread) and complete the config.
+
+    A manifest may leave inputs/outputs out where the artifact declares them (ONNX); the
+    runtime's signature fills them in, and declared names are checked against it.
+    """
+    if config.instances.kind == "process":
+        raise ModelLoadError(f"{config.name}: instances.kind 'process' is not available in this release; use 'thread'")
+    runtimes: list[Runtime] = []
+    try:
+        for _ in range(config.instances.count):
+            runtime = create_runtime(config.runtime)
+            runtime.load(version_dir, config)
+            runtimes.append(runtime)
+        inputs, outputs = runtimes[0].signature()
+        return runtimes, _complete(config, inputs, outputs)
+    except BaseException:
+        for runtime in runtimes:
+            runtime.unload()
+        raise
+
+
+def _complete(config: ModelConfig, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> ModelConfig:
+    if config.runtime == "onnx":
+        for kind, declared, actual in (("inputs", config.inputs, inputs), ("outputs", config.outputs, outputs)):
+            known = {spec.name for spec in actual}
+            for spec in declared or ():
+                if spec.name not in known:
+                    raise ModelLoadError(
+                        f"{config.name}/model.yaml: {kind} names '{spec.name}', which the ONNX model does not have "
+                        f"(it has: {', '.join(sorted(known))})"
+                    )
+    return dataclasses.replace(config, inputs=config.inputs or inputs, outputs=config.outputs or outputs)
+
+
+class ModelVersion:
+    def __init__(self, config: ModelConfig, version: int, runtimes: list[Runtime], metrics: ServerMetrics) -> None:
+        self.config = config
+        self.name = config.name
+        self.version = version
+        self.version_label = str(version)
+        self.runtimes = runtimes
+        self.stats = ModelStats()
+        self.inputs: dict[str, TensorSpec] = {spec.name: spec for spec in config.inputs or ()}
+        self.outputs: dict[str, TensorSpec] = {spec.name: spec for spec in config.outputs or ()}
+        self.output_names = tuple(self.outputs)
+        labels = (config.name, self.version_label)
+        self.request_seconds = metrics.request_seconds.labels(*labels)
+        self._queue_seconds = metrics.queue_seconds.labels(*labels)
+        self._compute_seconds = metrics.compute_seconds.labels(*labels)
+        self._batch_size = metrics.batch_size.labels(*labels)
+        self._requests = metrics.requests
+        self._executor = ThreadPoolExecutor(len(runtimes), thread_name_prefix=f"dhow-{config.name}-{version}")
+        self.batcher = DynamicBatcher(
+            f"model '{config.name}' version {version}",
+            [runtime.infer for runtime in runtimes],
+            self._executor,
+            self.stats,
+            max_batch_size=config.max_batch_size,
+            batching=config.batching,
+            observer=self._observe_batch,
+        )
+
+    def count_request(self, outcome: str) -> None:
+        self._requests.labels(self.name, self.version_label, outcome).inc()
+
+    def _observe_batch(self, timings: BatchTimings, waits: list[int]) -> None:
+        for wait in waits:
+            self._queue_seconds.observe(wait / 1e9)
+        self._compute_seconds.observe((timings.input_ns + timings.infer_ns + timings.output_ns) / 1e9)
+        self._batch_size.observe(timings.size)
+
+    async def close(self) -> None:
+        """Finish what is queued and running, then release the runtimes."""
+        await self.batcher.close()
+        self._executor.shutdown(wait=True)
+        for runtime in self.runtimes:
+            try:
+                runtime.unload()
+            except Exception:
+                log.exception("unloading %s version %s failed", self.name, self.version)

@@ -1,0 +1,107 @@
+"""The server's settings: one tree, one precedence (command line > environment > file > default).
+
+Every field has a default and says what it is for. ``resolve_settings`` is the only place
+that decides which source wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from dhow.core.errors import InvalidInput
+
+ENV_PREFIX = "DHOW_"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    #: the model repository: a folder per model with a model.yaml and integer version folders
+    repository: Path = Path("models")
+    #: address the REST and gRPC ports listen on
+    host: str = "127.0.0.1"
+    #: REST (Open Inference Protocol v2 over HTTP) port
+    http_port: int = 8080
+    #: gRPC (inference.GRPCInferenceService) port
+    grpc_port: int = 8081
+    #: none: load all at start; poll: also follow the repository; explicit: load through the API
+    model_control: str = "none"
+    #: models to load at start under explicit control ("*" = all)
+    load_models: tuple[str, ...] = ()
+    #: seconds between repository scans under poll control
+    poll_interval: float = 5.0
+    #: largest request body (REST) or message (gRPC) accepted, in bytes
+    max_request_bytes: int = 64 * 1024 * 1024
+    #: accept model files in load requests (they can run code, so off by default)
+    allow_model_upload: bool = False
+    #: where dhow keeps its own state (uploaded models, later the registry)
+    data_dir: Path = Path(".dhow")
+    #: debug, info, warning or error
+    log_level: str = "info"
+    #: event loop: uvloop (faster) or asyncio
+    loop: str = "uvloop"
+
+
+_CHOICES = {
+    "model_control": ("none", "poll", "explicit"),
+    "log_level": ("debug", "info", "warning", "error"),
+    "loop": ("uvloop", "asyncio"),
+}
+
+
+def _convert(name: str, value: object, source: str) -> object:
+    """Turn a value from any source into the field's type, or refuse it naming the source."""
+    kind = {f.name: f.type for f in dataclasses.fields(ServerSettings)}[name]
+    try:
+        if kind == "Path":
+            result: object = Path(str(value))
+        elif kind == "int":
+            result = int(str(value))
+        elif kind == "float":
+            result = float(str(value))
+        elif kind == "bool":
+            result = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        elif kind == "tuple[str, ...]":
+            items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+            result = tuple(str(item).strip() for item in items if str(item).strip())
+        else:
+            result = str(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"{source}: '{name}' expects {kind}, got {value!r}") from None
+    if name in _CHOICES and result not in _CHOICES[name]:
+        raise InvalidInput(f"{source}: '{name}' must be one of {', '.join(_CHOICES[name])}, got {value!r}")
+    return result
+
+
+def resolve_settings(
+    cli: Mapping[str, object], env: Mapping[str, str] | None = None, config_file: Path | None = None
+) -> ServerSettings:
+    """Merge the sources: command line over DHOW_* environment over the YAML file over defaults."""
+    names = [f.name for f in dataclasses.fields(ServerSettings)]
+    values: dict[str, object] = {}
+    if config_file is not None:
+        try:
+            data = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise InvalidInput(f"cannot read settings file {config_file}: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidInput(f"settings file {config_file}: expected a mapping of settings")
+        for key, value in data.items():
+            name = str(key).replace("-", "_")
+            if name not in names:
+                raise InvalidInput(f"settings file {config_file}: unknown setting '{key}' (known: {', '.join(names)})")
+            values[name] = _convert(name, value, f"settings file {config_file}")
+    environ = os.environ if env is None else env
+    for name in names:
+        variable = ENV_PREFIX + name.upper()
+        if variable in environ:
+            values[name] = _convert(name, environ[variable], f"environment variable {variable}")
+    for name, value in cli.items():
+        if value is not None and name in names:
+            values[name] = _convert(name, value, f"option --{name.replace('_', '-')}")
+    return ServerSettings(**values)  # type: ignore[arg-type]
