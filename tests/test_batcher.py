@@ -1,0 +1,192 @@
+"""The dynamic batcher in-process: rows come back to their own request, deadlines, shedding, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from dhow.core.errors import DeadlineExceeded, ModelFault, Overloaded, Unavailable
+from dhow.core.model_config import BatchingConfig
+from dhow.scheduling.batcher import DynamicBatcher
+from dhow.scheduling.stats import ModelStats
+
+Arrays = dict[str, np.ndarray]
+
+
+class Recorder:
+    """A model instance that doubles its input and remembers every batch it saw."""
+
+    def __init__(self, delay: float = 0.0, gate: threading.Event | None = None) -> None:
+        self.batches: list[int] = []
+        self.seen: list[float] = []
+        self.delay = delay
+        self.gate = gate
+
+    def __call__(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> Arrays:
+        if self.gate is not None:
+            self.gate.wait(5)
+        if self.delay:
+            threading.Event().wait(self.delay)
+        x = inputs["x"]
+        self.batches.append(x.shape[0])
+        self.seen.extend(x[:, 0].tolist())
+        return {"y": x * 2, "sum": x.sum(axis=1)}
+
+
+def _batcher(instance: Recorder, *, max_batch_size: int = 16, count: int = 1, **batching: float) -> DynamicBatcher:
+    executor = ThreadPoolExecutor(count)
+    return DynamicBatcher(
+        "model 'm' version 1",
+        [instance] * count,
+        executor,
+        ModelStats(),
+        max_batch_size=max_batch_size,
+        batching=BatchingConfig(**batching),  # type: ignore[arg-type]
+    )
+
+
+def _rows(start: int, count: int, width: int = 3) -> np.ndarray:
+    return np.arange(start, start + count * width, dtype=np.float32).reshape(count, width)
+
+
+def test_mixed_batch_sizes_get_exactly_their_own_rows() -> None:
+    async def scenario() -> tuple[list[tuple[np.ndarray, Arrays]], Recorder, DynamicBatcher]:
+        model = Recorder(delay=0.002)
+        batcher = _batcher(model, max_batch_size=16, count=2, max_queue_delay_ms=2)
+        sizes = [1, 3, 2, 5, 1, 4, 7, 1, 2, 8] * 6
+        inputs, start = [], 0
+        for size in sizes:
+            inputs.append(_rows(start, size))
+            start += size * 3
+        results = await asyncio.gather(*(batcher.submit({"x": x}, ["y", "sum"], x.shape[0]) for x in inputs))
+        await batcher.close()
+        return list(zip(inputs, results, strict=True)), model, batcher
+
+    pairs, model, batcher = asyncio.run(scenario())
+    for x, result in pairs:
+        np.testing.assert_array_equal(result["y"], x * 2)
+        np.testing.assert_array_equal(result["sum"], x.sum(axis=1))
+    assert max(model.batches) > 1, "concurrent requests should have been batched"
+    assert max(model.batches) <= 16
+    assert batcher.stats.execution_count == len(model.batches) < len(pairs)
+    assert batcher.stats.queue.count == len(pairs)
+
+
+def test_queue_delay_gathers_and_preferred_size_cuts() -> None:
+    async def scenario() -> list[int]:
+        model = Recorder()
+        batcher = _batcher(model, max_batch_size=32, max_queue_delay_ms=200, preferred_batch_sizes=(4,))
+        tasks = [asyncio.create_task(batcher.submit({"x": _rows(i, 1)}, ["y"], 1)) for i in range(4)]
+        await asyncio.gather(*tasks)
+        await batcher.close()
+        return model.batches
+
+    # four single rows reach the preferred size 4 and go at once, as one batch, without waiting 200 ms
+    assert asyncio.run(asyncio.wait_for(scenario(), 0.15)) == [4]
+
+
+def test_request_past_its_timeout_is_answered_and_never_computed() -> None:
+    async def scenario() -> tuple[BaseException | Arrays, Recorder]:
+        gate = threading.Event()
+        model = Recorder(gate=gate)
+        batcher = _batcher(model, max_batch_size=1)
+        first = asyncio.create_task(batcher.submit({"x": _rows(0, 1)}, ["y"], 1))
+        await asyncio.sleep(0.02)  # the first occupies the only instance
+        late = asyncio.create_task(batcher.submit({"x": _rows(1000, 1)}, ["y"], 1, timeout_ns=20_000_000))
+        outcome = (await asyncio.gather(late, return_exceptions=True))[0]
+        gate.set()
+        await first
+        await batcher.close()
+        return outcome, model
+
+    outcome, model = asyncio.run(scenario())
+    assert isinstance(outcome, DeadlineExceeded)
+    assert "timed out after 20 ms" in outcome.message and "not run" in outcome.message
+    assert 1000.0 not in model.seen
+
+
+def test_full_queue_sheds_with_overloaded_and_admitted_requests_complete() -> None:
+    async def scenario() -> list[BaseException | Arrays]:
+        gate = threading.Event()
+        batcher = _batcher(Recorder(gate=gate), max_batch_size=1, max_queue_size=3)
+        tasks = [asyncio.create_task(batcher.submit({"x": _rows(i, 1)}, ["y"], 1)) for i in range(8)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.close()
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    shed = [o for o in outcomes if isinstance(o, Overloaded)]
+    served = [o for o in outcomes if isinstance(o, dict)]
+    assert shed and served and len(shed) + len(served) == 8
+    assert all(o.retry_after for o in shed) and "max_queue_size" in shed[0].message
+
+
+def test_model_fault_reaches_the_batch_and_the_batcher_keeps_serving() -> None:
+    calls = {"n": 0}
+
+    def flaky(inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> Arrays:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ValueError("boom")
+        if calls["n"] == 2:
+            return {"y": np.zeros((1, 3), np.float32)}  # wrong row count for a batch of two
+        return {"y": inputs["x"]}
+
+    async def scenario() -> list[BaseException | Arrays]:
+        batcher = DynamicBatcher(
+            "m", [flaky], ThreadPoolExecutor(1), ModelStats(), max_batch_size=8, batching=BatchingConfig()
+        )
+        first = await asyncio.gather(batcher.submit({"x": _rows(0, 1)}, ["y"], 1), return_exceptions=True)
+        second = await asyncio.gather(
+            *(batcher.submit({"x": _rows(i, 1)}, ["y"], 1) for i in (1, 2)), return_exceptions=True
+        )
+        third = await asyncio.gather(batcher.submit({"x": _rows(3, 2)}, ["y"], 2), return_exceptions=True)
+        await batcher.close()
+        return [*first, *second, *third]
+
+    first, second_a, second_b, third = asyncio.run(scenario())
+    assert isinstance(first, ModelFault)
+    assert isinstance(second_b, ModelFault) and "rows for a batch of 2" in second_b.message
+    assert isinstance(second_a, ModelFault)
+    assert isinstance(third, dict) and third["y"].shape == (2, 3)
+
+
+def test_closing_drains_queued_requests_then_refuses_new_ones() -> None:
+    async def scenario() -> tuple[list[Arrays], BaseException | None]:
+        batcher = _batcher(Recorder(delay=0.01), max_batch_size=1)
+        tasks = [asyncio.create_task(batcher.submit({"x": _rows(i, 1)}, ["y"], 1)) for i in range(5)]
+        await asyncio.sleep(0)
+        closing = asyncio.create_task(batcher.close())
+        await asyncio.sleep(0)
+        refused = None
+        try:
+            await batcher.submit({"x": _rows(9, 1)}, ["y"], 1)
+        except Unavailable as exc:
+            refused = exc
+        results = await asyncio.gather(*tasks)
+        await closing
+        return results, refused
+
+    results, refused = asyncio.run(scenario())
+    assert len(results) == 5
+    assert isinstance(refused, Unavailable)
+
+
+@pytest.mark.parametrize("rows", [17, 40])
+def test_oversized_request_is_refused(rows: int) -> None:
+    async def scenario() -> None:
+        batcher = _batcher(Recorder(), max_batch_size=16)
+        try:
+            await batcher.submit({"x": _rows(0, rows)}, ["y"], rows)
+        finally:
+            await batcher.close()
+
+    with pytest.raises(Exception, match="exceeds"):
+        asyncio.run(scenario())

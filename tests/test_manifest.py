@@ -1,0 +1,99 @@
+"""model.yaml validation: good manifests parse, bad ones are refused naming file, field and expectation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dhow.repository.manifest import ManifestError, parse_manifest, read_manifest
+from dhow.repository.store import ModelRepository
+
+GOOD = """\
+runtime: onnx
+inputs:  [{name: input, datatype: FP32, shape: [-1, 32]}]
+outputs: [{name: probabilities, datatype: FP32, shape: [-1, 2]}]
+max_batch_size: 64
+version_policy: {latest: 1}
+batching: {max_queue_delay_ms: 2, preferred_batch_sizes: [16, 32], max_queue_size: 100, timeout_ms: 500}
+instances: {count: 2, kind: thread}
+owner: risk-team
+labels: {team: risk}
+"""
+
+
+def test_full_manifest_parses(tmp_path: Path) -> None:
+    (tmp_path / "fraud").mkdir()
+    (tmp_path / "fraud" / "model.yaml").write_text(GOOD)
+    config = read_manifest(tmp_path / "fraud")
+    assert config.name == "fraud"
+    assert config.inputs is not None and config.inputs[0].shape == (-1, 32)
+    assert config.batching is not None and config.batching.preferred_batch_sizes == (16, 32)
+    assert config.batching.timeout_ms == 500
+    assert config.instances.count == 2
+    assert config.labels == {"team": "risk"}
+
+
+def test_batching_defaults_on_for_batched_models() -> None:
+    config = parse_manifest({"runtime": "onnx", "max_batch_size": 8}, "m.yaml", "m")
+    assert config.batching is not None and config.batching.max_queue_delay_ms == 0
+    assert parse_manifest({"runtime": "onnx"}, "m.yaml", "m").batching is None
+    assert parse_manifest({"runtime": "onnx", "max_batch_size": 8, "batching": False}, "m.yaml", "m").batching is None
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "expected"),
+    [
+        ({"runtime": "tensorflow"}, "runtime", "one of onnx, torch"),
+        ({"runtime": "onnx", "colour": "red"}, "colour", "a known field"),
+        ({"runtime": "onnx", "max_batch_size": -1}, "max_batch_size", "an integer >= 0"),
+        ({"runtime": "onnx", "max_batch_size": "8"}, "max_batch_size", "an integer >= 0"),
+        ({"runtime": "onnx", "inputs": [{"name": "a", "datatype": "FLOAT", "shape": [1]}]}, "inputs[0].datatype", "FP32"),
+        ({"runtime": "onnx", "inputs": [{"name": "a", "datatype": "FP32", "shape": [0]}]}, "inputs[0].shape", "-1"),
+        ({"runtime": "onnx", "inputs": [{"name": "a", "datatype": "FP32"}]}, "inputs[0].shape", "required"),
+        ({"runtime": "onnx", "inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "dims": 2}]}, "inputs[0].dims", "known"),
+        ({"runtime": "onnx", "max_batch_size": 4, "inputs": [{"name": "a", "datatype": "FP32", "shape": [3]}]}, "inputs[0].shape", "batch dimension"),
+        ({"runtime": "sklearn"}, "inputs", "only onnx models may leave inputs out"),
+        ({"runtime": "onnx", "version_policy": {"latest": 1, "all": True}}, "version_policy", "exactly one"),
+        ({"runtime": "onnx", "version_policy": {"newest": 1}}, "version_policy.newest", "known field"),
+        ({"runtime": "onnx", "batching": {"max_queue_delay_ms": 1}}, "batching", "max_batch_size is 0"),
+        ({"runtime": "onnx", "max_batch_size": 8, "batching": {"preferred_batch_sizes": [16]}}, "batching.preferred_batch_sizes", "<= max_batch_size"),
+        ({"runtime": "onnx", "instances": {"count": 0}}, "instances.count", "a positive integer"),
+        ({"runtime": "onnx", "instances": {"kind": "fiber"}}, "instances.kind", "thread, process, gpu"),
+        ({"runtime": "onnx", "device": "tpu"}, "device", "cpu, cuda or cuda:N"),
+        ({"runtime": "onnx", "precision": "int3"}, "precision", "fp32, fp16, bf16"),
+        ([1, 2], "", "a mapping"),
+    ],
+)
+def test_bad_manifest_names_file_field_and_expectation(data: object, field: str, expected: str) -> None:
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(data, "repo/fraud/model.yaml", "fraud")
+    message = caught.value.message
+    assert message.startswith("repo/fraud/model.yaml")
+    if field:
+        assert f"field '{field}'" in message
+    assert expected in message
+
+
+def test_invalid_yaml_and_missing_manifest(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ManifestError, match="model.yaml"):
+        read_manifest(tmp_path / "m")
+    (tmp_path / "m" / "model.yaml").write_text("runtime: [onnx\n")
+    with pytest.raises(ManifestError, match="valid YAML"):
+        read_manifest(tmp_path / "m")
+
+
+def test_repository_lists_models_and_versions_by_policy(tmp_path: Path) -> None:
+    for name, policy in (("a", "{latest: 2}"), ("b", "{all: true}"), ("c", "{specific: [1, 3]}")):
+        folder = tmp_path / name
+        for version in (1, 2, 3):
+            (folder / str(version)).mkdir(parents=True)
+        (folder / "notes").mkdir()
+        (folder / "model.yaml").write_text(f"runtime: onnx\nversion_policy: {policy}\n")
+    (tmp_path / "not-a-model").mkdir()
+    repository = ModelRepository(tmp_path)
+    assert repository.model_names() == ["a", "b", "c"]
+    assert repository.source("a").served_versions() == [2, 3]
+    assert repository.source("b").served_versions() == [1, 2, 3]
+    assert repository.source("c").served_versions() == [1, 3]
