@@ -1,0 +1,108 @@
+"""What every runtime does the same way: find the artifact, size threads, check declared tensors.
+
+Messages name the model, the version and the file, because the operator reading them has only
+the repository in front of them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from dhow.core.errors import ModelFault, ModelLoadError
+from dhow.core.model_config import ModelConfig, TensorSpec
+
+Signature = tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]
+
+#: how many file names a "found: ..." listing shows before it says "and N more"
+_LISTED = 10
+
+
+def where(config: ModelConfig, version_dir: Path) -> str:
+    """``fraud version 1``: how messages name what is loading."""
+    return f"{config.name} version {version_dir.name}"
+
+
+def find_artifact(version_dir: Path, config: ModelConfig, *names: str) -> Path:
+    """The first of ``names`` present in ``version_dir``; else say what is there instead."""
+    for name in names:
+        path = version_dir / name
+        if path.is_file():
+            return path
+    try:
+        found = sorted(entry.name for entry in version_dir.iterdir())
+    except OSError:
+        found = []
+    listing = ", ".join(found[:_LISTED]) or "nothing"
+    if len(found) > _LISTED:
+        listing += f" and {len(found) - _LISTED} more"
+    expected = " or ".join(names)
+    raise ModelLoadError(f"{where(config, version_dir)}: expected {expected} in {version_dir}, found: {listing}")
+
+
+def load_failure(config: ModelConfig, path: Path, exc: BaseException) -> ModelLoadError:
+    """A framework's refusal to read an artifact, as a one-line reason."""
+    reason = str(exc).strip().replace("\n", " ") or "no details"
+    return ModelLoadError(f"{where(config, path.parent)}: cannot load {path.name}: {type(exc).__name__}: {reason}")
+
+
+def available_cores() -> int:
+    # the affinity mask, not os.cpu_count(): a container limited to 2 cores of 64 must not start 64 threads
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def default_threads(config: ModelConfig) -> int:
+    """Intra-op threads when the manifest says ``threads: 0``: the cores shared among the instances."""
+    return max(1, available_cores() // max(1, config.instances.count))
+
+
+def threads_for(config: ModelConfig) -> int:
+    return config.threads if config.threads > 0 else default_threads(config)
+
+
+def require_cpu(config: ModelConfig, runtime: str) -> str:
+    if config.device != "cpu":
+        raise ModelLoadError(
+            f"{config.name}/model.yaml: runtime {runtime} computes on the CPU only; "
+            f"set device: cpu (it says {config.device})"
+        )
+    return "cpu"
+
+
+def require_declared(config: ModelConfig, runtime: str) -> Signature:
+    """Inputs and outputs from model.yaml, for runtimes whose artifacts do not declare them."""
+    inputs, outputs = config.inputs, config.outputs
+    if not inputs or not outputs:
+        raise ModelLoadError(
+            f"{config.name}/model.yaml: a {runtime} model must list its `inputs` and `outputs` "
+            f"(name, datatype, shape); `{'inputs' if not inputs else 'outputs'}` is missing"
+        )
+    return inputs, outputs
+
+
+def single_input(config: ModelConfig, runtime: str, default: TensorSpec) -> TensorSpec:
+    """The one input of a tabular model: as declared, or ``default`` when model.yaml lists none."""
+    if not config.inputs:
+        return default
+    if len(config.inputs) != 1:
+        names = ", ".join(spec.name for spec in config.inputs)
+        raise ModelLoadError(f"{config.name}/model.yaml: a {runtime} model takes one input; `inputs` lists {names}")
+    return config.inputs[0]
+
+
+def check_rows(config: ModelConfig, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+    """A batching model must answer one row per input row, or the batcher would split it wrongly."""
+    if config.max_batch_size <= 0 or not inputs:
+        return
+    rows = next(iter(inputs.values())).shape[0]
+    for name, array in outputs.items():
+        if array.ndim == 0 or array.shape[0] != rows:
+            raise ModelFault(
+                f"model {config.name}: output '{name}' has shape {list(array.shape)}, "
+                f"but a batch of {rows} rows needs {rows} rows first"
+            )

@@ -1,0 +1,116 @@
+"""scikit-learn estimators and pipelines saved with joblib (``model.joblib``).
+
+Each output is one method of the estimator, named after it: ``predict``, and ``predict_proba``
+when the estimator has it (a manifest may also ask for ``decision_function`` or ``transform``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+
+from dhow.core.datatypes import as_bytes
+from dhow.core.errors import ModelFault, ModelLoadError
+from dhow.core.model_config import ModelConfig, TensorSpec
+from dhow.runtimes.loading import Signature, check_rows, find_artifact, load_failure, require_cpu, single_input
+
+METHODS: tuple[str, ...] = ("predict", "predict_proba", "decision_function", "transform")
+
+
+class SklearnRuntime:
+    device: str = "cpu"
+
+    def __init__(self) -> None:
+        self._estimator: Any = None
+        self._config: ModelConfig | None = None
+        self._signature: Signature = ((), ())
+
+    def load(self, version_dir: Path, config: ModelConfig) -> None:
+        self.device = require_cpu(config, "sklearn")
+        path = find_artifact(version_dir, config, "model.joblib")
+        try:
+            estimator = joblib.load(path)
+        except Exception as exc:
+            raise load_failure(config, path, exc) from None
+        available = [method for method in METHODS if callable(getattr(estimator, method, None))]
+        if "predict" not in available and "transform" not in available:
+            kind = type(estimator).__name__
+            raise ModelLoadError(f"{config.name}: {kind} in {path} has neither predict nor transform")
+        if config.outputs:
+            unknown = [spec.name for spec in config.outputs if spec.name not in available]
+            if unknown:
+                raise ModelLoadError(
+                    f"{config.name}/model.yaml: outputs {', '.join(unknown)} are not methods of "
+                    f"{type(estimator).__name__}; sklearn outputs are named after one of: {', '.join(available)}"
+                )
+            names = [spec.name for spec in config.outputs]
+        else:
+            names = [method for method in ("predict", "predict_proba") if method in available] or ["transform"]
+        features = int(getattr(estimator, "n_features_in_", -1))
+        # sklearn computes on 2-D arrays whether or not dhow batches requests together
+        default = TensorSpec("input", "FP64", (-1, features))
+        self._signature = (single_input(config, "sklearn", default),), tuple(_spec(estimator, n) for n in names)
+        self._estimator, self._config = estimator, config
+
+    def signature(self) -> Signature:
+        return self._signature
+
+    def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        estimator, config = self._estimator, self._config
+        if estimator is None or config is None:
+            raise ModelFault("the sklearn model is not loaded")
+        features = inputs[self._signature[0][0].name]
+        results: dict[str, np.ndarray] = {}
+        for name in outputs:
+            try:
+                value = getattr(estimator, name)(features)
+            except Exception as exc:
+                raise ModelFault(f"model {config.name}: {name} raised {type(exc).__name__}: {exc}") from None
+            results[name] = _as_array(value)
+        check_rows(config, inputs, results)
+        return results
+
+    def unload(self) -> None:
+        self._estimator = None
+
+
+def _spec(estimator: Any, method: str) -> TensorSpec:
+    classes = getattr(estimator, "classes_", None)
+    if method == "predict":
+        return TensorSpec(method, _label_datatype(classes), (-1,))
+    if method == "predict_proba":
+        return TensorSpec(method, "FP64", (-1, len(classes) if classes is not None else -1))
+    if method == "decision_function" and classes is not None and len(classes) == 2:
+        return TensorSpec(method, "FP64", (-1,))
+    return TensorSpec(method, "FP64", (-1, -1))
+
+
+def _label_datatype(classes: Any) -> str:
+    if classes is None:  # a regressor
+        return "FP64"
+    kind = np.asarray(classes).dtype.kind
+    if kind in ("i", "u"):
+        return "INT64"
+    if kind == "b":
+        return "BOOL"
+    if kind == "f":
+        return "FP64"
+    return "BYTES"
+
+
+def _as_array(value: Any) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind in ("U", "S", "O"):
+        # string labels travel as BYTES: an object array of utf-8 bytes
+        result = np.empty(array.size, dtype=np.object_)
+        result[:] = [as_bytes(item) for item in array.reshape(-1)]
+        return result.reshape(array.shape)
+    if array.dtype.kind in ("i", "u"):
+        return array.astype(np.int64, copy=False)
+    if array.dtype.kind == "f":
+        return array.astype(np.float64, copy=False)
+    return array

@@ -1,0 +1,160 @@
+"""TorchScript models (``model.pt``) on CPU or one CUDA GPU.
+
+TorchScript keeps no reliable record of tensor names or datatypes, so model.yaml declares
+them: ``forward`` takes the inputs positionally in the declared order and returns a tensor,
+a tuple/list matched in order to the declared outputs, or a dict by output name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dhow.core.errors import ModelFault, ModelLoadError
+from dhow.core.model_config import ModelConfig, TensorSpec
+from dhow.runtimes.loading import Signature, check_rows, find_artifact, load_failure, require_declared, threads_for
+
+log = logging.getLogger("dhow.runtimes.torch")
+
+# torch.jit's functions carry no annotations; strict mypy would refuse every call
+_jit: Any = torch.jit
+
+_PRECISIONS: dict[str, Any] = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+_TORCH_DTYPES: dict[np.dtype, Any] = {
+    np.dtype(np.bool_): torch.bool,
+    np.dtype(np.uint8): torch.uint8,
+    np.dtype(np.int8): torch.int8,
+    np.dtype(np.int16): torch.int16,
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.int64): torch.int64,
+    np.dtype(np.float16): torch.float16,
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+}
+
+# torch.set_num_threads is process-wide: the first CPU model sizes it, later ones only when they ask
+_threads_sized = False
+
+
+class TorchRuntime:
+    device: str = "cpu"
+
+    def __init__(self) -> None:
+        self._module: Any = None
+        self._config: ModelConfig | None = None
+        self._signature: Signature = ((), ())
+        #: floating-point inputs are cast to this before the call (None: left as they come)
+        self._dtype: Any = None
+
+    def load(self, version_dir: Path, config: ModelConfig) -> None:
+        self._signature = require_declared(config, "torch")
+        for spec in (*self._signature[0], *self._signature[1]):
+            if spec.datatype == "BYTES":
+                raise ModelLoadError(f"{config.name}/model.yaml: '{spec.name}' is BYTES, which torch has no tensor for")
+        path = find_artifact(version_dir, config, "model.pt")
+        self.device = _device(config)
+        if self.device == "cpu":
+            _size_threads(config)
+        try:
+            module = _jit.load(str(path), map_location=self.device)
+        except Exception as exc:
+            raise load_failure(config, path, exc) from None
+        module.eval()
+        if config.precision in _PRECISIONS:
+            if self.device == "cpu":
+                log.warning("%s: precision %s applies on cuda only; weights stay fp32", config.name, config.precision)
+            else:
+                self._dtype = _PRECISIONS[config.precision]
+                module = module.to(self._dtype)
+        self._module, self._config = module, config
+
+    def signature(self) -> Signature:
+        return self._signature
+
+    def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        module, config = self._module, self._config
+        if module is None or config is None:
+            raise ModelFault("the torch model is not loaded")
+        declared = {spec.name: spec for spec in self._signature[1]}
+        with torch.inference_mode():
+            args = [self._tensor(inputs[spec.name]) if spec.name in inputs else None for spec in self._signature[0]]
+            try:
+                result = module(*args)
+            except Exception as exc:
+                raise ModelFault(f"model {config.name} raised {type(exc).__name__}: {exc}") from None
+            produced = _by_name(config.name, result, self._signature[1])
+            missing = [name for name in outputs if name not in produced]
+            if missing:
+                raise ModelFault(f"model {config.name} returned no output {', '.join(map(repr, missing))}")
+            results = {name: _array(config.name, produced[name], declared[name]) for name in outputs}
+        check_rows(config, inputs, results)
+        return results
+
+    def _tensor(self, array: np.ndarray) -> Any:
+        if self.device == "cpu":
+            # request arrays are often read-only views of the wire buffer; torch wants to own writable memory
+            tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+        else:
+            # one copy into page-locked memory lets the host-to-GPU transfer run asynchronously
+            host = torch.empty(array.shape, dtype=_TORCH_DTYPES[array.dtype], pin_memory=True)
+            host.numpy()[...] = array
+            tensor = host.to(self.device, non_blocking=True)
+        if self._dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self._dtype)
+        return tensor
+
+    def unload(self) -> None:
+        self._module = None
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def _device(config: ModelConfig) -> str:
+    if not config.device.startswith("cuda"):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"{config.name}/model.yaml asks for device {config.device}, but torch {torch.__version__} sees no "
+            "CUDA GPU; set device: cpu or run where a GPU and a CUDA build of torch are present"
+        )
+    index = int(config.device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ModelLoadError(
+            f"{config.name}/model.yaml asks for device {config.device}, but only {torch.cuda.device_count()} "
+            "GPU(s) are visible"
+        )
+    return f"cuda:{index}"
+
+
+def _size_threads(config: ModelConfig) -> None:
+    global _threads_sized
+    if config.threads > 0 or not _threads_sized:
+        torch.set_num_threads(threads_for(config))
+        _threads_sized = True
+
+
+def _by_name(model: str, result: Any, specs: tuple[TensorSpec, ...]) -> dict[str, Any]:
+    if isinstance(result, dict):
+        return dict(result)
+    values = [result] if isinstance(result, torch.Tensor) else result
+    if not isinstance(values, (list, tuple)) or len(values) != len(specs):
+        count = len(values) if isinstance(values, (list, tuple)) else type(result).__name__
+        raise ModelFault(f"model {model} returned {count} values, but model.yaml declares {len(specs)} outputs")
+    return {spec.name: value for spec, value in zip(specs, values, strict=True)}
+
+
+def _array(model: str, value: Any, spec: TensorSpec) -> np.ndarray:
+    if not isinstance(value, torch.Tensor):
+        raise ModelFault(f"model {model}: output '{spec.name}' is a {type(value).__name__}, not a tensor")
+    tensor = value.detach()
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        # reduced precision is a compute choice; clients get what model.yaml declares (numpy has no bfloat16)
+        tensor = tensor.to(torch.float16 if spec.datatype == "FP16" else torch.float32)
+    array: np.ndarray = tensor.cpu().numpy()
+    return array
