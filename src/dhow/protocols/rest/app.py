@@ -1,0 +1,271 @@
+"""The REST door: the Open Inference Protocol v2 (with Triton's extensions) as a pure ASGI app.
+
+It translates HTTP to data-plane calls and back, nothing more: no framework, one dict look-up or
+one path split to route, one JSON parse per request, header lists built once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from dhow.core.errors import DhowError, InvalidInput, NotFound
+from dhow.protocols.rest.body import (
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    compress,
+    decompress,
+    read_body,
+)
+from dhow.protocols.rest.codec import decode_request, encode_response
+from dhow.protocols.rest.router import Endpoint, Match, resolve
+from dhow.serving.dataplane import DataPlane
+
+__all__ = ["RestApp"]
+
+log = logging.getLogger("dhow.rest")
+
+Headers = list[tuple[bytes, bytes]]
+#: what a handler answers: status, headers (shared constants: never mutated), body
+Answer = tuple[int, Headers, bytes]
+Handler = Callable[["Request"], Awaitable[Answer]]
+
+_HEADER_LENGTH = b"inference-header-content-length"
+_JSON: Headers = [(b"content-type", b"application/json")]
+_OCTET_STREAM = (b"content-type", b"application/octet-stream")
+_EMPTY: Answer = (200, [], b"")
+
+
+class Request:
+    """One HTTP request: the route it matched, its headers scanned once, its body read on demand."""
+
+    __slots__ = (
+        "_limit",
+        "_receive",
+        "accept_encoding",
+        "content_encoding",
+        "content_length",
+        "header_length",
+        "match",
+    )
+
+    def __init__(self, scope: Scope, receive: Receive, match: Match, limit: int) -> None:
+        self._limit = limit
+        self._receive = receive
+        self.match = match
+        self.content_length: int | None = None
+        self.content_encoding = b""
+        self.accept_encoding = b""
+        self.header_length: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                self.content_length = int(value) if value.isdigit() else None
+            elif name == b"content-encoding":
+                self.content_encoding = value
+            elif name == b"accept-encoding":
+                self.accept_encoding = value
+            elif name == _HEADER_LENGTH:
+                self.header_length = value
+
+    async def body(self) -> bytes:
+        body = await read_body(self._receive, self._limit, self.content_length)
+        if self.content_encoding:
+            body = decompress(body, self.content_encoding, self._limit)
+        return body
+
+    async def json_body(self) -> dict[str, Any]:
+        """An optional JSON object body (repository requests): empty means ``{}``."""
+        body = await self.body()
+        if not body.strip():
+            return {}
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"malformed JSON: {exc}") from None
+        if not isinstance(document, dict):
+            raise InvalidInput("the request body must be a JSON object")
+        return document
+
+
+class RestApp:
+    """The ASGI application of the REST door; ``metrics_handler`` renders ``GET /metrics``."""
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        *,
+        max_body_bytes: int = 64 * 1024 * 1024,
+        metrics_handler: Callable[[], tuple[bytes, str]] | None = None,
+    ) -> None:
+        self.dataplane = dataplane
+        self.max_body_bytes = max_body_bytes
+        self.metrics_handler = metrics_handler
+        self._handlers: dict[Endpoint, Handler] = {
+            Endpoint.SERVER_METADATA: self._server_metadata,
+            Endpoint.LIVE: self._live,
+            Endpoint.READY: self._ready,
+            Endpoint.METRICS: self._metrics,
+            Endpoint.ALL_STATISTICS: self._statistics,
+            Endpoint.MODEL_METADATA: self._model_metadata,
+            Endpoint.MODEL_READY: self._model_ready,
+            Endpoint.MODEL_CONFIG: self._model_config,
+            Endpoint.MODEL_STATISTICS: self._statistics,
+            Endpoint.INFER: self._infer,
+            Endpoint.REPOSITORY_INDEX: self._repository_index,
+            Endpoint.LOAD: self._load,
+            Endpoint.UNLOAD: self._unload,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await _lifespan(receive, send)
+            return
+        match = resolve(scope["path"])
+        if match is None:
+            await _send_error(send, 404, f"no route for {scope['path']}; the API lives under /v2")
+            return
+        method = match.endpoint.method
+        if scope["method"] != method:
+            await _send_error(
+                send, 405, f"{scope['path']} answers {method}, not {scope['method']}", [(b"allow", method.encode())]
+            )
+            return
+        request = Request(scope, receive, match, self.max_body_bytes)
+        try:
+            status, headers, body = await self._handlers[match.endpoint](request)
+        except DhowError as exc:
+            await _send_error(send, exc.http_status, exc.message, _retry_after(exc.retry_after))
+            return
+        except ClientDisconnected:
+            return
+        except Exception:
+            error_id = secrets.token_hex(4)
+            log.exception("internal error (id %s) serving %s %s", error_id, scope["method"], scope["path"])
+            await _send_error(send, 500, f"internal error (id {error_id}); see the server log")
+            return
+        if request.accept_encoding:
+            body, encoding = compress(body, request.accept_encoding)
+            if encoding is not None:
+                headers = [*headers, (b"content-encoding", encoding), (b"vary", b"accept-encoding")]
+        await _send(send, status, headers, body)
+
+    # -- health and metadata ------------------------------------------------------------
+
+    async def _server_metadata(self, request: Request) -> Answer:
+        return _json(self.dataplane.server_metadata())
+
+    async def _live(self, request: Request) -> Answer:
+        return _EMPTY if self.dataplane.live() else _error(503, "the server is not live")
+
+    async def _ready(self, request: Request) -> Answer:
+        return _EMPTY if self.dataplane.ready() else _error(503, "the server is not ready")
+
+    async def _metrics(self, request: Request) -> Answer:
+        if self.metrics_handler is None:
+            raise NotFound("metrics are not enabled on this server")
+        body, content_type = self.metrics_handler()
+        return 200, [(b"content-type", content_type.encode("latin-1"))], body
+
+    async def _model_metadata(self, request: Request) -> Answer:
+        return _json(self.dataplane.model_metadata(request.match.model, request.match.version))
+
+    async def _model_ready(self, request: Request) -> Answer:
+        match = request.match
+        if self.dataplane.model_ready(match.model, match.version):
+            return _EMPTY
+        version = f" version {match.version}" if match.version else ""
+        return _error(503, f"model '{match.model}'{version} is not ready")
+
+    async def _model_config(self, request: Request) -> Answer:
+        return _json(self.dataplane.model_config(request.match.model, request.match.version))
+
+    async def _statistics(self, request: Request) -> Answer:
+        return _json(self.dataplane.model_statistics(request.match.model, request.match.version))
+
+    # -- the repository -----------------------------------------------------------------
+
+    async def _repository_index(self, request: Request) -> Answer:
+        ready = (await request.json_body()).get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidInput(f"'ready' must be a boolean, got {ready!r}")
+        return _json(self.dataplane.repository_index(ready))
+
+    async def _load(self, request: Request) -> Answer:
+        await self.dataplane.load_model(request.match.model, await _parameters(request))
+        return _EMPTY
+
+    async def _unload(self, request: Request) -> Answer:
+        await self.dataplane.unload_model(request.match.model, await _parameters(request))
+        return _EMPTY
+
+    # -- inference ----------------------------------------------------------------------
+
+    async def _infer(self, request: Request) -> Answer:
+        body = await request.body()
+        header_length = _header_length(request.header_length)
+        inference = decode_request(body, request.match.model, request.match.version, header_length)
+        response = await self.dataplane.infer(inference)
+        encoded, json_length = encode_response(response, inference)
+        if json_length is None:
+            return 200, _JSON, encoded
+        return 200, [_OCTET_STREAM, (_HEADER_LENGTH, str(json_length).encode())], encoded
+
+
+async def _parameters(request: Request) -> dict[str, Any]:
+    parameters = (await request.json_body()).get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput("'parameters' must be a JSON object")
+    return parameters
+
+
+def _header_length(value: bytes | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidInput(
+            f"Inference-Header-Content-Length must be an integer, got {value.decode('latin-1')!r}"
+        ) from None
+
+
+def _json(document: Any) -> Answer:
+    return 200, _JSON, orjson.dumps(document)
+
+
+def _error(status: int, message: str) -> Answer:
+    return status, _JSON, orjson.dumps({"error": message})
+
+
+def _retry_after(seconds: float | None) -> Headers:
+    if seconds is None:
+        return []
+    return [(b"retry-after", str(max(1, math.ceil(seconds))).encode())]
+
+
+async def _send_error(send: Send, status: int, message: str, headers: Headers | None = None) -> None:
+    await _send(send, status, [*_JSON, *(headers or ())], orjson.dumps({"error": message}))
+
+
+async def _send(send: Send, status: int, headers: Headers, body: bytes) -> None:
+    length = (b"content-length", str(len(body)).encode())
+    await send({"type": "http.response.start", "status": status, "headers": [*headers, length]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,211 @@
+"""Inference bodies of the REST door: JSON tensors and the binary tensor data extension.
+
+A binary body is a JSON header of ``Inference-Header-Content-Length`` bytes followed by the raw
+blobs of the inputs (or outputs) that carry ``parameters.binary_data_size``, in order. Blobs are
+decoded with ``frombuffer`` on a view of the body: no copy between the socket and the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+
+from dhow.core.datatypes import NUMPY_DTYPE, array_from_buffer, array_to_bytes
+from dhow.core.errors import InvalidInput, Unsupported
+from dhow.core.types import InferenceRequest, InferenceResponse, Parameters, RequestedOutput, Tensor
+from dhow.protocols.rest.tensors import array_from_json, json_data
+
+__all__ = ["EncodedResponse", "decode_request", "encode_response"]
+
+_VALID_DATATYPES = ", ".join(NUMPY_DTYPE)
+_NUMPY_OPTION = orjson.OPT_SERIALIZE_NUMPY
+
+#: a response body and the length of its JSON header when it carries binary outputs (else None)
+EncodedResponse = tuple[bytes, int | None]
+
+
+def decode_request(
+    body: bytes | bytearray | memoryview,
+    model_name: str,
+    model_version: str = "",
+    header_length: int | None = None,
+) -> InferenceRequest:
+    """Decode an infer request body; ``header_length`` is the ``Inference-Header-Content-Length`` value."""
+    view = memoryview(body)
+    if header_length is None:
+        header_length = len(view)
+    elif not 0 <= header_length <= len(view):
+        raise InvalidInput(
+            f"Inference-Header-Content-Length is {header_length} but the request body has {len(view)} bytes"
+        )
+    document = _load_json(view[:header_length])
+    if not isinstance(document, dict):
+        raise InvalidInput(f"the inference request must be a JSON object, got {_json_type(document)}")
+    raw_inputs = document.get("inputs")
+    if raw_inputs is None:
+        raise InvalidInput("missing 'inputs': an inference request needs a list of input tensors")
+    if not isinstance(raw_inputs, list):
+        raise InvalidInput(f"'inputs' must be a list of tensors, got {_json_type(raw_inputs)}")
+    offset = header_length
+    inputs: list[Tensor] = []
+    for index, raw in enumerate(raw_inputs):
+        tensor, offset = _decode_input(raw, index, view, offset)
+        inputs.append(tensor)
+    if offset != len(view):
+        raise InvalidInput(
+            f"the request body has {len(view) - offset} bytes after the binary data of the inputs; "
+            "each binary input must announce its size in parameters.binary_data_size"
+        )
+    return InferenceRequest(
+        model_name,
+        inputs,
+        model_version=model_version,
+        id=_request_id(document.get("id")),
+        parameters=_parameters(document.get("parameters"), "request"),
+        outputs=_requested_outputs(document.get("outputs")),
+    )
+
+
+def _load_json(data: memoryview) -> Any:
+    if not data:
+        raise InvalidInput("the request body is empty; expected a JSON inference request")
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"malformed JSON: {exc}") from None
+
+
+def _decode_input(raw: Any, index: int, view: memoryview, offset: int) -> tuple[Tensor, int]:
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"inputs[{index}] must be a JSON object, got {_json_type(raw)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"inputs[{index}] needs a 'name' (a non-empty string)")
+    label = f"input '{name}'"
+    datatype = _datatype(raw.get("datatype"), label)
+    shape = _shape(raw.get("shape"), label)
+    parameters = _parameters(raw.get("parameters"), label)
+    size = parameters.get("binary_data_size")
+    data = raw.get("data")
+    if size is not None:
+        if data is not None:
+            raise InvalidInput(f"{label} has both 'data' and parameters.binary_data_size; send one of them")
+        array = _binary_input(view, offset, size, datatype, shape, label)
+        return Tensor(name, datatype, shape, array, parameters), offset + size
+    if data is None:
+        if "shared_memory_region" in parameters:
+            raise Unsupported(f"{label}: shared memory is not supported; send 'data' or binary data")
+        raise InvalidInput(f"{label} has neither 'data' nor parameters.binary_data_size")
+    return Tensor(name, datatype, shape, array_from_json(data, datatype, shape, label), parameters), offset
+
+
+def _binary_input(view: memoryview, offset: int, size: Any, datatype: str, shape: list[int], label: str) -> np.ndarray:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidInput(f"{label}: binary_data_size must be a non-negative integer, got {size!r}")
+    left = len(view) - offset
+    if size > left:
+        raise InvalidInput(f"{label}: binary_data_size {size} but the body has only {left} bytes left")
+    try:
+        return array_from_buffer(view[offset : offset + size], datatype, shape)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{label}: {exc.message}") from None
+
+
+def _datatype(value: Any, label: str) -> str:
+    if isinstance(value, str) and value in NUMPY_DTYPE:
+        return value
+    if value is None:
+        raise InvalidInput(f"{label} needs a 'datatype', one of {_VALID_DATATYPES}")
+    raise InvalidInput(f"{label}: unknown datatype {value!r}; expected one of {_VALID_DATATYPES}")
+
+
+def _shape(value: Any, label: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+        raise InvalidInput(f"{label} needs a 'shape' (a list of integers), got {value!r}")
+    if any(d < 0 for d in value):
+        raise InvalidInput(f"{label}: shape {value} has a negative dimension; a request gives actual sizes")
+    return value
+
+
+def _parameters(value: Any, label: str) -> Parameters:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{label} 'parameters' must be a JSON object, got {_json_type(value)}")
+    return value
+
+
+def _request_id(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidInput(f"request 'id' must be a string, got {_json_type(value)}")
+    return value
+
+
+def _requested_outputs(value: Any) -> list[RequestedOutput] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise InvalidInput(f"'outputs' must be a list of {{'name': ...}} objects, got {_json_type(value)}")
+    outputs: list[RequestedOutput] = []
+    for index, raw in enumerate(value):
+        name = raw.get("name") if isinstance(raw, dict) else None
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"outputs[{index}] needs a 'name' (a non-empty string)")
+        outputs.append(RequestedOutput(name, _parameters(raw.get("parameters"), f"output '{name}'")))
+    return outputs
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), "a number")
+
+
+# -- responses ---------------------------------------------------------------------------
+
+
+def encode_response(response: InferenceResponse, request: InferenceRequest) -> EncodedResponse:
+    """Encode a response: outputs go binary where the request asked for it, JSON otherwise."""
+    binary_default = request.parameters.get("binary_data_output") is True
+    asked = {o.name: o.parameters for o in request.outputs} if request.outputs else {}
+    entries: list[dict[str, Any]] = []
+    blobs: list[bytes | memoryview] = []
+    for tensor in response.outputs:
+        flag = asked.get(tensor.name, tensor.parameters).get("binary_data")
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
+        if flag is True or (flag is None and binary_default):
+            blob = _blob(tensor)
+            blobs.append(blob)
+            # the only output parameter ever sent: a Triton client fails on any other
+            entry["parameters"] = {"binary_data_size": len(blob)}
+        else:
+            entry["data"] = json_data(tensor)
+        entries.append(entry)
+    document: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
+    if response.id:
+        document["id"] = response.id
+    if response.parameters:
+        document["parameters"] = response.parameters
+    document["outputs"] = entries
+    header = orjson.dumps(document, default=_default, option=_NUMPY_OPTION)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def _blob(tensor: Tensor) -> bytes | memoryview:
+    if tensor.datatype == "BYTES":
+        return array_to_bytes(tensor.data, "BYTES")
+    array = np.ascontiguousarray(tensor.data, dtype=NUMPY_DTYPE[tensor.datatype])
+    return array.data.cast("B")
+
+
+def _default(value: Any) -> Any:
+    # orjson falls through here for arrays it cannot write natively (e.g. non-native byte order)
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"cannot serialize {type(value).__name__}")
