@@ -1,0 +1,205 @@
+"""Translate between gRPC messages and dhow's transport-neutral requests and responses.
+
+Numeric tensors never go through a per-element Python loop: raw contents become numpy arrays
+with ``frombuffer`` (no copy of the message's bytes), typed contents with one ``np.asarray``.
+Responses always carry ``raw_output_contents``: perf_analyzer and tritonclient read them, and
+some clients hang on typed output contents.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from dhow.core.datatypes import NUMPY_DTYPE, array_from_buffer, array_to_bytes, element_count
+from dhow.core.errors import InvalidInput, Unsupported
+from dhow.core.types import InferenceRequest, InferenceResponse, Parameters, RequestedOutput, Tensor
+from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
+
+#: datatype -> the InferTensorContents field that carries it, and the numpy dtype of that field
+_CONTENTS: dict[str, tuple[str, np.dtype]] = {
+    "BOOL": ("bool_contents", np.dtype(np.bool_)),
+    "INT8": ("int_contents", np.dtype("<i4")),
+    "INT16": ("int_contents", np.dtype("<i4")),
+    "INT32": ("int_contents", np.dtype("<i4")),
+    "INT64": ("int64_contents", np.dtype("<i8")),
+    "UINT8": ("uint_contents", np.dtype("<u4")),
+    "UINT16": ("uint_contents", np.dtype("<u4")),
+    "UINT32": ("uint_contents", np.dtype("<u4")),
+    "UINT64": ("uint64_contents", np.dtype("<u8")),
+    "FP32": ("fp32_contents", np.dtype("<f4")),
+    "FP64": ("fp64_contents", np.dtype("<f8")),
+    "BYTES": ("bytes_contents", np.dtype(np.object_)),
+}
+#: valid protocol datatypes that dhow has no numpy form for
+_UNSUPPORTED_DATATYPES = frozenset({"BF16"})
+_INT64_MIN, _INT64_MAX, _UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
+
+
+# -- parameters -----------------------------------------------------------------------------
+
+
+def parameters_from_proto(parameters: Mapping[str, Any]) -> Parameters:
+    """An ``InferParameter`` or ``ModelRepositoryParameter`` map as plain Python values."""
+    if not parameters:  # the common case, on every tensor
+        return {}
+    result: Parameters = {}
+    for key, parameter in parameters.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        result[key] = getattr(parameter, choice) if choice is not None else None
+    return result
+
+
+def parameter_to_proto(value: object) -> pb.InferParameter:
+    """A Python value as an ``InferParameter``; containers travel as JSON strings."""
+    # bool first: it is an int too
+    if isinstance(value, (bool, np.bool_)):
+        return pb.InferParameter(bool_param=bool(value))
+    if isinstance(value, (int, np.integer)):
+        number = int(value)
+        if _INT64_MIN <= number <= _INT64_MAX:
+            return pb.InferParameter(int64_param=number)
+        if 0 <= number <= _UINT64_MAX:
+            return pb.InferParameter(uint64_param=number)
+        return pb.InferParameter(string_param=str(number))
+    if isinstance(value, (float, np.floating)):
+        return pb.InferParameter(double_param=float(value))
+    if isinstance(value, str):
+        return pb.InferParameter(string_param=value)
+    if isinstance(value, bytes):
+        return pb.InferParameter(string_param=value.decode("utf-8", errors="replace"))
+    return pb.InferParameter(string_param=json.dumps(value, default=str))
+
+
+def _set_parameters(target: Any, parameters: Parameters) -> None:
+    for key, value in parameters.items():
+        if value is not None:
+            target[key].CopyFrom(parameter_to_proto(value))
+
+
+# -- requests -------------------------------------------------------------------------------
+
+
+def request_from_proto(message: pb.ModelInferRequest) -> InferenceRequest:
+    """Decode a ``ModelInferRequest``; raises ``InvalidInput`` with a message for the client."""
+    raw = message.raw_input_contents
+    inputs = message.inputs
+    if raw:
+        if len(raw) != len(inputs):
+            raise InvalidInput(
+                f"the request has {len(inputs)} input(s) but {len(raw)} raw_input_contents; "
+                "give exactly one raw buffer per input, in the order of the inputs"
+            )
+        tensors = [_tensor_from_raw(tensor, buffer) for tensor, buffer in zip(inputs, raw, strict=True)]
+    else:
+        tensors = [_tensor_from_contents(tensor) for tensor in inputs]
+    outputs = [RequestedOutput(o.name, parameters_from_proto(o.parameters)) for o in message.outputs]
+    return InferenceRequest(
+        model_name=message.model_name,
+        inputs=tensors,
+        model_version=message.model_version,
+        id=message.id,
+        parameters=parameters_from_proto(message.parameters),
+        outputs=outputs or None,
+    )
+
+
+def _checked_header(tensor: Any) -> tuple[str, str, list[int], Parameters]:
+    name: str = tensor.name
+    datatype: str = tensor.datatype
+    shape = list(tensor.shape)
+    parameters = parameters_from_proto(tensor.parameters)
+    if "shared_memory_region" in parameters:
+        raise Unsupported(f"input '{name}' refers to a shared-memory region; dhow does not support shared memory")
+    if datatype in _UNSUPPORTED_DATATYPES:
+        raise Unsupported(f"input '{name}' has datatype {datatype}, which dhow does not support")
+    if datatype not in NUMPY_DTYPE:
+        known = ", ".join(NUMPY_DTYPE)
+        raise InvalidInput(f"input '{name}' has unknown datatype '{datatype}'; expected one of {known}")
+    if any(dim < 0 for dim in shape):
+        raise InvalidInput(f"input '{name}' has a negative dimension in its shape {shape}")
+    return name, datatype, shape, parameters
+
+
+def _tensor_from_raw(tensor: Any, buffer: bytes) -> Tensor:
+    name, datatype, shape, parameters = _checked_header(tensor)
+    if tensor.HasField("contents"):
+        raise InvalidInput(
+            f"input '{name}' sets contents while the request uses raw_input_contents; "
+            "a request carries its tensors either all raw or all as contents"
+        )
+    try:
+        data = array_from_buffer(buffer, datatype, shape)
+    except InvalidInput as exc:
+        raise InvalidInput(f"input '{name}': {exc.message}") from None
+    return Tensor(name, datatype, shape, data, parameters)
+
+
+def _tensor_from_contents(tensor: Any) -> Tensor:
+    name, datatype, shape, parameters = _checked_header(tensor)
+    entry = _CONTENTS.get(datatype)
+    if entry is None:
+        raise InvalidInput(f"input '{name}' of datatype {datatype} can only be sent in raw_input_contents")
+    field, wire_dtype = entry
+    values = getattr(tensor.contents, field)
+    count = element_count(shape)
+    if len(values) != count:
+        raise InvalidInput(
+            f"input '{name}' of shape {shape} needs {count} element(s) in contents.{field}, got {len(values)}"
+        )
+    if datatype == "BYTES":
+        data = np.empty(count, dtype=np.object_)
+        data[:] = list(values)
+        return Tensor(name, datatype, shape, data.reshape(shape), parameters)
+    wide = np.asarray(values, dtype=wire_dtype)
+    return Tensor(name, datatype, shape, _narrowed(name, wide, datatype).reshape(shape), parameters)
+
+
+def _narrowed(name: str, wide: np.ndarray, datatype: str) -> np.ndarray:
+    """INT8/16 and UINT8/16 travel in 32-bit fields: check the range, then cast."""
+    dtype = NUMPY_DTYPE[datatype]
+    if dtype == wide.dtype:
+        return wide
+    limits = np.iinfo(dtype)
+    if wide.size and (wide.min() < limits.min or wide.max() > limits.max):
+        raise InvalidInput(f"input '{name}' has values outside the range of {datatype} [{limits.min}, {limits.max}]")
+    return wide.astype(dtype)
+
+
+# -- responses ------------------------------------------------------------------------------
+
+
+def response_to_proto(response: InferenceResponse) -> pb.ModelInferResponse:
+    """Encode a response with every output in ``raw_output_contents`` and no typed contents.
+
+    Output tensor parameters are not sent: the data plane fills them with the options the client
+    asked for (``binary_data``, ``classification``), which mean nothing to a gRPC client.
+    """
+    message = pb.ModelInferResponse(
+        model_name=response.model_name,
+        model_version=response.model_version,
+        id=response.id,
+        outputs=[_output_header(t) for t in response.outputs],
+        raw_output_contents=[array_to_bytes(t.data, t.datatype) for t in response.outputs],
+    )
+    _set_parameters(message.parameters, response.parameters)
+    return message
+
+
+def _output_header(tensor: Tensor) -> pb.ModelInferResponse.InferOutputTensor:
+    return pb.ModelInferResponse.InferOutputTensor(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+
+
+def request_header(message: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    """An empty response naming the request's model, version and id (for stream errors)."""
+    return pb.ModelInferResponse(model_name=message.model_name, model_version=message.model_version, id=message.id)
+
+
+def tensor_metadata(specs: Sequence[Mapping[str, Any]]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    """Model-metadata tensors (``{"name", "datatype", "shape"}`` dicts) as messages."""
+    return [
+        pb.ModelMetadataResponse.TensorMetadata(name=s["name"], datatype=s["datatype"], shape=s["shape"]) for s in specs
+    ]

@@ -1,0 +1,80 @@
+"""Where dhow's errors become gRPC statuses: one map, one guard around every unary RPC.
+
+A ``DhowError`` aborts the call with the status of its code and its message (written for the
+client), plus a ``retry-after`` trailer when it names one. Any other exception is logged with an
+error id, and the client sees only that id.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import grpc.aio
+
+from dhow.core.errors import DhowError, ErrorCode
+
+log = logging.getLogger("dhow.grpc")
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+STATUS: dict[ErrorCode, grpc.StatusCode] = {
+    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorCode.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
+    ErrorCode.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+_Servicer = TypeVar("_Servicer")
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+UnaryMethod = Callable[[_Servicer, _Request, Context], Awaitable[_Response]]
+
+
+def trailing_metadata(exc: DhowError) -> tuple[tuple[str, str], ...]:
+    """``retry-after`` in seconds (``1``, ``0.5``) for errors that say when to retry."""
+    if exc.retry_after is None:
+        return ()
+    return (("retry-after", f"{exc.retry_after:g}"),)
+
+
+def log_internal_error(rpc: str) -> str:
+    """Log the exception being handled under a fresh error id; call it inside ``except``."""
+    error_id = secrets.token_hex(4)
+    log.exception("internal error in gRPC %s (error id %s)", rpc, error_id)
+    return error_id
+
+
+def internal_message(error_id: str) -> str:
+    return f"internal error (id {error_id}); see the server log"
+
+
+async def abort(context: Context, exc: DhowError) -> NoReturn:
+    await context.abort(STATUS[exc.code], exc.message, trailing_metadata=trailing_metadata(exc))
+
+
+def guarded(method: UnaryMethod[_Servicer, _Request, _Response]) -> UnaryMethod[_Servicer, _Request, _Response]:
+    """Wrap a unary RPC so that every exception it raises ends the call with a proper status."""
+
+    @functools.wraps(method)
+    async def rpc(self: _Servicer, request: _Request, context: Context) -> _Response:
+        try:
+            return await method(self, request, context)
+        except DhowError as exc:
+            await abort(context, exc)
+        except grpc.aio.AbortError:
+            raise  # the method aborted the call itself
+        except Exception:
+            error_id = log_internal_error(method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, internal_message(error_id))
+
+    return rpc

@@ -1,0 +1,60 @@
+"""Build the gRPC door: a grpc.aio server bound to an address, serving ``InferenceServicer``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc.aio
+
+from dhow.protocols.grpc.generated import grpc_service_pb2_grpc
+from dhow.protocols.grpc.service import InferenceServicer
+from dhow.serving.dataplane import DataPlane
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcServer:
+    """A bound, not yet started server; ``port`` is the port actually bound (useful with port 0)."""
+
+    server: grpc.aio.Server
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return _address(self.host, self.port)
+
+
+async def create_grpc_server(
+    dataplane: DataPlane,
+    host: str = "0.0.0.0",
+    port: int = 8081,
+    *,
+    max_message_bytes: int = 64 * 1024 * 1024,
+) -> GrpcServer:
+    """Create the server and bind it; the caller starts it (``await bound.server.start()``) and
+    stops it (``await bound.server.stop(grace)``), so it can start the doors together.
+
+    Messages larger than ``max_message_bytes`` are refused by grpc with RESOURCE_EXHAUSTED.
+    Raises ``OSError`` if the address cannot be bound.
+    """
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            # grpc sets SO_REUSEPORT by default: a second server on a busy port would bind silently
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
+    address = _address(host, port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind to address …")
+        raise OSError(f"cannot serve gRPC on {address}: {exc}") from None
+    if bound == 0:
+        raise OSError(f"cannot serve gRPC on {address}")
+    return GrpcServer(server, host, bound)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,168 @@
+"""``inference.GRPCInferenceService`` served by the data plane (grpc.aio).
+
+Every RPC translates a message, calls the ``DataPlane`` and translates the answer back; the
+policies (validation, statistics, batching) live in the data plane, once for every door.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, TypeVar
+
+from google.protobuf import json_format
+
+from dhow.core.errors import DhowError
+from dhow.protocols.grpc.codec import (
+    parameters_from_proto,
+    request_from_proto,
+    request_header,
+    response_to_proto,
+    tensor_metadata,
+)
+from dhow.protocols.grpc.errors import Context, guarded, internal_message, log_internal_error
+from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
+from dhow.protocols.grpc.generated import model_config_pb2 as mc
+from dhow.serving.dataplane import DataPlane
+
+_Message = TypeVar("_Message")
+
+
+class InferenceServicer:
+    """The RPCs of ``grpc_service.proto``; ``create_grpc_server`` registers it.
+
+    Method names are the RPC names: grpc's generated registration looks them up by name.
+    """
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    # -- health and metadata ------------------------------------------------------------
+
+    @guarded
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.dataplane.live())
+
+    @guarded
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.dataplane.ready())
+
+    @guarded
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version))
+
+    @guarded
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
+        metadata = self.dataplane.server_metadata()
+        return pb.ServerMetadataResponse(
+            name=metadata["name"], version=metadata["version"], extensions=metadata.get("extensions", [])
+        )
+
+    @guarded
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
+        metadata = self.dataplane.model_metadata(request.name, request.version)
+        return pb.ModelMetadataResponse(
+            name=metadata["name"],
+            versions=metadata.get("versions", []),
+            platform=metadata.get("platform", ""),
+            inputs=tensor_metadata(metadata.get("inputs", [])),
+            outputs=tensor_metadata(metadata.get("outputs", [])),
+        )
+
+    @guarded
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
+        config = self.dataplane.model_config(request.name, request.version)
+        # the dict is Triton's JSON form of model_config.proto; fields our subset lacks are dropped
+        return pb.ModelConfigResponse(config=_parsed(config, mc.ModelConfig()))
+
+    @guarded
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
+        statistics = self.dataplane.model_statistics(request.name, request.version)
+        return _parsed(statistics, pb.ModelStatisticsResponse())
+
+    # -- the repository -----------------------------------------------------------------
+
+    @guarded
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
+        # dhow serves one repository: repository_name is not consulted
+        rows = self.dataplane.repository_index(request.ready)
+        return pb.RepositoryIndexResponse(models=[_model_index(row) for row in rows])
+
+    @guarded
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        # "config" arrives as string_param, uploaded "file:<path>" contents as bytes_param
+        await self.dataplane.load_model(request.model_name, parameters_from_proto(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    @guarded
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self.dataplane.unload_model(request.model_name, parameters_from_proto(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- inference ----------------------------------------------------------------------
+
+    @guarded
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        response = await self.dataplane.infer(request_from_proto(request))
+        return response_to_proto(response)
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Answer each request of the stream as soon as it is computed, in completion order.
+
+        Requests run concurrently, as in Triton; clients match answers by ``id``. A failed request
+        yields an ``error_message`` (with the request's model and id) and the stream goes on.
+        """
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        reader = asyncio.create_task(self._serve_stream(requests, answers))
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader  # raises if reading the stream failed
+        finally:
+            reader.cancel()  # the client went away: stop the requests still running
+
+    async def _serve_stream(
+        self,
+        requests: AsyncIterator[pb.ModelInferRequest],
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None],
+    ) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                async for request in requests:
+                    group.create_task(self._stream_answer(request, answers))
+        finally:
+            answers.put_nowait(None)
+
+    async def _stream_answer(
+        self, request: pb.ModelInferRequest, answers: asyncio.Queue[pb.ModelStreamInferResponse | None]
+    ) -> None:
+        try:
+            response = response_to_proto(await self.dataplane.infer(request_from_proto(request)))
+            answer = pb.ModelStreamInferResponse(infer_response=response)
+        except DhowError as exc:
+            answer = pb.ModelStreamInferResponse(error_message=exc.message, infer_response=request_header(request))
+        except Exception:
+            message = internal_message(log_internal_error("ModelStreamInfer"))
+            answer = pb.ModelStreamInferResponse(error_message=message, infer_response=request_header(request))
+        answers.put_nowait(answer)
+
+
+def _parsed(data: Mapping[str, Any], message: _Message) -> _Message:
+    """Fill ``message`` from its JSON form (enum names as strings, as Triton writes them)."""
+    json_format.ParseDict(data, message, ignore_unknown_fields=True)
+    return message
+
+
+def _model_index(row: Mapping[str, Any]) -> pb.RepositoryIndexResponse.ModelIndex:
+    return pb.RepositoryIndexResponse.ModelIndex(
+        name=row["name"],
+        version=str(row.get("version") or ""),
+        state=str(row.get("state") or ""),
+        reason=str(row.get("reason") or ""),
+    )
