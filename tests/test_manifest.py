@@ -48,16 +48,32 @@ def test_batching_defaults_on_for_batched_models() -> None:
         ({"runtime": "onnx", "colour": "red"}, "colour", "a known field"),
         ({"runtime": "onnx", "max_batch_size": -1}, "max_batch_size", "an integer >= 0"),
         ({"runtime": "onnx", "max_batch_size": "8"}, "max_batch_size", "an integer >= 0"),
-        ({"runtime": "onnx", "inputs": [{"name": "a", "datatype": "FLOAT", "shape": [1]}]}, "inputs[0].datatype", "FP32"),
+        (
+            {"runtime": "onnx", "inputs": [{"name": "a", "datatype": "FLOAT", "shape": [1]}]},
+            "inputs[0].datatype",
+            "FP32",
+        ),
         ({"runtime": "onnx", "inputs": [{"name": "a", "datatype": "FP32", "shape": [0]}]}, "inputs[0].shape", "-1"),
         ({"runtime": "onnx", "inputs": [{"name": "a", "datatype": "FP32"}]}, "inputs[0].shape", "required"),
-        ({"runtime": "onnx", "inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "dims": 2}]}, "inputs[0].dims", "known"),
-        ({"runtime": "onnx", "max_batch_size": 4, "inputs": [{"name": "a", "datatype": "FP32", "shape": [3]}]}, "inputs[0].shape", "batch dimension"),
+        (
+            {"runtime": "onnx", "inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "dims": 2}]},
+            "inputs[0].dims",
+            "known",
+        ),
+        (
+            {"runtime": "onnx", "max_batch_size": 4, "inputs": [{"name": "a", "datatype": "FP32", "shape": [3]}]},
+            "inputs[0].shape",
+            "batch dimension",
+        ),
         ({"runtime": "sklearn"}, "inputs", "only onnx models may leave inputs out"),
         ({"runtime": "onnx", "version_policy": {"latest": 1, "all": True}}, "version_policy", "exactly one"),
         ({"runtime": "onnx", "version_policy": {"newest": 1}}, "version_policy.newest", "known field"),
         ({"runtime": "onnx", "batching": {"max_queue_delay_ms": 1}}, "batching", "max_batch_size is 0"),
-        ({"runtime": "onnx", "max_batch_size": 8, "batching": {"preferred_batch_sizes": [16]}}, "batching.preferred_batch_sizes", "<= max_batch_size"),
+        (
+            {"runtime": "onnx", "max_batch_size": 8, "batching": {"preferred_batch_sizes": [16]}},
+            "batching.preferred_batch_sizes",
+            "<= max_batch_size",
+        ),
         ({"runtime": "onnx", "instances": {"count": 0}}, "instances.count", "a positive integer"),
         ({"runtime": "onnx", "instances": {"kind": "fiber"}}, "instances.kind", "thread, process, gpu"),
         ({"runtime": "onnx", "device": "tpu"}, "device", "cpu, cuda or cuda:N"),
@@ -77,7 +93,7 @@ def test_bad_manifest_names_file_field_and_expectation(data: object, field: str,
 
 def test_invalid_yaml_and_missing_manifest(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
-    with pytest.raises(ManifestError, match="model.yaml"):
+    with pytest.raises(ManifestError, match=r"model\.yaml"):
         read_manifest(tmp_path / "m")
     (tmp_path / "m" / "model.yaml").write_text("runtime: [onnx\n")
     with pytest.raises(ManifestError, match="valid YAML"):

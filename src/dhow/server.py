@@ -119,6 +119,8 @@ def run_server(settings: ServerSettings) -> None:
         except ImportError:
             log.warning("uvloop is not installed; using asyncio's event loop")
         else:
-            asyncio.run(main(), loop_factory=uvloop.new_event_loop)
+            # asyncio.run() takes loop_factory only from 3.12; Runner has it in 3.11
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(main())
             return
     asyncio.run(main())

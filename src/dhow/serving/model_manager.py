@@ -204,8 +204,8 @@ class ModelManager:
     async def _load_locked(self, entry: ModelEntry, override: dict[str, Any] | None) -> None:
         name = entry.name
         repository = self._repository_of(name)
+        fingerprint = await asyncio.to_thread(repository.fingerprint, name)
         try:
-            fingerprint = await asyncio.to_thread(repository.fingerprint, name)
             source = await asyncio.to_thread(repository.source, name)
             if override is not None:
                 config = parse_manifest(override, f"config parameter of the load request for '{name}'", name)
@@ -214,6 +214,8 @@ class ModelManager:
             if not wanted:
                 raise ModelLoadError(f"{source.path} has no version folder (an integer, e.g. 1/) to serve")
         except DhowError as exc:
+            # remember what was tried, so that the poller retries only when the files change again
+            entry.fingerprint = fingerprint
             self._keep_old(entry, exc.message)
             return
         reload_all = override is not None or _manifest_changed(entry.fingerprint, fingerprint)
@@ -233,7 +235,7 @@ class ModelManager:
                 failed[number] = f"{type(exc).__name__}: {exc}"
         if not new_versions and entry.versions:
             # nothing new could be loaded: keep serving what was there
-            entry.failed = failed
+            entry.failed, entry.fingerprint = failed, fingerprint
             self._keep_old(entry, "; ".join(f"version {v}: {r}" for v, r in failed.items()))
             return
         retired = [v for n, v in entry.versions.items() if new_versions.get(n) is not v]

@@ -1,0 +1,122 @@
+"""Shared fixtures: the demo repository, built once, and real `dhow serve` processes on free ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class DhowProcess:
+    """A real `dhow serve` process; its log is kept so that tests can read what it wrote."""
+
+    repository: Path
+    http_port: int
+    grpc_port: int
+    log_path: Path
+    process: subprocess.Popen[bytes]
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"dhow exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as answer:
+                    if answer.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"dhow did not become ready in {timeout} s:\n{self.log()}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_dhow(repository: Path, log_dir: Path, *extra: str, wait: bool = True) -> DhowProcess:
+    http_port, grpc_port = free_port(), free_port()
+    args = [
+        sys.executable, "-m", "dhow.cli", "serve",
+        "--repository", str(repository),
+        "--http-port", str(http_port),
+        "--grpc-port", str(grpc_port),
+        "--data-dir", str(log_dir / "data"),
+        *extra,
+    ]  # fmt: skip
+    log_path = log_dir / f"dhow-{http_port}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT)
+    server = DhowProcess(repository, http_port, grpc_port, log_path, process, args)
+    if wait:
+        try:
+            server.wait_ready()
+        except BaseException:
+            server.stop()
+            raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def demo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo models, built once from seeded synthetic data (read-only: copy before changing)."""
+    from dhow.demo import build_demo_repository
+
+    out = tmp_path_factory.mktemp("demo") / "models"
+    build_demo_repository(out)
+    return out
+
+
+@pytest.fixture
+def repository_copy(demo_repository: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of the demo repository."""
+    target = tmp_path / "models"
+    shutil.copytree(demo_repository, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def dhow_server(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DhowProcess]:
+    """One server over the demo repository, shared by the tests that only read."""
+    server = start_dhow(demo_repository, tmp_path_factory.mktemp("server"))
+    yield server
+    assert server.stop() == 0, server.log()
