@@ -1,0 +1,69 @@
+"""The command line as a user meets it: help texts, repository validation, clear refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _dhow(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dhow.cli", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ((), "serve every model of a repository"),
+        (("serve",), "--model-control"),
+        (("serve",), "--grpc-port"),
+        (("demo", "build"), "--out"),
+        (("models", "validate"), "model.yaml"),
+    ],
+)
+def test_every_command_explains_itself(args: tuple[str, ...], fragment: str) -> None:
+    done = _dhow(*args, "--help")
+    assert done.returncode == 0, done.stderr
+    assert fragment in done.stdout
+
+
+def test_validate_names_each_bad_model_and_fails(demo_repository: Path, tmp_path: Path) -> None:
+    done = _dhow("models", "validate", str(demo_repository))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ok   tabular: runtime onnx" in done.stdout
+
+    (tmp_path / "good" / "1").mkdir(parents=True)
+    (tmp_path / "good" / "model.yaml").write_text(
+        "runtime: sklearn\nmax_batch_size: 8\n"
+        "inputs: [{name: x, datatype: FP32, shape: [-1, 4]}]\noutputs: [{name: predict, datatype: INT64, shape: [-1]}]\n"
+    )
+    (tmp_path / "typo" / "1").mkdir(parents=True)
+    (tmp_path / "typo" / "model.yaml").write_text("runtime: onnx\nmax_batchsize: 8\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "model.yaml").write_text("runtime: onnx\n")
+    done = _dhow("models", "validate", str(tmp_path))
+    assert done.returncode == 1
+    assert "ok   good" in done.stdout
+    typo = next(line for line in done.stdout.splitlines() if line.startswith("FAIL typo"))
+    assert "max_batchsize" in typo and "model.yaml" in typo
+    assert "FAIL empty: no integer version folder" in done.stdout
+    (tmp_path / "lazy" / "1").mkdir(parents=True)
+    (tmp_path / "lazy" / "model.yaml").write_text("runtime: sklearn\n")
+    lazy = next(line for line in _dhow("models", "validate", str(tmp_path)).stdout.splitlines() if "lazy" in line)
+    assert "only onnx models may leave inputs out" in lazy
+
+
+def test_serve_refuses_a_missing_repository(tmp_path: Path) -> None:
+    done = _dhow("serve", "--repository", str(tmp_path / "nowhere"))
+    assert done.returncode == 2
+    assert "is not a folder" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bad_option_values_are_refused(tmp_path: Path) -> None:
+    done = _dhow("serve", "--repository", str(tmp_path), "--model-control", "sometimes")
+    assert done.returncode == 2
+    assert "sometimes" in done.stderr and "Traceback" not in done.stderr
