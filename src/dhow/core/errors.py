@@ -9,6 +9,7 @@
     ├── Unsupported           (UNIMPLEMENTED)    feature or runtime not available
     ├── Forbidden             (PERMISSION_DENIED)
     ├── Unauthenticated       (UNAUTHENTICATED)
+    ├── Conflict              (ABORTED)          an edit based on a stale revision
     ├── ModelLoadError        (UNAVAILABLE)      an artifact or manifest failed to load
     └── ModelFault            (INTERNAL)         the model raised while computing
 
@@ -31,6 +32,7 @@ class ErrorCode(enum.Enum):
     UNIMPLEMENTED = "UNIMPLEMENTED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
     UNAUTHENTICATED = "UNAUTHENTICATED"
+    ABORTED = "ABORTED"
     INTERNAL = "INTERNAL"
 
 
@@ -44,6 +46,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNIMPLEMENTED: 501,
     ErrorCode.PERMISSION_DENIED: 403,
     ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.ABORTED: 409,
     ErrorCode.INTERNAL: 500,
 }
 
@@ -98,6 +101,12 @@ class Forbidden(DhowError):
 
 class Unauthenticated(DhowError):
     code = ErrorCode.UNAUTHENTICATED
+
+
+class Conflict(DhowError):
+    """An edit made against a revision that is no longer the current one (optimistic concurrency)."""
+
+    code = ErrorCode.ABORTED
 
 
 class ModelLoadError(DhowError):

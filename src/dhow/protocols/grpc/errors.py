@@ -31,6 +31,7 @@ STATUS: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
     ErrorCode.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorCode.ABORTED: grpc.StatusCode.ABORTED,
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 

@@ -1,0 +1,1 @@
+"""Deployments: traffic policies over model versions, the registry that keeps them, and their admin API."""
