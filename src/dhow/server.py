@@ -14,6 +14,8 @@ from dhow.monitoring.metrics import ServerMetrics
 from dhow.protocols.grpc import create_grpc_server
 from dhow.protocols.rest import RestApp
 from dhow.repository.store import ModelRepository
+from dhow.rollouts.controller import RolloutController
+from dhow.rollouts.store import RegistryStore
 from dhow.serving.dataplane import DataPlane
 from dhow.serving.model_manager import ModelControl, ModelManager
 from dhow.settings import ServerSettings
@@ -90,6 +92,7 @@ class Server:
         )
         control = self.models.control
         await self.models.start(None if control is not ModelControl.EXPLICIT else list(settings.load_models))
+        rollouts = await self._start_rollouts()
         self.dataplane.is_ready = True
         poller = None
         if control is ModelControl.POLL:
@@ -103,8 +106,29 @@ class Server:
         http.should_exit = True
         await grpc.server.stop(5)
         await http_task
+        await rollouts.close()
         await self.models.close()
         log.info("dhow stopped")
+
+    async def _start_rollouts(self) -> RolloutController:
+        """Open the registry of deployments and apply them; the data plane then routes by them."""
+        settings = self.settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = await asyncio.to_thread(RegistryStore.open, settings.registry_url())
+        rollouts = RolloutController(store, self.models, self.metrics, poll_s=settings.registry_poll)
+        self.dataplane.rollouts = rollouts
+        await rollouts.start(self.dataplane.infer_version)
+        log.info("deployments: %d applied from %s", len(rollouts.active), _safe_url(settings.registry_url()))
+        return rollouts
+
+
+def _safe_url(url: str) -> str:
+    """A database URL without its password, for the log."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        credentials, _, host = rest.rpartition("@")
+        rest = f"{credentials.split(':', 1)[0]}@{host}"
+    return f"{scheme}{sep}{rest}"
 
 
 def run_server(settings: ServerSettings) -> None:

@@ -39,12 +39,20 @@ class ServerSettings:
     max_request_bytes: int = 64 * 1024 * 1024
     #: accept model files in load requests (they can run code, so off by default)
     allow_model_upload: bool = False
-    #: where dhow keeps its own state (uploaded models, later the registry)
+    #: where dhow keeps its own state (uploaded models, the SQLite registry)
     data_dir: Path = Path(".dhow")
+    #: the registry of deployments: sqlite:///path or postgresql://...; empty = SQLite in data_dir
+    registry: str = ""
+    #: seconds between checks for deployment changes made by other servers sharing the registry
+    registry_poll: float = 2.0
     #: debug, info, warning or error
     log_level: str = "info"
     #: event loop: uvloop (faster) or asyncio
     loop: str = "uvloop"
+
+    def registry_url(self) -> str:
+        """The registry's URL, with the default (SQLite in the data folder) filled in."""
+        return self.registry or f"sqlite:///{(self.data_dir / 'registry.sqlite3').resolve()}"
 
 
 _CHOICES = {

@@ -6,6 +6,7 @@ and encode them back; nothing in between knows which door a request came through
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,8 @@ class InferenceRequest:
     parameters: Parameters = field(default_factory=dict)
     #: None asks for every output of the model
     outputs: list[RequestedOutput] | None = None
+    #: the transport's headers (HTTP headers, gRPC metadata), names in lower case
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ import logging
 import secrets
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from dhow.core.errors import DhowError, InvalidInput, ModelFault, NotFound
 from dhow.core.model_config import TensorSpec
 from dhow.core.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 from dhow.serving.model_manager import ModelManager
+
+if TYPE_CHECKING:
+    from dhow.rollouts.controller import RolloutController
 from dhow.serving.model_version import ModelVersion
 from dhow.serving.triton_config import PLATFORMS, triton_model_config
 
@@ -42,6 +45,8 @@ class DataPlane:
         self.server_name = server_name
         #: set by the server once the models to load at start are loaded, cleared on shutdown
         self.is_ready = False
+        #: the deployments' traffic policies; None serves every model's newest version
+        self.rollouts: RolloutController | None = None
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -105,6 +110,29 @@ class DataPlane:
     # -- inference ----------------------------------------------------------------------
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        """Run one request; a deployment's traffic policy picks the version when the request names none."""
+        rollouts = self.rollouts
+        if rollouts is None or request.model_version:
+            return await self.infer_version(request)
+        routed = rollouts.route(request)
+        if routed is None:
+            return await self.infer_version(request)
+        active, route = routed
+        request.model_version = str(route.version)
+        start = time.perf_counter()
+        try:
+            response = await self.infer_version(request)
+        except DhowError as exc:
+            rollouts.observe(active, route, exc.code.value, time.perf_counter() - start)
+            raise
+        seconds = time.perf_counter() - start
+        rollouts.observe(active, route, "success", seconds)
+        rollouts.shadow(active, request, response, seconds)
+        response.parameters["dhow_variant"] = route.variant
+        return response
+
+    async def infer_version(self, request: InferenceRequest) -> InferenceResponse:
+        """Run one request on the version it names (or the newest), bypassing traffic policies."""
         start = time.monotonic_ns()
         model = self.models.resolve(request.model_name, request.model_version)
         rows = 0

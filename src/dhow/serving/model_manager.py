@@ -65,6 +65,8 @@ class ModelManager:
         self.upload_dir = upload_dir
         self.entries: dict[str, ModelEntry] = {}
         self._uploaded: dict[str, ModelRepository] = {}
+        #: versions that deployments route to, kept loaded beside what the version policy selects
+        self._required: dict[str, frozenset[int]] = {}
 
     # -- resolving a request ------------------------------------------------------------
 
@@ -124,6 +126,53 @@ class ModelManager:
             if not entry.versions and not entry.failed:
                 rows.append({"name": name, "version": "", "state": entry.state, "reason": entry.reason})
         return rows
+
+    # -- versions that deployments need -------------------------------------------------
+
+    def versions_on_disk(self, name: str) -> tuple[int, ...]:
+        """The version folders a model has; raises NotFound for a model that is not in the repository."""
+        if name not in self._known_names():
+            raise NotFound(f"unknown model '{name}'; GET /v2/repository/index lists the models")
+        return self._repository_of(name).source(name).versions
+
+    async def require_versions(self, name: str, versions: frozenset[int]) -> None:
+        """Keep ``versions`` of a model loaded (beside its version policy's); load them now.
+
+        Raises NotFound for a version not on disk and ModelLoadError when one fails to load; the
+        requirement is then withdrawn, so nothing stays half-applied.
+        """
+        on_disk = await asyncio.to_thread(self.versions_on_disk, name)
+        missing = sorted(versions - set(on_disk))
+        if missing:
+            there = ", ".join(map(str, on_disk)) or "none"
+            absent = ", ".join(map(str, missing))
+            raise NotFound(f"model '{name}' has no version {absent} in the repository (versions there: {there})")
+        previous = self._required.get(name, frozenset())
+        self._required[name] = versions
+        entry = self.entries.get(name)
+        if entry is None or not versions <= set(entry.versions):
+            await self.load(name)
+        entry = self.entries.get(name)
+        loaded = set(entry.versions) if entry is not None else set()
+        if not versions <= loaded:
+            failed = entry.failed if entry is not None else {}
+            reasons = "; ".join(
+                f"version {v}: {failed.get(v, entry.reason if entry else 'not loaded')}"
+                for v in sorted(versions - loaded)
+            )
+            self._required[name] = previous
+            raise ModelLoadError(f"model '{name}' cannot serve the versions the policy names: {reasons}")
+
+    async def release_versions(self, name: str, keep: frozenset[int] = frozenset()) -> None:
+        """Withdraw a deployment's requirement (keeping ``keep``); unload versions nothing else selects."""
+        if self._required.get(name, frozenset()) == keep:
+            return
+        if keep:
+            self._required[name] = keep
+        else:
+            self._required.pop(name, None)
+        if name in self.entries:
+            await self.load(name)
 
     # -- loading and unloading ----------------------------------------------------------
 
@@ -210,7 +259,8 @@ class ModelManager:
             if override is not None:
                 config = parse_manifest(override, f"config parameter of the load request for '{name}'", name)
                 source = ModelSource(name, source.path, config, source.versions)
-            wanted = source.served_versions()
+            required = self._required.get(name, frozenset()) & set(source.versions)
+            wanted = sorted(set(source.served_versions()) | required)
             if not wanted:
                 raise ModelLoadError(f"{source.path} has no version folder (an integer, e.g. 1/) to serve")
         except DhowError as exc:

@@ -107,7 +107,9 @@ class InferenceServicer:
 
     @guarded
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        response = await self.dataplane.infer(request_from_proto(request))
+        inference = request_from_proto(request)
+        inference.headers = _metadata(context)
+        response = await self.dataplane.infer(inference)
         return response_to_proto(response)
 
     async def ModelStreamInfer(
@@ -166,3 +168,8 @@ def _model_index(row: Mapping[str, Any]) -> pb.RepositoryIndexResponse.ModelInde
         state=str(row.get("state") or ""),
         reason=str(row.get("reason") or ""),
     )
+
+
+def _metadata(context: Context) -> dict[str, str]:
+    """The call's metadata as text headers (binary ``-bin`` entries left out)."""
+    return {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}

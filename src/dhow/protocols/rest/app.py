@@ -10,7 +10,7 @@ import logging
 import math
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -25,8 +25,12 @@ from dhow.protocols.rest.body import (
     read_body,
 )
 from dhow.protocols.rest.codec import decode_request, encode_response
-from dhow.protocols.rest.router import Endpoint, Match, resolve
+from dhow.protocols.rest.openapi import openapi_document
+from dhow.protocols.rest.router import Endpoint, Match, allowed_methods, resolve
 from dhow.serving.dataplane import DataPlane
+
+if TYPE_CHECKING:
+    from dhow.rollouts.controller import RolloutController
 
 __all__ = ["RestApp"]
 
@@ -54,6 +58,7 @@ class Request:
         "content_length",
         "header_length",
         "match",
+        "raw_headers",
     )
 
     def __init__(self, scope: Scope, receive: Receive, match: Match, limit: int) -> None:
@@ -64,7 +69,8 @@ class Request:
         self.content_encoding = b""
         self.accept_encoding = b""
         self.header_length: bytes | None = None
-        for name, value in scope["headers"]:
+        self.raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
+        for name, value in self.raw_headers:
             if name == b"content-length":
                 self.content_length = int(value) if value.isdigit() else None
             elif name == b"content-encoding":
@@ -73,6 +79,17 @@ class Request:
                 self.accept_encoding = value
             elif name == _HEADER_LENGTH:
                 self.header_length = value
+
+    def actor(self) -> str:
+        """Who asks for an admin change: the ``x-dhow-actor`` header (until authentication names them)."""
+        for name, value in self.raw_headers:
+            if name == b"x-dhow-actor":
+                return value.decode("utf-8", "replace")[:200] or "anonymous"
+        return "anonymous"
+
+    def headers(self) -> dict[str, str]:
+        """The headers as text, names in lower case (the ASGI server already lowered them)."""
+        return {name.decode("latin-1"): value.decode("latin-1") for name, value in self.raw_headers}
 
     async def body(self) -> bytes:
         body = await read_body(self._receive, self._limit, self.content_length)
@@ -107,6 +124,7 @@ class RestApp:
         self.dataplane = dataplane
         self.max_body_bytes = max_body_bytes
         self.metrics_handler = metrics_handler
+        self._openapi_body: bytes | None = None
         self._handlers: dict[Endpoint, Handler] = {
             Endpoint.SERVER_METADATA: self._server_metadata,
             Endpoint.LIVE: self._live,
@@ -121,6 +139,14 @@ class RestApp:
             Endpoint.REPOSITORY_INDEX: self._repository_index,
             Endpoint.LOAD: self._load,
             Endpoint.UNLOAD: self._unload,
+            Endpoint.OPENAPI: self._openapi,
+            Endpoint.DEPLOYMENTS: self._deployments,
+            Endpoint.DEPLOYMENT: self._deployment,
+            Endpoint.PUT_DEPLOYMENT: self._put_deployment,
+            Endpoint.DELETE_DEPLOYMENT: self._delete_deployment,
+            Endpoint.DEPLOYMENT_ACTION: self._deployment_action,
+            Endpoint.DEPLOYMENT_HISTORY: self._deployment_history,
+            Endpoint.DEPLOYMENT_EVENTS: self._deployment_events,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -128,14 +154,17 @@ class RestApp:
             if scope["type"] == "lifespan":
                 await _lifespan(receive, send)
             return
-        match = resolve(scope["path"])
+        match = resolve(scope["path"], scope["method"])
         if match is None:
             await _send_error(send, 404, f"no route for {scope['path']}; the API lives under /v2")
             return
-        method = match.endpoint.method
-        if scope["method"] != method:
+        if scope["method"] != match.endpoint.method:
+            methods = allowed_methods(scope["path"])
             await _send_error(
-                send, 405, f"{scope['path']} answers {method}, not {scope['method']}", [(b"allow", method.encode())]
+                send,
+                405,
+                f"{scope['path']} answers {' or '.join(methods)}, not {scope['method']}",
+                [(b"allow", ", ".join(methods).encode())],
             )
             return
         request = Request(scope, receive, match, self.max_body_bytes)
@@ -206,17 +235,76 @@ class RestApp:
         await self.dataplane.unload_model(request.match.model, await _parameters(request))
         return _EMPTY
 
+    # -- deployments (the admin API) ----------------------------------------------------
+
+    def _rollouts(self) -> RolloutController:
+        if self.dataplane.rollouts is None:
+            raise NotFound("deployments are not enabled on this server")
+        return self.dataplane.rollouts
+
+    async def _openapi(self, request: Request) -> Answer:
+        if self._openapi_body is None:
+            self._openapi_body = orjson.dumps(openapi_document())
+        return 200, _JSON, self._openapi_body
+
+    async def _deployments(self, request: Request) -> Answer:
+        return _json({"deployments": self._rollouts().list_all()})
+
+    async def _deployment(self, request: Request) -> Answer:
+        return _json(self._rollouts().get(request.match.model))
+
+    async def _put_deployment(self, request: Request) -> Answer:
+        rollouts = self._rollouts()
+        body = await request.json_body()
+        _only(body, ("policy", "revision", "reason"))
+        if "policy" not in body:
+            raise InvalidInput("the body needs 'policy' (the traffic policy) and 'revision' (0 to create)")
+        return _json(
+            await rollouts.put(
+                request.match.model, body["policy"], body.get("revision"), request.actor(), body.get("reason")
+            )
+        )
+
+    async def _delete_deployment(self, request: Request) -> Answer:
+        rollouts = self._rollouts()
+        body = await request.json_body()
+        _only(body, ("revision", "reason"))
+        await rollouts.delete(request.match.model, body.get("revision"), request.actor(), body.get("reason"))
+        return _json({})
+
+    async def _deployment_action(self, request: Request) -> Answer:
+        rollouts = self._rollouts()
+        body = await request.json_body()
+        _only(body, ("revision", "reason"))
+        match = request.match
+        return _json(
+            await rollouts.act(match.model, match.action, body.get("revision"), request.actor(), body.get("reason"))
+        )
+
+    async def _deployment_history(self, request: Request) -> Answer:
+        return _json({"history": await self._rollouts().history(request.match.model)})
+
+    async def _deployment_events(self, request: Request) -> Answer:
+        return _json({"events": await self._rollouts().events(request.match.model)})
+
     # -- inference ----------------------------------------------------------------------
 
     async def _infer(self, request: Request) -> Answer:
         body = await request.body()
         header_length = _header_length(request.header_length)
         inference = decode_request(body, request.match.model, request.match.version, header_length)
+        inference.headers = request.headers()
         response = await self.dataplane.infer(inference)
         encoded, json_length = encode_response(response, inference)
         if json_length is None:
             return 200, _JSON, encoded
         return 200, [_OCTET_STREAM, (_HEADER_LENGTH, str(json_length).encode())], encoded
+
+
+def _only(body: dict[str, Any], fields: tuple[str, ...]) -> None:
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise InvalidInput(f"unknown field {unknown[0]!r} in the request body; expected {', '.join(fields)}")
 
 
 async def _parameters(request: Request) -> dict[str, Any]:

@@ -27,6 +27,14 @@ class Endpoint(enum.Enum):
     REPOSITORY_INDEX = "POST index"
     LOAD = "POST load"
     UNLOAD = "POST unload"
+    OPENAPI = "GET openapi"
+    DEPLOYMENTS = "GET deployments"
+    DEPLOYMENT = "GET deployment"
+    PUT_DEPLOYMENT = "PUT deployment"
+    DELETE_DEPLOYMENT = "DELETE deployment"
+    DEPLOYMENT_ACTION = "POST deployment action"
+    DEPLOYMENT_HISTORY = "GET deployment history"
+    DEPLOYMENT_EVENTS = "GET deployment events"
 
     @property
     def method(self) -> str:
@@ -39,8 +47,11 @@ _METHODS = {endpoint: endpoint.value.split(" ", 1)[0] for endpoint in Endpoint}
 @dataclass(frozen=True, slots=True)
 class Match:
     endpoint: Endpoint
+    #: the model, or the deployment of an admin route
     model: str = ""
     version: str = ""
+    #: an admin action: promote, rollback, switch or release
+    action: str = ""
 
 
 _FIXED: dict[str, Match] = {
@@ -50,6 +61,8 @@ _FIXED: dict[str, Match] = {
     "/v2/models/stats": Match(Endpoint.ALL_STATISTICS),
     "/v2/repository/index": Match(Endpoint.REPOSITORY_INDEX),
     "/metrics": Match(Endpoint.METRICS),
+    "/v2/admin/openapi.json": Match(Endpoint.OPENAPI),
+    "/v2/admin/deployments": Match(Endpoint.DEPLOYMENTS),
 }
 _MODEL_ACTIONS = {
     "ready": Endpoint.MODEL_READY,
@@ -58,10 +71,26 @@ _MODEL_ACTIONS = {
     "infer": Endpoint.INFER,
 }
 _REPOSITORY_ACTIONS = {"load": Endpoint.LOAD, "unload": Endpoint.UNLOAD}
+_DEPLOYMENT_METHODS = {
+    "GET": Endpoint.DEPLOYMENT,
+    "PUT": Endpoint.PUT_DEPLOYMENT,
+    "DELETE": Endpoint.DELETE_DEPLOYMENT,
+}
+_DEPLOYMENT_READS = {"history": Endpoint.DEPLOYMENT_HISTORY, "events": Endpoint.DEPLOYMENT_EVENTS}
+ACTIONS = ("promote", "rollback", "switch", "release")
 
 
-def resolve(path: str) -> Match | None:
-    """The endpoint a path names, with its model and version; None for an unknown path."""
+def allowed_methods(path: str) -> list[str]:
+    """The methods a known path answers (for a 405's Allow header)."""
+    return sorted({m for m in ("GET", "PUT", "DELETE", "POST") if (r := resolve(path, m)) and r.endpoint.method == m})
+
+
+def resolve(path: str, method: str = "GET") -> Match | None:
+    """The endpoint a path names, with its model and version; None for an unknown path.
+
+    ``method`` picks among the endpoints of a path that answers several (an admin deployment);
+    the caller still checks that the match's method is the request's.
+    """
     fixed = _FIXED.get(path)
     if fixed is not None:
         return fixed
@@ -74,7 +103,18 @@ def resolve(path: str) -> Match | None:
     if parts[2] == "repository" and len(parts) == 6 and parts[3] == "models" and parts[4]:
         endpoint = _REPOSITORY_ACTIONS.get(parts[5])
         return Match(endpoint, parts[4]) if endpoint is not None else None
+    if parts[2] == "admin" and parts[3] == "deployments" and len(parts) in (5, 6) and parts[4]:
+        return _deployment_route(parts[4], parts[5] if len(parts) == 6 else None, method)
     return None
+
+
+def _deployment_route(name: str, tail: str | None, method: str) -> Match | None:
+    if tail is None:
+        return Match(_DEPLOYMENT_METHODS.get(method, Endpoint.DEPLOYMENT), name)
+    if tail in ACTIONS:
+        return Match(Endpoint.DEPLOYMENT_ACTION, name, action=tail)
+    endpoint = _DEPLOYMENT_READS.get(tail)
+    return Match(endpoint, name) if endpoint is not None else None
 
 
 def _model_route(parts: list[str]) -> Match | None:
