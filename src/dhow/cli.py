@@ -62,6 +62,18 @@ def _parser() -> argparse.ArgumentParser:
         help="accept model files in load requests (they can run code)",
     )
     serve.add_argument("--data-dir", metavar="DIR", help="where dhow keeps its own state (default ./.dhow)")
+    serve.add_argument(
+        "--registry",
+        metavar="URL",
+        help="where deployments and their history are kept: sqlite:///path or postgresql://user@host/db; "
+        "default: SQLite in the data folder",
+    )
+    serve.add_argument(
+        "--registry-poll",
+        type=float,
+        metavar="SECONDS",
+        help="how often to look for deployment changes made by other servers sharing the registry (default 2)",
+    )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     serve.add_argument("--loop", choices=["uvloop", "asyncio"], help="event loop (default uvloop)")
     serve.add_argument(
@@ -90,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Check every model.yaml of a repository and say what is wrong; exits 1 if any is invalid.",
     )
     validate.add_argument("repository", type=Path, metavar="DIR", help="the repository folder")
+
+    from dhow.rollouts import cli as rollout_cli
+
+    rollout_cli.add_parser(commands)
     return parser
 
 
@@ -145,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "demo":
             return _demo_build(args)
+        if args.command == "rollout":
+            from dhow.rollouts import cli as rollout_cli
+
+            return rollout_cli.run(args)
         return _validate(args)
     except DhowError as exc:
         print(f"dhow: {exc.message}", file=sys.stderr)
