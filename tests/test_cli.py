@@ -39,7 +39,8 @@ def test_validate_names_each_bad_model_and_fails(demo_repository: Path, tmp_path
     (tmp_path / "good" / "1").mkdir(parents=True)
     (tmp_path / "good" / "model.yaml").write_text(
         "runtime: sklearn\nmax_batch_size: 8\n"
-        "inputs: [{name: x, datatype: FP32, shape: [-1, 4]}]\noutputs: [{name: predict, datatype: INT64, shape: [-1]}]\n"
+        "inputs: [{name: x, datatype: FP32, shape: [-1, 4]}]\n"
+        "outputs: [{name: predict, datatype: INT64, shape: [-1]}]\n"
     )
     (tmp_path / "typo" / "1").mkdir(parents=True)
     (tmp_path / "typo" / "model.yaml").write_text("runtime: onnx\nmax_batchsize: 8\n")
