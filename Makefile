@@ -6,7 +6,7 @@ DHOW := $(VENV)/bin/dhow
 STAMP := $(VENV)/.installed
 DEMO := demo-models
 
-.PHONY: run test install demo-models lint format check-proto proto bench clean
+.PHONY: run test install demo-models lint format check-proto proto bench bench-rollouts clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +46,11 @@ proto: $(STAMP)
 check-proto: $(STAMP)
 	$(PY) -m dhow.protocols.grpc.codegen --check
 
-bench: $(STAMP)
-	$(PY) benchmarks/run.py
+# benchmarks are measured side by side in one run and reported as ratios; never part of `make test`
+bench: bench-rollouts
+
+bench-rollouts: $(STAMP)
+	$(PY) benchmarks/rollout_routing.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache

@@ -98,6 +98,8 @@ class Active:
     windows: dict[str, Window] = field(default_factory=dict)
     step_started: float = field(default_factory=time.monotonic)
     shadow: ShadowFigures = field(default_factory=ShadowFigures)
+    #: the request counter of each (route, outcome), looked up once
+    counters: dict[tuple[Route, str], Any] = field(default_factory=dict)
 
     def status(self) -> dict[str, Any]:
         policy = self.deployment.policy
@@ -269,7 +271,11 @@ class RolloutController:
         return active, compiled.route(key)
 
     def observe(self, active: Active, route: Route, outcome: str, seconds: float) -> None:
-        self.routed.labels(active.deployment.name, route.variant, str(route.version), outcome).inc()
+        counter = active.counters.get((route, outcome))
+        if counter is None:
+            labels = (active.deployment.name, route.variant, str(route.version), outcome)
+            counter = active.counters[(route, outcome)] = self.routed.labels(*labels)
+        counter.inc()
         if active.compiled.kind == "canary":
             window = active.windows.get(route.variant)
             if window is None:
