@@ -34,6 +34,10 @@ POLICIES: list[tuple[str, dict[str, Any] | None]] = [
     ("no deployment (newest version)", None),
     ("pinned to version 2", {"kind": "pinned", "version": 2}),
     (
+        "canary 5% (version 1 over 2; a first step)",
+        {"kind": "canary", "primary": 2, "canary": 1, "steps": [5, 100], "guards": {"min_requests": 10**9}},
+    ),
+    (
         "canary 50% (version 2 over 1)",
         {"kind": "canary", "primary": 1, "canary": 2, "steps": [50, 100], "guards": {"min_requests": 10**9}},
     ),
