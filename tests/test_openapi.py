@@ -14,6 +14,7 @@ import pytest
 
 from dhow.protocols.rest import router
 from dhow.protocols.rest.openapi import openapi_document
+from dhow.rollouts.policy import DEFAULT_GUARDS
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "rollouts.md"
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
@@ -175,11 +176,7 @@ def test_the_policy_is_one_of_the_five_kinds(document: dict[str, Any]) -> None:
     assert set(policy["discriminator"]["mapping"]) == set(kinds)
     assert set(kinds["canary"]["properties"]) >= {"primary", "canary", "steps", "step", "guards", "auto_promote"}
     assert kinds["canary"]["properties"]["steps"]["default"] == [5, 25, 50, 100]
-    assert set(_deref(document, kinds["canary"]["properties"]["guards"])["properties"]) == {
-        "max_error_rate",
-        "max_p99_ratio",
-        "min_requests",
-    }
+    assert set(_deref(document, kinds["canary"]["properties"]["guards"])["properties"]) == set(DEFAULT_GUARDS)
     assert kinds["ab"]["properties"]["sticky_key"]["default"] == "user_id"
     assert kinds["bluegreen"]["properties"]["active"]["enum"] == ["blue", "green"]
     assert set(schemas["Deployment"]["properties"]) == {

@@ -19,7 +19,12 @@ from dhow.rollouts.store import Deployment
 def test_defaults_are_filled_in() -> None:
     canary = normalize({"kind": "canary", "primary": 1, "canary": 2})
     assert canary["steps"] == [5, 25, 50, 100] and canary["step"] == 0 and canary["state"] == "progressing"
-    assert canary["guards"] == {"max_error_rate": 0.05, "max_p99_ratio": 2.0, "min_requests": 50}
+    assert canary["guards"] == {
+        "max_error_rate": 0.05,
+        "max_p99_ratio": 2.0,
+        "min_p99_slack_ms": 5.0,
+        "min_requests": 50,
+    }
     assert normalize({"kind": "shadow", "primary": 1, "shadow": 2})["sample"] == 1.0
     assert normalize({"kind": "bluegreen", "blue": 1, "green": 2})["active"] == "blue"
     ab = normalize({"kind": "ab", "variants": [_variant("a", 1, 50), _variant("b", 2, 50)]})
@@ -145,6 +150,11 @@ def test_canary_verdicts() -> None:
     assert "10.00x" in verdict[1]
     verdict = judge(_active(guards, _window(40, 1, 6), _window(100, 0, 5)))
     assert verdict is not None and verdict[0] == "promote"
+    # 3x slower but by 2 ms only: within the default 5 ms slack, not a regression
+    verdict = judge(_active(guards, _window(40, 0, 3), _window(100, 0, 1)))
+    assert verdict is not None and verdict[0] == "promote"
+    verdict = judge(_active({**guards, "min_p99_slack_ms": 1}, _window(40, 0, 3), _window(100, 0, 1)))
+    assert verdict is not None and verdict[0] == "rollback"
 
 
 def test_shadow_comparison() -> None:

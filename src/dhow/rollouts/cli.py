@@ -212,6 +212,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--max-p99-ratio", type=_number, metavar="RATIO", help="roll back above this canary/primary p99 ratio (2)"
     )
     canary.add_argument(
+        "--min-p99-slack",
+        type=_number,
+        metavar="MS",
+        help="ignore a canary p99 slower than the primary's by less than this many milliseconds (5)",
+    )
+    canary.add_argument(
         "--min-requests", type=_count, metavar="N", help="canary requests needed before judging a step (50)"
     )
 
@@ -319,6 +325,7 @@ def build_policy(args: argparse.Namespace) -> dict[str, Any]:
             guards,
             max_error_rate=args.max_error_rate,
             max_p99_ratio=args.max_p99_ratio,
+            min_p99_slack_ms=args.min_p99_slack,
             min_requests=args.min_requests,
         )
         if guards:
@@ -595,7 +602,9 @@ def _canary(policy: dict[str, Any]) -> str:
     guards = {"max_error_rate": 0.05, "max_p99_ratio": 2.0, "min_requests": 50, **(policy.get("guards") or {})}
     text += (
         f"; guards: max error rate {_percent(guards['max_error_rate'])}, "
-        f"max p99 ratio {float(guards['max_p99_ratio'])}, min {guards['min_requests']} requests"
+        f"max p99 ratio {float(guards['max_p99_ratio'])}"
+        + (f" beyond {float(guards['min_p99_slack_ms']):g} ms" if "min_p99_slack_ms" in guards else "")
+        + f", min {guards['min_requests']} requests"
     )
     if policy.get("auto_promote"):
         interval = float(policy.get("step_interval_s") or 0)

@@ -463,10 +463,11 @@ def judge(active: Active) -> tuple[str, str, dict[str, Any]] | None:
             f"over {canary.requests} requests"
         )
         return "rollback", reason, {**figures, "guard": "max_error_rate"}
-    if ratio is not None and ratio > guards["max_p99_ratio"]:
+    slower_ms = (canary_p99 or 0.0) - (primary_p99 or 0.0)
+    if ratio is not None and ratio > guards["max_p99_ratio"] and slower_ms > guards["min_p99_slack_ms"]:
         reason = (
             f"guard max_p99_ratio breached: canary p99 {canary_p99:.1f} ms is {ratio:.2f}x the primary's "
-            f"{primary_p99:.1f} ms (limit {guards['max_p99_ratio']}x)"
+            f"{primary_p99:.1f} ms (limit {guards['max_p99_ratio']}x beyond {guards['min_p99_slack_ms']} ms)"
         )
         return "rollback", reason, {**figures, "guard": "max_p99_ratio"}
     if ratio is None and primary.requests == 0 and canary_weight(active.deployment.policy) < 100:

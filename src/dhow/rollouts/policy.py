@@ -18,7 +18,13 @@ from dhow.core.errors import InvalidInput
 
 KINDS = ("pinned", "canary", "ab", "shadow", "bluegreen")
 DEFAULT_STEPS = [5, 25, 50, 100]
-DEFAULT_GUARDS: dict[str, float | int] = {"max_error_rate": 0.05, "max_p99_ratio": 2.0, "min_requests": 50}
+DEFAULT_GUARDS: dict[str, float | int] = {
+    "max_error_rate": 0.05,
+    "max_p99_ratio": 2.0,
+    # the p99 guard ignores a canary slower by less than this: a 0.5 ms vs 1.5 ms p99 is noise, not a regression
+    "min_p99_slack_ms": 5.0,
+    "min_requests": 50,
+}
 CANARY_STATES = ("progressing", "rolled_back", "promoted")
 
 _FIELDS: dict[str, dict[str, bool]] = {
@@ -114,6 +120,9 @@ def _guards(data: Any) -> dict[str, Any]:
         raise InvalidInput(f"guard 'max_error_rate' must be a fraction from 0 to 1, got {rate!r}")
     if not _is_number(ratio) or ratio <= 0:
         raise InvalidInput(f"guard 'max_p99_ratio' must be a number above 0, got {ratio!r}")
+    slack = guards["min_p99_slack_ms"]
+    if not _is_number(slack) or slack < 0:
+        raise InvalidInput(f"guard 'min_p99_slack_ms' must be a number of milliseconds >= 0, got {slack!r}")
     if not _is_int(minimum) or minimum < 1:
         raise InvalidInput(f"guard 'min_requests' must be an integer of at least 1, got {minimum!r}")
     return guards

@@ -351,6 +351,9 @@ def _policy_schemas() -> dict[str, Schema]:
                     "Roll back above this canary error rate.", minimum=0, maximum=1, default=0.05
                 ),
                 "max_p99_ratio": _number("Roll back above this canary/primary p99 ratio.", minimum=0, default=2.0),
+                "min_p99_slack_ms": _number(
+                    "The p99 guard ignores a canary slower than the primary by less than this.", minimum=0, default=5.0
+                ),
                 "min_requests": _integer("Canary requests needed before judging a step.", minimum=0, default=50),
             },
             additionalProperties=False,
