@@ -6,7 +6,7 @@ and encode them back; nothing in between knows which door a request came through
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,35 @@ class RequestedOutput:
 
     name: str
     parameters: Parameters = field(default_factory=dict)
+
+
+class LazyHeaders(Mapping[str, str]):
+    """A transport's headers, decoded on first use: most requests are never asked for one."""
+
+    __slots__ = ("_decoded", "_read")
+
+    def __init__(self, read: Callable[[], Iterable[tuple[str | bytes, str | bytes]]]) -> None:
+        self._read = read
+        self._decoded: dict[str, str] | None = None
+
+    def _headers(self) -> dict[str, str]:
+        if self._decoded is None:
+            self._decoded = {
+                (k.decode("latin-1") if isinstance(k, bytes) else k).lower(): (
+                    v.decode("latin-1") if isinstance(v, bytes) else v
+                )
+                for k, v in self._read()
+            }
+        return self._decoded
+
+    def __getitem__(self, name: str) -> str:
+        return self._headers()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._headers())
+
+    def __len__(self) -> int:
+        return len(self._headers())
 
 
 @dataclass(slots=True)

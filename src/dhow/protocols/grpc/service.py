@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from google.protobuf import json_format
 
 from dhow.core.errors import DhowError
+from dhow.core.types import LazyHeaders
 from dhow.protocols.grpc.codec import (
     parameters_from_proto,
     request_from_proto,
@@ -108,7 +109,7 @@ class InferenceServicer:
     @guarded
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         inference = request_from_proto(request)
-        inference.headers = _metadata(context)
+        inference.headers = LazyHeaders(lambda: _metadata(context))
         response = await self.dataplane.infer(inference)
         return response_to_proto(response)
 
@@ -170,6 +171,6 @@ def _model_index(row: Mapping[str, Any]) -> pb.RepositoryIndexResponse.ModelInde
     )
 
 
-def _metadata(context: Context) -> dict[str, str]:
+def _metadata(context: Context) -> list[tuple[str, str]]:
     """The call's metadata as text headers (binary ``-bin`` entries left out)."""
-    return {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
+    return [(key, value) for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from dhow.core.errors import DhowError, InvalidInput, NotFound
+from dhow.core.types import LazyHeaders
 from dhow.protocols.rest.body import (
     ClientDisconnected,
     Receive,
@@ -86,10 +87,6 @@ class Request:
             if name == b"x-dhow-actor":
                 return value.decode("utf-8", "replace")[:200] or "anonymous"
         return "anonymous"
-
-    def headers(self) -> dict[str, str]:
-        """The headers as text, names in lower case (the ASGI server already lowered them)."""
-        return {name.decode("latin-1"): value.decode("latin-1") for name, value in self.raw_headers}
 
     async def body(self) -> bytes:
         body = await read_body(self._receive, self._limit, self.content_length)
@@ -293,7 +290,8 @@ class RestApp:
         body = await request.body()
         header_length = _header_length(request.header_length)
         inference = decode_request(body, request.match.model, request.match.version, header_length)
-        inference.headers = request.headers()
+        raw_headers = request.raw_headers
+        inference.headers = LazyHeaders(lambda: raw_headers)
         response = await self.dataplane.infer(inference)
         encoded, json_length = encode_response(response, inference)
         if json_length is None:

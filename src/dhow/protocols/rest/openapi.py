@@ -622,49 +622,30 @@ def _server_paths() -> dict[str, Any]:
     }
 
 
+#: the read-only model routes: path suffix -> (operation name, summary, 200 answer)
+_MODEL_READS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "": ("metadata", "Metadata of {which}", _ok("Metadata.", _ref("ModelMetadata"))),
+    "/ready": ("ready", "Is {which} ready?", _EMPTY_OK),
+    "/config": ("config", "Triton configuration of {which}", _ok("The configuration.", _ref("ModelConfig"))),
+    "/stats": ("statistics", "Statistics of {which}", _ok("Statistics (Triton's form).", _ref("ModelStatistics"))),
+}
+
+
 def _model_operation(suffix: str, versioned: bool) -> dict[str, Any]:
     parameters = [_ref("Model", "parameters")]
     if versioned:
         parameters.append(_ref("Version", "parameters"))
     name = "modelVersion" if versioned else "model"
     which = "a version of a model" if versioned else "a model (its newest loaded version, or its deployment)"
-    if suffix == "":
+    read = _MODEL_READS.get(suffix)
+    if read is not None:
+        operation, summary, answer = read
         return {
             "get": _operation(
-                _camel(name, "metadata"),
+                _camel(name, operation),
                 "models",
-                f"Metadata of {which}",
-                _responses(_ok("Metadata.", _ref("ModelMetadata")), 404, 503),
-                parameters=parameters,
-            )
-        }
-    if suffix == "/ready":
-        return {
-            "get": _operation(
-                _camel(name, "ready"),
-                "models",
-                f"Is {which} ready?",
-                _responses(_EMPTY_OK, 404, 503),
-                parameters=parameters,
-            )
-        }
-    if suffix == "/config":
-        return {
-            "get": _operation(
-                _camel(name, "config"),
-                "models",
-                f"Triton configuration of {which}",
-                _responses(_ok("The configuration.", _ref("ModelConfig")), 404, 503),
-                parameters=parameters,
-            )
-        }
-    if suffix == "/stats":
-        return {
-            "get": _operation(
-                _camel(name, "statistics"),
-                "models",
-                f"Statistics of {which}",
-                _responses(_ok("Statistics (Triton's form).", _ref("ModelStatistics")), 404, 503),
+                summary.format(which=which),
+                _responses(answer, 404, 503),
                 parameters=parameters,
             )
         }
