@@ -467,7 +467,7 @@ def test_a_failing_migration_leaves_no_trace(
     statements = ("CREATE TABLE dhow_test_half (x INTEGER)", "INSERT INTO dhow_no_such_table VALUES (1)")
     broken = Migration(2, "half of it fails", sqlite=statements, postgresql=statements)
     monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, broken])
-    with pytest.raises(DhowError, match="registry migration 2 \\(half of it fails\\) failed"):
+    with pytest.raises(DhowError, match="migration 2 \\(half of it fails\\) of the registry failed"):
         open_store()
 
     monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])

@@ -5,56 +5,25 @@ the revision it was based on, and a stale one is refused with ``Conflict``. Ever
 deployment row, a history row and bumps the registry's generation in one transaction.
 
 The schema is versioned: ``MIGRATIONS`` is an ordered list of numbered steps, each applied once, in its own
-transaction, when a store opens (under an advisory lock on PostgreSQL, under SQLite's write lock on SQLite).
-Adding a schema change is adding one ``Migration`` entry at the end.
+transaction, when a store opens (see ``dhow.registry.database``). Adding a schema change is adding one
+``Migration`` entry at the end.
 """
 
 from __future__ import annotations
 
 import builtins
-import sqlite3
-import threading
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import unquote, urlsplit, urlunsplit
+from typing import Any
 
 import orjson
-import psycopg
 
-from dhow.core.errors import Conflict, DhowError, InvalidInput, NotFound, Unavailable
+from dhow.core.errors import Conflict, DhowError, InvalidInput, NotFound
+from dhow.registry.database import Database, Migration, Session, parse_url, utc_now
 
-Dialect = Literal["sqlite", "postgresql"]
+__all__ = ["MIGRATIONS", "Deployment", "Event", "HistoryRow", "Migration", "RegistryStore", "check_name"]
 
 #: longest deployment name accepted
 MAX_NAME_LENGTH = 200
-#: seconds a SQLite writer waits for another process's write lock before giving up
-SQLITE_BUSY_TIMEOUT_S = 30.0
-#: seconds to wait for a PostgreSQL server to answer a connection attempt
-PG_CONNECT_TIMEOUT_S = 5
-#: key of the PostgreSQL advisory lock held while migrating ("dhow" in ASCII)
-PG_MIGRATION_LOCK = 0x64686F77
-
-_URL_FORMS = "sqlite:///absolute/path/registry.sqlite3 or postgresql://user@host:port/database"
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    """One numbered schema change; each dialect's SQL is a sequence of single statements."""
-
-    version: int
-    description: str
-    sqlite: tuple[str, ...]
-    postgresql: tuple[str, ...]
-
-    def statements(self, dialect: Dialect) -> tuple[str, ...]:
-        return self.sqlite if dialect == "sqlite" else self.postgresql
-
-
 #: the schema, oldest first; append new entries, never edit applied ones
 MIGRATIONS: list[Migration] = [
     Migration(
@@ -131,12 +100,6 @@ MIGRATIONS: list[Migration] = [
     ),
 ]
 
-_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS dhow_schema_migrations (
-    version INTEGER PRIMARY KEY,
-    description TEXT NOT NULL,
-    applied_at TEXT NOT NULL
-)"""
-
 
 @dataclass(frozen=True, slots=True)
 class Deployment:
@@ -197,27 +160,6 @@ class Event:
         return {"name": self.name, "at": self.at, "kind": self.kind, "details": self.details}
 
 
-def utc_now() -> str:
-    """The current time as UTC ISO 8601 with microseconds."""
-    return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.hostname or ""
-        if parts.username:
-            netloc = f"{parts.username}:***@{netloc}"
-        if parts.port is not None:
-            netloc = f"{netloc}:{parts.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        return "<unparsable registry URL>"
-
-
 def check_name(name: object) -> str:
     """A valid deployment name, or ``InvalidInput``."""
     if not isinstance(name, str) or not name:
@@ -259,20 +201,6 @@ def _decode_object(text: str) -> dict[str, Any]:
     return value
 
 
-#: SQLite primary result codes that mean the database cannot be used now (locked, I/O, full, unopenable)
-_SQLITE_OUTAGES = frozenset(
-    {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR}
-    | {sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL}
-)
-
-
-def _is_outage(err: sqlite3.OperationalError | psycopg.OperationalError) -> bool:
-    """Whether the error means the database is unreachable or busy, rather than a fault in a statement."""
-    if isinstance(err, psycopg.OperationalError):
-        return True
-    return (err.sqlite_errorcode & 0xFF) in _SQLITE_OUTAGES
-
-
 def _stale(name: str, current: int, expected: int) -> Conflict:
     return Conflict(f"deployment {name!r} is at revision {current}, not {expected}: read it again and retry")
 
@@ -281,240 +209,20 @@ def _missing(name: str) -> NotFound:
     return NotFound(f"no deployment {name!r}")
 
 
-class _Session:
-    """Statements on one cursor; SQL is written with ``?`` placeholders and adapted to the dialect."""
-
-    def __init__(self, cursor: sqlite3.Cursor | psycopg.Cursor[Any], dialect: Dialect) -> None:
-        self._cursor = cursor
-        self._dialect = dialect
-
-    def _sql(self, sql: str) -> str:
-        return sql if self._dialect == "sqlite" else sql.replace("?", "%s")
-
-    def execute(self, sql: str, params: Sequence[object] = ()) -> int:
-        """Runs a statement; answers the number of rows it changed."""
-        self._cursor.execute(self._sql(sql), params)
-        return int(self._cursor.rowcount)
-
-    def one(self, sql: str, params: Sequence[object] = ()) -> tuple[Any, ...] | None:
-        self._cursor.execute(self._sql(sql), params)
-        row = self._cursor.fetchone()
-        return None if row is None else tuple(row)
-
-    def all(self, sql: str, params: Sequence[object] = ()) -> builtins.list[tuple[Any, ...]]:
-        self._cursor.execute(self._sql(sql), params)
-        return [tuple(row) for row in self._cursor.fetchall()]
-
-
-def _sqlite_wal(conn: sqlite3.Connection) -> None:
-    """Puts the database in WAL mode (persistent), retrying while other processes hold it.
-
-    Switching the journal mode needs an exclusive lock, and SQLite does not always call the busy handler for it
-    (e.g. when several connections open a new file at once), so "database is locked" is retried here.
-    """
-    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
-    while True:
-        try:
-            row = conn.execute("PRAGMA journal_mode").fetchone()
-            if row is not None and str(row[0]).lower() == "wal":
-                return
-            conn.execute("PRAGMA journal_mode = WAL")
-            return  # WAL, or the mode this file system allows
-        except sqlite3.OperationalError as err:
-            if (err.sqlite_errorcode & 0xFF) not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                raise
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
-def _parse_url(url: str) -> tuple[Dialect, str]:
-    """The dialect and what to open: a file path for SQLite, the URL itself for PostgreSQL."""
-    if not isinstance(url, str):
-        raise InvalidInput(f"the registry URL must be a string: {_URL_FORMS}")
-    if url.startswith("sqlite://"):
-        rest = url[len("sqlite://") :]
-        if not rest.startswith("/") or rest.strip("/") == "" or "?" in rest or "#" in rest:
-            raise InvalidInput(f"the registry URL {url!r} is not accepted: use {_URL_FORMS}")
-        return "sqlite", "/" + unquote(rest).lstrip("/")
-    if url.startswith(("postgresql://", "postgres://")):
-        return "postgresql", url
-    raise InvalidInput(f"the registry URL {redact_url(url)!r} is not accepted: use {_URL_FORMS}")
-
-
-class RegistryStore:
+class RegistryStore(Database):
     """Deployments, their history and events in one database; safe to call from several threads."""
-
-    def __init__(self, dialect: Dialect, target: str, url: str) -> None:
-        """Use ``RegistryStore.open``; this only connects."""
-        self.dialect: Dialect = dialect
-        self.url = redact_url(url)
-        self._target = target
-        self._lock = threading.Lock()
-        self._closed = False
-        self._sqlite: sqlite3.Connection | None = None
-        self._pg: psycopg.Connection[Any] | None = None
-        #: the migration versions this store applied when it opened (empty when the schema was current)
-        self.migrations_applied: tuple[int, ...] = ()
-        self._connect()
 
     @classmethod
     def open(cls, url: str) -> RegistryStore:
         """Connects to ``sqlite:///path`` or ``postgresql://...`` and brings the schema up to date."""
-        dialect, target = _parse_url(url)
-        store = cls(dialect, target, url)
+        dialect, target = parse_url(url, "registry")
+        store = cls(dialect, target, url, "the registry")
         try:
-            store._migrate()
+            store._migrate(MIGRATIONS)
         except BaseException:
             store.close()
             raise
         return store
-
-    # -- connections and transactions ---------------------------------------------------------------
-
-    def _connect(self) -> None:
-        if self.dialect == "sqlite":
-            try:
-                Path(self._target).parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(
-                    self._target, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None
-                )
-            except (OSError, sqlite3.Error) as err:
-                raise Unavailable(f"cannot open the registry at {self.url}: {err}") from None
-            try:
-                conn.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
-                _sqlite_wal(conn)
-            except sqlite3.Error as err:
-                conn.close()
-                raise Unavailable(f"cannot open the registry at {self.url}: {err}") from None
-            self._sqlite = conn
-        else:
-            try:
-                self._pg = psycopg.connect(self._target, autocommit=True, connect_timeout=PG_CONNECT_TIMEOUT_S)
-            except psycopg.Error as err:
-                raise Unavailable(f"cannot reach the registry at {self.url}: {self._describe(err)}") from None
-
-    def _describe(self, err: BaseException) -> str:
-        text = " ".join(str(err).split())
-        password = urlsplit(self._target).password if self.dialect == "postgresql" else None
-        return text.replace(password, "***") if password else text
-
-    def _ensure_connected(self) -> None:
-        if self._closed:
-            raise Unavailable("the registry store is closed")
-        if self.dialect == "postgresql" and (self._pg is None or self._pg.closed or self._pg.broken):
-            # the server restarted or the network dropped: reconnect (``Unavailable`` until it answers)
-            if self._pg is not None:
-                self._pg.close()
-                self._pg = None
-            self._connect()
-
-    @contextmanager
-    def _read(self) -> Iterator[_Session]:
-        """A session for reads, outside any transaction."""
-        with self._lock:
-            self._ensure_connected()
-            try:
-                if self._sqlite is not None:
-                    cursor = self._sqlite.cursor()
-                    try:
-                        yield _Session(cursor, "sqlite")
-                    finally:
-                        cursor.close()
-                else:
-                    assert self._pg is not None
-                    with self._pg.cursor() as pg_cursor:
-                        yield _Session(pg_cursor, "postgresql")
-            except (sqlite3.OperationalError, psycopg.OperationalError) as err:
-                if _is_outage(err):
-                    raise Unavailable(f"the registry at {self.url} failed: {self._describe(err)}") from None
-                raise
-
-    @contextmanager
-    def _write(self, *, migration_lock: bool = False) -> Iterator[_Session]:
-        """A session inside one transaction: committed on success, rolled back on any exception.
-
-        SQLite takes the database's write lock at the start (``BEGIN IMMEDIATE``), so writers from any
-        process are serialised; PostgreSQL relies on row locks, plus an advisory lock when migrating.
-        """
-        with self._lock:
-            self._ensure_connected()
-            try:
-                if self._sqlite is not None:
-                    conn = self._sqlite
-                    cursor = conn.cursor()
-                    try:
-                        cursor.execute("BEGIN IMMEDIATE")
-                        try:
-                            yield _Session(cursor, "sqlite")
-                            cursor.execute("COMMIT")
-                        except BaseException:
-                            if conn.in_transaction:
-                                conn.rollback()
-                            raise
-                    finally:
-                        cursor.close()
-                else:
-                    assert self._pg is not None
-                    with self._pg.transaction(), self._pg.cursor() as pg_cursor:
-                        session = _Session(pg_cursor, "postgresql")
-                        if migration_lock:
-                            session.execute("SELECT pg_advisory_xact_lock(?)", (PG_MIGRATION_LOCK,))
-                        yield session
-            except (sqlite3.OperationalError, psycopg.OperationalError) as err:
-                if _is_outage(err):
-                    raise Unavailable(f"the registry at {self.url} failed: {self._describe(err)}") from None
-                raise
-
-    def close(self) -> None:
-        """Closes the connection; later calls raise ``Unavailable``."""
-        with self._lock:
-            self._closed = True
-            if self._sqlite is not None:
-                self._sqlite.close()
-                self._sqlite = None
-            if self._pg is not None:
-                self._pg.close()
-                self._pg = None
-
-    # -- migrations ---------------------------------------------------------------------------------
-
-    def _migrate(self) -> None:
-        migrations = sorted(MIGRATIONS, key=lambda m: m.version)
-        versions = [m.version for m in migrations]
-        if len(set(versions)) != len(versions) or any(v < 1 for v in versions):
-            raise DhowError(f"the registry migrations must have distinct versions >= 1, not {versions}")
-        with self._write(migration_lock=True) as session:
-            session.execute(_MIGRATIONS_TABLE)
-            applied = {int(row[0]) for row in session.all("SELECT version FROM dhow_schema_migrations")}
-        done: builtins.list[int] = []
-        for migration in migrations:
-            if migration.version in applied:
-                continue
-            try:
-                with self._write(migration_lock=True) as session:
-                    # another process may have applied it since the first look
-                    if session.one("SELECT 1 FROM dhow_schema_migrations WHERE version = ?", (migration.version,)):
-                        continue
-                    for statement in migration.statements(self.dialect):
-                        session.execute(statement)
-                    session.execute(
-                        "INSERT INTO dhow_schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
-                        (migration.version, migration.description, utc_now()),
-                    )
-            except (sqlite3.Error, psycopg.Error) as err:
-                raise DhowError(
-                    f"registry migration {migration.version} ({migration.description}) failed at {self.url}: "
-                    f"{self._describe(err)}"
-                ) from err
-            done.append(migration.version)
-        self.migrations_applied = tuple(done)
-
-    def schema_version(self) -> int:
-        """The highest migration applied to the database."""
-        with self._read() as session:
-            row = session.one("SELECT MAX(version) FROM dhow_schema_migrations")
-        return int(row[0]) if row and row[0] is not None else 0
 
     # -- deployments --------------------------------------------------------------------------------
 
@@ -539,18 +247,18 @@ class RegistryStore:
             rows = session.all(f"SELECT {self._DEPLOYMENT_COLUMNS} FROM dhow_deployments ORDER BY name")
         return sorted((self._deployment(row) for row in rows), key=lambda d: d.name)
 
-    def _current(self, session: _Session, name: str) -> tuple[int, str] | None:
+    def _current(self, session: Session, name: str) -> tuple[int, str] | None:
         """The revision and policy text of a deployment, locked until the transaction ends (PostgreSQL)."""
         lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
         row = session.one(f"SELECT revision, policy FROM dhow_deployments WHERE name = ?{lock}", (name,))
         return None if row is None else (int(row[0]), str(row[1]))
 
-    def _bump_generation(self, session: _Session) -> None:
+    def _bump_generation(self, session: Session) -> None:
         session.execute("UPDATE dhow_registry_state SET generation = generation + 1 WHERE id = 1")
 
     def _record(
         self,
-        session: _Session,
+        session: Session,
         name: str,
         revision: int,
         at: str,
