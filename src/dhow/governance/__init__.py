@@ -1,0 +1,1 @@
+"""Governance: the audit trail, PII masking and the data-residency policy."""

@@ -1,0 +1,486 @@
+"""The tamper-evident audit trail: admin actions, authorization denials and inference metadata, hash-chained.
+
+Every record carries the hash of the one before it (``hash = sha256(prev_hash + canonical JSON of the record)``),
+so ``AuditStore.verify`` finds a record that was edited, deleted or moved, and names it. A chain cannot tell on its
+own that the newest records were cut off, that someone rewrote the whole tail and recomputed every hash after it,
+or that someone with write access to the database appended forged records: ``verify`` prints the head (seq and
+hash) so that operators can anchor it elsewhere (a ticket, a WORM bucket, another team's database) and later check
+it with ``verify(expect_head=...)``.
+
+``AuditTrail`` is the server's side: ``record`` only queues (the inference hot path), a task per store writes the
+queue in batches from a worker thread, keeps a failed batch and retries it, and refuses new work once too much is
+pending, so that nothing is served unaudited. Raw payloads never belong here; a masked sample may go in ``details``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import orjson
+
+from dhow.core.errors import DhowError, InvalidInput, Unavailable
+from dhow.registry.database import Database, Migration, parse_url, utc_now
+
+__all__ = ["GENESIS_HASH", "MIGRATIONS", "AuditRecord", "AuditStore", "AuditTrail", "VerifyReport"]
+
+log = logging.getLogger("dhow.audit")
+
+#: the prev_hash of the first record
+GENESIS_HASH = "0" * 64
+#: key of the PostgreSQL advisory lock that serialises appends ("dhowaudt" in ASCII)
+PG_AUDIT_LOCK = 0x64686F7761756474
+#: rows fetched at a time by verify and export (memory stays flat however long the trail is)
+PAGE_ROWS = 5000
+#: most rows one ``read`` answers
+MAX_READ = 10_000
+#: problems listed by ``verify``; the rest are counted
+MAX_PROBLEMS = 50
+#: seconds between retries of a failed write: doubles from the first to the last
+FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.1, 5.0
+
+_COLUMNS = "seq, at, kind, action, actor, tenant, model, version, outcome, latency_ms, request_id, region, details"
+_NAMES = tuple(_COLUMNS.split(", "))
+_FILTERS = frozenset({"actor", "model", "kind", "outcome"})
+_DETAILS_JSON = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+
+
+_TABLE = """CREATE TABLE dhow_audit (
+    seq {seq} PRIMARY KEY, at TEXT NOT NULL, kind TEXT NOT NULL, action TEXT NOT NULL, actor TEXT NOT NULL,
+    tenant TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL, outcome TEXT NOT NULL, latency_ms {real},
+    request_id TEXT NOT NULL, region TEXT NOT NULL, details TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL
+)"""
+_INDEXES = (
+    "CREATE INDEX dhow_audit_by_actor ON dhow_audit (actor, seq)",
+    "CREATE INDEX dhow_audit_by_model ON dhow_audit (model, seq)",
+)
+#: the schema, oldest first; append new entries, never edit applied ones
+MIGRATIONS = [
+    Migration(
+        1,
+        "the hash-chained audit trail",
+        sqlite=(_TABLE.format(seq="INTEGER", real="REAL"), *_INDEXES),
+        postgresql=(_TABLE.format(seq="BIGINT", real="DOUBLE PRECISION"), *_INDEXES),
+    )
+]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One audited event: who did what to which model, when, and how it ended; never a raw payload."""
+
+    kind: str  # "admin" | "inference" | "denial"
+    action: str  # "infer", "model.load", "deployment.put", "key.revoke", ...
+    actor: str  # the principal: "key:ci-bot", "jwt:alice@example.com", "cert:svc-a", "anonymous"
+    tenant: str = "default"
+    outcome: str = "success"  # or the error code, e.g. "PERMISSION_DENIED"
+    model: str = ""
+    version: str = ""
+    request_id: str = ""
+    region: str = ""  # the data region of the request; picks the store it goes to
+    latency_ms: float | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)  # JSON-able: reasons, before/after, masked sample
+    at: str = field(default_factory=utc_now)
+
+
+def _text(value: object) -> str:
+    """A string every database accepts: no NUL, no lone surrogate (either would block the queue forever)."""
+    text = value if isinstance(value, str) else str(value)
+    if text.isascii():
+        return text.replace("\x00", "\ufffd")
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
+def _details(details: Mapping[str, Any]) -> str:
+    try:
+        return orjson.dumps(dict(details), default=str, option=_DETAILS_JSON).decode()
+    except (TypeError, ValueError):  # keep the record rather than block the queue with it
+        return orjson.dumps({"unencodable_details": _text(repr(details))[:2000]}).decode()
+
+
+def _content(record: AuditRecord) -> dict[str, object]:
+    """The stored fields but seq and the hashes, exactly as they will read back (the hash covers these)."""
+    latency = record.latency_ms
+    if latency is not None:
+        # 3 decimals survive every float column; + 0.0 turns -0.0 into 0.0, which SQLite would do on reading
+        latency = round(float(latency), 3) + 0.0
+        latency = latency if math.isfinite(latency) else None
+    names = ("at", "kind", "action", "actor", "tenant", "model", "version", "outcome")
+    content: dict[str, object] = {name: _text(getattr(record, name)) for name in names}
+    content.update(latency_ms=latency, request_id=_text(record.request_id), region=_text(record.region))
+    content["details"] = _details(record.details)
+    return content
+
+
+def _digest(prev_hash: str, fields: Mapping[str, object]) -> str:
+    """sha256 of the previous hash and the canonical JSON of every stored field (seq included)."""
+    return hashlib.sha256(prev_hash.encode() + orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _chain(contents: Sequence[Mapping[str, object]], seq: int, prev_hash: str) -> list[tuple[object, ...]]:
+    """The rows to insert after record ``seq`` whose hash is ``prev_hash``: columns, prev_hash, hash."""
+    rows: list[tuple[object, ...]] = []
+    for content in contents:
+        seq += 1
+        fields = {"seq": seq, **content}
+        digest = _digest(prev_hash, fields)
+        rows.append((*(fields[name] for name in _NAMES), prev_hash, digest))
+        prev_hash = digest
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """What ``verify`` found: the records read, the head to anchor elsewhere, and each problem by seq."""
+
+    count: int
+    head_seq: int
+    head_hash: str
+    problems: list[str]
+    #: problems found beyond the ``MAX_PROBLEMS`` listed
+    omitted: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.omitted
+
+    def describe(self) -> str:
+        head = f"{self.count} records, head seq {self.head_seq} hash {self.head_hash}"
+        if self.ok:
+            return f"audit trail ok: {head}"
+        total = len(self.problems) + self.omitted
+        lines = [f"audit trail NOT ok: {total} problem{'s' if total != 1 else ''} in {head}"]
+        lines += [f"  {problem}" for problem in self.problems]
+        if self.omitted:
+            lines.append(f"  ... and {self.omitted} more")
+        return "\n".join(lines)
+
+
+class _ChainCheck:
+    """Walks the rows in seq order once, remembering only the previous record."""
+
+    def __init__(self, expect_head: tuple[int, str] | None) -> None:
+        self.count = self.last_seq = 0
+        self.last_hash = GENESIS_HASH
+        self.problems: list[str] = []
+        self.omitted = 0
+        self.expect = expect_head
+        self.anchor_seen = False
+
+    def _problem(self, text: str) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(text)
+        else:
+            self.omitted += 1
+
+    def feed(self, row: Sequence[Any]) -> None:
+        seq, prev_hash, stored_hash = int(row[0]), str(row[-2]), str(row[-1])
+        in_place = self._check_place(seq)
+        if _digest(prev_hash, dict(zip(_NAMES, row, strict=False))) != stored_hash:
+            self._problem(f"record {seq} was edited: its content does not match its hash")
+        elif in_place and prev_hash != self.last_hash:
+            before = f"record {seq - 1}" if seq > 1 else "the start of the chain"
+            self._problem(
+                f"record {seq} does not follow {before}: records were reordered, or one before it was deleted "
+                "or rewritten"
+            )
+        if self.expect is not None and seq == self.expect[0]:
+            self.anchor_seen = True
+            if stored_hash != self.expect[1]:
+                self._problem(
+                    f"the anchored record {seq} differs: its hash is now {stored_hash}, not {self.expect[1]}; "
+                    "the trail up to it was rewritten"
+                )
+        self.count += 1
+        self.last_seq, self.last_hash = seq, stored_hash
+
+    def _check_place(self, seq: int) -> bool:
+        """Whether the record comes right after the previous one; reports the gap if not."""
+        expected = self.last_seq + 1
+        if seq == expected + 1:
+            self._problem(f"record {expected} is missing: deleted?")
+        elif seq > expected:
+            self._problem(f"records {expected} to {seq - 1} are missing: deleted?")
+        elif seq < expected:
+            self._problem(f"record {seq} should not exist: sequence numbers start at 1")
+        return seq == expected
+
+    def report(self) -> VerifyReport:
+        if self.expect is not None and not self.anchor_seen:
+            seq = self.expect[0]
+            if seq > self.last_seq:
+                self._problem(
+                    f"the anchored record {seq} is gone: the trail ends at record {self.last_seq}, "
+                    "so its newest records were truncated"
+                )
+            else:
+                self._problem(f"the anchored record {seq} is gone: deleted")
+        return VerifyReport(self.count, self.last_seq, self.last_hash, self.problems, self.omitted)
+
+
+def _as_dict(row: Sequence[Any]) -> dict[str, Any]:
+    record = dict(zip((*_NAMES, "prev_hash", "hash"), row, strict=True))
+    record["seq"] = int(record["seq"])
+    record["details"] = orjson.loads(record["details"])
+    return record
+
+
+class AuditStore(Database):
+    """The audit trail in SQLite or PostgreSQL; several processes may append to one store at once."""
+
+    migrations_table = "dhow_audit_migrations"
+
+    @classmethod
+    def open(cls, url: str) -> AuditStore:
+        """Connects to ``sqlite:///path`` or ``postgresql://...`` and brings the schema up to date."""
+        dialect, target = parse_url(url, "audit store")
+        store = cls(dialect, target, url, "the audit store")
+        try:
+            store._migrate(MIGRATIONS)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def append(self, records: Sequence[AuditRecord]) -> int:
+        """Chains the records after the current head in one transaction; answers the last seq."""
+        contents = [_content(record) for record in records]
+        with self._write(lock_key=PG_AUDIT_LOCK) as session:
+            # under the lock (PostgreSQL) or BEGIN IMMEDIATE (SQLite) no other process moves the head meanwhile
+            head = session.one("SELECT seq, hash FROM dhow_audit ORDER BY seq DESC LIMIT 1")
+            seq, prev_hash = (int(head[0]), str(head[1])) if head else (0, GENESIS_HASH)
+            rows = _chain(contents, seq, prev_hash)
+            if rows:
+                marks = ", ".join("?" * (len(_NAMES) + 2))
+                session.executemany(f"INSERT INTO dhow_audit ({_COLUMNS}, prev_hash, hash) VALUES ({marks})", rows)
+        return seq + len(rows)
+
+    def head(self) -> tuple[int, str]:
+        """The newest record's seq and hash; ``(0, GENESIS_HASH)`` for an empty trail."""
+        with self._read() as session:
+            row = session.one("SELECT seq, hash FROM dhow_audit ORDER BY seq DESC LIMIT 1")
+        return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
+
+    def read(self, since_seq: int = 0, limit: int = 1000, **filters: str) -> list[dict[str, Any]]:
+        """Records after ``since_seq``, oldest first, optionally only those of one actor, model, kind or outcome."""
+        unknown = sorted(set(filters) - _FILTERS)
+        if unknown:
+            raise InvalidInput(f"cannot filter the audit trail by {unknown[0]!r}: use {', '.join(sorted(_FILTERS))}")
+        if any(not isinstance(value, str) for value in filters.values()):
+            raise InvalidInput("audit trail filters must be strings")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_READ:
+            raise InvalidInput(f"the limit must be an integer from 1 to {MAX_READ}, not {limit!r}")
+        if isinstance(since_seq, bool) or not isinstance(since_seq, int) or since_seq < 0:
+            raise InvalidInput(f"since_seq must be an integer >= 0 (a record's seq), not {since_seq!r}")
+        where = "".join(f" AND {name} = ?" for name in sorted(filters))
+        params = [filters[name] for name in sorted(filters)]
+        with self._read() as session:
+            rows = session.all(
+                f"SELECT {_COLUMNS}, prev_hash, hash FROM dhow_audit WHERE seq > ?{where} ORDER BY seq LIMIT ?",
+                (since_seq, *params, limit),
+            )
+        return [_as_dict(row) for row in rows]
+
+    def _pages(self, since_seq: int) -> Iterator[list[tuple[Any, ...]]]:
+        """Every row after ``since_seq`` in seq order, a page at a time; the lock is free between pages."""
+        while True:
+            with self._read() as session:
+                rows = session.all(
+                    f"SELECT {_COLUMNS}, prev_hash, hash FROM dhow_audit WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (since_seq, PAGE_ROWS),
+                )
+            if rows:
+                yield rows
+            if len(rows) < PAGE_ROWS:
+                return
+            since_seq = int(rows[-1][0])
+
+    def verify(self, expect_head: tuple[int, str] | None = None) -> VerifyReport:
+        """Checks the whole chain, page by page; ``expect_head`` is a (seq, hash) anchored earlier.
+
+        The chain alone misses a truncated or wholly rehashed tail (see the module's docstring): anchor the head
+        this reports somewhere else and pass it back as ``expect_head`` to catch those.
+        """
+        check = _ChainCheck(expect_head)
+        for page in self._pages(0):
+            for row in page:
+                check.feed(row)
+        return check.report()
+
+    def export_jsonl(self, out: IO[str], since_seq: int = 0) -> int:
+        """Writes the records after ``since_seq`` as JSON lines (hashes included); answers how many."""
+        count = 0
+        for page in self._pages(int(since_seq)):
+            out.write("".join(orjson.dumps(_as_dict(row)).decode() + "\n" for row in page))
+            count += len(page)
+        return count
+
+
+@dataclass(eq=False)
+class _Lane:
+    """The queue of one store, written in order by one task."""
+
+    store: AuditStore
+    queue: deque[AuditRecord] = field(default_factory=deque)
+    #: the batch being written, kept until a write succeeds
+    batch: list[AuditRecord] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    enqueued: int = 0
+    written: int = 0
+    #: (records enqueued when it was added, future) of each ``record_now`` waiting for durability
+    waiters: deque[tuple[int, asyncio.Future[None]]] = field(default_factory=deque)
+    failing: bool = False
+    backoff_s: float = 0.0
+
+    @property
+    def idle(self) -> bool:
+        return self.batch is None and not self.queue
+
+
+async def _nap(wake: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(wake.wait(), seconds)
+    wake.clear()
+
+
+class AuditTrail:
+    """Queues records on the event loop and writes them in batches, per store, off the loop.
+
+    Call ``record`` and ``record_now`` from the event loop's thread. The stores stay open on ``close``: whoever
+    opened them closes them. A write that fails is retried with backoff and never dropped; a batch whose commit
+    was lost with the connection may be written twice (at least once, never zero times).
+    """
+
+    def __init__(
+        self,
+        stores: Mapping[str, AuditStore],
+        default_region: str,
+        *,
+        flush_interval_s: float = 0.2,
+        max_batch: int = 2000,
+        max_pending: int = 100_000,
+    ) -> None:
+        if default_region not in stores:
+            known = ", ".join(sorted(stores)) or "none"
+            raise InvalidInput(f"no audit store for the default region {default_region!r} (stores given: {known})")
+        if not flush_interval_s > 0 or max_batch < 1 or max_pending < 1:
+            raise InvalidInput("flush_interval_s must be > 0, and max_batch and max_pending at least 1")
+        lanes: dict[int, _Lane] = {}
+        # regions sharing one store share its lane, so that its records stay in order
+        self._lanes = {region: lanes.setdefault(id(store), _Lane(store)) for region, store in stores.items()}
+        self._default = self._lanes[default_region]
+        self._flush_interval_s = flush_interval_s
+        self._max_batch = max_batch
+        self._max_pending = max_pending
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._pending = 0
+        self.written = 0
+        self.failures = 0
+
+    @property
+    def pending(self) -> int:
+        """Records recorded but not yet durable."""
+        return self._pending
+
+    def store_for(self, region: str) -> AuditStore:
+        """The store that a record of that data region goes to."""
+        return self._lanes.get(region, self._default).store
+
+    def record(self, record: AuditRecord) -> None:
+        """Queues a record (no I/O); ``Unavailable`` when the backlog is full, since work must not go unaudited."""
+        self._enqueue(record)
+
+    def _enqueue(self, record: AuditRecord) -> _Lane:
+        if self._closing:
+            raise Unavailable("the audit trail is closed: the server is shutting down", retry_after=1.0)
+        if self._pending >= self._max_pending:
+            raise Unavailable(
+                f"the audit trail is {self._pending} records behind; refusing work until it catches up",
+                retry_after=1.0,
+            )
+        lane = self._lanes.get(record.region, self._default)
+        lane.queue.append(record)
+        lane.enqueued += 1
+        self._pending += 1
+        if len(lane.queue) >= self._max_batch and not lane.failing:
+            lane.wake.set()
+        return lane
+
+    async def record_now(self, record: AuditRecord) -> None:
+        """Records and returns once the record (and every one queued before it for its store) is durable."""
+        if not self._tasks or self._closing:
+            raise Unavailable("the audit trail is not running: start it first", retry_after=1.0)
+        lane = self._enqueue(record)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        lane.waiters.append((lane.enqueued, done))
+        lane.wake.set()
+        await done
+
+    async def start(self) -> None:
+        """Starts one writer task per store (again: nothing)."""
+        if not self._tasks:
+            lanes = {id(lane): lane for lane in self._lanes.values()}.values()
+            self._tasks = [asyncio.create_task(self._drain(lane), name="dhow-audit-writer") for lane in lanes]
+
+    async def close(self, *, timeout_s: float = 30.0) -> None:
+        """Writes everything pending, waiting up to ``timeout_s`` for a store that is down, then stops."""
+        self._closing = True
+        await self.start()
+        for lane in self._lanes.values():
+            lane.wake.set()
+        _, late = await asyncio.wait(self._tasks, timeout=timeout_s)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._pending:
+            log.error("%d audit records were not written before shutdown: their store is unreachable", self._pending)
+        for lane in self._lanes.values():
+            for _, done in lane.waiters:
+                if not done.done():
+                    done.set_exception(Unavailable("the audit store is unreachable; the record was not written"))
+            lane.waiters.clear()
+
+    async def _drain(self, lane: _Lane) -> None:
+        delay = self._flush_interval_s
+        while True:
+            await _nap(lane.wake, delay)
+            while not lane.idle and await self._write(lane):
+                pass
+            if self._closing and lane.idle:
+                return
+            delay = lane.backoff_s if lane.failing else self._flush_interval_s
+
+    async def _write(self, lane: _Lane) -> bool:
+        if lane.batch is None:
+            lane.batch = [lane.queue.popleft() for _ in range(min(len(lane.queue), self._max_batch))]
+        batch = lane.batch
+        try:
+            await asyncio.to_thread(lane.store.append, batch)
+        except Exception as err:  # any failure: keep the batch, retry, and say so once per outage
+            self.failures += 1
+            if not lane.failing:
+                reason = err.message if isinstance(err, DhowError) else repr(err)
+                log.error("cannot write to the audit trail at %s, retrying until it works: %s", lane.store.url, reason)
+            lane.failing = True
+            lane.backoff_s = min(MAX_BACKOFF_S, lane.backoff_s * 2 or FIRST_BACKOFF_S)
+            return False
+        lane.batch = None
+        lane.written += len(batch)
+        self.written += len(batch)
+        self._pending -= len(batch)
+        if lane.failing:
+            log.warning("the audit trail at %s is writable again; %d records behind", lane.store.url, self._pending)
+            lane.failing, lane.backoff_s = False, 0.0
+        while lane.waiters and lane.waiters[0][0] <= lane.written:
+            _, done = lane.waiters.popleft()
+            if not done.done():
+                done.set_result(None)
+        return True

@@ -1,0 +1,617 @@
+"""The audit trail on real databases: SQLite in a temporary folder and PostgreSQL in a fresh database."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import io
+import itertools
+import logging
+import math
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+
+from dhow.core.errors import InvalidInput, Unavailable
+from dhow.governance import audit as audit_module
+from dhow.governance.audit import GENESIS_HASH, MAX_PROBLEMS, AuditRecord, AuditStore, AuditTrail
+from dhow.governance.commands import add_parser, audit_store_url, run
+
+PG_ADMIN_URL = os.environ.get("DHOW_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+IN_CI = os.environ.get("CI") == "true"
+FIELDS = ("at", "kind", "action", "actor", "tenant", "model", "version", "outcome", "latency_ms", "request_id")
+
+
+def _pg_url(database: str) -> str:
+    base, _, _ = PG_ADMIN_URL.rpartition("/")
+    return f"{base}/{database}"
+
+
+@pytest.fixture(scope="session")
+def pg_available() -> None:
+    try:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as err:
+        message = f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({err}); set DHOW_TEST_PG_ADMIN_URL"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def pg_database(pg_available: None) -> Iterator[str]:
+    """The URL of a fresh, empty PostgreSQL database, dropped after the test."""
+    name = f"dhow_test_{secrets.token_hex(6)}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _pg_url(name)
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def audit_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An audit store URL on an empty database of each kind."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'data' / 'audit.sqlite3'}"
+    return str(request.getfixturevalue("pg_database"))
+
+
+@pytest.fixture
+def open_store(audit_url: str) -> Iterator[Callable[[], AuditStore]]:
+    """Opens stores (one connection each) on the test's database; all are closed at the end."""
+    stores: list[AuditStore] = []
+
+    def opener() -> AuditStore:
+        store = AuditStore.open(audit_url)
+        stores.append(store)
+        return store
+
+    yield opener
+    for store in stores:
+        store.close()
+
+
+@pytest.fixture
+def store(open_store: Callable[[], AuditStore]) -> AuditStore:
+    return open_store()
+
+
+def _sql(url: str, statement: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+    """Runs plain SQL on the database behind the store's back, as someone tampering with it would."""
+    if url.startswith("sqlite://"):
+        with sqlite3.connect(url[len("sqlite://") :]) as conn:
+            return conn.execute(statement, params).fetchall()
+    with psycopg.connect(url, autocommit=True) as pg:
+        cursor = pg.execute(statement.replace("?", "%s"), params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def _records(count: int, prefix: str = "r", region: str = "") -> list[AuditRecord]:
+    return [
+        AuditRecord(
+            kind="inference",
+            action="infer",
+            actor=f"key:{prefix}",
+            model="fraud",
+            version="2",
+            request_id=f"{prefix}-{i}",
+            region=region,
+            latency_ms=1.25 + i,
+            details={"sample": {"amount": "***"}, "i": i},
+        )
+        for i in range(count)
+    ]
+
+
+def _request_ids(store: AuditStore) -> list[str]:
+    return [row["request_id"] for row in store.read(limit=10_000)]
+
+
+def _expected_hash(prev_hash: str, row: dict[str, Any]) -> str:
+    """The hash as the task defines it, computed here independently of the module."""
+    fields = {name: row[name] for name in (*FIELDS, "seq", "region")}
+    fields["details"] = orjson.dumps(row["details"], option=orjson.OPT_SORT_KEYS).decode()
+    return hashlib.sha256(prev_hash.encode() + orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+# -- the chain -----------------------------------------------------------------------------------------
+
+
+def test_appended_batches_form_one_verified_chain(store: AuditStore) -> None:
+    assert store.head() == (0, GENESIS_HASH)
+    assert store.verify().ok and store.verify().count == 0
+    assert store.append(_records(1, "a")) == 1
+    assert store.append(_records(10, "b")) == 11
+    assert store.append(_records(25, "c")) == 36
+    rows = store.read(limit=100)
+    assert [row["seq"] for row in rows] == list(range(1, 37))
+    assert rows[0]["prev_hash"] == GENESIS_HASH
+    for before, row in zip([None, *rows], rows, strict=False):
+        prev_hash = GENESIS_HASH if before is None else before["hash"]
+        assert row["prev_hash"] == prev_hash
+        assert row["hash"] == _expected_hash(prev_hash, row)
+    assert store.head() == (36, rows[-1]["hash"])
+    report = store.verify()
+    assert report.ok and report.problems == [] and report.count == 36
+    assert (report.head_seq, report.head_hash) == store.head()
+    assert report.describe() == f"audit trail ok: 36 records, head seq 36 hash {rows[-1]['hash']}"
+
+
+def test_stored_values_read_back_as_recorded(store: AuditStore) -> None:
+    record = AuditRecord(
+        kind="admin",
+        action="key.revoke",
+        actor="jwt:alice@example.com",
+        tenant="acme",
+        outcome="success",
+        request_id="req-1",
+        region="ae",
+        latency_ms=12.34567,
+        details={"reason": "rotated", "before": {"state": "active"}, "z": [1, 2.5]},
+    )
+    store.append([record])
+    (row,) = store.read()
+    assert row["latency_ms"] == 12.346  # stored rounded to 3 decimals
+    assert row["details"] == {"reason": "rotated", "before": {"state": "active"}, "z": [1, 2.5]}
+    assert {name: row[name] for name in ("kind", "action", "actor", "tenant", "region", "at")} == {
+        "kind": "admin",
+        "action": "key.revoke",
+        "actor": "jwt:alice@example.com",
+        "tenant": "acme",
+        "region": "ae",
+        "at": record.at,
+    }
+    assert datetime.fromisoformat(row["at"]).tzinfo == UTC
+
+
+def test_odd_values_are_kept_and_still_verify(store: AuditStore) -> None:
+    odd = [
+        AuditRecord("inference", "infer", "key:\x00nul", latency_ms=math.nan, details={"when": datetime.now(UTC)}),
+        AuditRecord("inference", "infer", "key:\ud800lone", latency_ms=-0.0, details={1: {2, 3}}),  # type: ignore[dict-item]
+        AuditRecord("inference", "infer", "anonymous", latency_ms=7.0, details={"huge": 10**40}),
+        AuditRecord("denial", "infer", "anonymous", outcome="PERMISSION_DENIED", latency_ms=1e-9),
+    ]
+    assert store.append(odd) == 4
+    rows = store.read()
+    assert rows[0]["actor"] == "key:\ufffdnul" and rows[0]["latency_ms"] is None
+    assert isinstance(rows[0]["details"]["when"], str)
+    assert rows[1]["details"]["1"] in ("{2, 3}", "{3, 2}")
+    assert "unencodable_details" in rows[2]["details"]
+    assert rows[3]["latency_ms"] == 0.0
+    assert store.verify().ok
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("actor", "key:mallory"),
+        ("outcome", "INTERNAL"),
+        ("at", "2020-01-01T00:00:00.000000+00:00"),
+        ("latency_ms", 0.5),
+        ("details", '{"i":7}'),
+        ("region", "eu"),
+        ("hash", "f" * 64),
+    ],
+)
+def test_an_edited_field_is_named(audit_url: str, store: AuditStore, column: str, value: object) -> None:
+    store.append(_records(12))
+    _sql(audit_url, f"UPDATE dhow_audit SET {column} = ? WHERE seq = 8", (value,))
+    report = store.verify()
+    assert not report.ok
+    assert report.problems[0] == "record 8 was edited: its content does not match its hash"
+    # the next record still names the original hash of record 8, so an edited hash also breaks the link
+    assert report.problems[1:] == (
+        ["record 9 does not follow record 8: records were reordered, or one before it was deleted or rewritten"]
+        if column == "hash"
+        else []
+    )
+    assert report.count == 12
+
+
+def test_a_deleted_record_is_named(audit_url: str, store: AuditStore) -> None:
+    store.append(_records(12))
+    _sql(audit_url, "DELETE FROM dhow_audit WHERE seq = 7")
+    assert store.verify().problems == ["record 7 is missing: deleted?"]
+    _sql(audit_url, "DELETE FROM dhow_audit WHERE seq IN (3, 4, 5)")
+    report = store.verify()
+    assert report.problems == ["records 3 to 5 are missing: deleted?", "record 7 is missing: deleted?"]
+    assert report.count == 8 and report.head_seq == 12
+
+
+def test_swapped_records_are_named(audit_url: str, store: AuditStore) -> None:
+    store.append(_records(10))
+    columns = "at, kind, action, actor, tenant, model, version, outcome, latency_ms, request_id, region, details"
+    names = [*columns.split(", "), "prev_hash", "hash"]
+    (five,) = _sql(audit_url, f"SELECT {columns}, prev_hash, hash FROM dhow_audit WHERE seq = 5")
+    (six,) = _sql(audit_url, f"SELECT {columns}, prev_hash, hash FROM dhow_audit WHERE seq = 6")
+    assignments = ", ".join(f"{name} = ?" for name in names)
+    _sql(audit_url, f"UPDATE dhow_audit SET {assignments} WHERE seq = 5", six)
+    _sql(audit_url, f"UPDATE dhow_audit SET {assignments} WHERE seq = 6", five)
+    assert store.verify().problems == [
+        "record 5 was edited: its content does not match its hash",
+        "record 6 was edited: its content does not match its hash",
+        "record 7 does not follow record 6: records were reordered, or one before it was deleted or rewritten",
+    ]
+
+
+def test_a_rewritten_record_with_its_own_hash_recomputed_is_caught_at_the_next(
+    audit_url: str, store: AuditStore
+) -> None:
+    store.append(_records(12))
+    row = store.read(since_seq=7, limit=1)[0]
+    row["actor"] = "key:mallory"
+    forged = _expected_hash(row["prev_hash"], row)
+    _sql(audit_url, "UPDATE dhow_audit SET actor = ?, hash = ? WHERE seq = 8", ("key:mallory", forged))
+    assert store.verify().problems == [
+        "record 9 does not follow record 8: records were reordered, or one before it was deleted or rewritten"
+    ]
+
+
+def test_an_anchored_head_that_was_truncated_away_is_reported(audit_url: str, store: AuditStore) -> None:
+    store.append(_records(20))
+    anchor = (store.verify().head_seq, store.verify().head_hash)
+    assert store.verify(expect_head=anchor).ok
+    _sql(audit_url, "DELETE FROM dhow_audit WHERE seq > 17")
+    assert store.verify().ok  # the chain alone cannot tell
+    assert store.verify(expect_head=anchor).problems == [
+        "the anchored record 20 is gone: the trail ends at record 17, so its newest records were truncated"
+    ]
+    wrong = (17, "e" * 64)
+    assert store.verify(expect_head=wrong).problems == [
+        f"the anchored record 17 differs: its hash is now {store.head()[1]}, not {'e' * 64}; "
+        "the trail up to it was rewritten"
+    ]
+
+
+def test_verify_keeps_going_and_caps_the_list(audit_url: str, store: AuditStore) -> None:
+    store.append(_records(MAX_PROBLEMS + 30))
+    _sql(audit_url, "UPDATE dhow_audit SET actor = 'key:mallory'")
+    report = store.verify()
+    assert len(report.problems) == MAX_PROBLEMS and report.omitted == 30 and report.count == MAX_PROBLEMS + 30
+    assert report.problems[-1] == f"record {MAX_PROBLEMS} was edited: its content does not match its hash"
+    assert report.describe().endswith("  ... and 30 more")
+    assert report.describe().startswith(f"audit trail NOT ok: {MAX_PROBLEMS + 30} problems in {MAX_PROBLEMS + 30}")
+
+
+def test_verify_and_export_read_page_by_page(
+    audit_url: str, store: AuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit_module, "PAGE_ROWS", 7)
+    store.append(_records(50))
+    assert store.verify().count == 50 and store.verify().ok
+    _sql(audit_url, "DELETE FROM dhow_audit WHERE seq = 14")  # on a page boundary
+    assert store.verify().problems == ["record 14 is missing: deleted?"]
+    out = io.StringIO()
+    assert store.export_jsonl(out) == 49
+
+
+def test_two_connections_appending_at_once_keep_one_chain(open_store: Callable[[], AuditStore]) -> None:
+    stores = [open_store(), open_store()]
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def writer(store: AuditStore, prefix: str) -> None:
+        start.wait()
+        try:
+            records = _records(500, prefix)
+            for i in range(0, 500, 10):
+                store.append(records[i : i + 10])
+                time.sleep(0.001)  # let the other writer in between batches
+        except BaseException as err:  # surfaced by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(s, p)) for s, p in zip(stores, "xy", strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    report = stores[0].verify()
+    assert report.ok and report.count == 1000 and report.head_seq == 1000
+    ids = _request_ids(stores[1])
+    for prefix in "xy":
+        assert [i for i in ids if i.startswith(prefix)] == [f"{prefix}-{n}" for n in range(500)]
+    interleaved = sum(1 for a, b in itertools.pairwise(ids) if a[0] != b[0])
+    assert interleaved > 1  # the writers really ran side by side
+
+
+def test_read_filters_and_limits(store: AuditStore) -> None:
+    store.append(_records(5, "a") + _records(3, "b"))
+    store.append([AuditRecord("denial", "model.load", "key:b", outcome="PERMISSION_DENIED", model="churn")])
+    assert [row["request_id"] for row in store.read(actor="key:b", kind="inference")] == ["b-0", "b-1", "b-2"]
+    assert [row["seq"] for row in store.read(model="churn")] == [9]
+    assert [row["seq"] for row in store.read(outcome="PERMISSION_DENIED")] == [9]
+    assert [row["seq"] for row in store.read(since_seq=3, limit=2)] == [4, 5]
+    assert store.read(actor="nobody") == []
+    with pytest.raises(InvalidInput, match="cannot filter the audit trail by 'tenantx'"):
+        store.read(tenantx="acme")
+    with pytest.raises(InvalidInput, match="the limit must be an integer from 1 to 10000"):
+        store.read(limit=0)
+
+
+def test_export_jsonl_round_trips(store: AuditStore) -> None:
+    store.append(_records(30))
+    out = io.StringIO()
+    assert store.export_jsonl(out) == 30
+    lines = out.getvalue().splitlines()
+    exported = [orjson.loads(line) for line in lines]
+    assert exported == store.read()
+    # an export carries what an offline check needs: each line's hash follows from the line before
+    for before, row in zip([None, *exported], exported, strict=False):
+        assert row["hash"] == _expected_hash(GENESIS_HASH if before is None else before["hash"], row)
+    tail = io.StringIO()
+    assert store.export_jsonl(tail, since_seq=25) == 5
+    assert [orjson.loads(line)["seq"] for line in tail.getvalue().splitlines()] == [26, 27, 28, 29, 30]
+
+
+# -- the trail: queued, batched, retried -------------------------------------------------------------
+
+
+def test_trail_writes_every_record_in_order(store: AuditStore) -> None:
+    trail = AuditTrail({"ae": store}, "ae", flush_interval_s=0.05, max_batch=700)
+    records = _records(5000, "t")
+
+    async def scenario() -> None:
+        await trail.start()
+        for record in records:
+            trail.record(record)
+        # record() only queues: nothing was written before the loop got a chance to run the writer
+        assert trail.pending == 5000 and trail.written == 0
+        await trail.close()
+
+    asyncio.run(scenario())
+    assert trail.pending == 0 and trail.written == 5000 and trail.failures == 0
+    assert _request_ids(store) == [r.request_id for r in records]
+    assert store.verify().ok
+    with pytest.raises(Unavailable, match="the audit trail is closed"):
+        trail.record(records[0])
+
+
+def test_a_full_backlog_refuses_work(store: AuditStore) -> None:
+    trail = AuditTrail({"ae": store}, "ae", max_pending=10)
+    for record in _records(10):
+        trail.record(record)  # not started: everything stays pending
+    with pytest.raises(Unavailable) as refused:
+        trail.record(_records(1)[0])
+    assert refused.value.message == "the audit trail is 10 records behind; refusing work until it catches up"
+    assert refused.value.retry_after == 1.0
+    asyncio.run(trail.close())  # close starts the writer and flushes the backlog
+    assert store.head()[0] == 10 and trail.pending == 0
+
+
+def test_a_full_batch_is_written_before_the_interval(store: AuditStore) -> None:
+    trail = AuditTrail({"ae": store}, "ae", flush_interval_s=60.0, max_batch=100)
+
+    async def scenario() -> None:
+        await trail.start()
+        for record in _records(99, "a"):
+            trail.record(record)
+        await asyncio.sleep(0.2)
+        assert (trail.written, trail.pending) == (0, 99)  # a partial batch waits for the interval
+        for record in _records(31, "b"):
+            trail.record(record)  # the 100th fills a batch: written at once, with what came after it
+        deadline = time.monotonic() + 5
+        while trail.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert (trail.written, trail.pending) == (130, 0)
+        await trail.close()
+
+    asyncio.run(scenario())
+    assert store.head()[0] == 130 and store.verify().ok
+
+
+def test_record_now_returns_once_durable_and_keeps_order(store: AuditStore) -> None:
+    trail = AuditTrail({"ae": store}, "ae", flush_interval_s=60.0)
+    admin = AuditRecord("admin", "model.unload", "key:ops", model="fraud", version="1")
+
+    async def scenario() -> None:
+        with pytest.raises(Unavailable, match="not running"):
+            await trail.record_now(admin)
+        await trail.start()
+        for record in _records(3):
+            trail.record(record)
+        await asyncio.wait_for(trail.record_now(admin), 5)
+        assert store.head()[0] == 4
+        await trail.close()
+
+    asyncio.run(scenario())
+    assert [row["action"] for row in store.read()] == ["infer", "infer", "infer", "model.unload"]
+
+
+def test_records_go_to_their_regions_store(tmp_path: Path) -> None:
+    ae = AuditStore.open(f"sqlite://{tmp_path / 'ae.sqlite3'}")
+    eu = AuditStore.open(f"sqlite://{tmp_path / 'eu.sqlite3'}")
+    try:
+        trail = AuditTrail({"ae": ae, "eu": eu, "uae": ae}, "ae", flush_interval_s=0.05)
+        assert trail.store_for("eu") is eu and trail.store_for("us") is ae and trail.store_for("") is ae
+        mixed = [*_records(2, "eu", "eu"), *_records(2, "ae", "ae"), *_records(2, "none")]
+        mixed += [*_records(2, "us", "us"), *_records(2, "uae", "uae")]
+        asyncio.run(_record_all(trail, mixed))
+        assert _request_ids(eu) == ["eu-0", "eu-1"]
+        assert _request_ids(ae) == ["ae-0", "ae-1", "none-0", "none-1", "us-0", "us-1", "uae-0", "uae-1"]
+        assert ae.verify().ok and eu.verify().ok
+        with pytest.raises(InvalidInput, match="no audit store for the default region 'us'"):
+            AuditTrail({"ae": ae}, "us")
+    finally:
+        ae.close()
+        eu.close()
+
+
+async def _record_all(trail: AuditTrail, records: Sequence[AuditRecord]) -> None:
+    await trail.start()
+    for record in records:
+        trail.record(record)
+    await trail.close()
+
+
+class FlakyStore(AuditStore):
+    """A real store whose first ``fail_times`` appends fail as if the database were down."""
+
+    fail_times = 3
+    attempts = 0
+
+    def append(self, records: Sequence[AuditRecord]) -> int:
+        self.attempts += 1
+        if self.attempts <= self.fail_times:
+            raise Unavailable(f"{self.what} at {self.url} failed: connection refused (attempt {self.attempts})")
+        return super().append(records)
+
+
+def test_a_failing_write_is_kept_retried_and_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = FlakyStore.open(f"sqlite://{tmp_path / 'audit.sqlite3'}")
+    assert isinstance(store, FlakyStore)
+    trail = AuditTrail({"ae": store}, "ae", flush_interval_s=0.01, max_batch=40)
+    try:
+        with caplog.at_level(logging.INFO, logger="dhow.audit"):
+            asyncio.run(_record_all(trail, _records(100)))
+    finally:
+        store.close()
+    assert trail.failures == 3 and trail.written == 100 and trail.pending == 0
+    assert store.attempts == 3 + 3  # 3 failures, then 3 batches of up to 40
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "retrying until it works" in errors[0].getMessage()
+    assert sum("writable again" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_database_outage_keeps_the_records_until_it_is_back(
+    pg_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = AuditStore.open(pg_database)
+    name = pg_database.rpartition("/")[2]
+    trail = AuditTrail({"ae": store}, "ae", flush_interval_s=0.02)
+
+    def outage(on: bool) -> None:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {"false" if on else "true"}')
+            if on:
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+    async def scenario() -> None:
+        await trail.start()
+        trail.record(_records(1, "before")[0])
+        while trail.written < 1:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(outage, True)
+        for record in _records(300, "during"):
+            trail.record(record)
+        deadline = time.monotonic() + 5
+        while trail.failures < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert trail.failures >= 3 and trail.pending == 300
+        await asyncio.to_thread(outage, False)
+        await trail.close(timeout_s=10)
+
+    try:
+        with caplog.at_level(logging.INFO, logger="dhow.audit"):
+            asyncio.run(scenario())
+        assert trail.pending == 0 and store.head()[0] == 301
+        assert _request_ids(store) == ["before-0", *(f"during-{i}" for i in range(300))]
+        assert store.verify().ok
+        assert sum(r.levelno == logging.ERROR for r in caplog.records) == 1
+    finally:
+        store.close()
+
+
+# -- the command line ----------------------------------------------------------------------------------
+
+
+def _cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="dhow")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    assert args.command == "audit"
+    return run(args)
+
+
+def test_cli_verify_exit_codes_and_messages(
+    audit_url: str, store: AuditStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store.append(_records(5))
+    seq, digest = store.head()
+    assert _cli("audit", "verify", "--store", audit_url) == 0
+    assert capsys.readouterr().out == f"audit trail ok: 5 records, head seq 5 hash {digest}\n"
+    assert _cli("audit", "verify", "--store", audit_url, "--expect-head", f"{seq}:{digest}") == 0
+    capsys.readouterr()
+    _sql(audit_url, "UPDATE dhow_audit SET outcome = 'INTERNAL' WHERE seq = 3")
+    assert _cli("audit", "verify", "--store", audit_url) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("audit trail NOT ok: 1 problem in 5 records")
+    assert "  record 3 was edited: its content does not match its hash\n" in out
+    _sql(audit_url, "UPDATE dhow_audit SET outcome = 'success' WHERE seq = 3")
+    _sql(audit_url, "DELETE FROM dhow_audit WHERE seq = 5")
+    assert _cli("audit", "verify", "--store", audit_url, "--expect-head", f"{seq}:{digest}") == 1
+    assert "the anchored record 5 is gone" in capsys.readouterr().out
+
+
+def test_cli_finds_the_store_like_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("DHOW_AUDIT_STORE", raising=False)
+    monkeypatch.delenv("DHOW_DATA_DIR", raising=False)
+    assert audit_store_url(None, None) == f"sqlite:///{(Path('.dhow') / 'audit.sqlite3').resolve()}"
+    assert _cli("audit", "verify", "--data-dir", str(tmp_path)) == 2
+    assert f"no audit trail at {tmp_path / 'audit.sqlite3'}" in capsys.readouterr().err
+    store = AuditStore.open(audit_store_url(None, tmp_path))
+    try:
+        store.append(_records(3))
+    finally:
+        store.close()
+    assert _cli("audit", "verify", "--data-dir", str(tmp_path)) == 0
+    monkeypatch.setenv("DHOW_DATA_DIR", str(tmp_path))
+    assert _cli("audit", "verify") == 0
+    monkeypatch.setenv("DHOW_AUDIT_STORE", f"sqlite://{tmp_path / 'other.sqlite3'}")
+    assert _cli("audit", "verify") == 2
+    assert "other.sqlite3" in capsys.readouterr().err
+    assert _cli("audit", "verify", "--store", "mysql://x") == 2
+    assert "is not accepted: use sqlite:///" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli("audit", "verify", "--expect-head", "5:nothex")
+    assert "expected SEQ:HASH" in capsys.readouterr().err
+
+
+def test_cli_export_and_tail(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite://{tmp_path / 'audit.sqlite3'}"
+    store = AuditStore.open(url)
+    try:
+        store.append(_records(4))
+        store.append([AuditRecord("denial", "model.load", "key:eve", outcome="PERMISSION_DENIED")])
+        rows = store.read()
+    finally:
+        store.close()
+    assert _cli("audit", "export", "--store", url, "--since", "3") == 0
+    assert [orjson.loads(line) for line in capsys.readouterr().out.splitlines()] == rows[3:]
+    out = tmp_path / "trail.jsonl"
+    assert _cli("audit", "export", "--store", url, "--out", str(out)) == 0
+    assert capsys.readouterr().err == f"exported 5 records to {out}\n"
+    assert [orjson.loads(line) for line in out.read_text().splitlines()] == rows
+    assert _cli("audit", "tail", "--store", url, "-n", "2") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["SEQ", "AT", "KIND", "ACTION", "ACTOR", "TENANT", "MODEL", "OUTCOME", "LATENCY"]
+    assert lines[1].split()[:8] == ["4", rows[3]["at"], "inference", "infer", "key:r", "default", "fraud:2", "success"]
+    assert lines[1].endswith("4.250 ms")
+    assert lines[2].split() == [
+        "5",
+        rows[4]["at"],
+        "denial",
+        "model.load",
+        "key:eve",
+        "default",
+        "-",
+        "PERMISSION_DENIED",
+    ]
