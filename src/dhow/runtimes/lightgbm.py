@@ -18,6 +18,7 @@ from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.runtimes.loading import (
     Signature,
     check_rows,
+    decrypted,
     find_artifact,
     load_failure,
     require_cpu,
@@ -38,11 +39,15 @@ class LightGBMRuntime:
     def load(self, version_dir: Path, config: ModelConfig) -> None:
         self.device = require_cpu(config, "lightgbm")
         path = find_artifact(version_dir, config, "model.txt")
+        plaintext = decrypted(path)
         raw_score = config.parameters.get("raw_score", False)
         if not isinstance(raw_score, bool):
             raise ModelLoadError(f"{config.name}/model.yaml: parameters.raw_score must be true or false")
         try:
-            booster = lightgbm.Booster(model_file=str(path))
+            if plaintext is None:
+                booster = lightgbm.Booster(model_file=str(path))
+            else:
+                booster = lightgbm.Booster(model_str=plaintext.decode("utf-8"))
             features, per_row = booster.num_feature(), booster.num_model_per_iteration()
         except Exception as exc:
             raise load_failure(config, path, exc) from None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dhow.core.artifacts import ENCRYPTED_SUFFIX, is_encrypted, read_artifact
 from dhow.core.errors import ModelFault, ModelLoadError
 from dhow.core.model_config import ModelConfig, TensorSpec
 
@@ -27,11 +28,19 @@ def where(config: ModelConfig, version_dir: Path) -> str:
 
 
 def find_artifact(version_dir: Path, config: ModelConfig, *names: str) -> Path:
-    """The first of ``names`` present in ``version_dir``; else say what is there instead."""
+    """The first of ``names`` in ``version_dir``, plain or encrypted (``<name>.enc``); else say what is there."""
     for name in names:
-        path = version_dir / name
+        path, sealed = version_dir / name, version_dir / (name + ENCRYPTED_SUFFIX)
+        if path.is_file() and sealed.is_file():
+            # the operator meant to encrypt, and the plaintext is still on disk: serving either would hide that
+            raise ModelLoadError(
+                f"{where(config, version_dir)}: both {name} and {sealed.name} are in {version_dir}; "
+                f"delete the plaintext {name} (or {sealed.name} if the plaintext is what should be served)"
+            )
         if path.is_file():
             return path
+        if sealed.is_file():
+            return sealed
     try:
         found = sorted(entry.name for entry in version_dir.iterdir())
     except OSError:
@@ -40,7 +49,15 @@ def find_artifact(version_dir: Path, config: ModelConfig, *names: str) -> Path:
     if len(found) > _LISTED:
         listing += f" and {len(found) - _LISTED} more"
     expected = " or ".join(names)
-    raise ModelLoadError(f"{where(config, version_dir)}: expected {expected} in {version_dir}, found: {listing}")
+    raise ModelLoadError(
+        f"{where(config, version_dir)}: expected {expected} (plain, or encrypted with a {ENCRYPTED_SUFFIX} suffix) "
+        f"in {version_dir}, found: {listing}"
+    )
+
+
+def decrypted(path: Path) -> bytes | None:
+    """The plaintext of an encrypted artifact, in memory; ``None`` for a plain one, which loads by path as before."""
+    return read_artifact(path) if is_encrypted(path) else None
 
 
 def load_failure(config: ModelConfig, path: Path, exc: BaseException) -> ModelLoadError:

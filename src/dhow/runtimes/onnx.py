@@ -13,7 +13,15 @@ import onnxruntime
 from dhow.core.datatypes import NUMPY_DTYPE
 from dhow.core.errors import ModelFault, ModelLoadError
 from dhow.core.model_config import ModelConfig, TensorSpec
-from dhow.runtimes.loading import Signature, check_rows, default_threads, find_artifact, load_failure, threads_for
+from dhow.runtimes.loading import (
+    Signature,
+    check_rows,
+    decrypted,
+    default_threads,
+    find_artifact,
+    load_failure,
+    threads_for,
+)
 
 __all__ = ["OnnxRuntime", "default_threads"]
 
@@ -49,6 +57,7 @@ class OnnxRuntime:
 
     def load(self, version_dir: Path, config: ModelConfig) -> None:
         path = find_artifact(version_dir, config, "model.onnx")
+        plaintext = decrypted(path)
         providers = self._providers(config)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads_for(config)
@@ -56,7 +65,8 @@ class OnnxRuntime:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         try:
-            session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
+            model = str(path) if plaintext is None else plaintext
+            session = onnxruntime.InferenceSession(model, sess_options=options, providers=providers)
         except Exception as exc:
             raise load_failure(config, path, exc) from None
         if self.device != "cpu" and "CUDAExecutionProvider" not in session.get_providers():

@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from dhow.core.artifacts import plain_path
 from dhow.core.errors import DhowError, ModelFault, ModelLoadError
 from dhow.core.model_config import ModelConfig
-from dhow.runtimes.loading import Signature, check_rows, find_artifact, require_declared, where
+from dhow.runtimes.loading import Signature, check_rows, decrypted, find_artifact, require_declared, where
 
 # each load gets its own module name, so versions (and instances) of one model never share globals
 _loads = itertools.count()
@@ -58,8 +59,12 @@ class PythonRuntime:
         self._model, self._config = model, config
 
     def _import(self, path: Path) -> ModuleType:
-        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        origin = plain_path(path)
+        digest = hashlib.sha256(str(origin.resolve()).encode()).hexdigest()[:12]
         self._module_name = f"dhow_model_{digest}_{next(_loads)}"
+        source = decrypted(path)
+        if source is not None:
+            return self._exec_source(source, origin)
         spec = importlib.util.spec_from_file_location(self._module_name, path)
         if spec is None or spec.loader is None:
             raise ModelLoadError(f"{path} cannot be imported as a Python module")
@@ -67,6 +72,16 @@ class PythonRuntime:
         # registered because dataclasses and pickle look classes up by their module's name
         sys.modules[self._module_name] = module
         spec.loader.exec_module(module)
+        return module
+
+    def _exec_source(self, source: bytes, origin: Path) -> ModuleType:
+        """Run decrypted source as a module; tracebacks name model.py, the file as it was written."""
+        code = compile(source, str(origin), "exec", dont_inherit=True)
+        module = ModuleType(self._module_name)
+        module.__file__ = str(origin)
+        sys.modules[self._module_name] = module
+        # the same trust as importing a plain model.py: the operator put it in the repository
+        exec(code, module.__dict__)
         return module
 
     def signature(self) -> Signature:

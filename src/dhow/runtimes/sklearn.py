@@ -6,6 +6,7 @@ when the estimator has it (a manifest may also ask for ``decision_function`` or 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,15 @@ import numpy as np
 from dhow.core.datatypes import as_bytes
 from dhow.core.errors import ModelFault, ModelLoadError
 from dhow.core.model_config import ModelConfig, TensorSpec
-from dhow.runtimes.loading import Signature, check_rows, find_artifact, load_failure, require_cpu, single_input
+from dhow.runtimes.loading import (
+    Signature,
+    check_rows,
+    decrypted,
+    find_artifact,
+    load_failure,
+    require_cpu,
+    single_input,
+)
 
 METHODS: tuple[str, ...] = ("predict", "predict_proba", "decision_function", "transform")
 
@@ -32,8 +41,9 @@ class SklearnRuntime:
     def load(self, version_dir: Path, config: ModelConfig) -> None:
         self.device = require_cpu(config, "sklearn")
         path = find_artifact(version_dir, config, "model.joblib")
+        plaintext = decrypted(path)
         try:
-            estimator = joblib.load(path)
+            estimator = joblib.load(path if plaintext is None else io.BytesIO(plaintext))
         except Exception as exc:
             raise load_failure(config, path, exc) from None
         available = [method for method in METHODS if callable(getattr(estimator, method, None))]

@@ -7,6 +7,7 @@ a tuple/list matched in order to the declared outputs, or a dict by output name.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,7 +18,15 @@ import torch
 
 from dhow.core.errors import ModelFault, ModelLoadError
 from dhow.core.model_config import ModelConfig, TensorSpec
-from dhow.runtimes.loading import Signature, check_rows, find_artifact, load_failure, require_declared, threads_for
+from dhow.runtimes.loading import (
+    Signature,
+    check_rows,
+    decrypted,
+    find_artifact,
+    load_failure,
+    require_declared,
+    threads_for,
+)
 
 log = logging.getLogger("dhow.runtimes.torch")
 
@@ -58,11 +67,13 @@ class TorchRuntime:
             if spec.datatype == "BYTES":
                 raise ModelLoadError(f"{config.name}/model.yaml: '{spec.name}' is BYTES, which torch has no tensor for")
         path = find_artifact(version_dir, config, "model.pt")
+        plaintext = decrypted(path)
         self.device = _device(config)
         if self.device == "cpu":
             _size_threads(config)
         try:
-            module = _jit.load(str(path), map_location=self.device)
+            source = str(path) if plaintext is None else io.BytesIO(plaintext)
+            module = _jit.load(source, map_location=self.device)
         except Exception as exc:
             raise load_failure(config, path, exc) from None
         module.eval()

@@ -20,6 +20,7 @@ from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.runtimes.loading import (
     Signature,
     check_rows,
+    decrypted,
     find_artifact,
     load_failure,
     require_cpu,
@@ -40,11 +41,12 @@ class XGBoostRuntime:
     def load(self, version_dir: Path, config: ModelConfig) -> None:
         self.device = require_cpu(config, "xgboost")
         path = find_artifact(version_dir, config, "model.json", "model.ubj")
+        plaintext = decrypted(path)
         margin = config.parameters.get("output_margin", False)
         if not isinstance(margin, bool):
             raise ModelLoadError(f"{config.name}/model.yaml: parameters.output_margin must be true or false")
         try:
-            booster = xgboost.Booster(model_file=str(path))
+            booster = _booster(path, plaintext)
             booster.set_param({"nthread": threads_for(config)})
             shape = _output_shape(booster, margin)
         except Exception as exc:
@@ -77,6 +79,16 @@ class XGBoostRuntime:
 
     def unload(self) -> None:
         self._booster = None
+
+
+def _booster(path: Path, plaintext: bytes | None) -> Any:
+    if plaintext is None:
+        return xgboost.Booster(model_file=str(path))
+    # from a buffer xgboost tells JSON from UBJSON by the bytes themselves ('{"' vs '{L', '{$', ...),
+    # so model.json.enc and model.ubj.enc each load in the format they were saved in
+    booster = xgboost.Booster()
+    booster.load_model(bytearray(plaintext))
+    return booster
 
 
 def _output_shape(booster: Any, margin: bool) -> tuple[int, ...]:
