@@ -81,6 +81,8 @@ def start_dhow(repository: Path, log_dir: Path, *extra: str, wait: bool = True) 
         "--http-port", str(http_port),
         "--grpc-port", str(grpc_port),
         "--data-dir", str(log_dir / "data"),
+        # tests of other features run without authentication unless they ask for it
+        *(() if any(arg.startswith("--auth") for arg in extra) else ("--auth", "none")),
         *extra,
     ]  # fmt: skip
     log_path = log_dir / f"dhow-{http_port}.log"

@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how often to look for deployment changes made by other servers sharing the registry (default 2)",
     )
+    _add_security_options(serve)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     serve.add_argument("--loop", choices=["uvloop", "asyncio"], help="event loop (default uvloop)")
     serve.add_argument(
@@ -94,7 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and weights (default 0)")
 
-    models = commands.add_parser("models", help="work with a model repository", description="Check a model repository.")
+    models = commands.add_parser(
+        "models",
+        help="work with a model repository",
+        description="Check, encrypt and trust the artifacts of a model repository.",
+    )
     model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     validate = model_commands.add_parser(
         "validate",
@@ -103,10 +108,59 @@ def _parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("repository", type=Path, metavar="DIR", help="the repository folder")
 
+    from dhow.access import commands as access_commands
+    from dhow.governance import commands as audit_commands
+    from dhow.repository import commands as repository_commands
     from dhow.rollouts import cli as rollout_cli
 
+    repository_commands.add_parsers(model_commands)
+    access_commands.add_parsers(commands, model_commands)
+    audit_commands.add_parser(commands)
     rollout_cli.add_parser(commands)
     return parser
+
+
+def _add_security_options(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("security", "identities, TLS, encrypted artifacts, quotas, audit, residency")
+    group.add_argument(
+        "--auth",
+        choices=["on", "none"],
+        help="on (default): every request but health needs an API key, JWT or client certificate; "
+        "none: no authentication, for local development only",
+    )
+    group.add_argument("--jwt-issuer", metavar="ISS", help="accept JWT bearer tokens from this issuer")
+    group.add_argument("--jwt-audience", metavar="AUD", help="the audience JWTs must name (default dhow)")
+    group.add_argument("--jwt-jwks", metavar="FILE|URL", help="the issuer's JWKS: a file or an http(s):// URL")
+    group.add_argument("--jwt-roles-claim", metavar="CLAIM", help="JWT claim with the roles (default roles)")
+    group.add_argument("--jwt-tenant-claim", metavar="CLAIM", help="JWT claim with the tenant (default tenant)")
+    group.add_argument("--tls-cert", metavar="PEM", help="serve REST and gRPC over TLS with this certificate")
+    group.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    group.add_argument("--tls-client-ca", metavar="PEM", help="CA of client certificates: mutual TLS")
+    group.add_argument(
+        "--tls-client-auth", choices=["required", "optional"], help="with --tls-client-ca: required (default)"
+    )
+    group.add_argument("--require-tls", action="store_const", const=True, help="refuse to serve without TLS")
+    group.add_argument(
+        "--kek-file", metavar="FILE", help="key-encryption keys of encrypted artifacts (or DHOW_KEK=id:base64key)"
+    )
+    group.add_argument(
+        "--require-digests",
+        action="store_const",
+        const=True,
+        help="load only artifacts whose SHA-256 was recorded with 'dhow models trust'",
+    )
+    group.add_argument("--redis", metavar="URL", help="share rate limits through Redis (redis://host:port/db)")
+    group.add_argument("--region", metavar="REGION", help="this server's region, e.g. ae or eu (default: default)")
+    group.add_argument("--residency-policy", metavar="FILE", help="YAML: which data regions may be processed where")
+    group.add_argument("--audit-store", metavar="URL", help="audit trail: sqlite:///path or postgresql://...")
+    group.add_argument(
+        "--audit-region-store",
+        dest="audit_region_stores",
+        action="append",
+        metavar="REGION=URL",
+        help="the audit store of another data region; repeatable",
+    )
+    group.add_argument("--masking-key-file", metavar="FILE", help="secret of keyed-hash PII masking")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -165,6 +219,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dhow.rollouts import cli as rollout_cli
 
             return rollout_cli.run(args)
+        if args.command == "audit":
+            from dhow.governance import commands as audit_commands
+
+            return audit_commands.run(args)
+        from dhow.access import commands as access_commands
+        from dhow.repository import commands as repository_commands
+
+        for module in (access_commands, repository_commands):
+            code: int | None = module.run(args)
+            if code is not None:
+                return code
         return _validate(args)
     except DhowError as exc:
         print(f"dhow: {exc.message}", file=sys.stderr)

@@ -10,14 +10,21 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from dhow.access.tls import TlsSettings
+from dhow.core.artifacts import install_decryptor
+from dhow.governance.masking import Masker, install_log_masking, parse_masking
+from dhow.governance.residency import ResidencyPolicy, check_region_name
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.protocols.grpc import create_grpc_server
 from dhow.protocols.rest import RestApp
+from dhow.protocols.rest.tls import ClientCertHttpProtocol
+from dhow.repository.encryption import Keyring
 from dhow.repository.store import ModelRepository
 from dhow.rollouts.controller import RolloutController
 from dhow.rollouts.store import RegistryStore
 from dhow.serving.dataplane import DataPlane
 from dhow.serving.model_manager import ModelControl, ModelManager
+from dhow.serving.security import Security, masking_key
 from dhow.settings import ServerSettings
 
 log = logging.getLogger("dhow.server")
@@ -46,6 +53,15 @@ class Server:
         self.rest = RestApp(
             self.dataplane, max_body_bytes=settings.max_request_bytes, metrics_handler=self.metrics.render
         )
+        # what can be checked without I/O is checked here, so that a wrong option fails before any port opens
+        self.tls = TlsSettings.resolve(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca, settings.tls_client_auth, settings.require_tls
+        )
+        keyring = Keyring.load(settings.kek, settings.kek_file)
+        install_decryptor(keyring.decrypt if keyring is not None else None)
+        self.dataplane.region = check_region_name(settings.region, "--region")
+        self.dataplane.residency = ResidencyPolicy.load(settings.residency_policy)
+        self.security = Security(settings)
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -57,6 +73,9 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
+        guard = await self.security.start(self.models, self.dataplane)
+        self.rest.guard = guard
+        tls = self.tls
         http = _HttpServer(
             uvicorn.Config(
                 self.rest,
@@ -64,14 +83,22 @@ class Server:
                 port=settings.http_port,
                 lifespan="off",
                 access_log=False,
+                # uvicorn's own records go to the root handlers, through the PII masking filter
+                log_config=None,
                 log_level="warning",
-                http="httptools",
+                http=ClientCertHttpProtocol if tls is not None else "httptools",
                 loop="none",
                 timeout_keep_alive=30,
+                **(tls.uvicorn_options() if tls is not None else {}),
             )
         )
         grpc = await create_grpc_server(
-            self.dataplane, settings.host, settings.grpc_port, max_message_bytes=settings.max_request_bytes
+            self.dataplane,
+            settings.host,
+            settings.grpc_port,
+            max_message_bytes=settings.max_request_bytes,
+            guard=guard,
+            credentials=tls.grpc_credentials() if tls is not None else None,
         )
         await grpc.server.start()
         http_task = asyncio.create_task(http.serve())
@@ -82,8 +109,9 @@ class Server:
             await http_task
             raise SystemExit(f"dhow: cannot serve REST on {settings.host}:{settings.http_port}")
         log.info(
-            "dhow serving %s: REST on http://%s:%d, gRPC on %s:%d, model control %s",
+            "dhow serving %s: REST on %s://%s:%d, gRPC on %s:%d, model control %s",
             settings.repository,
+            "https" if tls is not None else "http",
             settings.host,
             settings.http_port,
             settings.host,
@@ -108,6 +136,7 @@ class Server:
         await http_task
         await rollouts.close()
         await self.models.close()
+        await self.security.close()
         log.info("dhow stopped")
 
     async def _start_rollouts(self) -> RolloutController:
@@ -133,6 +162,8 @@ def _safe_url(url: str) -> str:
 
 def run_server(settings: ServerSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # PII never reaches a log line, whichever logger wrote it
+    install_log_masking(Masker(parse_masking(None, "logs"), masking_key(settings)))
 
     async def main() -> None:
         await Server(settings).serve()

@@ -50,15 +50,63 @@ class ServerSettings:
     #: event loop: uvloop (faster) or asyncio
     loop: str = "uvloop"
 
+    # -- security (see docs/security.md) --
+    #: on: every request but health needs a credential (API key, JWT or client certificate); none: local development
+    auth: str = "on"
+    #: JWT bearer tokens: the issuer ("iss") to accept; empty = JWTs are not accepted
+    jwt_issuer: str = ""
+    #: JWT bearer tokens: the audience ("aud") they must name
+    jwt_audience: str = "dhow"
+    #: JWT bearer tokens: the issuer's JWKS, a file path or an http(s):// URL
+    jwt_jwks: str = ""
+    #: JWT claim holding the roles ("invoker" or "invoker:fraud-*")
+    jwt_roles_claim: str = "roles"
+    #: JWT claim holding the tenant
+    jwt_tenant_claim: str = "tenant"
+    #: TLS certificate (PEM) for the REST and gRPC ports; with tls_key, both ports speak TLS only
+    tls_cert: str = ""
+    #: TLS private key (PEM) of tls_cert
+    tls_key: str = ""
+    #: CA (PEM) of client certificates; set = mutual TLS, clients identified by their certificate's CN
+    tls_client_ca: str = ""
+    #: with tls_client_ca: required (no certificate, no connection) or optional (a key or JWT will do)
+    tls_client_auth: str = "required"
+    #: refuse to start unless the ports speak TLS
+    require_tls: bool = False
+    #: key-encryption keys for encrypted artifacts, "id:base64key[,id:base64key]" (prefer DHOW_KEK or kek_file)
+    kek: str = ""
+    #: a file of key-encryption keys, one "id:base64key" a line
+    kek_file: str = ""
+    #: load only artifacts whose SHA-256 was recorded with `dhow models trust`
+    require_digests: bool = False
+    #: Redis URL for rate limits shared by every server (redis://host:port/db); empty = limits per process
+    redis: str = ""
+    #: this server's region (e.g. ae, eu): where the data it processes is processed
+    region: str = "default"
+    #: YAML file of the data-residency policy (which data regions may be processed in which regions)
+    residency_policy: str = ""
+    #: the audit trail: sqlite:///path or postgresql://...; empty = SQLite in data_dir
+    audit_store: str = ""
+    #: audit stores of other data regions, "region=URL": a request's records go to its data region's store
+    audit_region_stores: tuple[str, ...] = ()
+    #: file of the keyed-hash secret used by PII masking (created when absent); empty = masking.key in data_dir
+    masking_key_file: str = ""
+
     def registry_url(self) -> str:
         """The registry's URL, with the default (SQLite in the data folder) filled in."""
         return self.registry or f"sqlite:///{(self.data_dir / 'registry.sqlite3').resolve()}"
+
+    def audit_url(self) -> str:
+        """The audit trail's URL (this server's region), with the default (SQLite in the data folder) filled in."""
+        return self.audit_store or f"sqlite:///{(self.data_dir / 'audit.sqlite3').resolve()}"
 
 
 _CHOICES = {
     "model_control": ("none", "poll", "explicit"),
     "log_level": ("debug", "info", "warning", "error"),
     "loop": ("uvloop", "asyncio"),
+    "auth": ("on", "none"),
+    "tls_client_auth": ("required", "optional"),
 }
 
 

@@ -77,7 +77,14 @@ class ModelConfig:
     #: intra-op threads per instance; 0 lets dhow size them to the cores
     threads: int = 0
     owner: str = ""
+    #: the tenant the model belongs to: keys and tokens of other tenants may not touch it
+    tenant: str = "default"
+    #: where the model's data belongs (e.g. ae, eu): the data region of requests that name none
     region: str = ""
+    #: PII masking rules (the ``pii:`` section, checked by ``dhow.governance.masking.parse_masking``)
+    pii: dict[str, Any] | None = None
+    #: share of requests whose (masked) inputs and outputs are kept in the audit trail; 0 = none
+    payload_sample_rate: float = 0.0
     description: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     #: runtime-specific settings (e.g. the class name of a Python model)

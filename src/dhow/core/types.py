@@ -62,6 +62,24 @@ class LazyHeaders(Mapping[str, str]):
 
 
 @dataclass(slots=True)
+class Caller:
+    """Who sent a request, as access control established it; the data plane fills in the rest as it goes."""
+
+    #: how the audit trail names them: ``key:ci-bot#<id>``, ``jwt:alice``, ``cert:svc-a``, ``anonymous``
+    principal: str
+    tenant: str
+    request_id: str
+    #: the data region of the principal's requests when a request names none ("" = none)
+    default_region: str = ""
+    #: the request's data region, once decided by the data plane
+    data_region: str = ""
+    #: the version that answered
+    version: str = ""
+    #: a masked sample of the inputs and outputs, when the model's payload sampling picked this request
+    payload: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
 class InferenceRequest:
     model_name: str
     inputs: list[Tensor]
@@ -73,6 +91,8 @@ class InferenceRequest:
     outputs: list[RequestedOutput] | None = None
     #: the transport's headers (HTTP headers, gRPC metadata), names in lower case
     headers: Mapping[str, str] = field(default_factory=dict)
+    #: who sent it (None: an internal call, e.g. a shadow copy, which no policy checks again)
+    caller: Caller | None = None
 
 
 @dataclass(slots=True)

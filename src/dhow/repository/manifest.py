@@ -75,6 +75,14 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 64 and all(c.isalnum() or c in "._-" for c in value)
+
+
+def _is_fraction(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -208,14 +216,17 @@ def parse_manifest(data: object, path: Path | str, name: str) -> ModelConfig:
         precision=fields.get("precision", lambda v: v in ("fp32", "fp16", "bf16"), "one of fp32, fp16, bf16", "fp32"),
         threads=fields.get("threads", _non_negative_int, "an integer >= 0 (0 = sized to the cores)", 0),
         owner=fields.get("owner", _is_str, "a string", ""),
+        tenant=fields.get("tenant", _is_name, "a tenant name (letters, digits, '.', '_', '-')", "default"),
         region=fields.get("region", _is_str, "a string", ""),
+        pii=fields.get("pii", lambda v: isinstance(v, dict), "a mapping (detectors, action, fields)", None),
+        payload_sample_rate=fields.get("payload_sample_rate", _is_fraction, "a number from 0 to 1", 0.0),
         description=fields.get("description", _is_str, "a string", ""),
         labels={str(k): v for k, v in labels.items()},
         parameters=fields.get("parameters", lambda v: isinstance(v, dict), "a mapping", {}),
     )
     fields.finish(
         "runtime, inputs, outputs, max_batch_size, version_policy, batching, instances, device, precision, "
-        "threads, owner, region, description, labels, parameters"
+        "threads, owner, tenant, region, pii, payload_sample_rate, description, labels, parameters"
     )
     return config
 

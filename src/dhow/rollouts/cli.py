@@ -12,6 +12,7 @@ import http.client
 import json
 import math
 import os
+import ssl
 import sys
 import urllib.error
 import urllib.parse
@@ -383,12 +384,18 @@ class _Client:
     def __init__(self, url: str, actor: str) -> None:
         self.url = url
         self.headers = {"x-dhow-actor": actor, "content-type": "application/json", "accept": "application/json"}
+        key = os.environ.get("DHOW_KEY", "").strip()
+        if key:  # the server names the key's principal as the actor; x-dhow-actor counts only without auth
+            self.headers["authorization"] = f"Bearer {key}"
+        # a private CA (self-signed test certificates): DHOW_CACERT=ca.pem
+        cafile = os.environ.get("DHOW_CACERT") or None
+        self.context = ssl.create_default_context(cafile=cafile) if url.startswith("https:") else None
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode("utf-8")
         request = urllib.request.Request(self.url + path, data=data, method=method, headers=self.headers)
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as answer:
+            with urllib.request.urlopen(request, timeout=TIMEOUT_S, context=self.context) as answer:
                 raw = answer.read()
         except urllib.error.HTTPError as exc:
             try:

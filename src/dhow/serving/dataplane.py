@@ -7,6 +7,7 @@ only translates; validation, statistics and metrics live here once.
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import time
 from collections.abc import Mapping
@@ -17,8 +18,10 @@ import numpy as np
 from dhow import __version__
 from dhow.core.datatypes import NUMPY_DTYPE, as_bytes
 from dhow.core.errors import DhowError, InvalidInput, ModelFault, NotFound
-from dhow.core.model_config import TensorSpec
-from dhow.core.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
+from dhow.core.model_config import ModelConfig, TensorSpec
+from dhow.core.types import Caller, InferenceRequest, InferenceResponse, RequestedOutput, Tensor
+from dhow.governance.masking import Masker, parse_masking
+from dhow.governance.residency import ResidencyPolicy
 from dhow.serving.model_manager import ModelManager
 
 if TYPE_CHECKING:
@@ -27,6 +30,9 @@ from dhow.serving.model_version import ModelVersion
 from dhow.serving.triton_config import PLATFORMS, triton_model_config
 
 log = logging.getLogger("dhow.dataplane")
+
+#: the header (gRPC metadata key) naming a request's data region
+DATA_REGION_HEADER = "x-dhow-data-region"
 
 EXTENSIONS = [
     "binary_tensor_data",
@@ -47,6 +53,13 @@ class DataPlane:
         self.is_ready = False
         #: the deployments' traffic policies; None serves every model's newest version
         self.rollouts: RolloutController | None = None
+        #: where this server runs, and which data regions may be processed here
+        self.region = "default"
+        self.residency = ResidencyPolicy()
+        #: the keyed-hash secret of PII masking (payload samples)
+        self.masking_key = b""
+        #: per model: the config its masker was built from, and the masker
+        self._maskers: dict[str, tuple[ModelConfig, Masker]] = {}
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -110,7 +123,49 @@ class DataPlane:
     # -- inference ----------------------------------------------------------------------
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        """Run one request; a deployment's traffic policy picks the version when the request names none."""
+        """Run one request; a deployment's traffic policy picks the version when the request names none.
+
+        A request with a ``caller`` (every request from a door) is placed first: its data region is decided
+        and the residency policy may refuse it. Its caller then learns the version that answered and, when
+        the model samples payloads, gets a masked copy of the inputs and outputs for the audit trail.
+        """
+        caller = request.caller
+        if caller is None:
+            return await self._route(request)
+        config = self._place(request, caller)
+        response = await self._route(request)
+        caller.version = response.model_version
+        if config.payload_sample_rate and random.random() < config.payload_sample_rate:
+            caller.payload = self._payload_sample(config, request, response)
+        return response
+
+    def _place(self, request: InferenceRequest, caller: Caller) -> ModelConfig:
+        """Decide the request's data region and check that this server may process it."""
+        config = self.models.resolve(request.model_name, request.model_version).config
+        region = request.parameters.get("data_region")
+        if region is None:
+            region = request.headers.get(DATA_REGION_HEADER) or caller.default_region or config.region
+        if not isinstance(region, str):
+            raise InvalidInput(f"request parameter 'data_region' must be a string like 'ae', got {region!r}")
+        caller.data_region = region
+        self.residency.check(region, self.region)
+        return config
+
+    def _payload_sample(
+        self, config: ModelConfig, request: InferenceRequest, response: InferenceResponse
+    ) -> dict[str, Any]:
+        cached = self._maskers.get(config.name)
+        if cached is not None and cached[0] is config:
+            masker = cached[1]
+        else:
+            masker = Masker(parse_masking(config.pii, f"{config.name}/model.yaml: pii"), self.masking_key)
+            self._maskers[config.name] = (config, masker)
+        return {
+            "inputs": masker.mask_tensors({t.name: t.data for t in request.inputs}),
+            "outputs": masker.mask_tensors({t.name: t.data for t in response.outputs}),
+        }
+
+    async def _route(self, request: InferenceRequest) -> InferenceResponse:
         rollouts = self.rollouts
         if rollouts is None or request.model_version:
             return await self.infer_version(request)

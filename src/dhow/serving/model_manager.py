@@ -13,6 +13,7 @@ import binascii
 import enum
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import orjson
 
 from dhow.core.errors import DhowError, Forbidden, InvalidInput, ModelLoadError, NotFound, Unavailable
+from dhow.governance.masking import parse_masking
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.repository.manifest import MANIFEST, parse_manifest
 from dhow.repository.store import ModelRepository, ModelSource
@@ -67,6 +69,18 @@ class ModelManager:
         self._uploaded: dict[str, ModelRepository] = {}
         #: versions that deployments route to, kept loaded beside what the version policy selects
         self._required: dict[str, frozenset[int]] = {}
+        #: checks a version folder before it loads (trusted digests); raises ``ModelLoadError`` to refuse it
+        self.artifact_check: Callable[[str, int, Path], None] | None = None
+
+    def tenant_of(self, name: str) -> str:
+        """The tenant a model belongs to (its manifest's ``tenant``), loaded or not; "default" if unknown."""
+        entry = self.entries.get(name)
+        if entry is not None and entry.versions:
+            return next(iter(entry.versions.values())).config.tenant
+        try:
+            return self._repository_of(name).source(name).config.tenant
+        except DhowError:
+            return "default"
 
     # -- resolving a request ------------------------------------------------------------
 
@@ -307,6 +321,12 @@ class ModelManager:
         entry.state, entry.reason = "UNAVAILABLE", reason
 
     async def _load_version(self, source: ModelSource, number: int) -> ModelVersion:
+        try:
+            parse_masking(source.config.pii, f"{source.path / MANIFEST}: field 'pii'")
+        except InvalidInput as exc:
+            raise ModelLoadError(exc.message) from None
+        if self.artifact_check is not None:
+            await asyncio.to_thread(self.artifact_check, source.name, number, source.version_dir(number))
         runtimes, config = await asyncio.to_thread(load_runtimes, source.config, source.version_dir(number))
         return ModelVersion(config, number, runtimes, self.metrics)
 

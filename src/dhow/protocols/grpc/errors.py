@@ -11,7 +11,7 @@ import functools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 import grpc.aio
@@ -35,7 +35,16 @@ STATUS: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
-_Servicer = TypeVar("_Servicer")
+
+class Admitting(Protocol):
+    """A servicer that lets requests in (access control) and hears how they ended (audit)."""
+
+    async def admit(self, rpc: str, request: Any, context: Context) -> object: ...
+
+    async def finish(self, admission: object, outcome: str, message: str = "") -> None: ...
+
+
+_Servicer = TypeVar("_Servicer", bound=Admitting)
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 UnaryMethod = Callable[[_Servicer, _Request, Context], Awaitable[_Response]]
@@ -64,18 +73,25 @@ async def abort(context: Context, exc: DhowError) -> NoReturn:
 
 
 def guarded(method: UnaryMethod[_Servicer, _Request, _Response]) -> UnaryMethod[_Servicer, _Request, _Response]:
-    """Wrap a unary RPC so that every exception it raises ends the call with a proper status."""
+    """Wrap a unary RPC: let it in through the servicer's access control, end every exception it raises with
+    a proper status, and tell the servicer how it ended."""
 
     @functools.wraps(method)
     async def rpc(self: _Servicer, request: _Request, context: Context) -> _Response:
+        admission = None
         try:
-            return await method(self, request, context)
+            admission = await self.admit(method.__name__, request, context)
+            response = await method(self, request, context)
         except DhowError as exc:
+            await self.finish(admission, exc.code.value, exc.message)
             await abort(context, exc)
         except grpc.aio.AbortError:
             raise  # the method aborted the call itself
         except Exception:
             error_id = log_internal_error(method.__name__)
+            await self.finish(admission, "INTERNAL", f"internal error (id {error_id})")
             await context.abort(grpc.StatusCode.INTERNAL, internal_message(error_id))
+        await self.finish(admission, "success")
+        return response
 
     return rpc

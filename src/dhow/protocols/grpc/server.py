@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import grpc
 import grpc.aio
 
 from dhow.protocols.grpc.generated import grpc_service_pb2_grpc
 from dhow.protocols.grpc.service import InferenceServicer
 from dhow.serving.dataplane import DataPlane
+from dhow.serving.guard import AccessGuard
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,12 +32,14 @@ async def create_grpc_server(
     port: int = 8081,
     *,
     max_message_bytes: int = 64 * 1024 * 1024,
+    guard: AccessGuard | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> GrpcServer:
     """Create the server and bind it; the caller starts it (``await bound.server.start()``) and
     stops it (``await bound.server.stop(grace)``), so it can start the doors together.
 
     Messages larger than ``max_message_bytes`` are refused by grpc with RESOURCE_EXHAUSTED.
-    Raises ``OSError`` if the address cannot be bound.
+    Raises ``OSError`` if the address cannot be bound. With ``credentials`` the port speaks TLS only.
     """
     server = grpc.aio.server(
         options=[
@@ -45,10 +49,13 @@ async def create_grpc_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, guard), server)
     address = _address(host, port)
     try:
-        bound = server.add_insecure_port(address)
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind to address …")
         raise OSError(f"cannot serve gRPC on {address}: {exc}") from None
     if bound == 0:

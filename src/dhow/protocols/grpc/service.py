@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 from google.protobuf import json_format
 
+from dhow.access.authenticator import Credentials
+from dhow.access.permissions import Principal
 from dhow.core.errors import DhowError
 from dhow.core.types import LazyHeaders
 from dhow.protocols.grpc.codec import (
@@ -21,10 +24,11 @@ from dhow.protocols.grpc.codec import (
     response_to_proto,
     tensor_metadata,
 )
-from dhow.protocols.grpc.errors import Context, guarded, internal_message, log_internal_error
+from dhow.protocols.grpc.errors import Context, abort, guarded, internal_message, log_internal_error
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.generated import model_config_pb2 as mc
 from dhow.serving.dataplane import DataPlane
+from dhow.serving.guard import ACTIONS, AccessGuard, Admission
 
 _Message = TypeVar("_Message")
 
@@ -35,8 +39,25 @@ class InferenceServicer:
     Method names are the RPC names: grpc's generated registration looks them up by name.
     """
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, guard: AccessGuard | None = None) -> None:
         self.dataplane = dataplane
+        #: authentication, authorization, quotas and audit; None lets every call through
+        self.guard = guard
+
+    # -- access control (see ``guarded``) -----------------------------------------------
+
+    async def admit(self, rpc: str, request: Any, context: Context) -> Admission | None:
+        action = METHOD_ACTIONS[rpc]
+        if self.guard is None or action is None:
+            return None
+        model = getattr(request, "model_name", "") or getattr(request, "name", "")
+        admission = await self.guard.admit(_credentials(context), ACTIONS[action], model)
+        _ADMISSION.set(admission)
+        return admission
+
+    async def finish(self, admission: object, outcome: str, message: str = "") -> None:
+        if isinstance(admission, Admission) and self.guard is not None:
+            await self.guard.finish(admission, outcome, message)
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -110,6 +131,9 @@ class InferenceServicer:
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         inference = request_from_proto(request)
         inference.headers = LazyHeaders(lambda: _metadata(context))
+        admission = _ADMISSION.get()
+        if admission is not None:
+            inference.caller = admission.caller
         response = await self.dataplane.infer(inference)
         return response_to_proto(response)
 
@@ -121,8 +145,15 @@ class InferenceServicer:
         Requests run concurrently, as in Triton; clients match answers by ``id``. A failed request
         yields an ``error_message`` (with the request's model and id) and the stream goes on.
         """
+        principal = None
+        if self.guard is not None:
+            # one authentication per stream; each request is authorized, limited and audited on its own
+            try:
+                principal = await self.guard.authenticate(_credentials(context), ACTIONS["infer"])
+            except DhowError as exc:
+                await abort(context, exc)
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._serve_stream(requests, answers))
+        reader = asyncio.create_task(self._serve_stream(requests, answers, principal))
         try:
             while (answer := await answers.get()) is not None:
                 yield answer
@@ -134,25 +165,39 @@ class InferenceServicer:
         self,
         requests: AsyncIterator[pb.ModelInferRequest],
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None],
+        principal: Principal | None,
     ) -> None:
         try:
             async with asyncio.TaskGroup() as group:
                 async for request in requests:
-                    group.create_task(self._stream_answer(request, answers))
+                    group.create_task(self._stream_answer(request, answers, principal))
         finally:
             answers.put_nowait(None)
 
     async def _stream_answer(
-        self, request: pb.ModelInferRequest, answers: asyncio.Queue[pb.ModelStreamInferResponse | None]
+        self,
+        request: pb.ModelInferRequest,
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None],
+        principal: Principal | None,
     ) -> None:
+        admission = None
         try:
-            response = response_to_proto(await self.dataplane.infer(request_from_proto(request)))
+            inference = request_from_proto(request)
+            if self.guard is not None and principal is not None:
+                admission = await self.guard.authorize(principal, ACTIONS["infer"], request.model_name)
+                inference.caller = admission.caller
+            response = response_to_proto(await self.dataplane.infer(inference))
             answer = pb.ModelStreamInferResponse(infer_response=response)
+            await self.finish(admission, "success")
         except DhowError as exc:
+            await self.finish(admission, exc.code.value, exc.message)
             answer = pb.ModelStreamInferResponse(error_message=exc.message, infer_response=request_header(request))
         except Exception:
-            message = internal_message(log_internal_error("ModelStreamInfer"))
-            answer = pb.ModelStreamInferResponse(error_message=message, infer_response=request_header(request))
+            error_id = log_internal_error("ModelStreamInfer")
+            await self.finish(admission, "INTERNAL", f"internal error (id {error_id})")
+            answer = pb.ModelStreamInferResponse(
+                error_message=internal_message(error_id), infer_response=request_header(request)
+            )
         answers.put_nowait(answer)
 
 
@@ -169,6 +214,37 @@ def _model_index(row: Mapping[str, Any]) -> pb.RepositoryIndexResponse.ModelInde
         state=str(row.get("state") or ""),
         reason=str(row.get("reason") or ""),
     )
+
+
+#: the action (see ``dhow.serving.guard.ACTIONS``) of every RPC; None: open to anyone (health checks)
+METHOD_ACTIONS: dict[str, str | None] = {
+    "ServerLive": None,
+    "ServerReady": None,
+    "ModelReady": "model.ready",
+    "ServerMetadata": "server.metadata",
+    "ModelMetadata": "model.metadata",
+    "ModelConfig": "model.config",
+    "ModelStatistics": "stats.read",
+    "RepositoryIndex": "repository.index",
+    "RepositoryModelLoad": "model.load",
+    "RepositoryModelUnload": "model.unload",
+    "ModelInfer": "infer",
+    "ModelStreamInfer": "infer",
+}
+
+#: the admission of the unary call being served (each call runs in its own task, so its own context)
+_ADMISSION: ContextVar[Admission | None] = ContextVar("dhow_grpc_admission", default=None)
+
+
+def _credentials(context: Context) -> Credentials:
+    authorization = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            authorization = value
+            break
+    names = list((context.auth_context() or {}).get("x509_common_name") or ())
+    client_cn = names[0].decode("utf-8", "replace") if names else ""
+    return Credentials(authorization, client_cn)
 
 
 def _metadata(context: Context) -> list[tuple[str, str]]:

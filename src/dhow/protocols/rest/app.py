@@ -11,9 +11,11 @@ import math
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 import orjson
 
+from dhow.access.authenticator import ANONYMOUS, Credentials
 from dhow.core.errors import DhowError, InvalidInput, NotFound
 from dhow.core.types import LazyHeaders
 from dhow.protocols.rest.body import (
@@ -29,6 +31,7 @@ from dhow.protocols.rest.codec import decode_request, encode_response
 from dhow.protocols.rest.openapi import openapi_document
 from dhow.protocols.rest.router import Endpoint, Match, allowed_methods, resolve
 from dhow.serving.dataplane import DataPlane
+from dhow.serving.guard import ACTIONS, KEY_FIELDS, AccessGuard, Admission
 
 if TYPE_CHECKING:
     from dhow.rollouts.controller import RolloutController
@@ -43,6 +46,8 @@ Answer = tuple[int, Headers, bytes]
 Handler = Callable[["Request"], Awaitable[Answer]]
 
 _HEADER_LENGTH = b"inference-header-content-length"
+#: where the TLS layer puts the common name of a verified client certificate in the ASGI scope
+CLIENT_CN_SCOPE_KEY = "dhow.client_cn"
 _JSON: Headers = [(b"content-type", b"application/json")]
 _OCTET_STREAM = (b"content-type", b"application/octet-stream")
 _EMPTY: Answer = (200, [], b"")
@@ -53,8 +58,11 @@ class Request:
 
     __slots__ = (
         "_limit",
+        "_query",
         "_receive",
         "accept_encoding",
+        "admission",
+        "authorization",
         "content_encoding",
         "content_length",
         "header_length",
@@ -65,12 +73,15 @@ class Request:
     def __init__(self, scope: Scope, receive: Receive, match: Match, limit: int) -> None:
         self._limit = limit
         self._receive = receive
+        self._query: bytes = scope.get("query_string", b"")
         self.match = match
         self.content_length: int | None = None
         self.content_encoding = b""
         self.accept_encoding = b""
         self.header_length: bytes | None = None
         self.raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
+        self.authorization = b""
+        self.admission: Admission | None = None
         for name, value in self.raw_headers:
             if name == b"content-length":
                 self.content_length = int(value) if value.isdigit() else None
@@ -80,13 +91,26 @@ class Request:
                 self.accept_encoding = value
             elif name == _HEADER_LENGTH:
                 self.header_length = value
+            elif name == b"authorization":
+                self.authorization = value
 
     def actor(self) -> str:
-        """Who asks for an admin change: the ``x-dhow-actor`` header (until authentication names them)."""
+        """Who asks for an admin change: the authenticated principal; without authentication, the
+        ``x-dhow-actor`` header (so that local tools can still say who they are)."""
+        admission = self.admission
+        if admission is not None and admission.principal is not ANONYMOUS:
+            return admission.principal.name
         for name, value in self.raw_headers:
             if name == b"x-dhow-actor":
                 return value.decode("utf-8", "replace")[:200] or "anonymous"
         return "anonymous"
+
+    def credentials(self, scope: Scope) -> Credentials:
+        return Credentials(self.authorization.decode("latin-1"), scope.get(CLIENT_CN_SCOPE_KEY) or "")
+
+    def query(self) -> dict[str, str]:
+        """The query string's parameters (the last of repeated ones)."""
+        return {k: v[-1] for k, v in parse_qs(self._query.decode("latin-1")).items()}
 
     async def body(self) -> bytes:
         body = await read_body(self._receive, self._limit, self.content_length)
@@ -108,6 +132,40 @@ class Request:
         return document
 
 
+#: the action (see ``dhow.serving.guard.ACTIONS``) of every endpoint; None: open to anyone (health checks)
+ENDPOINT_ACTIONS: dict[Endpoint, str | None] = {
+    Endpoint.SERVER_METADATA: "server.metadata",
+    Endpoint.LIVE: None,
+    Endpoint.READY: None,
+    Endpoint.METRICS: "metrics.read",
+    Endpoint.ALL_STATISTICS: "stats.read",
+    Endpoint.MODEL_METADATA: "model.metadata",
+    Endpoint.MODEL_READY: "model.ready",
+    Endpoint.MODEL_CONFIG: "model.config",
+    Endpoint.MODEL_STATISTICS: "stats.read",
+    Endpoint.INFER: "infer",
+    Endpoint.REPOSITORY_INDEX: "repository.index",
+    Endpoint.LOAD: "model.load",
+    Endpoint.UNLOAD: "model.unload",
+    Endpoint.OPENAPI: "server.openapi",
+    Endpoint.DEPLOYMENTS: "deployment.read",
+    Endpoint.DEPLOYMENT: "deployment.read",
+    Endpoint.PUT_DEPLOYMENT: "deployment.put",
+    Endpoint.DELETE_DEPLOYMENT: "deployment.delete",
+    Endpoint.DEPLOYMENT_ACTION: "deployment.action",
+    Endpoint.DEPLOYMENT_HISTORY: "deployment.read",
+    Endpoint.DEPLOYMENT_EVENTS: "deployment.read",
+    Endpoint.KEYS: "key.list",
+    Endpoint.CREATE_KEY: "key.create",
+    Endpoint.REVOKE_KEY: "key.revoke",
+    Endpoint.ROTATE_KEY: "key.rotate",
+    Endpoint.AUDIT: "audit.read",
+    Endpoint.AUDIT_VERIFY: "audit.verify",
+}
+#: endpoints whose path names something other than a model (an API key's id)
+_NOT_MODELS = frozenset({Endpoint.REVOKE_KEY, Endpoint.ROTATE_KEY})
+
+
 class RestApp:
     """The ASGI application of the REST door; ``metrics_handler`` renders ``GET /metrics``."""
 
@@ -117,8 +175,11 @@ class RestApp:
         *,
         max_body_bytes: int = 64 * 1024 * 1024,
         metrics_handler: Callable[[], tuple[bytes, str]] | None = None,
+        guard: AccessGuard | None = None,
     ) -> None:
         self.dataplane = dataplane
+        #: authentication, authorization, quotas and audit; None (in-process tests) lets every request through
+        self.guard = guard
         self.max_body_bytes = max_body_bytes
         self.metrics_handler = metrics_handler
         self._openapi_body: bytes | None = None
@@ -144,6 +205,12 @@ class RestApp:
             Endpoint.DEPLOYMENT_ACTION: self._deployment_action,
             Endpoint.DEPLOYMENT_HISTORY: self._deployment_history,
             Endpoint.DEPLOYMENT_EVENTS: self._deployment_events,
+            Endpoint.KEYS: self._keys,
+            Endpoint.CREATE_KEY: self._create_key,
+            Endpoint.REVOKE_KEY: self._revoke_key,
+            Endpoint.ROTATE_KEY: self._rotate_key,
+            Endpoint.AUDIT: self._audit,
+            Endpoint.AUDIT_VERIFY: self._audit_verify,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -165,23 +232,35 @@ class RestApp:
             )
             return
         request = Request(scope, receive, match, self.max_body_bytes)
+        guard, action = self.guard, ENDPOINT_ACTIONS[match.endpoint]
         try:
+            if guard is not None and action is not None:
+                model = "" if match.endpoint in _NOT_MODELS else match.model
+                request.admission = await guard.admit(request.credentials(scope), ACTIONS[action], model)
             status, headers, body = await self._handlers[match.endpoint](request)
         except DhowError as exc:
+            await self._finish(request, exc.code.value, exc.message)
             await _send_error(send, exc.http_status, exc.message, _retry_after(exc.retry_after))
             return
         except ClientDisconnected:
+            await self._finish(request, "CANCELLED")
             return
         except Exception:
             error_id = secrets.token_hex(4)
             log.exception("internal error (id %s) serving %s %s", error_id, scope["method"], scope["path"])
+            await self._finish(request, "INTERNAL", f"internal error (id {error_id})")
             await _send_error(send, 500, f"internal error (id {error_id}); see the server log")
             return
+        await self._finish(request, "success")
         if request.accept_encoding:
             body, encoding = compress(body, request.accept_encoding)
             if encoding is not None:
                 headers = [*headers, (b"content-encoding", encoding), (b"vary", b"accept-encoding")]
         await _send(send, status, headers, body)
+
+    async def _finish(self, request: Request, outcome: str, message: str = "") -> None:
+        if request.admission is not None and self.guard is not None:
+            await self.guard.finish(request.admission, outcome, message)
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -284,6 +363,37 @@ class RestApp:
     async def _deployment_events(self, request: Request) -> Answer:
         return _json({"events": await self._rollouts().events(request.match.model)})
 
+    # -- API keys and the audit trail (the access admin API) --------------------------------
+
+    def _access(self) -> AccessGuard:
+        if self.guard is None:
+            raise NotFound("access control is not enabled on this server")
+        return self.guard
+
+    async def _keys(self, request: Request) -> Answer:
+        return _json({"keys": await self._access().list_keys()})
+
+    async def _create_key(self, request: Request) -> Answer:
+        body = await request.json_body()
+        _only(body, KEY_FIELDS)
+        return _json(await self._access().create_key(body, request.actor(), request.admission))
+
+    async def _revoke_key(self, request: Request) -> Answer:
+        return _json(await self._access().revoke_key(request.match.model, request.actor(), request.admission))
+
+    async def _rotate_key(self, request: Request) -> Answer:
+        body = await request.json_body()
+        _only(body, ("grace_s",))
+        grace = body.get("grace_s", 0)
+        return _json(await self._access().rotate_key(request.match.model, grace, request.actor(), request.admission))
+
+    async def _audit(self, request: Request) -> Answer:
+        query = request.query()
+        return _json({"records": await self._access().read_audit(query)})
+
+    async def _audit_verify(self, request: Request) -> Answer:
+        return _json(await self._access().verify_audit(request.query().get("region", "")))
+
     # -- inference ----------------------------------------------------------------------
 
     async def _infer(self, request: Request) -> Answer:
@@ -292,6 +402,8 @@ class RestApp:
         inference = decode_request(body, request.match.model, request.match.version, header_length)
         raw_headers = request.raw_headers
         inference.headers = LazyHeaders(lambda: raw_headers)
+        if request.admission is not None:
+            inference.caller = request.admission.caller
         response = await self.dataplane.infer(inference)
         encoded, json_length = encode_response(response, inference)
         if json_length is None:

@@ -19,12 +19,15 @@ Schema = dict[str, Any]
 #: every error status the API answers, with what it means here
 _ERRORS: dict[int, str] = {
     400: "Refused: the request is malformed or invalid (the message names the field).",
-    403: "Not allowed by the server's settings (model control mode, uploads).",
+    401: "No credential, or one that is not valid (unknown, revoked or expired key; a JWT that fails a check).",
+    403: "Not allowed: the principal lacks the permission on this model or tenant, the data's region may not be "
+    "processed here, or the server's settings forbid it (model control mode, uploads).",
     404: "Unknown model, version, deployment or route.",
     409: "The edit names a revision that is no longer the deployment's current one: read it again and retry.",
     413: "The request body is over --max-request-bytes.",
     415: "Content-Encoding other than gzip or deflate.",
-    429: "The model's queue is full (max_queue_size); retry after Retry-After seconds.",
+    429: "The model's queue is full (max_queue_size), or a key's or tenant's quota is used up; retry after "
+    "Retry-After seconds.",
     500: "The model itself failed; the message carries an error id that the server log also has.",
     503: "Not available: the server or model is not ready, a version is loading or failed to load, "
     "or the registry cannot be reached.",
@@ -512,6 +515,13 @@ def _components() -> dict[str, Any]:
         responses[f"Error{status}"] = response
     path = {"in": "path", "required": True}
     return {
+        "securitySchemes": {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "A dhow API key (dhow_<id>_<secret>) or a JWT of the configured issuer.",
+            }
+        },
         "schemas": {**_inference_schemas(), **_policy_schemas(), **_deployment_schemas()},
         "responses": responses,
         "parameters": {
@@ -558,14 +568,9 @@ _BINARY_NOTE = (
 
 def _server_paths() -> dict[str, Any]:
     def health(which: str) -> dict[str, Any]:
-        return {
-            "get": _operation(
-                _camel("server", which),
-                "health",
-                f"Is the server {which}?",
-                _responses(_EMPTY_OK, 503),
-            )
-        }
+        operation = _operation(_camel("server", which), "health", f"Is the server {which}?", _responses(_EMPTY_OK, 503))
+        operation["security"] = []  # open: probes and load balancers carry no credentials
+        return {"get": operation}
 
     return {
         "/v2": {
@@ -787,6 +792,101 @@ def _admin_paths() -> dict[str, Any]:
     return paths
 
 
+def _access_paths() -> dict[str, Any]:
+    key_id = [{"name": "id", "in": "path", "required": True, "schema": _string(), "description": "The key's id."}]
+    key = _object(
+        {
+            "id": _string(),
+            "kind": _string(enum=["key", "cert"]),
+            "name": _string(),
+            "tenant": _string(),
+            "roles": _array(_string()),
+            "region": _string(),
+            "rate": _number(),
+            "burst": _integer(),
+            "concurrency": _integer(),
+            "created_at": _string(),
+            "created_by": _string(),
+            "expires_at": {"type": ["string", "null"]},
+            "revoked_at": {"type": ["string", "null"]},
+            "replaced_by": {"type": ["string", "null"]},
+            "active": {"type": "boolean"},
+            "key": _string("The secret API key: only in the answer that makes it."),
+        }
+    )
+    new_key = _object(
+        {
+            "name": _string("What the key is for."),
+            "roles": _array(_string("admin, deployer, invoker or auditor, optionally 'role:model-pattern'.")),
+            "tenant": _string("Default: the caller's tenant."),
+            "region": _string("The data region of its requests when they name none."),
+            "rate": _number("Requests per second (0 = unlimited)."),
+            "burst": _integer(minimum=0),
+            "concurrency": _integer(minimum=0),
+            "expires_in_s": _number(exclusiveMinimum=0),
+        },
+        ("name", "roles"),
+        additionalProperties=False,
+    )
+    query = [
+        {"name": n, "in": "query", "required": False, "schema": schema, "description": d}
+        for n, schema, d in (
+            ("since", _integer(minimum=0), "Records after this sequence number."),
+            ("limit", _integer(minimum=1, maximum=10_000), "At most this many (default 1000)."),
+            ("actor", _string(), "Only this principal's."),
+            ("model", _string(), "Only this model's."),
+            ("kind", _string(enum=["admin", "inference", "denial"]), "Only this kind."),
+            ("outcome", _string(), "Only this outcome (success or an error code)."),
+            ("region", _string(), "The audit store of this data region (default: this server's)."),
+        )
+    ]
+    record = {"type": "object", "description": "An audit record with its seq, prev_hash and hash."}
+    return {
+        "/v2/admin/keys": {
+            "get": _operation(
+                "listKeys", "access", "API keys and certificate identities (never secrets)",
+                _responses(_ok("The keys.", _object({"keys": _array(key)})), 401, 403, 503),
+            ),
+            "post": _operation(
+                "createKey", "access", "Make an API key; the answer holds its secret, shown this once",
+                _responses(_ok("The key, with its secret in 'key'.", key), 400, 401, 403, 503),
+                body=_body(new_key, "The key's name, roles, tenant and quotas."),
+            ),
+        },
+        "/v2/admin/keys/{id}": {
+            "delete": _operation(
+                "revokeKey", "access", "Revoke a key at once",
+                _responses(_ok("The revoked key.", key), 401, 403, 404, 503), parameters=key_id,
+            )
+        },
+        "/v2/admin/keys/{id}/rotate": {
+            "post": _operation(
+                "rotateKey", "access", "Replace a key by a new one with the same roles; the old one ends after grace_s",
+                _responses(_ok("The new key, with its secret in 'key'.", key), 400, 401, 403, 404, 503),
+                body=_body(_object({"grace_s": _number(minimum=0)}), "Seconds the old key works.", required=False),
+                parameters=key_id,
+            )
+        },
+        "/v2/admin/audit": {
+            "get": _operation(
+                "readAudit", "access", "Audit records, oldest first",
+                _responses(_ok("The records.", _object({"records": _array(record)})), 400, 401, 403, 503),
+                parameters=query,
+            )
+        },
+        "/v2/admin/audit/verify": {
+            "get": _operation(
+                "verifyAudit", "access", "Check the audit trail's hash chain",
+                _responses(
+                    _ok("The verdict.", _object({"ok": {"type": "boolean"}, "problems": _array(_string())})),
+                    401, 403, 503,
+                ),
+                parameters=[query[-1]],
+            )
+        },
+    }  # fmt: skip
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of every REST route of dhow."""
     return {
@@ -809,8 +909,11 @@ def openapi_document() -> dict[str, Any]:
                 ("repository", "The model repository and model control."),
                 ("deployments", "Deployments: traffic policies over model versions (docs/rollouts.md)."),
                 ("admin", "About the API itself."),
+                ("access", "API keys and the audit trail (docs/security.md)."),
             )
         ],
-        "paths": {**_server_paths(), **_model_paths(), **_admin_paths()},
+        "paths": {**_server_paths(), **_model_paths(), **_admin_paths(), **_access_paths()},
         "components": _components(),
+        # every route but the health checks needs a credential (unless the server runs with --auth none)
+        "security": [{"bearer": []}],
     }

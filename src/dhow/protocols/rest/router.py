@@ -35,6 +35,12 @@ class Endpoint(enum.Enum):
     DEPLOYMENT_ACTION = "POST deployment action"
     DEPLOYMENT_HISTORY = "GET deployment history"
     DEPLOYMENT_EVENTS = "GET deployment events"
+    KEYS = "GET keys"
+    CREATE_KEY = "POST create key"
+    REVOKE_KEY = "DELETE key"
+    ROTATE_KEY = "POST rotate key"
+    AUDIT = "GET audit"
+    AUDIT_VERIFY = "GET audit verify"
 
     @property
     def method(self) -> str:
@@ -47,7 +53,7 @@ _METHODS = {endpoint: endpoint.value.split(" ", 1)[0] for endpoint in Endpoint}
 @dataclass(frozen=True, slots=True)
 class Match:
     endpoint: Endpoint
-    #: the model, or the deployment of an admin route
+    #: the model, the deployment of an admin route, or the id of an API key
     model: str = ""
     version: str = ""
     #: an admin action: promote, rollback, switch or release
@@ -63,7 +69,12 @@ _FIXED: dict[str, Match] = {
     "/metrics": Match(Endpoint.METRICS),
     "/v2/admin/openapi.json": Match(Endpoint.OPENAPI),
     "/v2/admin/deployments": Match(Endpoint.DEPLOYMENTS),
+    "/v2/admin/keys": Match(Endpoint.KEYS),
+    "/v2/admin/audit": Match(Endpoint.AUDIT),
+    "/v2/admin/audit/verify": Match(Endpoint.AUDIT_VERIFY),
 }
+#: fixed paths that answer a second method
+_FIXED_OTHER: dict[tuple[str, str], Match] = {("/v2/admin/keys", "POST"): Match(Endpoint.CREATE_KEY)}
 _MODEL_ACTIONS = {
     "ready": Endpoint.MODEL_READY,
     "config": Endpoint.MODEL_CONFIG,
@@ -91,7 +102,7 @@ def resolve(path: str, method: str = "GET") -> Match | None:
     ``method`` picks among the endpoints of a path that answers several (an admin deployment);
     the caller still checks that the match's method is the request's.
     """
-    fixed = _FIXED.get(path)
+    fixed = _FIXED_OTHER.get((path, method)) or _FIXED.get(path)
     if fixed is not None:
         return fixed
     parts = path.split("/")
@@ -105,6 +116,11 @@ def resolve(path: str, method: str = "GET") -> Match | None:
         return Match(endpoint, parts[4]) if endpoint is not None else None
     if parts[2] == "admin" and parts[3] == "deployments" and len(parts) in (5, 6) and parts[4]:
         return _deployment_route(parts[4], parts[5] if len(parts) == 6 else None, method)
+    if parts[2] == "admin" and parts[3] == "keys" and parts[4:5] != [""]:
+        if len(parts) == 5:
+            return Match(Endpoint.REVOKE_KEY, parts[4])
+        if len(parts) == 6 and parts[5] == "rotate":
+            return Match(Endpoint.ROTATE_KEY, parts[4])
     return None
 
 

@@ -1,0 +1,184 @@
+"""Authentication: turn a request's credentials into a ``Principal``, or refuse it with ``Unauthenticated``.
+
+Three kinds of credential, all transport-neutral by the time they get here:
+- ``Authorization: Bearer dhow_<id>_<secret>``: an API key, checked against its salted hash in memory;
+- ``Authorization: Bearer <JWT>``: a token of the configured issuer, checked against its JWKS;
+- a client certificate verified by the TLS layer (mutual TLS): its common name names a registered identity.
+
+The keys live in the access store; this class keeps a copy in memory and reloads it when the store's
+generation changes (keys made, rotated or revoked by any server or by ``dhow keys``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from dhow.access.jwt import JwtVerifier
+from dhow.access.keys import split_key, verify_secret
+from dhow.access.permissions import ALL_TENANTS, Grant, Principal, parse_grant
+from dhow.access.store import AccessStore, Limits, PrincipalRecord, TenantRecord
+from dhow.core.errors import DhowError, InvalidInput, Unauthenticated
+
+__all__ = ["ANONYMOUS", "Authenticator", "Credentials"]
+
+log = logging.getLogger("dhow.access")
+
+#: who calls when authentication is off (``--auth none``)
+ANONYMOUS = Principal("anonymous", ALL_TENANTS, (Grant("admin"),))
+
+_HOW = "send 'Authorization: Bearer <API key or JWT>'"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    #: the Authorization header (REST) or metadata entry (gRPC), as sent
+    authorization: str = ""
+    #: the common name of a client certificate the TLS layer verified
+    client_cn: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    record: PrincipalRecord
+    principal: Principal
+    #: Unix time after which the key is refused (inf: never)
+    expires: float
+
+
+class Authenticator:
+    def __init__(
+        self,
+        store: AccessStore | None,
+        jwt: JwtVerifier | None = None,
+        *,
+        enabled: bool = True,
+        poll_s: float = 2.0,
+    ) -> None:
+        self.store = store
+        self.jwt = jwt
+        self.enabled = enabled
+        self.poll_s = poll_s
+        self._keys: dict[str, _Key] = {}
+        self._certs: dict[str, Principal] = {}
+        self.tenants: dict[str, TenantRecord] = {}
+        self._generation = -1
+        self._poller: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.jwt is not None:
+            await self.jwt.load()
+        if self.store is not None:
+            await asyncio.to_thread(self.reload)
+            self._poller = asyncio.create_task(self._poll())
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await asyncio.to_thread(self.reload)
+            except DhowError as exc:
+                log.warning("cannot reload API keys (keeping the ones loaded): %s", exc.message)
+
+    def reload(self, force: bool = False) -> None:
+        """Read the principals again if the store changed since the last read (blocking: call in a thread)."""
+        assert self.store is not None
+        generation = self.store.generation()
+        if generation == self._generation and not force:
+            return
+        keys: dict[str, _Key] = {}
+        certs: dict[str, Principal] = {}
+        for record in self.store.principals():
+            if record.revoked_at is not None:
+                continue
+            principal = _principal_of(record)
+            if record.kind == "key":
+                expires = datetime.fromisoformat(record.expires_at).timestamp() if record.expires_at else float("inf")
+                keys[record.id] = _Key(record, principal, expires)
+            else:
+                certs[record.name] = principal
+        self.tenants = self.store.tenants()
+        self._keys, self._certs, self._generation = keys, certs, generation
+
+    async def authenticate(self, credentials: Credentials) -> Principal:
+        if not self.enabled:
+            return ANONYMOUS
+        if credentials.authorization:
+            scheme, _, token = credentials.authorization.strip().partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token:
+                raise Unauthenticated(f"the Authorization header must be 'Bearer <API key or JWT>'; {_HOW}")
+            parts = split_key(token)
+            if parts is not None:
+                return self._api_key(*parts)
+            if self.jwt is None:
+                raise Unauthenticated("the bearer token is not a dhow API key, and this server accepts no JWTs")
+            return await self._jwt(token)
+        if credentials.client_cn:
+            principal = self._certs.get(credentials.client_cn)
+            if principal is None:
+                raise Unauthenticated(
+                    f"the client certificate CN={credentials.client_cn!r} is not registered "
+                    f"('dhow keys add-cert {credentials.client_cn} --role ...')"
+                )
+            return principal
+        raise Unauthenticated(f"this server needs credentials: {_HOW}, or a client certificate")
+
+    def _api_key(self, key_id: str, secret: str) -> Principal:
+        key = self._keys.get(key_id)
+        assert key is None or key.record.salt is not None
+        if key is None or not verify_secret(key.record.salt or "", key.record.secret_hash or "", secret):
+            # one message for unknown, revoked and wrong: do not tell a guesser which ids exist
+            raise Unauthenticated("the API key is not valid (unknown, revoked or mistyped)")
+        if time.time() >= key.expires:
+            raise Unauthenticated(f"the API key {key_id} has expired; use the key that replaced it")
+        return key.principal
+
+    async def _jwt(self, token: str) -> Principal:
+        assert self.jwt is not None
+        claims = await self.jwt.verify(token)
+        try:
+            grants = tuple(parse_grant(role) for role in claims.roles)
+        except InvalidInput as exc:
+            raise Unauthenticated(f"the bearer token's roles claim is not usable: {exc.message}") from None
+        return Principal(f"jwt:{claims.subject}", claims.tenant, grants, region=claims.region or "")
+
+    def limits_of(self, principal: Principal) -> list[tuple[str, Limits, str]]:
+        """The quotas a request of this principal counts against: its key's, then its tenant's."""
+        quotas: list[tuple[str, Limits, str]] = []
+        key = self._keys.get(principal.key_id) if principal.key_id else None
+        if key is not None and _limited(key.record.limits):
+            quotas.append((f"key:{key.record.id}", key.record.limits, f"key '{key.record.name}'"))
+        tenant = self.tenants.get(principal.tenant)
+        if tenant is not None and _limited(tenant.limits):
+            quotas.append((f"tenant:{tenant.name}", tenant.limits, f"tenant '{tenant.name}'"))
+        return quotas
+
+    def region_of(self, principal: Principal) -> str:
+        """The data region a principal's requests carry when they name none (key, then tenant)."""
+        if principal.region:
+            return principal.region
+        tenant = self.tenants.get(principal.tenant)
+        return tenant.region if tenant is not None else ""
+
+
+def _limited(limits: Limits) -> bool:
+    return limits.rate > 0 or limits.concurrency > 0
+
+
+def _principal_of(record: PrincipalRecord) -> Principal:
+    grants = tuple(parse_grant(role) for role in record.roles)
+    if record.kind == "key":
+        # the id too: a rotated key keeps its name
+        return Principal(f"key:{record.name}#{record.id}", record.tenant, grants, record.region, key_id=record.id)
+    return Principal(f"cert:{record.name}", record.tenant, grants, record.region)

@@ -1,0 +1,157 @@
+"""Security at start and stop: open the access store and the audit stores, build the guard, make the first key.
+
+Secure by default: with ``--auth on`` (the default) and no key in the store yet, the first start makes an admin
+key and prints it once on standard output, never in a log file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from dhow.access.authenticator import Authenticator
+from dhow.access.jwt import JwtVerifier
+from dhow.access.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
+from dhow.access.store import AccessStore
+from dhow.core.errors import InvalidInput, ModelLoadError
+from dhow.governance.audit import AuditRecord, AuditStore, AuditTrail
+from dhow.governance.masking import Masker, load_hash_key, parse_masking
+from dhow.governance.residency import check_region_name
+from dhow.repository.encryption import artifact_digests
+from dhow.serving.dataplane import DataPlane
+from dhow.serving.guard import AccessGuard
+from dhow.serving.model_manager import ModelManager
+from dhow.settings import ServerSettings
+
+__all__ = ["Security", "masking_key"]
+
+log = logging.getLogger("dhow.access")
+
+
+def masking_key(settings: ServerSettings) -> bytes:
+    """The keyed-hash secret of PII masking, created in the data folder at first start."""
+    return load_hash_key(Path(settings.masking_key_file or settings.data_dir / "masking.key"))
+
+
+def audit_urls(settings: ServerSettings) -> dict[str, str]:
+    """The audit store of each data region: this server's region, then ``--audit-region-store`` entries."""
+    urls = {settings.region: settings.audit_url()}
+    for entry in settings.audit_region_stores:
+        region, sep, url = entry.partition("=")
+        if not sep or not url:
+            raise InvalidInput(f"--audit-region-store expects REGION=URL, got {entry!r}")
+        urls[check_region_name(region.strip(), "--audit-region-store")] = url.strip()
+    return urls
+
+
+class Security:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.store: AccessStore | None = None
+        self.audit: AuditTrail | None = None
+        self.authenticator: Authenticator | None = None
+        self.limiter: RateLimiter | None = None
+        self._audit_stores: dict[str, AuditStore] = {}
+
+    async def start(self, models: ModelManager, dataplane: DataPlane) -> AccessGuard:
+        settings = self.settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        key = await asyncio.to_thread(masking_key, settings)
+        dataplane.masking_key = key
+        self.store = await asyncio.to_thread(AccessStore.open, settings.registry_url())
+        for region, url in audit_urls(settings).items():
+            self._audit_stores[region] = await asyncio.to_thread(AuditStore.open, url)
+        self.audit = AuditTrail(self._audit_stores, settings.region)
+        await self.audit.start()
+        jwt = None
+        if settings.jwt_issuer:
+            if not settings.jwt_jwks:
+                raise InvalidInput("--jwt-issuer needs --jwt-jwks (the issuer's JWKS file or URL)")
+            jwt = JwtVerifier(
+                issuer=settings.jwt_issuer,
+                audience=settings.jwt_audience,
+                jwks=settings.jwt_jwks,
+                roles_claim=settings.jwt_roles_claim,
+                tenant_claim=settings.jwt_tenant_claim,
+            )
+        enabled = settings.auth == "on"
+        self.authenticator = Authenticator(self.store, jwt, enabled=enabled, poll_s=settings.registry_poll)
+        await self.authenticator.start()
+        self.limiter = await RedisRateLimiter.connect(settings.redis) if settings.redis else LocalRateLimiter()
+        if settings.require_digests:
+            models.artifact_check = self._digest_check()
+        if enabled:
+            await self._first_key()
+        else:
+            log.warning(
+                "AUTHENTICATION IS OFF (--auth none): anyone who reaches the ports may infer, load models and change "
+                "rollouts. Use it for local development only."
+            )
+        masker = Masker(parse_masking(None, "audit"), key)
+        return AccessGuard(self.authenticator, self.limiter, self.audit, masker, models.tenant_of)
+
+    async def _first_key(self) -> None:
+        assert self.store is not None and self.authenticator is not None and self.audit is not None
+        store = self.store
+        made = await asyncio.to_thread(
+            lambda: store.create_key("admin", tenant="*", roles=["admin"], actor="dhow:first-start", only_if_empty=True)
+        )
+        if made is None:
+            return
+        record, token = made
+        await asyncio.to_thread(self.authenticator.reload)
+        await self.audit.record_now(
+            AuditRecord(
+                kind="admin",
+                action="key.create",
+                actor="dhow:first-start",
+                tenant="*",
+                details={"key": record.id, "name": "admin", "roles": ["admin"]},
+            )
+        )
+        # stdout, not the log: a log file is kept and shipped; this secret must be seen once
+        banner = "=" * 78
+        print(
+            f"{banner}\ndhow: first start, so an admin API key was made. It is shown this once; keep it safe:\n\n"
+            f"    {token}\n\nSend it as 'Authorization: Bearer <key>' (or export DHOW_KEY=<key> for the dhow CLI).\n"
+            f"Make narrower keys with 'dhow keys create'.\n{banner}",
+            file=sys.stdout,
+            flush=True,
+        )
+
+    def _digest_check(self) -> Callable[[str, int, Path], None]:
+        store = self.store
+        assert store is not None
+
+        def check(name: str, number: int, version_dir: Path) -> None:
+            trusted = store.digests(name, str(number))
+            if not trusted:
+                raise ModelLoadError(
+                    f"{name} version {number}: no trusted digests are recorded and --require-digests is set; "
+                    f"record them with 'dhow models trust'"
+                )
+            actual = artifact_digests(version_dir)
+            for path, digest in sorted(actual.items()):
+                if trusted.get(path) != digest:
+                    why = "is not among the trusted files" if path not in trusted else "does not match its digest"
+                    raise ModelLoadError(f"{name} version {number}: {path} {why} (SHA-256 {digest[:16]}…)")
+            missing = sorted(set(trusted) - set(actual))
+            if missing:
+                raise ModelLoadError(f"{name} version {number}: trusted file {missing[0]} is missing")
+
+        return check
+
+    async def close(self) -> None:
+        if self.authenticator is not None:
+            await self.authenticator.close()
+        if self.limiter is not None:
+            await self.limiter.close()
+        if self.audit is not None:
+            await self.audit.close()
+        for store in self._audit_stores.values():
+            store.close()
+        if self.store is not None:
+            self.store.close()
