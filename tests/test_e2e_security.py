@@ -355,6 +355,15 @@ def test_tenants_do_not_reach_each_others_models(world: dict[str, Any]) -> None:
     status, _, answer = call(server, "POST", "/v2/models/tabular/infer", INFER_BODY, keys["acme"])
     assert status == 403 and "tenant 'default'" in answer["error"]
     assert call(server, "POST", "/v2/models/flags/infer", flags, keys["admin"])[0] == 200
+    # lists of models show each tenant its own
+    index = {
+        role: call(server, "POST", "/v2/repository/index", {}, keys[role])[2] for role in ("admin", "invoker", "acme")
+    }
+    names = {role: {row["name"] for row in rows} for role, rows in index.items()}
+    assert names["acme"] == {"flags"} and "flags" not in names["invoker"] and "tabular" in names["invoker"]
+    assert names["admin"] >= {"flags", "tabular", "text_python", "pii_echo"}
+    _, _, stats = call(server, "GET", "/v2/models/stats", None, keys["auditor"])
+    assert {row["name"] for row in stats["model_stats"]} == names["invoker"]
 
 
 # -- keys: the admin API and the CLI -------------------------------------------------------------------

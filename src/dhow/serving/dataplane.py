@@ -10,7 +10,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -95,12 +95,16 @@ class DataPlane:
     def model_config(self, name: str, version: str = "") -> dict[str, Any]:
         return triton_model_config(self.models.resolve(name, version).config)
 
-    def model_statistics(self, name: str = "", version: str = "") -> dict[str, Any]:
+    def model_statistics(
+        self, name: str = "", version: str = "", visible: Callable[[str], bool] | None = None
+    ) -> dict[str, Any]:
+        """One model's statistics, or (no name) those of every model ``visible`` lets the caller see."""
         if name:
             self.models.resolve(name, version)
             entries = [self.models.entries[name]]
         else:
-            entries = [self.models.entries[n] for n in sorted(self.models.entries)]
+            names = [n for n in sorted(self.models.entries) if visible is None or visible(n)]
+            entries = [self.models.entries[n] for n in names]
         stats = [
             model.stats.as_dict(entry.name, str(number))
             for entry in entries
@@ -111,8 +115,12 @@ class DataPlane:
 
     # -- the repository -----------------------------------------------------------------
 
-    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
-        return self.models.index(ready_only)
+    def repository_index(
+        self, ready_only: bool = False, visible: Callable[[str], bool] | None = None
+    ) -> list[dict[str, Any]]:
+        """The repository's models, only those ``visible`` lets the caller see."""
+        rows = self.models.index(ready_only)
+        return rows if visible is None else [row for row in rows if visible(row["name"])]
 
     async def load_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
         await self.models.request_load(name, parameters or {})

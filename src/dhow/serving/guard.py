@@ -83,6 +83,8 @@ class Admission:
     permits: list[Permit] = field(default_factory=list)
     #: set by the handler: a version, a deployment revision, a key id... for the audit record
     details: dict[str, Any] = field(default_factory=dict)
+    #: whether the principal may see a model (lists of models show only those: no tenant sees another's)
+    visible: Callable[[str], bool] | None = None
 
 
 class AccessGuard:
@@ -124,6 +126,8 @@ class AccessGuard:
             raise
         caller = Caller(principal.name, principal.tenant, request_id, self.authenticator.region_of(principal))
         admission = Admission(principal, access, model, caller, time.perf_counter_ns())
+        if not model:
+            admission.visible = lambda name: principal.may(Permission.MODEL_READ, name, self.tenant_of(name))
         for subject, limits, what in self.authenticator.limits_of(principal):
             try:
                 admission.permits.append(await self.limiter.acquire(subject, limits, what))

@@ -7,7 +7,7 @@ policies (validation, statistics, batching) live in the data plane, once for eve
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -99,7 +99,7 @@ class InferenceServicer:
 
     @guarded
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
-        statistics = self.dataplane.model_statistics(request.name, request.version)
+        statistics = self.dataplane.model_statistics(request.name, request.version, _visible())
         return _parsed(statistics, pb.ModelStatisticsResponse())
 
     # -- the repository -----------------------------------------------------------------
@@ -107,7 +107,7 @@ class InferenceServicer:
     @guarded
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
         # dhow serves one repository: repository_name is not consulted
-        rows = self.dataplane.repository_index(request.ready)
+        rows = self.dataplane.repository_index(request.ready, _visible())
         return pb.RepositoryIndexResponse(models=[_model_index(row) for row in rows])
 
     @guarded
@@ -234,6 +234,12 @@ METHOD_ACTIONS: dict[str, str | None] = {
 
 #: the admission of the unary call being served (each call runs in its own task, so its own context)
 _ADMISSION: ContextVar[Admission | None] = ContextVar("dhow_grpc_admission", default=None)
+
+
+def _visible() -> Callable[[str], bool] | None:
+    """Which models the caller of this call may see (None: no access control)."""
+    admission = _ADMISSION.get()
+    return admission.visible if admission is not None else None
 
 
 def _credentials(context: Context) -> Credentials:

@@ -293,7 +293,8 @@ class RestApp:
         return _json(self.dataplane.model_config(request.match.model, request.match.version))
 
     async def _statistics(self, request: Request) -> Answer:
-        return _json(self.dataplane.model_statistics(request.match.model, request.match.version))
+        visible = request.admission.visible if request.admission is not None else None
+        return _json(self.dataplane.model_statistics(request.match.model, request.match.version, visible))
 
     # -- the repository -----------------------------------------------------------------
 
@@ -301,7 +302,8 @@ class RestApp:
         ready = (await request.json_body()).get("ready", False)
         if not isinstance(ready, bool):
             raise InvalidInput(f"'ready' must be a boolean, got {ready!r}")
-        return _json(self.dataplane.repository_index(ready))
+        visible = request.admission.visible if request.admission is not None else None
+        return _json(self.dataplane.repository_index(ready, visible))
 
     async def _load(self, request: Request) -> Answer:
         await self.dataplane.load_model(request.match.model, await _parameters(request))
