@@ -508,3 +508,20 @@ def test_auth_none_says_so_loudly(demo_repository: Path, tmp_path: Path) -> None
         assert "AUTHENTICATION IS OFF" in server.log()
     finally:
         assert server.stop() == 0
+
+
+def test_changes_the_repository_poller_makes_are_audited(demo_repository: Path, tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    shutil.copytree(demo_repository / "tabular", repository / "tabular")
+    server = start_dhow(repository, tmp_path, "--model-control", "poll", "--poll-interval", "0.2")
+    try:
+        shutil.copytree(demo_repository / "text_python", repository / "text_python")
+        assert _eventually(lambda: call(server, "GET", "/v2/models/text_python/ready")[0] == 200)
+        shutil.rmtree(repository / "tabular")
+        assert _eventually(lambda: call(server, "GET", "/v2/models/tabular/ready")[0] == 404)
+    finally:
+        assert server.stop() == 0
+    exported = dhow_cli("audit", "export", "--data-dir", str(tmp_path / "data"))
+    records = [json.loads(line) for line in exported.stdout.splitlines()]
+    polled = {(r["action"], r["model"]) for r in records if r["actor"] == "dhow:repository-poll"}
+    assert {("model.load", "text_python"), ("model.unload", "tabular")} <= polled

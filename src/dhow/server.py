@@ -145,6 +145,7 @@ class Server:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = await asyncio.to_thread(RegistryStore.open, settings.registry_url())
         rollouts = RolloutController(store, self.models, self.metrics, poll_s=settings.registry_poll)
+        rollouts.audit = self.security.audit
         self.dataplane.rollouts = rollouts
         await rollouts.start(self.dataplane.infer_version)
         log.info("deployments: %d applied from %s", len(rollouts.active), _safe_url(settings.registry_url()))

@@ -24,6 +24,7 @@ from prometheus_client import Counter, Histogram
 from dhow.core.datatypes import NUMPY_DTYPE
 from dhow.core.errors import Conflict, DhowError, InvalidInput, NotFound
 from dhow.core.types import InferenceRequest, InferenceResponse, Tensor
+from dhow.governance.audit import AuditRecord, AuditTrail
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.rollouts.policy import CompiledPolicy, Route, canary_weight, normalize, versions_of
 from dhow.rollouts.store import Deployment, RegistryStore
@@ -131,6 +132,8 @@ class RolloutController:
         self.poll_s = poll_s
         self.analysis_s = analysis_s
         self.active: dict[str, Active] = {}
+        #: where the automatic analysis's decisions are recorded, beside the deployment's history
+        self.audit: AuditTrail | None = None
         self._generation = -1
         self._edit_lock = asyncio.Lock()
         self._shadow_queue: asyncio.Queue[tuple[Active, InferenceRequest, InferenceResponse, float]] = asyncio.Queue(
@@ -362,6 +365,17 @@ class RolloutController:
                 log.error("canary %s: automatic %s failed: %s", name, action, exc.message)
                 continue
             await asyncio.to_thread(self.store.add_event, name, action, {"reason": reason, **figures})
+            if self.audit is not None:
+                await self.audit.record_now(
+                    AuditRecord(
+                        kind="admin",
+                        action=f"deployment.{action}",
+                        actor=ANALYST,
+                        tenant=self.models.tenant_of(name),
+                        model=name,
+                        details={"reason": reason, "revision": active.deployment.revision + 1, **figures},
+                    )
+                )
             self.rollout_events.labels(name, action).inc()
             log.warning("canary %s: %s (%s)", name, action, reason)
 

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from dhow.core.errors import DhowError, Forbidden, InvalidInput, ModelLoadError, NotFound, Unavailable
+from dhow.governance.audit import AuditRecord, AuditTrail
 from dhow.governance.masking import parse_masking
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.repository.manifest import MANIFEST, parse_manifest
@@ -71,6 +72,8 @@ class ModelManager:
         self._required: dict[str, frozenset[int]] = {}
         #: checks a version folder before it loads (trusted digests); raises ``ModelLoadError`` to refuse it
         self.artifact_check: Callable[[str, int, Path], None] | None = None
+        #: where the poller's loads and unloads are recorded (requests through the API are audited by the guard)
+        self.audit: AuditTrail | None = None
 
     def tenant_of(self, name: str) -> str:
         """The tenant a model belongs to (its manifest's ``tenant``), loaded or not; "default" if unknown."""
@@ -354,11 +357,31 @@ class ModelManager:
         on_disk = set(await asyncio.to_thread(self.repository.model_names))
         for name in sorted(set(self.entries) - on_disk - set(self._uploaded)):
             await self.unload(name)
+            await self._audit("model.unload", name)
         for name in sorted(on_disk):
             entry = self.entries.get(name)
             fingerprint = await asyncio.to_thread(self.repository.fingerprint, name)
             if entry is None or fingerprint != entry.fingerprint:
                 await self.load(name)
+                await self._audit("model.load", name)
+
+    async def _audit(self, action: str, name: str) -> None:
+        """Changes the poller makes are administrative actions too: by dhow, because the files changed."""
+        if self.audit is None:
+            return
+        entry = self.entries.get(name)
+        versions = sorted(entry.versions) if entry is not None else []
+        outcome = "success" if entry is None or entry.state == "READY" else "UNAVAILABLE"
+        record = AuditRecord(
+            kind="admin",
+            action=action,
+            actor="dhow:repository-poll",
+            tenant=self.tenant_of(name),
+            outcome=outcome,
+            model=name,
+            details={"versions": versions, "reason": entry.reason if entry is not None else "removed from disk"},
+        )
+        await self.audit.record_now(record)
 
     async def close(self) -> None:
         for name in list(self.entries):

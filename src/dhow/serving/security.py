@@ -81,6 +81,7 @@ class Security:
         self.authenticator = Authenticator(self.store, jwt, enabled=enabled, poll_s=settings.registry_poll)
         await self.authenticator.start()
         self.limiter = await RedisRateLimiter.connect(settings.redis) if settings.redis else LocalRateLimiter()
+        models.audit = self.audit
         if settings.require_digests:
             models.artifact_check = self._digest_check()
         if enabled:
