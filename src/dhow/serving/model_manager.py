@@ -211,8 +211,14 @@ class ModelManager:
         override = orjson.loads(config_text) if config_text is not None else None
         await self.load(name, override)
         entry = self.entries.get(name)
-        if entry is not None and not entry.versions:
+        if entry is None:
+            return
+        if not entry.versions:
             raise ModelLoadError(f"failed to load model '{name}': {entry.reason}")
+        if entry.failed or entry.reason:
+            # the caller asked for new files to be served: say that they were not, even if old ones still are
+            reason = entry.reason or "; ".join(f"version {v}: {r}" for v, r in sorted(entry.failed.items()))
+            raise ModelLoadError(f"failed to load model '{name}': {reason}")
 
     async def request_unload(self, name: str) -> None:
         self._check_api_control("unload")
