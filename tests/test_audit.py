@@ -9,8 +9,6 @@ import io
 import itertools
 import logging
 import math
-import os
-import secrets
 import sqlite3
 import threading
 import time
@@ -27,41 +25,9 @@ from dhow.core.errors import InvalidInput, Unavailable
 from dhow.governance import audit as audit_module
 from dhow.governance.audit import GENESIS_HASH, MAX_PROBLEMS, AuditRecord, AuditStore, AuditTrail
 from dhow.governance.commands import add_parser, audit_store_url, run
+from tests.conftest import PG_ADMIN_URL
 
-PG_ADMIN_URL = os.environ.get("DHOW_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-IN_CI = os.environ.get("CI") == "true"
 FIELDS = ("at", "kind", "action", "actor", "tenant", "model", "version", "outcome", "latency_ms", "request_id")
-
-
-def _pg_url(database: str) -> str:
-    base, _, _ = PG_ADMIN_URL.rpartition("/")
-    return f"{base}/{database}"
-
-
-@pytest.fixture(scope="session")
-def pg_available() -> None:
-    try:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.Error as err:
-        message = f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({err}); set DHOW_TEST_PG_ADMIN_URL"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-
-
-@pytest.fixture
-def pg_database(pg_available: None) -> Iterator[str]:
-    """The URL of a fresh, empty PostgreSQL database, dropped after the test."""
-    name = f"dhow_test_{secrets.token_hex(6)}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield _pg_url(name)
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

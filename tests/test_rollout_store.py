@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 import socket
 import sqlite3
 import subprocess
@@ -21,18 +19,11 @@ import pytest
 from dhow.core.errors import Conflict, DhowError, InvalidInput, NotFound, Unavailable
 from dhow.rollouts import store as store_module
 from dhow.rollouts.store import Deployment, Migration, RegistryStore
-
-PG_ADMIN_URL = os.environ.get("DHOW_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-IN_CI = os.environ.get("CI") == "true"
+from tests.conftest import PG_ADMIN_URL
 
 PINNED_1: dict[str, Any] = {"kind": "pinned", "version": 1}
 PINNED_2: dict[str, Any] = {"kind": "pinned", "version": 2}
 CANARY: dict[str, Any] = {"kind": "canary", "primary": 1, "canary": 2, "steps": [5, 25, 50, 100], "step": 0}
-
-
-def _pg_url(database: str) -> str:
-    base, _, _ = PG_ADMIN_URL.rpartition("/")
-    return f"{base}/{database}"
 
 
 def _closed_port() -> int:
@@ -40,31 +31,6 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def pg_available() -> None:
-    try:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.Error as err:
-        message = f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({err}); set DHOW_TEST_PG_ADMIN_URL"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-
-
-@pytest.fixture
-def pg_database(pg_available: None) -> Iterator[str]:
-    """The URL of a fresh, empty PostgreSQL database, dropped after the test."""
-    name = f"dhow_test_{secrets.token_hex(6)}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield _pg_url(name)
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -20,7 +20,7 @@ from dhow.access.keys import new_key
 from dhow.access.permissions import ALL_TENANTS, parse_grant
 from dhow.access.ratelimit import Limits
 from dhow.core.errors import InvalidInput, NotFound
-from dhow.registry.database import Database, Migration, Session, parse_url, utc_now
+from dhow.registry.database import Database, Migration, Session, utc_now
 
 __all__ = ["AccessStore", "Limits", "PrincipalRecord", "TenantRecord"]
 
@@ -183,14 +183,8 @@ class AccessStore(Database):
 
     @classmethod
     def open(cls, url: str) -> AccessStore:
-        dialect, target = parse_url(url, "registry")
-        store = cls(dialect, target, url, "the access store")
-        try:
-            store._migrate(MIGRATIONS)
-        except BaseException:
-            store.close()
-            raise
-        return store
+        """Connects to ``sqlite:///path`` or ``postgresql://...`` and brings the schema up to date."""
+        return cls._open(url, MIGRATIONS, "access store")
 
     def _bump(self, session: Session) -> None:
         session.execute("UPDATE dhow_access_state SET generation = generation + 1 WHERE id = 1")

@@ -27,7 +27,7 @@ from typing import IO, Any
 import orjson
 
 from dhow.core.errors import DhowError, InvalidInput, Unavailable
-from dhow.registry.database import Database, Migration, parse_url, utc_now
+from dhow.registry.database import Database, Migration, utc_now
 
 __all__ = ["GENESIS_HASH", "MIGRATIONS", "AuditRecord", "AuditStore", "AuditTrail", "VerifyReport"]
 
@@ -240,14 +240,7 @@ class AuditStore(Database):
     @classmethod
     def open(cls, url: str) -> AuditStore:
         """Connects to ``sqlite:///path`` or ``postgresql://...`` and brings the schema up to date."""
-        dialect, target = parse_url(url, "audit store")
-        store = cls(dialect, target, url, "the audit store")
-        try:
-            store._migrate(MIGRATIONS)
-        except BaseException:
-            store.close()
-            raise
-        return store
+        return cls._open(url, MIGRATIONS, "audit store")
 
     def append(self, records: Sequence[AuditRecord]) -> int:
         """Chains the records after the current head in one transaction; answers the last seq."""

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
@@ -152,6 +152,9 @@ def parse_url(url: str, what: str = "database") -> tuple[Dialect, str]:
     raise InvalidInput(f"the {what} URL {redact_url(url)!r} is not accepted: use {_URL_FORMS}")
 
 
+_Store = TypeVar("_Store", bound="Database")
+
+
 class Database:
     """One database connection, safe to call from several threads; subclasses add the domain's queries.
 
@@ -174,6 +177,21 @@ class Database:
         #: the migration versions this store applied when it opened (empty when the schema was current)
         self.migrations_applied: tuple[int, ...] = ()
         self._connect()
+
+    @classmethod
+    def _open(cls: type[_Store], url: str, migrations: Sequence[Migration], kind: str) -> _Store:
+        """Connects to ``sqlite:///path`` or ``postgresql://...`` and brings the schema up to date.
+
+        ``kind`` names the database in messages: "registry" gives "the registry URL ...", "the registry at ...".
+        """
+        dialect, target = parse_url(url, kind)
+        store = cls(dialect, target, url, f"the {kind}")
+        try:
+            store._migrate(migrations)
+        except BaseException:
+            store.close()
+            raise
+        return store
 
     # -- connections and transactions ---------------------------------------------------------------
 

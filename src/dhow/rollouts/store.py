@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from dhow.core.errors import Conflict, DhowError, InvalidInput, NotFound
-from dhow.registry.database import Database, Migration, Session, parse_url, utc_now
+from dhow.registry.database import Database, Migration, Session, utc_now
 
 __all__ = ["MIGRATIONS", "Deployment", "Event", "HistoryRow", "Migration", "RegistryStore", "check_name"]
 
@@ -215,14 +215,7 @@ class RegistryStore(Database):
     @classmethod
     def open(cls, url: str) -> RegistryStore:
         """Connects to ``sqlite:///path`` or ``postgresql://...`` and brings the schema up to date."""
-        dialect, target = parse_url(url, "registry")
-        store = cls(dialect, target, url, "the registry")
-        try:
-            store._migrate(MIGRATIONS)
-        except BaseException:
-            store.close()
-            raise
-        return store
+        return cls._open(url, MIGRATIONS, "registry")
 
     # -- deployments --------------------------------------------------------------------------------
 
