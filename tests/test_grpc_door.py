@@ -77,7 +77,7 @@ class FakeDataPlane(DataPlane):
         self._check(name)
         return {**ECHO_CONFIG, "name": name}
 
-    def model_statistics(self, name: str = "", version: str = "") -> dict[str, Any]:
+    def model_statistics(self, name: str = "", version: str = "", visible: Any = None) -> dict[str, Any]:
         duration = {"count": 3, "ns": 3000}
         stats = [
             {
@@ -94,7 +94,7 @@ class FakeDataPlane(DataPlane):
         ]
         return {"model_stats": stats}
 
-    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+    def repository_index(self, ready_only: bool = False, visible: Any = None) -> list[dict[str, Any]]:
         rows = [{"name": "echo", "version": "1", "state": "READY", "reason": ""}]
         if not ready_only:
             rows.append({"name": "old", "version": "", "state": "UNAVAILABLE", "reason": "unloaded"})

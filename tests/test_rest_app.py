@@ -58,13 +58,13 @@ class FakeDataPlane(DataPlane):
         self._check(name, version)
         return {"name": name, "max_batch_size": 8, "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [2]}]}
 
-    def model_statistics(self, name: str = "", version: str = "") -> dict[str, Any]:
+    def model_statistics(self, name: str = "", version: str = "", visible: Any = None) -> dict[str, Any]:
         names = [name] if name else list(KNOWN)
         if name:
             self._check(name, version)
         return {"model_stats": [{"name": n, "version": version or "1", "inference_count": 0} for n in names]}
 
-    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+    def repository_index(self, ready_only: bool = False, visible: Any = None) -> list[dict[str, Any]]:
         self.calls.append(("index", ready_only))
         return [{"name": n, "version": "1", "state": "READY", "reason": ""} for n in KNOWN]
 
