@@ -152,12 +152,16 @@ def world(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     store = AccessStore.open(f"sqlite:///{data / 'registry.sqlite3'}")
     keys: dict[str, str] = {}
     for role in ROLES:
-        made = store.create_key(role, tenant="*" if role == "admin" else "default", roles=[role], actor="test")
+        # the admin and the auditor (a compliance officer) span every tenant
+        made = store.create_key(
+            role, tenant="*" if role in ("admin", "auditor") else "default", roles=[role], actor="test"
+        )
         assert made is not None
         keys[role] = made[1]
     for name, tenant, roles, region in (
         ("scoped", "default", ["invoker:tab*"], ""),
         ("acme", "acme", ["invoker"], ""),
+        ("acme-auditor", "acme", ["auditor"], ""),
         ("eu-client", "default", ["invoker"], "eu"),
     ):
         made = store.create_key(name, tenant=tenant, roles=roles, actor="test", region=region)
@@ -362,8 +366,18 @@ def test_tenants_do_not_reach_each_others_models(world: dict[str, Any]) -> None:
     names = {role: {row["name"] for row in rows} for role, rows in index.items()}
     assert names["acme"] == {"flags"} and "flags" not in names["invoker"] and "tabular" in names["invoker"]
     assert names["admin"] >= {"flags", "tabular", "text_python", "pii_echo"}
-    _, _, stats = call(server, "GET", "/v2/models/stats", None, keys["auditor"])
-    assert {row["name"] for row in stats["model_stats"]} == names["invoker"]
+    _, _, stats = call(server, "GET", "/v2/models/stats", None, keys["acme-auditor"])
+    assert {row["name"] for row in stats["model_stats"]} == {"flags"}
+
+    # and an auditor of a tenant reads that tenant's records only: its model's, whoever made them
+    def acme_records() -> list[dict[str, Any]]:
+        _, _, audit = call(server, "GET", "/v2/admin/audit?limit=10000", None, keys["acme-auditor"])
+        return list(audit["records"])
+
+    records = _eventually(lambda: len({r["actor"].split("#")[0] for r in acme_records()}) >= 3 and acme_records())
+    assert {r["tenant"] for r in records} == {"acme"}
+    # the acme invoker's inference, the admin's, and the default-tenant invoker's refusal
+    assert {r["actor"].split("#")[0] for r in records} == {"key:acme", "key:admin", "key:invoker"}
 
 
 # -- keys: the admin API and the CLI -------------------------------------------------------------------

@@ -65,6 +65,7 @@ class Authenticator:
         self.poll_s = poll_s
         self._keys: dict[str, _Key] = {}
         self._certs: dict[str, Principal] = {}
+        self._records: dict[str, PrincipalRecord] = {}
         self.tenants: dict[str, TenantRecord] = {}
         self._generation = -1
         self._poller: asyncio.Task[None] | None = None
@@ -98,9 +99,11 @@ class Authenticator:
             return
         keys: dict[str, _Key] = {}
         certs: dict[str, Principal] = {}
+        records: dict[str, PrincipalRecord] = {}
         for record in self.store.principals():
             if record.revoked_at is not None:
                 continue
+            records[record.id] = record
             principal = _principal_of(record)
             if record.kind == "key":
                 expires = datetime.fromisoformat(record.expires_at).timestamp() if record.expires_at else float("inf")
@@ -108,7 +111,7 @@ class Authenticator:
             else:
                 certs[record.name] = principal
         self.tenants = self.store.tenants()
-        self._keys, self._certs, self._generation = keys, certs, generation
+        self._keys, self._certs, self._records, self._generation = keys, certs, records, generation
 
     async def authenticate(self, credentials: Credentials) -> Principal:
         if not self.enabled:
@@ -156,9 +159,10 @@ class Authenticator:
     def limits_of(self, principal: Principal) -> list[tuple[str, Limits, str]]:
         """The quotas a request of this principal counts against: its key's, then its tenant's."""
         quotas: list[tuple[str, Limits, str]] = []
-        key = self._keys.get(principal.key_id) if principal.key_id else None
-        if key is not None and _limited(key.record.limits):
-            quotas.append((f"key:{key.record.id}", key.record.limits, f"key '{key.record.name}'"))
+        record = self._records.get(principal.record_id) if principal.record_id else None
+        if record is not None and _limited(record.limits):
+            what = f"key '{record.name}'" if record.kind == "key" else f"certificate identity '{record.name}'"
+            quotas.append((f"principal:{record.id}", record.limits, what))
         tenant = self.tenants.get(principal.tenant)
         if tenant is not None and _limited(tenant.limits):
             quotas.append((f"tenant:{tenant.name}", tenant.limits, f"tenant '{tenant.name}'"))
@@ -180,5 +184,5 @@ def _principal_of(record: PrincipalRecord) -> Principal:
     grants = tuple(parse_grant(role) for role in record.roles)
     if record.kind == "key":
         # the id too: a rotated key keeps its name
-        return Principal(f"key:{record.name}#{record.id}", record.tenant, grants, record.region, key_id=record.id)
-    return Principal(f"cert:{record.name}", record.tenant, grants, record.region)
+        return Principal(f"key:{record.name}#{record.id}", record.tenant, grants, record.region, record_id=record.id)
+    return Principal(f"cert:{record.name}", record.tenant, grants, record.region, record_id=record.id)

@@ -216,7 +216,7 @@ def _tenants(args: argparse.Namespace) -> int:
 
 
 def _trust(args: argparse.Namespace) -> int:
-    from dhow.repository.encryption import artifact_digests
+    from dhow.repository.encryption import trusted_files
 
     model_dir = args.repository / args.model
     if not model_dir.is_dir():
@@ -229,7 +229,7 @@ def _trust(args: argparse.Namespace) -> int:
     store = _open_store(args)
     try:
         for version in versions:
-            digests = artifact_digests(model_dir / version)
+            digests = trusted_files(model_dir / version)
             if not digests:
                 raise InvalidInput(f"{model_dir / version} holds no files to trust")
             store.record_digests(args.model, version, digests, actor=_actor())

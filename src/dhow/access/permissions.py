@@ -85,8 +85,8 @@ class Principal:
     grants: tuple[Grant, ...]
     #: the data region of their requests when a request names none
     region: str = ""
-    #: the API key's id, for per-key quotas ("" for JWT and certificate principals)
-    key_id: str = ""
+    #: the stored principal's id (an API key's id, ``cert:<CN>``), for its quotas; "" for JWT principals
+    record_id: str = ""
     #: cache of decisions: (permission, model, model tenant) -> allowed
     _decisions: dict[tuple[Permission, str, str], bool] = field(default_factory=dict, compare=False, repr=False)
 

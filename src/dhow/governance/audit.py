@@ -48,7 +48,7 @@ FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.1, 5.0
 
 _COLUMNS = "seq, at, kind, action, actor, tenant, model, version, outcome, latency_ms, request_id, region, details"
 _NAMES = tuple(_COLUMNS.split(", "))
-_FILTERS = frozenset({"actor", "model", "kind", "outcome"})
+_FILTERS = frozenset({"actor", "model", "kind", "outcome", "tenant"})
 _DETAILS_JSON = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "encrypt_repository",
     "generate_key",
     "rewrap_repository",
+    "trusted_files",
 ]
 
 MAGIC = b"DHOWENC1"
@@ -374,3 +375,13 @@ def _sync_folder(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def trusted_files(version_dir: Path) -> dict[str, str]:
+    """What ``--require-digests`` checks: the version's files, and the model's ``model.yaml`` (which decides the
+    model's tenant, region and masking rules, so it must not change unseen either)."""
+    digests = artifact_digests(version_dir)
+    manifest = version_dir.parent / "model.yaml"
+    if manifest.is_file():
+        digests["../model.yaml"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    return digests

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter
+
 from dhow.access.authenticator import Authenticator, Credentials
 from dhow.access.permissions import ALL_TENANTS, Permission, Principal, check_permission
 from dhow.access.ratelimit import Permit, RateLimiter
@@ -95,8 +97,17 @@ class AccessGuard:
         audit: AuditTrail,
         masker: Masker,
         tenant_of: Callable[[str], str],
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.authenticator = authenticator
+        #: refusals by reason; quota refusals are counted here, not audited (a flood must not fill the trail)
+        self.refusals = Counter(
+            "dhow_access_refusals",
+            "Requests refused by access control, by error code (UNAUTHENTICATED, PERMISSION_DENIED, "
+            "RESOURCE_EXHAUSTED)",
+            ["code"],
+            registry=registry,
+        )
         self.limiter = limiter
         self.audit = audit
         self.masker = masker
@@ -113,6 +124,7 @@ class AccessGuard:
         try:
             return await self.authenticator.authenticate(credentials)
         except DhowError as exc:
+            self.refusals.labels(exc.code.value).inc()
             actor = f"cert:{credentials.client_cn}" if credentials.client_cn else "unauthenticated"
             self._deny(actor, "", access, model, request_id, exc)
             raise
@@ -122,6 +134,7 @@ class AccessGuard:
         try:
             check_permission(principal, access.permission, model, self.tenant_of(model) if model else "")
         except DhowError as exc:
+            self.refusals.labels(exc.code.value).inc()
             self._deny(principal.name, principal.tenant, access, model, request_id, exc)
             raise
         caller = Caller(principal.name, principal.tenant, request_id, self.authenticator.region_of(principal))
@@ -131,8 +144,10 @@ class AccessGuard:
         for subject, limits, what in self.authenticator.limits_of(principal):
             try:
                 admission.permits.append(await self.limiter.acquire(subject, limits, what))
-            except BaseException:
+            except BaseException as exc:
                 self._release(admission)
+                if isinstance(exc, DhowError):
+                    self.refusals.labels(exc.code.value).inc()
                 raise
         return admission
 
@@ -151,11 +166,15 @@ class AccessGuard:
             details["reason"] = self.masker.mask_text(message)
         if caller.payload is not None:
             details["payload"] = caller.payload
+        # a record belongs to the tenant whose model or key it touched, so that tenant's auditors see it
+        tenant = self.tenant_of(admission.model) if admission.model else str(details.get("tenant", caller.tenant))
+        if tenant != caller.tenant:
+            details["actor_tenant"] = caller.tenant
         record = AuditRecord(
             kind=_kind(admission.access, outcome),
             action=admission.access.action,
             actor=caller.principal,
-            tenant=caller.tenant,
+            tenant=tenant,
             outcome=outcome,
             model=admission.model,
             version=caller.version,
@@ -176,9 +195,11 @@ class AccessGuard:
             raise NotFound("this server keeps no API keys")
         return self.authenticator.store
 
-    async def list_keys(self) -> list[dict[str, Any]]:
+    async def list_keys(self, admission: Admission | None = None) -> list[dict[str, Any]]:
+        """The keys and identities: a tenant's admin sees its tenant's only."""
         records = await asyncio.to_thread(self._store().principals)
-        return [record.as_dict() for record in records]
+        tenant = admission.principal.tenant if admission is not None else ALL_TENANTS
+        return [record.as_dict() for record in records if tenant in (ALL_TENANTS, record.tenant)]
 
     async def create_key(self, body: Mapping[str, Any], actor: str, admission: Admission | None) -> dict[str, Any]:
         """A new API key from the admin API's body; the answer holds its token, shown this once."""
@@ -221,7 +242,7 @@ class AccessGuard:
         record = await asyncio.to_thread(lambda: store.revoke(key_id, actor=actor))
         await asyncio.to_thread(self.authenticator.reload)
         if admission is not None:
-            admission.details.update(key=record.id, name=record.name)
+            admission.details.update(key=record.id, name=record.name, tenant=record.tenant)
         return record.as_dict()
 
     async def rotate_key(self, key_id: str, grace_s: object, actor: str, admission: Admission | None) -> dict[str, Any]:
@@ -232,7 +253,7 @@ class AccessGuard:
         record, token = await asyncio.to_thread(lambda: store.rotate(key_id, actor=actor, grace_s=float(grace_s)))
         await asyncio.to_thread(self.authenticator.reload)
         if admission is not None:
-            admission.details.update(key=key_id, replaced_by=record.id, grace_s=grace_s)
+            admission.details.update(key=key_id, replaced_by=record.id, grace_s=grace_s, tenant=record.tenant)
         return {**record.as_dict(), "key": token, "replaces": key_id}
 
     @staticmethod
@@ -240,14 +261,17 @@ class AccessGuard:
         if admission is not None and admission.principal.tenant not in (ALL_TENANTS, record.tenant):
             raise Forbidden(f"{admission.principal.name} may not change keys of tenant '{record.tenant}'")
 
-    async def read_audit(self, query: Mapping[str, str]) -> list[dict[str, Any]]:
+    async def read_audit(self, query: Mapping[str, str], admission: Admission | None = None) -> list[dict[str, Any]]:
+        """Audit records by the query's filters; a tenant's auditor reads its tenant's records only."""
         store = self.audit.store_for(query.get("region", ""))
         try:
             since = int(query.get("since", "0"))
             limit = min(int(query.get("limit", "1000")), 10_000)
         except ValueError:
             raise InvalidInput("'since' and 'limit' must be integers") from None
-        filters = {k: query[k] for k in ("actor", "model", "kind", "outcome") if k in query}
+        filters = {k: query[k] for k in ("actor", "model", "kind", "outcome", "tenant") if k in query}
+        if admission is not None and admission.principal.tenant != ALL_TENANTS:
+            filters["tenant"] = admission.principal.tenant
         return await asyncio.to_thread(lambda: store.read(since_seq=since, limit=limit, **filters))
 
     async def verify_audit(self, region: str) -> dict[str, Any]:
@@ -273,7 +297,7 @@ class AccessGuard:
                 kind="denial",
                 action=access.action,
                 actor=actor,
-                tenant=tenant or "unknown",
+                tenant=self.tenant_of(model) if model else tenant or "unknown",
                 outcome=exc.code.value,
                 model=model,
                 request_id=request_id,

@@ -20,7 +20,7 @@ from dhow.core.errors import InvalidInput, ModelLoadError
 from dhow.governance.audit import AuditRecord, AuditStore, AuditTrail
 from dhow.governance.masking import Masker, load_hash_key, parse_masking
 from dhow.governance.residency import check_region_name
-from dhow.repository.encryption import artifact_digests
+from dhow.repository.encryption import trusted_files
 from dhow.serving.dataplane import DataPlane
 from dhow.serving.guard import AccessGuard
 from dhow.serving.model_manager import ModelManager
@@ -92,7 +92,9 @@ class Security:
                 "rollouts. Use it for local development only."
             )
         masker = Masker(parse_masking(None, "audit"), key)
-        return AccessGuard(self.authenticator, self.limiter, self.audit, masker, models.tenant_of)
+        return AccessGuard(
+            self.authenticator, self.limiter, self.audit, masker, models.tenant_of, models.metrics.registry
+        )
 
     async def _first_key(self) -> None:
         assert self.store is not None and self.authenticator is not None and self.audit is not None
@@ -134,7 +136,7 @@ class Security:
                     f"{name} version {number}: no trusted digests are recorded and --require-digests is set; "
                     f"record them with 'dhow models trust'"
                 )
-            actual = artifact_digests(version_dir)
+            actual = trusted_files(version_dir)
             for path, digest in sorted(actual.items()):
                 if trusted.get(path) != digest:
                     why = "is not among the trusted files" if path not in trusted else "does not match its digest"

@@ -91,7 +91,10 @@ def guarded(method: UnaryMethod[_Servicer, _Request, _Response]) -> UnaryMethod[
             error_id = log_internal_error(method.__name__)
             await self.finish(admission, "INTERNAL", f"internal error (id {error_id})")
             await context.abort(grpc.StatusCode.INTERNAL, internal_message(error_id))
-        await self.finish(admission, "success")
+        try:
+            await self.finish(admission, "success")
+        except DhowError as exc:  # the audit trail cannot take the record: fail closed
+            await abort(context, exc)
         return response
 
     return rpc

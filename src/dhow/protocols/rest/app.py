@@ -251,7 +251,11 @@ class RestApp:
             await self._finish(request, "INTERNAL", f"internal error (id {error_id})")
             await _send_error(send, 500, f"internal error (id {error_id}); see the server log")
             return
-        await self._finish(request, "success")
+        try:
+            await self._finish(request, "success")
+        except DhowError as exc:  # the audit trail cannot take the record: fail closed, as for any request
+            await _send_error(send, exc.http_status, exc.message, _retry_after(exc.retry_after))
+            return
         if request.accept_encoding:
             body, encoding = compress(body, request.accept_encoding)
             if encoding is not None:
@@ -326,7 +330,9 @@ class RestApp:
         return 200, _JSON, self._openapi_body
 
     async def _deployments(self, request: Request) -> Answer:
-        return _json({"deployments": self._rollouts().list_all()})
+        deployments = self._rollouts().list_all()
+        visible = request.admission.visible if request.admission is not None else None
+        return _json({"deployments": [d for d in deployments if visible is None or visible(d["name"])]})
 
     async def _deployment(self, request: Request) -> Answer:
         return _json(self._rollouts().get(request.match.model))
@@ -373,7 +379,7 @@ class RestApp:
         return self.guard
 
     async def _keys(self, request: Request) -> Answer:
-        return _json({"keys": await self._access().list_keys()})
+        return _json({"keys": await self._access().list_keys(request.admission)})
 
     async def _create_key(self, request: Request) -> Answer:
         body = await request.json_body()
@@ -391,7 +397,7 @@ class RestApp:
 
     async def _audit(self, request: Request) -> Answer:
         query = request.query()
-        return _json({"records": await self._access().read_audit(query)})
+        return _json({"records": await self._access().read_audit(query, request.admission)})
 
     async def _audit_verify(self, request: Request) -> Answer:
         return _json(await self._access().verify_audit(request.query().get("region", "")))
