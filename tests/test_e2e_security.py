@@ -327,6 +327,10 @@ def test_refusals_are_audited(world: dict[str, Any]) -> None:
     assert any(r["action"] == "infer" and r["outcome"] == "PERMISSION_DENIED" for r in records)
     anonymous = [r for r in denials() if r["actor"] == "unauthenticated"]
     assert any(r["outcome"] == "UNAUTHENTICATED" and r["action"] == "model.config" for r in anonymous)
+    # and counted, for dashboards and alerts
+    _, _, metrics = call(server, "GET", "/metrics", None, keys["auditor"])
+    counts = dict(re.findall(r'dhow_access_refusals_total\{code="(\w+)"\} (\S+)', metrics))
+    assert float(counts["UNAUTHENTICATED"]) >= 1 and float(counts["PERMISSION_DENIED"]) >= 1
 
 
 # -- scopes and tenants --------------------------------------------------------------------------------
