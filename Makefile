@@ -6,7 +6,7 @@ DHOW := $(VENV)/bin/dhow
 STAMP := $(VENV)/.installed
 DEMO := demo-models
 
-.PHONY: run test install demo-models lint format check-proto proto bench bench-rollouts clean
+.PHONY: run test install demo-models lint format check-proto proto bench bench-rollouts bench-security clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,10 +47,13 @@ check-proto: $(STAMP)
 	$(PY) -m dhow.protocols.grpc.codegen --check
 
 # benchmarks are measured side by side in one run and reported as ratios; never part of `make test`
-bench: bench-rollouts
+bench: bench-rollouts bench-security
 
 bench-rollouts: $(STAMP)
 	$(PY) benchmarks/rollout_routing.py
+
+bench-security: $(STAMP)
+	$(PY) benchmarks/security_overhead.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache
