@@ -23,7 +23,8 @@ import pytest
 
 from dhow.core.errors import InvalidInput, Unavailable
 from dhow.governance import audit as audit_module
-from dhow.governance.audit import GENESIS_HASH, MAX_PROBLEMS, AuditRecord, AuditStore, AuditTrail
+from dhow.governance.audit import GENESIS_HASH, MAX_PROBLEMS, AuditRecord, AuditStore
+from dhow.governance.audit_trail import AuditTrail
 from dhow.governance.commands import add_parser, audit_store_url, run
 from tests.conftest import PG_ADMIN_URL
 
@@ -141,7 +142,7 @@ def test_stored_values_read_back_as_recorded(store: AuditStore) -> None:
         "actor": "jwt:alice@example.com",
         "tenant": "acme",
         "region": "ae",
-        "at": record.at,
+        "at": record.when(),
     }
     assert datetime.fromisoformat(row["at"]).tzinfo == UTC
 
@@ -581,3 +582,25 @@ def test_cli_export_and_tail(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         "-",
         "PERMISSION_DENIED",
     ]
+
+
+def test_a_writer_process_writes_the_same_chain(audit_url: str) -> None:
+    """The server's mode: batches cross to a writer process, which chains and writes them."""
+    store = AuditStore.open(audit_url)
+    trail = AuditTrail({"ae": store}, "ae", flush_interval_s=0.05, max_batch=300, writer="process")
+    records = _records(1000, "p")
+
+    async def scenario() -> None:
+        await trail.start()
+        for record in records[:-1]:
+            trail.record(record)
+        await trail.record_now(records[-1])  # durable once it returns, as are all before it
+        assert trail.pending == 0
+        await trail.close()
+
+    try:
+        asyncio.run(scenario())
+        assert _request_ids(store) == [r.request_id for r in records]
+        assert store.verify().ok and trail.written == 1000
+    finally:
+        store.close()

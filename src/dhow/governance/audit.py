@@ -14,22 +14,21 @@ pending, so that nothing is served unaudited. Raw payloads never belong here; a 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import logging
 import math
-from collections import deque
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import IO, Any
 
 import orjson
 
-from dhow.core.errors import DhowError, InvalidInput, Unavailable
-from dhow.registry.database import Database, Migration, utc_now
+from dhow.core.errors import InvalidInput
+from dhow.registry.database import Database, Migration
 
-__all__ = ["GENESIS_HASH", "MIGRATIONS", "AuditRecord", "AuditStore", "AuditTrail", "VerifyReport"]
+__all__ = ["GENESIS_HASH", "MIGRATIONS", "AuditRecord", "AuditStore", "VerifyReport"]
 
 log = logging.getLogger("dhow.audit")
 
@@ -44,7 +43,6 @@ MAX_READ = 10_000
 #: problems listed by ``verify``; the rest are counted
 MAX_PROBLEMS = 50
 #: seconds between retries of a failed write: doubles from the first to the last
-FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.1, 5.0
 
 _COLUMNS = "seq, at, kind, action, actor, tenant, model, version, outcome, latency_ms, request_id, region, details"
 _NAMES = tuple(_COLUMNS.split(", "))
@@ -72,7 +70,7 @@ MIGRATIONS = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AuditRecord:
     """One audited event: who did what to which model, when, and how it ended; never a raw payload."""
 
@@ -87,7 +85,19 @@ class AuditRecord:
     region: str = ""  # the data region of the request; picks the store it goes to
     latency_ms: float | None = None
     details: Mapping[str, Any] = field(default_factory=dict)  # JSON-able: reasons, before/after, masked sample
-    at: str = field(default_factory=utc_now)
+    #: when, as UTC ISO 8601; "" = from ``at_s`` (formatted by the writer: a clock read costs the hot path less)
+    at: str = ""
+    at_s: float = field(default_factory=time.time)
+
+    def when(self) -> str:
+        return self.at or datetime.fromtimestamp(self.at_s, UTC).isoformat(timespec="microseconds")
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        """The fields in order, as plain data (what crosses to a writer process)."""
+        return (
+            self.kind, self.action, self.actor, self.tenant, self.outcome, self.model, self.version,
+            self.request_id, self.region, self.latency_ms, dict(self.details), self.at, self.at_s,
+        )  # fmt: skip
 
 
 def _text(value: object) -> str:
@@ -112,8 +122,9 @@ def _content(record: AuditRecord) -> dict[str, object]:
         # 3 decimals survive every float column; + 0.0 turns -0.0 into 0.0, which SQLite would do on reading
         latency = round(float(latency), 3) + 0.0
         latency = latency if math.isfinite(latency) else None
-    names = ("at", "kind", "action", "actor", "tenant", "model", "version", "outcome")
+    names = ("kind", "action", "actor", "tenant", "model", "version", "outcome")
     content: dict[str, object] = {name: _text(getattr(record, name)) for name in names}
+    content["at"] = record.when()
     content.update(latency_ms=latency, request_id=_text(record.request_id), region=_text(record.region))
     content["details"] = _details(record.details)
     return content
@@ -314,166 +325,3 @@ class AuditStore(Database):
             out.write("".join(orjson.dumps(_as_dict(row)).decode() + "\n" for row in page))
             count += len(page)
         return count
-
-
-@dataclass(eq=False)
-class _Lane:
-    """The queue of one store, written in order by one task."""
-
-    store: AuditStore
-    queue: deque[AuditRecord] = field(default_factory=deque)
-    #: the batch being written, kept until a write succeeds
-    batch: list[AuditRecord] | None = None
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    enqueued: int = 0
-    written: int = 0
-    #: (records enqueued when it was added, future) of each ``record_now`` waiting for durability
-    waiters: deque[tuple[int, asyncio.Future[None]]] = field(default_factory=deque)
-    failing: bool = False
-    backoff_s: float = 0.0
-
-    @property
-    def idle(self) -> bool:
-        return self.batch is None and not self.queue
-
-
-async def _nap(wake: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(wake.wait(), seconds)
-    wake.clear()
-
-
-class AuditTrail:
-    """Queues records on the event loop and writes them in batches, per store, off the loop.
-
-    Call ``record`` and ``record_now`` from the event loop's thread. The stores stay open on ``close``: whoever
-    opened them closes them. A write that fails is retried with backoff and never dropped; a batch whose commit
-    was lost with the connection may be written twice (at least once, never zero times).
-    """
-
-    def __init__(
-        self,
-        stores: Mapping[str, AuditStore],
-        default_region: str,
-        *,
-        flush_interval_s: float = 0.2,
-        max_batch: int = 2000,
-        max_pending: int = 100_000,
-    ) -> None:
-        if default_region not in stores:
-            known = ", ".join(sorted(stores)) or "none"
-            raise InvalidInput(f"no audit store for the default region {default_region!r} (stores given: {known})")
-        if not flush_interval_s > 0 or max_batch < 1 or max_pending < 1:
-            raise InvalidInput("flush_interval_s must be > 0, and max_batch and max_pending at least 1")
-        lanes: dict[int, _Lane] = {}
-        # regions sharing one store share its lane, so that its records stay in order
-        self._lanes = {region: lanes.setdefault(id(store), _Lane(store)) for region, store in stores.items()}
-        self._default = self._lanes[default_region]
-        self._flush_interval_s = flush_interval_s
-        self._max_batch = max_batch
-        self._max_pending = max_pending
-        self._tasks: list[asyncio.Task[None]] = []
-        self._closing = False
-        self._pending = 0
-        self.written = 0
-        self.failures = 0
-
-    @property
-    def pending(self) -> int:
-        """Records recorded but not yet durable."""
-        return self._pending
-
-    def store_for(self, region: str) -> AuditStore:
-        """The store that a record of that data region goes to."""
-        return self._lanes.get(region, self._default).store
-
-    def record(self, record: AuditRecord) -> None:
-        """Queues a record (no I/O); ``Unavailable`` when the backlog is full, since work must not go unaudited."""
-        self._enqueue(record)
-
-    def _enqueue(self, record: AuditRecord) -> _Lane:
-        if self._closing:
-            raise Unavailable("the audit trail is closed: the server is shutting down", retry_after=1.0)
-        if self._pending >= self._max_pending:
-            raise Unavailable(
-                f"the audit trail is {self._pending} records behind; refusing work until it catches up",
-                retry_after=1.0,
-            )
-        lane = self._lanes.get(record.region, self._default)
-        lane.queue.append(record)
-        lane.enqueued += 1
-        self._pending += 1
-        if len(lane.queue) >= self._max_batch and not lane.failing:
-            lane.wake.set()
-        return lane
-
-    async def record_now(self, record: AuditRecord) -> None:
-        """Records and returns once the record (and every one queued before it for its store) is durable."""
-        if not self._tasks or self._closing:
-            raise Unavailable("the audit trail is not running: start it first", retry_after=1.0)
-        lane = self._enqueue(record)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        lane.waiters.append((lane.enqueued, done))
-        lane.wake.set()
-        await done
-
-    async def start(self) -> None:
-        """Starts one writer task per store (again: nothing)."""
-        if not self._tasks:
-            lanes = {id(lane): lane for lane in self._lanes.values()}.values()
-            self._tasks = [asyncio.create_task(self._drain(lane), name="dhow-audit-writer") for lane in lanes]
-
-    async def close(self, *, timeout_s: float = 30.0) -> None:
-        """Writes everything pending, waiting up to ``timeout_s`` for a store that is down, then stops."""
-        self._closing = True
-        await self.start()
-        for lane in self._lanes.values():
-            lane.wake.set()
-        _, late = await asyncio.wait(self._tasks, timeout=timeout_s)
-        for task in late:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._pending:
-            log.error("%d audit records were not written before shutdown: their store is unreachable", self._pending)
-        for lane in self._lanes.values():
-            for _, done in lane.waiters:
-                if not done.done():
-                    done.set_exception(Unavailable("the audit store is unreachable; the record was not written"))
-            lane.waiters.clear()
-
-    async def _drain(self, lane: _Lane) -> None:
-        delay = self._flush_interval_s
-        while True:
-            await _nap(lane.wake, delay)
-            while not lane.idle and await self._write(lane):
-                pass
-            if self._closing and lane.idle:
-                return
-            delay = lane.backoff_s if lane.failing else self._flush_interval_s
-
-    async def _write(self, lane: _Lane) -> bool:
-        if lane.batch is None:
-            lane.batch = [lane.queue.popleft() for _ in range(min(len(lane.queue), self._max_batch))]
-        batch = lane.batch
-        try:
-            await asyncio.to_thread(lane.store.append, batch)
-        except Exception as err:  # any failure: keep the batch, retry, and say so once per outage
-            self.failures += 1
-            if not lane.failing:
-                reason = err.message if isinstance(err, DhowError) else repr(err)
-                log.error("cannot write to the audit trail at %s, retrying until it works: %s", lane.store.url, reason)
-            lane.failing = True
-            lane.backoff_s = min(MAX_BACKOFF_S, lane.backoff_s * 2 or FIRST_BACKOFF_S)
-            return False
-        lane.batch = None
-        lane.written += len(batch)
-        self.written += len(batch)
-        self._pending -= len(batch)
-        if lane.failing:
-            log.warning("the audit trail at %s is writable again; %d records behind", lane.store.url, self._pending)
-            lane.failing, lane.backoff_s = False, 0.0
-        while lane.waiters and lane.waiters[0][0] <= lane.written:
-            _, done = lane.waiters.popleft()
-            if not done.done():
-                done.set_result(None)
-        return True

@@ -217,6 +217,11 @@ class Database:
             except psycopg.Error as err:
                 raise Unavailable(f"cannot reach {self.what} at {self.url}: {self._describe(err)}") from None
 
+    @property
+    def open_url(self) -> str:
+        """The URL to open this database again (with its password: never log it; ``url`` is for messages)."""
+        return f"sqlite:///{self._target}" if self.dialect == "sqlite" else self._target
+
     def _describe(self, err: BaseException) -> str:
         text = " ".join(str(err).split())
         password = urlsplit(self._target).password if self.dialect == "postgresql" else None

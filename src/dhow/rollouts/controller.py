@@ -24,7 +24,8 @@ from prometheus_client import Counter, Histogram
 from dhow.core.datatypes import NUMPY_DTYPE
 from dhow.core.errors import Conflict, DhowError, InvalidInput, NotFound
 from dhow.core.types import InferenceRequest, InferenceResponse, Tensor
-from dhow.governance.audit import AuditRecord, AuditTrail
+from dhow.governance.audit import AuditRecord
+from dhow.governance.audit_trail import AuditTrail
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.rollouts.policy import CompiledPolicy, Route, canary_weight, normalize, versions_of
 from dhow.rollouts.store import Deployment, RegistryStore

@@ -9,6 +9,7 @@ every inference, every refusal; never a raw payload (only the model's masked sam
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import time
@@ -24,12 +25,17 @@ from dhow.access.ratelimit import Permit, RateLimiter
 from dhow.access.store import AccessStore, Limits, PrincipalRecord
 from dhow.core.errors import DhowError, ErrorCode, Forbidden, InvalidInput, NotFound
 from dhow.core.types import Caller
-from dhow.governance.audit import AuditRecord, AuditTrail
+from dhow.governance.audit import AuditRecord
+from dhow.governance.audit_trail import AuditTrail
 from dhow.governance.masking import Masker
 
 __all__ = ["ACTIONS", "KEY_FIELDS", "Access", "AccessGuard", "Admission"]
 
 log = logging.getLogger("dhow.access")
+
+#: request ids: random per process, then counted (unique across servers, and cheaper than 8 random bytes each)
+_ID_PREFIX = secrets.token_hex(4)
+_ID_COUNTER = itertools.count(1)
 
 _DENIALS = frozenset({ErrorCode.UNAUTHENTICATED.value, ErrorCode.PERMISSION_DENIED.value})
 
@@ -130,7 +136,7 @@ class AccessGuard:
             raise
 
     async def authorize(self, principal: Principal, access: Access, model: str = "", request_id: str = "") -> Admission:
-        request_id = request_id or secrets.token_hex(8)
+        request_id = request_id or f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
         try:
             check_permission(principal, access.permission, model, self.tenant_of(model) if model else "")
         except DhowError as exc:

@@ -21,7 +21,8 @@ from typing import Any
 import orjson
 
 from dhow.core.errors import DhowError, Forbidden, InvalidInput, ModelLoadError, NotFound, Unavailable
-from dhow.governance.audit import AuditRecord, AuditTrail
+from dhow.governance.audit import AuditRecord
+from dhow.governance.audit_trail import AuditTrail
 from dhow.governance.masking import parse_masking
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.repository.manifest import MANIFEST, parse_manifest

@@ -17,7 +17,8 @@ from dhow.access.jwt import JwtVerifier
 from dhow.access.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from dhow.access.store import AccessStore
 from dhow.core.errors import InvalidInput, ModelLoadError
-from dhow.governance.audit import AuditRecord, AuditStore, AuditTrail
+from dhow.governance.audit import AuditRecord, AuditStore
+from dhow.governance.audit_trail import AuditTrail
 from dhow.governance.masking import Masker, load_hash_key, parse_masking
 from dhow.governance.residency import check_region_name
 from dhow.repository.encryption import trusted_files
@@ -64,7 +65,8 @@ class Security:
         self.store = await asyncio.to_thread(AccessStore.open, settings.registry_url())
         for region, url in audit_urls(settings).items():
             self._audit_stores[region] = await asyncio.to_thread(AuditStore.open, url)
-        self.audit = AuditTrail(self._audit_stores, settings.region)
+        # the writer process chains and writes off this process's interpreter lock (see docs/security.md)
+        self.audit = AuditTrail(self._audit_stores, settings.region, writer="process")
         await self.audit.start()
         jwt = None
         if settings.jwt_issuer:

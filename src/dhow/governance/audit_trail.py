@@ -1,0 +1,254 @@
+"""The audit trail as the server uses it: records queued on the event loop, written in batches off it.
+
+``record`` costs the hot path an append to a queue; a writer per store chains and writes batches every
+``flush_interval_s`` (or at once when a batch is full). The writing runs in a thread, or (``writer="process"``,
+what the server uses) in a writer process per store, spoken to over pipes from the event loop, so that
+hashing and the database's work take nothing from the interpreter lock the loop needs. A write that fails is
+retried with backoff, never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import orjson
+
+from dhow.core.errors import DhowError, InvalidInput, Unavailable
+from dhow.governance.audit import AuditRecord, AuditStore
+from dhow.governance.audit_writer import decode_frame_length, encode_frame
+
+__all__ = ["AuditTrail"]
+
+log = logging.getLogger("dhow.audit")
+
+#: seconds between retries of a failing store: doubling from the first to the most
+FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.1, 5.0
+
+
+class WriterProcess:
+    """A writer process for one store (see ``audit_writer``), spoken to over its pipes from the event loop."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def append(self, records: list[AuditRecord]) -> int:
+        process = self._process
+        if process is None or process.returncode is not None:
+            process = self._process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "dhow.governance.audit_writer",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            assert process.stdin is not None
+            process.stdin.write(encode_frame(self._url))
+        assert process.stdin is not None and process.stdout is not None
+        try:
+            process.stdin.write(encode_frame([record.as_tuple() for record in records]))
+            await process.stdin.drain()
+            header = await process.stdout.readexactly(4)
+            answer = orjson.loads(await process.stdout.readexactly(decode_frame_length(header)))
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            self._process = None
+            raise Unavailable(f"the audit writer process stopped ({type(exc).__name__}); starting another") from None
+        if "error" in answer:
+            raise Unavailable(str(answer["error"]))
+        return int(answer["seq"])
+
+    async def close(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.returncode is not None:
+            return
+        assert process.stdin is not None
+        process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), 10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+@dataclass(eq=False)
+class _Lane:
+    """The queue of one store, written in order by one task."""
+
+    store: AuditStore
+    #: the writer process (``writer="process"``), else None: writes go to a thread
+    process: WriterProcess | None = None
+    queue: deque[AuditRecord] = field(default_factory=deque)
+    #: the batch being written, kept until a write succeeds
+    batch: list[AuditRecord] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    enqueued: int = 0
+    written: int = 0
+    #: (records enqueued when it was added, future) of each ``record_now`` waiting for durability
+    waiters: deque[tuple[int, asyncio.Future[None]]] = field(default_factory=deque)
+    failing: bool = False
+    backoff_s: float = 0.0
+
+    @property
+    def idle(self) -> bool:
+        return self.batch is None and not self.queue
+
+
+async def _nap(wake: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(wake.wait(), seconds)
+    wake.clear()
+
+
+class AuditTrail:
+    """Queues records on the event loop and writes them in batches, per store, off the loop.
+
+    Call ``record`` and ``record_now`` from the event loop's thread. The stores stay open on ``close``: whoever
+    opened them closes them. A write that fails is retried with backoff and never dropped; a batch whose commit
+    was lost with the connection may be written twice (at least once, never zero times).
+    """
+
+    def __init__(
+        self,
+        stores: Mapping[str, AuditStore],
+        default_region: str,
+        *,
+        flush_interval_s: float = 0.2,
+        max_batch: int = 2000,
+        max_pending: int = 100_000,
+        writer: Literal["thread", "process"] = "thread",
+    ) -> None:
+        if default_region not in stores:
+            known = ", ".join(sorted(stores)) or "none"
+            raise InvalidInput(f"no audit store for the default region {default_region!r} (stores given: {known})")
+        if not flush_interval_s > 0 or max_batch < 1 or max_pending < 1:
+            raise InvalidInput("flush_interval_s must be > 0, and max_batch and max_pending at least 1")
+        lanes: dict[int, _Lane] = {}
+        # regions sharing one store share its lane, so that its records stay in order
+        self._lanes = {
+            region: lanes.setdefault(
+                id(store), _Lane(store, WriterProcess(store.open_url) if writer == "process" else None)
+            )
+            for region, store in stores.items()
+        }
+        self._default = self._lanes[default_region]
+        self._flush_interval_s = flush_interval_s
+        self._max_batch = max_batch
+        self._max_pending = max_pending
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._pending = 0
+        self.written = 0
+        self.failures = 0
+
+    @property
+    def pending(self) -> int:
+        """Records recorded but not yet durable."""
+        return self._pending
+
+    def store_for(self, region: str) -> AuditStore:
+        """The store that a record of that data region goes to."""
+        return self._lanes.get(region, self._default).store
+
+    def record(self, record: AuditRecord) -> None:
+        """Queues a record (no I/O); ``Unavailable`` when the backlog is full, since work must not go unaudited."""
+        self._enqueue(record)
+
+    def _enqueue(self, record: AuditRecord) -> _Lane:
+        if self._closing:
+            raise Unavailable("the audit trail is closed: the server is shutting down", retry_after=1.0)
+        if self._pending >= self._max_pending:
+            raise Unavailable(
+                f"the audit trail is {self._pending} records behind; refusing work until it catches up",
+                retry_after=1.0,
+            )
+        lane = self._lanes.get(record.region, self._default)
+        lane.queue.append(record)
+        lane.enqueued += 1
+        self._pending += 1
+        if len(lane.queue) >= self._max_batch and not lane.failing:
+            lane.wake.set()
+        return lane
+
+    async def record_now(self, record: AuditRecord) -> None:
+        """Records and returns once the record (and every one queued before it for its store) is durable."""
+        if not self._tasks or self._closing:
+            raise Unavailable("the audit trail is not running: start it first", retry_after=1.0)
+        lane = self._enqueue(record)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        lane.waiters.append((lane.enqueued, done))
+        lane.wake.set()
+        await done
+
+    async def start(self) -> None:
+        """Starts one writer task per store (again: nothing)."""
+        if not self._tasks:
+            lanes = {id(lane): lane for lane in self._lanes.values()}.values()
+            self._tasks = [asyncio.create_task(self._drain(lane), name="dhow-audit-writer") for lane in lanes]
+
+    async def close(self, *, timeout_s: float = 30.0) -> None:
+        """Writes everything pending, waiting up to ``timeout_s`` for a store that is down, then stops."""
+        self._closing = True
+        await self.start()
+        for lane in self._lanes.values():
+            lane.wake.set()
+        _, late = await asyncio.wait(self._tasks, timeout=timeout_s)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for lane in self._lanes.values():
+            if lane.process is not None:
+                await lane.process.close()
+        if self._pending:
+            log.error("%d audit records were not written before shutdown: their store is unreachable", self._pending)
+        for lane in self._lanes.values():
+            for _, done in lane.waiters:
+                if not done.done():
+                    done.set_exception(Unavailable("the audit store is unreachable; the record was not written"))
+            lane.waiters.clear()
+
+    async def _drain(self, lane: _Lane) -> None:
+        delay = self._flush_interval_s
+        while True:
+            await _nap(lane.wake, delay)
+            while not lane.idle and await self._write(lane):
+                pass
+            if self._closing and lane.idle:
+                return
+            delay = lane.backoff_s if lane.failing else self._flush_interval_s
+
+    async def _write(self, lane: _Lane) -> bool:
+        if lane.batch is None:
+            lane.batch = [lane.queue.popleft() for _ in range(min(len(lane.queue), self._max_batch))]
+        batch = lane.batch
+        try:
+            if lane.process is not None:
+                await lane.process.append(batch)
+            else:
+                await asyncio.to_thread(lane.store.append, batch)
+        except Exception as err:  # any failure: keep the batch, retry, and say so once per outage
+            self.failures += 1
+            if not lane.failing:
+                reason = err.message if isinstance(err, DhowError) else repr(err)
+                log.error("cannot write to the audit trail at %s, retrying until it works: %s", lane.store.url, reason)
+            lane.failing = True
+            lane.backoff_s = min(MAX_BACKOFF_S, lane.backoff_s * 2 or FIRST_BACKOFF_S)
+            return False
+        lane.batch = None
+        lane.written += len(batch)
+        self.written += len(batch)
+        self._pending -= len(batch)
+        if lane.failing:
+            log.warning("the audit trail at %s is writable again; %d records behind", lane.store.url, self._pending)
+            lane.failing, lane.backoff_s = False, 0.0
+        while lane.waiters and lane.waiters[0][0] <= lane.written:
+            _, done = lane.waiters.popleft()
+            if not done.done():
+                done.set_result(None)
+        return True
