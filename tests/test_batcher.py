@@ -110,6 +110,29 @@ def test_request_past_its_timeout_is_answered_and_never_computed() -> None:
     assert 1000.0 not in model.seen
 
 
+def test_timed_out_requests_free_their_place_in_a_bounded_queue() -> None:
+    async def scenario() -> tuple[list[BaseException | Arrays], Arrays]:
+        gate = threading.Event()
+        model = Recorder(gate=gate)
+        batcher = _batcher(model, max_batch_size=1, max_queue_size=2)
+        first = asyncio.create_task(batcher.submit({"x": _rows(0, 1)}, ["y"], 1))
+        await asyncio.sleep(0.02)  # the first occupies the only instance
+        late = [batcher.submit({"x": _rows(100 + i, 1)}, ["y"], 1, timeout_ns=10_000_000) for i in range(2)]
+        expired = await asyncio.gather(*late, return_exceptions=True)
+        # the queue is full of answered requests only: a new one must be admitted, not shed
+        admitted = asyncio.create_task(batcher.submit({"x": _rows(7, 1)}, ["y"], 1))
+        await asyncio.sleep(0.01)
+        gate.set()
+        await first
+        answer = await admitted
+        await batcher.close()
+        return expired, answer
+
+    expired, answer = asyncio.run(scenario())
+    assert all(isinstance(outcome, DeadlineExceeded) for outcome in expired)
+    assert answer["y"][0, 0] == 14.0
+
+
 def test_full_queue_sheds_with_overloaded_and_admitted_requests_complete() -> None:
     async def scenario() -> list[BaseException | Arrays]:
         gate = threading.Event()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
@@ -94,12 +95,24 @@ class DynamicBatcher:
             pending.timer = loop.call_later(timeout_ns / 1e9, self._expire, pending, timeout_ns)
         self._queue.append(pending)
         self._wakeup.set()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:  # the client went away: its place in the queue is free again
+            if pending.timer is not None:
+                pending.timer.cancel()
+            self._forget(pending)
+            raise
 
     def _expire(self, pending: _Pending, timeout_ns: int) -> None:
         if not pending.future.done():
             message = f"request to {self.label} timed out after {timeout_ns / 1e6:g} ms in the queue; it was not run"
             pending.future.set_exception(DeadlineExceeded(message))
+            # an answered request must not hold a place that max_queue_size counts
+            self._forget(pending)
+
+    def _forget(self, pending: _Pending) -> None:
+        with contextlib.suppress(ValueError):  # already taken into a batch
+            self._queue.remove(pending)
 
     async def close(self) -> None:
         """Stop taking requests, let queued and running ones finish, then stop the workers."""
