@@ -139,7 +139,6 @@ class Authenticator:
 
     def _api_key(self, key_id: str, secret: str) -> Principal:
         key = self._keys.get(key_id)
-        assert key is None or key.record.salt is not None
         if key is None or not verify_secret(key.record.salt or "", key.record.secret_hash or "", secret):
             # one message for unknown, revoked and wrong: do not tell a guesser which ids exist
             raise Unauthenticated("the API key is not valid (unknown, revoked or mistyped)")
@@ -160,11 +159,11 @@ class Authenticator:
         """The quotas a request of this principal counts against: its key's, then its tenant's."""
         quotas: list[tuple[str, Limits, str]] = []
         record = self._records.get(principal.record_id) if principal.record_id else None
-        if record is not None and _limited(record.limits):
+        if record is not None and not record.limits.unlimited:
             what = f"key '{record.name}'" if record.kind == "key" else f"certificate identity '{record.name}'"
             quotas.append((f"principal:{record.id}", record.limits, what))
         tenant = self.tenants.get(principal.tenant)
-        if tenant is not None and _limited(tenant.limits):
+        if tenant is not None and not tenant.limits.unlimited:
             quotas.append((f"tenant:{tenant.name}", tenant.limits, f"tenant '{tenant.name}'"))
         return quotas
 
@@ -174,10 +173,6 @@ class Authenticator:
             return principal.region
         tenant = self.tenants.get(principal.tenant)
         return tenant.region if tenant is not None else ""
-
-
-def _limited(limits: Limits) -> bool:
-    return limits.rate > 0 or limits.concurrency > 0
 
 
 def _principal_of(record: PrincipalRecord) -> Principal:

@@ -18,6 +18,7 @@ from dhow.access.ratelimit import Limits
 from dhow.access.store import AccessStore, PrincipalRecord
 from dhow.core.errors import InvalidInput
 from dhow.governance.audit import AuditRecord, AuditStore
+from dhow.governance.commands import audit_store_url
 
 __all__ = ["add_parsers", "run"]
 
@@ -110,7 +111,8 @@ def _open_store(args: argparse.Namespace) -> AccessStore:
 
 
 def _audit(args: argparse.Namespace, action: str, tenant: str, details: dict[str, Any]) -> None:
-    store = AuditStore.open(_env(args, "audit_store") or f"sqlite:///{_data_dir(args) / 'audit.sqlite3'}")
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    store = AuditStore.open(audit_store_url(args.audit_store, data_dir))
     try:
         store.append([AuditRecord(kind="admin", action=action, actor=_actor(), tenant=tenant, details=details)])
     finally:

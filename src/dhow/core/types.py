@@ -54,6 +54,18 @@ class LazyHeaders(Mapping[str, str]):
     def __getitem__(self, name: str) -> str:
         return self._headers()[name]
 
+    def get(self, name: str, default: Any = None) -> Any:
+        """One header (``name`` in lower case) by a scan of the raw pairs: the data plane asks every request
+        for one or two, which must not cost decoding them all."""
+        if self._decoded is not None:
+            return self._decoded.get(name, default)
+        found = default
+        raw_name = name.encode("latin-1")
+        for key, value in self._read():
+            if (key.lower() == raw_name) if isinstance(key, bytes) else (key.lower() == name):
+                found = value.decode("latin-1") if isinstance(value, bytes) else value
+        return found
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._headers())
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -31,8 +30,6 @@ from dhow.governance.masking import Masker
 
 __all__ = ["ACTIONS", "KEY_FIELDS", "Access", "AccessGuard", "Admission"]
 
-log = logging.getLogger("dhow.access")
-
 #: request ids: random per process, then counted (unique across servers, and cheaper than 8 random bytes each)
 _ID_PREFIX = secrets.token_hex(4)
 _ID_COUNTER = itertools.count(1)
@@ -52,30 +49,30 @@ def _actions(*pairs: tuple[Permission, str]) -> dict[str, Access]:
     return {action: Access(permission, action) for permission, action in pairs}
 
 
-P = Permission
+_P = Permission
 #: every action a door may map a route or RPC to, by its name in the audit trail
 ACTIONS: dict[str, Access] = _actions(
-    (P.SERVER_READ, "server.metadata"),
-    (P.SERVER_READ, "server.openapi"),
-    (P.METRICS_READ, "metrics.read"),
-    (P.STATS_READ, "stats.read"),
-    (P.MODEL_READ, "model.metadata"),
-    (P.MODEL_READ, "model.ready"),
-    (P.MODEL_READ, "model.config"),
-    (P.MODEL_READ, "repository.index"),
-    (P.INFER, "infer"),
-    (P.MODEL_MANAGE, "model.load"),
-    (P.MODEL_MANAGE, "model.unload"),
-    (P.DEPLOYMENT_READ, "deployment.read"),
-    (P.DEPLOYMENT_WRITE, "deployment.put"),
-    (P.DEPLOYMENT_WRITE, "deployment.delete"),
-    (P.DEPLOYMENT_WRITE, "deployment.action"),
-    (P.ACCESS_MANAGE, "key.list"),
-    (P.ACCESS_MANAGE, "key.create"),
-    (P.ACCESS_MANAGE, "key.revoke"),
-    (P.ACCESS_MANAGE, "key.rotate"),
-    (P.AUDIT_READ, "audit.read"),
-    (P.AUDIT_READ, "audit.verify"),
+    (_P.SERVER_READ, "server.metadata"),
+    (_P.SERVER_READ, "server.openapi"),
+    (_P.METRICS_READ, "metrics.read"),
+    (_P.STATS_READ, "stats.read"),
+    (_P.MODEL_READ, "model.metadata"),
+    (_P.MODEL_READ, "model.ready"),
+    (_P.MODEL_READ, "model.config"),
+    (_P.MODEL_READ, "repository.index"),
+    (_P.INFER, "infer"),
+    (_P.MODEL_MANAGE, "model.load"),
+    (_P.MODEL_MANAGE, "model.unload"),
+    (_P.DEPLOYMENT_READ, "deployment.read"),
+    (_P.DEPLOYMENT_WRITE, "deployment.put"),
+    (_P.DEPLOYMENT_WRITE, "deployment.delete"),
+    (_P.DEPLOYMENT_WRITE, "deployment.action"),
+    (_P.ACCESS_MANAGE, "key.list"),
+    (_P.ACCESS_MANAGE, "key.create"),
+    (_P.ACCESS_MANAGE, "key.revoke"),
+    (_P.ACCESS_MANAGE, "key.rotate"),
+    (_P.AUDIT_READ, "audit.read"),
+    (_P.AUDIT_READ, "audit.verify"),
 )
 
 
