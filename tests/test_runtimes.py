@@ -406,3 +406,26 @@ def test_torch_fp16_on_gpu_matches_cpu(demo_repository: Path, loaded: list[Runti
     on_gpu = gpu.infer(inputs, ["scores"])["scores"]
     assert on_gpu.dtype == np.float32  # fp16 is how it computes, not what it answers
     np.testing.assert_allclose(on_gpu, on_cpu, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU visible to torch (torch.cuda.is_available())")
+def test_two_gpu_instances_run_at_once_and_reuse_pinned_buffers(demo_repository: Path, loaded: list[Runtime]) -> None:
+    """Two instances on one GPU, each on its own stream, called from two threads with batches that grow and shrink
+    (the pinned staging buffers are reused and regrown): every answer matches the CPU's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = demo_repository / "torch_mlp" / "1"
+    cpu_config = CONFIGS["torch_mlp"]
+    gpu_config = ModelConfig(
+        "torch_mlp", "torch", cpu_config.inputs, cpu_config.outputs, max_batch_size=64, device="cuda", precision="bf16"
+    )
+    cpu = _load(loaded, folder, cpu_config)
+    gpus = [_load(loaded, folder, gpu_config) for _ in range(2)]
+    batches = [_inputs(cpu_config.inputs or (), rows=rows, seed=rows) for rows in (4, 64, 1, 33, 64, 2) * 4]
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda item: gpus[item[0] % 2].infer(item[1], ["scores"]), enumerate(batches)))
+    for batch, answer in zip(batches, answers, strict=True):
+        expected = cpu.infer(batch, ["scores"])["scores"]
+        assert answer["scores"].shape == expected.shape
+        np.testing.assert_allclose(answer["scores"], expected, rtol=5e-2, atol=5e-2)

@@ -7,6 +7,7 @@ a tuple/list matched in order to the declared outputs, or a dict by output name.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections.abc import Mapping, Sequence
@@ -30,8 +31,9 @@ from dhow.runtimes.loading import (
 
 log = logging.getLogger("dhow.runtimes.torch")
 
-# torch.jit's functions carry no annotations; strict mypy would refuse every call
+# torch.jit's and torch.cuda's functions carry no annotations; strict mypy would refuse every call
 _jit: Any = torch.jit
+_cuda: Any = torch.cuda
 
 _PRECISIONS: dict[str, Any] = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -60,6 +62,10 @@ class TorchRuntime:
         self._signature: Signature = ((), ())
         #: floating-point inputs are cast to this before the call (None: left as they come)
         self._dtype: Any = None
+        #: on cuda: this instance's own stream, so that several instances on one GPU overlap
+        self._stream: Any = None
+        #: on cuda: page-locked staging tensors per input, reused across batches and grown when one is larger
+        self._staging: dict[str, Any] = {}
 
     def load(self, version_dir: Path, config: ModelConfig) -> None:
         self._signature = require_declared(config, "torch")
@@ -83,6 +89,8 @@ class TorchRuntime:
             else:
                 self._dtype = _PRECISIONS[config.precision]
                 module = module.to(self._dtype)
+        if self.device != "cpu":
+            self._stream = _cuda.Stream(device=self.device)
         self._module, self._config = module, config
 
     def signature(self) -> Signature:
@@ -93,8 +101,12 @@ class TorchRuntime:
         if module is None or config is None:
             raise ModelFault("the torch model is not loaded")
         declared = {spec.name: spec for spec in self._signature[1]}
-        with torch.inference_mode():
-            args = [self._tensor(inputs[spec.name]) if spec.name in inputs else None for spec in self._signature[0]]
+        stream = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+        with torch.inference_mode(), stream:
+            args = [
+                self._tensor(spec.name, inputs[spec.name]) if spec.name in inputs else None
+                for spec in self._signature[0]
+            ]
             try:
                 result = module(*args)
             except Exception as exc:
@@ -107,21 +119,36 @@ class TorchRuntime:
         check_rows(config, inputs, results)
         return results
 
-    def _tensor(self, array: np.ndarray) -> Any:
+    def _tensor(self, name: str, array: np.ndarray) -> Any:
         if self.device == "cpu":
             # request arrays are often read-only views of the wire buffer; torch wants to own writable memory
             tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
         else:
             # one copy into page-locked memory lets the host-to-GPU transfer run asynchronously
-            host = torch.empty(array.shape, dtype=_TORCH_DTYPES[array.dtype], pin_memory=True)
+            host = self._pinned(name, array)
             host.numpy()[...] = array
             tensor = host.to(self.device, non_blocking=True)
         if self._dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(self._dtype)
         return tensor
 
+    def _pinned(self, name: str, array: np.ndarray) -> Any:
+        """A page-locked view shaped like ``array``: allocating pinned memory per batch costs more than the copy.
+
+        Reusing it is safe because ``infer`` returns only after its outputs came back to the host, which
+        waits on this instance's stream, and so on the transfer from the buffer; one thread runs an instance.
+        """
+        dtype = _TORCH_DTYPES[array.dtype]
+        buffer = self._staging.get(name)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < array.size:
+            capacity = max(array.size, 2 * buffer.numel() if buffer is not None and buffer.dtype == dtype else 0)
+            buffer = self._staging[name] = torch.empty(capacity, dtype=dtype, pin_memory=True)
+        return buffer[: array.size].view(array.shape)
+
     def unload(self) -> None:
         self._module = None
+        self._staging.clear()
+        self._stream = None
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
