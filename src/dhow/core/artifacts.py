@@ -11,7 +11,15 @@ from pathlib import Path
 
 from dhow.core.errors import ModelLoadError
 
-__all__ = ["ENCRYPTED_SUFFIX", "Decryptor", "install_decryptor", "is_encrypted", "plain_path", "read_artifact"]
+__all__ = [
+    "ENCRYPTED_SUFFIX",
+    "Decryptor",
+    "install_decryptor",
+    "installed_decryptor",
+    "is_encrypted",
+    "plain_path",
+    "read_artifact",
+]
 
 ENCRYPTED_SUFFIX = ".enc"
 
@@ -26,6 +34,11 @@ def install_decryptor(fn: Decryptor | None) -> None:
     """Decrypt ``*.enc`` artifacts with ``fn`` from now on; ``None`` uninstalls it."""
     global _decryptor
     _decryptor = fn
+
+
+def installed_decryptor() -> Decryptor | None:
+    """The decryptor installed now: what a worker process is handed at start, to install as its own."""
+    return _decryptor
 
 
 def is_encrypted(path: Path) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ from dhow.monitoring.metrics import ServerMetrics
 from dhow.runtimes.base import Runtime, create_runtime
 from dhow.scheduling.batcher import DynamicBatcher
 from dhow.scheduling.stats import BatchTimings, ModelStats
+from dhow.serving.process_instance import load_process_instances
 
 log = logging.getLogger("dhow.models")
 
@@ -21,16 +23,19 @@ def load_runtimes(config: ModelConfig, version_dir: Path) -> tuple[list[Runtime]
     """Load one runtime per instance (blocking: call from a thread) and complete the config.
 
     A manifest may leave inputs/outputs out where the artifact declares them (ONNX); the
-    runtime's signature fills them in, and declared names are checked against it.
+    runtime's signature fills them in, and declared names are checked against it. With
+    ``instances.kind: process`` each instance is a process hosting the runtime, and the
+    signature comes from there.
     """
-    if config.instances.kind == "process":
-        raise ModelLoadError(f"{config.name}: instances.kind 'process' is not available in this release; use 'thread'")
     runtimes: list[Runtime] = []
     try:
-        for _ in range(config.instances.count):
-            runtime = create_runtime(config.runtime)
-            runtime.load(version_dir, config)
-            runtimes.append(runtime)
+        if config.instances.kind == "process":
+            runtimes.extend(load_process_instances(config, version_dir))
+        else:
+            for _ in range(config.instances.count):
+                runtime = create_runtime(config.runtime)
+                runtime.load(version_dir, config)
+                runtimes.append(runtime)
         inputs, outputs = runtimes[0].signature()
         return runtimes, _complete(config, inputs, outputs)
     except BaseException:
@@ -93,6 +98,10 @@ class ModelVersion:
         """Finish what is queued and running, then release the runtimes."""
         await self.batcher.close()
         self._executor.shutdown(wait=True)
+        # in a thread: a process instance waits for its process to exit
+        await asyncio.to_thread(self._unload)
+
+    def _unload(self) -> None:
         for runtime in self.runtimes:
             try:
                 runtime.unload()
