@@ -196,7 +196,9 @@ class DynamicBatcher:
         try:
             results, timings = await loop.run_in_executor(self._executor, _execute, instance, batch, outputs)
         except Exception as exc:  # the model's fault reaches every request of the batch
-            fault = exc if isinstance(exc, (ModelFault, InvalidInput)) else ModelFault(f"{self.label} failed: {exc!r}")
+            # what an instance says of itself stays as it is (a restarting process instance is a 503, not a 500)
+            passed = (ModelFault, InvalidInput, Unavailable, DeadlineExceeded)
+            fault = exc if isinstance(exc, passed) else ModelFault(f"{self.label} failed: {exc!r}")
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(fault)

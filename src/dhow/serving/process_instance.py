@@ -30,7 +30,7 @@ import orjson
 
 from dhow.core import errors
 from dhow.core.artifacts import installed_decryptor
-from dhow.core.errors import DhowError, ModelFault, ModelLoadError
+from dhow.core.errors import DhowError, ModelFault, ModelLoadError, Unavailable
 from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.runtimes.loading import Signature, threads_for
 from dhow.serving.instance_worker import LOG_MARK, WorkerStart
@@ -166,14 +166,15 @@ class ProcessInstance:
     def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         with self._lock:
             if self._closing:
-                raise ModelFault(f"{self._what} is being unloaded")
+                raise Unavailable(f"{self._what} is being unloaded; retry")
             child = self._current()
             try:
                 return child.exchange(inputs, outputs)
             except _ChildGone as gone:
                 if gone.computed:
-                    # the relay thread sees the same exit and restarts the child once this lock is free
-                    raise ModelFault(f"{self._what} exited with {child.exit_status()}; restarting") from None
+                    # the relay thread sees the same exit and restarts the child once this lock is free; inference
+                    # has no side effects to undo, so the client may simply send the request again
+                    raise Unavailable(f"{self._what} exited with {child.exit_status()}; restarting; retry") from None
             # it died before the batch reached it: nothing was computed, so the batch runs on a new child
             return self._current().exchange(inputs, outputs)
 
