@@ -36,3 +36,19 @@ def test_lists_from_environment() -> None:
     settings = resolve_settings({}, {"DHOW_LOAD_MODELS": "a, b", "DHOW_ALLOW_MODEL_UPLOAD": "true"})
     assert settings.load_models == ("a", "b")
     assert settings.allow_model_upload is True
+
+
+def test_workers_from_every_source_and_at_least_one(tmp_path: Path) -> None:
+    config = tmp_path / "dhow.yaml"
+    config.write_text("workers: 3\n")
+    assert ServerSettings().workers == 1
+    assert resolve_settings({}, {}, config).workers == 3
+    assert resolve_settings({}, {"DHOW_WORKERS": "4"}, config).workers == 4
+    assert resolve_settings({"workers": 2}, {"DHOW_WORKERS": "4"}, config).workers == 2
+    with pytest.raises(InvalidInput, match=r"option --workers: 'workers' must be an integer of at least 1, got 0"):
+        resolve_settings({"workers": 0}, {})
+    with pytest.raises(InvalidInput, match=r"environment variable DHOW_WORKERS: 'workers' expects int, got 'two'"):
+        resolve_settings({}, {"DHOW_WORKERS": "two"})
+    config.write_text("workers: -1\n")
+    with pytest.raises(InvalidInput, match=r"settings file .*: 'workers' must be an integer of at least 1, got -1"):
+        resolve_settings({}, {}, config)

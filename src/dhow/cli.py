@@ -78,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     serve.add_argument("--loop", choices=["uvloop", "asyncio"], help="event loop (default uvloop)")
     serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="server processes sharing the ports, each with its own copy of the models (default 1)",
+    )
+    serve.add_argument(
         "--config", type=Path, metavar="FILE", help="a YAML file of settings (same names, e.g. http_port: 9000)"
     )
 
@@ -171,6 +177,10 @@ def _serve(args: argparse.Namespace) -> int:
     if not settings.repository.is_dir():
         print(f"dhow: the model repository {settings.repository} is not a folder (see --repository)", file=sys.stderr)
         return 2
+    if settings.workers > 1:
+        from dhow.supervisor import serve_workers
+
+        return serve_workers(settings)
     run_server(settings)
     return 0
 

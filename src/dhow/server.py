@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
 
 import uvicorn
 
@@ -15,7 +16,7 @@ from dhow.core.artifacts import install_decryptor
 from dhow.governance.masking import Masker, install_log_masking, parse_masking
 from dhow.governance.residency import ResidencyPolicy, check_region_name
 from dhow.monitoring.metrics import ServerMetrics
-from dhow.protocols.grpc import create_grpc_server
+from dhow.protocols.grpc import GrpcServer, create_grpc_server
 from dhow.protocols.rest import RestApp
 from dhow.protocols.rest.tls import ClientCertHttpProtocol
 from dhow.repository.encryption import Keyring
@@ -23,6 +24,7 @@ from dhow.repository.store import ModelRepository
 from dhow.rollouts.controller import RolloutController
 from dhow.rollouts.store import RegistryStore
 from dhow.serving.dataplane import DataPlane
+from dhow.serving.guard import AccessGuard
 from dhow.serving.model_manager import ModelControl, ModelManager
 from dhow.serving.security import Security, masking_key
 from dhow.settings import ServerSettings
@@ -39,15 +41,22 @@ class _HttpServer(uvicorn.Server):
 
 
 class Server:
-    def __init__(self, settings: ServerSettings) -> None:
+    """One server process; ``http_socket``: a REST socket bound by the caller (a worker sharing the port)."""
+
+    def __init__(self, settings: ServerSettings, http_socket: socket.socket | None = None) -> None:
         self.settings = settings
+        self.http_socket = http_socket
         self.metrics = ServerMetrics()
         control = ModelControl(settings.model_control)
         upload_dir = settings.data_dir / "uploads" if settings.allow_model_upload else None
         if upload_dir is not None:
             upload_dir.mkdir(parents=True, exist_ok=True)
         self.models = ModelManager(
-            ModelRepository(settings.repository), self.metrics, control=control, upload_dir=upload_dir
+            ModelRepository(settings.repository),
+            self.metrics,
+            control=control,
+            upload_dir=upload_dir,
+            workers=settings.workers,
         )
         self.dataplane = DataPlane(self.models)
         self.rest = RestApp(
@@ -67,7 +76,13 @@ class Server:
     def stop(self) -> None:
         self._stop.set()
 
-    async def serve(self) -> None:
+    async def serve(self, on_ready: Callable[[], None] | None = None, *, load_first: bool = False) -> None:
+        """Serve until stopped; ``on_ready`` is called once the models are loaded and the doors open.
+
+        The doors open before the models load, and health says "not ready" meanwhile; with ``load_first`` (a
+        worker replacing one that died) they open after, so that until then the kernel gives new connections
+        to the workers that are serving.
+        """
         settings = self.settings
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -75,6 +90,39 @@ class Server:
                 loop.add_signal_handler(sig, self.stop)
         guard = await self.security.start(self.models, self.dataplane)
         self.rest.guard = guard
+        rollouts = await self._load() if load_first else None
+        http, http_task, grpc = await self._open_doors(guard)
+        if rollouts is None:
+            rollouts = await self._load()
+        self.dataplane.is_ready = True
+        poller = None
+        if self.models.control is ModelControl.POLL:
+            poller = asyncio.create_task(self.models.poll_forever(settings.poll_interval))
+        log.info("dhow is ready")
+        if on_ready is not None:
+            on_ready()
+        await self._stop.wait()
+        log.info("dhow is shutting down")
+        self.dataplane.is_ready = False
+        if poller is not None:
+            poller.cancel()
+        http.should_exit = True
+        await grpc.server.stop(5)
+        await http_task
+        await rollouts.close()
+        await self.models.close()
+        await self.security.close()
+        log.info("dhow stopped")
+
+    async def _load(self) -> RolloutController:
+        """Load the models the control mode says to load at start, then apply the deployments."""
+        control = self.models.control
+        await self.models.start(None if control is not ModelControl.EXPLICIT else list(self.settings.load_models))
+        return await self._start_rollouts()
+
+    async def _open_doors(self, guard: AccessGuard) -> tuple[_HttpServer, asyncio.Task[None], GrpcServer]:
+        """Start gRPC and REST; a port that cannot be served stops the process with a message."""
+        settings = self.settings
         tls = self.tls
         http = _HttpServer(
             uvicorn.Config(
@@ -99,9 +147,10 @@ class Server:
             max_message_bytes=settings.max_request_bytes,
             guard=guard,
             credentials=tls.grpc_credentials() if tls is not None else None,
+            reuse_port=settings.workers > 1,
         )
         await grpc.server.start()
-        http_task = asyncio.create_task(http.serve())
+        http_task = asyncio.create_task(http.serve(None if self.http_socket is None else [self.http_socket]))
         while not http.started and not http_task.done():
             await asyncio.sleep(0.01)
         if http_task.done():
@@ -118,26 +167,7 @@ class Server:
             grpc.port,
             settings.model_control,
         )
-        control = self.models.control
-        await self.models.start(None if control is not ModelControl.EXPLICIT else list(settings.load_models))
-        rollouts = await self._start_rollouts()
-        self.dataplane.is_ready = True
-        poller = None
-        if control is ModelControl.POLL:
-            poller = asyncio.create_task(self.models.poll_forever(settings.poll_interval))
-        log.info("dhow is ready")
-        await self._stop.wait()
-        log.info("dhow is shutting down")
-        self.dataplane.is_ready = False
-        if poller is not None:
-            poller.cancel()
-        http.should_exit = True
-        await grpc.server.stop(5)
-        await http_task
-        await rollouts.close()
-        await self.models.close()
-        await self.security.close()
-        log.info("dhow stopped")
+        return http, http_task, grpc
 
     async def _start_rollouts(self) -> RolloutController:
         """Open the registry of deployments and apply them; the data plane then routes by them."""
@@ -161,13 +191,28 @@ def _safe_url(url: str) -> str:
     return f"{scheme}{sep}{rest}"
 
 
-def run_server(settings: ServerSettings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(settings: ServerSettings) -> None:
+    """Log lines to stderr, masked; with several workers each line names its process."""
+    process = "[%(process)d]" if settings.workers > 1 else ""
+    logging.basicConfig(
+        level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s{process}: %(message)s"
+    )
     # PII never reaches a log line, whichever logger wrote it
     install_log_masking(Masker(parse_masking(None, "logs"), masking_key(settings)))
 
+
+def run_server(
+    settings: ServerSettings,
+    *,
+    http_socket: socket.socket | None = None,
+    on_ready: Callable[[], None] | None = None,
+    load_first: bool = False,
+) -> None:
+    """Run one server process until SIGINT or SIGTERM (see ``Server``)."""
+    configure_logging(settings)
+
     async def main() -> None:
-        await Server(settings).serve()
+        await Server(settings, http_socket).serve(on_ready, load_first=load_first)
 
     if settings.loop == "uvloop":
         try:

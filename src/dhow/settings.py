@@ -49,6 +49,8 @@ class ServerSettings:
     log_level: str = "info"
     #: event loop: uvloop (faster) or asyncio
     loop: str = "uvloop"
+    #: server processes sharing the ports (1: this process serves; more: a supervisor starts that many)
+    workers: int = 1
 
     # -- security (see docs/security.md) --
     #: on: every request but health needs a credential (API key, JWT or client certificate); none: local development
@@ -108,6 +110,8 @@ _CHOICES = {
     "auth": ("on", "none"),
     "tls_client_auth": ("required", "optional"),
 }
+#: integer settings with a lower bound
+_AT_LEAST = {"workers": 1}
 
 
 def _convert(name: str, value: object, source: str) -> object:
@@ -131,6 +135,8 @@ def _convert(name: str, value: object, source: str) -> object:
         raise InvalidInput(f"{source}: '{name}' expects {kind}, got {value!r}") from None
     if name in _CHOICES and result not in _CHOICES[name]:
         raise InvalidInput(f"{source}: '{name}' must be one of {', '.join(_CHOICES[name])}, got {value!r}")
+    if name in _AT_LEAST and isinstance(result, int) and result < _AT_LEAST[name]:
+        raise InvalidInput(f"{source}: '{name}' must be an integer of at least {_AT_LEAST[name]}, got {value!r}")
     return result
 
 

@@ -1,9 +1,20 @@
-"""Prometheus metrics of one server, in a registry of its own (no global state to clean up)."""
+"""Prometheus metrics of one server, in a registry of its own (no global state to clean up).
+
+When several worker processes share the ports, the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before they
+start: prometheus_client then keeps every value in a file per process, and ``/metrics`` renders the sums of
+all of them (the dead workers' counts included), whichever worker answers.
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
+
+#: prometheus_client's own switch to multi-process mode, read when it is first imported
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -46,9 +57,24 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.models_loaded = Gauge(
-            "dhow_models_loaded", "Model versions loaded and ready to serve.", registry=self.registry
+            "dhow_models_loaded",
+            "Model versions loaded and ready to serve (with several workers: in the worker that has the fewest).",
+            registry=self.registry,
+            multiprocess_mode="livemin",
         )
+        self.workers = Gauge(
+            "dhow_workers",
+            "Server processes answering on these ports (--workers; fewer while one restarts).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.workers.set(1)
+        self._exposed = self.registry
+        if os.environ.get(MULTIPROCESS_DIR):
+            # the metrics above write to this process's files; the exposition reads every process's
+            self._exposed = CollectorRegistry()
+            MultiProcessCollector(self._exposed)  # type: ignore[no-untyped-call]
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, for ``GET /metrics``."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self._exposed), CONTENT_TYPE_LATEST

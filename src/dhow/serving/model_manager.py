@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from dhow.core.errors import DhowError, Forbidden, InvalidInput, ModelLoadError, NotFound, Unavailable
+from dhow.core.errors import DhowError, Forbidden, InvalidInput, ModelLoadError, NotFound, Unavailable, Unsupported
 from dhow.governance.audit import AuditRecord
 from dhow.governance.audit_trail import AuditTrail
 from dhow.governance.masking import parse_masking
@@ -61,12 +61,15 @@ class ModelManager:
         *,
         control: ModelControl = ModelControl.NONE,
         upload_dir: Path | None = None,
+        workers: int = 1,
     ) -> None:
         self.repository = repository
         self.metrics = metrics
         self.control = control
         #: where uploaded model files are written; None refuses uploads (they can run code)
         self.upload_dir = upload_dir
+        #: server processes sharing the ports; with more than one, a load through the API would reach only one
+        self.workers = workers
         self.entries: dict[str, ModelEntry] = {}
         self._uploaded: dict[str, ModelRepository] = {}
         #: versions that deployments route to, kept loaded beside what the version policy selects
@@ -114,7 +117,9 @@ class ModelManager:
             return Unavailable(f"model '{name}' is not available: {entry.reason}", retry_after=5)
         if name in self._known_names():
             hint = (
-                f"load it with POST /v2/repository/models/{name}/load" if self.control is ModelControl.EXPLICIT else ""
+                f"load it with POST /v2/repository/models/{name}/load"
+                if self.control is ModelControl.EXPLICIT and self.workers == 1
+                else ""
             )
             return Unavailable(f"model '{name}' is not loaded. {hint}".strip(), retry_after=5)
         return NotFound(f"unknown model '{name}'; GET /v2/repository/index lists the models")
@@ -228,6 +233,11 @@ class ModelManager:
         await self.unload(name)
 
     def _check_api_control(self, action: str) -> None:
+        if self.workers > 1:
+            raise Unsupported(
+                f"cannot {action} models through the API: with --workers {self.workers} each server process loads "
+                "from the repository itself; use --model-control poll (or restart)"
+            )
         if self.control is not ModelControl.EXPLICIT:
             raise Forbidden(
                 f"cannot {action} models through the API when model control is '{self.control.value}'; "

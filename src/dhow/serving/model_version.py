@@ -64,7 +64,7 @@ class ModelVersion:
         self.version = version
         self.version_label = str(version)
         self.runtimes = runtimes
-        self.stats = ModelStats()
+        self.stats = ModelStats.for_version(config.name, version, config.max_batch_size)
         self.inputs: dict[str, TensorSpec] = {spec.name: spec for spec in config.inputs or ()}
         self.outputs: dict[str, TensorSpec] = {spec.name: spec for spec in config.outputs or ()}
         self.output_names = tuple(self.outputs)

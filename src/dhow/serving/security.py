@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from dhow.access.authenticator import Authenticator
 from dhow.access.jwt import JwtVerifier
@@ -57,17 +58,37 @@ class Security:
         self.limiter: RateLimiter | None = None
         self._audit_stores: dict[str, AuditStore] = {}
 
-    async def start(self, models: ModelManager, dataplane: DataPlane) -> AccessGuard:
+    async def prepare(self) -> None:
+        """The first start's one-time work alone, then close: what a supervisor does before its workers start.
+
+        It makes the masking key, migrates the access and audit stores and makes (and prints) the first admin
+        key, so that the workers find it all done: they neither race on it nor each print a key.
+        """
+        try:
+            await self._open(writer="thread")
+            if self.settings.auth == "on":
+                await self._first_key()
+        finally:
+            await self.close()
+
+    async def _open(self, writer: Literal["thread", "process"]) -> bytes:
+        """Open the stores and start the audit trail; the masking key."""
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         key = await asyncio.to_thread(masking_key, settings)
-        dataplane.masking_key = key
         self.store = await asyncio.to_thread(AccessStore.open, settings.registry_url())
         for region, url in audit_urls(settings).items():
             self._audit_stores[region] = await asyncio.to_thread(AuditStore.open, url)
-        # the writer process chains and writes off this process's interpreter lock (see docs/security.md)
-        self.audit = AuditTrail(self._audit_stores, settings.region, writer="process")
+        self.audit = AuditTrail(self._audit_stores, settings.region, writer=writer)
         await self.audit.start()
+        return key
+
+    async def start(self, models: ModelManager, dataplane: DataPlane) -> AccessGuard:
+        settings = self.settings
+        # the writer process chains and writes off this process's interpreter lock (see docs/security.md)
+        key = await self._open(writer="process")
+        assert self.store is not None and self.audit is not None
+        dataplane.masking_key = key
         jwt = None
         if settings.jwt_issuer:
             if not settings.jwt_jwks:
@@ -99,7 +120,7 @@ class Security:
         )
 
     async def _first_key(self) -> None:
-        assert self.store is not None and self.authenticator is not None and self.audit is not None
+        assert self.store is not None and self.audit is not None
         store = self.store
         made = await asyncio.to_thread(
             lambda: store.create_key("admin", tenant="*", roles=["admin"], actor="dhow:first-start", only_if_empty=True)
@@ -107,7 +128,8 @@ class Security:
         if made is None:
             return
         record, token = made
-        await asyncio.to_thread(self.authenticator.reload)
+        if self.authenticator is not None:
+            await asyncio.to_thread(self.authenticator.reload)
         await self.audit.record_now(
             AuditRecord(
                 kind="admin",

@@ -34,19 +34,22 @@ async def create_grpc_server(
     max_message_bytes: int = 64 * 1024 * 1024,
     guard: AccessGuard | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    reuse_port: bool = False,
 ) -> GrpcServer:
     """Create the server and bind it; the caller starts it (``await bound.server.start()``) and
     stops it (``await bound.server.stop(grace)``), so it can start the doors together.
 
     Messages larger than ``max_message_bytes`` are refused by grpc with RESOURCE_EXHAUSTED.
     Raises ``OSError`` if the address cannot be bound. With ``credentials`` the port speaks TLS only.
+    ``reuse_port`` shares the port with the other workers of a supervisor, which checked it was free.
     """
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            # grpc sets SO_REUSEPORT by default: a second server on a busy port would bind silently
-            ("grpc.so_reuseport", 0),
+            # grpc sets SO_REUSEPORT by default: a second server on a busy port would bind silently, so only
+            # workers whose supervisor made sure the port was free share it
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, guard), server)
