@@ -64,6 +64,12 @@ class OnnxRuntime:
         # requests run concurrently on the instances; one graph branch at a time is enough per run
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        spinning = config.parameters.get("allow_spinning", False)
+        if not isinstance(spinning, bool):
+            raise ModelLoadError(f"{config.name}/model.yaml: parameters.allow_spinning must be true or false")
+        # idle intra-op threads spin by default, burning a core between batches that the event loop and the
+        # other instances need; off unless a model on a machine with cores to spare asks for it
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
             model = str(path) if plaintext is None else plaintext
             session = onnxruntime.InferenceSession(model, sess_options=options, providers=providers)
