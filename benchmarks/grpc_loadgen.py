@@ -1,5 +1,5 @@
-"""The gRPC twin of loadgen.py: N unary calls in flight on one HTTP/2 connection, each sends its next when
-the last answers.
+"""The gRPC twin of loadgen.py: N unary calls in flight (each caller on its own HTTP/2 connection unless
+told to share), each sends its next when the last answers.
 
 grpcio's Python client spends 120 to 200 µs of CPU per call here, more than the servers it would measure on
 a 2-core machine (perf_analyzer, C++, about 60 µs). So this speaks just enough HTTP/2 itself: the request
@@ -201,28 +201,42 @@ async def _caller(
     return failures
 
 
-async def _run(host: str, port: int, requests: list[bytes], concurrency: int, warmup: float, seconds: float) -> Result:
-    connection = await Connection.open(host, port)
+async def _run(
+    host: str, port: int, requests: list[bytes], concurrency: int, connections: int, warmup: float, seconds: float
+) -> Result:
+    opened = [await Connection.open(host, port) for _ in range(max(1, min(connections, concurrency)))]
     try:
-        if connection.max_streams < concurrency:
-            raise ValueError(f"the server allows {connection.max_streams} concurrent streams, not {concurrency}")
+        for connection in opened:
+            callers = -(-concurrency // len(opened))
+            if connection.max_streams < callers:
+                raise ValueError(f"the server allows {connection.max_streams} concurrent streams, not {callers}")
         start = time.perf_counter()
         measure_from, stop_at = start + warmup, start + warmup + seconds
         latencies: list[float] = []
         failures = await asyncio.gather(
             *(
-                _caller(connection, requests[i:] + requests[:i], stop_at, measure_from, latencies)
+                _caller(opened[i % len(opened)], requests[i:] + requests[:i], stop_at, measure_from, latencies)
                 for i in range(concurrency)
             )
         )
     finally:
-        await connection.close()
+        for connection in opened:
+            await connection.close()
     return Result(len(latencies), sum(failures), seconds, np.asarray(latencies))
 
 
 def run(
-    host: str, port: int, requests: Sequence[bytes], *, concurrency: int, warmup: float = 2, seconds: float = 10
+    host: str,
+    port: int,
+    requests: Sequence[bytes],
+    *,
+    concurrency: int,
+    connections: int = 0,
+    warmup: float = 2,
+    seconds: float = 10,
 ) -> Result:
     """Drive ``requests`` (serialised ``ModelInferRequest``s, cycled) at a fixed concurrency; measure after
-    ``warmup`` seconds for ``seconds``."""
-    return asyncio.run(_run(host, port, list(requests), concurrency, warmup, seconds))
+    ``warmup`` seconds for ``seconds``. Callers share ``connections`` HTTP/2 connections round-robin; 0 gives
+    each caller its own, as independent clients have (and as loadgen.py's REST callers have)."""
+    connections = connections or concurrency
+    return asyncio.run(_run(host, port, list(requests), concurrency, connections, warmup, seconds))

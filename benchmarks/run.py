@@ -315,7 +315,7 @@ def preamble(run: report.Run, args: argparse.Namespace) -> list[str]:
         "MLServer: it reads `/v2/models/{m}/config` (REST) or the `ModelConfig` RPC (gRPC) before sending anything, "
         "and MLServer has neither (`failed to get model config`). So both servers are driven by "
         "`benchmarks/loadgen.py` over REST (HTTP/1.1 keep-alive, one connection per caller, JSON tensors: the only "
-        "encoding MLServer takes) and `benchmarks/grpc_loadgen.py` over gRPC (one HTTP/2 connection, c streams, "
+        "encoding MLServer takes) and `benchmarks/grpc_loadgen.py` over gRPC (one HTTP/2 connection per caller, as independent clients have; "
         "`raw_input_contents` as Triton's clients send them; grpcio's Python client cost 120-200 µs of CPU per "
         "call, this one about a third of that). Their CPU per request in this run, mean over points: REST "
         f"{generator_cpu('rest')}, gRPC {generator_cpu('grpc')}. perf_analyzer measures dhow's goal points with the "

@@ -66,11 +66,15 @@ WORKLOADS = {
 }
 
 _THREAD = {"count": 1, "kind": "thread"}
-#: what serves best today; threads of one process, one server worker (the process model is changing)
+#: what served best here (tried: 1 or 2 server workers; ORT threads 1 or 2, spinning on or off; for scikit-learn
+#: a thread instance, 1 or 2 process instances): two server processes for the light models, whose cost is the
+#: protocol work in Python, and one process with two ORT threads for mlp, whose cost is the model
 DHOW = {
-    "tabular": DhowSetup({"batching": {"max_queue_delay_ms": 0}, "instances": _THREAD, "threads": 1}),
+    "tabular": DhowSetup(
+        {"batching": {"max_queue_delay_ms": 0}, "instances": _THREAD, "threads": 1}, ("--workers", "2")
+    ),
     "mlp": DhowSetup({"max_batch_size": 64, "batching": {"max_queue_delay_ms": 0}, "instances": _THREAD, "threads": 2}),
-    "tabular_sklearn": DhowSetup({"batching": {"max_queue_delay_ms": 0}, "instances": _THREAD}),
+    "tabular_sklearn": DhowSetup({"batching": {"max_queue_delay_ms": 0}, "instances": _THREAD}, ("--workers", "2")),
 }
 
 
