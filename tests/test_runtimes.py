@@ -429,3 +429,16 @@ def test_two_gpu_instances_run_at_once_and_reuse_pinned_buffers(demo_repository:
         expected = cpu.infer(batch, ["scores"])["scores"]
         assert answer["scores"].shape == expected.shape
         np.testing.assert_allclose(answer["scores"], expected, rtol=5e-2, atol=5e-2)
+
+
+def test_onnx_spinning_is_a_checked_switch(demo_repository: Path, loaded: list[Runtime]) -> None:
+    """Off by default, on when asked; anything but a boolean is refused with the field named."""
+    folder = demo_repository / "mlp" / "1"
+    inputs = {"input": np.ones((2, 512), dtype=np.float32)}
+    answers = [
+        _load(loaded, folder, ModelConfig("mlp", "onnx", parameters=parameters)).infer(inputs, ["logits"])["logits"]
+        for parameters in ({}, {"allow_spinning": True})
+    ]
+    np.testing.assert_array_equal(answers[0], answers[1])
+    with pytest.raises(ModelLoadError, match=r"parameters\.allow_spinning must be true or false"):
+        create_runtime("onnx").load(folder, ModelConfig("mlp", "onnx", parameters={"allow_spinning": "yes"}))
