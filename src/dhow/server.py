@@ -95,6 +95,7 @@ class Server:
         if rollouts is None:
             rollouts = await self._load()
         self.dataplane.is_ready = True
+        self.metrics.workers.set(1)  # answering now: a worker that is still loading is not counted
         poller = None
         if self.models.control is ModelControl.POLL:
             poller = asyncio.create_task(self.models.poll_forever(settings.poll_interval))
@@ -104,6 +105,7 @@ class Server:
         await self._stop.wait()
         log.info("dhow is shutting down")
         self.dataplane.is_ready = False
+        self.metrics.workers.set(0)
         if poller is not None:
             poller.cancel()
         http.should_exit = True

@@ -168,9 +168,14 @@ class Supervisor:
         previous = signal.set_wakeup_fd(self._wake_write)
         handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            for place in self._places:
-                self._start(place)
-            status = self._watch()
+            try:
+                for place in self._places:
+                    self._start(place)
+                status = self._watch()
+            except BaseException:
+                # a worker that cannot be started (EAGAIN, EMFILE) must not leave the others serving unwatched
+                self._stop()
+                raise
             return self._stop() or status
         finally:
             for sig, handler in handlers.items():

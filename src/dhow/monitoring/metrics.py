@@ -68,7 +68,6 @@ class ServerMetrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
-        self.workers.set(1)
         self._exposed = self.registry
         if os.environ.get(MULTIPROCESS_DIR):
             # the metrics above write to this process's files; the exposition reads every process's

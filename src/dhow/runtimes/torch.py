@@ -91,6 +91,8 @@ class TorchRuntime:
                 module = module.to(self._dtype)
         if self.device != "cpu":
             self._stream = _cuda.Stream(device=self.device)
+            # loading and casting the weights ran on the default stream; this one must not start before them
+            self._stream.wait_stream(_cuda.current_stream(self.device))
         self._module, self._config = module, config
 
     def signature(self) -> Signature:

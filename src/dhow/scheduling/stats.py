@@ -11,6 +11,7 @@ there is one code path; only where the slots live differs.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import mmap
 import os
@@ -99,7 +100,10 @@ class StatsFolder:
 
     def _folder(self, name: str, version: int) -> Path:
         # quoted: a model name never makes a path; the version suffix keeps "." and ".." out
-        return self.root / f"{quote(name, safe='')}.{version}"
+        quoted = quote(name, safe="")
+        if len(quoted) > 128:  # a file name holds 255 bytes; a long (or non-ASCII) name quotes to more
+            quoted = f"{quoted[:64]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+        return self.root / f"{quoted}.{version}"
 
     def slots(self, name: str, version: int, count: int) -> memoryview:
         """This worker's slots of a version (made, or grown, to ``count``), mapped into memory."""
@@ -120,13 +124,22 @@ class StatsFolder:
         last = 0
         folder = self._folder(name, version)
         for entry in sorted(os.listdir(folder)):
-            slots = np.fromfile(folder / entry, dtype=np.int64)
-            if slots.size < _HEADER:  # being made by its worker: nothing counted yet
-                continue
-            if slots.size > sums.size:
-                sums = np.concatenate([sums, np.zeros(slots.size - sums.size, dtype=np.int64)])
-            sums[: slots.size] += slots
-            last = max(last, int(slots[_LAST_INFERENCE]))
+            # mapped, not read(): read() copies bytes, and could see a slot half old, half new; loads from the
+            # mapping take each aligned 8-byte slot whole, as its writer stores it
+            with open(folder / entry, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                if size < 8 * _HEADER:  # being made by its worker: nothing counted yet
+                    continue
+                mapped = mmap.mmap(file.fileno(), size - size % 8, access=mmap.ACCESS_READ)
+            try:
+                slots = np.frombuffer(mapped, dtype=np.int64)
+                if slots.size > sums.size:
+                    sums = np.concatenate([sums, np.zeros(slots.size - sums.size, dtype=np.int64)])
+                sums[: slots.size] += slots
+                last = max(last, int(slots[_LAST_INFERENCE]))
+                del slots  # the mapping cannot close while an array views it
+            finally:
+                mapped.close()
         sums[_LAST_INFERENCE] = last
         return [int(value) for value in sums]
 
