@@ -31,11 +31,13 @@ from tests.conftest import DhowProcess, start_dhow
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="process instances need Linux")
 
 PROCESS = "instances: {count: 2, kind: process}\n"
+ONE_PROCESS = "instances: {count: 1, kind: process}\n"
 
 # reports the process it runs in and the models that process imported; fails or hangs when asked to
 PROBE_MODEL = """
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -52,13 +54,18 @@ class Probe:
         x = inputs["x"]
         if (x < 0).any():
             raise ValueError(f"negative input {{int(x.min())}}")
-        if (x == 1000).any():  # hold the batch until the test kills this process
+        if (x >= 1000).any():  # hold the batch until the test kills this process
+            held = [os.getpid()]
+            if (x == 1001).any():  # and hand its socket to a process it starts, as a library might
+                socket_fd = int(sys.argv[1])
+                held.append(subprocess.Popen(["sleep", "120"], pass_fds=(socket_fd,), stdout=subprocess.DEVNULL).pid)
             with open(PIDS, "a") as out:
-                out.write(f"{{os.getpid()}}\\n")
+                out.write(" ".join(map(str, held)) + "\\n")
             time.sleep(60)
         loaded = [module for name, module in list(sys.modules.items()) if name.startswith("dhow_model_")]
         files = sorted(str(getattr(module, "__file__", "")) for module in loaded)
-        seen = json.dumps({{"models": files, "sklearn": "sklearn" in sys.modules}}).encode()
+        inheritable = os.get_inheritable(int(sys.argv[1]))
+        seen = json.dumps({{"models": files, "sklearn": "sklearn" in sys.modules, "inheritable": inheritable}}).encode()
         return {{"pid": np.full(x.shape, os.getpid(), dtype=np.int64), "seen": np.full(x.shape, seen, dtype=object)}}
 """
 
@@ -83,6 +90,29 @@ inputs: [{name: x, datatype: INT64, shape: [-1, 1]}]
 outputs: [{name: y, datatype: INT64, shape: [-1, 1]}]
 """
 
+# loads at once, except while the marker file exists: then its load outlasts any test
+SLOW_MODEL = """
+import os
+import time
+
+
+class Slow:
+    def load(self):
+        if os.path.exists({marker!r}):
+            time.sleep(600)
+
+    def predict(self, inputs):
+        return {{"y": inputs["x"] + 1}}
+"""
+
+# an sklearn model whose signature comes from its estimator (the number of classes), not only from model.yaml
+DRIFTING_YAML = """runtime: sklearn
+max_batch_size: 8
+inputs: [{name: input, datatype: FP64, shape: [-1, 4]}]
+outputs: [{name: predict_proba, datatype: FP64, shape: [-1, 2]}]
+instances: {count: 1, kind: process}
+"""
+
 BROKEN_MODEL = """
 class Broken:
     def load(self):
@@ -98,12 +128,20 @@ class Served:
     server: DhowProcess
     repository: Path
     pids_file: Path
+    slow_marker: Path
 
 
 def _python_model(repository: Path, name: str, manifest: str, source: str) -> None:
     (repository / name / "1").mkdir(parents=True)
     (repository / name / "model.yaml").write_text(manifest, encoding="utf-8")
     (repository / name / "1" / "model.py").write_text(source, encoding="utf-8")
+
+
+def _fit_estimator(path: Path, classes: int) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.arange(4 * 6, dtype=np.float64).reshape(6, 4)
+    joblib.dump(LogisticRegression().fit(x, [i % classes for i in range(6)]), path)
 
 
 def _copy(demo_repository: Path, model: str, repository: Path, name: str, extra: str = "") -> None:
@@ -115,15 +153,19 @@ def _copy(demo_repository: Path, model: str, repository: Path, name: str, extra:
 @pytest.fixture(scope="module")
 def served(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("process-instances")
-    repository, pids_file = root / "models", root / "held-pids.txt"
+    repository, pids_file, slow_marker = root / "models", root / "held-pids.txt", root / "slow-load"
     _copy(demo_repository, "tabular_sklearn", repository, "sk_thread")
     _copy(demo_repository, "tabular_sklearn", repository, "sk_process", PROCESS)
     _copy(demo_repository, "text_python", repository, "text_process", "instances: {count: 1, kind: process}\n")
     _python_model(repository, "probe", PROBE_YAML, PROBE_MODEL.format(pids=str(pids_file)))
     _python_model(repository, "other", OTHER_YAML, OTHER_MODEL)
     _python_model(repository, "broken", OTHER_YAML + PROCESS, BROKEN_MODEL)
+    _python_model(repository, "slow", OTHER_YAML + ONE_PROCESS, SLOW_MODEL.format(marker=str(slow_marker)))
+    (repository / "drifting" / "1").mkdir(parents=True)
+    (repository / "drifting" / "model.yaml").write_text(DRIFTING_YAML, encoding="utf-8")
+    _fit_estimator(repository / "drifting" / "1" / "model.joblib", classes=2)
     server = start_dhow(repository, root, "--model-control", "explicit", "--load-model", "*")
-    yield Served(server, repository, pids_file)
+    yield Served(server, repository, pids_file, slow_marker)
     children = _instance_processes(server)
     assert server.stop() == 0, server.log()
     assert children and not [pid for pid in children if _proc(pid, "stat")], "instances outlived their server"
@@ -272,7 +314,11 @@ def test_each_instance_is_a_process_that_loads_only_its_model(served: Served) ->
     assert status == 200, body
     seen = json.loads(_rest_outputs(body)["seen"][0, 0])
     # the probe's process imported its own model.py, not the other python model's, and no scikit-learn
-    assert seen == {"models": [str(served.repository / "probe" / "1" / "model.py")], "sklearn": False}
+    assert seen == {
+        "models": [str(served.repository / "probe" / "1" / "model.py")],
+        "sklearn": False,
+        "inheritable": False,
+    }
 
 
 # -- failures -------------------------------------------------------------------------------------
@@ -328,6 +374,53 @@ def test_a_killed_instance_fails_its_batch_and_is_restarted(served: Served) -> N
     assert _of(server, "probe").isdisjoint({victim, idle}) and victim in before
     assert _rest(server, "GET", "/v2/models/probe/ready")[0] == 200
     assert server.process.poll() is None
+
+
+def test_an_instance_is_seen_dead_while_a_process_it_started_holds_its_socket(served: Served) -> None:
+    server = served.server
+    served.pids_file.write_text("")
+    held: list[tuple[int, Any]] = []
+    request = threading.Thread(target=lambda: held.append(_probe(server, 1001)))
+    request.start()
+    _wait_until(lambda: len(served.pids_file.read_text().split()) == 2, "the batch is held")
+    victim, holder = map(int, served.pids_file.read_text().split())
+    try:
+        os.kill(victim, signal.SIGKILL)
+        request.join(60)
+        # the socket never reaches its end (the holder has it): the process's own end is what tells
+        status, body = held[0]
+        assert status == 503 and "exited with signal 9 (SIGKILL); restarting; retry" in body["error"], body
+    finally:
+        os.kill(holder, signal.SIGKILL)
+    assert victim not in _probe_pids(server, 4)
+
+
+def test_a_restart_that_loads_another_signature_leaves_no_process_behind(served: Served) -> None:
+    server = served.server
+    (first,) = _of(server, "drifting")
+    _fit_estimator(served.repository / "drifting" / "1" / "model.joblib", classes=3)
+    os.kill(first, signal.SIGKILL)
+    _wait_until(lambda: "now has another signature" in server.log(), "the relay's restart is refused")
+    assert not _of(server, "drifting")
+    # each batch tries the restart again, and each refused child is stopped
+    row = {"name": "input", "shape": [1, 4], "datatype": "FP64", "data": [0.0, 1.0, 2.0, 3.0]}
+    for _ in range(2):
+        status, body = _rest(server, "POST", "/v2/models/drifting/infer", {"inputs": [row]})
+        assert status == 500, body
+        assert not _of(server, "drifting")
+
+
+def test_unload_ends_a_restart_instead_of_waiting_for_its_load(served: Served) -> None:
+    server = served.server
+    (first,) = _of(server, "slow")
+    served.slow_marker.write_text("")
+    os.kill(first, signal.SIGKILL)
+    _wait_until(lambda: bool(_of(server, "slow") - {first}), "the restart is loading")
+    status, body = _rest(server, "POST", "/v2/repository/models/slow/unload", {})
+    assert status == 200, body
+    assert not _of(server, "slow")
+    # an unload's halt is no failure to report
+    assert not [line for line in server.log().splitlines() if "model slow" in line and "restarting it failed" in line]
 
 
 # -- unloading --------------------------------------------------------------------------------------

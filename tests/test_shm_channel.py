@@ -126,7 +126,33 @@ def test_a_region_that_could_shrink_is_refused() -> None:
     read_end, write_end = os.pipe()
     with pytest.raises(ModelFault, match="cannot map a shared-memory region"):
         SharedRegion.attach(read_end)
+    with pytest.raises(OSError):  # the descriptor it refused is closed, not leaked
+        os.fstat(read_end)
     os.close(write_end)
+
+
+def test_after_a_region_that_cannot_be_mapped_no_stale_region_answers() -> None:
+    outbox, inbox = Outbox("dhow-test-stale"), Inbox()
+    header, grown = outbox.pack({"x": np.ones(4, dtype=np.float32)})
+    assert grown is not None
+    inbox.unpack(header, os.dup(grown.fd), copy=True)
+    read_end, write_end = os.pipe()
+    with pytest.raises(ModelFault, match="cannot map"):
+        inbox.unpack(header, read_end, copy=True)
+    # the sender writes into the region that failed from now on: the old one must not answer in its place
+    with pytest.raises(ModelFault, match="outside the shared-memory region"):
+        inbox.unpack(header, None, copy=True)
+    os.close(write_end)
+    outbox.close()
+    inbox.close()
+
+
+def test_a_long_label_is_cut_to_whole_characters_within_the_name_limit() -> None:
+    region = SharedRegion.create(1, "dhow-" + "\u00fc" * 200)  # 405 bytes of UTF-8; memfd names hold 249
+    try:
+        assert os.readlink(f"/proc/self/fd/{region.fd}").startswith("/memfd:dhow-" + "\u00fc" * 97 + " ")
+    finally:
+        region.close()
 
 
 def test_the_channel_reports_a_closed_end_and_refuses_oversized_messages(ends: tuple[Channel, Channel]) -> None:

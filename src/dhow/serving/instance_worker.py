@@ -14,6 +14,7 @@ masking); anything else the model prints reaches the server's log as plain lines
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import signal
 import socket
@@ -69,7 +70,10 @@ def main(argv: list[str]) -> int:
     # systemd) stops the server, which finishes its batches and then closes the socket, ending this one
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    channel = Channel(socket.socket(fileno=int(argv[1])))
+    fd = int(argv[1])
+    # pass_fds left it inheritable: a process the model starts would hold it, and outlive this one unseen
+    os.set_inheritable(fd, False)
+    channel = Channel(socket.socket(fileno=fd))
     received = channel.receive_bytes()
     if received is None:
         return 0

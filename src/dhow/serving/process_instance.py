@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import subprocess
@@ -70,6 +71,19 @@ class _Child:
         #: it has served (or was ready to): its death is news, a failed load's is not
         self.serving = False
         self.relay: threading.Thread | None = None
+        #: ends readable when the process does: its death is seen even if a process it started holds the socket
+        self._pidfd = _pidfd(process.pid)
+        self._socket_fd = channel.sock.fileno()
+        self._ready = select.poll()
+        self._ready.register(self._socket_fd, select.POLLIN)
+        if self._pidfd is not None:
+            self._ready.register(self._pidfd, select.POLLIN)
+
+    def receive(self) -> tuple[Any, int | None] | None:
+        """The child's next message; ``None`` once its socket closed or its process ended without answering."""
+        if not any(fd == self._socket_fd for fd, _ in self._ready.poll()):
+            return None
+        return self.channel.receive()
 
     def exchange(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         header, grown = self.inputs.pack(inputs)
@@ -79,7 +93,7 @@ class _Child:
             self.gone = True
             raise _ChildGone(computed=False) from None
         try:
-            received = self.channel.receive()
+            received = self.receive()
         except OSError:
             received = None
         if received is None:
@@ -89,9 +103,16 @@ class _Child:
         if not isinstance(reply, dict) or "error" in reply:
             if fd is not None:
                 os.close(fd)
+            if grown is not None:
+                self.inputs.close()  # the child may have failed to map it: the next batch sends a fresh one
             raise _batch_error(reply)
-        # copied out: the region is rewritten by the next batch while these rows are still being answered
-        return self.outputs.unpack(reply.get("outputs"), fd, copy=True)
+        try:
+            # copied out: the region is rewritten by the next batch while these rows are still being answered
+            return self.outputs.unpack(reply.get("outputs"), fd, copy=True)
+        except ModelFault:
+            if fd is not None:  # a region it sends once and this side could not map: replace the child
+                self.gone = True
+            raise
 
     def exit_status(self) -> str:
         """How the process ended ("signal 9 (SIGKILL)", "code 1"), waiting for it briefly if it is ending."""
@@ -106,17 +127,26 @@ class _Child:
         except ValueError:  # a real-time signal has no name
             return f"signal {-code}"
 
-    def close(self) -> None:
-        """Close the socket (the child unloads and exits), kill it if it lingers, release the regions."""
+    def halt(self) -> None:
+        """End a load without taking the lock: whoever waits for its answer wakes; a loading child has no state."""
+        with contextlib.suppress(OSError):
+            self.channel.sock.shutdown(socket.SHUT_RDWR)
+        self.process.kill()
+
+    def close(self, *, join_relay: bool = True) -> None:
+        """Close the socket (the child unloads and exits), kill it if it lingers, release the regions; then wait
+        for the relay to log its last lines, unless the caller holds the lock that relay may be waiting for."""
         self.channel.close()
         try:
             self.process.wait(_EXIT_GRACE_S)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        relay = self.relay
-        if relay is not None and relay is not threading.current_thread():
-            relay.join(_EXIT_GRACE_S)
+        if join_relay and self.relay is not None:
+            self.relay.join(_EXIT_GRACE_S)
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
         self.inputs.close()
         self.outputs.close()
 
@@ -165,21 +195,29 @@ class ProcessInstance:
 
     def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         with self._lock:
-            if self._closing:
-                raise Unavailable(f"{self._what} is being unloaded; retry")
             child = self._current()
             try:
                 return child.exchange(inputs, outputs)
             except _ChildGone as gone:
                 if gone.computed:
-                    # the relay thread sees the same exit and restarts the child once this lock is free; inference
-                    # has no side effects to undo, so the client may simply send the request again
-                    raise Unavailable(f"{self._what} exited with {child.exit_status()}; restarting; retry") from None
+                    raise self._lost(child) from None
             # it died before the batch reached it: nothing was computed, so the batch runs on a new child
-            return self._current().exchange(inputs, outputs)
+            child = self._current()
+            try:
+                return child.exchange(inputs, outputs)
+            except _ChildGone:
+                raise self._lost(child) from None
+
+    def _lost(self, child: _Child) -> Unavailable:
+        # the relay thread sees the same exit and restarts the child once the lock is free; inference has no
+        # side effects to undo, so the client may simply send the request again
+        return Unavailable(f"{self._what} exited with {child.exit_status()}; restarting; retry")
 
     def unload(self) -> None:
         self._closing = True
+        starting = self._starting
+        if starting is not None:
+            starting.halt()  # a restart waits for this load holding the lock: end the load, not wait for it
         with self._lock:
             children = [child for child in (self._child, self._starting) if child is not None]
             self._child = self._starting = None
@@ -205,13 +243,15 @@ class ProcessInstance:
         self._child = child
 
     def _current(self) -> _Child:
-        """The live child; a dead one is replaced first (under the lock, by the caller)."""
+        """The live child; a dead one is replaced first (under the lock, by the caller), unless unloading."""
+        if self._closing:
+            raise Unavailable(f"{self._what} is being unloaded; retry")
         child = self._child
         if child is not None and not child.gone and child.process.poll() is None:
             return child
         self._child = None
         if child is not None:
-            child.close()
+            child.close(join_relay=False)  # its relay may be waiting for the lock this caller holds
         fresh = self._restart()
         fresh.serving = True
         self._child = fresh
@@ -223,18 +263,26 @@ class ProcessInstance:
         if config is None:
             raise ModelFault(f"{self._what} was never loaded")
         try:
-            child = self._launch(config, self._version_dir)
-            self._signature_check(self._await_ready(child))
+            return self._replacement(config)
         except ModelLoadError as exc:
             # "instance process 0 of model m version 1 exited with ... while loading" names the instance already
             reason = exc.message if exc.message.startswith(self._what) else f"{self._what}: {exc.message}"
             raise ModelFault(f"{reason} (restarting it failed)") from None
-        return child
 
-    def _signature_check(self, signature: Signature) -> None:
+    def _replacement(self, config: ModelConfig) -> _Child:
+        """A new child with this version's signature; in ``_starting`` while it loads, where unload can halt it."""
+        child = self._starting = self._launch(config, self._version_dir)
+        try:
+            if self._closing:
+                child.halt()  # unload may have looked for a starting child before this one was there
+            signature = self._await_ready(child)
+        finally:
+            self._starting = None
         if signature != self._signature:
+            child.close()
             # the files changed under a loaded version: serving a different model under this one's name is wrong
             raise ModelLoadError("the model it loaded now has another signature; reload the model")
+        return child
 
     def _launch(self, config: ModelConfig, version_dir: Path) -> _Child:
         label = f"dhow-{config.name}-{version_dir.name}-{self.index}"
@@ -248,8 +296,13 @@ class ProcessInstance:
         )
         child.relay.start()
         # the key travels here, over the socket: never in the environment, the arguments or a file
-        with contextlib.suppress(OSError):  # a child that died at once: _await_ready says how
+        try:
             child.channel.send_bytes(record)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a child that died at once: _await_ready says how
+        except OSError as exc:  # EMSGSIZE, ENOBUFS: the child would wait for its record forever
+            child.close()
+            raise ModelLoadError(f"{self._what}: cannot hand the model's settings to its process: {exc}") from None
         return child
 
     def _start_record(self, config: ModelConfig, version_dir: Path, label: str) -> bytes:
@@ -284,7 +337,7 @@ class ProcessInstance:
 
     def _await_ready(self, child: _Child) -> Signature:
         try:
-            received = child.channel.receive()
+            received = child.receive()
         except (OSError, ModelFault):
             received = None
         if received is None:
@@ -295,7 +348,11 @@ class ProcessInstance:
             child.close()
             raise ModelLoadError(str(reply.get("error")) if isinstance(reply, dict) else "a malformed answer")
         self.device = str(reply.get("device", "cpu"))
-        return _signature(reply)
+        try:
+            return _signature(reply)
+        except ModelLoadError:
+            child.close()
+            raise
 
     def _relay(self, child: _Child, stream: IO[bytes], tag: str) -> None:
         """Log what the child writes, as this server's records; when it ends, restart the child if it died."""
@@ -311,8 +368,9 @@ class ProcessInstance:
                 return  # a batch found it dead and has replaced it already
             try:
                 self._current()
-            except ModelFault as exc:
-                log.error("%s; the next batch will try again", exc.message)
+            except DhowError as exc:
+                if not self._closing:  # an unload halted the restart
+                    log.error("%s; the next batch will try again", exc.message)
 
 
 def load_process_instances(config: ModelConfig, version_dir: Path) -> list[ProcessInstance]:
@@ -337,6 +395,13 @@ def _child_environment(config: ModelConfig) -> dict[str, str]:
     environment.update(dict.fromkeys(_THREAD_VARIABLES, threads))
     environment["PYTHONUNBUFFERED"] = "1"  # what a model prints reaches the log when printed
     return environment
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except OSError:  # before Linux 5.3, or refused by a sandbox: the socket's end alone tells
+        return None
 
 
 def _signature(reply: dict[str, Any]) -> Signature:

@@ -82,7 +82,9 @@ class SharedRegion:
     def create(cls, size: int, label: str) -> SharedRegion:
         size = max(_MINIMUM_REGION, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
         # the name shows in /proc/<pid>/fd and /proc/<pid>/maps as memfd:<label>; it owns nothing
-        fd = os.memfd_create(label[:200], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        # at most 249 bytes (not characters) are allowed; a character cut in two is dropped
+        name = os.fsencode(label)[:200].decode(errors="ignore")
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
@@ -100,6 +102,7 @@ class SharedRegion:
                 raise ModelFault("instance channel: a shared-memory region came without its seals")
             return cls(fd)
         except OSError as exc:
+            os.close(fd)
             raise ModelFault(f"instance channel: cannot map a shared-memory region: {exc.strerror or exc}") from None
         except BaseException:
             os.close(fd)
@@ -181,7 +184,12 @@ class Inbox:
     def unpack(self, header: object, fd: int | None, *, copy: bool) -> dict[str, np.ndarray]:
         """The arrays of ``header``; ``copy=False`` gives read-only views, valid until the next message."""
         if fd is not None:
-            region = SharedRegion.attach(fd)
+            try:
+                region = SharedRegion.attach(fd)
+            except ModelFault:
+                # the sender writes into the new region from now on: reading the old one would give stale arrays
+                self.close()
+                raise
             if self.region is not None:
                 self.region.close()
             self.region = region
