@@ -15,10 +15,10 @@ What a run does, in one process tree on the GPU machine:
    concurrent unary ``ModelInfer`` calls carrying one sequence as raw int64 contents;
 4. writes the table and the ratio to ``--out`` (``benchmarks/RESULTS-gpu.md`` by default).
 
-On the lent GPU machine (its python3 holds a CUDA torch, grpcio, numpy, protobuf, pyyaml and
-prometheus-client), dhow's other dependencies travel as wheels (see the device tool's README):
-uvicorn, httptools, h11, click, orjson, cryptography, PyJWT, redis, onnxruntime is not needed.
-Then: ``PYTHONPATH=src:/tmp/site python3 benchmarks/gpu_serving.py``.
+On the lent GPU machine (its python3 holds a CUDA torch, numpy, pyyaml and prometheus-client), dhow's
+other dependencies travel as wheels fetched here by ``benchmarks/gpu_wheels.sh`` (into ``.whl/``; carry it).
+Then, there: ``python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+PYTHONPATH=src:/tmp/site python3 benchmarks/gpu_serving.py``.
 
 Without a GPU the same script checks its own plumbing on the CPU with a toy size:
 ``python benchmarks/gpu_serving.py --device cpu --layers 1 --width 64 --heads 2 --seq 16 --seconds 3``.
