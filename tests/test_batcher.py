@@ -12,7 +12,7 @@ import pytest
 
 from dhow.core.errors import DeadlineExceeded, ModelFault, Overloaded, Unavailable
 from dhow.core.model_config import BatchingConfig
-from dhow.scheduling.batcher import DynamicBatcher
+from dhow.scheduling.batcher import DynamicBatcher, RowParts
 from dhow.scheduling.stats import ModelStats
 
 Arrays = dict[str, np.ndarray]
@@ -213,3 +213,34 @@ def test_oversized_request_is_refused(rows: int) -> None:
 
     with pytest.raises(Exception, match="exceeds"):
         asyncio.run(scenario())
+
+
+class PartsRecorder(Recorder):
+    """An instance that writes batches itself (as a process instance does): it is handed the requests' arrays."""
+
+    takes_row_parts = True
+
+    def __init__(self) -> None:
+        super().__init__(delay=0.002)
+        self.kinds: list[tuple[int, bool]] = []
+
+    def __call__(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> Arrays:
+        self.kinds.append((inputs["x"].shape[0], isinstance(inputs, RowParts)))
+        return super().__call__(inputs, outputs)
+
+
+def test_an_instance_that_writes_batches_itself_gets_the_requests_unconcatenated() -> None:
+    async def scenario() -> tuple[list[tuple[np.ndarray, Arrays]], PartsRecorder]:
+        model = PartsRecorder()
+        batcher = _batcher(model, max_batch_size=16, max_queue_delay_ms=5)  # type: ignore[arg-type]
+        sent = [_rows(100 * i, rows) for i, rows in enumerate([1, 3, 2, 4, 1])]
+        answers = await asyncio.gather(*(batcher.submit({"x": x}, ["y"], len(x)) for x in sent))
+        await batcher.close()
+        return list(zip(sent, answers, strict=True)), model
+
+    pairs, model = asyncio.run(scenario())
+    for sent, answer in pairs:
+        np.testing.assert_array_equal(answer["y"], sent * 2)
+    # a batch of more rows than any one request (4) holds several requests: those came as parts
+    several = [as_parts for rows, as_parts in model.kinds if rows > 4]
+    assert several and all(several)

@@ -12,6 +12,7 @@ import pytest
 
 from dhow.core.errors import ModelFault
 from dhow.core.model_config import TensorSpec
+from dhow.scheduling.batcher import RowParts
 from dhow.serving.shm_channel import MAX_MESSAGE, Channel, Inbox, Outbox, SharedRegion, region_size_for
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="process instances need Linux")
@@ -174,3 +175,22 @@ def test_first_region_size_comes_from_the_declared_tensors() -> None:
     )
     assert region_size_for(specs, 10) == 10 * 32 * 4 + 64  # 10 * 3 bools, aligned to 64 bytes
     assert region_size_for((TensorSpec("x", "INT64", (5,)),), 0) == 64
+
+
+def test_a_batchs_requests_are_written_row_by_row_as_their_concatenation(ends: tuple[Channel, Channel]) -> None:
+    """RowParts (a batch the batcher did not concatenate) arrive as np.concatenate would have made them, the
+    region growing for them; parts that cannot go row by row (BYTES) are concatenated first."""
+    sender, receiver = ends
+    outbox, inbox = Outbox("dhow-test-in"), Inbox()
+    rng = np.random.default_rng(3)
+    for rows in ([1, 3, 2], [64, 64], [5]):
+        features = [rng.random((n, 4)).astype(np.float32)[:, ::-1] for n in rows]  # views, not contiguous
+        ids = [np.arange(n, dtype=np.int64) + 100 * i for i, n in enumerate(rows)]
+        words = [np.array([f"w{i}"] * n, dtype=np.object_) for i, n in enumerate(rows)]
+        got = _through(sender, receiver, outbox, inbox, RowParts({"x": features, "id": ids, "w": words}))
+        np.testing.assert_array_equal(got["x"], np.concatenate(features))
+        assert got["x"].dtype == np.float32
+        np.testing.assert_array_equal(got["id"], np.concatenate(ids))
+        assert [bytes(value) for value in got["w"]] == [w.encode() for part in words for w in part]
+    outbox.close()
+    inbox.close()

@@ -13,7 +13,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -40,6 +40,37 @@ class _Pending:
     future: asyncio.Future[Arrays]
     enqueued_ns: int
     timer: asyncio.TimerHandle | None = None
+
+
+class RowParts(Mapping[str, np.ndarray]):
+    """A batch's inputs as the requests' arrays, concatenated along rows only when a tensor is read.
+
+    An instance that writes the batch somewhere itself (a process instance, into shared memory) reads
+    ``parts`` and copies each request's rows once, to their place; reading a tensor concatenates it.
+    """
+
+    __slots__ = ("_merged", "parts")
+
+    def __init__(self, parts: dict[str, list[np.ndarray]]) -> None:
+        self.parts = parts
+        self._merged: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        merged = self._merged.get(name)
+        if merged is None:
+            merged = self._merged[name] = np.concatenate(self.parts[name])
+        return merged
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.parts)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+
+def takes_row_parts(instance: Instance) -> bool:
+    """Whether an instance (a bound ``infer``, or a callable object) is given ``RowParts``, not concatenated arrays."""
+    return bool(getattr(getattr(instance, "__self__", instance), "takes_row_parts", False))
 
 
 def _batch_key(inputs: Mapping[str, np.ndarray]) -> tuple[object, ...]:
@@ -214,8 +245,11 @@ class DynamicBatcher:
 def _execute(instance: Instance, batch: list[_Pending], outputs: tuple[str, ...]) -> tuple[list[Arrays], BatchTimings]:
     """Runs in a worker thread: concatenate, compute, split back by rows."""
     t0 = time.monotonic_ns()
+    merged: Mapping[str, np.ndarray]
     if len(batch) == 1:
         merged = batch[0].inputs
+    elif takes_row_parts(instance):  # it copies each request's rows to their place itself: one copy, not two
+        merged = RowParts({name: [p.inputs[name] for p in batch] for name in batch[0].inputs})
     else:
         merged = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
     t1 = time.monotonic_ns()

@@ -163,6 +163,9 @@ def _batch_error(reply: object) -> DhowError:
 class ProcessInstance:
     """One instance of a model version in its own process, behind the ``Runtime`` interface."""
 
+    #: the batcher hands it a batch's requests unconcatenated; their rows are copied once, into shared memory
+    takes_row_parts = True
+
     def __init__(self, runtime: str, index: int) -> None:
         self.runtime = runtime
         self.index = index

@@ -35,6 +35,7 @@ import orjson
 from dhow.core.datatypes import NUMPY_DTYPE, array_from_buffer, array_to_bytes, element_count
 from dhow.core.errors import InvalidInput, ModelFault
 from dhow.core.model_config import TensorSpec
+from dhow.scheduling.batcher import RowParts
 
 __all__ = ["MAX_MESSAGE", "Channel", "Inbox", "Outbox", "SharedRegion", "region_size_for", "supported"]
 
@@ -124,6 +125,8 @@ class _Planned:
     data: np.ndarray | bytes
     offset: int
     nbytes: int
+    #: the requests' arrays whose rows make ``shape`` (``data`` is then the first), written in place of a concatenation
+    parts: list[np.ndarray] | None = None
 
 
 class Outbox:
@@ -135,7 +138,10 @@ class Outbox:
         self.region: SharedRegion | None = None
 
     def pack(self, arrays: Mapping[str, Any]) -> tuple[Header, SharedRegion | None]:
-        """Write ``arrays``; returns their header, and the new region when it was replaced (send its fd along)."""
+        """Write ``arrays``; returns their header, and the new region when it was replaced (send its fd along).
+
+        ``RowParts`` (a batch of several requests) are written request by request, each into its rows' place.
+        """
         planned, end = _plan(arrays)
         grown = None
         region = self.region
@@ -149,8 +155,14 @@ class Outbox:
             if isinstance(item.data, bytes):
                 region.map[item.offset : item.offset + item.nbytes] = item.data
             elif item.nbytes:
-                target = np.ndarray(item.data.shape, item.data.dtype, buffer=region.map, offset=item.offset)
-                np.copyto(target, item.data)
+                target = np.ndarray(tuple(item.shape), item.data.dtype, buffer=region.map, offset=item.offset)
+                if item.parts is None:
+                    np.copyto(target, item.data)
+                else:
+                    row = 0
+                    for part in item.parts:
+                        target[row : row + len(part)] = part
+                        row += len(part)
         return [[p.name, p.dtype, p.shape, p.offset, p.nbytes] for p in planned], grown
 
     def close(self) -> None:
@@ -162,8 +174,17 @@ class Outbox:
 def _plan(arrays: Mapping[str, Any]) -> tuple[list[_Planned], int]:
     planned: list[_Planned] = []
     end = 0
-    for name, value in arrays.items():
-        data = np.asarray(value)
+    parts_of = arrays.parts if isinstance(arrays, RowParts) else {}
+    for name in arrays:
+        parts = parts_of.get(name)
+        if parts is not None and _same_rows(parts):
+            first = parts[0]
+            shape = [sum(len(part) for part in parts), *first.shape[1:]]
+            nbytes = first.dtype.itemsize * int(np.prod(shape))
+            planned.append(_Planned(name, first.dtype.str, shape, first, end, nbytes, parts))
+            end += _aligned(nbytes)
+            continue
+        data = np.asarray(arrays[name])
         if data.dtype.hasobject:
             encoded = array_to_bytes(data, "BYTES")
             planned.append(_Planned(name, "BYTES", list(data.shape), encoded, end, len(encoded)))
@@ -173,6 +194,16 @@ def _plan(arrays: Mapping[str, Any]) -> tuple[list[_Planned], int]:
             planned.append(_Planned(name, data.dtype.str, list(data.shape), data, end, data.nbytes))
         end += _aligned(planned[-1].nbytes)
     return planned, end
+
+
+def _same_rows(parts: list[np.ndarray]) -> bool:
+    """Parts that can be written row by row: plain numbers of one dtype and one row shape (the batcher's key)."""
+    first = parts[0]
+    return (
+        first.ndim > 0
+        and first.dtype.kind not in "OV"
+        and all(part.dtype == first.dtype and part.shape[1:] == first.shape[1:] for part in parts)
+    )
 
 
 class Inbox:
