@@ -359,9 +359,10 @@ def test_settings_a_worker_refuses_stop_the_supervisor(demo_repository: Path, tm
     assert "restarting" not in server.log()
 
 
-def test_busy_ports_make_the_supervisor_fail_loudly(demo_repository: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_busy_ports_fail_loudly(demo_repository: Path, tmp_path: Path, workers: str) -> None:
     # a plain listener on the REST port; on the gRPC port one that shares with SO_REUSEPORT, as grpc's default
-    # does: the workers' own SO_REUSEPORT must not let them in beside it
+    # does: the workers' own SO_REUSEPORT must not let them in beside it, nor grpc's in a single server
     for door, reuse_port in (("REST", False), ("gRPC", True)):
         port = free_port()
         with socket.socket() as other:
@@ -371,13 +372,14 @@ def test_busy_ports_make_the_supervisor_fail_loudly(demo_repository: Path, tmp_p
             other.listen()
             option = "--http-port" if door == "REST" else "--grpc-port"
             (tmp_path / door).mkdir()
-            server = start_dhow(demo_repository, tmp_path / door, "--workers", "2", option, str(port), wait=False)
+            server = start_dhow(demo_repository, tmp_path / door, "--workers", workers, option, str(port), wait=False)
             try:
-                assert server.process.wait(60) != 0
+                assert server.process.wait(60) == 2
             finally:
                 server.stop()
         assert f"cannot serve {door} on 127.0.0.1:{port}: Address already in use" in server.log(), server.log()
         assert "worker 1 started" not in server.log()
+        assert "Traceback" not in server.log()
 
 
 @pytest.mark.parametrize(

@@ -181,6 +181,13 @@ def _serve(args: argparse.Namespace) -> int:
         from dhow.supervisor import serve_workers
 
         return serve_workers(settings)
+    from dhow.supervisor import check_port
+
+    # before any store opens or model loads: a busy port is the commonest start-up mistake (a busy port 0
+    # cannot be; the server then binds a free one itself)
+    for door, port in (("REST", settings.http_port), ("gRPC", settings.grpc_port)):
+        if port:
+            check_port(settings.host, port, door)
     run_server(settings)
     return 0
 

@@ -75,11 +75,11 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _hold_port(host: str, port: int, door: str) -> socket.socket:
-    """Check that nothing is bound to the port, then hold it for the workers (port 0: a free one).
+def check_port(host: str, port: int, door: str) -> int:
+    """Raise a ``DhowError`` naming the door if something is bound to the port; the port (port 0: a free one).
 
     The check binds without SO_REUSEPORT, which fails while any other socket listens there, whatever its
-    options; the hold binds with it, which only sockets that also ask for it (the workers) may then share.
+    options (grpc's servers share ports by default, so a second one would otherwise bind silently).
     """
     probe = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
@@ -91,6 +91,13 @@ def _hold_port(host: str, port: int, door: str) -> socket.socket:
         raise DhowError(f"cannot serve {door} on {host}:{port}: {exc.strerror or exc}") from None
     finally:
         probe.close()
+    return port
+
+
+def _hold_port(host: str, port: int, door: str) -> socket.socket:
+    """Check that nothing is bound to the port, then hold it for the workers (port 0: a free one): the hold
+    binds with SO_REUSEPORT, which only sockets that also ask for it (the workers) may then share."""
+    port = check_port(host, port, door)
     try:
         return reuse_port_socket(host, port)
     except OSError as exc:

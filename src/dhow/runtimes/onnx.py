@@ -66,7 +66,9 @@ class OnnxRuntime:
         options.log_severity_level = 3
         spinning = config.parameters.get("allow_spinning", False)
         if not isinstance(spinning, bool):
-            raise ModelLoadError(f"{config.name}/model.yaml: parameters.allow_spinning must be true or false")
+            raise ModelLoadError(
+                f"{config.name}/model.yaml: parameters.allow_spinning must be true or false, got {spinning!r}"
+            )
         # idle intra-op threads spin by default, burning a core between batches that the event loop and the
         # other instances need; off unless a model on a machine with cores to spare asks for it
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
