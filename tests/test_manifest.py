@@ -78,6 +78,17 @@ def test_batching_defaults_on_for_batched_models() -> None:
         ({"runtime": "onnx", "instances": {"kind": "fiber"}}, "instances.kind", "thread, process, gpu"),
         ({"runtime": "onnx", "device": "tpu"}, "device", "cpu, cuda or cuda:N"),
         ({"runtime": "onnx", "precision": "int3"}, "precision", "fp32, fp16, bf16"),
+        ({"runtime": "onnx", "parameters": {"allow_spining": True}}, "parameters.allow_spining", "allow_spinning"),
+        (
+            {
+                "runtime": "sklearn",
+                "inputs": [{"name": "x", "datatype": "FP32", "shape": [4]}],
+                "outputs": [{"name": "predict", "datatype": "INT64", "shape": [1]}],
+                "parameters": {"class": "M"},
+            },
+            "parameters.class",
+            "it takes no parameters",
+        ),
         ([1, 2], "", "a mapping"),
     ],
 )

@@ -222,13 +222,33 @@ def parse_manifest(data: object, path: Path | str, name: str) -> ModelConfig:
         payload_sample_rate=fields.get("payload_sample_rate", _is_fraction, "a number from 0 to 1", 0.0),
         description=fields.get("description", _is_str, "a string", ""),
         labels={str(k): v for k, v in labels.items()},
-        parameters=fields.get("parameters", lambda v: isinstance(v, dict), "a mapping", {}),
+        parameters=_parameters(path, runtime, fields.get("parameters", lambda v: isinstance(v, dict), "a mapping", {})),
     )
     fields.finish(
         "runtime, inputs, outputs, max_batch_size, version_policy, batching, instances, device, precision, "
         "threads, owner, tenant, region, pii, payload_sample_rate, description, labels, parameters"
     )
     return config
+
+
+#: the ``parameters`` each runtime reads (their values are checked when it loads); any other key is a typo
+RUNTIME_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "onnx": ("allow_spinning",),
+    "torch": (),
+    "sklearn": (),
+    "xgboost": ("output_margin",),
+    "lightgbm": ("raw_score",),
+    "python": ("class",),
+}
+
+
+def _parameters(path: Path | str, runtime: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    known = RUNTIME_PARAMETERS.get(runtime, ())
+    for key in parameters:
+        if key not in known:
+            expected = f"one of {', '.join(known)}" if known else "none (it takes no parameters)"
+            raise ManifestError(path, f"parameters.{key}", f"a parameter of the {runtime} runtime: {expected}")
+    return parameters
 
 
 def read_manifest(model_dir: Path) -> ModelConfig:
