@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -12,9 +13,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import psycopg
 import pytest
@@ -53,6 +55,38 @@ def pg_database(pg_available: None) -> Iterator[str]:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')  # a test may have closed it
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store URL on an empty database of each kind (SQLite in a folder the store must make)."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'nested' / 'store.sqlite3'}"
+    return str(request.getfixturevalue("pg_database"))
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+_Store = TypeVar("_Store", bound=_Closable)
+
+
+@contextlib.contextmanager
+def store_opener(open_url: Callable[[str], _Store], url: str) -> Iterator[Callable[[], _Store]]:
+    """Opens stores (one connection each) on ``url``; all are closed when the block ends."""
+    stores: list[_Store] = []
+
+    def opener() -> _Store:
+        store = open_url(url)
+        stores.append(store)
+        return store
+
+    try:
+        yield opener
+    finally:
+        for store in stores:
+            store.close()
 
 
 def free_port() -> int:

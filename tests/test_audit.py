@@ -26,32 +26,20 @@ from dhow.governance import audit as audit_module
 from dhow.governance.audit import GENESIS_HASH, MAX_PROBLEMS, AuditRecord, AuditStore
 from dhow.governance.audit_trail import AuditTrail
 from dhow.governance.commands import add_parser, audit_store_url, run
-from tests.conftest import PG_ADMIN_URL
+from tests.conftest import PG_ADMIN_URL, store_opener
 
 FIELDS = ("at", "kind", "action", "actor", "tenant", "model", "version", "outcome", "latency_ms", "request_id")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def audit_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An audit store URL on an empty database of each kind."""
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path / 'data' / 'audit.sqlite3'}"
-    return str(request.getfixturevalue("pg_database"))
+@pytest.fixture
+def audit_url(database_url: str) -> str:
+    return database_url
 
 
 @pytest.fixture
 def open_store(audit_url: str) -> Iterator[Callable[[], AuditStore]]:
-    """Opens stores (one connection each) on the test's database; all are closed at the end."""
-    stores: list[AuditStore] = []
-
-    def opener() -> AuditStore:
-        store = AuditStore.open(audit_url)
-        stores.append(store)
-        return store
-
-    yield opener
-    for store in stores:
-        store.close()
+    with store_opener(AuditStore.open, audit_url) as opener:
+        yield opener
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 from dhow.core.errors import Conflict, DhowError, InvalidInput, NotFound, Unavailable
 from dhow.rollouts import store as store_module
 from dhow.rollouts.store import Deployment, Migration, RegistryStore
-from tests.conftest import PG_ADMIN_URL
+from tests.conftest import PG_ADMIN_URL, store_opener
 
 PINNED_1: dict[str, Any] = {"kind": "pinned", "version": 1}
 PINNED_2: dict[str, Any] = {"kind": "pinned", "version": 2}
@@ -33,27 +33,15 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A registry URL on an empty database of each kind."""
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path / 'nested' / 'registry.sqlite3'}"
-    return str(request.getfixturevalue("pg_database"))
+@pytest.fixture
+def registry_url(database_url: str) -> str:
+    return database_url
 
 
 @pytest.fixture
 def open_store(registry_url: str) -> Iterator[Callable[[], RegistryStore]]:
-    """Opens stores on the test's database; all are closed at the end."""
-    stores: list[RegistryStore] = []
-
-    def opener() -> RegistryStore:
-        store = RegistryStore.open(registry_url)
-        stores.append(store)
-        return store
-
-    yield opener
-    for store in stores:
-        store.close()
+    with store_opener(RegistryStore.open, registry_url) as opener:
+        yield opener
 
 
 @pytest.fixture

@@ -157,13 +157,14 @@ class DynamicBatcher:
 
     async def _work(self, instance: Instance) -> None:
         loop = asyncio.get_running_loop()
+        as_parts = takes_row_parts(instance)
         while True:
             batch = await self._next_batch()
             if not batch:
                 continue
             self._busy += 1
             try:
-                await self._run(loop, instance, batch)
+                await self._run(loop, instance, as_parts, batch)
             finally:
                 self._busy -= 1
 
@@ -216,7 +217,9 @@ class DynamicBatcher:
         self._queue.extendleft(reversed(kept))
         return rows
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, instance: Instance, batch: list[_Pending]) -> None:
+    async def _run(
+        self, loop: asyncio.AbstractEventLoop, instance: Instance, as_parts: bool, batch: list[_Pending]
+    ) -> None:
         start = time.monotonic_ns()
         waits = [start - pending.enqueued_ns for pending in batch]
         for pending, wait in zip(batch, waits, strict=True):
@@ -225,7 +228,7 @@ class DynamicBatcher:
             self.stats.queue.add(wait)
         outputs = tuple(dict.fromkeys(name for p in batch for name in p.outputs))
         try:
-            results, timings = await loop.run_in_executor(self._executor, _execute, instance, batch, outputs)
+            results, timings = await loop.run_in_executor(self._executor, _execute, instance, as_parts, batch, outputs)
         except Exception as exc:  # the model's fault reaches every request of the batch
             # what an instance says of itself stays as it is (a restarting process instance is a 503, not a 500)
             passed = (ModelFault, InvalidInput, Unavailable, DeadlineExceeded)
@@ -242,13 +245,15 @@ class DynamicBatcher:
                 pending.future.set_result(result)
 
 
-def _execute(instance: Instance, batch: list[_Pending], outputs: tuple[str, ...]) -> tuple[list[Arrays], BatchTimings]:
+def _execute(
+    instance: Instance, as_parts: bool, batch: list[_Pending], outputs: tuple[str, ...]
+) -> tuple[list[Arrays], BatchTimings]:
     """Runs in a worker thread: concatenate, compute, split back by rows."""
     t0 = time.monotonic_ns()
     merged: Mapping[str, np.ndarray]
     if len(batch) == 1:
         merged = batch[0].inputs
-    elif takes_row_parts(instance):  # it copies each request's rows to their place itself: one copy, not two
+    elif as_parts:  # it copies each request's rows to their place itself: one copy, not two
         merged = RowParts({name: [p.inputs[name] for p in batch] for name in batch[0].inputs})
     else:
         merged = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
