@@ -18,12 +18,13 @@ from tritonclient.grpc import model_config_pb2 as triton_config
 from tritonclient.utils import InferenceServerException
 
 from dhow.core.errors import InvalidInput, NotFound, Overloaded, Unsupported
-from dhow.core.types import InferenceRequest, InferenceResponse, Tensor
+from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome, Tensor
 from dhow.protocols.grpc import GrpcServer, create_grpc_server
 from dhow.protocols.grpc.codec import parameter_to_proto, parameters_from_proto, request_from_proto
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
-from dhow.serving.dataplane import DataPlane
+from dhow.serving.dataplane import DataPlane, Placement
+from tests.inprocess import open_service
 
 MODELS = ("echo", "busy", "crash")
 
@@ -107,7 +108,10 @@ class FakeDataPlane(DataPlane):
         self._check(name)
         self.calls.append(("unload", name, parameters))
 
-    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+    def place(self, request: InferenceRequest, caller: Caller) -> Placement:
+        return Placement(None, "")  # type: ignore[arg-type]  # a fake: no model config, no region
+
+    async def infer(self, request: InferenceRequest, placement: Placement) -> tuple[InferenceResponse, Outcome]:
         self._check(request.model_name)
         if request.model_name == "busy":
             raise Overloaded("model 'busy' has a full queue; retry later", retry_after=2)
@@ -115,7 +119,8 @@ class FakeDataPlane(DataPlane):
             raise RuntimeError("secret internal detail")
         await asyncio.sleep(0)
         outputs = [_echo(tensor) for tensor in request.inputs]
-        return InferenceResponse(request.model_name, "1", outputs, id=request.id, parameters={"seen": len(outputs)})
+        response = InferenceResponse(request.model_name, "1", outputs, id=request.id, parameters={"seen": len(outputs)})
+        return response, Outcome("1")
 
 
 def _echo(tensor: Tensor) -> Tensor:
@@ -138,9 +143,11 @@ def door() -> Iterator[tuple[str, FakeDataPlane]]:
     thread = threading.Thread(target=loop.run_forever, name="grpc-door", daemon=True)
     thread.start()
     dataplane = FakeDataPlane()
+    service, trail = open_service(dataplane)
 
     async def start() -> GrpcServer:
-        bound = await create_grpc_server(dataplane, "127.0.0.1", 0, max_message_bytes=1024 * 1024)
+        await trail.start()
+        bound = await create_grpc_server(service, "127.0.0.1", 0, max_message_bytes=1024 * 1024)
         await bound.server.start()
         return bound
 
@@ -275,7 +282,7 @@ def test_infer_errors(client: grpcclient.InferenceServerClient, caplog: pytest.L
             client.infer(model, inputs)
         assert _status(caught) == status and fragment in caught.value.message()
 
-    with caplog.at_level(logging.ERROR, logger="dhow.grpc"), pytest.raises(InferenceServerException) as caught:
+    with caplog.at_level(logging.ERROR, logger="dhow.service"), pytest.raises(InferenceServerException) as caught:
         client.infer("crash", [x])
     message = caught.value.message()
     assert _status(caught) == "StatusCode.INTERNAL" and "secret" not in message
@@ -369,7 +376,7 @@ def test_busy_port_is_refused(door: tuple[str, FakeDataPlane]) -> None:
     host, port = door[0].rsplit(":", 1)
 
     async def bind_again() -> None:
-        await create_grpc_server(door[1], host, int(port), max_message_bytes=1024)
+        await create_grpc_server(open_service(door[1])[0], host, int(port), max_message_bytes=1024)
 
     with pytest.raises(OSError, match="cannot serve gRPC"):
         asyncio.run(bind_again())

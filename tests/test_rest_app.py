@@ -23,9 +23,10 @@ import uvicorn
 from tritonclient.utils import InferenceServerException
 
 from dhow.core.errors import InvalidInput, NotFound, Unavailable
-from dhow.core.types import InferenceRequest, InferenceResponse, Tensor
+from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome, Tensor
 from dhow.protocols.rest import RestApp
-from dhow.serving.dataplane import DataPlane
+from dhow.serving.dataplane import DataPlane, Placement
+from tests.inprocess import StartingTrail, open_service
 
 MAX_BODY = 50_000
 KNOWN = ("echo", "slow", "boom")
@@ -76,7 +77,10 @@ class FakeDataPlane(DataPlane):
         self.calls.append(("unload", (name, parameters)))
         self._check(name)
 
-    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+    def place(self, request: InferenceRequest, caller: Caller) -> Placement:
+        return Placement(None, "")  # type: ignore[arg-type]  # a fake: no model config, no region
+
+    async def infer(self, request: InferenceRequest, placement: Placement) -> tuple[InferenceResponse, Outcome]:
         self._check(request.model_name, request.model_version)
         self.calls.append(("infer", request))
         if request.model_name == "slow":
@@ -94,7 +98,7 @@ class FakeDataPlane(DataPlane):
             )
         if wanted is not None and set(wanted) - {t.name for t in outputs}:
             raise InvalidInput(f"no output(s) {sorted(set(wanted) - {t.name for t in outputs})}")
-        return InferenceResponse(request.model_name, "1", outputs, id=request.id)
+        return InferenceResponse(request.model_name, "1", outputs, id=request.id), Outcome("1")
 
 
 def _metrics() -> tuple[bytes, str]:
@@ -130,7 +134,8 @@ class Served:
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
     dataplane = FakeDataPlane()
-    app = RestApp(dataplane, max_body_bytes=MAX_BODY, metrics_handler=_metrics)
+    service, trail = open_service(dataplane)
+    app = StartingTrail(RestApp(service, max_body_bytes=MAX_BODY, metrics_handler=_metrics), trail)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, loop="asyncio", lifespan="off", log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -373,12 +378,12 @@ def test_unavailable_sets_retry_after(served: Served) -> None:
 
 
 def test_internal_errors_are_hidden_and_logged(served: Served, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.ERROR, logger="dhow.rest"):
+    with caplog.at_level(logging.ERROR, logger="dhow.service"):
         status, message = served.error("POST", "/v2/models/boom/infer", _infer_body())
     assert status == 500 and "secret" not in message and "RuntimeError" not in message
     error_id = message.split("(id ")[1].split(")")[0]
     assert message == f"internal error (id {error_id}); see the server log"
-    record = next(r for r in caplog.records if r.name == "dhow.rest")
+    record = next(r for r in caplog.records if r.name == "dhow.service")
     assert error_id in record.getMessage() and record.exc_info is not None
     assert "secret internal detail" in caplog.text
 
@@ -389,7 +394,7 @@ def test_metrics(served: Served) -> None:
 
 
 def test_metrics_off_and_lifespan() -> None:
-    app = RestApp(FakeDataPlane())
+    app = RestApp(open_service(FakeDataPlane())[0])
     sent: list[dict[str, Any]] = []
 
     async def call(scope: dict[str, Any], messages: list[dict[str, Any]]) -> None:

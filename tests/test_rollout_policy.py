@@ -11,8 +11,11 @@ import pytest
 
 from dhow.core.errors import InvalidInput
 from dhow.core.types import Tensor
-from dhow.rollouts.controller import Active, Window, _after_action, compare_outputs, judge
+from dhow.rollouts.analysis import judge
+from dhow.rollouts.editor import after_action
 from dhow.rollouts.policy import CompiledPolicy, canary_weight, normalize, sticky_bucket, versions_of
+from dhow.rollouts.routing import Active, Window
+from dhow.rollouts.shadow import compare_outputs
 from dhow.rollouts.store import Deployment
 
 
@@ -112,19 +115,19 @@ def test_pinned_and_bluegreen_send_everything_to_one_version() -> None:
 
 def test_actions_move_a_canary_and_switch_blue_green() -> None:
     canary = normalize({"kind": "canary", "primary": 1, "canary": 2, "steps": [10, 50, 100]})
-    step1 = _after_action(canary, "promote")
+    step1 = after_action(canary, "promote")
     assert canary_weight(step1) == 50
-    done = _after_action(_after_action(step1, "promote"), "promote")
+    done = after_action(after_action(step1, "promote"), "promote")
     assert done["state"] == "promoted" and canary_weight(done) == 100
-    back = _after_action(step1, "rollback")
+    back = after_action(step1, "rollback")
     assert back["state"] == "rolled_back" and canary_weight(back) == 0
     with pytest.raises(InvalidInput, match="rolled back; set a new policy"):
-        _after_action(back, "promote")
+        after_action(back, "promote")
     blue = normalize({"kind": "bluegreen", "blue": 1, "green": 2})
-    assert _after_action(blue, "switch")["active"] == "green"
-    assert _after_action(_after_action(blue, "switch"), "release") == {"kind": "pinned", "version": 2}
+    assert after_action(blue, "switch")["active"] == "green"
+    assert after_action(after_action(blue, "switch"), "release") == {"kind": "pinned", "version": 2}
     with pytest.raises(InvalidInput, match="applies to canary deployments; this one is bluegreen"):
-        _after_action(blue, "promote")
+        after_action(blue, "promote")
 
 
 def _active(guards: dict[str, Any], canary: Window, primary: Window) -> Active:

@@ -1,4 +1,8 @@
-"""One dhow server process: the data plane with its REST and gRPC doors on one event loop."""
+"""One dhow server process, and its composition root: every object is built here with its collaborators.
+
+The core service (the data plane behind its one admission point) with its REST and gRPC doors on one event
+loop; the model lifecycle below it; the rollouts beside it, routing through ``serving``'s ``TrafficRouter``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import logging
 import signal
 import socket
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import uvicorn
 
@@ -21,12 +26,18 @@ from dhow.protocols.rest import RestApp
 from dhow.protocols.rest.tls import ClientCertHttpProtocol
 from dhow.repository.encryption import Keyring
 from dhow.repository.store import ModelRepository
+from dhow.rollouts.analysis import CanaryAnalyst
 from dhow.rollouts.controller import RolloutController
+from dhow.rollouts.editor import DeploymentEditor
+from dhow.rollouts.routing import DeploymentTable
+from dhow.rollouts.shadow import ShadowQueue, ShadowRunner
 from dhow.rollouts.store import RegistryStore
+from dhow.serving.admin import AccessAdmin
 from dhow.serving.dataplane import DataPlane
-from dhow.serving.guard import AccessGuard
 from dhow.serving.model_manager import ModelControl, ModelManager
+from dhow.serving.poller import RepositoryPoller
 from dhow.serving.security import Security, masking_key
+from dhow.serving.service import CoreService, service_identity
 from dhow.settings import ServerSettings
 
 log = logging.getLogger("dhow.server")
@@ -40,6 +51,18 @@ class _HttpServer(uvicorn.Server):
         yield
 
 
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """What one server process is made of, built together by ``Server._compose``."""
+
+    models: ModelManager
+    dataplane: DataPlane
+    service: CoreService
+    rollouts: RolloutController
+    rest: RestApp
+    poller: RepositoryPoller | None
+
+
 class Server:
     """One server process; ``http_socket``: a REST socket bound by the caller (a worker sharing the port)."""
 
@@ -47,29 +70,15 @@ class Server:
         self.settings = settings
         self.http_socket = http_socket
         self.metrics = ServerMetrics()
-        control = ModelControl(settings.model_control)
-        upload_dir = settings.data_dir / "uploads" if settings.allow_model_upload else None
-        if upload_dir is not None:
-            upload_dir.mkdir(parents=True, exist_ok=True)
-        self.models = ModelManager(
-            ModelRepository(settings.repository),
-            self.metrics,
-            control=control,
-            upload_dir=upload_dir,
-            workers=settings.workers,
-        )
-        self.dataplane = DataPlane(self.models)
-        self.rest = RestApp(
-            self.dataplane, max_body_bytes=settings.max_request_bytes, metrics_handler=self.metrics.render
-        )
         # what can be checked without I/O is checked here, so that a wrong option fails before any port opens
+        self.control = ModelControl(settings.model_control)
         self.tls = TlsSettings.resolve(
             settings.tls_cert, settings.tls_key, settings.tls_client_ca, settings.tls_client_auth, settings.require_tls
         )
         keyring = Keyring.load(settings.kek, settings.kek_file)
         install_decryptor(keyring.decrypt if keyring is not None else None)
-        self.dataplane.region = check_region_name(settings.region, "--region")
-        self.dataplane.residency = ResidencyPolicy.load(settings.residency_policy)
+        self.region = check_region_name(settings.region, "--region")
+        self.residency = ResidencyPolicy.load(settings.residency_policy)
         self.security = Security(settings)
         self._stop = asyncio.Event()
 
@@ -83,52 +92,100 @@ class Server:
         worker replacing one that died) they open after, so that until then the kernel gives new connections
         to the workers that are serving.
         """
-        settings = self.settings
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
-        guard = await self.security.start(self.models, self.dataplane)
-        self.rest.guard = guard
-        rollouts = await self._load() if load_first else None
-        http, http_task, grpc = await self._open_doors(guard)
-        if rollouts is None:
-            rollouts = await self._load()
-        self.dataplane.is_ready = True
+        parts = await self._compose()
+        if load_first:
+            await self._load(parts)
+        http, http_task, grpc = await self._open_doors(parts)
+        if not load_first:
+            await self._load(parts)
+        parts.dataplane.is_ready = True
         self.metrics.workers.set(1)  # answering now: a worker that is still loading is not counted
-        poller = None
-        if self.models.control is ModelControl.POLL:
-            poller = asyncio.create_task(self.models.poll_forever(settings.poll_interval))
+        poller = asyncio.create_task(parts.poller.run()) if parts.poller is not None else None
         log.info("dhow is ready")
         if on_ready is not None:
             on_ready()
         await self._stop.wait()
         log.info("dhow is shutting down")
-        self.dataplane.is_ready = False
+        parts.dataplane.is_ready = False
         self.metrics.workers.set(0)
         if poller is not None:
             poller.cancel()
         http.should_exit = True
         await grpc.server.stop(5)
         await http_task
-        await rollouts.close()
-        await self.models.close()
+        await parts.rollouts.close()
+        await parts.models.close()
         await self.security.close()
         log.info("dhow stopped")
 
-    async def _load(self) -> RolloutController:
-        """Load the models the control mode says to load at start, then apply the deployments."""
-        control = self.models.control
-        await self.models.start(None if control is not ModelControl.EXPLICIT else list(self.settings.load_models))
-        return await self._start_rollouts()
+    async def _compose(self) -> _Parts:
+        """Build the server's objects, each with its collaborators, in the order they depend on each other."""
+        settings, metrics = self.settings, self.metrics
+        key = await self.security.open()
+        models = self._models()
+        shadow_queue = ShadowQueue(metrics.registry)
+        table = DeploymentTable(shadow_queue, metrics.registry)
+        dataplane = DataPlane(models, router=table, region=self.region, residency=self.residency, masking_key=key)
+        guard = await self.security.guard(models.tenant_of, metrics.registry)
+        service = CoreService(dataplane, guard)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = await asyncio.to_thread(RegistryStore.open, settings.registry_url())
+        editor = DeploymentEditor(store, models, table, service.invoker(service_identity("dhow:warmup")))
+        rollouts = RolloutController(
+            editor,
+            CanaryAnalyst(editor, service, metrics.registry),
+            ShadowRunner(shadow_queue, service.invoker(service_identity("dhow:shadow")), metrics.registry),
+            poll_s=settings.registry_poll,
+        )
+        assert self.security.authenticator is not None and self.security.audit is not None
+        rest = RestApp(
+            service,
+            max_body_bytes=settings.max_request_bytes,
+            metrics_handler=metrics.render,
+            deployments=editor,
+            access=AccessAdmin(self.security.authenticator, self.security.audit),
+        )
+        poller = None
+        if self.control is ModelControl.POLL:
+            poller = RepositoryPoller(models, service, settings.poll_interval)
+        return _Parts(models, dataplane, service, rollouts, rest, poller)
 
-    async def _open_doors(self, guard: AccessGuard) -> tuple[_HttpServer, asyncio.Task[None], GrpcServer]:
+    def _models(self) -> ModelManager:
+        settings = self.settings
+        upload_dir = settings.data_dir / "uploads" if settings.allow_model_upload else None
+        if upload_dir is not None:
+            upload_dir.mkdir(parents=True, exist_ok=True)
+        return ModelManager(
+            ModelRepository(settings.repository),
+            self.metrics,
+            control=self.control,
+            upload_dir=upload_dir,
+            workers=settings.workers,
+            artifact_check=self.security.digest_check() if settings.require_digests else None,
+        )
+
+    async def _load(self, parts: _Parts) -> None:
+        """Load the models the control mode says to load at start, then apply the deployments."""
+        explicit = self.control is ModelControl.EXPLICIT
+        await parts.models.start(list(self.settings.load_models) if explicit else None)
+        await parts.rollouts.start()
+        log.info(
+            "deployments: %d applied from %s",
+            len(parts.rollouts.editor.active),
+            _safe_url(self.settings.registry_url()),
+        )
+
+    async def _open_doors(self, parts: _Parts) -> tuple[_HttpServer, asyncio.Task[None], GrpcServer]:
         """Start gRPC and REST; a port that cannot be served stops the process with a message."""
         settings = self.settings
         tls = self.tls
         http = _HttpServer(
             uvicorn.Config(
-                self.rest,
+                parts.rest,
                 host=settings.host,
                 port=settings.http_port,
                 lifespan="off",
@@ -143,11 +200,10 @@ class Server:
             )
         )
         grpc = await create_grpc_server(
-            self.dataplane,
+            parts.service,
             settings.host,
             settings.grpc_port,
             max_message_bytes=settings.max_request_bytes,
-            guard=guard,
             credentials=tls.grpc_credentials() if tls is not None else None,
             reuse_port=settings.workers > 1,
         )
@@ -170,18 +226,6 @@ class Server:
             settings.model_control,
         )
         return http, http_task, grpc
-
-    async def _start_rollouts(self) -> RolloutController:
-        """Open the registry of deployments and apply them; the data plane then routes by them."""
-        settings = self.settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = await asyncio.to_thread(RegistryStore.open, settings.registry_url())
-        rollouts = RolloutController(store, self.models, self.metrics, poll_s=settings.registry_poll)
-        rollouts.audit = self.security.audit
-        self.dataplane.rollouts = rollouts
-        await rollouts.start(self.dataplane.infer_version)
-        log.info("deployments: %d applied from %s", len(rollouts.active), _safe_url(settings.registry_url()))
-        return rollouts
 
 
 def _safe_url(url: str) -> str:

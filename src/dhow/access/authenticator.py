@@ -40,6 +40,8 @@ class Credentials:
     authorization: str = ""
     #: the common name of a client certificate the TLS layer verified
     client_cn: str = ""
+    #: the name a caller gives itself (``x-dhow-actor``), used for the audit trail only under ``--auth none``
+    actor: str = ""
 
 
 @dataclass(frozen=True, slots=True)

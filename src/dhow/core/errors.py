@@ -11,7 +11,10 @@
     ├── Unauthenticated       (UNAUTHENTICATED)
     ├── Conflict              (ABORTED)          an edit based on a stale revision
     ├── ModelLoadError        (UNAVAILABLE)      an artifact or manifest failed to load
-    └── ModelFault            (INTERNAL)         the model raised while computing
+    ├── ModelFault            (INTERNAL)         the model raised while computing
+    └── InternalError         (INTERNAL)         any other exception: the message holds only an error id
+
+    CallCancelled             (not a DhowError)  the client went away; nobody is left to answer
 
 The doors map ``ErrorCode`` to HTTP statuses and gRPC codes at the edge; the message of a
 ``DhowError`` is written for the client. Any other exception is internal: the client sees
@@ -115,3 +118,15 @@ class ModelLoadError(DhowError):
 
 class ModelFault(DhowError):
     code = ErrorCode.INTERNAL
+
+
+class InternalError(DhowError):
+    """An exception that is not a ``DhowError``, logged with ``error_id``; the client sees only the id."""
+
+    def __init__(self, error_id: str) -> None:
+        super().__init__(f"internal error (id {error_id}); see the server log")
+        self.error_id = error_id
+
+
+class CallCancelled(Exception):
+    """The client went away before its answer (a closed connection, a cancelled RPC)."""

@@ -73,20 +73,26 @@ class LazyHeaders(Mapping[str, str]):
         return len(self._headers())
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Caller:
-    """Who sent a request, as access control established it; the data plane fills in the rest as it goes."""
+    """Who sent a request, as admission established it; nothing writes into it afterwards."""
 
-    #: how the audit trail names them: ``key:ci-bot#<id>``, ``jwt:alice``, ``cert:svc-a``, ``anonymous``
+    #: how the audit trail names them: ``key:ci-bot#<id>``, ``jwt:alice``, ``cert:svc-a``, ``dhow:shadow``
     principal: str
     tenant: str
     request_id: str
     #: the data region of the principal's requests when a request names none ("" = none)
     default_region: str = ""
-    #: the request's data region, once decided by the data plane
-    data_region: str = ""
-    #: the version that answered
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What serving one inference decided, returned to the admission point for the audit record."""
+
+    #: the version that answered ("" when none did)
     version: str = ""
+    #: the request's data region, as placement decided it
+    data_region: str = ""
     #: a masked sample of the inputs and outputs, when the model's payload sampling picked this request
     payload: dict[str, Any] | None = None
 
@@ -103,8 +109,6 @@ class InferenceRequest:
     outputs: list[RequestedOutput] | None = None
     #: the transport's headers (HTTP headers, gRPC metadata), names in lower case
     headers: Mapping[str, str] = field(default_factory=dict)
-    #: who sent it (None: an internal call, e.g. a shadow copy, which no policy checks again)
-    caller: Caller | None = None
 
 
 @dataclass(slots=True)

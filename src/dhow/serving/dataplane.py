@@ -11,7 +11,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -19,14 +19,12 @@ from dhow import __version__
 from dhow.core.datatypes import NUMPY_DTYPE, as_bytes
 from dhow.core.errors import DhowError, InvalidInput, ModelFault, NotFound
 from dhow.core.model_config import ModelConfig, TensorSpec
-from dhow.core.types import Caller, InferenceRequest, InferenceResponse, RequestedOutput, Tensor
+from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome, RequestedOutput, Tensor
 from dhow.governance.masking import Masker, parse_masking
 from dhow.governance.residency import ResidencyPolicy
 from dhow.serving.model_manager import ModelManager
-
-if TYPE_CHECKING:
-    from dhow.rollouts.controller import RolloutController
 from dhow.serving.model_version import ModelVersion
+from dhow.serving.traffic import TrafficRouter
 from dhow.serving.triton_config import PLATFORMS, triton_model_config
 
 log = logging.getLogger("dhow.dataplane")
@@ -45,19 +43,37 @@ EXTENSIONS = [
 ]
 
 
+class Placement(NamedTuple):
+    """Where a request's data belongs, decided before it runs (so that a refusal can name the region)."""
+
+    config: ModelConfig
+    region: str
+
+
 class DataPlane:
-    def __init__(self, models: ModelManager, *, server_name: str = "dhow") -> None:
+    """Serves what admission let in: metadata, the repository, inference (placed, routed, validated, counted)."""
+
+    def __init__(
+        self,
+        models: ModelManager,
+        *,
+        router: TrafficRouter | None = None,
+        region: str = "default",
+        residency: ResidencyPolicy | None = None,
+        masking_key: bytes = b"",
+        server_name: str = "dhow",
+    ) -> None:
         self.models = models
         self.server_name = server_name
         #: set by the server once the models to load at start are loaded, cleared on shutdown
         self.is_ready = False
         #: the deployments' traffic policies; None serves every model's newest version
-        self.rollouts: RolloutController | None = None
+        self.router = router
         #: where this server runs, and which data regions may be processed here
-        self.region = "default"
-        self.residency = ResidencyPolicy()
+        self.region = region
+        self.residency = residency or ResidencyPolicy()
         #: the keyed-hash secret of PII masking (payload samples)
-        self.masking_key = b""
+        self.masking_key = masking_key
         #: per model: the config its masker was built from, and the masker
         self._maskers: dict[str, tuple[ModelConfig, Masker]] = {}
 
@@ -130,34 +146,31 @@ class DataPlane:
 
     # -- inference ----------------------------------------------------------------------
 
-    async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        """Run one request; a deployment's traffic policy picks the version when the request names none.
-
-        A request with a ``caller`` (every request from a door) is placed first: its data region is decided
-        and the residency policy may refuse it. Its caller then learns the version that answered and, when
-        the model samples payloads, gets a masked copy of the inputs and outputs for the audit trail.
-        """
-        caller = request.caller
-        if caller is None:
-            return await self._route(request)
-        config = self._place(request, caller)
-        response = await self._route(request)
-        caller.version = response.model_version
-        if config.payload_sample_rate and random.random() < config.payload_sample_rate:
-            caller.payload = self._payload_sample(config, request, response)
-        return response
-
-    def _place(self, request: InferenceRequest, caller: Caller) -> ModelConfig:
-        """Decide the request's data region and check that this server may process it."""
+    def place(self, request: InferenceRequest, caller: Caller) -> Placement:
+        """Decide the request's data region: the request's ``data_region`` parameter, the
+        ``x-dhow-data-region`` header, the caller's default, or the model's ``region:``."""
         config = self.models.resolve(request.model_name, request.model_version).config
         region = request.parameters.get("data_region")
         if region is None:
             region = request.headers.get(DATA_REGION_HEADER) or caller.default_region or config.region
         if not isinstance(region, str):
             raise InvalidInput(f"request parameter 'data_region' must be a string like 'ae', got {region!r}")
-        caller.data_region = region
+        return Placement(config, region)
+
+    async def infer(self, request: InferenceRequest, placement: Placement) -> tuple[InferenceResponse, Outcome]:
+        """Run one placed request, if this server may process its data region (residency), and route it.
+
+        A deployment's traffic policy picks the version when the request names none. What was decided (the
+        version that answered, the data region, a masked payload sample when the model samples payloads) is
+        returned beside the response, for the admission point's audit record.
+        """
+        config, region = placement
         self.residency.check(region, self.region)
-        return config
+        response = await self._route(request)
+        payload = None
+        if config.payload_sample_rate and random.random() < config.payload_sample_rate:
+            payload = self._payload_sample(config, request, response)
+        return response, Outcome(response.model_version, region, payload)
 
     def _payload_sample(
         self, config: ModelConfig, request: InferenceRequest, response: InferenceResponse
@@ -174,24 +187,19 @@ class DataPlane:
         }
 
     async def _route(self, request: InferenceRequest) -> InferenceResponse:
-        rollouts = self.rollouts
-        if rollouts is None or request.model_version:
+        router = self.router
+        routing = None if router is None or request.model_version else router.route(request)
+        if routing is None:
             return await self.infer_version(request)
-        routed = rollouts.route(request)
-        if routed is None:
-            return await self.infer_version(request)
-        active, route = routed
-        request.model_version = str(route.version)
+        request.model_version = str(routing.version)
         start = time.perf_counter()
         try:
             response = await self.infer_version(request)
         except DhowError as exc:
-            rollouts.observe(active, route, exc.code.value, time.perf_counter() - start)
+            routing.observe(request, None, exc.code.value, time.perf_counter() - start)
             raise
-        seconds = time.perf_counter() - start
-        rollouts.observe(active, route, "success", seconds)
-        rollouts.shadow(active, request, response, seconds)
-        response.parameters["dhow_variant"] = route.variant
+        routing.observe(request, response, "success", time.perf_counter() - start)
+        response.parameters["dhow_variant"] = routing.variant
         return response
 
     async def infer_version(self, request: InferenceRequest) -> InferenceResponse:

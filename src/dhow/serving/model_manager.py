@@ -21,8 +21,6 @@ from typing import Any
 import orjson
 
 from dhow.core.errors import DhowError, Forbidden, InvalidInput, ModelLoadError, NotFound, Unavailable, Unsupported
-from dhow.governance.audit import AuditRecord
-from dhow.governance.audit_trail import AuditTrail
 from dhow.governance.masking import parse_masking
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.repository.manifest import MANIFEST, parse_manifest
@@ -62,6 +60,7 @@ class ModelManager:
         control: ModelControl = ModelControl.NONE,
         upload_dir: Path | None = None,
         workers: int = 1,
+        artifact_check: Callable[[str, int, Path], None] | None = None,
     ) -> None:
         self.repository = repository
         self.metrics = metrics
@@ -75,9 +74,7 @@ class ModelManager:
         #: versions that deployments route to, kept loaded beside what the version policy selects
         self._required: dict[str, frozenset[int]] = {}
         #: checks a version folder before it loads (trusted digests); raises ``ModelLoadError`` to refuse it
-        self.artifact_check: Callable[[str, int, Path], None] | None = None
-        #: where the poller's loads and unloads are recorded (requests through the API are audited by the guard)
-        self.audit: AuditTrail | None = None
+        self.artifact_check = artifact_check
 
     def tenant_of(self, name: str) -> str:
         """The tenant a model belongs to (its manifest's ``tenant``), loaded or not; "default" if unknown."""
@@ -361,44 +358,17 @@ class ModelManager:
         self.metrics.models_loaded.set(sum(len(e.versions) for e in self.entries.values()))
         log.info("model %s unloaded", name)
 
-    async def poll_forever(self, interval: float) -> None:
-        """Follow the repository: load new or changed models, unload removed ones."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.poll_once()
-            except Exception:
-                log.exception("polling the model repository failed")
-
-    async def poll_once(self) -> None:
+    async def changes_on_disk(self) -> tuple[list[str], list[str]]:
+        """What the repository poller should do: the models gone from disk, the models new or changed."""
         on_disk = set(await asyncio.to_thread(self.repository.model_names))
-        for name in sorted(set(self.entries) - on_disk - set(self._uploaded)):
-            await self.unload(name)
-            await self._audit("model.unload", name)
+        gone = sorted(set(self.entries) - on_disk - set(self._uploaded))
+        changed = []
         for name in sorted(on_disk):
             entry = self.entries.get(name)
             fingerprint = await asyncio.to_thread(self.repository.fingerprint, name)
             if entry is None or fingerprint != entry.fingerprint:
-                await self.load(name)
-                await self._audit("model.load", name)
-
-    async def _audit(self, action: str, name: str) -> None:
-        """Changes the poller makes are administrative actions too: by dhow, because the files changed."""
-        if self.audit is None:
-            return
-        entry = self.entries.get(name)
-        versions = sorted(entry.versions) if entry is not None else []
-        outcome = "success" if entry is None or entry.state == "READY" else "UNAVAILABLE"
-        record = AuditRecord(
-            kind="admin",
-            action=action,
-            actor="dhow:repository-poll",
-            tenant=self.tenant_of(name),
-            outcome=outcome,
-            model=name,
-            details={"versions": versions, "reason": entry.reason if entry is not None else "removed from disk"},
-        )
-        await self.audit.record_now(record)
+                changed.append(name)
+        return gone, changed
 
     async def close(self) -> None:
         for name in list(self.entries):

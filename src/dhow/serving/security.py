@@ -1,5 +1,8 @@
 """Security at start and stop: open the access store and the audit stores, build the guard, make the first key.
 
+The composition root (``dhow.server``) calls ``open`` (stores, audit trail, masking key), builds the model
+lifecycle with ``digest_check``, then ``guard`` (authenticator, quotas, the first key) for the core service.
+
 Secure by default: with ``--auth on`` (the default) and no key in the store yet, the first start makes an admin
 key and prints it once on standard output, never in a log file.
 """
@@ -13,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from prometheus_client import CollectorRegistry
+
 from dhow.access.authenticator import Authenticator
 from dhow.access.jwt import JwtVerifier
 from dhow.access.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
@@ -23,9 +28,7 @@ from dhow.governance.audit_trail import AuditTrail
 from dhow.governance.masking import Masker, load_hash_key, parse_masking
 from dhow.governance.residency import check_region_name
 from dhow.repository.encryption import trusted_files
-from dhow.serving.dataplane import DataPlane
 from dhow.serving.guard import AccessGuard
-from dhow.serving.model_manager import ModelManager
 from dhow.settings import ServerSettings
 
 __all__ = ["Security", "masking_key"]
@@ -57,6 +60,8 @@ class Security:
         self.authenticator: Authenticator | None = None
         self.limiter: RateLimiter | None = None
         self._audit_stores: dict[str, AuditStore] = {}
+        #: the keyed-hash secret of PII masking, read (or made) by ``open``
+        self.masking_key = b""
 
     async def prepare(self) -> None:
         """The first start's one-time work alone, then close: what a supervisor does before its workers start.
@@ -75,7 +80,7 @@ class Security:
         """Open the stores and start the audit trail; the masking key."""
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        key = await asyncio.to_thread(masking_key, settings)
+        key = self.masking_key = await asyncio.to_thread(masking_key, settings)
         self.store = await asyncio.to_thread(AccessStore.open, settings.registry_url())
         for region, url in audit_urls(settings).items():
             self._audit_stores[region] = await asyncio.to_thread(AuditStore.open, url)
@@ -83,30 +88,19 @@ class Security:
         await self.audit.start()
         return key
 
-    async def start(self, models: ModelManager, dataplane: DataPlane) -> AccessGuard:
+    async def open(self) -> bytes:
+        """Open the stores and start the audit trail (written by a writer process, off this process's
+        interpreter lock: see docs/security.md); returns the masking key."""
+        return await self._open(writer="process")
+
+    async def guard(self, tenant_of: Callable[[str], str], registry: CollectorRegistry) -> AccessGuard:
+        """Start authentication and quotas; make the first admin key if there is none."""
         settings = self.settings
-        # the writer process chains and writes off this process's interpreter lock (see docs/security.md)
-        key = await self._open(writer="process")
         assert self.store is not None and self.audit is not None
-        dataplane.masking_key = key
-        jwt = None
-        if settings.jwt_issuer:
-            if not settings.jwt_jwks:
-                raise InvalidInput("--jwt-issuer needs --jwt-jwks (the issuer's JWKS file or URL)")
-            jwt = JwtVerifier(
-                issuer=settings.jwt_issuer,
-                audience=settings.jwt_audience,
-                jwks=settings.jwt_jwks,
-                roles_claim=settings.jwt_roles_claim,
-                tenant_claim=settings.jwt_tenant_claim,
-            )
         enabled = settings.auth == "on"
-        self.authenticator = Authenticator(self.store, jwt, enabled=enabled, poll_s=settings.registry_poll)
+        self.authenticator = Authenticator(self.store, self._jwt(), enabled=enabled, poll_s=settings.registry_poll)
         await self.authenticator.start()
         self.limiter = await RedisRateLimiter.connect(settings.redis) if settings.redis else LocalRateLimiter()
-        models.audit = self.audit
-        if settings.require_digests:
-            models.artifact_check = self._digest_check()
         if enabled:
             await self._first_key()
         else:
@@ -114,9 +108,21 @@ class Security:
                 "AUTHENTICATION IS OFF (--auth none): anyone who reaches the ports may infer, load models and change "
                 "rollouts. Use it for local development only."
             )
-        masker = Masker(parse_masking(None, "audit"), key)
-        return AccessGuard(
-            self.authenticator, self.limiter, self.audit, masker, models.tenant_of, models.metrics.registry
+        masker = Masker(parse_masking(None, "audit"), self.masking_key)
+        return AccessGuard(self.authenticator, self.limiter, self.audit, masker, tenant_of, registry)
+
+    def _jwt(self) -> JwtVerifier | None:
+        settings = self.settings
+        if not settings.jwt_issuer:
+            return None
+        if not settings.jwt_jwks:
+            raise InvalidInput("--jwt-issuer needs --jwt-jwks (the issuer's JWKS file or URL)")
+        return JwtVerifier(
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            jwks=settings.jwt_jwks,
+            roles_claim=settings.jwt_roles_claim,
+            tenant_claim=settings.jwt_tenant_claim,
         )
 
     async def _first_key(self) -> None:
@@ -149,7 +155,8 @@ class Security:
             flush=True,
         )
 
-    def _digest_check(self) -> Callable[[str, int, Path], None]:
+    def digest_check(self) -> Callable[[str, int, Path], None]:
+        """What ``--require-digests`` checks before a version loads: its files against the trusted digests."""
         store = self.store
         assert store is not None
 

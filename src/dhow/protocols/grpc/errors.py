@@ -1,22 +1,24 @@
-"""Where dhow's errors become gRPC statuses: one map, one guard around every unary RPC.
+"""Where a gRPC call enters the core service's admission point, and dhow's errors become gRPC statuses.
 
 A ``DhowError`` aborts the call with the status of its code and its message (written for the
 client), plus a ``retry-after`` trailer when it names one. Any other exception is logged with an
-error id, and the client sees only that id.
+error id by the core service, and the client sees only that id.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 import grpc.aio
 
+from dhow.access.authenticator import Credentials
 from dhow.core.errors import DhowError, ErrorCode
+from dhow.protocols.grpc.methods import METHOD_ACCESS
+from dhow.serving.service import Call, CoreService
 
 log = logging.getLogger("dhow.grpc")
 
@@ -36,18 +38,18 @@ STATUS: dict[ErrorCode, grpc.StatusCode] = {
 }
 
 
-class Admitting(Protocol):
-    """A servicer that lets requests in (access control) and hears how they ended (audit)."""
+class Servicer(Protocol):
+    """A servicer whose RPCs enter the core service's one admission point."""
 
-    async def admit(self, rpc: str, request: Any, context: Context) -> object: ...
+    @property
+    def service(self) -> CoreService: ...
 
-    async def finish(self, admission: object, outcome: str, message: str = "") -> None: ...
 
-
-_Servicer = TypeVar("_Servicer", bound=Admitting)
+_Servicer = TypeVar("_Servicer", bound=Servicer)
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 UnaryMethod = Callable[[_Servicer, _Request, Context], Awaitable[_Response]]
+AdmittedMethod = Callable[[_Servicer, _Request, Context, Call], Awaitable[_Response]]
 
 
 def trailing_metadata(exc: DhowError) -> tuple[tuple[str, str], ...]:
@@ -57,44 +59,34 @@ def trailing_metadata(exc: DhowError) -> tuple[tuple[str, str], ...]:
     return (("retry-after", f"{exc.retry_after:g}"),)
 
 
-def log_internal_error(rpc: str) -> str:
-    """Log the exception being handled under a fresh error id; call it inside ``except``."""
-    error_id = secrets.token_hex(4)
-    log.exception("internal error in gRPC %s (error id %s)", rpc, error_id)
-    return error_id
-
-
-def internal_message(error_id: str) -> str:
-    return f"internal error (id {error_id}); see the server log"
-
-
 async def abort(context: Context, exc: DhowError) -> NoReturn:
     await context.abort(STATUS[exc.code], exc.message, trailing_metadata=trailing_metadata(exc))
 
 
-def guarded(method: UnaryMethod[_Servicer, _Request, _Response]) -> UnaryMethod[_Servicer, _Request, _Response]:
-    """Wrap a unary RPC: let it in through the servicer's access control, end every exception it raises with
-    a proper status, and tell the servicer how it ended."""
+def guarded(method: AdmittedMethod[_Servicer, _Request, _Response]) -> UnaryMethod[_Servicer, _Request, _Response]:
+    """Wrap a unary RPC: enter the core service's admission point with the call's credentials and the access
+    ``METHOD_ACCESS`` names, hand the method the admitted call, end every error with its status."""
+    access = METHOD_ACCESS[method.__name__]
 
     @functools.wraps(method)
     async def rpc(self: _Servicer, request: _Request, context: Context) -> _Response:
-        admission = None
+        model = getattr(request, "model_name", "") or getattr(request, "name", "")
         try:
-            admission = await self.admit(method.__name__, request, context)
-            response = await method(self, request, context)
+            async with self.service.call(credentials(context), access, model) as call:
+                return await method(self, request, context, call)
         except DhowError as exc:
-            await self.finish(admission, exc.code.value, exc.message)
             await abort(context, exc)
-        except grpc.aio.AbortError:
-            raise  # the method aborted the call itself
-        except Exception:
-            error_id = log_internal_error(method.__name__)
-            await self.finish(admission, "INTERNAL", f"internal error (id {error_id})")
-            await context.abort(grpc.StatusCode.INTERNAL, internal_message(error_id))
-        try:
-            await self.finish(admission, "success")
-        except DhowError as exc:  # the audit trail cannot take the record: fail closed
-            await abort(context, exc)
-        return response
 
     return rpc
+
+
+def credentials(context: Context) -> Credentials:
+    """The call's ``authorization`` metadata entry and its verified client certificate's common name."""
+    authorization = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            authorization = value
+            break
+    names = list((context.auth_context() or {}).get("x509_common_name") or ())
+    client_cn = names[0].decode("utf-8", "replace") if names else ""
+    return Credentials(authorization, client_cn)

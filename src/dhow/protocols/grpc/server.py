@@ -9,8 +9,7 @@ import grpc.aio
 
 from dhow.protocols.grpc.generated import grpc_service_pb2_grpc
 from dhow.protocols.grpc.service import InferenceServicer
-from dhow.serving.dataplane import DataPlane
-from dhow.serving.guard import AccessGuard
+from dhow.serving.service import CoreService
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,12 +26,11 @@ class GrpcServer:
 
 
 async def create_grpc_server(
-    dataplane: DataPlane,
+    service: CoreService,
     host: str = "0.0.0.0",
     port: int = 8081,
     *,
     max_message_bytes: int = 64 * 1024 * 1024,
-    guard: AccessGuard | None = None,
     credentials: grpc.ServerCredentials | None = None,
     reuse_port: bool = False,
 ) -> GrpcServer:
@@ -52,7 +50,7 @@ async def create_grpc_server(
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
     )
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, guard), server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
     address = _address(host, port)
     try:
         if credentials is None:

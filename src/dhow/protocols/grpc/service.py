@@ -7,13 +7,11 @@ policies (validation, statistics, batching) live in the data plane, once for eve
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextvars import ContextVar
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, TypeVar
 
 from google.protobuf import json_format
 
-from dhow.access.authenticator import Credentials
 from dhow.access.permissions import Principal
 from dhow.core.errors import DhowError
 from dhow.core.types import LazyHeaders
@@ -24,11 +22,12 @@ from dhow.protocols.grpc.codec import (
     response_to_proto,
     tensor_metadata,
 )
-from dhow.protocols.grpc.errors import Context, abort, guarded, internal_message, log_internal_error
+from dhow.protocols.grpc.errors import Context, abort, credentials, guarded
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.generated import model_config_pb2 as mc
-from dhow.serving.dataplane import DataPlane
-from dhow.serving.guard import ACTIONS, AccessGuard, Admission
+from dhow.protocols.grpc.methods import METHOD_ACTIONS
+from dhow.serving.guard import ACTIONS
+from dhow.serving.service import Call, CoreService
 
 _Message = TypeVar("_Message")
 
@@ -36,52 +35,41 @@ _Message = TypeVar("_Message")
 class InferenceServicer:
     """The RPCs of ``grpc_service.proto``; ``create_grpc_server`` registers it.
 
-    Method names are the RPC names: grpc's generated registration looks them up by name.
+    Method names are the RPC names: grpc's generated registration looks them up by name. Every RPC enters the
+    core service's admission point (``guarded``; the stream per message) and reads through the admitted call.
     """
 
-    def __init__(self, dataplane: DataPlane, guard: AccessGuard | None = None) -> None:
-        self.dataplane = dataplane
-        #: authentication, authorization, quotas and audit; None lets every call through
-        self.guard = guard
-
-    # -- access control (see ``guarded``) -----------------------------------------------
-
-    async def admit(self, rpc: str, request: Any, context: Context) -> Admission | None:
-        action = METHOD_ACTIONS[rpc]
-        if self.guard is None or action is None:
-            return None
-        model = getattr(request, "model_name", "") or getattr(request, "name", "")
-        admission = await self.guard.admit(_credentials(context), ACTIONS[action], model)
-        _ADMISSION.set(admission)
-        return admission
-
-    async def finish(self, admission: object, outcome: str, message: str = "") -> None:
-        if isinstance(admission, Admission) and self.guard is not None:
-            await self.guard.finish(admission, outcome, message)
+    def __init__(self, service: CoreService) -> None:
+        self.service = service
+        self.dataplane = service.dataplane
 
     # -- health and metadata ------------------------------------------------------------
 
     @guarded
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context, call: Call) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.dataplane.live())
 
     @guarded
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context, call: Call) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.dataplane.ready())
 
     @guarded
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context, call: Call) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version))
 
     @guarded
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Context, call: Call
+    ) -> pb.ServerMetadataResponse:
         metadata = self.dataplane.server_metadata()
         return pb.ServerMetadataResponse(
             name=metadata["name"], version=metadata["version"], extensions=metadata.get("extensions", [])
         )
 
     @guarded
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Context, call: Call
+    ) -> pb.ModelMetadataResponse:
         metadata = self.dataplane.model_metadata(request.name, request.version)
         return pb.ModelMetadataResponse(
             name=metadata["name"],
@@ -92,27 +80,31 @@ class InferenceServicer:
         )
 
     @guarded
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context, call: Call) -> pb.ModelConfigResponse:
         config = self.dataplane.model_config(request.name, request.version)
         # the dict is Triton's JSON form of model_config.proto; fields our subset lacks are dropped
         return pb.ModelConfigResponse(config=_parsed(config, mc.ModelConfig()))
 
     @guarded
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
-        statistics = self.dataplane.model_statistics(request.name, request.version, _visible())
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Context, call: Call
+    ) -> pb.ModelStatisticsResponse:
+        statistics = self.dataplane.model_statistics(request.name, request.version, call.visible)
         return _parsed(statistics, pb.ModelStatisticsResponse())
 
     # -- the repository -----------------------------------------------------------------
 
     @guarded
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Context, call: Call
+    ) -> pb.RepositoryIndexResponse:
         # dhow serves one repository: repository_name is not consulted
-        rows = self.dataplane.repository_index(request.ready, _visible())
+        rows = self.dataplane.repository_index(request.ready, call.visible)
         return pb.RepositoryIndexResponse(models=[_model_index(row) for row in rows])
 
     @guarded
     async def RepositoryModelLoad(
-        self, request: pb.RepositoryModelLoadRequest, context: Context
+        self, request: pb.RepositoryModelLoadRequest, context: Context, call: Call
     ) -> pb.RepositoryModelLoadResponse:
         # "config" arrives as string_param, uploaded "file:<path>" contents as bytes_param
         await self.dataplane.load_model(request.model_name, parameters_from_proto(request.parameters))
@@ -120,7 +112,7 @@ class InferenceServicer:
 
     @guarded
     async def RepositoryModelUnload(
-        self, request: pb.RepositoryModelUnloadRequest, context: Context
+        self, request: pb.RepositoryModelUnloadRequest, context: Context, call: Call
     ) -> pb.RepositoryModelUnloadResponse:
         await self.dataplane.unload_model(request.model_name, parameters_from_proto(request.parameters))
         return pb.RepositoryModelUnloadResponse()
@@ -128,13 +120,10 @@ class InferenceServicer:
     # -- inference ----------------------------------------------------------------------
 
     @guarded
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context, call: Call) -> pb.ModelInferResponse:
         inference = request_from_proto(request)
         inference.headers = LazyHeaders(lambda: _metadata(context))
-        admission = _ADMISSION.get()
-        if admission is not None:
-            inference.caller = admission.caller
-        response = await self.dataplane.infer(inference)
+        response = await call.infer(inference)
         return response_to_proto(response)
 
     async def ModelStreamInfer(
@@ -145,13 +134,11 @@ class InferenceServicer:
         Requests run concurrently, as in Triton; clients match answers by ``id``. A failed request
         yields an ``error_message`` (with the request's model and id) and the stream goes on.
         """
-        principal = None
-        if self.guard is not None:
-            # one authentication per stream; each request is authorized, limited and audited on its own
-            try:
-                principal = await self.guard.authenticate(_credentials(context), ACTIONS["infer"])
-            except DhowError as exc:
-                await abort(context, exc)
+        # one authentication per stream; each request is authorized, limited and audited on its own
+        try:
+            principal = await self.service.authenticate(credentials(context), _STREAM)
+        except DhowError as exc:
+            await abort(context, exc)
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         reader = asyncio.create_task(self._serve_stream(requests, answers, principal))
         try:
@@ -165,7 +152,7 @@ class InferenceServicer:
         self,
         requests: AsyncIterator[pb.ModelInferRequest],
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None],
-        principal: Principal | None,
+        principal: Principal,
     ) -> None:
         try:
             async with asyncio.TaskGroup() as group:
@@ -178,26 +165,15 @@ class InferenceServicer:
         self,
         request: pb.ModelInferRequest,
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None],
-        principal: Principal | None,
+        principal: Principal,
     ) -> None:
-        admission = None
         try:
-            inference = request_from_proto(request)
-            if self.guard is not None and principal is not None:
-                admission = await self.guard.authorize(principal, ACTIONS["infer"], request.model_name)
-                inference.caller = admission.caller
-            response = response_to_proto(await self.dataplane.infer(inference))
+            async with self.service.call(principal, _STREAM, request.model_name) as call:
+                inference = request_from_proto(request)
+                response = response_to_proto(await call.infer(inference))
             answer = pb.ModelStreamInferResponse(infer_response=response)
-            await self.finish(admission, "success")
         except DhowError as exc:
-            await self.finish(admission, exc.code.value, exc.message)
             answer = pb.ModelStreamInferResponse(error_message=exc.message, infer_response=request_header(request))
-        except Exception:
-            error_id = log_internal_error("ModelStreamInfer")
-            await self.finish(admission, "INTERNAL", f"internal error (id {error_id})")
-            answer = pb.ModelStreamInferResponse(
-                error_message=internal_message(error_id), infer_response=request_header(request)
-            )
         answers.put_nowait(answer)
 
 
@@ -216,41 +192,8 @@ def _model_index(row: Mapping[str, Any]) -> pb.RepositoryIndexResponse.ModelInde
     )
 
 
-#: the action (see ``dhow.serving.guard.ACTIONS``) of every RPC; None: open to anyone (health checks)
-METHOD_ACTIONS: dict[str, str | None] = {
-    "ServerLive": None,
-    "ServerReady": None,
-    "ModelReady": "model.ready",
-    "ServerMetadata": "server.metadata",
-    "ModelMetadata": "model.metadata",
-    "ModelConfig": "model.config",
-    "ModelStatistics": "stats.read",
-    "RepositoryIndex": "repository.index",
-    "RepositoryModelLoad": "model.load",
-    "RepositoryModelUnload": "model.unload",
-    "ModelInfer": "infer",
-    "ModelStreamInfer": "infer",
-}
-
-#: the admission of the unary call being served (each call runs in its own task, so its own context)
-_ADMISSION: ContextVar[Admission | None] = ContextVar("dhow_grpc_admission", default=None)
-
-
-def _visible() -> Callable[[str], bool] | None:
-    """Which models the caller of this call may see (None: no access control)."""
-    admission = _ADMISSION.get()
-    return admission.visible if admission is not None else None
-
-
-def _credentials(context: Context) -> Credentials:
-    authorization = ""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str):
-            authorization = value
-            break
-    names = list((context.auth_context() or {}).get("x509_common_name") or ())
-    client_cn = names[0].decode("utf-8", "replace") if names else ""
-    return Credentials(authorization, client_cn)
+#: the access of every message of a stream
+_STREAM = ACTIONS[METHOD_ACTIONS["ModelStreamInfer"] or "infer"]
 
 
 def _metadata(context: Context) -> list[tuple[str, str]]:

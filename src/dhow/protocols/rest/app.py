@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
 
-from dhow.access.authenticator import ANONYMOUS, Credentials
-from dhow.core.errors import DhowError, InvalidInput, NotFound
+from dhow.access.authenticator import Credentials
+from dhow.core.errors import CallCancelled, DhowError, InvalidInput, NotFound
 from dhow.core.types import LazyHeaders
 from dhow.protocols.rest.body import (
-    ClientDisconnected,
     Receive,
     Scope,
     Send,
@@ -30,11 +28,10 @@ from dhow.protocols.rest.body import (
 from dhow.protocols.rest.codec import decode_request, encode_response
 from dhow.protocols.rest.openapi import openapi_document
 from dhow.protocols.rest.router import Endpoint, Match, allowed_methods, resolve
-from dhow.serving.dataplane import DataPlane
-from dhow.serving.guard import ACTIONS, KEY_FIELDS, AccessGuard, Admission
-
-if TYPE_CHECKING:
-    from dhow.rollouts.controller import RolloutController
+from dhow.rollouts.editor import DeploymentEditor
+from dhow.serving.admin import KEY_FIELDS, AccessAdmin
+from dhow.serving.guard import ACTIONS
+from dhow.serving.service import Call, CoreService
 
 __all__ = ["RestApp"]
 
@@ -43,7 +40,7 @@ log = logging.getLogger("dhow.rest")
 Headers = list[tuple[bytes, bytes]]
 #: what a handler answers: status, headers (shared constants: never mutated), body
 Answer = tuple[int, Headers, bytes]
-Handler = Callable[["Request"], Awaitable[Answer]]
+Handler = Callable[["Request", Call], Awaitable[Answer]]
 
 _HEADER_LENGTH = b"inference-header-content-length"
 #: where the TLS layer puts the common name of a verified client certificate in the ASGI scope
@@ -61,7 +58,6 @@ class Request:
         "_query",
         "_receive",
         "accept_encoding",
-        "admission",
         "authorization",
         "content_encoding",
         "content_length",
@@ -81,7 +77,6 @@ class Request:
         self.header_length: bytes | None = None
         self.raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
         self.authorization = b""
-        self.admission: Admission | None = None
         for name, value in self.raw_headers:
             if name == b"content-length":
                 self.content_length = int(value) if value.isdigit() else None
@@ -94,19 +89,14 @@ class Request:
             elif name == b"authorization":
                 self.authorization = value
 
-    def actor(self) -> str:
-        """Who asks for an admin change: the authenticated principal; without authentication, the
-        ``x-dhow-actor`` header (so that local tools can still say who they are)."""
-        admission = self.admission
-        if admission is not None and admission.principal is not ANONYMOUS:
-            return admission.principal.name
+    def credentials(self, scope: Scope) -> Credentials:
+        """The Authorization header or the verified client certificate; ``x-dhow-actor`` names the caller when
+        authentication is off (so that local tools can still say who they are)."""
+        actor = ""
         for name, value in self.raw_headers:
             if name == b"x-dhow-actor":
-                return value.decode("utf-8", "replace")[:200] or "anonymous"
-        return "anonymous"
-
-    def credentials(self, scope: Scope) -> Credentials:
-        return Credentials(self.authorization.decode("latin-1"), scope.get(CLIENT_CN_SCOPE_KEY) or "")
+                actor = value.decode("utf-8", "replace")[:200]
+        return Credentials(self.authorization.decode("latin-1"), scope.get(CLIENT_CN_SCOPE_KEY) or "", actor)
 
     def query(self) -> dict[str, str]:
         """The query string's parameters (the last of repeated ones)."""
@@ -167,19 +157,25 @@ _NOT_MODELS = frozenset({Endpoint.REVOKE_KEY, Endpoint.ROTATE_KEY})
 
 
 class RestApp:
-    """The ASGI application of the REST door; ``metrics_handler`` renders ``GET /metrics``."""
+    """The ASGI application of the REST door: every route through the core service's one admission point.
+
+    ``metrics_handler`` renders ``GET /metrics``; ``deployments`` and ``access`` serve the admin routes (None: the
+    routes answer 404 "not enabled on this server").
+    """
 
     def __init__(
         self,
-        dataplane: DataPlane,
+        service: CoreService,
         *,
         max_body_bytes: int = 64 * 1024 * 1024,
         metrics_handler: Callable[[], tuple[bytes, str]] | None = None,
-        guard: AccessGuard | None = None,
+        deployments: DeploymentEditor | None = None,
+        access: AccessAdmin | None = None,
     ) -> None:
-        self.dataplane = dataplane
-        #: authentication, authorization, quotas and audit; None (in-process tests) lets every request through
-        self.guard = guard
+        self.service = service
+        self.dataplane = service.dataplane
+        self.deployments = deployments
+        self.access = access
         self.max_body_bytes = max_body_bytes
         self.metrics_handler = metrics_handler
         self._openapi_body: bytes | None = None
@@ -232,29 +228,17 @@ class RestApp:
             )
             return
         request = Request(scope, receive, match, self.max_body_bytes)
-        guard, action = self.guard, ENDPOINT_ACTIONS[match.endpoint]
+        action = ENDPOINT_ACTIONS[match.endpoint]
+        model = "" if match.endpoint in _NOT_MODELS else match.model
         try:
-            if guard is not None and action is not None:
-                model = "" if match.endpoint in _NOT_MODELS else match.model
-                request.admission = await guard.admit(request.credentials(scope), ACTIONS[action], model)
-            status, headers, body = await self._handlers[match.endpoint](request)
+            async with self.service.call(
+                request.credentials(scope), None if action is None else ACTIONS[action], model
+            ) as call:
+                status, headers, body = await self._handlers[match.endpoint](request, call)
         except DhowError as exc:
-            await self._finish(request, exc.code.value, exc.message)
             await _send_error(send, exc.http_status, exc.message, _retry_after(exc.retry_after))
             return
-        except ClientDisconnected:
-            await self._finish(request, "CANCELLED")
-            return
-        except Exception:
-            error_id = secrets.token_hex(4)
-            log.exception("internal error (id %s) serving %s %s", error_id, scope["method"], scope["path"])
-            await self._finish(request, "INTERNAL", f"internal error (id {error_id})")
-            await _send_error(send, 500, f"internal error (id {error_id}); see the server log")
-            return
-        try:
-            await self._finish(request, "success")
-        except DhowError as exc:  # the audit trail cannot take the record: fail closed, as for any request
-            await _send_error(send, exc.http_status, exc.message, _retry_after(exc.retry_after))
+        except CallCancelled:
             return
         if request.accept_encoding:
             body, encoding = compress(body, request.accept_encoding)
@@ -262,82 +246,75 @@ class RestApp:
                 headers = [*headers, (b"content-encoding", encoding), (b"vary", b"accept-encoding")]
         await _send(send, status, headers, body)
 
-    async def _finish(self, request: Request, outcome: str, message: str = "") -> None:
-        if request.admission is not None and self.guard is not None:
-            await self.guard.finish(request.admission, outcome, message)
-
     # -- health and metadata ------------------------------------------------------------
 
-    async def _server_metadata(self, request: Request) -> Answer:
+    async def _server_metadata(self, request: Request, call: Call) -> Answer:
         return _json(self.dataplane.server_metadata())
 
-    async def _live(self, request: Request) -> Answer:
+    async def _live(self, request: Request, call: Call) -> Answer:
         return _EMPTY if self.dataplane.live() else _error(503, "the server is not live")
 
-    async def _ready(self, request: Request) -> Answer:
+    async def _ready(self, request: Request, call: Call) -> Answer:
         return _EMPTY if self.dataplane.ready() else _error(503, "the server is not ready")
 
-    async def _metrics(self, request: Request) -> Answer:
+    async def _metrics(self, request: Request, call: Call) -> Answer:
         if self.metrics_handler is None:
             raise NotFound("metrics are not enabled on this server")
         body, content_type = self.metrics_handler()
         return 200, [(b"content-type", content_type.encode("latin-1"))], body
 
-    async def _model_metadata(self, request: Request) -> Answer:
+    async def _model_metadata(self, request: Request, call: Call) -> Answer:
         return _json(self.dataplane.model_metadata(request.match.model, request.match.version))
 
-    async def _model_ready(self, request: Request) -> Answer:
+    async def _model_ready(self, request: Request, call: Call) -> Answer:
         match = request.match
         if self.dataplane.model_ready(match.model, match.version):
             return _EMPTY
         version = f" version {match.version}" if match.version else ""
         return _error(503, f"model '{match.model}'{version} is not ready")
 
-    async def _model_config(self, request: Request) -> Answer:
+    async def _model_config(self, request: Request, call: Call) -> Answer:
         return _json(self.dataplane.model_config(request.match.model, request.match.version))
 
-    async def _statistics(self, request: Request) -> Answer:
-        visible = request.admission.visible if request.admission is not None else None
-        return _json(self.dataplane.model_statistics(request.match.model, request.match.version, visible))
+    async def _statistics(self, request: Request, call: Call) -> Answer:
+        return _json(self.dataplane.model_statistics(request.match.model, request.match.version, call.visible))
 
     # -- the repository -----------------------------------------------------------------
 
-    async def _repository_index(self, request: Request) -> Answer:
+    async def _repository_index(self, request: Request, call: Call) -> Answer:
         ready = (await request.json_body()).get("ready", False)
         if not isinstance(ready, bool):
             raise InvalidInput(f"'ready' must be a boolean, got {ready!r}")
-        visible = request.admission.visible if request.admission is not None else None
-        return _json(self.dataplane.repository_index(ready, visible))
+        return _json(self.dataplane.repository_index(ready, call.visible))
 
-    async def _load(self, request: Request) -> Answer:
+    async def _load(self, request: Request, call: Call) -> Answer:
         await self.dataplane.load_model(request.match.model, await _parameters(request))
         return _EMPTY
 
-    async def _unload(self, request: Request) -> Answer:
+    async def _unload(self, request: Request, call: Call) -> Answer:
         await self.dataplane.unload_model(request.match.model, await _parameters(request))
         return _EMPTY
 
     # -- deployments (the admin API) ----------------------------------------------------
 
-    def _rollouts(self) -> RolloutController:
-        if self.dataplane.rollouts is None:
+    def _rollouts(self) -> DeploymentEditor:
+        if self.deployments is None:
             raise NotFound("deployments are not enabled on this server")
-        return self.dataplane.rollouts
+        return self.deployments
 
-    async def _openapi(self, request: Request) -> Answer:
+    async def _openapi(self, request: Request, call: Call) -> Answer:
         if self._openapi_body is None:
             self._openapi_body = orjson.dumps(openapi_document())
         return 200, _JSON, self._openapi_body
 
-    async def _deployments(self, request: Request) -> Answer:
+    async def _deployments(self, request: Request, call: Call) -> Answer:
         deployments = self._rollouts().list_all()
-        visible = request.admission.visible if request.admission is not None else None
-        return _json({"deployments": [d for d in deployments if visible is None or visible(d["name"])]})
+        return _json({"deployments": [d for d in deployments if call.visible(d["name"])]})
 
-    async def _deployment(self, request: Request) -> Answer:
+    async def _deployment(self, request: Request, call: Call) -> Answer:
         return _json(self._rollouts().get(request.match.model))
 
-    async def _put_deployment(self, request: Request) -> Answer:
+    async def _put_deployment(self, request: Request, call: Call) -> Answer:
         rollouts = self._rollouts()
         body = await request.json_body()
         _only(body, ("policy", "revision", "reason"))
@@ -345,74 +322,72 @@ class RestApp:
             raise InvalidInput("the body needs 'policy' (the traffic policy) and 'revision' (0 to create)")
         return _json(
             await rollouts.put(
-                request.match.model, body["policy"], body.get("revision"), request.actor(), body.get("reason")
+                request.match.model, body["policy"], body.get("revision"), call.actor, body.get("reason")
             )
         )
 
-    async def _delete_deployment(self, request: Request) -> Answer:
+    async def _delete_deployment(self, request: Request, call: Call) -> Answer:
         rollouts = self._rollouts()
         body = await request.json_body()
         _only(body, ("revision", "reason"))
-        await rollouts.delete(request.match.model, body.get("revision"), request.actor(), body.get("reason"))
+        await rollouts.delete(request.match.model, body.get("revision"), call.actor, body.get("reason"))
         return _json({})
 
-    async def _deployment_action(self, request: Request) -> Answer:
+    async def _deployment_action(self, request: Request, call: Call) -> Answer:
         rollouts = self._rollouts()
         body = await request.json_body()
         _only(body, ("revision", "reason"))
         match = request.match
         return _json(
-            await rollouts.act(match.model, match.action, body.get("revision"), request.actor(), body.get("reason"))
+            await rollouts.act(match.model, match.action, body.get("revision"), call.actor, body.get("reason"))
         )
 
-    async def _deployment_history(self, request: Request) -> Answer:
+    async def _deployment_history(self, request: Request, call: Call) -> Answer:
         return _json({"history": await self._rollouts().history(request.match.model)})
 
-    async def _deployment_events(self, request: Request) -> Answer:
+    async def _deployment_events(self, request: Request, call: Call) -> Answer:
         return _json({"events": await self._rollouts().events(request.match.model)})
 
     # -- API keys and the audit trail (the access admin API) --------------------------------
 
-    def _access(self) -> AccessGuard:
-        if self.guard is None:
+    def _access(self) -> AccessAdmin:
+        if self.access is None:
             raise NotFound("access control is not enabled on this server")
-        return self.guard
+        return self.access
 
-    async def _keys(self, request: Request) -> Answer:
-        return _json({"keys": await self._access().list_keys(request.admission)})
+    async def _keys(self, request: Request, call: Call) -> Answer:
+        return _json({"keys": await self._access().list_keys(call)})
 
-    async def _create_key(self, request: Request) -> Answer:
+    async def _create_key(self, request: Request, call: Call) -> Answer:
         body = await request.json_body()
         _only(body, KEY_FIELDS)
-        return _json(await self._access().create_key(body, request.actor(), request.admission))
+        return _json(await self._access().create_key(body, call))
 
-    async def _revoke_key(self, request: Request) -> Answer:
-        return _json(await self._access().revoke_key(request.match.model, request.actor(), request.admission))
+    async def _revoke_key(self, request: Request, call: Call) -> Answer:
+        return _json(await self._access().revoke_key(request.match.model, call))
 
-    async def _rotate_key(self, request: Request) -> Answer:
+    async def _rotate_key(self, request: Request, call: Call) -> Answer:
         body = await request.json_body()
         _only(body, ("grace_s",))
         grace = body.get("grace_s", 0)
-        return _json(await self._access().rotate_key(request.match.model, grace, request.actor(), request.admission))
+        return _json(await self._access().rotate_key(request.match.model, grace, call))
 
-    async def _audit(self, request: Request) -> Answer:
+    async def _audit(self, request: Request, call: Call) -> Answer:
         query = request.query()
-        return _json({"records": await self._access().read_audit(query, request.admission)})
+        return _json({"records": await self._access().read_audit(query, call)})
 
-    async def _audit_verify(self, request: Request) -> Answer:
+    async def _audit_verify(self, request: Request, call: Call) -> Answer:
         return _json(await self._access().verify_audit(request.query().get("region", "")))
 
     # -- inference ----------------------------------------------------------------------
 
-    async def _infer(self, request: Request) -> Answer:
+    async def _infer(self, request: Request, call: Call) -> Answer:
         body = await request.body()
         header_length = _header_length(request.header_length)
         inference = decode_request(body, request.match.model, request.match.version, header_length)
         raw_headers = request.raw_headers
         inference.headers = LazyHeaders(lambda: raw_headers)
-        if request.admission is not None:
-            inference.caller = request.admission.caller
-        response = await self.dataplane.infer(inference)
+        response = await call.infer(inference)
         encoded, json_length = encode_response(response, inference)
         if json_length is None:
             return 200, _JSON, encoded

@@ -6,7 +6,7 @@ import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from dhow.core.errors import DhowError, ErrorCode, InvalidInput
+from dhow.core.errors import CallCancelled, DhowError, ErrorCode, InvalidInput
 
 __all__ = [
     "ClientDisconnected",
@@ -42,7 +42,7 @@ class HttpError(DhowError):
         return self.status
 
 
-class ClientDisconnected(Exception):
+class ClientDisconnected(CallCancelled):
     """The client went away before its request body arrived; there is nobody to answer."""
 
 

@@ -1,0 +1,147 @@
+"""The core service and its one way in: every door's every request goes through ``CoreService.call``.
+
+    async with service.call(credentials, access, model) as call:
+        response = await call.infer(request)
+
+``call`` authenticates (or takes an in-process service identity), authorizes, takes quota, then hands the
+door a ``Call``; when the block ends, however it ends, it frees the quota and writes one audit record with
+the outcome. Placement (residency), routing and running happen inside ``Call.infer``, whose outcome comes
+back to the call instead of being written into a shared object. A door cannot skip a policy: the data plane
+is reachable only through a ``Call``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from types import TracebackType
+from typing import Any
+
+from dhow.access.authenticator import ANONYMOUS, Credentials
+from dhow.access.permissions import ALL_TENANTS, Grant, Permission, Principal
+from dhow.core.errors import CallCancelled, DhowError, InternalError
+from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome
+from dhow.serving.dataplane import DataPlane
+from dhow.serving.guard import ACTIONS, Access, AccessGuard, Admission
+from dhow.serving.traffic import Invoke
+
+__all__ = ["Call", "CoreService", "service_identity"]
+
+log = logging.getLogger("dhow.service")
+
+
+def service_identity(name: str, role: str = "invoker") -> Principal:
+    """An in-process caller (``dhow:shadow``, a warm-up, a batch job), named so in the audit trail: checked like
+    any other principal, never authenticated (it holds no credential to steal)."""
+    return Principal(name, ALL_TENANTS, (Grant(role),))
+
+
+class Call:
+    """One request through the admission point, as a door's handler sees it: ``async with`` admits it (or
+    raises the refusal), and its end, however it ends, frees its quota and writes its audit record."""
+
+    __slots__ = ("_access", "_admission", "_dataplane", "_details", "_guard", "_model", "_outcome", "_who")
+
+    def __init__(
+        self, dataplane: DataPlane, guard: AccessGuard, who: Credentials | Principal, access: Access | None, model: str
+    ) -> None:
+        self._dataplane = dataplane
+        self._guard = guard
+        self._who = who
+        self._access = access
+        self._model = model
+        self._admission = _OPEN
+        self._outcome: Outcome | None = None
+        self._details: dict[str, Any] = {}
+
+    async def __aenter__(self) -> Call:
+        if self._access is not None:
+            self._admission = await self._guard.admit(self._who, self._access, self._model)
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if exc is None:
+            await self._finish("success")  # raises when the audit trail cannot take it: fail closed
+        elif isinstance(exc, DhowError):
+            await self._finish(exc.code.value, exc.message)
+        elif isinstance(exc, CallCancelled | asyncio.CancelledError):
+            await self._finish("CANCELLED")
+        elif isinstance(exc, Exception):
+            error_id = secrets.token_hex(4)
+            log.error("internal error (id %s) in %s", error_id, self._admission.access.action, exc_info=exc)
+            await self._finish("INTERNAL", f"internal error (id {error_id})")
+            raise InternalError(error_id) from exc
+
+    @property
+    def caller(self) -> Caller:
+        return self._admission.caller
+
+    @property
+    def principal(self) -> Principal:
+        return self._admission.principal
+
+    @property
+    def actor(self) -> str:
+        """Who asks for a change: the principal; without authentication, the name the caller gave itself."""
+        if self._admission.principal is ANONYMOUS and isinstance(self._who, Credentials):
+            return self._who.actor or ANONYMOUS.name
+        return self._admission.principal.name
+
+    def visible(self, name: str) -> bool:
+        """Whether the caller may see a model: lists of models show only those (no tenant sees another's)."""
+        return self._guard.visible_to(self._admission.principal)(name)
+
+    def note(self, **details: Any) -> None:
+        """What the audit record of this call says about the change it made (a key's id, a revision)."""
+        self._details.update(details)
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        placement = self._dataplane.place(request, self._admission.caller)
+        self._outcome = Outcome(data_region=placement.region)  # a refusal by residency is audited in its region
+        response, self._outcome = await self._dataplane.infer(request, placement)
+        return response
+
+    async def _finish(self, outcome: str, message: str = "") -> None:
+        if self._admission is not _OPEN:
+            await self._guard.finish(self._admission, outcome, message, self._outcome, self._details)
+
+
+class CoreService:
+    """The data plane behind its admission point; the composition root builds one per server process."""
+
+    def __init__(self, dataplane: DataPlane, guard: AccessGuard) -> None:
+        self.dataplane = dataplane
+        self.guard = guard
+
+    def call(self, who: Credentials | Principal, access: Access | None, model: str = "") -> Call:
+        """One request, to enter with ``async with`` (see the module's docstring).
+
+        ``access`` None is an open route (health checks): no credentials asked, nothing audited. Errors leave
+        as ``DhowError`` (an unexpected exception becomes an ``InternalError`` with an id in the log); a
+        client that went away leaves as ``CallCancelled``.
+        """
+        return Call(self.dataplane, self.guard, who, access, model)
+
+    async def authenticate(self, who: Credentials, access: Access) -> Principal:
+        """Authenticate once for many calls (a gRPC stream's messages); a refusal is audited and raised."""
+        return await self.guard.authenticate(who, access)
+
+    async def invoke_as(self, identity: Principal, request: InferenceRequest) -> InferenceResponse:
+        """Run one request as an in-process service identity, through the same admission point."""
+        async with self.call(identity, ACTIONS["infer"], request.model_name) as call:
+            return await call.infer(request)
+
+    def invoker(self, identity: Principal) -> Invoke:
+        """``invoke_as`` bound to one identity: what a traffic policy gets to run shadow copies and warm-ups."""
+
+        async def invoke(request: InferenceRequest) -> InferenceResponse:
+            return await self.invoke_as(identity, request)
+
+        return invoke
+
+
+#: the admission of an open route (health checks): nobody in particular, nothing held, nothing audited
+_OPEN = Admission(ANONYMOUS, Access(Permission.SERVER_READ, "health"), "", Caller(ANONYMOUS.name, ALL_TENANTS, ""), 0)
