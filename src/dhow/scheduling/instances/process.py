@@ -3,7 +3,7 @@
 For runtimes that hold the interpreter lock while they compute (scikit-learn, custom Python), threads share one
 core; processes use them all. A ``ProcessInstance`` is what the batcher runs: its ``infer`` is called from the
 instance's worker thread, copies the batch into shared memory, and blocks on the socket (the lock released)
-while the child computes (see ``shm_channel`` for the wire, ``instance_worker`` for the child).
+while the child computes (see ``shm_channel`` for the wire, ``worker`` for the child).
 
 The child is a fresh interpreter (``python -m``, never a fork of this threaded process) and loads only its own
 model. A child that dies is restarted by the thread that relays its log: the batch it was computing fails
@@ -34,8 +34,8 @@ from dhow.core.artifacts import installed_decryptor
 from dhow.core.errors import DhowError, ModelFault, ModelLoadError, Unavailable
 from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.runtimes.loading import Signature, threads_for
-from dhow.serving.instance_worker import LOG_MARK, WorkerStart
-from dhow.serving.shm_channel import MAX_MESSAGE, Channel, Inbox, Outbox, region_size_for, supported
+from dhow.scheduling.instances.shm_channel import MAX_MESSAGE, Channel, Inbox, Outbox, region_size_for, supported
+from dhow.scheduling.instances.worker import LOG_MARK, WorkerStart
 
 __all__ = ["ProcessInstance", "load_process_instances"]
 
@@ -324,7 +324,7 @@ class ProcessInstance:
         try:
             process = subprocess.Popen(
                 # the label is for ps and the operator: it names the model an instance process hosts
-                [sys.executable, "-m", "dhow.serving.instance_worker", str(theirs.fileno()), label],
+                [sys.executable, "-m", "dhow.scheduling.instances.worker", str(theirs.fileno()), label],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,

@@ -1,6 +1,7 @@
-"""An instance process: ``python -m dhow.serving.instance_worker FD LABEL`` hosts one runtime of one model version.
+"""An instance process: ``python -m dhow.scheduling.instances.worker FD LABEL`` hosts one runtime of one model
+version.
 
-The server (``process_instance``) starts it with one end of a socket at descriptor FD (LABEL, e.g.
+The server (``process``) starts it with one end of a socket at descriptor FD (LABEL, e.g.
 ``dhow-fraud-1-0``, only names the model, version and instance in ``ps``). The first message is the
 pickled ``WorkerStart`` (from the server, which is trusted: it holds the config and the artifact key); the
 process loads only that model and answers with its signature, or with why it cannot load. Then each message is
@@ -29,7 +30,7 @@ from dhow.core.artifacts import Decryptor, install_decryptor
 from dhow.core.errors import DhowError, ModelLoadError
 from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.runtimes.base import Runtime, create_runtime
-from dhow.serving.shm_channel import Channel, Inbox, Outbox, region_size_for
+from dhow.scheduling.instances.shm_channel import Channel, Inbox, Outbox, region_size_for
 
 __all__ = ["LOG_MARK", "WorkerStart", "main"]
 
