@@ -13,7 +13,7 @@ from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.runtimes.base import Runtime, create_runtime
 from dhow.scheduling.batcher import DynamicBatcher
-from dhow.scheduling.instances.process import load_process_instances
+from dhow.scheduling.instances import load_process_instances
 from dhow.scheduling.stats import BatchTimings, ModelStats
 
 log = logging.getLogger("dhow.models")
