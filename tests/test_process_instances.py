@@ -202,7 +202,7 @@ def _instance_processes(server: DhowProcess) -> dict[int, str]:
     for pid in _descendants(server.process.pid):
         argv = _proc(pid, "cmdline").rstrip(b"\0").split(b"\0")
         state = _proc(pid, "stat").rpartition(b")")[2].split()[:1]
-        if b"dhow.serving.instance_worker" in argv and state != [b"Z"]:
+        if b"dhow.scheduling.instances.worker" in argv and state != [b"Z"]:
             found[pid] = argv[-1].decode()
     return found
 

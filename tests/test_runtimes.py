@@ -442,3 +442,44 @@ def test_onnx_spinning_is_a_checked_switch(demo_repository: Path, loaded: list[R
     np.testing.assert_array_equal(answers[0], answers[1])
     with pytest.raises(ModelLoadError, match=r"parameters\.allow_spinning must be true or false"):
         create_runtime("onnx").load(folder, ModelConfig("mlp", "onnx", parameters={"allow_spinning": "yes"}))
+
+
+BOOSTER_SWITCHES = [("tabular_xgboost", "output_margin"), ("tabular_lightgbm", "raw_score")]
+
+
+@pytest.mark.parametrize(("model", "switch"), BOOSTER_SWITCHES)
+def test_booster_raw_scores_are_a_checked_switch(
+    demo_repository: Path, loaded: list[Runtime], model: str, switch: str
+) -> None:
+    """Transformed values by default, raw scores when asked; anything but a boolean is refused with the field named."""
+    config = CONFIGS[model]
+    folder = demo_repository / model / "1"
+    inputs = _inputs(config.inputs, rows=8, seed=3)
+    values, raw = (
+        _load(loaded, folder, ModelConfig(model, config.runtime, parameters=parameters)).infer(inputs, ["predict"])
+        for parameters in ({}, {switch: True})
+    )
+    assert ((values["predict"] >= 0) & (values["predict"] <= 1)).all()  # probabilities of a binary classifier
+    np.testing.assert_allclose(values["predict"], 1 / (1 + np.exp(-raw["predict"])), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ModelLoadError, match=rf"{model}/model\.yaml: parameters\.{switch} must be true or false"):
+        create_runtime(config.runtime).load(folder, ModelConfig(model, config.runtime, parameters={switch: "yes"}))
+
+
+@pytest.mark.parametrize("model", ["tabular_xgboost", "tabular_lightgbm"])
+def test_boosters_answer_one_output(demo_repository: Path, model: str) -> None:
+    config = CONFIGS[model]
+    two = ModelConfig(model, config.runtime, TABULAR_INPUT, (_spec("a", "FP32", -1), _spec("b", "FP32", -1)))
+    expected = rf"{model}/model\.yaml: an? {config.runtime} model has exactly one output"
+    with pytest.raises(ModelLoadError, match=expected):
+        create_runtime(config.runtime).load(demo_repository / model / "1", two)
+
+
+@pytest.mark.parametrize("model", ["tabular_sklearn", "tabular_xgboost", "tabular_lightgbm"])
+def test_tabular_runtimes_take_one_input_and_compute_only_once_loaded(demo_repository: Path, model: str) -> None:
+    config = CONFIGS[model]
+    two = ModelConfig(model, config.runtime, (*TABULAR_INPUT, _spec("extra", "FP32", -1, 1)), config.outputs)
+    with pytest.raises(ModelLoadError, match=f"a {config.runtime} model takes one input; `inputs` lists input, extra"):
+        create_runtime(config.runtime).load(demo_repository / model / "1", two)
+    runtime = create_runtime(config.runtime)
+    with pytest.raises(ModelFault, match=f"the {config.runtime} model is not loaded"):
+        runtime.infer(_inputs(config.inputs, rows=1, seed=0), [config.outputs[0].name])

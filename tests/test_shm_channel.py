@@ -13,7 +13,7 @@ import pytest
 from dhow.core.errors import ModelFault
 from dhow.core.model_config import TensorSpec
 from dhow.scheduling.batcher import RowParts
-from dhow.serving.shm_channel import MAX_MESSAGE, Channel, Inbox, Outbox, SharedRegion, region_size_for
+from dhow.scheduling.instances.shm_channel import MAX_MESSAGE, Channel, Inbox, Outbox, SharedRegion, region_size_for
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="process instances need Linux")
 

@@ -17,35 +17,23 @@ import numpy as np
 from dhow.core.datatypes import as_bytes
 from dhow.core.errors import ModelFault, ModelLoadError
 from dhow.core.model_config import ModelConfig, TensorSpec
-from dhow.runtimes.loading import (
-    Signature,
-    check_rows,
-    decrypted,
-    find_artifact,
-    load_failure,
-    require_cpu,
-    single_input,
-)
+from dhow.runtimes.tabular import Opened, TabularRuntime
 
 METHODS: tuple[str, ...] = ("predict", "predict_proba", "decision_function", "transform")
 
 
-class SklearnRuntime:
-    device: str = "cpu"
+class SklearnRuntime(TabularRuntime):
+    framework = "sklearn"
+    artifacts = ("model.joblib",)
+    # sklearn computes on 2-D arrays whether or not dhow batches requests together
+    input_datatype = "FP64"
 
-    def __init__(self) -> None:
-        self._estimator: Any = None
-        self._config: ModelConfig | None = None
-        self._signature: Signature = ((), ())
+    def _open(self, path: Path, plaintext: bytes | None, config: ModelConfig, options: dict[str, Any]) -> Opened:
+        estimator = joblib.load(path if plaintext is None else io.BytesIO(plaintext))
+        return Opened(estimator, int(getattr(estimator, "n_features_in_", -1)))
 
-    def load(self, version_dir: Path, config: ModelConfig) -> None:
-        self.device = require_cpu(config, "sklearn")
-        path = find_artifact(version_dir, config, "model.joblib")
-        plaintext = decrypted(path)
-        try:
-            estimator = joblib.load(path if plaintext is None else io.BytesIO(plaintext))
-        except Exception as exc:
-            raise load_failure(config, path, exc) from None
+    def _outputs(self, opened: Opened, config: ModelConfig, path: Path) -> tuple[TensorSpec, ...]:
+        estimator = opened.model
         available = [method for method in METHODS if callable(getattr(estimator, method, None))]
         if "predict" not in available and "transform" not in available:
             kind = type(estimator).__name__
@@ -60,32 +48,20 @@ class SklearnRuntime:
             names = [spec.name for spec in config.outputs]
         else:
             names = [method for method in ("predict", "predict_proba") if method in available] or ["transform"]
-        features = int(getattr(estimator, "n_features_in_", -1))
-        # sklearn computes on 2-D arrays whether or not dhow batches requests together
-        default = TensorSpec("input", "FP64", (-1, features))
-        self._signature = (single_input(config, "sklearn", default),), tuple(_spec(estimator, n) for n in names)
-        self._estimator, self._config = estimator, config
+        return tuple(_spec(estimator, name) for name in names)
 
-    def signature(self) -> Signature:
-        return self._signature
-
-    def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        estimator, config = self._estimator, self._config
-        if estimator is None or config is None:
-            raise ModelFault("the sklearn model is not loaded")
+    def _predict(
+        self, model: Any, config: ModelConfig, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
         features = inputs[self._signature[0][0].name]
         results: dict[str, np.ndarray] = {}
         for name in outputs:
             try:
-                value = getattr(estimator, name)(features)
+                value = getattr(model, name)(features)
             except Exception as exc:
                 raise ModelFault(f"model {config.name}: {name} raised {type(exc).__name__}: {exc}") from None
             results[name] = _as_array(value)
-        check_rows(config, inputs, results)
         return results
-
-    def unload(self) -> None:
-        self._estimator = None
 
 
 def _spec(estimator: Any, method: str) -> TensorSpec:

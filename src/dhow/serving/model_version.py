@@ -13,8 +13,8 @@ from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.runtimes.base import Runtime, create_runtime
 from dhow.scheduling.batcher import DynamicBatcher
+from dhow.scheduling.instances import load_process_instances
 from dhow.scheduling.stats import BatchTimings, ModelStats
-from dhow.serving.process_instance import load_process_instances
 
 log = logging.getLogger("dhow.models")
 

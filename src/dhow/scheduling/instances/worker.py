@@ -1,11 +1,12 @@
-"""An instance process: ``python -m dhow.serving.instance_worker FD LABEL`` hosts one runtime of one model version.
+"""An instance process: ``python -m dhow.scheduling.instances.worker FD LABEL`` hosts one runtime of one model
+version.
 
-The server (``process_instance``) starts it with one end of a socket at descriptor FD (LABEL, e.g.
+The server (``process``) starts it with one end of a socket at descriptor FD (LABEL, e.g.
 ``dhow-fraud-1-0``, only names the model, version and instance in ``ps``). The first message is the
-pickled ``WorkerStart`` (from the server, which is trusted: it holds the config and the artifact key); the
-process loads only that model and answers with its signature, or with why it cannot load. Then each message is
-a batch (see ``shm_channel``), answered with the outputs or the error. When the socket closes (the server
-unloads the model, or died) the process unloads and exits: it never outlives its server.
+pickled ``WorkerStart`` (``messages``; from the server, which is trusted: it holds the config and the artifact
+key); the process loads only that model and answers with its signature, or with why it cannot load. Then each
+message is a batch (see ``shm_channel``), answered with the outputs or the error. When the socket closes (the
+server unloads the model, or died) the process unloads and exits: it never outlives its server.
 
 Log records go to the server as lines on stderr, which logs them through its own handlers (and their PII
 masking); anything else the model prints reaches the server's log as plain lines.
@@ -19,36 +20,19 @@ import pickle
 import signal
 import socket
 import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import orjson
 
-from dhow.core.artifacts import Decryptor, install_decryptor
+from dhow.core.artifacts import install_decryptor
 from dhow.core.errors import DhowError, ModelLoadError
-from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.runtimes.base import Runtime, create_runtime
-from dhow.serving.shm_channel import Channel, Inbox, Outbox, region_size_for
+from dhow.scheduling.instances.messages import LOG_MARK, WorkerStart, specs_to_wire
+from dhow.scheduling.instances.shm_channel import Channel, Inbox, Outbox, region_size_for
 
-__all__ = ["LOG_MARK", "WorkerStart", "main"]
+__all__ = ["main"]
 
-#: starts a log record's line on stderr: ``LOG_MARK`` + JSON ``[levelno, logger name, text]``
-LOG_MARK = b"\x1edhow-log "
 #: error messages are cut to this many characters: they travel in one message
 _MESSAGE_CHARS = 8000
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerStart:
-    runtime: str
-    version_dir: Path
-    config: ModelConfig
-    #: the server's artifact decryptor (its keyring), so that ``*.enc`` artifacts load here too
-    decryptor: Decryptor | None
-    log_level: int
-    #: names this process's memory regions (``memfd:<label>-out``)
-    label: str
 
 
 class _ServerLogHandler(logging.Handler):
@@ -89,7 +73,7 @@ def main(argv: list[str]) -> int:
         channel.send({"error": _cut(exc.message)})
         return 1
     inputs, outputs = runtime.signature()
-    channel.send({"inputs": _specs(inputs), "outputs": _specs(outputs), "device": runtime.device})
+    channel.send({"inputs": specs_to_wire(inputs), "outputs": specs_to_wire(outputs), "device": runtime.device})
     inbox = Inbox()
     outbox = Outbox(f"{start.label}-out", region_size_for(outputs, start.config.max_batch_size))
     try:
@@ -131,10 +115,6 @@ def _serve_one(channel: Channel, runtime: Runtime, inbox: Inbox, outbox: Outbox,
         return True
     channel.send({"outputs": header}, grown.fd if grown is not None else None)
     return True
-
-
-def _specs(specs: tuple[TensorSpec, ...]) -> list[list[Any]]:
-    return [[spec.name, spec.datatype, list(spec.shape), spec.optional] for spec in specs]
 
 
 def _cut(message: str) -> str:
