@@ -34,7 +34,7 @@ from dhow.rollouts.shadow import ShadowQueue, ShadowRunner
 from dhow.rollouts.store import RegistryStore
 from dhow.serving.admin import AccessAdmin
 from dhow.serving.dataplane import DataPlane
-from dhow.serving.model_manager import ModelControl, ModelManager
+from dhow.serving.lifecycle import ModelControl, ModelLifecycle
 from dhow.serving.poller import RepositoryPoller
 from dhow.serving.security import Security, masking_key
 from dhow.serving.service import CoreService, service_identity
@@ -55,7 +55,7 @@ class _HttpServer(uvicorn.Server):
 class _Parts:
     """What one server process is made of, built together by ``Server._compose``."""
 
-    models: ModelManager
+    models: ModelLifecycle
     dataplane: DataPlane
     service: CoreService
     rollouts: RolloutController
@@ -154,12 +154,12 @@ class Server:
             poller = RepositoryPoller(models, service, settings.poll_interval)
         return _Parts(models, dataplane, service, rollouts, rest, poller)
 
-    def _models(self) -> ModelManager:
+    def _models(self) -> ModelLifecycle:
         settings = self.settings
         upload_dir = settings.data_dir / "uploads" if settings.allow_model_upload else None
         if upload_dir is not None:
             upload_dir.mkdir(parents=True, exist_ok=True)
-        return ModelManager(
+        return ModelLifecycle(
             ModelRepository(settings.repository),
             self.metrics,
             control=self.control,

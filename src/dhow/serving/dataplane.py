@@ -22,7 +22,7 @@ from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome, RequestedOutput, Tensor
 from dhow.governance.masking import Masker, parse_masking
 from dhow.governance.residency import ResidencyPolicy
-from dhow.serving.model_manager import ModelManager
+from dhow.serving.lifecycle import ModelLifecycle
 from dhow.serving.model_version import ModelVersion
 from dhow.serving.traffic import TrafficRouter
 from dhow.serving.triton_config import PLATFORMS, triton_model_config
@@ -55,7 +55,7 @@ class DataPlane:
 
     def __init__(
         self,
-        models: ModelManager,
+        models: ModelLifecycle,
         *,
         router: TrafficRouter | None = None,
         region: str = "default",

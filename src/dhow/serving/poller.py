@@ -11,7 +11,7 @@ import logging
 
 from dhow.core.errors import DhowError, ModelLoadError
 from dhow.serving.guard import ACTIONS
-from dhow.serving.model_manager import ModelManager
+from dhow.serving.lifecycle import ModelLifecycle
 from dhow.serving.service import CoreService, service_identity
 
 __all__ = ["POLLER", "RepositoryPoller"]
@@ -22,7 +22,7 @@ POLLER = service_identity("dhow:repository-poll", role="deployer")
 
 
 class RepositoryPoller:
-    def __init__(self, models: ModelManager, service: CoreService, interval_s: float) -> None:
+    def __init__(self, models: ModelLifecycle, service: CoreService, interval_s: float) -> None:
         self.models = models
         self.service = service
         self.interval_s = interval_s

@@ -51,7 +51,9 @@ class ModelEntry:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-class ModelManager:
+class ModelLifecycle:
+    """The models this server serves: resolved per request, loaded, reloaded and unloaded, versions swapped."""
+
     def __init__(
         self,
         repository: ModelRepository,
