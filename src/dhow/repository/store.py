@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dhow.core.errors import NotFound
 from dhow.core.model_config import ModelConfig
+from dhow.core.names import check_model_name
 from dhow.repository.manifest import MANIFEST, read_manifest
 
 
@@ -41,16 +42,21 @@ class ModelRepository:
 
     def source(self, name: str) -> ModelSource:
         """Read one model's manifest and versions; raises ``ManifestError`` or ``NotFound``."""
-        path = self.root / name
-        if "/" in name or name.startswith(".") or not (path / MANIFEST).is_file():
+        path = self.path_of(name)
+        if not (path / MANIFEST).is_file():
             raise NotFound(f"model '{name}' is not in the repository {self.root}")
         config = read_manifest(path)
         versions = tuple(sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()))
         return ModelSource(name, path, config, versions)
 
+    def path_of(self, name: str) -> Path:
+        """The model's folder; the name is checked first (no separators, no leading '.'), so the folder is a
+        child of the repository's root (a symbolic link there may point elsewhere: the operator put it there)."""
+        return self.root / check_model_name(name)
+
     def fingerprint(self, name: str) -> tuple[tuple[str, int, int], ...]:
         """A cheap summary of a model's files (path, size, mtime) that changes when any file does."""
-        path = self.root / name
+        path = self.path_of(name)
         entries: list[tuple[str, int, int]] = []
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames.sort()

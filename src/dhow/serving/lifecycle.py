@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from dhow.core.errors import DhowError, Forbidden, InvalidInput, ModelLoadError, NotFound, Unavailable, Unsupported
+from dhow.core.names import check_model_name
 from dhow.governance.masking import parse_masking
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.repository.manifest import MANIFEST, parse_manifest
@@ -261,8 +262,8 @@ class ModelLifecycle:
         if config_text is None:
             raise InvalidInput("a load with 'file:' parameters also needs the 'config' parameter (model.yaml as JSON)")
         data = self._check_config(name, config_text)
-        target = self.upload_dir / name
-        staging = self.upload_dir / f".{name}.staging"
+        target = _inside(self.upload_dir, check_model_name(name))
+        staging = _inside(self.upload_dir, f".{name}.staging")
         shutil.rmtree(staging, ignore_errors=True)
         for relative, content in files.items():
             path = (staging / relative).resolve()
@@ -384,6 +385,14 @@ def _manifest_changed(old: tuple[tuple[str, int, int], ...], new: tuple[tuple[st
 def _version_changed(old: tuple[tuple[str, int, int], ...], new: tuple[tuple[str, int, int], ...], number: int) -> bool:
     prefix = f"{number}/"
     return [f for f in old if f[0].startswith(prefix)] != [f for f in new if f[0].startswith(prefix)]
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """``folder / name``, refused unless it is a child of ``folder``: uploads never write or delete elsewhere."""
+    path = folder / name
+    if path.resolve().parent != folder.resolve():
+        raise InvalidInput(f"model name {name!r} leads outside the upload folder")
+    return path
 
 
 def _decode_file(relative: str, content: object) -> bytes:

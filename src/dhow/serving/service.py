@@ -21,6 +21,7 @@ from typing import Any
 from dhow.access.authenticator import ANONYMOUS, Credentials
 from dhow.access.permissions import ALL_TENANTS, Grant, Permission, Principal
 from dhow.core.errors import CallCancelled, DhowError, InternalError
+from dhow.core.names import check_model_name
 from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome
 from dhow.serving.dataplane import DataPlane
 from dhow.serving.guard import ACTIONS, Access, AccessGuard, Admission
@@ -56,6 +57,8 @@ class Call:
         self._details: dict[str, Any] = {}
 
     async def __aenter__(self) -> Call:
+        if self._model:
+            check_model_name(self._model)  # it may become a path or a log word: checked before anything else
         if self._access is not None:
             self._admission = await self._guard.admit(self._who, self._access, self._model)
         return self
