@@ -25,7 +25,8 @@ from dhow.core.errors import InvalidInput, Unavailable
 from dhow.governance import audit as audit_module
 from dhow.governance.audit import GENESIS_HASH, MAX_PROBLEMS, AuditRecord, AuditStore
 from dhow.governance.audit_trail import AuditTrail
-from dhow.governance.commands import add_parser, audit_store_url, run
+from dhow.governance.commands import add_parser, run
+from dhow.settings import resolve_settings
 from tests.conftest import PG_ADMIN_URL, store_opener
 
 FIELDS = ("at", "kind", "action", "actor", "tenant", "model", "version", "outcome", "latency_ms", "request_id")
@@ -519,10 +520,10 @@ def test_cli_finds_the_store_like_the_server(
 ) -> None:
     monkeypatch.delenv("DHOW_AUDIT_STORE", raising=False)
     monkeypatch.delenv("DHOW_DATA_DIR", raising=False)
-    assert audit_store_url(None, None) == f"sqlite:///{(Path('.dhow') / 'audit.sqlite3').resolve()}"
+    assert resolve_settings({}).audit_url() == f"sqlite:///{(Path('.dhow') / 'audit.sqlite3').resolve()}"
     assert _cli("audit", "verify", "--data-dir", str(tmp_path)) == 2
     assert f"no audit trail at {tmp_path / 'audit.sqlite3'}" in capsys.readouterr().err
-    store = AuditStore.open(audit_store_url(None, tmp_path))
+    store = AuditStore.open(resolve_settings({"data_dir": tmp_path}).audit_url())
     try:
         store.append(_records(3))
     finally:

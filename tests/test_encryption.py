@@ -528,3 +528,21 @@ def _ready_rows(server: DhowProcess) -> list[dict[str, str]]:
         return [row for row in client.get_model_repository_index() if row.get("state") == "READY"]
     finally:
         client.close()
+
+
+def test_commands_find_the_key_file_as_the_server_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("DHOW_KEK", raising=False)
+    monkeypatch.delenv("DHOW_KEK_FILE", raising=False)
+    repository, keyfile = _small_repository(tmp_path / "repo"), tmp_path / "kek.txt"
+    assert _command("keygen", "--out", str(keyfile), "--id", "from-file") == 0
+    config = tmp_path / "dhow.yaml"
+    config.write_text(f"kek_file: {keyfile}\n")
+    assert _command("encrypt", str(repository), "--model", "alpha", "--config", str(config)) == 0
+    assert capsys.readouterr().out.endswith("with key 'from-file'\n")
+    other = tmp_path / "other.txt"
+    assert _command("keygen", "--out", str(other), "--id", "from-env") == 0
+    monkeypatch.setenv("DHOW_KEK_FILE", str(other))  # the environment over the file
+    assert _command("encrypt", str(repository), "--model", "beta", "--config", str(config)) == 0
+    assert capsys.readouterr().out.endswith("with key 'from-env'\n")

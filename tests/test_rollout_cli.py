@@ -113,7 +113,16 @@ def _handler(fake: FakeDhow) -> type[BaseHTTPRequestHandler]:
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDhow]:
-    for variable in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "DHOW_URL"):
+    for variable in (
+        "http_proxy",
+        "HTTP_PROXY",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+        "DHOW_URL",
+        "DHOW_ACTOR",
+    ):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("USER", "alice")
     state = FakeDhow()
@@ -372,6 +381,19 @@ def test_the_url_and_actor_have_fallbacks(
     assert cli.main(["rollout", "list"]) == 0
     assert fake.requests[0].headers["x-dhow-actor"] == "anonymous"
     assert capsys.readouterr().out == "no deployments\n"
+
+
+def test_the_actor_is_resolved_like_every_commands(
+    fake: FakeDhow, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.answer("GET", PATH, 200, DEPLOYMENT)
+    monkeypatch.delenv("DHOW_ACTOR", raising=False)
+    config = tmp_path / "dhow.yaml"
+    config.write_text("actor: release-bot\n")
+    assert _rollout(fake, "show", "fraud", "--config", str(config)) == 0
+    monkeypatch.setenv("DHOW_ACTOR", "ci")
+    assert _rollout(fake, "show", "fraud", "--config", str(config)) == 0
+    assert [request.headers["x-dhow-actor"] for request in fake.requests] == ["release-bot", "ci"]
 
 
 def test_names_are_quoted_in_the_path(fake: FakeDhow) -> None:

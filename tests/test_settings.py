@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from dhow.core.errors import InvalidInput
-from dhow.settings import ServerSettings, resolve_settings
+from dhow.settings import ServerSettings, resolve_settings, setting_options
 
 
 def test_precedence(tmp_path: Path) -> None:
@@ -52,3 +54,99 @@ def test_workers_from_every_source_and_at_least_one(tmp_path: Path) -> None:
     config.write_text("workers: -1\n")
     with pytest.raises(InvalidInput, match=r"settings file .*: 'workers' must be an integer of at least 1, got -1"):
         resolve_settings({}, {}, config)
+
+
+# -- one precedence for what every command shares: stores, data folder, actor ------------------------------
+
+#: a value for each source, so that the winner says which source won
+SHARED = {
+    "registry": ("postgresql://cli/r", "postgresql://env/r", "postgresql://file/r"),
+    "audit_store": ("sqlite:///cli.db", "sqlite:///env.db", "sqlite:///file.db"),
+    "data_dir": ("/srv/cli", "/srv/env", "/srv/file"),
+    "actor": ("cli-user", "env-user", "file-user"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARED))
+def test_shared_settings_take_cli_over_env_over_file_over_default(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("USER", "login-user")  # the actor's default
+    from_cli, from_env, from_file = SHARED[name]
+    config = tmp_path / "dhow.yaml"
+    config.write_text(f"{name}: {from_file}\n")
+    env = {f"DHOW_{name.upper()}": from_env}
+
+    def chosen(cli: dict[str, object], env: dict[str, str], config: Path | None) -> object:
+        settings = resolve_settings(cli, env, config)
+        return settings.actor_name() if name == "actor" else str(getattr(settings, name))
+
+    assert chosen({name: from_cli}, env, config) == from_cli
+    assert chosen({name: None}, env, config) == from_env
+    assert chosen({}, {}, config) == from_file
+    default = "login-user" if name == "actor" else str(getattr(ServerSettings(), name))
+    assert chosen({}, {}, None) == default
+
+
+def test_store_urls_follow_the_data_folder_that_won(tmp_path: Path) -> None:
+    config = tmp_path / "dhow.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'file'}\n")
+    settings = resolve_settings({"data_dir": tmp_path / "cli"}, {"DHOW_DATA_DIR": str(tmp_path / "env")}, config)
+    assert settings.registry_url() == f"sqlite:///{tmp_path / 'cli' / 'registry.sqlite3'}"
+    assert settings.audit_url() == f"sqlite:///{tmp_path / 'cli' / 'audit.sqlite3'}"
+    settings = resolve_settings({}, {"DHOW_DATA_DIR": str(tmp_path / "env")}, config)
+    assert settings.audit_urls() == {"default": f"sqlite:///{tmp_path / 'env' / 'audit.sqlite3'}"}
+    # a store named anywhere wins over the data folder's, whatever the source of the folder
+    settings = resolve_settings({"data_dir": tmp_path / "cli"}, {"DHOW_REGISTRY": "sqlite:///r.db"}, config)
+    assert settings.registry_url() == "sqlite:///r.db"
+
+
+def test_region_audit_stores_take_cli_over_env_over_file(tmp_path: Path) -> None:
+    config = tmp_path / "dhow.yaml"
+    config.write_text("region: ae\naudit_region_stores: ['eu=sqlite:///file-eu.db']\n")
+    env = {"DHOW_AUDIT_REGION_STORES": "eu=sqlite:///env-eu.db, us=sqlite:///env-us.db"}
+    urls = resolve_settings({"audit_region_stores": ["eu=sqlite:///cli-eu.db"]}, env, config).audit_urls()
+    assert urls == {"ae": resolve_settings({}, {}, config).audit_url(), "eu": "sqlite:///cli-eu.db"}
+    urls = resolve_settings({}, env, config).audit_urls()
+    assert urls["eu"] == "sqlite:///env-eu.db" and urls["us"] == "sqlite:///env-us.db"
+    assert resolve_settings({}, {}, config).audit_urls()["eu"] == "sqlite:///file-eu.db"
+    assert resolve_settings({}, {}).audit_urls() == {"default": ServerSettings().audit_url()}
+    with pytest.raises(InvalidInput, match=r"--audit-region-store expects REGION=URL, got 'eu'"):
+        resolve_settings({"audit_region_stores": ["eu"]}, {}).audit_urls()
+    with pytest.raises(InvalidInput, match="a region is 1-32 lower-case letters"):
+        resolve_settings({"audit_region_stores": ["EU!=sqlite:///x.db"]}, {}).audit_urls()
+
+
+def test_the_actor_is_the_login_name_else_anonymous(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("USER", "alice")
+    assert ServerSettings().actor_name() == "alice"  # bare: the name the server records for the CLI's requests
+    monkeypatch.delenv("USER")
+    monkeypatch.setattr("getpass.getuser", lambda: "bob")
+    assert ServerSettings().actor_name() == "bob"
+
+    def nobody() -> str:
+        raise OSError("no user name")
+
+    monkeypatch.setattr("getpass.getuser", nobody)
+    assert ServerSettings().actor_name() == "anonymous"
+
+
+# -- serve's options are the settings' fields ----------------------------------------------------------------
+
+
+def test_serve_has_an_option_for_every_setting_but_the_secret_and_the_actor() -> None:
+    from dhow import cli
+
+    serve = argparse.ArgumentParser()
+    cli._add_settings_options(serve)
+    options = {action.dest: action for action in serve._actions}
+    names = {field.name for field in dataclasses.fields(ServerSettings)}
+    assert names - set(options) == {"kek", "actor"}  # a key on the command line is readable by every user
+    for option in setting_options():
+        action = options[option.name]
+        assert option.doc in str(action.help) and action.default is None  # None: "not given", the field decides
+        if option.default not in ("", (), False):
+            assert f"(default: {option.default})" in str(action.help)
+    args = cli._parser().parse_args(["serve", "--http-port", "9", "--load-model", "a", "--load-model", "b"])
+    settings = resolve_settings(vars(args), {})
+    assert (settings.http_port, settings.load_models, settings.grpc_port) == (9, ("a", "b"), 8081)

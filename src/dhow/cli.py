@@ -6,9 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from dhow import __version__
 from dhow.core.errors import DhowError
+from dhow.settings import SettingOption, resolve_settings, setting_options
+
+if TYPE_CHECKING:
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,74 +24,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dhow {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_serve(commands)
+    _add_demo(commands)
+    model_commands = _add_models(commands)
 
+    from dhow.access import commands as access_commands
+    from dhow.governance import commands as audit_commands
+    from dhow.repository import commands as repository_commands
+    from dhow.rollouts import cli as rollout_cli
+
+    repository_commands.add_parsers(model_commands)
+    access_commands.add_parsers(commands, model_commands)
+    audit_commands.add_parser(commands)
+    rollout_cli.add_parser(commands)
+    return parser
+
+
+def _add_serve(commands: Subparsers) -> None:
     serve = commands.add_parser(
         "serve",
         help="serve every model of a repository",
         description="Serve the models of a repository over REST and gRPC. Settings come from the options, "
         "then DHOW_* environment variables (e.g. DHOW_HTTP_PORT), then --config FILE, then defaults.",
     )
-    serve.add_argument(
-        "--repository",
-        "--model-repository",
-        dest="repository",
-        metavar="DIR",
-        help="model repository folder (default: ./models)",
-    )
-    serve.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    serve.add_argument("--http-port", type=int, help="REST port (default 8080; 0 picks a free one)")
-    serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8081; 0 picks a free one)")
-    serve.add_argument(
-        "--model-control",
-        choices=["none", "poll", "explicit"],
-        help="none: load all at start (default); poll: also follow changes on disk; "
-        "explicit: load and unload only through the repository API",
-    )
-    serve.add_argument(
-        "--load-model",
-        dest="load_models",
-        action="append",
-        metavar="NAME",
-        help="under explicit control, a model to load at start ('*' = all); repeatable",
-    )
-    serve.add_argument(
-        "--poll-interval", type=float, metavar="SECONDS", help="seconds between repository scans under poll (default 5)"
-    )
-    serve.add_argument(
-        "--max-request-bytes", type=int, metavar="N", help="largest request body or gRPC message (default 64 MiB)"
-    )
-    serve.add_argument(
-        "--allow-model-upload",
-        action="store_const",
-        const=True,
-        help="accept model files in load requests (they can run code)",
-    )
-    serve.add_argument("--data-dir", metavar="DIR", help="where dhow keeps its own state (default ./.dhow)")
-    serve.add_argument(
-        "--registry",
-        metavar="URL",
-        help="where deployments and their history are kept: sqlite:///path or postgresql://user@host/db; "
-        "default: SQLite in the data folder",
-    )
-    serve.add_argument(
-        "--registry-poll",
-        type=float,
-        metavar="SECONDS",
-        help="how often to look for deployment changes made by other servers sharing the registry (default 2)",
-    )
-    _add_security_options(serve)
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
-    serve.add_argument("--loop", choices=["uvloop", "asyncio"], help="event loop (default uvloop)")
-    serve.add_argument(
-        "--workers",
-        type=int,
-        metavar="N",
-        help="server processes sharing the ports, each with its own copy of the models (default 1)",
-    )
+    _add_settings_options(serve)
     serve.add_argument(
         "--config", type=Path, metavar="FILE", help="a YAML file of settings (same names, e.g. http_port: 9000)"
     )
 
+
+def _add_demo(commands: Subparsers) -> None:
     demo = commands.add_parser(
         "demo",
         help="build the demo models",
@@ -101,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and weights (default 0)")
 
+
+def _add_models(commands: Subparsers) -> Subparsers:
+    """``dhow models`` with its ``validate`` action; the actions' subparsers, for the other modules' actions."""
     models = commands.add_parser(
         "models",
         help="work with a model repository",
@@ -113,65 +83,42 @@ def _parser() -> argparse.ArgumentParser:
         description="Check every model.yaml of a repository and say what is wrong; exits 1 if any is invalid.",
     )
     validate.add_argument("repository", type=Path, metavar="DIR", help="the repository folder")
-
-    from dhow.access import commands as access_commands
-    from dhow.governance import commands as audit_commands
-    from dhow.repository import commands as repository_commands
-    from dhow.rollouts import cli as rollout_cli
-
-    repository_commands.add_parsers(model_commands)
-    access_commands.add_parsers(commands, model_commands)
-    audit_commands.add_parser(commands)
-    rollout_cli.add_parser(commands)
-    return parser
+    return model_commands
 
 
-def _add_security_options(serve: argparse.ArgumentParser) -> None:
-    group = serve.add_argument_group("security", "identities, TLS, encrypted artifacts, quotas, audit, residency")
-    group.add_argument(
-        "--auth",
-        choices=["on", "none"],
-        help="on (default): every request but health needs an API key, JWT or client certificate; "
-        "none: no authentication, for local development only",
-    )
-    group.add_argument("--jwt-issuer", metavar="ISS", help="accept JWT bearer tokens from this issuer")
-    group.add_argument("--jwt-audience", metavar="AUD", help="the audience JWTs must name (default dhow)")
-    group.add_argument("--jwt-jwks", metavar="FILE|URL", help="the issuer's JWKS: a file or an http(s):// URL")
-    group.add_argument("--jwt-roles-claim", metavar="CLAIM", help="JWT claim with the roles (default roles)")
-    group.add_argument("--jwt-tenant-claim", metavar="CLAIM", help="JWT claim with the tenant (default tenant)")
-    group.add_argument("--tls-cert", metavar="PEM", help="serve REST and gRPC over TLS with this certificate")
-    group.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
-    group.add_argument("--tls-client-ca", metavar="PEM", help="CA of client certificates: mutual TLS")
-    group.add_argument(
-        "--tls-client-auth", choices=["required", "optional"], help="with --tls-client-ca: required (default)"
-    )
-    group.add_argument("--require-tls", action="store_const", const=True, help="refuse to serve without TLS")
-    group.add_argument(
-        "--kek-file", metavar="FILE", help="key-encryption keys of encrypted artifacts (or DHOW_KEK=id:base64key)"
-    )
-    group.add_argument(
-        "--require-digests",
-        action="store_const",
-        const=True,
-        help="load only artifacts whose SHA-256 was recorded with 'dhow models trust'",
-    )
-    group.add_argument("--redis", metavar="URL", help="share rate limits through Redis (redis://host:port/db)")
-    group.add_argument("--region", metavar="REGION", help="this server's region, e.g. ae or eu (default: default)")
-    group.add_argument("--residency-policy", metavar="FILE", help="YAML: which data regions may be processed where")
-    group.add_argument("--audit-store", metavar="URL", help="audit trail: sqlite:///path or postgresql://...")
-    group.add_argument(
-        "--audit-region-store",
-        dest="audit_region_stores",
-        action="append",
-        metavar="REGION=URL",
-        help="the audit store of another data region; repeatable",
-    )
-    group.add_argument("--masking-key-file", metavar="FILE", help="secret of keyed-hash PII masking")
+def _add_settings_options(serve: argparse.ArgumentParser) -> None:
+    """One option per setting, its help and default taken from the settings field."""
+    groups: dict[str, argparse._ActionsContainer] = {
+        "": serve,
+        "security": serve.add_argument_group(
+            "security", "identities, TLS, encrypted artifacts, quotas, audit, residency"
+        ),
+    }
+    for option in setting_options():
+        groups[option.group].add_argument(*option.flags, dest=option.name, help=_help(option), **_shape(option))
+
+
+def _shape(option: SettingOption) -> dict[str, Any]:
+    """How argparse reads the option: its type, a repeatable list, a switch, a choice."""
+    if option.kind == "bool":
+        return {"action": "store_const", "const": True}
+    shape: dict[str, Any] = {"metavar": option.metavar, "choices": option.choices}
+    if option.kind == "tuple[str, ...]":
+        shape["action"] = "append"
+    elif option.kind in ("int", "float"):
+        shape["type"] = int if option.kind == "int" else float
+    return shape
+
+
+def _help(option: SettingOption) -> str:
+    # an empty default is described by the text itself ("default: SQLite in the data folder")
+    if option.default in ("", (), False):
+        return option.doc
+    return f"{option.doc} (default: {option.default})"
 
 
 def _serve(args: argparse.Namespace) -> int:
     from dhow.server import run_server
-    from dhow.settings import resolve_settings
 
     settings = resolve_settings(vars(args), config_file=args.config)
     if not settings.repository.is_dir():

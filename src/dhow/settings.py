@@ -1,98 +1,199 @@
-"""The server's settings: one tree, one precedence (command line > environment > file > default).
+"""dhow's settings: one tree, one precedence (command line > environment > file > default).
 
-Every field has a default and says what it is for. ``resolve_settings`` is the only place
-that decides which source wins.
+Every field has a default and says what it is for; ``dhow serve`` makes its options from the fields (the
+text is the option's help, see ``_setting``). ``resolve_settings`` is the only place that decides which
+source wins, for every command: ``serve`` and the administration commands (``keys``, ``tenants``,
+``audit``, ``models``, ``rollout``), which find the stores and name their actor the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import yaml
 
 from dhow.core.errors import InvalidInput
+from dhow.governance.residency import check_region_name
+
+__all__ = [
+    "ANONYMOUS_ACTOR",
+    "CONFIG_FILE_HELP",
+    "ENV_PREFIX",
+    "ServerSettings",
+    "SettingOption",
+    "resolve_settings",
+    "setting_options",
+]
 
 ENV_PREFIX = "DHOW_"
+#: the help of every command's ``--config FILE`` option
+CONFIG_FILE_HELP = "a YAML file of settings, the one 'dhow serve --config' reads (same names, e.g. data_dir: /srv/dhow)"
+#: the actor when no name can be found (no ``actor`` setting, no login name)
+ANONYMOUS_ACTOR = "anonymous"
+
+_T = TypeVar("_T")
+
+
+def _setting(default: _T, doc: str, **option: Any) -> _T:
+    """A field: its default, what it is for, and how ``dhow serve`` takes it as an option.
+
+    ``option`` may say ``flags`` (default ``--field-name``; empty: environment and file only), ``metavar``
+    and ``group`` (the help section). The default is shown after ``doc`` in the help, so ``doc`` leaves it out.
+    """
+    return dataclasses.field(default=default, metadata={"doc": doc, **option})
+
+
+_SECURITY = "security"
 
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
-    #: the model repository: a folder per model with a model.yaml and integer version folders
-    repository: Path = Path("models")
-    #: address the REST and gRPC ports listen on
-    host: str = "127.0.0.1"
-    #: REST (Open Inference Protocol v2 over HTTP) port
-    http_port: int = 8080
-    #: gRPC (inference.GRPCInferenceService) port
-    grpc_port: int = 8081
-    #: none: load all at start; poll: also follow the repository; explicit: load through the API
-    model_control: str = "none"
-    #: models to load at start under explicit control ("*" = all)
-    load_models: tuple[str, ...] = ()
-    #: seconds between repository scans under poll control
-    poll_interval: float = 5.0
-    #: largest request body (REST) or message (gRPC) accepted, in bytes
-    max_request_bytes: int = 64 * 1024 * 1024
-    #: accept model files in load requests (they can run code, so off by default)
-    allow_model_upload: bool = False
-    #: where dhow keeps its own state (uploaded models, the SQLite registry)
-    data_dir: Path = Path(".dhow")
-    #: the registry of deployments: sqlite:///path or postgresql://...; empty = SQLite in data_dir
-    registry: str = ""
-    #: seconds between checks for deployment changes made by other servers sharing the registry
-    registry_poll: float = 2.0
-    #: debug, info, warning or error
-    log_level: str = "info"
-    #: event loop: uvloop (faster) or asyncio
-    loop: str = "uvloop"
-    #: server processes sharing the ports (1: this process serves; more: a supervisor starts that many)
-    workers: int = 1
+    """Every setting of a dhow server and of the commands that work on its stores."""
+
+    # a Path is immutable, so one default is safely shared (ruff does not know that)
+    repository: Path = _setting(  # noqa: RUF009
+        Path("models"),
+        "the model repository: a folder per model with a model.yaml and integer version folders",
+        flags=("--repository", "--model-repository"),
+        metavar="DIR",
+    )
+    host: str = _setting("127.0.0.1", "address the REST and gRPC ports listen on (0.0.0.0 for all)")
+    http_port: int = _setting(
+        8080, "REST (Open Inference Protocol v2 over HTTP) port; 0 picks a free one", metavar="PORT"
+    )
+    grpc_port: int = _setting(8081, "gRPC (inference.GRPCInferenceService) port; 0 picks a free one", metavar="PORT")
+    model_control: str = _setting(
+        "none",
+        "none: load all at start; poll: also follow changes on disk; "
+        "explicit: load and unload only through the repository API",
+    )
+    load_models: tuple[str, ...] = _setting(
+        (),
+        "under explicit control, a model to load at start ('*' = all); repeatable",
+        flags=("--load-model",),
+        metavar="NAME",
+    )
+    poll_interval: float = _setting(5.0, "seconds between repository scans under poll control", metavar="SECONDS")
+    max_request_bytes: int = _setting(
+        64 * 1024 * 1024, "largest request body (REST) or message (gRPC) accepted, in bytes", metavar="N"
+    )
+    allow_model_upload: bool = _setting(False, "accept model files in load requests (they can run code)")
+    data_dir: Path = _setting(  # noqa: RUF009
+        Path(".dhow"), "where dhow keeps its own state (uploaded models, the SQLite registry)", metavar="DIR"
+    )
+    registry: str = _setting(
+        "",
+        "where deployments, keys and their history are kept: sqlite:///path or postgresql://user@host/db; "
+        "default: SQLite in the data folder",
+        metavar="URL",
+    )
+    registry_poll: float = _setting(
+        2.0,
+        "how often to look for deployment and key changes made by other servers or the CLI sharing the registry",
+        metavar="SECONDS",
+    )
+    log_level: str = _setting("info", "how much the server logs")
+    loop: str = _setting("uvloop", "event loop: uvloop (faster) or asyncio")
+    workers: int = _setting(
+        1,
+        "server processes sharing the ports, each with its own copy of the models "
+        "(1: this process serves; more: a supervisor starts that many)",
+        metavar="N",
+    )
+    #: who the administration commands are, not the server: no ``serve`` option
+    actor: str = _setting(
+        "",
+        "who 'dhow keys', 'tenants', 'models trust' and 'rollout' say made a change (audit trail, history); "
+        "default: the login name",
+        flags=(),
+    )
 
     # -- security (see docs/security.md) --
-    #: on: every request but health needs a credential (API key, JWT or client certificate); none: local development
-    auth: str = "on"
-    #: JWT bearer tokens: the issuer ("iss") to accept; empty = JWTs are not accepted
-    jwt_issuer: str = ""
-    #: JWT bearer tokens: the audience ("aud") they must name
-    jwt_audience: str = "dhow"
-    #: JWT bearer tokens: the issuer's JWKS, a file path or an http(s):// URL
-    jwt_jwks: str = ""
-    #: JWT claim holding the roles ("invoker" or "invoker:fraud-*")
-    jwt_roles_claim: str = "roles"
-    #: JWT claim holding the tenant
-    jwt_tenant_claim: str = "tenant"
-    #: TLS certificate (PEM) for the REST and gRPC ports; with tls_key, both ports speak TLS only
-    tls_cert: str = ""
-    #: TLS private key (PEM) of tls_cert
-    tls_key: str = ""
-    #: CA (PEM) of client certificates; set = mutual TLS, clients identified by their certificate's CN
-    tls_client_ca: str = ""
-    #: with tls_client_ca: required (no certificate, no connection) or optional (a key or JWT will do)
-    tls_client_auth: str = "required"
-    #: refuse to start unless the ports speak TLS
-    require_tls: bool = False
-    #: key-encryption keys for encrypted artifacts, "id:base64key[,id:base64key]" (prefer DHOW_KEK or kek_file)
-    kek: str = ""
-    #: a file of key-encryption keys, one "id:base64key" a line
-    kek_file: str = ""
-    #: load only artifacts whose SHA-256 was recorded with `dhow models trust`
-    require_digests: bool = False
-    #: Redis URL for rate limits shared by every server (redis://host:port/db); empty = limits per process
-    redis: str = ""
-    #: this server's region (e.g. ae, eu): where the data it processes is processed
-    region: str = "default"
-    #: YAML file of the data-residency policy (which data regions may be processed in which regions)
-    residency_policy: str = ""
-    #: the audit trail: sqlite:///path or postgresql://...; empty = SQLite in data_dir
-    audit_store: str = ""
-    #: audit stores of other data regions, "region=URL": a request's records go to its data region's store
-    audit_region_stores: tuple[str, ...] = ()
-    #: file of the keyed-hash secret used by PII masking (created when absent); empty = masking.key in data_dir
-    masking_key_file: str = ""
+    auth: str = _setting(
+        "on",
+        "on: every request but health needs an API key, JWT or client certificate; "
+        "none: no authentication, for local development only",
+        group=_SECURITY,
+    )
+    jwt_issuer: str = _setting(
+        "",
+        "accept JWT bearer tokens from this issuer ('iss'); unset: JWTs are not accepted",
+        metavar="ISS",
+        group=_SECURITY,
+    )
+    jwt_audience: str = _setting("dhow", "the audience ('aud') JWTs must name", metavar="AUD", group=_SECURITY)
+    jwt_jwks: str = _setting(
+        "", "the JWT issuer's JWKS: a file or an http(s):// URL", metavar="FILE|URL", group=_SECURITY
+    )
+    jwt_roles_claim: str = _setting("roles", "JWT claim with the roles", metavar="CLAIM", group=_SECURITY)
+    jwt_tenant_claim: str = _setting("tenant", "JWT claim with the tenant", metavar="CLAIM", group=_SECURITY)
+    tls_cert: str = _setting(
+        "", "serve REST and gRPC over TLS only, with this certificate (PEM)", metavar="PEM", group=_SECURITY
+    )
+    tls_key: str = _setting("", "the private key (PEM) of --tls-cert", metavar="PEM", group=_SECURITY)
+    tls_client_ca: str = _setting(
+        "", "CA (PEM) of client certificates: mutual TLS, clients named by their CN", metavar="PEM", group=_SECURITY
+    )
+    tls_client_auth: str = _setting(
+        "required",
+        "with --tls-client-ca: required (no certificate, no connection) or optional (a key or JWT will do)",
+        group=_SECURITY,
+    )
+    require_tls: bool = _setting(False, "refuse to serve without TLS", group=_SECURITY)
+    # never an option: other users of the machine could read it in the process list
+    kek: str = _setting(
+        "", "key-encryption keys of encrypted artifacts, 'id:base64key[,...]' (DHOW_KEK)", flags=(), group=_SECURITY
+    )
+    kek_file: str = _setting(
+        "",
+        "file of key-encryption keys of encrypted artifacts, one 'id:base64key' a line (or DHOW_KEK=id:base64key)",
+        metavar="FILE",
+        group=_SECURITY,
+    )
+    require_digests: bool = _setting(
+        False, "load only artifacts whose SHA-256 was recorded with 'dhow models trust'", group=_SECURITY
+    )
+    redis: str = _setting(
+        "",
+        "share rate limits through Redis (redis://host:port/db); unset: limits per process",
+        metavar="URL",
+        group=_SECURITY,
+    )
+    region: str = _setting(
+        "default",
+        "this server's region, e.g. ae or eu: where the data it processes is processed",
+        metavar="REGION",
+        group=_SECURITY,
+    )
+    residency_policy: str = _setting(
+        "", "YAML file: which data regions may be processed in which regions", metavar="FILE", group=_SECURITY
+    )
+    audit_store: str = _setting(
+        "",
+        "the audit trail of this server's region: sqlite:///path or postgresql://...; "
+        "default: SQLite in the data folder",
+        metavar="URL",
+        group=_SECURITY,
+    )
+    audit_region_stores: tuple[str, ...] = _setting(
+        (),
+        "the audit store of another data region: a request's records go to its data region's store; repeatable",
+        flags=("--audit-region-store",),
+        metavar="REGION=URL",
+        group=_SECURITY,
+    )
+    masking_key_file: str = _setting(
+        "",
+        "file of the keyed-hash secret of PII masking (created when absent); default: masking.key in the data folder",
+        metavar="FILE",
+        group=_SECURITY,
+    )
 
     def registry_url(self) -> str:
         """The registry's URL, with the default (SQLite in the data folder) filled in."""
@@ -101,6 +202,35 @@ class ServerSettings:
     def audit_url(self) -> str:
         """The audit trail's URL (this server's region), with the default (SQLite in the data folder) filled in."""
         return self.audit_store or f"sqlite:///{(self.data_dir / 'audit.sqlite3').resolve()}"
+
+    def audit_urls(self) -> dict[str, str]:
+        """The audit store of each data region: this server's region, then the ``audit_region_stores`` entries."""
+        urls = {self.region: self.audit_url()}
+        for entry in self.audit_region_stores:
+            region, sep, url = entry.partition("=")
+            if not sep or not url.strip():
+                raise InvalidInput(f"--audit-region-store expects REGION=URL, got {entry!r}")
+            urls[check_region_name(region.strip(), "--audit-region-store")] = url.strip()
+        return urls
+
+    def actor_name(self) -> str:
+        """Who a person running a dhow command is in the audit trail and the deployment history.
+
+        The ``actor`` setting, else the login name (``$USER``, then the system's), else ``anonymous``. The
+        name is bare (``alice``, not ``cli:alice``): it is what the server records for the CLI's admin
+        requests under ``--auth none``, so that a person is named the same by every command.
+        """
+        return self.actor or _login_name()
+
+
+def _login_name() -> str:
+    user = os.environ.get("USER")
+    if user:
+        return user
+    try:
+        return getpass.getuser() or ANONYMOUS_ACTOR
+    except (KeyError, OSError, ImportError):  # no user name anywhere (a container without a passwd entry)
+        return ANONYMOUS_ACTOR
 
 
 _CHOICES = {
@@ -112,25 +242,62 @@ _CHOICES = {
 }
 #: integer settings with a lower bound
 _AT_LEAST = {"workers": 1}
+_FIELDS = {field.name: field for field in dataclasses.fields(ServerSettings)}
+
+
+@dataclass(frozen=True, slots=True)
+class SettingOption:
+    """How ``dhow serve`` takes one setting on its command line (argparse stays in the CLI)."""
+
+    name: str
+    flags: tuple[str, ...]
+    #: the field's type: Path, int, float, bool, str or tuple[str, ...] (a repeatable option)
+    kind: str
+    default: object
+    doc: str
+    metavar: str | None
+    #: the help section: "" for the main one
+    group: str
+    choices: tuple[str, ...] | None
+
+
+def setting_options() -> list[SettingOption]:
+    """The command-line options of the settings, in field order (settings with no option left out)."""
+    options = []
+    for name, field in _FIELDS.items():
+        meta = field.metadata
+        flags = meta.get("flags", ("--" + name.replace("_", "-"),))
+        if flags:
+            kind = str(field.type)
+            group = meta.get("group", "")
+            options.append(
+                SettingOption(
+                    name, flags, kind, field.default, meta["doc"], meta.get("metavar"), group, _CHOICES.get(name)
+                )
+            )
+    return options
+
+
+def _typed(kind: str, value: object) -> object:
+    if kind == "Path":
+        return Path(str(value))
+    if kind == "int":
+        return int(str(value))
+    if kind == "float":
+        return float(str(value))
+    if kind == "bool":
+        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+    if kind == "tuple[str, ...]":
+        items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+        return tuple(str(item).strip() for item in items if str(item).strip())
+    return str(value)
 
 
 def _convert(name: str, value: object, source: str) -> object:
     """Turn a value from any source into the field's type, or refuse it naming the source."""
-    kind = {f.name: f.type for f in dataclasses.fields(ServerSettings)}[name]
+    kind = str(_FIELDS[name].type)
     try:
-        if kind == "Path":
-            result: object = Path(str(value))
-        elif kind == "int":
-            result = int(str(value))
-        elif kind == "float":
-            result = float(str(value))
-        elif kind == "bool":
-            result = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
-        elif kind == "tuple[str, ...]":
-            items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
-            result = tuple(str(item).strip() for item in items if str(item).strip())
-        else:
-            result = str(value)
+        result = _typed(kind, value)
     except (TypeError, ValueError):
         raise InvalidInput(f"{source}: '{name}' expects {kind}, got {value!r}") from None
     if name in _CHOICES and result not in _CHOICES[name]:
@@ -140,30 +307,37 @@ def _convert(name: str, value: object, source: str) -> object:
     return result
 
 
+def _from_file(config_file: Path) -> dict[str, object]:
+    try:
+        data = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidInput(f"cannot read settings file {config_file}: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"settings file {config_file}: expected a mapping of settings")
+    values: dict[str, object] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in _FIELDS:
+            raise InvalidInput(f"settings file {config_file}: unknown setting '{key}' (known: {', '.join(_FIELDS)})")
+        values[name] = _convert(name, value, f"settings file {config_file}")
+    return values
+
+
 def resolve_settings(
     cli: Mapping[str, object], env: Mapping[str, str] | None = None, config_file: Path | None = None
 ) -> ServerSettings:
-    """Merge the sources: command line over DHOW_* environment over the YAML file over defaults."""
-    names = [f.name for f in dataclasses.fields(ServerSettings)]
-    values: dict[str, object] = {}
-    if config_file is not None:
-        try:
-            data = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise InvalidInput(f"cannot read settings file {config_file}: {exc}") from None
-        if not isinstance(data, dict):
-            raise InvalidInput(f"settings file {config_file}: expected a mapping of settings")
-        for key, value in data.items():
-            name = str(key).replace("-", "_")
-            if name not in names:
-                raise InvalidInput(f"settings file {config_file}: unknown setting '{key}' (known: {', '.join(names)})")
-            values[name] = _convert(name, value, f"settings file {config_file}")
+    """Merge the sources: command line over DHOW_* environment over the YAML file over defaults.
+
+    ``cli`` maps setting names to the options given (``None`` = not given; other names are ignored);
+    ``env`` is ``os.environ`` unless given.
+    """
+    values = _from_file(config_file) if config_file is not None else {}
     environ = os.environ if env is None else env
-    for name in names:
+    for name in _FIELDS:
         variable = ENV_PREFIX + name.upper()
         if variable in environ:
             values[name] = _convert(name, environ[variable], f"environment variable {variable}")
     for name, value in cli.items():
-        if value is not None and name in names:
+        if value is not None and name in _FIELDS:
             values[name] = _convert(name, value, f"option --{name.replace('_', '-')}")
     return ServerSettings(**values)  # type: ignore[arg-type]

@@ -8,9 +8,8 @@ within their registry poll. Every change is also written to the audit trail.
 from __future__ import annotations
 
 import argparse
-import getpass
-import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +17,7 @@ from dhow.access.ratelimit import Limits
 from dhow.access.store import AccessStore, PrincipalRecord
 from dhow.core.errors import InvalidInput
 from dhow.governance.audit import AuditRecord, AuditStore
-from dhow.governance.commands import audit_store_url
+from dhow.settings import CONFIG_FILE_HELP, ServerSettings, resolve_settings
 
 __all__ = ["add_parsers", "run"]
 
@@ -32,6 +31,7 @@ def _store_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--registry", metavar="URL", help="the servers' registry URL (or DHOW_REGISTRY)")
     parser.add_argument("--audit-store", metavar="URL", help="the servers' audit store (or DHOW_AUDIT_STORE)")
+    parser.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_FILE_HELP)
 
 
 def _limits_options(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +41,21 @@ def _limits_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(commands: Subparsers, model_commands: Subparsers) -> None:
+    """Add ``dhow keys``, ``dhow tenants`` and ``dhow models trust``."""
+    _add_keys(commands)
+    _add_tenants(commands)
+    trust = model_commands.add_parser(
+        "trust",
+        help="record the SHA-256 of a model's artifacts (for --require-digests)",
+        description="Record the digests of every file of the model's version folders, as they are now.",
+    )
+    trust.add_argument("repository", type=Path, metavar="DIR")
+    trust.add_argument("model")
+    trust.add_argument("--version", dest="model_version", help="one version (default: every version folder)")
+    _store_options(trust)
+
+
+def _add_keys(commands: Subparsers) -> None:
     keys = commands.add_parser(
         "keys", help="API keys and client-certificate identities", description="Make, list, rotate and revoke keys."
     )
@@ -50,17 +65,7 @@ def add_parsers(commands: Subparsers, model_commands: Subparsers) -> None:
     add_cert = actions.add_parser("add-cert", help="let a client certificate's common name in (mutual TLS)")
     add_cert.add_argument("common_name", metavar="CN", help="the certificate's subject CN")
     for parser in (create, add_cert):
-        parser.add_argument(
-            "--role",
-            dest="roles",
-            action="append",
-            required=True,
-            help="admin, deployer, invoker or auditor, optionally scoped: invoker:fraud-*; repeatable",
-        )
-        parser.add_argument("--tenant", default="default", help="the tenant (default: default; * = every tenant)")
-        parser.add_argument("--region", default="", help="data region of its requests when they name none")
-        _limits_options(parser)
-        _store_options(parser)
+        _grant_options(parser)
     create.add_argument("--expires-in", type=float, metavar="SECONDS", help="the key stops working after this")
     listing = actions.add_parser("list", help="list keys and identities (never their secrets)")
     listing.add_argument("--all", action="store_true", help="include revoked ones")
@@ -77,6 +82,23 @@ def add_parsers(commands: Subparsers, model_commands: Subparsers) -> None:
     _limits_options(limits)
     _store_options(limits)
 
+
+def _grant_options(parser: argparse.ArgumentParser) -> None:
+    """What a new key or identity may do, and where it works."""
+    parser.add_argument(
+        "--role",
+        dest="roles",
+        action="append",
+        required=True,
+        help="admin, deployer, invoker or auditor, optionally scoped: invoker:fraud-*; repeatable",
+    )
+    parser.add_argument("--tenant", default="default", help="the tenant (default: default; * = every tenant)")
+    parser.add_argument("--region", default="", help="data region of its requests when they name none")
+    _limits_options(parser)
+    _store_options(parser)
+
+
+def _add_tenants(commands: Subparsers) -> None:
     tenants = commands.add_parser("tenants", help="tenants' quotas and default regions")
     tenant_actions = tenants.add_subparsers(dest="tenants_command", metavar="ACTION", required=True)
     set_tenant = tenant_actions.add_parser("set", help="set a tenant's quotas and default data region")
@@ -87,43 +109,21 @@ def add_parsers(commands: Subparsers, model_commands: Subparsers) -> None:
     list_tenants = tenant_actions.add_parser("list", help="list tenants with quotas")
     _store_options(list_tenants)
 
-    trust = model_commands.add_parser(
-        "trust",
-        help="record the SHA-256 of a model's artifacts (for --require-digests)",
-        description="Record the digests of every file of the model's version folders, as they are now.",
-    )
-    trust.add_argument("repository", type=Path, metavar="DIR")
-    trust.add_argument("model")
-    trust.add_argument("--version", dest="model_version", help="one version (default: every version folder)")
-    _store_options(trust)
+
+def _settings(args: argparse.Namespace) -> ServerSettings:
+    """Where the stores are and who acts, decided as for every command (only the store options count:
+    ``--region`` here is a key's or tenant's region, not a server's)."""
+    given = {name: getattr(args, name) for name in ("data_dir", "registry", "audit_store")}
+    return resolve_settings(given, config_file=args.config)
 
 
-def _env(args: argparse.Namespace, name: str) -> str:
-    return str(getattr(args, name, None) or os.environ.get(f"DHOW_{name.upper()}", ""))
-
-
-def _data_dir(args: argparse.Namespace) -> Path:
-    return Path(_env(args, "data_dir") or ".dhow").resolve()
-
-
-def _open_store(args: argparse.Namespace) -> AccessStore:
-    return AccessStore.open(_env(args, "registry") or f"sqlite:///{_data_dir(args) / 'registry.sqlite3'}")
-
-
-def _audit(args: argparse.Namespace, action: str, tenant: str, details: dict[str, Any]) -> None:
-    data_dir = Path(args.data_dir) if args.data_dir else None
-    store = AuditStore.open(audit_store_url(args.audit_store, data_dir))
+def _audit(settings: ServerSettings, action: str, tenant: str, details: dict[str, Any]) -> None:
+    store = AuditStore.open(settings.audit_url())
     try:
-        store.append([AuditRecord(kind="admin", action=action, actor=_actor(), tenant=tenant, details=details)])
+        record = AuditRecord(kind="admin", action=action, actor=settings.actor_name(), tenant=tenant, details=details)
+        store.append([record])
     finally:
         store.close()
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli:unknown"
 
 
 def _limits(args: argparse.Namespace) -> Limits:
@@ -143,101 +143,120 @@ def _show(record: PrincipalRecord) -> str:
 def run(args: argparse.Namespace) -> int | None:
     """Runs ``keys``, ``tenants`` and ``models trust``; None for any other command."""
     if args.command == "keys":
-        return _keys(args)
-    if args.command == "tenants":
-        return _tenants(args)
-    if args.command == "models" and args.models_command == "trust":
-        return _trust(args)
-    return None
-
-
-def _keys(args: argparse.Namespace) -> int:
-    store = _open_store(args)
+        action = _KEY_ACTIONS[args.keys_command]
+    elif args.command == "tenants":
+        action = _set_tenant if args.tenants_command == "set" else _list_tenants
+    elif args.command == "models" and args.models_command == "trust":
+        _versions(args.repository / args.model, args.model_version)  # refused before a store is made
+        action = _trust
+    else:
+        return None
+    settings = _settings(args)
+    store = AccessStore.open(settings.registry_url())
     try:
-        action = args.keys_command
-        if action == "create":
-            made = store.create_key(
-                args.name,
-                tenant=args.tenant,
-                roles=args.roles,
-                actor=_actor(),
-                region=args.region,
-                limits=_limits(args),
-                expires_in_s=args.expires_in,
-            )
-            assert made is not None
-            record, token = made
-            _audit(args, "key.create", record.tenant, {"key": record.id, "name": record.name, "roles": args.roles})
-            print(f"made API key {record.id} ({record.name}); its secret is shown this once:\n{token}")
-        elif action == "add-cert":
-            record = store.create_identity(
-                args.common_name,
-                tenant=args.tenant,
-                roles=args.roles,
-                actor=_actor(),
-                region=args.region,
-                limits=_limits(args),
-            )
-            _audit(args, "key.create", record.tenant, {"identity": record.id, "roles": args.roles})
-            print(f"client certificates with CN={args.common_name} may now call as {record.id}")
-        elif action == "list":
-            for record in store.principals():
-                if args.all or record.active():
-                    print(_show(record))
-        elif action == "revoke":
-            record = store.revoke(args.id, actor=_actor())
-            _audit(args, "key.revoke", record.tenant, {"key": record.id, "name": record.name})
-            print(f"revoked {record.id} ({record.name})")
-        elif action == "rotate":
-            new, token = store.rotate(args.id, actor=_actor(), grace_s=args.grace)
-            _audit(args, "key.rotate", new.tenant, {"key": args.id, "replaced_by": new.id, "grace_s": args.grace})
-            ends = f"in {args.grace:g} s" if args.grace else "now"
-            print(f"made API key {new.id} to replace {args.id}, which stops working {ends}; the new secret:\n{token}")
-        else:
-            record = store.set_limits(args.id, _limits(args))
-            _audit(args, "key.limits", record.tenant, {"key": record.id, **record.as_dict()})
-            print(_show(record))
-        return 0
-    finally:
-        store.close()
-
-
-def _tenants(args: argparse.Namespace) -> int:
-    store = _open_store(args)
-    try:
-        if args.tenants_command == "set":
-            tenant = store.set_tenant(args.name, limits=_limits(args), region=args.region, actor=_actor())
-            _audit(args, "tenant.set", tenant.name, {**tenant.as_dict(), "region": tenant.region})
-            print(f"tenant {tenant.name}: {tenant.as_dict()}, default region {tenant.region or 'none'}")
-        else:
-            for tenant in sorted(store.tenants().values(), key=lambda t: t.name):
-                print(f"{tenant.name:<20} {tenant.as_dict()} region {tenant.region or '-'}")
-        return 0
-    finally:
-        store.close()
-
-
-def _trust(args: argparse.Namespace) -> int:
-    from dhow.repository.encryption import trusted_files
-
-    model_dir = args.repository / args.model
-    if not model_dir.is_dir():
-        raise InvalidInput(f"{model_dir} is not a model folder")
-    versions = (
-        [args.model_version]
-        if args.model_version
-        else sorted(p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-    )
-    store = _open_store(args)
-    try:
-        for version in versions:
-            digests = trusted_files(model_dir / version)
-            if not digests:
-                raise InvalidInput(f"{model_dir / version} holds no files to trust")
-            store.record_digests(args.model, version, digests, actor=_actor())
-            _audit(args, "model.trust", "default", {"model": args.model, "version": version, "digests": digests})
-            print(f"trusted {len(digests)} file(s) of {args.model} version {version}")
+        action(store, settings, args)
     finally:
         store.close()
     sys.stdout.flush()
     return 0
+
+
+#: an action: the access store, where the audit trail is and who acts, the options
+Action = Callable[[AccessStore, ServerSettings, argparse.Namespace], None]
+
+
+def _create_key(store: AccessStore, settings: ServerSettings, args: argparse.Namespace) -> None:
+    made = store.create_key(
+        args.name,
+        tenant=args.tenant,
+        roles=args.roles,
+        actor=settings.actor_name(),
+        region=args.region,
+        limits=_limits(args),
+        expires_in_s=args.expires_in,
+    )
+    assert made is not None
+    record, token = made
+    _audit(settings, "key.create", record.tenant, {"key": record.id, "name": record.name, "roles": args.roles})
+    print(f"made API key {record.id} ({record.name}); its secret is shown this once:\n{token}")
+
+
+def _add_cert(store: AccessStore, settings: ServerSettings, args: argparse.Namespace) -> None:
+    record = store.create_identity(
+        args.common_name,
+        tenant=args.tenant,
+        roles=args.roles,
+        actor=settings.actor_name(),
+        region=args.region,
+        limits=_limits(args),
+    )
+    _audit(settings, "key.create", record.tenant, {"identity": record.id, "roles": args.roles})
+    print(f"client certificates with CN={args.common_name} may now call as {record.id}")
+
+
+def _list_keys(store: AccessStore, settings: ServerSettings, args: argparse.Namespace) -> None:
+    for record in store.principals():
+        if args.all or record.active():
+            print(_show(record))
+
+
+def _revoke(store: AccessStore, settings: ServerSettings, args: argparse.Namespace) -> None:
+    record = store.revoke(args.id, actor=settings.actor_name())
+    _audit(settings, "key.revoke", record.tenant, {"key": record.id, "name": record.name})
+    print(f"revoked {record.id} ({record.name})")
+
+
+def _rotate(store: AccessStore, settings: ServerSettings, args: argparse.Namespace) -> None:
+    new, token = store.rotate(args.id, actor=settings.actor_name(), grace_s=args.grace)
+    _audit(settings, "key.rotate", new.tenant, {"key": args.id, "replaced_by": new.id, "grace_s": args.grace})
+    ends = f"in {args.grace:g} s" if args.grace else "now"
+    print(f"made API key {new.id} to replace {args.id}, which stops working {ends}; the new secret:\n{token}")
+
+
+def _set_limits(store: AccessStore, settings: ServerSettings, args: argparse.Namespace) -> None:
+    record = store.set_limits(args.id, _limits(args))
+    _audit(settings, "key.limits", record.tenant, {"key": record.id, **record.as_dict()})
+    print(_show(record))
+
+
+_KEY_ACTIONS: dict[str, Action] = {
+    "create": _create_key,
+    "add-cert": _add_cert,
+    "list": _list_keys,
+    "revoke": _revoke,
+    "rotate": _rotate,
+    "set-limits": _set_limits,
+}
+
+
+def _set_tenant(store: AccessStore, settings: ServerSettings, args: argparse.Namespace) -> None:
+    tenant = store.set_tenant(args.name, limits=_limits(args), region=args.region, actor=settings.actor_name())
+    _audit(settings, "tenant.set", tenant.name, {**tenant.as_dict(), "region": tenant.region})
+    print(f"tenant {tenant.name}: {tenant.as_dict()}, default region {tenant.region or 'none'}")
+
+
+def _list_tenants(store: AccessStore, settings: ServerSettings, args: argparse.Namespace) -> None:
+    for tenant in sorted(store.tenants().values(), key=lambda t: t.name):
+        print(f"{tenant.name:<20} {tenant.as_dict()} region {tenant.region or '-'}")
+
+
+def _trust(store: AccessStore, settings: ServerSettings, args: argparse.Namespace) -> None:
+    from dhow.repository.encryption import trusted_files
+
+    model_dir = args.repository / args.model
+    for version in _versions(model_dir, args.model_version):
+        digests = trusted_files(model_dir / version)
+        if not digests:
+            raise InvalidInput(f"{model_dir / version} holds no files to trust")
+        store.record_digests(args.model, version, digests, actor=settings.actor_name())
+        _audit(settings, "model.trust", "default", {"model": args.model, "version": version, "digests": digests})
+        print(f"trusted {len(digests)} file(s) of {args.model} version {version}")
+
+
+def _versions(model_dir: Path, given: str | None) -> list[str]:
+    """The version folders to trust: the one given, else every integer folder."""
+    if not model_dir.is_dir():
+        raise InvalidInput(f"{model_dir} is not a model folder")
+    if given:
+        return [given]
+    return sorted(p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())

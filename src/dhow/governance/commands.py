@@ -1,14 +1,14 @@
 """``dhow audit``: verify, export and tail the audit trail, reading its database directly (no server needed).
 
-The store is, first found: ``--store URL``, ``$DHOW_AUDIT_STORE``, ``audit.sqlite3`` in ``--data-dir`` /
-``$DHOW_DATA_DIR`` / ``./.dhow`` (the server's default). Exit status: 0 on success, 1 when ``verify`` found
+The store is found as the server finds it (``dhow.settings``): ``--store URL``, ``$DHOW_AUDIT_STORE``, the
+``--config`` file's ``audit_store``, else ``audit.sqlite3`` in the data folder (``--data-dir``, ``$DHOW_DATA_DIR``,
+the file's ``data_dir``, ``./.dhow``). Exit status: 0 on success, 1 when ``verify`` found
 problems, 2 when the store cannot be opened or read, or an option is wrong.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -18,21 +18,11 @@ from typing import Any
 from dhow.core.errors import DhowError, NotFound
 from dhow.governance.audit import MAX_READ, AuditStore
 from dhow.registry.database import parse_url
+from dhow.settings import CONFIG_FILE_HELP, resolve_settings
 
-__all__ = ["add_parser", "audit_store_url", "run"]
+__all__ = ["add_parser", "run"]
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
-
-
-def audit_store_url(given: str | None, data_dir: Path | None, env: Mapping[str, str] | None = None) -> str:
-    """The audit store's URL: the option, else ``DHOW_AUDIT_STORE``, else SQLite in the data folder."""
-    environ = os.environ if env is None else env
-    if given:
-        return given
-    if environ.get("DHOW_AUDIT_STORE"):
-        return environ["DHOW_AUDIT_STORE"]
-    folder = data_dir or Path(environ.get("DHOW_DATA_DIR") or ".dhow")
-    return f"sqlite:///{(folder / 'audit.sqlite3').resolve()}"
 
 
 def _anchor(text: str) -> tuple[int, str]:
@@ -72,6 +62,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     where.add_argument(
         "--data-dir", type=Path, metavar="DIR", help="dhow's data folder (default $DHOW_DATA_DIR, else ./.dhow)"
     )
+    where.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_FILE_HELP)
     audit = commands.add_parser(
         "audit",
         help="verify, export and read the tamper-evident audit trail",
@@ -109,7 +100,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     """Runs ``dhow audit ACTION``; answers the exit status."""
     try:
-        store = _open(audit_store_url(args.store, args.data_dir))
+        settings = resolve_settings({"audit_store": args.store, "data_dir": args.data_dir}, config_file=args.config)
+        store = _open(settings.audit_url())
     except DhowError as err:
         print(f"dhow audit: {err.message}", file=sys.stderr)
         return 2

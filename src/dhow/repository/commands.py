@@ -1,7 +1,8 @@
 """``dhow models encrypt | rewrap | keygen``: encrypt a repository's artifacts at rest and rotate keys.
 
-Keys come from ``--kek-file`` and the ``DHOW_KEK`` environment variable (never from the command line,
-where other users of the machine could read them in the process list).
+Keys come from ``--kek-file`` (or ``DHOW_KEK_FILE``) and the ``DHOW_KEK`` environment variable, resolved as
+the server resolves them (``dhow.settings``); never from the command line, where other users of the machine
+could read them in the process list.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from dhow.core.errors import InvalidInput
 from dhow.repository.encryption import Keyring, encrypt_repository, generate_key, rewrap_repository
+from dhow.settings import CONFIG_FILE_HELP, resolve_settings
 
 __all__ = ["add_parsers", "run"]
 
@@ -33,6 +35,7 @@ def add_parsers(model_commands: argparse._SubParsersAction[argparse.ArgumentPars
     encrypt.add_argument("--model", metavar="M", help="only this model (default: every model)")
     encrypt.add_argument("--key-id", metavar="ID", help="the key to encrypt with (default: the last one listed)")
     encrypt.add_argument("--kek-file", metavar="F", help=_KEK_HELP)
+    encrypt.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_FILE_HELP)
     encrypt.add_argument(
         "--keep-plaintext", action="store_true", help="keep the plain files (a server refuses a folder with both)"
     )
@@ -46,6 +49,7 @@ def add_parsers(model_commands: argparse._SubParsersAction[argparse.ArgumentPars
     rewrap.add_argument("--to", required=True, metavar="ID", help="the key id to wrap under")
     rewrap.add_argument("--model", metavar="M", help="only this model (default: every model)")
     rewrap.add_argument("--kek-file", metavar="F", help=_KEK_HELP)
+    rewrap.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_FILE_HELP)
     keygen = model_commands.add_parser(
         "keygen",
         help="make a new key-encryption key",
@@ -67,8 +71,10 @@ def run(args: argparse.Namespace) -> int | None:
     return None
 
 
-def _keyring(kek_file: str | None) -> Keyring:
-    keyring = Keyring.load(os.environ.get("DHOW_KEK", ""), kek_file or "")
+def _keyring(args: argparse.Namespace) -> Keyring:
+    """The keys the server would use: ``kek_file`` and ``kek`` as every command resolves them."""
+    settings = resolve_settings({"kek_file": args.kek_file}, config_file=args.config)
+    keyring = Keyring.load(settings.kek, settings.kek_file)
     if keyring is None:
         raise InvalidInput(
             "no key-encryption key: pass --kek-file FILE or set DHOW_KEK=id:base64key "
@@ -78,7 +84,7 @@ def _keyring(kek_file: str | None) -> Keyring:
 
 
 def _encrypt(args: argparse.Namespace) -> int:
-    keyring = _keyring(args.kek_file)
+    keyring = _keyring(args)
     key_id, _ = keyring.key(args.key_id)
     written = encrypt_repository(
         args.repository, keyring, model=args.model, key_id=key_id, keep_plaintext=args.keep_plaintext
@@ -92,7 +98,7 @@ def _encrypt(args: argparse.Namespace) -> int:
 
 
 def _rewrap(args: argparse.Namespace) -> int:
-    rewritten = rewrap_repository(args.repository, _keyring(args.kek_file), to_key_id=args.to, model=args.model)
+    rewritten = rewrap_repository(args.repository, _keyring(args), to_key_id=args.to, model=args.model)
     if not rewritten:
         print(f"nothing to re-wrap in {args.repository}: every encrypted artifact already uses key '{args.to}'")
         return 0

@@ -1,0 +1,67 @@
+"""The administration commands find the stores and name their actor as ``dhow.settings`` decides, like the server.
+
+They run in-process on SQLite files of a temporary folder (no server needed: they work on the databases).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dhow import cli
+from dhow.governance.audit import AuditStore
+
+SHARED_VARIABLES = ("DHOW_ACTOR", "DHOW_DATA_DIR", "DHOW_REGISTRY", "DHOW_AUDIT_STORE")
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in SHARED_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("USER", "alice")
+
+
+def _admin_records(data_dir: Path) -> list[tuple[str, str]]:
+    store = AuditStore.open(f"sqlite:///{data_dir / 'audit.sqlite3'}")
+    try:
+        return [(record["action"], record["actor"]) for record in store.read(kind="admin")]
+    finally:
+        store.close()
+
+
+def test_keys_take_the_data_folder_and_actor_from_each_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "dhow.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'file'}\nactor: file-admin\n")
+    create = ("keys", "create", "bot", "--role", "invoker", "--config", str(config))
+    assert cli.main([*create]) == 0
+    assert _admin_records(tmp_path / "file") == [("key.create", "file-admin")]
+    monkeypatch.setenv("DHOW_ACTOR", "env-admin")
+    monkeypatch.setenv("DHOW_DATA_DIR", str(tmp_path / "env"))
+    assert cli.main([*create]) == 0
+    assert _admin_records(tmp_path / "env") == [("key.create", "env-admin")]
+    assert cli.main([*create, "--data-dir", str(tmp_path / "cli")]) == 0
+    assert _admin_records(tmp_path / "cli") == [("key.create", "env-admin")]
+    # no setting names the actor: the login name, bare, as 'dhow rollout' sends it
+    monkeypatch.delenv("DHOW_ACTOR")
+    assert cli.main(["tenants", "set", "acme", "--rate", "5", "--data-dir", str(tmp_path / "cli")]) == 0
+    assert _admin_records(tmp_path / "cli")[-1] == ("tenant.set", "alice")
+
+
+def test_audit_finds_the_trail_the_keys_command_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "dhow.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\n")
+    assert cli.main(["keys", "create", "bot", "--role", "invoker", "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert cli.main(["audit", "verify", "--config", str(config)]) == 0
+    assert "audit trail ok: 1 records" in capsys.readouterr().out
+    # the option over the file: an empty folder has no trail
+    assert cli.main(["audit", "verify", "--config", str(config), "--data-dir", str(tmp_path / "none")]) == 2
+    assert f"no audit trail at {tmp_path / 'none' / 'audit.sqlite3'}" in capsys.readouterr().err
+
+
+def test_a_bad_settings_file_is_refused_with_its_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "dhow.yaml"
+    config.write_text("data-folder: x\n")
+    assert cli.main(["keys", "list", "--config", str(config)]) == 2
+    assert f"settings file {config}: unknown setting 'data-folder'" in capsys.readouterr().err
