@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 import pytest
 
+from dhow.access.actions import ACTIONS
 from dhow.access.store import AccessStore
 from dhow.governance.audit import AuditStore
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
@@ -31,7 +32,6 @@ from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from dhow.protocols.grpc.service import METHOD_ACTIONS
 from dhow.protocols.rest.app import ENDPOINT_ACTIONS
 from dhow.protocols.rest.router import Endpoint
-from dhow.serving.guard import ACTIONS
 from tests.conftest import DhowProcess, start_dhow
 
 ROLES = ("admin", "deployer", "invoker", "auditor")

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from google.protobuf import json_format
 
+from dhow.access.actions import ACTIONS
 from dhow.access.authenticator import Credentials
 from dhow.access.permissions import Principal
 from dhow.core.errors import DhowError
@@ -28,7 +29,7 @@ from dhow.protocols.grpc.errors import Context, abort, guarded, internal_message
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.generated import model_config_pb2 as mc
 from dhow.serving.dataplane import DataPlane
-from dhow.serving.guard import ACTIONS, AccessGuard, Admission
+from dhow.serving.guard import AccessGuard, Admission
 
 _Message = TypeVar("_Message")
 
@@ -216,7 +217,7 @@ def _model_index(row: Mapping[str, Any]) -> pb.RepositoryIndexResponse.ModelInde
     )
 
 
-#: the action (see ``dhow.serving.guard.ACTIONS``) of every RPC; None: open to anyone (health checks)
+#: the action (see ``dhow.access.actions.ACTIONS``) of every RPC; None: open to anyone (health checks)
 METHOD_ACTIONS: dict[str, str | None] = {
     "ServerLive": None,
     "ServerReady": None,

@@ -15,6 +15,7 @@ from urllib.parse import parse_qs
 
 import orjson
 
+from dhow.access.actions import ACTIONS
 from dhow.access.authenticator import ANONYMOUS, Credentials
 from dhow.core.errors import DhowError, InvalidInput, NotFound
 from dhow.core.types import LazyHeaders
@@ -31,7 +32,7 @@ from dhow.protocols.rest.codec import decode_request, encode_response
 from dhow.protocols.rest.openapi import openapi_document
 from dhow.protocols.rest.router import Endpoint, Match, allowed_methods, resolve
 from dhow.serving.dataplane import DataPlane
-from dhow.serving.guard import ACTIONS, KEY_FIELDS, AccessGuard, Admission
+from dhow.serving.guard import KEY_FIELDS, AccessGuard, Admission
 
 if TYPE_CHECKING:
     from dhow.rollouts.controller import RolloutController
@@ -132,7 +133,7 @@ class Request:
         return document
 
 
-#: the action (see ``dhow.serving.guard.ACTIONS``) of every endpoint; None: open to anyone (health checks)
+#: the action (see ``dhow.access.actions.ACTIONS``) of every endpoint; None: open to anyone (health checks)
 ENDPOINT_ACTIONS: dict[Endpoint, str | None] = {
     Endpoint.SERVER_METADATA: "server.metadata",
     Endpoint.LIVE: None,

@@ -56,7 +56,7 @@ class Match:
     #: the model, the deployment of an admin route, or the id of an API key
     model: str = ""
     version: str = ""
-    #: an admin action: promote, rollback, switch or release
+    #: a deployment action: promote, rollback, switch or release
     action: str = ""
 
 
@@ -88,7 +88,7 @@ _DEPLOYMENT_METHODS = {
     "DELETE": Endpoint.DELETE_DEPLOYMENT,
 }
 _DEPLOYMENT_READS = {"history": Endpoint.DEPLOYMENT_HISTORY, "events": Endpoint.DEPLOYMENT_EVENTS}
-ACTIONS = ("promote", "rollback", "switch", "release")
+DEPLOYMENT_ACTIONS = ("promote", "rollback", "switch", "release")
 
 
 def allowed_methods(path: str) -> list[str]:
@@ -127,7 +127,7 @@ def resolve(path: str, method: str = "GET") -> Match | None:
 def _deployment_route(name: str, tail: str | None, method: str) -> Match | None:
     if tail is None:
         return Match(_DEPLOYMENT_METHODS.get(method, Endpoint.DEPLOYMENT), name)
-    if tail in ACTIONS:
+    if tail in DEPLOYMENT_ACTIONS:
         return Match(Endpoint.DEPLOYMENT_ACTION, name, action=tail)
     endpoint = _DEPLOYMENT_READS.get(tail)
     return Match(endpoint, name) if endpoint is not None else None
