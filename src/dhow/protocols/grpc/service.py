@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from google.protobuf import json_format
 
-from dhow.access.actions import ACTIONS
+from dhow.access.actions import Access
 from dhow.access.authenticator import Credentials
 from dhow.access.permissions import Principal
 from dhow.core.errors import DhowError
@@ -28,6 +28,7 @@ from dhow.protocols.grpc.codec import (
 from dhow.protocols.grpc.errors import Context, abort, guarded, internal_message, log_internal_error
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.generated import model_config_pb2 as mc
+from dhow.protocols.routes import GRPC_ACCESS
 from dhow.serving.dataplane import DataPlane
 from dhow.serving.guard import AccessGuard, Admission
 
@@ -48,11 +49,11 @@ class InferenceServicer:
     # -- access control (see ``guarded``) -----------------------------------------------
 
     async def admit(self, rpc: str, request: Any, context: Context) -> Admission | None:
-        action = METHOD_ACTIONS[rpc]
-        if self.guard is None or action is None:
+        access = GRPC_ACCESS[rpc]
+        if self.guard is None or access is None:
             return None
         model = getattr(request, "model_name", "") or getattr(request, "name", "")
-        admission = await self.guard.admit(_credentials(context), ACTIONS[action], model)
+        admission = await self.guard.admit(_credentials(context), access, model)
         _ADMISSION.set(admission)
         return admission
 
@@ -150,7 +151,7 @@ class InferenceServicer:
         if self.guard is not None:
             # one authentication per stream; each request is authorized, limited and audited on its own
             try:
-                principal = await self.guard.authenticate(_credentials(context), ACTIONS["infer"])
+                principal = await self.guard.authenticate(_credentials(context), _STREAM_ACCESS)
             except DhowError as exc:
                 await abort(context, exc)
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
@@ -185,7 +186,7 @@ class InferenceServicer:
         try:
             inference = request_from_proto(request)
             if self.guard is not None and principal is not None:
-                admission = await self.guard.authorize(principal, ACTIONS["infer"], request.model_name)
+                admission = await self.guard.authorize(principal, _STREAM_ACCESS, request.model_name)
                 inference.caller = admission.caller
             response = response_to_proto(await self.dataplane.infer(inference))
             answer = pb.ModelStreamInferResponse(infer_response=response)
@@ -217,22 +218,6 @@ def _model_index(row: Mapping[str, Any]) -> pb.RepositoryIndexResponse.ModelInde
     )
 
 
-#: the action (see ``dhow.access.actions.ACTIONS``) of every RPC; None: open to anyone (health checks)
-METHOD_ACTIONS: dict[str, str | None] = {
-    "ServerLive": None,
-    "ServerReady": None,
-    "ModelReady": "model.ready",
-    "ServerMetadata": "server.metadata",
-    "ModelMetadata": "model.metadata",
-    "ModelConfig": "model.config",
-    "ModelStatistics": "stats.read",
-    "RepositoryIndex": "repository.index",
-    "RepositoryModelLoad": "model.load",
-    "RepositoryModelUnload": "model.unload",
-    "ModelInfer": "infer",
-    "ModelStreamInfer": "infer",
-}
-
 #: the admission of the unary call being served (each call runs in its own task, so its own context)
 _ADMISSION: ContextVar[Admission | None] = ContextVar("dhow_grpc_admission", default=None)
 
@@ -257,3 +242,29 @@ def _credentials(context: Context) -> Credentials:
 def _metadata(context: Context) -> list[tuple[str, str]]:
     """The call's metadata as text headers (binary ``-bin`` entries left out)."""
     return [(key, value) for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)]
+
+
+def _stream_access() -> Access:
+    """The access of ``ModelStreamInfer``'s requests (the stream is not ``guarded``: it admits each one)."""
+    access = GRPC_ACCESS["ModelStreamInfer"]
+    if access is None:
+        raise RuntimeError("ModelStreamInfer must need a permission: see dhow.protocols.routes")
+    return access
+
+
+def _check_methods() -> None:
+    """Every RPC of the service has an access in the route table, and a method here to serve it."""
+    rpcs = {method.name for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
+    unmapped, unknown = rpcs - set(GRPC_ACCESS), set(GRPC_ACCESS) - rpcs
+    if unmapped or unknown:
+        raise RuntimeError(
+            f"dhow.protocols.routes must map every RPC of GRPCInferenceService: unmapped {sorted(unmapped)}, "
+            f"not RPCs {sorted(unknown)}"
+        )
+    unserved = sorted(rpc for rpc in rpcs if not callable(getattr(InferenceServicer, rpc, None)))
+    if unserved:
+        raise RuntimeError(f"InferenceServicer does not serve {unserved}")
+
+
+_check_methods()
+_STREAM_ACCESS = _stream_access()
