@@ -24,14 +24,12 @@ import grpc
 import numpy as np
 import pytest
 
+from dhow.access.actions import ACTIONS
 from dhow.access.store import AccessStore
 from dhow.governance.audit import AuditStore
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
-from dhow.protocols.grpc.service import METHOD_ACTIONS
-from dhow.protocols.rest.app import ENDPOINT_ACTIONS
-from dhow.protocols.rest.router import Endpoint
-from dhow.serving.guard import ACTIONS
+from dhow.protocols.routes import GRPC_ACCESS, ROUTES
 from tests.conftest import DhowProcess, start_dhow
 
 ROLES = ("admin", "deployer", "invoker", "auditor")
@@ -41,35 +39,38 @@ A, D, I, U = "admin", "deployer", "invoker", "auditor"  # noqa: E741
 ROW = np.linspace(-1, 1, 32, dtype=np.float32)
 INFER_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 32], "data": ROW.tolist()}]}
 
-#: every REST endpoint: a request, and the roles that may make it (None: open to anyone)
-REST_MATRIX: dict[Endpoint, tuple[str, str, Any, frozenset[str] | None]] = {
-    Endpoint.SERVER_METADATA: ("GET", "/v2", None, READERS),
-    Endpoint.LIVE: ("GET", "/v2/health/live", None, None),
-    Endpoint.READY: ("GET", "/v2/health/ready", None, None),
-    Endpoint.METRICS: ("GET", "/metrics", None, frozenset({A, U})),
-    Endpoint.ALL_STATISTICS: ("GET", "/v2/models/stats", None, frozenset({A, D, U})),
-    Endpoint.MODEL_METADATA: ("GET", "/v2/models/tabular", None, READERS),
-    Endpoint.MODEL_READY: ("GET", "/v2/models/tabular/ready", None, READERS),
-    Endpoint.MODEL_CONFIG: ("GET", "/v2/models/tabular/config", None, READERS),
-    Endpoint.MODEL_STATISTICS: ("GET", "/v2/models/tabular/stats", None, frozenset({A, D, U})),
-    Endpoint.INFER: ("POST", "/v2/models/tabular/infer", INFER_BODY, frozenset({A, I})),
-    Endpoint.REPOSITORY_INDEX: ("POST", "/v2/repository/index", {}, READERS),
-    Endpoint.LOAD: ("POST", "/v2/repository/models/text_python/load", {}, frozenset({A, D})),
-    Endpoint.UNLOAD: ("POST", "/v2/repository/models/no_such_model/unload", {}, frozenset({A, D})),
-    Endpoint.OPENAPI: ("GET", "/v2/admin/openapi.json", None, READERS),
-    Endpoint.DEPLOYMENTS: ("GET", "/v2/admin/deployments", None, frozenset({A, D, U})),
-    Endpoint.DEPLOYMENT: ("GET", "/v2/admin/deployments/tabular", None, frozenset({A, D, U})),
-    Endpoint.PUT_DEPLOYMENT: ("PUT", "/v2/admin/deployments/tabular", {"revision": -1}, frozenset({A, D})),
-    Endpoint.DELETE_DEPLOYMENT: ("DELETE", "/v2/admin/deployments/tabular", {"revision": 7}, frozenset({A, D})),
-    Endpoint.DEPLOYMENT_ACTION: ("POST", "/v2/admin/deployments/tabular/promote", {}, frozenset({A, D})),
-    Endpoint.DEPLOYMENT_HISTORY: ("GET", "/v2/admin/deployments/tabular/history", None, frozenset({A, D, U})),
-    Endpoint.DEPLOYMENT_EVENTS: ("GET", "/v2/admin/deployments/tabular/events", None, frozenset({A, D, U})),
-    Endpoint.KEYS: ("GET", "/v2/admin/keys", None, frozenset({A})),
-    Endpoint.CREATE_KEY: ("POST", "/v2/admin/keys", {"name": "made-in-matrix", "roles": ["invoker"]}, frozenset({A})),
-    Endpoint.REVOKE_KEY: ("DELETE", "/v2/admin/keys/000000000000", None, frozenset({A})),
-    Endpoint.ROTATE_KEY: ("POST", "/v2/admin/keys/000000000000/rotate", {}, frozenset({A})),
-    Endpoint.AUDIT: ("GET", "/v2/admin/audit?kind=denial", None, frozenset({A, U})),
-    Endpoint.AUDIT_VERIFY: ("GET", "/v2/admin/audit/verify", None, frozenset({A, U})),
+#: every REST route by its name: a request, and the roles that may make it (None: open to anyone)
+REST_MATRIX: dict[str, tuple[str, str, Any, frozenset[str] | None]] = {
+    "server_metadata": ("GET", "/v2", None, READERS),
+    "server_live": ("GET", "/v2/health/live", None, None),
+    "server_ready": ("GET", "/v2/health/ready", None, None),
+    "metrics": ("GET", "/metrics", None, frozenset({A, U})),
+    "all_model_statistics": ("GET", "/v2/models/stats", None, frozenset({A, D, U})),
+    "model_metadata": ("GET", "/v2/models/tabular", None, READERS),
+    "model_ready": ("GET", "/v2/models/tabular/ready", None, READERS),
+    "model_config": ("GET", "/v2/models/tabular/config", None, READERS),
+    "model_statistics": ("GET", "/v2/models/tabular/stats", None, frozenset({A, D, U})),
+    "model_infer": ("POST", "/v2/models/tabular/infer", INFER_BODY, frozenset({A, I})),
+    "repository_index": ("POST", "/v2/repository/index", {}, READERS),
+    "repository_model_load": ("POST", "/v2/repository/models/text_python/load", {}, frozenset({A, D})),
+    "repository_model_unload": ("POST", "/v2/repository/models/no_such_model/unload", {}, frozenset({A, D})),
+    "openapi": ("GET", "/v2/admin/openapi.json", None, READERS),
+    "list_deployments": ("GET", "/v2/admin/deployments", None, frozenset({A, D, U})),
+    "get_deployment": ("GET", "/v2/admin/deployments/tabular", None, frozenset({A, D, U})),
+    "put_deployment": ("PUT", "/v2/admin/deployments/tabular", {"revision": -1}, frozenset({A, D})),
+    "delete_deployment": ("DELETE", "/v2/admin/deployments/tabular", {"revision": 7}, frozenset({A, D})),
+    "promote_deployment": ("POST", "/v2/admin/deployments/tabular/promote", {}, frozenset({A, D})),
+    "rollback_deployment": ("POST", "/v2/admin/deployments/tabular/rollback", {}, frozenset({A, D})),
+    "switch_deployment": ("POST", "/v2/admin/deployments/tabular/switch", {}, frozenset({A, D})),
+    "release_deployment": ("POST", "/v2/admin/deployments/tabular/release", {}, frozenset({A, D})),
+    "deployment_history": ("GET", "/v2/admin/deployments/tabular/history", None, frozenset({A, D, U})),
+    "deployment_events": ("GET", "/v2/admin/deployments/tabular/events", None, frozenset({A, D, U})),
+    "list_keys": ("GET", "/v2/admin/keys", None, frozenset({A})),
+    "create_key": ("POST", "/v2/admin/keys", {"name": "made-in-matrix", "roles": ["invoker"]}, frozenset({A})),
+    "revoke_key": ("DELETE", "/v2/admin/keys/000000000000", None, frozenset({A})),
+    "rotate_key": ("POST", "/v2/admin/keys/000000000000/rotate", {}, frozenset({A})),
+    "read_audit": ("GET", "/v2/admin/audit?kind=denial", None, frozenset({A, U})),
+    "verify_audit": ("GET", "/v2/admin/audit/verify", None, frozenset({A, U})),
 }
 
 #: every RPC of GRPCInferenceService and the roles that may call it (None: open to anyone)
@@ -223,24 +224,24 @@ def _eventually(check: Any, timeout: float = 10.0) -> Any:
 
 
 def test_every_rest_route_and_grpc_method_has_a_permission() -> None:
-    assert set(ENDPOINT_ACTIONS) == set(Endpoint), "an endpoint without an access mapping"
-    assert all(action is None or action in ACTIONS for action in ENDPOINT_ACTIONS.values())
+    catalog = set(ACTIONS.values())
+    assert all(route.access is None or route.access in catalog for route in ROUTES)
     rpcs = {m.name for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
-    assert set(METHOD_ACTIONS) == rpcs, "an RPC without an access mapping"
-    assert all(action is None or action in ACTIONS for action in METHOD_ACTIONS.values())
+    assert set(GRPC_ACCESS) == rpcs, "an RPC without an access mapping"
+    assert all(access is None or access in catalog for access in GRPC_ACCESS.values())
     # only the health checks are open
-    assert {e for e, a in ENDPOINT_ACTIONS.items() if a is None} == {Endpoint.LIVE, Endpoint.READY}
-    assert {m for m, a in METHOD_ACTIONS.items() if a is None} == {"ServerLive", "ServerReady"}
-    assert set(REST_MATRIX) == set(Endpoint) and set(GRPC_MATRIX) == rpcs
+    assert {route.name for route in ROUTES if route.access is None} == {"server_live", "server_ready"}
+    assert {m for m, a in GRPC_ACCESS.items() if a is None} == {"ServerLive", "ServerReady"}
+    assert set(REST_MATRIX) == {route.name for route in ROUTES} and set(GRPC_MATRIX) == rpcs
 
 
 # -- the role x route matrix ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("endpoint", list(REST_MATRIX), ids=lambda e: e.name)
-def test_rest_role_matrix(world: dict[str, Any], endpoint: Endpoint) -> None:
+@pytest.mark.parametrize("route", list(REST_MATRIX))
+def test_rest_role_matrix(world: dict[str, Any], route: str) -> None:
     server, keys = world["server"], world["keys"]
-    method, path, body, allowed = REST_MATRIX[endpoint]
+    method, path, body, allowed = REST_MATRIX[route]
     status, _, answer = call(server, method, path, body)
     if allowed is None:
         assert status == 200, answer

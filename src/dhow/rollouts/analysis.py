@@ -18,8 +18,7 @@ from dhow.core.errors import Conflict, DhowError
 from dhow.rollouts.editor import DeploymentEditor, after_action
 from dhow.rollouts.policy import canary_weight
 from dhow.rollouts.routing import Active, Window
-from dhow.serving.guard import ACTIONS
-from dhow.serving.service import CoreService, service_identity
+from dhow.serving.service import ACTIONS, CoreService, service_identity
 
 __all__ = ["ANALYST", "CanaryAnalyst", "judge"]
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
+from dhow.access.actions import Access
 from dhow.access.authenticator import Authenticator, Credentials
 from dhow.access.permissions import Permission, Principal, check_permission
 from dhow.access.ratelimit import Permit, RateLimiter
@@ -27,7 +28,7 @@ from dhow.governance.audit import AuditRecord
 from dhow.governance.audit_trail import AuditTrail
 from dhow.governance.masking import Masker
 
-__all__ = ["ACTIONS", "Access", "AccessGuard", "Admission"]
+__all__ = ["AccessGuard", "Admission"]
 
 _NOTHING = Outcome()
 
@@ -36,48 +37,6 @@ _ID_PREFIX = secrets.token_hex(4)
 _ID_COUNTER = itertools.count(1)
 
 _DENIALS = frozenset({ErrorCode.UNAUTHENTICATED.value, ErrorCode.PERMISSION_DENIED.value})
-
-
-@dataclass(frozen=True, slots=True)
-class Access:
-    """What a route or RPC needs, and how the audit trail names what it does."""
-
-    permission: Permission
-    action: str
-
-
-def _actions(*pairs: tuple[Permission, str]) -> dict[str, Access]:
-    return {action: Access(permission, action) for permission, action in pairs}
-
-
-_P = Permission
-#: every action a door may map a route or RPC to, by its name in the audit trail
-ACTIONS: dict[str, Access] = _actions(
-    (_P.SERVER_READ, "server.metadata"),
-    (_P.SERVER_READ, "server.openapi"),
-    (_P.METRICS_READ, "metrics.read"),
-    (_P.STATS_READ, "stats.read"),
-    (_P.MODEL_READ, "model.metadata"),
-    (_P.MODEL_READ, "model.ready"),
-    (_P.MODEL_READ, "model.config"),
-    (_P.MODEL_READ, "repository.index"),
-    (_P.INFER, "infer"),
-    (_P.MODEL_MANAGE, "model.load"),
-    (_P.MODEL_MANAGE, "model.unload"),
-    (_P.DEPLOYMENT_READ, "deployment.read"),
-    (_P.DEPLOYMENT_WRITE, "deployment.put"),
-    (_P.DEPLOYMENT_WRITE, "deployment.delete"),
-    (_P.DEPLOYMENT_WRITE, "deployment.action"),
-    # the canary analysis' automatic decisions (in-process, as ``dhow-analysis``)
-    (_P.DEPLOYMENT_WRITE, "deployment.promote"),
-    (_P.DEPLOYMENT_WRITE, "deployment.rollback"),
-    (_P.ACCESS_MANAGE, "key.list"),
-    (_P.ACCESS_MANAGE, "key.create"),
-    (_P.ACCESS_MANAGE, "key.revoke"),
-    (_P.ACCESS_MANAGE, "key.rotate"),
-    (_P.AUDIT_READ, "audit.read"),
-    (_P.AUDIT_READ, "audit.verify"),
-)
 
 
 @dataclass(slots=True)

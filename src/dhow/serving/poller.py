@@ -10,9 +10,8 @@ import asyncio
 import logging
 
 from dhow.core.errors import DhowError, ModelLoadError
-from dhow.serving.guard import ACTIONS
 from dhow.serving.lifecycle import ModelLifecycle
-from dhow.serving.service import CoreService, service_identity
+from dhow.serving.service import ACTIONS, CoreService, service_identity
 
 __all__ = ["POLLER", "RepositoryPoller"]
 

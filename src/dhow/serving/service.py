@@ -18,16 +18,17 @@ import secrets
 from types import TracebackType
 from typing import Any
 
+from dhow.access.actions import ACTIONS, Access
 from dhow.access.authenticator import ANONYMOUS, Credentials
 from dhow.access.permissions import ALL_TENANTS, Grant, Permission, Principal
 from dhow.core.errors import CallCancelled, DhowError, InternalError
 from dhow.core.names import check_model_name
 from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome
 from dhow.serving.dataplane import DataPlane
-from dhow.serving.guard import ACTIONS, Access, AccessGuard, Admission
+from dhow.serving.guard import AccessGuard, Admission
 from dhow.serving.traffic import Invoke
 
-__all__ = ["Call", "CoreService", "service_identity"]
+__all__ = ["ACTIONS", "Access", "Call", "CoreService", "service_identity"]
 
 log = logging.getLogger("dhow.service")
 

@@ -17,7 +17,7 @@ import grpc.aio
 
 from dhow.access.authenticator import Credentials
 from dhow.core.errors import DhowError, ErrorCode
-from dhow.protocols.grpc.methods import METHOD_ACCESS
+from dhow.protocols.routes import GRPC_ACCESS
 from dhow.serving.service import Call, CoreService
 
 log = logging.getLogger("dhow.grpc")
@@ -65,8 +65,8 @@ async def abort(context: Context, exc: DhowError) -> NoReturn:
 
 def guarded(method: AdmittedMethod[_Servicer, _Request, _Response]) -> UnaryMethod[_Servicer, _Request, _Response]:
     """Wrap a unary RPC: enter the core service's admission point with the call's credentials and the access
-    ``METHOD_ACCESS`` names, hand the method the admitted call, end every error with its status."""
-    access = METHOD_ACCESS[method.__name__]
+    ``GRPC_ACCESS`` names, hand the method the admitted call, end every error with its status."""
+    access = GRPC_ACCESS[method.__name__]
 
     @functools.wraps(method)
     async def rpc(self: _Servicer, request: _Request, context: Context) -> _Response:

@@ -25,9 +25,8 @@ from dhow.protocols.grpc.codec import (
 from dhow.protocols.grpc.errors import Context, abort, credentials, guarded
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.generated import model_config_pb2 as mc
-from dhow.protocols.grpc.methods import METHOD_ACTIONS
-from dhow.serving.guard import ACTIONS
-from dhow.serving.service import Call, CoreService
+from dhow.protocols.routes import GRPC_ACCESS
+from dhow.serving.service import Access, Call, CoreService
 
 _Message = TypeVar("_Message")
 
@@ -136,7 +135,7 @@ class InferenceServicer:
         """
         # one authentication per stream; each request is authorized, limited and audited on its own
         try:
-            principal = await self.service.authenticate(credentials(context), _STREAM)
+            principal = await self.service.authenticate(credentials(context), _STREAM_ACCESS)
         except DhowError as exc:
             await abort(context, exc)
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
@@ -168,7 +167,7 @@ class InferenceServicer:
         principal: Principal,
     ) -> None:
         try:
-            async with self.service.call(principal, _STREAM, request.model_name) as call:
+            async with self.service.call(principal, _STREAM_ACCESS, request.model_name) as call:
                 inference = request_from_proto(request)
                 response = response_to_proto(await call.infer(inference))
             answer = pb.ModelStreamInferResponse(infer_response=response)
@@ -192,10 +191,32 @@ def _model_index(row: Mapping[str, Any]) -> pb.RepositoryIndexResponse.ModelInde
     )
 
 
-#: the access of every message of a stream
-_STREAM = ACTIONS[METHOD_ACTIONS["ModelStreamInfer"] or "infer"]
-
-
 def _metadata(context: Context) -> list[tuple[str, str]]:
     """The call's metadata as text headers (binary ``-bin`` entries left out)."""
     return [(key, value) for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)]
+
+
+def _stream_access() -> Access:
+    """The access of ``ModelStreamInfer``'s requests (the stream is not ``guarded``: it admits each one)."""
+    access = GRPC_ACCESS["ModelStreamInfer"]
+    if access is None:
+        raise RuntimeError("ModelStreamInfer must need a permission: see dhow.protocols.routes")
+    return access
+
+
+def _check_methods() -> None:
+    """Every RPC of the service has an access in the route table, and a method here to serve it."""
+    rpcs = {method.name for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
+    unmapped, unknown = rpcs - set(GRPC_ACCESS), set(GRPC_ACCESS) - rpcs
+    if unmapped or unknown:
+        raise RuntimeError(
+            f"dhow.protocols.routes must map every RPC of GRPCInferenceService: unmapped {sorted(unmapped)}, "
+            f"not RPCs {sorted(unknown)}"
+        )
+    unserved = sorted(rpc for rpc in rpcs if not callable(getattr(InferenceServicer, rpc, None)))
+    if unserved:
+        raise RuntimeError(f"InferenceServicer does not serve {unserved}")
+
+
+_check_methods()
+_STREAM_ACCESS = _stream_access()

@@ -27,10 +27,10 @@ from dhow.protocols.rest.body import (
 )
 from dhow.protocols.rest.codec import decode_request, encode_response
 from dhow.protocols.rest.openapi import openapi_document
-from dhow.protocols.rest.router import Endpoint, Match, allowed_methods, resolve
+from dhow.protocols.rest.router import Match, allowed_methods, resolve
+from dhow.protocols.routes import ROUTES
 from dhow.rollouts.editor import DeploymentEditor
 from dhow.serving.admin import KEY_FIELDS, AccessAdmin
-from dhow.serving.guard import ACTIONS
 from dhow.serving.service import Call, CoreService
 
 __all__ = ["RestApp"]
@@ -122,40 +122,6 @@ class Request:
         return document
 
 
-#: the action (see ``dhow.serving.guard.ACTIONS``) of every endpoint; None: open to anyone (health checks)
-ENDPOINT_ACTIONS: dict[Endpoint, str | None] = {
-    Endpoint.SERVER_METADATA: "server.metadata",
-    Endpoint.LIVE: None,
-    Endpoint.READY: None,
-    Endpoint.METRICS: "metrics.read",
-    Endpoint.ALL_STATISTICS: "stats.read",
-    Endpoint.MODEL_METADATA: "model.metadata",
-    Endpoint.MODEL_READY: "model.ready",
-    Endpoint.MODEL_CONFIG: "model.config",
-    Endpoint.MODEL_STATISTICS: "stats.read",
-    Endpoint.INFER: "infer",
-    Endpoint.REPOSITORY_INDEX: "repository.index",
-    Endpoint.LOAD: "model.load",
-    Endpoint.UNLOAD: "model.unload",
-    Endpoint.OPENAPI: "server.openapi",
-    Endpoint.DEPLOYMENTS: "deployment.read",
-    Endpoint.DEPLOYMENT: "deployment.read",
-    Endpoint.PUT_DEPLOYMENT: "deployment.put",
-    Endpoint.DELETE_DEPLOYMENT: "deployment.delete",
-    Endpoint.DEPLOYMENT_ACTION: "deployment.action",
-    Endpoint.DEPLOYMENT_HISTORY: "deployment.read",
-    Endpoint.DEPLOYMENT_EVENTS: "deployment.read",
-    Endpoint.KEYS: "key.list",
-    Endpoint.CREATE_KEY: "key.create",
-    Endpoint.REVOKE_KEY: "key.revoke",
-    Endpoint.ROTATE_KEY: "key.rotate",
-    Endpoint.AUDIT: "audit.read",
-    Endpoint.AUDIT_VERIFY: "audit.verify",
-}
-#: endpoints whose path names something other than a model (an API key's id)
-_NOT_MODELS = frozenset({Endpoint.REVOKE_KEY, Endpoint.ROTATE_KEY})
-
-
 class RestApp:
     """The ASGI application of the REST door: every route through the core service's one admission point.
 
@@ -179,35 +145,8 @@ class RestApp:
         self.max_body_bytes = max_body_bytes
         self.metrics_handler = metrics_handler
         self._openapi_body: bytes | None = None
-        self._handlers: dict[Endpoint, Handler] = {
-            Endpoint.SERVER_METADATA: self._server_metadata,
-            Endpoint.LIVE: self._live,
-            Endpoint.READY: self._ready,
-            Endpoint.METRICS: self._metrics,
-            Endpoint.ALL_STATISTICS: self._statistics,
-            Endpoint.MODEL_METADATA: self._model_metadata,
-            Endpoint.MODEL_READY: self._model_ready,
-            Endpoint.MODEL_CONFIG: self._model_config,
-            Endpoint.MODEL_STATISTICS: self._statistics,
-            Endpoint.INFER: self._infer,
-            Endpoint.REPOSITORY_INDEX: self._repository_index,
-            Endpoint.LOAD: self._load,
-            Endpoint.UNLOAD: self._unload,
-            Endpoint.OPENAPI: self._openapi,
-            Endpoint.DEPLOYMENTS: self._deployments,
-            Endpoint.DEPLOYMENT: self._deployment,
-            Endpoint.PUT_DEPLOYMENT: self._put_deployment,
-            Endpoint.DELETE_DEPLOYMENT: self._delete_deployment,
-            Endpoint.DEPLOYMENT_ACTION: self._deployment_action,
-            Endpoint.DEPLOYMENT_HISTORY: self._deployment_history,
-            Endpoint.DEPLOYMENT_EVENTS: self._deployment_events,
-            Endpoint.KEYS: self._keys,
-            Endpoint.CREATE_KEY: self._create_key,
-            Endpoint.REVOKE_KEY: self._revoke_key,
-            Endpoint.ROTATE_KEY: self._rotate_key,
-            Endpoint.AUDIT: self._audit,
-            Endpoint.AUDIT_VERIFY: self._audit_verify,
-        }
+        # each route's handler by the route's name (a str: its hash is cached, so the look-up is cheap)
+        self._handlers: dict[str, Handler] = {route.name: getattr(self, route.handler) for route in ROUTES}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -216,25 +155,12 @@ class RestApp:
             return
         match = resolve(scope["path"], scope["method"])
         if match is None:
-            await _send_error(send, 404, f"no route for {scope['path']}; the API lives under /v2")
-            return
-        if scope["method"] != match.endpoint.method:
-            methods = allowed_methods(scope["path"])
-            await _send_error(
-                send,
-                405,
-                f"{scope['path']} answers {' or '.join(methods)}, not {scope['method']}",
-                [(b"allow", ", ".join(methods).encode())],
-            )
+            await _send_no_route(send, scope["path"], scope["method"])
             return
         request = Request(scope, receive, match, self.max_body_bytes)
-        action = ENDPOINT_ACTIONS[match.endpoint]
-        model = "" if match.endpoint in _NOT_MODELS else match.model
         try:
-            async with self.service.call(
-                request.credentials(scope), None if action is None else ACTIONS[action], model
-            ) as call:
-                status, headers, body = await self._handlers[match.endpoint](request, call)
+            async with self.service.call(request.credentials(scope), match.route.access, match.model) as call:
+                status, headers, body = await self._handlers[match.route.name](request, call)
         except DhowError as exc:
             await _send_error(send, exc.http_status, exc.message, _retry_after(exc.retry_after))
             return
@@ -338,9 +264,8 @@ class RestApp:
         body = await request.json_body()
         _only(body, ("revision", "reason"))
         match = request.match
-        return _json(
-            await rollouts.act(match.model, match.action, body.get("revision"), call.actor, body.get("reason"))
-        )
+        action = match.route.path.rpartition("/")[2]  # the deployment action is the route's last segment
+        return _json(await rollouts.act(match.model, action, body.get("revision"), call.actor, body.get("reason")))
 
     async def _deployment_history(self, request: Request, call: Call) -> Answer:
         return _json({"history": await self._rollouts().history(request.match.model)})
@@ -364,13 +289,13 @@ class RestApp:
         return _json(await self._access().create_key(body, call))
 
     async def _revoke_key(self, request: Request, call: Call) -> Answer:
-        return _json(await self._access().revoke_key(request.match.model, call))
+        return _json(await self._access().revoke_key(request.match.name, call))
 
     async def _rotate_key(self, request: Request, call: Call) -> Answer:
         body = await request.json_body()
         _only(body, ("grace_s",))
         grace = body.get("grace_s", 0)
-        return _json(await self._access().rotate_key(request.match.model, grace, call))
+        return _json(await self._access().rotate_key(request.match.name, grace, call))
 
     async def _audit(self, request: Request, call: Call) -> Answer:
         query = request.query()
@@ -430,6 +355,16 @@ def _retry_after(seconds: float | None) -> Headers:
     if seconds is None:
         return []
     return [(b"retry-after", str(max(1, math.ceil(seconds))).encode())]
+
+
+async def _send_no_route(send: Send, path: str, method: str) -> None:
+    """404 for a path no route has; 405, with the methods it answers, for one that others do."""
+    methods = allowed_methods(path)
+    if not methods:
+        await _send_error(send, 404, f"no route for {path}; the API lives under /v2")
+        return
+    message = f"{path} answers {' or '.join(methods)}, not {method}"
+    await _send_error(send, 405, message, [(b"allow", ", ".join(methods).encode())])
 
 
 async def _send_error(send: Send, status: int, message: str, headers: Headers | None = None) -> None:

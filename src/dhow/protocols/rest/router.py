@@ -1,153 +1,110 @@
-"""The routes of the REST door: fixed paths by one dict look-up, model routes by splitting the path.
+"""The REST router, derived from ``dhow.protocols.routes``: fixed paths by one dict look-up, the others by
+splitting the path and walking a tree of its segments (one dict look-up per segment).
 
 Versions are optional on every model route: ``/v2/models/{m}[/versions/{v}][/ready|config|stats|infer]``.
 """
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
-__all__ = ["Endpoint", "Match", "resolve"]
+from dhow.protocols.routes import ROUTES, Route
+
+__all__ = ["Match", "allowed_methods", "resolve"]
 
 
-class Endpoint(enum.Enum):
-    """Every endpoint; the value is the one HTTP method it answers, then a unique name."""
+class Match(NamedTuple):
+    """A route and the values of its path's parameters (a tuple: the cheapest immutable object to make)."""
 
-    SERVER_METADATA = "GET server"
-    LIVE = "GET live"
-    READY = "GET ready"
-    METRICS = "GET metrics"
-    ALL_STATISTICS = "GET all statistics"
-    MODEL_METADATA = "GET model"
-    MODEL_READY = "GET model ready"
-    MODEL_CONFIG = "GET model config"
-    MODEL_STATISTICS = "GET model statistics"
-    INFER = "POST infer"
-    REPOSITORY_INDEX = "POST index"
-    LOAD = "POST load"
-    UNLOAD = "POST unload"
-    OPENAPI = "GET openapi"
-    DEPLOYMENTS = "GET deployments"
-    DEPLOYMENT = "GET deployment"
-    PUT_DEPLOYMENT = "PUT deployment"
-    DELETE_DEPLOYMENT = "DELETE deployment"
-    DEPLOYMENT_ACTION = "POST deployment action"
-    DEPLOYMENT_HISTORY = "GET deployment history"
-    DEPLOYMENT_EVENTS = "GET deployment events"
-    KEYS = "GET keys"
-    CREATE_KEY = "POST create key"
-    REVOKE_KEY = "DELETE key"
-    ROTATE_KEY = "POST rotate key"
-    AUDIT = "GET audit"
-    AUDIT_VERIFY = "GET audit verify"
+    route: Route
+    #: what the path names: a model, a deployment or the id of an API key ("" for a fixed path)
+    name: str = ""
+    version: str = ""
 
     @property
-    def method(self) -> str:
-        return _METHODS[self]
+    def model(self) -> str:
+        """The model that admission checks scope and tenant against ("" when the path names none)."""
+        return self.name if self.route.names_model else ""
 
 
-_METHODS = {endpoint: endpoint.value.split(" ", 1)[0] for endpoint in Endpoint}
+@dataclass(slots=True)
+class _Node:
+    """A segment of the path templates: the next literal segments, or a parameter (never both)."""
+
+    literals: dict[str, _Node] = field(default_factory=dict)
+    parameter: _Node | None = None
+    #: the routes that end here, by method
+    routes: dict[str, Route] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class Match:
-    endpoint: Endpoint
-    #: the model, the deployment of an admin route, or the id of an API key
-    model: str = ""
-    version: str = ""
-    #: an admin action: promote, rollback, switch or release
-    action: str = ""
+def _build(routes: tuple[Route, ...]) -> tuple[dict[str, dict[str, Match]], _Node]:
+    fixed: dict[str, dict[str, Match]] = {}
+    tree = _Node()
+    for route in routes:
+        for template in route.templates:
+            if "{" not in template:
+                fixed.setdefault(template, {})[route.method] = Match(route)
+            else:
+                _add(tree, template, route)
+    return fixed, tree
 
 
-_FIXED: dict[str, Match] = {
-    "/v2": Match(Endpoint.SERVER_METADATA),
-    "/v2/health/live": Match(Endpoint.LIVE),
-    "/v2/health/ready": Match(Endpoint.READY),
-    "/v2/models/stats": Match(Endpoint.ALL_STATISTICS),
-    "/v2/repository/index": Match(Endpoint.REPOSITORY_INDEX),
-    "/metrics": Match(Endpoint.METRICS),
-    "/v2/admin/openapi.json": Match(Endpoint.OPENAPI),
-    "/v2/admin/deployments": Match(Endpoint.DEPLOYMENTS),
-    "/v2/admin/keys": Match(Endpoint.KEYS),
-    "/v2/admin/audit": Match(Endpoint.AUDIT),
-    "/v2/admin/audit/verify": Match(Endpoint.AUDIT_VERIFY),
-}
-#: fixed paths that answer a second method
-_FIXED_OTHER: dict[tuple[str, str], Match] = {("/v2/admin/keys", "POST"): Match(Endpoint.CREATE_KEY)}
-_MODEL_ACTIONS = {
-    "ready": Endpoint.MODEL_READY,
-    "config": Endpoint.MODEL_CONFIG,
-    "stats": Endpoint.MODEL_STATISTICS,
-    "infer": Endpoint.INFER,
-}
-_REPOSITORY_ACTIONS = {"load": Endpoint.LOAD, "unload": Endpoint.UNLOAD}
-_DEPLOYMENT_METHODS = {
-    "GET": Endpoint.DEPLOYMENT,
-    "PUT": Endpoint.PUT_DEPLOYMENT,
-    "DELETE": Endpoint.DELETE_DEPLOYMENT,
-}
-_DEPLOYMENT_READS = {"history": Endpoint.DEPLOYMENT_HISTORY, "events": Endpoint.DEPLOYMENT_EVENTS}
-ACTIONS = ("promote", "rollback", "switch", "release")
+def _add(node: _Node, template: str, route: Route) -> None:
+    parameters = [part[1:-1] for part in template.split("/") if part.startswith("{")]
+    if len(parameters) > 2 or parameters[1:] not in ([], ["version"]):
+        raise ValueError(f"{template}: a route names one thing, then optionally its {{version}}")
+    for part in template.split("/")[1:]:
+        if part.startswith("{"):
+            if node.literals:
+                raise ValueError(f"{template}: {part} is ambiguous with the literal segments {sorted(node.literals)}")
+            node.parameter = node.parameter or _Node()
+            node = node.parameter
+        else:
+            if node.parameter is not None:
+                raise ValueError(f"{template}: '{part}' is ambiguous with a parameter at the same place")
+            node = node.literals.setdefault(part, _Node())
+    node.routes[route.method] = route
+
+
+_FIXED, _TREE = _build(ROUTES)
+
+
+def _walk(path: str) -> tuple[_Node, list[str]] | None:
+    """The node a path ends at, with the values of its parameters; None for an unknown path."""
+    parts = path.split("/")
+    if parts[0]:  # a path starts with "/"
+        return None
+    node, values = _TREE, []
+    for part in parts[1:]:
+        child = node.literals.get(part)
+        if child is None:
+            child = node.parameter
+            if child is None or not part:
+                return None
+            values.append(part)
+        node = child
+    return node, values
+
+
+def resolve(path: str, method: str) -> Match | None:
+    """The route that answers ``method`` on ``path``, with its parameters; None if none does
+    (``allowed_methods`` then tells an unknown path, 404, from a known one, 405)."""
+    fixed = _FIXED.get(path)
+    if fixed is not None:
+        return fixed.get(method)
+    found = _walk(path)
+    if found is None:
+        return None
+    node, values = found
+    route = node.routes.get(method)
+    return Match(route, *values) if route is not None else None
 
 
 def allowed_methods(path: str) -> list[str]:
-    """The methods a known path answers (for a 405's Allow header)."""
-    return sorted({m for m in ("GET", "PUT", "DELETE", "POST") if (r := resolve(path, m)) and r.endpoint.method == m})
-
-
-def resolve(path: str, method: str = "GET") -> Match | None:
-    """The endpoint a path names, with its model and version; None for an unknown path.
-
-    ``method`` picks among the endpoints of a path that answers several (an admin deployment);
-    the caller still checks that the match's method is the request's.
-    """
-    fixed = _FIXED_OTHER.get((path, method)) or _FIXED.get(path)
+    """The methods a path answers (for a 405's Allow header); empty for an unknown path."""
+    fixed = _FIXED.get(path)
     if fixed is not None:
-        return fixed
-    parts = path.split("/")
-    # parts[0] is "" for the leading slash
-    if len(parts) < 4 or parts[0] or parts[1] != "v2":
-        return None
-    if parts[2] == "models":
-        return _model_route(parts[3:])
-    if parts[2] == "repository" and len(parts) == 6 and parts[3] == "models" and parts[4]:
-        endpoint = _REPOSITORY_ACTIONS.get(parts[5])
-        return Match(endpoint, parts[4]) if endpoint is not None else None
-    if parts[2] == "admin" and parts[3] == "deployments" and len(parts) in (5, 6) and parts[4]:
-        return _deployment_route(parts[4], parts[5] if len(parts) == 6 else None, method)
-    if parts[2] == "admin" and parts[3] == "keys" and parts[4:5] != [""]:
-        if len(parts) == 5:
-            return Match(Endpoint.REVOKE_KEY, parts[4])
-        if len(parts) == 6 and parts[5] == "rotate":
-            return Match(Endpoint.ROTATE_KEY, parts[4])
-    return None
-
-
-def _deployment_route(name: str, tail: str | None, method: str) -> Match | None:
-    if tail is None:
-        return Match(_DEPLOYMENT_METHODS.get(method, Endpoint.DEPLOYMENT), name)
-    if tail in ACTIONS:
-        return Match(Endpoint.DEPLOYMENT_ACTION, name, action=tail)
-    endpoint = _DEPLOYMENT_READS.get(tail)
-    return Match(endpoint, name) if endpoint is not None else None
-
-
-def _model_route(parts: list[str]) -> Match | None:
-    model = parts[0]
-    if not model:
-        return None
-    version = ""
-    rest = parts[1:]
-    if len(rest) >= 2 and rest[0] == "versions":
-        version = rest[1]
-        if not version:
-            return None
-        rest = rest[2:]
-    if not rest:
-        return Match(Endpoint.MODEL_METADATA, model, version)
-    if len(rest) == 1:
-        endpoint = _MODEL_ACTIONS.get(rest[0])
-        if endpoint is not None:
-            return Match(endpoint, model, version)
-    return None
+        return sorted(fixed)
+    found = _walk(path)
+    return sorted(found[0].routes) if found is not None else []
