@@ -21,11 +21,11 @@ import orjson
 import psycopg
 import pytest
 
+from dhow.commands.audit import add_parser, run
 from dhow.core.errors import InvalidInput, Unavailable
 from dhow.governance import audit as audit_module
 from dhow.governance.audit import GENESIS_HASH, MAX_PROBLEMS, AuditRecord, AuditStore
 from dhow.governance.audit_trail import AuditTrail
-from dhow.governance.commands import add_parser, run
 from dhow.settings import resolve_settings
 from tests.conftest import PG_ADMIN_URL, store_opener
 

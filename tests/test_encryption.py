@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
+from dhow.commands.models import add_parsers, run
 from dhow.core.artifacts import install_decryptor, is_encrypted, read_artifact
 from dhow.core.datatypes import NUMPY_DTYPE
 from dhow.core.errors import InvalidInput, ModelLoadError, NotFound
 from dhow.core.model_config import ModelConfig, TensorSpec
-from dhow.repository.commands import add_parsers, run
 from dhow.repository.encryption import (
     MAGIC,
     Keyring,

@@ -28,9 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_demo(commands)
     model_commands = _add_models(commands)
 
-    from dhow.access import commands as access_commands
-    from dhow.governance import commands as audit_commands
-    from dhow.repository import commands as repository_commands
+    from dhow.commands import audit as audit_commands
+    from dhow.commands import keys as access_commands
+    from dhow.commands import models as repository_commands
     from dhow.rollouts import cli as rollout_cli
 
     repository_commands.add_parsers(model_commands)
@@ -184,11 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return rollout_cli.run(args)
         if args.command == "audit":
-            from dhow.governance import commands as audit_commands
+            from dhow.commands import audit as audit_commands
 
             return audit_commands.run(args)
-        from dhow.access import commands as access_commands
-        from dhow.repository import commands as repository_commands
+        from dhow.commands import keys as access_commands
+        from dhow.commands import models as repository_commands
 
         for module in (access_commands, repository_commands):
             code: int | None = module.run(args)

@@ -18,8 +18,9 @@ import uvicorn
 
 from dhow.access.tls import TlsSettings
 from dhow.core.artifacts import install_decryptor
+from dhow.core.names import check_region_name
 from dhow.governance.masking import Masker, install_log_masking, parse_masking
-from dhow.governance.residency import ResidencyPolicy, check_region_name
+from dhow.governance.residency import ResidencyPolicy
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.protocols.grpc import GrpcServer, create_grpc_server
 from dhow.protocols.rest import RestApp

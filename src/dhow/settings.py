@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 from dhow.core.errors import InvalidInput
-from dhow.governance.residency import check_region_name
+from dhow.core.names import check_region_name
 
 __all__ = [
     "ANONYMOUS_ACTOR",

@@ -1,14 +1,15 @@
-"""What a model's name may be: it becomes a folder, a file-name part and a log-line word, so it is checked once,
-where it enters (a door, the repository), before anything uses it.
+"""What names may be: a model's name becomes a folder, a file-name part and a log-line word, so it is checked
+once, where it enters (a door, the repository), before anything uses it; a data region names an audit store.
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 from dhow.core.errors import InvalidInput
 
-__all__ = ["MAX_NAME_BYTES", "check_model_name"]
+__all__ = ["MAX_NAME_BYTES", "check_model_name", "check_region_name"]
 
 #: room for the name in a file name of 255 bytes, with the prefixes and suffixes dhow adds (".x.staging")
 MAX_NAME_BYTES = 200
@@ -28,3 +29,13 @@ def check_model_name(name: str, what: str = "model name") -> str:
         if char in "/\\\"'`<>|*?" or char.isspace() or unicodedata.category(char)[0] in "CZ":
             raise InvalidInput(f"the {what} {name!r} holds {char!r}, which a model name may not; {_HOW}")
     return name
+
+
+_REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def check_region_name(region: str, where: str) -> str:
+    """A data region's name (``ae``, ``eu``); ``where`` says which option or field gave it."""
+    if not isinstance(region, str) or not _REGION.match(region):
+        raise InvalidInput(f"{where}: a region is 1-32 lower-case letters, digits or '-' (e.g. ae, eu), got {region!r}")
+    return region

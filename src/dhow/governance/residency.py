@@ -15,7 +15,6 @@ processed only in its own region. Data with no region at all is processed unless
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,16 +22,9 @@ from pathlib import Path
 import yaml
 
 from dhow.core.errors import Forbidden, InvalidInput
+from dhow.core.names import check_region_name
 
 __all__ = ["ResidencyPolicy", "check_region_name"]
-
-_REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
-
-
-def check_region_name(region: str, where: str) -> str:
-    if not isinstance(region, str) or not _REGION.match(region):
-        raise InvalidInput(f"{where}: a region is 1-32 lower-case letters, digits or '-' (e.g. ae, eu), got {region!r}")
-    return region
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,6 @@ from dhow.core.errors import InvalidInput, ModelLoadError
 from dhow.governance.audit import AuditRecord, AuditStore
 from dhow.governance.audit_trail import AuditTrail
 from dhow.governance.masking import Masker, load_hash_key, parse_masking
-from dhow.governance.residency import check_region_name
 from dhow.repository.encryption import trusted_files
 from dhow.serving.guard import AccessGuard
 from dhow.settings import ServerSettings
@@ -39,17 +38,6 @@ log = logging.getLogger("dhow.access")
 def masking_key(settings: ServerSettings) -> bytes:
     """The keyed-hash secret of PII masking, created in the data folder at first start."""
     return load_hash_key(Path(settings.masking_key_file or settings.data_dir / "masking.key"))
-
-
-def audit_urls(settings: ServerSettings) -> dict[str, str]:
-    """The audit store of each data region: this server's region, then ``--audit-region-store`` entries."""
-    urls = {settings.region: settings.audit_url()}
-    for entry in settings.audit_region_stores:
-        region, sep, url = entry.partition("=")
-        if not sep or not url:
-            raise InvalidInput(f"--audit-region-store expects REGION=URL, got {entry!r}")
-        urls[check_region_name(region.strip(), "--audit-region-store")] = url.strip()
-    return urls
 
 
 class Security:
@@ -82,7 +70,7 @@ class Security:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         key = self.masking_key = await asyncio.to_thread(masking_key, settings)
         self.store = await asyncio.to_thread(AccessStore.open, settings.registry_url())
-        for region, url in audit_urls(settings).items():
+        for region, url in settings.audit_urls().items():
             self._audit_stores[region] = await asyncio.to_thread(AuditStore.open, url)
         self.audit = AuditTrail(self._audit_stores, settings.region, writer=writer)
         await self.audit.start()
