@@ -346,8 +346,18 @@ def test_a_scoped_key_reaches_only_its_models(world: dict[str, Any]) -> None:
     assert call(server, "POST", "/v2/models/tabular/infer", INFER_BODY, keys["scoped"])[0] == 200
     status, _, answer = call(server, "POST", "/v2/models/text_python/infer", _text_body("hi"), keys["scoped"])
     assert status == 403 and "lacks permission 'infer' on model 'text_python'" in answer["error"]
-    # a model-less route needs an unscoped grant
-    assert call(server, "POST", "/v2/repository/index", {}, keys["scoped"])[0] == 403
+    # reads of what the scope allows work: the server's metadata, and the index showing only its models
+    # (over gRPC too); what is not filtered by model (metrics, the audit trail) still needs an unscoped grant
+    assert call(server, "GET", "/v2", None, keys["scoped"])[0] == 200
+    status, _, index = call(server, "POST", "/v2/repository/index", {}, keys["scoped"])
+    assert status == 200 and index and all(row["name"].startswith("tab") for row in index), index
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        metadata = (("authorization", f"Bearer {keys['scoped']}"),)
+        rows = stub.RepositoryIndex(pb.RepositoryIndexRequest(), metadata=metadata, timeout=10).models
+        assert {row.name for row in rows} == {row["name"] for row in index}
+        assert stub.ServerMetadata(pb.ServerMetadataRequest(), metadata=metadata, timeout=10).name == "dhow"
+    assert call(server, "GET", "/metrics", None, keys["scoped"])[0] == 403
 
 
 def test_tenants_do_not_reach_each_others_models(world: dict[str, Any]) -> None:
@@ -359,10 +369,18 @@ def test_tenants_do_not_reach_each_others_models(world: dict[str, Any]) -> None:
         ]
     }
     assert call(server, "POST", "/v2/models/flags/infer", flags, keys["acme"])[0] == 200
+    # another tenant's model answers as a missing one does: its name is not revealed (the refusal is audited)
+    missing = call(server, "POST", "/v2/models/no-such-model/infer", flags, keys["invoker"])
     status, _, answer = call(server, "POST", "/v2/models/flags/infer", flags, keys["invoker"])
-    assert status == 403 and "tenant 'acme'" in answer["error"]
+    assert (status, answer["error"]) == (404, missing[2]["error"].replace("no-such-model", "flags"))
     status, _, answer = call(server, "POST", "/v2/models/tabular/infer", INFER_BODY, keys["acme"])
-    assert status == 403 and "tenant 'default'" in answer["error"]
+    assert status == 404 and "unknown model 'tabular'" in answer["error"] and "default" not in answer["error"]
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        metadata = (("authorization", f"Bearer {keys['invoker']}"),)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelMetadata(pb.ModelMetadataRequest(name="flags"), metadata=metadata, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
     assert call(server, "POST", "/v2/models/flags/infer", flags, keys["admin"])[0] == 200
     # lists of models show each tenant its own
     index = {

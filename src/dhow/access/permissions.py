@@ -2,8 +2,10 @@
 
 A principal holds grants; a grant is a role scoped to a model-name pattern (``fraud-*``). A permission on a
 model is granted when some grant's role has the permission and its pattern matches the model's name, and the
-principal's tenant is the model's tenant (the tenant ``*`` spans every tenant). A permission without a model
-(the repository index, all statistics, the audit trail) needs a grant whose pattern is ``*``.
+principal's tenant is the model's tenant (the tenant ``*`` spans every tenant). A read without a model whose
+answer is filtered to the models the principal may see (server metadata, the repository index, all statistics,
+the deployments) needs any grant with the permission; other permissions without a model (metrics, the audit
+trail, API keys) need a grant whose pattern is ``*``.
 
 Every door maps each of its routes or methods to one ``Permission`` (or to ``None`` for the open health
 checks); a test enumerates every route and method so that none is left unmapped.
@@ -41,6 +43,11 @@ class Permission(enum.Enum):
         return self in _AUDITED
 
 
+#: reads whose answer without a model (the server's metadata, the repository index, all statistics, the
+#: deployments) is filtered down to the models the principal may see: a scoped grant may make them
+_SCOPED_READS = frozenset(
+    {Permission.SERVER_READ, Permission.MODEL_READ, Permission.STATS_READ, Permission.DEPLOYMENT_READ}
+)
 _AUDITED = frozenset({Permission.INFER, Permission.MODEL_MANAGE, Permission.DEPLOYMENT_WRITE, Permission.ACCESS_MANAGE})
 _READ = frozenset({Permission.SERVER_READ, Permission.MODEL_READ})
 
@@ -105,7 +112,7 @@ class Principal:
         for grant in self.grants:
             if permission not in ROLES[grant.role]:
                 continue
-            if grant.models == "*" or (model and fnmatchcase(model, grant.models)):
+            if grant.models == "*" or (fnmatchcase(model, grant.models) if model else permission in _SCOPED_READS):
                 return True
         return False
 

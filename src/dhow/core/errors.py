@@ -130,3 +130,12 @@ class InternalError(DhowError):
 
 class CallCancelled(Exception):
     """The client went away before its answer (a closed connection, a cancelled RPC)."""
+
+
+def unknown_model(name: str) -> NotFound:
+    """The answer for a model that does not exist, or that the caller may not see: the same, so that a
+    refusal does not reveal another tenant's model names."""
+    return NotFound(
+        f"unknown model '{name}'; the repository index (REST POST /v2/repository/index, gRPC RepositoryIndex) "
+        "lists the models you may use"
+    )

@@ -20,9 +20,9 @@ from prometheus_client import CollectorRegistry, Counter
 
 from dhow.access.actions import Access
 from dhow.access.authenticator import Authenticator, Credentials
-from dhow.access.permissions import Permission, Principal, check_permission
+from dhow.access.permissions import ALL_TENANTS, Permission, Principal, check_permission
 from dhow.access.ratelimit import Permit, RateLimiter
-from dhow.core.errors import DhowError, ErrorCode
+from dhow.core.errors import DhowError, ErrorCode, unknown_model
 from dhow.core.types import Caller, Outcome
 from dhow.governance.audit import AuditRecord
 from dhow.governance.audit_trail import AuditTrail
@@ -100,11 +100,15 @@ class AccessGuard:
 
     async def authorize(self, principal: Principal, access: Access, model: str = "", request_id: str = "") -> Admission:
         request_id = request_id or f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+        tenant = self.tenant_of(model) if model else ""
         try:
-            check_permission(principal, access.permission, model, self.tenant_of(model) if model else "")
+            check_permission(principal, access.permission, model, tenant)
         except DhowError as exc:
             self.refusals.labels(exc.code.value).inc()
             self._deny(principal.name, principal.tenant, access, model, request_id, exc)
+            if model and principal.tenant not in (ALL_TENANTS, tenant or "default"):
+                # another tenant's model answers as a missing one: no tenant learns another's model names
+                raise unknown_model(model) from None
             raise
         caller = Caller(principal.name, principal.tenant, request_id, self.authenticator.region_of(principal))
         admission = Admission(principal, access, model, caller, time.perf_counter_ns())

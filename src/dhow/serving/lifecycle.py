@@ -20,7 +20,16 @@ from typing import Any
 
 import orjson
 
-from dhow.core.errors import DhowError, Forbidden, InvalidInput, ModelLoadError, NotFound, Unavailable, Unsupported
+from dhow.core.errors import (
+    DhowError,
+    Forbidden,
+    InvalidInput,
+    ModelLoadError,
+    NotFound,
+    Unavailable,
+    Unsupported,
+    unknown_model,
+)
 from dhow.core.names import check_model_name
 from dhow.governance.masking import parse_masking
 from dhow.monitoring.metrics import ServerMetrics
@@ -122,7 +131,7 @@ class ModelLifecycle:
                 else ""
             )
             return Unavailable(f"model '{name}' is not loaded. {hint}".strip(), retry_after=5)
-        return NotFound(f"unknown model '{name}'; GET /v2/repository/index lists the models")
+        return unknown_model(name)
 
     def _known_names(self) -> set[str]:
         return set(self.repository.model_names()) | set(self._uploaded) | set(self.entries)
