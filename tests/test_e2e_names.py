@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
+from dhow.governance.audit import AuditStore
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import DhowProcess, start_dhow
@@ -108,3 +109,37 @@ def _quote(name: str) -> str:
     from urllib.parse import quote
 
     return quote(name, safe="")
+
+
+# -- a flood of callers nobody knows ---------------------------------------------------------------
+
+
+def test_an_unauthenticated_flood_is_counted_not_recorded_one_by_one(demo_repository: Path, tmp_path: Path) -> None:
+    """2,000 refused requests from one address make a handful of audit records whose counts add up to 2,000,
+    and past the address's budget of failures the answer is 429 with Retry-After instead of 401."""
+    server = start_dhow(demo_repository, tmp_path, "--auth", "on")
+    statuses: dict[int, int] = {}
+    retry_after = set()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=10)
+        for _ in range(2000):
+            connection.request("GET", "/v2/models/tabular/config", headers={"authorization": "Bearer nope"})
+            answer = connection.getresponse()
+            answer.read()
+            statuses[answer.status] = statuses.get(answer.status, 0) + 1
+            if answer.status == 429:
+                retry_after.add(answer.getheader("retry-after"))
+        connection.close()
+    finally:
+        assert server.stop() == 0, server.log()  # shutdown writes the window's counts
+    assert set(statuses) == {401, 429} and statuses[401] >= 1 and statuses[429] > 1000, statuses
+    assert retry_after and all(value and int(value) >= 1 for value in retry_after)
+    store = AuditStore.open(f"sqlite:///{tmp_path / 'data' / 'audit.sqlite3'}")
+    try:
+        refused = [r for r in store.read(limit=10_000, kind="denial") if r["actor"] == "unauthenticated"]
+        assert store.verify().ok
+    finally:
+        store.close()
+    assert 1 <= len(refused) <= 10, refused
+    assert sum(r["details"].get("count", 1) for r in refused) == 2000
+    assert {r["details"]["source"] for r in refused} == {"127.0.0.1"}

@@ -120,6 +120,7 @@ class Server:
         await http_task
         await parts.rollouts.close()
         await parts.models.close()
+        parts.service.guard.close()
         await self.security.close()
         log.info("dhow stopped")
 

@@ -165,6 +165,18 @@ class ServerSettings:
         metavar="URL",
         group=_SECURITY,
     )
+    auth_failure_rate: float = _setting(
+        10.0,
+        "failed authentications per second allowed from one address; past its burst, its failures get 429",
+        metavar="PER_SECOND",
+        group=_SECURITY,
+    )
+    auth_failure_burst: float = _setting(
+        200.0,
+        "failed authentications one address may make at once before the rate applies",
+        metavar="N",
+        group=_SECURITY,
+    )
     region: str = _setting(
         "default",
         "this server's region, e.g. ae or eu: where the data it processes is processed",

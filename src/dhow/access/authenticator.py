@@ -42,6 +42,8 @@ class Credentials:
     client_cn: str = ""
     #: the name a caller gives itself (``x-dhow-actor``), used for the audit trail only under ``--auth none``
     actor: str = ""
+    #: the client's network address (no port), for counting and limiting failed authentications per source
+    source: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from dhow.core.types import Caller, Outcome
 from dhow.governance.audit import AuditRecord
 from dhow.governance.audit_trail import AuditTrail
 from dhow.governance.masking import Masker
+from dhow.serving.refusals import Refusal, UnknownCallers
 
 __all__ = ["AccessGuard", "Admission"]
 
@@ -60,6 +61,8 @@ class AccessGuard:
         masker: Masker,
         tenant_of: Callable[[str], str],
         registry: CollectorRegistry | None = None,
+        *,
+        failures: tuple[float, float] = (10.0, 200.0),
     ) -> None:
         self.authenticator = authenticator
         #: refusals by reason; quota refusals are counted here, not audited (a flood must not fill the trail)
@@ -72,6 +75,8 @@ class AccessGuard:
         )
         self.limiter = limiter
         self.audit = audit
+        #: refusals of callers without valid credentials: aggregated per source, and limited per source
+        self.unknown = UnknownCallers(self._tallied, rate=failures[0], burst=failures[1])
         self.masker = masker
         self.tenant_of = tenant_of
 
@@ -93,10 +98,10 @@ class AccessGuard:
         try:
             return await self.authenticator.authenticate(credentials)
         except DhowError as exc:
-            self.refusals.labels(exc.code.value).inc()
             actor = f"cert:{credentials.client_cn}" if credentials.client_cn else "unauthenticated"
-            self._deny(actor, "", access, model, request_id, exc)
-            raise
+            answer = self.unknown.refused(credentials.source, actor, access.action, model, exc)
+            self.refusals.labels(answer.code.value).inc()
+            raise answer from None
 
     async def authorize(self, principal: Principal, access: Access, model: str = "", request_id: str = "") -> Admission:
         request_id = request_id or f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
@@ -178,6 +183,27 @@ class AccessGuard:
         for permit in admission.permits:
             permit.release()
         admission.permits.clear()
+
+    def close(self) -> None:
+        """Write the refusals counted in the current window (before the audit trail closes)."""
+        self.unknown.flush()
+
+    def _tallied(self, refusal: Refusal, count: int, window_s: float) -> None:
+        """An audit record of refusals of unknown callers: the first of a window, or the window's count."""
+        details: dict[str, Any] = {"reason": self.masker.mask_text(refusal.reason), "source": refusal.source}
+        if window_s:
+            details.update(count=count, window_s=window_s)
+        self.audit.record(
+            AuditRecord(
+                kind="denial",
+                action=refusal.action,
+                actor=refusal.actor,
+                tenant=self.tenant_of(refusal.model) if refusal.model else "unknown",
+                outcome=refusal.outcome,
+                model=refusal.model,
+                details=details,
+            )
+        )
 
     def _deny(self, actor: str, tenant: str, access: Access, model: str, request_id: str, exc: DhowError) -> None:
         if exc.code.value not in _DENIALS:

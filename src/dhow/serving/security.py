@@ -97,7 +97,8 @@ class Security:
                 "rollouts. Use it for local development only."
             )
         masker = Masker(parse_masking(None, "audit"), self.masking_key)
-        return AccessGuard(self.authenticator, self.limiter, self.audit, masker, tenant_of, registry)
+        failures = (settings.auth_failure_rate, settings.auth_failure_burst)
+        return AccessGuard(self.authenticator, self.limiter, self.audit, masker, tenant_of, registry, failures=failures)
 
     def _jwt(self) -> JwtVerifier | None:
         settings = self.settings

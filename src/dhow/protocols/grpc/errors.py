@@ -89,4 +89,14 @@ def credentials(context: Context) -> Credentials:
             break
     names = list((context.auth_context() or {}).get("x509_common_name") or ())
     client_cn = names[0].decode("utf-8", "replace") if names else ""
-    return Credentials(authorization, client_cn)
+    return Credentials(authorization, client_cn, source=_source(context.peer()))
+
+
+def _source(peer: str) -> str:
+    """The address of grpc's peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``), without the port."""
+    kind, _, address = peer.partition(":")
+    if kind == "ipv6":
+        return address.rpartition("]")[0].lstrip("[")
+    if kind == "ipv4":
+        return address.rpartition(":")[0]
+    return address

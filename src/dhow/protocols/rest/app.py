@@ -96,7 +96,13 @@ class Request:
         for name, value in self.raw_headers:
             if name == b"x-dhow-actor":
                 actor = value.decode("utf-8", "replace")[:200]
-        return Credentials(self.authorization.decode("latin-1"), scope.get(CLIENT_CN_SCOPE_KEY) or "", actor)
+        client = scope.get("client")
+        return Credentials(
+            self.authorization.decode("latin-1"),
+            scope.get(CLIENT_CN_SCOPE_KEY) or "",
+            actor,
+            source=str(client[0]) if client else "",
+        )
 
     def query(self) -> dict[str, str]:
         """The query string's parameters (the last of repeated ones)."""
