@@ -27,6 +27,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from dhow.access.store import AccessStore
 from dhow.governance.audit import AuditStore
 from dhow.scheduling.stats import BatchTimings, ModelStats, StatsFolder
 from tests.conftest import DhowProcess, free_port, start_dhow
@@ -400,3 +401,74 @@ def test_the_number_of_workers_is_checked(
     done = subprocess.run(args, capture_output=True, text=True, timeout=60, env={**os.environ, **env})
     assert done.returncode == 2, done.stdout + done.stderr
     assert message in done.stderr
+
+
+def test_no_answered_request_is_missing_from_the_audit_trail_after_kill_9(
+    demo_repository: Path, tmp_path: Path
+) -> None:
+    """Under load, both workers are killed with SIGKILL: every request that was answered 200 has its record.
+
+    The record of a request leaves the worker (into its audit writer's pipe) before the answer does, and the
+    writer writes what is in the pipe after the worker is gone. Before, 14 of 2,998 answered requests were lost.
+    """
+    repository = tmp_path / "models"
+    shutil.copytree(demo_repository / "tabular", repository / "tabular")
+    data = tmp_path / "data"
+    store = AccessStore.open(f"sqlite:///{data / 'registry.sqlite3'}")
+    made = store.create_key("load", tenant="default", roles=["invoker"], actor="test")
+    store.close()
+    assert made is not None
+    server = start_dhow(repository, tmp_path, "--workers", "2", "--auth", "on")
+    answered: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=5)
+                while not stop.is_set():
+                    status = _call_on(connection, made[1])
+                    if status == 200:
+                        answered.append(1)
+            except (OSError, http.client.HTTPException):
+                time.sleep(0.01)  # the worker died under us: connect again (to a restarted one)
+
+    try:
+        _all_ready(server)
+        callers = [threading.Thread(target=load) for _ in range(4)]
+        for caller in callers:
+            caller.start()
+        _wait_for(lambda: len(answered), lambda n: n >= 1500, "load")
+        for worker in _workers(server):
+            os.kill(worker, signal.SIGKILL)
+        stop.set()
+        for caller in callers:
+            caller.join(30)
+    finally:
+        stop.set()
+        server.stop()
+    audit = AuditStore.open(f"sqlite:///{data / 'audit.sqlite3'}")
+    try:
+
+        def recorded() -> int:
+            records = []
+            since = 0
+            while batch := audit.read(since_seq=since, limit=10_000, kind="inference", outcome="success"):
+                records += batch
+                since = batch[-1]["seq"]
+            return len(records)
+
+        # the dead workers' writers finish what their pipes held on their own, after the server stopped
+        count = _wait_for(recorded, lambda n: n >= len(answered), "every answered request recorded", timeout=30)
+        assert count >= len(answered) >= 1500
+        assert audit.verify().ok
+    finally:
+        audit.close()
+
+
+def _call_on(connection: http.client.HTTPConnection, key: str) -> int:
+    headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
+    connection.request("POST", "/v2/models/tabular/infer", body=TABULAR_BODY, headers=headers)
+    answer = connection.getresponse()
+    answer.read()
+    return answer.status

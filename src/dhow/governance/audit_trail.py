@@ -33,28 +33,61 @@ FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.1, 5.0
 
 
 class WriterProcess:
-    """A writer process for one store (see ``audit_writer``), spoken to over its pipes from the event loop."""
+    """A writer process for one store (see ``audit_writer``), spoken to over its pipes from the event loop.
+
+    ``send`` writes a frame to the pipe at once: the record has left this process before the request it
+    describes is answered. ``acknowledged`` reads the writer's answers in order. Frames not yet acknowledged
+    are kept, and sent again to a new writer if this one dies (at least once).
+    """
 
     def __init__(self, url: str) -> None:
         self._url = url
         self._process: asyncio.subprocess.Process | None = None
+        #: frames sent and not yet acknowledged, oldest first: their records
+        self._unacknowledged: deque[list[AuditRecord]] = deque()
 
-    async def append(self, records: list[AuditRecord]) -> int:
+    @property
+    def unacknowledged(self) -> int:
+        return len(self._unacknowledged)
+
+    @property
+    def running(self) -> bool:
+        return self._alive() is not None
+
+    def _alive(self) -> asyncio.subprocess.Process | None:
         process = self._process
-        if process is None or process.returncode is not None:
-            process = self._process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "dhow.governance.audit_writer",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-            )
+        if process is None or process.returncode is not None or process.stdin is None:
+            return None
+        return None if process.stdin.is_closing() else process
+
+    async def start(self) -> None:
+        """Start a writer (if none runs) and send it every frame not yet acknowledged."""
+        if self._alive() is not None:
+            return
+        process = self._process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dhow.governance.audit_writer", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert process.stdin is not None
+        process.stdin.write(encode_frame(self._url))
+        for records in self._unacknowledged:
+            process.stdin.write(_frame(records))
+
+    def send(self, records: list[AuditRecord]) -> None:
+        """Write the records' frame now (no waiting); if no writer runs, ``start`` sends it."""
+        self._unacknowledged.append(records)
+        process = self._alive()
+        if process is not None:
             assert process.stdin is not None
-            process.stdin.write(encode_frame(self._url))
-        assert process.stdin is not None and process.stdout is not None
+            process.stdin.write(_frame(records))
+
+    async def acknowledged(self) -> int:
+        """The number of records the writer made durable with its next answer; ``Unavailable`` when it says the
+        store fails (it retries by itself) or when it died (``start`` again)."""
+        process = self._alive()
+        if process is None or process.stdout is None:
+            raise Unavailable("the audit writer process is not running; starting another")
         try:
-            process.stdin.write(encode_frame([record.as_tuple() for record in records]))
-            await process.stdin.drain()
             header = await process.stdout.readexactly(4)
             answer = orjson.loads(await process.stdout.readexactly(decode_frame_length(header)))
         except (OSError, asyncio.IncompleteReadError) as exc:
@@ -62,7 +95,7 @@ class WriterProcess:
             raise Unavailable(f"the audit writer process stopped ({type(exc).__name__}); starting another") from None
         if "error" in answer:
             raise Unavailable(str(answer["error"]))
-        return int(answer["seq"])
+        return sum(len(self._unacknowledged.popleft()) for _ in range(int(answer["frames"])))
 
     async def close(self) -> None:
         process, self._process = self._process, None
@@ -75,6 +108,10 @@ class WriterProcess:
         except TimeoutError:
             process.kill()
             await process.wait()
+
+
+def _frame(records: list[AuditRecord]) -> bytes:
+    return encode_frame([record.as_tuple() for record in records])
 
 
 @dataclass(eq=False)
@@ -169,11 +206,16 @@ class AuditTrail:
                 retry_after=1.0,
             )
         lane = self._lanes.get(record.region, self._default)
-        lane.queue.append(record)
         lane.enqueued += 1
         self._pending += 1
-        if len(lane.queue) >= self._max_batch and not lane.failing:
-            lane.wake.set()
+        if lane.process is not None:
+            lane.process.send([record])  # it leaves this process now, before its request is answered
+            if lane.process.unacknowledged == 1:
+                lane.wake.set()
+        else:
+            lane.queue.append(record)
+            if len(lane.queue) >= self._max_batch and not lane.failing:
+                lane.wake.set()
         return lane
 
     async def record_now(self, record: AuditRecord) -> None:
@@ -190,7 +232,15 @@ class AuditTrail:
         """Starts one writer task per store (again: nothing)."""
         if not self._tasks:
             lanes = {id(lane): lane for lane in self._lanes.values()}.values()
-            self._tasks = [asyncio.create_task(self._drain(lane), name="dhow-audit-writer") for lane in lanes]
+            for lane in lanes:
+                if lane.process is not None:
+                    await lane.process.start()
+            self._tasks = [
+                asyncio.create_task(
+                    self._drain(lane) if lane.process is None else self._acknowledge(lane), name="dhow-audit-writer"
+                )
+                for lane in lanes
+            ]
 
     async def close(self, *, timeout_s: float = 30.0) -> None:
         """Writes everything pending, waiting up to ``timeout_s`` for a store that is down, then stops."""
@@ -228,22 +278,45 @@ class AuditTrail:
             lane.batch = [lane.queue.popleft() for _ in range(min(len(lane.queue), self._max_batch))]
         batch = lane.batch
         try:
-            if lane.process is not None:
-                await lane.process.append(batch)
-            else:
-                await asyncio.to_thread(lane.store.append, batch)
+            await asyncio.to_thread(lane.store.append, batch)
         except Exception as err:  # any failure: keep the batch, retry, and say so once per outage
-            self.failures += 1
-            if not lane.failing:
-                reason = err.message if isinstance(err, DhowError) else repr(err)
-                log.error("cannot write to the audit trail at %s, retrying until it works: %s", lane.store.url, reason)
-            lane.failing = True
-            lane.backoff_s = min(MAX_BACKOFF_S, lane.backoff_s * 2 or FIRST_BACKOFF_S)
+            self._failing(lane, err)
             return False
         lane.batch = None
-        lane.written += len(batch)
-        self.written += len(batch)
-        self._pending -= len(batch)
+        self._written(lane, len(batch))
+        return True
+
+    async def _acknowledge(self, lane: _Lane) -> None:
+        """A writer process's lane: its records were sent as they came; hear which are durable."""
+        process = lane.process
+        assert process is not None
+        while not (self._closing and process.unacknowledged == 0):
+            if process.unacknowledged == 0:
+                await _nap(lane.wake, self._flush_interval_s)
+                continue
+            try:
+                count = await process.acknowledged()
+            except Unavailable as err:
+                self._failing(lane, err)
+                if not process.running:
+                    await asyncio.sleep(lane.backoff_s)
+                    with contextlib.suppress(OSError):
+                        await process.start()  # sends again what the dead writer had not acknowledged
+                continue
+            self._written(lane, count)
+
+    def _failing(self, lane: _Lane, err: Exception) -> None:
+        self.failures += 1
+        if not lane.failing:
+            reason = err.message if isinstance(err, DhowError) else repr(err)
+            log.error("cannot write to the audit trail at %s, retrying until it works: %s", lane.store.url, reason)
+        lane.failing = True
+        lane.backoff_s = min(MAX_BACKOFF_S, lane.backoff_s * 2 or FIRST_BACKOFF_S)
+
+    def _written(self, lane: _Lane, count: int) -> None:
+        lane.written += count
+        self.written += count
+        self._pending -= count
         if lane.failing:
             log.warning("the audit trail at %s is writable again; %d records behind", lane.store.url, self._pending)
             lane.failing, lane.backoff_s = False, 0.0
@@ -251,4 +324,3 @@ class AuditTrail:
             _, done = lane.waiters.popleft()
             if not done.done():
                 done.set_result(None)
-        return True

@@ -1,15 +1,22 @@
-"""The audit writer process: chains and writes batches of audit records for the server.
+"""The audit writer process: chains and writes the server's audit records.
 
-``python -m dhow.governance.audit_writer`` reads the store's URL from its first frame, then batches; it
-answers each batch with the last sequence number written, or the error. A frame is a 4-byte big-endian
-length and a JSON document. The server talks to it over the child's stdin and stdout with asyncio, with no
-thread of its own: hashing and the database's work never take the interpreter lock its event loop needs.
+``python -m dhow.governance.audit_writer`` reads the store's URL from its first frame, then frames of records.
+The server writes each record's frame as the record is made, before the request it describes is answered, so
+a record has left the server's process when its answer does: a server killed with SIGKILL loses no record of
+an answered request (this process reads what is in the pipe, writes it, and exits when the pipe closes).
+It writes every frame it has received in one transaction, then answers ``{"frames": n, "seq": last}``; when
+the store fails it answers ``{"error": …}`` once and retries with backoff until the write succeeds (records
+are never dropped). A frame is a 4-byte big-endian length and a JSON document. The server talks to it over
+the child's stdin and stdout with asyncio: hashing and the database's work never take its interpreter lock.
 """
 
 from __future__ import annotations
 
+import os
+import select
 import struct
 import sys
+import time
 from typing import IO, Any
 
 import orjson
@@ -33,33 +40,85 @@ def decode_frame_length(header: bytes) -> int:
     return int(_LENGTH.unpack(header)[0])
 
 
-def _read_frame(stream: IO[bytes]) -> Any:
-    header = stream.read(_LENGTH.size)
-    if len(header) < _LENGTH.size:
-        return None  # the server closed the pipe: we are done
-    return orjson.loads(stream.read(decode_frame_length(header)))
+class FrameReader:
+    """Frames from a pipe: waits for the first, then takes every one already there (a batch)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = bytearray()
+        self.closed = False
+
+    def _parse(self) -> list[Any]:
+        frames = []
+        while len(self.buffer) >= _LENGTH.size:
+            length = decode_frame_length(bytes(self.buffer[: _LENGTH.size]))
+            if len(self.buffer) < _LENGTH.size + length:
+                break
+            frames.append(orjson.loads(bytes(self.buffer[_LENGTH.size : _LENGTH.size + length])))
+            del self.buffer[: _LENGTH.size + length]
+        return frames
+
+    def _fill(self) -> None:
+        chunk = os.read(self.fd, 1 << 20)
+        if chunk:
+            self.buffer += chunk
+        else:
+            self.closed = True
+
+    def batch(self, max_frames: int = 10_000) -> list[Any]:
+        """At least one frame, unless the pipe closed (then what is left, maybe none)."""
+        frames = self._parse()
+        while not frames and not self.closed:
+            self._fill()
+            frames = self._parse()
+        while len(frames) < max_frames and not self.closed and select.select([self.fd], [], [], 0)[0]:
+            self._fill()
+            frames += self._parse()
+        return frames
+
+
+def _write(store: AuditStore | None, url: str, frames: list[Any], sink: IO[bytes]) -> AuditStore:
+    """Write the frames' records in one transaction, retrying until it works; answer how many frames."""
+    rows = [AuditRecord(*row) for frame in frames for row in frame]
+    backoff, told = 0.1, False
+    while True:
+        try:
+            store = store or AuditStore.open(url)
+            seq = store.append(rows)
+            break
+        except Exception as exc:  # the store is down, or a record it refuses: say so once, retry
+            if store is not None:
+                store.close()
+                store = None
+            if not told:
+                message = exc.message if isinstance(exc, DhowError) else f"{type(exc).__name__}: {exc}"
+                _answer(sink, {"error": message})
+                told = True
+            time.sleep(backoff)
+            backoff = min(5.0, backoff * 2)
+    _answer(sink, {"frames": len(frames), "seq": seq})
+    return store
+
+
+def _answer(sink: IO[bytes], document: Any) -> None:
+    """Tell the server; a server that is gone (killed) hears nothing, and what it sent is written all the same."""
+    try:
+        sink.write(encode_frame(document))
+        sink.flush()
+    except OSError:
+        pass
 
 
 def main() -> int:
-    source, sink = sys.stdin.buffer, sys.stdout.buffer
-    url = _read_frame(source)
-    if not isinstance(url, str):
+    reader, sink = FrameReader(sys.stdin.fileno()), sys.stdout.buffer
+    first = reader.batch(max_frames=1)
+    if not first or not isinstance(first[0], str):
         return 2
+    url, pending = first[0], first[1:]
     store: AuditStore | None = None
-    while (rows := _read_frame(source)) is not None:
-        try:
-            if store is None:
-                store = AuditStore.open(url)
-            answer: dict[str, Any] = {"seq": store.append([AuditRecord(*row) for row in rows])}
-        except DhowError as exc:
-            answer = {"error": exc.message}
-            if store is not None:
-                store.close()
-                store = None  # reconnect on the next batch
-        except Exception as exc:  # a bad record or a database fault: the server keeps the batch and retries
-            answer = {"error": f"{type(exc).__name__}: {exc}"}
-        sink.write(encode_frame(answer))
-        sink.flush()
+    while frames := pending or reader.batch():
+        pending = []
+        store = _write(store, url, frames, sink)
     if store is not None:
         store.close()
     return 0
