@@ -13,6 +13,7 @@ import uvicorn
 
 from dhow.access.tls import TlsSettings
 from dhow.core.artifacts import install_decryptor
+from dhow.governance.masked_stream import mask_standard_streams
 from dhow.governance.masking import Masker, install_log_masking, parse_masking
 from dhow.governance.residency import ResidencyPolicy, check_region_name
 from dhow.monitoring.metrics import ServerMetrics
@@ -194,13 +195,16 @@ def _safe_url(url: str) -> str:
 
 
 def configure_logging(settings: ServerSettings) -> None:
-    """Log lines to stderr, masked; with several workers each line names its process."""
+    """Log lines to stderr, masked like what model code prints; with several workers each names its process."""
     process = "[%(process)d]" if settings.workers > 1 else ""
     logging.basicConfig(
         level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s{process}: %(message)s"
     )
+    masker = Masker(parse_masking(None, "logs"), masking_key(settings))
     # PII never reaches a log line, whichever logger wrote it
-    install_log_masking(Masker(parse_masking(None, "logs"), masking_key(settings)))
+    install_log_masking(masker)
+    # nor this process's output: a thread instance's model prints here (a process instance's output is logged)
+    mask_standard_streams(masker)
 
 
 def run_server(
