@@ -243,14 +243,11 @@ def _visible() -> Callable[[str], bool] | None:
 
 
 def _credentials(context: Context) -> Credentials:
-    authorization = ""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str):
-            authorization = value
-            break
+    sent = [value for key, value in context.invocation_metadata() or () if key == "authorization"]
+    authorization = sent[0] if sent and isinstance(sent[0], str) else ""
     names = list((context.auth_context() or {}).get("x509_common_name") or ())
     client_cn = names[0].decode("utf-8", "replace") if names else ""
-    return Credentials(authorization, client_cn)
+    return Credentials(authorization, client_cn, repeated_authorization=len(sent) > 1)
 
 
 def _metadata(context: Context) -> list[tuple[str, str]]:

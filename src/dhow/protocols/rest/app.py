@@ -63,6 +63,7 @@ class Request:
         "accept_encoding",
         "admission",
         "authorization",
+        "authorization_count",
         "content_encoding",
         "content_length",
         "header_length",
@@ -81,6 +82,7 @@ class Request:
         self.header_length: bytes | None = None
         self.raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
         self.authorization = b""
+        self.authorization_count = 0
         self.admission: Admission | None = None
         for name, value in self.raw_headers:
             if name == b"content-length":
@@ -93,6 +95,7 @@ class Request:
                 self.header_length = value
             elif name == b"authorization":
                 self.authorization = value
+                self.authorization_count += 1
 
     def actor(self) -> str:
         """Who asks for an admin change: the authenticated principal; without authentication, the
@@ -106,7 +109,11 @@ class Request:
         return "anonymous"
 
     def credentials(self, scope: Scope) -> Credentials:
-        return Credentials(self.authorization.decode("latin-1"), scope.get(CLIENT_CN_SCOPE_KEY) or "")
+        return Credentials(
+            self.authorization.decode("latin-1"),
+            scope.get(CLIENT_CN_SCOPE_KEY) or "",
+            repeated_authorization=self.authorization_count > 1,
+        )
 
     def query(self) -> dict[str, str]:
         """The query string's parameters (the last of repeated ones)."""
