@@ -19,7 +19,7 @@ from dhow.governance.residency import ResidencyPolicy, check_region_name
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.protocols.grpc import GrpcServer, create_grpc_server
 from dhow.protocols.rest import RestApp
-from dhow.protocols.rest.tls import ClientCertHttpProtocol
+from dhow.protocols.rest.tls import https_port_protocol
 from dhow.repository.encryption import Keyring
 from dhow.repository.store import ModelRepository
 from dhow.rollouts.controller import RolloutController
@@ -137,10 +137,10 @@ class Server:
                 # uvicorn's own records go to the root handlers, through the PII masking filter
                 log_config=None,
                 log_level="warning",
-                http=ClientCertHttpProtocol if tls is not None else "httptools",
+                # with TLS the port's own protocol starts it, so that plain HTTP gets a 400 instead of silence
+                http=https_port_protocol(tls.ssl_context()) if tls is not None else "httptools",
                 loop="none",
                 timeout_keep_alive=30,
-                **(tls.uvicorn_options() if tls is not None else {}),
             )
         )
         grpc = await create_grpc_server(

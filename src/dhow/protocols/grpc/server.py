@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import grpc
 import grpc.aio
 
+from dhow.protocols.grpc.decoding import MalformedMessages
 from dhow.protocols.grpc.generated import grpc_service_pb2_grpc
 from dhow.protocols.grpc.service import InferenceServicer
 from dhow.serving.dataplane import DataPlane
@@ -44,13 +45,14 @@ async def create_grpc_server(
     ``reuse_port`` shares the port with the other workers of a supervisor, which checked it was free.
     """
     server = grpc.aio.server(
+        interceptors=[MalformedMessages()],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             # grpc sets SO_REUSEPORT by default: a second server on a busy port would bind silently, so only
             # workers whose supervisor made sure the port was free share it
             ("grpc.so_reuseport", 1 if reuse_port else 0),
-        ]
+        ],
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, guard), server)
     address = _address(host, port)
