@@ -1,4 +1,5 @@
-"""Build the gRPC door: a grpc.aio server bound to an address, serving ``InferenceServicer``."""
+"""Build the gRPC door: a grpc.aio server bound to an address, serving ``InferenceServicer``, the standard
+health service and server reflection."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ from dataclasses import dataclass
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health_pb2
 
 from dhow.protocols.grpc.decoding import MalformedMessages
-from dhow.protocols.grpc.generated import grpc_service_pb2_grpc
+from dhow.protocols.grpc.generated import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
+from dhow.protocols.grpc.health import add_health
+from dhow.protocols.grpc.reflection import add_reflection
 from dhow.protocols.grpc.service import InferenceServicer
 from dhow.serving.dataplane import DataPlane
 from dhow.serving.guard import AccessGuard
@@ -55,6 +59,8 @@ async def create_grpc_server(
         ],
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, guard), server)
+    add_health(server, dataplane.ready)
+    add_reflection(server, (model_config_pb2.DESCRIPTOR, grpc_service_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR), guard)
     address = _address(host, port)
     try:
         if credentials is None:

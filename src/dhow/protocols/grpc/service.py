@@ -51,7 +51,7 @@ class InferenceServicer:
         if self.guard is None or action is None:
             return None
         model = getattr(request, "model_name", "") or getattr(request, "name", "")
-        admission = await self.guard.admit(_credentials(context), ACTIONS[action], model)
+        admission = await self.guard.admit(credentials_of(context), ACTIONS[action], model)
         _ADMISSION.set(admission)
         return admission
 
@@ -149,7 +149,7 @@ class InferenceServicer:
         if self.guard is not None:
             # one authentication per stream; each request is authorized, limited and audited on its own
             try:
-                principal = await self.guard.authenticate(_credentials(context), ACTIONS["infer"])
+                principal = await self.guard.authenticate(credentials_of(context), ACTIONS["infer"])
             except DhowError as exc:
                 await abort(context, exc)
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
@@ -242,7 +242,8 @@ def _visible() -> Callable[[str], bool] | None:
     return admission.visible if admission is not None else None
 
 
-def _credentials(context: Context) -> Credentials:
+def credentials_of(context: Context) -> Credentials:
+    """Who the call says it is: its authorization metadata, and the verified client certificate's name."""
     sent = [value for key, value in context.invocation_metadata() or () if key == "authorization"]
     authorization = sent[0] if sent and isinstance(sent[0], str) else ""
     names = list((context.auth_context() or {}).get("x509_common_name") or ())
