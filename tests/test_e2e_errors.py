@@ -12,11 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from tests.conftest import DhowProcess, start_dhow
 
 TABULAR_INPUT = {"name": "input", "shape": [1, 32], "datatype": "FP32", "data": [0.5] * 32}
@@ -81,6 +83,19 @@ def _infer_json(server: DhowProcess, model: str, payload: object) -> tuple[int, 
         ("tabular", {"inputs": [TABULAR_INPUT], "outputs": [{"name": "nope"}]}, 400, "has no output 'nope'"),
         ("tabular", {"inputs": [{**TABULAR_INPUT, "shape": [65, 32], "data": [0.0] * 65 * 32}]}, 400, "max_batch_size"),
         ("tabular", {"nothing": 1}, 400, "inputs"),
+        # numpy would read a JSON boolean among numbers as 1.0; the model would score what nobody sent
+        (
+            "tabular",
+            {"inputs": [{**TABULAR_INPUT, "data": [True] + [0.5] * 31}]},
+            400,
+            "input 'input': FP32 data must be numbers, got a JSON boolean (true or false) among them",
+        ),
+        (
+            "tabular",
+            {"inputs": [{**TABULAR_INPUT, "shape": [2, 32], "data": [[0.5] * 32, [0.5] * 31 + [False]]}]},
+            400,
+            "FP32 data must be numbers, got a JSON boolean",
+        ),
     ],
 )
 def test_rest_bad_requests(dhow_server: DhowProcess, model: str, payload: object, status: int, fragment: str) -> None:
@@ -202,3 +217,47 @@ def test_oversized_body_is_refused(faulty_server: DhowProcess) -> None:
         assert caught.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     finally:
         client.close()
+
+
+def test_grpc_malformed_messages_are_invalid_argument(dhow_server: DhowProcess) -> None:
+    """Bytes that do not decode as the method's request answer INVALID_ARGUMENT, never UNKNOWN or INTERNAL."""
+    valid = pb.ModelInferRequest(
+        model_name="tabular",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, 32])],
+        raw_input_contents=[np.zeros(32, np.float32).tobytes()],
+    ).SerializeToString()
+    random = np.random.default_rng(7)
+    garbage = [b"\xff\xff\xff", b"\x0a\x05ab", b"\x0a\x02\xc3\x28"]  # truncated field, bad length, bad UTF-8
+    for _ in range(200):  # valid messages with bytes flipped or cut short
+        mutated = bytearray(valid)
+        for position in random.integers(0, len(mutated), size=int(random.integers(1, 4))):
+            mutated[position] = int(random.integers(0, 256))
+        garbage.append(bytes(mutated[: int(random.integers(1, len(mutated) + 1))]))
+    codes: dict[grpc.StatusCode, int] = {}
+    with grpc.insecure_channel(dhow_server.grpc_url) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for payload in garbage:
+            try:
+                infer(payload, timeout=30)
+            except grpc.RpcError as error:
+                codes[error.code()] = codes.get(error.code(), 0) + 1
+                assert error.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), error.details()
+        with pytest.raises(grpc.RpcError) as caught:
+            channel.unary_unary("/inference.GRPCInferenceService/ModelMetadata")(b"\x0a\x05ab", timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details() == (
+            "the request (4 bytes) is not a valid inference.ModelMetadataRequest protobuf message; "
+            "encode it with the service's .proto file"
+        )
+        # a stream answers the requests before a malformed one, then ends with INVALID_ARGUMENT
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        answers = stream(iter([valid, b"\xff\xff\xff", valid]), timeout=30)
+        received = []
+        with pytest.raises(grpc.RpcError) as caught:
+            for answer in answers:
+                received.append(pb.ModelStreamInferResponse.FromString(answer))
+        assert len(received) == 1 and not received[0].error_message, received
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid inference.ModelInferRequest" in str(caught.value.details())
+    assert codes.get(grpc.StatusCode.INVALID_ARGUMENT), codes
+    assert "DecodeError" not in dhow_server.log()

@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import jwt as pyjwt
 import numpy as np
 import pytest
@@ -34,6 +36,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tritonclient.utils import InferenceServerException
 
+from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
+from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import IN_CI, DhowProcess, free_port, start_dhow
 
 KEEP = ("tabular", "text_python", "mlp")
@@ -349,18 +353,17 @@ def test_tls_serves_rest_and_grpc_and_refuses_plaintext(tls_server: SecureServer
         grpc.close()
         plain_grpc.close()
 
-    # plain HTTP to the TLS port: the TLS layer never lets an HTTP answer out
+    # plain HTTP to the TLS port is served nothing: a 400 says to use HTTPS (as nginx does), then it closes
+    for path, body in (("/v2/health/live", None), ("/v2/models/tabular/infer", TABULAR_BODY)):
+        answer = _request(server.http_url, "POST" if body else "GET", path, body, token=admin)
+        assert answer.status == 400, answer.body
+        assert answer.error == (
+            "this port speaks HTTPS only: the request was sent as plain HTTP; use https:// for this address"
+        )
+    # bytes that are neither TLS nor HTTP get no answer
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=5) as sock:
-        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        received = b""
-        try:
-            while chunk := sock.recv(4096):
-                received += chunk
-        except (ConnectionError, TimeoutError):
-            pass
-    assert not received.startswith(b"HTTP/"), received[:200]
-    with pytest.raises((http.client.HTTPException, OSError)):
-        _request(server.http_url, "GET", "/v2/health/live")
+        sock.sendall(b"\x00\x01garbage\r\n\r\n")
+        assert sock.recv(4096) == b""
 
 
 def test_require_tls_without_certificate_never_opens_a_port(tmp_path: Path) -> None:
@@ -386,6 +389,44 @@ def test_require_tls_without_certificate_never_opens_a_port(tmp_path: Path) -> N
     assert process.returncode not in (0, None), stdout + stderr
     assert "--require-tls" in stderr and "--tls-cert" in stderr, stderr
     assert not opened, f"ports {opened} were opened before the refusal"
+
+
+def test_the_stores_and_the_masking_key_are_private_to_the_server_user(tls_server: SecureServer) -> None:
+    data = tls_server.process.log_path.parent / "data"
+    files = [data / "registry.sqlite3", data / "audit.sqlite3", data / "masking.key"]
+    files += [path for path in data.glob("*.sqlite3-*") if path.is_file()]  # SQLite's -wal and -shm
+    modes = {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in files}
+    assert modes == dict.fromkeys(modes, "0o600"), modes
+
+
+def test_two_authorization_headers_are_refused(tls_server: SecureServer, pki: Pki) -> None:
+    server, admin = tls_server.process, tls_server.admin
+    host, port = server.http_url.rsplit(":", 1)
+    # one valid and one bogus key: which one counted would depend on the server's parser, so neither does
+    for first, second in ((admin, "dhow_000000000000_bogus"), ("dhow_000000000000_bogus", admin), (admin, admin)):
+        connection = http.client.HTTPSConnection(host, int(port), context=tls_server.context, timeout=10)
+        try:
+            connection.putrequest("POST", "/v2/models/tabular/infer")
+            connection.putheader("Content-Type", "application/json")
+            connection.putheader("Content-Length", str(len(TABULAR_BODY)))
+            connection.putheader("Authorization", f"Bearer {first}")
+            connection.putheader("Authorization", f"Bearer {second}")
+            connection.endheaders(TABULAR_BODY)
+            answer = connection.getresponse()
+            body = json.loads(answer.read())
+        finally:
+            connection.close()
+        assert answer.status == 401, body
+        assert body["error"].startswith("the request carries more than one Authorization header; send exactly one")
+    credentials = grpc.ssl_channel_credentials(Path(pki.cert("ca")).read_bytes())
+    with grpc.secure_channel(server.grpc_url, credentials) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelMetadataRequest(name="tabular")
+        assert stub.ModelMetadata(request, metadata=[("authorization", f"Bearer {admin}")]).name == "tabular"
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelMetadata(request, metadata=[("authorization", f"Bearer {admin}")] * 2)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "more than one Authorization header" in str(caught.value.details())
 
 
 # -- 2. mutual TLS ------------------------------------------------------------------------------------

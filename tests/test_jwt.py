@@ -365,3 +365,18 @@ def test_failed_refetch_keeps_the_old_keys(jwks_server: JwksServer, keys: Keys) 
     assert "does not have" in refused(verifier, sign(keys.ec, "ec-2", "ES256"))
     assert len(jwks_server.hits) == 2
     assert run(verifier.verify(sign(keys.rsa))).subject == "alice"
+
+
+@pytest.mark.parametrize(
+    ("claim", "value"), [("exp", str(int(time.time()) + 600)), ("nbf", "0"), ("iat", "0"), ("iat", False)]
+)
+def test_dates_that_are_not_numbers_refused(verifier: JwtVerifier, keys: Keys, claim: str, value: Any) -> None:
+    # PyJWT alone accepts "exp": "1767225600" (it calls int() on it); RFC 7519 NumericDates are JSON numbers
+    message = refused(verifier, sign(keys.rsa, **{claim: value}))
+    assert message == f"the bearer token's {claim!r} claim must be a number (seconds since 1970)"
+
+
+def test_a_tenant_claim_of_every_tenant_refused(verifier: JwtVerifier, keys: Keys) -> None:
+    message = refused(verifier, sign(keys.rsa, roles=["admin"], tenant="*"))
+    assert message.startswith("the bearer token's tenant claim is '*', which JWTs may not carry; name one tenant")
+    assert run(verifier.verify(sign(keys.rsa, tenant="acme"))).tenant == "acme"

@@ -1,14 +1,17 @@
-"""PII masking: detectors and their near-misses, actions, field rules, manifest validation, the log filter, the key."""
+"""PII masking: detectors and their near-misses, actions, field rules, manifest validation, the log filter, the key,
+properties over generated PII, and what a model prints in a real server."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import hmac
+import json
 import logging
 import re
 import stat
 import threading
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dhow.core.errors import InvalidInput
 from dhow.governance.masking import (
@@ -27,6 +32,7 @@ from dhow.governance.masking import (
     load_hash_key,
     parse_masking,
 )
+from tests.conftest import start_dhow
 
 KEY = b"k" * 32
 
@@ -363,3 +369,212 @@ def test_hash_key_of_the_wrong_size_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"short")
     with pytest.raises(InvalidInput, match=r"holds 5 bytes, expected 32; restore it, or delete it"):
         load_hash_key(path)
+
+
+# -- values next to each other, and one token per value -------------------------------------------------
+
+
+def test_a_phone_number_directly_followed_by_an_emirates_id_is_masked_too() -> None:
+    text = "call +971 50 123 4567 784-1987-1234567-1 today"
+    assert masker().mask_text(text) == "call [REDACTED:phone] [REDACTED:emirates_id] today"
+    assert masker().mask_text("+971501234567 784198712345671") == "[REDACTED:phone] [REDACTED:emirates_id]"
+
+
+@pytest.mark.parametrize(
+    ("kind", "spellings"),
+    [
+        ("email", ["bob@example.com", "BOB@example.com", "Bob@Example.COM"]),
+        ("phone", ["+971 50 123 4567", "+971501234567", "00971 50 123 4567", "+971-50-123-4567"]),
+        ("emirates_id", ["784-1990-1234567-1", "784199012345671", "784 1990 1234567 1"]),
+        ("credit_card", ["4111 1111 1111 1111", "4111-1111-1111-1111", "4111111111111111"]),
+        ("iban", ["GB82 WEST 1234 5698 7654 32", "GB82WEST12345698765432"]),
+        ("ip_address", ["2001:db8::8a2e:370:7334", "2001:DB8:0:0:0:8A2E:370:7334"]),
+    ],
+)
+def test_hash_tokens_are_the_same_however_a_value_is_written(kind: str, spellings: list[str]) -> None:
+    tokens = {masker({"action": "hash"}).mask_text(f"value {spelling} end") for spelling in spellings}
+    assert len(tokens) == 1, tokens
+    assert re.fullmatch(r"value hash:[0-9a-f]{16} end", tokens.pop())
+
+
+def test_a_field_rule_hashes_an_email_the_same_in_any_case() -> None:
+    m = masker({"fields": {"customer_email": "hash"}})
+    lower, upper = (m.mask_value({"customer_email": v}) for v in ("bob@example.com", "BOB@EXAMPLE.COM"))
+    assert lower == upper
+
+
+# -- properties over generated PII in generated text ----------------------------------------------------
+
+DIGIT = st.sampled_from("0123456789")
+
+
+def digits(n: int) -> st.SearchStrategy[str]:
+    return st.text(DIGIT, min_size=n, max_size=n)
+
+
+@st.composite
+def emails(draw: st.DrawFn) -> str:
+    local = draw(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,15}[A-Za-z0-9]", fullmatch=True))
+    labels = draw(st.lists(st.from_regex(r"[A-Za-z0-9]{1,10}", fullmatch=True), min_size=1, max_size=3))
+    return f"{local}@{'.'.join(labels)}.{draw(st.sampled_from(['ae', 'com', 'CO.UK', 'org']))}"
+
+
+@st.composite
+def phones(draw: st.DrawFn) -> str:
+    mobile = f"5{draw(digits(1))}"
+    line = draw(digits(7))
+    return draw(
+        st.sampled_from(
+            [
+                f"+971 {mobile} {line[:3]} {line[3:]}",
+                f"+971{mobile}{line}",
+                f"00971 {mobile} {line[:3]} {line[3:]}",
+                f"0{mobile}-{line[:3]}-{line[3:]}",
+                f"+44 20 {line[:4]} {line[4:]}{draw(digits(1))}",
+            ]
+        )
+    )
+
+
+@st.composite
+def emirates_ids(draw: st.DrawFn) -> str:
+    sep = draw(st.sampled_from(["-", " ", ""]))
+    year = draw(st.integers(1900, 2099))
+    return f"784{sep}{year}{sep}{draw(digits(7))}{sep}{draw(digits(1))}"
+
+
+@st.composite
+def cards(draw: st.DrawFn) -> str:
+    body = draw(st.sampled_from("23456")) + draw(digits(14))
+    number = body + luhn_digit(body)
+    sep = draw(st.sampled_from(["-", " ", ""]))
+    return sep.join(number[i : i + 4] for i in range(0, 16, 4))
+
+
+@st.composite
+def ibans(draw: st.DrawFn) -> str:
+    bban = draw(st.sampled_from(["0331", "WEST"])) + draw(digits(15))
+    iban = iban_with_check_digits("AE" if bban[0] == "0" else "GB", bban).replace(" ", "")
+    return " ".join(iban[i : i + 4] for i in range(0, len(iban), 4)) if draw(st.booleans()) else iban
+
+
+@st.composite
+def ip_addresses(draw: st.DrawFn) -> str:
+    if draw(st.booleans()):
+        first = draw(st.integers(1, 223).filter(lambda n: n != 127))
+        return ".".join(map(str, [first, *draw(st.lists(st.integers(0, 255), min_size=3, max_size=3))]))
+    groups = draw(st.lists(st.integers(1, 0xFFFF), min_size=8, max_size=8))
+    return ":".join(f"{group:x}" for group in groups)
+
+
+PII_VALUES: dict[str, st.SearchStrategy[str]] = {
+    "email": emails(),
+    "phone": phones(),
+    "emirates_id": emirates_ids(),
+    "credit_card": cards(),
+    "iban": ibans(),
+    "ip_address": ip_addresses(),
+}
+KINDS = st.sampled_from(sorted(PII_VALUES))
+#: prose around the values: letters of several scripts and punctuation, never a digit, '@' or ':'
+WORDS = st.text(st.sampled_from("abcdefXYZ éşعربي!?'\"()/"), max_size=20)
+#: what may stand between a value and its neighbour
+SEPARATORS = st.sampled_from([" ", ", ", "; ", "\n", "\t", " (", ") ", " / "])
+
+
+@st.composite
+def pii_texts(draw: st.DrawFn) -> tuple[str, str, list[str]]:
+    """Prose with PII values in it, the text with each replaced by its redaction, and the values."""
+    text, expected, values = [draw(WORDS)], [], []
+    expected.append(text[0])
+    for kind in draw(st.lists(KINDS, min_size=1, max_size=5)):
+        value, before, after, words = draw(PII_VALUES[kind]), draw(SEPARATORS), draw(SEPARATORS), draw(WORDS)
+        text += [before, value, after, words]
+        expected += [before, f"[REDACTED:{kind}]", after, words]
+        values.append(value)
+    return "".join(text), "".join(expected), values
+
+
+@settings(max_examples=400, deadline=None)
+@given(pii_texts())
+def test_every_generated_value_in_prose_is_masked_and_nothing_else(case: tuple[str, str, list[str]]) -> None:
+    text, expected, _ = case
+    assert masker().mask_text(text) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(KINDS.flatmap(lambda kind: PII_VALUES[kind]), st.sampled_from(["emirates_id", "email"]), st.data())
+def test_a_value_directly_followed_by_another_is_masked_whole(first: str, kind: str, data: st.DataObject) -> None:
+    second = data.draw(PII_VALUES[kind])
+    masked = masker().mask_text(f"{first} {second}")
+    assert not re.search(r"[0-9@]", masked), masked  # not one digit of either value is left
+    assert masked.endswith(f" [REDACTED:{kind}]")
+
+
+@settings(max_examples=200, deadline=None)
+@given(pii_texts())
+def test_hash_tokens_ignore_the_case_of_emails(case: tuple[str, str, list[str]]) -> None:
+    text, _, values = case
+    hashing = masker({"action": "hash"})
+    recased = text
+    for value in values:
+        if "@" in value:
+            recased = recased.replace(value, value.swapcase())
+    assert hashing.mask_text(recased) == hashing.mask_text(text)
+    for value in values:
+        assert value not in hashing.mask_text(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(st.characters(blacklist_characters="0123456789@:", blacklist_categories=("Nd",))))
+def test_text_without_digits_at_signs_or_colons_is_left_alone(text: str) -> None:
+    assert masker().mask_text(text) == text
+
+
+# -- what a model prints in the server's own process ----------------------------------------------------
+
+PRINTING_MODEL = """
+import sys
+
+import numpy as np
+
+
+class Printer:
+    def load(self):
+        pass
+
+    def predict(self, inputs):
+        for text in inputs["text"].reshape(-1):
+            note = text.decode() if isinstance(text, bytes) else str(text)
+            print("printed note:", note, flush=True)  # several writes: the value and its line end come apart
+            print("stderr note:", note, file=sys.stderr)
+        return {"echo": inputs["text"]}
+"""
+
+
+def test_what_a_thread_instance_prints_is_masked(tmp_path: Path) -> None:
+    folder = tmp_path / "models" / "printer"
+    (folder / "1").mkdir(parents=True)
+    (folder / "model.yaml").write_text(
+        "runtime: python\nmax_batch_size: 2\ninstances: {kind: thread}\n"
+        "inputs: [{name: text, datatype: BYTES, shape: [-1, 1]}]\n"
+        "outputs: [{name: echo, datatype: BYTES, shape: [-1, 1]}]\n",
+        encoding="utf-8",
+    )
+    (folder / "1" / "model.py").write_text(PRINTING_MODEL, encoding="utf-8")
+    server = start_dhow(tmp_path / "models", tmp_path)
+    try:
+        note = "call +971 50 123 4567 784-1987-1234567-1 or mail Layla@Example.ae"
+        body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": [note]}]}
+        request = urllib.request.Request(
+            f"http://{server.http_url}/v2/models/printer/infer", json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert json.load(answer)["outputs"][0]["data"] == [note]
+        log = server.log()
+    finally:
+        assert server.stop() == 0, server.log()
+    masked = "call [REDACTED:phone] [REDACTED:emirates_id] or mail [REDACTED:email]"
+    assert f"printed note: {masked}" in log and f"stderr note: {masked}" in log, log
+    for secret in ("123 4567", "1234567-1", "Layla"):
+        assert secret not in log

@@ -19,12 +19,13 @@ import uvicorn
 from dhow.access.tls import TlsSettings
 from dhow.core.artifacts import install_decryptor
 from dhow.core.names import check_region_name
+from dhow.governance.masked_stream import mask_standard_streams
 from dhow.governance.masking import Masker, install_log_masking, parse_masking
 from dhow.governance.residency import ResidencyPolicy
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.protocols.grpc import GrpcServer, create_grpc_server
 from dhow.protocols.rest import RestApp
-from dhow.protocols.rest.tls import ClientCertHttpProtocol
+from dhow.protocols.rest.tls import https_port_protocol
 from dhow.repository.encryption import Keyring
 from dhow.repository.store import ModelRepository
 from dhow.rollouts.analysis import CanaryAnalyst
@@ -195,10 +196,10 @@ class Server:
                 # uvicorn's own records go to the root handlers, through the PII masking filter
                 log_config=None,
                 log_level="warning",
-                http=ClientCertHttpProtocol if tls is not None else "httptools",
+                # with TLS the port's own protocol starts it, so that plain HTTP gets a 400 instead of silence
+                http=https_port_protocol(tls.ssl_context()) if tls is not None else "httptools",
                 loop="none",
                 timeout_keep_alive=30,
-                **(tls.uvicorn_options() if tls is not None else {}),
             )
         )
         grpc = await create_grpc_server(
@@ -240,13 +241,16 @@ def _safe_url(url: str) -> str:
 
 
 def configure_logging(settings: ServerSettings) -> None:
-    """Log lines to stderr, masked; with several workers each line names its process."""
+    """Log lines to stderr, masked like what model code prints; with several workers each names its process."""
     process = "[%(process)d]" if settings.workers > 1 else ""
     logging.basicConfig(
         level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s{process}: %(message)s"
     )
+    masker = Masker(parse_masking(None, "logs"), masking_key(settings))
     # PII never reaches a log line, whichever logger wrote it
-    install_log_masking(Masker(parse_masking(None, "logs"), masking_key(settings)))
+    install_log_masking(masker)
+    # nor this process's output: a thread instance's model prints here (a process instance's output is logged)
+    mask_standard_streams(masker)
 
 
 def run_server(

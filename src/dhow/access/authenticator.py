@@ -44,6 +44,8 @@ class Credentials:
     actor: str = ""
     #: the client's network address (no port), for counting and limiting failed authentications per source
     source: str = ""
+    #: more than one Authorization header (or metadata entry) came: which one counts would be a guess
+    repeated_authorization: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +122,9 @@ class Authenticator:
     async def authenticate(self, credentials: Credentials) -> Principal:
         if not self.enabled:
             return ANONYMOUS
+        if credentials.repeated_authorization:
+            # a proxy and the client may each add one; taking either would let one override the other unseen
+            raise Unauthenticated(f"the request carries more than one Authorization header; send exactly one: {_HOW}")
         if credentials.authorization:
             scheme, _, token = credentials.authorization.strip().partition(" ")
             token = token.strip()

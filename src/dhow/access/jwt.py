@@ -37,6 +37,7 @@ _CACHE_SIZE = 10_000
 _MAX_JWKS_BYTES = 1 << 20
 _FETCH_TIMEOUT_S = 10.0
 _REQUIRED = ["exp", "iss", "aud", "sub"]
+_NUMERIC_DATES = ("exp", "nbf", "iat")
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,12 +175,23 @@ class JwtVerifier:
         return "the bearer token is not a well-formed JWT"
 
     def _claims_of(self, payload: dict[str, Any]) -> TokenClaims:
+        for claim in _NUMERIC_DATES:
+            value = payload.get(claim, 0)
+            # PyJWT takes "exp": "9999999999" (it calls int()); RFC 7519 says a NumericDate is a JSON number
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise Unauthenticated(f"the bearer token's {claim!r} claim must be a number (seconds since 1970)")
         roles = payload.get(self.roles_claim, [])
         if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
             raise Unauthenticated(f"the bearer token's {self.roles_claim} claim must be a list of strings")
         tenant = payload.get(self.tenant_claim, "default")
         if not isinstance(tenant, str) or not tenant:
             raise Unauthenticated(f"the bearer token's {self.tenant_claim} claim must be a non-empty string")
+        if tenant == "*":
+            # '*' spans every tenant: only an API key made with --tenant '*' by an admin may; an issuer's token may not
+            raise Unauthenticated(
+                f"the bearer token's {self.tenant_claim} claim is '*', which JWTs may not carry; name one tenant "
+                "(an API key made with 'dhow keys create --tenant *' spans them all)"
+            )
         region = payload.get(self.region_claim)
         if region is not None and not isinstance(region, str):
             raise Unauthenticated(f"the bearer token's {self.region_claim} claim must be a string")

@@ -1,7 +1,7 @@
 """TLS for the REST and gRPC ports, with optional client certificates (mutual TLS).
 
 The settings are checked once, at start, with messages that name the option; the doors get what their
-servers take (uvicorn's ssl options, grpc's server credentials).
+servers take (an SSL context for the REST port, grpc's server credentials).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -45,21 +44,16 @@ class TlsSettings:
         return settings
 
     def ssl_context(self) -> ssl.SSLContext:
+        """The REST port's server context: its certificate, and the client CA it verifies certificates with."""
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
             context.load_cert_chain(self.cert, self.key)
             if self.client_ca is not None:
                 context.load_verify_locations(self.client_ca)
+                context.verify_mode = ssl.CERT_REQUIRED if self.client_required else ssl.CERT_OPTIONAL
         except (ssl.SSLError, OSError) as exc:
             raise InvalidInput(f"cannot use the TLS certificate {self.cert} / key {self.key}: {exc}") from None
         return context
-
-    def uvicorn_options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"ssl_certfile": str(self.cert), "ssl_keyfile": str(self.key)}
-        if self.client_ca is not None:
-            options["ssl_ca_certs"] = str(self.client_ca)
-            options["ssl_cert_reqs"] = ssl.CERT_REQUIRED if self.client_required else ssl.CERT_OPTIONAL
-        return options
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
         # grpc either requires a client certificate or does not ask for one: "optional" means not asked

@@ -17,7 +17,6 @@ half the value; an e-mail keeps its first character and its domain) and stars th
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import hashlib
 import hmac
@@ -236,6 +235,33 @@ def _partial(value: str) -> str:
     return _star(value[:cut]) + value[cut:]
 
 
+def _walled(text: str, spans: list[tuple[int, int, str]]) -> str:
+    """``text`` with each span replaced by NULs, which no detector matches and each treats as a boundary."""
+    parts: list[str] = []
+    pos = 0
+    for start, end, _ in spans:
+        parts += (text[pos:start], "\0" * (end - start))
+        pos = end
+    parts.append(text[pos:])
+    return "".join(parts)
+
+
+def _canonical(value: str, detector: str | None) -> str:
+    """One spelling per value, so that hashed tokens join however it was written: case, spaces, dashes."""
+    if _EMAIL.fullmatch(value):
+        return value.lower()  # domains are case-blind, and mail systems treat local parts so in practice
+    if detector == "phone":
+        digits = _digits(value)
+        return f"+{digits[2:]}" if value.startswith("00") else f"+{digits}" if value.startswith("+") else digits
+    if detector in ("emirates_id", "credit_card"):
+        return _digits(value)
+    if detector == "iban":
+        return value.replace(" ", "").upper()
+    if detector == "ip_address":
+        return ipaddress.ip_address(value).compressed
+    return value
+
+
 def _plain(value: Any) -> Any:
     """Numpy arrays and scalars as Python data, bytes as text: what JSON (and the detectors) can take."""
     if isinstance(value, np.ndarray | np.generic):
@@ -260,20 +286,19 @@ class Masker:
         """``text`` with every detector hit replaced by the policy's action."""
         if len(text) < 6 or not self._detectors or not _WORTH_SCANNING.search(text):
             return text
-        starts: list[int] = []
         hits: list[tuple[int, int, str]] = []
+        scanned = text
         for detector in self._detectors:
-            for start, end in detector.spans(text):
-                # claimed spans never overlap, so only the neighbours of the insertion point can
-                i = bisect.bisect(starts, start)
-                if (i and hits[i - 1][1] > start) or (i < len(hits) and hits[i][0] < end):
-                    continue
-                starts.insert(i, start)
-                hits.insert(i, (start, end, detector.name))
+            found = [(start, end, detector.name) for start, end in detector.spans(scanned)]
+            if found:
+                hits += found
+                # later detectors see a claimed value as a wall they may end at, never as digits to extend into:
+                # "+971 50 123 4567 784-1987-1234567-1" is a phone number next to an Emirates ID
+                scanned = _walled(scanned, found)
         parts: list[str] = []
         pos = 0
-        for start, end, name in hits:
-            parts += (text[pos:start], self._apply(self.policy.action, text[start:end], name))
+        for start, end, name in sorted(hits):
+            parts += (text[pos:start], self._apply(self.policy.action, text[start:end], name, detected=True))
             pos = end
         parts.append(text[pos:])
         return "".join(parts)
@@ -321,11 +346,13 @@ class Masker:
             return [self._mask_all(item, action, label) for item in value]
         return self._apply(action, str(value), label)
 
-    def _apply(self, action: Action, value: str, label: str) -> str:
+    def _apply(self, action: Action, value: str, label: str, *, detected: bool = False) -> str:
+        """``label``: the detector that found ``value`` (``detected``) or the field rule that names it."""
         if action == "redact":
             return f"[REDACTED:{label}]"
         if action == "hash":
-            return "hash:" + hmac.new(self._key, value.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+            canonical = _canonical(value, label if detected else None)
+            return "hash:" + hmac.new(self._key, canonical.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
         return _partial(value)
 
 

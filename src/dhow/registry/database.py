@@ -11,6 +11,8 @@ records them; each step is applied once, in its own transaction, when the store 
 from __future__ import annotations
 
 import builtins
+import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -138,6 +140,19 @@ def _sqlite_wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.01)
 
 
+def _create_private(path: Path) -> None:
+    """Create an absent database file with mode 0600, as the masking key is: it holds keys, tenants, audit records.
+
+    SQLite would create it 0644 (less the umask), and gives its -wal and -shm files the database file's mode.
+    An existing file keeps its mode: an operator may have chosen it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # O_EXCL, never an open of an existing file: closing any descriptor of a file drops every POSIX lock this
+    # process holds on it, and SQLite's locks are POSIX locks (another store of this process may hold them)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+
+
 def parse_url(url: str, what: str = "database") -> tuple[Dialect, str]:
     """The dialect and what to open: a file path for SQLite, the URL itself for PostgreSQL."""
     if not isinstance(url, str):
@@ -198,7 +213,7 @@ class Database:
     def _connect(self) -> None:
         if self.dialect == "sqlite":
             try:
-                Path(self._target).parent.mkdir(parents=True, exist_ok=True)
+                _create_private(Path(self._target))
                 conn = sqlite3.connect(
                     self._target, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None
                 )

@@ -82,14 +82,11 @@ def guarded(method: AdmittedMethod[_Servicer, _Request, _Response]) -> UnaryMeth
 
 def credentials(context: Context) -> Credentials:
     """The call's ``authorization`` metadata entry and its verified client certificate's common name."""
-    authorization = ""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str):
-            authorization = value
-            break
+    sent = [value for key, value in context.invocation_metadata() or () if key == "authorization"]
+    authorization = sent[0] if sent and isinstance(sent[0], str) else ""
     names = list((context.auth_context() or {}).get("x509_common_name") or ())
     client_cn = names[0].decode("utf-8", "replace") if names else ""
-    return Credentials(authorization, client_cn, source=_source(context.peer()))
+    return Credentials(authorization, client_cn, source=_source(context.peer()), repeated_authorization=len(sent) > 1)
 
 
 def _source(peer: str) -> str:

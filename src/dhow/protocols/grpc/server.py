@@ -1,4 +1,5 @@
-"""Build the gRPC door: a grpc.aio server bound to an address, serving ``InferenceServicer``."""
+"""Build the gRPC door: a grpc.aio server bound to an address, serving ``InferenceServicer``, the standard
+health service and server reflection."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ from dataclasses import dataclass
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health_pb2
 
-from dhow.protocols.grpc.generated import grpc_service_pb2_grpc
+from dhow.protocols.grpc.decoding import MalformedMessages
+from dhow.protocols.grpc.generated import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
+from dhow.protocols.grpc.health import add_health
+from dhow.protocols.grpc.reflection import add_reflection
 from dhow.protocols.grpc.service import InferenceServicer
 from dhow.serving.service import CoreService
 
@@ -42,15 +47,18 @@ async def create_grpc_server(
     ``reuse_port`` shares the port with the other workers of a supervisor, which checked it was free.
     """
     server = grpc.aio.server(
+        interceptors=[MalformedMessages()],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             # grpc sets SO_REUSEPORT by default: a second server on a busy port would bind silently, so only
             # workers whose supervisor made sure the port was free share it
             ("grpc.so_reuseport", 1 if reuse_port else 0),
-        ]
+        ],
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
+    add_health(server, service.dataplane.ready)
+    add_reflection(server, (model_config_pb2.DESCRIPTOR, grpc_service_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR), service)
     address = _address(host, port)
     try:
         if credentials is None:

@@ -59,6 +59,7 @@ class Request:
         "_receive",
         "accept_encoding",
         "authorization",
+        "authorization_count",
         "content_encoding",
         "content_length",
         "header_length",
@@ -77,6 +78,7 @@ class Request:
         self.header_length: bytes | None = None
         self.raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
         self.authorization = b""
+        self.authorization_count = 0
         for name, value in self.raw_headers:
             if name == b"content-length":
                 self.content_length = int(value) if value.isdigit() else None
@@ -88,6 +90,7 @@ class Request:
                 self.header_length = value
             elif name == b"authorization":
                 self.authorization = value
+                self.authorization_count += 1
 
     def credentials(self, scope: Scope) -> Credentials:
         """The Authorization header or the verified client certificate; ``x-dhow-actor`` names the caller when
@@ -102,6 +105,7 @@ class Request:
             scope.get(CLIENT_CN_SCOPE_KEY) or "",
             actor,
             source=str(client[0]) if client else "",
+            repeated_authorization=self.authorization_count > 1,
         )
 
     def query(self) -> dict[str, str]:

@@ -7,6 +7,7 @@ decoded with ``frombuffer`` on a view of the body: no copy between the socket an
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,8 @@ __all__ = ["EncodedResponse", "decode_request", "encode_response"]
 
 _VALID_DATATYPES = ", ".join(NUMPY_DTYPE)
 _NUMPY_OPTION = orjson.OPT_SERIALIZE_NUMPY
+#: JSON writes its booleans only so (no escapes): a body without these holds none
+_BOOLEAN = re.compile(rb"true|false")
 
 #: a response body and the length of its JSON header when it carries binary outputs (else None)
 EncodedResponse = tuple[bytes, int | None]
@@ -41,6 +44,9 @@ def decode_request(
             f"Inference-Header-Content-Length is {header_length} but the request body has {len(view)} bytes"
         )
     document = _load_json(view[:header_length])
+    # numpy hides a JSON boolean among numbers; looking for one costs a pass over the values, paid only by
+    # bodies in which 'true' or 'false' appears at all
+    booleans_possible = _BOOLEAN.search(view[:header_length]) is not None
     if not isinstance(document, dict):
         raise InvalidInput(f"the inference request must be a JSON object, got {_json_type(document)}")
     raw_inputs = document.get("inputs")
@@ -51,7 +57,7 @@ def decode_request(
     offset = header_length
     inputs: list[Tensor] = []
     for index, raw in enumerate(raw_inputs):
-        tensor, offset = _decode_input(raw, index, view, offset)
+        tensor, offset = _decode_input(raw, index, view, offset, booleans_possible)
         inputs.append(tensor)
     if offset != len(view):
         raise InvalidInput(
@@ -77,7 +83,7 @@ def _load_json(data: memoryview) -> Any:
         raise InvalidInput(f"malformed JSON: {exc}") from None
 
 
-def _decode_input(raw: Any, index: int, view: memoryview, offset: int) -> tuple[Tensor, int]:
+def _decode_input(raw: Any, index: int, view: memoryview, offset: int, booleans_possible: bool) -> tuple[Tensor, int]:
     if not isinstance(raw, dict):
         raise InvalidInput(f"inputs[{index}] must be a JSON object, got {_json_type(raw)}")
     name = raw.get("name")
@@ -98,7 +104,8 @@ def _decode_input(raw: Any, index: int, view: memoryview, offset: int) -> tuple[
         if "shared_memory_region" in parameters:
             raise Unsupported(f"{label}: shared memory is not supported; send 'data' or binary data")
         raise InvalidInput(f"{label} has neither 'data' nor parameters.binary_data_size")
-    return Tensor(name, datatype, shape, array_from_json(data, datatype, shape, label), parameters), offset
+    array = array_from_json(data, datatype, shape, label, booleans_possible=booleans_possible)
+    return Tensor(name, datatype, shape, array, parameters), offset
 
 
 def _binary_input(view: memoryview, offset: int, size: Any, datatype: str, shape: list[int], label: str) -> np.ndarray:

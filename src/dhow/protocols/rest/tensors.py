@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -18,8 +20,13 @@ _EXPECTED = {"b": "JSON booleans", "i": "integers", "u": "integers", "f": "numbe
 _FOUND = {"b": "booleans", "i": "integers", "u": "integers", "f": "floating-point numbers", "U": "strings"}
 
 
-def array_from_json(data: Any, datatype: str, shape: list[int], label: str) -> np.ndarray:
-    """A numpy array of ``shape`` from flat or nested JSON ``data``, refusing values of another type."""
+def array_from_json(
+    data: Any, datatype: str, shape: list[int], label: str, *, booleans_possible: bool = True
+) -> np.ndarray:
+    """A numpy array of ``shape`` from flat or nested JSON ``data``, refusing values of another type.
+
+    ``booleans_possible``: False when the body has no ``true`` or ``false`` at all, which spares the look for them.
+    """
     if not isinstance(data, list):
         raise InvalidInput(f"{label}: 'data' must be a list in row-major order, got {type(data).__name__}")
     count = element_count(shape)
@@ -43,9 +50,22 @@ def array_from_json(data: Any, datatype: str, shape: list[int], label: str) -> n
     if array.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
         found = _FOUND.get(array.dtype.kind, "mixed values, nulls or objects")
         raise InvalidInput(f"{label}: {datatype} data must be {_EXPECTED[dtype.kind]}, got {found}")
+    if dtype.kind != "b" and booleans_possible and _holds_booleans(data, array.ndim):
+        raise InvalidInput(
+            f"{label}: {datatype} data must be {_EXPECTED[dtype.kind]}, got a JSON boolean (true or false) among "
+            "them; send 1 or 0, or declare the input BOOL"
+        )
     if array.dtype != dtype:
         array = _cast(array, dtype, datatype, label)
     return array.reshape(shape)
+
+
+def _holds_booleans(data: list[Any], ndim: int) -> bool:
+    """Whether a JSON boolean is among the values: numpy reads [1.5, true] as [1.5, 1.0] without a word."""
+    items: Iterable[Any] = data
+    for _ in range(ndim - 1):
+        items = itertools.chain.from_iterable(items)
+    return bool in set(map(type, items))
 
 
 def _check_count(size: int, count: int, shape: list[int], label: str) -> None:

@@ -1,0 +1,149 @@
+"""Malformed messages answer INVALID_ARGUMENT with a message, on every service of the gRPC port.
+
+grpc decodes a request with the method's deserializer before any servicer code runs; a ``DecodeError`` there
+becomes UNKNOWN ("Unexpected <class 'DecodeError'>") for the client and a traceback in the log.
+``MalformedMessages``, a server interceptor, gives each method a deserializer that returns a ``Malformed``
+marker instead, and a behaviour that answers the marker with INVALID_ARGUMENT before the servicer sees it. A
+stream ends at its first malformed message: the requests before it are answered, then the call fails.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import grpc
+import grpc.aio
+
+__all__ = ["Malformed", "MalformedMessages"]
+
+# grpc-stubs makes these generic; grpc's classes are not subscriptable at run time
+if TYPE_CHECKING:
+    _Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+    _Interceptor: TypeAlias = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _Handler = grpc.RpcMethodHandler
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """What the deserializer gives for bytes that are not a message of the method's request type."""
+
+    message_type: str
+    size: int
+
+    def describe(self) -> str:
+        return (
+            f"the request ({self.size} bytes) is not a valid {self.message_type} protobuf message; "
+            "encode it with the service's .proto file"
+        )
+
+
+class MalformedMessages(_Interceptor):
+    """Answers undecodable requests with INVALID_ARGUMENT; the wrapped handlers are made once per method."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, _Handler | None] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> _Handler:
+        method = handler_call_details.method
+        if method in self._handlers:
+            cached = self._handlers[method]
+            if cached is not None:
+                return cached
+        handler = await continuation(handler_call_details)
+        if handler is None:  # an unknown method: grpc answers UNIMPLEMENTED itself
+            return handler
+        wrapped = _checked(handler, method)
+        self._handlers[method] = wrapped
+        return wrapped
+
+
+def _checked(handler: Any, method: str) -> _Handler:
+    """``handler`` with a deserializer that never raises and a behaviour that refuses ``Malformed``."""
+    deserializer = handler.request_deserializer
+    kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
+    behaviour = getattr(handler, kind)
+    if deserializer is None or not _is_async(behaviour):
+        unchanged: _Handler = handler  # raw bytes reach the servicer, or a thread-pool handler left as it is
+        return unchanged
+    message_type = _message_type(deserializer, method)
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError, or whatever a deserializer raises on bytes it cannot read
+            return Malformed(message_type, len(data))
+
+    wrap = _unary_request if kind.startswith("unary_") else _streamed_requests
+    wrapped: _Handler = handler._replace(request_deserializer=deserialize, **{kind: wrap(behaviour)})
+    return wrapped
+
+
+def _is_async(behaviour: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)
+
+
+def _message_type(deserializer: Callable[[bytes], Any], method: str) -> str:
+    # generated code registers ``Message.FromString``: its class names the type
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", None)
+    return name if isinstance(name, str) else f"request of {method}"
+
+
+def _unary_request(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    """The behaviour of a method taking one request, as a function of the same kind (coroutine or generator)."""
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            if isinstance(request, Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
+            async for answer in behaviour(request, context):
+                yield answer
+
+        return streaming
+
+    async def single(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
+        return await behaviour(request, context)
+
+    return single
+
+
+def _streamed_requests(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    """The behaviour of a method taking a stream: it sees the requests up to the first malformed one."""
+
+    async def until_malformed(requests: AsyncIterator[Any], found: list[Malformed]) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, Malformed):
+                found.append(request)
+                return
+            yield request
+
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def streaming(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            found: list[Malformed] = []
+            async for answer in behaviour(until_malformed(requests, found), context):
+                yield answer
+            if found:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, found[0].describe())
+
+        return streaming
+
+    async def single(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        found: list[Malformed] = []
+        answer = await behaviour(until_malformed(requests, found), context)
+        if found:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, found[0].describe())
+        return answer
+
+    return single
