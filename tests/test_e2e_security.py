@@ -403,6 +403,28 @@ def test_tenants_do_not_reach_each_others_models(world: dict[str, Any]) -> None:
     assert {r["actor"].split("#")[0] for r in records} == {"key:acme", "key:admin", "key:invoker"}
 
 
+def test_a_tenant_auditor_verifies_the_chain_but_counts_only_its_tenant(world: dict[str, Any]) -> None:
+    server, keys = world["server"], world["keys"]
+    flags = {
+        "inputs": [
+            {"name": "mask", "datatype": "BOOL", "shape": [1, 4], "data": [True, False, True, True]},
+            {"name": "x", "datatype": "FP16", "shape": [1, 4], "data": [1, 2, 3, 4]},
+        ]
+    }
+    assert call(server, "POST", "/v2/models/flags/infer", flags, keys["acme"])[0] == 200  # an acme record
+    assert call(server, "POST", "/v2/models/tabular/infer", INFER_BODY, keys["invoker"])[0] == 200  # a default one
+
+    def verified(key: str) -> dict[str, Any]:
+        return dict(call(server, "GET", "/v2/admin/audit/verify", None, keys[key])[2])
+
+    mine = _eventually(lambda: (found := verified("acme-auditor"))["count"] >= 1 and found)
+    whole = verified("auditor")
+    _, _, acme = call(server, "GET", "/v2/admin/audit?limit=10000", None, keys["acme-auditor"])
+    assert whole["ok"] and mine["ok"] and mine["problems"] == []
+    assert mine["count"] >= len(acme["records"]) and mine["count"] < whole["count"], (mine, whole)
+    assert mine["head_seq"] <= whole["head_seq"]
+
+
 # -- keys: the admin API and the CLI -------------------------------------------------------------------
 
 

@@ -312,7 +312,7 @@ class RestApp:
         return _json({"records": await self._access().read_audit(query, call)})
 
     async def _audit_verify(self, request: Request, call: Call) -> Answer:
-        return _json(await self._access().verify_audit(request.query().get("region", "")))
+        return _json(await self._access().verify_audit(request.query().get("region", ""), call))
 
     # -- inference ----------------------------------------------------------------------
 
