@@ -169,6 +169,7 @@ class Server:
             upload_dir=upload_dir,
             workers=settings.workers,
             artifact_check=self.security.digest_check() if settings.require_digests else None,
+            queue_timeout_ms=settings.queue_timeout_ms,
         )
 
     async def _load(self, parts: _Parts) -> None:

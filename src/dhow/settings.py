@@ -165,6 +165,12 @@ class ServerSettings:
         metavar="URL",
         group=_SECURITY,
     )
+    queue_timeout_ms: float = _setting(
+        10_000.0,
+        "how long a request may wait in a model's queue when its model.yaml sets no batching timeout_ms (504 "
+        "past it); the queue is also bounded by what the model serves in that time (429 past it); 0: no limit",
+        metavar="MS",
+    )
     auth_failure_rate: float = _setting(
         10.0,
         "failed authentications per second allowed from one address; past its burst, its failures get 429",

@@ -109,6 +109,8 @@ class InferenceRequest:
     outputs: list[RequestedOutput] | None = None
     #: the transport's headers (HTTP headers, gRPC metadata), names in lower case
     headers: Mapping[str, str] = field(default_factory=dict)
+    #: whether the client has gone (its connection closed): then the request is dropped before it is computed
+    gone: Callable[[], bool] | None = None
 
 
 @dataclass(slots=True)

@@ -4,7 +4,13 @@ A batch is cut when it reaches ``max_batch_size``, a preferred size, or when its
 request has waited ``max_queue_delay_ms``, whichever comes first; with no delay it takes
 whatever queued while the instances were busy, so batches grow with load by themselves.
 Requests of several rows are concatenated and their rows handed back to each. Deadlines
-are monotonic; a request that times out in the queue is answered and never computed.
+are monotonic; a request that times out in the queue is answered and never computed, and so is
+one whose client has gone (its ``gone`` says so) by the time a batch is cut.
+
+The queue is bounded even when the model sets no ``max_queue_size``: by the number of requests the
+instances can serve within the queue timeout (the model's ``timeout_ms``, else the server's default),
+from the measured time of recent batches; past it a request is refused at once (429) rather than
+left to wait longer than anyone would.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dhow.core.errors import DeadlineExceeded, InvalidInput, ModelFault, Overloaded, Unavailable
+from dhow.core.errors import CallCancelled, DeadlineExceeded, InvalidInput, ModelFault, Overloaded, Unavailable
 from dhow.core.model_config import BatchingConfig
 from dhow.scheduling.stats import BatchTimings, ModelStats
 
 Arrays = dict[str, np.ndarray]
+#: the derived queue bound before a batch has been measured, and its floor
+UNMEASURED_QUEUE_LIMIT, MIN_QUEUE_LIMIT = 1024, 8
 #: one model instance: computes the named outputs of a batch, in a worker thread
 Instance = Callable[[Mapping[str, np.ndarray], Sequence[str]], Arrays]
 #: told of every executed batch and the queue wait of each of its requests (for metrics)
@@ -40,6 +48,17 @@ class _Pending:
     future: asyncio.Future[Arrays]
     enqueued_ns: int
     timer: asyncio.TimerHandle | None = None
+    #: whether the client has gone (a closed connection): then it is answered and never computed
+    gone: Callable[[], bool] | None = None
+
+    def settled(self) -> bool:
+        """Answered already (timed out, cancelled), or answered now because its client has gone."""
+        if self.future.done():
+            return True
+        if self.gone is not None and self.gone():
+            self.future.set_exception(CallCancelled())
+            return True
+        return False
 
 
 class RowParts(Mapping[str, np.ndarray]):
@@ -88,6 +107,7 @@ class DynamicBatcher:
         max_batch_size: int,
         batching: BatchingConfig | None,
         observer: BatchObserver | None = None,
+        default_timeout_ms: float = 0.0,
     ) -> None:
         self.label = label
         self.stats = stats
@@ -97,6 +117,10 @@ class DynamicBatcher:
         self._batching = batching or BatchingConfig()
         self._delay_ns = int(self._batching.max_queue_delay_ms * 1e6)
         self._preferred = set(self._batching.preferred_batch_sizes)
+        self._timeout_ns = int((self._batching.timeout_ms or default_timeout_ms) * 1e6)
+        #: recent batches: moving averages of their time and of the requests they carried
+        self._batch_ns = 0.0
+        self._batch_requests = 1.0
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -107,21 +131,48 @@ class DynamicBatcher:
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def queue_limit(self) -> int:
+        """``max_queue_size``, else what the instances serve within the queue timeout (0: unbounded)."""
+        if self._batching.max_queue_size or not self._timeout_ns:
+            return self._batching.max_queue_size
+        if not self._batch_ns:
+            return UNMEASURED_QUEUE_LIMIT
+        batches = self._timeout_ns / self._batch_ns * len(self._workers)
+        return max(MIN_QUEUE_LIMIT, int(batches * self._batch_requests))
+
+    def _check_room(self) -> None:
+        limit = self.queue_limit
+        if not limit or len(self._queue) < limit:
+            return
+        if self._batching.max_queue_size:
+            raise Overloaded(f"{self.label} has {limit} requests queued (its max_queue_size); retry later")
+        seconds = self._timeout_ns / 1e9
+        raise Overloaded(
+            f"{self.label} has {len(self._queue)} requests queued, as many as it serves in {seconds:g} s (its queue "
+            "timeout); retry later",
+            retry_after=max(1.0, self._batch_ns * len(self._queue) / max(1, len(self._workers)) / 1e9 / 2),
+        )
+
     async def submit(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], rows: int, timeout_ns: int = 0
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        rows: int,
+        timeout_ns: int = 0,
+        gone: Callable[[], bool] | None = None,
     ) -> Arrays:
-        """Queue one request and wait for its outputs; ``rows`` is its batch dimension."""
+        """Queue one request and wait for its outputs; ``rows`` is its batch dimension; ``gone`` tells whether
+        its client has left (then it is dropped before it is computed)."""
         if self._closing:
             raise Unavailable(f"{self.label} is being unloaded; retry", retry_after=1)
-        limit = self._batching.max_queue_size
-        if limit and len(self._queue) >= limit:
-            raise Overloaded(f"{self.label} has {limit} requests queued (its max_queue_size); retry later")
+        self._check_room()
         if self._max_rows and rows > self._max_rows:
             raise InvalidInput(f"batch of {rows} rows exceeds {self.label}'s max_batch_size of {self._max_rows}")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Arrays] = loop.create_future()
-        pending = _Pending(inputs, tuple(outputs), rows, _batch_key(inputs), future, time.monotonic_ns())
-        timeout_ns = timeout_ns or int(self._batching.timeout_ms * 1e6)
+        pending = _Pending(inputs, tuple(outputs), rows, _batch_key(inputs), future, time.monotonic_ns(), gone=gone)
+        timeout_ns = timeout_ns or self._timeout_ns
         if timeout_ns:
             pending.timer = loop.call_later(timeout_ns / 1e9, self._expire, pending, timeout_ns)
         self._queue.append(pending)
@@ -191,11 +242,11 @@ class DynamicBatcher:
             except TimeoutError:
                 self._take_compatible(batch, rows)
                 break
-        return [p for p in batch if not p.future.done()]
+        return [p for p in batch if not p.settled()]
 
     def _live_head(self) -> bool:
-        """Drop answered (timed-out or cancelled) requests from the front; is one left?"""
-        while self._queue and self._queue[0].future.done():
+        """Drop answered (timed-out, cancelled, gone) requests from the front; is one left?"""
+        while self._queue and self._queue[0].settled():
             self._queue.popleft()
         return bool(self._queue)
 
@@ -205,7 +256,7 @@ class DynamicBatcher:
         kept: list[_Pending] = []
         while self._queue:
             pending = self._queue.popleft()
-            if pending.future.done():
+            if pending.settled():
                 continue
             if pending.key == key and rows + pending.rows <= self._max_rows:
                 batch.append(pending)
@@ -237,12 +288,22 @@ class DynamicBatcher:
                 if not pending.future.done():
                     pending.future.set_exception(fault)
             return
+        self._measure(time.monotonic_ns() - start, len(batch))
         self.stats.record_batch(timings, len(batch))
         if self._observer is not None:
             self._observer(timings, waits)
         for pending, result in zip(batch, results, strict=True):
             if not pending.future.done():
                 pending.future.set_result(result)
+
+
+    def _measure(self, batch_ns: int, requests: int) -> None:
+        """Moving averages of a batch's time and size: what the derived queue bound is made of."""
+        if not self._batch_ns:
+            self._batch_ns, self._batch_requests = float(batch_ns), float(requests)
+            return
+        self._batch_ns += (batch_ns - self._batch_ns) / 8
+        self._batch_requests += (requests - self._batch_requests) / 8
 
 
 def _execute(

@@ -213,7 +213,7 @@ class DataPlane:
             timeout_ns = _timeout_ns(request.parameters)
             names = [o.name for o in wanted] if wanted is not None else list(model.output_names)
             computed_names = [n for n in names if n in model.outputs]
-            results = await model.batcher.submit(inputs, computed_names, rows or 1, timeout_ns)
+            results = await model.batcher.submit(inputs, computed_names, rows or 1, timeout_ns, request.gone)
             outputs = _response_outputs(model, results, names, wanted)
         except ModelFault as exc:
             error_id = secrets.token_hex(4)

@@ -73,6 +73,7 @@ class ModelLifecycle:
         upload_dir: Path | None = None,
         workers: int = 1,
         artifact_check: Callable[[str, int, Path], None] | None = None,
+        queue_timeout_ms: float = 0.0,
     ) -> None:
         self.repository = repository
         self.metrics = metrics
@@ -87,6 +88,8 @@ class ModelLifecycle:
         self._required: dict[str, frozenset[int]] = {}
         #: checks a version folder before it loads (trusted digests); raises ``ModelLoadError`` to refuse it
         self.artifact_check = artifact_check
+        #: how long a request may wait in a version's queue when its model.yaml sets no ``timeout_ms``
+        self.queue_timeout_ms = queue_timeout_ms
 
     def tenant_of(self, name: str) -> str:
         """The tenant a model belongs to (its manifest's ``tenant``), loaded or not; "default" if unknown."""
@@ -357,7 +360,7 @@ class ModelLifecycle:
         if self.artifact_check is not None:
             await asyncio.to_thread(self.artifact_check, source.name, number, source.version_dir(number))
         runtimes, config = await asyncio.to_thread(load_runtimes, source.config, source.version_dir(number))
-        return ModelVersion(config, number, runtimes, self.metrics)
+        return ModelVersion(config, number, runtimes, self.metrics, queue_timeout_ms=self.queue_timeout_ms)
 
     async def unload(self, name: str) -> None:
         entry = self.entries.get(name)

@@ -58,7 +58,15 @@ def _complete(config: ModelConfig, inputs: tuple[TensorSpec, ...], outputs: tupl
 
 
 class ModelVersion:
-    def __init__(self, config: ModelConfig, version: int, runtimes: list[Runtime], metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        version: int,
+        runtimes: list[Runtime],
+        metrics: ServerMetrics,
+        *,
+        queue_timeout_ms: float = 0.0,
+    ) -> None:
         self.config = config
         self.name = config.name
         self.version = version
@@ -83,6 +91,7 @@ class ModelVersion:
             max_batch_size=config.max_batch_size,
             batching=config.batching,
             observer=self._observe_batch,
+            default_timeout_ms=queue_timeout_ms,
         )
 
     def count_request(self, outcome: str) -> None:

@@ -108,6 +108,10 @@ class Request:
             repeated_authorization=self.authorization_count > 1,
         )
 
+    def gone(self) -> bool:
+        """Whether the client closed its connection (uvicorn marks its request cycle; no read needed)."""
+        return bool(getattr(getattr(self._receive, "__self__", None), "disconnected", False))
+
     def query(self) -> dict[str, str]:
         """The query string's parameters (the last of repeated ones)."""
         return {k: v[-1] for k, v in parse_qs(self._query.decode("latin-1")).items()}
@@ -322,6 +326,7 @@ class RestApp:
         inference = decode_request(body, request.match.model, request.match.version, header_length)
         raw_headers = request.raw_headers
         inference.headers = LazyHeaders(lambda: raw_headers)
+        inference.gone = request.gone
         response = await call.infer(inference)
         encoded, json_length = encode_response(response, inference)
         if json_length is None:

@@ -1,0 +1,107 @@
+"""Overload with default settings (a real server): the queue is bounded by what the model serves within the queue
+timeout, and a request whose client has gone is dropped before it is computed.
+
+What a review found: an unbounded queue at 10x capacity gave thousands of client time-outs, and a request
+62 s later still waited behind abandoned work.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+from tests.conftest import DhowProcess, start_dhow
+
+SLOW_MODEL = """
+import time
+
+
+class Slow:
+    def load(self):
+        self.computed = 0
+
+    def predict(self, inputs):
+        time.sleep({seconds})
+        return {{"y": inputs["x"] * 2}}
+"""
+SLOW_MODEL_YAML = (
+    "runtime: python\nmax_batch_size: 1\n"
+    "inputs: [{{name: x, datatype: FP32, shape: [-1, 2]}}]\noutputs: [{{name: y, datatype: FP32, shape: [-1, 2]}}]\n"
+)
+BODY = json.dumps({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}).encode()
+
+
+def _repository(tmp_path: Path, seconds: float) -> Path:
+    repository = tmp_path / "models"
+    (repository / "slow" / "1").mkdir(parents=True)
+    (repository / "slow" / "1" / "model.py").write_text(SLOW_MODEL.format(seconds=seconds))
+    (repository / "slow" / "model.yaml").write_text(SLOW_MODEL_YAML.format())
+    return repository
+
+
+def _post(server: DhowProcess) -> tuple[int, str | None]:
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    try:
+        connection.request("POST", "/v2/models/slow/infer", body=BODY, headers={"content-type": "application/json"})
+        answer = connection.getresponse()
+        answer.read()
+        return answer.status, answer.getheader("retry-after")
+    finally:
+        connection.close()
+
+
+def _computed(server: DhowProcess) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=10)
+    try:
+        connection.request("GET", "/v2/models/slow/stats")
+        (stats,) = json.loads(connection.getresponse().read())["model_stats"]
+        return int(stats["execution_count"])
+    finally:
+        connection.close()
+
+
+def test_the_default_queue_is_bounded_by_what_the_model_serves_within_the_timeout(tmp_path: Path) -> None:
+    # 50 ms a request, a queue timeout of 400 ms: about 8 requests' worth of queue, not 60
+    server = start_dhow(_repository(tmp_path, 0.05), tmp_path, "--queue-timeout-ms", "400")
+    try:
+        assert _post(server)[0] == 200  # one measured batch
+        answers: list[tuple[int, str | None]] = []
+        callers = [threading.Thread(target=lambda: answers.append(_post(server))) for _ in range(60)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(60)
+    finally:
+        assert server.stop() == 0, server.log()
+    statuses = [status for status, _ in answers]
+    assert len(statuses) == 60 and set(statuses) <= {200, 429, 504}, statuses
+    shed = [retry for status, retry in answers if status == 429]
+    assert shed and all(retry is not None and int(retry) >= 1 for retry in shed), answers
+    assert statuses.count(200) >= 1
+
+
+def test_a_request_whose_client_has_gone_is_not_computed(tmp_path: Path) -> None:
+    server = start_dhow(_repository(tmp_path, 0.3), tmp_path)
+    try:
+        first = threading.Thread(target=_post, args=(server,))
+        first.start()  # occupies the only instance for 0.3 s
+        time.sleep(0.05)
+        for _ in range(10):  # queued behind it, then the clients leave
+            with socket.create_connection(("127.0.0.1", server.http_port)) as sock:
+                head = (
+                    f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(BODY)}\r\n\r\n"
+                ).encode()
+                sock.sendall(head + BODY)
+                time.sleep(0.01)
+        first.join(30)
+        assert _post(server)[0] == 200  # a client that waits is answered
+        computed = _computed(server)
+    finally:
+        assert server.stop() == 0, server.log()
+    # the first and the last; of the 10 that left, at most the one already taken into a batch when it left
+    assert computed <= 3, computed
