@@ -17,7 +17,7 @@ import numpy as np
 
 from dhow import __version__
 from dhow.core.datatypes import NUMPY_DTYPE, as_bytes
-from dhow.core.errors import DhowError, InvalidInput, ModelFault, NotFound
+from dhow.core.errors import DhowError, InvalidInput, ModelFault, Unavailable
 from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome, RequestedOutput, Tensor
 from dhow.governance.masking import Masker, parse_masking
@@ -89,11 +89,11 @@ class DataPlane:
         return {"name": self.server_name, "version": __version__, "extensions": EXTENSIONS}
 
     def model_ready(self, name: str, version: str = "") -> bool:
+        """Whether the model (version) serves; a model that is loading or failed is not ready (False), an
+        unknown one or a malformed version is an error (404, 400), as for any other request."""
         try:
             self.models.resolve(name, version)
-        except NotFound:
-            raise
-        except DhowError:
+        except Unavailable:
             return False
         return True
 
