@@ -40,6 +40,10 @@ class ModelRepository:
             return []
         return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file() and not p.name.startswith("."))
 
+    def has_model(self, name: str) -> bool:
+        """Whether the repository holds a model of that name (a folder with a model.yaml)."""
+        return (self.path_of(name) / MANIFEST).is_file()
+
     def source(self, name: str) -> ModelSource:
         """Read one model's manifest and versions; raises ``ManifestError`` or ``NotFound``."""
         path = self.path_of(name)

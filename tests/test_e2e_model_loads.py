@@ -1,0 +1,115 @@
+"""Loads and reloads against a real server: what the repository API answers when a load is wrong, what the
+index says when a reload fails, and that a failed reload leaves the previous copy serving."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import DhowProcess, start_dhow
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: Any
+
+
+def _call(server: DhowProcess, method: str, path: str, document: object = None) -> Answer:
+    data = None if document is None else json.dumps(document).encode()
+    request = urllib.request.Request(f"http://{server.http_url}{path}", data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            raw, status, headers = answer.read(), answer.status, answer.headers
+    except urllib.error.HTTPError as error:
+        raw, status, headers = error.read(), error.code, error.headers
+    return Answer(status, {k.lower(): v for k, v in headers.items()}, json.loads(raw) if raw else None)
+
+
+def _load(server: DhowProcess, name: str, **parameters: str) -> Answer:
+    return _call(server, "POST", f"/v2/repository/models/{name}/load", {"parameters": parameters})
+
+
+def _index(server: DhowProcess) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = _call(server, "POST", "/v2/repository/index", {}).body
+    return rows
+
+
+def _infer(server: DhowProcess, name: str, version: str = "") -> Answer:
+    path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/infer"
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 32], "data": [0.25] * 32}
+    return _call(server, "POST", path, {"inputs": [tensor]})
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def tabular_only(repository_copy: Path) -> Path:
+    for folder in repository_copy.iterdir():
+        if folder.name != "tabular":
+            shutil.rmtree(folder)
+    return repository_copy
+
+
+def test_a_load_of_an_unknown_model_is_404_and_leaves_no_entry(tabular_only: Path, tmp_path: Path) -> None:
+    server = start_dhow(tabular_only, tmp_path, "--model-control", "explicit", "--load-model", "tabular")
+    try:
+        answer = _load(server, "no_such_model")
+        assert answer.status == 404 and "no_such_model" in answer.body["error"], answer
+        assert [row["name"] for row in _index(server)] == ["tabular"]
+        assert _infer(server, "no_such_model").status == 404
+    finally:
+        assert server.stop() == 0
+
+
+def test_an_invalid_config_is_a_bad_request(tabular_only: Path, tmp_path: Path) -> None:
+    server = start_dhow(tabular_only, tmp_path, "--model-control", "explicit", "--load-model", "tabular")
+    try:
+        for config, fragment in (
+            (json.dumps({"runtime": "onnx", "max_batch_size": "x"}), "max_batch_size"),
+            (json.dumps(["runtime", "onnx"]), "JSON object"),
+            ("{not json", "not valid JSON"),
+        ):
+            answer = _load(server, "tabular", config=config)
+            assert answer.status == 400 and fragment in answer.body["error"], answer
+            assert "retry-after" not in answer.headers, "retrying the same config cannot succeed"
+        assert _infer(server, "tabular").status == 200, "a refused load must leave the model serving"
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_manifest_broken_under_poll_is_unavailable_in_the_index_while_the_old_version_serves(
+    tabular_only: Path, tmp_path: Path
+) -> None:
+    server = start_dhow(tabular_only, tmp_path, "--model-control", "poll", "--poll-interval", "0.2")
+    try:
+        assert _infer(server, "tabular").status == 200
+        (tabular_only / "tabular" / "model.yaml").write_text("runtime: onnx\nmax_batch_size: many\n")
+
+        def unavailable() -> list[dict[str, str]]:
+            return [r for r in _index(server) if r["name"] == "tabular" and r["state"] == "UNAVAILABLE"]
+
+        _wait_for(lambda: bool(unavailable()))
+        reason = unavailable()[0]["reason"]
+        assert "max_batch_size" in reason and "still serving" in reason, reason
+        answer = _infer(server, "tabular")
+        assert answer.status == 200 and answer.body["model_version"] == "2", answer
+    finally:
+        assert server.stop() == 0
