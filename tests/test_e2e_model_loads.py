@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.conftest import DhowProcess, start_dhow
 
@@ -111,5 +114,53 @@ def test_a_manifest_broken_under_poll_is_unavailable_in_the_index_while_the_old_
         assert "max_batch_size" in reason and "still serving" in reason, reason
         answer = _infer(server, "tabular")
         assert answer.status == 200 and answer.body["model_version"] == "2", answer
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_config_overrides_the_fields_it_names_over_model_yaml(tabular_only: Path, tmp_path: Path) -> None:
+    server = start_dhow(tabular_only, tmp_path, "--model-control", "explicit", "--load-model", "tabular")
+    try:
+        answer = _load(server, "tabular", config=json.dumps({"max_batch_size": 8, "version_policy": {"all": True}}))
+        assert answer.status == 200, answer
+        assert _call(server, "GET", "/v2/models/tabular/config").body["max_batch_size"] == 8
+        metadata = _call(server, "GET", "/v2/models/tabular").body
+        assert metadata["versions"] == ["1", "2"]
+        # inputs and outputs come from model.yaml, which the config did not name
+        assert [o["name"] for o in metadata["outputs"]] == ["label", "probabilities"]
+        assert _infer(server, "tabular", "1").status == 200
+    finally:
+        assert server.stop() == 0
+
+
+PROTECTED = {"tenant": "acme", "region": "eu", "pii": None, "payload_sample_rate": 0}
+
+
+def test_under_require_digests_a_config_may_not_change_what_the_digests_protect(
+    tabular_only: Path, tmp_path: Path
+) -> None:
+    manifest_path = tabular_only / "tabular" / "model.yaml"
+    manifest = yaml.safe_load(manifest_path.read_text())
+    manifest.update(region="ae", pii={"action": "hash"}, payload_sample_rate=0.5)
+    manifest_path.write_text(yaml.safe_dump(manifest))
+    trust = [sys.executable, "-m", "dhow.cli", "models", "trust", str(tabular_only), "tabular"]
+    done = subprocess.run([*trust, "--data-dir", str(tmp_path / "data")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    server = start_dhow(
+        tabular_only, tmp_path, "--require-digests", "--region", "ae", "--model-control", "explicit",
+        "--load-model", "tabular",
+    )  # fmt: skip
+    try:
+        for field, value in PROTECTED.items():
+            # the whole manifest with one protected field changed, as a deployer moving the model would send it
+            answer = _load(server, "tabular", config=json.dumps({**manifest, field: value}))
+            assert answer.status == 403, (field, answer)
+            assert field in answer.body["error"] and "--require-digests" in answer.body["error"], answer
+            assert "dhow models trust" in answer.body["error"], answer
+        # what the digests do not protect may change
+        answer = _load(server, "tabular", config=json.dumps({**manifest, "max_batch_size": 8}))
+        assert answer.status == 200, answer
+        assert _call(server, "GET", "/v2/models/tabular/config").body["max_batch_size"] == 8
+        assert _infer(server, "tabular").status == 200
     finally:
         assert server.stop() == 0

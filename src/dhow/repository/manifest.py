@@ -253,6 +253,11 @@ def _parameters(path: Path | str, runtime: str, parameters: dict[str, Any]) -> d
 
 def read_manifest(model_dir: Path) -> ModelConfig:
     """Read ``<model_dir>/model.yaml``; the model's name is its folder's name."""
+    return parse_manifest(read_manifest_data(model_dir), model_dir / MANIFEST, model_dir.name)
+
+
+def read_manifest_data(model_dir: Path) -> dict[str, Any]:
+    """``<model_dir>/model.yaml`` as read, a mapping not yet validated (what a load's config is merged over)."""
     path = model_dir / MANIFEST
     try:
         text = path.read_text(encoding="utf-8")
@@ -262,4 +267,8 @@ def read_manifest(model_dir: Path) -> ModelConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ManifestError(path, "", f"valid YAML ({exc})".replace("\n", " ")) from None
-    return parse_manifest(data, path, model_dir.name)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ManifestError(path, "", "a mapping", data)
+    return data

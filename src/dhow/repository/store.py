@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dhow.core.errors import NotFound
 from dhow.core.model_config import ModelConfig
 from dhow.core.names import check_model_name
-from dhow.repository.manifest import MANIFEST, read_manifest
+from dhow.repository.manifest import MANIFEST, read_manifest, read_manifest_data
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,10 @@ class ModelRepository:
     def has_model(self, name: str) -> bool:
         """Whether the repository holds a model of that name (a folder with a model.yaml)."""
         return (self.path_of(name) / MANIFEST).is_file()
+
+    def manifest_data(self, name: str) -> dict[str, Any]:
+        """The model's model.yaml as read, not yet validated; raises ``ManifestError``."""
+        return read_manifest_data(self.path_of(name))
 
     def source(self, name: str) -> ModelSource:
         """Read one model's manifest and versions; raises ``ManifestError`` or ``NotFound``."""

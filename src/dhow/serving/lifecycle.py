@@ -29,7 +29,7 @@ from dhow.governance.masking import parse_masking
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.repository.manifest import MANIFEST, parse_manifest
 from dhow.repository.store import ModelRepository, ModelSource
-from dhow.serving.load_requests import requested_manifest, write_upload
+from dhow.serving.load_requests import overridden_manifest, requested_manifest, write_upload
 from dhow.serving.model_version import ModelVersion, load_runtimes
 
 log = logging.getLogger("dhow.models")
@@ -234,9 +234,7 @@ class ModelLifecycle:
         config_text = parameters.get("config")
         files = {key[5:]: value for key, value in parameters.items() if key.startswith("file:")}
         if not files:
-            if not await asyncio.to_thread(self._repository_of(name).has_model, name):
-                raise unknown_model(name)
-            return None if config_text is None else requested_manifest(name, config_text)
+            return await self._overridden_manifest(name, config_text)
         if self.upload_dir is None:
             raise Forbidden("uploading model files is off because they can run code; start with --allow-model-upload")
         if config_text is None:
@@ -245,6 +243,16 @@ class ModelLifecycle:
         await asyncio.to_thread(write_upload, self.upload_dir, name, manifest, files)
         self._uploaded[name] = ModelRepository(self.upload_dir)
         return manifest
+
+    async def _overridden_manifest(self, name: str, config_text: object) -> dict[str, Any] | None:
+        repository = self._repository_of(name)
+        if not await asyncio.to_thread(repository.has_model, name):
+            raise unknown_model(name)
+        if config_text is None:
+            return None
+        on_disk = await asyncio.to_thread(repository.manifest_data, name)
+        # a set artifact check verifies model.yaml against its trusted digest: an override must not undo that
+        return overridden_manifest(name, on_disk, config_text, digests_required=self.artifact_check is not None)
 
     async def request_unload(self, name: str) -> None:
         self._check_api_control("unload")

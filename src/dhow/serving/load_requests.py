@@ -1,5 +1,6 @@
-"""What a load through the repository API asks for: a manifest given in its ``config`` parameter, and
-uploaded model files (``file:<version>/<name>``), written into the upload folder.
+"""What a load through the repository API asks for: a ``config`` override, merged over the model's
+model.yaml, or a whole manifest with uploaded model files (``file:<version>/<name>``), written into the
+upload folder.
 
 A client's mistake in either is a bad request (400, gRPC INVALID_ARGUMENT), never "unavailable": retrying
 the same request cannot succeed.
@@ -15,15 +16,41 @@ from typing import Any
 
 import orjson
 
-from dhow.core.errors import InvalidInput
+from dhow.core.errors import Forbidden, InvalidInput
+from dhow.core.model_config import ModelConfig
 from dhow.core.names import check_model_name
 from dhow.repository.manifest import MANIFEST, ManifestError, parse_manifest
 
-__all__ = ["requested_manifest", "write_upload"]
+__all__ = ["PROTECTED_FIELDS", "overridden_manifest", "requested_manifest", "write_upload"]
+
+#: what ``--require-digests`` protects through model.yaml's digest: who may use the model, where its data may
+#: go, what is masked and which payloads the audit trail keeps; a config override may not change them
+PROTECTED_FIELDS = ("tenant", "region", "pii", "payload_sample_rate")
 
 
 def requested_manifest(name: str, config_text: object) -> dict[str, Any]:
-    """The manifest a load request's ``config`` parameter holds, validated; ``InvalidInput`` saying why if not."""
+    """The whole manifest a load request's ``config`` parameter holds (an upload's), validated."""
+    data = _config_fields(config_text)
+    _parse(name, data, f"config parameter of the load request for '{name}'")
+    return data
+
+
+def overridden_manifest(
+    name: str, on_disk: dict[str, Any], config_text: object, *, digests_required: bool
+) -> dict[str, Any]:
+    """model.yaml's fields with those the ``config`` parameter names put in their place, validated.
+
+    A named field replaces model.yaml's whole (``batching: {...}`` replaces the block); ``null`` resets it
+    to its default. With ``digests_required`` the result must keep model.yaml's ``PROTECTED_FIELDS``.
+    """
+    merged = {**on_disk, **_config_fields(config_text)}
+    config = _parse(name, merged, f"config parameter of the load request for '{name}' (over {name}/{MANIFEST})")
+    if digests_required:
+        _check_protected(parse_manifest(on_disk, f"{name}/{MANIFEST}", name), config)
+    return merged
+
+
+def _config_fields(config_text: object) -> dict[str, Any]:
     if not isinstance(config_text, str):
         raise InvalidInput("load parameter 'config' must be a JSON string holding the model.yaml fields")
     try:
@@ -32,11 +59,28 @@ def requested_manifest(name: str, config_text: object) -> dict[str, Any]:
         raise InvalidInput(f"load parameter 'config' is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidInput(f"load parameter 'config' must be a JSON object of model.yaml fields, got {data!r}")
+    return data
+
+
+def _parse(name: str, data: dict[str, Any], where: str) -> ModelConfig:
     try:
-        parse_manifest(data, f"config parameter of the load request for '{name}'", name)
+        return parse_manifest(data, where, name)
     except ManifestError as exc:
         raise InvalidInput(exc.message) from None
-    return data
+
+
+def _check_protected(trusted: ModelConfig, wanted: ModelConfig) -> None:
+    changes = [
+        f"{field} (model.yaml: {getattr(trusted, field)!r}, config: {getattr(wanted, field)!r})"
+        for field in PROTECTED_FIELDS
+        if getattr(trusted, field) != getattr(wanted, field)
+    ]
+    if changes:
+        raise Forbidden(
+            f"model '{trusted.name}': with --require-digests a load's config may not change what the trusted "
+            f"model.yaml decides: {'; '.join(changes)}. Change model.yaml and record it with 'dhow models trust' "
+            "instead"
+        )
 
 
 def write_upload(upload_dir: Path, name: str, manifest: dict[str, Any], files: dict[str, Any]) -> None:
