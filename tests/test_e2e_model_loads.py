@@ -164,3 +164,30 @@ def test_under_require_digests_a_config_may_not_change_what_the_digests_protect(
         assert _infer(server, "tabular").status == 200
     finally:
         assert server.stop() == 0
+
+
+def test_a_failed_reload_of_one_version_keeps_its_previous_copy_serving(tabular_only: Path, tmp_path: Path) -> None:
+    manifest_path = tabular_only / "tabular" / "model.yaml"
+    manifest = yaml.safe_load(manifest_path.read_text())
+    manifest_path.write_text(yaml.safe_dump({**manifest, "version_policy": {"all": True}}))
+    server = start_dhow(tabular_only, tmp_path, "--model-control", "explicit", "--load-model", "tabular")
+    try:
+        before = {version: _infer(server, "tabular", version).body for version in ("", "1", "2")}
+        assert before[""]["model_version"] == "2" and before[""]["outputs"] == before["2"]["outputs"]
+        assert before["1"]["outputs"] != before["2"]["outputs"], "the versions must answer differently"
+        (tabular_only / "tabular" / "2" / "model.onnx").write_bytes(b"not an onnx model")
+        answer = _load(server, "tabular")
+        assert answer.status == 503 and "version 2" in answer.body["error"], answer
+
+        # version 2's previous copy answers what it answered before, unversioned requests included
+        for version in ("", "1", "2"):
+            after = _infer(server, "tabular", version)
+            assert after.status == 200, (version, after)
+            assert after.body["outputs"] == before[version]["outputs"], version
+        assert _infer(server, "tabular").body["model_version"] == "2"
+        rows = [r for r in _index(server) if r["name"] == "tabular"]
+        assert {(r["version"], r["state"]) for r in rows} == {("1", "READY"), ("2", "READY"), ("2", "UNAVAILABLE")}
+        failed = next(r for r in rows if r["state"] == "UNAVAILABLE")
+        assert "still serving the previous copy" in failed["reason"], failed
+    finally:
+        assert server.stop() == 0

@@ -312,6 +312,7 @@ class ModelLifecycle:
             except Exception as exc:
                 log.exception("loading %s version %s failed", name, number)
                 failed[number] = f"{type(exc).__name__}: {exc}"
+        _keep_previous_copies(entry.versions, new_versions, failed)
         if not new_versions and entry.versions:
             # nothing new could be loaded: keep serving what was there
             entry.failed, entry.fingerprint = failed, fingerprint
@@ -371,6 +372,17 @@ class ModelLifecycle:
     async def close(self) -> None:
         for name in list(self.entries):
             await self.unload(name)
+
+
+def _keep_previous_copies(
+    serving: dict[int, ModelVersion], new_versions: dict[int, ModelVersion], failed: dict[int, str]
+) -> None:
+    """A version whose reload failed keeps its previous copy serving: traffic to it (and unversioned traffic,
+    when it is the newest) must not move to another version, which would answer differently."""
+    for number, reason in failed.items():
+        if number in serving:
+            new_versions[number] = serving[number]
+            failed[number] = f"reload failed, still serving the previous copy: {reason}"
 
 
 def _manifest_changed(old: tuple[tuple[str, int, int], ...], new: tuple[tuple[str, int, int], ...]) -> bool:
