@@ -191,3 +191,30 @@ def test_a_failed_reload_of_one_version_keeps_its_previous_copy_serving(tabular_
         assert "still serving the previous copy" in failed["reason"], failed
     finally:
         assert server.stop() == 0
+
+
+def test_load_errors_name_files_relative_to_the_repository(tabular_only: Path, tmp_path: Path) -> None:
+    server = start_dhow(tabular_only, tmp_path, "--model-control", "explicit", "--load-model", "tabular")
+    roots = {str(tabular_only), str(tabular_only.resolve())}
+    model = tabular_only / "tabular"
+    manifest = (model / "model.yaml").read_text()
+    try:
+        shutil.copytree(model / "2", model / "3")
+        (model / "3" / "model.onnx").write_bytes(b"not an onnx model")  # a runtime's own error
+        answers = [_load(server, "tabular")]
+        shutil.rmtree(model / "3")
+        (model / "model.yaml").write_text("runtime: onnx\nmax_batch_size: many\n")  # the manifest parser's
+        answers.append(_load(server, "tabular"))
+        (model / "model.yaml").write_text("runtime: [onnx\n")  # read before a config is merged over it
+        answers.append(_load(server, "tabular", config=json.dumps({"max_batch_size": 4})))
+        (model / "model.yaml").write_text(manifest)
+        for version in ("1", "2"):
+            shutil.move(model / version, tmp_path / version)  # no version folder left
+        answers.append(_load(server, "tabular"))
+        for answer in answers:
+            assert answer.status == 503 and "tabular" in answer.body["error"], answer
+        assert "tabular/model.yaml" in answers[1].body["error"] and "tabular/model.yaml" in answers[2].body["error"]
+        shown = json.dumps([a.body for a in answers] + _index(server))
+        assert not [root for root in roots if root in shown], shown
+    finally:
+        assert server.stop() == 0

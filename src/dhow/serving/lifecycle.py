@@ -277,6 +277,7 @@ class ModelLifecycle:
         entry = self.entries.setdefault(name, ModelEntry(name))
         async with entry.lock:
             await self._load_locked(entry, override)
+            self._hide_paths(entry)
         self.metrics.models_loaded.set(sum(len(e.versions) for e in self.entries.values()))
 
     async def _load_locked(self, entry: ModelEntry, override: dict[str, Any] | None) -> None:
@@ -328,6 +329,12 @@ class ModelLifecycle:
             log.error("model %s version %s failed to load: %s", name, number, reason)
         if new_versions:
             log.info("model %s serving versions %s", name, ", ".join(map(str, sorted(new_versions))))
+
+    def _hide_paths(self, entry: ModelEntry) -> None:
+        """The reasons a client is shown name files relative to the repository (the log keeps them whole)."""
+        relative = self._repository_of(entry.name).relative
+        entry.reason = relative(entry.reason)
+        entry.failed = {number: relative(reason) for number, reason in entry.failed.items()}
 
     def _keep_old(self, entry: ModelEntry, reason: str) -> None:
         log.error("model %s: %s", entry.name, reason)
