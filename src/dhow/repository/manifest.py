@@ -253,13 +253,24 @@ def _parameters(path: Path | str, runtime: str, parameters: dict[str, Any]) -> d
 
 def read_manifest(model_dir: Path) -> ModelConfig:
     """Read ``<model_dir>/model.yaml``; the model's name is its folder's name."""
+    return parse_manifest(read_manifest_data(model_dir), Path(model_dir.name) / MANIFEST, model_dir.name)
+
+
+def read_manifest_data(model_dir: Path) -> dict[str, Any]:
+    """``<model_dir>/model.yaml`` as read, a mapping not yet validated (what a load's config is merged over)."""
     path = model_dir / MANIFEST
+    # refusals name the file as the repository knows it (<model>/model.yaml): they reach clients
+    where = Path(model_dir.name) / MANIFEST
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ManifestError(path, "", "a model.yaml file in every model folder") from None
+        raise ManifestError(where, "", "a model.yaml file in every model folder") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ManifestError(path, "", f"valid YAML ({exc})".replace("\n", " ")) from None
-    return parse_manifest(data, path, model_dir.name)
+        raise ManifestError(where, "", f"valid YAML ({exc})".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ManifestError(where, "", "a mapping", data)
+    return data

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from dhow.core.errors import NotFound
+from dhow.core.errors import unknown_model
 from dhow.core.model_config import ModelConfig
 from dhow.core.names import check_model_name
-from dhow.repository.manifest import MANIFEST, read_manifest
+from dhow.repository.manifest import MANIFEST, read_manifest, read_manifest_data
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,11 +42,19 @@ class ModelRepository:
             return []
         return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file() and not p.name.startswith("."))
 
+    def has_model(self, name: str) -> bool:
+        """Whether the repository holds a model of that name (a folder with a model.yaml)."""
+        return (self.path_of(name) / MANIFEST).is_file()
+
+    def manifest_data(self, name: str) -> dict[str, Any]:
+        """The model's model.yaml as read, not yet validated; raises ``ManifestError``."""
+        return read_manifest_data(self.path_of(name))
+
     def source(self, name: str) -> ModelSource:
         """Read one model's manifest and versions; raises ``ManifestError`` or ``NotFound``."""
         path = self.path_of(name)
         if not (path / MANIFEST).is_file():
-            raise NotFound(f"model '{name}' is not in the repository {self.root}")
+            raise unknown_model(name)
         config = read_manifest(path)
         versions = tuple(sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()))
         return ModelSource(name, path, config, versions)
@@ -68,3 +78,11 @@ class ModelRepository:
                     continue
                 entries.append((os.path.relpath(full, path), stat.st_size, stat.st_mtime_ns))
         return tuple(entries)
+
+    def relative(self, text: str) -> str:
+        """``text`` with this repository's location taken out, so that its paths name files relative to the
+        repository (``tabular/2/model.onnx``): messages shown to clients do not reveal the server's folders."""
+        for root in sorted({str(self.root.absolute()), str(self.root.resolve())}, key=len, reverse=True):
+            text = text.replace(root + os.sep, "")
+            text = re.sub(re.escape(root) + r"(?![^\s'\",;:)])", "<repository>", text)
+        return text

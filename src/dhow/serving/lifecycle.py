@@ -8,17 +8,12 @@ before releasing them: a request in flight never meets a half-loaded or closed m
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import enum
 import logging
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import orjson
 
 from dhow.core.errors import (
     DhowError,
@@ -30,11 +25,11 @@ from dhow.core.errors import (
     Unsupported,
     unknown_model,
 )
-from dhow.core.names import check_model_name
 from dhow.governance.masking import parse_masking
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.repository.manifest import MANIFEST, parse_manifest
 from dhow.repository.store import ModelRepository, ModelSource
+from dhow.serving.load_requests import overridden_manifest, requested_manifest, write_upload
 from dhow.serving.model_version import ModelVersion, load_runtimes
 
 log = logging.getLogger("dhow.models")
@@ -158,8 +153,10 @@ class ModelLifecycle:
                 continue
             for number, reason in sorted(entry.failed.items()):
                 rows.append({"name": name, "version": str(number), "state": "UNAVAILABLE", "reason": reason})
-            if not entry.versions and not entry.failed:
-                rows.append({"name": name, "version": "", "state": entry.state, "reason": entry.reason})
+            if not entry.failed and (entry.reason or not entry.versions):
+                # a model-wide failure (its manifest): unavailable, though the previous versions may still serve
+                state = "UNAVAILABLE" if entry.versions else entry.state
+                rows.append({"name": name, "version": "", "state": state, "reason": entry.reason})
         return rows
 
     # -- versions that deployments need -------------------------------------------------
@@ -220,13 +217,7 @@ class ModelLifecycle:
     async def request_load(self, name: str, parameters: dict[str, Any]) -> None:
         """A load asked through the repository API: config override and uploaded files allowed."""
         self._check_api_control("load")
-        config_text = parameters.get("config")
-        files = {key[5:]: value for key, value in parameters.items() if key.startswith("file:")}
-        if files:
-            self._write_upload(name, config_text, files)
-        elif config_text is not None:
-            self._check_config(name, config_text)
-        override = orjson.loads(config_text) if config_text is not None else None
+        override = await self._requested_manifest(name, parameters)
         await self.load(name, override)
         entry = self.entries.get(name)
         if entry is None:
@@ -237,6 +228,34 @@ class ModelLifecycle:
             # the caller asked for new files to be served: say that they were not, even if old ones still are
             reason = entry.reason or "; ".join(f"version {v}: {r}" for v, r in sorted(entry.failed.items()))
             raise ModelLoadError(f"failed to load model '{name}': {reason}")
+
+    async def _requested_manifest(self, name: str, parameters: dict[str, Any]) -> dict[str, Any] | None:
+        """The manifest a load request asks for (None: the model's model.yaml), with its uploaded files written.
+
+        A model that is in no repository is refused here (404), before an entry is made for it.
+        """
+        config_text = parameters.get("config")
+        files = {key[5:]: value for key, value in parameters.items() if key.startswith("file:")}
+        if not files:
+            return await self._overridden_manifest(name, config_text)
+        if self.upload_dir is None:
+            raise Forbidden("uploading model files is off because they can run code; start with --allow-model-upload")
+        if config_text is None:
+            raise InvalidInput("a load with 'file:' parameters also needs the 'config' parameter (model.yaml as JSON)")
+        manifest = requested_manifest(name, config_text)
+        await asyncio.to_thread(write_upload, self.upload_dir, name, manifest, files)
+        self._uploaded[name] = ModelRepository(self.upload_dir)
+        return manifest
+
+    async def _overridden_manifest(self, name: str, config_text: object) -> dict[str, Any] | None:
+        repository = self._repository_of(name)
+        if not await asyncio.to_thread(repository.has_model, name):
+            raise unknown_model(name)
+        if config_text is None:
+            return None
+        on_disk = await asyncio.to_thread(repository.manifest_data, name)
+        # a set artifact check verifies model.yaml against its trusted digest: an override must not undo that
+        return overridden_manifest(name, on_disk, config_text, digests_required=self.artifact_check is not None)
 
     async def request_unload(self, name: str) -> None:
         self._check_api_control("unload")
@@ -256,44 +275,12 @@ class ModelLifecycle:
                 "start dhow with --model-control explicit"
             )
 
-    def _check_config(self, name: str, config_text: object) -> dict[str, Any]:
-        if not isinstance(config_text, str):
-            raise InvalidInput("load parameter 'config' must be a JSON string holding the model.yaml fields")
-        try:
-            data = orjson.loads(config_text)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidInput(f"load parameter 'config' is not valid JSON: {exc}") from None
-        parse_manifest(data, f"config parameter of the load request for '{name}'", name)
-        if not isinstance(data, dict):
-            raise InvalidInput("load parameter 'config' must be a JSON object")
-        return data
-
-    def _write_upload(self, name: str, config_text: object, files: dict[str, Any]) -> None:
-        if self.upload_dir is None:
-            raise Forbidden("uploading model files is off because they can run code; start with --allow-model-upload")
-        if config_text is None:
-            raise InvalidInput("a load with 'file:' parameters also needs the 'config' parameter (model.yaml as JSON)")
-        data = self._check_config(name, config_text)
-        target = _inside(self.upload_dir, check_model_name(name))
-        staging = _inside(self.upload_dir, f".{name}.staging")
-        shutil.rmtree(staging, ignore_errors=True)
-        for relative, content in files.items():
-            path = (staging / relative).resolve()
-            parts = Path(relative).parts
-            if not parts or not parts[0].isdigit() or ".." in parts or not path.is_relative_to(staging.resolve()):
-                raise InvalidInput(f"file parameter 'file:{relative}' must be '<version>/<file name>'")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(_decode_file(relative, content))
-        (staging / MANIFEST).write_bytes(orjson.dumps(data))  # JSON is YAML
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
-        self._uploaded[name] = ModelRepository(self.upload_dir)
-
     async def load(self, name: str, override: dict[str, Any] | None = None) -> None:
         """Load or reload a model's versions as its manifest and version policy say."""
         entry = self.entries.setdefault(name, ModelEntry(name))
         async with entry.lock:
             await self._load_locked(entry, override)
+            self._hide_paths(entry)
         self.metrics.models_loaded.set(sum(len(e.versions) for e in self.entries.values()))
 
     async def _load_locked(self, entry: ModelEntry, override: dict[str, Any] | None) -> None:
@@ -329,6 +316,7 @@ class ModelLifecycle:
             except Exception as exc:
                 log.exception("loading %s version %s failed", name, number)
                 failed[number] = f"{type(exc).__name__}: {exc}"
+        _keep_previous_copies(entry.versions, new_versions, failed)
         if not new_versions and entry.versions:
             # nothing new could be loaded: keep serving what was there
             entry.failed, entry.fingerprint = failed, fingerprint
@@ -344,6 +332,12 @@ class ModelLifecycle:
             log.error("model %s version %s failed to load: %s", name, number, reason)
         if new_versions:
             log.info("model %s serving versions %s", name, ", ".join(map(str, sorted(new_versions))))
+
+    def _hide_paths(self, entry: ModelEntry) -> None:
+        """The reasons a client is shown name files relative to the repository (the log keeps them whole)."""
+        relative = self._repository_of(entry.name).relative
+        entry.reason = relative(entry.reason)
+        entry.failed = {number: relative(reason) for number, reason in entry.failed.items()}
 
     def _keep_old(self, entry: ModelEntry, reason: str) -> None:
         log.error("model %s: %s", entry.name, reason)
@@ -390,6 +384,17 @@ class ModelLifecycle:
             await self.unload(name)
 
 
+def _keep_previous_copies(
+    serving: dict[int, ModelVersion], new_versions: dict[int, ModelVersion], failed: dict[int, str]
+) -> None:
+    """A version whose reload failed keeps its previous copy serving: traffic to it (and unversioned traffic,
+    when it is the newest) must not move to another version, which would answer differently."""
+    for number, reason in failed.items():
+        if number in serving:
+            new_versions[number] = serving[number]
+            failed[number] = f"reload failed, still serving the previous copy: {reason}"
+
+
 def _manifest_changed(old: tuple[tuple[str, int, int], ...], new: tuple[tuple[str, int, int], ...]) -> bool:
     return [f for f in old if f[0] == MANIFEST] != [f for f in new if f[0] == MANIFEST]
 
@@ -397,22 +402,3 @@ def _manifest_changed(old: tuple[tuple[str, int, int], ...], new: tuple[tuple[st
 def _version_changed(old: tuple[tuple[str, int, int], ...], new: tuple[tuple[str, int, int], ...], number: int) -> bool:
     prefix = f"{number}/"
     return [f for f in old if f[0].startswith(prefix)] != [f for f in new if f[0].startswith(prefix)]
-
-
-def _inside(folder: Path, name: str) -> Path:
-    """``folder / name``, refused unless it is a child of ``folder``: uploads never write or delete elsewhere."""
-    path = folder / name
-    if path.resolve().parent != folder.resolve():
-        raise InvalidInput(f"model name {name!r} leads outside the upload folder")
-    return path
-
-
-def _decode_file(relative: str, content: object) -> bytes:
-    if isinstance(content, bytes):
-        return content
-    if isinstance(content, str):
-        try:
-            return base64.b64decode(content, validate=True)
-        except binascii.Error:
-            raise InvalidInput(f"file parameter 'file:{relative}' must be base64") from None
-    raise InvalidInput(f"file parameter 'file:{relative}' must be base64 text or bytes")
