@@ -296,7 +296,6 @@ class DynamicBatcher:
             if not pending.future.done():
                 pending.future.set_result(result)
 
-
     def _measure(self, batch_ns: int, requests: int) -> None:
         """Moving averages of a batch's time and size: what the derived queue bound is made of."""
         if not self._batch_ns:

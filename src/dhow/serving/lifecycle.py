@@ -124,7 +124,8 @@ class ModelLifecycle:
             return Unavailable(f"model '{name}' is not available: {entry.reason}", retry_after=5)
         if name in self._known_names():
             hint = (
-                f"load it with POST /v2/repository/models/{name}/load"
+                f"load it through the repository API (REST POST /v2/repository/models/{name}/load, gRPC "
+                "RepositoryModelLoad)"
                 if self.control is ModelControl.EXPLICIT and self.workers == 1
                 else ""
             )
@@ -164,7 +165,7 @@ class ModelLifecycle:
     def versions_on_disk(self, name: str) -> tuple[int, ...]:
         """The version folders a model has; raises NotFound for a model that is not in the repository."""
         if name not in self._known_names():
-            raise NotFound(f"unknown model '{name}'; GET /v2/repository/index lists the models")
+            raise unknown_model(name)
         return self._repository_of(name).source(name).versions
 
     async def require_versions(self, name: str, versions: frozenset[int]) -> None:
