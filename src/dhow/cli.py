@@ -93,6 +93,9 @@ def _add_settings_options(serve: argparse.ArgumentParser) -> None:
         "security": serve.add_argument_group(
             "security", "identities, TLS, encrypted artifacts, quotas, audit, residency"
         ),
+        "connections": serve.add_argument_group(
+            "connections", "time limits of slow or idle clients, and how many connections are served at once"
+        ),
     }
     for option in setting_options():
         groups[option.group].add_argument(*option.flags, dest=option.name, help=_help(option), **_shape(option))

@@ -22,8 +22,9 @@ from dhow.core.names import check_region_name
 from dhow.governance.masking import Masker, install_log_masking, parse_masking
 from dhow.governance.residency import ResidencyPolicy
 from dhow.monitoring.metrics import ServerMetrics
-from dhow.protocols.grpc import GrpcServer, create_grpc_server
+from dhow.protocols.grpc import GrpcConnectionLimits, GrpcServer, create_grpc_server
 from dhow.protocols.rest import RestApp
+from dhow.protocols.rest.connection import ConnectionTimeouts, DeadlineHttpProtocol
 from dhow.protocols.rest.tls import ClientCertHttpProtocol
 from dhow.repository.encryption import Keyring
 from dhow.repository.store import ModelRepository
@@ -185,6 +186,8 @@ class Server:
         """Start gRPC and REST; a port that cannot be served stops the process with a message."""
         settings = self.settings
         tls = self.tls
+        timeouts = ConnectionTimeouts(header_s=settings.header_timeout, body_s=settings.body_timeout)
+        protocol = ClientCertHttpProtocol if tls is not None else DeadlineHttpProtocol
         http = _HttpServer(
             uvicorn.Config(
                 parts.rest,
@@ -195,9 +198,10 @@ class Server:
                 # uvicorn's own records go to the root handlers, through the PII masking filter
                 log_config=None,
                 log_level="warning",
-                http=ClientCertHttpProtocol if tls is not None else "httptools",
+                http=protocol.with_timeouts(timeouts),
                 loop="none",
-                timeout_keep_alive=30,
+                timeout_keep_alive=settings.keepalive_timeout,
+                limit_concurrency=settings.max_connections or None,
                 **(tls.uvicorn_options() if tls is not None else {}),
             )
         )
@@ -208,6 +212,11 @@ class Server:
             max_message_bytes=settings.max_request_bytes,
             credentials=tls.grpc_credentials() if tls is not None else None,
             reuse_port=settings.workers > 1,
+            limits=GrpcConnectionLimits(
+                handshake_s=settings.header_timeout,
+                idle_s=settings.grpc_idle_timeout,
+                keepalive_s=settings.grpc_keepalive,
+            ),
         )
         await grpc.server.start()
         http_task = asyncio.create_task(http.serve(None if self.http_socket is None else [self.http_socket]))

@@ -50,6 +50,7 @@ def _setting(default: _T, doc: str, **option: Any) -> _T:
 
 
 _SECURITY = "security"
+_CONNECTIONS = "connections"
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +106,47 @@ class ServerSettings:
         "server processes sharing the ports, each with its own copy of the models "
         "(1: this process serves; more: a supervisor starts that many)",
         metavar="N",
+    )
+
+    # -- connections: how long a client may take, and how many may be served at once --
+    header_timeout: float = _setting(
+        10.0,
+        "seconds a client has to send a request's headers (REST), from its first byte or the connection's start, "
+        "and to open a gRPC connection (handshake and HTTP/2 settings); then the connection is closed",
+        metavar="SECONDS",
+        group=_CONNECTIONS,
+    )
+    body_timeout: float = _setting(
+        30.0,
+        "longest silence between two parts of a REST request's body; then 408 and the connection is closed",
+        metavar="SECONDS",
+        group=_CONNECTIONS,
+    )
+    keepalive_timeout: int = _setting(
+        30,
+        "seconds an idle REST connection is kept open for the client's next request "
+        "(keep it above a load balancer's idle timeout)",
+        metavar="SECONDS",
+        group=_CONNECTIONS,
+    )
+    max_connections: int = _setting(
+        1000,
+        "REST connections and requests in flight a server process takes at once, counting the one asking; "
+        "past it a request is answered 503 and its connection closed (keep it below 'ulimit -n'); 0: no bound",
+        metavar="N",
+        group=_CONNECTIONS,
+    )
+    grpc_idle_timeout: float = _setting(
+        300.0,
+        "seconds a gRPC connection with no call in flight is kept open (then GOAWAY; clients reconnect)",
+        metavar="SECONDS",
+        group=_CONNECTIONS,
+    )
+    grpc_keepalive: float = _setting(
+        60.0,
+        "seconds between the server's pings on a quiet gRPC connection; one unanswered for 20 s closes it",
+        metavar="SECONDS",
+        group=_CONNECTIONS,
     )
     #: who the administration commands are, not the server: no ``serve`` option
     actor: str = _setting(
@@ -253,7 +295,9 @@ _CHOICES = {
     "tls_client_auth": ("required", "optional"),
 }
 #: integer settings with a lower bound
-_AT_LEAST = {"workers": 1}
+_AT_LEAST = {"workers": 1, "max_connections": 0, "keepalive_timeout": 1}
+#: durations that must be more than zero (a zero timeout would close every connection at once)
+_POSITIVE = ("header_timeout", "body_timeout", "grpc_idle_timeout", "grpc_keepalive")
 _FIELDS = {field.name: field for field in dataclasses.fields(ServerSettings)}
 
 
@@ -316,6 +360,8 @@ def _convert(name: str, value: object, source: str) -> object:
         raise InvalidInput(f"{source}: '{name}' must be one of {', '.join(_CHOICES[name])}, got {value!r}")
     if name in _AT_LEAST and isinstance(result, int) and result < _AT_LEAST[name]:
         raise InvalidInput(f"{source}: '{name}' must be an integer of at least {_AT_LEAST[name]}, got {value!r}")
+    if name in _POSITIVE and isinstance(result, float) and not result > 0:
+        raise InvalidInput(f"{source}: '{name}' must be a number of seconds above 0, got {value!r}")
     return result
 
 

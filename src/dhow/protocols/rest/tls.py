@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
 from dhow.protocols.rest.app import CLIENT_CN_SCOPE_KEY
+from dhow.protocols.rest.connection import DeadlineHttpProtocol
 
 __all__ = ["ClientCertHttpProtocol"]
 
 
-class ClientCertHttpProtocol(HttpToolsProtocol):
+class ClientCertHttpProtocol(DeadlineHttpProtocol):
     _client_cn = ""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
