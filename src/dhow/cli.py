@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from dhow import __version__
 from dhow.core.errors import DhowError
-from dhow.settings import SettingOption, resolve_settings, setting_options
+from dhow.settings import SettingOption, SettingsSource, setting_options
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -123,14 +123,16 @@ def _help(option: SettingOption) -> str:
 def _serve(args: argparse.Namespace) -> int:
     from dhow.server import run_server
 
-    settings = resolve_settings(vars(args), config_file=args.config)
+    # kept to read the settings again on SIGHUP (only the settings' own values: it goes to the workers)
+    source = SettingsSource({option.name: getattr(args, option.name) for option in setting_options()}, args.config)
+    settings = source.read()
     if not settings.repository.is_dir():
         print(f"dhow: the model repository {settings.repository} is not a folder (see --repository)", file=sys.stderr)
         return 2
     if settings.workers > 1:
         from dhow.supervisor import serve_workers
 
-        return serve_workers(settings)
+        return serve_workers(settings, source)
     from dhow.supervisor import check_port
 
     # before any store opens or model loads: a busy port is the commonest start-up mistake (a busy port 0
@@ -138,7 +140,7 @@ def _serve(args: argparse.Namespace) -> int:
     for door, port in (("REST", settings.http_port), ("gRPC", settings.grpc_port)):
         if port:
             check_port(settings.host, port, door)
-    run_server(settings)
+    run_server(settings, source=source)
     return 0
 
 

@@ -27,6 +27,8 @@ __all__ = [
     "ENV_PREFIX",
     "ServerSettings",
     "SettingOption",
+    "SettingsSource",
+    "live_settings",
     "resolve_settings",
     "setting_options",
 ]
@@ -43,8 +45,9 @@ _T = TypeVar("_T")
 def _setting(default: _T, doc: str, **option: Any) -> _T:
     """A field: its default, what it is for, and how ``dhow serve`` takes it as an option.
 
-    ``option`` may say ``flags`` (default ``--field-name``; empty: environment and file only), ``metavar``
-    and ``group`` (the help section). The default is shown after ``doc`` in the help, so ``doc`` leaves it out.
+    ``option`` may say ``flags`` (default ``--field-name``; empty: environment and file only), ``metavar``,
+    ``group`` (the help section) and ``live`` (a running server applies a new value when it gets SIGHUP).
+    The default is shown after ``doc`` in the help, so ``doc`` leaves it out.
     """
     return dataclasses.field(default=default, metadata={"doc": doc, **option})
 
@@ -99,7 +102,7 @@ class ServerSettings:
         "how often to look for deployment and key changes made by other servers or the CLI sharing the registry",
         metavar="SECONDS",
     )
-    log_level: str = _setting("info", "how much the server logs")
+    log_level: str = _setting("info", "how much the server logs (applied again on SIGHUP)", live=True)
     loop: str = _setting("uvloop", "event loop: uvloop (faster) or asyncio")
     workers: int = _setting(
         1,
@@ -275,6 +278,23 @@ class ServerSettings:
         requests under ``--auth none``, so that a person is named the same by every command.
         """
         return self.actor or _login_name()
+
+
+def live_settings() -> tuple[str, ...]:
+    """The settings a running server applies again when it gets SIGHUP; the others need a restart."""
+    return tuple(name for name, field in _FIELDS.items() if field.metadata.get("live"))
+
+
+@dataclass(frozen=True, slots=True)
+class SettingsSource:
+    """Where a server's settings came from, so that it can read them again (SIGHUP): the command line's
+    values and the settings file. The environment is the process's own, which nobody changes."""
+
+    cli: Mapping[str, object]
+    config_file: Path | None = None
+
+    def read(self) -> ServerSettings:
+        return resolve_settings(self.cli, config_file=self.config_file)
 
 
 def _login_name() -> str:
