@@ -104,6 +104,9 @@ def _add_settings_options(serve: argparse.ArgumentParser) -> None:
 def _shape(option: SettingOption) -> dict[str, Any]:
     """How argparse reads the option: its type, a repeatable list, a switch, a choice."""
     if option.kind == "bool":
+        # a switch; one that is on by default also gets its --no- form, the only way to turn it off here
+        if option.default:
+            return {"action": argparse.BooleanOptionalAction}
         return {"action": "store_const", "const": True}
     shape: dict[str, Any] = {"metavar": option.metavar, "choices": option.choices}
     if option.kind == "tuple[str, ...]":

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import uvicorn
@@ -27,7 +27,10 @@ from dhow.governance.residency import ResidencyPolicy
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.protocols.grpc import GrpcConnectionLimits, GrpcServer, create_grpc_server
 from dhow.protocols.rest import RestApp
+from dhow.protocols.rest.access_log import AccessLog
+from dhow.protocols.rest.body import Receive, Scope, Send
 from dhow.protocols.rest.connection import ConnectionTimeouts, DeadlineHttpProtocol
+from dhow.protocols.rest.cors import CorsMiddleware, CorsPolicy
 from dhow.protocols.rest.tls import ClientCertHttpProtocol
 from dhow.repository.encryption import Keyring
 from dhow.repository.store import ModelRepository
@@ -92,6 +95,8 @@ class Server:
         self.residency = ResidencyPolicy.load(settings.residency_policy)
         self.certificates = ServerCertificates(self.tls) if self.tls is not None else None
         self.security = Security(settings)
+        self.cors = CorsPolicy.of(settings.cors_origins, settings.cors_methods, settings.cors_headers)
+        self.access_log = AccessLog(enabled=settings.access_log)
         self._stop = asyncio.Event()
         self._serving = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
@@ -141,6 +146,7 @@ class Server:
         parts.service.guard.close()
         await self.security.close()
         log.info("dhow stopped")
+        self.access_log.close()
 
     def _on_hangup(self) -> None:
         if self._reloading is None or self._reloading.done():
@@ -189,6 +195,7 @@ class Server:
         applied = {name: getattr(fresh, name) for name in changed if name in live}
         if "log_level" in applied:
             logging.getLogger().setLevel(fresh.log_level.upper())
+        self.access_log.enabled = fresh.access_log
         reloaded.extend(f"{name} {value}" for name, value in applied.items())
         self.settings = dataclasses.replace(self.settings, **applied)
         self._read = dataclasses.replace(self._read, **applied)
@@ -220,7 +227,9 @@ class Server:
             metrics_handler=metrics.render,
             deployments=editor,
             access=AccessAdmin(self.security.authenticator, self.security.audit),
+            access_log=self.access_log,
         )
+        self.access_log.start()
         poller = None
         if self.control is ModelControl.POLL:
             poller = RepositoryPoller(models, service, settings.poll_interval)
@@ -257,9 +266,12 @@ class Server:
         certificates = self.certificates
         timeouts = ConnectionTimeouts(header_s=settings.header_timeout, body_s=settings.body_timeout)
         protocol = ClientCertHttpProtocol if certificates is not None else DeadlineHttpProtocol
+        app: Callable[[Scope, Receive, Send], Awaitable[None]] = parts.rest
+        if self.cors is not None:
+            app = CorsMiddleware(app, self.cors)
         http = _HttpServer(
             uvicorn.Config(
-                parts.rest,
+                app,
                 host=settings.host,
                 port=settings.http_port,
                 lifespan="off",

@@ -103,6 +103,12 @@ class ServerSettings:
         metavar="SECONDS",
     )
     log_level: str = _setting("info", "how much the server logs (applied again on SIGHUP)", live=True)
+    access_log: bool = _setting(
+        True,
+        "log one line per REST request at info level: method, path, status, duration, principal, request id "
+        "(applied again on SIGHUP)",
+        live=True,
+    )
     loop: str = _setting("uvloop", "event loop: uvloop (faster) or asyncio")
     workers: int = _setting(
         1,
@@ -243,6 +249,28 @@ class ServerSettings:
         "the audit store of another data region: a request's records go to its data region's store; repeatable",
         flags=("--audit-region-store",),
         metavar="REGION=URL",
+        group=_SECURITY,
+    )
+    cors_origins: tuple[str, ...] = _setting(
+        (),
+        "a web origin whose pages may call the REST API from a browser, e.g. https://app.example.com "
+        "('*': any); repeatable; unset: no CORS, preflights are refused",
+        flags=("--cors-origin",),
+        metavar="ORIGIN",
+        group=_SECURITY,
+    )
+    cors_methods: tuple[str, ...] = _setting(
+        ("GET", "POST", "PUT", "DELETE"),
+        "with --cors-origin: the methods a browser may use; repeatable",
+        flags=("--cors-method",),
+        metavar="METHOD",
+        group=_SECURITY,
+    )
+    cors_headers: tuple[str, ...] = _setting(
+        ("authorization", "content-type", "inference-header-content-length", "x-request-id", "x-dhow-data-region"),
+        "with --cors-origin: the request headers a browser may send; repeatable",
+        flags=("--cors-header",),
+        metavar="HEADER",
         group=_SECURITY,
     )
     masking_key_file: str = _setting(
