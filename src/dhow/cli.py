@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from dhow import __version__
 from dhow.core.errors import DhowError
-from dhow.settings import SettingOption, resolve_settings, setting_options
+from dhow.settings import SettingOption, SettingsSource, setting_options
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -93,6 +93,9 @@ def _add_settings_options(serve: argparse.ArgumentParser) -> None:
         "security": serve.add_argument_group(
             "security", "identities, TLS, encrypted artifacts, quotas, audit, residency"
         ),
+        "connections": serve.add_argument_group(
+            "connections", "time limits of slow or idle clients, and how many connections are served at once"
+        ),
     }
     for option in setting_options():
         groups[option.group].add_argument(*option.flags, dest=option.name, help=_help(option), **_shape(option))
@@ -101,6 +104,9 @@ def _add_settings_options(serve: argparse.ArgumentParser) -> None:
 def _shape(option: SettingOption) -> dict[str, Any]:
     """How argparse reads the option: its type, a repeatable list, a switch, a choice."""
     if option.kind == "bool":
+        # a switch; one that is on by default also gets its --no- form, the only way to turn it off here
+        if option.default:
+            return {"action": argparse.BooleanOptionalAction}
         return {"action": "store_const", "const": True}
     shape: dict[str, Any] = {"metavar": option.metavar, "choices": option.choices}
     if option.kind == "tuple[str, ...]":
@@ -120,14 +126,16 @@ def _help(option: SettingOption) -> str:
 def _serve(args: argparse.Namespace) -> int:
     from dhow.server import run_server
 
-    settings = resolve_settings(vars(args), config_file=args.config)
+    # kept to read the settings again on SIGHUP (only the settings' own values: it goes to the workers)
+    source = SettingsSource({option.name: getattr(args, option.name) for option in setting_options()}, args.config)
+    settings = source.read()
     if not settings.repository.is_dir():
         print(f"dhow: the model repository {settings.repository} is not a folder (see --repository)", file=sys.stderr)
         return 2
     if settings.workers > 1:
         from dhow.supervisor import serve_workers
 
-        return serve_workers(settings)
+        return serve_workers(settings, source)
     from dhow.supervisor import check_port
 
     # before any store opens or model loads: a busy port is the commonest start-up mistake (a busy port 0
@@ -135,7 +143,7 @@ def _serve(args: argparse.Namespace) -> int:
     for door, port in (("REST", settings.http_port), ("gRPC", settings.grpc_port)):
         if port:
             check_port(settings.host, port, door)
-    run_server(settings)
+    run_server(settings, source=source)
     return 0
 
 

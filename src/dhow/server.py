@@ -2,30 +2,37 @@
 
 The core service (the data plane behind its one admission point) with its REST and gRPC doors on one event
 loop; the model lifecycle below it; the rollouts beside it, routing through ``serving``'s ``TrafficRouter``.
+SIGINT and SIGTERM stop it gracefully; SIGHUP reloads what can change while it serves (``Server.reload``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import uvicorn
 
-from dhow.access.tls import TlsSettings
+from dhow.access.tls import ServerCertificates, TlsSettings
 from dhow.core.artifacts import install_decryptor
+from dhow.core.errors import DhowError
 from dhow.core.names import check_region_name
 from dhow.governance.masked_stream import mask_standard_streams
 from dhow.governance.masking import Masker, install_log_masking, parse_masking
 from dhow.governance.residency import ResidencyPolicy
 from dhow.monitoring.metrics import ServerMetrics
-from dhow.protocols.grpc import GrpcServer, create_grpc_server
+from dhow.protocols.grpc import GrpcConnectionLimits, GrpcServer, create_grpc_server
 from dhow.protocols.rest import RestApp
-from dhow.protocols.rest.tls import https_port_protocol
+from dhow.protocols.rest.access_log import AccessLog
+from dhow.protocols.rest.body import Receive, Scope, Send
+from dhow.protocols.rest.connection import ConnectionTimeouts, DeadlineHttpProtocol
+from dhow.protocols.rest.cors import CorsMiddleware, CorsPolicy
+from dhow.protocols.rest.tls import ClientCertHttpProtocol, https_port_protocol
 from dhow.repository.encryption import Keyring
 from dhow.repository.store import ModelRepository
 from dhow.rollouts.analysis import CanaryAnalyst
@@ -40,7 +47,7 @@ from dhow.serving.lifecycle import ModelControl, ModelLifecycle
 from dhow.serving.poller import RepositoryPoller
 from dhow.serving.security import Security, masking_key
 from dhow.serving.service import CoreService, service_identity
-from dhow.settings import ServerSettings
+from dhow.settings import ServerSettings, SettingsSource, live_settings
 
 log = logging.getLogger("dhow.server")
 
@@ -66,10 +73,16 @@ class _Parts:
 
 
 class Server:
-    """One server process; ``http_socket``: a REST socket bound by the caller (a worker sharing the port)."""
+    """One server process; ``http_socket``: a REST socket bound by the caller (a worker sharing the port);
+    ``source``: where the settings came from, read again on SIGHUP (None: they do not change)."""
 
-    def __init__(self, settings: ServerSettings, http_socket: socket.socket | None = None) -> None:
+    def __init__(
+        self, settings: ServerSettings, http_socket: socket.socket | None = None, source: SettingsSource | None = None
+    ) -> None:
         self.settings = settings
+        self.source = source
+        #: the settings as their source gave them, to tell what a reload changed
+        self._read = source.read() if source is not None else settings
         self.http_socket = http_socket
         self.metrics = ServerMetrics()
         # what can be checked without I/O is checked here, so that a wrong option fails before any port opens
@@ -81,8 +94,13 @@ class Server:
         install_decryptor(keyring.decrypt if keyring is not None else None)
         self.region = check_region_name(settings.region, "--region")
         self.residency = ResidencyPolicy.load(settings.residency_policy)
+        self.certificates = ServerCertificates(self.tls) if self.tls is not None else None
         self.security = Security(settings)
+        self.cors = CorsPolicy.of(settings.cors_origins, settings.cors_methods, settings.cors_headers)
+        self.access_log = AccessLog(enabled=settings.access_log)
         self._stop = asyncio.Event()
+        self._serving = asyncio.Event()
+        self._reloading: asyncio.Task[None] | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -98,10 +116,13 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         parts = await self._compose()
         if load_first:
             await self._load(parts)
         http, http_task, grpc = await self._open_doors(parts)
+        self._serving.set()
         if not load_first:
             await self._load(parts)
         parts.dataplane.is_ready = True
@@ -112,6 +133,8 @@ class Server:
             on_ready()
         await self._stop.wait()
         log.info("dhow is shutting down")
+        if self._reloading is not None:
+            self._reloading.cancel()
         parts.dataplane.is_ready = False
         self.metrics.workers.set(0)
         if poller is not None:
@@ -124,6 +147,60 @@ class Server:
         parts.service.guard.close()
         await self.security.close()
         log.info("dhow stopped")
+        self.access_log.close()
+
+    def _on_hangup(self) -> None:
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.get_running_loop().create_task(self.reload())
+
+    async def reload(self) -> None:
+        """Read again what may change while serving, and say in one log line what was reloaded.
+
+        The TLS certificate and key (new connections get them), the API keys and the JWKS, and the settings
+        marked live (``live_settings``: the log level); a changed setting of any other kind is named as
+        needing a restart. What cannot be read keeps its old value and is named in the line.
+        """
+        await self._serving.wait()  # a SIGHUP during start-up waits until there is something to reload
+        reloaded: list[str] = []
+        failed: list[str] = []
+        if self.certificates is not None:
+            try:
+                await asyncio.to_thread(self.certificates.reload)
+                reloaded.append(f"the TLS certificate {self.certificates.settings.cert}")
+            except DhowError as exc:
+                failed.append(exc.message)
+        if self.security.authenticator is not None:
+            try:
+                reloaded.extend(await self.security.authenticator.refresh())
+            except DhowError as exc:
+                failed.append(exc.message)
+        restart = self._reload_settings(reloaded, failed)
+        line = f"SIGHUP: reloaded {', '.join(reloaded) or 'nothing'}"
+        if restart:
+            line += f"; changed but applied only at a restart: {', '.join(restart)}"
+        if failed:
+            line += f"; kept the old values of what could not be read: {'; '.join(failed)}"
+        log.log(logging.WARNING if failed or restart else logging.INFO, "%s", line)
+
+    def _reload_settings(self, reloaded: list[str], failed: list[str]) -> list[str]:
+        """Apply the live settings read again from their source; the names of the others that changed."""
+        if self.source is None:
+            return []
+        try:
+            fresh = self.source.read()
+        except DhowError as exc:
+            failed.append(exc.message)
+            return []
+        live = live_settings()
+        changed = [f.name for f in dataclasses.fields(fresh) if getattr(fresh, f.name) != getattr(self._read, f.name)]
+        applied = {name: getattr(fresh, name) for name in changed if name in live}
+        if "log_level" in applied:
+            logging.getLogger().setLevel(fresh.log_level.upper())
+        self.access_log.enabled = fresh.access_log
+        reloaded.extend(f"{name} {value}" for name, value in applied.items())
+        self.settings = dataclasses.replace(self.settings, **applied)
+        self._read = dataclasses.replace(self._read, **applied)
+        return [name for name in changed if name not in live]
 
     async def _compose(self) -> _Parts:
         """Build the server's objects, each with its collaborators, in the order they depend on each other."""
@@ -151,7 +228,9 @@ class Server:
             metrics_handler=metrics.render,
             deployments=editor,
             access=AccessAdmin(self.security.authenticator, self.security.audit),
+            access_log=self.access_log,
         )
+        self.access_log.start()
         poller = None
         if self.control is ModelControl.POLL:
             poller = RepositoryPoller(models, service, settings.poll_interval)
@@ -186,10 +265,15 @@ class Server:
     async def _open_doors(self, parts: _Parts) -> tuple[_HttpServer, asyncio.Task[None], GrpcServer]:
         """Start gRPC and REST; a port that cannot be served stops the process with a message."""
         settings = self.settings
-        tls = self.tls
+        certificates = self.certificates
+        timeouts = ConnectionTimeouts(header_s=settings.header_timeout, body_s=settings.body_timeout)
+        protocol = ClientCertHttpProtocol if certificates is not None else DeadlineHttpProtocol
+        app: Callable[[Scope, Receive, Send], Awaitable[None]] = parts.rest
+        if self.cors is not None:
+            app = CorsMiddleware(app, self.cors)
         http = _HttpServer(
             uvicorn.Config(
-                parts.rest,
+                app,
                 host=settings.host,
                 port=settings.http_port,
                 lifespan="off",
@@ -198,9 +282,14 @@ class Server:
                 log_config=None,
                 log_level="warning",
                 # with TLS the port's own protocol starts it, so that plain HTTP gets a 400 instead of silence
-                http=https_port_protocol(tls.ssl_context()) if tls is not None else "httptools",
+                http=(
+                    https_port_protocol(certificates.context, protocol.with_timeouts(timeouts))
+                    if certificates is not None
+                    else protocol.with_timeouts(timeouts)
+                ),
                 loop="none",
-                timeout_keep_alive=30,
+                timeout_keep_alive=settings.keepalive_timeout,
+                limit_concurrency=settings.max_connections or None,
             )
         )
         grpc = await create_grpc_server(
@@ -208,8 +297,13 @@ class Server:
             settings.host,
             settings.grpc_port,
             max_message_bytes=settings.max_request_bytes,
-            credentials=tls.grpc_credentials() if tls is not None else None,
+            credentials=certificates.grpc_credentials() if certificates is not None else None,
             reuse_port=settings.workers > 1,
+            limits=GrpcConnectionLimits(
+                handshake_s=settings.header_timeout,
+                idle_s=settings.grpc_idle_timeout,
+                keepalive_s=settings.grpc_keepalive,
+            ),
         )
         await grpc.server.start()
         http_task = asyncio.create_task(http.serve(None if self.http_socket is None else [self.http_socket]))
@@ -222,7 +316,7 @@ class Server:
         log.info(
             "dhow serving %s: REST on %s://%s:%d, gRPC on %s:%d, model control %s",
             settings.repository,
-            "https" if tls is not None else "http",
+            "https" if certificates is not None else "http",
             settings.host,
             settings.http_port,
             settings.host,
@@ -260,12 +354,13 @@ def run_server(
     http_socket: socket.socket | None = None,
     on_ready: Callable[[], None] | None = None,
     load_first: bool = False,
+    source: SettingsSource | None = None,
 ) -> None:
     """Run one server process until SIGINT or SIGTERM (see ``Server``)."""
     configure_logging(settings)
 
     async def main() -> None:
-        await Server(settings, http_socket).serve(on_ready, load_first=load_first)
+        await Server(settings, http_socket, source).serve(on_ready, load_first=load_first)
 
     if settings.loop == "uvloop":
         try:

@@ -27,6 +27,8 @@ __all__ = [
     "ENV_PREFIX",
     "ServerSettings",
     "SettingOption",
+    "SettingsSource",
+    "live_settings",
     "resolve_settings",
     "setting_options",
 ]
@@ -43,13 +45,15 @@ _T = TypeVar("_T")
 def _setting(default: _T, doc: str, **option: Any) -> _T:
     """A field: its default, what it is for, and how ``dhow serve`` takes it as an option.
 
-    ``option`` may say ``flags`` (default ``--field-name``; empty: environment and file only), ``metavar``
-    and ``group`` (the help section). The default is shown after ``doc`` in the help, so ``doc`` leaves it out.
+    ``option`` may say ``flags`` (default ``--field-name``; empty: environment and file only), ``metavar``,
+    ``group`` (the help section) and ``live`` (a running server applies a new value when it gets SIGHUP).
+    The default is shown after ``doc`` in the help, so ``doc`` leaves it out.
     """
     return dataclasses.field(default=default, metadata={"doc": doc, **option})
 
 
 _SECURITY = "security"
+_CONNECTIONS = "connections"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,13 +102,60 @@ class ServerSettings:
         "how often to look for deployment and key changes made by other servers or the CLI sharing the registry",
         metavar="SECONDS",
     )
-    log_level: str = _setting("info", "how much the server logs")
+    log_level: str = _setting("info", "how much the server logs (applied again on SIGHUP)", live=True)
+    access_log: bool = _setting(
+        True,
+        "log one line per REST request at info level: method, path, status, duration, principal, request id "
+        "(applied again on SIGHUP)",
+        live=True,
+    )
     loop: str = _setting("uvloop", "event loop: uvloop (faster) or asyncio")
     workers: int = _setting(
         1,
         "server processes sharing the ports, each with its own copy of the models "
         "(1: this process serves; more: a supervisor starts that many)",
         metavar="N",
+    )
+
+    # -- connections: how long a client may take, and how many may be served at once --
+    header_timeout: float = _setting(
+        10.0,
+        "seconds a client has to send a request's headers (REST), from its first byte or the connection's start, "
+        "and to open a gRPC connection (handshake and HTTP/2 settings); then the connection is closed",
+        metavar="SECONDS",
+        group=_CONNECTIONS,
+    )
+    body_timeout: float = _setting(
+        30.0,
+        "longest silence between two parts of a REST request's body; then 408 and the connection is closed",
+        metavar="SECONDS",
+        group=_CONNECTIONS,
+    )
+    keepalive_timeout: int = _setting(
+        30,
+        "seconds an idle REST connection is kept open for the client's next request "
+        "(keep it above a load balancer's idle timeout)",
+        metavar="SECONDS",
+        group=_CONNECTIONS,
+    )
+    max_connections: int = _setting(
+        1000,
+        "REST connections and requests in flight a server process takes at once, counting the one asking; "
+        "past it a request is answered 503 and its connection closed (keep it below 'ulimit -n'); 0: no bound",
+        metavar="N",
+        group=_CONNECTIONS,
+    )
+    grpc_idle_timeout: float = _setting(
+        300.0,
+        "seconds a gRPC connection with no call in flight is kept open (then GOAWAY; clients reconnect)",
+        metavar="SECONDS",
+        group=_CONNECTIONS,
+    )
+    grpc_keepalive: float = _setting(
+        60.0,
+        "seconds between the server's pings on a quiet gRPC connection; one unanswered for 20 s closes it",
+        metavar="SECONDS",
+        group=_CONNECTIONS,
     )
     #: who the administration commands are, not the server: no ``serve`` option
     actor: str = _setting(
@@ -206,6 +257,28 @@ class ServerSettings:
         metavar="REGION=URL",
         group=_SECURITY,
     )
+    cors_origins: tuple[str, ...] = _setting(
+        (),
+        "a web origin whose pages may call the REST API from a browser, e.g. https://app.example.com "
+        "('*': any); repeatable; unset: no CORS, preflights are refused",
+        flags=("--cors-origin",),
+        metavar="ORIGIN",
+        group=_SECURITY,
+    )
+    cors_methods: tuple[str, ...] = _setting(
+        ("GET", "POST", "PUT", "DELETE"),
+        "with --cors-origin: the methods a browser may use; repeatable",
+        flags=("--cors-method",),
+        metavar="METHOD",
+        group=_SECURITY,
+    )
+    cors_headers: tuple[str, ...] = _setting(
+        ("authorization", "content-type", "inference-header-content-length", "x-request-id", "x-dhow-data-region"),
+        "with --cors-origin: the request headers a browser may send; repeatable",
+        flags=("--cors-header",),
+        metavar="HEADER",
+        group=_SECURITY,
+    )
     masking_key_file: str = _setting(
         "",
         "file of the keyed-hash secret of PII masking (created when absent); default: masking.key in the data folder",
@@ -241,6 +314,23 @@ class ServerSettings:
         return self.actor or _login_name()
 
 
+def live_settings() -> tuple[str, ...]:
+    """The settings a running server applies again when it gets SIGHUP; the others need a restart."""
+    return tuple(name for name, field in _FIELDS.items() if field.metadata.get("live"))
+
+
+@dataclass(frozen=True, slots=True)
+class SettingsSource:
+    """Where a server's settings came from, so that it can read them again (SIGHUP): the command line's
+    values and the settings file. The environment is the process's own, which nobody changes."""
+
+    cli: Mapping[str, object]
+    config_file: Path | None = None
+
+    def read(self) -> ServerSettings:
+        return resolve_settings(self.cli, config_file=self.config_file)
+
+
 def _login_name() -> str:
     user = os.environ.get("USER")
     if user:
@@ -259,7 +349,9 @@ _CHOICES = {
     "tls_client_auth": ("required", "optional"),
 }
 #: integer settings with a lower bound
-_AT_LEAST = {"workers": 1}
+_AT_LEAST = {"workers": 1, "max_connections": 0, "keepalive_timeout": 1}
+#: durations that must be more than zero (a zero timeout would close every connection at once)
+_POSITIVE = ("header_timeout", "body_timeout", "grpc_idle_timeout", "grpc_keepalive")
 _FIELDS = {field.name: field for field in dataclasses.fields(ServerSettings)}
 
 
@@ -322,6 +414,8 @@ def _convert(name: str, value: object, source: str) -> object:
         raise InvalidInput(f"{source}: '{name}' must be one of {', '.join(_CHOICES[name])}, got {value!r}")
     if name in _AT_LEAST and isinstance(result, int) and result < _AT_LEAST[name]:
         raise InvalidInput(f"{source}: '{name}' must be an integer of at least {_AT_LEAST[name]}, got {value!r}")
+    if name in _POSITIVE and isinstance(result, float) and not result > 0:
+        raise InvalidInput(f"{source}: '{name}' must be a number of seconds above 0, got {value!r}")
     return result
 
 

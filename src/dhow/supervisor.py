@@ -14,7 +14,8 @@ itself; it
   worker answers, statistics and metrics are the server's;
 - starts the workers with the *spawn* start method (a fresh interpreter: no forked event loop, threads or
   grpc state), restarts one that dies (with a back-off), and gives up when one keeps failing at start-up;
-- on SIGTERM or SIGINT, passes SIGTERM on: each worker finishes its requests in flight and exits.
+- on SIGTERM or SIGINT, passes SIGTERM on: each worker finishes its requests in flight and exits;
+- on SIGHUP, passes it on: each worker reads its certificates, keys and live settings again.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from types import FrameType
 from typing import Any
 
 from dhow.core.errors import DhowError
-from dhow.settings import ServerSettings
+from dhow.settings import ServerSettings, SettingsSource
 
 __all__ = ["reuse_port_socket", "serve_workers"]
 
@@ -117,7 +118,14 @@ def _say_ready(pipe: Connection) -> None:
         pipe.send_bytes(b"ready")
 
 
-def _worker(settings: ServerSettings, index: int, run_dir: Path, pipe: Connection, replacing: bool) -> None:
+def _worker(
+    settings: ServerSettings,
+    index: int,
+    run_dir: Path,
+    pipe: Connection,
+    replacing: bool,
+    source: SettingsSource | None,
+) -> None:
     """A worker process's life: one ``Server`` on the shared ports, telling the supervisor when it is ready.
 
     A worker ``replacing`` one that died loads its models before it listens: the others serve meanwhile.
@@ -126,8 +134,9 @@ def _worker(settings: ServerSettings, index: int, run_dir: Path, pipe: Connectio
     from dhow.server import run_server
 
     # a terminal's Ctrl-C reaches the supervisor too, which stops the workers; until the server handles the
-    # signal itself, it must not kill a worker half-started
+    # signal itself, it must not kill a worker half-started (nor must a SIGHUP passed on, whose default kills)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     share_statistics(run_dir / "stats", index)
     threading.Thread(target=_stop_without_supervisor, args=(pipe,), name="dhow-supervisor", daemon=True).start()
     try:
@@ -135,7 +144,9 @@ def _worker(settings: ServerSettings, index: int, run_dir: Path, pipe: Connectio
     except OSError as exc:
         sys.exit(f"dhow: cannot serve REST on {settings.host}:{settings.http_port}: {exc.strerror or exc}")
     try:
-        run_server(settings, http_socket=http_socket, on_ready=lambda: _say_ready(pipe), load_first=replacing)
+        run_server(
+            settings, http_socket=http_socket, on_ready=lambda: _say_ready(pipe), load_first=replacing, source=source
+        )
     except DhowError as exc:
         print(f"dhow: {exc.message}", file=sys.stderr, flush=True)
         sys.exit(SETTINGS_ERROR)
@@ -158,9 +169,10 @@ class _Place:
 
 
 class Supervisor:
-    def __init__(self, settings: ServerSettings, run_dir: Path) -> None:
+    def __init__(self, settings: ServerSettings, run_dir: Path, source: SettingsSource | None = None) -> None:
         self.settings = settings
         self.run_dir = run_dir
+        self.source = source
         self._context = multiprocessing.get_context("spawn")
         self._places = [_Place(index) for index in range(1, settings.workers + 1)]
         self._stopping = False
@@ -170,10 +182,19 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True
 
+    def _on_hangup(self, signum: int, frame: FrameType | None) -> None:
+        """SIGHUP: every worker reloads (a worker started later reads the files as they are then)."""
+        running = [p.process for p in self._places if p.process is not None and p.process.pid is not None]
+        log.info("SIGHUP: passing it on to %d workers", len(running))
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGHUP)  # type: ignore[arg-type]  # checked above
+
     def run(self) -> int:
         """Start the workers and keep them running until a signal; the exit status."""
         previous = signal.set_wakeup_fd(self._wake_write)
         handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
         try:
             try:
                 for place in self._places:
@@ -195,7 +216,7 @@ class Supervisor:
         pipe, worker_end = self._context.Pipe()
         process = self._context.Process(
             target=_worker,
-            args=(self.settings, place.index, self.run_dir, worker_end, place.restart_at is not None),
+            args=(self.settings, place.index, self.run_dir, worker_end, place.restart_at is not None, self.source),
             name=f"dhow-worker-{place.index}",
         )
         process.start()
@@ -297,7 +318,7 @@ class Supervisor:
         return status
 
 
-def serve_workers(settings: ServerSettings) -> int:
+def serve_workers(settings: ServerSettings, source: SettingsSource | None = None) -> int:
     """``dhow serve`` with ``--workers`` above 1: the supervisor's life; its exit status."""
     from dhow.server import configure_logging
 
@@ -311,7 +332,7 @@ def serve_workers(settings: ServerSettings) -> int:
         run_dir = (settings.data_dir / "run" / str(http_port)).resolve()
         shutil.rmtree(run_dir, ignore_errors=True)
         try:
-            return _supervise(settings, run_dir)
+            return _supervise(settings, run_dir, source)
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
     finally:
@@ -319,7 +340,7 @@ def serve_workers(settings: ServerSettings) -> int:
             holder.close()
 
 
-def _supervise(settings: ServerSettings, run_dir: Path) -> int:
+def _supervise(settings: ServerSettings, run_dir: Path, source: SettingsSource | None) -> int:
     """Prepare the run folder and the stores, then run the workers."""
     from dhow.rollouts.store import RegistryStore
     from dhow.serving.security import Security
@@ -339,4 +360,4 @@ def _supervise(settings: ServerSettings, run_dir: Path) -> int:
         settings.host,
         settings.grpc_port,
     )
-    return Supervisor(settings, run_dir).run()
+    return Supervisor(settings, run_dir, source).run()

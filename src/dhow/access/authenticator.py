@@ -97,6 +97,19 @@ class Authenticator:
             except DhowError as exc:
                 log.warning("cannot reload API keys (keeping the ones loaded): %s", exc.message)
 
+    async def refresh(self) -> list[str]:
+        """Read the keys and the JWKS again now (SIGHUP), not at the next poll; says what was read.
+
+        A JWKS that cannot be read raises ``InvalidInput`` and the keys it had stay in use.
+        """
+        read = []
+        if self.store is not None:
+            await asyncio.to_thread(self.reload, True)
+            read.append(f"{len(self._keys)} API keys")
+        if self.jwt is not None:
+            read.append(f"the JWKS ({await self.jwt.load()} keys)")
+        return read
+
     def reload(self, force: bool = False) -> None:
         """Read the principals again if the store changed since the last read (blocking: call in a thread)."""
         assert self.store is not None

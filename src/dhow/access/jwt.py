@@ -81,13 +81,17 @@ class JwtVerifier:
     def _is_url(self) -> bool:
         return self.jwks.startswith(("http://", "https://"))
 
-    async def load(self) -> None:
-        """Read the JWKS (file or URL, in a thread); ``InvalidInput`` names the source if it is unusable."""
+    async def load(self) -> int:
+        """Read the JWKS (file or URL, in a thread); ``InvalidInput`` names the source if it is unusable.
+
+        Returns how many usable keys it has.
+        """
         raw = await asyncio.to_thread(_read_source, self.jwks)
         keys = _parse_jwks(raw, self.jwks)
         # a key the issuer dropped must stop working now, not when the tokens it signed expire
         self._keys, self._prepared, self._cache = keys, {}, {}
         self._loaded = True
+        return len(keys)
 
     async def verify(self, token: str) -> TokenClaims:
         cached = self._cache.get(token)

@@ -1,7 +1,8 @@
 """TLS for the REST and gRPC ports, with optional client certificates (mutual TLS).
 
 The settings are checked once, at start, with messages that name the option; the doors get what their
-servers take (an SSL context for the REST port, grpc's server credentials).
+servers take (an SSL context for uvicorn, grpc's server credentials) from ``ServerCertificates``, which
+reads the certificate and key again when told to (SIGHUP): new connections then get the new ones.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import grpc
 
 from dhow.core.errors import InvalidInput
 
-__all__ = ["TlsSettings"]
+__all__ = ["ServerCertificates", "TlsSettings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +56,47 @@ class TlsSettings:
             raise InvalidInput(f"cannot use the TLS certificate {self.cert} / key {self.key}: {exc}") from None
         return context
 
-    def grpc_credentials(self) -> grpc.ServerCredentials:
+    def grpc_configuration(self) -> grpc.ServerCertificateConfiguration:
+        """The gRPC port's certificate, key and (when client certificates are required) client CA."""
         # grpc either requires a client certificate or does not ask for one: "optional" means not asked
         ca = self.client_ca.read_bytes() if self.client_ca is not None and self.client_required else None
-        return grpc.ssl_server_credentials(
-            [(self.key.read_bytes(), self.cert.read_bytes())],
-            root_certificates=ca,
-            require_client_auth=ca is not None,
+        return grpc.ssl_server_certificate_configuration([(self.key.read_bytes(), self.cert.read_bytes())], ca)
+
+
+class ServerCertificates:
+    """The certificate both ports present, read again by ``reload``: new connections get the new one.
+
+    REST: the port's protocol (``protocols.rest.tls``) starts TLS with ``context``, so ``reload`` loads the new
+    pair into that same context (connections already open keep theirs). gRPC: grpc asks ``_next`` at every
+    new connection's handshake, which hands the new configuration over once. The client CA is read at start only: an SSL
+    context can add trusted CAs but never forget one, so a CA change needs a restart.
+    """
+
+    def __init__(self, settings: TlsSettings) -> None:
+        self.settings = settings
+        self.context = settings.ssl_context()
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+
+    def grpc_credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self.settings.grpc_configuration(),
+            # the stubs want a configuration back, grpc's documentation says None keeps the current one
+            self._next,  # type: ignore[arg-type]
+            require_client_authentication=self.settings.client_ca is not None and self.settings.client_required,
         )
+
+    def _next(self) -> grpc.ServerCertificateConfiguration | None:
+        # called by grpc, in its own thread, at each handshake: None keeps the configuration it has
+        pending, self._pending = self._pending, None
+        return pending
+
+    def reload(self) -> None:
+        """Read the certificate and key again (blocking: call in a thread); ``InvalidInput`` keeps the old ones."""
+        settings = self.settings
+        settings.ssl_context()  # a bad pair is refused here, before either port takes it
+        try:
+            configuration = settings.grpc_configuration()
+            self.context.load_cert_chain(settings.cert, settings.key)
+        except (ssl.SSLError, OSError) as exc:
+            raise InvalidInput(f"cannot use the TLS certificate {settings.cert} / key {settings.key}: {exc}") from None
+        self._pending = configuration

@@ -118,6 +118,8 @@ class ModelLoadError(DhowError):
 
 class ModelFault(DhowError):
     code = ErrorCode.INTERNAL
+    #: the model's traceback as text, when it ran in another process (in this one, the exception's cause has it)
+    trace: str = ""
 
 
 class InternalError(DhowError):

@@ -127,7 +127,7 @@ class OnnxRuntime:
         try:
             values = session.run(list(outputs), feeds)
         except Exception as exc:
-            raise ModelFault(f"model {config.name}: onnxruntime failed: {type(exc).__name__}: {exc}") from None
+            raise ModelFault(f"model {config.name}: onnxruntime failed: {type(exc).__name__}: {exc}") from exc
         results: dict[str, np.ndarray] = {}
         for name, value in zip(outputs, values, strict=True):
             if not isinstance(value, np.ndarray):

@@ -96,7 +96,7 @@ class PythonRuntime:
         except DhowError:
             raise  # the model chose what to tell the client (e.g. InvalidInput)
         except Exception as exc:
-            raise ModelFault(f"model {config.name} raised {type(exc).__name__}: {exc}") from None
+            raise ModelFault(f"model {config.name} raised {type(exc).__name__}: {exc}") from exc
         produced = self._by_name(config, value)
         missing = [name for name in outputs if name not in produced]
         if missing:

@@ -59,7 +59,7 @@ class SklearnRuntime(TabularRuntime):
             try:
                 value = getattr(model, name)(features)
             except Exception as exc:
-                raise ModelFault(f"model {config.name}: {name} raised {type(exc).__name__}: {exc}") from None
+                raise ModelFault(f"model {config.name}: {name} raised {type(exc).__name__}: {exc}") from exc
             results[name] = _as_array(value)
         return results
 

@@ -146,7 +146,7 @@ class BoosterRuntime(TabularRuntime):
         try:
             value = self._call(model, inputs[input_spec.name])
         except Exception as exc:
-            raise ModelFault(f"model {config.name}: {self.framework} failed: {type(exc).__name__}: {exc}") from None
+            raise ModelFault(f"model {config.name}: {self.framework} failed: {type(exc).__name__}: {exc}") from exc
         return {output_spec.name: np.asarray(value)}
 
     @abstractmethod

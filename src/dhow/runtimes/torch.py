@@ -112,7 +112,7 @@ class TorchRuntime:
             try:
                 result = module(*args)
             except Exception as exc:
-                raise ModelFault(f"model {config.name} raised {type(exc).__name__}: {exc}") from None
+                raise ModelFault(f"model {config.name} raised {type(exc).__name__}: {exc}") from exc
             produced = _by_name(config.name, result, self._signature[1])
             missing = [name for name in outputs if name not in produced]
             if missing:

@@ -284,6 +284,8 @@ class DynamicBatcher:
             # what an instance says of itself stays as it is (a restarting process instance is a 503, not a 500)
             passed = (ModelFault, InvalidInput, Unavailable, DeadlineExceeded)
             fault = exc if isinstance(exc, passed) else ModelFault(f"{self.label} failed: {exc!r}")
+            if fault is not exc:
+                fault.__cause__ = exc  # its traceback goes to the server log
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(fault)

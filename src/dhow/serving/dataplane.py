@@ -10,6 +10,7 @@ import logging
 import random
 import secrets
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -217,7 +218,10 @@ class DataPlane:
             outputs = _response_outputs(model, results, names, wanted)
         except ModelFault as exc:
             error_id = secrets.token_hex(4)
-            log.error("model %s version %s failed (error id %s): %s", model.name, model.version, error_id, exc)
+            log.error(
+                "model %s version %s failed (error id %s): %s\n%s",
+                model.name, model.version, error_id, exc, _model_trace(exc),
+            )  # fmt: skip
             self._account(model, start, rows, exc.code.value)
             raise ModelFault(
                 f"model '{model.name}' version {model.version} failed while computing "
@@ -351,3 +355,8 @@ def _classify(array: np.ndarray, classes: int, batched: bool) -> np.ndarray:
         for col, index in enumerate(top[row]):
             result[row, col] = f"{scores[row, index]:g}:{index}".encode()
     return result if batched else result.reshape(-1)
+
+
+def _model_trace(fault: ModelFault) -> str:
+    """Where the model failed: its traceback sent by an instance process, or the exception chain in this one."""
+    return fault.trace or "".join(traceback.format_exception(fault)).rstrip()

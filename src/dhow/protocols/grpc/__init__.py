@@ -11,12 +11,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dhow.protocols.grpc.server import GrpcServer, create_grpc_server
+    from dhow.protocols.grpc.server import GrpcConnectionLimits, GrpcServer, create_grpc_server
     from dhow.protocols.grpc.service import InferenceServicer
 
-__all__ = ["GrpcServer", "InferenceServicer", "create_grpc_server"]
+__all__ = ["GrpcConnectionLimits", "GrpcServer", "InferenceServicer", "create_grpc_server"]
 
 _HOMES = {
+    "GrpcConnectionLimits": "dhow.protocols.grpc.server",
     "GrpcServer": "dhow.protocols.grpc.server",
     "create_grpc_server": "dhow.protocols.grpc.server",
     "InferenceServicer": "dhow.protocols.grpc.service",

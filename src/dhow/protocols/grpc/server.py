@@ -18,6 +18,31 @@ from dhow.serving.service import CoreService
 
 
 @dataclass(frozen=True, slots=True)
+class GrpcConnectionLimits:
+    """How long a gRPC client may take to open a connection, keep it idle, or stay silent to pings."""
+
+    #: the TLS handshake, the HTTP/2 preface and the client's SETTINGS must all arrive within it
+    handshake_s: float = 10.0
+    #: a connection with no call in flight this long gets a GOAWAY (clients reconnect when they need to)
+    idle_s: float = 300.0
+    #: the server pings a quiet connection this often, and closes it when a ping goes unanswered
+    keepalive_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+
+    def options(self) -> list[tuple[str, int]]:
+        def ms(seconds: float) -> int:
+            return max(1, round(seconds * 1000))
+
+        return [
+            # grpc's default is 120 s: that long, a client that says nothing holds a connection
+            ("grpc.server_handshake_timeout_ms", ms(self.handshake_s)),
+            ("grpc.max_connection_idle_ms", ms(self.idle_s)),
+            ("grpc.keepalive_time_ms", ms(self.keepalive_s)),
+            ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_s)),
+        ]
+
+
+@dataclass(frozen=True, slots=True)
 class GrpcServer:
     """A bound, not yet started server; ``port`` is the port actually bound (useful with port 0)."""
 
@@ -38,6 +63,7 @@ async def create_grpc_server(
     max_message_bytes: int = 64 * 1024 * 1024,
     credentials: grpc.ServerCredentials | None = None,
     reuse_port: bool = False,
+    limits: GrpcConnectionLimits | None = None,
 ) -> GrpcServer:
     """Create the server and bind it; the caller starts it (``await bound.server.start()``) and
     stops it (``await bound.server.stop(grace)``), so it can start the doors together.
@@ -45,6 +71,7 @@ async def create_grpc_server(
     Messages larger than ``max_message_bytes`` are refused by grpc with RESOURCE_EXHAUSTED.
     Raises ``OSError`` if the address cannot be bound. With ``credentials`` the port speaks TLS only.
     ``reuse_port`` shares the port with the other workers of a supervisor, which checked it was free.
+    ``limits``: the time limits of connections (default: ``GrpcConnectionLimits()``).
     """
     server = grpc.aio.server(
         interceptors=[MalformedMessages()],
@@ -54,6 +81,7 @@ async def create_grpc_server(
             # grpc sets SO_REUSEPORT by default: a second server on a busy port would bind silently, so only
             # workers whose supervisor made sure the port was free share it
             ("grpc.so_reuseport", 1 if reuse_port else 0),
+            *(limits or GrpcConnectionLimits()).options(),
         ],
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)

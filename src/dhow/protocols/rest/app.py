@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
@@ -17,6 +18,7 @@ import orjson
 from dhow.access.authenticator import Credentials
 from dhow.core.errors import CallCancelled, DhowError, InvalidInput, NotFound
 from dhow.core.types import LazyHeaders
+from dhow.protocols.rest.access_log import AccessLog, request_id
 from dhow.protocols.rest.body import (
     Receive,
     Scope,
@@ -140,7 +142,7 @@ class RestApp:
     """The ASGI application of the REST door: every route through the core service's one admission point.
 
     ``metrics_handler`` renders ``GET /metrics``; ``deployments`` and ``access`` serve the admin routes (None: the
-    routes answer 404 "not enabled on this server").
+    routes answer 404 "not enabled on this server"); ``access_log`` gets a line per request while enabled.
     """
 
     def __init__(
@@ -151,8 +153,10 @@ class RestApp:
         metrics_handler: Callable[[], tuple[bytes, str]] | None = None,
         deployments: DeploymentEditor | None = None,
         access: AccessAdmin | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.service = service
+        self.access_log = access_log
         self.dataplane = service.dataplane
         self.deployments = deployments
         self.access = access
@@ -167,24 +171,36 @@ class RestApp:
             if scope["type"] == "lifespan":
                 await _lifespan(receive, send)
             return
+        access_log = self.access_log
+        if access_log is None or not access_log.enabled:
+            await self._answer(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status, principal = await self._answer(scope, receive, send)
+        access_log.write(scope, status, time.perf_counter() - started, principal, request_id(scope))
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> tuple[int, str]:
+        """Route, admit and answer one request; its status (499: the client left) and who asked ("-": unknown)."""
         match = resolve(scope["path"], scope["method"])
         if match is None:
-            await _send_no_route(send, scope["path"], scope["method"])
-            return
+            return await _send_no_route(send, scope["path"], scope["method"]), "-"
         request = Request(scope, receive, match, self.max_body_bytes)
+        principal = "-"
         try:
             async with self.service.call(request.credentials(scope), match.route.access, match.model) as call:
+                principal = call.principal.name
                 status, headers, body = await self._handlers[match.route.name](request, call)
         except DhowError as exc:
             await _send_error(send, exc.http_status, exc.message, _retry_after(exc.retry_after))
-            return
+            return exc.http_status, principal
         except CallCancelled:
-            return
+            return 499, principal  # nginx's code for a client that closed the connection before its answer
         if request.accept_encoding:
             body, encoding = compress(body, request.accept_encoding)
             if encoding is not None:
                 headers = [*headers, (b"content-encoding", encoding), (b"vary", b"accept-encoding")]
         await _send(send, status, headers, body)
+        return status, principal
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -372,14 +388,15 @@ def _retry_after(seconds: float | None) -> Headers:
     return [(b"retry-after", str(max(1, math.ceil(seconds))).encode())]
 
 
-async def _send_no_route(send: Send, path: str, method: str) -> None:
-    """404 for a path no route has; 405, with the methods it answers, for one that others do."""
+async def _send_no_route(send: Send, path: str, method: str) -> int:
+    """404 for a path no route has; 405, with the methods it answers, for one that others do; the status."""
     methods = allowed_methods(path)
     if not methods:
         await _send_error(send, 404, f"no route for {path}; the API lives under /v2")
-        return
+        return 404
     message = f"{path} answers {' or '.join(methods)}, not {method}"
     await _send_error(send, 405, message, [(b"allow", ", ".join(methods).encode())])
+    return 405
 
 
 async def _send_error(send: Send, status: int, message: str, headers: Headers | None = None) -> None:

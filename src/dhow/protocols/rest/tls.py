@@ -19,9 +19,8 @@ import ssl
 from asyncio.sslproto import SSLProtocol
 from typing import Any, cast
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
 from dhow.protocols.rest.app import CLIENT_CN_SCOPE_KEY
+from dhow.protocols.rest.connection import DeadlineHttpProtocol
 
 __all__ = ["ClientCertHttpProtocol", "HttpsPortProtocol", "https_port_protocol"]
 
@@ -41,8 +40,9 @@ _PLAIN_HTTP_ANSWER = (
 class HttpsPortProtocol(asyncio.Protocol):
     """Starts TLS on a connection whose first byte opens a handshake; answers plain HTTP with a 400."""
 
-    def __init__(self, ssl_context: ssl.SSLContext, **uvicorn_arguments: Any) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext, http: type[DeadlineHttpProtocol], **uvicorn_arguments: Any) -> None:
         self._ssl_context = ssl_context
+        self._http = http
         self._uvicorn_arguments = uvicorn_arguments
         self._transport: asyncio.Transport | None = None
         self._silence: asyncio.TimerHandle | None = None
@@ -71,7 +71,7 @@ class HttpsPortProtocol(asyncio.Protocol):
 
     def _start_tls(self, transport: asyncio.Transport, first: bytes) -> None:
         """Hand the connection to TLS, then to uvicorn, with the bytes this protocol already read."""
-        http = ClientCertHttpProtocol(**self._uvicorn_arguments)
+        http = self._http(**self._uvicorn_arguments)
         loop = asyncio.get_running_loop()
         handshake = loop.create_future()
         # a failed handshake (a wrong certificate) ends the connection; its error needs no other reader
@@ -88,16 +88,18 @@ class HttpsPortProtocol(asyncio.Protocol):
             view = view[size:]
 
 
-def https_port_protocol(ssl_context: ssl.SSLContext) -> Any:
-    """What uvicorn's ``http`` option takes: a factory of the port's protocol, called with uvicorn's arguments."""
+def https_port_protocol(ssl_context: ssl.SSLContext, http: type[DeadlineHttpProtocol]) -> Any:
+    """What uvicorn's ``http`` option takes: a factory of the port's protocol, called with uvicorn's arguments;
+    ``http`` is the HTTP protocol a connection goes on with once TLS is started (with its time limits). The
+    context is the one ``ServerCertificates`` reloads on SIGHUP: new connections get the new certificate."""
 
     def create(**uvicorn_arguments: Any) -> HttpsPortProtocol:
-        return HttpsPortProtocol(ssl_context, **uvicorn_arguments)
+        return HttpsPortProtocol(ssl_context, http, **uvicorn_arguments)
 
     return create
 
 
-class ClientCertHttpProtocol(HttpToolsProtocol):
+class ClientCertHttpProtocol(DeadlineHttpProtocol):
     _client_cn = ""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

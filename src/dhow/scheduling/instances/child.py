@@ -171,7 +171,10 @@ def _batch_error(reply: object) -> DhowError:
     kind = _BATCH_ERRORS.get(str(reply.get("kind")), ModelFault)
     if kind is ModelLoadError:
         kind = ModelFault
-    return kind(str(reply.get("error")))
+    error = kind(str(reply.get("error")))
+    if isinstance(error, ModelFault):
+        error.trace = str(reply.get("trace") or "")  # the model ran in the child: its traceback came as text
+    return error
 
 
 def _child_environment(config: ModelConfig) -> dict[str, str]:

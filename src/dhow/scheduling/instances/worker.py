@@ -20,11 +20,12 @@ import pickle
 import signal
 import socket
 import sys
+import traceback
 
 import orjson
 
 from dhow.core.artifacts import install_decryptor
-from dhow.core.errors import DhowError, ModelLoadError
+from dhow.core.errors import DhowError, ModelFault, ModelLoadError
 from dhow.runtimes.base import Runtime, create_runtime
 from dhow.scheduling.instances.messages import LOG_MARK, WorkerStart, specs_to_wire
 from dhow.scheduling.instances.shm_channel import Channel, Inbox, Outbox, region_size_for
@@ -108,13 +109,20 @@ def _serve_one(channel: Channel, runtime: Runtime, inbox: Inbox, outbox: Outbox,
         produced = runtime.infer(inputs, message.get("outputs") or ())
         header, grown = outbox.pack(produced)
     except DhowError as exc:
-        channel.send({"error": _cut(exc.message), "kind": type(exc).__name__})
+        trace = _trace(exc) if isinstance(exc, ModelFault) else ""
+        channel.send({"error": _cut(exc.message), "kind": type(exc).__name__, "trace": trace})
         return True
     except Exception as exc:  # a runtime's own fault, not turned into a ModelFault by it
-        channel.send({"error": _cut(f"model {model} raised {type(exc).__name__}: {exc}"), "kind": "ModelFault"})
+        error = _cut(f"model {model} raised {type(exc).__name__}: {exc}")
+        channel.send({"error": error, "kind": "ModelFault", "trace": _trace(exc)})
         return True
     channel.send({"outputs": header}, grown.fd if grown is not None else None)
     return True
+
+
+def _trace(exc: BaseException) -> str:
+    """Where the model failed, for the server's log (the client never sees it): the model's own exception."""
+    return _cut("".join(traceback.format_exception(exc)))
 
 
 def _cut(message: str) -> str:
