@@ -101,7 +101,8 @@ def _add_settings_options(serve: argparse.ArgumentParser) -> None:
 def _shape(option: SettingOption) -> dict[str, Any]:
     """How argparse reads the option: its type, a repeatable list, a switch, a choice."""
     if option.kind == "bool":
-        return {"action": "store_const", "const": True}
+        # a bare switch turns it on; a value (--strict-readiness false) says which
+        return {"nargs": "?", "const": True, "metavar": "true|false"}
     shape: dict[str, Any] = {"metavar": option.metavar, "choices": option.choices}
     if option.kind == "tuple[str, ...]":
         shape["action"] = "append"

@@ -24,6 +24,7 @@ from dhow.governance.masking import Masker, parse_masking
 from dhow.governance.residency import ResidencyPolicy
 from dhow.serving.lifecycle import ModelLifecycle
 from dhow.serving.model_version import ModelVersion
+from dhow.serving.signature import validate_inputs
 from dhow.serving.traffic import TrafficRouter
 from dhow.serving.triton_config import PLATFORMS, triton_model_config
 
@@ -62,11 +63,14 @@ class DataPlane:
         residency: ResidencyPolicy | None = None,
         masking_key: bytes = b"",
         server_name: str = "dhow",
+        strict_readiness: bool = True,
     ) -> None:
         self.models = models
         self.server_name = server_name
         #: set by the server once the models to load at start are loaded, cleared on shutdown
         self.is_ready = False
+        #: ready only while every model the server should serve is loaded (else: once the start-up loads ended)
+        self.strict_readiness = strict_readiness
         #: the deployments' traffic policies; None serves every model's newest version
         self.router = router
         #: where this server runs, and which data regions may be processed here
@@ -83,7 +87,8 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        return self.is_ready
+        """Whether to send this server traffic (REST health/ready and gRPC ServerReady both ask here)."""
+        return self.is_ready and not (self.strict_readiness and self.models.unready_models())
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": self.server_name, "version": __version__, "extensions": EXTENSIONS}
@@ -208,7 +213,7 @@ class DataPlane:
         model = self.models.resolve(request.model_name, request.model_version)
         rows = 0
         try:
-            inputs, rows = _validate_inputs(model, request)
+            inputs, rows = validate_inputs(model, request)
             wanted = _validate_outputs(model, request.outputs)
             timeout_ns = _timeout_ns(request.parameters)
             names = [o.name for o in wanted] if wanted is not None else list(model.output_names)
@@ -239,47 +244,6 @@ class DataPlane:
 
 def _spec_json(spec: TensorSpec) -> dict[str, Any]:
     return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
-
-
-def _validate_inputs(model: ModelVersion, request: InferenceRequest) -> tuple[dict[str, np.ndarray], int]:
-    """Check every input against the model's signature; return the arrays and the batch rows."""
-    label = f"model '{model.name}'"
-    arrays: dict[str, np.ndarray] = {}
-    rows = 0
-    batched = model.config.max_batch_size > 0
-    for tensor in request.inputs:
-        spec = model.inputs.get(tensor.name)
-        if spec is None:
-            known = ", ".join(model.inputs)
-            raise InvalidInput(f"{label} has no input '{tensor.name}'; its inputs are: {known}")
-        if tensor.name in arrays:
-            raise InvalidInput(f"input '{tensor.name}' is given twice")
-        if tensor.datatype != spec.datatype:
-            raise InvalidInput(f"input '{tensor.name}' of {label} must be {spec.datatype}, got {tensor.datatype}")
-        shape = tuple(tensor.shape)
-        if len(shape) != len(spec.shape) or any(d != -1 and d != s for d, s in zip(spec.shape, shape, strict=True)):
-            raise InvalidInput(
-                f"input '{tensor.name}' of {label} must have shape {list(spec.shape)} (-1: any size), got {list(shape)}"
-            )
-        if tensor.data.shape != shape:
-            raise InvalidInput(
-                f"input '{tensor.name}': data of shape {list(tensor.data.shape)} for shape {list(shape)}"
-            )
-        if batched:
-            if rows and shape[0] != rows:
-                raise InvalidInput(
-                    f"all inputs must have the same batch size; '{tensor.name}' has {shape[0]}, not {rows}"
-                )
-            rows = shape[0]
-            if rows < 1:
-                raise InvalidInput(f"input '{tensor.name}' has an empty batch")
-        arrays[tensor.name] = tensor.data
-    missing = [name for name, spec in model.inputs.items() if name not in arrays and not spec.optional]
-    if missing:
-        raise InvalidInput(f"{label} needs input(s) {', '.join(missing)}, which the request lacks")
-    if batched and rows > model.config.max_batch_size:
-        raise InvalidInput(f"batch of {rows} rows exceeds {label}'s max_batch_size of {model.config.max_batch_size}")
-    return arrays, rows
 
 
 def _validate_outputs(model: ModelVersion, outputs: list[RequestedOutput] | None) -> list[RequestedOutput] | None:
