@@ -106,10 +106,12 @@ class Slow:
 """
 
 # an sklearn model whose signature comes from its estimator (the number of classes), not only from model.yaml
+# its classes are left open (-1), so that a refit with a third class still loads: the restart's own signature
+# check is what refuses it
 DRIFTING_YAML = """runtime: sklearn
 max_batch_size: 8
 inputs: [{name: input, datatype: FP64, shape: [-1, 4]}]
-outputs: [{name: predict_proba, datatype: FP64, shape: [-1, 2]}]
+outputs: [{name: predict_proba, datatype: FP64, shape: [-1, -1]}]
 instances: {count: 1, kind: process}
 """
 

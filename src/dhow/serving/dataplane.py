@@ -13,18 +13,15 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from dhow import __version__
-from dhow.core.datatypes import NUMPY_DTYPE, as_bytes
 from dhow.core.errors import DhowError, InvalidInput, ModelFault, NotFound
 from dhow.core.model_config import ModelConfig, TensorSpec
-from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome, RequestedOutput, Tensor
+from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome, RequestedOutput
 from dhow.governance.masking import Masker, parse_masking
 from dhow.governance.residency import ResidencyPolicy
 from dhow.serving.lifecycle import ModelLifecycle
 from dhow.serving.model_version import ModelVersion
-from dhow.serving.signature import validate_inputs
+from dhow.serving.signature import response_outputs, validate_inputs
 from dhow.serving.traffic import TrafficRouter
 from dhow.serving.triton_config import PLATFORMS, triton_model_config
 
@@ -219,7 +216,7 @@ class DataPlane:
             names = [o.name for o in wanted] if wanted is not None else list(model.output_names)
             computed_names = [n for n in names if n in model.outputs]
             results = await model.batcher.submit(inputs, computed_names, rows or 1, timeout_ns)
-            outputs = _response_outputs(model, results, names, wanted)
+            outputs = response_outputs(model, results, names, wanted)
         except ModelFault as exc:
             error_id = secrets.token_hex(4)
             log.error("model %s version %s failed (error id %s): %s", model.name, model.version, error_id, exc)
@@ -266,52 +263,3 @@ def _timeout_ns(parameters: Mapping[str, Any]) -> int:
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
         raise InvalidInput(f"request parameter 'timeout' must be microseconds (a number >= 0), got {timeout!r}")
     return int(timeout * 1000)
-
-
-def _response_outputs(
-    model: ModelVersion,
-    results: Mapping[str, np.ndarray],
-    names: list[str],
-    wanted: list[RequestedOutput] | None,
-) -> list[Tensor]:
-    params = {o.name: o.parameters for o in wanted} if wanted is not None else {}
-    outputs: list[Tensor] = []
-    for name in names:
-        array = results.get(name)
-        if array is None:
-            raise ModelFault(f"the model produced no output '{name}'")
-        spec = model.outputs[name]
-        array = _as_datatype(array, spec.datatype)
-        parameters = params.get(name, {})
-        classes = parameters.get("classification")
-        if classes:
-            array = _classify(array, int(classes), model.config.max_batch_size > 0)
-            outputs.append(Tensor(name, "BYTES", list(array.shape), array, parameters))
-        else:
-            outputs.append(Tensor(name, spec.datatype, list(array.shape), array, parameters))
-    return outputs
-
-
-def _as_datatype(array: np.ndarray, datatype: str) -> np.ndarray:
-    array = np.asarray(array)
-    if datatype == "BYTES":
-        if array.dtype.kind in ("U", "S") or (
-            array.dtype.kind == "O" and array.size and not isinstance(array.flat[0], bytes)
-        ):
-            converted = np.empty(array.shape, dtype=np.object_)
-            converted.reshape(-1)[:] = [as_bytes(x) for x in array.reshape(-1)]
-            return converted
-        return array
-    dtype = NUMPY_DTYPE[datatype]
-    return array if array.dtype == dtype else array.astype(dtype)
-
-
-def _classify(array: np.ndarray, classes: int, batched: bool) -> np.ndarray:
-    """Triton's classification extension: the top N as "value:index" strings."""
-    scores = array.reshape(array.shape[0], -1) if batched else array.reshape(1, -1)
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :classes]
-    result = np.empty(top.shape, dtype=np.object_)
-    for row in range(top.shape[0]):
-        for col, index in enumerate(top[row]):
-            result[row, col] = f"{scores[row, index]:g}:{index}".encode()
-    return result if batched else result.reshape(-1)

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 
 from dhow.core.datatypes import NUMPY_DTYPE, as_bytes
-from dhow.core.errors import DhowError, InvalidInput, ModelLoadError
+from dhow.core.errors import DhowError, InvalidInput, ModelFault, ModelLoadError
 from dhow.core.model_config import TensorSpec, WarmupConfig
 from dhow.core.types import InferenceRequest, Tensor
 from dhow.runtimes.base import Runtime
 from dhow.serving.model_version import ModelVersion
-from dhow.serving.signature import validate_inputs
+from dhow.serving.signature import checked_output, validate_inputs
 
 __all__ = ["warm"]
 
@@ -108,7 +108,11 @@ async def _run(version: ModelVersion, runtime: Runtime, requests: list[Arrays], 
     for index, inputs in enumerate(requests):
         for _ in range(times):
             try:
-                await asyncio.to_thread(runtime.infer, inputs, outputs)
+                results = await asyncio.to_thread(runtime.infer, inputs, outputs)
+                for name in outputs:  # held to the declaration as a client's answer would be
+                    if name not in results:
+                        raise ModelFault(f"the model produced no output '{name}'")
+                    checked_output(version, version.outputs[name], results[name])
             except DhowError as exc:
                 raise _failed(version, index, exc.message) from None
             except Exception as exc:
