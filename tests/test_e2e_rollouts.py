@@ -215,7 +215,8 @@ def server(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     _add_python_model(repository, "slow_canary", {1: FAST_MODEL, 2: SLEEPY_MODEL.format(seconds=0.05)})
     _add_python_model(repository, "slow_shadow", {1: FAST_MODEL, 2: SLEEPY_MODEL.format(seconds=SHADOW_SLEEP_S)})
     _add_python_model(repository, "unloadable", {1: FAST_MODEL, 2: FAST_MODEL, 3: UNLOADABLE_MODEL})
-    process = start_dhow(repository, root)
+    # "unloadable" serves no version until a test pins one: ready means "the start-up loads were tried"
+    process = start_dhow(repository, root, "--strict-readiness", "false")
     yield process
     assert process.stop() == 0, process.log()
 

@@ -51,7 +51,8 @@ class FakeDataPlane(DataPlane):
     "crash" raises a non-dhow exception; any other name is unknown."""
 
     def __init__(self) -> None:
-        super().__init__(None, server_name="fake-dhow")  # type: ignore[arg-type]
+        # no model lifecycle behind this fake: ready is is_ready
+        super().__init__(None, server_name="fake-dhow", strict_readiness=False)  # type: ignore[arg-type]
         self.is_ready = True
         self.calls: list[tuple[str, str, dict[str, Any] | None]] = []
 

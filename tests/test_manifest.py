@@ -90,6 +90,38 @@ def test_batching_defaults_on_for_batched_models() -> None:
             "it takes no parameters",
         ),
         ([1, 2], "", "a mapping"),
+        ({"runtime": "onnx", "warmup": {"requests": 0}}, "warmup.requests", "a positive integer"),
+        ({"runtime": "onnx", "warmup": {"value": "zero"}}, "warmup.value", "a number"),
+        ({"runtime": "onnx", "warmup": {"sample": []}}, "warmup.sample", "requests, value, samples"),
+        ({"runtime": "onnx", "warmup": {"samples": []}}, "warmup.samples", "a non-empty list of requests"),
+        ({"runtime": "onnx", "warmup": {"samples": [[1, 2]]}}, "warmup.samples", "a mapping of input name"),
+        (
+            {
+                "runtime": "onnx",
+                "inputs": [{"name": "a", "datatype": "FP32", "shape": [2]}],
+                "warmup": {"samples": [{"b": [1, 2]}]},
+            },
+            "warmup.samples[0].b",
+            "a declared input (a)",
+        ),
+        (
+            {
+                "runtime": "onnx",
+                "inputs": [{"name": "a", "datatype": "FP32", "shape": [2]}],
+                "warmup": {"samples": [{}]},
+            },
+            "warmup.samples",
+            "a non-empty list of requests",
+        ),
+        (
+            {
+                "runtime": "onnx",
+                "inputs": [{"name": "t", "datatype": "BYTES", "shape": [1]}],
+                "warmup": {"requests": 2},
+            },
+            "warmup.samples",
+            "input 't' is BYTES",
+        ),
     ],
 )
 def test_bad_manifest_names_file_field_and_expectation(data: object, field: str, expected: str) -> None:
@@ -100,6 +132,19 @@ def test_bad_manifest_names_file_field_and_expectation(data: object, field: str,
     if field:
         assert f"field '{field}'" in message
     assert expected in message
+
+
+def test_warmup_section() -> None:
+    inputs = [{"name": "a", "datatype": "FP32", "shape": [2]}, {"name": "b", "datatype": "FP32", "shape": [1]}]
+    assert parse_manifest({"runtime": "onnx"}, "m.yaml", "m").warmup is None
+    generated = parse_manifest({"runtime": "onnx", "warmup": {"requests": 3, "value": 1}}, "m.yaml", "m").warmup
+    assert generated is not None and (generated.requests, generated.value, generated.samples) == (3, 1.0, ())
+    sampled = parse_manifest(
+        {"runtime": "onnx", "inputs": inputs, "warmup": {"samples": [{"a": [1, 2], "b": [3]}]}}, "m.yaml", "m"
+    ).warmup
+    assert sampled is not None and sampled.requests == 1 and sampled.samples == ({"a": [1, 2], "b": [3]},)
+    with pytest.raises(ManifestError, match=r"field 'warmup.samples\[0\]': expected data for every input; it lacks b"):
+        parse_manifest({"runtime": "onnx", "inputs": inputs, "warmup": {"samples": [{"a": [1, 2]}]}}, "m.yaml", "m")
 
 
 def test_invalid_yaml_and_missing_manifest(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ class FakeDataPlane(DataPlane):
     def __init__(self) -> None:
         self.server_name = "fake"
         self.is_ready = True
+        self.strict_readiness = False  # no model lifecycle behind this fake: ready is is_ready
         self.calls: list[tuple[str, Any]] = []
 
     def _check(self, name: str, version: str = "") -> None:

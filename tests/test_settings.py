@@ -40,6 +40,18 @@ def test_lists_from_environment() -> None:
     assert settings.allow_model_upload is True
 
 
+def test_switches_take_true_or_false_from_every_source() -> None:
+    from dhow import cli
+
+    assert ServerSettings().strict_readiness is True
+    parse = cli._parser().parse_args
+    assert resolve_settings(vars(parse(["serve", "--strict-readiness", "false"])), {}).strict_readiness is False
+    assert resolve_settings(vars(parse(["serve", "--allow-model-upload"])), {}).allow_model_upload is True
+    assert resolve_settings({}, {"DHOW_STRICT_READINESS": "off"}).strict_readiness is False
+    with pytest.raises(InvalidInput, match="option --strict-readiness: 'strict_readiness' expects bool, got 'maybe'"):
+        resolve_settings(vars(parse(["serve", "--strict-readiness", "maybe"])), {})
+
+
 def test_workers_from_every_source_and_at_least_one(tmp_path: Path) -> None:
     config = tmp_path / "dhow.yaml"
     config.write_text("workers: 3\n")

@@ -98,16 +98,21 @@ def _add_settings_options(serve: argparse.ArgumentParser) -> None:
         ),
     }
     for option in setting_options():
-        groups[option.group].add_argument(*option.flags, dest=option.name, help=_help(option), **_shape(option))
+        group = groups[option.group]
+        group.add_argument(*option.flags, dest=option.name, help=_help(option), **_shape(option))
+        if option.kind == "bool" and option.default:
+            # a switch that is on by default also gets its --no- form, the plainest way to turn it off
+            negated = [f"--no-{flag[2:]}" for flag in option.flags if flag.startswith("--")]
+            group.add_argument(
+                *negated, dest=option.name, action="store_const", const=False, help=f"turn {option.flags[0]} off"
+            )
 
 
 def _shape(option: SettingOption) -> dict[str, Any]:
     """How argparse reads the option: its type, a repeatable list, a switch, a choice."""
     if option.kind == "bool":
-        # a switch; one that is on by default also gets its --no- form, the only way to turn it off here
-        if option.default:
-            return {"action": argparse.BooleanOptionalAction}
-        return {"action": "store_const", "const": True}
+        # a bare switch turns it on; a value (--strict-readiness false) says which
+        return {"nargs": "?", "const": True, "metavar": "true|false"}
     shape: dict[str, Any] = {"metavar": option.metavar, "choices": option.choices}
     if option.kind == "tuple[str, ...]":
         shape["action"] = "append"

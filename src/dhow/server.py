@@ -209,12 +209,19 @@ class Server:
         models = self._models()
         shadow_queue = ShadowQueue(metrics.registry)
         table = DeploymentTable(shadow_queue, metrics.registry)
-        dataplane = DataPlane(models, router=table, region=self.region, residency=self.residency, masking_key=key)
+        dataplane = DataPlane(
+            models,
+            router=table,
+            region=self.region,
+            residency=self.residency,
+            masking_key=key,
+            strict_readiness=settings.strict_readiness,
+        )
         guard = await self.security.guard(models.tenant_of, metrics.registry)
         service = CoreService(dataplane, guard)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = await asyncio.to_thread(RegistryStore.open, settings.registry_url())
-        editor = DeploymentEditor(store, models, table, service.invoker(service_identity("dhow:warmup")))
+        editor = DeploymentEditor(store, models, table)
         rollouts = RolloutController(
             editor,
             CanaryAnalyst(editor, service, metrics.registry),

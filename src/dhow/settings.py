@@ -83,6 +83,12 @@ class ServerSettings:
         flags=("--load-model",),
         metavar="NAME",
     )
+    strict_readiness: bool = _setting(
+        True,
+        "health/ready (gRPC ServerReady) says ready only while every model the server should serve is loaded and "
+        "warmed; false: ready once the models to load at start were tried, whatever their outcome",
+        metavar="true|false",
+    )
     poll_interval: float = _setting(5.0, "seconds between repository scans under poll control", metavar="SECONDS")
     max_request_bytes: int = _setting(
         64 * 1024 * 1024, "largest request body (REST) or message (gRPC) accepted, in bytes", metavar="N"
@@ -396,11 +402,20 @@ def _typed(kind: str, value: object) -> object:
     if kind == "float":
         return float(str(value))
     if kind == "bool":
-        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        return value if isinstance(value, bool) else _boolean(str(value))
     if kind == "tuple[str, ...]":
         items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
         return tuple(str(item).strip() for item in items if str(item).strip())
     return str(value)
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not true or false: {text!r}")
 
 
 def _convert(name: str, value: object, source: str) -> object:

@@ -12,6 +12,7 @@
     ├── Conflict              (ABORTED)          an edit based on a stale revision
     ├── ModelLoadError        (UNAVAILABLE)      an artifact or manifest failed to load
     ├── ModelFault            (INTERNAL)         the model raised while computing
+    ├── SignatureMismatch     (INTERNAL)         the model answered outside its declared outputs
     └── InternalError         (INTERNAL)         any other exception: the message holds only an error id
 
     CallCancelled             (not a DhowError)  the client went away; nobody is left to answer
@@ -120,6 +121,14 @@ class ModelFault(DhowError):
     code = ErrorCode.INTERNAL
     #: the model's traceback as text, when it ran in another process (in this one, the exception's cause has it)
     trace: str = ""
+
+
+class SignatureMismatch(DhowError):
+    """A model answered an output of another shape or datatype than its model.yaml declares: the model and its
+    declaration disagree. Unlike a ``ModelFault`` the message is the client's to read (it names only what the
+    model's metadata shows)."""
+
+    code = ErrorCode.INTERNAL
 
 
 class InternalError(DhowError):

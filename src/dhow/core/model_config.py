@@ -42,6 +42,22 @@ class InstanceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WarmupConfig:
+    """Requests run on every instance of a version before it reports ready (the ``warmup:`` section).
+
+    Without ``samples`` one request is generated from the declared inputs: ``value`` in every element, -1
+    dimensions as 1.
+    """
+
+    #: how many times each warm-up request runs on each instance
+    requests: int = 1
+    #: the value of every element of a generated request
+    value: float = 0.0
+    #: explicit requests, each a mapping of input name to its data (nested lists, batch dimension included)
+    samples: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class VersionPolicy:
     """Which versions on disk are served: the newest ``latest``, ``all``, or ``specific`` ones."""
 
@@ -89,3 +105,5 @@ class ModelConfig:
     labels: dict[str, str] = field(default_factory=dict)
     #: runtime-specific settings (e.g. the class name of a Python model)
     parameters: dict[str, Any] = field(default_factory=dict)
+    #: requests run before a version reports ready; None: no warm-up
+    warmup: WarmupConfig | None = None

@@ -21,6 +21,7 @@ from dhow.core.model_config import (
     ModelConfig,
     TensorSpec,
     VersionPolicy,
+    WarmupConfig,
 )
 
 MANIFEST = "model.yaml"
@@ -179,6 +180,46 @@ def _instances(path: Path | str, raw: object) -> InstanceConfig:
     return InstanceConfig(count, kind)
 
 
+def _warmup(path: Path | str, raw: object, inputs: tuple[TensorSpec, ...] | None) -> WarmupConfig | None:
+    """The ``warmup:`` section; sample data is checked against the inputs when the version loads (an ONNX
+    manifest may leave its inputs to the artifact), names and generated datatypes here when declared."""
+    if raw is None:
+        return None
+    fields = _Fields(path, "warmup", raw)
+    requests = fields.get("requests", _positive_int, "a positive integer (runs of each request per instance)", 1)
+    value = fields.get("value", _is_number, "a number (every element of a generated request)", 0)
+    samples = fields.get("samples", _samples, "a non-empty list of requests, each a mapping of input name to data")
+    fields.finish("requests, value, samples")
+    for index, sample in enumerate(samples or ()):
+        _check_sample(path, f"warmup.samples[{index}]", sample, inputs)
+    if not samples:
+        for spec in inputs or ():
+            if spec.datatype == "BYTES" and not spec.optional:
+                why = f"input '{spec.name}' is BYTES (no value to generate)"
+                raise ManifestError(path, "warmup.samples", f"sample requests, because {why}")
+    return WarmupConfig(requests, float(value), tuple(samples or ()))
+
+
+def _samples(value: object) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(item, dict) and item and all(map(_is_str, item)) for item in value)
+    )
+
+
+def _check_sample(path: Path | str, key: str, sample: dict[str, Any], inputs: tuple[TensorSpec, ...] | None) -> None:
+    if inputs is None:
+        return
+    declared = {spec.name for spec in inputs}
+    for name in sample:
+        if name not in declared:
+            raise ManifestError(path, f"{key}.{name}", f"a declared input ({', '.join(sorted(declared))})")
+    missing = [spec.name for spec in inputs if not spec.optional and spec.name not in sample]
+    if missing:
+        raise ManifestError(path, key, f"data for every input; it lacks {', '.join(missing)}")
+
+
 def _device(value: object) -> bool:
     if not isinstance(value, str):
         return False
@@ -223,10 +264,11 @@ def parse_manifest(data: object, path: Path | str, name: str) -> ModelConfig:
         description=fields.get("description", _is_str, "a string", ""),
         labels={str(k): v for k, v in labels.items()},
         parameters=_parameters(path, runtime, fields.get("parameters", lambda v: isinstance(v, dict), "a mapping", {})),
+        warmup=_warmup(path, fields.get("warmup", lambda v: True, ""), inputs),
     )
     fields.finish(
         "runtime, inputs, outputs, max_batch_size, version_policy, batching, instances, device, precision, "
-        "threads, owner, tenant, region, pii, payload_sample_rate, description, labels, parameters"
+        "threads, owner, tenant, region, pii, payload_sample_rate, description, labels, parameters, warmup"
     )
     return config
 

@@ -2,8 +2,9 @@
 
 The registry (``RegistryStore``) is the truth; this server keeps a compiled copy of every deployment in its
 ``DeploymentTable``, checks the registry's generation every ``poll_s`` seconds for edits made by other servers,
-and applies its own edits through ``write``: validate, load the versions the new policy needs, warm them, write
-with the expected revision, then swap the compiled policy in one assignment (so a switch is atomic for requests).
+and applies its own edits through ``write``: validate, load the versions the new policy needs (the lifecycle warms
+them as their model.yaml says before they can be routed to), write with the expected revision, then swap the
+compiled policy in one assignment (so a switch is atomic for requests).
 """
 
 from __future__ import annotations
@@ -13,15 +14,11 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from dhow.core.datatypes import NUMPY_DTYPE
 from dhow.core.errors import Conflict, DhowError, InvalidInput, NotFound
-from dhow.core.types import InferenceRequest, Tensor
 from dhow.rollouts.policy import CompiledPolicy, canary_weight, normalize, versions_of
 from dhow.rollouts.routing import Active, DeploymentTable
 from dhow.rollouts.store import Deployment, RegistryStore
-from dhow.serving.traffic import Invoke, VersionControl
+from dhow.serving.traffic import VersionControl
 
 __all__ = ["DeploymentEditor", "after_action"]
 
@@ -29,12 +26,10 @@ log = logging.getLogger("dhow.rollouts")
 
 
 class DeploymentEditor:
-    def __init__(self, store: RegistryStore, models: VersionControl, table: DeploymentTable, warm: Invoke) -> None:
+    def __init__(self, store: RegistryStore, models: VersionControl, table: DeploymentTable) -> None:
         self.store = store
         self.models = models
         self.table = table
-        #: runs one explicit-version request through the admission point (as ``dhow:warmup``)
-        self.warm = warm
         self._generation = -1
         self._edit_lock = asyncio.Lock()
 
@@ -66,8 +61,7 @@ class DeploymentEditor:
 
     async def _apply(self, deployment: Deployment) -> None:
         needed = versions_of(deployment.policy)
-        await self.models.require_versions(deployment.name, needed)
-        await self._warm(deployment.name, needed)
+        await self.models.require_versions(deployment.name, needed)  # loaded and warmed (model.yaml's warmup)
         self._install(deployment)
         await self.models.release_versions(deployment.name, keep=needed)
 
@@ -80,18 +74,6 @@ class DeploymentEditor:
             active.shadow = previous.shadow
         self.table.active[deployment.name] = active  # one assignment: requests see the old or the new policy
         log.info("deployment %s at revision %d: %s", deployment.name, deployment.revision, _describe(deployment.policy))
-
-    async def _warm(self, name: str, versions: frozenset[int]) -> None:
-        """Run one request of zeros through each version, so the first real request is not the slow one."""
-        for number in sorted(versions):
-            try:
-                model = self.models.resolve(name, str(number))
-                inputs = [_zeros(spec.name, spec.datatype, spec.shape) for spec in model.inputs.values()]
-                if any(tensor is None for tensor in inputs):
-                    continue
-                await self.warm(InferenceRequest(name, [t for t in inputs if t is not None], model_version=str(number)))
-            except DhowError as exc:
-                log.warning("warming %s version %d failed: %s", name, number, exc.message)
 
     # -- edits (the admin API) ------------------------------------------------------------
 
@@ -151,7 +133,6 @@ class DeploymentEditor:
             keep = versions_of(before.deployment.policy) if before is not None else frozenset()
             await self.models.require_versions(name, needed | keep)
             try:
-                await self._warm(name, needed - keep)
                 deployment = await asyncio.to_thread(
                     self.store.put,
                     name,
@@ -229,11 +210,3 @@ def _describe(policy: Mapping[str, Any]) -> str:
         live = policy["active"]
         return f"{live} (version {policy[live]}) live; blue {policy['blue']}, green {policy['green']}"
     return "A/B " + ", ".join(f"{v['name']}=v{v['version']}:{v['weight']}%" for v in policy["variants"])
-
-
-def _zeros(name: str, datatype: str, shape: tuple[int, ...]) -> Tensor | None:
-    """A one-row tensor of zeros for warming a model; None when its shape or type has no obvious zero."""
-    dims = [1, *shape[1:]] if shape and shape[0] == -1 else list(shape)
-    if any(d < 0 for d in dims) or datatype not in NUMPY_DTYPE or datatype == "BYTES":
-        return None
-    return Tensor(name, datatype, dims, np.zeros(dims, dtype=NUMPY_DTYPE[datatype]))

@@ -20,6 +20,7 @@ from dhow.runtimes.tabular import BoosterRuntime, Opened, switch
 class LightGBMRuntime(BoosterRuntime):
     framework = "lightgbm"
     artifacts = ("model.txt",)
+    features_source = "num_feature()"
     model_noun = "a lightgbm model"
     output_datatype = "FP64"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from dhow.core.artifacts import ENCRYPTED_SUFFIX, is_encrypted, read_artifact
+from dhow.core.datatypes import NUMPY_DTYPE
 from dhow.core.errors import ModelFault, ModelLoadError
 from dhow.core.model_config import ModelConfig, TensorSpec
 
@@ -123,3 +124,42 @@ def check_rows(config: ModelConfig, inputs: Mapping[str, np.ndarray], outputs: M
                 f"model {config.name}: output '{name}' has shape {list(array.shape)}, "
                 f"but a batch of {rows} rows needs {rows} rows first"
             )
+
+
+def check_declared(config: ModelConfig, kind: str, declared: TensorSpec, found: TensorSpec, artifact: str) -> None:
+    """Refuse a tensor of model.yaml that the artifact contradicts, naming both: a request it lets through would
+    fail in the model (an input) or an answer would break the declaration (an output), every time.
+
+    ``kind`` is "inputs" or "outputs"; ``found`` is what the artifact says (-1: it does not fix that size;
+    an empty shape: it does not say). Data flows from the declaration into the model for inputs and back for
+    outputs; a datatype must become the other on the way without changing values.
+    """
+    problem = _disagreement(kind, declared, found)
+    if problem:
+        raise ModelLoadError(
+            f"{config.name}/model.yaml: {kind} '{declared.name}' is declared {declared.datatype} "
+            f"{list(declared.shape)}, but {artifact} has {found.datatype} {list(found.shape)} ({problem}); "
+            "declare what the model has"
+        )
+
+
+def _disagreement(kind: str, declared: TensorSpec, found: TensorSpec) -> str:
+    source, target = (declared, found) if kind == "inputs" else (found, declared)
+    if not _converts(source.datatype, target.datatype):
+        return f"{source.datatype} does not convert to {target.datatype} without changing values"
+    if not found.shape:
+        return ""
+    if len(declared.shape) != len(found.shape):
+        return f"{len(declared.shape)} dimensions for {len(found.shape)}"
+    for axis, (mine, theirs) in enumerate(zip(declared.shape, found.shape, strict=True)):
+        if mine != -1 and theirs != -1 and mine != theirs:
+            return f"dimension {axis} is {mine}, not {theirs}"
+        if kind == "inputs" and mine == -1 and theirs != -1:
+            return f"dimension {axis} may be any size, but the model takes only {theirs}"
+    return ""
+
+
+def _converts(source: str, target: str) -> bool:
+    if "BYTES" in (source, target):
+        return source == target
+    return bool(np.can_cast(NUMPY_DTYPE[source], NUMPY_DTYPE[target], casting="same_kind"))

@@ -15,6 +15,7 @@ from dhow.core.errors import ModelFault, ModelLoadError
 from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.runtimes.loading import (
     Signature,
+    check_declared,
     check_rows,
     decrypted,
     default_threads,
@@ -82,6 +83,7 @@ class OnnxRuntime:
             raise ModelLoadError(f"{config.name}: onnxruntime could not start CUDA on {self.device}; see its log")
         self._session, self._config = session, config
         self._signature = self._read_signature(session, config.name)
+        _check_manifest(config, self._signature, path.name)
         for name, kind in self._not_tensors.items():
             log.warning("%s: output %r is an ONNX %s, not a tensor; it cannot be served", config.name, name, kind)
 
@@ -140,6 +142,19 @@ class OnnxRuntime:
 
     def unload(self) -> None:
         self._session = None
+
+
+def _check_manifest(config: ModelConfig, signature: Signature, artifact: str) -> None:
+    """What model.yaml declares must be what the ONNX graph has: names, datatypes, shapes."""
+    for kind, declared, actual in (("inputs", config.inputs, signature[0]), ("outputs", config.outputs, signature[1])):
+        found = {spec.name: spec for spec in actual}
+        for spec in declared or ():
+            if spec.name not in found:
+                raise ModelLoadError(
+                    f"{config.name}/model.yaml: {kind} names '{spec.name}', which the ONNX model does not have "
+                    f"(it has: {', '.join(sorted(found))})"
+                )
+            check_declared(config, kind, spec, found[spec.name], artifact)
 
 
 def _spec(node: Any) -> TensorSpec:

@@ -25,6 +25,7 @@ METHODS: tuple[str, ...] = ("predict", "predict_proba", "decision_function", "tr
 class SklearnRuntime(TabularRuntime):
     framework = "sklearn"
     artifacts = ("model.joblib",)
+    features_source = "n_features_in_"
     # sklearn computes on 2-D arrays whether or not dhow batches requests together
     input_datatype = "FP64"
 

@@ -22,6 +22,7 @@ from dhow.core.errors import ModelFault, ModelLoadError
 from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.runtimes.loading import (
     Signature,
+    check_declared,
     check_rows,
     decrypted,
     find_artifact,
@@ -61,6 +62,8 @@ class TabularRuntime(ABC):
     artifacts: ClassVar[tuple[str, ...]]
     #: the input's datatype when model.yaml declares none
     input_datatype: ClassVar[str] = "FP32"
+    #: what of the opened model tells its number of columns, as messages name it
+    features_source: ClassVar[str]
 
     device: str = "cpu"
 
@@ -82,12 +85,27 @@ class TabularRuntime(ABC):
             raise load_failure(config, path, exc) from None
         outputs = self._outputs(opened, config, path)
         default = TensorSpec("input", self.input_datatype, (-1, opened.features))
-        self._signature = (single_input(config, self.framework, default),), outputs
+        features = single_input(config, self.framework, default)
+        self._check_manifest(config, features, opened.features, outputs, path)
+        self._signature = (features,), outputs
         self._options = options
         self._model, self._config = opened.model, config
 
     def signature(self) -> Signature:
         return self._signature
+
+    def _check_manifest(
+        self, config: ModelConfig, declared: TensorSpec, features: int, outputs: tuple[TensorSpec, ...], path: Path
+    ) -> None:
+        """The declared input must have the model's columns, each declared output what the model answers."""
+        if config.inputs and features > 0:
+            found = TensorSpec(declared.name, declared.datatype, (-1, features))
+            artifact = f"{path.name} ({self.features_source} = {features})"
+            check_declared(config, "inputs", declared, found, artifact)
+        answered = {spec.name: spec for spec in outputs}
+        for spec in config.outputs or ():
+            if spec.name in answered:
+                check_declared(config, "outputs", spec, answered[spec.name], path.name)
 
     def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         model, config = self._model, self._config

@@ -82,6 +82,7 @@ class TorchRuntime:
             module = _jit.load(source, map_location=self.device)
         except Exception as exc:
             raise load_failure(config, path, exc) from None
+        _check_arguments(config, module, path)
         module.eval()
         if config.precision in _PRECISIONS:
             if self.device == "cpu":
@@ -170,6 +171,25 @@ def _device(config: ModelConfig) -> str:
             "GPU(s) are visible"
         )
     return f"cuda:{index}"
+
+
+def _check_arguments(config: ModelConfig, module: Any, path: Path) -> None:
+    """The one thing TorchScript does say of its signature: how many tensors ``forward`` takes, and their names.
+    Declared inputs are passed positionally, so too many or too few would fail every request."""
+    schema = getattr(getattr(module, "forward", None), "schema", None)
+    if schema is None:
+        return
+    arguments = list(schema.arguments)[1:]  # the first is the module itself
+    required = [argument for argument in arguments if not argument.has_default_value()]
+    declared = [spec.name for spec in config.inputs or ()]
+    if len(required) <= len(declared) <= len(arguments):
+        return
+    takes = str(len(required)) if len(required) == len(arguments) else f"{len(required)} to {len(arguments)}"
+    names = ", ".join(argument.name for argument in arguments)
+    raise ModelLoadError(
+        f"{config.name}/model.yaml: inputs lists {len(declared)} ({', '.join(declared)}), but the forward of "
+        f"{path.name} takes {takes} ({names}); declare one input per argument, in order"
+    )
 
 
 def _size_threads(config: ModelConfig) -> None:

@@ -22,6 +22,7 @@ from dhow.runtimes.tabular import BoosterRuntime, Opened, switch
 class XGBoostRuntime(BoosterRuntime):
     framework = "xgboost"
     artifacts = ("model.json", "model.ubj")
+    features_source = "num_features()"
     model_noun = "an xgboost model"
     output_datatype = "FP32"
 

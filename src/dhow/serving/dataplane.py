@@ -14,17 +14,15 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from dhow import __version__
-from dhow.core.datatypes import NUMPY_DTYPE, as_bytes
 from dhow.core.errors import DhowError, InvalidInput, ModelFault, Unavailable
 from dhow.core.model_config import ModelConfig, TensorSpec
-from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome, RequestedOutput, Tensor
+from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome, RequestedOutput
 from dhow.governance.masking import Masker, parse_masking
 from dhow.governance.residency import ResidencyPolicy
 from dhow.serving.lifecycle import ModelLifecycle
 from dhow.serving.model_version import ModelVersion
+from dhow.serving.signature import response_outputs, validate_inputs
 from dhow.serving.traffic import TrafficRouter
 from dhow.serving.triton_config import PLATFORMS, triton_model_config
 
@@ -63,11 +61,14 @@ class DataPlane:
         residency: ResidencyPolicy | None = None,
         masking_key: bytes = b"",
         server_name: str = "dhow",
+        strict_readiness: bool = True,
     ) -> None:
         self.models = models
         self.server_name = server_name
         #: set by the server once the models to load at start are loaded, cleared on shutdown
         self.is_ready = False
+        #: ready only while every model the server should serve is loaded (else: once the start-up loads ended)
+        self.strict_readiness = strict_readiness
         #: the deployments' traffic policies; None serves every model's newest version
         self.router = router
         #: where this server runs, and which data regions may be processed here
@@ -84,7 +85,8 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        return self.is_ready
+        """Whether to send this server traffic (REST health/ready and gRPC ServerReady both ask here)."""
+        return self.is_ready and not (self.strict_readiness and self.models.unready_models())
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": self.server_name, "version": __version__, "extensions": EXTENSIONS}
@@ -209,13 +211,13 @@ class DataPlane:
         model = self.models.resolve(request.model_name, request.model_version)
         rows = 0
         try:
-            inputs, rows = _validate_inputs(model, request)
+            inputs, rows = validate_inputs(model, request)
             wanted = _validate_outputs(model, request.outputs)
             timeout_ns = _timeout_ns(request.parameters)
             names = [o.name for o in wanted] if wanted is not None else list(model.output_names)
             computed_names = [n for n in names if n in model.outputs]
             results = await model.batcher.submit(inputs, computed_names, rows or 1, timeout_ns, request.gone)
-            outputs = _response_outputs(model, results, names, wanted)
+            outputs = response_outputs(model, results, names, wanted)
         except ModelFault as exc:
             error_id = secrets.token_hex(4)
             log.error(
@@ -245,47 +247,6 @@ def _spec_json(spec: TensorSpec) -> dict[str, Any]:
     return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
 
 
-def _validate_inputs(model: ModelVersion, request: InferenceRequest) -> tuple[dict[str, np.ndarray], int]:
-    """Check every input against the model's signature; return the arrays and the batch rows."""
-    label = f"model '{model.name}'"
-    arrays: dict[str, np.ndarray] = {}
-    rows = 0
-    batched = model.config.max_batch_size > 0
-    for tensor in request.inputs:
-        spec = model.inputs.get(tensor.name)
-        if spec is None:
-            known = ", ".join(model.inputs)
-            raise InvalidInput(f"{label} has no input '{tensor.name}'; its inputs are: {known}")
-        if tensor.name in arrays:
-            raise InvalidInput(f"input '{tensor.name}' is given twice")
-        if tensor.datatype != spec.datatype:
-            raise InvalidInput(f"input '{tensor.name}' of {label} must be {spec.datatype}, got {tensor.datatype}")
-        shape = tuple(tensor.shape)
-        if len(shape) != len(spec.shape) or any(d != -1 and d != s for d, s in zip(spec.shape, shape, strict=True)):
-            raise InvalidInput(
-                f"input '{tensor.name}' of {label} must have shape {list(spec.shape)} (-1: any size), got {list(shape)}"
-            )
-        if tensor.data.shape != shape:
-            raise InvalidInput(
-                f"input '{tensor.name}': data of shape {list(tensor.data.shape)} for shape {list(shape)}"
-            )
-        if batched:
-            if rows and shape[0] != rows:
-                raise InvalidInput(
-                    f"all inputs must have the same batch size; '{tensor.name}' has {shape[0]}, not {rows}"
-                )
-            rows = shape[0]
-            if rows < 1:
-                raise InvalidInput(f"input '{tensor.name}' has an empty batch")
-        arrays[tensor.name] = tensor.data
-    missing = [name for name, spec in model.inputs.items() if name not in arrays and not spec.optional]
-    if missing:
-        raise InvalidInput(f"{label} needs input(s) {', '.join(missing)}, which the request lacks")
-    if batched and rows > model.config.max_batch_size:
-        raise InvalidInput(f"batch of {rows} rows exceeds {label}'s max_batch_size of {model.config.max_batch_size}")
-    return arrays, rows
-
-
 def _validate_outputs(model: ModelVersion, outputs: list[RequestedOutput] | None) -> list[RequestedOutput] | None:
     if not outputs:
         return None
@@ -306,55 +267,6 @@ def _timeout_ns(parameters: Mapping[str, Any]) -> int:
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
         raise InvalidInput(f"request parameter 'timeout' must be microseconds (a number >= 0), got {timeout!r}")
     return int(timeout * 1000)
-
-
-def _response_outputs(
-    model: ModelVersion,
-    results: Mapping[str, np.ndarray],
-    names: list[str],
-    wanted: list[RequestedOutput] | None,
-) -> list[Tensor]:
-    params = {o.name: o.parameters for o in wanted} if wanted is not None else {}
-    outputs: list[Tensor] = []
-    for name in names:
-        array = results.get(name)
-        if array is None:
-            raise ModelFault(f"the model produced no output '{name}'")
-        spec = model.outputs[name]
-        array = _as_datatype(array, spec.datatype)
-        parameters = params.get(name, {})
-        classes = parameters.get("classification")
-        if classes:
-            array = _classify(array, int(classes), model.config.max_batch_size > 0)
-            outputs.append(Tensor(name, "BYTES", list(array.shape), array, parameters))
-        else:
-            outputs.append(Tensor(name, spec.datatype, list(array.shape), array, parameters))
-    return outputs
-
-
-def _as_datatype(array: np.ndarray, datatype: str) -> np.ndarray:
-    array = np.asarray(array)
-    if datatype == "BYTES":
-        if array.dtype.kind in ("U", "S") or (
-            array.dtype.kind == "O" and array.size and not isinstance(array.flat[0], bytes)
-        ):
-            converted = np.empty(array.shape, dtype=np.object_)
-            converted.reshape(-1)[:] = [as_bytes(x) for x in array.reshape(-1)]
-            return converted
-        return array
-    dtype = NUMPY_DTYPE[datatype]
-    return array if array.dtype == dtype else array.astype(dtype)
-
-
-def _classify(array: np.ndarray, classes: int, batched: bool) -> np.ndarray:
-    """Triton's classification extension: the top N as "value:index" strings."""
-    scores = array.reshape(array.shape[0], -1) if batched else array.reshape(1, -1)
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :classes]
-    result = np.empty(top.shape, dtype=np.object_)
-    for row in range(top.shape[0]):
-        for col, index in enumerate(top[row]):
-            result[row, col] = f"{scores[row, index]:g}:{index}".encode()
-    return result if batched else result.reshape(-1)
 
 
 def _model_trace(fault: ModelFault) -> str:

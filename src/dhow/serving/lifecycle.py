@@ -31,6 +31,7 @@ from dhow.repository.manifest import MANIFEST, parse_manifest
 from dhow.repository.store import ModelRepository, ModelSource
 from dhow.serving.load_requests import overridden_manifest, requested_manifest, write_upload
 from dhow.serving.model_version import ModelVersion, load_runtimes
+from dhow.serving.warmup import warm
 
 log = logging.getLogger("dhow.models")
 
@@ -159,6 +160,10 @@ class ModelLifecycle:
                 state = "UNAVAILABLE" if entry.versions else entry.state
                 rows.append({"name": name, "version": "", "state": state, "reason": entry.reason})
         return rows
+
+    def unready_models(self) -> list[str]:
+        """The models this server should serve that answer no request: loading, or no version loaded (warmed)."""
+        return sorted(name for name, entry in self.entries.items() if not entry.versions)
 
     # -- versions that deployments need -------------------------------------------------
 
@@ -355,7 +360,13 @@ class ModelLifecycle:
         if self.artifact_check is not None:
             await asyncio.to_thread(self.artifact_check, source.name, number, source.version_dir(number))
         runtimes, config = await asyncio.to_thread(load_runtimes, source.config, source.version_dir(number))
-        return ModelVersion(config, number, runtimes, self.metrics, queue_timeout_ms=self.queue_timeout_ms)
+        version = ModelVersion(config, number, runtimes, self.metrics, queue_timeout_ms=self.queue_timeout_ms)
+        try:
+            await warm(version)  # before it is in the table: a version is served, and ready, only once warmed
+        except BaseException:
+            await version.close()
+            raise
+        return version
 
     async def unload(self, name: str) -> None:
         entry = self.entries.get(name)

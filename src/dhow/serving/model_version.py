@@ -8,7 +8,6 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dhow.core.errors import ModelLoadError
 from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.runtimes.base import Runtime, create_runtime
@@ -23,7 +22,7 @@ def load_runtimes(config: ModelConfig, version_dir: Path) -> tuple[list[Runtime]
     """Load one runtime per instance (blocking: call from a thread) and complete the config.
 
     A manifest may leave inputs/outputs out where the artifact declares them (ONNX); the
-    runtime's signature fills them in, and declared names are checked against it. With
+    runtime's signature fills them in (each runtime checks what is declared against its artifact). With
     ``instances.kind: process`` each instance is a process hosting the runtime, and the
     signature comes from there.
     """
@@ -45,15 +44,6 @@ def load_runtimes(config: ModelConfig, version_dir: Path) -> tuple[list[Runtime]
 
 
 def _complete(config: ModelConfig, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> ModelConfig:
-    if config.runtime == "onnx":
-        for kind, declared, actual in (("inputs", config.inputs, inputs), ("outputs", config.outputs, outputs)):
-            known = {spec.name for spec in actual}
-            for spec in declared or ():
-                if spec.name not in known:
-                    raise ModelLoadError(
-                        f"{config.name}/model.yaml: {kind} names '{spec.name}', which the ONNX model does not have "
-                        f"(it has: {', '.join(sorted(known))})"
-                    )
     return dataclasses.replace(config, inputs=config.inputs or inputs, outputs=config.outputs or outputs)
 
 

@@ -34,7 +34,7 @@ log = logging.getLogger("dhow.service")
 
 
 def service_identity(name: str, role: str = "invoker") -> Principal:
-    """An in-process caller (``dhow:shadow``, a warm-up, a batch job), named so in the audit trail: checked like
+    """An in-process caller (``dhow:shadow``, a repository poll, a batch job), named so in the audit trail: checked like
     any other principal, never authenticated (it holds no credential to steal)."""
     return Principal(name, ALL_TENANTS, (Grant(role),))
 
@@ -139,7 +139,7 @@ class CoreService:
             return await call.infer(request)
 
     def invoker(self, identity: Principal) -> Invoke:
-        """``invoke_as`` bound to one identity: what a traffic policy gets to run shadow copies and warm-ups."""
+        """``invoke_as`` bound to one identity: what a traffic policy gets to run shadow copies."""
 
         async def invoke(request: InferenceRequest) -> InferenceResponse:
             return await self.invoke_as(identity, request)
