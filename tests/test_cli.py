@@ -50,7 +50,7 @@ def test_validate_names_each_bad_model_and_fails(demo_repository: Path, tmp_path
     assert done.returncode == 1
     assert "ok   good" in done.stdout
     typo = next(line for line in done.stdout.splitlines() if line.startswith("FAIL typo"))
-    assert "max_batchsize" in typo and "model.yaml" in typo
+    assert "max_batchsize" in typo and "model.yaml" in typo and "did you mean max_batch_size?" in typo
     assert "FAIL empty: no integer version folder" in done.stdout
     (tmp_path / "lazy" / "1").mkdir(parents=True)
     (tmp_path / "lazy" / "model.yaml").write_text("runtime: sklearn\n")

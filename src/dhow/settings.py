@@ -20,6 +20,7 @@ import yaml
 
 from dhow.core.errors import InvalidInput
 from dhow.core.names import check_region_name
+from dhow.core.spelling import did_you_mean
 
 __all__ = [
     "ANONYMOUS_ACTOR",
@@ -330,7 +331,11 @@ def _from_file(config_file: Path) -> dict[str, object]:
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in _FIELDS:
-            raise InvalidInput(f"settings file {config_file}: unknown setting '{key}' (known: {', '.join(_FIELDS)})")
+            hint = did_you_mean(name, _FIELDS)
+            raise InvalidInput(
+                f"settings file {config_file}: unknown setting '{key}'{f', {hint}' if hint else ''} "
+                f"(known: {', '.join(_FIELDS)})"
+            )
         values[name] = _convert(name, value, f"settings file {config_file}")
     return values
 

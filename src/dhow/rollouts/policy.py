@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from dhow.core.errors import InvalidInput
+from dhow.core.spelling import did_you_mean
 
 KINDS = ("pinned", "canary", "ab", "shadow", "bluegreen")
 DEFAULT_STEPS = [5, 25, 50, 100]
@@ -59,7 +60,7 @@ def normalize(data: Any, *, keep_state: bool = False) -> dict[str, Any]:
     fields = _FIELDS[kind]
     unknown = sorted(set(data) - set(fields) - {"kind"})
     if unknown:
-        raise InvalidInput(f"{kind} policy has no field {unknown[0]!r}; its fields are {', '.join(fields)}")
+        raise _no_field(f"{kind} policy has", unknown[0], "its fields are", fields)
     missing = [name for name, required in fields.items() if required and name not in data]
     if missing:
         raise InvalidInput(f"{kind} policy needs the field {missing[0]!r}")
@@ -113,7 +114,7 @@ def _guards(data: Any) -> dict[str, Any]:
         raise InvalidInput(f"canary 'guards' must be an object, got {_kind_of(data)}")
     unknown = sorted(set(data) - set(DEFAULT_GUARDS))
     if unknown:
-        raise InvalidInput(f"canary guards have no field {unknown[0]!r}; they are {', '.join(DEFAULT_GUARDS)}")
+        raise _no_field("canary guards have", unknown[0], "they are", DEFAULT_GUARDS)
     guards = {**DEFAULT_GUARDS, **data}
     rate, ratio, minimum = guards["max_error_rate"], guards["max_p99_ratio"], guards["min_requests"]
     if not _is_number(rate) or not 0 <= rate <= 1:
@@ -190,6 +191,12 @@ def _version(data: Mapping[str, Any], name: str, where: str = "policy") -> int:
     if not _is_int(value) or value < 1:
         raise InvalidInput(f"{where}: '{name}' must be a model version (an integer of at least 1), got {value!r}")
     return int(value)
+
+
+def _no_field(owner: str, name: str, listing: str, known: Collection[str]) -> InvalidInput:
+    """``pinned policy has no field 'verison', did you mean version?; its fields are version``."""
+    hint = did_you_mean(name, known)
+    return InvalidInput(f"{owner} no field {name!r}{f', {hint}' if hint else ''}; {listing} {', '.join(known)}")
 
 
 def _is_int(value: object) -> bool:
