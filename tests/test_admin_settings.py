@@ -100,3 +100,32 @@ def test_keys_and_tenants_list_as_tables_with_headers_or_as_json(
     assert json.loads(capsys.readouterr().out) == {
         "tenants": [{"name": "acme", "region": "ae", "rate": 10.0, "burst": 0, "concurrency": 4}]
     }
+
+
+def test_keys_refuse_to_make_a_data_folder_nobody_named_and_say_where_they_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a folder with no data folder, as a new user's home is
+    for command in (["keys", "create", "bot", "--role", "invoker"], ["keys", "list"], ["tenants", "set", "acme"]):
+        assert cli.main(command) == 2
+        error = capsys.readouterr().err
+        assert f"there is no data folder at {tmp_path / '.dhow'} and none was named" in error
+        assert "--data-dir DIR" in error and "to start a new data folder here, pass --data-dir .dhow" in error
+        assert not (tmp_path / ".dhow").exists()
+    # named, it is made, and the command says where it wrote
+    assert cli.main(["keys", "create", "bot", "--role", "invoker", "--data-dir", ".dhow"]) == 0
+    folder = (tmp_path / ".dhow").resolve()
+    where = f"registry {folder / 'registry.sqlite3'}, audit trail {folder / 'audit.sqlite3'}"
+    assert capsys.readouterr().err == f"dhow keys: {where} (a new data folder)\n"
+    # once it exists it is the default, and still named on every use
+    assert cli.main(["keys", "list"]) == 0
+    listing = capsys.readouterr()
+    assert listing.err == f"dhow keys: {where}\n" and "bot" in listing.out
+    # stores named by URL need no folder at all
+    elsewhere = tmp_path / "elsewhere"
+    stores = ["--registry", f"sqlite:///{elsewhere}/r.db", "--audit-store", f"sqlite:///{elsewhere}/a.db"]
+    assert cli.main(["tenants", "set", "acme", "--data-dir", str(tmp_path / "unused"), *stores]) == 0
+    assert f"registry {elsewhere / 'r.db'}, audit trail {elsewhere / 'a.db'}" in capsys.readouterr().err
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["tenants", "list", *stores]) == 0
+    assert "acme" in capsys.readouterr().out and not (elsewhere / ".dhow").exists()

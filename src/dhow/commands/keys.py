@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from dhow.access.ratelimit import Limits
 from dhow.access.store import AccessStore, PrincipalRecord
+from dhow.commands.stores import locate_stores
 from dhow.commands.table import format_table
 from dhow.core.errors import InvalidInput
 from dhow.governance.audit import AuditRecord, AuditStore
-from dhow.settings import CONFIG_FILE_HELP, ServerSettings, resolve_settings
+from dhow.settings import CONFIG_FILE_HELP, ServerSettings
 
 __all__ = ["add_parsers", "run"]
 
@@ -29,7 +30,9 @@ if TYPE_CHECKING:
 
 def _store_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--data-dir", metavar="DIR", help="the servers' data folder (default ./.dhow, or DHOW_DATA_DIR)"
+        "--data-dir",
+        metavar="DIR",
+        help="the servers' data folder, made if absent (default $DHOW_DATA_DIR, else ./.dhow if it exists)",
     )
     parser.add_argument("--registry", metavar="URL", help="the servers' registry URL (or DHOW_REGISTRY)")
     parser.add_argument("--audit-store", metavar="URL", help="the servers' audit store (or DHOW_AUDIT_STORE)")
@@ -124,7 +127,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
     """Where the stores are and who acts, decided as for every command (only the store options count:
     ``--region`` here is a key's or tenant's region, not a server's)."""
     given = {name: getattr(args, name) for name in ("data_dir", "registry", "audit_store")}
-    return resolve_settings(given, config_file=args.config)
+    return locate_stores(args.command, given, args.config)
 
 
 def _audit(settings: ServerSettings, action: str, tenant: str, details: dict[str, Any]) -> None:
