@@ -371,12 +371,12 @@ def test_ab_keys_are_sticky_across_parameters_headers_and_transports(server: Dho
     def send(key: str, channel: int) -> str:
         if channel == 0:  # a v2 JSON request parameter
             version, variant = _answered(*rest.infer("sticky", _tabular_body(parameters={"user_id": key})))
-        elif channel == 1:  # an HTTP header (names are case-insensitive)
-            version, variant = _answered(*rest.infer("sticky", _tabular_body(), headers={"User_ID": key}))
+        elif channel == 1:  # an HTTP header proxies keep (no underscore; names are case-insensitive)
+            version, variant = _answered(*rest.infer("sticky", _tabular_body(), headers={"X-Dhow-AB-Key": key}))
         elif channel == 2:  # a gRPC request parameter
             version, variant = _grpc_infer(client, "sticky", parameters={"user_id": key})
         else:  # gRPC metadata
-            version, variant = _grpc_infer(client, "sticky", headers={"user_id": key})
+            version, variant = _grpc_infer(client, "sticky", headers={"x-dhow-ab-key": key})
         assert variant is not None and version_of[variant] == version, (key, channel, version, variant)
         return variant
 

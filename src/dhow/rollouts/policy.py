@@ -27,6 +27,9 @@ DEFAULT_GUARDS: dict[str, float | int] = {
     "min_requests": 50,
 }
 CANARY_STATES = ("progressing", "rolled_back", "promoted")
+#: the header (HTTP, or gRPC metadata) that carries an A/B sticky key when the request parameter is absent:
+#: hyphens, not underscores, since proxies such as nginx drop headers whose names hold an underscore
+AB_KEY_HEADER = "x-dhow-ab-key"
 
 _FIELDS: dict[str, dict[str, bool]] = {
     # field -> required

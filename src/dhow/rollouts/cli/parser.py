@@ -173,7 +173,7 @@ def _add_ab(actions: Subparsers, parents: list[argparse.ArgumentParser]) -> None
         "--key",
         dest="sticky_key",
         metavar="KEY",
-        help="request parameter or header that keeps a caller on one variant (default user_id)",
+        help="request parameter that keeps a caller on one variant (default user_id); else the x-dhow-ab-key header",
     )
 
 

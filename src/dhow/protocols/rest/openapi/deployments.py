@@ -91,7 +91,9 @@ def _policy_schemas() -> dict[str, Schema]:
             {
                 "variants": array(ref("ABVariant"), minItems=1, description="Weights sum to 100; names unique."),
                 "sticky_key": string(
-                    "Request parameter, else header, that keeps a caller on one variant.", default="user_id"
+                    "Request parameter that keeps a caller on one variant; without it, the key is the "
+                    "x-dhow-ab-key header.",
+                    default="user_id",
                 ),
             },
             ("variants",),
