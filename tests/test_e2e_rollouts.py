@@ -436,6 +436,13 @@ def _classes(status: int, answer: Any) -> tuple[int, int]:
 
 
 def test_a_shadow_of_a_classifier_compares_its_labels(rest: Rest) -> None:
+    # an output the model does not have is refused: a misspelt name would silently compare nothing
+    misspelt = {"kind": "shadow", "primary": 1, "shadow": 2, "tolerances": {"probabilites": {"atol": 0.1}}}
+    status, answer = rest.put("classified", misspelt, revision=0)
+    assert status == 400 and answer["error"] == (
+        "the shadow policy names output 'probabilites', which classified version 1 does not have "
+        "(did you mean probabilities?); its outputs are label, probabilities"
+    )
     policy = {"kind": "shadow", "primary": 1, "shadow": 2, "compare": {"probabilities": "label"}}
     status, answer = rest.put("classified", policy, revision=0)
     assert status == 200, answer

@@ -17,6 +17,7 @@ import numpy as np
 
 from dhow.core.datatypes import NUMPY_DTYPE
 from dhow.core.errors import Conflict, DhowError, InvalidInput, NotFound
+from dhow.core.spelling import did_you_mean
 from dhow.core.types import InferenceRequest, Tensor
 from dhow.rollouts.policy import CompiledPolicy, canary_weight, normalize, versions_of
 from dhow.rollouts.routing import Active, DeploymentTable
@@ -151,6 +152,7 @@ class DeploymentEditor:
             keep = versions_of(before.deployment.policy) if before is not None else frozenset()
             await self.models.require_versions(name, needed | keep)
             try:
+                _check_outputs(self.models, name, policy)
                 await self._warm(name, needed - keep)
                 deployment = await asyncio.to_thread(
                     self.store.put,
@@ -191,6 +193,20 @@ def after_action(policy: Mapping[str, Any], action: str) -> dict[str, Any]:
             return normalize(result)
         return {"kind": "pinned", "version": policy[policy["active"]]}
     raise InvalidInput(f"unknown action {action!r}; use promote, rollback, switch or release")
+
+
+def _check_outputs(models: VersionControl, name: str, policy: Mapping[str, Any]) -> None:
+    """A shadow's per-output settings must name outputs the model has: a misspelt one would compare nothing."""
+    if policy["kind"] != "shadow":
+        return
+    outputs = models.resolve(name, str(policy["primary"])).outputs
+    unknown = sorted({*policy["compare"], *policy["tolerances"]} - set(outputs))
+    if unknown:
+        hint = did_you_mean(unknown[0], outputs)
+        raise InvalidInput(
+            f"the shadow policy names output {unknown[0]!r}, which {name} version {policy['primary']} does not "
+            f"have{f' ({hint})' if hint else ''}; its outputs are {', '.join(outputs)}"
+        )
 
 
 def _same_step(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:

@@ -37,10 +37,14 @@ class TrafficRouter(Protocol):
 
 
 class ServedVersion(Protocol):
-    """A loaded version as a traffic policy sees it: its inputs, to make warm-up requests."""
+    """A loaded version as a traffic policy sees it: its inputs, to make warm-up requests; its outputs, that a
+    shadow policy's per-output settings name."""
 
     @property
     def inputs(self) -> Mapping[str, TensorSpec]: ...
+
+    @property
+    def outputs(self) -> Mapping[str, TensorSpec]: ...
 
 
 class VersionControl(Protocol):
