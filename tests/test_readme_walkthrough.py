@@ -28,6 +28,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 ACTIVATE = "source .venv/bin/activate      # or call .venv/bin/dhow"
 KEY_PLACEHOLDER = "export DHOW_KEY=dhow_..."
 README_ADDRESS = "127.0.0.1:8080"
+#: a p99 of tabular's primary past this (it answers in about 1 ms) means the server was starved of CPU
+STARVED_P99_MS = 20.0
 #: the first-start banner's key, as the server prints it on standard output
 FIRST_KEY = re.compile(r"^\s+(dhow_[0-9a-f]{12}_[A-Za-z0-9_-]+)\s*$", re.MULTILINE)
 
@@ -65,12 +67,27 @@ def _tools_or_skip() -> None:
         pytest.skip(message)
 
 
-def _history(server: DhowProcess, key: str) -> list[dict[str, Any]]:
+def _admin(server: DhowProcess, key: str, what: str) -> list[dict[str, Any]]:
+    """The tabular deployment's ``history`` or ``events``."""
     request = urllib.request.Request(
-        f"http://{server.http_url}/v2/admin/deployments/tabular/history", headers={"Authorization": f"Bearer {key}"}
+        f"http://{server.http_url}/v2/admin/deployments/tabular/{what}", headers={"Authorization": f"Bearer {key}"}
     )
     with urllib.request.urlopen(request, timeout=30) as answer:
-        return json.loads(answer.read())["history"]  # type: ignore[no-any-return]
+        return json.loads(answer.read())[what]  # type: ignore[no-any-return]
+
+
+def _skip_if_starved(events: list[dict[str, Any]]) -> None:
+    """A p99 guard is right to roll back when the machine starves the server of CPU: the tail latencies of
+    two versions then differ by chance. tabular answers in about a millisecond; a primary whose own p99 is
+    past ``STARVED_P99_MS`` says the machine, not the walkthrough, decided (CI's runners are not so loaded)."""
+    for event in events:
+        details = event["details"]
+        primary_p99 = (details.get("primary") or {}).get("p99_ms") or 0.0
+        if event["kind"] == "rollback" and details.get("guard") == "max_p99_ratio" and primary_p99 > STARVED_P99_MS:
+            message = f"the machine is too loaded to judge latencies (the primary's p99 is {primary_p99} ms)"
+            if IN_CI:
+                pytest.fail(message)
+            pytest.skip(message)
 
 
 def test_the_readme_canary_walkthrough_promotes_as_written(demo_repository: Path, tmp_path: Path) -> None:
@@ -93,12 +110,14 @@ def test_the_readme_canary_walkthrough_promotes_as_written(demo_repository: Path
             ["bash", "-e", "-c", script], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=540
         )
         assert done.returncode == 0, f"the walkthrough stopped:\n{done.stdout}\n{done.stderr}"
-        rows = _history(server, key)
+        rows, events = _admin(server, key, "history"), _admin(server, key, "events")
     finally:
         assert server.stop() == 0, server.log()
     automatic = [row for row in rows if row["actor"] == "dhow-analysis"]
     assert automatic, f"the analysis made no decision:\n{done.stdout}"
-    assert all(row["action"] == "promote" for row in automatic), automatic
+    _skip_if_starved(events)
+    decisions = [f"{row['action']} at step {row['before']['step']}: {row['reason']}" for row in automatic]
+    assert all(row["action"] == "promote" for row in automatic), f"{decisions}\n{done.stdout}"
     # it promoted step by step, once a step, to the end
     steps = automatic[0]["before"]["steps"]
     assert len(automatic) == len(steps) and automatic[-1]["after"]["state"] == "promoted"
