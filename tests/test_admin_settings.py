@@ -5,6 +5,7 @@ They run in-process on SQLite files of a temporary folder (no server needed: the
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,66 @@ def test_a_bad_settings_file_is_refused_with_its_name(tmp_path: Path, capsys: py
     config.write_text("data-folder: x\n")
     assert cli.main(["keys", "list", "--config", str(config)]) == 2
     assert f"settings file {config}: unknown setting 'data-folder'" in capsys.readouterr().err
+
+
+def test_keys_and_tenants_list_as_tables_with_headers_or_as_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = ("--data-dir", str(tmp_path / "data"))
+    assert (
+        cli.main(["keys", "create", "ci-bot", "--role", "invoker:fraud-*", "--tenant", "acme", "--rate", "5", *data])
+        == 0
+    )
+    key_id = capsys.readouterr().out.strip().splitlines()[-1].split("_")[1]
+    assert cli.main(["keys", "list", *data]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    columns = ["ID", "KIND", "NAME", "TENANT", "ROLES", "REGION", "STATE", "RATE", "BURST", "CONCURRENCY", "EXPIRES"]
+    assert header.split() == columns
+    # one cell a column, aligned under its header; an empty one shows as '-'
+    assert row.split() == [key_id, "key", "ci-bot", "acme", "invoker:fraud-*", "-", "active", "5/s", "-", "-", "-"]
+    assert row.index("ci-bot") == header.index("NAME") and row.index("active") == header.index("STATE")
+    assert cli.main(["keys", "list", "--json", *data]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)["keys"]
+    assert (listed["id"], listed["roles"], listed["rate"], listed["active"]) == (key_id, ["invoker:fraud-*"], 5.0, True)
+    assert "secret_hash" not in listed and "salt" not in listed
+
+    assert cli.main(["tenants", "list", *data]) == 0
+    assert "no tenant has quotas" in capsys.readouterr().out
+    assert cli.main(["tenants", "set", "acme", "--rate", "10", "--concurrency", "4", "--region", "ae", *data]) == 0
+    capsys.readouterr()
+    assert cli.main(["tenants", "list", *data]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert lines == [["TENANT", "REGION", "RATE", "BURST", "CONCURRENCY"], ["acme", "ae", "10/s", "-", "4"]]
+    assert cli.main(["tenants", "list", "--json", *data]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "tenants": [{"name": "acme", "region": "ae", "rate": 10.0, "burst": 0, "concurrency": 4}]
+    }
+
+
+def test_keys_refuse_to_make_a_data_folder_nobody_named_and_say_where_they_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a folder with no data folder, as a new user's home is
+    for command in (["keys", "create", "bot", "--role", "invoker"], ["keys", "list"], ["tenants", "set", "acme"]):
+        assert cli.main(command) == 2
+        error = capsys.readouterr().err
+        assert f"there is no data folder at {tmp_path / '.dhow'} and none was named" in error
+        assert "--data-dir DIR" in error and "to start a new data folder here, pass --data-dir .dhow" in error
+        assert not (tmp_path / ".dhow").exists()
+    # named, it is made, and the command says where it wrote
+    assert cli.main(["keys", "create", "bot", "--role", "invoker", "--data-dir", ".dhow"]) == 0
+    folder = (tmp_path / ".dhow").resolve()
+    where = f"registry {folder / 'registry.sqlite3'}, audit trail {folder / 'audit.sqlite3'}"
+    assert capsys.readouterr().err == f"dhow keys: {where} (a new data folder)\n"
+    # once it exists it is the default, and still named on every use
+    assert cli.main(["keys", "list"]) == 0
+    listing = capsys.readouterr()
+    assert listing.err == f"dhow keys: {where}\n" and "bot" in listing.out
+    # stores named by URL need no folder at all
+    elsewhere = tmp_path / "elsewhere"
+    stores = ["--registry", f"sqlite:///{elsewhere}/r.db", "--audit-store", f"sqlite:///{elsewhere}/a.db"]
+    assert cli.main(["tenants", "set", "acme", "--data-dir", str(tmp_path / "unused"), *stores]) == 0
+    assert f"registry {elsewhere / 'r.db'}, audit trail {elsewhere / 'a.db'}" in capsys.readouterr().err
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["tenants", "list", *stores]) == 0
+    assert "acme" in capsys.readouterr().out and not (elsewhere / ".dhow").exists()

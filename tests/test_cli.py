@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,7 @@ def test_validate_names_each_bad_model_and_fails(demo_repository: Path, tmp_path
     assert done.returncode == 1
     assert "ok   good" in done.stdout
     typo = next(line for line in done.stdout.splitlines() if line.startswith("FAIL typo"))
-    assert "max_batchsize" in typo and "model.yaml" in typo
+    assert "max_batchsize" in typo and "model.yaml" in typo and "did you mean max_batch_size?" in typo
     assert "FAIL empty: no integer version folder" in done.stdout
     (tmp_path / "lazy" / "1").mkdir(parents=True)
     (tmp_path / "lazy" / "model.yaml").write_text("runtime: sklearn\n")
@@ -68,3 +69,19 @@ def test_bad_option_values_are_refused(tmp_path: Path) -> None:
     done = _dhow("serve", "--repository", str(tmp_path), "--model-control", "sometimes")
     assert done.returncode == 2
     assert "sometimes" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(demo_repository: Path) -> None:
+    # 'dhow rollout show NAME | grep -q promoted': grep exits at the first match, and dhow's next write
+    # finds the pipe closed; here the reading end is closed before dhow writes anything
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "dhow.cli", "models", "validate", str(demo_repository)],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1
+    assert done.stderr == "", done.stderr

@@ -34,7 +34,7 @@ ADMIN = "/v2/admin/deployments"
 #: min_requests so high that the analysis never judges (for tests that are not about the guards)
 NEVER_JUDGED = {"min_requests": 1_000_000_000}
 #: copies of the demo model `tabular` (versions 1 and 2), one per test, so that tests sharing a server do not meet
-TABULAR_COPIES = ("split", "sticky", "shadowed", "promoting", "bluegreen", "cli_flow")
+TABULAR_COPIES = ("split", "sticky", "shadowed", "classified", "promoting", "bluegreen", "cli_flow")
 #: the PostgreSQL server of the shared-registry test (a fresh database is made on it per test)
 PG_SERVER = os.environ.get("DHOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 
@@ -372,12 +372,12 @@ def test_ab_keys_are_sticky_across_parameters_headers_and_transports(server: Dho
     def send(key: str, channel: int) -> str:
         if channel == 0:  # a v2 JSON request parameter
             version, variant = _answered(*rest.infer("sticky", _tabular_body(parameters={"user_id": key})))
-        elif channel == 1:  # an HTTP header (names are case-insensitive)
-            version, variant = _answered(*rest.infer("sticky", _tabular_body(), headers={"User_ID": key}))
+        elif channel == 1:  # an HTTP header proxies keep (no underscore; names are case-insensitive)
+            version, variant = _answered(*rest.infer("sticky", _tabular_body(), headers={"X-Dhow-AB-Key": key}))
         elif channel == 2:  # a gRPC request parameter
             version, variant = _grpc_infer(client, "sticky", parameters={"user_id": key})
         else:  # gRPC metadata
-            version, variant = _grpc_infer(client, "sticky", headers={"user_id": key})
+            version, variant = _grpc_infer(client, "sticky", headers={"x-dhow-ab-key": key})
         assert variant is not None and version_of[variant] == version, (key, channel, version, variant)
         return variant
 
@@ -427,6 +427,43 @@ def test_shadow_answers_with_the_primary_and_compares(rest: Rest) -> None:
     metrics = rest.call("GET", "/metrics")[1]
     assert "dhow_shadow_requests" in metrics
     assert _metric_total(metrics, "dhow_shadow_requests_total", "shadowed") == sent
+
+
+def _classes(status: int, answer: Any) -> tuple[int, int]:
+    """(label, argmax of the probabilities) of a tabular answer."""
+    assert status == 200, answer
+    outputs = {output["name"]: output["data"] for output in answer["outputs"]}
+    return outputs["label"][0], int(np.argmax(outputs["probabilities"]))
+
+
+def test_a_shadow_of_a_classifier_compares_its_labels(rest: Rest) -> None:
+    # an output the model does not have is refused: a misspelt name would silently compare nothing
+    misspelt = {"kind": "shadow", "primary": 1, "shadow": 2, "tolerances": {"probabilites": {"atol": 0.1}}}
+    status, answer = rest.put("classified", misspelt, revision=0)
+    assert status == 400 and answer["error"] == (
+        "the shadow policy names output 'probabilites', which classified version 1 does not have "
+        "(did you mean probabilities?); its outputs are label, probabilities"
+    )
+    policy = {"kind": "shadow", "primary": 1, "shadow": 2, "compare": {"probabilities": "label"}}
+    status, answer = rest.put("classified", policy, revision=0)
+    assert status == 200, answer
+    assert answer["policy"]["compare"] == {"probabilities": "label"} and answer["policy"]["tolerances"] == {}
+    sent, same_class = 60, 0
+    for row in range(sent):
+        body = _tabular_body(row)
+        # requests naming a version bypass the policy (no copy): what each version says of this row
+        same_class += _classes(*rest.infer("classified", body, version="1")) == _classes(
+            *rest.infer("classified", body, version="2")
+        )
+        assert _answered(*rest.infer("classified", body)) == ("1", "primary")
+    shadow = _wait_for(
+        lambda: rest.deployment("classified")["status"]["shadow"],
+        lambda f: f["agreed"] + f["disagreed"] + f["errors"] + f["dropped"] == sent,
+        f"all {sent} shadow copies compared",
+    )
+    assert shadow["errors"] == shadow["dropped"] == 0
+    # a copy agrees exactly when both versions chose the same class, although their probabilities differ
+    assert shadow["agreed"] == same_class > 0 and shadow["mean_abs_difference"] > 0
 
 
 def test_a_slow_shadow_stays_off_the_clients_path(rest: Rest) -> None:

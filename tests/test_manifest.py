@@ -147,6 +147,31 @@ def test_warmup_section() -> None:
         parse_manifest({"runtime": "onnx", "inputs": inputs, "warmup": {"samples": [{"a": [1, 2]}]}}, "m.yaml", "m")
 
 
+@pytest.mark.parametrize(
+    ("data", "field", "guess"),
+    [
+        ({"runtime": "onnx", "max_batchsize": 8}, "max_batchsize", "max_batch_size"),
+        ({"runtime": "onnx", "Max-Batch-Size": 8}, "Max-Batch-Size", "max_batch_size"),
+        ({"runtime": "onnx", "version_policy": {"lastest": 1}}, "version_policy.lastest", "latest"),
+        ({"runtime": "onnx", "instances": {"cout": 2}}, "instances.cout", "count"),
+        ({"runtime": "onnx", "max_batch_size": 4, "batching": {"max_queue_delay": 1}}, "batching.max_queue_delay",
+         "max_queue_delay_ms"),
+        ({"runtime": "onnx", "parameters": {"allow_spining": True}}, "parameters.allow_spining", "allow_spinning"),
+    ],
+)  # fmt: skip
+def test_an_unknown_field_suggests_the_one_meant(data: object, field: str, guess: str) -> None:
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(data, "repo/fraud/model.yaml", "fraud")
+    assert f"field '{field}'" in caught.value.message
+    assert f"did you mean {guess}?" in caught.value.message
+
+
+def test_an_unknown_field_like_none_known_guesses_nothing() -> None:
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest({"runtime": "onnx", "colour": "red"}, "repo/fraud/model.yaml", "fraud")
+    assert "did you mean" not in caught.value.message and "known fields: runtime, inputs" in caught.value.message
+
+
 def test_invalid_yaml_and_missing_manifest(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     with pytest.raises(ManifestError, match=r"model\.yaml"):

@@ -190,6 +190,12 @@ def _parse(*args: str) -> argparse.Namespace:
             ("shadow", "fraud", "--primary", "1", "--shadow", "2", "--sample", "0.25"),
             {"kind": "shadow", "primary": 1, "shadow": 2, "sample": 0.25},
         ),
+        (
+            ("shadow", "fraud", "--primary", "1", "--shadow", "2", "--compare", "probabilities=label",
+             "--tolerance", "scores=0.01,0.001", "--tolerance", "logits=0.1"),
+            {"kind": "shadow", "primary": 1, "shadow": 2, "compare": {"probabilities": "label"},
+             "tolerances": {"scores": {"rtol": 0.01, "atol": 0.001}, "logits": {"rtol": 0.1}}},
+        ),
         (("bluegreen", "fraud", "--blue", "1", "--green", "2"), {"kind": "bluegreen", "blue": 1, "green": 2}),
         (
             ("bluegreen", "fraud", "--blue", "1", "--green", "2", "--active", "green"),

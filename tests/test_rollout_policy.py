@@ -50,7 +50,18 @@ def _variant(name: str, version: int, weight: int) -> dict[str, Any]:
         ([], "must be a JSON object"),
         ({"kind": "rainbow"}, "must be one of pinned, canary, ab, shadow, bluegreen"),
         ({"kind": "pinned"}, "needs the field 'version'"),
-        ({"kind": "pinned", "version": 1, "colour": "red"}, "no field 'colour'"),
+        ({"kind": "pinned", "version": 1, "colour": "red"}, "no field 'colour'; its fields are version"),
+        ({"kind": "shadow", "primary": 1, "shadow": 2, "sampel": 0.5}, "no field 'sampel', did you mean sample?"),
+        ({"kind": "shadow", "primary": 1, "shadow": 2, "compare": {"p": "argmax"}}, "must be 'label' (the class"),
+        ({"kind": "shadow", "primary": 1, "shadow": 2, "compare": ["p"]}, "'compare' must map output names"),
+        ({"kind": "shadow", "primary": 1, "shadow": 2, "tolerances": {"p": 0.1}}, 'an object like {"rtol": 0.01'),
+        ({"kind": "shadow", "primary": 1, "shadow": 2, "tolerances": {"p": {"rtol": -1}}}, "'rtol' must be a number"),
+        ({"kind": "shadow", "primary": 1, "shadow": 2, "tolerances": {"p": {"rtl": 1}}}, "did you mean rtol?"),
+        (
+            {"kind": "shadow", "primary": 1, "shadow": 2, "compare": {"p": "label"}, "tolerances": {"p": {"atol": 1}}},
+            "output 'p' is compared by label, so its tolerance would never apply",
+        ),
+        ({"kind": "canary", "primary": 1, "canary": 2, "guards": {"max_error": 0.1}}, "did you mean max_error_rate?"),
         ({"kind": "pinned", "version": "1"}, "'version' must be a model version"),
         ({"kind": "pinned", "version": True}, "'version' must be a model version"),
         ({"kind": "ab", "variants": [_variant("a", 1, 60), _variant("b", 2, 50)]}, "must sum to 100, they sum to 110"),
@@ -171,3 +182,36 @@ def test_shadow_comparison() -> None:
     agree, difference = compare_outputs(tensors([0.2, 0.8], 1), tensors([0.3, 0.7], 1))
     assert not agree and difference == pytest.approx(0.1)
     assert not compare_outputs(tensors([0.2, 0.8], 1), tensors([0.2, 0.8], 0))[0]
+
+
+def test_shadow_policies_keep_per_output_comparisons_and_tolerances() -> None:
+    assert normalize({"kind": "shadow", "primary": 1, "shadow": 2}) == {
+        "kind": "shadow", "primary": 1, "shadow": 2, "sample": 1.0, "compare": {}, "tolerances": {},
+    }  # fmt: skip
+    given = {"compare": {"probabilities": "label"}, "tolerances": {"scores": {"atol": 0.5}}}
+    policy = normalize({"kind": "shadow", "primary": 1, "shadow": 2, **given})
+    assert policy["compare"] == {"probabilities": "label"}
+    assert policy["tolerances"] == {"scores": {"rtol": 1e-3, "atol": 0.5}}  # the default fills what is left out
+    compiled = CompiledPolicy(policy)
+    assert (compiled.compare, compiled.tolerances) == (policy["compare"], policy["tolerances"])
+
+
+def test_shadow_compares_a_classifiers_labels_and_each_outputs_tolerance() -> None:
+    def probabilities(*rows: list[float]) -> list[Tensor]:
+        return [Tensor("probabilities", "FP32", [len(rows), 2], np.array(rows, dtype=np.float32))]
+
+    primary = probabilities([0.2, 0.8], [0.9, 0.1])
+    retrained = probabilities([0.3, 0.7], [0.6, 0.4])  # other probabilities, the same classes
+    assert not compare_outputs(primary, retrained)[0]
+    by_label = {"probabilities": "label"}
+    agree, difference = compare_outputs(primary, retrained, by_label)
+    assert agree and difference == pytest.approx(0.2)  # the difference is still reported
+    assert not compare_outputs(primary, probabilities([0.2, 0.8], [0.4, 0.6]), by_label)[0]  # a class changed
+    # per-output tolerances: wide enough agrees, the default does not, other outputs keep the default
+    assert compare_outputs(primary, retrained, tolerances={"probabilities": {"rtol": 0.0, "atol": 0.31}})[0]
+    assert not compare_outputs(primary, retrained, tolerances={"probabilities": {"rtol": 0.0, "atol": 0.29}})[0]
+    assert not compare_outputs(primary, retrained, tolerances={"other": {"rtol": 1.0, "atol": 1.0}})[0]
+    # a one-dimensional output is its own labels
+    labels = [Tensor("label", "INT64", [2], np.array([1, 0]))]
+    assert compare_outputs(labels, labels, {"label": "label"})[0]
+    assert not compare_outputs(labels, [Tensor("label", "INT64", [2], np.array([1, 1]))], {"label": "label"})[0]

@@ -30,7 +30,10 @@ def test_refusals_name_the_source(tmp_path: Path) -> None:
         resolve_settings({"model_control": "auto"}, {})
     config = tmp_path / "bad.yaml"
     config.write_text("htp_port: 1\n")
-    with pytest.raises(InvalidInput, match="unknown setting 'htp_port'"):
+    with pytest.raises(InvalidInput, match="unknown setting 'htp_port', did you mean http_port"):
+        resolve_settings({}, {}, config)
+    config.write_text("colour: red\n")  # nothing close: no guess
+    with pytest.raises(InvalidInput, match=r"unknown setting 'colour' \(known: repository, host"):
         resolve_settings({}, {}, config)
 
 

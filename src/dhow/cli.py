@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -211,6 +212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DhowError as exc:
         print(f"dhow: {exc.message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader left early ('dhow rollout show NAME | grep -q promoted'): nothing is wrong and
+        # nothing more can be said; /dev/null takes what is left, so the interpreter's exit flush stays quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         return 130
 

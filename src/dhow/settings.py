@@ -20,6 +20,7 @@ import yaml
 
 from dhow.core.errors import InvalidInput
 from dhow.core.names import check_region_name
+from dhow.core.spelling import did_you_mean
 
 __all__ = [
     "ANONYMOUS_ACTOR",
@@ -30,6 +31,7 @@ __all__ = [
     "SettingsSource",
     "live_settings",
     "resolve_settings",
+    "resolve_settings_and_sources",
     "setting_options",
 ]
 
@@ -434,19 +436,41 @@ def _convert(name: str, value: object, source: str) -> object:
     return result
 
 
-def _from_file(config_file: Path) -> dict[str, object]:
+def _from_file(config_file: Path) -> dict[str, tuple[object, str]]:
     try:
         data = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise InvalidInput(f"cannot read settings file {config_file}: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidInput(f"settings file {config_file}: expected a mapping of settings")
-    values: dict[str, object] = {}
+    source = f"settings file {config_file}"
+    values: dict[str, tuple[object, str]] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in _FIELDS:
-            raise InvalidInput(f"settings file {config_file}: unknown setting '{key}' (known: {', '.join(_FIELDS)})")
-        values[name] = _convert(name, value, f"settings file {config_file}")
+            hint = did_you_mean(name, _FIELDS)
+            raise InvalidInput(
+                f"{source}: unknown setting '{key}'{f', {hint}' if hint else ''} (known: {', '.join(_FIELDS)})"
+            )
+        values[name] = (_convert(name, value, source), source)
+    return values
+
+
+def _given(
+    cli: Mapping[str, object], env: Mapping[str, str] | None, config_file: Path | None
+) -> dict[str, tuple[object, str]]:
+    """Each setting some source gives, converted, with the source that won: option > environment > file."""
+    values = _from_file(config_file) if config_file is not None else {}
+    environ = os.environ if env is None else env
+    for name in _FIELDS:
+        variable = ENV_PREFIX + name.upper()
+        if variable in environ:
+            source = f"environment variable {variable}"
+            values[name] = (_convert(name, environ[variable], source), source)
+    for name, value in cli.items():
+        if value is not None and name in _FIELDS:
+            source = f"option --{name.replace('_', '-')}"
+            values[name] = (_convert(name, value, source), source)
     return values
 
 
@@ -458,13 +482,15 @@ def resolve_settings(
     ``cli`` maps setting names to the options given (``None`` = not given; other names are ignored);
     ``env`` is ``os.environ`` unless given.
     """
-    values = _from_file(config_file) if config_file is not None else {}
-    environ = os.environ if env is None else env
-    for name in _FIELDS:
-        variable = ENV_PREFIX + name.upper()
-        if variable in environ:
-            values[name] = _convert(name, environ[variable], f"environment variable {variable}")
-    for name, value in cli.items():
-        if value is not None and name in _FIELDS:
-            values[name] = _convert(name, value, f"option --{name.replace('_', '-')}")
-    return ServerSettings(**values)  # type: ignore[arg-type]
+    return resolve_settings_and_sources(cli, env, config_file)[0]
+
+
+def resolve_settings_and_sources(
+    cli: Mapping[str, object], env: Mapping[str, str] | None = None, config_file: Path | None = None
+) -> tuple[ServerSettings, dict[str, str]]:
+    """``resolve_settings``, and where each setting that is not at its default came from
+    (``{"data_dir": "environment variable DHOW_DATA_DIR"}``): a command can tell a folder someone
+    named from the default one."""
+    given = _given(cli, env, config_file)
+    settings = ServerSettings(**{name: value for name, (value, _) in given.items()})  # type: ignore[arg-type]
+    return settings, {name: source for name, (_, source) in given.items()}

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from dhow.commands.table import format_table
 from dhow.core.errors import DhowError, NotFound
 from dhow.governance.audit import MAX_READ, AuditStore
 from dhow.registry.database import parse_url
@@ -148,10 +149,8 @@ def _tail(store: AuditStore, args: argparse.Namespace) -> int:
         print("the audit trail is empty")
         return 0
     headers = ("SEQ", "AT", "KIND", "ACTION", "ACTOR", "TENANT", "MODEL", "OUTCOME", "LATENCY")
-    rows = [headers, *(_cells(record) for record in records)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(headers))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    # a record without a latency (an admin action) leaves its last cell blank
+    print(format_table(headers, (_cells(record) for record in records), empty=""))
     return 0
 
 

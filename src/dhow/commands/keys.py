@@ -8,6 +8,7 @@ within their registry poll. Every change is also written to the audit trail.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from dhow.access.ratelimit import Limits
 from dhow.access.store import AccessStore, PrincipalRecord
+from dhow.commands.stores import locate_stores
+from dhow.commands.table import format_table
 from dhow.core.errors import InvalidInput
 from dhow.governance.audit import AuditRecord, AuditStore
-from dhow.settings import CONFIG_FILE_HELP, ServerSettings, resolve_settings
+from dhow.settings import CONFIG_FILE_HELP, ServerSettings
 
 __all__ = ["add_parsers", "run"]
 
@@ -27,11 +30,19 @@ if TYPE_CHECKING:
 
 def _store_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--data-dir", metavar="DIR", help="the servers' data folder (default ./.dhow, or DHOW_DATA_DIR)"
+        "--data-dir",
+        metavar="DIR",
+        help="the servers' data folder, made if absent (default $DHOW_DATA_DIR, else ./.dhow if it exists)",
     )
     parser.add_argument("--registry", metavar="URL", help="the servers' registry URL (or DHOW_REGISTRY)")
     parser.add_argument("--audit-store", metavar="URL", help="the servers' audit store (or DHOW_AUDIT_STORE)")
     parser.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_FILE_HELP)
+
+
+def _json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", dest="as_json", action="store_true", help="print JSON (as the admin API answers) instead of a table"
+    )
 
 
 def _limits_options(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +79,8 @@ def _add_keys(commands: Subparsers) -> None:
         _grant_options(parser)
     create.add_argument("--expires-in", type=float, metavar="SECONDS", help="the key stops working after this")
     listing = actions.add_parser("list", help="list keys and identities (never their secrets)")
-    listing.add_argument("--all", action="store_true", help="include revoked ones")
+    listing.add_argument("--all", action="store_true", help="include revoked and expired ones")
+    _json_option(listing)
     _store_options(listing)
     revoke = actions.add_parser("revoke", help="revoke a key or identity at once")
     revoke.add_argument("id")
@@ -107,6 +119,7 @@ def _add_tenants(commands: Subparsers) -> None:
     _limits_options(set_tenant)
     _store_options(set_tenant)
     list_tenants = tenant_actions.add_parser("list", help="list tenants with quotas")
+    _json_option(list_tenants)
     _store_options(list_tenants)
 
 
@@ -114,7 +127,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
     """Where the stores are and who acts, decided as for every command (only the store options count:
     ``--region`` here is a key's or tenant's region, not a server's)."""
     given = {name: getattr(args, name) for name in ("data_dir", "registry", "audit_store")}
-    return resolve_settings(given, config_file=args.config)
+    return locate_stores(args.command, given, args.config)
 
 
 def _audit(settings: ServerSettings, action: str, tenant: str, details: dict[str, Any]) -> None:
@@ -130,14 +143,29 @@ def _limits(args: argparse.Namespace) -> Limits:
     return Limits(rate=args.rate, burst=args.burst, concurrency=args.concurrency)
 
 
-def _show(record: PrincipalRecord) -> str:
+_KEY_HEADERS = ("ID", "KIND", "NAME", "TENANT", "ROLES", "REGION", "STATE", "RATE", "BURST", "CONCURRENCY", "EXPIRES")
+_TENANT_HEADERS = ("TENANT", "REGION", "RATE", "BURST", "CONCURRENCY")
+
+
+def _key_cells(record: PrincipalRecord) -> tuple[str, ...]:
+    """A key's row: quotas of 0 are unlimited, shown as ``-`` like every empty cell."""
     state = "active" if record.active() else ("revoked" if record.revoked_at else "expired")
-    limits = record.limits
-    quota = f"rate {limits.rate:g}/s burst {limits.burst} concurrency {limits.concurrency}"
-    return (
-        f"{record.id:<18} {record.kind:<4} {record.name:<20} tenant {record.tenant:<10} "
-        f"{','.join(record.roles):<28} {state:<8} {quota}"
-    )
+    who = (record.id, record.kind, record.name, record.tenant, ",".join(record.roles), record.region, state)
+    return (*who, *_quota_cells(record.limits), record.expires_at or "")
+
+
+def _quota_cells(limits: Limits) -> tuple[str, ...]:
+    return (f"{limits.rate:g}/s" if limits.rate else "", str(limits.burst or ""), str(limits.concurrency or ""))
+
+
+def _print_keys(records: list[PrincipalRecord], as_json: bool) -> None:
+    """The keys as a table, or as the admin API lists them (``{"keys": [...]}``) for machines."""
+    if as_json:
+        print(json.dumps({"keys": [record.as_dict() for record in records]}, indent=2))
+    elif records:
+        print(format_table(_KEY_HEADERS, map(_key_cells, records)))
+    else:
+        print("no keys or identities (make one with 'dhow keys create NAME --role ROLE')")
 
 
 def run(args: argparse.Namespace) -> int | None:
@@ -195,9 +223,7 @@ def _add_cert(store: AccessStore, settings: ServerSettings, args: argparse.Names
 
 
 def _list_keys(store: AccessStore, settings: ServerSettings, args: argparse.Namespace) -> None:
-    for record in store.principals():
-        if args.all or record.active():
-            print(_show(record))
+    _print_keys([record for record in store.principals() if args.all or record.active()], args.as_json)
 
 
 def _revoke(store: AccessStore, settings: ServerSettings, args: argparse.Namespace) -> None:
@@ -216,7 +242,7 @@ def _rotate(store: AccessStore, settings: ServerSettings, args: argparse.Namespa
 def _set_limits(store: AccessStore, settings: ServerSettings, args: argparse.Namespace) -> None:
     record = store.set_limits(args.id, _limits(args))
     _audit(settings, "key.limits", record.tenant, {"key": record.id, **record.as_dict()})
-    print(_show(record))
+    _print_keys([record], as_json=False)
 
 
 _KEY_ACTIONS: dict[str, Action] = {
@@ -236,8 +262,13 @@ def _set_tenant(store: AccessStore, settings: ServerSettings, args: argparse.Nam
 
 
 def _list_tenants(store: AccessStore, settings: ServerSettings, args: argparse.Namespace) -> None:
-    for tenant in sorted(store.tenants().values(), key=lambda t: t.name):
-        print(f"{tenant.name:<20} {tenant.as_dict()} region {tenant.region or '-'}")
+    tenants = sorted(store.tenants().values(), key=lambda t: t.name)
+    if args.as_json:
+        print(json.dumps({"tenants": [{**t.as_dict(), "region": t.region} for t in tenants]}, indent=2))
+    elif tenants:
+        print(format_table(_TENANT_HEADERS, ((t.name, t.region, *_quota_cells(t.limits)) for t in tenants)))
+    else:
+        print("no tenant has quotas or a region (set them with 'dhow tenants set NAME')")
 
 
 def _trust(store: AccessStore, settings: ServerSettings, args: argparse.Namespace) -> None:

@@ -23,6 +23,7 @@ from dhow.core.model_config import (
     VersionPolicy,
     WarmupConfig,
 )
+from dhow.core.spelling import did_you_mean
 
 MANIFEST = "model.yaml"
 
@@ -69,7 +70,10 @@ class _Fields:
     def finish(self, allowed: str) -> None:
         extra = sorted(set(map(str, self.data)) - self.seen)
         if extra:
-            raise ManifestError(self.path, self.name(extra[0]), f"a known field ({allowed}); this one is unknown")
+            hint = did_you_mean(extra[0], allowed.split(", "))
+            unknown = f"this one is unknown, {hint}" if hint else "this one is unknown"
+            expected = f"a known field; {unknown} (known fields: {allowed})"
+            raise ManifestError(self.path, self.name(extra[0]), expected)
 
 
 def _is_int(value: object) -> bool:
@@ -289,6 +293,8 @@ def _parameters(path: Path | str, runtime: str, parameters: dict[str, Any]) -> d
     for key in parameters:
         if key not in known:
             expected = f"one of {', '.join(known)}" if known else "none (it takes no parameters)"
+            hint = did_you_mean(key, known)
+            expected += f"; {hint}" if hint else ""
             raise ManifestError(path, f"parameters.{key}", f"a parameter of the {runtime} runtime: {expected}")
     return parameters
 

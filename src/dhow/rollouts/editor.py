@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dhow.core.errors import Conflict, DhowError, InvalidInput, NotFound
+from dhow.core.spelling import did_you_mean
 from dhow.rollouts.policy import CompiledPolicy, canary_weight, normalize, versions_of
 from dhow.rollouts.routing import Active, DeploymentTable
 from dhow.rollouts.store import Deployment, RegistryStore
@@ -133,6 +134,7 @@ class DeploymentEditor:
             keep = versions_of(before.deployment.policy) if before is not None else frozenset()
             await self.models.require_versions(name, needed | keep)
             try:
+                _check_outputs(self.models, name, policy)
                 deployment = await asyncio.to_thread(
                     self.store.put,
                     name,
@@ -172,6 +174,20 @@ def after_action(policy: Mapping[str, Any], action: str) -> dict[str, Any]:
             return normalize(result)
         return {"kind": "pinned", "version": policy[policy["active"]]}
     raise InvalidInput(f"unknown action {action!r}; use promote, rollback, switch or release")
+
+
+def _check_outputs(models: VersionControl, name: str, policy: Mapping[str, Any]) -> None:
+    """A shadow's per-output settings must name outputs the model has: a misspelt one would compare nothing."""
+    if policy["kind"] != "shadow":
+        return
+    outputs = models.resolve(name, str(policy["primary"])).outputs
+    unknown = sorted({*policy["compare"], *policy["tolerances"]} - set(outputs))
+    if unknown:
+        hint = did_you_mean(unknown[0], outputs)
+        raise InvalidInput(
+            f"the shadow policy names output {unknown[0]!r}, which {name} version {policy['primary']} does not "
+            f"have{f' ({hint})' if hint else ''}; its outputs are {', '.join(outputs)}"
+        )
 
 
 def _same_step(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from dhow.core.errors import InvalidInput
+from dhow.core.spelling import did_you_mean
 
 KINDS = ("pinned", "canary", "ab", "shadow", "bluegreen")
 DEFAULT_STEPS = [5, 25, 50, 100]
@@ -26,6 +27,13 @@ DEFAULT_GUARDS: dict[str, float | int] = {
     "min_requests": 50,
 }
 CANARY_STATES = ("progressing", "rolled_back", "promoted")
+#: the header (HTTP, or gRPC metadata) that carries an A/B sticky key when the request parameter is absent:
+#: hyphens, not underscores, since proxies such as nginx drop headers whose names hold an underscore
+AB_KEY_HEADER = "x-dhow-ab-key"
+#: how a shadow compares an output: its values (within a tolerance when floats), or its label (the argmax)
+COMPARISONS = ("values", "label")
+#: the tolerance of a float output that the shadow policy gives none
+DEFAULT_TOLERANCE: dict[str, float] = {"rtol": 1e-3, "atol": 1e-5}
 
 _FIELDS: dict[str, dict[str, bool]] = {
     # field -> required
@@ -41,7 +49,7 @@ _FIELDS: dict[str, dict[str, bool]] = {
         "state": False,
     },
     "ab": {"variants": True, "sticky_key": False},
-    "shadow": {"primary": True, "shadow": True, "sample": False},
+    "shadow": {"primary": True, "shadow": True, "sample": False, "compare": False, "tolerances": False},
     "bluegreen": {"blue": True, "green": True, "active": False},
 }
 
@@ -59,7 +67,7 @@ def normalize(data: Any, *, keep_state: bool = False) -> dict[str, Any]:
     fields = _FIELDS[kind]
     unknown = sorted(set(data) - set(fields) - {"kind"})
     if unknown:
-        raise InvalidInput(f"{kind} policy has no field {unknown[0]!r}; its fields are {', '.join(fields)}")
+        raise _no_field(f"{kind} policy has", unknown[0], "its fields are", fields)
     missing = [name for name, required in fields.items() if required and name not in data]
     if missing:
         raise InvalidInput(f"{kind} policy needs the field {missing[0]!r}")
@@ -113,7 +121,7 @@ def _guards(data: Any) -> dict[str, Any]:
         raise InvalidInput(f"canary 'guards' must be an object, got {_kind_of(data)}")
     unknown = sorted(set(data) - set(DEFAULT_GUARDS))
     if unknown:
-        raise InvalidInput(f"canary guards have no field {unknown[0]!r}; they are {', '.join(DEFAULT_GUARDS)}")
+        raise _no_field("canary guards have", unknown[0], "they are", DEFAULT_GUARDS)
     guards = {**DEFAULT_GUARDS, **data}
     rate, ratio, minimum = guards["max_error_rate"], guards["max_p99_ratio"], guards["min_requests"]
     if not _is_number(rate) or not 0 <= rate <= 1:
@@ -163,7 +171,48 @@ def _shadow(data: dict[str, Any], keep_state: bool) -> dict[str, Any]:
     sample = data.get("sample", 1.0)
     if not _is_number(sample) or not 0 < sample <= 1:
         raise InvalidInput(f"shadow 'sample' must be a fraction above 0 and at most 1, got {sample!r}")
-    return {"kind": "shadow", "primary": primary, "shadow": shadow, "sample": float(sample)}
+    compare, tolerances = _comparisons(data.get("compare", {})), _tolerances(data.get("tolerances", {}))
+    both = sorted(name for name in tolerances if compare.get(name) == "label")
+    if both:
+        raise InvalidInput(
+            f"shadow output {both[0]!r} is compared by label, so its tolerance would never apply; drop one of them"
+        )
+    policy = {"kind": "shadow", "primary": primary, "shadow": shadow, "sample": float(sample)}
+    return {**policy, "compare": compare, "tolerances": tolerances}
+
+
+def _comparisons(given: Any) -> dict[str, str]:
+    """``compare``: output name -> ``values`` or ``label``; outputs left out compare their values."""
+    example = '{"probabilities": "label"}'
+    if not isinstance(given, dict) or not all(isinstance(name, str) and name for name in given):
+        raise InvalidInput(f"shadow 'compare' must map output names to 'label' or 'values', e.g. {example}")
+    for name, how in given.items():
+        if how not in COMPARISONS:
+            raise InvalidInput(
+                f"shadow 'compare' of output {name!r} must be 'label' (the class with the highest score) "
+                f"or 'values', got {how!r}"
+            )
+    return dict(given)
+
+
+def _tolerances(given: Any) -> dict[str, dict[str, float]]:
+    """``tolerances``: output name -> ``{rtol, atol}`` for its float values; either left out is the default's."""
+    if not isinstance(given, dict) or not all(isinstance(name, str) and name for name in given):
+        raise InvalidInput(f"shadow 'tolerances' must map output names to {{rtol, atol}}, got {given!r}")
+    canonical = {}
+    for name, tolerance in given.items():
+        where = f"shadow tolerance of output {name!r}"
+        if not isinstance(tolerance, dict):
+            raise InvalidInput(f'{where} must be an object like {{"rtol": 0.01, "atol": 0.001}}, got {tolerance!r}')
+        unknown = sorted(set(tolerance) - set(DEFAULT_TOLERANCE))
+        if unknown:
+            raise _no_field(f"{where} has", unknown[0], "it has", DEFAULT_TOLERANCE)
+        values = {**DEFAULT_TOLERANCE, **tolerance}
+        for key, value in values.items():
+            if not _is_number(value) or value < 0:
+                raise InvalidInput(f"{where}: '{key}' must be a number >= 0, got {value!r}")
+        canonical[name] = {key: float(value) for key, value in values.items()}
+    return canonical
 
 
 def _bluegreen(data: dict[str, Any], keep_state: bool) -> dict[str, Any]:
@@ -190,6 +239,12 @@ def _version(data: Mapping[str, Any], name: str, where: str = "policy") -> int:
     if not _is_int(value) or value < 1:
         raise InvalidInput(f"{where}: '{name}' must be a model version (an integer of at least 1), got {value!r}")
     return int(value)
+
+
+def _no_field(owner: str, name: str, listing: str, known: Collection[str]) -> InvalidInput:
+    """``pinned policy has no field 'verison', did you mean version?; its fields are version``."""
+    hint = did_you_mean(name, known)
+    return InvalidInput(f"{owner} no field {name!r}{f', {hint}' if hint else ''}; {listing} {', '.join(known)}")
 
 
 def _is_int(value: object) -> bool:
@@ -248,6 +303,9 @@ class CompiledPolicy:
         self._random = (rng or random.Random()).random
         self.shadow: int | None = policy["shadow"] if self.kind == "shadow" else None
         self.sample: float = float(policy.get("sample", 0.0))
+        #: how the shadow's answers are compared, per output (see ``dhow.rollouts.shadow.compare_outputs``)
+        self.compare: dict[str, str] = dict(policy.get("compare", {}))
+        self.tolerances: dict[str, dict[str, float]] = dict(policy.get("tolerances", {}))
         self.sticky_key: str = policy.get("sticky_key", "")
         # (upper bound of the cumulative percentage, route), scanned in order
         self._table: list[tuple[int, Route]] = []

@@ -16,7 +16,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter
 
 from dhow.core.types import InferenceRequest, InferenceResponse
-from dhow.rollouts.policy import CompiledPolicy, Route, canary_weight
+from dhow.rollouts.policy import AB_KEY_HEADER, CompiledPolicy, Route, canary_weight
 from dhow.rollouts.shadow import ShadowFigures, ShadowQueue
 from dhow.rollouts.store import Deployment
 
@@ -138,6 +138,6 @@ class DeploymentTable:
         if compiled.kind == "ab":
             value = request.parameters.get(compiled.sticky_key)
             if value is None:
-                value = request.headers.get(compiled.sticky_key.lower())
+                value = request.headers.get(AB_KEY_HEADER)
             key = None if value is None else str(value)
         return RoutedRequest(self, active, compiled.route(key))

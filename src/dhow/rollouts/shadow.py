@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from dhow.core.errors import DhowError
 from dhow.core.types import InferenceRequest, InferenceResponse, Tensor
-from dhow.rollouts.policy import CompiledPolicy
+from dhow.rollouts.policy import DEFAULT_TOLERANCE, CompiledPolicy
 from dhow.serving.traffic import Invoke
 
 __all__ = ["ShadowFigures", "ShadowQueue", "ShadowRunner", "compare_outputs"]
@@ -68,7 +69,8 @@ class ShadowFigures:
 class _Copy:
     deployment: str
     figures: ShadowFigures
-    version: int
+    #: the deployment's policy when the request was answered: the shadow version, and how to compare
+    policy: CompiledPolicy
     request: InferenceRequest
     primary: InferenceResponse
     primary_seconds: float
@@ -99,7 +101,7 @@ class ShadowQueue:
         if policy.shadow is None:
             return
         try:
-            self.queue.put_nowait(_Copy(deployment, figures, policy.shadow, request, response, seconds))
+            self.queue.put_nowait(_Copy(deployment, figures, policy, request, response, seconds))
         except asyncio.QueueFull:
             figures.dropped += 1
             self.results.labels(deployment, "dropped").inc()
@@ -153,7 +155,8 @@ class ShadowRunner:
 
     def _compare(self, copy: _Copy, answer: InferenceResponse, shadow_seconds: float) -> None:
         name, figures = copy.deployment, copy.figures
-        agree, difference = compare_outputs(copy.primary.outputs, answer.outputs)
+        policy = copy.policy
+        agree, difference = compare_outputs(copy.primary.outputs, answer.outputs, policy.compare, policy.tolerances)
         figures.primary.append(copy.primary_seconds * 1000)
         figures.shadow.append(shadow_seconds * 1000)
         self.seconds.labels(name, "primary").observe(copy.primary_seconds)
@@ -175,7 +178,7 @@ def _shadow_request(copy: _Copy) -> InferenceRequest:
     return InferenceRequest(
         request.model_name,
         request.inputs,
-        model_version=str(copy.version),
+        model_version=str(copy.policy.shadow),
         id=request.id,
         parameters=request.parameters,
         outputs=request.outputs,
@@ -183,9 +186,17 @@ def _shadow_request(copy: _Copy) -> InferenceRequest:
     )
 
 
-def compare_outputs(primary: list[Tensor], shadow: list[Tensor]) -> tuple[bool, float | None]:
-    """Do two answers agree? Integers, booleans and bytes must be equal; floats close. Also the mean
-    absolute difference over the float outputs (None when there are none)."""
+def compare_outputs(
+    primary: list[Tensor],
+    shadow: list[Tensor],
+    compare: Mapping[str, str] | None = None,
+    tolerances: Mapping[str, Mapping[str, float]] | None = None,
+) -> tuple[bool, float | None]:
+    """Do two answers agree? Every output must have the same shape, and then the same label where
+    ``compare`` says ``label`` (a classifier's probabilities: the argmax), else the same values: integers,
+    booleans and bytes equal, floats within the output's ``tolerances`` (``DEFAULT_TOLERANCE`` when none).
+    Also the mean absolute difference over the float outputs (None when there are none)."""
+    how, within = compare or {}, tolerances or {}
     theirs = {tensor.name: tensor for tensor in shadow}
     agree = True
     differences: list[float] = []
@@ -196,9 +207,21 @@ def compare_outputs(primary: list[Tensor], shadow: list[Tensor]) -> tuple[bool, 
             continue
         a, b = np.asarray(mine.data), np.asarray(other.data)
         if a.dtype.kind == "f" and b.dtype.kind == "f":
-            a64, b64 = a.astype(np.float64), b.astype(np.float64)
-            differences.append(float(np.mean(np.abs(a64 - b64))) if a.size else 0.0)
-            agree = agree and bool(np.allclose(a64, b64, rtol=1e-3, atol=1e-5))
+            differences.append(float(np.mean(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0)
+        if how.get(mine.name) == "label":
+            agree = agree and bool(np.array_equal(_labels(a), _labels(b)))
         else:
-            agree = agree and a.shape == b.shape and bool(np.array_equal(a, b))
+            agree = agree and _same_values(a, b, within.get(mine.name, DEFAULT_TOLERANCE))
     return agree, (sum(differences) / len(differences) if differences else None)
+
+
+def _labels(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Each row's class: the argmax over the last axis of scores; a one-dimensional output is its labels."""
+    return np.argmax(values, axis=-1) if values.ndim >= 2 else values
+
+
+def _same_values(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any], tolerance: Mapping[str, float]) -> bool:
+    if a.dtype.kind == "f" and b.dtype.kind == "f":
+        rtol, atol = tolerance["rtol"], tolerance["atol"]
+        return bool(np.allclose(a.astype(np.float64), b.astype(np.float64), rtol=rtol, atol=atol))
+    return a.shape == b.shape and bool(np.array_equal(a, b))

@@ -7,12 +7,13 @@ nothing in ``serving`` imports ``rollouts``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
+from dhow.core.model_config import TensorSpec
 from dhow.core.types import InferenceRequest, InferenceResponse
 
-__all__ = ["Invoke", "Routing", "TrafficRouter", "VersionControl"]
+__all__ = ["Invoke", "Routing", "ServedVersion", "TrafficRouter", "VersionControl"]
 
 
 class Routing(Protocol):
@@ -35,8 +36,18 @@ class TrafficRouter(Protocol):
         """The version a request that names none goes to; None: the model's newest ready version."""
 
 
+class ServedVersion(Protocol):
+    """A loaded version as a traffic policy sees it: its outputs, that a shadow policy's per-output settings
+    name."""
+
+    @property
+    def outputs(self) -> Mapping[str, TensorSpec]: ...
+
+
 class VersionControl(Protocol):
     """The model lifecycle as a traffic policy uses it: keep the versions its policy needs loaded."""
+
+    def resolve(self, name: str, version: str = "") -> ServedVersion: ...
 
     def tenant_of(self, name: str) -> str: ...
 

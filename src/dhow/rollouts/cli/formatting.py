@@ -93,7 +93,19 @@ def _ab(policy: dict[str, Any]) -> str:
 
 def _shadow(policy: dict[str, Any]) -> str:
     sample = policy.get("sample", 1.0)
-    return f"shadow: version {policy['primary']} answers, {_percent(sample)} copied to version {policy['shadow']}"
+    text = f"shadow: version {policy['primary']} answers, {_percent(sample)} copied to version {policy['shadow']}"
+    labels = [f"{name} compared by label" for name, how in _pairs(policy.get("compare")) if how == "label"]
+    tolerances = [
+        f"{name} within rtol {tolerance.get('rtol')}, atol {tolerance.get('atol')}"
+        for name, tolerance in _pairs(policy.get("tolerances"))
+        if isinstance(tolerance, dict)
+    ]
+    return "; ".join([text, *labels, *tolerances])
+
+
+def _pairs(value: Any) -> list[tuple[str, Any]]:
+    """A mapping's items; none when it is absent or not a mapping (odd policies never break the output)."""
+    return list(value.items()) if isinstance(value, dict) else []
 
 
 def _bluegreen(policy: dict[str, Any]) -> str:

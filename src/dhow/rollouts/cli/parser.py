@@ -173,7 +173,7 @@ def _add_ab(actions: Subparsers, parents: list[argparse.ArgumentParser]) -> None
         "--key",
         dest="sticky_key",
         metavar="KEY",
-        help="request parameter or header that keeps a caller on one variant (default user_id)",
+        help="request parameter that keeps a caller on one variant (default user_id); else the x-dhow-ab-key header",
     )
 
 
@@ -189,6 +189,20 @@ def _add_shadow(actions: Subparsers, parents: list[argparse.ArgumentParser]) -> 
     shadow.add_argument("--primary", type=_version, required=True, metavar="VERSION", help="the version that answers")
     shadow.add_argument("--shadow", type=_version, required=True, metavar="VERSION", help="the compared version")
     shadow.add_argument("--sample", type=_number, metavar="FRACTION", help="share of requests copied, 0-1 (default 1)")
+    shadow.add_argument(
+        "--compare",
+        type=_output_setting,
+        action="append",
+        metavar="OUTPUT=label",
+        help="compare an output by label (a classifier's scores: the argmax) or values (the default); repeatable",
+    )
+    shadow.add_argument(
+        "--tolerance",
+        type=_output_setting,
+        action="append",
+        metavar="OUTPUT=RTOL,ATOL",
+        help="how far a float output's values may differ, e.g. scores=0.01,0.001 (default 0.001,0.00001); repeatable",
+    )
 
 
 def _add_bluegreen(actions: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
@@ -307,6 +321,32 @@ def _variant(text: str) -> dict[str, Any]:
         ) from None
 
 
+def _output_setting(text: str) -> tuple[str, str]:
+    """``OUTPUT=VALUE`` of --compare and --tolerance (the server checks the value)."""
+    output, equals, value = text.partition("=")
+    if not equals or not output.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected OUTPUT=VALUE like probabilities=label, got {text!r}")
+    return output.strip(), value.strip()
+
+
+def _tolerance(text: str) -> dict[str, float]:
+    rtol, comma, atol = text.partition(",")
+    try:
+        return {"rtol": float(rtol), "atol": float(atol)} if comma else {"rtol": float(rtol)}
+    except ValueError:
+        raise UsageError(f"--tolerance expects OUTPUT=RTOL,ATOL like scores=0.01,0.001, got {text!r}") from None
+
+
+def _shadow_policy(args: argparse.Namespace) -> dict[str, Any]:
+    policy: dict[str, Any] = {"kind": "shadow", "primary": args.primary, "shadow": args.shadow}
+    policy.update(_given(sample=args.sample))
+    if args.compare:
+        policy["compare"] = dict(args.compare)
+    if args.tolerance:
+        policy["tolerances"] = {output: _tolerance(value) for output, value in args.tolerance}
+    return policy
+
+
 def _policy_argument(text: str) -> dict[str, Any]:
     source = "--policy"
     if text.startswith("@"):
@@ -359,12 +399,7 @@ _POLICIES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "pin": lambda args: {"kind": "pinned", "version": args.version},
     "canary": _canary_policy,
     "ab": lambda args: {"kind": "ab", "variants": args.variants, **_given(sticky_key=args.sticky_key)},
-    "shadow": lambda args: {
-        "kind": "shadow",
-        "primary": args.primary,
-        "shadow": args.shadow,
-        **_given(sample=args.sample),
-    },
+    "shadow": _shadow_policy,
     "bluegreen": lambda args: {
         "kind": "bluegreen",
         "blue": args.blue,

@@ -91,7 +91,9 @@ def _policy_schemas() -> dict[str, Schema]:
             {
                 "variants": array(ref("ABVariant"), minItems=1, description="Weights sum to 100; names unique."),
                 "sticky_key": string(
-                    "Request parameter, else header, that keeps a caller on one variant.", default="user_id"
+                    "Request parameter that keeps a caller on one variant; without it, the key is the "
+                    "x-dhow-ab-key header.",
+                    default="user_id",
                 ),
             },
             ("variants",),
@@ -112,8 +114,24 @@ def _policy_schemas() -> dict[str, Schema]:
                 "primary": _version_schema("The version that answers."),
                 "shadow": _version_schema("The compared version (not the primary)."),
                 "sample": number("Fraction of requests copied.", minimum=0, maximum=1, default=1.0),
+                "compare": obj(
+                    {},
+                    additionalProperties={"enum": ["values", "label"]},
+                    description="How each output is compared: 'label' compares a classifier's labels (the "
+                    "argmax over the last axis), 'values' (the default) its values.",
+                ),
+                "tolerances": obj(
+                    {},
+                    additionalProperties=ref("Tolerance"),
+                    description="Per float output, how far the shadow's values may be from the primary's "
+                    "(numpy.allclose); outputs left out use rtol 0.001, atol 0.00001.",
+                ),
             },
             ("primary", "shadow"),
+        ),
+        "Tolerance": obj(
+            {"rtol": number("Relative tolerance.", minimum=0), "atol": number("Absolute tolerance.", minimum=0)},
+            additionalProperties=False,
         ),
         "BlueGreenPolicy": policy(
             "bluegreen",

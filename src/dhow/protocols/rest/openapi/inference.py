@@ -120,7 +120,7 @@ def inference_schemas() -> dict[str, Schema]:
             },
             ("inputs",),
             description="Request parameters: binary_data_output (boolean), timeout (microseconds in the queue); "
-            "a deployment's A/B sticky key (e.g. user_id) may also come here.",
+            "a deployment's A/B sticky key (e.g. user_id) may also come here, or in the x-dhow-ab-key header.",
         ),
         "ResponseOutput": obj(
             {
