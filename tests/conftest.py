@@ -89,6 +89,16 @@ def store_opener(open_url: Callable[[str], _Store], url: str) -> Iterator[Callab
             store.close()
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``condition`` every 0.1 s until it holds; fail saying ``what`` did not happen within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not met in {timeout} s")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import DhowProcess, start_dhow
+from tests.conftest import DhowProcess, start_dhow, wait_until
 
 KEEP = ("tabular", "mlp", "text_python")
 
@@ -30,12 +30,7 @@ def _trim(repository: Path) -> Path:
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
+    wait_until(condition, timeout)
 
 
 def _tabular_input(module: object = httpclient) -> list[object]:

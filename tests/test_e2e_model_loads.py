@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import DhowProcess, start_dhow
+from tests.conftest import DhowProcess, start_dhow, wait_until
 
 
 @dataclass
@@ -55,12 +54,7 @@ def _infer(server: DhowProcess, name: str, version: str = "") -> Answer:
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
+    wait_until(condition, timeout)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from typing import Any
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from tests.conftest import DhowProcess, start_dhow
+from tests.conftest import DhowProcess, start_dhow, wait_until
 
 # a Python model that writes down every request it computes (input x FP32 [-1, 4], output y FP32 [-1, 4])
 RECORDING_MODEL = """
@@ -71,12 +70,7 @@ def _calls(folder: Path) -> list[dict[str, Any]]:
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
+    wait_until(condition, timeout)
 
 
 def _index(server: DhowProcess) -> dict[str, dict[str, str]]:

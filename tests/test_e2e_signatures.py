@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ import tritonclient.http as httpclient
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import DhowProcess, start_dhow
+from tests.conftest import DhowProcess, start_dhow, wait_until
 
 # Python models with input x FP32 [-1, 2] and output y declared FP32 [-1, 2]
 WIDE_MODEL = """
@@ -60,12 +59,7 @@ class Right:
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
+    wait_until(condition, timeout)
 
 
 def _reasons(server: DhowProcess) -> dict[str, str]:

@@ -100,13 +100,11 @@ def _add_settings_options(serve: argparse.ArgumentParser) -> None:
     }
     for option in setting_options():
         group = groups[option.group]
-        group.add_argument(*option.flags, dest=option.name, help=_help(option), **_shape(option))
         if option.kind == "bool" and option.default:
             # a switch that is on by default also gets its --no- form, the plainest way to turn it off
             negated = [f"--no-{flag[2:]}" for flag in option.flags if flag.startswith("--")]
-            group.add_argument(
-                *negated, dest=option.name, action="store_const", const=False, help=f"turn {option.flags[0]} off"
-            )
+            group.add_argument(*negated, dest=option.name, action="store_const", const=False, help="turn it off")
+        group.add_argument(*option.flags, dest=option.name, help=_help(option), **_shape(option))
 
 
 def _shape(option: SettingOption) -> dict[str, Any]:
