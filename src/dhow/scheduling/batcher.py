@@ -256,7 +256,7 @@ class DynamicBatcher:
         kept: list[_Pending] = []
         while self._queue:
             pending = self._queue.popleft()
-            if pending.settled():
+            if pending.future.done():  # whether its client has gone is asked once, when the batch is cut
                 continue
             if pending.key == key and rows + pending.rows <= self._max_rows:
                 batch.append(pending)
