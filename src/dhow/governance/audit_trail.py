@@ -71,15 +71,16 @@ class WriterProcess:
         assert process.stdin is not None
         process.stdin.write(encode_frame(self._url))
         for records in self._unacknowledged:
-            process.stdin.write(_frame(records))
+            process.stdin.write(_frame(records, urgent=True))  # some caller may be waiting for these
 
-    def send(self, records: list[AuditRecord]) -> None:
-        """Write the records' frame now (no waiting); if no writer runs, ``start`` sends it."""
+    def send(self, records: list[AuditRecord], *, urgent: bool = False) -> None:
+        """Write the records' frame now (no waiting); if no writer runs, ``start`` sends it. An urgent frame
+        (someone waits for it to be durable) is written at once; others may wait for a batch."""
         self._unacknowledged.append(records)
         process = self._alive()
         if process is not None:
             assert process.stdin is not None
-            process.stdin.write(_frame(records))
+            process.stdin.write(_frame(records, urgent=urgent))
 
     async def acknowledged(self) -> int:
         """The number of records the writer made durable with its next answer; ``Unavailable`` when it says the
@@ -110,8 +111,9 @@ class WriterProcess:
             await process.wait()
 
 
-def _frame(records: list[AuditRecord]) -> bytes:
-    return encode_frame([record.as_tuple() for record in records])
+def _frame(records: list[AuditRecord], *, urgent: bool = False) -> bytes:
+    rows = [record.as_tuple() for record in records]
+    return encode_frame({"rows": rows, "now": True} if urgent else rows)
 
 
 @dataclass(eq=False)
@@ -197,7 +199,7 @@ class AuditTrail:
         """Queues a record (no I/O); ``Unavailable`` when the backlog is full, since work must not go unaudited."""
         self._enqueue(record)
 
-    def _enqueue(self, record: AuditRecord) -> _Lane:
+    def _enqueue(self, record: AuditRecord, *, urgent: bool = False) -> _Lane:
         if self._closing:
             raise Unavailable("the audit trail is closed: the server is shutting down", retry_after=1.0)
         if self._pending >= self._max_pending:
@@ -209,7 +211,7 @@ class AuditTrail:
         lane.enqueued += 1
         self._pending += 1
         if lane.process is not None:
-            lane.process.send([record])  # it leaves this process now, before its request is answered
+            lane.process.send([record], urgent=urgent)  # it leaves this process now, before its request is answered
             if lane.process.unacknowledged == 1:
                 lane.wake.set()
         else:
@@ -222,7 +224,7 @@ class AuditTrail:
         """Records and returns once the record (and every one queued before it for its store) is durable."""
         if not self._tasks or self._closing:
             raise Unavailable("the audit trail is not running: start it first", retry_after=1.0)
-        lane = self._enqueue(record)
+        lane = self._enqueue(record, urgent=True)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         lane.waiters.append((lane.enqueued, done))
         lane.wake.set()

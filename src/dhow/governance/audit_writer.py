@@ -4,7 +4,8 @@
 The server writes each record's frame as the record is made, before the request it describes is answered, so
 a record has left the server's process when its answer does: a server killed with SIGKILL loses no record of
 an answered request (this process reads what is in the pipe, writes it, and exits when the pipe closes).
-It writes every frame it has received in one transaction, then answers ``{"frames": n, "seq": last}``; when
+It writes the frames it has received (waiting up to ``LINGER_S`` for more, unless one is urgent: a change
+whose caller waits for it to be durable) in one transaction, then answers ``{"frames": n, "seq": last}``; when
 the store fails it answers ``{"error": …}`` once and retries with backoff until the write succeeds (records
 are never dropped). A frame is a 4-byte big-endian length and a JSON document. The server talks to it over
 the child's stdin and stdout with asyncio: hashing and the database's work never take its interpreter lock.
@@ -40,8 +41,12 @@ def decode_frame_length(header: bytes) -> int:
     return int(_LENGTH.unpack(header)[0])
 
 
+#: how long the writer waits for more records before a transaction, unless a frame asks for durability now
+LINGER_S = 0.05
+
+
 class FrameReader:
-    """Frames from a pipe: waits for the first, then takes every one already there (a batch)."""
+    """Frames from a pipe: waits for the first, then gathers more for up to ``linger_s`` (a batch)."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -49,13 +54,14 @@ class FrameReader:
         self.closed = False
 
     def _parse(self) -> list[Any]:
-        frames = []
-        while len(self.buffer) >= _LENGTH.size:
-            length = decode_frame_length(bytes(self.buffer[: _LENGTH.size]))
-            if len(self.buffer) < _LENGTH.size + length:
+        frames, offset, buffer = [], 0, self.buffer
+        while len(buffer) - offset >= _LENGTH.size:
+            end = offset + _LENGTH.size + _LENGTH.unpack_from(buffer, offset)[0]
+            if len(buffer) < end:
                 break
-            frames.append(orjson.loads(bytes(self.buffer[_LENGTH.size : _LENGTH.size + length])))
-            del self.buffer[: _LENGTH.size + length]
+            frames.append(orjson.loads(bytes(buffer[offset + _LENGTH.size : end])))
+            offset = end
+        del buffer[:offset]  # once per read: deleting frame by frame would move the rest each time
         return frames
 
     def _fill(self) -> None:
@@ -65,13 +71,17 @@ class FrameReader:
         else:
             self.closed = True
 
-    def batch(self, max_frames: int = 10_000) -> list[Any]:
-        """At least one frame, unless the pipe closed (then what is left, maybe none)."""
+    def batch(self, max_frames: int = 10_000, linger_s: float = 0.0) -> list[Any]:
+        """At least one frame, unless the pipe closed (then what is left, maybe none); then more, for up to
+        ``linger_s`` seconds, unless one of them is urgent (``record_now``: its caller waits)."""
         frames = self._parse()
         while not frames and not self.closed:
             self._fill()
             frames = self._parse()
-        while len(frames) < max_frames and not self.closed and select.select([self.fd], [], [], 0)[0]:
+        deadline = time.monotonic() + linger_s
+        while len(frames) < max_frames and not self.closed and not any(isinstance(f, dict) for f in frames):
+            if not select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                break
             self._fill()
             frames += self._parse()
         return frames
@@ -79,7 +89,7 @@ class FrameReader:
 
 def _write(store: AuditStore | None, url: str, frames: list[Any], sink: IO[bytes]) -> AuditStore:
     """Write the frames' records in one transaction, retrying until it works; answer how many frames."""
-    rows = [AuditRecord(*row) for frame in frames for row in frame]
+    rows = [AuditRecord(*row) for frame in frames for row in (frame["rows"] if isinstance(frame, dict) else frame)]
     backoff, told = 0.1, False
     while True:
         try:
@@ -116,7 +126,7 @@ def main() -> int:
         return 2
     url, pending = first[0], first[1:]
     store: AuditStore | None = None
-    while frames := pending or reader.batch():
+    while frames := pending or reader.batch(linger_s=LINGER_S):
         pending = []
         store = _write(store, url, frames, sink)
     if store is not None:
