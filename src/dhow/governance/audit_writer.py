@@ -42,7 +42,7 @@ def decode_frame_length(header: bytes) -> int:
 
 
 #: how long the writer waits for more records before a transaction, unless a frame asks for durability now
-LINGER_S = 0.05
+LINGER_S = 0.01
 
 
 class FrameReader:
@@ -72,19 +72,23 @@ class FrameReader:
             self.closed = True
 
     def batch(self, max_frames: int = 10_000, linger_s: float = 0.0) -> list[Any]:
-        """At least one frame, unless the pipe closed (then what is left, maybe none); then more, for up to
-        ``linger_s`` seconds, unless one of them is urgent (``record_now``: its caller waits)."""
+        """At least one frame, unless the pipe closed (then what is left, maybe none); then, ``linger_s`` later
+        (at once when one of them is urgent: ``record_now``'s caller waits), every frame that came meanwhile."""
         frames = self._parse()
         while not frames and not self.closed:
             self._fill()
             frames = self._parse()
-        deadline = time.monotonic() + linger_s
-        while len(frames) < max_frames and not self.closed and not any(isinstance(f, dict) for f in frames):
-            if not select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                break
+        if linger_s and not self.closed and not _urgent(frames):
+            # sleep, then take what came meanwhile: waking for every frame would cost a read per record
+            time.sleep(linger_s)
+        while len(frames) < max_frames and not self.closed and select.select([self.fd], [], [], 0)[0]:
             self._fill()
             frames += self._parse()
         return frames
+
+
+def _urgent(frames: list[Any]) -> bool:
+    return any(isinstance(frame, dict) for frame in frames)
 
 
 def _write(store: AuditStore | None, url: str, frames: list[Any], sink: IO[bytes]) -> AuditStore:
