@@ -99,6 +99,19 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str =
     raise AssertionError(f"{what} not met in {timeout} s")
 
 
+def make_key(data_dir: Path, name: str, roles: list[str], tenant: str = "default") -> str:
+    """An API key made in a data folder's registry before a server starts there; its token."""
+    from dhow.access.store import AccessStore
+
+    store = AccessStore.open(f"sqlite:///{data_dir / 'registry.sqlite3'}")
+    try:
+        made = store.create_key(name, tenant=tenant, roles=roles, actor="test")
+    finally:
+        store.close()
+    assert made is not None
+    return made[1]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

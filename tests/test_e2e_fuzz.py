@@ -17,9 +17,8 @@ from urllib.parse import quote
 import grpc
 import pytest
 
-from dhow.access.store import AccessStore
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
-from tests.conftest import DhowProcess, start_dhow
+from tests.conftest import DhowProcess, make_key, start_dhow
 
 SEED = 20261203
 REST_CASES = 5000
@@ -46,12 +45,9 @@ DATATYPES = ("FP32", "FP64", "INT64", "INT8", "BOOL", "BYTES", "FP16", "UINT8", 
 @pytest.fixture(scope="module")
 def fuzzed(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DhowProcess, str]]:
     root = tmp_path_factory.mktemp("fuzz")
-    store = AccessStore.open(f"sqlite:///{root / 'data' / 'registry.sqlite3'}")
-    made = store.create_key("fuzz", tenant="*", roles=["admin"], actor="test")
-    store.close()
-    assert made is not None
+    key = make_key(root / "data", "fuzz", ["admin"], tenant="*")
     server = start_dhow(demo_repository, root, "--auth", "on", "--auth-failure-burst", "100000")
-    yield server, made[1]
+    yield server, key
     assert server.stop() == 0, server.log()
 
 

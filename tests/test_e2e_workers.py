@@ -27,10 +27,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from dhow.access.store import AccessStore
 from dhow.governance.audit import AuditStore
 from dhow.scheduling.stats import BatchTimings, ModelStats, StatsFolder
-from tests.conftest import DhowProcess, free_port, start_dhow
+from tests.conftest import DhowProcess, free_port, make_key, start_dhow
 
 T = TypeVar("T")
 
@@ -414,10 +413,7 @@ def test_no_answered_request_is_missing_from_the_audit_trail_after_kill_9(
     repository = tmp_path / "models"
     shutil.copytree(demo_repository / "tabular", repository / "tabular")
     data = tmp_path / "data"
-    store = AccessStore.open(f"sqlite:///{data / 'registry.sqlite3'}")
-    made = store.create_key("load", tenant="default", roles=["invoker"], actor="test")
-    store.close()
-    assert made is not None
+    key = make_key(data, "load", ["invoker"])
     server = start_dhow(repository, tmp_path, "--workers", "2", "--auth", "on")
     answered: list[int] = []
     stop = threading.Event()
@@ -427,7 +423,7 @@ def test_no_answered_request_is_missing_from_the_audit_trail_after_kill_9(
             try:
                 connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=5)
                 while not stop.is_set():
-                    status = _call_on(connection, made[1])
+                    status = _call_on(connection, key)
                     if status == 200:
                         answered.append(1)
             except (OSError, http.client.HTTPException):

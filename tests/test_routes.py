@@ -16,13 +16,12 @@ import pytest
 
 from dhow.access.actions import ACTIONS
 from dhow.access.permissions import Permission
-from dhow.access.store import AccessStore
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.service import InferenceServicer
 from dhow.protocols.rest.app import RestApp
 from dhow.protocols.rest.router import allowed_methods, resolve
 from dhow.protocols.routes import GRPC_ACCESS, PUBLIC, ROUTES, Route
-from tests.conftest import DhowProcess, start_dhow
+from tests.conftest import DhowProcess, make_key, start_dhow
 
 #: the only routes and RPCs open to anyone (probes and load balancers carry no credentials)
 OPEN_ROUTES = {"server_live", "server_ready"}
@@ -108,12 +107,9 @@ SCOPED_READ_RPCS = frozenset({"ServerMetadata", "RepositoryIndex"})
 def guarded(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DhowProcess, str]]:
     """A server with authentication on, and a key whose only grant is on a model that does not exist."""
     root = tmp_path_factory.mktemp("routes")
-    store = AccessStore.open(f"sqlite:///{root / 'data' / 'registry.sqlite3'}")
-    made = store.create_key("nobody", tenant="default", roles=["admin:no-such-model"], actor="test")
-    store.close()
-    assert made is not None
+    key = make_key(root / "data", "nobody", ["admin:no-such-model"])
     server = start_dhow(demo_repository, root, "--auth", "on")
-    yield server, made[1]
+    yield server, key
     assert server.stop() == 0, server.log()
 
 

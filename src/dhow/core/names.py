@@ -4,6 +4,7 @@ once, where it enters (a door, the repository), before anything uses it; a data 
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -18,17 +19,25 @@ _HOW = "use letters, digits and - _ . (not first) : @ +, up to 200 bytes"
 
 def check_model_name(name: str, what: str = "model name") -> str:
     """The name, if it is one a folder may have and a log line may quote; ``InvalidInput`` saying why if not."""
+    problem = _name_problem(name)
+    if problem:
+        raise InvalidInput(f"the {what} {problem}; {_HOW}")
+    return name
+
+
+@functools.lru_cache(maxsize=4096)  # every request names a model: the few names in use are checked once each
+def _name_problem(name: str) -> str:
     if not name:
-        raise InvalidInput(f"the {what} is empty; {_HOW}")
+        return "is empty"
     size = len(name.encode("utf-8", "surrogatepass"))
     if size > MAX_NAME_BYTES:
-        raise InvalidInput(f"the {what} is {size} bytes long; {_HOW}")
-    if name.startswith(".") or name in (".", ".."):
-        raise InvalidInput(f"the {what} {name!r} starts with '.'; {_HOW}")
+        return f"is {size} bytes long"
+    if name.startswith("."):
+        return f"{name!r} starts with '.'"
     for char in name:
         if char in "/\\\"'`<>|*?" or char.isspace() or unicodedata.category(char)[0] in "CZ":
-            raise InvalidInput(f"the {what} {name!r} holds {char!r}, which a model name may not; {_HOW}")
-    return name
+            return f"{name!r} holds {char!r}, which a model name may not"
+    return ""
 
 
 _REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")

@@ -88,9 +88,9 @@ class AccessGuard:
         principal = who if isinstance(who, Principal) else await self.authenticate(who, access, model, request_id)
         return await self.authorize(principal, access, model, request_id)
 
-    def visible_to(self, principal: Principal) -> Callable[[str], bool]:
+    def may_see(self, principal: Principal, name: str) -> bool:
         """Whether the principal may see a model (lists of models show only those: no tenant sees another's)."""
-        return lambda name: principal.may(Permission.MODEL_READ, name, self.tenant_of(name))
+        return principal.may(Permission.MODEL_READ, name, self.tenant_of(name))
 
     async def authenticate(
         self, credentials: Credentials, access: Access, model: str = "", request_id: str = ""

@@ -96,7 +96,7 @@ class Call:
 
     def visible(self, name: str) -> bool:
         """Whether the caller may see a model: lists of models show only those (no tenant sees another's)."""
-        return self._guard.visible_to(self._admission.principal)(name)
+        return self._guard.may_see(self._admission.principal, name)
 
     def note(self, **details: Any) -> None:
         """What the audit record of this call says about the change it made (a key's id, a revision)."""
@@ -133,16 +133,13 @@ class CoreService:
         """Authenticate once for many calls (a gRPC stream's messages); a refusal is audited and raised."""
         return await self.guard.authenticate(who, access)
 
-    async def invoke_as(self, identity: Principal, request: InferenceRequest) -> InferenceResponse:
-        """Run one request as an in-process service identity, through the same admission point."""
-        async with self.call(identity, ACTIONS["infer"], request.model_name) as call:
-            return await call.infer(request)
-
     def invoker(self, identity: Principal) -> Invoke:
-        """``invoke_as`` bound to one identity: what a traffic policy gets to run shadow copies."""
+        """Runs a request as an in-process service identity, through the same admission point: what a traffic
+        policy gets to run shadow copies."""
 
         async def invoke(request: InferenceRequest) -> InferenceResponse:
-            return await self.invoke_as(identity, request)
+            async with self.call(identity, ACTIONS["infer"], request.model_name) as call:
+                return await call.infer(request)
 
         return invoke
 

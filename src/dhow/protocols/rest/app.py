@@ -62,6 +62,7 @@ class Request:
         "accept_encoding",
         "authorization",
         "authorization_count",
+        "claimed_actor",
         "content_encoding",
         "content_length",
         "header_length",
@@ -81,6 +82,7 @@ class Request:
         self.raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
         self.authorization = b""
         self.authorization_count = 0
+        self.claimed_actor = b""
         for name, value in self.raw_headers:
             if name == b"content-length":
                 self.content_length = int(value) if value.isdigit() else None
@@ -93,14 +95,13 @@ class Request:
             elif name == b"authorization":
                 self.authorization = value
                 self.authorization_count += 1
+            elif name == b"x-dhow-actor":
+                self.claimed_actor = value
 
     def credentials(self, scope: Scope) -> Credentials:
         """The Authorization header or the verified client certificate; ``x-dhow-actor`` names the caller when
         authentication is off (so that local tools can still say who they are)."""
-        actor = ""
-        for name, value in self.raw_headers:
-            if name == b"x-dhow-actor":
-                actor = value.decode("utf-8", "replace")[:200]
+        actor = self.claimed_actor.decode("utf-8", "replace")[:200]
         client = scope.get("client")
         return Credentials(
             self.authorization.decode("latin-1"),
