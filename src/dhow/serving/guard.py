@@ -190,34 +190,37 @@ class AccessGuard:
 
     def _tallied(self, refusal: Refusal, count: int, window_s: float) -> None:
         """An audit record of refusals of unknown callers: the first of a window, or the window's count."""
-        details: dict[str, Any] = {"reason": self.masker.mask_text(refusal.reason), "source": refusal.source}
+        extra: dict[str, Any] = {"source": refusal.source}
         if window_s:
-            details.update(count=count, window_s=window_s)
-        self.audit.record(
-            AuditRecord(
-                kind="denial",
-                action=refusal.action,
-                actor=refusal.actor,
-                tenant=self.tenant_of(refusal.model) if refusal.model else "unknown",
-                outcome=refusal.outcome,
-                model=refusal.model,
-                details=details,
-            )
-        )
+            extra.update(count=count, window_s=window_s)
+        self._denial(refusal.actor, "", refusal.action, refusal.model, refusal.outcome, refusal.reason, "", extra)
 
     def _deny(self, actor: str, tenant: str, access: Access, model: str, request_id: str, exc: DhowError) -> None:
-        if exc.code.value not in _DENIALS:
-            return
+        if exc.code.value in _DENIALS:
+            self._denial(actor, tenant, access.action, model, exc.code.value, exc.message, request_id, {})
+
+    def _denial(
+        self,
+        actor: str,
+        tenant: str,
+        action: str,
+        model: str,
+        outcome: str,
+        reason: str,
+        request_id: str,
+        extra: dict[str, Any],
+    ) -> None:
+        """Queue a refusal's record: it belongs to the model's tenant, else the caller's, else "unknown"."""
         self.audit.record(
             AuditRecord(
                 kind="denial",
-                action=access.action,
+                action=action,
                 actor=actor,
                 tenant=self.tenant_of(model) if model else tenant or "unknown",
-                outcome=exc.code.value,
+                outcome=outcome,
                 model=model,
                 request_id=request_id,
-                details={"reason": self.masker.mask_text(exc.message)},
+                details={"reason": self.masker.mask_text(reason), **extra},
             )
         )
 
