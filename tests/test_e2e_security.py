@@ -334,6 +334,29 @@ def test_refusals_are_audited(world: dict[str, Any]) -> None:
     assert float(counts["UNAUTHENTICATED"]) >= 1 and float(counts["PERMISSION_DENIED"]) >= 1
 
 
+def test_the_access_log_and_the_audit_record_share_the_request_id(world: dict[str, Any]) -> None:
+    server, keys = world["server"], world["keys"]
+    assert (
+        call(server, "POST", "/v2/models/tabular/infer", INFER_BODY, keys["invoker"], x_request_id="trace-77")[0] == 200
+    )
+    assert call(server, "POST", "/v2/models/tabular/infer", INFER_BODY, keys["invoker"])[0] == 200
+
+    def logged() -> list[str]:
+        pattern = r"POST /v2/models/tabular/infer 200 \S+ principal=key:invoker#\S+ request_id=(\S+)"
+        return re.findall(pattern, server.log())
+
+    ids = _eventually(lambda: (found := logged()) and "trace-77" in found and found[-1] != "trace-77" and found)
+    made = ids[-1]  # the one the server made for the request without an x-request-id
+    assert re.fullmatch(r"[0-9a-f]{16}", made)
+
+    def audited() -> set[str]:
+        status, _, answer = call(server, "GET", "/v2/admin/audit?kind=inference&limit=10000", None, keys["auditor"])
+        assert status == 200, answer
+        return {r["request_id"] for r in answer["records"]}
+
+    assert _eventually(lambda: {"trace-77", made} <= audited())
+
+
 # -- scopes and tenants --------------------------------------------------------------------------------
 
 

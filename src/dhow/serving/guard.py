@@ -9,8 +9,6 @@ it skips authentication, nothing else.
 
 from __future__ import annotations
 
-import itertools
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from dhow.access.authenticator import Authenticator, Credentials
 from dhow.access.permissions import ALL_TENANTS, Permission, Principal, check_permission
 from dhow.access.ratelimit import Permit, RateLimiter
 from dhow.core.errors import DhowError, ErrorCode, unknown_model
+from dhow.core.ids import new_request_id
 from dhow.core.types import Caller, Outcome
 from dhow.governance.audit import AuditRecord
 from dhow.governance.audit_trail import AuditTrail
@@ -32,10 +31,6 @@ from dhow.serving.refusals import Refusal, UnknownCallers
 __all__ = ["AccessGuard", "Admission"]
 
 _NOTHING = Outcome()
-
-#: request ids: random per process, then counted (unique across servers, and cheaper than 8 random bytes each)
-_ID_PREFIX = secrets.token_hex(4)
-_ID_COUNTER = itertools.count(1)
 
 _DENIALS = frozenset({ErrorCode.UNAUTHENTICATED.value, ErrorCode.PERMISSION_DENIED.value})
 
@@ -104,7 +99,7 @@ class AccessGuard:
             raise answer from None
 
     async def authorize(self, principal: Principal, access: Access, model: str = "", request_id: str = "") -> Admission:
-        request_id = request_id or f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+        request_id = request_id or new_request_id()
         tenant = self.tenant_of(model) if model else ""
         try:
             check_permission(principal, access.permission, model, tenant)

@@ -43,16 +43,25 @@ class Call:
     """One request through the admission point, as a door's handler sees it: ``async with`` admits it (or
     raises the refusal), and its end, however it ends, frees its quota and writes its audit record."""
 
-    __slots__ = ("_access", "_admission", "_dataplane", "_details", "_guard", "_model", "_outcome", "_who")
+    __slots__ = (
+        "_access", "_admission", "_dataplane", "_details", "_guard", "_model", "_outcome", "_request_id", "_who"
+    )  # fmt: skip
 
     def __init__(
-        self, dataplane: DataPlane, guard: AccessGuard, who: Credentials | Principal, access: Access | None, model: str
+        self,
+        dataplane: DataPlane,
+        guard: AccessGuard,
+        who: Credentials | Principal,
+        access: Access | None,
+        model: str,
+        request_id: str = "",
     ) -> None:
         self._dataplane = dataplane
         self._guard = guard
         self._who = who
         self._access = access
         self._model = model
+        self._request_id = request_id
         self._admission = _OPEN
         self._outcome: Outcome | None = None
         self._details: dict[str, Any] = {}
@@ -61,7 +70,7 @@ class Call:
         if self._model:
             check_model_name(self._model)  # it may become a path or a log word: checked before anything else
         if self._access is not None:
-            self._admission = await self._guard.admit(self._who, self._access, self._model)
+            self._admission = await self._guard.admit(self._who, self._access, self._model, self._request_id)
         return self
 
     async def __aexit__(
@@ -86,6 +95,11 @@ class Call:
     @property
     def principal(self) -> Principal:
         return self._admission.principal
+
+    @property
+    def request_id(self) -> str:
+        """The id of this request in the audit trail (the client's, when it gave one); "" for an open route."""
+        return self._admission.caller.request_id
 
     @property
     def actor(self) -> str:
@@ -120,14 +134,15 @@ class CoreService:
         self.dataplane = dataplane
         self.guard = guard
 
-    def call(self, who: Credentials | Principal, access: Access | None, model: str = "") -> Call:
-        """One request, to enter with ``async with`` (see the module's docstring).
+    def call(self, who: Credentials | Principal, access: Access | None, model: str = "", request_id: str = "") -> Call:
+        """One request, to enter with ``async with`` (see the module's docstring); ``request_id`` is the one the
+        client gave (else the guard makes one).
 
         ``access`` None is an open route (health checks): no credentials asked, nothing audited. Errors leave
         as ``DhowError`` (an unexpected exception becomes an ``InternalError`` with an id in the log); a
         client that went away leaves as ``CallCancelled``.
         """
-        return Call(self.dataplane, self.guard, who, access, model)
+        return Call(self.dataplane, self.guard, who, access, model, request_id)
 
     async def authenticate(self, who: Credentials, access: Access) -> Principal:
         """Authenticate once for many calls (a gRPC stream's messages); a refusal is audited and raised."""

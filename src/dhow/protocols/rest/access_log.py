@@ -2,9 +2,11 @@
 
     POST /v2/models/fraud/infer 200 3.1ms principal=key:ci-bot request_id=4f1c2a9b0d6e8f7a
 
-The event loop only builds a record and puts it on a queue (``logging.handlers.QueueHandler``); a thread
-(``QueueListener``) masks it and writes it through the root logger's handlers, the same masked ones every log
-line goes through, so a slow terminal or disk never stalls a request. The path is the raw one (percent
+The request id is the one in the request's audit record: the client's ``x-request-id`` when it is a plain
+token, else one the server made. The event loop only builds a record and puts it on a queue
+(``logging.handlers.QueueHandler``); a thread (``QueueListener``) masks it and writes it through the root
+logger's handlers, the same masked ones every log line goes through, so a slow terminal or disk never stalls a
+request. The path is the raw one (percent
 escapes kept: no decoded newline can forge a line) without its query string, which may carry data.
 """
 
@@ -12,24 +14,11 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
-import secrets
 from logging.handlers import QueueHandler, QueueListener
 
 from dhow.protocols.rest.body import Scope
 
-__all__ = ["AccessLog", "request_id"]
-
-#: a request id a client may choose (``x-request-id``); anything else is replaced by one of ours
-_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
-
-
-def request_id(scope: Scope) -> str:
-    """The client's ``x-request-id`` when it is a plain token, else a new random one."""
-    for name, value in scope["headers"]:
-        if name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
-            return str(value.decode("ascii"))
-    return secrets.token_hex(8)
+__all__ = ["AccessLog"]
 
 
 class AccessLog:
@@ -54,6 +43,10 @@ class AccessLog:
         if self._listener is not None:
             self._listener.stop()
             self._listener = None
+
+    def writing(self) -> bool:
+        """Whether a line would be written (enabled, and info lines logged): else the door skips the clock too."""
+        return self.enabled and self.logger.isEnabledFor(logging.INFO)
 
     def write(self, scope: Scope, status: int, seconds: float, principal: str, request: str) -> None:
         path = scope.get("raw_path") or scope["path"].encode()

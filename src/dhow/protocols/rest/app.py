@@ -17,8 +17,9 @@ import orjson
 
 from dhow.access.authenticator import Credentials
 from dhow.core.errors import CallCancelled, DhowError, InvalidInput, NotFound
+from dhow.core.ids import client_request_id, new_request_id
 from dhow.core.types import LazyHeaders
-from dhow.protocols.rest.access_log import AccessLog, request_id
+from dhow.protocols.rest.access_log import AccessLog
 from dhow.protocols.rest.body import (
     Receive,
     Scope,
@@ -68,6 +69,7 @@ class Request:
         "header_length",
         "match",
         "raw_headers",
+        "request_id",
     )
 
     def __init__(self, scope: Scope, receive: Receive, match: Match, limit: int) -> None:
@@ -83,6 +85,8 @@ class Request:
         self.authorization = b""
         self.authorization_count = 0
         self.claimed_actor = b""
+        #: the client's ``x-request-id`` when it is a plain token, else "" (the admission point makes one)
+        self.request_id = ""
         for name, value in self.raw_headers:
             if name == b"content-length":
                 self.content_length = int(value) if value.isdigit() else None
@@ -97,6 +101,8 @@ class Request:
                 self.authorization_count += 1
             elif name == b"x-dhow-actor":
                 self.claimed_actor = value
+            elif name == b"x-request-id":
+                self.request_id = client_request_id(value)
 
     def credentials(self, scope: Scope) -> Credentials:
         """The Authorization header or the verified client certificate; ``x-dhow-actor`` names the caller when
@@ -173,35 +179,37 @@ class RestApp:
                 await _lifespan(receive, send)
             return
         access_log = self.access_log
-        if access_log is None or not access_log.enabled:
+        if access_log is None or not access_log.writing():
             await self._answer(scope, receive, send)
             return
         started = time.perf_counter()
-        status, principal = await self._answer(scope, receive, send)
-        access_log.write(scope, status, time.perf_counter() - started, principal, request_id(scope))
+        status, principal, request_id = await self._answer(scope, receive, send)
+        access_log.write(scope, status, time.perf_counter() - started, principal, request_id or new_request_id())
 
-    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> tuple[int, str]:
-        """Route, admit and answer one request; its status (499: the client left) and who asked ("-": unknown)."""
+    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> tuple[int, str, str]:
+        """Route, admit and answer one request; its status (499: the client left), who asked ("-": unknown) and
+        its request id (the audit record's)."""
         match = resolve(scope["path"], scope["method"])
         if match is None:
-            return await _send_no_route(send, scope["path"], scope["method"]), "-"
+            return await _send_no_route(send, scope["path"], scope["method"]), "-", ""
         request = Request(scope, receive, match, self.max_body_bytes)
-        principal = "-"
+        principal, request_id = "-", request.request_id
         try:
-            async with self.service.call(request.credentials(scope), match.route.access, match.model) as call:
-                principal = call.principal.name
+            credentials = request.credentials(scope)
+            async with self.service.call(credentials, match.route.access, match.model, request_id) as call:
+                principal, request_id = call.principal.name, call.request_id or request_id
                 status, headers, body = await self._handlers[match.route.name](request, call)
         except DhowError as exc:
             await _send_error(send, exc.http_status, exc.message, _retry_after(exc.retry_after))
-            return exc.http_status, principal
+            return exc.http_status, principal, request_id
         except CallCancelled:
-            return 499, principal  # nginx's code for a client that closed the connection before its answer
+            return 499, principal, request_id  # nginx's code for a client that closed the connection before its answer
         if request.accept_encoding:
             body, encoding = compress(body, request.accept_encoding)
             if encoding is not None:
                 headers = [*headers, (b"content-encoding", encoding), (b"vary", b"accept-encoding")]
         await _send(send, status, headers, body)
-        return status, principal
+        return status, principal, request_id
 
     # -- health and metadata ------------------------------------------------------------
 

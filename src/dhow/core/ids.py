@@ -1,0 +1,29 @@
+"""Request ids: one per request, shared by the audit record and the access log line, so one finds the other.
+
+A client may name its request (``x-request-id``, a plain token); otherwise the server counts: a random
+prefix per process, then a counter (unique across servers, and no system call per request as random bytes
+would be).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import secrets
+
+__all__ = ["client_request_id", "new_request_id"]
+
+_PREFIX = secrets.token_hex(4)
+_COUNTER = itertools.count(1)
+#: a request id a client may choose; anything else is replaced by one of ours
+_CLIENT_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+
+
+def new_request_id() -> str:
+    """16 hex digits, unique per request."""
+    return f"{_PREFIX}{next(_COUNTER):08x}"
+
+
+def client_request_id(value: bytes) -> str:
+    """The client's id when it is a plain token of up to 64 characters, else "" (the server makes one)."""
+    return value.decode("ascii") if _CLIENT_ID.fullmatch(value) else ""
