@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -108,6 +109,44 @@ def test_request_past_its_timeout_is_answered_and_never_computed() -> None:
     assert isinstance(outcome, DeadlineExceeded)
     assert "timed out after 20 ms" in outcome.message and "not run" in outcome.message
     assert 1000.0 not in model.seen
+
+
+def test_the_queue_timeout_answers_each_request_at_its_own_deadline() -> None:
+    """Requests under the model's queue timeout share one timer: each still times out 30 ms after it queued,
+    not after the first one did, and a request that named a longer timeout outlives them."""
+
+    async def scenario() -> tuple[list[tuple[BaseException | Arrays, float]], Arrays, Recorder, int]:
+        gate = threading.Event()
+        model = Recorder(gate=gate)
+        batcher = _batcher(model, max_batch_size=1, timeout_ms=30)
+        first = asyncio.create_task(batcher.submit({"x": _rows(0, 1)}, ["y"], 1))
+        await asyncio.sleep(0.01)  # the first occupies the only instance
+
+        async def timed(start: int) -> tuple[BaseException | Arrays, float]:
+            queued = time.monotonic()
+            outcome = (await asyncio.gather(batcher.submit({"x": _rows(start, 1)}, ["y"], 1), return_exceptions=True))[
+                0
+            ]
+            return outcome, time.monotonic() - queued
+
+        early = asyncio.create_task(timed(100))
+        await asyncio.sleep(0.02)
+        later = asyncio.create_task(timed(200))
+        patient = asyncio.create_task(batcher.submit({"x": _rows(7, 1)}, ["y"], 1, timeout_ns=5_000_000_000))
+        expired = [await early, await later]
+        queued = batcher.queued  # the timed-out requests left the queue: only the patient one is in it
+        gate.set()
+        await first
+        answer = await patient
+        await batcher.close()
+        return expired, answer, model, queued
+
+    expired, answer, model, queued = asyncio.run(scenario())
+    for outcome, waited in expired:
+        assert isinstance(outcome, DeadlineExceeded) and "timed out after 30 ms" in outcome.message
+        assert waited >= 0.03
+    assert queued == 1 and answer["y"][0, 0] == 14.0
+    assert 100.0 not in model.seen and 200.0 not in model.seen
 
 
 def test_timed_out_requests_free_their_place_in_a_bounded_queue() -> None:

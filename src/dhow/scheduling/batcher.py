@@ -47,7 +47,10 @@ class _Pending:
     key: tuple[object, ...]
     future: asyncio.Future[Arrays]
     enqueued_ns: int
+    #: a request that named its own timeout has a timer of its own
     timer: asyncio.TimerHandle | None = None
+    #: when the queue timeout of the others answers them (0: never); one timer, the batcher's, watches these
+    deadline_ns: int = 0
     #: whether the client has gone (a closed connection): then it is answered and never computed
     gone: Callable[[], bool] | None = None
 
@@ -125,6 +128,8 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._busy = 0
+        #: the one timer of the requests queued under the default timeout (set for the oldest one's deadline)
+        self._sweep: asyncio.TimerHandle | None = None
         self._workers = [asyncio.create_task(self._work(instance)) for instance in instances]
 
     @property
@@ -172,9 +177,13 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Arrays] = loop.create_future()
         pending = _Pending(inputs, tuple(outputs), rows, _batch_key(inputs), future, time.monotonic_ns(), gone=gone)
-        timeout_ns = timeout_ns or self._timeout_ns
         if timeout_ns:
             pending.timer = loop.call_later(timeout_ns / 1e9, self._expire, pending, timeout_ns)
+        elif self._timeout_ns:
+            # the queue keeps arrival order, so the oldest such request's deadline is the next: no timer each
+            pending.deadline_ns = pending.enqueued_ns + self._timeout_ns
+            if self._sweep is None:
+                self._sweep = loop.call_later(self._timeout_ns / 1e9, self._expire_queued)
         self._queue.append(pending)
         self._wakeup.set()
         try:
@@ -187,10 +196,32 @@ class DynamicBatcher:
 
     def _expire(self, pending: _Pending, timeout_ns: int) -> None:
         if not pending.future.done():
-            message = f"request to {self.label} timed out after {timeout_ns / 1e6:g} ms in the queue; it was not run"
-            pending.future.set_exception(DeadlineExceeded(message))
+            pending.future.set_exception(DeadlineExceeded(self._late(timeout_ns)))
             # an answered request must not hold a place that max_queue_size counts
             self._forget(pending)
+
+    def _expire_queued(self) -> None:
+        """Answer the requests queued under the default timeout whose deadline passed; wait for the next one."""
+        self._sweep = None
+        now = time.monotonic_ns()
+        expired = False
+        for pending in self._queue:
+            if not pending.deadline_ns or pending.future.done():
+                continue
+            if pending.deadline_ns > now:  # the first one still in time: every later one is too
+                self._sweep = asyncio.get_running_loop().call_later(
+                    (pending.deadline_ns - now) / 1e9, self._expire_queued
+                )
+                break
+            pending.future.set_exception(DeadlineExceeded(self._late(self._timeout_ns)))
+            expired = True
+        if expired:  # an answered request must not hold a place that the queue bound counts
+            kept = [pending for pending in self._queue if not pending.future.done()]
+            self._queue.clear()
+            self._queue.extend(kept)
+
+    def _late(self, timeout_ns: int) -> str:
+        return f"request to {self.label} timed out after {timeout_ns / 1e6:g} ms in the queue; it was not run"
 
     def _forget(self, pending: _Pending) -> None:
         with contextlib.suppress(ValueError):  # already taken into a batch
@@ -202,6 +233,8 @@ class DynamicBatcher:
         while self._queue or self._busy:
             self._wakeup.set()
             await asyncio.sleep(0.005)
+        if self._sweep is not None:
+            self._sweep.cancel()
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
