@@ -121,6 +121,8 @@ class DynamicBatcher:
         self._delay_ns = int(self._batching.max_queue_delay_ms * 1e6)
         self._preferred = set(self._batching.preferred_batch_sizes)
         self._timeout_ns = int((self._batching.timeout_ms or default_timeout_ms) * 1e6)
+        #: below this many queued requests the queue bound cannot be reached: not worth working it out
+        self._room_below = self._batching.max_queue_size or (MIN_QUEUE_LIMIT if self._timeout_ns else 1 << 62)
         #: recent batches: moving averages of their time and of the requests they carried
         self._batch_ns = 0.0
         self._batch_requests = 1.0
@@ -171,7 +173,8 @@ class DynamicBatcher:
         its client has left (then it is dropped before it is computed)."""
         if self._closing:
             raise Unavailable(f"{self.label} is being unloaded; retry", retry_after=1)
-        self._check_room()
+        if len(self._queue) >= self._room_below:
+            self._check_room()
         if self._max_rows and rows > self._max_rows:
             raise InvalidInput(f"batch of {rows} rows exceeds {self.label}'s max_batch_size of {self._max_rows}")
         loop = asyncio.get_running_loop()

@@ -44,7 +44,8 @@ class Call:
     raises the refusal), and its end, however it ends, frees its quota and writes its audit record."""
 
     __slots__ = (
-        "_access", "_admission", "_dataplane", "_details", "_guard", "_model", "_outcome", "_request_id", "_who"
+        "_access", "_admission", "_dataplane", "_details", "_guard", "_model", "_outcome", "_request_id", "_who",
+        "principal", "request_id",
     )  # fmt: skip
 
     def __init__(
@@ -63,6 +64,10 @@ class Call:
         self._model = model
         self._request_id = request_id
         self._admission = _OPEN
+        #: who was let in (attributes, not properties: a door reads them on every request)
+        self.principal = _OPEN.principal
+        #: the id of this request in the audit trail (the client's, when it gave one); "" for an open route
+        self.request_id = ""
         self._outcome: Outcome | None = None
         self._details: dict[str, Any] = {}
 
@@ -70,14 +75,18 @@ class Call:
         if self._model:
             check_model_name(self._model)  # it may become a path or a log word: checked before anything else
         if self._access is not None:
-            self._admission = await self._guard.admit(self._who, self._access, self._model, self._request_id)
+            admission = self._admission = await self._guard.admit(
+                self._who, self._access, self._model, self._request_id
+            )
+            self.principal, self.request_id = admission.principal, admission.caller.request_id
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, trace: TracebackType | None
     ) -> None:
         if exc is None:
-            await self._finish("success")  # raises when the audit trail cannot take it: fail closed
+            if self._admission is not _OPEN:  # raises when the audit trail cannot take it: fail closed
+                await self._guard.finish(self._admission, "success", "", self._outcome, self._details)
         elif isinstance(exc, DhowError):
             await self._finish(exc.code.value, exc.message)
         elif isinstance(exc, CallCancelled | asyncio.CancelledError):
@@ -91,15 +100,6 @@ class Call:
     @property
     def caller(self) -> Caller:
         return self._admission.caller
-
-    @property
-    def principal(self) -> Principal:
-        return self._admission.principal
-
-    @property
-    def request_id(self) -> str:
-        """The id of this request in the audit trail (the client's, when it gave one); "" for an open route."""
-        return self._admission.caller.request_id
 
     @property
     def actor(self) -> str:

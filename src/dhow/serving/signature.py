@@ -40,7 +40,7 @@ def validate_inputs(model: ModelVersion, request: InferenceRequest) -> tuple[dic
         if tensor.datatype != spec.datatype:
             raise InvalidInput(f"input '{tensor.name}' of {label} must be {spec.datatype}, got {tensor.datatype}")
         shape = tuple(tensor.shape)
-        if len(shape) != len(spec.shape) or any(d != -1 and d != s for d, s in zip(spec.shape, shape, strict=True)):
+        if not fits(spec.shape, shape):
             raise InvalidInput(
                 f"input '{tensor.name}' of {label} must have shape {list(spec.shape)} (-1: any size), got {list(shape)}"
             )
@@ -63,6 +63,16 @@ def validate_inputs(model: ModelVersion, request: InferenceRequest) -> tuple[dic
     if batched and rows > model.config.max_batch_size:
         raise InvalidInput(f"batch of {rows} rows exceeds {label}'s max_batch_size of {model.config.max_batch_size}")
     return arrays, rows
+
+
+def fits(declared: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Whether a shape is one the declared shape allows (-1: any size)."""
+    if len(shape) != len(declared):
+        return False
+    for want, got in zip(declared, shape, strict=True):  # noqa: SIM110 (a loop: no generator per tensor)
+        if want != got and want != -1:
+            return False
+    return True
 
 
 def response_outputs(
@@ -94,7 +104,7 @@ def checked_output(model: ModelVersion, spec: TensorSpec, value: np.ndarray) -> 
     datatype that does not become the declared one without changing values (float to integer, text to numbers)."""
     array = np.asarray(value)
     shape = array.shape
-    if len(shape) != len(spec.shape) or any(d not in (-1, s) for d, s in zip(spec.shape, shape, strict=True)):
+    if not fits(spec.shape, shape):
         raise _mismatch(model, spec, f"shape {list(shape)}", str(list(spec.shape)))
     if spec.datatype == "BYTES":
         return _as_bytes(array)

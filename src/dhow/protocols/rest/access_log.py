@@ -25,16 +25,33 @@ class AccessLog:
     """The access log's logger, its queue and the thread that writes it; ``enabled`` may change (SIGHUP)."""
 
     def __init__(self, *, enabled: bool) -> None:
-        self.enabled = enabled
         self.logger = logging.getLogger("dhow.http")
         self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
         self._listener: QueueListener | None = None
+        self._enabled = enabled
+        #: whether a line would be written (enabled, and info lines logged): else the door skips the clock too
+        self.writing = False
+        self.refresh()
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = value
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Look again at whether lines are written (after the log level changed)."""
+        self.writing = self._enabled and self.logger.isEnabledFor(logging.INFO)
 
     def start(self) -> None:
         """Write through the root logger's handlers (with their masking filters), from a thread of its own."""
         root = logging.getLogger()
         self._listener = QueueListener(self._queue, *root.handlers, respect_handler_level=True)
         self._listener.start()
+        self.refresh()
         self.logger.addHandler(QueueHandler(self._queue))
         self.logger.propagate = False  # the root's handlers write it, from the listener's thread only
 
@@ -43,10 +60,6 @@ class AccessLog:
         if self._listener is not None:
             self._listener.stop()
             self._listener = None
-
-    def writing(self) -> bool:
-        """Whether a line would be written (enabled, and info lines logged): else the door skips the clock too."""
-        return self.enabled and self.logger.isEnabledFor(logging.INFO)
 
     def write(self, scope: Scope, status: int, seconds: float, principal: str, request: str) -> None:
         path = scope.get("raw_path") or scope["path"].encode()

@@ -119,7 +119,8 @@ class Request:
 
     def gone(self) -> bool:
         """Whether the client closed its connection (uvicorn marks its request cycle; no read needed)."""
-        return bool(getattr(getattr(self._receive, "__self__", None), "disconnected", False))
+        cycle = getattr(self._receive, "__self__", None)
+        return getattr(cycle, "disconnected", False) is True
 
     def query(self) -> dict[str, str]:
         """The query string's parameters (the last of repeated ones)."""
@@ -179,7 +180,7 @@ class RestApp:
                 await _lifespan(receive, send)
             return
         access_log = self.access_log
-        if access_log is None or not access_log.writing():
+        if access_log is None or not access_log.writing:
             await self._answer(scope, receive, send)
             return
         started = time.perf_counter()

@@ -69,8 +69,6 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         super().__init__(**uvicorn_arguments)
         #: when the headers being awaited are late (loop time; 0: none awaited)
         self._headers_due = 0.0
-        #: its headers are complete and its body is arriving
-        self._in_body = False
         self._last_read = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -98,11 +96,11 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._headers_due = 0.0
         super().on_headers_complete()
-        self._in_body = True
 
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        self._in_body = False
+    def _in_body(self) -> bool:
+        """Whether a request's body is arriving: its headers came, its body has not all come, nothing answered."""
+        cycle = self.cycle
+        return not self._headers_due and cycle is not None and cycle.more_body and not cycle.response_complete
 
     @classmethod
     def _watch_later(cls, loop: asyncio.AbstractEventLoop) -> None:
@@ -119,7 +117,7 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
             cls._watch_later(loop)
 
     def _late(self, now: float) -> bool:
-        if self._in_body:
+        if self._in_body():
             # the server paused reading (a large body waiting for the app): the client is not the slow one
             return not self.flow.read_paused and now - self._last_read > self.timeouts.body_s
         return bool(self._headers_due) and now > self._headers_due
@@ -128,7 +126,7 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         type(self)._open.discard(self)
         if self.transport.is_closing():
             return
-        if self._in_body:
+        if self._in_body():
             if not self.cycle.response_started:
                 self.transport.write(_BODY_LATE)
         elif self._last_read:  # a request had begun: its headers are late
