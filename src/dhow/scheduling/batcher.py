@@ -261,9 +261,13 @@ class DynamicBatcher:
             await self._wakeup.wait()
         head = self._queue.popleft()
         batch, rows = [head], head.rows
-        if not self._max_rows:
-            return batch
-        deadline = head.enqueued_ns + self._delay_ns
+        if self._max_rows:
+            rows = await self._fill(batch, rows, head.enqueued_ns + self._delay_ns)
+        # whether a client has gone is asked once per request, here, when its batch is cut
+        return [p for p in batch if not p.settled()]
+
+    async def _fill(self, batch: list[_Pending], rows: int, deadline: int) -> int:
+        """Take compatible requests into the batch until it is full, preferred, or its first request's delay ends."""
         while rows < self._max_rows and rows not in self._preferred:
             rows = self._take_compatible(batch, rows)
             if rows >= self._max_rows or rows in self._preferred or self._closing:
@@ -276,13 +280,12 @@ class DynamicBatcher:
                 async with asyncio.timeout(remaining / 1e9):
                     await self._wakeup.wait()
             except TimeoutError:
-                self._take_compatible(batch, rows)
-                break
-        return [p for p in batch if not p.settled()]
+                return self._take_compatible(batch, rows)
+        return rows
 
     def _live_head(self) -> bool:
-        """Drop answered (timed-out, cancelled, gone) requests from the front; is one left?"""
-        while self._queue and self._queue[0].settled():
+        """Drop answered (timed-out, cancelled) requests from the front; is one left?"""
+        while self._queue and self._queue[0].future.done():
             self._queue.popleft()
         return bool(self._queue)
 

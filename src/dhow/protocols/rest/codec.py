@@ -22,7 +22,6 @@ __all__ = ["EncodedResponse", "decode_request", "encode_response"]
 _VALID_DATATYPES = ", ".join(NUMPY_DTYPE)
 _NUMPY_OPTION = orjson.OPT_SERIALIZE_NUMPY
 #: JSON writes its booleans only so (no escapes): a body without these holds none
-_BOOLEANS = (b"true", b"false")
 
 #: a response body and the length of its JSON header when it carries binary outputs (else None)
 EncodedResponse = tuple[bytes, int | None]
@@ -77,7 +76,7 @@ def _holds_boolean(body: bytes | bytearray | memoryview, view: memoryview, end: 
     """Whether ``true`` or ``false`` appears in the JSON header: bytes.find (a fast scan), not a regular
     expression, which cost 25 µs on a 5 kB body."""
     data = body if isinstance(body, bytes | bytearray) else view[:end].tobytes()
-    return any(data.find(word, 0, end) != -1 for word in _BOOLEANS)
+    return data.find(b"true", 0, end) != -1 or data.find(b"false", 0, end) != -1
 
 
 def _load_json(data: memoryview) -> Any:
