@@ -110,7 +110,7 @@ class FakeDataPlane(DataPlane):
         self.calls.append(("unload", name, parameters))
 
     def place(self, request: InferenceRequest, caller: Caller) -> Placement:
-        return Placement(None, "")  # type: ignore[arg-type]  # a fake: no model config, no region
+        return Placement(None, "", None)  # type: ignore[arg-type]  # a fake: no model config, region or model
 
     async def infer(self, request: InferenceRequest, placement: Placement) -> tuple[InferenceResponse, Outcome]:
         self._check(request.model_name)

@@ -79,7 +79,7 @@ class FakeDataPlane(DataPlane):
         self._check(name)
 
     def place(self, request: InferenceRequest, caller: Caller) -> Placement:
-        return Placement(None, "")  # type: ignore[arg-type]  # a fake: no model config, no region
+        return Placement(None, "", None)  # type: ignore[arg-type]  # a fake: no model config, region or model
 
     async def infer(self, request: InferenceRequest, placement: Placement) -> tuple[InferenceResponse, Outcome]:
         self._check(request.model_name, request.model_version)

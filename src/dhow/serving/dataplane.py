@@ -47,6 +47,8 @@ class Placement(NamedTuple):
 
     config: ModelConfig
     region: str
+    #: the version the request names (or the newest), unless a traffic policy picks another
+    model: ModelVersion
 
 
 class DataPlane:
@@ -152,13 +154,14 @@ class DataPlane:
     def place(self, request: InferenceRequest, caller: Caller) -> Placement:
         """Decide the request's data region: the request's ``data_region`` parameter, the
         ``x-dhow-data-region`` header, the caller's default, or the model's ``region:``."""
-        config = self.models.resolve(request.model_name, request.model_version).config
+        model = self.models.resolve(request.model_name, request.model_version)
+        config = model.config
         region = request.parameters.get("data_region")
         if region is None:
             region = request.headers.get(DATA_REGION_HEADER) or caller.default_region or config.region
         if not isinstance(region, str):
             raise InvalidInput(f"request parameter 'data_region' must be a string like 'ae', got {region!r}")
-        return Placement(config, region)
+        return Placement(config, region, model)
 
     async def infer(self, request: InferenceRequest, placement: Placement) -> tuple[InferenceResponse, Outcome]:
         """Run one placed request, if this server may process its data region (residency), and route it.
@@ -167,9 +170,9 @@ class DataPlane:
         version that answered, the data region, a masked payload sample when the model samples payloads) is
         returned beside the response, for the admission point's audit record.
         """
-        config, region = placement
+        config, region, model = placement
         self.residency.check(region, self.region)
-        response = await self._route(request)
+        response = await self._route(request, model)
         payload = None
         if config.payload_sample_rate and random.random() < config.payload_sample_rate:
             payload = self._payload_sample(config, request, response)
@@ -189,11 +192,11 @@ class DataPlane:
             "outputs": masker.mask_tensors({t.name: t.data for t in response.outputs}),
         }
 
-    async def _route(self, request: InferenceRequest) -> InferenceResponse:
+    async def _route(self, request: InferenceRequest, placed: ModelVersion) -> InferenceResponse:
         router = self.router
         routing = None if router is None or request.model_version else router.route(request)
         if routing is None:
-            return await self.infer_version(request)
+            return await self.infer_version(request, placed)
         request.model_version = str(routing.version)
         start = time.perf_counter()
         try:
@@ -205,10 +208,12 @@ class DataPlane:
         response.parameters["dhow_variant"] = routing.variant
         return response
 
-    async def infer_version(self, request: InferenceRequest) -> InferenceResponse:
-        """Run one request on the version it names (or the newest), bypassing traffic policies."""
+    async def infer_version(self, request: InferenceRequest, model: ModelVersion | None = None) -> InferenceResponse:
+        """Run one request on the version it names (or the newest; ``model`` when already resolved), bypassing
+        traffic policies."""
         start = time.monotonic_ns()
-        model = self.models.resolve(request.model_name, request.model_version)
+        if model is None:
+            model = self.models.resolve(request.model_name, request.model_version)
         rows = 0
         try:
             inputs, rows = validate_inputs(model, request)
