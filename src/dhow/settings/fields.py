@@ -1,9 +1,6 @@
-"""dhow's settings: one tree, one precedence (command line > environment > file > default).
+"""The settings' fields: every one with its default, what it is for, and how ``dhow serve`` takes it.
 
-Every field has a default and says what it is for; ``dhow serve`` makes its options from the fields (the
-text is the option's help, see ``_setting``). ``resolve_settings`` is the only place that decides which
-source wins, for every command: ``serve`` and the administration commands (``keys``, ``tenants``,
-``audit``, ``models``, ``rollout``), which find the stores and name their actor the same way.
+``resolver`` decides which source gives each field its value.
 """
 
 from __future__ import annotations
@@ -11,29 +8,14 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from dhow.core.errors import InvalidInput
 from dhow.core.names import check_region_name
-from dhow.core.spelling import did_you_mean
 
-__all__ = [
-    "ANONYMOUS_ACTOR",
-    "CONFIG_FILE_HELP",
-    "ENV_PREFIX",
-    "ServerSettings",
-    "SettingOption",
-    "SettingsSource",
-    "live_settings",
-    "resolve_settings",
-    "resolve_settings_and_sources",
-    "setting_options",
-]
+__all__ = ["ANONYMOUS_ACTOR", "CONFIG_FILE_HELP", "ENV_PREFIX", "ServerSettings", "live_settings"]
 
 ENV_PREFIX = "DHOW_"
 #: the help of every command's ``--config FILE`` option
@@ -324,19 +306,7 @@ class ServerSettings:
 
 def live_settings() -> tuple[str, ...]:
     """The settings a running server applies again when it gets SIGHUP; the others need a restart."""
-    return tuple(name for name, field in _FIELDS.items() if field.metadata.get("live"))
-
-
-@dataclass(frozen=True, slots=True)
-class SettingsSource:
-    """Where a server's settings came from, so that it can read them again (SIGHUP): the command line's
-    values and the settings file. The environment is the process's own, which nobody changes."""
-
-    cli: Mapping[str, object]
-    config_file: Path | None = None
-
-    def read(self) -> ServerSettings:
-        return resolve_settings(self.cli, config_file=self.config_file)
+    return tuple(field.name for field in dataclasses.fields(ServerSettings) if field.metadata.get("live"))
 
 
 def _login_name() -> str:
@@ -347,150 +317,3 @@ def _login_name() -> str:
         return getpass.getuser() or ANONYMOUS_ACTOR
     except (KeyError, OSError, ImportError):  # no user name anywhere (a container without a passwd entry)
         return ANONYMOUS_ACTOR
-
-
-_CHOICES = {
-    "model_control": ("none", "poll", "explicit"),
-    "log_level": ("debug", "info", "warning", "error"),
-    "loop": ("uvloop", "asyncio"),
-    "auth": ("on", "none"),
-    "tls_client_auth": ("required", "optional"),
-}
-#: integer settings with a lower bound
-_AT_LEAST = {"workers": 1, "max_connections": 0, "keepalive_timeout": 1}
-#: durations that must be more than zero (a zero timeout would close every connection at once)
-_POSITIVE = ("header_timeout", "body_timeout", "grpc_idle_timeout", "grpc_keepalive")
-_FIELDS = {field.name: field for field in dataclasses.fields(ServerSettings)}
-
-
-@dataclass(frozen=True, slots=True)
-class SettingOption:
-    """How ``dhow serve`` takes one setting on its command line (argparse stays in the CLI)."""
-
-    name: str
-    flags: tuple[str, ...]
-    #: the field's type: Path, int, float, bool, str or tuple[str, ...] (a repeatable option)
-    kind: str
-    default: object
-    doc: str
-    metavar: str | None
-    #: the help section: "" for the main one
-    group: str
-    choices: tuple[str, ...] | None
-
-
-def setting_options() -> list[SettingOption]:
-    """The command-line options of the settings, in field order (settings with no option left out)."""
-    options = []
-    for name, field in _FIELDS.items():
-        meta = field.metadata
-        flags = meta.get("flags", ("--" + name.replace("_", "-"),))
-        if flags:
-            kind = str(field.type)
-            group = meta.get("group", "")
-            options.append(
-                SettingOption(
-                    name, flags, kind, field.default, meta["doc"], meta.get("metavar"), group, _CHOICES.get(name)
-                )
-            )
-    return options
-
-
-def _typed(kind: str, value: object) -> object:
-    if kind == "Path":
-        return Path(str(value))
-    if kind == "int":
-        return int(str(value))
-    if kind == "float":
-        return float(str(value))
-    if kind == "bool":
-        return value if isinstance(value, bool) else _boolean(str(value))
-    if kind == "tuple[str, ...]":
-        items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
-        return tuple(str(item).strip() for item in items if str(item).strip())
-    return str(value)
-
-
-def _boolean(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"not true or false: {text!r}")
-
-
-def _convert(name: str, value: object, source: str) -> object:
-    """Turn a value from any source into the field's type, or refuse it naming the source."""
-    kind = str(_FIELDS[name].type)
-    try:
-        result = _typed(kind, value)
-    except (TypeError, ValueError):
-        raise InvalidInput(f"{source}: '{name}' expects {kind}, got {value!r}") from None
-    if name in _CHOICES and result not in _CHOICES[name]:
-        raise InvalidInput(f"{source}: '{name}' must be one of {', '.join(_CHOICES[name])}, got {value!r}")
-    if name in _AT_LEAST and isinstance(result, int) and result < _AT_LEAST[name]:
-        raise InvalidInput(f"{source}: '{name}' must be an integer of at least {_AT_LEAST[name]}, got {value!r}")
-    if name in _POSITIVE and isinstance(result, float) and not result > 0:
-        raise InvalidInput(f"{source}: '{name}' must be a number of seconds above 0, got {value!r}")
-    return result
-
-
-def _from_file(config_file: Path) -> dict[str, tuple[object, str]]:
-    try:
-        data = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise InvalidInput(f"cannot read settings file {config_file}: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidInput(f"settings file {config_file}: expected a mapping of settings")
-    source = f"settings file {config_file}"
-    values: dict[str, tuple[object, str]] = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in _FIELDS:
-            hint = did_you_mean(name, _FIELDS)
-            raise InvalidInput(
-                f"{source}: unknown setting '{key}'{f', {hint}' if hint else ''} (known: {', '.join(_FIELDS)})"
-            )
-        values[name] = (_convert(name, value, source), source)
-    return values
-
-
-def _given(
-    cli: Mapping[str, object], env: Mapping[str, str] | None, config_file: Path | None
-) -> dict[str, tuple[object, str]]:
-    """Each setting some source gives, converted, with the source that won: option > environment > file."""
-    values = _from_file(config_file) if config_file is not None else {}
-    environ = os.environ if env is None else env
-    for name in _FIELDS:
-        variable = ENV_PREFIX + name.upper()
-        if variable in environ:
-            source = f"environment variable {variable}"
-            values[name] = (_convert(name, environ[variable], source), source)
-    for name, value in cli.items():
-        if value is not None and name in _FIELDS:
-            source = f"option --{name.replace('_', '-')}"
-            values[name] = (_convert(name, value, source), source)
-    return values
-
-
-def resolve_settings(
-    cli: Mapping[str, object], env: Mapping[str, str] | None = None, config_file: Path | None = None
-) -> ServerSettings:
-    """Merge the sources: command line over DHOW_* environment over the YAML file over defaults.
-
-    ``cli`` maps setting names to the options given (``None`` = not given; other names are ignored);
-    ``env`` is ``os.environ`` unless given.
-    """
-    return resolve_settings_and_sources(cli, env, config_file)[0]
-
-
-def resolve_settings_and_sources(
-    cli: Mapping[str, object], env: Mapping[str, str] | None = None, config_file: Path | None = None
-) -> tuple[ServerSettings, dict[str, str]]:
-    """``resolve_settings``, and where each setting that is not at its default came from
-    (``{"data_dir": "environment variable DHOW_DATA_DIR"}``): a command can tell a folder someone
-    named from the default one."""
-    given = _given(cli, env, config_file)
-    settings = ServerSettings(**{name: value for name, (value, _) in given.items()})  # type: ignore[arg-type]
-    return settings, {name: source for name, (_, source) in given.items()}
