@@ -71,7 +71,19 @@ REST_MATRIX: dict[str, tuple[str, str, Any, frozenset[str] | None]] = {
     "rotate_key": ("POST", "/v2/admin/keys/000000000000/rotate", {}, frozenset({A})),
     "read_audit": ("GET", "/v2/admin/audit?kind=denial", None, frozenset({A, U})),
     "verify_audit": ("GET", "/v2/admin/audit/verify", None, frozenset({A, U})),
-}
+    "v1_server_live": ("GET", "/", None, None),
+    "v1_list_models": ("GET", "/v1/models", None, READERS),
+    "v1_model_status": ("GET", "/v1/models/tabular", None, READERS),
+    "v1_model_metadata": ("GET", "/v1/models/tabular/metadata", None, READERS),
+    "v1_model_predict": ("POST", "/v1/models/tabular:predict", {"instances": [ROW.tolist()]}, frozenset({A, I})),
+    "v1_model_classify": ("POST", "/v1/models/tabular:classify", {"examples": [{"input": ROW.tolist()}]},
+                          frozenset({A, I})),
+    "v1_model_regress": ("POST", "/v1/models/tabular:regress", {"examples": [{"input": ROW.tolist()}]},
+                         frozenset({A, I})),
+    "v1_model_explain": ("POST", "/v1/models/tabular:explain", {"instances": [ROW.tolist()]}, frozenset({A, I})),
+    "torchserve_ping": ("GET", "/ping", None, None),
+    "torchserve_model_predictions": ("POST", "/predictions/tabular", ROW.tolist(), frozenset({A, I})),
+}  # fmt: skip
 
 #: every RPC of GRPCInferenceService and the roles that may call it (None: open to anyone)
 GRPC_MATRIX: dict[str, frozenset[str] | None] = {
@@ -229,8 +241,9 @@ def test_every_rest_route_and_grpc_method_has_a_permission() -> None:
     rpcs = {m.name for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
     assert set(GRPC_ACCESS) == rpcs, "an RPC without an access mapping"
     assert all(access is None or access in catalog for access in GRPC_ACCESS.values())
-    # only the health checks are open
-    assert {route.name for route in ROUTES if route.access is None} == {"server_live", "server_ready"}
+    # only the health checks are open (v2's, KServe v1's GET / and TorchServe's GET /ping)
+    open_routes = {"server_live", "server_ready", "v1_server_live", "torchserve_ping"}
+    assert {route.name for route in ROUTES if route.access is None} == open_routes
     assert {m for m, a in GRPC_ACCESS.items() if a is None} == {"ServerLive", "ServerReady"}
     assert set(REST_MATRIX) == {route.name for route in ROUTES} and set(GRPC_MATRIX) == rpcs
 

@@ -23,8 +23,10 @@ from dhow.protocols.rest.router import allowed_methods, resolve
 from dhow.protocols.routes import GRPC_ACCESS, PUBLIC, ROUTES, Route
 from tests.conftest import DhowProcess, make_key, start_dhow
 
-#: the only routes and RPCs open to anyone (probes and load balancers carry no credentials)
-OPEN_ROUTES = {"server_live", "server_ready"}
+#: the only routes and RPCs open to anyone (probes and load balancers carry no credentials): v2's health checks,
+#: KServe v1's liveness (GET /) and TorchServe's health check (GET /ping)
+OPEN_ROUTES = {"server_live", "server_ready", "v1_server_live", "torchserve_ping"}
+OPEN_PATHS = {"/v2/health/live", "/v2/health/ready", "/", "/ping"}
 OPEN_RPCS = {"ServerLive", "ServerReady"}
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 RPCS = [method.name for method in SERVICE.methods]
@@ -38,6 +40,7 @@ def _concrete(template: str) -> str:
 
 #: every (route, path) the REST door serves: a model route twice, with and without its version
 SERVED = [(route, _concrete(template)) for route in ROUTES for template in route.templates]
+SERVED_TEMPLATES = [(route, template, _concrete(template)) for route in ROUTES for template in route.templates]
 
 
 # -- the table ------------------------------------------------------------------------------------
@@ -48,7 +51,7 @@ def test_every_route_but_the_health_checks_needs_a_permission() -> None:
     catalog = set(ACTIONS.values())
     for route in ROUTES:
         if route.name in OPEN_ROUTES:
-            assert route.access is None and route.method == "GET" and route.path.startswith("/v2/health/")
+            assert route.access is None and route.method == "GET" and route.path in OPEN_PATHS
         else:
             assert route.access in catalog, f"{route.method} {route.path} has no permission"
 
@@ -68,11 +71,11 @@ def test_every_route_has_a_handler() -> None:
         assert callable(getattr(RestApp, route.handler, None)), f"{route.name}: no RestApp.{route.handler}"
 
 
-@pytest.mark.parametrize(("route", "path"), SERVED, ids=[path for _, path in SERVED])
-def test_the_router_finds_each_route_by_its_path(route: Route, path: str) -> None:
+@pytest.mark.parametrize(("route", "template", "path"), SERVED_TEMPLATES, ids=[path for _, _, path in SERVED_TEMPLATES])
+def test_the_router_finds_each_route_by_its_path(route: Route, template: str, path: str) -> None:
     match = resolve(path, route.method)
     assert match is not None and match.route is route
-    assert match.version == ("1" if "/versions/" in path else "")
+    assert match.version == ("1" if "{version}" in template else "")
     named = re.search(r"{(model|name|id)}", route.path)
     assert match.name == (VALUES[named.group(1)] if named else "")
     assert match.model == (match.name if route.names_model else "")
@@ -91,6 +94,27 @@ def test_unknown_paths_and_methods() -> None:
     # a model may be named like a route's literal segment
     ready = resolve("/v2/models/ready/versions/2/ready", "GET")
     assert ready is not None and (ready.route.name, ready.name, ready.version) == ("model_ready", "ready", "2")
+
+
+def test_a_verb_follows_the_last_parameter() -> None:
+    """TensorFlow Serving's ``{model}:predict``: the verb is split off only when the whole segment matches no route,
+    so a model whose name holds a colon keeps its routes."""
+    cases = {
+        ("/v1/models/fraud:predict", "POST"): ("v1_model_predict", "fraud", ""),
+        ("/v1/models/fraud/versions/3:classify", "POST"): ("v1_model_classify", "fraud", "3"),
+        ("/v1/models/team:fraud:regress", "POST"): ("v1_model_regress", "team:fraud", ""),
+        ("/v1/models/team:fraud", "GET"): ("v1_model_status", "team:fraud", ""),
+        ("/v2/models/team:fraud/infer", "POST"): ("model_infer", "team:fraud", ""),
+        ("/v2/models/x:predict", "GET"): ("model_metadata", "x:predict", ""),
+        ("/predictions/fraud/3", "POST"): ("torchserve_model_predictions", "fraud", "3"),
+    }
+    for (path, method), expected in cases.items():
+        match = resolve(path, method)
+        assert match is not None and (match.route.name, match.name, match.version) == expected, path
+    for path in ("/v1/models/fraud:nothing", "/v1/models/fraud:", "/v1/models/:predict", "/v2/models/fraud:infer"):
+        assert resolve(path, "POST") is None, path
+    assert allowed_methods("/v1/models/fraud:predict") == ["GET", "POST"]  # also the status of a model so named
+    assert allowed_methods("/predictions/fraud") == ["POST"]
 
 
 # -- against a real server ------------------------------------------------------------------------

@@ -7,17 +7,26 @@ The REST router, the REST app's handlers, the OpenAPI document and the gRPC meth
 derived from ``ROUTES``, so a route cannot be served without a permission or left out of the document.
 
 Path templates name their parameters ``{model}``, ``{name}`` (a deployment), ``{id}`` (an API key) and
-``{version}``; ``[/versions/{version}]`` marks the optional version of the model routes.
+``{version}``; ``[/versions/{version}]`` marks the optional version of the model routes. A template may end in a
+verb after its last parameter, as Google's API style and TensorFlow Serving write it: ``{model}:predict``.
+
+Besides the Open Inference Protocol (``/v2``), the table holds the doors of the peers whose clients should work
+unchanged: KServe v1 / TensorFlow Serving's REST API (``/v1``) and TorchServe's inference API (``/predictions``,
+``/ping``). Each route says which of these it speaks (``protocol``), which decides the shape of its errors.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from dhow.access.actions import ACTIONS, Access
 
-__all__ = ["DEPLOYMENT_ACTIONS", "GRPC_ACCESS", "PUBLIC", "ROUTES", "Doc", "Route"]
+__all__ = ["DEPLOYMENT_ACTIONS", "GRPC_ACCESS", "PUBLIC", "ROUTES", "Doc", "Protocol", "Route"]
+
+#: the protocol a route speaks: the Open Inference Protocol, KServe v1 / TensorFlow Serving, or TorchServe
+Protocol = Literal["v2", "v1", "torchserve"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +67,8 @@ class Route:
     names_model: bool = False
     #: the methods of ``inference.GRPCInferenceService`` that do the same, with the same access
     grpc: tuple[str, ...] = ()
+    #: the protocol it speaks; its errors take that protocol's shape (all of them carry ``error``)
+    protocol: Protocol = "v2"
 
     @property
     def templates(self) -> tuple[str, ...]:
@@ -69,8 +80,9 @@ class Route:
 
 _OPTIONAL = re.compile(r"\[[^\]]*\]")
 
-#: the routes open to anyone: probes and load balancers carry no credentials
-PUBLIC = frozenset({"server_live", "server_ready"})
+#: the routes open to anyone: probes and load balancers carry no credentials (KServe v1's liveness is ``GET /``,
+#: TorchServe's health check ``GET /ping``)
+PUBLIC = frozenset({"server_live", "server_ready", "v1_server_live", "torchserve_ping"})
 
 #: what a deployment's actions do: ``POST /v2/admin/deployments/{name}/<deployment action>``
 DEPLOYMENT_ACTIONS: dict[str, str] = {
@@ -97,9 +109,9 @@ _BINARY_NOTE = (
 
 _SERVER = (
     Route("server_live", "GET", "/v2/health/live", None, "_live",
-          Doc("Is the server live?", "health", errors=(503,)), grpc=("ServerLive",)),
+          Doc("Is the server live?", "health", "ServerLive", errors=(503,)), grpc=("ServerLive",)),
     Route("server_ready", "GET", "/v2/health/ready", None, "_ready",
-          Doc("Is the server ready?", "health", errors=(503,)), grpc=("ServerReady",)),
+          Doc("Is the server ready?", "health", "ServerReady", errors=(503,)), grpc=("ServerReady",)),
     Route("server_metadata", "GET", "/v2", _A["server.metadata"], "_server_metadata",
           Doc("Server metadata", "server", "ServerMetadata"), grpc=("ServerMetadata",)),
     Route("metrics", "GET", "/metrics", _A["metrics.read"], "_metrics",
@@ -115,7 +127,8 @@ _MODELS = (
           Doc("Metadata of {which}", "models", "ModelMetadata", errors=_MODEL_ERRORS),
           names_model=True, grpc=("ModelMetadata",)),
     Route("model_ready", "GET", f"{_MODEL}/ready", _A["model.ready"], "_model_ready",
-          Doc("Is {which} ready?", "models", errors=_MODEL_ERRORS), names_model=True, grpc=("ModelReady",)),
+          Doc("Is {which} ready?", "models", "ModelReady", errors=_MODEL_ERRORS),
+          names_model=True, grpc=("ModelReady",)),
     Route("model_config", "GET", f"{_MODEL}/config", _A["model.config"], "_model_config",
           Doc("Triton configuration of {which}", "models", "ModelConfig", errors=_MODEL_ERRORS),
           names_model=True, grpc=("ModelConfig",)),
@@ -198,8 +211,65 @@ _ACCESS = (
               parameters=("AuditRegion",))),
 )  # fmt: skip
 
+_V1_MODEL = "/v1/models/{model}[/versions/{version}]"
+_V1_NOTE = (
+    "Inputs map to the model's inputs by name (objects keyed by input name); a model with one input takes the "
+    'value as is. BYTES values are strings, or {"b64": "..."} for binary data. signature_name, if sent, '
+    "must be serving_default. A body in the Open Inference Protocol's shape (inputs as a list of tensors, as "
+    "KServe's InferRequest sends it) is answered in that shape."
+)
+_PEERS = (
+    Route("v1_server_live", "GET", "/", None, "_v1_live",
+          Doc("Is the server live? (KServe v1)", "kserve-v1", "V1Live"), protocol="v1"),
+    Route("v1_list_models", "GET", "/v1/models", _A["repository.index"], "_v1_models",
+          Doc("The models this caller may see (KServe v1)", "kserve-v1", "V1Models"), protocol="v1"),
+    Route("v1_model_status", "GET", _V1_MODEL, _A["model.ready"], "_v1_status",
+          Doc("Status of {which} (TensorFlow Serving's GetModelStatus; KServe v1's model readiness)", "kserve-v1",
+              "V1ModelStatus", errors=_MODEL_ERRORS,
+              description="503 (with the same body) while no version of the model can answer."),
+          names_model=True, protocol="v1"),
+    Route("v1_model_metadata", "GET", f"{_V1_MODEL}/metadata", _A["model.metadata"], "_v1_metadata",
+          Doc("Signature of {which} (TensorFlow Serving's GetModelMetadata)", "kserve-v1", "V1ModelMetadata",
+              errors=_MODEL_ERRORS),
+          names_model=True, protocol="v1"),
+    Route("v1_model_predict", "POST", f"{_V1_MODEL}:predict", _A["infer"], "_v1_predict",
+          Doc("Predict with {which} (TensorFlow Serving / KServe v1)", "kserve-v1", "V1PredictResponse",
+              "V1PredictRequest", body_required=True, errors=_INFER_ERRORS, parameters=("ContentEncoding",),
+              description="Row format ({\"instances\": [...]}) answers {\"predictions\": [...]}; columnar format "
+              f"({{\"inputs\": ...}}) answers {{\"outputs\": ...}}. {_V1_NOTE}"),
+          names_model=True, protocol="v1"),
+    Route("v1_model_classify", "POST", f"{_V1_MODEL}:classify", _A["infer"], "_v1_classify",
+          Doc("Classify with {which} (TensorFlow Serving)", "kserve-v1", "V1ResultsResponse", "V1ExamplesRequest",
+              body_required=True, errors=_INFER_ERRORS,
+              description="For a model with one floating-point output of shape [-1, K] (class scores): each "
+              "example's [label, score] pairs, the label being the class's index. Examples are objects keyed by "
+              "input name; context holds inputs shared by every example."),
+          names_model=True, protocol="v1"),
+    Route("v1_model_regress", "POST", f"{_V1_MODEL}:regress", _A["infer"], "_v1_regress",
+          Doc("Regress with {which} (TensorFlow Serving)", "kserve-v1", "V1ResultsResponse", "V1ExamplesRequest",
+              body_required=True, errors=_INFER_ERRORS,
+              description="For a model with one numeric output holding one value per example."),
+          names_model=True, protocol="v1"),
+    Route("v1_model_explain", "POST", f"{_V1_MODEL}:explain", _A["infer"], "_v1_explain",
+          Doc("Explain with {which} (KServe v1): not provided", "kserve-v1", errors=(404, 501),
+              description="dhow serves no explainers: the answer is 501, saying so."),
+          names_model=True, protocol="v1"),
+    Route("torchserve_ping", "GET", "/ping", None, "_torchserve_ping",
+          Doc("Is the server healthy? (TorchServe)", "torchserve", "TorchServePing", errors=(503,)),
+          protocol="torchserve"),
+    Route("torchserve_model_predictions", "POST", "/predictions/{model}[/{version}]", _A["infer"],
+          "_torchserve_predict",
+          Doc("Predict with {which} (TorchServe)", "torchserve", "TorchServePrediction", "TorchServeBody",
+              body_required=True, errors=_INFER_ERRORS, parameters=("ContentEncoding",),
+              description="A JSON body (Content-Type application/json, or any body that parses as JSON for a model "
+              "without a BYTES input) is one instance (a value, or an object keyed by input name), answered "
+              "unwrapped, or a list of instances, answered as a list. Any other body is the one element of the "
+              "model's single BYTES input (curl -T file). Errors carry TorchServe's code, type and message."),
+          names_model=True, protocol="torchserve"),
+)  # fmt: skip
+
 #: every route, in the order the OpenAPI document lists them
-ROUTES: tuple[Route, ...] = (*_SERVER, *_MODELS, *_REPOSITORY, *_DEPLOYMENTS, *_ACCESS)
+ROUTES: tuple[Route, ...] = (*_SERVER, *_MODELS, *_REPOSITORY, *_DEPLOYMENTS, *_ACCESS, *_PEERS)
 
 
 def _checked(routes: tuple[Route, ...]) -> tuple[Route, ...]:

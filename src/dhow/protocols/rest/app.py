@@ -1,4 +1,5 @@
-"""The REST door: the Open Inference Protocol v2 (with Triton's extensions) as a pure ASGI app.
+"""The REST door: the Open Inference Protocol v2 (with Triton's extensions) as a pure ASGI app, and the peers'
+protocols beside it (KServe v1 / TensorFlow Serving, TorchServe: ``peers.py``).
 
 It translates HTTP to data-plane calls and back, nothing more: no framework, one dict look-up or
 one path split to route, one JSON parse per request, header lists built once.
@@ -30,8 +31,10 @@ from dhow.protocols.rest.body import (
 )
 from dhow.protocols.rest.codec import decode_request, encode_response
 from dhow.protocols.rest.openapi import openapi_document
+from dhow.protocols.rest.peers import PeerRoutes
 from dhow.protocols.rest.router import Match, allowed_methods, resolve
-from dhow.protocols.routes import ROUTES
+from dhow.protocols.rest.torchserve import error_body as torchserve_error
+from dhow.protocols.routes import ROUTES, Protocol
 from dhow.rollouts.editor import DeploymentEditor
 from dhow.serving.admin import KEY_FIELDS, AccessAdmin
 from dhow.serving.service import Call, CoreService
@@ -51,6 +54,9 @@ CLIENT_CN_SCOPE_KEY = "dhow.client_cn"
 _JSON: Headers = [(b"content-type", b"application/json")]
 _OCTET_STREAM = (b"content-type", b"application/octet-stream")
 _EMPTY: Answer = (200, [], b"")
+# the health answers KServe's clients read (Triton's read the status only); built once
+_LIVE: Answer = (200, _JSON, b'{"live":true}')
+_READY: Answer = (200, _JSON, b'{"ready":true}')
 
 
 class Request:
@@ -146,7 +152,7 @@ class Request:
         return document
 
 
-class RestApp:
+class RestApp(PeerRoutes):
     """The ASGI application of the REST door: every route through the core service's one admission point.
 
     ``metrics_handler`` renders ``GET /metrics``; ``deployments`` and ``access`` serve the admin routes (None: the
@@ -201,7 +207,8 @@ class RestApp:
                 principal, request_id = call.principal.name, call.request_id or request_id
                 status, headers, body = await self._handlers[match.route.name](request, call)
         except DhowError as exc:
-            await _send_error(send, exc.http_status, exc.message, _retry_after(exc.retry_after))
+            headers = _retry_after(exc.retry_after)
+            await _send_error(send, exc.http_status, exc.message, headers, match.route.protocol)
             return exc.http_status, principal, request_id
         except CallCancelled:
             return 499, principal, request_id  # nginx's code for a client that closed the connection before its answer
@@ -218,10 +225,10 @@ class RestApp:
         return _json(self.dataplane.server_metadata())
 
     async def _live(self, request: Request, call: Call) -> Answer:
-        return _EMPTY if self.dataplane.live() else _error(503, "the server is not live")
+        return _LIVE if self.dataplane.live() else _error(503, "the server is not live", live=False)
 
     async def _ready(self, request: Request, call: Call) -> Answer:
-        return _EMPTY if self.dataplane.ready() else _error(503, "the server is not ready")
+        return _READY if self.dataplane.ready() else _error(503, "the server is not ready", ready=False)
 
     async def _metrics(self, request: Request, call: Call) -> Answer:
         if self.metrics_handler is None:
@@ -235,9 +242,9 @@ class RestApp:
     async def _model_ready(self, request: Request, call: Call) -> Answer:
         match = request.match
         if self.dataplane.model_ready(match.model, match.version):
-            return _EMPTY
+            return _json({"name": match.model, "ready": True})
         version = f" version {match.version}" if match.version else ""
-        return _error(503, f"model '{match.model}'{version} is not ready")
+        return _error(503, f"model '{match.model}'{version} is not ready", name=match.model, ready=False)
 
     async def _model_config(self, request: Request, call: Call) -> Answer:
         return _json(self.dataplane.model_config(request.match.model, request.match.version))
@@ -388,8 +395,9 @@ def _json(document: Any) -> Answer:
     return 200, _JSON, orjson.dumps(document)
 
 
-def _error(status: int, message: str) -> Answer:
-    return status, _JSON, orjson.dumps({"error": message})
+def _error(status: int, message: str, **members: Any) -> Answer:
+    """An error answer; ``members`` go beside ``error`` (the health answers' ``ready: false``)."""
+    return status, _JSON, orjson.dumps({**members, "error": message})
 
 
 def _retry_after(seconds: float | None) -> Headers:
@@ -402,15 +410,23 @@ async def _send_no_route(send: Send, path: str, method: str) -> int:
     """404 for a path no route has; 405, with the methods it answers, for one that others do; the status."""
     methods = allowed_methods(path)
     if not methods:
-        await _send_error(send, 404, f"no route for {path}; the API lives under /v2")
+        message = (
+            f"no route for {path}; the Open Inference Protocol lives under /v2, KServe v1 / TensorFlow Serving's "
+            "API under /v1/models, TorchServe's under /predictions and /ping"
+        )
+        await _send_error(send, 404, message)
         return 404
     message = f"{path} answers {' or '.join(methods)}, not {method}"
     await _send_error(send, 405, message, [(b"allow", ", ".join(methods).encode())])
     return 405
 
 
-async def _send_error(send: Send, status: int, message: str, headers: Headers | None = None) -> None:
-    await _send(send, status, [*_JSON, *(headers or ())], orjson.dumps({"error": message}))
+async def _send_error(
+    send: Send, status: int, message: str, headers: Headers | None = None, protocol: Protocol = "v2"
+) -> None:
+    """``{"error": message}``; TorchServe's routes answer its own shape, which carries ``error`` too."""
+    body = torchserve_error(status, message) if protocol == "torchserve" else orjson.dumps({"error": message})
+    await _send(send, status, [*_JSON, *(headers or ())], body)
 
 
 async def _send(send: Send, status: int, headers: Headers, body: bytes) -> None:

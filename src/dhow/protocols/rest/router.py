@@ -2,6 +2,9 @@
 splitting the path and walking a tree of its segments (one dict look-up per segment).
 
 Versions are optional on every model route: ``/v2/models/{m}[/versions/{v}][/ready|config|stats|infer]``.
+A verb after the last parameter (``/v1/models/{m}:predict``) is a segment of its own in the tree (``:predict``);
+a path's last segment is split at its last colon only when the path does not match as it is, so that a model
+whose name holds a colon keeps its routes.
 """
 
 from __future__ import annotations
@@ -51,10 +54,11 @@ def _build(routes: tuple[Route, ...]) -> tuple[dict[str, dict[str, Match]], _Nod
 
 
 def _add(node: _Node, template: str, route: Route) -> None:
-    parameters = [part[1:-1] for part in template.split("/") if part.startswith("{")]
+    parts = template.replace("}:", "}/:").split("/")  # a verb after a parameter is a segment of its own
+    parameters = [part[1:-1] for part in parts if part.startswith("{")]
     if len(parameters) > 2 or parameters[1:] not in ([], ["version"]):
         raise ValueError(f"{template}: a route names one thing, then optionally its {{version}}")
-    for part in template.split("/")[1:]:
+    for part in parts[1:]:
         if part.startswith("{"):
             if node.literals:
                 raise ValueError(f"{template}: {part} is ambiguous with the literal segments {sorted(node.literals)}")
@@ -70,9 +74,8 @@ def _add(node: _Node, template: str, route: Route) -> None:
 _FIXED, _TREE = _build(ROUTES)
 
 
-def _walk(path: str) -> tuple[_Node, list[str]] | None:
-    """The node a path ends at, with the values of its parameters; None for an unknown path."""
-    parts = path.split("/")
+def _walk(parts: list[str]) -> tuple[_Node, list[str]] | None:
+    """The node a path's segments end at, with the values of its parameters; None for an unknown path."""
     if parts[0]:  # a path starts with "/"
         return None
     node, values = _TREE, []
@@ -93,12 +96,28 @@ def resolve(path: str, method: str) -> Match | None:
     fixed = _FIXED.get(path)
     if fixed is not None:
         return fixed.get(method)
-    found = _walk(path)
+    parts = path.split("/")
+    found = _walk(parts)
+    if found is not None:
+        route = found[0].routes.get(method)
+        if route is not None:
+            return Match(route, *found[1])
+    verbed = _split_verb(parts)
+    if verbed is None:
+        return None
+    found = _walk(verbed)
     if found is None:
         return None
-    node, values = found
-    route = node.routes.get(method)
-    return Match(route, *values) if route is not None else None
+    route = found[0].routes.get(method)
+    return Match(route, *found[1]) if route is not None else None
+
+
+def _split_verb(parts: list[str]) -> list[str] | None:
+    """The segments with the last one's verb apart (``m:predict`` -> ``m``, ``:predict``); None without one."""
+    head, colon, verb = parts[-1].rpartition(":")
+    if not colon or not head or not verb:
+        return None
+    return [*parts[:-1], head, colon + verb]
 
 
 def allowed_methods(path: str) -> list[str]:
@@ -106,5 +125,10 @@ def allowed_methods(path: str) -> list[str]:
     fixed = _FIXED.get(path)
     if fixed is not None:
         return sorted(fixed)
-    found = _walk(path)
-    return sorted(found[0].routes) if found is not None else []
+    parts = path.split("/")
+    methods: set[str] = set()
+    for candidate in (parts, _split_verb(parts)):
+        found = _walk(candidate) if candidate is not None else None
+        if found is not None:
+            methods.update(found[0].routes)
+    return sorted(methods)

@@ -7,6 +7,7 @@ from typing import Any
 from dhow.protocols.rest.openapi.access import access_schemas, audit_parameters
 from dhow.protocols.rest.openapi.deployments import deployment_schemas
 from dhow.protocols.rest.openapi.inference import inference_schemas
+from dhow.protocols.rest.openapi.peers import peer_schemas
 from dhow.protocols.rest.openapi.schema import integer, json_content, ref, string
 
 __all__ = ["PATH_PARAMETERS", "components"]
@@ -24,6 +25,7 @@ _ERRORS: dict[int, str] = {
     429: "The model's queue is full (max_queue_size), or a key's or tenant's quota is used up; retry after "
     "Retry-After seconds.",
     500: "The model itself failed; the message carries an error id that the server log also has.",
+    501: "Not provided: the route is there for a peer's clients, but dhow has no such feature (KServe's :explain).",
     503: "Not available: the server or model is not ready, a version is loading or failed to load, "
     "or the registry cannot be reached.",
     504: "The request timed out while waiting in the model's queue.",
@@ -86,7 +88,7 @@ def components() -> dict[str, Any]:
                 "description": "A dhow API key (dhow_<id>_<secret>) or a JWT of the configured issuer.",
             }
         },
-        "schemas": {**inference_schemas(), **deployment_schemas(), **access_schemas()},
+        "schemas": {**inference_schemas(), **deployment_schemas(), **access_schemas(), **peer_schemas()},
         "responses": _error_responses(),
         "parameters": _parameters(),
     }

@@ -25,11 +25,14 @@ _TAGS = (
     ("deployments", "Deployments: traffic policies over model versions (docs/rollouts.md)."),
     ("admin", "About the API itself."),
     ("access", "API keys and the audit trail (docs/security.md)."),
+    ("kserve-v1", "KServe v1 / TensorFlow Serving's REST API, for their clients."),
+    ("torchserve", "TorchServe's inference API, for its clients (its management API: see the repository routes)."),
 )
 _DESCRIPTION = (
     "Model serving over the Open Inference Protocol v2 (KServe/Triton), with Triton's binary tensor data, "
     "classification, model repository, configuration and statistics extensions, and the admin API of "
-    'deployments and their traffic policies. Errors answer {"error": "..."}.'
+    "deployments and their traffic policies; beside it, KServe v1 / TensorFlow Serving's REST API and TorchServe's "
+    'inference API. Errors answer {"error": "..."} (TorchServe\'s routes add its code, type and message).'
 )
 _BINARY = {"application/octet-stream": {"schema": string(contentMediaType="application/octet-stream")}}
 #: what a model route's summary calls the model, by whether its path names a version
