@@ -83,6 +83,7 @@ REST_MATRIX: dict[str, tuple[str, str, Any, frozenset[str] | None]] = {
     "v1_model_explain": ("POST", "/v1/models/tabular:explain", {"instances": [ROW.tolist()]}, frozenset({A, I})),
     "torchserve_ping": ("GET", "/ping", None, None),
     "torchserve_model_predictions": ("POST", "/predictions/tabular", ROW.tolist(), frozenset({A, I})),
+    "torchserve_model_put_predictions": ("PUT", "/predictions/tabular", ROW.tolist(), frozenset({A, I})),
 }  # fmt: skip
 
 #: every RPC of GRPCInferenceService and the roles that may call it (None: open to anyone)

@@ -218,6 +218,12 @@ _V1_NOTE = (
     "must be serving_default. A body in the Open Inference Protocol's shape (inputs as a list of tensors, as "
     "KServe's InferRequest sends it) is answered in that shape."
 )
+_TORCHSERVE_NOTE = (
+    "A JSON body (Content-Type application/json, or any body that parses as JSON for a model without a BYTES "
+    "input) is one instance (a value, or an object keyed by input name), answered unwrapped, or a list of "
+    "instances, answered as a list; an instance may leave out trailing dimensions of size 1. Any other body is the "
+    "one element of the model's single BYTES input (curl -T file). Errors carry TorchServe's code, type and message."
+)
 _PEERS = (
     Route("v1_server_live", "GET", "/", None, "_v1_live",
           Doc("Is the server live? (KServe v1)", "kserve-v1", "V1Live"), protocol="v1"),
@@ -257,15 +263,16 @@ _PEERS = (
     Route("torchserve_ping", "GET", "/ping", None, "_torchserve_ping",
           Doc("Is the server healthy? (TorchServe)", "torchserve", "TorchServePing", errors=(503,)),
           protocol="torchserve"),
-    Route("torchserve_model_predictions", "POST", "/predictions/{model}[/{version}]", _A["infer"],
-          "_torchserve_predict",
-          Doc("Predict with {which} (TorchServe)", "torchserve", "TorchServePrediction", "TorchServeBody",
-              body_required=True, errors=_INFER_ERRORS, parameters=("ContentEncoding",),
-              description="A JSON body (Content-Type application/json, or any body that parses as JSON for a model "
-              "without a BYTES input) is one instance (a value, or an object keyed by input name), answered "
-              "unwrapped, or a list of instances, answered as a list. Any other body is the one element of the "
-              "model's single BYTES input (curl -T file). Errors carry TorchServe's code, type and message."),
-          names_model=True, protocol="torchserve"),
+    *(
+        # TorchServe takes both: its documentation's own example, curl -T, sends a PUT
+        Route(f"torchserve_model{suffix}_predictions", method, "/predictions/{model}[/{version}]", _A["infer"],
+              "_torchserve_predict",
+              Doc(f"Predict with {{which}} (TorchServe, {method})", "torchserve", "TorchServePrediction",
+                  "TorchServeBody", body_required=True, errors=_INFER_ERRORS, parameters=("ContentEncoding",),
+                  description=_TORCHSERVE_NOTE),
+              names_model=True, protocol="torchserve")
+        for method, suffix in (("POST", ""), ("PUT", "_put"))
+    ),
 )  # fmt: skip
 
 #: every route, in the order the OpenAPI document lists them

@@ -27,6 +27,7 @@ __all__ = [
     "columnar_outputs",
     "columnar_tensors",
     "example_instances",
+    "instance_ranks",
     "model_signature",
     "model_status",
     "predictions",
@@ -34,6 +35,7 @@ __all__ = [
     "row_tensors",
     "rows",
     "scores_output",
+    "unsqueezed",
     "value_output",
 ]
 
@@ -133,13 +135,32 @@ def _tensor(value: Any, spec: dict[str, Any], label: str, booleans_possible: boo
     data = value if isinstance(value, list) else [value]
     if datatype != "BYTES":
         array = array_from_json(data, datatype, shape, label, booleans_possible=booleans_possible)
-        return Tensor(name, datatype, shape, array)
-    flat = _flat_bytes(data, label)
-    if len(flat) != int(np.prod(shape)):
-        raise InvalidInput(f"{label}: the nested lists are ragged; every row must have the same length")
-    array = np.empty(len(flat), dtype=np.object_)
-    array[:] = flat
+    else:
+        flat = _flat_bytes(data, label)
+        if len(flat) != int(np.prod(shape)):
+            raise InvalidInput(f"{label}: the nested lists are ragged; every row must have the same length")
+        array = np.empty(len(flat), dtype=np.object_)
+        array[:] = flat
+    shape = unsqueezed(shape, spec["shape"])
     return Tensor(name, datatype, shape, array.reshape(shape))
+
+
+def unsqueezed(shape: list[int], declared: list[int]) -> list[int]:
+    """The shape with the declared trailing dimensions of size 1 that the value left out (``["a", "b"]`` for an
+    input of shape ``[-1, 1]``, as KServe v1 clients send text): a value does not have to nest them."""
+    missing = declared[len(shape) :]
+    if shape and missing and all(d == 1 for d in missing):
+        return shape + [1] * len(missing)
+    return shape
+
+
+def instance_ranks(declared: list[int]) -> tuple[int, int]:
+    """The ranks one instance of an input may have: without its trailing dimensions of size 1, and with them."""
+    full = max(len(declared) - 1, 0)
+    squeezed = full
+    while squeezed and declared[squeezed] == 1:
+        squeezed -= 1
+    return squeezed, full
 
 
 def _nested_shape(value: Any) -> list[int]:

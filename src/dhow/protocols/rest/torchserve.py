@@ -20,7 +20,7 @@ import orjson
 
 from dhow.core.errors import InvalidInput
 from dhow.core.types import Tensor
-from dhow.protocols.rest.tfserving import Specs
+from dhow.protocols.rest.tfserving import Specs, instance_ranks
 
 __all__ = ["error_body", "instances_of", "raw_tensor", "takes_raw"]
 
@@ -84,11 +84,17 @@ def instances_of(body: bytes, model: str, specs: Specs) -> tuple[list[Any], bool
         raise InvalidInput(
             f"model '{model}' takes {_described(specs)}: send an object keyed by input name (or a list of them)"
         )
-    instance_rank = max(len(specs[0]["shape"]) - 1, 0)
-    if _depth(document) == instance_rank:
+    squeezed, full = instance_ranks(specs[0]["shape"])
+    depth = _depth(document)
+    # an instance may leave out its trailing dimensions of size 1: that reading wins where both fit
+    single = depth == squeezed or (depth == full and depth != squeezed + 1)
+    if single:
         return [document], True
-    if not isinstance(document, list) or not document:
-        raise InvalidInput(f"model '{model}' takes {_described(specs)}: the body holds no instance")
+    if depth not in (squeezed + 1, full + 1):
+        raise InvalidInput(
+            f"model '{model}' takes {_described(specs)}: the body nests {depth} lists deep; one instance nests "
+            f"{squeezed} (or {full}), a list of instances one more"
+        )
     return document, False
 
 
