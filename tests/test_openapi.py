@@ -135,6 +135,14 @@ def test_every_route_of_the_router_is_described(document: dict[str, Any]) -> Non
     assert "/v2/models/{model}" in document["paths"] and "/v2/models/{model}/versions/{version}" in document["paths"]
     for action in ("load", "unload"):
         assert f"/v2/repository/models/{{model}}/{action}" in document["paths"]
+    # the peers' doors: KServe v1 / TensorFlow Serving, TorchServe
+    for verb in (":predict", ":classify", ":regress", ":explain", "/metadata", ""):
+        assert f"/v1/models/{{model}}{verb}" in document["paths"]
+        assert f"/v1/models/{{model}}/versions/{{version}}{verb}" in document["paths"]
+    assert {"/", "/ping", "/v1/models", "/predictions/{model}", "/predictions/{model}/{version}"} <= set(
+        document["paths"]
+    )
+    assert set(document["paths"]["/predictions/{model}"]) == {"post", "put"}
     # both ways: each described operation is a real route with that method, and every route is described
     seen = set()
     for path, method, _ in _operations(document):
