@@ -74,7 +74,7 @@ class PeerRoutes:
             # KServe's client posts its InferRequest (the v2 shape) to :predict; KServe answers it in v2's shape
             return await self._v2_answer(request, call, body, header_length)
         tfserving.check_signature(document.get("signature_name"), _PREDICT_SIGNATURES)
-        specs = self.dataplane.model_metadata(request.match.model, request.match.version)["inputs"]
+        specs = self._inputs(request)
         booleans = _booleans_possible(body)
         if "instances" in document:
             if "inputs" in document:
@@ -109,10 +109,10 @@ class PeerRoutes:
         document = _object(await request.body())
         tfserving.check_signature(document.get("signature_name"), ("serving_default", f"tensorflow/serving/{verb}"))
         model = request.match.model
-        metadata = self.dataplane.model_metadata(model, request.match.version)
+        version = self.dataplane.models.resolve(model, request.match.version)
         pick = tfserving.scores_output if verb == "classify" else tfserving.value_output
-        wanted = pick(model, metadata["outputs"])
-        tensors = tfserving.row_tensors(tfserving.example_instances(document), metadata["inputs"])
+        wanted = pick(model, list(version.outputs.values()))
+        tensors = tfserving.row_tensors(tfserving.example_instances(document), list(version.inputs.values()))
         return await call.infer(self._request(request, tensors, [wanted]))
 
     async def _v2_answer(self, request: Request, call: Call, body: bytes, header_length: bytes | None) -> Answer:
@@ -140,7 +140,7 @@ class PeerRoutes:
     async def _torchserve_predict(self, request: Request, call: Call) -> Answer:
         body = await request.body()
         model = request.match.model
-        specs = self.dataplane.model_metadata(model, request.match.version)["inputs"]
+        specs = self._inputs(request)
         if torchserve.takes_raw(specs, _content_type(request)):
             tensors, single = [torchserve.raw_tensor(body, specs[0])], True
         else:
@@ -151,8 +151,14 @@ class PeerRoutes:
 
     # -------------------------------------------------------------------------------------------
 
+    def _inputs(self, request: Request) -> tfserving.Specs:
+        """The inputs the request's model (version) declares (a look-up in memory: no metadata built)."""
+        return list(self.dataplane.models.resolve(request.match.model, request.match.version).inputs.values())
+
     @staticmethod
-    def _request(request: Request, tensors: list[Tensor], outputs: list[RequestedOutput] | None = None) -> Any:
+    def _request(
+        request: Request, tensors: list[Tensor], outputs: list[RequestedOutput] | None = None
+    ) -> InferenceRequest:
         match, raw_headers = request.match, request.raw_headers
         return InferenceRequest(
             match.model,

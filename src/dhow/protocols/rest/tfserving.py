@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from typing import Any, Literal
 
 import numpy as np
 
 from dhow.core.errors import InvalidInput
+from dhow.core.model_config import TensorSpec
 from dhow.core.types import InferenceResponse, RequestedOutput, Tensor
 from dhow.protocols.rest.tensors import array_from_json
 
@@ -39,8 +41,8 @@ __all__ = [
     "value_output",
 ]
 
-#: the model's inputs or outputs as its metadata lists them: name, datatype, shape (-1: any size)
-Specs = list[dict[str, Any]]
+#: the model's inputs (or outputs) as it declares them: name, datatype, shape (-1: any size)
+Specs = list[TensorSpec]
 #: how the request sent its inputs, which is how the answer sends the outputs
 Format = Literal["row", "columnar"]
 
@@ -80,7 +82,7 @@ def row_tensors(instances: Any, specs: Specs, booleans_possible: bool = True) ->
             )
         return [_tensor(instances, specs[0], "instances", booleans_possible)]
     columns: dict[str, list[Any]] = {}
-    by_name = {spec["name"]: spec for spec in specs}
+    by_name = {spec.name: spec for spec in specs}
     for index, instance in enumerate(instances):
         if not _is_named(instance) or not set(instance) <= set(by_name):
             raise InvalidInput(
@@ -103,7 +105,7 @@ def columnar_tensors(inputs: Any, specs: Specs, booleans_possible: bool = True) 
                 "send an object keyed by input name"
             )
         return [_tensor(inputs, specs[0], "inputs", booleans_possible)]
-    by_name = {spec["name"]: spec for spec in specs}
+    by_name = {spec.name: spec for spec in specs}
     unknown = sorted(set(inputs) - set(by_name))
     if unknown:
         raise InvalidInput(f"'inputs' names {unknown[0]!r}, which is not an input of the model ({_names(specs)})")
@@ -129,23 +131,23 @@ def example_instances(document: dict[str, Any]) -> list[dict[str, Any]]:
     return instances
 
 
-def _tensor(value: Any, spec: dict[str, Any], label: str, booleans_possible: bool) -> Tensor:
-    datatype, name = spec["datatype"], spec["name"]
+def _tensor(value: Any, spec: TensorSpec, label: str, booleans_possible: bool) -> Tensor:
+    datatype, name = spec.datatype, spec.name
     shape = _nested_shape(value)
     data = value if isinstance(value, list) else [value]
     if datatype != "BYTES":
         array = array_from_json(data, datatype, shape, label, booleans_possible=booleans_possible)
     else:
         flat = _flat_bytes(data, label)
-        if len(flat) != int(np.prod(shape)):
+        if len(flat) != math.prod(shape):
             raise InvalidInput(f"{label}: the nested lists are ragged; every row must have the same length")
         array = np.empty(len(flat), dtype=np.object_)
         array[:] = flat
-    shape = unsqueezed(shape, spec["shape"])
+    shape = unsqueezed(shape, spec.shape)
     return Tensor(name, datatype, shape, array.reshape(shape))
 
 
-def unsqueezed(shape: list[int], declared: list[int]) -> list[int]:
+def unsqueezed(shape: list[int], declared: tuple[int, ...]) -> list[int]:
     """The shape with the declared trailing dimensions of size 1 that the value left out (``["a", "b"]`` for an
     input of shape ``[-1, 1]``, as KServe v1 clients send text): a value does not have to nest them."""
     missing = declared[len(shape) :]
@@ -154,7 +156,7 @@ def unsqueezed(shape: list[int], declared: list[int]) -> list[int]:
     return shape
 
 
-def instance_ranks(declared: list[int]) -> tuple[int, int]:
+def instance_ranks(declared: tuple[int, ...]) -> tuple[int, int]:
     """The ranks one instance of an input may have: without its trailing dimensions of size 1, and with them."""
     full = max(len(declared) - 1, 0)
     squeezed = full
@@ -204,7 +206,7 @@ def _is_named(value: Any) -> bool:
 
 
 def _names(specs: Specs) -> str:
-    return ", ".join(f"{s['name']} ({s['datatype']} {s['shape']})" for s in specs)
+    return ", ".join(f"{s.name} ({s.datatype} {list(s.shape)})" for s in specs)
 
 
 def _kind(value: Any) -> str:
@@ -268,20 +270,20 @@ def _text(item: Any, binary: bool) -> Any:
 
 def scores_output(model: str, outputs: Specs) -> RequestedOutput:
     """The output :classify reads: the one floating-point output of shape [-1, K], the scores of K classes."""
-    found = [s for s in outputs if s["datatype"] in _FLOATS and len(s["shape"]) == 2]
+    found = [s for s in outputs if s.datatype in _FLOATS and len(s.shape) == 2]
     return _one(found, model, outputs, "classify", "floating-point output of shape [-1, K] (the scores of K classes)")
 
 
 def value_output(model: str, outputs: Specs) -> RequestedOutput:
     """The output :regress reads: the one floating-point output of one value per example."""
-    found = [s for s in outputs if s["datatype"] in _FLOATS and s["shape"][1:] in ([], [1])]
+    found = [s for s in outputs if s.datatype in _FLOATS and s.shape[1:] in ((), (1,))]
     return _one(found, model, outputs, "regress", "floating-point output of one value per example")
 
 
 def _one(found: Specs, model: str, outputs: Specs, verb: str, wanted: str) -> RequestedOutput:
     if len(found) == 1:
-        return RequestedOutput(found[0]["name"])
-    which = "none" if not found else f"{len(found)} ({', '.join(s['name'] for s in found)})"
+        return RequestedOutput(found[0].name)
+    which = "none" if not found else f"{len(found)} ({', '.join(s.name for s in found)})"
     raise InvalidInput(
         f"model '{model}' cannot answer :{verb}: it needs one {wanted}, and has {which} among its outputs "
         f"{_names(outputs)}; use :predict"

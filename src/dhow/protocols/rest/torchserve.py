@@ -19,6 +19,7 @@ import numpy as np
 import orjson
 
 from dhow.core.errors import InvalidInput
+from dhow.core.model_config import TensorSpec
 from dhow.core.types import Tensor
 from dhow.protocols.rest.tfserving import Specs, instance_ranks
 
@@ -47,18 +48,18 @@ def error_body(status: int, message: str) -> bytes:
 
 def takes_raw(specs: Specs, content_type: bytes) -> bool:
     """Whether the body is the one element of the model's one BYTES input, not JSON."""
-    if len(specs) != 1 or specs[0]["datatype"] != "BYTES":
+    if len(specs) != 1 or specs[0].datatype != "BYTES":
         return False
     media = content_type.split(b";", 1)[0].strip().lower()
     return not (media == b"application/json" or media.endswith(b"+json"))
 
 
-def raw_tensor(body: bytes, spec: dict[str, Any]) -> Tensor:
+def raw_tensor(body: bytes, spec: TensorSpec) -> Tensor:
     """The body as one element of the BYTES input, shaped as one row of it: ``[1]``, ``[1, 1]``, …"""
-    shape = [1] * max(len(spec["shape"]), 1)
+    shape = [1] * max(len(spec.shape), 1)
     array = np.empty(1, dtype=np.object_)
     array[0] = bytes(body)
-    return Tensor(spec["name"], "BYTES", shape, array.reshape(shape))
+    return Tensor(spec.name, "BYTES", shape, array.reshape(shape))
 
 
 def instances_of(body: bytes, model: str, specs: Specs) -> tuple[list[Any], bool]:
@@ -71,7 +72,7 @@ def instances_of(body: bytes, model: str, specs: Specs) -> tuple[list[Any], bool
             "list of them as JSON"
         ) from None
     if isinstance(document, dict):
-        names = {spec["name"] for spec in specs}
+        names = {spec.name for spec in specs}
         if not document or not set(document) <= names:
             raise InvalidInput(
                 f"the body is an object with the keys {sorted(document)}, but model '{model}' takes "
@@ -84,7 +85,7 @@ def instances_of(body: bytes, model: str, specs: Specs) -> tuple[list[Any], bool
         raise InvalidInput(
             f"model '{model}' takes {_described(specs)}: send an object keyed by input name (or a list of them)"
         )
-    squeezed, full = instance_ranks(specs[0]["shape"])
+    squeezed, full = instance_ranks(specs[0].shape)
     depth = _depth(document)
     # an instance may leave out its trailing dimensions of size 1: that reading wins where both fit
     single = depth == squeezed or (depth == full and depth != squeezed + 1)
@@ -107,4 +108,4 @@ def _depth(value: Any) -> int:
 
 
 def _described(specs: Specs) -> str:
-    return ", ".join(f"input '{s['name']}' ({s['datatype']} {s['shape']})" for s in specs)
+    return ", ".join(f"input '{s.name}' ({s.datatype} {list(s.shape)})" for s in specs)
