@@ -13,6 +13,9 @@ import asyncio
 import base64
 import http.client
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -429,3 +432,52 @@ def test_the_peers_requests_share_batches_with_v2_requests(echo_server: DhowProc
         assert y == [2 * i + 1, -2 * i + 1], i
     for door in range(3):
         assert max(batch for i, (_, batch) in enumerate(answers) if i % 3 == door) > 1, f"door {door} never batched"
+
+
+# -- the README's examples, run as written ----------------------------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _readme_block(heading: str, fence: str) -> str:
+    """The first ``fence`` code block after ``heading`` in the README."""
+    _, found, section = README.read_text(encoding="utf-8").partition(f"\n{heading}\n")
+    assert found, f"README.md has no {heading!r}"
+    _, opened, rest = section.partition(f"```{fence}\n")
+    block, closed, _ = rest.partition("\n```")
+    assert opened and closed, f"no ```{fence} block after {heading!r}"
+    return block
+
+
+def test_the_readme_sends_the_same_request_to_every_door(dhow_server: DhowProcess) -> None:
+    script = _readme_block("### The same request at every door", "sh").replace("127.0.0.1:8080", dhow_server.http_url)
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env={**os.environ, "DHOW_KEY": "unused-without-auth"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    v2, row, columnar, torchserve = (json.loads(line) for line in done.stdout.splitlines() if line.strip())
+    probabilities = next(o["data"] for o in v2["outputs"] if o["name"] == "probabilities")
+    assert row["predictions"][0]["probabilities"] == probabilities
+    assert columnar["outputs"]["probabilities"] == [probabilities]
+    assert torchserve["probabilities"] == probabilities
+
+
+def test_the_readme_kserve_sdk_example_runs(dhow_server: DhowProcess) -> None:
+    _kserve()
+    script = _readme_block(
+        "With KServe's SDK (`pip install kserve`), the same over its v1, v2 and gRPC clients:", "python"
+    )
+    script = script.replace("127.0.0.1:8080", dhow_server.http_url).replace("127.0.0.1:8081", dhow_server.grpc_url)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "DHOW_KEY": "unused-without-auth"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("True\n") and "predictions" in done.stdout, done.stdout
