@@ -113,6 +113,12 @@ class DataPlane:
             "outputs": [_spec_json(s) for s in model.outputs.values()],
         }
 
+    def tensor_specs(self, name: str, version: str = "") -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """The inputs and outputs a model (version) declares, as held in memory: what a door that matches JSON
+        values to inputs by name reads for each request (no metadata document built)."""
+        model = self.models.resolve(name, version)
+        return list(model.inputs.values()), list(model.outputs.values())
+
     def model_config(self, name: str, version: str = "") -> dict[str, Any]:
         return triton_model_config(self.models.resolve(name, version).config)
 

@@ -109,10 +109,10 @@ class PeerRoutes:
         document = _object(await request.body())
         tfserving.check_signature(document.get("signature_name"), ("serving_default", f"tensorflow/serving/{verb}"))
         model = request.match.model
-        version = self.dataplane.models.resolve(model, request.match.version)
+        inputs, outputs = self.dataplane.tensor_specs(model, request.match.version)
         pick = tfserving.scores_output if verb == "classify" else tfserving.value_output
-        wanted = pick(model, list(version.outputs.values()))
-        tensors = tfserving.row_tensors(tfserving.example_instances(document), list(version.inputs.values()))
+        wanted = pick(model, outputs)
+        tensors = tfserving.row_tensors(tfserving.example_instances(document), inputs)
         return await call.infer(self._request(request, tensors, [wanted]))
 
     async def _v2_answer(self, request: Request, call: Call, body: bytes, header_length: bytes | None) -> Answer:
@@ -153,7 +153,7 @@ class PeerRoutes:
 
     def _inputs(self, request: Request) -> tfserving.Specs:
         """The inputs the request's model (version) declares (a look-up in memory: no metadata built)."""
-        return list(self.dataplane.models.resolve(request.match.model, request.match.version).inputs.values())
+        return self.dataplane.tensor_specs(request.match.model, request.match.version)[0]
 
     @staticmethod
     def _request(
