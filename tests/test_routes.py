@@ -114,7 +114,7 @@ def test_a_verb_follows_the_last_parameter() -> None:
     for path in ("/v1/models/fraud:nothing", "/v1/models/fraud:", "/v1/models/:predict", "/v2/models/fraud:infer"):
         assert resolve(path, "POST") is None, path
     assert allowed_methods("/v1/models/fraud:predict") == ["GET", "POST"]  # also the status of a model so named
-    assert allowed_methods("/predictions/fraud") == ["POST"]
+    assert allowed_methods("/predictions/fraud") == ["POST", "PUT"]
 
 
 # -- against a real server ------------------------------------------------------------------------
