@@ -87,6 +87,30 @@ def _ready_status(server: DhowProcess) -> int:
         return exc.code
 
 
+def _get(server: DhowProcess, path: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(f"http://{server.http_url}{path}", timeout=10) as answer:
+            return int(answer.status), json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _not_ready_bodies(server: DhowProcess) -> None:
+    """Every door's probe says 503 with the body its clients read (KServe's ``ready``, TorchServe's ``status``,
+    TensorFlow Serving's version states), and the reason in ``error``."""
+    status, body = _get(server, "/v2/health/ready")
+    assert status == 503 and body["ready"] is False and "not ready" in body["error"], body
+    status, body = _get(server, "/v2/models/broken/ready")
+    assert status == 503 and (body["name"], body["ready"]) == ("broken", False), body
+    status, body = _get(server, "/ping")
+    assert status == 503 and body["status"] == "Unhealthy", body
+    status, body = _get(server, "/v1/models/broken")
+    assert status == 503 and body["ready"] is False and "not ready" in body["error"], body
+    (version,) = body["model_version_status"]
+    assert version["state"] == "END" and version["status"]["error_code"] == "UNAVAILABLE", version
+    assert _get(server, "/v1/models/tabular")[0] == 200  # a model that answers is ready, whatever the server
+
+
 def _started(server: DhowProcess) -> bool:
     """The server finished loading what it loads at start (it says so in its log)."""
     return "dhow is ready" in server.log()
@@ -110,6 +134,7 @@ def test_not_ready_while_a_model_is_not_loaded(repository_copy: Path, tmp_path: 
         assert _ready_status(server) == 503
         assert grpc.is_server_ready() is False  # gRPC ServerReady agrees with REST
         assert http.is_model_ready("tabular") and not http.is_model_ready("broken")  # per model: as before
+        _not_ready_bodies(server)
 
         # repaired on disk: loaded by the poller, and the server is ready
         (broken / "1" / "model.py").write_text(_recording(), encoding="utf-8")
