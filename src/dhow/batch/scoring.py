@@ -1,0 +1,159 @@
+"""Scoring one record batch through the core's admission point, and the tables it becomes.
+
+One record batch is one admitted call (``CoreService.call``, action ``infer``): the caller's permission, its
+quotas and the data's residency are checked for every batch exactly as for a request to the server, each
+batch has its audit record, and the runtime gets the whole batch at once (the job's model is loaded with a
+``max_batch_size`` of the batch's rows). A call per row would spend more on admission than on the model; one
+call for the whole job would check the policies once for hours of work and hold a quota slot throughout.
+
+A batch the model refuses (``InvalidInput``, a model fault, an answer outside its signature) is split in two
+and each half tried again, down to the rows that fail alone: those go to the errors output with the model's
+reason, the others are scored. Overload and unavailability are waited out and retried; any other refusal
+(permission, residency) ends the job: it is the job that is refused, not a row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dhow.batch.mapping import Converted, Mapping
+from dhow.core.errors import DhowError, ErrorCode, InvalidInput
+from dhow.core.types import InferenceRequest, Tensor
+from dhow.serving.service import ACTIONS, CoreService
+
+__all__ = ["PROVENANCE", "Provenance", "Scorer", "errors_table", "scored_table"]
+
+#: the provenance columns of every output row
+PROVENANCE = ("dhow_model", "dhow_version", "dhow_artifact_digest", "dhow_run_id", "dhow_scored_at")
+#: a row the model refuses: the batch is split until the row fails alone
+_ROW_FAULTS = frozenset({ErrorCode.INVALID_ARGUMENT, ErrorCode.INTERNAL})
+_RETRIED = frozenset({ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED})
+_RETRIES = 8
+#: the key column's name when the job names none (the row's ordinal in the input)
+ORDINAL = "row"
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    model: str
+    version: int
+    artifact_digest: str
+    run_id: str
+
+
+class Scorer:
+    """Runs record batches as the job's principal through the core service."""
+
+    def __init__(
+        self, service: CoreService, who: Any, model: str, version: int, mapping: Mapping, data_region: str
+    ) -> None:
+        self.service = service
+        self.who = who
+        self.model = model
+        self.version = str(version)
+        self.specs = {plan.name: plan.datatype for plan in mapping.inputs}
+        self.parameters = {"data_region": data_region} if data_region else {}
+
+    async def score(self, converted: Converted) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+        """The outputs of the good rows, the rows the model refused (their positions among the good rows), and
+        why each was refused."""
+        rows = int(converted.good.sum())
+        if not rows:
+            return {}, np.zeros(0, dtype=np.int64), []
+        outputs, refused, reasons = await self._split(converted.arrays, np.arange(rows))
+        return outputs, refused, reasons
+
+    async def _split(
+        self, arrays: dict[str, np.ndarray], positions: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+        try:
+            return await self._call(arrays), np.zeros(0, dtype=np.int64), []
+        except DhowError as exc:
+            if exc.code not in _ROW_FAULTS:
+                raise
+            if len(positions) == 1:
+                return {}, positions, [exc.message]
+        half = len(positions) // 2
+        first = await self._split({k: v[:half] for k, v in arrays.items()}, positions[:half])
+        second = await self._split({k: v[half:] for k, v in arrays.items()}, positions[half:])
+        names = first[0].keys() | second[0].keys()
+        outputs = {
+            name: np.concatenate([part[name] for part in (first[0], second[0]) if name in part]) for name in names
+        }
+        return outputs, np.concatenate([first[1], second[1]]), first[2] + second[2]
+
+    async def _call(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tensors = [Tensor(name, self.specs[name], list(array.shape), array) for name, array in arrays.items()]
+        request = InferenceRequest(self.model, tensors, self.version, parameters=dict(self.parameters))
+        for attempt in range(_RETRIES):
+            try:
+                async with self.service.call(self.who, ACTIONS["infer"], self.model) as call:
+                    response = await call.infer(request)
+                return {tensor.name: tensor.data for tensor in response.outputs}
+            except DhowError as exc:
+                if exc.code not in _RETRIED or attempt == _RETRIES - 1:
+                    raise
+                await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
+        raise AssertionError("unreachable")
+
+
+def scored_table(
+    keys: pa.Array, key_name: str, outputs: dict[str, np.ndarray], names: list[str], provenance: Provenance
+) -> pa.Table:
+    """The key, one column per model output (a list column for an output wider than 1), the provenance."""
+    rows = len(keys)
+    columns: dict[str, pa.Array] = {key_name: keys}
+    for name in names:
+        columns[name] = output_column(outputs[name]) if name in outputs else pa.nulls(rows)
+    return pa.table({**columns, **_provenance(rows, provenance)})
+
+
+def _provenance(rows: int, provenance: Provenance) -> dict[str, pa.Array]:
+    zeros = pa.array(np.zeros(rows, dtype=np.int32))
+    now = datetime.datetime.now(datetime.UTC)
+    return {
+        "dhow_model": pc.take(pa.array([provenance.model]), zeros),
+        "dhow_version": pa.array(np.full(rows, provenance.version, dtype=np.int64)),
+        "dhow_artifact_digest": pc.take(pa.array([provenance.artifact_digest]), zeros),
+        "dhow_run_id": pc.take(pa.array([provenance.run_id]), zeros),
+        "dhow_scored_at": pc.take(pa.array([now], pa.timestamp("us", tz="UTC")), zeros),
+    }
+
+
+def output_column(array: np.ndarray) -> pa.Array:
+    """A model output as an Arrow column: one value per row, or a fixed-size list per row."""
+    width = int(np.prod(array.shape[1:])) if array.ndim > 1 else 1
+    flat = array.reshape(-1)
+    values = _bytes_column(flat) if array.dtype == np.object_ else pa.array(flat)
+    if array.ndim == 1 or width == 1:
+        return values
+    return pa.FixedSizeListArray.from_arrays(values, width)
+
+
+def _bytes_column(flat: np.ndarray) -> pa.Array:
+    items = [x if isinstance(x, bytes) else str(x).encode() for x in flat]
+    binary = pa.array(items, pa.binary())
+    try:
+        return binary.cast(pa.string())
+    except pa.ArrowInvalid:
+        return binary
+
+
+def errors_table(keys: pa.Array, key_name: str, reasons: list[str], inputs: pa.Table) -> pa.Table:
+    """The bad rows: key, reason, and the row's input as JSON (the columns the job read)."""
+    texts = [orjson.dumps(row, default=str).decode() for row in inputs.to_pylist()]
+    return pa.table({key_name: keys, "reason": pa.array(reasons, pa.string()), "input": pa.array(texts, pa.string())})
+
+
+def check_outputs(names: list[str]) -> None:
+    clash = [name for name in names if name in PROVENANCE]
+    if clash:
+        raise InvalidInput(f"the model's output {clash[0]!r} has the name of a provenance column")
