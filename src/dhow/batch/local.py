@@ -149,7 +149,8 @@ class LocalEngine:
         inputs = pa.Table.from_batches([batch]).select(columns)
         reasons = converted.reasons + chunk.reasons
         order = np.concatenate([np.flatnonzero(bad), np.flatnonzero(model_bad)])
-        errors = errors_table(keys.take(pa.array(order)), key, reasons, inputs.take(pa.array(order)))
+        taken = pa.array(order)
+        errors = errors_table(keys.take(taken), key, reasons, inputs.take(taken), order + chunk.first)
         return scored, errors
 
     def _commit(self, part: _Part, commit: Commit) -> None:

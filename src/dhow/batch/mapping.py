@@ -105,8 +105,13 @@ def _plan(
             f"the model's input '{spec.name}' has no column of its name; name its columns with "
             f"--map {spec.name}=COLUMNS (its columns: {_listing(names)})"
         )
-    listed = len(chosen) == 1 and _is_list(schema.field(chosen[0]).type)
-    plan = InputPlan(spec.name, spec.datatype, dims, tuple(chosen), listed)
+    plan = InputPlan(spec.name, spec.datatype, dims, tuple(chosen), listed=False)
+    if len(chosen) == 1:
+        kind = schema.field(chosen[0]).type
+        # a text column for a tensor input: JSON lines whose values disagree, read as their JSON text
+        text = (pa.types.is_string(kind) or pa.types.is_large_string(kind)) and plan.width != 1
+        plan = InputPlan(spec.name, spec.datatype, dims, tuple(chosen), listed=_is_list(kind) or text)
+    listed = plan.listed
     for name in chosen:
         _check_type(plan, name, schema.field(name).type)
     if not listed and plan.width not in (-1, len(chosen)) and not (plan.width == 1 and len(chosen) == 1):
@@ -266,7 +271,11 @@ def _listed(column: pa.Array, plan: InputPlan, rows: _Rows) -> np.ndarray:
         _mark_null_items(column, name, rows)
         flat = _kept(column, rows.bad).flatten()
     dtype = NUMPY_DTYPE[plan.datatype]
-    values = _texts(flat) if plan.datatype == "BYTES" else flat.cast(pa.from_numpy_dtype(dtype)).to_numpy()
+    values = (
+        _texts(flat)
+        if plan.datatype == "BYTES"
+        else flat.cast(pa.from_numpy_dtype(dtype)).to_numpy(zero_copy_only=False)
+    )
     out = np.zeros((count, width), dtype=dtype)
     out[~rows.bad] = values.reshape(-1, width)
     shape = tuple(d if d > 0 else width for d in plan.dims)

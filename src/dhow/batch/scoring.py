@@ -147,10 +147,14 @@ def _bytes_column(flat: np.ndarray) -> pa.Array:
         return binary
 
 
-def errors_table(keys: pa.Array, key_name: str, reasons: list[str], inputs: pa.Table) -> pa.Table:
-    """The bad rows: key, reason, and the row's input as JSON (the columns the job read)."""
+def errors_table(keys: pa.Array, key_name: str, reasons: list[str], inputs: pa.Table, rows: np.ndarray) -> pa.Table:
+    """The bad rows: key, reason, the row's input as JSON (the columns the job read), and (when the key is a
+    column) the row's ordinal in the input, which finds a row whose key could not be read."""
     texts = [orjson.dumps(row, default=str).decode() for row in inputs.to_pylist()]
-    return pa.table({key_name: keys, "reason": pa.array(reasons, pa.string()), "input": pa.array(texts, pa.string())})
+    columns = {key_name: keys, "reason": pa.array(reasons, pa.string()), "input": pa.array(texts, pa.string())}
+    if key_name != ORDINAL:
+        columns[ORDINAL] = pa.array(rows)
+    return pa.table(columns)
 
 
 def check_outputs(names: list[str]) -> None:

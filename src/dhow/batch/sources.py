@@ -180,7 +180,7 @@ def _json_batches(handle: IO[bytes], batch_rows: int) -> Iterator[pa.RecordBatch
             try:
                 row = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
-                row, why = {}, f"not a JSON line: {exc}"
+                row, why = {}, f"not a JSON line ({exc}): {line[:200].decode(errors='replace')!r}"
             else:
                 row, why = (row, None) if isinstance(row, dict) else ({}, "not a JSON object")
             rows.append(row)
