@@ -60,12 +60,13 @@ def run_batch(
     repository: Path, data_dir: Path, *args: str, key: str = "", env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """`dhow batch run` as a real process; ``key`` "" runs it with authentication off."""
-    environment = {**os.environ, **(env or {})}
+    environment = dict(os.environ)
     environment.pop("DHOW_KEY", None)
     if key:
         environment["DHOW_KEY"] = key
     else:
         environment["DHOW_AUTH"] = "none"
+    environment.update(env or {})
     command = batch_command(repository, data_dir, *args)
     return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600, check=False)
 
