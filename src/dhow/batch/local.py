@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 
 from dhow.batch.mapping import Converted, Mapping, convert
-from dhow.batch.scoring import ORDINAL, Provenance, Scorer, errors_table, scored_table
-from dhow.batch.sources import UNREADABLE, Source
+from dhow.batch.scoring import Provenance, Scorer, result_tables
+from dhow.batch.sources import Source
 
 __all__ = ["Counts", "LocalEngine"]
 
@@ -132,26 +132,10 @@ class LocalEngine:
         return part
 
     def _tables(self, chunk: _Chunk) -> tuple[pa.Table, pa.Table | None]:
-        batch, converted = chunk.batch, chunk.converted
-        key = self.mapping.key or ORDINAL
-        keys = batch.column(key) if self.mapping.key else pa.array(np.arange(chunk.first, chunk.first + batch.num_rows))
-        kept = converted.good.copy()
-        good_rows = np.flatnonzero(converted.good)
-        refused = chunk.refused if chunk.refused is not None else np.zeros(0, dtype=np.int64)
-        kept[good_rows[refused]] = False
-        scored = scored_table(keys.filter(pa.array(kept)), key, chunk.outputs, self.output_names, self.provenance)
-        if kept.all():
-            return scored, None
-        bad = ~converted.good
-        model_bad = np.zeros(len(kept), dtype=bool)
-        model_bad[good_rows[refused]] = True
-        columns = [c for c in self.mapping.columns if c != UNREADABLE]
-        inputs = pa.Table.from_batches([batch]).select(columns)
-        reasons = converted.reasons + chunk.reasons
-        order = np.concatenate([np.flatnonzero(bad), np.flatnonzero(model_bad)])
-        taken = pa.array(order)
-        errors = errors_table(keys.take(taken), key, reasons, inputs.take(taken), order + chunk.first)
-        return scored, errors
+        return result_tables(
+            chunk.batch, chunk.first, chunk.converted, (chunk.outputs, chunk.refused, chunk.reasons),
+            self.mapping, self.output_names, self.provenance,
+        )  # fmt: skip
 
     def _commit(self, part: _Part, commit: Commit) -> None:
         scored = pa.concat_tables(part.scored, promote_options="permissive") if part.scored else None

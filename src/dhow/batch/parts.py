@@ -100,14 +100,18 @@ class OutputFolder:
             )
         return journal
 
-    def open(self, header: dict[str, Any], journal: Journal | None) -> None:
-        """Take the folder for this run: lock it, start afresh (``journal`` None) or continue ``journal``."""
+    def open(self, header: dict[str, Any], journal: Journal | None, *, written_by_spark: bool = False) -> None:
+        """Take the folder for this run: lock it, start afresh (``journal`` None) or continue ``journal``;
+        ``written_by_spark``: Spark committed the output itself, only the journal's header is added."""
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise Conflict(f"another run is writing {self.path}; wait for it, or stop it first") from None
+        if written_by_spark:
+            self._write_line(header, create=True)
+            return
         if journal is None:
             self._clear()
             self._write_line(header, create=True)

@@ -12,12 +12,14 @@ counts and the digests of its input and output files, whatever the outcome.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import hashlib
 import os
 import secrets
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -35,7 +37,7 @@ from dhow.serving.security import Security
 from dhow.serving.service import ACTIONS, CoreService, Credentials
 from dhow.settings import ServerSettings
 
-__all__ = ["DEFAULT_BATCH_ROWS", "run_job"]
+__all__ = ["DEFAULT_BATCH_ROWS", "Admitted", "admitted_job", "audit_run", "job_credentials", "run_job"]
 
 #: rows per call of the model when the job names none: large enough that admission and the event loop are a
 #: rounding error beside the model, small enough that a few batches in flight stay a few megabytes
@@ -87,43 +89,71 @@ class _Run:
         }
 
 
-async def run_job(
-    job: Job, settings: ServerSettings, api_key: str, *, stream: TextIO = sys.stderr, quiet: bool = False
-) -> dict[str, Any]:
-    """Run the job on the local engine; its summary (also written as ``OUTPUT/_summary.json``)."""
+@dataclass(slots=True)
+class Admitted:
+    """A job that may run: admitted, its model pinned and loaded, its columns mapped, its output checked."""
+
+    run: _Run
+    core: Core
+    #: the job's principal (authenticated once; each batch is admitted with it)
+    who: Any
+    pinned: PinnedModel
+    mapping: Mapping
+    output_names: list[str]
+    source: Source
+    folder: OutputFolder
+    journal: Journal | None
+    batch_rows: int
+
+    @property
+    def header(self) -> dict[str, Any]:
+        """The journal's first line: what a re-run must agree with."""
+        job = self.run.job
+        return {
+            "run_id": self.run.run_id,
+            "version": self.pinned.version,
+            "fingerprint": job.fingerprint(self.batch_rows),
+        }
+
+
+@contextlib.asynccontextmanager
+async def admitted_job(job: Job, settings: ServerSettings, api_key: str) -> AsyncIterator[Admitted]:
+    """Compose the core, admit the job and prepare it (see the module's docstring); at the end, however it ends,
+    write its summary (if it took the output) and its end record, and close the core."""
     batch_rows = job.batch_rows or DEFAULT_BATCH_ROWS
     policies = CorePolicies.load(settings)
     source = Source(job.input, job.format, batch_rows)
     security = Security(settings)
     core = await compose_core(settings, security, ServerMetrics(), policies, first_key=False)
     try:
-        credentials = Credentials(authorization=f"Bearer {api_key}" if api_key else "", actor=settings.actor_name())
-        principal = await core.service.authenticate(credentials, ACTIONS["batch.run"])
-        return await _admitted(job, core, principal, source, batch_rows, stream, quiet)
+        who = await core.service.authenticate(job_credentials(settings, api_key), ACTIONS["batch.run"])
+        folder = OutputFolder(job.output_dir)
+        journal = folder.check(job.fingerprint(batch_rows), job.overwrite)
+        run = _Run(job, journal.header["run_id"] if journal is not None else secrets.token_hex(8))
+        await audit_run(core.service, who, job.model, {"run_id": run.run_id, "phase": "start", "input": job.input})
+        version = journal.header["version"] if journal is not None else job.version
+        pinned = await load_pinned(
+            core.models, job.model, version, max_batch_size=batch_rows, python_processes=os.cpu_count() or 1
+        )
+        mapping = plan_inputs(pinned.config.inputs or (), source.schema, job.maps, job.key)
+        output_names = [spec.name for spec in pinned.config.outputs or ()]
+        check_outputs(output_names)
+        run.version, run.artifact_digest = pinned.version, pinned.artifact_digest
+        admitted = Admitted(run, core, who, pinned, mapping, output_names, source, folder, journal, batch_rows)
+        async with _ending(admitted):
+            yield admitted
     finally:
         await core.models.close()
         core.service.guard.close()
         await security.close()
 
 
-async def _admitted(
-    job: Job, core: Core, who: Any, source: Source, batch_rows: int, stream: TextIO, quiet: bool
-) -> dict[str, Any]:
-    folder = OutputFolder(job.output_dir)
-    journal = folder.check(job.fingerprint(batch_rows), job.overwrite)
-    run = _Run(job, journal.header["run_id"] if journal is not None else secrets.token_hex(8))
-    await audit_run(core.service, who, job.model, {"run_id": run.run_id, "phase": "start", "input": job.input})
-    version = journal.header["version"] if journal is not None else job.version
-    pinned = await load_pinned(
-        core.models, job.model, version, max_batch_size=batch_rows, python_processes=os.cpu_count() or 1
-    )
-    mapping = plan_inputs(pinned.config.inputs or (), source.schema, job.maps, job.key)
-    output_names = [spec.name for spec in pinned.config.outputs or ()]
-    check_outputs(output_names)
-    run.version, run.artifact_digest = pinned.version, pinned.artifact_digest
-    digest = asyncio.create_task(asyncio.to_thread(source.digest))
+@contextlib.asynccontextmanager
+async def _ending(admitted: Admitted) -> AsyncIterator[None]:
+    run, folder = admitted.run, admitted.folder
+    digest = asyncio.create_task(asyncio.to_thread(admitted.source.digest))
     try:
-        await _score(run, core.service, who, pinned, mapping, output_names, source, folder, journal, stream, quiet)
+        yield
         run.state = "succeeded"
     except (DhowError, OSError) as exc:
         run.state, run.error = "failed", exc.message if isinstance(exc, DhowError) else str(exc)
@@ -133,48 +163,49 @@ async def _admitted(
         if run.opened:
             folder.write_summary(run.summary())
         folder.close()
-        await audit_run(core.service, who, job.model, _record(run), run.error)
-    return run.summary()
+        await audit_run(admitted.core.service, admitted.who, run.job.model, _record(run), run.error)
 
 
-async def _score(
-    run: _Run,
-    service: CoreService,
-    who: Any,
-    pinned: PinnedModel,
-    mapping: Mapping,
-    output_names: list[str],
-    source: Source,
-    folder: OutputFolder,
-    journal: Journal | None,
-    stream: TextIO,
-    quiet: bool,
-) -> None:
-    job = run.job
-    scorer = Scorer(service, who, job.model, pinned.version, mapping, job.data_region)
+def job_credentials(settings: ServerSettings, api_key: str) -> Credentials:
+    return Credentials(authorization=f"Bearer {api_key}" if api_key else "", actor=settings.actor_name())
+
+
+async def run_job(
+    job: Job, settings: ServerSettings, api_key: str, *, stream: TextIO = sys.stderr, quiet: bool = False
+) -> dict[str, Any]:
+    """Run the job on the local engine; its summary (also written as ``OUTPUT/_summary.json``)."""
+    async with admitted_job(job, settings, api_key) as admitted:
+        await _score(admitted, stream, quiet)
+    return admitted.run.summary()
+
+
+async def _score(admitted: Admitted, stream: TextIO, quiet: bool) -> None:
+    run, pinned, mapping, source, folder = (
+        admitted.run, admitted.pinned, admitted.mapping, admitted.source, admitted.folder
+    )  # fmt: skip
+    job, journal = run.job, admitted.journal
+    scorer = Scorer(admitted.core.service, admitted.who, job.model, pinned.version, mapping, job.data_region)
     provenance = Provenance(job.model, pinned.version, pinned.artifact_digest, run.run_id)
-    instances = pinned.config.instances.count
     engine = LocalEngine(
-        source, mapping, scorer, provenance, output_names,
-        part_rows=job.part_rows, batch_rows=source.batch_rows, in_flight=instances + 1,
+        source, mapping, scorer, provenance, admitted.output_names,
+        part_rows=job.part_rows, batch_rows=admitted.batch_rows, in_flight=pinned.config.instances.count + 1,
     )  # fmt: skip
     first_part = len(journal.parts) if journal is not None else 0
     for part in journal.parts if journal is not None else []:
         _count(run, part)
     run.done_before = run.counts.rows
     progress = Progress(stream, source.total_rows, run.counts.rows, quiet)
-    header = {"run_id": run.run_id, "version": pinned.version, "fingerprint": job.fingerprint(source.batch_rows)}
 
     def commit(index: int, scored: Any, errors: Any, line: dict[str, Any]) -> None:
         if not run.opened:  # the first batch was scored: the job may run, so now the output is taken
-            folder.open(header, journal)
+            folder.open(admitted.header, journal)
             run.opened = True
         _count(run, folder.commit(index, scored, errors, line))
         folder.write_summary(run.summary())
 
     await engine.run(run.counts.rows, first_part, commit, progress.advance)
     if not run.opened:  # an empty input: the output holds its journal and summary only
-        folder.open(header, journal)
+        folder.open(admitted.header, journal)
         run.opened = True
     progress.finish()
 

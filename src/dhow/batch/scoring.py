@@ -25,11 +25,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dhow.batch.mapping import Converted, Mapping
+from dhow.batch.sources import UNREADABLE
 from dhow.core.errors import DhowError, ErrorCode, InvalidInput
 from dhow.core.types import InferenceRequest, Tensor
 from dhow.serving.service import ACTIONS, CoreService
 
-__all__ = ["PROVENANCE", "Provenance", "Scorer", "errors_table", "scored_table"]
+__all__ = ["ORDINAL", "PROVENANCE", "Provenance", "Scorer", "Scores", "errors_table", "result_tables", "scored_table"]
 
 #: the provenance columns of every output row
 PROVENANCE = ("dhow_model", "dhow_version", "dhow_artifact_digest", "dhow_run_id", "dhow_scored_at")
@@ -62,7 +63,7 @@ class Scorer:
         self.specs = {plan.name: plan.datatype for plan in mapping.inputs}
         self.parameters = {"data_region": data_region} if data_region else {}
 
-    async def score(self, converted: Converted) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+    async def score(self, converted: Converted) -> Scores:
         """The outputs of the good rows, the rows the model refused (their positions among the good rows), and
         why each was refused."""
         rows = int(converted.good.sum())
@@ -161,3 +162,35 @@ def check_outputs(names: list[str]) -> None:
     clash = [name for name in names if name in PROVENANCE]
     if clash:
         raise InvalidInput(f"the model's output {clash[0]!r} has the name of a provenance column")
+
+
+#: what ``Scorer.score`` answers: the good rows' outputs, the positions the model refused, and why
+Scores = tuple[dict[str, np.ndarray], np.ndarray | None, list[str]]
+
+
+def result_tables(
+    batch: pa.RecordBatch,
+    first: int,
+    converted: Converted,
+    scores: Scores,
+    mapping: Mapping,
+    output_names: list[str],
+    provenance: Provenance,
+) -> tuple[pa.Table, pa.Table | None]:
+    """A scored batch as its output rows and its bad rows (None: none); ``first`` is its first row's ordinal."""
+    outputs, refused_at, reasons = scores
+    key = mapping.key or ORDINAL
+    keys = batch.column(key) if mapping.key else pa.array(np.arange(first, first + batch.num_rows))
+    kept = converted.good.copy()
+    good_rows = np.flatnonzero(converted.good)
+    refused = good_rows[refused_at if refused_at is not None else np.zeros(0, dtype=np.int64)]
+    kept[refused] = False
+    scored = scored_table(keys.filter(pa.array(kept)), key, outputs, output_names, provenance)
+    if kept.all():
+        return scored, None
+    columns = [c for c in mapping.columns if c != UNREADABLE]
+    order = np.concatenate([np.flatnonzero(~converted.good), refused])
+    taken = pa.array(order)
+    inputs = pa.Table.from_batches([batch]).select(columns).take(taken)
+    errors = errors_table(keys.take(taken), key, converted.reasons + reasons, inputs, order + first)
+    return scored, errors
