@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,11 @@ def _committed(out: Path) -> int:
     return count
 
 
+def _running_until(process: subprocess.Popen[bytes], out: Path, parts: int) -> Callable[[], bool]:
+    """Whether the job ended, or its journal records ``parts`` parts."""
+    return lambda: process.poll() is not None or _committed(out) >= parts
+
+
 def test_killed_at_several_points_the_rerun_loses_and_repeats_nothing(demo_repository: Path, tmp_path: Path) -> None:
     # the wide ONNX net: slow enough per row that the job is still running when it is killed
     x = np.random.default_rng(8).standard_normal((ROWS, 512)).astype(np.float32)
@@ -48,8 +54,7 @@ def test_killed_at_several_points_the_rerun_loses_and_repeats_nothing(demo_repos
     for parts in (0, 2, 6, 11):
         process = subprocess.Popen(batch_command(demo_repository, data, *args), env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)  # fmt: skip
-        before = _committed(out)
-        wait_until(lambda: process.poll() is not None or _committed(out) >= before + parts, 120, "parts committed")
+        wait_until(_running_until(process, out, _committed(out) + parts), 120, "parts committed")
         process.send_signal(signal.SIGKILL)
         process.wait()
         killed_at.append(_committed(out))

@@ -200,7 +200,7 @@ class Server:
         settings, metrics = self.settings, self.metrics
         shadow_queue = ShadowQueue(metrics.registry)
         table = DeploymentTable(shadow_queue, metrics.registry)
-        core = await compose_core(settings, self.security, metrics, self.policies, router=table)
+        core = await compose_core(settings, self.security, self.policies, metrics=metrics, router=table)
         models, dataplane, service = core.models, core.dataplane, core.service
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = await asyncio.to_thread(RegistryStore.open, settings.registry_url())

@@ -215,10 +215,11 @@ def _scalars(column: pa.Array, name: str, datatype: str, rows: _Rows) -> np.ndar
     if datatype == "BYTES":
         return _texts(column)
     target = pa.from_numpy_dtype(NUMPY_DTYPE[datatype])
+    blank = False if datatype == "BOOL" else 0
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        return column.fill_null(False if datatype == "BOOL" else 0).cast(target).to_numpy(zero_copy_only=False)
+        return np.asarray(column.fill_null(blank).cast(target).to_numpy(zero_copy_only=False))
     try:
-        return column.cast(target).fill_null(False if datatype == "BOOL" else 0).to_numpy(zero_copy_only=False)
+        return np.asarray(column.cast(target).fill_null(blank).to_numpy(zero_copy_only=False))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return _parsed(column.to_pylist(), name, NUMPY_DTYPE[datatype], rows)
 

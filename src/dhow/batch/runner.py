@@ -31,7 +31,6 @@ from dhow.batch.progress import Progress
 from dhow.batch.scoring import Provenance, Scorer, check_outputs
 from dhow.batch.sources import Source
 from dhow.core.errors import DhowError, InvalidInput
-from dhow.monitoring.metrics import ServerMetrics
 from dhow.serving.composition import Core, CorePolicies, PinnedModel, compose_core, load_pinned
 from dhow.serving.security import Security
 from dhow.serving.service import ACTIONS, CoreService, Credentials
@@ -124,7 +123,7 @@ async def admitted_job(job: Job, settings: ServerSettings, api_key: str) -> Asyn
     policies = CorePolicies.load(settings)
     source = Source(job.input, job.format, batch_rows)
     security = Security(settings)
-    core = await compose_core(settings, security, ServerMetrics(), policies, first_key=False)
+    core = await compose_core(settings, security, policies, first_key=False)
     try:
         who = await core.service.authenticate(job_credentials(settings, api_key), ACTIONS["batch.run"])
         folder = OutputFolder(job.output_dir)

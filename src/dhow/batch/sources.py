@@ -177,6 +177,7 @@ def _json_batches(handle: IO[bytes], batch_rows: int) -> Iterator[pa.RecordBatch
         rows: list[dict[str, Any]] = []
         unreadable: list[str | None] = []
         for line in chunk:
+            why: str | None = None
             try:
                 row = orjson.loads(line)
             except orjson.JSONDecodeError as exc:

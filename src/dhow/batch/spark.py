@@ -32,7 +32,6 @@ from dhow.batch.runner import Admitted, admitted_job, job_credentials
 from dhow.batch.scoring import ORDINAL, Provenance, Scorer, result_tables
 from dhow.batch.sources import UNREADABLE
 from dhow.core.errors import InvalidInput
-from dhow.monitoring.metrics import ServerMetrics
 from dhow.serving.composition import CorePolicies, compose_core, load_pinned
 from dhow.serving.security import Security
 from dhow.serving.service import ACTIONS
@@ -193,9 +192,7 @@ class _Worker:
 
     async def _open(self) -> Any:
         task = self.task
-        core = await compose_core(
-            task.settings, self.security, ServerMetrics(), CorePolicies.load(task.settings), first_key=False
-        )
+        core = await compose_core(task.settings, self.security, CorePolicies.load(task.settings), first_key=False)
         who = await core.service.authenticate(job_credentials(task.settings, task.api_key), ACTIONS["batch.run"])
         await load_pinned(core.models, task.model, task.version, max_batch_size=task.batch_rows, python_processes=1)
         self.scorer = Scorer(core.service, who, task.model, task.version, task.mapping, task.data_region)

@@ -60,9 +60,9 @@ class Core:
 async def compose_core(
     settings: ServerSettings,
     security: Security,
-    metrics: ServerMetrics,
     policies: CorePolicies,
     *,
+    metrics: ServerMetrics | None = None,
     router: TrafficRouter | None = None,
     first_key: bool = True,
 ) -> Core:
@@ -70,6 +70,7 @@ async def compose_core(
 
     ``first_key`` False: a process that is not a server (a batch job) never makes the first admin key.
     """
+    metrics = metrics or ServerMetrics()
     key = await security.open()
     models = _models(settings, security, metrics, policies.control)
     dataplane = DataPlane(
