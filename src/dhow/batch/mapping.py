@@ -211,13 +211,15 @@ def _values(batch: pa.RecordBatch, plan: InputPlan, rows: _Rows) -> np.ndarray:
 
 def _scalars(column: pa.Array, name: str, datatype: str, rows: _Rows) -> np.ndarray:
     """One column as one value per row (a placeholder where the row is bad)."""
-    rows.mark(pc.is_null(column).to_numpy(zero_copy_only=False), f"null in column '{name}'")
+    if column.null_count:
+        rows.mark(pc.is_null(column).to_numpy(zero_copy_only=False), f"null in column '{name}'")
     if datatype == "BYTES":
         return _texts(column)
     target = pa.from_numpy_dtype(NUMPY_DTYPE[datatype])
     blank = False if datatype == "BOOL" else 0
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        return np.asarray(column.fill_null(blank).cast(target).to_numpy(zero_copy_only=False))
+        filled = column.fill_null(blank) if column.null_count else column
+        return np.asarray(filled.cast(target).to_numpy(zero_copy_only=False))
     try:
         return np.asarray(column.cast(target).fill_null(blank).to_numpy(zero_copy_only=False))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):

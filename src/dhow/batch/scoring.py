@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from dhow.batch.mapping import Converted, Mapping
 from dhow.batch.sources import UNREADABLE
@@ -118,14 +117,15 @@ def scored_table(
 
 
 def _provenance(rows: int, provenance: Provenance) -> dict[str, pa.Array]:
+    """The same values on every row: dictionary columns of one entry (Parquet stores them once per page)."""
     zeros = pa.array(np.zeros(rows, dtype=np.int32))
-    now = datetime.datetime.now(datetime.UTC)
+    now = np.datetime64(datetime.datetime.now(datetime.UTC).replace(tzinfo=None), "us").astype(np.int64)
     return {
-        "dhow_model": pc.take(pa.array([provenance.model]), zeros),
+        "dhow_model": pa.DictionaryArray.from_arrays(zeros, pa.array([provenance.model])),
         "dhow_version": pa.array(np.full(rows, provenance.version, dtype=np.int64)),
-        "dhow_artifact_digest": pc.take(pa.array([provenance.artifact_digest]), zeros),
-        "dhow_run_id": pc.take(pa.array([provenance.run_id]), zeros),
-        "dhow_scored_at": pc.take(pa.array([now], pa.timestamp("us", tz="UTC")), zeros),
+        "dhow_artifact_digest": pa.DictionaryArray.from_arrays(zeros, pa.array([provenance.artifact_digest])),
+        "dhow_run_id": pa.DictionaryArray.from_arrays(zeros, pa.array([provenance.run_id])),
+        "dhow_scored_at": pa.array(np.full(rows, now, dtype=np.int64), pa.timestamp("us", tz="UTC")),
     }
 
 

@@ -102,7 +102,7 @@ class Source:
                 parquet = pq.ParquetFile(self._open(path))
                 groups, skipped = _row_groups_after(parquet.metadata, skip)
                 skip -= skipped
-                read = parquet.iter_batches(batch_size=self.batch_rows, row_groups=groups, columns=columns)
+                read = _row_group_batches(parquet, groups, columns, self.batch_rows)
             else:
                 read = self._text_batches(path, columns, text)
             for batch in read:
@@ -157,6 +157,15 @@ def _row_groups_after(meta: pq.FileMetaData, skip: int) -> tuple[list[int], int]
             continue
         groups.append(index)
     return groups, skipped
+
+
+def _row_group_batches(
+    parquet: pq.ParquetFile, groups: list[int], columns: list[str], batch_rows: int
+) -> Iterator[pa.RecordBatch]:
+    """One row group at a time: the reader pre-buffers (coalesces the reads of) what it is given, so given the
+    whole file it would hold the whole file in memory."""
+    for group in groups:
+        yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns)
 
 
 def _csv_batches(handle: IO[bytes], columns: list[str], text: set[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
