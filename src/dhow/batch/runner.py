@@ -34,9 +34,20 @@ from dhow.core.errors import DhowError, InvalidInput
 from dhow.serving.composition import Core, CorePolicies, PinnedModel, compose_core, load_pinned
 from dhow.serving.security import Security
 from dhow.serving.service import ACTIONS, CoreService, Credentials
+from dhow.serving.traffic import Invoke
 from dhow.settings import ServerSettings
 
-__all__ = ["DEFAULT_BATCH_ROWS", "Admitted", "admitted_job", "audit_run", "job_credentials", "run_job"]
+__all__ = [
+    "DEFAULT_BATCH_ROWS",
+    "Admitted",
+    "Run",
+    "admitted_job",
+    "audit_run",
+    "ending",
+    "job_credentials",
+    "run_job",
+    "score_locally",
+]
 
 #: rows per call of the model when the job names none: large enough that admission and the event loop are a
 #: rounding error beside the model, small enough that a few batches in flight stay a few megabytes
@@ -44,7 +55,7 @@ DEFAULT_BATCH_ROWS = 8192
 
 
 @dataclass(slots=True)
-class _Run:
+class Run:
     """What a run knows as it goes, for its summary and its audit record."""
 
     job: Job
@@ -84,6 +95,7 @@ class _Run:
             "artifact_digest": self.artifact_digest,
             "input_digest": self.input_digest,
             "output_digest": self.output_digest.hexdigest(),
+            **({"server": self.job.server} if self.job.server else {}),
             **({"error": self.error} if self.error else {}),
         }
 
@@ -92,10 +104,13 @@ class _Run:
 class Admitted:
     """A job that may run: admitted, its model pinned and loaded, its columns mapped, its output checked."""
 
-    run: _Run
-    core: Core
+    run: Run
+    #: None when the batches go to a server (which audits each of them)
+    core: Core | None
     #: the job's principal (authenticated once; each batch is admitted with it)
     who: Any
+    #: runs one batch: through this process's core as ``who``, or a server's
+    invoke: Invoke
     pinned: PinnedModel
     mapping: Mapping
     output_names: list[str]
@@ -128,7 +143,7 @@ async def admitted_job(job: Job, settings: ServerSettings, api_key: str) -> Asyn
         who = await core.service.authenticate(job_credentials(settings, api_key), ACTIONS["batch.run"])
         folder = OutputFolder(job.output_dir)
         journal = folder.check(job.fingerprint(batch_rows), job.overwrite)
-        run = _Run(job, journal.header["run_id"] if journal is not None else secrets.token_hex(8))
+        run = Run(job, journal.header["run_id"] if journal is not None else secrets.token_hex(8))
         await audit_run(core.service, who, job.model, {"run_id": run.run_id, "phase": "start", "input": job.input})
         version = journal.header["version"] if journal is not None else job.version
         pinned = await load_pinned(
@@ -138,8 +153,9 @@ async def admitted_job(job: Job, settings: ServerSettings, api_key: str) -> Asyn
         output_names = [spec.name for spec in pinned.config.outputs or ()]
         check_outputs(output_names)
         run.version, run.artifact_digest = pinned.version, pinned.artifact_digest
-        admitted = Admitted(run, core, who, pinned, mapping, output_names, source, folder, journal, batch_rows)
-        async with _ending(admitted):
+        invoke = core.service.invoker(who)
+        admitted = Admitted(run, core, who, invoke, pinned, mapping, output_names, source, folder, journal, batch_rows)
+        async with ending(admitted):
             yield admitted
     finally:
         await core.models.close()
@@ -148,7 +164,7 @@ async def admitted_job(job: Job, settings: ServerSettings, api_key: str) -> Asyn
 
 
 @contextlib.asynccontextmanager
-async def _ending(admitted: Admitted) -> AsyncIterator[None]:
+async def ending(admitted: Admitted) -> AsyncIterator[None]:
     run, folder = admitted.run, admitted.folder
     digest = asyncio.create_task(asyncio.to_thread(admitted.source.digest))
     try:
@@ -162,7 +178,8 @@ async def _ending(admitted: Admitted) -> AsyncIterator[None]:
         if run.opened:
             folder.write_summary(run.summary())
         folder.close()
-        await audit_run(admitted.core.service, admitted.who, run.job.model, _record(run), run.error)
+        if admitted.core is not None:
+            await audit_run(admitted.core.service, admitted.who, run.job.model, _record(run), run.error)
 
 
 def job_credentials(settings: ServerSettings, api_key: str) -> Credentials:
@@ -174,20 +191,24 @@ async def run_job(
 ) -> dict[str, Any]:
     """Run the job on the local engine; its summary (also written as ``OUTPUT/_summary.json``)."""
     async with admitted_job(job, settings, api_key) as admitted:
-        await _score(admitted, stream, quiet)
+        await score_locally(admitted, stream=stream, quiet=quiet)
     return admitted.run.summary()
 
 
-async def _score(admitted: Admitted, stream: TextIO, quiet: bool) -> None:
+async def score_locally(
+    admitted: Admitted, *, in_flight: int = 0, stream: TextIO = sys.stderr, quiet: bool = False
+) -> None:
+    """Score the admitted job's input with the local engine (its batches run through ``admitted.invoke``)."""
     run, pinned, mapping, source, folder = (
         admitted.run, admitted.pinned, admitted.mapping, admitted.source, admitted.folder
     )  # fmt: skip
     job, journal = run.job, admitted.journal
-    scorer = Scorer(admitted.core.service, admitted.who, job.model, pinned.version, mapping, job.data_region)
+    scorer = Scorer(admitted.invoke, job.model, pinned.version, mapping, job.data_region)
     provenance = Provenance(job.model, pinned.version, pinned.artifact_digest, run.run_id)
+    in_flight = in_flight or pinned.config.instances.count + 1
     engine = LocalEngine(
         source, mapping, scorer, provenance, admitted.output_names,
-        part_rows=job.part_rows, batch_rows=admitted.batch_rows, in_flight=pinned.config.instances.count + 1,
+        part_rows=job.part_rows, batch_rows=admitted.batch_rows, in_flight=in_flight,
     )  # fmt: skip
     first_part = len(journal.parts) if journal is not None else 0
     for part in journal.parts if journal is not None else []:
@@ -209,7 +230,7 @@ async def _score(admitted: Admitted, stream: TextIO, quiet: bool) -> None:
     progress.finish()
 
 
-def _count(run: _Run, part: dict[str, Any]) -> None:
+def _count(run: Run, part: dict[str, Any]) -> None:
     run.counts.rows += int(part["rows"])
     run.counts.scored += int(part["scored"])
     run.counts.errors += int(part["errors"])
@@ -217,7 +238,7 @@ def _count(run: _Run, part: dict[str, Any]) -> None:
     run.output_digest.update(str(part.get("digest", "")).encode() + str(part.get("errors_digest", "")).encode())
 
 
-def _record(run: _Run) -> dict[str, Any]:
+def _record(run: Run) -> dict[str, Any]:
     summary = run.summary()
     fields = ("run_id", "version", "engine", "input", "output", "rows_in", "scored", "errors", "parts")
     return {

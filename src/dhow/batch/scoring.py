@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import orjson
@@ -27,7 +26,7 @@ from dhow.batch.mapping import Converted, Mapping
 from dhow.batch.sources import UNREADABLE
 from dhow.core.errors import DhowError, ErrorCode, InvalidInput
 from dhow.core.types import InferenceRequest, Tensor
-from dhow.serving.service import ACTIONS, CoreService
+from dhow.serving.traffic import Invoke
 
 __all__ = ["ORDINAL", "PROVENANCE", "Provenance", "Scorer", "Scores", "errors_table", "result_tables", "scored_table"]
 
@@ -50,13 +49,11 @@ class Provenance:
 
 
 class Scorer:
-    """Runs record batches as the job's principal through the core service."""
+    """Runs record batches through ``invoke``: the core service's admission point as the job's principal
+    (``CoreService.invoker``), or a server's, over gRPC."""
 
-    def __init__(
-        self, service: CoreService, who: Any, model: str, version: int, mapping: Mapping, data_region: str
-    ) -> None:
-        self.service = service
-        self.who = who
+    def __init__(self, invoke: Invoke, model: str, version: int, mapping: Mapping, data_region: str) -> None:
+        self.invoke = invoke
         self.model = model
         self.version = str(version)
         self.specs = {plan.name: plan.datatype for plan in mapping.inputs}
@@ -95,8 +92,7 @@ class Scorer:
         request = InferenceRequest(self.model, tensors, self.version, parameters=dict(self.parameters))
         for attempt in range(_RETRIES):
             try:
-                async with self.service.call(self.who, ACTIONS["infer"], self.model) as call:
-                    response = await call.infer(request)
+                response = await self.invoke(request)
                 return {tensor.name: tensor.data for tensor in response.outputs}
             except DhowError as exc:
                 if exc.code not in _RETRIED or attempt == _RETRIES - 1:

@@ -195,7 +195,7 @@ class _Worker:
         core = await compose_core(task.settings, self.security, CorePolicies.load(task.settings), first_key=False)
         who = await core.service.authenticate(job_credentials(task.settings, task.api_key), ACTIONS["batch.run"])
         await load_pinned(core.models, task.model, task.version, max_batch_size=task.batch_rows, python_processes=1)
-        self.scorer = Scorer(core.service, who, task.model, task.version, task.mapping, task.data_region)
+        self.scorer = Scorer(core.service.invoker(who), task.model, task.version, task.mapping, task.data_region)
         return core
 
     def score(self, batch: pa.RecordBatch) -> pa.RecordBatch:

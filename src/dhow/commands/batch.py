@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(job: Any, settings: ServerSettings, api_key: str, quiet: bool) -> dict[str, Any]:
     from dhow.batch.runner import check_api_key, run_job
 
+    if job.server:
+        return asyncio.run(_remote(job, api_key, quiet))
     check_api_key(api_key, settings)
     if job.engine == "spark":
         from dhow.batch.spark import run_spark_job
@@ -117,6 +119,17 @@ def _run(job: Any, settings: ServerSettings, api_key: str, quiet: bool) -> dict[
         return run_spark_job(job, settings, api_key, quiet=quiet)
     summary: dict[str, Any] = asyncio.run(run_job(job, settings, api_key, quiet=quiet))
     return summary
+
+
+async def _remote(job: Any, api_key: str, quiet: bool) -> dict[str, Any]:
+    from dhow.batch.remote import run_remote_job
+    from dhow.commands.batch_remote import GrpcModel
+
+    model = GrpcModel(job.server, api_key)
+    try:
+        return await run_remote_job(job, model, quiet=quiet)
+    finally:
+        await model.close()
 
 
 def _status(args: argparse.Namespace) -> int:
