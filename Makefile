@@ -6,7 +6,7 @@ DHOW := $(VENV)/bin/dhow
 STAMP := $(VENV)/.installed
 DEMO := demo-models
 
-.PHONY: run test install demo-models lint format check-proto proto bench bench-rollouts bench-security bench-serving clean
+.PHONY: run test install demo-models lint format check-proto proto bench bench-rollouts bench-security bench-serving bench-batch clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,13 +49,17 @@ check-proto: $(STAMP)
 	$(PY) -m dhow.protocols.grpc.codegen --check
 
 # benchmarks are measured side by side in one run and reported as ratios; never part of `make test`
-bench: bench-rollouts bench-security bench-serving
+bench: bench-rollouts bench-security bench-serving bench-batch
 
 bench-rollouts: $(STAMP)
 	$(PY) benchmarks/rollout_routing.py
 
 bench-security: $(STAMP)
 	$(PY) benchmarks/security_overhead.py
+
+# dhow batch run against a bare pyarrow -> onnxruntime loop, and its Spark engine against predict_batch_udf
+bench-batch: $(STAMP)
+	$(PY) benchmarks/batch.py
 
 # dhow against Seldon MLServer 1.7.1 (installed on first run into benchmarks/.peers/); about 10 minutes
 bench-serving: $(STAMP)
