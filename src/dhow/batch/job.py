@@ -68,6 +68,8 @@ class Job:
             raise InvalidInput(f"--format must be one of {', '.join(FORMATS)}, got {self.input_format!r}")
         if self.engine not in ENGINES:
             raise InvalidInput(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.server and self.engine == "spark":
+            raise InvalidInput("--server sends the batches to a server: it takes the local engine, not --engine spark")
         if self.batch_rows < 0 or self.part_rows < 1:
             raise InvalidInput("--batch-rows must be 0 (sized for the runtime) or more, --part-rows at least 1")
         if "://" in self.output and not self.output.startswith("file://"):

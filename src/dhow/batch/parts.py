@@ -84,7 +84,8 @@ class OutputFolder:
             return None
         journal = self.read()
         if journal is None:
-            if any(self.path.iterdir()):
+            # a run killed before its first line leaves only the lock (and perhaps its temporary folder)
+            if any(not entry.name.startswith("_dhow") for entry in self.path.iterdir()):
                 raise Conflict(
                     f"the output {self.path} exists and is not a dhow batch output (no {JOURNAL}); "
                     "choose another folder, or add --overwrite to replace it"
