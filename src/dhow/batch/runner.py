@@ -5,8 +5,9 @@ The order is the order of what can go wrong, so that a job that cannot run fails
 the input's files and columns are read, the identity is authenticated, an existing output is checked against
 the arguments, the job is authorized (``batch.run`` on the model: the ``infer`` permission) before its model is
 loaded (a model may run code), the columns are mapped, and the first batch is scored (a residency refusal comes
-there) before the output folder is touched. The run is audited twice through the admission point: when admitted, and at its end with its row
-counts and the digests of its input and output files, whatever the outcome.
+there) before the output folder is touched. The run is audited twice through the admission point: when
+admitted, and at its end with its row counts and the digests of its input and output files, whatever the
+outcome.
 """
 
 from __future__ import annotations
