@@ -6,7 +6,7 @@ DHOW := $(VENV)/bin/dhow
 STAMP := $(VENV)/.installed
 DEMO := demo-models
 
-.PHONY: run test install demo-models lint format check-proto proto bench bench-rollouts bench-security bench-serving bench-protocols clean
+.PHONY: run test install demo-models lint format check-proto proto bench bench-rollouts bench-security bench-serving bench-protocols bench-batch clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +49,7 @@ check-proto: $(STAMP)
 	$(PY) -m dhow.protocols.grpc.codegen --check
 
 # benchmarks are measured side by side in one run and reported as ratios; never part of `make test`
-bench: bench-rollouts bench-security bench-protocols bench-serving
+bench: bench-rollouts bench-security bench-protocols bench-serving bench-batch
 
 bench-rollouts: $(STAMP)
 	$(PY) benchmarks/rollout_routing.py
@@ -60,6 +60,10 @@ bench-security: $(STAMP)
 # KServe v1 / TF Serving :predict and TorchServe next to v2 JSON, one server, one run; about 2 minutes
 bench-protocols: $(STAMP)
 	$(PY) benchmarks/protocols.py
+
+# dhow batch run against a bare pyarrow -> onnxruntime loop, and its Spark engine against predict_batch_udf
+bench-batch: $(STAMP)
+	$(PY) benchmarks/batch.py
 
 # dhow against Seldon MLServer 1.7.1 (installed on first run into benchmarks/.peers/); about 10 minutes
 bench-serving: $(STAMP)

@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     model_commands = _add_models(commands)
 
     from dhow.commands import audit as audit_commands
+    from dhow.commands import batch as batch_commands
     from dhow.commands import keys as access_commands
     from dhow.commands import models as repository_commands
     from dhow.rollouts import cli as rollout_cli
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     repository_commands.add_parsers(model_commands)
     access_commands.add_parsers(commands, model_commands)
     audit_commands.add_parser(commands)
+    batch_commands.add_parser(commands)
     rollout_cli.add_parser(commands)
     return parser
 
@@ -195,6 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dhow.rollouts import cli as rollout_cli
 
             return rollout_cli.run(args)
+        if args.command == "batch":
+            from dhow.commands import batch as batch_commands
+
+            return batch_commands.run(args)
         if args.command == "audit":
             from dhow.commands import audit as audit_commands
 

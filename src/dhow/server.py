@@ -19,12 +19,9 @@ from dataclasses import dataclass
 import uvicorn
 
 from dhow.access.tls import ServerCertificates, TlsSettings
-from dhow.core.artifacts import install_decryptor
 from dhow.core.errors import DhowError
-from dhow.core.names import check_region_name
 from dhow.governance.masked_stream import mask_standard_streams
 from dhow.governance.masking import Masker, install_log_masking, parse_masking
-from dhow.governance.residency import ResidencyPolicy
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.protocols.grpc import GrpcConnectionLimits, GrpcServer, create_grpc_server
 from dhow.protocols.rest import RestApp
@@ -33,8 +30,6 @@ from dhow.protocols.rest.body import Receive, Scope, Send
 from dhow.protocols.rest.connection import ConnectionTimeouts, DeadlineHttpProtocol
 from dhow.protocols.rest.cors import CorsMiddleware, CorsPolicy
 from dhow.protocols.rest.tls import ClientCertHttpProtocol, https_port_protocol
-from dhow.repository.encryption import Keyring
-from dhow.repository.store import ModelRepository
 from dhow.rollouts.analysis import CanaryAnalyst
 from dhow.rollouts.controller import RolloutController
 from dhow.rollouts.editor import DeploymentEditor
@@ -42,6 +37,7 @@ from dhow.rollouts.routing import DeploymentTable
 from dhow.rollouts.shadow import ShadowQueue, ShadowRunner
 from dhow.rollouts.store import RegistryStore
 from dhow.serving.admin import AccessAdmin
+from dhow.serving.composition import CorePolicies, compose_core
 from dhow.serving.dataplane import DataPlane
 from dhow.serving.lifecycle import ModelControl, ModelLifecycle
 from dhow.serving.poller import RepositoryPoller
@@ -86,14 +82,11 @@ class Server:
         self.http_socket = http_socket
         self.metrics = ServerMetrics()
         # what can be checked without I/O is checked here, so that a wrong option fails before any port opens
-        self.control = ModelControl(settings.model_control)
+        self.policies = CorePolicies.load(settings)
+        self.control = self.policies.control
         self.tls = TlsSettings.resolve(
             settings.tls_cert, settings.tls_key, settings.tls_client_ca, settings.tls_client_auth, settings.require_tls
         )
-        keyring = Keyring.load(settings.kek, settings.kek_file)
-        install_decryptor(keyring.decrypt if keyring is not None else None)
-        self.region = check_region_name(settings.region, "--region")
-        self.residency = ResidencyPolicy.load(settings.residency_policy)
         self.certificates = ServerCertificates(self.tls) if self.tls is not None else None
         self.security = Security(settings)
         self.cors = CorsPolicy.of(settings.cors_origins, settings.cors_methods, settings.cors_headers)
@@ -205,20 +198,10 @@ class Server:
     async def _compose(self) -> _Parts:
         """Build the server's objects, each with its collaborators, in the order they depend on each other."""
         settings, metrics = self.settings, self.metrics
-        key = await self.security.open()
-        models = self._models()
         shadow_queue = ShadowQueue(metrics.registry)
         table = DeploymentTable(shadow_queue, metrics.registry)
-        dataplane = DataPlane(
-            models,
-            router=table,
-            region=self.region,
-            residency=self.residency,
-            masking_key=key,
-            strict_readiness=settings.strict_readiness,
-        )
-        guard = await self.security.guard(models.tenant_of, metrics.registry)
-        service = CoreService(dataplane, guard)
+        core = await compose_core(settings, self.security, self.policies, metrics=metrics, router=table)
+        models, dataplane, service = core.models, core.dataplane, core.service
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = await asyncio.to_thread(RegistryStore.open, settings.registry_url())
         editor = DeploymentEditor(store, models, table)
@@ -242,21 +225,6 @@ class Server:
         if self.control is ModelControl.POLL:
             poller = RepositoryPoller(models, service, settings.poll_interval)
         return _Parts(models, dataplane, service, rollouts, rest, poller)
-
-    def _models(self) -> ModelLifecycle:
-        settings = self.settings
-        upload_dir = settings.data_dir / "uploads" if settings.allow_model_upload else None
-        if upload_dir is not None:
-            upload_dir.mkdir(parents=True, exist_ok=True)
-        return ModelLifecycle(
-            ModelRepository(settings.repository),
-            self.metrics,
-            control=self.control,
-            upload_dir=upload_dir,
-            workers=settings.workers,
-            artifact_check=self.security.digest_check() if settings.require_digests else None,
-            queue_timeout_ms=settings.queue_timeout_ms,
-        )
 
     async def _load(self, parts: _Parts) -> None:
         """Load the models the control mode says to load at start, then apply the deployments."""

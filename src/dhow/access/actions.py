@@ -38,6 +38,8 @@ ACTIONS: dict[str, Access] = _actions(
     (_P.MODEL_READ, "model.config"),
     (_P.MODEL_READ, "repository.index"),
     (_P.INFER, "infer"),
+    # a batch job's run: one record with its rows, errors and file digests (each batch is an ``infer``)
+    (_P.INFER, "batch.run"),
     (_P.MODEL_MANAGE, "model.load"),
     (_P.MODEL_MANAGE, "model.unload"),
     (_P.DEPLOYMENT_READ, "deployment.read"),

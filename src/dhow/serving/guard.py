@@ -137,8 +137,9 @@ class AccessGuard:
         self._release(admission)
         if outcome not in _DENIALS and (
             not admission.access.permission.audited
-            # without authentication every caller is "anonymous": inference records would say nothing
-            or (admission.access.permission is Permission.INFER and not self.authenticator.enabled)
+            # without authentication every caller is "anonymous": inference records would say nothing (a batch
+            # run's record still says what ran, on which files)
+            or (admission.access.action == "infer" and not self.authenticator.enabled)
         ):
             return
         record = self._record(admission, outcome, message, served or _NOTHING, details or {})

@@ -81,15 +81,18 @@ class Security:
         interpreter lock: see docs/security.md); returns the masking key."""
         return await self._open(writer="process")
 
-    async def guard(self, tenant_of: Callable[[str], str], registry: CollectorRegistry) -> AccessGuard:
-        """Start authentication and quotas; make the first admin key if there is none."""
+    async def guard(
+        self, tenant_of: Callable[[str], str], registry: CollectorRegistry, *, first_key: bool = True
+    ) -> AccessGuard:
+        """Start authentication and quotas; make the first admin key if there is none (unless ``first_key`` is
+        False: a batch job checks the keys a server made, it makes none)."""
         settings = self.settings
         assert self.store is not None and self.audit is not None
         enabled = settings.auth == "on"
         self.authenticator = Authenticator(self.store, self._jwt(), enabled=enabled, poll_s=settings.registry_poll)
         await self.authenticator.start()
         self.limiter = await RedisRateLimiter.connect(settings.redis) if settings.redis else LocalRateLimiter()
-        if enabled:
+        if enabled and first_key:
             await self._first_key()
         else:
             log.warning(

@@ -1,0 +1,215 @@
+"""The input of a batch job: a file, a folder of files or object storage (``s3://…`` through fsspec), read as a
+stream of Arrow record batches: never the whole input in memory.
+
+Every file is opened and its columns read before anything runs, so that an unreadable file or a missing
+column fails the job at once, before any output. Parquet is read column by column (only the columns the job
+needs) and a resumed run skips whole files and row groups it already scored; CSV and JSON Lines are read
+from the top, their rows counted off.
+
+CSV and JSON Lines columns that feed a model are read as text and converted by the mapping, so that one bad
+value makes one bad row, not an unreadable file. A JSON line that does not parse is a row whose
+``_dhow_unreadable`` column says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Iterator
+from typing import IO, Any
+
+import fsspec
+import orjson
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from dhow.core.errors import InvalidInput
+
+__all__ = ["UNREADABLE", "Source"]
+
+#: the column of a JSON Lines batch that says why a line could not be read (null: it could)
+UNREADABLE = "_dhow_unreadable"
+
+_SUFFIXES = {"parquet": (".parquet", ".pq"), "csv": (".csv",), "jsonl": (".jsonl", ".ndjson", ".json")}
+
+
+class Source:
+    """The input files of one format, in a fixed order (the order rows are numbered and parts are cut in)."""
+
+    def __init__(self, url: str, kind: str, batch_rows: int) -> None:
+        self.url = url
+        self.kind = kind
+        self.batch_rows = batch_rows
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url)
+            self.files = _files(self.fs, root, kind)
+        except (OSError, ValueError, ImportError) as exc:
+            raise InvalidInput(f"cannot read the input {url}: {exc}") from None
+        if not self.files:
+            raise InvalidInput(f"the input {url} holds no {kind} file ({', '.join(_SUFFIXES[kind])})")
+        self.local = "file" in _protocols(self.fs)
+        self._rows: list[int] | None = None
+        self.schema = self._check_files()
+
+    @property
+    def total_rows(self) -> int | None:
+        """The input's rows, when the format says without reading it (Parquet)."""
+        return sum(self._rows) if self._rows is not None else None
+
+    def _open(self, path: str) -> Any:
+        return path if self.local else self.fs.open(path, "rb")
+
+    def _check_files(self) -> pa.Schema:
+        """Open every file and read its columns; the first file's are the input's."""
+        schemas: list[pa.Schema] = []
+        rows: list[int] = []
+        for path in self.files:
+            try:
+                if self.kind == "parquet":
+                    meta = pq.read_metadata(self._open(path))
+                    schemas.append(meta.schema.to_arrow_schema())
+                    rows.append(meta.num_rows)
+                else:
+                    schemas.append(self._text_schema(path))
+            except (OSError, pa.ArrowException, ValueError) as exc:
+                raise InvalidInput(f"cannot read input file {path}: {exc}") from None
+        first = schemas[0]
+        for path, schema in zip(self.files[1:], schemas[1:], strict=True):
+            missing = [name for name in first.names if name not in schema.names]
+            if missing:
+                raise InvalidInput(f"input file {path} lacks column(s) {', '.join(missing)} of {self.files[0]}")
+        self._rows = rows if self.kind == "parquet" else None
+        return first
+
+    def _text_schema(self, path: str) -> pa.Schema:
+        with self.fs.open(path, "rb") as handle:
+            if self.kind == "csv":
+                return pacsv.open_csv(handle).schema
+            first = next(_json_batches(handle, 64), None)
+        if first is None:
+            raise ValueError("no JSON line")
+        return first.schema
+
+    def batches(self, columns: list[str], text: set[str], skip: int = 0) -> Iterator[pa.RecordBatch]:
+        """The input's rows from row ``skip`` on, in batches of at most ``batch_rows``, with ``columns`` only;
+        CSV and JSON Lines columns in ``text`` are read as text."""
+        for index, path in enumerate(self.files):
+            if self._rows is not None:
+                if skip >= self._rows[index]:
+                    skip -= self._rows[index]
+                    continue
+                parquet = pq.ParquetFile(self._open(path))
+                groups, skipped = _row_groups_after(parquet.metadata, skip)
+                skip -= skipped
+                read = _row_group_batches(parquet, groups, columns, self.batch_rows)
+            else:
+                read = self._text_batches(path, columns, text)
+            for batch in read:
+                if skip >= batch.num_rows:
+                    skip -= batch.num_rows
+                    continue
+                yield batch.slice(skip) if skip else batch
+                skip = 0
+
+    def _text_batches(self, path: str, columns: list[str], text: set[str]) -> Iterator[pa.RecordBatch]:
+        with self.fs.open(path, "rb") as handle:
+            if self.kind == "csv":
+                yield from _csv_batches(handle, columns, text, self.batch_rows)
+            else:
+                for batch in _json_batches(handle, self.batch_rows):
+                    yield _select(batch, columns)
+
+    def digest(self) -> str:
+        """SHA-256 over the input files' bytes, in order (what the audit record names the input by)."""
+        total = hashlib.sha256()
+        for path in self.files:
+            with self.fs.open(path, "rb") as handle:
+                total.update(hashlib.file_digest(handle, "sha256").digest())
+        return total.hexdigest()
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _files(fs: Any, root: str, kind: str) -> list[str]:
+    if not fs.isdir(root):
+        fs.info(root)  # a missing file is an OSError here, named with its path
+        return [root]
+    found = [
+        path
+        for path in fs.find(root)
+        if path.lower().endswith(_SUFFIXES[kind])
+        and not any(part.startswith(("_", ".")) for part in path[len(root) :].split("/") if part)
+    ]
+    return sorted(found)
+
+
+def _row_groups_after(meta: pq.FileMetaData, skip: int) -> tuple[list[int], int]:
+    """The row groups that hold rows from ``skip`` on, and the rows of the groups left out."""
+    groups, skipped = [], 0
+    for index in range(meta.num_row_groups):
+        rows = meta.row_group(index).num_rows
+        if skipped + rows <= skip:
+            skipped += rows
+            continue
+        groups.append(index)
+    return groups, skipped
+
+
+def _row_group_batches(
+    parquet: pq.ParquetFile, groups: list[int], columns: list[str], batch_rows: int
+) -> Iterator[pa.RecordBatch]:
+    """One row group at a time: the reader pre-buffers (coalesces the reads of) what it is given, so given the
+    whole file it would hold the whole file in memory."""
+    for group in groups:
+        yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns)
+
+
+def _csv_batches(handle: IO[bytes], columns: list[str], text: set[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    convert = pacsv.ConvertOptions(
+        include_columns=columns,
+        column_types={name: pa.string() for name in text},
+        strings_can_be_null=True,
+    )
+    reader = pacsv.open_csv(handle, read_options=pacsv.ReadOptions(block_size=1 << 22), convert_options=convert)
+    for batch in reader:
+        for start in range(0, batch.num_rows, batch_rows):
+            yield batch.slice(start, batch_rows)
+
+
+def _json_batches(handle: IO[bytes], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    lines = (line for line in handle if line.strip())
+    while chunk := list(itertools.islice(lines, batch_rows)):
+        rows: list[dict[str, Any]] = []
+        unreadable: list[str | None] = []
+        for line in chunk:
+            why: str | None = None
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                row, why = {}, f"not a JSON line ({exc}): {line[:200].decode(errors='replace')!r}"
+            else:
+                row, why = (row, None) if isinstance(row, dict) else ({}, "not a JSON object")
+            rows.append(row)
+            unreadable.append(why)
+        names = list(dict.fromkeys(name for row in rows for name in row))
+        arrays = {name: _json_column([row.get(name) for row in rows]) for name in names}
+        arrays[UNREADABLE] = pa.array(unreadable, pa.string())
+        yield pa.record_batch(arrays)
+
+
+def _json_column(values: list[Any]) -> pa.Array:
+    """A column of JSON values: typed when they agree, else their JSON text (the mapping converts it)."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        return pa.array([v if v is None or isinstance(v, str) else orjson.dumps(v).decode() for v in values])
+
+
+def _select(batch: pa.RecordBatch, columns: list[str]) -> pa.RecordBatch:
+    """The columns asked for (a column no line of this batch had is all null), and the unreadable-line reasons."""
+    arrays = [batch.column(name) if name in batch.schema.names else pa.nulls(batch.num_rows) for name in columns]
+    return pa.record_batch([*arrays, batch.column(UNREADABLE)], names=[*columns, UNREADABLE])

@@ -1,0 +1,70 @@
+"""`dhow batch run --engine spark` in Spark's local mode: the same output and errors as the model run directly.
+
+One Spark job for the module (a JVM start is the slow part); it runs as a real `dhow` process.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from tests.batch_data import features, run_batch, summary_of, tabular_table, write_parquet
+from tests.conftest import IN_CI, make_key
+from tests.reference import run_directly
+
+ROWS = 20_000
+BAD = (17, 4242, 19_999)
+
+
+@pytest.fixture(scope="module")
+def spark_available() -> None:
+    try:
+        import pyspark  # noqa: F401
+    except ImportError as exc:
+        message = f"pyspark is needed for the Spark tests ({exc}); pip install -e '.[spark]'"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    if shutil.which("java") is None:
+        message = "Spark needs a Java runtime (17 or later) on PATH"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def test_spark_local_scores_like_the_model_and_reports_bad_rows(
+    spark_available: None, demo_repository: Path, tmp_path: Path
+) -> None:
+    table = tabular_table(ROWS, seed=30)
+    f5 = table.column("f5").to_numpy().copy()
+    valid = np.ones(ROWS, dtype=bool)
+    valid[list(BAD)] = False
+    table = table.set_column(5 + 1, "f5", pa.array(f5, mask=~valid))
+    source = write_parquet(table, tmp_path / "in" / "data.parquet", row_group_rows=4000)
+    data, out = tmp_path / "data", tmp_path / "out"
+    token = make_key(data, "spark-job", ["invoker"])
+    summary = summary_of(run_batch(demo_repository, data, "--model", "tabular", "--engine", "spark", "--input",
+                                   str(source), "--output", str(out), "--key", "id", "--map", "input=f*",
+                                   "--batch-rows", "2048", key=token))  # fmt: skip
+    assert (summary["engine"], summary["rows_in"], summary["scored"], summary["errors"]) == ("spark", ROWS, ROWS - 3, 3)
+    scored = pq.read_table(out, partitioning=None, ignore_prefixes=["_", ".", "errors"])
+    scored = scored.take(pc.sort_indices(scored.column("id")))
+    ids = table.column("id").to_numpy()
+    np.testing.assert_array_equal(scored.column("id").to_numpy(), ids[valid])
+    expected = run_directly(demo_repository, "tabular", 2, {"input": features(table.filter(pa.array(valid)))})
+    np.testing.assert_array_equal(scored.column("label").to_numpy(), expected["label"])
+    probabilities = np.stack(scored.column("probabilities").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(probabilities, expected["probabilities"], rtol=1e-6)
+    assert set(scored.column("dhow_run_id").to_pylist()) == {summary["run_id"]}
+    errors = pq.read_table(out / "errors", ignore_prefixes=["_", "."])
+    assert sorted(errors.column("id").to_pylist()) == sorted(ids[list(BAD)].tolist())
+    assert all("null in column 'f5'" in reason for reason in errors.column("reason").to_pylist())
+    again = run_batch(demo_repository, data, "--model", "tabular", "--engine", "spark", "--input", str(source),
+                      "--output", str(out), "--key", "id", key=token)  # fmt: skip
+    assert again.returncode == 2 and "other arguments" in again.stderr  # --map and --batch-rows differ

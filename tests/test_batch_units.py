@@ -1,0 +1,106 @@
+"""The batch door's pieces in one process: the commit protocol of the output folder, and the column mapping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from dhow.batch.mapping import convert, plan_inputs
+from dhow.batch.parts import JOURNAL, OutputFolder, part_name
+from dhow.core.errors import Conflict, InvalidInput
+from dhow.core.model_config import TensorSpec
+
+FINGERPRINT = {"model": "m", "input": "in.parquet", "key": "id"}
+
+
+def _table(rows: int) -> pa.Table:
+    return pa.table({"id": pa.array(np.arange(rows)), "score": pa.array(np.ones(rows))})
+
+
+def test_a_torn_journal_line_and_its_part_are_not_committed(tmp_path: Path) -> None:
+    folder = OutputFolder(tmp_path / "out")
+    folder.open({"run_id": "r1", "fingerprint": FINGERPRINT}, None)
+    for index in range(3):
+        folder.commit(index, _table(10), None, {"rows": 10, "scored": 10, "errors": 0})
+    folder.close()
+    journal_path = tmp_path / "out" / JOURNAL
+    # a kill after part 3's rename, in the middle of its journal line
+    (tmp_path / "out" / part_name(3)).write_bytes(b"a renamed part whose line was never finished")
+    journal_path.write_bytes(journal_path.read_bytes() + b'{"part": 3, "rows"')
+    journal = OutputFolder(tmp_path / "out").check(FINGERPRINT, overwrite=False)
+    assert journal is not None and [p["part"] for p in journal.parts] == [0, 1, 2] and journal.rows_done == 30
+    again = OutputFolder(tmp_path / "out")
+    again.open(journal.header, journal)
+    assert not (tmp_path / "out" / part_name(3)).exists()  # written again from the same rows
+    again.commit(3, _table(10), None, {"rows": 10, "scored": 10, "errors": 0})
+    again.close()
+    reread = OutputFolder(tmp_path / "out").read()
+    assert reread is not None and [p["part"] for p in reread.parts] == [0, 1, 2, 3]
+
+
+def test_an_output_of_other_arguments_or_of_no_run_is_refused(tmp_path: Path) -> None:
+    folder = OutputFolder(tmp_path / "out")
+    folder.open({"run_id": "r1", "fingerprint": FINGERPRINT}, None)
+    folder.close()
+    with pytest.raises(Conflict, match="key: 'id' then, 'ref' now"):
+        OutputFolder(tmp_path / "out").check({**FINGERPRINT, "key": "ref"}, overwrite=False)
+    assert OutputFolder(tmp_path / "out").check({**FINGERPRINT, "key": "ref"}, overwrite=True) is None
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"")
+    with pytest.raises(Conflict, match="not a dhow batch output"):
+        OutputFolder(other).check(FINGERPRINT, overwrite=False)
+
+
+def test_a_second_run_cannot_write_the_same_output(tmp_path: Path) -> None:
+    first = OutputFolder(tmp_path / "out")
+    first.open({"run_id": "r1", "fingerprint": FINGERPRINT}, None)
+    assert OutputFolder(tmp_path / "out").running()
+    with pytest.raises(Conflict, match="another run"):
+        OutputFolder(tmp_path / "out").open({"run_id": "r2", "fingerprint": FINGERPRINT}, None)
+    first.close()
+    assert not OutputFolder(tmp_path / "out").running()
+
+
+SPECS = [TensorSpec("input", "FP32", (-1, 3))]
+
+
+def test_globs_and_lists_stack_columns_in_the_files_order() -> None:
+    schema = pa.schema([("b2", pa.float64()), ("id", pa.int64()), ("b0", pa.int32()), ("b1", pa.float32())])
+    mapping = plan_inputs(SPECS, schema, [("input", "b*")], "id")
+    assert mapping.inputs[0].columns == ("b2", "b0", "b1")
+    assert plan_inputs(SPECS, schema, [], "id").inputs[0].columns == ("b2", "b0", "b1")  # numeric but the key
+    with pytest.raises(InvalidInput, match="3 values per row"):
+        plan_inputs(SPECS, schema, [("input", "b0,b1")], "id")
+    with pytest.raises(InvalidInput, match="no column 'c\\*'"):
+        plan_inputs(SPECS, schema, [("input", "c*")], "id")
+
+
+def test_bad_values_make_bad_rows_and_the_rest_convert() -> None:
+    batch = pa.record_batch({
+        "a": pa.array(["1", "2", None, "x", "5"]),
+        "b": pa.array([1.0, 2.0, 3.0, 4.0, 5.0]),
+        "c": pa.array([1, 2, 3, 4, None]),
+    })  # fmt: skip
+    mapping = plan_inputs(SPECS, batch.schema, [("input", "a,b,c")], "")
+    converted = convert(batch, mapping)
+    assert converted.good.tolist() == [True, True, False, False, False]
+    assert converted.reasons == [
+        "null in column 'a'",
+        "column 'a': 'x' is not a float32 value",
+        "null in column 'c'",
+    ]
+    np.testing.assert_array_equal(converted.arrays["input"], np.array([[1, 1, 1], [2, 2, 2]], dtype=np.float32))
+
+
+def test_list_columns_of_the_wrong_length_are_bad_rows() -> None:
+    column = pa.array([[1.0, 2.0, 3.0], [1.0], None, [4.0, None, 6.0], [7.0, 8.0, 9.0]])
+    batch = pa.record_batch({"input": column})
+    converted = convert(batch, plan_inputs(SPECS, batch.schema, [], ""))
+    assert converted.good.tolist() == [True, False, False, False, True]
+    assert "holds 1 values" in converted.reasons[0] and "null" in converted.reasons[1]
+    assert "a null in the list" in converted.reasons[2]
+    np.testing.assert_array_equal(converted.arrays["input"], np.array([[1, 2, 3], [7, 8, 9]], dtype=np.float32))
