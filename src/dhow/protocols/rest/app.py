@@ -27,6 +27,7 @@ from dhow.protocols.rest.body import (
     Send,
     compress,
     decompress,
+    json_object,
     read_body,
 )
 from dhow.protocols.rest.codec import decode_request, encode_response
@@ -140,16 +141,7 @@ class Request:
 
     async def json_body(self) -> dict[str, Any]:
         """An optional JSON object body (repository requests): empty means ``{}``."""
-        body = await self.body()
-        if not body.strip():
-            return {}
-        try:
-            document = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidInput(f"malformed JSON: {exc}") from None
-        if not isinstance(document, dict):
-            raise InvalidInput("the request body must be a JSON object")
-        return document
+        return json_object(await self.body(), empty_means={})
 
 
 class RestApp(PeerRoutes):

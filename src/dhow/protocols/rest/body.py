@@ -6,6 +6,8 @@ import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import orjson
+
 from dhow.core.errors import CallCancelled, DhowError, ErrorCode, InvalidInput
 
 __all__ = [
@@ -17,6 +19,7 @@ __all__ = [
     "Send",
     "compress",
     "decompress",
+    "json_object",
     "read_body",
 ]
 
@@ -139,3 +142,18 @@ def _accepted(header: bytes) -> set[bytes]:
             continue
         names.add(name.strip())
     return names
+
+
+def json_object(body: bytes, example: str = "", *, empty_means: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A body that must be one JSON object; ``empty_means`` is what an empty body stands for (None: refused)."""
+    if not body.strip():
+        if empty_means is not None:
+            return empty_means
+        raise InvalidInput("the request body is empty; expected a JSON object")
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"malformed JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidInput(f"the request body must be a JSON object{f', like {example}' if example else ''}")
+    return document

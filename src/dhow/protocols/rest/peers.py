@@ -16,6 +16,7 @@ import orjson
 from dhow.core.errors import InvalidInput, Unsupported
 from dhow.core.types import InferenceRequest, InferenceResponse, LazyHeaders, RequestedOutput, Tensor
 from dhow.protocols.rest import tfserving, torchserve
+from dhow.protocols.rest.body import json_object
 from dhow.protocols.rest.codec import decode_request, encode_response
 from dhow.serving.dataplane import DataPlane
 
@@ -69,7 +70,7 @@ class PeerRoutes:
     async def _v1_predict(self, request: Request, call: Call) -> Answer:
         body = await request.body()
         header_length = request.header_length
-        document = None if header_length is not None else _object(body)
+        document = None if header_length is not None else json_object(body, '{"instances": [...]}')
         if document is None or _is_v2_request(document):
             # KServe's client posts its InferRequest (the v2 shape) to :predict; KServe answers it in v2's shape
             return await self._v2_answer(request, call, body, header_length)
@@ -106,7 +107,7 @@ class PeerRoutes:
 
     async def _examples(self, request: Request, call: Call, verb: str) -> InferenceResponse:
         """Run a classify or regress request, asking only for the output its answer is made of."""
-        document = _object(await request.body())
+        document = json_object(await request.body(), '{"examples": [...]}')
         tfserving.check_signature(document.get("signature_name"), ("serving_default", f"tensorflow/serving/{verb}"))
         model = request.match.model
         inputs, outputs = self.dataplane.tensor_specs(model, request.match.version)
@@ -168,18 +169,6 @@ class PeerRoutes:
             headers=LazyHeaders(lambda: raw_headers),
             gone=request.gone,
         )
-
-
-def _object(body: bytes) -> dict[str, Any]:
-    if not body.strip():
-        raise InvalidInput("the request body is empty; expected a JSON object")
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"malformed JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise InvalidInput('the request body must be a JSON object, like {"instances": [...]}')
-    return document
 
 
 def _is_v2_request(document: dict[str, Any]) -> bool:
