@@ -26,7 +26,9 @@ def test_a_job_sent_to_a_server_is_admitted_and_audited_there(demo_repository: P
         source = write_parquet(table, tmp_path / "in.parquet")
         out, client_data = tmp_path / "out", tmp_path / "client"
         args = ("--server", server.grpc_url, "--model", "tabular", "--input", str(source), "--key", "id")
-        refused = run_batch(demo_repository, client_data, *args, "--output", str(tmp_path / "refused"), key=auditor)
+        # the URL form reaches the same server (its refusal comes from there)
+        as_url = ("--server", f"grpc://{server.grpc_url}", *args[2:])
+        refused = run_batch(demo_repository, client_data, *as_url, "--output", str(tmp_path / "refused"), key=auditor)
         assert refused.returncode == 2 and "PERMISSION_DENIED" in refused.stderr
         assert not (tmp_path / "refused").exists()
         summary = summary_of(run_batch(demo_repository, client_data, *args, "--output", str(out), key=invoker))

@@ -67,7 +67,10 @@ def _add_run(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         metavar="URL",
         help="Spark's master with --engine spark (default local[*])",
     )
-    add("--server", default="", metavar="HOST:PORT", help="send the batches to a running dhow server over gRPC")
+    add(
+        "--server", default="", metavar="HOST:PORT",
+        help="send the batches to a running dhow server over gRPC (its gRPC address; grpc://HOST:PORT also taken)",
+    )  # fmt: skip
     add("--batch-rows", type=int, default=0, metavar="N", help="rows per call of the model (default 8192)")
     add("--part-rows", type=int, default=131_072, metavar="N", help="input rows per output part (default 131072)")
     add("--overwrite", action="store_true", help="replace an existing output instead of continuing it")

@@ -37,8 +37,11 @@ class GrpcModel:
     """One model of a server, over one gRPC channel, as the job's key."""
 
     def __init__(self, target: str, api_key: str) -> None:
-        if not target or target.startswith(("http://", "https://")):
-            raise InvalidInput(f"--server expects the server's gRPC address HOST:PORT, got {target!r}")
+        target = target.removeprefix("grpc://")  # the URL form of the issue's --server URL
+        if not target or "://" in target:
+            raise InvalidInput(
+                f"--server expects the server's gRPC address HOST:PORT (or grpc://HOST:PORT), got {target!r}"
+            )
         options = [
             ("grpc.max_send_message_length", _MESSAGE_BYTES),
             ("grpc.max_receive_message_length", _MESSAGE_BYTES),

@@ -44,7 +44,7 @@ class Call:
     raises the refusal), and its end, however it ends, frees its quota and writes its audit record."""
 
     __slots__ = (
-        "_access", "_admission", "_dataplane", "_details", "_guard", "_model", "_outcome", "_request_id", "_who",
+        "_access", "_admission", "_dataplane", "_details", "_guard", "_model", "_outcome", "_who",
         "principal", "request_id",
     )  # fmt: skip
 
@@ -62,12 +62,11 @@ class Call:
         self._who = who
         self._access = access
         self._model = model
-        self._request_id = request_id
         self._admission = _OPEN
         #: who was let in (attributes, not properties: a door reads them on every request)
         self.principal = _OPEN.principal
-        #: the id of this request in the audit trail (the client's, when it gave one); "" for an open route
-        self.request_id = ""
+        #: the id of this request in the audit trail: the client's when it gave one, else the guard's once admitted
+        self.request_id = request_id
         self._outcome: Outcome | None = None
         self._details: dict[str, Any] = {}
 
@@ -75,9 +74,7 @@ class Call:
         if self._model:
             check_model_name(self._model)  # it may become a path or a log word: checked before anything else
         if self._access is not None:
-            admission = self._admission = await self._guard.admit(
-                self._who, self._access, self._model, self._request_id
-            )
+            admission = self._admission = await self._guard.admit(self._who, self._access, self._model, self.request_id)
             self.principal, self.request_id = admission.principal, admission.caller.request_id
         return self
 

@@ -6,8 +6,8 @@ The request id is the one in the request's audit record: the client's ``x-reques
 token, else one the server made. The event loop only builds a record and puts it on a queue
 (``logging.handlers.QueueHandler``); a thread (``QueueListener``) masks it and writes it through the root
 logger's handlers, the same masked ones every log line goes through, so a slow terminal or disk never stalls a
-request. The path is the raw one (percent
-escapes kept: no decoded newline can forge a line) without its query string, which may carry data.
+request. The path is the raw one (percent escapes kept: no decoded newline can forge a line) without its query
+string, which may carry data.
 """
 
 from __future__ import annotations

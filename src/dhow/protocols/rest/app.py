@@ -144,6 +144,14 @@ class Request:
         return json_object(await self.body(), empty_means={})
 
 
+def _client_request_id(scope: Scope) -> str:
+    """The client's ``x-request-id`` of a request that matched no route (no ``Request`` was made for it)."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            return client_request_id(value)
+    return ""
+
+
 class RestApp(PeerRoutes):
     """The ASGI application of the REST door: every route through the core service's one admission point.
 
@@ -190,13 +198,13 @@ class RestApp(PeerRoutes):
         its request id (the audit record's)."""
         match = resolve(scope["path"], scope["method"])
         if match is None:
-            return await _send_no_route(send, scope["path"], scope["method"]), "-", ""
+            return await _send_no_route(send, scope["path"], scope["method"]), "-", _client_request_id(scope)
         request = Request(scope, receive, match, self.max_body_bytes)
         principal, request_id = "-", request.request_id
         try:
             credentials = request.credentials(scope)
             async with self.service.call(credentials, match.route.access, match.model, request_id) as call:
-                principal, request_id = call.principal.name, call.request_id or request_id
+                principal, request_id = call.principal.name, call.request_id
                 status, headers, body = await self._handlers[match.route.name](request, call)
         except DhowError as exc:
             headers = _retry_after(exc.retry_after)

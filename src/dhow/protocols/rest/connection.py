@@ -56,7 +56,7 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
     """
 
     timeouts: ClassVar[ConnectionTimeouts] = ConnectionTimeouts(header_s=10.0, body_s=30.0)
-    #: the open connections of this class (a server's), for its watchdog; None until ``with_timeouts``
+    #: the open connections of this class (each server's own, made by ``with_timeouts``), for its watchdog
     _open: ClassVar[set[DeadlineHttpProtocol]] = set()
     _watchdog: ClassVar[asyncio.TimerHandle | None] = None
 
