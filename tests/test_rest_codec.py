@@ -11,7 +11,7 @@ import pytest
 
 from dhow.core.errors import DhowError, InvalidInput, Unsupported
 from dhow.core.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
-from dhow.protocols.rest.codec import decode_request, encode_response
+from dhow.core.wire.v2 import decode_request, encode_response
 
 NUMERIC = {
     "BOOL": ([True, False, True, True], np.bool_),

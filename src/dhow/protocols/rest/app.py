@@ -30,7 +30,7 @@ from dhow.protocols.rest.body import (
     json_object,
     read_body,
 )
-from dhow.protocols.rest.codec import decode_request, encode_response
+from dhow.core.wire.v2 import decode_request, encode_response
 from dhow.protocols.rest.openapi import openapi_document
 from dhow.protocols.rest.peers import PeerRoutes
 from dhow.protocols.rest.router import Match, allowed_methods, resolve

@@ -19,7 +19,7 @@ import numpy as np
 from dhow.core.errors import InvalidInput
 from dhow.core.model_config import TensorSpec
 from dhow.core.types import InferenceResponse, RequestedOutput, Tensor
-from dhow.protocols.rest.tensors import array_from_json
+from dhow.core.wire.tensors import array_from_json
 
 __all__ = [
     "Format",

@@ -1,4 +1,4 @@
-"""Inference bodies of the REST door: JSON tensors and the binary tensor data extension.
+"""Inference bodies of the Open Inference Protocol: JSON tensors and the binary tensor data extension.
 
 A binary body is a JSON header of ``Inference-Header-Content-Length`` bytes followed by the raw
 blobs of the inputs (or outputs) that carry ``parameters.binary_data_size``, in order. Blobs are
@@ -15,7 +15,7 @@ import orjson
 from dhow.core.datatypes import NUMPY_DTYPE, array_from_buffer, array_to_bytes
 from dhow.core.errors import InvalidInput, Unsupported
 from dhow.core.types import InferenceRequest, InferenceResponse, Parameters, RequestedOutput, Tensor
-from dhow.protocols.rest.tensors import array_from_json, json_data
+from dhow.core.wire.tensors import array_from_json, json_data
 
 __all__ = ["EncodedResponse", "decode_request", "encode_response"]
 
