@@ -33,12 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     from dhow.commands import batch as batch_commands
     from dhow.commands import keys as access_commands
     from dhow.commands import models as repository_commands
+    from dhow.commands import stream as stream_commands
     from dhow.rollouts import cli as rollout_cli
 
     repository_commands.add_parsers(model_commands)
     access_commands.add_parsers(commands, model_commands)
     audit_commands.add_parser(commands)
     batch_commands.add_parser(commands)
+    stream_commands.add_parser(commands)
     rollout_cli.add_parser(commands)
     return parser
 
@@ -201,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dhow.commands import batch as batch_commands
 
             return batch_commands.run(args)
+        if args.command == "stream":
+            from dhow.commands import stream as stream_commands
+
+            return stream_commands.run(args)
         if args.command == "audit":
             from dhow.commands import audit as audit_commands
 

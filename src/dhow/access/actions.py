@@ -40,6 +40,8 @@ ACTIONS: dict[str, Access] = _actions(
     (_P.INFER, "infer"),
     # a batch job's run: one record with its rows, errors and file digests (each batch is an ``infer``)
     (_P.INFER, "batch.run"),
+    # a stream consumer's start and end, with its counts (each batch of messages is an ``infer``)
+    (_P.INFER, "stream.run"),
     (_P.MODEL_MANAGE, "model.load"),
     (_P.MODEL_MANAGE, "model.unload"),
     (_P.DEPLOYMENT_READ, "deployment.read"),

@@ -169,6 +169,13 @@ class DataPlane:
             raise InvalidInput(f"request parameter 'data_region' must be a string like 'ae', got {region!r}")
         return Placement(config, region, model)
 
+    def check_residency(self, name: str, version: str, data_region: str) -> str:
+        """Refuse at start a source of data (a stream) that this server may not process; its region (the model's
+        when the source names none)."""
+        region = data_region or self.models.resolve(name, version).config.region
+        self.residency.check(region, self.region)
+        return region
+
     async def infer(self, request: InferenceRequest, placement: Placement) -> tuple[InferenceResponse, Outcome]:
         """Run one placed request, if this server may process its data region (residency), and route it.
 

@@ -28,7 +28,7 @@ from dhow.serving.dataplane import DataPlane
 from dhow.serving.guard import AccessGuard, Admission
 from dhow.serving.traffic import Invoke
 
-__all__ = ["ACTIONS", "Access", "Call", "CoreService", "Credentials", "service_identity"]
+__all__ = ["ACTIONS", "Access", "Call", "CoreService", "Credentials", "Principal", "service_identity"]
 
 log = logging.getLogger("dhow.service")
 

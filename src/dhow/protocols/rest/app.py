@@ -20,6 +20,7 @@ from dhow.access.authenticator import Credentials
 from dhow.core.errors import CallCancelled, DhowError, InvalidInput, NotFound
 from dhow.core.ids import client_request_id, new_request_id
 from dhow.core.types import LazyHeaders
+from dhow.core.wire.v2 import decode_request, encode_response
 from dhow.protocols.rest.access_log import AccessLog
 from dhow.protocols.rest.body import (
     Receive,
@@ -30,7 +31,6 @@ from dhow.protocols.rest.body import (
     json_object,
     read_body,
 )
-from dhow.core.wire.v2 import decode_request, encode_response
 from dhow.protocols.rest.openapi import openapi_document
 from dhow.protocols.rest.peers import PeerRoutes
 from dhow.protocols.rest.router import Match, allowed_methods, resolve

@@ -15,9 +15,9 @@ import orjson
 
 from dhow.core.errors import InvalidInput, Unsupported
 from dhow.core.types import InferenceRequest, InferenceResponse, LazyHeaders, RequestedOutput, Tensor
+from dhow.core.wire.v2 import decode_request, encode_response
 from dhow.protocols.rest import tfserving, torchserve
 from dhow.protocols.rest.body import json_object
-from dhow.core.wire.v2 import decode_request, encode_response
 from dhow.serving.dataplane import DataPlane
 
 if TYPE_CHECKING:

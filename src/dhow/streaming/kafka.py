@@ -1,0 +1,258 @@
+"""Kafka through librdkafka (``confluent-kafka``): a consumer-group source and a producer sink.
+
+At-least-once is a property of the order of three calls: a reply is produced, the broker acknowledges it
+(the producer's delivery report), and only then is its offset committed. Offsets are never committed by the
+client on its own (``enable.auto.commit`` off): the ``OffsetTracker`` says how far every record is done, and
+the consumer commits that, every ``commit_interval_s``, when partitions are revoked, and when it stops.
+
+The client's calls block, so each runs on a thread of its own: the consumer's polls (and with them the
+group's rebalance callbacks) on one, the producer's delivery reports on another; the event loop only hands
+them work and gets futures back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from dhow.core.errors import InvalidInput, Unavailable
+from dhow.streaming.endpoints import Endpoint
+from dhow.streaming.offsets import OffsetTracker
+from dhow.streaming.records import Outgoing, Position, Record
+
+__all__ = ["DeliveryFailed", "KafkaSink", "KafkaSource"]
+
+log = logging.getLogger("dhow.streaming")
+
+#: how long to look for a broker and a topic at start before saying so
+_CONNECT_S = 10.0
+#: how long a revoked partition may take to finish its records before its offsets are committed as they are
+_REVOKE_WAIT_S = 10.0
+
+
+class DeliveryFailed(Exception):
+    """The broker did not take a reply or a dead letter (after the client's own retries)."""
+
+
+class KafkaSource:
+    """A consumer-group member: reads the topic's partitions the group gives it, commits what is done."""
+
+    def __init__(self, endpoint: Endpoint, group: str, *, client_id: str = "dhow") -> None:
+        self.endpoint = endpoint
+        self.offsets = OffsetTracker()
+        config: dict[str, Any] = {
+            "bootstrap.servers": endpoint.servers,
+            "group.id": group,
+            "client.id": client_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            # the consumer's prefetch is the only buffer below the in-flight bound: keep it small
+            "queued.max.messages.kbytes": 8192,
+            "statistics.interval.ms": 2000,
+            "stats_cb": self._on_statistics,
+            "error_cb": _log_error,
+            **endpoint.options,
+        }
+        self._consumer = Consumer(config)
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dhow-kafka-poll")
+        self._lag: dict[str, int] = {}
+        self._assigned: list[str] = []
+        self._paused = False
+
+    async def start(self) -> None:
+        """Check that the broker answers and the topic exists, then join the group."""
+        await _check_topic(self._consumer, self.endpoint, "--source")
+        self._consumer.subscribe(
+            [self.endpoint.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+
+    async def poll(self, max_records: int, timeout_s: float, *, paused: bool) -> list[Record]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._poll, max(max_records, 1), timeout_s, paused)
+
+    def _poll(self, max_records: int, timeout_s: float, paused: bool) -> list[Record]:
+        if paused or self._paused:
+            assignment = self._consumer.assignment()
+            if assignment:
+                (self._consumer.pause if paused else self._consumer.resume)(assignment)
+            self._paused = paused
+        records = []
+        for message in self._consumer.consume(max_records, timeout_s):
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("stream source %s: %s", self.endpoint, error)
+                continue
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            assert topic is not None and partition is not None and offset is not None
+            self.offsets.take((topic, partition), offset)
+            records.append(_record(message, Position(topic, partition, offset)))
+        return records
+
+    def done(self, record: Record) -> None:
+        position = record.position
+        self.offsets.done((position.topic, int(position.partition)), position.offset)
+
+    async def commit(self, *, wait: bool = False) -> None:
+        offsets = self.offsets.committable()
+        if not offsets:
+            return
+        partitions = [TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()]
+        try:
+            if wait:
+                await asyncio.to_thread(self._consumer.commit, offsets=partitions, asynchronous=False)
+            else:
+                self._consumer.commit(offsets=partitions, asynchronous=True)
+        except KafkaException as exc:
+            # not lost: committed with the next ones; a crash meanwhile re-reads them (at-least-once)
+            log.warning("stream source %s: commit failed, kept for the next one: %s", self.endpoint, exc)
+            self.offsets.restore(offsets)
+
+    def lag(self) -> dict[str, int]:
+        return dict(self._lag)
+
+    def assignment(self) -> list[str]:
+        return list(self._assigned)
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._thread, self._consumer.close)
+        self._thread.shutdown(wait=True)
+
+    # -- the group's callbacks (on the polling thread) --------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned = sorted({*self._assigned, *(f"{p.topic}/{p.partition}" for p in partitions)})
+        log.info("stream source %s: assigned %s", self.endpoint, ", ".join(self._assigned) or "nothing")
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Finish the revoked partitions' records (for a while), commit what is done, let them go: the next
+        owner starts where this one stopped, and re-reads only what was not answered."""
+        keys = [(p.topic, p.partition) for p in partitions if p.topic is not None]
+        if not self.offsets.wait_drained(keys, _REVOKE_WAIT_S):
+            log.warning("stream source %s: revoked partitions still had records in flight", self.endpoint)
+        offsets = self.offsets.committable(keys)
+        if offsets:
+            try:
+                consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
+            except KafkaException as exc:
+                log.warning("stream source %s: commit on revoke failed (re-read by the next owner): %s",
+                            self.endpoint, exc)  # fmt: skip
+        self._forget(keys)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions taken away without a revoke (the session timed out): another member may own them now, so
+        nothing is committed for them; their records in flight will be read again by it."""
+        log.warning("stream source %s: lost partitions %s", self.endpoint, [p.partition for p in partitions])
+        self._forget([(p.topic, p.partition) for p in partitions if p.topic is not None])
+
+    def _forget(self, keys: list[tuple[str, int]]) -> None:
+        self.offsets.forget(keys)
+        gone = {f"{topic}/{partition}" for topic, partition in keys}
+        self._assigned = [p for p in self._assigned if p not in gone]
+        for name in gone:
+            self._lag.pop(name, None)
+
+    def _on_statistics(self, text: str) -> None:
+        statistics = orjson.loads(text)
+        lag = {}
+        for topic, data in (statistics.get("topics") or {}).items():
+            for number, partition in (data.get("partitions") or {}).items():
+                name = f"{topic}/{number}"
+                if number != "-1" and name in self._assigned and partition.get("consumer_lag", -1) >= 0:
+                    lag[name] = int(partition["consumer_lag"])
+        self._lag = lag
+
+
+class KafkaSink:
+    """A producer writing to one topic; each message's future resolves when the broker acknowledged it."""
+
+    def __init__(self, endpoint: Endpoint, *, client_id: str = "dhow") -> None:
+        self.endpoint = endpoint
+        self.url = endpoint.url
+        config: dict[str, Any] = {
+            "bootstrap.servers": endpoint.servers,
+            "client.id": client_id,
+            # acks=all, retries without duplicates or reordering: an acknowledged reply is on every replica
+            "enable.idempotence": True,
+            "linger.ms": 2,
+            "error_cb": _log_error,
+            **endpoint.options,
+        }
+        self._producer = Producer(config)
+        self._closing = threading.Event()
+        self._reports = threading.Thread(target=self._deliver, name="dhow-kafka-deliver", daemon=True)
+
+    async def start(self) -> None:
+        await _check_topic(self._producer, self.endpoint, "sink")
+        self._reports.start()
+
+    async def send(self, message: Outgoing) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def delivered(error: KafkaError | None, _: Message) -> None:
+            loop.call_soon_threadsafe(_settle, future, error)
+
+        headers: list[tuple[str, str | bytes | None]] = list(message.headers)
+        while True:
+            try:
+                self._producer.produce(
+                    self.endpoint.topic, message.value, message.key, headers=headers, on_delivery=delivered
+                )
+                return future
+            except BufferError:  # the client's queue is full: the broker is slower than we are
+                await asyncio.sleep(0.005)
+
+    def _deliver(self) -> None:
+        while not self._closing.is_set():
+            self._producer.poll(0.05)
+
+    async def close(self) -> None:
+        left = await asyncio.to_thread(self._producer.flush, 30.0)
+        self._closing.set()
+        if self._reports.is_alive():
+            await asyncio.to_thread(self._reports.join)
+        if left:
+            log.error("stream sink %s: %d messages not delivered at close", self.url, left)
+
+
+def _settle(future: asyncio.Future[None], error: KafkaError | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(DeliveryFailed(str(error)))
+
+
+def _record(message: Message, position: Position) -> Record:
+    raw = message.headers() or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    headers = [(name, value.encode() if isinstance(value, str) else value) for name, value in pairs]
+    _, timestamp = message.timestamp()
+    value = message.value()
+    return Record(value if value is not None else b"", message.key(), headers, position, max(timestamp, 0))
+
+
+async def _check_topic(client: Consumer | Producer, endpoint: Endpoint, what: str) -> None:
+    try:
+        metadata = await asyncio.to_thread(client.list_topics, endpoint.topic, _CONNECT_S)
+    except KafkaException as exc:
+        raise Unavailable(f"{what} {endpoint}: no broker answered at {endpoint.servers} ({exc})") from None
+    topic = metadata.topics.get(endpoint.topic)
+    if topic is None or topic.error is not None or not topic.partitions:
+        raise InvalidInput(
+            f"{what} {endpoint}: the broker has no topic {endpoint.topic!r}; create it first "
+            f"(kafka-topics.sh --create --topic {endpoint.topic} --partitions N --bootstrap-server {endpoint.servers})"
+        )
+
+
+def _log_error(error: KafkaError) -> None:
+    log.warning("kafka: %s", error)

@@ -1,0 +1,100 @@
+"""The stream door's vocabulary: a record read from a source, a message written to a sink, and the two small
+protocols a transport implements (Kafka today; a Kinesis source and sink plug in beside it).
+
+Plain data only: the consumer never sees a broker client's objects, so it runs the same over any transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = ["Header", "Outgoing", "Position", "Record", "Sink", "Source"]
+
+#: a message header as Kafka carries it: a name and raw bytes (None: a header with no value)
+Header = tuple[str, bytes | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a record was read: topic (stream), partition (shard) and offset (sequence number)."""
+
+    topic: str
+    partition: int | str
+    offset: int
+
+    def __str__(self) -> str:
+        return f"{self.topic}/{self.partition}@{self.offset}"
+
+
+@dataclass(slots=True)
+class Record:
+    """One message as read from a source, with the bytes exactly as they came."""
+
+    value: bytes
+    key: bytes | None
+    headers: list[Header]
+    position: Position
+    #: when the producer wrote it (milliseconds since the epoch; 0 when the source does not say)
+    timestamp_ms: int = 0
+
+    def header(self, name: str) -> bytes | None:
+        """The last value of a header, its name compared without case (None when absent)."""
+        lowered = name.lower()
+        for key, value in reversed(self.headers):
+            if key.lower() == lowered:
+                return value
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message for a sink: a reply or a dead letter."""
+
+    value: bytes
+    key: bytes | None
+    headers: list[Header] = field(default_factory=list)
+
+
+class Source(Protocol):
+    """Records from partitions (shards), at least once: a record is committed only after ``done`` was called for
+    it and for every record before it in its partition."""
+
+    async def poll(self, max_records: int, timeout_s: float, *, paused: bool) -> list[Record]:
+        """The next records, at most ``max_records``; ``paused``: fetch nothing new (backpressure), but keep the
+        membership (group, leases) alive and hand over what was fetched already."""
+        ...
+
+    def done(self, record: Record) -> None:
+        """The record is finished: its reply (or dead letter) was acknowledged by the sink."""
+        ...
+
+    async def commit(self, *, wait: bool = False) -> None:
+        """Record the position up to which every record is done (``wait``: until the broker confirmed it)."""
+        ...
+
+    def lag(self) -> dict[str, int]:
+        """Records behind the end of each assigned partition (``"topic/partition"``), as last measured."""
+        ...
+
+    def assignment(self) -> list[str]:
+        """The partitions this consumer reads now (``"topic/partition"``)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    """Writes messages to one destination (topic, stream) and says when the broker has them."""
+
+    #: the destination, as written on the command line (for logs and status)
+    url: str
+
+    async def send(self, message: Outgoing) -> asyncio.Future[None]:
+        """Queue the message; the future is done when the broker acknowledged it (or failed with the reason)."""
+        ...
+
+    async def close(self) -> None:
+        """Deliver what is queued, then let go of the connection."""
+        ...
