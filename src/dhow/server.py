@@ -15,6 +15,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 
@@ -94,6 +95,7 @@ class Server:
         self._stop = asyncio.Event()
         self._serving = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
+        self.streams = _stream_specs(settings)
 
     def stop(self) -> None:
         self._stop.set()
@@ -121,6 +123,7 @@ class Server:
         parts.dataplane.is_ready = True
         self.metrics.workers.set(1)  # answering now: a worker that is still loading is not counted
         poller = asyncio.create_task(parts.poller.run()) if parts.poller is not None else None
+        streams = await self._start_streams(parts) if self.streams else None
         log.info("dhow is ready")
         if on_ready is not None:
             on_ready()
@@ -132,6 +135,8 @@ class Server:
         self.metrics.workers.set(0)
         if poller is not None:
             poller.cancel()
+        if streams is not None:
+            await streams.stop()
         http.should_exit = True
         await grpc.server.stop(5)
         await http_task
@@ -226,6 +231,20 @@ class Server:
             poller = RepositoryPoller(models, service, settings.poll_interval)
         return _Parts(models, dataplane, service, rollouts, rest, poller)
 
+    async def _start_streams(self, parts: _Parts) -> Any:
+        """The ``streams:`` of the settings, consuming once the models are loaded (a stream that cannot start
+        stops the server: it was asked for)."""
+        from dhow.monitoring.streams import StreamMetrics
+        from dhow.streaming import StreamGroup, load_stream_models, open_consumer, status_folder
+
+        meter = StreamMetrics(self.metrics.registry)
+        group = StreamGroup(parts.service)
+        await load_stream_models(parts.models, self.streams)
+        for spec in self.streams:
+            status_dir = status_folder(self.settings.data_dir)
+            group.start(await open_consumer(spec, parts.service, meter=meter, status_dir=status_dir))
+        return group
+
     async def _load(self, parts: _Parts) -> None:
         """Load the models the control mode says to load at start, then apply the deployments."""
         explicit = self.control is ModelControl.EXPLICIT
@@ -308,6 +327,15 @@ def _safe_url(url: str) -> str:
         credentials, _, host = rest.rpartition("@")
         rest = f"{credentials.split(':', 1)[0]}@{host}"
     return f"{scheme}{sep}{rest}"
+
+
+def _stream_specs(settings: ServerSettings) -> tuple[Any, ...]:
+    """The settings' ``streams:`` checked (before any port opens); the Kafka client is imported only for them."""
+    if not settings.streams:
+        return ()
+    from dhow.streaming import parse_streams
+
+    return parse_streams(list(settings.streams), "settings 'streams'")
 
 
 def configure_logging(settings: ServerSettings) -> None:

@@ -94,7 +94,7 @@ class Security:
         self.limiter = await RedisRateLimiter.connect(settings.redis) if settings.redis else LocalRateLimiter()
         if enabled and first_key:
             await self._first_key()
-        else:
+        elif not enabled:  # (a job's process makes no first key, with authentication on all the same)
             log.warning(
                 "AUTHENTICATION IS OFF (--auth none): anyone who reaches the ports may infer, load models and change "
                 "rollouts. Use it for local development only."

@@ -276,6 +276,13 @@ class ServerSettings:
         group=_SECURITY,
     )
 
+    streams: tuple[dict[str, Any], ...] = _setting(
+        (),
+        "stream consumers this server also runs: a list of {model, source, sink, dead_letter, group, format, ...} "
+        "(the options of 'dhow stream run'); settings file or DHOW_STREAMS (YAML) only",
+        flags=(),
+    )
+
     def registry_url(self) -> str:
         """The registry's URL, with the default (SQLite in the data folder) filled in."""
         return self.registry or f"sqlite:///{(self.data_dir / 'registry.sqlite3').resolve()}"

@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -93,7 +94,23 @@ def _typed(kind: str, value: object) -> object:
     if kind == "tuple[str, ...]":
         items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
         return tuple(str(item).strip() for item in items if str(item).strip())
+    if kind == "tuple[dict[str, Any], ...]":
+        return _mappings(value)
     return str(value)
+
+
+def _mappings(value: object) -> tuple[dict[str, Any], ...]:
+    """A list of mappings (``streams:``), from a settings file or from YAML text (the environment)."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"not YAML: {exc}") from None
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple) or not all(isinstance(item, dict) for item in value):
+        raise ValueError("expected a list of mappings")
+    return tuple({str(key): item for key, item in entry.items()} for entry in value)
 
 
 def _boolean(text: str) -> bool:

