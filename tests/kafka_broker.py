@@ -65,6 +65,10 @@ class Broker:
         assert producer.flush(30) == 0
         return count
 
+    def tail(self, topic: str) -> Tail:
+        """A reader of the topic from its start (high watermarks are not a message count on tansu)."""
+        return Tail(self.servers, topic)
+
     def read_all(self, topic: str, expected: int, timeout: float = 90.0) -> list[Any]:
         """Every message of the topic (read without a group), once at least ``expected`` were seen or the time
         ran out (then the test's own count comparison says what is missing)."""
@@ -82,6 +86,37 @@ class Broker:
             return messages
         finally:
             consumer.close()
+
+
+class Tail:
+    """Every message of a topic, read from its start without a group, kept as it comes."""
+
+    def __init__(self, servers: str, topic: str) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        self.messages: list[Any] = []
+        self._consumer = Consumer({"bootstrap.servers": servers, "group.id": "unused", "enable.auto.commit": False})
+        partitions = self._consumer.list_topics(topic, 10).topics[topic].partitions
+        self._consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+
+    def count(self) -> int:
+        """How many messages were read so far (reading what has come meanwhile)."""
+        self.messages.extend(m for m in self._consumer.consume(1000, 0.2) if m.error() is None)
+        return len(self.messages)
+
+    def until_keys(self, keys: set[bytes], timeout: float = 90.0) -> list[Any]:
+        """The messages read once each of ``keys`` was seen (or the time ran out: the test's checks say what is
+        missing)."""
+        seen = {m.key() for m in self.messages}
+        deadline = time.monotonic() + timeout
+        while not keys <= seen and time.monotonic() < deadline:
+            start = len(self.messages)
+            self.count()
+            seen.update(m.key() for m in self.messages[start:])
+        return self.messages
+
+    def close(self) -> None:
+        self._consumer.close()
 
 
 def start_broker() -> Iterator[Broker]:

@@ -82,6 +82,10 @@ def headers_of(message: Any) -> dict[str, bytes]:
 
 
 def status_of(data_dir: Path) -> dict[str, Any]:
-    (path,) = (data_dir / "streams").glob("*.json")
+    """The stream's status file ({} until its consumer wrote one)."""
+    paths = list((data_dir / "streams").glob("*.json"))
+    if not paths:
+        return {}
+    (path,) = paths
     status: dict[str, Any] = orjson.loads(path.read_bytes())
     return status
