@@ -1,0 +1,150 @@
+"""The stream door's pieces that need no broker: endpoints, stream settings, offsets, message formats."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import orjson
+import pytest
+
+from dhow.core.errors import DhowError, InvalidInput, Unsupported
+from dhow.core.model_config import TensorSpec
+from dhow.core.types import InferenceResponse, Tensor
+from dhow.settings import resolve_settings
+from dhow.streaming import StreamSpec, parse_streams
+from dhow.streaming.endpoints import parse_endpoint
+from dhow.streaming.formats import message_format
+from dhow.streaming.offsets import OffsetTracker
+from dhow.streaming.records import Position, Record
+
+KAFKA = "kafka://127.0.0.1:9092"
+
+
+def test_endpoints_say_what_is_wrong() -> None:
+    endpoint = parse_endpoint(f"{KAFKA},10.0.0.2:9093/requests?security.protocol=SSL", "--source")
+    assert endpoint.servers == "127.0.0.1:9092,10.0.0.2:9093" and endpoint.topic == "requests"
+    assert endpoint.options == {"security.protocol": "SSL"} and "SSL" not in str(endpoint)
+    for text, words in [
+        ("127.0.0.1:9092/requests", "expects kafka://HOST:PORT/TOPIC"),
+        ("kafka://127.0.0.1/requests", "no HOST:PORT"),
+        (f"{KAFKA}/", "no valid topic"),
+        (f"{KAFKA}/a b", "no valid topic"),
+    ]:
+        with pytest.raises(InvalidInput, match=words):
+            parse_endpoint(text, "--source")
+    with pytest.raises(Unsupported, match="Kinesis streams are not supported yet"):
+        parse_endpoint("kinesis://orders?region=eu-west-1", "--source")
+
+
+def _spec(**fields: str) -> StreamSpec:
+    given = {"model": "tabular", "source": f"{KAFKA}/in", "sink": f"{KAFKA}/out", "dead_letter": f"{KAFKA}/dlq"}
+    return StreamSpec.build(**{**given, **fields})  # type: ignore[arg-type]
+
+
+def test_a_stream_that_could_lose_a_message_is_refused() -> None:
+    spec = _spec(model="tabular:2")
+    assert (spec.model, spec.version, spec.name, spec.group) == ("tabular", "2", "tabular.in", "dhow.tabular.in")
+    with pytest.raises(InvalidInput, match=r"no dead-letter destination.*--on-error skip"):
+        _spec(dead_letter="")
+    assert _spec(dead_letter="", on_error="skip").dead_letter is None
+    with pytest.raises(InvalidInput, match="choose one"):
+        _spec(on_error="skip")
+    with pytest.raises(InvalidInput, match="write into the topic it reads"):
+        _spec(sink=f"{KAFKA}/in")
+    with pytest.raises(InvalidInput, match="version after ':' must be an integer"):
+        _spec(model="tabular:latest")
+    with pytest.raises(InvalidInput, match="format 'avro'"):
+        _spec(format="avro")
+
+
+def test_streams_of_the_settings_file_and_environment(tmp_path: object) -> None:
+    entry = {"model": "tabular", "source": f"{KAFKA}/in", "sink": f"{KAFKA}/out", "dead-letter": f"{KAFKA}/dlq"}
+    settings = resolve_settings({}, env={"DHOW_STREAMS": orjson.dumps([entry]).decode()})
+    (spec,) = parse_streams(list(settings.streams), "settings 'streams'")
+    assert spec.dead_letter is not None and spec.dead_letter.topic == "dlq"
+    with pytest.raises(InvalidInput, match=r"streams\[0\]: unknown field 'sinks'"):
+        parse_streams([{**entry, "sinks": "x"}], "settings")
+    with pytest.raises(InvalidInput, match=r"streams\[0\] needs 'sink'"):
+        parse_streams([{"model": "tabular", "source": f"{KAFKA}/in"}], "settings")
+    with pytest.raises(InvalidInput, match="two streams are named"):
+        parse_streams([entry, entry], "settings")
+    with pytest.raises(DhowError, match="'streams' expects"):
+        resolve_settings({}, env={"DHOW_STREAMS": "just text"})
+
+
+def test_offsets_commit_past_the_done_records_only() -> None:
+    offsets = OffsetTracker()
+    partition = ("in", 0)
+    for offset in range(10, 15):
+        offsets.take(partition, offset)
+    offsets.done(partition, 12)
+    offsets.done(partition, 11)
+    assert offsets.committable() == {}  # 10 is not done: nothing after it may be committed
+    offsets.done(partition, 10)
+    assert offsets.committable() == {partition: 13} and offsets.committable() == {}
+    assert offsets.in_flight() == 2
+    offsets.restore({partition: 13})  # a failed commit is tried again with the next one
+    assert offsets.committable() == {partition: 13}
+
+    # a revoked partition waits for its records in flight, which finish on another thread
+    finisher = threading.Timer(0.05, lambda: [offsets.done(partition, o) for o in (13, 14)])
+    finisher.start()
+    assert offsets.wait_drained([partition], timeout_s=10)
+    assert offsets.committable([partition]) == {partition: 15}
+    offsets.forget([partition])
+    offsets.done(partition, 15)  # a record of a partition let go is ignored
+    assert offsets.committable() == {}
+
+
+def _record(value: bytes, *headers: tuple[str, bytes]) -> Record:
+    return Record(value, b"k", list(headers), Position("in", 0, 7))
+
+
+_INPUTS = [TensorSpec("input", "FP32", (-1, 3)), TensorSpec("mask", "BOOL", (-1,), optional=True)]
+
+
+def test_json_records_are_rows_of_the_model() -> None:
+    json = message_format("json")
+    request = json.decode(_record(b'{"input": [1, 2, 3]}', ("X-Request-Id", b"abc")), "m", "", _INPUTS)
+    assert request.id == "abc" and request.inputs[0].shape == [1, 3]
+    np.testing.assert_array_equal(request.inputs[0].data, np.array([[1, 2, 3]], dtype=np.float32))
+    for value, words in [
+        (b"[1, 2]", "must be an object"),
+        (b'{"input": [1, 2, 3], "extra": 1}', "no input 'extra'; its inputs are: input, mask"),
+        (b'{"mask": true}', "the record has no 'input'"),
+        (b'{"input": [[1, 2], [3]]}', "ragged"),
+        (b'{"input": [[1, 2, 3]]}', r"expected a row of shape \[3\]"),
+        (b'{"input": ["a", "b", "c"]}', "FP32 data must be numbers"),
+        (b"{", "malformed JSON"),
+    ]:
+        with pytest.raises(InvalidInput, match=words):
+            json.decode(_record(value), "m", "", _INPUTS)
+    outputs = [
+        Tensor("label", "INT64", [1], np.array([4])),
+        Tensor("p", "FP32", [1, 2], np.array([[0.25, 0.75]], np.float32)),
+    ]
+    response = InferenceResponse("m", "1", outputs)
+    body, headers = json.encode(request, response)
+    assert orjson.loads(body) == {"label": 4, "p": [0.25, 0.75]} and headers == []
+
+
+def test_v2_messages_use_the_rest_codec() -> None:
+    blob = np.array([[1, 2, 3]], "<f4").tobytes()
+    header = (
+        b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "parameters": {"binary_data_size": 12}}]}'
+    )
+    binary = message_format("v2-binary")
+    record = _record(header + blob, ("inference-header-content-length", str(len(header)).encode()))
+    request = binary.decode(record, "m", "2", [])
+    assert request.model_version == "2" and request.parameters["binary_data_output"] is True
+    response = InferenceResponse("m", "2", [Tensor("label", "INT64", [1], np.array([4]))])
+    body, headers = binary.encode(request, response)
+    length = int(dict(headers)["inference-header-content-length"])
+    assert np.frombuffer(body[length:], "<i8").tolist() == [4]
+    with pytest.raises(InvalidInput, match="must be a number of bytes"):
+        binary.decode(_record(header, ("inference-header-content-length", b"many")), "m", "", [])
+    body, headers = message_format("v2-json").encode(message_format("v2-json").decode(_record(
+        b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}'), "m", "", []),
+        response)  # fmt: skip
+    assert orjson.loads(body)["outputs"][0]["data"] == [4] and headers == []
