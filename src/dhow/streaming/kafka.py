@@ -52,6 +52,9 @@ class KafkaSource:
             "client.id": client_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
+            # a dead consumer's partitions move on after 10 s (Kafka's default before 3.0; 45 s since)
+            "session.timeout.ms": 10000,
+            "heartbeat.interval.ms": 1000,
             # the consumer's prefetch is the only buffer below the in-flight bound: keep it small
             "queued.max.messages.kbytes": 8192,
             "statistics.interval.ms": 2000,
