@@ -14,7 +14,6 @@ reason, the others are scored. Overload and unavailability are waited out and re
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from dhow.batch.mapping import Converted, Mapping
 from dhow.batch.sources import UNREADABLE
 from dhow.core.errors import DhowError, ErrorCode, InvalidInput
 from dhow.core.types import InferenceRequest, Tensor
+from dhow.serving.retries import retrying
 from dhow.serving.traffic import Invoke
 
 __all__ = ["ORDINAL", "PROVENANCE", "Provenance", "Scorer", "Scores", "errors_table", "result_tables", "scored_table"]
@@ -34,8 +34,6 @@ __all__ = ["ORDINAL", "PROVENANCE", "Provenance", "Scorer", "Scores", "errors_ta
 PROVENANCE = ("dhow_model", "dhow_version", "dhow_artifact_digest", "dhow_run_id", "dhow_scored_at")
 #: a row the model refuses: the batch is split until the row fails alone
 _ROW_FAULTS = frozenset({ErrorCode.INVALID_ARGUMENT, ErrorCode.INTERNAL})
-_RETRIED = frozenset({ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED})
-_RETRIES = 8
 #: the key column's name when the job names none (the row's ordinal in the input)
 ORDINAL = "row"
 
@@ -90,15 +88,8 @@ class Scorer:
     async def _call(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = [Tensor(name, self.specs[name], list(array.shape), array) for name, array in arrays.items()]
         request = InferenceRequest(self.model, tensors, self.version, parameters=dict(self.parameters))
-        for attempt in range(_RETRIES):
-            try:
-                response = await self.invoke(request)
-                return {tensor.name: tensor.data for tensor in response.outputs}
-            except DhowError as exc:
-                if exc.code not in _RETRIED or attempt == _RETRIES - 1:
-                    raise
-                await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
-        raise AssertionError("unreachable")
+        response = await retrying(lambda: self.invoke(request), first_s=0.05, most_s=2.0)
+        return {tensor.name: tensor.data for tensor in response.outputs}
 
 
 def scored_table(

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-from pathlib import Path
 from typing import Any
 
 import orjson
 
-from dhow.settings import CONFIG_FILE_HELP, ServerSettings, resolve_settings
+from dhow.commands.core_options import add_core_options, core_settings
+from dhow.settings import ServerSettings
 
 __all__ = ["add_parser", "run"]
 
@@ -47,8 +47,8 @@ def _add_run(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         description="Score every row of the input; killed, the same command continues from the last "
         "committed part (no row lost, none written twice).",
     )
+    add_core_options(run)
     add = run.add_argument
-    add("--repository", type=Path, metavar="DIR", help="the model repository (default $DHOW_REPOSITORY, ./models)")
     add("--model", required=True, metavar="NAME[:VERSION]", help="the model (default version: the newest served)")
     add("--input", required=True, metavar="PATH", help="a file, a folder of files, or s3://bucket/prefix")
     add("--output", required=True, metavar="DIR", help="the output folder (Parquet parts, errors/, _summary.json)")
@@ -76,10 +76,6 @@ def _add_run(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     add("--overwrite", action="store_true", help="replace an existing output instead of continuing it")
     add("--api-key", default=None, metavar="KEY", help="the job's identity (default $DHOW_KEY)")
     add("--data-region", default="", metavar="REGION", help="the data's region (default: the key's, else the model's)")
-    add("--region", default=None, metavar="REGION", help="where the job runs (default $DHOW_REGION, else default)")
-    add("--residency-policy", default=None, metavar="FILE", help="which data regions may be processed where")
-    add("--data-dir", type=Path, metavar="DIR", help="dhow's data folder: keys, audit trail (default ./.dhow)")
-    add("--config", type=Path, metavar="FILE", help=CONFIG_FILE_HELP)
     add("--quiet", action="store_true", help="no progress lines")
 
 
@@ -88,15 +84,7 @@ def run(args: argparse.Namespace) -> int:
         return _status(args)
     from dhow.batch import Job, parse_map, parse_model
 
-    settings = resolve_settings(
-        {
-            "repository": args.repository,
-            "data_dir": args.data_dir,
-            "region": args.region,
-            "residency_policy": args.residency_policy,
-        },
-        config_file=args.config,
-    )
+    settings = core_settings(args)
     name, version = parse_model(args.model)
     job = Job(
         model=name, version=version, input=args.input, output=args.output, input_format=args.format or "",

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from dhow.commands.core_options import add_core_options, core_settings
 from dhow.settings import CONFIG_FILE_HELP, resolve_settings
 
 __all__ = ["add_parser", "run"]
@@ -47,8 +48,8 @@ def _add_run(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         description="Replies are produced, acknowledged by the broker, and only then are the offsets committed: "
         "killed at any point, a restarted consumer answers every message (some twice, none never).",
     )  # fmt: skip
+    add_core_options(run)
     add = run.add_argument
-    add("--repository", type=Path, metavar="DIR", help="the model repository (default $DHOW_REPOSITORY, ./models)")
     add("--model", required=True, metavar="NAME[:VERSION]", help="the model (default version: the one served)")
     add("--source", required=True, metavar="kafka://HOST:PORT/TOPIC", help="the topic of requests")
     add("--sink", required=True, metavar="kafka://HOST:PORT/TOPIC", help="the topic of replies")
@@ -65,11 +66,7 @@ def _add_run(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     add("--max-in-flight", type=int, default=1024, metavar="N", help="messages read and not yet answered, at most; "
         "past it the partitions are paused (default 1024)")  # fmt: skip
     add("--data-region", default="", metavar="REGION", help="the source's data region (default: the model's)")
-    add("--region", default=None, metavar="REGION", help="where this runs (default $DHOW_REGION, else default)")
-    add("--residency-policy", default=None, metavar="FILE", help="which data regions may be processed where")
     add("--metrics-port", type=int, default=0, metavar="PORT", help="serve Prometheus metrics on this port")
-    add("--data-dir", type=Path, metavar="DIR", help="dhow's data folder: audit trail, status (default ./.dhow)")
-    add("--config", type=Path, metavar="FILE", help=CONFIG_FILE_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,15 +74,7 @@ def run(args: argparse.Namespace) -> int:
         return _status(args)
     from dhow.streaming import StreamSpec
 
-    settings = resolve_settings(
-        {
-            "repository": args.repository,
-            "data_dir": args.data_dir,
-            "region": args.region,
-            "residency_policy": args.residency_policy,
-        },
-        config_file=args.config,
-    )
+    settings = core_settings(args)
     spec = StreamSpec.build(
         model=args.model, source=args.source, sink=args.sink, dead_letter=args.dead_letter, group=args.group,
         name=args.name, format=args.format, on_error=args.on_error, max_in_flight=args.max_in_flight,

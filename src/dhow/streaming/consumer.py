@@ -23,9 +23,10 @@ import secrets
 import time
 from pathlib import Path
 
-from dhow.core.errors import DhowError, ErrorCode, InternalError
+from dhow.core.errors import DhowError, InternalError
 from dhow.core.model_config import TensorSpec
 from dhow.core.types import InferenceRequest, InferenceResponse
+from dhow.serving.retries import retrying
 from dhow.serving.service import ACTIONS, Call, CoreService, Principal, service_identity
 from dhow.streaming.formats import HEADER_LENGTH, message_format
 from dhow.streaming.kafka import DeliveryFailed
@@ -40,9 +41,6 @@ log = logging.getLogger("dhow.streaming")
 #: records asked of one poll (one admitted call); the model's batcher splits them into its own batches
 _POLL_RECORDS = 500
 _POLL_S = 0.1
-#: refusals that pass: waited out and tried again, so that a busy model slows the stream instead of failing it
-_RETRIED = frozenset({ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED})
-_RETRIES = 8
 _COMMIT_S = 0.5
 _STATUS_S = 2.0
 #: how long a stopping consumer lets the records in flight finish
@@ -140,21 +138,16 @@ class StreamConsumer:
 
     async def _admitted(self, records: list[Record]) -> list[tuple[Outgoing, bool]]:
         """The batch's answers (a reply, or a dead letter: ``True``), computed inside one admitted call."""
-        for attempt in range(_RETRIES):
-            try:
-                async with self.service.call(self.identity, ACTIONS["infer"], self.spec.model) as call:
-                    specs = self._inputs()
-                    answers = await asyncio.gather(*(self._answer(call, record, specs) for record in records))
-                    failed = sum(1 for _, dead in answers if dead)
-                    first, last = records[0].position, records[-1].position
-                    call.note(stream=self.spec.name, messages=len(records), failed=failed, first=str(first),
-                              last=str(last))  # fmt: skip
-                return answers
-            except DhowError as exc:
-                if exc.code not in _RETRIED or attempt == _RETRIES - 1:
-                    raise
-                await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
-        raise AssertionError("unreachable")
+
+        async def admitted() -> list[tuple[Outgoing, bool]]:
+            async with self.service.call(self.identity, ACTIONS["infer"], self.spec.model) as call:
+                specs = self._inputs()
+                answers = await asyncio.gather(*(self._answer(call, record, specs) for record in records))
+                call.note(stream=self.spec.name, messages=len(records), failed=sum(dead for _, dead in answers),
+                          first=str(records[0].position), last=str(records[-1].position))  # fmt: skip
+            return answers
+
+        return await retrying(admitted, first_s=0.05, most_s=2.0)
 
     def _inputs(self) -> list[TensorSpec]:
         if self.spec.format != "json":
@@ -166,7 +159,7 @@ class StreamConsumer:
             request = self.format.decode(record, self.spec.model, self.spec.version, specs)
             if self.spec.data_region:
                 request.parameters.setdefault("data_region", self.spec.data_region)
-            response = await self._infer(call, request)
+            response = await retrying(lambda: call.infer(request), first_s=0.01, most_s=1.0)
             body, headers = self.format.encode(request, response)
         except DhowError as exc:
             return self._dead_letter(record, exc)
@@ -176,16 +169,6 @@ class StreamConsumer:
                       exc_info=exc)  # fmt: skip
             return self._dead_letter(record, InternalError(error_id))
         return Outgoing(body, record.key, self._reply_headers(record, request, response, headers)), False
-
-    async def _infer(self, call: Call, request: InferenceRequest) -> InferenceResponse:
-        for attempt in range(_RETRIES):
-            try:
-                return await call.infer(request)
-            except DhowError as exc:
-                if exc.code not in _RETRIED or attempt == _RETRIES - 1:
-                    raise
-                await asyncio.sleep(min(0.01 * 2**attempt, 1.0))
-        raise AssertionError("unreachable")
 
     def _reply_headers(
         self, record: Record, request: InferenceRequest, response: InferenceResponse, own: list[Header]

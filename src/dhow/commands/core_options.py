@@ -1,0 +1,31 @@
+"""The options of a command that composes the core without a port (``dhow batch run``, ``dhow stream run``):
+where the models, the stores and the policies are, found as ``dhow serve`` finds them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dhow.settings import CONFIG_FILE_HELP, ServerSettings, resolve_settings
+
+__all__ = ["add_core_options", "core_settings"]
+
+
+def add_core_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--repository", type=Path, metavar="DIR", help="the model repository (default $DHOW_REPOSITORY, ./models)")
+    add("--region", default=None, metavar="REGION", help="where this runs (default $DHOW_REGION, else default)")
+    add("--residency-policy", default=None, metavar="FILE", help="which data regions may be processed where")
+    add("--data-dir", type=Path, metavar="DIR", help="dhow's data folder: keys, audit trail (default ./.dhow)")
+    add("--config", type=Path, metavar="FILE", help=CONFIG_FILE_HELP)
+
+
+def core_settings(args: argparse.Namespace) -> ServerSettings:
+    """The settings of the options above: option > ``DHOW_*`` > ``--config`` file > default."""
+    given = {
+        "repository": args.repository,
+        "data_dir": args.data_dir,
+        "region": args.region,
+        "residency_policy": args.residency_policy,
+    }
+    return resolve_settings(given, config_file=args.config)
