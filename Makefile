@@ -6,7 +6,7 @@ DHOW := $(VENV)/bin/dhow
 STAMP := $(VENV)/.installed
 DEMO := demo-models
 
-.PHONY: run test install demo-models lint format check-proto proto bench bench-rollouts bench-security bench-serving bench-protocols bench-batch clean
+.PHONY: run test install demo-models lint format check-proto proto bench bench-rollouts bench-security bench-serving bench-protocols bench-batch bench-streaming clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,9 @@ bench-protocols: $(STAMP)
 # dhow batch run against a bare pyarrow -> onnxruntime loop, and its Spark engine against predict_batch_udf
 bench-batch: $(STAMP)
 	$(PY) benchmarks/batch.py
+
+bench-streaming: $(STAMP)
+	$(PY) benchmarks/streaming.py
 
 # dhow against Seldon MLServer 1.7.1 (installed on first run into benchmarks/.peers/); about 10 minutes
 bench-serving: $(STAMP)

@@ -41,6 +41,8 @@ log = logging.getLogger("dhow.streaming")
 #: records asked of one poll (one admitted call); the model's batcher splits them into its own batches
 _POLL_RECORDS = 500
 _POLL_S = 0.1
+#: how long the bound of records in flight may stay reached before the source's partitions are paused
+_PAUSE_AFTER_S = 1.0
 _COMMIT_S = 0.5
 _STATUS_S = 2.0
 #: how long a stopping consumer lets the records in flight finish
@@ -89,6 +91,10 @@ class StreamConsumer:
         try:
             while not stop.is_set() and self._fault is None:
                 room = self.spec.max_in_flight - self.status.in_flight
+                if room <= 0 and await self._room_within(_PAUSE_AFTER_S):
+                    continue
+                # full for a while: the model is saturated, so the partitions pause (the group still hears
+                # from this member) instead of the client fetching more
                 self.status.paused = room <= 0
                 records = await self.source.poll(min(room, _POLL_RECORDS), _POLL_S, paused=room <= 0)
                 if records:
@@ -104,6 +110,15 @@ class StreamConsumer:
             await self._finish(tasks, background)
         if self._fault is not None:
             raise self._fault
+
+    async def _room_within(self, seconds: float) -> bool:
+        """Whether the records in flight fell to half the bound within ``seconds``."""
+        self._room.clear()
+        try:
+            await asyncio.wait_for(self._room.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     async def _finish(self, tasks: set[asyncio.Task[None]], background: list[asyncio.Task[None]]) -> None:
         if tasks:
@@ -211,6 +226,8 @@ class StreamConsumer:
             return
         self.source.done(record)
         self.status.in_flight -= 1
+        if self.status.in_flight <= self.spec.max_in_flight // 2:
+            self._room.set()
         if not dead:
             self.status.answered += 1
             if self.meter is not None:

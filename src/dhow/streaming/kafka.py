@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 from typing import Any
@@ -85,8 +86,13 @@ class KafkaSource:
             if assignment:
                 (self._consumer.pause if paused else self._consumer.resume)(assignment)
             self._paused = paused
+        # what is there already, at once (consume waits for a full batch or its timeout); else wait for one
+        messages = self._consumer.consume(max_records, 0)
+        if not messages:
+            first = self._consumer.poll(timeout_s)
+            messages = [first, *self._consumer.consume(max_records - 1, 0)] if first is not None else []
         records = []
-        for message in self._consumer.consume(max_records, timeout_s):
+        for message in messages:
             error = message.error()
             if error is not None:
                 if error.code() != KafkaError._PARTITION_EOF:
@@ -107,11 +113,11 @@ class KafkaSource:
         if not offsets:
             return
         partitions = [TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()]
+        # on the polling thread: the client's calls wait for each other, and the event loop must not
+        loop = asyncio.get_running_loop()
         try:
-            if wait:
-                await asyncio.to_thread(self._consumer.commit, offsets=partitions, asynchronous=False)
-            else:
-                self._consumer.commit(offsets=partitions, asynchronous=True)
+            await loop.run_in_executor(self._thread, functools.partial(self._consumer.commit, offsets=partitions,
+                                                                       asynchronous=not wait))  # fmt: skip
         except KafkaException as exc:
             # not lost: committed with the next ones; a crash meanwhile re-reads them (at-least-once)
             log.warning("stream source %s: commit failed, kept for the next one: %s", self.endpoint, exc)
