@@ -216,3 +216,47 @@ def test_refused_at_start_by_residency_or_a_missing_topic(
     assert region.returncode == 2 and "data of region 'eu' may not be processed in region 'ae'" in region.stderr
     missing = run_stream(demo_repository, tmp_path / "data", broker, *_args(broker, "nowhere", sink, dead))
     assert missing.returncode == 2 and "has no topic 'nowhere'" in missing.stderr
+
+
+SLOW_MODEL = """
+import time
+
+
+class Slow:
+    def load(self, version_dir):
+        pass
+
+    def predict(self, inputs):
+        time.sleep(0.5)  # a saturated model: 8 rows a second
+        return {"y": inputs["x"] * 2}
+"""
+
+
+def test_a_saturated_consumer_reads_no_more_than_its_bound(broker: Broker, tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    (repository / "slow" / "1").mkdir(parents=True)
+    (repository / "slow" / "model.yaml").write_text(
+        "runtime: python\ninputs:\n  - {name: x, datatype: FP32, shape: [-1, 1]}\n"
+        "outputs:\n  - {name: y, datatype: FP32, shape: [-1, 1]}\nmax_batch_size: 4\n"
+    )
+    (repository / "slow" / "1" / "model.py").write_text(SLOW_MODEL)
+    source, sink, dead = _topics(broker, "slow")
+    broker.produce(source, [(str(i).encode(), orjson.dumps({"x": [float(i)]}), []) for i in range(400)])
+    data = tmp_path / "data"
+    args = _args(broker, source, sink, dead, "--model", "slow", "--max-in-flight", "24")
+    process = start_stream(repository, data, broker, *args)
+    samples: list[dict[str, object]] = []
+    try:
+        wait_until(lambda: bool(status_of(data).get("answered")), 60, "the first answers")
+        for _ in range(3):  # the status is written every 2 s
+            time.sleep(2)
+            samples.append(status_of(data))
+    finally:
+        assert stop(process) == 0, (data / "stream.log").read_text()
+    # a backlog of 400, and never more than 24 read and not answered: the rest waits in the broker
+    for sample in samples:
+        received, answered = int(sample["received"]), int(sample["answered"])  # type: ignore[call-overload]
+        assert received - answered <= 24 and received < 400, sample
+    assert any(sample["paused"] for sample in samples), samples
+    final = status_of(data)
+    assert final["in_flight"] == 0 and final["received"] == final["answered"] < 400
