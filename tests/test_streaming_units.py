@@ -10,13 +10,14 @@ import pytest
 
 from dhow.core.errors import DhowError, InvalidInput, Unsupported
 from dhow.core.model_config import TensorSpec
-from dhow.core.types import InferenceResponse, Tensor
+from dhow.core.types import InferenceRequest, InferenceResponse, Tensor
 from dhow.settings import resolve_settings
 from dhow.streaming import StreamSpec, parse_streams
 from dhow.streaming.endpoints import parse_endpoint
 from dhow.streaming.formats import message_format
 from dhow.streaming.offsets import OffsetTracker
 from dhow.streaming.records import Position, Record
+from dhow.streaming.rows import RowStacker
 
 KAFKA = "kafka://127.0.0.1:9092"
 
@@ -148,3 +149,35 @@ def test_v2_messages_use_the_rest_codec() -> None:
         b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}'), "m", "", []),
         response)  # fmt: skip
     assert orjson.loads(body)["outputs"][0]["data"] == [4] and headers == []
+
+
+def test_one_row_messages_are_stacked_and_a_bad_row_answered_alone() -> None:
+    import asyncio
+
+    calls: list[int] = []
+
+    async def infer(request: InferenceRequest) -> InferenceResponse:
+        x = request.inputs[0].data
+        calls.append(len(x))
+        if (x < 0).any():
+            raise InvalidInput(f"negative value in row(s) of {len(x)}")
+        return InferenceResponse("m", "1", [Tensor("y", "FP32", list(x.shape), x * 2)], id=request.id)
+
+    def row(value: float, width: int = 1) -> InferenceRequest:
+        data = np.full((1, width), value, np.float32)
+        return InferenceRequest("m", [Tensor("x", "FP32", [1, width], data)], id=f"id{value}")
+
+    async def answers() -> list[object]:
+        stacker = RowStacker(infer, max_rows=4)
+        requests = [row(1), row(2), row(-3), row(4), row(5), row(6, width=2)]
+        return await asyncio.gather(*(stacker.infer(r) for r in requests), return_exceptions=True)
+
+    results = asyncio.run(answers())
+    assert [r.outputs[0].data.tolist() for r in results if isinstance(r, InferenceResponse)] == [
+        [[2.0]], [[4.0]], [[8.0]], [[10.0]], [[12.0, 12.0]]
+    ]  # fmt: skip
+    assert [r.id for r in results if isinstance(r, InferenceResponse)] == ["id1", "id2", "id4", "id5", "id6"]
+    assert isinstance(results[2], InvalidInput) and "of 1" in results[2].message
+    # the first four in one request, refused, then one by one; the fifth alone (the rest of the poll), the
+    # sixth alone (another shape)
+    assert sorted(calls) == [1, 1, 1, 1, 1, 1, 4]

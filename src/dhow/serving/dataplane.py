@@ -119,6 +119,10 @@ class DataPlane:
         model = self.models.resolve(name, version)
         return list(model.inputs.values()), list(model.outputs.values())
 
+    def max_batch_size(self, name: str, version: str = "") -> int:
+        """The most rows one request to the model (version) may carry (0: it does not batch)."""
+        return self.models.resolve(name, version).config.max_batch_size
+
     def model_config(self, name: str, version: str = "") -> dict[str, Any]:
         return triton_model_config(self.models.resolve(name, version).config)
 

@@ -21,6 +21,7 @@ import datetime
 import logging
 import secrets
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 from dhow.core.errors import DhowError, InternalError
@@ -31,6 +32,7 @@ from dhow.serving.service import ACTIONS, Call, CoreService, Principal, service_
 from dhow.streaming.formats import HEADER_LENGTH, message_format
 from dhow.streaming.kafka import DeliveryFailed
 from dhow.streaming.records import Header, Outgoing, Record, Sink, Source
+from dhow.streaming.rows import Infer, RowStacker
 from dhow.streaming.spec import StreamSpec
 from dhow.streaming.status import Meter, StreamStatus
 
@@ -156,8 +158,8 @@ class StreamConsumer:
 
         async def admitted() -> list[tuple[Outgoing, bool]]:
             async with self.service.call(self.identity, ACTIONS["infer"], self.spec.model) as call:
-                specs = self._inputs()
-                answers = await asyncio.gather(*(self._answer(call, record, specs) for record in records))
+                specs, infer = self._inputs(), self._inferrer(call)
+                answers = await asyncio.gather(*(self._answer(infer, record, specs) for record in records))
                 call.note(stream=self.spec.name, messages=len(records), failed=sum(dead for _, dead in answers),
                           first=str(records[0].position), last=str(records[-1].position))  # fmt: skip
             return answers
@@ -169,12 +171,23 @@ class StreamConsumer:
             return []
         return self.service.dataplane.tensor_specs(self.spec.model, self.spec.version)[0]
 
-    async def _answer(self, call: Call, record: Record, specs: list[TensorSpec]) -> tuple[Outgoing, bool]:
+    def _inferrer(self, call: Call) -> Infer:
+        """How a message's request runs in the batch's call: alone, or (one-row messages) stacked with others."""
+
+        def alone(request: InferenceRequest) -> Awaitable[InferenceResponse]:
+            return retrying(lambda: call.infer(request), first_s=0.01, most_s=1.0)
+
+        if self.spec.format != "json":
+            return alone
+        rows = self.service.dataplane.max_batch_size(self.spec.model, self.spec.version)
+        return RowStacker(alone, rows).infer if rows > 1 else alone
+
+    async def _answer(self, infer: Infer, record: Record, specs: list[TensorSpec]) -> tuple[Outgoing, bool]:
         try:
             request = self.format.decode(record, self.spec.model, self.spec.version, specs)
             if self.spec.data_region:
                 request.parameters.setdefault("data_region", self.spec.data_region)
-            response = await retrying(lambda: call.infer(request), first_s=0.01, most_s=1.0)
+            response = await infer(request)
             body, headers = self.format.encode(request, response)
         except DhowError as exc:
             return self._dead_letter(record, exc)
