@@ -24,6 +24,8 @@ def _dhow(*args: str) -> subprocess.CompletedProcess[str]:
         (("serve",), "--grpc-port"),
         (("demo", "build"), "--out"),
         (("models", "validate"), "model.yaml"),
+        (("stream", "run"), "--dead-letter"),
+        (("stream", "status"), "--data-dir"),
     ],
 )
 def test_every_command_explains_itself(args: tuple[str, ...], fragment: str) -> None:
