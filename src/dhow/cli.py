@@ -99,6 +99,7 @@ def _add_settings_options(serve: argparse.ArgumentParser) -> None:
         "connections": serve.add_argument_group(
             "connections", "time limits of slow or idle clients, and how many connections are served at once"
         ),
+        "monitoring": serve.add_argument_group("monitoring", "payload log and tracing (README: Monitoring)"),
     }
     for option in setting_options():
         group = groups[option.group]

@@ -37,7 +37,7 @@ from dhow.rollouts.routing import DeploymentTable
 from dhow.rollouts.shadow import ShadowQueue, ShadowRunner
 from dhow.rollouts.store import RegistryStore
 from dhow.serving.admin import AccessAdmin
-from dhow.serving.composition import CorePolicies, compose_core
+from dhow.serving.composition import CorePolicies, Observers, compose_core
 from dhow.serving.dataplane import DataPlane
 from dhow.serving.lifecycle import ModelControl, ModelLifecycle
 from dhow.serving.poller import RepositoryPoller
@@ -66,6 +66,7 @@ class _Parts:
     rollouts: RolloutController
     rest: RestApp
     poller: RepositoryPoller | None
+    observers: Observers
 
 
 class Server:
@@ -137,6 +138,7 @@ class Server:
         await http_task
         await parts.rollouts.close()
         await parts.models.close()
+        await asyncio.to_thread(parts.observers.close)  # after the models: every answered request is offered
         parts.service.guard.close()
         await self.security.close()
         log.info("dhow stopped")
@@ -200,7 +202,10 @@ class Server:
         settings, metrics = self.settings, self.metrics
         shadow_queue = ShadowQueue(metrics.registry)
         table = DeploymentTable(shadow_queue, metrics.registry)
-        core = await compose_core(settings, self.security, self.policies, metrics=metrics, router=table)
+        observers = Observers.open(settings, metrics, f"dhow://{socket.gethostname()}:{settings.http_port}")
+        core = await compose_core(
+            settings, self.security, self.policies, metrics=metrics, router=table, observers=observers
+        )
         models, dataplane, service = core.models, core.dataplane, core.service
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = await asyncio.to_thread(RegistryStore.open, settings.registry_url())
@@ -224,7 +229,7 @@ class Server:
         poller = None
         if self.control is ModelControl.POLL:
             poller = RepositoryPoller(models, service, settings.poll_interval)
-        return _Parts(models, dataplane, service, rollouts, rest, poller)
+        return _Parts(models, dataplane, service, rollouts, rest, poller, observers)
 
     async def _load(self, parts: _Parts) -> None:
         """Load the models the control mode says to load at start, then apply the deployments."""

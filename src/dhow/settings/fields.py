@@ -38,6 +38,7 @@ def _setting(default: _T, doc: str, **option: Any) -> _T:
 
 _SECURITY = "security"
 _CONNECTIONS = "connections"
+_MONITORING = "monitoring"
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +275,35 @@ class ServerSettings:
         "file of the keyed-hash secret of PII masking (created when absent); default: masking.key in the data folder",
         metavar="FILE",
         group=_SECURITY,
+    )
+
+    # -- monitoring: payload log, tracing (README "Monitoring") --
+    payload_log: str = _setting(
+        "",
+        "log every inference's masked request and answer, and every error, to file:///PATH.jsonl (rotated; "
+        "?max_bytes=N&backups=N), kafka://HOST:PORT/TOPIC (?librdkafka.setting=value) or http(s)://URL "
+        "(CloudEvents); a model opts out with 'payload_log: false' in its model.yaml; unset: off",
+        metavar="URL",
+        group=_MONITORING,
+    )
+    payload_log_queue: int = _setting(
+        10_000,
+        "payload events waiting for the sink at most; past it new events are dropped and counted, never waited for",
+        metavar="N",
+        group=_MONITORING,
+    )
+    otlp_endpoint: str = _setting(
+        "",
+        "send OpenTelemetry spans (admission, queue, batch, compute, encoding) over OTLP/HTTP to this collector, "
+        "e.g. http://127.0.0.1:4318; unset: no tracing, at no cost",
+        metavar="URL",
+        group=_MONITORING,
+    )
+    trace_sample_ratio: float = _setting(
+        0.1,
+        "share of requests traced when the caller's traceparent decides nothing (a sampled parent is always followed)",
+        metavar="RATIO",
+        group=_MONITORING,
     )
 
     def registry_url(self) -> str:
