@@ -85,7 +85,8 @@ def _counts(server: DhowProcess, sink: str) -> dict[str, float]:
 
 
 def _send_mix(server: DhowProcess) -> None:
-    """Two answers, a refused request (the wrong datatype for the model), a model fault, and a request of an opted-out model."""
+    """Two answers, a refused request (the wrong datatype for the model), a model fault, and a request of a model
+    that opted out."""
     assert _post(server, "notes", _body(1.0), "req-ok-1") == 200
     assert _post(server, "notes", _body(2.0), "req-ok-2") == 200
     assert _post(server, "notes", _body(1, datatype="INT64"), "req-bad") == 400
@@ -133,7 +134,7 @@ class _Collector(http.server.BaseHTTPRequestHandler):
     received: list[tuple[str, list[dict[str, Any]]]]
     hold: threading.Event
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+    def do_POST(self) -> None:
         while self.hold.is_set():
             time.sleep(0.05)
         body = self.rfile.read(int(self.headers["content-length"]))

@@ -123,7 +123,8 @@ class KafkaSink:
         try:
             from confluent_kafka import Producer
         except ImportError:  # pragma: no cover - an optional dependency
-            raise InvalidInput("--payload-log kafka://... needs confluent-kafka: pip install 'dhow[payload-kafka]'") from None
+            needs = "--payload-log kafka://... needs confluent-kafka: pip install 'dhow[payload-kafka]'"
+            raise InvalidInput(needs) from None
         settings: dict[str, Any] = {"bootstrap.servers": brokers, "linger.ms": 20, "compression.type": "lz4"}
         settings.update(options)
         try:
