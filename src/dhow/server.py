@@ -17,12 +17,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import uvicorn
+from prometheus_client import ProcessCollector
 
 from dhow.access.tls import ServerCertificates, TlsSettings
 from dhow.core.errors import DhowError
 from dhow.governance.masked_stream import mask_standard_streams
 from dhow.governance.masking import Masker, install_log_masking, parse_masking
 from dhow.monitoring.metrics import ServerMetrics
+from dhow.monitoring.resources import GpuCollector, InstanceCollector
 from dhow.protocols.grpc import GrpcConnectionLimits, GrpcServer, create_grpc_server
 from dhow.protocols.rest import RestApp
 from dhow.protocols.rest.access_log import AccessLog
@@ -207,6 +209,10 @@ class Server:
             settings, self.security, self.policies, metrics=metrics, router=table, observers=observers
         )
         models, dataplane, service = core.models, core.dataplane, core.service
+        # read at each scrape: this process, its process instances, the GPUs (absent without one)
+        for collector in (ProcessCollector(registry=None), InstanceCollector(models.process_instances)):
+            metrics.add_collector(collector)
+        metrics.add_collector(GpuCollector(models.process_instances))
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = await asyncio.to_thread(RegistryStore.open, settings.registry_url())
         editor = DeploymentEditor(store, models, table)

@@ -12,6 +12,7 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 #: prometheus_client's own switch to multi-process mode, read when it is first imported
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
@@ -73,6 +74,11 @@ class ServerMetrics:
             # the metrics above write to this process's files; the exposition reads every process's
             self._exposed = CollectorRegistry()
             MultiProcessCollector(self._exposed)  # type: ignore[no-untyped-call]
+
+    def add_collector(self, collector: Collector) -> None:
+        """A collector read at each scrape (GPU, process instances): this process's figures, also when several
+        worker processes share the ports (then the worker that answers the scrape reports its own)."""
+        self._exposed.register(collector)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, for ``GET /metrics``."""
