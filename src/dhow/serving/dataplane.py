@@ -181,29 +181,29 @@ class DataPlane:
 
         A deployment's traffic policy picks the version when the request names none. What was decided (the
         version that answered, the data region, a masked payload sample when the model samples payloads) is
-        returned beside the response, for the admission point's audit record.
+        returned beside the response, for the admission point's audit record. With a payload log, the request
+        and its answer or error are offered to it (unless the model's ``payload_log`` is off).
         """
         config, region, model, _ = placement
         if self.payload_log is not None and config.payload_log:
-            return await self._infer_logged(request, placement)
-        self.residency.check(region, self.region)
-        response = await self._route(request, model)
+            response = await self._logged(self.payload_log, request, placement)
+        else:
+            self.residency.check(region, self.region)
+            response = await self._route(request, model)
         payload = None
         if config.payload_sample_rate and random.random() < config.payload_sample_rate:
             payload = self._payload_sample(config, request, response)
         return response, Outcome(response.model_version, region, payload)
 
-    async def _infer_logged(self, request: InferenceRequest, placement: Placement) -> tuple[InferenceResponse, Outcome]:
-        """``infer``, with the request, its answer or its error offered to the payload log."""
-        assert self.payload_log is not None
+    async def _logged(self, payloads: PayloadLog, request: InferenceRequest, placement: Placement) -> InferenceResponse:
+        """Check residency and route, offering the request with its answer or its error to the payload log."""
         config, region, model, caller = placement
         started, start = time.time(), time.perf_counter()
-        mask = self._masker(config).mask_tensors
-        inputs = {t.name: t.data for t in request.inputs}
         event = PayloadEvent(
             caller.request_id if caller is not None else request.id, config.name, request.model_version,
             caller.principal if caller is not None else "", caller.tenant if caller is not None else "", region,
-            "success", "", started, 0.0, inputs, None, request.parameters, mask,
+            "success", "", started, 0.0, {t.name: t.data for t in request.inputs}, None, request.parameters,
+            self._masker(config).mask_tensors,
         )  # fmt: skip
         try:
             self.residency.check(region, self.region)
@@ -211,15 +211,12 @@ class DataPlane:
         except BaseException as exc:
             event.outcome, event.error = _error_of(exc)
             event.version, event.latency_s = request.model_version or model.version_label, time.perf_counter() - start
-            self.payload_log.offer(event)
+            payloads.offer(event)
             raise
         event.version, event.latency_s = response.model_version, time.perf_counter() - start
         event.outputs = {t.name: t.data for t in response.outputs}
-        self.payload_log.offer(event)
-        payload = None
-        if config.payload_sample_rate and random.random() < config.payload_sample_rate:
-            payload = self._payload_sample(config, request, response)
-        return response, Outcome(response.model_version, region, payload)
+        payloads.offer(event)
+        return response
 
     def _masker(self, config: ModelConfig) -> Masker:
         """The model's PII masking, built once per config (a reload builds it again)."""
