@@ -21,22 +21,11 @@ import pytest
 import yaml
 
 from tests.conftest import DhowProcess, free_port, start_dhow, wait_until
+from tests.monitoring_models import doubler_repository
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "dhow-alerts.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dhow-dashboard.json"
-MODEL = """
-class Doubler:
-    def load(self):
-        pass
-
-    def predict(self, inputs):
-        return {"y": inputs["x"] * 2}
-"""
-MANIFEST = (
-    "runtime: python\nmax_batch_size: 4\ninstances: {count: 1, kind: process}\n"
-    "inputs: [{name: x, datatype: FP32, shape: [-1, 1]}]\noutputs: [{name: y, datatype: FP32, shape: [-1, 1]}]\n"
-)
 #: what a scrape of this server must show: dhow's own series reached Prometheus
 SCRAPED = ("dhow_inference_requests_total", "dhow_request_duration_seconds_bucket", "dhow_payload_log_events_total",
            "dhow_instance_resident_memory_bytes", "process_cpu_seconds_total")  # fmt: skip
@@ -82,10 +71,8 @@ def test_promtool_accepts_the_rules() -> None:
 @pytest.fixture
 def scraped(tmp_path: Path) -> Iterator[tuple[str, DhowProcess]]:
     prometheus = _binary("prometheus")
-    (tmp_path / "models" / "doubler" / "1").mkdir(parents=True)
-    (tmp_path / "models" / "doubler" / "1" / "model.py").write_text(MODEL)
-    (tmp_path / "models" / "doubler" / "model.yaml").write_text(MANIFEST)
-    server = start_dhow(tmp_path / "models", tmp_path, "--payload-log", f"file://{tmp_path}/payloads.jsonl")
+    repository = doubler_repository(tmp_path, "instances: {count: 1, kind: process}\n")
+    server = start_dhow(repository, tmp_path, "--payload-log", f"file://{tmp_path}/payloads.jsonl")
     port = free_port()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},

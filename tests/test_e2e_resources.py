@@ -11,19 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DhowProcess, start_dhow
+from tests.monitoring_models import doubler_repository
 
-MODEL = """
-class Doubler:
-    def load(self):
-        pass
-
-    def predict(self, inputs):
-        return {"y": inputs["x"] * 2}
-"""
-MANIFEST = (
-    "runtime: python\nmax_batch_size: 4\ninstances: {count: 2, kind: process}\n"
-    "inputs: [{name: x, datatype: FP32, shape: [-1, 1]}]\noutputs: [{name: y, datatype: FP32, shape: [-1, 1]}]\n"
-)
+INSTANCES = "instances: {count: 2, kind: process}\n"
 
 
 def _gpu_present() -> bool:
@@ -39,10 +29,7 @@ def _gpu_present() -> bool:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DhowProcess]:
     root = tmp_path_factory.mktemp("resources")
-    (root / "models" / "doubler" / "1").mkdir(parents=True)
-    (root / "models" / "doubler" / "1" / "model.py").write_text(MODEL)
-    (root / "models" / "doubler" / "model.yaml").write_text(MANIFEST)
-    served = start_dhow(root / "models", root)
+    served = start_dhow(doubler_repository(root, INSTANCES), root)
     yield served
     assert served.stop() == 0, served.log()
 

@@ -19,20 +19,10 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tests.conftest import DhowProcess, free_port, start_dhow
+from tests.monitoring_models import doubler_repository
 
-DOUBLER = """
-class Doubler:
-    def load(self):
-        pass
-
-    def predict(self, inputs):
-        return {"y": inputs["x"] * 2}
-"""
 # batches wait 300 ms for company: two requests sent together share one
-MANIFEST = (
-    "runtime: python\nmax_batch_size: 8\nbatching: {max_queue_delay_ms: 300}\n"
-    "inputs: [{name: x, datatype: FP32, shape: [-1, 1]}]\noutputs: [{name: y, datatype: FP32, shape: [-1, 1]}]\n"
-)
+BATCHING = "batching: {max_queue_delay_ms: 300}\n"
 BODY = json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]})
 
 
@@ -93,12 +83,10 @@ def test_spans_follow_the_callers_traceparent_and_a_batch_links_its_requests(
     tmp_path: Path, otlp_receiver: tuple[int, list[Any]]
 ) -> None:
     port, spans = otlp_receiver
-    (tmp_path / "models" / "doubler" / "1").mkdir(parents=True)
-    (tmp_path / "models" / "doubler" / "1" / "model.py").write_text(DOUBLER)
-    (tmp_path / "models" / "doubler" / "model.yaml").write_text(MANIFEST)
+    repository = doubler_repository(tmp_path, BATCHING)
     # ratio 0: only what a sampled caller asks for is traced
     server = start_dhow(
-        tmp_path / "models", tmp_path, "--otlp-endpoint", f"http://127.0.0.1:{port}", "--trace-sample-ratio", "0"
+        repository, tmp_path, "--otlp-endpoint", f"http://127.0.0.1:{port}", "--trace-sample-ratio", "0"
     )
     rest_parent, grpc_parent, first, second = (_traceparent() for _ in range(4))
     try:

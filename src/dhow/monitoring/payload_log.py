@@ -11,13 +11,13 @@ latency (``dhow_payload_log_events_total{outcome="dropped"}`` says how many).
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
+import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import numpy as np
@@ -62,6 +62,11 @@ class PayloadEvent:
     mask: Mask
 
 
+#: event ids: a random prefix per process and a count, unique per source without a random draw per event
+_ID_PREFIX = secrets.token_hex(6)
+_ids = itertools.count(1)
+
+
 def cloud_event(event: PayloadEvent, source: str) -> dict[str, Any]:
     """The event in CloudEvents 1.0 structured form: ``id`` unique per event, ``subject`` the model and version."""
     data: dict[str, Any] = {
@@ -82,14 +87,20 @@ def cloud_event(event: PayloadEvent, source: str) -> dict[str, Any]:
         data["error"] = event.error
     return {
         "specversion": "1.0",
-        "id": uuid.uuid4().hex,
+        "id": f"{_ID_PREFIX}-{next(_ids)}",
         "source": source,
         "type": EVENT_TYPES[event.outcome == "success"],
         "subject": f"{event.model}/{event.version}" if event.version else event.model,
-        "time": datetime.fromtimestamp(event.time, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+        "time": _rfc3339(event.time),
         "datacontenttype": "application/json",
         "data": data,
     }
+
+
+def _rfc3339(unix: float) -> str:
+    whole = int(unix)
+    micros = min(999_999, round((unix - whole) * 1e6))
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(whole))}.{micros:06d}Z"
 
 
 class PayloadCounts(Protocol):
