@@ -130,6 +130,7 @@ def _worker(
 
     A worker ``replacing`` one that died loads its models before it listens: the others serve meanwhile.
     """
+    from dhow.monitoring.payload_sinks import worker_sink_url
     from dhow.scheduling.stats import share_statistics
     from dhow.server import run_server
 
@@ -138,6 +139,7 @@ def _worker(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     share_statistics(run_dir / "stats", index)
+    settings = dataclasses.replace(settings, payload_log=worker_sink_url(settings.payload_log, index))
     threading.Thread(target=_stop_without_supervisor, args=(pipe,), name="dhow-supervisor", daemon=True).start()
     try:
         http_socket = reuse_port_socket(settings.host, settings.http_port)

@@ -21,7 +21,7 @@ import httpx
 from dhow.core.errors import InvalidInput
 from dhow.monitoring.payload_log import PayloadCounts, PayloadSink
 
-__all__ = ["FileSink", "HttpSink", "KafkaSink", "open_sink"]
+__all__ = ["FileSink", "HttpSink", "KafkaSink", "open_sink", "worker_sink_url"]
 
 _CLOUDEVENT = "application/cloudevents+json"
 
@@ -47,6 +47,16 @@ def open_sink(url: str) -> PayloadSink:
     raise InvalidInput(
         f"--payload-log {url!r}: expected file:///PATH.jsonl, kafka://HOST:PORT/TOPIC or http(s)://HOST/PATH"
     )
+
+
+def worker_sink_url(url: str, worker: int) -> str:
+    """The sink of worker ``worker`` of several sharing the ports: a file of its own (``events.worker-2.jsonl``:
+    two processes rotating one file would lose lines); Kafka and HTTP sinks take several producers as they are."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("", "file") or not url:
+        return url
+    path = Path(parts.path)
+    return parts._replace(path=str(path.with_name(f"{path.stem}.worker-{worker}{path.suffix}"))).geturl()
 
 
 def _number(value: str, name: str, url: str) -> float:
