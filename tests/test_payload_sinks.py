@@ -19,6 +19,9 @@ class _Counts:
     def logged(self, count: int) -> None:
         self.logged_count += count
 
+    def dropped(self, count: int) -> None:
+        raise AssertionError("a file sink has no buffer of its own to drop from")
+
     def failed(self, count: int, reason: str) -> None:
         self.failures.append(reason)
 

@@ -104,9 +104,12 @@ def _rfc3339(unix: float) -> str:
 
 
 class PayloadCounts(Protocol):
-    """What a sink reports, from any thread: events it took (``logged``) and events it lost (``failed``)."""
+    """What a sink reports, from any thread: events it took (``logged``), events its own bounded buffer had no room
+    for (``dropped``) and events it lost (``failed``)."""
 
     def logged(self, count: int) -> None: ...
+
+    def dropped(self, count: int) -> None: ...
 
     def failed(self, count: int, reason: str) -> None: ...
 
@@ -170,6 +173,9 @@ class PayloadLog:
 
     def logged(self, count: int) -> None:
         self._logged.inc(count)
+
+    def dropped(self, count: int) -> None:
+        self._dropped.inc(count)
 
     def failed(self, count: int, reason: str) -> None:
         self._failed.inc(count)
