@@ -57,3 +57,54 @@ def test_the_endpoint_must_be_an_otlp_http_url() -> None:
     assert traces_url("https://c/v1/traces") == "https://c/v1/traces"
     with pytest.raises(InvalidInput, match="expected an OTLP/HTTP URL"):
         traces_url("c:4317")
+
+
+def test_the_export_parses_as_the_message_opentelemetry_proto_builds() -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+    from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+    from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
+    from dhow.monitoring.otlp import SPAN_KIND_SERVER, FinishedSpan, export_request, resource_bytes
+
+    trace, parent, own, other = bytes.fromhex(TRACE), bytes.fromhex(SPAN), b"\x01" * 8, b"\x02" * 8
+    attributes = {"dhow.model": "tabular", "rows": 300, "negative": -2, "ratio": 0.5, "yes": True, "ü": "é"}
+    span = FinishedSpan(trace, own, parent, "infer tabular", SPAN_KIND_SERVER, 1_700_000_000_123_456_789,
+                        1_700_000_000_223_456_789, attributes, ((trace, other),), "INTERNAL")  # fmt: skip
+    root = FinishedSpan(trace, other, b"", "batch", 1, 5, 6, None, (), "")
+    written = ExportTraceServiceRequest.FromString(export_request(resource_bytes("dhow"), "dhow", [span, root]))
+
+    def value(v: object) -> AnyValue:
+        if isinstance(v, bool):
+            return AnyValue(bool_value=v)
+        if isinstance(v, int):
+            return AnyValue(int_value=v)
+        if isinstance(v, float):
+            return AnyValue(double_value=v)
+        return AnyValue(string_value=str(v))
+
+    built = ExportTraceServiceRequest(
+        resource_spans=[
+            ResourceSpans(
+                resource=Resource(attributes=[KeyValue(key="service.name", value=AnyValue(string_value="dhow"))]),
+                scope_spans=[
+                    ScopeSpans(
+                        scope=InstrumentationScope(name="dhow"),
+                        spans=[
+                            Span(
+                                trace_id=trace, span_id=own, parent_span_id=parent, name="infer tabular",
+                                kind=Span.SPAN_KIND_SERVER, start_time_unix_nano=span.start_ns,
+                                end_time_unix_nano=span.end_ns,
+                                attributes=[KeyValue(key=k, value=value(v)) for k, v in attributes.items()],
+                                links=[Span.Link(trace_id=trace, span_id=other)],
+                                status=Status(code=Status.STATUS_CODE_ERROR, message="INTERNAL"),
+                            ),
+                            Span(trace_id=trace, span_id=other, name="batch", kind=Span.SPAN_KIND_INTERNAL,
+                                 start_time_unix_nano=5, end_time_unix_nano=6),
+                        ],
+                    )
+                ],
+            )
+        ]
+    )  # fmt: skip
+    assert written == built

@@ -97,10 +97,15 @@ def cloud_event(event: PayloadEvent, source: str) -> dict[str, Any]:
     }
 
 
+_second: tuple[int, str] = (0, "")
+
+
 def _rfc3339(unix: float) -> str:
+    global _second
     whole = int(unix)
-    micros = min(999_999, round((unix - whole) * 1e6))
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(whole))}.{micros:06d}Z"
+    if _second[0] != whole:  # events of one second share its formatting (only the writer's thread calls this)
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{min(999_999, round((unix - whole) * 1e6)):06d}Z"
 
 
 class PayloadCounts(Protocol):
