@@ -215,3 +215,24 @@ def test_kafka_topic_gets_every_event_and_a_lost_broker_is_counted(
         assert _counts(server, "kafka")["logged"] == 4
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_each_worker_writes_a_file_of_its_own(tmp_path: Path) -> None:
+    log_file = tmp_path / "payloads" / "events.jsonl"
+    server = start_dhow(_repository(tmp_path), tmp_path, "--workers", "2", "--payload-log", f"file://{log_file}")
+    try:
+        wait_until(lambda: "workers are ready" in server.log(), what="both workers ready")
+        # a connection per request: the kernel spreads them over the two workers
+        ids = [f"w-{n}" for n in range(40)]
+        assert [_post(server, "notes", _body(1.0), request_id) for request_id in ids] == [200] * 40
+
+        def written() -> list[str]:
+            return [json.loads(line)["data"]["request_id"] for f in log_file.parent.iterdir()
+                    for line in f.read_text().splitlines()]  # fmt: skip
+
+        wait_until(lambda: len(written()) == 40, what="40 events written")
+        assert sorted(written()) == sorted(ids), "every request once, none lost to two writers of one file"
+        names = sorted(f.name for f in log_file.parent.iterdir())
+        assert names == ["events.worker-1.jsonl", "events.worker-2.jsonl"], names
+    finally:
+        assert server.stop() == 0, server.log()
