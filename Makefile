@@ -6,7 +6,7 @@ DHOW := $(VENV)/bin/dhow
 STAMP := $(VENV)/.installed
 DEMO := demo-models
 
-.PHONY: run test install demo-models lint format check-proto proto bench bench-rollouts bench-security bench-serving bench-protocols bench-batch clean
+.PHONY: run test install demo-models lint format check-proto proto image bench bench-rollouts bench-security bench-serving bench-protocols bench-batch clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ proto: $(STAMP)
 
 check-proto: $(STAMP)
 	$(PY) -m dhow.protocols.grpc.codegen --check
+
+# dhow's container images (Dockerfile, Dockerfile.cuda) with the engine running here; fails, saying so, without one
+image:
+	bash deploy/build-images.sh
 
 # benchmarks are measured side by side in one run and reported as ratios; never part of `make test`
 bench: bench-rollouts bench-security bench-protocols bench-serving bench-batch
