@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from dhow.monitoring.metrics import ServerMetrics
+from dhow.protocols.routes import PUBLIC, ROUTES
 from dhow.settings import resolve_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,13 +123,16 @@ def test_the_settings_file_is_one_dhow_reads(profiles: dict[str, list[Manifest]]
 
 
 def test_probes_drain_and_security_of_every_server_pod(profiles: dict[str, list[Manifest]]) -> None:
+    # the probes are dhow's own health routes, which need no credentials
+    health = {route.name: route.path for route in ROUTES if route.name in PUBLIC}
     for profile, manifests in profiles.items():
         for deployment in (
             m for m in manifests if m["kind"] == "Deployment" and "-stream-" not in m["metadata"]["name"]
         ):
             pod, main = deployment["spec"]["template"]["spec"], container(deployment)
-            assert main["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready", profile
-            assert main["livenessProbe"]["httpGet"]["path"] == "/v2/health/live", profile
+            assert main["readinessProbe"]["httpGet"]["path"] == health["server_ready"], profile
+            assert main["livenessProbe"]["httpGet"]["path"] == health["server_live"], profile
+            assert main["startupProbe"]["httpGet"]["path"] == health["server_live"], profile
             startup = main["startupProbe"]
             assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "a large model has 10 minutes to load"
             # the grace period covers the preStop sleep, dhow's drain and closing
