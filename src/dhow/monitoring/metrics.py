@@ -83,19 +83,15 @@ class ServerMetrics:
             multiprocess_mode="livesum",
         )
         # the autoscaling signals (deploy/helm/dhow scales on them): what waits and what runs, per model version
-        self.queue_depth = Gauge(
-            "dhow_queue_depth",
-            "Requests waiting in the model version's queue for a batch.",
-            ["model", "version"],
-            registry=self.registry,
-            multiprocess_mode="livesum",
-        )
-        self.inflight = Gauge(
-            "dhow_inflight_requests",
-            "Requests the model version was given and has not answered yet (queued or in a running batch).",
-            ["model", "version"],
-            registry=self.registry,
-            multiprocess_mode="livesum",
+        self.queue_depth, self.inflight = (
+            Gauge(name, doc, ["model", "version"], registry=self.registry, multiprocess_mode="livesum")
+            for name, doc in (
+                ("dhow_queue_depth", "Requests waiting in the model version's queue for a batch."),
+                (
+                    "dhow_inflight_requests",
+                    "Requests the model version was given and has not answered yet (queued or in a running batch).",
+                ),
+            )
         )
         self.batch_fill = Histogram(
             "dhow_batch_fill_ratio",
