@@ -258,7 +258,12 @@ def test_routes_send_each_model_to_its_pool_and_fail_over_to_the_other(profiles:
         ({"models": [{"name": "resnet", "pool": "gpu"}]},
          'model "resnet" is placed on pool "gpu", which is not enabled; enabled pools: cpu'),
         ({"models": [{"name": "m", "pool": "cpu", "fallback": "cpu"}]}, 'model "m" falls back to its own pool "cpu"'),
-        ({"autoscaling": {"engine": "cpu"}}, 'autoscaling.engine: expected keda, hpa or none, got "cpu"'),
+        # values.schema.json: a misspelt or unknown value is refused, never ignored
+        ({"autoscaling": {"engine": "cpu"}}, "at '/autoscaling/engine': value must be one of 'keda', 'hpa', 'none'"),
+        ({"pools": {"cpu": {"gpu": 1}}}, "at '/pools/cpu': additional properties 'gpu' not allowed"),
+        ({"models": [{"name": "m"}]}, "at '/models/0': missing property 'pool'"),
+        ({"httpAddon": {"enabled": True}, "gateway": {"enabled": True}},
+         "the routes would go around the HTTP add-on's interceptor"),
         ({"streams": [{"name": "s", "model": "m", "source": "kinesis://x", "group": "g", "partitions": 1}]},
          "source must be kafka://HOST:PORT/TOPIC"),
         ({"streams": [{"name": "s", "model": "m", "source": "kafka://k:9092/t", "group": "g"}]},
@@ -266,6 +271,6 @@ def test_routes_send_each_model_to_its_pool_and_fail_over_to_the_other(profiles:
     ],
 )  # fmt: skip
 def test_contradicting_values_fail_the_render_with_what_to_change(values: dict[str, Any], message: str) -> None:
-    with pytest.raises(helm.HelmRenderError) as failure:
+    with pytest.raises(helm.HelmError) as failure:
         render(values)
     assert message in str(failure.value)

@@ -110,6 +110,9 @@ dhow.dev/pool: {{ .pool }}
 {{- if and .Values.gateway.enabled (not (has .Values.gateway.failover (list "envoy" "none"))) -}}
 {{- fail (printf "gateway.failover: expected envoy or none, got %q" .Values.gateway.failover) -}}
 {{- end -}}
+{{- if and .Values.gateway.enabled .Values.httpAddon.enabled -}}
+{{- fail "gateway.enabled with httpAddon.enabled: the routes would go around the HTTP add-on's interceptor to a pool that may have no replica; send the gateway's traffic to the interceptor (keda-add-ons-http-interceptor-proxy) and leave gateway.enabled false" -}}
+{{- end -}}
 {{- if and .Values.gateway.enabled (not (has .Values.gateway.defaultPool $pools)) -}}
 {{- fail (printf "gateway.defaultPool: pool %q is not enabled" .Values.gateway.defaultPool) -}}
 {{- end -}}
