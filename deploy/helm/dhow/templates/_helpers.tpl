@@ -110,6 +110,17 @@ dhow.dev/pool: {{ .pool }}
 {{- if and .Values.gateway.enabled (not (has .Values.gateway.failover (list "envoy" "none"))) -}}
 {{- fail (printf "gateway.failover: expected envoy or none, got %q" .Values.gateway.failover) -}}
 {{- end -}}
+{{- range $name := $pools -}}
+{{- $pool := index $.Values.pools $name -}}
+{{- if and (eq (int $pool.minReplicas) 0) (not (and $.Values.httpAddon.enabled (eq $.Values.httpAddon.pool $name))) (ne $.Values.autoscaling.engine "none") -}}
+{{- fail (printf "pools.%s.minReplicas: 0 needs the KEDA HTTP add-on in front of the pool (httpAddon.enabled, httpAddon.pool: %s), or requests would find no replica; set minReplicas to 1 or more" $name $name) -}}
+{{- end -}}
+{{- end -}}
+{{- range .Values.streams -}}
+{{- if not (has (default "cpu" .pool) $pools) -}}
+{{- fail (printf "streams: %q runs on pool %q, which is not enabled; enabled pools: %s" .name (default "cpu" .pool) (join ", " $pools)) -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.gateway.enabled .Values.httpAddon.enabled -}}
 {{- fail "gateway.enabled with httpAddon.enabled: the routes would go around the HTTP add-on's interceptor to a pool that may have no replica; send the gateway's traffic to the interceptor (keda-add-ons-http-interceptor-proxy) and leave gateway.enabled false" -}}
 {{- end -}}
