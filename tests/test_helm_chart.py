@@ -263,6 +263,7 @@ def test_routes_send_each_model_to_its_pool_and_fail_over_to_the_other(profiles:
         ({"pools": {"cpu": {"gpu": 1}}}, "at '/pools/cpu': additional properties 'gpu' not allowed"),
         ({"models": [{"name": "m"}]}, "at '/models/0': missing property 'pool'"),
         ({"pools": {"cpu": {"minReplicas": 0}}}, "pools.cpu.minReplicas: 0 needs the KEDA HTTP add-on"),
+        ({"persistence": {"enabled": True}}, "but pool cpu may run more; give secrets.registryUrl"),
         ({"streams": [{"name": "s", "model": "m", "pool": "gpu", "source": "kafka://k:9092/t", "group": "g",
                        "partitions": 3}]}, 'streams: "s" runs on pool "gpu", which is not enabled'),
         ({"httpAddon": {"enabled": True}, "gateway": {"enabled": True}},

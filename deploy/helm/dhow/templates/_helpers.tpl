@@ -116,6 +116,14 @@ dhow.dev/pool: {{ .pool }}
 {{- fail (printf "pools.%s.minReplicas: 0 needs the KEDA HTTP add-on in front of the pool (httpAddon.enabled, httpAddon.pool: %s), or requests would find no replica; set minReplicas to 1 or more" $name $name) -}}
 {{- end -}}
 {{- end -}}
+{{- if .Values.persistence.enabled -}}
+{{- range $name := $pools -}}
+{{- $pool := index $.Values.pools $name -}}
+{{- if or (gt (int $pool.replicas) 1) (and (ne $.Values.autoscaling.engine "none") (gt (int $pool.maxReplicas) 1)) -}}
+{{- fail (printf "persistence.enabled keeps the data folder (SQLite) on one ReadWriteOnce volume, which one replica uses, but pool %s may run more; give secrets.registryUrl and secrets.auditStoreUrl a PostgreSQL URL and turn persistence off, or keep pools.%s.replicas at 1 and autoscaling.engine none" $name $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- range .Values.streams -}}
 {{- if not (has (default "cpu" .pool) $pools) -}}
 {{- fail (printf "streams: %q runs on pool %q, which is not enabled; enabled pools: %s" .name (default "cpu" .pool) (join ", " $pools)) -}}
