@@ -142,9 +142,9 @@ dhow.dev/pool: {{ .pool }}
 {{- $failover := eq .root.Values.gateway.failover "envoy" -}}
 {{- $first := include "dhow.poolName" (dict "root" .root "pool" .pool) -}}
 {{- if $failover }}
-- {group: gateway.envoyproxy.io, kind: Backend, name: {{ printf "%s-%s" $first .port }}}
+- {group: gateway.envoyproxy.io, kind: Backend, name: {{ printf "%s-%s" $first .port }}, port: {{ index .root.Values.ports .port }}}
 {{- if .fallback }}
-- {group: gateway.envoyproxy.io, kind: Backend, name: {{ printf "%s-%s-fallback" (include "dhow.poolName" (dict "root" .root "pool" .fallback)) .port }}}
+- {group: gateway.envoyproxy.io, kind: Backend, name: {{ printf "%s-%s-fallback" (include "dhow.poolName" (dict "root" .root "pool" .fallback)) .port }}, port: {{ index .root.Values.ports .port }}}
 {{- end }}
 {{- else }}
 - {name: {{ $first }}, port: {{ index .root.Values.ports .port }}}
