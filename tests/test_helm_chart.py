@@ -193,6 +193,11 @@ def test_kafka_consumers_scale_on_lag_and_never_past_the_partitions(profiles: di
             "topic": "score-requests",
         }.items()
     )
+    secured = render({**_profile("enterprise-gpu"), "kafka": {"triggerAuthentication": "kafka-sasl"}})
+    validate(one(secured, "ScaledObject", "dhow-stream-scores"))
+    assert one(secured, "ScaledObject", "dhow-stream-scores")["spec"]["triggers"][0]["authenticationRef"] == {
+        "name": "kafka-sasl"
+    }
     args = container(one(profiles["enterprise-gpu"], "Deployment", "dhow-stream-scores"))["args"]
     assert args[:2] == ["stream", "run"] and "--dead-letter" in args
 
