@@ -8,6 +8,7 @@ schemas bundled in ``deploy/schemas``. A manifest whose kind has no schema fails
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,10 @@ def _profile(name: str) -> dict[str, Any]:
     return {} if name == "default" else yaml.safe_load((CHART / "profiles" / f"{name}.yaml").read_text())
 
 
-def render(values: dict[str, Any]) -> list[Manifest]:
+def render(values: dict[str, Any], release: str = "dhow") -> list[Manifest]:
     with helm.Chart.load(str(CHART)) as chart:
-        rendered = chart.render(values, name="dhow", namespace=NAMESPACE)
-    return [doc for text in rendered.values() for doc in yaml.safe_load_all(text) if doc]
+        rendered = chart.render(values, name=release, namespace=NAMESPACE)
+    return [doc for name, text in rendered.items() if name.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc]
 
 
 def validate(manifest: Manifest, kubernetes: str = KUBERNETES_VERSIONS[0]) -> None:
@@ -85,6 +86,18 @@ def test_every_manifest_of_every_profile_is_valid(profiles: dict[str, list[Manif
                 pytest.fail(
                     f"{profile}: {manifest['kind']}/{manifest['metadata']['name']} (Kubernetes {kubernetes}): {exc}"
                 )
+
+
+def test_names_fit_kubernetes_limits_with_the_longest_release_name() -> None:
+    """Helm allows 53 characters of release name; every name must stay a DNS label (63) where Kubernetes says so."""
+    manifests = render(_profile("enterprise-gpu"), release="r" * 53)
+    for manifest in manifests:
+        validate(manifest)
+        name = manifest["metadata"]["name"]
+        limit = 253 if manifest["kind"] in ("Backend", "BackendTrafficPolicy") else 63
+        assert len(name) <= limit and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), name
+        for value in manifest["metadata"]["labels"].values():
+            assert len(value) <= 63, value
 
 
 @pytest.mark.parametrize("profile", PROFILES)
