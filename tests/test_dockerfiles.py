@@ -20,6 +20,7 @@ import pytest
 
 from dhow.protocols.routes import ROUTES
 from dhow.settings import ServerSettings
+from tests.conftest import free_port, start_dhow
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = ("Dockerfile", "Dockerfile.cuda")
@@ -133,3 +134,20 @@ def test_make_image_says_clearly_that_no_engine_runs_here() -> None:
     assert result.returncode != 0
     assert "no container engine is running here" in result.stderr
     assert "no image was built" in result.stderr
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_the_healthcheck_command_tells_a_ready_server_from_none(name: str, tmp_path: Path) -> None:
+    """The HEALTHCHECK's own command, run against a real server: 0 once ready, non-zero where nothing answers."""
+    (healthcheck,) = [i.args for i in stages(ROOT / name)[-1] if i.name == "HEALTHCHECK"]
+    command = json.loads(healthcheck.partition("CMD ")[2])
+    command[0] = sys.executable  # the image's python, here this virtualenv's
+    (tmp_path / "models").mkdir()
+    server = start_dhow(tmp_path / "models", tmp_path)
+    try:
+        ready = subprocess.run(command, env={"DHOW_HTTP_PORT": str(server.http_port)}, timeout=30)
+        assert ready.returncode == 0
+    finally:
+        assert server.stop() == 0, server.log()
+    nobody = subprocess.run(command, env={"DHOW_HTTP_PORT": str(free_port())}, capture_output=True, timeout=30)
+    assert nobody.returncode != 0
