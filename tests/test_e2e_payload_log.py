@@ -172,9 +172,10 @@ def test_a_hanging_http_sink_drops_and_counts_never_blocks(
         # the writer holds one chunk in the hanging POST, the queue 4 more: the rest are dropped and counted
         wait_until(lambda: _counts(server, "http")["dropped"] >= 15, what="dropped events counted")
         handler.hold.clear()
-        wait_until(lambda: _counts(server, "http")["logged"] > 0, what="events logged once the sink answers")
+        # once it answers, what was queued is logged: every request is logged or dropped, none failed
+        wait_until(lambda: sum(_counts(server, "http").values()) == 24, what="every event logged or dropped")
         counts = _counts(server, "http")
-        assert counts["logged"] + counts["dropped"] == 24 and counts["failed"] == 0
+        assert counts["logged"] >= 1 and counts["failed"] == 0
         content_type, events = handler.received[0]
         assert content_type == "application/cloudevents-batch+json"
         assert events[0]["data"]["request_id"] == "req-0" and events[0]["source"].startswith("dhow://")
