@@ -21,8 +21,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from tests.conftest import DhowProcess, free_port, start_dhow
 from tests.monitoring_models import doubler_repository
 
-# batches wait 300 ms for company: two requests sent together share one
-BATCHING = "batching: {max_queue_delay_ms: 300}\n"
+# batches wait a second for company: two requests sent together share one, even on a loaded machine
+BATCHING = "batching: {max_queue_delay_ms: 1000}\n"
 BODY = json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]})
 
 
