@@ -147,6 +147,21 @@ class ServerSettings:
         metavar="SECONDS",
         group=_CONNECTIONS,
     )
+    drain_delay: float = _setting(
+        0.0,
+        "on SIGTERM: seconds the server keeps serving while it says not-ready, so that a load balancer polling "
+        "/v2/health/ready moves traffic away before the ports close (under Kubernetes a preStop sleep does this)",
+        metavar="SECONDS",
+        group=_CONNECTIONS,
+    )
+    drain_seconds: float = _setting(
+        25.0,
+        "on SIGTERM, once the ports are closed: seconds given to REST requests, gRPC calls and stream offsets in "
+        "flight to finish (keep drain_delay + this + 5 within Kubernetes' terminationGracePeriodSeconds, 30 by "
+        "default, minus any preStop sleep)",
+        metavar="SECONDS",
+        group=_CONNECTIONS,
+    )
     #: who the administration commands are, not the server: no ``serve`` option
     actor: str = _setting(
         "",
