@@ -6,7 +6,7 @@ DHOW := $(VENV)/bin/dhow
 STAMP := $(VENV)/.installed
 DEMO := demo-models
 
-.PHONY: run test install demo-models lint format check-proto proto bench bench-rollouts bench-security bench-serving bench-protocols bench-batch clean
+.PHONY: run test install system-packages demo-models lint format check-proto proto bench bench-rollouts bench-security bench-serving bench-protocols bench-batch clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Debian packages the tests run for real: the proxies `dhow gateway config` configures (tests/test_e2e_gateway.py)
+SYSTEM_PACKAGES := haproxy nginx-light
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-packages:
+	@test -x /usr/sbin/haproxy -a -x /usr/sbin/nginx || { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); }
 
 $(DEMO)/.built: $(STAMP)
 	$(DHOW) demo build --out $(DEMO)

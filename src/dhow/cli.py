@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from dhow.commands import audit as audit_commands
     from dhow.commands import batch as batch_commands
+    from dhow.commands import gateway as gateway_commands
     from dhow.commands import keys as access_commands
     from dhow.commands import models as repository_commands
     from dhow.rollouts import cli as rollout_cli
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     access_commands.add_parsers(commands, model_commands)
     audit_commands.add_parser(commands)
     batch_commands.add_parser(commands)
+    gateway_commands.add_parser(commands)
     rollout_cli.add_parser(commands)
     return parser
 
@@ -205,10 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dhow.commands import audit as audit_commands
 
             return audit_commands.run(args)
+        from dhow.commands import gateway as gateway_commands
         from dhow.commands import keys as access_commands
         from dhow.commands import models as repository_commands
 
-        for module in (access_commands, repository_commands):
+        for module in (access_commands, repository_commands, gateway_commands):
             code: int | None = module.run(args)
             if code is not None:
                 return code
