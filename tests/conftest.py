@@ -122,7 +122,7 @@ def free_port() -> int:
 class DhowProcess:
     """A real `dhow serve` process; its log is kept so that tests can read what it wrote."""
 
-    repository: Path
+    repository: Path | str
     http_port: int
     grpc_port: int
     log_path: Path
@@ -165,7 +165,7 @@ class DhowProcess:
         return self.process.returncode
 
 
-def start_dhow(repository: Path, log_dir: Path, *extra: str, wait: bool = True) -> DhowProcess:
+def start_dhow(repository: Path | str, log_dir: Path, *extra: str, wait: bool = True) -> DhowProcess:
     http_port, grpc_port = free_port(), free_port()
     args = [
         sys.executable, "-m", "dhow.cli", "serve",
@@ -214,3 +214,44 @@ def dhow_server(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory)
     server = start_dhow(demo_repository, tmp_path_factory.mktemp("server"))
     yield server
     assert server.stop() == 0, server.log()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A local S3-compatible server (moto) for the tests of s3:// inputs and repositories; its URL."""
+    try:
+        import boto3  # noqa: F401
+        import moto.server  # noqa: F401
+        import s3fs  # noqa: F401
+    except ImportError as exc:
+        message = f"moto[server] and s3fs are needed for the S3 test ({exc}); pip install -e '.[dev]'"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    port = free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(url), 60, "the S3 server answering")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+
+
+#: what boto3 and s3fs need to talk to the moto server
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -137,7 +137,7 @@ def _serve(args: argparse.Namespace) -> int:
     # kept to read the settings again on SIGHUP (only the settings' own values: it goes to the workers)
     source = SettingsSource({option.name: getattr(args, option.name) for option in setting_options()}, args.config)
     settings = source.read()
-    if not settings.repository.is_dir():
+    if not settings.repository_is_remote() and not settings.repository_folder().is_dir():
         print(f"dhow: the model repository {settings.repository} is not a folder (see --repository)", file=sys.stderr)
         return 2
     if settings.workers > 1:
