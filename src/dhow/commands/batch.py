@@ -48,7 +48,8 @@ def _add_run(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "committed part (no row lost, none written twice).",
     )
     add = run.add_argument
-    add("--repository", type=Path, metavar="DIR", help="the model repository (default $DHOW_REPOSITORY, ./models)")
+    add("--repository", metavar="DIR|URL",
+        help="the model repository, a folder or s3://bucket/prefix (default $DHOW_REPOSITORY, ./models)")  # fmt: skip
     add("--model", required=True, metavar="NAME[:VERSION]", help="the model (default version: the newest served)")
     add("--input", required=True, metavar="PATH", help="a file, a folder of files, or s3://bucket/prefix")
     add("--output", required=True, metavar="DIR", help="the output folder (Parquet parts, errors/, _summary.json)")
