@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import secrets
 import shutil
@@ -16,7 +17,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 import psycopg
 import pytest
@@ -24,6 +25,21 @@ import pytest
 IN_CI = os.environ.get("CI") == "true"
 #: a PostgreSQL role that may create databases; each test that needs one gets a fresh database
 PG_ADMIN_URL = os.environ.get("DHOW_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def unavailable(message: str) -> NoReturn:
+    """A test that needs something the machine lacks: skipped with the reason here, failed on CI."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def system_binary(name: str, install: str) -> str:
+    """The path of a program installed from the machine's packages (``/usr/sbin`` included, off root's PATH)."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+    if found is None:
+        unavailable(f"{name} is not installed: {install}")
+    return found
 
 
 def pg_url(database: str) -> str:
@@ -37,10 +53,7 @@ def pg_available() -> None:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
             conn.execute("SELECT 1")
     except psycopg.Error as err:
-        message = f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({err}); set DHOW_TEST_PG_ADMIN_URL"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({err}); set DHOW_TEST_PG_ADMIN_URL")
 
 
 @pytest.fixture
@@ -110,6 +123,27 @@ def make_key(data_dir: Path, name: str, roles: list[str], tenant: str = "default
         store.close()
     assert made is not None
     return made[1]
+
+
+def http_request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    """One request on a new connection to 127.0.0.1 (JSON body if any); the status and the body answered."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request(method, path, body=body, headers={"content-type": "application/json"})
+        answer = connection.getresponse()
+        return answer.status, answer.read()
+    finally:
+        connection.close()
+
+
+def write_model(repository: Path, name: str, manifest: str, files: dict[str, str]) -> Path:
+    """A model folder: ``model.yaml`` and the files of its versions (``{"1/model.py": source}``); the folder."""
+    folder = repository / name
+    for path, text in files.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_text(text, encoding="utf-8")
+    (folder / "model.yaml").write_text(manifest, encoding="utf-8")
+    return folder
 
 
 def free_port() -> int:
@@ -234,10 +268,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         import moto.server  # noqa: F401
         import s3fs  # noqa: F401
     except ImportError as exc:
-        message = f"moto[server] and s3fs are needed for the S3 test ({exc}); pip install -e '.[dev]'"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"moto[server] and s3fs are needed for the S3 test ({exc}); pip install -e '.[dev]'")
     port = free_port()
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
     process = subprocess.Popen(

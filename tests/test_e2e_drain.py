@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import http.client
 import json
 import signal
 import socket
@@ -21,7 +20,7 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dhow.serving.drain import Drain
-from tests.conftest import DhowProcess, start_dhow, wait_until
+from tests.conftest import DhowProcess, http_request, start_dhow, wait_until, write_model
 
 GATED_MODEL = """
 import pathlib
@@ -45,26 +44,18 @@ BODY = json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32",
 
 
 def _repository(root: Path) -> Path:
-    folder = root / "models" / "gated"
-    (folder / "1").mkdir(parents=True)
-    (folder / "1" / "model.py").write_text(GATED_MODEL.format(root=str(root)), encoding="utf-8")
-    (folder / "model.yaml").write_text(
+    write_model(
+        root / "models",
+        "gated",
         "runtime: python\nmax_batch_size: 1\ninstances: {count: 4, kind: thread}\n"
         "inputs: [{name: x, datatype: FP32, shape: [-1, 1]}]\noutputs: [{name: y, datatype: FP32, shape: [-1, 1]}]\n",
-        encoding="utf-8",
+        {"1/model.py": GATED_MODEL.format(root=str(root))},
     )
     return root / "models"
 
 
 def _rest(server: DhowProcess, method: str, path: str, body: bytes | None = None) -> int:
-    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
-    try:
-        connection.request(method, path, body=body, headers={"content-type": "application/json"})
-        answer = connection.getresponse()
-        answer.read()
-        return answer.status
-    finally:
-        connection.close()
+    return http_request(server.http_port, method, path, body)[0]
 
 
 def _grpc_health(server: DhowProcess) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.conftest import IN_CI, DhowProcess, free_port, start_dhow, wait_until
+from tests.conftest import DhowProcess, free_port, http_request, start_dhow, system_binary, wait_until
 
 ROWS = np.random.default_rng(7).normal(size=(1, 32)).astype(np.float32)
 BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 32], "datatype": "FP32",
@@ -32,13 +32,7 @@ BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 32], "datatype": "F
 
 @pytest.fixture(scope="module")
 def haproxy() -> str:
-    binary = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
-    if binary is None:
-        message = "HAProxy is not installed: make system-packages (apt-get install haproxy)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
+    return system_binary("haproxy", "make system-packages (apt-get install haproxy)")
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +59,8 @@ class Gateway:
 
     def states(self) -> dict[tuple[str, str], str]:
         """Each back end's server state as HAProxy sees it ((backend, server) → UP, DOWN, ...)."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.stats_port, timeout=5)
-        try:
-            connection.request("GET", "/stats;csv")
-            text = connection.getresponse().read().decode()
-        finally:
-            connection.close()
-        rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
+        _, text = http_request(self.stats_port, "GET", "/stats;csv")
+        rows = csv.DictReader(io.StringIO(text.decode().lstrip("# ")))
         return {(row["pxname"], row["svname"]): row["status"] for row in rows if row["svname"].startswith("replica")}
 
 
@@ -195,11 +184,11 @@ def test_a_replica_drained_with_sigterm_under_load_fails_no_call(gateway: Gatewa
     load = Load(gateway)
     load.start()
     try:
-        load.wait_answers(300)
+        load.wait_answers(200)
         leaving = gateway.replicas[0]
         leaving.process.send_signal(signal.SIGTERM)
         assert leaving.process.wait(60) == 0, leaving.log()
-        load.wait_answers(300)  # the other replica carries everything now
+        load.wait_answers(200)  # the other replica carries everything now
     finally:
         load.finish()
     assert load.failures == [], f"{len(load.failures)} of {load.answered + len(load.failures)} calls failed"
@@ -218,10 +207,10 @@ def test_a_replica_killed_under_load_fails_at_most_the_rest_calls_it_held_and_sa
     load = Load(gateway)
     load.start(rest_clients=3, grpc_clients=2)
     try:
-        load.wait_answers(300)
+        load.wait_answers(200)
         gateway.replicas[0].process.send_signal(signal.SIGKILL)
         gateway.replicas[0].process.wait(30)
-        load.wait_answers(300)
+        load.wait_answers(200)
     finally:
         load.finish()
     for failure in load.failures:

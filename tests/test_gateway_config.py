@@ -3,27 +3,20 @@ message naming the option, what is wrong and what is expected."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from dhow.cli import main
-from tests.conftest import IN_CI
+from tests.conftest import system_binary
 
 REPLICAS = ["--backend", "127.0.0.1:9001", "--backend", "localhost:9002",
             "--grpc-backend", "127.0.0.1:9101", "--grpc-backend", "localhost:9102"]  # fmt: skip
 
 
 def _binary(name: str) -> str:
-    found = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
-    if found is None:
-        message = f"{name} is not installed: make system-packages (apt-get install haproxy nginx-light)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return system_binary(name, "make system-packages (apt-get install haproxy nginx-light)")
 
 
 def _write(tmp_path: Path, *args: str) -> Path:

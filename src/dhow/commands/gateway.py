@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dhow.commands import add_command_with_actions
 from dhow.commands.proxy_config import PROXIES, GatewayPlan, parse_endpoint, render
 
 __all__ = ["add_parser", "run"]
@@ -20,13 +21,13 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``dhow gateway`` and its ``config`` action to the ``dhow`` command."""
-    gateway = commands.add_parser(
+    actions = add_command_with_actions(
+        commands,
         "gateway",
-        help="configure a proxy (HAProxy, nginx) in front of several dhow replicas",
-        description="Write the configuration of an existing proxy that balances REST and gRPC over dhow "
-        "replicas, checks their readiness and retries failed calls on another replica.",
+        "configure a proxy (HAProxy, nginx) in front of several dhow replicas",
+        "Write the configuration of an existing proxy that balances REST and gRPC over dhow replicas, checks "
+        "their readiness and retries failed calls on another replica.",
     )
-    actions = gateway.add_subparsers(dest="gateway_command", metavar="ACTION", required=True)
     config = actions.add_parser(
         "config",
         help="write the proxy's configuration",
