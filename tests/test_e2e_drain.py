@@ -129,6 +129,43 @@ def test_during_the_drain_delay_it_says_not_ready_and_still_serves(tmp_path: Pat
     assert "a second signal: stopping now" in server.log()
 
 
+SLOW_LOAD = """
+import pathlib
+import time
+
+
+class SlowLoad:
+    def load(self):
+        pathlib.Path({loading!r}).touch()
+        while not pathlib.Path({gate!r}).exists():
+            time.sleep(0.02)
+
+    def predict(self, inputs):
+        return {{"y": inputs["x"]}}
+"""
+
+
+def test_a_sigterm_while_models_load_never_turns_ready(tmp_path: Path) -> None:
+    loading, gate = tmp_path / "loading", tmp_path / "gate"
+    repository = tmp_path / "models"
+    manifest = (
+        "runtime: python\nmax_batch_size: 1\ninstances: {kind: thread}\n"
+        "inputs: [{name: x, datatype: FP32, shape: [-1, 1]}]\noutputs: [{name: y, datatype: FP32, shape: [-1, 1]}]\n"
+    )
+    write_model(repository, "slow", manifest, {"1/model.py": SLOW_LOAD.format(loading=str(loading), gate=str(gate))})
+    server = start_dhow(repository, tmp_path, wait=False)
+    try:
+        wait_until(loading.exists, 60, "the model loading")  # the signal handlers are in place by then
+        server.process.send_signal(signal.SIGTERM)
+        gate.touch()
+        assert server.process.wait(30) == 0, server.log()
+    finally:
+        gate.touch()
+        server.stop()
+    assert "dhow is ready" not in server.log()
+    assert "dhow is draining" in server.log()
+
+
 def test_drain_hooks_run_together_and_those_past_the_deadline_are_named() -> None:
     finished: list[str] = []
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dhow.repository.encryption import MAGIC, Keyring, encrypt_repository, generate_key
+from tests.batch_data import run_batch, summary_of, tabular_table, write_parquet
 from tests.conftest import CREDENTIALS, DhowProcess, start_dhow, wait_until
 
 BUCKET_URL = "s3://models/prod"
@@ -118,3 +119,10 @@ def test_a_version_without_its_digest_list_is_not_served_yet(
     assert mirror.refresh() == ["tabular version 1 mirrored"]
     assert mirror.source("tabular").versions == (1,)
     assert mirror.refresh() == []  # nothing changed: nothing downloaded again
+
+    # a batch job takes the same repository: its own cache in its data folder
+    table = write_parquet(tabular_table(200), tmp_path / "in.parquet")
+    job = summary_of(run_batch("s3://partial/m", tmp_path / "job", "--model", "tabular:1", "--input", str(table),
+                               "--output", str(tmp_path / "out"), "--map", "input=f*"))  # fmt: skip
+    assert job["scored"] == 200
+    assert any((tmp_path / "job" / "repository-cache").glob("*/tabular/1/model.onnx"))

@@ -134,12 +134,14 @@ class Server:
         self._serving.set()
         if not load_first:
             await self._load(parts)
-        parts.dataplane.is_ready = True
-        self.metrics.workers.set(1)  # answering now: a worker that is still loading is not counted
-        poller = asyncio.create_task(parts.poller.run()) if parts.poller is not None else None
-        log.info("dhow is ready")
-        if on_ready is not None:
-            on_ready()
+        poller = None
+        if not self._stop.is_set():  # a SIGTERM while the models loaded: never ready, straight to the drain
+            parts.dataplane.is_ready = True
+            self.metrics.workers.set(1)  # answering now: a worker that is still loading is not counted
+            poller = asyncio.create_task(parts.poller.run()) if parts.poller is not None else None
+            log.info("dhow is ready")
+            if on_ready is not None:
+                on_ready()
         await self._stop.wait()
         if self._reloading is not None:
             self._reloading.cancel()
