@@ -87,7 +87,7 @@ class MirroredRepository(ModelRepository):
         with _locked(self.root / _LOCK):
             try:
                 listing = self._listing()
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # the store's client has errors of its own (botocore's are not OSError)
                 message = f"cannot list the repository {self.url}: {exc}"
                 if not self.model_names():
                     raise DhowError(
@@ -115,7 +115,10 @@ class MirroredRepository(ModelRepository):
             except DhowError as exc:
                 log.error("repository %s: skipping the folder %r: %s", self.url, name, exc.message)
                 continue
-            changes += self._mirror_model(name, listing, mirrored.setdefault(name, {}))
+            try:
+                changes += self._mirror_model(name, listing, mirrored.setdefault(name, {}))
+            except Exception as exc:  # the store failing mid-way: what was mirrored stays, the next refresh goes on
+                log.error("repository %s: model %s not mirrored: %s: %s", self.url, name, type(exc).__name__, exc)
         for name in sorted(set(mirrored) - models):
             shutil.rmtree(self.root / name, ignore_errors=True)
             del mirrored[name]
@@ -140,8 +143,9 @@ class MirroredRepository(ModelRepository):
                 continue
             try:
                 self._mirror_version(name, number, key, listing)
-            except DhowError as exc:
-                log.error("repository %s: version %s of %s not mirrored: %s", self.url, number, name, exc.message)
+            except Exception as exc:  # a refusal (DhowError) or the store failing: the next refresh tries again
+                why = exc.message if isinstance(exc, DhowError) else f"{type(exc).__name__}: {exc}"
+                log.error("repository %s: version %s of %s not mirrored: %s", self.url, number, name, why)
                 continue
             versions[number] = tag
             changes.append(f"{name} version {number} mirrored")
