@@ -109,6 +109,8 @@ class MirroredRepository(ModelRepository):
         changes: list[str] = []
         mirrored: dict[str, Any] = state.setdefault("models", {})
         models = {key.split("/")[0] for key in listing if key.endswith("/" + MANIFEST) and key.count("/") == 1}
+        if not models:
+            log.warning("repository %s holds no model (no <model>/%s under it): nothing to serve", self.url, MANIFEST)
         for name in sorted(models):
             try:
                 check_model_name(name)
