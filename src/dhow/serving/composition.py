@@ -22,6 +22,7 @@ from dhow.monitoring.payload_log import PayloadLog
 from dhow.monitoring.payload_sinks import open_sink
 from dhow.monitoring.tracing import Tracing
 from dhow.repository.encryption import Keyring, trusted_files
+from dhow.repository.remote import MirroredRepository
 from dhow.repository.store import ModelRepository
 from dhow.serving.dataplane import DataPlane
 from dhow.serving.lifecycle import ModelControl, ModelLifecycle
@@ -104,6 +105,8 @@ async def compose_core(
     metrics = metrics or ServerMetrics()
     key = await security.open()
     models = _models(settings, security, metrics, policies.control)
+    # object storage: the cache is brought up to date before anything is read from it
+    await asyncio.to_thread(models.repository.refresh)
     dataplane = DataPlane(
         models,
         router=router,
@@ -123,8 +126,12 @@ def _models(
     upload_dir = settings.data_dir / "uploads" if settings.allow_model_upload else None
     if upload_dir is not None:
         upload_dir.mkdir(parents=True, exist_ok=True)
+    folder = settings.repository_folder()
+    repository = (
+        MirroredRepository(settings.repository, folder) if settings.repository_is_remote() else ModelRepository(folder)
+    )
     return ModelLifecycle(
-        ModelRepository(settings.repository),
+        repository,
         metrics,
         control=control,
         upload_dir=upload_dir,

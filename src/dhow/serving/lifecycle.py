@@ -391,6 +391,7 @@ class ModelLifecycle:
 
     async def changes_on_disk(self) -> tuple[list[str], list[str]]:
         """What the repository poller should do: the models gone from disk, the models new or changed."""
+        await asyncio.to_thread(self.repository.refresh)  # object storage: copy what changed into the cache
         on_disk = set(await asyncio.to_thread(self.repository.model_names))
         gone = sorted(set(self.entries) - on_disk - set(self._uploaded))
         changed = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +46,12 @@ _MONITORING = "monitoring"
 class ServerSettings:
     """Every setting of a dhow server and of the commands that work on its stores."""
 
-    # a Path is immutable, so one default is safely shared (ruff does not know that)
-    repository: Path = _setting(  # noqa: RUF009
-        Path("models"),
-        "the model repository: a folder per model with a model.yaml and integer version folders",
+    repository: str = _setting(
+        "models",
+        "the model repository: a folder per model with a model.yaml and integer version folders, or the same in "
+        "object storage, s3://bucket/prefix (other fsspec URLs too), copied into --repository-cache",
         flags=("--repository", "--model-repository"),
-        metavar="DIR",
+        metavar="DIR|URL",
     )
     host: str = _setting("127.0.0.1", "address the REST and gRPC ports listen on (0.0.0.0 for all)")
     http_port: int = _setting(
@@ -74,7 +75,17 @@ class ServerSettings:
         "warmed; false: ready once the models to load at start were tried, whatever their outcome",
         metavar="true|false",
     )
-    poll_interval: float = _setting(5.0, "seconds between repository scans under poll control", metavar="SECONDS")
+    poll_interval: float = _setting(
+        5.0,
+        "seconds between repository scans under poll control (object storage: each scan lists the bucket)",
+        metavar="SECONDS",
+    )
+    repository_cache: str = _setting(
+        "",
+        "with a repository in object storage: the local folder its models are copied into and served from "
+        "(default: repository-cache in the data folder)",
+        metavar="DIR",
+    )
     max_request_bytes: int = _setting(
         64 * 1024 * 1024, "largest request body (REST) or message (gRPC) accepted, in bytes", metavar="N"
     )
@@ -145,6 +156,21 @@ class ServerSettings:
     grpc_keepalive: float = _setting(
         60.0,
         "seconds between the server's pings on a quiet gRPC connection; one unanswered for 20 s closes it",
+        metavar="SECONDS",
+        group=_CONNECTIONS,
+    )
+    drain_delay: float = _setting(
+        0.0,
+        "on SIGTERM: seconds the server keeps serving while it says not-ready, so that a load balancer polling "
+        "/v2/health/ready moves traffic away before the ports close (under Kubernetes a preStop sleep does this)",
+        metavar="SECONDS",
+        group=_CONNECTIONS,
+    )
+    drain_seconds: float = _setting(
+        25.0,
+        "on SIGTERM, once the ports are closed: seconds given to REST requests, gRPC calls and stream offsets in "
+        "flight to finish (keep drain_delay + this + 5 within Kubernetes' terminationGracePeriodSeconds, 30 by "
+        "default, minus any preStop sleep)",
         metavar="SECONDS",
         group=_CONNECTIONS,
     )
@@ -305,6 +331,20 @@ class ServerSettings:
         metavar="RATIO",
         group=_MONITORING,
     )
+
+    def repository_is_remote(self) -> bool:
+        """Whether the repository is in object storage (a URL) rather than a folder."""
+        location = str(self.repository)  # a caller building the settings in code may give a Path
+        return "://" in location and not location.startswith("file://")
+
+    def repository_folder(self) -> Path:
+        """The folder the server reads models from: the repository itself, or its object storage's local copy."""
+        if not self.repository_is_remote():
+            return Path(str(self.repository).removeprefix("file://"))
+        if self.repository_cache:
+            return Path(self.repository_cache)
+        digest = hashlib.sha256(str(self.repository).rstrip("/").encode()).hexdigest()[:12]
+        return self.data_dir / "repository-cache" / digest
 
     def registry_url(self) -> str:
         """The registry's URL, with the default (SQLite in the data folder) filled in."""
