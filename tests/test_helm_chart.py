@@ -7,6 +7,7 @@ schemas bundled in ``deploy/schemas``. A manifest whose kind has no schema fails
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -20,7 +21,7 @@ import yaml
 
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.protocols.routes import PUBLIC, ROUTES
-from dhow.settings import resolve_settings
+from dhow.settings import ServerSettings, resolve_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy" / "helm" / "dhow"
@@ -296,3 +297,18 @@ def test_contradicting_values_fail_the_render_with_what_to_change(values: dict[s
     with pytest.raises(helm.HelmError) as failure:
         render(values)
     assert message in str(failure.value)
+
+
+def test_every_dhow_variable_the_chart_sets_is_a_setting_dhow_reads(profiles: dict[str, list[Manifest]]) -> None:
+    # dhow reads DHOW_<SETTING> and ignores any other name: a misspelt variable would be a setting silently lost
+    known = {"DHOW_" + field.name.upper() for field in dataclasses.fields(ServerSettings)}
+    given: set[str] = set()
+    for manifests in profiles.values():
+        for manifest in manifests:
+            if manifest["kind"] == "Secret":
+                given.update(manifest.get("stringData", {}))
+            for pod_container in manifest.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                given.update(variable["name"] for variable in pod_container.get("env", []))
+    chart_variables = {name for name in given if name.startswith("DHOW_")}
+    assert "DHOW_DRAIN_SECONDS" in chart_variables  # the check sees what the chart sets
+    assert chart_variables <= known, f"not settings of dhow: {sorted(chart_variables - known)}"
