@@ -43,6 +43,7 @@ from dhow.serving.lifecycle import ModelControl, ModelLifecycle
 from dhow.serving.poller import RepositoryPoller
 from dhow.serving.security import Security, masking_key
 from dhow.serving.service import CoreService, service_identity
+from dhow.serving.watch import ModelWatch
 from dhow.settings import ServerSettings, SettingsSource, live_settings
 
 log = logging.getLogger("dhow.server")
@@ -66,6 +67,7 @@ class _Parts:
     rollouts: RolloutController
     rest: RestApp
     poller: RepositoryPoller | None
+    watch: ModelWatch
 
 
 class Server:
@@ -121,6 +123,7 @@ class Server:
         parts.dataplane.is_ready = True
         self.metrics.workers.set(1)  # answering now: a worker that is still loading is not counted
         poller = asyncio.create_task(parts.poller.run()) if parts.poller is not None else None
+        watching = asyncio.create_task(parts.watch.run())
         log.info("dhow is ready")
         if on_ready is not None:
             on_ready()
@@ -132,6 +135,7 @@ class Server:
         self.metrics.workers.set(0)
         if poller is not None:
             poller.cancel()
+        watching.cancel()
         http.should_exit = True
         await grpc.server.stop(5)
         await http_task
@@ -205,6 +209,8 @@ class Server:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = await asyncio.to_thread(RegistryStore.open, settings.registry_url())
         editor = DeploymentEditor(store, models, table)
+        # drift, latency anomalies and feedback; their episodes go to the registry's event history
+        watch = dataplane.watch = ModelWatch(models, metrics.models, events=store)
         rollouts = RolloutController(
             editor,
             CanaryAnalyst(editor, service, metrics.registry),
@@ -224,7 +230,7 @@ class Server:
         poller = None
         if self.control is ModelControl.POLL:
             poller = RepositoryPoller(models, service, settings.poll_interval)
-        return _Parts(models, dataplane, service, rollouts, rest, poller)
+        return _Parts(models, dataplane, service, rollouts, rest, poller, watch)
 
     async def _load(self, parts: _Parts) -> None:
         """Load the models the control mode says to load at start, then apply the deployments."""

@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from dhow.monitoring.model_metrics import ModelMetrics
+
 #: prometheus_client's own switch to multi-process mode, read when it is first imported
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -68,6 +70,8 @@ class ServerMetrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        #: drift, quality and latency anomalies of the models
+        self.models = ModelMetrics(self.registry)
         self._exposed = self.registry
         if os.environ.get(MULTIPROCESS_DIR):
             # the metrics above write to this process's files; the exposition reads every process's

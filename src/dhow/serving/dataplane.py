@@ -25,6 +25,7 @@ from dhow.serving.model_version import ModelVersion
 from dhow.serving.signature import response_outputs, validate_inputs
 from dhow.serving.traffic import TrafficRouter
 from dhow.serving.triton_config import PLATFORMS, triton_model_config
+from dhow.serving.watch import ModelWatch
 
 log = logging.getLogger("dhow.dataplane")
 
@@ -49,6 +50,8 @@ class Placement(NamedTuple):
     region: str
     #: the version the request names (or the newest), unless a traffic policy picks another
     model: ModelVersion
+    #: the request's id in the audit trail (what feedback names it by when the request has no ``id``)
+    request_id: str = ""
 
 
 class DataPlane:
@@ -80,6 +83,8 @@ class DataPlane:
         self.masking_key = masking_key
         #: per model: the config its masker was built from, and the masker
         self._maskers: dict[str, tuple[ModelConfig, Masker]] = {}
+        #: drift sampling, latency anomalies and feedback (None: not watched, as in a batch job)
+        self.watch: ModelWatch | None = None
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -167,7 +172,7 @@ class DataPlane:
             region = request.headers.get(DATA_REGION_HEADER) or caller.default_region or config.region
         if not isinstance(region, str):
             raise InvalidInput(f"request parameter 'data_region' must be a string like 'ae', got {region!r}")
-        return Placement(config, region, model)
+        return Placement(config, region, model, caller.request_id)
 
     async def infer(self, request: InferenceRequest, placement: Placement) -> tuple[InferenceResponse, Outcome]:
         """Run one placed request, if this server may process its data region (residency), and route it.
@@ -176,9 +181,11 @@ class DataPlane:
         version that answered, the data region, a masked payload sample when the model samples payloads) is
         returned beside the response, for the admission point's audit record.
         """
-        config, region, model = placement
+        config, region = placement.config, placement.region
         self.residency.check(region, self.region)
-        response = await self._route(request, model)
+        response = await self._route(request, placement.model)
+        if self.watch is not None:
+            self.watch.observe(config, request, response, placement.request_id)
         payload = None
         if config.payload_sample_rate and random.random() < config.payload_sample_rate:
             payload = self._payload_sample(config, request, response)

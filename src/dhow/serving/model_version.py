@@ -9,7 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dhow.core.model_config import ModelConfig, TensorSpec
+from dhow.monitoring.latency import LatencyRecorder
 from dhow.monitoring.metrics import ServerMetrics
+from dhow.monitoring.profile import ReferenceProfile
 from dhow.runtimes.base import Runtime, create_runtime
 from dhow.scheduling.batcher import DynamicBatcher
 from dhow.scheduling.instances import load_process_instances
@@ -72,6 +74,11 @@ class ModelVersion:
         self._compute_seconds = metrics.compute_seconds.labels(*labels)
         self._batch_size = metrics.batch_size.labels(*labels)
         self._requests = metrics.requests
+        #: the reference profile drift is scored against (None: the version has none, or ``profile_error``)
+        self.profile: ReferenceProfile | None = None
+        self.profile_error = ""
+        #: queue and compute times of the current latency window (None: latency anomalies are off)
+        self.latency = LatencyRecorder() if config.monitoring.latency.enabled else None
         self._executor = ThreadPoolExecutor(len(runtimes), thread_name_prefix=f"dhow-{config.name}-{version}")
         self.batcher = DynamicBatcher(
             f"model '{config.name}' version {version}",
@@ -92,6 +99,8 @@ class ModelVersion:
             self._queue_seconds.observe(wait / 1e9)
         self._compute_seconds.observe((timings.input_ns + timings.infer_ns + timings.output_ns) / 1e9)
         self._batch_size.observe(timings.size)
+        if self.latency is not None:
+            self.latency.add(waits, timings.input_ns + timings.infer_ns + timings.output_ns)
 
     async def close(self) -> None:
         """Finish what is queued and running, then release the runtimes."""
