@@ -119,6 +119,8 @@ class LatencyConfig:
     threshold: float = 6.0
     #: and at least this many times the median (a tiny MAD must not make noise an anomaly)
     min_ratio: float = 1.5
+    #: and at least this many milliseconds above it (microsecond queue times jitter by multiples of themselves)
+    min_slack_ms: float = 5.0
     #: a window with fewer requests is not judged
     min_requests: int = 20
 

@@ -4,7 +4,7 @@
 extensions, no lock. Each ``window_s`` the watch takes the lists (``take``) and ``LatencyBaseline.judge``
 compares the window's figures with the median and MAD (median absolute deviation) of the previous normal
 windows: a window is anomalous when a figure is more than ``threshold`` MADs (scaled to a standard deviation)
-above the median *and* at least ``min_ratio`` times it. Anomalous windows do not enter the baseline, so a
+above the median, at least ``min_ratio`` times it *and* ``min_slack_ms`` above it. Anomalous windows do not enter the baseline, so a
 lasting slow-down stays anomalous instead of becoming the new normal.
 """
 
@@ -97,6 +97,7 @@ class LatencyBaseline:
         spread = max(_MAD_SCALE * float(np.median(np.abs(values - median))), _MIN_SPREAD * median, 1e-6)
         score = (value - median) / spread
         ratio = value / median if median > 0 else float("inf")
-        if score > self.config.threshold and ratio >= self.config.min_ratio:
+        slack = (value - median) * 1000 >= self.config.min_slack_ms
+        if score > self.config.threshold and ratio >= self.config.min_ratio and slack:
             return Anomaly(key[0], key[1], value, median, round(score, 2), round(ratio, 2))
         return None

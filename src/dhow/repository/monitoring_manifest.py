@@ -76,9 +76,12 @@ def _latency(path: Path | str, raw: object) -> LatencyConfig:
         min_windows=fields.get("min_windows", positive_int, "a positive integer", default.min_windows),
         threshold=float(fields.get("threshold", _positive, "a number of MADs above 0", default.threshold)),
         min_ratio=float(fields.get("min_ratio", lambda v: is_number(v) and v >= 1, "a number >= 1", default.min_ratio)),  # type: ignore[operator]
+        min_slack_ms=float(
+            fields.get("min_slack_ms", lambda v: is_number(v) and v >= 0, "milliseconds >= 0", default.min_slack_ms)  # type: ignore[operator]
+        ),
         min_requests=fields.get("min_requests", positive_int, "a positive integer", default.min_requests),
     )
-    fields.finish("enabled, window_s, baseline_windows, min_windows, threshold, min_ratio, min_requests")
+    fields.finish("enabled, window_s, baseline_windows, min_windows, threshold, min_ratio, min_slack_ms, min_requests")
     if config.min_windows > config.baseline_windows:
         raise fields.error("min_windows", f"at most baseline_windows ({config.baseline_windows})")
     return config
