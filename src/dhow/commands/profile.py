@@ -156,7 +156,9 @@ def _sketches(plan: InputPlan, side: str, array: np.ndarray, spec: TensorSpec) -
             f"{side} '{plan.name}' has {width} values per row; a profile takes at most {MAX_WIDTH} per tensor "
             "(profile tabular features, not pixels or tokens)"
         )
-    if plan.listed or len(plan.columns) != width:
+    if side == "output":  # the prediction distribution is named by the output, whichever column held it
+        names = [plan.name] if width == 1 else [f"{plan.name}[{index}]" for index in range(width)]
+    elif plan.listed or len(plan.columns) != width:
         names = [f"{plan.columns[0]}[{index}]" for index in range(width)]
     else:
         names = list(plan.columns)

@@ -4,8 +4,8 @@
 extensions, no lock. Each ``window_s`` the watch takes the lists (``take``) and ``LatencyBaseline.judge``
 compares the window's figures with the median and MAD (median absolute deviation) of the previous normal
 windows: a window is anomalous when a figure is more than ``threshold`` MADs (scaled to a standard deviation)
-above the median, at least ``min_ratio`` times it *and* ``min_slack_ms`` above it. Anomalous windows do not enter the baseline, so a
-lasting slow-down stays anomalous instead of becoming the new normal.
+above the median, at least ``min_ratio`` times it *and* ``min_slack_ms`` above it. Anomalous windows do not enter
+the baseline, so a lasting slow-down stays anomalous instead of becoming the new normal.
 """
 
 from __future__ import annotations

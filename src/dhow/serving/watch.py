@@ -71,6 +71,8 @@ class ModelWatch:
     ) -> None:
         """An answered request: sampled into its version's drift window, its prediction kept for feedback."""
         watched = self._watched.get((config.name, response.model_version))
+        if watched is None:  # the version's first answer: watched from now on, not from the next tick
+            watched = self._first_answer(config.name, response.model_version)
         window = watched.drift if watched is not None else None
         if window is not None and random.random() < config.monitoring.drift.sample_rate:
             inputs = {t.name: t.data for t in request.inputs}
@@ -80,6 +82,14 @@ class ModelWatch:
             window.add(rows, inputs, outputs)
         if config.monitoring.feedback is not None:
             self.feedback.keep(config, request, response, request_id)
+
+    def _first_answer(self, name: str, version: str) -> _Watched | None:
+        entry = self.models.entries.get(name)
+        model = entry.versions.get(int(version)) if entry is not None and version.isdigit() else None
+        if model is None:
+            return None
+        watched = self._watched[(name, version)] = self._start(model)
+        return watched
 
     # -- reports --------------------------------------------------------------------------------------
 
