@@ -1,8 +1,8 @@
 """Live drift: a bounded window of sampled rows per version, scored against the version's reference profile.
 
-The hot path only appends: ``DriftWindow.add`` is a ``deque.append`` of the request's arrays (rows beyond the
-window are cut by a slice view first), on the event loop, with no lock. ``score`` runs in a worker thread
-on a snapshot: it stacks the window's rows per tensor and, per feature, compares the live shares with the
+The hot path only appends: ``DriftWindow.add`` is a ``deque.append`` of a sampled request's arrays (the caller
+copies the profiled tensors' rows, at most a window's), on the event loop, with no lock. ``score`` runs in a
+worker thread on a snapshot: it stacks the window's rows per tensor and, per feature, compares the live shares with the
 reference's (numbers: the Population Stability Index over the reference's ten bins; categories: the
 Jensen-Shannon distance over the reference's categories and ``other``). Both need no reference rows, only the
 profile's shares: the cost is one ``searchsorted`` (or one count) of the window's values per feature.

@@ -53,6 +53,8 @@ class _Watched:
     scores: list[FeatureDrift] = field(default_factory=list)
     drifting: bool = False
     anomalous: bool = False
+    #: the (side, tensor) pairs the profile has features of: what a sample keeps
+    profiled: frozenset[tuple[str, str]] = frozenset()
 
 
 class ModelWatch:
@@ -75,10 +77,12 @@ class ModelWatch:
             watched = self._first_answer(config.name, response.model_version)
         window = watched.drift if watched is not None else None
         if window is not None and random.random() < config.monitoring.drift.sample_rate:
-            inputs = {t.name: t.data for t in request.inputs}
-            outputs = {t.name: t.data for t in response.outputs}
             first = request.inputs[0].data if request.inputs else None
-            rows = first.shape[0] if first is not None and first.ndim else 1
+            rows = min(first.shape[0] if first is not None and first.ndim else 1, window.rows)
+            # only the profiled tensors, copied: a view would keep the whole request body alive in the window
+            profiled = watched.profiled if watched is not None else frozenset()
+            inputs = {t.name: t.data[:rows].copy() for t in request.inputs if ("input", t.name) in profiled}
+            outputs = {t.name: t.data[:rows].copy() for t in response.outputs if ("output", t.name) in profiled}
             window.add(rows, inputs, outputs)
         if config.monitoring.feedback is not None:
             self.feedback.keep(config, request, response, request_id)
@@ -162,7 +166,8 @@ class ModelWatch:
         drift = DriftWindow(monitoring.drift.window) if model.profile is not None else None
         baseline = LatencyBaseline(monitoring.latency) if model.latency is not None else None
         self.metrics.profile.labels(model.name, model.version_label).set(1 if model.profile is not None else 0)
-        return _Watched(model, drift, baseline)
+        features = model.profile.features if model.profile is not None else ()
+        return _Watched(model, drift, baseline, profiled=frozenset((f.side, f.tensor) for f in features))
 
     def _forget(self, name: str, version: str) -> None:
         self.metrics.profile.remove(name, version)
