@@ -6,7 +6,7 @@ DHOW := $(VENV)/bin/dhow
 STAMP := $(VENV)/.installed
 DEMO := demo-models
 
-.PHONY: run test install demo-models lint format check-proto proto bench bench-rollouts bench-security bench-serving bench-protocols bench-batch clean
+.PHONY: run test install demo-models lint format check-proto proto bench bench-rollouts bench-security bench-serving bench-protocols bench-batch bench-monitoring clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +49,7 @@ check-proto: $(STAMP)
 	$(PY) -m dhow.protocols.grpc.codegen --check
 
 # benchmarks are measured side by side in one run and reported as ratios; never part of `make test`
-bench: bench-rollouts bench-security bench-protocols bench-serving bench-batch
+bench: bench-rollouts bench-security bench-protocols bench-serving bench-batch bench-monitoring
 
 bench-rollouts: $(STAMP)
 	$(PY) benchmarks/rollout_routing.py
@@ -64,6 +64,10 @@ bench-protocols: $(STAMP)
 # dhow batch run against a bare pyarrow -> onnxruntime loop, and its Spark engine against predict_batch_udf
 bench-batch: $(STAMP)
 	$(PY) benchmarks/batch.py
+
+# drift scoring on precomputed reference bins against scipy's KS test on the raw rows; seconds
+bench-monitoring: $(STAMP)
+	$(PY) benchmarks/drift_scoring.py
 
 # dhow against Seldon MLServer 1.7.1 (installed on first run into benchmarks/.peers/); about 10 minutes
 bench-serving: $(STAMP)
