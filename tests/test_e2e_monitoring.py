@@ -55,11 +55,12 @@ SLEEPY = (
     "runtime: python\nmax_batch_size: 8\n"
     "inputs: [{name: x, datatype: FP32, shape: [-1, 1]}]\noutputs: [{name: y, datatype: FP32, shape: [-1, 1]}]\n"
     "monitoring:\n"
-    "  latency: {window_s: 0.5, baseline_windows: 20, min_windows: 4, min_requests: 3, threshold: 6,\n"
-    "            min_ratio: 2.0, min_slack_ms: 10}\n"
+    "  latency: {window_s: 1.0, baseline_windows: 20, min_windows: 4, min_requests: 3, threshold: 6,\n"
+    "            min_ratio: 3.0, min_slack_ms: 20}\n"
 )
 CITIES = ["paris", "lyon", "nice"]
-STEADY_S, SLOW_S = 0.02, 0.08
+# a 10x slow-down against a 3x limit: a steady model's jitter on a busy machine stays far below it
+STEADY_S, SLOW_S = 0.02, 0.2
 
 
 def _model(root: Path, name: str, manifest: str, code_by_version: dict[int, str]) -> None:
@@ -260,6 +261,8 @@ def test_a_canary_whose_accuracy_drops_is_rolled_back(server: DhowProcess) -> No
         return bool(_call(server, "GET", "/v2/admin/deployments/canaried")[1]["policy"]["state"] == "rolled_back")
 
     wait_until(rolled_back, what="the canary rolled back")
+    # the decision's event is written just after its revision
+    wait_until(lambda: bool(_events(server, "canaried", "rollback")), what="the rollback's event")
     rollback = _events(server, "canaried", "rollback")
     assert len(rollback) == 1 and rollback[0]["details"]["guard"] == "min_accuracy_ratio", rollback
     assert rollback[0]["details"]["primary_accuracy"] == 1.0
@@ -272,7 +275,7 @@ def test_a_model_slowed_on_purpose_raises_a_latency_anomaly_a_steady_one_none(se
             status, answer = _call(server, "POST", f"/v2/models/{model}/infer", body)
             assert status == 200, answer
 
-    baseline_until = time.monotonic() + 4.0  # min_windows (4) windows of 0.5 s, with room to spare
+    baseline_until = time.monotonic() + 5.5  # min_windows (4) windows of 1 s, with room to spare
     while time.monotonic() < baseline_until:
         both(STEADY_S)
     assert not _events(server, "slowed", "latency_anomaly")
@@ -284,12 +287,13 @@ def test_a_model_slowed_on_purpose_raises_a_latency_anomaly_a_steady_one_none(se
 
     wait_until(anomaly_raised, what="a latency anomaly of the slowed model")
     event = _events(server, "slowed", "latency_anomaly")[0]["details"]
-    assert event["part"] == "compute" and event["ratio"] >= 2.0, event
-    assert all(a["part"] == "compute" for a in event["anomalies"]), event
+    assert event["part"] == "compute" and event["ratio"] >= 3.0, event
+    # windows of a few requests: their p50 is judged, not their p99 (little more than their slowest)
+    assert {(a["part"], a["quantile"]) for a in event["anomalies"]} == {("compute", "p50")}, event
     assert not _events(server, "steady", "latency_anomaly")
     _, metrics = _call(server, "GET", "/metrics")
     line = next(
         line for line in metrics.splitlines()
-        if line.startswith('dhow_latency_anomaly{model="slowed",part="compute",quantile="p99"')
+        if line.startswith('dhow_latency_anomaly{model="slowed",part="compute",quantile="p50"')
     )  # fmt: skip
-    assert float(line.split()[-1]) >= 2.0, line
+    assert float(line.split()[-1]) >= 3.0, line

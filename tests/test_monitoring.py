@@ -77,15 +77,18 @@ def test_a_slow_window_is_an_anomaly_and_stays_out_of_the_baseline() -> None:
     baseline = LatencyBaseline(config)
     rng = np.random.default_rng(2)
     for _ in range(5):
-        _, anomalies = baseline.judge(list(rng.uniform(0, 1e-4, 50)), list(rng.uniform(0.019, 0.021, 50)))
+        _, anomalies = baseline.judge(list(rng.uniform(0, 1e-4, 200)), list(rng.uniform(0.019, 0.021, 200)))
         assert anomalies == []
-    _, anomalies = baseline.judge(list(rng.uniform(0, 1e-4, 50)), list(rng.uniform(0.059, 0.061, 50)))
+    _, anomalies = baseline.judge(list(rng.uniform(0, 1e-4, 200)), list(rng.uniform(0.059, 0.061, 200)))
     assert {(a.part, a.quantile) for a in anomalies} == {("compute", "p50"), ("compute", "p99")}
     assert all(a.ratio == pytest.approx(3, rel=0.05) for a in anomalies)
     assert baseline.median("compute", "p50") == pytest.approx(0.02, rel=0.05)  # unchanged by the slow window
     # microsecond queue times that triple are not an anomaly: under min_slack_ms
-    _, anomalies = baseline.judge(list(rng.uniform(0, 3e-4, 50)), list(rng.uniform(0.019, 0.021, 50)))
+    _, anomalies = baseline.judge(list(rng.uniform(0, 3e-4, 200)), list(rng.uniform(0.019, 0.021, 200)))
     assert anomalies == []
+    # a small window's slowest request (its p99) is not judged, its p50 is
+    figures, anomalies = baseline.judge([0.0] * 20, [0.02] * 19 + [0.2])
+    assert ("compute", "p99") not in figures and anomalies == []
     assert baseline.judge([0.1] * 4, [0.1] * 4) == ({}, [])  # too few requests to judge
 
 

@@ -1,4 +1,5 @@
-"""Latency anomalies: each window's p50 and p99 of queue time and of compute time, against a robust baseline.
+"""Latency anomalies: each window's p50 and p99 of queue time and of compute time, against a robust baseline
+(the p99 only in windows of at least ``P99_REQUESTS`` requests).
 
 ``LatencyRecorder.add`` is called by the batcher's observer on the event loop, once per batch: two list
 extensions, no lock. Each ``window_s`` the watch takes the lists (``take``) and ``LatencyBaseline.judge``
@@ -26,6 +27,9 @@ QUANTILES = {"p50": 50.0, "p99": 99.0}
 _MAD_SCALE = 1.4826
 #: the spread below which MAD counts as this share of the median (identical windows would make any change infinite)
 _MIN_SPREAD = 0.05
+#: a window's p99 is judged only over this many requests: the p99 of fewer is little more than their slowest, which
+#: a busy machine's scheduling alone can triple
+P99_REQUESTS = 100
 #: samples kept per part per window (beyond: the rest of the window is not measured)
 _MOST = 100_000
 
@@ -74,10 +78,11 @@ class LatencyBaseline:
         """The window's figures and its anomalies; a normal window joins the baseline. Too few requests: nothing."""
         if len(queue) < self.config.min_requests:
             return {}, []
+        quantiles = {q: p for q, p in QUANTILES.items() if q != "p99" or len(queue) >= P99_REQUESTS}
         figures: dict[tuple[str, str], float] = {}
         for part, values in (("queue", queue), ("compute", compute)):
-            points = np.percentile(np.asarray(values), list(QUANTILES.values()))
-            figures.update({(part, q): float(v) for q, v in zip(QUANTILES, points, strict=True)})
+            points = np.percentile(np.asarray(values), list(quantiles.values()))
+            figures.update({(part, q): float(v) for q, v in zip(quantiles, points, strict=True)})
         anomalies = [a for key, value in figures.items() if (a := self._anomaly(key, value)) is not None]
         if not anomalies:
             for key, value in figures.items():
