@@ -18,7 +18,7 @@ import numpy as np
 
 from dhow.core.model_config import LatencyConfig
 
-__all__ = ["PARTS", "Anomaly", "LatencyBaseline", "LatencyRecorder"]
+__all__ = ["PARTS", "QUANTILES", "Anomaly", "LatencyBaseline", "LatencyRecorder"]
 
 #: what is measured: time queued before the batch ran, time the batch computed
 PARTS = ("queue", "compute")

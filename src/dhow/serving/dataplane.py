@@ -29,6 +29,9 @@ from dhow.serving.watch import ModelWatch
 
 log = logging.getLogger("dhow.dataplane")
 
+#: how the in-process service identities are named (``dhow:shadow``, ``dhow:repository-poll``)
+SERVICE_PREFIX = "dhow:"
+
 #: the header (gRPC metadata key) naming a request's data region
 DATA_REGION_HEADER = "x-dhow-data-region"
 
@@ -52,6 +55,9 @@ class Placement(NamedTuple):
     model: ModelVersion
     #: the request's id in the audit trail (what feedback names it by when the request has no ``id``)
     request_id: str = ""
+    #: whether the model watch sees it: not a copy an in-process service identity makes (a shadow's copy of a
+    #: request already seen, with the same id)
+    watched: bool = True
 
 
 class DataPlane:
@@ -172,7 +178,7 @@ class DataPlane:
             region = request.headers.get(DATA_REGION_HEADER) or caller.default_region or config.region
         if not isinstance(region, str):
             raise InvalidInput(f"request parameter 'data_region' must be a string like 'ae', got {region!r}")
-        return Placement(config, region, model, caller.request_id)
+        return Placement(config, region, model, caller.request_id, not caller.principal.startswith(SERVICE_PREFIX))
 
     async def infer(self, request: InferenceRequest, placement: Placement) -> tuple[InferenceResponse, Outcome]:
         """Run one placed request, if this server may process its data region (residency), and route it.
@@ -184,7 +190,7 @@ class DataPlane:
         config, region = placement.config, placement.region
         self.residency.check(region, self.region)
         response = await self._route(request, placement.model)
-        if self.watch is not None:
+        if self.watch is not None and placement.watched:
             self.watch.observe(config, request, response, placement.request_id)
         payload = None
         if config.payload_sample_rate and random.random() < config.payload_sample_rate:

@@ -11,6 +11,7 @@ event history (``EventLog``: the deployments' events, by model name) and counted
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 from dhow.core.model_config import ModelConfig
 from dhow.core.types import InferenceRequest, InferenceResponse
 from dhow.monitoring.drift import DriftWindow, FeatureDrift, score
-from dhow.monitoring.latency import LatencyBaseline
+from dhow.monitoring.latency import PARTS, QUANTILES, LatencyBaseline
 from dhow.monitoring.model_metrics import ModelMetrics
 from dhow.serving.feedback import FeedbackDesk
 from dhow.serving.lifecycle import ModelLifecycle
@@ -157,7 +158,7 @@ class ModelWatch:
                     watched = self._start(model)
                 current[key] = watched
         for key in set(self._watched) - set(current):
-            self._forget(*key)
+            self._forget(self._watched[key])
         self._watched = current
         return list(current.values())
 
@@ -169,8 +170,21 @@ class ModelWatch:
         features = model.profile.features if model.profile is not None else ()
         return _Watched(model, drift, baseline, profiled=frozenset((f.side, f.tensor) for f in features))
 
-    def _forget(self, name: str, version: str) -> None:
-        self.metrics.profile.remove(name, version)
+    def _forget(self, watched: _Watched) -> None:
+        """An unloaded version's gauges go with it (a reloaded copy starts its own)."""
+        labels = (watched.model.name, watched.model.version_label)
+        metrics = self.metrics
+        gone: list[tuple[Any, tuple[str, ...]]] = [
+            (metrics.profile, labels), (metrics.drifted, labels), (metrics.drift_rows, labels),
+        ]  # fmt: skip
+        gone += [(metrics.drift, (*labels, s.name, s.side, s.method)) for s in watched.scores]
+        for part in PARTS:
+            for quantile in QUANTILES:
+                gone += [(gauge, (*labels, part, quantile)) for gauge in (metrics.latency, metrics.latency_baseline)]
+                gone.append((metrics.anomaly, (*labels, part, quantile)))
+        for gauge, values in gone:
+            with contextlib.suppress(KeyError):  # never set
+                gauge.remove(*values)
 
     async def _judge_latency(self, watched: _Watched, now: float) -> None:
         model, baseline = watched.model, watched.baseline
