@@ -9,13 +9,13 @@ keeps the newest labelled predictions of one version and computes accuracy, macr
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Labelled", "PredictionLog", "QualityWindow", "prediction_of"]
+__all__ = ["Labelled", "PredictionLog", "QualityWindow", "figures_of", "prediction_of"]
 
 
 def prediction_of(array: np.ndarray, task: str) -> list[Any]:
@@ -70,30 +70,33 @@ class QualityWindow:
         self._pairs.append((prediction, label))
         self.labelled += 1
 
+    def pairs(self) -> list[tuple[Any, Any]]:
+        """The window's (prediction, label) pairs now: what ``figures_of`` computes on, off the event loop."""
+        return list(self._pairs)
+
     def figures(self) -> dict[str, float]:
-        """accuracy, precision, recall (macro over the labels seen) or mae, rmse; {} before any label."""
-        if not self._pairs:
-            return {}
-        predictions = [p for p, _ in self._pairs]
-        labels = [y for _, y in self._pairs]
-        if self.task == "regression":
-            errors = np.asarray(predictions, dtype=np.float64) - np.asarray(labels, dtype=np.float64)
-            return {"mae": float(np.abs(errors).mean()), "rmse": math.sqrt(float((errors**2).mean()))}
-        right = sum(p == y for p, y in zip(predictions, labels, strict=True))
-        classes = sorted(set(labels) | set(predictions), key=str)
-        precisions, recalls = [], []
-        for cls in classes:
-            true_pos = sum(p == cls and y == cls for p, y in zip(predictions, labels, strict=True))
-            predicted, actual = predictions.count(cls), labels.count(cls)
-            if predicted:
-                precisions.append(true_pos / predicted)
-            if actual:
-                recalls.append(true_pos / actual)
-        return {
-            "accuracy": right / len(labels),
-            "precision": float(np.mean(precisions)) if precisions else 0.0,
-            "recall": float(np.mean(recalls)) if recalls else 0.0,
-        }
+        return figures_of(self.task, self.pairs())
 
     def __len__(self) -> int:
         return len(self._pairs)
+
+
+def figures_of(task: str, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
+    """accuracy, precision, recall (macro over the classes seen) or mae, rmse of (prediction, label) pairs; {}
+    without any."""
+    if not pairs:
+        return {}
+    if task == "regression":
+        errors = np.asarray([p for p, _ in pairs], dtype=np.float64) - np.asarray([y for _, y in pairs], np.float64)
+        return {"mae": float(np.abs(errors).mean()), "rmse": math.sqrt(float((errors**2).mean()))}
+    predicted = Counter(p for p, _ in pairs)
+    actual = Counter(y for _, y in pairs)
+    right = Counter(p for p, y in pairs if p == y)
+    classes = set(predicted) | set(actual)
+    precisions = [right[c] / predicted[c] for c in classes if predicted[c]]
+    recalls = [right[c] / actual[c] for c in classes if actual[c]]
+    return {
+        "accuracy": sum(right.values()) / len(pairs),
+        "precision": float(np.mean(precisions)) if precisions else 0.0,
+        "recall": float(np.mean(recalls)) if recalls else 0.0,
+    }

@@ -10,6 +10,7 @@ pod). The predictions are kept as the output arrays the answer held; the label i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -19,7 +20,7 @@ from dhow.core.errors import InvalidInput
 from dhow.core.model_config import ModelConfig
 from dhow.core.types import InferenceRequest, InferenceResponse
 from dhow.monitoring.model_metrics import ModelMetrics
-from dhow.monitoring.quality import PredictionLog, QualityWindow, prediction_of
+from dhow.monitoring.quality import PredictionLog, QualityWindow, figures_of, prediction_of
 from dhow.serving.lifecycle import ModelLifecycle
 
 __all__ = ["FeedbackDesk"]
@@ -39,6 +40,8 @@ class FeedbackDesk:
         self.metrics = metrics
         self._pending: dict[str, PredictionLog] = {}
         self._windows: dict[tuple[str, str], QualityWindow] = {}
+        #: each version's figures as last computed, and the labels they rest on
+        self._figures: dict[tuple[str, str], tuple[dict[str, float], int]] = {}
 
     def keep(
         self, config: ModelConfig, request: InferenceRequest, response: InferenceResponse, request_id: str
@@ -59,8 +62,11 @@ class FeedbackDesk:
                 pending.add(key, response.model_version, tensor.data)
                 return
 
-    def receive(self, name: str, labels: object) -> dict[str, Any]:
-        """Join labels (request id -> label, or a list of labels for a request of several rows) to predictions."""
+    async def receive(self, name: str, labels: object) -> dict[str, Any]:
+        """Join labels (request id -> label, or a list of labels for a request of several rows) to predictions.
+
+        The joins are dict look-ups on the event loop (the log is the request path's); the figures are computed
+        on a snapshot of each window in a worker thread."""
         config = self.models.resolve(name).config
         feedback = config.monitoring.feedback
         if feedback is None:
@@ -94,7 +100,11 @@ class FeedbackDesk:
             joined += 1
         self.metrics.feedback.labels(name, "joined").inc(joined)
         self.metrics.feedback.labels(name, "unmatched").inc(len(unmatched))
-        figures = {version: self._publish(name, version) for version in sorted(touched)}
+        figures = {}
+        for version in sorted(touched):
+            window = self._windows[(name, version)]
+            computed = await asyncio.to_thread(figures_of, window.task, window.pairs())
+            figures[version] = self._publish(name, version, computed, len(window))
         return {
             "joined": joined,
             "unmatched": len(unmatched),
@@ -106,9 +116,8 @@ class FeedbackDesk:
         }
 
     def quality(self, name: str, version: str) -> tuple[dict[str, float], int]:
-        """The version's figures and how many labels they rest on."""
-        window = self._windows.get((name, version))
-        return ({}, 0) if window is None else (window.figures(), len(window))
+        """The version's figures and how many labels they rest on, as last computed."""
+        return self._figures.get((name, version), ({}, 0))
 
     def _window(self, name: str, version: str, task: str, size: int) -> QualityWindow:
         window = self._windows.get((name, version))
@@ -116,12 +125,11 @@ class FeedbackDesk:
             window = self._windows[(name, version)] = QualityWindow(task, size)
         return window
 
-    def _publish(self, name: str, version: str) -> dict[str, Any]:
-        window = self._windows[(name, version)]
-        figures = window.figures()
+    def _publish(self, name: str, version: str, figures: dict[str, float], labels: int) -> dict[str, Any]:
+        self._figures[(name, version)] = (figures, labels)
         for metric, value in figures.items():
             self.metrics.quality.labels(name, version, metric).set(value)
-        return {"labels": len(window), **{k: round(v, 6) for k, v in figures.items()}}
+        return {"labels": labels, **{k: round(v, 6) for k, v in figures.items()}}
 
 
 def _check_label(request_id: object, label: object, task: str) -> None:
