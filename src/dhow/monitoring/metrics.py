@@ -71,7 +71,7 @@ class ServerMetrics:
             multiprocess_mode="livesum",
         )
         #: drift, quality and latency anomalies of the models
-        self.models = ModelMetrics(self.registry)
+        self.models = ModelMetrics(self.registry, removable=not os.environ.get(MULTIPROCESS_DIR))
         self._exposed = self.registry
         if os.environ.get(MULTIPROCESS_DIR):
             # the metrics above write to this process's files; the exposition reads every process's

@@ -19,7 +19,10 @@ Mode = Literal["livemax", "livesum", "livemostrecent"]
 
 
 class ModelMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, removable: bool = True) -> None:
+        #: whether a gone version's series can be removed (not in prometheus_client's multi-process mode)
+        self.removable = removable
+
         def gauge(name: str, documentation: str, labels: tuple[str, ...], mode: Mode = "livemax") -> Gauge:
             return Gauge(name, documentation, labels, registry=registry, multiprocess_mode=mode)
 

@@ -174,6 +174,8 @@ class ModelWatch:
         """An unloaded version's gauges go with it (a reloaded copy starts its own)."""
         labels = (watched.model.name, watched.model.version_label)
         metrics = self.metrics
+        if not metrics.removable:
+            return
         gone: list[tuple[Any, tuple[str, ...]]] = [
             (metrics.profile, labels), (metrics.drifted, labels), (metrics.drift_rows, labels),
         ]  # fmt: skip
