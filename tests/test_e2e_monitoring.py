@@ -91,6 +91,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DhowProcess]:
     plain = CLASSIFIER.format(extra="")
     _model(repository, "scorer", scorer, {1: THRESHOLD_MODEL.format(cut=0.0)})
     _model(repository, "graded", plain, {1: THRESHOLD_MODEL.format(cut=0.0)})
+    _model(repository, "misprofiled", plain, {1: THRESHOLD_MODEL.format(cut=0.0)})
+    (repository / "misprofiled" / "1" / "profile.json").write_text("{not json")
     _model(repository, "canaried", plain, {1: THRESHOLD_MODEL.format(cut=0.0), 2: THRESHOLD_MODEL.format(cut=0.6)})
     _model(repository, "steady", SLEEPY, {1: SLEEPY_MODEL})
     _model(repository, "slowed", SLEEPY, {1: SLEEPY_MODEL})
@@ -182,6 +184,11 @@ def test_drift_is_flagged_on_the_shifted_features_only(server: DhowProcess) -> N
     assert 'dhow_model_reference_profile{model="graded",version="1"} 0.0' in metrics
     no_profile = _drift(server, "graded")
     assert no_profile["state"] == "no_profile" and "dhow models profile" in no_profile["reason"]
+    # a profile that cannot be read is said so; the version serves all the same
+    unreadable = _drift(server, "misprofiled")
+    assert unreadable["state"] == "no_profile" and "misprofiled/1/profile.json" in unreadable["reason"], unreadable
+    assert str(server.repository) not in unreadable["reason"]  # the server's folders are not the client's business
+    assert _infer(server, "misprofiled", _rows(rng, 2))["outputs"][0]["shape"] == [2]
 
 
 def _scored_on(server: DhowProcess, rows: int, since: float = 10.0) -> bool:

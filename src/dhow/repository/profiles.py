@@ -21,18 +21,22 @@ __all__ = ["PROFILE", "read_profile", "write_profile"]
 PROFILE = "profile.json"
 
 
-def read_profile(version_dir: Path) -> dict[str, Any] | None:
-    """The version's profile as stored (decrypted in memory when encrypted); None when it has none."""
+def read_profile(version_dir: Path, where: str = "") -> dict[str, Any] | None:
+    """The version's profile as stored (decrypted in memory when encrypted); None when it has none. Refusals
+    name the file as ``where/<file>`` (e.g. ``tabular/2``: the repository's folders are not a client's business)."""
     plain, sealed = version_dir / PROFILE, version_dir / (PROFILE + ENCRYPTED_SUFFIX)
     path = sealed if sealed.is_file() else plain if plain.is_file() else None
     if path is None:
         return None
+    name = f"{where}/{path.name}" if where else str(path)
     try:
         data = json.loads(read_artifact(path))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path}: not a profile written by 'dhow models profile' ({exc})") from None
+        raise ModelLoadError(f"{name}: not a profile written by 'dhow models profile' ({exc})") from None
+    except ModelLoadError as exc:
+        raise ModelLoadError(exc.message.replace(str(path), name)) from None
     if not isinstance(data, dict) or not isinstance(data.get("features"), dict):
-        raise ModelLoadError(f"{path}: not a profile written by 'dhow models profile' (no 'features' object)")
+        raise ModelLoadError(f"{name}: not a profile written by 'dhow models profile' (no 'features' object)")
     return data
 
 

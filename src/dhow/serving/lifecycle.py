@@ -423,7 +423,7 @@ async def _attach_profile(version: ModelVersion, version_dir: Path, where: str) 
     """The version's reference profile, when it has one; one that cannot be read is logged and reported by the
     drift API, and the version serves without drift scores (monitoring never stops a model from serving)."""
     try:
-        data = await asyncio.to_thread(read_profile, version_dir)
+        data = await asyncio.to_thread(read_profile, version_dir, where)
         if data is not None:
             version.profile = ReferenceProfile.from_dict(data, f"{where}/{PROFILE}")
     except DhowError as exc:
