@@ -13,12 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import accuracy_score, precision_score, recall_score
 
+from dhow.protocols.rest.openapi import openapi_document
 from tests.conftest import DhowProcess, start_dhow, wait_until
 
 # label = 1 where the first feature is above a cut; version 2 of `canaried` cuts elsewhere (a worse model)
@@ -148,6 +150,12 @@ def _events(server: DhowProcess, model: str, kind: str) -> list[dict[str, Any]]:
     return [event for event in answer["events"] if event["kind"] == kind]
 
 
+def _conforms(name: str, instance: Any) -> None:
+    """The answer is what the OpenAPI document says it is."""
+    schema = {"$ref": f"#/components/schemas/{name}", "components": openapi_document()["components"]}
+    jsonschema.Draft202012Validator(schema).validate(instance)
+
+
 def _send(server: DhowProcess, rng: np.random.Generator, *, shifted: bool) -> None:
     for _ in range(10):
         _infer(server, "scorer", _rows(rng, 40, shifted=shifted))
@@ -169,6 +177,7 @@ def test_drift_is_flagged_on_the_shifted_features_only(server: DhowProcess) -> N
     report = _drift(server)
     scores = {f["name"]: f for f in report["features"]}
     assert report["state"] == "drift" and set(report["drifted"]) == {"b", "city"}, report
+    _conforms("DriftReport", report)
     assert [f["name"] for f in report["features"][:2]] == sorted(["b", "city"], key=lambda n: -scores[n]["score"])
     assert scores["b"]["method"] == "psi" and scores["city"]["method"] == "js"
     assert not scores["a"]["drifted"] and not scores["c"]["drifted"] and not scores["label"]["drifted"], scores
@@ -216,6 +225,8 @@ def test_feedback_gives_the_accuracy_computed_offline(server: DhowProcess) -> No
     status, result = _call(server, "POST", "/v2/models/graded/feedback", {"labels": labels})
     assert status == 200, result
     assert result["joined"] == 60 and result["unmatched"] == 1 and result["unmatched_ids"] == ["never-seen"]
+    _conforms("FeedbackResult", result)
+    _conforms("FeedbackRequest", {"labels": labels})
     ids = sorted(truth)
     y_true, y_pred = [truth[i] for i in ids], [predictions[i] for i in ids]
     figures = result["quality"]["1"]
