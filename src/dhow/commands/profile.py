@@ -64,6 +64,11 @@ def run(args: argparse.Namespace) -> int | None:
     settings = resolve_settings({"kek_file": args.kek_file}, config_file=args.config)
     keyring = Keyring.load(settings.kek, settings.kek_file)
     install_decryptor(keyring.decrypt if keyring is not None else None)
+    if not config.max_batch_size:
+        raise InvalidInput(
+            f"{version_dir.parent.name} does not batch (max_batch_size 0 in its model.yaml): a profile describes "
+            "rows, and a request of a model that does not batch has none"
+        )
     inputs, outputs = _signature(config, version_dir)
     source = Source(args.data, input_format(args.data, args.format or ""), _BATCH_ROWS)
     mapping = plan_inputs(inputs, source.schema, [parse_map(m) for m in args.map], "")

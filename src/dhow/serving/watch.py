@@ -66,13 +66,26 @@ class ModelWatch:
         self.events = events
         self.feedback = FeedbackDesk(models, metrics)
         self._watched: dict[tuple[str, str], _Watched] = {}
+        #: models whose observation failed (logged once)
+        self._failed: set[str] = set()
 
     # -- the request's path ---------------------------------------------------------------------------
 
     def observe(
         self, config: ModelConfig, request: InferenceRequest, response: InferenceResponse, request_id: str
     ) -> None:
-        """An answered request: sampled into its version's drift window, its prediction kept for feedback."""
+        """An answered request: sampled into its version's drift window, its prediction kept for feedback. A
+        failure here is logged once per model and never reaches the request, which has its answer."""
+        try:
+            self._observe(config, request, response, request_id)
+        except Exception:
+            if config.name not in self._failed:
+                self._failed.add(config.name)
+                log.exception("model %s: monitoring could not observe an answer (logged once)", config.name)
+
+    def _observe(
+        self, config: ModelConfig, request: InferenceRequest, response: InferenceResponse, request_id: str
+    ) -> None:
         watched = self._watched.get((config.name, response.model_version))
         if watched is None:  # the version's first answer: watched from now on, not from the next tick
             watched = self._first_answer(config.name, response.model_version)
@@ -82,8 +95,12 @@ class ModelWatch:
             rows = min(first.shape[0] if first is not None and first.ndim else 1, window.rows)
             # only the profiled tensors, copied: a view would keep the whole request body alive in the window
             profiled = watched.profiled if watched is not None else frozenset()
-            inputs = {t.name: t.data[:rows].copy() for t in request.inputs if ("input", t.name) in profiled}
-            outputs = {t.name: t.data[:rows].copy() for t in response.outputs if ("output", t.name) in profiled}
+            inputs = {
+                t.name: t.data[:rows].copy() for t in request.inputs if ("input", t.name) in profiled and t.data.ndim
+            }
+            outputs = {
+                t.name: t.data[:rows].copy() for t in response.outputs if ("output", t.name) in profiled and t.data.ndim
+            }
             window.add(rows, inputs, outputs)
         if config.monitoring.feedback is not None:
             self.feedback.keep(config, request, response, request_id)
