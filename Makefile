@@ -6,7 +6,7 @@ DHOW := $(VENV)/bin/dhow
 STAMP := $(VENV)/.installed
 DEMO := demo-models
 
-.PHONY: run test install demo-models lint format check-proto proto bench bench-rollouts bench-security bench-serving bench-protocols bench-batch bench-monitoring clean
+.PHONY: run test install demo-models lint format check-proto proto image bench bench-rollouts bench-security bench-serving bench-protocols bench-batch bench-scaling bench-monitoring clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,8 +48,12 @@ proto: $(STAMP)
 check-proto: $(STAMP)
 	$(PY) -m dhow.protocols.grpc.codegen --check
 
+# dhow's container images (Dockerfile, Dockerfile.cuda) with the engine running here; fails, saying so, without one
+image:
+	bash deploy/build-images.sh
+
 # benchmarks are measured side by side in one run and reported as ratios; never part of `make test`
-bench: bench-rollouts bench-security bench-protocols bench-serving bench-batch bench-monitoring
+bench: bench-rollouts bench-security bench-protocols bench-serving bench-batch bench-scaling bench-monitoring
 
 bench-rollouts: $(STAMP)
 	$(PY) benchmarks/rollout_routing.py
@@ -68,6 +72,10 @@ bench-batch: $(STAMP)
 # drift scoring on precomputed reference bins against scipy's KS test on the raw rows; seconds
 bench-monitoring: $(STAMP)
 	$(PY) benchmarks/drift_scoring.py
+
+# the chart's queue-depth scaling rule against a CPU-based HPA over a simulated bursty day, from RESULTS.md's figures
+bench-scaling: $(STAMP)
+	$(PY) benchmarks/autoscale_sim.py
 
 # dhow against Seldon MLServer 1.7.1 (installed on first run into benchmarks/.peers/); about 10 minutes
 bench-serving: $(STAMP)

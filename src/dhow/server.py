@@ -20,6 +20,7 @@ import uvicorn
 
 from dhow.access.tls import ServerCertificates, TlsSettings
 from dhow.core.errors import DhowError
+from dhow.core.heap import settle_heap
 from dhow.governance.masked_stream import mask_standard_streams
 from dhow.governance.masking import Masker, install_log_masking, parse_masking
 from dhow.monitoring.metrics import ServerMetrics
@@ -120,6 +121,7 @@ class Server:
         self._serving.set()
         if not load_first:
             await self._load(parts)
+        settle_heap()  # what start-up built lives as long as the server: collections need not walk it
         parts.dataplane.is_ready = True
         self.metrics.workers.set(1)  # answering now: a worker that is still loading is not counted
         poller = asyncio.create_task(parts.poller.run()) if parts.poller is not None else None

@@ -130,6 +130,8 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._busy = 0
+        #: requests in the batches running now
+        self._running = 0
         #: the one timer of the requests queued under the default timeout (set for the oldest one's deadline)
         self._sweep: asyncio.TimerHandle | None = None
         self._workers = [asyncio.create_task(self._work(instance)) for instance in instances]
@@ -137,6 +139,11 @@ class DynamicBatcher:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def inflight(self) -> int:
+        """Requests given and not answered yet: queued, or in a running batch."""
+        return len(self._queue) + self._running
 
     @property
     def queue_limit(self) -> int:
@@ -317,9 +324,13 @@ class DynamicBatcher:
                 pending.timer.cancel()
             self.stats.queue.add(wait)
         outputs = tuple(dict.fromkeys(name for p in batch for name in p.outputs))
+        self._running += len(batch)
         try:
             results, timings = await loop.run_in_executor(self._executor, _execute, instance, as_parts, batch, outputs)
-        except Exception as exc:  # the model's fault reaches every request of the batch
+        except BaseException as exc:
+            self._running -= len(batch)
+            if not isinstance(exc, Exception):
+                raise
             # what an instance says of itself stays as it is (a restarting process instance is a 503, not a 500)
             passed = (ModelFault, InvalidInput, Unavailable, DeadlineExceeded)
             fault = exc if isinstance(exc, passed) else ModelFault(f"{self.label} failed: {exc!r}")
@@ -329,6 +340,7 @@ class DynamicBatcher:
                 if not pending.future.done():
                     pending.future.set_exception(fault)
             return
+        self._running -= len(batch)  # answered below: what the observer reads no longer counts them
         self._measure(time.monotonic_ns() - start, len(batch))
         self.stats.record_batch(timings, len(batch))
         if self._observer is not None:

@@ -74,6 +74,8 @@ class ModelVersion:
         self._compute_seconds = metrics.compute_seconds.labels(*labels)
         self._batch_size = metrics.batch_size.labels(*labels)
         self._requests = metrics.requests
+        self._metrics = metrics
+        self._batch_fill = metrics.batch_fill.labels(*labels) if config.max_batch_size else None
         #: the reference profile drift is scored against (None: the version has none, or ``profile_error``)
         self.profile: ReferenceProfile | None = None
         self.profile_error = ""
@@ -90,6 +92,7 @@ class ModelVersion:
             observer=self._observe_batch,
             default_timeout_ms=queue_timeout_ms,
         )
+        metrics.watch_load(self.name, self.version_label, self.batcher)
 
     def count_request(self, outcome: str) -> None:
         self._requests.labels(self.name, self.version_label, outcome).inc()
@@ -99,6 +102,9 @@ class ModelVersion:
             self._queue_seconds.observe(wait / 1e9)
         self._compute_seconds.observe((timings.input_ns + timings.infer_ns + timings.output_ns) / 1e9)
         self._batch_size.observe(timings.size)
+        if self._batch_fill is not None:
+            self._batch_fill.observe(timings.size / self.config.max_batch_size)
+        self._metrics.sample_load(self.name, self.version_label, self.batcher)
         if self.latency is not None:
             self.latency.add(waits, timings.input_ns + timings.infer_ns + timings.output_ns)
 
@@ -106,6 +112,7 @@ class ModelVersion:
         """Finish what is queued and running, then release the runtimes."""
         await self.batcher.close()
         self._executor.shutdown(wait=True)
+        self._metrics.forget_load(self.name, self.version_label, self.batcher)
         # in a thread: a process instance waits for its process to exit
         await asyncio.to_thread(self._unload)
 
