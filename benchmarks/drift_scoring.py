@@ -14,7 +14,7 @@ shifted), timed per feature (median of the repeats) for
 Then the request's side, in the same process: ``ModelWatch.observe`` per request (the version look-up, the draw
 and, when sampled, the copy of the rows into the window) at sample rates 0, 0.1 and 1, against what every request
 already pays for its Prometheus metrics (a counter and a histogram, as the data plane records them).
-Writes benchmarks/RESULTS-monitoring.md with each figure and its ratio to its reference.
+Writes benchmarks/RESULTS-drift.md with each figure and its ratio to its reference.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def main() -> None:
         *[f"| ModelWatch.observe, sample_rate {rate:g} | {us:.2f} | {us / metrics_us:.2f} |" for rate, us in observed],
         "",
     ]
-    (HERE / "RESULTS-monitoring.md").write_text("\n".join(lines))
+    (HERE / "RESULTS-drift.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from dhow.commands import add_command_with_actions
 from dhow.settings import CONFIG_FILE_HELP, ServerSettings, resolve_settings
 
 __all__ = ["add_parser", "run"]
@@ -24,13 +25,13 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``dhow batch`` and its actions to the ``dhow`` command."""
-    batch = commands.add_parser(
+    actions = add_command_with_actions(
+        commands,
         "batch",
-        help="score a dataset offline (embedded engine or Apache Spark), resumably",
-        description="Score Parquet, CSV or JSON Lines files with a model of the repository, under the same "
-        "access, residency and audit rules as the server.",
+        "score a dataset offline (embedded engine or Apache Spark), resumably",
+        "Score Parquet, CSV or JSON Lines files with a model of the repository, under the same access, residency "
+        "and audit rules as the server.",
     )
-    actions = batch.add_subparsers(dest="batch_command", metavar="ACTION", required=True)
     _add_run(actions)
     status = actions.add_parser(
         "status", help="show a run's summary", description="Show the summary of the run in OUTPUT, also of a "
@@ -48,7 +49,8 @@ def _add_run(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "committed part (no row lost, none written twice).",
     )
     add = run.add_argument
-    add("--repository", type=Path, metavar="DIR", help="the model repository (default $DHOW_REPOSITORY, ./models)")
+    add("--repository", metavar="DIR|URL",
+        help="the model repository, a folder or s3://bucket/prefix (default $DHOW_REPOSITORY, ./models)")  # fmt: skip
     add("--model", required=True, metavar="NAME[:VERSION]", help="the model (default version: the newest served)")
     add("--input", required=True, metavar="PATH", help="a file, a folder of files, or s3://bucket/prefix")
     add("--output", required=True, metavar="DIR", help="the output folder (Parquet parts, errors/, _summary.json)")

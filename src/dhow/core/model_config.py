@@ -162,6 +162,8 @@ class ModelConfig:
     pii: dict[str, Any] | None = None
     #: share of requests whose (masked) inputs and outputs are kept in the audit trail; 0 = none
     payload_sample_rate: float = 0.0
+    #: whether the server's payload log (``--payload-log``) takes this model's requests; false: never logged
+    payload_log: bool = True
     description: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     #: runtime-specific settings (e.g. the class name of a Python model)

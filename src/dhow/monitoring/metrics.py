@@ -14,6 +14,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from dhow.monitoring.model_metrics import ModelMetrics
 
@@ -142,6 +143,11 @@ class ServerMetrics:
             else:
                 with contextlib.suppress(KeyError):
                     gauge.remove(model, version)
+
+    def add_collector(self, collector: Collector) -> None:
+        """A collector read at each scrape (GPU, process instances): this process's figures, also when several
+        worker processes share the ports (then the worker that answers the scrape reports its own)."""
+        self._exposed.register(collector)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, for ``GET /metrics``."""

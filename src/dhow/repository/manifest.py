@@ -206,6 +206,7 @@ def parse_manifest(data: object, path: Path | str, name: str) -> ModelConfig:
         region=fields.get("region", _is_str, "a string", ""),
         pii=fields.get("pii", lambda v: isinstance(v, dict), "a mapping (detectors, action, fields)", None),
         payload_sample_rate=fields.get("payload_sample_rate", _is_fraction, "a number from 0 to 1", 0.0),
+        payload_log=fields.get("payload_log", lambda v: isinstance(v, bool), "true or false", True),
         description=fields.get("description", _is_str, "a string", ""),
         labels={str(k): v for k, v in labels.items()},
         parameters=_parameters(path, runtime, fields.get("parameters", lambda v: isinstance(v, dict), "a mapping", {})),
@@ -214,7 +215,8 @@ def parse_manifest(data: object, path: Path | str, name: str) -> ModelConfig:
     )
     fields.finish(
         "runtime, inputs, outputs, max_batch_size, version_policy, batching, instances, device, precision, "
-        "threads, owner, tenant, region, pii, payload_sample_rate, description, labels, parameters, warmup, monitoring"
+        "threads, owner, tenant, region, pii, payload_sample_rate, payload_log, description, labels, parameters, "
+        "warmup, monitoring"
     )
     return config
 

@@ -34,8 +34,9 @@ Arrays = dict[str, np.ndarray]
 UNMEASURED_QUEUE_LIMIT, MIN_QUEUE_LIMIT = 1024, 8
 #: one model instance: computes the named outputs of a batch, in a worker thread
 Instance = Callable[[Mapping[str, np.ndarray], Sequence[str]], Arrays]
-#: told of every executed batch and the queue wait of each of its requests (for metrics)
-BatchObserver = Callable[[BatchTimings, list[int]], None]
+#: told of every executed batch: its timings, when it started (monotonic ns), the queue wait of each of its
+#: requests and their traces (each request's ``trace`` in order; empty when none is traced), for metrics and spans
+BatchObserver = Callable[[BatchTimings, int, list[int], Sequence[object | None]], None]
 
 
 @dataclass(slots=True, eq=False)
@@ -53,6 +54,8 @@ class _Pending:
     deadline_ns: int = 0
     #: whether the client has gone (a closed connection): then it is answered and never computed
     gone: Callable[[], bool] | None = None
+    #: the request's tracing when it is traced (opaque here: handed back to the observer)
+    trace: object | None = None
 
     def settled(self) -> bool:
         """Answered already (timed out, cancelled), or answered now because its client has gone."""
@@ -175,9 +178,10 @@ class DynamicBatcher:
         rows: int,
         timeout_ns: int = 0,
         gone: Callable[[], bool] | None = None,
+        trace: object | None = None,
     ) -> Arrays:
         """Queue one request and wait for its outputs; ``rows`` is its batch dimension; ``gone`` tells whether
-        its client has left (then it is dropped before it is computed)."""
+        its client has left (then it is dropped before it is computed); ``trace`` goes to the observer."""
         if self._closing:
             raise Unavailable(f"{self.label} is being unloaded; retry", retry_after=1)
         if len(self._queue) >= self._room_below:
@@ -186,7 +190,9 @@ class DynamicBatcher:
             raise InvalidInput(f"batch of {rows} rows exceeds {self.label}'s max_batch_size of {self._max_rows}")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Arrays] = loop.create_future()
-        pending = _Pending(inputs, tuple(outputs), rows, _batch_key(inputs), future, time.monotonic_ns(), gone=gone)
+        pending = _Pending(
+            inputs, tuple(outputs), rows, _batch_key(inputs), future, time.monotonic_ns(), gone=gone, trace=trace
+        )
         if timeout_ns:
             pending.timer = loop.call_later(timeout_ns / 1e9, self._expire, pending, timeout_ns)
         elif self._timeout_ns:
@@ -344,7 +350,8 @@ class DynamicBatcher:
         self._measure(time.monotonic_ns() - start, len(batch))
         self.stats.record_batch(timings, len(batch))
         if self._observer is not None:
-            self._observer(timings, waits)
+            traces = [p.trace for p in batch] if any(p.trace is not None for p in batch) else ()
+            self._observer(timings, start, waits, traces)
         for pending, result in zip(batch, results, strict=True):
             if not pending.future.done():
                 pending.future.set_result(result)

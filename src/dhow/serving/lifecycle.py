@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from dhow.core.errors import (
 from dhow.governance.masking import parse_masking
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.monitoring.profile import ReferenceProfile
+from dhow.monitoring.resources import InstanceProcess
 from dhow.repository.manifest import MANIFEST, parse_manifest
 from dhow.repository.profiles import PROFILE, read_profile
 from dhow.repository.store import ModelRepository, ModelSource
@@ -162,6 +163,15 @@ class ModelLifecycle:
                 state = "UNAVAILABLE" if entry.versions else entry.state
                 rows.append({"name": name, "version": "", "state": state, "reason": entry.reason})
         return rows
+
+    def process_instances(self) -> Iterator[InstanceProcess]:
+        """The live process instances of every loaded version (what resource metrics read at a scrape)."""
+        for name, entry in list(self.entries.items()):
+            for number, model in list(entry.versions.items()):
+                for index, runtime in enumerate(model.runtimes):
+                    pid = getattr(runtime, "pid", None)
+                    if isinstance(pid, int):
+                        yield InstanceProcess(name, str(number), index, pid)
 
     def unready_models(self) -> list[str]:
         """The models this server should serve that answer no request: loading, or no version loaded (warmed)."""
@@ -384,6 +394,7 @@ class ModelLifecycle:
 
     async def changes_on_disk(self) -> tuple[list[str], list[str]]:
         """What the repository poller should do: the models gone from disk, the models new or changed."""
+        await asyncio.to_thread(self.repository.refresh)  # object storage: copy what changed into the cache
         on_disk = set(await asyncio.to_thread(self.repository.model_names))
         gone = sorted(set(self.entries) - on_disk - set(self._uploaded))
         changed = []

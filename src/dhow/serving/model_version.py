@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.monitoring.latency import LatencyRecorder
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.monitoring.profile import ReferenceProfile
+from dhow.monitoring.tracing import record_batch
 from dhow.runtimes.base import Runtime, create_runtime
 from dhow.scheduling.batcher import DynamicBatcher
 from dhow.scheduling.instances import load_process_instances
@@ -97,7 +100,9 @@ class ModelVersion:
     def count_request(self, outcome: str) -> None:
         self._requests.labels(self.name, self.version_label, outcome).inc()
 
-    def _observe_batch(self, timings: BatchTimings, waits: list[int]) -> None:
+    def _observe_batch(
+        self, timings: BatchTimings, start_ns: int, waits: list[int], traces: Sequence[object | None]
+    ) -> None:
         for wait in waits:
             self._queue_seconds.observe(wait / 1e9)
         self._compute_seconds.observe((timings.input_ns + timings.infer_ns + timings.output_ns) / 1e9)
@@ -105,6 +110,9 @@ class ModelVersion:
         if self._batch_fill is not None:
             self._batch_fill.observe(timings.size / self.config.max_batch_size)
         self._metrics.sample_load(self.name, self.version_label, self.batcher)
+        if traces:
+            attributes = {"dhow.model": self.name, "dhow.version": self.version_label, "dhow.batch.rows": timings.size}
+            record_batch(traces, attributes, start_ns, time.monotonic_ns(), waits)
         if self.latency is not None:
             self.latency.add(waits, timings.input_ns + timings.infer_ns + timings.output_ns)
 
