@@ -6,7 +6,7 @@ DHOW := $(VENV)/bin/dhow
 STAMP := $(VENV)/.installed
 DEMO := demo-models
 
-.PHONY: run test install system-packages demo-models lint format check-proto proto image bench bench-rollouts bench-security bench-serving bench-protocols bench-batch bench-scaling bench-monitoring bench-gateway clean
+.PHONY: run test install system-packages demo-models lint format check-proto proto image bench bench-rollouts bench-security bench-serving bench-protocols bench-batch bench-scaling bench-monitoring bench-drift bench-gateway clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,7 +60,7 @@ image:
 	bash deploy/build-images.sh
 
 # benchmarks are measured side by side in one run and reported as ratios; never part of `make test`
-bench: bench-rollouts bench-security bench-protocols bench-serving bench-batch bench-scaling bench-monitoring bench-gateway
+bench: bench-rollouts bench-security bench-protocols bench-serving bench-batch bench-scaling bench-monitoring bench-drift bench-gateway
 
 bench-rollouts: $(STAMP)
 	$(PY) benchmarks/rollout_routing.py
@@ -75,6 +75,10 @@ bench-protocols: $(STAMP)
 # dhow batch run against a bare pyarrow -> onnxruntime loop, and its Spark engine against predict_batch_udf
 bench-batch: $(STAMP)
 	$(PY) benchmarks/batch.py
+
+# drift scoring on precomputed reference bins against scipy's KS test on the raw rows; seconds
+bench-drift: $(STAMP)
+	$(PY) benchmarks/drift_scoring.py
 
 # the chart's queue-depth scaling rule against a CPU-based HPA over a simulated bursty day, from RESULTS.md's figures
 bench-scaling: $(STAMP)

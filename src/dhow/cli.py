@@ -34,9 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     from dhow.commands import gateway as gateway_commands
     from dhow.commands import keys as access_commands
     from dhow.commands import models as repository_commands
+    from dhow.commands import profile as profile_commands
     from dhow.rollouts import cli as rollout_cli
 
     repository_commands.add_parsers(model_commands)
+    profile_commands.add_parser(model_commands)
     access_commands.add_parsers(commands, model_commands)
     audit_commands.add_parser(commands)
     batch_commands.add_parser(commands)
@@ -79,7 +81,7 @@ def _add_models(commands: Subparsers) -> Subparsers:
     models = commands.add_parser(
         "models",
         help="work with a model repository",
-        description="Check, encrypt and trust the artifacts of a model repository.",
+        description="Check, encrypt, trust and profile the artifacts of a model repository.",
     )
     model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     validate = model_commands.add_parser(
@@ -211,8 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dhow.commands import gateway as gateway_commands
         from dhow.commands import keys as access_commands
         from dhow.commands import models as repository_commands
+        from dhow.commands import profile as profile_commands
 
-        for module in (access_commands, repository_commands, gateway_commands):
+        for module in (access_commands, repository_commands, profile_commands, gateway_commands):
             code: int | None = module.run(args)
             if code is not None:
                 return code

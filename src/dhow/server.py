@@ -48,6 +48,7 @@ from dhow.serving.lifecycle import ModelControl, ModelLifecycle
 from dhow.serving.poller import RepositoryPoller
 from dhow.serving.security import Security, masking_key
 from dhow.serving.service import CoreService, service_identity
+from dhow.serving.watch import ModelWatch
 from dhow.settings import ServerSettings, SettingsSource, live_settings
 
 log = logging.getLogger("dhow.server")
@@ -72,6 +73,7 @@ class _Parts:
     rest: RestApp
     poller: RepositoryPoller | None
     observers: Observers
+    watch: ModelWatch
 
 
 class Server:
@@ -138,12 +140,13 @@ class Server:
         self._serving.set()
         if not load_first:
             await self._load(parts)
-        poller = None
+        poller = watching = None
         settle_heap()  # what start-up built lives as long as the server: collections need not walk it
         if not self._stop.is_set():  # a SIGTERM while the models loaded: never ready, straight to the drain
             parts.dataplane.is_ready = True
             self.metrics.workers.set(1)  # answering now: a worker that is still loading is not counted
             poller = asyncio.create_task(parts.poller.run()) if parts.poller is not None else None
+            watching = asyncio.create_task(parts.watch.run())
             log.info("dhow is ready")
             if on_ready is not None:
                 on_ready()
@@ -152,6 +155,8 @@ class Server:
             self._reloading.cancel()
         if poller is not None:
             poller.cancel()
+        if watching is not None:
+            watching.cancel()
         await self._drain(parts, http, http_task, grpc)
         await parts.rollouts.close()
         await parts.models.close()
@@ -251,6 +256,8 @@ class Server:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = await asyncio.to_thread(RegistryStore.open, settings.registry_url())
         editor = DeploymentEditor(store, models, table)
+        # drift, latency anomalies and feedback; their episodes go to the registry's event history
+        watch = dataplane.watch = ModelWatch(models, metrics.models, events=store)
         rollouts = RolloutController(
             editor,
             CanaryAnalyst(editor, service, metrics.registry),
@@ -270,7 +277,7 @@ class Server:
         poller = None
         if self.control is ModelControl.POLL:
             poller = RepositoryPoller(models, service, settings.poll_interval)
-        return _Parts(models, dataplane, service, rollouts, rest, poller, observers)
+        return _Parts(models, dataplane, service, rollouts, rest, poller, observers, watch)
 
     async def _load(self, parts: _Parts) -> None:
         """Load the models the control mode says to load at start, then apply the deployments."""

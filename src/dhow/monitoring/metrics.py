@@ -16,6 +16,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from dhow.monitoring.model_metrics import ModelMetrics
+
 #: prometheus_client's own switch to multi-process mode, read when it is first imported
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -104,6 +106,8 @@ class ServerMetrics:
         self.multiprocess = bool(os.environ.get(MULTIPROCESS_DIR))
         #: whose queue each (model, version) gauge reads: a reloaded version's successor takes the labels over
         self._load_sources: dict[tuple[str, str], LoadSource] = {}
+        #: drift, quality and latency anomalies of the models
+        self.models = ModelMetrics(self.registry, removable=not self.multiprocess)
         self._exposed = self.registry
         if self.multiprocess:
             # the metrics above write to this process's files; the exposition reads every process's

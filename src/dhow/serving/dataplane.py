@@ -27,8 +27,12 @@ from dhow.serving.model_version import ModelVersion
 from dhow.serving.signature import response_outputs, validate_inputs
 from dhow.serving.traffic import TrafficRouter
 from dhow.serving.triton_config import PLATFORMS, triton_model_config
+from dhow.serving.watch import ModelWatch
 
 log = logging.getLogger("dhow.dataplane")
+
+#: how the in-process service identities are named (``dhow:shadow``, ``dhow:repository-poll``)
+SERVICE_PREFIX = "dhow:"
 
 #: the header (gRPC metadata key) naming a request's data region
 DATA_REGION_HEADER = "x-dhow-data-region"
@@ -87,6 +91,8 @@ class DataPlane:
         self._maskers: dict[str, tuple[ModelConfig, Masker]] = {}
         #: every request's masked payload and every error, to the ``--payload-log`` sink (None: off)
         self.payload_log = payload_log
+        #: drift sampling, latency anomalies and feedback (None: not watched, as in a batch job)
+        self.watch: ModelWatch | None = None
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -190,6 +196,10 @@ class DataPlane:
         else:
             self.residency.check(region, self.region)
             response = await self._route(request, model)
+        caller = placement.caller
+        # copies made by in-process identities (a shadow's, with the original's id) are not the clients' traffic
+        if self.watch is not None and caller is not None and not caller.principal.startswith(SERVICE_PREFIX):
+            self.watch.observe(config, request, response, caller.request_id)
         payload = None
         if config.payload_sample_rate and random.random() < config.payload_sample_rate:
             payload = self._payload_sample(config, request, response)

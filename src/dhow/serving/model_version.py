@@ -11,7 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dhow.core.model_config import ModelConfig, TensorSpec
+from dhow.monitoring.latency import LatencyRecorder
 from dhow.monitoring.metrics import ServerMetrics
+from dhow.monitoring.profile import ReferenceProfile
 from dhow.monitoring.tracing import record_batch
 from dhow.runtimes.base import Runtime, create_runtime
 from dhow.scheduling.batcher import DynamicBatcher
@@ -77,6 +79,11 @@ class ModelVersion:
         self._requests = metrics.requests
         self._metrics = metrics
         self._batch_fill = metrics.batch_fill.labels(*labels) if config.max_batch_size else None
+        #: the reference profile drift is scored against (None: the version has none, or ``profile_error``)
+        self.profile: ReferenceProfile | None = None
+        self.profile_error = ""
+        #: queue and compute times of the current latency window (None: latency anomalies are off)
+        self.latency = LatencyRecorder() if config.monitoring.latency.enabled else None
         self._executor = ThreadPoolExecutor(len(runtimes), thread_name_prefix=f"dhow-{config.name}-{version}")
         self.batcher = DynamicBatcher(
             f"model '{config.name}' version {version}",
@@ -106,6 +113,8 @@ class ModelVersion:
         if traces:
             attributes = {"dhow.model": self.name, "dhow.version": self.version_label, "dhow.batch.rows": timings.size}
             record_batch(traces, attributes, start_ns, time.monotonic_ns(), waits)
+        if self.latency is not None:
+            self.latency.add(waits, timings.input_ns + timings.infer_ns + timings.output_ns)
 
     async def close(self) -> None:
         """Finish what is queued and running, then release the runtimes."""
