@@ -1,11 +1,15 @@
-"""What do the payload log and tracing cost on the inference path?
+"""What do drift sampling, the payload log and tracing cost on the inference path?
 
     .venv/bin/python benchmarks/monitoring_overhead.py [--seconds 8] [--warmup 2] [--rounds 3] [--concurrency 16]
 
-Builds the demo models and starts four `dhow serve` processes with only `tabular` (ONNX), in one run: (a) all
+Builds the demo models and starts five `dhow serve` processes with only `tabular` (ONNX), in one run: (a) all
 monitoring off; (b) the payload log to a file (`--payload-log file://…`, every request masked and written as a
 CloudEvent); (c) tracing at ratio 0.1 (`--otlp-endpoint` to an OTLP/HTTP receiver in its own process, which
-decodes nothing and answers 200); (d) both. The same closed-loop generator (benchmarks/loadgen.py, JSON over REST,
+decodes nothing and answers 200); (d) live drift (a copy of the repository whose served version has a reference
+profile, made by `dhow models profile` from 20,000 rows of the demo's training distribution: drift is on with
+model.yaml's defaults, 10% of the requests sampled, scored every 30 s); (e) all three.
+
+The same closed-loop generator (benchmarks/loadgen.py, JSON over REST,
 keep-alive, batch 1) drives each at the concurrency, the configurations alternated in rounds (order rotated each
 round), the median round reported. Afterwards it checks that the payload log's counters account for every request
 sent (logged + dropped) and reports the drops. Writes benchmarks/RESULTS-monitoring.md.
@@ -30,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
-from security_overhead import BODY, build_models, cpu_seconds, free_port, start_server
+from security_overhead import BODY, DHOW, build_models, cpu_seconds, free_port, start_server
 
 HERE = Path(__file__).resolve().parent
 
@@ -70,6 +74,23 @@ def payload_counts(port: int) -> dict[str, float]:
     return {outcome: float(value) for outcome, value in found}
 
 
+def profiled_copy(models: Path, work: Path) -> Path:
+    """A copy of ``models`` whose served ``tabular`` version has a reference profile: drift is on there."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    copy = work / "models-drift"
+    shutil.copytree(models, copy)
+    rows = np.random.default_rng(0).standard_normal((20_000, 32)).astype(np.float32)
+    data = work / "train.parquet"
+    pq.write_table(pa.table({f"f{j}": rows[:, j] for j in range(32)}), data)
+    version = max((p for p in (copy / "tabular").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    profile = [*DHOW, "models", "profile", str(version), "--data", str(data), "--map", "input=f*"]
+    subprocess.run(profile, check=True, stdout=subprocess.DEVNULL)
+    return copy
+
+
 def run_rounds(configs: list[Config], args: argparse.Namespace) -> None:
     for round_ in range(args.rounds):
         for config in configs[round_ % len(configs) :] + configs[: round_ % len(configs)]:
@@ -98,7 +119,7 @@ def report(configs: list[Config], args: argparse.Namespace, logged: dict[str, di
         f"{args.concurrency}, {args.seconds:g} s per configuration after a {args.warmup:g} s warm-up, {args.rounds} "
         "rounds alternating the configurations (order rotated each round) in one run, the median round shown. The "
         "load generator shares the cores with the server (and the OTLP receiver): ratios from this one run, not "
-        "absolute capacity. Goal: (d) at >= 0.95 of (a)'s throughput, p99 within 10%.",
+        "absolute capacity. Goal: (e) at >= 0.95 of (a)'s throughput, p99 within 10%.",
         "",
         "| configuration | infer/s | p50 ms | p99 ms | failures | throughput ratio to (a) | p99 ratio to (a) "
         "| server CPU µs/request |",
@@ -141,17 +162,19 @@ def main() -> None:
     receiver = subprocess.Popen([sys.executable, __file__, "--receiver", str(otlp)])
     payloads = f"file://{work}/payloads/events.jsonl"
     tracing = ("--otlp-endpoint", f"http://127.0.0.1:{otlp}", "--trace-sample-ratio", "0.1")
+    drifting = profiled_copy(models, work)
     setups = {
-        "(a) all off": (),
-        "(b) payload log (file)": ("--payload-log", payloads.replace("events", "b")),
-        "(c) tracing, ratio 0.1": tracing,
-        "(d) payload log + tracing": ("--payload-log", payloads.replace("events", "d"), *tracing),
+        "(a) all off": (models, ()),
+        "(b) payload log (file)": (models, ("--payload-log", payloads.replace("events", "b"))),
+        "(c) tracing, ratio 0.1": (models, tracing),
+        "(d) drift (profile, 10% sampled)": (drifting, ()),
+        "(e) drift + payload log + tracing": (drifting, ("--payload-log", payloads.replace("events", "e"), *tracing)),
     }
     servers: list[subprocess.Popen[bytes]] = []
     try:
         configs = []
-        for index, (label, extra) in enumerate(setups.items()):
-            server, port = start_server(work, f"server-{index}", models, "--auth", "none", *extra)
+        for index, (label, (repository, extra)) in enumerate(setups.items()):
+            server, port = start_server(work, f"server-{index}", repository, "--auth", "none", *extra)
             servers.append(server)
             configs.append(Config(label, port, server.pid))
         run_rounds(configs, args)
