@@ -6,7 +6,7 @@ DHOW := $(VENV)/bin/dhow
 STAMP := $(VENV)/.installed
 DEMO := demo-models
 
-.PHONY: run test install demo-models lint format check-proto proto bench bench-rollouts bench-security bench-serving bench-protocols bench-batch bench-streaming clean
+.PHONY: run test install system-packages demo-models lint format check-proto proto image bench bench-rollouts bench-security bench-serving bench-protocols bench-batch bench-scaling bench-monitoring bench-drift bench-gateway bench-streaming clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Debian packages the tests run for real: the proxies `dhow gateway config` configures (tests/test_e2e_gateway.py),
+# Prometheus and promtool for deploy/'s rules and dashboard (tests/test_deploy_monitoring.py)
+SYSTEM_PACKAGES := haproxy nginx-light prometheus
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-packages:
+	@test -x /usr/sbin/haproxy -a -x /usr/sbin/nginx -a -x /usr/bin/prometheus -a -x /usr/bin/promtool || { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); }
 
 $(DEMO)/.built: $(STAMP)
 	$(DHOW) demo build --out $(DEMO)
@@ -48,8 +55,12 @@ proto: $(STAMP)
 check-proto: $(STAMP)
 	$(PY) -m dhow.protocols.grpc.codegen --check
 
+# dhow's container images (Dockerfile, Dockerfile.cuda) with the engine running here; fails, saying so, without one
+image:
+	bash deploy/build-images.sh
+
 # benchmarks are measured side by side in one run and reported as ratios; never part of `make test`
-bench: bench-rollouts bench-security bench-protocols bench-serving bench-batch
+bench: bench-rollouts bench-security bench-protocols bench-serving bench-batch bench-scaling bench-monitoring bench-drift bench-gateway
 
 bench-rollouts: $(STAMP)
 	$(PY) benchmarks/rollout_routing.py
@@ -67,6 +78,22 @@ bench-batch: $(STAMP)
 
 bench-streaming: $(STAMP)
 	$(PY) benchmarks/streaming.py
+
+# drift scoring on precomputed reference bins against scipy's KS test on the raw rows; seconds
+bench-drift: $(STAMP)
+	$(PY) benchmarks/drift_scoring.py
+
+# the chart's queue-depth scaling rule against a CPU-based HPA over a simulated bursty day, from RESULTS.md's figures
+bench-scaling: $(STAMP)
+	$(PY) benchmarks/autoscale_sim.py
+
+# the payload log (file) and tracing (ratio 0.1) on and off, one run; about 3 minutes
+bench-monitoring: $(STAMP)
+	$(PY) benchmarks/monitoring_overhead.py
+
+# the proxy `dhow gateway config` writes (HAProxy, make system-packages) against dhow direct; about 2 minutes
+bench-gateway: $(STAMP) system-packages
+	$(PY) benchmarks/gateway.py
 
 # dhow against Seldon MLServer 1.7.1 (installed on first run into benchmarks/.peers/); about 10 minutes
 bench-serving: $(STAMP)

@@ -49,7 +49,7 @@ def write_jsonl(rows: list[dict[str, object]], path: Path) -> Path:
     return path
 
 
-def batch_command(repository: Path, data_dir: Path, *args: str) -> list[str]:
+def batch_command(repository: Path | str, data_dir: Path, *args: str) -> list[str]:
     return [
         sys.executable, "-m", "dhow.cli", "batch", "run", "--repository", str(repository),
         "--data-dir", str(data_dir), "--quiet", *args,
@@ -57,7 +57,7 @@ def batch_command(repository: Path, data_dir: Path, *args: str) -> list[str]:
 
 
 def run_batch(
-    repository: Path, data_dir: Path, *args: str, key: str = "", env: dict[str, str] | None = None
+    repository: Path | str, data_dir: Path, *args: str, key: str = "", env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """`dhow batch run` as a real process; ``key`` "" runs it with authentication off."""
     environment = dict(os.environ)

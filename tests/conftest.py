@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import secrets
 import shutil
@@ -16,7 +17,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 import psycopg
 import pytest
@@ -24,6 +25,21 @@ import pytest
 IN_CI = os.environ.get("CI") == "true"
 #: a PostgreSQL role that may create databases; each test that needs one gets a fresh database
 PG_ADMIN_URL = os.environ.get("DHOW_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def unavailable(message: str) -> NoReturn:
+    """A test that needs something the machine lacks: skipped with the reason here, failed on CI."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def system_binary(name: str, install: str) -> str:
+    """The path of a program installed from the machine's packages (``/usr/sbin`` included, off root's PATH)."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+    if found is None:
+        unavailable(f"{name} is not installed: {install}")
+    return found
 
 
 def pg_url(database: str) -> str:
@@ -37,10 +53,7 @@ def pg_available() -> None:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
             conn.execute("SELECT 1")
     except psycopg.Error as err:
-        message = f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({err}); set DHOW_TEST_PG_ADMIN_URL"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({err}); set DHOW_TEST_PG_ADMIN_URL")
 
 
 @pytest.fixture
@@ -112,6 +125,27 @@ def make_key(data_dir: Path, name: str, roles: list[str], tenant: str = "default
     return made[1]
 
 
+def http_request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    """One request on a new connection to 127.0.0.1 (JSON body if any); the status and the body answered."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request(method, path, body=body, headers={"content-type": "application/json"})
+        answer = connection.getresponse()
+        return answer.status, answer.read()
+    finally:
+        connection.close()
+
+
+def write_model(repository: Path, name: str, manifest: str, files: dict[str, str]) -> Path:
+    """A model folder: ``model.yaml`` and the files of its versions (``{"1/model.py": source}``); the folder."""
+    folder = repository / name
+    for path, text in files.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_text(text, encoding="utf-8")
+    (folder / "model.yaml").write_text(manifest, encoding="utf-8")
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -122,7 +156,7 @@ def free_port() -> int:
 class DhowProcess:
     """A real `dhow serve` process; its log is kept so that tests can read what it wrote."""
 
-    repository: Path
+    repository: Path | str
     http_port: int
     grpc_port: int
     log_path: Path
@@ -165,7 +199,7 @@ class DhowProcess:
         return self.process.returncode
 
 
-def start_dhow(repository: Path, log_dir: Path, *extra: str, wait: bool = True) -> DhowProcess:
+def start_dhow(repository: Path | str, log_dir: Path, *extra: str, wait: bool = True) -> DhowProcess:
     http_port, grpc_port = free_port(), free_port()
     args = [
         sys.executable, "-m", "dhow.cli", "serve",
@@ -214,3 +248,41 @@ def dhow_server(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory)
     server = start_dhow(demo_repository, tmp_path_factory.mktemp("server"))
     yield server
     assert server.stop() == 0, server.log()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A local S3-compatible server (moto) for the tests of s3:// inputs and repositories; its URL."""
+    try:
+        import boto3  # noqa: F401
+        import moto.server  # noqa: F401
+        import s3fs  # noqa: F401
+    except ImportError as exc:
+        unavailable(f"moto[server] and s3fs are needed for the S3 test ({exc}); pip install -e '.[dev]'")
+    port = free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(url), 60, "the S3 server answering")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+
+
+#: what boto3 and s3fs need to talk to the moto server
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

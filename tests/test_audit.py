@@ -9,6 +9,8 @@ import io
 import itertools
 import logging
 import math
+import os
+import signal
 import sqlite3
 import threading
 import time
@@ -591,5 +593,50 @@ def test_a_writer_process_writes_the_same_chain(audit_url: str) -> None:
         asyncio.run(scenario())
         assert _request_ids(store) == [r.request_id for r in records]
         assert store.verify().ok and trail.written == 1000
+    finally:
+        store.close()
+
+
+def _writer_processes() -> list[int]:
+    """This test process's audit writer children (their command names the writer module)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == os.getpid() and b"dhow.governance.audit_writer" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_record_the_pipe_cannot_take_is_waited_for_before_the_answer(audit_url: str) -> None:
+    """With its writer behind (stopped here), a record that waits in the server's memory would die with the
+    server's SIGKILL: ``record`` says so and ``handed_over`` returns only once the pipe has taken it."""
+    store = AuditStore.open(audit_url)
+    trail = AuditTrail({"ae": store}, "ae", flush_interval_s=0.05, writer="process")
+    records = _records(20_000, "w")
+
+    async def scenario() -> None:
+        await trail.start()
+        (writer,) = _writer_processes()
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            held = next((r for r in records if trail.record(r)), None)
+            assert held is not None, "the pipe took 20,000 records from a stopped writer"
+            waiting = asyncio.create_task(trail.handed_over(held))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # nothing leaves while the writer reads nothing
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        await asyncio.wait_for(waiting, 30)
+        await trail.close()
+
+    try:
+        asyncio.run(scenario())
+        assert store.verify().ok and trail.pending == 0
     finally:
         store.close()

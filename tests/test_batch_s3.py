@@ -2,58 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from tests.batch_data import features, read_output, run_batch, summary_of, tabular_table, write_parquet
-from tests.conftest import IN_CI, free_port, wait_until
+from tests.conftest import CREDENTIALS
 from tests.reference import run_directly
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    try:
-        import boto3  # noqa: F401
-        import moto.server  # noqa: F401
-        import s3fs  # noqa: F401
-    except ImportError as exc:
-        message = f"moto[server] and s3fs are needed for the S3 test ({exc}); pip install -e '.[dev]'"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    port = free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _answers(url), 60, "the S3 server answering")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
-
-
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def test_an_s3_folder_is_read_through_fsspec(demo_repository: Path, tmp_path: Path, s3_endpoint: str) -> None:

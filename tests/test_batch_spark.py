@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.batch_data import features, run_batch, summary_of, tabular_table, write_parquet
-from tests.conftest import IN_CI, make_key
+from tests.conftest import make_key, unavailable
 from tests.reference import run_directly
 
 ROWS = 20_000
@@ -27,15 +27,9 @@ def spark_available() -> None:
     try:
         import pyspark  # noqa: F401
     except ImportError as exc:
-        message = f"pyspark is needed for the Spark tests ({exc}); pip install -e '.[spark]'"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"pyspark is needed for the Spark tests ({exc}); pip install -e '.[spark]'")
     if shutil.which("java") is None:
-        message = "Spark needs a Java runtime (17 or later) on PATH"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("Spark needs a Java runtime (17 or later) on PATH")
 
 
 def test_spark_local_scores_like_the_model_and_reports_bad_rows(

@@ -17,7 +17,7 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.conftest import DhowProcess, start_dhow
+from tests.conftest import DhowProcess, start_dhow, write_model
 
 GATED_MODEL = """
 import pathlib
@@ -42,13 +42,12 @@ class Gated:
 def gated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DhowProcess, Path]]:
     root = tmp_path_factory.mktemp("health")
     gate = root / "gate"
-    folder = root / "models" / "gated"
-    (folder / "1").mkdir(parents=True)
-    (folder / "1" / "model.py").write_text(GATED_MODEL.format(gate=str(gate)), encoding="utf-8")
-    (folder / "model.yaml").write_text(
+    write_model(
+        root / "models",
+        "gated",
         "runtime: python\nmax_batch_size: 2\n"
         "inputs: [{name: x, datatype: FP32, shape: [-1, 1]}]\noutputs: [{name: y, datatype: FP32, shape: [-1, 1]}]\n",
-        encoding="utf-8",
+        {"1/model.py": GATED_MODEL.format(gate=str(gate))},
     )
     server = start_dhow(root / "models", root, "--auth", "on", wait=False)
     yield server, gate

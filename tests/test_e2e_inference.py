@@ -157,6 +157,10 @@ def test_metrics_count_requests_by_model_version_and_outcome(dhow_server: DhowPr
         "dhow_queue_duration_seconds_bucket",
         "dhow_compute_duration_seconds_bucket",
         "dhow_models_loaded",
+        # the autoscaling signals: read at the scrape (nothing waits now), and one fill per batch
+        'dhow_queue_depth{model="tabular_lightgbm",version="1"} 0.0',
+        'dhow_inflight_requests{model="tabular_lightgbm",version="1"} 0.0',
+        'dhow_batch_fill_ratio_count{model="tabular_lightgbm",version="1"}',
     ):
         assert family in text, family
 

@@ -218,6 +218,12 @@ def test_both_workers_answer_and_statistics_are_server_wide(workers: tuple[DhowP
     assert {_successes(server, key) - before for _ in range(8)} == {count}
     assert {_requests_metric(server, key) - metric_before for _ in range(8)} == {count}
     assert _metric(server, "dhow_workers", key) == 2
+    # the autoscaling signals, summed over the workers' files: each batch wrote them, nothing waits now
+    served = r'\{model="tabular",version="2"\}'
+    assert _metric(server, f"dhow_batch_fill_ratio_count{served}", key) >= count
+    for gauge in ("dhow_queue_depth", "dhow_inflight_requests"):
+        _, text = _call(server, "GET", "/metrics", key=key)
+        assert re.search(rf"^{gauge}{served} 0\.0$", text, re.MULTILINE), text
     for _ in range(4):  # a new channel each time, so any worker may answer
         client = grpcclient.InferenceServerClient(server.grpc_url)
         try:

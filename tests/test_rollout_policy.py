@@ -27,6 +27,8 @@ def test_defaults_are_filled_in() -> None:
         "max_p99_ratio": 2.0,
         "min_p99_slack_ms": 5.0,
         "min_requests": 50,
+        "min_accuracy_ratio": None,
+        "min_feedback": 20,
     }
     assert normalize({"kind": "shadow", "primary": 1, "shadow": 2})["sample"] == 1.0
     assert normalize({"kind": "bluegreen", "blue": 1, "green": 2})["active"] == "blue"

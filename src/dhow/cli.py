@@ -31,16 +31,20 @@ def _parser() -> argparse.ArgumentParser:
 
     from dhow.commands import audit as audit_commands
     from dhow.commands import batch as batch_commands
+    from dhow.commands import gateway as gateway_commands
     from dhow.commands import keys as access_commands
     from dhow.commands import models as repository_commands
+    from dhow.commands import profile as profile_commands
     from dhow.commands import stream as stream_commands
     from dhow.rollouts import cli as rollout_cli
 
     repository_commands.add_parsers(model_commands)
+    profile_commands.add_parser(model_commands)
     access_commands.add_parsers(commands, model_commands)
     audit_commands.add_parser(commands)
     batch_commands.add_parser(commands)
     stream_commands.add_parser(commands)
+    gateway_commands.add_parser(commands)
     rollout_cli.add_parser(commands)
     return parser
 
@@ -79,7 +83,7 @@ def _add_models(commands: Subparsers) -> Subparsers:
     models = commands.add_parser(
         "models",
         help="work with a model repository",
-        description="Check, encrypt and trust the artifacts of a model repository.",
+        description="Check, encrypt, trust and profile the artifacts of a model repository.",
     )
     model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     validate = model_commands.add_parser(
@@ -101,6 +105,7 @@ def _add_settings_options(serve: argparse.ArgumentParser) -> None:
         "connections": serve.add_argument_group(
             "connections", "time limits of slow or idle clients, and how many connections are served at once"
         ),
+        "monitoring": serve.add_argument_group("monitoring", "payload log and tracing (README: Monitoring)"),
     }
     for option in setting_options():
         group = groups[option.group]
@@ -137,7 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
     # kept to read the settings again on SIGHUP (only the settings' own values: it goes to the workers)
     source = SettingsSource({option.name: getattr(args, option.name) for option in setting_options()}, args.config)
     settings = source.read()
-    if not settings.repository.is_dir():
+    if not settings.repository_is_remote() and not settings.repository_folder().is_dir():
         print(f"dhow: the model repository {settings.repository} is not a folder (see --repository)", file=sys.stderr)
         return 2
     if settings.workers > 1:
@@ -211,10 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dhow.commands import audit as audit_commands
 
             return audit_commands.run(args)
+        from dhow.commands import gateway as gateway_commands
         from dhow.commands import keys as access_commands
         from dhow.commands import models as repository_commands
+        from dhow.commands import profile as profile_commands
 
-        for module in (access_commands, repository_commands):
+        for module in (access_commands, repository_commands, profile_commands, gateway_commands):
             code: int | None = module.run(args)
             if code is not None:
                 return code

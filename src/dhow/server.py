@@ -2,7 +2,8 @@
 
 The core service (the data plane behind its one admission point) with its REST and gRPC doors on one event
 loop; the model lifecycle below it; the rollouts beside it, routing through ``serving``'s ``TrafficRouter``.
-SIGINT and SIGTERM stop it gracefully; SIGHUP reloads what can change while it serves (``Server.reload``).
+SIGINT and SIGTERM drain it (``serving/drain.py``: not ready, ports closed, what is in flight finished);
+SIGHUP reloads what can change while it serves (``Server.reload``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from prometheus_client import ProcessCollector
 
 from dhow.access.tls import ServerCertificates, TlsSettings
 from dhow.core.errors import DhowError
+from dhow.core.heap import settle_heap
 from dhow.governance.masked_stream import mask_standard_streams
 from dhow.governance.masking import Masker, install_log_masking, parse_masking
 from dhow.monitoring.metrics import ServerMetrics
+from dhow.monitoring.resources import GpuCollector, InstanceCollector
 from dhow.protocols.grpc import GrpcConnectionLimits, GrpcServer, create_grpc_server
 from dhow.protocols.rest import RestApp
 from dhow.protocols.rest.access_log import AccessLog
@@ -38,12 +42,14 @@ from dhow.rollouts.routing import DeploymentTable
 from dhow.rollouts.shadow import ShadowQueue, ShadowRunner
 from dhow.rollouts.store import RegistryStore
 from dhow.serving.admin import AccessAdmin
-from dhow.serving.composition import CorePolicies, compose_core
+from dhow.serving.composition import CorePolicies, Observers, compose_core
 from dhow.serving.dataplane import DataPlane
+from dhow.serving.drain import Drain
 from dhow.serving.lifecycle import ModelControl, ModelLifecycle
 from dhow.serving.poller import RepositoryPoller
 from dhow.serving.security import Security, masking_key
 from dhow.serving.service import CoreService, service_identity
+from dhow.serving.watch import ModelWatch
 from dhow.settings import ServerSettings, SettingsSource, live_settings
 
 log = logging.getLogger("dhow.server")
@@ -67,6 +73,8 @@ class _Parts:
     rollouts: RolloutController
     rest: RestApp
     poller: RepositoryPoller | None
+    observers: Observers
+    watch: ModelWatch
 
 
 class Server:
@@ -93,12 +101,26 @@ class Server:
         self.cors = CorsPolicy.of(settings.cors_origins, settings.cors_methods, settings.cors_headers)
         self.access_log = AccessLog(enabled=settings.access_log)
         self._stop = asyncio.Event()
+        self._forced = asyncio.Event()
+        self._http: _HttpServer | None = None
+        self._grpc: GrpcServer | None = None
+        #: what finishes in-flight work on a stop besides the doors (stream consumers register here)
+        self.drain = Drain()
         self._serving = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
         self.streams = _stream_specs(settings)
 
     def stop(self) -> None:
-        self._stop.set()
+        """Drain and stop (SIGTERM, SIGINT); a second signal during the drain cuts what is still in flight."""
+        if not self._stop.is_set():
+            self._stop.set()
+            return
+        log.warning("a second signal: stopping now, without waiting for what is in flight")
+        self._forced.set()
+        if self._http is not None:
+            self._http.force_exit = True
+        if self._grpc is not None:
+            asyncio.get_running_loop().create_task(self._grpc.server.stop(0))
 
     async def serve(self, on_ready: Callable[[], None] | None = None, *, load_first: bool = False) -> None:
         """Serve until stopped; ``on_ready`` is called once the models are loaded and the doors open.
@@ -120,32 +142,54 @@ class Server:
         self._serving.set()
         if not load_first:
             await self._load(parts)
-        parts.dataplane.is_ready = True
-        self.metrics.workers.set(1)  # answering now: a worker that is still loading is not counted
-        poller = asyncio.create_task(parts.poller.run()) if parts.poller is not None else None
-        streams = await self._start_streams(parts) if self.streams else None
-        log.info("dhow is ready")
-        if on_ready is not None:
-            on_ready()
+        poller = watching = streams = None
+        settle_heap()  # what start-up built lives as long as the server: collections need not walk it
+        if not self._stop.is_set():  # a SIGTERM while the models loaded: never ready, straight to the drain
+            parts.dataplane.is_ready = True
+            self.metrics.workers.set(1)  # answering now: a worker that is still loading is not counted
+            poller = asyncio.create_task(parts.poller.run()) if parts.poller is not None else None
+            watching = asyncio.create_task(parts.watch.run())
+            streams = await self._start_streams(parts) if self.streams else None
+            log.info("dhow is ready")
+            if on_ready is not None:
+                on_ready()
         await self._stop.wait()
-        log.info("dhow is shutting down")
         if self._reloading is not None:
             self._reloading.cancel()
-        parts.dataplane.is_ready = False
-        self.metrics.workers.set(0)
         if poller is not None:
             poller.cancel()
-        if streams is not None:
+        if watching is not None:
+            watching.cancel()
+        if streams is not None:  # what the consumers read is answered and committed before the doors drain
             await streams.stop()
-        http.should_exit = True
-        await grpc.server.stop(5)
-        await http_task
+        await self._drain(parts, http, http_task, grpc)
         await parts.rollouts.close()
         await parts.models.close()
+        await asyncio.to_thread(parts.observers.close)  # after the models: every answered request is offered
         parts.service.guard.close()
         await self.security.close()
         log.info("dhow stopped")
         self.access_log.close()
+
+    async def _drain(self, parts: _Parts, http: _HttpServer, http_task: asyncio.Task[None], grpc: GrpcServer) -> None:
+        """Not ready at once; the ports closed after ``drain_delay``; then ``drain_seconds`` for what is in flight
+        (REST requests, gRPC calls, the drain hooks) before it is cut (see ``serving/drain.py``)."""
+        settings = self.settings
+        parts.dataplane.is_ready = False
+        self.metrics.workers.set(0)
+        log.info(
+            "dhow is draining: not ready now, closing its ports in %g s, then %g s for what is in flight",
+            settings.drain_delay,
+            settings.drain_seconds,
+        )
+        if settings.drain_delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._forced.wait(), settings.drain_delay)
+        http.should_exit = True
+        grace = 0.0 if self._forced.is_set() else settings.drain_seconds
+        _, _, unfinished = await asyncio.gather(grpc.server.stop(grace), http_task, self.drain.run(grace))
+        if unfinished:
+            log.error("drain: did not finish in time: %s", ", ".join(unfinished))
 
     def _on_hangup(self) -> None:
         if self._reloading is None or self._reloading.done():
@@ -205,11 +249,20 @@ class Server:
         settings, metrics = self.settings, self.metrics
         shadow_queue = ShadowQueue(metrics.registry)
         table = DeploymentTable(shadow_queue, metrics.registry)
-        core = await compose_core(settings, self.security, self.policies, metrics=metrics, router=table)
+        observers = Observers.open(settings, metrics, f"dhow://{socket.gethostname()}:{settings.http_port}")
+        core = await compose_core(
+            settings, self.security, self.policies, metrics=metrics, router=table, observers=observers
+        )
         models, dataplane, service = core.models, core.dataplane, core.service
+        # read at each scrape: this process, its process instances, the GPUs (absent without one)
+        for collector in (ProcessCollector(registry=None), InstanceCollector(models.process_instances)):
+            metrics.add_collector(collector)
+        metrics.add_collector(GpuCollector(models.process_instances))
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = await asyncio.to_thread(RegistryStore.open, settings.registry_url())
         editor = DeploymentEditor(store, models, table)
+        # drift, latency anomalies and feedback; their episodes go to the registry's event history
+        watch = dataplane.watch = ModelWatch(models, metrics.models, events=store)
         rollouts = RolloutController(
             editor,
             CanaryAnalyst(editor, service, metrics.registry),
@@ -229,7 +282,7 @@ class Server:
         poller = None
         if self.control is ModelControl.POLL:
             poller = RepositoryPoller(models, service, settings.poll_interval)
-        return _Parts(models, dataplane, service, rollouts, rest, poller)
+        return _Parts(models, dataplane, service, rollouts, rest, poller, observers, watch)
 
     async def _start_streams(self, parts: _Parts) -> Any:
         """The ``streams:`` of the settings, consuming once the models are loaded (a stream that cannot start
@@ -284,8 +337,10 @@ class Server:
                 loop="none",
                 timeout_keep_alive=settings.keepalive_timeout,
                 limit_concurrency=settings.max_connections or None,
+                timeout_graceful_shutdown=settings.drain_seconds,  # type: ignore[arg-type]  # any number works
             )
         )
+        self._http = http
         grpc = await create_grpc_server(
             parts.service,
             settings.host,
@@ -300,6 +355,7 @@ class Server:
             ),
         )
         await grpc.server.start()
+        self._grpc = grpc
         http_task = asyncio.create_task(http.serve(None if self.http_socket is None else [self.http_socket]))
         while not http.started and not http_task.done():
             await asyncio.sleep(0.01)

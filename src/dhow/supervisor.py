@@ -14,7 +14,8 @@ itself; it
   worker answers, statistics and metrics are the server's;
 - starts the workers with the *spawn* start method (a fresh interpreter: no forked event loop, threads or
   grpc state), restarts one that dies (with a back-off), and gives up when one keeps failing at start-up;
-- on SIGTERM or SIGINT, passes SIGTERM on: each worker finishes its requests in flight and exits;
+- on SIGTERM or SIGINT, passes SIGTERM on: each worker drains (``serving/drain.py``) and exits; one still
+  there ``drain_delay + drain_seconds + GRACE_MARGIN_S`` seconds later is killed;
 - on SIGHUP, passes it on: each worker reads its certificates, keys and live settings again.
 """
 
@@ -40,6 +41,7 @@ from types import FrameType
 from typing import Any
 
 from dhow.core.errors import DhowError
+from dhow.serving.drain import GRACE_MARGIN_S
 from dhow.settings import ServerSettings, SettingsSource
 
 __all__ = ["reuse_port_socket", "serve_workers"]
@@ -54,8 +56,6 @@ SETTINGS_ERROR = 2
 FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.5, 30.0
 #: a worker that served this long before it died starts a new back-off sequence
 STABLE_S = 60.0
-#: seconds the workers get to finish their requests on a stop before they are killed
-STOP_GRACE_S = 30.0
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -130,6 +130,7 @@ def _worker(
 
     A worker ``replacing`` one that died loads its models before it listens: the others serve meanwhile.
     """
+    from dhow.monitoring.payload_sinks import worker_sink_url
     from dhow.scheduling.stats import share_statistics
     from dhow.server import run_server
 
@@ -138,6 +139,7 @@ def _worker(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     share_statistics(run_dir / "stats", index)
+    settings = dataclasses.replace(settings, payload_log=worker_sink_url(settings.payload_log, index))
     threading.Thread(target=_stop_without_supervisor, args=(pipe,), name="dhow-supervisor", daemon=True).start()
     try:
         http_socket = reuse_port_socket(settings.host, settings.http_port)
@@ -305,12 +307,13 @@ class Supervisor:
             if process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
+        grace_s = self.settings.drain_delay + self.settings.drain_seconds + GRACE_MARGIN_S
+        deadline = time.monotonic() + grace_s
         status = 0
         for place, process in running:
             process.join(max(0.0, deadline - time.monotonic()))
             if process.exitcode is None:
-                log.error("worker %d did not stop in %g s; killing it", place.index, STOP_GRACE_S)
+                log.error("worker %d did not stop in %g s; killing it", place.index, grace_s)
                 process.kill()
                 process.join()
                 status = 1

@@ -33,6 +33,8 @@ ACTIONS: dict[str, Access] = _actions(
     (_P.SERVER_READ, "server.openapi"),
     (_P.METRICS_READ, "metrics.read"),
     (_P.STATS_READ, "stats.read"),
+    # a version's live drift against its reference profile
+    (_P.STATS_READ, "model.drift"),
     (_P.MODEL_READ, "model.metadata"),
     (_P.MODEL_READ, "model.ready"),
     (_P.MODEL_READ, "model.config"),
@@ -42,6 +44,8 @@ ACTIONS: dict[str, Access] = _actions(
     (_P.INFER, "batch.run"),
     # a stream consumer's start and end, with its counts (each batch of messages is an ``infer``)
     (_P.INFER, "stream.run"),
+    # ground truth for earlier answers: whoever may ask the model may say how right it was
+    (_P.INFER, "model.feedback"),
     (_P.MODEL_MANAGE, "model.load"),
     (_P.MODEL_MANAGE, "model.unload"),
     (_P.DEPLOYMENT_READ, "deployment.read"),

@@ -4,6 +4,6 @@ Engines: the embedded one (``local``), and Apache Spark (``spark``). Both enter 
 admission point, ``CoreService.call``, one call per record batch.
 """
 
-from dhow.batch.job import Job, parse_map, parse_model
+from dhow.batch.job import Job, input_format, parse_map, parse_model
 
-__all__ = ["Job", "parse_map", "parse_model"]
+__all__ = ["Job", "input_format", "parse_map", "parse_model"]

@@ -41,6 +41,19 @@ def parse_map(text: str) -> tuple[str, str]:
     return name.strip(), columns.strip()
 
 
+def input_format(path: str, given: str = "") -> str:
+    """An input's format: ``given`` (``--format``), else the input's extension, else Parquet."""
+    if given:
+        if given not in FORMATS:
+            raise InvalidInput(f"--format must be one of {', '.join(FORMATS)}, got {given!r}")
+        return given
+    lowered = path.lower().rstrip("/")
+    for suffix, kind in ((".csv", "csv"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl")):
+        if lowered.endswith(suffix):
+            return kind
+    return "parquet"
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """One batch job as asked for."""
@@ -84,13 +97,7 @@ class Job:
     @property
     def format(self) -> str:
         """The input's format: ``--format``, else the input's extension, else Parquet."""
-        if self.input_format:
-            return self.input_format
-        lowered = self.input.lower().rstrip("/")
-        for suffix, kind in ((".csv", "csv"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl")):
-            if lowered.endswith(suffix):
-                return kind
-        return "parquet"
+        return input_format(self.input, self.input_format)
 
     def fingerprint(self, batch_rows: int) -> dict[str, Any]:
         """What must be the same for a run to continue another's output."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from dhow.commands import add_command_with_actions
 from dhow.commands.core_options import add_core_options, core_settings
 from dhow.settings import ServerSettings
 
@@ -24,13 +25,13 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``dhow batch`` and its actions to the ``dhow`` command."""
-    batch = commands.add_parser(
+    actions = add_command_with_actions(
+        commands,
         "batch",
-        help="score a dataset offline (embedded engine or Apache Spark), resumably",
-        description="Score Parquet, CSV or JSON Lines files with a model of the repository, under the same "
-        "access, residency and audit rules as the server.",
+        "score a dataset offline (embedded engine or Apache Spark), resumably",
+        "Score Parquet, CSV or JSON Lines files with a model of the repository, under the same access, residency "
+        "and audit rules as the server.",
     )
-    actions = batch.add_subparsers(dest="batch_command", metavar="ACTION", required=True)
     _add_run(actions)
     status = actions.add_parser(
         "status", help="show a run's summary", description="Show the summary of the run in OUTPUT, also of a "

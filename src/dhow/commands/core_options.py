@@ -13,7 +13,8 @@ __all__ = ["add_core_options", "core_settings"]
 
 def add_core_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--repository", type=Path, metavar="DIR", help="the model repository (default $DHOW_REPOSITORY, ./models)")
+    add("--repository", metavar="DIR|URL",
+        help="the model repository, a folder or s3://bucket/prefix (default $DHOW_REPOSITORY, ./models)")  # fmt: skip
     add("--region", default=None, metavar="REGION", help="where this runs (default $DHOW_REGION, else default)")
     add("--residency-policy", default=None, metavar="FILE", help="which data regions may be processed where")
     add("--data-dir", type=Path, metavar="DIR", help="dhow's data folder: keys, audit trail (default ./.dhow)")

@@ -1,4 +1,4 @@
-"""``dhow models encrypt | rewrap | keygen``: encrypt a repository's artifacts at rest and rotate keys.
+"""``dhow models encrypt | rewrap | keygen | push``: encrypt a repository's artifacts at rest, rotate keys, publish it.
 
 Keys come from ``--kek-file`` (or ``DHOW_KEK_FILE``) and the ``DHOW_KEK`` environment variable, resolved as
 the server resolves them (``dhow.settings``); never from the command line, where other users of the machine
@@ -50,6 +50,16 @@ def add_parsers(model_commands: argparse._SubParsersAction[argparse.ArgumentPars
     rewrap.add_argument("--model", metavar="M", help="only this model (default: every model)")
     rewrap.add_argument("--kek-file", metavar="F", help=_KEK_HELP)
     rewrap.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_FILE_HELP)
+    push = model_commands.add_parser(
+        "push",
+        help="upload a repository to object storage, for servers started with --repository s3://...",
+        description="Upload every version of every model (or --model's) with a SHA-256 digest list per version, "
+        "written after its files: servers polling the bucket copy a version only once its list is there, and "
+        "check every file against it. Credentials and endpoint: the usual AWS_* variables (AWS_ENDPOINT_URL).",
+    )
+    push.add_argument("repository", type=Path, metavar="REPO", help="the repository folder")
+    push.add_argument("url", metavar="URL", help="where to: s3://bucket/prefix (or another fsspec URL)")
+    push.add_argument("--model", metavar="M", help="only this model (default: every model)")
     keygen = model_commands.add_parser(
         "keygen",
         help="make a new key-encryption key",
@@ -68,7 +78,17 @@ def run(args: argparse.Namespace) -> int | None:
         return _rewrap(args)
     if action == "keygen":
         return _keygen(args)
+    if action == "push":
+        return _push(args)
     return None
+
+
+def _push(args: argparse.Namespace) -> int:
+    from dhow.repository.remote import push_repository
+
+    pushed = push_repository(args.repository, args.url, model=args.model)
+    print(f"pushed {', '.join(pushed)} to {args.url}" if pushed else f"{args.url} already holds every version")
+    return 0
 
 
 def _keyring(args: argparse.Namespace) -> Keyring:

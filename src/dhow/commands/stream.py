@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from dhow.commands import add_command_with_actions
 from dhow.commands.core_options import add_core_options, core_settings
 from dhow.settings import CONFIG_FILE_HELP, resolve_settings
 
@@ -24,13 +25,13 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``dhow stream`` and its actions to the ``dhow`` command."""
-    stream = commands.add_parser(
+    actions = add_command_with_actions(
+        commands,
         "stream",
-        help="answer a Kafka topic's messages with a model (consumer groups, dead letters, at-least-once)",
-        description="Consume requests from a topic, score them with a model of the repository under the same "
-        "access, residency and audit rules as the server, and produce the replies to another topic.",
+        "answer a Kafka topic's messages with a model (consumer groups, dead letters, at-least-once)",
+        "Consume requests from a topic, score them with a model of the repository under the same access, "
+        "residency and audit rules as the server, and produce the replies to another topic.",
     )
-    actions = stream.add_subparsers(dest="stream_command", metavar="ACTION", required=True)
     _add_run(actions)
     status = actions.add_parser(
         "status", help="show the consumers' counters and lag",

@@ -75,6 +75,67 @@ class VersionPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class DriftConfig:
+    """Live drift against the version's reference profile (``monitoring.drift``); on when a profile exists."""
+
+    #: share of answered requests whose rows are copied into the version's window
+    sample_rate: float = 0.1
+    #: rows kept per version (the newest): what each score is computed on
+    window: int = 2000
+    #: seconds between two scores of a window
+    interval_s: float = 30.0
+    #: a window with fewer rows is not scored
+    min_rows: int = 200
+    #: a feature whose score (PSI for numbers, Jensen-Shannon distance for categories) is above this drifts
+    threshold: float = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackConfig:
+    """Quality from delayed ground truth (``monitoring.feedback``): predictions kept until their label comes."""
+
+    #: classification (accuracy, precision, recall) or regression (MAE, RMSE)
+    task: Literal["classification", "regression"] = "classification"
+    #: the output holding the prediction ("": the first); a classifier's scores are read as their argmax
+    output: str = ""
+    #: predictions awaiting their label, per server process (the oldest are dropped)
+    pending: int = 100_000
+    #: labelled predictions per version the figures are computed on (the newest)
+    window: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyConfig:
+    """Latency anomalies (``monitoring.latency``): each window's p50/p99 of queue and compute time against a
+    robust baseline (median and MAD of the previous windows)."""
+
+    enabled: bool = True
+    window_s: float = 10.0
+    #: windows the baseline is made of (the newest normal ones)
+    baseline_windows: int = 30
+    #: windows needed before anything is judged
+    min_windows: int = 5
+    #: how many MADs above the baseline's median a window must be to be anomalous
+    threshold: float = 6.0
+    #: and at least this many times the median (a tiny MAD must not make noise an anomaly)
+    min_ratio: float = 1.5
+    #: and at least this many milliseconds above it (microsecond queue times jitter by multiples of themselves)
+    min_slack_ms: float = 5.0
+    #: a window with fewer requests is not judged
+    min_requests: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class MonitoringConfig:
+    """The ``monitoring:`` section of model.yaml."""
+
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    #: None: the model takes no feedback
+    feedback: FeedbackConfig | None = None
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     name: str
     runtime: str
@@ -101,9 +162,13 @@ class ModelConfig:
     pii: dict[str, Any] | None = None
     #: share of requests whose (masked) inputs and outputs are kept in the audit trail; 0 = none
     payload_sample_rate: float = 0.0
+    #: whether the server's payload log (``--payload-log``) takes this model's requests; false: never logged
+    payload_log: bool = True
     description: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     #: runtime-specific settings (e.g. the class name of a Python model)
     parameters: dict[str, Any] = field(default_factory=dict)
     #: requests run before a version reports ready; None: no warm-up
     warmup: WarmupConfig | None = None
+    #: drift, feedback and latency-anomaly settings
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)

@@ -111,6 +111,8 @@ class InferenceRequest:
     headers: Mapping[str, str] = field(default_factory=dict)
     #: whether the client has gone (its connection closed): then the request is dropped before it is computed
     gone: Callable[[], bool] | None = None
+    #: the request's tracing when it is traced (set by the admission point; opaque below it), else None
+    trace: object | None = None
 
 
 @dataclass(slots=True)

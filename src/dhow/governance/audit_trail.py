@@ -35,9 +35,11 @@ FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.1, 5.0
 class WriterProcess:
     """A writer process for one store (see ``audit_writer``), spoken to over its pipes from the event loop.
 
-    ``send`` writes a frame to the pipe at once: the record has left this process before the request it
-    describes is answered. ``acknowledged`` reads the writer's answers in order. Frames not yet acknowledged
-    are kept, and sent again to a new writer if this one dies (at least once).
+    ``send`` writes a frame to the pipe at once. When the pipe is full (the writer is behind), what did not fit
+    waits in this process, where a SIGKILL would lose it: ``held`` says so, and ``handed_over`` waits until the
+    pipe took it, so that a record leaves this process before the request it describes is answered.
+    ``acknowledged`` reads the writer's answers in order. Frames not yet acknowledged are kept, and sent again
+    to a new writer if this one dies (at least once).
     """
 
     def __init__(self, url: str) -> None:
@@ -69,6 +71,8 @@ class WriterProcess:
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert process.stdin is not None
+        # the pipe's writer pauses as soon as anything waits here, so that ``handed_over`` waits until it is gone
+        process.stdin.transport.set_write_buffer_limits(high=0)
         process.stdin.write(encode_frame(self._url))
         for records in self._unacknowledged:
             process.stdin.write(_frame(records, urgent=True))  # some caller may be waiting for these
@@ -81,6 +85,20 @@ class WriterProcess:
         if process is not None:
             assert process.stdin is not None
             process.stdin.write(_frame(records, urgent=urgent))
+
+    @property
+    def held(self) -> bool:
+        """Whether bytes sent wait in this process for room in the pipe (the writer is behind)."""
+        process = self._process
+        return process is not None and process.stdin is not None and process.stdin.transport.get_write_buffer_size() > 0
+
+    async def handed_over(self) -> None:
+        """Wait until the pipe took what waits in this process (at once if nothing does, or the writer died:
+        then ``start`` sends it again)."""
+        process = self._alive()
+        if process is not None and process.stdin is not None:
+            with contextlib.suppress(ConnectionError):
+                await process.stdin.drain()
 
     async def acknowledged(self) -> int:
         """The number of records the writer made durable with its next answer; ``Unavailable`` when it says the
@@ -195,9 +213,18 @@ class AuditTrail:
         """The store that a record of that data region goes to."""
         return self._lanes.get(region, self._default).store
 
-    def record(self, record: AuditRecord) -> None:
-        """Queues a record (no I/O); ``Unavailable`` when the backlog is full, since work must not go unaudited."""
-        self._enqueue(record)
+    def record(self, record: AuditRecord) -> bool:
+        """Queues a record (no I/O); ``Unavailable`` when the backlog is full, since work must not go unaudited.
+        True when the record waits in this process for its writer's pipe: then ``handed_over`` before answering."""
+        lane = self._enqueue(record)
+        return lane.process is not None and lane.process.held
+
+    async def handed_over(self, record: AuditRecord) -> None:
+        """Wait until the record left this process (into its writer process's pipe), where a SIGKILL of this
+        process no longer loses it; at once with a writer thread (``close`` writes what is queued)."""
+        lane = self._lanes.get(record.region, self._default)
+        if lane.process is not None:
+            await lane.process.handed_over()
 
     def _enqueue(self, record: AuditRecord, *, urgent: bool = False) -> _Lane:
         if self._closing:

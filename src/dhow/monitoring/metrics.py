@@ -7,16 +7,33 @@ all of them (the dead workers' counts included), whichever worker answers.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from dhow.monitoring.model_metrics import ModelMetrics
 
 #: prometheus_client's own switch to multi-process mode, read when it is first imported
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
+#: the share of ``max_batch_size`` an executed batch filled
+_FILL_BUCKETS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class LoadSource(Protocol):
+    """What a model version holds now (its batcher): read for the queue-depth and in-flight gauges."""
+
+    @property
+    def queued(self) -> int: ...
+
+    @property
+    def inflight(self) -> int: ...
 
 
 class ServerMetrics:
@@ -68,11 +85,69 @@ class ServerMetrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        # the autoscaling signals (deploy/helm/dhow scales on them): what waits and what runs, per model version
+        self.queue_depth, self.inflight = (
+            Gauge(name, doc, ["model", "version"], registry=self.registry, multiprocess_mode="livesum")
+            for name, doc in (
+                ("dhow_queue_depth", "Requests waiting in the model version's queue for a batch."),
+                (
+                    "dhow_inflight_requests",
+                    "Requests the model version was given and has not answered yet (queued or in a running batch).",
+                ),
+            )
+        )
+        self.batch_fill = Histogram(
+            "dhow_batch_fill_ratio",
+            "Rows of an executed batch over the model's max_batch_size (1: full batches, the instances are busy).",
+            ["model", "version"],
+            buckets=_FILL_BUCKETS,
+            registry=self.registry,
+        )
+        self.multiprocess = bool(os.environ.get(MULTIPROCESS_DIR))
+        #: whose queue each (model, version) gauge reads: a reloaded version's successor takes the labels over
+        self._load_sources: dict[tuple[str, str], LoadSource] = {}
+        #: drift, quality and latency anomalies of the models
+        self.models = ModelMetrics(self.registry, removable=not self.multiprocess)
         self._exposed = self.registry
-        if os.environ.get(MULTIPROCESS_DIR):
+        if self.multiprocess:
             # the metrics above write to this process's files; the exposition reads every process's
             self._exposed = CollectorRegistry()
             MultiProcessCollector(self._exposed)  # type: ignore[no-untyped-call]
+
+    def watch_load(self, model: str, version: str, source: LoadSource) -> None:
+        """Export ``source``'s queue depth and in-flight requests as the version's gauges.
+
+        In one process they are read when Prometheus scrapes, so a request costs nothing; with several workers
+        the scrape may reach another process, so each batch writes them (``sample_load``)."""
+        self._load_sources[model, version] = source
+        if self.multiprocess:
+            self.sample_load(model, version, source)
+            return
+        self.queue_depth.labels(model, version).set_function(lambda: source.queued)
+        self.inflight.labels(model, version).set_function(lambda: source.inflight)
+
+    def sample_load(self, model: str, version: str, source: LoadSource) -> None:
+        """Write the gauges from ``source`` now (several workers: called once per executed batch)."""
+        if self.multiprocess and self._load_sources.get((model, version)) is source:
+            self.queue_depth.labels(model, version).set(source.queued)
+            self.inflight.labels(model, version).set(source.inflight)
+
+    def forget_load(self, model: str, version: str, source: LoadSource) -> None:
+        """``source`` was unloaded: its gauges go, unless a reload of the same version took them over."""
+        if self._load_sources.get((model, version)) is not source:
+            return
+        del self._load_sources[model, version]
+        for gauge in (self.queue_depth, self.inflight):
+            if self.multiprocess:
+                gauge.labels(model, version).set(0)
+            else:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(model, version)
+
+    def add_collector(self, collector: Collector) -> None:
+        """A collector read at each scrape (GPU, process instances): this process's figures, also when several
+        worker processes share the ports (then the worker that answers the scrape reports its own)."""
+        self._exposed.register(collector)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, for ``GET /metrics``."""

@@ -141,6 +141,20 @@ _MODELS = (
               description="With a deployment, its traffic policy picks the version; an explicit version "
               f"bypasses it. {_BINARY_NOTE}"),
           names_model=True, grpc=("ModelInfer", "ModelStreamInfer")),
+    Route("model_drift", "GET", f"{_MODEL}/drift", _A["model.drift"], "_drift",
+          Doc("Live drift of {which} against its reference profile, the worst feature first", "monitoring",
+              "DriftReport", errors=_MODEL_ERRORS,
+              description="Scores of the version's sampled window (PSI for numbers, Jensen-Shannon distance for "
+              "categories; side output: the prediction distribution), as last computed by the background task. "
+              "state is no_profile, waiting (too few rows sampled yet), ok or drift."),
+          names_model=True),
+    Route("model_feedback", "POST", "/v2/models/{model}/feedback", _A["model.feedback"], "_feedback",
+          Doc("Ground truth for earlier answers of {which}", "monitoring", "FeedbackResult", "FeedbackRequest",
+              body_required=True, errors=(400, 404, 413, 503),
+              description="labels maps a request's id (the inference request's id, else its x-request-id) to its "
+              "label (a list of labels for a request of several rows). Each is joined to the prediction this "
+              "server process made; the answer says how many were joined and the version's quality figures."),
+          names_model=True),
 )  # fmt: skip
 
 _REPOSITORY = (

@@ -48,6 +48,7 @@ __all__ = [
     "generate_key",
     "rewrap_repository",
     "trusted_files",
+    "write_atomically",
 ]
 
 MAGIC = b"DHOWENC1"
@@ -226,7 +227,7 @@ def encrypt_repository(
         if path.name.endswith(ENCRYPTED_SUFFIX):
             continue
         target = path.with_name(path.name + ENCRYPTED_SUFFIX)
-        _write_atomically(target, keyring.encrypt(path.read_bytes(), path.name, kek_id), like=path)
+        write_atomically(target, keyring.encrypt(path.read_bytes(), path.name, kek_id), like=path)
         if not keep_plaintext:
             path.unlink()
             _sync_folder(path.parent)
@@ -244,7 +245,7 @@ def rewrap_repository(repository: Path, keyring: Keyring, *, to_key_id: str, mod
         data = path.read_bytes()
         if _parse(data, str(path)).kek_id == to_key_id:
             continue
-        _write_atomically(path, keyring._rewrap(data, to_key_id, str(path)), like=path)
+        write_atomically(path, keyring._rewrap(data, to_key_id, str(path)), like=path)
         rewritten.append(path)
     return rewritten
 
@@ -351,9 +352,10 @@ def _is_leftover(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
-def _write_atomically(target: Path, data: bytes, *, like: Path) -> None:
-    """Write ``target`` so that readers see the old file or the new one, never a part (same mode as ``like``)."""
-    mode = stat.S_IMODE(like.stat().st_mode)
+def write_atomically(target: Path, data: bytes, *, like: Path | None = None, mode: int = 0o644) -> None:
+    """Write ``target`` so that readers see the old file or the new one, never a part (same mode as ``like``,
+    else ``mode``)."""
+    mode = stat.S_IMODE(like.stat().st_mode) if like is not None else mode
     descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(descriptor, "wb") as file:

@@ -6,14 +6,12 @@ manifest without reading dhow's source.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from dhow.core.datatypes import DATATYPES
-from dhow.core.errors import ModelLoadError
 from dhow.core.model_config import (
     RUNTIME_NAMES,
     BatchingConfig,
@@ -24,72 +22,15 @@ from dhow.core.model_config import (
     WarmupConfig,
 )
 from dhow.core.spelling import did_you_mean
+from dhow.repository.manifest_fields import Fields as _Fields
+from dhow.repository.manifest_fields import ManifestError as ManifestError
+from dhow.repository.manifest_fields import is_fraction as _is_fraction
+from dhow.repository.manifest_fields import is_int as _is_int
+from dhow.repository.manifest_fields import is_name as _is_name
+from dhow.repository.manifest_fields import is_number as _is_number
+from dhow.repository.monitoring_manifest import parse_monitoring
 
 MANIFEST = "model.yaml"
-
-
-class ManifestError(ModelLoadError):
-    """A manifest that cannot be served; the message names file, field and expectation."""
-
-    def __init__(self, path: Path | str, field: str, expected: str, got: object = None) -> None:
-        where = f"{path}: field '{field}'" if field else str(path)
-        got_text = "" if got is None else f", got {got!r}"
-        super().__init__(f"{where}: expected {expected}{got_text}")
-
-
-class _Fields:
-    """Reads the fields of one mapping, remembering which were used so that extras are refused."""
-
-    def __init__(self, path: Path | str, prefix: str, data: object) -> None:
-        if not isinstance(data, dict):
-            raise ManifestError(path, prefix, "a mapping", data)
-        self.path, self.prefix, self.data = path, prefix, data
-        self.seen: set[str] = set()
-
-    def name(self, key: str) -> str:
-        return f"{self.prefix}.{key}" if self.prefix else key
-
-    def error(self, key: str, expected: str) -> ManifestError:
-        return ManifestError(self.path, self.name(key), expected, self.data.get(key))
-
-    def get(self, key: str, check: Callable[[object], bool], expected: str, default: Any = None) -> Any:
-        self.seen.add(key)
-        if key not in self.data or self.data[key] is None:
-            return default
-        value = self.data[key]
-        if not check(value):
-            raise self.error(key, expected)
-        return value
-
-    def require(self, key: str, check: Callable[[object], bool], expected: str) -> Any:
-        if key not in self.data:
-            self.seen.add(key)
-            raise ManifestError(self.path, self.name(key), f"{expected} (the field is required)")
-        return self.get(key, check, expected)
-
-    def finish(self, allowed: str) -> None:
-        extra = sorted(set(map(str, self.data)) - self.seen)
-        if extra:
-            hint = did_you_mean(extra[0], allowed.split(", "))
-            unknown = f"this one is unknown, {hint}" if hint else "this one is unknown"
-            expected = f"a known field; {unknown} (known fields: {allowed})"
-            raise ManifestError(self.path, self.name(extra[0]), expected)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_name(value: object) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 64 and all(c.isalnum() or c in "._-" for c in value)
-
-
-def _is_fraction(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _non_negative_int(value: object) -> bool:
@@ -265,14 +206,17 @@ def parse_manifest(data: object, path: Path | str, name: str) -> ModelConfig:
         region=fields.get("region", _is_str, "a string", ""),
         pii=fields.get("pii", lambda v: isinstance(v, dict), "a mapping (detectors, action, fields)", None),
         payload_sample_rate=fields.get("payload_sample_rate", _is_fraction, "a number from 0 to 1", 0.0),
+        payload_log=fields.get("payload_log", lambda v: isinstance(v, bool), "true or false", True),
         description=fields.get("description", _is_str, "a string", ""),
         labels={str(k): v for k, v in labels.items()},
         parameters=_parameters(path, runtime, fields.get("parameters", lambda v: isinstance(v, dict), "a mapping", {})),
         warmup=_warmup(path, fields.get("warmup", lambda v: True, ""), inputs),
+        monitoring=parse_monitoring(path, fields.get("monitoring", lambda v: True, "")),
     )
     fields.finish(
         "runtime, inputs, outputs, max_batch_size, version_policy, batching, instances, device, precision, "
-        "threads, owner, tenant, region, pii, payload_sample_rate, description, labels, parameters, warmup"
+        "threads, owner, tenant, region, pii, payload_sample_rate, payload_log, description, labels, parameters, "
+        "warmup, monitoring"
     )
     return config
 

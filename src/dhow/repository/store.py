@@ -36,6 +36,10 @@ class ModelRepository:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    def refresh(self) -> list[str]:
+        """Bring the repository up to date before it is read (a folder is: nothing to do); what changed."""
+        return []
+
     def model_names(self) -> list[str]:
         """Folders of the repository root that hold a model.yaml, sorted."""
         if not self.root.is_dir():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -20,7 +21,10 @@ from dhow.rollouts.policy import canary_weight
 from dhow.rollouts.routing import Active, Window
 from dhow.serving.service import ACTIONS, CoreService, service_identity
 
-__all__ = ["ANALYST", "CanaryAnalyst", "judge"]
+__all__ = ["ANALYST", "CanaryAnalyst", "Quality", "judge"]
+
+#: a version's quality figures from feedback and how many labels they rest on (``ModelWatch.quality``)
+Quality = Callable[[str, int], tuple[dict[str, float], int]]
 
 log = logging.getLogger("dhow.rollouts")
 
@@ -42,8 +46,10 @@ class CanaryAnalyst:
 
     async def analyse(self) -> None:
         """Judge every progressing canary on this server's window; roll back or promote."""
+        watch = self.service.dataplane.watch
+        quality = watch.quality if watch is not None else None
         for name, active in list(self.editor.table.active.items()):
-            decision = _due(active)
+            decision = _due(active, quality)
             if decision is not None:
                 await self._decide(name, active, *decision)
 
@@ -63,12 +69,12 @@ class CanaryAnalyst:
         log.warning("canary %s: %s (%s)", name, action, reason)
 
 
-def _due(active: Active) -> tuple[str, str, dict[str, Any]] | None:
+def _due(active: Active, quality: Quality | None = None) -> tuple[str, str, dict[str, Any]] | None:
     """The verdict to act on now, if any: a progressing canary, judged, promotions only when allowed and due."""
     policy = active.deployment.policy
     if policy["kind"] != "canary" or policy["state"] != "progressing" or canary_weight(policy) == 0:
         return None
-    verdict = judge(active)
+    verdict = judge(active, quality)
     if verdict is None or verdict[0] == "rollback":
         return verdict
     if not policy["auto_promote"] or time.monotonic() - active.step_started < policy["step_interval_s"]:
@@ -76,9 +82,13 @@ def _due(active: Active) -> tuple[str, str, dict[str, Any]] | None:
     return verdict
 
 
-def judge(active: Active) -> tuple[str, str, dict[str, Any]] | None:
+def judge(active: Active, quality: Quality | None = None) -> tuple[str, str, dict[str, Any]] | None:
     """A canary's verdict on its window: ('rollback'|'promote', reason, figures), or None to wait."""
     guards: dict[str, Any] = active.deployment.policy["guards"]
+    if guards.get("min_accuracy_ratio") is not None:
+        verdict = _judge_quality(active, guards, quality)
+        if verdict is None or verdict[0] == "rollback":
+            return verdict
     canary = active.windows.get("canary", Window())
     primary = active.windows.get("primary", Window())
     if canary.requests < guards["min_requests"]:
@@ -109,3 +119,38 @@ def judge(active: Active) -> tuple[str, str, dict[str, Any]] | None:
     if ratio is None and primary.requests == 0 and canary_weight(active.deployment.policy) < 100:
         return None  # nothing to compare the canary's latency with yet
     return "promote", f"all guards hold over {canary.requests} canary requests", figures
+
+
+def _judge_quality(
+    active: Active, guards: dict[str, Any], quality: Quality | None
+) -> tuple[str, str, dict[str, Any]] | None:
+    """The quality guard: ('rollback', ...) when the canary's accuracy fell below min_accuracy_ratio of the
+    primary's, ('pass', ...) when both have enough labels and it holds, None to wait for labels."""
+    if quality is None:
+        return None
+    policy, name = active.deployment.policy, active.deployment.name
+    (canary, canary_labels), (primary, primary_labels) = (
+        quality(name, policy["canary"]),
+        quality(name, policy["primary"]),
+    )
+    if (
+        min(canary_labels, primary_labels) < guards["min_feedback"]
+        or "accuracy" not in canary
+        or "accuracy" not in primary
+    ):
+        return None
+    ratio = canary["accuracy"] / primary["accuracy"] if primary["accuracy"] else 1.0
+    figures = {
+        "guard": "min_accuracy_ratio",
+        "canary_accuracy": round(canary["accuracy"], 6),
+        "primary_accuracy": round(primary["accuracy"], 6),
+        "accuracy_ratio": round(ratio, 6),
+        "labels": {"canary": canary_labels, "primary": primary_labels},
+    }
+    if ratio < guards["min_accuracy_ratio"]:
+        reason = (
+            f"guard min_accuracy_ratio breached: canary accuracy {canary['accuracy']:.4f} is {ratio:.3f} of the "
+            f"primary's {primary['accuracy']:.4f} (limit {guards['min_accuracy_ratio']}) over {canary_labels} labels"
+        )
+        return "rollback", reason, figures
+    return "pass", "", figures

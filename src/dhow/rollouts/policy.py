@@ -19,12 +19,16 @@ from dhow.core.spelling import did_you_mean
 
 KINDS = ("pinned", "canary", "ab", "shadow", "bluegreen")
 DEFAULT_STEPS = [5, 25, 50, 100]
-DEFAULT_GUARDS: dict[str, float | int] = {
+DEFAULT_GUARDS: dict[str, float | int | None] = {
     "max_error_rate": 0.05,
     "max_p99_ratio": 2.0,
     # the p99 guard ignores a canary slower by less than this: a 0.5 ms vs 1.5 ms p99 is noise, not a regression
     "min_p99_slack_ms": 5.0,
     "min_requests": 50,
+    # the quality guard (off: None): the canary's accuracy from feedback over the primary's must stay above this
+    "min_accuracy_ratio": None,
+    # labels each version needs before the quality guard judges
+    "min_feedback": 20,
 }
 CANARY_STATES = ("progressing", "rolled_back", "promoted")
 #: the header (HTTP, or gRPC metadata) that carries an A/B sticky key when the request parameter is absent:
@@ -133,6 +137,14 @@ def _guards(data: Any) -> dict[str, Any]:
         raise InvalidInput(f"guard 'min_p99_slack_ms' must be a number of milliseconds >= 0, got {slack!r}")
     if not _is_int(minimum) or minimum < 1:
         raise InvalidInput(f"guard 'min_requests' must be an integer of at least 1, got {minimum!r}")
+    quality, feedback = guards["min_accuracy_ratio"], guards["min_feedback"]
+    if quality is not None and (not _is_number(quality) or quality <= 0):
+        raise InvalidInput(
+            f"guard 'min_accuracy_ratio' must be a number above 0 (e.g. 0.98: the canary keeps 98% of the primary's "
+            f"accuracy) or null, got {quality!r}"
+        )
+    if not _is_int(feedback) or feedback < 1:
+        raise InvalidInput(f"guard 'min_feedback' must be an integer of at least 1, got {feedback!r}")
     return guards
 
 

@@ -34,8 +34,9 @@ Arrays = dict[str, np.ndarray]
 UNMEASURED_QUEUE_LIMIT, MIN_QUEUE_LIMIT = 1024, 8
 #: one model instance: computes the named outputs of a batch, in a worker thread
 Instance = Callable[[Mapping[str, np.ndarray], Sequence[str]], Arrays]
-#: told of every executed batch and the queue wait of each of its requests (for metrics)
-BatchObserver = Callable[[BatchTimings, list[int]], None]
+#: told of every executed batch: its timings, when it started (monotonic ns), the queue wait of each of its
+#: requests and their traces (each request's ``trace`` in order; empty when none is traced), for metrics and spans
+BatchObserver = Callable[[BatchTimings, int, list[int], Sequence[object | None]], None]
 
 
 @dataclass(slots=True, eq=False)
@@ -53,6 +54,8 @@ class _Pending:
     deadline_ns: int = 0
     #: whether the client has gone (a closed connection): then it is answered and never computed
     gone: Callable[[], bool] | None = None
+    #: the request's tracing when it is traced (opaque here: handed back to the observer)
+    trace: object | None = None
 
     def settled(self) -> bool:
         """Answered already (timed out, cancelled), or answered now because its client has gone."""
@@ -130,6 +133,8 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._busy = 0
+        #: requests in the batches running now
+        self._running = 0
         #: the one timer of the requests queued under the default timeout (set for the oldest one's deadline)
         self._sweep: asyncio.TimerHandle | None = None
         self._workers = [asyncio.create_task(self._work(instance)) for instance in instances]
@@ -137,6 +142,11 @@ class DynamicBatcher:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def inflight(self) -> int:
+        """Requests given and not answered yet: queued, or in a running batch."""
+        return len(self._queue) + self._running
 
     @property
     def queue_limit(self) -> int:
@@ -168,9 +178,10 @@ class DynamicBatcher:
         rows: int,
         timeout_ns: int = 0,
         gone: Callable[[], bool] | None = None,
+        trace: object | None = None,
     ) -> Arrays:
         """Queue one request and wait for its outputs; ``rows`` is its batch dimension; ``gone`` tells whether
-        its client has left (then it is dropped before it is computed)."""
+        its client has left (then it is dropped before it is computed); ``trace`` goes to the observer."""
         if self._closing:
             raise Unavailable(f"{self.label} is being unloaded; retry", retry_after=1)
         if len(self._queue) >= self._room_below:
@@ -179,7 +190,9 @@ class DynamicBatcher:
             raise InvalidInput(f"batch of {rows} rows exceeds {self.label}'s max_batch_size of {self._max_rows}")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Arrays] = loop.create_future()
-        pending = _Pending(inputs, tuple(outputs), rows, _batch_key(inputs), future, time.monotonic_ns(), gone=gone)
+        pending = _Pending(
+            inputs, tuple(outputs), rows, _batch_key(inputs), future, time.monotonic_ns(), gone=gone, trace=trace
+        )
         if timeout_ns:
             pending.timer = loop.call_later(timeout_ns / 1e9, self._expire, pending, timeout_ns)
         elif self._timeout_ns:
@@ -317,9 +330,13 @@ class DynamicBatcher:
                 pending.timer.cancel()
             self.stats.queue.add(wait)
         outputs = tuple(dict.fromkeys(name for p in batch for name in p.outputs))
+        self._running += len(batch)
         try:
             results, timings = await loop.run_in_executor(self._executor, _execute, instance, as_parts, batch, outputs)
-        except Exception as exc:  # the model's fault reaches every request of the batch
+        except BaseException as exc:
+            self._running -= len(batch)
+            if not isinstance(exc, Exception):
+                raise
             # what an instance says of itself stays as it is (a restarting process instance is a 503, not a 500)
             passed = (ModelFault, InvalidInput, Unavailable, DeadlineExceeded)
             fault = exc if isinstance(exc, passed) else ModelFault(f"{self.label} failed: {exc!r}")
@@ -329,10 +346,12 @@ class DynamicBatcher:
                 if not pending.future.done():
                     pending.future.set_exception(fault)
             return
+        self._running -= len(batch)  # answered below: what the observer reads no longer counts them
         self._measure(time.monotonic_ns() - start, len(batch))
         self.stats.record_batch(timings, len(batch))
         if self._observer is not None:
-            self._observer(timings, waits)
+            traces = [p.trace for p in batch] if any(p.trace is not None for p in batch) else ()
+            self._observer(timings, start, waits, traces)
         for pending, result in zip(batch, results, strict=True):
             if not pending.future.done():
                 pending.future.set_result(result)

@@ -18,7 +18,11 @@ from dhow.core.model_config import ModelConfig
 from dhow.core.names import check_region_name
 from dhow.governance.residency import ResidencyPolicy
 from dhow.monitoring.metrics import ServerMetrics
+from dhow.monitoring.payload_log import PayloadLog
+from dhow.monitoring.payload_sinks import open_sink
+from dhow.monitoring.tracing import Tracing
 from dhow.repository.encryption import Keyring, trusted_files
+from dhow.repository.remote import MirroredRepository
 from dhow.repository.store import ModelRepository
 from dhow.serving.dataplane import DataPlane
 from dhow.serving.lifecycle import ModelControl, ModelLifecycle
@@ -27,7 +31,7 @@ from dhow.serving.service import CoreService
 from dhow.serving.traffic import TrafficRouter
 from dhow.settings import ServerSettings
 
-__all__ = ["Core", "CorePolicies", "PinnedModel", "compose_core", "load_pinned"]
+__all__ = ["Core", "CorePolicies", "Observers", "PinnedModel", "compose_core", "load_pinned"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,31 @@ class CorePolicies:
 
 
 @dataclass(frozen=True, slots=True)
+class Observers:
+    """What watches every request of a server besides metrics and the audit trail; each None when off."""
+
+    payload_log: PayloadLog | None = None
+    tracing: Tracing | None = None
+
+    @classmethod
+    def open(cls, settings: ServerSettings, metrics: ServerMetrics, source: str) -> Observers:
+        """The payload log's sink and the tracer the settings name (a bad URL is refused before any port opens)."""
+        payload_log = None
+        if settings.payload_log:
+            sink = open_sink(settings.payload_log)
+            queue = settings.payload_log_queue
+            payload_log = PayloadLog(sink, capacity=queue, source=source, registry=metrics.registry)
+        tracing = Tracing(settings.otlp_endpoint, settings.trace_sample_ratio) if settings.otlp_endpoint else None
+        return cls(payload_log, tracing)
+
+    def close(self) -> None:
+        if self.payload_log is not None:
+            self.payload_log.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
+
+
+@dataclass(frozen=True, slots=True)
 class Core:
     """The core of one process: what its doors enter through (``service``) and what it serves (``models``)."""
 
@@ -65,14 +94,19 @@ async def compose_core(
     metrics: ServerMetrics | None = None,
     router: TrafficRouter | None = None,
     first_key: bool = True,
+    observers: Observers | None = None,
 ) -> Core:
     """Open the stores (``security``), build the model lifecycle, the data plane and the admission point.
 
     ``first_key`` False: a process that is not a server (a batch job) never makes the first admin key.
+    ``observers``: the payload log and tracing, when the process has them.
     """
+    observers = observers or Observers()
     metrics = metrics or ServerMetrics()
     key = await security.open()
     models = _models(settings, security, metrics, policies.control)
+    # object storage: the cache is brought up to date before anything is read from it
+    await asyncio.to_thread(models.repository.refresh)
     dataplane = DataPlane(
         models,
         router=router,
@@ -80,9 +114,10 @@ async def compose_core(
         residency=policies.residency,
         masking_key=key,
         strict_readiness=settings.strict_readiness,
+        payload_log=observers.payload_log,
     )
     guard = await security.guard(models.tenant_of, metrics.registry, first_key=first_key)
-    return Core(models, dataplane, CoreService(dataplane, guard))
+    return Core(models, dataplane, CoreService(dataplane, guard, observers.tracing))
 
 
 def _models(
@@ -91,8 +126,12 @@ def _models(
     upload_dir = settings.data_dir / "uploads" if settings.allow_model_upload else None
     if upload_dir is not None:
         upload_dir.mkdir(parents=True, exist_ok=True)
+    folder = settings.repository_folder()
+    repository = (
+        MirroredRepository(settings.repository, folder) if settings.repository_is_remote() else ModelRepository(folder)
+    )
     return ModelLifecycle(
-        ModelRepository(settings.repository),
+        repository,
         metrics,
         control=control,
         upload_dir=upload_dir,

@@ -6,6 +6,7 @@ only translates; validation, statistics and metrics live here once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import secrets
@@ -15,18 +16,23 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from dhow import __version__
-from dhow.core.errors import DhowError, InvalidInput, ModelFault, Unavailable
+from dhow.core.errors import CallCancelled, DhowError, InvalidInput, ModelFault, Unavailable
 from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome, RequestedOutput
 from dhow.governance.masking import Masker, parse_masking
 from dhow.governance.residency import ResidencyPolicy
+from dhow.monitoring.payload_log import PayloadEvent, PayloadLog
 from dhow.serving.lifecycle import ModelLifecycle
 from dhow.serving.model_version import ModelVersion
 from dhow.serving.signature import response_outputs, validate_inputs
 from dhow.serving.traffic import TrafficRouter
 from dhow.serving.triton_config import PLATFORMS, triton_model_config
+from dhow.serving.watch import ModelWatch
 
 log = logging.getLogger("dhow.dataplane")
+
+#: how the in-process service identities are named (``dhow:shadow``, ``dhow:repository-poll``)
+SERVICE_PREFIX = "dhow:"
 
 #: the header (gRPC metadata key) naming a request's data region
 DATA_REGION_HEADER = "x-dhow-data-region"
@@ -49,6 +55,8 @@ class Placement(NamedTuple):
     region: str
     #: the version the request names (or the newest), unless a traffic policy picks another
     model: ModelVersion
+    #: who sent it (the payload log names them)
+    caller: Caller | None = None
 
 
 class DataPlane:
@@ -64,6 +72,7 @@ class DataPlane:
         masking_key: bytes = b"",
         server_name: str = "dhow",
         strict_readiness: bool = True,
+        payload_log: PayloadLog | None = None,
     ) -> None:
         self.models = models
         self.server_name = server_name
@@ -80,6 +89,10 @@ class DataPlane:
         self.masking_key = masking_key
         #: per model: the config its masker was built from, and the masker
         self._maskers: dict[str, tuple[ModelConfig, Masker]] = {}
+        #: every request's masked payload and every error, to the ``--payload-log`` sink (None: off)
+        self.payload_log = payload_log
+        #: drift sampling, latency anomalies and feedback (None: not watched, as in a batch job)
+        self.watch: ModelWatch | None = None
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -171,7 +184,7 @@ class DataPlane:
             region = request.headers.get(DATA_REGION_HEADER) or caller.default_region or config.region
         if not isinstance(region, str):
             raise InvalidInput(f"request parameter 'data_region' must be a string like 'ae', got {region!r}")
-        return Placement(config, region, model)
+        return Placement(config, region, model, caller)
 
     def check_residency(self, name: str, version: str, data_region: str) -> str:
         """Refuse at start a source of data (a stream) that this server may not process; its region (the model's
@@ -185,25 +198,60 @@ class DataPlane:
 
         A deployment's traffic policy picks the version when the request names none. What was decided (the
         version that answered, the data region, a masked payload sample when the model samples payloads) is
-        returned beside the response, for the admission point's audit record.
+        returned beside the response, for the admission point's audit record. With a payload log, the request
+        and its answer or error are offered to it (unless the model's ``payload_log`` is off).
         """
-        config, region, model = placement
-        self.residency.check(region, self.region)
-        response = await self._route(request, model)
+        config, region, model, _ = placement
+        if self.payload_log is not None and config.payload_log:
+            response = await self._logged(self.payload_log, request, placement)
+        else:
+            self.residency.check(region, self.region)
+            response = await self._route(request, model)
+        caller = placement.caller
+        # copies made by in-process identities (a shadow's, with the original's id) are not the clients' traffic
+        if self.watch is not None and caller is not None and not caller.principal.startswith(SERVICE_PREFIX):
+            self.watch.observe(config, request, response, caller.request_id)
         payload = None
         if config.payload_sample_rate and random.random() < config.payload_sample_rate:
             payload = self._payload_sample(config, request, response)
         return response, Outcome(response.model_version, region, payload)
 
+    async def _logged(self, payloads: PayloadLog, request: InferenceRequest, placement: Placement) -> InferenceResponse:
+        """Check residency and route, offering the request with its answer or its error to the payload log."""
+        config, region, model, caller = placement
+        started, start = time.time(), time.perf_counter()
+        event = PayloadEvent(
+            caller.request_id if caller is not None else request.id, config.name, request.model_version,
+            caller.principal if caller is not None else "", caller.tenant if caller is not None else "", region,
+            "success", "", started, 0.0, {t.name: t.data for t in request.inputs}, None, request.parameters,
+            self._masker(config).mask_tensors,
+        )  # fmt: skip
+        try:
+            self.residency.check(region, self.region)
+            response = await self._route(request, model)
+        except BaseException as exc:
+            event.outcome, event.error = _error_of(exc)
+            event.version, event.latency_s = request.model_version or model.version_label, time.perf_counter() - start
+            payloads.offer(event)
+            raise
+        event.version, event.latency_s = response.model_version, time.perf_counter() - start
+        event.outputs = {t.name: t.data for t in response.outputs}
+        payloads.offer(event)
+        return response
+
+    def _masker(self, config: ModelConfig) -> Masker:
+        """The model's PII masking, built once per config (a reload builds it again)."""
+        cached = self._maskers.get(config.name)
+        if cached is not None and cached[0] is config:
+            return cached[1]
+        masker = Masker(parse_masking(config.pii, f"{config.name}/model.yaml: pii"), self.masking_key)
+        self._maskers[config.name] = (config, masker)
+        return masker
+
     def _payload_sample(
         self, config: ModelConfig, request: InferenceRequest, response: InferenceResponse
     ) -> dict[str, Any]:
-        cached = self._maskers.get(config.name)
-        if cached is not None and cached[0] is config:
-            masker = cached[1]
-        else:
-            masker = Masker(parse_masking(config.pii, f"{config.name}/model.yaml: pii"), self.masking_key)
-            self._maskers[config.name] = (config, masker)
+        masker = self._masker(config)
         return {
             "inputs": masker.mask_tensors({t.name: t.data for t in request.inputs}),
             "outputs": masker.mask_tensors({t.name: t.data for t in response.outputs}),
@@ -238,7 +286,9 @@ class DataPlane:
             timeout_ns = _timeout_ns(request.parameters)
             names = [o.name for o in wanted] if wanted is not None else list(model.output_names)
             computed_names = [n for n in names if n in model.outputs]
-            results = await model.batcher.submit(inputs, computed_names, rows or 1, timeout_ns, request.gone)
+            results = await model.batcher.submit(
+                inputs, computed_names, rows or 1, timeout_ns, request.gone, request.trace
+            )
             outputs = response_outputs(model, results, names, wanted)
         except ModelFault as exc:
             error_id = secrets.token_hex(4)
@@ -263,6 +313,15 @@ class DataPlane:
         model.stats.record_request(outcome == "success", elapsed, max(rows, 1))
         model.count_request(outcome)
         model.request_seconds.observe(elapsed / 1e9)
+
+
+def _error_of(exc: BaseException) -> tuple[str, str]:
+    """An error's code and message as the client gets them (an unexpected exception: INTERNAL, nothing of its text)."""
+    if isinstance(exc, DhowError):
+        return exc.code.value, exc.message
+    if isinstance(exc, CallCancelled | asyncio.CancelledError):
+        return "CANCELLED", "the client went away before its answer"
+    return "INTERNAL", "internal error (the server log has it)"
 
 
 def _spec_json(spec: TensorSpec) -> dict[str, Any]:

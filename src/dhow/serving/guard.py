@@ -144,7 +144,8 @@ class AccessGuard:
             return
         record = self._record(admission, outcome, message, served or _NOTHING, details or {})
         if admission.access.permission is Permission.INFER:
-            self.audit.record(record)  # batched off the hot path
+            if self.audit.record(record):  # batched off the hot path, unless its writer is behind:
+                await self.audit.handed_over(record)  # then it leaves this process before the answer does
         else:
             await self.audit.record_now(record)  # a change is durable before it is answered
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,10 @@ from dhow.core.errors import (
 )
 from dhow.governance.masking import parse_masking
 from dhow.monitoring.metrics import ServerMetrics
+from dhow.monitoring.profile import ReferenceProfile
+from dhow.monitoring.resources import InstanceProcess
 from dhow.repository.manifest import MANIFEST, parse_manifest
+from dhow.repository.profiles import PROFILE, read_profile
 from dhow.repository.store import ModelRepository, ModelSource
 from dhow.serving.load_requests import overridden_manifest, requested_manifest, write_upload
 from dhow.serving.model_version import ModelVersion, load_runtimes
@@ -160,6 +163,15 @@ class ModelLifecycle:
                 state = "UNAVAILABLE" if entry.versions else entry.state
                 rows.append({"name": name, "version": "", "state": state, "reason": entry.reason})
         return rows
+
+    def process_instances(self) -> Iterator[InstanceProcess]:
+        """The live process instances of every loaded version (what resource metrics read at a scrape)."""
+        for name, entry in list(self.entries.items()):
+            for number, model in list(entry.versions.items()):
+                for index, runtime in enumerate(model.runtimes):
+                    pid = getattr(runtime, "pid", None)
+                    if isinstance(pid, int):
+                        yield InstanceProcess(name, str(number), index, pid)
 
     def unready_models(self) -> list[str]:
         """The models this server should serve that answer no request: loading, or no version loaded (warmed)."""
@@ -361,6 +373,7 @@ class ModelLifecycle:
             await asyncio.to_thread(self.artifact_check, source.name, number, source.version_dir(number))
         runtimes, config = await asyncio.to_thread(load_runtimes, source.config, source.version_dir(number))
         version = ModelVersion(config, number, runtimes, self.metrics, queue_timeout_ms=self.queue_timeout_ms)
+        await _attach_profile(version, source.version_dir(number), f"{source.name}/{number}")
         try:
             await warm(version)  # before it is in the table: a version is served, and ready, only once warmed
         except BaseException:
@@ -381,6 +394,7 @@ class ModelLifecycle:
 
     async def changes_on_disk(self) -> tuple[list[str], list[str]]:
         """What the repository poller should do: the models gone from disk, the models new or changed."""
+        await asyncio.to_thread(self.repository.refresh)  # object storage: copy what changed into the cache
         on_disk = set(await asyncio.to_thread(self.repository.model_names))
         gone = sorted(set(self.entries) - on_disk - set(self._uploaded))
         changed = []
@@ -414,3 +428,15 @@ def _manifest_changed(old: tuple[tuple[str, int, int], ...], new: tuple[tuple[st
 def _version_changed(old: tuple[tuple[str, int, int], ...], new: tuple[tuple[str, int, int], ...], number: int) -> bool:
     prefix = f"{number}/"
     return [f for f in old if f[0].startswith(prefix)] != [f for f in new if f[0].startswith(prefix)]
+
+
+async def _attach_profile(version: ModelVersion, version_dir: Path, where: str) -> None:
+    """The version's reference profile, when it has one; one that cannot be read is logged and reported by the
+    drift API, and the version serves without drift scores (monitoring never stops a model from serving)."""
+    try:
+        data = await asyncio.to_thread(read_profile, version_dir, where)
+        if data is not None:
+            version.profile = ReferenceProfile.from_dict(data, f"{where}/{PROFILE}")
+    except DhowError as exc:
+        version.profile_error = exc.message
+        log.error("model %s: its reference profile is not used: %s", where, exc.message)

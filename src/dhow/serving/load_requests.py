@@ -24,8 +24,9 @@ from dhow.repository.manifest import MANIFEST, ManifestError, parse_manifest
 __all__ = ["PROTECTED_FIELDS", "overridden_manifest", "requested_manifest", "write_upload"]
 
 #: what ``--require-digests`` protects through model.yaml's digest: who may use the model, where its data may
-#: go, what is masked and which payloads the audit trail keeps; a config override may not change them
-PROTECTED_FIELDS = ("tenant", "region", "pii", "payload_sample_rate")
+#: go, what is masked, which payloads the audit trail keeps and whether the payload log sees them; a config
+#: override may not change them
+PROTECTED_FIELDS = ("tenant", "region", "pii", "payload_sample_rate", "payload_log")
 
 
 def requested_manifest(name: str, config_text: object) -> dict[str, Any]:

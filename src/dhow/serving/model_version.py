@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dhow.core.model_config import ModelConfig, TensorSpec
+from dhow.monitoring.latency import LatencyRecorder
 from dhow.monitoring.metrics import ServerMetrics
+from dhow.monitoring.profile import ReferenceProfile
+from dhow.monitoring.tracing import record_batch
 from dhow.runtimes.base import Runtime, create_runtime
 from dhow.scheduling.batcher import DynamicBatcher
 from dhow.scheduling.instances import load_process_instances
@@ -72,6 +77,13 @@ class ModelVersion:
         self._compute_seconds = metrics.compute_seconds.labels(*labels)
         self._batch_size = metrics.batch_size.labels(*labels)
         self._requests = metrics.requests
+        self._metrics = metrics
+        self._batch_fill = metrics.batch_fill.labels(*labels) if config.max_batch_size else None
+        #: the reference profile drift is scored against (None: the version has none, or ``profile_error``)
+        self.profile: ReferenceProfile | None = None
+        self.profile_error = ""
+        #: queue and compute times of the current latency window (None: latency anomalies are off)
+        self.latency = LatencyRecorder() if config.monitoring.latency.enabled else None
         self._executor = ThreadPoolExecutor(len(runtimes), thread_name_prefix=f"dhow-{config.name}-{version}")
         self.batcher = DynamicBatcher(
             f"model '{config.name}' version {version}",
@@ -83,20 +95,32 @@ class ModelVersion:
             observer=self._observe_batch,
             default_timeout_ms=queue_timeout_ms,
         )
+        metrics.watch_load(self.name, self.version_label, self.batcher)
 
     def count_request(self, outcome: str) -> None:
         self._requests.labels(self.name, self.version_label, outcome).inc()
 
-    def _observe_batch(self, timings: BatchTimings, waits: list[int]) -> None:
+    def _observe_batch(
+        self, timings: BatchTimings, start_ns: int, waits: list[int], traces: Sequence[object | None]
+    ) -> None:
         for wait in waits:
             self._queue_seconds.observe(wait / 1e9)
         self._compute_seconds.observe((timings.input_ns + timings.infer_ns + timings.output_ns) / 1e9)
         self._batch_size.observe(timings.size)
+        if self._batch_fill is not None:
+            self._batch_fill.observe(timings.size / self.config.max_batch_size)
+        self._metrics.sample_load(self.name, self.version_label, self.batcher)
+        if traces:
+            attributes = {"dhow.model": self.name, "dhow.version": self.version_label, "dhow.batch.rows": timings.size}
+            record_batch(traces, attributes, start_ns, time.monotonic_ns(), waits)
+        if self.latency is not None:
+            self.latency.add(waits, timings.input_ns + timings.infer_ns + timings.output_ns)
 
     async def close(self) -> None:
         """Finish what is queued and running, then release the runtimes."""
         await self.batcher.close()
         self._executor.shutdown(wait=True)
+        self._metrics.forget_load(self.name, self.version_label, self.batcher)
         # in a thread: a process instance waits for its process to exit
         await asyncio.to_thread(self._unload)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from types import TracebackType
 from typing import Any
 
@@ -24,6 +25,7 @@ from dhow.access.permissions import ALL_TENANTS, Grant, Permission, Principal
 from dhow.core.errors import CallCancelled, DhowError, InternalError
 from dhow.core.names import check_model_name
 from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome
+from dhow.monitoring.tracing import RequestTrace, Tracing
 from dhow.serving.dataplane import DataPlane
 from dhow.serving.guard import AccessGuard, Admission
 from dhow.serving.traffic import Invoke
@@ -44,8 +46,8 @@ class Call:
     raises the refusal), and its end, however it ends, frees its quota and writes its audit record."""
 
     __slots__ = (
-        "_access", "_admission", "_dataplane", "_details", "_guard", "_model", "_outcome", "_who",
-        "principal", "request_id",
+        "_access", "_admission", "_admitted_ns", "_answered_ns", "_dataplane", "_details", "_entered_ns",
+        "_guard", "_model", "_outcome", "_trace", "_tracing", "_who", "principal", "request_id",
     )  # fmt: skip
 
     def __init__(
@@ -56,6 +58,7 @@ class Call:
         access: Access | None,
         model: str,
         request_id: str = "",
+        tracing: Tracing | None = None,
     ) -> None:
         self._dataplane = dataplane
         self._guard = guard
@@ -69,18 +72,28 @@ class Call:
         self.request_id = request_id
         self._outcome: Outcome | None = None
         self._details: dict[str, Any] = {}
+        #: tracing (None: off, and then nothing below costs anything), the request's trace when it is sampled
+        self._tracing = tracing
+        self._trace: RequestTrace | None = None
+        self._entered_ns = self._admitted_ns = self._answered_ns = 0
 
     async def __aenter__(self) -> Call:
+        if self._tracing is not None:
+            self._entered_ns = time.time_ns()
         if self._model:
             check_model_name(self._model)  # it may become a path or a log word: checked before anything else
         if self._access is not None:
             admission = self._admission = await self._guard.admit(self._who, self._access, self._model, self.request_id)
             self.principal, self.request_id = admission.principal, admission.caller.request_id
+        if self._tracing is not None:
+            self._admitted_ns = time.time_ns()
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, trace: TracebackType | None
     ) -> None:
+        if self._trace is not None:
+            self._trace.finish(self._outcome.version if self._outcome else "", self._answered_ns, _error_code(exc))
         if exc is None:
             if self._admission is not _OPEN:  # raises when the audit trail cannot take it: fail closed
                 await self._guard.finish(self._admission, "success", "", self._outcome, self._details)
@@ -114,9 +127,15 @@ class Call:
         self._details.update(details)
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        if self._tracing is not None:
+            times = (self._entered_ns, self._admitted_ns, time.time_ns())
+            self._trace = self._tracing.start(request.headers, request.model_name, self.request_id, times)
+            request.trace = self._trace
         placement = self._dataplane.place(request, self._admission.caller)
         self._outcome = Outcome(data_region=placement.region)  # a refusal by residency is audited in its region
         response, self._outcome = await self._dataplane.infer(request, placement)
+        if self._trace is not None:
+            self._answered_ns = time.time_ns()
         return response
 
     async def _finish(self, outcome: str, message: str = "") -> None:
@@ -127,9 +146,11 @@ class Call:
 class CoreService:
     """The data plane behind its admission point; the composition root builds one per server process."""
 
-    def __init__(self, dataplane: DataPlane, guard: AccessGuard) -> None:
+    def __init__(self, dataplane: DataPlane, guard: AccessGuard, tracing: Tracing | None = None) -> None:
         self.dataplane = dataplane
         self.guard = guard
+        #: OpenTelemetry spans of inference requests (``--otlp-endpoint``); None: off
+        self.tracing = tracing
 
     def call(self, who: Credentials | Principal, access: Access | None, model: str = "", request_id: str = "") -> Call:
         """One request, to enter with ``async with`` (see the module's docstring); ``request_id`` is the one the
@@ -139,7 +160,7 @@ class CoreService:
         as ``DhowError`` (an unexpected exception becomes an ``InternalError`` with an id in the log); a
         client that went away leaves as ``CallCancelled``.
         """
-        return Call(self.dataplane, self.guard, who, access, model, request_id)
+        return Call(self.dataplane, self.guard, who, access, model, request_id, self.tracing)
 
     async def authenticate(self, who: Credentials, access: Access) -> Principal:
         """Authenticate once for many calls (a gRPC stream's messages); a refusal is audited and raised."""
@@ -154,6 +175,12 @@ class CoreService:
                 return await call.infer(request)
 
         return invoke
+
+
+def _error_code(exc: BaseException | None) -> str:
+    if exc is None:
+        return ""
+    return exc.code.value if isinstance(exc, DhowError) else type(exc).__name__
 
 
 #: the admission of an open route (health checks): nobody in particular, nothing held, nothing audited

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,18 +39,19 @@ def _setting(default: _T, doc: str, **option: Any) -> _T:
 
 _SECURITY = "security"
 _CONNECTIONS = "connections"
+_MONITORING = "monitoring"
 
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     """Every setting of a dhow server and of the commands that work on its stores."""
 
-    # a Path is immutable, so one default is safely shared (ruff does not know that)
-    repository: Path = _setting(  # noqa: RUF009
-        Path("models"),
-        "the model repository: a folder per model with a model.yaml and integer version folders",
+    repository: str = _setting(
+        "models",
+        "the model repository: a folder per model with a model.yaml and integer version folders, or the same in "
+        "object storage, s3://bucket/prefix (other fsspec URLs too), copied into --repository-cache",
         flags=("--repository", "--model-repository"),
-        metavar="DIR",
+        metavar="DIR|URL",
     )
     host: str = _setting("127.0.0.1", "address the REST and gRPC ports listen on (0.0.0.0 for all)")
     http_port: int = _setting(
@@ -73,7 +75,17 @@ class ServerSettings:
         "warmed; false: ready once the models to load at start were tried, whatever their outcome",
         metavar="true|false",
     )
-    poll_interval: float = _setting(5.0, "seconds between repository scans under poll control", metavar="SECONDS")
+    poll_interval: float = _setting(
+        5.0,
+        "seconds between repository scans under poll control (object storage: each scan lists the bucket)",
+        metavar="SECONDS",
+    )
+    repository_cache: str = _setting(
+        "",
+        "with a repository in object storage: the local folder its models are copied into and served from "
+        "(default: repository-cache in the data folder)",
+        metavar="DIR",
+    )
     max_request_bytes: int = _setting(
         64 * 1024 * 1024, "largest request body (REST) or message (gRPC) accepted, in bytes", metavar="N"
     )
@@ -144,6 +156,21 @@ class ServerSettings:
     grpc_keepalive: float = _setting(
         60.0,
         "seconds between the server's pings on a quiet gRPC connection; one unanswered for 20 s closes it",
+        metavar="SECONDS",
+        group=_CONNECTIONS,
+    )
+    drain_delay: float = _setting(
+        0.0,
+        "on SIGTERM: seconds the server keeps serving while it says not-ready, so that a load balancer polling "
+        "/v2/health/ready moves traffic away before the ports close (under Kubernetes a preStop sleep does this)",
+        metavar="SECONDS",
+        group=_CONNECTIONS,
+    )
+    drain_seconds: float = _setting(
+        25.0,
+        "on SIGTERM, once the ports are closed: seconds given to REST requests, gRPC calls and stream offsets in "
+        "flight to finish (keep drain_delay + this + 5 within Kubernetes' terminationGracePeriodSeconds, 30 by "
+        "default, minus any preStop sleep)",
         metavar="SECONDS",
         group=_CONNECTIONS,
     )
@@ -282,6 +309,49 @@ class ServerSettings:
         "(the options of 'dhow stream run'); settings file or DHOW_STREAMS (YAML) only",
         flags=(),
     )
+
+    # -- monitoring: payload log, tracing (README "Monitoring") --
+    payload_log: str = _setting(
+        "",
+        "log every inference's masked request and answer, and every error, to file:///PATH.jsonl (rotated; "
+        "?max_bytes=N&backups=N), kafka://HOST:PORT/TOPIC (?librdkafka.setting=value) or http(s)://URL "
+        "(CloudEvents); a model opts out with 'payload_log: false' in its model.yaml; unset: off",
+        metavar="URL",
+        group=_MONITORING,
+    )
+    payload_log_queue: int = _setting(
+        10_000,
+        "payload events waiting for the sink at most; past it new events are dropped and counted, never waited for",
+        metavar="N",
+        group=_MONITORING,
+    )
+    otlp_endpoint: str = _setting(
+        "",
+        "send OpenTelemetry spans (admission, queue, batch, compute, encoding) over OTLP/HTTP to this collector, "
+        "e.g. http://127.0.0.1:4318; unset: no tracing, at no cost",
+        metavar="URL",
+        group=_MONITORING,
+    )
+    trace_sample_ratio: float = _setting(
+        0.1,
+        "share of requests traced when the caller's traceparent decides nothing (a sampled parent is always followed)",
+        metavar="RATIO",
+        group=_MONITORING,
+    )
+
+    def repository_is_remote(self) -> bool:
+        """Whether the repository is in object storage (a URL) rather than a folder."""
+        location = str(self.repository)  # a caller building the settings in code may give a Path
+        return "://" in location and not location.startswith("file://")
+
+    def repository_folder(self) -> Path:
+        """The folder the server reads models from: the repository itself, or its object storage's local copy."""
+        if not self.repository_is_remote():
+            return Path(str(self.repository).removeprefix("file://"))
+        if self.repository_cache:
+            return Path(self.repository_cache)
+        digest = hashlib.sha256(str(self.repository).rstrip("/").encode()).hexdigest()[:12]
+        return self.data_dir / "repository-cache" / digest
 
     def registry_url(self) -> str:
         """The registry's URL, with the default (SQLite in the data folder) filled in."""

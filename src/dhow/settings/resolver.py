@@ -43,9 +43,10 @@ _CHOICES = {
     "tls_client_auth": ("required", "optional"),
 }
 #: integer settings with a lower bound
-_AT_LEAST = {"workers": 1, "max_connections": 0, "keepalive_timeout": 1}
+_AT_LEAST = {"workers": 1, "max_connections": 0, "keepalive_timeout": 1, "payload_log_queue": 1}
 #: durations that must be more than zero (a zero timeout would close every connection at once)
-_POSITIVE = ("header_timeout", "body_timeout", "grpc_idle_timeout", "grpc_keepalive")
+_POSITIVE = ("header_timeout", "body_timeout", "grpc_idle_timeout", "grpc_keepalive", "drain_seconds")
+_NOT_NEGATIVE = ("drain_delay",)
 _FIELDS = {field.name: field for field in dataclasses.fields(ServerSettings)}
 
 
@@ -133,8 +134,12 @@ def _convert(name: str, value: object, source: str) -> object:
         raise InvalidInput(f"{source}: '{name}' must be one of {', '.join(_CHOICES[name])}, got {value!r}")
     if name in _AT_LEAST and isinstance(result, int) and result < _AT_LEAST[name]:
         raise InvalidInput(f"{source}: '{name}' must be an integer of at least {_AT_LEAST[name]}, got {value!r}")
+    if name == "trace_sample_ratio" and isinstance(result, float) and not 0 <= result <= 1:
+        raise InvalidInput(f"{source}: 'trace_sample_ratio' must be a number from 0 to 1, got {value!r}")
     if name in _POSITIVE and isinstance(result, float) and not result > 0:
         raise InvalidInput(f"{source}: '{name}' must be a number of seconds above 0, got {value!r}")
+    if name in _NOT_NEGATIVE and isinstance(result, float) and not result >= 0:
+        raise InvalidInput(f"{source}: '{name}' must be a number of seconds, 0 or more, got {value!r}")
     return result
 
 

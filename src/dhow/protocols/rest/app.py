@@ -31,6 +31,7 @@ from dhow.protocols.rest.body import (
     json_object,
     read_body,
 )
+from dhow.protocols.rest.monitoring import MonitoringRoutes
 from dhow.protocols.rest.openapi import openapi_document
 from dhow.protocols.rest.peers import PeerRoutes
 from dhow.protocols.rest.router import Match, allowed_methods, resolve
@@ -152,7 +153,7 @@ def _client_request_id(scope: Scope) -> str:
     return ""
 
 
-class RestApp(PeerRoutes):
+class RestApp(PeerRoutes, MonitoringRoutes):
     """The ASGI application of the REST door: every route through the core service's one admission point.
 
     ``metrics_handler`` renders ``GET /metrics``; ``deployments`` and ``access`` serve the admin routes (None: the

@@ -83,6 +83,11 @@ def _guards(given: Any) -> str:
         f"max p99 ratio {float(guards['max_p99_ratio'])}"
         + (f" beyond {float(guards['min_p99_slack_ms']):g} ms" if "min_p99_slack_ms" in guards else "")
         + f", min {guards['min_requests']} requests"
+        + (
+            f", accuracy at least {float(guards['min_accuracy_ratio']):g}x the primary's"
+            if guards.get("min_accuracy_ratio") is not None
+            else ""
+        )
     )
 
 

@@ -150,6 +150,16 @@ def _add_guards(canary: argparse.ArgumentParser) -> None:
     canary.add_argument(
         "--min-requests", type=_count, metavar="N", help="canary requests needed before judging a step (50)"
     )
+    canary.add_argument(
+        "--min-accuracy-ratio",
+        type=_number,
+        metavar="RATIO",
+        help="quality guard: roll back when the canary's accuracy from feedback falls below this share of the "
+        "primary's (off)",
+    )
+    canary.add_argument(
+        "--min-feedback", type=_count, metavar="N", help="labels each version needs before the quality guard (20)"
+    )
 
 
 def _add_ab(actions: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
@@ -389,6 +399,8 @@ def _canary_policy(args: argparse.Namespace) -> dict[str, Any]:
         max_p99_ratio=args.max_p99_ratio,
         min_p99_slack_ms=args.min_p99_slack,
         min_requests=args.min_requests,
+        min_accuracy_ratio=args.min_accuracy_ratio,
+        min_feedback=args.min_feedback,
     )
     if guards:
         policy["guards"] = guards

@@ -58,6 +58,12 @@ class ProcessInstance:
         return f"<ProcessInstance {self._what}>"
 
     @property
+    def pid(self) -> int | None:
+        """The live process's id (None while none runs): what resource metrics read."""
+        child = self._child
+        return child.process.pid if child is not None and child.process.poll() is None else None
+
+    @property
     def _what(self) -> str:
         name = self._config.name if self._config is not None else "?"
         return f"instance process {self.index} of model {name} version {self._version_dir.name}"

@@ -26,6 +26,7 @@ import orjson
 
 from dhow.core.artifacts import install_decryptor
 from dhow.core.errors import DhowError, ModelFault, ModelLoadError
+from dhow.core.heap import settle_heap
 from dhow.runtimes.base import Runtime, create_runtime
 from dhow.scheduling.instances.messages import LOG_MARK, WorkerStart, specs_to_wire
 from dhow.scheduling.instances.shm_channel import Channel, Inbox, Outbox, region_size_for
@@ -73,6 +74,7 @@ def main(argv: list[str]) -> int:
     except DhowError as exc:
         channel.send({"error": _cut(exc.message)})
         return 1
+    settle_heap()
     inputs, outputs = runtime.signature()
     channel.send({"inputs": specs_to_wire(inputs), "outputs": specs_to_wire(outputs), "device": runtime.device})
     inbox = Inbox()

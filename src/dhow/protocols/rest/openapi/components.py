@@ -7,6 +7,7 @@ from typing import Any
 from dhow.protocols.rest.openapi.access import access_schemas, audit_parameters
 from dhow.protocols.rest.openapi.deployments import deployment_schemas
 from dhow.protocols.rest.openapi.inference import inference_schemas
+from dhow.protocols.rest.openapi.monitoring import monitoring_schemas
 from dhow.protocols.rest.openapi.peers import peer_schemas
 from dhow.protocols.rest.openapi.schema import integer, json_content, ref, string
 
@@ -88,7 +89,13 @@ def components() -> dict[str, Any]:
                 "description": "A dhow API key (dhow_<id>_<secret>) or a JWT of the configured issuer.",
             }
         },
-        "schemas": {**inference_schemas(), **deployment_schemas(), **access_schemas(), **peer_schemas()},
+        "schemas": {
+            **inference_schemas(),
+            **deployment_schemas(),
+            **access_schemas(),
+            **peer_schemas(),
+            **monitoring_schemas(),
+        },
         "responses": _error_responses(),
         "parameters": _parameters(),
     }

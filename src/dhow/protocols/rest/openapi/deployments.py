@@ -82,6 +82,17 @@ def _policy_schemas() -> dict[str, Schema]:
                     "The p99 guard ignores a canary slower than the primary by less than this.", minimum=0, default=5.0
                 ),
                 "min_requests": integer("Canary requests needed before judging a step.", minimum=0, default=50),
+                "min_accuracy_ratio": {
+                    "type": ["number", "null"],
+                    "minimum": 0,
+                    "default": None,
+                    "description": "Quality guard: roll back when the canary's accuracy from feedback falls below "
+                    "this share of the primary's (null: off). While set, a step is promoted only once both "
+                    "versions have min_feedback labels.",
+                },
+                "min_feedback": integer(
+                    "Labels each version needs before the quality guard judges.", minimum=1, default=20
+                ),
             },
             additionalProperties=False,
         ),

@@ -22,6 +22,7 @@ _TAGS = (
     ("models", "Model metadata, readiness, configuration and statistics."),
     ("inference", "Inference (Open Inference Protocol v2)."),
     ("repository", "The model repository and model control."),
+    ("monitoring", "Drift against a reference profile, and ground truth for quality (README, Monitoring)."),
     ("deployments", "Deployments: traffic policies over model versions (docs/rollouts.md)."),
     ("admin", "About the API itself."),
     ("access", "API keys and the audit trail (docs/security.md)."),

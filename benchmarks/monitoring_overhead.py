@@ -1,0 +1,197 @@
+"""What do drift sampling, the payload log and tracing cost on the inference path?
+
+    .venv/bin/python benchmarks/monitoring_overhead.py [--seconds 8] [--warmup 2] [--rounds 3] [--concurrency 16]
+
+Builds the demo models and starts five `dhow serve` processes with only `tabular` (ONNX), in one run: (a) all
+monitoring off; (b) the payload log to a file (`--payload-log file://…`, every request masked and written as a
+CloudEvent); (c) tracing at ratio 0.1 (`--otlp-endpoint` to an OTLP/HTTP receiver in its own process, which
+decodes nothing and answers 200); (d) live drift (a copy of the repository whose served version has a reference
+profile, made by `dhow models profile` from 20,000 rows of the demo's training distribution: drift is on with
+model.yaml's defaults, 10% of the requests sampled, scored every 30 s); (e) all three.
+
+The same closed-loop generator (benchmarks/loadgen.py, JSON over REST,
+keep-alive, batch 1) drives each at the concurrency, the configurations alternated in rounds (order rotated each
+round), the median round reported. Afterwards it checks that the payload log's counters account for every request
+sent (logged + dropped) and reports the drops. Writes benchmarks/RESULTS-monitoring.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import loadgen
+from security_overhead import BODY, DHOW, build_models, cpu_seconds, free_port, start_server
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Config:
+    label: str
+    port: int
+    pid: int
+    runs: list[tuple[loadgen.Result, float]] = field(default_factory=list)
+    sent: int = 0
+
+    def median(self) -> tuple[loadgen.Result, float]:
+        return sorted(self.runs, key=lambda run: run[0].throughput)[len(self.runs) // 2]
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def receive(port: int) -> None:
+    """An OTLP/HTTP endpoint that takes every export (run in its own process: `--receiver PORT`)."""
+    http.server.ThreadingHTTPServer(("127.0.0.1", port), _Receiver).serve_forever()
+
+
+def payload_counts(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    found = re.findall(r'dhow_payload_log_events_total\{outcome="(\w+)",sink="file"\} ([0-9.e+]+)', text)
+    return {outcome: float(value) for outcome, value in found}
+
+
+def profiled_copy(models: Path, work: Path) -> Path:
+    """A copy of ``models`` whose served ``tabular`` version has a reference profile: drift is on there."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    copy = work / "models-drift"
+    shutil.copytree(models, copy)
+    rows = np.random.default_rng(0).standard_normal((20_000, 32)).astype(np.float32)
+    data = work / "train.parquet"
+    pq.write_table(pa.table({f"f{j}": rows[:, j] for j in range(32)}), data)
+    version = max((p for p in (copy / "tabular").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    profile = [*DHOW, "models", "profile", str(version), "--data", str(data), "--map", "input=f*"]
+    subprocess.run(profile, check=True, stdout=subprocess.DEVNULL)
+    return copy
+
+
+def run_rounds(configs: list[Config], args: argparse.Namespace) -> None:
+    for round_ in range(args.rounds):
+        for config in configs[round_ % len(configs) :] + configs[: round_ % len(configs)]:
+            requests = [loadgen.http_post(f"127.0.0.1:{config.port}", "/v2/models/tabular/infer", BODY)]
+            cpu = cpu_seconds(config.pid)
+            warm = loadgen.run("127.0.0.1", config.port, requests, concurrency=args.concurrency, warmup=0,
+                               seconds=args.warmup)  # fmt: skip
+            result = loadgen.run("127.0.0.1", config.port, requests, concurrency=args.concurrency, warmup=0,
+                                 seconds=args.seconds)  # fmt: skip
+            sent = warm.latencies_ms.size + result.latencies_ms.size + warm.failures + result.failures
+            config.sent += sent
+            cpu_us = (cpu_seconds(config.pid) - cpu) / sent * 1e6
+            config.runs.append((result, cpu_us))
+            print(f"round {round_ + 1} {config.label}: {result.throughput:,.0f} infer/s, p50 "
+                  f"{result.percentile(50):.2f} ms, p99 {result.percentile(99):.2f} ms, server CPU {cpu_us:.0f} "
+                  f"µs/request, {result.failures} failures", flush=True)  # fmt: skip
+
+
+def report(configs: list[Config], args: argparse.Namespace, logged: dict[str, dict[str, float]]) -> str:
+    base = configs[0].median()[0]
+    lines = [
+        "# Monitoring overhead on the inference path",
+        "",
+        f"`{' '.join(['python', *sys.argv])}` on {platform.node()} ({platform.machine()}, {os.cpu_count()} cores), "
+        f"{time.strftime('%Y-%m-%d')}: dhow serving `tabular` (ONNX), REST JSON batch 1, closed loop at concurrency "
+        f"{args.concurrency}, {args.seconds:g} s per configuration after a {args.warmup:g} s warm-up, {args.rounds} "
+        "rounds alternating the configurations (order rotated each round) in one run, the median round shown. The "
+        "load generator shares the cores with the server (and the OTLP receiver): ratios from this one run, not "
+        "absolute capacity. Goal: (e) at >= 0.95 of (a)'s throughput, p99 within 10%.",
+        "",
+        "| configuration | infer/s | p50 ms | p99 ms | failures | throughput ratio to (a) | p99 ratio to (a) "
+        "| server CPU µs/request |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for config in configs:
+        result, cpu_us = config.median()
+        lines.append(
+            f"| {config.label} | {result.throughput:,.0f} | {result.percentile(50):.2f} | {result.percentile(99):.2f} "
+            f"| {result.failures} | {result.throughput / base.throughput:.3f} "
+            f"| {result.percentile(99) / base.percentile(99):.3f} | {cpu_us:.0f} |"
+        )
+    lines += ["", "Payload log check (every request sent, warm-ups included):", "",
+              "| configuration | requests sent | logged | dropped | failed |", "|---|---|---|---|---|"]  # fmt: skip
+    for config in configs:
+        if config.label in logged:
+            counts = logged[config.label]
+            lines.append(
+                f"| {config.label} | {config.sent:,} | {counts.get('logged', 0):,.0f} | "
+                f"{counts.get('dropped', 0):,.0f} | {counts.get('failed', 0):,.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS-monitoring.md")
+    parser.add_argument("--receiver", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.receiver:
+        receive(args.receiver)
+        return
+    work = Path(tempfile.mkdtemp(prefix="dhow-bench-monitoring-"))
+    models = build_models(work)
+    otlp = free_port()
+    receiver = subprocess.Popen([sys.executable, __file__, "--receiver", str(otlp)])
+    payloads = f"file://{work}/payloads/events.jsonl"
+    tracing = ("--otlp-endpoint", f"http://127.0.0.1:{otlp}", "--trace-sample-ratio", "0.1")
+    drifting = profiled_copy(models, work)
+    setups = {
+        "(a) all off": (models, ()),
+        "(b) payload log (file)": (models, ("--payload-log", payloads.replace("events", "b"))),
+        "(c) tracing, ratio 0.1": (models, tracing),
+        "(d) drift (profile, 10% sampled)": (drifting, ()),
+        "(e) drift + payload log + tracing": (drifting, ("--payload-log", payloads.replace("events", "e"), *tracing)),
+    }
+    servers: list[subprocess.Popen[bytes]] = []
+    try:
+        configs = []
+        for index, (label, (repository, extra)) in enumerate(setups.items()):
+            server, port = start_server(work, f"server-{index}", repository, "--auth", "none", *extra)
+            servers.append(server)
+            configs.append(Config(label, port, server.pid))
+        run_rounds(configs, args)
+        time.sleep(2)  # the writers catch up
+        logged = {c.label: payload_counts(c.port) for c in configs if "payload" in c.label}
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(30)
+        receiver.terminate()
+    shutil.rmtree(work)
+    args.out.write_text(report(configs, args, logged))
+    print(f"wrote {args.out}")
+    unaccounted = [c.label for c in configs if c.label in logged and sum(logged[c.label].values()) != c.sent]
+    if unaccounted:
+        sys.exit(f"the payload log's counters do not account for every request sent: {unaccounted}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Quality from delayed ground truth: predictions kept by request id until their label comes, then figures.
+
+``PredictionLog`` is bounded (the oldest predictions are dropped, and counted) and lives in the server process
+that answered: a label is joined to the prediction this process made, by the request's id. ``QualityWindow``
+keeps the newest labelled predictions of one version and computes accuracy, macro precision and recall
+(classification) or MAE and RMSE (regression) from them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Labelled", "PredictionLog", "QualityWindow", "figures_of", "prediction_of"]
+
+
+def prediction_of(array: np.ndarray, task: str) -> list[Any]:
+    """One prediction per row of an output: a classifier's scores as their argmax, else the value itself."""
+    if array.ndim >= 2 and array.shape[1] > 1 and task == "classification" and array.dtype.kind == "f":
+        return [int(v) for v in np.argmax(array.reshape(array.shape[0], -1), axis=1)]
+    flat = array.reshape(array.shape[0], -1)[:, 0] if array.ndim else array.reshape(1)
+    if task == "regression":
+        return [float(v) for v in flat]
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v.item() for v in flat]
+
+
+@dataclass(frozen=True, slots=True)
+class Labelled:
+    version: str
+    prediction: Any
+    label: Any
+
+
+class PredictionLog:
+    """Predictions awaiting their label: request id -> (version, prediction); the oldest beyond ``capacity`` go."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._pending: OrderedDict[str, tuple[str, Any]] = OrderedDict()
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, request_id: str, version: str, prediction: Any) -> None:
+        self._pending[request_id] = (version, prediction)
+        if len(self._pending) > self.capacity:
+            self._pending.popitem(last=False)
+            self.dropped += 1
+
+    def join(self, request_id: str, label: Any) -> Labelled | None:
+        """The prediction of that request with its label (taken out of the log), or None when it is unknown."""
+        found = self._pending.pop(request_id, None)
+        return None if found is None else Labelled(found[0], found[1], label)
+
+
+class QualityWindow:
+    """The newest labelled predictions of one version."""
+
+    def __init__(self, task: str, size: int) -> None:
+        self.task = task
+        self._pairs: deque[tuple[Any, Any]] = deque(maxlen=size)
+        self.labelled = 0
+
+    def add(self, prediction: Any, label: Any) -> None:
+        self._pairs.append((prediction, label))
+        self.labelled += 1
+
+    def pairs(self) -> list[tuple[Any, Any]]:
+        """The window's (prediction, label) pairs now: what ``figures_of`` computes on, off the event loop."""
+        return list(self._pairs)
+
+    def figures(self) -> dict[str, float]:
+        return figures_of(self.task, self.pairs())
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+
+def figures_of(task: str, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
+    """accuracy, precision, recall (macro over the classes seen) or mae, rmse of (prediction, label) pairs; {}
+    without any."""
+    if not pairs:
+        return {}
+    if task == "regression":
+        errors = np.asarray([p for p, _ in pairs], dtype=np.float64) - np.asarray([y for _, y in pairs], np.float64)
+        return {"mae": float(np.abs(errors).mean()), "rmse": math.sqrt(float((errors**2).mean()))}
+    predicted = Counter(p for p, _ in pairs)
+    actual = Counter(y for _, y in pairs)
+    right = Counter(p for p, y in pairs if p == y)
+    classes = set(predicted) | set(actual)
+    precisions = [right[c] / predicted[c] for c in classes if predicted[c]]
+    recalls = [right[c] / actual[c] for c in classes if actual[c]]
+    return {
+        "accuracy": sum(right.values()) / len(pairs),
+        "precision": float(np.mean(precisions)) if precisions else 0.0,
+        "recall": float(np.mean(recalls)) if recalls else 0.0,
+    }

@@ -1,0 +1,144 @@
+"""Feedback: labels that come after the answer, joined by request id to the predictions this process made.
+
+Predictions are kept in memory, per model, in a bounded ``PredictionLog`` (``monitoring.feedback.pending``):
+keeping them in the registry database would put a write on every request's path, which the hot path must not
+pay. The cost is that a label reaches only the process that answered; with ``--workers N`` a label sent to
+another worker is answered as unmatched (send feedback to the worker that answered, or run one worker per
+pod). The predictions are kept as the output arrays the answer held; the label is compared with the prediction
+(a classifier's argmax) only when it comes, off the request's path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+
+from dhow.core.errors import InvalidInput
+from dhow.core.model_config import ModelConfig
+from dhow.core.types import InferenceRequest, InferenceResponse
+from dhow.monitoring.model_metrics import ModelMetrics
+from dhow.monitoring.quality import PredictionLog, QualityWindow, figures_of, prediction_of
+from dhow.serving.lifecycle import ModelLifecycle
+
+__all__ = ["FeedbackDesk"]
+
+log = logging.getLogger("dhow.monitoring")
+
+#: unmatched request ids listed in an answer (the count is always whole)
+_LISTED = 100
+_SCALAR = (bool, int, float, str)
+
+
+class FeedbackDesk:
+    """The pending predictions and the labelled windows of the models that take feedback."""
+
+    def __init__(self, models: ModelLifecycle, metrics: ModelMetrics) -> None:
+        self.models = models
+        self.metrics = metrics
+        self._pending: dict[str, PredictionLog] = {}
+        self._windows: dict[tuple[str, str], QualityWindow] = {}
+        #: each version's figures as last computed, and the labels they rest on
+        self._figures: dict[tuple[str, str], tuple[dict[str, float], int]] = {}
+
+    def keep(
+        self, config: ModelConfig, request: InferenceRequest, response: InferenceResponse, request_id: str
+    ) -> None:
+        """On the hot path: remember the answer's prediction output under the request's id (a dict insert)."""
+        feedback = config.monitoring.feedback
+        if feedback is None:
+            return
+        key = request.id or request_id
+        if not key:
+            return
+        pending = self._pending.get(config.name)
+        if pending is None or pending.capacity != feedback.pending:
+            pending = self._pending[config.name] = PredictionLog(feedback.pending)
+        wanted = feedback.output
+        for tensor in response.outputs:
+            if not wanted or tensor.name == wanted:
+                pending.add(key, response.model_version, tensor.data)
+                return
+
+    async def receive(self, name: str, labels: object) -> dict[str, Any]:
+        """Join labels (request id -> label, or a list of labels for a request of several rows) to predictions.
+
+        The joins are dict look-ups on the event loop (the log is the request path's); the figures are computed
+        on a snapshot of each window in a worker thread."""
+        config = self.models.resolve(name).config
+        feedback = config.monitoring.feedback
+        if feedback is None:
+            raise InvalidInput(
+                f"model '{name}' takes no feedback: add 'monitoring: {{feedback: {{task: classification}}}}' "
+                "(or regression) to its model.yaml"
+            )
+        if not isinstance(labels, dict) or not labels:
+            raise InvalidInput("the body needs 'labels': an object of request id -> label, e.g. {\"req-1\": 1}")
+        for request_id, label in labels.items():
+            _check_label(request_id, label, feedback.task)
+        pending = self._pending.get(name) or PredictionLog(feedback.pending)
+        unmatched: list[str] = []
+        rejected: dict[str, str] = {}
+        touched: set[str] = set()
+        joined = 0
+        for request_id, label in labels.items():
+            found = pending.join(request_id, label)
+            if found is None:
+                unmatched.append(request_id)
+                continue
+            predictions = prediction_of(np.asarray(found.prediction), feedback.task)
+            values = label if isinstance(label, list) else [label]
+            if len(values) != len(predictions):
+                rejected[request_id] = f"the request had {len(predictions)} rows: send a list of as many labels"
+                continue
+            window = self._window(name, found.version, feedback.task, feedback.window)
+            for prediction, value in zip(predictions, values, strict=True):
+                window.add(prediction, value)
+            touched.add(found.version)
+            joined += 1
+        self.metrics.feedback.labels(name, "joined").inc(joined)
+        self.metrics.feedback.labels(name, "unmatched").inc(len(unmatched))
+        figures = {}
+        for version in sorted(touched):
+            window = self._windows[(name, version)]
+            computed = await asyncio.to_thread(figures_of, window.task, window.pairs())
+            figures[version] = self._publish(name, version, computed, len(window))
+        return {
+            "joined": joined,
+            "unmatched": len(unmatched),
+            "unmatched_ids": unmatched[:_LISTED],
+            "rejected": rejected,
+            "pending": len(pending),
+            "dropped": pending.dropped,
+            "quality": figures,
+        }
+
+    def quality(self, name: str, version: str) -> tuple[dict[str, float], int]:
+        """The version's figures and how many labels they rest on, as last computed."""
+        return self._figures.get((name, version), ({}, 0))
+
+    def _window(self, name: str, version: str, task: str, size: int) -> QualityWindow:
+        window = self._windows.get((name, version))
+        if window is None or window.task != task:
+            window = self._windows[(name, version)] = QualityWindow(task, size)
+        return window
+
+    def _publish(self, name: str, version: str, figures: dict[str, float], labels: int) -> dict[str, Any]:
+        self._figures[(name, version)] = (figures, labels)
+        for metric, value in figures.items():
+            self.metrics.quality.labels(name, version, metric).set(value)
+        return {"labels": labels, **{k: round(v, 6) for k, v in figures.items()}}
+
+
+def _check_label(request_id: object, label: object, task: str) -> None:
+    values = label if isinstance(label, list) else [label]
+    if not values or not all(isinstance(v, _SCALAR) for v in values):
+        raise InvalidInput(
+            f"label of request '{request_id}' must be a value (a class or a number) or a list of them, got {label!r}"
+        )
+    if task == "regression" and not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise InvalidInput(
+            f"label of request '{request_id}' must be a number (the model is a regression), got {label!r}"
+        )

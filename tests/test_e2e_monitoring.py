@@ -1,0 +1,317 @@
+"""Model monitoring against a real server (README, "Monitoring"): a reference profile made by the CLI, live drift
+flagged on the shifted features only, feedback giving the accuracy computed offline, a canary rolled back by the
+quality guard, and a latency anomaly raised for a model slowed on purpose while a steady one raises none."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import accuracy_score, precision_score, recall_score
+
+from dhow.protocols.rest.openapi import openapi_document
+from tests.conftest import DhowProcess, start_dhow, wait_until
+
+# label = 1 where the first feature is above a cut; version 2 of `canaried` cuts elsewhere (a worse model)
+THRESHOLD_MODEL = """
+import numpy as np
+
+class Threshold:
+    def load(self):
+        pass
+
+    def predict(self, inputs):
+        return {{"label": (inputs["x"][:, 0] > {cut}).astype(np.int64)}}
+"""
+SLEEPY_MODEL = """
+import time
+
+class Sleepy:
+    def load(self):
+        pass
+
+    def predict(self, inputs):
+        time.sleep(float(inputs["x"].max()))
+        return {"y": inputs["x"]}
+"""
+CLASSIFIER = (
+    "runtime: python\nmax_batch_size: 64\n"
+    "inputs: [{{name: x, datatype: FP32, shape: [-1, 3]}}{extra}]\n"
+    "outputs: [{{name: label, datatype: INT64, shape: [-1]}}]\n"
+    "monitoring:\n"
+    "  drift: {{sample_rate: 1.0, window: 400, min_rows: 200, interval_s: 0.5, threshold: 0.2}}\n"
+    "  feedback: {{task: classification}}\n"
+)
+SLEEPY = (
+    "runtime: python\nmax_batch_size: 8\n"
+    "inputs: [{name: x, datatype: FP32, shape: [-1, 1]}]\noutputs: [{name: y, datatype: FP32, shape: [-1, 1]}]\n"
+    "monitoring:\n"
+    "  latency: {window_s: 1.0, baseline_windows: 20, min_windows: 4, min_requests: 3, threshold: 6,\n"
+    "            min_ratio: 3.0, min_slack_ms: 20}\n"
+)
+CITIES = ["paris", "lyon", "nice"]
+# a 10x slow-down against a 3x limit: a steady model's jitter on a busy machine stays far below it
+STEADY_S, SLOW_S = 0.02, 0.2
+
+
+def _model(root: Path, name: str, manifest: str, code_by_version: dict[int, str]) -> None:
+    (root / name).mkdir(parents=True)
+    (root / name / "model.yaml").write_text(manifest)
+    for version, code in code_by_version.items():
+        (root / name / str(version)).mkdir()
+        (root / name / str(version) / "model.py").write_text(code)
+
+
+def _rows(rng: np.random.Generator, count: int, *, shifted: bool = False) -> dict[str, np.ndarray]:
+    """Features a ~ N(0, 1), b ~ N(5, 2), c ~ U(0, 1), city among three; shifted: b and city move, a and c do not."""
+    b = rng.normal(11.0 if shifted else 5.0, 2.0, count)
+    cities = ["marseille", "nice"] if shifted else CITIES
+    return {
+        "a": rng.normal(0.0, 1.0, count),
+        "b": b,
+        "c": rng.uniform(0.0, 1.0, count),
+        "city": np.asarray(rng.choice(cities, count)),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DhowProcess]:
+    root = tmp_path_factory.mktemp("monitoring")
+    repository = root / "models"
+    scorer = CLASSIFIER.format(extra=", {name: city, datatype: BYTES, shape: [-1, 1]}")
+    plain = CLASSIFIER.format(extra="")
+    _model(repository, "scorer", scorer, {1: THRESHOLD_MODEL.format(cut=0.0)})
+    _model(repository, "graded", plain, {1: THRESHOLD_MODEL.format(cut=0.0)})
+    _model(repository, "misprofiled", plain, {1: THRESHOLD_MODEL.format(cut=0.0)})
+    (repository / "misprofiled" / "1" / "profile.json").write_text("{not json")
+    _model(repository, "canaried", plain, {1: THRESHOLD_MODEL.format(cut=0.0), 2: THRESHOLD_MODEL.format(cut=0.6)})
+    _model(repository, "steady", SLEEPY, {1: SLEEPY_MODEL})
+    _model(repository, "slowed", SLEEPY, {1: SLEEPY_MODEL})
+    reference = _rows(np.random.default_rng(1), 20_000)
+    table = pa.table({**reference, "pred": (reference["a"] > 0).astype(np.int64)})
+    pq.write_table(table, root / "train.parquet")
+    made = subprocess.run(
+        [sys.executable, "-m", "dhow.cli", "models", "profile", str(repository / "scorer" / "1"),
+         "--data", str(root / "train.parquet"), "--map", "x=a,b,c", "--output", "label=pred"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert "20000 rows" in made.stdout and "4 input and 1 output features" in made.stdout, made.stdout
+    server = start_dhow(repository, root)
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+def _call(server: DhowProcess, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        connection.request(method, path, body=data, headers={"content-type": "application/json", **(headers or {})})
+        answer = connection.getresponse()
+        raw = answer.read()
+        text = raw.decode()
+        return answer.status, (json.loads(text) if text.startswith(("{", "[")) else text)
+    finally:
+        connection.close()
+
+
+def _infer(server: DhowProcess, model: str, rows: dict[str, np.ndarray], **extra: Any) -> dict[str, Any]:
+    x = np.stack([rows["a"], rows["b"], rows["c"]], axis=1).astype(np.float32)
+    inputs = [{"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]
+    if model == "scorer":
+        cities = [str(c) for c in rows["city"]]
+        inputs.append({"name": "city", "datatype": "BYTES", "shape": [len(cities), 1], "data": cities})
+    headers = extra.pop("headers", None)
+    status, answer = _call(server, "POST", f"/v2/models/{model}/infer", {"inputs": inputs, **extra}, headers)
+    assert status == 200, answer
+    return dict(answer)
+
+
+def _drift(server: DhowProcess, model: str = "scorer") -> dict[str, Any]:
+    status, report = _call(server, "GET", f"/v2/models/{model}/versions/1/drift")
+    assert status == 200, report
+    return dict(report)
+
+
+def _events(server: DhowProcess, model: str, kind: str) -> list[dict[str, Any]]:
+    status, answer = _call(server, "GET", f"/v2/admin/deployments/{model}/events")
+    assert status == 200, answer
+    return [event for event in answer["events"] if event["kind"] == kind]
+
+
+def _conforms(name: str, instance: Any) -> None:
+    """The answer is what the OpenAPI document says it is."""
+    schema = {"$ref": f"#/components/schemas/{name}", "components": openapi_document()["components"]}
+    jsonschema.Draft202012Validator(schema).validate(instance)
+
+
+def _send(server: DhowProcess, rng: np.random.Generator, *, shifted: bool) -> None:
+    for _ in range(10):
+        _infer(server, "scorer", _rows(rng, 40, shifted=shifted))
+
+
+def test_drift_is_flagged_on_the_shifted_features_only(server: DhowProcess) -> None:
+    first = _drift(server)
+    assert first["profile"] is True and first["state"] == "waiting", first
+    rng = np.random.default_rng(2)
+    _send(server, rng, shifted=False)
+    wait_until(lambda: _scored_on(server, 400), what="a score of a full in-distribution window")
+    calm = _drift(server)
+    assert calm["state"] == "ok" and calm["drifted"] == [], calm
+    assert {f["name"] for f in calm["features"]} == {"a", "b", "c", "city", "label"}
+
+    _send(server, rng, shifted=True)
+    wait_until(lambda: set(_drift(server)["drifted"]) == {"b", "city"}, what="drift flagged on b and city")
+    wait_until(lambda: _scored_on(server, 400, since=0.3), what="a score of a whole shifted window")
+    report = _drift(server)
+    scores = {f["name"]: f for f in report["features"]}
+    assert report["state"] == "drift" and set(report["drifted"]) == {"b", "city"}, report
+    _conforms("DriftReport", report)
+    assert [f["name"] for f in report["features"][:2]] == sorted(["b", "city"], key=lambda n: -scores[n]["score"])
+    assert scores["b"]["method"] == "psi" and scores["city"]["method"] == "js"
+    assert not scores["a"]["drifted"] and not scores["c"]["drifted"] and not scores["label"]["drifted"], scores
+    assert scores["label"]["side"] == "output"
+
+    _send(server, rng, shifted=True)  # the episode goes on: no second event
+    wait_until(lambda: _scored_on(server, 400, since=0.3), what="another score")
+    events = _events(server, "scorer", "drift")
+    assert len(events) == 1, events
+    assert {f["name"] for f in events[0]["details"]["drifted"]} <= {"b", "city"}
+    _, metrics = _call(server, "GET", "/metrics")
+    assert 'dhow_drift_score{feature="b",method="psi",model="scorer",side="input",version="1"}' in metrics
+    assert 'dhow_model_reference_profile{model="graded",version="1"} 0.0' in metrics
+    no_profile = _drift(server, "graded")
+    assert no_profile["state"] == "no_profile" and "dhow models profile" in no_profile["reason"]
+    # a profile that cannot be read is said so; the version serves all the same
+    unreadable = _drift(server, "misprofiled")
+    assert unreadable["state"] == "no_profile" and "misprofiled/1/profile.json" in unreadable["reason"], unreadable
+    assert str(server.repository) not in unreadable["reason"]  # the server's folders are not the client's business
+    assert _infer(server, "misprofiled", _rows(rng, 2))["outputs"][0]["shape"] == [2]
+
+
+def _scored_on(server: DhowProcess, rows: int, since: float = 10.0) -> bool:
+    report = _drift(server)
+    recent = report.get("scored_seconds_ago", 99.0) < since
+    return recent and bool(report["features"]) and all(f["rows"] == rows for f in report["features"])
+
+
+def test_feedback_gives_the_accuracy_computed_offline(server: DhowProcess) -> None:
+    rng = np.random.default_rng(3)
+    predictions: dict[str, int] = {}
+    truth: dict[str, int] = {}
+    for index in range(60):
+        row = _rows(rng, 1)
+        request_id = f"graded-{index}"
+        # half name themselves in the body's id, half by x-request-id
+        by_body = index % 2 == 0
+        answer = _infer(
+            server, "graded", row,
+            **({"id": request_id} if by_body else {"headers": {"x-request-id": request_id}}),
+        )  # fmt: skip
+        predictions[request_id] = answer["outputs"][0]["data"][0]
+        truth[request_id] = int(row["a"][0] > 0.3)
+    labels = {**truth, "never-seen": 1}
+    status, result = _call(server, "POST", "/v2/models/graded/feedback", {"labels": labels})
+    assert status == 200, result
+    assert result["joined"] == 60 and result["unmatched"] == 1 and result["unmatched_ids"] == ["never-seen"]
+    _conforms("FeedbackResult", result)
+    _conforms("FeedbackRequest", {"labels": labels})
+    ids = sorted(truth)
+    y_true, y_pred = [truth[i] for i in ids], [predictions[i] for i in ids]
+    figures = result["quality"]["1"]
+    assert figures["labels"] == 60
+    assert figures["accuracy"] == round(accuracy_score(y_true, y_pred), 6)
+    assert figures["precision"] == round(precision_score(y_true, y_pred, average="macro", zero_division=0), 6)
+    assert figures["recall"] == round(recall_score(y_true, y_pred, average="macro", zero_division=0), 6)
+    _, metrics = _call(server, "GET", "/metrics")
+    assert f'dhow_model_quality{{metric="accuracy",model="graded",version="1"}} {accuracy_score(y_true, y_pred)}' in (
+        metrics
+    )
+    # joined labels are taken: sending them again joins nothing
+    _, again = _call(server, "POST", "/v2/models/graded/feedback", {"labels": {ids[0]: 1}})
+    assert again["joined"] == 0 and again["unmatched"] == 1
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "says"),
+    [
+        ("graded", {"labels": {"r": {"a": 1}}}, "must be a value"),
+        ("graded", {"labels": {}}, "labels"),
+        ("graded", {"label": {"r": 1}}, "unknown field 'label'"),
+        ("steady", {"labels": {"r": 1}}, "takes no feedback"),
+    ],
+)
+def test_bad_feedback_is_refused_saying_why(server: DhowProcess, model: str, body: Any, says: str) -> None:
+    status, answer = _call(server, "POST", f"/v2/models/{model}/feedback", body)
+    assert status == 400 and says in answer["error"], answer
+
+
+def test_a_canary_whose_accuracy_drops_is_rolled_back(server: DhowProcess) -> None:
+    guards = {"min_accuracy_ratio": 0.98, "min_feedback": 20, "min_requests": 1_000_000}
+    policy = {"kind": "canary", "primary": 1, "canary": 2, "steps": [50], "guards": guards}
+    status, answer = _call(server, "PUT", "/v2/admin/deployments/canaried", {"policy": policy, "revision": 0})
+    assert status == 200, answer
+    rng = np.random.default_rng(4)
+    labels: dict[str, int] = {}
+    answered_by: dict[str, int] = {"1": 0, "2": 0}
+    for index in range(160):
+        row = _rows(rng, 1)
+        answer = _infer(server, "canaried", row, id=f"c-{index}")
+        answered_by[answer["model_version"]] += 1
+        labels[f"c-{index}"] = int(row["a"][0] > 0)
+    assert min(answered_by.values()) >= 20, answered_by
+    status, result = _call(server, "POST", "/v2/models/canaried/feedback", {"labels": labels})
+    assert status == 200 and result["joined"] == 160, result
+    assert result["quality"]["1"]["accuracy"] == 1.0 and result["quality"]["2"]["accuracy"] < 0.9, result
+
+    def rolled_back() -> bool:
+        return bool(_call(server, "GET", "/v2/admin/deployments/canaried")[1]["policy"]["state"] == "rolled_back")
+
+    wait_until(rolled_back, what="the canary rolled back")
+    # the decision's event is written just after its revision
+    wait_until(lambda: bool(_events(server, "canaried", "rollback")), what="the rollback's event")
+    rollback = _events(server, "canaried", "rollback")
+    assert len(rollback) == 1 and rollback[0]["details"]["guard"] == "min_accuracy_ratio", rollback
+    assert rollback[0]["details"]["primary_accuracy"] == 1.0
+
+
+def test_a_model_slowed_on_purpose_raises_a_latency_anomaly_a_steady_one_none(server: DhowProcess) -> None:
+    def both(slow_s: float) -> None:
+        for model, delay in (("steady", STEADY_S), ("slowed", slow_s)):
+            body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [delay]}]}
+            status, answer = _call(server, "POST", f"/v2/models/{model}/infer", body)
+            assert status == 200, answer
+
+    baseline_until = time.monotonic() + 5.5  # min_windows (4) windows of 1 s, with room to spare
+    while time.monotonic() < baseline_until:
+        both(STEADY_S)
+    assert not _events(server, "slowed", "latency_anomaly")
+
+    def anomaly_raised() -> bool:
+        for _ in range(5):
+            both(SLOW_S)
+        return bool(_events(server, "slowed", "latency_anomaly"))
+
+    wait_until(anomaly_raised, what="a latency anomaly of the slowed model")
+    event = _events(server, "slowed", "latency_anomaly")[0]["details"]
+    assert event["part"] == "compute" and event["ratio"] >= 3.0, event
+    # windows of a few requests: their p50 is judged, not their p99 (little more than their slowest)
+    assert {(a["part"], a["quantile"]) for a in event["anomalies"]} == {("compute", "p50")}, event
+    assert not _events(server, "steady", "latency_anomaly")
+    _, metrics = _call(server, "GET", "/metrics")
+    line = next(
+        line for line in metrics.splitlines()
+        if line.startswith('dhow_latency_anomaly{model="slowed",part="compute",quantile="p50"')
+    )  # fmt: skip
+    assert float(line.split()[-1]) >= 3.0, line

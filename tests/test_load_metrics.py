@@ -1,0 +1,62 @@
+"""The autoscaling signals in-process: queue depth and in-flight requests read at the scrape, batch fill per batch."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+
+from dhow.core.model_config import BatchingConfig, ModelConfig
+from dhow.monitoring.metrics import ServerMetrics
+from dhow.serving.model_version import ModelVersion
+from tests.test_batcher import Recorder
+
+
+def _value(metrics: ServerMetrics, name: str, version: str = "1") -> float | None:
+    return metrics.registry.get_sample_value(name, {"model": "m", "version": version})
+
+
+def _version(metrics: ServerMetrics, recorder: Recorder) -> ModelVersion:
+    config = ModelConfig(name="m", runtime="python", max_batch_size=4, batching=BatchingConfig())
+    runtime = type("Gated", (), {"infer": staticmethod(recorder), "unload": lambda self: None})()
+    return ModelVersion(config, 1, [runtime], metrics)
+
+
+def test_queue_depth_and_inflight_follow_the_batcher_and_go_with_the_version() -> None:
+    async def scenario() -> None:
+        metrics, gate = ServerMetrics(), threading.Event()
+        recorder = Recorder(gate=gate)
+        version = _version(metrics, recorder)
+        rows = np.ones((1, 3), dtype=np.float32)
+        calls = [asyncio.create_task(version.batcher.submit({"x": rows}, ["y"], 1)) for _ in range(7)]
+        while not recorder.batches and version.batcher.inflight < 7:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the first batch is running, held by the gate; the rest wait
+        running = 7 - version.batcher.queued
+        assert 1 <= running <= 4  # one batch (at most max_batch_size rows) runs, held by the gate
+        assert _value(metrics, "dhow_inflight_requests") == 7
+        assert _value(metrics, "dhow_queue_depth") == 7 - running
+        gate.set()
+        await asyncio.gather(*calls)
+        assert _value(metrics, "dhow_inflight_requests") == 0
+        assert _value(metrics, "dhow_queue_depth") == 0
+        # one fill per batch: the batches' rows over max_batch_size 4
+        assert _value(metrics, "dhow_batch_fill_ratio_count") == len(recorder.batches)
+        assert _value(metrics, "dhow_batch_fill_ratio_sum") == sum(recorder.batches) / 4
+        await version.close()
+        assert _value(metrics, "dhow_queue_depth") is None  # an unloaded version is not scraped as idle
+
+    asyncio.run(scenario())
+
+
+def test_a_reload_of_the_same_version_keeps_its_gauges_when_the_old_one_closes() -> None:
+    async def scenario() -> None:
+        metrics = ServerMetrics()
+        old, new = _version(metrics, Recorder()), _version(metrics, Recorder())
+        await old.close()  # after the swap the old one finishes and goes: the new one's labels stay
+        assert _value(metrics, "dhow_inflight_requests") == 0
+        await new.close()
+        assert _value(metrics, "dhow_inflight_requests") is None
+
+    asyncio.run(scenario())

@@ -1,0 +1,152 @@
+"""The pieces of model monitoring without a server: drift measures, the bounded window, the quantile sketch, the
+latency baseline, quality figures, the model.yaml section, and a profile kept encrypted beside encrypted artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+
+from dhow.core.artifacts import install_decryptor
+from dhow.core.errors import ModelLoadError
+from dhow.core.model_config import LatencyConfig
+from dhow.monitoring.drift import DriftWindow, js_distance, psi, score
+from dhow.monitoring.latency import LatencyBaseline
+from dhow.monitoring.profile import SKETCH_SIZE, FeatureSketch, ReferenceProfile
+from dhow.monitoring.quality import QualityWindow, prediction_of
+from dhow.repository.encryption import Keyring, encrypt_repository, generate_key
+from dhow.repository.manifest import ManifestError, parse_manifest
+from dhow.repository.profiles import PROFILE, read_profile
+
+
+def _profile(values: np.ndarray, cities: list[str]) -> ReferenceProfile:
+    numeric = FeatureSketch("a", "x", 0, "input", categorical=False)
+    numeric.add(values)
+    city = FeatureSketch("city", "city", 0, "input", categorical=True)
+    city.add(np.asarray(cities, dtype=object))
+    return ReferenceProfile.from_dict({"format": 1, "rows": len(values), "features": {
+        "a": numeric.finish(), "city": city.finish()}}, "test")  # fmt: skip
+
+
+def test_psi_and_js_are_zero_for_the_same_shares_and_grow_with_the_shift() -> None:
+    shares = np.full(10, 0.1)
+    assert psi(shares, shares) == 0.0 and js_distance(shares, shares) == 0.0
+    assert js_distance(np.array([1.0, 0.0]), np.array([0.0, 1.0])) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    profile = _profile(rng.normal(0, 1, 50_000), list(rng.choice(["p", "q"], 50_000)))
+    same = {"x": rng.normal(0, 1, (2000, 1)), "city": rng.choice(["p", "q"], (2000, 1)).astype(object)}
+    moved = {"x": rng.normal(1.5, 1, (2000, 1)), "city": np.full((2000, 1), "r", dtype=object)}
+    calm = {f.name: f for f in score(profile, [(same, {})], 0.2)}
+    drift = {f.name: f for f in score(profile, [(moved, {})], 0.2)}
+    assert calm["a"].score < 0.05 and calm["city"].score < 0.05 and not any(f.drifted for f in calm.values())
+    assert drift["a"].drifted and drift["city"].drifted and drift["city"].score == pytest.approx(1.0, abs=1e-3)
+
+
+def test_the_window_keeps_the_newest_rows_only() -> None:
+    window = DriftWindow(100)
+    for start in range(0, 1000, 30):
+        window.add(30, {"x": np.arange(start, start + 30).reshape(30, 1)}, {})
+    rows = np.concatenate([inputs["x"] for inputs, _ in window.snapshot()])
+    assert 100 <= window.held < 130 and rows[-1, 0] == 1019 and window.sampled == 34 * 30
+    window.add(500, {"x": np.zeros((500, 1))}, {})  # a request larger than the window: its first rows
+    assert window.held == 100
+
+
+def test_the_sketch_is_bounded_and_its_bins_hold_equal_shares() -> None:
+    sketch = FeatureSketch("a", "x", 0, "input", categorical=False)
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        sketch.add(rng.normal(3, 2, 10_000))
+    sketch.add_nulls(2000)
+    entry = sketch.finish()
+    assert len(sketch._sample) == SKETCH_SIZE and entry["count"] == 200_000
+    assert entry["null_rate"] == pytest.approx(2000 / 202_000, abs=1e-6)
+    assert entry["quantiles"]["0.5"] == pytest.approx(3, abs=0.05) and len(entry["edges"]) == 9
+    assert np.allclose(entry["fractions"], 0.1, atol=0.01)
+
+
+def test_a_slow_window_is_an_anomaly_and_stays_out_of_the_baseline() -> None:
+    config = LatencyConfig(min_windows=3, min_requests=5, threshold=6, min_ratio=1.5, min_slack_ms=5)
+    baseline = LatencyBaseline(config)
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        _, anomalies = baseline.judge(list(rng.uniform(0, 1e-4, 200)), list(rng.uniform(0.019, 0.021, 200)))
+        assert anomalies == []
+    _, anomalies = baseline.judge(list(rng.uniform(0, 1e-4, 200)), list(rng.uniform(0.059, 0.061, 200)))
+    assert {(a.part, a.quantile) for a in anomalies} == {("compute", "p50"), ("compute", "p99")}
+    assert all(a.ratio == pytest.approx(3, rel=0.05) for a in anomalies)
+    assert baseline.median("compute", "p50") == pytest.approx(0.02, rel=0.05)  # unchanged by the slow window
+    # microsecond queue times that triple are not an anomaly: under min_slack_ms
+    _, anomalies = baseline.judge(list(rng.uniform(0, 3e-4, 200)), list(rng.uniform(0.019, 0.021, 200)))
+    assert anomalies == []
+    # a small window's slowest request (its p99) is not judged, its p50 is
+    figures, anomalies = baseline.judge([0.0] * 20, [0.02] * 19 + [0.2])
+    assert ("compute", "p99") not in figures and anomalies == []
+    assert baseline.judge([0.1] * 4, [0.1] * 4) == ({}, [])  # too few requests to judge
+
+
+def test_quality_figures() -> None:
+    regression = QualityWindow("regression", 10)
+    for prediction, label in ((1.0, 2.0), (3.0, 3.0), (5.0, 2.0)):
+        regression.add(prediction, label)
+    assert regression.figures() == pytest.approx({"mae": 4 / 3, "rmse": (10 / 3) ** 0.5})
+    assert prediction_of(np.array([[0.2, 0.8], [0.9, 0.1]], dtype=np.float32), "classification") == [1, 0]
+    assert prediction_of(np.array([[b"cat"], [b"dog"]], dtype=object), "classification") == ["cat", "dog"]
+
+
+@pytest.mark.parametrize(
+    ("section", "field"),
+    [
+        ({"drift": {"sample_rat": 0.1}}, "monitoring.drift.sample_rat"),
+        ({"drift": {"sample_rate": 2}}, "monitoring.drift.sample_rate"),
+        ({"drift": {"window": 100, "min_rows": 200}}, "monitoring.drift.min_rows"),
+        ({"feedback": {}}, "monitoring.feedback.task"),
+        ({"latency": {"min_ratio": 0.5}}, "monitoring.latency.min_ratio"),
+        ({"drfit": {}}, "monitoring.drfit"),
+    ],
+)
+def test_a_bad_monitoring_section_is_refused_naming_the_field(section: dict[str, object], field: str) -> None:
+    manifest = {"runtime": "onnx", "monitoring": section}
+    with pytest.raises(ManifestError, match=f"field '{field}'"):
+        parse_manifest(manifest, "m/model.yaml", "m")
+
+
+def test_the_profile_of_an_encrypted_version_is_encrypted(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    (repository / "m" / "1").mkdir(parents=True)
+    (repository / "m" / "model.yaml").write_text(
+        "runtime: python\nmax_batch_size: 4\ninputs: [{name: x, datatype: FP32, shape: [-1, 2]}]\n"
+        "outputs: [{name: y, datatype: FP32, shape: [-1, 2]}]\n"
+    )
+    (repository / "m" / "1" / "model.py").write_text(
+        "class M:\n    def predict(self, inputs):\n        return inputs\n"
+    )
+    keyring_text = f"k1:{generate_key()}"
+    encrypt_repository(repository, Keyring.parse(keyring_text, "test"))
+    pacsv.write_csv(pa.table({"f0": [1.0, 2.0, None, 4.0], "f1": [0.5, 0.5, 0.5, 0.5]}), tmp_path / "data.csv")
+    command = [sys.executable, "-m", "dhow.cli", "models", "profile", str(repository / "m" / "1"),
+               "--data", str(tmp_path / "data.csv"), "--map", "x=f0,f1"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DHOW_")}
+    refused = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    assert refused.returncode == 2 and "encrypted, so its profile must be too" in refused.stderr, refused.stderr
+    made = subprocess.run(command, capture_output=True, text=True, env={**env, "DHOW_KEK": keyring_text}, check=False)
+    assert made.returncode == 0, made.stderr
+    assert (repository / "m" / "1" / (PROFILE + ".enc")).is_file() and not (repository / "m" / "1" / PROFILE).exists()
+    assert b"f0" not in (repository / "m" / "1" / (PROFILE + ".enc")).read_bytes()
+    install_decryptor(None)
+    with pytest.raises(ModelLoadError, match="no key-encryption key"):
+        read_profile(repository / "m" / "1")
+    install_decryptor(Keyring.parse(keyring_text, "test").decrypt)
+    try:
+        profile = read_profile(repository / "m" / "1")
+    finally:
+        install_decryptor(None)
+    assert profile is not None and profile["rows"] == 4 and profile["refused_rows"] == 1
+    assert profile["features"]["f0"]["null_rate"] == 0.25 and json.dumps(profile)

@@ -1,0 +1,69 @@
+"""The payload log's sinks as ``--payload-log`` names them: bad URLs refused saying what is expected, a file
+rotated keeping ``backups`` files, one file per worker when several share the ports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dhow.core.errors import InvalidInput
+from dhow.monitoring.payload_sinks import FileSink, open_sink, worker_sink_url
+
+
+class _Counts:
+    def __init__(self) -> None:
+        self.logged_count = 0
+        self.failures: list[str] = []
+
+    def logged(self, count: int) -> None:
+        self.logged_count += count
+
+    def dropped(self, count: int) -> None:
+        raise AssertionError("a file sink has no buffer of its own to drop from")
+
+    def failed(self, count: int, reason: str) -> None:
+        self.failures.append(reason)
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("ftp://host/x", "expected file:///PATH.jsonl, kafka://HOST:PORT/TOPIC or http(s)://HOST/PATH"),
+        ("kafka://127.0.0.1:9092", "expected kafka://HOST:PORT[,HOST:PORT]/TOPIC"),
+        ("kafka://127.0.0.1:9092/a/b", "expected kafka://HOST:PORT[,HOST:PORT]/TOPIC"),
+        ("file:///tmp/x.jsonl?max_size=1", "unknown option(s) ['max_size']; known: max_bytes, backups"),
+        ("file:///tmp/x.jsonl?max_bytes=-1", "max_bytes must be a positive number"),
+        ("http://127.0.0.1:1/e?mode=binary", "mode must be batch or structured"),
+        ("http://127.0.0.1:1/e?timeout=soon", "timeout must be a positive number"),
+    ],
+)
+def test_a_bad_url_is_refused_saying_what_is_expected(url: str, said: str) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        open_sink(url)
+    assert said in refused.value.message and repr(url) in refused.value.message
+
+
+def test_a_kafka_setting_librdkafka_refuses_is_named() -> None:
+    with pytest.raises(InvalidInput, match=r"no\.such\.setting"):
+        open_sink("kafka://127.0.0.1:9/topic?no.such.setting=1")
+
+
+def test_the_file_rotates_keeping_backups(tmp_path: Path) -> None:
+    sink = open_sink(f"file://{tmp_path}/events.jsonl?max_bytes=100&backups=2")
+    assert isinstance(sink, FileSink)
+    counts = _Counts()
+    for n in range(10):
+        sink.write([(str(n), b'{"n": %d, "pad": "%s"}' % (n, b"x" * 40))], counts)
+    sink.close(1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.jsonl", "events.jsonl.1", "events.jsonl.2"]
+    assert counts.logged_count == 10 and not counts.failures
+    newest = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert newest[-1].startswith('{"n": 9') and all(len(p.read_bytes()) <= 100 for p in tmp_path.iterdir())
+
+
+def test_each_worker_gets_a_file_of_its_own() -> None:
+    assert worker_sink_url("file:///var/log/e.jsonl?max_bytes=5", 2) == "file:///var/log/e.worker-2.jsonl?max_bytes=5"
+    assert worker_sink_url("/var/log/e.jsonl", 1) == "/var/log/e.worker-1.jsonl"
+    assert worker_sink_url("kafka://a:9092/t", 3) == "kafka://a:9092/t"
+    assert worker_sink_url("", 3) == ""

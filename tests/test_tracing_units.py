@@ -1,0 +1,110 @@
+"""Tracing's sampling decisions: the W3C traceparent read strictly, the caller's sampled flag followed, the ratio
+for requests without a parent."""
+
+from __future__ import annotations
+
+import pytest
+
+from dhow.core.errors import InvalidInput
+from dhow.monitoring.tracing import Tracing, parse_traceparent, traces_url
+
+TRACE, SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+
+def test_a_valid_traceparent_gives_trace_parent_and_flag() -> None:
+    assert parse_traceparent(f"00-{TRACE}-{SPAN}-01") == (bytes.fromhex(TRACE), bytes.fromhex(SPAN), True)
+    assert parse_traceparent(f"00-{TRACE}-{SPAN}-00") == (bytes.fromhex(TRACE), bytes.fromhex(SPAN), False)
+    # a later version may append fields after the four of version 00
+    assert parse_traceparent(f"01-{TRACE}-{SPAN}-09-more") == (bytes.fromhex(TRACE), bytes.fromhex(SPAN), True)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        "",
+        f"00-{TRACE}-{SPAN}-01-extra",  # version 00 has exactly four fields
+        f"ff-{TRACE}-{SPAN}-01",  # version ff is invalid
+        f"00-{TRACE.upper()}-{SPAN}-01",  # lower-case hex only
+        f"00-{'0' * 32}-{SPAN}-01",  # an all-zero trace id
+        f"00-{TRACE}-{'0' * 16}-01",  # an all-zero parent
+        f"00_{TRACE}_{SPAN}_01",
+        f"00-{TRACE[:-1]}g-{SPAN}-01",
+    ],
+)
+def test_a_malformed_traceparent_is_no_parent(value: str | None) -> None:
+    assert parse_traceparent(value) is None
+
+
+def test_sampling_follows_the_caller_else_the_ratio() -> None:
+    never, always = Tracing("http://127.0.0.1:9", 0.0), Tracing("http://127.0.0.1:9", 1.0)
+    try:
+        times = (1, 2, 3)
+        assert never.start({}, "m", "r", times) is None
+        assert never.start({"traceparent": f"00-{TRACE}-{SPAN}-00"}, "m", "r", times) is None
+        followed = never.start({"traceparent": f"00-{TRACE}-{SPAN}-01"}, "m", "r", times)
+        assert followed is not None and followed.trace_id.hex() == TRACE and followed.parent_id.hex() == SPAN
+        assert always.start({"traceparent": f"00-{TRACE}-{SPAN}-00"}, "m", "r", times) is None, "the caller decides"
+        root = always.start({}, "m", "r", times)
+        assert root is not None and root.parent_id == b"" and root.trace_id != followed.trace_id
+    finally:
+        never.shutdown()
+        always.shutdown()
+
+
+def test_the_endpoint_must_be_an_otlp_http_url() -> None:
+    assert traces_url("http://c:4318") == "http://c:4318/v1/traces"
+    assert traces_url("https://c/v1/traces") == "https://c/v1/traces"
+    with pytest.raises(InvalidInput, match="expected an OTLP/HTTP URL"):
+        traces_url("c:4317")
+
+
+def test_the_export_parses_as_the_message_opentelemetry_proto_builds() -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+    from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+    from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
+    from dhow.monitoring.otlp import SPAN_KIND_SERVER, FinishedSpan, export_request, resource_bytes
+
+    trace, parent, own, other = bytes.fromhex(TRACE), bytes.fromhex(SPAN), b"\x01" * 8, b"\x02" * 8
+    attributes = {"dhow.model": "tabular", "rows": 300, "negative": -2, "ratio": 0.5, "yes": True, "ü": "é"}
+    span = FinishedSpan(trace, own, parent, "infer tabular", SPAN_KIND_SERVER, 1_700_000_000_123_456_789,
+                        1_700_000_000_223_456_789, attributes, ((trace, other),), "INTERNAL")  # fmt: skip
+    root = FinishedSpan(trace, other, b"", "batch", 1, 5, 6, None, (), "")
+    written = ExportTraceServiceRequest.FromString(export_request(resource_bytes("dhow"), "dhow", [span, root]))
+
+    def value(v: object) -> AnyValue:
+        if isinstance(v, bool):
+            return AnyValue(bool_value=v)
+        if isinstance(v, int):
+            return AnyValue(int_value=v)
+        if isinstance(v, float):
+            return AnyValue(double_value=v)
+        return AnyValue(string_value=str(v))
+
+    built = ExportTraceServiceRequest(
+        resource_spans=[
+            ResourceSpans(
+                resource=Resource(attributes=[KeyValue(key="service.name", value=AnyValue(string_value="dhow"))]),
+                scope_spans=[
+                    ScopeSpans(
+                        scope=InstrumentationScope(name="dhow"),
+                        spans=[
+                            Span(
+                                trace_id=trace, span_id=own, parent_span_id=parent, name="infer tabular",
+                                kind=Span.SPAN_KIND_SERVER, start_time_unix_nano=span.start_ns,
+                                end_time_unix_nano=span.end_ns,
+                                attributes=[KeyValue(key=k, value=value(v)) for k, v in attributes.items()],
+                                links=[Span.Link(trace_id=trace, span_id=other)],
+                                status=Status(code=Status.STATUS_CODE_ERROR, message="INTERNAL"),
+                            ),
+                            Span(trace_id=trace, span_id=other, name="batch", kind=Span.SPAN_KIND_INTERNAL,
+                                 start_time_unix_nano=5, end_time_unix_nano=6),
+                        ],
+                    )
+                ],
+            )
+        ]
+    )  # fmt: skip
+    assert written == built
