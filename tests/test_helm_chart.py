@@ -19,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from dhow import cli
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.protocols.routes import PUBLIC, ROUTES
 from dhow.settings import ServerSettings, resolve_settings
@@ -271,6 +272,11 @@ def test_routes_send_each_model_to_its_pool_and_fail_over_to_the_other(profiles:
     assert {"name": "dhow-gpu", "port": 8080} in [ref for rule in plain_rules for ref in rule["backendRefs"]]
 
 
+#: a stream's values, all that `dhow stream run` needs but its partition count
+_STREAM = {"name": "s", "model": "m", "source": "kafka://k:9092/t", "sink": "kafka://k:9092/r",
+           "deadLetter": "kafka://k:9092/d", "group": "g"}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
@@ -283,14 +289,15 @@ def test_routes_send_each_model_to_its_pool_and_fail_over_to_the_other(profiles:
         ({"models": [{"name": "m"}]}, "at '/models/0': missing property 'pool'"),
         ({"pools": {"cpu": {"minReplicas": 0}}}, "pools.cpu.minReplicas: 0 needs the KEDA HTTP add-on"),
         ({"persistence": {"enabled": True}}, "but pool cpu may run more; give secrets.registryUrl"),
-        ({"streams": [{"name": "s", "model": "m", "pool": "gpu", "source": "kafka://k:9092/t", "group": "g",
-                       "partitions": 3}]}, 'streams: "s" runs on pool "gpu", which is not enabled'),
+        ({"streams": [{**_STREAM, "pool": "gpu", "partitions": 3}]},
+         'streams: "s" runs on pool "gpu", which is not enabled'),
         ({"httpAddon": {"enabled": True}, "gateway": {"enabled": True}},
          "the routes would go around the HTTP add-on's interceptor"),
-        ({"streams": [{"name": "s", "model": "m", "source": "kinesis://x", "group": "g", "partitions": 1}]},
-         "source must be kafka://HOST:PORT/TOPIC"),
-        ({"streams": [{"name": "s", "model": "m", "source": "kafka://k:9092/t", "group": "g"}]},
-         '"s" needs partitions'),
+        ({"streams": [{**_STREAM, "source": "kinesis://x", "partitions": 1}]}, "source must be kafka://HOST:PORT/TOPIC"),
+        ({"streams": [_STREAM]}, '"s" needs partitions'),
+        ({"streams": [{k: v for k, v in _STREAM.items() if k != "sink"}]}, "at '/streams/0': missing property 'sink'"),
+        ({"streams": [{k: v for k, v in _STREAM.items() if k != "deadLetter"} | {"partitions": 1}]},
+         '"s" needs deadLetter'),
     ],
 )  # fmt: skip
 def test_contradicting_values_fail_the_render_with_what_to_change(values: dict[str, Any], message: str) -> None:
@@ -312,3 +319,16 @@ def test_every_dhow_variable_the_chart_sets_is_a_setting_dhow_reads(profiles: di
     chart_variables = {name for name in given if name.startswith("DHOW_")}
     assert "DHOW_DRAIN_SECONDS" in chart_variables  # the check sees what the chart sets
     assert chart_variables <= known, f"not settings of dhow: {sorted(chart_variables - known)}"
+
+
+def test_stream_consumers_run_a_command_line_dhow_accepts(profiles: dict[str, list[Manifest]]) -> None:
+    consumers = [
+        m for m in profiles["enterprise-gpu"] if m["kind"] == "Deployment" and "-stream-" in m["metadata"]["name"]
+    ]
+    assert consumers
+    for consumer in consumers:
+        arguments = container(consumer)["args"]
+        parsed = cli._parser().parse_args(arguments)  # dhow's own parser: exits on an option it does not know
+        assert parsed.sink.startswith("kafka://") and parsed.dead_letter.startswith("kafka://")
+        skipping = cli._parser().parse_args([*arguments[: arguments.index("--dead-letter")], "--on-error", "skip"])
+        assert skipping.on_error == "skip"
