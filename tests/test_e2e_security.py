@@ -51,6 +51,8 @@ REST_MATRIX: dict[str, tuple[str, str, Any, frozenset[str] | None]] = {
     "model_config": ("GET", "/v2/models/tabular/config", None, READERS),
     "model_statistics": ("GET", "/v2/models/tabular/stats", None, frozenset({A, D, U})),
     "model_infer": ("POST", "/v2/models/tabular/infer", INFER_BODY, frozenset({A, I})),
+    "model_drift": ("GET", "/v2/models/tabular/drift", None, frozenset({A, D, U})),
+    "model_feedback": ("POST", "/v2/models/tabular/feedback", {"labels": {"no-such-request": 1}}, frozenset({A, I})),
     "repository_index": ("POST", "/v2/repository/index", {}, READERS),
     "repository_model_load": ("POST", "/v2/repository/models/text_python/load", {}, frozenset({A, D})),
     "repository_model_unload": ("POST", "/v2/repository/models/no_such_model/unload", {}, frozenset({A, D})),
