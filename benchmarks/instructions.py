@@ -101,8 +101,10 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     calls = args.requests
     lines = [f"{point}: {_batch_size(stats)}"]
     if args.switches:  # under valgrind, which runs one thread at a time, they would mean little
-        switches = ", ".join(f"{kind} {(after[kind] - before[kind]) / calls:.2f}" for kind in after)
-        lines.append(f"context switches per call (all the server's threads): {switches}")
+        for kind in after:
+            change = after[kind] - before[kind]  # threads that started meanwhile count from 0
+            threads = ", ".join(f"{name} {count / calls:.2f}" for name, count in change.most_common(5))
+            lines.append(f"{kind} context switches per call: {change.total() / calls:.2f} ({threads})")
     if args.cprofile:
         lines += _profile_lines(args.cprofile, calls)
     elif not args.switches:
@@ -141,8 +143,9 @@ def _rest_caller(port: int, model: str, bodies: list[bytes], binary: bool):  # t
     encoded = [_binary_body(json.loads(body)) if binary else (body, {}) for body in bodies]
     raw = [http_post(f"127.0.0.1:{port}", url, body, headers) for body, headers in encoded]
 
-    async def calls(count: int) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def calls(count: int, opening: asyncio.Lock) -> None:
+        async with opening:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
         for index in range(count):
             writer.write(raw[index % len(raw)])
             status = await reader.readline()
@@ -170,8 +173,9 @@ def _binary_body(body: dict) -> tuple[bytes, dict[str, str]]:  # type: ignore[ty
 
 
 def _grpc_caller(port: int, messages: list[bytes]):  # type: ignore[no-untyped-def]
-    async def calls(count: int) -> None:
-        connection = await grpc_loadgen.Connection.open("127.0.0.1", port)
+    async def calls(count: int, opening: asyncio.Lock) -> None:
+        async with opening:  # one handshake at a time: under valgrind, 64 at once outlast the server's 10 s limit
+            connection = await grpc_loadgen.Connection.open("127.0.0.1", port)
         for index in range(count):
             if not await connection.call(messages[index % len(messages)]):
                 raise SystemExit("gRPC call failed")
@@ -181,7 +185,8 @@ def _grpc_caller(port: int, messages: list[bytes]):  # type: ignore[no-untyped-d
 
 
 async def _load(calls, concurrency: int, total: int) -> None:  # type: ignore[no-untyped-def]
-    await asyncio.gather(*(calls(total // concurrency) for _ in range(concurrency)))
+    opening = asyncio.Lock()
+    await asyncio.gather(*(calls(total // concurrency, opening) for _ in range(concurrency)))
 
 
 #: ``dhow serve`` with cProfile switched on by SIGUSR1 and off (and written) by SIGUSR2
@@ -220,15 +225,20 @@ def _profile_lines(path: Path, calls: int) -> list[str]:
     return lines
 
 
-def _switches(pid: int) -> dict[str, int]:
-    counts: dict[str, int] = {"voluntary": 0, "nonvoluntary": 0}
+def _switches(pid: int) -> dict[str, collections.Counter[str]]:
+    """Voluntary and nonvoluntary context switches so far, per thread name (``/proc/PID/task/*/comm``)."""
+    counts: dict[str, collections.Counter[str]] = {
+        "voluntary": collections.Counter(),
+        "nonvoluntary": collections.Counter(),
+    }
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            status = (task / "status").read_text()
+            name, status = (task / "comm").read_text().strip(), (task / "status").read_text()
         except OSError:
             continue  # the thread ended
-        for kind in counts:
-            counts[kind] += int(re.search(rf"^{kind}_ctxt_switches:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+        for kind, counter in counts.items():
+            found = re.search(rf"^{kind}_ctxt_switches:\s+(\d+)", status, re.M)
+            counter[name] += int(found.group(1)) if found else 0
     return counts
 
 
