@@ -15,6 +15,7 @@ What a door costs beyond these stages (its framework and transport) is the serve
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import os
@@ -24,6 +25,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import instructions
 import numpy as np
 import uvloop
 from serving_setups import DHOW, WORKLOADS, requests_for, write_dhow_repository
@@ -87,7 +89,8 @@ async def _measure(args: argparse.Namespace, scratch: Path) -> list[str]:
     runtime = version.runtimes[0]
     requests = requests_for(workload, 1)
     message, body = requests.grpc_messages[0], requests.rest_bodies[0]
-    binary_body, header_length = _binary(body)
+    binary_body, headers = instructions.binary_body(json.loads(body))
+    header_length = int(headers["Inference-Header-Content-Length"])
     who, access = Credentials(source="127.0.0.1"), ACTIONS["infer"]
 
     def decoded() -> InferenceRequest:
@@ -98,6 +101,7 @@ async def _measure(args: argparse.Namespace, scratch: Path) -> list[str]:
     binary_request = decode_request(binary_body, model, "", header_length)
     inputs = {tensor.name: tensor.data for tensor in decoded().inputs}
     outputs = list(version.output_names)
+    batch = {name: np.repeat(array, 32, axis=0) for name, array in inputs.items()}
 
     async def admission() -> None:
         async with service.call(who, access, model):
@@ -111,6 +115,9 @@ async def _measure(args: argparse.Namespace, scratch: Path) -> list[str]:
     async def sync(function: Callable[[], object]) -> object:
         return function()
 
+    async def hop() -> object:
+        return await asyncio.get_running_loop().run_in_executor(version._executor, runtime.infer, inputs, outputs)
+
     stages: dict[str, Stage] = {
         "nothing (the measurement's own cost)": lambda: sync(lambda: None),
         "gRPC decode (parse, request_from_proto)": lambda: sync(decoded),
@@ -123,7 +130,14 @@ async def _measure(args: argparse.Namespace, scratch: Path) -> list[str]:
         "REST encode, binary": lambda: sync(lambda: encode_response(response, binary_request)),
         "admission alone (enter and leave service.call)": admission,
         "the core's path (gRPC decode + admission + infer)": core_path,
+        "batcher.submit (queue, batch assembly, thread hop, runtime, outputs)": lambda: version.batcher.submit(
+            inputs, outputs, 1
+        ),
+        "runtime.infer on the instance's thread (run_in_executor: the hop there and back)": hop,
         "runtime.infer alone, on the loop's thread": lambda: sync(lambda: runtime.infer(inputs, outputs)),
+        "runtime.infer alone, a batch of 32 rows (per batch: divide by 32 for a row)": lambda: sync(
+            lambda: runtime.infer(batch, outputs)
+        ),
     }
     for number, stage in enumerate(stages.values(), start=1):
         for _ in range(max(args.calls // 10, 20)):
@@ -138,16 +152,6 @@ async def _measure(args: argparse.Namespace, scratch: Path) -> list[str]:
     core.service.guard.close()
     await security.close()
     return list(stages)
-
-
-def _binary(body: bytes) -> tuple[bytes, int]:
-    document = json.loads(body)
-    tensor = document["inputs"][0]
-    data = np.asarray(tensor.pop("data"), dtype=np.float32).tobytes()
-    tensor["parameters"] = {"binary_data_size": len(data)}
-    document["parameters"] = {"binary_data_output": True}
-    header = json.dumps(document).encode()
-    return header + data, len(header)
 
 
 def _control(option: str) -> None:

@@ -32,9 +32,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc_loadgen
+import numpy as np
 from loadgen import http_post
 from serving_setups import DHOW, WORKLOADS, requests_for, write_dhow_repository
 
@@ -94,6 +97,9 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
         _stop(args, server.pid)
         after = _switches(server.pid)
         stats = json.load(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{args.model}/stats"))
+    except BaseException:
+        print((scratch / "server.log").read_text(errors="replace")[-3000:], file=sys.stderr)
+        raise
     finally:
         server.terminate()
         server.wait(120)
@@ -108,14 +114,14 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     if args.cprofile:
         lines += _profile_lines(args.cprofile, calls)
     elif not args.switches:
-        threads = {int(f.name.rpartition("-")[2]): by_object(f) for f in out.parent.glob(f"{out.name}-*")}
-        objects = sum(threads.values(), collections.Counter())
+        per_thread = {int(f.name.rpartition("-")[2]): by_object(f) for f in out.parent.glob(f"{out.name}-*")}
+        objects: collections.Counter[str] = sum(per_thread.values(), collections.Counter())
         total = sum(objects.values())
         lines.insert(0, f"{point}: {total / calls / 1000:,.0f}k instructions per call over {calls}")
         for name, cost in objects.most_common(8):
             lines.append(f"  {cost / calls / 1000:8,.0f}k  {name}")
         lines.append("per thread (1: the event loop's), with its costliest objects:")
-        for number, costs in sorted(threads.items()):
+        for number, costs in sorted(per_thread.items()):
             if (cost := sum(costs.values())) >= calls * 1000:  # threads under 1k a call are left out
                 top = ", ".join(f"{name} {part / calls / 1000:,.0f}k" for name, part in costs.most_common(3))
                 lines.append(f"  thread {number}: {cost / calls / 1000:8,.0f}k  ({top})")
@@ -138,9 +144,13 @@ def _wait_ready(server: subprocess.Popen[bytes], http_port: int) -> None:
     raise SystemExit("the server did not become ready (see its log)")
 
 
-def _rest_caller(port: int, model: str, bodies: list[bytes], binary: bool):  # type: ignore[no-untyped-def]
+#: one caller's work: ``count`` calls on its own connection (opened while holding the lock)
+Calls = Callable[[int, asyncio.Lock], Awaitable[None]]
+
+
+def _rest_caller(port: int, model: str, bodies: list[bytes], binary: bool) -> Calls:
     url = f"/v2/models/{model}/infer"
-    encoded = [_binary_body(json.loads(body)) if binary else (body, {}) for body in bodies]
+    encoded = [binary_body(json.loads(body)) if binary else (body, {}) for body in bodies]
     raw = [http_post(f"127.0.0.1:{port}", url, body, headers) for body, headers in encoded]
 
     async def calls(count: int, opening: asyncio.Lock) -> None:
@@ -161,9 +171,8 @@ def _rest_caller(port: int, model: str, bodies: list[bytes], binary: bool):  # t
     return calls
 
 
-def _binary_body(body: dict) -> tuple[bytes, dict[str, str]]:  # type: ignore[type-arg]
-    import numpy as np
-
+def binary_body(body: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """A JSON request body of one FP32 input in the binary tensor extension, and the header it needs."""
     tensor = body["inputs"][0]
     data = np.asarray(tensor.pop("data"), dtype=np.float32).tobytes()
     tensor["parameters"] = {"binary_data_size": len(data)}
@@ -172,19 +181,32 @@ def _binary_body(body: dict) -> tuple[bytes, dict[str, str]]:  # type: ignore[ty
     return header + data, {"Inference-Header-Content-Length": str(len(header))}
 
 
-def _grpc_caller(port: int, messages: list[bytes]):  # type: ignore[no-untyped-def]
+def _grpc_caller(port: int, messages: list[bytes]) -> Calls:
     async def calls(count: int, opening: asyncio.Lock) -> None:
         async with opening:  # one handshake at a time: under valgrind, 64 at once outlast the server's 10 s limit
-            connection = await grpc_loadgen.Connection.open("127.0.0.1", port)
+            connection = await _Connection.open("127.0.0.1", port)
+        assert isinstance(connection, _Connection)
         for index in range(count):
             if not await connection.call(messages[index % len(messages)]):
-                raise SystemExit("gRPC call failed")
+                raise SystemExit(f"gRPC call failed: {connection.failure!r}")
         await connection.close()
 
     return calls
 
 
-async def _load(calls, concurrency: int, total: int) -> None:  # type: ignore[no-untyped-def]
+class _Connection(grpc_loadgen.Connection):
+    """grpc_loadgen's connection, keeping what ended the last failed call (trailers or RST_STREAM) to show."""
+
+    failure: tuple[int, bytes] | None = None
+
+    def _on_frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
+        ended = kind == grpc_loadgen.HEADERS and flags & grpc_loadgen.END_STREAM
+        if kind == grpc_loadgen.RST_STREAM or kind == grpc_loadgen.GOAWAY or ended:
+            self.failure = (kind, payload)
+        super()._on_frame(kind, flags, stream, payload)
+
+
+async def _load(calls: Calls, concurrency: int, total: int) -> None:
     opening = asyncio.Lock()
     await asyncio.gather(*(calls(total // concurrency, opening) for _ in range(concurrency)))
 
@@ -215,7 +237,7 @@ def _stop(args: argparse.Namespace, pid: int) -> None:
 
 def _profile_lines(path: Path, calls: int) -> list[str]:
     """Python function calls per call, the most frequent first (cProfile sees the event loop's thread only)."""
-    stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+    stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]  # not in typeshed
     rows = []
     for (file, line, name), (_, count, *_) in stats.items():
         rows.append((count, f"{file.split('site-packages/')[-1].split('/src/')[-1]}:{line}:{name}"))
@@ -242,7 +264,7 @@ def _switches(pid: int) -> dict[str, collections.Counter[str]]:
     return counts
 
 
-def _batch_size(stats: dict) -> str:  # type: ignore[type-arg]
+def _batch_size(stats: dict[str, Any]) -> str:
     model = stats["model_stats"][0]
     batches, inferences = model.get("execution_count") or 0, model.get("inference_count") or 0
     return f"average batch {inferences / batches:.2f} ({inferences} inferences in {batches} batches, warm-up included)"
