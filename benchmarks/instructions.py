@@ -72,8 +72,9 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     serve = [sys.executable, "-c", "import sys; from dhow.cli import main; sys.exit(main())", "serve"]
     serve += ["--auth", "none", "--repository", str(scratch / "repo"), "--data-dir", str(scratch / "data")]
     serve += ["--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-    # valgrind slows the server fifty-fold: no request may time out in the queue meanwhile
-    serve += ["--log-level", "warning", "--queue-timeout-ms", "0"]
+    # valgrind slows the server fifty-fold: no request may time out in the queue meanwhile, and no connection
+    # waiting for its first call may be closed for a ping the server was too slow to see answered
+    serve += ["--log-level", "warning", "--queue-timeout-ms", "0", "--grpc-keepalive", "3600"]
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes"]
     valgrind.append(f"--callgrind-out-file={out}")
     if args.cprofile:
