@@ -7,9 +7,14 @@ Starts one ``dhow serve`` process (no workers) on the demo model under ``valgrin
 --instr-atstart=no``, waits for ``/v2/health/ready``, warms it up, then counts the instructions of all its
 threads (grpc's, the event loop's, the runtime's) over ``--requests`` calls only (``callgrind_control -i
 on/off`` around them). Printed: instructions per call, the share of each shared object (libpython, grpc's
-cygrpc, onnxruntime, ...), and the average batch size from the model's statistics. The callgrind file stays
-(``--out``) for ``callgrind_annotate``. ``--switches`` runs without valgrind instead and counts the server
-threads' context switches per call (``/proc/PID/task/*/status``). OMP_NUM_THREADS=1 throughout.
+cygrpc, onnxruntime, ...) and of each thread, and the average batch size from the model's statistics. With
+``--out FILE`` the callgrind files (``FILE-NN``, one per thread) stay for ``callgrind_annotate``. Instead of
+valgrind, ``--switches`` counts the server threads' context switches per call (``/proc/PID/task/*/status``) and
+``--cprofile FILE`` profiles the event loop's thread with cProfile (Python calls per call; cProfile cannot see
+grpc's Cython). OMP_NUM_THREADS=1 throughout.
+
+Under valgrind the server runs one thread at a time: while a heavy model computes, grpc.aio asks for no new call,
+and grpc cancels calls left waiting too long (CANCELLED): the mlp over gRPC counts at c=16, not at c=64.
 
 REST calls send JSON as ``loadgen.py`` does (``--binary`` for the binary tensor extension); gRPC calls send
 ``raw_input_contents`` as ``grpc_loadgen.py`` does. The client runs in this process, outside the count.
@@ -196,14 +201,15 @@ def _grpc_caller(port: int, messages: list[bytes]) -> Calls:
 
 
 class _Connection(grpc_loadgen.Connection):
-    """grpc_loadgen's connection, keeping what ended the last failed call (trailers or RST_STREAM) to show."""
+    """grpc_loadgen's connection, keeping the frames that ended calls (trailers, RST_STREAM, GOAWAY) to show."""
 
-    failure: tuple[int, bytes] | None = None
+    #: (frame type, stream, payload) of the last frames that ended a call
+    failure: tuple[tuple[int, int, bytes], ...] = ()
 
     def _on_frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
         ended = kind == grpc_loadgen.HEADERS and flags & grpc_loadgen.END_STREAM
-        if kind == grpc_loadgen.RST_STREAM or kind == grpc_loadgen.GOAWAY or ended:
-            self.failure = (kind, payload)
+        if kind in (grpc_loadgen.RST_STREAM, grpc_loadgen.GOAWAY) or ended:
+            self.failure = (*self.failure[-3:], (kind, stream, payload))
         super()._on_frame(kind, flags, stream, payload)
 
 
