@@ -96,14 +96,15 @@ def request_from_proto(message: pb.ModelInferRequest) -> InferenceRequest:
         tensors = [_tensor_from_raw(tensor, buffer) for tensor, buffer in zip(inputs, raw, strict=True)]
     else:
         tensors = [_tensor_from_contents(tensor) for tensor in inputs]
-    outputs = [RequestedOutput(o.name, parameters_from_proto(o.parameters)) for o in message.outputs]
+    requested = message.outputs
+    outputs = [RequestedOutput(o.name, parameters_from_proto(o.parameters)) for o in requested] if requested else None
     return InferenceRequest(
         model_name=message.model_name,
         inputs=tensors,
         model_version=message.model_version,
         id=message.id,
         parameters=parameters_from_proto(message.parameters),
-        outputs=outputs or None,
+        outputs=outputs,
     )
 
 
@@ -114,12 +115,12 @@ def _checked_header(tensor: Any) -> tuple[str, str, list[int], Parameters]:
     parameters = parameters_from_proto(tensor.parameters)
     if "shared_memory_region" in parameters:
         raise Unsupported(f"input '{name}' refers to a shared-memory region; dhow does not support shared memory")
-    if datatype in _UNSUPPORTED_DATATYPES:
-        raise Unsupported(f"input '{name}' has datatype {datatype}, which dhow does not support")
     if datatype not in NUMPY_DTYPE:
+        if datatype in _UNSUPPORTED_DATATYPES:
+            raise Unsupported(f"input '{name}' has datatype {datatype}, which dhow does not support")
         known = ", ".join(NUMPY_DTYPE)
         raise InvalidInput(f"input '{name}' has unknown datatype '{datatype}'; expected one of {known}")
-    if any(dim < 0 for dim in shape):
+    if shape and min(shape) < 0:
         raise InvalidInput(f"input '{name}' has a negative dimension in its shape {shape}")
     return name, datatype, shape, parameters
 

@@ -2,30 +2,31 @@
 
 grpc decodes a request with the method's deserializer before any servicer code runs; a ``DecodeError`` there
 becomes UNKNOWN ("Unexpected <class 'DecodeError'>") for the client and a traceback in the log.
-``MalformedMessages``, a server interceptor, gives each method a deserializer that returns a ``Malformed``
-marker instead, and a behaviour that answers the marker with INVALID_ARGUMENT before the servicer sees it. A
-stream ends at its first malformed message: the requests before it are answered, then the call fails.
+``Methods``, where every service of the port registers, gives each method a deserializer that returns a
+``Malformed`` marker instead, and a behaviour that answers the marker with INVALID_ARGUMENT before the servicer
+sees it (a behaviour marked ``refuses_malformed`` answers it itself). A stream ends at its first malformed
+message: the requests before it are answered, then the call fails.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 import grpc.aio
 
-__all__ = ["Malformed", "MalformedMessages"]
+__all__ = ["Malformed", "Methods"]
 
 # grpc-stubs makes these generic; grpc's classes are not subscriptable at run time
 if TYPE_CHECKING:
     _Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
-    _Interceptor: TypeAlias = grpc.aio.ServerInterceptor[Any, Any]
+    _GenericHandler: TypeAlias = grpc.GenericRpcHandler[Any, Any]
 else:
     _Handler = grpc.RpcMethodHandler
-    _Interceptor = grpc.aio.ServerInterceptor
+    _GenericHandler = grpc.GenericRpcHandler
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,28 +43,39 @@ class Malformed:
         )
 
 
-class MalformedMessages(_Interceptor):
-    """Answers undecodable requests with INVALID_ARGUMENT; the wrapped handlers are made once per method."""
+class Methods(_GenericHandler):
+    """Every method of the gRPC port, each made to refuse malformed messages once, served by one generic handler.
+
+    The generated ``add_*_to_server`` functions register into it as into a server. grpc.aio keeps one request
+    for a call pending per method registered with the server itself and waits on all of them again after each
+    call, and an interceptor is one more coroutine per call: together about 90k instructions of a tabular
+    call's 1,070k (``benchmarks/instructions.py``). One lookup here does the work of both.
+    """
 
     def __init__(self) -> None:
-        self._handlers: dict[str, _Handler | None] = {}
+        self._handlers: dict[str, _Handler] = {}
+        self._generic: list[_GenericHandler] = []
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> _Handler:
+    def add_registered_method_handlers(self, service: str, handlers: Mapping[str, _Handler]) -> None:
+        for name, handler in handlers.items():
+            method = f"/{service}/{name}"
+            self._handlers[method] = _checked(handler, method)
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[_GenericHandler]) -> None:
+        # generated code gives each service both ways: registered methods are found first, these after
+        self._generic.extend(handlers)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> _Handler | None:
         method = handler_call_details.method
-        if method in self._handlers:
-            cached = self._handlers[method]
-            if cached is not None:
-                return cached
-        handler = await continuation(handler_call_details)
-        if handler is None:  # an unknown method: grpc answers UNIMPLEMENTED itself
-            return handler
-        wrapped = _checked(handler, method)
-        self._handlers[method] = wrapped
-        return wrapped
+        found = self._handlers.get(method)
+        if found is not None:
+            return found
+        for generic in self._generic:
+            handler = generic.service(handler_call_details)
+            if handler is not None:  # a method only a generic handler knows: wrapped once, then found first
+                found = self._handlers[method] = _checked(handler, method)
+                return found
+        return None  # an unknown method: grpc answers UNIMPLEMENTED itself
 
 
 def _checked(handler: Any, method: str) -> _Handler:
@@ -82,6 +94,9 @@ def _checked(handler: Any, method: str) -> _Handler:
         except Exception:  # DecodeError, or whatever a deserializer raises on bytes it cannot read
             return Malformed(message_type, len(data))
 
+    if getattr(behaviour, "refuses_malformed", False):  # it answers ``Malformed`` itself: one coroutine less
+        refusing: _Handler = handler._replace(request_deserializer=deserialize)
+        return refusing
     wrap = _unary_request if kind.startswith("unary_") else _streamed_requests
     wrapped: _Handler = handler._replace(request_deserializer=deserialize, **{kind: wrap(behaviour)})
     return wrapped

@@ -17,6 +17,7 @@ import grpc.aio
 
 from dhow.access.authenticator import Credentials
 from dhow.core.errors import DhowError, ErrorCode
+from dhow.protocols.grpc.decoding import Malformed
 from dhow.protocols.routes import GRPC_ACCESS
 from dhow.serving.service import Call, CoreService
 
@@ -70,6 +71,8 @@ def guarded(method: AdmittedMethod[_Servicer, _Request, _Response]) -> UnaryMeth
 
     @functools.wraps(method)
     async def rpc(self: _Servicer, request: _Request, context: Context) -> _Response:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
         model = getattr(request, "model_name", "") or getattr(request, "name", "")
         try:
             async with self.service.call(credentials(context), access, model) as call:
@@ -77,6 +80,7 @@ def guarded(method: AdmittedMethod[_Servicer, _Request, _Response]) -> UnaryMeth
         except DhowError as exc:
             await abort(context, exc)
 
+    rpc.refuses_malformed = True  # type: ignore[attr-defined]  # see dhow.protocols.grpc.decoding
     return rpc
 
 

@@ -16,6 +16,8 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dhow.protocols.grpc.decoding import Methods
+
 __all__ = ["KNOWN_SERVICES", "ReadinessHealth", "add_health"]
 
 #: the service names Check and Watch answer for
@@ -59,5 +61,5 @@ class ReadinessHealth:
             await asyncio.sleep(self._watch_interval_s)
 
 
-def add_health(server: grpc.aio.Server, ready: Callable[[], bool]) -> None:
+def add_health(server: Methods, ready: Callable[[], bool]) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(ReadinessHealth(ready), server)

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from dhow.core.errors import DhowError
+from dhow.protocols.grpc.decoding import Methods
 from dhow.protocols.grpc.errors import abort, credentials
 from dhow.serving.service import ACTIONS, CoreService
 
@@ -43,7 +44,7 @@ class GuardedReflection:
             await abort(context, exc)
 
 
-def add_reflection(server: grpc.aio.Server, files: Sequence[FileDescriptor], service: CoreService) -> None:
+def add_reflection(server: Methods, files: Sequence[FileDescriptor], service: CoreService) -> None:
     """Serve reflection for the services of ``files`` (dependencies first; reflection's own file is added)."""
     described = (*files, reflection_pb2.DESCRIPTOR)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(GuardedReflection(described, service), server)

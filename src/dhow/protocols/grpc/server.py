@@ -9,7 +9,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2
 
-from dhow.protocols.grpc.decoding import MalformedMessages
+from dhow.protocols.grpc.decoding import Methods
 from dhow.protocols.grpc.generated import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
 from dhow.protocols.grpc.health import add_health
 from dhow.protocols.grpc.reflection import add_reflection
@@ -73,8 +73,12 @@ async def create_grpc_server(
     ``reuse_port`` shares the port with the other workers of a supervisor, which checked it was free.
     ``limits``: the time limits of connections (default: ``GrpcConnectionLimits()``).
     """
+    methods = Methods()
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), methods)
+    add_health(methods, service.dataplane.ready)
+    add_reflection(methods, (model_config_pb2.DESCRIPTOR, grpc_service_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR), service)
     server = grpc.aio.server(
-        interceptors=[MalformedMessages()],
+        handlers=[methods],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -84,9 +88,6 @@ async def create_grpc_server(
             *(limits or GrpcConnectionLimits()).options(),
         ],
     )
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
-    add_health(server, service.dataplane.ready)
-    add_reflection(server, (model_config_pb2.DESCRIPTOR, grpc_service_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR), service)
     address = _address(host, port)
     try:
         if credentials is None:

@@ -1,0 +1,315 @@
+"""The server's CPU per inference as instructions, which other load on the machine does not change.
+
+    python benchmarks/instructions.py --model tabular --protocol grpc --concurrency 16 --requests 320
+    python benchmarks/instructions.py --model mlp --protocol rest --concurrency 64 --switches
+
+Starts one ``dhow serve`` process (no workers) on the demo model under ``valgrind --tool=callgrind
+--instr-atstart=no``, waits for ``/v2/health/ready``, warms it up, then counts the instructions of all its
+threads (grpc's, the event loop's, the runtime's) over ``--requests`` calls only (``callgrind_control -i
+on/off`` around them). Printed: instructions per call, the share of each shared object (libpython, grpc's
+cygrpc, onnxruntime, ...) and of each thread, and the average batch size from the model's statistics. With
+``--out FILE`` the callgrind files (``FILE-NN``, one per thread) stay for ``callgrind_annotate``. Instead of
+valgrind, ``--switches`` counts the server threads' context switches per call (``/proc/PID/task/*/status``) and
+``--cprofile FILE`` profiles the event loop's thread with cProfile (Python calls per call; cProfile cannot see
+grpc's Cython). OMP_NUM_THREADS=1 throughout.
+
+Under valgrind the server runs one thread at a time: while a heavy model computes, grpc.aio asks for no new call,
+and grpc cancels calls left waiting too long (CANCELLED): the mlp over gRPC counts at c=16, not at c=64.
+
+REST calls send JSON as ``loadgen.py`` does (``--binary`` for the binary tensor extension); gRPC calls send
+``raw_input_contents`` as ``grpc_loadgen.py`` does. The client runs in this process, outside the count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import json
+import os
+import pstats
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc_loadgen
+import numpy as np
+from loadgen import http_post
+from serving_setups import DHOW, WORKLOADS, requests_for, write_dhow_repository
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(WORKLOADS), default="tabular")
+    parser.add_argument("--protocol", choices=("rest", "grpc"), default="rest")
+    parser.add_argument("--binary", action="store_true", help="REST with the binary tensor extension")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--requests", type=int, default=200, help="calls counted (a multiple of --concurrency)")
+    parser.add_argument("--out", type=Path, help="the callgrind file (default: a temporary file, removed)")
+    parser.add_argument("--switches", action="store_true", help="count context switches, without valgrind")
+    parser.add_argument("--cprofile", type=Path, help="profile with cProfile into this file instead of valgrind")
+    parser.add_argument("--src", type=Path, default=ROOT / "src", help="the dhow sources to serve")
+    parser.add_argument("--models", type=Path, default=ROOT / "demo-models", help="demo models (make demo-models)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dhow-instructions-") as scratch:
+        print(measure(args, Path(scratch)))
+
+
+def measure(args: argparse.Namespace, scratch: Path) -> str:
+    workload = WORKLOADS[args.model]
+    versions = sorted(p for p in (args.models / args.model).iterdir() if p.name.isdigit())
+    artifact = versions[-1] / workload.artifact
+    setup = DHOW[args.model]
+    write_dhow_repository(scratch / "repo", workload, artifact, dataclasses.replace(setup, args=()))
+    http_port, grpc_port = _free_port(), _free_port()
+    out = args.out or scratch / "callgrind.out"
+    serve = [sys.executable, "-c", "import sys; from dhow.cli import main; sys.exit(main())", "serve"]
+    serve += ["--auth", "none", "--repository", str(scratch / "repo"), "--data-dir", str(scratch / "data")]
+    serve += ["--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+    # valgrind slows the server fifty-fold: no request may time out in the queue meanwhile, and no connection
+    # waiting for its first call may be closed for a ping the server was too slow to see answered
+    serve += ["--log-level", "warning", "--queue-timeout-ms", "0", "--grpc-keepalive", "3600"]
+    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes"]
+    valgrind.append(f"--callgrind-out-file={out}")
+    if args.cprofile:
+        serve[2] = _CPROFILED.format(out=str(args.cprofile))
+    command = serve if args.switches or args.cprofile else valgrind + serve
+    env = dict(os.environ, PYTHONPATH=str(args.src), OMP_NUM_THREADS="1")
+    with open(scratch / "server.log", "wb") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_ready(server, http_port)
+        requests = requests_for(workload, 1)
+        if args.protocol == "grpc":
+            call = _grpc_caller(grpc_port, requests.grpc_messages)
+        else:
+            call = _rest_caller(http_port, args.model, requests.rest_bodies, args.binary)
+        asyncio.run(_load(call, args.concurrency, max(args.concurrency * 10, 40)))
+        time.sleep(1)
+        before = _switches(server.pid)
+        _start(args, server.pid)
+        asyncio.run(_load(call, args.concurrency, args.requests))
+        _stop(args, server.pid)
+        after = _switches(server.pid)
+        stats = json.load(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{args.model}/stats"))
+    except BaseException:
+        print((scratch / "server.log").read_text(errors="replace")[-3000:], file=sys.stderr)
+        raise
+    finally:
+        server.terminate()
+        server.wait(120)
+    point = f"{args.model} {args.protocol}{' binary' if args.binary else ''} c={args.concurrency}"
+    calls = args.requests
+    lines = [f"{point}: {_batch_size(stats)}"]
+    if args.switches:  # under valgrind, which runs one thread at a time, they would mean little
+        for kind in after:
+            change = after[kind] - before[kind]  # threads that started meanwhile count from 0
+            threads = ", ".join(f"{name} {count / calls:.2f}" for name, count in change.most_common(5))
+            lines.append(f"{kind} context switches per call: {change.total() / calls:.2f} ({threads})")
+    if args.cprofile:
+        lines += _profile_lines(args.cprofile, calls)
+    elif not args.switches:
+        per_thread = {int(f.name.rpartition("-")[2]): by_object(f) for f in out.parent.glob(f"{out.name}-*")}
+        objects: collections.Counter[str] = sum(per_thread.values(), collections.Counter())
+        total = sum(objects.values())
+        lines.insert(0, f"{point}: {total / calls / 1000:,.0f}k instructions per call over {calls}")
+        for name, cost in objects.most_common(8):
+            lines.append(f"  {cost / calls / 1000:8,.0f}k  {name}")
+        lines.append("per thread (1: the event loop's), with its costliest objects:")
+        for number, costs in sorted(per_thread.items()):
+            if (cost := sum(costs.values())) >= calls * 1000:  # threads under 1k a call are left out
+                top = ", ".join(f"{name} {part / calls / 1000:,.0f}k" for name, part in costs.most_common(3))
+                lines.append(f"  thread {number}: {cost / calls / 1000:8,.0f}k  ({top})")
+        if args.out is None:
+            for file in out.parent.glob(f"{out.name}-*"):
+                file.unlink()
+    return "\n".join(lines)
+
+
+def _wait_ready(server: subprocess.Popen[bytes], http_port: int) -> None:
+    deadline = time.monotonic() + 900  # valgrind makes imports slow
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise SystemExit("the server did not become ready (see its log)")
+
+
+#: one caller's work: ``count`` calls on its own connection (opened while holding the lock)
+Calls = Callable[[int, asyncio.Lock], Awaitable[None]]
+
+
+def _rest_caller(port: int, model: str, bodies: list[bytes], binary: bool) -> Calls:
+    url = f"/v2/models/{model}/infer"
+    encoded = [binary_body(json.loads(body)) if binary else (body, {}) for body in bodies]
+    raw = [http_post(f"127.0.0.1:{port}", url, body, headers) for body, headers in encoded]
+
+    async def calls(count: int, opening: asyncio.Lock) -> None:
+        async with opening:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for index in range(count):
+            writer.write(raw[index % len(raw)])
+            status = await reader.readline()
+            if b" 200 " not in status:
+                raise SystemExit(f"REST call failed: {status!r}")
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+        writer.close()
+
+    return calls
+
+
+def binary_body(body: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """A JSON request body of one FP32 input in the binary tensor extension, and the header it needs."""
+    tensor = body["inputs"][0]
+    data = np.asarray(tensor.pop("data"), dtype=np.float32).tobytes()
+    tensor["parameters"] = {"binary_data_size": len(data)}
+    body["parameters"] = {"binary_data_output": True}
+    header = json.dumps(body).encode()
+    return header + data, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def _grpc_caller(port: int, messages: list[bytes]) -> Calls:
+    async def calls(count: int, opening: asyncio.Lock) -> None:
+        async with opening:  # one handshake at a time: under valgrind, 64 at once outlast the server's 10 s limit
+            connection = await _Connection.open("127.0.0.1", port)
+        assert isinstance(connection, _Connection)
+        for index in range(count):
+            if not await connection.call(messages[index % len(messages)]):
+                raise SystemExit(f"gRPC call failed: {connection.failure!r}")
+        await connection.close()
+
+    return calls
+
+
+class _Connection(grpc_loadgen.Connection):
+    """grpc_loadgen's connection, keeping the frames that ended calls (trailers, RST_STREAM, GOAWAY) to show."""
+
+    #: (frame type, stream, payload) of the last frames that ended a call
+    failure: tuple[tuple[int, int, bytes], ...] = ()
+
+    def _on_frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
+        ended = kind == grpc_loadgen.HEADERS and flags & grpc_loadgen.END_STREAM
+        if kind in (grpc_loadgen.RST_STREAM, grpc_loadgen.GOAWAY) or ended:
+            self.failure = (*self.failure[-3:], (kind, stream, payload))
+        super()._on_frame(kind, flags, stream, payload)
+
+
+async def _load(calls: Calls, concurrency: int, total: int) -> None:
+    opening = asyncio.Lock()
+    await asyncio.gather(*(calls(total // concurrency, opening) for _ in range(concurrency)))
+
+
+#: ``dhow serve`` with cProfile switched on by SIGUSR1 and off (and written) by SIGUSR2
+_CPROFILED = """import cProfile, signal, sys
+profile = cProfile.Profile()
+signal.signal(signal.SIGUSR1, lambda *_: profile.enable())
+signal.signal(signal.SIGUSR2, lambda *_: (profile.disable(), profile.dump_stats({out!r})))
+from dhow.cli import main
+sys.exit(main())"""
+
+
+def _start(args: argparse.Namespace, pid: int) -> None:
+    if args.cprofile:
+        os.kill(pid, signal.SIGUSR1)
+    elif not args.switches:
+        subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
+
+
+def _stop(args: argparse.Namespace, pid: int) -> None:
+    if args.cprofile:
+        os.kill(pid, signal.SIGUSR2)
+        time.sleep(2)  # the profile is written by the server's main thread
+    elif not args.switches:
+        subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True)
+
+
+def _profile_lines(path: Path, calls: int) -> list[str]:
+    """Python function calls per call, the most frequent first (cProfile sees the event loop's thread only)."""
+    stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]  # not in typeshed
+    rows = []
+    for (file, line, name), (_, count, *_) in stats.items():
+        rows.append((count, f"{file.split('site-packages/')[-1].split('/src/')[-1]}:{line}:{name}"))
+    rows.sort(reverse=True)
+    lines = [f"python calls per call: {sum(nc for nc, _ in rows) / calls:.1f}"]
+    lines += [f"  {nc / calls:6.2f}  {where}" for nc, where in rows[:60]]
+    return lines
+
+
+def _switches(pid: int) -> dict[str, collections.Counter[str]]:
+    """Voluntary and nonvoluntary context switches so far, per thread name (``/proc/PID/task/*/comm``)."""
+    counts: dict[str, collections.Counter[str]] = {
+        "voluntary": collections.Counter(),
+        "nonvoluntary": collections.Counter(),
+    }
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name, status = (task / "comm").read_text().strip(), (task / "status").read_text()
+        except OSError:
+            continue  # the thread ended
+        for kind, counter in counts.items():
+            found = re.search(rf"^{kind}_ctxt_switches:\s+(\d+)", status, re.M)
+            counter[name] += int(found.group(1)) if found else 0
+    return counts
+
+
+def _batch_size(stats: dict[str, Any]) -> str:
+    model = stats["model_stats"][0]
+    batches, inferences = model.get("execution_count") or 0, model.get("inference_count") or 0
+    return f"average batch {inferences / batches:.2f} ({inferences} inferences in {batches} batches, warm-up included)"
+
+
+def by_object(path: Path) -> collections.Counter[str]:
+    """Self instructions per shared object, from a callgrind file (``ob=`` names, compressed or not)."""
+    costs: collections.Counter[str] = collections.Counter()
+    names: dict[str, str] = {}
+    current = "?"
+    skip_next = False
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith(("ob=", "cob=")):
+            match = re.match(r"c?ob=(?:\((\d+)\))? ?(.*)", line)
+            if match is None:
+                continue
+            key, name = match.groups()
+            if key and name:
+                names[key] = name
+            if line.startswith("ob="):
+                current = Path(names.get(key, name) if key else name).name or "?"
+        elif line.startswith("calls="):
+            skip_next = True  # the next cost line is the call's inclusive cost
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            if skip_next:
+                skip_next = False
+                continue
+            parts = line.split()
+            if len(parts) >= 2:
+                costs[current] += int(parts[1])
+    return costs
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+if __name__ == "__main__":
+    main()
