@@ -32,9 +32,9 @@ from serving_setups import DHOW, WORKLOADS, requests_for, write_dhow_repository
 
 from dhow.access.authenticator import Credentials
 from dhow.core.types import InferenceRequest
+from dhow.core.wire.v2 import decode_request, encode_response
 from dhow.protocols.grpc.codec import request_from_proto, response_to_proto
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
-from dhow.protocols.rest.codec import decode_request, encode_response
 from dhow.serving.composition import CorePolicies, compose_core
 from dhow.serving.security import Security
 from dhow.serving.service import ACTIONS
