@@ -51,7 +51,7 @@ def test_killed_at_several_points_the_rerun_loses_and_repeats_nothing(demo_repos
     env = {**os.environ, "DHOW_AUTH": "none"}
     env.pop("DHOW_KEY", None)
     killed_at = []
-    for parts in (0, 2, 6, 11):
+    for parts in (0, 2, 4, 7):  # at most 13 of the 20 parts: room left for a fast machine before the last kill
         process = subprocess.Popen(batch_command(demo_repository, data, *args), env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)  # fmt: skip
         wait_until(_running_until(process, out, _committed(out) + parts), 120, "parts committed")

@@ -10,8 +10,10 @@ import pytest
 
 from dhow.batch.mapping import convert, plan_inputs
 from dhow.batch.parts import JOURNAL, OutputFolder, part_name
+from dhow.batch.sources import Source
 from dhow.core.errors import Conflict, InvalidInput
 from dhow.core.model_config import TensorSpec
+from tests.batch_data import write_parquet
 
 FINGERPRINT = {"model": "m", "input": "in.parquet", "key": "id"}
 
@@ -104,3 +106,15 @@ def test_list_columns_of_the_wrong_length_are_bad_rows() -> None:
     assert "holds 1 values" in converted.reasons[0] and "null" in converted.reasons[1]
     assert "a null in the list" in converted.reasons[2]
     np.testing.assert_array_equal(converted.arrays["input"], np.array([[1, 2, 3], [7, 8, 9]], dtype=np.float32))
+
+
+@pytest.mark.parametrize("skip", [0, 1, 1499, 1500, 1600, 4000, 5600, 14999, 15000, 15999, 16000])
+def test_a_resumed_read_starts_at_its_row_whatever_the_row_groups(tmp_path: Path, skip: int) -> None:
+    # ten groups of 1,500 then one of 1,000: a smaller group after the resume point must not be skipped with the
+    # groups before it (it was, for skips of 4,000 and more: the rerun read from 1,000 rows too early)
+    ids = np.arange(16_000, dtype=np.int64)
+    path = write_parquet(pa.table({"id": ids}), tmp_path / "in.parquet", row_group_rows=1500)
+    source = Source(str(path), "parquet", batch_rows=200)
+    read = [batch.column(0).to_numpy() for batch in source.batches(["id"], set(), skip)]
+    got = np.concatenate(read) if read else np.array([], dtype=np.int64)
+    np.testing.assert_array_equal(got, ids[skip:])

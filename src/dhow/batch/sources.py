@@ -149,14 +149,13 @@ def _files(fs: Any, root: str, kind: str) -> list[str]:
 
 def _row_groups_after(meta: pq.FileMetaData, skip: int) -> tuple[list[int], int]:
     """The row groups that hold rows from ``skip`` on, and the rows of the groups left out."""
-    groups, skipped = [], 0
+    skipped = 0
     for index in range(meta.num_row_groups):
         rows = meta.row_group(index).num_rows
-        if skipped + rows <= skip:
-            skipped += rows
-            continue
-        groups.append(index)
-    return groups, skipped
+        if skipped + rows > skip:  # the first group that holds a row to read: it and every one after it
+            return list(range(index, meta.num_row_groups)), skipped
+        skipped += rows
+    return [], skipped
 
 
 def _row_group_batches(
