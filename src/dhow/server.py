@@ -102,6 +102,8 @@ class Server:
         self.access_log = AccessLog(enabled=settings.access_log)
         self._stop = asyncio.Event()
         self._forced = asyncio.Event()
+        #: the drain has begun stopping the gRPC server (with its grace): a second signal then cuts it short
+        self._grpc_stopping = False
         self._http: _HttpServer | None = None
         self._grpc: GrpcServer | None = None
         #: what finishes in-flight work on a stop besides the doors (stream consumers register here)
@@ -119,7 +121,9 @@ class Server:
         self._forced.set()
         if self._http is not None:
             self._http.force_exit = True
-        if self._grpc is not None:
+        # grpc.aio's server must not be stopped twice at once: before the drain stops it, the drain sees
+        # ``_forced`` and stops it with no grace itself
+        if self._grpc is not None and self._grpc_stopping:
             asyncio.get_running_loop().create_task(self._grpc.server.stop(0))
 
     async def serve(self, on_ready: Callable[[], None] | None = None, *, load_first: bool = False) -> None:
@@ -187,6 +191,7 @@ class Server:
                 await asyncio.wait_for(self._forced.wait(), settings.drain_delay)
         http.should_exit = True
         grace = 0.0 if self._forced.is_set() else settings.drain_seconds
+        self._grpc_stopping = True
         _, _, unfinished = await asyncio.gather(grpc.server.stop(grace), http_task, self.drain.run(grace))
         if unfinished:
             log.error("drain: did not finish in time: %s", ", ".join(unfinished))
