@@ -255,19 +255,20 @@ class Server:
         shadow_queue = ShadowQueue(metrics.registry)
         table = DeploymentTable(shadow_queue, metrics.registry)
         observers = Observers.open(settings, metrics, f"dhow://{socket.gethostname()}:{settings.http_port}")
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = await asyncio.to_thread(RegistryStore.open, settings.registry_url())
+        # the models are watched (drift, latency anomalies, feedback); episodes go to the registry's event history
         core = await compose_core(
-            settings, self.security, self.policies, metrics=metrics, router=table, observers=observers
+            settings, self.security, self.policies, metrics=metrics, router=table, observers=observers, events=store
         )
         models, dataplane, service = core.models, core.dataplane, core.service
         # read at each scrape: this process, its process instances, the GPUs (absent without one)
         for collector in (ProcessCollector(registry=None), InstanceCollector(models.process_instances)):
             metrics.add_collector(collector)
         metrics.add_collector(GpuCollector(models.process_instances))
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = await asyncio.to_thread(RegistryStore.open, settings.registry_url())
         editor = DeploymentEditor(store, models, table)
-        # drift, latency anomalies and feedback; their episodes go to the registry's event history
-        watch = dataplane.watch = ModelWatch(models, metrics.models, events=store)
+        watch = dataplane.watch
+        assert watch is not None  # given the event history, the core watches its models
         rollouts = RolloutController(
             editor,
             CanaryAnalyst(editor, service, metrics.registry),

@@ -29,6 +29,7 @@ from dhow.serving.lifecycle import ModelControl, ModelLifecycle
 from dhow.serving.security import Security
 from dhow.serving.service import CoreService
 from dhow.serving.traffic import TrafficRouter
+from dhow.serving.watch import EventLog, ModelWatch
 from dhow.settings import ServerSettings
 
 __all__ = ["Core", "CorePolicies", "Observers", "PinnedModel", "compose_core", "load_pinned"]
@@ -95,11 +96,13 @@ async def compose_core(
     router: TrafficRouter | None = None,
     first_key: bool = True,
     observers: Observers | None = None,
+    events: EventLog | None = None,
 ) -> Core:
     """Open the stores (``security``), build the model lifecycle, the data plane and the admission point.
 
     ``first_key`` False: a process that is not a server (a batch job) never makes the first admin key.
-    ``observers``: the payload log and tracing, when the process has them.
+    ``observers``: the payload log and tracing, when the process has them. ``events``: a server's event
+    history; given, the models are watched (drift, latency anomalies, feedback) and its episodes go there.
     """
     observers = observers or Observers()
     metrics = metrics or ServerMetrics()
@@ -115,6 +118,7 @@ async def compose_core(
         masking_key=key,
         strict_readiness=settings.strict_readiness,
         payload_log=observers.payload_log,
+        watch=ModelWatch(models, metrics.models, events=events) if events is not None else None,
     )
     guard = await security.guard(models.tenant_of, metrics.registry, first_key=first_key)
     return Core(models, dataplane, CoreService(dataplane, guard, observers.tracing))

@@ -73,6 +73,7 @@ class DataPlane:
         server_name: str = "dhow",
         strict_readiness: bool = True,
         payload_log: PayloadLog | None = None,
+        watch: ModelWatch | None = None,
     ) -> None:
         self.models = models
         self.server_name = server_name
@@ -92,7 +93,7 @@ class DataPlane:
         #: every request's masked payload and every error, to the ``--payload-log`` sink (None: off)
         self.payload_log = payload_log
         #: drift sampling, latency anomalies and feedback (None: not watched, as in a batch job)
-        self.watch: ModelWatch | None = None
+        self.watch = watch
 
     # -- health and metadata ------------------------------------------------------------
 

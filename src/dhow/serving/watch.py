@@ -62,7 +62,7 @@ class ModelWatch:
     def __init__(self, models: ModelLifecycle, metrics: ModelMetrics, events: EventLog | None = None) -> None:
         self.models = models
         self.metrics = metrics
-        #: set by the server once the registry is open
+        #: where episodes are written (the server's registry); None: counted only
         self.events = events
         self.feedback = FeedbackDesk(models, metrics)
         self._watched: dict[tuple[str, str], _Watched] = {}
