@@ -8,7 +8,7 @@ import numpy as np
 import orjson
 import pytest
 
-from dhow.core.errors import DhowError, InvalidInput, Unsupported
+from dhow.core.errors import DhowError, InvalidInput
 from dhow.core.model_config import TensorSpec
 from dhow.core.types import InferenceRequest, InferenceResponse, Tensor
 from dhow.settings import resolve_settings
@@ -34,8 +34,18 @@ def test_endpoints_say_what_is_wrong() -> None:
     ]:
         with pytest.raises(InvalidInput, match=words):
             parse_endpoint(text, "--source")
-    with pytest.raises(Unsupported, match="Kinesis streams are not supported yet"):
-        parse_endpoint("kinesis://orders?region=eu-west-1", "--source")
+    kinesis = parse_endpoint("kinesis://orders?region=eu-west-1&lease_s=5", "--source")
+    assert (kinesis.scheme, kinesis.topic, kinesis.options["region"], str(kinesis)) == (
+        "kinesis", "orders", "eu-west-1", "kinesis://orders",
+    )  # fmt: skip
+    for text, words in [
+        ("kinesis://", "no valid stream"),
+        ("kinesis://orders?regoin=eu-west-1", "unknown option 'regoin'"),
+        ("kinesis://orders?endpoint=localhost:4567", "must be an http:// or https:// URL"),
+        ("kinesis://orders?lease_s=0", "lease_s must be a number of seconds"),
+    ]:
+        with pytest.raises(InvalidInput, match=words):
+            parse_endpoint(text, "--source")
 
 
 def _spec(**fields: str) -> StreamSpec:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import signal
 import socket
@@ -294,14 +295,18 @@ class Server:
         """The ``streams:`` of the settings, consuming once the models are loaded (a stream that cannot start
         stops the server: it was asked for)."""
         from dhow.monitoring.streams import StreamMetrics
+        from dhow.registry.checkpoints import CheckpointStore
         from dhow.streaming import StreamGroup, load_stream_models, open_consumer, status_folder
 
         meter = StreamMetrics(self.metrics.registry)
         group = StreamGroup(parts.service)
         await load_stream_models(parts.models, self.streams)
+        stores = functools.partial(CheckpointStore.open, self.settings.registry_url())
         for spec in self.streams:
             status_dir = status_folder(self.settings.data_dir)
-            group.start(await open_consumer(spec, parts.service, meter=meter, status_dir=status_dir))
+            group.start(
+                await open_consumer(spec, parts.service, meter=meter, status_dir=status_dir, shard_stores=stores)
+            )
         return group
 
     async def _load(self, parts: _Parts) -> None:

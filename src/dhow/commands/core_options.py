@@ -19,6 +19,8 @@ def add_core_options(parser: argparse.ArgumentParser) -> None:
     add("--residency-policy", default=None, metavar="FILE", help="which data regions may be processed where")
     add("--data-dir", type=Path, metavar="DIR", help="dhow's data folder: keys, audit trail (default ./.dhow)")
     add("--config", type=Path, metavar="FILE", help=CONFIG_FILE_HELP)
+    add("--registry", default=None, metavar="URL", help="the registry database: keys, and a Kinesis stream's "
+        "checkpoints (default $DHOW_REGISTRY, else SQLite in the data folder; postgresql://... to share)")  # fmt: skip
 
 
 def core_settings(args: argparse.Namespace) -> ServerSettings:
@@ -28,5 +30,6 @@ def core_settings(args: argparse.Namespace) -> ServerSettings:
         "data_dir": args.data_dir,
         "region": args.region,
         "residency_policy": args.residency_policy,
+        "registry": args.registry,
     }
     return resolve_settings(given, config_file=args.config)

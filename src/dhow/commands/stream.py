@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     actions = add_command_with_actions(
         commands,
         "stream",
-        "answer a Kafka topic's messages with a model (consumer groups, dead letters, at-least-once)",
-        "Consume requests from a topic, score them with a model of the repository under the same access, "
-        "residency and audit rules as the server, and produce the replies to another topic.",
+        "answer a Kafka topic's or Kinesis stream's messages with a model (groups, dead letters, at-least-once)",
+        "Consume requests from a topic (or a Kinesis stream), score them with a model of the repository under the "
+        "same access, residency and audit rules as the server, and produce the replies to another topic.",
     )
     _add_run(actions)
     status = actions.add_parser(
@@ -52,13 +53,24 @@ def _add_run(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     add_core_options(run)
     add = run.add_argument
     add("--model", required=True, metavar="NAME[:VERSION]", help="the model (default version: the one served)")
-    add("--source", required=True, metavar="kafka://HOST:PORT/TOPIC", help="the topic of requests")
-    add("--sink", required=True, metavar="kafka://HOST:PORT/TOPIC", help="the topic of replies")
-    add("--dead-letter", default="", metavar="kafka://HOST:PORT/TOPIC",
+    add(
+        "--source",
+        required=True,
+        metavar="URL",
+        help="the topic of requests: kafka://HOST:PORT/TOPIC or kinesis://STREAM?region=R[&endpoint=URL]",
+    )
+    add("--sink", required=True, metavar="URL", help="the topic (or Kinesis stream) of replies")
+    add("--dead-letter", default="", metavar="URL",
         help="where messages that cannot be answered go, with why (required unless --on-error skip)")  # fmt: skip
     add("--on-error", choices=("dead-letter", "skip"), default="",
         help="skip: count and log messages that cannot be answered, instead of a dead-letter topic")  # fmt: skip
-    add("--group", default="", metavar="G", help="the consumer group (default dhow.<name>)")
+    add(
+        "--group",
+        default="",
+        metavar="G",
+        help="the consumer group (default dhow.<name>); for Kinesis, the "
+        "name its shard checkpoints and leases are kept under in the registry (--registry)",
+    )
     add("--name", default="", metavar="NAME", help="the stream's name in status, metrics and audit (default "
         "<model>.<source topic>)")  # fmt: skip
     add("--format", choices=("v2-json", "v2-binary", "json"), default="v2-json",
@@ -89,6 +101,7 @@ async def _run(spec: Any, settings: Any, metrics_port: int) -> int:
 
     from dhow.monitoring.metrics import ServerMetrics
     from dhow.monitoring.streams import StreamMetrics
+    from dhow.registry.checkpoints import CheckpointStore
     from dhow.server import configure_logging
     from dhow.streaming import DeliveryFailed, run_streams
 
@@ -98,7 +111,8 @@ async def _run(spec: Any, settings: Any, metrics_port: int) -> int:
     if metrics_port:
         start_http_server(metrics_port, addr=settings.host, registry=metrics.registry)
     try:
-        return await run_streams((spec,), settings, metrics=metrics, meter=meter)
+        stores = functools.partial(CheckpointStore.open, settings.registry_url())
+        return await run_streams((spec,), settings, metrics=metrics, meter=meter, shard_stores=stores)
     except DeliveryFailed as exc:
         print(f"dhow: {exc}; run the same command again: nothing unanswered was committed", flush=True)
         return 1

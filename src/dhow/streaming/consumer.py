@@ -30,8 +30,7 @@ from dhow.core.types import InferenceRequest, InferenceResponse
 from dhow.serving.retries import retrying
 from dhow.serving.service import ACTIONS, Call, CoreService, Principal, service_identity
 from dhow.streaming.formats import HEADER_LENGTH, message_format
-from dhow.streaming.kafka import DeliveryFailed
-from dhow.streaming.records import Header, Outgoing, Record, Sink, Source
+from dhow.streaming.records import DeliveryFailed, Header, Outgoing, Record, Sink, Source
 from dhow.streaming.rows import Infer, RowStacker
 from dhow.streaming.spec import StreamSpec
 from dhow.streaming.status import Meter, StreamStatus

@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from dhow.core.errors import InvalidInput, Unavailable
 from dhow.streaming.endpoints import Endpoint
 from dhow.streaming.offsets import OffsetTracker
-from dhow.streaming.records import Outgoing, Position, Record
+from dhow.streaming.records import DeliveryFailed, Outgoing, Position, Record
 
 __all__ = ["DeliveryFailed", "KafkaSink", "KafkaSource"]
 
@@ -35,10 +35,6 @@ log = logging.getLogger("dhow.streaming")
 _CONNECT_S = 10.0
 #: how long a revoked partition may take to finish its records before its offsets are committed as they are
 _REVOKE_WAIT_S = 10.0
-
-
-class DeliveryFailed(Exception):
-    """The broker did not take a reply or a dead letter (after the client's own retries)."""
 
 
 class KafkaSource:

@@ -1,5 +1,5 @@
 """The stream door's vocabulary: a record read from a source, a message written to a sink, and the two small
-protocols a transport implements (Kafka today; a Kinesis source and sink plug in beside it).
+protocols a transport implements (Kafka, Kinesis).
 
 Plain data only: the consumer never sees a broker client's objects, so it runs the same over any transport.
 """
@@ -10,10 +10,14 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["Header", "Outgoing", "Position", "Record", "Sink", "Source"]
+__all__ = ["DeliveryFailed", "Header", "Outgoing", "Position", "Record", "Sink", "Source"]
 
 #: a message header as Kafka carries it: a name and raw bytes (None: a header with no value)
 Header = tuple[str, bytes | None]
+
+
+class DeliveryFailed(Exception):
+    """The broker did not take a reply or a dead letter (after the client's own retries)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,9 +22,10 @@ from dhow.serving.security import Security
 from dhow.serving.service import ACTIONS, CoreService
 from dhow.settings import ServerSettings
 from dhow.streaming.consumer import StreamConsumer, stream_identity
-from dhow.streaming.kafka import KafkaSink, KafkaSource
+from dhow.streaming.shards import ShardStoreOpener
 from dhow.streaming.spec import StreamSpec
 from dhow.streaming.status import Meter, status_folder
+from dhow.streaming.transports import open_transports
 
 __all__ = ["StreamGroup", "load_stream_models", "open_consumer", "run_streams"]
 
@@ -32,21 +33,16 @@ log = logging.getLogger("dhow.streaming")
 
 
 async def open_consumer(
-    spec: StreamSpec, service: CoreService, *, meter: Meter | None = None, status_dir: Path | None = None
-) -> StreamConsumer:
-    """A consumer ready to run: its checks passed (see the module's docstring), its clients connected."""
+    spec: StreamSpec, service: CoreService, *, meter: Meter | None = None, status_dir: Path | None = None,
+    shard_stores: ShardStoreOpener | None = None,
+) -> StreamConsumer:  # fmt: skip
+    """A consumer ready to run: its checks passed (see the module's docstring), its clients connected;
+    ``shard_stores`` opens the registry's checkpoint store (a Kinesis source's checkpoints and leases)."""
     region = service.dataplane.check_residency(spec.model, spec.version, spec.data_region)
     async with service.call(stream_identity(spec.name), ACTIONS["stream.run"], spec.model) as call:
         call.note(stream=spec.name, phase="start", source=str(spec.source), sink=str(spec.sink),
                   dead_letter=str(spec.dead_letter or ""), group=spec.group, data_region=region)  # fmt: skip
-    client_id = f"dhow-{spec.name}"
-    source = KafkaSource(spec.source, spec.group, client_id=client_id)
-    replies = KafkaSink(spec.sink, client_id=client_id)
-    dead_letters = KafkaSink(spec.dead_letter, client_id=client_id) if spec.dead_letter is not None else None
-    for sink in (replies, dead_letters):
-        if sink is not None:
-            await sink.start()
-    await source.start()
+    source, replies, dead_letters = await open_transports(spec, f"dhow-{spec.name}", shard_stores)
     return StreamConsumer(spec, service, source, replies, dead_letters, meter=meter, status_dir=status_dir)
 
 
@@ -110,7 +106,7 @@ async def load_stream_models(models: ModelLifecycle, specs: tuple[StreamSpec, ..
 
 
 async def run_streams(specs: tuple[StreamSpec, ...], settings: ServerSettings, *, metrics: Any = None,
-                      meter: Meter | None = None) -> int:  # fmt: skip
+                      meter: Meter | None = None, shard_stores: ShardStoreOpener | None = None) -> int:  # fmt: skip
     """``dhow stream run``: compose the core, start the consumers, run them until SIGINT/SIGTERM; 0, or 1 when one
     of them failed (run it again: nothing unanswered was committed)."""
     policies = CorePolicies.load(settings)
@@ -125,8 +121,9 @@ async def run_streams(specs: tuple[StreamSpec, ...], settings: ServerSettings, *
         await load_stream_models(core.models, specs)
         core.dataplane.is_ready = True
         for spec in specs:
+            folder = status_folder(settings.data_dir)
             group.start(
-                await open_consumer(spec, core.service, meter=meter, status_dir=status_folder(settings.data_dir))
+                await open_consumer(spec, core.service, meter=meter, status_dir=folder, shard_stores=shard_stores)
             )
         log.info("streams running: %s", ", ".join(spec.name for spec in specs))
         await group.wait()
