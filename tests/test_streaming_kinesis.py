@@ -8,6 +8,7 @@ replies out with their metadata in the body, dead letters with their reason and 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import orjson
 import pytest
 
 from dhow.registry.checkpoints import CheckpointStore
-from tests.conftest import wait_until, write_model
+from tests.conftest import start_dhow, wait_until, write_model
 from tests.kinesis_server import CREDENTIALS, Kinesis, start_kinesis
 from tests.reference import run_directly
 from tests.stream_processes import features, status_of, stop
@@ -275,3 +276,36 @@ def test_a_resharded_stream_is_read_parents_first(kinesis: Kinesis, demo_reposit
     log = (data / "stream.log").read_text()
     # the children were taken only once their parent was finished
     assert log.index(f"shard {parent['ShardId']} finished") < min(log.index(f"reads shard {c}") for c in children)
+
+
+def test_serve_runs_a_kinesis_stream_of_its_settings_with_binary_tensors(
+    kinesis: Kinesis, demo_repository: Path, tmp_path: Path
+) -> None:
+    source, sink, dead = _streams(kinesis, "serve")
+    x = features(100, seed=8)
+    requests = []
+    for i, row in enumerate(x):
+        blob = row.astype("<f4").tobytes()
+        tensor = {"name": "input", "datatype": "FP32", "shape": [1, 32], "parameters": {"binary_data_size": len(blob)}}
+        # the bytes of a binary REST request: the JSON header's length is where its object ends
+        requests.append((str(i), orjson.dumps({"id": f"req-{i}", "inputs": [tensor]}) + blob))
+    kinesis.put(source, requests)
+    settings = tmp_path / "dhow.yaml"
+    streams = [{"name": "scoring", "model": "tabular:2", "format": "v2-binary", "source": kinesis.url(source),
+                "sink": kinesis.url(sink), "dead_letter": kinesis.url(dead)}]  # fmt: skip
+    settings.write_bytes(orjson.dumps({"streams": streams}))  # JSON is YAML
+    server = start_dhow(demo_repository, tmp_path, "--config", str(settings))
+    try:
+        replies = kinesis.until(sink, {str(i) for i in range(100)})
+    finally:
+        assert server.stop() == 0, server.log()
+    expected = run_directly(demo_repository, "tabular", 2, {"input": x})
+    assert sorted(int(r["PartitionKey"]) for r in replies) == list(range(100))
+    for record in replies:
+        index, body = int(record["PartitionKey"]), bytes(record["Data"])
+        length = json.JSONDecoder().raw_decode(body.decode("latin-1"))[1]
+        header = orjson.loads(body[:length])
+        assert header["id"] == f"req-{index}" and header["parameters"]["dhow_source_stream"] == source
+        label = header["outputs"][0]
+        assert label["name"] == "label" and label["datatype"] == "INT64"
+        assert np.frombuffer(body[length : length + 8], "<i8")[0] == expected["label"][index]
