@@ -153,6 +153,25 @@ def test_v2_replies_keep_the_request_id_and_say_where_it_was_read(
     assert reply["parameters"]["dhow_source_stream"] == source and reply["parameters"]["dhow_source_sequence"]
 
 
+def test_refused_at_start_by_residency_or_a_missing_stream(
+    kinesis: Kinesis, demo_repository: Path, tmp_path: Path
+) -> None:
+    source, sink, dead = _streams(kinesis, "refusals")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "dhow.cli", "stream", "run", "--repository", str(demo_repository),
+                   "--data-dir", str(tmp_path / "data"), "--model", "tabular", "--format", "json", *args]  # fmt: skip
+        environment = {**os.environ, "DHOW_AUTH": "on"}
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment, check=False)
+
+    region = run(*_args(kinesis, source, sink, dead), "--data-region", "eu", "--region", "ae")
+    assert region.returncode == 2 and "data of region 'eu' may not be processed in region 'ae'" in region.stderr
+    missing = run(*_args(kinesis, "nowhere", sink, dead))
+    assert missing.returncode == 2 and "Kinesis has no stream 'nowhere'" in missing.stderr
+    unknown = run(*_args(kinesis, source, sink, dead, "--source", "kinesis://x?regoin=us-east-1"))
+    assert unknown.returncode == 2 and "unknown option 'regoin'" in unknown.stderr
+
+
 DOUBLER = """
 import time
 
