@@ -58,12 +58,15 @@ WORKLOADS = {
     "tabular_sklearn": Workload(
         "tabular_sklearn",
         "model.joblib",
-        "mlserver_sklearn.SKLearnModel",
+        "mlserver_batches.SKLearnModel",  # mlserver_sklearn's, counting its batches
         32,
         goal_concurrency=16,
         outputs=("predict",),
     ),
 }
+
+#: models whose CPU efficiency is measured: the server's CPU per inference against ONNX Runtime's per row alone
+EFFICIENCY = {"mlp"}
 
 _THREAD = {"count": 1, "kind": "thread"}
 #: what served best here (tried: 1 or 2 server workers; ORT threads 1 or 2, spinning on or off; for scikit-learn
@@ -166,6 +169,8 @@ class Requests:
     rows: list[np.ndarray]
     rest_bodies: list[bytes]
     grpc_messages: list[bytes]
+    #: the REST bodies in the binary tensor extension (as perf_analyzer sends them), with the header each needs
+    rest_binary: list[tuple[bytes, dict[str, str]]] = field(default_factory=list)
 
 
 def requests_for(workload: Workload, seed: int, count: int = 16) -> Requests:
@@ -181,4 +186,14 @@ def requests_for(workload: Workload, seed: int, count: int = 16) -> Requests:
             body["outputs"] = outputs
         bodies.append(json.dumps(body).encode())
     messages = [infer_request(workload.name, {"input": row}, workload.outputs) for row in rows]
-    return Requests(rows, bodies, messages)
+    return Requests(rows, bodies, messages, [binary_body(json.loads(body)) for body in bodies])
+
+
+def binary_body(body: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """A JSON request body of one FP32 input in the binary tensor extension, and the header it needs."""
+    tensor = body["inputs"][0]
+    data = np.asarray(tensor.pop("data"), dtype=np.float32).tobytes()
+    tensor["parameters"] = {"binary_data_size": len(data)}
+    body["parameters"] = {"binary_data_output": True}
+    header = json.dumps(body).encode()
+    return header + data, {"Inference-Header-Content-Length": str(len(header))}
