@@ -71,12 +71,13 @@ EFFICIENCY = {"mlp"}
 _THREAD = {"count": 1, "kind": "thread"}
 #: what served best here (tried: 1 or 2 server workers; ORT threads 1 or 2, spinning on or off; for scikit-learn
 #: a thread instance, 1 or 2 process instances): two server processes for the light models, whose cost is the
-#: protocol work in Python, and one process with two ORT threads for mlp, whose cost is the model
+#: protocol work in Python, and one process for mlp, whose cost is the model, with one ORT thread: the other core
+#: is the event loop's (two threads on 2 cores spent more CPU per row, preempted by the loop; issue 18)
 DHOW = {
     "tabular": DhowSetup(
         {"batching": {"max_queue_delay_ms": 0}, "instances": _THREAD, "threads": 1}, ("--workers", "2")
     ),
-    "mlp": DhowSetup({"max_batch_size": 64, "batching": {"max_queue_delay_ms": 0}, "instances": _THREAD, "threads": 2}),
+    "mlp": DhowSetup({"max_batch_size": 64, "batching": {"max_queue_delay_ms": 0}, "instances": _THREAD, "threads": 1}),
     "tabular_sklearn": DhowSetup({"batching": {"max_queue_delay_ms": 0}, "instances": _THREAD}, ("--workers", "2")),
 }
 

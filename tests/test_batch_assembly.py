@@ -1,5 +1,5 @@
-"""How the batcher builds a batch: each request's rows copied once, into buffers a borrowing instance keeps
-getting, answers that are the request's own rows, and calls due on the loop joining the next batch."""
+"""How the batcher builds a batch: each request's rows copied once, answers that are the request's own rows,
+requests that cannot share a batch kept apart, and calls due on the loop joining the next batch."""
 
 from __future__ import annotations
 
@@ -17,22 +17,15 @@ from dhow.scheduling.stats import ModelStats
 Arrays = dict[str, np.ndarray]
 
 
-class Borrower:
-    """An instance that reads its inputs during the call only (as ONNX Runtime does), and records each batch."""
+class Recorder:
+    """An instance that doubles its input and keeps each batch it was given."""
 
-    borrows_inputs = True
-
-    def __init__(self, answer_views: bool = False) -> None:
-        self.answer_views = answer_views
-        #: per batch: its rows, the address of its input, whether that input is C-contiguous, its datatype
-        self.batches: list[tuple[int, int, bool, np.dtype[np.generic]]] = []
+    def __init__(self) -> None:
         self.inputs: list[np.ndarray] = []
 
     def __call__(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> Arrays:
-        x = inputs["x"]
-        self.inputs.append(x)
-        self.batches.append((len(x), x.__array_interface__["data"][0], x.flags.c_contiguous, x.dtype))
-        return {"y": x if self.answer_views else x * 2}
+        self.inputs.append(inputs["x"])
+        return {"y": inputs["x"] * 2}
 
 
 def _batcher(instance: object, **batching: object) -> DynamicBatcher:
@@ -56,49 +49,36 @@ async def _round(batcher: DynamicBatcher, sent: list[np.ndarray]) -> list[Arrays
     return list(await asyncio.gather(*(batcher.submit({"x": x}, ["y"], len(x)) for x in sent)))
 
 
-def test_a_borrowing_instance_gets_every_batch_in_the_same_buffer_each_request_copied_once() -> None:
-    async def scenario() -> tuple[list[list[np.ndarray]], list[list[Arrays]], Borrower]:
-        model = Borrower()
+def test_a_batch_is_each_request_s_rows_copied_once_and_each_answer_is_its_own_rows() -> None:
+    async def scenario() -> tuple[list[list[np.ndarray]], list[list[Arrays]], Recorder]:
+        model = Recorder()
         # four rows are a preferred batch: each round below leaves as one batch of three requests
         batcher = _batcher(model, max_queue_delay_ms=1000, preferred_batch_sizes=(4,))
-        rounds = [[_rows(100 * r + 10 * i, n) for i, n in enumerate((1, 2, 1))] for r in range(3)]
+        rounds = [[_rows(100 * r + 10 * i, n) for i, n in enumerate((1, 2, 1))] for r in range(2)]
         answers = [await _round(batcher, sent) for sent in rounds]
+        lone = _rows(500, 3)
+        answers.append(await _round(batcher, [lone]))
         await batcher.close()
-        return rounds, answers, model
+        return [*rounds, [lone]], answers, model
 
     rounds, answers, model = asyncio.run(scenario())
     for sent, answered in zip(rounds, answers, strict=True):
         for x, answer in zip(sent, answered, strict=True):
             np.testing.assert_array_equal(answer["y"], x * 2)
             assert answer["y"].dtype == np.float32
-    assert [rows for rows, *_ in model.batches] == [4, 4, 4]
-    assert len({address for _, address, *_ in model.batches}) == 1, "each batch should reuse the one buffer"
-    assert all(contiguous and dtype == np.float32 for _, _, contiguous, dtype in model.batches)
-    # the batch is a copy of the requests' rows, not a view of any request
-    for sent, batch in zip(rounds, model.inputs, strict=True):
+    assert [len(batch) for batch in model.inputs] == [4, 4, 3]
+    for sent, batch in zip(rounds[:2], model.inputs[:2], strict=True):
+        # one contiguous array of the requests' datatype, their rows in order, sharing memory with none of them
+        assert batch.flags.c_contiguous and batch.dtype == np.float32
+        np.testing.assert_array_equal(batch, np.concatenate(sent))
         assert not any(np.may_share_memory(batch, x) for x in sent)
-
-
-def test_an_answer_that_views_the_batch_keeps_its_rows_when_the_next_batch_comes() -> None:
-    async def scenario() -> tuple[list[list[np.ndarray]], list[list[Arrays]], Borrower]:
-        model = Borrower(answer_views=True)
-        batcher = _batcher(model, max_queue_delay_ms=1000, preferred_batch_sizes=(4,))
-        rounds = [[_rows(100 * r + 10 * i, n) for i, n in enumerate((2, 1, 1))] for r in range(2)]
-        answers = [await _round(batcher, sent) for sent in rounds]
-        await batcher.close()
-        return rounds, answers, model
-
-    rounds, answers, model = asyncio.run(scenario())
-    # the first round's answers still hold their own rows after the second batch was assembled
-    for sent, answered in zip(rounds, answers, strict=True):
-        for x, answer in zip(sent, answered, strict=True):
-            np.testing.assert_array_equal(answer["y"], x)
-    assert model.batches[0][1] != model.batches[1][1], "a buffer an answer still reads must not be reused"
+    # a request alone is computed on its own arrays: no copy at all
+    assert np.shares_memory(model.inputs[2], rounds[2][0])
 
 
 def test_requests_of_other_row_shapes_or_datatypes_never_share_a_batch() -> None:
-    async def scenario() -> tuple[list[np.ndarray], list[Arrays], Borrower]:
-        model = Borrower()
+    async def scenario() -> tuple[list[np.ndarray], list[Arrays], Recorder]:
+        model = Recorder()
         batcher = _batcher(model, max_queue_delay_ms=20)
         sent = [
             _rows(0, 2),
@@ -120,7 +100,7 @@ def test_requests_of_other_row_shapes_or_datatypes_never_share_a_batch() -> None
     assert sorted(widths_and_types, key=str) == sorted(
         [(3, np.dtype(np.float32)), (3, np.dtype(np.float64)), (5, np.dtype(np.float32))], key=str
     )
-    assert sorted(rows for rows, *_ in model.batches) == [2, 3, 5]
+    assert sorted(len(batch) for batch in model.inputs) == [2, 3, 5]
 
 
 def test_calls_due_on_the_loop_when_the_instance_frees_join_the_batch_already_queued() -> None:

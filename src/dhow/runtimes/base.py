@@ -19,10 +19,6 @@ from dhow.core.model_config import ModelConfig, TensorSpec
 
 
 class Runtime(Protocol):
-    """A runtime may also say ``borrows_inputs = True``: it reads the arrays given to ``infer`` during the call
-    only (it keeps no reference and answers no view of them), so the batcher may assemble the next batch in the
-    same memory."""
-
     #: where it computes: "cpu" or "cuda:N"
     device: str
 

@@ -48,9 +48,6 @@ _DATATYPES: dict[str, str] = {
 
 class OnnxRuntime:
     device: str = "cpu"
-    #: ONNX Runtime reads a CPU input where numpy holds it and keeps no reference once ``run`` returns: the
-    #: batcher may assemble every batch in the same buffers
-    borrows_inputs = True
 
     def __init__(self) -> None:
         self._session: Any = None

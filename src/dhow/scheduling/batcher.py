@@ -3,10 +3,10 @@
 A batch is cut when it reaches ``max_batch_size``, a preferred size, or when its first
 request has waited ``max_queue_delay_ms``, whichever comes first; with no delay it takes
 whatever queued while the instances were busy, so batches grow with load by themselves.
-Each request's rows are copied once, into the batch's input (an instance that borrows its inputs gets the
-same buffers batch after batch), and each request is answered with views of the batch's outputs. When an
-instance has just become free with requests queued, the loop first finishes the pass it is in, so that the
-calls that reached the server together are batched together. Deadlines
+Each request's rows are copied once, into the batch's input (a lone request's arrays go as they are), and
+each request is answered with views of the batch's outputs. When an instance has just become free with
+requests queued, the loop first finishes the pass it is in, so that calls that reached the server together
+leave together. Deadlines
 are monotonic; a request that times out in the queue is answered and never computed, and so is
 one whose client has gone (its ``gone`` says so) by the time a batch is cut.
 
@@ -99,49 +99,6 @@ class RowParts(Mapping[str, np.ndarray]):
 def takes_row_parts(instance: Instance) -> bool:
     """Whether an instance (a bound ``infer``, or a callable object) is given ``RowParts``, not concatenated arrays."""
     return bool(getattr(getattr(instance, "__self__", instance), "takes_row_parts", False))
-
-
-def borrows_inputs(instance: Instance) -> bool:
-    """Whether an instance reads its inputs during the call only (``borrows_inputs``): then its batch buffers are
-    reused from batch to batch."""
-    return bool(getattr(getattr(instance, "__self__", instance), "borrows_inputs", False))
-
-
-class BatchInputs:
-    """Where one instance's batches are assembled: each request's rows copied once, to their place.
-
-    For an instance that borrows its inputs, the buffers (``max_batch_size`` rows each) serve every batch whose
-    tensors keep their datatypes and row shapes; an output that may share their memory (a model answering a view
-    of its input) takes them with it, and the next batch gets new ones. Otherwise every batch gets new arrays.
-    """
-
-    __slots__ = ("_buffers", "_capacity", "_reuse")
-
-    def __init__(self, capacity: int, reuse: bool) -> None:
-        self._capacity = capacity
-        self._reuse = reuse
-        self._buffers: dict[str, np.ndarray] = {}
-
-    def assemble(self, batch: Sequence[_Pending], rows: int) -> Arrays:
-        merged: Arrays = {}
-        for name, first in batch[0].inputs.items():
-            parts = [pending.inputs[name] for pending in batch]
-            if not self._reuse:
-                merged[name] = np.concatenate(parts)
-                continue
-            buffer = self._buffers.get(name)
-            fits = buffer is not None and len(buffer) >= rows and buffer.dtype == first.dtype
-            if buffer is None or not fits or buffer.shape[1:] != first.shape[1:]:
-                buffer = self._buffers[name] = np.empty((max(rows, self._capacity), *first.shape[1:]), first.dtype)
-            merged[name] = np.concatenate(parts, out=buffer[:rows])
-        return merged
-
-    def release(self, outputs: Mapping[str, np.ndarray]) -> None:
-        """Forget the buffers that an output may still be reading: they now belong to the answers."""
-        if self._buffers:
-            for name, buffer in list(self._buffers.items()):
-                if any(np.may_share_memory(array, buffer) for array in outputs.values()):
-                    del self._buffers[name]
 
 
 def _batch_key(inputs: Mapping[str, np.ndarray]) -> tuple[object, ...]:
@@ -304,14 +261,13 @@ class DynamicBatcher:
     async def _work(self, instance: Instance) -> None:
         loop = asyncio.get_running_loop()
         as_parts = takes_row_parts(instance)
-        inputs = BatchInputs(self._max_rows, borrows_inputs(instance))
         while True:
             batch = await self._next_batch()
             if not batch:
                 continue
             self._busy += 1
             try:
-                await self._run(loop, instance, as_parts, inputs, batch)
+                await self._run(loop, instance, as_parts, batch)
             finally:
                 self._busy -= 1
             if self._max_rows and self._queue and not self._delay_ns:
@@ -372,12 +328,7 @@ class DynamicBatcher:
         return rows
 
     async def _run(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        instance: Instance,
-        as_parts: bool,
-        inputs: BatchInputs,
-        batch: list[_Pending],
+        self, loop: asyncio.AbstractEventLoop, instance: Instance, as_parts: bool, batch: list[_Pending]
     ) -> None:
         start = time.monotonic_ns()
         waits = [start - pending.enqueued_ns for pending in batch]
@@ -388,9 +339,7 @@ class DynamicBatcher:
         outputs = tuple(dict.fromkeys(name for p in batch for name in p.outputs))
         self._running += len(batch)
         try:
-            results, timings = await loop.run_in_executor(
-                self._executor, _execute, instance, as_parts, inputs, batch, outputs
-            )
+            results, timings = await loop.run_in_executor(self._executor, _execute, instance, as_parts, batch, outputs)
         except BaseException as exc:
             self._running -= len(batch)
             if not isinstance(exc, Exception):
@@ -424,25 +373,24 @@ class DynamicBatcher:
 
 
 def _execute(
-    instance: Instance, as_parts: bool, inputs: BatchInputs, batch: list[_Pending], outputs: tuple[str, ...]
+    instance: Instance, as_parts: bool, batch: list[_Pending], outputs: tuple[str, ...]
 ) -> tuple[list[Arrays], BatchTimings]:
     """Runs in a worker thread: assemble, compute, answer each request with views of its rows."""
     t0 = time.monotonic_ns()
-    total = sum(p.rows for p in batch)
     merged: Mapping[str, np.ndarray]
     if len(batch) == 1:  # the request's own arrays (on the doors, views of the bytes received): no copy at all
         merged = batch[0].inputs
     elif as_parts:  # it copies each request's rows to their place itself: one copy, not two
         merged = RowParts({name: [p.inputs[name] for p in batch] for name in batch[0].inputs})
-    else:
-        merged = inputs.assemble(batch, total)
+    else:  # one copy of each request's rows, into the batch (a reused buffer saved no page fault: see RESULTS.md)
+        merged = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
     t1 = time.monotonic_ns()
     produced = instance(merged, outputs)
     t2 = time.monotonic_ns()
+    total = sum(p.rows for p in batch)
     if len(batch) == 1:
         results = [produced]
     else:
-        inputs.release(produced)
         for name, array in produced.items():
             if array.ndim == 0 or array.shape[0] != total:
                 raise ModelFault(f"output '{name}' has {array.shape[:1]} rows for a batch of {total}")
