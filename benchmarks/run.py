@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import platform
@@ -91,6 +92,9 @@ def arguments() -> argparse.Namespace:
         default=True,
         help="for the mlp: ONNX Runtime's CPU per row in-process, and dhow over REST with binary tensors at the goal "
         "point (the CPU-efficiency table)",
+    )
+    parser.add_argument(
+        "--dhow-threads", type=int, help="intra-op threads of dhow's models instead of serving_setups.py's (0: default)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the models' data and of the request rows")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="where the tables go")
@@ -166,8 +170,10 @@ def measure(
     return point
 
 
-def start_dhow(workload: setups.Workload, artifact: Path) -> servers.Server:
+def start_dhow(workload: setups.Workload, artifact: Path, threads: int | None = None) -> servers.Server:
     setup = setups.DHOW[workload.name]
+    if threads is not None:  # --dhow-threads: the manifest's intra-op threads, to try another sizing
+        setup = dataclasses.replace(setup, manifest={**setup.manifest, "threads": threads})
     folder = WORK / "dhow"
     setups.write_dhow_repository(folder / "repository", workload, artifact, setup)
     log = WORK / f"dhow-{workload.name}.log"
@@ -324,7 +330,7 @@ def benchmark_model(
     in_process_limits(workload, artifact, "before", run, args)
     if "dhow" in args.servers:
         print(f"dhow {name}", flush=True)
-        server = start_dhow(workload, artifact)
+        server = start_dhow(workload, artifact, args.dhow_threads)
         try:
             checked(server, workload, requests, artifact)
             sweep(server, workload, requests, args, run)
