@@ -42,9 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc_loadgen
-import numpy as np
 from loadgen import http_post
-from serving_setups import DHOW, WORKLOADS, requests_for, write_dhow_repository
+from serving_setups import DHOW, WORKLOADS, binary_body, requests_for, write_dhow_repository
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,16 +174,6 @@ def _rest_caller(port: int, model: str, bodies: list[bytes], binary: bool) -> Ca
         writer.close()
 
     return calls
-
-
-def binary_body(body: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
-    """A JSON request body of one FP32 input in the binary tensor extension, and the header it needs."""
-    tensor = body["inputs"][0]
-    data = np.asarray(tensor.pop("data"), dtype=np.float32).tobytes()
-    tensor["parameters"] = {"binary_data_size": len(data)}
-    body["parameters"] = {"binary_data_output": True}
-    header = json.dumps(body).encode()
-    return header + data, {"Inference-Header-Content-Length": str(len(header))}
 
 
 def _grpc_caller(port: int, messages: list[bytes]) -> Calls:

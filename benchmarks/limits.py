@@ -22,13 +22,41 @@ class Limit:
     when: str
 
 
-def onnx_session(path: Path, threads: int) -> Any:
+@dataclass(frozen=True)
+class CpuPerRow:
+    """ONNX Runtime alone: the CPU time (every thread of the process) it takes per row, at one batch size."""
+
+    model: str
+    batch: int
+    threads: int
+    cpu_us: float
+    when: str
+
+
+def onnx_session(path: Path, threads: int, spinning: bool = True) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if not spinning:  # as dhow runs its sessions: an idle thread waits without burning CPU time
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_cpu_per_row(
+    model: str, path: Path, features: int, batch: int, threads: int, seconds: float, when: str
+) -> CpuPerRow:
+    """CPU µs per row of ``session.run`` on batches of ``batch`` rows, with dhow's session options (no spinning):
+    what the server's CPU per inference is set against. The process does nothing else meanwhile."""
+    session = onnx_session(path, threads, spinning=False)
+    feeds = {"input": np.random.default_rng(0).standard_normal((batch, features)).astype(np.float32)}
+    session.run(None, feeds)
+    rows, cpu, start = 0, time.process_time(), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        session.run(None, feeds)
+        rows += batch
+    return CpuPerRow(model, batch, threads, (time.process_time() - cpu) / rows * 1e6, when)
 
 
 def _rows_per_second(run: Callable[[], object], batch: int, seconds: float) -> float:

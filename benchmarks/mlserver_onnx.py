@@ -17,6 +17,7 @@ from mlserver.codecs import NumpyCodec
 from mlserver.errors import InferenceError
 from mlserver.types import InferenceRequest, InferenceResponse
 from mlserver.utils import get_model_uri
+from mlserver_batches import count_batch
 
 
 class OnnxModel(MLModel):
@@ -36,6 +37,7 @@ class OnnxModel(MLModel):
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        count_batch(payload)  # the batch sizes MLServer does not report (mlserver_batches.py)
         feeds: dict[str, np.ndarray] = {}
         for request_input in payload.inputs:
             if request_input.name not in self._input_names:

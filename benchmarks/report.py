@@ -6,12 +6,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from limits import Limit
+from limits import CpuPerRow, Limit
 from loadgen import Result
 from servers import Breakdown
 from triton_perf import PerfPoint
 
 PROTOCOLS = {"rest": "REST", "grpc": "gRPC"}
+#: every protocol a point may be measured over: the sweep's, and REST with binary tensors (dhow only)
+LABELS = PROTOCOLS | {"rest_binary": "REST binary"}
+#: the CPU-efficiency goal: in-process CPU per row at this batch size / the server's CPU per inference
+EFFICIENCY_BATCH, EFFICIENCY_GOAL = 32, 0.8
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,11 @@ class Point:
     server_cpu_us: float
     generator_cpu_us: float
     breakdown: Breakdown | None = None
+    #: of ``server_cpu_us``, the server process's first thread (dhow: the event loop, where both doors run)
+    server_main_cpu_us: float = math.nan
+    #: requests per batch the model computed over the measured seconds (dhow: /stats; MLServer: counted by
+    #: mlserver_batches.py in its runtimes); nan when not known
+    average_batch: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,7 @@ class Run:
     tried: list[Tried] = field(default_factory=list)
     limits: list[Limit] = field(default_factory=list)
     perf: dict[tuple[str, str, int], PerfPoint | str] = field(default_factory=dict)
+    cpu_per_row: list[CpuPerRow] = field(default_factory=list)
     goal_concurrency: dict[str, int] = field(default_factory=dict)
     minutes: float = 0.0
 
@@ -61,6 +71,11 @@ class Run:
         rates = [x.rows_per_second for x in self.limits if (x.model, x.batch, x.threads) == (model, batch, threads)]
         return max(rates, default=None)
 
+    def reference_cpu_us(self, model: str) -> float | None:
+        """ONNX Runtime's least CPU per row in-process at the efficiency batch, over thread counts and both times."""
+        costs = [x.cpu_us for x in self.cpu_per_row if (x.model, x.batch) == (model, EFFICIENCY_BATCH)]
+        return min(costs, default=None)
+
 
 def _number(value: float, digits: int = 0) -> str:
     return "n/a" if math.isnan(value) else f"{value:,.{digits}f}"
@@ -72,7 +87,7 @@ def _ratio(a: float, b: float) -> str:
 
 def _measured(point: Point | None) -> list[str]:
     if point is None:
-        return ["n/a", "n/a", "n/a", "n/a"]
+        return ["n/a"] * 5
     r = point.result
     failed = f" ({r.failures} failed)" if r.failures else ""
     return [
@@ -80,15 +95,18 @@ def _measured(point: Point | None) -> list[str]:
         f"{r.percentile(50):.2f}",
         f"{r.percentile(99):.2f}",
         f"{point.server_cpu_us:.0f}",
+        _number(point.average_batch, 1),
     ]
 
 
 def model_table(run: Run, model: str) -> list[str]:
-    head = "| protocol | c | dhow infer/s | p50 ms | p99 ms | CPU µs/req "
-    head += "| MLServer infer/s | p50 ms | p99 ms | CPU µs/req | dhow/MLServer throughput | p99 ratio |"
-    lines = [head, "|" + "---|" * 12]
+    head = "| protocol | c | dhow infer/s | p50 ms | p99 ms | CPU µs/inference | avg batch "
+    head += "| MLServer infer/s | p50 ms | p99 ms | CPU µs/inference | avg batch "
+    head += "| dhow/MLServer throughput | p99 ratio |"
+    lines = [head, "|" + "---|" * 14]
     keys = sorted(
-        {(p.protocol, p.concurrency) for p in run.points if p.model == model}, key=lambda k: (k[0] != "rest", k[1])
+        {(p.protocol, p.concurrency) for p in run.points if p.model == model and p.protocol in PROTOCOLS},
+        key=lambda k: (k[0] != "rest", k[1]),
     )
     for protocol, concurrency in keys:
         ours, theirs = (
@@ -131,6 +149,52 @@ def goals(run: Run) -> list[str]:
         verdict = "**reached**" if share >= 0.8 else "**not reached**"
         detail = f"{share:.0%}: {ours.result.throughput:,.0f} of {limit:,.0f} rows/s, the higher of the two limits"
         lines.append(f"- mlp c={c} {PROTOCOLS[protocol]} ({need}): {verdict} ({detail})")
+    return lines
+
+
+def efficiency_lines(run: Run, model: str) -> list[str]:
+    """The goal lines: the server's CPU per inference against ONNX Runtime's CPU per row in-process."""
+    reference, c = run.reference_cpu_us(model), run.goal_concurrency.get(model, 64)
+    lines = []
+    for protocol in ("rest_binary", "grpc"):
+        point = run.point("dhow", model, protocol, c)
+        need = f"in-process ORT CPU per row at batch {EFFICIENCY_BATCH} / server CPU per inference ≥ {EFFICIENCY_GOAL}"
+        if point is None or reference is None:
+            lines.append(f"- {model} c={c} {LABELS[protocol]} ({need}): not measured in this run")
+            continue
+        efficiency = reference / point.server_cpu_us
+        verdict = "**reached**" if efficiency >= EFFICIENCY_GOAL else "**not reached**"
+        detail = f"{efficiency:.2f}: {reference:.0f} against {point.server_cpu_us:.0f} µs"
+        lines.append(f"- {model} c={c} {LABELS[protocol]} ({need}): {verdict} ({detail})")
+    return lines
+
+
+def efficiency_table(run: Run, model: str) -> list[str]:
+    """Each server's CPU per inference at the goal point, split, against the in-process reference."""
+    reference, c = run.reference_cpu_us(model), run.goal_concurrency.get(model, 64)
+    lines = [
+        f"| server | protocol | c | infer/s | avg batch | server CPU µs/inference | of it, first thread µs | "
+        f"other threads and processes µs | efficiency (goal ≥ {EFFICIENCY_GOAL}) |",
+        "|" + "---|" * 9,
+    ]
+    rows = [("dhow", "rest_binary"), ("dhow", "grpc"), ("mlserver", "rest"), ("mlserver", "grpc")]
+    for server, protocol in rows:
+        point = run.point(server, model, protocol, c)
+        if point is None:
+            continue
+        label = LABELS[protocol] + (" (JSON: it takes no binary tensors)" if protocol == "rest" else "")
+        main = point.server_main_cpu_us
+        cells = [server if server == "dhow" else "MLServer", label, str(c), _number(point.result.throughput)]
+        cells += [_number(point.average_batch, 1), f"{point.server_cpu_us:.0f}", _number(main)]
+        cells += [_number(point.server_cpu_us - main), _ratio(reference or math.nan, point.server_cpu_us)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "ONNX Runtime alone, the same run (CPU time of the process per row, dhow's session options):", ""]
+    lines += ["| batch | threads | CPU µs per row | taken |", "|---|---|---|---|"]
+    for x in run.cpu_per_row:
+        if x.model == model:
+            lines.append(f"| {x.batch} | {x.threads} | {x.cpu_us:.0f} | {x.when} the servers |")
+    if reference is not None:
+        lines += ["", f"Reference: {reference:.0f} µs per row, the least at batch {EFFICIENCY_BATCH} above."]
     return lines
 
 
@@ -213,12 +277,31 @@ BREAKDOWN_NOTE = (
 )
 
 
+EFFICIENCY_NOTE = (
+    "Server CPU: user + system time of the server's whole process tree over the measured seconds, per answered "
+    "request (every request is one row), read from /proc; the load generator's own CPU is not in it. First "
+    "thread: the server process's main thread (dhow: the event loop, where both doors' Python, the core and the "
+    "batcher run); the rest is the model's threads (the instance's thread and ONNX Runtime's pool), grpc's "
+    "threads and, for MLServer, its worker processes. Efficiency: the reference over the server's CPU per "
+    "inference; 1.0 would be a server that costs nothing beyond the model at batch "
+    f"{EFFICIENCY_BATCH}. Average batch: dhow from /stats; MLServer from its runtimes' count of the batches "
+    "they compute (mlserver_batches.py: it reports none itself)."
+)
+
+
 def markdown(run: Run, preamble: Sequence[str]) -> str:
     out = ["# dhow against Seldon MLServer 1.7.1: throughput and latency side by side", ""]
     out += [f"`{run.command}` on {run.machine}, {run.started}, {run.minutes:.1f} min.", "", *preamble, ""]
-    out += ["## Goals", "", *goals(run), ""]
+    efficient = [model for model in run.models if any(x.model == model for x in run.cpu_per_row)]
+    out += ["## Goals", "", *goals(run)]
+    for model in efficient:
+        out += efficiency_lines(run, model)
+    out += [""]
     for model in run.models:
         out += [f"## {model} (goal point c={run.goal_concurrency[model]})", "", *model_table(run, model), ""]
+    for model in efficient:
+        out += [f"## {model}: CPU efficiency (server CPU per inference against ONNX Runtime alone)", ""]
+        out += [*efficiency_table(run, model), "", EFFICIENCY_NOTE, ""]
     out += ["## In-process limits (no server; taken before and after each model's servers)", ""]
     out += [*limits_table(run.limits), ""]
     out += ["## dhow server-side breakdown at the goal points (per request)", "", *breakdown_table(run), ""]

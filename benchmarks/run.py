@@ -2,6 +2,11 @@
 
     .venv/bin/python benchmarks/run.py [--models tabular,mlp,tabular_sklearn] [--concurrency 1,4,16,64]
         [--protocols rest,grpc] [--servers dhow,mlserver] [--seconds 6] [--warmup 2] [--mlserver-variants all]
+        [--no-perf-analyzer] [--no-efficiency] [--out FILE]
+
+    a short try of the mlp's CPU efficiency alone (about a minute):
+    .venv/bin/python benchmarks/run.py --models mlp --concurrency 64 --servers dhow --no-perf-analyzer \
+        --out /tmp/mlp.md
 
 1. Builds the models with dhow's demo builder (seeded synthetic data): ``tabular`` (100-tree gradient-boosted
    classifier, ONNX), ``mlp`` (512-2048x3-10, ONNX), ``tabular_sklearn`` (the same classifier, joblib), and
@@ -13,11 +18,16 @@
    same for both servers; on dhow, perf_analyzer measures the goal points too (cross-check, server breakdown).
 4. Measures the in-process limits (ONNX Runtime, scikit-learn) before and after each model's servers, and
    writes the tables.
+5. For the mlp (``serving_setups.EFFICIENCY``): ONNX Runtime's CPU time per row alone at batch 32, before and
+   after its servers, and dhow at the goal point over REST with binary tensors (and gRPC): the server's CPU
+   per inference set against it (the CPU-efficiency table, goal ≥ 0.8).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import platform
 import resource
@@ -28,6 +38,7 @@ import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -75,6 +86,16 @@ def arguments() -> argparse.Namespace:
         default=True,
         help="also measure dhow's goal points with perf_analyzer (cross-check, server-side breakdown)",
     )
+    parser.add_argument(
+        "--efficiency",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="for the mlp: ONNX Runtime's CPU per row in-process, and dhow over REST with binary tensors at the goal "
+        "point (the CPU-efficiency table)",
+    )
+    parser.add_argument(
+        "--dhow-threads", type=int, help="intra-op threads of dhow's models instead of serving_setups.py's (0: default)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the models' data and of the request rows")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="where the tables go")
     return parser.parse_args()
@@ -89,20 +110,24 @@ def measure(
     args: argparse.Namespace,
 ) -> report.Point:
     """One point; the CPU times are read when the warm-up ends (from a timer thread) and when the load stops."""
-    marks: list[tuple[float, float]] = []
+    marks: list[tuple[float, float, float, tuple[int, int]]] = []
+    stats: list[dict[str, Any]] = []
 
     def mark() -> None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        marks.append((server.cpu_seconds(), usage.ru_utime + usage.ru_stime))
+        if server.kind == "dhow":
+            stats.append(servers.model_stats(server, model))
+        cpu, main = server.cpu_seconds(), server.main_thread_seconds()
+        marks.append((cpu, usage.ru_utime + usage.ru_stime, main, server.batch_counts()))
 
     timer = threading.Timer(args.warmup, mark)
-    before = servers.model_stats(server, model) if server.kind == "dhow" else None
     timer.start()
-    if protocol == "rest":
-        bodies = [
-            loadgen.http_post(f"127.0.0.1:{server.http_port}", f"/v2/models/{model}/infer", b)
-            for b in requests.rest_bodies
-        ]
+    if protocol.startswith("rest"):
+        host, path = f"127.0.0.1:{server.http_port}", f"/v2/models/{model}/infer"
+        if protocol == "rest_binary":
+            bodies = [loadgen.http_post(host, path, body, headers) for body, headers in requests.rest_binary]
+        else:
+            bodies = [loadgen.http_post(host, path, body) for body in requests.rest_bodies]
         result = loadgen.run(
             "127.0.0.1", server.http_port, bodies, concurrency=concurrency, warmup=args.warmup, seconds=args.seconds
         )
@@ -117,9 +142,16 @@ def measure(
         )
     timer.join()
     mark()
-    (server_start, generator_start), (server_end, generator_end) = marks
+    (server_start, generator_start, main_start, batches_start), (server_end, generator_end, main_end, batches_end) = (
+        marks
+    )
     count = max(result.requests, 1)
-    breakdown = servers.breakdown(before, servers.model_stats(server, model)) if before else None
+    breakdown = servers.breakdown(*stats) if stats else None
+    if breakdown is not None:
+        average_batch = breakdown.average_batch
+    else:
+        calls, requests_counted = (end - start for start, end in zip(batches_start, batches_end, strict=True))
+        average_batch = requests_counted / calls if calls else math.nan
     point = report.Point(
         server.kind,
         model,
@@ -129,14 +161,19 @@ def measure(
         (server_end - server_start) / count * 1e6,
         (generator_end - generator_start) / count * 1e6,
         breakdown,
+        (main_end - main_start) / count * 1e6,
+        average_batch,
     )
     figures = f"{result.throughput:,.0f}/s p50 {result.percentile(50):.2f} p99 {result.percentile(99):.2f} ms"
+    figures += f", server CPU {point.server_cpu_us:.0f} µs/inference, batch {average_batch:.1f}"
     print(f"  {server.kind} {model} {protocol} c={concurrency}: {figures}, failures {result.failures}", flush=True)
     return point
 
 
-def start_dhow(workload: setups.Workload, artifact: Path) -> servers.Server:
+def start_dhow(workload: setups.Workload, artifact: Path, threads: int | None = None) -> servers.Server:
     setup = setups.DHOW[workload.name]
+    if threads is not None:  # --dhow-threads: the manifest's intra-op threads, to try another sizing
+        setup = dataclasses.replace(setup, manifest={**setup.manifest, "threads": threads})
     folder = WORK / "dhow"
     setups.write_dhow_repository(folder / "repository", workload, artifact, setup)
     log = WORK / f"dhow-{workload.name}.log"
@@ -231,7 +268,9 @@ def perf_analyzer_points(
         )
 
 
-def in_process_limits(workload: setups.Workload, artifact: Path, when: str, run: report.Run) -> None:
+def in_process_limits(
+    workload: setups.Workload, artifact: Path, when: str, run: report.Run, args: argparse.Namespace
+) -> None:
     print(f"in-process limits of {workload.name} ({when} its servers)", flush=True)
     for batch in (1, 32):
         if artifact.suffix == ".onnx":
@@ -240,6 +279,32 @@ def in_process_limits(workload: setups.Workload, artifact: Path, when: str, run:
                 run.limits.append(limit)
         else:
             run.limits.append(limits.sklearn_limit(workload.name, artifact, workload.features, batch, 2.0, when))
+    if efficiency(workload, args):
+        for threads in (1, 2):
+            cost = limits.onnx_cpu_per_row(
+                workload.name, artifact, workload.features, report.EFFICIENCY_BATCH, threads, 2.0, when
+            )
+            print(f"  ONNX Runtime alone, batch {cost.batch}, {threads} threads: {cost.cpu_us:.0f} µs CPU per row")
+            run.cpu_per_row.append(cost)
+
+
+def efficiency(workload: setups.Workload, args: argparse.Namespace) -> bool:
+    """Whether this run measures the model's CPU efficiency (the mlp's goal)."""
+    return args.efficiency and workload.name in setups.EFFICIENCY
+
+
+def efficiency_points(
+    server: servers.Server,
+    workload: setups.Workload,
+    requests: setups.Requests,
+    args: argparse.Namespace,
+    run: report.Run,
+) -> None:
+    """dhow at the goal point over REST with binary tensors, and over gRPC unless the sweep measured it."""
+    c = workload.goal_concurrency
+    for protocol in ("rest_binary", "grpc"):
+        if run.point(server.kind, workload.name, protocol, c) is None:
+            run.points.append(measure(server, workload.name, protocol, c, requests, args))
 
 
 def describe_settings(run: report.Run, workload: setups.Workload, server: servers.Server) -> None:
@@ -262,13 +327,15 @@ def benchmark_model(
 ) -> None:
     workload = setups.WORKLOADS[name]
     requests = setups.requests_for(workload, args.seed)
-    in_process_limits(workload, artifact, "before", run)
+    in_process_limits(workload, artifact, "before", run, args)
     if "dhow" in args.servers:
         print(f"dhow {name}", flush=True)
-        server = start_dhow(workload, artifact)
+        server = start_dhow(workload, artifact, args.dhow_threads)
         try:
             checked(server, workload, requests, artifact)
             sweep(server, workload, requests, args, run)
+            if efficiency(workload, args):
+                efficiency_points(server, workload, requests, args, run)
             if args.perf_analyzer:
                 perf_analyzer_points(server, workload, requests, args, run)
             describe_settings(run, workload, server)
@@ -284,7 +351,7 @@ def benchmark_model(
             describe_settings(run, workload, server)
         finally:
             server.stop()
-    in_process_limits(workload, artifact, "after", run)
+    in_process_limits(workload, artifact, "after", run, args)
 
 
 def machine() -> str:
@@ -322,12 +389,15 @@ def preamble(run: report.Run, args: argparse.Namespace) -> list[str]:
         f"{generator_cpu('rest')}, gRPC {generator_cpu('grpc')}. perf_analyzer measures dhow's goal points with the "
         "same rows (cross-check below).",
         "",
-        "CPU µs/req: user + system time of the server's whole process tree (MLServer's workers included) over the "
-        "measured seconds, per answered request. p50/p99: client-side latency of each request.",
+        "CPU µs/inference: user + system time of the server's whole process tree (MLServer's workers included) over "
+        "the measured seconds, per answered request (one row each). Avg batch: requests per batch the model "
+        "computed over the measured seconds (dhow: its /stats; MLServer: counted in its runtimes by "
+        "`benchmarks/mlserver_batches.py`, as MLServer reports none). p50/p99: client-side latency of each request.",
         "",
         "dhow: `--auth none` (no authentication, no audit trail), metrics always on. MLServer: `debug` off (no access "
         "log), metrics server and gzip middleware off, ONNX through our runtime `benchmarks/mlserver_onnx.py` "
-        "(MLServer ships none), joblib through `mlserver-sklearn`. Both servers answer each model's first request "
+        "(MLServer ships none), joblib through `mlserver-sklearn` (its runtime with the batch count added). "
+        "Both servers answer each model's first request "
         "over both protocols with the outputs ONNX Runtime / scikit-learn give in-process before any load.",
     ]
 

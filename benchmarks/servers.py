@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,8 @@ from grpc_loadgen import MODEL_INFER
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+#: the environment variable that tells mlserver_batches.py where to count
+BATCHES_FOLDER = "DHOW_BENCH_BATCHES"
 
 
 def free_port() -> int:
@@ -42,6 +45,26 @@ class Server:
     http_port: int
     grpc_port: int
     log: Path
+    #: where MLServer's workers count the batches their model computes (mlserver_batches.py); None for dhow
+    batches: Path | None = None
+
+    def main_thread_seconds(self) -> float:
+        """User + system time of the server process's first thread: dhow's event loop (both doors' Python)."""
+        try:
+            stat = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/stat").read_text()
+        except OSError:
+            return float("nan")
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def batch_counts(self) -> tuple[int, int]:
+        """MLServer: (batches computed, requests in them) so far, over its worker processes."""
+        calls = requests = 0
+        for path in self.batches.glob("*.counts") if self.batches else ():
+            counts = np.fromfile(path, dtype=np.int64)
+            if counts.size == 2:
+                calls, requests = calls + int(counts[0]), requests + int(counts[1])
+        return calls, requests
 
     def cpu_seconds(self) -> float:
         """User + system time of the server and every process below it (MLServer's workers)."""
@@ -88,15 +111,26 @@ def start_dhow(repository: Path, data_dir: Path, args: tuple[str, ...], log: Pat
 
 def start_mlserver(folder: Path, mlserver_bin: Path, http_port: int, grpc_port: int, log: Path) -> Server:
     command = [str(mlserver_bin / "mlserver"), "start", str(folder)]
-    # our custom ONNX runtime (mlserver_onnx.py) is imported from this folder, in every worker process
-    environment = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent)}
-    return _start("mlserver", command, http_port, grpc_port, log, environment)
+    batches = log.with_suffix(".batches")
+    shutil.rmtree(batches, ignore_errors=True)
+    batches.mkdir(parents=True)
+    # our runtimes (mlserver_onnx.py, mlserver_batches.py) are imported from this folder, in every worker process
+    environment = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent), BATCHES_FOLDER: str(batches)}
+    return _start("mlserver", command, http_port, grpc_port, log, environment, batches)
 
 
-def _start(kind: str, command: list[str], http_port: int, grpc_port: int, log: Path, env: dict[str, str]) -> Server:
+def _start(
+    kind: str,
+    command: list[str],
+    http_port: int,
+    grpc_port: int,
+    log: Path,
+    env: dict[str, str],
+    batches: Path | None = None,
+) -> Server:
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    return Server(kind, command, process, http_port, grpc_port, log)
+    return Server(kind, command, process, http_port, grpc_port, log, batches)
 
 
 def wait_ready(server: Server, model: str, timeout: float = 120) -> None:

@@ -58,22 +58,26 @@ WORKLOADS = {
     "tabular_sklearn": Workload(
         "tabular_sklearn",
         "model.joblib",
-        "mlserver_sklearn.SKLearnModel",
+        "mlserver_batches.SKLearnModel",  # mlserver_sklearn's, counting its batches
         32,
         goal_concurrency=16,
         outputs=("predict",),
     ),
 }
 
+#: models whose CPU efficiency is measured: the server's CPU per inference against ONNX Runtime's per row alone
+EFFICIENCY = {"mlp"}
+
 _THREAD = {"count": 1, "kind": "thread"}
 #: what served best here (tried: 1 or 2 server workers; ORT threads 1 or 2, spinning on or off; for scikit-learn
 #: a thread instance, 1 or 2 process instances): two server processes for the light models, whose cost is the
-#: protocol work in Python, and one process with two ORT threads for mlp, whose cost is the model
+#: protocol work in Python, and one process for mlp, whose cost is the model, with one ORT thread: the other core
+#: is the event loop's (two threads on 2 cores spent more CPU per row, preempted by the loop; issue 18)
 DHOW = {
     "tabular": DhowSetup(
         {"batching": {"max_queue_delay_ms": 0}, "instances": _THREAD, "threads": 1}, ("--workers", "2")
     ),
-    "mlp": DhowSetup({"max_batch_size": 64, "batching": {"max_queue_delay_ms": 0}, "instances": _THREAD, "threads": 2}),
+    "mlp": DhowSetup({"max_batch_size": 64, "batching": {"max_queue_delay_ms": 0}, "instances": _THREAD, "threads": 1}),
     "tabular_sklearn": DhowSetup({"batching": {"max_queue_delay_ms": 0}, "instances": _THREAD}, ("--workers", "2")),
 }
 
@@ -166,6 +170,8 @@ class Requests:
     rows: list[np.ndarray]
     rest_bodies: list[bytes]
     grpc_messages: list[bytes]
+    #: the REST bodies in the binary tensor extension (as perf_analyzer sends them), with the header each needs
+    rest_binary: list[tuple[bytes, dict[str, str]]] = field(default_factory=list)
 
 
 def requests_for(workload: Workload, seed: int, count: int = 16) -> Requests:
@@ -181,4 +187,14 @@ def requests_for(workload: Workload, seed: int, count: int = 16) -> Requests:
             body["outputs"] = outputs
         bodies.append(json.dumps(body).encode())
     messages = [infer_request(workload.name, {"input": row}, workload.outputs) for row in rows]
-    return Requests(rows, bodies, messages)
+    return Requests(rows, bodies, messages, [binary_body(json.loads(body)) for body in bodies])
+
+
+def binary_body(body: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """A JSON request body of one FP32 input in the binary tensor extension, and the header it needs."""
+    tensor = body["inputs"][0]
+    data = np.asarray(tensor.pop("data"), dtype=np.float32).tobytes()
+    tensor["parameters"] = {"binary_data_size": len(data)}
+    body["parameters"] = {"binary_data_output": True}
+    header = json.dumps(body).encode()
+    return header + data, {"Inference-Header-Content-Length": str(len(header))}

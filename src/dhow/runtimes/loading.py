@@ -75,8 +75,12 @@ def available_cores() -> int:
 
 
 def default_threads(config: ModelConfig) -> int:
-    """Intra-op threads when the manifest says ``threads: 0``: the cores shared among the instances."""
-    return max(1, available_cores() // max(1, config.instances.count))
+    """Intra-op threads when the manifest says ``threads: 0``: the cores shared among the instances, less one
+    for the server's event loop, where the doors decode, queue and answer requests while a batch computes (a
+    pool that also takes the loop's core is preempted by it, and spends more CPU per row: benchmarks/RESULTS.md,
+    "Batching efficiency"); a single core is shared."""
+    cores = available_cores()
+    return max(1, (cores - 1 if cores > 1 else 1) // max(1, config.instances.count))
 
 
 def threads_for(config: ModelConfig) -> int:
