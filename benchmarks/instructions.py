@@ -61,6 +61,10 @@ def main() -> None:
     parser.add_argument("--cprofile", type=Path, help="profile with cProfile into this file instead of valgrind")
     parser.add_argument("--src", type=Path, default=ROOT / "src", help="the dhow sources to serve")
     parser.add_argument("--models", type=Path, default=ROOT / "demo-models", help="demo models (make demo-models)")
+    monitoring = parser.add_argument_group("monitoring", "what monitoring_overhead.py switches on, one by one")
+    monitoring.add_argument("--payload-log", action="store_true", help="the payload log to a scratch file")
+    monitoring.add_argument("--tracing", type=float, metavar="RATIO", help="tracing at RATIO to an OTLP receiver")
+    monitoring.add_argument("--drift", action="store_true", help="a reference profile for the served version")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dhow-instructions-") as scratch:
         print(measure(args, Path(scratch)))
@@ -80,12 +84,13 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     # valgrind slows the server fifty-fold: no request may time out in the queue meanwhile, and no connection
     # waiting for its first call may be closed for a ping the server was too slow to see answered
     serve += ["--log-level", "warning", "--queue-timeout-ms", "0", "--grpc-keepalive", "3600"]
+    env = dict(os.environ, PYTHONPATH=str(args.src), OMP_NUM_THREADS="1")
+    receiver = _monitoring(args, scratch, serve, env)
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes"]
     valgrind.append(f"--callgrind-out-file={out}")
     if args.cprofile:
         serve[2] = _CPROFILED.format(out=str(args.cprofile))
     command = serve if args.switches or args.cprofile else valgrind + serve
-    env = dict(os.environ, PYTHONPATH=str(args.src), OMP_NUM_THREADS="1")
     with open(scratch / "server.log", "wb") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -109,7 +114,11 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     finally:
         server.terminate()
         server.wait(120)
+        if receiver is not None:
+            receiver.terminate()
+            receiver.wait(10)
     point = f"{args.model} {args.protocol}{' binary' if args.binary else ''} c={args.concurrency}"
+    point += "".join(f" {on}" for on in _switched_on(args))
     calls = args.requests
     lines = [f"{point}: {_batch_size(stats)}"]
     if args.switches:  # under valgrind, which runs one thread at a time, they would mean little
@@ -135,6 +144,36 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
             for file in out.parent.glob(f"{out.name}-*"):
                 file.unlink()
     return "\n".join(lines)
+
+
+def _monitoring(args: argparse.Namespace, scratch: Path, serve: list[str], env: dict[str, str]) -> Any:
+    """Switch on what ``args`` asks for (a receiver process for tracing, returned; a profile for drift)."""
+    receiver = None
+    if args.payload_log:
+        serve += ["--payload-log", f"file://{scratch}/payloads/events.jsonl"]
+    if args.tracing is not None:
+        otlp = _free_port()
+        receiver = subprocess.Popen([sys.executable, str(ROOT / "benchmarks/monitoring_overhead.py"), "--receiver",
+                                     str(otlp)])  # fmt: skip
+        serve += ["--otlp-endpoint", f"http://127.0.0.1:{otlp}", "--trace-sample-ratio", str(args.tracing)]
+    if args.drift:  # the served version profiled from 20,000 rows of the demo's training distribution
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        width = WORKLOADS[args.model].features
+        rows = np.random.default_rng(0).standard_normal((20_000, width)).astype(np.float32)
+        data = scratch / "train.parquet"
+        pq.write_table(pa.table({f"f{j}": rows[:, j] for j in range(width)}), data)
+        profile = [sys.executable, "-m", "dhow.cli", "models", "profile", str(scratch / "repo" / args.model / "1")]
+        subprocess.run([*profile, "--data", str(data), "--map", "input=f*"], check=True, env=env,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+    return receiver
+
+
+def _switched_on(args: argparse.Namespace) -> list[str]:
+    on = ["payload-log"] if args.payload_log else []
+    on += [f"tracing {args.tracing:g}"] if args.tracing is not None else []
+    return on + (["drift"] if args.drift else [])
 
 
 def _wait_ready(server: subprocess.Popen[bytes], http_port: int) -> None:

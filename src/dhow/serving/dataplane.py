@@ -21,7 +21,7 @@ from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome, RequestedOutput
 from dhow.governance.masking import Masker, parse_masking
 from dhow.governance.residency import ResidencyPolicy
-from dhow.monitoring.payload_log import PayloadEvent, PayloadLog
+from dhow.monitoring.payload_log import ERROR, LATENCY, OUTCOME, OUTPUTS, VERSION, PayloadLog
 from dhow.serving.lifecycle import ModelLifecycle
 from dhow.serving.model_version import ModelVersion
 from dhow.serving.signature import response_outputs, validate_inputs
@@ -218,26 +218,26 @@ class DataPlane:
         return response, Outcome(response.model_version, region, payload)
 
     async def _logged(self, payloads: PayloadLog, request: InferenceRequest, placement: Placement) -> InferenceResponse:
-        """Check residency and route, offering the request with its answer or its error to the payload log."""
+        """Check residency and route, offering the request with its answer or its error to the payload log (an
+        event as ``payload_log.FIELDS`` orders it: masked and rendered in the log's writer process)."""
         config, region, model, caller = placement
         started, start = time.time(), time.perf_counter()
-        event = PayloadEvent(
+        event = [
             caller.request_id if caller is not None else request.id, config.name, request.model_version,
             caller.principal if caller is not None else "", caller.tenant if caller is not None else "", region,
-            "success", "", started, 0.0, {t.name: t.data for t in request.inputs}, None, request.parameters,
-            self._masker(config).mask_tensors,
-        )  # fmt: skip
+            "success", "", started, 0.0, request.parameters, {t.name: t.data for t in request.inputs}, None,
+        ]  # fmt: skip
         try:
             self.residency.check(region, self.region)
             response = await self._route(request, model)
         except BaseException as exc:
-            event.outcome, event.error = _error_of(exc)
-            event.version, event.latency_s = request.model_version or model.version_label, time.perf_counter() - start
-            payloads.offer(event)
+            event[OUTCOME], event[ERROR] = _error_of(exc)
+            event[VERSION], event[LATENCY] = request.model_version or model.version_label, time.perf_counter() - start
+            payloads.offer(event, self._masker(config))
             raise
-        event.version, event.latency_s = response.model_version, time.perf_counter() - start
-        event.outputs = {t.name: t.data for t in response.outputs}
-        payloads.offer(event)
+        event[VERSION], event[LATENCY] = response.model_version, time.perf_counter() - start
+        event[OUTPUTS] = {t.name: t.data for t in response.outputs}
+        payloads.offer(event, self._masker(config))
         return response
 
     def _masker(self, config: ModelConfig) -> Masker:
