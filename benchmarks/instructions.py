@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -86,8 +87,9 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     serve += ["--log-level", "warning", "--queue-timeout-ms", "0", "--grpc-keepalive", "3600"]
     env = dict(os.environ, PYTHONPATH=str(args.src), OMP_NUM_THREADS="1")
     receiver = _monitoring(args, scratch, serve, env)
-    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes"]
-    valgrind.append(f"--callgrind-out-file={out}")
+    # children too (the payload log's writer process), each counted only while the server is
+    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes", "--trace-children=yes"]
+    valgrind.append(f"--callgrind-out-file={out}.%p")
     if args.cprofile:
         serve[2] = _CPROFILED.format(out=str(args.cprofile))
     command = serve if args.switches or args.cprofile else valgrind + serve
@@ -129,10 +131,19 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     if args.cprofile:
         lines += _profile_lines(args.cprofile, calls)
     elif not args.switches:
-        per_thread = {int(f.name.rpartition("-")[2]): by_object(f) for f in out.parent.glob(f"{out.name}-*")}
+        files = list(out.parent.glob(f"{out.name}.*-*"))
+        by_process: dict[int, dict[int, collections.Counter[str]]] = collections.defaultdict(dict)
+        for file in files:
+            process, _, thread = file.name.removeprefix(f"{out.name}.").partition("-")
+            by_process[int(process)][int(thread)] = by_object(file)
+        per_thread = by_process.pop(server.pid, {})
         objects: collections.Counter[str] = sum(per_thread.values(), collections.Counter())
-        total = sum(objects.values())
-        lines.insert(0, f"{point}: {total / calls / 1000:,.0f}k instructions per call over {calls}")
+        children = {pid: sum(sum(c.values()) for c in threads.values()) for pid, threads in by_process.items()}
+        total, in_children = sum(objects.values()) / calls / 1000, sum(children.values()) / calls / 1000
+        head = f"{point}: {total + in_children:,.0f}k instructions per call over {calls}"
+        if children:
+            head += f" (server {total:,.0f}k, its child processes {in_children:,.0f}k)"
+        lines.insert(0, head)
         for name, cost in objects.most_common(8):
             lines.append(f"  {cost / calls / 1000:8,.0f}k  {name}")
         lines.append("per thread (1: the event loop's), with its costliest objects:")
@@ -140,8 +151,13 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
             if (cost := sum(costs.values())) >= calls * 1000:  # threads under 1k a call are left out
                 top = ", ".join(f"{name} {part / calls / 1000:,.0f}k" for name, part in costs.most_common(3))
                 lines.append(f"  thread {number}: {cost / calls / 1000:8,.0f}k  ({top})")
+        for pid, threads in sorted(by_process.items()):
+            if children[pid] >= calls * 1000:
+                each = ", ".join(f"{n} {sum(c.values()) / calls / 1000:,.0f}k" for n, c in sorted(threads.items()))
+                name = _NAMES.get(pid, str(pid))
+                lines.append(f"  child process {name}: {children[pid] / calls / 1000:8,.0f}k  (threads {each})")
         if args.out is None:
-            for file in out.parent.glob(f"{out.name}-*"):
+            for file in files:
                 file.unlink()
     return "\n".join(lines)
 
@@ -270,7 +286,8 @@ def _start(args: argparse.Namespace, pid: int) -> None:
     if args.cprofile:
         os.kill(pid, signal.SIGUSR1)
     elif not args.switches:
-        subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
+        for each in (pid, *_children(pid)):
+            subprocess.run(["callgrind_control", "-i", "on", str(each)], check=True, capture_output=True)
 
 
 def _stop(args: argparse.Namespace, pid: int) -> None:
@@ -278,7 +295,24 @@ def _stop(args: argparse.Namespace, pid: int) -> None:
         os.kill(pid, signal.SIGUSR2)
         time.sleep(2)  # the profile is written by the server's main thread
     elif not args.switches:
-        subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True)
+        for each in (pid, *_children(pid)):
+            subprocess.run(["callgrind_control", "-i", "off", str(each)], check=True, capture_output=True)
+
+
+#: the server's child processes by pid: the last word of their command line (a module: dhow.serving.payload_writer)
+_NAMES: dict[int, str] = {}
+
+
+def _children(pid: int) -> list[int]:
+    """The server's child processes (under valgrind too: ``--trace-children=yes``)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    for child in found:
+        with contextlib.suppress(OSError, IndexError):
+            _NAMES[child] = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[-2].decode()
+    return found
 
 
 def _profile_lines(path: Path, calls: int) -> list[str]:

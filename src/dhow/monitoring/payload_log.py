@@ -63,7 +63,7 @@ VERSION, OUTCOME, ERROR, LATENCY, OUTPUTS = 2, 6, 7, 9, 12
 _LENGTH = struct.Struct(">I")
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 #: how long the server waits for the writer to open its sink (a Kafka producer, a file) at start
-_START_TIMEOUT_S = 60.0
+_START_TIMEOUT_S = 300.0
 #: masking rules remembered at most (one per model config; past it they are handed over again)
 MAX_MASKINGS = 4096
 
