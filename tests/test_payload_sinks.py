@@ -4,6 +4,7 @@ rendering of an event, masked."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +92,17 @@ def test_the_writer_masks_text_tensors_and_errors_and_keeps_numbers_as_sent() ->
     assert data["error"] == "no such user [REDACTED:email]" and data["outcome"] == "INVALID_ARGUMENT"
     assert data["parameters"] == {"mode": "fast"} and "outputs" not in data
     assert data["latency_ms"] == 2.0
+
+
+def test_the_writer_reads_the_inputs_of_a_json_body_as_the_client_sent_it() -> None:
+    """A REST JSON request's inputs go to the writer as the body's text (not written again on the event loop):
+    they come out as the decoded tensors would, shaped, text masked."""
+    masker = Masker(parse_masking(None, "pii"), b"")
+    body = json.dumps({"inputs": [
+        {"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": ["to bob@example.com"]},
+        {"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1.5, 2, 3, 4]},
+    ]})  # fmt: skip
+    event = ["r-2", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, body, {"y": [[3.0]]}, 1]
+    data = cloud_event(event, masker, "dhow://test")["data"]
+    assert data["inputs"] == {"text": [["to [REDACTED:email]"]], "x": [[1.5, 2], [3, 4]]}
+    assert data["outputs"] == {"y": [[3.0]]} and "error" not in data

@@ -54,7 +54,8 @@ log = logging.getLogger("dhow.payload_log")
 EVENT_TYPES = {True: "io.dhow.inference.response", False: "io.dhow.inference.error"}
 #: an event as the data plane offers it: a list in this order (``outcome``: "success" or the error's code;
 #: ``error``: the message the client got; ``time``: Unix time it reached the data plane; ``inputs``/``outputs``:
-#: name -> array, outputs None when it failed). ``offer`` appends the number of the model's masking.
+#: name -> array, outputs None when it failed; ``inputs`` may be the request's Open Inference Protocol JSON body
+#: as text instead, which the writer reads). ``offer`` appends the number of the model's masking.
 FIELDS = ("request_id", "model", "version", "principal", "tenant", "data_region", "outcome", "error", "time",
           "latency_s", "parameters", "inputs", "outputs")  # fmt: skip
 #: the indexes the data plane sets after the request ran

@@ -222,10 +222,13 @@ class DataPlane:
         event as ``payload_log.FIELDS`` orders it: masked and rendered in the log's writer process)."""
         config, region, model, caller = placement
         started, start = time.time(), time.perf_counter()
+        # a JSON body goes as the client sent it (the writer reads its inputs): numbers are not written again here
+        body = request.json_body
+        inputs = body.decode("utf-8", "replace") if body is not None else {t.name: t.data for t in request.inputs}
         event = [
             caller.request_id if caller is not None else request.id, config.name, request.model_version,
             caller.principal if caller is not None else "", caller.tenant if caller is not None else "", region,
-            "success", "", started, 0.0, request.parameters, {t.name: t.data for t in request.inputs}, None,
+            "success", "", started, 0.0, request.parameters, inputs, None,
         ]  # fmt: skip
         try:
             self.residency.check(region, self.region)

@@ -26,6 +26,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import orjson
 
 from dhow.core.errors import DhowError
@@ -40,7 +41,7 @@ _IDLE_S = 0.02
 #: events rendered and handed to the sink at once
 _CHUNK = 512
 #: how often counts go back to the server (when something changed)
-_REPORT_S = 0.05
+_REPORT_S = 0.2
 
 #: event ids: a random prefix per process and a count, unique per source without a random draw per event
 _ID_PREFIX = secrets.token_hex(6)
@@ -61,6 +62,33 @@ def _holds_text(value: Any) -> bool:
     while isinstance(value, list) and value:
         value = value[0]
     return isinstance(value, str)
+
+
+def _inputs_of(body: str) -> dict[str, Any]:
+    """The inputs of an Open Inference Protocol JSON body (as the client sent it, already accepted by the server)
+    as name -> nested lists of their shape, as the decoded tensors would be written."""
+    inputs: dict[str, Any] = {}
+    for tensor in orjson.loads(body).get("inputs") or ():
+        data, shape = tensor.get("data"), tensor.get("shape")
+        try:
+            inputs[str(tensor["name"])] = _shaped(data, [int(n) for n in shape])
+        except (ValueError, TypeError, KeyError):  # the server took it: never expected, but written as sent
+            inputs[str(tensor.get("name"))] = data
+    return inputs
+
+
+def _shaped(data: Any, shape: list[int]) -> Any:
+    """Row-major ``data`` (flat, or nested as the protocol also allows) as nested lists of ``shape``."""
+    if not isinstance(data, list) or not shape:
+        return data
+    if any(isinstance(item, list) for item in data):
+        return np.asarray(data, dtype=object).reshape(shape).tolist()
+    if len(shape) == 1:
+        return data
+    if len(shape) == 2 and shape[0] == 1:
+        return [data]  # one row: most requests
+    step = len(data) // shape[0] if shape[0] else 0
+    return [_shaped(data[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
 
 
 def _masked(masker: Masker, tensors: Mapping[str, Any]) -> dict[str, Any]:
@@ -87,7 +115,7 @@ def cloud_event(event: list[Any], masker: Masker, source: str) -> dict[str, Any]
         "parameters": {k: v for k, v in parameters.items() if isinstance(v, str | int | float | bool)}
         if parameters
         else {},
-        "inputs": _masked(masker, event[11]),
+        "inputs": _masked(masker, _inputs_of(event[11]) if isinstance(event[11], str) else event[11]),
     }
     if event[12] is not None:
         data["outputs"] = _masked(masker, event[12])

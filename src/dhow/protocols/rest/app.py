@@ -367,6 +367,8 @@ class RestApp(PeerRoutes, MonitoringRoutes):
         raw_headers = request.raw_headers
         inference.headers = LazyHeaders(lambda: raw_headers)
         inference.gone = request.gone
+        if header_length is None:
+            inference.json_body = body
         response = await call.infer(inference)
         encoded, json_length = encode_response(response, inference)
         if json_length is None:
