@@ -81,7 +81,7 @@ def _shaped(data: Any, shape: list[int]) -> Any:
     """Row-major ``data`` (flat, or nested as the protocol also allows) as nested lists of ``shape``."""
     if not isinstance(data, list) or not shape:
         return data
-    if any(isinstance(item, list) for item in data):
+    if data and isinstance(data[0], list):  # nested already (a tensor's items are all alike)
         return np.asarray(data, dtype=object).reshape(shape).tolist()
     if len(shape) == 1:
         return data
