@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -60,6 +61,10 @@ def main() -> None:
     parser.add_argument("--cprofile", type=Path, help="profile with cProfile into this file instead of valgrind")
     parser.add_argument("--src", type=Path, default=ROOT / "src", help="the dhow sources to serve")
     parser.add_argument("--models", type=Path, default=ROOT / "demo-models", help="demo models (make demo-models)")
+    monitoring = parser.add_argument_group("monitoring", "what monitoring_overhead.py switches on, one by one")
+    monitoring.add_argument("--payload-log", action="store_true", help="the payload log to a scratch file")
+    monitoring.add_argument("--tracing", type=float, metavar="RATIO", help="tracing at RATIO to an OTLP receiver")
+    monitoring.add_argument("--drift", action="store_true", help="a reference profile for the served version")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dhow-instructions-") as scratch:
         print(measure(args, Path(scratch)))
@@ -79,12 +84,14 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     # valgrind slows the server fifty-fold: no request may time out in the queue meanwhile, and no connection
     # waiting for its first call may be closed for a ping the server was too slow to see answered
     serve += ["--log-level", "warning", "--queue-timeout-ms", "0", "--grpc-keepalive", "3600"]
-    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes"]
-    valgrind.append(f"--callgrind-out-file={out}")
+    env = dict(os.environ, PYTHONPATH=str(args.src), OMP_NUM_THREADS="1")
+    receiver = _monitoring(args, scratch, serve, env)
+    # children too (the payload log's writer process), each counted only while the server is
+    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes", "--trace-children=yes"]
+    valgrind.append(f"--callgrind-out-file={out}.%p")
     if args.cprofile:
         serve[2] = _CPROFILED.format(out=str(args.cprofile))
     command = serve if args.switches or args.cprofile else valgrind + serve
-    env = dict(os.environ, PYTHONPATH=str(args.src), OMP_NUM_THREADS="1")
     with open(scratch / "server.log", "wb") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -108,7 +115,11 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     finally:
         server.terminate()
         server.wait(120)
+        if receiver is not None:
+            receiver.terminate()
+            receiver.wait(10)
     point = f"{args.model} {args.protocol}{' binary' if args.binary else ''} c={args.concurrency}"
+    point += "".join(f" {on}" for on in _switched_on(args))
     calls = args.requests
     lines = [f"{point}: {_batch_size(stats)}"]
     if args.switches:  # under valgrind, which runs one thread at a time, they would mean little
@@ -119,10 +130,19 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     if args.cprofile:
         lines += _profile_lines(args.cprofile, calls)
     elif not args.switches:
-        per_thread = {int(f.name.rpartition("-")[2]): by_object(f) for f in out.parent.glob(f"{out.name}-*")}
+        files = list(out.parent.glob(f"{out.name}.*-*"))
+        by_process: dict[int, dict[int, collections.Counter[str]]] = collections.defaultdict(dict)
+        for file in files:
+            process, _, thread = file.name.removeprefix(f"{out.name}.").partition("-")
+            by_process[int(process)][int(thread)] = by_object(file)
+        per_thread = by_process.pop(server.pid, {})
         objects: collections.Counter[str] = sum(per_thread.values(), collections.Counter())
-        total = sum(objects.values())
-        lines.insert(0, f"{point}: {total / calls / 1000:,.0f}k instructions per call over {calls}")
+        children = {pid: sum(sum(c.values()) for c in threads.values()) for pid, threads in by_process.items()}
+        total, in_children = sum(objects.values()) / calls / 1000, sum(children.values()) / calls / 1000
+        head = f"{point}: {total + in_children:,.0f}k instructions per call over {calls}"
+        if children:
+            head += f" (server {total:,.0f}k, its child processes {in_children:,.0f}k)"
+        lines.insert(0, head)
         for name, cost in objects.most_common(8):
             lines.append(f"  {cost / calls / 1000:8,.0f}k  {name}")
         lines.append("per thread (1: the event loop's), with its costliest objects:")
@@ -130,10 +150,45 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
             if (cost := sum(costs.values())) >= calls * 1000:  # threads under 1k a call are left out
                 top = ", ".join(f"{name} {part / calls / 1000:,.0f}k" for name, part in costs.most_common(3))
                 lines.append(f"  thread {number}: {cost / calls / 1000:8,.0f}k  ({top})")
+        for pid, threads in sorted(by_process.items()):
+            if children[pid] >= calls * 1000:
+                each = ", ".join(f"{n} {sum(c.values()) / calls / 1000:,.0f}k" for n, c in sorted(threads.items()))
+                name = _NAMES.get(pid, str(pid))
+                lines.append(f"  child process {name}: {children[pid] / calls / 1000:8,.0f}k  (threads {each})")
         if args.out is None:
-            for file in out.parent.glob(f"{out.name}-*"):
+            for file in files:
                 file.unlink()
     return "\n".join(lines)
+
+
+def _monitoring(args: argparse.Namespace, scratch: Path, serve: list[str], env: dict[str, str]) -> Any:
+    """Switch on what ``args`` asks for (a receiver process for tracing, returned; a profile for drift)."""
+    receiver = None
+    if args.payload_log:
+        serve += ["--payload-log", f"file://{scratch}/payloads/events.jsonl"]
+    if args.tracing is not None:
+        otlp = _free_port()
+        receiver = subprocess.Popen([sys.executable, str(ROOT / "benchmarks/monitoring_overhead.py"), "--receiver",
+                                     str(otlp)])  # fmt: skip
+        serve += ["--otlp-endpoint", f"http://127.0.0.1:{otlp}", "--trace-sample-ratio", str(args.tracing)]
+    if args.drift:  # the served version profiled from 20,000 rows of the demo's training distribution
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        width = WORKLOADS[args.model].features
+        rows = np.random.default_rng(0).standard_normal((20_000, width)).astype(np.float32)
+        data = scratch / "train.parquet"
+        pq.write_table(pa.table({f"f{j}": rows[:, j] for j in range(width)}), data)
+        profile = [sys.executable, "-m", "dhow.cli", "models", "profile", str(scratch / "repo" / args.model / "1")]
+        subprocess.run([*profile, "--data", str(data), "--map", "input=f*"], check=True, env=env,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+    return receiver
+
+
+def _switched_on(args: argparse.Namespace) -> list[str]:
+    on = ["payload-log"] if args.payload_log else []
+    on += [f"tracing {args.tracing:g}"] if args.tracing is not None else []
+    return on + (["drift"] if args.drift else [])
 
 
 def _wait_ready(server: subprocess.Popen[bytes], http_port: int) -> None:
@@ -220,7 +275,8 @@ def _start(args: argparse.Namespace, pid: int) -> None:
     if args.cprofile:
         os.kill(pid, signal.SIGUSR1)
     elif not args.switches:
-        subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
+        for each in (pid, *_children(pid)):
+            subprocess.run(["callgrind_control", "-i", "on", str(each)], check=True, capture_output=True)
 
 
 def _stop(args: argparse.Namespace, pid: int) -> None:
@@ -228,7 +284,24 @@ def _stop(args: argparse.Namespace, pid: int) -> None:
         os.kill(pid, signal.SIGUSR2)
         time.sleep(2)  # the profile is written by the server's main thread
     elif not args.switches:
-        subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True)
+        for each in (pid, *_children(pid)):
+            subprocess.run(["callgrind_control", "-i", "off", str(each)], check=True, capture_output=True)
+
+
+#: the server's child processes by pid: the last word of their command line (a module: dhow.serving.payload_writer)
+_NAMES: dict[int, str] = {}
+
+
+def _children(pid: int) -> list[int]:
+    """The server's child processes (under valgrind too: ``--trace-children=yes``)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    for child in found:
+        with contextlib.suppress(OSError, IndexError):
+            _NAMES[child] = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[-2].decode()
+    return found
 
 
 def _profile_lines(path: Path, calls: int) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from dhow.core.artifacts import install_decryptor
 from dhow.core.errors import ModelLoadError
 from dhow.core.model_config import LatencyConfig
-from dhow.monitoring.drift import DriftWindow, js_distance, psi, score
+from dhow.monitoring.drift import DriftWindow, js_distance, psi, sampling_gap, score
 from dhow.monitoring.latency import LatencyBaseline
 from dhow.monitoring.profile import SKETCH_SIZE, FeatureSketch, ReferenceProfile
 from dhow.monitoring.quality import QualityWindow, prediction_of
@@ -150,3 +151,10 @@ def test_the_profile_of_an_encrypted_version_is_encrypted(tmp_path: Path) -> Non
         install_decryptor(None)
     assert profile is not None and profile["rows"] == 4 and profile["refused_rows"] == 1
     assert profile["features"]["f0"]["null_rate"] == 0.25 and json.dumps(profile)
+
+
+def test_drift_sampling_counts_down_geometric_gaps_with_the_rate_as_mean() -> None:
+    random.seed(7)
+    gaps = [sampling_gap(0.1) for _ in range(20_000)]
+    assert min(gaps) == 1 and 9.7 < sum(gaps) / len(gaps) < 10.3, "every answer has the same chance: 1 in 10"
+    assert sampling_gap(1.0) == 1 and sampling_gap(0.0) > 10**18

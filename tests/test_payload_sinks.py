@@ -1,14 +1,20 @@
 """The payload log's sinks as ``--payload-log`` names them: bad URLs refused saying what is expected, a file
-rotated keeping ``backups`` files, one file per worker when several share the ports."""
+rotated keeping ``backups`` files, one file per worker when several share the ports; the writer process's
+rendering of an event, masked."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dhow.core.errors import InvalidInput
+from dhow.governance.masking import Masker, parse_masking
+from dhow.monitoring.payload_log import decode_frames, encode_frame
 from dhow.monitoring.payload_sinks import FileSink, open_sink, worker_sink_url
+from dhow.serving.payload_writer import cloud_event
 
 
 class _Counts:
@@ -67,3 +73,36 @@ def test_each_worker_gets_a_file_of_its_own() -> None:
     assert worker_sink_url("/var/log/e.jsonl", 1) == "/var/log/e.worker-1.jsonl"
     assert worker_sink_url("kafka://a:9092/t", 3) == "kafka://a:9092/t"
     assert worker_sink_url("", 3) == ""
+
+
+def test_the_writer_masks_text_tensors_and_errors_and_keeps_numbers_as_sent() -> None:
+    """The writer process renders what the server handed over (``payload_log.FIELDS``, after a JSON frame): text
+    tensors and the error message masked by the model's rules, numbers as they came, a field rule applied."""
+    masker = Masker.from_spec(Masker(parse_masking({"fields": {"account": "hash"}}, "pii"), b"k" * 32).spec())
+    frame = encode_frame([[], [[
+        "r-1", "notes", "1", "key:bot", "acme", "ae", "INVALID_ARGUMENT", "no such user bob@example.com", 1.5, 0.002,
+        {"mode": "fast", "nested": {"x": 1}}, {"text": np.array([[b"mail bob@example.com"]], dtype=object),
+        "x": np.array([[0.5, 2.0]], np.float32), "account": np.array([[12345678]], np.int64)}, None, 7,
+    ]]])  # fmt: skip
+    event = decode_frames(bytearray(frame))[0][1][0]
+    data = cloud_event(event, masker, "dhow://test")["data"]
+    assert data["inputs"]["text"] == [["mail [REDACTED:email]"]]
+    assert data["inputs"]["x"] == [[0.5, 2.0]]
+    assert data["inputs"]["account"][0][0].startswith("hash:"), "a field rule masks numbers too"
+    assert data["error"] == "no such user [REDACTED:email]" and data["outcome"] == "INVALID_ARGUMENT"
+    assert data["parameters"] == {"mode": "fast"} and "outputs" not in data
+    assert data["latency_ms"] == 2.0
+
+
+def test_the_writer_reads_the_inputs_of_a_json_body_as_the_client_sent_it() -> None:
+    """A REST JSON request's inputs go to the writer as the body's text (not written again on the event loop):
+    they come out as the decoded tensors would, shaped, text masked."""
+    masker = Masker(parse_masking(None, "pii"), b"")
+    body = json.dumps({"inputs": [
+        {"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": ["to bob@example.com"]},
+        {"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1.5, 2, 3, 4]},
+    ]})  # fmt: skip
+    event = ["r-2", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, body, {"y": [[3.0]]}, 1]
+    data = cloud_event(event, masker, "dhow://test")["data"]
+    assert data["inputs"] == {"text": [["to [REDACTED:email]"]], "x": [[1.5, 2], [3, 4]]}
+    assert data["outputs"] == {"y": [[3.0]]} and "error" not in data

@@ -108,3 +108,28 @@ def test_the_export_parses_as_the_message_opentelemetry_proto_builds() -> None:
         ]
     )  # fmt: skip
     assert written == built
+
+
+def test_the_door_decides_once_and_a_sampled_request_makes_its_spans_at_export() -> None:
+    tracing = Tracing("http://127.0.0.1:9", 0.0)
+    try:
+        assert tracing.sample(None) is None, "no parent, ratio 0: not traced"
+        assert tracing.sample(f"00-{TRACE}-{SPAN}-00") is None, "the caller's unsampled flag is followed"
+        assert tracing.sample("garbage") is None, "a malformed parent is none: the ratio decides"
+        sampled = tracing.sample(f"00-{TRACE}-{SPAN}-01")
+        assert sampled == (bytes.fromhex(TRACE), bytes.fromhex(SPAN))
+        request = tracing.begin(sampled, "m", "r-1", (10, 20, 30))
+        request.stage("queue", 30, 40)
+        request.stage("compute", 40, 50, {"dhow.batch.rows": 2})
+        request.answered_ns, request.end_ns, request.version = 55, 60, "3"
+        spans = {span.name: span for span in request.spans()}
+        root = spans["infer m"]
+        assert set(spans) == {"infer m", "admission", "decoding", "queue", "compute", "encoding"}
+        assert root.parent_id == bytes.fromhex(SPAN) and (root.start_ns, root.end_ns) == (10, 60)
+        assert root.attributes == {"dhow.model": "m", "dhow.request_id": "r-1", "dhow.version": "3"}
+        children = [span for name, span in spans.items() if name != "infer m"]
+        assert all(s.parent_id == root.span_id and s.trace_id == root.trace_id for s in children)
+        assert len({s.span_id for s in spans.values()}) == 6
+        assert (spans["encoding"].start_ns, spans["encoding"].end_ns) == (55, 60)
+    finally:
+        tracing.shutdown()

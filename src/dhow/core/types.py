@@ -113,6 +113,9 @@ class InferenceRequest:
     gone: Callable[[], bool] | None = None
     #: the request's tracing when it is traced (set by the admission point; opaque below it), else None
     trace: object | None = None
+    #: the body as the client sent it, when it is an Open Inference Protocol JSON body (the REST door sets it):
+    #: the payload log hands it over as it is instead of writing the decoded tensors again
+    json_body: bytes | None = None
 
 
 @dataclass(slots=True)

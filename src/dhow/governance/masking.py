@@ -282,6 +282,18 @@ class Masker:
         self._detectors = tuple(d for d in _DETECTORS if d.name in policy.detectors)
         self._fields = dict(policy.fields)
 
+    def spec(self) -> dict[str, Any]:
+        """The policy and key as JSON, for a process of dhow's own that masks on this one's behalf (the payload
+        log's writer): ``from_spec`` builds the same masker there."""
+        policy = self.policy
+        return {"detectors": sorted(policy.detectors), "action": policy.action, "fields": dict(policy.fields),
+                "key": self._key.hex()}  # fmt: skip
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> Masker:
+        policy = MaskingPolicy(frozenset(spec["detectors"]), spec["action"], dict(spec["fields"]))
+        return cls(policy, bytes.fromhex(spec["key"]))
+
     def mask_text(self, text: str) -> str:
         """``text`` with every detector hit replaced by the policy's action."""
         if len(text) < 6 or not self._detectors or not _WORTH_SCANNING.search(text):

@@ -1,6 +1,7 @@
 """Live drift: a bounded window of sampled rows per version, scored against the version's reference profile.
 
-The hot path only appends: ``DriftWindow.add`` is a ``deque.append`` of a sampled request's arrays (the caller
+The hot path counts down (``skip``: answers until the next sample, a geometric draw per sample) and only appends:
+``DriftWindow.add`` is a ``deque.append`` of a sampled request's arrays (the caller
 copies the profiled tensors' rows, at most a window's), on the event loop, with no lock. ``score`` runs in a
 worker thread on a snapshot: it stacks the window's rows per tensor and, per feature, compares the live shares with the
 reference's (numbers: the Population Stability Index over the reference's ten bins; categories: the
@@ -10,6 +11,8 @@ profile's shares: the cost is one ``searchsorted`` (or one count) of the window'
 
 from __future__ import annotations
 
+import math
+import random
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ import numpy as np
 
 from dhow.monitoring.profile import FeatureProfile, ReferenceProfile, bin_shares, category_shares
 
-__all__ = ["DriftWindow", "FeatureDrift", "js_distance", "psi", "score"]
+__all__ = ["DriftWindow", "FeatureDrift", "js_distance", "psi", "sampling_gap", "score"]
 
 #: a share below this counts as this (an empty bin would make PSI infinite)
 _FLOOR = 1e-4
@@ -26,11 +29,24 @@ _FLOOR = 1e-4
 Sample = tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]
 
 
+def sampling_gap(rate: float) -> int:
+    """How many answers from one sampled answer to the next: geometric, so that sampling every ``gap``-th answer is
+    sampling each with probability ``rate`` (one draw per sample, a count down for the answers between)."""
+    if rate >= 1:
+        return 1
+    if rate <= 0:
+        return 1 << 62
+    return int(math.log(1.0 - random.random()) / math.log(1.0 - rate)) + 1
+
+
 class DriftWindow:
     """The newest ``rows`` sampled rows of one version, as the requests' own arrays (inputs, outputs)."""
 
-    def __init__(self, rows: int) -> None:
+    def __init__(self, rows: int, rate: float = 1.0) -> None:
         self.rows = rows
+        self.rate = rate
+        #: answers to let by before the next sample (the request's path only counts down)
+        self.skip = sampling_gap(rate)
         self.held = 0
         self._samples: deque[tuple[int, Sample]] = deque()
         #: rows sampled since the version loaded (a gauge of how much the scores rest on)

@@ -20,7 +20,8 @@ __all__ = ["SPAN_KIND_INTERNAL", "SPAN_KIND_SERVER", "FinishedSpan", "export_req
 
 SPAN_KIND_INTERNAL, SPAN_KIND_SERVER = 1, 2
 _STATUS_CODE_ERROR = 2
-_FIXED64 = struct.Struct("<Q")
+#: the start (field 7) and end (field 8) times: two fixed64 under their tags
+_TIMES = struct.Struct("<BQBQ")
 _DOUBLE = struct.Struct("<d")
 
 
@@ -45,6 +46,8 @@ _SMALL = [bytes((n,)) for n in range(128)]
 #: encoded attributes by (key, value): a model's name, version and batch sizes repeat in every span
 _ATTRIBUTES: dict[tuple[str, Any], bytes] = {}
 _MAX_CACHED = 4096
+#: encoded name and kind by (name, kind): "infer <model>", "queue", ...
+_NAMED: dict[tuple[str, int], bytes] = {}
 
 
 def _varint(value: int) -> bytes:
@@ -86,19 +89,24 @@ def _attribute(key: str, value: Any) -> bytes:
 
 def _span(span: FinishedSpan) -> bytes:
     """A ``Span``: trace id (1), span id (2), parent (4), name (5), kind (6), start (7) and end (8) times,
-    attributes (9), links (13: trace id 1, span id 2), status (15: message 2, code 3)."""
-    head = b"\x0a\x10" + span.trace_id + b"\x12\x08" + span.span_id
+    attributes (9), links (13: trace id 1, span id 2), status (15: message 2, code 3). Written as parts joined
+    once; the name and kind, which repeat in every request, are encoded once."""
+    named = _NAMED.get((span.name, span.kind))
+    if named is None:
+        if len(_NAMED) >= _MAX_CACHED:
+            _NAMED.clear()
+        named = _NAMED[(span.name, span.kind)] = _field(b"\x2a", span.name.encode()) + b"\x30" + _SMALL[span.kind]
+    parts = [b"\x0a\x10", span.trace_id, b"\x12\x08", span.span_id]
     if span.parent_id:
-        head += b"\x22\x08" + span.parent_id
-    head += _field(b"\x2a", span.name.encode()) + b"\x30" + _SMALL[span.kind]
-    head += b"\x39" + _FIXED64.pack(span.start_ns) + b"\x41" + _FIXED64.pack(span.end_ns)
+        parts += (b"\x22\x08", span.parent_id)
+    parts += (named, _TIMES.pack(0x39, span.start_ns, 0x41, span.end_ns))
     if span.attributes:
-        head += b"".join([_attribute(key, value) for key, value in span.attributes.items()])
+        parts += [_attribute(key, value) for key, value in span.attributes.items()]
     for trace_id, span_id in span.links:
-        head += b"\x6a\x1c\x0a\x10" + trace_id + b"\x12\x08" + span_id
+        parts += (b"\x6a\x1c\x0a\x10", trace_id, b"\x12\x08", span_id)
     if span.error:
-        head += _field(b"\x7a", _field(b"\x12", span.error.encode()) + b"\x18" + _SMALL[_STATUS_CODE_ERROR])
-    return head
+        parts.append(_field(b"\x7a", _field(b"\x12", span.error.encode()) + b"\x18" + _SMALL[_STATUS_CODE_ERROR]))
+    return b"".join(parts)
 
 
 def resource_bytes(service: str) -> bytes:

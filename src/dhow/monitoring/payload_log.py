@@ -1,111 +1,78 @@
 """Payload logging: every inference's masked inputs and outputs, and every error, to a sink, off the hot path.
 
-The data plane ``offer``s one ``PayloadEvent`` per request: a bounded deque append, never a wait. A thread
-takes what is queued, masks it (the event carries its model's masker), renders each as a CloudEvent (JSON)
-and hands them to the sink (``payload_sinks``: a rotating JSON Lines file, a Kafka topic, an HTTP endpoint).
-A full queue drops the event and counts it; a sink that fails counts it as failed; one that took it counts it
-as logged. Unlike a logger that buffers without bound, a slow sink costs dropped events, never memory or
-latency (``dhow_payload_log_events_total{outcome="dropped"}`` says how many).
+The data plane ``offer``s one event per request: a plain list (``FIELDS``) of what it saw, the request's and the
+answer's tensors as they are, appended to a bounded queue, never a wait. Once per turn of the event loop, what was
+queued is written, all of it in one ``orjson`` call (numpy arrays as they are) and one write, into the pipe of a
+**writer process** of the server's own (``dhow.serving.payload_writer``). That process masks each event by its
+model's ``pii:`` rules (handed over once per model), renders it as a CloudEvent and hands it to the sink
+(``payload_sinks``: a rotating JSON Lines file, a Kafka topic, an HTTP endpoint); it answers with counts of
+logged, dropped and failed events, which a thread here adds to the counters. Masking, rendering and the sink's
+work never take the server's interpreter lock or its CPU time.
+
+The queue is bounded twice: here (events waiting for the pipe, which fills only when the writer is far behind) and
+in the writer (``capacity`` events waiting for the sink). A full queue drops the event and counts it; a sink that
+fails counts it as failed; one that took it counts it as logged. Unlike a logger that buffers without bound, a slow
+sink costs dropped events, never memory or latency (``dhow_payload_log_events_total{outcome="dropped"}``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
-import itertools
+import contextlib
 import logging
-import secrets
+import os
+import select
+import struct
+import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-__all__ = ["EVENT_TYPES", "PayloadCounts", "PayloadEvent", "PayloadLog", "PayloadSink", "cloud_event"]
+from dhow.core.errors import InvalidInput
+
+__all__ = [
+    "EVENT_TYPES",
+    "FIELDS",
+    "MAX_MASKINGS",
+    "Masking",
+    "PayloadCounts",
+    "PayloadLog",
+    "PayloadSink",
+    "decode_frames",
+    "encode_frame",
+]
 
 log = logging.getLogger("dhow.payload_log")
 
 #: the CloudEvents ``type`` of an answered request and of a failed one
 EVENT_TYPES = {True: "io.dhow.inference.response", False: "io.dhow.inference.error"}
-#: how long the writer sleeps when nothing is queued (no signal per event: offering stays one append)
-_IDLE_S = 0.02
-#: events rendered and handed to the sink at once
-_CHUNK = 512
+#: an event as the data plane offers it: a list in this order (``outcome``: "success" or the error's code;
+#: ``error``: the message the client got; ``time``: Unix time it reached the data plane; ``inputs``/``outputs``:
+#: name -> array, outputs None when it failed; ``inputs`` may be the request's Open Inference Protocol JSON body
+#: as text instead, which the writer reads). ``offer`` appends the number of the model's masking.
+FIELDS = ("request_id", "model", "version", "principal", "tenant", "data_region", "outcome", "error", "time",
+          "latency_s", "parameters", "inputs", "outputs")  # fmt: skip
+#: the indexes the data plane sets after the request ran
+VERSION, OUTCOME, ERROR, LATENCY, OUTPUTS = 2, 6, 7, 9, 12
 
-Mask = Callable[[Mapping[str, Any]], dict[str, Any]]
-
-
-@dataclass(slots=True)
-class PayloadEvent:
-    """One request as the data plane saw it; masked and rendered later, in the writer's thread."""
-
-    request_id: str
-    model: str
-    version: str
-    principal: str
-    tenant: str
-    data_region: str
-    #: "success", or the error's code (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, INTERNAL, ...)
-    outcome: str
-    #: the error's message (as the client got it); "" on success
-    error: str
-    #: when the request reached the data plane (Unix time) and how long it took
-    time: float
-    latency_s: float
-    inputs: Mapping[str, np.ndarray]
-    outputs: Mapping[str, np.ndarray] | None
-    parameters: Mapping[str, Any]
-    #: the model's PII masking of named tensors (its ``pii:`` rules)
-    mask: Mask
+_LENGTH = struct.Struct(">I")
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+#: how long the server waits for the writer to open its sink (a Kafka producer, a file) at start
+_START_TIMEOUT_S = 300.0
+#: masking rules remembered at most (one per model config; past it they are handed over again)
+MAX_MASKINGS = 4096
 
 
-#: event ids: a random prefix per process and a count, unique per source without a random draw per event
-_ID_PREFIX = secrets.token_hex(6)
-_ids = itertools.count(1)
+class Masking(Protocol):
+    """A model's PII masking, as the writer process rebuilds it (``Masker.spec``)."""
 
-
-def cloud_event(event: PayloadEvent, source: str) -> dict[str, Any]:
-    """The event in CloudEvents 1.0 structured form: ``id`` unique per event, ``subject`` the model and version."""
-    data: dict[str, Any] = {
-        "request_id": event.request_id,
-        "model": event.model,
-        "version": event.version,
-        "principal": event.principal,
-        "tenant": event.tenant,
-        "data_region": event.data_region,
-        "outcome": event.outcome,
-        "latency_ms": round(event.latency_s * 1000, 3),
-        "parameters": {k: v for k, v in event.parameters.items() if isinstance(v, str | int | float | bool)},
-        "inputs": event.mask(event.inputs),
-    }
-    if event.outputs is not None:
-        data["outputs"] = event.mask(event.outputs)
-    if event.error:
-        data["error"] = event.error
-    return {
-        "specversion": "1.0",
-        "id": f"{_ID_PREFIX}-{next(_ids)}",
-        "source": source,
-        "type": EVENT_TYPES[event.outcome == "success"],
-        "subject": f"{event.model}/{event.version}" if event.version else event.model,
-        "time": _rfc3339(event.time),
-        "datacontenttype": "application/json",
-        "data": data,
-    }
-
-
-_second: tuple[int, str] = (0, "")
-
-
-def _rfc3339(unix: float) -> str:
-    global _second
-    whole = int(unix)
-    if _second[0] != whole:  # events of one second share its formatting (only the writer's thread calls this)
-        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
-    return f"{_second[1]}.{min(999_999, round((unix - whole) * 1e6)):06d}Z"
+    def spec(self) -> dict[str, Any]: ...
 
 
 class PayloadCounts(Protocol):
@@ -135,16 +102,85 @@ class PayloadSink(Protocol):
         """Deliver what is pending (at most ``timeout_s``) and release the sink."""
 
 
+def _plain(value: Any) -> Any:
+    """What orjson does not write by itself: text tensors' bytes, arrays it cannot take as they are."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def encode_frame(document: Any) -> bytes:
+    """A frame of the pipes between the server and its writer: a 4-byte big-endian length, then JSON."""
+    try:
+        body = orjson.dumps(document, default=_plain, option=_NUMPY)
+    except TypeError:  # an array orjson refuses as it is (not native-endian): as lists
+        body = orjson.dumps(_lists(document), default=_plain, option=_NUMPY)
+    return _LENGTH.pack(len(body)) + body
+
+
+def _lists(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {key: _lists(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_lists(item) for item in value]
+    return value
+
+
+def decode_frames(buffer: bytearray) -> list[Any]:
+    """The whole frames at the start of ``buffer``, removed from it."""
+    frames, offset = [], 0
+    while len(buffer) - offset >= _LENGTH.size:
+        end = offset + _LENGTH.size + _LENGTH.unpack_from(buffer, offset)[0]
+        if len(buffer) < end:
+            break
+        frames.append(orjson.loads(bytes(buffer[offset + _LENGTH.size : end])))
+        offset = end
+    del buffer[:offset]
+    return frames
+
+
 class PayloadLog:
-    """The bounded queue in front of one sink, and the thread that drains it."""
+    """The bounded queue in front of the writer process (``command``, given the sink's ``url``), and the thread
+    that reads its counts."""
 
     def __init__(
-        self, sink: PayloadSink, *, capacity: int, source: str, registry: CollectorRegistry | None = None
+        self,
+        url: str,
+        *,
+        capacity: int,
+        source: str,
+        command: Sequence[str],
+        registry: CollectorRegistry | None = None,
+        close_timeout_s: float = 5.0,
     ) -> None:
-        self.sink = sink
         self.capacity = capacity
-        self.source = source
-        self._queue: collections.deque[PayloadEvent] = collections.deque()
+        self.close_timeout_s = close_timeout_s
+        self._queue: collections.deque[list[Any]] = collections.deque()
+        self._scheduled = False
+        #: bytes of a frame the pipe did not take yet (the writer is behind): nothing more is written meanwhile
+        self._unsent = b""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._maskings: dict[Masking, int] = {}
+        self._masking_count = 0
+        self._new_maskings: list[tuple[int, dict[str, Any]]] = []
+        self._closing = False
+        self._gone = False
+        self._last_failure = 0.0
+        self._process = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self._in, self._out = self._process.stdin.fileno(), self._process.stdout.fileno()
+        os.write(self._in, encode_frame({"url": url, "source": source, "capacity": capacity,
+                                         "close_timeout_s": close_timeout_s}))  # fmt: skip
+        self._answers = bytearray()
+        first = self._first_answer()
+        if "error" in first:
+            self._process.wait(10)
+            raise InvalidInput(str(first["error"]))
+        self.kind = str(first["ready"])
         events = Counter(
             "dhow_payload_log_events",
             "Payload events by outcome: logged (the sink took it), dropped (the queue was full), failed (the sink "
@@ -152,69 +188,173 @@ class PayloadLog:
             ["sink", "outcome"],
             registry=registry,
         )
-        self._logged = events.labels(sink.kind, "logged")
-        self._dropped = events.labels(sink.kind, "dropped")
-        self._failed = events.labels(sink.kind, "failed")
+        self._logged = events.labels(self.kind, "logged")
+        self._dropped = events.labels(self.kind, "dropped")
+        self._failed = events.labels(self.kind, "failed")
         self._queued = Gauge(
             "dhow_payload_log_queued",
             "Payload events waiting for the sink",
             ["sink"],
             registry=registry,
             multiprocess_mode="livesum",
-        ).labels(sink.kind)
-        self._stopping = threading.Event()
-        self._last_failure = 0.0
-        self._thread = threading.Thread(target=self._drain, name=f"dhow-payload-log-{sink.kind}", daemon=True)
-        self._thread.start()
+        ).labels(self.kind)
+        #: events the writer holds (its last report): failed if it dies with them
+        self._writer_queued = 0
+        os.set_blocking(self._in, False)
+        self._reader = threading.Thread(target=self._read_counts, name=f"dhow-payload-log-{self.kind}", daemon=True)
+        self._reader.start()
 
-    def offer(self, event: PayloadEvent) -> None:
-        """Queue an event, or drop and count it when the queue is full: never waits (the request's path)."""
-        if len(self._queue) >= self.capacity:
-            self._dropped.inc()
+    def _first_answer(self) -> dict[str, Any]:
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if select.select([self._out], [], [], 0.5)[0]:
+                chunk = os.read(self._out, 1 << 16)
+                if not chunk:
+                    break
+                self._answers += chunk
+                frames = decode_frames(self._answers)
+                if frames:
+                    answer: dict[str, Any] = frames[0]
+                    return answer
+        self._process.kill()
+        raise InvalidInput(f"the payload log's writer process did not start (exit code {self._process.wait()})")
+
+    # -- the request's path (the event loop's thread) --
+
+    def offer(self, event: list[Any], masking: Masking) -> None:
+        """Queue an event (``FIELDS``), or drop and count it when the queue is full: never waits."""
+        if len(self._queue) >= self.capacity or self._gone:
+            if self._gone:
+                self._failed.inc()
+            else:
+                self._dropped.inc()
             return
+        number = self._maskings.get(masking)
+        if number is None:
+            number = self._masking_number(masking)
+        event.append(number)
         self._queue.append(event)
+        if not self._scheduled:
+            self._scheduled = True
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on an event loop: written now
+                self._flush()
+                return
+            self._loop = loop
+            loop.call_soon(self._flush)
 
-    # -- PayloadCounts, called by the sink --
+    def _masking_number(self, masking: Masking) -> int:
+        """A number for the model's masking, its rules handed over with the next frame (once per masking)."""
+        if len(self._maskings) >= MAX_MASKINGS:  # config reloads: the old ones are handed over again if still used
+            self._maskings.clear()
+        self._masking_count += 1
+        self._maskings[masking] = self._masking_count
+        self._new_maskings.append((self._masking_count, masking.spec()))
+        return self._masking_count
 
-    def logged(self, count: int) -> None:
-        self._logged.inc(count)
+    def _flush(self) -> None:
+        """Write every queued event in one frame (unless the pipe has not taken the last one yet)."""
+        self._scheduled = False
+        if self._unsent or not self._queue:
+            return
+        events = list(self._queue)
+        self._queue.clear()
+        maskings, self._new_maskings = self._new_maskings, []
+        self._write(encode_frame([maskings, events]), len(events))
 
-    def dropped(self, count: int) -> None:
-        self._dropped.inc(count)
+    def _write(self, frame: bytes, count: int) -> None:
+        try:
+            written = os.write(self._in, frame)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:  # the writer is gone
+            self._writer_gone(count, repr(exc))
+            return
+        if written < len(frame):
+            self._unsent = frame[written:]
+            if self._loop is not None and not self._closing:
+                self._loop.add_writer(self._in, self._write_more)
 
-    def failed(self, count: int, reason: str) -> None:
+    def _write_more(self) -> None:
+        try:
+            written = os.write(self._in, self._unsent)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._unsent = b""
+            self._stop_writing()
+            self._writer_gone(0, repr(exc))
+            return
+        self._unsent = self._unsent[written:]
+        if not self._unsent:
+            self._stop_writing()
+            self._flush()
+
+    def _stop_writing(self) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_writer(self._in)
+
+    def _writer_gone(self, count: int, reason: str) -> None:
+        if not self._gone and not self._closing:
+            log.error("payload log: the writer process stopped (%s, exit code %s): events are counted failed",
+                      reason, self._process.poll())  # fmt: skip
+        self._gone = True
         self._failed.inc(count)
-        now = time.monotonic()
-        if now - self._last_failure > 10:  # one line per ten seconds: a sink that is down must not flood the log
-            self._last_failure = now
-            log.warning("payload log: %d event(s) to the %s sink failed: %s", count, self.sink.kind, reason)
 
-    # -- the writer's thread --
+    # -- the counts, from the writer process (the reader's thread) --
 
-    def _drain(self) -> None:
+    def _read_counts(self) -> None:
         while True:
-            if not self._queue:
-                if self._stopping.is_set():
-                    return
-                self.sink.idle()
-                self._stopping.wait(_IDLE_S)
-                continue
-            chunk = [self._queue.popleft() for _ in range(min(_CHUNK, len(self._queue)))]
-            self._queued.set(len(self._queue))
-            rendered: list[tuple[str, bytes]] = []
-            for event in chunk:
-                try:
-                    rendered.append((event.request_id, orjson.dumps(cloud_event(event, self.source))))
-                except Exception as exc:  # a value masking or JSON cannot take: that event fails, not the others
-                    self.failed(1, f"could not render the event of request {event.request_id}: {exc!r}")
-            if rendered:
-                try:
-                    self.sink.write(rendered, self)
-                except Exception as exc:
-                    self.failed(len(rendered), repr(exc))
+            try:
+                chunk = os.read(self._out, 1 << 16)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            self._answers += chunk
+            for report in decode_frames(self._answers):
+                self._count(report)
+        if not self._closing:
+            self._writer_gone(self._writer_queued, "its pipe closed")
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Write what is queued, then deliver what the sink holds, within about ``timeout_s``."""
-        self._stopping.set()
-        self._thread.join(timeout_s)
-        self.sink.close(timeout_s)
+    def _count(self, report: dict[str, Any]) -> None:
+        if report.get("logged"):
+            self._logged.inc(report["logged"])
+        if report.get("dropped"):
+            self._dropped.inc(report["dropped"])
+        if report.get("failed"):
+            self._failed.inc(report["failed"])
+        self._writer_queued = int(report.get("queued", 0))
+        self._queued.set(self._writer_queued)
+        reason = report.get("reason")
+        now = time.monotonic()
+        if reason and now - self._last_failure > 10:  # one line per 10 s: a sink that is down must not flood the log
+            self._last_failure = now
+            log.warning("payload log: event(s) to the %s sink failed: %s", self.kind, reason)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Hand over what is queued, then let the writer deliver what it holds, within about ``timeout_s``."""
+        timeout = self.close_timeout_s if timeout_s is None else timeout_s
+        self._closing = True
+        self._stop_writing()
+        if not self._gone:
+            frame = self._unsent
+            if self._queue:
+                events = list(self._queue)
+                self._queue.clear()
+                frame += encode_frame([self._new_maskings, events])
+            with contextlib.suppress(OSError):
+                os.set_blocking(self._in, True)
+                while frame:
+                    frame = frame[os.write(self._in, frame) :]
+        with contextlib.suppress(OSError):
+            assert self._process.stdin is not None
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout + 10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._reader.join(5)

@@ -8,36 +8,40 @@ answer). Each executed batch that carried a traced request is one ``batch`` span
 trace, linked to every traced request it carried.
 
 Sampling is W3C's and OpenTelemetry's ``ParentBased(TraceIdRatioBased)``: a caller's sampled flag is followed;
-without a (valid) parent, ``ratio`` of the requests are traced. The spans are made when their stages are over,
-from times the admission point and the batcher measure anyway, as plain tuples; a thread writes them as
-OTLP protobuf (``otlp.py``) and posts them. Not the OpenTelemetry SDK: measured here, its spans and
-their encoding cost about 270 µs of CPU per traced request (seven spans), a fifth of the server's CPU at ratio
-0.1; these cost about 25 µs. With no endpoint there is no ``Tracing``: a request pays one ``is None`` test.
+without a (valid) parent, ``ratio`` of the requests are traced. The door decides once, as the request comes in
+(``sample``): an unsampled request costs a random draw (or, with a ``traceparent``, its parsing) and nothing else,
+no object and no clock reading. A sampled one is a ``RequestTrace`` that keeps its stages' times (measured by the
+admission point and the batcher anyway); when it ends, it is queued whole, and a thread makes its spans, writes
+them as OTLP protobuf (``otlp.py``) and posts them, a batch a second. Not the OpenTelemetry SDK: measured here, its
+spans and their encoding cost about 270 µs of CPU per traced request (seven spans), a fifth of the server's CPU at
+ratio 0.1. With no endpoint there is no ``Tracing``: a request pays one ``is None`` test.
 """
 
 from __future__ import annotations
 
 import collections
+import http.client
 import logging
 import random
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import httpx
+from urllib.parse import urlsplit
 
 from dhow.core.errors import InvalidInput
 from dhow.monitoring.otlp import SPAN_KIND_INTERNAL, SPAN_KIND_SERVER, FinishedSpan, export_request, resource_bytes
 
-__all__ = ["RequestTrace", "Tracing", "parse_traceparent", "record_batch", "traces_url"]
+__all__ = ["RequestTrace", "Sampled", "Tracing", "parse_traceparent", "record_batch", "traces_url"]
 
 log = logging.getLogger("dhow.tracing")
 
-#: spans waiting for export at most (past it new ones are dropped: tracing never holds memory without bound)
-MAX_QUEUED_SPANS = 65_536
-#: how often the exporter sends what was recorded, and the most spans in one export
-_EXPORT_EVERY_S, _EXPORT_MAX = 1.0, 4096
+#: traced requests waiting for export at most (past it new ones are dropped: tracing never holds memory without bound)
+MAX_QUEUED = 8192
+#: how often the exporter sends what was recorded, and the most traced requests in one export
+_EXPORT_EVERY_S, _EXPORT_MAX = 1.0, 512
+#: a sampled request's trace id and its parent span's id (empty: a root)
+Sampled = tuple[bytes, bytes]
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -66,7 +70,7 @@ def parse_traceparent(value: str | None) -> tuple[bytes, bytes, bool] | None:
 
 
 class Tracing:
-    """The tracer of one server process: samples, records finished spans, exports them in a thread."""
+    """The tracer of one server process: samples, keeps finished requests, exports their spans in a thread."""
 
     def __init__(self, endpoint: str, ratio: float, *, service: str = "dhow") -> None:
         self.url = traces_url(endpoint)
@@ -75,39 +79,42 @@ class Tracing:
         self.monotonic_offset = time.time_ns() - time.monotonic_ns()
         self.dropped = 0
         self._resource = resource_bytes(service)
-        self._spans: collections.deque[FinishedSpan] = collections.deque()
+        self._finished: collections.deque[RequestTrace] = collections.deque()
         self._stopping = threading.Event()
         self._last_failure = 0.0
-        self._client = httpx.Client(timeout=10)
+        target = urlsplit(self.url)
+        kind = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
+        self._connection = kind(target.netloc, timeout=10)
+        self._path = target.path or "/"
         self._thread = threading.Thread(target=self._export_loop, name="dhow-otlp-export", daemon=True)
         self._thread.start()
+
+    def sample(self, traceparent: str | None) -> Sampled | None:
+        """Whether a request is traced, decided once as it comes in: (trace id, parent span id), or None."""
+        if traceparent is not None:
+            parent = parse_traceparent(traceparent)
+            if parent is not None:
+                return (parent[0], parent[1]) if parent[2] else None
+        if random.random() >= self.ratio:  # ratio 0: never; 1: always
+            return None
+        return random.getrandbits(128).to_bytes(16, "big"), b""
+
+    def begin(self, sampled: Sampled, model: str, request_id: str, times: tuple[int, int, int]) -> RequestTrace:
+        """A sampled request's trace (``times``: entered, admitted, decoded, Unix ns)."""
+        return RequestTrace(self, sampled, model, request_id, times)
 
     def start(
         self, headers: Mapping[str, str], model: str, request_id: str, times: tuple[int, int, int]
     ) -> RequestTrace | None:
-        """The request's trace when it is sampled (None otherwise), with its ``admission`` and ``decoding`` spans
-        (``times``: entered, admitted, decoded, Unix ns)."""
-        parent = parse_traceparent(headers.get("traceparent"))
-        if parent is None:
-            if self.ratio <= 0 or random.random() >= self.ratio:
-                return None
-            trace_id, parent_id = random.getrandbits(128).to_bytes(16, "big"), b""
-        elif not parent[2]:
-            return None
-        else:
-            trace_id, parent_id = parent[0], parent[1]
-        entered_ns, admitted_ns, decoded_ns = times
-        request = RequestTrace(self, trace_id, parent_id, f"infer {model}", entered_ns)
-        request.attributes = {"dhow.model": model, "dhow.request_id": request_id}
-        request.stage("admission", entered_ns, admitted_ns)
-        request.stage("decoding", admitted_ns, decoded_ns)
-        return request
+        """``sample`` by the request's ``traceparent`` header, then ``begin`` when sampled (None otherwise)."""
+        sampled = self.sample(headers.get("traceparent"))
+        return None if sampled is None else self.begin(sampled, model, request_id, times)
 
-    def record(self, span: FinishedSpan) -> None:
-        if len(self._spans) >= MAX_QUEUED_SPANS:
+    def record(self, request: RequestTrace) -> None:
+        if len(self._finished) >= MAX_QUEUED:
             self.dropped += 1
             return
-        self._spans.append(span)
+        self._finished.append(request)
 
     # -- the exporter's thread --
 
@@ -117,42 +124,54 @@ class Tracing:
         self._export_all()
 
     def _export_all(self) -> None:
-        while self._spans:
-            batch = [self._spans.popleft() for _ in range(min(_EXPORT_MAX, len(self._spans)))]
-            self._send(batch)
+        while self._finished:
+            batch = [self._finished.popleft() for _ in range(min(_EXPORT_MAX, len(self._finished)))]
+            self._send([span for request in batch for span in request.spans()])
 
-    def _send(self, batch: list[FinishedSpan]) -> None:
-        body = export_request(self._resource, "dhow", batch)
+    def _send(self, spans: list[FinishedSpan]) -> None:
+        body = export_request(self._resource, "dhow", spans)
         try:
-            answer = self._client.post(self.url, content=body, headers={"content-type": "application/x-protobuf"})
-            failure = "" if answer.is_success else f"the collector answered {answer.status_code}"
-        except httpx.HTTPError as exc:
+            self._connection.request("POST", self._path, body, {"content-type": "application/x-protobuf"})
+            answer = self._connection.getresponse()
+            answer.read()
+            failure = "" if 200 <= answer.status < 300 else f"the collector answered {answer.status}"
+        except (OSError, http.client.HTTPException) as exc:
+            self._connection.close()  # the next export connects again
             failure = repr(exc)
         now = time.monotonic()
         if failure and now - self._last_failure > 60:  # one line a minute: a collector that is down must not flood
             self._last_failure = now
-            log.warning("tracing: %d span(s) not exported to %s: %s", len(batch), self.url, failure)
+            log.warning("tracing: %d span(s) not exported to %s: %s", len(spans), self.url, failure)
 
     def shutdown(self) -> None:
         """Export what is left and stop the exporter's thread."""
         self._stopping.set()
         self._thread.join(15)
-        self._client.close()
+        self._connection.close()
+
+
+#: a stage of a request measured by the batcher: name, start, end (Unix ns), attributes, links
+_Stage = tuple[str, int, int, Mapping[str, Any] | None, tuple[tuple[bytes, bytes], ...]]
 
 
 class RequestTrace:
-    """One sampled request: its span (ended by ``finish``) and its stages' spans."""
+    """One sampled request: its stages' times as they are measured; its spans are made at export."""
 
-    __slots__ = ("attributes", "name", "parent_id", "span_id", "start_ns", "trace_id", "tracing")
+    __slots__ = ("answered_ns", "end_ns", "error", "model", "parent_id", "request_id", "span_id", "stages", "times",
+                 "trace_id", "tracing", "version")  # fmt: skip
 
-    def __init__(self, tracing: Tracing, trace_id: bytes, parent_id: bytes, name: str, start_ns: int) -> None:
+    def __init__(
+        self, tracing: Tracing, sampled: Sampled, model: str, request_id: str, times: tuple[int, int, int]
+    ) -> None:
         self.tracing = tracing
-        self.trace_id = trace_id
-        self.parent_id = parent_id
+        self.trace_id, self.parent_id = sampled
         self.span_id = _span_id()
-        self.name = name
-        self.start_ns = start_ns
-        self.attributes: dict[str, Any] = {}
+        self.model = model
+        self.request_id = request_id
+        self.times = times
+        self.stages: list[_Stage] = []
+        self.version = self.error = ""
+        self.answered_ns = self.end_ns = 0
 
     def stage(
         self,
@@ -163,20 +182,32 @@ class RequestTrace:
         links: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         """A child span of the request over a stage already over (Unix nanoseconds)."""
-        span = FinishedSpan(self.trace_id, _span_id(), self.span_id, name, SPAN_KIND_INTERNAL, start_ns, end_ns,
-                     attributes, links, "")  # fmt: skip
-        self.tracing.record(span)
+        self.stages.append((name, start_ns, end_ns, attributes, links))
 
     def finish(self, version: str, answered_ns: int, error: str = "") -> None:
-        """End the request: its ``encoding`` stage (from its answer to now) when it was answered, its outcome."""
-        now = time.time_ns()
-        if answered_ns:
-            self.stage("encoding", answered_ns, now)
-        if version:
-            self.attributes["dhow.version"] = version
-        span = FinishedSpan(self.trace_id, self.span_id, self.parent_id, self.name, SPAN_KIND_SERVER, self.start_ns,
-                     now, self.attributes, (), error)  # fmt: skip
-        self.tracing.record(span)
+        """End the request (its ``encoding`` stage from its answer to now, when it was answered) and queue it."""
+        self.end_ns = time.time_ns()
+        self.version, self.answered_ns, self.error = version, answered_ns, error
+        self.tracing.record(self)
+
+    def spans(self) -> list[FinishedSpan]:
+        """The request's span (kind SERVER) and its stages' (the exporter's thread calls this)."""
+        entered, admitted, decoded = self.times
+        stages: list[_Stage] = [("admission", entered, admitted, None, ()), ("decoding", admitted, decoded, None, ())]
+        stages += self.stages
+        if self.answered_ns:
+            stages.append(("encoding", self.answered_ns, self.end_ns, None, ()))
+        trace_id, span_id = self.trace_id, self.span_id
+        spans = [
+            FinishedSpan(trace_id, _span_id(), span_id, name, SPAN_KIND_INTERNAL, start, end, attributes, links, "")
+            for name, start, end, attributes, links in stages
+        ]
+        attributes = {"dhow.model": self.model, "dhow.request_id": self.request_id}
+        if self.version:
+            attributes["dhow.version"] = self.version
+        spans.append(FinishedSpan(trace_id, span_id, self.parent_id, f"infer {self.model}", SPAN_KIND_SERVER,
+                                  entered, self.end_ns, attributes, (), self.error))  # fmt: skip
+        return spans
 
 
 def record_batch(

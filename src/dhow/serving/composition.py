@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sys
 from dataclasses import dataclass
 
 from dhow.core.artifacts import install_decryptor
@@ -19,7 +20,6 @@ from dhow.core.names import check_region_name
 from dhow.governance.residency import ResidencyPolicy
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.monitoring.payload_log import PayloadLog
-from dhow.monitoring.payload_sinks import open_sink
 from dhow.monitoring.tracing import Tracing
 from dhow.repository.encryption import Keyring, trusted_files
 from dhow.repository.remote import MirroredRepository
@@ -53,6 +53,10 @@ class CorePolicies:
         return cls(control, region, ResidencyPolicy.load(settings.residency_policy))
 
 
+#: the payload log's writer process (masks, renders and writes the events off the server's interpreter)
+PAYLOAD_WRITER = (sys.executable, "-m", "dhow.serving.payload_writer")
+
+
 @dataclass(frozen=True, slots=True)
 class Observers:
     """What watches every request of a server besides metrics and the audit trail; each None when off."""
@@ -65,9 +69,9 @@ class Observers:
         """The payload log's sink and the tracer the settings name (a bad URL is refused before any port opens)."""
         payload_log = None
         if settings.payload_log:
-            sink = open_sink(settings.payload_log)
-            queue = settings.payload_log_queue
-            payload_log = PayloadLog(sink, capacity=queue, source=source, registry=metrics.registry)
+            queue, registry = settings.payload_log_queue, metrics.registry
+            payload_log = PayloadLog(settings.payload_log, capacity=queue, source=source, command=PAYLOAD_WRITER,
+                                     registry=registry)  # fmt: skip
         tracing = Tracing(settings.otlp_endpoint, settings.trace_sample_ratio) if settings.otlp_endpoint else None
         return cls(payload_log, tracing)
 

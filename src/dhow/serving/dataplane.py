@@ -21,7 +21,7 @@ from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome, RequestedOutput
 from dhow.governance.masking import Masker, parse_masking
 from dhow.governance.residency import ResidencyPolicy
-from dhow.monitoring.payload_log import PayloadEvent, PayloadLog
+from dhow.monitoring.payload_log import ERROR, LATENCY, OUTCOME, OUTPUTS, VERSION, PayloadLog
 from dhow.serving.lifecycle import ModelLifecycle
 from dhow.serving.model_version import ModelVersion
 from dhow.serving.signature import response_outputs, validate_inputs
@@ -202,13 +202,24 @@ class DataPlane:
         returned beside the response, for the admission point's audit record. With a payload log, the request
         and its answer or error are offered to it (unless the model's ``payload_log`` is off).
         """
-        config, region, model, _ = placement
-        if self.payload_log is not None and config.payload_log:
-            response = await self._logged(self.payload_log, request, placement)
-        else:
+        config, region, model, caller = placement
+        payloads = self.payload_log if config.payload_log else None
+        # with a payload log, the request's event (in this coroutine: no other frame on the request's path)
+        event = self._payload_event(request, placement) if payloads is not None else None
+        try:
             self.residency.check(region, self.region)
             response = await self._route(request, model)
-        caller = placement.caller
+        except BaseException as exc:
+            if payloads is not None and event is not None:
+                event[OUTCOME], event[ERROR] = _error_of(exc)
+                event[VERSION] = request.model_version or model.version_label
+                event[LATENCY] = time.perf_counter() - event[LATENCY]
+                payloads.offer(event, self._masker(config))
+            raise
+        if payloads is not None and event is not None:
+            event[VERSION], event[LATENCY] = response.model_version, time.perf_counter() - event[LATENCY]
+            event[OUTPUTS] = {t.name: t.data for t in response.outputs}
+            payloads.offer(event, self._masker(config))
         # copies made by in-process identities (a shadow's, with the original's id) are not the clients' traffic
         if self.watch is not None and caller is not None and not caller.principal.startswith(SERVICE_PREFIX):
             self.watch.observe(config, request, response, caller.request_id)
@@ -217,28 +228,19 @@ class DataPlane:
             payload = self._payload_sample(config, request, response)
         return response, Outcome(response.model_version, region, payload)
 
-    async def _logged(self, payloads: PayloadLog, request: InferenceRequest, placement: Placement) -> InferenceResponse:
-        """Check residency and route, offering the request with its answer or its error to the payload log."""
-        config, region, model, caller = placement
-        started, start = time.time(), time.perf_counter()
-        event = PayloadEvent(
+    @staticmethod
+    def _payload_event(request: InferenceRequest, placement: Placement) -> list[Any]:
+        """The payload log's event of a request about to run (``payload_log.FIELDS``; its latency holds the
+        ``perf_counter`` of its start until it ends). A JSON body goes as the client sent it (the writer reads its
+        inputs): its numbers are not written again here."""
+        config, region, _, caller = placement
+        body = request.json_body
+        inputs = body.decode("utf-8", "replace") if body is not None else {t.name: t.data for t in request.inputs}
+        return [
             caller.request_id if caller is not None else request.id, config.name, request.model_version,
             caller.principal if caller is not None else "", caller.tenant if caller is not None else "", region,
-            "success", "", started, 0.0, {t.name: t.data for t in request.inputs}, None, request.parameters,
-            self._masker(config).mask_tensors,
-        )  # fmt: skip
-        try:
-            self.residency.check(region, self.region)
-            response = await self._route(request, model)
-        except BaseException as exc:
-            event.outcome, event.error = _error_of(exc)
-            event.version, event.latency_s = request.model_version or model.version_label, time.perf_counter() - start
-            payloads.offer(event)
-            raise
-        event.version, event.latency_s = response.model_version, time.perf_counter() - start
-        event.outputs = {t.name: t.data for t in response.outputs}
-        payloads.offer(event)
-        return response
+            "success", "", time.time(), time.perf_counter(), request.parameters, inputs, None,
+        ]  # fmt: skip
 
     def _masker(self, config: ModelConfig) -> Masker:
         """The model's PII masking, built once per config (a reload builds it again)."""

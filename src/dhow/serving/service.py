@@ -13,6 +13,7 @@ is reachable only through a ``Call``.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import secrets
 import time
@@ -25,12 +26,12 @@ from dhow.access.permissions import ALL_TENANTS, Grant, Permission, Principal
 from dhow.core.errors import CallCancelled, DhowError, InternalError
 from dhow.core.names import check_model_name
 from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome
-from dhow.monitoring.tracing import RequestTrace, Tracing
+from dhow.monitoring.tracing import RequestTrace, Sampled, Tracing
 from dhow.serving.dataplane import DataPlane
 from dhow.serving.guard import AccessGuard, Admission
 from dhow.serving.traffic import Invoke
 
-__all__ = ["ACTIONS", "Access", "Call", "CoreService", "Credentials", "Principal", "service_identity"]
+__all__ = ["ACTIONS", "UNREAD", "Access", "Call", "CoreService", "Credentials", "Principal", "service_identity"]
 
 log = logging.getLogger("dhow.service")
 
@@ -41,13 +42,21 @@ def service_identity(name: str, role: str = "invoker") -> Principal:
     return Principal(name, ALL_TENANTS, (Grant(role),))
 
 
+class _Unread(enum.Enum):
+    UNREAD = "unread"
+
+
+#: a door that does not read the ``traceparent`` itself: the request's headers decide whether it is traced
+UNREAD = _Unread.UNREAD
+
+
 class Call:
     """One request through the admission point, as a door's handler sees it: ``async with`` admits it (or
     raises the refusal), and its end, however it ends, frees its quota and writes its audit record."""
 
     __slots__ = (
         "_access", "_admission", "_admitted_ns", "_answered_ns", "_dataplane", "_details", "_entered_ns",
-        "_guard", "_model", "_outcome", "_trace", "_tracing", "_who", "principal", "request_id",
+        "_guard", "_model", "_outcome", "_sampled", "_trace", "_tracing", "_who", "principal", "request_id",
     )  # fmt: skip
 
     def __init__(
@@ -59,6 +68,7 @@ class Call:
         model: str,
         request_id: str = "",
         tracing: Tracing | None = None,
+        traceparent: str | _Unread | None = UNREAD,
     ) -> None:
         self._dataplane = dataplane
         self._guard = guard
@@ -72,8 +82,14 @@ class Call:
         self.request_id = request_id
         self._outcome: Outcome | None = None
         self._details: dict[str, Any] = {}
-        #: tracing (None: off, and then nothing below costs anything), the request's trace when it is sampled
+        #: tracing (None: off, or this request is not sampled: then nothing below costs anything), the sampling
+        #: decision (UNREAD: the door did not read the traceparent, the request's headers decide) and the trace
         self._tracing = tracing
+        self._sampled: Sampled | _Unread | None = None
+        if tracing is not None:
+            self._sampled = tracing.sample(traceparent) if traceparent is not UNREAD else UNREAD
+            if self._sampled is None:
+                self._tracing = None
         self._trace: RequestTrace | None = None
         self._entered_ns = self._admitted_ns = self._answered_ns = 0
 
@@ -129,8 +145,12 @@ class Call:
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         if self._tracing is not None:
             times = (self._entered_ns, self._admitted_ns, time.time_ns())
-            self._trace = self._tracing.start(request.headers, request.model_name, self.request_id, times)
-            request.trace = self._trace
+            sampled = self._sampled
+            if sampled is UNREAD:
+                sampled = self._tracing.sample(request.headers.get("traceparent"))
+            if isinstance(sampled, tuple):
+                self._trace = self._tracing.begin(sampled, request.model_name, self.request_id, times)
+                request.trace = self._trace
         placement = self._dataplane.place(request, self._admission.caller)
         self._outcome = Outcome(data_region=placement.region)  # a refusal by residency is audited in its region
         response, self._outcome = await self._dataplane.infer(request, placement)
@@ -152,15 +172,23 @@ class CoreService:
         #: OpenTelemetry spans of inference requests (``--otlp-endpoint``); None: off
         self.tracing = tracing
 
-    def call(self, who: Credentials | Principal, access: Access | None, model: str = "", request_id: str = "") -> Call:
+    def call(
+        self,
+        who: Credentials | Principal,
+        access: Access | None,
+        model: str = "",
+        request_id: str = "",
+        traceparent: str | _Unread | None = UNREAD,
+    ) -> Call:
         """One request, to enter with ``async with`` (see the module's docstring); ``request_id`` is the one the
-        client gave (else the guard makes one).
+        client gave (else the guard makes one); ``traceparent`` the W3C header the door read (None: it has none;
+        ``UNREAD``: the door did not look, the request's headers are asked when it is inferred).
 
         ``access`` None is an open route (health checks): no credentials asked, nothing audited. Errors leave
         as ``DhowError`` (an unexpected exception becomes an ``InternalError`` with an id in the log); a
         client that went away leaves as ``CallCancelled``.
         """
-        return Call(self.dataplane, self.guard, who, access, model, request_id, self.tracing)
+        return Call(self.dataplane, self.guard, who, access, model, request_id, self.tracing, traceparent)
 
     async def authenticate(self, who: Credentials, access: Access) -> Principal:
         """Authenticate once for many calls (a gRPC stream's messages); a refusal is audited and raised."""

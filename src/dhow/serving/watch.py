@@ -1,6 +1,6 @@
 """The models watched while they serve: drift of their inputs and predictions, latency anomalies, feedback.
 
-The request's path pays one dict look-up, one random draw and, for a sampled request, one ``deque.append`` of
+The request's path pays one dict look-up, one count down and, for a sampled request, one ``deque.append`` of
 its arrays (``ModelWatch.observe``, on the event loop: no lock); the batcher's observer appends the batch's
 queue and compute times. Everything else runs in ``ModelWatch.run``, a background task: each tick it judges the
 versions whose latency window ended, scores the drift windows that are due (in a worker thread) and publishes
@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dhow.core.model_config import ModelConfig
 from dhow.core.types import InferenceRequest, InferenceResponse
-from dhow.monitoring.drift import DriftWindow, FeatureDrift, score
+from dhow.monitoring.drift import DriftWindow, FeatureDrift, sampling_gap, score
 from dhow.monitoring.latency import PARTS, QUANTILES, LatencyBaseline
 from dhow.monitoring.model_metrics import ModelMetrics
 from dhow.serving.feedback import FeedbackDesk
@@ -90,7 +89,10 @@ class ModelWatch:
         if watched is None:  # the version's first answer: watched from now on, not from the next tick
             watched = self._first_answer(config.name, response.model_version)
         window = watched.drift if watched is not None else None
-        if window is not None and random.random() < config.monitoring.drift.sample_rate:
+        if window is not None and window.skip > 1:
+            window.skip -= 1
+        elif window is not None:
+            window.skip = sampling_gap(window.rate)
             first = request.inputs[0].data if request.inputs else None
             rows = min(first.shape[0] if first is not None and first.ndim else 1, window.rows)
             # only the profiled tensors, copied: a view would keep the whole request body alive in the window
@@ -181,7 +183,9 @@ class ModelWatch:
 
     def _start(self, model: ModelVersion) -> _Watched:
         monitoring = model.config.monitoring
-        drift = DriftWindow(monitoring.drift.window) if model.profile is not None else None
+        drift = None
+        if model.profile is not None:
+            drift = DriftWindow(monitoring.drift.window, monitoring.drift.sample_rate)
         baseline = LatencyBaseline(monitoring.latency) if model.latency is not None else None
         self.metrics.profile.labels(model.name, model.version_label).set(1 if model.profile is not None else 0)
         features = model.profile.features if model.profile is not None else ()

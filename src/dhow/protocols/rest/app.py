@@ -78,6 +78,7 @@ class Request:
         "match",
         "raw_headers",
         "request_id",
+        "traceparent",
     )
 
     def __init__(self, scope: Scope, receive: Receive, match: Match, limit: int) -> None:
@@ -95,6 +96,8 @@ class Request:
         self.claimed_actor = b""
         #: the client's ``x-request-id`` when it is a plain token, else "" (the admission point makes one)
         self.request_id = ""
+        #: the W3C ``traceparent`` (tracing decides with it once, before admission)
+        self.traceparent: str | None = None
         for name, value in self.raw_headers:
             if name == b"content-length":
                 self.content_length = int(value) if value.isdigit() else None
@@ -111,6 +114,8 @@ class Request:
                 self.claimed_actor = value
             elif name == b"x-request-id":
                 self.request_id = client_request_id(value)
+            elif name == b"traceparent":
+                self.traceparent = value.decode("latin-1")
 
     def credentials(self, scope: Scope) -> Credentials:
         """The Authorization header or the verified client certificate; ``x-dhow-actor`` names the caller when
@@ -204,7 +209,8 @@ class RestApp(PeerRoutes, MonitoringRoutes):
         principal, request_id = "-", request.request_id
         try:
             credentials = request.credentials(scope)
-            async with self.service.call(credentials, match.route.access, match.model, request_id) as call:
+            call = self.service.call(credentials, match.route.access, match.model, request_id, request.traceparent)
+            async with call:
                 principal, request_id = call.principal.name, call.request_id
                 status, headers, body = await self._handlers[match.route.name](request, call)
         except DhowError as exc:
@@ -361,6 +367,8 @@ class RestApp(PeerRoutes, MonitoringRoutes):
         raw_headers = request.raw_headers
         inference.headers = LazyHeaders(lambda: raw_headers)
         inference.gone = request.gone
+        if header_length is None:
+            inference.json_body = body
         response = await call.infer(inference)
         encoded, json_length = encode_response(response, inference)
         if json_length is None:

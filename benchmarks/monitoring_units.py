@@ -1,0 +1,117 @@
+"""Instructions of the monitoring work done beside the request's path, per unit, without a server.
+
+    python benchmarks/monitoring_units.py            # every unit, under valgrind (about a minute)
+
+``instructions.py`` counts a server's threads over a run, but valgrind slows the server fifty-fold, so work done
+per second rather than per request (an OTLP post a second, the payload writer's reports, a drift score every 30 s)
+looks fifty times dearer per request there than it is. This counts the per-request units alone, each run
+``--count`` times in a process under callgrind, minus the same process running none:
+
+- ``trace``: a sampled request's trace kept (event loop), its spans made and written as OTLP protobuf in exports
+  of 512 requests (the exporter's thread);
+- ``render``: one payload event masked and rendered as a CloudEvent by the writer process (tabular: its JSON body
+  read, outputs as numbers);
+- ``frame``: one payload event written into a frame on the event loop (one frame of 8 events).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+UNITS = ("trace", "render", "frame")
+
+
+def _event(body: str | None) -> list[object]:
+    rng = np.random.default_rng(0)
+    inputs: object = body if body is not None else {"input": rng.standard_normal((1, 32)).astype(np.float32)}
+    outputs = {"label": np.array([1]), "probabilities": rng.random((1, 2)).astype(np.float32)}
+    return ["req-0001", "tabular", "1", "anonymous", "default", "", "success", "", time.time(), 0.0012, {}, inputs,
+            outputs, 1]  # fmt: skip
+
+
+def _body() -> str:
+    row = np.random.default_rng(1).standard_normal(32).astype(np.float32).tolist()
+    return json.dumps({"inputs": [{"name": "input", "shape": [1, 32], "datatype": "FP32", "data": row}]})
+
+
+def run_unit(unit: str, count: int) -> None:
+    """Set up, then do ``count`` units (0: only the set-up)."""
+    if unit == "trace":
+        from dhow.monitoring.otlp import export_request
+        from dhow.monitoring.tracing import Tracing
+
+        tracing = Tracing("http://127.0.0.1:9", 1.0)
+        tracing.shutdown()
+        sampled = tracing.sample(None)
+        assert sampled is not None
+        done = []
+        for n in range(count):  # a request's life on the event loop, then its export in batches of 512 requests
+            request = tracing.begin(sampled, "tabular", f"r-{n}", (1, 2, 3))
+            request.stage("queue", 3, 4)
+            request.stage("compute", 4, 5, {"dhow.model": "tabular", "dhow.version": "1", "dhow.batch.rows": 8})
+            request.stage("batch", 4, 5, {"dhow.model": "tabular"}, ((sampled[0], request.span_id),))
+            request.answered_ns, request.end_ns, request.version = 6, 7, "1"
+            done.append(request)
+            if len(done) == 512 or n == count - 1:
+                export_request(b"", "dhow", [span for each in done for span in each.spans()])
+                done = []
+    elif unit == "render":
+        import orjson
+
+        from dhow.governance.masking import Masker, parse_masking
+        from dhow.monitoring.payload_log import decode_frames, encode_frame
+        from dhow.serving.payload_writer import cloud_event
+
+        masker = Masker(parse_masking(None, "pii"), b"")
+        event = decode_frames(bytearray(encode_frame(_event(_body()))))[0]
+        for _ in range(count):
+            orjson.dumps(cloud_event(event, masker, "dhow://bench"))
+    else:
+        from dhow.monitoring.payload_log import encode_frame
+
+        events = [_event(_body()) for _ in range(8)]
+        for _ in range(count // 8):
+            encode_frame([[], events])
+
+
+def _instructions(unit: str, count: int, src: Path) -> int:
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "callgrind.out"
+        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__,
+                   "--run", unit, "--count", str(count)]  # fmt: skip
+        env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1")
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        found = re.search(r"Collected : (\d+)", done.stderr)
+        if found is None:
+            raise SystemExit(done.stderr[-2000:])
+        return int(found.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--src", type=Path, default=ROOT / "src")
+    parser.add_argument("--run", choices=UNITS, help=argparse.SUPPRESS)
+    parser.add_argument("--units", nargs="+", choices=UNITS, default=list(UNITS))
+    args = parser.parse_args()
+    if args.run:
+        run_unit(args.run, args.count)
+        return
+    for unit in args.units:
+        extra = _instructions(unit, args.count, args.src) - _instructions(unit, 0, args.src)
+        print(f"{unit}: {extra / args.count / 1000:,.1f}k instructions each (over {args.count})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""The payload log's writer process: masks, renders and writes the events a server hands over.
+
+``python -m dhow.serving.payload_writer`` reads frames (``payload_log.encode_frame``) on its stdin: first the
+settings (``url`` of the sink, ``source``, ``capacity``, ``close_timeout_s``), answered ``{"ready": kind}`` once
+the sink is open (or ``{"error": …}``, and it exits); then frames of ``[maskings, events]``: the masking rules of
+models not seen before (``Masker.spec``, by number) and events (``payload_log.FIELDS`` and a masking number).
+
+A thread reads the pipe as fast as it fills, into a queue of at most ``capacity`` events (past it, events are
+dropped and counted: a slow sink never fills the pipe, so the server never waits); another masks each event by its
+model's rules, renders it as a CloudEvent and hands chunks to the sink. Counts of logged, dropped and failed events
+and the queue's length go back on stdout, as frames, every ``_REPORT_S``. When stdin closes (the server stops, or
+died), what is queued is written, the sink closed, the last counts sent, and the process exits. SIGINT and SIGTERM
+are ignored: a Ctrl-C or a stop of the whole process group must not lose what the server handed over.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import orjson
+
+from dhow.core.errors import DhowError
+from dhow.governance.masking import Masker
+from dhow.monitoring.payload_log import EVENT_TYPES, MAX_MASKINGS, PayloadSink, decode_frames, encode_frame
+from dhow.monitoring.payload_sinks import open_sink
+
+__all__ = ["Writer", "cloud_event", "main"]
+
+#: how long the sink's thread sleeps when nothing is queued (the reader wakes it when events come)
+_IDLE_S = 0.02
+#: events rendered and handed to the sink at once
+_CHUNK = 512
+#: how often counts go back to the server (when something changed)
+_REPORT_S = 0.2
+
+#: event ids: a random prefix per process and a count, unique per source without a random draw per event
+_ID_PREFIX = secrets.token_hex(6)
+_ids = itertools.count(1)
+_second: tuple[int, str] = (0, "")
+
+
+def _rfc3339(unix: float) -> str:
+    global _second
+    whole = int(unix)
+    if _second[0] != whole:  # events of one second share its formatting (only the sink's thread calls this)
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{min(999_999, round((unix - whole) * 1e6)):06d}Z"
+
+
+def _holds_text(value: Any) -> bool:
+    """Whether a tensor (nested lists, as JSON gave it) holds text: numbers carry nothing for the detectors."""
+    while isinstance(value, list) and value:
+        value = value[0]
+    return isinstance(value, str)
+
+
+def _inputs_of(body: str) -> dict[str, Any]:
+    """The inputs of an Open Inference Protocol JSON body (as the client sent it, already accepted by the server)
+    as name -> nested lists of their shape, as the decoded tensors would be written."""
+    inputs: dict[str, Any] = {}
+    for tensor in orjson.loads(body).get("inputs") or ():
+        data, shape = tensor.get("data"), tensor.get("shape")
+        try:
+            inputs[str(tensor["name"])] = _shaped(data, [int(n) for n in shape])
+        except (ValueError, TypeError, KeyError):  # the server took it: never expected, but written as sent
+            inputs[str(tensor.get("name"))] = data
+    return inputs
+
+
+def _shaped(data: Any, shape: list[int]) -> Any:
+    """Row-major ``data`` (flat, or nested as the protocol also allows) as nested lists of ``shape``."""
+    if not isinstance(data, list) or not shape:
+        return data
+    if data and isinstance(data[0], list):  # nested already (a tensor's items are all alike)
+        return np.asarray(data, dtype=object).reshape(shape).tolist()
+    if len(shape) == 1:
+        return data
+    if len(shape) == 2 and shape[0] == 1:
+        return [data]  # one row: most requests
+    step = len(data) // shape[0] if shape[0] else 0
+    return [_shaped(data[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
+def _masked(masker: Masker, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    fields = masker.policy.fields
+    return {
+        name: masker.mask_value(data, name) if name in fields or _holds_text(data) else data
+        for name, data in tensors.items()
+    }
+
+
+def cloud_event(event: list[Any], masker: Masker, source: str) -> dict[str, Any]:
+    """The event (``payload_log.FIELDS``) masked, in CloudEvents 1.0 structured form: ``id`` unique per event,
+    ``subject`` the model and version."""
+    request_id, model, version, principal, tenant, region, outcome, error, unix, latency_s, parameters = event[:11]
+    data: dict[str, Any] = {
+        "request_id": request_id,
+        "model": model,
+        "version": version,
+        "principal": principal,
+        "tenant": tenant,
+        "data_region": region,
+        "outcome": outcome,
+        "latency_ms": round(latency_s * 1000, 3),
+        "parameters": {k: v for k, v in parameters.items() if isinstance(v, str | int | float | bool)}
+        if parameters
+        else {},
+        "inputs": _masked(masker, _inputs_of(event[11]) if isinstance(event[11], str) else event[11]),
+    }
+    if event[12] is not None:
+        data["outputs"] = _masked(masker, event[12])
+    if error:
+        data["error"] = masker.mask_text(error)  # an error may quote what the request held
+    return {
+        "specversion": "1.0",
+        "id": f"{_ID_PREFIX}-{next(_ids)}",
+        "source": source,
+        "type": EVENT_TYPES[outcome == "success"],
+        "subject": f"{model}/{version}" if version else model,
+        "time": _rfc3339(unix),
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+
+
+class Writer:
+    """The bounded queue of one writer process, the sink's thread that drains it, and the counts (PayloadCounts)."""
+
+    def __init__(self, sink: PayloadSink, *, capacity: int, source: str, report: Any) -> None:
+        self.sink = sink
+        self.capacity = capacity
+        self.source = source
+        self._report_to = report
+        self._queue: collections.deque[list[Any]] = collections.deque()
+        self._maskers: dict[int, Masker] = {}
+        self._lock = threading.Lock()
+        self._counts = {"logged": 0, "dropped": 0, "failed": 0}
+        self._reason = ""
+        self._reported_queued = 0
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._drain, name="sink", daemon=True)
+        self._thread.start()
+        self._reporter = threading.Thread(target=self._report_loop, name="report", daemon=True)
+        self._reporter.start()
+
+    # -- the reader's side --
+
+    def take(self, frame: list[Any]) -> None:
+        maskings, events = frame
+        for number, spec in maskings:
+            if len(self._maskers) >= 2 * MAX_MASKINGS:  # numbers only grow: the oldest are no longer used
+                for old in list(self._maskers)[:MAX_MASKINGS]:
+                    del self._maskers[old]
+            self._maskers[number] = Masker.from_spec(spec)
+        room = self.capacity - len(self._queue)
+        if room < len(events):
+            self.dropped(len(events) - max(room, 0))
+            events = events[: max(room, 0)]
+        self._queue.extend(events)
+        self._wake.set()
+
+    # -- PayloadCounts, called by the sink --
+
+    def logged(self, count: int) -> None:
+        with self._lock:
+            self._counts["logged"] += count
+
+    def dropped(self, count: int) -> None:
+        with self._lock:
+            self._counts["dropped"] += count
+
+    def failed(self, count: int, reason: str) -> None:
+        with self._lock:
+            self._counts["failed"] += count
+            self._reason = reason
+
+    # -- the sink's thread --
+
+    def _drain(self) -> None:
+        while True:
+            if not self._queue:
+                if self._stopping.is_set():
+                    return
+                self.sink.idle()
+                self._wake.wait(_IDLE_S)
+                self._wake.clear()
+                continue
+            chunk = [self._queue.popleft() for _ in range(min(_CHUNK, len(self._queue)))]
+            rendered: list[tuple[str, bytes]] = []
+            for event in chunk:
+                try:
+                    rendered.append((event[0], orjson.dumps(cloud_event(event, self._maskers[event[13]], self.source))))
+                except Exception as exc:  # a value masking or JSON cannot take: that event fails, not the others
+                    self.failed(1, f"could not render the event of request {event[0]}: {exc!r}")
+            if rendered:
+                try:
+                    self.sink.write(rendered, self)
+                except Exception as exc:
+                    self.failed(len(rendered), repr(exc))
+
+    # -- the counts, back to the server --
+
+    def _report_loop(self) -> None:
+        while not self._stopping.wait(_REPORT_S):
+            self.report()
+
+    def report(self) -> None:
+        with self._lock:
+            counts, self._counts = self._counts, {"logged": 0, "dropped": 0, "failed": 0}
+            reason, self._reason = self._reason, ""
+        queued = len(self._queue)
+        if any(counts.values()) or queued != self._reported_queued:
+            self._reported_queued = queued
+            self._report_to({**counts, "queued": queued, "reason": reason})
+
+    def close(self, timeout_s: float) -> None:
+        """Write what is queued, deliver what the sink holds (within about ``timeout_s``), send the last counts."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join()
+        self.sink.close(timeout_s)
+        self._reporter.join()
+        self.report()
+
+
+def main() -> int:
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
+    source, answers = sys.stdin.fileno(), sys.stdout.buffer
+    lock = threading.Lock()
+
+    def answer(document: Any) -> None:
+        with lock:
+            try:
+                answers.write(encode_frame(document))
+                answers.flush()
+            except OSError:  # the server is gone: what it handed over is written all the same
+                pass
+
+    buffer = bytearray()
+    frames: list[Any] = []
+    while not frames:
+        chunk = os.read(source, 1 << 20)
+        if not chunk:
+            return 2
+        buffer += chunk
+        frames = decode_frames(buffer)
+    settings = frames.pop(0)
+    try:
+        sink = open_sink(str(settings["url"]))
+    except DhowError as exc:
+        answer({"error": exc.message})
+        return 2
+    except Exception as exc:
+        answer({"error": f"--payload-log: {type(exc).__name__}: {exc}"})
+        return 2
+    answer({"ready": sink.kind})
+    writer = Writer(sink, capacity=int(settings["capacity"]), source=str(settings["source"]), report=answer)
+    while True:
+        for frame in frames:
+            writer.take(frame)
+        chunk = os.read(source, 1 << 20)
+        if not chunk:
+            break
+        buffer += chunk
+        frames = decode_frames(buffer)
+    writer.close(float(settings.get("close_timeout_s", 5.0)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
