@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc_loadgen
+import numpy as np
 from loadgen import http_post
 from serving_setups import DHOW, WORKLOADS, binary_body, requests_for, write_dhow_repository
 
