@@ -17,7 +17,7 @@ from dhow.streaming.endpoints import parse_endpoint
 from dhow.streaming.formats import message_format
 from dhow.streaming.offsets import OffsetTracker
 from dhow.streaming.records import Position, Record
-from dhow.streaming.rows import RowStacker
+from dhow.streaming.rows import Answered, run_stack, split_rows, stack_requests
 
 KAFKA = "kafka://127.0.0.1:9092"
 
@@ -167,17 +167,53 @@ def test_one_row_messages_are_stacked_and_a_bad_row_answered_alone() -> None:
         data = np.full((1, width), value, np.float32)
         return InferenceRequest("m", [Tensor("x", "FP32", [1, width], data)], id=f"id{value}")
 
-    async def answers() -> list[object]:
-        stacker = RowStacker(infer, max_rows=4)
-        requests = [row(1), row(2), row(-3), row(4), row(5), row(6, width=2)]
-        return await asyncio.gather(*(stacker.infer(r) for r in requests), return_exceptions=True)
+    requests = dict(enumerate([row(1), row(2), row(-3), row(4), row(5), row(6, width=2)]))
+    stacks = stack_requests(requests)
+    assert [s.indices for s in stacks] == [[0, 1, 2, 3, 4], [5]]  # another row shape: a stack of its own
 
-    results = asyncio.run(answers())
-    assert [r.outputs[0].data.tolist() for r in results if isinstance(r, InferenceResponse)] == [
-        [[2.0]], [[4.0]], [[8.0]], [[10.0]], [[12.0, 12.0]]
-    ]  # fmt: skip
-    assert [r.id for r in results if isinstance(r, InferenceResponse)] == ["id1", "id2", "id4", "id5", "id6"]
-    assert isinstance(results[2], InvalidInput) and "of 1" in results[2].message
-    # the first four in one request, refused, then one by one; the fifth alone (the rest of the poll), the
+    async def answers() -> list[tuple[list[Answered], dict[int, BaseException]]]:
+        return await asyncio.gather(*(run_stack(infer, stack, 4) for stack in stacks))
+
+    answered: dict[int, InferenceResponse] = {}
+    failed: dict[int, BaseException] = {}
+    for done, errors in asyncio.run(answers()):
+        failed.update(errors)
+        for a in done:
+            answered.update(zip(a.indices, split_rows(a, [requests[i].id for i in a.indices]), strict=True))
+    assert {i: r.outputs[0].data.tolist() for i, r in answered.items()} == {
+        0: [[2.0]], 1: [[4.0]], 3: [[8.0]], 4: [[10.0]], 5: [[12.0, 12.0]]
+    }  # fmt: skip
+    assert [answered[i].id for i in (0, 1, 3, 4, 5)] == ["id1", "id2", "id4", "id5", "id6"]
+    assert list(failed) == [2] and isinstance(failed[2], InvalidInput) and "of 1" in failed[2].message
+    # the first four in one request, refused, then one by one; the fifth alone (the rest of the stack), the
     # sixth alone (another shape)
     assert sorted(calls) == [1, 1, 1, 1, 1, 1, 4]
+
+
+def test_json_messages_are_decoded_together_and_bad_ones_set_aside() -> None:
+    json = message_format("json")
+    inputs = [TensorSpec("input", "FP32", (-1, 3))]
+    values = [b'{"input": [1, 2, 3]}', b"{", b'{"input": [4, 5, 6]}', b'{"input": [[7]]}', b'{"input": [0, 1, 0]}']
+    records = [Record(v, str(i).encode(), [], Position("in", 0, i)) for i, v in enumerate(values)]
+    decoded = json.decode_batch(records, "m", "", inputs, "eu")
+    # the rows that fit, in one stack; each bad one with its own reason
+    assert [s.indices for s in decoded.stacks] == [[0, 2, 4]]
+    stack = decoded.stacks[0].request
+    assert stack.inputs[0].shape == [3, 3] and stack.parameters == {"data_region": "eu"}
+    np.testing.assert_array_equal(stack.inputs[0].data, np.array([[1, 2, 3], [4, 5, 6], [0, 1, 0]], np.float32))
+    assert sorted(decoded.errors) == [1, 3]
+    assert "malformed JSON" in decoded.errors[1].message and "of shape [3]" in decoded.errors[3].message
+    # a boolean among the rows: the batch is decoded one by one, and only that row refused; a row of another
+    # length goes alone (the model says what is wrong with it)
+    records.append(Record(b'{"input": [1, true, 0]}', b"b", [], Position("in", 0, 5)))
+    records.append(Record(b'{"input": [1, 2]}', b"c", [], Position("in", 0, 6)))
+    decoded = json.decode_batch(records, "m", "", inputs, "")
+    assert sorted(decoded.errors) == [1, 3, 5] and [s.indices for s in decoded.stacks] == [[0, 2, 4], [6]]
+    outputs = [
+        Tensor("label", "INT64", [2], np.array([4, 5])),
+        Tensor("p", "FP32", [2, 2], np.array([[0.25, 0.75], [0.5, 0.5]], np.float32)),
+    ]
+    replies = json.encode_answered(decoded, Answered(InferenceResponse("m", "1", outputs), [0, 2]))
+    assert [(i, orjson.loads(body)) for i, body, _, _ in replies] == [
+        (0, {"label": 4, "p": [0.25, 0.75]}), (2, {"label": 5, "p": [0.5, 0.5]})
+    ]  # fmt: skip

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["StreamMetrics"]
@@ -50,9 +52,11 @@ class StreamMetrics:
     def received(self, stream: str, count: int) -> None:
         self.messages.labels(stream, "received").inc(count)
 
-    def answered(self, stream: str, seconds: float) -> None:
-        self.messages.labels(stream, "answered").inc()
-        self.latency.labels(stream).observe(seconds)
+    def answered(self, stream: str, seconds: Sequence[float]) -> None:
+        self.messages.labels(stream, "answered").inc(len(seconds))
+        observe = self.latency.labels(stream).observe
+        for value in seconds:
+            observe(value)
 
     def failed(self, stream: str, code: str, dead_lettered: bool) -> None:
         self.messages.labels(stream, "failed").inc()

@@ -7,27 +7,46 @@
 - ``json``: one record ``{"<input name>": <one row>, …}``; the reply is ``{"<output name>": <one row>, …}``.
 
 The v2 bodies are read and written by the same codec as the REST door's (``core.wire.v2``).
+
+A poll's messages are decoded together (``decode_batch``): their rows stacked into few requests (``rows``), the
+ones that cannot be answered set aside with the reason; the answers are encoded together (``encode_answered``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import orjson
 
-from dhow.core.errors import InvalidInput
+from dhow.core.errors import DhowError, InvalidInput
 from dhow.core.model_config import TensorSpec
 from dhow.core.types import InferenceRequest, InferenceResponse, Tensor
 from dhow.core.wire.tensors import array_from_json
 from dhow.core.wire.v2 import decode_request, encode_response
 from dhow.streaming.records import Header, Record
+from dhow.streaming.rows import Answered, Stack, split_rows, stack_requests
 
-__all__ = ["FORMATS", "HEADER_LENGTH", "MessageFormat", "message_format"]
+__all__ = ["FORMATS", "HEADER_LENGTH", "Decoded", "Encoded", "MessageFormat", "message_format"]
 
 #: the message header that carries the JSON header's length of a binary body
 HEADER_LENGTH = "inference-header-content-length"
+
+
+@dataclass(slots=True)
+class Decoded:
+    """A poll's messages decoded: the stacks to send, the messages refused (by index) and, where a format keeps
+    them, each message's own request (its id and options shape its reply)."""
+
+    stacks: list[Stack] = field(default_factory=list)
+    errors: dict[int, DhowError] = field(default_factory=dict)
+    requests: dict[int, InferenceRequest] = field(default_factory=dict)
+
+
+#: a reply: the message's index in the poll, its body, the headers it needs, its request's id
+Encoded = tuple[int, bytes, list[Header], str]
 
 
 class MessageFormat(Protocol):
@@ -39,6 +58,41 @@ class MessageFormat(Protocol):
         """The reply's body and the headers it needs (beside the ones every reply gets)."""
         ...
 
+    def decode_batch(
+        self, records: Sequence[Record], model: str, version: str, inputs: Sequence[TensorSpec], data_region: str
+    ) -> Decoded:
+        """A poll's messages, their rows stacked where they can be."""
+        ...
+
+    def encode_answered(self, decoded: Decoded, answered: Answered) -> list[Encoded]:
+        """The replies to the messages of an answered stack."""
+        ...
+
+
+def _decode_each(
+    fmt: MessageFormat,
+    records: Sequence[Record],
+    indices: Sequence[int],
+    model: str,
+    version: str,
+    inputs: Sequence[TensorSpec],
+    data_region: str,
+    decoded: Decoded,
+) -> None:
+    """Messages decoded one by one (each refusal with its own reason), their one-row requests stacked."""
+    requests = {}
+    for index in indices:
+        try:
+            request = fmt.decode(records[index], model, version, inputs)
+        except DhowError as exc:
+            decoded.errors[index] = exc
+            continue
+        if data_region:
+            request.parameters.setdefault("data_region", data_region)
+        requests[index] = request
+    decoded.requests.update(requests)
+    decoded.stacks.extend(stack_requests(requests))
+
 
 class V2Json:
     binary = False
@@ -49,6 +103,23 @@ class V2Json:
     def encode(self, request: InferenceRequest, response: InferenceResponse) -> tuple[bytes, list[Header]]:
         body, header_length = encode_response(response, request)
         return body, [] if header_length is None else [(HEADER_LENGTH, str(header_length).encode())]
+
+    def decode_batch(
+        self, records: Sequence[Record], model: str, version: str, inputs: Sequence[TensorSpec], data_region: str
+    ) -> Decoded:
+        decoded = Decoded()
+        _decode_each(self, records, range(len(records)), model, version, inputs, data_region, decoded)
+        return decoded
+
+    def encode_answered(self, decoded: Decoded, answered: Answered) -> list[Encoded]:
+        requests = [decoded.requests[index] for index in answered.indices]
+        replies = []
+        for index, request, response in zip(
+            answered.indices, requests, split_rows(answered, [r.id for r in requests]), strict=True
+        ):
+            body, headers = self.encode(request, response)
+            replies.append((index, body, headers, request.id))
+        return replies
 
     def _header_length(self, record: Record) -> int | None:
         raw = record.header(HEADER_LENGTH)
@@ -98,6 +169,82 @@ class JsonRecord:
     def encode(self, request: InferenceRequest, response: InferenceResponse) -> tuple[bytes, list[Header]]:
         row = {tensor.name: _one_row(tensor.data) for tensor in response.outputs}
         return orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY, default=_default), []
+
+    def decode_batch(
+        self, records: Sequence[Record], model: str, version: str, inputs: Sequence[TensorSpec], data_region: str
+    ) -> Decoded:
+        """The rows of every message that holds exactly the model's inputs, stacked in one pass; any other
+        message (and all of them when the stacked rows do not fit the model) decoded alone, for its own reason."""
+        decoded = Decoded()
+        names = {spec.name for spec in inputs}
+        batched = bool(inputs) and all(
+            spec.shape and spec.shape[0] == -1 and spec.datatype != "BYTES" for spec in inputs
+        )
+        rows: list[dict[str, Any]] = []
+        indices: list[int] = []
+        others: list[int] = []
+        booleans = False
+        loads = orjson.loads
+        for index, record in enumerate(records):
+            try:
+                document = loads(record.value) if batched else None
+            except orjson.JSONDecodeError:
+                document = None
+            if type(document) is dict and document.keys() == names:
+                rows.append(document)
+                indices.append(index)
+                booleans = booleans or b"true" in record.value or b"false" in record.value
+            else:
+                others.append(index)
+        stacked = _stacked_rows(rows, inputs, booleans) if rows else None
+        if stacked is None:
+            others = sorted(others + indices)
+        else:
+            parameters = {"data_region": data_region} if data_region else {}
+            decoded.stacks.append(Stack(InferenceRequest(model, stacked, version, parameters=parameters), indices))
+        if others:
+            _decode_each(self, records, others, model, version, inputs, data_region, decoded)
+        return decoded
+
+    def encode_answered(self, decoded: Decoded, answered: Answered) -> list[Encoded]:
+        if answered.whole:  # the request is not needed: a reply is the response's outputs
+            row = {tensor.name: _one_row(tensor.data) for tensor in answered.response.outputs}
+            return [
+                (answered.indices[0], orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY, default=_default), [], "")
+            ]
+        outputs = [(t.name, _rows_of(t.data)) for t in answered.response.outputs]
+        dumps, option = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
+        return [
+            (index, dumps({name: rows[j] for name, rows in outputs}, option=option, default=_default), [], "")
+            for j, index in enumerate(answered.indices)
+        ]
+
+
+def _stacked_rows(rows: list[dict[str, Any]], inputs: Sequence[TensorSpec], booleans: bool) -> list[Tensor] | None:
+    """Each input's rows as one tensor; None when a row does not fit (ragged, another shape, a wrong type)."""
+    tensors = []
+    for spec in inputs:
+        values = [row[spec.name] for row in rows]
+        shape = [len(values), *_bytes_shape(values[0])]
+        if len(shape) != len(spec.shape) or any(
+            d not in (-1, s) for d, s in zip(spec.shape[1:], shape[1:], strict=True)
+        ):
+            return None
+        try:
+            data = array_from_json(values, spec.datatype, shape, spec.name, booleans_possible=booleans)
+        except InvalidInput:
+            return None
+        tensors.append(Tensor(spec.name, spec.datatype, shape, data))
+    return tensors
+
+
+def _rows_of(array: np.ndarray) -> list[Any]:
+    """An output's rows as the json reply holds them."""
+    if array.dtype == np.object_:
+        return [[_text(item) for item in row.reshape(-1)] if row.ndim else _text(row.item()) for row in array]
+    if array.ndim == 1 and array.dtype.kind in "biu":  # exact as Python numbers, and in one call
+        return list(array.tolist())
+    return list(array)
 
 
 def _row_tensor(spec: TensorSpec, value: Any) -> Tensor:

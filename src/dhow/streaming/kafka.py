@@ -7,7 +7,9 @@ the consumer commits that, every ``commit_interval_s``, when partitions are revo
 
 The client's calls block, so each runs on a thread of its own: the consumer's polls (and with them the
 group's rebalance callbacks) on one, the producer's delivery reports on another; the event loop only hands
-them work and gets futures back.
+them work and gets futures back: one per poll, one per batch of replies (its reports counted on the reports'
+thread, settled on the loop in one hop when the last came), not one per message. Offsets too are kept per
+poll and partition, not per message (``OffsetTracker``).
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-import threading
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from dhow.core.errors import InvalidInput, Unavailable
+from dhow.core.kafka import KafkaProducer
 from dhow.streaming.endpoints import Endpoint
 from dhow.streaming.offsets import OffsetTracker
 from dhow.streaming.records import Outgoing, Position, Record
@@ -92,6 +95,7 @@ class KafkaSource:
             first = self._consumer.poll(timeout_s)
             messages = [first, *self._consumer.consume(max_records - 1, 0)] if first is not None else []
         records = []
+        last: dict[tuple[str, int], int] = {}
         for message in messages:
             error = message.error()
             if error is not None:
@@ -100,13 +104,18 @@ class KafkaSource:
                 continue
             topic, partition, offset = message.topic(), message.partition(), message.offset()
             assert topic is not None and partition is not None and offset is not None
-            self.offsets.take((topic, partition), offset)
+            last[topic, partition] = offset
             records.append(_record(message, Position(topic, partition, offset)))
+        # the poll is one batch, done as a whole (``done_batch``): a partition's last offset stands for its records
+        for key, offset in last.items():
+            self.offsets.take(key, offset)
         return records
 
-    def done(self, record: Record) -> None:
-        position = record.position
-        self.offsets.done((position.topic, int(position.partition)), position.offset)
+    def done_batch(self, records: Sequence[Record]) -> None:
+        # a poll's records of a partition are taken and done together: its last offset stands for them all
+        last = {(r.position.topic, r.position.partition): r.position.offset for r in records}
+        for (topic, partition), offset in last.items():
+            self.offsets.done((topic, int(partition)), offset)
 
     async def commit(self, *, wait: bool = False) -> None:
         offsets = self.offsets.committable()
@@ -180,7 +189,7 @@ class KafkaSource:
 
 
 class KafkaSink:
-    """A producer writing to one topic; each message's future resolves when the broker acknowledged it."""
+    """A producer writing to one topic; a batch's messages are queued in one pass and acknowledged together."""
 
     def __init__(self, endpoint: Endpoint, *, client_id: str = "dhow") -> None:
         self.endpoint = endpoint
@@ -194,51 +203,65 @@ class KafkaSink:
             "error_cb": _log_error,
             **endpoint.options,
         }
-        self._producer = Producer(config)
-        self._closing = threading.Event()
-        self._reports = threading.Thread(target=self._deliver, name="dhow-kafka-deliver", daemon=True)
+        self._producer = KafkaProducer(config, what=f"sink {endpoint}")
 
     async def start(self) -> None:
-        await _check_topic(self._producer, self.endpoint, "sink")
-        self._reports.start()
+        await _check_topic(self._producer.client, self.endpoint, "sink")
+        # the reports settle each batch's acknowledgement off the event loop: one hop to it per batch
+        self._producer.serve_reports("dhow-kafka-deliver")
 
-    async def send(self, message: Outgoing) -> asyncio.Future[None]:
+    async def send_batch(self, messages: Sequence[Outgoing]) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-
-        def delivered(error: KafkaError | None, _: Message) -> None:
-            loop.call_soon_threadsafe(_settle, future, error)
-
-        headers: list[tuple[str, str | bytes | None]] = list(message.headers)
-        while True:
+        acknowledged = _Acknowledged(loop, len(messages), self.url)
+        rows = [(m.value, m.key, m.headers) for m in messages]
+        while rows:
             try:
-                self._producer.produce(
-                    self.endpoint.topic, message.value, message.key, headers=headers, on_delivery=delivered
-                )
-                return future
-            except BufferError:  # the client's queue is full: the broker is slower than we are
+                queued = self._producer.produce_many(self.endpoint.topic, rows, acknowledged.report)
+            except KafkaException as exc:  # refused outright (too large, ...): the rest will never be reported
+                acknowledged.refuse(str(exc))
+                break
+            rows = rows[queued:]
+            if rows:  # the client's queue is full: the broker is slower than we are
                 await asyncio.sleep(0.005)
-
-    def _deliver(self) -> None:
-        while not self._closing.is_set():
-            self._producer.poll(0.05)
+        return acknowledged.future
 
     async def close(self) -> None:
-        left = await asyncio.to_thread(self._producer.flush, 30.0)
-        self._closing.set()
-        if self._reports.is_alive():
-            await asyncio.to_thread(self._reports.join)
+        left = await asyncio.to_thread(self._producer.close, 30.0)
         if left:
             log.error("stream sink %s: %d messages not delivered at close", self.url, left)
 
 
-def _settle(future: asyncio.Future[None], error: KafkaError | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(DeliveryFailed(str(error)))
+class _Acknowledged:
+    """A batch's acknowledgement: the broker's reports counted on the reports' thread (the only one serving
+    them), the batch's future settled on the event loop once, when the last came."""
+
+    __slots__ = ("error", "future", "left", "loop", "url")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int, url: str) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.left = count
+        self.url = url
+        self.error: str | None = None
+
+    def report(self, error: KafkaError | None, _: Message) -> None:
+        if error is not None and self.error is None:
+            self.error = str(error)
+        self.left -= 1
+        if self.left == 0:
+            self.loop.call_soon_threadsafe(self._settle)
+
+    def refuse(self, reason: str) -> None:
+        self.error = self.error or reason
+        self._settle()
+
+    def _settle(self) -> None:
+        if self.future.done():
+            return
+        if self.error is None:
+            self.future.set_result(None)
+        else:
+            self.future.set_exception(DeliveryFailed(f"{self.url}: {self.error}"))
 
 
 def _record(message: Message, position: Position) -> Record:

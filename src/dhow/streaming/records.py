@@ -7,6 +7,7 @@ Plain data only: the consumer never sees a broker client's objects, so it runs t
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -66,8 +67,8 @@ class Source(Protocol):
         membership (group, leases) alive and hand over what was fetched already."""
         ...
 
-    def done(self, record: Record) -> None:
-        """The record is finished: its reply (or dead letter) was acknowledged by the sink."""
+    def done_batch(self, records: Sequence[Record]) -> None:
+        """The records of one poll (all of them) are finished: their replies and dead letters were acknowledged."""
         ...
 
     async def commit(self, *, wait: bool = False) -> None:
@@ -91,8 +92,9 @@ class Sink(Protocol):
     #: the destination, as written on the command line (for logs and status)
     url: str
 
-    async def send(self, message: Outgoing) -> asyncio.Future[None]:
-        """Queue the message; the future is done when the broker acknowledged it (or failed with the reason)."""
+    async def send_batch(self, messages: Sequence[Outgoing]) -> asyncio.Future[None]:
+        """Queue the messages (waiting while the client's queue is full); the future is done when the broker
+        acknowledged all of them, or fails (``DeliveryFailed``) with the reason one of them was refused."""
         ...
 
     async def close(self) -> None:
