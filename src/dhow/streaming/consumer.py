@@ -33,7 +33,7 @@ from dhow.serving.retries import retrying
 from dhow.serving.service import ACTIONS, Call, CoreService, Principal, service_identity
 from dhow.streaming.formats import HEADER_LENGTH, message_format
 from dhow.streaming.kafka import DeliveryFailed
-from dhow.streaming.records import Header, Outgoing, Record, Sink, Source
+from dhow.streaming.records import Header, Outgoing, Record, Sink, Source, Transactions
 from dhow.streaming.rows import run_stack
 from dhow.streaming.spec import StreamSpec
 from dhow.streaming.status import Meter, StreamStatus
@@ -51,6 +51,8 @@ _COMMIT_S = 0.5
 _STATUS_S = 2.0
 #: how long a stopping consumer lets the records in flight finish
 _DRAIN_S = 30.0
+#: transactions aborted in a row (each batch read again) before the consumer stops
+_ABORTS = 3
 
 
 #: a batch's replies, dead letters and the answered messages' timestamps
@@ -68,17 +70,22 @@ class StreamConsumer:
         spec: StreamSpec,
         service: CoreService,
         source: Source,
-        replies: Sink,
+        replies: Sink | None,
         dead_letters: Sink | None,
         *,
+        transactions: Transactions | None = None,
         meter: Meter | None = None,
         status_dir: Path | None = None,
     ) -> None:
+        """``transactions`` (``--exactly-once``): batches are written and committed through it, one at a time,
+        instead of through the sinks."""
         self.spec = spec
         self.service = service
         self.source = source
         self.replies = replies
         self.dead_letters = dead_letters
+        self.transactions = transactions
+        self._aborted = 0
         self.meter = meter
         self.status_dir = status_dir
         self.identity = stream_identity(spec.name)
@@ -113,6 +120,8 @@ class StreamConsumer:
                     task = asyncio.create_task(self._batch(records))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
+                    if self.transactions is not None:  # one open transaction: the next poll after this commit
+                        await asyncio.wait([task])
         finally:
             self.status.state = "stopping"
             await self._finish(tasks, background)
@@ -137,7 +146,7 @@ class StreamConsumer:
             task.cancel()
         with contextlib.suppress(Exception):
             await self.source.commit(wait=True)
-        for sink in (self.replies, self.dead_letters):
+        for sink in (self.replies, self.dead_letters, self.transactions):
             if sink is not None:
                 await sink.close()
         await self.source.close()
@@ -157,8 +166,11 @@ class StreamConsumer:
         except Exception as exc:
             self._stop(exc)
             return
+        if self.transactions is not None:
+            await self._commit_transaction(records, replies, letters, stamps)
+            return
         try:
-            sent = [await self.replies.send_batch(replies)] if replies else []
+            sent = [await self.replies.send_batch(replies)] if replies and self.replies is not None else []
             if letters and self.dead_letters is not None:
                 sent.append(await self.dead_letters.send_batch(letters))
             await asyncio.gather(*sent)
@@ -169,6 +181,27 @@ class StreamConsumer:
         self.source.done_batch(records)
         self._finished(records, stamps, len(letters))
 
+    async def _commit_transaction(
+        self, records: list[Record], replies: list[Outgoing], letters: list[Outgoing], stamps: list[int]
+    ) -> None:
+        assert self.transactions is not None
+        try:
+            await self.transactions.commit(records, replies, letters)
+        except DeliveryFailed as exc:  # aborted, the source rewound: the next poll reads the batch again
+            self.source.done_batch(records)
+            self.status.in_flight -= len(records)
+            self._aborted += 1
+            if self._aborted >= _ABORTS:
+                self._stop(
+                    DeliveryFailed(f"stream {self.spec.name}: {self._aborted} transactions aborted in a row: {exc}")
+                )
+            else:
+                log.warning("stream %s: %s", self.spec.name, exc)
+            return
+        self._aborted = 0
+        self.source.done_batch(records)
+        self._finished(records, stamps, len(letters))
+
     def _finished(self, records: list[Record], stamps: list[int], dead: int) -> None:
         """The batch acknowledged: its counts; ``stamps``: the timestamps of the messages answered."""
         status = self.status
@@ -176,7 +209,7 @@ class StreamConsumer:
         if status.in_flight <= self.spec.max_in_flight // 2:
             self._room.set()
         status.answered += len(stamps)
-        if self.dead_letters is None:
+        if self.spec.dead_letter is None:
             status.skipped += dead
         else:
             status.dead_lettered += dead
@@ -251,8 +284,8 @@ class StreamConsumer:
         self.status.failed += 1
         self.status.failures[error.code.value] += 1
         if self.meter is not None:
-            self.meter.failed(self.spec.name, error.code.value, self.dead_letters is not None)
-        if self.dead_letters is None:
+            self.meter.failed(self.spec.name, error.code.value, self.spec.dead_letter is not None)
+        if self.spec.dead_letter is None:
             log.warning("stream %s: skipped %s (--on-error skip): %s", self.spec.name, record.position, error.message)
         return Outgoing(record.value, record.key, headers)
 

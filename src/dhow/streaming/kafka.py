@@ -30,7 +30,7 @@ from dhow.streaming.endpoints import Endpoint
 from dhow.streaming.offsets import OffsetTracker
 from dhow.streaming.records import Outgoing, Position, Record
 
-__all__ = ["DeliveryFailed", "KafkaSink", "KafkaSource"]
+__all__ = ["DeliveryFailed", "KafkaSink", "KafkaSource", "check_topic", "log_error"]
 
 log = logging.getLogger("dhow.streaming")
 
@@ -47,8 +47,11 @@ class DeliveryFailed(Exception):
 class KafkaSource:
     """A consumer-group member: reads the topic's partitions the group gives it, commits what is done."""
 
-    def __init__(self, endpoint: Endpoint, group: str, *, client_id: str = "dhow") -> None:
+    def __init__(self, endpoint: Endpoint, group: str, *, client_id: str = "dhow", transactional: bool = False) -> None:
+        """``transactional``: offsets are committed in the producer's transactions (``KafkaTransactions``), never
+        by this consumer."""
         self.endpoint = endpoint
+        self.transactional = transactional
         self.offsets = OffsetTracker()
         config: dict[str, Any] = {
             "bootstrap.servers": endpoint.servers,
@@ -56,6 +59,8 @@ class KafkaSource:
             "client.id": client_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
+            # librdkafka's default, said here: requests of aborted transactions are never read
+            "isolation.level": "read_committed",
             # a dead consumer's partitions move on after 10 s (Kafka's default before 3.0; 45 s since)
             "session.timeout.ms": 10000,
             "heartbeat.interval.ms": 1000,
@@ -63,7 +68,7 @@ class KafkaSource:
             "queued.max.messages.kbytes": 8192,
             "statistics.interval.ms": 2000,
             "stats_cb": self._on_statistics,
-            "error_cb": _log_error,
+            "error_cb": log_error,
             **endpoint.options,
         }
         self._consumer = Consumer(config)
@@ -74,7 +79,7 @@ class KafkaSource:
 
     async def start(self) -> None:
         """Check that the broker answers and the topic exists, then join the group."""
-        await _check_topic(self._consumer, self.endpoint, "--source")
+        await check_topic(self._consumer, self.endpoint, "--source")
         self._consumer.subscribe(
             [self.endpoint.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -119,7 +124,7 @@ class KafkaSource:
 
     async def commit(self, *, wait: bool = False) -> None:
         offsets = self.offsets.committable()
-        if not offsets:
+        if not offsets or self.transactional:
             return
         partitions = [TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()]
         # on the polling thread: the client's calls wait for each other, and the event loop must not
@@ -131,6 +136,22 @@ class KafkaSource:
             # not lost: committed with the next ones; a crash meanwhile re-reads them (at-least-once)
             log.warning("stream source %s: commit failed, kept for the next one: %s", self.endpoint, exc)
             self.offsets.restore(offsets)
+
+    def group_metadata(self) -> Any:
+        """The consumer's group generation, for offsets committed in a producer's transaction."""
+        return self._consumer.consumer_group_metadata()
+
+    async def rewind(self, records: Sequence[Record]) -> None:
+        """Read the records again from the first of each partition (a transaction that wrote them was aborted)."""
+        first: dict[tuple[str, int], int] = {}
+        for record in records:
+            first.setdefault((record.position.topic, int(record.position.partition)), record.position.offset)
+        loop = asyncio.get_running_loop()
+        for (topic, partition), offset in first.items():
+            try:
+                await loop.run_in_executor(self._thread, self._consumer.seek, TopicPartition(topic, partition, offset))
+            except KafkaException as exc:  # no longer assigned: its next owner reads from the committed offset
+                log.warning("stream source %s: cannot rewind %s/%d: %s", self.endpoint, topic, partition, exc)
 
     def lag(self) -> dict[str, int]:
         return dict(self._lag)
@@ -156,7 +177,7 @@ class KafkaSource:
         if not self.offsets.wait_drained(keys, _REVOKE_WAIT_S):
             log.warning("stream source %s: revoked partitions still had records in flight", self.endpoint)
         offsets = self.offsets.committable(keys)
-        if offsets:
+        if offsets and not self.transactional:
             try:
                 consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
             except KafkaException as exc:
@@ -200,13 +221,13 @@ class KafkaSink:
             # acks=all, retries without duplicates or reordering: an acknowledged reply is on every replica
             "enable.idempotence": True,
             "linger.ms": 2,
-            "error_cb": _log_error,
+            "error_cb": log_error,
             **endpoint.options,
         }
         self._producer = KafkaProducer(config, what=f"sink {endpoint}")
 
     async def start(self) -> None:
-        await _check_topic(self._producer.client, self.endpoint, "sink")
+        await check_topic(self._producer.client, self.endpoint, "sink")
         # the reports settle each batch's acknowledgement off the event loop: one hop to it per batch
         self._producer.serve_reports("dhow-kafka-deliver")
 
@@ -273,7 +294,7 @@ def _record(message: Message, position: Position) -> Record:
     return Record(value if value is not None else b"", message.key(), headers, position, max(timestamp, 0))
 
 
-async def _check_topic(client: Consumer | Producer, endpoint: Endpoint, what: str) -> None:
+async def check_topic(client: Consumer | Producer, endpoint: Endpoint, what: str) -> None:
     try:
         metadata = await asyncio.to_thread(client.list_topics, endpoint.topic, _CONNECT_S)
     except KafkaException as exc:
@@ -286,5 +307,5 @@ async def _check_topic(client: Consumer | Producer, endpoint: Endpoint, what: st
         )
 
 
-def _log_error(error: KafkaError) -> None:
+def log_error(error: KafkaError) -> None:
     log.warning("kafka: %s", error)

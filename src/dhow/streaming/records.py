@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["Header", "Outgoing", "Position", "Record", "Sink", "Source"]
+__all__ = ["Header", "Outgoing", "Position", "Record", "Sink", "Source", "Transactions"]
 
 #: a message header as Kafka carries it: a name and raw bytes (None: a header with no value)
 Header = tuple[str, bytes | None]
@@ -100,3 +100,15 @@ class Sink(Protocol):
     async def close(self) -> None:
         """Deliver what is queued, then let go of the connection."""
         ...
+
+
+class Transactions(Protocol):
+    """Replies, dead letters and the source's offsets of a batch committed together (``--exactly-once``)."""
+
+    url: str
+
+    async def commit(self, records: Sequence[Record], replies: Sequence[Outgoing], letters: Sequence[Outgoing]) -> None:
+        """All or nothing; on failure (``DeliveryFailed``) the source is rewound to read the batch again."""
+        ...
+
+    async def close(self) -> None: ...

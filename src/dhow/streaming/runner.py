@@ -23,6 +23,7 @@ from dhow.serving.service import ACTIONS, CoreService
 from dhow.settings import ServerSettings
 from dhow.streaming.consumer import StreamConsumer, stream_identity
 from dhow.streaming.kafka import KafkaSink, KafkaSource
+from dhow.streaming.kafka_transactions import KafkaTransactions
 from dhow.streaming.spec import StreamSpec
 from dhow.streaming.status import Meter, status_folder
 
@@ -40,7 +41,13 @@ async def open_consumer(
         call.note(stream=spec.name, phase="start", source=str(spec.source), sink=str(spec.sink),
                   dead_letter=str(spec.dead_letter or ""), group=spec.group, data_region=region)  # fmt: skip
     client_id = f"dhow-{spec.name}"
-    source = KafkaSource(spec.source, spec.group, client_id=client_id)
+    source = KafkaSource(spec.source, spec.group, client_id=client_id, transactional=spec.exactly_once)
+    if spec.exactly_once:
+        transactions = KafkaTransactions(source, spec.sink, spec.dead_letter, spec.group, client_id=client_id)
+        await transactions.start()
+        await source.start()
+        return StreamConsumer(spec, service, source, None, None, transactions=transactions, meter=meter,
+                              status_dir=status_dir)  # fmt: skip
     replies = KafkaSink(spec.sink, client_id=client_id)
     dead_letters = KafkaSink(spec.dead_letter, client_id=client_id) if spec.dead_letter is not None else None
     for sink in (replies, dead_letters):
