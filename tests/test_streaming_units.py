@@ -217,3 +217,23 @@ def test_json_messages_are_decoded_together_and_bad_ones_set_aside() -> None:
     assert [(i, orjson.loads(body)) for i, body, _, _ in replies] == [
         (0, {"label": 4, "p": [0.25, 0.75]}), (2, {"label": 5, "p": [0.5, 0.5]})
     ]  # fmt: skip
+
+
+def test_a_batch_of_latencies_lands_in_the_buckets_observe_would_choose() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from dhow.monitoring.streams import _LATENCY, StreamMetrics
+
+    seconds = [0.001, 0.005, 0.0051, 0.3, 99.0, 60.0, 2.5, 0.0]
+    batched = CollectorRegistry()
+    StreamMetrics(batched).answered("s", seconds)
+    one_by_one = CollectorRegistry()
+    histogram = Histogram("dhow_stream_latency_seconds", "", ["stream"], buckets=_LATENCY, registry=one_by_one)
+    for value in seconds:
+        histogram.labels("s").observe(value)
+
+    def series(registry: CollectorRegistry) -> list[str]:
+        lines = generate_latest(registry).decode().splitlines()
+        return [line for line in lines if line.startswith("dhow_stream_latency_seconds_") and "_created" not in line]
+
+    assert series(batched) == series(one_by_one) and len(series(batched)) == len(_LATENCY) + 3
