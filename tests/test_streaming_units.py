@@ -70,6 +70,12 @@ def test_streams_of_the_settings_file_and_environment(tmp_path: object) -> None:
         parse_streams([{"model": "tabular", "source": f"{KAFKA}/in"}], "settings")
     with pytest.raises(InvalidInput, match="two streams are named"):
         parse_streams([entry, entry], "settings")
+    (once,) = parse_streams([{**entry, "exactly_once": True}], "settings")
+    assert once.exactly_once and not spec.exactly_once
+    with pytest.raises(InvalidInput, match="exactly_once must be true or false"):
+        parse_streams([{**entry, "exactly_once": "yes"}], "settings")
+    with pytest.raises(InvalidInput, match="dead-letter topic must be on the sink's brokers"):
+        parse_streams([{**entry, "exactly_once": True, "dead_letter": "kafka://elsewhere:9092/dlq"}], "settings")
     with pytest.raises(DhowError, match="'streams' expects"):
         resolve_settings({}, env={"DHOW_STREAMS": "just text"})
 
