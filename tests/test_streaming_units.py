@@ -14,7 +14,7 @@ from dhow.core.types import InferenceRequest, InferenceResponse, Tensor
 from dhow.settings import resolve_settings
 from dhow.streaming import StreamSpec, parse_streams
 from dhow.streaming.endpoints import parse_endpoint
-from dhow.streaming.formats import message_format
+from dhow.streaming.formats import Decoded, message_format
 from dhow.streaming.offsets import OffsetTracker
 from dhow.streaming.records import Position, Record
 from dhow.streaming.rows import Answered, run_stack, split_rows, stack_requests
@@ -243,3 +243,23 @@ def test_a_batch_of_latencies_lands_in_the_buckets_observe_would_choose() -> Non
         return [line for line in lines if line.startswith("dhow_stream_latency_seconds_") and "_created" not in line]
 
     assert series(batched) == series(one_by_one) and len(series(batched)) == len(_LATENCY) + 3
+
+
+def test_json_replies_cut_from_one_serialization_equal_a_row_at_a_time() -> None:
+    json = message_format("json")
+    rng = np.random.default_rng(1)
+    outputs = [
+        Tensor("label", "INT64", [3], np.array([4, -5, 6])),
+        Tensor("p", "FP32", [3, 2], rng.random((3, 2)).astype(np.float32)),
+        Tensor("cube", "FP64", [3, 2, 2], rng.random((3, 2, 2))),
+        Tensor("flag", "BOOL", [3, 1], np.array([[True], [False], [True]])),
+    ]
+    for chosen in (outputs, [*outputs, Tensor("word", "BYTES", [3], np.array([b"a", b"b", b"c"], dtype=object))]):
+        response = InferenceResponse("m", "1", chosen)
+        replies = json.encode_answered(Decoded(), Answered(response, [0, 1, 2]))
+        for j, (index, body, _, _) in enumerate(replies):
+            one = InferenceResponse(
+                "m", "1", [Tensor(t.name, t.datatype, [1, *t.shape[1:]], t.data[j : j + 1]) for t in chosen]
+            )
+            assert index == j and orjson.loads(body) == orjson.loads(json.encode(None, one)[0])  # type: ignore[arg-type]
+            assert body == json.encode(None, one)[0]  # type: ignore[arg-type]

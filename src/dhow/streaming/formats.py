@@ -212,6 +212,11 @@ class JsonRecord:
             return [
                 (answered.indices[0], orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY, default=_default), [], "")
             ]
+        rows = len(answered.indices)
+        columns = [_json_rows(t.name, t.data, rows) for t in answered.response.outputs]
+        if all(column is not None for column in columns):  # each output's rows as JSON in one call: joined
+            bodies = [b"{" + b",".join(parts) + b"}" for parts in zip(*columns, strict=True)]
+            return [(index, body, [], "") for index, body in zip(answered.indices, bodies, strict=True)]
         outputs = [(t.name, _rows_of(t.data)) for t in answered.response.outputs]
         dumps, option = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
         return [
@@ -238,10 +243,28 @@ def _stacked_rows(rows: list[dict[str, Any]], inputs: Sequence[TensorSpec], bool
     return tensors
 
 
+def _json_rows(name: str, array: np.ndarray, rows: int) -> list[bytes] | None:
+    """``"<name>":<row>`` of each row of a numeric output, from one serialization of the whole output (its rows
+    cut at the top level's separators); None where that cannot be done (text, an empty dimension, no rows)."""
+    if array.dtype.kind not in "biuf" or array.ndim == 0 or array.shape[0] != rows or 0 in array.shape:
+        return None
+    text = orjson.dumps(array, option=orjson.OPT_SERIALIZE_NUMPY)
+    depth = array.ndim - 1
+    cut = b"]" * depth + b"," + b"[" * depth
+    parts = text[1 + depth : len(text) - 1 - depth].split(cut)
+    if len(parts) != rows:
+        return None
+    key = orjson.dumps(name) + b":" + b"[" * depth
+    end = b"]" * depth
+    return [key + part + end for part in parts]
+
+
 def _rows_of(array: np.ndarray) -> list[Any]:
     """An output's rows as the json reply holds them."""
     if array.dtype == np.object_:
-        return [[_text(item) for item in row.reshape(-1)] if row.ndim else _text(row.item()) for row in array]
+        if array.ndim == 1:  # its rows are the items themselves
+            return [_text(item) for item in array.tolist()]
+        return [[_text(item) for item in row.reshape(-1)] for row in array]
     if array.ndim == 1 and array.dtype.kind in "biu":  # exact as Python numbers, and in one call
         return list(array.tolist())
     return list(array)
@@ -274,6 +297,8 @@ def _bytes_shape(data: Any) -> list[int]:
 
 def _one_row(array: np.ndarray) -> Any:
     row = array[0] if array.ndim and array.shape[0] == 1 else array
+    if not isinstance(row, np.ndarray | np.generic):  # the item of a one-dimensional BYTES output
+        return _text(row)
     if row.dtype == np.object_:
         return [_text(item) for item in row.reshape(-1)] if row.ndim else _text(row.item())
     return row
