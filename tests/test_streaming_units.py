@@ -263,3 +263,28 @@ def test_json_replies_cut_from_one_serialization_equal_a_row_at_a_time() -> None
             )
             assert index == j and orjson.loads(body) == orjson.loads(json.encode(None, one)[0])  # type: ignore[arg-type]
             assert body == json.encode(None, one)[0]  # type: ignore[arg-type]
+
+
+def test_v2_replies_cut_from_one_serialization_equal_the_rest_codecs() -> None:
+    v2 = message_format("v2-json")
+    rng = np.random.default_rng(2)
+    outputs = [
+        Tensor("label", "INT64", [3], np.array([4, -5, 6])),
+        Tensor("p", "FP32", [3, 2], rng.random((3, 2)).astype(np.float32)),
+        Tensor("cube", "FP64", [3, 2, 2], rng.random((3, 2, 2))),
+    ]
+    requests = {
+        i: InferenceRequest("m", [Tensor("x", "FP32", [1, 1], np.zeros((1, 1), np.float32))], id=name)
+        for i, name in enumerate(["a", "", "c"])
+    }
+    for parameters in ({}, {"sequence": 7}):
+        response = InferenceResponse("m", "3", outputs, parameters=parameters)
+        decoded = Decoded(requests=requests)
+        replies = v2.encode_answered(decoded, Answered(response, [0, 1, 2]))
+        rows = [
+            InferenceResponse("m", "3", [Tensor(t.name, t.datatype, [1, *t.shape[1:]], t.data[j : j + 1])
+                                         for t in outputs], id=requests[j].id, parameters=parameters)
+            for j in range(3)
+        ]  # fmt: skip
+        assert [body for _, body, _, _ in replies] == [v2.encode(requests[j], rows[j])[0] for j in range(3)]
+        assert [request_id for _, _, _, request_id in replies] == ["a", "", "c"]

@@ -113,6 +113,9 @@ class V2Json:
 
     def encode_answered(self, decoded: Decoded, answered: Answered) -> list[Encoded]:
         requests = [decoded.requests[index] for index in answered.indices]
+        bodies = None if answered.whole else _v2_json_rows(answered.response, requests)
+        if bodies is not None:
+            return [(i, body, [], r.id) for i, body, r in zip(answered.indices, bodies, requests, strict=True)]
         replies = []
         for index, request, response in zip(
             answered.indices, requests, split_rows(answered, [r.id for r in requests]), strict=True
@@ -257,6 +260,44 @@ def _json_rows(name: str, array: np.ndarray, rows: int) -> list[bytes] | None:
     key = orjson.dumps(name) + b":" + b"[" * depth
     end = b"]" * depth
     return [key + part + end for part in parts]
+
+
+def _v2_json_rows(response: InferenceResponse, requests: list[InferenceRequest]) -> list[bytes] | None:
+    """Each row's v2 response as ``encode_response`` writes it, from one serialization of each output (cut into
+    rows); None where that cannot be done (binary outputs asked for, text, an empty dimension)."""
+    rows = len(requests)
+    first = requests[0]
+    if first.parameters.get("binary_data_output") is True or first.outputs is not None:
+        return None
+    columns = []
+    for tensor in response.outputs:
+        if "binary_data" in tensor.parameters:
+            return None
+        parts = _json_rows(
+            "", np.ascontiguousarray(tensor.data).reshape(rows, -1) if tensor.data.size else tensor.data, rows
+        )
+        if parts is None:
+            return None
+        head = b'{"name":%b,"datatype":%b,"shape":%b,"data":' % (
+            orjson.dumps(tensor.name),
+            orjson.dumps(tensor.datatype),
+            orjson.dumps([1, *tensor.shape[1:]]),
+        )
+        columns.append([head + part[3:] + b"}" for part in parts])  # part: '"":[…]'
+    head = b'{"model_name":%b,"model_version":%b' % (
+        orjson.dumps(response.model_name),
+        orjson.dumps(response.model_version),
+    )
+    tail = b""
+    if response.parameters:
+        tail = b',"parameters":' + orjson.dumps(
+            response.parameters, default=_default, option=orjson.OPT_SERIALIZE_NUMPY
+        )
+    tail += b',"outputs":['
+    return [
+        head + (b',"id":' + orjson.dumps(request.id) if request.id else b"") + tail + b",".join(entries) + b"]}"
+        for request, entries in zip(requests, zip(*columns, strict=True), strict=True)
+    ]
 
 
 def _rows_of(array: np.ndarray) -> list[Any]:
