@@ -288,3 +288,32 @@ def test_v2_replies_cut_from_one_serialization_equal_the_rest_codecs() -> None:
         ]  # fmt: skip
         assert [body for _, body, _, _ in replies] == [v2.encode(requests[j], rows[j])[0] for j in range(3)]
         assert [request_id for _, _, _, request_id in replies] == ["a", "", "c"]
+
+
+def test_plain_v2_requests_are_decoded_together_and_others_by_the_rest_codec() -> None:
+    v2 = message_format("v2-json")
+
+    def request(data: object, **extra: object) -> bytes:
+        return orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": data}], **extra})
+
+    values = [
+        request([1, 2], id="a"),
+        request([3, 4]),
+        b"{",  # malformed: the codec says so
+        request([5, 6], outputs=[{"name": "y"}]),  # outputs of its own: alone, by the codec
+        request([7, 8], parameters={"p": 1}),  # other parameters: a stack of its own
+        request([9, True]),  # a boolean among numbers: refused by the codec, alone
+        request([[10, 11]], id="k"),  # nested data of the same shape: stacked with the first two
+    ]
+    records = [Record(v, str(i).encode(), [], Position("in", 0, i)) for i, v in enumerate(values)]
+    decoded = v2.decode_batch(records, "m", "", [], "eu")
+    assert sorted(decoded.errors) == [2, 5]
+    assert "malformed JSON" in decoded.errors[2].message and "boolean" in decoded.errors[5].message
+    by_indices = {tuple(s.indices): s for s in decoded.stacks}
+    assert set(by_indices) == {(0, 1, 6), (4,), (3,)}
+    stack = by_indices[(0, 1, 6)].request
+    np.testing.assert_array_equal(stack.inputs[0].data, np.array([[1, 2], [3, 4], [10, 11]], np.float32))
+    assert stack.inputs[0].shape == [3, 2] and stack.parameters == {"data_region": "eu"}
+    assert by_indices[(4,)].request.parameters == {"p": 1, "data_region": "eu"}
+    assert [decoded.requests[i].id for i in (0, 1, 6)] == ["a", "", "k"]
+    assert decoded.requests[3].outputs is not None and by_indices[(3,)].whole

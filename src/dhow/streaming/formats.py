@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 
+from dhow.core.datatypes import NUMPY_DTYPE
 from dhow.core.errors import DhowError, InvalidInput
 from dhow.core.model_config import TensorSpec
 from dhow.core.types import InferenceRequest, InferenceResponse, Tensor
@@ -107,8 +108,22 @@ class V2Json:
     def decode_batch(
         self, records: Sequence[Record], model: str, version: str, inputs: Sequence[TensorSpec], data_region: str
     ) -> Decoded:
+        """Plain one-row JSON requests (named inputs with datatype, shape and data, nothing else) grouped by
+        signature and each group's data decoded in one pass; any other message by the REST codec, alone."""
         decoded = Decoded()
-        _decode_each(self, records, range(len(records)), model, version, inputs, data_region, decoded)
+        groups: dict[Any, list[tuple[int, dict[str, Any]]]] = {}
+        others: list[int] = []
+        for index, record in enumerate(records):
+            found = None if self.binary or record.header(HEADER_LENGTH) is not None else _plain_request(record.value)
+            if found is None:
+                others.append(index)
+            else:
+                groups.setdefault(found[0], []).append((index, found[1]))
+        for signature, members in groups.items():
+            if not _stack_plain(signature, members, model, version, data_region, decoded):
+                others.extend(index for index, _ in members)
+        if others:
+            _decode_each(self, records, sorted(others), model, version, inputs, data_region, decoded)
         return decoded
 
     def encode_answered(self, decoded: Decoded, answered: Answered) -> list[Encoded]:
@@ -260,6 +275,66 @@ def _json_rows(name: str, array: np.ndarray, rows: int) -> list[bytes] | None:
     key = orjson.dumps(name) + b":" + b"[" * depth
     end = b"]" * depth
     return [key + part + end for part in parts]
+
+
+_PLAIN_INPUT = frozenset({"name", "datatype", "shape", "data"})
+
+
+def _plain_request(value: bytes) -> tuple[Any, dict[str, Any]] | None:
+    """(signature, document) of a one-row v2 JSON request with nothing but inputs (name, datatype, shape [1, …],
+    data), an id and plain parameters; None for any other message (the REST codec decodes it, for its reason)."""
+    try:
+        document = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if type(document) is not dict or not document.keys() <= {"inputs", "id", "parameters"}:
+        return None
+    raw, request_id, parameters = document.get("inputs"), document.get("id", ""), document.get("parameters") or {}
+    if type(raw) is not list or not raw or type(request_id) is not str or type(parameters) is not dict:
+        return None
+    signature = []
+    for tensor in raw:
+        if type(tensor) is not dict or tensor.keys() != _PLAIN_INPUT or type(tensor["data"]) is not list:
+            return None
+        name, datatype, shape = tensor["name"], tensor["datatype"], tensor["shape"]
+        if type(name) is not str or datatype not in NUMPY_DTYPE or datatype == "BYTES" or type(shape) is not list:
+            return None
+        if not shape or shape[0] != 1 or not all(type(d) is int and d > 0 for d in shape):
+            return None
+        signature.append((name, datatype, tuple(shape)))
+    try:
+        key = (tuple(signature), tuple(sorted(parameters.items())), b"true" in value or b"false" in value)
+        hash(key)
+    except TypeError:
+        return None
+    return key, document
+
+
+def _stack_plain(
+    signature: Any, members: list[tuple[int, dict[str, Any]]], model: str, version: str, data_region: str,
+    decoded: Decoded,
+) -> bool:  # fmt: skip
+    """The group's rows as one stack (and each member's own request, for its reply); False when the data does
+    not fit (the members are then decoded alone, each for its own reason)."""
+    tensors_of, parameters, booleans = signature
+    rows = len(members)
+    stacked = []
+    for k, (name, datatype, shape) in enumerate(tensors_of):
+        values = [document["inputs"][k]["data"] for _, document in members]
+        try:
+            data = array_from_json(values, datatype, [rows, *shape[1:]], f"input '{name}'", booleans_possible=booleans)
+        except InvalidInput:
+            return False
+        stacked.append(Tensor(name, datatype, [rows, *shape[1:]], data))
+    request_parameters = dict(parameters)
+    if data_region:
+        request_parameters.setdefault("data_region", data_region)
+    for index, document in members:
+        decoded.requests[index] = InferenceRequest(model, [], version, id=document.get("id", ""),
+                                                   parameters=dict(request_parameters))  # fmt: skip
+    decoded.stacks.append(Stack(InferenceRequest(model, stacked, version, parameters=request_parameters),
+                                [index for index, _ in members]))  # fmt: skip
+    return True
 
 
 def _v2_json_rows(response: InferenceResponse, requests: list[InferenceRequest]) -> list[bytes] | None:
