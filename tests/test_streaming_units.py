@@ -14,10 +14,10 @@ from dhow.core.types import InferenceRequest, InferenceResponse, Tensor
 from dhow.settings import resolve_settings
 from dhow.streaming import StreamSpec, parse_streams
 from dhow.streaming.endpoints import parse_endpoint
-from dhow.streaming.formats import message_format
+from dhow.streaming.formats import Decoded, message_format
 from dhow.streaming.offsets import OffsetTracker
 from dhow.streaming.records import Position, Record
-from dhow.streaming.rows import RowStacker
+from dhow.streaming.rows import Answered, run_stack, split_rows, stack_requests
 
 KAFKA = "kafka://127.0.0.1:9092"
 
@@ -48,9 +48,11 @@ def test_endpoints_say_what_is_wrong() -> None:
             parse_endpoint(text, "--source")
 
 
+_BASE = {"model": "tabular", "source": f"{KAFKA}/in", "sink": f"{KAFKA}/out", "dead_letter": f"{KAFKA}/dlq"}
+
+
 def _spec(**fields: str) -> StreamSpec:
-    given = {"model": "tabular", "source": f"{KAFKA}/in", "sink": f"{KAFKA}/out", "dead_letter": f"{KAFKA}/dlq"}
-    return StreamSpec.build(**{**given, **fields})  # type: ignore[arg-type]
+    return StreamSpec.build(**{**_BASE, **fields})  # type: ignore[arg-type]
 
 
 def test_a_stream_that_could_lose_a_message_is_refused() -> None:
@@ -69,6 +71,23 @@ def test_a_stream_that_could_lose_a_message_is_refused() -> None:
         _spec(format="avro")
 
 
+def test_exactly_once_with_a_kinesis_end_is_refused() -> None:
+    kinesis = "kinesis://orders?region=eu-west-1"
+    cases = [
+        ({"source": kinesis}, "source is a Kinesis stream"), ({"sink": kinesis}, "sink is a Kinesis stream"),
+        ({"dead_letter": kinesis}, "dead_letter is a Kinesis stream"),
+        ({"source": kinesis, "sink": "kinesis://replies"}, "source and sink are Kinesis streams"),
+    ]  # fmt: skip
+    for fields, ends in cases:
+        assert not StreamSpec.build(**{**_BASE, **fields}).exactly_once  # type: ignore[arg-type]
+        with pytest.raises(InvalidInput, match=rf"needs Kafka transactions and Kinesis has none: its {ends}; "
+                           "run it without --exactly-once"):  # fmt: skip
+            StreamSpec.build(**{**_BASE, **fields}, exactly_once=True)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match=r"^settings: streams\[0\]: stream 'tabular.orders': exactly_once"):
+        parse_streams([{**_BASE, "source": kinesis, "exactly_once": True}], "settings")
+    assert StreamSpec.build(**_BASE, exactly_once=True).exactly_once  # Kafka ends: taken
+
+
 def test_streams_of_the_settings_file_and_environment(tmp_path: object) -> None:
     entry = {"model": "tabular", "source": f"{KAFKA}/in", "sink": f"{KAFKA}/out", "dead-letter": f"{KAFKA}/dlq"}
     settings = resolve_settings({}, env={"DHOW_STREAMS": orjson.dumps([entry]).decode()})
@@ -80,6 +99,12 @@ def test_streams_of_the_settings_file_and_environment(tmp_path: object) -> None:
         parse_streams([{"model": "tabular", "source": f"{KAFKA}/in"}], "settings")
     with pytest.raises(InvalidInput, match="two streams are named"):
         parse_streams([entry, entry], "settings")
+    (once,) = parse_streams([{**entry, "exactly_once": True}], "settings")
+    assert once.exactly_once and not spec.exactly_once
+    with pytest.raises(InvalidInput, match="exactly_once must be true or false"):
+        parse_streams([{**entry, "exactly_once": "yes"}], "settings")
+    with pytest.raises(InvalidInput, match="dead-letter topic must be on the sink's brokers"):
+        parse_streams([{**entry, "exactly_once": True, "dead_letter": "kafka://elsewhere:9092/dlq"}], "settings")
     with pytest.raises(DhowError, match="'streams' expects"):
         resolve_settings({}, env={"DHOW_STREAMS": "just text"})
 
@@ -177,17 +202,147 @@ def test_one_row_messages_are_stacked_and_a_bad_row_answered_alone() -> None:
         data = np.full((1, width), value, np.float32)
         return InferenceRequest("m", [Tensor("x", "FP32", [1, width], data)], id=f"id{value}")
 
-    async def answers() -> list[object]:
-        stacker = RowStacker(infer, max_rows=4)
-        requests = [row(1), row(2), row(-3), row(4), row(5), row(6, width=2)]
-        return await asyncio.gather(*(stacker.infer(r) for r in requests), return_exceptions=True)
+    requests = dict(enumerate([row(1), row(2), row(-3), row(4), row(5), row(6, width=2)]))
+    stacks = stack_requests(requests)
+    assert [s.indices for s in stacks] == [[0, 1, 2, 3, 4], [5]]  # another row shape: a stack of its own
 
-    results = asyncio.run(answers())
-    assert [r.outputs[0].data.tolist() for r in results if isinstance(r, InferenceResponse)] == [
-        [[2.0]], [[4.0]], [[8.0]], [[10.0]], [[12.0, 12.0]]
-    ]  # fmt: skip
-    assert [r.id for r in results if isinstance(r, InferenceResponse)] == ["id1", "id2", "id4", "id5", "id6"]
-    assert isinstance(results[2], InvalidInput) and "of 1" in results[2].message
-    # the first four in one request, refused, then one by one; the fifth alone (the rest of the poll), the
+    async def answers() -> list[tuple[list[Answered], dict[int, BaseException]]]:
+        return await asyncio.gather(*(run_stack(infer, stack, 4) for stack in stacks))
+
+    answered: dict[int, InferenceResponse] = {}
+    failed: dict[int, BaseException] = {}
+    for done, errors in asyncio.run(answers()):
+        failed.update(errors)
+        for a in done:
+            answered.update(zip(a.indices, split_rows(a, [requests[i].id for i in a.indices]), strict=True))
+    assert {i: r.outputs[0].data.tolist() for i, r in answered.items()} == {
+        0: [[2.0]], 1: [[4.0]], 3: [[8.0]], 4: [[10.0]], 5: [[12.0, 12.0]]
+    }  # fmt: skip
+    assert [answered[i].id for i in (0, 1, 3, 4, 5)] == ["id1", "id2", "id4", "id5", "id6"]
+    assert list(failed) == [2] and isinstance(failed[2], InvalidInput) and "of 1" in failed[2].message
+    # the first four in one request, refused, then one by one; the fifth alone (the rest of the stack), the
     # sixth alone (another shape)
     assert sorted(calls) == [1, 1, 1, 1, 1, 1, 4]
+
+
+def test_json_messages_are_decoded_together_and_bad_ones_set_aside() -> None:
+    json = message_format("json")
+    inputs = [TensorSpec("input", "FP32", (-1, 3))]
+    values = [b'{"input": [1, 2, 3]}', b"{", b'{"input": [4, 5, 6]}', b'{"input": [[7]]}', b'{"input": [0, 1, 0]}']
+    records = [Record(v, str(i).encode(), [], Position("in", 0, i)) for i, v in enumerate(values)]
+    decoded = json.decode_batch(records, "m", "", inputs, "eu")
+    # the rows that fit, in one stack; each bad one with its own reason
+    assert [s.indices for s in decoded.stacks] == [[0, 2, 4]]
+    stack = decoded.stacks[0].request
+    assert stack.inputs[0].shape == [3, 3] and stack.parameters == {"data_region": "eu"}
+    np.testing.assert_array_equal(stack.inputs[0].data, np.array([[1, 2, 3], [4, 5, 6], [0, 1, 0]], np.float32))
+    assert sorted(decoded.errors) == [1, 3]
+    assert "malformed JSON" in decoded.errors[1].message and "of shape [3]" in decoded.errors[3].message
+    # a boolean among the rows: the batch is decoded one by one, and only that row refused; a row of another
+    # length goes alone (the model says what is wrong with it)
+    records.append(Record(b'{"input": [1, true, 0]}', b"b", [], Position("in", 0, 5)))
+    records.append(Record(b'{"input": [1, 2]}', b"c", [], Position("in", 0, 6)))
+    decoded = json.decode_batch(records, "m", "", inputs, "")
+    assert sorted(decoded.errors) == [1, 3, 5] and [s.indices for s in decoded.stacks] == [[0, 2, 4], [6]]
+    outputs = [
+        Tensor("label", "INT64", [2], np.array([4, 5])),
+        Tensor("p", "FP32", [2, 2], np.array([[0.25, 0.75], [0.5, 0.5]], np.float32)),
+    ]
+    replies = json.encode_answered(decoded, Answered(InferenceResponse("m", "1", outputs), [0, 2]))
+    assert [(i, orjson.loads(body)) for i, body, _, _ in replies] == [
+        (0, {"label": 4, "p": [0.25, 0.75]}), (2, {"label": 5, "p": [0.5, 0.5]})
+    ]  # fmt: skip
+
+
+def test_a_batch_of_latencies_lands_in_the_buckets_observe_would_choose() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from dhow.monitoring.streams import _LATENCY, StreamMetrics
+
+    seconds = [0.001, 0.005, 0.0051, 0.3, 99.0, 60.0, 2.5, 0.0]
+    batched = CollectorRegistry()
+    StreamMetrics(batched).answered("s", seconds)
+    one_by_one = CollectorRegistry()
+    histogram = Histogram("dhow_stream_latency_seconds", "", ["stream"], buckets=_LATENCY, registry=one_by_one)
+    for value in seconds:
+        histogram.labels("s").observe(value)
+
+    def series(registry: CollectorRegistry) -> list[str]:
+        lines = generate_latest(registry).decode().splitlines()
+        return [line for line in lines if line.startswith("dhow_stream_latency_seconds_") and "_created" not in line]
+
+    assert series(batched) == series(one_by_one) and len(series(batched)) == len(_LATENCY) + 3
+
+
+def test_json_replies_cut_from_one_serialization_equal_a_row_at_a_time() -> None:
+    json = message_format("json")
+    rng = np.random.default_rng(1)
+    outputs = [
+        Tensor("label", "INT64", [3], np.array([4, -5, 6])),
+        Tensor("p", "FP32", [3, 2], rng.random((3, 2)).astype(np.float32)),
+        Tensor("cube", "FP64", [3, 2, 2], rng.random((3, 2, 2))),
+        Tensor("flag", "BOOL", [3, 1], np.array([[True], [False], [True]])),
+    ]
+    for chosen in (outputs, [*outputs, Tensor("word", "BYTES", [3], np.array([b"a", b"b", b"c"], dtype=object))]):
+        response = InferenceResponse("m", "1", chosen)
+        replies = json.encode_answered(Decoded(), Answered(response, [0, 1, 2]))
+        for j, (index, body, _, _) in enumerate(replies):
+            one = InferenceResponse(
+                "m", "1", [Tensor(t.name, t.datatype, [1, *t.shape[1:]], t.data[j : j + 1]) for t in chosen]
+            )
+            assert index == j and orjson.loads(body) == orjson.loads(json.encode(None, one)[0])  # type: ignore[arg-type]
+            assert body == json.encode(None, one)[0]  # type: ignore[arg-type]
+
+
+def test_v2_replies_cut_from_one_serialization_equal_the_rest_codecs() -> None:
+    v2 = message_format("v2-json")
+    rng = np.random.default_rng(2)
+    outputs = [
+        Tensor("label", "INT64", [3], np.array([4, -5, 6])),
+        Tensor("p", "FP32", [3, 2], rng.random((3, 2)).astype(np.float32)),
+        Tensor("cube", "FP64", [3, 2, 2], rng.random((3, 2, 2))),
+    ]
+    requests = {
+        i: InferenceRequest("m", [Tensor("x", "FP32", [1, 1], np.zeros((1, 1), np.float32))], id=name)
+        for i, name in enumerate(["a", "", "c"])
+    }
+    for parameters in ({}, {"sequence": 7}):
+        response = InferenceResponse("m", "3", outputs, parameters=parameters)
+        decoded = Decoded(requests=requests)
+        replies = v2.encode_answered(decoded, Answered(response, [0, 1, 2]))
+        rows = [
+            InferenceResponse("m", "3", [Tensor(t.name, t.datatype, [1, *t.shape[1:]], t.data[j : j + 1])
+                                         for t in outputs], id=requests[j].id, parameters=parameters)
+            for j in range(3)
+        ]  # fmt: skip
+        assert [body for _, body, _, _ in replies] == [v2.encode(requests[j], rows[j])[0] for j in range(3)]
+        assert [request_id for _, _, _, request_id in replies] == ["a", "", "c"]
+
+
+def test_plain_v2_requests_are_decoded_together_and_others_by_the_rest_codec() -> None:
+    v2 = message_format("v2-json")
+
+    def request(data: object, **extra: object) -> bytes:
+        return orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": data}], **extra})
+
+    values = [
+        request([1, 2], id="a"),
+        request([3, 4]),
+        b"{",  # malformed: the codec says so
+        request([5, 6], outputs=[{"name": "y"}]),  # outputs of its own: alone, by the codec
+        request([7, 8], parameters={"p": 1}),  # other parameters: a stack of its own
+        request([9, True]),  # a boolean among numbers: refused by the codec, alone
+        request([[10, 11]], id="k"),  # nested data of the same shape: stacked with the first two
+    ]
+    records = [Record(v, str(i).encode(), [], Position("in", 0, i)) for i, v in enumerate(values)]
+    decoded = v2.decode_batch(records, "m", "", [], "eu")
+    assert sorted(decoded.errors) == [2, 5]
+    assert "malformed JSON" in decoded.errors[2].message and "boolean" in decoded.errors[5].message
+    by_indices = {tuple(s.indices): s for s in decoded.stacks}
+    assert set(by_indices) == {(0, 1, 6), (4,), (3,)}
+    stack = by_indices[(0, 1, 6)].request
+    np.testing.assert_array_equal(stack.inputs[0].data, np.array([[1, 2], [3, 4], [10, 11]], np.float32))
+    assert stack.inputs[0].shape == [3, 2] and stack.parameters == {"data_region": "eu"}
+    assert by_indices[(4,)].request.parameters == {"p": 1, "data_region": "eu"}
+    assert [decoded.requests[i].id for i in (0, 1, 6)] == ["a", "", "k"]
+    assert decoded.requests[3].outputs is not None and by_indices[(3,)].whole

@@ -79,6 +79,9 @@ def _add_run(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     add("--max-in-flight", type=int, default=1024, metavar="N", help="messages read and not yet answered, at most; "
         "past it the partitions are paused (default 1024)")  # fmt: skip
     add("--data-region", default="", metavar="REGION", help="the source's data region (default: the model's)")
+    add("--exactly-once", action="store_true", help="Kafka transactions: each batch's replies, dead letters and "
+        "consumed offsets committed together (the broker must support transactions; readers of the replies "
+        "use isolation.level=read_committed)")  # fmt: skip
     add("--metrics-port", type=int, default=0, metavar="PORT", help="serve Prometheus metrics on this port")
 
 
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     spec = StreamSpec.build(
         model=args.model, source=args.source, sink=args.sink, dead_letter=args.dead_letter, group=args.group,
         name=args.name, format=args.format, on_error=args.on_error, max_in_flight=args.max_in_flight,
-        data_region=args.data_region,
+        data_region=args.data_region, exactly_once=args.exactly_once,
     )  # fmt: skip
     return asyncio.run(_run(spec, settings, args.metrics_port))
 

@@ -130,11 +130,8 @@ class KafkaSink:
     kind = "kafka"
 
     def __init__(self, brokers: str, topic: str, options: dict[str, str]) -> None:
-        try:
-            from confluent_kafka import Producer
-        except ImportError:  # pragma: no cover - an optional dependency
-            needs = "--payload-log kafka://... needs confluent-kafka: pip install 'dhow[payload-kafka]'"
-            raise InvalidInput(needs) from None
+        from dhow.core.kafka import KafkaProducer
+
         # librdkafka buffers up to 1 GB for an unreachable broker by default: 64 MB is the bound here (past it
         # events are dropped and counted, as when the payload log's own queue is full)
         settings: dict[str, Any] = {
@@ -144,26 +141,21 @@ class KafkaSink:
             "queue.buffering.max.kbytes": 65536,
         }
         settings.update(options)
-        try:
-            self._producer = Producer(settings)
-        except Exception as exc:  # librdkafka names the setting it refuses
-            raise InvalidInput(f"--payload-log kafka://{brokers}/{topic}: {exc}") from None
+        self._producer = KafkaProducer(
+            settings, what=f"--payload-log kafka://{brokers}/{topic}", needs="pip install 'dhow[payload-kafka]'"
+        )
         self.topic = topic
         self._counts: PayloadCounts | None = None
 
     def write(self, events: list[tuple[str, bytes]], counts: PayloadCounts) -> None:
         self._counts = counts
-        refused = 0
-        for key, event in events:
-            try:
-                self._producer.produce(
-                    self.topic, event, key, headers=[("content-type", _CLOUDEVENT)], on_delivery=self._delivered
-                )
-            except BufferError:  # librdkafka's own buffer is full (the brokers are away or slow): dropped, counted
-                refused += 1
-        if refused:
-            counts.dropped(refused)
-        self._producer.poll(0)
+        headers = [("content-type", _CLOUDEVENT)]
+        queued = self._producer.produce_many(
+            self.topic, [(event, key, headers) for key, event in events], self._delivered
+        )
+        if queued < len(events):  # librdkafka's own buffer is full (the brokers are away or slow): dropped, counted
+            counts.dropped(len(events) - queued)
+        self._producer.poll()
 
     def _delivered(self, error: Any, message: Any) -> None:
         if self._counts is None:
@@ -174,10 +166,10 @@ class KafkaSink:
             self._counts.failed(1, str(error))
 
     def idle(self) -> None:
-        self._producer.poll(0)
+        self._producer.poll()
 
     def close(self, timeout_s: float) -> None:
-        left = self._producer.flush(timeout_s)
+        left = self._producer.close(timeout_s)
         if left and self._counts is not None:
             self._counts.failed(left, f"not acknowledged within {timeout_s:g} s at shutdown")
 

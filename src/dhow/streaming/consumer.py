@@ -2,11 +2,13 @@
 
 Each poll's records are one admitted call (``CoreService.call``, action ``infer``, as the stream's service
 identity): permission, quota and audit are taken per batch, not per message, and the call's audit record
-counts its messages. Inside the call every message is its own request to the model, so the model's dynamic
-batcher cuts the batches it was configured for, as it does for REST and gRPC requests.
+counts its messages. Inside the call the poll's messages are decoded together and their rows stacked into
+requests of up to the model's ``max_batch_size`` rows (``rows``; the model's dynamic batcher still cuts its
+batches), and the replies are encoded together.
 
 The replies (and dead letters) of a batch are produced once its call has ended, so the audit record exists
-before anything is answered; a record is ``done`` once the broker acknowledged what it became, and only done
+before anything is answered, in one pass with one acknowledgement for all of them (``Sink.send_batch``); the
+batch's records are ``done`` once the broker acknowledged every reply and dead letter they became, and only done
 records are committed (``OffsetTracker``). At most ``max_in_flight`` records are read and not done: past it the
 source is paused, not buffered. A message that cannot be answered (undecodable, wrong shape, refused by a
 policy, a model error) goes to the dead-letter destination with its reason, its position and its bytes, and the
@@ -30,8 +32,8 @@ from dhow.core.types import InferenceRequest, InferenceResponse
 from dhow.serving.retries import retrying
 from dhow.serving.service import ACTIONS, Call, CoreService, Principal, service_identity
 from dhow.streaming.formats import HEADER_LENGTH, message_format
-from dhow.streaming.records import DeliveryFailed, Header, Outgoing, Record, Sink, Source
-from dhow.streaming.rows import Infer, RowStacker
+from dhow.streaming.records import DeliveryFailed, Header, Outgoing, Record, Sink, Source, Transactions
+from dhow.streaming.rows import run_stack
 from dhow.streaming.spec import StreamSpec
 from dhow.streaming.status import Meter, StreamStatus
 
@@ -48,6 +50,12 @@ _COMMIT_S = 0.5
 _STATUS_S = 2.0
 #: how long a stopping consumer lets the records in flight finish
 _DRAIN_S = 30.0
+#: transactions aborted in a row (each batch read again) before the consumer stops
+_ABORTS = 3
+
+
+#: a batch's replies, dead letters and the answered messages' timestamps
+_Answers = tuple[list[Outgoing], list[Outgoing], list[int]]
 
 
 def stream_identity(name: str) -> Principal:
@@ -61,17 +69,22 @@ class StreamConsumer:
         spec: StreamSpec,
         service: CoreService,
         source: Source,
-        replies: Sink,
+        replies: Sink | None,
         dead_letters: Sink | None,
         *,
+        transactions: Transactions | None = None,
         meter: Meter | None = None,
         status_dir: Path | None = None,
     ) -> None:
+        """``transactions`` (``--exactly-once``): batches are written and committed through it, one at a time,
+        instead of through the sinks."""
         self.spec = spec
         self.service = service
         self.source = source
         self.replies = replies
         self.dead_letters = dead_letters
+        self.transactions = transactions
+        self._aborted = 0
         self.meter = meter
         self.status_dir = status_dir
         self.identity = stream_identity(spec.name)
@@ -106,6 +119,8 @@ class StreamConsumer:
                     task = asyncio.create_task(self._batch(records))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
+                    if self.transactions is not None:  # one open transaction: the next poll after this commit
+                        await asyncio.wait([task])
         finally:
             self.status.state = "stopping"
             await self._finish(tasks, background)
@@ -130,7 +145,7 @@ class StreamConsumer:
             task.cancel()
         with contextlib.suppress(Exception):
             await self.source.commit(wait=True)
-        for sink in (self.replies, self.dead_letters):
+        for sink in (self.replies, self.dead_letters, self.transactions):
             if sink is not None:
                 await sink.close()
         await self.source.close()
@@ -144,71 +159,121 @@ class StreamConsumer:
         if self.meter is not None:
             self.meter.batch(self.spec.name, len(records))
         try:
-            answers = await self._admitted(records)
+            replies, letters, stamps = await self._admitted(records)
         except DhowError as exc:  # the whole batch refused (permission, residency, quota past its retries)
-            answers = [self._dead_letter(record, exc) for record in records]
+            replies, letters, stamps = [], [self._dead_letter(record, exc) for record in records], []
         except Exception as exc:
             self._stop(exc)
             return
-        await asyncio.gather(*(self._deliver(record, answer) for record, answer in zip(records, answers, strict=True)))
+        if self.transactions is not None:
+            await self._commit_transaction(records, replies, letters, stamps)
+            return
+        try:
+            sent = [await self.replies.send_batch(replies)] if replies and self.replies is not None else []
+            if letters and self.dead_letters is not None:
+                sent.append(await self.dead_letters.send_batch(letters))
+            await asyncio.gather(*sent)
+        except DeliveryFailed as exc:
+            self._stop(DeliveryFailed(f"stream {self.spec.name}: an answer to the messages {records[0].position} "
+                                      f"to {records[-1].position} was not taken: {exc}"))  # fmt: skip
+            return
+        self.source.done_batch(records)
+        self._finished(records, stamps, len(letters))
 
-    async def _admitted(self, records: list[Record]) -> list[tuple[Outgoing, bool]]:
-        """The batch's answers (a reply, or a dead letter: ``True``), computed inside one admitted call."""
+    async def _commit_transaction(
+        self, records: list[Record], replies: list[Outgoing], letters: list[Outgoing], stamps: list[int]
+    ) -> None:
+        assert self.transactions is not None
+        try:
+            await self.transactions.commit(records, replies, letters)
+        except DeliveryFailed as exc:  # aborted, the source rewound: the next poll reads the batch again
+            self.source.done_batch(records)
+            self.status.in_flight -= len(records)
+            self._aborted += 1
+            if self._aborted >= _ABORTS:
+                self._stop(
+                    DeliveryFailed(f"stream {self.spec.name}: {self._aborted} transactions aborted in a row: {exc}")
+                )
+            else:
+                log.warning("stream %s: %s", self.spec.name, exc)
+            return
+        self._aborted = 0
+        self.source.done_batch(records)
+        self._finished(records, stamps, len(letters))
 
-        async def admitted() -> list[tuple[Outgoing, bool]]:
+    def _finished(self, records: list[Record], stamps: list[int], dead: int) -> None:
+        """The batch acknowledged: its counts; ``stamps``: the timestamps of the messages answered."""
+        status = self.status
+        status.in_flight -= len(records)
+        if status.in_flight <= self.spec.max_in_flight // 2:
+            self._room.set()
+        status.answered += len(stamps)
+        if self.spec.dead_letter is None:
+            status.skipped += dead
+        else:
+            status.dead_lettered += dead
+        if self.meter is not None and stamps:
+            now = time.time()
+            self.meter.answered(self.spec.name, [max(now - ms / 1000, 0.0) if ms else 0.0 for ms in stamps])
+
+    async def _admitted(self, records: list[Record]) -> _Answers:
+        """The batch's replies and dead letters, computed inside one admitted call."""
+
+        async def admitted() -> _Answers:
             async with self.service.call(self.identity, ACTIONS["infer"], self.spec.model) as call:
-                specs, infer = self._inputs(), self._inferrer(call)
-                answers = await asyncio.gather(*(self._answer(infer, record, specs) for record in records))
-                call.note(stream=self.spec.name, messages=len(records), failed=sum(dead for _, dead in answers),
+                answers = await self._answers(call, records)
+                call.note(stream=self.spec.name, messages=len(records), failed=len(answers[1]),
                           first=str(records[0].position), last=str(records[-1].position))  # fmt: skip
             return answers
 
         return await retrying(admitted, first_s=0.05, most_s=2.0)
+
+    async def _answers(self, call: Call, records: list[Record]) -> _Answers:
+        """The messages decoded together, their rows sent stacked, the replies encoded together: the replies, the
+        dead letters and the answered messages' timestamps."""
+        spec = self.spec
+        decoded = self.format.decode_batch(records, spec.model, spec.version, self._inputs(), spec.data_region)
+
+        def infer(request: InferenceRequest) -> Awaitable[InferenceResponse]:
+            return retrying(lambda: call.infer(request), first_s=0.01, most_s=1.0)
+
+        rows = self.service.dataplane.max_batch_size(spec.model, spec.version)
+        results = await asyncio.gather(*(run_stack(infer, stack, rows) for stack in decoded.stacks))
+        failures: dict[int, BaseException] = dict(decoded.errors)
+        replies: list[Outgoing] = []
+        stamps: list[int] = []
+        headers = _ReplyHeaders()
+        for answers, failed in results:
+            failures.update(failed)
+            for answered in answers:
+                try:
+                    encoded = self.format.encode_answered(decoded, answered)
+                except Exception as exc:
+                    failures.update(dict.fromkeys(answered.indices, exc))
+                    continue
+                model = headers.model(answered.response)
+                for index, body, own, request_id in encoded:
+                    record = records[index]
+                    replies.append(Outgoing(body, record.key, headers.reply(record, own, request_id, model)))
+                    stamps.append(record.timestamp_ms)
+        letters = [self._dead_letter(records[index], self._reason(records[index], exc))
+                   for index, exc in sorted(failures.items())]  # fmt: skip
+        return replies, letters, stamps
 
     def _inputs(self) -> list[TensorSpec]:
         if self.spec.format != "json":
             return []
         return self.service.dataplane.tensor_specs(self.spec.model, self.spec.version)[0]
 
-    def _inferrer(self, call: Call) -> Infer:
-        """How a message's request runs in the batch's call: alone, or (one-row messages) stacked with others."""
+    def _reason(self, record: Record, error: BaseException) -> DhowError:
+        if isinstance(error, DhowError):
+            return error
+        error_id = secrets.token_hex(4)
+        log.error("stream %s: internal error (id %s) at %s", self.spec.name, error_id, record.position,
+                  exc_info=error)  # fmt: skip
+        return InternalError(error_id)
 
-        def alone(request: InferenceRequest) -> Awaitable[InferenceResponse]:
-            return retrying(lambda: call.infer(request), first_s=0.01, most_s=1.0)
-
-        if self.spec.format != "json":
-            return alone
-        rows = self.service.dataplane.max_batch_size(self.spec.model, self.spec.version)
-        return RowStacker(alone, rows).infer if rows > 1 else alone
-
-    async def _answer(self, infer: Infer, record: Record, specs: list[TensorSpec]) -> tuple[Outgoing, bool]:
-        try:
-            request = self.format.decode(record, self.spec.model, self.spec.version, specs)
-            if self.spec.data_region:
-                request.parameters.setdefault("data_region", self.spec.data_region)
-            response = await infer(request)
-            body, headers = self.format.encode(request, response)
-        except DhowError as exc:
-            return self._dead_letter(record, exc)
-        except Exception as exc:
-            error_id = secrets.token_hex(4)
-            log.error("stream %s: internal error (id %s) at %s", self.spec.name, error_id, record.position,
-                      exc_info=exc)  # fmt: skip
-            return self._dead_letter(record, InternalError(error_id))
-        return Outgoing(body, record.key, self._reply_headers(record, request, response, headers)), False
-
-    def _reply_headers(
-        self, record: Record, request: InferenceRequest, response: InferenceResponse, own: list[Header]
-    ) -> list[Header]:
-        kept = [(k, v) for k, v in record.headers if k.lower() != HEADER_LENGTH]
-        if request.id and record.header("x-request-id") is None:
-            kept.append(("x-request-id", request.id.encode()))
-        return [
-            *kept, *own, ("dhow-model", response.model_name.encode()),
-            ("dhow-model-version", response.model_version.encode()), *_source_headers(record),
-        ]  # fmt: skip
-
-    def _dead_letter(self, record: Record, error: DhowError) -> tuple[Outgoing, bool]:
+    def _dead_letter(self, record: Record, error: DhowError) -> Outgoing:
         headers = [
             *record.headers, ("dhow-error-code", error.code.value.encode()),
             ("dhow-error-reason", error.message.encode()), ("dhow-model", self.spec.model.encode()),
@@ -218,37 +283,12 @@ class StreamConsumer:
         self.status.failed += 1
         self.status.failures[error.code.value] += 1
         if self.meter is not None:
-            self.meter.failed(self.spec.name, error.code.value, self.dead_letters is not None)
-        if self.dead_letters is None:
+            self.meter.failed(self.spec.name, error.code.value, self.spec.dead_letter is not None)
+        if self.spec.dead_letter is None:
             log.warning("stream %s: skipped %s (--on-error skip): %s", self.spec.name, record.position, error.message)
-        return Outgoing(record.value, record.key, headers), True
+        return Outgoing(record.value, record.key, headers)
 
-    # -- delivery and commits -----------------------------------------------------------------------
-
-    async def _deliver(self, record: Record, answer: tuple[Outgoing, bool]) -> None:
-        message, dead = answer
-        sink = self.dead_letters if dead else self.replies
-        try:
-            if sink is not None:
-                await (await sink.send(message))
-        except DeliveryFailed as exc:
-            where = sink.url if sink is not None else ""
-            self._stop(DeliveryFailed(f"stream {self.spec.name}: {where} did not take the answer to "
-                                      f"{record.position}: {exc}"))  # fmt: skip
-            return
-        self.source.done(record)
-        self.status.in_flight -= 1
-        if self.status.in_flight <= self.spec.max_in_flight // 2:
-            self._room.set()
-        if not dead:
-            self.status.answered += 1
-            if self.meter is not None:
-                latency = time.time() - record.timestamp_ms / 1000 if record.timestamp_ms else 0.0
-                self.meter.answered(self.spec.name, max(latency, 0.0))
-        elif sink is None:
-            self.status.skipped += 1
-        else:
-            self.status.dead_lettered += 1
+    # -- commits and reports --------------------------------------------------------------------------
 
     def _stop(self, fault: BaseException) -> None:
         if self._fault is None:
@@ -277,6 +317,41 @@ class StreamConsumer:
             self.status.write(self.status_dir)
         except OSError as exc:
             log.warning("stream %s: cannot write its status in %s: %s", self.spec.name, self.status_dir, exc)
+
+
+class _ReplyHeaders:
+    """A batch's reply headers, built from pieces made once per batch (model, version, topic, partition)."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[str, str], list[Header]] = {}
+        self._topics: dict[str, Header] = {}
+        self._partitions: dict[int | str, Header] = {}
+
+    def model(self, response: InferenceResponse) -> list[Header]:
+        key = (response.model_name, response.model_version)
+        found = self._models.get(key)
+        if found is None:
+            found = self._models[key] = [("dhow-model", key[0].encode()), ("dhow-model-version", key[1].encode())]
+        return found
+
+    def reply(self, record: Record, own: list[Header], request_id: str, model: list[Header]) -> list[Header]:
+        position = record.position
+        topic = self._topics.get(position.topic)
+        if topic is None:
+            topic = self._topics[position.topic] = ("dhow-source-topic", position.topic.encode())
+        partition = self._partitions.get(position.partition)
+        if partition is None:
+            partition = self._partitions[position.partition] = (
+                "dhow-source-partition",
+                str(position.partition).encode(),
+            )
+        if record.headers:
+            kept = [(k, v) for k, v in record.headers if k.lower() != HEADER_LENGTH]
+            if request_id and record.header("x-request-id") is None:
+                kept.append(("x-request-id", request_id.encode()))
+        else:
+            kept = [("x-request-id", request_id.encode())] if request_id else []
+        return [*kept, *own, *model, topic, partition, ("dhow-source-offset", str(position.offset).encode())]
 
 
 def _source_headers(record: Record) -> list[Header]:

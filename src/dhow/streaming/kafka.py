@@ -7,7 +7,9 @@ the consumer commits that, every ``commit_interval_s``, when partitions are revo
 
 The client's calls block, so each runs on a thread of its own: the consumer's polls (and with them the
 group's rebalance callbacks) on one, the producer's delivery reports on another; the event loop only hands
-them work and gets futures back.
+them work and gets futures back: one per poll, one per batch of replies (its reports counted on the reports'
+thread, settled on the loop in one hop when the last came), not one per message. Offsets too are kept per
+poll and partition, not per message (``OffsetTracker``).
 """
 
 from __future__ import annotations
@@ -16,18 +18,19 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-import threading
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from dhow.core.errors import InvalidInput, Unavailable
+from dhow.core.kafka import KafkaProducer
 from dhow.streaming.endpoints import Endpoint
 from dhow.streaming.offsets import OffsetTracker
 from dhow.streaming.records import DeliveryFailed, Outgoing, Position, Record
 
-__all__ = ["DeliveryFailed", "KafkaSink", "KafkaSource"]
+__all__ = ["DeliveryFailed", "KafkaSink", "KafkaSource", "check_topic", "log_error"]
 
 log = logging.getLogger("dhow.streaming")
 
@@ -40,8 +43,11 @@ _REVOKE_WAIT_S = 10.0
 class KafkaSource:
     """A consumer-group member: reads the topic's partitions the group gives it, commits what is done."""
 
-    def __init__(self, endpoint: Endpoint, group: str, *, client_id: str = "dhow") -> None:
+    def __init__(self, endpoint: Endpoint, group: str, *, client_id: str = "dhow", transactional: bool = False) -> None:
+        """``transactional``: offsets are committed in the producer's transactions (``KafkaTransactions``), never
+        by this consumer."""
         self.endpoint = endpoint
+        self.transactional = transactional
         self.offsets = OffsetTracker()
         config: dict[str, Any] = {
             "bootstrap.servers": endpoint.servers,
@@ -49,6 +55,8 @@ class KafkaSource:
             "client.id": client_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
+            # librdkafka's default, said here: requests of aborted transactions are never read
+            "isolation.level": "read_committed",
             # a dead consumer's partitions move on after 10 s (Kafka's default before 3.0; 45 s since)
             "session.timeout.ms": 10000,
             "heartbeat.interval.ms": 1000,
@@ -56,7 +64,7 @@ class KafkaSource:
             "queued.max.messages.kbytes": 8192,
             "statistics.interval.ms": 2000,
             "stats_cb": self._on_statistics,
-            "error_cb": _log_error,
+            "error_cb": log_error,
             **endpoint.options,
         }
         self._consumer = Consumer(config)
@@ -67,7 +75,7 @@ class KafkaSource:
 
     async def start(self) -> None:
         """Check that the broker answers and the topic exists, then join the group."""
-        await _check_topic(self._consumer, self.endpoint, "--source")
+        await check_topic(self._consumer, self.endpoint, "--source")
         self._consumer.subscribe(
             [self.endpoint.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -88,6 +96,7 @@ class KafkaSource:
             first = self._consumer.poll(timeout_s)
             messages = [first, *self._consumer.consume(max_records - 1, 0)] if first is not None else []
         records = []
+        last: dict[tuple[str, int], int] = {}
         for message in messages:
             error = message.error()
             if error is not None:
@@ -96,17 +105,22 @@ class KafkaSource:
                 continue
             topic, partition, offset = message.topic(), message.partition(), message.offset()
             assert topic is not None and partition is not None and offset is not None
-            self.offsets.take((topic, partition), offset)
+            last[topic, partition] = offset
             records.append(_record(message, Position(topic, partition, offset)))
+        # the poll is one batch, done as a whole (``done_batch``): a partition's last offset stands for its records
+        for key, offset in last.items():
+            self.offsets.take(key, offset)
         return records
 
-    def done(self, record: Record) -> None:
-        position = record.position
-        self.offsets.done((position.topic, int(position.partition)), position.offset)
+    def done_batch(self, records: Sequence[Record]) -> None:
+        # a poll's records of a partition are taken and done together: its last offset stands for them all
+        last = {(r.position.topic, r.position.partition): r.position.offset for r in records}
+        for (topic, partition), offset in last.items():
+            self.offsets.done((topic, int(partition)), offset)
 
     async def commit(self, *, wait: bool = False) -> None:
         offsets = self.offsets.committable()
-        if not offsets:
+        if not offsets or self.transactional:
             return
         partitions = [TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()]
         # on the polling thread: the client's calls wait for each other, and the event loop must not
@@ -118,6 +132,22 @@ class KafkaSource:
             # not lost: committed with the next ones; a crash meanwhile re-reads them (at-least-once)
             log.warning("stream source %s: commit failed, kept for the next one: %s", self.endpoint, exc)
             self.offsets.restore(offsets)
+
+    def group_metadata(self) -> Any:
+        """The consumer's group generation, for offsets committed in a producer's transaction."""
+        return self._consumer.consumer_group_metadata()
+
+    async def rewind(self, records: Sequence[Record]) -> None:
+        """Read the records again from the first of each partition (a transaction that wrote them was aborted)."""
+        first: dict[tuple[str, int], int] = {}
+        for record in records:
+            first.setdefault((record.position.topic, int(record.position.partition)), record.position.offset)
+        loop = asyncio.get_running_loop()
+        for (topic, partition), offset in first.items():
+            try:
+                await loop.run_in_executor(self._thread, self._consumer.seek, TopicPartition(topic, partition, offset))
+            except KafkaException as exc:  # no longer assigned: its next owner reads from the committed offset
+                log.warning("stream source %s: cannot rewind %s/%d: %s", self.endpoint, topic, partition, exc)
 
     def lag(self) -> dict[str, int]:
         return dict(self._lag)
@@ -143,7 +173,7 @@ class KafkaSource:
         if not self.offsets.wait_drained(keys, _REVOKE_WAIT_S):
             log.warning("stream source %s: revoked partitions still had records in flight", self.endpoint)
         offsets = self.offsets.committable(keys)
-        if offsets:
+        if offsets and not self.transactional:
             try:
                 consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
             except KafkaException as exc:
@@ -176,7 +206,7 @@ class KafkaSource:
 
 
 class KafkaSink:
-    """A producer writing to one topic; each message's future resolves when the broker acknowledged it."""
+    """A producer writing to one topic; a batch's messages are queued in one pass and acknowledged together."""
 
     def __init__(self, endpoint: Endpoint, *, client_id: str = "dhow") -> None:
         self.endpoint = endpoint
@@ -187,54 +217,68 @@ class KafkaSink:
             # acks=all, retries without duplicates or reordering: an acknowledged reply is on every replica
             "enable.idempotence": True,
             "linger.ms": 2,
-            "error_cb": _log_error,
+            "error_cb": log_error,
             **endpoint.options,
         }
-        self._producer = Producer(config)
-        self._closing = threading.Event()
-        self._reports = threading.Thread(target=self._deliver, name="dhow-kafka-deliver", daemon=True)
+        self._producer = KafkaProducer(config, what=f"sink {endpoint}")
 
     async def start(self) -> None:
-        await _check_topic(self._producer, self.endpoint, "sink")
-        self._reports.start()
+        await check_topic(self._producer.client, self.endpoint, "sink")
+        # the reports settle each batch's acknowledgement off the event loop: one hop to it per batch
+        self._producer.serve_reports("dhow-kafka-deliver")
 
-    async def send(self, message: Outgoing) -> asyncio.Future[None]:
+    async def send_batch(self, messages: Sequence[Outgoing]) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-
-        def delivered(error: KafkaError | None, _: Message) -> None:
-            loop.call_soon_threadsafe(_settle, future, error)
-
-        headers: list[tuple[str, str | bytes | None]] = list(message.headers)
-        while True:
+        acknowledged = _Acknowledged(loop, len(messages), self.url)
+        rows = [(m.value, m.key, m.headers) for m in messages]
+        while rows:
             try:
-                self._producer.produce(
-                    self.endpoint.topic, message.value, message.key, headers=headers, on_delivery=delivered
-                )
-                return future
-            except BufferError:  # the client's queue is full: the broker is slower than we are
+                queued = self._producer.produce_many(self.endpoint.topic, rows, acknowledged.report)
+            except KafkaException as exc:  # refused outright (too large, ...): the rest will never be reported
+                acknowledged.refuse(str(exc))
+                break
+            rows = rows[queued:]
+            if rows:  # the client's queue is full: the broker is slower than we are
                 await asyncio.sleep(0.005)
-
-    def _deliver(self) -> None:
-        while not self._closing.is_set():
-            self._producer.poll(0.05)
+        return acknowledged.future
 
     async def close(self) -> None:
-        left = await asyncio.to_thread(self._producer.flush, 30.0)
-        self._closing.set()
-        if self._reports.is_alive():
-            await asyncio.to_thread(self._reports.join)
+        left = await asyncio.to_thread(self._producer.close, 30.0)
         if left:
             log.error("stream sink %s: %d messages not delivered at close", self.url, left)
 
 
-def _settle(future: asyncio.Future[None], error: KafkaError | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(DeliveryFailed(str(error)))
+class _Acknowledged:
+    """A batch's acknowledgement: the broker's reports counted on the reports' thread (the only one serving
+    them), the batch's future settled on the event loop once, when the last came."""
+
+    __slots__ = ("error", "future", "left", "loop", "url")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int, url: str) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.left = count
+        self.url = url
+        self.error: str | None = None
+
+    def report(self, error: KafkaError | None, _: Message) -> None:
+        if error is not None and self.error is None:
+            self.error = str(error)
+        self.left -= 1
+        if self.left == 0:
+            self.loop.call_soon_threadsafe(self._settle)
+
+    def refuse(self, reason: str) -> None:
+        self.error = self.error or reason
+        self._settle()
+
+    def _settle(self) -> None:
+        if self.future.done():
+            return
+        if self.error is None:
+            self.future.set_result(None)
+        else:
+            self.future.set_exception(DeliveryFailed(f"{self.url}: {self.error}"))
 
 
 def _record(message: Message, position: Position) -> Record:
@@ -246,7 +290,7 @@ def _record(message: Message, position: Position) -> Record:
     return Record(value if value is not None else b"", message.key(), headers, position, max(timestamp, 0))
 
 
-async def _check_topic(client: Consumer | Producer, endpoint: Endpoint, what: str) -> None:
+async def check_topic(client: Consumer | Producer, endpoint: Endpoint, what: str) -> None:
     try:
         metadata = await asyncio.to_thread(client.list_topics, endpoint.topic, _CONNECT_S)
     except KafkaException as exc:
@@ -259,5 +303,5 @@ async def _check_topic(client: Consumer | Producer, endpoint: Endpoint, what: st
         )
 
 
-def _log_error(error: KafkaError) -> None:
+def log_error(error: KafkaError) -> None:
     log.warning("kafka: %s", error)

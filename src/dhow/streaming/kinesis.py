@@ -1,7 +1,9 @@
 """Kinesis through boto3: a source that reads the shards this member leases, and a PutRecords sink.
 
-At-least-once, as with Kafka: a reply is put, Kinesis acknowledges it (its entry of the PutRecords answer has a
-sequence number), and only then may the shard's checkpoint pass its request. Checkpoints (the sequence number up
+At-least-once, as with Kafka: a poll's replies are put, Kinesis acknowledges every one of them (each entry of
+the PutRecords answers has a sequence number), and only then may the shard's checkpoint pass the poll's
+requests (``done_batch``; a poll's records of a shard are one entry of the tracker, their last sequence number,
+as with Kafka). Checkpoints (the sequence number up
 to which every record is done: ``OffsetTracker``) are written to the registry's database every commit, with the
 leases that say which member reads which shard (``shards``). A shard read to its end (closed by a reshard) is
 checkpointed as finished once its records are answered; its children are read after it.
@@ -17,6 +19,8 @@ import concurrent.futures
 import logging
 import secrets
 import time
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,8 +133,13 @@ class KinesisSource:
                     records.extend(self._read(shard, max_records - len(records)))
             left = deadline - time.monotonic()
             if records or left <= 0:
-                return records
+                break
             time.sleep(min(left, 0.05))
+        # the poll is one batch, done as a whole (``done_batch``): a shard's last sequence number stands for its records
+        last = {str(record.position.partition): record.position.offset for record in records}
+        for name, sequence in last.items():
+            self.offsets.take(self._key(name), sequence)
+        return records
 
     def _read(self, shard: _Shard, limit: int) -> list[Record]:
         from botocore.exceptions import ClientError
@@ -176,7 +185,6 @@ class KinesisSource:
 
     def _record(self, shard: str, item: dict[str, Any]) -> Record:
         sequence = int(item["SequenceNumber"])
-        self.offsets.take(self._key(shard), sequence)
         value = bytes(item.get("Data") or b"")
         headers: list[Header] = []
         if self._binary:
@@ -188,8 +196,11 @@ class KinesisSource:
         key = str(item.get("PartitionKey", "")).encode()
         return Record(value, key, headers, Position(self.stream, shard, sequence), stamp)
 
-    def done(self, record: Record) -> None:
-        self.offsets.done(self._key(str(record.position.partition)), record.position.offset)
+    def done_batch(self, records: Sequence[Record]) -> None:
+        # a poll's records of a shard are taken and done together: its last sequence number stands for them all
+        last = {str(record.position.partition): record.position.offset for record in records}
+        for shard, sequence in last.items():
+            self.offsets.done(self._key(shard), sequence)
 
     def _key(self, shard: str) -> tuple[str, int]:
         return self.stream, self._numbers.setdefault(shard, len(self._numbers))
@@ -304,20 +315,40 @@ class KinesisSource:
         self._store = None
 
 
+class _Acknowledged:
+    """A batch's acknowledgement: its future settles once Kinesis took every one of its entries, or fails with the
+    reason of the first it gave up on."""
+
+    __slots__ = ("future", "left")
+
+    def __init__(self, future: asyncio.Future[None], count: int) -> None:
+        self.future = future
+        self.left = count
+
+    def taken(self) -> None:
+        self.left -= 1
+        if self.left == 0 and not self.future.done():
+            self.future.set_result(None)
+
+    def refused(self, reason: str) -> None:
+        if not self.future.done():
+            self.future.set_exception(DeliveryFailed(reason))
+
+
 @dataclass(slots=True)
 class _Put:
     entry: dict[str, Any]
-    future: asyncio.Future[None]
+    batch: _Acknowledged
     attempts: int = 0
 
 
 class KinesisSink:
-    """PutRecords to one stream, up to 500 records a call; an entry Kinesis refuses is put again, alone of its
-    call, until it is taken or ``_GIVE_UP_S`` passed (then its future fails: the consumer stops uncommitted)."""
+    """PutRecords to one stream, up to 500 records a call (entries of several batches share a call); an entry
+    Kinesis refuses is put again, alone of its call, until it is taken or ``_GIVE_UP_S`` passed (then its batch's
+    future fails: the consumer stops uncommitted)."""
 
     _BATCH = 500
     _BATCH_BYTES = 4 * 1024 * 1024
-    _LINGER_S = 0.005
     _GIVE_UP_S = 60.0
 
     def __init__(self, endpoint: Endpoint, *, carry: str) -> None:
@@ -326,7 +357,7 @@ class KinesisSink:
         self.carry = carry
         self._client = _client(endpoint)
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dhow-kinesis-put")
-        self._queue: list[_Put] = []
+        self._queue: deque[_Put] = deque()
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         #: records taken off the queue whose PutRecords has not ended
@@ -336,33 +367,39 @@ class KinesisSink:
         await _check_stream(self._client, self.endpoint, "sink")
         self._flusher = asyncio.create_task(self._flush_forever())
 
-    async def send(self, message: Outgoing) -> asyncio.Future[None]:
+    async def send_batch(self, messages: Sequence[Outgoing]) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
-            data = carried(message, self.carry)
+            entries = [self._entry(message) for message in messages]
         except Exception as exc:  # a reply dhow wrote itself that it cannot read back: a fault of dhow's
-            future.set_exception(DeliveryFailed(f"cannot carry the message to Kinesis: {exc}"))
+            future.set_exception(DeliveryFailed(f"{self.url}: cannot carry a message to Kinesis: {exc}"))
             return future
-        key = (message.key or b"").decode(errors="replace")[:256] or _fallback_key(message.headers)
-        self._queue.append(_Put({"Data": data, "PartitionKey": key}, future))
+        if not entries:
+            future.set_result(None)
+            return future
+        batch = _Acknowledged(future, len(entries))
+        self._queue.extend(_Put(entry, batch) for entry in entries)
         self._wake.set()
         return future
+
+    def _entry(self, message: Outgoing) -> dict[str, Any]:
+        key = (message.key or b"").decode(errors="replace")[:256] or _fallback_key(message.headers)
+        return {"Data": carried(message, self.carry), "PartitionKey": key}
 
     async def _flush_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
-            await asyncio.sleep(self._LINGER_S)  # the other replies of the batch join this call
             self._wake.clear()
-            while self._queue:
+            while self._queue:  # a batch's entries were queued together: they go in the same call, up to its limits
                 batch: list[_Put] = []
                 size = 0
                 while self._queue and len(batch) < self._BATCH:
-                    entry = self._queue[0]
-                    weight = len(entry.entry["Data"]) + len(entry.entry["PartitionKey"])
+                    entry = self._queue[0].entry
+                    weight = len(entry["Data"]) + len(entry["PartitionKey"])
                     if batch and size + weight > self._BATCH_BYTES:
                         break
-                    batch.append(self._queue.pop(0))
+                    batch.append(self._queue.popleft())
                     size += weight
                 self._sending += len(batch)
                 try:
@@ -380,12 +417,10 @@ class KinesisSink:
                 results = [{"ErrorCode": type(exc).__name__, "ErrorMessage": str(exc)}] * len(batch)
             again = []
             for put, result in zip(batch, results, strict=True):
-                if "ErrorCode" not in result or not result.get("ErrorCode"):
-                    if not put.future.done():
-                        put.future.set_result(None)
+                if not result.get("ErrorCode"):
+                    put.batch.taken()
                 elif time.monotonic() - started > self._GIVE_UP_S:
-                    if not put.future.done():
-                        put.future.set_exception(DeliveryFailed(f"{result['ErrorCode']}: {result.get('ErrorMessage')}"))
+                    put.batch.refused(f"{self.url}: {result['ErrorCode']}: {result.get('ErrorMessage')}")
                 else:
                     put.attempts += 1
                     again.append(put)
@@ -403,9 +438,9 @@ class KinesisSink:
             await asyncio.sleep(0.02)
         if self._flusher is not None:
             self._flusher.cancel()
-        left = [put for put in self._queue if not put.future.done()]
+        left = [put for put in self._queue if not put.batch.future.done()]
         for put in left:
-            put.future.set_exception(DeliveryFailed("the sink closed before Kinesis took it"))
+            put.batch.refused(f"{self.url}: the sink closed before Kinesis took it")
         if left:
             log.error("stream sink %s: %d messages not delivered at close", self.url, len(left))
         self._thread.shutdown(wait=True)

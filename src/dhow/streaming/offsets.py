@@ -4,6 +4,9 @@ Records of a partition finish out of order (batches run concurrently); the commi
 just past the longest run of done records from the start, so a crash re-reads every record that had no
 acknowledged reply (at-least-once) and no more than the records in flight.
 
+The Kafka source hands it a poll's records of a partition as one entry, their last offset: they are done
+together (a batch's replies are acknowledged together), so the bookkeeping is per poll, not per message.
+
 Thread-safe: the Kafka client's rebalance callbacks run on its polling thread while replies finish on the
 event loop's.
 """

@@ -1,5 +1,5 @@
-"""The stream door's vocabulary: a record read from a source, a message written to a sink, and the two small
-protocols a transport implements (Kafka, Kinesis).
+"""The stream door's vocabulary: a record read from a source, a message written to a sink, and the small
+protocols a transport implements: ``Source`` and ``Sink`` (Kafka, Kinesis), ``Transactions`` (Kafka only).
 
 Plain data only: the consumer never sees a broker client's objects, so it runs the same over any transport.
 """
@@ -7,10 +7,11 @@ Plain data only: the consumer never sees a broker client's objects, so it runs t
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["DeliveryFailed", "Header", "Outgoing", "Position", "Record", "Sink", "Source"]
+__all__ = ["DeliveryFailed", "Header", "Outgoing", "Position", "Record", "Sink", "Source", "Transactions"]
 
 #: a message header as Kafka carries it: a name and raw bytes (None: a header with no value)
 Header = tuple[str, bytes | None]
@@ -70,8 +71,8 @@ class Source(Protocol):
         membership (group, leases) alive and hand over what was fetched already."""
         ...
 
-    def done(self, record: Record) -> None:
-        """The record is finished: its reply (or dead letter) was acknowledged by the sink."""
+    def done_batch(self, records: Sequence[Record]) -> None:
+        """The records of one poll (all of them) are finished: their replies and dead letters were acknowledged."""
         ...
 
     async def commit(self, *, wait: bool = False) -> None:
@@ -95,10 +96,23 @@ class Sink(Protocol):
     #: the destination, as written on the command line (for logs and status)
     url: str
 
-    async def send(self, message: Outgoing) -> asyncio.Future[None]:
-        """Queue the message; the future is done when the broker acknowledged it (or failed with the reason)."""
+    async def send_batch(self, messages: Sequence[Outgoing]) -> asyncio.Future[None]:
+        """Queue the messages (waiting while the client's queue is full); the future is done when the broker
+        acknowledged all of them, or fails (``DeliveryFailed``) with the reason one of them was refused."""
         ...
 
     async def close(self) -> None:
         """Deliver what is queued, then let go of the connection."""
         ...
+
+
+class Transactions(Protocol):
+    """Replies, dead letters and the source's offsets of a batch committed together (``--exactly-once``)."""
+
+    url: str
+
+    async def commit(self, records: Sequence[Record], replies: Sequence[Outgoing], letters: Sequence[Outgoing]) -> None:
+        """All or nothing; on failure (``DeliveryFailed``) the source is rewound to read the batch again."""
+        ...
+
+    async def close(self) -> None: ...

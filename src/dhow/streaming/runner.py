@@ -42,8 +42,9 @@ async def open_consumer(
     async with service.call(stream_identity(spec.name), ACTIONS["stream.run"], spec.model) as call:
         call.note(stream=spec.name, phase="start", source=str(spec.source), sink=str(spec.sink),
                   dead_letter=str(spec.dead_letter or ""), group=spec.group, data_region=region)  # fmt: skip
-    source, replies, dead_letters = await open_transports(spec, f"dhow-{spec.name}", shard_stores)
-    return StreamConsumer(spec, service, source, replies, dead_letters, meter=meter, status_dir=status_dir)
+    opened = await open_transports(spec, f"dhow-{spec.name}", shard_stores)
+    return StreamConsumer(spec, service, opened.source, opened.replies, opened.dead_letters,
+                          transactions=opened.transactions, meter=meter, status_dir=status_dir)  # fmt: skip
 
 
 class StreamGroup:

@@ -9,6 +9,8 @@ settings file, checked here once.
         group: scoring            # default dhow.<name>
         format: json              # v2-json (default), v2-binary, json
         data_region: ae           # the source's data region, checked against --region at start
+        exactly_once: false       # Kafka transactions (replies, dead letters and offsets committed together;
+                                  # Kafka ends only: Kinesis has no transactions)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ ON_ERROR = ("dead-letter", "skip")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _FIELDS = (
     "name", "model", "source", "sink", "dead_letter", "group", "format", "on_error", "max_in_flight", "data_region",
+    "exactly_once",
 )  # fmt: skip
 
 
@@ -48,6 +51,8 @@ class StreamSpec:
     max_in_flight: int = 1024
     #: the data region of the source's messages ("" = the model's)
     data_region: str = ""
+    #: Kafka transactions: a batch's replies, dead letters and consumed offsets are committed together
+    exactly_once: bool = False
 
     @classmethod
     def build(
@@ -63,6 +68,7 @@ class StreamSpec:
         on_error: str = "",
         max_in_flight: int = 1024,
         data_region: str = "",
+        exactly_once: bool = False,
         where: str = "",
     ) -> StreamSpec:
         """Check every field, saying ``where`` it came from; refuse a stream that could lose a bad message."""
@@ -90,10 +96,30 @@ class StreamSpec:
         if not 1 <= max_in_flight <= 1_000_000:
             raise InvalidInput(f"{prefix}max_in_flight must be between 1 and 1000000, got {max_in_flight}")
         region = check_region_name(data_region, f"{prefix}data_region") if data_region else ""
+        if exactly_once:
+            _check_exactly_once(f"{prefix}stream {name!r}", src, out, dlq)
         return cls(
             name, model_name, version, src, out, dlq, group or f"dhow.{name}", format,
-            on_error or "dead-letter", max_in_flight, region,
+            on_error or "dead-letter", max_in_flight, region, exactly_once,
         )  # fmt: skip
+
+
+def _check_exactly_once(stream: str, source: Endpoint, sink: Endpoint, dead_letter: Endpoint | None) -> None:
+    """Refuse what one Kafka transaction cannot cover: a Kinesis end, a dead-letter topic on other brokers."""
+    kinesis = [what for what, end in (("source", source), ("sink", sink), ("dead_letter", dead_letter))
+               if end is not None and end.scheme == "kinesis"]  # fmt: skip
+    if kinesis:
+        ends = " and ".join([", ".join(kinesis[:-1]), kinesis[-1]] if len(kinesis) > 1 else kinesis)
+        raise InvalidInput(
+            f"{stream}: exactly_once (--exactly-once) needs Kafka transactions and Kinesis has none: its {ends} "
+            f"{'is a Kinesis stream' if len(kinesis) == 1 else 'are Kinesis streams'}; run it without "
+            "--exactly-once (at-least-once: after a crash a reply may be written twice, never lost)"
+        )
+    if dead_letter is not None and dead_letter.servers != sink.servers:
+        raise InvalidInput(
+            f"{stream}: with exactly_once the dead-letter topic must be on the sink's brokers "
+            f"({sink.servers}): one transaction writes both"
+        )
 
 
 def parse_model_ref(text: str, prefix: str = "") -> tuple[str, str]:
@@ -126,8 +152,12 @@ def parse_streams(data: object, where: str) -> tuple[StreamSpec, ...]:
             in_flight = int(fields.pop("max_in_flight", 1024))
         except (TypeError, ValueError):
             raise InvalidInput(f"{label}: max_in_flight must be an integer") from None
+        once = fields.pop("exactly_once", False)
+        if once not in (True, False, "true", "false"):
+            raise InvalidInput(f"{label}: exactly_once must be true or false, got {once!r}")
         texts = {key: str(value) for key, value in fields.items() if value is not None}
-        specs.append(StreamSpec.build(**texts, max_in_flight=in_flight, where=label))
+        specs.append(StreamSpec.build(**texts, max_in_flight=in_flight, exactly_once=once in (True, "true"),
+                                      where=label))  # fmt: skip
     names = [spec.name for spec in specs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:

@@ -8,6 +8,7 @@ import datetime
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,8 +25,9 @@ class Meter(Protocol):
 
     def received(self, stream: str, count: int) -> None: ...
 
-    def answered(self, stream: str, seconds: float) -> None:
-        """A reply acknowledged; ``seconds`` from the message's timestamp to then (end-to-end latency)."""
+    def answered(self, stream: str, seconds: Sequence[float]) -> None:
+        """Replies acknowledged (a batch's); ``seconds``: each one's time from its message's timestamp to then
+        (end-to-end latency)."""
         ...
 
     def failed(self, stream: str, code: str, dead_lettered: bool) -> None: ...
