@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(WORKLOADS), default="tabular")
     parser.add_argument("--protocol", choices=("rest", "grpc"), default="rest")
     parser.add_argument("--binary", action="store_true", help="REST with the binary tensor extension")
+    parser.add_argument("--grpc-front", choices=("native", "grpcio"), help="the server's --grpc-front (its default)")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--requests", type=int, default=200, help="calls counted (a multiple of --concurrency)")
     parser.add_argument("--out", type=Path, help="the callgrind file (default: a temporary file, removed)")
@@ -80,6 +81,8 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     # valgrind slows the server fifty-fold: no request may time out in the queue meanwhile, and no connection
     # waiting for its first call may be closed for a ping the server was too slow to see answered
     serve += ["--log-level", "warning", "--queue-timeout-ms", "0", "--grpc-keepalive", "3600"]
+    if args.grpc_front:
+        serve += ["--grpc-front", args.grpc_front]
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes"]
     valgrind.append(f"--callgrind-out-file={out}")
     if args.cprofile:
@@ -109,7 +112,8 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     finally:
         server.terminate()
         server.wait(120)
-    point = f"{args.model} {args.protocol}{' binary' if args.binary else ''} c={args.concurrency}"
+    front = f" ({args.grpc_front})" if args.grpc_front and args.protocol == "grpc" else ""
+    point = f"{args.model} {args.protocol}{front}{' binary' if args.binary else ''} c={args.concurrency}"
     calls = args.requests
     lines = [f"{point}: {_batch_size(stats)}"]
     if args.switches:  # under valgrind, which runs one thread at a time, they would mean little

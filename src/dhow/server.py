@@ -347,18 +347,21 @@ class Server:
             )
         )
         self._http = http
+        grpcio = settings.grpc_front == "grpcio"
         grpc = await create_grpc_server(
             parts.service,
             settings.host,
             settings.grpc_port,
             max_message_bytes=settings.max_request_bytes,
-            credentials=certificates.grpc_credentials() if certificates is not None else None,
+            credentials=certificates.grpc_credentials() if certificates is not None and grpcio else None,
+            ssl_context=certificates.h2_context() if certificates is not None and not grpcio else None,
             reuse_port=settings.workers > 1,
             limits=GrpcConnectionLimits(
                 handshake_s=settings.header_timeout,
                 idle_s=settings.grpc_idle_timeout,
                 keepalive_s=settings.grpc_keepalive,
             ),
+            front=settings.grpc_front,
         )
         await grpc.server.start()
         self._grpc = grpc
