@@ -14,7 +14,7 @@ import logging
 import struct
 import urllib.parse
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
@@ -76,9 +76,9 @@ class H2Connection(asyncio.Protocol):
 
     # -- the connection's life ----------------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not subclasses of asyncio's: no isinstance check
+        self.transport = transport = cast(asyncio.Transport, base)
         self.peer = _peer(transport.get_extra_info("peername"))
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
