@@ -373,13 +373,14 @@ class Server:
             await http_task
             raise SystemExit(f"dhow: cannot serve REST on {settings.host}:{settings.http_port}")
         log.info(
-            "dhow serving %s: REST on %s://%s:%d, gRPC on %s:%d, model control %s",
+            "dhow serving %s: REST on %s://%s:%d, gRPC on %s:%d (%s front), model control %s",
             settings.repository,
             "https" if certificates is not None else "http",
             settings.host,
             settings.http_port,
             settings.host,
             grpc.port,
+            settings.grpc_front,
             settings.model_control,
         )
         return http, http_task, grpc

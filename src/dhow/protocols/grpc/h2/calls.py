@@ -39,6 +39,10 @@ _RESERVED = frozenset(
 #: the status a stream's call ends with when the front ends it (``None``: the client reset it, nothing to send)
 Ending = tuple[grpc.StatusCode, str] | None
 RESET: Ending = None
+#: what a client may send on a stream before the server's WINDOW_UPDATE
+RECEIVE_WINDOW = 4 * 1024 * 1024
+#: a stream of requests whose method has this many waiting gets no more window until it reads them
+INBOX_LIMIT = 16
 
 
 class Aborted(Exception):
@@ -108,6 +112,30 @@ class Stream:
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.context: CallContext | None = None
+
+    def take(self, payload: bytes, limit: int) -> list[bytes]:
+        """The whole messages ``payload`` completes (a partial one waits in ``buffer``); raises ``OverflowError``
+        for a message above ``limit`` and ``ValueError`` for one that cannot be read, with the status message."""
+        buffer = self.buffer
+        if not buffer and len(payload) >= 5 and len(payload) - 5 == int.from_bytes(payload[1:5], "big"):
+            found = [(payload[0], payload[5:])]  # the common case: one message, whole, in one DATA frame
+        else:
+            buffer += payload
+            found = []
+            while len(buffer) >= 5:
+                length = int.from_bytes(buffer[1:5], "big")
+                if length > limit:  # said before the bytes arrive: refused before they are gathered
+                    raise OverflowError(f"Received message larger than max ({length} vs. {limit})")
+                if len(buffer) < 5 + length:
+                    break
+                found.append((buffer[0], bytes(buffer[5 : 5 + length])))
+                del buffer[: 5 + length]
+        messages = []
+        for flag, data in found:
+            if len(data) > limit:
+                raise OverflowError(f"Received message larger than max ({len(data)} vs. {limit})")
+            messages.append(self.message(flag, data, limit))
+        return messages
 
     def message(self, flag: int, data: bytes, limit: int) -> bytes:
         """A whole message's bytes, inflated when compressed; raises ``ValueError`` with the status message."""
@@ -245,7 +273,7 @@ async def run_call(connection: H2Connection, stream: Stream) -> None:
         if stream.ending is not False:  # ended before the task could start
             raise asyncio.CancelledError
         if method.request_streaming:
-            requests: Any = _requests(stream)
+            requests: Any = _requests(connection, stream)
         else:
             requests = method.deserialize(stream.messages[0])
         if method.response_streaming:
@@ -278,9 +306,12 @@ async def run_call(connection: H2Connection, stream: Stream) -> None:
         connection.call_ended(stream)
 
 
-async def _requests(stream: Stream) -> AsyncIterator[Any]:
+async def _requests(connection: H2Connection, stream: Stream) -> AsyncIterator[Any]:
+    """The stream's requests as the method reads them; the client may send more as they are read."""
     inbox = stream.inbox
     assert inbox is not None
     deserialize = stream.method.deserialize
     while (data := await inbox.get()) is not None:
+        if stream.received >= RECEIVE_WINDOW // 2 and inbox.qsize() < INBOX_LIMIT:
+            connection.credit(stream)
         yield deserialize(data)

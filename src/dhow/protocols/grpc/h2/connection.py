@@ -12,22 +12,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-import urllib.parse
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
 from dhow.protocols.grpc.h2 import frames as f
-from dhow.protocols.grpc.h2.calls import RESET, CallContext, Stream, run_call
+from dhow.protocols.grpc.h2.calls import INBOX_LIMIT, RECEIVE_WINDOW, RESET, CallContext, Stream, run_call
 from dhow.protocols.grpc.h2.requests import parse_request
+from dhow.protocols.grpc.h2.sending import Sender, auth_context, peer_name, trailers
 
 if TYPE_CHECKING:
     from dhow.protocols.grpc.h2.server import Front
 
 log = logging.getLogger("dhow.grpc")
 
-RECEIVE_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_FRAME_IN = 1024 * 1024
 MAX_STREAMS = 1000
@@ -43,7 +41,9 @@ _OUR_SETTINGS = f.settings(
 _HEADERS_FRAME = struct.Struct(">BHBBL")
 
 
-class H2Connection(asyncio.Protocol):
+class H2Connection(Sender, asyncio.Protocol):
+    """One client's connection: frames in, calls started, frames out (``Sender``)."""
+
     def __init__(self, front: Front) -> None:
         self.front = front
         self.loop = front.loop
@@ -79,13 +79,13 @@ class H2Connection(asyncio.Protocol):
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         # uvloop's transports are not subclasses of asyncio's: no isinstance check
         self.transport = transport = cast(asyncio.Transport, base)
-        self.peer = _peer(transport.get_extra_info("peername"))
+        self.peer = peer_name(transport.get_extra_info("peername"))
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             if ssl_object.selected_alpn_protocol() not in (None, "h2"):
                 transport.close()  # an HTTPS client that did not ask for HTTP/2
                 return
-            self.auth_context = _auth_context(transport.get_extra_info("peercert"))
+            self.auth_context = auth_context(transport.get_extra_info("peercert"))
         self.front.connections.add(self)
         transport.write(_OUR_SETTINGS)
         limits = self.front.limits
@@ -167,13 +167,11 @@ class H2Connection(asyncio.Protocol):
             self._ping_out, self._ping_wait, self._quiet = True, 0.0, 0.0
         self._timers[1] = self.loop.call_later(step, self._tick)
 
-    def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(data)
-
     # -- reading ------------------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
         self._reads += 1
         pending = self._pending
         if pending:
@@ -257,7 +255,7 @@ class H2Connection(asyncio.Protocol):
             self.receive_window += self.received
             self.received = 0
         if flags & f.PADDED:
-            payload = _unpadded(payload)
+            payload = f.unpadded(payload)
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed:
             if stream_id > self.last_stream:
@@ -271,60 +269,37 @@ class H2Connection(asyncio.Protocol):
         if stream.received > RECEIVE_WINDOW:
             self._fail(stream, grpc.StatusCode.INTERNAL, "DATA beyond the stream's window", f.FLOW_CONTROL_ERROR)
             return
+        if stream.ending is not False:
+            return  # the call has ended (failed, expired): what the client still sends is dropped
         if payload:
             self._take(stream, payload)
         if flags & f.END_STREAM:
             stream.remote_closed = True
             self._request_ended(stream)
-        elif stream.received >= RECEIVE_WINDOW // 2 and stream.ending is False:
-            self.write(f.window_update(stream_id, stream.received))
+        elif stream.received >= RECEIVE_WINDOW // 2 and (stream.inbox is None or stream.inbox.qsize() < INBOX_LIMIT):
+            self.credit(stream)
+
+    def credit(self, stream: Stream) -> None:
+        """Let the client send as much again on the stream as it has sent since the last WINDOW_UPDATE."""
+        if stream.ending is False and not stream.remote_closed and stream.received:
+            self.write(f.window_update(stream.id, stream.received))
             stream.received = 0
 
     def _take(self, stream: Stream, payload: bytes) -> None:
         """The payload's whole messages, to the call; a partial one waits in the stream's buffer."""
-        limit = self.front.max_message
-        buffer = stream.buffer
-        if not buffer and len(payload) >= 5 and len(payload) - 5 == int.from_bytes(payload[1:5], "big"):
-            messages = [(payload[0], payload[5:])]
-        else:
-            buffer += payload
-            messages = []
-            while len(buffer) >= 5:
-                length = int.from_bytes(buffer[1:5], "big")
-                if length > limit:
-                    self._fail(
-                        stream,
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"Received message larger than max ({length} vs. {limit})",
-                    )
-                    return
-                if len(buffer) < 5 + length:
-                    break
-                messages.append((buffer[0], bytes(buffer[5 : 5 + length])))
-                del buffer[: 5 + length]
-        for flag, data in messages:
-            if len(data) > limit:
-                self._fail(
-                    stream,
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"Received message larger than max ({len(data)} vs. {limit})",
-                )
-                return
-            try:
-                message = stream.message(flag, data, limit)
-            except OverflowError as exc:
-                self._fail(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-                return
-            except ValueError as exc:
-                self._fail(stream, grpc.StatusCode.INTERNAL, str(exc))
-                return
-            if stream.inbox is not None:
+        try:
+            messages = stream.take(payload, self.front.max_message)
+        except OverflowError as exc:
+            self._fail(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            return
+        except ValueError as exc:
+            self._fail(stream, grpc.StatusCode.INTERNAL, str(exc))
+            return
+        if stream.inbox is not None:
+            for message in messages:
                 stream.inbox.put_nowait(message)
-            else:
-                stream.messages.append(message)
-
-    def _too_large(self, stream: Stream, size: int, limit: int) -> None:
-        self._fail(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, f"Received message larger than max ({size} vs. {limit})")
+        else:
+            stream.messages += messages
 
     def _request_ended(self, stream: Stream) -> None:
         if stream.ending is not False:
@@ -343,7 +318,7 @@ class H2Connection(asyncio.Protocol):
         if stream_id == 0:
             raise f.ConnectionError_(f.PROTOCOL_ERROR, "HEADERS on stream 0")
         if flags & f.PADDED:
-            payload = _unpadded(payload)
+            payload = f.unpadded(payload)
         if flags & f.PRIORITY_FLAG:
             payload = payload[5:]
         if flags & f.END_HEADERS:
@@ -381,7 +356,7 @@ class H2Connection(asyncio.Protocol):
         request = decoded.request if decoded.request is not None else parse_request(decoded, self.front)
         if request.refusal is not None:
             status, code, message = request.refusal
-            block = status + _trailers(code.value[0], message, ())
+            block = status + trailers(code.value[0], message, ())
             end = b"" if flags & f.END_STREAM else f.rst_stream(stream_id, f.NO_ERROR)
             self.write(f.header_frames(stream_id, block, True, self.max_frame_out) + end)
             return
@@ -504,119 +479,3 @@ class H2Connection(asyncio.Protocol):
             del self.streams[stream.id]
             if not self.streams and (self.goaway_sent or self.peer_goaway):
                 self.close()
-
-    # -- writing ------------------------------------------------------------------------------------------
-
-    def send_headers(self, stream: Stream) -> None:
-        if not stream.headers_sent:
-            stream.headers_sent = True
-            self.write(f.frame(f.HEADERS, f.END_HEADERS, stream.id, f.RESPONSE_HEADERS))
-
-    def respond(self, stream: Stream, data: bytes, trailing: Sequence[tuple[str, str | bytes]]) -> bool:
-        """A unary answer in one write, when the windows take it whole; False to send it by ``send_message``."""
-        size = len(data) + 5
-        if size > self.send_window or size > stream.send_window or size > self.max_frame_out or stream.headers_sent:
-            return False
-        if len(data) > self.front.max_message:
-            raise OverflowError(f"Sent message larger than max ({len(data)} vs. {self.front.max_message})")
-        self.send_window -= size
-        stream.send_window -= size
-        stream.headers_sent, stream.ending = True, True
-        sid = stream.id
-        trailers = f.OK_TRAILERS if not trailing else _trailers(0, "", trailing)
-        end = b"" if stream.remote_closed else f.rst_stream(sid, f.NO_ERROR)
-        self.write(
-            b"".join(
-                (
-                    f.frame(f.HEADERS, f.END_HEADERS, sid, f.RESPONSE_HEADERS),
-                    f.frame(f.DATA, 0, sid, b"\x00" + len(data).to_bytes(4, "big") + data),
-                    f.header_frames(sid, trailers, True, self.max_frame_out),
-                    end,
-                )
-            )
-        )
-        return True
-
-    async def send_message(self, stream: Stream, data: bytes) -> None:
-        """One message, in frames the client's windows and frame size allow (waiting for WINDOW_UPDATE)."""
-        if len(data) > self.front.max_message:
-            raise OverflowError(f"Sent message larger than max ({len(data)} vs. {self.front.max_message})")
-        self.send_headers(stream)
-        message = memoryview(b"\x00" + len(data).to_bytes(4, "big") + data)
-        position = 0
-        while position < len(message):
-            allowed = min(self.send_window, stream.send_window, self.max_frame_out, len(message) - position)
-            if self.closed:
-                raise asyncio.CancelledError
-            if allowed <= 0:
-                self._window.clear()
-                await self._window.wait()
-                continue
-            self.write(f.frame(f.DATA, 0, stream.id, bytes(message[position : position + allowed])))
-            position += allowed
-            self.send_window -= allowed
-            stream.send_window -= allowed
-            if not self._writable.is_set():
-                await self._writable.wait()
-
-    def end(self, stream: Stream, code: int, message: str, trailing: Sequence[tuple[str, str | bytes]]) -> None:
-        """The call's status: trailers after an answer, or alone (trailers-only) when none was sent."""
-        block = _trailers(code, message, trailing)
-        if not stream.headers_sent:
-            block = f.RESPONSE_HEADERS + block
-            stream.headers_sent = True
-        end = b"" if stream.remote_closed else f.rst_stream(stream.id, f.NO_ERROR)
-        self.write(f.header_frames(stream.id, block, True, self.max_frame_out) + end)
-
-
-def _trailers(code: int, message: str, trailing: Sequence[tuple[str, str | bytes]]) -> bytes:
-    if code == 0 and not message and not trailing:
-        return f.OK_TRAILERS
-    parts = [f.literal(b"grpc-status", str(code).encode())]
-    if message:
-        parts.append(f.literal(b"grpc-message", urllib.parse.quote(message, safe=_UNRESERVED).encode()))
-    for key, value in trailing:
-        if isinstance(value, bytes):
-            parts.append(f.literal(key.encode(), _base64(value)))
-        else:
-            parts.append(f.literal(key.encode(), value.encode("latin-1", "replace")))
-    return b"".join(parts)
-
-
-#: what grpc-message keeps as it is: printable ASCII but '%'
-_UNRESERVED = "".join(chr(c) for c in range(0x20, 0x7F) if c != 0x25)
-
-
-def _base64(value: bytes) -> bytes:
-    import base64
-
-    return base64.b64encode(value).rstrip(b"=")
-
-
-def _unpadded(payload: bytes) -> bytes:
-    if not payload:
-        raise f.ConnectionError_(f.PROTOCOL_ERROR, "a padded frame without its pad length")
-    pad = payload[0]
-    if pad >= len(payload):
-        raise f.ConnectionError_(f.PROTOCOL_ERROR, "padding longer than the frame")
-    return payload[1 : len(payload) - pad]
-
-
-def _peer(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
-    return f"unix:{address}"
-
-
-def _auth_context(certificate: Any) -> dict[str, list[bytes]]:
-    context = {"transport_security_type": [b"ssl"]}
-    names = [
-        value.encode()
-        for field in (certificate or {}).get("subject", ())
-        for key, value in field
-        if key == "commonName"
-    ]
-    if names:
-        context["x509_common_name"] = names
-    return context

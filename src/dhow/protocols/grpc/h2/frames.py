@@ -81,6 +81,15 @@ def header_frames(stream: int, block: bytes, end_stream: bool, max_frame: int) -
     return b"".join(frames)
 
 
+def unpadded(payload: bytes) -> bytes:
+    if not payload:
+        raise ConnectionError_(PROTOCOL_ERROR, "a padded frame without its pad length")
+    pad = payload[0]
+    if pad >= len(payload):
+        raise ConnectionError_(PROTOCOL_ERROR, "padding longer than the frame")
+    return payload[1 : len(payload) - pad]
+
+
 def _integer(value: int, prefix_bits: int, first: int = 0) -> bytes:
     limit = (1 << prefix_bits) - 1
     if value < limit:
