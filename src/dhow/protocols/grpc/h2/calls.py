@@ -21,6 +21,7 @@ import grpc
 
 if TYPE_CHECKING:
     from dhow.protocols.grpc.h2.connection import H2Connection
+    from dhow.protocols.grpc.h2.frames import Block
 
 log = logging.getLogger("dhow.grpc")
 
@@ -156,28 +157,27 @@ class Stream:
 class CallContext:
     """The subset of ``grpc.aio.ServicerContext`` dhow's methods use, for a call on the native front."""
 
-    __slots__ = ("_code", "_connection", "_details", "_fields", "_metadata", "_stream", "_trailing", "deadline")
+    __slots__ = ("_block", "_code", "_connection", "_details", "_stream", "_trailing", "deadline")
 
-    def __init__(
-        self, connection: H2Connection, stream: Stream, fields: Sequence[tuple[bytes, bytes]], deadline: float | None
-    ) -> None:
+    def __init__(self, connection: H2Connection, stream: Stream, block: Block, deadline: float | None) -> None:
         self._connection = connection
         self._stream = stream
-        self._fields = fields
-        self._metadata: tuple[tuple[str, str | bytes], ...] | None = None
+        self._block = block
         self._code: grpc.StatusCode | None = None
         self._details = ""
         self._trailing: tuple[tuple[str, str | bytes], ...] = ()
         self.deadline = deadline
 
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        if self._metadata is None:
-            self._metadata = tuple(
+        block = self._block
+        if block.metadata is None:  # read once per header block: a cached block comes again with its metadata
+            block.metadata = tuple(
                 (name.decode("latin-1"), _value(name, value))
-                for name, value in self._fields
+                for name, value in block.fields
                 if name[:1] != b":" and name not in _RESERVED
             )
-        return self._metadata
+        metadata: tuple[tuple[str, str | bytes], ...] = block.metadata
+        return metadata
 
     def peer(self) -> str:
         return self._connection.peer

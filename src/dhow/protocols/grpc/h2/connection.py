@@ -363,7 +363,7 @@ class H2Connection(Sender, asyncio.Protocol):
         assert request.method is not None
         stream = Stream(stream_id, request.method, self.initial_send_window, request.gzip)
         deadline = None if request.timeout is None else self.loop.time() + request.timeout
-        stream.context = CallContext(self, stream, decoded.fields, deadline)
+        stream.context = CallContext(self, stream, decoded, deadline)
         self.streams[stream_id] = stream
         if request.timeout is not None:
             stream.timer = self.loop.call_later(request.timeout, self._expired, stream)

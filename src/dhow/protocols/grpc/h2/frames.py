@@ -148,13 +148,15 @@ def _skip_string(block: bytes, position: int) -> int:
 
 
 class Block:
-    """A decoded header block; ``request`` is what the connection read from it, kept with a cached block."""
+    """A decoded header block; ``request`` and ``metadata`` are what the connection and the call read from it,
+    kept with a cached block so that a call sent again is read once."""
 
-    __slots__ = ("fields", "request")
+    __slots__ = ("fields", "metadata", "request")
 
     def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
         self.fields = fields
         self.request: Any = None
+        self.metadata: Any = None
 
 
 class HeaderDecoder:
