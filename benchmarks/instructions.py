@@ -32,6 +32,7 @@ import pstats
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -80,7 +81,9 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     serve += ["--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
     # valgrind slows the server fifty-fold: no request may time out in the queue meanwhile, and no connection
     # waiting for its first call may be closed for a ping the server was too slow to see answered
+    # (and the native gRPC front's handshake limit, --header-timeout, likewise)
     serve += ["--log-level", "warning", "--queue-timeout-ms", "0", "--grpc-keepalive", "3600"]
+    serve += ["--header-timeout", "600"]
     if args.grpc_front:
         serve += ["--grpc-front", args.grpc_front]
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes"]
@@ -191,6 +194,10 @@ def binary_body(body: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
     return header + data, {"Inference-Header-Content-Length": str(len(header))}
 
 
+#: how long a new gRPC connection may wait for the server's SETTINGS under valgrind
+_SETTLE_S = 600
+
+
 def _grpc_caller(port: int, messages: list[bytes]) -> Calls:
     async def calls(count: int, opening: asyncio.Lock) -> None:
         async with opening:  # one handshake at a time: under valgrind, 64 at once outlast the server's 10 s limit
@@ -209,6 +216,19 @@ class _Connection(grpc_loadgen.Connection):
 
     #: (frame type, stream, payload) of the last frames that ended a call
     failure: tuple[tuple[int, int, bytes], ...] = ()
+
+    @classmethod
+    async def open(cls, host: str, port: int, path: str = grpc_loadgen.MODEL_INFER) -> grpc_loadgen.Connection:
+        """As grpc_loadgen's, waiting longer for the server's SETTINGS: the native gRPC front answers them on the
+        event loop, which valgrind may leave without a turn for more than grpc_loadgen's 10 s while a model runs."""
+        reader, writer = await asyncio.open_connection(host, port)
+        connection = cls(reader, writer, grpc_loadgen.header_block(f"{host}:{port}", path))
+        settings = struct.pack(">HIHI", 0x2, 0, grpc_loadgen.SETTINGS_INITIAL_WINDOW_SIZE, grpc_loadgen.MAX_WINDOW)
+        window = struct.pack(">I", grpc_loadgen.MAX_WINDOW - grpc_loadgen.DEFAULT_WINDOW)
+        hello = grpc_loadgen._frame(grpc_loadgen.SETTINGS, 0, 0, settings)
+        writer.write(grpc_loadgen.PREFACE + hello + grpc_loadgen._frame(grpc_loadgen.WINDOW_UPDATE, 0, 0, window))
+        await asyncio.wait_for(connection.settled.wait(), _SETTLE_S)
+        return connection
 
     def _on_frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
         ended = kind == grpc_loadgen.HEADERS and flags & grpc_loadgen.END_STREAM

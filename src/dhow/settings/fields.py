@@ -148,9 +148,9 @@ class ServerSettings:
         group=_CONNECTIONS,
     )
     grpc_front: str = _setting(
-        "grpcio",
-        "what serves the gRPC port: 'native', dhow's own HTTP/2 on the event loop (cheaper per call), or "
-        "'grpcio', grpc.aio's server",
+        "native",
+        "what serves the gRPC port: 'native', dhow's own HTTP/2 on the event loop (a call costs less CPU than "
+        "over REST), or 'grpcio', grpc.aio's server (a call costs more than over REST)",
         metavar="FRONT",
         group=_CONNECTIONS,
     )

@@ -80,7 +80,7 @@ async def create_grpc_server(
     credentials: grpc.ServerCredentials | None = None,
     reuse_port: bool = False,
     limits: GrpcConnectionLimits | None = None,
-    front: str = "grpcio",
+    front: str = "native",
     ssl_context: ssl.SSLContext | None = None,
 ) -> GrpcServer:
     """Create the server and bind it; the caller starts it (``await bound.server.start()``) and
@@ -99,6 +99,10 @@ async def create_grpc_server(
     add_reflection(methods, (model_config_pb2.DESCRIPTOR, grpc_service_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR), service)
     if front not in FRONTS:
         raise ValueError(f"unknown gRPC front {front!r}: choose one of {', '.join(FRONTS)}")
+    if (credentials is not None and front != "grpcio") or (ssl_context is not None and front != "native"):
+        raise ValueError(
+            f"TLS on the {front} gRPC front is given as {'ssl_context' if front == 'native' else 'credentials'}"
+        )
     if front == "native":
         native = NativeServer(methods, limits or GrpcConnectionLimits(), max_message_bytes, ssl_context)
         try:

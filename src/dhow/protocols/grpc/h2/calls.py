@@ -288,8 +288,8 @@ async def run_call(connection: H2Connection, stream: Stream) -> None:
         answer = await method.behaviour(requests, context)
         if context._code not in (None, grpc.StatusCode.OK):
             connection.end(stream, *context.status())
-        elif not connection.respond(stream, method.serialize(answer), context._trailing):
-            await connection.send_message(stream, method.serialize(answer))
+        elif not connection.respond(stream, data := method.serialize(answer), context._trailing):
+            await connection.send_message(stream, data)  # larger than the client's windows take at once
             connection.end(stream, *context.status())
     except Aborted:
         connection.end(stream, *context.status())
