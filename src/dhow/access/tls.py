@@ -69,7 +69,8 @@ class ServerCertificates:
     REST: the port's protocol (``protocols.rest.tls``) starts TLS with ``context``, so ``reload`` loads the new
     pair into that same context (connections already open keep theirs), and into the native gRPC front's.
     grpcio's gRPC front: grpc asks ``_next`` at every new connection's handshake, which hands the new
-    configuration over once. The client CA is read at start only: an SSL context can add trusted CAs but never forget one, so a CA change needs a restart.
+    configuration over once. The client CA is read at start only: an SSL context can add trusted CAs but never
+    forget one, so a CA change needs a restart.
     """
 
     def __init__(self, settings: TlsSettings) -> None:
