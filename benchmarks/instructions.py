@@ -33,6 +33,7 @@ import pstats
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(WORKLOADS), default="tabular")
     parser.add_argument("--protocol", choices=("rest", "grpc"), default="rest")
     parser.add_argument("--binary", action="store_true", help="REST with the binary tensor extension")
+    parser.add_argument("--grpc-front", choices=("native", "grpcio"), help="the server's --grpc-front (its default)")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--requests", type=int, default=200, help="calls counted (a multiple of --concurrency)")
     parser.add_argument("--out", type=Path, help="the callgrind file (default: a temporary file, removed)")
@@ -84,7 +86,11 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     serve += ["--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
     # valgrind slows the server fifty-fold: no request may time out in the queue meanwhile, and no connection
     # waiting for its first call may be closed for a ping the server was too slow to see answered
+    # (and the native gRPC front's handshake limit, --header-timeout, likewise)
     serve += ["--log-level", "warning", "--queue-timeout-ms", "0", "--grpc-keepalive", "3600"]
+    serve += ["--header-timeout", "600"]
+    if args.grpc_front:
+        serve += ["--grpc-front", args.grpc_front]
     env = dict(os.environ, PYTHONPATH=str(args.src), OMP_NUM_THREADS="1")
     receiver = _monitoring(args, scratch, serve, env)
     # children too (the payload log's writer process), each counted only while the server is
@@ -119,7 +125,8 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
         if receiver is not None:
             receiver.terminate()
             receiver.wait(10)
-    point = f"{args.model} {args.protocol}{' binary' if args.binary else ''} c={args.concurrency}"
+    front = f" ({args.grpc_front})" if args.grpc_front and args.protocol == "grpc" else ""
+    point = f"{args.model} {args.protocol}{front}{' binary' if args.binary else ''} c={args.concurrency}"
     point += "".join(f" {on}" for on in _switched_on(args))
     calls = args.requests
     lines = [f"{point}: {_batch_size(stats)}"]
@@ -232,6 +239,10 @@ def _rest_caller(port: int, model: str, bodies: list[bytes], binary: bool) -> Ca
     return calls
 
 
+#: how long a new gRPC connection may wait for the server's SETTINGS under valgrind
+_SETTLE_S = 600
+
+
 def _grpc_caller(port: int, messages: list[bytes]) -> Calls:
     async def calls(count: int, opening: asyncio.Lock) -> None:
         async with opening:  # one handshake at a time: under valgrind, 64 at once outlast the server's 10 s limit
@@ -250,6 +261,19 @@ class _Connection(grpc_loadgen.Connection):
 
     #: (frame type, stream, payload) of the last frames that ended a call
     failure: tuple[tuple[int, int, bytes], ...] = ()
+
+    @classmethod
+    async def open(cls, host: str, port: int, path: str = grpc_loadgen.MODEL_INFER) -> grpc_loadgen.Connection:
+        """As grpc_loadgen's, waiting longer for the server's SETTINGS: the native gRPC front answers them on the
+        event loop, which valgrind may leave without a turn for more than grpc_loadgen's 10 s while a model runs."""
+        reader, writer = await asyncio.open_connection(host, port)
+        connection = cls(reader, writer, grpc_loadgen.header_block(f"{host}:{port}", path))
+        settings = struct.pack(">HIHI", 0x2, 0, grpc_loadgen.SETTINGS_INITIAL_WINDOW_SIZE, grpc_loadgen.MAX_WINDOW)
+        window = struct.pack(">I", grpc_loadgen.MAX_WINDOW - grpc_loadgen.DEFAULT_WINDOW)
+        hello = grpc_loadgen._frame(grpc_loadgen.SETTINGS, 0, 0, settings)
+        writer.write(grpc_loadgen.PREFACE + hello + grpc_loadgen._frame(grpc_loadgen.WINDOW_UPDATE, 0, 0, window))
+        await asyncio.wait_for(connection.settled.wait(), _SETTLE_S)
+        return connection
 
     def _on_frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
         ended = kind == grpc_loadgen.HEADERS and flags & grpc_loadgen.END_STREAM

@@ -138,8 +138,9 @@ def _echo(tensor: Tensor) -> Tensor:
 # -- the server, in a thread with its own event loop ------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def door() -> Iterator[tuple[str, FakeDataPlane]]:
+@pytest.fixture(scope="module", params=["native", "grpcio"])
+def door(request: pytest.FixtureRequest) -> Iterator[tuple[str, FakeDataPlane]]:
+    """The door on each front (``--grpc-front``): the same tests hold for both."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="grpc-door", daemon=True)
     thread.start()
@@ -148,7 +149,7 @@ def door() -> Iterator[tuple[str, FakeDataPlane]]:
 
     async def start() -> GrpcServer:
         await trail.start()
-        bound = await create_grpc_server(service, "127.0.0.1", 0, max_message_bytes=1024 * 1024)
+        bound = await create_grpc_server(service, "127.0.0.1", 0, max_message_bytes=1024 * 1024, front=request.param)
         await bound.server.start()
         return bound
 
@@ -376,11 +377,12 @@ def test_stream_answers_and_errors_without_ending(client: grpcclient.InferenceSe
 def test_busy_port_is_refused(door: tuple[str, FakeDataPlane]) -> None:
     host, port = door[0].rsplit(":", 1)
 
-    async def bind_again() -> None:
-        await create_grpc_server(open_service(door[1])[0], host, int(port), max_message_bytes=1024)
+    async def bind_again(front: str) -> None:
+        await create_grpc_server(open_service(door[1])[0], host, int(port), max_message_bytes=1024, front=front)
 
-    with pytest.raises(OSError, match="cannot serve gRPC"):
-        asyncio.run(bind_again())
+    for front in ("native", "grpcio"):
+        with pytest.raises(OSError, match="cannot serve gRPC"):
+            asyncio.run(bind_again(front))
 
 
 # -- the codec on its own -----------------------------------------------------------------------

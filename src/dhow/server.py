@@ -352,18 +352,21 @@ class Server:
             )
         )
         self._http = http
+        grpcio = settings.grpc_front == "grpcio"
         grpc = await create_grpc_server(
             parts.service,
             settings.host,
             settings.grpc_port,
             max_message_bytes=settings.max_request_bytes,
-            credentials=certificates.grpc_credentials() if certificates is not None else None,
+            credentials=certificates.grpc_credentials() if certificates is not None and grpcio else None,
+            ssl_context=certificates.h2_context() if certificates is not None and not grpcio else None,
             reuse_port=settings.workers > 1,
             limits=GrpcConnectionLimits(
                 handshake_s=settings.header_timeout,
                 idle_s=settings.grpc_idle_timeout,
                 keepalive_s=settings.grpc_keepalive,
             ),
+            front=settings.grpc_front,
         )
         await grpc.server.start()
         self._grpc = grpc
@@ -375,13 +378,14 @@ class Server:
             await http_task
             raise SystemExit(f"dhow: cannot serve REST on {settings.host}:{settings.http_port}")
         log.info(
-            "dhow serving %s: REST on %s://%s:%d, gRPC on %s:%d, model control %s",
+            "dhow serving %s: REST on %s://%s:%d, gRPC on %s:%d (%s front), model control %s",
             settings.repository,
             "https" if certificates is not None else "http",
             settings.host,
             settings.http_port,
             settings.host,
             grpc.port,
+            settings.grpc_front,
             settings.model_control,
         )
         return http, http_task, grpc

@@ -67,15 +67,25 @@ class ServerCertificates:
     """The certificate both ports present, read again by ``reload``: new connections get the new one.
 
     REST: the port's protocol (``protocols.rest.tls``) starts TLS with ``context``, so ``reload`` loads the new
-    pair into that same context (connections already open keep theirs). gRPC: grpc asks ``_next`` at every
-    new connection's handshake, which hands the new configuration over once. The client CA is read at start only: an SSL
-    context can add trusted CAs but never forget one, so a CA change needs a restart.
+    pair into that same context (connections already open keep theirs), and into the native gRPC front's.
+    grpcio's gRPC front: grpc asks ``_next`` at every new connection's handshake, which hands the new
+    configuration over once. The client CA is read at start only: an SSL context can add trusted CAs but never
+    forget one, so a CA change needs a restart.
     """
 
     def __init__(self, settings: TlsSettings) -> None:
         self.settings = settings
         self.context = settings.ssl_context()
         self._pending: grpc.ServerCertificateConfiguration | None = None
+        self._h2_context: ssl.SSLContext | None = None
+
+    def h2_context(self) -> ssl.SSLContext:
+        """The gRPC port's context on the native front: the REST one's settings, offering HTTP/2 by ALPN."""
+        if self._h2_context is None:
+            context = self.settings.ssl_context()
+            context.set_alpn_protocols(["h2"])
+            self._h2_context = context
+        return self._h2_context
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
@@ -97,6 +107,8 @@ class ServerCertificates:
         try:
             configuration = settings.grpc_configuration()
             self.context.load_cert_chain(settings.cert, settings.key)
+            if self._h2_context is not None:
+                self._h2_context.load_cert_chain(settings.cert, settings.key)
         except (ssl.SSLError, OSError) as exc:
             raise InvalidInput(f"cannot use the TLS certificate {settings.cert} / key {settings.key}: {exc}") from None
         self._pending = configuration

@@ -147,6 +147,13 @@ class ServerSettings:
         metavar="N",
         group=_CONNECTIONS,
     )
+    grpc_front: str = _setting(
+        "native",
+        "what serves the gRPC port: 'native', dhow's own HTTP/2 on the event loop (a call costs less CPU than "
+        "over REST), or 'grpcio', grpc.aio's server (a call costs more than over REST)",
+        metavar="FRONT",
+        group=_CONNECTIONS,
+    )
     grpc_idle_timeout: float = _setting(
         300.0,
         "seconds a gRPC connection with no call in flight is kept open (then GOAWAY; clients reconnect)",

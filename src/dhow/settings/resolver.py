@@ -41,6 +41,7 @@ _CHOICES = {
     "loop": ("uvloop", "asyncio"),
     "auth": ("on", "none"),
     "tls_client_auth": ("required", "optional"),
+    "grpc_front": ("native", "grpcio"),
 }
 #: integer settings with a lower bound
 _AT_LEAST = {"workers": 1, "max_connections": 0, "keepalive_timeout": 1, "payload_log_queue": 1}

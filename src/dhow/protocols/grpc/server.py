@@ -1,9 +1,12 @@
-"""Build the gRPC door: a grpc.aio server bound to an address, serving ``InferenceServicer``, the standard
-health service and server reflection."""
+"""Build the gRPC door: a server bound to an address, serving ``InferenceServicer``, the standard health service
+and server reflection, over one of two fronts: ``native`` (dhow's own HTTP/2 on the event loop, ``h2``) or
+``grpcio`` (grpc.aio's server). Both serve the same handlers (``decoding.Methods``)."""
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 import grpc.aio
@@ -11,6 +14,7 @@ from grpc_health.v1 import health_pb2
 
 from dhow.protocols.grpc.decoding import Methods
 from dhow.protocols.grpc.generated import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
+from dhow.protocols.grpc.h2.server import NativeServer
 from dhow.protocols.grpc.health import add_health
 from dhow.protocols.grpc.reflection import add_reflection
 from dhow.protocols.grpc.service import InferenceServicer
@@ -42,11 +46,23 @@ class GrpcConnectionLimits:
         ]
 
 
+#: the fronts ``--grpc-front`` chooses from
+FRONTS = ("native", "grpcio")
+
+
+class GrpcFront(Protocol):
+    """What dhow uses of a gRPC server: grpc.aio's ``Server`` and the native front's ``NativeServer`` alike."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace: float | None) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class GrpcServer:
     """A bound, not yet started server; ``port`` is the port actually bound (useful with port 0)."""
 
-    server: grpc.aio.Server
+    server: GrpcFront
     host: str
     port: int
 
@@ -64,6 +80,8 @@ async def create_grpc_server(
     credentials: grpc.ServerCredentials | None = None,
     reuse_port: bool = False,
     limits: GrpcConnectionLimits | None = None,
+    front: str = "native",
+    ssl_context: ssl.SSLContext | None = None,
 ) -> GrpcServer:
     """Create the server and bind it; the caller starts it (``await bound.server.start()``) and
     stops it (``await bound.server.stop(grace)``), so it can start the doors together.
@@ -72,11 +90,26 @@ async def create_grpc_server(
     Raises ``OSError`` if the address cannot be bound. With ``credentials`` the port speaks TLS only.
     ``reuse_port`` shares the port with the other workers of a supervisor, which checked it was free.
     ``limits``: the time limits of connections (default: ``GrpcConnectionLimits()``).
+    ``front``: ``grpcio`` takes TLS as ``credentials``, ``native`` as ``ssl_context`` (which must offer ALPN
+    "h2": ``ServerCertificates.h2_context``).
     """
     methods = Methods()
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), methods)
     add_health(methods, service.dataplane.ready)
     add_reflection(methods, (model_config_pb2.DESCRIPTOR, grpc_service_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR), service)
+    if front not in FRONTS:
+        raise ValueError(f"unknown gRPC front {front!r}: choose one of {', '.join(FRONTS)}")
+    if (credentials is not None and front != "grpcio") or (ssl_context is not None and front != "native"):
+        raise ValueError(
+            f"TLS on the {front} gRPC front is given as {'ssl_context' if front == 'native' else 'credentials'}"
+        )
+    if front == "native":
+        native = NativeServer(methods, limits or GrpcConnectionLimits(), max_message_bytes, ssl_context)
+        try:
+            bound = await native.bind(host, port, reuse_port)
+        except OSError as exc:
+            raise OSError(f"cannot serve gRPC on {_address(host, port)}: {exc}") from None
+        return GrpcServer(native, host, bound)
     server = grpc.aio.server(
         handlers=[methods],
         options=[

@@ -1,0 +1,7 @@
+"""The native gRPC front: HTTP/2 read on the event loop's own connections (an ``asyncio.Protocol``, as uvicorn
+is for HTTP/1.1), serving the same handlers as grpc.aio's server (``decoding.Methods``) through the same
+admission point; no poller thread, no completion queue, one task per call.
+
+``frames``: HTTP/2 frames and HPACK; ``requests``: what a call's headers ask; ``calls``: a call's context and
+task; ``connection``: one connection's protocol; ``server``: the port and its stop.
+"""

@@ -1,0 +1,481 @@
+"""One HTTP/2 connection of the native gRPC front, read on the event loop as an ``asyncio.Protocol``.
+
+Frames are parsed as they arrive; a unary call's task starts when its request has ended, so calls that arrive
+in one read start together (and queue together for the batcher). Flow control both ways: the client may send
+``RECEIVE_WINDOW`` per stream and ``CONNECTION_WINDOW`` in all before the server's WINDOW_UPDATEs, sent as the
+bytes are taken; answers wait for the client's windows. A protocol error ends the connection with GOAWAY and
+the error's code; an error of one call ends that call only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import TYPE_CHECKING, Any, cast
+
+import grpc
+
+from dhow.protocols.grpc.h2 import frames as f
+from dhow.protocols.grpc.h2.calls import INBOX_LIMIT, RECEIVE_WINDOW, RESET, CallContext, Stream, run_call
+from dhow.protocols.grpc.h2.requests import parse_request
+from dhow.protocols.grpc.h2.sending import Sender, auth_context, peer_name, trailers
+
+if TYPE_CHECKING:
+    from dhow.protocols.grpc.h2.server import Front
+
+log = logging.getLogger("dhow.grpc")
+
+CONNECTION_WINDOW = 16 * 1024 * 1024
+MAX_FRAME_IN = 1024 * 1024
+MAX_STREAMS = 1000
+MAX_HEADER_LIST = 64 * 1024
+_OUR_SETTINGS = f.settings(
+    {
+        f.SETTINGS_MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+        f.SETTINGS_INITIAL_WINDOW_SIZE: RECEIVE_WINDOW,
+        f.SETTINGS_MAX_FRAME_SIZE: MAX_FRAME_IN,
+        f.SETTINGS_MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+    }
+) + f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW)
+_HEADERS_FRAME = struct.Struct(">BHBBL")
+
+
+class H2Connection(Sender, asyncio.Protocol):
+    """One client's connection: frames in, calls started, frames out (``Sender``)."""
+
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.loop = front.loop
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.auth_context: dict[str, list[bytes]] = {}
+        self.streams: dict[int, Stream] = {}
+        self.decoder = f.HeaderDecoder(MAX_HEADER_LIST)
+        self.last_stream = 0
+        self.send_window = f.DEFAULT_WINDOW
+        self.initial_send_window = f.DEFAULT_WINDOW
+        self.max_frame_out = f.DEFAULT_FRAME_SIZE
+        self.receive_window = CONNECTION_WINDOW
+        self.received = 0
+        self.closed = False
+        self.goaway_sent = False
+        self.peer_goaway = False
+        self._pending = bytearray()
+        self._preface = False
+        self._settings = False
+        self._continuing: tuple[int, int, list[bytes]] | None = None
+        self._window = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._timers: list[asyncio.TimerHandle] = []
+        # keepalive and idle, counted by a tick rather than timed at every read
+        self._reads = self._reads_seen = self._opened = self._opened_seen = 0
+        self._quiet = self._idle = self._ping_wait = 0.0
+        self._ping_out = False
+
+    # -- the connection's life ----------------------------------------------------------------------------
+
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not subclasses of asyncio's: no isinstance check
+        self.transport = transport = cast(asyncio.Transport, base)
+        self.peer = peer_name(transport.get_extra_info("peername"))
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            if ssl_object.selected_alpn_protocol() not in (None, "h2"):
+                transport.close()  # an HTTPS client that did not ask for HTTP/2
+                return
+            self.auth_context = auth_context(transport.get_extra_info("peercert"))
+        self.front.connections.add(self)
+        transport.write(_OUR_SETTINGS)
+        limits = self.front.limits
+        self._timers.append(self.loop.call_later(limits.handshake_s, self._handshake_over))
+        self._tick_s = max(0.05, min(limits.keepalive_s, limits.keepalive_timeout_s, limits.idle_s) / 4)
+        self._timers.append(self.loop.call_later(self._tick_s, self._tick))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.front.connections.discard(self)
+        for timer in self._timers:
+            timer.cancel()
+        for stream in list(self.streams.values()):
+            self._end_call(stream, RESET)
+        self._window.set()
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def close_with(self, code: int, reason: str) -> None:
+        """GOAWAY with ``code`` (the reason as its debug data), then close once what is written has left."""
+        if self.transport is not None and not self.closed:
+            if code != f.NO_ERROR:
+                log.info("gRPC connection from %s closed: %s", self.peer, reason)
+            self.transport.write(f.goaway(self.last_stream, code, reason))
+            self.goaway_sent = True
+            self.transport.close()
+            self.closed = True
+
+    def drain(self) -> None:
+        """Stop: no new calls (GOAWAY), the ones in flight go on; closed when the last ends."""
+        if self.transport is None or self.closed or self.goaway_sent:
+            return
+        self.transport.write(f.goaway(self.last_stream, f.NO_ERROR, "the server is stopping"))
+        self.goaway_sent = True
+        if not self.streams:
+            self.transport.close()
+            self.closed = True
+
+    def cut(self) -> list[asyncio.Task[None]]:
+        """End every call in flight with UNAVAILABLE; the tasks still finishing are returned."""
+        tasks = []
+        for stream in list(self.streams.values()):
+            self._end_call(stream, (grpc.StatusCode.UNAVAILABLE, "the server stopped before the call ended"))
+            if stream.task is not None and not stream.task.done():
+                tasks.append(stream.task)
+        return tasks
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+            self.closed = True
+
+    def _handshake_over(self) -> None:
+        if not self._settings:
+            self.close_with(f.PROTOCOL_ERROR, "handshake timeout: no HTTP/2 preface and SETTINGS in time")
+
+    def _tick(self) -> None:
+        if self.closed:
+            return
+        limits, step = self.front.limits, self._tick_s
+        if self._ping_out:
+            self._ping_wait += step
+            if self._ping_wait >= limits.keepalive_timeout_s:
+                self.close_with(f.NO_ERROR, "keepalive ping not answered")
+                return
+        self._quiet = self._quiet + step if self._reads == self._reads_seen else 0.0
+        self._idle = self._idle + step if not self.streams and self._opened == self._opened_seen else 0.0
+        self._reads_seen, self._opened_seen = self._reads, self._opened
+        if self._idle >= limits.idle_s:
+            self.close_with(f.NO_ERROR, "max_idle")
+            return
+        if self._quiet >= limits.keepalive_s and not self._ping_out:
+            self.write(f.frame(f.PING, 0, 0, b"keepaliv"))
+            self._ping_out, self._ping_wait, self._quiet = True, 0.0, 0.0
+        self._timers[1] = self.loop.call_later(step, self._tick)
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._reads += 1
+        pending = self._pending
+        if pending:
+            pending += data
+            if len(pending) < 9 or (
+                self._preface and len(pending) < 9 + (pending[0] << 16 | pending[1] << 8 | pending[2])
+            ):
+                return  # the frame is not whole yet: keep gathering
+            data = bytes(pending)
+            pending.clear()
+        try:
+            used = self._frames(data)
+        except f.ConnectionError_ as exc:
+            self.close_with(exc.code, exc.reason)
+            return
+        if used < len(data):
+            pending += memoryview(data)[used:]
+
+    def _frames(self, data: bytes) -> int:
+        position, end = 0, len(data)
+        if not self._preface:
+            if end < 24:
+                if data != f.PREFACE[:end]:
+                    raise f.ConnectionError_(f.PROTOCOL_ERROR, "not an HTTP/2 connection preface (gRPC needs HTTP/2)")
+                return 0
+            if data[:24] != f.PREFACE:
+                raise f.ConnectionError_(f.PROTOCOL_ERROR, "not an HTTP/2 connection preface (gRPC needs HTTP/2)")
+            self._preface, position = True, 24
+        unpack = f.FRAME_HEADER.unpack_from
+        while end - position >= 9:
+            high, low, kind, flags, stream_id = unpack(data, position)
+            length = high << 16 | low
+            if length > MAX_FRAME_IN:
+                raise f.ConnectionError_(f.FRAME_SIZE_ERROR, f"a frame of {length} bytes, above {MAX_FRAME_IN}")
+            stop = position + 9 + length
+            if stop > end:
+                break
+            payload = data[position + 9 : stop]
+            position = stop
+            stream_id &= 0x7FFFFFFF
+            if self._continuing is not None and kind != f.CONTINUATION:
+                raise f.ConnectionError_(f.PROTOCOL_ERROR, "a header block was interrupted by another frame")
+            if not self._settings and kind != f.SETTINGS:
+                raise f.ConnectionError_(f.PROTOCOL_ERROR, "the first frame must be SETTINGS")
+            if kind == f.DATA:
+                self._data(flags, stream_id, payload)
+            elif kind == f.HEADERS:
+                self._headers(flags, stream_id, payload)
+            elif kind == f.WINDOW_UPDATE:
+                self._window_update(stream_id, payload)
+            elif kind == f.SETTINGS:
+                self._apply_settings(flags, stream_id, payload)
+            elif kind == f.PING:
+                self._ping(flags, stream_id, payload)
+            elif kind == f.RST_STREAM:
+                self._rst_stream(stream_id, payload)
+            elif kind == f.CONTINUATION:
+                self._continuation(flags, stream_id, payload)
+            elif kind == f.GOAWAY:
+                self.peer_goaway = True
+                if not self.streams:
+                    self.close()
+            elif kind == f.PRIORITY:
+                if length != 5:
+                    self.write(f.rst_stream(stream_id, f.FRAME_SIZE_ERROR))
+            elif kind == f.PUSH_PROMISE:
+                raise f.ConnectionError_(f.PROTOCOL_ERROR, "a client may not send PUSH_PROMISE")
+            # frames of unknown types are ignored, as HTTP/2 says
+        return position
+
+    def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id == 0:
+            raise f.ConnectionError_(f.PROTOCOL_ERROR, "DATA on stream 0")
+        size = len(payload)
+        self.receive_window -= size
+        if self.receive_window < 0:
+            raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "DATA beyond the connection's window")
+        self.received += size
+        if self.received >= CONNECTION_WINDOW // 2:
+            self.write(f.window_update(0, self.received))
+            self.receive_window += self.received
+            self.received = 0
+        if flags & f.PADDED:
+            payload = f.unpadded(payload)
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.remote_closed:
+            if stream_id > self.last_stream:
+                raise f.ConnectionError_(f.PROTOCOL_ERROR, f"DATA on stream {stream_id}, never opened")
+            if stream is not None:
+                self._fail(
+                    stream, grpc.StatusCode.INTERNAL, "DATA after the end of the request stream", f.STREAM_CLOSED
+                )
+            return  # a stream ended or reset here: its frames in flight are dropped
+        stream.received += size
+        if stream.received > RECEIVE_WINDOW:
+            self._fail(stream, grpc.StatusCode.INTERNAL, "DATA beyond the stream's window", f.FLOW_CONTROL_ERROR)
+            return
+        if stream.ending is not False:
+            return  # the call has ended (failed, expired): what the client still sends is dropped
+        if payload:
+            self._take(stream, payload)
+        if flags & f.END_STREAM:
+            stream.remote_closed = True
+            self._request_ended(stream)
+        elif stream.received >= RECEIVE_WINDOW // 2 and (stream.inbox is None or stream.inbox.qsize() < INBOX_LIMIT):
+            self.credit(stream)
+
+    def credit(self, stream: Stream) -> None:
+        """Let the client send as much again on the stream as it has sent since the last WINDOW_UPDATE."""
+        if stream.ending is False and not stream.remote_closed and stream.received:
+            self.write(f.window_update(stream.id, stream.received))
+            stream.received = 0
+
+    def _take(self, stream: Stream, payload: bytes) -> None:
+        """The payload's whole messages, to the call; a partial one waits in the stream's buffer."""
+        try:
+            messages = stream.take(payload, self.front.max_message)
+        except OverflowError as exc:
+            self._fail(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            return
+        except ValueError as exc:
+            self._fail(stream, grpc.StatusCode.INTERNAL, str(exc))
+            return
+        if stream.inbox is not None:
+            for message in messages:
+                stream.inbox.put_nowait(message)
+        else:
+            stream.messages += messages
+
+    def _request_ended(self, stream: Stream) -> None:
+        if stream.ending is not False:
+            return
+        if stream.buffer:
+            self._fail(stream, grpc.StatusCode.INTERNAL, "the request stream ended inside a message")
+        elif stream.inbox is not None:
+            stream.inbox.put_nowait(None)
+        elif len(stream.messages) != 1:
+            count = len(stream.messages)
+            self._fail(stream, grpc.StatusCode.INTERNAL, f"a unary call needs one request message, it sent {count}")
+        else:
+            stream.task = self.loop.create_task(run_call(self, stream))
+
+    def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id == 0:
+            raise f.ConnectionError_(f.PROTOCOL_ERROR, "HEADERS on stream 0")
+        if flags & f.PADDED:
+            payload = f.unpadded(payload)
+        if flags & f.PRIORITY_FLAG:
+            payload = payload[5:]
+        if flags & f.END_HEADERS:
+            self._header_block(flags, stream_id, payload)
+        else:
+            self._continuing = (stream_id, flags, [payload])
+
+    def _continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
+        continuing = self._continuing
+        if continuing is None or continuing[0] != stream_id:
+            raise f.ConnectionError_(f.PROTOCOL_ERROR, "CONTINUATION without the HEADERS it continues")
+        continuing[2].append(payload)
+        if sum(len(part) for part in continuing[2]) > 2 * MAX_HEADER_LIST:
+            raise f.ConnectionError_(f.ENHANCE_YOUR_CALM, "a header block larger than the server takes")
+        if flags & f.END_HEADERS:
+            self._continuing = None
+            self._header_block(continuing[1], stream_id, b"".join(continuing[2]))
+
+    def _header_block(self, flags: int, stream_id: int, block: bytes) -> None:
+        decoded = self.decoder.decode(block)  # always: it keeps HPACK's table in step with the client's
+        stream = self.streams.get(stream_id)
+        if stream is not None:  # trailers from the client end its side
+            if not flags & f.END_STREAM:
+                raise f.ConnectionError_(f.PROTOCOL_ERROR, "a second header block that does not end the stream")
+            stream.remote_closed = True
+            self._request_ended(stream)
+            return
+        if stream_id % 2 == 0 or stream_id <= self.last_stream:
+            raise f.ConnectionError_(f.PROTOCOL_ERROR, f"HEADERS opening stream {stream_id}, not a new client stream")
+        self.last_stream = stream_id
+        if self.goaway_sent or len(self.streams) >= MAX_STREAMS:
+            self.write(f.rst_stream(stream_id, f.REFUSED_STREAM))
+            return
+        self._opened += 1
+        request = decoded.request if decoded.request is not None else parse_request(decoded, self.front)
+        if request.refusal is not None:
+            status, code, message = request.refusal
+            block = status + trailers(code.value[0], message, ())
+            end = b"" if flags & f.END_STREAM else f.rst_stream(stream_id, f.NO_ERROR)
+            self.write(f.header_frames(stream_id, block, True, self.max_frame_out) + end)
+            return
+        assert request.method is not None
+        stream = Stream(stream_id, request.method, self.initial_send_window, request.gzip)
+        deadline = None if request.timeout is None else self.loop.time() + request.timeout
+        stream.context = CallContext(self, stream, decoded, deadline)
+        self.streams[stream_id] = stream
+        if request.timeout is not None:
+            stream.timer = self.loop.call_later(request.timeout, self._expired, stream)
+        if request.method.request_streaming:
+            stream.inbox = asyncio.Queue()
+            stream.task = self.loop.create_task(run_call(self, stream))
+        if flags & f.END_STREAM:
+            stream.remote_closed = True
+            self._request_ended(stream)
+
+    def _expired(self, stream: Stream) -> None:
+        self._end_call(stream, (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+
+    def _rst_stream(self, stream_id: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise f.ConnectionError_(f.FRAME_SIZE_ERROR, "RST_STREAM must carry 4 bytes")
+        if stream_id == 0 or stream_id > self.last_stream:
+            raise f.ConnectionError_(f.PROTOCOL_ERROR, f"RST_STREAM on stream {stream_id}, never opened")
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.remote_closed = True
+            self._end_call(stream, RESET)
+
+    def _window_update(self, stream_id: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise f.ConnectionError_(f.FRAME_SIZE_ERROR, "WINDOW_UPDATE must carry 4 bytes")
+        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if stream_id == 0:
+            if increment == 0:
+                raise f.ConnectionError_(f.PROTOCOL_ERROR, "a WINDOW_UPDATE of 0")
+            self.send_window += increment
+            if self.send_window > f.MAX_WINDOW:
+                raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "the connection's window above 2^31-1")
+        elif (stream := self.streams.get(stream_id)) is not None:
+            stream.send_window += increment
+            if increment == 0 or stream.send_window > f.MAX_WINDOW:
+                self._fail(stream, grpc.StatusCode.INTERNAL, "a bad WINDOW_UPDATE", f.FLOW_CONTROL_ERROR)
+        self._window.set()
+
+    def _apply_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id != 0:
+            raise f.ConnectionError_(f.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & f.ACK:
+            if payload:
+                raise f.ConnectionError_(f.FRAME_SIZE_ERROR, "a SETTINGS acknowledgement with a payload")
+            return
+        if len(payload) % 6:
+            raise f.ConnectionError_(f.FRAME_SIZE_ERROR, "SETTINGS not a multiple of 6 bytes")
+        for offset in range(0, len(payload), 6):
+            key, value = struct.unpack_from(">HL", payload, offset)
+            if key == f.SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > f.MAX_WINDOW:
+                    raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1")
+                delta, self.initial_send_window = value - self.initial_send_window, value
+                for stream in self.streams.values():
+                    stream.send_window += delta
+            elif key == f.SETTINGS_MAX_FRAME_SIZE:
+                if not f.DEFAULT_FRAME_SIZE <= value <= f.MAX_FRAME_SIZE_LIMIT:
+                    raise f.ConnectionError_(f.PROTOCOL_ERROR, f"SETTINGS_MAX_FRAME_SIZE {value} out of range")
+                self.max_frame_out = value
+            elif key == f.SETTINGS_ENABLE_PUSH and value > 1:
+                raise f.ConnectionError_(f.PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH must be 0 or 1")
+            # HEADER_TABLE_SIZE: the server never adds to the client's table; the rest concern a client
+        self.write(f.frame(f.SETTINGS, f.ACK, 0))
+        if not self._settings:
+            self._settings = True
+            self._timers[0].cancel()
+        self._window.set()
+
+    def _ping(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id != 0:
+            raise f.ConnectionError_(f.PROTOCOL_ERROR, "PING on a stream")
+        if len(payload) != 8:
+            raise f.ConnectionError_(f.FRAME_SIZE_ERROR, "PING must carry 8 bytes")
+        if flags & f.ACK:
+            self._ping_out = False
+        else:
+            self.write(f.frame(f.PING, f.ACK, 0, payload))
+
+    # -- ending calls -------------------------------------------------------------------------------------
+
+    def _fail(self, stream: Stream, code: grpc.StatusCode, message: str, reset: int = f.NO_ERROR) -> None:
+        """End one call with ``code`` (its stream reset with ``reset`` unless the client has ended its side)."""
+        self._end_call(stream, (code, message))
+        if reset != f.NO_ERROR:
+            self.write(f.rst_stream(stream.id, reset))
+
+    def _end_call(self, stream: Stream, ending: Any) -> None:
+        if stream.ending is not False:
+            return
+        stream.ending = ending
+        if stream.timer is not None:
+            stream.timer.cancel()
+        task = stream.task
+        if task is not None and stream.started:
+            task.cancel()  # run_call sends the ending's status
+        elif task is None:
+            if ending is not RESET:
+                self.end(stream, ending[0].value[0], ending[1], ())
+            self.closed_stream(stream)
+        # a task not started yet sees the ending when it starts
+
+    def call_ended(self, stream: Stream) -> None:
+        """The call's task has ended."""
+        if stream.ending is False:
+            stream.ending = True
+        if stream.timer is not None:
+            stream.timer.cancel()
+        self.closed_stream(stream)
+
+    def closed_stream(self, stream: Stream) -> None:
+        if self.streams.get(stream.id) is stream:
+            del self.streams[stream.id]
+            if not self.streams and (self.goaway_sent or self.peer_goaway):
+                self.close()

@@ -1,0 +1,135 @@
+"""What a native-front connection sends: a unary answer in one write when the client's windows take it, other
+messages in frames as its windows open (WINDOW_UPDATE), and each call's status as trailers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import urllib.parse
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from dhow.protocols.grpc.h2 import frames as f
+from dhow.protocols.grpc.h2.calls import Stream
+
+if TYPE_CHECKING:
+    from dhow.protocols.grpc.h2.server import Front
+
+
+class Sender:
+    """The writing half of ``H2Connection``, which sets these attributes."""
+
+    front: Front
+    transport: asyncio.Transport | None
+    closed: bool
+    send_window: int
+    max_frame_out: int
+    _window: asyncio.Event
+    _writable: asyncio.Event
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def send_headers(self, stream: Stream) -> None:
+        if not stream.headers_sent:
+            stream.headers_sent = True
+            self.write(f.frame(f.HEADERS, f.END_HEADERS, stream.id, f.RESPONSE_HEADERS))
+
+    def respond(self, stream: Stream, data: bytes, trailing: Sequence[tuple[str, str | bytes]]) -> bool:
+        """A unary answer in one write, when the windows take it whole; False to send it by ``send_message``."""
+        size = len(data) + 5
+        if size > self.send_window or size > stream.send_window or size > self.max_frame_out or stream.headers_sent:
+            return False
+        if len(data) > self.front.max_message:
+            raise OverflowError(f"Sent message larger than max ({len(data)} vs. {self.front.max_message})")
+        self.send_window -= size
+        stream.send_window -= size
+        stream.headers_sent, stream.ending = True, True
+        sid = stream.id
+        status = f.OK_TRAILERS if not trailing else trailers(0, "", trailing)
+        end = b"" if stream.remote_closed else f.rst_stream(sid, f.NO_ERROR)
+        self.write(
+            b"".join(
+                (
+                    f.frame(f.HEADERS, f.END_HEADERS, sid, f.RESPONSE_HEADERS),
+                    f.frame(f.DATA, 0, sid, b"\x00" + len(data).to_bytes(4, "big") + data),
+                    f.header_frames(sid, status, True, self.max_frame_out),
+                    end,
+                )
+            )
+        )
+        return True
+
+    async def send_message(self, stream: Stream, data: bytes) -> None:
+        """One message, in frames the client's windows and frame size allow (waiting for WINDOW_UPDATE)."""
+        if len(data) > self.front.max_message:
+            raise OverflowError(f"Sent message larger than max ({len(data)} vs. {self.front.max_message})")
+        self.send_headers(stream)
+        message = memoryview(b"\x00" + len(data).to_bytes(4, "big") + data)
+        position = 0
+        while position < len(message):
+            allowed = min(self.send_window, stream.send_window, self.max_frame_out, len(message) - position)
+            if self.closed:
+                raise asyncio.CancelledError
+            if allowed <= 0:
+                self._window.clear()
+                await self._window.wait()
+                continue
+            self.write(f.frame(f.DATA, 0, stream.id, bytes(message[position : position + allowed])))
+            position += allowed
+            self.send_window -= allowed
+            stream.send_window -= allowed
+            if not self._writable.is_set():
+                await self._writable.wait()
+
+    def end(self, stream: Stream, code: int, message: str, trailing: Sequence[tuple[str, str | bytes]]) -> None:
+        """The call's status: trailers after an answer, or alone (trailers-only) when none was sent."""
+        block = trailers(code, message, trailing)
+        if not stream.headers_sent:
+            block = f.RESPONSE_HEADERS + block
+            stream.headers_sent = True
+        end = b"" if stream.remote_closed else f.rst_stream(stream.id, f.NO_ERROR)
+        self.write(f.header_frames(stream.id, block, True, self.max_frame_out) + end)
+
+
+def trailers(code: int, message: str, trailing: Sequence[tuple[str, str | bytes]]) -> bytes:
+    if code == 0 and not message and not trailing:
+        return f.OK_TRAILERS
+    parts = [f.literal(b"grpc-status", str(code).encode())]
+    if message:
+        parts.append(f.literal(b"grpc-message", urllib.parse.quote(message, safe=_UNRESERVED).encode()))
+    for key, value in trailing:
+        if isinstance(value, bytes):
+            parts.append(f.literal(key.encode(), _base64(value)))
+        else:
+            parts.append(f.literal(key.encode(), value.encode("latin-1", "replace")))
+    return b"".join(parts)
+
+
+#: what grpc-message keeps as it is: printable ASCII but '%'
+_UNRESERVED = "".join(chr(c) for c in range(0x20, 0x7F) if c != 0x25)
+
+
+def _base64(value: bytes) -> bytes:
+    return base64.b64encode(value).rstrip(b"=")
+
+
+def peer_name(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+    return f"unix:{address}"
+
+
+def auth_context(certificate: Any) -> dict[str, list[bytes]]:
+    context = {"transport_security_type": [b"ssl"]}
+    names = [
+        value.encode()
+        for field in (certificate or {}).get("subject", ())
+        for key, value in field
+        if key == "commonName"
+    ]
+    if names:
+        context["x509_common_name"] = names
+    return context

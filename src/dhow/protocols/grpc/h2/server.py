@@ -1,0 +1,114 @@
+"""The native gRPC front's listening side: it binds the port, serves a connection per client, and stops as
+grpc.aio's server does (``stop(grace)``: GOAWAY, the calls in flight get ``grace`` seconds, then UNAVAILABLE)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from dhow.protocols.grpc.h2.calls import Method
+from dhow.protocols.grpc.h2.connection import H2Connection
+
+if TYPE_CHECKING:
+    from dhow.protocols.grpc.decoding import Methods
+    from dhow.protocols.grpc.server import GrpcConnectionLimits
+
+__all__ = ["Front", "NativeServer"]
+
+#: how often a stop looks whether the calls in flight have ended
+_DRAIN_POLL_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class _CallDetails:
+    """What grpc's handlers look a method up by (``grpc.HandlerCallDetails``)."""
+
+    method: str
+    invocation_metadata: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(slots=True)
+class Front:
+    """What every connection of the port shares: the methods, the limits, the connections open."""
+
+    methods: Methods
+    limits: GrpcConnectionLimits
+    max_message: int
+    loop: asyncio.AbstractEventLoop
+    connections: set[H2Connection] = field(default_factory=set)
+    _found: dict[str, Method] = field(default_factory=dict)
+
+    def method(self, name: str) -> Method | None:
+        found = self._found.get(name)
+        if found is None:
+            handler = self.methods.service(_CallDetails(name))  # type: ignore[arg-type]
+            if handler is None:
+                return None  # unknown names are not kept: a client could send any number of them
+            found = self._found[name] = Method.of(handler)
+        return found
+
+
+class NativeServer:
+    """Serves ``methods`` over HTTP/2 on the event loop; the interface of ``grpc.aio.Server`` dhow uses."""
+
+    def __init__(
+        self, methods: Methods, limits: GrpcConnectionLimits, max_message: int, ssl_context: ssl.SSLContext | None
+    ) -> None:
+        self.front = Front(methods, limits, max_message, asyncio.get_running_loop())
+        self._ssl = ssl_context
+        self._server: asyncio.Server | None = None
+        self._cut = asyncio.Event()
+        self._stopped = False
+
+    async def bind(self, host: str, port: int, reuse_port: bool) -> int:
+        """Listen (not yet accepting); the port bound. Raises ``OSError`` when the address cannot be bound."""
+        self._server = await self.front.loop.create_server(
+            lambda: H2Connection(self.front),
+            host,
+            port,
+            ssl=self._ssl,
+            ssl_handshake_timeout=self.front.limits.handshake_s if self._ssl is not None else None,
+            reuse_port=reuse_port or None,
+            backlog=1024,
+            start_serving=False,
+        )
+        sockets: Any = self._server.sockets
+        return int(sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        assert self._server is not None, "bind first"
+        await self._server.start_serving()
+
+    async def stop(self, grace: float | None) -> None:
+        """Close the port, GOAWAY every connection, give the calls in flight ``grace`` seconds (None: none),
+        then end those left with UNAVAILABLE. A second ``stop`` while one waits cuts the wait short."""
+        if self._stopped:
+            self._cut.set()
+            await self._end_calls()
+            return
+        self._stopped = True
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.front.connections):
+            connection.drain()
+        remaining = grace or 0.0
+        loop = self.front.loop
+        deadline = loop.time() + remaining
+        while any(c.streams for c in self.front.connections) and not self._cut.is_set():
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._cut.wait(), min(_DRAIN_POLL_S, left))
+        await self._end_calls()
+
+    async def _end_calls(self) -> None:
+        connections = list(self.front.connections)
+        tasks = [task for connection in connections for task in connection.cut()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        for connection in connections:
+            connection.close()
