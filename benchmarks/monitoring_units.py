@@ -69,8 +69,9 @@ def run_unit(unit: str, count: int) -> None:
     elif unit == "render":
         import orjson
 
+        from dhow.core.frames import decode_frames
         from dhow.governance.masking import Masker, parse_masking
-        from dhow.monitoring.payload_log import decode_frames, encode_frame
+        from dhow.monitoring.payload_log import encode_frame
         from dhow.serving.payload_writer import cloud_event
 
         masker = Masker(parse_masking(None, "pii"), b"")

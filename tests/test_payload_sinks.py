@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from dhow.core.errors import InvalidInput
+from dhow.core.frames import decode_frames
 from dhow.governance.masking import Masker, parse_masking
-from dhow.monitoring.payload_log import decode_frames, encode_frame
+from dhow.monitoring.payload_log import encode_frame
 from dhow.monitoring.payload_sinks import FileSink, open_sink, worker_sink_url
 from dhow.serving.payload_writer import cloud_event
 

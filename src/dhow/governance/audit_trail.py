@@ -21,8 +21,9 @@ from typing import Literal
 import orjson
 
 from dhow.core.errors import DhowError, InvalidInput, Unavailable
+from dhow.core.frames import decode_frame_length
 from dhow.governance.audit import AuditRecord, AuditStore
-from dhow.governance.audit_writer import decode_frame_length, encode_frame
+from dhow.governance.audit_writer import encode_frame
 
 __all__ = ["AuditTrail"]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import select
-import struct
 import sys
 import time
 from typing import IO, Any
@@ -23,22 +22,18 @@ from typing import IO, Any
 import orjson
 
 from dhow.core.errors import DhowError
+from dhow.core.frames import decode_frames, frame
 from dhow.governance.audit import AuditRecord, AuditStore
 
-__all__ = ["decode_frame_length", "encode_frame", "main"]
+__all__ = ["encode_frame", "main"]
 
-_LENGTH = struct.Struct(">I")
 #: what a frame's JSON may hold that plain JSON does not (masked payload samples may carry numpy values)
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
 def encode_frame(document: Any) -> bytes:
     body = orjson.dumps(document, default=str, option=_JSON_OPTIONS)
-    return _LENGTH.pack(len(body)) + body
-
-
-def decode_frame_length(header: bytes) -> int:
-    return int(_LENGTH.unpack(header)[0])
+    return frame(body)
 
 
 #: how long the writer waits for more records before a transaction, unless a frame asks for durability now
@@ -54,15 +49,7 @@ class FrameReader:
         self.closed = False
 
     def _parse(self) -> list[Any]:
-        frames, offset, buffer = [], 0, self.buffer
-        while len(buffer) - offset >= _LENGTH.size:
-            end = offset + _LENGTH.size + _LENGTH.unpack_from(buffer, offset)[0]
-            if len(buffer) < end:
-                break
-            frames.append(orjson.loads(bytes(buffer[offset + _LENGTH.size : end])))
-            offset = end
-        del buffer[:offset]  # once per read: deleting frame by frame would move the rest each time
-        return frames
+        return decode_frames(self.buffer)
 
     def _fill(self) -> None:
         chunk = os.read(self.fd, 1 << 20)

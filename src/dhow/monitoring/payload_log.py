@@ -23,7 +23,6 @@ import contextlib
 import logging
 import os
 import select
-import struct
 import subprocess
 import threading
 import time
@@ -35,6 +34,7 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from dhow.core.errors import InvalidInput
+from dhow.core.frames import decode_frames, frame
 
 __all__ = [
     "EVENT_TYPES",
@@ -44,7 +44,6 @@ __all__ = [
     "PayloadCounts",
     "PayloadLog",
     "PayloadSink",
-    "decode_frames",
     "encode_frame",
 ]
 
@@ -61,7 +60,6 @@ FIELDS = ("request_id", "model", "version", "principal", "tenant", "data_region"
 #: the indexes the data plane sets after the request ran
 VERSION, OUTCOME, ERROR, LATENCY, OUTPUTS = 2, 6, 7, 9, 12
 
-_LENGTH = struct.Struct(">I")
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 #: how long the server waits for the writer to open its sink (a Kafka producer, a file) at start
 _START_TIMEOUT_S = 300.0
@@ -117,7 +115,7 @@ def encode_frame(document: Any) -> bytes:
         body = orjson.dumps(document, default=_plain, option=_NUMPY)
     except TypeError:  # an array orjson refuses as it is (not native-endian): as lists
         body = orjson.dumps(_lists(document), default=_plain, option=_NUMPY)
-    return _LENGTH.pack(len(body)) + body
+    return frame(body)
 
 
 def _lists(value: Any) -> Any:
@@ -128,19 +126,6 @@ def _lists(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_lists(item) for item in value]
     return value
-
-
-def decode_frames(buffer: bytearray) -> list[Any]:
-    """The whole frames at the start of ``buffer``, removed from it."""
-    frames, offset = [], 0
-    while len(buffer) - offset >= _LENGTH.size:
-        end = offset + _LENGTH.size + _LENGTH.unpack_from(buffer, offset)[0]
-        if len(buffer) < end:
-            break
-        frames.append(orjson.loads(bytes(buffer[offset + _LENGTH.size : end])))
-        offset = end
-    del buffer[:offset]
-    return frames
 
 
 class PayloadLog:

@@ -30,8 +30,9 @@ import numpy as np
 import orjson
 
 from dhow.core.errors import DhowError
+from dhow.core.frames import decode_frames
 from dhow.governance.masking import Masker
-from dhow.monitoring.payload_log import EVENT_TYPES, MAX_MASKINGS, PayloadSink, decode_frames, encode_frame
+from dhow.monitoring.payload_log import EVENT_TYPES, MAX_MASKINGS, PayloadSink, encode_frame
 from dhow.monitoring.payload_sinks import open_sink
 
 __all__ = ["Writer", "cloud_event", "main"]

@@ -1,0 +1,37 @@
+"""Length-prefixed JSON frames: how the server talks to its writer processes (the audit trail's, the payload
+log's) over their pipes. A frame is a 4-byte big-endian length, then that many bytes of JSON; what goes into the
+JSON (numpy values, masking specs) is each writer's own choice, the framing is one."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import orjson
+
+__all__ = ["HEADER_SIZE", "decode_frame_length", "decode_frames", "frame"]
+
+_LENGTH = struct.Struct(">I")
+HEADER_SIZE = _LENGTH.size
+
+
+def frame(body: bytes) -> bytes:
+    """``body`` (JSON) with its length in front."""
+    return _LENGTH.pack(len(body)) + body
+
+
+def decode_frame_length(header: bytes) -> int:
+    return int(_LENGTH.unpack(header)[0])
+
+
+def decode_frames(buffer: bytearray) -> list[Any]:
+    """The whole frames at the start of ``buffer``, decoded and removed from it; a partial frame stays."""
+    frames, offset = [], 0
+    while len(buffer) - offset >= HEADER_SIZE:
+        end = offset + HEADER_SIZE + _LENGTH.unpack_from(buffer, offset)[0]
+        if len(buffer) < end:
+            break
+        frames.append(orjson.loads(bytes(buffer[offset + HEADER_SIZE : end])))
+        offset = end
+    del buffer[:offset]  # once per read: deleting frame by frame would move the rest each time
+    return frames
