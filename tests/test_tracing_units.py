@@ -4,9 +4,11 @@ for requests without a parent."""
 from __future__ import annotations
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from dhow.core.errors import InvalidInput
 from dhow.monitoring.tracing import Tracing, parse_traceparent, traces_url
+from dhow.serving.composition import TRACE_WRITER
 
 TRACE, SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 
@@ -36,8 +38,13 @@ def test_a_malformed_traceparent_is_no_parent(value: str | None) -> None:
     assert parse_traceparent(value) is None
 
 
+def _tracing(ratio: float) -> Tracing:
+    """A tracer with its own writer process (a collector that is not there: nothing is exported) and metrics."""
+    return Tracing("http://127.0.0.1:9", ratio, command=TRACE_WRITER, registry=CollectorRegistry())
+
+
 def test_sampling_follows_the_caller_else_the_ratio() -> None:
-    never, always = Tracing("http://127.0.0.1:9", 0.0), Tracing("http://127.0.0.1:9", 1.0)
+    never, always = _tracing(0.0), _tracing(1.0)
     try:
         times = (1, 2, 3)
         assert never.start({}, "m", "r", times) is None
@@ -111,7 +118,7 @@ def test_the_export_parses_as_the_message_opentelemetry_proto_builds() -> None:
 
 
 def test_the_door_decides_once_and_a_sampled_request_makes_its_spans_at_export() -> None:
-    tracing = Tracing("http://127.0.0.1:9", 0.0)
+    tracing = _tracing(0.0)
     try:
         assert tracing.sample(None) is None, "no parent, ratio 0: not traced"
         assert tracing.sample(f"00-{TRACE}-{SPAN}-00") is None, "the caller's unsampled flag is followed"

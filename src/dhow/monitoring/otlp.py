@@ -16,7 +16,14 @@ from typing import Any, NamedTuple
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
-__all__ = ["SPAN_KIND_INTERNAL", "SPAN_KIND_SERVER", "FinishedSpan", "export_request"]
+__all__ = [
+    "SPAN_KIND_INTERNAL",
+    "SPAN_KIND_SERVER",
+    "FinishedSpan",
+    "export_request",
+    "export_request_of",
+    "span_fields",
+]
 
 SPAN_KIND_INTERNAL, SPAN_KIND_SERVER = 1, 2
 _STATUS_CODE_ERROR = 2
@@ -118,6 +125,17 @@ def resource_bytes(service: str) -> bytes:
 
 def export_request(resource: bytes, scope_name: str, spans: Iterable[FinishedSpan]) -> bytes:
     """An ``ExportTraceServiceRequest`` of one resource and one instrumentation scope holding ``spans``."""
+    return export_request_of(resource, scope_name, span_fields(spans))
+
+
+def span_fields(spans: Iterable[FinishedSpan]) -> bytes:
+    """``spans`` as the fields of a ``ScopeSpans``: what ``export_request_of`` joins, a request's spans at a time."""
+    return b"".join([_field(b"\x12", _span(span)) for span in spans])
+
+
+def export_request_of(resource: bytes, scope_name: str, fields: bytes) -> bytes:
+    """An ``ExportTraceServiceRequest`` of one resource and one instrumentation scope holding spans already written
+    (``span_fields``)."""
     scope = bytes(InstrumentationScope(name=scope_name).SerializeToString())
-    scope_spans = _field(b"\x0a", scope) + b"".join([_field(b"\x12", _span(span)) for span in spans])
+    scope_spans = _field(b"\x0a", scope) + fields
     return _field(b"\x0a", _field(b"\x0a", resource) + _field(b"\x12", scope_spans))

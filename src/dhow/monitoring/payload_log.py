@@ -17,15 +17,6 @@ sink costs dropped events, never memory or latency (``dhow_payload_log_events_to
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import contextlib
-import logging
-import os
-import select
-import subprocess
-import threading
-import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -33,8 +24,8 @@ import numpy as np
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from dhow.core.errors import InvalidInput
-from dhow.core.frames import decode_frames, frame
+from dhow.core.frames import frame
+from dhow.monitoring.writer_pipe import WriterPipe
 
 __all__ = [
     "EVENT_TYPES",
@@ -46,8 +37,6 @@ __all__ = [
     "PayloadSink",
     "encode_frame",
 ]
-
-log = logging.getLogger("dhow.payload_log")
 
 #: the CloudEvents ``type`` of an answered request and of a failed one
 EVENT_TYPES = {True: "io.dhow.inference.response", False: "io.dhow.inference.error"}
@@ -61,8 +50,6 @@ FIELDS = ("request_id", "model", "version", "principal", "tenant", "data_region"
 VERSION, OUTCOME, ERROR, LATENCY, OUTPUTS = 2, 6, 7, 9, 12
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-#: how long the server waits for the writer to open its sink (a Kafka producer, a file) at start
-_START_TIMEOUT_S = 300.0
 #: masking rules remembered at most (one per model config; past it they are handed over again)
 MAX_MASKINGS = 4096
 
@@ -128,9 +115,11 @@ def _lists(value: Any) -> Any:
     return value
 
 
-class PayloadLog:
+class PayloadLog(WriterPipe):
     """The bounded queue in front of the writer process (``command``, given the sink's ``url``), and the thread
     that reads its counts."""
+
+    what = "payload log"
 
     def __init__(
         self,
@@ -142,30 +131,13 @@ class PayloadLog:
         registry: CollectorRegistry | None = None,
         close_timeout_s: float = 5.0,
     ) -> None:
-        self.capacity = capacity
-        self.close_timeout_s = close_timeout_s
-        self._queue: collections.deque[list[Any]] = collections.deque()
-        self._scheduled = False
-        #: bytes of a frame the pipe did not take yet (the writer is behind): nothing more is written meanwhile
-        self._unsent = b""
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._maskings: dict[Masking, int] = {}
         self._masking_count = 0
         self._new_maskings: list[tuple[int, dict[str, Any]]] = []
-        self._closing = False
-        self._gone = False
-        self._last_failure = 0.0
-        self._process = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert self._process.stdin is not None and self._process.stdout is not None
-        self._in, self._out = self._process.stdin.fileno(), self._process.stdout.fileno()
-        os.write(self._in, encode_frame({"url": url, "source": source, "capacity": capacity,
-                                         "close_timeout_s": close_timeout_s}))  # fmt: skip
-        self._answers = bytearray()
-        first = self._first_answer()
-        if "error" in first:
-            self._process.wait(10)
-            raise InvalidInput(str(first["error"]))
-        self.kind = str(first["ready"])
+        super().__init__(command, {"url": url, "source": source}, capacity=capacity, registry=registry,
+                         close_timeout_s=close_timeout_s)  # fmt: skip
+
+    def _metrics(self, registry: CollectorRegistry | None) -> tuple[Counter, Counter, Counter, Gauge]:
         events = Counter(
             "dhow_payload_log_events",
             "Payload events by outcome: logged (the sink took it), dropped (the queue was full), failed (the sink "
@@ -173,61 +145,27 @@ class PayloadLog:
             ["sink", "outcome"],
             registry=registry,
         )
-        self._logged = events.labels(self.kind, "logged")
-        self._dropped = events.labels(self.kind, "dropped")
-        self._failed = events.labels(self.kind, "failed")
-        self._queued = Gauge(
+        queued = Gauge(
             "dhow_payload_log_queued",
             "Payload events waiting for the sink",
             ["sink"],
             registry=registry,
             multiprocess_mode="livesum",
-        ).labels(self.kind)
-        #: events the writer holds (its last report): failed if it dies with them
-        self._writer_queued = 0
-        os.set_blocking(self._in, False)
-        self._reader = threading.Thread(target=self._read_counts, name=f"dhow-payload-log-{self.kind}", daemon=True)
-        self._reader.start()
-
-    def _first_answer(self) -> dict[str, Any]:
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if select.select([self._out], [], [], 0.5)[0]:
-                chunk = os.read(self._out, 1 << 16)
-                if not chunk:
-                    break
-                self._answers += chunk
-                frames = decode_frames(self._answers)
-                if frames:
-                    answer: dict[str, Any] = frames[0]
-                    return answer
-        self._process.kill()
-        raise InvalidInput(f"the payload log's writer process did not start (exit code {self._process.wait()})")
+        )
+        logged, dropped, failed = (events.labels(self.kind, outcome) for outcome in ("logged", "dropped", "failed"))
+        return logged, dropped, failed, queued.labels(self.kind)
 
     # -- the request's path (the event loop's thread) --
 
     def offer(self, event: list[Any], masking: Masking) -> None:
         """Queue an event (``FIELDS``), or drop and count it when the queue is full: never waits."""
-        if len(self._queue) >= self.capacity or self._gone:
-            if self._gone:
-                self._failed.inc()
-            else:
-                self._dropped.inc()
+        if self._refused():
             return
         number = self._maskings.get(masking)
         if number is None:
             number = self._masking_number(masking)
         event.append(number)
-        self._queue.append(event)
-        if not self._scheduled:
-            self._scheduled = True
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # not on an event loop: written now
-                self._flush()
-                return
-            self._loop = loop
-            loop.call_soon(self._flush)
+        self._put(event)
 
     def _masking_number(self, masking: Masking) -> int:
         """A number for the model's masking, its rules handed over with the next frame (once per masking)."""
@@ -238,108 +176,6 @@ class PayloadLog:
         self._new_maskings.append((self._masking_count, masking.spec()))
         return self._masking_count
 
-    def _flush(self) -> None:
-        """Write every queued event in one frame (unless the pipe has not taken the last one yet)."""
-        self._scheduled = False
-        if self._unsent or not self._queue:
-            return
-        events = list(self._queue)
-        self._queue.clear()
+    def _frame(self, items: list[Any]) -> bytes:
         maskings, self._new_maskings = self._new_maskings, []
-        self._write(encode_frame([maskings, events]), len(events))
-
-    def _write(self, frame: bytes, count: int) -> None:
-        try:
-            written = os.write(self._in, frame)
-        except BlockingIOError:
-            written = 0
-        except OSError as exc:  # the writer is gone
-            self._writer_gone(count, repr(exc))
-            return
-        if written < len(frame):
-            self._unsent = frame[written:]
-            if self._loop is not None and not self._closing:
-                self._loop.add_writer(self._in, self._write_more)
-
-    def _write_more(self) -> None:
-        try:
-            written = os.write(self._in, self._unsent)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._unsent = b""
-            self._stop_writing()
-            self._writer_gone(0, repr(exc))
-            return
-        self._unsent = self._unsent[written:]
-        if not self._unsent:
-            self._stop_writing()
-            self._flush()
-
-    def _stop_writing(self) -> None:
-        if self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_writer(self._in)
-
-    def _writer_gone(self, count: int, reason: str) -> None:
-        if not self._gone and not self._closing:
-            log.error("payload log: the writer process stopped (%s, exit code %s): events are counted failed",
-                      reason, self._process.poll())  # fmt: skip
-        self._gone = True
-        self._failed.inc(count)
-
-    # -- the counts, from the writer process (the reader's thread) --
-
-    def _read_counts(self) -> None:
-        while True:
-            try:
-                chunk = os.read(self._out, 1 << 16)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                break
-            self._answers += chunk
-            for report in decode_frames(self._answers):
-                self._count(report)
-        if not self._closing:
-            self._writer_gone(self._writer_queued, "its pipe closed")
-
-    def _count(self, report: dict[str, Any]) -> None:
-        if report.get("logged"):
-            self._logged.inc(report["logged"])
-        if report.get("dropped"):
-            self._dropped.inc(report["dropped"])
-        if report.get("failed"):
-            self._failed.inc(report["failed"])
-        self._writer_queued = int(report.get("queued", 0))
-        self._queued.set(self._writer_queued)
-        reason = report.get("reason")
-        now = time.monotonic()
-        if reason and now - self._last_failure > 10:  # one line per 10 s: a sink that is down must not flood the log
-            self._last_failure = now
-            log.warning("payload log: event(s) to the %s sink failed: %s", self.kind, reason)
-
-    def close(self, timeout_s: float | None = None) -> None:
-        """Hand over what is queued, then let the writer deliver what it holds, within about ``timeout_s``."""
-        timeout = self.close_timeout_s if timeout_s is None else timeout_s
-        self._closing = True
-        self._stop_writing()
-        if not self._gone:
-            frame = self._unsent
-            if self._queue:
-                events = list(self._queue)
-                self._queue.clear()
-                frame += encode_frame([self._new_maskings, events])
-            with contextlib.suppress(OSError):
-                os.set_blocking(self._in, True)
-                while frame:
-                    frame = frame[os.write(self._in, frame) :]
-        with contextlib.suppress(OSError):
-            assert self._process.stdin is not None
-            self._process.stdin.close()
-        try:
-            self._process.wait(timeout + 10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        self._reader.join(5)
+        return encode_frame([maskings, items])

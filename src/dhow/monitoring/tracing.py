@@ -19,27 +19,33 @@ ratio 0.1. With no endpoint there is no ``Tracing``: a request pays one ``is Non
 
 from __future__ import annotations
 
-import collections
-import http.client
-import logging
 import random
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from dhow.core.errors import InvalidInput
-from dhow.monitoring.otlp import SPAN_KIND_INTERNAL, SPAN_KIND_SERVER, FinishedSpan, export_request, resource_bytes
+from dhow.core.frames import frame
+from dhow.monitoring.otlp import SPAN_KIND_INTERNAL, SPAN_KIND_SERVER, FinishedSpan
+from dhow.monitoring.writer_pipe import WriterPipe
 
-__all__ = ["RequestTrace", "Sampled", "Tracing", "parse_traceparent", "record_batch", "traces_url"]
+__all__ = [
+    "Record",
+    "RequestTrace",
+    "Sampled",
+    "Tracing",
+    "parse_traceparent",
+    "record_batch",
+    "spans_of",
+    "traces_url",
+]
 
-log = logging.getLogger("dhow.tracing")
-
-#: traced requests waiting for export at most (past it new ones are dropped: tracing never holds memory without bound)
+#: traced requests waiting for the writer at most, here and there (past it new ones are dropped and counted:
+#: tracing never holds memory without bound)
 MAX_QUEUED = 8192
-#: how often the exporter sends what was recorded, and the most traced requests in one export
-_EXPORT_EVERY_S, _EXPORT_MAX = 1.0, 512
 #: a sampled request's trace id and its parent span's id (empty: a root)
 Sampled = tuple[bytes, bytes]
 _HEX = frozenset("0123456789abcdef")
@@ -69,25 +75,42 @@ def parse_traceparent(value: str | None) -> tuple[bytes, bytes, bool] | None:
     return bytes.fromhex(trace_id), bytes.fromhex(span_id), bool(int(flags, 16) & 1)
 
 
-class Tracing:
-    """The tracer of one server process: samples, keeps finished requests, exports their spans in a thread."""
+class Tracing(WriterPipe):
+    """The tracer of one server process: samples, queues what the sampled requests measured for its writer process
+    (``command``, given the collector's URL), which makes their spans and exports them."""
 
-    def __init__(self, endpoint: str, ratio: float, *, service: str = "dhow") -> None:
+    what = "tracing"
+
+    def __init__(
+        self,
+        endpoint: str,
+        ratio: float,
+        *,
+        command: Sequence[str],
+        service: str = "dhow",
+        registry: CollectorRegistry | None = None,
+        capacity: int = MAX_QUEUED,
+        close_timeout_s: float = 10.0,
+    ) -> None:
         self.url = traces_url(endpoint)
         self.ratio = ratio
         #: the batcher measures with the monotonic clock; spans want Unix nanoseconds
         self.monotonic_offset = time.time_ns() - time.monotonic_ns()
-        self.dropped = 0
-        self._resource = resource_bytes(service)
-        self._finished: collections.deque[RequestTrace] = collections.deque()
-        self._stopping = threading.Event()
-        self._last_failure = 0.0
-        target = urlsplit(self.url)
-        kind = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
-        self._connection = kind(target.netloc, timeout=10)
-        self._path = target.path or "/"
-        self._thread = threading.Thread(target=self._export_loop, name="dhow-otlp-export", daemon=True)
-        self._thread.start()
+        super().__init__(command, {"url": self.url, "service": service}, capacity=capacity, registry=registry,
+                         close_timeout_s=close_timeout_s)  # fmt: skip
+
+    def _metrics(self, registry: CollectorRegistry | None) -> tuple[Counter, Counter, Counter, Gauge]:
+        requests = Counter(
+            "dhow_tracing_requests",
+            "Traced requests by outcome: exported (the collector took their spans), dropped (the queue was full), "
+            "failed (the collector refused them or could not be reached, or the writer process stopped)",
+            ["outcome"],
+            registry=registry,
+        )
+        queued = Gauge("dhow_tracing_queued", "Traced requests waiting for export", registry=registry,
+                       multiprocess_mode="livesum")  # fmt: skip
+        exported, dropped, failed = (requests.labels(outcome) for outcome in ("exported", "dropped", "failed"))
+        return exported, dropped, failed, queued
 
     def sample(self, traceparent: str | None) -> Sampled | None:
         """Whether a request is traced, decided once as it comes in: (trace id, parent span id), or None."""
@@ -111,43 +134,16 @@ class Tracing:
         return None if sampled is None else self.begin(sampled, model, request_id, times)
 
     def record(self, request: RequestTrace) -> None:
-        if len(self._finished) >= MAX_QUEUED:
-            self.dropped += 1
-            return
-        self._finished.append(request)
+        """Queue a finished request's ``Record`` for the writer (dropped and counted when the queue is full)."""
+        if not self._refused():
+            self._put(request.record())
 
-    # -- the exporter's thread --
-
-    def _export_loop(self) -> None:
-        while not self._stopping.wait(_EXPORT_EVERY_S):
-            self._export_all()
-        self._export_all()
-
-    def _export_all(self) -> None:
-        while self._finished:
-            batch = [self._finished.popleft() for _ in range(min(_EXPORT_MAX, len(self._finished)))]
-            self._send([span for request in batch for span in request.spans()])
-
-    def _send(self, spans: list[FinishedSpan]) -> None:
-        body = export_request(self._resource, "dhow", spans)
-        try:
-            self._connection.request("POST", self._path, body, {"content-type": "application/x-protobuf"})
-            answer = self._connection.getresponse()
-            answer.read()
-            failure = "" if 200 <= answer.status < 300 else f"the collector answered {answer.status}"
-        except (OSError, http.client.HTTPException) as exc:
-            self._connection.close()  # the next export connects again
-            failure = repr(exc)
-        now = time.monotonic()
-        if failure and now - self._last_failure > 60:  # one line a minute: a collector that is down must not flood
-            self._last_failure = now
-            log.warning("tracing: %d span(s) not exported to %s: %s", len(spans), self.url, failure)
+    def _frame(self, items: list[Any]) -> bytes:
+        return frame(orjson.dumps(items))
 
     def shutdown(self) -> None:
-        """Export what is left and stop the exporter's thread."""
-        self._stopping.set()
-        self._thread.join(15)
-        self._connection.close()
+        """Hand over what is queued; the writer exports what it holds and stops."""
+        self.close()
 
 
 #: a stage of a request measured by the batcher: name, start, end (Unix ns), attributes, links
@@ -190,24 +186,45 @@ class RequestTrace:
         self.version, self.answered_ns, self.error = version, answered_ns, error
         self.tracing.record(self)
 
-    def spans(self) -> list[FinishedSpan]:
-        """The request's span (kind SERVER) and its stages' (the exporter's thread calls this)."""
-        entered, admitted, decoded = self.times
-        stages: list[_Stage] = [("admission", entered, admitted, None, ()), ("decoding", admitted, decoded, None, ())]
-        stages += self.stages
-        if self.answered_ns:
-            stages.append(("encoding", self.answered_ns, self.end_ns, None, ()))
-        trace_id, span_id = self.trace_id, self.span_id
-        spans = [
-            FinishedSpan(trace_id, _span_id(), span_id, name, SPAN_KIND_INTERNAL, start, end, attributes, links, "")
-            for name, start, end, attributes, links in stages
+    def record(self) -> Record:
+        """What the writer makes the spans of: ids as hex, the stages' times (the server's side of ``spans_of``)."""
+        stages = [
+            (*stage[:4], [(t.hex(), s.hex()) for t, s in stage[4]]) if stage[4] else stage for stage in self.stages
         ]
-        attributes = {"dhow.model": self.model, "dhow.request_id": self.request_id}
-        if self.version:
-            attributes["dhow.version"] = self.version
-        spans.append(FinishedSpan(trace_id, span_id, self.parent_id, f"infer {self.model}", SPAN_KIND_SERVER,
-                                  entered, self.end_ns, attributes, (), self.error))  # fmt: skip
-        return spans
+        return (self.trace_id.hex(), self.span_id.hex(), self.parent_id.hex(), self.model, self.request_id,
+                self.version, self.error, *self.times, self.answered_ns, self.end_ns, stages)  # fmt: skip
+
+    def spans(self) -> list[FinishedSpan]:
+        """The request's span (kind SERVER) and its stages' (what the writer process makes of ``record``)."""
+        return spans_of(orjson.loads(orjson.dumps(self.record())))
+
+
+#: a finished request as the writer process gets it (JSON): trace id, span id, parent span id (hex, "" for a root),
+#: model, request id, version, error, entered, admitted, decoded, answered, ended (Unix ns; answered 0: not
+#: answered), stages (name, start, end, attributes, links as pairs of hex ids)
+Record = tuple[Any, ...]
+
+
+def spans_of(record: Sequence[Any]) -> list[FinishedSpan]:
+    """A request's span (kind SERVER) and its stages' from its ``Record`` (in the writer process)."""
+    trace, span, parent, model, request_id, version, error, entered, admitted, decoded, answered, end, more = record
+    stages: list[Any] = [("admission", entered, admitted, None, ()), ("decoding", admitted, decoded, None, ())]
+    stages += more
+    if answered:
+        stages.append(("encoding", answered, end, None, ()))
+    trace_id, span_id = bytes.fromhex(trace), bytes.fromhex(span)
+    spans = [
+        FinishedSpan(
+            trace_id, _span_id(), span_id, name, SPAN_KIND_INTERNAL, start, stop, attributes, _links(links), ""
+        )
+        for name, start, stop, attributes, links in stages
+    ]
+    attributes = {"dhow.model": model, "dhow.request_id": request_id}
+    if version:
+        attributes["dhow.version"] = version
+    spans.append(FinishedSpan(trace_id, span_id, bytes.fromhex(parent), f"infer {model}", SPAN_KIND_SERVER,
+                              entered, end, attributes, (), error))  # fmt: skip
+    return spans
 
 
 def record_batch(
@@ -230,6 +247,10 @@ def record_batch(
         request.stage("queue", start - wait, start)
         request.stage("compute", start, end, attributes)
     first.stage("batch", start, end, attributes, tuple((r.trace_id, r.span_id) for r, _ in carried))
+
+
+def _links(links: Sequence[Sequence[str]]) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple((bytes.fromhex(trace), bytes.fromhex(span)) for trace, span in links)
 
 
 def _span_id() -> bytes:

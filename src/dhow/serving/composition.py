@@ -55,6 +55,8 @@ class CorePolicies:
 
 #: the payload log's writer process (masks, renders and writes the events off the server's interpreter)
 PAYLOAD_WRITER = (sys.executable, "-m", "dhow.serving.payload_writer")
+#: tracing's writer process (makes, encodes and posts the spans off the server's interpreter)
+TRACE_WRITER = (sys.executable, "-m", "dhow.serving.trace_writer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +74,10 @@ class Observers:
             queue, registry = settings.payload_log_queue, metrics.registry
             payload_log = PayloadLog(settings.payload_log, capacity=queue, source=source, command=PAYLOAD_WRITER,
                                      registry=registry)  # fmt: skip
-        tracing = Tracing(settings.otlp_endpoint, settings.trace_sample_ratio) if settings.otlp_endpoint else None
+        tracing = None
+        if settings.otlp_endpoint:
+            tracing = Tracing(settings.otlp_endpoint, settings.trace_sample_ratio, command=TRACE_WRITER,
+                              registry=metrics.registry)  # fmt: skip
         return cls(payload_log, tracing)
 
     def close(self) -> None:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-import os
 import secrets
-import signal
 import sys
 import threading
 import time
@@ -29,11 +27,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from dhow.core.errors import DhowError
-from dhow.core.frames import decode_frames
 from dhow.governance.masking import Masker
-from dhow.monitoring.payload_log import EVENT_TYPES, MAX_MASKINGS, PayloadSink, encode_frame
+from dhow.monitoring.payload_log import EVENT_TYPES, MAX_MASKINGS, PayloadSink
 from dhow.monitoring.payload_sinks import open_sink
+from dhow.serving.writer_main import Answer, serve
 
 __all__ = ["Writer", "cloud_event", "main"]
 
@@ -137,8 +134,12 @@ def cloud_event(event: list[Any], masker: Masker, source: str) -> dict[str, Any]
 class Writer:
     """The bounded queue of one writer process, the sink's thread that drains it, and the counts (PayloadCounts)."""
 
+    #: how long the sink's thread waits after handing a chunk over, for more to come
+    pause_s = 0.0
+
     def __init__(self, sink: PayloadSink, *, capacity: int, source: str, report: Any) -> None:
         self.sink = sink
+        self.kind = sink.kind
         self.capacity = capacity
         self.source = source
         self._report_to = report
@@ -164,6 +165,10 @@ class Writer:
                 for old in list(self._maskers)[:MAX_MASKINGS]:
                     del self._maskers[old]
             self._maskers[number] = Masker.from_spec(spec)
+        self.queue(events)
+
+    def queue(self, events: list[Any]) -> None:
+        """Queue events for the sink's thread, dropping (and counting) what the queue has no room for."""
         room = self.capacity - len(self._queue)
         if room < len(events):
             self.dropped(len(events) - max(room, 0))
@@ -201,7 +206,7 @@ class Writer:
             rendered: list[tuple[str, bytes]] = []
             for event in chunk:
                 try:
-                    rendered.append((event[0], orjson.dumps(cloud_event(event, self._maskers[event[13]], self.source))))
+                    rendered.append(self.render(event))
                 except Exception as exc:  # a value masking or JSON cannot take: that event fails, not the others
                     self.failed(1, f"could not render the event of request {event[0]}: {exc!r}")
             if rendered:
@@ -209,6 +214,12 @@ class Writer:
                     self.sink.write(rendered, self)
                 except Exception as exc:
                     self.failed(len(rendered), repr(exc))
+            if self.pause_s:  # a sink that wants its events together (OTLP: a post a second)
+                self._stopping.wait(self.pause_s)
+
+    def render(self, event: list[Any]) -> tuple[str, bytes]:
+        """An event as its sink takes it: its key and its CloudEvent, masked."""
+        return event[0], orjson.dumps(cloud_event(event, self._maskers[event[13]], self.source))
 
     # -- the counts, back to the server --
 
@@ -235,49 +246,13 @@ class Writer:
         self.report()
 
 
+def _open(settings: dict[str, Any], answer: Answer) -> Writer:
+    sink = open_sink(str(settings["url"]))
+    return Writer(sink, capacity=int(settings["capacity"]), source=str(settings["source"]), report=answer)
+
+
 def main() -> int:
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, signal.SIG_IGN)
-    source, answers = sys.stdin.fileno(), sys.stdout.buffer
-    lock = threading.Lock()
-
-    def answer(document: Any) -> None:
-        with lock:
-            try:
-                answers.write(encode_frame(document))
-                answers.flush()
-            except OSError:  # the server is gone: what it handed over is written all the same
-                pass
-
-    buffer = bytearray()
-    frames: list[Any] = []
-    while not frames:
-        chunk = os.read(source, 1 << 20)
-        if not chunk:
-            return 2
-        buffer += chunk
-        frames = decode_frames(buffer)
-    settings = frames.pop(0)
-    try:
-        sink = open_sink(str(settings["url"]))
-    except DhowError as exc:
-        answer({"error": exc.message})
-        return 2
-    except Exception as exc:
-        answer({"error": f"--payload-log: {type(exc).__name__}: {exc}"})
-        return 2
-    answer({"ready": sink.kind})
-    writer = Writer(sink, capacity=int(settings["capacity"]), source=str(settings["source"]), report=answer)
-    while True:
-        for frame in frames:
-            writer.take(frame)
-        chunk = os.read(source, 1 << 20)
-        if not chunk:
-            break
-        buffer += chunk
-        frames = decode_frames(buffer)
-    writer.close(float(settings.get("close_timeout_s", 5.0)))
-    return 0
+    return serve(_open, "--payload-log")
 
 
 if __name__ == "__main__":

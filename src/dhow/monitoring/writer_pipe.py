@@ -1,0 +1,232 @@
+"""The server's side of a writer process of its own (the payload log's, tracing's): a bounded queue, written into the
+process's stdin as one frame per turn of the event loop, and a thread reading the counts it sends back.
+
+The process (``command``) gets its settings as the first frame and answers ``{"ready": kind}`` (or
+``{"error": …}``: refused at start, as ``InvalidInput``); then it takes frames of whatever the subclass
+writes (``_frame``) and answers, as frames, counts: ``logged``, ``dropped``, ``failed``, ``queued`` and a
+failure's ``reason``. The queue never waits: a full one drops and counts; a writer that died fails and counts,
+once logged, and the request's path goes on (``dhow.serving.writer_main`` is the process's side).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import select
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from dhow.core.errors import InvalidInput
+from dhow.core.frames import decode_frames, frame
+
+__all__ = ["WriterPipe"]
+
+#: how long the server waits for the writer to open its sink (a Kafka producer, a file) at start
+_START_TIMEOUT_S = 300.0
+
+
+class WriterPipe:
+    """A writer process (``command``, given ``settings``), the bounded queue in front of it (``capacity``) and the
+    thread that reads its counts into the subclass's metrics (``_metrics``)."""
+
+    #: how the log names it ("payload log", "tracing")
+    what = "writer"
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        settings: dict[str, Any],
+        *,
+        capacity: int,
+        registry: CollectorRegistry | None,
+        close_timeout_s: float,
+    ) -> None:
+        self.capacity = capacity
+        self.close_timeout_s = close_timeout_s
+        self._queue: collections.deque[Any] = collections.deque()
+        self._scheduled = False
+        #: bytes of a frame the pipe did not take yet (the writer is behind): nothing more is written meanwhile
+        self._unsent = b""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self._gone = False
+        self._last_failure = 0.0
+        self._process = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self._in, self._out = self._process.stdin.fileno(), self._process.stdout.fileno()
+        os.write(self._in, frame(orjson.dumps({**settings, "capacity": capacity, "close_timeout_s": close_timeout_s})))
+        self._answers = bytearray()
+        first = self._first_answer()
+        if "error" in first:
+            self._process.wait(10)
+            raise InvalidInput(str(first["error"]))
+        self.kind = str(first["ready"])
+        self._logged, self._dropped, self._failed, self._queued = self._metrics(registry)
+        #: items the writer holds (its last report): failed if it dies with them
+        self._writer_queued = 0
+        os.set_blocking(self._in, False)
+        self._reader = threading.Thread(target=self._read_counts, name=f"dhow-{self.what}-{self.kind}", daemon=True)
+        self._reader.start()
+
+    def _metrics(self, registry: CollectorRegistry | None) -> tuple[Counter, Counter, Counter, Gauge]:
+        """The counters of logged, dropped and failed items and the gauge of those the writer holds (``self.kind``
+        is known by then)."""
+        raise NotImplementedError
+
+    def _frame(self, items: list[Any]) -> bytes:
+        """The frame of what was queued (and of anything else the writer must learn first)."""
+        raise NotImplementedError
+
+    def _first_answer(self) -> dict[str, Any]:
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if select.select([self._out], [], [], 0.5)[0]:
+                chunk = os.read(self._out, 1 << 16)
+                if not chunk:
+                    break
+                self._answers += chunk
+                frames = decode_frames(self._answers)
+                if frames:
+                    answer: dict[str, Any] = frames[0]
+                    return answer
+        self._process.kill()
+        raise InvalidInput(f"the {self.what}'s writer process did not start (exit code {self._process.wait()})")
+
+    # -- the request's path (the event loop's thread) --
+
+    def _refused(self, count: int = 1) -> bool:
+        """Whether the queue cannot take another item (counted dropped, or failed when the writer is gone)."""
+        if len(self._queue) < self.capacity and not self._gone:
+            return False
+        (self._failed if self._gone else self._dropped).inc(count)
+        return True
+
+    def _put(self, item: Any) -> None:
+        """Queue an item (``_refused`` said there is room); written at the end of this turn of the event loop."""
+        self._queue.append(item)
+        if not self._scheduled:
+            self._scheduled = True
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on an event loop: written now
+                self._flush()
+                return
+            self._loop = loop
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write every queued item in one frame (unless the pipe has not taken the last one yet)."""
+        self._scheduled = False
+        if self._unsent or not self._queue:
+            return
+        items = list(self._queue)
+        self._queue.clear()
+        self._write(self._frame(items), len(items))
+
+    def _write(self, data: bytes, count: int) -> None:
+        try:
+            written = os.write(self._in, data)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:  # the writer is gone
+            self._writer_gone(count, repr(exc))
+            return
+        if written < len(data):
+            self._unsent = data[written:]
+            if self._loop is not None and not self._closing:
+                self._loop.add_writer(self._in, self._write_more)
+
+    def _write_more(self) -> None:
+        try:
+            written = os.write(self._in, self._unsent)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._unsent = b""
+            self._stop_writing()
+            self._writer_gone(0, repr(exc))
+            return
+        self._unsent = self._unsent[written:]
+        if not self._unsent:
+            self._stop_writing()
+            self._flush()
+
+    def _stop_writing(self) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_writer(self._in)
+
+    def _writer_gone(self, count: int, reason: str) -> None:
+        if not self._gone and not self._closing:
+            logging.getLogger(f"dhow.{self.what.replace(' ', '_')}").error(
+                "%s: the writer process stopped (%s, exit code %s): what it is handed is counted failed",
+                self.what, reason, self._process.poll())  # fmt: skip
+        self._gone = True
+        self._failed.inc(count)
+
+    # -- the counts, from the writer process (the reader's thread) --
+
+    def _read_counts(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._out, 1 << 16)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            self._answers += chunk
+            for report in decode_frames(self._answers):
+                self._count(report)
+        if not self._closing:
+            self._writer_gone(self._writer_queued, "its pipe closed")
+
+    def _count(self, report: dict[str, Any]) -> None:
+        if report.get("logged"):
+            self._logged.inc(report["logged"])
+        if report.get("dropped"):
+            self._dropped.inc(report["dropped"])
+        if report.get("failed"):
+            self._failed.inc(report["failed"])
+        self._writer_queued = int(report.get("queued", 0))
+        self._queued.set(self._writer_queued)
+        reason = report.get("reason")
+        now = time.monotonic()
+        if reason and now - self._last_failure > 10:  # one line per 10 s: a sink that is down must not flood the log
+            self._last_failure = now
+            logging.getLogger(f"dhow.{self.what.replace(' ', '_')}").warning(
+                "%s: item(s) to the %s sink failed: %s", self.what, self.kind, reason
+            )
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Hand over what is queued, then let the writer deliver what it holds, within about ``timeout_s``."""
+        timeout = self.close_timeout_s if timeout_s is None else timeout_s
+        self._closing = True
+        self._stop_writing()
+        if not self._gone:
+            data = self._unsent
+            if self._queue:
+                items = list(self._queue)
+                self._queue.clear()
+                data += self._frame(items)
+            with contextlib.suppress(OSError):
+                os.set_blocking(self._in, True)
+                while data:
+                    data = data[os.write(self._in, data) :]
+        with contextlib.suppress(OSError):
+            assert self._process.stdin is not None
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout + 10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._reader.join(5)

@@ -1,0 +1,85 @@
+"""Tracing's writer process: makes the spans of the requests a server traced, writes them as OTLP protobuf and
+posts them to the collector, off the server's interpreter.
+
+``python -m dhow.serving.trace_writer`` is run by ``monitoring.tracing.Tracing`` (``writer_main``'s loop): its
+settings are the collector's ``url``, the ``service`` name, ``capacity`` and ``close_timeout_s``; then it takes
+frames of finished requests (``tracing.Record``). The payload writer's queue and sink thread carry them (at most
+``capacity`` waiting, past it dropped and counted); each request becomes its spans (``tracing.spans_of``) written
+once (``otlp.span_fields``), and a chunk of up to 512 requests is one export, posted with ``http.client``, about one
+a second. Counts of exported and failed requests go back to the server.
+"""
+
+from __future__ import annotations
+
+import http.client
+import sys
+from typing import Any
+from urllib.parse import urlsplit
+
+from dhow.monitoring.otlp import export_request_of, resource_bytes, span_fields
+from dhow.monitoring.payload_log import PayloadCounts
+from dhow.monitoring.tracing import spans_of
+from dhow.serving.payload_writer import Writer
+from dhow.serving.writer_main import Answer, serve
+
+__all__ = ["OtlpSink", "TraceWriter", "main"]
+
+
+class OtlpSink:
+    """The collector (OTLP/HTTP): one post per chunk of requests, over one connection (opened again after an error)."""
+
+    kind = "otlp"
+
+    def __init__(self, url: str, service: str) -> None:
+        self.url = url
+        self._resource = resource_bytes(service)
+        target = urlsplit(url)
+        kind = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
+        self._connection = kind(target.netloc, timeout=10)
+        self._path = target.path or "/"
+
+    def write(self, events: list[tuple[str, bytes]], counts: PayloadCounts) -> None:
+        body = export_request_of(self._resource, "dhow", b"".join(fields for _, fields in events))
+        try:
+            self._connection.request("POST", self._path, body, {"content-type": "application/x-protobuf"})
+            answer = self._connection.getresponse()
+            answer.read()
+            failure = "" if 200 <= answer.status < 300 else f"the collector answered {answer.status}"
+        except (OSError, http.client.HTTPException) as exc:
+            self._connection.close()  # the next export connects again
+            failure = repr(exc)
+        if failure:
+            counts.failed(len(events), f"not exported to {self.url}: {failure}")
+        else:
+            counts.logged(len(events))
+
+    def idle(self) -> None:
+        pass
+
+    def close(self, timeout_s: float) -> None:
+        self._connection.close()
+
+
+class TraceWriter(Writer):
+    """The payload writer's queue and sink thread, for traced requests: rendered as their spans, sent a second apart."""
+
+    pause_s = 1.0
+
+    def take(self, frame: list[Any]) -> None:
+        self.queue(frame)
+
+    def render(self, event: list[Any]) -> tuple[str, bytes]:
+        return str(event[4]), span_fields(spans_of(event))
+
+
+def _open(settings: dict[str, Any], answer: Answer) -> TraceWriter:
+    sink = OtlpSink(str(settings["url"]), str(settings["service"]))
+    return TraceWriter(sink, capacity=int(settings["capacity"]), source="", report=answer)
+
+
+def main() -> int:
+    return serve(_open, "--otlp-endpoint")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The loop of a writer process of the server's own (the payload log's, tracing's): its side of
+``dhow.monitoring.writer_pipe``.
+
+It reads frames on stdin: first the settings, answered ``{"ready": kind}`` once the writer is open (or
+``{"error": …}``, and it exits); then frames it hands to the writer's ``take``. Counts go back on stdout, as frames,
+through ``answer``. When stdin closes (the server stops, or died), the writer is closed (it delivers what it holds)
+and the process exits. SIGINT and SIGTERM are ignored: a Ctrl-C or a stop of the whole process group must not lose
+what the server handed over.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from dhow.core.errors import DhowError
+from dhow.core.frames import decode_frames
+from dhow.monitoring.payload_log import encode_frame
+
+__all__ = ["Answer", "Taker", "serve"]
+
+#: sends a frame back to the server (from any thread)
+Answer = Callable[[Any], None]
+
+
+class Taker(Protocol):
+    #: what ``ready`` names (a sink's kind: file, kafka, http, otlp)
+    kind: str
+
+    def take(self, frame: Any) -> None: ...
+
+    def close(self, timeout_s: float) -> None: ...
+
+
+def serve(open_writer: Callable[[dict[str, Any], Answer], Taker], flag: str) -> int:
+    """Run a writer process: ``open_writer`` (given the settings and how to answer) opens its writer; an error it
+    raises is the server's (``flag`` names the option in an unexpected one)."""
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
+    source, answers = sys.stdin.fileno(), sys.stdout.buffer
+    lock = threading.Lock()
+
+    def answer(document: Any) -> None:
+        with lock:
+            try:
+                answers.write(encode_frame(document))
+                answers.flush()
+            except OSError:  # the server is gone: what it handed over is written all the same
+                pass
+
+    buffer = bytearray()
+    frames: list[Any] = []
+    while not frames:
+        chunk = os.read(source, 1 << 20)
+        if not chunk:
+            return 2
+        buffer += chunk
+        frames = decode_frames(buffer)
+    settings = frames.pop(0)
+    try:
+        writer = open_writer(settings, answer)
+    except DhowError as exc:
+        answer({"error": exc.message})
+        return 2
+    except Exception as exc:
+        answer({"error": f"{flag}: {type(exc).__name__}: {exc}"})
+        return 2
+    answer({"ready": writer.kind})
+    while True:
+        for frame in frames:
+            writer.take(frame)
+        chunk = os.read(source, 1 << 20)
+        if not chunk:
+            break
+        buffer += chunk
+        frames = decode_frames(buffer)
+    writer.close(float(settings.get("close_timeout_s", 5.0)))
+    return 0
