@@ -3,6 +3,8 @@ for requests without a parent."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -138,5 +140,34 @@ def test_the_door_decides_once_and_a_sampled_request_makes_its_spans_at_export()
         assert all(s.parent_id == root.span_id and s.trace_id == root.trace_id for s in children)
         assert len({s.span_id for s in spans.values()}) == 6
         assert (spans["encoding"].start_ns, spans["encoding"].end_ns) == (55, 60)
+    finally:
+        tracing.shutdown()
+
+
+def test_a_full_queue_drops_and_a_dead_writer_fails_what_it_is_handed_and_both_are_counted() -> None:
+    registry = CollectorRegistry()
+    tracing = Tracing("http://127.0.0.1:9", 1.0, command=TRACE_WRITER, registry=registry, capacity=2)
+
+    def count(outcome: str) -> float:
+        return registry.get_sample_value("dhow_tracing_requests_total", {"outcome": outcome}) or 0.0
+
+    def finished() -> None:
+        trace = tracing.start({}, "m", "r", (1, 2, 3))
+        assert trace is not None
+        trace.finish("1", 4)
+
+    async def one_turn() -> None:  # three finish in one turn of the loop: the queue holds two until it ends
+        for _ in range(3):
+            finished()
+
+    try:
+        asyncio.run(one_turn())
+        assert count("dropped") == 1 and count("failed") == 0
+        tracing._process.kill()
+        tracing._process.wait()
+        tracing._reader.join(10)  # the reader sees the pipe close: the writer is gone
+        before = count("failed")
+        finished()
+        assert count("failed") == before + 1, "a request handed to a dead writer is counted failed, nothing raises"
     finally:
         tracing.shutdown()

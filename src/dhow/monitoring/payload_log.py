@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from dhow.core.frames import frame
 from dhow.monitoring.writer_pipe import WriterPipe
@@ -120,6 +120,14 @@ class PayloadLog(WriterPipe):
     that reads its counts."""
 
     what = "payload log"
+    metrics = (
+        "dhow_payload_log_events",
+        "Payload events by outcome: logged (the sink took it), dropped (the queue was full), failed (the sink "
+        "refused or lost it)",
+        "dhow_payload_log_queued",
+        "Payload events waiting for the sink",
+    )
+    by_sink = True
 
     def __init__(
         self,
@@ -136,24 +144,6 @@ class PayloadLog(WriterPipe):
         self._new_maskings: list[tuple[int, dict[str, Any]]] = []
         super().__init__(command, {"url": url, "source": source}, capacity=capacity, registry=registry,
                          close_timeout_s=close_timeout_s)  # fmt: skip
-
-    def _metrics(self, registry: CollectorRegistry | None) -> tuple[Counter, Counter, Counter, Gauge]:
-        events = Counter(
-            "dhow_payload_log_events",
-            "Payload events by outcome: logged (the sink took it), dropped (the queue was full), failed (the sink "
-            "refused or lost it)",
-            ["sink", "outcome"],
-            registry=registry,
-        )
-        queued = Gauge(
-            "dhow_payload_log_queued",
-            "Payload events waiting for the sink",
-            ["sink"],
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        logged, dropped, failed = (events.labels(self.kind, outcome) for outcome in ("logged", "dropped", "failed"))
-        return logged, dropped, failed, queued.labels(self.kind)
 
     # -- the request's path (the event loop's thread) --
 

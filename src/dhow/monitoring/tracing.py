@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from dhow.core.errors import InvalidInput
 from dhow.core.frames import frame
@@ -80,6 +80,14 @@ class Tracing(WriterPipe):
     (``command``, given the collector's URL), which makes their spans and exports them."""
 
     what = "tracing"
+    metrics = (
+        "dhow_tracing_requests",
+        "Traced requests by outcome: exported (the collector took their spans), dropped (the queue was full), "
+        "failed (the collector refused them or could not be reached, or the writer process stopped)",
+        "dhow_tracing_queued",
+        "Traced requests waiting for export",
+    )
+    outcomes = ("exported", "dropped", "failed")
 
     def __init__(
         self,
@@ -98,19 +106,6 @@ class Tracing(WriterPipe):
         self.monotonic_offset = time.time_ns() - time.monotonic_ns()
         super().__init__(command, {"url": self.url, "service": service}, capacity=capacity, registry=registry,
                          close_timeout_s=close_timeout_s)  # fmt: skip
-
-    def _metrics(self, registry: CollectorRegistry | None) -> tuple[Counter, Counter, Counter, Gauge]:
-        requests = Counter(
-            "dhow_tracing_requests",
-            "Traced requests by outcome: exported (the collector took their spans), dropped (the queue was full), "
-            "failed (the collector refused them or could not be reached, or the writer process stopped)",
-            ["outcome"],
-            registry=registry,
-        )
-        queued = Gauge("dhow_tracing_queued", "Traced requests waiting for export", registry=registry,
-                       multiprocess_mode="livesum")  # fmt: skip
-        exported, dropped, failed = (requests.labels(outcome) for outcome in ("exported", "dropped", "failed"))
-        return exported, dropped, failed, queued
 
     def sample(self, traceparent: str | None) -> Sampled | None:
         """Whether a request is traced, decided once as it comes in: (trace id, parent span id), or None."""

@@ -77,10 +77,20 @@ class WriterPipe:
         self._reader = threading.Thread(target=self._read_counts, name=f"dhow-{self.what}-{self.kind}", daemon=True)
         self._reader.start()
 
+    #: the counter's name and help, the gauge's (what the writer holds), the counter's outcome labels (logged,
+    #: dropped, failed), and whether both are labelled by the sink's kind
+    metrics: tuple[str, str, str, str] = ("", "", "", "")
+    outcomes = ("logged", "dropped", "failed")
+    by_sink = False
+
     def _metrics(self, registry: CollectorRegistry | None) -> tuple[Counter, Counter, Counter, Gauge]:
-        """The counters of logged, dropped and failed items and the gauge of those the writer holds (``self.kind``
-        is known by then)."""
-        raise NotImplementedError
+        counted, counted_help, held, held_help = self.metrics
+        sink = (self.kind,) if self.by_sink else ()
+        labels = ["sink"] if self.by_sink else []
+        counter = Counter(counted, counted_help, [*labels, "outcome"], registry=registry)
+        gauge = Gauge(held, held_help, labels, registry=registry, multiprocess_mode="livesum")
+        logged, dropped, failed = (counter.labels(*sink, outcome) for outcome in self.outcomes)
+        return logged, dropped, failed, gauge.labels(*sink) if sink else gauge
 
     def _frame(self, items: list[Any]) -> bytes:
         """The frame of what was queued (and of anything else the writer must learn first)."""
