@@ -7,8 +7,9 @@ per second rather than per request (an OTLP post a second, the payload writer's 
 looks fifty times dearer per request there than it is. This counts the per-request units alone, each run
 ``--count`` times in a process under callgrind, minus the same process running none:
 
-- ``trace``: a sampled request's trace kept (event loop), its spans made and written as OTLP protobuf in exports
-  of 512 requests (the exporter's thread);
+- ``trace``: a sampled request's trace kept and its record written into a frame (8 a frame), on the event loop;
+- ``spans``: a traced request's record made into its spans and written as OTLP protobuf, in exports of 512 requests,
+  by tracing's writer process (``dhow.serving.trace_writer``);
 - ``render``: one payload event masked and rendered as a CloudEvent by the writer process (tabular: its JSON body
   read, outputs as numbers);
 - ``frame``: one payload event written into a frame on the event loop (one frame of 8 events).
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-UNITS = ("trace", "render", "frame")
+UNITS = ("trace", "spans", "render", "frame")
 
 
 def _event(body: str | None) -> list[object]:
@@ -47,25 +48,35 @@ def _body() -> str:
 
 def run_unit(unit: str, count: int) -> None:
     """Set up, then do ``count`` units (0: only the set-up)."""
-    if unit == "trace":
-        from dhow.monitoring.otlp import export_request
-        from dhow.monitoring.tracing import Tracing
+    if unit in ("trace", "spans"):
+        import random
 
-        tracing = Tracing("http://127.0.0.1:9", 1.0)
-        tracing.shutdown()
-        sampled = tracing.sample(None)
-        assert sampled is not None
-        done = []
-        for n in range(count):  # a request's life on the event loop, then its export in batches of 512 requests
-            request = tracing.begin(sampled, "tabular", f"r-{n}", (1, 2, 3))
+        import orjson
+
+        from dhow.core.frames import decode_frames, frame
+        from dhow.monitoring.otlp import export_request_of, span_fields
+        from dhow.monitoring.tracing import RequestTrace, spans_of
+
+        sampled = random.getrandbits(128).to_bytes(16, "big"), b""
+        records = []
+        for n in range(count if unit == "trace" else min(count, 8)):  # a request's life on the event loop
+            request = RequestTrace(None, sampled, "tabular", f"r-{n}", (1, 2, 3))  # type: ignore[arg-type]
             request.stage("queue", 3, 4)
             request.stage("compute", 4, 5, {"dhow.model": "tabular", "dhow.version": "1", "dhow.batch.rows": 8})
-            request.stage("batch", 4, 5, {"dhow.model": "tabular"}, ((sampled[0], request.span_id),))
+            request.stage("batch", 4, 5, {"dhow.model": "tabular"}, ((sampled[0].hex(), request.span_id),))
             request.answered_ns, request.end_ns, request.version = 6, 7, "1"
-            done.append(request)
-            if len(done) == 512 or n == count - 1:
-                export_request(b"", "dhow", [span for each in done for span in each.spans()])
-                done = []
+            records.append(request.record())
+            if len(records) == 8 and unit == "trace":  # a frame per loop turn: 8 requests a frame
+                frame(orjson.dumps(records))
+                records = []
+        if unit == "spans":  # the writer process: a frame's records decoded, spans made, exports of 512 requests
+            received = decode_frames(bytearray(frame(orjson.dumps(records))))[0] if records else []
+            done = []
+            for n in range(count):
+                done.append(span_fields(spans_of(received[n % len(received)])))
+                if len(done) == 512 or n == count - 1:
+                    export_request_of(b"", "dhow", b"".join(done))
+                    done = []
     elif unit == "render":
         import orjson
 

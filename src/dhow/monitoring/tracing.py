@@ -141,8 +141,9 @@ class Tracing(WriterPipe):
         self.close()
 
 
-#: a stage of a request measured by the batcher: name, start, end (Unix ns), attributes, links
-_Stage = tuple[str, int, int, Mapping[str, Any] | None, tuple[tuple[bytes, bytes], ...]]
+#: a stage of a request measured by the batcher: name, start, end (Unix ns), attributes, links (pairs of hex ids:
+#: what the record hands over as it is)
+_Stage = tuple[str, int, int, Mapping[str, Any] | None, tuple[tuple[str, str], ...]]
 
 
 class RequestTrace:
@@ -156,7 +157,8 @@ class RequestTrace:
     ) -> None:
         self.tracing = tracing
         self.trace_id, self.parent_id = sampled
-        self.span_id = _span_id()
+        #: hex: what the record and the batch's links hand over
+        self.span_id = f"{random.getrandbits(64) or 1:016x}"
         self.model = model
         self.request_id = request_id
         self.times = times
@@ -170,7 +172,7 @@ class RequestTrace:
         start_ns: int,
         end_ns: int,
         attributes: Mapping[str, Any] | None = None,
-        links: tuple[tuple[bytes, bytes], ...] = (),
+        links: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """A child span of the request over a stage already over (Unix nanoseconds)."""
         self.stages.append((name, start_ns, end_ns, attributes, links))
@@ -183,11 +185,8 @@ class RequestTrace:
 
     def record(self) -> Record:
         """What the writer makes the spans of: ids as hex, the stages' times (the server's side of ``spans_of``)."""
-        stages = [
-            (*stage[:4], [(t.hex(), s.hex()) for t, s in stage[4]]) if stage[4] else stage for stage in self.stages
-        ]
-        return (self.trace_id.hex(), self.span_id.hex(), self.parent_id.hex(), self.model, self.request_id,
-                self.version, self.error, *self.times, self.answered_ns, self.end_ns, stages)  # fmt: skip
+        return (self.trace_id.hex(), self.span_id, self.parent_id.hex(), self.model, self.request_id,
+                self.version, self.error, *self.times, self.answered_ns, self.end_ns, self.stages)  # fmt: skip
 
     def spans(self) -> list[FinishedSpan]:
         """The request's span (kind SERVER) and its stages' (what the writer process makes of ``record``)."""
@@ -241,7 +240,7 @@ def record_batch(
     for request, wait in carried:
         request.stage("queue", start - wait, start)
         request.stage("compute", start, end, attributes)
-    first.stage("batch", start, end, attributes, tuple((r.trace_id, r.span_id) for r, _ in carried))
+    first.stage("batch", start, end, attributes, tuple((r.trace_id.hex(), r.span_id) for r, _ in carried))
 
 
 def _links(links: Sequence[Sequence[str]]) -> tuple[tuple[bytes, bytes], ...]:
