@@ -11,10 +11,13 @@ Sampling is W3C's and OpenTelemetry's ``ParentBased(TraceIdRatioBased)``: a call
 without a (valid) parent, ``ratio`` of the requests are traced. The door decides once, as the request comes in
 (``sample``): an unsampled request costs a random draw (or, with a ``traceparent``, its parsing) and nothing else,
 no object and no clock reading. A sampled one is a ``RequestTrace`` that keeps its stages' times (measured by the
-admission point and the batcher anyway); when it ends, it is queued whole, and a thread makes its spans, writes
-them as OTLP protobuf (``otlp.py``) and posts them, a batch a second. Not the OpenTelemetry SDK: measured here, its
-spans and their encoding cost about 270 µs of CPU per traced request (seven spans), a fifth of the server's CPU at
-ratio 0.1. With no endpoint there is no ``Tracing``: a request pays one ``is None`` test.
+admission point and the batcher anyway); when it ends, its ``Record`` (a tuple) is queued, and once per turn of
+the event loop what was queued is one frame into the pipe of tracing's writer process (``WriterPipe``;
+``dhow.serving.trace_writer``), which makes the spans (``spans_of``), writes them as OTLP protobuf (``otlp.py``)
+and posts them, about a second apart, off the server's interpreter. A full queue drops and counts; a writer that
+died fails and counts (``dhow_tracing_requests_total{outcome}``). Not the OpenTelemetry SDK: measured here, its
+spans and their encoding cost about 270 µs of CPU per traced request (seven spans). With no endpoint there is no
+``Tracing``: a request pays one ``is None`` test.
 """
 
 from __future__ import annotations
