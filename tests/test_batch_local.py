@@ -55,7 +55,8 @@ def test_a_million_rows_match_the_model_run_directly(demo_repository: Path, mill
     np.testing.assert_array_equal(got.column("id").to_numpy(), source.column("id").to_numpy()[want])
     np.testing.assert_array_equal(got.column("label").to_numpy(), expected["label"][want])
     probabilities = np.stack(got.column("probabilities").to_numpy(zero_copy_only=False))
-    np.testing.assert_allclose(probabilities, expected["probabilities"][want], rtol=1e-6)
+    # ONNX Runtime sums the trees in another order with another thread count than the reference
+    np.testing.assert_allclose(probabilities, expected["probabilities"][want], rtol=1e-5, atol=1e-6)
     assert set(scored.column("dhow_run_id").unique().to_pylist()) == {summary["run_id"]}
     assert scored.column("dhow_model").unique().to_pylist() == ["tabular"]
 

@@ -54,7 +54,8 @@ def test_spark_local_scores_like_the_model_and_reports_bad_rows(
     expected = run_directly(demo_repository, "tabular", 2, {"input": features(table.filter(pa.array(valid)))})
     np.testing.assert_array_equal(scored.column("label").to_numpy(), expected["label"])
     probabilities = np.stack(scored.column("probabilities").to_numpy(zero_copy_only=False))
-    np.testing.assert_allclose(probabilities, expected["probabilities"], rtol=1e-6)
+    # ONNX Runtime sums the trees in another order with another thread count than the reference
+    np.testing.assert_allclose(probabilities, expected["probabilities"], rtol=1e-5, atol=1e-6)
     assert set(scored.column("dhow_run_id").to_pylist()) == {summary["run_id"]}
     errors = pq.read_table(out / "errors", ignore_prefixes=["_", "."])
     assert sorted(errors.column("id").to_pylist()) == sorted(ids[list(BAD)].tolist())
