@@ -89,3 +89,19 @@ def status_of(data_dir: Path) -> dict[str, Any]:
     (path,) = paths
     status: dict[str, Any] = orjson.loads(path.read_bytes())
     return status
+
+
+def slow_doubler(seconds: float) -> str:
+    """The source of a Python model answering ``y = 2x`` after sleeping ``seconds`` a batch (slow on purpose)."""
+    return f"""
+import time
+
+
+class Slow:
+    def load(self, version_dir):
+        pass
+
+    def predict(self, inputs):
+        time.sleep({seconds})
+        return {{"y": inputs["x"] * 2}}
+"""

@@ -12,22 +12,11 @@ import pytest
 
 from tests.conftest import wait_until, write_model
 from tests.kafka_broker import Broker, start_broker
-from tests.stream_processes import replies_by_key, start_stream, status_of, stop
+from tests.stream_processes import replies_by_key, slow_doubler, start_stream, status_of, stop
 
 COUNT = 3000
 
-DOUBLER = """
-import time
-
-
-class Slow:
-    def load(self, version_dir):
-        pass
-
-    def predict(self, inputs):
-        time.sleep(0.04)
-        return {"y": inputs["x"] * 2}
-"""
+DOUBLER = slow_doubler(0.04)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from dhow.streaming.records import DeliveryFailed, Outgoing
 from tests.conftest import start_dhow, wait_until, write_model
 from tests.kinesis_server import CREDENTIALS, Kinesis, start_kinesis
 from tests.reference import run_directly
-from tests.stream_processes import features, status_of, stop
+from tests.stream_processes import features, slow_doubler, status_of, stop
 
 COUNT = 2000
 
@@ -183,18 +183,7 @@ def test_refused_at_start_by_residency_a_missing_stream_a_bad_url_or_exactly_onc
     assert kinesis.read_all(sink) == [] and kinesis.read_all(dead) == []
 
 
-DOUBLER = """
-import time
-
-
-class Slow:
-    def load(self, version_dir):
-        pass
-
-    def predict(self, inputs):
-        time.sleep(0.01)
-        return {"y": inputs["x"] * 2}
-"""
+DOUBLER = slow_doubler(0.01)
 
 
 def _doubler(tmp_path: Path) -> Path:
