@@ -57,13 +57,7 @@ async def run_stack(infer: Infer, stack: Stack, max_rows: int) -> tuple[list[Ans
             return [], dict.fromkeys(stack.indices, exc)
     rows = max(max_rows, 1)
     chunks = [(start, min(start + rows, len(stack.indices))) for start in range(0, len(stack.indices), rows)]
-    results = await asyncio.gather(*(_chunk(infer, stack, start, stop) for start, stop in chunks))
-    answered: list[Answered] = []
-    failed: dict[int, BaseException] = {}
-    for done, errors in results:
-        answered.extend(done)
-        failed.update(errors)
-    return answered, failed
+    return await _gathered(infer, stack, chunks)
 
 
 async def _chunk(infer: Infer, stack: Stack, start: int, stop: int) -> tuple[list[Answered], dict[int, BaseException]]:
@@ -86,7 +80,14 @@ async def _chunk(infer: Infer, stack: Stack, start: int, stop: int) -> tuple[lis
 async def _one_by_one(
     infer: Infer, stack: Stack, start: int, stop: int
 ) -> tuple[list[Answered], dict[int, BaseException]]:
-    results = await asyncio.gather(*(_chunk(infer, stack, row, row + 1) for row in range(start, stop)))
+    return await _gathered(infer, stack, [(row, row + 1) for row in range(start, stop)])
+
+
+async def _gathered(
+    infer: Infer, stack: Stack, ranges: list[tuple[int, int]]
+) -> tuple[list[Answered], dict[int, BaseException]]:
+    """The ranges of rows run at once, their answers and failures put together."""
+    results = await asyncio.gather(*(_chunk(infer, stack, start, stop) for start, stop in ranges))
     answered: list[Answered] = []
     failed: dict[int, BaseException] = {}
     for done, errors in results:
