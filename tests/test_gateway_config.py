@@ -35,6 +35,10 @@ def test_the_haproxy_configuration_is_valid_and_checks_readiness(tmp_path: Path)
     # the gRPC back end of a replica is checked on that replica's REST port
     assert "check-proto h1 port 9002" in text
     assert "option redispatch 1" in text
+    # a call is repeated only if HAProxy held it whole: it waits for the bodies of those it may repeat, but
+    # not for a stream's, which ends only when its client is done
+    assert "http-request wait-for-body time 10s if safe_to_repeat" in text
+    assert "wait-for-body time 10s if inference_call !stream_call !write_call" in text
 
 
 def test_the_nginx_configuration_is_valid(tmp_path: Path) -> None:
@@ -45,6 +49,7 @@ def test_the_nginx_configuration_is_valid(tmp_path: Path) -> None:
                            text=True)  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
     assert "grpc_pass grpc://dhow_grpc;" in text and "listen 0.0.0.0:8081 http2;" in text
+    assert "proxy_request_buffering on;" in text  # what lets nginx repeat a call a replica died with
 
 
 def test_it_writes_to_standard_output_without_out(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,7 +7,10 @@ dhow writes the proxy's configuration; it does not proxy itself. What every conf
 - retries on another replica (redispatch) when a connection to a replica fails, and, for the calls that are
   safe to repeat (inference is a pure function of its inputs; reads), also when a replica closed the
   connection without an answer (killed) or answered 503 (a model not loaded there); the admin API's writes
-  are retried only when they never reached a replica;
+  are retried only when they never reached a replica. HAProxy can repeat a request only if it had the whole
+  of it before sending it on (it keeps a copy then), so the configuration makes it wait for those bodies;
+  nginx reads a REST body whole by default (``proxy_request_buffering``), but streams a gRPC call's body, so
+  it repeats a gRPC call only when the call never reached a replica;
 - HAProxy only: active health checks on each replica's ``GET /v2/health/ready`` (a gRPC back end is checked
   on its replica's REST port), so that a replica that is loading or draining gets no new requests.
   nginx's open-source build has no active checks: it takes a replica out after a failed attempt.
@@ -36,6 +39,17 @@ _REST_INFERENCE = (
 )
 #: gRPC methods that change the server: never repeated once they reached a replica
 _GRPC_WRITES = "/inference.GRPCInferenceService/RepositoryModel"
+#: the gRPC inference service's calls, every one but the stream a single message (a whole body to wait for)
+_GRPC_INFERENCE = "/inference.GRPCInferenceService/"
+_GRPC_STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+#: how long HAProxy waits for a request's headers, and for the body of a request it may have to repeat
+_HAPROXY_REQUEST_WAIT = "10s"
+#: why HAProxy waits for the body of the requests it may repeat (said once in each back end that does)
+_HAPROXY_WHOLE_BODY = (
+    "    # HAProxy keeps a copy to repeat (retry-on) only of a request it had whole when it sent it on: a body",
+    "    # that came after its headers (clients write them apart, a busy host reads them apart) made a killed",
+    "    # replica's call a 502 with no retry. So wait for the body (one buffer at most, 408 after the wait).",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +199,7 @@ def _haproxy(plan: GatewayPlan) -> str:
         f"    timeout connect {_ms(plan.connect_timeout_s)}",
         f"    timeout client {_ms(plan.timeout_s)}",
         f"    timeout server {_ms(plan.timeout_s)}",
-        "    timeout http-request 10s",
+        f"    timeout http-request {_HAPROXY_REQUEST_WAIT}",
         "    timeout http-keep-alive 10s",
         "    timeout queue 10s",
         "    # a failed try goes to another replica (redispatch); what is retried is said per back end",
@@ -205,12 +219,15 @@ def _haproxy(plan: GatewayPlan) -> str:
         "",
         "backend dhow_rest",
         "    balance leastconn",
-        "    # inference and reads are safe to repeat: retried when a replica died with them or had no model",
+        "    # inference is idempotent (a pure function of its inputs), reads too: both are safe to repeat, so",
+        "    # they are retried when a replica died with them or had no model",
         "    retry-on conn-failure empty-response junk-response 503",
         "    acl safe_to_repeat method GET HEAD",
         *(f"    acl safe_to_repeat path_reg {pattern}" for pattern in _REST_INFERENCE),
         "    # anything else (the admin API's writes) only when it never reached a replica",
         "    http-request disable-l7-retry unless safe_to_repeat",
+        *_HAPROXY_WHOLE_BODY,
+        f"    http-request wait-for-body time {_HAPROXY_REQUEST_WAIT} if safe_to_repeat",
         *(f"    server {plan.replica(i)} {backend} {check}" for i, backend in enumerate(plan.backends)),
     ]
     if plan.grpc_backends:
@@ -222,9 +239,16 @@ def _haproxy(plan: GatewayPlan) -> str:
             "",
             "backend dhow_grpc",
             "    balance leastconn",
-            "    # a call ending without an answer (replica killed) is repeated elsewhere; loads and unloads are not",
+            "    # inference is idempotent: a call ending without an answer (replica killed) is repeated elsewhere;",
+            "    # loads and unloads are not",
             "    retry-on conn-failure empty-response junk-response",
-            f"    http-request disable-l7-retry if {{ path_beg {_GRPC_WRITES} }}",
+            f"    acl write_call path_beg {_GRPC_WRITES}",
+            f"    acl inference_call path_beg {_GRPC_INFERENCE}",
+            f"    acl stream_call path {_GRPC_STREAM}",
+            "    http-request disable-l7-retry if write_call",
+            *_HAPROXY_WHOLE_BODY,
+            "    # (streams are not waited for: their bodies end when the client is done, which may be never)",
+            f"    http-request wait-for-body time {_HAPROXY_REQUEST_WAIT} if inference_call !stream_call !write_call",
         ]
         for i, (grpc, rest) in enumerate(zip(plan.grpc_backends, plan.backends, strict=True)):
             # checked on its replica's REST port (HTTP/1.1), at the REST address when the host differs
@@ -278,7 +302,9 @@ def _nginx(plan: GatewayPlan) -> str:
         "        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
         *(f"        {line}" for line in timeouts),
         f"        proxy_next_upstream_tries {tries};",
-        "        # inference is safe to repeat on another replica (a pure function of its inputs)",
+        "        # a request is repeated on another replica only if nginx read it whole before sending it on",
+        "        proxy_request_buffering on;",
+        "        # inference is idempotent (a pure function of its inputs): safe to repeat on another replica",
         f"        location ~ ({'|'.join(_REST_INFERENCE)}) {{",
         "            proxy_next_upstream error timeout http_502 http_503 non_idempotent;",
         "            proxy_pass http://dhow_rest;",
@@ -302,6 +328,8 @@ def _nginx(plan: GatewayPlan) -> str:
             f"        grpc_connect_timeout {_ms(plan.connect_timeout_s)};",
             f"        grpc_read_timeout {_ms(plan.timeout_s)};",
             f"        grpc_next_upstream_tries {tries};",
+            "        # nginx streams a gRPC call's body to the replica (no buffering): a call is repeated on another",
+            "        # one only if it never reached the first; HAProxy repeats those a killed replica held too",
             f"        location {_GRPC_WRITES} {{",
             "            grpc_next_upstream error timeout;",
             "            grpc_pass grpc://dhow_grpc;",
