@@ -6,6 +6,7 @@ against a real server on a free port; the tests common to both fronts are in ``t
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import socket
 import struct
 import threading
@@ -16,16 +17,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import hpack
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dhow.core.types import InferenceRequest, InferenceResponse, Outcome
 from dhow.protocols.grpc import create_grpc_server
+from dhow.protocols.grpc.decoding import Methods
+from dhow.protocols.grpc.errors import credentials
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.server import NativeServer
+from dhow.protocols.grpc.server import GrpcConnectionLimits
 from dhow.serving.dataplane import Placement
 from tests.conftest import wait_until
 from tests.inprocess import open_service
@@ -178,17 +183,19 @@ def _connect(door: Door) -> socket.socket:
     return sock
 
 
-def _read_frames(sock: socket.socket, until: int, stream: int | None = None) -> list[tuple[int, int, int, bytes]]:
-    """Frames until one of type ``until`` (on ``stream`` when given) or the connection closes."""
+def _read_frames(
+    sock: socket.socket, until: int, stream: int | None = None, flags: int = 0
+) -> list[tuple[int, int, int, bytes]]:
+    """Frames until one of type ``until`` (on ``stream`` and with ``flags`` when given) or the connection closes."""
     frames, data = [], b""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         while len(data) >= 9 and len(data) >= 9 + int.from_bytes(data[:3], "big"):
             length = int.from_bytes(data[:3], "big")
-            kind, flags, sid = data[3], data[4], int.from_bytes(data[5:9], "big") & 0x7FFFFFFF
-            frames.append((kind, flags, sid, data[9 : 9 + length]))
+            kind, frame_flags, sid = data[3], data[4], int.from_bytes(data[5:9], "big") & 0x7FFFFFFF
+            frames.append((kind, frame_flags, sid, data[9 : 9 + length]))
             data = data[9 + length :]
-            if kind == until and (stream is None or sid == stream):
+            if kind == until and (stream is None or sid == stream) and flags & frame_flags == flags:
                 return frames
         chunk = sock.recv(65536)
         if not chunk:
@@ -273,3 +280,97 @@ def test_unsupported_encoding_is_unimplemented_with_the_reason(door: Door) -> No
     block = f.HeaderDecoder(65536).decode(frames[-1][3]).fields
     assert (b"grpc-status", b"12") in block
     assert any(name == b"grpc-message" and b"is not supported" in value for name, value in block), block
+
+
+# -- the header-block cache and calls run without a Task --------------------------------------------------------
+
+
+def _string(text: bytes) -> bytes:
+    return bytes((len(text),)) + text  # HPACK string without Huffman (every string here is under 127 bytes)
+
+
+#: the fields every call below sends besides its :path: :method POST, :scheme http (static indexes), then
+#: content-type and te as literals without indexing (they leave the dynamic table as it is)
+_REST = b"\x83\x86" + b"\x0f\x10" + _string(b"application/grpc") + b"\x00" + _string(b"te") + _string(b"trailers")
+_LIVE = b"/inference.GRPCInferenceService/ServerLive"
+
+
+def _status(sock: socket.socket, stream: int, block: bytes) -> int | str:
+    """Send a call with an empty request; its grpc-status, or "GOAWAY <code>" when the connection ends."""
+    sock.sendall(f.frame(f.HEADERS, f.END_HEADERS, stream, block) + f.frame(f.DATA, f.END_STREAM, stream, b"\0" * 5))
+    frames = _read_frames(sock, f.HEADERS, stream, f.END_STREAM)
+    if frames and frames[-1][0] == f.HEADERS and frames[-1][2] == stream:
+        fields = dict(hpack.Decoder().decode(frames[-1][3], raw=True))  # the server's blocks use no table
+        return int(fields[b"grpc-status"])
+    return f"GOAWAY {_goaway_code(frames)[0]}"
+
+
+def test_a_cached_header_block_follows_the_dynamic_table(door: Door) -> None:
+    """The same indexed block means another :path once the client's table has changed: the cache must not
+    answer with what it meant before (a new entry, then a table size update emptying the table)."""
+    indexed = b"\xbe" + _REST  # :path as dynamic index 62, the newest entry
+    with _connect(door) as sock:
+        sock.sendall(HELLO)
+        assert _status(sock, 1, b"\x44" + _string(_LIVE) + _REST) == 0  # :path added to the table: index 62
+        assert _status(sock, 3, indexed) == 0  # ServerLive, read once ...
+        assert _status(sock, 5, indexed) == 0  # ... and from the cache
+        assert _status(sock, 7, b"\x44" + _string(b"/no.Such/Method") + _REST) == 12  # now index 62
+        assert _status(sock, 9, indexed) == 12  # the same bytes, another method: UNIMPLEMENTED
+        assert _status(sock, 11, b"\x20\x04" + _string(_LIVE) + _REST) == 0  # table size 0, :path not indexed
+        assert _status(sock, 13, indexed) == f"GOAWAY {f.COMPRESSION_ERROR}"  # index 62 is gone
+
+
+@pytest.fixture
+def probe() -> Iterator[str]:
+    """A native front serving two test methods: ``Who`` answers the call's credentials and metadata as the
+    door reads them, ``Own`` answers a context variable it set, read after the call has waited twice."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="native-probe", daemon=True)
+    thread.start()
+    mine: contextvars.ContextVar[bytes] = contextvars.ContextVar("mine")
+
+    async def who(request: bytes, context: Any) -> bytes:
+        tag = [value for key, value in context.invocation_metadata() if key == "x-tag"]
+        return f"{credentials(context).authorization}|{tag}".encode()
+
+    async def own(request: bytes, context: Any) -> bytes:
+        mine.set(request)
+        await asyncio.sleep(0)  # a bare yield
+        await asyncio.sleep(0.01)  # a future
+        return mine.get()
+
+    async def start() -> tuple[NativeServer, int]:
+        methods = Methods()
+        handlers = {"Who": grpc.unary_unary_rpc_method_handler(who), "Own": grpc.unary_unary_rpc_method_handler(own)}
+        methods.add_registered_method_handlers("t.Probe", handlers)
+        server = NativeServer(methods, GrpcConnectionLimits(), MAX_MESSAGE, None)
+        port = await server.bind("127.0.0.1", 0, False)
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_credentials_and_metadata_follow_each_calls_headers_on_one_connection(probe: str) -> None:
+    # grpcio indexes each header on first use: a call sent again is an indexed block, read from the cache
+    sent = [("key-a", "1"), ("key-a", "1"), ("key-b", "1"), ("", "2"), ("key-a", "2"), ("key-b", "1"), ("", "2")]
+    with grpc.insecure_channel(probe) as channel:
+        call = channel.unary_unary("/t.Probe/Who")
+        for key, tag in sent:
+            metadata = [("x-tag", tag)] + ([("authorization", f"Bearer {key}")] if key else [])
+            expected = f"{'Bearer ' + key if key else ''}|{[tag]}"
+            assert call(b"", metadata=metadata, timeout=10).decode() == expected
+
+
+def test_calls_on_one_connection_each_keep_their_own_context(probe: str) -> None:
+    with grpc.insecure_channel(probe) as channel:
+        call = channel.unary_unary("/t.Probe/Own")
+        futures = [call.future(str(i).encode(), timeout=10) for i in range(50)]
+        assert [future.result() for future in futures] == [str(i).encode() for i in range(50)]

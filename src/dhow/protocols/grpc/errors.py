@@ -18,6 +18,7 @@ import grpc.aio
 from dhow.access.authenticator import Credentials
 from dhow.core.errors import DhowError, ErrorCode
 from dhow.protocols.grpc.decoding import Malformed
+from dhow.protocols.grpc.h2.calls import CallContext
 from dhow.protocols.routes import GRPC_ACCESS
 from dhow.serving.service import Call, CoreService
 
@@ -85,7 +86,16 @@ def guarded(method: AdmittedMethod[_Servicer, _Request, _Response]) -> UnaryMeth
 
 
 def credentials(context: Context) -> Credentials:
-    """The call's ``authorization`` metadata entry and its verified client certificate's common name."""
+    """The call's ``authorization`` metadata entry and its verified client certificate's common name.
+
+    The native front reads them once per header block of a connection (``CallContext.credentials``): a client
+    sending the same call again sends the same block, from the same peer."""
+    if isinstance(context, CallContext):
+        return context.credentials(_read_credentials)
+    return _read_credentials(context)
+
+
+def _read_credentials(context: Context) -> Credentials:
     sent = [value for key, value in context.invocation_metadata() or () if key == "authorization"]
     authorization = sent[0] if sent and isinstance(sent[0], str) else ""
     names = list((context.auth_context() or {}).get("x509_common_name") or ())

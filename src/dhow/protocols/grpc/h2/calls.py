@@ -22,6 +22,7 @@ import grpc
 if TYPE_CHECKING:
     from dhow.protocols.grpc.h2.connection import H2Connection
     from dhow.protocols.grpc.h2.frames import Block
+    from dhow.protocols.grpc.h2.runner import CallRunner
 
 log = logging.getLogger("dhow.grpc")
 
@@ -110,7 +111,7 @@ class Stream:
         self.headers_sent = False
         self.started = False
         self.ending: Ending | bool = False  # False: nothing decided; else how the front ends the call
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | CallRunner | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.context: CallContext | None = None
 
@@ -119,7 +120,9 @@ class Stream:
         for a message above ``limit`` and ``ValueError`` for one that cannot be read, with the status message."""
         buffer = self.buffer
         if not buffer and len(payload) >= 5 and len(payload) - 5 == int.from_bytes(payload[1:5], "big"):
-            found = [(payload[0], payload[5:])]  # the common case: one message, whole, in one DATA frame
+            if payload[0] == 0 and len(payload) - 5 <= limit:
+                return [payload[5:]]  # the common case: one uncompressed message, whole, in one DATA frame
+            found = [(payload[0], payload[5:])]
         else:
             buffer += payload
             found = []
@@ -178,6 +181,14 @@ class CallContext:
             )
         metadata: tuple[tuple[str, str | bytes], ...] = block.metadata
         return metadata
+
+    def credentials(self, read: Callable[[Any], Any]) -> Any:
+        """What ``read`` makes of the call's credentials, kept with its header block: the block is the
+        connection's own (its HPACK table), so its peer and certificate are those of every call that sends it."""
+        block = self._block
+        if block.credentials is None:
+            block.credentials = read(self)
+        return block.credentials
 
     def peer(self) -> str:
         return self._connection.peer

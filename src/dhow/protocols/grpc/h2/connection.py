@@ -1,10 +1,10 @@
 """One HTTP/2 connection of the native gRPC front, read on the event loop as an ``asyncio.Protocol``.
 
-Frames are parsed as they arrive; a unary call's task starts when its request has ended, so calls that arrive
-in one read start together (and queue together for the batcher). Flow control both ways: the client may send
-``RECEIVE_WINDOW`` per stream and ``CONNECTION_WINDOW`` in all before the server's WINDOW_UPDATEs, sent as the
-bytes are taken; answers wait for the client's windows. A protocol error ends the connection with GOAWAY and
-the error's code; an error of one call ends that call only.
+Frames are parsed as they arrive; a unary call starts as soon as its request has ended (``CallRunner``, no Task),
+while the read goes on, so calls that arrive in one read queue together for the batcher. Flow control both ways:
+the client may send ``RECEIVE_WINDOW`` per stream and ``CONNECTION_WINDOW`` in all before the server's
+WINDOW_UPDATEs, sent as the bytes are taken; answers wait for the client's windows. A protocol error ends the
+connection with GOAWAY and the error's code; an error of one call ends that call only.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import grpc
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.calls import INBOX_LIMIT, RECEIVE_WINDOW, RESET, CallContext, Stream, run_call
 from dhow.protocols.grpc.h2.requests import parse_request
+from dhow.protocols.grpc.h2.runner import CallRunner
 from dhow.protocols.grpc.h2.sending import Sender, auth_context, peer_name, trailers
 
 if TYPE_CHECKING:
@@ -129,13 +130,14 @@ class H2Connection(Sender, asyncio.Protocol):
             self.transport.close()
             self.closed = True
 
-    def cut(self) -> list[asyncio.Task[None]]:
-        """End every call in flight with UNAVAILABLE; the tasks still finishing are returned."""
-        tasks = []
+    def cut(self) -> list[asyncio.Future[None]]:
+        """End every call in flight with UNAVAILABLE; the calls still finishing are returned."""
+        tasks: list[asyncio.Future[None]] = []
         for stream in list(self.streams.values()):
             self._end_call(stream, (grpc.StatusCode.UNAVAILABLE, "the server stopped before the call ended"))
-            if stream.task is not None and not stream.task.done():
-                tasks.append(stream.task)
+            task = stream.task
+            if task is not None and not task.done():
+                tasks.append(task.finished() if isinstance(task, CallRunner) else task)
         return tasks
 
     def close(self) -> None:
@@ -312,7 +314,8 @@ class H2Connection(Sender, asyncio.Protocol):
             count = len(stream.messages)
             self._fail(stream, grpc.StatusCode.INTERNAL, f"a unary call needs one request message, it sent {count}")
         else:
-            stream.task = self.loop.create_task(run_call(self, stream))
+            stream.task = runner = CallRunner(self.loop, run_call(self, stream))
+            runner.start()
 
     def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import struct
 import urllib.parse
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,14 @@ from dhow.protocols.grpc.h2.calls import Stream
 
 if TYPE_CHECKING:
     from dhow.protocols.grpc.h2.server import Front
+
+
+#: a unary answer's opening: the HEADERS frame of the response headers, then a DATA frame's header and the gRPC
+#: message prefix (compressed flag, length); and its OK trailers' HEADERS frame (both smaller than any frame size)
+_OPENING = struct.Struct(f">BHBBL{len(f.RESPONSE_HEADERS)}sBHBBLBL")
+_HEADERS_HEAD = (0, len(f.RESPONSE_HEADERS), f.HEADERS, f.END_HEADERS)
+_OK_CLOSING = struct.Struct(f">BHBBL{len(f.OK_TRAILERS)}s")
+_OK_HEAD = (0, len(f.OK_TRAILERS), f.HEADERS, f.END_HEADERS | f.END_STREAM)
 
 
 class Sender:
@@ -47,18 +56,16 @@ class Sender:
         stream.send_window -= size
         stream.headers_sent, stream.ending = True, True
         sid = stream.id
-        status = f.OK_TRAILERS if not trailing else trailers(0, "", trailing)
-        end = b"" if stream.remote_closed else f.rst_stream(sid, f.NO_ERROR)
-        self.write(
-            b"".join(
-                (
-                    f.frame(f.HEADERS, f.END_HEADERS, sid, f.RESPONSE_HEADERS),
-                    f.frame(f.DATA, 0, sid, b"\x00" + len(data).to_bytes(4, "big") + data),
-                    f.header_frames(sid, status, True, self.max_frame_out),
-                    end,
-                )
-            )
+        # the frames' headers packed at once around the message: HEADERS, DATA's header and the message's prefix
+        opening = _OPENING.pack(
+            *_HEADERS_HEAD, sid, f.RESPONSE_HEADERS, size >> 16, size & 0xFFFF, f.DATA, 0, sid, 0, size - 5
         )
+        if trailing:
+            closing = f.header_frames(sid, trailers(0, "", trailing), True, self.max_frame_out)
+        else:
+            closing = _OK_CLOSING.pack(*_OK_HEAD, sid, f.OK_TRAILERS)
+        end = b"" if stream.remote_closed else f.rst_stream(sid, f.NO_ERROR)
+        self.write(b"".join((opening, data, closing, end)))
         return True
 
     async def send_message(self, stream: Stream, data: bytes) -> None:
