@@ -171,3 +171,32 @@ def test_a_full_queue_drops_and_a_dead_writer_fails_what_it_is_handed_and_both_a
         assert count("failed") == before + 1, "a request handed to a dead writer is counted failed, nothing raises"
     finally:
         tracing.shutdown()
+
+
+@pytest.mark.parametrize(("parent", "error"), [("", ""), (SPAN, "INTERNAL")])
+def test_the_writer_writes_a_record_as_its_spans_would_be_written_one_by_one(parent: str, error: str) -> None:
+    """``record_fields`` (what tracing's writer exports) writes the same bytes as the spans of ``spans_of``
+    written one by one, and they parse as the request's span parented by the caller with its stages under it."""
+    from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans
+
+    from dhow.monitoring.otlp import span_fields
+    from dhow.monitoring.tracing import record_fields, spans_of
+
+    batch = {"dhow.model": "m", "dhow.version": "3", "dhow.batch.rows": 2, "dhow.batch.requests": 2}
+    other = ("ab" * 16, "cd" * 8)
+    record = [TRACE, "11" * 8, parent, "m", "r-1", "3" if not error else "", error, 10, 20, 30, 55 if not error else 0,
+              60, [["queue", 30, 40, None, []], ["compute", 40, 50, batch, []],
+                   ["batch", 40, 50, batch, [[TRACE, "11" * 8], list(other)]]]]  # fmt: skip
+    ids = bytes(range(1, 1 + 8 * 6))
+    written = record_fields(record, ids)
+    assert written == span_fields(spans_of(record, ids))
+    spans = {span.name: span for span in ScopeSpans.FromString(written).spans}
+    root = spans.pop("infer m")
+    assert root.parent_span_id.hex() == parent and root.span_id.hex() == "11" * 8
+    assert (root.start_time_unix_nano, root.end_time_unix_nano) == (10, 60)
+    assert root.status.message == error
+    assert set(spans) == {"admission", "decoding", "queue", "compute", "batch"} | ({"encoding"} if not error else set())
+    assert all(s.parent_span_id == root.span_id and s.trace_id.hex() == TRACE for s in spans.values())
+    assert [link.span_id.hex() for link in spans["batch"].links] == ["11" * 8, other[1]]
+    assert {kv.key: kv.value.int_value for kv in spans["compute"].attributes}["dhow.batch.rows"] == 2
+    assert len({s.span_id for s in spans.values()}) == len(spans) and all(any(s.span_id) for s in spans.values())

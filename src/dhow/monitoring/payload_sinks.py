@@ -96,16 +96,25 @@ class FileSink:
 
     def write(self, events: list[tuple[str, bytes]], counts: PayloadCounts) -> None:
         try:
-            for _, event in events:
-                if self._size and self._size + len(event) + 1 > self.max_bytes:
-                    self._rotate()
-                self._file.write(event + b"\n")
-                self._size += len(event) + 1
+            lines = b"\n".join([event for _, event in events]) + b"\n"
+            if self._size + len(lines) <= self.max_bytes:  # most chunks: one write, no line by line
+                self._file.write(lines)
+                self._size += len(lines)
+            else:
+                self._write_rotating(events)
             self._file.flush()
         except OSError as exc:
             counts.failed(len(events), f"{self.path}: {exc}")
             return
         counts.logged(len(events))
+
+    def _write_rotating(self, events: list[tuple[str, bytes]]) -> None:
+        """Line by line, rotating before the line that would take the file past ``max_bytes``."""
+        for _, event in events:
+            if self._size and self._size + len(event) + 1 > self.max_bytes:
+                self._rotate()
+            self._file.write(event + b"\n")
+            self._size += len(event) + 1
 
     def _rotate(self) -> None:
         self._file.close()

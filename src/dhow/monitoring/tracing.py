@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from dhow.core.errors import InvalidInput
 from dhow.core.frames import frame
-from dhow.monitoring.otlp import SPAN_KIND_INTERNAL, SPAN_KIND_SERVER, FinishedSpan
+from dhow.monitoring.otlp import SPAN_KIND_INTERNAL, SPAN_KIND_SERVER, FinishedSpan, family_fields
 from dhow.monitoring.writer_pipe import WriterPipe
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "Tracing",
     "parse_traceparent",
     "record_batch",
+    "record_fields",
     "spans_of",
     "traces_url",
 ]
@@ -52,6 +53,7 @@ MAX_QUEUED = 8192
 #: a sampled request's trace id and its parent span's id (empty: a root)
 Sampled = tuple[bytes, bytes]
 _HEX = frozenset("0123456789abcdef")
+_NO_ID = bytes(8)
 
 
 def traces_url(endpoint: str) -> str:
@@ -202,26 +204,47 @@ class RequestTrace:
 Record = tuple[Any, ...]
 
 
-def spans_of(record: Sequence[Any]) -> list[FinishedSpan]:
-    """A request's span (kind SERVER) and its stages' from its ``Record`` (in the writer process)."""
-    trace, span, parent, model, request_id, version, error, entered, admitted, decoded, answered, end, more = record
+def spans_of(record: Sequence[Any], ids: bytes = b"") -> list[FinishedSpan]:
+    """A request's span (kind SERVER) and its stages' from its ``Record``: what ``record_fields`` writes, as
+    objects (the stages' span ids: the 8-byte slices of ``ids``, else random)."""
+    trace, span, parent, model, request_id, version, error, entered, _, _, _, end, _ = record
+    stages = _stages_of(record)
+    ids = ids or _span_ids(len(stages))
+    trace_id, span_id = bytes.fromhex(trace), bytes.fromhex(span)
+    spans = []
+    for n, (name, start, stop, attributes, links) in enumerate(stages):
+        spans.append(FinishedSpan(trace_id, ids[8 * n : 8 * n + 8], span_id, name, SPAN_KIND_INTERNAL, start, stop,
+                                  attributes, _links(links), ""))  # fmt: skip
+    spans.append(FinishedSpan(trace_id, span_id, bytes.fromhex(parent), f"infer {model}", SPAN_KIND_SERVER,
+                              entered, end, _attributes(model, request_id, version), (), error))  # fmt: skip
+    return spans
+
+
+def record_fields(record: Sequence[Any], ids: bytes = b"") -> bytes:
+    """A request's spans from its ``Record``, written as OTLP protobuf (``otlp.span_fields`` of ``spans_of``'s
+    spans, byte for byte, with the same ``ids``): what tracing's writer process exports."""
+    trace, span, parent, model, request_id, version, error, entered, _, _, _, end, _ = record
+    stages = _stages_of(record)
+    return family_fields(bytes.fromhex(trace), bytes.fromhex(span), bytes.fromhex(parent), f"infer {model}",
+                         (entered, end), _attributes(model, request_id, version), error, stages,
+                         ids or _span_ids(len(stages)))  # fmt: skip
+
+
+def _stages_of(record: Sequence[Any]) -> list[Any]:
+    """A request's stages: those the door measured (admission, decoding, encoding) and the batcher's."""
+    entered, admitted, decoded, answered, end, more = record[7:]
     stages: list[Any] = [("admission", entered, admitted, None, ()), ("decoding", admitted, decoded, None, ())]
     stages += more
     if answered:
         stages.append(("encoding", answered, end, None, ()))
-    trace_id, span_id = bytes.fromhex(trace), bytes.fromhex(span)
-    spans = [
-        FinishedSpan(
-            trace_id, _span_id(), span_id, name, SPAN_KIND_INTERNAL, start, stop, attributes, _links(links), ""
-        )
-        for name, start, stop, attributes, links in stages
-    ]
+    return stages
+
+
+def _attributes(model: str, request_id: str, version: str) -> dict[str, str]:
     attributes = {"dhow.model": model, "dhow.request_id": request_id}
     if version:
         attributes["dhow.version"] = version
-    spans.append(FinishedSpan(trace_id, span_id, bytes.fromhex(parent), f"infer {model}", SPAN_KIND_SERVER,
-                              entered, end, attributes, (), error))  # fmt: skip
-    return spans
+    return attributes
 
 
 def record_batch(
@@ -250,5 +273,9 @@ def _links(links: Sequence[Sequence[str]]) -> tuple[tuple[bytes, bytes], ...]:
     return tuple((bytes.fromhex(trace), bytes.fromhex(span)) for trace, span in links)
 
 
-def _span_id() -> bytes:
-    return (random.getrandbits(64) or 1).to_bytes(8, "big")
+def _span_ids(count: int) -> bytes:
+    """``count`` random span ids, 8 bytes each, none all zero (W3C: an invalid id)."""
+    ids = random.randbytes(8 * count)
+    while _NO_ID in ids:  # one chance in 2**64 a span (a zero run across two ids draws again too: harmless)
+        ids = random.randbytes(8 * count)
+    return ids

@@ -16,23 +16,17 @@ are ignored: a Ctrl-C or a stop of the whole process group must not lose what th
 from __future__ import annotations
 
 import collections
-import itertools
-import secrets
 import sys
 import threading
-import time
-from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-import orjson
-
 from dhow.governance.masking import Masker
-from dhow.monitoring.payload_log import EVENT_TYPES, MAX_MASKINGS, PayloadSink
+from dhow.monitoring.payload_log import MAX_MASKINGS, PayloadSink
 from dhow.monitoring.payload_sinks import open_sink
+from dhow.serving.payload_render import cloud_event
 from dhow.serving.writer_main import Answer, serve
 
-__all__ = ["Writer", "cloud_event", "main"]
+__all__ = ["Writer", "main"]
 
 #: how long the sink's thread sleeps when nothing is queued (the reader wakes it when events come)
 _IDLE_S = 0.02
@@ -40,95 +34,6 @@ _IDLE_S = 0.02
 _CHUNK = 512
 #: how often counts go back to the server (when something changed)
 _REPORT_S = 0.2
-
-#: event ids: a random prefix per process and a count, unique per source without a random draw per event
-_ID_PREFIX = secrets.token_hex(6)
-_ids = itertools.count(1)
-_second: tuple[int, str] = (0, "")
-
-
-def _rfc3339(unix: float) -> str:
-    global _second
-    whole = int(unix)
-    if _second[0] != whole:  # events of one second share its formatting (only the sink's thread calls this)
-        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
-    return f"{_second[1]}.{min(999_999, round((unix - whole) * 1e6)):06d}Z"
-
-
-def _holds_text(value: Any) -> bool:
-    """Whether a tensor (nested lists, as JSON gave it) holds text: numbers carry nothing for the detectors."""
-    while isinstance(value, list) and value:
-        value = value[0]
-    return isinstance(value, str)
-
-
-def _inputs_of(body: str) -> dict[str, Any]:
-    """The inputs of an Open Inference Protocol JSON body (as the client sent it, already accepted by the server)
-    as name -> nested lists of their shape, as the decoded tensors would be written."""
-    inputs: dict[str, Any] = {}
-    for tensor in orjson.loads(body).get("inputs") or ():
-        data, shape = tensor.get("data"), tensor.get("shape")
-        try:
-            inputs[str(tensor["name"])] = _shaped(data, [int(n) for n in shape])
-        except (ValueError, TypeError, KeyError):  # the server took it: never expected, but written as sent
-            inputs[str(tensor.get("name"))] = data
-    return inputs
-
-
-def _shaped(data: Any, shape: list[int]) -> Any:
-    """Row-major ``data`` (flat, or nested as the protocol also allows) as nested lists of ``shape``."""
-    if not isinstance(data, list) or not shape:
-        return data
-    if data and isinstance(data[0], list):  # nested already (a tensor's items are all alike)
-        return np.asarray(data, dtype=object).reshape(shape).tolist()
-    if len(shape) == 1:
-        return data
-    if len(shape) == 2 and shape[0] == 1:
-        return [data]  # one row: most requests
-    step = len(data) // shape[0] if shape[0] else 0
-    return [_shaped(data[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
-
-
-def _masked(masker: Masker, tensors: Mapping[str, Any]) -> dict[str, Any]:
-    fields = masker.policy.fields
-    return {
-        name: masker.mask_value(data, name) if name in fields or _holds_text(data) else data
-        for name, data in tensors.items()
-    }
-
-
-def cloud_event(event: list[Any], masker: Masker, source: str) -> dict[str, Any]:
-    """The event (``payload_log.FIELDS``) masked, in CloudEvents 1.0 structured form: ``id`` unique per event,
-    ``subject`` the model and version."""
-    request_id, model, version, principal, tenant, region, outcome, error, unix, latency_s, parameters = event[:11]
-    data: dict[str, Any] = {
-        "request_id": request_id,
-        "model": model,
-        "version": version,
-        "principal": principal,
-        "tenant": tenant,
-        "data_region": region,
-        "outcome": outcome,
-        "latency_ms": round(latency_s * 1000, 3),
-        "parameters": {k: v for k, v in parameters.items() if isinstance(v, str | int | float | bool)}
-        if parameters
-        else {},
-        "inputs": _masked(masker, _inputs_of(event[11]) if isinstance(event[11], str) else event[11]),
-    }
-    if event[12] is not None:
-        data["outputs"] = _masked(masker, event[12])
-    if error:
-        data["error"] = masker.mask_text(error)  # an error may quote what the request held
-    return {
-        "specversion": "1.0",
-        "id": f"{_ID_PREFIX}-{next(_ids)}",
-        "source": source,
-        "type": EVENT_TYPES[outcome == "success"],
-        "subject": f"{model}/{version}" if version else model,
-        "time": _rfc3339(unix),
-        "datacontenttype": "application/json",
-        "data": data,
-    }
 
 
 class Writer:
@@ -219,7 +124,7 @@ class Writer:
 
     def render(self, event: list[Any]) -> tuple[str, bytes]:
         """An event as its sink takes it: its key and its CloudEvent, masked."""
-        return event[0], orjson.dumps(cloud_event(event, self._maskers[event[13]], self.source))
+        return event[0], cloud_event(event, self._maskers[event[13]], self.source)
 
     # -- the counts, back to the server --
 

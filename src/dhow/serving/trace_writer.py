@@ -4,8 +4,8 @@ posts them to the collector, off the server's interpreter.
 ``python -m dhow.serving.trace_writer`` is run by ``monitoring.tracing.Tracing`` (``writer_main``'s loop): its
 settings are the collector's ``url``, the ``service`` name, ``capacity`` and ``close_timeout_s``; then it takes
 frames of finished requests (``tracing.Record``). The payload writer's queue and sink thread carry them (at most
-``capacity`` waiting, past it dropped and counted); each request becomes its spans (``tracing.spans_of``) written
-once (``otlp.span_fields``), and a chunk of up to 512 requests is one export, posted with ``http.client``, about one
+``capacity`` waiting, past it dropped and counted); each request's spans are written at once from its record
+(``tracing.record_fields``), and a chunk of up to 512 requests is one export, posted with ``http.client``, about one
 a second. Counts of exported and failed requests go back to the server.
 """
 
@@ -16,9 +16,9 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
-from dhow.monitoring.otlp import export_request_of, resource_bytes, span_fields
+from dhow.monitoring.otlp import export_request_of, resource_bytes
 from dhow.monitoring.payload_log import PayloadCounts
-from dhow.monitoring.tracing import spans_of
+from dhow.monitoring.tracing import record_fields
 from dhow.serving.payload_writer import Writer
 from dhow.serving.writer_main import Answer, serve
 
@@ -69,7 +69,7 @@ class TraceWriter(Writer):
         self.queue(frame)
 
     def render(self, event: list[Any]) -> tuple[str, bytes]:
-        return str(event[4]), span_fields(spans_of(event))
+        return str(event[4]), record_fields(event)
 
 
 def _open(settings: dict[str, Any], answer: Answer) -> TraceWriter:
