@@ -254,6 +254,27 @@ def test_json_messages_are_decoded_together_and_bad_ones_set_aside() -> None:
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "poison",
+    [b'{"input": [1, false, 0]}', b'{"input": [1, true, 0]}', b'{"input": [null, 1, 0]}',
+     b'{"\\u0069nput": [1, true, 0]}', b'{"input": [1, 2, 3], "input": [1, false, 0]}',
+     b'{"in\\u0070ut": [1, false, 0]}'],
+)  # fmt: skip
+def test_a_json_boolean_among_stacked_rows_is_found_by_the_letter_counts(poison: bytes) -> None:
+    """The rows' booleans are looked for by counting u and l over all messages at once (no search in each): a
+    true, false or null in a value, a key written with an escape or twice, each makes the counts differ, and the
+    one message is refused instead of read as 1 or 0."""
+    json = message_format("json")
+    inputs = [TensorSpec("input", "FP32", (-1, 3))]
+    values = [b'{"input": [1, 2, 3]}', poison, b'{ "input" : [4.5e-3, -5, 6] }']
+    records = [Record(v, str(i).encode(), [], Position("in", 0, i)) for i, v in enumerate(values)]
+    decoded = json.decode_batch(records, "m", "", inputs, "")
+    assert list(decoded.errors) == [1], decoded.errors
+    assert any(word in decoded.errors[1].message for word in ("boolean", "nulls")), decoded.errors[1].message
+    rows = np.concatenate([s.request.inputs[0].data for s in decoded.stacks])
+    np.testing.assert_array_equal(rows, np.array([[1, 2, 3], [4.5e-3, -5, 6]], np.float32))
+
+
 def test_a_batch_of_latencies_lands_in_the_buckets_observe_would_choose() -> None:
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
