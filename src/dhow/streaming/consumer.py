@@ -75,9 +75,10 @@ class StreamConsumer:
         transactions: Transactions | None = None,
         meter: Meter | None = None,
         status_dir: Path | None = None,
+        worker: int = 0,
     ) -> None:
         """``transactions`` (``--exactly-once``): batches are written and committed through it, one at a time,
-        instead of through the sinks."""
+        instead of through the sinks; ``worker``: which of ``--workers N`` processes this is (its status file)."""
         self.spec = spec
         self.service = service
         self.source = source
@@ -91,7 +92,7 @@ class StreamConsumer:
         self.format = message_format(spec.format)
         self.status = StreamStatus(
             spec.name, f"{spec.model}:{spec.version}" if spec.version else spec.model, str(spec.source),
-            str(spec.sink), str(spec.dead_letter or ""), spec.group,
+            str(spec.sink), str(spec.dead_letter or ""), spec.group, worker=worker,
         )  # fmt: skip
         self._room = asyncio.Event()
         self._fault: BaseException | None = None

@@ -272,9 +272,8 @@ def _booleans_possible(values: list[bytes], names: set[str]) -> bool:
     the values' types are looked at (``array_from_json``)."""
     joined = b"".join(values)
     keys = "".join(names).encode()
-    return joined.count(b"u") != keys.count(b"u") * len(values) or joined.count(b"l") != keys.count(b"l") * len(
-        values
-    )
+    count = len(values)
+    return joined.count(b"u") != keys.count(b"u") * count or joined.count(b"l") != keys.count(b"l") * count
 
 
 def _json_rows(name: str, array: np.ndarray, rows: int) -> list[bytes] | None:
