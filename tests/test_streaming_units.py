@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -367,3 +368,15 @@ def test_plain_v2_requests_are_decoded_together_and_others_by_the_rest_codec() -
     assert by_indices[(4,)].request.parameters == {"p": 1, "data_region": "eu"}
     assert [decoded.requests[i].id for i in (0, 1, 6)] == ["a", "", "k"]
     assert decoded.requests[3].outputs is not None and by_indices[(3,)].whole
+
+
+def test_each_worker_writes_its_own_status_and_status_finds_them_by_the_stream_s_name(tmp_path: Path) -> None:
+    from dhow.streaming.status import StreamStatus, read_statuses, status_folder
+
+    for worker in (1, 2):
+        StreamStatus("s.x", "m", "in", "out", "", "g", worker=worker).write(status_folder(tmp_path))
+    StreamStatus("s.x.2", "m", "in", "out", "", "g").write(status_folder(tmp_path))
+    assert [(s["name"], s["worker"]) for s in read_statuses(tmp_path, "s.x")] == [("s.x", 1), ("s.x", 2)]
+    assert [s["name"] for s in read_statuses(tmp_path)] == ["s.x.2", "s.x", "s.x"]
+    with pytest.raises(InvalidInput, match=r"streams: s\.x, s\.x\.2\)"):
+        read_statuses(tmp_path, "nope")
