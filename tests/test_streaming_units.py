@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -254,6 +255,27 @@ def test_json_messages_are_decoded_together_and_bad_ones_set_aside() -> None:
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "poison",
+    [b'{"input": [1, false, 0]}', b'{"input": [1, true, 0]}', b'{"input": [null, 1, 0]}',
+     b'{"\\u0069nput": [1, true, 0]}', b'{"input": [1, 2, 3], "input": [1, false, 0]}',
+     b'{"in\\u0070ut": [1, false, 0]}'],
+)  # fmt: skip
+def test_a_json_boolean_among_stacked_rows_is_found_by_the_letter_counts(poison: bytes) -> None:
+    """The rows' booleans are looked for by counting u and l over all messages at once (no search in each): a
+    true, false or null in a value, a key written with an escape or twice, each makes the counts differ, and the
+    one message is refused instead of read as 1 or 0."""
+    json = message_format("json")
+    inputs = [TensorSpec("input", "FP32", (-1, 3))]
+    values = [b'{"input": [1, 2, 3]}', poison, b'{ "input" : [4.5e-3, -5, 6] }']
+    records = [Record(v, str(i).encode(), [], Position("in", 0, i)) for i, v in enumerate(values)]
+    decoded = json.decode_batch(records, "m", "", inputs, "")
+    assert list(decoded.errors) == [1], decoded.errors
+    assert any(word in decoded.errors[1].message for word in ("boolean", "nulls")), decoded.errors[1].message
+    rows = np.concatenate([s.request.inputs[0].data for s in decoded.stacks])
+    np.testing.assert_array_equal(rows, np.array([[1, 2, 3], [4.5e-3, -5, 6]], np.float32))
+
+
 def test_a_batch_of_latencies_lands_in_the_buckets_observe_would_choose() -> None:
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
@@ -346,3 +368,15 @@ def test_plain_v2_requests_are_decoded_together_and_others_by_the_rest_codec() -
     assert by_indices[(4,)].request.parameters == {"p": 1, "data_region": "eu"}
     assert [decoded.requests[i].id for i in (0, 1, 6)] == ["a", "", "k"]
     assert decoded.requests[3].outputs is not None and by_indices[(3,)].whole
+
+
+def test_each_worker_writes_its_own_status_and_status_finds_them_by_the_stream_s_name(tmp_path: Path) -> None:
+    from dhow.streaming.status import StreamStatus, read_statuses, status_folder
+
+    for worker in (1, 2):
+        StreamStatus("s.x", "m", "in", "out", "", "g", worker=worker).write(status_folder(tmp_path))
+    StreamStatus("s.x.2", "m", "in", "out", "", "g").write(status_folder(tmp_path))
+    assert [(s["name"], s["worker"]) for s in read_statuses(tmp_path, "s.x")] == [("s.x", 1), ("s.x", 2)]
+    assert [s["name"] for s in read_statuses(tmp_path)] == ["s.x.2", "s.x", "s.x"]
+    with pytest.raises(InvalidInput, match=r"streams: s\.x, s\.x\.2\)"):
+        read_statuses(tmp_path, "nope")

@@ -195,6 +195,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a supervisor starts its workers with
     try:
         if args.command == "serve":
             return _serve(args)

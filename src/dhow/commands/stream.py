@@ -83,23 +83,34 @@ def _add_run(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "consumed offsets committed together (the broker must support transactions; readers of the replies "
         "use isolation.level=read_committed)")  # fmt: skip
     add("--metrics-port", type=int, default=0, metavar="PORT", help="serve Prometheus metrics on this port")
+    add("--workers", type=int, default=1, metavar="N", help="N consumer processes in the group, sharing its "
+        "partitions (each with its own admission and commits; one that dies is restarted); worker i serves its "
+        "metrics on --metrics-port + i - 1 (default 1)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     if args.stream_command == "status":
         return _status(args)
     from dhow.streaming import StreamSpec
+    from dhow.streaming.workers import run_workers, worker_number
 
+    if args.workers < 1:
+        print(f"dhow: --workers must be 1 or more, got {args.workers}", flush=True)
+        return 2
+    worker = worker_number()
+    if args.workers > 1 and not worker:
+        return run_workers(args.argv, args.workers)
     settings = core_settings(args)
     spec = StreamSpec.build(
         model=args.model, source=args.source, sink=args.sink, dead_letter=args.dead_letter, group=args.group,
         name=args.name, format=args.format, on_error=args.on_error, max_in_flight=args.max_in_flight,
         data_region=args.data_region, exactly_once=args.exactly_once,
     )  # fmt: skip
-    return asyncio.run(_run(spec, settings, args.metrics_port))
+    port = args.metrics_port + worker - 1 if args.metrics_port and worker else args.metrics_port
+    return asyncio.run(_run(spec, settings, port, worker))
 
 
-async def _run(spec: Any, settings: Any, metrics_port: int) -> int:
+async def _run(spec: Any, settings: Any, metrics_port: int, worker: int) -> int:
     from prometheus_client import start_http_server
 
     from dhow.monitoring.metrics import ServerMetrics
@@ -115,7 +126,7 @@ async def _run(spec: Any, settings: Any, metrics_port: int) -> int:
         start_http_server(metrics_port, addr=settings.host, registry=metrics.registry)
     try:
         stores = functools.partial(CheckpointStore.open, settings.registry_url())
-        return await run_streams((spec,), settings, metrics=metrics, meter=meter, shard_stores=stores)
+        return await run_streams((spec,), settings, metrics=metrics, meter=meter, shard_stores=stores, worker=worker)
     except DeliveryFailed as exc:
         print(f"dhow: {exc}; run the same command again: nothing unanswered was committed", flush=True)
         return 1
@@ -135,7 +146,8 @@ def _status(args: argparse.Namespace) -> int:
     if not statuses:
         print(f"no stream has run with the data folder {settings.data_dir}")
     for status in statuses:
-        print(f"{status['name']}: {status['state']} (pid {status['pid']}, since {status['started_at']})")
+        worker = f" worker {status['worker']}" if status.get("worker") else ""
+        print(f"{status['name']}{worker}: {status['state']} (pid {status['pid']}, since {status['started_at']})")
         for name in _SHOWN:
             if status.get(name) not in (None, ""):
                 print(f"  {name:<15} {status[name]}")

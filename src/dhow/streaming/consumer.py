@@ -32,7 +32,7 @@ from dhow.core.types import InferenceRequest, InferenceResponse
 from dhow.serving.retries import retrying
 from dhow.serving.service import ACTIONS, Call, CoreService, Principal, service_identity
 from dhow.streaming.formats import HEADER_LENGTH, message_format
-from dhow.streaming.records import DeliveryFailed, Header, Outgoing, Record, Sink, Source, Transactions
+from dhow.streaming.records import DeliveryFailed, Header, Outgoing, Position, Record, Sink, Source, Transactions
 from dhow.streaming.rows import run_stack
 from dhow.streaming.spec import StreamSpec
 from dhow.streaming.status import Meter, StreamStatus
@@ -75,9 +75,10 @@ class StreamConsumer:
         transactions: Transactions | None = None,
         meter: Meter | None = None,
         status_dir: Path | None = None,
+        worker: int = 0,
     ) -> None:
         """``transactions`` (``--exactly-once``): batches are written and committed through it, one at a time,
-        instead of through the sinks."""
+        instead of through the sinks; ``worker``: which of ``--workers N`` processes this is (its status file)."""
         self.spec = spec
         self.service = service
         self.source = source
@@ -91,7 +92,7 @@ class StreamConsumer:
         self.format = message_format(spec.format)
         self.status = StreamStatus(
             spec.name, f"{spec.model}:{spec.version}" if spec.version else spec.model, str(spec.source),
-            str(spec.sink), str(spec.dead_letter or ""), spec.group,
+            str(spec.sink), str(spec.dead_letter or ""), spec.group, worker=worker,
         )  # fmt: skip
         self._room = asyncio.Event()
         self._fault: BaseException | None = None
@@ -320,12 +321,15 @@ class StreamConsumer:
 
 
 class _ReplyHeaders:
-    """A batch's reply headers, built from pieces made once per batch (model, version, topic, partition)."""
+    """A batch's reply headers, built from pieces made once per batch (model, version, topic, partition): a message
+    with no headers of its own gets the shared pieces and its offset's header, nothing else built for it."""
 
     def __init__(self) -> None:
         self._models: dict[tuple[str, str], list[Header]] = {}
         self._topics: dict[str, Header] = {}
         self._partitions: dict[int | str, Header] = {}
+        #: (id of a model's headers, topic, partition): those headers and the source's topic and partition
+        self._shared: dict[tuple[int, str, int | str], list[Header]] = {}
 
     def model(self, response: InferenceResponse) -> list[Header]:
         key = (response.model_name, response.model_version)
@@ -336,6 +340,22 @@ class _ReplyHeaders:
 
     def reply(self, record: Record, own: list[Header], request_id: str, model: list[Header]) -> list[Header]:
         position = record.position
+        offset = ("dhow-source-offset", str(position.offset).encode())
+        if not record.headers and not own and not request_id:  # most replies: the shared pieces and the offset
+            key = (id(model), position.topic, position.partition)
+            shared = self._shared.get(key)
+            if shared is None:
+                shared = self._shared[key] = [*model, *self._source(position)]
+            return [*shared, offset]
+        if record.headers:
+            kept = [(k, v) for k, v in record.headers if k.lower() != HEADER_LENGTH]
+            if request_id and record.header("x-request-id") is None:
+                kept.append(("x-request-id", request_id.encode()))
+        else:
+            kept = [("x-request-id", request_id.encode())] if request_id else []
+        return [*kept, *own, *model, *self._source(position), offset]
+
+    def _source(self, position: Position) -> tuple[Header, Header]:
         topic = self._topics.get(position.topic)
         if topic is None:
             topic = self._topics[position.topic] = ("dhow-source-topic", position.topic.encode())
@@ -345,13 +365,7 @@ class _ReplyHeaders:
                 "dhow-source-partition",
                 str(position.partition).encode(),
             )
-        if record.headers:
-            kept = [(k, v) for k, v in record.headers if k.lower() != HEADER_LENGTH]
-            if request_id and record.header("x-request-id") is None:
-                kept.append(("x-request-id", request_id.encode()))
-        else:
-            kept = [("x-request-id", request_id.encode())] if request_id else []
-        return [*kept, *own, *model, topic, partition, ("dhow-source-offset", str(position.offset).encode())]
+        return topic, partition
 
 
 def _source_headers(record: Record) -> list[Header]:

@@ -28,7 +28,7 @@ from dhow.core.errors import InvalidInput, Unavailable
 from dhow.core.kafka import KafkaProducer
 from dhow.streaming.endpoints import Endpoint
 from dhow.streaming.offsets import OffsetTracker
-from dhow.streaming.records import DeliveryFailed, Outgoing, Position, Record
+from dhow.streaming.records import DeliveryFailed, Header, Outgoing, Position, Record
 
 __all__ = ["DeliveryFailed", "KafkaSink", "KafkaSource", "check_topic", "log_error"]
 
@@ -97,7 +97,7 @@ class KafkaSource:
             messages = [first, *self._consumer.consume(max_records - 1, 0)] if first is not None else []
         records = []
         last: dict[tuple[str, int], int] = {}
-        for message in messages:
+        for message in messages:  # per message: what a record needs, read in one pass (this thread holds the GIL)
             error = message.error()
             if error is not None:
                 if error.code() != KafkaError._PARTITION_EOF:
@@ -106,7 +106,9 @@ class KafkaSource:
             topic, partition, offset = message.topic(), message.partition(), message.offset()
             assert topic is not None and partition is not None and offset is not None
             last[topic, partition] = offset
-            records.append(_record(message, Position(topic, partition, offset)))
+            raw = message.headers()
+            records.append(Record(message.value() or b"", message.key(), _headers(raw) if raw else [],
+                                  Position(topic, partition, offset), max(message.timestamp()[1], 0)))  # fmt: skip
         # the poll is one batch, done as a whole (``done_batch``): a partition's last offset stands for its records
         for key, offset in last.items():
             self.offsets.take(key, offset)
@@ -230,7 +232,7 @@ class KafkaSink:
     async def send_batch(self, messages: Sequence[Outgoing]) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         acknowledged = _Acknowledged(loop, len(messages), self.url)
-        rows = [(m.value, m.key, m.headers) for m in messages]
+        rows = messages  # each a (value, key, headers) tuple, as the producer takes it
         while rows:
             try:
                 queued = self._producer.produce_many(self.endpoint.topic, rows, acknowledged.report)
@@ -281,13 +283,9 @@ class _Acknowledged:
             self.future.set_exception(DeliveryFailed(f"{self.url}: {self.error}"))
 
 
-def _record(message: Message, position: Position) -> Record:
-    raw = message.headers() or []
+def _headers(raw: Any) -> list[Header]:
     pairs = raw.items() if isinstance(raw, dict) else raw
-    headers = [(name, value.encode() if isinstance(value, str) else value) for name, value in pairs]
-    _, timestamp = message.timestamp()
-    value = message.value()
-    return Record(value if value is not None else b"", message.key(), headers, position, max(timestamp, 0))
+    return [(name, value.encode() if isinstance(value, str) else value) for name, value in pairs]
 
 
 async def check_topic(client: Consumer | Producer, endpoint: Endpoint, what: str) -> None:

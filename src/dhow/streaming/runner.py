@@ -34,7 +34,7 @@ log = logging.getLogger("dhow.streaming")
 
 async def open_consumer(
     spec: StreamSpec, service: CoreService, *, meter: Meter | None = None, status_dir: Path | None = None,
-    shard_stores: ShardStoreOpener | None = None,
+    shard_stores: ShardStoreOpener | None = None, worker: int = 0,
 ) -> StreamConsumer:  # fmt: skip
     """A consumer ready to run: its checks passed (see the module's docstring), its clients connected;
     ``shard_stores`` opens the registry's checkpoint store (a Kinesis source's checkpoints and leases)."""
@@ -44,7 +44,8 @@ async def open_consumer(
                   dead_letter=str(spec.dead_letter or ""), group=spec.group, data_region=region)  # fmt: skip
     opened = await open_transports(spec, f"dhow-{spec.name}", shard_stores)
     return StreamConsumer(spec, service, opened.source, opened.replies, opened.dead_letters,
-                          transactions=opened.transactions, meter=meter, status_dir=status_dir)  # fmt: skip
+                          transactions=opened.transactions, meter=meter, status_dir=status_dir,
+                          worker=worker)  # fmt: skip
 
 
 class StreamGroup:
@@ -107,9 +108,11 @@ async def load_stream_models(models: ModelLifecycle, specs: tuple[StreamSpec, ..
 
 
 async def run_streams(specs: tuple[StreamSpec, ...], settings: ServerSettings, *, metrics: Any = None,
-                      meter: Meter | None = None, shard_stores: ShardStoreOpener | None = None) -> int:  # fmt: skip
+                      meter: Meter | None = None, shard_stores: ShardStoreOpener | None = None,
+                      worker: int = 0) -> int:  # fmt: skip
     """``dhow stream run``: compose the core, start the consumers, run them until SIGINT/SIGTERM; 0, or 1 when one
-    of them failed (run it again: nothing unanswered was committed)."""
+    of them failed (run it again: nothing unanswered was committed); ``worker``: which of ``--workers N`` this
+    process is."""
     policies = CorePolicies.load(settings)
     security = Security(settings)
     core = await compose_core(settings, security, policies, metrics=metrics, first_key=False)
@@ -124,7 +127,9 @@ async def run_streams(specs: tuple[StreamSpec, ...], settings: ServerSettings, *
         for spec in specs:
             folder = status_folder(settings.data_dir)
             group.start(
-                await open_consumer(spec, core.service, meter=meter, status_dir=folder, shard_stores=shard_stores)
+                await open_consumer(
+                    spec, core.service, meter=meter, status_dir=folder, shard_stores=shard_stores, worker=worker
+                )
             )
         log.info("streams running: %s", ", ".join(spec.name for spec in specs))
         await group.wait()

@@ -1,5 +1,6 @@
 """What a running consumer reports: its counters, written every few seconds to ``<data-dir>/streams/<name>.json``
-(read by ``dhow stream status``), and the same figures given to a ``Meter`` (the server's Prometheus metrics).
+(``<name>@<worker>.json`` for each worker of ``dhow stream run --workers N``; read by ``dhow stream status``), and
+the same figures given to a ``Meter`` (the server's Prometheus metrics).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class StreamStatus:
     pid: int = field(default_factory=os.getpid)
     started_at: str = field(default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat())
     started: float = field(default_factory=time.monotonic)
+    #: which of ``--workers N`` processes this is (1 to N; 0: the stream's only process)
+    worker: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         elapsed = time.monotonic() - self.started
@@ -75,7 +78,7 @@ class StreamStatus:
             "assignment": self.assignment, "lag": self.lag, "total_lag": sum(self.lag.values()),
             "answered_per_s": round(self.answered / elapsed, 1) if elapsed > 0 else 0.0,
             "updated_at": datetime.datetime.now(datetime.UTC).isoformat(),
-            **({"error": self.error} if self.error else {}),
+            **({"error": self.error} if self.error else {}), **({"worker": self.worker} if self.worker else {}),
         }  # fmt: skip
 
     def write(self, folder: Path) -> None:
@@ -83,7 +86,8 @@ class StreamStatus:
         folder.mkdir(parents=True, exist_ok=True)
         temporary = folder / f".{self.name}.{self.pid}.tmp"
         temporary.write_bytes(orjson.dumps(self.as_dict(), option=orjson.OPT_INDENT_2))
-        os.replace(temporary, folder / f"{self.name}.json")
+        # '@' is in no stream's name: a worker's file is never another stream's
+        os.replace(temporary, folder / (f"{self.name}@{self.worker}.json" if self.worker else f"{self.name}.json"))
 
 
 def status_folder(data_dir: Path) -> Path:
@@ -93,13 +97,17 @@ def status_folder(data_dir: Path) -> Path:
 def read_statuses(data_dir: Path, name: str = "") -> list[dict[str, Any]]:
     """The status of every consumer that ran with this data folder (or the one named)."""
     folder = status_folder(data_dir)
-    paths = [folder / f"{name}.json"] if name else sorted(folder.glob("*.json"))
+    if name:
+        workers = sorted(folder.glob(f"{name}@*.json"))
+        paths = workers if workers and not (folder / f"{name}.json").exists() else [folder / f"{name}.json", *workers]
+    else:
+        paths = sorted(folder.glob("*.json"))
     statuses = []
     for path in paths:
         try:
             statuses.append(orjson.loads(path.read_bytes()))
         except FileNotFoundError:
-            known = ", ".join(p.stem for p in folder.glob("*.json")) or "none"
+            known = ", ".join(sorted({p.stem.partition("@")[0] for p in folder.glob("*.json")})) or "none"
             raise InvalidInput(
                 f"no stream {name!r} has run with the data folder {data_dir} (streams: {known})"
             ) from None
