@@ -56,7 +56,7 @@ class Call:
 
     __slots__ = (
         "_access", "_admission", "_admitted_ns", "_answered_ns", "_dataplane", "_details", "_entered_ns",
-        "_guard", "_model", "_outcome", "_sampled", "_trace", "_tracing", "_who", "principal", "request_id",
+        "_guard", "_model", "_outcome", "_region", "_sampled", "_trace", "_tracing", "_who", "principal", "request_id",
     )  # fmt: skip
 
     def __init__(
@@ -80,8 +80,12 @@ class Call:
         self.principal = _OPEN.principal
         #: the id of this request in the audit trail: the client's when it gave one, else the guard's once admitted
         self.request_id = request_id
+        #: what inference decided (None: it did not end, or was not asked), and the data region placement gave
+        #: (None: not placed): the outcome is built only when an audit record asks for it
         self._outcome: Outcome | None = None
-        self._details: dict[str, Any] = {}
+        self._region: str | None = None
+        #: what ``note`` adds to the audit record (None until a change notes something)
+        self._details: dict[str, Any] | None = None
         #: tracing (None: off, or this request is not sampled: then nothing below costs anything), the sampling
         #: decision (UNREAD: the door did not read the traceparent, the request's headers decide) and the trace
         self._tracing = tracing
@@ -112,7 +116,7 @@ class Call:
             self._trace.finish(self._outcome.version if self._outcome else "", self._answered_ns, _error_code(exc))
         if exc is None:
             if self._admission is not _OPEN:  # raises when the audit trail cannot take it: fail closed
-                await self._guard.finish(self._admission, "success", "", self._outcome, self._details)
+                await self._guard.finish(self._admission, "success", "", self._served(), self._details)
         elif isinstance(exc, DhowError):
             await self._finish(exc.code.value, exc.message)
         elif isinstance(exc, CallCancelled | asyncio.CancelledError):
@@ -140,6 +144,8 @@ class Call:
 
     def note(self, **details: Any) -> None:
         """What the audit record of this call says about the change it made (a key's id, a revision)."""
+        if self._details is None:
+            self._details = {}
         self._details.update(details)
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
@@ -152,7 +158,7 @@ class Call:
                 self._trace = self._tracing.begin(sampled, request.model_name, self.request_id, times)
                 request.trace = self._trace
         placement = self._dataplane.place(request, self._admission.caller)
-        self._outcome = Outcome(data_region=placement.region)  # a refusal by residency is audited in its region
+        self._region = placement.region  # a refusal by residency is audited in its region
         response, self._outcome = await self._dataplane.infer(request, placement)
         if self._trace is not None:
             self._answered_ns = time.time_ns()
@@ -160,7 +166,13 @@ class Call:
 
     async def _finish(self, outcome: str, message: str = "") -> None:
         if self._admission is not _OPEN:
-            await self._guard.finish(self._admission, outcome, message, self._outcome, self._details)
+            await self._guard.finish(self._admission, outcome, message, self._served(), self._details)
+
+    def _served(self) -> Outcome | None:
+        """What inference decided, for the audit record: its outcome, else (it failed) the region it was placed in."""
+        if self._outcome is None and self._region is not None:
+            return Outcome(data_region=self._region)
+        return self._outcome
 
 
 class CoreService:
