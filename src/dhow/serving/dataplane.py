@@ -290,8 +290,8 @@ class DataPlane:
         rows = 0
         try:
             inputs, rows = validate_inputs(model, request)
-            wanted = _validate_outputs(model, request.outputs)
-            timeout_ns = _timeout_ns(request.parameters)
+            wanted = _validate_outputs(model, request.outputs) if request.outputs else None
+            timeout_ns = _timeout_ns(request.parameters) if request.parameters else 0
             # every output by default: the version's own tuple, the same object for every request of a batch
             names = model.output_names if wanted is None else tuple(o.name for o in wanted)
             results = await model.batcher.submit(inputs, names, rows or 1, timeout_ns, request.gone, request.trace)

@@ -103,7 +103,9 @@ class Call:
         if self._model:
             check_model_name(self._model)  # it may become a path or a log word: checked before anything else
         if self._access is not None:
-            admission = self._admission = await self._guard.admit(self._who, self._access, self._model, self.request_id)
+            # the guard's admit, awaited only when it must wait (a token to verify, a quota to count)
+            admitted = self._guard.admit_now(self._who, self._access, self._model, self.request_id)
+            admission = self._admission = admitted if isinstance(admitted, Admission) else await admitted
             self.principal, self.request_id = admission.principal, admission.caller.request_id
         if self._tracing is not None:
             self._admitted_ns = time.time_ns()
@@ -116,7 +118,9 @@ class Call:
             self._trace.finish(self._outcome.version if self._outcome else "", self._answered_ns, _error_code(exc))
         if exc is None:
             if self._admission is not _OPEN:  # raises when the audit trail cannot take it: fail closed
-                await self._guard.finish(self._admission, "success", "", self._served(), self._details)
+                waiting = self._guard.finish_now(self._admission, "success", "", self._served(), self._details)
+                if waiting is not None:
+                    await waiting
         elif isinstance(exc, DhowError):
             await self._finish(exc.code.value, exc.message)
         elif isinstance(exc, CallCancelled | asyncio.CancelledError):
