@@ -339,7 +339,7 @@ class DynamicBatcher:
         outputs = _outputs_of(batch)
         self._running += len(batch)
         try:
-            results, timings = await loop.run_in_executor(self._executor, _execute, instance, as_parts, batch, outputs)
+            results, timings = await _in_thread(loop, self._executor, instance, as_parts, batch, outputs)
         except BaseException as exc:
             self._running -= len(batch)
             if not isinstance(exc, Exception):
@@ -370,6 +370,45 @@ class DynamicBatcher:
             return
         self._batch_ns += (batch_ns - self._batch_ns) / 8
         self._batch_requests += (requests - self._batch_requests) / 8
+
+
+def _in_thread(
+    loop: asyncio.AbstractEventLoop,
+    executor: Executor,
+    instance: Instance,
+    as_parts: bool,
+    batch: list[_Pending],
+    outputs: tuple[str, ...],
+) -> asyncio.Future[tuple[list[Arrays], BatchTimings]]:
+    """``_execute`` on the executor's thread; its outcome comes back by one ``call_soon_threadsafe``, without
+    ``run_in_executor``'s chaining of two futures (their locks, callbacks and state copies on the loop's thread,
+    once per batch)."""
+    done: asyncio.Future[tuple[list[Arrays], BatchTimings]] = loop.create_future()
+
+    def job() -> None:
+        try:
+            outcome = _execute(instance, as_parts, batch, outputs)
+        except BaseException as exc:  # the batch's requests get it (an exception never stays in a thread)
+            loop.call_soon_threadsafe(_settle, done, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, done, outcome, None)
+
+    executor.submit(job)
+    return done
+
+
+def _settle(
+    done: asyncio.Future[tuple[list[Arrays], BatchTimings]],
+    outcome: tuple[list[Arrays], BatchTimings] | None,
+    exc: BaseException | None,
+) -> None:
+    if done.cancelled():  # its worker was cancelled (the batcher closed) while the batch ran
+        return
+    if exc is not None:
+        done.set_exception(exc)
+    else:
+        assert outcome is not None
+        done.set_result(outcome)
 
 
 def _outputs_of(batch: list[_Pending]) -> tuple[str, ...]:
