@@ -76,19 +76,12 @@ class AccessGuard:
         self.masker = masker
         self.tenant_of = tenant_of
 
-    async def admit(
-        self, who: Credentials | Principal, access: Access, model: str = "", request_id: str = ""
-    ) -> Admission:
-        """Authenticate (unless ``who`` is an in-process principal), authorize, take quota; refusals are
-        audited and raised (401/403/429)."""
-        admission = self.admit_now(who, access, model, request_id)
-        return admission if isinstance(admission, Admission) else await admission
-
-    def admit_now(
+    def admit(
         self, who: Credentials | Principal, access: Access, model: str = "", request_id: str = ""
     ) -> Admission | Awaitable[Admission]:
-        """``admit`` without a coroutine when nothing must be waited for (the usual request: no token to verify,
-        no quota to count): the admission, else what to await for it."""
+        """Authenticate (unless ``who`` is an in-process principal), authorize, take quota; refusals are audited
+        and raised (401/403/429). The admission at once when nothing must be waited for (the usual request: no
+        token to verify, no quota to count), else what to await for it: no coroutine for the usual request."""
         principal = self.known(who, access, model)
         if principal is None:
             return self._admit_verified(who, access, model, request_id)
@@ -164,23 +157,7 @@ class AccessGuard:
                 raise
         return admission
 
-    async def finish(
-        self,
-        admission: Admission,
-        outcome: str = "success",
-        message: str = "",
-        served: Outcome | None = None,
-        details: Mapping[str, Any] | None = None,
-    ) -> None:
-        """The request ended: free its quota, and audit it if it changed something, inferred, or was refused.
-
-        ``served`` is what inference decided (version, data region, payload sample); ``details`` what an admin
-        change says about itself (a key's id, a revision)."""
-        waiting = self.finish_now(admission, outcome, message, served, details)
-        if waiting is not None:
-            await waiting
-
-    def finish_now(
+    def finish(
         self,
         admission: Admission,
         outcome: str = "success",
@@ -188,8 +165,11 @@ class AccessGuard:
         served: Outcome | None = None,
         details: Mapping[str, Any] | None = None,
     ) -> Awaitable[None] | None:
-        """``finish`` without a coroutine when nothing must be waited for (nothing to record, or its record is
-        queued): None, else what to await before the answer leaves."""
+        """The request ended: free its quota, and audit it if it changed something, inferred, or was refused.
+
+        ``served`` is what inference decided (version, data region, payload sample); ``details`` what an admin
+        change says about itself (a key's id, a revision). None when nothing must be waited for (nothing to record,
+        or its record is queued), else what to await before the answer leaves (a record on its way out)."""
         self._release(admission)
         if outcome not in _DENIALS and (
             not admission.access.permission.audited

@@ -17,6 +17,7 @@ import enum
 import logging
 import secrets
 import time
+from collections.abc import Awaitable
 from types import TracebackType
 from typing import Any
 
@@ -104,7 +105,7 @@ class Call:
             check_model_name(self._model)  # it may become a path or a log word: checked before anything else
         if self._access is not None:
             # the guard's admit, awaited only when it must wait (a token to verify, a quota to count)
-            admitted = self._guard.admit_now(self._who, self._access, self._model, self.request_id)
+            admitted = self._guard.admit(self._who, self._access, self._model, self.request_id)
             admission = self._admission = admitted if isinstance(admitted, Admission) else await admitted
             self.principal, self.request_id = admission.principal, admission.caller.request_id
         if self._tracing is not None:
@@ -116,19 +117,18 @@ class Call:
     ) -> None:
         if self._trace is not None:
             self._trace.finish(self._outcome.version if self._outcome else "", self._answered_ns, _error_code(exc))
-        if exc is None:
-            if self._admission is not _OPEN:  # raises when the audit trail cannot take it: fail closed
-                waiting = self._guard.finish_now(self._admission, "success", "", self._served(), self._details)
-                if waiting is not None:
-                    await waiting
+        if exc is None:  # the guard raises when the audit trail cannot take the record: fail closed
+            waiting = self._finish("success")
+            if waiting is not None:
+                await waiting
         elif isinstance(exc, DhowError):
-            await self._finish(exc.code.value, exc.message)
+            await self._finished(exc.code.value, exc.message)
         elif isinstance(exc, CallCancelled | asyncio.CancelledError):
-            await self._finish("CANCELLED")
+            await self._finished("CANCELLED")
         elif isinstance(exc, Exception):
             error_id = secrets.token_hex(4)
             log.error("internal error (id %s) in %s", error_id, self._admission.access.action, exc_info=exc)
-            await self._finish("INTERNAL", f"internal error (id {error_id})")
+            await self._finished("INTERNAL", f"internal error (id {error_id})")
             raise InternalError(error_id) from exc
 
     @property
@@ -168,9 +168,17 @@ class Call:
             self._answered_ns = time.time_ns()
         return response
 
-    async def _finish(self, outcome: str, message: str = "") -> None:
-        if self._admission is not _OPEN:
-            await self._guard.finish(self._admission, outcome, message, self._served(), self._details)
+    def _finish(self, outcome: str, message: str = "") -> Awaitable[None] | None:
+        """The guard's end of the call (none for an open route): what to await, None when nothing must be (the
+        usual request: no coroutine)."""
+        if self._admission is _OPEN:
+            return None
+        return self._guard.finish(self._admission, outcome, message, self._served(), self._details)
+
+    async def _finished(self, outcome: str, message: str = "") -> None:
+        waiting = self._finish(outcome, message)
+        if waiting is not None:
+            await waiting
 
     def _served(self) -> Outcome | None:
         """What inference decided, for the audit record: its outcome, else (it failed) the region it was placed in."""

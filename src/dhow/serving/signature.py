@@ -57,10 +57,8 @@ def validate_inputs(model: ModelVersion, request: InferenceRequest) -> tuple[dic
             if rows < 1:
                 raise InvalidInput(f"input '{tensor.name}' has an empty batch")
         arrays[tensor.name] = tensor.data
-    if len(arrays) == len(model.inputs):  # every input given (the usual request): none can be missing
-        missing = []
-    else:
-        missing = [name for name in model.required_inputs if name not in arrays]
+    # every input given (the usual request): none can be missing, nothing to look for
+    missing = [name for name in model.required_inputs if name not in arrays] if len(arrays) < len(model.inputs) else ()
     if missing:
         raise InvalidInput(f"{label} needs input(s) {', '.join(missing)}, which the request lacks")
     if batched and rows > model.config.max_batch_size:
