@@ -7,7 +7,8 @@ Runs itself again under ``valgrind --tool=callgrind --instr-atstart=no`` (OMP_NU
 Composes the core as ``dhow serve`` does (``--auth none``), loads the demo model with the serving benchmark's
 manifest, and runs each stage ``--calls`` times between ``callgrind_control -z`` and ``-d``: the doors' decoding
 and encoding (REST JSON and binary, gRPC), the admission point alone, the core's whole path (admission, routing,
-queueing, batch assembly, the hop to the runtime's thread and back, statistics), the runtime called directly.
+queueing, batch assembly, the hop to the runtime's thread and back, statistics), alone and as 32 calls at once
+(one batch, as a loaded server runs them), the runtime called directly.
 What a door costs beyond these stages (its framework and transport) is the server's total per call
 (``instructions.py``) less their sum.
 """
@@ -44,6 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 #: set in the run under valgrind: where it writes the stages' names
 _UNDER_VALGRIND = "DHOW_STAGES_NAMES"
 Stage = Callable[[], Awaitable[object]]
+#: calls in flight together in the batched stage (the mlp's average batch at c=64), and its name
+BATCHED = 32
+BATCHED_STAGE = f"the core's path, {BATCHED} calls at once: one batch, per call"
 
 
 def main() -> None:
@@ -62,7 +66,9 @@ def main() -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1", **{_UNDER_VALGRIND: str(out) + ".names"})
         subprocess.run([*valgrind, sys.executable, *sys.argv], env=env, check=True, stderr=subprocess.DEVNULL)
         names = Path(str(out) + ".names").read_text().splitlines()
-        print(f"{args.model}, instructions per call over {args.calls} calls (batch 1, one call at a time):")
+        print(
+            f"{args.model}, instructions per call over {args.calls} calls (batch 1, one call at a time, unless said):"
+        )
         totals = {}
         for dump in Path(scratch).glob("callgrind.out.*[0-9]"):
             lines = dump.read_text().splitlines()
@@ -71,7 +77,8 @@ def main() -> None:
                 int(ln.split()[1]) for ln in lines if ln.startswith("totals:")
             )
         for number, name in enumerate(names, start=1):
-            print(f"  {totals[str(number)] / args.calls / 1000:8,.1f}k  {name}")
+            calls = _calls(args.calls, name)
+            print(f"  {totals[str(number)] / (calls // _together(name) * _together(name)) / 1000:8,.1f}k  {name}")
 
 
 async def _measure(args: argparse.Namespace, scratch: Path) -> list[str]:
@@ -112,6 +119,10 @@ async def _measure(args: argparse.Namespace, scratch: Path) -> list[str]:
         async with service.call(who, access, model) as call:
             await call.infer(request)
 
+    async def core_path_batched() -> None:
+        # what a loaded server does: calls that arrive together leave as one batch (one hop, one wake-up)
+        await asyncio.gather(*(core_path() for _ in range(BATCHED)))
+
     async def sync(function: Callable[[], object]) -> object:
         return function()
 
@@ -130,6 +141,7 @@ async def _measure(args: argparse.Namespace, scratch: Path) -> list[str]:
         "REST encode, binary": lambda: sync(lambda: encode_response(response, binary_request)),
         "admission alone (enter and leave service.call)": admission,
         "the core's path (gRPC decode + admission + infer)": core_path,
+        BATCHED_STAGE: core_path_batched,
         "batcher.submit (queue, batch assembly, thread hop, runtime, outputs)": lambda: version.batcher.submit(
             inputs, outputs, 1
         ),
@@ -139,12 +151,13 @@ async def _measure(args: argparse.Namespace, scratch: Path) -> list[str]:
             lambda: runtime.infer(batch, outputs)
         ),
     }
-    for number, stage in enumerate(stages.values(), start=1):
-        for _ in range(max(args.calls // 10, 20)):
+    for number, (name, stage) in enumerate(stages.items(), start=1):
+        runs = _calls(args.calls, name) // _together(name)
+        for _ in range(max(runs // 10, 20 // _together(name), 1)):
             await stage()
         _control("-z")
         _control("--instr=on")
-        for _ in range(args.calls):
+        for _ in range(runs):
             await stage()
         _control("--instr=off")
         _control(f"--dump=stage{number}")  # callgrind_control passes a name through a shell: no spaces
@@ -152,6 +165,16 @@ async def _measure(args: argparse.Namespace, scratch: Path) -> list[str]:
     core.service.guard.close()
     await security.close()
     return list(stages)
+
+
+def _together(name: str) -> int:
+    """How many calls one run of a stage makes."""
+    return BATCHED if name == BATCHED_STAGE else 1
+
+
+def _calls(calls: int, name: str) -> int:
+    """The calls a stage makes: ``--calls``, rounded down to whole runs (at least one)."""
+    return max(calls, _together(name))
 
 
 def _control(option: str) -> None:

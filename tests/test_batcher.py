@@ -283,3 +283,37 @@ def test_an_instance_that_writes_batches_itself_gets_the_requests_unconcatenated
     # a batch of more rows than any one request (4) holds several requests: those came as parts
     several = [as_parts for rows, as_parts in model.kinds if rows > 4]
     assert several and all(several)
+
+
+def test_a_batch_computes_the_outputs_its_requests_ask_each_once() -> None:
+    asked: list[tuple[str, ...]] = []
+    gate = threading.Event()
+
+    def model(inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> Arrays:
+        gate.wait(5)
+        asked.append(tuple(outputs))
+        return {name: inputs["x"] * (2 if name == "y" else 3) for name in outputs}
+
+    async def scenario() -> list[Arrays]:
+        batcher = DynamicBatcher(
+            "m", [model], ThreadPoolExecutor(1), ModelStats(), max_batch_size=8, batching=BatchingConfig()
+        )
+        # the first request holds the instance; the next ones queue and leave as one batch each time it is free
+        first = asyncio.create_task(batcher.submit({"x": _rows(0, 1)}, ("y",), 1))
+        await asyncio.sleep(0.02)
+        mixed = [asyncio.create_task(batcher.submit({"x": _rows(i, 1)}, names, 1)) for i, names in enumerate(
+            [("z",), ("y", "z"), ("z", "y")], start=1
+        )]  # fmt: skip
+        await asyncio.sleep(0.02)
+        gate.set()
+        answers = await asyncio.gather(first, *mixed)
+        twice = await asyncio.gather(*(batcher.submit({"x": _rows(i, 1)}, ("y", "y"), 1) for i in range(2)))
+        await batcher.close()
+        return [*answers, *twice]
+
+    answers = asyncio.run(scenario())
+    assert asked[0] == ("y",)
+    assert asked[1] == ("z", "y")  # the union, once each, in the order first asked
+    assert asked[-1] == ("y",)  # a name asked twice is computed once
+    np.testing.assert_array_equal(answers[2]["z"], _rows(2, 1) * 3)
+    np.testing.assert_array_equal(answers[-1]["y"], _rows(1, 1) * 2)

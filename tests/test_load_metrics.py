@@ -6,9 +6,10 @@ import asyncio
 import threading
 
 import numpy as np
+import pytest
 
 from dhow.core.model_config import BatchingConfig, ModelConfig
-from dhow.monitoring.metrics import ServerMetrics
+from dhow.monitoring.metrics import ServerMetrics, observe_all
 from dhow.serving.model_version import ModelVersion
 from tests.test_batcher import Recorder
 
@@ -58,5 +59,42 @@ def test_a_reload_of_the_same_version_keeps_its_gauges_when_the_old_one_closes()
         assert _value(metrics, "dhow_inflight_requests") == 0
         await new.close()
         assert _value(metrics, "dhow_inflight_requests") is None
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_of_observations_lands_in_the_buckets_one_at_a_time_would() -> None:
+    metrics = ServerMetrics()
+    # on a bound, between bounds, past the last bound, zero: each bucket as observe would pick it
+    values = [0.0, 0.0005, 0.0007, 0.001, 0.003, 0.003, 0.5, 9.9, 10.0, 11.0, 42.0]
+    observe_all(metrics.queue_seconds.labels("m", "1"), values)
+    for value in values:
+        metrics.queue_seconds.labels("m", "2").observe(value)
+    samples = {
+        version: {
+            (sample.name, sample.labels.get("le")): sample.value
+            for family in metrics.registry.collect()
+            if family.name == "dhow_queue_duration_seconds"
+            for sample in family.samples
+            if sample.labels.get("version") == version and not sample.name.endswith("_created")
+        }
+        for version in ("1", "2")
+    }
+    assert samples["1"] == samples["2"]
+    assert samples["1"][("dhow_queue_duration_seconds_count", None)] == len(values)
+
+
+def test_every_request_of_a_batch_counts_its_queue_wait_once() -> None:
+    async def scenario() -> None:
+        metrics, recorder = ServerMetrics(), Recorder()
+        version = _version(metrics, recorder)
+        ones = np.ones((1, 3), dtype=np.float32)
+        # submitted in one turn of the loop: they queue together and leave in batches of max_batch_size
+        await asyncio.gather(*(version.batcher.submit({"x": ones}, ["y"], 1) for _ in range(9)))
+        assert len(recorder.batches) < 9
+        assert version.stats.queue.count == 9
+        assert _value(metrics, "dhow_queue_duration_seconds_count") == 9
+        assert _value(metrics, "dhow_queue_duration_seconds_sum") == pytest.approx(version.stats.queue.ns / 1e9)
+        await version.close()
 
     asyncio.run(scenario())

@@ -133,22 +133,27 @@ class Authenticator:
         self._keys, self._certs, self._records, self._generation = keys, certs, records, generation
 
     async def authenticate(self, credentials: Credentials) -> Principal:
+        principal = self.known(credentials)
+        if principal is not None:
+            return principal
+        return await self._jwt(_bearer(credentials.authorization))
+
+    def known(self, credentials: Credentials) -> Principal | None:
+        """The principal when no look-up must be waited for (authentication off, an API key, a certificate);
+        None for a JWT, which ``authenticate`` verifies. Refusals raise ``Unauthenticated`` as there."""
         if not self.enabled:
             return ANONYMOUS
         if credentials.repeated_authorization:
             # a proxy and the client may each add one; taking either would let one override the other unseen
             raise Unauthenticated(f"the request carries more than one Authorization header; send exactly one: {_HOW}")
         if credentials.authorization:
-            scheme, _, token = credentials.authorization.strip().partition(" ")
-            token = token.strip()
-            if scheme.lower() != "bearer" or not token:
-                raise Unauthenticated(f"the Authorization header must be 'Bearer <API key or JWT>'; {_HOW}")
+            token = _bearer(credentials.authorization)
             parts = split_key(token)
             if parts is not None:
                 return self._api_key(*parts)
             if self.jwt is None:
                 raise Unauthenticated("the bearer token is not a dhow API key, and this server accepts no JWTs")
-            return await self._jwt(token)
+            return None
         if credentials.client_cn:
             principal = self._certs.get(credentials.client_cn)
             if principal is None:
@@ -195,6 +200,15 @@ class Authenticator:
             return principal.region
         tenant = self.tenants.get(principal.tenant)
         return tenant.region if tenant is not None else ""
+
+
+def _bearer(authorization: str) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header; ``Unauthenticated`` for any other form."""
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated(f"the Authorization header must be 'Bearer <API key or JWT>'; {_HOW}")
+    return token
 
 
 def _principal_of(record: PrincipalRecord) -> Principal:

@@ -37,6 +37,10 @@ class Permission(enum.Enum):
     AUDIT_READ = "audit.read"
     ACCESS_MANAGE = "access.manage"  # API keys
 
+    #: members are singletons compared by identity: hashed by identity too, in C (Enum's own ``__hash__`` is a
+    #: Python call, and every request hashes its permission for the decisions' cache)
+    __hash__ = object.__hash__
+
     @property
     def audited(self) -> bool:
         """Whether every use is recorded in the audit trail (changes and inference; reads are not)."""

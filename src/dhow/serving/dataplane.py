@@ -12,7 +12,7 @@ import random
 import secrets
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NamedTuple
 
 from dhow import __version__
@@ -25,7 +25,7 @@ from dhow.monitoring.payload_log import ERROR, LATENCY, OUTCOME, OUTPUTS, VERSIO
 from dhow.serving.lifecycle import ModelLifecycle
 from dhow.serving.model_version import ModelVersion
 from dhow.serving.signature import response_outputs, validate_inputs
-from dhow.serving.traffic import TrafficRouter
+from dhow.serving.traffic import Routing, TrafficRouter
 from dhow.serving.triton_config import PLATFORMS, triton_model_config
 from dhow.serving.watch import ModelWatch
 
@@ -260,11 +260,16 @@ class DataPlane:
             "outputs": masker.mask_tensors({t.name: t.data for t in response.outputs}),
         }
 
-    async def _route(self, request: InferenceRequest, placed: ModelVersion) -> InferenceResponse:
+    def _route(self, request: InferenceRequest, placed: ModelVersion) -> Awaitable[InferenceResponse]:
+        """The request's run: on the placed version, or on the one a traffic policy picks (not a coroutine
+        itself: a request without a policy awaits one frame fewer, on its way in and on every resumption)."""
         router = self.router
         routing = None if router is None or request.model_version else router.route(request)
         if routing is None:
-            return await self.infer_version(request, placed)
+            return self.infer_version(request, placed)
+        return self._routed(request, routing)
+
+    async def _routed(self, request: InferenceRequest, routing: Routing) -> InferenceResponse:
         request.model_version = str(routing.version)
         start = time.perf_counter()
         try:
@@ -285,13 +290,11 @@ class DataPlane:
         rows = 0
         try:
             inputs, rows = validate_inputs(model, request)
-            wanted = _validate_outputs(model, request.outputs)
-            timeout_ns = _timeout_ns(request.parameters)
-            names = [o.name for o in wanted] if wanted is not None else list(model.output_names)
-            computed_names = [n for n in names if n in model.outputs]
-            results = await model.batcher.submit(
-                inputs, computed_names, rows or 1, timeout_ns, request.gone, request.trace
-            )
+            wanted = _validate_outputs(model, request.outputs) if request.outputs else None
+            timeout_ns = _timeout_ns(request.parameters) if request.parameters else 0
+            # every output by default: the version's own tuple, the same object for every request of a batch
+            names = model.output_names if wanted is None else tuple(o.name for o in wanted)
+            results = await model.batcher.submit(inputs, names, rows or 1, timeout_ns, request.gone, request.trace)
             outputs = response_outputs(model, results, names, wanted)
         except ModelFault as exc:
             error_id = secrets.token_hex(4)

@@ -10,7 +10,7 @@ it skips authentication, nothing else.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from dhow.access.actions import Access
 from dhow.access.authenticator import Authenticator, Credentials
 from dhow.access.permissions import ALL_TENANTS, Permission, Principal, check_permission
 from dhow.access.ratelimit import Permit, RateLimiter
+from dhow.access.store import Limits
 from dhow.core.errors import DhowError, ErrorCode, unknown_model
 from dhow.core.ids import new_request_id
 from dhow.core.types import Caller, Outcome
@@ -75,17 +76,40 @@ class AccessGuard:
         self.masker = masker
         self.tenant_of = tenant_of
 
-    async def admit(
+    def admit(
         self, who: Credentials | Principal, access: Access, model: str = "", request_id: str = ""
+    ) -> Admission | Awaitable[Admission]:
+        """Authenticate (unless ``who`` is an in-process principal), authorize, take quota; refusals are audited
+        and raised (401/403/429). The admission at once when nothing must be waited for (the usual request: no
+        token to verify, no quota to count), else what to await for it: no coroutine for the usual request."""
+        principal = self.known(who, access, model)
+        if principal is None:
+            return self._admit_verified(who, access, model, request_id)
+        admission, quotas = self.permit(principal, access, model, request_id)
+        return self._take_quota(admission, quotas) if quotas else admission
+
+    async def _admit_verified(
+        self, who: Credentials | Principal, access: Access, model: str, request_id: str
     ) -> Admission:
-        """Authenticate (unless ``who`` is an in-process principal), authorize, take quota; refusals are
-        audited and raised (401/403/429)."""
-        principal = who if isinstance(who, Principal) else await self.authenticate(who, access, model, request_id)
-        return await self.authorize(principal, access, model, request_id)
+        assert isinstance(who, Credentials)  # a principal is known already
+        principal = await self.authenticate(who, access, model, request_id)
+        admission, quotas = self.permit(principal, access, model, request_id)
+        return await self._take_quota(admission, quotas) if quotas else admission
 
     def may_see(self, principal: Principal, name: str) -> bool:
         """Whether the principal may see a model (lists of models show only those: no tenant sees another's)."""
         return principal.may(Permission.MODEL_READ, name, self.tenant_of(name))
+
+    def known(self, who: Credentials | Principal, access: Access, model: str = "") -> Principal | None:
+        """Who calls, when that needs no waiting (an in-process principal, no authentication, an API key, a
+        certificate); None: a token to verify (``authenticate``). The first step of ``admit``, which the admission
+        point takes itself, without a coroutine, for the usual request; refusals as in ``authenticate``."""
+        if isinstance(who, Principal):
+            return who
+        try:
+            return self.authenticator.known(who)
+        except DhowError as exc:
+            raise self._unauthenticated(who, access, model, exc) from None
 
     async def authenticate(
         self, credentials: Credentials, access: Access, model: str = "", request_id: str = ""
@@ -93,12 +117,19 @@ class AccessGuard:
         try:
             return await self.authenticator.authenticate(credentials)
         except DhowError as exc:
-            actor = f"cert:{credentials.client_cn}" if credentials.client_cn else "unauthenticated"
-            answer = self.unknown.refused(credentials.source, actor, access.action, model, exc)
-            self.refusals.labels(answer.code.value).inc()
-            raise answer from None
+            raise self._unauthenticated(credentials, access, model, exc) from None
 
-    async def authorize(self, principal: Principal, access: Access, model: str = "", request_id: str = "") -> Admission:
+    def _unauthenticated(self, credentials: Credentials, access: Access, model: str, exc: DhowError) -> DhowError:
+        actor = f"cert:{credentials.client_cn}" if credentials.client_cn else "unauthenticated"
+        answer = self.unknown.refused(credentials.source, actor, access.action, model, exc)
+        self.refusals.labels(answer.code.value).inc()
+        return answer
+
+    def permit(
+        self, principal: Principal, access: Access, model: str = "", request_id: str = ""
+    ) -> tuple[Admission, list[tuple[str, Limits, str]]]:
+        """Check the principal's permission (a refusal is audited and raised) and let it in; the quotas it must
+        still take (most principals have none)."""
         request_id = request_id or new_request_id()
         tenant = self.tenant_of(model) if model else ""
         try:
@@ -110,9 +141,13 @@ class AccessGuard:
                 # another tenant's model answers as a missing one: no tenant learns another's model names
                 raise unknown_model(model) from None
             raise
-        caller = Caller(principal.name, principal.tenant, request_id, self.authenticator.region_of(principal))
-        admission = Admission(principal, access, model, caller, time.perf_counter_ns())
-        for subject, limits, what in self.authenticator.limits_of(principal):
+        authenticator = self.authenticator
+        caller = Caller(principal.name, principal.tenant, request_id, authenticator.region_of(principal))
+        return Admission(principal, access, model, caller, time.perf_counter_ns()), authenticator.limits_of(principal)
+
+    async def _take_quota(self, admission: Admission, quotas: list[tuple[str, Limits, str]]) -> Admission:
+        """Take a permit of each quota for the admitted request; a refusal (429) gives back those taken."""
+        for subject, limits, what in quotas:
             try:
                 admission.permits.append(await self.limiter.acquire(subject, limits, what))
             except BaseException as exc:
@@ -122,18 +157,19 @@ class AccessGuard:
                 raise
         return admission
 
-    async def finish(
+    def finish(
         self,
         admission: Admission,
         outcome: str = "success",
         message: str = "",
         served: Outcome | None = None,
         details: Mapping[str, Any] | None = None,
-    ) -> None:
+    ) -> Awaitable[None] | None:
         """The request ended: free its quota, and audit it if it changed something, inferred, or was refused.
 
         ``served`` is what inference decided (version, data region, payload sample); ``details`` what an admin
-        change says about itself (a key's id, a revision)."""
+        change says about itself (a key's id, a revision). None when nothing must be waited for (nothing to record,
+        or its record is queued), else what to await before the answer leaves (a record on its way out)."""
         self._release(admission)
         if outcome not in _DENIALS and (
             not admission.access.permission.audited
@@ -141,13 +177,12 @@ class AccessGuard:
             # run's record still says what ran, on which files)
             or (admission.access.action == "infer" and not self.authenticator.enabled)
         ):
-            return
+            return None
         record = self._record(admission, outcome, message, served or _NOTHING, details or {})
         if admission.access.permission is Permission.INFER:
-            if self.audit.record(record):  # batched off the hot path, unless its writer is behind:
-                await self.audit.handed_over(record)  # then it leaves this process before the answer does
-        else:
-            await self.audit.record_now(record)  # a change is durable before it is answered
+            # batched off the hot path, unless its writer is behind: then it leaves this process before the answer
+            return self.audit.handed_over(record) if self.audit.record(record) else None
+        return self.audit.record_now(record)  # a change is durable before it is answered
 
     def _record(
         self, admission: Admission, outcome: str, message: str, served: Outcome, given: Mapping[str, Any]

@@ -10,9 +10,11 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from prometheus_client import Counter
+
 from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.monitoring.latency import LatencyRecorder
-from dhow.monitoring.metrics import ServerMetrics
+from dhow.monitoring.metrics import ServerMetrics, observe_all
 from dhow.monitoring.profile import ReferenceProfile
 from dhow.monitoring.tracing import record_batch
 from dhow.runtimes.base import Runtime, create_runtime
@@ -71,12 +73,21 @@ class ModelVersion:
         self.inputs: dict[str, TensorSpec] = {spec.name: spec for spec in config.inputs or ()}
         self.outputs: dict[str, TensorSpec] = {spec.name: spec for spec in config.outputs or ()}
         self.output_names = tuple(self.outputs)
+        # what every request's checks read, worked out once per version rather than once per request
+        #: how errors name the model
+        self.label = f"model '{config.name}'"
+        #: whether requests carry a batch dimension (``max_batch_size`` > 0)
+        self.batched = config.max_batch_size > 0
+        #: the inputs a request must give
+        self.required_inputs = tuple(name for name, spec in self.inputs.items() if not spec.optional)
         labels = (config.name, self.version_label)
         self.request_seconds = metrics.request_seconds.labels(*labels)
         self._queue_seconds = metrics.queue_seconds.labels(*labels)
         self._compute_seconds = metrics.compute_seconds.labels(*labels)
         self._batch_size = metrics.batch_size.labels(*labels)
         self._requests = metrics.requests
+        #: the requests counter's child per outcome: ``labels()`` validates and locks, too dear for every request
+        self._outcomes: dict[str, Counter] = {}
         self._metrics = metrics
         self._batch_fill = metrics.batch_fill.labels(*labels) if config.max_batch_size else None
         #: the reference profile drift is scored against (None: the version has none, or ``profile_error``)
@@ -98,13 +109,15 @@ class ModelVersion:
         metrics.watch_load(self.name, self.version_label, self.batcher)
 
     def count_request(self, outcome: str) -> None:
-        self._requests.labels(self.name, self.version_label, outcome).inc()
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = self._requests.labels(self.name, self.version_label, outcome)
+        child.inc()
 
     def _observe_batch(
         self, timings: BatchTimings, start_ns: int, waits: list[int], traces: Sequence[object | None]
     ) -> None:
-        for wait in waits:
-            self._queue_seconds.observe(wait / 1e9)
+        observe_all(self._queue_seconds, [wait / 1e9 for wait in waits])
         self._compute_seconds.observe((timings.input_ns + timings.infer_ns + timings.output_ns) / 1e9)
         self._batch_size.observe(timings.size)
         if self._batch_fill is not None:

@@ -17,6 +17,7 @@ import enum
 import logging
 import secrets
 import time
+from collections.abc import Awaitable
 from types import TracebackType
 from typing import Any
 
@@ -56,7 +57,7 @@ class Call:
 
     __slots__ = (
         "_access", "_admission", "_admitted_ns", "_answered_ns", "_dataplane", "_details", "_entered_ns",
-        "_guard", "_model", "_outcome", "_sampled", "_trace", "_tracing", "_who", "principal", "request_id",
+        "_guard", "_model", "_outcome", "_region", "_sampled", "_trace", "_tracing", "_who", "principal", "request_id",
     )  # fmt: skip
 
     def __init__(
@@ -80,8 +81,12 @@ class Call:
         self.principal = _OPEN.principal
         #: the id of this request in the audit trail: the client's when it gave one, else the guard's once admitted
         self.request_id = request_id
+        #: what inference decided (None: it did not end, or was not asked), and the data region placement gave
+        #: (None: not placed): the outcome is built only when an audit record asks for it
         self._outcome: Outcome | None = None
-        self._details: dict[str, Any] = {}
+        self._region: str | None = None
+        #: what ``note`` adds to the audit record (None until a change notes something)
+        self._details: dict[str, Any] | None = None
         #: tracing (None: off, or this request is not sampled: then nothing below costs anything), the sampling
         #: decision (UNREAD: the door did not read the traceparent, the request's headers decide) and the trace
         self._tracing = tracing
@@ -99,7 +104,9 @@ class Call:
         if self._model:
             check_model_name(self._model)  # it may become a path or a log word: checked before anything else
         if self._access is not None:
-            admission = self._admission = await self._guard.admit(self._who, self._access, self._model, self.request_id)
+            # the guard's admit, awaited only when it must wait (a token to verify, a quota to count)
+            admitted = self._guard.admit(self._who, self._access, self._model, self.request_id)
+            admission = self._admission = admitted if isinstance(admitted, Admission) else await admitted
             self.principal, self.request_id = admission.principal, admission.caller.request_id
         if self._tracing is not None:
             self._admitted_ns = time.time_ns()
@@ -110,17 +117,18 @@ class Call:
     ) -> None:
         if self._trace is not None:
             self._trace.finish(self._outcome.version if self._outcome else "", self._answered_ns, _error_code(exc))
-        if exc is None:
-            if self._admission is not _OPEN:  # raises when the audit trail cannot take it: fail closed
-                await self._guard.finish(self._admission, "success", "", self._outcome, self._details)
+        if exc is None:  # the guard raises when the audit trail cannot take the record: fail closed
+            waiting = self._finish("success")
+            if waiting is not None:
+                await waiting
         elif isinstance(exc, DhowError):
-            await self._finish(exc.code.value, exc.message)
+            await self._finished(exc.code.value, exc.message)
         elif isinstance(exc, CallCancelled | asyncio.CancelledError):
-            await self._finish("CANCELLED")
+            await self._finished("CANCELLED")
         elif isinstance(exc, Exception):
             error_id = secrets.token_hex(4)
             log.error("internal error (id %s) in %s", error_id, self._admission.access.action, exc_info=exc)
-            await self._finish("INTERNAL", f"internal error (id {error_id})")
+            await self._finished("INTERNAL", f"internal error (id {error_id})")
             raise InternalError(error_id) from exc
 
     @property
@@ -140,6 +148,8 @@ class Call:
 
     def note(self, **details: Any) -> None:
         """What the audit record of this call says about the change it made (a key's id, a revision)."""
+        if self._details is None:
+            self._details = {}
         self._details.update(details)
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
@@ -152,15 +162,29 @@ class Call:
                 self._trace = self._tracing.begin(sampled, request.model_name, self.request_id, times)
                 request.trace = self._trace
         placement = self._dataplane.place(request, self._admission.caller)
-        self._outcome = Outcome(data_region=placement.region)  # a refusal by residency is audited in its region
+        self._region = placement.region  # a refusal by residency is audited in its region
         response, self._outcome = await self._dataplane.infer(request, placement)
         if self._trace is not None:
             self._answered_ns = time.time_ns()
         return response
 
-    async def _finish(self, outcome: str, message: str = "") -> None:
-        if self._admission is not _OPEN:
-            await self._guard.finish(self._admission, outcome, message, self._outcome, self._details)
+    def _finish(self, outcome: str, message: str = "") -> Awaitable[None] | None:
+        """The guard's end of the call (none for an open route): what to await, None when nothing must be (the
+        usual request: no coroutine)."""
+        if self._admission is _OPEN:
+            return None
+        return self._guard.finish(self._admission, outcome, message, self._served(), self._details)
+
+    async def _finished(self, outcome: str, message: str = "") -> None:
+        waiting = self._finish(outcome, message)
+        if waiting is not None:
+            await waiting
+
+    def _served(self) -> Outcome | None:
+        """What inference decided, for the audit record: its outcome, else (it failed) the region it was placed in."""
+        if self._outcome is None and self._region is not None:
+            return Outcome(data_region=self._region)
+        return self._outcome
 
 
 class CoreService:

@@ -9,7 +9,7 @@ warm-up with the reason a client would have been given.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -26,10 +26,10 @@ log = logging.getLogger("dhow.dataplane")
 
 def validate_inputs(model: ModelVersion, request: InferenceRequest) -> tuple[dict[str, np.ndarray], int]:
     """Check every input against the model's signature; return the arrays and the batch rows."""
-    label = f"model '{model.name}'"
+    label = model.label
     arrays: dict[str, np.ndarray] = {}
     rows = 0
-    batched = model.config.max_batch_size > 0
+    batched = model.batched
     for tensor in request.inputs:
         spec = model.inputs.get(tensor.name)
         if spec is None:
@@ -57,7 +57,8 @@ def validate_inputs(model: ModelVersion, request: InferenceRequest) -> tuple[dic
             if rows < 1:
                 raise InvalidInput(f"input '{tensor.name}' has an empty batch")
         arrays[tensor.name] = tensor.data
-    missing = [name for name, spec in model.inputs.items() if name not in arrays and not spec.optional]
+    # every input given (the usual request): none can be missing, nothing to look for
+    missing = [name for name in model.required_inputs if name not in arrays] if len(arrays) < len(model.inputs) else ()
     if missing:
         raise InvalidInput(f"{label} needs input(s) {', '.join(missing)}, which the request lacks")
     if batched and rows > model.config.max_batch_size:
@@ -78,7 +79,7 @@ def fits(declared: tuple[int, ...], shape: tuple[int, ...]) -> bool:
 def response_outputs(
     model: ModelVersion,
     results: Mapping[str, np.ndarray],
-    names: list[str],
+    names: Sequence[str],
     wanted: list[RequestedOutput] | None,
 ) -> list[Tensor]:
     params = {o.name: o.parameters for o in wanted} if wanted is not None else {}
