@@ -19,14 +19,13 @@ from tests.conftest import DhowProcess, start_dhow
 SAFETY_S = 30.0
 
 
-@pytest.fixture(scope="module")
-def strict_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DhowProcess]:
-    """A server with no models and short limits on slow clients."""
+@pytest.fixture(scope="module", params=["native", "uvicorn"])
+def strict_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[DhowProcess]:
+    """A server with no models and short limits on slow clients, on each REST front (``--http-front``)."""
     folder = tmp_path_factory.mktemp("connections")
     (folder / "models").mkdir()
-    server = start_dhow(
-        folder / "models", folder, "--header-timeout", "1", "--body-timeout", "1", "--max-connections", "50"
-    )
+    limits = ("--header-timeout", "1", "--body-timeout", "1", "--max-connections", "50")
+    server = start_dhow(folder / "models", folder, *limits, "--http-front", request.param)
     yield server
     assert server.stop() == 0, server.log()
 
@@ -94,9 +93,11 @@ def test_grpc_closes_connections_that_never_open_http2(strict_server: DhowProces
     half.close()
 
 
-def test_rest_connections_past_the_bound_are_refused_with_503(tmp_path: Path) -> None:
+@pytest.mark.parametrize("front", ["native", "uvicorn"])
+def test_rest_connections_past_the_bound_are_refused_with_503(tmp_path: Path, front: str) -> None:
     (tmp_path / "models").mkdir()
-    server = start_dhow(tmp_path / "models", tmp_path, "--max-connections", "3", "--header-timeout", "60")
+    limits = ("--max-connections", "3", "--header-timeout", "60")
+    server = start_dhow(tmp_path / "models", tmp_path, *limits, "--http-front", front)
     try:
         holders = [_open(server.http_port) for _ in range(2)]
         # two silent connections and this request make three: the bound, so it is refused
