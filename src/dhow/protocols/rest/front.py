@@ -167,7 +167,7 @@ class HttpFront:
                 # a request had begun (bytes came): its headers are late; a silent connection gets no answer
                 answer = HEADERS_LATE if connection.last_read else b""
                 self._close_late(connection, answer)
-        elif parsing is not None and not parsing.complete and not parsing.response_complete:
+        elif parsing is not None and not parsing.complete:
             # the server paused reading (a large body waiting for the app): the client is not the slow one
             late = not connection.paused and now - connection.last_read > self.timeouts.body_s
             if late:

@@ -8,9 +8,10 @@ without waiting, and the answer (status line, headers, body) goes out in one wri
 
 What the connection does besides: keep-alive; pipelined requests answered in order, one at a time (reading
 pauses meanwhile); chunked request bodies (httptools de-chunks them); ``Expect: 100-continue`` (answered when
-the app first reads the body); HEAD (the headers only); a body too large for the app (it answers 413 before
-reading it) closes the connection instead of reading the rest. The deadlines on slow clients and the
-connection bound are the server's (``front.py``), which looks at its connections from one watchdog.
+the app first reads the body); HEAD (the headers only); a body the app answered without reading (a refusal)
+is read and dropped, as uvicorn does: closing with unread bytes would reset the connection, and the client
+could lose the answer. The deadlines on slow clients and the connection bound are the server's (``front.py``),
+which looks at its connections from one watchdog.
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ class Exchange:
     # -- what the parser feeds ---------------------------------------------------------------
 
     def feed(self, chunk: bytes) -> None:
+        if self.response_complete:  # answered without it (a refusal): the rest of the body is read and dropped
+            return
         self._body.append(chunk)
         self._buffered += len(chunk)
         if self._buffered > _HIGH_WATER:
@@ -186,8 +189,6 @@ class Exchange:
             self.connection.write(self._chunk(body, more))
         if not more:
             self.response_complete = True
-            if not self.complete:  # the rest of the request's body would have to be read for nothing
-                self.keep_alive = False
 
     def _head(self, body: bytes, more: bool) -> bytes:
         lines = self.headers_out
