@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.conftest import DhowProcess, start_dhow
+from tests.conftest import DhowProcess, read_until_closed, start_dhow
 
 SAFETY_S = 30.0
 
@@ -33,14 +33,6 @@ def strict_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixt
 def _open(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=SAFETY_S)
     return sock
-
-
-def _read_until_closed(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes the connection (raises TimeoutError if it never does)."""
-    received = b""
-    while chunk := sock.recv(65536):
-        received += chunk
-    return received
 
 
 def _live(server: DhowProcess) -> int:
@@ -66,11 +58,11 @@ def test_rest_closes_half_open_connections_while_normal_clients_are_served(stric
         assert kept.getresponse().read() == b'{"ready":true}'
     kept.close()
 
-    assert _read_until_closed(silent) == b""  # it said nothing: there is nobody to answer
-    answer = _read_until_closed(trickling)
+    assert read_until_closed(silent) == b""  # it said nothing: there is nobody to answer
+    answer = read_until_closed(trickling)
     assert answer.startswith(b"HTTP/1.1 408 "), answer
     assert b"headers did not arrive in time" in answer
-    answer = _read_until_closed(stalled)
+    answer = read_until_closed(stalled)
     assert answer.startswith(b"HTTP/1.1 408 "), answer
     assert b"body did not arrive in time" in answer
     for sock in (silent, trickling, stalled):
@@ -85,8 +77,8 @@ def test_grpc_closes_connections_that_never_open_http2(strict_server: DhowProces
     client = grpcclient.InferenceServerClient(strict_server.grpc_url)
     assert client.is_server_live()
     # grpc says why in the GOAWAY it sends before it closes
-    assert b"handshake timeout" in _read_until_closed(silent)
-    assert b"handshake timeout" in _read_until_closed(half)
+    assert b"handshake timeout" in read_until_closed(silent)
+    assert b"handshake timeout" in read_until_closed(half)
     assert client.is_server_live()
     client.close()
     silent.close()
