@@ -148,7 +148,7 @@ class ServerSettings:
         group=_CONNECTIONS,
     )
     http_front: str = _setting(
-        "uvicorn",
+        "native",
         "what serves the REST port: 'native', dhow's own HTTP/1.1 on the event loop (less CPU per request), or "
         "'uvicorn', uvicorn's HTTP/1.1 server",
         metavar="FRONT",
