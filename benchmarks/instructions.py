@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--protocol", choices=("rest", "grpc"), default="rest")
     parser.add_argument("--binary", action="store_true", help="REST with the binary tensor extension")
     parser.add_argument("--grpc-front", choices=("native", "grpcio"), help="the server's --grpc-front (its default)")
+    parser.add_argument("--http-front", choices=("native", "uvicorn"), help="the server's --http-front (its default)")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--requests", type=int, default=200, help="calls counted (a multiple of --concurrency)")
     parser.add_argument("--out", type=Path, help="the callgrind file (default: a temporary file, removed)")
@@ -91,6 +92,8 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     serve += ["--header-timeout", "600"]
     if args.grpc_front:
         serve += ["--grpc-front", args.grpc_front]
+    if args.http_front:
+        serve += ["--http-front", args.http_front]
     env = dict(os.environ, PYTHONPATH=str(args.src), OMP_NUM_THREADS="1")
     receiver = _monitoring(args, scratch, serve, env)
     # children too (the payload log's writer process), each counted only while the server is

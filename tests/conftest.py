@@ -136,6 +136,14 @@ def http_request(port: int, method: str, path: str, body: bytes | None = None) -
         connection.close()
 
 
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (raises TimeoutError if it never does)."""
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
 def write_model(repository: Path, name: str, manifest: str, files: dict[str, str]) -> Path:
     """A model folder: ``model.yaml`` and the files of its versions (``{"1/model.py": source}``); the folder."""
     folder = repository / name

@@ -14,19 +14,18 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.conftest import DhowProcess, start_dhow
+from tests.conftest import DhowProcess, read_until_closed, start_dhow
 
 SAFETY_S = 30.0
 
 
-@pytest.fixture(scope="module")
-def strict_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DhowProcess]:
-    """A server with no models and short limits on slow clients."""
+@pytest.fixture(scope="module", params=["native", "uvicorn"])
+def strict_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[DhowProcess]:
+    """A server with no models and short limits on slow clients, on each REST front (``--http-front``)."""
     folder = tmp_path_factory.mktemp("connections")
     (folder / "models").mkdir()
-    server = start_dhow(
-        folder / "models", folder, "--header-timeout", "1", "--body-timeout", "1", "--max-connections", "50"
-    )
+    limits = ("--header-timeout", "1", "--body-timeout", "1", "--max-connections", "50")
+    server = start_dhow(folder / "models", folder, *limits, "--http-front", request.param)
     yield server
     assert server.stop() == 0, server.log()
 
@@ -34,14 +33,6 @@ def strict_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DhowProc
 def _open(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=SAFETY_S)
     return sock
-
-
-def _read_until_closed(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes the connection (raises TimeoutError if it never does)."""
-    received = b""
-    while chunk := sock.recv(65536):
-        received += chunk
-    return received
 
 
 def _live(server: DhowProcess) -> int:
@@ -67,11 +58,11 @@ def test_rest_closes_half_open_connections_while_normal_clients_are_served(stric
         assert kept.getresponse().read() == b'{"ready":true}'
     kept.close()
 
-    assert _read_until_closed(silent) == b""  # it said nothing: there is nobody to answer
-    answer = _read_until_closed(trickling)
+    assert read_until_closed(silent) == b""  # it said nothing: there is nobody to answer
+    answer = read_until_closed(trickling)
     assert answer.startswith(b"HTTP/1.1 408 "), answer
     assert b"headers did not arrive in time" in answer
-    answer = _read_until_closed(stalled)
+    answer = read_until_closed(stalled)
     assert answer.startswith(b"HTTP/1.1 408 "), answer
     assert b"body did not arrive in time" in answer
     for sock in (silent, trickling, stalled):
@@ -86,17 +77,19 @@ def test_grpc_closes_connections_that_never_open_http2(strict_server: DhowProces
     client = grpcclient.InferenceServerClient(strict_server.grpc_url)
     assert client.is_server_live()
     # grpc says why in the GOAWAY it sends before it closes
-    assert b"handshake timeout" in _read_until_closed(silent)
-    assert b"handshake timeout" in _read_until_closed(half)
+    assert b"handshake timeout" in read_until_closed(silent)
+    assert b"handshake timeout" in read_until_closed(half)
     assert client.is_server_live()
     client.close()
     silent.close()
     half.close()
 
 
-def test_rest_connections_past_the_bound_are_refused_with_503(tmp_path: Path) -> None:
+@pytest.mark.parametrize("front", ["native", "uvicorn"])
+def test_rest_connections_past_the_bound_are_refused_with_503(tmp_path: Path, front: str) -> None:
     (tmp_path / "models").mkdir()
-    server = start_dhow(tmp_path / "models", tmp_path, "--max-connections", "3", "--header-timeout", "60")
+    limits = ("--max-connections", "3", "--header-timeout", "60")
+    server = start_dhow(tmp_path / "models", tmp_path, *limits, "--http-front", front)
     try:
         holders = [_open(server.http_port) for _ in range(2)]
         # two silent connections and this request make three: the bound, so it is refused

@@ -1,5 +1,5 @@
-"""The REST door in isolation: the real RestApp under uvicorn on a free port, a fake data plane
-behind it, driven with tritonclient and raw HTTP. End-to-end tests with the real server live in
+"""The REST door in isolation: the real RestApp on each front (dhow's own HTTP/1.1, uvicorn) on a free port, a
+fake data plane behind it, driven with tritonclient and raw HTTP. End-to-end tests with the real server live in
 test_e2e_*.py."""
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from tritonclient.utils import InferenceServerException
 from dhow.core.errors import InvalidInput, NotFound, Unavailable
 from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome, Tensor
 from dhow.protocols.rest import RestApp
+from dhow.protocols.rest.connection import ConnectionTimeouts
+from dhow.protocols.rest.front import HttpFront
 from dhow.serving.dataplane import DataPlane, Placement
 from tests.inprocess import StartingTrail, open_service
 
@@ -132,18 +134,25 @@ class Served:
         return status, json.loads(answer)["error"]
 
 
-@pytest.fixture(scope="module")
-def served() -> Iterator[Served]:
+@pytest.fixture(scope="module", params=["native", "uvicorn"])
+def served(request: pytest.FixtureRequest) -> Iterator[Served]:
+    """The app on each front (``--http-front``): the same tests hold for both."""
     dataplane = FakeDataPlane()
     service, trail = open_service(dataplane)
     app = StartingTrail(RestApp(service, max_body_bytes=MAX_BODY, metrics_handler=_metrics), trail)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, loop="asyncio", lifespan="off", log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    server: Any
+    if request.param == "native":
+        timeouts = ConnectionTimeouts(header_s=10, body_s=10)
+        server = HttpFront(app, host="127.0.0.1", port=0, timeouts=timeouts, keepalive_s=5, drain_s=5)
+        thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
+    else:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, loop="asyncio", lifespan="off", log_level="warning")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     served = Served(dataplane, port)

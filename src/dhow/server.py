@@ -35,6 +35,7 @@ from dhow.protocols.rest.access_log import AccessLog
 from dhow.protocols.rest.body import Receive, Scope, Send
 from dhow.protocols.rest.connection import ConnectionTimeouts, DeadlineHttpProtocol
 from dhow.protocols.rest.cors import CorsMiddleware, CorsPolicy
+from dhow.protocols.rest.front import HttpFront
 from dhow.protocols.rest.tls import ClientCertHttpProtocol, https_port_protocol
 from dhow.rollouts.analysis import CanaryAnalyst
 from dhow.rollouts.controller import RolloutController
@@ -62,6 +63,10 @@ class _HttpServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+#: what serves the REST port (``--http-front``): both have uvicorn's switches (started, should_exit, force_exit)
+_RestPort = _HttpServer | HttpFront
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +110,7 @@ class Server:
         self._forced = asyncio.Event()
         #: the drain has begun stopping the gRPC server (with its grace): a second signal then cuts it short
         self._grpc_stopping = False
-        self._http: _HttpServer | None = None
+        self._http: _RestPort | None = None
         self._grpc: GrpcServer | None = None
         #: what finishes in-flight work on a stop besides the doors (stream consumers register here)
         self.drain = Drain()
@@ -176,7 +181,7 @@ class Server:
         log.info("dhow stopped")
         self.access_log.close()
 
-    async def _drain(self, parts: _Parts, http: _HttpServer, http_task: asyncio.Task[None], grpc: GrpcServer) -> None:
+    async def _drain(self, parts: _Parts, http: _RestPort, http_task: asyncio.Task[None], grpc: GrpcServer) -> None:
         """Not ready at once; the ports closed after ``drain_delay``; then ``drain_seconds`` for what is in flight
         (REST requests, gRPC calls, the drain hooks) before it is cut (see ``serving/drain.py``)."""
         settings = self.settings
@@ -320,16 +325,27 @@ class Server:
             _safe_url(self.settings.registry_url()),
         )
 
-    async def _open_doors(self, parts: _Parts) -> tuple[_HttpServer, asyncio.Task[None], GrpcServer]:
-        """Start gRPC and REST; a port that cannot be served stops the process with a message."""
+    def _rest_port(self, parts: _Parts) -> _RestPort:
+        """What serves the REST port (``--http-front``): dhow's own HTTP/1.1 or uvicorn's, with the same limits."""
         settings = self.settings
         certificates = self.certificates
         timeouts = ConnectionTimeouts(header_s=settings.header_timeout, body_s=settings.body_timeout)
-        protocol = ClientCertHttpProtocol if certificates is not None else DeadlineHttpProtocol
         app: Callable[[Scope, Receive, Send], Awaitable[None]] = parts.rest
         if self.cors is not None:
             app = CorsMiddleware(app, self.cors)
-        http = _HttpServer(
+        if settings.http_front == "native":
+            return HttpFront(
+                app,
+                host=settings.host,
+                port=settings.http_port,
+                timeouts=timeouts,
+                keepalive_s=settings.keepalive_timeout,
+                limit=settings.max_connections or None,
+                drain_s=settings.drain_seconds,
+                ssl_context=certificates.context if certificates is not None else None,
+            )
+        protocol = ClientCertHttpProtocol if certificates is not None else DeadlineHttpProtocol
+        return _HttpServer(
             uvicorn.Config(
                 app,
                 host=settings.host,
@@ -351,6 +367,12 @@ class Server:
                 timeout_graceful_shutdown=settings.drain_seconds,  # type: ignore[arg-type]  # any number works
             )
         )
+
+    async def _open_doors(self, parts: _Parts) -> tuple[_RestPort, asyncio.Task[None], GrpcServer]:
+        """Start gRPC and REST; a port that cannot be served stops the process with a message."""
+        settings = self.settings
+        certificates = self.certificates
+        http = self._rest_port(parts)
         self._http = http
         grpcio = settings.grpc_front == "grpcio"
         grpc = await create_grpc_server(
@@ -378,11 +400,12 @@ class Server:
             await http_task
             raise SystemExit(f"dhow: cannot serve REST on {settings.host}:{settings.http_port}")
         log.info(
-            "dhow serving %s: REST on %s://%s:%d, gRPC on %s:%d (%s front), model control %s",
+            "dhow serving %s: REST on %s://%s:%d (%s front), gRPC on %s:%d (%s front), model control %s",
             settings.repository,
             "https" if certificates is not None else "http",
             settings.host,
             settings.http_port,
+            settings.http_front,
             settings.host,
             grpc.port,
             settings.grpc_front,

@@ -147,6 +147,13 @@ class ServerSettings:
         metavar="N",
         group=_CONNECTIONS,
     )
+    http_front: str = _setting(
+        "native",
+        "what serves the REST port: 'native', dhow's own HTTP/1.1 on the event loop (less CPU per request), or "
+        "'uvicorn', uvicorn's HTTP/1.1 server",
+        metavar="FRONT",
+        group=_CONNECTIONS,
+    )
     grpc_front: str = _setting(
         "native",
         "what serves the gRPC port: 'native', dhow's own HTTP/2 on the event loop (a call costs less CPU than "

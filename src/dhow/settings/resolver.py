@@ -42,6 +42,7 @@ _CHOICES = {
     "auth": ("on", "none"),
     "tls_client_auth": ("required", "optional"),
     "grpc_front": ("native", "grpcio"),
+    "http_front": ("native", "uvicorn"),
 }
 #: integer settings with a lower bound
 _AT_LEAST = {"workers": 1, "max_connections": 0, "keepalive_timeout": 1, "payload_log_queue": 1}

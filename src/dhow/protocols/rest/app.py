@@ -373,7 +373,7 @@ class RestApp(PeerRoutes, MonitoringRoutes):
         encoded, json_length = encode_response(response, inference)
         if json_length is None:
             return 200, _JSON, encoded
-        return 200, [_OCTET_STREAM, (_HEADER_LENGTH, str(json_length).encode())], encoded
+        return 200, [_OCTET_STREAM, (_HEADER_LENGTH, b"%d" % json_length)], encoded
 
 
 def _only(body: dict[str, Any], fields: tuple[str, ...]) -> None:
@@ -439,7 +439,7 @@ async def _send_error(
 
 
 async def _send(send: Send, status: int, headers: Headers, body: bytes) -> None:
-    length = (b"content-length", str(len(body)).encode())
+    length = (b"content-length", b"%d" % len(body))
     await send({"type": "http.response.start", "status": status, "headers": [*headers, length]})
     await send({"type": "http.response.body", "body": body})
 

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["ConnectionTimeouts", "DeadlineHttpProtocol"]
+__all__ = ["BODY_LATE", "HEADERS_LATE", "ConnectionTimeouts", "DeadlineHttpProtocol"]
 
 log = logging.getLogger("dhow.rest")
 
@@ -43,8 +43,8 @@ def _timeout_answer(what: str) -> bytes:
     return head + b"content-length: %d\r\n\r\n%s" % (len(body), body)
 
 
-_HEADERS_LATE = _timeout_answer("headers")
-_BODY_LATE = _timeout_answer("body")
+HEADERS_LATE = _timeout_answer("headers")
+BODY_LATE = _timeout_answer("body")
 
 
 class DeadlineHttpProtocol(HttpToolsProtocol):
@@ -128,8 +128,8 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
             return
         if self._in_body():
             if not self.cycle.response_started:
-                self.transport.write(_BODY_LATE)
+                self.transport.write(BODY_LATE)
         elif self._last_read:  # a request had begun: its headers are late
-            self.transport.write(_HEADERS_LATE)
+            self.transport.write(HEADERS_LATE)
         log.debug("closed a connection from %s: its request came too slowly", self.client)
         self.transport.close()

@@ -14,15 +14,17 @@ under ``CLIENT_CN_SCOPE_KEY``. The certificate was already verified against the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import ssl
 from asyncio.sslproto import SSLProtocol
+from collections.abc import Callable
 from typing import Any, cast
 
 from dhow.protocols.rest.app import CLIENT_CN_SCOPE_KEY
 from dhow.protocols.rest.connection import DeadlineHttpProtocol
 
-__all__ = ["ClientCertHttpProtocol", "HttpsPortProtocol", "https_port_protocol"]
+__all__ = ["ClientCertHttpProtocol", "HttpsPortProtocol", "common_name", "https_port_protocol"]
 
 #: the first byte of a TLS record carrying a handshake (RFC 8446 5.1, ContentType handshake(22))
 _TLS_HANDSHAKE = 0x16
@@ -38,12 +40,12 @@ _PLAIN_HTTP_ANSWER = (
 
 
 class HttpsPortProtocol(asyncio.Protocol):
-    """Starts TLS on a connection whose first byte opens a handshake; answers plain HTTP with a 400."""
+    """Starts TLS on a connection whose first byte opens a handshake; answers plain HTTP with a 400. ``http``
+    makes the HTTP protocol the connection goes on with (uvicorn's or dhow's own, ``http1.py``)."""
 
-    def __init__(self, ssl_context: ssl.SSLContext, http: type[DeadlineHttpProtocol], **uvicorn_arguments: Any) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext, http: Callable[[], asyncio.Protocol]) -> None:
         self._ssl_context = ssl_context
         self._http = http
-        self._uvicorn_arguments = uvicorn_arguments
         self._transport: asyncio.Transport | None = None
         self._silence: asyncio.TimerHandle | None = None
 
@@ -70,8 +72,8 @@ class HttpsPortProtocol(asyncio.Protocol):
         self._start_tls(transport, data)
 
     def _start_tls(self, transport: asyncio.Transport, first: bytes) -> None:
-        """Hand the connection to TLS, then to uvicorn, with the bytes this protocol already read."""
-        http = self._http(**self._uvicorn_arguments)
+        """Hand the connection to TLS, then to HTTP, with the bytes this protocol already read."""
+        http = self._http()
         loop = asyncio.get_running_loop()
         handshake = loop.create_future()
         # a failed handshake (a wrong certificate) ends the connection; its error needs no other reader
@@ -94,7 +96,7 @@ def https_port_protocol(ssl_context: ssl.SSLContext, http: type[DeadlineHttpProt
     context is the one ``ServerCertificates`` reloads on SIGHUP: new connections get the new certificate."""
 
     def create(**uvicorn_arguments: Any) -> HttpsPortProtocol:
-        return HttpsPortProtocol(ssl_context, http, **uvicorn_arguments)
+        return HttpsPortProtocol(ssl_context, functools.partial(http, **uvicorn_arguments))
 
     return create
 
@@ -106,7 +108,7 @@ class ClientCertHttpProtocol(DeadlineHttpProtocol):
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
         certificate = ssl_object.getpeercert() if ssl_object is not None else None
-        self._client_cn = _common_name(certificate) if certificate else ""
+        self._client_cn = common_name(certificate) if certificate else ""
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -115,7 +117,8 @@ class ClientCertHttpProtocol(DeadlineHttpProtocol):
             scope[CLIENT_CN_SCOPE_KEY] = self._client_cn
 
 
-def _common_name(certificate: dict[str, Any]) -> str:
+def common_name(certificate: dict[str, Any]) -> str:
+    """The subject's common name of a verified peer certificate (``SSLObject.getpeercert()``); "" without one."""
     for rdn in certificate.get("subject", ()):
         for key, value in rdn:
             if key == "commonName":

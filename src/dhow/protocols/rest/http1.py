@@ -1,0 +1,427 @@
+"""dhow's own HTTP/1.1 connection for the REST door (``--http-front native``): less work per request than uvicorn's.
+
+The REST door's whole cost on the event loop is per request, and uvicorn spends much of it on generality the
+door does not use: a scope with every ASGI key, header validation with regular expressions, a flow-control
+object, an answer written in two ``transport.write`` calls (two ``send`` system calls). Here one
+``Exchange`` per request is the whole request cycle: ``receive`` hands over a body that has already arrived
+without waiting, and the answer (status line, headers, body) goes out in one write.
+
+What the connection does besides: keep-alive; pipelined requests answered in order, one at a time (reading
+pauses meanwhile); chunked request bodies (httptools de-chunks them); ``Expect: 100-continue`` (answered when
+the app first reads the body); HEAD (the headers only); a body the app answered without reading (a refusal)
+is read and dropped, as uvicorn does: closing with unread bytes would reset the connection, and the client
+could lose the answer. The deadlines on slow clients and the connection bound are the server's (``front.py``),
+which looks at its connections from one watchdog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import unquote
+
+import httptools
+
+from dhow.protocols.rest.body import Message, Scope
+
+if TYPE_CHECKING:
+    from dhow.protocols.rest.front import HttpFront
+
+__all__ = ["Exchange", "Http1Connection"]
+
+log = logging.getLogger("dhow.rest")
+
+App = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+
+#: the status line of each status, built once
+_STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: bytes of a request body buffered before reading pauses until the app takes them
+_HIGH_WATER = 64 * 1024
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
+_BODY_DONE: Message = {"type": "http.request", "body": b"", "more_body": False}
+_DISCONNECT: Message = {"type": "http.disconnect"}
+#: the request headers the connection itself looks at
+_NOTED = frozenset((b"expect", b"x-forwarded-for", b"x-forwarded-proto"))
+
+
+def _plain_answer(status: int, text: bytes) -> bytes:
+    head = _STATUS_LINES[status] + b"content-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+    return head + b"content-length: %d\r\n\r\n%s" % (len(text), text)
+
+
+_BAD_REQUEST = _plain_answer(400, b"Invalid HTTP request received.")
+_UNAVAILABLE = _plain_answer(503, b"Service Unavailable")
+_INTERNAL = _plain_answer(500, b"Internal Server Error")
+
+
+class _Date:
+    """The ``date`` header, made again at most once a second."""
+
+    second = 0
+    line = b""
+
+    @classmethod
+    def header(cls) -> bytes:
+        now = int(time.time())
+        if now != cls.second:
+            cls.second = now
+            cls.line = b"date: %s\r\n" % formatdate(now, usegmt=True).encode()
+        return cls.line
+
+
+class Exchange:
+    """One request and its answer: the ASGI ``receive`` and ``send`` of one request cycle.
+
+    ``disconnected`` is read by the app (``Request.gone``) through ``receive.__self__``, as it reads uvicorn's.
+    """
+
+    __slots__ = (
+        "_body",
+        "_buffered",
+        "_continue",
+        "_sized",
+        "_status",
+        "_waiter",
+        "complete",
+        "connection",
+        "disconnected",
+        "head",
+        "headers_out",
+        "keep_alive",
+        "response_complete",
+        "response_started",
+        "scope",
+    )
+
+    def __init__(self, connection: Http1Connection, scope: Scope, keep_alive: bool, expect: bool) -> None:
+        self.connection = connection
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.head = scope["method"] == "HEAD"
+        self._continue = expect
+        self._body: list[bytes] = []
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._status = 0
+        self._sized = False
+        self.headers_out: list[bytes] = []
+        #: the whole request (its body included) has arrived
+        self.complete = False
+        self.disconnected = False
+        self.response_started = False
+        self.response_complete = False
+
+    # -- what the parser feeds ---------------------------------------------------------------
+
+    def feed(self, chunk: bytes) -> None:
+        if self.response_complete:  # answered without it (a refusal): the rest of the body is read and dropped
+            return
+        self._body.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered > _HIGH_WATER:
+            self.connection.pause()
+        self._wake()
+
+    def finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def lose(self) -> None:
+        self.disconnected = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- ASGI ----------------------------------------------------------------------------------
+
+    async def receive(self) -> Message:
+        while True:
+            if self._body:
+                body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+                self._body.clear()
+                self._buffered = 0
+                self.connection.resume()
+                return {"type": "http.request", "body": body, "more_body": not self.complete}
+            if self.disconnected or self.response_complete:
+                return _DISCONNECT
+            if self.complete:
+                return _BODY_DONE
+            if self._continue:
+                self._continue = False
+                self.connection.write(_CONTINUE)
+            self.connection.resume()
+            self._waiter = self.connection.loop.create_future()
+            await self._waiter
+
+    async def send(self, message: Message) -> None:
+        if self.disconnected:
+            return
+        kind = message["type"]
+        if kind == "http.response.start" and not self.response_started:
+            self.response_started = True
+            self._status = message["status"]
+            headers = message.get("headers", ())
+            self.headers_out = [b"%s: %s\r\n" % header for header in headers]
+            # the door names the length last; another app may name it anywhere, in any case
+            self._sized = (bool(headers) and headers[-1][0] == b"content-length") or any(
+                name.lower() == b"content-length" for name, _ in headers
+            )
+            return
+        if kind != "http.response.body" or not self.response_started or self.response_complete:
+            raise RuntimeError(f"unexpected ASGI message {kind!r} at this point of the response")
+        body: bytes = message.get("body", b"")
+        more = message.get("more_body", False)
+        if self._status:  # the first part: the head goes with it
+            self.connection.write(self._head(body, more) + (b"" if self.head else self._chunk(body, more)))
+        elif not self.head:
+            self.connection.write(self._chunk(body, more))
+        if not more:
+            self.response_complete = True
+
+    def _head(self, body: bytes, more: bool) -> bytes:
+        lines = self.headers_out
+        status, self._status = self._status, 0
+        sized = self._sized
+        if not sized:
+            lines.append(b"transfer-encoding: chunked\r\n" if more else b"content-length: %d\r\n" % len(body))
+        if not self.keep_alive or self.connection.closing:
+            self.keep_alive = False
+            lines.append(b"connection: close\r\n")
+        lines.append(_Date.header())
+        line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status
+        head = b"".join((line, *lines, b"\r\n"))
+        if head.count(b"\n") != len(lines) + 2:  # a header with a line break in it would forge headers
+            raise RuntimeError("a response header holds a line break")
+        self.headers_out = [] if not more or sized else [b"chunked"]
+        return head
+
+    def _chunk(self, body: bytes, more: bool) -> bytes:
+        if not self.headers_out:  # sized: the body as it is
+            return body
+        framed = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
+        return framed if more else framed + b"0\r\n\r\n"
+
+
+class Http1Connection(asyncio.Protocol):
+    """One client connection: httptools parses, each request runs the app as a task, one at a time."""
+
+    def __init__(self, front: HttpFront, client_cn: str = "") -> None:
+        self.front = front
+        self.app: App = front.app
+        self.loop = asyncio.get_running_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.client_cn = client_cn
+        self._scheme = "http"
+        self.client: tuple[str, int] | None = None
+        self._server: tuple[str, int] | None = None
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._expect = False
+        #: the ``x-forwarded-*`` headers of the request being parsed
+        self._forwarded: dict[bytes, bytes] = {}
+        #: the request being parsed (its body may still be arriving), the one being answered, those waiting
+        self.parsing: Exchange | None = None
+        self.running: Exchange | None = None
+        self._pipeline: deque[Exchange] = deque()
+        self.paused = False
+        self.closing = False
+        #: loop time of the last bytes read, and when the headers awaited are late (0: none awaited)
+        self.last_read = 0.0
+        self.headers_due = 0.0
+        #: loop time since when nothing is asked or answered (0: busy), for the keep-alive limit
+        self.idle_since = 0.0
+
+    # -- the transport -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self.client = _address(transport.get_extra_info("peername"))
+        self._server = _address(transport.get_extra_info("sockname"))
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self._scheme = "https"
+            if not self.client_cn:
+                self.client_cn = self.front.client_cn(ssl_object)
+        self.headers_due = self.loop.time() + self.front.timeouts.header_s
+        self.front.opened(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.front.closed(self)
+        for exchange in (self.parsing, self.running, *self._pipeline):
+            if exchange is not None:
+                exchange.lose()
+        self._pipeline.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_read = self.loop.time()
+        self.idle_since = 0.0
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:  # HttpParserUpgrade too: no upgrade is offered
+            log.debug("an invalid HTTP request from %s", self.client)
+            self._refuse(_BAD_REQUEST)
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def pause(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self.transport is not None and not self._pipeline:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _refuse(self, answer: bytes) -> None:
+        """Answer a request the app never sees and close the connection; with a request being answered, after
+        its answer (nothing more is read)."""
+        running = self.running
+        if running is None:
+            self.write(answer)
+            self.close()
+            return
+        running.keep_alive = False
+        self._pipeline.clear()
+        self.pause()
+
+    # -- httptools' callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._expect = False
+        if self._forwarded:
+            self._forwarded = {}
+        if not self.headers_due:  # a kept-alive connection's next request: timed from its first byte
+            self.headers_due = self.last_read + self.front.timeouts.header_s
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name in _NOTED:
+            if name == b"expect":
+                self._expect = value.lower() == b"100-continue"
+            else:
+                self._forwarded[name] = value
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.headers_due = 0.0
+        parser = self.parser
+        url = self._url
+        if url[:1] == b"/":
+            raw_path, _, query = url.partition(b"?")
+        else:  # absolute-form (a proxy's) or asterisk-form
+            parsed = httptools.parse_url(url)
+            raw_path, query = parsed.path or b"/", parsed.query or b""
+        path = raw_path.decode("latin-1")
+        scope: Scope = {
+            "type": "http",
+            "asgi": _ASGI,
+            "http_version": parser.get_http_version(),
+            "method": parser.get_method().decode("ascii"),
+            "scheme": self._scheme,
+            "path": unquote(path) if "%" in path else path,
+            "raw_path": raw_path,
+            "query_string": query,
+            "root_path": "",
+            "headers": self._headers,
+            "client": self.client,
+            "server": self._server,
+        }
+        if self._forwarded and self.client is not None and self.front.proxies.trusts(self.client[0]):
+            self.front.proxies.apply(scope, self._forwarded)
+        if self.client_cn:
+            scope[self.front.client_cn_key] = self.client_cn
+        exchange = Exchange(self, scope, parser.should_keep_alive(), self._expect)
+        self.parsing = exchange
+        if self.front.crowded():
+            exchange.keep_alive = False
+            self._refuse(_UNAVAILABLE)
+        elif self.running is None:
+            self._run(exchange)
+        else:  # pipelined: answered after the one before it; read no further meanwhile
+            self._pipeline.append(exchange)
+            self.pause()
+
+    def on_body(self, body: bytes) -> None:
+        if self.parsing is not None:
+            self.parsing.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self.parsing is not None:
+            self.parsing.finish()
+            self.parsing = None
+
+    # -- running the app -----------------------------------------------------------------------
+
+    def _run(self, exchange: Exchange) -> None:
+        self.running = exchange
+        self.front.track(exchange, self.loop.create_task(self._answer(exchange)))
+
+    async def _answer(self, exchange: Exchange) -> None:
+        try:
+            await self.app(exchange.scope, exchange.receive, exchange.send)
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                log.exception("the REST app failed on %s %s", exchange.scope["method"], exchange.scope["path"])
+            if not exchange.response_started:
+                exchange.keep_alive = False
+                self.write(_INTERNAL)
+                exchange.response_complete = True
+            if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                self.close()
+                raise
+        finally:
+            self.front.finished(exchange)
+        self._done(exchange)
+
+    def _done(self, exchange: Exchange) -> None:
+        """After an answer: close, or go on with the next pipelined request, or wait for one."""
+        self.running = None
+        if not exchange.response_complete:  # the app answered nothing, or left its answer unfinished
+            if not exchange.response_started:
+                self.write(_INTERNAL)
+            self.close()
+            return
+        if not exchange.keep_alive or self.closing:
+            self.close()
+            return
+        if self._pipeline:
+            self._run(self._pipeline.popleft())
+            if not self._pipeline:
+                self.resume()
+            return
+        self.idle_since = self.loop.time()
+        self.resume()
+
+
+def _address(address: Any) -> tuple[str, int] | None:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return str(address[0]), int(address[1])
+    return None

@@ -1,0 +1,236 @@
+"""HTTP/1.1 on the REST port, on both fronts (``--http-front native|uvicorn``): raw sockets against a real server.
+
+Each front serves a small ASGI app on a free port from a thread of its own, with the limits the server gives it
+(the slow clients that it closes are tested against the whole server: test_e2e_connections.py). The app's
+routes make the cases: ``/echo`` answers the body it read, ``/wait/<ms>`` answers after a pause (pipelined
+answers must keep their order), ``/early`` answers before reading the body, ``/parts`` answers in parts without
+a length (chunked), ``/client`` says who the client is. Each socket waits at most ``SAFETY_S``: a front that
+never answers fails the test by that wait, which is no measure of the front.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from dhow.protocols.rest.body import Message, Receive, Scope, Send
+from dhow.protocols.rest.connection import ConnectionTimeouts, DeadlineHttpProtocol
+from dhow.protocols.rest.front import HttpFront
+from tests.conftest import read_until_closed
+
+SAFETY_S = 30.0
+TIMEOUTS = ConnectionTimeouts(header_s=1.0, body_s=1.0)
+KEEPALIVE_S = 2
+
+
+async def _app(scope: Scope, receive: Receive, send: Send) -> None:
+    path: str = scope["path"]
+    body = b""
+    if path != "/early":
+        message: Message = {"more_body": True}
+        while message.get("more_body", False):
+            message = await receive()
+            body += message.get("body", b"")
+    if path == "/client":  # who the front says the client is
+        body = f"{scope['scheme']} {scope['client'][0]} {scope['client'][1]}".encode()
+    if path.startswith("/wait/"):
+        await asyncio.sleep(int(path.rpartition("/")[2]) / 1000)
+        body = path.encode()
+    status = 413 if path == "/early" else 200
+    if path == "/parts":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for part in (b"one,", b"two,", b"three"):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Native:
+    def __init__(self) -> None:
+        self.front = HttpFront(_app, host="127.0.0.1", port=0, timeouts=TIMEOUTS, keepalive_s=KEEPALIVE_S, drain_s=5)
+        self.thread = threading.Thread(target=asyncio.run, args=(self.front.serve(),), daemon=True)
+
+    def port(self) -> int:
+        return int(self.front.servers[0].sockets[0].getsockname()[1])
+
+    @property
+    def server(self) -> Any:
+        return self.front
+
+
+class _Uvicorn:
+    def __init__(self) -> None:
+        config = uvicorn.Config(
+            _app,
+            host="127.0.0.1",
+            port=0,
+            loop="asyncio",
+            lifespan="off",
+            log_level="warning",
+            http=DeadlineHttpProtocol.with_timeouts(TIMEOUTS),
+            timeout_keep_alive=KEEPALIVE_S,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def port(self) -> int:
+        return int(self.server.servers[0].sockets[0].getsockname()[1])
+
+
+@pytest.fixture(scope="module", params=["native", "uvicorn"])
+def port(request: pytest.FixtureRequest) -> Iterator[int]:
+    served = _Native() if request.param == "native" else _Uvicorn()
+    served.thread.start()
+    deadline = time.monotonic() + 10
+    while not served.server.started:
+        assert served.thread.is_alive() and time.monotonic() < deadline, "the front did not start"
+        time.sleep(0.01)
+    yield served.port()
+    served.server.should_exit = True
+    served.thread.join(10)
+
+
+def _connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=SAFETY_S)
+
+
+def _answers(sock: socket.socket, count: int) -> list[tuple[bytes, dict[bytes, bytes], bytes]]:
+    """``count`` answers read from the socket: status line, headers, body (by content-length or chunked)."""
+    buffer = b""
+    answers = []
+    while len(answers) < count:
+        while b"\r\n\r\n" not in buffer:
+            buffer += _recv(sock)
+        head, _, buffer = buffer.partition(b"\r\n\r\n")
+        status, *lines = head.split(b"\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines)}
+        if headers.get(b"transfer-encoding") == b"chunked":
+            body, buffer = _dechunk(sock, buffer)
+        else:
+            size = int(headers.get(b"content-length", b"0"))
+            while len(buffer) < size:
+                buffer += _recv(sock)
+            body, buffer = buffer[:size], buffer[size:]
+        answers.append((status, headers, body))
+    assert buffer == b""
+    return answers
+
+
+def _dechunk(sock: socket.socket, buffer: bytes) -> tuple[bytes, bytes]:
+    body = b""
+    while True:
+        while b"\r\n" not in buffer:
+            buffer += _recv(sock)
+        size_line, _, buffer = buffer.partition(b"\r\n")
+        size = int(size_line, 16)
+        while len(buffer) < size + 2:
+            buffer += _recv(sock)
+        body, buffer = body + buffer[:size], buffer[size + 2 :]
+        if size == 0:
+            return body, buffer
+
+
+def _recv(sock: socket.socket) -> bytes:
+    chunk = sock.recv(65536)
+    assert chunk, "the connection closed before the answer was whole"
+    return chunk
+
+
+def _post(path: str, body: bytes, *headers: bytes) -> bytes:
+    head = b"POST %s HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n" % (path.encode(), len(body))
+    return head + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body
+
+
+def test_kept_alive_connection_answers_request_after_request(port: int) -> None:
+    with _connect(port) as sock:
+        for body in (b"first", b"second" * 1000, b""):
+            sock.sendall(_post("/echo", body))
+            ((status, headers, answer),) = _answers(sock, 1)
+            assert status == b"HTTP/1.1 200 OK"
+            assert answer == body and headers[b"content-type"] == b"text/plain"
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_limit(port: int) -> None:
+    with _connect(port) as sock:
+        sock.sendall(_post("/echo", b"once"))
+        assert _answers(sock, 1)[0][2] == b"once"
+        assert read_until_closed(sock) == b""  # closed after KEEPALIVE_S of silence, with nothing to say
+
+
+def test_pipelined_requests_are_answered_in_order(port: int) -> None:
+    with _connect(port) as sock:
+        sock.sendall(_post("/wait/300", b"") + _post("/echo", b"second") + _post("/wait/0", b"x" * 100_000))
+        answers = _answers(sock, 3)
+    assert [body for _, _, body in answers] == [b"/wait/300", b"second", b"/wait/0"]
+
+
+def test_chunked_request_body_is_read_whole(port: int) -> None:
+    with _connect(port) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        time.sleep(0.05)  # the rest in a second packet
+        sock.sendall(b"6\r\n world\r\n0\r\n\r\n")
+        ((status, _, body),) = _answers(sock, 1)
+    assert status == b"HTTP/1.1 200 OK" and body == b"hello world"
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent(port: int) -> None:
+    with _connect(port) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nhost: t\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\n")
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"body")
+        ((status, _, body),) = _answers(sock, 1)
+    assert status == b"HTTP/1.1 200 OK" and body == b"body"
+
+
+def test_head_answers_headers_without_the_body(port: int) -> None:
+    with _connect(port) as sock:
+        sock.sendall(b"HEAD /wait/0 HTTP/1.1\r\nhost: t\r\n\r\n")
+        buffer = b""
+        while not buffer.endswith(b"\r\n\r\n"):
+            buffer += _recv(sock)
+        assert buffer.startswith(b"HTTP/1.1 200 OK") and b"content-length: 7\r\n" in buffer.lower()
+        sock.sendall(_post("/echo", b"next"))  # the connection goes on: no body was left in it
+        ((_, _, body),) = _answers(sock, 1)
+    assert body == b"next"
+
+
+def test_answer_in_parts_is_chunked(port: int) -> None:
+    with _connect(port) as sock:
+        sock.sendall(_post("/parts", b""))
+        ((status, headers, body),) = _answers(sock, 1)
+    assert status == b"HTTP/1.1 200 OK" and headers[b"transfer-encoding"] == b"chunked"
+    assert body == b"one,two,three"
+
+
+def test_an_answer_before_the_body_is_read_reaches_the_client(port: int) -> None:
+    with _connect(port) as sock:
+        sock.sendall(b"POST /early HTTP/1.1\r\nhost: t\r\ncontent-length: 1000000\r\n\r\n" + b"x" * 1000)
+        ((status, _, _),) = _answers(sock, 1)
+    assert status.startswith(b"HTTP/1.1 413 ")
+
+
+def test_invalid_request_is_answered_400_and_closed(port: int) -> None:
+    with _connect(port) as sock:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+
+
+def test_a_local_proxy_names_the_client(port: int) -> None:
+    with _connect(port) as sock:
+        sock.sendall(_post("/client", b""))
+        own = _answers(sock, 1)[0][2].split()
+        sock.sendall(_post("/client", b"", b"X-Forwarded-For: 203.0.113.9, 127.0.0.1", b"X-Forwarded-Proto: https"))
+        forwarded = _answers(sock, 1)[0][2]
+    assert own[:2] == [b"http", b"127.0.0.1"] and int(own[2]) > 0
+    assert forwarded == b"https 203.0.113.9 0"
