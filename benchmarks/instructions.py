@@ -9,9 +9,9 @@ threads (grpc's, the event loop's, the runtime's) over ``--requests`` calls only
 on/off`` around them). Printed: instructions per call, the share of each shared object (libpython, grpc's
 cygrpc, onnxruntime, ...) and of each thread, and the average batch size from the model's statistics. With
 ``--out FILE`` the callgrind files (``FILE-NN``, one per thread) stay for ``callgrind_annotate``. Instead of
-valgrind, ``--switches`` counts the server threads' context switches per call (``/proc/PID/task/*/status``) and
-``--cprofile FILE`` profiles the event loop's thread with cProfile (Python calls per call; cProfile cannot see
-grpc's Cython). OMP_NUM_THREADS=1 throughout.
+valgrind, ``--switches`` counts the server's context switches per call, its writer processes' too
+(``/proc/PID/task/*/status``) and ``--cprofile FILE`` profiles the event loop's thread with cProfile (Python
+calls per call; cProfile cannot see grpc's Cython). OMP_NUM_THREADS=1 throughout.
 
 Under valgrind the server runs one thread at a time: while a heavy model computes, grpc.aio asks for no new call,
 and grpc cancels calls left waiting too long (CANCELLED): the mlp over gRPC counts at c=16, not at c=64.
@@ -345,19 +345,25 @@ def _profile_lines(path: Path, calls: int) -> list[str]:
 
 
 def _switches(pid: int) -> dict[str, collections.Counter[str]]:
-    """Voluntary and nonvoluntary context switches so far, per thread name (``/proc/PID/task/*/comm``)."""
+    """Voluntary and nonvoluntary context switches so far, per thread name (``/proc/PID/task/*/comm``), the
+    child processes' (the writer processes) under their module's name."""
     counts: dict[str, collections.Counter[str]] = {
         "voluntary": collections.Counter(),
         "nonvoluntary": collections.Counter(),
     }
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            name, status = (task / "comm").read_text().strip(), (task / "status").read_text()
-        except OSError:
-            continue  # the thread ended
-        for kind, counter in counts.items():
-            found = re.search(rf"^{kind}_ctxt_switches:\s+(\d+)", status, re.M)
-            counter[name] += int(found.group(1)) if found else 0
+    for each in (pid, *_children(pid)):
+        prefix = "" if each == pid else f"{_NAMES.get(each, each)}:"
+        tasks: list[Path] = []
+        with contextlib.suppress(OSError):  # the process ended
+            tasks = list(Path(f"/proc/{each}/task").iterdir())
+        for task in tasks:
+            try:
+                name, status = (task / "comm").read_text().strip(), (task / "status").read_text()
+            except OSError:
+                continue  # the thread ended
+            for kind, counter in counts.items():
+                found = re.search(rf"^{kind}_ctxt_switches:\s+(\d+)", status, re.M)
+                counter[prefix + name] += int(found.group(1)) if found else 0
     return counts
 
 

@@ -1,7 +1,7 @@
 """Payload logging: every inference's masked inputs and outputs, and every error, to a sink, off the hot path.
 
 The data plane ``offer``s one event per request: a plain list (``FIELDS``) of what it saw, the request's and the
-answer's tensors as they are, appended to a bounded queue, never a wait. Once per turn of the event loop, what was
+answer's tensors as they are, appended to a bounded queue, never a wait. Every 10 ms at most, what was
 queued is written, all of it in one ``orjson`` call (numpy arrays as they are) and one write, into the pipe of a
 **writer process** of the server's own (``dhow.serving.payload_writer``). That process masks each event by its
 model's ``pii:`` rules (handed over once per model), renders it as a CloudEvent and hands it to the sink

@@ -1,5 +1,5 @@
 """The server's side of a writer process of its own (the payload log's, tracing's): a bounded queue, written into the
-process's stdin as one frame per turn of the event loop, and a thread reading the counts it sends back.
+process's stdin as one frame every ``FLUSH_S`` at most, and a thread reading the counts it sends back.
 
 The process (``command``) gets its settings as the first frame and answers ``{"ready": kind}`` (or
 ``{"error": …}``: refused at start, as ``InvalidInput``); then it takes frames of whatever the subclass
@@ -32,6 +32,10 @@ __all__ = ["WriterPipe"]
 
 #: how long the server waits for the writer to open its sink (a Kafka producer, a file) at start
 _START_TIMEOUT_S = 300.0
+#: how long an item waits to be handed over with the others that came meanwhile: one pipe write, and one wake-up
+#: of the writer process, per interval instead of per turn of the event loop (thousands a second under load,
+#: each a context switch on the core the load and the model share)
+FLUSH_S = 0.01
 
 
 class WriterPipe:
@@ -121,7 +125,7 @@ class WriterPipe:
         return True
 
     def _put(self, item: Any) -> None:
-        """Queue an item (``_refused`` said there is room); written at the end of this turn of the event loop."""
+        """Queue an item (``_refused`` said there is room); written within ``FLUSH_S``."""
         self._queue.append(item)
         if not self._scheduled:
             self._scheduled = True
@@ -131,7 +135,7 @@ class WriterPipe:
                 self._flush()
                 return
             self._loop = loop
-            loop.call_soon(self._flush)
+            loop.call_later(FLUSH_S, self._flush)
 
     def _flush(self) -> None:
         """Write every queued item in one frame (unless the pipe has not taken the last one yet)."""
