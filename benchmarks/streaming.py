@@ -156,6 +156,8 @@ def _answered(tail: Tail) -> int:
 
 
 KINDS = ("dhow json", "dhow v2-json", "pass-through", "mlserver v2-json")
+#: ``--max-in-flight``: dhow's bound on messages read and not yet answered (0: dhow's default)
+MAX_IN_FLIGHT = 0
 #: ``--workers``: the consumer processes of each dhow run
 WORKERS = 1
 
@@ -196,6 +198,8 @@ def _start(kind: str, broker: Broker, source: str, sink: str, dead: str, work: P
         ]  # fmt: skip
         if WORKERS > 1:
             command += ["--workers", str(WORKERS)]
+        if MAX_IN_FLIGHT:
+            command += ["--max-in-flight", str(MAX_IN_FLIGHT)]
         environment = {**os.environ, "DHOW_AUTH": "on"}
     elif kind == "pass-through":
         command = [sys.executable, "-c", PASS_THROUGH, broker.servers, source, sink, str(count)]
@@ -295,9 +299,11 @@ def main() -> None:
     parser.add_argument("--no-kill", action="store_true", help="leave out the kill -9 runs")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS-streaming.md")
     parser.add_argument("--workers", type=int, default=1, help="dhow stream run --workers N (consumer processes)")
+    parser.add_argument("--max-in-flight", type=int, default=0, help="dhow stream run --max-in-flight N")
     args = parser.parse_args()
-    global WORKERS
+    global WORKERS, MAX_IN_FLIGHT
     WORKERS = args.workers
+    MAX_IN_FLIGHT = args.max_in_flight
     kinds = [kind for kind in KINDS if kind in args.kinds.split(",")]
     from dhow.demo import build_demo_repository
 
