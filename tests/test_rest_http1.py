@@ -15,7 +15,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -288,3 +288,34 @@ def test_a_bad_chunk_after_an_early_answer_closes_without_a_second_answer(native
         assert status.startswith(b"HTTP/1.1 413 ")
         sock.sendall(b"zz\r\n")
         assert read_until_closed(sock) == b""
+
+
+def test_a_pipelined_request_refused_when_crowded_is_answered_503_after_those_before_it() -> None:
+    # native only: the front's own bound (uvicorn's limit_concurrency is tested with the whole server)
+    served = _Native()
+    front = served.front
+    front.limit = 3
+    served.thread.start()
+    while not front.started:
+        assert served.thread.is_alive(), "the front did not start"
+        time.sleep(0.01)
+    try:
+        with _connect(served.port()) as sock:
+            sock.sendall(_post("/wait/300", b"") + _post("/wait/500", b""))
+            _wait_for(lambda: any(connection.running and connection._pipeline for connection in front._open))
+            with _connect(served.port()), _connect(served.port()):
+                _wait_for(lambda: len(front._open) == 3)  # crowded from now on
+                sock.sendall(_post("/echo", b"third"))  # read once the second runs (reading paused till then)
+                answers = read_until_closed(sock)
+    finally:
+        front.should_exit = True
+        served.thread.join(10)
+    assert re.findall(rb"HTTP/1\.1 \d+", answers) == [b"HTTP/1.1 200", b"HTTP/1.1 200", b"HTTP/1.1 503"], answers
+    assert answers.index(b"/wait/300") < answers.index(b"/wait/500") and b"third" not in answers, answers
+
+
+def _wait_for(condition: Callable[[], object]) -> None:
+    deadline = time.monotonic() + SAFETY_S
+    while not condition():
+        assert time.monotonic() < deadline, "the front never got there"
+        time.sleep(0.01)
