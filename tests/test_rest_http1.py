@@ -11,10 +11,11 @@ never answers fails the test by that wait, which is no measure of the front.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -88,16 +89,29 @@ class _Uvicorn:
 
 
 @pytest.fixture(scope="module", params=["native", "uvicorn"])
-def port(request: pytest.FixtureRequest) -> Iterator[int]:
+def served(request: pytest.FixtureRequest) -> Iterator[_Native | _Uvicorn]:
     served = _Native() if request.param == "native" else _Uvicorn()
     served.thread.start()
     deadline = time.monotonic() + 10
     while not served.server.started:
         assert served.thread.is_alive() and time.monotonic() < deadline, "the front did not start"
         time.sleep(0.01)
-    yield served.port()
+    yield served
     served.server.should_exit = True
     served.thread.join(10)
+
+
+@pytest.fixture
+def port(served: _Native | _Uvicorn) -> int:
+    return served.port()
+
+
+@pytest.fixture
+def native_port(served: _Native | _Uvicorn) -> int:
+    """The port of the native front only: for cases where uvicorn answers otherwise (each says why)."""
+    if not isinstance(served, _Native):
+        pytest.skip("uvicorn answers this case otherwise (see the test)")
+    return served.port()
 
 
 def _connect(port: int) -> socket.socket:
@@ -234,3 +248,74 @@ def test_a_local_proxy_names_the_client(port: int) -> None:
         forwarded = _answers(sock, 1)[0][2]
     assert own[:2] == [b"http", b"127.0.0.1"] and int(own[2]) > 0
     assert forwarded == b"https 203.0.113.9 0"
+
+
+def test_a_bad_chunk_in_a_running_requests_body_is_answered_400_and_closed(port: int) -> None:
+    with _connect(port) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n")
+        time.sleep(0.3)  # the app now waits for the body in receive()
+        sock.sendall(b"zz\r\n")
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert answer.count(b"HTTP/1.1 ") == 1, answer  # the app, told the body is broken, answers nothing more
+
+
+def test_the_next_pipelined_requests_header_deadline_waits_for_the_running_answer(port: int) -> None:
+    # the running request takes longer than the header deadline; the next one's headers began meanwhile
+    with _connect(port) as sock:
+        sock.sendall(b"GET /wait/1500 HTTP/1.1\r\nhost: t\r\n\r\nPOST /echo HTTP/1.1\r\nho")
+        ((status, _, body),) = _answers(sock, 1)
+        assert status == b"HTTP/1.1 200 OK" and body == b"/wait/1500"
+        sock.sendall(b"st: t\r\ncontent-length: 4\r\n\r\nnext")
+        ((status, _, body),) = _answers(sock, 1)
+    assert status == b"HTTP/1.1 200 OK" and body == b"next"
+
+
+def test_a_refused_pipelined_request_is_answered_after_those_accepted_before_it(native_port: int) -> None:
+    # native only: uvicorn writes its 400 as soon as it parses the bad request and closes: the answers owed are lost
+    with _connect(native_port) as sock:
+        sock.sendall(_post("/wait/300", b"") + _post("/echo", b"second") + b"NOT HTTP AT ALL\r\n\r\n")
+        answers = read_until_closed(sock)
+    assert re.findall(rb"HTTP/1\.1 \d+", answers) == [b"HTTP/1.1 200", b"HTTP/1.1 200", b"HTTP/1.1 400"], answers
+    assert answers.index(b"/wait/300") < answers.index(b"second") < answers.index(b"HTTP/1.1 400 "), answers
+
+
+def test_a_bad_chunk_after_an_early_answer_closes_without_a_second_answer(native_port: int) -> None:
+    # native only: uvicorn writes a 400 after the 413, a second answer to the one request
+    with _connect(native_port) as sock:
+        sock.sendall(b"POST /early HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        ((status, _, _),) = _answers(sock, 1)
+        assert status.startswith(b"HTTP/1.1 413 ")
+        sock.sendall(b"zz\r\n")
+        assert read_until_closed(sock) == b""
+
+
+def test_a_pipelined_request_refused_when_crowded_is_answered_503_after_those_before_it() -> None:
+    # native only: the front's own bound (uvicorn's limit_concurrency is tested with the whole server)
+    served = _Native()
+    front = served.front
+    front.limit = 3
+    served.thread.start()
+    while not front.started:
+        assert served.thread.is_alive(), "the front did not start"
+        time.sleep(0.01)
+    try:
+        with _connect(served.port()) as sock:
+            sock.sendall(_post("/wait/300", b"") + _post("/wait/500", b""))
+            _wait_for(lambda: any(connection.running and connection._pipeline for connection in front._open))
+            with _connect(served.port()), _connect(served.port()):
+                _wait_for(lambda: len(front._open) == 3)  # crowded from now on
+                sock.sendall(_post("/echo", b"third"))  # read once the second runs (reading paused till then)
+                answers = read_until_closed(sock)
+    finally:
+        front.should_exit = True
+        served.thread.join(10)
+    assert re.findall(rb"HTTP/1\.1 \d+", answers) == [b"HTTP/1.1 200", b"HTTP/1.1 200", b"HTTP/1.1 503"], answers
+    assert answers.index(b"/wait/300") < answers.index(b"/wait/500") and b"third" not in answers, answers
+
+
+def _wait_for(condition: Callable[[], object]) -> None:
+    deadline = time.monotonic() + SAFETY_S
+    while not condition():
+        assert time.monotonic() < deadline, "the front never got there"
+        time.sleep(0.01)

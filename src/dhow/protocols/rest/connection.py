@@ -5,8 +5,9 @@ that connects and says nothing, or sends its headers a byte at a time, or stops 
 holds its connection (a file descriptor, a slot of ``limit_concurrency``) forever. 450 such clients kept
 their connections for as long as they liked. ``DeadlineHttpProtocol`` gives each connection two limits:
 
-- headers: from the connection's start (or the first byte of a kept-alive connection's next request) to the
-  end of the request's headers, at most ``header_s``, however the bytes trickle in;
+- headers: from the connection's start (or the first byte of a kept-alive connection's next request, or for
+  one pipelined behind a request still running, that request's answer) to the end of the request's headers,
+  at most ``header_s``, however the bytes trickle in;
 - body: at most ``body_s`` of silence between two parts of a body (a large upload on a slow link is fine as
   long as it keeps coming); silence while the server itself has paused reading does not count.
 
@@ -70,6 +71,8 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         #: when the headers being awaited are late (loop time; 0: none awaited)
         self._headers_due = 0.0
         self._last_read = 0.0
+        #: a request's headers began behind a request not answered yet: timed from that answer
+        self._begun = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -90,12 +93,25 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if not self._headers_due:  # a kept-alive connection's next request: timed from its first byte
+        if self._headers_due:
+            return
+        cycle = self.cycle  # the request parsed last: unanswered, it (or one before it) is still running
+        if cycle is not None and not cycle.response_complete:
+            self._begun = True  # pipelined: the client may well wait for that answer before sending the rest
+        else:  # a kept-alive connection's next request: timed from its first byte
             self._headers_due = self._last_read + self.timeouts.header_s
 
     def on_headers_complete(self) -> None:
         self._headers_due = 0.0
+        self._begun = False
         super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        cycle = self.cycle
+        if self._begun and not self._headers_due and (cycle is None or cycle.response_complete):
+            self._begun = False
+            self._headers_due = self.loop.time() + self.timeouts.header_s
 
     def _in_body(self) -> bool:
         """Whether a request's body is arriving: its headers came, its body has not all come, nothing answered."""

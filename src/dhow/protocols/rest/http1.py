@@ -238,6 +238,11 @@ class Http1Connection(asyncio.Protocol):
         self._pipeline: deque[Exchange] = deque()
         self.paused = False
         self.closing = False
+        #: the answer owed to a refused request, written after those accepted before it (then the connection
+        #: closes; nothing more is read meanwhile)
+        self.refusal = b""
+        #: the headers of a request have begun (not all arrived)
+        self._begun = False
         #: loop time of the last bytes read, and when the headers awaited are late (0: none awaited)
         self.last_read = 0.0
         self.headers_due = 0.0
@@ -286,8 +291,9 @@ class Http1Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume(self) -> None:
-        if self.paused and self.transport is not None and not self._pipeline:
+        if self.paused and self.transport is not None and not self._pipeline and not self.refusal:
             self.paused = False
+            self.last_read = self.loop.time()  # the client could not send meanwhile: its deadlines start again
             self.transport.resume_reading()
 
     def close(self) -> None:
@@ -296,26 +302,44 @@ class Http1Connection(asyncio.Protocol):
             self.transport.close()
 
     def _refuse(self, answer: bytes) -> None:
-        """Answer a request the app never sees and close the connection; with a request being answered, after
-        its answer (nothing more is read)."""
-        running = self.running
-        if running is None:
+        """Refuse the request being parsed (invalid, or the server crowded) and close the connection.
+
+        A request already answered (or answering) keeps its answer and gets no second one. A request the app
+        runs whose body turned out broken is answered ``answer`` and lost: its ``receive`` says disconnect. Any
+        other refused request is answered after those accepted before it, in order; nothing more is read."""
+        self.headers_due = 0.0
+        self._begun = False
+        refused, self.parsing = self.parsing, None
+        if refused is not None and (refused.response_started or refused is self.running):
+            if not refused.response_started:
+                self.write(answer)
+                refused.response_complete = True
+            refused.lose()
+            self.close()
+            return
+        if self._pipeline and self._pipeline[-1] is refused:  # its body is broken: it will not run
+            self._pipeline.pop()
+        if self.running is None:
             self.write(answer)
             self.close()
             return
-        running.keep_alive = False
-        self._pipeline.clear()
+        self.refusal = answer
         self.pause()
 
     # -- httptools' callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.refusal or self.closing:  # the rest of a write after a refusal: never asked
+            return
         self._url = b""
         self._headers = []
         self._expect = False
         if self._forwarded:
             self._forwarded = {}
-        if not self.headers_due:  # a kept-alive connection's next request: timed from its first byte
+        self._begun = True
+        # a kept-alive connection's next request: timed from its first byte, or if pipelined behind a request
+        # still running, from that request's answer (the client may well wait for it)
+        if not self.headers_due and self.running is None:
             self.headers_due = self.last_read + self.front.timeouts.header_s
 
     def on_url(self, url: bytes) -> None:
@@ -332,6 +356,9 @@ class Http1Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.headers_due = 0.0
+        self._begun = False
+        if self.refusal or self.closing:
+            return
         parser = self.parser
         url = self._url
         if url[:1] == b"/":
@@ -417,7 +444,14 @@ class Http1Connection(asyncio.Protocol):
             if not self._pipeline:
                 self.resume()
             return
-        self.idle_since = self.loop.time()
+        if self.refusal:  # the answers owed before the refused request are out: its answer, then close
+            self.write(self.refusal)
+            self.close()
+            return
+        if self._begun:  # the next request's headers began while this one ran: their deadline starts now
+            self.headers_due = self.loop.time() + self.front.timeouts.header_s
+        else:
+            self.idle_since = self.loop.time()
         self.resume()
 
 
