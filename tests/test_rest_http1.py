@@ -88,9 +88,7 @@ class _Uvicorn:
         return int(self.server.servers[0].sockets[0].getsockname()[1])
 
 
-@pytest.fixture(scope="module", params=["native", "uvicorn"])
-def served(request: pytest.FixtureRequest) -> Iterator[_Native | _Uvicorn]:
-    served = _Native() if request.param == "native" else _Uvicorn()
+def _running(served: _Native | _Uvicorn) -> Iterator[_Native | _Uvicorn]:
     served.thread.start()
     deadline = time.monotonic() + 10
     while not served.server.started:
@@ -101,17 +99,25 @@ def served(request: pytest.FixtureRequest) -> Iterator[_Native | _Uvicorn]:
     served.thread.join(10)
 
 
+@pytest.fixture(scope="module", params=["native", "uvicorn"])
+def served(request: pytest.FixtureRequest) -> Iterator[_Native | _Uvicorn]:
+    yield from _running(_Native() if request.param == "native" else _Uvicorn())
+
+
+@pytest.fixture(scope="module")
+def native_served() -> Iterator[_Native | _Uvicorn]:
+    yield from _running(_Native())
+
+
 @pytest.fixture
 def port(served: _Native | _Uvicorn) -> int:
     return served.port()
 
 
 @pytest.fixture
-def native_port(served: _Native | _Uvicorn) -> int:
+def native_port(native_served: _Native | _Uvicorn) -> int:
     """The port of the native front only: for cases where uvicorn answers otherwise (each says why)."""
-    if not isinstance(served, _Native):
-        pytest.skip("uvicorn answers this case otherwise (see the test)")
-    return served.port()
+    return native_served.port()
 
 
 def _connect(port: int) -> socket.socket:
