@@ -26,6 +26,7 @@ from tests.stream_processes import (
     replies_by_key,
     row_messages,
     run_stream,
+    slow_doubler,
     start_stream,
     status_of,
     stop,
@@ -118,20 +119,6 @@ def test_every_request_answered_correctly_and_poison_dead_lettered(
     assert [r["details"]["phase"] for r in records if r["action"] == "stream.run"] == ["start", "end"]
 
 
-DOUBLER = """
-import time
-
-
-class Slow:
-    def load(self, version_dir):
-        pass
-
-    def predict(self, inputs):
-        time.sleep({seconds})
-        return {{"y": inputs["x"] * 2}}
-"""
-
-
 def _doubler(tmp_path: Path, seconds_per_batch: float, max_batch_size: int) -> Path:
     """A repository with the model ``slow``: y = 2x, taking ``seconds_per_batch`` for each batch."""
     repository = tmp_path / "models"
@@ -139,7 +126,7 @@ def _doubler(tmp_path: Path, seconds_per_batch: float, max_batch_size: int) -> P
         "runtime: python\ninputs:\n  - {name: x, datatype: FP32, shape: [-1, 1]}\n"
         f"outputs:\n  - {{name: y, datatype: FP32, shape: [-1, 1]}}\nmax_batch_size: {max_batch_size}\n"
     )
-    write_model(repository, "slow", manifest, {"1/model.py": DOUBLER.format(seconds=seconds_per_batch)})
+    write_model(repository, "slow", manifest, {"1/model.py": slow_doubler(seconds_per_batch)})
     return repository
 
 
