@@ -166,12 +166,15 @@ class KafkaSource:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned = sorted({*self._assigned, *(f"{p.topic}/{p.partition}" for p in partitions)})
-        log.info("stream source %s: assigned %s", self.endpoint, ", ".join(self._assigned) or "nothing")
+        log.info("stream source %s: assigned %s (member %s)", self.endpoint, ", ".join(self._assigned) or "nothing",
+                 consumer.memberid())  # fmt: skip
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Finish the revoked partitions' records (for a while), commit what is done, let them go: the next
         owner starts where this one stopped, and re-reads only what was not answered."""
         keys = [(p.topic, p.partition) for p in partitions if p.topic is not None]
+        names = ", ".join(f"{topic}/{partition}" for topic, partition in keys) or "nothing"
+        log.info("stream source %s: revoked %s (member %s)", self.endpoint, names, consumer.memberid())
         if not self.offsets.wait_drained(keys, _REVOKE_WAIT_S):
             log.warning("stream source %s: revoked partitions still had records in flight", self.endpoint)
         offsets = self.offsets.committable(keys)
@@ -186,7 +189,8 @@ class KafkaSource:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions taken away without a revoke (the session timed out): another member may own them now, so
         nothing is committed for them; their records in flight will be read again by it."""
-        log.warning("stream source %s: lost partitions %s", self.endpoint, [p.partition for p in partitions])
+        names = ", ".join(f"{p.topic}/{p.partition}" for p in partitions) or "nothing"
+        log.warning("stream source %s: lost %s (member %s)", self.endpoint, names, consumer.memberid())
         self._forget([(p.topic, p.partition) for p in partitions if p.topic is not None])
 
     def _forget(self, keys: list[tuple[str, int]]) -> None:
