@@ -54,6 +54,9 @@ _DRAIN_S = 30.0
 _ABORTS = 3
 
 
+#: a NamedTuple made from a tuple in C: ``Outgoing(...)`` runs its Python ``__new__``, per message
+_outgoing = tuple.__new__
+
 #: a batch's replies, dead letters and the answered messages' timestamps
 _Answers = tuple[list[Outgoing], list[Outgoing], list[int]]
 
@@ -255,7 +258,8 @@ class StreamConsumer:
                 model = headers.model(answered.response)
                 for index, body, own, request_id in encoded:
                     record = records[index]
-                    replies.append(Outgoing(body, record.key, headers.reply(record, own, request_id, model)))
+                    reply = (body, record.key, headers.reply(record, own, request_id, model))
+                    replies.append(_outgoing(Outgoing, reply))
                     stamps.append(record.timestamp_ms)
         letters = [self._dead_letter(records[index], self._reason(records[index], exc))
                    for index, exc in sorted(failures.items())]  # fmt: skip

@@ -34,6 +34,9 @@ __all__ = ["DeliveryFailed", "KafkaSink", "KafkaSource", "check_topic", "log_err
 
 log = logging.getLogger("dhow.streaming")
 
+#: a NamedTuple made from a tuple in C: ``Position(...)`` runs its Python ``__new__``, per message
+_position = tuple.__new__
+
 #: how long to look for a broker and a topic at start before saying so
 _CONNECT_S = 10.0
 #: how long a revoked partition may take to finish its records before its offsets are committed as they are
@@ -107,8 +110,9 @@ class KafkaSource:
             assert topic is not None and partition is not None and offset is not None
             last[topic, partition] = offset
             raw = message.headers()
-            records.append(Record(message.value() or b"", message.key(), _headers(raw) if raw else [],
-                                  Position(topic, partition, offset), max(message.timestamp()[1], 0)))  # fmt: skip
+            position = _position(Position, (topic, partition, offset))
+            records.append(Record(message.value() or b"", message.key(), _headers(raw) if raw else [], position,
+                                  max(message.timestamp()[1], 0)))  # fmt: skip
         # the poll is one batch, done as a whole (``done_batch``): a partition's last offset stands for its records
         for key, offset in last.items():
             self.offsets.take(key, offset)
