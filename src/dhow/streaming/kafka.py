@@ -111,8 +111,9 @@ class KafkaSource:
             last[topic, partition] = offset
             raw = message.headers()
             position = _position(Position, (topic, partition, offset))
+            stamp = message.timestamp()[1]  # -1: none; a comparison, not max(): max builds an iterator per call
             records.append(Record(message.value() or b"", message.key(), _headers(raw) if raw else [], position,
-                                  max(message.timestamp()[1], 0)))  # fmt: skip
+                                  stamp if stamp > 0 else 0))  # fmt: skip
         # the poll is one batch, done as a whole (``done_batch``): a partition's last offset stands for its records
         for key, offset in last.items():
             self.offsets.take(key, offset)
