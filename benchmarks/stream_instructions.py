@@ -10,7 +10,8 @@ process, outside the count; the consumer, fifty times slower under valgrind, rea
 polls, as under load), waits for every reply, and switches counting off. Printed: instructions per message of
 all the consumer's threads and processes (the event loop's, librdkafka's, the runtime's, the audit writer's),
 the share of each shared object and of each thread. With ``--out FILE`` the callgrind files (``FILE.PID-THREAD``)
-stay for ``callgrind_annotate``. OMP_NUM_THREADS=1.
+stay for ``callgrind_annotate``. ``--cprofile FILE`` runs the consumer under cProfile instead (its event loop's
+thread, the whole run with start-up: the Python calls a message). OMP_NUM_THREADS=1.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--warm-up", type=int, default=2000, help="messages answered before counting")
     parser.add_argument("--max-in-flight", type=int, default=0, help="dhow stream run --max-in-flight N")
     parser.add_argument("--out", type=Path, help="keep the callgrind files under this name")
+    parser.add_argument("--cprofile", type=Path, help="profile the event loop's thread with cProfile into this file "
+                        "(the whole run, warm-up included) instead of valgrind")  # fmt: skip
     parser.add_argument("--src", type=Path, default=ROOT / "src", help="the dhow sources to run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dhow-stream-instructions-") as scratch:
@@ -78,9 +81,12 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     try:
         broker.create_topics("requests", "replies", "dead")
         broker.produce("requests", _messages(args.warm_up, args.format, 0))
+        valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+                    "--trace-children=yes", f"--callgrind-out-file={out}.%p", sys.executable]  # fmt: skip
+        if args.cprofile:
+            valgrind = [sys.executable, "-m", "cProfile", "-o", str(args.cprofile)]
         command = [
-            "valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes", "--trace-children=yes",
-            f"--callgrind-out-file={out}.%p", sys.executable, "-m", "dhow.cli", "stream", "run",
+            *valgrind, "-m", "dhow.cli", "stream", "run",
             "--repository", str(scratch / "models"), "--data-dir", str(scratch / "data"), "--model", "tabular",
             "--format", args.format, "--source", f"{broker.url('requests')}?{_SLOW_GROUP}",
             "--sink", broker.url("replies"), "--dead-letter", broker.url("dead"),
@@ -94,10 +100,12 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
         try:
             _wait_for(tail, args.warm_up, consumer, 1800)
             time.sleep(1)  # the warm-up's last acknowledgements and commits
-            _counting("on", consumer.pid)
+            if not args.cprofile:
+                _counting("on", consumer.pid)
             broker.produce("requests", _messages(args.messages, args.format, args.warm_up))
             _wait_for(tail, args.warm_up + args.messages, consumer, 1800)
-            _counting("off", consumer.pid)
+            if not args.cprofile:
+                _counting("off", consumer.pid)
         finally:
             tail.close()
         dead = broker.read_all("dead", 0, timeout=1)
@@ -113,7 +121,23 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
                 consumer.kill()
                 consumer.wait()
         broker_run.close()
+    if args.cprofile:
+        return _profile(args.cprofile, args.warm_up + args.messages)
     return _summary(args, out, consumer.pid, len(dead))
+
+
+def _profile(path: Path, messages: int) -> str:
+    """Python calls per message on the event loop's thread, the costliest (own time) first."""
+    import pstats
+
+    stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]  # not in typeshed
+    rows = sorted(((own, count, f"{file.split('/src/')[-1]}:{line}:{name}")
+                   for (file, line, name), (_, count, own, *_) in stats.items()), reverse=True)  # fmt: skip
+    lines = [
+        f"python calls per message: {sum(count for _, count, _ in rows) / messages:.1f}; own time, calls a message:"
+    ]
+    lines += [f"  {own / messages * 1e6:7.2f} us  {count / messages:6.2f}  {where}" for own, count, where in rows[:40]]
+    return "\n".join(lines)
 
 
 def _wait_for(tail: object, count: int, consumer: subprocess.Popen[bytes], seconds: float) -> None:
