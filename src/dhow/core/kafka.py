@@ -22,6 +22,8 @@ __all__ = ["DeliveryReport", "KafkaProducer", "OutgoingMessage"]
 
 #: called once per message with the broker's verdict: (error or None, message)
 DeliveryReport = Callable[[Any, Any], None]
+#: the partitioner's choice (librdkafka's RD_KAFKA_PARTITION_UA), as ``produce`` takes it when none is given
+_ANY_PARTITION = -1
 #: value, key, headers (a list of (name, bytes, str or None), as the client takes them)
 OutgoingMessage = tuple[bytes, bytes | str | None, Any]
 
@@ -48,7 +50,9 @@ class KafkaProducer:
         queued = 0
         try:
             for value, key, headers in messages:
-                produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+                # positional (topic, value, key, partition, on_delivery, its alias, timestamp, headers): the client
+                # looks each keyword up in the call's dict by name, a third of the call's instructions
+                produce(topic, value, key, _ANY_PARTITION, on_delivery, None, 0, headers)
                 queued += 1
         except BufferError:  # the client's queue is full: the broker is slower than we are
             pass

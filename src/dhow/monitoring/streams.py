@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import bisect
-from collections import Counter as Tally
-from collections.abc import Sequence
-
+import numpy as np
+import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["StreamMetrics"]
@@ -54,19 +52,22 @@ class StreamMetrics:
     def received(self, stream: str, count: int) -> None:
         self.messages.labels(stream, "received").inc(count)
 
-    def answered(self, stream: str, seconds: Sequence[float]) -> None:
-        """A batch's replies: their latencies counted into the histogram's buckets at once (``observe`` per
-        reply costs more than the rest of the reply's bookkeeping)."""
-        self.messages.labels(stream, "answered").inc(len(seconds))
+    def answered(self, stream: str, seconds: npt.ArrayLike) -> None:
+        """A batch's replies: their latencies counted into the histogram's buckets at once, by numpy (``observe``
+        per reply costs more than the rest of the reply's bookkeeping, a bisect per reply a third of that)."""
+        values = np.asarray(seconds, dtype=np.float64).reshape(-1)
+        self.messages.labels(stream, "answered").inc(len(values))
         child = self.latency.labels(stream)
         buckets, total = getattr(child, "_buckets", None), getattr(child, "_sum", None)
         if buckets is None or total is None or len(buckets) != len(_LATENCY) + 1:  # not the client it was written for
-            for value in seconds:
+            for value in values.tolist():
                 child.observe(value)
             return
-        total.inc(sum(seconds))
-        for index, count in Tally(bisect.bisect_left(_LATENCY, value) for value in seconds).items():
-            buckets[index].inc(count)
+        total.inc(float(values.sum()))
+        # the bucket observe would choose: the first bound not below the value (bisect_left), the last for +Inf
+        counts = np.bincount(np.searchsorted(_LATENCY, values, side="left"), minlength=len(_LATENCY) + 1)
+        for index in np.flatnonzero(counts).tolist():
+            buckets[index].inc(int(counts[index]))
 
     def failed(self, stream: str, code: str, dead_lettered: bool) -> None:
         self.messages.labels(stream, "failed").inc()

@@ -34,6 +34,9 @@ __all__ = ["DeliveryFailed", "KafkaSink", "KafkaSource", "check_topic", "log_err
 
 log = logging.getLogger("dhow.streaming")
 
+#: a NamedTuple made from a tuple in C: ``Position(...)`` runs its Python ``__new__``, per message
+_position = tuple.__new__
+
 #: how long to look for a broker and a topic at start before saying so
 _CONNECT_S = 10.0
 #: how long a revoked partition may take to finish its records before its offsets are committed as they are
@@ -107,8 +110,10 @@ class KafkaSource:
             assert topic is not None and partition is not None and offset is not None
             last[topic, partition] = offset
             raw = message.headers()
-            records.append(Record(message.value() or b"", message.key(), _headers(raw) if raw else [],
-                                  Position(topic, partition, offset), max(message.timestamp()[1], 0)))  # fmt: skip
+            position = _position(Position, (topic, partition, offset))
+            stamp = message.timestamp()[1]  # -1: none; a comparison, not max(): max builds an iterator per call
+            records.append(Record(message.value() or b"", message.key(), _headers(raw) if raw else [], position,
+                                  stamp if stamp > 0 else 0))  # fmt: skip
         # the poll is one batch, done as a whole (``done_batch``): a partition's last offset stands for its records
         for key, offset in last.items():
             self.offsets.take(key, offset)
@@ -166,12 +171,15 @@ class KafkaSource:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned = sorted({*self._assigned, *(f"{p.topic}/{p.partition}" for p in partitions)})
-        log.info("stream source %s: assigned %s", self.endpoint, ", ".join(self._assigned) or "nothing")
+        log.info("stream source %s: assigned %s (member %s)", self.endpoint, ", ".join(self._assigned) or "nothing",
+                 consumer.memberid())  # fmt: skip
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Finish the revoked partitions' records (for a while), commit what is done, let them go: the next
         owner starts where this one stopped, and re-reads only what was not answered."""
         keys = [(p.topic, p.partition) for p in partitions if p.topic is not None]
+        names = ", ".join(f"{topic}/{partition}" for topic, partition in keys) or "nothing"
+        log.info("stream source %s: revoked %s (member %s)", self.endpoint, names, consumer.memberid())
         if not self.offsets.wait_drained(keys, _REVOKE_WAIT_S):
             log.warning("stream source %s: revoked partitions still had records in flight", self.endpoint)
         offsets = self.offsets.committable(keys)
@@ -186,7 +194,8 @@ class KafkaSource:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions taken away without a revoke (the session timed out): another member may own them now, so
         nothing is committed for them; their records in flight will be read again by it."""
-        log.warning("stream source %s: lost partitions %s", self.endpoint, [p.partition for p in partitions])
+        names = ", ".join(f"{p.topic}/{p.partition}" for p in partitions) or "nothing"
+        log.warning("stream source %s: lost %s (member %s)", self.endpoint, names, consumer.memberid())
         self._forget([(p.topic, p.partition) for p in partitions if p.topic is not None])
 
     def _forget(self, keys: list[tuple[str, int]]) -> None:

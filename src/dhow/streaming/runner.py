@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dhow.core.errors import DhowError, ModelLoadError, NotFound
+from dhow.core.heap import settle_heap
 from dhow.serving.composition import CorePolicies, compose_core
 from dhow.serving.lifecycle import ModelLifecycle
 from dhow.serving.security import Security
@@ -124,6 +125,7 @@ async def run_streams(specs: tuple[StreamSpec, ...], settings: ServerSettings, *
     try:
         await load_stream_models(core.models, specs)
         core.dataplane.is_ready = True
+        settle_heap()  # as the server does: collections while consuming need not walk what start-up built
         for spec in specs:
             folder = status_folder(settings.data_dir)
             group.start(

@@ -9,11 +9,12 @@ import datetime
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 
 from dhow.core.errors import InvalidInput
@@ -26,7 +27,7 @@ class Meter(Protocol):
 
     def received(self, stream: str, count: int) -> None: ...
 
-    def answered(self, stream: str, seconds: Sequence[float]) -> None:
+    def answered(self, stream: str, seconds: npt.NDArray[np.float64]) -> None:
         """Replies acknowledged (a batch's); ``seconds``: each one's time from its message's timestamp to then
         (end-to-end latency)."""
         ...
