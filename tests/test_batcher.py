@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -317,3 +317,77 @@ def test_a_batch_computes_the_outputs_its_requests_ask_each_once() -> None:
     assert asked[-1] == ("y",)  # a name asked twice is computed once
     np.testing.assert_array_equal(answers[2]["z"], _rows(2, 1) * 3)
     np.testing.assert_array_equal(answers[-1]["y"], _rows(1, 1) * 2)
+
+
+#: the longest a test waits for an answer that must come: a batcher that leaves a request hanging fails by it
+SAFETY_S = 30
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(int(SAFETY_S / 0.005)):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the batcher never got there")
+
+
+def test_a_batch_queued_on_the_executor_when_its_worker_stops_is_answered_and_never_run() -> None:
+    async def scenario() -> tuple[BaseException | None, BaseException | None, Recorder]:
+        model, gate = Recorder(), threading.Event()
+        executor = ThreadPoolExecutor(1)
+        executor.submit(gate.wait, SAFETY_S)  # the executor's one thread is busy: the batch waits behind it
+        batcher = DynamicBatcher(
+            "model 'm' version 1", [model], executor, ModelStats(), max_batch_size=1, batching=BatchingConfig()
+        )
+        request = asyncio.create_task(batcher.submit({"x": _rows(0, 1)}, ["y"], 1))
+        await _until(lambda: batcher.queued == 0 and batcher.inflight == 1)  # its batch is on the executor
+        batcher._workers[0].cancel()  # its worker stops (the batcher's own task: nothing else reaches it)
+        answer = (await asyncio.wait((request,), timeout=SAFETY_S))[0]
+        gate.set()
+        executor.shutdown(wait=True)  # the batch, had it stayed queued, would have run by now
+        refused = None
+        try:
+            await asyncio.wait_for(batcher.submit({"x": _rows(1, 1)}, ["y"], 1), SAFETY_S)
+        except (Unavailable, TimeoutError) as exc:
+            refused = exc
+        return answer.pop().exception() if answer else None, refused, model
+
+    error, refused, model = asyncio.run(scenario())
+    assert isinstance(error, Unavailable) and "stopped before the request's batch ran" in str(error), error
+    assert model.batches == []
+    assert isinstance(refused, Unavailable)  # no worker is left to take it
+
+
+@pytest.mark.parametrize("how", ["close", "cancel"])
+def test_a_batch_being_cut_when_the_batcher_stops_is_answered(how: str) -> None:
+    async def scenario() -> tuple[Arrays | BaseException | None, Recorder]:
+        model = Recorder()
+        # the first request waits a minute for others to join its batch: it is neither queued nor running
+        batcher = _batcher(model, max_batch_size=16, max_queue_delay_ms=60_000)
+        asked = asyncio.Event()
+
+        async def ask() -> Arrays:
+            asked.set()  # submit queues the request before it first waits
+            return await batcher.submit({"x": _rows(0, 1)}, ["y"], 1)
+
+        request = asyncio.create_task(ask())
+        await _until(lambda: asked.is_set() and batcher.queued == 0)  # taken into a batch being cut
+        if how == "close":
+            await asyncio.wait_for(batcher.close(), SAFETY_S)
+        else:
+            batcher._workers[0].cancel()
+        done = (await asyncio.wait((request,), timeout=SAFETY_S))[0]
+        if not done:
+            return None, model
+        answered = done.pop()
+        return answered.exception() or answered.result(), model
+
+    outcome, model = asyncio.run(scenario())
+    assert outcome is not None, "the request was left hanging"
+    if how == "close":  # closing lets the batch being cut run
+        assert isinstance(outcome, dict), outcome
+        np.testing.assert_array_equal(outcome["y"], _rows(0, 1) * 2)
+        assert model.batches == [1]
+    else:
+        assert isinstance(outcome, Unavailable) and "before the request's batch was cut" in str(outcome), outcome
+        assert model.batches == []

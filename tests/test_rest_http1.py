@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import orjson
 import pytest
 import uvicorn
 
@@ -275,6 +276,66 @@ def test_the_next_pipelined_requests_header_deadline_waits_for_the_running_answe
         sock.sendall(b"st: t\r\ncontent-length: 4\r\n\r\nnext")
         ((status, _, body),) = _answers(sock, 1)
     assert status == b"HTTP/1.1 200 OK" and body == b"next"
+
+
+_FRAMINGS = {
+    # RFC 9112 §6.3: chunked not last: the length cannot be known (400, close); llhttp refuses it at the body
+    "gzip": ([b"transfer-encoding: gzip"], 400, "does not end with chunked"),
+    # llhttp refuses it at the header itself
+    "chunked, gzip": ([b"transfer-encoding: chunked, gzip"], 400, "does not end with chunked"),
+    # §6.1: a coding the server does not understand: 501 (llhttp lets it through; the app would get gzip as plain)
+    "gzip, chunked": ([b"transfer-encoding: gzip, chunked"], 501, "other than chunked"),
+    "gzip then chunked": ([b"transfer-encoding: gzip", b"transfer-encoding: chunked"], 501, "other than chunked"),
+    # §6.3: both lengths: request smuggling between two servers that pick different ones (400, close)
+    "length then chunked": ([b"content-length: 5", b"transfer-encoding: chunked"], 400, "both Content-Length"),
+    "chunked then length": ([b"transfer-encoding: chunked", b"content-length: 5"], 400, "both Content-Length"),
+}
+
+
+@pytest.mark.parametrize("framing", list(_FRAMINGS))
+def test_a_request_framing_other_than_chunked_or_a_length_is_refused_before_the_app_runs(
+    port: int, framing: str
+) -> None:
+    # both fronts answer alike: uvicorn's own answer to llhttp's refusal is replaced by dhow's (connection.py)
+    lines, status, why = _FRAMINGS[framing]
+    head = b"POST /echo HTTP/1.1\r\nhost: t\r\n" + b"".join(line + b"\r\n" for line in lines)
+    with _connect(port) as sock:
+        sock.sendall(head + b"\r\n5\r\nhello\r\n0\r\n\r\n")
+        answer = read_until_closed(sock)  # and the connection closes
+    head_out, _, body = answer.partition(b"\r\n\r\n")
+    assert head_out.startswith(b"HTTP/1.1 %d " % status), answer
+    assert b"content-type: application/json" in head_out.lower() and b"connection: close" in head_out.lower()
+    assert why in orjson.loads(body)["error"], body
+
+
+def test_transfer_coding_names_are_read_without_regard_to_case(port: int) -> None:
+    with _connect(port) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nhost: t\r\ntransfer-encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        ((status, _, body),) = _answers(sock, 1)
+    assert status == b"HTTP/1.1 200 OK" and body == b"hello"
+
+
+def test_a_client_that_half_closes_after_its_requests_gets_their_answers_then_the_close(port: int) -> None:
+    # RFC 9112 §9.6: a client may shut its sending side down once it has sent its requests, and read on
+    with _connect(port) as sock:
+        sock.sendall(_post("/wait/200", b""))
+        sock.shutdown(socket.SHUT_WR)
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"\r\n\r\n/wait/200"), answer
+    assert b"connection: close" in answer.lower(), answer
+    with _connect(port) as sock:
+        sock.sendall(_post("/wait/200", b"") + _post("/echo", b"second"))
+        sock.shutdown(socket.SHUT_WR)
+        answers = read_until_closed(sock)
+    assert re.findall(rb"HTTP/1\.1 \d+", answers) == [b"HTTP/1.1 200", b"HTTP/1.1 200"], answers
+    assert answers.index(b"/wait/200") < answers.index(b"second") and answers.endswith(b"second"), answers
+
+
+def test_a_client_that_half_closes_in_the_middle_of_a_body_is_closed_without_an_answer(port: int) -> None:
+    with _connect(port) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\nabc")
+        sock.shutdown(socket.SHUT_WR)
+        assert read_until_closed(sock) == b""  # the request can never be whole: nothing to answer
 
 
 def test_a_refused_pipelined_request_is_answered_after_those_accepted_before_it(native_port: int) -> None:

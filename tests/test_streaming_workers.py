@@ -4,8 +4,11 @@ value, every poison message in the dead-letter topic with its reason); SIGTERM s
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
+from dhow.streaming.workers import REFUSED, _die_with_parent
 from tests.conftest import wait_until, write_model
 from tests.kafka_broker import Broker, start_broker
 from tests.stream_processes import headers_of, replies_by_key, slow_doubler, start_stream, stop
@@ -92,3 +96,37 @@ def test_two_workers_share_a_group_and_one_killed_loses_nothing(broker: Broker, 
     for status in _workers(data).values():
         with pytest.raises(ProcessLookupError):
             os.kill(int(status["pid"]), 0)
+
+
+def test_workers_refused_at_start_stop_the_supervisor_at_the_refusals_exit_status(tmp_path: Path) -> None:
+    # no dead-letter destination: every worker refuses to start (exit 2), as ``dhow stream run`` alone does; the
+    # others, refused too or stopped while starting, must not turn the supervisor's status into another one
+    command = [
+        sys.executable, "-m", "dhow.cli", "stream", "run", "--repository", str(tmp_path), "--data-dir",
+        str(tmp_path / "data"), "--model", "tabular", "--source", "kafka://127.0.0.1:9/requests", "--sink",
+        "kafka://127.0.0.1:9/replies", "--workers", "3",
+    ]  # fmt: skip
+    alone = subprocess.run(command[:-2], capture_output=True, text=True, timeout=120, check=False)
+    supervised = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert alone.returncode == REFUSED == 2, alone.stderr[-2000:]
+    assert "no dead-letter destination" in alone.stderr + alone.stdout
+    assert supervised.returncode == REFUSED, supervised.stderr[-3000:]
+    assert "was refused at start (exit status 2): stopping" in supervised.stderr
+
+
+@pytest.mark.parametrize("orphaned", [False, True])
+def test_a_worker_whose_supervisor_died_before_it_armed_the_death_signal_exits(orphaned: bool) -> None:
+    # the race of a worker started as the supervisor dies, played by naming another pid as its parent: it
+    # exits before it runs anything, as the death signal would have made it; under its living parent it runs
+    parent = 1 if orphaned else os.getpid()
+    worker = subprocess.run(
+        [sys.executable, "-c", "print('ran')"],
+        preexec_fn=functools.partial(_die_with_parent, parent),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    if orphaned:
+        assert (worker.returncode, worker.stdout) == (128 + signal.SIGTERM, b"")
+    else:
+        assert (worker.returncode, worker.stdout) == (0, b"ran\n")

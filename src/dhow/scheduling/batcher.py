@@ -23,7 +23,7 @@ import collections
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,12 +135,15 @@ class DynamicBatcher:
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wakeup = asyncio.Event()
         self._closing = False
+        #: batches taken from the queue and not answered yet (being cut, or running): closing waits for them
         self._busy = 0
         #: requests in the batches running now
         self._running = 0
         #: the one timer of the requests queued under the default timeout (set for the oldest one's deadline)
         self._sweep: asyncio.TimerHandle | None = None
         self._workers = [asyncio.create_task(self._work(instance)) for instance in instances]
+        for worker in self._workers:
+            worker.add_done_callback(self._worker_gone)
 
     @property
     def queued(self) -> int:
@@ -258,16 +261,23 @@ class DynamicBatcher:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
 
+    def _worker_gone(self, worker: asyncio.Task[None]) -> None:
+        """A worker stopped (cancelled, even before it ran): once none is left, what is queued is answered and
+        nothing more is taken."""
+        if all(other.done() for other in self._workers):
+            self._closing = True
+            queued = list(self._queue)
+            self._queue.clear()
+            self._stopped(queued, "before the request's batch was cut")
+
     async def _work(self, instance: Instance) -> None:
         loop = asyncio.get_running_loop()
         as_parts = takes_row_parts(instance)
         while True:
-            batch = await self._next_batch()
-            if not batch:
-                continue
-            self._busy += 1
+            batch = await self._next_batch()  # counted in _busy from when its first request is taken
             try:
-                await self._run(loop, instance, as_parts, batch)
+                if batch:
+                    await self._run(loop, instance, as_parts, batch)
             finally:
                 self._busy -= 1
             if self._max_rows and self._queue and not self._delay_ns:
@@ -281,8 +291,15 @@ class DynamicBatcher:
             await self._wakeup.wait()
         head = self._queue.popleft()
         batch, rows = [head], head.rows
+        # from here until answered, the batch is neither queued nor running: closing must still wait for it
+        self._busy += 1
         if self._max_rows:
-            rows = await self._fill(batch, rows, head.enqueued_ns + self._delay_ns)
+            try:
+                rows = await self._fill(batch, rows, head.enqueued_ns + self._delay_ns)
+            except asyncio.CancelledError:  # its worker stopped while it waited for more requests
+                self._busy -= 1
+                self._stopped(batch, "before the request's batch was cut")
+                raise
         # whether a client has gone is asked once per request, here, when its batch is cut
         return [p for p in batch if not p.settled()]
 
@@ -338,11 +355,16 @@ class DynamicBatcher:
         self.stats.queue.add(sum(waits), len(waits))  # the same sums as one request at a time, in one step
         outputs = _outputs_of(batch)
         self._running += len(batch)
+        computing, job = _in_thread(loop, self._executor, instance, as_parts, batch, outputs)
         try:
-            results, timings = await _in_thread(loop, self._executor, instance, as_parts, batch, outputs)
+            results, timings = await computing
         except BaseException as exc:
             self._running -= len(batch)
             if not isinstance(exc, Exception):
+                # its worker stopped (or the instance raised SystemExit): a batch still queued on the executor
+                # never runs; one running already is not waited for. Either way its requests are answered now.
+                when = "before the request's batch ran" if job.cancel() else "while the request's batch ran"
+                self._stopped(batch, when)
                 raise
             # what an instance says of itself stays as it is (a restarting process instance is a 503, not a 500)
             passed = (ModelFault, InvalidInput, Unavailable, DeadlineExceeded)
@@ -363,6 +385,14 @@ class DynamicBatcher:
             if not pending.future.done():
                 pending.future.set_result(result)
 
+    def _stopped(self, requests: list[_Pending], when: str) -> None:
+        """Answer requests that their worker will not compute (it was stopped): 503, retry."""
+        for pending in requests:
+            if not pending.future.done():
+                pending.future.set_exception(Unavailable(f"{self.label} stopped {when}; retry", retry_after=1))
+            if pending.timer is not None:
+                pending.timer.cancel()
+
     def _measure(self, batch_ns: int, requests: int) -> None:
         """Moving averages of a batch's time and size: what the derived queue bound is made of."""
         if not self._batch_ns:
@@ -379,10 +409,10 @@ def _in_thread(
     as_parts: bool,
     batch: list[_Pending],
     outputs: tuple[str, ...],
-) -> asyncio.Future[tuple[list[Arrays], BatchTimings]]:
+) -> tuple[asyncio.Future[tuple[list[Arrays], BatchTimings]], Future[None]]:
     """``_execute`` on the executor's thread; its outcome comes back by one ``call_soon_threadsafe``, without
     ``run_in_executor``'s chaining of two futures (their locks, callbacks and state copies on the loop's thread,
-    once per batch)."""
+    once per batch). Also the executor's job, for a stopped worker to cancel while it is still queued."""
     done: asyncio.Future[tuple[list[Arrays], BatchTimings]] = loop.create_future()
 
     def job() -> None:
@@ -393,8 +423,7 @@ def _in_thread(
         else:
             loop.call_soon_threadsafe(_settle, done, outcome, None)
 
-    executor.submit(job)
-    return done
+    return done, executor.submit(job)
 
 
 def _settle(

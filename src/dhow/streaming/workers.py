@@ -17,12 +17,18 @@ The supervisor (the ``dhow stream run`` process) consumes nothing itself; it
   or dies ``START_ATTEMPTS`` times in a row within ``STABLE_S`` of its start;
 - on SIGTERM or SIGINT passes SIGTERM on: each worker finishes what it has in flight, commits it and exits; one
   still there after ``DRAIN_S`` is killed (it committed only what was answered).
+
+Its exit status follows the CLI's: 2 when a worker was refused at start (as ``dhow stream run`` alone exits 2 on
+a refusal), 1 when it gave up on a worker that kept dying or a worker had to be killed at the stop, 0 when it
+was stopped and every worker ended well. The reason it gave up decides, whatever the others said while they were
+stopped (they were likely refused too, or were told to stop before they could take SIGTERM themselves).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -83,11 +89,13 @@ class _Supervisor:
         for place in self.places:
             self._start(place)
         status = self._watch()
-        return self._stop() or status
+        stopped = self._stop()
+        return status or stopped
 
     def _start(self, place: _Place) -> None:
         environment = {**os.environ, WORKER_ENV: str(place.number)}
-        place.process = subprocess.Popen(self.command, env=environment, preexec_fn=_die_with_parent)
+        die_with_us = functools.partial(_die_with_parent, os.getpid())
+        place.process = subprocess.Popen(self.command, env=environment, preexec_fn=die_with_us)
         place.started, place.restart_at = time.monotonic(), 0.0
         log.info("stream worker %d started (pid %d)", place.number, place.process.pid)
 
@@ -107,7 +115,7 @@ class _Supervisor:
                 if self.stopping:
                     break
                 if code == REFUSED:
-                    log.error("stream worker %d was refused at start (exit status 2): stopping", place.number)
+                    log.error("stream worker %d was refused at start (exit status %d): stopping", place.number, REFUSED)
                     return REFUSED
                 place.failures = place.failures + 1 if now - place.started < STABLE_S else 1
                 if place.failures >= START_ATTEMPTS:
@@ -122,7 +130,10 @@ class _Supervisor:
         return 0
 
     def _stop(self) -> int:
-        """SIGTERM to every worker, then wait for each (killing one that takes too long): 0 when all ended well."""
+        """SIGTERM to every worker, then wait for each (killing one that takes too long): 0 when all ended well.
+
+        Ending by the SIGTERM itself is ending well: a worker still starting has no handler yet, and nothing in
+        flight to commit."""
         running = [place.process for place in self.places if place.process is not None]
         for process in running:
             with contextlib.suppress(ProcessLookupError):
@@ -136,14 +147,23 @@ class _Supervisor:
                 log.error("stream worker (pid %d) did not stop within %.0f s: killed", process.pid, DRAIN_S)
                 process.kill()
                 code = process.wait()
-            status = status or (1 if code else 0)
+            if code not in (0, -signal.SIGTERM):
+                status = 1
         return status
 
 
-def _die_with_parent() -> None:
-    """In a worker before it starts: SIGTERM when the supervisor dies, so no worker outlives it (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
+def _die_with_parent(parent: int) -> None:
+    """In a worker before it starts: SIGTERM when the supervisor (pid ``parent``) dies, so no worker outlives it.
+
+    The death signal is armed only from the ``prctl`` on: a supervisor that died between the fork and then left
+    an orphan that would never get it. Its parent then is no longer ``parent`` (init or a subreaper took it):
+    it exits at once, as the signal would have made it (Linux; elsewhere nothing is armed nor checked)."""
+    try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(128 + signal.SIGTERM)
 
 
 def run_workers(argv: Sequence[str], count: int) -> int:

@@ -13,17 +13,25 @@ their connections for as long as they liked. ``DeadlineHttpProtocol`` gives each
 
 A late request is answered ``408 Request Timeout`` (when it had begun and nothing was answered yet) and its
 connection closed. A request only notes times; one watchdog per server looks at its open connections.
+
+It also answers as the native front does where uvicorn alone would not: a request framing refused (both
+lengths, a ``Transfer-Encoding`` other than ``chunked``: ``framing.py``) gets dhow's JSON error, before any app
+starts; a client that half-closes after whole requests gets their answers before the connection closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from dhow.protocols.rest.framing import coding_refusal, parse_refusal
 
 __all__ = ["BODY_LATE", "HEADERS_LATE", "ConnectionTimeouts", "DeadlineHttpProtocol"]
 
@@ -73,6 +81,8 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         self._last_read = 0.0
         #: a request's headers began behind a request not answered yet: timed from that answer
         self._begun = False
+        #: the answer to a request refused for its framing once its headers were read (b"": none)
+        self._refusal = b""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -104,7 +114,31 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._headers_due = 0.0
         self._begun = False
+        if any(name == b"transfer-encoding" for name, _ in self.headers):
+            coding = b", ".join(value for name, value in self.headers if name == b"transfer-encoding")
+            self._refusal = coding_refusal(coding)
+            if self._refusal:  # the parser stops; uvicorn answers its error with send_400_response, below
+                raise httptools.HttpParserError("a Transfer-Encoding refused")
         super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn calls it from its handler of the parser's error, which sys.exc_info() holds
+        refusal = self._refusal or parse_refusal(sys.exc_info()[1])
+        if not refusal:
+            super().send_400_response(msg)
+            return
+        self.transport.write(refusal)
+        self.transport.close()
+
+    def eof_received(self) -> bool:  # type: ignore[override]  # uvicorn's says None; asyncio's protocol, bool
+        """The client shut its sending side down (RFC 9112 §9.6): the requests it sent whole are answered, the
+        last with ``connection: close`` (uvicorn alone closes at once, and the app's answer is lost). With
+        nothing whole to answer, or over TLS (whose transport cannot stay half open), it closes now."""
+        cycle = self.cycle  # the request parsed last
+        if cycle is None or cycle.response_complete or cycle.more_body or self.scheme == "https":
+            return False
+        cycle.keep_alive = False
+        return True
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

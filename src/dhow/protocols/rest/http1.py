@@ -29,6 +29,7 @@ from urllib.parse import unquote
 import httptools
 
 from dhow.protocols.rest.body import Message, Scope
+from dhow.protocols.rest.framing import coding_refusal, parse_refusal
 
 if TYPE_CHECKING:
     from dhow.protocols.rest.front import HttpFront
@@ -48,7 +49,7 @@ _ASGI = {"version": "3.0", "spec_version": "2.3"}
 _BODY_DONE: Message = {"type": "http.request", "body": b"", "more_body": False}
 _DISCONNECT: Message = {"type": "http.disconnect"}
 #: the request headers the connection itself looks at
-_NOTED = frozenset((b"expect", b"x-forwarded-for", b"x-forwarded-proto"))
+_NOTED = frozenset((b"expect", b"transfer-encoding", b"x-forwarded-for", b"x-forwarded-proto"))
 
 
 def _plain_answer(status: int, text: bytes) -> bytes:
@@ -230,6 +231,8 @@ class Http1Connection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._expect = False
+        #: the ``transfer-encoding`` of the request being parsed (its values joined by commas; b"": none)
+        self._coding = b""
         #: the ``x-forwarded-*`` headers of the request being parsed
         self._forwarded: dict[bytes, bytes] = {}
         #: the request being parsed (its body may still be arriving), the one being answered, those waiting
@@ -276,9 +279,21 @@ class Http1Connection(asyncio.Protocol):
         self.idle_since = 0.0
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:  # HttpParserUpgrade too: no upgrade is offered
-            log.debug("an invalid HTTP request from %s", self.client)
-            self._refuse(_BAD_REQUEST)
+        except httptools.HttpParserError as exc:  # HttpParserUpgrade too: no upgrade is offered
+            log.debug("an invalid HTTP request from %s: %s", self.client, exc)
+            if not self.refusal:  # refused already (its framing, below): the first answer stands
+                self._refuse(parse_refusal(exc) or _BAD_REQUEST)
+
+    def eof_received(self) -> bool:
+        """The client shut its sending side down (RFC 9112 §9.6): the requests it sent whole are answered, the
+        last one with ``connection: close``, then the connection closes. With nothing whole to answer (idle,
+        or a request cut short, whose app is told the client has gone), or over TLS (whose transport cannot
+        stay half open), it closes now."""
+        last = self._pipeline[-1] if self._pipeline else self.running
+        if last is None or self.parsing is not None or self._scheme == "https":
+            return False
+        last.keep_alive = False
+        return True
 
     def write(self, data: bytes) -> None:
         transport = self.transport
@@ -350,6 +365,8 @@ class Http1Connection(asyncio.Protocol):
         if name in _NOTED:
             if name == b"expect":
                 self._expect = value.lower() == b"100-continue"
+            elif name == b"transfer-encoding":
+                self._coding = b"%s, %s" % (self._coding, value) if self._coding else value
             else:
                 self._forwarded[name] = value
         self._headers.append((name, value))
@@ -359,6 +376,11 @@ class Http1Connection(asyncio.Protocol):
         self._begun = False
         if self.refusal or self.closing:
             return
+        if self._coding:  # refused before the app starts: it would read a body it cannot decode as plain
+            refusal, self._coding = coding_refusal(self._coding), b""
+            if refusal:
+                self._refuse(refusal)
+                return
         parser = self.parser
         url = self._url
         if url[:1] == b"/":
