@@ -145,6 +145,37 @@ class Exchange:
             if not waiter.done():
                 waiter.set_result(None)
 
+    # -- what the REST door asks without ASGI's messages (``app.py``: its usual request) --------------
+
+    def arrived(self) -> bytes | None:
+        """The whole body when it has arrived and nothing of it was read, taken as ``receive`` would take it (no
+        coroutine, no message); None: ask ``receive``."""
+        if not self.complete:
+            return None
+        chunks = self._body
+        if not chunks:
+            return None if self.disconnected or self.response_complete else b""
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        self.connection.resume()
+        return body
+
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """The whole answer at once: what ``send`` does with a start and one last body message."""
+        if self.disconnected:
+            return
+        if self.response_started:
+            raise RuntimeError("unexpected ASGI message 'http.response.start' at this point of the response")
+        self.response_started = True
+        self._status = status
+        self.headers_out = [b"%s: %s\r\n" % header for header in headers]
+        self._sized = (bool(headers) and headers[-1][0] == b"content-length") or any(
+            name.lower() == b"content-length" for name, _ in headers
+        )
+        self.connection.write(self._head(body, False) + (b"" if self.head else self._chunk(body, False)))
+        self.response_complete = True
+
     # -- ASGI ----------------------------------------------------------------------------------
 
     async def receive(self) -> Message:
