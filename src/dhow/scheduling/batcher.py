@@ -102,7 +102,11 @@ def takes_row_parts(instance: Instance) -> bool:
 
 
 def _batch_key(inputs: Mapping[str, np.ndarray]) -> tuple[object, ...]:
-    return tuple((name, array.dtype.str, array.shape[1:]) for name, array in inputs.items())
+    # dtypes compare as their ``str`` does (byte order, size), without making that string for every request
+    if len(inputs) == 1:  # the usual request: no generator
+        for name, array in inputs.items():
+            return ((name, array.dtype, array.shape[1:]),)
+    return tuple((name, array.dtype, array.shape[1:]) for name, array in inputs.items())
 
 
 class DynamicBatcher:
