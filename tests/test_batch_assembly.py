@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from dhow.core.errors import SignatureMismatch
 from dhow.core.model_config import BatchingConfig
 from dhow.scheduling.batcher import DynamicBatcher
 from dhow.scheduling.stats import ModelStats
@@ -141,3 +142,43 @@ def test_calls_due_on_the_loop_when_the_instance_frees_join_the_batch_already_qu
     assert batches == [1, 3]
     for start, answer in zip((10, 20, 21), answers, strict=True):
         np.testing.assert_array_equal(answer["y"], _rows(start, 1) * 2)
+
+
+def test_a_batch_s_outputs_are_checked_once_before_each_request_gets_its_rows() -> None:
+    """The version's output check runs once per batch, on the batch's outputs (its conversion reaches every
+    request's rows); what it refuses is every request's answer, unchanged."""
+
+    async def scenario(check: Callable[[Arrays], Arrays]) -> list[Arrays | BaseException]:
+        batcher = DynamicBatcher(
+            "model 'm' version 1",
+            [Recorder()],
+            ThreadPoolExecutor(1),
+            ModelStats(),
+            max_batch_size=16,
+            batching=BatchingConfig(max_queue_delay_ms=1000, preferred_batch_sizes=(4,)),
+            check=check,
+        )
+        sent = [batcher.submit({"x": _rows(10 * i, n)}, ["y"], n) for i, n in enumerate((1, 2, 1))]
+        answers = await asyncio.gather(*sent, return_exceptions=True)
+        await batcher.close()
+        return list(answers)
+
+    checked: list[int] = []
+
+    def as_float64(produced: Arrays) -> Arrays:
+        checked.append(len(produced["y"]))
+        return {name: array.astype(np.float64) for name, array in produced.items()}
+
+    answers = asyncio.run(scenario(as_float64))
+    assert checked == [4]  # one batch of the three requests' four rows, checked once
+    for i, (n, answer) in enumerate(zip((1, 2, 1), answers, strict=True)):
+        assert isinstance(answer, dict)
+        assert answer["y"].dtype == np.float64
+        np.testing.assert_array_equal(answer["y"], _rows(10 * i, n) * 2)
+
+    def refuse(produced: Arrays) -> Arrays:
+        raise SignatureMismatch("model 'm' version 1 answered output 'y' with datatype FP32, but declares INT64")
+
+    refused = asyncio.run(scenario(refuse))
+    assert [type(answer) for answer in refused] == [SignatureMismatch] * 3
+    assert all(str(answer) == str(refused[0]) for answer in refused)

@@ -28,7 +28,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dhow.core.errors import CallCancelled, DeadlineExceeded, InvalidInput, ModelFault, Overloaded, Unavailable
+from dhow.core.errors import (
+    CallCancelled,
+    DeadlineExceeded,
+    InvalidInput,
+    ModelFault,
+    Overloaded,
+    SignatureMismatch,
+    Unavailable,
+)
 from dhow.core.model_config import BatchingConfig
 from dhow.scheduling.stats import BatchTimings, ModelStats
 
@@ -40,6 +48,8 @@ Instance = Callable[[Mapping[str, np.ndarray], Sequence[str]], Arrays]
 #: told of every executed batch: its timings, when it started (monotonic ns), the queue wait of each of its
 #: requests and their traces (each request's ``trace`` in order; empty when none is traced), for metrics and spans
 BatchObserver = Callable[[BatchTimings, int, list[int], Sequence[object | None]], None]
+#: checks (and converts) a batch's outputs once for all its requests, on the instance's thread, before they are split
+OutputCheck = Callable[[Arrays], Arrays]
 
 
 @dataclass(slots=True, eq=False)
@@ -102,7 +112,11 @@ def takes_row_parts(instance: Instance) -> bool:
 
 
 def _batch_key(inputs: Mapping[str, np.ndarray]) -> tuple[object, ...]:
-    return tuple((name, array.dtype.str, array.shape[1:]) for name, array in inputs.items())
+    # dtypes compare as their ``str`` does (byte order, size), without making that string for every request
+    if len(inputs) == 1:  # the usual request: no generator
+        for name, array in inputs.items():
+            return ((name, array.dtype, array.shape[1:]),)
+    return tuple((name, array.dtype, array.shape[1:]) for name, array in inputs.items())
 
 
 class DynamicBatcher:
@@ -117,10 +131,12 @@ class DynamicBatcher:
         batching: BatchingConfig | None,
         observer: BatchObserver | None = None,
         default_timeout_ms: float = 0.0,
+        check: OutputCheck | None = None,
     ) -> None:
         self.label = label
         self.stats = stats
         self._observer = observer
+        self._check = check
         self._executor = executor
         self._max_rows = max_batch_size if batching is not None else 0
         self._batching = batching or BatchingConfig()
@@ -355,7 +371,7 @@ class DynamicBatcher:
         self.stats.queue.add(sum(waits), len(waits))  # the same sums as one request at a time, in one step
         outputs = _outputs_of(batch)
         self._running += len(batch)
-        computing, job = _in_thread(loop, self._executor, instance, as_parts, batch, outputs)
+        computing, job = _in_thread(loop, self._executor, instance, as_parts, batch, outputs, self._check)
         try:
             results, timings = await computing
         except BaseException as exc:
@@ -367,7 +383,7 @@ class DynamicBatcher:
                 self._stopped(batch, when)
                 raise
             # what an instance says of itself stays as it is (a restarting process instance is a 503, not a 500)
-            passed = (ModelFault, InvalidInput, Unavailable, DeadlineExceeded)
+            passed = (ModelFault, InvalidInput, Unavailable, DeadlineExceeded, SignatureMismatch)
             fault = exc if isinstance(exc, passed) else ModelFault(f"{self.label} failed: {exc!r}")
             if fault is not exc:
                 fault.__cause__ = exc  # its traceback goes to the server log
@@ -409,6 +425,7 @@ def _in_thread(
     as_parts: bool,
     batch: list[_Pending],
     outputs: tuple[str, ...],
+    check: OutputCheck | None = None,
 ) -> tuple[asyncio.Future[tuple[list[Arrays], BatchTimings]], Future[None]]:
     """``_execute`` on the executor's thread; its outcome comes back by one ``call_soon_threadsafe``, without
     ``run_in_executor``'s chaining of two futures (their locks, callbacks and state copies on the loop's thread,
@@ -417,7 +434,7 @@ def _in_thread(
 
     def job() -> None:
         try:
-            outcome = _execute(instance, as_parts, batch, outputs)
+            outcome = _execute(instance, as_parts, batch, outputs, check)
         except BaseException as exc:  # the batch's requests get it (an exception never stays in a thread)
             loop.call_soon_threadsafe(_settle, done, None, exc)
         else:
@@ -451,9 +468,13 @@ def _outputs_of(batch: list[_Pending]) -> tuple[str, ...]:
 
 
 def _execute(
-    instance: Instance, as_parts: bool, batch: list[_Pending], outputs: tuple[str, ...]
+    instance: Instance,
+    as_parts: bool,
+    batch: list[_Pending],
+    outputs: tuple[str, ...],
+    check: OutputCheck | None = None,
 ) -> tuple[list[Arrays], BatchTimings]:
-    """Runs in a worker thread: assemble, compute, answer each request with views of its rows."""
+    """Runs in a worker thread: assemble, compute, check the outputs, answer each request with views of its rows."""
     t0 = time.monotonic_ns()
     merged: Mapping[str, np.ndarray]
     if len(batch) == 1:  # the request's own arrays (on the doors, views of the bytes received): no copy at all
@@ -467,11 +488,13 @@ def _execute(
     t2 = time.monotonic_ns()
     total = sum(p.rows for p in batch)
     if len(batch) == 1:
-        results = [produced]
+        results = [produced if check is None else check(produced)]
     else:
         for name, array in produced.items():
             if array.ndim == 0 or array.shape[0] != total:
                 raise ModelFault(f"output '{name}' has {array.shape[:1]} rows for a batch of {total}")
+        if check is not None:
+            produced = check(produced)
         results, offset = [], 0
         for pending in batch:
             end = offset + pending.rows

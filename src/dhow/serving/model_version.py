@@ -18,9 +18,10 @@ from dhow.monitoring.metrics import ServerMetrics, observe_all
 from dhow.monitoring.profile import ReferenceProfile
 from dhow.monitoring.tracing import record_batch
 from dhow.runtimes.base import Runtime, create_runtime
-from dhow.scheduling.batcher import DynamicBatcher
+from dhow.scheduling.batcher import Arrays, DynamicBatcher
 from dhow.scheduling.instances import load_process_instances
 from dhow.scheduling.stats import BatchTimings, ModelStats
+from dhow.serving.signature import checked_output
 
 log = logging.getLogger("dhow.models")
 
@@ -80,6 +81,12 @@ class ModelVersion:
         self.batched = config.max_batch_size > 0
         #: the inputs a request must give
         self.required_inputs = tuple(name for name, spec in self.inputs.items() if not spec.optional)
+        #: the outputs checked against their declaration once per batch, on the instance's thread, rather than once
+        #: per request on the loop's: those whose first dimension is any size, so that a batch's output fits
+        #: exactly when each request's rows of it do (and a version that does not batch: its batches are of one)
+        self.batch_checked = frozenset(
+            name for name, spec in self.outputs.items() if not self.batched or spec.shape[:1] == (-1,)
+        )
         labels = (config.name, self.version_label)
         self.request_seconds = metrics.request_seconds.labels(*labels)
         self._queue_seconds = metrics.queue_seconds.labels(*labels)
@@ -105,8 +112,17 @@ class ModelVersion:
             batching=config.batching,
             observer=self._observe_batch,
             default_timeout_ms=queue_timeout_ms,
+            check=self._checked_batch if self.batch_checked else None,
         )
         metrics.watch_load(self.name, self.version_label, self.batcher)
+
+    def _checked_batch(self, produced: Arrays) -> Arrays:
+        """A batch's outputs as their declared datatypes (``checked_output``); ``SignatureMismatch`` otherwise."""
+        checked = self.batch_checked
+        return {
+            name: checked_output(self, self.outputs[name], array) if name in checked else array
+            for name, array in produced.items()
+        }
 
     def count_request(self, outcome: str) -> None:
         child = self._outcomes.get(outcome)

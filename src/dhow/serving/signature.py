@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,7 +18,9 @@ from dhow.core.datatypes import NUMPY_DTYPE, as_bytes, datatype_of
 from dhow.core.errors import DhowError, InvalidInput, ModelFault, SignatureMismatch
 from dhow.core.model_config import TensorSpec
 from dhow.core.types import InferenceRequest, RequestedOutput, Tensor
-from dhow.serving.model_version import ModelVersion
+
+if TYPE_CHECKING:  # a version checks its batches' outputs with ``checked_output``: it imports this module
+    from dhow.serving.model_version import ModelVersion
 
 __all__ = ["checked_output", "response_outputs", "validate_inputs"]
 
@@ -82,14 +85,18 @@ def response_outputs(
     names: Sequence[str],
     wanted: list[RequestedOutput] | None,
 ) -> list[Tensor]:
+    """The request's output tensors from its rows of the batch's outputs; those its version checks per batch
+    (``ModelVersion.batch_checked``) were checked there, once for every request of the batch."""
     params = {o.name: o.parameters for o in wanted} if wanted is not None else {}
     outputs: list[Tensor] = []
+    checked = model.batch_checked
     for name in names:
         array = results.get(name)
         if array is None:
             raise ModelFault(f"the model produced no output '{name}'")
         spec = model.outputs[name]
-        array = checked_output(model, spec, array)
+        if name not in checked:
+            array = checked_output(model, spec, array)
         parameters = params.get(name, {})
         classes = parameters.get("classification")
         if classes:

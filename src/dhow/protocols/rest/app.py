@@ -30,7 +30,9 @@ from dhow.protocols.rest.body import (
     decompress,
     json_object,
     read_body,
+    too_large,
 )
+from dhow.protocols.rest.http1 import Exchange
 from dhow.protocols.rest.monitoring import MonitoringRoutes
 from dhow.protocols.rest.openapi import openapi_document
 from dhow.protocols.rest.peers import PeerRoutes
@@ -135,12 +137,26 @@ class Request:
         cycle = getattr(self._receive, "__self__", None)
         return getattr(cycle, "disconnected", False) is True
 
+    def _arrived(self) -> bytes | None:
+        """The whole body when dhow's own HTTP/1.1 has it already (no ASGI message, no coroutine); None: read it."""
+        exchange = getattr(self._receive, "__self__", None)
+        if type(exchange) is not Exchange:
+            return None
+        length = self.content_length
+        if length is not None and length > self._limit:  # refused by ``read_body`` before anything is read
+            return None
+        return exchange.arrived()
+
     def query(self) -> dict[str, str]:
         """The query string's parameters (the last of repeated ones)."""
         return {k: v[-1] for k, v in parse_qs(self._query.decode("latin-1")).items()}
 
     async def body(self) -> bytes:
-        body = await read_body(self._receive, self._limit, self.content_length)
+        body = self._arrived()
+        if body is None:
+            body = await read_body(self._receive, self._limit, self.content_length)
+        elif len(body) > self._limit:
+            raise too_large(len(body), self._limit)
         if self.content_encoding:
             body = decompress(body, self.content_encoding, self._limit)
         return body
@@ -223,7 +239,9 @@ class RestApp(PeerRoutes, MonitoringRoutes):
             body, encoding = compress(body, request.accept_encoding)
             if encoding is not None:
                 headers = [*headers, (b"content-encoding", encoding), (b"vary", b"accept-encoding")]
-        await _send(send, status, headers, body)
+        waiting = _send(send, status, headers, body)
+        if waiting is not None:
+            await waiting
         return status, principal, request_id
 
     # -- health and metadata ------------------------------------------------------------
@@ -435,12 +453,23 @@ async def _send_error(
 ) -> None:
     """``{"error": message}``; TorchServe's routes answer its own shape, which carries ``error`` too."""
     body = torchserve_error(status, message) if protocol == "torchserve" else orjson.dumps({"error": message})
-    await _send(send, status, [*_JSON, *(headers or ())], body)
+    waiting = _send(send, status, [*_JSON, *(headers or ())], body)
+    if waiting is not None:
+        await waiting
 
 
-async def _send(send: Send, status: int, headers: Headers, body: bytes) -> None:
-    length = (b"content-length", b"%d" % len(body))
-    await send({"type": "http.response.start", "status": status, "headers": [*headers, length]})
+def _send(send: Send, status: int, headers: Headers, body: bytes) -> Awaitable[None] | None:
+    """Answer; what to await, None when the answer is written already (dhow's own HTTP/1.1 takes it at once)."""
+    headers = [*headers, (b"content-length", b"%d" % len(body))]
+    exchange = getattr(send, "__self__", None)
+    if type(exchange) is Exchange:
+        exchange.respond(status, headers, body)
+        return None
+    return _send_messages(send, status, headers, body)
+
+
+async def _send_messages(send: Send, status: int, headers: Headers, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -20,13 +20,13 @@ import contextlib
 import logging
 import socket
 import ssl
-from typing import Any
 
 from dhow.protocols.rest.app import CLIENT_CN_SCOPE_KEY
 from dhow.protocols.rest.connection import BODY_LATE, HEADERS_LATE, ConnectionTimeouts
 from dhow.protocols.rest.forwarded import TrustedProxies
 from dhow.protocols.rest.http1 import App, Exchange, Http1Connection
 from dhow.protocols.rest.tls import HttpsPortProtocol, common_name
+from dhow.protocols.runner import CallRunner
 
 __all__ = ["HttpFront"]
 
@@ -64,7 +64,7 @@ class HttpFront:
         self.force_exit = False
         self.servers: list[asyncio.AbstractServer] = []
         self._open: set[Http1Connection] = set()
-        self._running: dict[Exchange, asyncio.Task[Any]] = {}
+        self._running: dict[Exchange, CallRunner] = {}
         self._watchdog: asyncio.TimerHandle | None = None
 
     # -- what the connections tell ----------------------------------------------------------
@@ -85,7 +85,7 @@ class HttpFront:
         certificate = ssl_object.getpeercert()
         return common_name(certificate) if certificate else ""
 
-    def track(self, exchange: Exchange, task: asyncio.Task[Any]) -> None:
+    def track(self, exchange: Exchange, task: CallRunner) -> None:
         self._running[exchange] = task
 
     def finished(self, exchange: Exchange) -> None:

@@ -3,6 +3,6 @@ is for HTTP/1.1), serving the same handlers as grpc.aio's server (``decoding.Met
 admission point; no poller thread, no completion queue, one coroutine per call (a unary call's without a Task).
 
 ``frames``: HTTP/2 frames and HPACK; ``requests``: what a call's headers ask; ``calls``: a call's context and
-coroutine; ``runner``: a unary call's coroutine run without a Task; ``connection``: one connection's protocol;
+coroutine (a unary call's run without a Task: ``dhow.protocols.runner``); ``connection``: one connection's protocol;
 ``server``: the port and its stop.
 """

@@ -22,7 +22,7 @@ import grpc
 if TYPE_CHECKING:
     from dhow.protocols.grpc.h2.connection import H2Connection
     from dhow.protocols.grpc.h2.frames import Block
-    from dhow.protocols.grpc.h2.runner import CallRunner
+    from dhow.protocols.runner import CallRunner
 
 log = logging.getLogger("dhow.grpc")
 

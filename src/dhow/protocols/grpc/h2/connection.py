@@ -19,8 +19,8 @@ import grpc
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.calls import INBOX_LIMIT, RECEIVE_WINDOW, RESET, CallContext, Stream, run_call
 from dhow.protocols.grpc.h2.requests import parse_request
-from dhow.protocols.grpc.h2.runner import CallRunner
 from dhow.protocols.grpc.h2.sending import Sender, auth_context, peer_name, trailers
+from dhow.protocols.runner import CallRunner
 
 if TYPE_CHECKING:
     from dhow.protocols.grpc.h2.server import Front

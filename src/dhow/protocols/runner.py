@@ -1,12 +1,13 @@
-"""A unary call's coroutine, run without an asyncio Task.
+"""A request's coroutine, run without an asyncio Task: a unary gRPC call's, a REST request's.
 
-A Task costs a unary call about 13k instructions of the event loop's (``_asyncio.Task.__init__``: its entry in
-asyncio's weak set of all tasks, a copy of the context, a first ``call_soon`` and a pass of the loop to start),
-an eighth of what the native front spends on a call. ``CallRunner`` does for one coroutine what a Task does
-for it, and no more: it starts it at once (inside ``data_received``), resumes it when the future it awaits is
-done, each step in the call's own copy of the context, and cancels it by cancelling that future. What it does
-not do: ``asyncio.current_task()`` is None in the call (nothing on a unary call's path asks for it: no
-``asyncio.timeout`` or ``TaskGroup``; streaming calls, which use them, keep a Task).
+A Task costs a request about 13k instructions of the event loop's (``_asyncio.Task.__init__``: its entry in
+asyncio's weak set of all tasks, in Python on 3.11, and its removal; a copy of the context; a first
+``call_soon``). ``CallRunner`` does for one coroutine what a Task does for it, and no more: it starts it when
+told (the native gRPC front at once, inside ``data_received``; the REST front on the loop's next pass, as a Task
+would), resumes it when the future it awaits is done, each step in the request's own copy of the context, and
+cancels it by cancelling that future. What it does not do: ``asyncio.current_task()`` is None in the request
+(nothing on these paths asks for it: no ``asyncio.timeout`` or ``TaskGroup``; gRPC's streaming calls, which use
+them, keep a Task).
 """
 
 from __future__ import annotations
@@ -17,16 +18,20 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-log = logging.getLogger("dhow.grpc")
+log = logging.getLogger("dhow.protocols")
 
 
 class CallRunner:
-    """Drives one coroutine as an asyncio Task would, started at once."""
+    """Drives one coroutine as an asyncio Task would, started when told (``start``)."""
 
-    __slots__ = ("_context", "_coroutine", "_done", "_loop", "_must_cancel", "_waiter")
+    __slots__ = ("_context", "_coroutine", "_done", "_loop", "_must_cancel", "_waiter", "_what")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, None]) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, None], what: str = "a gRPC call"
+    ) -> None:
         self._loop = loop
+        #: what the coroutine serves, for the log of its failure
+        self._what = what
         self._coroutine: Coroutine[Any, Any, None] | None = coroutine
         self._context = contextvars.copy_context()
         self._waiter: asyncio.Future[Any] | None = None
@@ -72,8 +77,11 @@ class CallRunner:
         except (KeyboardInterrupt, SystemExit):
             self._finish()
             raise
+        except asyncio.CancelledError:  # cancelled, as a Task's end would be: nothing to log
+            self._finish()
+            return
         except BaseException:
-            log.exception("a gRPC call's coroutine failed")
+            log.exception("%s's coroutine failed", self._what)
             self._finish()
             return
         if getattr(awaited, "_asyncio_future_blocking", None):
@@ -85,7 +93,7 @@ class CallRunner:
         elif awaited is None:  # a bare yield (``asyncio.sleep(0)``): on the loop's next pass
             self._loop.call_soon(self._step, None, context=self._context)
         else:
-            failure = RuntimeError(f"a gRPC call awaited {awaited!r}, not an asyncio future")
+            failure = RuntimeError(f"{self._what} awaited {awaited!r}, not an asyncio future")
             self._loop.call_soon(self._step, failure, context=self._context)
 
     def _wakeup(self, future: asyncio.Future[Any]) -> None:
