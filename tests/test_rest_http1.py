@@ -315,29 +315,6 @@ def test_transfer_coding_names_are_read_without_regard_to_case(port: int) -> Non
     assert status == b"HTTP/1.1 200 OK" and body == b"hello"
 
 
-def test_a_client_that_half_closes_after_its_requests_gets_their_answers_then_the_close(port: int) -> None:
-    # RFC 9112 §9.6: a client may shut its sending side down once it has sent its requests, and read on
-    with _connect(port) as sock:
-        sock.sendall(_post("/wait/200", b""))
-        sock.shutdown(socket.SHUT_WR)
-        answer = read_until_closed(sock)
-    assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"\r\n\r\n/wait/200"), answer
-    assert b"connection: close" in answer.lower(), answer
-    with _connect(port) as sock:
-        sock.sendall(_post("/wait/200", b"") + _post("/echo", b"second"))
-        sock.shutdown(socket.SHUT_WR)
-        answers = read_until_closed(sock)
-    assert re.findall(rb"HTTP/1\.1 \d+", answers) == [b"HTTP/1.1 200", b"HTTP/1.1 200"], answers
-    assert answers.index(b"/wait/200") < answers.index(b"second") and answers.endswith(b"second"), answers
-
-
-def test_a_client_that_half_closes_in_the_middle_of_a_body_is_closed_without_an_answer(port: int) -> None:
-    with _connect(port) as sock:
-        sock.sendall(b"POST /echo HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\nabc")
-        sock.shutdown(socket.SHUT_WR)
-        assert read_until_closed(sock) == b""  # the request can never be whole: nothing to answer
-
-
 def test_a_refused_pipelined_request_is_answered_after_those_accepted_before_it(native_port: int) -> None:
     # native only: uvicorn writes its 400 as soon as it parses the bad request and closes: the answers owed are lost
     with _connect(native_port) as sock:

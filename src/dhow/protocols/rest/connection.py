@@ -130,16 +130,6 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         self.transport.write(refusal)
         self.transport.close()
 
-    def eof_received(self) -> bool:  # type: ignore[override]  # uvicorn's says None; asyncio's protocol, bool
-        """The client shut its sending side down (RFC 9112 §9.6): the requests it sent whole are answered, the
-        last with ``connection: close`` (uvicorn alone closes at once, and the app's answer is lost). With
-        nothing whole to answer, or over TLS (whose transport cannot stay half open), it closes now."""
-        cycle = self.cycle  # the request parsed last
-        if cycle is None or cycle.response_complete or cycle.more_body or self.scheme == "https":
-            return False
-        cycle.keep_alive = False
-        return True
-
     def on_response_complete(self) -> None:
         super().on_response_complete()
         cycle = self.cycle

@@ -316,17 +316,6 @@ class Http1Connection(asyncio.Protocol):
             if not self.refusal:  # refused already (its framing, below): the first answer stands
                 self._refuse(parse_refusal(exc) or _BAD_REQUEST)
 
-    def eof_received(self) -> bool:
-        """The client shut its sending side down (RFC 9112 §9.6): the requests it sent whole are answered, the
-        last one with ``connection: close``, then the connection closes. With nothing whole to answer (idle,
-        or a request cut short, whose app is told the client has gone), or over TLS (whose transport cannot
-        stay half open), it closes now."""
-        last = self._pipeline[-1] if self._pipeline else self.running
-        if last is None or self.parsing is not None or self._scheme == "https":
-            return False
-        last.keep_alive = False
-        return True
-
     def write(self, data: bytes) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
