@@ -358,6 +358,24 @@ def test_a_batch_queued_on_the_executor_when_its_worker_stops_is_answered_and_ne
     assert isinstance(refused, Unavailable)  # no worker is left to take it
 
 
+def test_a_batch_the_executor_refuses_is_answered_with_the_fault() -> None:
+    async def scenario() -> BaseException | None:
+        executor = ThreadPoolExecutor(1)
+        executor.shutdown()  # submit raises RuntimeError('cannot schedule new futures after shutdown')
+        batcher = DynamicBatcher(
+            "model 'm' version 1", [Recorder()], executor, ModelStats(), max_batch_size=1, batching=BatchingConfig()
+        )
+        request = asyncio.create_task(batcher.submit({"x": _rows(0, 1)}, ["y"], 1))
+        answer = (await asyncio.wait((request,), timeout=SAFETY_S))[0]
+        inflight = batcher.inflight
+        await batcher.close()
+        assert inflight == 0, inflight
+        return answer.pop().exception() if answer else None
+
+    error = asyncio.run(scenario())
+    assert isinstance(error, ModelFault) and "cannot schedule new futures" in str(error), error
+
+
 @pytest.mark.parametrize("how", ["close", "cancel"])
 def test_a_batch_being_cut_when_the_batcher_stops_is_answered(how: str) -> None:
     async def scenario() -> tuple[Arrays | BaseException | None, Recorder]:

@@ -371,15 +371,18 @@ class DynamicBatcher:
         self.stats.queue.add(sum(waits), len(waits))  # the same sums as one request at a time, in one step
         outputs = _outputs_of(batch)
         self._running += len(batch)
-        computing, job = _in_thread(loop, self._executor, instance, as_parts, batch, outputs, self._check)
+        job: Future[None] | None = None
         try:
+            # inside the try: an executor that refuses the job (shut down) fails the batch, never strands it
+            computing, job = _in_thread(loop, self._executor, instance, as_parts, batch, outputs, self._check)
             results, timings = await computing
         except BaseException as exc:
             self._running -= len(batch)
             if not isinstance(exc, Exception):
                 # its worker stopped (or the instance raised SystemExit): a batch still queued on the executor
                 # never runs; one running already is not waited for. Either way its requests are answered now.
-                when = "before the request's batch ran" if job.cancel() else "while the request's batch ran"
+                queued = job is not None and job.cancel()
+                when = "before the request's batch ran" if queued else "while the request's batch ran"
                 self._stopped(batch, when)
                 raise
             # what an instance says of itself stays as it is (a restarting process instance is a 503, not a 500)
