@@ -11,6 +11,7 @@ never answers fails the test by that wait, which is no measure of the front.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import re
 import socket
 import threading
@@ -30,6 +31,7 @@ from tests.conftest import read_until_closed
 SAFETY_S = 30.0
 TIMEOUTS = ConnectionTimeouts(header_s=1.0, body_s=1.0)
 KEEPALIVE_S = 2
+_SEEN: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="nothing")
 
 
 async def _app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -42,6 +44,9 @@ async def _app(scope: Scope, receive: Receive, send: Send) -> None:
             body += message.get("body", b"")
     if path == "/client":  # who the front says the client is
         body = f"{scope['scheme']} {scope['client'][0]} {scope['client'][1]}".encode()
+    if path.startswith("/context/"):  # what an earlier request left in the context, then this one's mark
+        body = _SEEN.get().encode()
+        _SEEN.set(path)
     if path.startswith("/wait/"):
         await asyncio.sleep(int(path.rpartition("/")[2]) / 1000)
         body = path.encode()
@@ -213,6 +218,16 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(port: int) -> N
     assert status == b"HTTP/1.1 200 OK" and body == b"body"
 
 
+def test_an_answer_before_a_100_continue_closes_the_connection(port: int) -> None:
+    # the client was not asked for its body: it may never send it, or send it later, where a next request would
+    # be read
+    with _connect(port) as sock:
+        sock.sendall(b"POST /early HTTP/1.1\r\nhost: t\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\n")
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"connection: close" in answer.lower(), answer
+    assert b"100 Continue" not in answer, answer
+
+
 def test_head_answers_headers_without_the_body(port: int) -> None:
     with _connect(port) as sock:
         sock.sendall(b"HEAD /wait/0 HTTP/1.1\r\nhost: t\r\n\r\n")
@@ -308,11 +323,22 @@ def test_a_request_framing_other_than_chunked_or_a_length_is_refused_before_the_
     assert why in orjson.loads(body)["error"], body
 
 
-def test_transfer_coding_names_are_read_without_regard_to_case(port: int) -> None:
+@pytest.mark.parametrize("coding", [b"Chunked", b", chunked"])
+def test_transfer_coding_names_are_read_without_regard_to_case_or_empty_list_elements(port: int, coding: bytes) -> None:
+    # RFC 9110 §5.6.1: a recipient ignores a list's empty elements
     with _connect(port) as sock:
-        sock.sendall(b"POST /echo HTTP/1.1\r\nhost: t\r\ntransfer-encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        sock.sendall(
+            b"POST /echo HTTP/1.1\r\nhost: t\r\ntransfer-encoding: " + coding + b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
         ((status, _, body),) = _answers(sock, 1)
     assert status == b"HTTP/1.1 200 OK" and body == b"hello"
+
+
+def test_a_pipelined_request_does_not_see_what_the_request_before_it_set_in_its_context(port: int) -> None:
+    with _connect(port) as sock:
+        sock.sendall(_post("/context/a", b"") + _post("/context/b", b""))
+        answers = _answers(sock, 2)
+    assert [body for _, _, body in answers] == [b"nothing", b"nothing"]
 
 
 def test_a_refused_pipelined_request_is_answered_after_those_accepted_before_it(native_port: int) -> None:

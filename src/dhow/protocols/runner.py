@@ -27,13 +27,19 @@ class CallRunner:
     __slots__ = ("_context", "_coroutine", "_done", "_loop", "_must_cancel", "_waiter", "_what")
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, None], what: str = "a gRPC call"
+        self,
+        loop: asyncio.AbstractEventLoop,
+        coroutine: Coroutine[Any, Any, None],
+        what: str = "a gRPC call",
+        context: contextvars.Context | None = None,
     ) -> None:
         self._loop = loop
         #: what the coroutine serves, for the log of its failure
         self._what = what
         self._coroutine: Coroutine[Any, Any, None] | None = coroutine
-        self._context = contextvars.copy_context()
+        # its own copy: of ``context`` (a connection's, so a pipelined request never sees what the one before it
+        # set) or of the context it is made in
+        self._context = context.copy() if context is not None else contextvars.copy_context()
         self._waiter: asyncio.Future[Any] | None = None
         self._must_cancel = False
         self._done: asyncio.Future[None] | None = None  # made when a stop waits for the call's end

@@ -16,12 +16,14 @@ connection closed. A request only notes times; one watchdog per server looks at 
 
 It also answers as the native front does where uvicorn alone would not: a request framing refused (both
 lengths, a ``Transfer-Encoding`` other than ``chunked``: ``framing.py``) gets dhow's JSON error, before any app
-starts; a client that half-closes after whole requests gets their answers before the connection closes.
+starts. A client's end of the connection (its FIN) is taken as its leaving, half-close included: TCP cannot tell
+one from the other, and a client that gave up must not have its requests computed (``test_e2e_overload``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import sys
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from dhow.protocols.rest.body import Message
 from dhow.protocols.rest.framing import coding_refusal, parse_refusal
 
 __all__ = ["BODY_LATE", "HEADERS_LATE", "ConnectionTimeouts", "DeadlineHttpProtocol"]
@@ -83,6 +86,25 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         self._begun = False
         #: the answer to a request refused for its framing once its headers were read (b"": none)
         self._refusal = b""
+        #: each request's task runs in a copy of this (the loop's), as the native front's requests do: uvicorn
+        #: starts a pipelined request from the end of the one before it, whose context it would inherit
+        self._context = contextvars.copy_context()
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        if cycle.waiting_for_100_continue:
+            send = cycle.send
+
+            async def send_closing(message: Message) -> None:
+                # answered before asking for the body (a 413, a refusal): the client may never send it, or send it
+                # later, where the next request would be read (RFC 9110 §10.1.1): the connection ends here
+                if message["type"] == "http.response.start" and cycle.waiting_for_100_continue and cycle.more_body:
+                    cycle.keep_alive = False
+                await send(message)
+
+            cycle.send = send_closing
+        task = self.loop.create_task(cycle.run_asgi(app), context=self._context.copy())
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

@@ -44,8 +44,9 @@ UNSUPPORTED_CODING = _answer(
 
 def coding_refusal(transfer_encoding: bytes) -> bytes:
     """The answer to a request with this ``Transfer-Encoding`` (its headers' values joined by commas), or b""."""
-    codings = [coding.partition(b";")[0].strip().lower() for coding in transfer_encoding.split(b",")]
-    if codings[-1] != b"chunked":
+    # empty list elements are ignored (RFC 9110 §5.6.1: ", chunked" is chunked)
+    codings = [c for c in (part.partition(b";")[0].strip().lower() for part in transfer_encoding.split(b",")) if c]
+    if not codings or codings[-1] != b"chunked":
         return UNFRAMED
     return UNSUPPORTED_CODING if len(codings) > 1 else b""
 

@@ -17,6 +17,7 @@ which looks at its connections from one watchdog.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -229,6 +230,10 @@ class Exchange:
         sized = self._sized
         if not sized:
             lines.append(b"transfer-encoding: chunked\r\n" if more else b"content-length: %d\r\n" % len(body))
+        if self._continue and not self.complete:
+            # answered before asking for the body (a 413, a refusal): the client may never send it, or send it
+            # after a while, where the next request would be read (RFC 9110 §10.1.1): the connection ends here
+            self.keep_alive = False
         if not self.keep_alive or self.connection.closing:
             self.keep_alive = False
             lines.append(b"connection: close\r\n")
@@ -258,6 +263,9 @@ class Http1Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client_cn = client_cn
         self._scheme = "http"
+        #: each request runs in a copy of this (the loop's; not of the request before it's, which a pipelined
+        #: request would otherwise inherit: it starts from the end of the previous one's run)
+        self._context = contextvars.copy_context()
         self.client: tuple[str, int] | None = None
         self._server: tuple[str, int] | None = None
         self._url = b""
@@ -454,7 +462,7 @@ class Http1Connection(asyncio.Protocol):
         self.running = exchange
         # a coroutine without a Task (``runner.py``: a Task costs ~13k instructions a request), started on the
         # loop's next pass, as a Task would be: after the rest of what this read brought has been parsed
-        runner = CallRunner(self.loop, self._answer(exchange), "a REST request")
+        runner = CallRunner(self.loop, self._answer(exchange), "a REST request", self._context)
         self.front.track(exchange, runner)
         self.loop.call_soon(runner.start)
 
