@@ -243,6 +243,8 @@ def _rate(
     events = _events(log_path)
     settled = _settled(events, members)
     after = [t for t in stamps if t >= settled]
+    if len(after) < 2:  # settled after (nearly) every reply: the whole run, said below
+        after = stamps
     counted = after[: max(int(len(after) * (1 - TAIL)), 2)]
     if len(counted) < len(stamps) // 4:
         print(f"only {len(counted)} of {len(stamps)} replies came after the group settled: raise --messages")
@@ -279,9 +281,10 @@ def _events(log_path: Path) -> list[Event]:
 
 
 def _settled(events: list[Event], members: int) -> float:
-    """When the group last came to have ``members`` members each holding partitions (0: no group seen)."""
+    """When the group first came to have ``members`` members each holding partitions (0: no group seen). The
+    first, not the last: a rebalance later in the run (a member losing its session under load) stays inside the
+    span and counts among its late events, instead of being cut out of the figure."""
     held: dict[str, set[str]] = {}
-    settled = 0.0
     for when, what, names, member in events:
         partitions = {n.strip() for n in names.strip("[]").split(",") if n.strip() and n != "nothing"}
         if what == "assigned":
@@ -289,8 +292,8 @@ def _settled(events: list[Event], members: int) -> float:
         else:
             held[member] = set() if what == "lost" else held.get(member, set()) - partitions
         if sum(1 for p in held.values() if p) == members:
-            settled = when
-    return settled
+            return when
+    return 0.0
 
 
 def _at(samples: list[tuple[float, float]], when: float) -> float:
