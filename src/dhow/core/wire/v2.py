@@ -204,18 +204,19 @@ def _json_type(value: Any) -> str:
 
 def encode_response(response: InferenceResponse, request: InferenceRequest) -> EncodedResponse:
     """Encode a response: outputs go binary where the request asked for it, JSON otherwise."""
-    binary_default = request.parameters.get("binary_data_output") is True
-    asked = {o.name: o.parameters for o in request.outputs} if request.outputs else {}
+    binary_default = request.parameters.get("binary_data_output") is True if request.parameters else False
+    asked = {o.name: o.parameters for o in request.outputs} if request.outputs else None
     entries: list[dict[str, Any]] = []
     blobs: list[bytes | memoryview] = []
     for tensor in response.outputs:
-        flag = asked.get(tensor.name, tensor.parameters).get("binary_data")
+        parameters = tensor.parameters if asked is None else asked.get(tensor.name, tensor.parameters)
+        flag = parameters.get("binary_data") if parameters else None
         entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
         if flag is True or (flag is None and binary_default):
-            blob = _blob(tensor)
+            blob, size = _blob(tensor)
             blobs.append(blob)
             # the only output parameter ever sent: a Triton client fails on any other
-            entry["parameters"] = {"binary_data_size": len(blob)}
+            entry["parameters"] = {"binary_data_size": size}
         else:
             entry["data"] = json_data(tensor)
         entries.append(entry)
@@ -231,11 +232,14 @@ def encode_response(response: InferenceResponse, request: InferenceRequest) -> E
     return b"".join([header, *blobs]), len(header)
 
 
-def _blob(tensor: Tensor) -> bytes | memoryview:
+def _blob(tensor: Tensor) -> tuple[bytes | memoryview, int]:
+    """An output's raw bytes and their size: a numeric array's memory is joined into the body as it is (no bytes
+    of it made first)."""
     if tensor.datatype == "BYTES":
-        return array_to_bytes(tensor.data, "BYTES")
-    array = np.ascontiguousarray(tensor.data, dtype=NUMPY_DTYPE[tensor.datatype])
-    return array.data.cast("B")
+        data = array_to_bytes(tensor.data, "BYTES")
+        return data, len(data)
+    array = np.ascontiguousarray(tensor.data, NUMPY_DTYPE[tensor.datatype])
+    return array.data, array.nbytes
 
 
 def _default(value: Any) -> Any:
