@@ -17,10 +17,11 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import model_config_pb2 as triton_config
 from tritonclient.utils import InferenceServerException
 
+from dhow.core.datatypes import array_to_bytes
 from dhow.core.errors import InvalidInput, NotFound, Overloaded, Unsupported
 from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome, Tensor
 from dhow.protocols.grpc import GrpcServer, create_grpc_server
-from dhow.protocols.grpc.codec import parameter_to_proto, parameters_from_proto, request_from_proto
+from dhow.protocols.grpc.codec import parameter_to_proto, parameters_from_proto, request_from_proto, response_to_proto
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from dhow.serving.dataplane import DataPlane, Placement
@@ -427,6 +428,59 @@ def test_codec_decodes_raw_without_copying_and_typed_narrow_ints() -> None:
     typed = request_from_proto(_request(_tensor("UINT8", [3], uint_contents=[0, 7, 255]))).inputs[0]
     assert typed.data.dtype == np.uint8 and list(typed.data) == [0, 7, 255]
     assert decoded.outputs is None
+
+
+def _built(response: InferenceResponse) -> pb.ModelInferResponse:
+    """The message as protobuf's constructor builds it from the response's fields."""
+    message = pb.ModelInferResponse(
+        model_name=response.model_name,
+        model_version=response.model_version,
+        id=response.id,
+        outputs=[
+            pb.ModelInferResponse.InferOutputTensor(name=t.name, datatype=t.datatype, shape=t.shape)
+            for t in response.outputs
+        ],
+        raw_output_contents=[array_to_bytes(t.data, t.datatype) for t in response.outputs],
+    )
+    for key, value in response.parameters.items():
+        message.parameters[key].CopyFrom(parameter_to_proto(value))
+    return message
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        InferenceResponse(
+            "tabular",
+            "1",
+            [Tensor("label", "INT64", [1], np.arange(1)), Tensor("p", "FP32", [1, 2], np.ones((1, 2), np.float32))],
+        ),
+        # names and an id past one-byte lengths, parameters, a non-contiguous output in another dtype than declared
+        InferenceResponse(
+            "m" * 300,
+            "12",
+            [Tensor("o" * 200, "FP32", [2, 3], np.arange(6.0).reshape(3, 2).T)],
+            id="r" * 130,
+            parameters={"dhow_variant": "b", "n": 3},
+        ),
+        InferenceResponse(
+            "ü",
+            "",
+            [
+                Tensor("s", "BYTES", [2], np.array([b"ab", b""], dtype=object)),
+                Tensor("e", "FP32", [0, 4], np.zeros((0, 4))),
+            ],
+        ),
+        InferenceResponse("m", "1", [Tensor("x", "INT32", [], np.array(5, np.int32))]),
+        InferenceResponse("m", "1", []),
+    ],
+)
+def test_response_wire_form_is_protobufs_own(response: InferenceResponse) -> None:
+    """response_to_proto parses bytes it writes itself: the message and its serialization are the constructor's."""
+    for _ in range(2):  # the second time from the kept headers
+        encoded = response_to_proto(response)
+        assert encoded == _built(response)
+        assert encoded.SerializeToString() == _built(response).SerializeToString()
 
 
 def test_parameters_round_trip() -> None:

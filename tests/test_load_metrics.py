@@ -98,3 +98,65 @@ def test_every_request_of_a_batch_counts_its_queue_wait_once() -> None:
         await version.close()
 
     asyncio.run(scenario())
+
+
+def test_request_metrics_gathered_per_batch_read_as_written_one_at_a_time() -> None:
+    """A version's request counts and durations wait in its meter; any collection of the registry reads the values
+    direct updates would have given, a float sum included."""
+    gathered, direct = ServerMetrics(), ServerMetrics()
+    meter = gathered.request_meter("m", "1")
+    durations = [0.0004, 0.0011, 0.3, 1e-9, 0.0011, 7.0, 12.5, 0.1 + 0.2]
+    outcomes = ["success", "success", "INVALID_ARGUMENT", "success", "success", "NOT_FOUND", "success", "success"]
+    for outcome, seconds in zip(outcomes, durations, strict=True):
+        meter.count(outcome)
+        meter.observe(seconds)
+        direct.requests.labels("m", "1", outcome).inc()
+        direct.request_seconds.labels("m", "1").observe(seconds)
+
+    def samples(metrics: ServerMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in metrics.registry.collect()
+            if family.name in ("dhow_inference_requests", "dhow_request_duration_seconds")
+            for sample in family.samples
+            if not sample.name.endswith("_created")
+        }
+
+    assert meter._seconds  # nothing written yet: the collection below writes it
+    assert samples(gathered) == samples(direct)
+    assert gathered.registry.get_sample_value(
+        "dhow_inference_requests_total", {"model": "m", "version": "1", "outcome": "success"}
+    ) == outcomes.count("success")
+    assert gathered.registry.get_sample_value(
+        "dhow_request_duration_seconds_sum", {"model": "m", "version": "1"}
+    ) == direct.registry.get_sample_value("dhow_request_duration_seconds_sum", {"model": "m", "version": "1"})
+    meter.count("success")  # after a collection, more: the next one reads them too
+    assert (
+        gathered.registry.get_sample_value(
+            "dhow_inference_requests_total", {"model": "m", "version": "1", "outcome": "success"}
+        )
+        == outcomes.count("success") + 1
+    )
+
+
+def test_a_version_answering_requests_exports_them_at_the_scrape() -> None:
+    async def scenario() -> None:
+        metrics, recorder = ServerMetrics(), Recorder()
+        version = _version(metrics, recorder)
+        ones = np.ones((1, 3), dtype=np.float32)
+        await asyncio.gather(*(version.batcher.submit({"x": ones}, ["y"], 1) for _ in range(5)))
+        for _ in range(5):  # the data plane's two updates per answered request
+            version.count_request("success")
+            version.request_seconds.observe(0.002)
+        text = metrics.render()[0].decode()
+        assert 'dhow_inference_requests_total{model="m",outcome="success",version="1"} 5.0' in text
+        assert 'dhow_request_duration_seconds_count{model="m",version="1"} 5.0' in text
+        version.count_request("success")
+        await version.close()  # what it held is written when it goes
+        assert _value_of(metrics, "dhow_inference_requests_total", outcome="success") == 6
+
+    asyncio.run(scenario())
+
+
+def _value_of(metrics: ServerMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, {"model": "m", "version": "1", **labels})

@@ -74,16 +74,22 @@ def triton_type(datatype: str) -> str:
 
 
 def array_from_buffer(buffer: bytes | bytearray | memoryview, datatype: str, shape: list[int]) -> np.ndarray:
-    """Decode a raw little-endian tensor (binary extension, gRPC raw contents) without copying."""
+    """Decode a raw little-endian tensor (binary extension, gRPC raw contents) without copying.
+
+    ``shape`` has no negative dimension (the doors refuse one first): numpy's reshape would infer it.
+    """
     if datatype == "BYTES":
         return _bytes_from_buffer(buffer, shape)
     dtype = NUMPY_DTYPE[datatype]
+    # numpy checks the size (frombuffer: whole elements; reshape: their count), so the common case computes none
+    try:
+        return np.frombuffer(buffer, dtype).reshape(shape)
+    except (ValueError, OverflowError):
+        pass
     expected = element_count(shape) * dtype.itemsize
-    if len(buffer) != expected:
-        raise InvalidInput(
-            f"tensor of datatype {datatype} and shape {list(shape)} needs {expected} bytes, got {len(buffer)}"
-        )
-    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    raise InvalidInput(
+        f"tensor of datatype {datatype} and shape {list(shape)} needs {expected} bytes, got {len(buffer)}"
+    )
 
 
 def _bytes_from_buffer(buffer: bytes | bytearray | memoryview, shape: list[int]) -> np.ndarray:

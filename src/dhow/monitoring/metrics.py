@@ -15,6 +15,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -47,6 +48,107 @@ def observe_all(histogram: Histogram, values: Iterable[float]) -> None:
             histogram._buckets[index].inc(count)
 
 
+#: durations a request meter holds at most before it writes them
+_PENDING_LIMIT = 1024
+
+
+class RequestMeter:
+    """A model version's per-request metrics (the requests counter by outcome, the request-duration histogram),
+    gathered in plain Python and written to prometheus_client in one step per batch and before every collection.
+
+    ``count`` and ``observe`` cost a request ~2k instructions against ~16k for a counter increment and a histogram
+    observation (each takes a lock, the observation walks the buckets in Python). What a scrape reads is the same:
+    the registry's first collector (``_Flush``) writes what is pending before any metric is collected, the counts
+    as sums of ones and the durations added to the sum one by one in their order, as ``observe`` would.
+    Both sides run on the event loop's thread (requests are answered there, ``/metrics`` is rendered there).
+    """
+
+    __slots__ = ("_children", "_counter", "_histogram", "_labels", "_outcomes", "_seconds")
+
+    def __init__(self, counter: Counter, histogram: Histogram, model: str, version: str) -> None:
+        self._counter = counter
+        self._labels = (model, version)
+        #: the counter's child per outcome: ``labels()`` validates and locks, too dear for every flush
+        self._children: dict[str, Counter] = {}
+        self._histogram = histogram.labels(model, version)
+        self._outcomes: dict[str, int] = {}
+        self._seconds: list[float] = []
+
+    def count(self, outcome: str) -> None:
+        outcomes = self._outcomes
+        pending = outcomes.get(outcome)
+        if pending is not None:
+            outcomes[outcome] = pending + 1
+            return
+        if outcome not in self._children:  # the series starts (its _created) with its first request, as before
+            self._children[outcome] = self._counter.labels(*self._labels, outcome)
+        outcomes[outcome] = 1
+
+    def observe(self, seconds: float) -> None:
+        pending = self._seconds
+        pending.append(seconds)
+        if len(pending) >= _PENDING_LIMIT:  # requests refused before any batch runs: still bounded
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is pending to prometheus_client."""
+        if self._outcomes:
+            outcomes, self._outcomes = self._outcomes, {}
+            for outcome, count in outcomes.items():
+                self._children[outcome].inc(count)
+        if self._seconds:
+            seconds, self._seconds = self._seconds, []
+            _observe_in_order(self._histogram, seconds)
+
+
+class _DirectRequestMeter(RequestMeter):
+    """With several worker processes a scrape may reach another process, which cannot flush this one's: each
+    request writes its metrics (to this process's files) at once."""
+
+    __slots__ = ()
+
+    def count(self, outcome: str) -> None:
+        super().count(outcome)
+        self.flush()
+
+    def observe(self, seconds: float) -> None:
+        self._histogram.observe(seconds)
+
+
+def _observe_in_order(histogram: Histogram, values: list[float]) -> None:
+    """``observe`` on each value: the sum takes them one by one, in order (a float sum depends on it); the buckets
+    one update each."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    if bounds is None:
+        for value in values:
+            histogram.observe(value)
+        return
+    counts = [0] * len(bounds)
+    add = histogram._sum.inc
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1
+        add(value)
+    for index, count in enumerate(counts):
+        if count:
+            histogram._buckets[index].inc(count)
+
+
+class _Flush(Collector):
+    """Registered first: a collection of the registry (a scrape, ``get_sample_value``) writes the meters' pending
+    updates before any metric is read."""
+
+    def __init__(self, meters: set[RequestMeter]) -> None:
+        self._meters = meters
+
+    def collect(self) -> Iterable[Metric]:
+        for meter in self._meters:
+            meter.flush()
+        return ()
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+
 class LoadSource(Protocol):
     """What a model version holds now (its batcher): read for the queue-depth and in-flight gauges."""
 
@@ -60,6 +162,10 @@ class LoadSource(Protocol):
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess = bool(os.environ.get(MULTIPROCESS_DIR))
+        #: the model versions' request meters, flushed at every collection
+        self._meters: set[RequestMeter] = set()
+        self.registry.register(_Flush(self._meters))
         self.requests = Counter(
             "dhow_inference_requests",
             "Inference requests by model, version and outcome (success, or the error code).",
@@ -124,7 +230,6 @@ class ServerMetrics:
             buckets=_FILL_BUCKETS,
             registry=self.registry,
         )
-        self.multiprocess = bool(os.environ.get(MULTIPROCESS_DIR))
         #: whose queue each (model, version) gauge reads: a reloaded version's successor takes the labels over
         self._load_sources: dict[tuple[str, str], LoadSource] = {}
         #: drift, quality and latency anomalies of the models
@@ -134,6 +239,19 @@ class ServerMetrics:
             # the metrics above write to this process's files; the exposition reads every process's
             self._exposed = CollectorRegistry()
             MultiProcessCollector(self._exposed)  # type: ignore[no-untyped-call]
+
+    def request_meter(self, model: str, version: str) -> RequestMeter:
+        """The per-request metrics of a model version; ``forget_meter`` when the version goes."""
+        if self.multiprocess:
+            return _DirectRequestMeter(self.requests, self.request_seconds, model, version)
+        meter = RequestMeter(self.requests, self.request_seconds, model, version)
+        self._meters.add(meter)
+        return meter
+
+    def forget_meter(self, meter: RequestMeter) -> None:
+        """Write what ``meter`` holds and stop flushing it (its version was unloaded)."""
+        meter.flush()
+        self._meters.discard(meter)
 
     def watch_load(self, model: str, version: str, source: LoadSource) -> None:
         """Export ``source``'s queue depth and in-flight requests as the version's gauges.

@@ -6,11 +6,9 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-from prometheus_client import Counter
 
 from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.monitoring.latency import LatencyRecorder
@@ -88,13 +86,14 @@ class ModelVersion:
             name for name, spec in self.outputs.items() if not self.batched or spec.shape[:1] == (-1,)
         )
         labels = (config.name, self.version_label)
-        self.request_seconds = metrics.request_seconds.labels(*labels)
+        #: the requests counter and the request-duration histogram, gathered per batch (``RequestMeter``)
+        self._meter = metrics.request_meter(*labels)
+        #: the data plane's two per-request updates: ``count_request(outcome)``, ``request_seconds.observe(s)``
+        self.count_request: Callable[[str], None] = self._meter.count
+        self.request_seconds = self._meter
         self._queue_seconds = metrics.queue_seconds.labels(*labels)
         self._compute_seconds = metrics.compute_seconds.labels(*labels)
         self._batch_size = metrics.batch_size.labels(*labels)
-        self._requests = metrics.requests
-        #: the requests counter's child per outcome: ``labels()`` validates and locks, too dear for every request
-        self._outcomes: dict[str, Counter] = {}
         self._metrics = metrics
         self._batch_fill = metrics.batch_fill.labels(*labels) if config.max_batch_size else None
         #: the reference profile drift is scored against (None: the version has none, or ``profile_error``)
@@ -124,15 +123,10 @@ class ModelVersion:
             for name, array in produced.items()
         }
 
-    def count_request(self, outcome: str) -> None:
-        child = self._outcomes.get(outcome)
-        if child is None:
-            child = self._outcomes[outcome] = self._requests.labels(self.name, self.version_label, outcome)
-        child.inc()
-
     def _observe_batch(
         self, timings: BatchTimings, start_ns: int, waits: list[int], traces: Sequence[object | None]
     ) -> None:
+        self._meter.flush()  # the requests answered since the last batch: what waits stays bounded
         observe_all(self._queue_seconds, [wait / 1e9 for wait in waits])
         self._compute_seconds.observe((timings.input_ns + timings.infer_ns + timings.output_ns) / 1e9)
         self._batch_size.observe(timings.size)
@@ -150,6 +144,7 @@ class ModelVersion:
         await self.batcher.close()
         self._executor.shutdown(wait=True)
         self._metrics.forget_load(self.name, self.version_label, self.batcher)
+        self._metrics.forget_meter(self._meter)
         # in a thread: a process instance waits for its process to exit
         await asyncio.to_thread(self._unload)
 

@@ -120,7 +120,7 @@ def _strings(data: list[Any], label: str) -> list[bytes]:
 def json_data(tensor: Tensor) -> Any:
     """The flat row-major ``data`` of an output: a numpy array orjson writes natively, or strings."""
     if tensor.datatype != "BYTES":
-        return np.ascontiguousarray(tensor.data).reshape(-1)
+        return tensor.data.ravel()  # a view when the data is C-contiguous (as ascontiguousarray), else a copy
     items = tensor.data.reshape(-1).tolist()
     try:
         return [item.decode("utf-8") for item in items]

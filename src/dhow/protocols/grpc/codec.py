@@ -84,44 +84,54 @@ def _set_parameters(target: Any, parameters: Parameters) -> None:
 
 
 def request_from_proto(message: pb.ModelInferRequest) -> InferenceRequest:
-    """Decode a ``ModelInferRequest``; raises ``InvalidInput`` with a message for the client."""
+    """Decode a ``ModelInferRequest``; raises ``InvalidInput`` with a message for the client.
+
+    Repeated fields are read as slices (lists): iterating upb's containers ends on an IndexError, about 2.5k
+    instructions each time, and a request iterates three of them.
+    """
     raw = message.raw_input_contents
-    inputs = message.inputs
+    inputs = message.inputs[:]
     if raw:
-        if len(raw) != len(inputs):
+        buffers = raw[:]
+        if len(buffers) != len(inputs):
             raise InvalidInput(
-                f"the request has {len(inputs)} input(s) but {len(raw)} raw_input_contents; "
+                f"the request has {len(inputs)} input(s) but {len(buffers)} raw_input_contents; "
                 "give exactly one raw buffer per input, in the order of the inputs"
             )
-        tensors = [_tensor_from_raw(tensor, buffer) for tensor, buffer in zip(inputs, raw, strict=True)]
+        tensors = [_tensor_from_raw(tensor, buffers[index]) for index, tensor in enumerate(inputs)]
     else:
         tensors = [_tensor_from_contents(tensor) for tensor in inputs]
     requested = message.outputs
-    outputs = [RequestedOutput(o.name, parameters_from_proto(o.parameters)) for o in requested] if requested else None
+    outputs = (
+        [RequestedOutput(o.name, parameters_from_proto(o.parameters)) for o in requested[:]] if requested else None
+    )
+    parameters = message.parameters
     return InferenceRequest(
-        model_name=message.model_name,
-        inputs=tensors,
-        model_version=message.model_version,
-        id=message.id,
-        parameters=parameters_from_proto(message.parameters),
-        outputs=outputs,
+        message.model_name,
+        tensors,
+        message.model_version,
+        message.id,
+        parameters_from_proto(parameters) if parameters else {},
+        outputs,
     )
 
 
 def _checked_header(tensor: Any) -> tuple[str, str, list[int], Parameters]:
     name: str = tensor.name
     datatype: str = tensor.datatype
-    shape = list(tensor.shape)
-    parameters = parameters_from_proto(tensor.parameters)
-    if "shared_memory_region" in parameters:
+    shape: list[int] = tensor.shape[:]
+    parameters = tensor.parameters
+    parameters = parameters_from_proto(parameters) if parameters else {}
+    if parameters and "shared_memory_region" in parameters:
         raise Unsupported(f"input '{name}' refers to a shared-memory region; dhow does not support shared memory")
     if datatype not in NUMPY_DTYPE:
         if datatype in _UNSUPPORTED_DATATYPES:
             raise Unsupported(f"input '{name}' has datatype {datatype}, which dhow does not support")
         known = ", ".join(NUMPY_DTYPE)
         raise InvalidInput(f"input '{name}' has unknown datatype '{datatype}'; expected one of {known}")
-    if shape and min(shape) < 0:
-        raise InvalidInput(f"input '{name}' has a negative dimension in its shape {shape}")
+    for dim in shape:
+        if dim < 0:
+            raise InvalidInput(f"input '{name}' has a negative dimension in its shape {shape}")
     return name, datatype, shape, parameters
 
 
@@ -178,20 +188,88 @@ def response_to_proto(response: InferenceResponse) -> pb.ModelInferResponse:
 
     Output tensor parameters are not sent: the data plane fills them with the options the client
     asked for (``binary_data``, ``classification``), which mean nothing to a gRPC client.
+
+    The message is parsed from its wire form written here (``response_wire``): 12k instructions against 43k for
+    the constructor given the outputs' messages and bytes, with the same fields, so the same serialization.
     """
-    message = pb.ModelInferResponse(
-        model_name=response.model_name,
-        model_version=response.model_version,
-        id=response.id,
-        outputs=[_output_header(t) for t in response.outputs],
-        raw_output_contents=[array_to_bytes(t.data, t.datatype) for t in response.outputs],
-    )
-    _set_parameters(message.parameters, response.parameters)
+    message: pb.ModelInferResponse = pb.ModelInferResponse.FromString(response_wire(response))
+    if response.parameters:
+        _set_parameters(message.parameters, response.parameters)
     return message
 
 
-def _output_header(tensor: Tensor) -> pb.ModelInferResponse.InferOutputTensor:
-    return pb.ModelInferResponse.InferOutputTensor(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+def response_wire(response: InferenceResponse) -> bytes:
+    """The wire form of ``response``'s ``ModelInferResponse`` without its parameters (fields 1, 2, 3, 5, 6).
+
+    The fields before the tensors (model and version) and each output's header (name, datatype, shape) are the
+    same from request to request of a version: they are written once and kept, up to ``_WIRE_CACHE`` of each.
+    """
+    outputs = response.outputs
+    prefix = _PREFIXES.get((response.model_name, response.model_version))
+    if prefix is None:
+        prefix = _string_field(0x0A, response.model_name) + _string_field(0x12, response.model_version)
+        _PREFIXES[response.model_name, response.model_version] = _kept(_PREFIXES, prefix)
+    parts: list[bytes | memoryview] = [prefix]
+    if response.id:
+        parts.append(_string_field(0x1A, response.id))
+    for tensor in outputs:
+        key = (tensor.name, tensor.datatype, *tensor.shape)
+        header = _HEADERS.get(key)
+        if header is None:
+            header = _HEADERS[key] = _kept(_HEADERS, _output_header_wire(tensor))
+        parts.append(header)
+    for tensor in outputs:
+        if tensor.datatype == "BYTES":
+            data: bytes | memoryview = array_to_bytes(tensor.data, "BYTES")
+            size = len(data)
+        else:  # its memory joined as it is: no bytes made of it first
+            array = np.ascontiguousarray(tensor.data, NUMPY_DTYPE[tensor.datatype])
+            data, size = array.data, array.nbytes
+        parts.append(b"\x32" + _varint(size))
+        parts.append(data)
+    return b"".join(parts)
+
+
+#: written fields kept per (model, version) and per output header; past this many, each cache starts again
+_WIRE_CACHE = 1024
+_PREFIXES: dict[tuple[str, str], bytes] = {}
+_HEADERS: dict[tuple[object, ...], bytes] = {}
+#: one-byte varints, the usual length of a name or a small tensor
+_SMALL_VARINTS = [bytes((n,)) for n in range(0x80)]
+
+
+def _kept(cache: dict[Any, bytes], value: bytes) -> bytes:
+    if len(cache) >= _WIRE_CACHE:
+        cache.clear()  # a client cycling through shapes cannot grow it without bound
+    return value
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL_VARINTS[value] if value >= 0 else _varint(value & 0xFFFFFFFFFFFFFFFF)  # int64 two's complement
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _string_field(tag: int, value: str) -> bytes:
+    """A length-delimited field; empty: nothing (proto3 does not write a default value)."""
+    if not value:
+        return b""
+    data = value.encode("utf-8")
+    return bytes((tag,)) + _varint(len(data)) + data
+
+
+def _output_header_wire(tensor: Tensor) -> bytes:
+    """Field 5: an ``InferOutputTensor`` with the name, datatype and (packed) shape."""
+    dims = b"".join(_varint(dim) for dim in tensor.shape)
+    body = _string_field(0x0A, tensor.name) + _string_field(0x12, tensor.datatype)
+    if dims:
+        body += b"\x1a" + _varint(len(dims)) + dims
+    return b"\x2a" + _varint(len(body)) + body
 
 
 def request_header(message: pb.ModelInferRequest) -> pb.ModelInferResponse:
