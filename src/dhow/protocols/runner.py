@@ -5,9 +5,10 @@ asyncio's weak set of all tasks, in Python on 3.11, and its removal; a copy of t
 ``call_soon``). ``CallRunner`` does for one coroutine what a Task does for it, and no more: it starts it when
 told (the native gRPC front at once, inside ``data_received``; the REST front on the loop's next pass, as a Task
 would), resumes it when the future it awaits is done, each step in the request's own copy of the context, and
-cancels it by cancelling that future. What it does not do: ``asyncio.current_task()`` is None in the request
-(nothing on these paths asks for it: no ``asyncio.timeout`` or ``TaskGroup``; gRPC's streaming calls, which use
-them, keep a Task).
+cancels it by cancelling that future. During each step it is ``asyncio.current_task()``, with the part of a
+Task's interface that ``asyncio.timeout`` and ``TaskGroup`` use (``cancel``, ``cancelling``, ``uncancel``): code
+the request reaches may time itself (redis' asyncio client does, for the shared rate limit). What it does not
+do: appear in ``asyncio.all_tasks()``, or take done callbacks.
 """
 
 from __future__ import annotations
@@ -15,16 +16,20 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 log = logging.getLogger("dhow.protocols")
+
+# asyncio's own (its C functions): what makes a coroutine's step ``current_task()``'s
+_enter_task: Callable[[asyncio.AbstractEventLoop, object], None] = asyncio.tasks._enter_task  # type: ignore[assignment]
+_leave_task: Callable[[asyncio.AbstractEventLoop, object], None] = asyncio.tasks._leave_task  # type: ignore[assignment]
 
 
 class CallRunner:
     """Drives one coroutine as an asyncio Task would, started when told (``start``)."""
 
-    __slots__ = ("_context", "_coroutine", "_done", "_loop", "_must_cancel", "_waiter", "_what")
+    __slots__ = ("_cancels", "_context", "_coroutine", "_done", "_loop", "_must_cancel", "_waiter", "_what")
 
     def __init__(
         self,
@@ -42,19 +47,36 @@ class CallRunner:
         self._context = context.copy() if context is not None else contextvars.copy_context()
         self._waiter: asyncio.Future[Any] | None = None
         self._must_cancel = False
+        #: cancellations asked and not taken back (``Task.cancelling``)
+        self._cancels = 0
         self._done: asyncio.Future[None] | None = None  # made when a stop waits for the call's end
 
     def start(self) -> None:
-        self._context.run(self._step, None)
+        if asyncio.current_task(self._loop) is not None:  # asked inside a Task's step, which is current: next pass
+            self._loop.call_soon(self._step, None, context=self._context)
+        else:
+            self._context.run(self._step, None)
 
     def done(self) -> bool:
         return self._coroutine is None
 
-    def cancel(self) -> bool:
+    def get_name(self) -> str:
+        return self._what
+
+    def cancelling(self) -> int:
+        return self._cancels
+
+    def uncancel(self) -> int:
+        if self._cancels > 0:
+            self._cancels -= 1
+        return self._cancels
+
+    def cancel(self, msg: Any = None) -> bool:
         """As ``Task.cancel``: the awaited future is cancelled (the coroutine resumes with ``CancelledError``),
         or the coroutine gets it at its next step."""
         if self._coroutine is None:
             return False
+        self._cancels += 1
         waiter = self._waiter
         if waiter is None or not waiter.cancel():
             self._must_cancel = True
@@ -75,6 +97,8 @@ class CallRunner:
         if self._must_cancel:
             self._must_cancel, error = False, asyncio.CancelledError()
         self._waiter = None
+        loop = self._loop
+        _enter_task(loop, self)
         try:
             awaited = coroutine.send(None) if error is None else coroutine.throw(error)
         except StopIteration:
@@ -90,6 +114,8 @@ class CallRunner:
             log.exception("%s's coroutine failed", self._what)
             self._finish()
             return
+        finally:
+            _leave_task(loop, self)
         if getattr(awaited, "_asyncio_future_blocking", None):
             awaited._asyncio_future_blocking = False
             self._waiter = awaited
