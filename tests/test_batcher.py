@@ -13,7 +13,8 @@ import pytest
 
 from dhow.core.errors import DeadlineExceeded, ModelFault, Overloaded, Unavailable
 from dhow.core.model_config import BatchingConfig
-from dhow.scheduling.batcher import DynamicBatcher, RowParts
+from dhow.scheduling.batcher import DynamicBatcher
+from dhow.scheduling.execution import RowParts
 from dhow.scheduling.stats import ModelStats
 
 Arrays = dict[str, np.ndarray]

@@ -12,7 +12,7 @@ import pytest
 
 from dhow.core.errors import ModelFault
 from dhow.core.model_config import TensorSpec
-from dhow.scheduling.batcher import RowParts
+from dhow.scheduling.execution import RowParts
 from dhow.scheduling.instances.shm_channel import MAX_MESSAGE, Channel, Inbox, Outbox, SharedRegion, region_size_for
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="process instances need Linux")

@@ -22,14 +22,12 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
 
 import numpy as np
 
 from dhow.core.errors import (
-    CallCancelled,
     DeadlineExceeded,
     InvalidInput,
     ModelFault,
@@ -38,77 +36,14 @@ from dhow.core.errors import (
     Unavailable,
 )
 from dhow.core.model_config import BatchingConfig
+from dhow.scheduling.execution import Arrays, Instance, OutputCheck, Pending, in_thread, takes_row_parts
 from dhow.scheduling.stats import BatchTimings, ModelStats
 
-Arrays = dict[str, np.ndarray]
 #: the derived queue bound before a batch has been measured, and its floor
 UNMEASURED_QUEUE_LIMIT, MIN_QUEUE_LIMIT = 1024, 8
-#: one model instance: computes the named outputs of a batch, in a worker thread
-Instance = Callable[[Mapping[str, np.ndarray], Sequence[str]], Arrays]
 #: told of every executed batch: its timings, when it started (monotonic ns), the queue wait of each of its
 #: requests and their traces (each request's ``trace`` in order; empty when none is traced), for metrics and spans
 BatchObserver = Callable[[BatchTimings, int, list[int], Sequence[object | None]], None]
-#: checks (and converts) a batch's outputs once for all its requests, on the instance's thread, before they are split
-OutputCheck = Callable[[Arrays], Arrays]
-
-
-@dataclass(slots=True, eq=False)
-class _Pending:
-    inputs: Mapping[str, np.ndarray]
-    outputs: tuple[str, ...]
-    rows: int
-    #: requests batch together only when every non-batch dimension and datatype agrees
-    key: tuple[object, ...]
-    future: asyncio.Future[Arrays]
-    enqueued_ns: int
-    #: a request that named its own timeout has a timer of its own
-    timer: asyncio.TimerHandle | None = None
-    #: when the queue timeout of the others answers them (0: never); one timer, the batcher's, watches these
-    deadline_ns: int = 0
-    #: whether the client has gone (a closed connection): then it is answered and never computed
-    gone: Callable[[], bool] | None = None
-    #: the request's tracing when it is traced (opaque here: handed back to the observer)
-    trace: object | None = None
-
-    def settled(self) -> bool:
-        """Answered already (timed out, cancelled), or answered now because its client has gone."""
-        if self.future.done():
-            return True
-        if self.gone is not None and self.gone():
-            self.future.set_exception(CallCancelled())
-            return True
-        return False
-
-
-class RowParts(Mapping[str, np.ndarray]):
-    """A batch's inputs as the requests' arrays, concatenated along rows only when a tensor is read.
-
-    An instance that writes the batch somewhere itself (a process instance, into shared memory) reads
-    ``parts`` and copies each request's rows once, to their place; reading a tensor concatenates it.
-    """
-
-    __slots__ = ("_merged", "parts")
-
-    def __init__(self, parts: dict[str, list[np.ndarray]]) -> None:
-        self.parts = parts
-        self._merged: dict[str, np.ndarray] = {}
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        merged = self._merged.get(name)
-        if merged is None:
-            merged = self._merged[name] = np.concatenate(self.parts[name])
-        return merged
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.parts)
-
-    def __len__(self) -> int:
-        return len(self.parts)
-
-
-def takes_row_parts(instance: Instance) -> bool:
-    """Whether an instance (a bound ``infer``, or a callable object) is given ``RowParts``, not concatenated arrays."""
-    return bool(getattr(getattr(instance, "__self__", instance), "takes_row_parts", False))
 
 
 def _batch_key(inputs: Mapping[str, np.ndarray]) -> tuple[object, ...]:
@@ -148,7 +83,7 @@ class DynamicBatcher:
         #: recent batches: moving averages of their time and of the requests they carried
         self._batch_ns = 0.0
         self._batch_requests = 1.0
-        self._queue: collections.deque[_Pending] = collections.deque()
+        self._queue: collections.deque[Pending] = collections.deque()
         self._wakeup = asyncio.Event()
         self._closing = False
         #: batches taken from the queue and not answered yet (being cut, or running): closing waits for them
@@ -212,7 +147,7 @@ class DynamicBatcher:
             raise InvalidInput(f"batch of {rows} rows exceeds {self.label}'s max_batch_size of {self._max_rows}")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Arrays] = loop.create_future()
-        pending = _Pending(
+        pending = Pending(
             inputs, tuple(outputs), rows, _batch_key(inputs), future, time.monotonic_ns(), gone=gone, trace=trace
         )
         if timeout_ns:
@@ -232,7 +167,7 @@ class DynamicBatcher:
             self._forget(pending)
             raise
 
-    def _expire(self, pending: _Pending, timeout_ns: int) -> None:
+    def _expire(self, pending: Pending, timeout_ns: int) -> None:
         if not pending.future.done():
             pending.future.set_exception(DeadlineExceeded(self._late(timeout_ns)))
             # an answered request must not hold a place that max_queue_size counts
@@ -261,7 +196,7 @@ class DynamicBatcher:
     def _late(self, timeout_ns: int) -> str:
         return f"request to {self.label} timed out after {timeout_ns / 1e6:g} ms in the queue; it was not run"
 
-    def _forget(self, pending: _Pending) -> None:
+    def _forget(self, pending: Pending) -> None:
         with contextlib.suppress(ValueError):  # already taken into a batch
             self._queue.remove(pending)
 
@@ -301,7 +236,7 @@ class DynamicBatcher:
                 # pass, a door's next step) run first, so that what arrived together leaves in one batch
                 await asyncio.sleep(0)
 
-    async def _next_batch(self) -> list[_Pending]:
+    async def _next_batch(self) -> list[Pending]:
         while not self._live_head():
             self._wakeup.clear()
             await self._wakeup.wait()
@@ -319,7 +254,7 @@ class DynamicBatcher:
         # whether a client has gone is asked once per request, here, when its batch is cut
         return [p for p in batch if not p.settled()]
 
-    async def _fill(self, batch: list[_Pending], rows: int, deadline: int) -> int:
+    async def _fill(self, batch: list[Pending], rows: int, deadline: int) -> int:
         """Take compatible requests into the batch until it is full, preferred, or its first request's delay ends."""
         while rows < self._max_rows and rows not in self._preferred:
             rows = self._take_compatible(batch, rows)
@@ -342,10 +277,10 @@ class DynamicBatcher:
             self._queue.popleft()
         return bool(self._queue)
 
-    def _take_compatible(self, batch: list[_Pending], rows: int) -> int:
+    def _take_compatible(self, batch: list[Pending], rows: int) -> int:
         """Move queued requests that fit the batch into it, in arrival order; return its rows."""
         key = batch[0].key
-        kept: list[_Pending] = []
+        kept: list[Pending] = []
         while self._queue:
             pending = self._queue.popleft()
             if pending.future.done():  # whether its client has gone is asked once, when the batch is cut
@@ -361,7 +296,7 @@ class DynamicBatcher:
         return rows
 
     async def _run(
-        self, loop: asyncio.AbstractEventLoop, instance: Instance, as_parts: bool, batch: list[_Pending]
+        self, loop: asyncio.AbstractEventLoop, instance: Instance, as_parts: bool, batch: list[Pending]
     ) -> None:
         start = time.monotonic_ns()
         waits = [start - pending.enqueued_ns for pending in batch]
@@ -374,7 +309,7 @@ class DynamicBatcher:
         job: Future[None] | None = None
         try:
             # inside the try: an executor that refuses the job (shut down) fails the batch, never strands it
-            computing, job = _in_thread(loop, self._executor, instance, as_parts, batch, outputs, self._check)
+            computing, job = in_thread(loop, self._executor, instance, as_parts, batch, outputs, self._check)
             results, timings = await computing
         except BaseException as exc:
             self._running -= len(batch)
@@ -404,7 +339,7 @@ class DynamicBatcher:
             if not pending.future.done():
                 pending.future.set_result(result)
 
-    def _stopped(self, requests: list[_Pending], when: str) -> None:
+    def _stopped(self, requests: list[Pending], when: str) -> None:
         """Answer requests that their worker will not compute (it was stopped): 503, retry."""
         for pending in requests:
             if not pending.future.done():
@@ -421,46 +356,7 @@ class DynamicBatcher:
         self._batch_requests += (requests - self._batch_requests) / 8
 
 
-def _in_thread(
-    loop: asyncio.AbstractEventLoop,
-    executor: Executor,
-    instance: Instance,
-    as_parts: bool,
-    batch: list[_Pending],
-    outputs: tuple[str, ...],
-    check: OutputCheck | None = None,
-) -> tuple[asyncio.Future[tuple[list[Arrays], BatchTimings]], Future[None]]:
-    """``_execute`` on the executor's thread; its outcome comes back by one ``call_soon_threadsafe``, without
-    ``run_in_executor``'s chaining of two futures (their locks, callbacks and state copies on the loop's thread,
-    once per batch). Also the executor's job, for a stopped worker to cancel while it is still queued."""
-    done: asyncio.Future[tuple[list[Arrays], BatchTimings]] = loop.create_future()
-
-    def job() -> None:
-        try:
-            outcome = _execute(instance, as_parts, batch, outputs, check)
-        except BaseException as exc:  # the batch's requests get it (an exception never stays in a thread)
-            loop.call_soon_threadsafe(_settle, done, None, exc)
-        else:
-            loop.call_soon_threadsafe(_settle, done, outcome, None)
-
-    return done, executor.submit(job)
-
-
-def _settle(
-    done: asyncio.Future[tuple[list[Arrays], BatchTimings]],
-    outcome: tuple[list[Arrays], BatchTimings] | None,
-    exc: BaseException | None,
-) -> None:
-    if done.cancelled():  # its worker was cancelled (the batcher closed) while the batch ran
-        return
-    if exc is not None:
-        done.set_exception(exc)
-    else:
-        assert outcome is not None
-        done.set_result(outcome)
-
-
-def _outputs_of(batch: list[_Pending]) -> tuple[str, ...]:
+def _outputs_of(batch: list[Pending]) -> tuple[str, ...]:
     """The outputs a batch computes: every request's, once each, in the order first asked."""
     first = batch[0].outputs
     for pending in batch:
@@ -468,40 +364,3 @@ def _outputs_of(batch: list[_Pending]) -> tuple[str, ...]:
             return tuple(dict.fromkeys(name for p in batch for name in p.outputs))
     # the usual batch: every request asks the same (its version's every output)
     return first if len(first) < 2 or len(set(first)) == len(first) else tuple(dict.fromkeys(first))
-
-
-def _execute(
-    instance: Instance,
-    as_parts: bool,
-    batch: list[_Pending],
-    outputs: tuple[str, ...],
-    check: OutputCheck | None = None,
-) -> tuple[list[Arrays], BatchTimings]:
-    """Runs in a worker thread: assemble, compute, check the outputs, answer each request with views of its rows."""
-    t0 = time.monotonic_ns()
-    merged: Mapping[str, np.ndarray]
-    if len(batch) == 1:  # the request's own arrays (on the doors, views of the bytes received): no copy at all
-        merged = batch[0].inputs
-    elif as_parts:  # it copies each request's rows to their place itself: one copy, not two
-        merged = RowParts({name: [p.inputs[name] for p in batch] for name in batch[0].inputs})
-    else:  # one copy of each request's rows, into the batch (a reused buffer saved no page fault: see RESULTS.md)
-        merged = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
-    t1 = time.monotonic_ns()
-    produced = instance(merged, outputs)
-    t2 = time.monotonic_ns()
-    total = sum(p.rows for p in batch)
-    if len(batch) == 1:
-        results = [produced if check is None else check(produced)]
-    else:
-        for name, array in produced.items():
-            if array.ndim == 0 or array.shape[0] != total:
-                raise ModelFault(f"output '{name}' has {array.shape[:1]} rows for a batch of {total}")
-        if check is not None:
-            produced = check(produced)
-        results, offset = [], 0
-        for pending in batch:
-            end = offset + pending.rows
-            results.append({name: array[offset:end] for name, array in produced.items()})
-            offset = end
-    t3 = time.monotonic_ns()
-    return results, BatchTimings(total, t1 - t0, t2 - t1, t3 - t2)

@@ -16,7 +16,8 @@ from dhow.monitoring.metrics import ServerMetrics, observe_all
 from dhow.monitoring.profile import ReferenceProfile
 from dhow.monitoring.tracing import record_batch
 from dhow.runtimes.base import Runtime, create_runtime
-from dhow.scheduling.batcher import Arrays, DynamicBatcher
+from dhow.scheduling.batcher import DynamicBatcher
+from dhow.scheduling.execution import Arrays
 from dhow.scheduling.instances import load_process_instances
 from dhow.scheduling.stats import BatchTimings, ModelStats
 from dhow.serving.signature import checked_output

@@ -35,7 +35,7 @@ import orjson
 from dhow.core.datatypes import NUMPY_DTYPE, array_from_buffer, array_to_bytes, element_count
 from dhow.core.errors import InvalidInput, ModelFault
 from dhow.core.model_config import TensorSpec
-from dhow.scheduling.batcher import RowParts
+from dhow.scheduling.execution import RowParts
 
 __all__ = ["MAX_MESSAGE", "Channel", "Inbox", "Outbox", "SharedRegion", "region_size_for", "supported"]
 
