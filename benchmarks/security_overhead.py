@@ -36,6 +36,7 @@ from jwt.algorithms import RSAAlgorithm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
+from servers import tree_cpu_seconds
 
 HERE = Path(__file__).resolve().parent
 ROW = [0.1 * i for i in range(32)]
@@ -47,7 +48,7 @@ DHOW = [sys.executable, "-m", "dhow.cli"]
 @dataclass(frozen=True)
 class Run:
     result: loadgen.Result
-    #: the server process's CPU time (all threads: event loop, model, audit writer) per request sent
+    #: CPU time of the server and its audit writer process (all their threads) per request sent
     cpu_us: float
 
 
@@ -149,12 +150,8 @@ def audited_since(data: Path, since: int, config: Config, expected: int, timeout
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads (Linux); NaN elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of the server process and its children (the audit writer), all their threads."""
+    return tree_cpu_seconds(pid)
 
 
 def measure(config: Config, concurrency: int, seconds: float, warmup: float) -> tuple[loadgen.Result, int]:
@@ -226,8 +223,8 @@ def report(configs: list[Config], args: argparse.Namespace, total: int, chained:
         "",
         "(a) runs on a `--auth none` server; (b) to (d) on one `--auth on` server (`--jwt-issuer`, `--jwt-jwks` file), "
         "differing only in the credential sent, every inference written to the SQLite audit trail. Server CPU "
-        "is the server process's user + system time (all threads) over the warm-up and the measured pass, the "
-        "audit writer's work included, per request sent.",
+        "is the user + system time of the server process and of its audit writer process (all their threads) "
+        "over the warm-up and the measured pass, per request sent.",
         "",
         *table(configs, args.concurrency, cpu=True),
         *table(configs, 1, cpu=False),

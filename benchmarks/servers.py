@@ -37,6 +37,31 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """User + system time so far of a process and every process below it (all their threads), from /proc."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    children: dict[int, list[int]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    tree, total = [root], 0.0
+    while tree:
+        pid = tree.pop()
+        total += times.get(pid, 0.0)
+        tree += children.get(pid, [])
+    return total
+
+
 @dataclass
 class Server:
     kind: str
@@ -67,28 +92,8 @@ class Server:
         return calls, requests
 
     def cpu_seconds(self) -> float:
-        """User + system time of the server and every process below it (MLServer's workers)."""
-        parents: dict[int, int] = {}
-        times: dict[int, float] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            parents[int(entry.name)] = int(fields[1])
-            times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-        children: dict[int, list[int]] = {}
-        for pid, parent in parents.items():
-            children.setdefault(parent, []).append(pid)
-        tree, total = [self.process.pid], 0.0
-        while tree:
-            pid = tree.pop()
-            total += times.get(pid, 0.0)
-            tree += children.get(pid, [])
-        return total
+        """User + system time of the server and every process below it (MLServer's workers, dhow's writers)."""
+        return tree_cpu_seconds(self.process.pid)
 
     def stop(self) -> None:
         if self.process.poll() is None:
