@@ -583,6 +583,35 @@ def test_rate_limit_is_shared_by_two_servers_through_redis(small_repository: Pat
     assert {side for side, _, _ in refusals} == {0, 1}, "both servers must draw on the one shared bucket"
 
 
+def test_a_redis_rate_limit_holds_on_grpc_calls(small_repository: Path, tmp_path: Path) -> None:
+    # gRPC's unary calls run without an asyncio Task (CallRunner): redis' client times its commands with
+    # asyncio.timeout, which needs a current task; without one every call under the limit failed INTERNAL
+    _redis_or_skip()
+    registry = f"sqlite:///{tmp_path / 'registry.sqlite3'}"
+    made = _dhow("keys", "create", "grpc-bot", "--role", "invoker", "--rate", "2", "--burst", "3",
+                 "--registry", registry, "--data-dir", str(tmp_path / "cli"))  # fmt: skip
+    token = made.strip().splitlines()[-1]
+    (tmp_path / "s").mkdir()
+    server = start_dhow(small_repository, tmp_path / "s", "--auth", "on", "--registry", registry, "--redis", REDIS_URL)
+    outcomes: list[str] = []
+    try:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            for _ in range(12):
+                try:
+                    client.infer("tabular", _grpc_tabular_input(), headers={"authorization": f"Bearer {token}"})
+                    outcomes.append("ok")
+                except InferenceServerException as error:
+                    outcomes.append(f"{error.status()} {error.message()}")
+        finally:
+            client.close()
+    finally:
+        assert server.stop() == 0, server.log()
+    refused = [o for o in outcomes if o != "ok"]
+    assert outcomes.count("ok") >= 3 and refused, outcomes
+    assert all(o.startswith("StatusCode.RESOURCE_EXHAUSTED") and "rate limit" in o for o in refused), outcomes
+
+
 # -- 5. trusted digests -------------------------------------------------------------------------------
 
 
