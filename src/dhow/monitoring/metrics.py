@@ -29,9 +29,11 @@ _FILL_BUCKETS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-def observe_all(histogram: Histogram, values: Iterable[float]) -> None:
+def observe_all(histogram: Histogram, values: Iterable[float], *, in_order: bool = False) -> None:
     """Observe many values at once (a batch's queue waits): the same buckets and sum as ``observe`` on each, one
-    update per bucket reached instead of one per value (each update takes a lock, or writes a shared file)."""
+    update per bucket reached instead of one per value (each update takes a lock, or writes a shared file).
+    ``in_order``: the sum takes the values one by one, in order, as ``observe`` on each would (a float sum depends
+    on it: request durations, whose scraped sum must be what per-request observes gave)."""
     bounds = getattr(histogram, "_upper_bounds", None)
     if bounds is None:  # not a labelled child of a plain histogram, as this was written for: one at a time
         for value in values:
@@ -39,10 +41,15 @@ def observe_all(histogram: Histogram, values: Iterable[float]) -> None:
         return
     counts = [0] * len(bounds)
     total = 0.0
+    add = histogram._sum.inc
     for value in values:
         counts[bisect_left(bounds, value)] += 1  # observe's bucket: the first bound >= the value
-        total += value
-    histogram._sum.inc(total)
+        if in_order:
+            add(value)
+        else:
+            total += value
+    if not in_order:
+        add(total)
     for index, count in enumerate(counts):
         if count:
             histogram._buckets[index].inc(count)
@@ -98,7 +105,7 @@ class RequestMeter:
                 self._children[outcome].inc(count)
         if self._seconds:
             seconds, self._seconds = self._seconds, []
-            _observe_in_order(self._histogram, seconds)
+            observe_all(self._histogram, seconds, in_order=True)
 
 
 class _DirectRequestMeter(RequestMeter):
@@ -113,24 +120,6 @@ class _DirectRequestMeter(RequestMeter):
 
     def observe(self, seconds: float) -> None:
         self._histogram.observe(seconds)
-
-
-def _observe_in_order(histogram: Histogram, values: list[float]) -> None:
-    """``observe`` on each value: the sum takes them one by one, in order (a float sum depends on it); the buckets
-    one update each."""
-    bounds = getattr(histogram, "_upper_bounds", None)
-    if bounds is None:
-        for value in values:
-            histogram.observe(value)
-        return
-    counts = [0] * len(bounds)
-    add = histogram._sum.inc
-    for value in values:
-        counts[bisect_left(bounds, value)] += 1
-        add(value)
-    for index, count in enumerate(counts):
-        if count:
-            histogram._buckets[index].inc(count)
 
 
 class _Flush(Collector):
