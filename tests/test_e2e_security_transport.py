@@ -541,12 +541,17 @@ def test_jwt_bad_tokens_are_refused_with_the_reason(tls_server: SecureServer, is
 # -- 4. quotas shared through Redis -------------------------------------------------------------------
 
 
+def _rate_limited_key(tmp_path: Path, name: str, *, rate: int, burst: int) -> tuple[str, str]:
+    """A registry in ``tmp_path`` holding an invoker key with this quota: (the registry's URL, the key)."""
+    registry = f"sqlite:///{tmp_path / 'registry.sqlite3'}"
+    made = _dhow("keys", "create", name, "--role", "invoker", "--rate", str(rate), "--burst", str(burst),
+                 "--registry", registry, "--data-dir", str(tmp_path / "cli"))  # fmt: skip
+    return registry, made.strip().splitlines()[-1]
+
+
 def test_rate_limit_is_shared_by_two_servers_through_redis(small_repository: Path, tmp_path: Path) -> None:
     _redis_or_skip()
-    registry = f"sqlite:///{tmp_path / 'registry.sqlite3'}"
-    made = _dhow("keys", "create", "shared-bot", "--role", "invoker", "--rate", "5", "--burst", "5",
-                 "--registry", registry, "--data-dir", str(tmp_path / "cli"))  # fmt: skip
-    token = made.strip().splitlines()[-1]
+    registry, token = _rate_limited_key(tmp_path, "shared-bot", rate=5, burst=5)
     servers: list[DhowProcess] = []
     try:
         for name in ("a", "b"):
@@ -587,10 +592,7 @@ def test_a_redis_rate_limit_holds_on_grpc_calls(small_repository: Path, tmp_path
     # gRPC's unary calls run without an asyncio Task (CallRunner): redis' client times its commands with
     # asyncio.timeout, which needs a current task; without one every call under the limit failed INTERNAL
     _redis_or_skip()
-    registry = f"sqlite:///{tmp_path / 'registry.sqlite3'}"
-    made = _dhow("keys", "create", "grpc-bot", "--role", "invoker", "--rate", "2", "--burst", "3",
-                 "--registry", registry, "--data-dir", str(tmp_path / "cli"))  # fmt: skip
-    token = made.strip().splitlines()[-1]
+    registry, token = _rate_limited_key(tmp_path, "grpc-bot", rate=2, burst=3)
     (tmp_path / "s").mkdir()
     server = start_dhow(small_repository, tmp_path / "s", "--auth", "on", "--registry", registry, "--redis", REDIS_URL)
     outcomes: list[str] = []
