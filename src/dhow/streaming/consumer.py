@@ -99,6 +99,8 @@ class StreamConsumer:
             spec.name, f"{spec.model}:{spec.version}" if spec.version else spec.model, str(spec.source),
             str(spec.sink), str(spec.dead_letter or ""), spec.group, worker=worker,
         )  # fmt: skip
+        #: the room a poll waits for: a full one (half the bound, when that is less), not what the last batch freed
+        self._poll_size = max(1, min(_POLL_RECORDS, spec.max_in_flight // 2))
         self._room = asyncio.Event()
         self._fault: BaseException | None = None
 
@@ -111,7 +113,9 @@ class StreamConsumer:
         try:
             while not stop.is_set() and self._fault is None:
                 room = self.spec.max_in_flight - self.status.in_flight
-                if room <= 0 and await self._room_within(_PAUSE_AFTER_S):
+                # the next poll as soon as a full one fits (one batch done), not once half the bound is free: the
+                # model then scores a poll while the one before waits for its acknowledgements
+                if room < self._poll_size and await self._room_within(_PAUSE_AFTER_S):
                     continue
                 # full for a while: the model is saturated, so the partitions pause (the group still hears
                 # from this member) instead of the client fetching more
@@ -134,7 +138,7 @@ class StreamConsumer:
             raise self._fault
 
     async def _room_within(self, seconds: float) -> bool:
-        """Whether the records in flight fell to half the bound within ``seconds``."""
+        """Whether the room for a full poll freed within ``seconds``."""
         self._room.clear()
         try:
             await asyncio.wait_for(self._room.wait(), seconds)
@@ -211,7 +215,7 @@ class StreamConsumer:
         """The batch acknowledged: its counts; ``stamps``: the timestamps of the messages answered."""
         status = self.status
         status.in_flight -= len(records)
-        if status.in_flight <= self.spec.max_in_flight // 2:
+        if status.in_flight <= self.spec.max_in_flight - self._poll_size:
             self._room.set()
         status.answered += len(stamps)
         if self.spec.dead_letter is None:

@@ -65,6 +65,9 @@ class KafkaSource:
             "heartbeat.interval.ms": 1000,
             # the consumer's prefetch is the only buffer below the in-flight bound: keep it small
             "queued.max.messages.kbytes": 8192,
+            # and fetch again soon once it fell below that: librdkafka's default waits 1 s before it looks again,
+            # so a consumer faster than ~8 MB a second drains its prefetch and then sits idle for the rest of it
+            "fetch.queue.backoff.ms": 10,
             "statistics.interval.ms": 2000,
             "stats_cb": self._on_statistics,
             "error_cb": log_error,
