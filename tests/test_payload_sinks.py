@@ -214,3 +214,18 @@ def test_strings_a_client_chose_are_written_as_json_strings() -> None:
         assert data["request_id"] == odd and data["principal"] == principal and data["tenant"] == odd
         assert data["error"] == f"bad {odd}" and data["parameters"] == {"p": odd} and data["latency_ms"] == 0
         assert data["version"] == "" and data["request"] == json.loads(body)
+
+
+def test_text_outputs_are_masked_and_numbers_written_as_they_are() -> None:
+    """Outputs of numbers only go as they are; an output holding text goes through the detectors, a field rule
+    names an output too."""
+    body = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}'
+    outputs = {"label": [["mail bob@example.com"]], "p": [[0.25, 0.75]], "account": [7]}
+    masker = Masker(parse_masking({"fields": {"account": "redact"}}, "pii"), b"")
+    event = ["r-5", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, body, outputs, 1]
+    written = json.loads(cloud_event(event, masker, "dhow://test"))["data"]["outputs"]
+    assert written["label"] == [["mail [REDACTED:email]"]] and written["p"] == [[0.25, 0.75]]
+    assert written["account"] != [7], "a field rule masks a numeric output"
+    plain = Masker(parse_masking(None, "pii"), b"")
+    event = ["r-6", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, body, {'a"b': [1.5]}, 1]
+    assert json.loads(cloud_event(event, plain, "dhow://test"))["data"]["outputs"] == {'a"b': [1.5]}
