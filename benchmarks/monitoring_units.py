@@ -11,8 +11,9 @@ looks fifty times dearer per request there than it is. This counts the per-reque
 - ``spans``: a traced request's record made into its spans and written as OTLP protobuf, in exports of 512 requests,
   by tracing's writer process (``dhow.serving.trace_writer``);
 - ``render``: one payload event masked and rendered as a CloudEvent by the writer process (tabular: its JSON body
-  read, outputs as numbers);
-- ``frame``: one payload event written into a frame on the event loop (one frame of 8 events).
+  embedded as it came, outputs as numbers);
+- ``frame``: one payload event written into a frame on the event loop (one frame of 8 events, their JSON bodies
+  after them).
 """
 
 from __future__ import annotations
@@ -33,17 +34,17 @@ ROOT = Path(__file__).resolve().parents[1]
 UNITS = ("trace", "spans", "render", "frame")
 
 
-def _event(body: str | None) -> list[object]:
+def _event(body: bytes | None) -> list[object]:
     rng = np.random.default_rng(0)
-    inputs: object = body if body is not None else {"input": rng.standard_normal((1, 32)).astype(np.float32)}
+    inputs: object = len(body) if body is not None else [["input", "FP32", [1, 32], rng.standard_normal((1, 32))]]
     outputs = {"label": np.array([1]), "probabilities": rng.random((1, 2)).astype(np.float32)}
     return ["req-0001", "tabular", "1", "anonymous", "default", "", "success", "", time.time(), 0.0012, {}, inputs,
             outputs, 1]  # fmt: skip
 
 
-def _body() -> str:
+def _body() -> bytes:
     row = np.random.default_rng(1).standard_normal(32).astype(np.float32).tolist()
-    return json.dumps({"inputs": [{"name": "input", "shape": [1, 32], "datatype": "FP32", "data": row}]})
+    return json.dumps({"inputs": [{"name": "input", "shape": [1, 32], "datatype": "FP32", "data": row}]}).encode()
 
 
 def run_unit(unit: str, count: int) -> None:
@@ -84,23 +85,25 @@ def run_unit(unit: str, count: int) -> None:
     elif unit == "render":
         import orjson
 
-        from dhow.core.frames import decode_frames
+        from dhow.core.frames import split_frames
         from dhow.governance.masking import Masker, parse_masking
-        from dhow.monitoring.payload_log import encode_frame
+        from dhow.monitoring.payload_log import frame_events, read_events
         from dhow.serving.payload_writer import Writer
 
         masker = Masker(parse_masking(None, "pii"), b"")
-        event = decode_frames(bytearray(encode_frame(_event(_body()))))[0]
+        body = _body()
+        event = read_events(split_frames(bytearray(frame_events([], 0.0, [_event(body)], [body])))[0])[1][0]
         writer = Writer.__new__(Writer)  # its render alone: no sink, no threads
         writer._maskers, writer.source = {1: masker}, "dhow://bench"
         for _ in range(count):
             writer.render(event)
     else:
-        from dhow.monitoring.payload_log import encode_frame
+        from dhow.monitoring.payload_log import frame_events
 
-        events = [_event(_body()) for _ in range(8)]
+        body = _body()
+        events, bodies = [_event(body) for _ in range(8)], [body] * 8
         for _ in range(count // 8):
-            encode_frame([[], events])
+            frame_events([], 0.0, events, bodies)
 
 
 def _instructions(unit: str, count: int, src: Path) -> int:

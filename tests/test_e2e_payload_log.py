@@ -8,6 +8,7 @@ import http.client
 import http.server
 import json
 import re
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -101,9 +102,10 @@ def _check_events(events: list[dict[str, Any]]) -> None:
     assert ok["specversion"] == "1.0" and ok["type"] == "io.dhow.inference.response"
     assert ok["subject"] == "notes/1" and ok["datacontenttype"] == "application/json"
     assert ok["data"]["outcome"] == "success" and ok["data"]["outputs"] == {"y": [[2.0]]}
-    assert ok["data"]["inputs"]["x"] == [[1.0]]
+    inputs = {tensor["name"]: tensor for tensor in ok["data"]["request"]["inputs"]}
+    assert inputs["x"] == {"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}, "as the client sent it"
     assert EMAIL not in json.dumps(events), "the model's PII masking applies to the payload log"
-    assert "[REDACTED:email]" in ok["data"]["inputs"]["text"][0][0]
+    assert inputs["text"]["data"] == ["write to [REDACTED:email]"]
     bad, fault = by_id["req-bad"], by_id["req-fault"]
     assert bad["type"] == fault["type"] == "io.dhow.inference.error"
     assert bad["data"]["outcome"] == "INVALID_ARGUMENT" and "INT64" in bad["data"]["error"]
@@ -235,5 +237,45 @@ def test_each_worker_writes_a_file_of_its_own(tmp_path: Path) -> None:
         assert sorted(written()) == sorted(ids), "every request once, none lost to two writers of one file"
         names = sorted(f.name for f in log_file.parent.iterdir())
         assert names == ["events.worker-1.jsonl", "events.worker-2.jsonl"], names
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+PLAIN = (
+    "runtime: python\nmax_batch_size: 4\n"
+    "inputs: [{name: x, datatype: FP32, shape: [-1, 1]}]\noutputs: [{name: y, datatype: FP32, shape: [-1, 1]}]\n"
+)
+
+
+def test_a_json_body_is_logged_as_sent_and_binary_tensors_in_the_json_form(tmp_path: Path) -> None:
+    """A model of numbers only: a JSON body goes into the event as the client sent it (its own id, newlines made
+    spaces: one event a line); a request with the binary tensor extension, as its decoded tensors in the
+    protocol's JSON form."""
+    repository = tmp_path / "models"
+    (repository / "plain" / "1").mkdir(parents=True)
+    (repository / "plain" / "1" / "model.py").write_text(NOTES_MODEL)
+    (repository / "plain" / "model.yaml").write_text(PLAIN)
+    log_file = tmp_path / "payloads" / "events.jsonl"
+    server = start_dhow(repository, tmp_path, "--payload-log", f"file://{log_file}")
+    try:
+        sent = {"id": "mine", "inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.5]}]}
+        assert _post(server, "plain", json.dumps(sent, indent=2), "as-sent") == 200
+        header = json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32",
+                                         "parameters": {"binary_data_size": 4}}]}).encode()  # fmt: skip
+        connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+        connection.request("POST", "/v2/models/plain/infer", body=header + struct.pack("<f", 3.0), headers={
+            "content-type": "application/octet-stream", "inference-header-content-length": str(len(header)),
+            "x-request-id": "binary"})  # fmt: skip
+        assert connection.getresponse().status == 200
+        connection.close()
+        wait_until(lambda: _counts(server, "file")["logged"] == 2, what="2 events logged")
+        lines = log_file.read_text().splitlines()
+        assert len(lines) == 2
+        by_id = {event["data"]["request_id"]: event["data"] for event in map(json.loads, lines)}
+        assert by_id["as-sent"]["request"] == sent and by_id["as-sent"]["outputs"] == {"y": [[3.0]]}
+        (tensor,) = by_id["binary"]["request"]["inputs"]
+        assert {k: tensor[k] for k in ("name", "datatype", "shape", "data")} == {
+            "name": "x", "datatype": "FP32", "shape": [1, 1], "data": [[3.0]]}  # fmt: skip
+        assert by_id["binary"]["outputs"] == {"y": [[6.0]]}
     finally:
         assert server.stop() == 0, server.log()

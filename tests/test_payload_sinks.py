@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from dhow.core.errors import InvalidInput
-from dhow.core.frames import decode_frames
+from dhow.core.frames import split_frames
 from dhow.governance.masking import Masker, parse_masking
-from dhow.monitoring.payload_log import encode_frame
+from dhow.monitoring.payload_log import frame_events, read_events
 from dhow.monitoring.payload_sinks import FileSink, open_sink, worker_sink_url
 from dhow.serving.payload_render import cloud_event
 
@@ -85,7 +85,8 @@ def test_a_chunk_written_at_once_still_rotates_before_the_line_that_would_overfl
 
 def test_the_event_is_one_line_of_a_cloudevent_with_its_envelope() -> None:
     """The rendered bytes: one line of JSON (JSON Lines), the CloudEvents envelope, the time in RFC 3339 with
-    microseconds, the latency in milliseconds to the microsecond, numbers and outputs as they came."""
+    microseconds, the latency in milliseconds to the microsecond, the request as the client sent it (its newlines
+    made spaces) and outputs as they came."""
     masker = Masker(parse_masking(None, "pii"), b"")
     body = json.dumps({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [0.1, -2, 3e-7]}]},
                       indent=2)  # fmt: skip
@@ -100,8 +101,9 @@ def test_the_event_is_one_line_of_a_cloudevent_with_its_envelope() -> None:
         "subject": "tabular/2", "time": "2023-11-14T22:13:20.250000Z", "datacontenttype": "application/json",
         "data": {"request_id": "r-3", "model": "tabular", "version": "2", "principal": "alice", "tenant": "acme",
                  "data_region": "eu", "outcome": "success", "latency_ms": 1.234, "parameters": {"k": 1},
-                 "inputs": {"x": [[0.1, -2, 3e-7]]}, "outputs": {"label": [1], "p": [[0.25, 0.75]]}},
+                 "request": json.loads(body), "outputs": {"label": [1], "p": [[0.25, 0.75]]}},
     }  # fmt: skip
+    assert json.dumps(json.loads(body), indent=2).replace("\n", " ").encode() in written, "embedded as it came"
 
 
 def test_each_worker_gets_a_file_of_its_own() -> None:
@@ -112,33 +114,118 @@ def test_each_worker_gets_a_file_of_its_own() -> None:
 
 
 def test_the_writer_masks_text_tensors_and_errors_and_keeps_numbers_as_sent() -> None:
-    """The writer process renders what the server handed over (``payload_log.FIELDS``, after a JSON frame): text
-    tensors and the error message masked by the model's rules, numbers as they came, a field rule applied."""
+    """The writer process renders what the server handed over (``payload_log.FIELDS``, in a frame of events): text
+    tensors and the error message masked by the model's rules, numbers as they came, a field rule applied; decoded
+    tensors (gRPC, binary) in the JSON form of the protocol."""
     masker = Masker.from_spec(Masker(parse_masking({"fields": {"account": "hash"}}, "pii"), b"k" * 32).spec())
-    frame = encode_frame([[], [[
+    tensors = [["text", "BYTES", [1, 1], np.array([[b"mail bob@example.com"]], dtype=object)],
+               ["x", "FP32", [1, 2], np.array([[0.5, 2.0]], np.float32)],
+               ["account", "INT64", [1, 1], np.array([[12345678]], np.int64)]]  # fmt: skip
+    frame = frame_events([], 1000.0, [[
         "r-1", "notes", "1", "key:bot", "acme", "ae", "INVALID_ARGUMENT", "no such user bob@example.com", 1.5, 0.002,
-        {"mode": "fast", "nested": {"x": 1}}, {"text": np.array([[b"mail bob@example.com"]], dtype=object),
-        "x": np.array([[0.5, 2.0]], np.float32), "account": np.array([[12345678]], np.int64)}, None, 7,
-    ]]])  # fmt: skip
-    event = decode_frames(bytearray(frame))[0][1][0]
-    data = json.loads(cloud_event(event, masker, "dhow://test"))["data"]
-    assert data["inputs"]["text"] == [["mail [REDACTED:email]"]]
-    assert data["inputs"]["x"] == [[0.5, 2.0]]
-    assert data["inputs"]["account"][0][0].startswith("hash:"), "a field rule masks numbers too"
+        {"mode": "fast", "nested": {"x": 1}}, tensors, None, 7,
+    ]], [])  # fmt: skip
+    maskings, events = read_events(split_frames(bytearray(frame))[0])
+    assert maskings == [] and events[0][8] == 1001.5, "the perf_counter time made Unix time by the frame's clock"
+    data = json.loads(cloud_event(events[0], masker, "dhow://test"))["data"]
+    text, x, account = data["request"]["inputs"]
+    assert text == {"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": [["mail [REDACTED:email]"]]}
+    assert x == {"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [[0.5, 2.0]]}
+    assert account["data"][0][0].startswith("hash:"), "a field rule masks numbers too"
     assert data["error"] == "no such user [REDACTED:email]" and data["outcome"] == "INVALID_ARGUMENT"
     assert data["parameters"] == {"mode": "fast"} and "outputs" not in data
     assert data["latency_ms"] == 2.0
 
 
-def test_the_writer_reads_the_inputs_of_a_json_body_as_the_client_sent_it() -> None:
-    """A REST JSON request's inputs go to the writer as the body's text (not written again on the event loop):
-    they come out as the decoded tensors would, shaped, text masked."""
-    masker = Masker(parse_masking(None, "pii"), b"")
-    body = json.dumps({"inputs": [
+def test_a_json_body_with_text_or_named_fields_is_parsed_and_masked() -> None:
+    """A REST JSON request goes to the writer as the body the client sent; when a tensor holds text (and the model
+    has detectors) or a field rule names one, it is parsed, masked and written again in the same form."""
+    body = json.dumps({"id": "c-1", "inputs": [
         {"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": ["to bob@example.com"]},
         {"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1.5, 2, 3, 4]},
-    ]})  # fmt: skip
+    ]}).encode()  # fmt: skip
     event = ["r-2", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, body, {"y": [[3.0]]}, 1]
-    data = json.loads(cloud_event(event, masker, "dhow://test"))["data"]
-    assert data["inputs"] == {"text": [["to [REDACTED:email]"]], "x": [[1.5, 2], [3, 4]]}
+    data = json.loads(cloud_event(event, Masker(parse_masking(None, "pii"), b""), "dhow://test"))["data"]
+    text, x = data["request"]["inputs"]
+    assert text["data"] == ["to [REDACTED:email]"] and x["data"] == [1.5, 2, 3, 4] and data["request"]["id"] == "c-1"
     assert data["outputs"] == {"y": [[3.0]]} and "error" not in data
+
+    numbers = json.dumps({"inputs": [{"name": "account", "shape": [1], "datatype": "INT64", "data": [42]}]}).encode()
+    named = Masker(parse_masking({"fields": {"account": "hash"}}, "pii"), b"k" * 32)
+    event = ["r-3", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, numbers, None, 1]
+    (account,) = json.loads(cloud_event(event, named, "dhow://test"))["data"]["request"]["inputs"]
+    assert account["data"][0].startswith("hash:"), "a field rule on a numeric tensor: parsed and masked"
+
+
+def test_a_body_that_may_hide_text_is_parsed_not_embedded() -> None:
+    """An escaped datatype (``BYT\\u0045S`` is ``BYTES``) cannot slip text past the detectors."""
+    body = b'{"inputs": [{"name": "t", "shape": [1], "datatype": "BYT\\u0045S", "data": ["bob@example.com"]}]}'
+    event = ["r-4", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, body, None, 1]
+    written = cloud_event(event, Masker(parse_masking(None, "pii"), b""), "dhow://test")
+    assert b"bob@example.com" not in written
+    assert json.loads(written)["data"]["request"]["inputs"][0]["data"] == ["[REDACTED:email]"]
+
+
+def test_a_frame_carries_json_bodies_after_the_events_as_they_came() -> None:
+    """Bodies travel unescaped after the events' JSON, each event holding its length; decoded tensors in the
+    JSON; every event's time made Unix time by the frame's clock."""
+    first, second = b'{"inputs": [{"name": "x", "data": [1]}]}', b'{"inputs":\n[]}'
+    events = [["a", "m", "", "", "", "", "success", "", 2.0, 0.1, {}, len(first), None, 1],
+              ["b", "m", "", "", "", "", "success", "", 3.0, 0.1, {}, [["x", "FP32", [1], np.ones(1)]], None, 1],
+              ["c", "m", "", "", "", "", "success", "", 4.0, 0.1, {}, len(second), None, 1]]  # fmt: skip
+    buffer = bytearray(frame_events([[1, {"k": 1}]], 10.0, events, [first, second]) * 2)
+    bodies = split_frames(buffer)
+    assert len(bodies) == 2 and not buffer
+    maskings, decoded = read_events(bodies[1])
+    assert maskings == [[1, {"k": 1}]]
+    assert [event[8] for event in decoded] == [12.0, 13.0, 14.0]
+    assert [event[11] for event in decoded] == [first, [["x", "FP32", [1], [1.0]]], second]
+
+
+def test_strings_a_client_chose_are_written_as_json_strings() -> None:
+    """The event is joined from pieces of JSON: quotes, backslashes, newlines and non-ASCII text in the request
+    id, the caller's names and the error are escaped as JSON, whatever the model or caller of earlier events."""
+    masker = Masker(parse_masking(None, "pii"), b"")
+    odd = 'a"b\\c\nd\u2028é'
+    body = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}'
+    for principal in ("key:bot", odd):
+        event = [
+            odd,
+            "m",
+            "",
+            principal,
+            odd,
+            "",
+            "INVALID_ARGUMENT",
+            f"bad {odd}",
+            1.0,
+            0.0,
+            {"p": odd},
+            body,
+            None,
+            1,
+        ]
+        written = cloud_event(event, masker, 'dhow://h"1')
+        assert b"\n" not in written
+        document = json.loads(written)
+        assert document["subject"] == "m" and document["source"] == 'dhow://h"1'
+        assert document["type"] == "io.dhow.inference.error" and document["time"] == "1970-01-01T00:00:01.000000Z"
+        data = document["data"]
+        assert data["request_id"] == odd and data["principal"] == principal and data["tenant"] == odd
+        assert data["error"] == f"bad {odd}" and data["parameters"] == {"p": odd} and data["latency_ms"] == 0
+        assert data["version"] == "" and data["request"] == json.loads(body)
+
+
+def test_text_outputs_are_masked_and_numbers_written_as_they_are() -> None:
+    """Outputs of numbers only go as they are; an output holding text goes through the detectors, a field rule
+    names an output too."""
+    body = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}'
+    outputs = {"label": [["mail bob@example.com"]], "p": [[0.25, 0.75]], "account": [7]}
+    masker = Masker(parse_masking({"fields": {"account": "redact"}}, "pii"), b"")
+    event = ["r-5", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, body, outputs, 1]
+    written = json.loads(cloud_event(event, masker, "dhow://test"))["data"]["outputs"]
+    assert written["label"] == [["mail [REDACTED:email]"]] and written["p"] == [[0.25, 0.75]]
+    assert written["account"] != [7], "a field rule masks a numeric output"
+    plain = Masker(parse_masking(None, "pii"), b"")
+    event = ["r-6", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, body, {'a"b': [1.5]}, 1]
+    assert json.loads(cloud_event(event, plain, "dhow://test"))["data"]["outputs"] == {'a"b': [1.5]}

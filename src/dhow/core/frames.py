@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["HEADER_SIZE", "decode_frame_length", "decode_frames", "frame"]
+__all__ = ["HEADER_SIZE", "decode_frame_length", "decode_frames", "frame", "split_frames"]
 
 _LENGTH = struct.Struct(">I")
 HEADER_SIZE = _LENGTH.size
@@ -26,12 +26,17 @@ def decode_frame_length(header: bytes) -> int:
 
 def decode_frames(buffer: bytearray) -> list[Any]:
     """The whole frames at the start of ``buffer``, decoded and removed from it; a partial frame stays."""
-    frames, offset = [], 0
+    return [orjson.loads(body) for body in split_frames(buffer)]
+
+
+def split_frames(buffer: bytearray) -> list[bytes]:
+    """The bodies of the whole frames at the start of ``buffer``, removed from it; a partial frame stays."""
+    bodies, offset = [], 0
     while len(buffer) - offset >= HEADER_SIZE:
         end = offset + HEADER_SIZE + _LENGTH.unpack_from(buffer, offset)[0]
         if len(buffer) < end:
             break
-        frames.append(orjson.loads(bytes(buffer[offset + HEADER_SIZE : end])))
+        bodies.append(bytes(buffer[offset + HEADER_SIZE : end]))
         offset = end
     del buffer[:offset]  # once per read: deleting frame by frame would move the rest each time
-    return frames
+    return bodies

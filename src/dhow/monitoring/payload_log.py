@@ -1,11 +1,12 @@
-"""Payload logging: every inference's masked inputs and outputs, and every error, to a sink, off the hot path.
+"""Payload logging: every inference's masked request and outputs, and every error, to a sink, off the hot path.
 
-The data plane ``offer``s one event per request: a plain list (``FIELDS``) of what it saw, the request's and the
-answer's tensors as they are, appended to a bounded queue, never a wait. Every 10 ms at most, what was
-queued is written, all of it in one ``orjson`` call (numpy arrays as they are) and one write, into the pipe of a
-**writer process** of the server's own (``dhow.serving.payload_writer``). That process masks each event by its
-model's ``pii:`` rules (handed over once per model), renders it as a CloudEvent and hands it to the sink
-(``payload_sinks``: a rotating JSON Lines file, a Kafka topic, an HTTP endpoint); it answers with counts of
+The data plane ``offer``s one event per request: a plain list (``FIELDS``) of what it saw, the request's JSON body
+as the client sent it (or its decoded tensors) and the answer's tensors as they are, appended to a bounded queue,
+never a wait. Every 10 ms at most, what was queued is written into the pipe of a **writer process** of the server's
+own (``dhow.serving.payload_writer``) as one frame (``frame_events``): the events in one ``orjson`` call (numpy
+arrays as they are), the JSON bodies after them as they came, neither escaped nor parsed. That process masks each
+event by its model's ``pii:`` rules (handed over once per model), renders it as a CloudEvent and hands it to the
+sink (``payload_sinks``: a rotating JSON Lines file, a Kafka topic, an HTTP endpoint); it answers with counts of
 logged, dropped and failed events, which a thread here adds to the counters. Masking, rendering and the sink's
 work never take the server's interpreter lock or its CPU time.
 
@@ -17,6 +18,7 @@ sink costs dropped events, never memory or latency (``dhow_payload_log_events_to
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -24,7 +26,7 @@ import numpy as np
 import orjson
 from prometheus_client import CollectorRegistry
 
-from dhow.core.frames import frame
+from dhow.core.frames import HEADER_SIZE, decode_frame_length, frame
 from dhow.monitoring.writer_pipe import WriterPipe
 
 __all__ = [
@@ -36,18 +38,22 @@ __all__ = [
     "PayloadLog",
     "PayloadSink",
     "encode_frame",
+    "frame_events",
+    "read_events",
 ]
 
 #: the CloudEvents ``type`` of an answered request and of a failed one
 EVENT_TYPES = {True: "io.dhow.inference.response", False: "io.dhow.inference.error"}
 #: an event as the data plane offers it: a list in this order (``outcome``: "success" or the error's code;
-#: ``error``: the message the client got; ``time``: Unix time it reached the data plane; ``inputs``/``outputs``:
-#: name -> array, outputs None when it failed; ``inputs`` may be the request's Open Inference Protocol JSON body
-#: as text instead, which the writer reads). ``offer`` appends the number of the model's masking.
+#: ``error``: the message the client got; ``time``: the ``perf_counter`` when it reached the data plane, made Unix
+#: time once per frame; ``inputs``: the request's Open Inference Protocol JSON body as the client sent it (bytes),
+#: or its decoded tensors as ``[name, datatype, shape, array]`` lists; ``outputs``: name -> array, None when it
+#: failed). ``offer`` appends the number of the model's masking.
 FIELDS = ("request_id", "model", "version", "principal", "tenant", "data_region", "outcome", "error", "time",
           "latency_s", "parameters", "inputs", "outputs")  # fmt: skip
 #: the indexes the data plane sets after the request ran
 VERSION, OUTCOME, ERROR, LATENCY, OUTPUTS = 2, 6, 7, 9, 12
+TIME, INPUTS = 8, 11
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 #: masking rules remembered at most (one per model config; past it they are handed over again)
@@ -105,6 +111,28 @@ def encode_frame(document: Any) -> bytes:
     return frame(body)
 
 
+def frame_events(maskings: list[Any], clock: float, events: list[Any], bodies: list[bytes]) -> bytes:
+    """The payload log's frame: a 4-byte length, then ``[maskings, clock, events]`` as JSON (``clock``: what makes
+    the events' ``perf_counter`` times Unix times), then ``bodies``, the JSON bodies of the events whose
+    ``inputs`` is a number (their length), in their order, as they are."""
+    header = encode_frame([maskings, clock, events])
+    return frame(header + b"".join(bodies)) if bodies else frame(header)
+
+
+def read_events(body: bytes) -> tuple[list[Any], list[Any]]:
+    """A ``frame_events`` frame's body: its maskings and its events, each with its Unix ``time`` and its JSON body
+    (bytes) in ``inputs`` where it had one."""
+    end = HEADER_SIZE + decode_frame_length(body[:HEADER_SIZE])
+    maskings, clock, events = orjson.loads(body[HEADER_SIZE:end])
+    for event in events:
+        event[TIME] += clock
+        size = event[INPUTS]
+        if type(size) is int:
+            event[INPUTS] = body[end : end + size]
+            end += size
+    return maskings, events
+
+
 def _lists(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
@@ -142,6 +170,8 @@ class PayloadLog(WriterPipe):
         self._maskings: dict[Masking, int] = {}
         self._masking_count = 0
         self._new_maskings: list[tuple[int, dict[str, Any]]] = []
+        #: the JSON bodies of the queued events, in their order (the events hold their lengths)
+        self._bodies: list[bytes] = []
         super().__init__(command, {"url": url, "source": source}, capacity=capacity, registry=registry,
                          close_timeout_s=close_timeout_s)  # fmt: skip
 
@@ -155,6 +185,10 @@ class PayloadLog(WriterPipe):
         if number is None:
             number = self._masking_number(masking)
         event.append(number)
+        body = event[INPUTS]
+        if type(body) is bytes:
+            self._bodies.append(body)
+            event[INPUTS] = len(body)
         self._put(event)
 
     def _masking_number(self, masking: Masking) -> int:
@@ -167,5 +201,7 @@ class PayloadLog(WriterPipe):
         return self._masking_count
 
     def _frame(self, items: list[Any]) -> bytes:
+        """Every queued event (``_flush`` and ``close`` take them all: the bodies are theirs)."""
         maskings, self._new_maskings = self._new_maskings, []
-        return encode_frame([maskings, items])
+        bodies, self._bodies = self._bodies, []
+        return frame_events(maskings, time.time() - time.perf_counter(), items, bodies)

@@ -230,16 +230,17 @@ class DataPlane:
 
     @staticmethod
     def _payload_event(request: InferenceRequest, placement: Placement) -> list[Any]:
-        """The payload log's event of a request about to run (``payload_log.FIELDS``; its latency holds the
-        ``perf_counter`` of its start until it ends). A JSON body goes as the client sent it (the writer reads its
-        inputs): its numbers are not written again here."""
+        """The payload log's event of a request about to run (``payload_log.FIELDS``; its time and its latency hold
+        the ``perf_counter`` of its start, the latency until it ends). A JSON body goes as the client sent it: its
+        numbers are not written again here."""
         config, region, _, caller = placement
         body = request.json_body
-        inputs = body.decode("utf-8", "replace") if body is not None else {t.name: t.data for t in request.inputs}
+        inputs = body if body is not None else [[t.name, t.datatype, t.shape, t.data] for t in request.inputs]
+        start = time.perf_counter()
         return [
             caller.request_id if caller is not None else request.id, config.name, request.model_version,
             caller.principal if caller is not None else "", caller.tenant if caller is not None else "", region,
-            "success", "", time.time(), time.perf_counter(), request.parameters, inputs, None,
+            "success", "", start, start, request.parameters, inputs, None,
         ]  # fmt: skip
 
     def _masker(self, config: ModelConfig) -> Masker:

@@ -1,11 +1,11 @@
 """How the payload log's writer process renders an event (``payload_log.FIELDS``) as a masked CloudEvent's JSON.
 
-One event costs tens of thousands of instructions here, on the core the load generator and the model share with
-the writer on a small machine: the work per event is kept to a few Python operations. A REST JSON request's inputs
-come as the body the client sent, parsed once and shaped; tensors are masked only when they hold text or a field
-rule names them (numbers carry nothing for the detectors), and copied only then. (Tried: cutting the numeric arrays
-out of the body and writing them back as the text they were, ``orjson.Fragment``, to spare parsing and writing
-their numbers again; finding them in Python cost about as much as orjson's parsing and writing, 1k of 77k an event.)
+An event's work here runs on the core the load generator and the model share with the writer on a small machine:
+it is kept to a few Python operations. A REST JSON request comes as the body the client sent and is written as
+it is (``orjson.Fragment``: neither parsed nor written again; parsing and writing its numbers cost ~45k
+instructions of ~95k an event) unless something in it may need masking: a field rule of the model's, or a text
+tensor (``BYTES``) for its detectors; then it is parsed, its text tensors and the named ones masked (copied only
+then: numbers carry nothing for the detectors) and written again in the same form.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import secrets
 import time
 from typing import Any
 
-import numpy as np
 import orjson
 
 from dhow.governance.masking import Masker
@@ -24,51 +23,82 @@ from dhow.monitoring.payload_log import EVENT_TYPES
 __all__ = ["cloud_event"]
 
 #: event ids: a random prefix per process and a count, unique per source without a random draw per event
-_ID_PREFIX = secrets.token_hex(6)
+_ID_PREFIX = secrets.token_hex(6).encode()
 _ids = itertools.count(1)
-_second: tuple[int, str] = (0, "")
+_second: tuple[int, bytes] = (0, b"")
+#: the JSON of the parts of an event that its request's model, version, caller and outcome decide, by those
+_fixed: dict[tuple[str, ...], tuple[bytes, bytes]] = {}
+#: kinds of fixed parts remembered at most (past it they are made again)
+_FIXED_LIMIT = 4096
+_dumps = orjson.dumps
 
 
-def _rfc3339(unix: float) -> str:
+def _second_of(whole: int) -> bytes:
+    """RFC 3339 UTC of a second, to the decimal point (events of one second share it: only the sink's thread
+    calls this)."""
     global _second
-    whole = int(unix)
-    if _second[0] != whole:  # events of one second share its formatting (only the sink's thread calls this)
-        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
-    # int(… + 0.5), not round(): round's argument parsing cost more than the rest of the formatting
-    return f"{_second[1]}.{min(999_999, int((unix - whole) * 1e6 + 0.5)):06d}Z"
+    _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(whole)).encode())
+    return _second[1]
 
 
-def _shaped(data: Any, shape: list[int]) -> Any:
-    """Row-major ``data`` (flat, or nested as the protocol also allows) as nested lists of ``shape``."""
-    if not isinstance(data, list) or not shape:
-        return data
-    if data and isinstance(data[0], list):  # nested already (a tensor's items are all alike)
-        return np.asarray(data, dtype=object).reshape(shape).tolist()
-    if len(shape) == 1:
-        return data
-    if len(shape) == 2 and shape[0] == 1:
-        return [data]  # one row: most requests
-    step = len(data) // shape[0] if shape[0] else 0
-    return [_shaped(data[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
+def _fixed_parts(source: str, key: tuple[str, ...]) -> tuple[bytes, bytes]:
+    """The envelope's ``source``, ``type`` and ``subject`` (after its ``id``), and the data's ``model`` to
+    ``outcome`` (after its ``request_id``), as JSON."""
+    model, version, principal, tenant, region, outcome = key
+    envelope = _dumps({
+        "source": source, "type": EVENT_TYPES[outcome == "success"],
+        "subject": f"{model}/{version}" if version else model,
+    })  # fmt: skip
+    data = _dumps({"model": model, "version": version, "principal": principal, "tenant": tenant,
+                   "data_region": region, "outcome": outcome})  # fmt: skip
+    if len(_fixed) >= _FIXED_LIMIT:
+        _fixed.clear()
+    _fixed[key] = parts = (b"," + envelope[1:-1] + b',"time":"', b"," + data[1:-1])
+    return parts
 
 
-def _inputs_of(body: str, masker: Masker) -> dict[str, Any]:
-    """The inputs of an Open Inference Protocol JSON body (as the client sent it, already accepted by the server)
-    as name -> nested lists of their shape, as the decoded tensors would be written, masked."""
-    inputs: dict[str, Any] = {}
-    for tensor in orjson.loads(body).get("inputs") or ():
-        inputs[str(tensor.get("name"))] = _of_shape(tensor.get("data"), tensor.get("shape"))
-    return _masked(masker, inputs)
+def _request_of(inputs: Any, masker: Masker) -> bytes | dict[str, Any]:
+    """The event's ``request``: the Open Inference Protocol request, masked. A JSON body as the client sent it,
+    embedded as it is when nothing in it can need masking; else parsed and its tensors masked. Decoded tensors
+    (gRPC, the binary extension) in the JSON form: ``{"inputs": [{name, datatype, shape, data}]}``."""
+    if type(inputs) is list:
+        tensors = [{"name": n, "datatype": d, "shape": s, "data": v} for n, d, s, v in inputs]
+        return {"inputs": _masked(masker, tensors)}
+    body = inputs.encode() if type(inputs) is str else inputs
+    policy = masker.policy
+    # (a byte's number, not a one-byte string: ``b"x" in body`` tries the string as an index first, and the
+    # exception it raises and clears costs ~2k instructions)
+    if not policy.fields and (not policy.detectors or (92 not in body and (66 not in body or body.find(b"BYTES") < 0))):
+        # no field rule, and no text tensor (its datatype would be there, unescaped: no backslash) for the
+        # detectors: as sent, on one line (JSON's newlines outside strings are spaces; inside them, escaped)
+        if 10 in body or 13 in body:
+            body = body.replace(b"\n", b" ").replace(b"\r", b" ")
+        return body
+    document: dict[str, Any] = orjson.loads(body)  # the server decoded it: an object
+    sent = document.get("inputs")
+    if isinstance(sent, list):
+        document["inputs"] = _masked(masker, sent)
+    return document
 
 
-def _of_shape(data: Any, shape: Any) -> Any:
-    try:
-        return _shaped(data, [int(n) for n in shape])
-    except (ValueError, TypeError):  # the server took it: never expected, but written as sent
-        return data
+def _masked(masker: Masker, tensors: list[Any]) -> list[Any]:
+    """``tensors`` (the protocol's JSON form) with the ones that hold text, or that a field rule names, masked
+    (copies of those)."""
+    fields = masker.policy.fields
+    masked = []
+    for tensor in tensors:
+        if isinstance(tensor, dict):
+            name, data = str(tensor.get("name")), tensor.get("data")
+            first = data
+            while type(first) is list and first:
+                first = first[0]
+            if type(first) is str or name in fields:
+                tensor = {**tensor, "data": masker.mask_value(data, name)}
+        masked.append(tensor)
+    return masked
 
 
-def _masked(masker: Masker, tensors: dict[str, Any]) -> dict[str, Any]:
+def _masked_outputs(masker: Masker, tensors: dict[str, Any]) -> dict[str, Any]:
     """``tensors`` with the ones that hold text, or that a field rule names, masked (``tensors`` itself when none
     does: most events hold numbers only)."""
     fields = masker.policy.fields
@@ -84,38 +114,46 @@ def _masked(masker: Masker, tensors: dict[str, Any]) -> dict[str, Any]:
     return tensors if masked is None else masked
 
 
+#: a CloudEvent with its parts (``cloud_event``): one formatting per event (each ``%`` alone costs about 1k
+#: instructions)
+_EVENT = (
+    b'{"specversion":"1.0","id":"%s-%d"%s%s%06dZ","datacontenttype":"application/json","data":{"request_id":%s%s,'
+    b'"latency_ms":%d.%03d,"parameters":%s,"request":%s%s}}'
+)
+
+
 def cloud_event(event: list[Any], masker: Masker, source: str) -> bytes:
-    """The event (``payload_log.FIELDS``) masked, as the JSON of a CloudEvents 1.0 structured event: ``id`` unique
-    per event, ``subject`` the model and version."""
-    request_id, model, version, principal, tenant, region, outcome, error, unix, latency_s, parameters = event[:11]
-    inputs, outputs = event[11], event[12]
-    data: dict[str, Any] = {
-        "request_id": request_id,
-        "model": model,
-        "version": version,
-        "principal": principal,
-        "tenant": tenant,
-        "data_region": region,
-        "outcome": outcome,
-        "latency_ms": int(latency_s * 1e6 + 0.5) / 1000,  # to the µs (round(x, 3) formats x as text first)
-        "parameters": {k: v for k, v in parameters.items() if isinstance(v, str | int | float | bool)}
-        if parameters
-        else {},
-        "inputs": _inputs_of(inputs, masker) if isinstance(inputs, str) else _masked(masker, inputs),
-    }
+    """The event (``payload_log.FIELDS``, its ``time`` Unix time) masked, as the JSON of a CloudEvents 1.0
+    structured event: ``id`` unique per event, ``subject`` the model and version, ``time`` RFC 3339 UTC to the
+    microsecond.
+
+    Written as pieces of JSON put together (what the model, version, caller and outcome decide made once for all
+    their events, each string by ``orjson``): a dict per event for one ``orjson.dumps`` cost twice as much."""
+    key = tuple(event[1:7])
+    fixed = _fixed.get(key)
+    if fixed is None:
+        fixed = _fixed_parts(source, key)
+    unix, parameters, outputs, error = event[8], event[10], event[12], event[7]
+    whole = int(unix)
+    second = _second[1] if _second[0] == whole else _second_of(whole)
+    micro = int((unix - whole) * 1e6 + 0.5)  # int(… + 0.5), not round(): its argument parsing costs more
+    latency = int(event[9] * 1e6 + 0.5)  # in ms to the µs
+    request = _request_of(event[11], masker)
+    tail = b""
     if outputs is not None:
-        data["outputs"] = _masked(masker, outputs)
+        written = _dumps(outputs)
+        # numbers only (each name its two quotes: a text value or an escaped quote adds more) and no field rule: as
+        # they are, without walking them
+        if written.count(34) != 2 * len(outputs) or masker.policy.fields:
+            written = _dumps(_masked_outputs(masker, outputs))
+        tail = b',"outputs":' + written
     if error:
-        data["error"] = masker.mask_text(error)  # an error may quote what the request held
-    return orjson.dumps(
-        {
-            "specversion": "1.0",
-            "id": f"{_ID_PREFIX}-{next(_ids)}",
-            "source": source,
-            "type": EVENT_TYPES[outcome == "success"],
-            "subject": f"{model}/{version}" if version else model,
-            "time": _rfc3339(unix),
-            "datacontenttype": "application/json",
-            "data": data,
-        }
-    )
+        tail += b',"error":' + _dumps(masker.mask_text(error))  # an error may quote what the request held
+    return _EVENT % (
+        _ID_PREFIX, next(_ids), fixed[0], second, micro if micro < 1_000_000 else 999_999, _dumps(event[0]),
+        fixed[1], latency // 1000, latency % 1000,
+        _dumps({k: v for k, v in parameters.items() if isinstance(v, str | int | float | bool)})
+        if parameters
+        else b"{}",
+        request if type(request) is bytes else _dumps(request), tail,
+    )  # fmt: skip

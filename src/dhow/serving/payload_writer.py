@@ -1,9 +1,9 @@
 """The payload log's writer process: masks, renders and writes the events a server hands over.
 
-``python -m dhow.serving.payload_writer`` reads frames (``payload_log.encode_frame``) on its stdin: first the
-settings (``url`` of the sink, ``source``, ``capacity``, ``close_timeout_s``), answered ``{"ready": kind}`` once
-the sink is open (or ``{"error": …}``, and it exits); then frames of ``[maskings, events]``: the masking rules of
-models not seen before (``Masker.spec``, by number) and events (``payload_log.FIELDS`` and a masking number).
+``python -m dhow.serving.payload_writer`` reads frames on its stdin: first the settings (``url`` of the sink,
+``source``, ``capacity``, ``close_timeout_s``), answered ``{"ready": kind}`` once the sink is open (or
+``{"error": …}``, and it exits); then frames of events (``payload_log.frame_events``): the masking rules of models
+not seen before (``Masker.spec``, by number) and events (``payload_log.FIELDS`` and a masking number).
 
 A thread reads the pipe as fast as it fills, into a queue of at most ``capacity`` events (past it, events are
 dropped and counted: a slow sink never fills the pipe, so the server never waits); another masks each event by its
@@ -21,7 +21,7 @@ import threading
 from typing import Any
 
 from dhow.governance.masking import Masker
-from dhow.monitoring.payload_log import MAX_MASKINGS, PayloadSink
+from dhow.monitoring.payload_log import MAX_MASKINGS, PayloadSink, read_events
 from dhow.monitoring.payload_sinks import open_sink
 from dhow.serving.payload_render import cloud_event
 from dhow.serving.writer_main import Answer, serve
@@ -157,7 +157,7 @@ def _open(settings: dict[str, Any], answer: Answer) -> Writer:
 
 
 def main() -> int:
-    return serve(_open, "--payload-log")
+    return serve(_open, "--payload-log", read_events)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import orjson
+
 from dhow.core.errors import DhowError
-from dhow.core.frames import decode_frames
+from dhow.core.frames import split_frames
 from dhow.monitoring.payload_log import encode_frame
 
 __all__ = ["Answer", "Taker", "serve"]
@@ -36,9 +38,12 @@ class Taker(Protocol):
     def close(self, timeout_s: float) -> None: ...
 
 
-def serve(open_writer: Callable[[dict[str, Any], Answer], Taker], flag: str) -> int:
+def serve(
+    open_writer: Callable[[dict[str, Any], Answer], Taker], flag: str, decode: Callable[[bytes], Any] = orjson.loads
+) -> int:
     """Run a writer process: ``open_writer`` (given the settings and how to answer) opens its writer; an error it
-    raises is the server's (``flag`` names the option in an unexpected one)."""
+    raises is the server's (``flag`` names the option in an unexpected one). The frames after the settings are
+    read by ``decode`` (JSON unless the writer has a format of its own)."""
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, signal.SIG_IGN)
     source, answers = sys.stdin.fileno(), sys.stdout.buffer
@@ -53,14 +58,14 @@ def serve(open_writer: Callable[[dict[str, Any], Answer], Taker], flag: str) -> 
                 pass
 
     buffer = bytearray()
-    frames: list[Any] = []
+    frames: list[bytes] = []
     while not frames:
         chunk = os.read(source, 1 << 20)
         if not chunk:
             return 2
         buffer += chunk
-        frames = decode_frames(buffer)
-    settings = frames.pop(0)
+        frames = split_frames(buffer)
+    settings = orjson.loads(frames.pop(0))
     try:
         writer = open_writer(settings, answer)
     except DhowError as exc:
@@ -70,13 +75,14 @@ def serve(open_writer: Callable[[dict[str, Any], Answer], Taker], flag: str) -> 
         answer({"error": f"{flag}: {type(exc).__name__}: {exc}"})
         return 2
     answer({"ready": writer.kind})
+    for body in frames:  # none: the server waits for the answer before it hands anything over
+        writer.take(decode(body))
     while True:
-        for frame in frames:
-            writer.take(frame)
         chunk = os.read(source, 1 << 20)
         if not chunk:
             break
         buffer += chunk
-        frames = decode_frames(buffer)
+        for body in split_frames(buffer):
+            writer.take(decode(body))
     writer.close(float(settings.get("close_timeout_s", 5.0)))
     return 0
