@@ -155,6 +155,24 @@ def test_odd_values_are_kept_and_still_verify(store: AuditStore) -> None:
     assert store.verify().ok
 
 
+def test_a_field_that_is_not_a_string_is_stored_as_its_text(store: AuditStore) -> None:
+    record = AuditRecord("inference", "infer", "anonymous", model="m", version=3)  # type: ignore[arg-type]
+    store.append([record])
+    assert store.read()[0]["version"] == "3" and store.verify().ok
+
+
+@pytest.mark.parametrize(
+    "at_s",
+    [0.0, 1e-7, 0.5e-6, 1.5e-6, 2.5e-6, 0.9999995, 0.99999951, -0.5e-6, -1.0, -1e9 - 0.25e-6, 1796434089.5168486,
+     1796434089.4976895, 1796434089.0517945, 1796434089.9999999, 4102444800.0000005],
+)  # fmt: skip
+def test_the_time_of_a_record_reads_as_datetime_writes_it(at_s: float) -> None:
+    """Formatted once per second and rounded as datetime rounds (half a microsecond to even, on the fraction)."""
+    expected = datetime.fromtimestamp(at_s, UTC).isoformat(timespec="microseconds")
+    assert AuditRecord("inference", "infer", "anonymous", at_s=at_s).when() == expected
+    assert AuditRecord("inference", "infer", "anonymous", at_s=at_s + 1.0).when() != expected
+
+
 @pytest.mark.parametrize(
     ("column", "value"),
     [
