@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import hashlib
 import io
 import itertools
@@ -11,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -22,12 +24,13 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
+import uvloop
 
 from dhow.commands.audit import add_parser, run
 from dhow.core.errors import InvalidInput, Unavailable
 from dhow.governance import audit as audit_module
 from dhow.governance.audit import GENESIS_HASH, MAX_PROBLEMS, AuditRecord, AuditStore
-from dhow.governance.audit_trail import AuditTrail
+from dhow.governance.audit_trail import PIPE_BYTES, SOCKET_BYTES, AuditTrail
 from dhow.settings import resolve_settings
 from tests.conftest import PG_ADMIN_URL, store_opener
 
@@ -613,6 +616,41 @@ def test_a_writer_process_writes_the_same_chain(audit_url: str) -> None:
         assert store.verify().ok and trail.written == 1000
     finally:
         store.close()
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_GETPIPE_SZ"), reason="pipe sizes are Linux's")
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_channel_to_a_writer_process_is_widened(tmp_path: Path, loop: str) -> None:
+    """By default it holds a few hundred records, which fill while the writer is in a transaction under load, and
+    every answer then waits for it: asyncio's pipe is asked for PIPE_BYTES, uvloop's socket pair for as much of
+    SOCKET_BYTES as net.core.wmem_max allows."""
+    store = AuditStore.open(f"sqlite:///{tmp_path}/audit.db")
+    trail = AuditTrail({"ae": store}, "ae", writer="process")
+
+    async def scenario() -> int:
+        await trail.start()
+        try:
+            process = trail._default.process
+            assert process is not None and process._process is not None and process._process.stdin is not None
+            transport = process._process.stdin.transport
+            pipe = transport.get_extra_info("pipe")
+            if pipe is not None:
+                return int(fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ))
+            sock = transport.get_extra_info("socket")
+            return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)) // 2  # the kernel doubles it
+        finally:
+            await trail.close()
+
+    runner = asyncio.new_event_loop() if loop == "asyncio" else uvloop.new_event_loop()
+    try:
+        size = runner.run_until_complete(scenario())
+    finally:
+        runner.close()
+        store.close()
+    if loop == "asyncio":
+        assert size >= PIPE_BYTES
+    else:
+        assert size >= min(SOCKET_BYTES, int(Path("/proc/sys/net/core/wmem_max").read_text()))
 
 
 def _writer_processes() -> list[int]:
