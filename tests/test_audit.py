@@ -653,6 +653,36 @@ def test_the_channel_to_a_writer_process_is_widened(tmp_path: Path, loop: str) -
         assert size >= min(SOCKET_BYTES, int(Path("/proc/sys/net/core/wmem_max").read_text()))
 
 
+def test_records_leave_the_server_while_the_writer_waits_in_a_transaction(tmp_path: Path) -> None:
+    """The writer drains its pipe while its transaction waits (here for a lock another connection holds): the
+    server's answers do not wait for the database, though the pipe alone holds far fewer than these records."""
+    path = tmp_path / "audit.db"
+    store = AuditStore.open(f"sqlite:///{path}")
+    trail = AuditTrail({"ae": store}, "ae", writer="process")
+    records = _records(50_000, "t")
+    blocker = sqlite3.connect(path, isolation_level=None)
+
+    async def scenario() -> None:
+        await trail.start()
+        await trail.record_now(records[0])  # the writer runs
+        blocker.execute("BEGIN IMMEDIATE")  # its next transaction waits for this one
+        try:
+            for record in records[1:]:
+                trail.record(record)
+            await asyncio.wait_for(trail.handed_over(records[-1]), 120)  # all in the writer's hands now
+            assert trail.pending == len(records) - 1  # and none written yet
+        finally:
+            blocker.execute("ROLLBACK")
+        await trail.close()
+
+    try:
+        asyncio.run(scenario())
+        assert store.verify().ok and trail.pending == 0 and trail.written == len(records)
+    finally:
+        blocker.close()
+        store.close()
+
+
 def _writer_processes() -> list[int]:
     """This test process's audit writer children (their command names the writer module)."""
     found = []
