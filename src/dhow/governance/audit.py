@@ -115,9 +115,10 @@ def _iso_utc(at_s: float) -> str:
         micros, second = micros - 1_000_000, second + 1
     elif micros < 0:
         micros, second = micros + 1_000_000, second - 1
-    if second != _last_second[0]:
-        _last_second = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
-    return f"{_last_second[1]}.{micros:06d}+00:00"
+    last = _last_second  # one read: writer threads of several stores may replace it meanwhile
+    if second != last[0]:
+        last = _last_second = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{last[1]}.{micros:06d}+00:00"
 
 
 def _text(value: object) -> str:
