@@ -11,7 +11,9 @@ cygrpc, onnxruntime, ...) and of each thread, and the average batch size from th
 ``--out FILE`` the callgrind files (``FILE-NN``, one per thread) stay for ``callgrind_annotate``. Instead of
 valgrind, ``--switches`` counts the server's context switches per call, its writer processes' too
 (``/proc/PID/task/*/status``) and ``--cprofile FILE`` profiles the event loop's thread with cProfile (Python
-calls per call; cProfile cannot see grpc's Cython). OMP_NUM_THREADS=1 throughout.
+calls per call; cProfile cannot see grpc's Cython). OMP_NUM_THREADS=1 throughout. ``--api-key`` serves with
+``--auth on`` and calls with an invoker API key: authentication, RBAC and the audit trail (its writer process
+counted as a child) on the path.
 
 Under valgrind the server runs one thread at a time: while a heavy model computes, grpc.aio asks for no new call,
 and grpc cancels calls left waiting too long (CANCELLED): the mlp over gRPC counts at c=16, not at c=64.
@@ -65,11 +67,18 @@ def main() -> None:
     parser.add_argument("--cprofile", type=Path, help="profile with cProfile into this file instead of valgrind")
     parser.add_argument("--src", type=Path, default=ROOT / "src", help="the dhow sources to serve")
     parser.add_argument("--models", type=Path, default=ROOT / "demo-models", help="demo models (make demo-models)")
+    parser.add_argument(
+        "--api-key",
+        action="store_true",
+        help="--auth on, REST calls with an invoker API key: authentication, RBAC, the audit trail",
+    )
     monitoring = parser.add_argument_group("monitoring", "what monitoring_overhead.py switches on, one by one")
     monitoring.add_argument("--payload-log", action="store_true", help="the payload log to a scratch file")
     monitoring.add_argument("--tracing", type=float, metavar="RATIO", help="tracing at RATIO to an OTLP receiver")
     monitoring.add_argument("--drift", action="store_true", help="a reference profile for the served version")
     args = parser.parse_args()
+    if args.api_key and args.protocol != "rest":
+        parser.error("--api-key drives REST only")
     with tempfile.TemporaryDirectory(prefix="dhow-instructions-") as scratch:
         print(measure(args, Path(scratch)))
 
@@ -83,7 +92,14 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     http_port, grpc_port = _free_port(), _free_port()
     out = args.out or scratch / "callgrind.out"
     serve = [sys.executable, "-c", "import sys; from dhow.cli import main; sys.exit(main())", "serve"]
-    serve += ["--auth", "none", "--repository", str(scratch / "repo"), "--data-dir", str(scratch / "data")]
+    serve += [
+        "--auth",
+        "on" if args.api_key else "none",
+        "--repository",
+        str(scratch / "repo"),
+        "--data-dir",
+        str(scratch / "data"),
+    ]
     serve += ["--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
     # valgrind slows the server fifty-fold: no request may time out in the queue meanwhile, and no connection
     # waiting for its first call may be closed for a ping the server was too slow to see answered
@@ -95,6 +111,9 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     if args.http_front:
         serve += ["--http-front", args.http_front]
     env = dict(os.environ, PYTHONPATH=str(args.src), OMP_NUM_THREADS="1")
+    headers = _api_key(scratch / "data", env, "invoker") if args.api_key else {}
+    # an invoker may not read the model's statistics: an admin key reads them
+    admin = _api_key(scratch / "data", env, "admin") if args.api_key else {}
     receiver = _monitoring(args, scratch, serve, env)
     # children too (the payload log's writer process), each counted only while the server is
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes", "--trace-children=yes"]
@@ -110,7 +129,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
         if args.protocol == "grpc":
             call = _grpc_caller(grpc_port, requests.grpc_messages)
         else:
-            call = _rest_caller(http_port, args.model, requests.rest_bodies, args.binary)
+            call = _rest_caller(http_port, args.model, requests.rest_bodies, args.binary, headers)
         asyncio.run(_load(call, args.concurrency, max(args.concurrency * 10, 40)))
         time.sleep(1)
         before = _switches(server.pid)
@@ -118,7 +137,8 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
         asyncio.run(_load(call, args.concurrency, args.requests))
         _stop(args, server.pid)
         after = _switches(server.pid)
-        stats = json.load(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{args.model}/stats"))
+        stats_url = f"http://127.0.0.1:{http_port}/v2/models/{args.model}/stats"
+        stats = json.load(urllib.request.urlopen(urllib.request.Request(stats_url, headers=admin)))
     except BaseException:
         print((scratch / "server.log").read_text(errors="replace")[-3000:], file=sys.stderr)
         raise
@@ -199,6 +219,7 @@ def _monitoring(args: argparse.Namespace, scratch: Path, serve: list[str], env: 
 def _switched_on(args: argparse.Namespace) -> list[str]:
     on = ["payload-log"] if args.payload_log else []
     on += [f"tracing {args.tracing:g}"] if args.tracing is not None else []
+    on += ["api-key"] if args.api_key else []
     return on + (["drift"] if args.drift else [])
 
 
@@ -219,10 +240,18 @@ def _wait_ready(server: subprocess.Popen[bytes], http_port: int) -> None:
 Calls = Callable[[int, asyncio.Lock], Awaitable[None]]
 
 
-def _rest_caller(port: int, model: str, bodies: list[bytes], binary: bool) -> Calls:
+def _api_key(data: Path, env: dict[str, str], role: str) -> dict[str, str]:
+    """An API key of that role made in the server's data directory: the header that calls with it send."""
+    create = [sys.executable, "-m", "dhow.cli", "keys", "create", f"bench-{role}", "--role", role]
+    create += ["--data-dir", str(data)]
+    token = subprocess.run(create, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1]
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _rest_caller(port: int, model: str, bodies: list[bytes], binary: bool, headers: dict[str, str]) -> Calls:
     url = f"/v2/models/{model}/infer"
     encoded = [binary_body(json.loads(body)) if binary else (body, {}) for body in bodies]
-    raw = [http_post(f"127.0.0.1:{port}", url, body, headers) for body, headers in encoded]
+    raw = [http_post(f"127.0.0.1:{port}", url, body, {**extra, **headers}) for body, extra in encoded]
 
     async def calls(count: int, opening: asyncio.Lock) -> None:
         async with opening:

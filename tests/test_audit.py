@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import hashlib
 import io
 import itertools
@@ -11,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -22,12 +24,13 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
+import uvloop
 
 from dhow.commands.audit import add_parser, run
 from dhow.core.errors import InvalidInput, Unavailable
 from dhow.governance import audit as audit_module
 from dhow.governance.audit import GENESIS_HASH, MAX_PROBLEMS, AuditRecord, AuditStore
-from dhow.governance.audit_trail import AuditTrail
+from dhow.governance.audit_trail import PIPE_BYTES, SOCKET_BYTES, AuditTrail
 from dhow.settings import resolve_settings
 from tests.conftest import PG_ADMIN_URL, store_opener
 
@@ -153,6 +156,24 @@ def test_odd_values_are_kept_and_still_verify(store: AuditStore) -> None:
     assert "unencodable_details" in rows[2]["details"]
     assert rows[3]["latency_ms"] == 0.0
     assert store.verify().ok
+
+
+def test_a_field_that_is_not_a_string_is_stored_as_its_text(store: AuditStore) -> None:
+    record = AuditRecord("inference", "infer", "anonymous", model="m", version=3)  # type: ignore[arg-type]
+    store.append([record])
+    assert store.read()[0]["version"] == "3" and store.verify().ok
+
+
+@pytest.mark.parametrize(
+    "at_s",
+    [0.0, 1e-7, 0.5e-6, 1.5e-6, 2.5e-6, 0.9999995, 0.99999951, -0.5e-6, -1.0, -1e9 - 0.25e-6, 1796434089.5168486,
+     1796434089.4976895, 1796434089.0517945, 1796434089.9999999, 4102444800.0000005],
+)  # fmt: skip
+def test_the_time_of_a_record_reads_as_datetime_writes_it(at_s: float) -> None:
+    """Formatted once per second and rounded as datetime rounds (half a microsecond to even, on the fraction)."""
+    expected = datetime.fromtimestamp(at_s, UTC).isoformat(timespec="microseconds")
+    assert AuditRecord("inference", "infer", "anonymous", at_s=at_s).when() == expected
+    assert AuditRecord("inference", "infer", "anonymous", at_s=at_s + 1.0).when() != expected
 
 
 @pytest.mark.parametrize(
@@ -594,6 +615,71 @@ def test_a_writer_process_writes_the_same_chain(audit_url: str) -> None:
         assert _request_ids(store) == [r.request_id for r in records]
         assert store.verify().ok and trail.written == 1000
     finally:
+        store.close()
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_GETPIPE_SZ"), reason="pipe sizes are Linux's")
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_channel_to_a_writer_process_is_widened(tmp_path: Path, loop: str) -> None:
+    """By default it holds a few hundred records, which fill while the writer is in a transaction under load, and
+    every answer then waits for it: asyncio's pipe is asked for PIPE_BYTES, uvloop's socket pair for as much of
+    SOCKET_BYTES as net.core.wmem_max allows."""
+    store = AuditStore.open(f"sqlite:///{tmp_path}/audit.db")
+    trail = AuditTrail({"ae": store}, "ae", writer="process")
+
+    async def scenario() -> int:
+        await trail.start()
+        try:
+            process = trail._default.process
+            assert process is not None and process._process is not None and process._process.stdin is not None
+            transport = process._process.stdin.transport
+            pipe = transport.get_extra_info("pipe")
+            if pipe is not None:
+                return int(fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ))
+            sock = transport.get_extra_info("socket")
+            return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)) // 2  # the kernel doubles it
+        finally:
+            await trail.close()
+
+    runner = asyncio.new_event_loop() if loop == "asyncio" else uvloop.new_event_loop()
+    try:
+        size = runner.run_until_complete(scenario())
+    finally:
+        runner.close()
+        store.close()
+    if loop == "asyncio":
+        assert size >= PIPE_BYTES
+    else:
+        assert size >= min(SOCKET_BYTES, int(Path("/proc/sys/net/core/wmem_max").read_text()))
+
+
+def test_records_leave_the_server_while_the_writer_waits_in_a_transaction(tmp_path: Path) -> None:
+    """The writer drains its pipe while its transaction waits (here for a lock another connection holds): the
+    server's answers do not wait for the database, though the pipe alone holds far fewer than these records."""
+    path = tmp_path / "audit.db"
+    store = AuditStore.open(f"sqlite:///{path}")
+    trail = AuditTrail({"ae": store}, "ae", writer="process")
+    records = _records(50_000, "t")
+    blocker = sqlite3.connect(path, isolation_level=None)
+
+    async def scenario() -> None:
+        await trail.start()
+        await trail.record_now(records[0])  # the writer runs
+        blocker.execute("BEGIN IMMEDIATE")  # its next transaction waits for this one
+        try:
+            for record in records[1:]:
+                trail.record(record)
+            await asyncio.wait_for(trail.handed_over(records[-1]), 120)  # all in the writer's hands now
+            assert trail.pending == len(records) - 1  # and none written yet
+        finally:
+            blocker.execute("ROLLBACK")
+        await trail.close()
+
+    try:
+        asyncio.run(scenario())
+        assert store.verify().ok and trail.pending == 0 and trail.written == len(records)
+    finally:
+        blocker.close()
         store.close()
 
 

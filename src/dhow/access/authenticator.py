@@ -31,6 +31,9 @@ log = logging.getLogger("dhow.access")
 #: who calls when authentication is off (``--auth none``)
 ANONYMOUS = Principal("anonymous", ALL_TENANTS, (Grant("admin"),))
 
+#: the most verified API keys remembered by their header (a new one past it empties the memory)
+MAX_VERIFIED = 10_000
+
 _HOW = "send 'Authorization: Bearer <API key or JWT>'"
 
 
@@ -70,6 +73,10 @@ class Authenticator:
         self.enabled = enabled
         self.poll_s = poll_s
         self._keys: dict[str, _Key] = {}
+        #: API keys verified, by the Authorization header that carried them: the next request with the same header
+        #: skips the parsing and the salted hash. Emptied with every reload (a revoked key is gone with the rest),
+        #: and when it grows past ``MAX_VERIFIED``; a key's expiry is checked on every request
+        self._verified: dict[str, _Key] = {}
         self._certs: dict[str, Principal] = {}
         self._records: dict[str, PrincipalRecord] = {}
         self.tenants: dict[str, TenantRecord] = {}
@@ -131,6 +138,7 @@ class Authenticator:
                 certs[record.name] = principal
         self.tenants = self.store.tenants()
         self._keys, self._certs, self._records, self._generation = keys, certs, records, generation
+        self._verified = {}  # after the keys: see ``known``
 
     async def authenticate(self, credentials: Credentials) -> Principal:
         principal = self.known(credentials)
@@ -143,6 +151,16 @@ class Authenticator:
         None for a JWT, which ``authenticate`` verifies. Refusals raise ``Unauthenticated`` as there."""
         if not self.enabled:
             return ANONYMOUS
+        # this memory, then the keys: a reload (in a thread) replaces the keys first, so that a key verified against
+        # the keys it replaced goes into the memory it replaces too, never into the new one (a revoked key stays out)
+        memory = self._verified
+        # a dict's look-up compares the header only with one whose (per-process keyed) hash is the same: its time
+        # tells a guesser nothing about a secret
+        verified = memory.get(credentials.authorization)
+        if verified is not None and not credentials.repeated_authorization:
+            if time.time() >= verified.expires:
+                raise Unauthenticated(f"the API key {verified.record.id} has expired; use the key that replaced it")
+            return verified.principal
         if credentials.repeated_authorization:
             # a proxy and the client may each add one; taking either would let one override the other unseen
             raise Unauthenticated(f"the request carries more than one Authorization header; send exactly one: {_HOW}")
@@ -150,7 +168,11 @@ class Authenticator:
             token = _bearer(credentials.authorization)
             parts = split_key(token)
             if parts is not None:
-                return self._api_key(*parts)
+                key = self._api_key(*parts)
+                if len(memory) >= MAX_VERIFIED:
+                    memory.clear()
+                memory[credentials.authorization] = key
+                return key.principal
             if self.jwt is None:
                 raise Unauthenticated("the bearer token is not a dhow API key, and this server accepts no JWTs")
             return None
@@ -164,14 +186,14 @@ class Authenticator:
             return principal
         raise Unauthenticated(f"this server needs credentials: {_HOW}, or a client certificate")
 
-    def _api_key(self, key_id: str, secret: str) -> Principal:
+    def _api_key(self, key_id: str, secret: str) -> _Key:
         key = self._keys.get(key_id)
         if key is None or not verify_secret(key.record.salt or "", key.record.secret_hash or "", secret):
             # one message for unknown, revoked and wrong: do not tell a guesser which ids exist
             raise Unauthenticated("the API key is not valid (unknown, revoked or mistyped)")
         if time.time() >= key.expires:
             raise Unauthenticated(f"the API key {key_id} has expired; use the key that replaced it")
-        return key.principal
+        return key
 
     async def _jwt(self, token: str) -> Principal:
         assert self.jwt is not None

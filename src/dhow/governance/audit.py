@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import operator
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -90,7 +91,7 @@ class AuditRecord:
     at_s: float = field(default_factory=time.time)
 
     def when(self) -> str:
-        return self.at or datetime.fromtimestamp(self.at_s, UTC).isoformat(timespec="microseconds")
+        return self.at or _iso_utc(self.at_s)
 
     def as_tuple(self) -> tuple[Any, ...]:
         """The fields in order, as plain data (what crosses to a writer process)."""
@@ -98,6 +99,26 @@ class AuditRecord:
             self.kind, self.action, self.actor, self.tenant, self.outcome, self.model, self.version,
             self.request_id, self.region, self.latency_ms, dict(self.details), self.at, self.at_s,
         )  # fmt: skip
+
+
+#: the last whole second formatted by ``_iso_utc`` (a batch's records mostly share their second)
+_last_second: tuple[int, str] = (-1, "")
+
+
+def _iso_utc(at_s: float) -> str:
+    """``datetime.fromtimestamp(at_s, UTC).isoformat(timespec="microseconds")``, the date and time formatted once
+    per second rather than once per record."""
+    global _last_second
+    fraction, whole = math.modf(at_s)  # rounded as datetime rounds it: the fraction, half to even
+    micros, second = round(fraction * 1e6), int(whole)
+    if micros >= 1_000_000:
+        micros, second = micros - 1_000_000, second + 1
+    elif micros < 0:
+        micros, second = micros + 1_000_000, second - 1
+    last = _last_second  # one read: writer threads of several stores may replace it meanwhile
+    if second != last[0]:
+        last = _last_second = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{last[1]}.{micros:06d}+00:00"
 
 
 def _text(value: object) -> str:
@@ -109,6 +130,8 @@ def _text(value: object) -> str:
 
 
 def _details(details: Mapping[str, Any]) -> str:
+    if not details:
+        return "{}"
     try:
         return orjson.dumps(dict(details), default=str, option=_DETAILS_JSON).decode()
     except (TypeError, ValueError):  # keep the record rather than block the queue with it
@@ -116,18 +139,29 @@ def _details(details: Mapping[str, Any]) -> str:
 
 
 def _content(record: AuditRecord) -> dict[str, object]:
-    """The stored fields but seq and the hashes, exactly as they will read back (the hash covers these)."""
+    """The stored fields, exactly as they will read back (the hash covers these), seq 0 until ``_chain`` sets it.
+
+    Built in the order of the names sorted, the order of the hash's canonical JSON, so that ``_chain`` need not
+    sort them for every record (``_digest``, which sorts, hashes the same bytes)."""
     latency = record.latency_ms
     if latency is not None:
         # 3 decimals survive every float column; + 0.0 turns -0.0 into 0.0, which SQLite would do on reading
         latency = round(float(latency), 3) + 0.0
         latency = latency if math.isfinite(latency) else None
-    names = ("kind", "action", "actor", "tenant", "model", "version", "outcome")
-    content: dict[str, object] = {name: _text(getattr(record, name)) for name in names}
-    content["at"] = record.when()
-    content.update(latency_ms=latency, request_id=_text(record.request_id), region=_text(record.region))
-    content["details"] = _details(record.details)
-    return content
+    texts: tuple[str, ...] = (record.action, record.actor, record.kind, record.model, record.outcome, record.region,
+                              record.request_id, record.tenant, record.version)  # fmt: skip
+    try:
+        joined = "".join(texts)
+    except TypeError:  # not all strings: each is repaired below
+        joined = "\x00"
+    if not joined.isascii() or "\x00" in joined:  # the usual record needs no repair: one check for all its texts
+        texts = tuple(_text(text) for text in texts)
+    action, actor, kind, model, outcome, region, request_id, tenant, version = texts
+    return {
+        "action": action, "actor": actor, "at": record.when(), "details": _details(record.details), "kind": kind,
+        "latency_ms": latency, "model": model, "outcome": outcome, "region": region, "request_id": request_id,
+        "seq": 0, "tenant": tenant, "version": version,
+    }  # fmt: skip
 
 
 def _digest(prev_hash: str, fields: Mapping[str, object]) -> str:
@@ -135,14 +169,20 @@ def _digest(prev_hash: str, fields: Mapping[str, object]) -> str:
     return hashlib.sha256(prev_hash.encode() + orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def _chain(contents: Sequence[Mapping[str, object]], seq: int, prev_hash: str) -> list[tuple[object, ...]]:
-    """The rows to insert after record ``seq`` whose hash is ``prev_hash``: columns, prev_hash, hash."""
+_ROW = operator.itemgetter(*_NAMES)
+
+
+def _chain(contents: Sequence[dict[str, object]], seq: int, prev_hash: str) -> list[tuple[object, ...]]:
+    """The rows to insert after record ``seq`` whose hash is ``prev_hash``: columns, prev_hash, hash.
+
+    ``contents`` are ``_content``'s, their keys in sorted order: what ``_digest`` hashes, without sorting them."""
     rows: list[tuple[object, ...]] = []
-    for content in contents:
+    sha256, dumps = hashlib.sha256, orjson.dumps
+    for fields in contents:
         seq += 1
-        fields = {"seq": seq, **content}
-        digest = _digest(prev_hash, fields)
-        rows.append((*(fields[name] for name in _NAMES), prev_hash, digest))
+        fields["seq"] = seq
+        digest = sha256(prev_hash.encode() + dumps(fields)).hexdigest()
+        rows.append((*_ROW(fields), prev_hash, digest))
         prev_hash = digest
     return rows
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import socket
 import sys
 from collections import deque
 from collections.abc import Mapping
@@ -31,6 +33,9 @@ log = logging.getLogger("dhow.audit")
 
 #: seconds between retries of a failing store: doubling from the first to the most
 FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.1, 5.0
+#: the room asked for in the channel to a writer process: a pipe's (at most fs.pipe-max-size, 1 MiB by default;
+#: some 7,000 records) and a socket pair's (at most net.core.wmem_max; it counts some 750 bytes a record)
+PIPE_BYTES, SOCKET_BYTES = 1 << 20, 4 << 20
 
 
 class WriterProcess:
@@ -74,6 +79,7 @@ class WriterProcess:
         assert process.stdin is not None
         # the pipe's writer pauses as soon as anything waits here, so that ``handed_over`` waits until it is gone
         process.stdin.transport.set_write_buffer_limits(high=0)
+        _widen(process.stdin.transport)
         process.stdin.write(encode_frame(self._url))
         for records in self._unacknowledged:
             process.stdin.write(_frame(records, urgent=True))  # some caller may be waiting for these
@@ -128,6 +134,21 @@ class WriterProcess:
         except TimeoutError:
             process.kill()
             await process.wait()
+
+
+def _widen(transport: asyncio.WriteTransport) -> None:
+    """Let the channel to the writer hold ``PIPE_BYTES`` or ``SOCKET_BYTES`` where the system allows. By default
+    it holds a few hundred records (a 64 KiB pipe; uvloop's socket pair, some 280), which fill at 10,000 records a
+    second while the writer is in a transaction, and then every answer waits in ``handed_over`` until it ends."""
+    pipe = transport.get_extra_info("pipe")  # asyncio's event loop: a pipe (Linux lets it grow)
+    if pipe is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        return
+    sock = transport.get_extra_info("socket")  # uvloop's: a socket pair, its room counted with every write's overhead
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BYTES)  # up to net.core.wmem_max
 
 
 def _frame(records: list[AuditRecord], *, urgent: bool = False) -> bytes:

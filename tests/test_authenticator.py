@@ -1,0 +1,62 @@
+"""The authenticator's memory of verified API keys: it saves the salted hash, never a refusal it owes."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from dhow.access.authenticator import Authenticator, Credentials
+from dhow.access.store import AccessStore
+from dhow.core.errors import Unauthenticated
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> AccessStore:
+    return AccessStore.open(f"sqlite:///{tmp_path / 'registry.sqlite3'}")
+
+
+def _bearer(token: str) -> Credentials:
+    return Credentials(authorization=f"Bearer {token}")
+
+
+def test_a_remembered_key_answers_as_its_principal_and_a_wrong_secret_is_still_refused(store: AccessStore) -> None:
+    made = store.create_key("bot", tenant="default", roles=["invoker"], actor="test")
+    assert made is not None
+    record, token = made
+    authenticator = Authenticator(store)
+    authenticator.reload()
+    first = authenticator.known(_bearer(token))
+    assert first is not None and first.record_id == record.id
+    assert authenticator.known(_bearer(token)) is first
+    with pytest.raises(Unauthenticated, match="not valid"):
+        authenticator.known(_bearer(token[:-1] + ("A" if token[-1] != "A" else "B")))
+    with pytest.raises(Unauthenticated, match="more than one"):
+        authenticator.known(Credentials(authorization=f"Bearer {token}", repeated_authorization=True))
+
+
+def test_a_revoked_key_is_refused_once_the_keys_are_read_again(store: AccessStore) -> None:
+    made = store.create_key("bot", tenant="default", roles=["invoker"], actor="test")
+    assert made is not None
+    record, token = made
+    authenticator = Authenticator(store)
+    authenticator.reload()
+    assert authenticator.known(_bearer(token)) is not None  # now remembered
+    store.revoke(record.id, actor="test")
+    authenticator.reload()
+    with pytest.raises(Unauthenticated, match="not valid"):
+        authenticator.known(_bearer(token))
+
+
+def test_a_remembered_key_is_refused_once_it_expires(store: AccessStore) -> None:
+    made = store.create_key("bot", tenant="default", roles=["invoker"], actor="test", expires_in_s=3)
+    assert made is not None and made[0].expires_at is not None
+    record, token = made
+    authenticator = Authenticator(store)
+    authenticator.reload()
+    assert authenticator.known(_bearer(token)) is not None  # now remembered
+    time.sleep(max(0.0, datetime.fromisoformat(record.expires_at).timestamp() - time.time()) + 0.05)
+    with pytest.raises(Unauthenticated, match="has expired"):
+        authenticator.known(_bearer(token))
