@@ -166,6 +166,38 @@ def test_a_body_that_may_hide_text_is_parsed_not_embedded() -> None:
     assert json.loads(written)["data"]["request"]["inputs"][0]["data"] == ["[REDACTED:email]"]
 
 
+_NUMBERS = {"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}
+_EMAIL = "bob@example.com"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        json.dumps({"id": _EMAIL, "inputs": [_NUMBERS]}),
+        json.dumps({"parameters": {"c": {"e": _EMAIL}}, "inputs": [_NUMBERS]}),
+        json.dumps({"note": _EMAIL, "inputs": [_NUMBERS]}),
+        # four members and one more: a repeated key hides a string (the server keeps the last one)
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": ["bob@example.com"], "data": [1.0]}]}',
+        json.dumps({"inputs": [{**_NUMBERS, "parameters": {"w": _EMAIL}}]}),
+        # strings that count like a bare request's: six of them in an object of their own
+        json.dumps({"inputs": [_NUMBERS], "p": {"datatype": _EMAIL, "b": "c", "d": 1}}),
+        # a ragged text tensor whose first element is an empty list
+        json.dumps({"inputs": [{"name": "t", "datatype": "BYTES", "shape": [1], "data": [[], _EMAIL]}]}),
+    ],
+)
+def test_no_string_outside_a_bare_requests_names_escapes_the_detectors(body: str) -> None:
+    """Only a bare request (``{"inputs": [...]}``, tensors of name, datatype, shape and numbers) is written as
+    sent; an id, parameters, another key or a repeated one, anywhere, is parsed and masked."""
+    masker = Masker(parse_masking(None, "pii"), b"")
+    event = ["r-5", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, body.encode(), None, 1]
+    written = cloud_event(event, masker, "dhow://test")
+    assert _EMAIL.encode() not in written
+    json.loads(written)
+    bare = {"inputs": [_NUMBERS, {**_NUMBERS, "name": "y"}]}
+    event[11] = json.dumps(bare).encode()
+    assert json.loads(cloud_event(event, masker, "dhow://test"))["data"]["request"] == bare
+
+
 def test_a_frame_carries_json_bodies_after_the_events_as_they_came() -> None:
     """Bodies travel unescaped after the events' JSON, each event holding its length; decoded tensors in the
     JSON; every event's time made Unix time by the frame's clock."""
