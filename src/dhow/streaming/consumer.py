@@ -99,7 +99,8 @@ class StreamConsumer:
             spec.name, f"{spec.model}:{spec.version}" if spec.version else spec.model, str(spec.source),
             str(spec.sink), str(spec.dead_letter or ""), spec.group, worker=worker,
         )  # fmt: skip
-        #: the room a poll waits for: a full one (half the bound, when that is less), not what the last batch freed
+        #: the room a poll waits for, and the most it reads: a full one (half the bound, when that is less), not what
+        #: the last batch freed; two polls in flight, so that the model scores one while the other is acknowledged
         self._poll_size = max(1, min(_POLL_RECORDS, spec.max_in_flight // 2))
         self._room = asyncio.Event()
         self._fault: BaseException | None = None
@@ -115,12 +116,14 @@ class StreamConsumer:
                 room = self.spec.max_in_flight - self.status.in_flight
                 # the next poll as soon as a full one fits (one batch done), not once half the bound is free: the
                 # model then scores a poll while the one before waits for its acknowledgements
-                if room < self._poll_size and await self._room_within(_PAUSE_AFTER_S):
-                    continue
+                if room < self._poll_size:
+                    if await self._room_within(_PAUSE_AFTER_S):
+                        continue
+                    room = self.spec.max_in_flight - self.status.in_flight  # what the second freed, if anything
                 # full for a while: the model is saturated, so the partitions pause (the group still hears
                 # from this member) instead of the client fetching more
                 self.status.paused = room <= 0
-                records = await self.source.poll(min(room, _POLL_RECORDS), _POLL_S, paused=room <= 0)
+                records = await self.source.poll(min(room, self._poll_size), _POLL_S, paused=room <= 0)
                 if records:
                     self.status.in_flight += len(records)
                     self.status.received += len(records)
