@@ -726,3 +726,28 @@ def test_a_record_the_pipe_cannot_take_is_waited_for_before_the_answer(audit_url
         assert store.verify().ok and trail.pending == 0
     finally:
         store.close()
+
+
+def test_a_backlog_the_writer_gathered_is_written_in_bounded_transactions() -> None:
+    """What the drain thread read while the main thread was busy waits in memory, to be taken ``max_frames`` at
+    a time: a transaction after an outage is not the whole backlog at once."""
+    from dhow.governance.audit_writer import FrameReader, encode_frame
+
+    read_end, write_end = os.pipe()
+    reader = FrameReader(read_end)
+    sent = 25_000
+
+    def send() -> None:
+        for i in range(sent):
+            os.write(write_end, encode_frame([[i]]))
+        os.close(write_end)
+
+    writer = threading.Thread(target=send)
+    writer.start()
+    writer.join()
+    batches = []
+    while frames := reader.batch(max_frames=10_000):
+        batches.append(frames)
+    assert max(len(b) for b in batches) <= 10_000 and len(batches) >= 3
+    assert [row for batch in batches for frame in batch for row in frame] == [[i] for i in range(sent)]
+    os.close(read_end)

@@ -60,3 +60,19 @@ def test_a_remembered_key_is_refused_once_it_expires(store: AccessStore) -> None
     time.sleep(max(0.0, datetime.fromisoformat(record.expires_at).timestamp() - time.time()) + 0.05)
     with pytest.raises(Unauthenticated, match="has expired"):
         authenticator.known(_bearer(token))
+
+
+def test_only_the_usual_spelling_of_a_keys_header_is_remembered(store: AccessStore) -> None:
+    """Other spellings of one key's header are accepted and not remembered: each would hold an entry, and its
+    size, until the next reload (a client could fill the memory with one valid key)."""
+    made = store.create_key("bot", tenant="default", roles=["invoker"], actor="test")
+    assert made is not None
+    record, token = made
+    authenticator = Authenticator(store)
+    authenticator.reload()
+    for spelling in (f"bearer {token}", f"Bearer {' ' * 1000}{token}", f"BEARER {token} "):
+        principal = authenticator.known(Credentials(authorization=spelling))
+        assert principal is not None and principal.record_id == record.id
+    assert authenticator._verified == {}
+    authenticator.known(_bearer(token))
+    assert list(authenticator._verified) == [f"Bearer {token}"]

@@ -33,6 +33,8 @@ ANONYMOUS = Principal("anonymous", ALL_TENANTS, (Grant("admin"),))
 
 #: the most verified API keys remembered by their header (a new one past it empties the memory)
 MAX_VERIFIED = 10_000
+#: the start of the one spelling of a key's header that is remembered
+_CANONICAL = "Bearer "
 
 _HOW = "send 'Authorization: Bearer <API key or JWT>'"
 
@@ -169,9 +171,12 @@ class Authenticator:
             parts = split_key(token)
             if parts is not None:
                 key = self._api_key(*parts)
-                if len(memory) >= MAX_VERIFIED:
-                    memory.clear()
-                memory[credentials.authorization] = key
+                # only the header as dhow's clients write it: other spellings of one key ("bearer", more spaces,
+                # a longer header) would each hold an entry, and their size, until the next reload
+                if credentials.authorization == _CANONICAL + token:
+                    if len(memory) >= MAX_VERIFIED:
+                        memory.clear()
+                    memory[credentials.authorization] = key
                 return key.principal
             if self.jwt is None:
                 raise Unauthenticated("the bearer token is not a dhow API key, and this server accepts no JWTs")

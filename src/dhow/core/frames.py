@@ -24,15 +24,18 @@ def decode_frame_length(header: bytes) -> int:
     return int(_LENGTH.unpack(header)[0])
 
 
-def decode_frames(buffer: bytearray) -> list[Any]:
-    """The whole frames at the start of ``buffer``, decoded and removed from it; a partial frame stays."""
-    return [orjson.loads(body) for body in split_frames(buffer)]
+def decode_frames(buffer: bytearray, limit: int | None = None) -> list[Any]:
+    """The whole frames at the start of ``buffer`` (the first ``limit`` of them), decoded and removed from it; a
+    partial frame, and those past the limit, stay."""
+    return [orjson.loads(body) for body in split_frames(buffer, limit)]
 
 
-def split_frames(buffer: bytearray) -> list[bytes]:
-    """The bodies of the whole frames at the start of ``buffer``, removed from it; a partial frame stays."""
-    bodies, offset = [], 0
-    while len(buffer) - offset >= HEADER_SIZE:
+def split_frames(buffer: bytearray, limit: int | None = None) -> list[bytes]:
+    """The bodies of the whole frames at the start of ``buffer`` (the first ``limit`` of them), removed from it; a
+    partial frame, and those past the limit, stay."""
+    bodies: list[bytes] = []
+    offset = 0
+    while len(buffer) - offset >= HEADER_SIZE and (limit is None or len(bodies) < limit):
         end = offset + HEADER_SIZE + _LENGTH.unpack_from(buffer, offset)[0]
         if len(buffer) < end:
             break

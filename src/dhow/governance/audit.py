@@ -130,7 +130,7 @@ def _text(value: object) -> str:
 
 
 def _details(details: Mapping[str, Any]) -> str:
-    if not details:
+    if isinstance(details, dict) and not details:
         return "{}"
     try:
         return orjson.dumps(dict(details), default=str, option=_DETAILS_JSON).decode()

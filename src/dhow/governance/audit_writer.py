@@ -66,29 +66,37 @@ class FrameReader:
         self._ready = threading.Condition()
         self._incoming = bytearray()  # the drain thread's, under ``_ready``
         self._ended = False
+        #: the main thread waits for bytes (the drain thread then does not pause: an urgent record goes at once)
+        self._waiting = False
         threading.Thread(target=self._drain, name="dhow-audit-drain", daemon=True).start()
 
     def _drain(self) -> None:
-        while True:
-            try:
-                chunk = os.read(self.fd, 1 << 20)
-            except OSError:
-                chunk = b""
-            with self._ready:
-                if chunk:
+        try:
+            while True:
+                try:
+                    chunk = os.read(self.fd, 1 << 20)
+                except OSError:
+                    chunk = b""
+                with self._ready:
+                    if not chunk:
+                        return
                     self._incoming += chunk
-                else:
-                    self._ended = True
+                    self._ready.notify()
+                    waited = self._waiting
+                if not waited:  # the main thread is busy: gather more; when it waits, hand it the next read at once
+                    time.sleep(self._pause_s)
+        finally:  # the end of the pipe, or this thread failed (say, out of memory): the main thread must not wait on
+            with self._ready:
+                self._ended = True
                 self._ready.notify()
-            if not chunk:
-                return
-            time.sleep(self._pause_s)
 
     def _take(self, *, wait: bool) -> None:
         """Move what the drain thread read into ``buffer``; ``wait``: until there is something, or the end."""
         with self._ready:
             while wait and not self._incoming and not self._ended:
+                self._waiting = True
                 self._ready.wait()
+                self._waiting = False
             self.buffer += self._incoming
             self._incoming.clear()
             self.closed = self._ended
@@ -96,16 +104,17 @@ class FrameReader:
     def batch(self, max_frames: int = 10_000, linger_s: float = 0.0) -> list[Any]:
         """At least one frame, unless the pipe closed (then what is left, maybe none); then, ``linger_s`` later
         (at once when one of them is urgent: ``record_now``'s caller waits), every frame that came meanwhile."""
-        frames = decode_frames(self.buffer)
+        frames = decode_frames(self.buffer, max_frames)
         while not frames and not self.closed:
             self._take(wait=True)
-            frames = decode_frames(self.buffer)
+            frames = decode_frames(self.buffer, max_frames)
         if linger_s and not self.closed and not _urgent(frames):
             # sleep, then take what came meanwhile: a transaction per frame would cost a commit per record
             time.sleep(linger_s)
-        if len(frames) < max_frames and not self.closed:
+        if len(frames) < max_frames:
+            # (a backlog the drain thread gathered meanwhile waits in ``buffer``: one transaction stays bounded)
             self._take(wait=False)
-            frames += decode_frames(self.buffer)
+            frames += decode_frames(self.buffer, max_frames - len(frames))
         return frames
 
 
