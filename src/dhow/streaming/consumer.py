@@ -116,10 +116,8 @@ class StreamConsumer:
                 room = self.spec.max_in_flight - self.status.in_flight
                 # the next poll as soon as a full one fits (one batch done), not once half the bound is free: the
                 # model then scores a poll while the one before waits for its acknowledgements
-                if room < self._poll_size:
-                    if await self._room_within(_PAUSE_AFTER_S):
-                        continue
-                    room = self.spec.max_in_flight - self.status.in_flight  # what the second freed, if anything
+                if room < self._poll_size and await self._room_within(_PAUSE_AFTER_S):
+                    continue
                 # full for a while: the model is saturated, so the partitions pause (the group still hears
                 # from this member) instead of the client fetching more
                 self.status.paused = room <= 0
