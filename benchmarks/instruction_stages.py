@@ -34,7 +34,7 @@ from serving_setups import DHOW, WORKLOADS, requests_for, write_dhow_repository
 from dhow.access.authenticator import Credentials
 from dhow.core.types import InferenceRequest
 from dhow.core.wire.v2 import decode_request, encode_response
-from dhow.protocols.grpc.codec import request_from_proto, response_to_proto
+from dhow.protocols.grpc.codec import request_from_proto, response_bytes
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.serving.composition import CorePolicies, compose_core
 from dhow.serving.security import Security
@@ -132,9 +132,7 @@ async def _measure(args: argparse.Namespace, scratch: Path) -> list[str]:
     stages: dict[str, Stage] = {
         "nothing (the measurement's own cost)": lambda: sync(lambda: None),
         "gRPC decode (parse, request_from_proto)": lambda: sync(decoded),
-        "gRPC encode (response_to_proto, serialize)": lambda: sync(
-            lambda: response_to_proto(response).SerializeToString()
-        ),
+        "gRPC encode (response_bytes)": lambda: sync(lambda: response_bytes(response)),
         "REST decode, JSON": lambda: sync(lambda: decode_request(body, model, "", None)),
         "REST encode, JSON": lambda: sync(lambda: encode_response(response, rest_request)),
         "REST decode, binary": lambda: sync(lambda: decode_request(binary_body, model, "", header_length)),

@@ -103,9 +103,10 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     serve += ["--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
     # valgrind slows the server fifty-fold: no request may time out in the queue meanwhile, and no connection
     # waiting for its first call may be closed for a ping the server was too slow to see answered
-    # (and the native gRPC front's handshake limit, --header-timeout, likewise)
+    # (and the native gRPC front's handshake limit, --header-timeout, likewise; and REST's keep-alive limit, which
+    # closed the idle connections of the mlp's load while callgrind_control switched counting on, on a busy machine)
     serve += ["--log-level", "warning", "--queue-timeout-ms", "0", "--grpc-keepalive", "3600"]
-    serve += ["--header-timeout", "600"]
+    serve += ["--header-timeout", "600", "--keepalive-timeout", "3600"]
     if args.grpc_front:
         serve += ["--grpc-front", args.grpc_front]
     if args.http_front:

@@ -21,7 +21,13 @@ from dhow.core.datatypes import array_to_bytes
 from dhow.core.errors import InvalidInput, NotFound, Overloaded, Unsupported
 from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome, Tensor
 from dhow.protocols.grpc import GrpcServer, create_grpc_server
-from dhow.protocols.grpc.codec import parameter_to_proto, parameters_from_proto, request_from_proto, response_to_proto
+from dhow.protocols.grpc.codec import (
+    parameter_to_proto,
+    parameters_from_proto,
+    request_from_proto,
+    response_bytes,
+    stream_response_bytes,
+)
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from dhow.serving.dataplane import DataPlane, Placement
@@ -475,12 +481,12 @@ def _built(response: InferenceResponse) -> pb.ModelInferResponse:
         InferenceResponse("m", "1", []),
     ],
 )
-def test_response_wire_form_is_protobufs_own(response: InferenceResponse) -> None:
-    """response_to_proto parses bytes it writes itself: the message and its serialization are the constructor's."""
+def test_response_bytes_read_as_protobufs_own(response: InferenceResponse) -> None:
+    """response_bytes writes the message by hand: protobuf reads it as the message its constructor builds."""
     for _ in range(2):  # the second time from the kept headers
-        encoded = response_to_proto(response)
-        assert encoded == _built(response)
-        assert encoded.SerializeToString() == _built(response).SerializeToString()
+        assert pb.ModelInferResponse.FromString(response_bytes(response)) == _built(response)
+    streamed = pb.ModelStreamInferResponse.FromString(stream_response_bytes(response_bytes(response)))
+    assert streamed == pb.ModelStreamInferResponse(infer_response=_built(response))
 
 
 def test_parameters_round_trip() -> None:

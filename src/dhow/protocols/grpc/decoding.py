@@ -6,6 +6,9 @@ becomes UNKNOWN ("Unexpected <class 'DecodeError'>") for the client and a traceb
 ``Malformed`` marker instead, and a behaviour that answers the marker with INVALID_ARGUMENT before the servicer
 sees it (a behaviour marked ``refuses_malformed`` answers it itself). A stream ends at its first malformed
 message: the requests before it are answered, then the call fails.
+
+A behaviour marked with ``answers_bytes`` gives its answers already serialized: its method is registered without
+a serializer, so grpc and the native front send the bytes as they are.
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import grpc
 import grpc.aio
 
-__all__ = ["Malformed", "Methods"]
+__all__ = ["Malformed", "Methods", "answers_bytes"]
 
 # grpc-stubs makes these generic; grpc's classes are not subscriptable at run time
 if TYPE_CHECKING:
@@ -27,6 +30,15 @@ if TYPE_CHECKING:
 else:
     _Handler = grpc.RpcMethodHandler
     _GenericHandler = grpc.GenericRpcHandler
+
+_Behaviour = TypeVar("_Behaviour", bound=Callable[..., Any])
+
+
+def answers_bytes(behaviour: _Behaviour) -> _Behaviour:
+    """Mark a servicer method whose answers are serialized messages (``bytes``): the generated code registers the
+    message type's ``SerializeToString``, which could only take a message made from those bytes again."""
+    behaviour.answers_bytes = True  # type: ignore[attr-defined]
+    return behaviour
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +92,11 @@ class Methods(_GenericHandler):
 
 def _checked(handler: Any, method: str) -> _Handler:
     """``handler`` with a deserializer that never raises and a behaviour that refuses ``Malformed``."""
-    deserializer = handler.request_deserializer
     kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
     behaviour = getattr(handler, kind)
+    if getattr(behaviour, "answers_bytes", False):
+        handler = handler._replace(response_serializer=None)  # grpc and the native front send bytes as they are
+    deserializer = handler.request_deserializer
     if deserializer is None or not _is_async(behaviour):
         unchanged: _Handler = handler  # raw bytes reach the servicer, or a thread-pool handler left as it is
         return unchanged

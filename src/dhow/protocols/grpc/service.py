@@ -19,9 +19,11 @@ from dhow.protocols.grpc.codec import (
     parameters_from_proto,
     request_from_proto,
     request_header,
-    response_to_proto,
+    response_bytes,
+    stream_response_bytes,
     tensor_metadata,
 )
+from dhow.protocols.grpc.decoding import answers_bytes
 from dhow.protocols.grpc.errors import Context, abort, credentials, guarded
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.generated import model_config_pb2 as mc
@@ -118,27 +120,31 @@ class InferenceServicer:
 
     # -- inference ----------------------------------------------------------------------
 
+    @answers_bytes
     @guarded
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context, call: Call) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context, call: Call) -> bytes:
+        """The answer is a serialized ``ModelInferResponse``."""
         inference = request_from_proto(request)
         inference.headers = LazyHeaders(lambda: _metadata(context))
         response = await call.infer(inference)
-        return response_to_proto(response)
+        return response_bytes(response)
 
+    @answers_bytes
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    ) -> AsyncIterator[bytes]:
         """Answer each request of the stream as soon as it is computed, in completion order.
 
         Requests run concurrently, as in Triton; clients match answers by ``id``. A failed request
-        yields an ``error_message`` (with the request's model and id) and the stream goes on.
+        yields an ``error_message`` (with the request's model and id) and the stream goes on. The answers are
+        serialized ``ModelStreamInferResponse`` messages.
         """
         # one authentication per stream; each request is authorized, limited and audited on its own
         try:
             principal = await self.service.authenticate(credentials(context), _STREAM_ACCESS)
         except DhowError as exc:
             await abort(context, exc)
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        answers: asyncio.Queue[bytes | None] = asyncio.Queue()
         reader = asyncio.create_task(self._serve_stream(requests, answers, principal))
         try:
             while (answer := await answers.get()) is not None:
@@ -150,7 +156,7 @@ class InferenceServicer:
     async def _serve_stream(
         self,
         requests: AsyncIterator[pb.ModelInferRequest],
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None],
+        answers: asyncio.Queue[bytes | None],
         principal: Principal,
     ) -> None:
         try:
@@ -163,16 +169,17 @@ class InferenceServicer:
     async def _stream_answer(
         self,
         request: pb.ModelInferRequest,
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None],
+        answers: asyncio.Queue[bytes | None],
         principal: Principal,
     ) -> None:
         try:
             async with self.service.call(principal, _STREAM_ACCESS, request.model_name) as call:
                 inference = request_from_proto(request)
-                response = response_to_proto(await call.infer(inference))
-            answer = pb.ModelStreamInferResponse(infer_response=response)
+                response = response_bytes(await call.infer(inference))
+            answer = stream_response_bytes(response)
         except DhowError as exc:
-            answer = pb.ModelStreamInferResponse(error_message=exc.message, infer_response=request_header(request))
+            failed = pb.ModelStreamInferResponse(error_message=exc.message, infer_response=request_header(request))
+            answer = failed.SerializeToString()
         answers.put_nowait(answer)
 
 
