@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dhow.access.authenticator import Authenticator, Credentials
-from dhow.access.store import AccessStore
+from dhow.access.store import AccessStore, PrincipalRecord
 from dhow.core.errors import Unauthenticated
 
 
@@ -22,12 +22,17 @@ def _bearer(token: str) -> Credentials:
     return Credentials(authorization=f"Bearer {token}")
 
 
-def test_a_remembered_key_answers_as_its_principal_and_a_wrong_secret_is_still_refused(store: AccessStore) -> None:
+def _invoker(store: AccessStore) -> tuple[PrincipalRecord, str, Authenticator]:
+    """An invoker key made in ``store``: its record, its token, and an authenticator that has read it."""
     made = store.create_key("bot", tenant="default", roles=["invoker"], actor="test")
     assert made is not None
-    record, token = made
     authenticator = Authenticator(store)
     authenticator.reload()
+    return made[0], made[1], authenticator
+
+
+def test_a_remembered_key_answers_as_its_principal_and_a_wrong_secret_is_still_refused(store: AccessStore) -> None:
+    record, token, authenticator = _invoker(store)
     first = authenticator.known(_bearer(token))
     assert first is not None and first.record_id == record.id
     assert authenticator.known(_bearer(token)) is first
@@ -38,11 +43,7 @@ def test_a_remembered_key_answers_as_its_principal_and_a_wrong_secret_is_still_r
 
 
 def test_a_revoked_key_is_refused_once_the_keys_are_read_again(store: AccessStore) -> None:
-    made = store.create_key("bot", tenant="default", roles=["invoker"], actor="test")
-    assert made is not None
-    record, token = made
-    authenticator = Authenticator(store)
-    authenticator.reload()
+    record, token, authenticator = _invoker(store)
     assert authenticator.known(_bearer(token)) is not None  # now remembered
     store.revoke(record.id, actor="test")
     authenticator.reload()
@@ -65,11 +66,7 @@ def test_a_remembered_key_is_refused_once_it_expires(store: AccessStore) -> None
 def test_only_the_usual_spelling_of_a_keys_header_is_remembered(store: AccessStore) -> None:
     """Other spellings of one key's header are accepted and not remembered: each would hold an entry, and its
     size, until the next reload (a client could fill the memory with one valid key)."""
-    made = store.create_key("bot", tenant="default", roles=["invoker"], actor="test")
-    assert made is not None
-    record, token = made
-    authenticator = Authenticator(store)
-    authenticator.reload()
+    record, token, authenticator = _invoker(store)
     for spelling in (f"bearer {token}", f"Bearer {' ' * 1000}{token}", f"BEARER {token} "):
         principal = authenticator.known(Credentials(authorization=spelling))
         assert principal is not None and principal.record_id == record.id
