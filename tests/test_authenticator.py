@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -73,3 +74,50 @@ def test_only_the_usual_spelling_of_a_keys_header_is_remembered(store: AccessSto
     assert authenticator._verified == {}
     authenticator.known(_bearer(token))
     assert list(authenticator._verified) == [f"Bearer {token}"]
+
+
+def test_two_reloads_at_once_never_bring_back_a_revoked_key(store: AccessStore) -> None:
+    """The poller's reload reads the keys while a SIGHUP's reload runs after a revocation: the older read must not
+    land last and bring the revoked key back."""
+    record, token, authenticator = _invoker(store)
+    reading, go_on = threading.Event(), threading.Event()
+    principals = store.principals
+
+    def slow_principals() -> list[PrincipalRecord]:
+        read = principals()  # the keys as they were, with the key not yet revoked
+        if threading.current_thread().name == "poller":
+            reading.set()
+            go_on.wait(5)
+        return read
+
+    store.principals = slow_principals  # type: ignore[method-assign]
+    poller = threading.Thread(target=authenticator.reload, args=(True,), name="poller")
+    poller.start()
+    assert reading.wait(5)
+    store.revoke(record.id, actor="test")
+    hup = threading.Thread(target=authenticator.reload, args=(True,), name="sighup")
+    hup.start()
+    hup.join(0.5)  # it waits for the poller's reload (or, without the lock, finishes first)
+    go_on.set()
+    poller.join(5)
+    hup.join(5)
+    with pytest.raises(Unauthenticated, match="not valid"):
+        authenticator.known(_bearer(token))
+
+
+def test_an_unknown_key_id_costs_the_same_check_as_a_known_one(
+    store: AccessStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal of an unknown id hashes the secret as a known id's does: its time does not tell which ids exist."""
+    _, token, authenticator = _invoker(store)
+    import dhow.access.authenticator as module
+
+    checked: list[str] = []
+    real = module.verify_secret
+    monkeypatch.setattr(
+        module, "verify_secret", lambda salt, hashed, secret: checked.append(secret) or real(salt, hashed, secret)
+    )
+    unknown = "dhow_" + "x" * 12 + "_" + token.rsplit("_", 1)[1]
+    with pytest.raises(Unauthenticated, match="not valid"):
+        authenticator.known(_bearer(unknown))
+    assert checked == [token.rsplit("_", 1)[1]]

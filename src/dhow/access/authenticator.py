@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,6 +38,8 @@ MAX_VERIFIED = 10_000
 _CANONICAL = "Bearer "
 
 _HOW = "send 'Authorization: Bearer <API key or JWT>'"
+#: what an unknown key id's secret is checked against, so that its refusal takes as long as a known id's
+_NO_SALT, _NO_HASH = "-" * 32, "0" * 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +86,9 @@ class Authenticator:
         self._records: dict[str, PrincipalRecord] = {}
         self.tenants: dict[str, TenantRecord] = {}
         self._generation = -1
+        #: reloads one at a time (the poller's and a SIGHUP's): else an older read could replace a newer one and
+        #: bring back, until the next poll, a key revoked between the two reads
+        self._reloading = threading.Lock()
         self._poller: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -121,6 +127,11 @@ class Authenticator:
 
     def reload(self, force: bool = False) -> None:
         """Read the principals again if the store changed since the last read (blocking: call in a thread)."""
+        assert self.store is not None
+        with self._reloading:
+            self._reload(force)
+
+    def _reload(self, force: bool) -> None:
         assert self.store is not None
         generation = self.store.generation()
         if generation == self._generation and not force:
@@ -193,6 +204,8 @@ class Authenticator:
 
     def _api_key(self, key_id: str, secret: str) -> _Key:
         key = self._keys.get(key_id)
+        if key is None:  # the same work as for a known id: the refusal's time does not tell which ids exist
+            verify_secret(_NO_SALT, _NO_HASH, secret)
         if key is None or not verify_secret(key.record.salt or "", key.record.secret_hash or "", secret):
             # one message for unknown, revoked and wrong: do not tell a guesser which ids exist
             raise Unauthenticated("the API key is not valid (unknown, revoked or mistyped)")
