@@ -14,6 +14,8 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,14 +28,22 @@ import psycopg
 import pytest
 import uvloop
 
+from dhow.access.actions import ACTIONS
+from dhow.access.authenticator import Authenticator
+from dhow.access.permissions import ALL_TENANTS, Grant, Principal
+from dhow.access.ratelimit import LocalRateLimiter
 from dhow.commands.audit import add_parser, run
 from dhow.core.errors import InvalidInput, Unavailable
 from dhow.governance import audit as audit_module
 from dhow.governance.audit import GENESIS_HASH, MAX_PROBLEMS, AuditRecord, AuditStore
 from dhow.governance.audit_trail import PIPE_BYTES, SOCKET_BYTES, AuditTrail
+from dhow.governance.masking import Masker, parse_masking
+from dhow.serving.guard import AccessGuard, Admission
 from dhow.settings import resolve_settings
 from tests.conftest import PG_ADMIN_URL, store_opener
 
+#: the sources, for a child process that runs the audit trail
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 FIELDS = ("at", "kind", "action", "actor", "tenant", "model", "version", "outcome", "latency_ms", "request_id")
 
 
@@ -751,3 +761,178 @@ def test_a_backlog_the_writer_gathered_is_written_in_bounded_transactions() -> N
     assert max(len(b) for b in batches) <= 10_000 and len(batches) >= 3
     assert [row for batch in batches for frame in batch for row in frame] == [[i] for i in range(sent)]
     os.close(read_end)
+
+
+def test_the_records_of_one_pass_leave_in_one_write_before_any_is_answered(audit_url: str) -> None:
+    """The inference path's records made in one pass of the event loop (a batch's requests end together) go to
+    the writer as one frame, in the next pass, and their requests wait for it; a record written at once (a
+    refusal) goes after those made before it: a store's records keep the order they were made in."""
+    store = AuditStore.open(audit_url)
+    trail = AuditTrail({"ae": store}, "ae", writer="process")
+    batch, refusal, later = _records(50, "b"), _records(1, "d")[0], _records(2, "l")
+
+    async def scenario() -> None:
+        await trail.start()
+        process = trail._default.process
+        assert process is not None
+        departures = [trail.record_before_answer(record) for record in batch]
+        departure = departures[0]
+        assert departure is not None and all(d is departure for d in departures)  # one for the pass's records
+        assert process.unacknowledged == 0 and not asyncio.ensure_future(departure).done()  # none written yet
+        await departure
+        assert process.unacknowledged == 1  # the 50 records in one frame
+        waiting = [trail.record_before_answer(record) for record in later]
+        trail.record(refusal)  # written at once, after the records made before it (one frame of them)
+        assert process.unacknowledged == 3
+        await asyncio.gather(*(w for w in waiting if w is not None))
+        assert process.unacknowledged == 3  # nothing more to send
+        await trail.close()
+
+    try:
+        uvloop.run(scenario())
+        expected = [r.request_id for r in batch] + [r.request_id for r in later] + [refusal.request_id]
+        assert _request_ids(store) == expected
+        assert store.verify().ok and trail.pending == 0 and trail.written == 53
+    finally:
+        store.close()
+
+
+def test_a_record_made_alone_is_written_at_once(audit_url: str) -> None:
+    """No other request in flight (``together=False``): nothing waits for the pass to end."""
+    store = AuditStore.open(audit_url)
+    trail = AuditTrail({"ae": store}, "ae", writer="process")
+    (record,) = _records(1, "alone")
+
+    async def scenario() -> None:
+        await trail.start()
+        process = trail._default.process
+        assert process is not None
+        assert trail.record_before_answer(record, together=False) is None
+        assert process.unacknowledged == 1
+        await trail.close()
+
+    try:
+        uvloop.run(scenario())
+        assert _request_ids(store) == [record.request_id]
+    finally:
+        store.close()
+
+
+_ANSWERING_SERVER = """
+import asyncio, sys
+from dhow.governance.audit import AuditRecord, AuditStore
+from dhow.governance.audit_trail import AuditTrail
+
+async def main(url: str) -> None:
+    trail = AuditTrail({"ae": AuditStore.open(url)}, "ae", writer="process")
+    await trail.start()
+    for batch in range(40):  # batches of 25 requests ending together, each answered once its record has left
+        departures = [
+            trail.record_before_answer(AuditRecord("inference", "infer", "key:k", request_id=f"r-{batch}-{i}"))
+            for i in range(25)
+        ]
+        for i, departure in enumerate(departures):
+            await departure
+            print(f"r-{batch}-{i}", flush=True)  # its answer
+    print("all answered", flush=True)
+    await asyncio.sleep(3600)  # SIGKILLed here, its records still on their way to the store
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_no_answered_request_is_missing_after_the_server_is_killed(tmp_path: Path) -> None:
+    """A server killed with SIGKILL right after its answers loses none of their records: each left the server's
+    process (with the others of its pass, in one write) before its answer did; the writer writes them once the
+    pipe closes."""
+    url = f"sqlite:///{tmp_path}/audit.db"
+    AuditStore.open(url).close()
+    script = tmp_path / "server.py"
+    script.write_text(_ANSWERING_SERVER)
+    server = subprocess.Popen(
+        [sys.executable, str(script), url], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": SRC}
+    )
+    assert server.stdout is not None
+    answered = []
+    for line in server.stdout:
+        if line.strip() == "all answered":
+            break
+        answered.append(line.strip())
+    server.send_signal(signal.SIGKILL)
+    server.wait()
+    store = AuditStore.open(url)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_request_ids(store)) < len(answered) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the orphaned writer writes what its pipe held, then exits
+        assert len(set(answered)) == 1000
+        assert set(_request_ids(store)) >= set(answered)
+        assert store.verify().ok
+    finally:
+        store.close()
+
+
+def test_the_guard_sends_a_record_alone_at_once_and_with_others_in_flight_together(tmp_path: Path) -> None:
+    """The access guard's inference records: while other requests are in flight (they may end in the same pass)
+    a record waits for the pass's end and leaves with theirs; alone, it is written at once, with nothing to await."""
+    store = AuditStore.open(f"sqlite:///{tmp_path}/audit.db")
+    trail = AuditTrail({"default": store}, "default", writer="process")
+    guard = AccessGuard(
+        Authenticator(None, enabled=True),
+        LocalRateLimiter(),
+        trail,
+        Masker(parse_masking(None, "audit"), b"k" * 32),
+        lambda name: "default",
+    )
+    caller, infer = Principal("dhow:test", ALL_TENANTS, (Grant("invoker"),)), ACTIONS["infer"]
+
+    async def scenario() -> None:
+        await trail.start()
+        process = trail._default.process
+        assert process is not None
+        first, second = (guard.admit(caller, infer, "fraud") for _ in range(2))
+        assert isinstance(first, Admission) and isinstance(second, Admission)
+        waiting = guard.finish(first), guard.finish(second)
+        assert waiting[0] is not None and waiting[0] is waiting[1] and process.unacknowledged == 0
+        await waiting[0]
+        assert process.unacknowledged == 1  # both records in one frame
+        alone = guard.admit(caller, infer, "fraud")
+        assert isinstance(alone, Admission)
+        assert guard.finish(alone) is None and process.unacknowledged == 2
+        await trail.close()
+
+    try:
+        uvloop.run(scenario())
+        assert [r["actor"] for r in store.read(limit=10)] == ["dhow:test"] * 3
+    finally:
+        store.close()
+
+
+def test_a_request_cancelled_while_its_record_leaves_cancels_no_other(tmp_path: Path) -> None:
+    """The requests of one pass share what they await: one cancelled meanwhile (its client left) gets its
+    ``CancelledError`` alone, the others are answered, and every record is written."""
+    store = AuditStore.open(f"sqlite:///{tmp_path}/audit.db")
+    trail = AuditTrail({"ae": store}, "ae", writer="process")
+    records = _records(2, "c")
+
+    async def answer(record: AuditRecord) -> str:
+        waiting = trail.record_before_answer(record)
+        assert waiting is not None
+        await waiting
+        return record.request_id
+
+    async def scenario() -> None:
+        await trail.start()
+        cancelled, answered = (asyncio.create_task(answer(record)) for record in records)
+        await asyncio.sleep(0)  # both wait for the pass's frame
+        cancelled.cancel()
+        assert await answered == records[1].request_id
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await trail.close()
+
+    try:
+        uvloop.run(scenario())
+        assert _request_ids(store) == [r.request_id for r in records]
+    finally:
+        store.close()

@@ -4,7 +4,9 @@
 ``flush_interval_s`` (or at once when a batch is full). The writing runs in a thread, or (``writer="process"``,
 what the server uses) in a writer process per store, spoken to over pipes from the event loop, so that
 hashing and the database's work take nothing from the interpreter lock the loop needs. A write that fails is
-retried with backoff, never dropped.
+retried with backoff, never dropped. The inference path's records (``record_before_answer``) leave for a
+writer process together: those made in one pass of the event loop (a batch's requests end together) as one
+frame in one write, early in the next pass, before any of their answers is sent.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import socket
 import sys
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -151,9 +153,28 @@ def _widen(transport: asyncio.WriteTransport) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BYTES)  # up to net.core.wmem_max
 
 
+async def _depart(process: WriterProcess, departure: _Departure) -> None:
+    """Done with the departure once the pipe took what waits in this process (the writer is behind)."""
+    try:
+        await process.handed_over()
+    except BaseException:
+        departure.set_exception(Unavailable("the audit trail stopped before the records left this process"))
+        raise
+    departure.set_result(None)
+
+
 def _frame(records: list[AuditRecord], *, urgent: bool = False) -> bytes:
     rows = [record.as_tuple() for record in records]
     return encode_frame({"rows": rows, "now": True} if urgent else rows)
+
+
+class _Departure(asyncio.Future[None]):
+    """What the requests whose records wait in one outbox await before they are answered: done once their frame
+    is in the writer's pipe. Shared by them all, so it cannot be cancelled: a request cancelled while it waits is
+    cancelled alone when it wakes (its task's own cancellation), the others' answers still go."""
+
+    def cancel(self, msg: object = None) -> bool:
+        return False
 
 
 @dataclass(eq=False)
@@ -173,6 +194,10 @@ class _Lane:
     waiters: deque[tuple[int, asyncio.Future[None]]] = field(default_factory=deque)
     failing: bool = False
     backoff_s: float = 0.0
+    #: a writer process's records of this pass of the event loop (``record_before_answer``), sent as one frame
+    #: early in the next pass, and what their requests await until then (None: none waits)
+    outbox: list[AuditRecord] = field(default_factory=list)
+    departure: _Departure | None = None
 
     @property
     def idle(self) -> bool:
@@ -236,10 +261,47 @@ class AuditTrail:
         return self._lanes.get(region, self._default).store
 
     def record(self, record: AuditRecord) -> bool:
-        """Queues a record (no I/O); ``Unavailable`` when the backlog is full, since work must not go unaudited.
-        True when the record waits in this process for its writer's pipe: then ``handed_over`` before answering."""
+        """Queues a record (no waiting; to a writer process it is written at once, after the outbox of this pass);
+        ``Unavailable`` when the backlog is full, since work must not go unaudited. True when the record waits in
+        this process for its writer's pipe: then ``handed_over`` before answering."""
         lane = self._enqueue(record)
         return lane.process is not None and lane.process.held
+
+    def record_before_answer(self, record: AuditRecord, *, together: bool = True) -> Awaitable[None] | None:
+        """Queues the record of a request about to be answered (an inference); what to await before its answer is
+        sent, or None when nothing must be (a writer thread: ``close`` writes what is queued).
+
+        To a writer process, the records made in one pass of the event loop (a batch's requests end together)
+        leave as one frame, in one write, early in the next pass; what this returns is done once that frame is in
+        the writer's pipe (also when the pipe had to make room), where a SIGKILL of this process no longer loses
+        it. Unless ``together`` is False (no other request is in flight to end in this pass): then the record is
+        written at once, and nothing is awaited unless the pipe is full. ``Unavailable`` as for ``record``."""
+        if not together and not self._lanes.get(record.region, self._default).outbox:
+            return self.handed_over(record) if self.record(record) else None
+        lane = self._admit(record)
+        if lane.process is None:
+            self._queue(lane, record)
+            return None
+        lane.outbox.append(record)
+        departure = lane.departure
+        if departure is None:
+            departure = lane.departure = _Departure()
+            departure.get_loop().call_soon(self._send_outbox, lane)
+        return departure
+
+    def _send_outbox(self, lane: _Lane) -> None:
+        """Write the lane's outbox as one frame; its requests may be answered once the pipe has taken it."""
+        records, departure = lane.outbox, lane.departure
+        lane.outbox, lane.departure = [], None
+        if records:
+            self._send(lane, records)
+        if departure is None:
+            return
+        process = lane.process
+        if process is not None and process.held:
+            asyncio.get_running_loop().create_task(_depart(process, departure))
+        else:
+            departure.set_result(None)
 
     async def handed_over(self, record: AuditRecord) -> None:
         """Wait until the record left this process (into its writer process's pipe), where a SIGKILL of this
@@ -248,7 +310,8 @@ class AuditTrail:
         if lane.process is not None:
             await lane.process.handed_over()
 
-    def _enqueue(self, record: AuditRecord, *, urgent: bool = False) -> _Lane:
+    def _admit(self, record: AuditRecord) -> _Lane:
+        """The record's lane, its record counted; ``Unavailable`` when closed or too far behind."""
         if self._closing:
             raise Unavailable("the audit trail is closed: the server is shutting down", retry_after=1.0)
         if self._pending >= self._max_pending:
@@ -259,15 +322,30 @@ class AuditTrail:
         lane = self._lanes.get(record.region, self._default)
         lane.enqueued += 1
         self._pending += 1
-        if lane.process is not None:
-            lane.process.send([record], urgent=urgent)  # it leaves this process now, before its request is answered
-            if lane.process.unacknowledged == 1:
-                lane.wake.set()
-        else:
-            lane.queue.append(record)
-            if len(lane.queue) >= self._max_batch and not lane.failing:
-                lane.wake.set()
         return lane
+
+    def _enqueue(self, record: AuditRecord, *, urgent: bool = False) -> _Lane:
+        lane = self._admit(record)
+        if lane.process is None:
+            self._queue(lane, record)
+        else:
+            if lane.outbox:  # the records made before it go first: a store's records keep their order
+                self._send_outbox(lane)
+            self._send(lane, [record], urgent=urgent)  # it leaves this process now
+        return lane
+
+    def _queue(self, lane: _Lane, record: AuditRecord) -> None:
+        """For a writer thread."""
+        lane.queue.append(record)
+        if len(lane.queue) >= self._max_batch and not lane.failing:
+            lane.wake.set()
+
+    def _send(self, lane: _Lane, records: list[AuditRecord], *, urgent: bool = False) -> None:
+        process = lane.process
+        assert process is not None
+        process.send(records, urgent=urgent)
+        if process.unacknowledged == 1:
+            lane.wake.set()
 
     async def record_now(self, record: AuditRecord) -> None:
         """Records and returns once the record (and every one queued before it for its store) is durable."""
@@ -296,6 +374,9 @@ class AuditTrail:
     async def close(self, *, timeout_s: float = 30.0) -> None:
         """Writes everything pending, waiting up to ``timeout_s`` for a store that is down, then stops."""
         self._closing = True
+        for lane in self._lanes.values():
+            if lane.outbox or lane.departure is not None:
+                self._send_outbox(lane)
         await self.start()
         for lane in self._lanes.values():
             lane.wake.set()

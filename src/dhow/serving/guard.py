@@ -32,6 +32,8 @@ from dhow.serving.refusals import Refusal, UnknownCallers
 __all__ = ["AccessGuard", "Admission"]
 
 _NOTHING = Outcome()
+#: read once: a member read through its Enum class costs a request more than a call
+_INFER = Permission.INFER
 
 _DENIALS = frozenset({ErrorCode.UNAUTHENTICATED.value, ErrorCode.PERMISSION_DENIED.value})
 
@@ -46,6 +48,8 @@ class Admission:
     caller: Caller
     start_ns: int
     permits: list[Permit] = field(default_factory=list)
+    #: the model's tenant, as authorization saw it ("" without a model): its audit record's
+    tenant: str = ""
 
 
 class AccessGuard:
@@ -75,6 +79,9 @@ class AccessGuard:
         self.unknown = UnknownCallers(self._tallied, rate=failures[0], burst=failures[1])
         self.masker = masker
         self.tenant_of = tenant_of
+        #: requests admitted and not finished: while others are, an inference's record waits for theirs (a batch's
+        #: requests end in one pass of the event loop) to leave with them in one write; alone, it leaves at once
+        self._in_flight = 0
 
     def admit(
         self, who: Credentials | Principal, access: Access, model: str = "", request_id: str = ""
@@ -143,7 +150,9 @@ class AccessGuard:
             raise
         authenticator = self.authenticator
         caller = Caller(principal.name, principal.tenant, request_id, authenticator.region_of(principal))
-        return Admission(principal, access, model, caller, time.perf_counter_ns()), authenticator.limits_of(principal)
+        self._in_flight += 1
+        admission = Admission(principal, access, model, caller, time.perf_counter_ns(), [], tenant)
+        return admission, authenticator.limits_of(principal)
 
     async def _take_quota(self, admission: Admission, quotas: list[tuple[str, Limits, str]]) -> Admission:
         """Take a permit of each quota for the admitted request; a refusal (429) gives back those taken."""
@@ -151,6 +160,7 @@ class AccessGuard:
             try:
                 admission.permits.append(await self.limiter.acquire(subject, limits, what))
             except BaseException as exc:
+                self._in_flight -= 1
                 self._release(admission)
                 if isinstance(exc, DhowError):
                     self.refusals.labels(exc.code.value).inc()
@@ -169,47 +179,46 @@ class AccessGuard:
 
         ``served`` is what inference decided (version, data region, payload sample); ``details`` what an admin
         change says about itself (a key's id, a revision). None when nothing must be waited for (nothing to record,
-        or its record is queued), else what to await before the answer leaves (a record on its way out)."""
+        or its record is queued for a writer thread), else what to await before the answer leaves (a record on its
+        way out of this process, or to durability)."""
+        self._in_flight -= 1
         self._release(admission)
+        access = admission.access
+        permission = access.permission
         if outcome not in _DENIALS and (
-            not admission.access.permission.audited
+            not permission.audited
             # without authentication every caller is "anonymous": inference records would say nothing (a batch
             # run's record still says what ran, on which files)
-            or (admission.access.action == "infer" and not self.authenticator.enabled)
+            or (access.action == "infer" and not self.authenticator.enabled)
         ):
             return None
-        record = self._record(admission, outcome, message, served or _NOTHING, details or {})
-        if admission.access.permission is Permission.INFER:
-            # batched off the hot path, unless its writer is behind: then it leaves this process before the answer
-            return self.audit.handed_over(record) if self.audit.record(record) else None
+        record = self._record(admission, outcome, message, served or _NOTHING, details)
+        if permission is _INFER:
+            # batched off the hot path: it leaves this process before the answer does (with the records of the other
+            # requests that end in this pass of the event loop, in one write, when others are in flight)
+            return self.audit.record_before_answer(record, together=self._in_flight > 0)
         return self.audit.record_now(record)  # a change is durable before it is answered
 
     def _record(
-        self, admission: Admission, outcome: str, message: str, served: Outcome, given: Mapping[str, Any]
+        self, admission: Admission, outcome: str, message: str, served: Outcome, given: Mapping[str, Any] | None
     ) -> AuditRecord:
         caller = admission.caller
-        details = dict(given)
+        details = dict(given) if given else {}
         if message:
             details["reason"] = self.masker.mask_text(message)
         if served.payload is not None:
             details["payload"] = served.payload
         # a record belongs to the tenant whose model or key it touched, so that tenant's auditors see it
-        tenant = self.tenant_of(admission.model) if admission.model else str(details.get("tenant", caller.tenant))
+        tenant = admission.tenant if admission.model else str(details.get("tenant", caller.tenant))
         if tenant != caller.tenant:
             details["actor_tenant"] = caller.tenant
+        access = admission.access
+        kind = "denial" if outcome in _DENIALS else "inference" if access.permission is _INFER else "admin"
+        # positional: a dozen keywords cost the call twice as much (one per request)
         return AuditRecord(
-            kind=_kind(admission.access, outcome),
-            action=admission.access.action,
-            actor=caller.principal,
-            tenant=tenant,
-            outcome=outcome,
-            model=admission.model,
-            version=served.version,
-            request_id=caller.request_id,
-            region=served.data_region,
-            latency_ms=(time.perf_counter_ns() - admission.start_ns) / 1e6,
-            details=details,
-        )
+            kind, access.action, caller.principal, tenant, outcome, admission.model, served.version,
+            caller.request_id, served.data_region, (time.perf_counter_ns() - admission.start_ns) / 1e6, details,
+        )  # fmt: skip
 
     def _release(self, admission: Admission) -> None:
         for permit in admission.permits:
@@ -255,9 +264,3 @@ class AccessGuard:
                 details={"reason": self.masker.mask_text(reason), **extra},
             )
         )
-
-
-def _kind(access: Access, outcome: str) -> str:
-    if outcome in _DENIALS:
-        return "denial"
-    return "inference" if access.permission is Permission.INFER else "admin"
