@@ -331,7 +331,8 @@ def probe() -> Iterator[str]:
 
     async def who(request: bytes, context: Any) -> bytes:
         tag = [value for key, value in context.invocation_metadata() if key == "x-tag"]
-        return f"{credentials(context).authorization}|{tag}".encode()
+        headers = context.headers()  # what ModelInfer gives the data plane as the request's headers
+        return f"{credentials(context).authorization}|{tag}|{headers.get('x-tag')}|{sorted(headers)}".encode()
 
     async def own(request: bytes, context: Any) -> bytes:
         mine.set(request)
@@ -365,8 +366,15 @@ def test_credentials_and_metadata_follow_each_calls_headers_on_one_connection(pr
         call = channel.unary_unary("/t.Probe/Who")
         for key, tag in sent:
             metadata = [("x-tag", tag)] + ([("authorization", f"Bearer {key}")] if key else [])
-            expected = f"{'Bearer ' + key if key else ''}|{[tag]}"
+            names = sorted(["x-tag", "user-agent", *(["authorization"] if key else [])])
+            expected = f"{'Bearer ' + key if key else ''}|{[tag]}|{tag}|{names}"
             assert call(b"", metadata=metadata, timeout=10).decode() == expected
+
+
+def test_the_headers_of_a_call_are_its_text_metadata(probe: str) -> None:
+    with grpc.insecure_channel(probe) as channel:
+        answer = channel.unary_unary("/t.Probe/Who")(b"", metadata=[("x-raw-bin", b"\0\1")], timeout=10).decode()
+    assert answer.endswith("|None|['user-agent']")  # the binary entry and grpc's own headers are left out
 
 
 def test_calls_on_one_connection_each_keep_their_own_context(probe: str) -> None:

@@ -4,16 +4,31 @@ A serving process builds most of its objects once (models, routes, metrics) and 
 collections walk every tracked object each time, and while they run every request in flight waits: measured
 on mlp at c=64, pauses of about 100 ms that made the p99. ``settle_heap`` moves what exists now out of the
 collector's reach (``gc.freeze``); only what is made later is walked.
+
+It also raises the youngest generation's threshold (``YOUNG_THRESHOLD`` instead of Python's 700). A young
+collection starts when the tracked objects made exceed those freed by the threshold, and walks every young
+object still alive: under load, the requests in flight. At 700 a loaded server collected every ~18 mlp
+requests at c=64, each time walking (and promoting) the ~64 requests waiting for the model: ~5% of the event
+loop's instructions. The objects a request makes are freed by their reference counts when it is answered, so
+a higher threshold is rarely reached: collections become rare, and one that runs walks at most about as many
+objects as the threshold (a pause of about a millisecond). Cyclic garbage waits as long before it is freed.
 """
 
 from __future__ import annotations
 
 import gc
 
-__all__ = ["settle_heap"]
+__all__ = ["YOUNG_THRESHOLD", "settle_heap"]
+
+#: the youngest generation's threshold once start-up is done (Python's default: 700); the older generations'
+#: thresholds are left as they are
+YOUNG_THRESHOLD = 10_000
 
 
 def settle_heap() -> None:
-    """Collect once, then freeze what is left: call when start-up (loading the models) is done."""
+    """Collect once, then freeze what is left and raise the young threshold: call when start-up (loading the
+    models) is done."""
     gc.collect()
     gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_THRESHOLD, middle, old)

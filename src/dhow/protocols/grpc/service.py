@@ -27,6 +27,7 @@ from dhow.protocols.grpc.decoding import answers_bytes
 from dhow.protocols.grpc.errors import Context, abort, credentials, guarded
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.generated import model_config_pb2 as mc
+from dhow.protocols.grpc.h2.calls import CallContext
 from dhow.protocols.routes import GRPC_ACCESS
 from dhow.serving.service import Access, Call, CoreService
 
@@ -125,7 +126,7 @@ class InferenceServicer:
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context, call: Call) -> bytes:
         """The answer is a serialized ``ModelInferResponse``."""
         inference = request_from_proto(request)
-        inference.headers = LazyHeaders(lambda: _metadata(context))
+        inference.headers = _headers(context)
         response = await call.infer(inference)
         return response_bytes(response)
 
@@ -196,6 +197,14 @@ def _model_index(row: Mapping[str, Any]) -> pb.RepositoryIndexResponse.ModelInde
         state=str(row.get("state") or ""),
         reason=str(row.get("reason") or ""),
     )
+
+
+def _headers(context: Context) -> Mapping[str, str]:
+    """The call's text metadata as the request's headers: the native front keeps them with the call's header
+    block (read once for every call that sends the block again); grpcio's are decoded on first use."""
+    if isinstance(context, CallContext):
+        return context.headers()
+    return LazyHeaders(lambda: _metadata(context))
 
 
 def _metadata(context: Context) -> list[tuple[str, str]]:

@@ -13,8 +13,9 @@ import asyncio
 import base64
 import logging
 import zlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -181,6 +182,18 @@ class CallContext:
             )
         metadata: tuple[tuple[str, str | bytes], ...] = block.metadata
         return metadata
+
+    def headers(self) -> Mapping[str, str]:
+        """The call's text metadata (``-bin`` entries left out) as the request's headers: names in lower case, the
+        last value of a repeated name. Made once per header block and shared by the calls that send it again, so
+        it is read-only."""
+        block = self._block
+        if block.headers is None:
+            block.headers = MappingProxyType(
+                {name.lower(): value for name, value in self.invocation_metadata() if isinstance(value, str)}
+            )
+        headers: Mapping[str, str] = block.headers
+        return headers
 
     def credentials(self, read: Callable[[Any], Any]) -> Any:
         """What ``read`` makes of the call's credentials, kept with its header block: the block is the

@@ -148,15 +148,16 @@ def _skip_string(block: bytes, position: int) -> int:
 
 
 class Block:
-    """A decoded header block; ``request``, ``metadata`` and ``credentials`` are what the connection and the call
-    read from it, kept with a cached block so that a call sent again is read once."""
+    """A decoded header block; ``request``, ``metadata``, ``headers`` and ``credentials`` are what the connection
+    and the call read from it, kept with a cached block so that a call sent again is read once."""
 
-    __slots__ = ("credentials", "fields", "metadata", "request")
+    __slots__ = ("credentials", "fields", "headers", "metadata", "request")
 
     def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
         self.fields = fields
         self.request: Any = None
         self.metadata: Any = None
+        self.headers: Any = None
         self.credentials: Any = None
 
 
