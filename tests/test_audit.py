@@ -27,6 +27,8 @@ import orjson
 import psycopg
 import pytest
 import uvloop
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dhow.access.actions import ACTIONS
 from dhow.access.authenticator import Authenticator
@@ -172,6 +174,48 @@ def test_a_field_that_is_not_a_string_is_stored_as_its_text(store: AuditStore) -
     record = AuditRecord("inference", "infer", "anonymous", model="m", version=3)  # type: ignore[arg-type]
     store.append([record])
     assert store.read()[0]["version"] == "3" and store.verify().ok
+
+
+_PLAIN_TEXT = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=12)
+_ANY_TEXT = st.one_of(
+    _PLAIN_TEXT, st.text(max_size=12), st.sampled_from(["", '"', "\\", "\x00", "\x7f", "é", "\ud800"])
+)
+_DETAILS = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | _ANY_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_ANY_TEXT, inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    texts=st.lists(st.one_of(_PLAIN_TEXT, _ANY_TEXT), min_size=9, max_size=9),
+    latency=st.none() | st.floats() | st.sampled_from([0.0, -0.0, 1e-3, 4.9e-4, 5e-4, 1e15, 1e16 - 2, 1e16, -1.5]),
+    details=st.one_of(st.just({}), st.dictionaries(_ANY_TEXT, _DETAILS, max_size=3)),
+    at=st.one_of(st.just(""), _ANY_TEXT),
+    at_s=st.floats(min_value=-1e10, max_value=1e10),
+    seq=st.integers(min_value=0, max_value=2**53),
+)
+def test_the_hashed_json_is_the_canonical_json_of_the_stored_fields(
+    texts: list[str], latency: float | None, details: dict[str, Any], at: str, at_s: float, seq: int
+) -> None:
+    """The chain writes a plain record's JSON itself: it must hash what ``verify`` hashes (orjson, keys sorted)."""
+    kind, action, actor, tenant, outcome, model, version, request_id, region = texts
+    row = (kind, action, actor, tenant, outcome, model, version, request_id, region, latency, details, at, at_s)
+    content = audit_module._content(row)
+    values = audit_module._chain([content], seq, "ab" * 32)
+    stored = dict(zip(audit_module._NAMES, values[: len(audit_module._NAMES)], strict=True))
+    assert stored["seq"] == seq + 1 and values[-2] == "ab" * 32
+    assert values[-1] == audit_module._digest("ab" * 32, stored)  # what verify computes from the stored row
+    expected = orjson.dumps({**stored}, option=orjson.OPT_SORT_KEYS)
+    assert audit_module._canonical("ab" * 32, seq + 1, content) == b"ab" * 32 + expected
+
+
+def test_the_usual_inference_record_takes_the_written_json() -> None:
+    """(Else the property above would test orjson against itself.)"""
+    row = ("inference", "infer", "key:ci", "default", "success", "m", "1", "5f3a9c0100000001", "", 1.2345, {}, "", 1e9)
+    assert audit_module._content(row)[-1] == "1.234"
+    assert audit_module._content((*row[:10], {"reason": "x"}, *row[11:]))[-1] is None  # quotes: orjson writes it
 
 
 @pytest.mark.parametrize(

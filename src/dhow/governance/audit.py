@@ -138,30 +138,39 @@ def _details(details: Mapping[str, Any]) -> str:
         return orjson.dumps({"unencodable_details": _text(repr(details))[:2000]}).decode()
 
 
-def _content(record: AuditRecord) -> dict[str, object]:
-    """The stored fields, exactly as they will read back (the hash covers these), seq 0 until ``_chain`` sets it.
+#: the texts of a stored record, in the order of their names sorted (the order of the hash's canonical JSON)
+_TEXTS = operator.itemgetter(1, 2, 0, 5, 4, 8, 7, 3, 6)
 
-    Built in the order of the names sorted, the order of the hash's canonical JSON, so that ``_chain`` need not
-    sort them for every record (``_digest``, which sorts, hashes the same bytes)."""
-    latency = record.latency_ms
+
+def _content(row: Sequence[Any]) -> tuple[Any, ...]:
+    """The stored fields of a record given as ``AuditRecord.as_tuple`` gives it (what crosses to the writer
+    process), exactly as they will read back (the hash covers these): action, actor, at, details, kind,
+    latency_ms, model, outcome, region, request_id, tenant, version (the names sorted, the order of the hash's
+    canonical JSON; seq is ``_chain``'s), then the latency as it is in that JSON, or None when some text needs
+    escaping there (``_chain`` then has orjson write it)."""
+    latency = row[9]
     if latency is not None:
         # 3 decimals survive every float column; + 0.0 turns -0.0 into 0.0, which SQLite would do on reading
         latency = round(float(latency), 3) + 0.0
         latency = latency if math.isfinite(latency) else None
-    texts: tuple[str, ...] = (record.action, record.actor, record.kind, record.model, record.outcome, record.region,
-                              record.request_id, record.tenant, record.version)  # fmt: skip
+    texts: tuple[Any, ...] = _TEXTS(row)  # action, actor, kind, model, outcome, region, request_id, tenant, version
+    at, details = row[11], row[10]
+    details = "{}" if type(details) is dict and not details else _details(details)
     try:
-        joined = "".join(texts)
+        # a time formatted here and empty details are plain (below): the usual record checks its texts alone
+        joined = "".join((*texts, at, details)) if at or details != "{}" else "".join(texts)
     except TypeError:  # not all strings: each is repaired below
         joined = "\x00"
-    if not joined.isascii() or "\x00" in joined:  # the usual record needs no repair: one check for all its texts
-        texts = tuple(_text(text) for text in texts)
+    at = at or _iso_utc(row[12])
+    # the usual record: printable ASCII without a quote or backslash, as its canonical JSON has it verbatim
+    plain = joined.isascii() and joined.isprintable() and '"' not in joined and "\\" not in joined
+    if not plain:  # (a given time too: one with a NUL or a lone surrogate would block the queue)
+        texts, at = tuple(_text(text) for text in texts), _text(at)
     action, actor, kind, model, outcome, region, request_id, tenant, version = texts
-    return {
-        "action": action, "actor": actor, "at": record.when(), "details": _details(record.details), "kind": kind,
-        "latency_ms": latency, "model": model, "outcome": outcome, "region": region, "request_id": request_id,
-        "seq": 0, "tenant": tenant, "version": version,
-    }  # fmt: skip
+    # orjson writes such a float as repr does (checked by the tests); 0.001 is the least after rounding
+    json_latency = "null" if latency is None else repr(latency) if latency == 0 or 1e-3 <= latency < 1e16 else None
+    return (action, actor, at, details, kind, latency, model, outcome, region, request_id, tenant, version,
+            json_latency if plain else None)  # fmt: skip
 
 
 def _digest(prev_hash: str, fields: Mapping[str, object]) -> str:
@@ -169,22 +178,57 @@ def _digest(prev_hash: str, fields: Mapping[str, object]) -> str:
     return hashlib.sha256(prev_hash.encode() + orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-_ROW = operator.itemgetter(*_NAMES)
+def _canonical(prev_hash: str, seq: int, content: Sequence[Any]) -> bytes:
+    """What ``_digest`` hashes for ``_content``'s fields at ``seq``: written here when no text needs escaping (the
+    JSON orjson would write, keys sorted, no spaces), else by orjson."""
+    action, actor, at, details, kind, _latency, model, outcome, region, request_id, tenant, version, json_latency = (
+        content
+    )
+    if json_latency is None:
+        fields = dict(zip(_SORTED, content[:-1], strict=True), seq=seq)
+        return prev_hash.encode() + orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+    return (
+        f'{prev_hash}{{"action":"{action}","actor":"{actor}","at":"{at}","details":"{details}","kind":"{kind}",'
+        f'"latency_ms":{json_latency},"model":"{model}","outcome":"{outcome}","region":"{region}",'
+        f'"request_id":"{request_id}","seq":{seq},"tenant":"{tenant}","version":"{version}"}}'
+    ).encode()
 
 
-def _chain(contents: Sequence[dict[str, object]], seq: int, prev_hash: str) -> list[tuple[object, ...]]:
-    """The rows to insert after record ``seq`` whose hash is ``prev_hash``: columns, prev_hash, hash.
+#: ``_content``'s field names, in its order
+_SORTED = ("action", "actor", "at", "details", "kind", "latency_ms", "model", "outcome", "region", "request_id",
+           "tenant", "version")  # fmt: skip
+#: the values to insert (the columns of ``_COLUMNS``, prev_hash, hash) per record
+_WIDTH = len(_NAMES) + 2
 
-    ``contents`` are ``_content``'s, their keys in sorted order: what ``_digest`` hashes, without sorting them."""
-    rows: list[tuple[object, ...]] = []
-    sha256, dumps = hashlib.sha256, orjson.dumps
-    for fields in contents:
+
+def _chain(contents: Sequence[Sequence[Any]], seq: int, prev_hash: str) -> list[object]:
+    """The values to insert after record ``seq`` whose hash is ``prev_hash``, ``_WIDTH`` a record, one after the
+    other: its columns (``_COLUMNS``), prev_hash, hash. ``contents`` are ``_content``'s."""
+    values: list[object] = []
+    sha256, canonical = hashlib.sha256, _canonical
+    for content in contents:
         seq += 1
-        fields["seq"] = seq
-        digest = sha256(prev_hash.encode() + dumps(fields)).hexdigest()
-        rows.append((*_ROW(fields), prev_hash, digest))
+        digest = sha256(canonical(prev_hash, seq, content)).hexdigest()
+        action, actor, at, details, kind, latency, model, outcome, region, request_id, tenant, version, _ = content
+        values += (seq, at, kind, action, actor, tenant, model, version, outcome, latency, request_id, region, details,
+                   prev_hash, digest)  # fmt: skip
         prev_hash = digest
-    return rows
+    return values
+
+
+#: rows a statement inserts at most (one statement per chunk: fewer steps than one per row), and its SQL
+_CHUNK = 64
+_INSERT = f"INSERT INTO dhow_audit ({_COLUMNS}, prev_hash, hash) VALUES "
+_ONE_ROW = "(" + ", ".join("?" * _WIDTH) + ")"
+
+
+def _chunks(count: int) -> Iterator[int]:
+    """``count`` rows as chunks of ``_CHUNK`` rows, then of powers of two: a handful of statements, each prepared
+    once (and fewer than 999 values in each, SQLite's oldest limit)."""
+    while count:
+        size = min(_CHUNK, 1 << (count.bit_length() - 1))
+        yield size
+        count -= size
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,16 +339,22 @@ class AuditStore(Database):
 
     def append(self, records: Sequence[AuditRecord]) -> int:
         """Chains the records after the current head in one transaction; answers the last seq."""
-        contents = [_content(record) for record in records]
+        return self.append_rows([record.as_tuple() for record in records])
+
+    def append_rows(self, rows: Sequence[Sequence[Any]]) -> int:
+        """``append`` for records given as ``AuditRecord.as_tuple`` gives them (the audit writer process's)."""
+        contents = [_content(row) for row in rows]
         with self._write(lock_key=PG_AUDIT_LOCK) as session:
             # under the lock (PostgreSQL) or BEGIN IMMEDIATE (SQLite) no other process moves the head meanwhile
             head = session.one("SELECT seq, hash FROM dhow_audit ORDER BY seq DESC LIMIT 1")
             seq, prev_hash = (int(head[0]), str(head[1])) if head else (0, GENESIS_HASH)
-            rows = _chain(contents, seq, prev_hash)
-            if rows:
-                marks = ", ".join("?" * (len(_NAMES) + 2))
-                session.executemany(f"INSERT INTO dhow_audit ({_COLUMNS}, prev_hash, hash) VALUES ({marks})", rows)
-        return seq + len(rows)
+            values = _chain(contents, seq, prev_hash)
+            start = 0
+            for size in _chunks(len(contents)):
+                end = start + size * _WIDTH
+                session.execute(_INSERT + ", ".join((_ONE_ROW,) * size), values[start:end])
+                start = end
+        return seq + len(contents)
 
     def head(self) -> tuple[int, str]:
         """The newest record's seq and hash; ``(0, GENESIS_HASH)`` for an empty trail."""

@@ -25,7 +25,7 @@ import orjson
 
 from dhow.core.errors import DhowError
 from dhow.core.frames import decode_frames, frame
-from dhow.governance.audit import AuditRecord, AuditStore
+from dhow.governance.audit import AuditStore
 
 __all__ = ["encode_frame", "main"]
 
@@ -124,12 +124,12 @@ def _urgent(frames: list[Any]) -> bool:
 
 def _write(store: AuditStore | None, url: str, frames: list[Any], sink: IO[bytes]) -> AuditStore:
     """Write the frames' records in one transaction, retrying until it works; answer how many frames."""
-    rows = [AuditRecord(*row) for frame in frames for row in (frame["rows"] if isinstance(frame, dict) else frame)]
+    rows = [row for frame in frames for row in (frame["rows"] if isinstance(frame, dict) else frame)]
     backoff, told = 0.1, False
     while True:
         try:
             store = store or AuditStore.open(url)
-            seq = store.append(rows)
+            seq = store.append_rows(rows)
             break
         except Exception as exc:  # the store is down, or a record it refuses: say so once, retry
             if store is not None:
