@@ -38,8 +38,11 @@ def _event(body: bytes | None) -> list[object]:
     rng = np.random.default_rng(0)
     inputs: object = len(body) if body is not None else [["input", "FP32", [1, 32], rng.standard_normal((1, 32))]]
     outputs = {"label": np.array([1]), "probabilities": rng.random((1, 2)).astype(np.float32)}
-    return ["req-0001", "tabular", "1", "anonymous", "default", "", "success", "", time.time(), 0.0012, {}, inputs,
-            outputs, 1]  # fmt: skip
+    event = ["req-0001", "tabular", "1", "anonymous", "default", "", "success", "", time.time(), 0.0012, {}, inputs,
+             outputs, 1]  # fmt: skip
+    if body is not None:  # a JSON body's number of tensors, as PayloadLog.offer appends it
+        event.append(1)
+    return event
 
 
 def _body() -> bytes:

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from dhow.core.errors import InvalidInput
 from dhow.core.frames import split_frames
+from dhow.core.wire.v2 import decode_request
 from dhow.governance.masking import Masker, parse_masking
-from dhow.monitoring.payload_log import frame_events, read_events
+from dhow.monitoring.payload_log import MASKING, TENSORS, PayloadLog, frame_events, read_events
 from dhow.monitoring.payload_sinks import FileSink, open_sink, worker_sink_url
 from dhow.serving.payload_render import cloud_event
 
@@ -170,24 +172,34 @@ _NUMBERS = {"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}
 _EMAIL = "bob@example.com"
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        json.dumps({"id": _EMAIL, "inputs": [_NUMBERS]}),
-        json.dumps({"parameters": {"c": {"e": _EMAIL}}, "inputs": [_NUMBERS]}),
-        json.dumps({"note": _EMAIL, "inputs": [_NUMBERS]}),
-        # four members and one more: a repeated key hides a string (the server keeps the last one)
-        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": ["bob@example.com"], "data": [1.0]}]}',
-        json.dumps({"inputs": [{**_NUMBERS, "parameters": {"w": _EMAIL}}]}),
-        # strings that count like a bare request's: six of them in an object of their own
-        json.dumps({"inputs": [_NUMBERS], "p": {"datatype": _EMAIL, "b": "c", "d": 1}}),
-        # a ragged text tensor whose first element is an empty list
-        json.dumps({"inputs": [{"name": "t", "datatype": "BYTES", "shape": [1], "data": [[], _EMAIL]}]}),
-    ],
-)
+#: bodies the server decodes (``wire.v2.decode_request``) that hold a string besides the protocol's
+_DECODABLE = [
+    json.dumps({"id": _EMAIL, "inputs": [_NUMBERS]}),
+    json.dumps({"parameters": {"c": {"e": _EMAIL}}, "inputs": [_NUMBERS]}),
+    json.dumps({"note": _EMAIL, "inputs": [_NUMBERS]}),
+    # four members and one more: a repeated key hides a string (the server keeps the last one)
+    '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": ["bob@example.com"], "data": [1.0]}]}',
+    json.dumps({"inputs": [{**_NUMBERS, "parameters": {"w": _EMAIL}}]}),
+    # strings that count like a bare request's: six of them in an object of their own
+    json.dumps({"inputs": [_NUMBERS], "p": {"datatype": _EMAIL, "b": "c", "d": 1}}),
+    # an escaped quote makes one string of what counts as two
+    json.dumps({"inputs": [{"name": 'a", "b', "datatype": "BYTES", "shape": [1], "data": [_EMAIL]}]}),
+]
+#: bodies the server refuses (no event holds them with a count of tensors): a ragged text tensor whose first
+#: element is an empty list, and strings whose count is made up by text
+_REFUSED = [
+    json.dumps({"inputs": [{"name": "t", "datatype": "BYTES", "shape": [1], "data": [[], _EMAIL]}]}),
+    json.dumps({"inputs": [{"datatype": "FP32", "shape": [1], "data": [_EMAIL], "x": 1}]}),
+    json.dumps({"inputs": [{"name": 1, "datatype": "FP32", "shape": [1], "data": [_EMAIL]}]}),
+    json.dumps({"inputs": [{**_NUMBERS, "data": _EMAIL}]}),
+]
+
+
+@pytest.mark.parametrize("body", _DECODABLE + _REFUSED)
 def test_no_string_outside_a_bare_requests_names_escapes_the_detectors(body: str) -> None:
     """Only a bare request (``{"inputs": [...]}``, tensors of name, datatype, shape and numbers) is written as
-    sent; an id, parameters, another key or a repeated one, anywhere, is parsed and masked."""
+    sent; an id, parameters, another key or a repeated one, anywhere, is parsed and masked. Here the event does not
+    say how many tensors the server decoded: the body is parsed to tell."""
     masker = Masker(parse_masking(None, "pii"), b"")
     event = ["r-5", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, body.encode(), None, 1]
     written = cloud_event(event, masker, "dhow://test")
@@ -196,6 +208,41 @@ def test_no_string_outside_a_bare_requests_names_escapes_the_detectors(body: str
     bare = {"inputs": [_NUMBERS, {**_NUMBERS, "name": "y"}]}
     event[11] = json.dumps(bare).encode()
     assert json.loads(cloud_event(event, masker, "dhow://test"))["data"]["request"] == bare
+
+
+@pytest.mark.parametrize("body", _DECODABLE)
+def test_a_bodys_quotes_counted_against_its_tensors_let_no_other_string_through(body: str) -> None:
+    """With the number of tensors the server decoded from the body (as ``PayloadLog.offer`` hands it over), a
+    count of its quotes alone tells a bare request: every body above has a string more, and is masked."""
+    tensors = len(decode_request(body.encode(), "notes").inputs)
+    masker = Masker(parse_masking(None, "pii"), b"")
+    event = ["r-5", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, body.encode(), None, 1, tensors]
+    written = cloud_event(event, masker, "dhow://test")
+    assert _EMAIL.encode() not in written
+    json.loads(written)
+    bare = json.dumps({"inputs": [_NUMBERS, {**_NUMBERS, "name": "y"}]}, indent=1).encode()
+    event[11], event[14] = bare, 2
+    assert bare.replace(b"\n", b" ") in cloud_event(event, masker, "dhow://test"), "embedded as it came"
+
+
+def test_a_json_body_goes_to_the_writer_with_its_tensors_count() -> None:
+    """``offer`` puts a JSON body after the frame's events and its number of tensors in the event (``TENSORS``)."""
+    log = PayloadLog.__new__(PayloadLog)
+    queued: list[Any] = []
+    log._refused = lambda count=1: False  # type: ignore[method-assign]
+    log._put = queued.append  # type: ignore[method-assign]
+    log._maskings, log._new_maskings, log._masking_count, log._bodies = {}, [], 0, []
+    body = json.dumps({"inputs": [_NUMBERS, {**_NUMBERS, "name": "y"}]}).encode()
+    masker = Masker(parse_masking(None, "pii"), b"")
+    log.offer(["r-6", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, (body, 2), {"y": np.ones(1)}], masker)
+    log.offer(["r-7", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, [["x", "FP32", [1], np.ones(1)]],
+               None], masker)  # fmt: skip
+    maskings, events = read_events(split_frames(bytearray(log._frame(queued)))[0])
+    assert [len(event) for event in events] == [15, 14]
+    assert events[0][11] == body and events[0][TENSORS] == 2 and events[0][MASKING] == events[1][MASKING] == 1
+    assert maskings == [[1, masker.spec()]]
+    written = json.loads(cloud_event(events[0], Masker.from_spec(masker.spec()), "dhow://test"))
+    assert written["data"]["request"] == json.loads(body)
 
 
 def test_a_frame_carries_json_bodies_after_the_events_as_they_came() -> None:

@@ -32,7 +32,9 @@ from dhow.monitoring.writer_pipe import WriterPipe
 __all__ = [
     "EVENT_TYPES",
     "FIELDS",
+    "MASKING",
     "MAX_MASKINGS",
+    "TENSORS",
     "Masking",
     "PayloadCounts",
     "PayloadLog",
@@ -46,14 +48,18 @@ __all__ = [
 EVENT_TYPES = {True: "io.dhow.inference.response", False: "io.dhow.inference.error"}
 #: an event as the data plane offers it: a list in this order (``outcome``: "success" or the error's code;
 #: ``error``: the message the client got; ``time``: the ``perf_counter`` when it reached the data plane, made Unix
-#: time once per frame; ``inputs``: the request's Open Inference Protocol JSON body as the client sent it (bytes),
-#: or its decoded tensors as ``[name, datatype, shape, array]`` lists; ``outputs``: name -> array, None when it
-#: failed). ``offer`` appends the number of the model's masking.
+#: time once per frame; ``inputs``: the request's Open Inference Protocol JSON body as the client sent it and the
+#: number of tensors the server decoded from it (a ``(bytes, int)`` tuple), or its decoded tensors as ``[name,
+#: datatype, shape, array]`` lists; ``outputs``: name -> array, None when it failed). ``offer`` appends the number
+#: of the model's masking and, for a JSON body, its number of tensors (``TENSORS``), in the writer a body's proof
+#: that it holds no string but the protocol's (``payload_render``).
 FIELDS = ("request_id", "model", "version", "principal", "tenant", "data_region", "outcome", "error", "time",
           "latency_s", "parameters", "inputs", "outputs")  # fmt: skip
 #: the indexes the data plane sets after the request ran
 VERSION, OUTCOME, ERROR, LATENCY, OUTPUTS = 2, 6, 7, 9, 12
 TIME, INPUTS = 8, 11
+#: the indexes of the masking's number and of a JSON body's number of tensors, which ``offer`` appends
+MASKING, TENSORS = 13, 14
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 #: masking rules remembered at most (one per model config; past it they are handed over again)
@@ -185,10 +191,12 @@ class PayloadLog(WriterPipe):
         if number is None:
             number = self._masking_number(masking)
         event.append(number)
-        body = event[INPUTS]
-        if type(body) is bytes:
+        inputs = event[INPUTS]
+        if type(inputs) is tuple:  # a JSON body: after the events, as it came; its tensors' count in the event
+            body, tensors = inputs
             self._bodies.append(body)
             event[INPUTS] = len(body)
+            event.append(tensors)
         self._put(event)
 
     def _masking_number(self, masking: Masking) -> int:

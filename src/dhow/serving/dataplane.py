@@ -232,10 +232,14 @@ class DataPlane:
     def _payload_event(request: InferenceRequest, placement: Placement) -> list[Any]:
         """The payload log's event of a request about to run (``payload_log.FIELDS``; its time and its latency hold
         the ``perf_counter`` of its start, the latency until it ends). A JSON body goes as the client sent it: its
-        numbers are not written again here."""
+        numbers are not written again here, and with it the number of tensors decoded from it."""
         config, region, _, caller = placement
         body = request.json_body
-        inputs = body if body is not None else [[t.name, t.datatype, t.shape, t.data] for t in request.inputs]
+        inputs = (
+            (body, len(request.inputs))
+            if body is not None
+            else [[t.name, t.datatype, t.shape, t.data] for t in request.inputs]
+        )
         start = time.perf_counter()
         return [
             caller.request_id if caller is not None else request.id, config.name, request.model_version,

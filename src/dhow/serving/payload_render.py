@@ -4,8 +4,9 @@ An event's work here runs on the core the load generator and the model share wit
 it is kept to a few Python operations. A REST JSON request comes as the body the client sent and is written as
 it is (neither parsed nor written again: parsing and writing its numbers cost ~45k instructions of ~95k an
 event) when nothing in it can need masking: the model has no field rule, and either no detectors or a body of the
-bare protocol (``_BARE``: ``{"inputs": [...]}`` whose tensors hold exactly name, datatype, shape and data, numbers
-only; the server refused the request otherwise, so its only strings are the keys, names and datatypes). Any other
+bare protocol (``{"inputs": [...]}`` whose tensors hold exactly name, datatype, shape and data, and no string but
+the keys, names and datatypes, which a count of its quotes against the number of tensors the server decoded shows:
+``_counted_bare``). Any other
 body is parsed, and every string in it that is not a key, a name or a datatype goes through the masker (text
 tensors, the request's ``id`` and ``parameters``, a tensor's ``parameters``, any other key), then written again
 in the same form.
@@ -14,7 +15,6 @@ in the same form.
 from __future__ import annotations
 
 import itertools
-import re
 import secrets
 import time
 from typing import Any
@@ -61,38 +61,75 @@ def _fixed_parts(source: str, key: tuple[str, ...]) -> tuple[bytes, bytes]:
     return parts
 
 
-def _request_of(inputs: Any, masker: Masker) -> bytes | dict[str, Any]:
+def _request_of(inputs: Any, masker: Masker, tensors: int) -> bytes | dict[str, Any]:
     """The event's ``request``: the Open Inference Protocol request, masked. A JSON body as the client sent it,
     embedded as it is when nothing in it can need masking; else parsed and its tensors masked. Decoded tensors
-    (gRPC, the binary extension) in the JSON form: ``{"inputs": [{name, datatype, shape, data}]}``."""
+    (gRPC, the binary extension) in the JSON form: ``{"inputs": [{name, datatype, shape, data}]}``.
+
+    ``tensors``: how many the server decoded from the body (-1: not known, the body is parsed to tell)."""
     if type(inputs) is list:
-        tensors = [{"name": n, "datatype": d, "shape": s, "data": v} for n, d, s, v in inputs]
-        return {"inputs": _masked(masker, tensors)}
+        tensors_json = [{"name": n, "datatype": d, "shape": s, "data": v} for n, d, s, v in inputs]
+        return {"inputs": _masked(masker, tensors_json)}
     body = inputs.encode() if type(inputs) is str else inputs
     policy = masker.policy
-    if not policy.fields and (not policy.detectors or _BARE.fullmatch(body) is not None):
+    document: Any = None
+    if not policy.fields and (
+        not policy.detectors
+        or (_counted_bare(body, tensors) if tensors >= 0 else _bare(document := orjson.loads(body), body))
+    ):
         # as sent, on one line (JSON's newlines outside strings are spaces; inside them, escaped)
         if 10 in body or 13 in body:  # (a byte's number: ``b"x" in body`` raises and clears an exception, ~2k)
             body = body.replace(b"\n", b" ").replace(b"\r", b" ")
         return body
-    document: dict[str, Any] = orjson.loads(body)  # the server decoded it: an object
+    if document is None:
+        document = orjson.loads(body)  # the server decoded it: an object
     for key, value in document.items():
         if key == "inputs" and isinstance(value, list):
             document[key] = _masked(masker, value)
         else:  # the request's id and parameters, and whatever else the client sent
             document[key] = masker.mask_value(value, key)
-    return document
+    return document  # type: ignore[no-any-return]
 
 
-#: the body of a bare Open Inference Protocol JSON request: ``{"inputs": [...]}`` whose tensors hold four members,
-#: each a name or datatype (a string without escapes) or a shape or data (no string, no object: numbers, booleans
-#: or nulls, nested; possessive, so no backtracking: a few µs on a 400-byte body).
-#: Only for a body the server accepted (valid JSON whose tensors have all four of name, datatype, shape and data),
-#: so four members are those four, once each: no key is repeated to hide a string, and no string is anywhere else.
-_BARE = re.compile(
-    rb'\s*\{\s*"inputs"\s*:\s*\[\s*(?:\{(?:\s*"(?:name|datatype|shape|data)"\s*:\s*(?:"[^"\\]*+"[\s,]*+|[^"{}]++)){4}+\}[\s,]*+)++'
-    rb"\]\s*\}\s*"
-)
+#: the four members of a bare request's tensor
+_TENSOR_MEMBERS = frozenset(("name", "datatype", "shape", "data"))
+
+
+def _counted_bare(body: bytes, tensors: int) -> bool:
+    """Whether a body the server decoded into ``tensors`` tensors is a bare request (no string but the keys, names
+    and datatypes), by a count of its quotes alone (no parse: ``orjson`` reading a body of 32 floats costs ~18k
+    instructions, a count a few hundred).
+
+    The server decoded it (``wire.v2.decode_request``: a JSON object whose ``inputs`` holds ``tensors`` objects,
+    each with a string name and datatype, a shape and data), so it holds at least ``1 + 6 * tensors`` strings:
+    ``inputs``, and each tensor's four keys, name and datatype. A quote opens or closes a string or is escaped
+    inside one, so ``2 + 12 * tensors`` quotes leave room for no other string (an id, parameters, another key or a
+    repeated one, text in ``data``); a body with more is parsed and masked."""
+    return body.count(34) == 2 + 12 * tensors  # 34: a quote
+
+
+def _bare(document: Any, body: bytes) -> bool:
+    """Whether ``body`` (parsed: ``document``) is a bare Open Inference Protocol JSON request: ``{"inputs": [...]}``
+    whose tensors hold exactly name, datatype, shape and data, its only strings the keys, names and datatypes.
+
+    For a body whose number of tensors is not known (an event handed over without it): parsed, its form checked,
+    and its quotes counted as in ``_counted_bare``: a body of ``n`` such tensors whose quotes number ``2 + 12 n``
+    holds exactly those ``1 + 6 n`` strings (``inputs``; each tensor's four keys, name and datatype); any other
+    string anywhere (a repeated key the parser dropped, text in ``data``, an id, parameters) adds two."""
+    if type(document) is not dict or len(document) != 1:
+        return False
+    tensors = document.get("inputs")
+    if type(tensors) is not list:
+        return False
+    for tensor in tensors:
+        if (
+            type(tensor) is not dict
+            or tensor.keys() != _TENSOR_MEMBERS
+            or type(tensor["name"]) is not str
+            or type(tensor["datatype"]) is not str
+        ):
+            return False
+    return body.count(34) == 2 + 12 * len(tensors)
 
 
 #: a tensor's members that hold no text but a name, a datatype or numbers
@@ -160,7 +197,7 @@ def cloud_event(event: list[Any], masker: Masker, source: str) -> bytes:
     second = _second[1] if _second[0] == whole else _second_of(whole)
     micro = int((unix - whole) * 1e6 + 0.5)  # int(… + 0.5), not round(): its argument parsing costs more
     latency = int(event[9] * 1e6 + 0.5)  # in ms to the µs
-    request = _request_of(event[11], masker)
+    request = _request_of(event[11], masker, event[14] if len(event) > 14 else -1)
     tail = b""
     if outputs is not None:
         written = _dumps(outputs)
