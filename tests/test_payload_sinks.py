@@ -184,6 +184,10 @@ _DECODABLE = [
     json.dumps({"inputs": [_NUMBERS], "p": {"datatype": _EMAIL, "b": "c", "d": 1}}),
     # an escaped quote makes one string of what counts as two
     json.dumps({"inputs": [{"name": 'a", "b', "datatype": "BYTES", "shape": [1], "data": [_EMAIL]}]}),
+    # keys are text a client chose too: unknown members the server ignores, and a parameter's name
+    json.dumps({_EMAIL: 1, "inputs": [_NUMBERS]}),
+    json.dumps({"inputs": [{**_NUMBERS, _EMAIL: [1]}]}),
+    json.dumps({"parameters": {_EMAIL: 1}, "inputs": [_NUMBERS]}),
 ]
 #: bodies the server refuses (no event holds them with a count of tensors): a ragged text tensor whose first
 #: element is an empty list, and strings whose count is made up by text
@@ -308,3 +312,31 @@ def test_text_outputs_are_masked_and_numbers_written_as_they_are() -> None:
     plain = Masker(parse_masking(None, "pii"), b"")
     event = ["r-6", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, body, {'a"b': [1.5]}, 1]
     assert json.loads(cloud_event(event, plain, "dhow://test"))["data"]["outputs"] == {'a"b': [1.5]}
+
+
+def test_the_requests_parameters_are_masked_as_the_request_is() -> None:
+    """``data.parameters`` (the request's parameters the model saw) goes through the detectors and the field rules,
+    as the same parameters inside ``data.request`` do."""
+    body = json.dumps({"inputs": [_NUMBERS], "parameters": {"note": _EMAIL}}).encode()
+    event = ["r-6", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {"note": _EMAIL, "n": 3}, body, None, 1, 1]
+    written = cloud_event(event, Masker(parse_masking(None, "pii"), b""), "dhow://test")
+    assert _EMAIL.encode() not in written
+    assert json.loads(written)["data"]["parameters"] == {"note": "[REDACTED:email]", "n": 3}
+    ruled = Masker(parse_masking({"fields": {"parameters.n": "redact"}}, "pii"), b"")
+    assert json.loads(cloud_event(event, ruled, "dhow://test"))["data"]["parameters"]["n"] == "[REDACTED:parameters.n]"
+
+
+def test_a_refused_requests_tensor_names_are_masked() -> None:
+    """A served request's tensor names are the model's inputs; a refused one's are any text the client sent (the
+    server refuses an unknown input after decoding it): masked, in the body and in decoded tensors alike."""
+    body = json.dumps({"inputs": [{**_NUMBERS, "name": _EMAIL}]}).encode()
+    masker = Masker(parse_masking(None, "pii"), b"")
+    error = f"model 'notes' has no input '{_EMAIL}'"
+    event = ["r-7", "notes", "1", "", "", "", "INVALID_ARGUMENT", error, 1.0, 0.0, {}, body, None, 1, 1]
+    written = cloud_event(event, masker, "dhow://test")
+    assert _EMAIL.encode() not in written
+    assert json.loads(written)["data"]["request"]["inputs"][0]["name"] == "[REDACTED:email]"
+    event[11] = [[_EMAIL, "FP32", [1], np.array([1.0])]]  # decoded tensors (gRPC)
+    assert _EMAIL.encode() not in cloud_event(event, masker, "dhow://test")
+    event[6], event[7], event[11] = "success", "", body
+    assert body in cloud_event(event, masker, "dhow://test"), "a served request's bare body is still written as sent"

@@ -340,7 +340,10 @@ class Masker:
         return masked
 
     def _mask_mapping(self, value: Mapping[Any, Any], path: str) -> dict[str, Any]:
-        masked = {str(k): self.mask_value(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        # a key is text the client chose too (an unknown member named like an e-mail address): masked as text
+        masked = {
+            self.mask_text(str(k)): self.mask_value(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()
+        }
         # a v2 tensor in a JSON body ({"name": ..., "data": [...]}): a rule on the tensor's name masks its data
         name = value.get("name")
         action = self._fields.get(name) if isinstance(name, str) and "data" in value else None

@@ -6,10 +6,10 @@ it is (neither parsed nor written again: parsing and writing its numbers cost ~4
 event) when nothing in it can need masking: the model has no field rule, and either no detectors or a body of the
 bare protocol (``{"inputs": [...]}`` whose tensors hold exactly name, datatype, shape and data, and no string but
 the keys, names and datatypes, which a count of its quotes against the number of tensors the server decoded shows:
-``_counted_bare``). Any other
-body is parsed, and every string in it that is not a key, a name or a datatype goes through the masker (text
-tensors, the request's ``id`` and ``parameters``, a tensor's ``parameters``, any other key), then written again
-in the same form.
+``_counted_bare``), and the request was served (a refused one's tensor names may be any text). Any other body is
+parsed, and every string in it that is not one of the protocol's keys, a served tensor's name or a datatype goes
+through the masker (text tensors, the request's ``id`` and ``parameters``, a tensor's ``parameters``, any other
+key and its name), then written again in the same form.
 """
 
 from __future__ import annotations
@@ -61,21 +61,26 @@ def _fixed_parts(source: str, key: tuple[str, ...]) -> tuple[bytes, bytes]:
     return parts
 
 
-def _request_of(inputs: Any, masker: Masker, tensors: int) -> bytes | dict[str, Any]:
+def _request_of(inputs: Any, masker: Masker, tensors: int, failed: bool) -> bytes | dict[str, Any]:
     """The event's ``request``: the Open Inference Protocol request, masked. A JSON body as the client sent it,
     embedded as it is when nothing in it can need masking; else parsed and its tensors masked. Decoded tensors
     (gRPC, the binary extension) in the JSON form: ``{"inputs": [{name, datatype, shape, data}]}``.
 
-    ``tensors``: how many the server decoded from the body (-1: not known, the body is parsed to tell)."""
+    ``tensors``: how many the server decoded from the body (-1: not known, the body is parsed to tell).
+    ``failed``: the request was refused, so its tensors' names may be any text (a served request's names are the
+    model's own inputs): they are masked too, and the body is never embedded as sent."""
     if type(inputs) is list:
         tensors_json = [{"name": n, "datatype": d, "shape": s, "data": v} for n, d, s, v in inputs]
-        return {"inputs": _masked(masker, tensors_json)}
+        return {"inputs": _masked(masker, tensors_json, names=failed)}
     body = inputs.encode() if type(inputs) is str else inputs
     policy = masker.policy
     document: Any = None
     if not policy.fields and (
         not policy.detectors
-        or (_counted_bare(body, tensors) if tensors >= 0 else _bare(document := orjson.loads(body), body))
+        or (
+            not failed
+            and (_counted_bare(body, tensors) if tensors >= 0 else _bare(document := orjson.loads(body), body))
+        )
     ):
         # as sent, on one line (JSON's newlines outside strings are spaces; inside them, escaped)
         if 10 in body or 13 in body:  # (a byte's number: ``b"x" in body`` raises and clears an exception, ~2k)
@@ -83,12 +88,13 @@ def _request_of(inputs: Any, masker: Masker, tensors: int) -> bytes | dict[str, 
         return body
     if document is None:
         document = orjson.loads(body)  # the server decoded it: an object
+    masked: dict[str, Any] = {}
     for key, value in document.items():
         if key == "inputs" and isinstance(value, list):
-            document[key] = _masked(masker, value)
-        else:  # the request's id and parameters, and whatever else the client sent
-            document[key] = masker.mask_value(value, key)
-    return document  # type: ignore[no-any-return]
+            masked[key] = _masked(masker, value, names=failed)
+        else:  # the request's id and parameters, and whatever else the client sent (its keys too: any text)
+            masked[key if key in _REQUEST_MEMBERS else masker.mask_text(key)] = masker.mask_value(value, key)
+    return masked
 
 
 #: the four members of a bare request's tensor
@@ -134,11 +140,15 @@ def _bare(document: Any, body: bytes) -> bool:
 
 #: a tensor's members that hold no text but a name, a datatype or numbers
 _PLAIN_MEMBERS = frozenset(("name", "datatype", "shape"))
+#: the members of a request and of a tensor that the protocol names (any other key is the client's text)
+_REQUEST_MEMBERS = frozenset(("id", "parameters", "inputs", "outputs"))
+_KNOWN_MEMBERS = _TENSOR_MEMBERS | {"parameters"}
 
 
-def _masked(masker: Masker, tensors: list[Any]) -> list[Any]:
+def _masked(masker: Masker, tensors: list[Any], *, names: bool = False) -> list[Any]:
     """``tensors`` (the protocol's JSON form) with the ones that hold text, or that a field rule names, or that
-    carry more than name, datatype, shape and data (a tensor's ``parameters``), masked (copies of those)."""
+    carry more than name, datatype, shape and data (a tensor's ``parameters``, another key), masked (copies of
+    those); ``names``: every tensor's name masked too (a refused request's names are any text)."""
     fields = masker.policy.fields
     masked = []
     for tensor in tensors:
@@ -147,10 +157,14 @@ def _masked(masker: Masker, tensors: list[Any]) -> list[Any]:
             first = data
             while type(first) is list and first:
                 first = first[0]
-            if type(first) is str or name in fields or tensor.get("datatype") == "BYTES" or len(tensor) > 4:
+            if names or type(first) is str or name in fields or tensor.get("datatype") == "BYTES" or len(tensor) > 4:
                 # (a ragged text tensor may start with an empty list: its datatype says text)
                 tensor = {
-                    key: value if key in _PLAIN_MEMBERS else masker.mask_value(value, name if key == "data" else key)
+                    (key if key in _KNOWN_MEMBERS else masker.mask_text(str(key))): (
+                        (masker.mask_text(value) if names and key == "name" and type(value) is str else value)
+                        if key in _PLAIN_MEMBERS
+                        else masker.mask_value(value, name if key == "data" else key)
+                    )
                     for key, value in tensor.items()
                 }
         masked.append(tensor)
@@ -197,7 +211,7 @@ def cloud_event(event: list[Any], masker: Masker, source: str) -> bytes:
     second = _second[1] if _second[0] == whole else _second_of(whole)
     micro = int((unix - whole) * 1e6 + 0.5)  # int(… + 0.5), not round(): its argument parsing costs more
     latency = int(event[9] * 1e6 + 0.5)  # in ms to the µs
-    request = _request_of(event[11], masker, event[14] if len(event) > 14 else -1)
+    request = _request_of(event[11], masker, event[14] if len(event) > 14 else -1, event[6] != "success")
     tail = b""
     if outputs is not None:
         written = _dumps(outputs)
@@ -211,7 +225,9 @@ def cloud_event(event: list[Any], masker: Masker, source: str) -> bytes:
     return _EVENT % (
         _ID_PREFIX, next(_ids), fixed[0], second, micro if micro < 1_000_000 else 999_999, _dumps(event[0]),
         fixed[1], latency // 1000, latency % 1000,
-        _dumps({k: v for k, v in parameters.items() if isinstance(v, str | int | float | bool)})
+        # (masked as the request's own ``parameters`` are: a text parameter may hold what the detectors find)
+        _dumps(masker.mask_value({k: v for k, v in parameters.items() if isinstance(v, str | int | float | bool)},
+                                 "parameters"))
         if parameters
         else b"{}",
         request if type(request) is bytes else _dumps(request), tail,
