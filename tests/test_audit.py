@@ -841,6 +841,34 @@ def test_the_records_of_one_pass_leave_in_one_write_before_any_is_answered(audit
         store.close()
 
 
+def test_a_record_json_cannot_hold_neither_hangs_nor_loses_the_records_of_its_pass(audit_url: str) -> None:
+    """A record whose details no JSON holds (an integer past 64 bits in a payload sample) goes with the others of
+    its pass, its details kept as their ``repr``: every request of the pass is answered, and every record written."""
+    store = AuditStore.open(audit_url)
+    trail = AuditTrail({"ae": store}, "ae", writer="process")
+    good = AuditRecord("inference", "infer", "key:a", request_id="good")
+    bad = AuditRecord("inference", "infer", "key:b", request_id="bad", details={"payload": {"y": [2**70]}})
+    odd = AuditRecord("inference", "infer", "key:\ud800", request_id="odd")
+
+    async def scenario() -> None:
+        await trail.start()
+        waiting = [trail.record_before_answer(record) for record in (good, bad, odd)]
+        await asyncio.wait_for(asyncio.gather(*(w for w in waiting if w is not None)), 10)
+        later = trail.record_before_answer(AuditRecord("inference", "infer", "key:c", request_id="later"))
+        if later is not None:
+            await asyncio.wait_for(later, 10)
+        await trail.close()
+
+    try:
+        uvloop.run(scenario())
+        assert _request_ids(store) == ["good", "bad", "odd", "later"]
+        rows = {row["request_id"]: row for row in store.read()}
+        assert str(2**70) in rows["bad"]["details"]["unencodable_details"] and rows["odd"]["actor"] == "key:?"
+        assert store.verify().ok and trail.pending == 0 and trail.written == 4
+    finally:
+        store.close()
+
+
 def test_a_record_made_alone_is_written_at_once(audit_url: str) -> None:
     """No other request in flight (``together=False``): nothing waits for the pass to end."""
     store = AuditStore.open(audit_url)

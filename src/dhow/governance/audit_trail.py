@@ -89,11 +89,12 @@ class WriterProcess:
     def send(self, records: list[AuditRecord], *, urgent: bool = False) -> None:
         """Write the records' frame now (no waiting); if no writer runs, ``start`` sends it. An urgent frame
         (someone waits for it to be durable) is written at once; others may wait for a batch."""
+        encoded = _frame(records, urgent=urgent)  # before it counts as sent: a frame kept must be one that encodes
         self._unacknowledged.append(records)
         process = self._alive()
         if process is not None:
             assert process.stdin is not None
-            process.stdin.write(_frame(records, urgent=urgent))
+            process.stdin.write(encoded)
 
     @property
     def held(self) -> bool:
@@ -165,7 +166,30 @@ async def _depart(process: WriterProcess, departure: _Departure) -> None:
 
 def _frame(records: list[AuditRecord], *, urgent: bool = False) -> bytes:
     rows = [record.as_tuple() for record in records]
-    return encode_frame({"rows": rows, "now": True} if urgent else rows)
+    try:
+        return encode_frame({"rows": rows, "now": True} if urgent else rows)
+    except (TypeError, ValueError):  # a record JSON cannot hold: the frame carries the others, and that one repaired
+        rows = [_encodable(row) for row in rows]
+        return encode_frame({"rows": rows, "now": True} if urgent else rows)
+
+
+def _encodable(row: tuple[object, ...]) -> tuple[object, ...]:
+    """A record's fields as a frame can carry them: texts without lone surrogates, and details that cannot be
+    encoded (an integer past 64 bits, a surrogate in a sample) kept as their ``repr``, as the store keeps them."""
+    try:
+        encode_frame(row)
+        return row
+    except (TypeError, ValueError):
+        pass
+    texts = tuple(_repaired(value) for value in row[:9])
+    latency = row[9] if isinstance(row[9], int | float) and not isinstance(row[9], bool) else None
+    details = {"unencodable_details": _repaired(repr(row[10]))[:2000]}
+    return (*texts, latency, details, _repaired(row[11]), row[12])
+
+
+def _repaired(value: object) -> str:
+    text = value if isinstance(value, str) else str(value)
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 class _Departure(asyncio.Future[None]):
@@ -293,8 +317,13 @@ class AuditTrail:
         """Write the lane's outbox as one frame; its requests may be answered once the pipe has taken it."""
         records, departure = lane.outbox, lane.departure
         lane.outbox, lane.departure = [], None
-        if records:
-            self._send(lane, records)
+        try:
+            if records:
+                self._send(lane, records)
+        except BaseException as exc:  # (out of memory): the requests fail rather than wait forever, or go unaudited
+            if departure is not None:
+                departure.set_exception(Unavailable(f"the audit records could not be sent ({type(exc).__name__})"))
+            raise
         if departure is None:
             return
         process = lane.process
