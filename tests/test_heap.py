@@ -43,3 +43,6 @@ def test_settle_heap_raises_the_young_threshold_only(unfrozen: None) -> None:
     settle_heap()
     assert gc.get_threshold() == (YOUNG_THRESHOLD, 11, 12)
     assert YOUNG_THRESHOLD > 700
+    gc.set_threshold(700, 11, 12)
+    settle_heap(young_threshold=None)  # the stream runner's: its memory bound is a promise
+    assert gc.get_threshold() == (700, 11, 12)

@@ -28,10 +28,11 @@ __all__ = ["YOUNG_THRESHOLD", "settle_heap"]
 YOUNG_THRESHOLD = 10_000
 
 
-def settle_heap() -> None:
-    """Collect once, then freeze what is left and raise the young threshold: call when start-up (loading the
-    models) is done."""
+def settle_heap(*, young_threshold: int | None = YOUNG_THRESHOLD) -> None:
+    """Collect once, then freeze what is left and raise the young threshold (None: leave it as it is): call when
+    start-up (loading the models) is done."""
     gc.collect()
     gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(YOUNG_THRESHOLD, middle, old)
+    if young_threshold is not None:
+        _, middle, old = gc.get_threshold()
+        gc.set_threshold(young_threshold, middle, old)
