@@ -26,7 +26,7 @@ import orjson
 
 from dhow.core.errors import DhowError, InvalidInput, Unavailable
 from dhow.core.frames import decode_frame_length
-from dhow.governance.audit import AuditRecord, AuditStore
+from dhow.governance.audit import AuditRecord, AuditStore, _text
 from dhow.governance.audit_writer import encode_frame
 
 __all__ = ["AuditTrail"]
@@ -181,15 +181,10 @@ def _encodable(row: tuple[object, ...]) -> tuple[object, ...]:
         return row
     except (TypeError, ValueError):
         pass
-    texts = tuple(_repaired(value) for value in row[:9])
+    texts = tuple(_text(value) for value in row[:9])
     latency = row[9] if isinstance(row[9], int | float) and not isinstance(row[9], bool) else None
-    details = {"unencodable_details": _repaired(repr(row[10]))[:2000]}
-    return (*texts, latency, details, _repaired(row[11]), row[12])
-
-
-def _repaired(value: object) -> str:
-    text = value if isinstance(value, str) else str(value)
-    return text.encode("utf-8", "replace").decode("utf-8")
+    details = {"unencodable_details": _text(repr(row[10]))[:2000]}
+    return (*texts, latency, details, _text(row[11]), row[12])
 
 
 class _Departure(asyncio.Future[None]):
