@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import inspect
 import logging
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from types import TracebackType
 from typing import Any
 
@@ -130,6 +131,13 @@ class Call:
             log.error("internal error (id %s) in %s", error_id, self._admission.access.action, exc_info=exc)
             await self._finished("INTERNAL", f"internal error (id {error_id})")
             raise InternalError(error_id) from exc
+        else:
+            # GeneratorExit (the coroutine was closed), SystemExit, KeyboardInterrupt: nothing may be awaited now,
+            # yet the call ends: its quota and in-flight count are freed, and its record leaves (a change's
+            # durable record is written by a task of its own, the loop permitting)
+            waiting = self._finish("CANCELLED")
+            if inspect.iscoroutine(waiting):
+                _leave_later(waiting)
 
     @property
     def caller(self) -> Caller:
@@ -185,6 +193,27 @@ class Call:
         if self._outcome is None and self._region is not None:
             return Outcome(data_region=self._region)
         return self._outcome
+
+
+#: the records of calls ended by a BaseException, still being written (a reference, so that no task is collected)
+_LEAVING: set[asyncio.Task[None]] = set()
+
+
+def _leave_later(record: Coroutine[Any, Any, None]) -> None:
+    try:
+        task = asyncio.get_running_loop().create_task(record)
+    except RuntimeError:  # no loop runs any more: the record cannot leave, and says so
+        record.close()
+        log.error("a call ended with no event loop running; its audit record could not be written")
+        return
+    _LEAVING.add(task)
+    task.add_done_callback(_left)
+
+
+def _left(task: asyncio.Task[None]) -> None:
+    _LEAVING.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the audit record of a call ended by a BaseException could not be written: %s", task.exception())
 
 
 class CoreService:
