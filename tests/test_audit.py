@@ -35,10 +35,10 @@ from dhow.access.authenticator import Authenticator
 from dhow.access.permissions import ALL_TENANTS, Grant, Principal
 from dhow.access.ratelimit import LocalRateLimiter
 from dhow.commands.audit import add_parser, run
-from dhow.core.errors import InvalidInput, Unavailable
+from dhow.core.errors import DhowError, ErrorCode, InvalidInput, Unavailable
 from dhow.governance import audit as audit_module
 from dhow.governance.audit import GENESIS_HASH, MAX_PROBLEMS, AuditRecord, AuditStore
-from dhow.governance.audit_trail import PIPE_BYTES, SOCKET_BYTES, AuditTrail
+from dhow.governance.audit_trail import PIPE_BYTES, SOCKET_BYTES, AuditTrail, WriterProcess
 from dhow.governance.masking import Masker, parse_masking
 from dhow.serving.guard import AccessGuard, Admission
 from dhow.settings import resolve_settings
@@ -1006,5 +1006,91 @@ def test_a_request_cancelled_while_its_record_leaves_cancels_no_other(tmp_path: 
     try:
         uvloop.run(scenario())
         assert _request_ids(store) == [r.request_id for r in records]
+    finally:
+        store.close()
+
+
+def test_a_denial_whose_record_the_pipe_cannot_take_waits_for_it_like_an_answer(tmp_path: Path) -> None:
+    """A refusal by role is answered as an allowed call is: only once its audit record has left this process.
+    With the writer behind (stopped here, its pipe full), the 403 waits until the pipe has taken the record."""
+    store = AuditStore.open(f"sqlite:///{tmp_path}/audit.db")
+    trail = AuditTrail({"default": store}, "default", writer="process")
+    guard = AccessGuard(
+        Authenticator(None, enabled=True),
+        LocalRateLimiter(),
+        trail,
+        Masker(parse_masking(None, "audit"), b"k" * 32),
+        lambda name: "default",
+    )
+    reader = Principal("key:reader", ALL_TENANTS, (Grant("auditor"),))
+
+    async def scenario() -> None:
+        await trail.start()
+        (writer,) = _writer_processes()
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            held = next((r for r in _records(20_000, "w") if trail.record(r)), None)
+            assert held is not None, "the pipe took 20,000 records from a stopped writer"
+            try:
+                refused = guard.admit(reader, ACTIONS["infer"], "fraud")
+            except DhowError:
+                pytest.fail("the denial was answered while its record waited in the server's memory")
+            assert not isinstance(refused, Admission)
+            waiting = asyncio.ensure_future(refused)
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # nothing leaves while the writer reads nothing
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        with pytest.raises(DhowError) as raised:
+            await asyncio.wait_for(waiting, 30)
+        assert raised.value.code is ErrorCode.PERMISSION_DENIED
+        await trail.close()
+
+    try:
+        asyncio.run(scenario())
+        denials = store.read(kind="denial")
+        assert [(d["actor"], d["outcome"]) for d in denials] == [("key:reader", "PERMISSION_DENIED")]
+        assert store.verify().ok
+    finally:
+        store.close()
+
+
+def test_while_the_writer_restarts_an_answer_waits_until_a_new_writer_takes_its_record(audit_url: str) -> None:
+    """A writer that died leaves records only in the server's memory until another starts (after a backoff of up
+    to 5 s): the answers of their requests wait for it, so a SIGKILL of the server meanwhile loses none of them."""
+    store = AuditStore.open(audit_url)
+    trail = AuditTrail({"ae": store}, "ae", writer="process")
+    alone, together = _records(1, "alone")[0], _records(3, "pass")
+
+    async def answers_wait_for_the_new_writer(process: WriterProcess) -> None:
+        (first,) = _writer_processes()
+        os.kill(first, signal.SIGKILL)
+        while process.running:  # the server learns that its writer is gone
+            await asyncio.sleep(0.01)
+        waiting = trail.record_before_answer(alone, together=False)
+        assert waiting is not None, "answered while no writer had its record"
+        departure = trail.record_before_answer(together[0])
+        assert departure is not None
+        for record in together[1:]:
+            trail.record_before_answer(record)
+        both = asyncio.ensure_future(asyncio.gather(waiting, departure))
+        await asyncio.sleep(0)
+        assert not both.done()
+        await asyncio.wait_for(both, 30)
+        assert process.running and _writer_processes() != [first]  # a new writer took them
+
+    async def scenario() -> None:
+        await trail.start()
+        process = trail._default.process
+        assert process is not None
+        try:
+            await answers_wait_for_the_new_writer(process)
+        finally:
+            await trail.close()
+
+    try:
+        asyncio.run(scenario())
+        assert _request_ids(store) == [alone.request_id] + [r.request_id for r in together]
+        assert store.verify().ok and trail.pending == 0
     finally:
         store.close()
