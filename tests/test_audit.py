@@ -807,6 +807,18 @@ def test_a_backlog_the_writer_gathered_is_written_in_bounded_transactions() -> N
     os.close(read_end)
 
 
+def test_frames_to_the_writer_are_lines_split_at_their_newlines_and_a_partial_one_stays() -> None:
+    """A text with a newline in it is escaped inside its line; a frame not yet whole waits for its rest."""
+    from dhow.governance.audit_writer import decode_lines, encode_frame
+
+    urgent = encode_frame({"rows": [["x"]], "now": True})
+    buffer = bytearray(encode_frame("sqlite:///a") + encode_frame([["a\nb", 1.5, {"k": None}]]) + urgent[:5])
+    assert decode_lines(buffer, 10) == ["sqlite:///a", [["a\nb", 1.5, {"k": None}]]]
+    assert buffer == urgent[:5]
+    buffer += urgent[5:] + encode_frame([])
+    assert decode_lines(buffer, 1) == [{"rows": [["x"]], "now": True}] and buffer == encode_frame([])
+
+
 def test_the_records_of_one_pass_leave_in_one_write_before_any_is_answered(audit_url: str) -> None:
     """The inference path's records made in one pass of the event loop (a batch's requests end together) go to
     the writer as one frame, in the next pass, and their requests wait for it; a record written at once (a
