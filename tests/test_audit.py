@@ -31,7 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dhow.access.actions import ACTIONS
-from dhow.access.authenticator import Authenticator
+from dhow.access.authenticator import Authenticator, Credentials
 from dhow.access.permissions import ALL_TENANTS, Grant, Principal
 from dhow.access.ratelimit import LocalRateLimiter
 from dhow.commands.audit import add_parser, run
@@ -1062,6 +1062,52 @@ def test_a_denial_whose_record_the_pipe_cannot_take_waits_for_it_like_an_answer(
         asyncio.run(scenario())
         denials = store.read(kind="denial")
         assert [(d["actor"], d["outcome"]) for d in denials] == [("key:reader", "PERMISSION_DENIED")]
+        assert store.verify().ok
+    finally:
+        store.close()
+
+
+def test_a_refused_unknown_callers_first_refusal_waits_for_its_record_like_an_answer(tmp_path: Path) -> None:
+    """The first refusal of a window of a caller without valid credentials is recorded as it is answered: with the
+    writer behind (stopped here, its pipe full), its 401 waits until the pipe has taken the record."""
+    store = AuditStore.open(f"sqlite:///{tmp_path}/audit.db")
+    trail = AuditTrail({"default": store}, "default", writer="process")
+    guard = AccessGuard(
+        Authenticator(None, enabled=True),
+        LocalRateLimiter(),
+        trail,
+        Masker(parse_masking(None, "audit"), b"k" * 32),
+        lambda name: "default",
+    )
+    stranger = Credentials(authorization="Bearer not-a-key", source="10.0.0.9")
+
+    async def scenario() -> None:
+        await trail.start()
+        (writer,) = _writer_processes()
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            held = next((r for r in _records(20_000, "w") if trail.record(r)), None)
+            assert held is not None, "the pipe took 20,000 records from a stopped writer"
+            try:
+                refused = guard.admit(stranger, ACTIONS["infer"], "fraud")
+            except DhowError:
+                pytest.fail("the refusal was answered while its record waited in the server's memory")
+            assert not isinstance(refused, Admission)
+            waiting = asyncio.ensure_future(refused)
+            await asyncio.sleep(0.3)
+            assert not waiting.done()
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        with pytest.raises(DhowError) as raised:
+            await asyncio.wait_for(waiting, 30)
+        assert raised.value.code is ErrorCode.UNAUTHENTICATED
+        guard.close()
+        await trail.close()
+
+    try:
+        asyncio.run(scenario())
+        denials = store.read(kind="denial")
+        assert [(d["actor"], d["outcome"]) for d in denials] == [("unauthenticated", "UNAUTHENTICATED")]
         assert store.verify().ok
     finally:
         store.close()

@@ -96,6 +96,9 @@ class AccessGuard:
         #: requests admitted and not finished: while others are, an inference's record waits for theirs (a batch's
         #: requests end in one pass of the event loop) to leave with them in one write; alone, it leaves at once
         self._in_flight = 0
+        #: the record of the refusal of an unknown caller just written, when it waits in this process (see
+        #: ``_unauthenticated``); None the rest of the time
+        self._held: AuditRecord | None = None
 
     def admit(
         self, who: Credentials | Principal, access: Access, model: str = "", request_id: str = ""
@@ -103,7 +106,10 @@ class AccessGuard:
         """Authenticate (unless ``who`` is an in-process principal), authorize, take quota; refusals are audited
         and raised (401/403/429). The admission at once when nothing must be waited for (the usual request: no
         token to verify, no quota to count), else what to await for it: no coroutine for the usual request."""
-        principal = self.known(who, access, model)
+        try:
+            principal = self.known(who, access, model)
+        except _HeldRefusal as held:
+            return held.refuse()
         if principal is None:
             return self._admit_verified(who, access, model, request_id)
         try:
@@ -130,7 +136,8 @@ class AccessGuard:
     def known(self, who: Credentials | Principal, access: Access, model: str = "") -> Principal | None:
         """Who calls, when that needs no waiting (an in-process principal, no authentication, an API key, a
         certificate); None: a token to verify (``authenticate``). The first step of ``admit``, which the admission
-        point takes itself, without a coroutine, for the usual request; refusals as in ``authenticate``."""
+        point takes itself, without a coroutine, for the usual request; refusals as in ``authenticate`` (one whose
+        record waits in this process raises ``_HeldRefusal``, which ``admit`` answers once the record has left)."""
         if isinstance(who, Principal):
             return who
         try:
@@ -144,13 +151,21 @@ class AccessGuard:
         try:
             return await self.authenticator.authenticate(credentials)
         except DhowError as exc:
-            raise self._unauthenticated(credentials, access, model, exc) from None
+            refusal = self._unauthenticated(credentials, access, model, exc)
+        if isinstance(refusal, _HeldRefusal):
+            await refusal.refuse()
+        raise refusal from None
 
-    def _unauthenticated(self, credentials: Credentials, access: Access, model: str, exc: DhowError) -> DhowError:
+    def _unauthenticated(
+        self, credentials: Credentials, access: Access, model: str, exc: DhowError
+    ) -> DhowError | _HeldRefusal:
+        """The refusal to raise; a ``_HeldRefusal`` when its record (the first of its window) waits in this
+        process."""
         actor = f"cert:{credentials.client_cn}" if credentials.client_cn else "unauthenticated"
         answer = self.unknown.refused(credentials.source, actor, access.action, model, exc)
         self.refusals.labels(answer.code.value).inc()
-        return answer
+        held, self._held = self._held, None
+        return answer if held is None else _HeldRefusal(answer, self.audit.handed_over(held))
 
     def permit(
         self, principal: Principal, access: Access, model: str = "", request_id: str = ""
@@ -258,7 +273,11 @@ class AccessGuard:
         extra: dict[str, Any] = {"source": refusal.source}
         if window_s:
             extra.update(count=count, window_s=window_s)
-        self._denial(refusal.actor, "", refusal.action, refusal.model, refusal.outcome, refusal.reason, "", extra)
+        held = self._denial(
+            refusal.actor, "", refusal.action, refusal.model, refusal.outcome, refusal.reason, "", extra
+        )
+        if not window_s:  # the first refusal of its window, written as it is answered: the answer waits for it
+            self._held = held
 
     def _deny(
         self, actor: str, tenant: str, access: Access, model: str, request_id: str, exc: DhowError
