@@ -31,14 +31,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dhow.access.actions import ACTIONS
-from dhow.access.authenticator import Authenticator
+from dhow.access.authenticator import Authenticator, Credentials
 from dhow.access.permissions import ALL_TENANTS, Grant, Principal
 from dhow.access.ratelimit import LocalRateLimiter
 from dhow.commands.audit import add_parser, run
-from dhow.core.errors import InvalidInput, Unavailable
+from dhow.core.errors import DhowError, ErrorCode, InvalidInput, Unavailable
 from dhow.governance import audit as audit_module
 from dhow.governance.audit import GENESIS_HASH, MAX_PROBLEMS, AuditRecord, AuditStore
-from dhow.governance.audit_trail import PIPE_BYTES, SOCKET_BYTES, AuditTrail
+from dhow.governance.audit_trail import PIPE_BYTES, SOCKET_BYTES, AuditTrail, WriterProcess
 from dhow.governance.masking import Masker, parse_masking
 from dhow.serving.guard import AccessGuard, Admission
 from dhow.settings import resolve_settings
@@ -807,6 +807,18 @@ def test_a_backlog_the_writer_gathered_is_written_in_bounded_transactions() -> N
     os.close(read_end)
 
 
+def test_frames_to_the_writer_are_lines_split_at_their_newlines_and_a_partial_one_stays() -> None:
+    """A text with a newline in it is escaped inside its line; a frame not yet whole waits for its rest."""
+    from dhow.governance.audit_writer import decode_lines, encode_frame
+
+    urgent = encode_frame({"rows": [["x"]], "now": True})
+    buffer = bytearray(encode_frame("sqlite:///a") + encode_frame([["a\nb", 1.5, {"k": None}]]) + urgent[:5])
+    assert decode_lines(buffer, 10) == ["sqlite:///a", [["a\nb", 1.5, {"k": None}]]]
+    assert buffer == urgent[:5]
+    buffer += urgent[5:] + encode_frame([])
+    assert decode_lines(buffer, 1) == [{"rows": [["x"]], "now": True}] and buffer == encode_frame([])
+
+
 def test_the_records_of_one_pass_leave_in_one_write_before_any_is_answered(audit_url: str) -> None:
     """The inference path's records made in one pass of the event loop (a batch's requests end together) go to
     the writer as one frame, in the next pass, and their requests wait for it; a record written at once (a
@@ -1006,5 +1018,137 @@ def test_a_request_cancelled_while_its_record_leaves_cancels_no_other(tmp_path: 
     try:
         uvloop.run(scenario())
         assert _request_ids(store) == [r.request_id for r in records]
+    finally:
+        store.close()
+
+
+def test_a_denial_whose_record_the_pipe_cannot_take_waits_for_it_like_an_answer(tmp_path: Path) -> None:
+    """A refusal by role is answered as an allowed call is: only once its audit record has left this process.
+    With the writer behind (stopped here, its pipe full), the 403 waits until the pipe has taken the record."""
+    store = AuditStore.open(f"sqlite:///{tmp_path}/audit.db")
+    trail = AuditTrail({"default": store}, "default", writer="process")
+    guard = AccessGuard(
+        Authenticator(None, enabled=True),
+        LocalRateLimiter(),
+        trail,
+        Masker(parse_masking(None, "audit"), b"k" * 32),
+        lambda name: "default",
+    )
+    reader = Principal("key:reader", ALL_TENANTS, (Grant("auditor"),))
+
+    async def scenario() -> None:
+        await trail.start()
+        (writer,) = _writer_processes()
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            held = next((r for r in _records(20_000, "w") if trail.record(r)), None)
+            assert held is not None, "the pipe took 20,000 records from a stopped writer"
+            try:
+                refused = guard.admit(reader, ACTIONS["infer"], "fraud")
+            except DhowError:
+                pytest.fail("the denial was answered while its record waited in the server's memory")
+            assert not isinstance(refused, Admission)
+            waiting = asyncio.ensure_future(refused)
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # nothing leaves while the writer reads nothing
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        with pytest.raises(DhowError) as raised:
+            await asyncio.wait_for(waiting, 30)
+        assert raised.value.code is ErrorCode.PERMISSION_DENIED
+        await trail.close()
+
+    try:
+        asyncio.run(scenario())
+        denials = store.read(kind="denial")
+        assert [(d["actor"], d["outcome"]) for d in denials] == [("key:reader", "PERMISSION_DENIED")]
+        assert store.verify().ok
+    finally:
+        store.close()
+
+
+def test_a_refused_unknown_callers_first_refusal_waits_for_its_record_like_an_answer(tmp_path: Path) -> None:
+    """The first refusal of a window of a caller without valid credentials is recorded as it is answered: with the
+    writer behind (stopped here, its pipe full), its 401 waits until the pipe has taken the record."""
+    store = AuditStore.open(f"sqlite:///{tmp_path}/audit.db")
+    trail = AuditTrail({"default": store}, "default", writer="process")
+    guard = AccessGuard(
+        Authenticator(None, enabled=True),
+        LocalRateLimiter(),
+        trail,
+        Masker(parse_masking(None, "audit"), b"k" * 32),
+        lambda name: "default",
+    )
+    stranger = Credentials(authorization="Bearer not-a-key", source="10.0.0.9")
+
+    async def scenario() -> None:
+        await trail.start()
+        (writer,) = _writer_processes()
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            held = next((r for r in _records(20_000, "w") if trail.record(r)), None)
+            assert held is not None, "the pipe took 20,000 records from a stopped writer"
+            try:
+                refused = guard.admit(stranger, ACTIONS["infer"], "fraud")
+            except DhowError:
+                pytest.fail("the refusal was answered while its record waited in the server's memory")
+            assert not isinstance(refused, Admission)
+            waiting = asyncio.ensure_future(refused)
+            await asyncio.sleep(0.3)
+            assert not waiting.done()
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        with pytest.raises(DhowError) as raised:
+            await asyncio.wait_for(waiting, 30)
+        assert raised.value.code is ErrorCode.UNAUTHENTICATED
+        guard.close()
+        await trail.close()
+
+    try:
+        asyncio.run(scenario())
+        denials = store.read(kind="denial")
+        assert [(d["actor"], d["outcome"]) for d in denials] == [("unauthenticated", "UNAUTHENTICATED")]
+        assert store.verify().ok
+    finally:
+        store.close()
+
+
+def test_while_the_writer_restarts_an_answer_waits_until_a_new_writer_takes_its_record(audit_url: str) -> None:
+    """A writer that died leaves records only in the server's memory until another starts (after a backoff of up
+    to 5 s): the answers of their requests wait for it, so a SIGKILL of the server meanwhile loses none of them."""
+    store = AuditStore.open(audit_url)
+    trail = AuditTrail({"ae": store}, "ae", writer="process")
+    alone, together = _records(1, "alone")[0], _records(3, "pass")
+
+    async def answers_wait_for_the_new_writer(process: WriterProcess) -> None:
+        (first,) = _writer_processes()
+        os.kill(first, signal.SIGKILL)
+        while process.running:  # the server learns that its writer is gone
+            await asyncio.sleep(0.01)
+        waiting = trail.record_before_answer(alone, together=False)
+        assert waiting is not None, "answered while no writer had its record"
+        departure = trail.record_before_answer(together[0])
+        assert departure is not None
+        for record in together[1:]:
+            trail.record_before_answer(record)
+        both = asyncio.ensure_future(asyncio.gather(waiting, departure))
+        await asyncio.sleep(0)
+        assert not both.done()
+        await asyncio.wait_for(both, 30)
+        assert process.running and _writer_processes() != [first]  # a new writer took them
+
+    async def scenario() -> None:
+        await trail.start()
+        process = trail._default.process
+        assert process is not None
+        try:
+            await answers_wait_for_the_new_writer(process)
+        finally:
+            await trail.close()
+
+    try:
+        asyncio.run(scenario())
+        assert _request_ids(store) == [alone.request_id] + [r.request_id for r in together]
+        assert store.verify().ok and trail.pending == 0
     finally:
         store.close()

@@ -1,6 +1,7 @@
-"""Length-prefixed JSON frames: how the server talks to its writer processes (the audit trail's, the payload
-log's, tracing's) over their pipes. A frame is a 4-byte big-endian length, then that many bytes of JSON; what
-goes into the JSON (numpy values, masking specs) is each writer's own choice, the framing is one."""
+"""Length-prefixed JSON frames: how the server talks to its writer processes (the payload log's, tracing's) over
+their pipes, and how the audit writer answers (the server's frames to it are lines of JSON: ``audit_writer``). A
+frame is a 4-byte big-endian length, then that many bytes of JSON; what goes into the JSON (numpy values, masking
+specs) is each writer's own choice, the framing is one."""
 
 from __future__ import annotations
 

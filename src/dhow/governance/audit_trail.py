@@ -45,7 +45,9 @@ class WriterProcess:
 
     ``send`` writes a frame to the pipe at once. When the pipe is full (the writer is behind), what did not fit
     waits in this process, where a SIGKILL would lose it: ``held`` says so, and ``handed_over`` waits until the
-    pipe took it, so that a record leaves this process before the request it describes is answered.
+    pipe took it, so that a record leaves this process before the request it describes is answered. So it is
+    while no writer runs (one died, and the next starts after a backoff of up to ``MAX_BACKOFF_S``): ``held``,
+    and ``handed_over`` waits until the next writer was sent the frames.
     ``acknowledged`` reads the writer's answers in order. Frames not yet acknowledged are kept, and sent again
     to a new writer if this one dies (at least once).
     """
@@ -55,6 +57,10 @@ class WriterProcess:
         self._process: asyncio.subprocess.Process | None = None
         #: frames sent and not yet acknowledged, oldest first: their records
         self._unacknowledged: deque[list[AuditRecord]] = deque()
+        #: started and not closed: while no writer runs, records wait in this process for the next one
+        self._started = False
+        #: what ``handed_over`` awaits while no writer runs: done once ``start`` sent the frames to a new one
+        self._restarted: _Departure | None = None
 
     @property
     def unacknowledged(self) -> int:
@@ -85,6 +91,10 @@ class WriterProcess:
         process.stdin.write(encode_frame(self._url))
         for records in self._unacknowledged:
             process.stdin.write(_frame(records, urgent=True))  # some caller may be waiting for these
+        self._started = True
+        restarted, self._restarted = self._restarted, None
+        if restarted is not None:
+            restarted.set_result(None)
 
     def send(self, records: list[AuditRecord], *, urgent: bool = False) -> None:
         """Write the records' frame now (no waiting); if no writer runs, ``start`` sends it. An urgent frame
@@ -98,14 +108,24 @@ class WriterProcess:
 
     @property
     def held(self) -> bool:
-        """Whether bytes sent wait in this process for room in the pipe (the writer is behind)."""
+        """Whether records sent wait in this process: for room in the pipe (the writer is behind), or for a writer
+        (the last one died, the next is not started yet)."""
         process = self._process
-        return process is not None and process.stdin is not None and process.stdin.transport.get_write_buffer_size() > 0
+        if process is None or process.returncode is not None or process.stdin is None:
+            return self._started
+        transport = process.stdin.transport
+        return transport.get_write_buffer_size() > 0 or (transport.is_closing() and self._started)
 
     async def handed_over(self) -> None:
-        """Wait until the pipe took what waits in this process (at once if nothing does, or the writer died:
-        then ``start`` sends it again)."""
+        """Wait until the pipe took what waits in this process (at once if nothing does); while no writer runs,
+        until the next one was sent it (``start``)."""
         process = self._alive()
+        while process is None and self._started:
+            restarted = self._restarted
+            if restarted is None:
+                restarted = self._restarted = _Departure()
+            await restarted
+            process = self._alive()
         if process is not None and process.stdin is not None:
             with contextlib.suppress(ConnectionError):
                 await process.stdin.drain()
@@ -128,6 +148,10 @@ class WriterProcess:
 
     async def close(self) -> None:
         process, self._process = self._process, None
+        self._started = False
+        restarted, self._restarted = self._restarted, None
+        if restarted is not None:  # no writer will take them: their requests fail rather than wait for ever
+            restarted.set_exception(Unavailable("the audit trail stopped before the records left this process"))
         if process is None or process.returncode is not None:
             return
         assert process.stdin is not None

@@ -9,8 +9,10 @@ transaction runs.
 It writes the frames it has received (waiting up to ``LINGER_S`` for more, unless one is urgent: a change
 whose caller waits for it to be durable) in one transaction, then answers ``{"frames": n, "seq": last}``; when
 the store fails it answers ``{"error": …}`` once and retries with backoff until the write succeeds (records
-are never dropped). A frame is a 4-byte big-endian length and a JSON document. The server talks to it over
-the child's stdin and stdout with asyncio: hashing and the database's work never take its interpreter lock.
+are never dropped). The server's frames are lines of JSON (JSON as orjson writes it holds no newline byte), so
+that what a read gathered is decoded as one JSON array, not frame by frame; the answers are the length-prefixed
+frames of ``core/frames.py``. The server talks to it over the child's stdin and stdout with asyncio: hashing and
+the database's work never take its interpreter lock.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import IO, Any
 import orjson
 
 from dhow.core.errors import DhowError
-from dhow.core.frames import decode_frames, frame
+from dhow.core.frames import frame
 from dhow.governance.audit import AuditStore
 
 __all__ = ["encode_frame", "main"]
@@ -34,8 +36,23 @@ _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
 def encode_frame(document: Any) -> bytes:
-    body = orjson.dumps(document, default=str, option=_JSON_OPTIONS)
-    return frame(body)
+    """A frame to the writer: the document's JSON and a newline."""
+    return orjson.dumps(document, default=str, option=_JSON_OPTIONS) + b"\n"
+
+
+def decode_lines(buffer: bytearray, limit: int) -> list[Any]:
+    """The whole frames at the start of ``buffer`` (the first ``limit`` of them), decoded (as one JSON array: one
+    call, not one a frame) and removed from it; a partial frame, and those past the limit, stay."""
+    end = buffer.rfind(b"\n")
+    if end < 0:
+        return []
+    if buffer.count(b"\n", 0, end) >= limit:  # a backlog: the first ``limit`` frames
+        end = -1
+        for _ in range(limit):
+            end = buffer.index(b"\n", end + 1)
+    body = buffer[:end].replace(b"\n", b",")
+    del buffer[: end + 1]
+    return list(orjson.loads(b"[" + body + b"]"))
 
 
 #: how long the writer waits for more records before a transaction, unless a frame asks for durability now
@@ -104,17 +121,17 @@ class FrameReader:
     def batch(self, max_frames: int = 10_000, linger_s: float = 0.0) -> list[Any]:
         """At least one frame, unless the pipe closed (then what is left, maybe none); then, ``linger_s`` later
         (at once when one of them is urgent: ``record_now``'s caller waits), every frame that came meanwhile."""
-        frames = decode_frames(self.buffer, max_frames)
+        frames = decode_lines(self.buffer, max_frames)
         while not frames and not self.closed:
             self._take(wait=True)
-            frames = decode_frames(self.buffer, max_frames)
+            frames = decode_lines(self.buffer, max_frames)
         if linger_s and not self.closed and not _urgent(frames):
             # sleep, then take what came meanwhile: a transaction per frame would cost a commit per record
             time.sleep(linger_s)
         if len(frames) < max_frames:
             # (a backlog the drain thread gathered meanwhile waits in ``buffer``: one transaction stays bounded)
             self._take(wait=False)
-            frames += decode_frames(self.buffer, max_frames - len(frames))
+            frames += decode_lines(self.buffer, max_frames - len(frames))
         return frames
 
 
@@ -148,7 +165,7 @@ def _write(store: AuditStore | None, url: str, frames: list[Any], sink: IO[bytes
 def _answer(sink: IO[bytes], document: Any) -> None:
     """Tell the server; a server that is gone (killed) hears nothing, and what it sent is written all the same."""
     try:
-        sink.write(encode_frame(document))
+        sink.write(frame(orjson.dumps(document)))
         sink.flush()
     except OSError:
         pass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -52,6 +52,20 @@ class Admission:
     tenant: str = ""
 
 
+class _HeldRefusal(Exception):
+    """A refusal whose audit record waits in this process (the writer is behind, or restarting): answered once the
+    record has left it, as an allowed call's answer is."""
+
+    def __init__(self, answer: DhowError, departure: Awaitable[None]) -> None:
+        super().__init__(answer)
+        self.answer = answer
+        self.departure = departure
+
+    async def refuse(self) -> NoReturn:
+        await self.departure
+        raise self.answer from None
+
+
 class AccessGuard:
     def __init__(
         self,
@@ -82,6 +96,9 @@ class AccessGuard:
         #: requests admitted and not finished: while others are, an inference's record waits for theirs (a batch's
         #: requests end in one pass of the event loop) to leave with them in one write; alone, it leaves at once
         self._in_flight = 0
+        #: the record of the refusal of an unknown caller just written, when it waits in this process (see
+        #: ``_unauthenticated``); None the rest of the time
+        self._held: AuditRecord | None = None
 
     def admit(
         self, who: Credentials | Principal, access: Access, model: str = "", request_id: str = ""
@@ -89,10 +106,16 @@ class AccessGuard:
         """Authenticate (unless ``who`` is an in-process principal), authorize, take quota; refusals are audited
         and raised (401/403/429). The admission at once when nothing must be waited for (the usual request: no
         token to verify, no quota to count), else what to await for it: no coroutine for the usual request."""
-        principal = self.known(who, access, model)
+        try:
+            principal = self.known(who, access, model)
+        except _HeldRefusal as held:
+            return held.refuse()
         if principal is None:
             return self._admit_verified(who, access, model, request_id)
-        admission, quotas = self.permit(principal, access, model, request_id)
+        try:
+            admission, quotas = self.permit(principal, access, model, request_id)
+        except _HeldRefusal as held:
+            return held.refuse()
         return self._take_quota(admission, quotas) if quotas else admission
 
     async def _admit_verified(
@@ -100,7 +123,10 @@ class AccessGuard:
     ) -> Admission:
         assert isinstance(who, Credentials)  # a principal is known already
         principal = await self.authenticate(who, access, model, request_id)
-        admission, quotas = self.permit(principal, access, model, request_id)
+        try:
+            admission, quotas = self.permit(principal, access, model, request_id)
+        except _HeldRefusal as held:
+            await held.refuse()
         return await self._take_quota(admission, quotas) if quotas else admission
 
     def may_see(self, principal: Principal, name: str) -> bool:
@@ -110,7 +136,8 @@ class AccessGuard:
     def known(self, who: Credentials | Principal, access: Access, model: str = "") -> Principal | None:
         """Who calls, when that needs no waiting (an in-process principal, no authentication, an API key, a
         certificate); None: a token to verify (``authenticate``). The first step of ``admit``, which the admission
-        point takes itself, without a coroutine, for the usual request; refusals as in ``authenticate``."""
+        point takes itself, without a coroutine, for the usual request; refusals as in ``authenticate`` (one whose
+        record waits in this process raises ``_HeldRefusal``, which ``admit`` answers once the record has left)."""
         if isinstance(who, Principal):
             return who
         try:
@@ -124,30 +151,42 @@ class AccessGuard:
         try:
             return await self.authenticator.authenticate(credentials)
         except DhowError as exc:
-            raise self._unauthenticated(credentials, access, model, exc) from None
+            refusal = self._unauthenticated(credentials, access, model, exc)
+        if isinstance(refusal, _HeldRefusal):
+            await refusal.refuse()
+        raise refusal from None
 
-    def _unauthenticated(self, credentials: Credentials, access: Access, model: str, exc: DhowError) -> DhowError:
+    def _unauthenticated(
+        self, credentials: Credentials, access: Access, model: str, exc: DhowError
+    ) -> DhowError | _HeldRefusal:
+        """The refusal to raise; a ``_HeldRefusal`` when its record (the first of its window) waits in this
+        process."""
         actor = f"cert:{credentials.client_cn}" if credentials.client_cn else "unauthenticated"
         answer = self.unknown.refused(credentials.source, actor, access.action, model, exc)
         self.refusals.labels(answer.code.value).inc()
-        return answer
+        held, self._held = self._held, None
+        return answer if held is None else _HeldRefusal(answer, self.audit.handed_over(held))
 
     def permit(
         self, principal: Principal, access: Access, model: str = "", request_id: str = ""
     ) -> tuple[Admission, list[tuple[str, Limits, str]]]:
         """Check the principal's permission (a refusal is audited and raised) and let it in; the quotas it must
-        still take (most principals have none)."""
+        still take (most principals have none). A refusal whose record waits in this process raises
+        ``_HeldRefusal``: ``admit`` answers it once the record has left."""
         request_id = request_id or new_request_id()
         tenant = self.tenant_of(model) if model else ""
         try:
             check_permission(principal, access.permission, model, tenant)
         except DhowError as exc:
             self.refusals.labels(exc.code.value).inc()
-            self._deny(principal.name, principal.tenant, access, model, request_id, exc)
+            departure = self._deny(principal.name, principal.tenant, access, model, request_id, exc)
+            answer: DhowError = exc
             if model and principal.tenant not in (ALL_TENANTS, tenant or "default"):
                 # another tenant's model answers as a missing one: no tenant learns another's model names
-                raise unknown_model(model) from None
-            raise
+                answer = unknown_model(model)
+            if departure is not None:
+                raise _HeldRefusal(answer, departure) from None
+            raise answer from None
         authenticator = self.authenticator
         caller = Caller(principal.name, principal.tenant, request_id, authenticator.region_of(principal))
         self._in_flight += 1
@@ -234,11 +273,20 @@ class AccessGuard:
         extra: dict[str, Any] = {"source": refusal.source}
         if window_s:
             extra.update(count=count, window_s=window_s)
-        self._denial(refusal.actor, "", refusal.action, refusal.model, refusal.outcome, refusal.reason, "", extra)
+        held = self._denial(
+            refusal.actor, "", refusal.action, refusal.model, refusal.outcome, refusal.reason, "", extra
+        )
+        if not window_s:  # the first refusal of its window, written as it is answered: the answer waits for it
+            self._held = held
 
-    def _deny(self, actor: str, tenant: str, access: Access, model: str, request_id: str, exc: DhowError) -> None:
-        if exc.code.value in _DENIALS:
-            self._denial(actor, tenant, access.action, model, exc.code.value, exc.message, request_id, {})
+    def _deny(
+        self, actor: str, tenant: str, access: Access, model: str, request_id: str, exc: DhowError
+    ) -> Awaitable[None] | None:
+        """Record a refusal by role; what to await before it is answered (its record waits in this process)."""
+        if exc.code.value not in _DENIALS:
+            return None
+        record = self._denial(actor, tenant, access.action, model, exc.code.value, exc.message, request_id, {})
+        return self.audit.handed_over(record) if record is not None else None
 
     def _denial(
         self,
@@ -250,17 +298,17 @@ class AccessGuard:
         reason: str,
         request_id: str,
         extra: dict[str, Any],
-    ) -> None:
-        """Queue a refusal's record: it belongs to the model's tenant, else the caller's, else "unknown"."""
-        self.audit.record(
-            AuditRecord(
-                kind="denial",
-                action=action,
-                actor=actor,
-                tenant=self.tenant_of(model) if model else tenant or "unknown",
-                outcome=outcome,
-                model=model,
-                request_id=request_id,
-                details={"reason": self.masker.mask_text(reason), **extra},
-            )
+    ) -> AuditRecord | None:
+        """Queue a refusal's record: it belongs to the model's tenant, else the caller's, else "unknown". The record
+        when it waits in this process for its writer (see ``AuditTrail.record``)."""
+        record = AuditRecord(
+            kind="denial",
+            action=action,
+            actor=actor,
+            tenant=self.tenant_of(model) if model else tenant or "unknown",
+            outcome=outcome,
+            model=model,
+            request_id=request_id,
+            details={"reason": self.masker.mask_text(reason), **extra},
         )
+        return record if self.audit.record(record) else None
