@@ -5,6 +5,7 @@ rendering of an event, masked."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from dhow.core.wire.v2 import decode_request
 from dhow.governance.masking import Masker, parse_masking
 from dhow.monitoring.payload_log import MASKING, TENSORS, PayloadLog, frame_events, read_events
 from dhow.monitoring.payload_sinks import FileSink, open_sink, worker_sink_url
-from dhow.serving.payload_render import cloud_event
+from dhow.serving.payload_render import cloud_event, cloud_events
 
 
 class _Counts:
@@ -227,6 +228,60 @@ def test_a_bodys_quotes_counted_against_its_tensors_let_no_other_string_through(
     bare = json.dumps({"inputs": [_NUMBERS, {**_NUMBERS, "name": "y"}]}, indent=1).encode()
     event[11], event[14] = bare, 2
     assert bare.replace(b"\n", b" ") in cloud_event(event, masker, "dhow://test"), "embedded as it came"
+
+
+def _chunk_events() -> list[list[Any]]:
+    """Events of every kind a chunk may mix: common ones (a bare body, numbers out) and the others."""
+    bare = json.dumps({"inputs": [_NUMBERS, {**_NUMBERS, "name": "y"}]}).encode()
+
+    def event(body: bytes, tensors: int, **changes: Any) -> list[Any]:
+        made = ["r-1", "notes", "1", "alice", "acme", "eu", "success", "", 1_700_000_000.2500004, 0.0012344, {},
+                body, {"y": [[3.0]], "label": [1]}, 1, tensors]  # fmt: skip
+        for index, value in changes.items():
+            made[int(index[1:])] = value
+        return made
+
+    events = [event(bare, 2, i0=f"r-{n}", i8=1_700_000_000 + n / 7) for n in range(8)]
+    events += [event(body.encode(), len(decode_request(body.encode(), "notes").inputs)) for body in _DECODABLE]
+    events += [
+        event(bare, 2, i6="INVALID_ARGUMENT", i7=f"no such user {_EMAIL}", i12=None),
+        event(bare, 2, i10={"mode": _EMAIL}),
+        event(bare, 2, i12={"y": [[_EMAIL]]}),
+        event(bare, 2, i13=2),  # a field rule on x
+        event(json.dumps({"inputs": [_NUMBERS]}, indent=1).encode(), 1),  # newlines: as spaces
+        event(bare, 2, i0='a","b\\', i8=1_700_000_000.9999996),  # a quote in the id; a time rounded up
+        event(bare, 2)[:TENSORS],  # no count of tensors: parsed
+    ]
+    return events
+
+
+def test_a_chunk_is_rendered_as_each_event_alone() -> None:
+    """The sink's thread renders a chunk column by column (``cloud_events``): each event's line is what
+    ``cloud_event`` writes for it alone (but its id, unique), in their order; no text escapes the masking, in a
+    chunk of common events alone, of others alone, or mixed."""
+    maskers = {1: Masker(parse_masking(None, "pii"), b""),
+               2: Masker(parse_masking({"fields": {"x": "hash"}}, "pii"), b"k" * 32)}  # fmt: skip
+    events = _chunk_events()
+    common = events[:8]
+    for chunk in (common * 4, events * 2, events[8:] * 2, common * 3 + events[8:9], events[:1] * 3):
+        rendered, failures = cloud_events(chunk, maskers, "dhow://test")
+        assert not failures and [key for key, _ in rendered] == [event[0] for event in chunk]
+        lines = [line for _, line in rendered]
+        assert all(_EMAIL.encode() not in line and b"\n" not in line for line in lines)
+        assert len({json.loads(line)["id"] for line in lines}) == len(chunk)
+        for event, line in zip(chunk, lines, strict=True):
+            alone = cloud_event(event, maskers[event[MASKING]], "dhow://test")
+            assert re.sub(rb'"id":"[^"]*"', b"", line) == re.sub(rb'"id":"[^"]*"', b"", alone)
+
+
+def test_an_event_that_cannot_be_rendered_fails_alone() -> None:
+    """An event whose masking the writer was never told of fails, as does one with a value JSON cannot write; the
+    others of their chunk are rendered."""
+    events = _chunk_events()[:8] * 4
+    events[5] = [*events[5][:MASKING], 9, 2]
+    events[7] = [*events[7][:12], {("not", "a", "name"): [1.0]}, 1, 2]
+    rendered, failures = cloud_events(events, {1: Masker(parse_masking(None, "pii"), b"")}, "dhow://test")
+    assert len(rendered) == 30 and [event for event, _ in failures] == [events[5], events[7]]
 
 
 def test_a_json_body_goes_to_the_writer_with_its_tensors_count() -> None:

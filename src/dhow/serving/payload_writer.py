@@ -24,7 +24,7 @@ from typing import Any
 from dhow.governance.masking import Masker
 from dhow.monitoring.payload_log import MAX_MASKINGS, PayloadSink, read_events
 from dhow.monitoring.payload_sinks import open_sink
-from dhow.serving.payload_render import cloud_event
+from dhow.serving.payload_render import cloud_events
 from dhow.serving.writer_main import Answer, serve
 
 __all__ = ["Writer", "main"]
@@ -109,12 +109,9 @@ class Writer:
                 self._wake.clear()
                 continue
             chunk = [self._queue.popleft() for _ in range(min(_CHUNK, len(self._queue)))]
-            rendered: list[tuple[str, bytes]] = []
-            for event in chunk:
-                try:
-                    rendered.append(self.render(event))
-                except Exception as exc:  # a value masking or JSON cannot take: that event fails, not the others
-                    self.failed(1, f"could not render the event of request {event[0]}: {exc!r}")
+            rendered, failures = self.render_chunk(chunk)
+            for event, exc in failures:  # a value masking or JSON cannot take: that event fails, not the others
+                self.failed(1, f"could not render the event of request {event[0]}: {exc!r}")
             if rendered:
                 try:
                     self.sink.write(rendered, self)
@@ -123,9 +120,9 @@ class Writer:
             if self.pause_s:  # a sink that wants its events together (OTLP: a post a second)
                 self._stopping.wait(self.pause_s)
 
-    def render(self, event: list[Any]) -> tuple[str, bytes]:
-        """An event as its sink takes it: its key and its CloudEvent, masked."""
-        return event[0], cloud_event(event, self._maskers[event[13]], self.source)
+    def render_chunk(self, chunk: list[Any]) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
+        """A chunk's events as the sink takes them (key and CloudEvent, masked), and those that could not be."""
+        return cloud_events(chunk, self._maskers, self.source)
 
     # -- the counts, back to the server --
 
