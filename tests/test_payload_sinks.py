@@ -236,7 +236,7 @@ def _chunk_events() -> list[list[Any]]:
 
     def event(body: bytes, tensors: int, **changes: Any) -> list[Any]:
         made = ["r-1", "notes", "1", "alice", "acme", "eu", "success", "", 1_700_000_000.2500004, 0.0012344, {},
-                body, {"y": [[3.0]], "label": [1]}, 1, tensors]  # fmt: skip
+                body, (b'"y":[[3.0]],"label":[1]', 2), 1, tensors]  # fmt: skip
         for index, value in changes.items():
             made[int(index[1:])] = value
         return made
@@ -246,7 +246,8 @@ def _chunk_events() -> list[list[Any]]:
     events += [
         event(bare, 2, i6="INVALID_ARGUMENT", i7=f"no such user {_EMAIL}", i12=None),
         event(bare, 2, i10={"mode": _EMAIL}),
-        event(bare, 2, i12={"y": [[_EMAIL]]}),
+        event(bare, 2, i12=(json.dumps({"y": [[_EMAIL]]}).encode()[1:-1], 1)),
+        event(bare, 2, i12={"y": [[_EMAIL]], "z": [1.5]}),  # outputs as a dict (an event made in this process)
         event(bare, 2, i13=2),  # a field rule on x
         event(json.dumps({"inputs": [_NUMBERS]}, indent=1).encode(), 1),  # newlines: as spaces
         event(bare, 2, i0='a","b\\', i8=1_700_000_000.9999996),  # a quote in the id; a time rounded up
@@ -290,7 +291,7 @@ def test_a_json_body_goes_to_the_writer_with_its_tensors_count() -> None:
     queued: list[Any] = []
     log._refused = lambda count=1: False  # type: ignore[method-assign]
     log._put = queued.append  # type: ignore[method-assign]
-    log._maskings, log._new_maskings, log._masking_count, log._bodies = {}, [], 0, []
+    log._maskings, log._new_maskings, log._masking_count, log._bodies, log._outputs = {}, [], 0, [], []
     body = json.dumps({"inputs": [_NUMBERS, {**_NUMBERS, "name": "y"}]}).encode()
     masker = Masker(parse_masking(None, "pii"), b"")
     log.offer(["r-6", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, (body, 2), {"y": np.ones(1)}], masker)
@@ -302,6 +303,36 @@ def test_a_json_body_goes_to_the_writer_with_its_tensors_count() -> None:
     assert maskings == [[1, masker.spec()]]
     written = json.loads(cloud_event(events[0], Masker.from_spec(masker.spec()), "dhow://test"))
     assert written["data"]["request"] == json.loads(body)
+
+
+def test_outputs_go_to_the_writer_as_json_and_text_in_them_is_masked() -> None:
+    """``offer`` writes an event's outputs as JSON after its body (their number in the event): the writer embeds
+    numbers as they came, and parses and masks outputs that hold text; arrays orjson cannot take as they are (not
+    native-endian, integers past 64 bits) are written all the same."""
+    log = PayloadLog.__new__(PayloadLog)
+    queued: list[Any] = []
+    log._refused = lambda count=1: False  # type: ignore[method-assign]
+    log._put = queued.append  # type: ignore[method-assign]
+    log._maskings, log._new_maskings, log._masking_count, log._bodies, log._outputs = {}, [], 0, [], []
+    body = json.dumps({"inputs": [_NUMBERS]}).encode()
+    masker = Masker(parse_masking(None, "pii"), b"")
+    outputs: list[dict[str, Any]] = [
+        {"y": np.array([[0.25, 0.5]], np.float32), "label": np.array([1])},
+        {"note": np.array([[_EMAIL.encode()]], object), "y": np.ones(1)},
+        {"big": np.array([2**70], object), "swapped": np.array([1.5], ">f8")},
+        {"a},{": np.ones(1), "t": np.array([b"},{b"], object)},  # what the frame's outputs are cut at
+    ]
+    for n, each in enumerate(outputs):
+        log.offer([f"r-{n}", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, (body, 1), each], masker)
+    _, events = read_events(split_frames(bytearray(log._frame(queued)))[0])
+    assert [event[12][1] for event in events] == [2] * 4 and [event[11] for event in events] == [body] * 4
+    written = [json.loads(cloud_event(event, masker, "dhow://test"))["data"]["outputs"] for event in events]
+    assert written[0] == {"y": [[0.25, 0.5]], "label": [1]}
+    assert written[1] == {"note": [["[REDACTED:email]"]], "y": [1.0]}
+    assert written[2]["swapped"] == "[1.5]" and "big" in written[2]
+    assert written[3] == {"a},{": [1.0], "t": ["},{b"]}
+    rendered, failures = cloud_events(events * 10, {1: masker}, "dhow://test")
+    assert not failures and all(_EMAIL.encode() not in line for _, line in rendered)
 
 
 def test_a_frame_carries_json_bodies_after_the_events_as_they_came() -> None:

@@ -219,11 +219,14 @@ def cloud_event(event: list[Any], masker: Masker, source: str) -> bytes:
     request = _request_of(event[11], masker, event[14] if len(event) > 14 else -1, event[6] != "success")
     tail = b""
     if outputs is not None:
-        written = _dumps(outputs)
+        # (as the frame brought them: their members, and how many)
+        written, count = (
+            (b"{" + outputs[0] + b"}", outputs[1]) if type(outputs) is tuple else (_dumps(outputs), len(outputs))
+        )
         # numbers only (each name its two quotes: a text value or an escaped quote adds more) and no field rule: as
         # they are, without walking them
-        if written.count(34) != 2 * len(outputs) or masker.policy.fields:
-            written = _dumps(_masked_outputs(masker, outputs))
+        if written.count(34) != 2 * count or masker.policy.fields:
+            written = _dumps(_masked_outputs(masker, orjson.loads(written) if type(outputs) is tuple else outputs))
         tail = b',"outputs":' + written
     if error:
         tail += b',"error":' + _dumps(masker.mask_text(error))  # an error may quote what the request held
@@ -242,7 +245,7 @@ def cloud_event(event: list[Any], masker: Masker, source: str) -> bytes:
 #: the constant pieces of a common event's line (``cloud_events``)
 _OPENING = b'{"specversion":"1.0","id":"' + _ID_PREFIX + b"-"
 _DATA = b'Z","datacontenttype":"application/json","data":{"request_id":"'
-_LATENCY, _REQUEST, _OUTPUTS, _CLOSING = b',"latency_ms":', b',"parameters":{},"request":', b',"outputs":', b"}}"
+_LATENCY, _REQUEST, _OUTPUTS, _CLOSING = b',"latency_ms":', b',"parameters":{},"request":', b',"outputs":{', b"}}}"
 _POINT = b"."
 #: a chunk of fewer events is rendered one by one (the columns' calls cost more than they save)
 _FEW = 24
@@ -318,7 +321,7 @@ def _common(events: list[list[Any]], maskers: dict[int, Masker]) -> list[bool] |
         or any(maskers[number].policy.fields for number in numbers)
         or set(map(type, columns[0])) != {str}
         or set(map(type, columns[INPUTS])) != {bytes}
-        or set(map(type, columns[12])) != {dict}
+        or set(map(type, columns[12])) != {tuple}
         or columns[6].count("success") != len(events)
         or any(columns[7])  # an error
         or any(columns[10])  # parameters
@@ -342,7 +345,7 @@ def _is_common(event: list[Any], maskers: dict[int, Masker]) -> bool:
     return (
         type(event[0]) is str
         and type(body) is bytes
-        and type(event[12]) is dict
+        and type(event[12]) is tuple
         and event[6] == "success"
         and not event[7]
         and not event[10]
@@ -379,16 +382,17 @@ def _lines(events: list[list[Any]], maskers: dict[int, Masker], source: str) -> 
         if None not in found
         else [parts or _joints_of(source, key) for parts, key in zip(found, keys, strict=True)]
     )
-    written = list(map(_dumps, outputs))
-    # numbers only (each name its two quotes; a text value adds more, and no output has fewer): as they are
-    if b"".join(written).count(34) != 2 * sum(map(len, outputs)):
-        for n, event in enumerate(events):
-            if written[n].count(34) != 2 * len(outputs[n]):  # a text output: masked as cloud_event masks it
-                written[n] = _dumps(_masked_outputs(maskers[event[MASKING]], outputs[n]))
+    each, first, second = itertools.repeat, operator.itemgetter(0), operator.itemgetter(1)
+    written = list(map(first, outputs))  # their members, as the frame brought them
+    # numbers only (each name its two quotes; a text value adds more, and no output has fewer): as they came
+    if b"".join(written).count(34) != 2 * sum(map(second, outputs)):
+        for n, (members, count) in enumerate(outputs):
+            if members.count(34) != 2 * count:  # a text output: masked as cloud_event masks it
+                masked = _masked_outputs(maskers[events[n][MASKING]], orjson.loads(b"{" + members + b"}"))
+                written[n] = _dumps(masked)[1:-1]
     joined = b"".join(bodies)
     if 10 in joined or 13 in joined:  # as sent, on one line (as cloud_event writes it)
         bodies = tuple(body.replace(b"\n", b" ").replace(b"\r", b" ") for body in bodies)
-    each, first, second = itertools.repeat, operator.itemgetter(0), operator.itemgetter(1)
     return list(map(b"".join, zip(
         each(_OPENING), digits[0::4], map(first, joints), map(texts.__getitem__, seconds), map(cut, digits[1::4]),
         each(_DATA), quoted, map(second, joints), digits[2::4], each(_POINT), map(cut, digits[3::4]), each(_REQUEST),
