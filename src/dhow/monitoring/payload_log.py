@@ -90,12 +90,15 @@ class PayloadSink(Protocol):
 
     #: how the metrics and the log name it: file, kafka or http
     kind: str
+    #: how often ``idle`` must be called while nothing is queued (None: it has nothing to do then, and the sink's
+    #: thread sleeps until events come)
+    idle_s: float | None
 
     def write(self, events: list[tuple[str, bytes]], counts: PayloadCounts) -> None:
         """Hand over (key, CloudEvent JSON) pairs; report each as logged or failed, now or when known."""
 
     def idle(self) -> None:
-        """Called when nothing is queued (a Kafka producer serves its delivery reports)."""
+        """Called every ``idle_s`` when nothing is queued (a Kafka producer serves its delivery reports)."""
 
     def close(self, timeout_s: float) -> None:
         """Deliver what is pending (at most ``timeout_s``) and release the sink."""

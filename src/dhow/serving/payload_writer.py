@@ -29,8 +29,6 @@ from dhow.serving.writer_main import Answer, serve
 
 __all__ = ["Writer", "main"]
 
-#: how long the sink's thread sleeps when nothing is queued (the reader wakes it when events come)
-_IDLE_S = 0.02
 #: events rendered and handed to the sink at once
 _CHUNK = 512
 #: how often counts go back to the server (when something changed)
@@ -105,7 +103,8 @@ class Writer:
                 if self._stopping.is_set():
                     return
                 self.sink.idle()
-                self._wake.wait(_IDLE_S)
+                # (a sink with nothing to do meanwhile is woken by the reader alone: no turn every 20 ms)
+                self._wake.wait(self.sink.idle_s)
                 self._wake.clear()
                 continue
             chunk = [self._queue.popleft() for _ in range(min(_CHUNK, len(self._queue)))]

@@ -29,6 +29,7 @@ class OtlpSink:
     """The collector (OTLP/HTTP): one post per chunk of requests, over one connection (opened again after an error)."""
 
     kind = "otlp"
+    idle_s: float | None = None
 
     def __init__(self, url: str, service: str) -> None:
         self.url = url
