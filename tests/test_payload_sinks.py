@@ -5,6 +5,7 @@ rendering of an event, masked."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from dhow.core.wire.v2 import decode_request
 from dhow.governance.masking import Masker, parse_masking
 from dhow.monitoring.payload_log import MASKING, TENSORS, PayloadLog, frame_events, read_events
 from dhow.monitoring.payload_sinks import FileSink, open_sink, worker_sink_url
-from dhow.serving.payload_render import cloud_event
+from dhow.serving.payload_render import cloud_event, cloud_events
 
 
 class _Counts:
@@ -229,13 +230,68 @@ def test_a_bodys_quotes_counted_against_its_tensors_let_no_other_string_through(
     assert bare.replace(b"\n", b" ") in cloud_event(event, masker, "dhow://test"), "embedded as it came"
 
 
+def _chunk_events() -> list[list[Any]]:
+    """Events of every kind a chunk may mix: common ones (a bare body, numbers out) and the others."""
+    bare = json.dumps({"inputs": [_NUMBERS, {**_NUMBERS, "name": "y"}]}).encode()
+
+    def event(body: bytes, tensors: int, **changes: Any) -> list[Any]:
+        made = ["r-1", "notes", "1", "alice", "acme", "eu", "success", "", 1_700_000_000.2500004, 0.0012344, {},
+                body, (b'"y":[[3.0]],"label":[1]', 2), 1, tensors]  # fmt: skip
+        for index, value in changes.items():
+            made[int(index[1:])] = value
+        return made
+
+    events = [event(bare, 2, i0=f"r-{n}", i8=1_700_000_000 + n / 7) for n in range(8)]
+    events += [event(body.encode(), len(decode_request(body.encode(), "notes").inputs)) for body in _DECODABLE]
+    events += [
+        event(bare, 2, i6="INVALID_ARGUMENT", i7=f"no such user {_EMAIL}", i12=None),
+        event(bare, 2, i10={"mode": _EMAIL}),
+        event(bare, 2, i12=(json.dumps({"y": [[_EMAIL]]}).encode()[1:-1], 1)),
+        event(bare, 2, i12={"y": [[_EMAIL]], "z": [1.5]}),  # outputs as a dict (an event made in this process)
+        event(bare, 2, i13=2),  # a field rule on x
+        event(json.dumps({"inputs": [_NUMBERS]}, indent=1).encode(), 1),  # newlines: as spaces
+        event(bare, 2, i0='a","b\\', i8=1_700_000_000.9999996),  # a quote in the id; a time rounded up
+        event(bare, 2)[:TENSORS],  # no count of tensors: parsed
+    ]
+    return events
+
+
+def test_a_chunk_is_rendered_as_each_event_alone() -> None:
+    """The sink's thread renders a chunk column by column (``cloud_events``): each event's line is what
+    ``cloud_event`` writes for it alone (but its id, unique), in their order; no text escapes the masking, in a
+    chunk of common events alone, of others alone, or mixed."""
+    maskers = {1: Masker(parse_masking(None, "pii"), b""),
+               2: Masker(parse_masking({"fields": {"x": "hash"}}, "pii"), b"k" * 32)}  # fmt: skip
+    events = _chunk_events()
+    common = events[:8]
+    for chunk in (common * 4, events * 2, events[8:] * 2, common * 3 + events[8:9], events[:1] * 3):
+        rendered, failures = cloud_events(chunk, maskers, "dhow://test")
+        assert not failures and [key for key, _ in rendered] == [event[0] for event in chunk]
+        lines = [line for _, line in rendered]
+        assert all(_EMAIL.encode() not in line and b"\n" not in line for line in lines)
+        assert len({json.loads(line)["id"] for line in lines}) == len(chunk)
+        for event, line in zip(chunk, lines, strict=True):
+            alone = cloud_event(event, maskers[event[MASKING]], "dhow://test")
+            assert re.sub(rb'"id":"[^"]*"', b"", line) == re.sub(rb'"id":"[^"]*"', b"", alone)
+
+
+def test_an_event_that_cannot_be_rendered_fails_alone() -> None:
+    """An event whose masking the writer was never told of fails, as does one with a value JSON cannot write; the
+    others of their chunk are rendered."""
+    events = _chunk_events()[:8] * 4
+    events[5] = [*events[5][:MASKING], 9, 2]
+    events[7] = [*events[7][:12], {("not", "a", "name"): [1.0]}, 1, 2]
+    rendered, failures = cloud_events(events, {1: Masker(parse_masking(None, "pii"), b"")}, "dhow://test")
+    assert len(rendered) == 30 and [event for event, _ in failures] == [events[5], events[7]]
+
+
 def test_a_json_body_goes_to_the_writer_with_its_tensors_count() -> None:
     """``offer`` puts a JSON body after the frame's events and its number of tensors in the event (``TENSORS``)."""
     log = PayloadLog.__new__(PayloadLog)
     queued: list[Any] = []
     log._refused = lambda count=1: False  # type: ignore[method-assign]
     log._put = queued.append  # type: ignore[method-assign]
-    log._maskings, log._new_maskings, log._masking_count, log._bodies = {}, [], 0, []
+    log._maskings, log._new_maskings, log._masking_count, log._bodies, log._outputs = {}, [], 0, [], []
     body = json.dumps({"inputs": [_NUMBERS, {**_NUMBERS, "name": "y"}]}).encode()
     masker = Masker(parse_masking(None, "pii"), b"")
     log.offer(["r-6", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, (body, 2), {"y": np.ones(1)}], masker)
@@ -247,6 +303,36 @@ def test_a_json_body_goes_to_the_writer_with_its_tensors_count() -> None:
     assert maskings == [[1, masker.spec()]]
     written = json.loads(cloud_event(events[0], Masker.from_spec(masker.spec()), "dhow://test"))
     assert written["data"]["request"] == json.loads(body)
+
+
+def test_outputs_go_to_the_writer_as_json_and_text_in_them_is_masked() -> None:
+    """``offer`` writes an event's outputs as JSON after its body (their number in the event): the writer embeds
+    numbers as they came, and parses and masks outputs that hold text; arrays orjson cannot take as they are (not
+    native-endian, integers past 64 bits) are written all the same."""
+    log = PayloadLog.__new__(PayloadLog)
+    queued: list[Any] = []
+    log._refused = lambda count=1: False  # type: ignore[method-assign]
+    log._put = queued.append  # type: ignore[method-assign]
+    log._maskings, log._new_maskings, log._masking_count, log._bodies, log._outputs = {}, [], 0, [], []
+    body = json.dumps({"inputs": [_NUMBERS]}).encode()
+    masker = Masker(parse_masking(None, "pii"), b"")
+    outputs: list[dict[str, Any]] = [
+        {"y": np.array([[0.25, 0.5]], np.float32), "label": np.array([1])},
+        {"note": np.array([[_EMAIL.encode()]], object), "y": np.ones(1)},
+        {"big": np.array([2**70], object), "swapped": np.array([1.5], ">f8")},
+        {"a},{": np.ones(1), "t": np.array([b"},{b"], object)},  # what the frame's outputs are cut at
+    ]
+    for n, each in enumerate(outputs):
+        log.offer([f"r-{n}", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, (body, 1), each], masker)
+    _, events = read_events(split_frames(bytearray(log._frame(queued)))[0])
+    assert [event[12][1] for event in events] == [2] * 4 and [event[11] for event in events] == [body] * 4
+    written = [json.loads(cloud_event(event, masker, "dhow://test"))["data"]["outputs"] for event in events]
+    assert written[0] == {"y": [[0.25, 0.5]], "label": [1]}
+    assert written[1] == {"note": [["[REDACTED:email]"]], "y": [1.0]}
+    assert written[2]["swapped"] == "[1.5]" and "big" in written[2]
+    assert written[3] == {"a},{": [1.0], "t": ["},{b"]}
+    rendered, failures = cloud_events(events * 10, {1: masker}, "dhow://test")
+    assert not failures and all(_EMAIL.encode() not in line for _, line in rendered)
 
 
 def test_a_frame_carries_json_bodies_after_the_events_as_they_came() -> None:

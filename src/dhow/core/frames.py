@@ -36,11 +36,12 @@ def split_frames(buffer: bytearray, limit: int | None = None) -> list[bytes]:
     partial frame, and those past the limit, stay."""
     bodies: list[bytes] = []
     offset = 0
-    while len(buffer) - offset >= HEADER_SIZE and (limit is None or len(bodies) < limit):
-        end = offset + HEADER_SIZE + _LENGTH.unpack_from(buffer, offset)[0]
-        if len(buffer) < end:
-            break
-        bodies.append(bytes(buffer[offset + HEADER_SIZE : end]))
-        offset = end
+    with memoryview(buffer) as view:  # a body copied once (a slice of the bytearray would be a copy more)
+        while len(buffer) - offset >= HEADER_SIZE and (limit is None or len(bodies) < limit):
+            end = offset + HEADER_SIZE + _LENGTH.unpack_from(buffer, offset)[0]
+            if len(buffer) < end:
+                break
+            bodies.append(bytes(view[offset + HEADER_SIZE : end]))
+            offset = end
     del buffer[:offset]  # once per read: deleting frame by frame would move the rest each time
     return bodies

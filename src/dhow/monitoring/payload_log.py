@@ -41,6 +41,7 @@ __all__ = [
     "PayloadSink",
     "encode_frame",
     "frame_events",
+    "outputs_json",
     "read_events",
 ]
 
@@ -50,7 +51,8 @@ EVENT_TYPES = {True: "io.dhow.inference.response", False: "io.dhow.inference.err
 #: ``error``: the message the client got; ``time``: the ``perf_counter`` when it reached the data plane, made Unix
 #: time once per frame; ``inputs``: the request's Open Inference Protocol JSON body as the client sent it and the
 #: number of tensors the server decoded from it (a ``(bytes, int)`` tuple), or its decoded tensors as ``[name,
-#: datatype, shape, array]`` lists; ``outputs``: name -> array, None when it failed). ``offer`` appends the number
+#: datatype, shape, array]`` lists; ``outputs``: name -> array, None when it failed; ``offer`` leaves their number
+#: in the event, and the frame carries them as JSON after the bodies). ``offer`` appends the number
 #: of the model's masking and, for a JSON body, its number of tensors (``TENSORS``), in the writer a body's proof
 #: that it holds no string but the protocol's (``payload_render``).
 FIELDS = ("request_id", "model", "version", "principal", "tenant", "data_region", "outcome", "error", "time",
@@ -88,12 +90,15 @@ class PayloadSink(Protocol):
 
     #: how the metrics and the log name it: file, kafka or http
     kind: str
+    #: how often ``idle`` must be called while nothing is queued (None: it has nothing to do then, and the sink's
+    #: thread sleeps until events come)
+    idle_s: float | None
 
     def write(self, events: list[tuple[str, bytes]], counts: PayloadCounts) -> None:
         """Hand over (key, CloudEvent JSON) pairs; report each as logged or failed, now or when known."""
 
     def idle(self) -> None:
-        """Called when nothing is queued (a Kafka producer serves its delivery reports)."""
+        """Called every ``idle_s`` when nothing is queued (a Kafka producer serves its delivery reports)."""
 
     def close(self, timeout_s: float) -> None:
         """Deliver what is pending (at most ``timeout_s``) and release the sink."""
@@ -117,26 +122,64 @@ def encode_frame(document: Any) -> bytes:
     return frame(body)
 
 
-def frame_events(maskings: list[Any], clock: float, events: list[Any], bodies: list[bytes]) -> bytes:
-    """The payload log's frame: a 4-byte length, then ``[maskings, clock, events]`` as JSON (``clock``: what makes
-    the events' ``perf_counter`` times Unix times), then ``bodies``, the JSON bodies of the events whose
-    ``inputs`` is a number (their length), in their order, as they are."""
-    header = encode_frame([maskings, clock, events])
-    return frame(header + b"".join(bodies)) if bodies else frame(header)
+def outputs_json(outputs: list[dict[str, Any]]) -> bytes:
+    """Events' outputs (name -> array) as one JSON array, by one ``orjson`` call (a value JSON cannot hold as it
+    is: that event's arrays as lists, or, an integer past 64 bits, as their text)."""
+    try:
+        return orjson.dumps(outputs, default=_plain, option=_NUMPY)
+    except TypeError:
+        return b"[" + b",".join(map(_outputs_json, outputs)) + b"]"
+
+
+def _outputs_json(outputs: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(outputs, default=_plain, option=_NUMPY)
+    except TypeError:  # an array orjson refuses as it is (not native-endian): as lists
+        try:
+            return orjson.dumps(_lists(outputs), default=_plain, option=_NUMPY)
+        except TypeError:
+            return orjson.dumps({str(name): str(value) for name, value in outputs.items()})
+
+
+def frame_events(
+    maskings: list[Any], clock: float, events: list[Any], bodies: list[bytes], outputs: Sequence[Any] = ()
+) -> bytes:
+    """The payload log's frame: a 4-byte length, then ``[maskings, clock, events, length, number]`` as JSON
+    (``clock``: what makes the events' ``perf_counter`` times Unix times), then ``bodies``, the JSON bodies of the
+    events whose ``inputs`` is a number (their length), in their order, as they are, then ``outputs`` (``number``
+    of them) as one JSON array (``length`` bytes): those of the events whose ``outputs`` is a number (how many
+    outputs they have), in their order."""
+    written = outputs_json(list(outputs)) if outputs else b""
+    header = encode_frame([maskings, clock, events, len(written), len(outputs)])
+    return frame(b"".join([header, *bodies, written]))
 
 
 def read_events(body: bytes) -> tuple[list[Any], list[Any]]:
-    """A ``frame_events`` frame's body: its maskings and its events, each with its Unix ``time`` and its JSON body
-    (bytes) in ``inputs`` where it had one."""
+    """A ``frame_events`` frame's body: its maskings and its events, each with its Unix ``time``, its JSON body
+    (bytes) in ``inputs`` where it had one, and in ``outputs``, where they came after the bodies, their JSON
+    members (``{`` and ``}`` left off) and their number (a ``(bytes, int)`` tuple)."""
     end = HEADER_SIZE + decode_frame_length(body[:HEADER_SIZE])
-    maskings, clock, events = orjson.loads(body[HEADER_SIZE:end])
+    maskings, clock, events, length, number = orjson.loads(body[HEADER_SIZE:end])
+    members = iter(_members(body[len(body) - length :], number) if number else ())
     for event in events:
         event[TIME] += clock
         size = event[INPUTS]
         if type(size) is int:
             event[INPUTS] = body[end : end + size]
             end += size
+        count = event[OUTPUTS]
+        if type(count) is int:
+            event[OUTPUTS] = (next(members), count)
     return maskings, events
+
+
+def _members(written: bytes, number: int) -> list[bytes]:
+    """The members of each of ``number`` JSON objects in an array ``written`` by orjson: cut at ``},{``, where a
+    name or a text value may hold it too (then more pieces than objects: the array is parsed and each written)."""
+    pieces = written[2:-2].split(b"},{")
+    if len(pieces) == number:
+        return pieces
+    return [orjson.dumps(each)[1:-1] for each in orjson.loads(written)]
 
 
 def _lists(value: Any) -> Any:
@@ -178,6 +221,8 @@ class PayloadLog(WriterPipe):
         self._new_maskings: list[tuple[int, dict[str, Any]]] = []
         #: the JSON bodies of the queued events, in their order (the events hold their lengths)
         self._bodies: list[bytes] = []
+        #: the outputs of the queued events that have them, in their order (the events hold their number)
+        self._outputs: list[dict[str, Any]] = []
         super().__init__(command, {"url": url, "source": source}, capacity=capacity, registry=registry,
                          close_timeout_s=close_timeout_s)  # fmt: skip
 
@@ -197,6 +242,10 @@ class PayloadLog(WriterPipe):
             self._bodies.append(body)
             event[INPUTS] = len(body)
             event.append(tensors)
+        outputs = event[OUTPUTS]
+        if outputs is not None:  # written as JSON after the bodies (``_frame``); their number in the event
+            self._outputs.append(outputs)
+            event[OUTPUTS] = len(outputs)
         self._put(event)
 
     def _masking_number(self, masking: Masking) -> int:
@@ -212,4 +261,5 @@ class PayloadLog(WriterPipe):
         """Every queued event (``_flush`` and ``close`` take them all: the bodies are theirs)."""
         maskings, self._new_maskings = self._new_maskings, []
         bodies, self._bodies = self._bodies, []
-        return frame_events(maskings, time.time() - time.perf_counter(), items, bodies)
+        outputs, self._outputs = self._outputs, []
+        return frame_events(maskings, time.time() - time.perf_counter(), items, bodies, outputs)

@@ -83,6 +83,7 @@ class FileSink:
     """JSON Lines, rotated by size (``payloads.jsonl`` → ``.1`` → … → ``.<backups>``, the oldest removed)."""
 
     kind = "file"
+    idle_s: float | None = None
 
     def __init__(self, path: Path, *, max_bytes: int, backups: int) -> None:
         if not path.name:
@@ -137,6 +138,8 @@ class KafkaSink:
     """A confluent-kafka (librdkafka) producer: asynchronous, each event reported when the broker acknowledges it."""
 
     kind = "kafka"
+    #: how often its delivery reports are served when nothing else is to do
+    idle_s: float | None = 0.02
 
     def __init__(self, brokers: str, topic: str, options: dict[str, str]) -> None:
         from dhow.core.kafka import KafkaProducer
@@ -187,6 +190,7 @@ class HttpSink:
     """CloudEvents over HTTP: a batch per POST, or one structured event per POST; a non-2xx answer fails them."""
 
     kind = "http"
+    idle_s: float | None = None
 
     def __init__(self, endpoint: str, *, batch: bool, timeout_s: float) -> None:
         self.endpoint = endpoint

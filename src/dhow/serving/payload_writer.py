@@ -24,13 +24,11 @@ from typing import Any
 from dhow.governance.masking import Masker
 from dhow.monitoring.payload_log import MAX_MASKINGS, PayloadSink, read_events
 from dhow.monitoring.payload_sinks import open_sink
-from dhow.serving.payload_render import cloud_event
+from dhow.serving.payload_render import cloud_events
 from dhow.serving.writer_main import Answer, serve
 
 __all__ = ["Writer", "main"]
 
-#: how long the sink's thread sleeps when nothing is queued (the reader wakes it when events come)
-_IDLE_S = 0.02
 #: events rendered and handed to the sink at once
 _CHUNK = 512
 #: how often counts go back to the server (when something changed)
@@ -105,16 +103,14 @@ class Writer:
                 if self._stopping.is_set():
                     return
                 self.sink.idle()
-                self._wake.wait(_IDLE_S)
+                # (a sink with nothing to do meanwhile is woken by the reader alone: no turn every 20 ms)
+                self._wake.wait(self.sink.idle_s)
                 self._wake.clear()
                 continue
             chunk = [self._queue.popleft() for _ in range(min(_CHUNK, len(self._queue)))]
-            rendered: list[tuple[str, bytes]] = []
-            for event in chunk:
-                try:
-                    rendered.append(self.render(event))
-                except Exception as exc:  # a value masking or JSON cannot take: that event fails, not the others
-                    self.failed(1, f"could not render the event of request {event[0]}: {exc!r}")
+            rendered, failures = self.render_chunk(chunk)
+            for event, exc in failures:  # a value masking or JSON cannot take: that event fails, not the others
+                self.failed(1, f"could not render the event of request {event[0]}: {exc!r}")
             if rendered:
                 try:
                     self.sink.write(rendered, self)
@@ -123,9 +119,9 @@ class Writer:
             if self.pause_s:  # a sink that wants its events together (OTLP: a post a second)
                 self._stopping.wait(self.pause_s)
 
-    def render(self, event: list[Any]) -> tuple[str, bytes]:
-        """An event as its sink takes it: its key and its CloudEvent, masked."""
-        return event[0], cloud_event(event, self._maskers[event[13]], self.source)
+    def render_chunk(self, chunk: list[Any]) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
+        """A chunk's events as the sink takes them (key and CloudEvent, masked), and those that could not be."""
+        return cloud_events(chunk, self._maskers, self.source)
 
     # -- the counts, back to the server --
 

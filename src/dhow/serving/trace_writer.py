@@ -29,6 +29,7 @@ class OtlpSink:
     """The collector (OTLP/HTTP): one post per chunk of requests, over one connection (opened again after an error)."""
 
     kind = "otlp"
+    idle_s: float | None = None
 
     def __init__(self, url: str, service: str) -> None:
         self.url = url
@@ -68,8 +69,14 @@ class TraceWriter(Writer):
     def take(self, frame: list[Any]) -> None:
         self.queue(frame)
 
-    def render(self, event: list[Any]) -> tuple[str, bytes]:
-        return str(event[4]), record_fields(event)
+    def render_chunk(self, chunk: list[Any]) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
+        rendered, failures = [], []
+        for record in chunk:
+            try:
+                rendered.append((str(record[4]), record_fields(record)))
+            except Exception as exc:  # a record that cannot be written: that one fails, not the others
+                failures.append((record, exc))
+        return rendered, failures
 
 
 def _open(settings: dict[str, Any], answer: Answer) -> TraceWriter:
