@@ -1122,6 +1122,7 @@ def test_while_the_writer_restarts_an_answer_waits_until_a_new_writer_takes_its_
 
     async def answers_wait_for_the_new_writer(process: WriterProcess) -> None:
         (first,) = _writer_processes()
+        trail._default.backoff_s = 1.0  # the next writer starts 2 s after the death: the answers must wait for it
         os.kill(first, signal.SIGKILL)
         while process.running:  # the server learns that its writer is gone
             await asyncio.sleep(0.01)
@@ -1150,5 +1151,73 @@ def test_while_the_writer_restarts_an_answer_waits_until_a_new_writer_takes_its_
         asyncio.run(scenario())
         assert _request_ids(store) == [alone.request_id] + [r.request_id for r in together]
         assert store.verify().ok and trail.pending == 0
+    finally:
+        store.close()
+
+
+def test_a_writer_dying_while_an_answer_waits_for_room_holds_the_answer_until_the_next_writer(tmp_path: Path) -> None:
+    """The pipe is full (the writer stopped), an answer waits for room; the writer is killed: what the answer
+    waited for is in the server's memory only, so it still waits, until a new writer has been sent it."""
+    store = AuditStore.open(f"sqlite:///{tmp_path}/audit.db")
+    trail = AuditTrail({"ae": store}, "ae", writer="process")
+
+    async def scenario() -> None:
+        await trail.start()
+        process = trail._default.process
+        assert process is not None
+        (first,) = _writer_processes()
+        os.kill(first, signal.SIGSTOP)
+        try:
+            held = next((r for r in _records(20_000, "w") if trail.record(r)), None)
+            assert held is not None, "the pipe never filled"
+            waiter = asyncio.ensure_future(trail.handed_over(held))
+            await asyncio.sleep(0.2)
+            assert not waiter.done()
+        finally:
+            os.kill(first, signal.SIGKILL)
+        await asyncio.wait_for(waiter, 30)
+        assert process.running and _writer_processes() != [first]  # released once a new writer took them
+        await trail.close()
+
+    try:
+        uvloop.run(scenario())
+        assert store.verify().ok and trail.pending == 0
+    finally:
+        store.close()
+
+
+def test_no_writer_can_start_the_waiting_answers_fail_and_a_waiting_request_can_be_cancelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer died and no other can be started (here: its interpreter is gone): a request waiting for one
+    fails with Unavailable (503) at the failed try, instead of waiting for ever; one cancelled while it waits
+    ends at once, the others' wait untouched."""
+    store = AuditStore.open(f"sqlite:///{tmp_path}/audit.db")
+    trail = AuditTrail({"ae": store}, "ae", writer="process")
+
+    async def scenario() -> None:
+        await trail.start()
+        process = trail._default.process
+        assert process is not None
+        monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+        (first,) = _writer_processes()
+        os.kill(first, signal.SIGKILL)
+        while process.running:
+            await asyncio.sleep(0.01)
+        kept, cancelled = (trail.record_before_answer(r, together=False) for r in _records(2, "x"))
+        assert kept is not None and cancelled is not None
+        kept_task, cancelled_task = asyncio.ensure_future(kept), asyncio.ensure_future(cancelled)
+        await asyncio.sleep(0)
+        cancelled_task.cancel()
+        await asyncio.wait_for(asyncio.wait({cancelled_task}), 1)
+        assert cancelled_task.cancelled() and not kept_task.done()
+        with pytest.raises(Unavailable, match="could not be started"):
+            await asyncio.wait_for(kept_task, 10)
+        monkeypatch.undo()
+        await trail.close(timeout_s=10)
+
+    try:
+        asyncio.run(scenario())
+        assert len(_request_ids(store)) == 2  # nothing lost: the writer started once the interpreter is back wrote both
     finally:
         store.close()

@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
 import uvloop
 
 from dhow.access.actions import ACTIONS
@@ -65,14 +66,14 @@ def test_a_closed_inference_frees_its_place_and_is_audited(tmp_path: Path) -> No
 
 
 def test_a_closed_change_still_writes_its_durable_record(tmp_path: Path) -> None:
-    """A change's record is awaited to durability on the usual path; closed, it is written by a task instead."""
+    """A change's record is awaited to durability on the usual path; closed, it is queued all the same and written."""
     service, guard, trail, store = _service(tmp_path, "thread")
 
     async def scenario() -> None:
         await trail.start()
         _closed_inside(service, "model.unload", "fraud")
         assert guard._in_flight == 0
-        for _ in range(100):  # the task that writes it runs on this loop
+        for _ in range(100):  # the trail's writer runs on this loop
             await asyncio.sleep(0.01)
             if store.read(limit=10):
                 break
@@ -82,5 +83,45 @@ def test_a_closed_change_still_writes_its_durable_record(tmp_path: Path) -> None
         uvloop.run(scenario())
         rows = store.read(limit=10)
         assert [(r["action"], r["outcome"]) for r in rows] == [("model.unload", "CANCELLED")]
+    finally:
+        store.close()
+
+
+def test_a_keyboard_interrupt_in_a_change_propagates_with_its_record_queued(tmp_path: Path) -> None:
+    """The loop stops with the KeyboardInterrupt: nothing after it runs, so the record must be queued by the end of
+    the call itself (the trail's close on shutdown writes what is queued)."""
+    service, guard, trail, store = _service(tmp_path, "thread")
+    caller = Principal("dhow:test", ALL_TENANTS, (Grant("admin"),))
+
+    async def scenario() -> None:
+        await trail.start()
+        async with service.call(caller, ACTIONS["model.unload"], "fraud"):
+            raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(scenario())
+        assert guard._in_flight == 0 and trail.pending == 1
+    finally:
+        store.close()
+
+
+def test_a_system_exit_stays_a_system_exit_when_the_audit_trail_refuses_the_record(tmp_path: Path) -> None:
+    service, guard, trail, store = _service(tmp_path, "process")
+    caller = Principal("dhow:test", ALL_TENANTS, (Grant("admin"),))
+
+    async def scenario() -> None:
+        await trail.start()
+        try:
+            with pytest.raises(SystemExit):
+                async with service.call(caller, ACTIONS["infer"], "fraud"):
+                    await trail.close()  # shut down meanwhile: the trail refuses the record (Unavailable)
+                    raise SystemExit(3)
+            assert guard._in_flight == 0
+        finally:
+            await trail.close()
+
+    try:
+        uvloop.run(scenario())
     finally:
         store.close()

@@ -60,7 +60,7 @@ class WriterProcess:
         #: started and not closed: while no writer runs, records wait in this process for the next one
         self._started = False
         #: what ``handed_over`` awaits while no writer runs: done once ``start`` sent the frames to a new one
-        self._restarted: _Departure | None = None
+        self._restarted: asyncio.Future[None] | None = None
 
     @property
     def unacknowledged(self) -> int:
@@ -93,7 +93,7 @@ class WriterProcess:
             process.stdin.write(_frame(records, urgent=True))  # some caller may be waiting for these
         self._started = True
         restarted, self._restarted = self._restarted, None
-        if restarted is not None:
+        if restarted is not None and not restarted.done():
             restarted.set_result(None)
 
     def send(self, records: list[AuditRecord], *, urgent: bool = False) -> None:
@@ -118,17 +118,37 @@ class WriterProcess:
 
     async def handed_over(self) -> None:
         """Wait until the pipe took what waits in this process (at once if nothing does); while no writer runs,
-        until the next one was sent it (``start``)."""
-        process = self._alive()
-        while process is None and self._started:
-            restarted = self._restarted
-            if restarted is None:
-                restarted = self._restarted = _Departure()
-            await restarted
+        until the next one was sent it (``start``), also when the writer dies during the wait. ``Unavailable``
+        when no next writer could be started, or the trail closed first; a waiting request can be cancelled."""
+        while True:
             process = self._alive()
-        if process is not None and process.stdin is not None:
+            if process is None:
+                if not self._started:
+                    return
+                restarted = self._restarted
+                if restarted is None:
+                    restarted = self._restarted = asyncio.get_running_loop().create_future()
+                # shared by every waiting request: each one's cancellation cancels its own wait, not the others'
+                await asyncio.shield(restarted)
+                continue
+            assert process.stdin is not None
             with contextlib.suppress(ConnectionError):
                 await process.stdin.drain()
+            if self._alive() is process or not self._started:
+                return
+            # the writer died while the pipe held what this request waited for: its records are in this process
+            # only (kept unacknowledged), until the next writer is sent them
+
+    def not_started(self, err: Exception) -> None:
+        """No next writer could be started: the requests waiting for one fail (503) rather than wait for ever;
+        those that come later wait for the next try."""
+        self._fail_restart(Unavailable(f"the audit writer process could not be started ({err}); retry shortly"))
+
+    def _fail_restart(self, err: Unavailable) -> None:
+        restarted, self._restarted = self._restarted, None
+        if restarted is not None and not restarted.done():
+            restarted.set_exception(err)
+            restarted.exception()  # read: a future no request waits for any more is not logged as unretrieved
 
     async def acknowledged(self) -> int:
         """The number of records the writer made durable with its next answer; ``Unavailable`` when it says the
@@ -149,9 +169,8 @@ class WriterProcess:
     async def close(self) -> None:
         process, self._process = self._process, None
         self._started = False
-        restarted, self._restarted = self._restarted, None
-        if restarted is not None:  # no writer will take them: their requests fail rather than wait for ever
-            restarted.set_exception(Unavailable("the audit trail stopped before the records left this process"))
+        # no writer will take them: their requests fail rather than wait for ever
+        self._fail_restart(Unavailable("the audit trail stopped before the records left this process"))
         if process is None or process.returncode is not None:
             return
         assert process.stdin is not None
@@ -395,15 +414,17 @@ class AuditTrail:
         if process.unacknowledged == 1:
             lane.wake.set()
 
-    async def record_now(self, record: AuditRecord) -> None:
-        """Records and returns once the record (and every one queued before it for its store) is durable."""
+    def record_now(self, record: AuditRecord) -> asyncio.Future[None]:
+        """Queues the record at once and returns what is done once it (and every record queued before it for its
+        store) is durable: queued by the call itself, not by a first await, so that a caller that cannot await
+        (its coroutine unwinding a KeyboardInterrupt) still has it written."""
         if not self._tasks or self._closing:
             raise Unavailable("the audit trail is not running: start it first", retry_after=1.0)
         lane = self._enqueue(record, urgent=True)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         lane.waiters.append((lane.enqueued, done))
         lane.wake.set()
-        await done
+        return done
 
     async def start(self) -> None:
         """Starts one writer task per store (again: nothing)."""
@@ -480,8 +501,11 @@ class AuditTrail:
                 self._failing(lane, err)
                 if not process.running:
                     await asyncio.sleep(lane.backoff_s)
-                    with contextlib.suppress(OSError):
+                    try:
                         await process.start()  # sends again what the dead writer had not acknowledged
+                    except OSError as spawn:
+                        log.error("cannot start the audit writer process for %s: %r", lane.store.url, spawn)
+                        process.not_started(spawn)
                 continue
             self._written(lane, count)
 

@@ -43,6 +43,7 @@ def encode_frame(document: Any) -> bytes:
 def decode_lines(buffer: bytearray, limit: int) -> list[Any]:
     """The whole frames at the start of ``buffer`` (the first ``limit`` of them), decoded (as one JSON array: one
     call, not one a frame) and removed from it; a partial frame, and those past the limit, stay."""
+    assert limit >= 1, limit
     end = buffer.rfind(b"\n")
     if end < 0:
         return []

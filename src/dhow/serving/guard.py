@@ -135,8 +135,8 @@ class AccessGuard:
 
     def known(self, who: Credentials | Principal, access: Access, model: str = "") -> Principal | None:
         """Who calls, when that needs no waiting (an in-process principal, no authentication, an API key, a
-        certificate); None: a token to verify (``authenticate``). The first step of ``admit``, which the admission
-        point takes itself, without a coroutine, for the usual request; refusals as in ``authenticate`` (one whose
+        certificate); None: a token to verify (``authenticate``). The first step of ``admit`` (which ``Call`` takes
+        without a coroutine for the usual request); refusals as in ``authenticate`` (one whose
         record waits in this process raises ``_HeldRefusal``, which ``admit`` answers once the record has left)."""
         if isinstance(who, Principal):
             return who

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import inspect
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable
 from types import TracebackType
 from typing import Any
 
@@ -133,11 +132,15 @@ class Call:
             raise InternalError(error_id) from exc
         else:
             # GeneratorExit (the coroutine was closed), SystemExit, KeyboardInterrupt: nothing may be awaited now,
-            # yet the call ends: its quota and in-flight count are freed, and its record leaves (a change's
-            # durable record is written by a task of its own, the loop permitting)
-            waiting = self._finish("CANCELLED")
-            if inspect.iscoroutine(waiting):
-                _leave_later(waiting)
+            # yet the call ends: its quota and in-flight count are freed and its record queued (a change's durable
+            # write goes on without it); a refusal from the audit trail is logged, never put in their place
+            try:
+                waiting = self._finish("CANCELLED")
+            except Exception as err:
+                log.error("the audit record of a call ended by %s could not be queued: %s", type(exc).__name__, err)
+            else:
+                if isinstance(waiting, asyncio.Future):
+                    waiting.add_done_callback(_left)
 
     @property
     def caller(self) -> Caller:
@@ -195,25 +198,10 @@ class Call:
         return self._outcome
 
 
-#: the records of calls ended by a BaseException, still being written (a reference, so that no task is collected)
-_LEAVING: set[asyncio.Task[None]] = set()
-
-
-def _leave_later(record: Coroutine[Any, Any, None]) -> None:
-    try:
-        task = asyncio.get_running_loop().create_task(record)
-    except RuntimeError:  # no loop runs any more: the record cannot leave, and says so
-        record.close()
-        log.error("a call ended with no event loop running; its audit record could not be written")
-        return
-    _LEAVING.add(task)
-    task.add_done_callback(_left)
-
-
-def _left(task: asyncio.Task[None]) -> None:
-    _LEAVING.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        log.error("the audit record of a call ended by a BaseException could not be written: %s", task.exception())
+def _left(written: asyncio.Future[None]) -> None:
+    """The end of the durable write of a record whose call could not wait for it."""
+    if not written.cancelled() and written.exception() is not None:
+        log.error("the audit record of a call ended by a BaseException was not written: %s", written.exception())
 
 
 class CoreService:
