@@ -30,6 +30,8 @@ SLACK = 8 * 1024 * 1024
 WARM_UP = 5
 #: seconds a window: long enough to hold at least two bursts, whose highest level is the one compared
 WINDOW = 12
+#: samples a second: a burst's top is caught, not its tail
+RATE = 4
 
 SLOW = slow_doubler(0.25)
 
@@ -68,8 +70,8 @@ def test_a_paused_saturated_consumer_keeps_its_memory_flat(broker: Broker, tmp_p
         # warmed up: the bound was reached and the partitions paused (the client's prefetch is full by then)
         wait_until(lambda: bool(status_of(data).get("paused")), 120, "the consumer paused at its bound")
         start = _rss(process.pid)
-        for _ in range(WARM_UP + 2 * WINDOW):
-            time.sleep(1)
+        for _ in range((WARM_UP + 2 * WINDOW) * RATE):
+            time.sleep(1 / RATE)
             samples.append(_rss(process.pid))
         status = status_of(data)
     finally:
@@ -80,10 +82,10 @@ def test_a_paused_saturated_consumer_keeps_its_memory_flat(broker: Broker, tmp_p
     # 233-248), the highest level of the last window is within the bound of the highest of the window before: a
     # consumer buffering the backlog would keep climbing by hundreds of MiB; and no moment's peak is beyond the
     # bound and one burst of the client's fetch buffers above where it paused
-    early = max(samples[WARM_UP : WARM_UP + WINDOW])
-    late = max(samples[WARM_UP + WINDOW :])
+    early = max(samples[WARM_UP * RATE : (WARM_UP + WINDOW) * RATE])
+    late = max(samples[(WARM_UP + WINDOW) * RATE :])
     peak = max(samples) - start
-    mib = [round(sample / 2**20, 1) for sample in samples]
+    mib = [round(sample / 2**20, 1) for sample in samples[::RATE]]  # one a second, for the message
     growth = late - early
     assert growth <= bound, f"RSS climbed {growth / 2**20:.1f} MiB (bound {bound / 2**20:.1f} MiB): {mib}"
     limit = bound + FETCH_BURST
