@@ -19,6 +19,7 @@ looks fifty times dearer per request there than it is. This counts the per-reque
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,17 +56,23 @@ def _body() -> bytes:
 
 def _offered_frame(body: bytes, masker: object) -> bytes:
     """A frame of one event as the event loop writes it (``PayloadLog.offer``, then its ``_frame``)."""
-    from dhow.monitoring.payload_log import PayloadLog
-
-    log = PayloadLog.__new__(PayloadLog)  # its queue alone: no writer process
-    queued: list[object] = []
-    log._refused, log._put = lambda count=1: False, queued.append  # type: ignore[method-assign]
-    log._maskings, log._new_maskings, log._masking_count, log._bodies, log._outputs = {}, [], 0, [], []
+    log = _queue_alone()
     event = _event(body)[:13]  # as the data plane offers it
     event[11] = (body, 1)
     log.offer(event, masker)  # type: ignore[arg-type]
-    frame: bytes = log._frame(queued)
+    frame: bytes = log._frame(list(log._queue))
     return frame
+
+
+def _queue_alone() -> Any:
+    """A payload log's queue, as ``PayloadLog.offer`` finds it, without its writer process (its flush already
+    scheduled: the caller frames what is queued)."""
+    from dhow.monitoring.payload_log import PayloadLog
+
+    log = PayloadLog.__new__(PayloadLog)
+    log._queue, log.capacity, log._gone, log._scheduled = collections.deque(), 1 << 30, False, True
+    log._maskings, log._new_maskings, log._masking_count, log._bodies, log._outputs = {}, [], 0, [], []
+    return log
 
 
 def run_unit(unit: str, count: int) -> None:
@@ -123,22 +131,18 @@ def run_unit(unit: str, count: int) -> None:
             chunk([event] * min(_CHUNK, count - done))
     else:  # as the event loop does: each event offered (PayloadLog.offer), the queue framed every 8
         from dhow.governance.masking import Masker, parse_masking
-        from dhow.monitoring.payload_log import PayloadLog
 
         body = _body()
         masker = Masker(parse_masking(None, "pii"), b"")
-        log = PayloadLog.__new__(PayloadLog)  # its queue alone: no writer process
-        queued: list[object] = []
-        log._refused, log._put = lambda count=1: False, queued.append  # type: ignore[method-assign]
-        log._maskings, log._new_maskings, log._masking_count, log._bodies, log._outputs = {}, [], 0, [], []
+        log = _queue_alone()
         offered = _event(body)[:13]  # as the data plane offers it
         for n in range(count):
             event = list(offered)
             event[11] = (body, 1)
             log.offer(event, masker)
-            if n % 8 == 7:
-                log._frame(queued)
-                queued.clear()
+            if n % 8 == 7:  # as its flush does
+                log._frame(list(log._queue))
+                log._queue.clear()
 
 
 def _instructions(unit: str, count: int, src: Path) -> int:
