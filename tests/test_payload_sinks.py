@@ -335,6 +335,30 @@ def test_outputs_go_to_the_writer_as_json_and_text_in_them_is_masked() -> None:
     assert not failures and all(_EMAIL.encode() not in line for _, line in rendered)
 
 
+def test_outputs_whose_names_merge_or_whose_text_is_not_first_are_masked() -> None:
+    """Names 1 and "1" (written as one name: its quotes two short) beside a text value holding the cut marker (two
+    quotes more); text after a number, a null or an empty list: every one masked, alone and in a chunk, where a
+    short count beside an event with text would hide that text."""
+    masker = Masker(parse_masking(None, "pii"), b"")
+    cases: list[dict[Any, Any]] = [
+        {1: np.array([1.0]), "1": np.array([_EMAIL + " },{"], object)},
+        {1: np.array([2.0]), "1": np.array([3.0])},
+        {"y": np.array([_EMAIL + " },{"], object)},
+        {"y": np.array([1, _EMAIL], object)},
+        {"y": np.array([None, _EMAIL], object)},
+        {"y": [[], [_EMAIL]]},
+    ]
+    events = [
+        [f"r-{n}", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, [["x", "FP32", [1], [1.0]]], len(o), 1]
+        for n, o in enumerate(cases)
+    ]
+    (body,) = split_frames(bytearray(frame_events([], 1.7e9, events, [], cases)))
+    _, read = read_events(body)
+    assert all(_EMAIL.encode() not in cloud_event(event, masker, "dhow://test") for event in read)
+    rendered, failures = cloud_events(read * 5, {1: masker}, "dhow://test")
+    assert not failures and len(rendered) == 30 and all(_EMAIL.encode() not in line for _, line in rendered)
+
+
 def test_a_frame_carries_json_bodies_after_the_events_as_they_came() -> None:
     """Bodies travel unescaped after the events' JSON, each event holding its length; decoded tensors in the
     JSON; every event's time made Unix time by the frame's clock."""

@@ -137,8 +137,15 @@ def _outputs_json(outputs: dict[str, Any]) -> bytes:
     except TypeError:  # an array orjson refuses as it is (not native-endian): as lists
         try:
             return orjson.dumps(_lists(outputs), default=_plain, option=_NUMPY)
-        except TypeError:
-            return orjson.dumps({str(name): str(value) for name, value in outputs.items()})
+        except TypeError:  # as text, every name its own (names 1 and "1" would merge: the writer, counting two
+            # names' quotes, would take one name's two missing quotes for a text value's and leave it unmasked)
+            written: dict[str, str] = {}
+            for name, value in outputs.items():
+                key = str(name)
+                while key in written:
+                    key += "'"
+                written[key] = str(value)
+            return orjson.dumps(written)
 
 
 def frame_events(
@@ -160,7 +167,8 @@ def read_events(body: bytes) -> tuple[list[Any], list[Any]]:
     members (``{`` and ``}`` left off) and their number (a ``(bytes, int)`` tuple)."""
     end = HEADER_SIZE + decode_frame_length(body[:HEADER_SIZE])
     maskings, clock, events, length, number = orjson.loads(body[HEADER_SIZE:end])
-    members = iter(_members(body[len(body) - length :], number) if number else ())
+    pieces, counts = _members(body[len(body) - length :], number) if number else ([], None)
+    members, sizes = iter(pieces), iter(counts or ())
     for event in events:
         event[TIME] += clock
         size = event[INPUTS]
@@ -169,17 +177,19 @@ def read_events(body: bytes) -> tuple[list[Any], list[Any]]:
             end += size
         count = event[OUTPUTS]
         if type(count) is int:
-            event[OUTPUTS] = (next(members), count)
+            event[OUTPUTS] = (next(members), next(sizes) if counts is not None else count)
     return maskings, events
 
 
-def _members(written: bytes, number: int) -> list[bytes]:
+def _members(written: bytes, number: int) -> tuple[list[bytes], list[int] | None]:
     """The members of each of ``number`` JSON objects in an array ``written`` by orjson: cut at ``},{``, where a
-    name or a text value may hold it too (then more pieces than objects: the array is parsed and each written)."""
+    name or a text value may hold it too (then more pieces than objects: the array is parsed and each written,
+    with the number of names each really holds, which the writer's quote count then goes by, not the sender's)."""
     pieces = written[2:-2].split(b"},{")
     if len(pieces) == number:
-        return pieces
-    return [orjson.dumps(each)[1:-1] for each in orjson.loads(written)]
+        return pieces, None
+    parsed = orjson.loads(written)
+    return [orjson.dumps(each)[1:-1] for each in parsed], [len(each) for each in parsed]
 
 
 def _lists(value: Any) -> Any:

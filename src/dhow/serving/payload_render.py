@@ -177,15 +177,13 @@ def _masked(masker: Masker, tensors: list[Any], *, names: bool = False) -> list[
 
 
 def _masked_outputs(masker: Masker, tensors: dict[str, Any]) -> dict[str, Any]:
-    """``tensors`` with the ones that hold text, or that a field rule names, masked (``tensors`` itself when none
-    does: most events hold numbers only)."""
+    """``tensors`` with the ones that hold text anywhere, or that a field rule names, masked (``tensors`` itself
+    when none does: most events hold numbers only)."""
     fields = masker.policy.fields
     masked = None
     for name, data in tensors.items():
-        first = data
-        while type(first) is list and first:
-            first = first[0]
-        if type(first) is str or name in fields:
+        # any string anywhere in it (not only a first value: ``[1, "a@b.c"]``, ``[null, …]``, ``[[], […]]``)
+        if name in fields or 34 in _dumps(data):
             if masked is None:
                 masked = dict(tensors)
             masked[name] = masker.mask_value(data, name)
