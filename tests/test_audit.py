@@ -1207,17 +1207,45 @@ def test_no_writer_can_start_the_waiting_answers_fail_and_a_waiting_request_can_
         kept, cancelled = (trail.record_before_answer(r, together=False) for r in _records(2, "x"))
         assert kept is not None and cancelled is not None
         kept_task, cancelled_task = asyncio.ensure_future(kept), asyncio.ensure_future(cancelled)
+        batched = trail.record_before_answer(_records(1, "b")[0])  # a pass's records: their departure
+        assert batched is not None
+        batched_task = asyncio.ensure_future(batched)
         await asyncio.sleep(0)
         cancelled_task.cancel()
         await asyncio.wait_for(asyncio.wait({cancelled_task}), 1)
         assert cancelled_task.cancelled() and not kept_task.done()
-        with pytest.raises(Unavailable, match="could not be started"):
-            await asyncio.wait_for(kept_task, 10)
+        for task in (kept_task, batched_task):  # each told the cause
+            with pytest.raises(Unavailable, match="could not be started"):
+                await asyncio.wait_for(task, 10)
         monkeypatch.undo()
         await trail.close(timeout_s=10)
 
     try:
         asyncio.run(scenario())
-        assert len(_request_ids(store)) == 2  # nothing lost: the writer started once the interpreter is back wrote both
+        assert len(_request_ids(store)) == 3  # nothing lost: the writer started once the interpreter is back wrote all
+    finally:
+        store.close()
+
+
+def test_a_writer_that_died_idle_holds_no_answer(tmp_path: Path) -> None:
+    """Nothing waits in the server for a writer that died with every frame acknowledged: a wait returns at once
+    (no restart is due until a record comes)."""
+    store = AuditStore.open(f"sqlite:///{tmp_path}/audit.db")
+    trail = AuditTrail({"ae": store}, "ae", writer="process")
+
+    async def scenario() -> None:
+        await trail.start()
+        process = trail._default.process
+        assert process is not None
+        (first,) = _writer_processes()
+        os.kill(first, signal.SIGKILL)
+        while process.running:
+            await asyncio.sleep(0.01)
+        assert not process.held
+        await asyncio.wait_for(process.handed_over(), 1)
+        await trail.close()
+
+    try:
+        uvloop.run(scenario())
     finally:
         store.close()

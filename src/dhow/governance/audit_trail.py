@@ -112,9 +112,11 @@ class WriterProcess:
         (the last one died, the next is not started yet)."""
         process = self._process
         if process is None or process.returncode is not None or process.stdin is None:
-            return self._started
+            return self._started and bool(self._unacknowledged)
         transport = process.stdin.transport
-        return transport.get_write_buffer_size() > 0 or (transport.is_closing() and self._started)
+        return transport.get_write_buffer_size() > 0 or (
+            transport.is_closing() and self._started and bool(self._unacknowledged)
+        )
 
     async def handed_over(self) -> None:
         """Wait until the pipe took what waits in this process (at once if nothing does); while no writer runs,
@@ -123,7 +125,7 @@ class WriterProcess:
         while True:
             process = self._alive()
             if process is None:
-                if not self._started:
+                if not self._started or not self._unacknowledged:  # nothing waits in this process for a writer
                     return
                 restarted = self._restarted
                 if restarted is None:
@@ -201,10 +203,18 @@ async def _depart(process: WriterProcess, departure: _Departure) -> None:
     """Done with the departure once the pipe took what waits in this process (the writer is behind)."""
     try:
         await process.handed_over()
+    except Exception as err:  # no writer could be started, or the trail closed: its requests get the cause (503)
+        _fail(departure, err if isinstance(err, Unavailable) else Unavailable(f"the audit trail failed: {err!r}"))
+        return
     except BaseException:
-        departure.set_exception(Unavailable("the audit trail stopped before the records left this process"))
+        _fail(departure, Unavailable("the audit trail stopped before the records left this process"))
         raise
     departure.set_result(None)
+
+
+def _fail(departure: _Departure, err: Unavailable) -> None:
+    departure.set_exception(err)
+    departure.exception()  # read: not logged as unretrieved when every request that awaited it was cancelled
 
 
 def _frame(records: list[AuditRecord], *, urgent: bool = False) -> bytes:
@@ -503,7 +513,7 @@ class AuditTrail:
                     await asyncio.sleep(lane.backoff_s)
                     try:
                         await process.start()  # sends again what the dead writer had not acknowledged
-                    except OSError as spawn:
+                    except Exception as spawn:  # OSError; RuntimeError from a child watcher out of threads
                         log.error("cannot start the audit writer process for %s: %r", lane.store.url, spawn)
                         process.not_started(spawn)
                 continue

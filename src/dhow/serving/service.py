@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import inspect
 import logging
 import secrets
 import time
@@ -137,10 +138,12 @@ class Call:
             try:
                 waiting = self._finish("CANCELLED")
             except Exception as err:
-                log.error("the audit record of a call ended by %s could not be queued: %s", type(exc).__name__, err)
+                log.error("the audit record of a call ended by %s failed: %s", type(exc).__name__, err)
             else:
                 if isinstance(waiting, asyncio.Future):
                     waiting.add_done_callback(_left)
+                elif inspect.iscoroutine(waiting):  # a wait for room in the writer's pipe: the record was sent
+                    waiting.close()
 
     @property
     def caller(self) -> Caller:
