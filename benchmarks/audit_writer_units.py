@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _frames(count: int) -> list[bytes]:
     from dhow.governance.audit import AuditRecord
-    from dhow.governance.audit_trail import _frame
+    from dhow.governance.writer_process import _frame
 
     start = time.time()
     return [

@@ -38,8 +38,9 @@ from dhow.commands.audit import add_parser, run
 from dhow.core.errors import DhowError, ErrorCode, InvalidInput, Unavailable
 from dhow.governance import audit as audit_module
 from dhow.governance.audit import GENESIS_HASH, MAX_PROBLEMS, AuditRecord, AuditStore
-from dhow.governance.audit_trail import PIPE_BYTES, SOCKET_BYTES, AuditTrail, WriterProcess
+from dhow.governance.audit_trail import AuditTrail
 from dhow.governance.masking import Masker, parse_masking
+from dhow.governance.writer_process import PIPE_BYTES, SOCKET_BYTES, WriterProcess
 from dhow.serving.guard import AccessGuard, Admission
 from dhow.settings import resolve_settings
 from tests.conftest import PG_ADMIN_URL, store_opener
