@@ -208,6 +208,25 @@ class DhowProcess:
 
 
 def start_dhow(repository: Path | str, log_dir: Path, *extra: str, wait: bool = True) -> DhowProcess:
+    """A server on free ports, ready unless ``wait`` is False. A port found free can be taken by another process
+    before the server binds it: a server that exits saying so is started again on other ports (three tries)."""
+    for attempt in range(3):
+        server = _start_dhow(repository, log_dir, extra)
+        if not wait:
+            return server
+        try:
+            server.wait_ready()
+        except BaseException:
+            server.stop()
+            taken = server.process.returncode not in (None, 0) and "address already in use" in server.log().lower()
+            if taken and attempt < 2:
+                continue
+            raise
+        return server
+    raise AssertionError("unreachable")
+
+
+def _start_dhow(repository: Path | str, log_dir: Path, extra: tuple[str, ...]) -> DhowProcess:
     http_port, grpc_port = free_port(), free_port()
     args = [
         sys.executable, "-m", "dhow.cli", "serve",
@@ -222,14 +241,7 @@ def start_dhow(repository: Path | str, log_dir: Path, *extra: str, wait: bool = 
     log_path = log_dir / f"dhow-{http_port}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT)
-    server = DhowProcess(repository, http_port, grpc_port, log_path, process, args)
-    if wait:
-        try:
-            server.wait_ready()
-        except BaseException:
-            server.stop()
-            raise
-    return server
+    return DhowProcess(repository, http_port, grpc_port, log_path, process, args)
 
 
 @pytest.fixture(scope="session")
