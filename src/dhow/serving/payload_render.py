@@ -21,6 +21,7 @@ import itertools
 import operator
 import secrets
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -284,24 +285,25 @@ def cloud_events(
         lines = iter(_lines([event for event, plain in zip(events, common, strict=True) if plain], maskers, source))
     except Exception:
         return _one_by_one(events, maskers, source)
-    rendered: list[tuple[str, bytes]] = []
-    failures: list[tuple[list[Any], Exception]] = []
-    for event, plain in zip(events, common, strict=True):
-        try:
-            rendered.append((event[0], next(lines) if plain else cloud_event(event, maskers[event[MASKING]], source)))
-        except Exception as exc:  # a value masking or JSON cannot take: that event fails, not the others
-            failures.append((event, exc))
-    return rendered, failures
+    return _one_by_one(events, maskers, source, common, lines)
 
 
 def _one_by_one(
-    events: list[list[Any]], maskers: dict[int, Masker], source: str
+    events: list[list[Any]],
+    maskers: dict[int, Masker],
+    source: str,
+    common: list[bool] | None = None,
+    lines: Iterator[bytes] | None = None,
 ) -> tuple[list[tuple[str, bytes]], list[tuple[list[Any], Exception]]]:
+    """Each event by ``cloud_event``, but those ``common`` marks, whose lines ``lines`` holds in their order."""
     rendered: list[tuple[str, bytes]] = []
     failures: list[tuple[list[Any], Exception]] = []
-    for event in events:
+    for n, event in enumerate(events):
         try:
-            rendered.append((event[0], cloud_event(event, maskers[event[MASKING]], source)))
+            if common is not None and lines is not None and common[n]:
+                rendered.append((event[0], next(lines)))
+            else:
+                rendered.append((event[0], cloud_event(event, maskers[event[MASKING]], source)))
         except Exception as exc:  # a value masking or JSON cannot take: that event fails, not the others
             failures.append((event, exc))
     return rendered, failures
