@@ -754,6 +754,15 @@ def _writer_processes() -> list[int]:
     return found
 
 
+async def _writer_killed(process: WriterProcess) -> int:
+    """SIGKILLs the trail's writer process and returns once the server knows it is gone; its pid."""
+    (writer,) = _writer_processes()
+    os.kill(writer, signal.SIGKILL)
+    while process.running:
+        await asyncio.sleep(0.01)
+    return writer
+
+
 def test_a_record_the_pipe_cannot_take_is_waited_for_before_the_answer(audit_url: str) -> None:
     """With its writer behind (stopped here), a record that waits in the server's memory would die with the
     server's SIGKILL: ``record`` says so and ``handed_over`` returns only once the pipe has taken it."""
@@ -1087,11 +1096,8 @@ def test_while_the_writer_restarts_an_answer_waits_until_a_new_writer_takes_its_
     alone, together = _records(1, "alone")[0], _records(3, "pass")
 
     async def answers_wait_for_the_new_writer(process: WriterProcess) -> None:
-        (first,) = _writer_processes()
         trail._default.backoff_s = 1.0  # the next writer starts 2 s after the death: the answers must wait for it
-        os.kill(first, signal.SIGKILL)
-        while process.running:  # the server learns that its writer is gone
-            await asyncio.sleep(0.01)
+        first = await _writer_killed(process)
         waiting = trail.record_before_answer(alone, together=False)
         assert waiting is not None, "answered while no writer had its record"
         departure = trail.record_before_answer(together[0])
@@ -1166,10 +1172,7 @@ def test_no_writer_can_start_the_waiting_answers_fail_and_a_waiting_request_can_
         process = trail._default.process
         assert process is not None
         monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
-        (first,) = _writer_processes()
-        os.kill(first, signal.SIGKILL)
-        while process.running:
-            await asyncio.sleep(0.01)
+        await _writer_killed(process)
         kept, cancelled = (trail.record_before_answer(r, together=False) for r in _records(2, "x"))
         assert kept is not None and cancelled is not None
         kept_task, cancelled_task = asyncio.ensure_future(kept), asyncio.ensure_future(cancelled)
@@ -1203,10 +1206,7 @@ def test_a_writer_that_died_idle_holds_no_answer(tmp_path: Path) -> None:
         await trail.start()
         process = trail._default.process
         assert process is not None
-        (first,) = _writer_processes()
-        os.kill(first, signal.SIGKILL)
-        while process.running:
-            await asyncio.sleep(0.01)
+        await _writer_killed(process)
         assert not process.held
         await asyncio.wait_for(process.handed_over(), 1)
         await trail.close()
