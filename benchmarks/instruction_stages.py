@@ -4,11 +4,12 @@
 
 Runs itself again under ``valgrind --tool=callgrind --instr-atstart=no`` (OMP_NUM_THREADS=1) and prints a table.
 
-Composes the core as ``dhow serve`` does (``--auth none``), loads the demo model with the serving benchmark's
-manifest, and runs each stage ``--calls`` times between ``callgrind_control -z`` and ``-d``: the doors' decoding
-and encoding (REST JSON and binary, gRPC), the admission point alone, the core's whole path (admission, routing,
-queueing, batch assembly, the hop to the runtime's thread and back, statistics), alone and as 32 calls at once
-(one batch, as a loaded server runs them), the runtime called directly.
+Composes the core as ``dhow serve`` does (``--auth none``; ``--api-key``: ``--auth on``, calls with an invoker
+API key, their audit records sent to the writer process, which is not counted), loads the demo model with the
+serving benchmark's manifest, and runs each stage ``--calls`` times between ``callgrind_control -z`` and ``-d``:
+the doors' decoding and encoding (REST JSON and binary, gRPC), the admission point alone, the core's whole path
+(admission, routing, queueing, batch assembly, the hop to the runtime's thread and back, statistics), alone and as
+32 calls at once (one batch, as a loaded server runs them), the runtime called directly; ``--only`` picks some.
 What a door costs beyond these stages (its framework and transport) is the server's total per call
 (``instructions.py``) less their sum.
 """
@@ -55,6 +56,14 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(WORKLOADS), default="tabular")
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--models", type=Path, default=ROOT / "demo-models", help="demo models (make demo-models)")
+    parser.add_argument(
+        "--api-key",
+        action="store_true",
+        help="--auth on, calls with an invoker API key: authentication, RBAC, the audit record to its writer process",
+    )
+    parser.add_argument(
+        "--only", action="append", default=[], help="the stages whose name contains this text (repeatable): all if none"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dhow-stages-") as scratch:
         if _UNDER_VALGRIND in os.environ:
@@ -87,9 +96,10 @@ async def _measure(args: argparse.Namespace, scratch: Path) -> list[str]:
     write_dhow_repository(
         scratch / "repo", workload, versions[-1] / workload.artifact, dataclasses.replace(DHOW[args.model], args=())
     )
-    settings = ServerSettings(repository=scratch / "repo", data_dir=scratch / "data", auth="none", queue_timeout_ms=0)
+    auth = "on" if args.api_key else "none"
+    settings = ServerSettings(repository=scratch / "repo", data_dir=scratch / "data", auth=auth, queue_timeout_ms=0)
     security = Security(settings)
-    core = await compose_core(settings, security, CorePolicies.load(settings))
+    core = await compose_core(settings, security, CorePolicies.load(settings), first_key=False)
     await core.models.load(args.model)
     service, model = core.service, args.model
     version = next(iter(core.models.entries[model].versions.values()))
@@ -99,6 +109,8 @@ async def _measure(args: argparse.Namespace, scratch: Path) -> list[str]:
     binary_body, headers = instructions.binary_body(json.loads(body))
     header_length = int(headers["Inference-Header-Content-Length"])
     who, access = Credentials(source="127.0.0.1"), ACTIONS["infer"]
+    if args.api_key:
+        who = Credentials(f"Bearer {await _invoker_key(security)}", source="127.0.0.1")
 
     def decoded() -> InferenceRequest:
         return request_from_proto(pb.ModelInferRequest.FromString(message))
@@ -149,6 +161,8 @@ async def _measure(args: argparse.Namespace, scratch: Path) -> list[str]:
             lambda: runtime.infer(batch, outputs)
         ),
     }
+    if args.only:
+        stages = {name: stage for name, stage in stages.items() if any(text in name for text in args.only)}
     for number, (name, stage) in enumerate(stages.items(), start=1):
         runs = _calls(args.calls, name) // _together(name)
         for _ in range(max(runs // 10, 20 // _together(name), 1)):
@@ -163,6 +177,16 @@ async def _measure(args: argparse.Namespace, scratch: Path) -> list[str]:
     core.service.guard.close()
     await security.close()
     return list(stages)
+
+
+async def _invoker_key(security: Security) -> str:
+    """A new invoker key's token, known to the authenticator."""
+    store, authenticator = security.store, security.authenticator
+    assert store is not None and authenticator is not None
+    made = store.create_key("bench-invoker", tenant="default", roles=["invoker"], actor="bench")
+    assert made is not None
+    await asyncio.to_thread(authenticator.reload, True)
+    return made[1]
 
 
 def _together(name: str) -> int:
