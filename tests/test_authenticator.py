@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dhow.access.authenticator import Authenticator, Credentials
-from dhow.access.store import AccessStore, PrincipalRecord
+from dhow.access.store import AccessStore, Limits, PrincipalRecord
 from dhow.core.errors import Unauthenticated
 
 
@@ -121,3 +121,25 @@ def test_an_unknown_key_id_costs_the_same_check_as_a_known_one(
     with pytest.raises(Unauthenticated, match="not valid"):
         authenticator.known(_bearer(unknown))
     assert checked == [token.rsplit("_", 1)[1]]
+
+
+def test_a_keys_quotas_and_region_are_remembered_until_the_keys_are_read_again(store: AccessStore) -> None:
+    """Every request asks for its principal's quotas and region: remembered per key, and a reload forgets them, so
+    that quotas set on a key or its tenant count from the next read of the store on."""
+    record, token, authenticator = _invoker(store)
+    principal = authenticator.known(_bearer(token))
+    assert principal is not None
+    assert authenticator.admission_of(principal) == ("", ())
+    assert authenticator.admission_of(principal) is authenticator.admission_of(principal)
+    store.set_limits(record.id, Limits(rate=5.0))
+    store.set_tenant("default", limits=Limits(concurrency=2), region="eu", actor="test")
+    assert authenticator.admission_of(principal) == ("", ())  # not read yet
+    authenticator.reload()
+    principal = authenticator.known(_bearer(token))
+    assert principal is not None
+    region, quotas = authenticator.admission_of(principal)
+    assert region == "eu"
+    assert [(subject, limits) for subject, limits, _ in quotas] == [
+        (f"principal:{record.id}", Limits(rate=5.0)),
+        ("tenant:default", Limits(concurrency=2)),
+    ]

@@ -85,6 +85,9 @@ class Authenticator:
         self._certs: dict[str, Principal] = {}
         self._records: dict[str, PrincipalRecord] = {}
         self.tenants: dict[str, TenantRecord] = {}
+        #: ``admission_of`` of stored principals, by record id: replaced with every reload, after the records and
+        #: tenants it is computed from (see ``admission_of``)
+        self._admissions: dict[str, tuple[str, tuple[tuple[str, Limits, str], ...]]] = {}
         self._generation = -1
         #: reloads one at a time (the poller's and a SIGHUP's): else an older read could replace a newer one and
         #: bring back, until the next poll, a key revoked between the two reads
@@ -152,6 +155,7 @@ class Authenticator:
         self.tenants = self.store.tenants()
         self._keys, self._certs, self._records, self._generation = keys, certs, records, generation
         self._verified = {}  # after the keys: see ``known``
+        self._admissions = {}  # after the records and tenants: see ``admission_of``
 
     async def authenticate(self, credentials: Credentials) -> Principal:
         principal = self.known(credentials)
@@ -222,7 +226,22 @@ class Authenticator:
             raise Unauthenticated(f"the bearer token's roles claim is not usable: {exc.message}") from None
         return Principal(f"jwt:{claims.subject}", claims.tenant, grants, region=claims.region or "")
 
-    def limits_of(self, principal: Principal) -> list[tuple[str, Limits, str]]:
+    def admission_of(self, principal: Principal) -> tuple[str, tuple[tuple[str, Limits, str], ...]]:
+        """``region_of`` and ``limits_of`` the principal, remembered for a stored principal (a key, a certificate)
+        until the next reload: every request asks, and the answer changes only with the store.
+
+        The memory is read before the records and tenants, and a reload replaces it after them: an answer computed
+        from records older than the memory's never goes into it (at worst into the memory being replaced)."""
+        record_id = principal.record_id
+        if not record_id:  # a JWT's principal is made per token: nothing to remember it by
+            return self.region_of(principal), self.limits_of(principal)
+        memory = self._admissions
+        known = memory.get(record_id)
+        if known is None:
+            known = memory[record_id] = (self.region_of(principal), self.limits_of(principal))
+        return known
+
+    def limits_of(self, principal: Principal) -> tuple[tuple[str, Limits, str], ...]:
         """The quotas a request of this principal counts against: its key's, then its tenant's."""
         quotas: list[tuple[str, Limits, str]] = []
         record = self._records.get(principal.record_id) if principal.record_id else None
@@ -232,7 +251,7 @@ class Authenticator:
         tenant = self.tenants.get(principal.tenant)
         if tenant is not None and not tenant.limits.unlimited:
             quotas.append((f"tenant:{tenant.name}", tenant.limits, f"tenant '{tenant.name}'"))
-        return quotas
+        return tuple(quotas)
 
     def region_of(self, principal: Principal) -> str:
         """The data region a principal's requests carry when they name none (key, then tenant)."""

@@ -169,7 +169,7 @@ class AccessGuard:
 
     def permit(
         self, principal: Principal, access: Access, model: str = "", request_id: str = ""
-    ) -> tuple[Admission, list[tuple[str, Limits, str]]]:
+    ) -> tuple[Admission, tuple[tuple[str, Limits, str], ...]]:
         """Check the principal's permission (a refusal is audited and raised) and let it in; the quotas it must
         still take (most principals have none). A refusal whose record waits in this process raises
         ``_HeldRefusal``: ``admit`` answers it once the record has left."""
@@ -187,13 +187,13 @@ class AccessGuard:
             if departure is not None:
                 raise _HeldRefusal(answer, departure) from None
             raise answer from None
-        authenticator = self.authenticator
-        caller = Caller(principal.name, principal.tenant, request_id, authenticator.region_of(principal))
+        region, quotas = self.authenticator.admission_of(principal)
+        caller = Caller(principal.name, principal.tenant, request_id, region)
         self._in_flight += 1
         admission = Admission(principal, access, model, caller, time.perf_counter_ns(), [], tenant)
-        return admission, authenticator.limits_of(principal)
+        return admission, quotas
 
-    async def _take_quota(self, admission: Admission, quotas: list[tuple[str, Limits, str]]) -> Admission:
+    async def _take_quota(self, admission: Admission, quotas: tuple[tuple[str, Limits, str], ...]) -> Admission:
         """Take a permit of each quota for the admitted request; a refusal (429) gives back those taken."""
         for subject, limits, what in quotas:
             try:
@@ -221,11 +221,13 @@ class AccessGuard:
         or its record is queued for a writer thread), else what to await before the answer leaves (a record on its
         way out of this process, or to durability)."""
         self._in_flight -= 1
-        self._release(admission)
+        if admission.permits:
+            self._release(admission)
         access = admission.access
         permission = access.permission
         if outcome not in _DENIALS and (
-            not permission.audited
+            # (an inference's permission is audited: asked first, it spares the usual request the property's call)
+            (permission is not _INFER and not permission.audited)
             # without authentication every caller is "anonymous": inference records would say nothing (a batch
             # run's record still says what ran, on which files)
             or (access.action == "infer" and not self.authenticator.enabled)
