@@ -6,7 +6,7 @@
 ``instructions.py --api-key`` counts the writer process beside the server, but under valgrind the server is slow,
 so the writer's batches (and what a transaction costs per record) are not those of a real run. This runs the
 writer (``python -m dhow.governance.audit_writer``) alone under callgrind and feeds its pipe from this process as the
-server does: one frame per record (``audit_trail._frame``), ``--batch`` frames at a time, each batch sent once the
+server does: one frame per record (``writer_process._frame``), ``--batch`` frames at a time, each batch sent once the
 writer acknowledged the one before (so each transaction writes ``--batch`` records, about what a 10 ms linger
 gathers at 6,000 requests a second). Printed: the writer's instructions per record, those of a run with no records
 taken off (the interpreter's start, the store's opening). The records are inference records as ``serving/guard.py``
@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _frames(count: int) -> list[bytes]:
     from dhow.governance.audit import AuditRecord
-    from dhow.governance.writer_process import _frame
+    from dhow.governance.audit_writer import encode_frame
 
     start = time.time()
-    return [
-        _frame(
+    return [  # as ``writer_process._frame`` writes a frame of one record
+        encode_frame(
             [
                 AuditRecord(
                     kind="inference",
@@ -48,7 +48,7 @@ def _frames(count: int) -> list[bytes]:
                     latency_ms=0.8 + (n % 97) * 0.0123456,
                     details={},
                     at_s=start + n * 0.000173,
-                )
+                ).as_tuple()
             ]
         )
         for n in range(count)

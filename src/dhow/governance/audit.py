@@ -29,7 +29,7 @@ import orjson
 from dhow.core.errors import InvalidInput
 from dhow.registry.database import Database, Migration
 
-__all__ = ["GENESIS_HASH", "MIGRATIONS", "AuditRecord", "AuditStore", "VerifyReport"]
+__all__ = ["GENESIS_HASH", "MIGRATIONS", "AuditRecord", "AuditRow", "AuditStore", "VerifyReport"]
 
 log = logging.getLogger("dhow.audit")
 
@@ -93,12 +93,17 @@ class AuditRecord:
     def when(self) -> str:
         return self.at or _iso_utc(self.at_s)
 
-    def as_tuple(self) -> tuple[Any, ...]:
+    def as_tuple(self) -> AuditRow:
         """The fields in order, as plain data (what crosses to a writer process)."""
         return (
             self.kind, self.action, self.actor, self.tenant, self.outcome, self.model, self.version,
             self.request_id, self.region, self.latency_ms, dict(self.details), self.at, self.at_s,
         )  # fmt: skip
+
+
+#: a record's fields in ``AuditRecord``'s order, as ``AuditRecord.as_tuple`` gives them: what crosses to a writer
+#: process, and what the inference path makes without building an ``AuditRecord`` (``AuditRecord(*row)`` is one)
+AuditRow = tuple[Any, ...]
 
 
 #: the last whole second formatted by ``_iso_utc`` (a batch's records mostly share their second)

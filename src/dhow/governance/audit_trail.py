@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from dhow.core.errors import DhowError, InvalidInput, Unavailable
-from dhow.governance.audit import AuditRecord, AuditStore
+from dhow.governance.audit import AuditRecord, AuditRow, AuditStore
 from dhow.governance.writer_process import WriterProcess, _depart, _Departure
 
 __all__ = ["AuditTrail"]
@@ -38,9 +38,10 @@ class _Lane:
     store: AuditStore
     #: the writer process (``writer="process"``), else None: writes go to a thread
     process: WriterProcess | None = None
-    queue: deque[AuditRecord] = field(default_factory=deque)
+    #: records as rows (``AuditRecord.as_tuple``), as they cross to a writer process
+    queue: deque[AuditRow] = field(default_factory=deque)
     #: the batch being written, kept until a write succeeds
-    batch: list[AuditRecord] | None = None
+    batch: list[AuditRow] | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     enqueued: int = 0
     written: int = 0
@@ -50,7 +51,7 @@ class _Lane:
     backoff_s: float = 0.0
     #: a writer process's records of this pass of the event loop (``record_before_answer``), sent as one frame
     #: early in the next pass, and what their requests await until then (None: none waits)
-    outbox: list[AuditRecord] = field(default_factory=list)
+    outbox: list[AuditRow] = field(default_factory=list)
     departure: _Departure | None = None
 
     @property
@@ -118,25 +119,27 @@ class AuditTrail:
         """Queues a record (no waiting; to a writer process it is written at once, after the outbox of this pass);
         ``Unavailable`` when the backlog is full, since work must not go unaudited. True when the record waits in
         this process for its writer's pipe: then ``handed_over`` before answering."""
-        lane = self._enqueue(record)
+        lane = self._enqueue(record.as_tuple())
         return lane.process is not None and lane.process.held
 
-    def record_before_answer(self, record: AuditRecord, *, together: bool = True) -> Awaitable[None] | None:
-        """Queues the record of a request about to be answered (an inference); what to await before its answer is
-        sent, or None when nothing must be (a writer thread: ``close`` writes what is queued).
+    def record_before_answer(self, row: AuditRow, *, together: bool = True) -> Awaitable[None] | None:
+        """Queues the record of a request about to be answered (an inference), given as a row (the hot path builds
+        no ``AuditRecord``); what to await before its answer is sent, or None when nothing must be (a writer
+        thread: ``close`` writes what is queued).
 
         To a writer process, the records made in one pass of the event loop (a batch's requests end together)
         leave as one frame, in one write, early in the next pass; what this returns is done once that frame is in
         the writer's pipe (also when the pipe had to make room), where a SIGKILL of this process no longer loses
         it. Unless ``together`` is False (no other request is in flight to end in this pass): then the record is
         written at once, and nothing is awaited unless the pipe is full. ``Unavailable`` as for ``record``."""
-        if not together and not self._lanes.get(record.region, self._default).outbox:
-            return self.handed_over(record) if self.record(record) else None
-        lane = self._admit(record)
+        if not together and not self._lanes.get(row[8], self._default).outbox:
+            lane = self._enqueue(row)
+            return lane.process.handed_over() if lane.process is not None and lane.process.held else None
+        lane = self._admit(row)
         if lane.process is None:
-            self._queue(lane, record)
+            self._queue(lane, row)
             return None
-        lane.outbox.append(record)
+        lane.outbox.append(row)
         departure = lane.departure
         if departure is None:
             departure = lane.departure = _Departure()
@@ -169,7 +172,7 @@ class AuditTrail:
         if lane.process is not None:
             await lane.process.handed_over()
 
-    def _admit(self, record: AuditRecord) -> _Lane:
+    def _admit(self, row: AuditRow) -> _Lane:
         """The record's lane, its record counted; ``Unavailable`` when closed or too far behind."""
         if self._closing:
             raise Unavailable("the audit trail is closed: the server is shutting down", retry_after=1.0)
@@ -178,28 +181,28 @@ class AuditTrail:
                 f"the audit trail is {self._pending} records behind; refusing work until it catches up",
                 retry_after=1.0,
             )
-        lane = self._lanes.get(record.region, self._default)
+        lane = self._lanes.get(row[8], self._default)  # its data region's
         lane.enqueued += 1
         self._pending += 1
         return lane
 
-    def _enqueue(self, record: AuditRecord, *, urgent: bool = False) -> _Lane:
-        lane = self._admit(record)
+    def _enqueue(self, row: AuditRow, *, urgent: bool = False) -> _Lane:
+        lane = self._admit(row)
         if lane.process is None:
-            self._queue(lane, record)
+            self._queue(lane, row)
         else:
             if lane.outbox:  # the records made before it go first: a store's records keep their order
                 self._send_outbox(lane)
-            self._send(lane, [record], urgent=urgent)  # it leaves this process now
+            self._send(lane, [row], urgent=urgent)  # it leaves this process now
         return lane
 
-    def _queue(self, lane: _Lane, record: AuditRecord) -> None:
+    def _queue(self, lane: _Lane, row: AuditRow) -> None:
         """For a writer thread."""
-        lane.queue.append(record)
+        lane.queue.append(row)
         if len(lane.queue) >= self._max_batch and not lane.failing:
             lane.wake.set()
 
-    def _send(self, lane: _Lane, records: list[AuditRecord], *, urgent: bool = False) -> None:
+    def _send(self, lane: _Lane, records: list[AuditRow], *, urgent: bool = False) -> None:
         process = lane.process
         assert process is not None
         process.send(records, urgent=urgent)
@@ -212,7 +215,7 @@ class AuditTrail:
         (its coroutine unwinding a KeyboardInterrupt) still has it written."""
         if not self._tasks or self._closing:
             raise Unavailable("the audit trail is not running: start it first", retry_after=1.0)
-        lane = self._enqueue(record, urgent=True)
+        lane = self._enqueue(record.as_tuple(), urgent=True)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         lane.waiters.append((lane.enqueued, done))
         lane.wake.set()
@@ -271,7 +274,7 @@ class AuditTrail:
             lane.batch = [lane.queue.popleft() for _ in range(min(len(lane.queue), self._max_batch))]
         batch = lane.batch
         try:
-            await asyncio.to_thread(lane.store.append, batch)
+            await asyncio.to_thread(lane.store.append_rows, batch)
         except Exception as err:  # any failure: keep the batch, retry, and say so once per outage
             self._failing(lane, err)
             return False

@@ -16,7 +16,7 @@ import orjson
 
 from dhow.core.errors import Unavailable
 from dhow.core.frames import decode_frame_length
-from dhow.governance.audit import AuditRecord, _text
+from dhow.governance.audit import AuditRow, _text
 from dhow.governance.audit_writer import encode_frame
 
 log = logging.getLogger("dhow.audit")
@@ -41,7 +41,7 @@ class WriterProcess:
         self._url = url
         self._process: asyncio.subprocess.Process | None = None
         #: frames sent and not yet acknowledged, oldest first: their records
-        self._unacknowledged: deque[list[AuditRecord]] = deque()
+        self._unacknowledged: deque[list[AuditRow]] = deque()
         #: started and not closed: while no writer runs, records wait in this process for the next one
         self._started = False
         #: what ``handed_over`` awaits while no writer runs: done once ``start`` sent the frames to a new one
@@ -81,7 +81,7 @@ class WriterProcess:
         if restarted is not None and not restarted.done():
             restarted.set_result(None)
 
-    def send(self, records: list[AuditRecord], *, urgent: bool = False) -> None:
+    def send(self, records: list[AuditRow], *, urgent: bool = False) -> None:
         """Write the records' frame now (no waiting); if no writer runs, ``start`` sends it. An urgent frame
         (someone waits for it to be durable) is written at once; others may wait for a batch."""
         encoded = _frame(records, urgent=urgent)  # before it counts as sent: a frame kept must be one that encodes
@@ -202,8 +202,7 @@ def _fail(departure: _Departure, err: Unavailable) -> None:
     departure.exception()  # read: not logged as unretrieved when every request that awaited it was cancelled
 
 
-def _frame(records: list[AuditRecord], *, urgent: bool = False) -> bytes:
-    rows = [record.as_tuple() for record in records]
+def _frame(rows: list[AuditRow], *, urgent: bool = False) -> bytes:
     try:
         return encode_frame({"rows": rows, "now": True} if urgent else rows)
     except (TypeError, ValueError):  # a record JSON cannot hold: the frame carries the others, and that one repaired
