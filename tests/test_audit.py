@@ -212,6 +212,27 @@ def test_the_hashed_json_is_the_canonical_json_of_the_stored_fields(
     assert audit_module._canonical("ab" * 32, seq + 1, content) == b"ab" * 32 + expected
 
 
+def test_the_hash_of_a_record_is_the_one_every_earlier_writer_gave_it(store: AuditStore) -> None:
+    """The chain's hash is a stored fact: trails written by earlier releases must still verify, and a faster writer
+    must write the same hashes (a plain record, whose JSON the writer writes itself; one that orjson writes; one
+    whose latency orjson writes)."""
+    store.append(
+        [
+            AuditRecord("inference", "infer", "key:ci#k1", "default", "success", "m", "1", "5f3a9c0100000001", "",
+                        1.2345, {}, "2026-01-02T03:04:05.678901+00:00"),
+            AuditRecord("denial", "infer", 'key:"q"é', "t", "PERMISSION_DENIED", "m", "", "r2", "eu", None,
+                        {"reason": "no"}, "2026-01-02T03:04:05.678902+00:00"),
+            AuditRecord("inference", "infer", "key:ci#k1", "default", "success", "m", "1", "r3", "", 1e17, {}, "",
+                        1767323045.5),
+        ]
+    )  # fmt: skip
+    assert [row["hash"] for row in store.read()] == [
+        "e79d542b2973af615eea2fbd2c8c33bc57489351ca2926e4764d834a42ae5e8b",
+        "72872714476b6cc104c9d36773b3ab0aae420aa63f96ea960659e6d251e8f929",
+        "ec93f061a83299a7580396237bb7b6fc1f12854220c330ca7c74e117b49120fb",
+    ]
+
+
 def test_the_usual_inference_record_takes_the_written_json() -> None:
     """(Else the property above would test orjson against itself.)"""
     row = ("inference", "infer", "key:ci", "default", "success", "m", "1", "5f3a9c0100000001", "", 1.2345, {}, "", 1e9)
