@@ -94,7 +94,9 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=3200)
     parser.add_argument("--batch", type=int, default=64, help="records a transaction")
     parser.add_argument("--store", help="a PostgreSQL URL (its dhow_audit table grows); default: a scratch SQLite file")
-    parser.add_argument("--keep", type=Path, help="keep the callgrind file of the run with records here")
+    parser.add_argument(
+        "--keep", type=Path, help="keep the callgrind file of the run with records here (without records: FILE-0)"
+    )
     parser.add_argument("--src", type=Path, default=ROOT / "src")
     args = parser.parse_args()
     sys.path.insert(0, str(args.src))
@@ -102,7 +104,9 @@ def main() -> None:
         counts = []
         for records in (0, args.records):
             url = args.store or f"sqlite:///{scratch}/audit-{records}.sqlite3"
-            out = args.keep if records and args.keep else Path(scratch) / f"callgrind-{records}.out"
+            out = Path(scratch) / f"callgrind-{records}.out"
+            if args.keep:  # both, to compare function by function: what the records cost is the difference
+                out = args.keep if records else args.keep.with_name(f"{args.keep.name}-0")
             counts.append(_run(url, records, args.batch, out, args.src))
     per_record = (counts[1] - counts[0]) / args.records
     print(f"writer: {per_record / 1000:,.1f}k instructions a record ({args.records} records, {args.batch} a "
