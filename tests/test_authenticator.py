@@ -143,3 +143,29 @@ def test_a_keys_quotas_and_region_are_remembered_until_the_keys_are_read_again(s
         (f"principal:{record.id}", Limits(rate=5.0)),
         ("tenant:default", Limits(concurrency=2)),
     ]
+
+
+def test_a_principal_from_before_a_reload_leaves_no_answer_for_the_identity_re_created_under_its_id(
+    store: AccessStore,
+) -> None:
+    """A gRPC stream authenticates once and keeps its principal across reloads. A certificate identity revoked and
+    made again under the same CN (the same record id) with another tenant and region must get its own region and
+    quotas, whichever principal asks first after the reload."""
+    store.set_tenant("a", limits=Limits(concurrency=1), region="us", actor="test")
+    store.set_tenant("b", limits=Limits(concurrency=50), region="eu", actor="test")
+    store.create_identity("svc", tenant="a", roles=["invoker"], actor="test", region="us")
+    authenticator = Authenticator(store)
+    authenticator.reload()
+    streamed = authenticator.known(Credentials(client_cn="svc"))
+    assert streamed is not None
+    store.revoke("cert:svc", actor="test")
+    store.create_identity("svc", tenant="b", roles=["invoker"], actor="test", region="eu")
+    authenticator.reload()
+    fresh = authenticator.known(Credentials(client_cn="svc"))
+    assert fresh is not None and fresh.record_id == streamed.record_id and fresh.tenant == "b"
+    assert authenticator.admission_of(streamed)[0] == "us"  # the stream's next request: its own principal's answer
+    region, quotas = authenticator.admission_of(fresh)
+    assert region == "eu"
+    assert [subject for subject, _, _ in quotas] == ["tenant:b"]
+    assert authenticator.admission_of(streamed)[0] == "us"
+    assert authenticator.admission_of(fresh) == (region, quotas)

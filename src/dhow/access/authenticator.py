@@ -87,7 +87,7 @@ class Authenticator:
         self.tenants: dict[str, TenantRecord] = {}
         #: ``admission_of`` of stored principals, by record id: replaced with every reload, after the records and
         #: tenants it is computed from (see ``admission_of``)
-        self._admissions: dict[str, tuple[str, tuple[tuple[str, Limits, str], ...]]] = {}
+        self._admissions: dict[str, tuple[Principal, tuple[str, tuple[tuple[str, Limits, str], ...]]]] = {}
         self._generation = -1
         #: reloads one at a time (the poller's and a SIGHUP's): else an older read could replace a newer one and
         #: bring back, until the next poll, a key revoked between the two reads
@@ -231,15 +231,20 @@ class Authenticator:
         until the next reload: every request asks, and the answer changes only with the store.
 
         The memory is read before the records and tenants, and a reload replaces it after them: an answer computed
-        from records older than the memory's never goes into it (at worst into the memory being replaced)."""
+        from records older than the memory's never goes into it (at worst into the memory being replaced). An
+        answer is the principal's own (its region and tenant are in it): it serves only that very principal, not
+        one of the same id made before a reload (a gRPC stream's, authenticated once) or after it (a certificate
+        identity re-created under the same CN with another tenant or region)."""
         record_id = principal.record_id
         if not record_id:  # a JWT's principal is made per token: nothing to remember it by
             return self.region_of(principal), self.limits_of(principal)
         memory = self._admissions
         known = memory.get(record_id)
-        if known is None:
-            known = memory[record_id] = (self.region_of(principal), self.limits_of(principal))
-        return known
+        if known is not None and known[0] is principal:
+            return known[1]
+        answer = (self.region_of(principal), self.limits_of(principal))
+        memory[record_id] = (principal, answer)
+        return answer
 
     def limits_of(self, principal: Principal) -> tuple[tuple[str, Limits, str], ...]:
         """The quotas a request of this principal counts against: its key's, then its tenant's."""
