@@ -226,6 +226,28 @@ class Authenticator:
             raise Unauthenticated(f"the bearer token's roles claim is not usable: {exc.message}") from None
         return Principal(f"jwt:{claims.subject}", claims.tenant, grants, region=claims.region or "")
 
+    def current(self, principal: Principal) -> Principal:
+        """A principal authenticated earlier (a gRPC stream's, once for the stream) as the keys read last have it:
+        each of the stream's requests runs with its identity's roles, tenant and region of now, and is refused once
+        its key or certificate identity is revoked or its key has expired. A principal that is not stored (an
+        in-process service identity, a JWT's, anonymous) is itself."""
+        record_id = principal.record_id
+        if not record_id or not self.enabled:
+            return principal
+        key = self._keys.get(record_id)
+        if key is not None:
+            if time.time() >= key.expires:
+                raise Unauthenticated(f"the API key {record_id} has expired; use the key that replaced it")
+            return key.principal
+        record = self._records.get(record_id)
+        current = self._certs.get(record.name) if record is not None and record.kind != "key" else None
+        if current is None:
+            raise Unauthenticated(
+                f"the credentials of {principal.name!r} were revoked since this stream was opened; open a new "
+                "stream with valid credentials"
+            )
+        return current
+
     def admission_of(self, principal: Principal) -> tuple[str, tuple[tuple[str, Limits, str], ...]]:
         """``region_of`` and ``limits_of`` the principal, remembered for a stored principal (a key, a certificate)
         until the next reload: every request asks, and the answer changes only with the store.

@@ -138,9 +138,9 @@ class AccessGuard:
         certificate); None: a token to verify (``authenticate``). The first step of ``admit`` (which ``Call`` takes
         without a coroutine for the usual request); refusals as in ``authenticate`` (one whose
         record waits in this process raises ``_HeldRefusal``, which ``admit`` answers once the record has left)."""
-        if isinstance(who, Principal):
-            return who
         try:
+            if isinstance(who, Principal):  # authenticated once for many calls: as the keys read last have it
+                return self.authenticator.current(who)
             return self.authenticator.known(who)
         except DhowError as exc:
             raise self._unauthenticated(who, access, model, exc) from None
@@ -157,12 +157,15 @@ class AccessGuard:
         raise refusal from None
 
     def _unauthenticated(
-        self, credentials: Credentials, access: Access, model: str, exc: DhowError
+        self, who: Credentials | Principal, access: Access, model: str, exc: DhowError
     ) -> DhowError | _HeldRefusal:
         """The refusal to raise; a ``_HeldRefusal`` when its record (the first of its window) waits in this
-        process."""
-        actor = f"cert:{credentials.client_cn}" if credentials.client_cn else "unauthenticated"
-        answer = self.unknown.refused(credentials.source, actor, access.action, model, exc)
+        process. ``who``: a principal whose credentials were revoked since it was authenticated (a stream's)."""
+        if isinstance(who, Principal):
+            source = actor = who.name
+        else:
+            source, actor = who.source, f"cert:{who.client_cn}" if who.client_cn else "unauthenticated"
+        answer = self.unknown.refused(source, actor, access.action, model, exc)
         self.refusals.labels(answer.code.value).inc()
         held, self._held = self._held, None
         return answer if held is None else _HeldRefusal(answer, self.audit.handed_over(held))
