@@ -11,13 +11,13 @@ Sampling is W3C's and OpenTelemetry's ``ParentBased(TraceIdRatioBased)``: a call
 without a (valid) parent, ``ratio`` of the requests are traced. The door decides once, as the request comes in
 (``sample``): an unsampled request costs a random draw (or, with a ``traceparent``, its parsing) and nothing else,
 no object and no clock reading. A sampled one is a ``RequestTrace`` that keeps the times the door and the batcher
-measure anyway as they are (ids as hex, its batch as one tuple its requests share: no object a stage); when it
-ends, its ``Record`` (a flat tuple) is queued, and every ``FLUSH_S`` what was queued is one frame into the pipe of
-tracing's writer process (``WriterPipe``; ``dhow.serving.trace_writer``), which writes its spans as OTLP protobuf
-(``record_fields``, ``otlp.py``: a request's stages in one ``struct`` pack) and posts them, about a second apart,
-off the server's interpreter. A full queue drops and counts; a writer that
-died fails and counts (``dhow_tracing_requests_total{outcome}``). Not the OpenTelemetry SDK: measured here, its
-spans and their encoding cost about 270 µs of CPU per traced request (seven spans). With no endpoint there is no
+measure anyway as they are (trace ids as hex, span ids as ints, its batch one tuple its requests share: no object
+a stage); when it ends, its ``Record`` (a flat tuple) is queued, and every ``FLUSH_S`` what was queued is one frame
+into the pipe of tracing's writer process (``WriterPipe``; ``dhow.serving.trace_writer``), which writes its spans
+as OTLP protobuf (``record_fields``, ``otlp.py``: a request's stages in one ``struct`` pack) and posts them, about a
+second apart, off the server's interpreter. A full queue drops and counts; a writer that died fails and counts
+(``dhow_tracing_requests_total{outcome}``). Not the OpenTelemetry SDK: measured here, its spans and their encoding
+cost about 270 µs of CPU per traced request (seven spans). With no endpoint there is no
 ``Tracing``: a request pays one ``is None`` test.
 """
 
@@ -205,9 +205,8 @@ class RequestTrace:
 
 
 #: a finished request as the writer process gets it (JSON): trace id (hex), span id (int), parent span id (hex, ""
-#: for a root),
-#: model, request id, version, error, entered, admitted, decoded, answered, ended (Unix ns; answered 0: not
-#: answered), the wait for its batch (ns), its batch (start, end, attributes; None: not computed), its batch span's
+#: for a root), model, request id, version, error, entered, admitted, decoded, answered, ended (Unix ns; answered 0:
+#: not answered), the wait for its batch (ns), its batch (start, end, attributes; None: not computed), its batch span's
 #: links (trace id and span id of each request its batch carried; empty when it has no batch span: not its first)
 Record = tuple[Any, ...]
 
@@ -221,7 +220,7 @@ def spans_of(record: Sequence[Any], ids: bytes = b"") -> list[FinishedSpan]:
     trace_id, span_id = bytes.fromhex(trace), span.to_bytes(8, "big")
     spans = []
     for n, (name, start, stop, attributes, links) in enumerate(stages):
-        linked = tuple((bytes.fromhex(other), linked.to_bytes(8, "big")) for other, linked in links)
+        linked = tuple((bytes.fromhex(other), other_span.to_bytes(8, "big")) for other, other_span in links)
         spans.append(FinishedSpan(trace_id, ids[8 * n : 8 * n + 8], span_id, name, SPAN_KIND_INTERNAL, start, stop,
                                   attributes, linked, ""))  # fmt: skip
     attributes = {"dhow.model": model, **({"dhow.version": version} if version else {}), "dhow.request_id": request_id}
