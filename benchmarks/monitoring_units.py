@@ -7,9 +7,10 @@ per second rather than per request (an OTLP post a second, the payload writer's 
 looks fifty times dearer per request there than it is. This counts the per-request units alone, each run
 ``--count`` times in a process under callgrind, minus the same process running none:
 
-- ``trace``: a sampled request's trace kept and its record written into a frame (8 a frame), on the event loop;
-- ``spans``: a traced request's record made into its spans and written as OTLP protobuf, in exports of 512 requests,
-  by tracing's writer process (``dhow.serving.trace_writer``);
+- ``trace``: a traced request on the event loop: sampled and begun by the door, kept by the batcher's
+  ``record_batch`` (2 traced requests in a batch of 16), finished, queued and written into a frame (8 a frame);
+- ``spans``: a traced request in tracing's writer process (``dhow.serving.trace_writer``): its frame decoded, its
+  spans made and written as OTLP protobuf (``TraceWriter.render_chunk``), in exports of 512 requests;
 - ``render``: one payload event masked and rendered as a CloudEvent by the writer process (tabular: its JSON body
   embedded as it came, outputs as numbers), in chunks of 64 as its sink's thread takes them;
 - ``frame``: one payload event offered and written into a frame on the event loop (``PayloadLog.offer``, then
@@ -36,6 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 UNITS = ("trace", "spans", "render", "frame")
 #: the events the payload writer renders at once in the ``render`` unit (a 10 ms frame at ~6k requests a second)
 _CHUNK = 64
+#: in the ``trace`` and ``spans`` units: the traced requests of a frame, the requests of a batch and those of them
+#: traced (the first's batch span links them)
+_TRACED, _BATCH, _TRACED_A_BATCH = 8, 16, 2
 
 
 def _event(body: bytes | None) -> list[object]:
@@ -75,44 +79,68 @@ def _queue_alone() -> Any:
     return log
 
 
+def _tracer() -> Any:
+    """A tracer as the event loop finds it (every request sampled), without its writer process: its flush already
+    scheduled (the caller frames what is queued)."""
+    from dhow.monitoring.tracing import Tracing
+
+    tracing = Tracing.__new__(Tracing)
+    tracing._queue, tracing.capacity, tracing._gone, tracing._scheduled = collections.deque(), 1 << 30, False, True
+    tracing.ratio, tracing.monotonic_offset = 1.0, 1_700_000_000_000_000_000
+    return tracing
+
+
+def _traced_frame(tracing: Any, first: int) -> bytes:
+    """A frame's worth of sampled requests (``_TRACED``) as the event loop traces them: sampled and begun by the
+    door, kept by the batcher's ``record_batch`` (batches of ``_BATCH`` requests, ``_TRACED_A_BATCH`` of them
+    traced: about what a ratio of 0.1 leaves at c=16), finished and queued, then framed as its flush does."""
+    from dhow.monitoring.tracing import record_batch
+
+    label = {"dhow.model": "tabular", "dhow.version": "1", "dhow.batch.rows": _BATCH}
+    for batch in range(first, first + _TRACED, _TRACED_A_BATCH):
+        traces: list[Any] = [None] * _BATCH
+        for n in range(_TRACED_A_BATCH):
+            sampled = tracing.sample(None)
+            trace = tracing.begin(sampled, "tabular", f"r-{batch + n}", (1_000_001, 1_000_002, 1_000_003))
+            traces[n * _BATCH // _TRACED_A_BATCH] = trace
+        record_batch(traces, label, 4, 5, [1] * _BATCH)
+        for trace in traces:
+            if trace is not None:
+                trace.finish("1", 1_000_006)
+    framed: bytes = tracing._frame(list(tracing._queue))
+    tracing._queue.clear()
+    return framed
+
+
+def _trace_unit(unit: str, count: int) -> None:
+    """``trace``: ``_traced_frame`` for ``count`` requests; ``spans``: a frame of them decoded and rendered as the
+    writer's sink thread does (``TraceWriter.render_chunk``), exports of 512 requests."""
+    from dhow.core.frames import decode_frames
+    from dhow.monitoring.otlp import export_request_of
+    from dhow.serving.trace_writer import TraceWriter
+
+    tracing = _tracer()
+    if unit == "trace":
+        for first in range(0, count, _TRACED):
+            _traced_frame(tracing, first)
+        return
+    framed = _traced_frame(tracing, 0)
+    writer = TraceWriter.__new__(TraceWriter)  # its render alone: no sink, no threads
+    done: list[bytes] = []
+    for n in range(0, count, _TRACED):
+        rendered, failures = writer.render_chunk(decode_frames(bytearray(framed))[0])
+        assert not failures, failures
+        done += [fields for _, fields in rendered]
+        if len(done) >= 512 or n + _TRACED >= count:
+            export_request_of(b"", "dhow", b"".join(done))
+            done = []
+
+
 def run_unit(unit: str, count: int) -> None:
     """Set up, then do ``count`` units (0: only the set-up)."""
     if unit in ("trace", "spans"):
-        import random
-
-        import orjson
-
-        from dhow.core.frames import decode_frames, frame
-        from dhow.monitoring import tracing
-        from dhow.monitoring.otlp import export_request_of, span_fields
-        from dhow.monitoring.tracing import RequestTrace, spans_of
-
-        # what the writer writes a request's spans with (older sources: its spans made, then written)
-        fields_of = getattr(tracing, "record_fields", lambda record: span_fields(spans_of(record)))
-
-        sampled = random.getrandbits(128).to_bytes(16, "big"), b""
-        records = []
-        for n in range(count if unit == "trace" else min(count, 8)):  # a request's life on the event loop
-            request = RequestTrace(None, sampled, "tabular", f"r-{n}", (1, 2, 3))  # type: ignore[arg-type]
-            request.stage("queue", 3, 4)
-            request.stage("compute", 4, 5, {"dhow.model": "tabular", "dhow.version": "1", "dhow.batch.rows": 8})
-            request.stage("batch", 4, 5, {"dhow.model": "tabular"}, ((sampled[0].hex(), request.span_id),))
-            request.answered_ns, request.end_ns, request.version = 6, 7, "1"
-            records.append(request.record())
-            if len(records) == 8 and unit == "trace":  # a frame per loop turn: 8 requests a frame
-                frame(orjson.dumps(records))
-                records = []
-        if unit == "spans":  # the writer process: a frame's records decoded, spans made, exports of 512 requests
-            received = decode_frames(bytearray(frame(orjson.dumps(records))))[0] if records else []
-            done = []
-            for n in range(count):
-                done.append(fields_of(received[n % len(received)]))
-                if len(done) == 512 or n == count - 1:
-                    export_request_of(b"", "dhow", b"".join(done))
-                    done = []
+        _trace_unit(unit, count)
     elif unit == "render":
-        import orjson
-
         from dhow.core.frames import split_frames
         from dhow.governance.masking import Masker, parse_masking
         from dhow.monitoring.payload_log import read_events

@@ -4,12 +4,14 @@ for requests without a parent."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
 from dhow.core.errors import InvalidInput
-from dhow.monitoring.tracing import Tracing, parse_traceparent, traces_url
+from dhow.monitoring.tracing import Tracing, parse_traceparent, record_batch, spans_of, traces_url
 from dhow.serving.composition import TRACE_WRITER
 
 TRACE, SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
@@ -52,10 +54,11 @@ def test_sampling_follows_the_caller_else_the_ratio() -> None:
         assert never.start({}, "m", "r", times) is None
         assert never.start({"traceparent": f"00-{TRACE}-{SPAN}-00"}, "m", "r", times) is None
         followed = never.start({"traceparent": f"00-{TRACE}-{SPAN}-01"}, "m", "r", times)
-        assert followed is not None and followed.trace_id.hex() == TRACE and followed.parent_id.hex() == SPAN
+        assert followed is not None and followed.trace_id == TRACE and followed.parent_id == SPAN
         assert always.start({"traceparent": f"00-{TRACE}-{SPAN}-00"}, "m", "r", times) is None, "the caller decides"
         root = always.start({}, "m", "r", times)
-        assert root is not None and root.parent_id == b"" and root.trace_id != followed.trace_id
+        assert root is not None and root.parent_id == "" and root.trace_id != followed.trace_id
+        assert len(root.trace_id) == 32 and int(root.trace_id, 16) != 0
     finally:
         never.shutdown()
         always.shutdown()
@@ -126,20 +129,38 @@ def test_the_door_decides_once_and_a_sampled_request_makes_its_spans_at_export()
         assert tracing.sample(f"00-{TRACE}-{SPAN}-00") is None, "the caller's unsampled flag is followed"
         assert tracing.sample("garbage") is None, "a malformed parent is none: the ratio decides"
         sampled = tracing.sample(f"00-{TRACE}-{SPAN}-01")
-        assert sampled == (bytes.fromhex(TRACE), bytes.fromhex(SPAN))
+        assert sampled == (TRACE, SPAN)
         request = tracing.begin(sampled, "m", "r-1", (10, 20, 30))
-        request.stage("queue", 30, 40)
-        request.stage("compute", 40, 50, {"dhow.batch.rows": 2})
-        request.answered_ns, request.end_ns, request.version = 55, 60, "3"
-        spans = {span.name: span for span in request.spans()}
+        offset = tracing.monotonic_offset  # the batcher measures with the monotonic clock
+        record_batch([None, request], {"dhow.batch.rows": 2}, 40 - offset, 50 - offset, [5, 10])
+        spans = {span.name: span for span in spans_of(orjson.loads(orjson.dumps(request.record("3", 55, "", 60))))}
         root = spans["infer m"]
-        assert set(spans) == {"infer m", "admission", "decoding", "queue", "compute", "encoding"}
+        assert set(spans) == {"infer m", "admission", "decoding", "queue", "compute", "batch", "encoding"}
         assert root.parent_id == bytes.fromhex(SPAN) and (root.start_ns, root.end_ns) == (10, 60)
         assert root.attributes == {"dhow.model": "m", "dhow.request_id": "r-1", "dhow.version": "3"}
+        assert (spans["queue"].start_ns, spans["queue"].end_ns) == (30, 40), "it waited 10 ns for its batch"
+        assert spans["compute"].attributes == {"dhow.batch.rows": 2, "dhow.batch.requests": 2}
+        assert spans["batch"].links == ((bytes.fromhex(TRACE), root.span_id),), "the traced requests it carried"
         children = [span for name, span in spans.items() if name != "infer m"]
         assert all(s.parent_id == root.span_id and s.trace_id == root.trace_id for s in children)
-        assert len({s.span_id for s in spans.values()}) == 6
+        assert len({s.span_id for s in spans.values()}) == 7
         assert (spans["encoding"].start_ns, spans["encoding"].end_ns) == (55, 60)
+    finally:
+        tracing.shutdown()
+
+
+def test_a_batch_is_kept_by_each_traced_request_it_carried_and_its_first_links_them_all() -> None:
+    tracing = _tracing(0.0)
+    try:
+        first, second = (tracing.begin((TRACE, ""), "m", f"r-{n}", (1, 2, 3)) for n in range(2))
+        record_batch([None, first, None, second], {"dhow.batch.rows": 4}, 100, 200, [7, 8, 9, 10])
+        offset = tracing.monotonic_offset
+        assert first.batch is second.batch, "one tuple for the batch, not one a request"
+        assert first.batch == (100 + offset, 200 + offset, {"dhow.batch.rows": 4, "dhow.batch.requests": 4})
+        assert (first.wait, second.wait) == (8, 10)
+        assert first.links == [(TRACE, first.span_id), (TRACE, second.span_id)] and not second.links
+        names = [span.name for span in spans_of(orjson.loads(orjson.dumps(second.record("1", 0, "CANCELLED", 300))))]
+        assert names == ["admission", "decoding", "queue", "compute", "infer m"], "no batch span, not answered"
     finally:
         tracing.shutdown()
 
@@ -173,24 +194,51 @@ def test_a_full_queue_drops_and_a_dead_writer_fails_what_it_is_handed_and_both_a
         tracing.shutdown()
 
 
+def _record(parent: str, error: str, computed: bool, first: bool) -> list[Any]:
+    """A finished request's record as the writer gets it (JSON), computed in a batch or not (refused before), the
+    first traced request of its batch (its batch span links two) or not, answered unless it failed."""
+    batch = [40, 50, {"dhow.model": "m", "dhow.version": "3", "dhow.batch.rows": 2, "dhow.batch.requests": 2}]
+    own, other = int("11" * 8, 16), int("cd" * 8, 16)
+    links = [(TRACE, own), ("ab" * 16, other)] if computed and first else ()
+    record = (TRACE, own, parent, "m", "r-1", "" if error else "3", error, 10, 20, 30, 0 if error else 55, 60, 10,
+              batch if computed else None, links)  # fmt: skip
+    loaded: list[Any] = orjson.loads(orjson.dumps(record))
+    return loaded
+
+
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("computed", [True, False])
 @pytest.mark.parametrize(("parent", "error"), [("", ""), (SPAN, "INTERNAL")])
-def test_the_writer_writes_a_record_as_its_spans_would_be_written_one_by_one(parent: str, error: str) -> None:
-    """``record_fields`` (what tracing's writer exports) writes the same bytes as the spans of ``spans_of``
-    written one by one, and they parse as the request's span parented by the caller with its stages under it."""
+def test_the_writer_writes_a_record_as_the_message_of_its_spans_written_one_by_one(
+    parent: str, error: str, computed: bool, first: bool
+) -> None:
+    """``record_fields`` (what tracing's writer exports, its spans' fields in another order, a request's stages
+    without attributes packed together) parses as the same message as the spans of ``spans_of`` written one by one
+    (``span_fields``: ``test_the_export_parses_as_the_message_opentelemetry_proto_builds``), the same ids given."""
     from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans
 
     from dhow.monitoring.otlp import span_fields
-    from dhow.monitoring.tracing import record_fields, spans_of
+    from dhow.monitoring.tracing import record_fields
 
-    batch = {"dhow.model": "m", "dhow.version": "3", "dhow.batch.rows": 2, "dhow.batch.requests": 2}
+    record = _record(parent, error, computed, first)
+    count = len(spans_of(record)) - 1
+    ids = bytes(range(1, 1 + 8 * count))
+    written = ScopeSpans.FromString(record_fields(record, ids))
+    assert written == ScopeSpans.FromString(span_fields(spans_of(record, ids)))
+    assert len(written.spans) == 3 + (2 if computed else 0) + (1 if computed and first else 0) + (0 if error else 1)
+    assert len({span.span_id for span in ScopeSpans.FromString(record_fields(record)).spans}) == count + 1, "drawn"
+
+
+@pytest.mark.parametrize(("parent", "error"), [("", ""), (SPAN, "INTERNAL")])
+def test_the_writer_writes_a_record_as_the_request_s_span_parented_by_the_caller_with_its_stages_under_it(
+    parent: str, error: str
+) -> None:
+    from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans
+
+    from dhow.monitoring.tracing import record_fields
+
     other = ("ab" * 16, "cd" * 8)
-    record = [TRACE, "11" * 8, parent, "m", "r-1", "3" if not error else "", error, 10, 20, 30, 55 if not error else 0,
-              60, [["queue", 30, 40, None, []], ["compute", 40, 50, batch, []],
-                   ["batch", 40, 50, batch, [[TRACE, "11" * 8], list(other)]]]]  # fmt: skip
-    ids = bytes(range(1, 1 + 8 * 6))
-    written = record_fields(record, ids)
-    assert written == span_fields(spans_of(record, ids))
-    spans = {span.name: span for span in ScopeSpans.FromString(written).spans}
+    spans = {span.name: span for span in ScopeSpans.FromString(record_fields(_record(parent, error, True, True))).spans}
     root = spans.pop("infer m")
     assert root.parent_span_id.hex() == parent and root.span_id.hex() == "11" * 8
     assert (root.start_time_unix_nano, root.end_time_unix_nano) == (10, 60)
@@ -199,4 +247,10 @@ def test_the_writer_writes_a_record_as_its_spans_would_be_written_one_by_one(par
     assert all(s.parent_span_id == root.span_id and s.trace_id.hex() == TRACE for s in spans.values())
     assert [link.span_id.hex() for link in spans["batch"].links] == ["11" * 8, other[1]]
     assert {kv.key: kv.value.int_value for kv in spans["compute"].attributes}["dhow.batch.rows"] == 2
+    assert (spans["queue"].start_time_unix_nano, spans["queue"].end_time_unix_nano) == (30, 40)
+    assert {kv.key: kv.value.string_value for kv in root.attributes} == {
+        "dhow.model": "m",
+        "dhow.request_id": "r-1",
+        **({"dhow.version": "3"} if not error else {}),
+    }
     assert len({s.span_id for s in spans.values()}) == len(spans) and all(any(s.span_id) for s in spans.values())
