@@ -165,6 +165,27 @@ def test_a_batch_is_kept_by_each_traced_request_it_carried_and_its_first_links_t
         tracing.shutdown()
 
 
+def test_a_batch_whose_first_traced_request_was_queued_already_goes_with_the_next_one() -> None:
+    """A client that went away while its batch computed has its request queued (``finish``) before the batch is
+    recorded: the batch span and its links go with the next traced request of the batch, not into a record that
+    left."""
+    tracing = _tracing(0.0)
+    try:
+        gone, staying = (tracing.begin((TRACE, ""), "m", f"r-{n}", (1, 2, 3)) for n in range(2))
+        gone.finish("", 0, "CANCELLED")
+        record_batch([gone, staying], {"dhow.batch.rows": 2}, 100, 200, [7, 8])
+        assert not gone.links
+        assert staying.links == [(TRACE, gone.span_id), (TRACE, staying.span_id)]
+        names = [span.name for span in spans_of(orjson.loads(orjson.dumps(staying.record("1", 250, "", 300))))]
+        assert "batch" in names
+        alone = tracing.begin((TRACE, ""), "m", "r-3", (1, 2, 3))
+        alone.finish("", 0, "CANCELLED")
+        record_batch([alone], {"dhow.batch.rows": 1}, 100, 200, [7])  # no request left to carry the span: none
+        assert not alone.links
+    finally:
+        tracing.shutdown()
+
+
 def test_a_full_queue_drops_and_a_dead_writer_fails_what_it_is_handed_and_both_are_counted() -> None:
     registry = CollectorRegistry()
     tracing = Tracing("http://127.0.0.1:9", 1.0, command=TRACE_WRITER, registry=registry, capacity=2)

@@ -175,8 +175,8 @@ class RequestTrace:
     """One sampled request: the times the door and the batcher measure anyway, kept as they are; its spans are made
     by the writer process (``spans_of``, ``record_fields``), not here."""
 
-    __slots__ = ("batch", "links", "model", "parent_id", "request_id", "span_id", "times", "trace_id", "tracing",
-                 "wait")  # fmt: skip
+    __slots__ = ("batch", "finished", "links", "model", "parent_id", "request_id", "span_id", "times", "trace_id",
+                 "tracing", "wait")  # fmt: skip
 
     def __init__(
         self, tracing: Tracing, sampled: Sampled, model: str, request_id: str, times: tuple[int, int, int]
@@ -193,9 +193,12 @@ class RequestTrace:
         self.wait = 0
         #: the ids of the traced requests its batch carried, when it was the first of them (its batch span's links)
         self.links: list[tuple[str, int]] | tuple[()] = ()
+        #: queued already (``finish``): what its batch brings later is not in its record
+        self.finished = False
 
     def finish(self, version: str, answered_ns: int, error: str = "") -> None:
         """End the request (its ``encoding`` stage from its answer to now, when it was answered) and queue it."""
+        self.finished = True
         self.tracing.record(self.record(version, answered_ns, error, time.time_ns()))
 
     def record(self, version: str, answered_ns: int, error: str, end_ns: int) -> Record:
@@ -307,12 +310,15 @@ def record_batch(
     carried: list[RequestTrace] = list(filter(None, traces))  # type: ignore[arg-type]
     if not carried:
         return
-    first = carried[0]
-    offset = first.tracing.monotonic_offset
+    offset = carried[0].tracing.monotonic_offset
     batch = (start_mono_ns + offset, end_mono_ns + offset, {**label, "dhow.batch.requests": len(traces)})
     for request, wait in zip(carried, compress(waits, traces), strict=True):
         request.batch, request.wait = batch, wait
-    first.links = [(request.trace_id, request.span_id) for request in carried]
+    # the batch span goes with the first request still to be queued: one whose client went away while the batch
+    # computed was queued already, without it (none left: the batch has no span)
+    first = next((request for request in carried if not request.finished), None)
+    if first is not None:
+        first.links = [(request.trace_id, request.span_id) for request in carried]
 
 
 def _span_ids(count: int) -> bytes:
