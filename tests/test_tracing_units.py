@@ -275,3 +275,56 @@ def test_the_writer_writes_a_record_as_the_request_s_span_parented_by_the_caller
         **({"dhow.version": "3"} if not error else {}),
     }
     assert len({s.span_id for s in spans.values()}) == len(spans) and all(any(s.span_id) for s in spans.values())
+
+
+def _canonical(fields: bytes) -> list[bytes]:
+    """The spans of a ``ScopeSpans``' fields, the random ids of a request's stages mapped to their names (one a
+    name in a request), in a fixed order: what renders of the same records written in other orders share."""
+    from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span
+
+    spans = list(ScopeSpans.FromString(fields).spans)
+    stages = [span for span in spans if span.kind == Span.SPAN_KIND_INTERNAL]
+    assert len({span.span_id for span in stages}) == len(stages) and all(any(s.span_id) for s in stages)
+    for span in stages:
+        span.span_id = span.name.encode()
+    return sorted(span.SerializeToString(deterministic=True) for span in spans)
+
+
+def test_a_chunk_is_written_at_once_as_the_spans_of_its_records_written_one_by_one() -> None:
+    """``chunk_fields`` (the writer's render of a chunk) writes the spans ``record_fields`` writes of each record,
+    for records of every shape, unusual models and request ids among them."""
+    import random
+
+    from dhow.monitoring.trace_chunk import chunk_fields
+    from dhow.monitoring.tracing import record_fields
+
+    chance = random.Random(15)
+    chunk = []
+    for n in range(50):
+        shape = [SPAN if n % 2 else "", "INTERNAL" if n % 3 == 0 else "", n % 5 != 1, n % 4 == 0]
+        record = _record(*shape)  # type: ignore[arg-type]
+        record[0], record[1] = f"{chance.getrandbits(128):032x}", chance.getrandbits(64)
+        record[3] = ["m", "mödel/ü", "x" * 200, ""][n % 4]
+        record[4] = ["r-1", "", "ü" * 60, f"r-{n}" * 30][n % 4]
+        record[5] = "" if n % 6 == 0 else record[5]
+        if record[13]:
+            record[13][2]["dhow.batch.rows"] = n // 7  # batches of several requests, another's attributes
+        chunk.append(record)
+    together = _canonical(chunk_fields(chunk))
+    assert together == _canonical(b"".join(map(record_fields, chunk)))
+    assert len(together) == sum(len(spans_of(record)) for record in chunk)
+
+
+def test_a_record_the_chunk_cannot_write_fails_alone() -> None:
+    from dhow.serving.trace_writer import TraceWriter
+
+    writer = TraceWriter.__new__(TraceWriter)  # its render alone: no sink, no threads
+    good = [_record("", "", True, True), _record(SPAN, "", False, False)]
+    bad = _record("", "", True, False)
+    bad[1] = -1  # no span id
+    rendered, failures = writer.render_chunk([good[0], bad, good[1]])
+    assert [record for record, _ in failures] == [bad]
+    assert _canonical(b"".join(fields for _, fields in rendered)) == _canonical(
+        b"".join(fields for _, fields in writer.render_chunk(good)[0])
+    )
+    assert len(writer.render_chunk(good)[0]) == 2, "the sink counts requests"

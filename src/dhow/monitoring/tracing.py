@@ -48,6 +48,7 @@ from dhow.monitoring.otlp import (
 from dhow.monitoring.writer_pipe import WriterPipe
 
 __all__ = [
+    "PLAIN_STAGES",
     "Record",
     "RequestTrace",
     "Sampled",
@@ -55,6 +56,7 @@ __all__ = [
     "parse_traceparent",
     "record_batch",
     "record_fields",
+    "served_fields",
     "spans_of",
     "traces_url",
 ]
@@ -233,9 +235,9 @@ def spans_of(record: Sequence[Any], ids: bytes = b"") -> list[FinishedSpan]:
 
 
 def _stages_of(record: Sequence[Any]) -> list[Any]:
-    """A request's stages: those without attributes first (``_PLAIN``: the door's admission, decoding and encoding,
-    its wait for its batch), then its batch's compute and the batch's own span when it was its first traced request.
-    """
+    """A request's stages: those without attributes first (``PLAIN_STAGES``: the door's admission, decoding and
+    encoding, its wait for its batch), then its batch's compute and the batch's own span when it was its first traced
+    request."""
     entered, admitted, decoded, answered, end, wait, batch, links = record[7:]
     stages: list[Any] = [("admission", entered, admitted, None, ()), ("decoding", admitted, decoded, None, ())]
     if batch:
@@ -251,7 +253,7 @@ def _stages_of(record: Sequence[Any]) -> list[Any]:
 
 #: a request's stages without attributes, by whether it was computed (1) and answered (2), as ``child_prefix``
 #: writes them
-_PLAIN = tuple(
+PLAIN_STAGES = tuple(
     tuple(child_prefix(name) for name in names)
     for names in (("admission", "decoding"), ("admission", "decoding", "queue"), ("admission", "decoding", "encoding"),
                   ("admission", "decoding", "queue", "encoding"))
@@ -270,25 +272,29 @@ def record_fields(record: Sequence[Any], ids: bytes = b"") -> bytes:
         start, stop, attributes = batch
         if answered:
             starts, ends = [entered, admitted, start - wait, answered, start], [admitted, decoded, start, end, stop]
-            prefixes = _PLAIN[3] + (child_prefix("compute", attributes),)
+            prefixes = PLAIN_STAGES[3] + (child_prefix("compute", attributes),)
         else:
             starts, ends = [entered, admitted, start - wait, start], [admitted, decoded, start, stop]
-            prefixes = _PLAIN[1] + (child_prefix("compute", attributes),)
+            prefixes = PLAIN_STAGES[1] + (child_prefix("compute", attributes),)
         if links:
             prefixes += (child_prefix("batch", attributes, links),)
             starts.append(start)
             ends.append(stop)
     elif answered:
-        starts, ends, prefixes = [entered, admitted, answered], [admitted, decoded, end], _PLAIN[2]
+        starts, ends, prefixes = [entered, admitted, answered], [admitted, decoded, end], PLAIN_STAGES[2]
     else:
-        starts, ends, prefixes = [entered, admitted], [admitted, decoded], _PLAIN[0]
-    served = _SERVED.get((model, version)) or _served(model, version)
+        starts, ends, prefixes = [entered, admitted], [admitted, decoded], PLAIN_STAGES[0]
+    served = served_fields(model, version)
     return family_fields(prefixes, split_ids(ids) if ids else random_ids(len(prefixes)), starts, ends,
                          (trace, span, parent), served + attribute("dhow.request_id", request_id), (entered, end),
                          error)  # fmt: skip
 
 
-def _served(model: str, version: str) -> bytes:
+def served_fields(model: str, version: str) -> bytes:
+    """A request's span's name, kind and attributes but its id (``otlp.server_prefix``), by model and version."""
+    served = _SERVED.get((model, version))
+    if served is not None:
+        return served
     if len(_SERVED) >= 4096:
         _SERVED.clear()
     attributes = {"dhow.model": model, "dhow.version": version} if version else {"dhow.model": model}

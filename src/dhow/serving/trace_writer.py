@@ -4,20 +4,22 @@ posts them to the collector, off the server's interpreter.
 ``python -m dhow.serving.trace_writer`` is run by ``monitoring.tracing.Tracing`` (``writer_main``'s loop): its
 settings are the collector's ``url``, the ``service`` name, ``capacity`` and ``close_timeout_s``; then it takes
 frames of finished requests (``tracing.Record``). The payload writer's queue and sink thread carry them (at most
-``capacity`` waiting, past it dropped and counted); each request's spans are written at once from its record
-(``tracing.record_fields``), and a chunk of up to 512 requests is one export, posted with ``http.client``, about one
-a second. Counts of exported and failed requests go back to the server.
+``capacity`` waiting, past it dropped and counted); a chunk's spans are written at once from its records
+(``trace_chunk.chunk_fields``; one that cannot be fails alone), and a chunk of up to 512 requests is one export,
+posted with ``http.client``, about one a second. Counts of exported and failed requests go back to the server.
 """
 
 from __future__ import annotations
 
 import http.client
 import sys
+from operator import itemgetter
 from typing import Any
 from urllib.parse import urlsplit
 
 from dhow.monitoring.otlp import export_request_of, resource_bytes
 from dhow.monitoring.payload_log import PayloadCounts
+from dhow.monitoring.trace_chunk import chunk_fields
 from dhow.monitoring.tracing import record_fields
 from dhow.serving.payload_writer import Writer
 from dhow.serving.writer_main import Answer, serve
@@ -70,6 +72,20 @@ class TraceWriter(Writer):
         self.queue(frame)
 
     def render_chunk(self, chunk: list[Any]) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
+        """The chunk's spans written at once (``chunk_fields``), held by its first request (the sink joins them and
+        counts requests); a chunk with a record that cannot be written is written one record at a time, and that
+        record fails alone."""
+        if not chunk:
+            return [], []
+        try:
+            fields = chunk_fields(chunk)
+        except Exception:  # which record: ``records`` finds it, and it alone fails
+            return self.records(chunk)
+        keys = list(map(str, map(itemgetter(4), chunk)))
+        return list(zip(keys, [fields] + [b""] * (len(chunk) - 1), strict=True)), []
+
+    def records(self, chunk: list[Any]) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
+        """The chunk's records written one by one: one that cannot be is a failure of its own."""
         rendered, failures = [], []
         for record in chunk:
             try:
