@@ -10,7 +10,8 @@ looks fifty times dearer per request there than it is. This counts the per-reque
 - ``trace``: a traced request on the event loop: sampled and begun by the door, kept by the batcher's
   ``record_batch`` (2 traced requests in a batch of 16), finished, queued and written into a frame (8 a frame);
 - ``spans``: a traced request in tracing's writer process (``dhow.serving.trace_writer``): its frame decoded, its
-  spans made and written as OTLP protobuf (``TraceWriter.render_chunk``), in exports of 512 requests;
+  spans made and written as OTLP protobuf (``TraceWriter.render_chunk``) in chunks of 512 as its sink's thread
+  takes them from its queue, each an export;
 - ``render``: one payload event masked and rendered as a CloudEvent by the writer process (tabular: its JSON body
   embedded as it came, outputs as numbers), in chunks of 64 as its sink's thread takes them;
 - ``frame``: one payload event offered and written into a frame on the event loop (``PayloadLog.offer``, then
@@ -126,14 +127,14 @@ def _trace_unit(unit: str, count: int) -> None:
         return
     framed = _traced_frame(tracing, 0)
     writer = TraceWriter.__new__(TraceWriter)  # its render alone: no sink, no threads
-    done: list[bytes] = []
-    for n in range(0, count, _TRACED):
-        rendered, failures = writer.render_chunk(decode_frames(bytearray(framed))[0])
-        assert not failures, failures
-        done += [fields for _, fields in rendered]
-        if len(done) >= 512 or n + _TRACED >= count:
-            export_request_of(b"", "dhow", b"".join(done))
-            done = []
+    queued: list[Any] = []
+    for n in range(0, count, _TRACED):  # the frames queued, taken by the sink's thread in chunks of 512 (its export)
+        queued += decode_frames(bytearray(framed))[0]
+        if len(queued) >= 512 or n + _TRACED >= count:
+            rendered, failures = writer.render_chunk(queued)
+            assert not failures, failures
+            export_request_of(b"", "dhow", b"".join(fields for _, fields in rendered))
+            queued = []
 
 
 def run_unit(unit: str, count: int) -> None:
