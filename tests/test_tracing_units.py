@@ -328,3 +328,14 @@ def test_a_record_the_chunk_cannot_write_fails_alone() -> None:
         b"".join(fields for _, fields in writer.render_chunk(good)[0])
     )
     assert len(writer.render_chunk(good)[0]) == 2, "the sink counts requests"
+
+
+def test_the_compiled_structs_of_chunks_of_ever_new_sizes_stay_bounded_by_what_they_hold() -> None:
+    """A chunk's ``Struct`` holds an item per field of each of its spans: a writer seeing chunks of new sizes (a
+    traced rate that moves) must not keep one per size, as a cache bounded by its number of entries would."""
+    from dhow.monitoring import otlp
+
+    for count in range(1, 600):
+        assert len(otlp.random_ids(count)) == count
+        otlp.repeated("<19sQ11sQ", count)
+    assert sum(count for _, count in otlp._REPEATED) <= otlp.MAX_STRUCT_ITEMS

@@ -31,6 +31,7 @@ __all__ = [
     "export_request_of",
     "family_fields",
     "random_ids",
+    "repeated",
     "server_prefix",
     "span_fields",
     "split_ids",
@@ -158,7 +159,10 @@ _ATTRIBUTE_SETS: dict[tuple[tuple[str, Any], ...], bytes] = {}
 #: an attribute's key (1) and the tag of its value (2), by key
 _KEYS: dict[str, bytes] = {}
 #: ``Struct``s splitting ``count`` span ids (8 bytes each), by count
-_SPLITS: dict[int, struct.Struct] = {}
+#: ``repeated``'s: by unit and count, and the repetitions they hold in all (cleared past the bound)
+_REPEATED: dict[tuple[str, int], struct.Struct] = {}
+_struct_items = 0
+MAX_STRUCT_ITEMS = 1 << 15
 
 
 def child_prefix(name: str, attributes: Mapping[str, Any] | None = None, links: Sequence[Sequence[Any]] = ()) -> bytes:
@@ -268,19 +272,30 @@ def attribute(key: str, value: str) -> bytes:
     return b"\x4a" + _varint(len(key_value)) + key_value
 
 
+def repeated(unit: str, count: int) -> struct.Struct:
+    """A ``Struct`` of ``count`` times ``unit`` (little-endian but where ``unit``'s first character says otherwise),
+    remembered. A chunk's holds an item per field of each of its spans, so the memory is bounded by the items its
+    ``Struct``s hold (``MAX_STRUCT_ITEMS``), not by their number: chunks of ever new sizes would otherwise keep
+    hundreds of MB."""
+    global _struct_items
+    made = _REPEATED.get((unit, count))
+    if made is None:
+        if _struct_items + count > MAX_STRUCT_ITEMS:
+            _REPEATED.clear()
+            _struct_items = 0
+        made = _REPEATED[(unit, count)] = struct.Struct(unit[0] + unit[1:] * count)
+        _struct_items += count
+    return made
+
+
 def split_ids(ids: bytes) -> tuple[bytes, ...]:
     """Span ids, 8 bytes each, in one string apart."""
-    split = _SPLITS.get(len(ids))
-    if split is None:
-        if len(_SPLITS) >= _MAX_CACHED:
-            _SPLITS.clear()
-        split = _SPLITS[len(ids)] = struct.Struct("8s" * (len(ids) // 8))
-    return split.unpack(ids)
+    return repeated("<8s", len(ids) // 8).unpack(ids)
 
 
 def random_ids(count: int) -> tuple[bytes, ...]:
     """``count`` random span ids, none all zero (W3C: an invalid id), drawn at once."""
-    split = _SPLITS.get(8 * count) or _SPLITS.setdefault(8 * count, struct.Struct("8s" * count))
+    split = repeated("<8s", count)
     ids = split.unpack(random.getrandbits(64 * count).to_bytes(8 * count, "little"))
     while _NO_ID in ids:  # one chance in 2**64 a span
         ids = split.unpack(random.getrandbits(64 * count).to_bytes(8 * count, "little"))

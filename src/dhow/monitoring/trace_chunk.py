@@ -14,11 +14,10 @@ the writer then writes its records one by one, and that one fails alone.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from typing import Any
 
-from dhow.monitoring.otlp import attribute, child_prefix, random_ids
+from dhow.monitoring.otlp import attribute, child_prefix, random_ids, repeated
 from dhow.monitoring.tracing import PLAIN_STAGES, served_fields
 
 __all__ = ["chunk_fields"]
@@ -28,23 +27,12 @@ _SMALL = [bytes((n,)) for n in range(128)]
 _LENGTHS = _SMALL + [bytes(((n & 0x7F) | 0x80, n >> 7)) for n in range(128, 4096)]
 #: the request id's key (1) and the tag of its value (2), under which its string (1) goes
 _REQUEST_ID = b"\x0a\x0fdhow.request_id\x12"
-_STRUCTS: dict[tuple[str, int], struct.Struct] = {}
 #: the bytes of a request's span but its parent, attributes and status: trace id (1) and span id (2) and their
 #: tags, start and end times and their tags
 _SERVER_SIZE = 28 + 18
 #: a stage's bytes after its prefix and its id: its trace id and start, its parent and end, with their tags
 _STAGE_FIELDS, _STAGE = "19sQ11sQ", "46s"
 _STAGE_SIZE = 8 + 46
-
-
-def _struct(unit: str, count: int) -> struct.Struct:
-    """A ``Struct`` of ``count`` times ``unit`` (little-endian but where ``unit`` says otherwise), by both."""
-    made = _STRUCTS.get((unit, count))
-    if made is None:
-        if len(_STRUCTS) >= 4096:
-            _STRUCTS.clear()
-        made = _STRUCTS[(unit, count)] = struct.Struct(unit[0] + unit[1:] * count)
-    return made
 
 
 def _interleaved(count: int, *columns: Sequence[Any]) -> list[Any]:
@@ -65,15 +53,15 @@ def chunk_fields(chunk: Sequence[Sequence[Any]]) -> bytes:
         raise ValueError("a trace id of 32 hex digits and a parent of 16 or none expected")
     # each request's trace id between the tags around it in its stages (1, then its start's), its span id between
     # the tags around it in them (their parent, 4, then their end's), its request id's bytes and its span's times
-    heads = _struct("<19s", count).unpack(bytes.fromhex("0a10" + "390a10".join(traces) + "39"))
-    tails = _struct("<11s", count).unpack(
-        _struct(">2sQB", count).pack(*_interleaved(count, [b"\x22\x08"] * count, spans, [0x41] * count))
+    heads = repeated("<19s", count).unpack(bytes.fromhex("0a10" + "390a10".join(traces) + "39"))
+    tails = repeated("<11s", count).unpack(
+        repeated(">2sQB", count).pack(*_interleaved(count, [b"\x22\x08"] * count, spans, [0x41] * count))
     )
     parented = [*filter(None, parents)]
     parent_ids = bytes.fromhex("2208" + "2208".join(parented)) if parented else b""
     encoded = list(map(str.encode, request_ids))
-    times = _struct("<18s", count).unpack(
-        _struct("<BQBQ", count).pack(*_interleaved(count, [0x39] * count, entered, [0x41] * count, ends))
+    times = repeated("<18s", count).unpack(
+        repeated("<BQBQ", count).pack(*_interleaved(count, [0x39] * count, entered, [0x41] * count, ends))
     )
     linked = _links([pair for batch, pairs in zip(batches, links, strict=True) if batch and pairs for pair in pairs])
     prefixes: list[bytes] = []
@@ -144,7 +132,7 @@ def chunk_fields(chunk: Sequence[Sequence[Any]]) -> bytes:
     if n_parent != len(parent_ids) or n_link != len(linked):
         raise ValueError("parents or links left over")
     count = len(prefixes)
-    rest = _struct("<" + _STAGE, count).unpack(_struct("<" + _STAGE_FIELDS, count).pack(*stages))
+    rest = repeated("<" + _STAGE, count).unpack(repeated("<" + _STAGE_FIELDS, count).pack(*stages))
     return b"".join(_interleaved(count, prefixes, random_ids(count), rest)) + b"".join(server)
 
 
@@ -156,9 +144,9 @@ def _links(pairs: list[Any]) -> bytes:
     if {*map(len, traces)} != {32}:
         raise ValueError("a linked trace id of 32 hex digits expected")
     count = len(pairs)
-    trace_ids = _struct("<16s", count).unpack(bytes.fromhex("".join(traces)))
+    trace_ids = repeated("<16s", count).unpack(bytes.fromhex("".join(traces)))
     columns = [b"\x6a\x1c\x0a\x10"] * count, trace_ids, [b"\x12\x08"] * count, spans
-    return _struct(">4s16s2sQ", count).pack(*_interleaved(count, *columns))
+    return repeated(">4s16s2sQ", count).pack(*_interleaved(count, *columns))
 
 
 #: a batch's span's fixed part before its links, by its attributes and its links' size
