@@ -35,6 +35,7 @@ __all__ = [
     "server_prefix",
     "span_fields",
     "split_ids",
+    "varint",
 ]
 
 SPAN_KIND_INTERNAL, SPAN_KIND_SERVER = 1, 2
@@ -70,7 +71,8 @@ _MAX_CACHED = 4096
 _NAMED: dict[tuple[str, int], bytes] = {}
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """A protobuf varint."""
     if value < 128:
         return _SMALL[value]
     if value < 16384:  # a span's length, mostly: two bytes without a loop
@@ -85,14 +87,14 @@ def _varint(value: int) -> bytes:
 
 def _field(tag: bytes, payload: bytes) -> bytes:
     """A length-delimited field (bytes, string, message) under its tag byte (field number << 3 | 2)."""
-    return tag + _varint(len(payload)) + payload
+    return tag + varint(len(payload)) + payload
 
 
 def _any_value(value: Any) -> bytes:
     if isinstance(value, bool):
         return b"\x10\x01" if value else b"\x10\x00"
     if isinstance(value, int):
-        return b"\x18" + _varint(value & 0xFFFFFFFFFFFFFFFF)  # int64: two's complement as a varint
+        return b"\x18" + varint(value & 0xFFFFFFFFFFFFFFFF)  # int64: two's complement as a varint
     if isinstance(value, float):
         return b"\x21" + _DOUBLE.pack(value)
     return _field(b"\x0a", str(value).encode())
@@ -190,7 +192,7 @@ def _prefix(name: str, attributes: Mapping[str, Any] | None, links: Sequence[Seq
         ]
     body.append(b"\x12\x08")
     written = b"".join(body)
-    return b"\x12" + _varint(len(written) + _IDS_AND_TIMES_SIZE) + written
+    return b"\x12" + varint(len(written) + _IDS_AND_TIMES_SIZE) + written
 
 
 def family_fields(
@@ -231,7 +233,7 @@ def family_fields(
     if error:
         body.append(_status(error))
     server = b"".join(body)
-    return b"".join((pack(*arguments), b"\x12", _varint(len(server)), server))
+    return b"".join((pack(*arguments), b"\x12", varint(len(server)), server))
 
 
 def server_prefix(name: str, attributes: Mapping[str, Any]) -> bytes:
@@ -267,9 +269,9 @@ def attribute(key: str, value: str) -> bytes:
     size = len(encoded)
     if len(head) + size + 3 < 128:  # most: each length one byte, the attribute one format
         return b"\x4a%c%s%c\x0a%c%s" % (len(head) + size + 3, head, size + 2, size, encoded)
-    any_value = b"\x0a" + _varint(size) + encoded
-    key_value = head + _varint(len(any_value)) + any_value
-    return b"\x4a" + _varint(len(key_value)) + key_value
+    any_value = b"\x0a" + varint(size) + encoded
+    key_value = head + varint(len(any_value)) + any_value
+    return b"\x4a" + varint(len(key_value)) + key_value
 
 
 def repeated(unit: str, count: int) -> struct.Struct:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from dhow.monitoring.otlp import attribute, child_prefix, random_ids, repeated
+from dhow.monitoring.otlp import attribute, child_prefix, random_ids, repeated, varint
 from dhow.monitoring.tracing import PLAIN_STAGES, served_fields
 
 __all__ = ["chunk_fields"]
@@ -121,13 +121,13 @@ def chunk_fields(chunk: Sequence[Sequence[Any]]) -> bytes:
         else:
             status = b""
         if size < 107:  # each of its lengths one byte
-            server += (b"\x12", _LENGTHS[length] if length < 4096 else _varint(length), b"\x0a\x10", head[2:18],
+            server += (b"\x12", _LENGTHS[length] if length < 4096 else varint(length), b"\x0a\x10", head[2:18],
                        b"\x12\x08", tail[2:10], parent_id, served, b"\x4a", _SMALL[size + 21], _REQUEST_ID,
                        _SMALL[size + 2], b"\x0a", _SMALL[size], request_id, span_times, status)  # fmt: skip
         else:
             own = attribute("dhow.request_id", request_id.decode())
             length += len(own) - size - 23
-            server += (b"\x12", _varint(length), b"\x0a\x10", head[2:18], b"\x12\x08", tail[2:10], parent_id,
+            server += (b"\x12", varint(length), b"\x0a\x10", head[2:18], b"\x12\x08", tail[2:10], parent_id,
                        served, own, span_times, status)  # fmt: skip
     if n_parent != len(parent_ids) or n_link != len(linked):
         raise ValueError("parents or links left over")
@@ -166,21 +166,12 @@ def _batch_prefix(attributes: Any, links_size: int) -> bytes:
         written = plain[header:]
         if len(_BATCH_PREFIXES) >= 4096:
             _BATCH_PREFIXES.clear()
-        prefix = _BATCH_PREFIXES[key] = b"\x12" + _varint(len(written) + _STAGE_SIZE + links_size) + written[:-2]
+        prefix = _BATCH_PREFIXES[key] = b"\x12" + varint(len(written) + _STAGE_SIZE + links_size) + written[:-2]
     return prefix
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _status(error: str) -> bytes:
     """An error's status (15: message 2, code 3 ERROR)."""
     message = error.encode()
-    body = b"\x12" + _varint(len(message)) + message + b"\x18\x02"
-    return b"\x7a" + _varint(len(body)) + body
+    body = b"\x12" + varint(len(message)) + message + b"\x18\x02"
+    return b"\x7a" + varint(len(body)) + body
