@@ -147,3 +147,21 @@ def test_awaiting_something_other_than_a_future_raises_runtime_error_in_the_coro
 
     assert isinstance(_run(request)["error"], RuntimeError)
 
+
+def test_a_runner_made_to_start_soon_runs_its_coroutine_on_the_loops_next_pass_as_its_current_task() -> None:
+    async def scenario() -> tuple[list[str], Any, Any]:
+        loop = asyncio.get_running_loop()
+        order: list[str] = []
+        seen: dict[str, Any] = {}
+
+        async def request() -> None:
+            order.append("the coroutine")
+            seen["task"] = asyncio.current_task()
+
+        runner = CallRunner(loop, request(), "a test request", soon=True)
+        order.append("made")
+        await asyncio.wait_for(runner.finished(), 10)
+        return order, seen["task"], runner
+
+    order, task, runner = asyncio.run(scenario())
+    assert order == ["made", "the coroutine"] and task is runner

@@ -27,7 +27,8 @@ _leave_task: Callable[[asyncio.AbstractEventLoop, object], None] = asyncio.tasks
 
 
 class CallRunner:
-    """Drives one coroutine as an asyncio Task would, started when told (``start``)."""
+    """Drives one coroutine as an asyncio Task would, started when told (``start``), or made to start on the
+    loop's next pass (``soon``)."""
 
     __slots__ = ("_cancels", "_context", "_coroutine", "_done", "_loop", "_must_cancel", "_waiter", "_what")
 
@@ -37,6 +38,8 @@ class CallRunner:
         coroutine: Coroutine[Any, Any, None],
         what: str = "a gRPC call",
         context: contextvars.Context | None = None,
+        *,
+        soon: bool = False,
     ) -> None:
         self._loop = loop
         #: what the coroutine serves, for the log of its failure
@@ -50,6 +53,8 @@ class CallRunner:
         #: cancellations asked and not taken back (``Task.cancelling``)
         self._cancels = 0
         self._done: asyncio.Future[None] | None = None  # made when a stop waits for the call's end
+        if soon:  # started on the loop's next pass, as a Task is: without a ``start`` frame of its own (~1k)
+            loop.call_soon(self._step, None, context=self._context)
 
     def start(self) -> None:
         if asyncio.current_task(self._loop) is not None:  # asked inside a Task's step, which is current: next pass
