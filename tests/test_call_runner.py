@@ -4,6 +4,7 @@ may still time itself or group tasks, as under a Task (redis' asyncio client tim
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Any
 
 import pytest
@@ -115,3 +116,52 @@ def test_no_task_is_left_current_after_a_step(steps: int) -> None:
         return here is asyncio.current_task()
 
     assert asyncio.run(scenario())
+
+
+def test_an_awaited_future_that_fails_raises_its_own_exception_in_the_coroutine_with_its_context() -> None:
+    """The runner resumes the coroutine from the future's done callback: what the future failed with is thrown
+    in (the same object, as under a Task), and the coroutine's own context is still the one it runs in."""
+    failure = ValueError("the awaited work failed")
+    mark: contextvars.ContextVar[str] = contextvars.ContextVar("mark", default="unset")
+
+    async def request() -> Any:
+        mark.set("the request's")
+        future = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(future.set_exception, failure)
+        try:
+            await future
+        except ValueError as exc:
+            return exc, mark.get()
+        return None, mark.get()
+
+    assert _run(request)["value"] == (failure, "the request's")
+
+
+def test_awaiting_something_other_than_a_future_raises_runtime_error_in_the_coroutine() -> None:
+    class NotAFuture:
+        def __await__(self) -> Any:
+            yield "not a future"
+
+    async def request() -> None:
+        await NotAFuture()
+
+    assert isinstance(_run(request)["error"], RuntimeError)
+
+
+def test_a_runner_made_to_start_soon_runs_its_coroutine_on_the_loops_next_pass_as_its_current_task() -> None:
+    async def scenario() -> tuple[list[str], Any, Any]:
+        loop = asyncio.get_running_loop()
+        order: list[str] = []
+        seen: dict[str, Any] = {}
+
+        async def request() -> None:
+            order.append("the coroutine")
+            seen["task"] = asyncio.current_task()
+
+        runner = CallRunner(loop, request(), "a test request", soon=True)
+        order.append("made")
+        await asyncio.wait_for(runner.finished(), 10)
+        return order, seen["task"], runner
+
+    order, task, runner = asyncio.run(scenario())
+    assert order == ["made", "the coroutine"] and task is runner

@@ -27,7 +27,8 @@ _leave_task: Callable[[asyncio.AbstractEventLoop, object], None] = asyncio.tasks
 
 
 class CallRunner:
-    """Drives one coroutine as an asyncio Task would, started when told (``start``)."""
+    """Drives one coroutine as an asyncio Task would, started when told (``start``), or made to start on the
+    loop's next pass (``soon``)."""
 
     __slots__ = ("_cancels", "_context", "_coroutine", "_done", "_loop", "_must_cancel", "_waiter", "_what")
 
@@ -37,6 +38,8 @@ class CallRunner:
         coroutine: Coroutine[Any, Any, None],
         what: str = "a gRPC call",
         context: contextvars.Context | None = None,
+        *,
+        soon: bool = False,
     ) -> None:
         self._loop = loop
         #: what the coroutine serves, for the log of its failure
@@ -50,6 +53,8 @@ class CallRunner:
         #: cancellations asked and not taken back (``Task.cancelling``)
         self._cancels = 0
         self._done: asyncio.Future[None] | None = None  # made when a stop waits for the call's end
+        if soon:  # started on the loop's next pass, as a Task is: without a ``start`` frame of its own (~1k)
+            loop.call_soon(self._step, None, context=self._context)
 
     def start(self) -> None:
         if asyncio.current_task(self._loop) is not None:  # asked inside a Task's step, which is current: next pass
@@ -90,7 +95,15 @@ class CallRunner:
                 self._done.set_result(None)
         return self._done
 
-    def _step(self, error: BaseException | None) -> None:
+    def _step(self, future: asyncio.Future[Any] | None, error: BaseException | None = None) -> None:
+        """One step of the coroutine: resumed with ``error`` thrown in, or with what ``future`` (the awaited
+        future, done: this is its done callback) ended with, as ``Task.__wakeup`` reads it; its own frame, not a
+        separate wake-up's, since a request's coroutine is woken several times (about 1.5k instructions each)."""
+        if future is not None:
+            try:
+                future.result()
+            except BaseException as exc:  # the coroutine's await raises it (a cancellation among them)
+                error = exc
         coroutine = self._coroutine
         if coroutine is None:
             return
@@ -119,22 +132,14 @@ class CallRunner:
         if getattr(awaited, "_asyncio_future_blocking", None):
             awaited._asyncio_future_blocking = False
             self._waiter = awaited
-            awaited.add_done_callback(self._wakeup, context=self._context)
+            awaited.add_done_callback(self._step, context=self._context)
             if self._must_cancel and awaited.cancel():
                 self._must_cancel = False
         elif awaited is None:  # a bare yield (``asyncio.sleep(0)``): on the loop's next pass
             self._loop.call_soon(self._step, None, context=self._context)
         else:
             failure = RuntimeError(f"{self._what} awaited {awaited!r}, not an asyncio future")
-            self._loop.call_soon(self._step, failure, context=self._context)
-
-    def _wakeup(self, future: asyncio.Future[Any]) -> None:
-        try:
-            future.result()
-        except BaseException as exc:  # the coroutine's await raises it (a cancellation among them)
-            self._step(exc)
-        else:
-            self._step(None)
+            self._loop.call_soon(self._step, None, failure, context=self._context)
 
     def _finish(self) -> None:
         self._coroutine = None

@@ -265,9 +265,8 @@ class Http1Connection(asyncio.Protocol):
         self.running = exchange
         # a coroutine without a Task (``runner.py``: a Task costs ~13k instructions a request), started on the
         # loop's next pass, as a Task would be: after the rest of what this read brought has been parsed
-        runner = CallRunner(self.loop, self._answer(exchange), "a REST request", self._context)
+        runner = CallRunner(self.loop, self._answer(exchange), "a REST request", self._context, soon=True)
         self.front.track(exchange, runner)
-        self.loop.call_soon(runner.start)
 
     async def _answer(self, exchange: Exchange) -> None:
         try:
