@@ -410,3 +410,31 @@ def test_a_batch_being_cut_when_the_batcher_stops_is_answered(how: str) -> None:
     else:
         assert isinstance(outcome, Unavailable) and "before the request's batch was cut" in str(outcome), outcome
         assert model.batches == []
+
+
+def test_an_observer_that_fails_never_stops_the_answers_nor_the_model(caplog: pytest.LogCaptureFixture) -> None:
+    """Monitoring (metrics, latency windows, tracing) observes each batch; a failure there is logged, and the batch's
+    requests are answered and the model goes on serving (before, the worker died with the batch unanswered)."""
+    calls: list[int] = []
+
+    def failing(timings: object, start_ns: int, waits: Sequence[int], traces: Sequence[object | None]) -> None:
+        calls.append(len(waits))
+        raise RuntimeError("an observer's bug")
+
+    async def scenario() -> list[Arrays]:
+        executor = ThreadPoolExecutor(1)
+        batcher = DynamicBatcher("model 'm' version 1", [Recorder()], executor, ModelStats(), max_batch_size=16,
+                                 batching=BatchingConfig(), observer=failing)  # fmt: skip
+        results = []
+        for start in (0, 3):  # one after the other: the second needs the worker the first batch ran on
+            x = _rows(start, 1)
+            results.append(await asyncio.wait_for(batcher.submit({"x": x}, ["y"], 1), 5))
+        await batcher.close()
+        executor.shutdown()
+        return results
+
+    results = asyncio.run(scenario())
+    np.testing.assert_array_equal(results[1]["y"], _rows(3, 1) * 2)
+    assert calls == [1, 1]
+    logged = [record for record in caplog.records if "observing a batch failed" in record.getMessage()]
+    assert len(logged) == 1, "logged once, not once a batch"

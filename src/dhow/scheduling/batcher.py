@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future
@@ -38,6 +39,8 @@ from dhow.core.errors import (
 from dhow.core.model_config import BatchingConfig
 from dhow.scheduling.execution import Arrays, Instance, OutputCheck, Pending, in_thread, takes_row_parts
 from dhow.scheduling.stats import BatchTimings, ModelStats
+
+log = logging.getLogger("dhow.scheduling")
 
 #: the derived queue bound before a batch has been measured, and its floor
 UNMEASURED_QUEUE_LIMIT, MIN_QUEUE_LIMIT = 1024, 8
@@ -71,6 +74,7 @@ class DynamicBatcher:
         self.label = label
         self.stats = stats
         self._observer = observer
+        self._observer_failed = False
         self._check = check
         self._executor = executor
         self._max_rows = max_batch_size if batching is not None else 0
@@ -333,8 +337,13 @@ class DynamicBatcher:
         self._measure(time.monotonic_ns() - start, len(batch))
         self.stats.record_batch(timings, len(batch))
         if self._observer is not None:
-            traces = [p.trace for p in batch] if any(p.trace is not None for p in batch) else ()
-            self._observer(timings, start, waits, traces)
+            traces = [p.trace for p in batch]
+            try:
+                self._observer(timings, start, waits, traces if any(traces) else ())
+            except Exception:  # monitoring never stops a model from answering (the worker would die, unanswered)
+                if not self._observer_failed:
+                    self._observer_failed = True
+                    log.exception("%s: observing a batch failed (logged once; the requests are answered)", self.label)
         for pending, result in zip(batch, results, strict=True):
             if not pending.future.done():
                 pending.future.set_result(result)
