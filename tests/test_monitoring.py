@@ -140,7 +140,10 @@ def test_the_profile_of_an_encrypted_version_is_encrypted(tmp_path: Path) -> Non
     made = subprocess.run(command, capture_output=True, text=True, env={**env, "DHOW_KEK": keyring_text}, check=False)
     assert made.returncode == 0, made.stderr
     assert (repository / "m" / "1" / (PROFILE + ".enc")).is_file() and not (repository / "m" / "1" / PROFILE).exists()
-    assert b"f0" not in (repository / "m" / "1" / (PROFILE + ".enc")).read_bytes()
+    # the profile's own text is not in it (a plain name such as f0 may be in the base64 of the wrapped key by chance:
+    # about once in 60 runs, which made this check flaky)
+    sealed = (repository / "m" / "1" / (PROFILE + ".enc")).read_bytes()
+    assert not any(text in sealed for text in (b'"f0"', b'"features"', b'"null_rate"', b'"quantiles"'))
     install_decryptor(None)
     with pytest.raises(ModelLoadError, match="no key-encryption key"):
         read_profile(repository / "m" / "1")
