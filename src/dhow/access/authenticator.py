@@ -56,6 +56,11 @@ class Credentials:
     repeated_authorization: bool = False
 
 
+def _expired(key_id: str) -> Unauthenticated:
+    """The refusal of an expired key (its remembered header, its secret checked, or a stream's key)."""
+    return Unauthenticated(f"the API key {key_id} has expired; use the key that replaced it")
+
+
 @dataclass(frozen=True, slots=True)
 class _Key:
     record: PrincipalRecord
@@ -176,7 +181,7 @@ class Authenticator:
         verified = memory.get(credentials.authorization)
         if verified is not None and not credentials.repeated_authorization:
             if time.time() >= verified.expires:
-                raise Unauthenticated(f"the API key {verified.record.id} has expired; use the key that replaced it")
+                raise _expired(verified.record.id)
             return verified.principal
         if credentials.repeated_authorization:
             # a proxy and the client may each add one; taking either would let one override the other unseen
@@ -214,7 +219,7 @@ class Authenticator:
             # one message for unknown, revoked and wrong: do not tell a guesser which ids exist
             raise Unauthenticated("the API key is not valid (unknown, revoked or mistyped)")
         if time.time() >= key.expires:
-            raise Unauthenticated(f"the API key {key_id} has expired; use the key that replaced it")
+            raise _expired(key_id)
         return key
 
     async def _jwt(self, token: str) -> Principal:
@@ -237,7 +242,7 @@ class Authenticator:
         key = self._keys.get(record_id)
         if key is not None:
             if time.time() >= key.expires:
-                raise Unauthenticated(f"the API key {record_id} has expired; use the key that replaced it")
+                raise _expired(record_id)
             return key.principal
         record = self._records.get(record_id)
         current = self._certs.get(record.name) if record is not None and record.kind != "key" else None
