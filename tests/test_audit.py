@@ -37,7 +37,9 @@ from dhow.access.ratelimit import LocalRateLimiter
 from dhow.commands.audit import add_parser, run
 from dhow.core.errors import DhowError, ErrorCode, InvalidInput, Unavailable
 from dhow.governance import audit as audit_module
-from dhow.governance.audit import GENESIS_HASH, MAX_PROBLEMS, AuditRecord, AuditStore
+from dhow.governance.audit import GENESIS_HASH, AuditRecord, AuditStore
+from dhow.governance.audit_blocks import BLOCK_RECORDS
+from dhow.governance.audit_chain import MAX_PROBLEMS
 from dhow.governance.audit_trail import AuditTrail
 from dhow.governance.masking import Masker, parse_masking
 from dhow.governance.writer_process import PIPE_BYTES, SOCKET_BYTES, WriterProcess
@@ -204,12 +206,13 @@ def test_the_hashed_json_is_the_canonical_json_of_the_stored_fields(
     kind, action, actor, tenant, outcome, model, version, request_id, region = texts
     row = (kind, action, actor, tenant, outcome, model, version, request_id, region, latency, details, at, at_s)
     content = audit_module._content(row)
-    values = audit_module._chain([content], seq, "ab" * 32)
-    stored = dict(zip(audit_module._NAMES, values[: len(audit_module._NAMES)], strict=True))
-    assert stored["seq"] == seq + 1 and values[-2] == "ab" * 32
-    assert values[-1] == audit_module._digest("ab" * 32, stored)  # what verify computes from the stored row
-    expected = orjson.dumps({**stored}, option=orjson.OPT_SORT_KEYS)
-    assert audit_module._canonical("ab" * 32, seq + 1, content) == b"ab" * 32 + expected
+    line = audit_module._record_json(seq + 1, content)
+    (digest,) = audit_module._hashes([line], "ab" * 32)
+    stored = orjson.loads(line)  # the record as a block stores it
+    assert stored["seq"] == seq + 1
+    assert line == orjson.dumps(stored, option=orjson.OPT_SORT_KEYS)  # what an offline check of an export hashes
+    assert digest == audit_module._digest("ab" * 32, stored)  # ... and how a row of the first schema is checked
+    assert audit_module._lines([row], seq)[0] == [line]  # whichever way the writer makes it
 
 
 def test_the_hash_of_a_record_is_the_one_every_earlier_writer_gave_it(store: AuditStore) -> None:
@@ -252,8 +255,30 @@ def test_the_time_of_a_record_reads_as_datetime_writes_it(at_s: float) -> None:
     assert AuditRecord("inference", "infer", "anonymous", at_s=at_s + 1.0).when() != expected
 
 
+def _block(url: str, first_seq: int = 1) -> tuple[list[str], list[str]]:
+    """A block's lines and hashes, read behind the store's back."""
+    ((hashes, records),) = _sql(url, "SELECT hashes, records FROM dhow_audit_blocks WHERE first_seq = ?", (first_seq,))
+    return records.split("\n"), [hashes[at : at + 64] for at in range(0, len(hashes), 64)]
+
+
+def _rewrite_block(url: str, lines: list[str], hashes: list[str], first_seq: int = 1) -> None:
+    """Writes a block's lines and hashes back, as someone tampering with the database would (its head too)."""
+    last = first_seq + len(lines) - 1
+    _sql(
+        url,
+        "UPDATE dhow_audit_blocks SET records = ?, hashes = ?, last_seq = ?, hash = ? WHERE first_seq = ?",
+        ("\n".join(lines), "".join(hashes), last, hashes[-1], first_seq),
+    )
+
+
+def _edited(line: str, **fields: object) -> str:
+    record = orjson.loads(line)
+    record.update(fields)
+    return orjson.dumps(record, option=orjson.OPT_SORT_KEYS).decode()
+
+
 @pytest.mark.parametrize(
-    ("column", "value"),
+    ("field", "value"),
     [
         ("actor", "key:mallory"),
         ("outcome", "INTERNAL"),
@@ -264,44 +289,65 @@ def test_the_time_of_a_record_reads_as_datetime_writes_it(at_s: float) -> None:
         ("hash", "f" * 64),
     ],
 )
-def test_an_edited_field_is_named(audit_url: str, store: AuditStore, column: str, value: object) -> None:
+def test_an_edited_field_is_named(audit_url: str, store: AuditStore, field: str, value: object) -> None:
     store.append(_records(12))
-    _sql(audit_url, f"UPDATE dhow_audit SET {column} = ? WHERE seq = 8", (value,))
+    lines, hashes = _block(audit_url)
+    if field == "hash":
+        hashes[7] = str(value)
+    else:
+        lines[7] = _edited(lines[7], **{field: value})
+    _rewrite_block(audit_url, lines, hashes)
     report = store.verify()
     assert not report.ok
-    assert report.problems[0] == "record 8 was edited: its content does not match its hash"
-    # the next record still names the original hash of record 8, so an edited hash also breaks the link
+    assert report.problems[0] == (
+        "record 8 was edited: its content does not match its hash (or record 7 was rewritten with its hash made again)"
+    )
+    # record 9 is intact, but follows the hash record 8 had: an edited hash also breaks the link
     assert report.problems[1:] == (
         ["record 9 does not follow record 8: records were reordered, or one before it was deleted or rewritten"]
-        if column == "hash"
+        if field == "hash"
         else []
     )
     assert report.count == 12
 
 
+def test_the_first_record_of_a_block_edited_is_named(audit_url: str, store: AuditStore) -> None:
+    store.append(_records(3))
+    store.append(_records(3, "s"))
+    lines, hashes = _block(audit_url, 4)
+    _rewrite_block(audit_url, [_edited(lines[0], actor="key:mallory"), *lines[1:]], hashes, 4)
+    assert store.verify().problems == ["record 4 was edited: its content does not match its hash"]
+
+
 def test_a_deleted_record_is_named(audit_url: str, store: AuditStore) -> None:
     store.append(_records(12))
-    _sql(audit_url, "DELETE FROM dhow_audit WHERE seq = 7")
+    lines, hashes = _block(audit_url)
+    _rewrite_block(audit_url, lines[:6] + lines[7:], hashes[:6] + hashes[7:])
     assert store.verify().problems == ["record 7 is missing: deleted?"]
-    _sql(audit_url, "DELETE FROM dhow_audit WHERE seq IN (3, 4, 5)")
+    lines, hashes = _block(audit_url)
+    _rewrite_block(audit_url, lines[:2] + lines[5:], hashes[:2] + hashes[5:])
     report = store.verify()
     assert report.problems == ["records 3 to 5 are missing: deleted?", "record 7 is missing: deleted?"]
     assert report.count == 8 and report.head_seq == 12
 
 
+def test_a_deleted_block_is_named(audit_url: str, store: AuditStore) -> None:
+    for _ in range(3):
+        store.append(_records(4))
+    _sql(audit_url, "DELETE FROM dhow_audit_blocks WHERE first_seq = 5")
+    report = store.verify()
+    assert report.problems == ["records 5 to 8 are missing: deleted?"] and report.count == 8
+
+
 def test_swapped_records_are_named(audit_url: str, store: AuditStore) -> None:
     store.append(_records(10))
-    columns = "at, kind, action, actor, tenant, model, version, outcome, latency_ms, request_id, region, details"
-    names = [*columns.split(", "), "prev_hash", "hash"]
-    (five,) = _sql(audit_url, f"SELECT {columns}, prev_hash, hash FROM dhow_audit WHERE seq = 5")
-    (six,) = _sql(audit_url, f"SELECT {columns}, prev_hash, hash FROM dhow_audit WHERE seq = 6")
-    assignments = ", ".join(f"{name} = ?" for name in names)
-    _sql(audit_url, f"UPDATE dhow_audit SET {assignments} WHERE seq = 5", six)
-    _sql(audit_url, f"UPDATE dhow_audit SET {assignments} WHERE seq = 6", five)
+    lines, hashes = _block(audit_url)
+    lines[4], lines[5], hashes[4], hashes[5] = lines[5], lines[4], hashes[5], hashes[4]
+    _rewrite_block(audit_url, lines, hashes)
     assert store.verify().problems == [
-        "record 5 was edited: its content does not match its hash",
-        "record 6 was edited: its content does not match its hash",
-        "record 7 does not follow record 6: records were reordered, or one before it was deleted or rewritten",
+        "record 5 is missing: deleted?",
+        "record 5 is out of place: it comes after record 6",
+        "record 7 was edited: its content does not match its hash (or record 6 was rewritten with its hash made again)",
     ]
 
 
@@ -309,12 +355,12 @@ def test_a_rewritten_record_with_its_own_hash_recomputed_is_caught_at_the_next(
     audit_url: str, store: AuditStore
 ) -> None:
     store.append(_records(12))
-    row = store.read(since_seq=7, limit=1)[0]
-    row["actor"] = "key:mallory"
-    forged = _expected_hash(row["prev_hash"], row)
-    _sql(audit_url, "UPDATE dhow_audit SET actor = ?, hash = ? WHERE seq = 8", ("key:mallory", forged))
+    lines, hashes = _block(audit_url)
+    lines[7] = _edited(lines[7], actor="key:mallory")
+    hashes[7] = hashlib.sha256(hashes[6].encode() + lines[7].encode()).hexdigest()
+    _rewrite_block(audit_url, lines, hashes)
     assert store.verify().problems == [
-        "record 9 does not follow record 8: records were reordered, or one before it was deleted or rewritten"
+        "record 9 was edited: its content does not match its hash (or record 8 was rewritten with its hash made again)"
     ]
 
 
@@ -322,7 +368,8 @@ def test_an_anchored_head_that_was_truncated_away_is_reported(audit_url: str, st
     store.append(_records(20))
     anchor = (store.verify().head_seq, store.verify().head_hash)
     assert store.verify(expect_head=anchor).ok
-    _sql(audit_url, "DELETE FROM dhow_audit WHERE seq > 17")
+    lines, hashes = _block(audit_url)
+    _rewrite_block(audit_url, lines[:17], hashes[:17])
     assert store.verify().ok  # the chain alone cannot tell
     assert store.verify(expect_head=anchor).problems == [
         "the anchored record 20 is gone: the trail ends at record 17, so its newest records were truncated"
@@ -336,10 +383,11 @@ def test_an_anchored_head_that_was_truncated_away_is_reported(audit_url: str, st
 
 def test_verify_keeps_going_and_caps_the_list(audit_url: str, store: AuditStore) -> None:
     store.append(_records(MAX_PROBLEMS + 30))
-    _sql(audit_url, "UPDATE dhow_audit SET actor = 'key:mallory'")
+    lines, hashes = _block(audit_url)
+    _rewrite_block(audit_url, [_edited(line, actor="key:mallory") for line in lines], hashes)
     report = store.verify()
     assert len(report.problems) == MAX_PROBLEMS and report.omitted == 30 and report.count == MAX_PROBLEMS + 30
-    assert report.problems[-1] == f"record {MAX_PROBLEMS} was edited: its content does not match its hash"
+    assert report.problems[-1].startswith(f"record {MAX_PROBLEMS} was edited: its content does not match its hash")
     assert report.describe().endswith("  ... and 30 more")
     assert report.describe().startswith(f"audit trail NOT ok: {MAX_PROBLEMS + 30} problems in {MAX_PROBLEMS + 30}")
 
@@ -347,13 +395,23 @@ def test_verify_keeps_going_and_caps_the_list(audit_url: str, store: AuditStore)
 def test_verify_and_export_read_page_by_page(
     audit_url: str, store: AuditStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(audit_module, "PAGE_ROWS", 7)
-    store.append(_records(50))
+    monkeypatch.setattr(audit_module, "PAGE_BLOCKS", 2)
+    for start in range(0, 50, 7):
+        store.append(_records(50)[start : start + 7])
     assert store.verify().count == 50 and store.verify().ok
-    _sql(audit_url, "DELETE FROM dhow_audit WHERE seq = 14")  # on a page boundary
-    assert store.verify().problems == ["record 14 is missing: deleted?"]
+    _sql(audit_url, "DELETE FROM dhow_audit_blocks WHERE first_seq = 15")  # on a page boundary
+    assert store.verify().problems == ["records 15 to 21 are missing: deleted?"]
     out = io.StringIO()
-    assert store.export_jsonl(out) == 49
+    assert store.export_jsonl(out) == 43
+    assert store.export_jsonl(io.StringIO(), since_seq=10) == 33
+
+
+def test_a_block_holds_at_most_its_limit_of_records(audit_url: str, store: AuditStore) -> None:
+    """(A page of blocks stays small however large a transaction was.)"""
+    store.append(_records(BLOCK_RECORDS + 5))
+    blocks = _sql(audit_url, "SELECT first_seq, last_seq FROM dhow_audit_blocks ORDER BY first_seq")
+    assert blocks == [(1, BLOCK_RECORDS), (BLOCK_RECORDS + 1, BLOCK_RECORDS + 5)]
+    assert store.verify().ok and store.verify().count == BLOCK_RECORDS + 5
 
 
 def test_two_connections_appending_at_once_keep_one_chain(open_store: Callable[[], AuditStore]) -> None:
@@ -603,13 +661,13 @@ def test_cli_verify_exit_codes_and_messages(
     assert capsys.readouterr().out == f"audit trail ok: 5 records, head seq 5 hash {digest}\n"
     assert _cli("audit", "verify", "--store", audit_url, "--expect-head", f"{seq}:{digest}") == 0
     capsys.readouterr()
-    _sql(audit_url, "UPDATE dhow_audit SET outcome = 'INTERNAL' WHERE seq = 3")
+    lines, hashes = _block(audit_url)
+    _rewrite_block(audit_url, [*lines[:2], _edited(lines[2], outcome="INTERNAL"), *lines[3:]], hashes)
     assert _cli("audit", "verify", "--store", audit_url) == 1
     out = capsys.readouterr().out
     assert out.startswith("audit trail NOT ok: 1 problem in 5 records")
-    assert "  record 3 was edited: its content does not match its hash\n" in out
-    _sql(audit_url, "UPDATE dhow_audit SET outcome = 'success' WHERE seq = 3")
-    _sql(audit_url, "DELETE FROM dhow_audit WHERE seq = 5")
+    assert "  record 3 was edited: its content does not match its hash" in out
+    _rewrite_block(audit_url, lines[:4], hashes[:4])  # the edit undone, the last record cut off
     assert _cli("audit", "verify", "--store", audit_url, "--expect-head", f"{seq}:{digest}") == 1
     assert "the anchored record 5 is gone" in capsys.readouterr().out
 

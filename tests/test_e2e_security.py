@@ -578,7 +578,15 @@ def test_an_audit_record_edited_by_hand_is_caught(world: dict[str, Any]) -> None
     verified = dhow_cli("audit", "verify", "--data-dir", str(data))
     assert verified.returncode == 0 and "audit trail ok" in verified.stdout, verified.stdout + verified.stderr
     with sqlite3.connect(data / "audit.sqlite3") as connection:
-        connection.execute("UPDATE dhow_audit SET actor = 'key:someone-else' WHERE seq = 3")
+        # record 3's line in the block that holds it, its actor changed (the hashes left as they are)
+        first, records = connection.execute(
+            "SELECT first_seq, records FROM dhow_audit_blocks WHERE first_seq <= 3 AND last_seq >= 3"
+        ).fetchone()
+        lines = records.split("\n")
+        record = json.loads(lines[3 - first])
+        record["actor"] = "key:someone-else"
+        lines[3 - first] = json.dumps(record, sort_keys=True, separators=(",", ":"))
+        connection.execute("UPDATE dhow_audit_blocks SET records = ? WHERE first_seq = ?", ("\n".join(lines), first))
     broken = dhow_cli("audit", "verify", "--data-dir", str(data))
     assert broken.returncode == 1
     assert "record 3 was edited" in broken.stdout + broken.stderr

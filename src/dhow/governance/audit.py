@@ -5,7 +5,9 @@ so ``AuditStore.verify`` finds a record that was edited, deleted or moved, and n
 own that the newest records were cut off, that someone rewrote the whole tail and recomputed every hash after it,
 or that someone with write access to the database appended forged records: ``verify`` prints the head (seq and
 hash) so that operators can anchor it elsewhere (a ticket, a WORM bucket, another team's database) and later check
-it with ``verify(expect_head=...)``.
+it with ``verify(expect_head=...)``. The records are stored in blocks, a transaction's records to a row
+(``audit_blocks.py``); a trail written before the blocks keeps its first records in a row each, and its chain goes
+on in the blocks.
 
 ``AuditTrail`` is the server's side: ``record`` only queues (the inference hot path), a task per store writes the
 queue in batches from a worker thread, keeps a failed batch and retries it, and refuses new work once too much is
@@ -27,22 +29,23 @@ from typing import IO, Any
 import orjson
 
 from dhow.core.errors import InvalidInput
-from dhow.registry.database import Database, Migration
+from dhow.governance.audit_blocks import BLOCK_MIGRATION, block_lines, encode_blocks
+from dhow.governance.audit_chain import GENESIS_HASH, ChainCheck, VerifyReport
+from dhow.governance.audit_lines import plain_lines
+from dhow.registry.database import Database, Migration, Session
 
 __all__ = ["GENESIS_HASH", "MIGRATIONS", "AuditRecord", "AuditRow", "AuditStore", "VerifyReport"]
 
 log = logging.getLogger("dhow.audit")
 
-#: the prev_hash of the first record
-GENESIS_HASH = "0" * 64
 #: key of the PostgreSQL advisory lock that serialises appends ("dhowaudt" in ASCII)
 PG_AUDIT_LOCK = 0x64686F7761756474
-#: rows fetched at a time by verify and export (memory stays flat however long the trail is)
+#: rows of the first schema's table, and blocks, fetched at a time by verify, export and read (memory stays flat
+#: however long the trail is; a block holds up to ``audit_blocks.BLOCK_RECORDS`` records)
 PAGE_ROWS = 5000
+PAGE_BLOCKS = 8
 #: most rows one ``read`` answers
 MAX_READ = 10_000
-#: problems listed by ``verify``; the rest are counted
-MAX_PROBLEMS = 50
 #: seconds between retries of a failed write: doubles from the first to the last
 
 _COLUMNS = "seq, at, kind, action, actor, tenant, model, version, outcome, latency_ms, request_id, region, details"
@@ -67,7 +70,8 @@ MIGRATIONS = [
         "the hash-chained audit trail",
         sqlite=(_TABLE.format(seq="INTEGER", real="REAL"), *_INDEXES),
         postgresql=(_TABLE.format(seq="BIGINT", real="DOUBLE PRECISION"), *_INDEXES),
-    )
+    ),
+    Migration(2, "the records in blocks (audit_blocks.py)", sqlite=BLOCK_MIGRATION[0], postgresql=BLOCK_MIGRATION[1]),
 ]
 
 
@@ -179,21 +183,23 @@ def _content(row: Sequence[Any]) -> tuple[Any, ...]:
 
 
 def _digest(prev_hash: str, fields: Mapping[str, object]) -> str:
-    """sha256 of the previous hash and the canonical JSON of every stored field (seq included)."""
+    """sha256 of the previous hash and the canonical JSON of every stored field (seq included): how a record of the
+    first schema's table (a column a field) is checked."""
     return hashlib.sha256(prev_hash.encode() + orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def _canonical(prev_hash: str, seq: int, content: Sequence[Any]) -> bytes:
-    """What ``_digest`` hashes for ``_content``'s fields at ``seq``: written here when no text needs escaping (the
-    JSON orjson would write, keys sorted, no spaces), else by orjson."""
+def _record_json(seq: int, content: Sequence[Any]) -> bytes:
+    """The canonical JSON of ``_content``'s fields at ``seq`` (the JSON orjson writes of them, keys sorted, no
+    spaces): what the record's hash covers after the previous hash, and what a block stores as the record's line.
+    Written here when no text needs escaping, else by orjson."""
     action, actor, at, details, kind, _latency, model, outcome, region, request_id, tenant, version, json_latency = (
         content
     )
     if json_latency is None:
         fields = dict(zip(_SORTED, content[:-1], strict=True), seq=seq)
-        return prev_hash.encode() + orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+        return orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
     return (
-        f'{prev_hash}{{"action":"{action}","actor":"{actor}","at":"{at}","details":"{details}","kind":"{kind}",'
+        f'{{"action":"{action}","actor":"{actor}","at":"{at}","details":"{details}","kind":"{kind}",'
         f'"latency_ms":{json_latency},"model":"{model}","outcome":"{outcome}","region":"{region}",'
         f'"request_id":"{request_id}","seq":{seq},"tenant":"{tenant}","version":"{version}"}}'
     ).encode()
@@ -202,134 +208,67 @@ def _canonical(prev_hash: str, seq: int, content: Sequence[Any]) -> bytes:
 #: ``_content``'s field names, in its order
 _SORTED = ("action", "actor", "at", "details", "kind", "latency_ms", "model", "outcome", "region", "request_id",
            "tenant", "version")  # fmt: skip
-#: the values to insert (the columns of ``_COLUMNS``, prev_hash, hash) per record
-_WIDTH = len(_NAMES) + 2
 
 
-def _chain(contents: Sequence[Sequence[Any]], seq: int, prev_hash: str) -> list[object]:
-    """The values to insert after record ``seq`` whose hash is ``prev_hash``, ``_WIDTH`` a record, one after the
-    other: its columns (``_COLUMNS``), prev_hash, hash. ``contents`` are ``_content``'s."""
-    values: list[object] = []
-    sha256, canonical = hashlib.sha256, _canonical
-    for content in contents:
-        seq += 1
-        digest = sha256(canonical(prev_hash, seq, content)).hexdigest()
-        action, actor, at, details, kind, latency, model, outcome, region, request_id, tenant, version, _ = content
-        values += (seq, at, kind, action, actor, tenant, model, version, outcome, latency, request_id, region, details,
-                   prev_hash, digest)  # fmt: skip
-        prev_hash = digest
-    return values
+def _hashes(lines: Sequence[bytes], prev_hash: str) -> list[str]:
+    """The hashes of records whose lines (``_record_json``) follow a record whose hash is ``prev_hash``."""
+    hashes: list[str] = []
+    sha256 = hashlib.sha256
+    for line in lines:
+        prev_hash = sha256(prev_hash.encode() + line).hexdigest()
+        hashes.append(prev_hash)
+    return hashes
 
 
-#: rows a statement inserts at most (one statement per chunk: fewer steps than one per row), and its SQL
-_CHUNK = 64
-_INSERT = f"INSERT INTO dhow_audit ({_COLUMNS}, prev_hash, hash) VALUES "
-_ONE_ROW = "(" + ", ".join("?" * _WIDTH) + ")"
+#: the fields of ``_content`` that a block's keys hold: actor, kind, model, outcome, tenant
+_KEYED = operator.itemgetter(1, 4, 6, 7, 10)
 
 
-def _chunks(count: int) -> Iterator[int]:
-    """``count`` rows as chunks of ``_CHUNK`` rows, then of powers of two: a handful of statements, each prepared
-    once (and fewer than 999 values in each, SQLite's oldest limit)."""
-    while count:
-        size = min(_CHUNK, 1 << (count.bit_length() - 1))
-        yield size
-        count -= size
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyReport:
-    """What ``verify`` found: the records read, the head to anchor elsewhere, and each problem by seq."""
-
-    count: int
-    head_seq: int
-    head_hash: str
-    problems: list[str]
-    #: problems found beyond the ``MAX_PROBLEMS`` listed
-    omitted: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems and not self.omitted
-
-    def describe(self) -> str:
-        head = f"{self.count} records, head seq {self.head_seq} hash {self.head_hash}"
-        if self.ok:
-            return f"audit trail ok: {head}"
-        total = len(self.problems) + self.omitted
-        lines = [f"audit trail NOT ok: {total} problem{'s' if total != 1 else ''} in {head}"]
-        lines += [f"  {problem}" for problem in self.problems]
-        if self.omitted:
-            lines.append(f"  ... and {self.omitted} more")
-        return "\n".join(lines)
-
-
-class _ChainCheck:
-    """Walks the rows in seq order once, remembering only the previous record."""
-
-    def __init__(self, expect_head: tuple[int, str] | None) -> None:
-        self.count = self.last_seq = 0
-        self.last_hash = GENESIS_HASH
-        self.problems: list[str] = []
-        self.omitted = 0
-        self.expect = expect_head
-        self.anchor_seen = False
-
-    def _problem(self, text: str) -> None:
-        if len(self.problems) < MAX_PROBLEMS:
-            self.problems.append(text)
-        else:
-            self.omitted += 1
-
-    def feed(self, row: Sequence[Any]) -> None:
-        seq, prev_hash, stored_hash = int(row[0]), str(row[-2]), str(row[-1])
-        in_place = self._check_place(seq)
-        if _digest(prev_hash, dict(zip(_NAMES, row, strict=False))) != stored_hash:
-            self._problem(f"record {seq} was edited: its content does not match its hash")
-        elif in_place and prev_hash != self.last_hash:
-            before = f"record {seq - 1}" if seq > 1 else "the start of the chain"
-            self._problem(
-                f"record {seq} does not follow {before}: records were reordered, or one before it was deleted "
-                "or rewritten"
-            )
-        if self.expect is not None and seq == self.expect[0]:
-            self.anchor_seen = True
-            if stored_hash != self.expect[1]:
-                self._problem(
-                    f"the anchored record {seq} differs: its hash is now {stored_hash}, not {self.expect[1]}; "
-                    "the trail up to it was rewritten"
-                )
-        self.count += 1
-        self.last_seq, self.last_hash = seq, stored_hash
-
-    def _check_place(self, seq: int) -> bool:
-        """Whether the record comes right after the previous one; reports the gap if not."""
-        expected = self.last_seq + 1
-        if seq == expected + 1:
-            self._problem(f"record {expected} is missing: deleted?")
-        elif seq > expected:
-            self._problem(f"records {expected} to {seq - 1} are missing: deleted?")
-        elif seq < expected:
-            self._problem(f"record {seq} should not exist: sequence numbers start at 1")
-        return seq == expected
-
-    def report(self) -> VerifyReport:
-        if self.expect is not None and not self.anchor_seen:
-            seq = self.expect[0]
-            if seq > self.last_seq:
-                self._problem(
-                    f"the anchored record {seq} is gone: the trail ends at record {self.last_seq}, "
-                    "so its newest records were truncated"
-                )
-            else:
-                self._problem(f"the anchored record {seq} is gone: deleted")
-        return VerifyReport(self.count, self.last_seq, self.last_hash, self.problems, self.omitted)
+def _lines(rows: Sequence[Sequence[Any]], seq: int) -> tuple[list[bytes], Sequence[Sequence[str]]]:
+    """The lines (``_record_json``) of rows that follow record ``seq``, and their actor, kind, model, outcome and
+    tenant columns: column by column for a batch of usual records (``audit_lines.py``), else record by record."""
+    made = plain_lines(rows, seq)
+    if made is not None:
+        return made
+    contents = [_content(row) for row in rows]
+    lines = [_record_json(at, content) for at, content in enumerate(contents, seq + 1)]
+    return lines, list(zip(*map(_KEYED, contents), strict=True)) if contents else [[], [], [], [], []]
 
 
 def _as_dict(row: Sequence[Any]) -> dict[str, Any]:
+    """A record of the first schema's table as ``read`` and ``export_jsonl`` give it."""
     record = dict(zip((*_NAMES, "prev_hash", "hash"), row, strict=True))
     record["seq"] = int(record["seq"])
     record["details"] = orjson.loads(record["details"])
     return record
+
+
+def _line_dict(line: bytes, placed: int, prev_hash: str, stored_hash: str) -> dict[str, Any]:
+    """A record of a block as ``read`` and ``export_jsonl`` give it (as ``_as_dict`` gives one of the first table);
+    a line that is not a record (edited by hand: ``verify`` names it) as its text, at the seq its place gives."""
+    try:
+        fields = orjson.loads(line)
+        record = {name: fields[name] for name in _NAMES}
+        record["details"] = orjson.loads(record["details"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        record = {"seq": placed, "unreadable": line.decode("utf-8", "replace")}
+    record["prev_hash"], record["hash"] = prev_hash, stored_hash
+    return record
+
+
+#: the newest record of each table
+_BLOCKS_HEAD = "SELECT last_seq, hash FROM dhow_audit_blocks ORDER BY first_seq DESC LIMIT 1"
+_ROWS_HEAD = "SELECT seq, hash FROM dhow_audit ORDER BY seq DESC LIMIT 1"
+_INSERT_BLOCK = "INSERT INTO dhow_audit_blocks (first_seq, last_seq, prev_hash, hash, hashes, records) " \
+    "VALUES (?, ?, ?, ?, ?, ?)"  # fmt: skip
+_INSERT_KEY = "INSERT INTO dhow_audit_keys (name, value, first_seq) VALUES (?, ?, ?)"
+
+
+def _head(session: Session) -> tuple[int, str]:
+    """The newest record's seq and hash: the last block's, else (a store not written since its blocks began) the
+    first table's last row's."""
+    row = session.one(_BLOCKS_HEAD) or session.one(_ROWS_HEAD)
+    return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
 
 
 class AuditStore(Database):
@@ -348,24 +287,22 @@ class AuditStore(Database):
 
     def append_rows(self, rows: Sequence[Sequence[Any]]) -> int:
         """``append`` for records given as ``AuditRecord.as_tuple`` gives them (the audit writer process's)."""
-        contents = [_content(row) for row in rows]
         with self._write(lock_key=PG_AUDIT_LOCK) as session:
             # under the lock (PostgreSQL) or BEGIN IMMEDIATE (SQLite) no other process moves the head meanwhile
-            head = session.one("SELECT seq, hash FROM dhow_audit ORDER BY seq DESC LIMIT 1")
-            seq, prev_hash = (int(head[0]), str(head[1])) if head else (0, GENESIS_HASH)
-            values = _chain(contents, seq, prev_hash)
-            start = 0
-            for size in _chunks(len(contents)):
-                end = start + size * _WIDTH
-                session.execute(_INSERT + ", ".join((_ONE_ROW,) * size), values[start:end])
-                start = end
-        return seq + len(contents)
+            seq, prev_hash = _head(session)
+            lines, keyed = _lines(rows, seq)
+            hashes = _hashes(lines, prev_hash)
+            blocks, keys = encode_blocks(lines, hashes, keyed, seq, prev_hash)
+            for block in blocks:
+                session.execute(_INSERT_BLOCK, block)
+            if keys:
+                session.executemany(_INSERT_KEY, keys)
+        return seq + len(lines)
 
     def head(self) -> tuple[int, str]:
         """The newest record's seq and hash; ``(0, GENESIS_HASH)`` for an empty trail."""
         with self._read() as session:
-            row = session.one("SELECT seq, hash FROM dhow_audit ORDER BY seq DESC LIMIT 1")
-        return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
+            return _head(session)
 
     def read(self, since_seq: int = 0, limit: int = 1000, **filters: str) -> list[dict[str, Any]]:
         """Records after ``since_seq``, oldest first, optionally only those of one actor, model, kind or outcome."""
@@ -385,10 +322,36 @@ class AuditStore(Database):
                 f"SELECT {_COLUMNS}, prev_hash, hash FROM dhow_audit WHERE seq > ?{where} ORDER BY seq LIMIT ?",
                 (since_seq, *params, limit),
             )
-        return [_as_dict(row) for row in rows]
+        records = [_as_dict(row) for row in rows]
+        if len(records) < limit:
+            records += self._read_blocks(since_seq, limit - len(records), filters)
+        return records
+
+    def _read_blocks(self, since_seq: int, limit: int, filters: Mapping[str, str]) -> list[dict[str, Any]]:
+        """``read`` in the blocks: those holding a record of each filter's value (``dhow_audit_keys``), then their
+        records that match."""
+        names = sorted(filters)
+        # a block's keys name each value it holds: one subquery a filter
+        where = "".join(
+            " AND first_seq IN (SELECT first_seq FROM dhow_audit_keys WHERE name = ? AND value = ?)" for _ in names
+        )
+        params = [part for name in names for part in (name, filters[name])]
+        found: list[dict[str, Any]] = []
+        for page in self._block_pages(since_seq, where, params):
+            for first_seq, prev_hash, hashes, records in page:
+                for named, placed, before, stored, line in block_lines(first_seq, prev_hash, hashes, records):
+                    if (placed if named is None else named) <= since_seq:
+                        continue
+                    record = _line_dict(line, placed, before, stored)
+                    if all(record.get(name) == filters[name] for name in names):
+                        found.append(record)
+                        if len(found) == limit:
+                            return found
+        return found
 
     def _pages(self, since_seq: int) -> Iterator[list[tuple[Any, ...]]]:
-        """Every row after ``since_seq`` in seq order, a page at a time; the lock is free between pages."""
+        """Every row of the first schema's table after ``since_seq`` in seq order, a page at a time; the lock is
+        free between pages."""
         while True:
             with self._read() as session:
                 rows = session.all(
@@ -401,22 +364,57 @@ class AuditStore(Database):
                 return
             since_seq = int(rows[-1][0])
 
+    def _block_pages(
+        self, since_seq: int, where: str = "", params: Sequence[object] = ()
+    ) -> Iterator[list[tuple[int, str, str, str]]]:
+        """Every block holding a record after ``since_seq`` (and meeting ``where``), in order, a page at a time:
+        (first_seq, prev_hash, hashes, records). Paged by first_seq (its key), which only grows: a block whose
+        last_seq was edited is read once, never again and again."""
+        after = -1
+        while True:
+            with self._read() as session:
+                blocks = session.all(
+                    "SELECT first_seq, prev_hash, hashes, records FROM dhow_audit_blocks "
+                    f"WHERE last_seq > ? AND first_seq > ?{where} ORDER BY first_seq LIMIT ?",
+                    (since_seq, after, *params, PAGE_BLOCKS),
+                )
+            if blocks:
+                yield [(int(first), str(prev), str(hashes), str(records)) for first, prev, hashes, records in blocks]
+            if len(blocks) < PAGE_BLOCKS:
+                return
+            after = int(blocks[-1][0])
+
     def verify(self, expect_head: tuple[int, str] | None = None) -> VerifyReport:
         """Checks the whole chain, page by page; ``expect_head`` is a (seq, hash) anchored earlier.
 
         The chain alone misses a truncated or wholly rehashed tail (see the module's docstring): anchor the head
         this reports somewhere else and pass it back as ``expect_head`` to catch those.
         """
-        check = _ChainCheck(expect_head)
+        check = ChainCheck(expect_head)
         for page in self._pages(0):
-            for row in page:
-                check.feed(row)
+            for row in page:  # a record of the first schema's table: its columns, prev_hash, hash
+                prev_hash, stored_hash = str(row[-2]), str(row[-1])
+                digest = _digest(prev_hash, dict(zip(_NAMES, row, strict=False)))
+                check.check(int(row[0]), prev_hash, stored_hash, digest)
+        for blocks in self._block_pages(0):
+            for block in blocks:
+                check.feed_block(*block)
         return check.report()
 
     def export_jsonl(self, out: IO[str], since_seq: int = 0) -> int:
         """Writes the records after ``since_seq`` as JSON lines (hashes included); answers how many."""
         count = 0
-        for page in self._pages(int(since_seq)):
+        since_seq = int(since_seq)
+        for page in self._pages(since_seq):
             out.write("".join(orjson.dumps(_as_dict(row)).decode() + "\n" for row in page))
             count += len(page)
+        for blocks in self._block_pages(since_seq):
+            lines = [
+                orjson.dumps(_line_dict(line, placed, before, stored)).decode() + "\n"
+                for block in blocks
+                for named, placed, before, stored, line in block_lines(*block)
+                if (placed if named is None else named) > since_seq
+            ]
+            out.write("".join(lines))
+            count += len(lines)
         return count

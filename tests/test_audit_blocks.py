@@ -1,0 +1,202 @@
+"""The audit trail's blocks beside the first schema's table: a trail written before the blocks goes on in them, and
+the old release's way of writing is refused. On real databases: SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dhow.core.errors import DhowError
+from dhow.governance import audit as audit_module
+from dhow.governance.audit import GENESIS_HASH, AuditRecord, AuditStore
+from dhow.governance.audit_lines import plain_lines
+from tests.conftest import store_opener
+from tests.test_audit import _block, _records, _rewrite_block, _sql
+
+_LEGACY_INSERT = (
+    "INSERT INTO dhow_audit (seq, at, kind, action, actor, tenant, model, version, outcome, latency_ms, request_id, "
+    "region, details, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+@pytest.fixture
+def open_store(database_url: str) -> Iterator[Callable[[], AuditStore]]:
+    with store_opener(AuditStore.open, database_url) as opener:
+        yield opener
+
+
+def _legacy_trail(url: str, records: list[AuditRecord]) -> str:
+    """A trail as the release before the blocks wrote it (schema version 1, a row a record); answers its head hash."""
+    old = AuditStore._open(url, audit_module.MIGRATIONS[:1], "audit store")
+    try:
+        with old._write() as session:
+            prev_hash = GENESIS_HASH
+            for seq, record in enumerate(records, 1):
+                content = audit_module._content(record.as_tuple())
+                line = audit_module._record_json(seq, content)
+                digest = hashlib.sha256(prev_hash.encode() + line).hexdigest()
+                action, actor, at, details, kind, latency, model, outcome, region, request_id, tenant, version, _ = (
+                    content
+                )
+                session.execute(
+                    _LEGACY_INSERT,
+                    (seq, at, kind, action, actor, tenant, model, version, outcome, latency, request_id, region,
+                     details, prev_hash, digest),
+                )  # fmt: skip
+                prev_hash = digest
+    finally:
+        old.close()
+    return prev_hash
+
+
+def test_a_trail_of_the_first_schema_goes_on_in_blocks(database_url: str, open_store: Callable[[], AuditStore]) -> None:
+    legacy_head = _legacy_trail(database_url, _records(5, "old"))
+    store = open_store()  # the upgrade: schema version 2
+    assert store.head() == (5, legacy_head)
+    assert store.append(_records(3, "new")) == 8
+    report = store.verify()
+    assert report.ok and report.count == 8 and report.head_seq == 8
+    rows = store.read()
+    assert [row["seq"] for row in rows] == list(range(1, 9))
+    assert rows[5]["prev_hash"] == legacy_head  # the chain goes on from the old table's last row
+    assert [row["request_id"] for row in store.read(actor="key:new")] == ["new-0", "new-1", "new-2"]
+    assert [row["request_id"] for row in store.read(since_seq=3, limit=3)] == ["old-3", "old-4", "new-0"]
+    out = io.StringIO()
+    assert store.export_jsonl(out) == 8
+    exported = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert exported == rows
+    # the same fields, in the same order, whichever table holds the record
+    assert list(exported[0]) == list(exported[7])
+    # an export still carries what an offline check needs, across the two tables
+    prev_hash = GENESIS_HASH
+    for row in exported:
+        fields = {name: row[name] for name in row if name not in ("prev_hash", "hash")}
+        fields["details"] = orjson.dumps(row["details"], option=orjson.OPT_SORT_KEYS).decode()
+        assert row["prev_hash"] == prev_hash
+        prev_hash = hashlib.sha256(prev_hash.encode() + orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        assert row["hash"] == prev_hash
+
+
+def test_an_edited_row_of_the_first_schema_is_still_named(
+    database_url: str, open_store: Callable[[], AuditStore]
+) -> None:
+    _legacy_trail(database_url, _records(5, "old"))
+    store = open_store()
+    store.append(_records(3, "new"))
+    _sql(database_url, "UPDATE dhow_audit SET actor = 'key:mallory' WHERE seq = 4")
+    assert store.verify().problems == ["record 4 was edited: its content does not match its hash"]
+    _sql(database_url, "UPDATE dhow_audit SET actor = 'key:old' WHERE seq = 4")
+    _sql(database_url, "DELETE FROM dhow_audit WHERE seq = 5")
+    assert store.verify().problems == ["record 5 is missing: deleted?"]
+
+
+def test_a_release_from_before_the_blocks_is_refused_a_row(
+    database_url: str, open_store: Callable[[], AuditStore]
+) -> None:
+    """Its writer would start a second chain from the old table's head: it is told to upgrade (and keeps its
+    records to retry)."""
+    store = open_store()
+    store.append(_records(2))
+    with pytest.raises(Exception, match="a dhow release from before it cannot append to it; upgrade dhow"):
+        _sql(database_url, _LEGACY_INSERT, (3, "", "inference", "infer", "key:x", "default", "m", "1", "success",
+                                              None, "r", "", "{}", GENESIS_HASH, "0" * 64))  # fmt: skip
+    assert store.verify().ok and store.head()[0] == 2
+
+
+def test_read_finds_a_filters_records_through_the_blocks_keys(open_store: Callable[[], AuditStore]) -> None:
+    store = open_store()
+    store.append(_records(4, "a"))
+    store.append(_records(4, "b"))
+    store.append([AuditRecord("denial", "model.load", "key:a", outcome="PERMISSION_DENIED", model="churn", tenant="t")])
+    store.append(_records(4, "a"))
+    assert [row["seq"] for row in store.read(actor="key:a")] == [1, 2, 3, 4, 9, 10, 11, 12, 13]
+    assert [row["seq"] for row in store.read(actor="key:a", kind="inference", limit=5)] == [1, 2, 3, 4, 10]
+    assert [row["seq"] for row in store.read(actor="key:a", since_seq=2, limit=3)] == [3, 4, 9]
+    assert [row["seq"] for row in store.read(tenant="t")] == [9]
+    assert [row["seq"] for row in store.read(outcome="PERMISSION_DENIED", model="churn")] == [9]
+    assert store.read(actor="key:b", model="churn") == []
+
+
+def test_a_line_edited_into_no_record_is_named_and_exported_as_its_text(
+    database_url: str, open_store: Callable[[], AuditStore]
+) -> None:
+    store = open_store()
+    store.append(_records(4))
+    lines, hashes = _block(database_url)
+    lines[1] = "not a record"
+    _rewrite_block(database_url, lines, hashes)
+    assert store.verify().problems == [
+        "record 2 was edited: its content does not match its hash (or record 1 was rewritten with its hash made again)"
+    ]
+    out = io.StringIO()
+    assert store.export_jsonl(out) == 4
+    second: dict[str, Any] = orjson.loads(out.getvalue().splitlines()[1])
+    assert second == {"seq": 2, "unreadable": "not a record", "prev_hash": hashes[0], "hash": hashes[1]}
+
+
+def test_an_empty_append_writes_no_block(database_url: str, open_store: Callable[[], AuditStore]) -> None:
+    store = open_store()
+    assert store.append([]) == 0
+    assert _sql(database_url, "SELECT COUNT(*) FROM dhow_audit_blocks") == [(0,)]
+    with pytest.raises(DhowError, match="cannot filter the audit trail by 'region'"):
+        store.read(region="eu")
+
+
+# -- the usual records, column by column -----------------------------------------------------------------
+
+_PRINTABLE = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=10)
+_ROW = st.tuples(
+    *[_PRINTABLE] * 9,
+    st.floats(min_value=0, max_value=1e17)
+    | st.integers(min_value=0, max_value=10**6)
+    | st.sampled_from([4.9e-4, 5e-4]),
+    st.just({}),
+    st.just(""),
+    st.floats(min_value=0, max_value=253_402_300_799)
+    | st.sampled_from([0.5e-6, 1.5e-6, 0.9999995, 1796434089.9999999]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(_ROW, min_size=1, max_size=6), seq=st.integers(min_value=0, max_value=2**53))
+def test_usual_records_made_by_column_are_made_as_one_by_one(rows: list[tuple[Any, ...]], seq: int) -> None:
+    """The writer's column path writes the bytes ``_record_json(_content(row))`` writes, or declines the batch."""
+    made = plain_lines(rows, seq)
+    expected = [audit_module._record_json(at, audit_module._content(row)) for at, row in enumerate(rows, seq + 1)]
+    if made is None:  # a text with a quote or a backslash, a latency orjson writes: record by record
+        assert any('"' in text or "\\" in text for row in rows for text in row[:9]) or any(
+            not (round(float(row[9]), 3) == 0 or 1e-3 <= round(float(row[9]), 3) < 1e16) for row in rows
+        )
+        return
+    assert made[0] == expected
+    assert [list(column) for column in made[1]] == [[row[i] for row in rows] for i in (2, 0, 5, 4, 3)]
+
+
+@pytest.mark.parametrize(
+    "row_change",
+    [
+        {9: None},  # no latency: JSON's null
+        {9: math.nan},
+        {10: {"reason": "x"}},
+        {11: "2026-01-02T03:04:05.678901+00:00"},
+        {2: "key:é"},
+        {2: "key:\x00"},
+        {2: 7},
+        {12: -1.5},
+    ],
+)
+def test_a_batch_with_an_unusual_record_goes_one_by_one(row_change: dict[int, Any]) -> None:
+    usual = ("inference", "infer", "key:a", "default", "success", "m", "1", "r1", "", 1.5, {}, "", 1.7e9)
+    unusual = tuple(row_change.get(at, value) for at, value in enumerate(usual))
+    assert plain_lines([usual, usual], 0) is not None
+    assert plain_lines([usual, unusual], 0) is None
+    lines, _ = audit_module._lines([usual, unusual], 0)
+    assert lines[1] == audit_module._record_json(2, audit_module._content(unusual))
