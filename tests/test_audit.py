@@ -752,6 +752,28 @@ def test_a_writer_process_writes_the_same_chain(audit_url: str) -> None:
         store.close()
 
 
+def test_a_writer_process_gathers_records_for_its_commit_window(audit_url: str) -> None:
+    """``--audit-commit-ms``: records that come within the window are written in one transaction (one block)."""
+    store = AuditStore.open(audit_url)
+    trail = AuditTrail({"ae": store}, "ae", writer="process", commit_s=0.5)
+
+    async def scenario() -> None:
+        await trail.start()
+        for record in _records(3, "w"):
+            trail.record(record)
+            await asyncio.sleep(0.02)
+        while trail.pending:
+            await asyncio.sleep(0.01)
+        await trail.close()
+
+    try:
+        asyncio.run(scenario())
+        assert _request_ids(store) == ["w-0", "w-1", "w-2"] and store.verify().ok
+        assert _sql(audit_url, "SELECT first_seq, last_seq FROM dhow_audit_blocks") == [(1, 3)]
+    finally:
+        store.close()
+
+
 @pytest.mark.skipif(not hasattr(fcntl, "F_GETPIPE_SZ"), reason="pipe sizes are Linux's")
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_the_channel_to_a_writer_process_is_widened(tmp_path: Path, loop: str) -> None:

@@ -71,6 +71,19 @@ def test_workers_from_every_source_and_at_least_one(tmp_path: Path) -> None:
         resolve_settings({}, {}, config)
 
 
+def test_the_audit_commit_window_is_milliseconds_from_0_to_a_second() -> None:
+    assert ServerSettings().audit_commit_ms == 25
+    assert resolve_settings({}, {"DHOW_AUDIT_COMMIT_MS": "0"}).audit_commit_ms == 0
+    assert resolve_settings({"audit_commit_ms": 1000}, {}).audit_commit_ms == 1000
+    for bad in (-1, 1001):
+        with pytest.raises(
+            InvalidInput,
+            match=rf"option --audit-commit-ms: 'audit_commit_ms' must be an integer of milliseconds from 0 to 1000, "
+            rf"got {bad}",
+        ):
+            resolve_settings({"audit_commit_ms": bad}, {})
+
+
 # -- one precedence for what every command shares: stores, data folder, actor ------------------------------
 
 #: a value for each source, so that the winner says which source won

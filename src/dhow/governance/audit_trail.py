@@ -21,6 +21,7 @@ from typing import Literal
 
 from dhow.core.errors import DhowError, InvalidInput, Unavailable
 from dhow.governance.audit import AuditRecord, AuditRow, AuditStore
+from dhow.governance.audit_writer import COMMIT_S
 from dhow.governance.writer_process import WriterProcess, _depart, _Departure
 
 __all__ = ["AuditTrail"]
@@ -82,6 +83,7 @@ class AuditTrail:
         max_batch: int = 2000,
         max_pending: int = 100_000,
         writer: Literal["thread", "process"] = "thread",
+        commit_s: float = COMMIT_S,
     ) -> None:
         if default_region not in stores:
             known = ", ".join(sorted(stores)) or "none"
@@ -92,7 +94,7 @@ class AuditTrail:
         # regions sharing one store share its lane, so that its records stay in order
         self._lanes = {
             region: lanes.setdefault(
-                id(store), _Lane(store, WriterProcess(store.open_url) if writer == "process" else None)
+                id(store), _Lane(store, WriterProcess(store.open_url, commit_s) if writer == "process" else None)
             )
             for region, store in stores.items()
         }

@@ -1,13 +1,14 @@
 """The audit writer process: chains and writes the server's audit records.
 
-``python -m dhow.governance.audit_writer`` reads the store's URL from its first frame, then frames of records.
+``python -m dhow.governance.audit_writer`` reads the store's URL and how long to gather records before a commit
+(``[url, seconds]``, or the URL alone: ``COMMIT_S``) from its first frame, then frames of records.
 The server writes each record's frame as the record is made, before the request it describes is answered, so
 a record has left the server's process when its answer does: a server killed with SIGKILL loses no record of
 an answered request (this process reads what is in the pipe, writes it, and exits when the pipe closes). A
 thread drains the pipe as records come, so that it does not fill (and the server's answers wait) while a
 transaction runs.
-It writes the frames it has received (waiting up to ``LINGER_S`` for more, unless one is urgent: a change
-whose caller waits for it to be durable) in one transaction, then answers ``{"frames": n, "seq": last}``; when
+It writes the frames it has received (waiting that long for more, unless one is urgent: a change whose caller
+waits for it to be durable) in one transaction, then answers ``{"frames": n, "seq": last}``; when
 the store fails it answers ``{"error": …}`` once and retries with backoff until the write succeeds (records
 are never dropped). The server's frames are lines of JSON (JSON as orjson writes it holds no newline byte), so
 that what a read gathered is decoded as one JSON array, not frame by frame; the answers are the length-prefixed
@@ -56,8 +57,12 @@ def decode_lines(buffer: bytearray, limit: int) -> list[Any]:
     return list(orjson.loads(b"[" + body + b"]"))
 
 
-#: how long the writer waits for more records before a transaction, unless a frame asks for durability now
-LINGER_S = 0.01
+#: how long the writer gathers records before a transaction, unless a frame asks for durability now
+#: (``--audit-commit-ms``). Its cost is the commits: on a small machine, where the writer shares a core with the
+#: load and the model, a commit costs ~0.5-1 ms of CPU (the wake-up with cold caches, SQLite, the sync), so at
+#: 5,000 records a second the writer cost ~27 µs of CPU a record at 10 ms, ~19 at 25 ms, ~17 at 50 ms
+#: (RESULTS-security.md). A machine's crash can lose the records of answered requests of that long.
+COMMIT_S = 0.025
 
 
 #: how long the thread that drains the pipe pauses after each read: one read gathers many records rather than one
@@ -175,11 +180,14 @@ def _answer(sink: IO[bytes], document: Any) -> None:
 def main() -> int:
     reader, sink = FrameReader(sys.stdin.fileno()), sys.stdout.buffer
     first = reader.batch(max_frames=1)
-    if not first or not isinstance(first[0], str):
+    if not first:
         return 2
-    url, pending = first[0], first[1:]
+    settings, pending = first[0], first[1:]
+    url, commit_s = (settings, COMMIT_S) if isinstance(settings, str) else (settings[0], float(settings[1]))
+    if not isinstance(url, str):
+        return 2
     store: AuditStore | None = None
-    while frames := pending or reader.batch(linger_s=LINGER_S):
+    while frames := pending or reader.batch(linger_s=commit_s):
         pending = []
         store = _write(store, url, frames, sink)
     if store is not None:

@@ -17,7 +17,7 @@ import orjson
 from dhow.core.errors import Unavailable
 from dhow.core.frames import decode_frame_length
 from dhow.governance.audit import AuditRow, _text
-from dhow.governance.audit_writer import encode_frame
+from dhow.governance.audit_writer import COMMIT_S, encode_frame
 
 log = logging.getLogger("dhow.audit")
 #: the room asked for in the channel to a writer process: a pipe's (at most fs.pipe-max-size, 1 MiB by default;
@@ -37,8 +37,10 @@ class WriterProcess:
     to a new writer if this one dies (at least once).
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, commit_s: float = COMMIT_S) -> None:
         self._url = url
+        #: how long the writer gathers records before a commit (``--audit-commit-ms``)
+        self._commit_s = commit_s
         self._process: asyncio.subprocess.Process | None = None
         #: frames sent and not yet acknowledged, oldest first: their records
         self._unacknowledged: deque[list[AuditRow]] = deque()
@@ -73,7 +75,7 @@ class WriterProcess:
         # the pipe's writer pauses as soon as anything waits here, so that ``handed_over`` waits until it is gone
         process.stdin.transport.set_write_buffer_limits(high=0)
         _widen(process.stdin.transport)
-        process.stdin.write(encode_frame(self._url))
+        process.stdin.write(encode_frame([self._url, self._commit_s]))
         for records in self._unacknowledged:
             process.stdin.write(_frame(records, urgent=True))  # some caller may be waiting for these
         self._started = True

@@ -72,7 +72,9 @@ class Security:
         self.store = await asyncio.to_thread(AccessStore.open, settings.registry_url())
         for region, url in settings.audit_urls().items():
             self._audit_stores[region] = await asyncio.to_thread(AuditStore.open, url)
-        self.audit = AuditTrail(self._audit_stores, settings.region, writer=writer)
+        self.audit = AuditTrail(
+            self._audit_stores, settings.region, writer=writer, commit_s=settings.audit_commit_ms / 1000
+        )
         await self.audit.start()
         return key
 

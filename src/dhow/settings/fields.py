@@ -281,6 +281,15 @@ class ServerSettings:
         metavar="URL",
         group=_SECURITY,
     )
+    audit_commit_ms: int = _setting(
+        25,
+        "how long the audit writer gathers inference records before it commits them, in milliseconds (0: at once): "
+        "a record has left the server before its request is answered, so a server's crash loses none, but a machine's "
+        "crash (power, kernel) can lose up to that long's records of answered requests; admin changes are always "
+        "durable before their answer. Fewer commits cost the machine less CPU",
+        metavar="MS",
+        group=_SECURITY,
+    )
     audit_region_stores: tuple[str, ...] = _setting(
         (),
         "the audit store of another data region: a request's records go to its data region's store; repeatable",

@@ -49,6 +49,8 @@ _AT_LEAST = {"workers": 1, "max_connections": 0, "keepalive_timeout": 1, "payloa
 #: durations that must be more than zero (a zero timeout would close every connection at once)
 _POSITIVE = ("header_timeout", "body_timeout", "grpc_idle_timeout", "grpc_keepalive", "drain_seconds")
 _NOT_NEGATIVE = ("drain_delay",)
+#: the longest wait for an audit commit (``audit_commit_ms``): a window of a second of answered requests' records
+MAX_AUDIT_COMMIT_MS = 1000
 _FIELDS = {field.name: field for field in dataclasses.fields(ServerSettings)}
 
 
@@ -136,6 +138,11 @@ def _convert(name: str, value: object, source: str) -> object:
         raise InvalidInput(f"{source}: '{name}' must be one of {', '.join(_CHOICES[name])}, got {value!r}")
     if name in _AT_LEAST and isinstance(result, int) and result < _AT_LEAST[name]:
         raise InvalidInput(f"{source}: '{name}' must be an integer of at least {_AT_LEAST[name]}, got {value!r}")
+    if name == "audit_commit_ms" and isinstance(result, int) and not 0 <= result <= MAX_AUDIT_COMMIT_MS:
+        raise InvalidInput(
+            f"{source}: 'audit_commit_ms' must be an integer of milliseconds from 0 to {MAX_AUDIT_COMMIT_MS}, "
+            f"got {value!r}"
+        )
     if name == "trace_sample_ratio" and isinstance(result, float) and not 0 <= result <= 1:
         raise InvalidInput(f"{source}: 'trace_sample_ratio' must be a number from 0 to 1, got {value!r}")
     if name in _POSITIVE and isinstance(result, float) and not result > 0:
