@@ -1,9 +1,10 @@
 """Tracing against a real server: spans exported over OTLP/HTTP to a receiver in the test (it decodes the protobuf
 export as a collector does), parented by the caller's W3C traceparent over REST and gRPC; a batch span links the
-requests it carried."""
+requests it carried; a tracer stopped with requests still waiting for the hand-over to its writer exports them."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import http.server
 import json
@@ -17,7 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from prometheus_client import CollectorRegistry
 
+from dhow.monitoring.tracing import Tracing
+from dhow.serving.composition import TRACE_WRITER
 from tests.conftest import DhowProcess, free_port, start_dhow
 from tests.monitoring_models import doubler_repository
 
@@ -116,3 +120,27 @@ def test_spans_follow_the_callers_traceparent_and_a_batch_links_its_requests(
     linked = [{link.span_id for link in batch.links} for batch in batches]
     pair = {roots[first[1]].span_id, roots[second[1]].span_id}
     assert pair in linked, f"one batch span links both requests it carried: {linked}"
+
+
+def test_what_waits_for_the_hand_over_when_the_tracer_stops_is_exported(
+    otlp_receiver: tuple[int, list[Any]],
+) -> None:
+    """Requests finished in the ``writer_pipe.FLUSH_S`` before a stop are still queued in the server: the stop hands
+    them over, and the writer exports them before it exits."""
+    port, spans = otlp_receiver
+    registry = CollectorRegistry()
+    tracing = Tracing(f"http://127.0.0.1:{port}", 1.0, command=TRACE_WRITER, registry=registry)
+
+    async def finish_and_stop() -> None:  # the stop comes before the hand-over that this loop scheduled
+        for n in range(5):
+            trace = tracing.start({}, "m", f"r-{n}", (1, 2, 3))
+            assert trace is not None
+            trace.finish("1", 4)
+        tracing.shutdown()
+
+    asyncio.run(finish_and_stop())
+    counted = ("dhow_tracing_requests_total", "exported", "failed")
+    counts = {outcome: registry.get_sample_value(counted[0], {"outcome": outcome}) for outcome in counted[1:]}
+    assert counts == {"exported": 5, "failed": 0}
+    exported = {kv.value.string_value for span in spans for kv in span.attributes if kv.key == "dhow.request_id"}
+    assert exported == {f"r-{n}" for n in range(5)}

@@ -2,9 +2,10 @@
 
 The data plane ``offer``s one event per request: a plain list (``FIELDS``) of what it saw, the request's JSON body
 as the client sent it (or its decoded tensors) and the answer's tensors as they are, appended to a bounded queue,
-never a wait. Every 10 ms at most, what was queued is written into the pipe of a **writer process** of the server's
-own (``dhow.serving.payload_writer``) as one frame (``frame_events``): the events in one ``orjson`` call (numpy
-arrays as they are), the JSON bodies after them as they came, neither escaped nor parsed. That process masks each
+never a wait. Every 50 ms at most (``writer_pipe.FLUSH_S``), what was queued is written into the pipe of a
+**writer process** of the server's own (``dhow.serving.payload_writer``) as one frame (``frame_events``): the events
+in one ``orjson`` call (numpy arrays as they are), the JSON bodies after them as they came, neither escaped nor
+parsed. That process masks each
 event by its model's ``pii:`` rules (handed over once per model), renders it as a CloudEvent and hands it to the
 sink (``payload_sinks``: a rotating JSON Lines file, a Kafka topic, an HTTP endpoint); it answers with counts of
 logged, dropped and failed events, which a thread here adds to the counters. Masking, rendering and the sink's
