@@ -38,7 +38,7 @@ from dhow.commands.audit import add_parser, run
 from dhow.core.errors import DhowError, ErrorCode, InvalidInput, Unavailable
 from dhow.governance import audit as audit_module
 from dhow.governance.audit import GENESIS_HASH, AuditRecord, AuditStore
-from dhow.governance.audit_blocks import BLOCK_RECORDS
+from dhow.governance.audit_blocks import BLOCK_RECORDS, seq_of
 from dhow.governance.audit_chain import MAX_PROBLEMS
 from dhow.governance.audit_trail import AuditTrail
 from dhow.governance.masking import Masker, parse_masking
@@ -262,8 +262,9 @@ def _block(url: str, first_seq: int = 1) -> tuple[list[str], list[str]]:
 
 
 def _rewrite_block(url: str, lines: list[str], hashes: list[str], first_seq: int = 1) -> None:
-    """Writes a block's lines and hashes back, as someone tampering with the database would (its head too)."""
-    last = first_seq + len(lines) - 1
+    """Writes a block's lines and hashes back, as someone tampering with the database would (its head too, and its
+    last_seq the one its last line names, as ``verify`` checks it)."""
+    last = seq_of(lines[-1].encode()) or first_seq + len(lines) - 1
     _sql(
         url,
         "UPDATE dhow_audit_blocks SET records = ?, hashes = ?, last_seq = ?, hash = ? WHERE first_seq = ?",
@@ -360,7 +361,9 @@ def test_a_rewritten_record_with_its_own_hash_recomputed_is_caught_at_the_next(
     hashes[7] = hashlib.sha256(hashes[6].encode() + lines[7].encode()).hexdigest()
     _rewrite_block(audit_url, lines, hashes)
     assert store.verify().problems == [
-        "record 9 was edited: its content does not match its hash (or record 8 was rewritten with its hash made again)"
+        "record 9 was edited: its content does not match its hash (or record 8 was rewritten with its hash made again)",
+        # (the forger did not add a key for the actor it wrote: a hint at which of the two was rewritten)
+        "the block from record 1 lacks its key actor 'key:mallory' (dhow_audit_keys): read by actor skips its records",
     ]
 
 

@@ -200,3 +200,58 @@ def test_a_batch_with_an_unusual_record_goes_one_by_one(row_change: dict[int, An
     assert plain_lines([usual, unusual], 0) is None
     lines, _ = audit_module._lines([usual, unusual], 0)
     assert lines[1] == audit_module._record_json(2, audit_module._content(unusual))
+
+
+# -- what read and export go by is verified too ------------------------------------------------------------
+
+
+def _three_blocks(open_store: Callable[[], AuditStore]) -> AuditStore:
+    store = open_store()
+    for name in ("a", "b", "c"):
+        store.append(_records(4, name))  # blocks from records 1, 5 and 9
+    return store
+
+
+@pytest.mark.parametrize(
+    ("first_seq", "column", "value"),
+    [
+        (5, "last_seq", 5),  # read(since_seq=5) and export --since 5 would skip records 6 to 8
+        (9, "hash", "f" * 64),  # head() would answer a forged hash, the next append would chain to it
+        (5, "hashes", None),  # a hash too many
+    ],
+)
+def test_a_blocks_edited_columns_are_named(
+    database_url: str, open_store: Callable[[], AuditStore], first_seq: int, column: str, value: object
+) -> None:
+    """``read``, ``export_jsonl`` and ``head`` go by a block's first_seq, last_seq and hash columns: an edit of one
+    that leaves every line and hash intact must still fail ``verify``, not only what relies on it."""
+    store = _three_blocks(open_store)
+    if value is None:
+        _sql(database_url, f"UPDATE dhow_audit_blocks SET {column} = {column} || ? WHERE first_seq = ?",
+             ("0" * 64, first_seq))  # fmt: skip
+    else:
+        _sql(database_url, f"UPDATE dhow_audit_blocks SET {column} = ? WHERE first_seq = ?", (value, first_seq))
+    if column == "last_seq":
+        assert [row["seq"] for row in store.read(since_seq=5)] == [9, 10, 11, 12]  # what the edit hides
+    assert store.verify().problems == [
+        f"the block from record {first_seq} was edited: its {column} does not match its records"
+    ]
+
+
+def test_a_deleted_key_of_a_block_is_named(database_url: str, open_store: Callable[[], AuditStore]) -> None:
+    """``read``'s filters find a block by its keys: a key deleted hides its records from them, with every line and
+    hash intact."""
+    store = _three_blocks(open_store)
+    _sql(database_url, "DELETE FROM dhow_audit_keys WHERE name = 'actor' AND value = 'key:b'")
+    assert store.read(actor="key:b") == []  # what the deletion hides
+    assert store.verify().problems == [
+        "the block from record 5 lacks its key actor 'key:b' (dhow_audit_keys): read by actor skips its records"
+    ]
+    # an edited record is named as such, not again for a key it never had
+    _sql(database_url, "INSERT INTO dhow_audit_keys (name, value, first_seq) VALUES ('actor', 'key:b', 5)")
+    lines, hashes = _block(database_url, 5)
+    lines[1] = orjson.dumps({**orjson.loads(lines[1]), "actor": "key:mallory"}, option=orjson.OPT_SORT_KEYS).decode()
+    _rewrite_block(database_url, lines, hashes, 5)
+    assert store.verify().problems == [
+        "record 6 was edited: its content does not match its hash (or record 5 was rewritten with its hash made again)"
+    ]

@@ -29,7 +29,7 @@ from typing import IO, Any
 import orjson
 
 from dhow.core.errors import InvalidInput
-from dhow.governance.audit_blocks import BLOCK_MIGRATION, block_lines, encode_blocks
+from dhow.governance.audit_blocks import BLOCK_MIGRATION, block_lines, encode_blocks, missing_keys
 from dhow.governance.audit_chain import GENESIS_HASH, ChainCheck, VerifyReport
 from dhow.governance.audit_lines import plain_lines
 from dhow.registry.database import Database, Migration, Session
@@ -264,6 +264,16 @@ _INSERT_BLOCK = "INSERT INTO dhow_audit_blocks (first_seq, last_seq, prev_hash, 
 _INSERT_KEY = "INSERT INTO dhow_audit_keys (name, value, first_seq) VALUES (?, ?, ?)"
 
 
+#: the columns of a block that ``read`` and ``export_jsonl`` use, and those ``verify`` checks
+_READ = "first_seq, prev_hash, hashes, records"
+_VERIFIED = f"{_READ}, last_seq, hash"
+
+
+def _more(row: Sequence[Any]) -> tuple[Any, ...]:
+    """``verify``'s columns of a block (last_seq, hash) as numbers and text, whichever database read them."""
+    return (int(row[0]), str(row[1])) if row else ()
+
+
 def _head(session: Session) -> tuple[int, str]:
     """The newest record's seq and hash: the last block's, else (a store not written since its blocks began) the
     first table's last row's."""
@@ -365,21 +375,21 @@ class AuditStore(Database):
             since_seq = int(rows[-1][0])
 
     def _block_pages(
-        self, since_seq: int, where: str = "", params: Sequence[object] = ()
-    ) -> Iterator[list[tuple[int, str, str, str]]]:
+        self, since_seq: int, where: str = "", params: Sequence[object] = (), columns: str = _READ
+    ) -> Iterator[list[tuple[Any, ...]]]:
         """Every block holding a record after ``since_seq`` (and meeting ``where``), in order, a page at a time:
-        (first_seq, prev_hash, hashes, records). Paged by first_seq (its key), which only grows: a block whose
-        last_seq was edited is read once, never again and again."""
+        (first_seq, prev_hash, hashes, records), then ``verify``'s last_seq and hash. Paged by first_seq (its key),
+        which only grows: a block whose last_seq was edited is read once, never again and again."""
         after = -1
         while True:
             with self._read() as session:
                 blocks = session.all(
-                    "SELECT first_seq, prev_hash, hashes, records FROM dhow_audit_blocks "
+                    f"SELECT {columns} FROM dhow_audit_blocks "
                     f"WHERE last_seq > ? AND first_seq > ?{where} ORDER BY first_seq LIMIT ?",
                     (since_seq, after, *params, PAGE_BLOCKS),
                 )
             if blocks:
-                yield [(int(first), str(prev), str(hashes), str(records)) for first, prev, hashes, records in blocks]
+                yield [(int(row[0]), str(row[1]), str(row[2]), str(row[3]), *_more(row[4:])) for row in blocks]
             if len(blocks) < PAGE_BLOCKS:
                 return
             after = int(blocks[-1][0])
@@ -396,9 +406,12 @@ class AuditStore(Database):
                 prev_hash, stored_hash = str(row[-2]), str(row[-1])
                 digest = _digest(prev_hash, dict(zip(_NAMES, row, strict=False)))
                 check.check(int(row[0]), prev_hash, stored_hash, digest)
-        for blocks in self._block_pages(0):
-            for block in blocks:
-                check.feed_block(*block)
+        for blocks in self._block_pages(0, columns=_VERIFIED):
+            intact = {int(block[0]): check.feed_block(*block) for block in blocks}
+            with self._read() as session:
+                missing = missing_keys(session, intact)
+            for first_seq, name, value in missing:
+                check.missing_key(first_seq, name, value)
         return check.report()
 
     def export_jsonl(self, out: IO[str], since_seq: int = 0) -> int:

@@ -20,9 +20,22 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
-__all__ = ["BLOCK_MIGRATION", "BLOCK_RECORDS", "HASH_DIGITS", "block_lines", "encode_blocks", "line_hash", "seq_of"]
+import orjson
+
+from dhow.registry.database import Session
+
+__all__ = [
+    "BLOCK_MIGRATION",
+    "BLOCK_RECORDS",
+    "HASH_DIGITS",
+    "block_lines",
+    "encode_blocks",
+    "line_hash",
+    "missing_keys",
+    "seq_of",
+]
 
 #: the most records one block holds (a bigger transaction writes several): a page of blocks stays a few MB
 BLOCK_RECORDS = 1024
@@ -109,3 +122,33 @@ def block_lines(
 def line_hash(prev_hash: str, line: bytes) -> str:
     """A record's hash from its line (its canonical JSON) and the hash before it."""
     return hashlib.sha256(prev_hash.encode() + line).hexdigest()
+
+
+#: values looked up in one statement by ``missing_keys`` (well under any database's limit on parameters)
+_KEYS_AT_ONCE = 500
+
+
+def missing_keys(session: Session, lines: Mapping[int, Iterable[bytes]]) -> list[tuple[int, str, str]]:
+    """The keys that blocks' records need and ``dhow_audit_keys`` lacks, as (first_seq, name, value): ``read``'s
+    filters find a block by them, so a deleted key hides its records from a filter while every hash still matches.
+    ``lines``: each block's intact records (by first_seq). Looked up by the table's key (name, value, first_seq),
+    not by scanning it."""
+    needed: set[tuple[int, str, str]] = set()
+    for first_seq, records in lines.items():
+        for line in records:
+            fields = orjson.loads(line)
+            needed.update((first_seq, name, value) for name in _KEYED if isinstance(value := fields.get(name), str))
+    found: set[tuple[int, str, str]] = set()
+    firsts = sorted(lines)
+    for name in _KEYED:
+        values = sorted({value for _, named, value in needed if named == name})
+        for start in range(0, len(values), _KEYS_AT_ONCE):
+            chunk = values[start : start + _KEYS_AT_ONCE]
+            values_in, firsts_in = ", ".join("?" * len(chunk)), ", ".join("?" * len(firsts))
+            rows = session.all(
+                "SELECT value, first_seq FROM dhow_audit_keys "
+                f"WHERE name = ? AND value IN ({values_in}) AND first_seq IN ({firsts_in})",
+                (name, *chunk, *firsts),
+            )
+            found.update((int(first_seq), name, str(value)) for value, first_seq in rows)
+    return sorted(needed - found)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dhow.governance.audit_blocks import block_lines, line_hash
+from dhow.governance.audit_blocks import HASH_DIGITS, block_lines, line_hash
 
 __all__ = ["GENESIS_HASH", "MAX_PROBLEMS", "ChainCheck", "VerifyReport"]
 
@@ -58,9 +58,17 @@ class ChainCheck:
         else:
             self.omitted += 1
 
-    def feed_block(self, first_seq: int, prev_hash: str, hashes: str, records: str) -> None:
-        """The records of a block, each checked by its line's hash; its seq is the one its line names."""
+    def feed_block(
+        self, first_seq: int, prev_hash: str, hashes: str, records: str, last_seq: int, block_hash: str
+    ) -> list[bytes]:
+        """The records of a block, each checked by its line's hash; its seq is the one its line names. Then the
+        columns that ``read``, ``export_jsonl`` and the next append go by (first_seq, last_seq, hash, and as many
+        hashes as lines): an edit of one leaves every record intact, yet hides records or forges the head. Answers
+        the lines whose hash matched (whose keys ``verify`` then looks up)."""
         computed_before = prev_hash
+        intact: list[bytes] = []
+        seqs: list[int] = []
+        stored = prev_hash
         for named, placed, before, stored, line in block_lines(first_seq, prev_hash, hashes, records):
             computed = line_hash(before, line)
             # a record whose hash follows from the one before as that one's line makes it, not as it is stored: it
@@ -69,6 +77,29 @@ class ChainCheck:
             seq = placed if named is None else named
             self.check(seq, before, stored, computed, linked=placed > first_seq, follows_written=written)
             computed_before = computed
+            seqs.append(seq)
+            if computed == stored:
+                intact.append(line)
+        if not seqs:
+            self._problem(f"the block from record {first_seq} holds no records: they were deleted")
+            return intact
+        columns = (
+            ("first_seq", first_seq == seqs[0]),
+            ("last_seq", last_seq == seqs[-1]),
+            ("hash", block_hash == stored),
+            ("hashes", len(hashes) == HASH_DIGITS * len(seqs)),
+        )
+        for column, matches in columns:
+            if not matches:
+                self._problem(f"the block from record {first_seq} was edited: its {column} does not match its records")
+        return intact
+
+    def missing_key(self, first_seq: int, name: str, value: str) -> None:
+        """A key of a block's intact record that ``dhow_audit_keys`` lacks (``audit_blocks.missing_keys``)."""
+        self._problem(
+            f"the block from record {first_seq} lacks its key {name} {value!r} (dhow_audit_keys): read by {name} "
+            "skips its records"
+        )
 
     def check(
         self,
