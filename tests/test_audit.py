@@ -758,7 +758,7 @@ def test_a_writer_process_writes_the_same_chain(audit_url: str) -> None:
 def test_a_writer_process_gathers_records_for_its_commit_window(audit_url: str) -> None:
     """``--audit-commit-ms``: records that come within the window are written in one transaction (one block)."""
     store = AuditStore.open(audit_url)
-    trail = AuditTrail({"ae": store}, "ae", writer="process", commit_s=0.5)
+    trail = AuditTrail({"ae": store}, "ae", writer="process", commit_s=1.0)
 
     async def scenario() -> None:
         await trail.start()

@@ -255,3 +255,14 @@ def test_a_deleted_key_of_a_block_is_named(database_url: str, open_store: Callab
     assert store.verify().problems == [
         "record 6 was edited: its content does not match its hash (or record 5 was rewritten with its hash made again)"
     ]
+
+
+def test_a_long_value_is_keyed_by_its_start_and_read_by_the_whole(open_store: Callable[[], AuditStore]) -> None:
+    """(An index entry has a limit: PostgreSQL's is ~2,700 bytes; a longer key would fail every append.)"""
+    store = open_store()
+    long_actor = "jwt:" + "é" * 3000
+    almost = long_actor[:-1] + "e"  # the same first KEY_CHARS characters
+    store.append([AuditRecord("inference", "infer", long_actor), AuditRecord("inference", "infer", almost)])
+    assert [row["seq"] for row in store.read(actor=long_actor)] == [1]
+    assert [row["seq"] for row in store.read(actor=almost)] == [2]
+    assert store.verify().ok

@@ -29,7 +29,7 @@ from typing import IO, Any
 import orjson
 
 from dhow.core.errors import InvalidInput
-from dhow.governance.audit_blocks import BLOCK_MIGRATION, block_lines, encode_blocks, missing_keys
+from dhow.governance.audit_blocks import BLOCK_MIGRATION, block_lines, encode_blocks, key_value, missing_keys
 from dhow.governance.audit_chain import GENESIS_HASH, ChainCheck, VerifyReport
 from dhow.governance.audit_lines import plain_lines
 from dhow.registry.database import Database, Migration, Session
@@ -345,7 +345,7 @@ class AuditStore(Database):
         where = "".join(
             " AND first_seq IN (SELECT first_seq FROM dhow_audit_keys WHERE name = ? AND value = ?)" for _ in names
         )
-        params = [part for name in names for part in (name, filters[name])]
+        params = [part for name in names for part in (name, key_value(filters[name]))]
         found: list[dict[str, Any]] = []
         for page in self._block_pages(since_seq, where, params):
             for first_seq, prev_hash, hashes, records in page:

@@ -30,8 +30,10 @@ __all__ = [
     "BLOCK_MIGRATION",
     "BLOCK_RECORDS",
     "HASH_DIGITS",
+    "KEY_CHARS",
     "block_lines",
     "encode_blocks",
+    "key_value",
     "line_hash",
     "missing_keys",
     "seq_of",
@@ -71,6 +73,15 @@ BLOCK_MIGRATION = (
 
 #: the fields ``read`` filters by (``encode_blocks``'s columns)
 _KEYED = ("actor", "kind", "model", "outcome", "tenant")
+#: the characters of a value a key holds: a longer one is cut (``read`` checks each record's whole value anyway),
+#: since an index entry has a limit (PostgreSQL's ~2,700 bytes: a longer value would fail every append and
+#: hold the trail's queue; a character is at most 4 bytes)
+KEY_CHARS = 256
+
+
+def key_value(value: str) -> str:
+    """What a key holds of a value (and what a filter looks it up by)."""
+    return value[:KEY_CHARS]
 
 
 def encode_blocks(
@@ -90,7 +101,10 @@ def encode_blocks(
         records = b"\n".join(lines[start:end]).decode()
         blocks.append((first, seq + end, before, hashes[end - 1], "".join(hashes[start:end]), records))
         for name, column in zip(_KEYED, keyed, strict=True):
-            keys += zip(itertools.repeat(name), set(column[start:end]), itertools.repeat(first))
+            values = set(column[start:end])
+            if any(len(value) > KEY_CHARS for value in values):
+                values = set(map(key_value, values))
+            keys += zip(itertools.repeat(name), values, itertools.repeat(first))
     return blocks, keys
 
 
@@ -137,7 +151,9 @@ def missing_keys(session: Session, lines: Mapping[int, Iterable[bytes]]) -> list
     for first_seq, records in lines.items():
         for line in records:
             fields = orjson.loads(line)
-            needed.update((first_seq, name, value) for name in _KEYED if isinstance(value := fields.get(name), str))
+            needed.update(
+                (first_seq, name, key_value(value)) for name in _KEYED if isinstance(value := fields.get(name), str)
+            )
     found: set[tuple[int, str, str]] = set()
     firsts = sorted(lines)
     for name in _KEYED:
