@@ -19,6 +19,7 @@ the database's work never take its interpreter lock.
 from __future__ import annotations
 
 import os
+import select
 import sys
 import threading
 import time
@@ -65,46 +66,64 @@ def decode_lines(buffer: bytearray, limit: int) -> list[Any]:
 COMMIT_S = 0.025
 
 
-#: how long the thread that drains the pipe pauses after each read: one read gathers many records rather than one
-#: wake-up per record (1 ms cost some 3 us of CPU a record more at 10,000 a second), and the pipe holds no more
-#: than this long's records (some 50 at that rate; an unwidened socket pair holds 280)
-DRAIN_PAUSE_S = 0.005
+#: how long the thread that drains the pipe pauses after each read. It only keeps the pipe from filling while the
+#: main thread is busy (a long transaction, a store that is down): the main thread reads what the pipe holds itself
+#: when it takes a batch, so a record waits no longer for this pause. Each of its wake-ups costs the writer some
+#: 0.2-0.3 ms of CPU (cold caches), so it wakes rarely: the pipe holds far more than this long's records (1 MiB, or
+#: the server's socket pair widened to ``net.core.wmem_max``, ~100-200 ms at 5,000 records a second)
+DRAIN_PAUSE_S = 0.05
 
 
 class FrameReader:
     """Frames from a pipe: waits for the first, then gathers more for up to ``linger_s`` (a batch).
 
-    A thread of its own drains the pipe into this process's memory as records come, also while the main thread
-    is in a transaction: the pipe the server writes to then never fills (it holds a few hundred records where the
-    system will not widen it), and no answer of the server waits for room in it. A record in this memory is as
-    safe from the server's SIGKILL as one in the pipe: this process writes what it has, then exits."""
+    The main thread reads the pipe when it takes a batch; a thread of its own also drains the pipe into this
+    process's memory every ``pause_s`` while the main thread is busy (in a transaction, or retrying a store that
+    is down): the pipe the server writes to then never fills (a full one would make the server's answers wait for
+    room in it). A record in this memory is as safe from the server's SIGKILL as one in the pipe: this process
+    writes what it has, then exits. Both threads read under one lock (the pipe is non-blocking; the drain thread
+    waits for bytes with ``poll``, outside it), so the bytes stay in order."""
 
     def __init__(self, fd: int, pause_s: float = DRAIN_PAUSE_S) -> None:
         self.fd = fd
+        os.set_blocking(fd, False)
         #: the main thread's bytes: whole frames not parsed yet, then a partial one
         self.buffer = bytearray()
         #: the pipe has closed and every byte it carried is in ``buffer``
         self.closed = False
         self._pause_s = pause_s
         self._ready = threading.Condition()
-        self._incoming = bytearray()  # the drain thread's, under ``_ready``
+        self._incoming = bytearray()  # read by either thread, under ``_ready``
         self._ended = False
         #: the main thread waits for bytes (the drain thread then does not pause: an urgent record goes at once)
         self._waiting = False
         threading.Thread(target=self._drain, name="dhow-audit-drain", daemon=True).start()
 
+    def _read_available(self) -> None:
+        """What the pipe holds now, into ``_incoming``, and whether it ended; under ``_ready``."""
+        while not self._ended:
+            try:
+                chunk = os.read(self.fd, 1 << 20)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._ended = True
+                return
+            self._incoming += chunk
+
     def _drain(self) -> None:
+        readable = select.poll()
+        readable.register(self.fd, select.POLLIN)
         try:
             while True:
-                try:
-                    chunk = os.read(self.fd, 1 << 20)
-                except OSError:
-                    chunk = b""
+                readable.poll()  # bytes, or the end of the pipe (outside the lock: the main thread may read meanwhile)
                 with self._ready:
-                    if not chunk:
-                        return
-                    self._incoming += chunk
+                    self._read_available()
                     self._ready.notify()
+                    if self._ended:
+                        return
                     waited = self._waiting
                 if not waited:  # the main thread is busy: gather more; when it waits, hand it the next read at once
                     time.sleep(self._pause_s)
@@ -114,8 +133,10 @@ class FrameReader:
                 self._ready.notify()
 
     def _take(self, *, wait: bool) -> None:
-        """Move what the drain thread read into ``buffer``; ``wait``: until there is something, or the end."""
+        """Read what the pipe holds and move it, with what the drain thread read, into ``buffer``; ``wait``: until
+        there is something, or the end."""
         with self._ready:
+            self._read_available()
             while wait and not self._incoming and not self._ended:
                 self._waiting = True
                 self._ready.wait()
