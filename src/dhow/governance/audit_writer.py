@@ -92,7 +92,11 @@ class FrameReader:
         #: the pipe has closed and every byte it carried is in ``buffer``
         self.closed = False
         self._pause_s = pause_s
-        self._ready = threading.Condition()
+        lock = threading.Lock()
+        self._ready = threading.Condition(lock)  # the main thread waits for bytes
+        #: the drain thread's pause, cut short when the main thread starts to wait: it reads the pipe only when it
+        #: takes a batch, so bytes that come while it waits would otherwise wait for the pause's end
+        self._wanted = threading.Condition(lock)
         self._incoming = bytearray()  # read by either thread, under ``_ready``
         self._ended = False
         #: the main thread waits for bytes (the drain thread then does not pause: an urgent record goes at once)
@@ -124,9 +128,8 @@ class FrameReader:
                     self._ready.notify()
                     if self._ended:
                         return
-                    waited = self._waiting
-                if not waited:  # the main thread is busy: gather more; when it waits, hand it the next read at once
-                    time.sleep(self._pause_s)
+                    # the main thread is busy: gather more, until it waits (then hand it the next read at once)
+                    self._wanted.wait_for(lambda: self._waiting, self._pause_s)
         finally:  # the end of the pipe, or this thread failed (say, out of memory): the main thread must not wait on
             with self._ready:
                 self._ended = True
@@ -139,6 +142,7 @@ class FrameReader:
             self._read_available()
             while wait and not self._incoming and not self._ended:
                 self._waiting = True
+                self._wanted.notify()
                 self._ready.wait()
                 self._waiting = False
             self.buffer += self._incoming
