@@ -68,10 +68,11 @@ COMMIT_S = 0.025
 
 #: how long the thread that drains the pipe pauses after each read. It only keeps the pipe from filling while the
 #: main thread is busy (a long transaction, a store that is down): the main thread reads what the pipe holds itself
-#: when it takes a batch, so a record waits no longer for this pause. Each of its wake-ups costs the writer some
-#: 0.2-0.3 ms of CPU (cold caches), so it wakes rarely: the pipe holds far more than this long's records (1 MiB, or
-#: the server's socket pair widened to ``net.core.wmem_max``, ~100-200 ms at 5,000 records a second)
-DRAIN_PAUSE_S = 0.05
+#: when it takes a batch, and wakes this thread when it waits, so a record waits no longer for this pause. Each of
+#: its wake-ups costs the writer some 0.2-0.3 ms of CPU (cold caches), so it wakes rarely, yet the pipe must hold
+#: this long's records with room to spare: a pipe of 1 MiB does, and so does the server's socket pair (uvloop) at
+#: the usual net.core.wmem_max of 208 KiB, ~50 ms of records sent one a frame at 10,000 a second
+DRAIN_PAUSE_S = 0.025
 
 
 class FrameReader:
