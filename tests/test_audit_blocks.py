@@ -266,3 +266,22 @@ def test_a_long_value_is_keyed_by_its_start_and_read_by_the_whole(open_store: Ca
     assert [row["seq"] for row in store.read(actor=long_actor)] == [1]
     assert [row["seq"] for row in store.read(actor=almost)] == [2]
     assert store.verify().ok
+
+
+def test_a_record_with_no_time_or_latency_that_makes_sense_is_still_written(
+    open_store: Callable[[], AuditStore],
+) -> None:
+    """A record the writer could not write would hold every record after it in the queue: it is written as it can
+    be (its time as text, no latency), and the records after it too."""
+    store = open_store()
+    odd = [
+        AuditRecord("inference", "infer", "key:a", latency_ms="slow", at_s=math.inf),  # type: ignore[arg-type]
+        AuditRecord("inference", "infer", "key:a", at_s=1e20),
+        AuditRecord("inference", "infer", "key:a", at_s="soon"),  # type: ignore[arg-type]
+        AuditRecord("inference", "infer", "key:a", latency_ms=2.5),
+    ]
+    assert store.append(odd) == 4
+    rows = store.read()
+    assert [row["at"] for row in rows[:3]] == ["inf", "1e+20", "'soon'"]
+    assert rows[0]["latency_ms"] is None and rows[3]["latency_ms"] == 2.5
+    assert store.verify().ok

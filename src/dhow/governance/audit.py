@@ -130,6 +130,15 @@ def _iso_utc(at_s: float) -> str:
     return f"{last[1]}.{micros:06d}+00:00"
 
 
+def _when(at_s: object) -> str:
+    """``_iso_utc``, or the time's own text when it is not one (not a number, or past the calendar's years): a
+    record that cannot be written would hold every record after it in the writer's queue."""
+    try:
+        return _iso_utc(float(at_s))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError, OSError):
+        return _text(repr(at_s))
+
+
 def _text(value: object) -> str:
     """A string every database accepts: no NUL, no lone surrogate (either would block the queue forever)."""
     text = value if isinstance(value, str) else str(value)
@@ -159,9 +168,11 @@ def _content(row: Sequence[Any]) -> tuple[Any, ...]:
     escaping there (``_chain`` then has orjson write it)."""
     latency = row[9]
     if latency is not None:
-        # 3 decimals survive every float column; + 0.0 turns -0.0 into 0.0, which SQLite would do on reading
-        latency = round(float(latency), 3) + 0.0
-        latency = latency if math.isfinite(latency) else None
+        try:  # 3 decimals survive every float column; + 0.0 turns -0.0 into 0.0, which SQLite would do on reading
+            latency = round(float(latency), 3) + 0.0
+        except (TypeError, ValueError):  # not a number: kept as none rather than hold the queue with the record
+            latency = None
+        latency = latency if latency is not None and math.isfinite(latency) else None
     texts: tuple[Any, ...] = _TEXTS(row)  # action, actor, kind, model, outcome, region, request_id, tenant, version
     at, details = row[11], row[10]
     details = "{}" if type(details) is dict and not details else _details(details)
@@ -170,7 +181,7 @@ def _content(row: Sequence[Any]) -> tuple[Any, ...]:
         joined = "".join((*texts, at, details)) if at or details != "{}" else "".join(texts)
     except TypeError:  # not all strings: each is repaired below
         joined = "\x00"
-    at = at or _iso_utc(row[12])
+    at = at or _when(row[12])
     # the usual record: printable ASCII without a quote or backslash, as its canonical JSON has it verbatim
     plain = joined.isascii() and joined.isprintable() and '"' not in joined and "\\" not in joined
     if not plain:  # (a given time too: one with a NUL or a lone surrogate would block the queue)
