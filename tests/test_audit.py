@@ -36,13 +36,14 @@ from dhow.access.permissions import ALL_TENANTS, Grant, Principal
 from dhow.access.ratelimit import LocalRateLimiter
 from dhow.commands.audit import add_parser, run
 from dhow.core.errors import DhowError, ErrorCode, InvalidInput, Unavailable
+from dhow.core.frames import PIPE_BYTES
 from dhow.governance import audit as audit_module
 from dhow.governance.audit import GENESIS_HASH, AuditRecord, AuditStore
 from dhow.governance.audit_blocks import BLOCK_RECORDS, seq_of
 from dhow.governance.audit_chain import MAX_PROBLEMS
 from dhow.governance.audit_trail import AuditTrail
 from dhow.governance.masking import Masker, parse_masking
-from dhow.governance.writer_process import PIPE_BYTES, SOCKET_BYTES, WriterProcess
+from dhow.governance.writer_process import SOCKET_BYTES, WriterProcess
 from dhow.serving.guard import AccessGuard, Admission
 from dhow.settings import resolve_settings
 from tests.conftest import PG_ADMIN_URL, store_opener

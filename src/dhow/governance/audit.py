@@ -23,15 +23,21 @@ import operator
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import IO, Any
 
 import orjson
 
 from dhow.core.errors import InvalidInput
-from dhow.governance.audit_blocks import BLOCK_MIGRATION, block_lines, encode_blocks, key_value, missing_keys
+from dhow.governance.audit_blocks import (
+    BLOCK_MIGRATION,
+    block_lines,
+    encode_blocks,
+    key_value,
+    line_hash,
+    missing_keys,
+)
 from dhow.governance.audit_chain import GENESIS_HASH, ChainCheck, VerifyReport
-from dhow.governance.audit_lines import plain_lines
+from dhow.governance.audit_lines import plain_lines, second_text
 from dhow.registry.database import Database, Migration, Session
 
 __all__ = ["GENESIS_HASH", "MIGRATIONS", "AuditRecord", "AuditRow", "AuditStore", "VerifyReport"]
@@ -126,7 +132,7 @@ def _iso_utc(at_s: float) -> str:
         micros, second = micros + 1_000_000, second - 1
     last = _last_second  # one read: writer threads of several stores may replace it meanwhile
     if second != last[0]:
-        last = _last_second = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+        last = _last_second = (second, second_text(second))
     return f"{last[1]}.{micros:06d}+00:00"
 
 
@@ -224,9 +230,8 @@ _SORTED = ("action", "actor", "at", "details", "kind", "latency_ms", "model", "o
 def _hashes(lines: Sequence[bytes], prev_hash: str) -> list[str]:
     """The hashes of records whose lines (``_record_json``) follow a record whose hash is ``prev_hash``."""
     hashes: list[str] = []
-    sha256 = hashlib.sha256
     for line in lines:
-        prev_hash = sha256(prev_hash.encode() + line).hexdigest()
+        prev_hash = line_hash(prev_hash, line)
         hashes.append(prev_hash)
     return hashes
 
@@ -360,8 +365,8 @@ class AuditStore(Database):
         found: list[dict[str, Any]] = []
         for page in self._block_pages(since_seq, where, params):
             for first_seq, prev_hash, hashes, records in page:
-                for named, placed, before, stored, line in block_lines(first_seq, prev_hash, hashes, records):
-                    if (placed if named is None else named) <= since_seq:
+                for seq, placed, before, stored, line in block_lines(first_seq, prev_hash, hashes, records):
+                    if seq <= since_seq:
                         continue
                     record = _line_dict(line, placed, before, stored)
                     if all(record.get(name) == filters[name] for name in names):
@@ -436,8 +441,8 @@ class AuditStore(Database):
             lines = [
                 orjson.dumps(_line_dict(line, placed, before, stored)).decode() + "\n"
                 for block in blocks
-                for named, placed, before, stored, line in block_lines(*block)
-                if (placed if named is None else named) > since_seq
+                for seq, placed, before, stored, line in block_lines(*block)
+                if seq > since_seq
             ]
             out.write("".join(lines))
             count += len(lines)

@@ -121,15 +121,16 @@ def seq_of(line: bytes) -> int | None:
 
 def block_lines(
     first_seq: int, prev_hash: str, hashes: str, records: str
-) -> Iterator[tuple[int | None, int, str, str, bytes]]:
-    """Each record of a block: (the seq its line names, the seq its place gives, its prev_hash, its stored hash,
-    its line). A block whose hashes do not match its lines in number yields its lines with the hashes it has
-    (``""`` past them): each such record then fails its check."""
+) -> Iterator[tuple[int, int, str, str, bytes]]:
+    """Each record of a block: (its seq: the one its line names, else the one its place gives; the seq its place
+    gives; its prev_hash; its stored hash; its line). A block whose hashes do not match its lines in number yields
+    its lines with the hashes it has (``""`` past them): each such record then fails its check."""
     lines = records.encode().split(b"\n") if records else []
     before = prev_hash
     for index, line in enumerate(lines):
         stored = hashes[index * HASH_DIGITS : (index + 1) * HASH_DIGITS]
-        yield seq_of(line), first_seq + index, before, stored, line
+        named, placed = seq_of(line), first_seq + index
+        yield placed if named is None else named, placed, before, stored, line
         before = stored
 
 

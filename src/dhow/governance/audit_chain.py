@@ -69,12 +69,11 @@ class ChainCheck:
         intact: list[bytes] = []
         seqs: list[int] = []
         stored = prev_hash
-        for named, placed, before, stored, line in block_lines(first_seq, prev_hash, hashes, records):
+        for seq, placed, before, stored, line in block_lines(first_seq, prev_hash, hashes, records):
             computed = line_hash(before, line)
             # a record whose hash follows from the one before as that one's line makes it, not as it is stored: it
             # is intact, and the stored hash before it was changed
             written = computed != stored and computed_before != before and line_hash(computed_before, line) == stored
-            seq = placed if named is None else named
             self.check(seq, before, stored, computed, linked=placed > first_seq, follows_written=written)
             computed_before = computed
             seqs.append(seq)

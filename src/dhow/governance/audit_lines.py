@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plain_lines"]
+__all__ = ["plain_lines", "second_text"]
 
 #: a usual record's canonical JSON (the keys sorted), its values in this order: action, actor, at (its second, then
 #: its microseconds), kind, latency (repr), model, outcome, region, request_id, seq, tenant, version
@@ -84,9 +84,10 @@ def _times(at_s: Sequence[Any]) -> tuple[list[str], list[int]] | None:
     carry = micros >= 1_000_000
     seconds: list[int] = (whole.astype(np.int64) + carry).tolist()
     micros[carry] -= 1_000_000
-    texts = {second: _second(second) for second in set(seconds)}
+    texts = {second: second_text(second) for second in set(seconds)}
     return list(map(texts.__getitem__, seconds)), micros.tolist()
 
 
-def _second(second: int) -> str:
+def second_text(second: int) -> str:
+    """A whole second as ISO 8601 UTC, to the second (the date and time of ``audit._iso_utc`` too)."""
     return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import socket
 import sys
@@ -15,14 +14,14 @@ from collections import deque
 import orjson
 
 from dhow.core.errors import Unavailable
-from dhow.core.frames import decode_frame_length
+from dhow.core.frames import decode_frame_length, widen_pipe
 from dhow.governance.audit import AuditRow, _text
 from dhow.governance.audit_writer import COMMIT_S, encode_frame
 
 log = logging.getLogger("dhow.audit")
 #: the room asked for in the channel to a writer process: a pipe's (at most fs.pipe-max-size, 1 MiB by default;
 #: some 7,000 records) and a socket pair's (at most net.core.wmem_max; it counts some 750 bytes a record)
-PIPE_BYTES, SOCKET_BYTES = 1 << 20, 4 << 20
+SOCKET_BYTES = 4 << 20
 
 
 class WriterProcess:
@@ -177,8 +176,7 @@ def _widen(transport: asyncio.WriteTransport) -> None:
     second while the writer is in a transaction, and then every answer waits in ``handed_over`` until it ends."""
     pipe = transport.get_extra_info("pipe")  # asyncio's event loop: a pipe (Linux lets it grow)
     if pipe is not None:
-        with contextlib.suppress(OSError, AttributeError):
-            fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        widen_pipe(pipe.fileno())
         return
     sock = transport.get_extra_info("socket")  # uvloop's: a socket pair, its room counted with every write's overhead
     if sock is not None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import fcntl
 import logging
 import os
 import select
@@ -27,7 +26,7 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from dhow.core.errors import InvalidInput
-from dhow.core.frames import decode_frames, frame
+from dhow.core.frames import decode_frames, frame, widen_pipe
 
 __all__ = ["WriterPipe"]
 
@@ -41,10 +40,6 @@ _START_TIMEOUT_S = 300.0
 #: payload log to a file and tracing at 0.1), at 50 ms ~13. Neither promises when an item is written, and the
 #: queue (``capacity``) bounds what waits meanwhile
 FLUSH_S = 0.05
-#: the pipe's room asked for (Linux, at most fs.pipe-max-size, 1 MiB by default): a frame of ``FLUSH_S`` under load
-#: (at 4,500 requests a second, 100-160 KB: payload events of ~580 bytes) is more than the default 64 KiB, and a
-#: frame the pipe cannot take whole goes in pieces, each a turn of the event loop here and a wake-up of the writer
-PIPE_BYTES = 1 << 20
 
 
 class WriterPipe:
@@ -87,8 +82,10 @@ class WriterPipe:
         #: items the writer holds (its last report): failed if it dies with them
         self._writer_queued = 0
         os.set_blocking(self._in, False)
-        with contextlib.suppress(OSError, AttributeError):  # not Linux, or over the user's pipe quota: 64 KiB it is
-            fcntl.fcntl(self._in, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        # a frame of ``FLUSH_S`` under load (at 4,500 requests a second, 100-160 KB: payload events of ~580 bytes) is
+        # more than a default pipe's 64 KiB, and a frame the pipe cannot take whole goes in pieces, each a turn of the
+        # event loop here and a wake-up of the writer
+        widen_pipe(self._in)
         self._reader = threading.Thread(target=self._read_counts, name=f"dhow-{self.what}-{self.kind}", daemon=True)
         self._reader.start()
 
