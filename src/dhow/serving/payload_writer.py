@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import sys
 import threading
+import time
 from typing import Any
 
 from dhow.governance.masking import Masker
@@ -29,8 +30,17 @@ from dhow.serving.writer_main import Answer, serve
 
 __all__ = ["Writer", "main"]
 
-#: events rendered and handed to the sink at once
+#: events handed to the sink at once (at most)
 _CHUNK = 512
+#: events rendered in one step, and the pause between two steps while more are queued. The server hands a writer
+#: what came in ``writer_pipe.FLUSH_S`` (50 ms: ~400 payload events at 8,000 requests a second); rendered and
+#: written in one go they took ~3-4 ms of CPU at once from the core the load and the model share, and the requests
+#: in flight then waited for it: ``tabular`` over REST at c=16 with the payload log to a file, p99 5.35 ms in one
+#: go against 4.6 in steps (median of 8 rounds, all off 3.4), throughput the same. A backlog (``_BEHIND``) is
+#: written without pauses: a writer that falls behind catches up at full speed.
+_STEP = 64
+_STEP_PAUSE_S = 0.001
+_BEHIND = 4 * _CHUNK
 #: how often counts go back to the server (when something changed)
 _REPORT_S = 0.2
 
@@ -107,8 +117,7 @@ class Writer:
                 self._wake.wait(self.sink.idle_s)
                 self._wake.clear()
                 continue
-            chunk = [self._queue.popleft() for _ in range(min(_CHUNK, len(self._queue)))]
-            rendered, failures = self.render_chunk(chunk)
+            rendered, failures = self._render_steps()
             for event, exc in failures:  # a value masking or JSON cannot take: that event fails, not the others
                 self.failed(1, f"could not render the event of request {event[0]}: {exc!r}")
             if rendered:
@@ -118,6 +127,22 @@ class Writer:
                     self.failed(len(rendered), repr(exc))
             if self.pause_s:  # a sink that wants its events together (OTLP: a post a second)
                 self._stopping.wait(self.pause_s)
+
+    def _render_steps(self) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
+        """Up to ``_CHUNK`` queued events rendered, ``_STEP`` at a time with ``_STEP_PAUSE_S`` between steps unless
+        the writer is behind or stopping (then at once)."""
+        rendered: list[tuple[str, bytes]] = []
+        failures: list[tuple[Any, Exception]] = []
+        queue = self._queue
+        while queue and len(rendered) + len(failures) < _CHUNK:
+            done = len(rendered) + len(failures)
+            if done and len(queue) < _BEHIND and not self._stopping.is_set():
+                time.sleep(_STEP_PAUSE_S)
+            step = [queue.popleft() for _ in range(min(_STEP, len(queue), _CHUNK - done))]
+            written, failed = self.render_chunk(step)
+            rendered += written
+            failures += failed
+        return rendered, failures
 
     def render_chunk(self, chunk: list[Any]) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
         """A chunk's events as the sink takes them (key and CloudEvent, masked), and those that could not be."""
