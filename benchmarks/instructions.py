@@ -72,11 +72,18 @@ def main() -> None:
         action="store_true",
         help="--auth on, REST calls with an invoker API key: authentication, RBAC, the audit trail",
     )
+    parser.add_argument(
+        "--quota",
+        action="store_true",
+        help="with --api-key: the invoker key has a quota that never refuses (security_overhead.py's (c))",
+    )
     monitoring = parser.add_argument_group("monitoring", "what monitoring_overhead.py switches on, one by one")
     monitoring.add_argument("--payload-log", action="store_true", help="the payload log to a scratch file")
     monitoring.add_argument("--tracing", type=float, metavar="RATIO", help="tracing at RATIO to an OTLP receiver")
     monitoring.add_argument("--drift", action="store_true", help="a reference profile for the served version")
     args = parser.parse_args()
+    if args.quota and not args.api_key:
+        parser.error("--quota needs --api-key")
     if args.api_key and args.protocol != "rest":
         parser.error("--api-key drives REST only")
     with tempfile.TemporaryDirectory(prefix="dhow-instructions-") as scratch:
@@ -112,7 +119,8 @@ def measure(args: argparse.Namespace, scratch: Path) -> str:
     if args.http_front:
         serve += ["--http-front", args.http_front]
     env = dict(os.environ, PYTHONPATH=str(args.src), OMP_NUM_THREADS="1")
-    headers = _api_key(scratch / "data", env, "invoker") if args.api_key else {}
+    quota = ["--rate", "1000000", "--burst", "1000000"] if args.quota else []
+    headers = _api_key(scratch / "data", env, "invoker", quota) if args.api_key else {}
     # an invoker may not read the model's statistics: an admin key reads them
     admin = _api_key(scratch / "data", env, "admin") if args.api_key else {}
     receiver = _monitoring(args, scratch, serve, env)
@@ -221,6 +229,7 @@ def _switched_on(args: argparse.Namespace) -> list[str]:
     on = ["payload-log"] if args.payload_log else []
     on += [f"tracing {args.tracing:g}"] if args.tracing is not None else []
     on += ["api-key"] if args.api_key else []
+    on += ["quota"] if args.quota else []
     return on + (["drift"] if args.drift else [])
 
 
@@ -241,9 +250,9 @@ def _wait_ready(server: subprocess.Popen[bytes], http_port: int) -> None:
 Calls = Callable[[int, asyncio.Lock], Awaitable[None]]
 
 
-def _api_key(data: Path, env: dict[str, str], role: str) -> dict[str, str]:
+def _api_key(data: Path, env: dict[str, str], role: str, extra: list[str] | None = None) -> dict[str, str]:
     """An API key of that role made in the server's data directory: the header that calls with it send."""
-    create = [sys.executable, "-m", "dhow.cli", "keys", "create", f"bench-{role}", "--role", role]
+    create = [sys.executable, "-m", "dhow.cli", "keys", "create", f"bench-{role}", "--role", role, *(extra or [])]
     create += ["--data-dir", str(data)]
     token = subprocess.run(create, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1]
     return {"Authorization": f"Bearer {token}"}

@@ -127,13 +127,26 @@ class LocalRateLimiter:
         self._in_flight: dict[str, int] = {}
 
     async def acquire(self, subject: str, limits: Limits, what: str) -> Permit:
-        if _unlimited(limits):
-            return _FREE
-        # no await below: check and count happen in one step of the event loop, so they are atomic
-        bucket = self._refilled(subject, limits) if limits.rate > 0 else None
-        if bucket is not None and bucket.tokens < 1:
-            raise _rate_exceeded(limits, what, (1 - bucket.tokens) / limits.rate)
-        permit: Permit = _FREE
+        return self.take(subject, limits, what) or _FREE
+
+    def take(self, subject: str, limits: Limits, what: str) -> Permit | None:
+        """Check and count in one step of the event loop (no await: atomic), in one function: the guard calls it
+        for every request of a key with a quota (each Python call on that path costs ~1k instructions). None: the
+        request holds nothing to give back (no concurrency limit)."""
+        rate = limits.rate
+        bucket = None
+        if rate > 0:  # the bucket, refilled
+            now = time.monotonic()
+            size = limits.burst if limits.burst > 0 else max(1, math.ceil(rate))
+            bucket = self._buckets.get(subject)
+            if bucket is None:
+                bucket = self._buckets[subject] = _Bucket(size, now)
+            else:
+                tokens = bucket.tokens + (now - bucket.stamp) * rate
+                bucket.tokens, bucket.stamp = (size if tokens > size else tokens), now
+            if bucket.tokens < 1:
+                raise _rate_exceeded(limits, what, (1 - bucket.tokens) / rate)
+        permit: Permit | None = None
         if limits.concurrency > 0:
             count = self._in_flight.get(subject, 0)
             if count >= limits.concurrency:
@@ -143,16 +156,6 @@ class LocalRateLimiter:
         if bucket is not None:
             bucket.tokens -= 1
         return permit
-
-    def _refilled(self, subject: str, limits: Limits) -> _Bucket:
-        now, size = time.monotonic(), _bucket_size(limits)
-        bucket = self._buckets.get(subject)
-        if bucket is None:
-            bucket = self._buckets[subject] = _Bucket(size, now)
-        else:
-            bucket.tokens = min(size, bucket.tokens + (now - bucket.stamp) * limits.rate)
-            bucket.stamp = now
-        return bucket
 
     async def close(self) -> None:
         pass

@@ -88,6 +88,9 @@ class AccessGuard:
             registry=registry,
         )
         self.limiter = limiter
+        #: a limiter that decides at once (its counts in this process: ``LocalRateLimiter.take``): quotas are taken
+        #: without a coroutine
+        self._take: Callable[[str, Limits, str], Permit | None] | None = getattr(limiter, "take", None)
         self.audit = audit
         #: refusals of callers without valid credentials: aggregated per source, and limited per source
         self.unknown = UnknownCallers(self._tallied, rate=failures[0], burst=failures[1])
@@ -116,7 +119,9 @@ class AccessGuard:
             admission, quotas = self.permit(principal, access, model, request_id)
         except _HeldRefusal as held:
             return held.refuse()
-        return self._take_quota(admission, quotas) if quotas else admission
+        if not quotas:
+            return admission
+        return self._take_quota_now(admission, quotas) if self._take else self._take_quota(admission, quotas)
 
     async def _admit_verified(
         self, who: Credentials | Principal, access: Access, model: str, request_id: str
@@ -127,7 +132,9 @@ class AccessGuard:
             admission, quotas = self.permit(principal, access, model, request_id)
         except _HeldRefusal as held:
             await held.refuse()
-        return await self._take_quota(admission, quotas) if quotas else admission
+        if not quotas:
+            return admission
+        return self._take_quota_now(admission, quotas) if self._take else await self._take_quota(admission, quotas)
 
     def may_see(self, principal: Principal, name: str) -> bool:
         """Whether the principal may see a model (lists of models show only those: no tenant sees another's)."""
@@ -202,12 +209,31 @@ class AccessGuard:
             try:
                 admission.permits.append(await self.limiter.acquire(subject, limits, what))
             except BaseException as exc:
-                self._in_flight -= 1
-                self._release(admission)
-                if isinstance(exc, DhowError):
-                    self.refusals.labels(exc.code.value).inc()
+                self._quota_refused(admission, exc)
                 raise
         return admission
+
+    def _take_quota_now(self, admission: Admission, quotas: tuple[tuple[str, Limits, str], ...]) -> Admission:
+        """``_take_quota`` from a limiter that decides at once (``_take``): no coroutine, and no permit kept for a
+        quota without a concurrency limit (nothing to give back)."""
+        take = self._take
+        assert take is not None
+        for subject, limits, what in quotas:
+            try:
+                permit = take(subject, limits, what)
+            except BaseException as exc:
+                self._quota_refused(admission, exc)
+                raise
+            if permit is not None:
+                admission.permits.append(permit)
+        return admission
+
+    def _quota_refused(self, admission: Admission, exc: BaseException) -> None:
+        """A quota refused the admitted request: it is no longer in flight, and gives back the permits it took."""
+        self._in_flight -= 1
+        self._release(admission)
+        if isinstance(exc, DhowError):
+            self.refusals.labels(exc.code.value).inc()
 
     def finish(
         self,
