@@ -412,29 +412,50 @@ def test_a_batch_being_cut_when_the_batcher_stops_is_answered(how: str) -> None:
         assert model.batches == []
 
 
-def test_an_observer_that_fails_never_stops_the_answers_nor_the_model(caplog: pytest.LogCaptureFixture) -> None:
-    """Monitoring (metrics, latency windows, tracing) observes each batch; a failure there is logged, and the batch's
-    requests are answered and the model goes on serving (before, the worker died with the batch unanswered)."""
+def test_an_observer_that_fails_never_stops_the_answers_nor_the_model(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Monitoring (metrics, latency windows, tracing) observes each batch; a failure there never stops the batch's
+    requests being answered nor the model serving (before, the worker died with the batch unanswered). Every failure
+    is counted (the server's metric) and logged at most once a minute, with how many failed since the last log
+    (before, only the first was ever logged: a monitoring broken for good went unseen)."""
+    from dhow.scheduling import batcher as batcher_module
+
     calls: list[int] = []
+    counted: list[None] = []
+    now = [1000.0]
+    monkeypatch.setattr(batcher_module, "_clock", lambda: now[0])
 
     def failing(timings: object, start_ns: int, waits: Sequence[int], traces: Sequence[object | None]) -> None:
         calls.append(len(waits))
         raise RuntimeError("an observer's bug")
 
+    def logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "observing a batch failed" in r.getMessage()]
+
     async def scenario() -> list[Arrays]:
         executor = ThreadPoolExecutor(1)
         batcher = DynamicBatcher("model 'm' version 1", [Recorder()], executor, ModelStats(), max_batch_size=16,
-                                 batching=BatchingConfig(), observer=failing)  # fmt: skip
+                                 batching=BatchingConfig(), observer=failing,
+                                 observer_failed=lambda: counted.append(None))  # fmt: skip
         results = []
-        for start in (0, 3):  # one after the other: the second needs the worker the first batch ran on
+        # one after the other: the second needs the worker the first batch ran on; the clock moved between some
+        for start, moved in [(0, 0.0), (3, 0.0), (6, 0.0), (9, 59.0), (12, 2.0), (15, 0.0), (18, 60.0)]:
+            now[0] += moved
             x = _rows(start, 1)
             results.append(await asyncio.wait_for(batcher.submit({"x": x}, ["y"], 1), 5))
+        assert batcher.observer_failures == 7
         await batcher.close()
         executor.shutdown()
         return results
 
     results = asyncio.run(scenario())
-    np.testing.assert_array_equal(results[1]["y"], _rows(3, 1) * 2)
-    assert calls == [1, 1]
-    logged = [record for record in caplog.records if "observing a batch failed" in record.getMessage()]
-    assert len(logged) == 1, "logged once, not once a batch"
+    np.testing.assert_array_equal(results[-1]["y"], _rows(18, 1) * 2)
+    assert calls == [1] * 7 and len(counted) == 7, "every failure counted"
+    # the first at once; the fifth 61 s later (the four since); the seventh a minute after that (the two since)
+    assert [message.split(", ")[1].split(" since")[0] for message in logged()] == [
+        "1 batch(es)",
+        "4 batch(es)",
+        "2 batch(es)",
+    ]
+    assert all(r.exc_info for r in caplog.records if "observing a batch failed" in r.getMessage()), "with the error"

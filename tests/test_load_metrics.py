@@ -160,3 +160,27 @@ def test_a_version_answering_requests_exports_them_at_the_scrape() -> None:
 
 def _value_of(metrics: ServerMetrics, name: str, **labels: str) -> float | None:
     return metrics.registry.get_sample_value(name, {"model": "m", "version": "1", **labels})
+
+
+def test_each_batch_whose_monitoring_fails_is_counted_in_the_version_s_metric_and_answered() -> None:
+    """The model version's batch observer fails (here its latency window, broken): every such batch is counted in
+    ``dhow_batch_observer_failures_total`` (which the alert rules read), its requests answered all the same."""
+
+    class Broken:
+        def add(self, waits: object, compute_ns: int) -> None:
+            raise RuntimeError("a broken latency window")
+
+    async def scenario() -> None:
+        metrics, recorder = ServerMetrics(), Recorder()
+        version = _version(metrics, recorder)
+        assert _value(metrics, "dhow_batch_observer_failures_total") == 0, "a series from the load: alerts see 0 first"
+        version.latency = Broken()  # type: ignore[assignment]
+        rows = np.ones((1, 3), dtype=np.float32)
+        for _ in range(3):  # one after the other: a batch each
+            answer = await version.batcher.submit({"x": rows}, ["y"], 1)
+            np.testing.assert_array_equal(answer["y"], rows * 2)
+        assert _value(metrics, "dhow_batch_observer_failures_total") == len(recorder.batches) == 3
+        assert b'dhow_batch_observer_failures_total{model="m",version="1"} 3.0' in metrics.render()[0]
+        await version.close()
+
+    asyncio.run(scenario())

@@ -235,6 +235,14 @@ class ServerMetrics:
             buckets=_FILL_BUCKETS,
             registry=self.registry,
         )
+        self.observer_failures = Counter(
+            "dhow_batch_observer_failures",
+            "Executed batches whose monitoring failed (their metrics, drift samples, latency window, tracing's batch "
+            "spans): the requests were answered, what was not recorded of the batch is lost. The server log says "
+            "why, at most once a minute per model version.",
+            ["model", "version"],
+            registry=self.registry,
+        )
         #: whose queue each (model, version) gauge reads: a reloaded version's successor takes the labels over
         self._load_sources: dict[tuple[str, str], LoadSource] = {}
         #: drift, quality and latency anomalies of the models

@@ -12,6 +12,7 @@ once, are ``opentelemetry-proto``'s own encoding.
 
 from __future__ import annotations
 
+import math
 import random
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,13 +24,16 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 __all__ = [
     "SPAN_KIND_INTERNAL",
     "SPAN_KIND_SERVER",
+    "AttributesKey",
     "FinishedSpan",
     "attribute",
     "attribute_set",
+    "attributes_key",
     "child_prefix",
     "export_request",
     "export_request_of",
     "family_fields",
+    "keepable",
     "random_ids",
     "repeated",
     "server_prefix",
@@ -64,11 +68,32 @@ class FinishedSpan(NamedTuple):
 
 
 _SMALL = [bytes((n,)) for n in range(128)]
-#: encoded attributes by (key, value): a model's name, version and batch sizes repeat in every span
-_ATTRIBUTES: dict[tuple[str, Any], bytes] = {}
+#: encoded attributes by (key, type, value): a model's name, version and batch sizes repeat in every span. The type is
+#: in the key because True, 1 and 1.0 are equal and hash alike but are written as a bool, an int and a double
+_ATTRIBUTES: dict[tuple[str, type, Any], bytes] = {}
 _MAX_CACHED = 4096
 #: encoded name and kind by (name, kind): "infer <model>", "queue", ...
 _NAMED: dict[tuple[str, int], bytes] = {}
+#: the types whose equal values are written alike (floats too, but 0.0 and -0.0: equal, written apart; and not NaN,
+#: which equals nothing, nor infinities: JSON writes both as null, as None, where ``trace_chunk`` compares them)
+_KEPT_TYPES = frozenset((str, int, bool))
+#: attributes by their items and their values' types (``attributes_key``)
+AttributesKey = tuple[tuple[tuple[str, Any], ...], tuple[type, ...]]
+
+
+def keepable(values: Iterable[Any]) -> bool:
+    """Whether what is written of ``values`` may be kept by value: equal values of one type are written alike, but
+    0.0 and -0.0 and values of other types (written as their ``str``: ``Decimal("1.0") == Decimal("1.00")``); and
+    their JSON tells them apart (finite floats)."""
+    return all(type(value) in _KEPT_TYPES or (type(value) is float and value != 0 and math.isfinite(value))
+               for value in values)  # fmt: skip
+
+
+def attributes_key(attributes: Mapping[str, Any]) -> AttributesKey:
+    """What caches of written attributes are keyed by: their items and their values' types (True, 1 and 1.0 are
+    equal and hash alike, but are written apart). Attributes are kept only when ``keepable``: a key of others finds
+    nothing (a 0.0 is never kept for a -0.0 to find)."""
+    return tuple(attributes.items()), tuple(map(type, attributes.values()))
 
 
 def varint(value: int) -> bytes:
@@ -102,12 +127,14 @@ def _any_value(value: Any) -> bytes:
 
 def _attribute(key: str, value: Any) -> bytes:
     """Span field 9, a ``KeyValue``: key (1) and an ``AnyValue`` (2)."""
-    cached = _ATTRIBUTES.get((key, value))
+    typed = (key, type(value), value)
+    cached = _ATTRIBUTES.get(typed)
     if cached is None:
         cached = _field(b"\x4a", _field(b"\x0a", key.encode()) + _field(b"\x12", _any_value(value)))
-        if len(_ATTRIBUTES) >= _MAX_CACHED:  # request ids never repeat: the cache must not grow with them
-            _ATTRIBUTES.clear()
-        _ATTRIBUTES[(key, value)] = cached
+        if keepable((value,)):  # (never 0.0: -0.0 would find it, they are equal)
+            if len(_ATTRIBUTES) >= _MAX_CACHED:  # request ids never repeat: the cache must not grow with them
+                _ATTRIBUTES.clear()
+            _ATTRIBUTES[typed] = cached
     return cached
 
 
@@ -143,8 +170,9 @@ def _span(span: FinishedSpan) -> bytes:
 
 
 #: of a child span (``family_fields``), what does not vary (its tag and length, name, kind, attributes, links, and
-#: the tag of its id), by name and attributes (when it has no links: a batch's attributes repeat in its requests)
-_PREFIXES: dict[tuple[str, tuple[tuple[str, Any], ...]], bytes] = {}
+#: the tag of its id), by name and attributes (``attributes_key``; when it has no links: a batch's attributes repeat
+#: in its requests)
+_PREFIXES: dict[tuple[str, AttributesKey], bytes] = {}
 #: a child's fields after its prefix: its id, its trace id (1) and the tag of its start, its start (7), its parent (4)
 #: and the tag of its end, its end (8); ``family_fields`` writes them after each prefix with one ``Struct``, by the
 #: prefixes' lengths
@@ -156,8 +184,8 @@ _SHARED = struct.Struct(">2s16sB2sQB2s16s2sQ")
 _LINK = struct.Struct(">4s16s2sQ")
 _STRUCTS: dict[tuple[int, ...], Any] = {}
 _IDS_AND_TIMES_SIZE = struct.calcsize("<" + _IDS_AND_TIMES)
-#: encoded attributes by their items (a batch's repeat in each of its requests)
-_ATTRIBUTE_SETS: dict[tuple[tuple[str, Any], ...], bytes] = {}
+#: encoded attributes by ``attributes_key`` (a batch's repeat in each of its requests)
+_ATTRIBUTE_SETS: dict[AttributesKey, bytes] = {}
 #: an attribute's key (1) and the tag of its value (2), by key
 _KEYS: dict[str, bytes] = {}
 #: ``Struct``s splitting ``count`` span ids (8 bytes each), by count
@@ -172,12 +200,14 @@ def child_prefix(name: str, attributes: Mapping[str, Any] | None = None, links: 
     may come in any order: these come first. ``links``: (trace id as hex, span id as an int) of each linked span."""
     if links:
         return _prefix(name, attributes, links)
-    key = (name, tuple(attributes.items()) if attributes else ())
+    key = (name, attributes_key(attributes) if attributes else ((), ()))
     prefix = _PREFIXES.get(key)
     if prefix is None:
-        if len(_PREFIXES) >= _MAX_CACHED:
-            _PREFIXES.clear()
-        prefix = _PREFIXES[key] = _prefix(name, attributes, ())
+        prefix = _prefix(name, attributes, ())
+        if not attributes or keepable(attributes.values()):
+            if len(_PREFIXES) >= _MAX_CACHED:
+                _PREFIXES.clear()
+            _PREFIXES[key] = prefix
     return prefix
 
 
@@ -250,11 +280,14 @@ def _struct(lengths: tuple[int, ...]) -> Any:
 
 def attribute_set(attributes: Mapping[str, Any]) -> bytes:
     """Attributes (span field 9) that repeat from span to span: written once (by their items)."""
-    written = _ATTRIBUTE_SETS.get(tuple(attributes.items()))
+    key = attributes_key(attributes)
+    written = _ATTRIBUTE_SETS.get(key)
     if written is None:
-        if len(_ATTRIBUTE_SETS) >= _MAX_CACHED:
-            _ATTRIBUTE_SETS.clear()
-        written = _ATTRIBUTE_SETS[tuple(attributes.items())] = b"".join(_attribute(k, v) for k, v in attributes.items())
+        written = b"".join(_attribute(k, v) for k, v in attributes.items())
+        if keepable(attributes.values()):
+            if len(_ATTRIBUTE_SETS) >= _MAX_CACHED:
+                _ATTRIBUTE_SETS.clear()
+            _ATTRIBUTE_SETS[key] = written
     return written
 
 

@@ -17,10 +17,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from dhow.monitoring.otlp import attribute, child_prefix, random_ids, repeated, varint
+import orjson
+
+from dhow.monitoring.otlp import (
+    AttributesKey,
+    attribute,
+    attributes_key,
+    child_prefix,
+    keepable,
+    random_ids,
+    repeated,
+    varint,
+)
 from dhow.monitoring.tracing import PLAIN_STAGES, served_fields
 
 __all__ = ["chunk_fields"]
+
+_dumps = orjson.dumps
 
 _SMALL = [bytes((n,)) for n in range(128)]
 #: a varint's bytes by value, for a span's length (two bytes past 127)
@@ -69,7 +82,7 @@ def chunk_fields(chunk: Sequence[Sequence[Any]]) -> bytes:
     stages: list[Any] = []
     server: list[bytes] = []
     model_version: Any = None
-    shared: Any = None
+    shared = b""
     answered_stages: tuple[bytes, ...] = ()
     computed_stages: tuple[bytes, ...] = ()
     served = batch_prefix = b""
@@ -80,8 +93,12 @@ def chunk_fields(chunk: Sequence[Sequence[Any]]) -> bytes:
         )
         if batch:
             start, stop, attributes = batch
-            if attributes != shared:  # the requests of a batch come together
-                compute, shared, links_size = child_prefix("compute", attributes), attributes, 0
+            # the requests of a batch come together. Compared as JSON (one call): True, 1 and 1.0, or 0.0 and -0.0,
+            # are equal in Python but written apart; values JSON does not tell apart (None, NaN) are never shared
+            text = _dumps(attributes)
+            if text != shared:
+                compute, links_size = child_prefix("compute", attributes), 0
+                shared = text if keepable(attributes.values()) else b""
                 answered_stages, computed_stages = (*PLAIN_STAGES[3], compute), (*PLAIN_STAGES[1], compute)
             if answered:
                 prefixes += answered_stages
@@ -150,13 +167,13 @@ def _links(pairs: list[Any]) -> bytes:
 
 
 #: a batch's span's fixed part before its links, by its attributes and its links' size
-_BATCH_PREFIXES: dict[tuple[tuple[tuple[str, Any], ...], int], bytes] = {}
+_BATCH_PREFIXES: dict[tuple[AttributesKey, int], bytes] = {}
 
 
 def _batch_prefix(attributes: Any, links_size: int) -> bytes:
     """A batch's span's tag and length, name, kind and attributes: ``child_prefix`` without its links and the tag of
     its id, its length counting ``links_size`` bytes of links."""
-    key = (tuple(attributes.items()), links_size)
+    key = (attributes_key(attributes), links_size)
     prefix = _BATCH_PREFIXES.get(key)
     if prefix is None:
         plain = child_prefix("batch", attributes)  # its tag and length, then its body ending in its id's tag
@@ -164,9 +181,11 @@ def _batch_prefix(attributes: Any, links_size: int) -> bytes:
         while plain[header - 1] & 0x80:
             header += 1
         written = plain[header:]
-        if len(_BATCH_PREFIXES) >= 4096:
-            _BATCH_PREFIXES.clear()
-        prefix = _BATCH_PREFIXES[key] = b"\x12" + varint(len(written) + _STAGE_SIZE + links_size) + written[:-2]
+        prefix = b"\x12" + varint(len(written) + _STAGE_SIZE + links_size) + written[:-2]
+        if keepable(attributes.values()):  # (``attributes_key``)
+            if len(_BATCH_PREFIXES) >= 4096:
+                _BATCH_PREFIXES.clear()
+            _BATCH_PREFIXES[key] = prefix
     return prefix
 
 

@@ -47,6 +47,10 @@ UNMEASURED_QUEUE_LIMIT, MIN_QUEUE_LIMIT = 1024, 8
 #: told of every executed batch: its timings, when it started (monotonic ns), the queue wait of each of its
 #: requests and their traces (each request's ``trace`` in order; empty when none is traced), for metrics and spans
 BatchObserver = Callable[[BatchTimings, int, list[int], Sequence[object | None]], None]
+#: seconds at least between two logs of a failing observer: each says how many batches it failed since the last
+OBSERVER_LOG_INTERVAL_S = 60.0
+#: the clock of those logs (a test moves it)
+_clock = time.monotonic
 
 
 def _batch_key(inputs: Mapping[str, np.ndarray]) -> tuple[object, ...]:
@@ -70,11 +74,17 @@ class DynamicBatcher:
         observer: BatchObserver | None = None,
         default_timeout_ms: float = 0.0,
         check: OutputCheck | None = None,
+        observer_failed: Callable[[], None] | None = None,
     ) -> None:
         self.label = label
         self.stats = stats
         self._observer = observer
-        self._observer_failed = False
+        #: told of each batch the observer failed (the server counts them in a metric)
+        self._observer_failed = observer_failed
+        #: batches the observer failed, in all and when it was last logged, and when that was (``_clock``)
+        self.observer_failures = 0
+        self._failures_logged = 0
+        self._failure_logged_at = float("-inf")
         self._check = check
         self._executor = executor
         self._max_rows = max_batch_size if batching is not None else 0
@@ -341,12 +351,27 @@ class DynamicBatcher:
             try:
                 self._observer(timings, start, waits, traces if any(traces) else ())
             except Exception:  # monitoring never stops a model from answering (the worker would die, unanswered)
-                if not self._observer_failed:
-                    self._observer_failed = True
-                    log.exception("%s: observing a batch failed (logged once; the requests are answered)", self.label)
+                self._observer_failure()
         for pending, result in zip(batch, results, strict=True):
             if not pending.future.done():
                 pending.future.set_result(result)
+
+    def _observer_failure(self) -> None:
+        """Count a batch the observer failed, and log it unless a failure was logged less than
+        ``OBSERVER_LOG_INTERVAL_S`` ago: a broken monitoring stays visible without a line a batch."""
+        self.observer_failures += 1
+        if self._observer_failed is not None:
+            self._observer_failed()
+        now = _clock()
+        if now - self._failure_logged_at < OBSERVER_LOG_INTERVAL_S:
+            return
+        failed, self._failures_logged = self.observer_failures - self._failures_logged, self.observer_failures
+        self._failure_logged_at = now
+        log.exception(
+            "%s: observing a batch failed, %d batch(es) since the last such log (logged at most every %.0f s; the "
+            "requests are answered; what monitoring would have kept of those batches is lost)",
+            self.label, failed, OBSERVER_LOG_INTERVAL_S,
+        )  # fmt: skip
 
     def _stopped(self, requests: list[Pending], when: str) -> None:
         """Answer requests that their worker will not compute (it was stopped): 503, retry."""

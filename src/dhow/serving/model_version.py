@@ -113,6 +113,7 @@ class ModelVersion:
             observer=self._observe_batch,
             default_timeout_ms=queue_timeout_ms,
             check=self._checked_batch if self.batch_checked else None,
+            observer_failed=metrics.observer_failures.labels(*labels).inc,
         )
         metrics.watch_load(self.name, self.version_label, self.batcher)
 
