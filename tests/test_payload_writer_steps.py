@@ -15,7 +15,8 @@ from dhow.serving.payload_writer import Writer
 class _Steps(Writer):
     """A writer whose render records each step's size (no sink, no threads: ``_render_steps`` alone)."""
 
-    def __init__(self, queued: int, *, stopping: bool = False) -> None:
+    def __init__(self, queued: int, *, stopping: bool = False, capacity: int = 10_000) -> None:
+        self.capacity = capacity
         self._queue = collections.deque([[n] for n in range(queued)])
         self._stopping = threading.Event()
         if stopping:
@@ -62,6 +63,13 @@ def test_a_writer_behind_or_stopping_renders_without_pauses(pauses: list[float])
     stopping = _Steps(300, stopping=True)
     stopping._render_steps()
     assert pauses == [] and stopping.steps == [64, 64, 64, 64, 44]
+
+
+def test_a_small_queue_half_full_counts_as_behind(pauses: list[float]) -> None:
+    writer = _Steps(400, capacity=600)  # 336 left after the first step: more than half of 600
+    writer._render_steps()
+    assert writer.steps == [64] * 6 + [16]
+    assert pauses == [payload_writer._STEP_PAUSE_S] * 5  # not before the second step (336 left), then each
 
 
 def test_a_few_events_are_one_step_without_a_pause(pauses: list[float]) -> None:

@@ -130,13 +130,14 @@ class Writer:
 
     def _render_steps(self) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
         """Up to ``_CHUNK`` queued events rendered, ``_STEP`` at a time with ``_STEP_PAUSE_S`` between steps unless
-        the writer is behind or stopping (then at once)."""
+        the writer is behind (``_BEHIND`` queued, or half its capacity) or stopping (then at once)."""
         rendered: list[tuple[str, bytes]] = []
         failures: list[tuple[Any, Exception]] = []
         queue = self._queue
+        behind = min(_BEHIND, self.capacity // 2)  # (a small queue must not fill while its writer pauses)
         while queue and len(rendered) + len(failures) < _CHUNK:
             done = len(rendered) + len(failures)
-            if done and len(queue) < _BEHIND and not self._stopping.is_set():
+            if done and len(queue) < behind and not self._stopping.is_set():
                 time.sleep(_STEP_PAUSE_S)
             step = [queue.popleft() for _ in range(min(_STEP, len(queue), _CHUNK - done))]
             written, failed = self.render_chunk(step)
