@@ -15,7 +15,7 @@ import orjson
 
 from dhow.core.errors import Unavailable
 from dhow.core.frames import decode_frame_length, widen_pipe
-from dhow.governance.audit import AuditRow, _text
+from dhow.governance.audit import AuditRow, _text, writable
 from dhow.governance.audit_writer import COMMIT_S, encode_frame
 
 log = logging.getLogger("dhow.audit")
@@ -211,17 +211,21 @@ def _frame(rows: list[AuditRow], *, urgent: bool = False) -> bytes:
 
 
 def _encodable(row: tuple[object, ...]) -> tuple[object, ...]:
-    """A record's fields as a frame can carry them: texts without lone surrogates, and details that cannot be
-    encoded (an integer past 64 bits, a surrogate in a sample) kept as their ``repr``, as the store keeps them."""
+    """A record's fields as a frame can carry them, as the store writes them (``audit.writable``): a lone surrogate
+    as its escape, an integer past 64 bits in details as its digits; details that still cannot be encoded (a cycle)
+    kept as their ``repr``, as the store keeps them."""
     try:
         encode_frame(row)
         return row
     except (TypeError, ValueError):
         pass
     texts = tuple(_text(value) for value in row[:9])
-    latency = row[9] if isinstance(row[9], int | float) and not isinstance(row[9], bool) else None
-    details = {"unencodable_details": _text(repr(row[10]))[:2000]}
-    return (*texts, latency, details, _text(row[11]), row[12])
+    details = writable(row[10])
+    try:
+        encode_frame(details)
+    except (TypeError, ValueError):
+        details = {"unencodable_details": _text(repr(row[10]))[:2000]}
+    return (*texts, writable(row[9]), details, _text(row[11]), writable(row[12]))
 
 
 class _Departure(asyncio.Future[None]):
