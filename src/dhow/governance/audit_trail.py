@@ -21,6 +21,7 @@ from typing import Literal
 
 from dhow.core.errors import DhowError, InvalidInput, Unavailable
 from dhow.governance.audit import AuditRecord, AuditRow, AuditStore
+from dhow.governance.audit_refusals import Appending
 from dhow.governance.audit_writer import COMMIT_S
 from dhow.governance.writer_process import WriterProcess, _depart, _Departure
 
@@ -41,8 +42,8 @@ class _Lane:
     process: WriterProcess | None = None
     #: records as rows (``AuditRecord.as_tuple``), as they cross to a writer process
     queue: deque[AuditRow] = field(default_factory=deque)
-    #: the batch being written, kept until a write succeeds
-    batch: list[AuditRow] | None = None
+    #: the batch being written (a writer thread's), kept until it is all written
+    batch: Appending | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     enqueued: int = 0
     written: int = 0
@@ -107,6 +108,8 @@ class AuditTrail:
         self._pending = 0
         self.written = 0
         self.failures = 0
+        #: records the store refused, written as ``audit.unwritable`` records (``audit_refusals.py``)
+        self.unwritable = 0
 
     @property
     def pending(self) -> int:
@@ -273,15 +276,19 @@ class AuditTrail:
 
     async def _write(self, lane: _Lane) -> bool:
         if lane.batch is None:
-            lane.batch = [lane.queue.popleft() for _ in range(min(len(lane.queue), self._max_batch))]
+            lane.batch = Appending([lane.queue.popleft() for _ in range(min(len(lane.queue), self._max_batch))])
         batch = lane.batch
+        before, refused = batch.done, len(batch.refusals)
         try:
-            await asyncio.to_thread(lane.store.append_rows, batch)
-        except Exception as err:  # any failure: keep the batch, retry, and say so once per outage
+            await asyncio.to_thread(batch.run, lane.store)
+        except Exception as err:  # the store is down: keep the rest of the batch, retry, say so once per outage
+            self._refused(lane, batch.refusals[refused:])
+            self._counted(lane, batch.done - before)
             self._failing(lane, err)
             return False
         lane.batch = None
-        self._written(lane, len(batch))
+        self._refused(lane, batch.refusals[refused:])
+        self._written(lane, batch.done - before)
         return True
 
     async def _acknowledge(self, lane: _Lane) -> None:
@@ -304,7 +311,19 @@ class AuditTrail:
                         log.error("cannot start the audit writer process for %s: %r", lane.store.url, spawn)
                         process.not_started(spawn)
                 continue
+            if process.refusals:
+                self._refused(lane, process.refusals)
+                process.refusals = []
             self._written(lane, count)
+
+    def _refused(self, lane: _Lane, refusals: list[tuple[int, str]]) -> None:
+        """Records the store refused, each written in its place as an ``audit.unwritable`` record."""
+        self.unwritable += len(refusals)
+        for seq, error in refusals:
+            log.error(
+                "the audit trail at %s refused a record: written in its place as an audit.unwritable record "
+                "(seq %d) that holds it as text: %s", lane.store.url, seq, error,
+            )  # fmt: skip
 
     def _failing(self, lane: _Lane, err: Exception) -> None:
         self.failures += 1
@@ -315,12 +334,16 @@ class AuditTrail:
         lane.backoff_s = min(MAX_BACKOFF_S, lane.backoff_s * 2 or FIRST_BACKOFF_S)
 
     def _written(self, lane: _Lane, count: int) -> None:
-        lane.written += count
-        self.written += count
-        self._pending -= count
+        self._counted(lane, count)
         if lane.failing:
             log.warning("the audit trail at %s is writable again; %d records behind", lane.store.url, self._pending)
             lane.failing, lane.backoff_s = False, 0.0
+
+    def _counted(self, lane: _Lane, count: int) -> None:
+        """``count`` more of the lane's records are durable."""
+        lane.written += count
+        self.written += count
+        self._pending -= count
         while lane.waiters and lane.waiters[0][0] <= lane.written:
             _, done = lane.waiters.popleft()
             if not done.done():

@@ -47,6 +47,9 @@ class WriterProcess:
         self._started = False
         #: what ``handed_over`` awaits while no writer runs: done once ``start`` sent the frames to a new one
         self._restarted: asyncio.Future[None] | None = None
+        #: (seq, the store's error) of each record the writer found refused and wrote as ``audit.unwritable`` at
+        #: that seq, as its answers told, until the trail takes them
+        self.refusals: list[tuple[int, str]] = []
 
     @property
     def unacknowledged(self) -> int:
@@ -139,8 +142,9 @@ class WriterProcess:
             restarted.exception()  # read: a future no request waits for any more is not logged as unretrieved
 
     async def acknowledged(self) -> int:
-        """The number of records the writer made durable with its next answer; ``Unavailable`` when it says the
-        store fails (it retries by itself) or when it died (``start`` again)."""
+        """The number of records the writer made durable with its next answer (those the store refused count: each
+        is written as an ``audit.unwritable`` record, added to ``refusals``); ``Unavailable`` when it says the store
+        fails (it retries by itself) or when it died (``start`` again)."""
         process = self._alive()
         if process is None or process.stdout is None:
             raise Unavailable("the audit writer process is not running; starting another")
@@ -152,6 +156,7 @@ class WriterProcess:
             raise Unavailable(f"the audit writer process stopped ({type(exc).__name__}); starting another") from None
         if "error" in answer:
             raise Unavailable(str(answer["error"]))
+        self.refusals += [(int(seq), str(error)) for seq, error in answer.get("refused", ())]
         return sum(len(self._unacknowledged.popleft()) for _ in range(int(answer["frames"])))
 
     async def close(self) -> None:
