@@ -168,3 +168,22 @@ def test_a_value_the_database_cannot_encode_is_kept_as_escaped_text(latin1_datab
         assert store.verify().ok and trail.unwritable == 1
     finally:
         store.close()
+
+
+def test_a_statement_past_a_postgresql_limit_is_a_refusal_not_an_outage(pg_database: str) -> None:
+    """PostgreSQL's "program limit exceeded" (an index entry too big, say) is an OperationalError, as an outage is;
+    retried, it fails again: the record is replaced, the rest written."""
+    store = AuditStore.open(pg_database)
+    with psycopg.connect(pg_database, autocommit=True) as pg:
+        pg.execute(
+            "CREATE FUNCTION too_big() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF NEW.value = 'key:poison' "
+            "THEN RAISE EXCEPTION 'index row too big' USING ERRCODE = 'program_limit_exceeded'; END IF; RETURN NEW; "
+            "END $$"
+        )
+        pg.execute("CREATE TRIGGER too_big BEFORE INSERT ON dhow_audit_keys FOR EACH ROW EXECUTE FUNCTION too_big()")
+    job = Appending([record.as_tuple() for record in _batch()])
+    try:
+        assert job.run(store) == 20 and [seq for seq, _ in job.refusals] == [8, 15]
+        assert "index row too big" in job.refusals[0][1] and store.verify().ok
+    finally:
+        store.close()
