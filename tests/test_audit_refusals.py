@@ -133,6 +133,28 @@ def test_a_store_that_refuses_the_stand_in_too_is_retried_and_nothing_is_replace
         store.close()
 
 
+def test_a_stand_in_keeps_the_tenant_unless_the_store_refuses_it_too(database_url: str) -> None:
+    """A tenant's auditor reads only its tenant's records: the stand-in keeps the refused record's tenant (as
+    ASCII), region and request id; when that is what the store refuses, it keeps none."""
+    store = AuditStore.open(database_url)
+    _refuse(database_url, "t:poison", "key:poison")
+    records = [
+        AuditRecord("inference", "infer", "key:poison", tenant="t\x00\u00e9", region="eu", request_id="r1"),
+        AuditRecord("inference", "infer", "key:good", tenant="t:poison", request_id="r2"),
+    ]
+    job = Appending([record.as_tuple() for record in records])
+    try:
+        assert job.run(store) == 2 and len(job.refusals) == 2
+        first, second = store.read()
+        assert (first["kind"], first["tenant"], first["region"], first["request_id"]) == (
+            UNWRITABLE_KIND, "t\\x00\\xe9", "eu", "r1"
+        )  # fmt: skip
+        assert (second["kind"], second["tenant"], second["request_id"]) == (UNWRITABLE_KIND, "default", "")
+        assert orjson.loads(second["details"]["record"])["tenant"] == "t:poison" and store.verify().ok
+    finally:
+        store.close()
+
+
 @pytest.fixture
 def latin1_database(pg_available: None) -> Iterator[str]:
     """A PostgreSQL database in LATIN1 (as some older installations are): it cannot hold an emoji."""
@@ -162,7 +184,7 @@ def test_a_value_the_database_cannot_encode_is_kept_as_escaped_text(latin1_datab
     try:
         asyncio.run(scenario())
         rows = store.read()
-        assert [row["request_id"] for row in rows] == ["a", "", "c"] and rows[1]["kind"] == UNWRITABLE_KIND
+        assert [row["request_id"] for row in rows] == ["a", "b", "c"] and rows[1]["kind"] == UNWRITABLE_KIND
         assert "\\ud83d\\ude00" in rows[1]["details"]["record"] and "latin-1" in rows[1]["details"]["error"]
         assert orjson.loads(rows[1]["details"]["record"])["actor"] == "key:\U0001f600"
         assert store.verify().ok and trail.unwritable == 1

@@ -28,8 +28,9 @@ from typing import Any
 
 from dhow.core.errors import DhowError, Unavailable
 from dhow.governance.audit import AuditRow, AuditStore
+from dhow.governance.audit_blocks import KEY_CHARS
 
-__all__ = ["RECORD_CHARS", "UNWRITABLE_KIND", "Appending", "describe", "unwritable_row"]
+__all__ = ["RECORD_CHARS", "UNWRITABLE_KIND", "Appending", "describe", "unwritable_rows"]
 
 #: the kind of the record written in place of one the store refused
 UNWRITABLE_KIND = "audit.unwritable"
@@ -60,14 +61,29 @@ def _record_text(row: Any) -> str:
             return f"<a {type(row).__name__} that has no text>"
 
 
-def unwritable_row(row: Any, error: str) -> AuditRow:
-    """The record written in place of ``row``, which the store refused with ``error``."""
+def _ascii(value: object) -> str:
+    """A field of a refused record as a stand-in keeps it: ASCII (escaped), up to a key's length."""
+    if not isinstance(value, str):
+        return ""
+    return value.encode("ascii", "backslashreplace").decode("ascii").replace("\x00", "\\x00")[:KEY_CHARS]
+
+
+def unwritable_rows(row: Any, error: str) -> list[AuditRow]:
+    """The records that may be written in place of ``row``, which the store refused with ``error``, the first the
+    store takes: one that keeps its tenant, region and request id (as ASCII: a tenant's auditor reads only its
+    tenant's records), else one that keeps none (one of them may be what the store refused)."""
     text = _record_text(row)
     details: dict[str, Any] = {"record": text[:RECORD_CHARS], "error": error[:ERROR_CHARS]}
     if len(text) > RECORD_CHARS:
         details["record_chars"] = len(text)
-    return (UNWRITABLE_KIND, "audit.write", "dhow:audit-writer", "default", "UNWRITABLE", "", "", "", "", None,
-            details, "", time.time())  # fmt: skip
+    kept = ("default", "", "")
+    if isinstance(row, list | tuple) and len(row) == 13:
+        kept = (_ascii(row[3]) or "default", _ascii(row[8]), _ascii(row[7]))
+    return [
+        (UNWRITABLE_KIND, "audit.write", "dhow:audit-writer", tenant, "UNWRITABLE", "", "", request_id, region, None,
+         details, "", time.time())
+        for tenant, region, request_id in dict.fromkeys([kept, ("default", "", "")])
+    ]  # fmt: skip
 
 
 def _down(exc: Exception) -> bool:
@@ -95,10 +111,22 @@ class Appending:
         while self.done < len(self.rows):
             error = self._write_until_refused(store, self.rows[self.done :])
             if error is not None:
-                self.seq = store.append_rows([unwritable_row(self.rows[self.done], error)])
-                self.refusals.append((self.seq, error))
-                self.done += 1
+                self._stand_in(store, self.rows[self.done], error)
         return self.seq
+
+    def _stand_in(self, store: AuditStore, row: AuditRow, error: str) -> None:
+        *first, last = unwritable_rows(row, error)
+        for stand_in in first:
+            try:
+                self.seq = store.append_rows([stand_in])
+                break
+            except Exception as exc:
+                if _down(exc):
+                    raise
+        else:
+            self.seq = store.append_rows([last])  # refused too: the store is broken, retried as when it is down
+        self.refusals.append((self.seq, error))
+        self.done += 1
 
     def _write_until_refused(self, store: AuditStore, rows: Sequence[AuditRow]) -> str | None:
         """Write ``rows`` in order until the first the store refuses alone; its error (None: all written)."""
