@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import sqlite3
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -17,7 +15,6 @@ import pytest
 from dhow.governance.audit import AuditRecord, AuditStore
 from dhow.governance.audit_refusals import UNWRITABLE_KIND, Appending
 from dhow.governance.audit_trail import AuditTrail
-from tests.conftest import PG_ADMIN_URL, pg_url
 
 
 def _refuse(url: str, *values: str) -> None:
@@ -153,19 +150,6 @@ def test_a_stand_in_keeps_the_tenant_unless_the_store_refuses_it_too(database_ur
         assert orjson.loads(second["details"]["record"])["tenant"] == "t:poison" and store.verify().ok
     finally:
         store.close()
-
-
-@pytest.fixture
-def latin1_database(pg_available: None) -> Iterator[str]:
-    """A PostgreSQL database in LATIN1 (as some older installations are): it cannot hold an emoji."""
-    name = f"dhow_test_{secrets.token_hex(6)}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE \"{name}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
-    try:
-        yield pg_url(name)
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_a_value_the_database_cannot_encode_is_kept_as_escaped_text(latin1_database: str) -> None:
