@@ -806,6 +806,34 @@ def test_a_writer_process_gathers_records_for_its_commit_window(audit_url: str) 
         store.close()
 
 
+@pytest.mark.parametrize("commit_s", [1.0, 0.0])
+def test_a_writer_thread_gathers_records_for_the_commit_window_too(audit_url: str, commit_s: float) -> None:
+    """The thread writer (``dhow serve``'s first start) took ``flush_interval_s`` (0.2 s) for its window whatever
+    ``--audit-commit-ms`` said: records within the window now share a transaction, and 0 writes each at once."""
+    store = AuditStore.open(audit_url)
+    trail = AuditTrail({"ae": store}, "ae", commit_s=commit_s)
+
+    async def scenario() -> None:
+        await trail.start()
+        for record in _records(3, "w"):
+            trail.record(record)
+            await asyncio.sleep(0.1)
+            if not commit_s:
+                while trail.pending:
+                    await asyncio.sleep(0.01)
+        while trail.pending:
+            await asyncio.sleep(0.01)
+        await trail.close()
+
+    try:
+        asyncio.run(scenario())
+        assert _request_ids(store) == ["w-0", "w-1", "w-2"] and store.verify().ok
+        blocks = _sql(audit_url, "SELECT first_seq, last_seq FROM dhow_audit_blocks ORDER BY first_seq")
+        assert blocks == ([(1, 3)] if commit_s else [(1, 1), (2, 2), (3, 3)])
+    finally:
+        store.close()
+
+
 @pytest.mark.skipif(not hasattr(fcntl, "F_GETPIPE_SZ"), reason="pipe sizes are Linux's")
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_the_channel_to_a_writer_process_is_widened(tmp_path: Path, loop: str) -> None:

@@ -1,7 +1,8 @@
 """The audit trail as the server uses it: records queued on the event loop, written in batches off it.
 
-``record`` costs the hot path an append to a queue; a writer per store chains and writes batches every
-``flush_interval_s`` (or at once when a batch is full). The writing runs in a thread, or (``writer="process"``,
+``record`` costs the hot path an append to a queue; a writer per store chains and writes what came within
+``commit_s`` (``--audit-commit-ms``) of a first record in one transaction (or at once when a batch is full, or
+someone waits for a record to be durable). The writing runs in a thread, or (``writer="process"``,
 what the server uses) in a writer process per store, spoken to over pipes from the event loop, so that
 hashing and the database's work take nothing from the interpreter lock the loop needs. A write that fails is
 retried with backoff, never dropped. The inference path's records (``record_before_answer``) leave for a
@@ -80,7 +81,7 @@ class AuditTrail:
         stores: Mapping[str, AuditStore],
         default_region: str,
         *,
-        flush_interval_s: float = 0.2,
+        flush_interval_s: float | None = None,
         max_batch: int = 2000,
         max_pending: int = 100_000,
         writer: Literal["thread", "process"] = "thread",
@@ -89,7 +90,7 @@ class AuditTrail:
         if default_region not in stores:
             known = ", ".join(sorted(stores)) or "none"
             raise InvalidInput(f"no audit store for the default region {default_region!r} (stores given: {known})")
-        if not flush_interval_s > 0 or max_batch < 1 or max_pending < 1:
+        if (flush_interval_s is not None and not flush_interval_s > 0) or max_batch < 1 or max_pending < 1:
             raise InvalidInput("flush_interval_s must be > 0, and max_batch and max_pending at least 1")
         lanes: dict[int, _Lane] = {}
         # regions sharing one store share its lane, so that its records stay in order
@@ -100,7 +101,11 @@ class AuditTrail:
             for region, store in stores.items()
         }
         self._default = self._lanes[default_region]
-        self._flush_interval_s = flush_interval_s
+        #: how long a writer thread gathers records after the first before a transaction: ``flush_interval_s``
+        #: when given, else ``commit_s``, as a writer process does (``audit_writer.COMMIT_S``)
+        self._window_s = commit_s if flush_interval_s is None else flush_interval_s
+        #: how often a writer process's lane looks for answers while it expects none (``_send`` wakes it)
+        self._poll_s = flush_interval_s or 0.2
         self._max_batch = max_batch
         self._max_pending = max_pending
         self._tasks: list[asyncio.Task[None]] = []
@@ -204,8 +209,8 @@ class AuditTrail:
     def _queue(self, lane: _Lane, row: AuditRow) -> None:
         """For a writer thread."""
         lane.queue.append(row)
-        if len(lane.queue) >= self._max_batch and not lane.failing:
-            lane.wake.set()
+        if (len(lane.queue) == 1 or len(lane.queue) >= self._max_batch) and not lane.failing:
+            lane.wake.set()  # the first record (the window starts), or a full batch (written at once)
 
     def _send(self, lane: _Lane, records: list[AuditRow], *, urgent: bool = False) -> None:
         process = lane.process
@@ -265,14 +270,20 @@ class AuditTrail:
             lane.waiters.clear()
 
     async def _drain(self, lane: _Lane) -> None:
-        delay = self._flush_interval_s
+        """A writer thread's lane: waits for a first record (``_queue`` wakes it), gathers for the window, writes."""
         while True:
-            await _nap(lane.wake, delay)
+            if lane.failing:
+                await _nap(lane.wake, lane.backoff_s)
+            else:
+                if lane.idle and not self._closing:
+                    await lane.wake.wait()
+                lane.wake.clear()  # (what set it is in the state read below)
+                if self._window_s and not (self._closing or lane.waiters or len(lane.queue) >= self._max_batch):
+                    await _nap(lane.wake, self._window_s)  # a full batch, ``record_now`` or ``close`` cut it short
             while not lane.idle and await self._write(lane):
                 pass
             if self._closing and lane.idle:
                 return
-            delay = lane.backoff_s if lane.failing else self._flush_interval_s
 
     async def _write(self, lane: _Lane) -> bool:
         if lane.batch is None:
@@ -297,7 +308,7 @@ class AuditTrail:
         assert process is not None
         while not (self._closing and process.unacknowledged == 0):
             if process.unacknowledged == 0:
-                await _nap(lane.wake, self._flush_interval_s)
+                await _nap(lane.wake, self._poll_s)
                 continue
             try:
                 count = await process.acknowledged()
