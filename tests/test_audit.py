@@ -166,12 +166,40 @@ def test_odd_values_are_kept_and_still_verify(store: AuditStore) -> None:
     ]
     assert store.append(odd) == 4
     rows = store.read()
-    assert rows[0]["actor"] == "key:\ufffdnul" and rows[0]["latency_ms"] is None
+    assert rows[0]["actor"] == "key:\x00nul" and rows[0]["latency_ms"] is None
+    assert rows[1]["actor"] == "key:\\ud800lone"  # the six characters of its escape
     assert isinstance(rows[0]["details"]["when"], str)
     assert rows[1]["details"]["1"] in ("{2, 3}", "{3, 2}")
-    assert "unencodable_details" in rows[2]["details"]
+    assert rows[2]["details"] == {"huge": str(10**40)}
     assert rows[3]["latency_ms"] == 0.0
     assert store.verify().ok
+
+
+_NUL = "jwt:al\x00ice"
+
+
+def test_a_nul_or_a_lone_surrogate_is_kept_and_found_by_read_s_filters(audit_url: str, store: AuditStore) -> None:
+    """A JWT's claims (sub, tenant), a key's name, a request id may hold a NUL or a lone surrogate: PostgreSQL's text
+    holds no NUL, orjson writes no lone surrogate. Each is written as it came (the surrogate as its escape), a key of
+    its block escapes the NUL, and ``read``'s filters find exactly its records, on both stores."""
+    odd = [
+        AuditRecord("inference", "infer", _NUL, tenant="t\x00", model="m\x00", request_id="r\x00"),
+        AuditRecord("inference", "infer", "jwt:alice", tenant="t", model="m", request_id="plain"),
+        AuditRecord("denial", "infer", "jwt:\udc80", tenant="t\ud800", outcome="DENIED\x00", details={"e": "\ud800"}),
+        AuditRecord("inference", "infer", "jwt:al\\u0000ice", request_id="escaped"),  # its key is _NUL's
+    ]
+    assert store.append(odd) == 4
+    assert store.read(actor=_NUL)[0]["request_id"] == "r\x00" and len(store.read(actor=_NUL)) == 1
+    assert [row["request_id"] for row in store.read(tenant="t\x00", model="m\x00")] == ["r\x00"]
+    assert [row["request_id"] for row in store.read(actor="jwt:al\\u0000ice")] == ["escaped"]
+    denial = store.read(actor="jwt:\udc80")  # a filter given the surrogate finds it as it was stored
+    assert len(denial) == 1 and denial[0]["tenant"] == "t\\ud800" and denial[0]["details"] == {"e": "\\ud800"}
+    assert store.read(outcome="DENIED\x00") == denial
+    assert ("actor", "jwt:al\\u0000ice") in _sql(audit_url, "SELECT name, value FROM dhow_audit_keys")
+    assert store.verify().ok
+    out = io.StringIO()
+    store.export_jsonl(out)
+    assert orjson.loads(out.getvalue().splitlines()[0])["actor"] == _NUL
 
 
 def test_a_field_that_is_not_a_string_is_stored_as_its_text(store: AuditStore) -> None:
@@ -778,6 +806,34 @@ def test_a_writer_process_gathers_records_for_its_commit_window(audit_url: str) 
         store.close()
 
 
+@pytest.mark.parametrize("commit_s", [1.0, 0.0])
+def test_a_writer_thread_gathers_records_for_the_commit_window_too(audit_url: str, commit_s: float) -> None:
+    """The thread writer (``dhow serve``'s first start) took ``flush_interval_s`` (0.2 s) for its window whatever
+    ``--audit-commit-ms`` said: records within the window now share a transaction, and 0 writes each at once."""
+    store = AuditStore.open(audit_url)
+    trail = AuditTrail({"ae": store}, "ae", commit_s=commit_s)
+
+    async def scenario() -> None:
+        await trail.start()
+        for record in _records(3, "w"):
+            trail.record(record)
+            await asyncio.sleep(0.1)
+            if not commit_s:
+                while trail.pending:
+                    await asyncio.sleep(0.01)
+        while trail.pending:
+            await asyncio.sleep(0.01)
+        await trail.close()
+
+    try:
+        asyncio.run(scenario())
+        assert _request_ids(store) == ["w-0", "w-1", "w-2"] and store.verify().ok
+        blocks = _sql(audit_url, "SELECT first_seq, last_seq FROM dhow_audit_blocks ORDER BY first_seq")
+        assert blocks == ([(1, 3)] if commit_s else [(1, 1), (2, 2), (3, 3)])
+    finally:
+        store.close()
+
+
 @pytest.mark.skipif(not hasattr(fcntl, "F_GETPIPE_SZ"), reason="pipe sizes are Linux's")
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_the_channel_to_a_writer_process_is_widened(tmp_path: Path, loop: str) -> None:
@@ -990,7 +1046,7 @@ def test_a_record_json_cannot_hold_neither_hangs_nor_loses_the_records_of_its_pa
         uvloop.run(scenario())
         assert _request_ids(store) == ["good", "bad", "odd", "later"]
         rows = {row["request_id"]: row for row in store.read()}
-        assert str(2**70) in rows["bad"]["details"]["unencodable_details"] and rows["odd"]["actor"] == "key:?"
+        assert rows["bad"]["details"] == {"payload": {"y": [str(2**70)]}} and rows["odd"]["actor"] == "key:\\ud800"
         assert store.verify().ok and trail.pending == 0 and trail.written == 4
     finally:
         store.close()

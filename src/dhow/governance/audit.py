@@ -146,20 +146,49 @@ def _when(at_s: object) -> str:
 
 
 def _text(value: object) -> str:
-    """A string every database accepts: no NUL, no lone surrogate (either would block the queue forever)."""
+    """A record's text as it is stored: a string kept as it is, a NUL included (its line, canonical JSON, holds it as
+    ``\\u0000``, and a block's key escapes it: ``audit_blocks.key_value``), save a lone surrogate, which no UTF-8 and
+    no JSON that orjson reads can hold: it is written as its Python escape, the six characters ``\\ud800``, so that
+    the record says what came (a filter given such a text is looked up the same way: ``read``). Anything else, as its
+    ``str``."""
     text = value if isinstance(value, str) else str(value)
     if text.isascii():
-        return text.replace("\x00", "\ufffd")
-    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _details(details: Mapping[str, Any]) -> str:
     if isinstance(details, dict) and not details:
         return "{}"
     try:
-        return orjson.dumps(dict(details), default=str, option=_DETAILS_JSON).decode()
-    except (TypeError, ValueError):  # keep the record rather than block the queue with it
+        try:
+            return orjson.dumps(dict(details), default=_str, option=_DETAILS_JSON).decode()
+        except TypeError:  # a lone surrogate, an integer past 64 bits: written as they can be, the rest as it is
+            return orjson.dumps(writable(dict(details)), default=_str, option=_DETAILS_JSON).decode()
+    except (TypeError, ValueError, RecursionError):  # keep the record rather than block the queue with it
         return orjson.dumps({"unencodable_details": _text(repr(details))[:2000]}).decode()
+
+
+def _str(value: object) -> str:
+    return _text(str(value))
+
+
+def writable(value: Any) -> Any:
+    """``value`` (details, a record's row) with what JSON cannot hold made text: a lone surrogate (in a key too) as
+    ``_text`` writes it, an integer past 64 bits as its digits; anything else as it is."""
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return str(value)
+    if isinstance(value, Mapping):
+        return {_text(key) if isinstance(key, str) else key: writable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [writable(item) for item in value]
+    return value
 
 
 #: the texts of a stored record, in the order of their names sorted (the order of the hash's canonical JSON)
@@ -341,13 +370,16 @@ class AuditStore(Database):
             raise InvalidInput(f"the limit must be an integer from 1 to {MAX_READ}, not {limit!r}")
         if isinstance(since_seq, bool) or not isinstance(since_seq, int) or since_seq < 0:
             raise InvalidInput(f"since_seq must be an integer >= 0 (a record's seq), not {since_seq!r}")
+        filters = {name: _text(value) for name, value in filters.items()}  # as a record's texts are stored
         where = "".join(f" AND {name} = ?" for name in sorted(filters))
         params = [filters[name] for name in sorted(filters)]
-        with self._read() as session:
-            rows = session.all(
-                f"SELECT {_COLUMNS}, prev_hash, hash FROM dhow_audit WHERE seq > ?{where} ORDER BY seq LIMIT ?",
-                (since_seq, *params, limit),
-            )
+        rows: list[tuple[Any, ...]] = []
+        if not any("\x00" in value for value in params):  # (the first table holds no NUL: PostgreSQL's cannot)
+            with self._read() as session:
+                rows = session.all(
+                    f"SELECT {_COLUMNS}, prev_hash, hash FROM dhow_audit WHERE seq > ?{where} ORDER BY seq LIMIT ?",
+                    (since_seq, *params, limit),
+                )
         records = [_as_dict(row) for row in rows]
         if len(records) < limit:
             records += self._read_blocks(since_seq, limit - len(records), filters)

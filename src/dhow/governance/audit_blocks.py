@@ -80,8 +80,12 @@ KEY_CHARS = 256
 
 
 def key_value(value: str) -> str:
-    """What a key holds of a value (and what a filter looks it up by)."""
-    return value[:KEY_CHARS]
+    """What a key holds of a value (and what a filter looks it up by): its first ``KEY_CHARS`` characters, a NUL
+    among them written ``\\u0000`` as JSON writes it (PostgreSQL's text cannot hold a NUL: such a key failed every
+    append, and held the trail's queue; SQLite's keys are written the same way, so that one store's trail reads as
+    the other's). A key needs not be exact: ``read`` checks each record's whole value."""
+    value = value[:KEY_CHARS]
+    return value.replace("\x00", "\\u0000") if "\x00" in value else value
 
 
 def encode_blocks(
@@ -102,7 +106,7 @@ def encode_blocks(
         blocks.append((first, seq + end, before, hashes[end - 1], "".join(hashes[start:end]), records))
         for name, column in zip(_KEYED, keyed, strict=True):
             values = set(column[start:end])
-            if any(len(value) > KEY_CHARS for value in values):
+            if any(len(value) > KEY_CHARS or "\x00" in value for value in values):
                 values = set(map(key_value, values))
             keys += zip(itertools.repeat(name), values, itertools.repeat(first))
     return blocks, keys

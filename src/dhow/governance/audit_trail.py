@@ -1,7 +1,8 @@
 """The audit trail as the server uses it: records queued on the event loop, written in batches off it.
 
-``record`` costs the hot path an append to a queue; a writer per store chains and writes batches every
-``flush_interval_s`` (or at once when a batch is full). The writing runs in a thread, or (``writer="process"``,
+``record`` costs the hot path an append to a queue; a writer per store chains and writes what came within
+``commit_s`` (``--audit-commit-ms``) of a first record in one transaction (or at once when a batch is full, or
+someone waits for a record to be durable). The writing runs in a thread, or (``writer="process"``,
 what the server uses) in a writer process per store, spoken to over pipes from the event loop, so that
 hashing and the database's work take nothing from the interpreter lock the loop needs. A write that fails is
 retried with backoff, never dropped. The inference path's records (``record_before_answer``) leave for a
@@ -21,6 +22,7 @@ from typing import Literal
 
 from dhow.core.errors import DhowError, InvalidInput, Unavailable
 from dhow.governance.audit import AuditRecord, AuditRow, AuditStore
+from dhow.governance.audit_refusals import Appending
 from dhow.governance.audit_writer import COMMIT_S
 from dhow.governance.writer_process import WriterProcess, _depart, _Departure
 
@@ -41,8 +43,8 @@ class _Lane:
     process: WriterProcess | None = None
     #: records as rows (``AuditRecord.as_tuple``), as they cross to a writer process
     queue: deque[AuditRow] = field(default_factory=deque)
-    #: the batch being written, kept until a write succeeds
-    batch: list[AuditRow] | None = None
+    #: the batch being written (a writer thread's), kept until it is all written
+    batch: Appending | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     enqueued: int = 0
     written: int = 0
@@ -79,7 +81,7 @@ class AuditTrail:
         stores: Mapping[str, AuditStore],
         default_region: str,
         *,
-        flush_interval_s: float = 0.2,
+        flush_interval_s: float | None = None,
         max_batch: int = 2000,
         max_pending: int = 100_000,
         writer: Literal["thread", "process"] = "thread",
@@ -88,7 +90,7 @@ class AuditTrail:
         if default_region not in stores:
             known = ", ".join(sorted(stores)) or "none"
             raise InvalidInput(f"no audit store for the default region {default_region!r} (stores given: {known})")
-        if not flush_interval_s > 0 or max_batch < 1 or max_pending < 1:
+        if (flush_interval_s is not None and not flush_interval_s > 0) or max_batch < 1 or max_pending < 1:
             raise InvalidInput("flush_interval_s must be > 0, and max_batch and max_pending at least 1")
         lanes: dict[int, _Lane] = {}
         # regions sharing one store share its lane, so that its records stay in order
@@ -99,7 +101,11 @@ class AuditTrail:
             for region, store in stores.items()
         }
         self._default = self._lanes[default_region]
-        self._flush_interval_s = flush_interval_s
+        #: how long a writer thread gathers records after the first before a transaction: ``flush_interval_s``
+        #: when given, else ``commit_s``, as a writer process does (``audit_writer.COMMIT_S``)
+        self._window_s = commit_s if flush_interval_s is None else flush_interval_s
+        #: how often a writer process's lane looks for answers while it expects none (``_send`` wakes it)
+        self._poll_s = flush_interval_s or 0.2
         self._max_batch = max_batch
         self._max_pending = max_pending
         self._tasks: list[asyncio.Task[None]] = []
@@ -107,6 +113,8 @@ class AuditTrail:
         self._pending = 0
         self.written = 0
         self.failures = 0
+        #: records the store refused, written as ``audit.unwritable`` records (``audit_refusals.py``)
+        self.unwritable = 0
 
     @property
     def pending(self) -> int:
@@ -201,8 +209,8 @@ class AuditTrail:
     def _queue(self, lane: _Lane, row: AuditRow) -> None:
         """For a writer thread."""
         lane.queue.append(row)
-        if len(lane.queue) >= self._max_batch and not lane.failing:
-            lane.wake.set()
+        if (len(lane.queue) == 1 or len(lane.queue) >= self._max_batch) and not lane.failing:
+            lane.wake.set()  # the first record (the window starts), or a full batch (written at once)
 
     def _send(self, lane: _Lane, records: list[AuditRow], *, urgent: bool = False) -> None:
         process = lane.process
@@ -262,26 +270,36 @@ class AuditTrail:
             lane.waiters.clear()
 
     async def _drain(self, lane: _Lane) -> None:
-        delay = self._flush_interval_s
+        """A writer thread's lane: waits for a first record (``_queue`` wakes it), gathers for the window, writes."""
         while True:
-            await _nap(lane.wake, delay)
+            if lane.failing:
+                await _nap(lane.wake, lane.backoff_s)
+            else:
+                if lane.idle and not self._closing:
+                    await lane.wake.wait()
+                lane.wake.clear()  # (what set it is in the state read below)
+                if self._window_s and not (self._closing or lane.waiters or len(lane.queue) >= self._max_batch):
+                    await _nap(lane.wake, self._window_s)  # a full batch, ``record_now`` or ``close`` cut it short
             while not lane.idle and await self._write(lane):
                 pass
             if self._closing and lane.idle:
                 return
-            delay = lane.backoff_s if lane.failing else self._flush_interval_s
 
     async def _write(self, lane: _Lane) -> bool:
         if lane.batch is None:
-            lane.batch = [lane.queue.popleft() for _ in range(min(len(lane.queue), self._max_batch))]
+            lane.batch = Appending([lane.queue.popleft() for _ in range(min(len(lane.queue), self._max_batch))])
         batch = lane.batch
+        before, refused = batch.done, len(batch.refusals)
         try:
-            await asyncio.to_thread(lane.store.append_rows, batch)
-        except Exception as err:  # any failure: keep the batch, retry, and say so once per outage
+            await asyncio.to_thread(batch.run, lane.store)
+        except Exception as err:  # the store is down: keep the rest of the batch, retry, say so once per outage
+            self._refused(lane, batch.refusals[refused:])
+            self._counted(lane, batch.done - before)
             self._failing(lane, err)
             return False
         lane.batch = None
-        self._written(lane, len(batch))
+        self._refused(lane, batch.refusals[refused:])
+        self._written(lane, batch.done - before)
         return True
 
     async def _acknowledge(self, lane: _Lane) -> None:
@@ -290,7 +308,7 @@ class AuditTrail:
         assert process is not None
         while not (self._closing and process.unacknowledged == 0):
             if process.unacknowledged == 0:
-                await _nap(lane.wake, self._flush_interval_s)
+                await _nap(lane.wake, self._poll_s)
                 continue
             try:
                 count = await process.acknowledged()
@@ -304,7 +322,19 @@ class AuditTrail:
                         log.error("cannot start the audit writer process for %s: %r", lane.store.url, spawn)
                         process.not_started(spawn)
                 continue
+            if process.refusals:
+                self._refused(lane, process.refusals)
+                process.refusals = []
             self._written(lane, count)
+
+    def _refused(self, lane: _Lane, refusals: list[tuple[int, str]]) -> None:
+        """Records the store refused, each written in its place as an ``audit.unwritable`` record."""
+        self.unwritable += len(refusals)
+        for seq, error in refusals:
+            log.error(
+                "the audit trail at %s refused a record: written in its place as an audit.unwritable record "
+                "(seq %d) that holds it as text: %s", lane.store.url, seq, error,
+            )  # fmt: skip
 
     def _failing(self, lane: _Lane, err: Exception) -> None:
         self.failures += 1
@@ -315,12 +345,16 @@ class AuditTrail:
         lane.backoff_s = min(MAX_BACKOFF_S, lane.backoff_s * 2 or FIRST_BACKOFF_S)
 
     def _written(self, lane: _Lane, count: int) -> None:
-        lane.written += count
-        self.written += count
-        self._pending -= count
+        self._counted(lane, count)
         if lane.failing:
             log.warning("the audit trail at %s is writable again; %d records behind", lane.store.url, self._pending)
             lane.failing, lane.backoff_s = False, 0.0
+
+    def _counted(self, lane: _Lane, count: int) -> None:
+        """``count`` more of the lane's records are durable."""
+        lane.written += count
+        self.written += count
+        self._pending -= count
         while lane.waiters and lane.waiters[0][0] <= lane.written:
             _, done = lane.waiters.popleft()
             if not done.done():

@@ -8,12 +8,13 @@ an answered request (this process reads what is in the pipe, writes it, and exit
 thread drains the pipe as records come, so that it does not fill (and the server's answers wait) while a
 transaction runs.
 It writes the frames it has received (waiting that long for more, unless one is urgent: a change whose caller
-waits for it to be durable) in one transaction, then answers ``{"frames": n, "seq": last}``; when
-the store fails it answers ``{"error": …}`` once and retries with backoff until the write succeeds (records
-are never dropped). The server's frames are lines of JSON (JSON as orjson writes it holds no newline byte), so
-that what a read gathered is decoded as one JSON array, not frame by frame; the answers are the length-prefixed
-frames of ``core/frames.py``. The server talks to it over the child's stdin and stdout with asyncio: hashing and
-the database's work never take its interpreter lock.
+waits for it to be durable) in one transaction, then answers ``{"frames": n, "seq": last}`` (and ``"refused":
+[[seq, error], …]``: records the store refused, each written at that seq as an ``audit.unwritable`` record, see
+``audit_refusals.py``); when the store is down it answers ``{"error": …}`` once and retries with backoff until
+the write succeeds (records are never dropped). The server's frames are lines of JSON (JSON as orjson writes it
+holds no newline byte), so that what a read gathered is decoded as one JSON array, not frame by frame; the answers
+are the length-prefixed frames of ``core/frames.py``. The server talks to it over the child's stdin and stdout
+with asyncio: hashing and the database's work never take its interpreter lock.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from typing import IO, Any
 
 import orjson
 
-from dhow.core.errors import DhowError
 from dhow.core.frames import frame
 from dhow.governance.audit import AuditStore
+from dhow.governance.audit_refusals import Appending, describe
 
 __all__ = ["encode_frame", "main"]
 
@@ -172,25 +173,29 @@ def _urgent(frames: list[Any]) -> bool:
 
 
 def _write(store: AuditStore | None, url: str, frames: list[Any], sink: IO[bytes]) -> AuditStore:
-    """Write the frames' records in one transaction, retrying until it works; answer how many frames."""
+    """Write the frames' records in one transaction, retrying until it works; answer how many frames, and the
+    records the store refused (``audit_refusals``: each written in its place as an ``audit.unwritable`` record)."""
     rows = [row for frame in frames for row in (frame["rows"] if isinstance(frame, dict) else frame)]
+    job = Appending(rows)
     backoff, told = 0.1, False
     while True:
         try:
             store = store or AuditStore.open(url)
-            seq = store.append_rows(rows)
+            job.run(store)
             break
-        except Exception as exc:  # the store is down, or a record it refuses: say so once, retry
+        except Exception as exc:  # the store is down (or refuses even a stand-in): say so once, retry the rest
             if store is not None:
                 store.close()
                 store = None
             if not told:
-                message = exc.message if isinstance(exc, DhowError) else f"{type(exc).__name__}: {exc}"
-                _answer(sink, {"error": message})
+                _answer(sink, {"error": describe(exc)})
                 told = True
             time.sleep(backoff)
             backoff = min(5.0, backoff * 2)
-    _answer(sink, {"frames": len(frames), "seq": seq})
+    answer: dict[str, Any] = {"frames": len(frames), "seq": job.seq}
+    if job.refusals:
+        answer["refused"] = job.refusals
+    _answer(sink, answer)
     return store
 
 

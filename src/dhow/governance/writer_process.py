@@ -15,7 +15,7 @@ import orjson
 
 from dhow.core.errors import Unavailable
 from dhow.core.frames import decode_frame_length, widen_pipe
-from dhow.governance.audit import AuditRow, _text
+from dhow.governance.audit import AuditRow, _text, writable
 from dhow.governance.audit_writer import COMMIT_S, encode_frame
 
 log = logging.getLogger("dhow.audit")
@@ -47,6 +47,9 @@ class WriterProcess:
         self._started = False
         #: what ``handed_over`` awaits while no writer runs: done once ``start`` sent the frames to a new one
         self._restarted: asyncio.Future[None] | None = None
+        #: (seq, the store's error) of each record the writer found refused and wrote as ``audit.unwritable`` at
+        #: that seq, as its answers told, until the trail takes them
+        self.refusals: list[tuple[int, str]] = []
 
     @property
     def unacknowledged(self) -> int:
@@ -139,8 +142,9 @@ class WriterProcess:
             restarted.exception()  # read: a future no request waits for any more is not logged as unretrieved
 
     async def acknowledged(self) -> int:
-        """The number of records the writer made durable with its next answer; ``Unavailable`` when it says the
-        store fails (it retries by itself) or when it died (``start`` again)."""
+        """The number of records the writer made durable with its next answer (those the store refused count: each
+        is written as an ``audit.unwritable`` record, added to ``refusals``); ``Unavailable`` when it says the store
+        fails (it retries by itself) or when it died (``start`` again)."""
         process = self._alive()
         if process is None or process.stdout is None:
             raise Unavailable("the audit writer process is not running; starting another")
@@ -152,6 +156,7 @@ class WriterProcess:
             raise Unavailable(f"the audit writer process stopped ({type(exc).__name__}); starting another") from None
         if "error" in answer:
             raise Unavailable(str(answer["error"]))
+        self.refusals += [(int(seq), str(error)) for seq, error in answer.get("refused", ())]
         return sum(len(self._unacknowledged.popleft()) for _ in range(int(answer["frames"])))
 
     async def close(self) -> None:
@@ -211,17 +216,21 @@ def _frame(rows: list[AuditRow], *, urgent: bool = False) -> bytes:
 
 
 def _encodable(row: tuple[object, ...]) -> tuple[object, ...]:
-    """A record's fields as a frame can carry them: texts without lone surrogates, and details that cannot be
-    encoded (an integer past 64 bits, a surrogate in a sample) kept as their ``repr``, as the store keeps them."""
+    """A record's fields as a frame can carry them, as the store writes them (``audit.writable``): a lone surrogate
+    as its escape, an integer past 64 bits in details as its digits; details that still cannot be encoded (a cycle)
+    kept as their ``repr``, as the store keeps them."""
     try:
         encode_frame(row)
         return row
     except (TypeError, ValueError):
         pass
     texts = tuple(_text(value) for value in row[:9])
-    latency = row[9] if isinstance(row[9], int | float) and not isinstance(row[9], bool) else None
-    details = {"unencodable_details": _text(repr(row[10]))[:2000]}
-    return (*texts, latency, details, _text(row[11]), row[12])
+    details = writable(row[10])
+    try:
+        encode_frame(details)
+    except (TypeError, ValueError):
+        details = {"unencodable_details": _text(repr(row[10]))[:2000]}
+    return (*texts, writable(row[9]), details, _text(row[11]), writable(row[12]))
 
 
 class _Departure(asyncio.Future[None]):

@@ -84,9 +84,11 @@ _SQLITE_OUTAGES = frozenset(
 
 
 def _is_outage(err: sqlite3.OperationalError | psycopg.OperationalError) -> bool:
-    """Whether the error means the database is unreachable or busy, rather than a fault in a statement."""
+    """Whether the error means the database is unreachable or busy, rather than a fault in a statement. PostgreSQL's
+    "program limit exceeded" (class 54: an index entry or a statement too big) is a statement's: retried, it fails
+    again, and a writer that retries an outage forever (the audit trail's) would stop on it."""
     if isinstance(err, psycopg.OperationalError):
-        return True
+        return not (err.sqlstate or "").startswith("54")
     return (err.sqlite_errorcode & 0xFF) in _SQLITE_OUTAGES
 
 

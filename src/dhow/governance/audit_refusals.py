@@ -1,0 +1,143 @@
+"""Records a store refuses: found, and written in their place as ``audit.unwritable`` records, so the chain goes on.
+
+A writer retries a failed write until it works (records are never dropped), which is right while the store is
+down, and wrong for a record the store refuses (a value it cannot hold, a limit it has, a trigger, a record our code
+cannot make canonical): retried forever, that one record held every record after it in the queue, the trail
+stopped, and the server refused work once its backlog was full. So a failed write is told apart:
+
+- the store is down (``Unavailable``: it cannot be reached, is busy, full or failing its I/O; ``OSError``): the
+  caller retries the whole write later, as before;
+- anything else: the batch is split in halves, the first half written, then the rest, until the first record
+  refused alone; what comes before it is written once (a few transactions, not one a record). In its place goes an
+  ``audit.unwritable`` record that any store holds (ASCII, short texts): what the original was, as escaped JSON
+  text, and the store's error, so that nothing is silently lost and the chain (``verify``) stays whole. Should the
+  store refuse that too, it is treated as down (retried later, nothing replaced): a store refusing everything is
+  broken, not its records.
+
+A refusal that was only a passing fault (a record refused once, written the next time) is written in its stand-in
+all the same: its text is there in full (up to ``RECORD_CHARS``), so it is kept, if not in its own fields.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dhow.core.errors import DhowError, Unavailable
+from dhow.governance.audit import AuditRow, AuditStore
+from dhow.governance.audit_blocks import KEY_CHARS
+
+__all__ = ["RECORD_CHARS", "UNWRITABLE_KIND", "Appending", "describe", "unwritable_rows"]
+
+#: the kind of the record written in place of one the store refused
+UNWRITABLE_KIND = "audit.unwritable"
+#: the most characters of a refused record's text its stand-in keeps (it may have been refused for its size)
+RECORD_CHARS = 65_536
+#: the most characters of the store's error a stand-in keeps
+ERROR_CHARS = 2000
+#: a record's fields, in ``AuditRecord.as_tuple``'s order
+_FIELDS = ("kind", "action", "actor", "tenant", "outcome", "model", "version", "request_id", "region", "latency_ms",
+           "details", "at", "at_s")  # fmt: skip
+
+
+def describe(exc: BaseException) -> str:
+    """An error as ASCII text (the answer to the server is JSON, and a database's error may quote the value)."""
+    text = exc.message if isinstance(exc, DhowError) else f"{type(exc).__name__}: {exc}"
+    return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def _record_text(row: Any) -> str:
+    """A record as JSON in ASCII (``json`` writes a NUL, a lone surrogate and any integer), else its ``ascii``."""
+    try:
+        named = dict(zip(_FIELDS, row, strict=True)) if isinstance(row, list | tuple) and len(row) == 13 else row
+        return json.dumps(named, ensure_ascii=True, default=repr, sort_keys=False)
+    except Exception:  # a cycle, a key JSON has no form for, a repr that fails
+        try:
+            return ascii(row)
+        except Exception:
+            return f"<a {type(row).__name__} that has no text>"
+
+
+def _ascii(value: object) -> str:
+    """A field of a refused record as a stand-in keeps it: ASCII (escaped), up to a key's length."""
+    if not isinstance(value, str):
+        return ""
+    return value.encode("ascii", "backslashreplace").decode("ascii").replace("\x00", "\\x00")[:KEY_CHARS]
+
+
+def unwritable_rows(row: Any, error: str) -> list[AuditRow]:
+    """The records that may be written in place of ``row``, which the store refused with ``error``, the first the
+    store takes: one that keeps its tenant, region and request id (as ASCII: a tenant's auditor reads only its
+    tenant's records), else one that keeps none (one of them may be what the store refused)."""
+    text = _record_text(row)
+    details: dict[str, Any] = {"record": text[:RECORD_CHARS], "error": error[:ERROR_CHARS]}
+    if len(text) > RECORD_CHARS:
+        details["record_chars"] = len(text)
+    kept = ("default", "", "")
+    if isinstance(row, list | tuple) and len(row) == 13:
+        kept = (_ascii(row[3]) or "default", _ascii(row[8]), _ascii(row[7]))
+    return [
+        (UNWRITABLE_KIND, "audit.write", "dhow:audit-writer", tenant, "UNWRITABLE", "", "", request_id, region, None,
+         details, "", time.time())
+        for tenant, region, request_id in dict.fromkeys([kept, ("default", "", "")])
+    ]  # fmt: skip
+
+
+def _down(exc: Exception) -> bool:
+    return isinstance(exc, Unavailable | OSError)
+
+
+@dataclass
+class Appending:
+    """A batch of records being written, refused ones replaced; ``run`` again after a failure goes on from where
+    the last run stopped (what was written is not written twice)."""
+
+    rows: Sequence[AuditRow]
+    #: how many of the rows, from the first, are written (or replaced)
+    done: int = 0
+    #: the seq of the last record written
+    seq: int = 0
+    #: (the seq of its stand-in, the store's error) of each record refused
+    refusals: list[tuple[int, str]] = field(default_factory=list)
+
+    def run(self, store: AuditStore) -> int:
+        """Write the rows not written yet; the last seq. Raises when the store is down (``done`` says how far it
+        got), or when it refuses even a stand-in."""
+        if not self.rows:
+            self.seq = store.append_rows([])
+        while self.done < len(self.rows):
+            error = self._write_until_refused(store, self.rows[self.done :])
+            if error is not None:
+                self._stand_in(store, self.rows[self.done], error)
+        return self.seq
+
+    def _stand_in(self, store: AuditStore, row: AuditRow, error: str) -> None:
+        *first, last = unwritable_rows(row, error)
+        for stand_in in first:
+            try:
+                self.seq = store.append_rows([stand_in])
+                break
+            except Exception as exc:
+                if _down(exc):
+                    raise
+        else:
+            self.seq = store.append_rows([last])  # refused too: the store is broken, retried as when it is down
+        self.refusals.append((self.seq, error))
+        self.done += 1
+
+    def _write_until_refused(self, store: AuditStore, rows: Sequence[AuditRow]) -> str | None:
+        """Write ``rows`` in order until the first the store refuses alone; its error (None: all written)."""
+        try:
+            self.seq = store.append_rows(rows)
+        except Exception as exc:
+            if _down(exc):
+                raise
+            if len(rows) == 1:
+                return describe(exc)
+            half = len(rows) // 2
+            return self._write_until_refused(store, rows[:half]) or self._write_until_refused(store, rows[half:])
+        self.done += len(rows)
+        return None

@@ -1,0 +1,195 @@
+"""A record the store refuses (a poison record) neither stops the trail nor is lost: real SQLite and PostgreSQL,
+their refusals real (a trigger, a PostgreSQL database whose encoding cannot hold a character)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+
+from dhow.governance.audit import AuditRecord, AuditStore
+from dhow.governance.audit_refusals import UNWRITABLE_KIND, Appending
+from dhow.governance.audit_trail import AuditTrail
+
+
+def _refuse(url: str, *values: str) -> None:
+    """Make the store refuse a record whose keys hold one of ``values`` (a trigger, as a DBA could add)."""
+    listed = ", ".join(f"'{value}'" for value in values)
+    if url.startswith("sqlite://"):
+        with sqlite3.connect(url[len("sqlite://") :]) as conn:
+            conn.execute(
+                f"CREATE TRIGGER refuse BEFORE INSERT ON dhow_audit_keys WHEN NEW.value IN ({listed}) "
+                "BEGIN SELECT RAISE(ABORT, 'refused by the test''s trigger'); END"
+            )
+        return
+    with psycopg.connect(url, autocommit=True) as pg:
+        pg.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.value IN ({listed}) THEN RAISE EXCEPTION 'refused by the test''s trigger'; END IF; "
+            "RETURN NEW; END $$"
+        )
+        pg.execute("CREATE TRIGGER refuse BEFORE INSERT ON dhow_audit_keys FOR EACH ROW EXECUTE FUNCTION refuse()")
+
+
+def _allow(url: str) -> None:
+    if url.startswith("sqlite://"):
+        with sqlite3.connect(url[len("sqlite://") :]) as conn:
+            conn.execute("DROP TRIGGER refuse")
+        return
+    with psycopg.connect(url, autocommit=True) as pg:
+        pg.execute("DROP TRIGGER refuse ON dhow_audit_keys")
+
+
+def _record(actor: str, request_id: str) -> AuditRecord:
+    return AuditRecord("inference", "infer", actor, model="m", request_id=request_id, latency_ms=1.5)
+
+
+def _batch() -> list[AuditRecord]:
+    """Twenty records, the eighth and the fifteenth refused."""
+    return [_record("key:poison" if i in (7, 14) else "key:good", f"r{i}") for i in range(20)]
+
+
+def _check_replaced(store: AuditStore, records: list[AuditRecord]) -> list[dict[str, Any]]:
+    """Every record once, in order, each refused one as an ``audit.unwritable`` record that holds it."""
+    rows = store.read(limit=1000)
+    assert [row["seq"] for row in rows] == list(range(1, len(records) + 1))
+    for row, record in zip(rows, records, strict=True):
+        if record.actor == "key:poison":
+            assert row["kind"] == UNWRITABLE_KIND and row["actor"] == "dhow:audit-writer"
+            original = orjson.loads(row["details"]["record"])
+            assert original["actor"] == "key:poison" and original["request_id"] == record.request_id
+            assert "refused by the test's trigger" in row["details"]["error"]
+        else:
+            assert (row["kind"], row["request_id"], row["actor"]) == ("inference", record.request_id, "key:good")
+    assert store.verify().ok
+    return rows
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_a_refused_record_in_a_batch_holds_none_after_it(
+    database_url: str, writer: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The poison records are in the middle of one transaction's batch: the good ones are written once each, in
+    order, each refused one replaced by a record that holds it; the server logs each and counts them."""
+    store = AuditStore.open(database_url)
+    _refuse(database_url, "key:poison")
+    trail = AuditTrail({"ae": store}, "ae", writer=writer, commit_s=0.5, flush_interval_s=0.5)  # type: ignore[arg-type]
+    records = _batch()
+
+    async def scenario() -> None:
+        await trail.start()
+        for record in records[:-1]:
+            trail.record(record)
+        await asyncio.wait_for(trail.record_now(records[-1]), 30)  # durable once it returns, as are all before it
+        assert trail.pending == 0
+        await trail.close()
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="dhow.audit"):
+            asyncio.run(scenario())
+        _check_replaced(store, records)
+        assert _blocks(database_url) > 1  # (one batch, split to find the refused records)
+        assert trail.unwritable == 2 and trail.written == 20 and trail.failures == 0
+        logged = [r.getMessage() for r in caplog.records if "audit.unwritable" in r.getMessage()]
+        assert len(logged) == 2 and "refused by the test's trigger" in logged[0]
+    finally:
+        store.close()
+
+
+def _blocks(url: str) -> int:
+    if url.startswith("sqlite://"):
+        with sqlite3.connect(url[len("sqlite://") :]) as conn:
+            return int(conn.execute("SELECT count(*) FROM dhow_audit_blocks").fetchone()[0])
+    with psycopg.connect(url) as pg:
+        row = pg.execute("SELECT count(*) FROM dhow_audit_blocks").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def test_a_store_that_refuses_the_stand_in_too_is_retried_and_nothing_is_replaced(database_url: str) -> None:
+    """A store refusing even the ``audit.unwritable`` record is broken, not the record: the write fails as when it
+    is down, what came before the refused record is written once, and the rest goes on from there later."""
+    store = AuditStore.open(database_url)
+    _refuse(database_url, "key:poison", "dhow:audit-writer")
+    records = _batch()
+    job = Appending([record.as_tuple() for record in records])
+    try:
+        with pytest.raises(Exception, match="refused by the test's trigger"):
+            job.run(store)
+        assert job.done == 7 and job.refusals == [] and store.head()[0] == 7
+        _allow(database_url)  # the DBA mended it: the retry writes the rest, the poison as itself
+        assert job.run(store) == 20 and job.refusals == []
+        assert [row["request_id"] for row in store.read()] == [record.request_id for record in records]
+        assert store.verify().ok
+    finally:
+        store.close()
+
+
+def test_a_stand_in_keeps_the_tenant_unless_the_store_refuses_it_too(database_url: str) -> None:
+    """A tenant's auditor reads only its tenant's records: the stand-in keeps the refused record's tenant (as
+    ASCII), region and request id; when that is what the store refuses, it keeps none."""
+    store = AuditStore.open(database_url)
+    _refuse(database_url, "t:poison", "key:poison")
+    records = [
+        AuditRecord("inference", "infer", "key:poison", tenant="t\x00\u00e9", region="eu", request_id="r1"),
+        AuditRecord("inference", "infer", "key:good", tenant="t:poison", request_id="r2"),
+    ]
+    job = Appending([record.as_tuple() for record in records])
+    try:
+        assert job.run(store) == 2 and len(job.refusals) == 2
+        first, second = store.read()
+        assert (first["kind"], first["tenant"], first["region"], first["request_id"]) == (
+            UNWRITABLE_KIND, "t\\x00\\xe9", "eu", "r1"
+        )  # fmt: skip
+        assert (second["kind"], second["tenant"], second["request_id"]) == (UNWRITABLE_KIND, "default", "")
+        assert orjson.loads(second["details"]["record"])["tenant"] == "t:poison" and store.verify().ok
+    finally:
+        store.close()
+
+
+def test_a_value_the_database_cannot_encode_is_kept_as_escaped_text(latin1_database: str) -> None:
+    """A model or key name with an emoji on a LATIN1 database: refused by PostgreSQL itself (not a trigger); its
+    stand-in is ASCII, the records after it are written."""
+    store = AuditStore.open(latin1_database)
+    records = [_record("key:good", "a"), _record("key:\U0001f600", "b"), _record("key:good", "c")]
+    trail = AuditTrail({"ae": store}, "ae", writer="process")
+
+    async def scenario() -> None:
+        await trail.start()
+        for record in records:
+            trail.record(record)
+        await trail.close()
+
+    try:
+        asyncio.run(scenario())
+        rows = store.read()
+        assert [row["request_id"] for row in rows] == ["a", "b", "c"] and rows[1]["kind"] == UNWRITABLE_KIND
+        assert "\\ud83d\\ude00" in rows[1]["details"]["record"] and "latin-1" in rows[1]["details"]["error"]
+        assert orjson.loads(rows[1]["details"]["record"])["actor"] == "key:\U0001f600"
+        assert store.verify().ok and trail.unwritable == 1
+    finally:
+        store.close()
+
+
+def test_a_statement_past_a_postgresql_limit_is_a_refusal_not_an_outage(pg_database: str) -> None:
+    """PostgreSQL's "program limit exceeded" (an index entry too big, say) is an OperationalError, as an outage is;
+    retried, it fails again: the record is replaced, the rest written."""
+    store = AuditStore.open(pg_database)
+    with psycopg.connect(pg_database, autocommit=True) as pg:
+        pg.execute(
+            "CREATE FUNCTION too_big() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF NEW.value = 'key:poison' "
+            "THEN RAISE EXCEPTION 'index row too big' USING ERRCODE = 'program_limit_exceeded'; END IF; RETURN NEW; "
+            "END $$"
+        )
+        pg.execute("CREATE TRIGGER too_big BEFORE INSERT ON dhow_audit_keys FOR EACH ROW EXECUTE FUNCTION too_big()")
+    job = Appending([record.as_tuple() for record in _batch()])
+    try:
+        assert job.run(store) == 20 and [seq for seq, _ in job.refusals] == [8, 15]
+        assert "index row too big" in job.refusals[0][1] and store.verify().ok
+    finally:
+        store.close()

@@ -1,0 +1,106 @@
+"""A real `dhow serve` with JWTs, its audit trail on PostgreSQL: a token whose claims hold a NUL or a lone surrogate
+is audited as it came, and the records of the requests after it are written (such a record once held them all)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import time
+from pathlib import Path
+
+import jwt as pyjwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from dhow.governance.audit import AuditStore
+from tests.conftest import DhowProcess, start_dhow, wait_until
+
+ISSUER = "https://issuer.test"
+BODY = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 32], "data": [0.25] * 32}]}).encode()
+
+
+def _infer(url: str, token: str) -> int:
+    host, port = url.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        connection.request("POST", "/v2/models/tabular/infer", body=BODY, headers=headers)
+        answer = connection.getresponse()
+        answer.read()
+        return answer.status
+    finally:
+        connection.close()
+
+
+def _issuer(folder: Path) -> tuple[rsa.RSAPrivateKey, Path]:
+    """A signing key and the JWKS that publishes it."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(pyjwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    jwks = folder / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "alg": "RS256", "use": "sig"}]}))
+    return key, jwks
+
+
+def _token(key: rsa.RSAPrivateKey, sub: str) -> str:
+    now = int(time.time())
+    payload = {"iss": ISSUER, "aud": "dhow", "sub": sub, "iat": now, "exp": now + 300, "roles": ["invoker"]}
+    # (a lone surrogate goes as its JSON escape \ud800, which the server's JWT library decodes to one)
+    return pyjwt.encode(payload, key, algorithm="RS256", headers={"kid": "k1"})
+
+
+def _server(demo_repository: Path, folder: Path, audit_url: str, jwks: Path) -> DhowProcess:
+    repository = folder / "models"
+    repository.mkdir()
+    shutil.copytree(demo_repository / "tabular", repository / "tabular")
+    return start_dhow(
+        repository, folder, "--auth", "on", "--audit-store", audit_url,
+        "--jwt-issuer", ISSUER, "--jwt-jwks", str(jwks), "--jwt-audience", "dhow",
+    )  # fmt: skip
+
+
+def test_a_jwt_whose_claims_hold_a_nul_is_audited_on_postgresql(
+    demo_repository: Path, tmp_path: Path, pg_database: str
+) -> None:
+    key, jwks = _issuer(tmp_path)
+    server = _server(demo_repository, tmp_path, pg_database, jwks)
+    store = AuditStore.open(pg_database)
+    try:
+        url = server.http_url
+        assert _infer(url, _token(key, "al\x00ice")) == 200, server.log()
+        assert _infer(url, _token(key, "bob\ud800")) == 200, server.log()
+        for _ in range(3):
+            assert _infer(url, _token(key, "carol")) == 200, server.log()
+
+        def written() -> bool:
+            return len([row for row in store.read(limit=1000) if row["kind"] == "inference"]) >= 5
+
+        wait_until(written, 30, "the inference records written")
+        rows = [row for row in store.read(limit=1000) if row["kind"] == "inference"]
+        assert [row["actor"] for row in rows] == ["jwt:al\x00ice", "jwt:bob\\ud800", *["jwt:carol"] * 3]
+        assert [row["request_id"] for row in store.read(actor="jwt:al\x00ice")] == [rows[0]["request_id"]]
+        assert store.verify().ok
+    finally:
+        store.close()
+        assert server.stop() == 0, server.log()
+    assert "refused a record" not in server.log() and "cannot write to the audit trail" not in server.log()
+
+
+def test_a_record_the_store_refuses_is_written_as_unwritable_and_the_trail_goes_on(
+    demo_repository: Path, tmp_path: Path, latin1_database: str
+) -> None:
+    """An audit store on a PostgreSQL database in LATIN1 cannot hold a JWT sub with an emoji: the record is written
+    as an ``audit.unwritable`` record that holds it, the server logs it, and the requests after it are audited."""
+    key, jwks = _issuer(tmp_path)
+    server = _server(demo_repository, tmp_path, latin1_database, jwks)
+    store = AuditStore.open(latin1_database)
+    try:
+        for sub in ("dan", "\U0001f600", "erin"):
+            assert _infer(server.http_url, _token(key, sub)) == 200, server.log()
+        wait_until(lambda: any(row["actor"] == "jwt:erin" for row in store.read(limit=1000)), 30, "erin's record")
+        rows = [row for row in store.read(limit=1000) if row["actor"] != "dhow:first-start"]
+        assert [row["kind"] for row in rows] == ["inference", "audit.unwritable", "inference"]
+        assert json.loads(rows[1]["details"]["record"])["actor"] == "jwt:\U0001f600" and store.verify().ok
+    finally:
+        store.close()
+        assert server.stop() == 0, server.log()
+    assert "refused a record: written in its place as an audit.unwritable record" in server.log()
