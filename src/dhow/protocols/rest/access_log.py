@@ -71,9 +71,18 @@ class AccessLog:
         path = scope.get("raw_path") or scope["path"].encode()
         line = (scope["method"], path.decode("latin-1"), status, seconds * 1000, principal, request)
         if self._listener is None:  # not started (an app without a server): written here, as any log line
-            self.logger.info(_FORMAT, *line)
+            self.logger.info(_FORMAT, *_printable(line))
             return
         self._queue.put((*line, time.time()))
+
+
+def _printable(fields: Any) -> tuple[Any, ...]:
+    """The line's fields, a principal with a character that is not printable written with escapes: a bearer
+    token's ``sub`` is any JSON string, and one holding a newline would otherwise forge a line of its own."""
+    method, path, status, ms, principal, request = fields
+    if not principal.isprintable():
+        principal = principal.encode("unicode_escape").decode("ascii")
+    return method, path, status, ms, principal, request
 
 
 class _Lines(QueueListener):
@@ -89,7 +98,7 @@ class _Lines(QueueListener):
 
     def prepare(self, record: Any) -> logging.LogRecord:
         *fields, created = record
-        message = _FORMAT % tuple(fields)
+        message = _FORMAT % _printable(fields)
         made = logging.LogRecord(self._name, logging.INFO, __file__, 0, message, None, None, "write")
         made.relativeCreated -= (made.created - created) * 1000  # both since logging's start, as LogRecord counts
         made.created = created
