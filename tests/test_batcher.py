@@ -459,3 +459,23 @@ def test_an_observer_that_fails_never_stops_the_answers_nor_the_model(
         "2 batch(es)",
     ]
     assert all(r.exc_info for r in caplog.records if "observing a batch failed" in r.getMessage()), "with the error"
+
+
+def test_a_failure_counter_that_fails_too_still_lets_the_batch_be_answered() -> None:
+    def failing(*args: object) -> None:
+        raise RuntimeError("observer bug")
+
+    def counter() -> None:
+        raise ValueError("metric backend broken")
+
+    async def scenario() -> Mapping[str, np.ndarray]:
+        executor = ThreadPoolExecutor(1)
+        batcher = DynamicBatcher("m", [Recorder()], executor, ModelStats(), max_batch_size=4,
+                                 batching=BatchingConfig(), observer=failing, observer_failed=counter)  # fmt: skip
+        try:
+            return await asyncio.wait_for(batcher.submit({"x": _rows(0, 1)}, ["y"], 1), 5)
+        finally:
+            executor.shutdown(wait=False)
+
+    answered = asyncio.run(scenario())
+    assert "y" in answered

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from dhow.access.actions import ACTIONS
 from dhow.access.authenticator import Authenticator
@@ -40,10 +41,12 @@ def store(tmp_path: Path) -> AuditStore:
     opened.close()
 
 
-def _guard(store: AuditStore, quotas: tuple[tuple[str, Limits, str], ...]) -> AccessGuard:
+def _guard(
+    store: AuditStore, quotas: tuple[tuple[str, Limits, str], ...], registry: CollectorRegistry | None = None
+) -> AccessGuard:
     trail = AuditTrail({"default": store}, "default", writer="thread")
     masker = Masker(parse_masking(None, "audit"), b"k" * 32)
-    return AccessGuard(_Quotas(quotas), LocalRateLimiter(), trail, masker, lambda name: "default")
+    return AccessGuard(_Quotas(quotas), LocalRateLimiter(), trail, masker, lambda name: "default", registry)
 
 
 _CALLER = Principal("dhow:test", ALL_TENANTS, (Grant("admin"),))
@@ -63,7 +66,8 @@ def test_an_in_process_quota_is_taken_without_a_coroutine_and_held_until_the_req
 
 
 def test_a_rate_quota_holds_no_permit_and_a_later_refusal_gives_back_the_earlier_ones(store: AuditStore) -> None:
-    guard = _guard(store, (_KEY, _TENANT))
+    registry = CollectorRegistry()
+    guard = _guard(store, (_KEY, _TENANT), registry)
     first = guard.admit(_CALLER, ACTIONS["infer"], "fraud")
     assert isinstance(first, Admission)
     assert len(first.permits) == 1  # the key's slot; the tenant's rate leaves nothing to give back
@@ -73,6 +77,9 @@ def test_a_rate_quota_holds_no_permit_and_a_later_refusal_gives_back_the_earlier
         guard.admit(_CALLER, ACTIONS["infer"], "fraud")
     assert guard._in_flight == 0
     assert guard.limiter._in_flight == {}  # type: ignore[attr-defined]
+    with pytest.raises(Overloaded, match="tenant 'acme'"):
+        guard.admit(_CALLER, ACTIONS["infer"], "fraud")
+    assert registry.get_sample_value("dhow_access_refusals_total", {"code": "RESOURCE_EXHAUSTED"}) == 2
 
 
 def test_an_awaited_limiter_still_takes_quotas_in_a_coroutine(store: AuditStore) -> None:

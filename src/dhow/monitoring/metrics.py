@@ -237,9 +237,10 @@ class ServerMetrics:
         )
         self.observer_failures = Counter(
             "dhow_batch_observer_failures",
-            "Executed batches whose monitoring failed (their metrics, drift samples, latency window, tracing's batch "
-            "spans): the requests were answered, what was not recorded of the batch is lost. The server log says "
-            "why, at most once a minute per model version.",
+            "Executed batches whose monitoring failed (the requests' counts and durations, the queue and compute "
+            "histograms, the load gauges, the latency window, tracing's batch spans): the requests were answered, "
+            "what was not recorded of the batch is lost. The server log says why, at most once a minute per model "
+            "version.",
             ["model", "version"],
             registry=self.registry,
         )

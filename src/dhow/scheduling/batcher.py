@@ -361,7 +361,8 @@ class DynamicBatcher:
         ``OBSERVER_LOG_INTERVAL_S`` ago: a broken monitoring stays visible without a line a batch."""
         self.observer_failures += 1
         if self._observer_failed is not None:
-            self._observer_failed()
+            with contextlib.suppress(Exception):  # (counting it must not stop the batch's answers either)
+                self._observer_failed()
         now = _clock()
         if now - self._failure_logged_at < OBSERVER_LOG_INTERVAL_S:
             return

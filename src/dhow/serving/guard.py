@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter
 from dhow.access.actions import Access
 from dhow.access.authenticator import Authenticator, Credentials
 from dhow.access.permissions import ALL_TENANTS, Permission, Principal, check_permission
-from dhow.access.ratelimit import Permit, RateLimiter
+from dhow.access.ratelimit import LocalRateLimiter, Permit, RateLimiter
 from dhow.access.store import Limits
 from dhow.core.errors import DhowError, ErrorCode, unknown_model
 from dhow.core.ids import new_request_id
@@ -90,7 +90,9 @@ class AccessGuard:
         self.limiter = limiter
         #: a limiter that decides at once (its counts in this process: ``LocalRateLimiter.take``): quotas are taken
         #: without a coroutine
-        self._take: Callable[[str, Limits, str], Permit | None] | None = getattr(limiter, "take", None)
+        self._take: Callable[[str, Limits, str], Permit | None] | None = (
+            limiter.take if isinstance(limiter, LocalRateLimiter) else None
+        )
         self.audit = audit
         #: refusals of callers without valid credentials: aggregated per source, and limited per source
         self.unknown = UnknownCallers(self._tallied, rate=failures[0], burst=failures[1])
@@ -108,7 +110,8 @@ class AccessGuard:
     ) -> Admission | Awaitable[Admission]:
         """Authenticate (unless ``who`` is an in-process principal), authorize, take quota; refusals are audited
         and raised (401/403/429). The admission at once when nothing must be waited for (the usual request: no
-        token to verify, no quota to count), else what to await for it: no coroutine for the usual request."""
+        token to verify, quotas of this process or none), else what to await for it (a token, a shared limiter's
+        quota): no coroutine for the usual request."""
         try:
             principal = self.known(who, access, model)
         except _HeldRefusal as held:

@@ -30,7 +30,7 @@ import orjson
 from dhow.governance.masking import Masker
 from dhow.monitoring.payload_log import EVENT_TYPES, INPUTS, MASKING, TENSORS
 
-__all__ = ["cloud_event", "cloud_events"]
+__all__ = ["FEW", "cloud_event", "cloud_events"]
 
 #: event ids: a random prefix per process and a count, unique per source without a random draw per event
 _ID_PREFIX = secrets.token_hex(6).encode()
@@ -247,7 +247,7 @@ _DATA = b'Z","datacontenttype":"application/json","data":{"request_id":"'
 _LATENCY, _REQUEST, _OUTPUTS, _CLOSING = b',"latency_ms":', b',"parameters":{},"request":', b',"outputs":{', b"}}}"
 _POINT = b"."
 #: a chunk of fewer events is rendered one by one (the columns' calls cost more than they save)
-_FEW = 24
+FEW = 24
 
 
 #: ``_fixed``'s parts as ``cloud_events`` puts them between the others: after the id's digits (its closing quote
@@ -275,8 +275,8 @@ def cloud_events(
     request ids), the pieces of each line joined by ``map``. A Python step per event costs ~1-2k instructions,
     formatting an event's ~230 bytes of template by ``%`` ~6k, counting a body's quotes by ``bytes.count`` ~5k.
     Any other event goes through ``cloud_event``, which parses and masks what it must; so does a chunk of fewer
-    than ``_FEW`` events, or one whose columns raise (a value orjson cannot write: each event then fails alone)."""
-    if len(events) < _FEW:
+    than ``FEW`` events, or one whose columns raise (a value orjson cannot write: each event then fails alone)."""
+    if len(events) < FEW:
         return _one_by_one(events, maskers, source)
     try:
         common = _common(events, maskers)

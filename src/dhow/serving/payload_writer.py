@@ -25,6 +25,7 @@ from typing import Any
 from dhow.governance.masking import Masker
 from dhow.monitoring.payload_log import MAX_MASKINGS, PayloadSink, read_events
 from dhow.monitoring.payload_sinks import open_sink
+from dhow.serving.payload_render import FEW as _FEW
 from dhow.serving.payload_render import cloud_events
 from dhow.serving.writer_main import Answer, serve
 
@@ -139,7 +140,10 @@ class Writer:
             done = len(rendered) + len(failures)
             if done and len(queue) < behind and not self._stopping.is_set():
                 time.sleep(_STEP_PAUSE_S)
-            step = [queue.popleft() for _ in range(min(_STEP, len(queue), _CHUNK - done))]
+            left = min(len(queue), _CHUNK - done)
+            # (a remainder too short for the renderer's columns, ``payload_render._FEW``, goes with this step)
+            size = left if left - _STEP < _FEW else _STEP
+            step = [queue.popleft() for _ in range(size)]
             written, failed = self.render_chunk(step)
             rendered += written
             failures += failed

@@ -4,9 +4,10 @@ posts them to the collector, off the server's interpreter.
 ``python -m dhow.serving.trace_writer`` is run by ``monitoring.tracing.Tracing`` (``writer_main``'s loop): its
 settings are the collector's ``url``, the ``service`` name, ``capacity`` and ``close_timeout_s``; then it takes
 frames of finished requests (``tracing.Record``). The payload writer's queue and sink thread carry them (at most
-``capacity`` waiting, past it dropped and counted); a chunk's spans are written at once from its records
-(``trace_chunk.chunk_fields``; one that cannot be fails alone), and a chunk of up to 512 requests is one export,
-posted with ``http.client``, about one a second. Counts of exported and failed requests go back to the server.
+``capacity`` waiting, past it dropped and counted); a step's spans (64 requests, ``Writer._render_steps``) are
+written at once from its records (``trace_chunk.chunk_fields``; one that cannot be fails alone), and the steps of
+up to 512 requests are one export, posted with ``http.client``, about one a second. Counts of exported and failed
+requests go back to the server.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class TraceWriter(Writer):
         self.queue(frame)
 
     def render_chunk(self, chunk: list[Any]) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
-        """The chunk's spans written at once (``chunk_fields``), held by its first request (the sink joins them and
+        """A step's spans written at once (``chunk_fields``), held by its first request (the sink joins them and
         counts requests); a chunk with a record that cannot be written is written one record at a time, and that
         record fails alone."""
         if not chunk:
