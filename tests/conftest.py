@@ -56,12 +56,11 @@ def pg_available() -> None:
         unavailable(f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({err}); set DHOW_TEST_PG_ADMIN_URL")
 
 
-@pytest.fixture
-def pg_database(pg_available: None) -> Iterator[str]:
-    """The URL of a fresh, empty PostgreSQL database, dropped after the test."""
+def _fresh_database(options: str = "") -> Iterator[str]:
+    """A fresh PostgreSQL database (made with ``options``), its URL yielded, dropped after the test."""
     name = f"dhow_test_{secrets.token_hex(6)}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}" {options}')
     try:
         yield pg_url(name)
     finally:
@@ -71,16 +70,15 @@ def pg_database(pg_available: None) -> Iterator[str]:
 
 
 @pytest.fixture
+def pg_database(pg_available: None) -> Iterator[str]:
+    """The URL of a fresh, empty PostgreSQL database, dropped after the test."""
+    yield from _fresh_database()
+
+
+@pytest.fixture
 def latin1_database(pg_available: None) -> Iterator[str]:
     """A PostgreSQL database in LATIN1 (as some older installations are): it cannot hold an emoji."""
-    name = f"dhow_test_{secrets.token_hex(6)}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE \"{name}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
-    try:
-        yield pg_url(name)
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield from _fresh_database("ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
