@@ -784,22 +784,25 @@ def test_a_writer_process_writes_the_same_chain(audit_url: str) -> None:
         store.close()
 
 
+async def _three_records(trail: AuditTrail, gap_s: float, *, each_written: bool = False) -> None:
+    """Three records ``gap_s`` apart (each written before the next when ``each_written``), then the trail closed."""
+    await trail.start()
+    for record in _records(3, "w"):
+        trail.record(record)
+        await asyncio.sleep(gap_s)
+        while each_written and trail.pending:
+            await asyncio.sleep(0.01)
+    while trail.pending:
+        await asyncio.sleep(0.01)
+    await trail.close()
+
+
 def test_a_writer_process_gathers_records_for_its_commit_window(audit_url: str) -> None:
     """``--audit-commit-ms``: records that come within the window are written in one transaction (one block)."""
     store = AuditStore.open(audit_url)
     trail = AuditTrail({"ae": store}, "ae", writer="process", commit_s=1.0)
-
-    async def scenario() -> None:
-        await trail.start()
-        for record in _records(3, "w"):
-            trail.record(record)
-            await asyncio.sleep(0.02)
-        while trail.pending:
-            await asyncio.sleep(0.01)
-        await trail.close()
-
     try:
-        asyncio.run(scenario())
+        asyncio.run(_three_records(trail, 0.02))
         assert _request_ids(store) == ["w-0", "w-1", "w-2"] and store.verify().ok
         assert _sql(audit_url, "SELECT first_seq, last_seq FROM dhow_audit_blocks") == [(1, 3)]
     finally:
@@ -812,21 +815,8 @@ def test_a_writer_thread_gathers_records_for_the_commit_window_too(audit_url: st
     ``--audit-commit-ms`` said: records within the window now share a transaction, and 0 writes each at once."""
     store = AuditStore.open(audit_url)
     trail = AuditTrail({"ae": store}, "ae", commit_s=commit_s)
-
-    async def scenario() -> None:
-        await trail.start()
-        for record in _records(3, "w"):
-            trail.record(record)
-            await asyncio.sleep(0.1)
-            if not commit_s:
-                while trail.pending:
-                    await asyncio.sleep(0.01)
-        while trail.pending:
-            await asyncio.sleep(0.01)
-        await trail.close()
-
     try:
-        asyncio.run(scenario())
+        asyncio.run(_three_records(trail, 0.1, each_written=not commit_s))
         assert _request_ids(store) == ["w-0", "w-1", "w-2"] and store.verify().ok
         blocks = _sql(audit_url, "SELECT first_seq, last_seq FROM dhow_audit_blocks ORDER BY first_seq")
         assert blocks == ([(1, 3)] if commit_s else [(1, 1), (2, 2), (3, 3)])
