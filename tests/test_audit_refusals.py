@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import orjson
 import psycopg
 import pytest
 
+from dhow.core.errors import Unavailable
 from dhow.governance.audit import AuditRecord, AuditStore
 from dhow.governance.audit_refusals import UNWRITABLE_KIND, Appending
 from dhow.governance.audit_trail import AuditTrail
@@ -131,8 +134,8 @@ def test_a_store_that_refuses_the_stand_in_too_is_retried_and_nothing_is_replace
 
 
 def test_a_stand_in_keeps_the_tenant_unless_the_store_refuses_it_too(database_url: str) -> None:
-    """A tenant's auditor reads only its tenant's records: the stand-in keeps the refused record's tenant (as
-    ASCII), region and request id; when that is what the store refuses, it keeps none."""
+    """A tenant's auditor reads only its tenant's records: the stand-in keeps the refused record's tenant, region
+    and request id as the record held them; when that is what the store refuses, it keeps none, in no tenant."""
     store = AuditStore.open(database_url)
     _refuse(database_url, "t:poison", "key:poison")
     records = [
@@ -144,9 +147,10 @@ def test_a_stand_in_keeps_the_tenant_unless_the_store_refuses_it_too(database_ur
         assert job.run(store) == 2 and len(job.refusals) == 2
         first, second = store.read()
         assert (first["kind"], first["tenant"], first["region"], first["request_id"]) == (
-            UNWRITABLE_KIND, "t\\x00\\xe9", "eu", "r1"
+            UNWRITABLE_KIND, "t\x00\u00e9", "eu", "r1"
         )  # fmt: skip
-        assert (second["kind"], second["tenant"], second["request_id"]) == (UNWRITABLE_KIND, "default", "")
+        assert first["at"] == records[0].when()  # (when it happened, not when its stand-in was written)
+        assert (second["kind"], second["tenant"], second["request_id"]) == (UNWRITABLE_KIND, "", "")
         assert orjson.loads(second["details"]["record"])["tenant"] == "t:poison" and store.verify().ok
     finally:
         store.close()
@@ -191,5 +195,51 @@ def test_a_statement_past_a_postgresql_limit_is_a_refusal_not_an_outage(pg_datab
     try:
         assert job.run(store) == 20 and [seq for seq, _ in job.refusals] == [8, 15]
         assert "index row too big" in job.refusals[0][1] and store.verify().ok
+    finally:
+        store.close()
+
+
+def test_many_refused_records_are_split_out_without_trying_the_rest_again_each_time(tmp_path: Path) -> None:
+    """Each refused record used to start the split again over every record after it (a user the store refuses,
+    busy, took the writer under a few hundred records a second): the rows tried now stay within n (log2 n + 2)."""
+    url = f"sqlite:///{tmp_path}/audit.db"
+    store = AuditStore.open(url)
+    _refuse(url, "key:poison")
+    records = [_record("key:poison" if n % 16 == 5 else "key:good", f"r{n}") for n in range(512)]
+    tried: list[int] = []
+    append = store.append_rows
+
+    def counted(rows: Any) -> int:
+        tried.append(len(rows))
+        return append(rows)
+
+    store.append_rows = counted  # type: ignore[method-assign]
+    job = Appending([record.as_tuple() for record in records])
+    try:
+        assert job.run(store) == 512 and len(job.refusals) == 32
+        assert sum(tried) <= 512 * (math.log2(512) + 2), (sum(tried), len(tried))
+        read = store.read(limit=1000)
+        assert [row["request_id"] for row in read] == [f"r{n}" for n in range(512)] and store.verify().ok
+    finally:
+        store.close()
+
+
+def test_a_read_only_postgresql_is_down_for_the_writer_not_a_refusal(pg_database: str) -> None:
+    """A standby during a failover (or default_transaction_read_only) refuses every write with 25006, which psycopg
+    raises as an InternalError: it is an outage, retried, and no record is replaced by a stand-in."""
+    store = AuditStore.open(pg_database)  # (its tables made: a read-only database could not)
+    job = Appending([_record("key:good", "r1").as_tuple()])
+    try:
+        with psycopg.connect(pg_database, autocommit=True) as pg:
+            name = pg.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+            pg.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+            # the store's session ends: its next one is read-only
+            pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> "
+                       "pg_backend_pid()", (name,))  # fmt: skip
+        with pytest.raises(Unavailable):  # the session that ended
+            job.run(store)
+        with pytest.raises(Unavailable, match="read-only"):
+            job.run(store)
+        assert job.done == 0 and job.refusals == []
     finally:
         store.close()

@@ -70,20 +70,30 @@ def _ascii(value: object) -> str:
 
 def unwritable_rows(row: Any, error: str) -> list[AuditRow]:
     """The records that may be written in place of ``row``, which the store refused with ``error``, the first the
-    store takes: one that keeps its tenant, region and request id (as ASCII: a tenant's auditor reads only its
-    tenant's records), else one that keeps none (one of them may be what the store refused)."""
+    store takes: one that keeps its tenant, region and request id as the record held them (a tenant's auditor reads
+    only its tenant's records), else as ASCII (escaped: one of them may be what the store refused), else one that
+    keeps none, in no tenant (tenants have names: no tenant's auditor reads it, the trail's own auditor does)."""
     text = _record_text(row)
     details: dict[str, Any] = {"record": text[:RECORD_CHARS], "error": error[:ERROR_CHARS]}
     if len(text) > RECORD_CHARS:
         details["record_chars"] = len(text)
-    kept = ("default", "", "")
+    kept: list[tuple[str, str, str]] = []
     if isinstance(row, list | tuple) and len(row) == 13:
-        kept = (_ascii(row[3]) or "default", _ascii(row[8]), _ascii(row[7]))
+        tenant, region, request_id = row[3], row[8], row[7]
+        if isinstance(tenant, str) and isinstance(region, str) and isinstance(request_id, str):
+            kept.append((tenant, region, request_id))
+        kept.append((_ascii(tenant), _ascii(region), _ascii(request_id)))
+    when = row[12] if isinstance(row, list | tuple) and len(row) == 13 and _plain_number(row[12]) else time.time()
     return [
         (UNWRITABLE_KIND, "audit.write", "dhow:audit-writer", tenant, "UNWRITABLE", "", "", request_id, region, None,
-         details, "", time.time())
-        for tenant, region, request_id in dict.fromkeys([kept, ("default", "", "")])
+         details, "", when)
+        for tenant, region, request_id in dict.fromkeys([*kept, ("", "", "")])
     ]  # fmt: skip
+
+
+def _plain_number(value: object) -> bool:
+    """Whether a record's time is a time (the stand-in keeps the refused record's when it is)."""
+    return type(value) in (int, float) and 0 <= value < 1e11  # type: ignore[operator]
 
 
 def _down(exc: Exception) -> bool:
@@ -108,10 +118,8 @@ class Appending:
         got), or when it refuses even a stand-in."""
         if not self.rows:
             self.seq = store.append_rows([])
-        while self.done < len(self.rows):
-            error = self._write_until_refused(store, self.rows[self.done :])
-            if error is not None:
-                self._stand_in(store, self.rows[self.done], error)
+        if self.done < len(self.rows):
+            self._write(store, self.rows[self.done :])
         return self.seq
 
     def _stand_in(self, store: AuditStore, row: AuditRow, error: str) -> None:
@@ -128,16 +136,20 @@ class Appending:
         self.refusals.append((self.seq, error))
         self.done += 1
 
-    def _write_until_refused(self, store: AuditStore, rows: Sequence[AuditRow]) -> str | None:
-        """Write ``rows`` in order until the first the store refuses alone; its error (None: all written)."""
+    def _write(self, store: AuditStore, rows: Sequence[AuditRow]) -> None:
+        """Write ``rows`` in order: a part the store refuses is halved, each half written in turn, and a record it
+        refuses alone is replaced by its stand-in there and then (the split goes on: ``k`` refused records of ``n``
+        cost about ``k log(n/k)`` refused transactions, not a new split of all the rest after each)."""
         try:
             self.seq = store.append_rows(rows)
         except Exception as exc:
             if _down(exc):
                 raise
             if len(rows) == 1:
-                return describe(exc)
+                self._stand_in(store, rows[0], describe(exc))
+                return
             half = len(rows) // 2
-            return self._write_until_refused(store, rows[:half]) or self._write_until_refused(store, rows[half:])
+            self._write(store, rows[:half])
+            self._write(store, rows[half:])
+            return
         self.done += len(rows)
-        return None

@@ -83,12 +83,26 @@ _SQLITE_OUTAGES = frozenset(
 )
 
 
-def _is_outage(err: sqlite3.OperationalError | psycopg.OperationalError) -> bool:
-    """Whether the error means the database is unreachable or busy, rather than a fault in a statement. PostgreSQL's
-    "program limit exceeded" (class 54: an index entry or a statement too big) is a statement's: retried, it fails
-    again, and a writer that retries an outage forever (the audit trail's) would stop on it."""
-    if isinstance(err, psycopg.OperationalError):
-        return not (err.sqlstate or "").startswith("54")
+#: PostgreSQL SQLSTATEs that end the session or refuse any write whatever the statement, though psycopg raises them
+#: as other classes than OperationalError: a read-only transaction (a standby during a failover), an idle or a
+#: transaction timeout; and the classes of connection (08), transaction rollback (40), resources (53), intervention
+#: (57) and system errors (58)
+_PG_OUTAGE_STATES = frozenset({"25006", "25P03", "25P04"})
+_PG_OUTAGE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+
+
+def _is_outage(err: sqlite3.OperationalError | psycopg.Error) -> bool:
+    """Whether the error means the database is unreachable, busy or cannot be written now, rather than a fault in a
+    statement. PostgreSQL's "program limit exceeded" (class 54: an index entry or a statement too big) is a
+    statement's: retried, it fails again, and a writer that retries an outage forever (the audit trail's) would stop
+    on it; a session that ended with the error (a broken connection) is an outage whatever its class."""
+    if isinstance(err, psycopg.Error):
+        state = err.sqlstate or ""
+        if state in _PG_OUTAGE_STATES or state[:2] in _PG_OUTAGE_CLASSES:
+            return True
+        if isinstance(err, psycopg.OperationalError):
+            return not state.startswith("54")
+        return False
     return (err.sqlite_errorcode & 0xFF) in _SQLITE_OUTAGES
 
 
@@ -270,8 +284,8 @@ class Database:
                     assert self._pg is not None
                     with self._pg.cursor() as pg_cursor:
                         yield Session(pg_cursor, "postgresql")
-            except (sqlite3.OperationalError, psycopg.OperationalError) as err:
-                if _is_outage(err):
+            except (sqlite3.OperationalError, psycopg.Error) as err:
+                if _is_outage(err) or (self._pg is not None and self._pg.broken):
                     raise Unavailable(f"{self.what} at {self.url} failed: {self._describe(err)}") from None
                 raise
 
@@ -306,8 +320,8 @@ class Database:
                         if lock_key is not None:
                             session.execute("SELECT pg_advisory_xact_lock(?)", (lock_key,))
                         yield session
-            except (sqlite3.OperationalError, psycopg.OperationalError) as err:
-                if _is_outage(err):
+            except (sqlite3.OperationalError, psycopg.Error) as err:
+                if _is_outage(err) or (self._pg is not None and self._pg.broken):
                     raise Unavailable(f"{self.what} at {self.url} failed: {self._describe(err)}") from None
                 raise
 
