@@ -218,15 +218,28 @@ class DhowProcess:
         return self.process.returncode
 
 
-def start_dhow(repository: Path | str, log_dir: Path, *extra: str, wait: bool = True) -> DhowProcess:
-    """A server on free ports, ready unless ``wait`` is False. A port found free can be taken by another process
-    before the server binds it: a server that exits saying so is started again on other ports (three tries)."""
+def start_dhow(
+    repository: Path | str,
+    log_dir: Path,
+    *extra: str,
+    wait: bool = True,
+    started: Callable[[DhowProcess], bool] | None = None,
+) -> DhowProcess:
+    """A server on free ports, ready unless ``wait`` is False (then, given ``started``, once that says it started
+    or it exited). A port found free can be taken by another process before the server binds it: a server that
+    exits saying so is started again on other ports (three tries)."""
     for attempt in range(3):
         server = _start_dhow(repository, log_dir, extra)
-        if not wait:
+        if not wait and started is None:
             return server
         try:
-            server.wait_ready()
+            if wait:
+                server.wait_ready()
+            else:
+                assert started is not None
+                wait_until(lambda s=server: s.process.poll() is not None or started(s), 60.0, "the server's start")
+                if server.process.poll() not in (None, 0) and "address already in use" in server.log().lower():
+                    raise RuntimeError("a port was taken")
         except BaseException:
             server.stop()
             taken = server.process.returncode not in (None, 0) and "address already in use" in server.log().lower()

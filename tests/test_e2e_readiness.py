@@ -124,7 +124,14 @@ def test_not_ready_while_a_model_is_not_loaded(repository_copy: Path, tmp_path: 
     for name in ("strict", "lenient"):
         (tmp_path / name).mkdir()
     server = start_dhow(
-        repository_copy, tmp_path / "strict", "--model-control", "poll", "--poll-interval", "0.2", wait=False
+        repository_copy,
+        tmp_path / "strict",
+        "--model-control",
+        "poll",
+        "--poll-interval",
+        "0.2",
+        wait=False,
+        started=_started,
     )
     grpc = grpcclient.InferenceServerClient(server.grpc_url)
     http = httpclient.InferenceServerClient(server.http_url)
@@ -162,7 +169,9 @@ def test_warmup_runs_before_a_version_is_served(tmp_path: Path) -> None:
     _python_model(repository, "refused", _recording(fail_on_zeros=True), "warmup: {requests: 1}\n")
     _python_model(repository, "misspelt", _recording(), "warmup: {requests: 0}\n")
     _python_model(repository, "unwarmed", _recording(fail_on_zeros=True))
-    server = start_dhow(repository, tmp_path, "--model-control", "poll", "--poll-interval", "0.2", wait=False)
+    server = start_dhow(
+        repository, tmp_path, "--model-control", "poll", "--poll-interval", "0.2", wait=False, started=_started
+    )
     http = httpclient.InferenceServerClient(server.http_url)
     try:
         _wait_for(lambda: server.process.poll() is not None or _started(server))
