@@ -82,6 +82,8 @@ def test_a_refused_record_in_a_batch_holds_none_after_it(
     store = AuditStore.open(database_url)
     _refuse(database_url, "key:poison")
     trail = AuditTrail({"ae": store}, "ae", writer=writer, commit_s=0.5, flush_interval_s=0.5)  # type: ignore[arg-type]
+    told: list[int] = []
+    trail.on_unwritable = told.append  # (the server's metric, dhow_audit_unwritable_records_total)
     records = _batch()
 
     async def scenario() -> None:
@@ -97,7 +99,7 @@ def test_a_refused_record_in_a_batch_holds_none_after_it(
             asyncio.run(scenario())
         _check_replaced(store, records)
         assert _blocks(database_url) > 1  # (one batch, split to find the refused records)
-        assert trail.unwritable == 2 and trail.written == 20 and trail.failures == 0
+        assert trail.unwritable == 2 and sum(told) == 2 and trail.written == 20 and trail.failures == 0
         logged = [r.getMessage() for r in caplog.records if "audit.unwritable" in r.getMessage()]
         assert len(logged) == 2 and "refused by the test's trigger" in logged[0]
     finally:

@@ -7,6 +7,7 @@ import http.client
 import json
 import shutil
 import time
+import urllib.request
 from pathlib import Path
 
 import jwt as pyjwt
@@ -41,9 +42,9 @@ def _issuer(folder: Path) -> tuple[rsa.RSAPrivateKey, Path]:
     return key, jwks
 
 
-def _token(key: rsa.RSAPrivateKey, sub: str) -> str:
+def _token(key: rsa.RSAPrivateKey, sub: str, role: str = "invoker") -> str:
     now = int(time.time())
-    payload = {"iss": ISSUER, "aud": "dhow", "sub": sub, "iat": now, "exp": now + 300, "roles": ["invoker"]}
+    payload = {"iss": ISSUER, "aud": "dhow", "sub": sub, "iat": now, "exp": now + 300, "roles": [role]}
     # (a lone surrogate goes as its JSON escape \ud800, which the server's JWT library decodes to one)
     return pyjwt.encode(payload, key, algorithm="RS256", headers={"kid": "k1"})
 
@@ -100,6 +101,11 @@ def test_a_record_the_store_refuses_is_written_as_unwritable_and_the_trail_goes_
         rows = [row for row in store.read(limit=1000) if row["actor"] != "dhow:first-start"]
         assert [row["kind"] for row in rows] == ["inference", "audit.unwritable", "inference"]
         assert json.loads(rows[1]["details"]["record"])["actor"] == "jwt:\U0001f600" and store.verify().ok
+        # and counted, for the alert (DhowAuditRecordsRefused)
+        asked = urllib.request.Request(f"http://{server.http_url}/metrics")
+        asked.add_header("Authorization", f"Bearer {_token(key, 'prometheus', 'auditor')}")
+        metrics = urllib.request.urlopen(asked, timeout=10).read().decode()
+        assert "dhow_audit_unwritable_records_total 1.0" in metrics
     finally:
         store.close()
         assert server.stop() == 0, server.log()

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -115,6 +115,8 @@ class AuditTrail:
         self.failures = 0
         #: records the store refused, written as ``audit.unwritable`` records (``audit_refusals.py``)
         self.unwritable = 0
+        #: told how many more records the store refused (the server counts them in a metric)
+        self.on_unwritable: Callable[[int], None] | None = None
 
     @property
     def pending(self) -> int:
@@ -330,6 +332,9 @@ class AuditTrail:
     def _refused(self, lane: _Lane, refusals: list[tuple[int, str]]) -> None:
         """Records the store refused, each written in its place as an ``audit.unwritable`` record."""
         self.unwritable += len(refusals)
+        if self.on_unwritable is not None:
+            with contextlib.suppress(Exception):  # (a metric that fails must not stop the trail)
+                self.on_unwritable(len(refusals))
         for seq, error in refusals:
             log.error(
                 "the audit trail at %s refused a record: written in its place as an audit.unwritable record "

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from dhow.access.authenticator import Authenticator
 from dhow.access.jwt import JwtVerifier
@@ -93,6 +93,13 @@ class Security:
         enabled = settings.auth == "on"
         self.authenticator = Authenticator(self.store, self._jwt(), enabled=enabled, poll_s=settings.registry_poll)
         await self.authenticator.start()
+        unwritable = Counter(
+            "dhow_audit_unwritable_records",
+            "Audit records the store refused while it was up (a value it cannot hold, a trigger): each written in "
+            "its place as an audit.unwritable record that holds it as text; the server log says why",
+            registry=registry,
+        )
+        self.audit.on_unwritable = unwritable.inc
         self.limiter = await RedisRateLimiter.connect(settings.redis) if settings.redis else LocalRateLimiter()
         if enabled and first_key:
             await self._first_key()
