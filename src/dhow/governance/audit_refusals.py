@@ -45,7 +45,11 @@ _FIELDS = ("kind", "action", "actor", "tenant", "outcome", "model", "version", "
 
 def describe(exc: BaseException) -> str:
     """An error as ASCII text (the answer to the server is JSON, and a database's error may quote the value)."""
-    text = exc.message if isinstance(exc, DhowError) else f"{type(exc).__name__}: {exc}"
+    return _escaped(exc.message if isinstance(exc, DhowError) else f"{type(exc).__name__}: {exc}")
+
+
+def _escaped(text: str) -> str:
+    """ASCII: what is not written with a backslash escape."""
     return text.encode("ascii", "backslashreplace").decode("ascii")
 
 
@@ -65,7 +69,7 @@ def _ascii(value: object) -> str:
     """A field of a refused record as a stand-in keeps it: ASCII (escaped), up to a key's length."""
     if not isinstance(value, str):
         return ""
-    return value.encode("ascii", "backslashreplace").decode("ascii").replace("\x00", "\\x00")[:KEY_CHARS]
+    return _escaped(value).replace("\x00", "\\x00")[:KEY_CHARS]
 
 
 def unwritable_rows(row: Any, error: str) -> list[AuditRow]:
@@ -78,12 +82,14 @@ def unwritable_rows(row: Any, error: str) -> list[AuditRow]:
     if len(text) > RECORD_CHARS:
         details["record_chars"] = len(text)
     kept: list[tuple[str, str, str]] = []
+    when = time.time()
     if isinstance(row, list | tuple) and len(row) == 13:
         tenant, region, request_id = row[3], row[8], row[7]
         if isinstance(tenant, str) and isinstance(region, str) and isinstance(request_id, str):
             kept.append((tenant, region, request_id))
         kept.append((_ascii(tenant), _ascii(region), _ascii(request_id)))
-    when = row[12] if isinstance(row, list | tuple) and len(row) == 13 and _plain_number(row[12]) else time.time()
+        if _plain_number(row[12]):
+            when = row[12]
     return [
         (UNWRITABLE_KIND, "audit.write", "dhow:audit-writer", tenant, "UNWRITABLE", "", "", request_id, region, None,
          details, "", when)

@@ -331,6 +331,8 @@ class AuditTrail:
 
     def _refused(self, lane: _Lane, refusals: list[tuple[int, str]]) -> None:
         """Records the store refused, each written in its place as an ``audit.unwritable`` record."""
+        if not refusals:  # (most writes)
+            return
         self.unwritable += len(refusals)
         if self.on_unwritable is not None:
             with contextlib.suppress(Exception):  # (a metric that fails must not stop the trail)

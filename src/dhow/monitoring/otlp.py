@@ -35,6 +35,7 @@ __all__ = [
     "family_fields",
     "keepable",
     "random_ids",
+    "remember",
     "repeated",
     "server_prefix",
     "span_fields",
@@ -89,6 +90,16 @@ def keepable(values: Iterable[Any]) -> bool:
                for value in values)  # fmt: skip
 
 
+def remember(cache: dict[Any, bytes], key: Any, written: bytes, values: Iterable[Any]) -> bytes:
+    """``written`` kept in ``cache`` under ``key`` when its ``values`` are ``keepable`` (the cache emptied first when
+    it holds ``_MAX_CACHED``: what is written from request ids never repeats, and must not grow it); ``written``."""
+    if keepable(values):
+        if len(cache) >= _MAX_CACHED:
+            cache.clear()
+        cache[key] = written
+    return written
+
+
 def attributes_key(attributes: Mapping[str, Any]) -> AttributesKey:
     """What caches of written attributes are keyed by: their items and their values' types (True, 1 and 1.0 are
     equal and hash alike, but are written apart). Attributes are kept only when ``keepable``: a key of others finds
@@ -130,11 +141,9 @@ def _attribute(key: str, value: Any) -> bytes:
     typed = (key, type(value), value)
     cached = _ATTRIBUTES.get(typed)
     if cached is None:
-        cached = _field(b"\x4a", _field(b"\x0a", key.encode()) + _field(b"\x12", _any_value(value)))
-        if keepable((value,)):  # (never 0.0: -0.0 would find it, they are equal)
-            if len(_ATTRIBUTES) >= _MAX_CACHED:  # request ids never repeat: the cache must not grow with them
-                _ATTRIBUTES.clear()
-            _ATTRIBUTES[typed] = cached
+        # (never 0.0 kept: -0.0 would find it, they are equal)
+        written = _field(b"\x4a", _field(b"\x0a", key.encode()) + _field(b"\x12", _any_value(value)))
+        return remember(_ATTRIBUTES, typed, written, (value,))
     return cached
 
 
@@ -203,11 +212,7 @@ def child_prefix(name: str, attributes: Mapping[str, Any] | None = None, links: 
     key = (name, attributes_key(attributes) if attributes else ((), ()))
     prefix = _PREFIXES.get(key)
     if prefix is None:
-        prefix = _prefix(name, attributes, ())
-        if not attributes or keepable(attributes.values()):
-            if len(_PREFIXES) >= _MAX_CACHED:
-                _PREFIXES.clear()
-            _PREFIXES[key] = prefix
+        return remember(_PREFIXES, key, _prefix(name, attributes, ()), attributes.values() if attributes else ())
     return prefix
 
 
@@ -283,11 +288,8 @@ def attribute_set(attributes: Mapping[str, Any]) -> bytes:
     key = attributes_key(attributes)
     written = _ATTRIBUTE_SETS.get(key)
     if written is None:
-        written = b"".join(_attribute(k, v) for k, v in attributes.items())
-        if keepable(attributes.values()):
-            if len(_ATTRIBUTE_SETS) >= _MAX_CACHED:
-                _ATTRIBUTE_SETS.clear()
-            _ATTRIBUTE_SETS[key] = written
+        return remember(_ATTRIBUTE_SETS, key, b"".join(_attribute(k, v) for k, v in attributes.items()),
+                        attributes.values())  # fmt: skip
     return written
 
 

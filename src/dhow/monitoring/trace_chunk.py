@@ -26,6 +26,7 @@ from dhow.monitoring.otlp import (
     child_prefix,
     keepable,
     random_ids,
+    remember,
     repeated,
     varint,
 )
@@ -182,10 +183,7 @@ def _batch_prefix(attributes: Any, links_size: int) -> bytes:
             header += 1
         written = plain[header:]
         prefix = b"\x12" + varint(len(written) + _STAGE_SIZE + links_size) + written[:-2]
-        if keepable(attributes.values()):  # (``attributes_key``)
-            if len(_BATCH_PREFIXES) >= 4096:
-                _BATCH_PREFIXES.clear()
-            _BATCH_PREFIXES[key] = prefix
+        return remember(_BATCH_PREFIXES, key, prefix, attributes.values())
     return prefix
 
 

@@ -253,6 +253,10 @@ class Database:
         """The URL to open this database again (with its password: never log it; ``url`` is for messages)."""
         return f"sqlite:///{self._target}" if self.dialect == "sqlite" else self._target
 
+    def _outage(self, err: sqlite3.OperationalError | psycopg.Error) -> bool:
+        """``_is_outage``, or a PostgreSQL session the error left broken (whatever its class)."""
+        return _is_outage(err) or (self._pg is not None and self._pg.broken)
+
     def _describe(self, err: BaseException) -> str:
         text = " ".join(str(err).split())
         password = urlsplit(self._target).password if self.dialect == "postgresql" else None
@@ -285,7 +289,7 @@ class Database:
                     with self._pg.cursor() as pg_cursor:
                         yield Session(pg_cursor, "postgresql")
             except (sqlite3.OperationalError, psycopg.Error) as err:
-                if _is_outage(err) or (self._pg is not None and self._pg.broken):
+                if self._outage(err):
                     raise Unavailable(f"{self.what} at {self.url} failed: {self._describe(err)}") from None
                 raise
 
@@ -321,7 +325,7 @@ class Database:
                             session.execute("SELECT pg_advisory_xact_lock(?)", (lock_key,))
                         yield session
             except (sqlite3.OperationalError, psycopg.Error) as err:
-                if _is_outage(err) or (self._pg is not None and self._pg.broken):
+                if self._outage(err):
                     raise Unavailable(f"{self.what} at {self.url} failed: {self._describe(err)}") from None
                 raise
 

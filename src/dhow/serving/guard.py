@@ -124,7 +124,8 @@ class AccessGuard:
             return held.refuse()
         if not quotas:
             return admission
-        return self._take_quota_now(admission, quotas) if self._take else self._take_quota(admission, quotas)
+        take = self._take
+        return self._take_quota_now(admission, quotas, take) if take else self._take_quota(admission, quotas)
 
     async def _admit_verified(
         self, who: Credentials | Principal, access: Access, model: str, request_id: str
@@ -137,7 +138,8 @@ class AccessGuard:
             await held.refuse()
         if not quotas:
             return admission
-        return self._take_quota_now(admission, quotas) if self._take else await self._take_quota(admission, quotas)
+        take = self._take
+        return self._take_quota_now(admission, quotas, take) if take else await self._take_quota(admission, quotas)
 
     def may_see(self, principal: Principal, name: str) -> bool:
         """Whether the principal may see a model (lists of models show only those: no tenant sees another's)."""
@@ -216,11 +218,14 @@ class AccessGuard:
                 raise
         return admission
 
-    def _take_quota_now(self, admission: Admission, quotas: tuple[tuple[str, Limits, str], ...]) -> Admission:
-        """``_take_quota`` from a limiter that decides at once (``_take``): no coroutine, and no permit kept for a
+    def _take_quota_now(
+        self,
+        admission: Admission,
+        quotas: tuple[tuple[str, Limits, str], ...],
+        take: Callable[[str, Limits, str], Permit | None],
+    ) -> Admission:
+        """``_take_quota`` from a limiter that decides at once (``take``): no coroutine, and no permit kept for a
         quota without a concurrency limit (nothing to give back)."""
-        take = self._take
-        assert take is not None
         for subject, limits, what in quotas:
             try:
                 permit = take(subject, limits, what)

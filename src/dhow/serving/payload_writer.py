@@ -136,8 +136,8 @@ class Writer:
         failures: list[tuple[Any, Exception]] = []
         queue = self._queue
         behind = min(_BEHIND, self.capacity // 2)  # (a small queue must not fill while its writer pauses)
-        while queue and len(rendered) + len(failures) < _CHUNK:
-            done = len(rendered) + len(failures)
+        done = 0
+        while queue and done < _CHUNK:
             if done and len(queue) < behind and not self._stopping.is_set():
                 time.sleep(_STEP_PAUSE_S)
             left = min(len(queue), _CHUNK - done)
@@ -147,6 +147,7 @@ class Writer:
             written, failed = self.render_chunk(step)
             rendered += written
             failures += failed
+            done += size
         return rendered, failures
 
     def render_chunk(self, chunk: list[Any]) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
