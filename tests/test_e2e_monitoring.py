@@ -264,16 +264,23 @@ def test_a_canary_whose_accuracy_drops_is_rolled_back(server: DhowProcess) -> No
     assert status == 200, answer
     rng = np.random.default_rng(4)
     labels: dict[str, int] = {}
-    answered_by: dict[str, int] = {"1": 0, "2": 0}
+    # per version: how many it answered, and how many of those it got right
+    answered_by: dict[str, list[int]] = {"1": [0, 0], "2": [0, 0]}
     for index in range(160):
         row = _rows(rng, 1)
         answer = _infer(server, "canaried", row, id=f"c-{index}")
-        answered_by[answer["model_version"]] += 1
         labels[f"c-{index}"] = int(row["a"][0] > 0)
-    assert min(answered_by.values()) >= 20, answered_by
+        tally = answered_by[answer["model_version"]]
+        tally[0] += 1
+        tally[1] += int(answer["outputs"][0]["data"][0] == labels[f"c-{index}"])
+    assert min(count for count, _ in answered_by.values()) >= 20, answered_by
     status, result = _call(server, "POST", "/v2/models/canaried/feedback", {"labels": labels})
     assert status == 200 and result["joined"] == 160, result
-    assert result["quality"]["1"]["accuracy"] == 1.0 and result["quality"]["2"]["accuracy"] < 0.9, result
+    # which requests the server sends to the canary is random: its accuracy is checked against the answers it gave,
+    # and the guard's premise (under 0.98 of the primary's) fails only if none of its ~80 rows fell in (0, 0.6]
+    canary_accuracy = answered_by["2"][1] / answered_by["2"][0]
+    assert result["quality"]["1"]["accuracy"] == 1.0, result
+    assert result["quality"]["2"]["accuracy"] == round(canary_accuracy, 6) and canary_accuracy < 0.98, result
 
     def rolled_back() -> bool:
         return bool(_call(server, "GET", "/v2/admin/deployments/canaried")[1]["policy"]["state"] == "rolled_back")
