@@ -4,6 +4,8 @@ their refusals real (a trigger, a PostgreSQL database whose encoding cannot hold
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import math
 import sqlite3
@@ -16,7 +18,7 @@ import pytest
 
 from dhow.core.errors import Unavailable
 from dhow.governance.audit import AuditRecord, AuditStore
-from dhow.governance.audit_refusals import UNWRITABLE_KIND, Appending
+from dhow.governance.audit_refusals import UNWRITABLE_KIND, Appending, RefusingAll
 from dhow.governance.audit_trail import AuditTrail
 
 
@@ -124,13 +126,101 @@ def test_a_store_that_refuses_the_stand_in_too_is_retried_and_nothing_is_replace
     records = _batch()
     job = Appending([record.as_tuple() for record in records])
     try:
-        with pytest.raises(Exception, match="refused by the test's trigger"):
+        with pytest.raises(RefusingAll, match="refused by the test's trigger"):
             job.run(store)
         assert job.done == 7 and job.refusals == [] and store.head()[0] == 7
         _allow(database_url)  # the DBA mended it: the retry writes the rest, the poison as itself
         assert job.run(store) == 20 and job.refusals == []
         assert [row["request_id"] for row in store.read()] == [record.request_id for record in records]
         assert store.verify().ok
+    finally:
+        store.close()
+
+
+def _limit_rows(url: str, size: int) -> None:
+    """Make the store refuse a block whose records take more than ``size`` bytes (as a DBA could limit a row's
+    size): a trigger on PostgreSQL, its equivalent on SQLite."""
+    message = "a row of the audit trail may hold at most 64 KB"
+    if url.startswith("sqlite://"):
+        with sqlite3.connect(url[len("sqlite://") :]) as conn:
+            conn.execute(
+                f"CREATE TRIGGER limited BEFORE INSERT ON dhow_audit_blocks WHEN length(CAST(NEW.records AS BLOB)) "
+                f"> {size} BEGIN SELECT RAISE(ABORT, '{message}'); END"
+            )
+        return
+    with psycopg.connect(url, autocommit=True) as pg:
+        pg.execute(
+            "CREATE FUNCTION limited() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF octet_length(NEW.records) > {size} THEN RAISE EXCEPTION '{message}'; END IF; RETURN NEW; END $$"
+        )
+        pg.execute("CREATE TRIGGER limited BEFORE INSERT ON dhow_audit_blocks FOR EACH ROW EXECUTE FUNCTION limited()")
+
+
+def test_a_stand_in_too_big_for_the_store_is_written_without_the_record(database_url: str) -> None:
+    """A store that limits a row to 64 KB refuses a 65 KB record, and its stand-in, which holds it as text, is
+    bigger still: a smaller stand-in goes in its place (the tenant, region and request id, the record's length and
+    SHA-256, the start of the error), not an outage that fills the backlog; the chain verifies."""
+    store = AuditStore.open(database_url)
+    _limit_rows(database_url, 65_536)
+    big = AuditRecord(
+        "inference", "infer", "key:good", tenant="t1", region="eu", request_id="big", details={"x": "x" * 66_000}
+    )
+    records = [_record("key:good", f"r{i}") for i in range(3)] + [big, _record("key:good", "r4")]
+    job = Appending([record.as_tuple() for record in records])
+    try:
+        assert job.run(store) == 5 and [seq for seq, _ in job.refusals] == [4]
+        rows = store.read()
+        assert [row["request_id"] for row in rows] == ["r0", "r1", "r2", "big", "r4"]
+        stand_in = rows[3]
+        assert (stand_in["kind"], stand_in["tenant"], stand_in["region"]) == (UNWRITABLE_KIND, "t1", "eu")
+        assert stand_in["at"] == big.when() and "record" not in stand_in["details"]
+        assert "at most 64 KB" in stand_in["details"]["error"] and len(stand_in["details"]["error"]) <= 200
+        text = json.dumps(dict(zip(_FIELDS, big.as_tuple(), strict=True)), ensure_ascii=True, default=repr)
+        assert len(text) > 65_536 and stand_in["details"]["record_chars"] == len(text)
+        assert stand_in["details"]["record_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+        assert store.verify().ok
+    finally:
+        store.close()
+
+
+#: a record's fields as a stand-in's ``details.record`` names them (``AuditRecord.as_tuple``'s order)
+_FIELDS = ("kind", "action", "actor", "tenant", "outcome", "model", "version", "request_id", "region", "latency_ms",
+           "details", "at", "at_s")  # fmt: skip
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_a_store_that_refuses_even_the_smallest_stand_in_is_said_and_counted_once(
+    database_url: str, writer: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store refuses a record and every stand-in for it: the trail waits for it as in an outage (nothing
+    replaced), and its log and metric say why, once however often it retries; mended, the record goes in as itself."""
+    store = AuditStore.open(database_url)
+    _refuse(database_url, "key:poison", "dhow:audit-writer")
+    trail = AuditTrail({"ae": store}, "ae", writer=writer, commit_s=0.1, flush_interval_s=0.1)  # type: ignore[arg-type]
+    told: list[int] = []
+    trail.on_unwritable = told.append
+    records = [_record("key:poison" if i == 3 else "key:good", f"r{i}") for i in range(6)]
+
+    async def scenario() -> None:
+        await trail.start()
+        for record in records:
+            trail.record(record)
+        for _ in range(300):  # until the writer retried a few times (0.1 s, then 0.2 s, 0.4 s …)
+            if trail.failures >= 3 or (writer == "process" and told):
+                break
+            await asyncio.sleep(0.1)
+        assert told == [1] and trail.pending >= 3 and store.head()[0] == 3  # (a writer process answers a batch whole)
+        _allow(database_url)
+        await asyncio.wait_for(trail.record_now(_record("key:good", "r6")), 30)
+        await trail.close()
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="dhow.audit"):
+            asyncio.run(scenario())
+        assert [row["request_id"] for row in store.read()] == [f"r{i}" for i in range(7)]
+        assert store.read()[3]["actor"] == "key:poison" and store.verify().ok and told == [1]
+        said = [r.getMessage() for r in caplog.records if "smallest audit.unwritable stand-in" in r.getMessage()]
+        assert len(said) == 1 and "refused by the test's trigger" in said[0] and "'r3'" in said[0]
     finally:
         store.close()
 

@@ -11,8 +11,11 @@ stopped, and the server refused work once its backlog was full. So a failed writ
   refused alone; what comes before it is written once (a few transactions, not one a record). In its place goes an
   ``audit.unwritable`` record that any store holds (ASCII, short texts): what the original was, as escaped JSON
   text, and the store's error, so that nothing is silently lost and the chain (``verify``) stays whole. Should the
-  store refuse that too, it is treated as down (retried later, nothing replaced): a store refusing everything is
-  broken, not its records.
+  store refuse that too (a limit on a row's size: the stand-in of a big record is bigger still), a smaller stand-in
+  goes in its place: no record body, only its size and the SHA-256 of its text (to match it to another copy) and
+  the start of the store's error. Should the store refuse even that, it refuses everything (``RefusingAll``, an
+  ``Unavailable``): it is treated as down (retried later, nothing replaced), and the trail says so (its log and
+  ``on_unwritable``): a store refusing everything is broken, not its records.
 
 A refusal that was only a passing fault (a record refused once, written the next time) is written in its stand-in
 all the same: its text is there in full (up to ``RECORD_CHARS``), so it is kept, if not in its own fields.
@@ -20,6 +23,7 @@ all the same: its text is there in full (up to ``RECORD_CHARS``), so it is kept,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -30,7 +34,15 @@ from dhow.core.errors import DhowError, Unavailable
 from dhow.governance.audit import AuditRow, AuditStore
 from dhow.governance.audit_blocks import KEY_CHARS
 
-__all__ = ["RECORD_CHARS", "UNWRITABLE_KIND", "Appending", "describe", "unwritable_rows"]
+__all__ = [
+    "RECORD_CHARS",
+    "UNWRITABLE_KIND",
+    "Appending",
+    "RefusingAll",
+    "describe",
+    "record_digest",
+    "unwritable_rows",
+]
 
 #: the kind of the record written in place of one the store refused
 UNWRITABLE_KIND = "audit.unwritable"
@@ -38,6 +50,8 @@ UNWRITABLE_KIND = "audit.unwritable"
 RECORD_CHARS = 65_536
 #: the most characters of the store's error a stand-in keeps
 ERROR_CHARS = 2000
+#: the most characters of the store's error the smaller stand-in keeps (the error may quote the record)
+SHORT_ERROR_CHARS = 200
 #: a record's fields, in ``AuditRecord.as_tuple``'s order
 _FIELDS = ("kind", "action", "actor", "tenant", "outcome", "model", "version", "request_id", "region", "latency_ms",
            "details", "at", "at_s")  # fmt: skip
@@ -72,15 +86,26 @@ def _ascii(value: object) -> str:
     return _escaped(value).replace("\x00", "\\x00")[:KEY_CHARS]
 
 
+def record_digest(row: Any) -> tuple[int, str]:
+    """The length of a record's text (``details.record`` of its stand-in, whole) and the SHA-256 of that text, in
+    hex: what the smaller stand-in keeps of a record, for an auditor to match it to another copy."""
+    text = _record_text(row)
+    return len(text), hashlib.sha256(text.encode("ascii", "backslashreplace")).hexdigest()
+
+
 def unwritable_rows(row: Any, error: str) -> list[AuditRow]:
     """The records that may be written in place of ``row``, which the store refused with ``error``, the first the
     store takes: one that keeps its tenant, region and request id as the record held them (a tenant's auditor reads
     only its tenant's records), else as ASCII (escaped: one of them may be what the store refused), else one that
-    keeps none, in no tenant (tenants have names: no tenant's auditor reads it, the trail's own auditor does)."""
+    keeps none, in no tenant (tenants have names: no tenant's auditor reads it, the trail's own auditor does); each
+    first with the record's text, then (a store that limits a row's size) without it: its length and SHA-256
+    (``record_digest``) and the start of the error."""
     text = _record_text(row)
     details: dict[str, Any] = {"record": text[:RECORD_CHARS], "error": error[:ERROR_CHARS]}
     if len(text) > RECORD_CHARS:
         details["record_chars"] = len(text)
+    chars, digest = record_digest(row)
+    short = {"error": error[:SHORT_ERROR_CHARS], "record_chars": chars, "record_sha256": digest}
     kept: list[tuple[str, str, str]] = []
     when = time.time()
     if isinstance(row, list | tuple) and len(row) == 13:
@@ -92,7 +117,8 @@ def unwritable_rows(row: Any, error: str) -> list[AuditRow]:
             when = row[12]
     return [
         (UNWRITABLE_KIND, "audit.write", "dhow:audit-writer", tenant, "UNWRITABLE", "", "", request_id, region, None,
-         details, "", when)
+         held, "", when)
+        for held in (details, short)
         for tenant, region, request_id in dict.fromkeys([*kept, ("", "", "")])
     ]  # fmt: skip
 
@@ -104,6 +130,11 @@ def _plain_number(value: object) -> bool:
 
 def _down(exc: Exception) -> bool:
     return isinstance(exc, Unavailable | OSError)
+
+
+class RefusingAll(Unavailable):
+    """The store refused a record and every stand-in for it, the smallest too: it refuses everything, and is
+    treated as down (the write is retried later, nothing replaced)."""
 
 
 @dataclass
@@ -121,7 +152,7 @@ class Appending:
 
     def run(self, store: AuditStore) -> int:
         """Write the rows not written yet; the last seq. Raises when the store is down (``done`` says how far it
-        got), or when it refuses even a stand-in."""
+        got), or ``RefusingAll`` when it refuses even the smallest stand-in."""
         if not self.rows:
             self.seq = store.append_rows([])
         if self.done < len(self.rows):
@@ -138,7 +169,16 @@ class Appending:
                 if _down(exc):
                     raise
         else:
-            self.seq = store.append_rows([last])  # refused too: the store is broken, retried as when it is down
+            try:
+                self.seq = store.append_rows([last])
+            except Exception as exc:  # refused too: the store is broken, retried as when it is down
+                if _down(exc):
+                    raise
+                request_id = _ascii(row[7]) if isinstance(row, list | tuple) and len(row) == 13 else ""
+                raise RefusingAll(
+                    f"the audit store refused a record (request id {request_id!r}) and even its smallest "
+                    f"audit.unwritable stand-in: treated as down, retried until it takes one: {describe(exc)}"
+                ) from exc
         self.refusals.append((self.seq, error))
         self.done += 1
 

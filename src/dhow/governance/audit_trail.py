@@ -22,7 +22,7 @@ from typing import Literal
 
 from dhow.core.errors import DhowError, InvalidInput, Unavailable
 from dhow.governance.audit import AuditRecord, AuditRow, AuditStore
-from dhow.governance.audit_refusals import Appending
+from dhow.governance.audit_refusals import Appending, RefusingAll
 from dhow.governance.audit_writer import COMMIT_S
 from dhow.governance.writer_process import WriterProcess, _depart, _Departure
 
@@ -51,6 +51,8 @@ class _Lane:
     #: (records enqueued when it was added, future) of each ``record_now`` waiting for durability
     waiters: deque[tuple[int, asyncio.Future[None]]] = field(default_factory=deque)
     failing: bool = False
+    #: the store refused a record and every stand-in for it (``RefusingAll``), said and counted once, until a write
+    refusing_all: bool = False
     backoff_s: float = 0.0
     #: a writer process's records of this pass of the event loop (``record_before_answer``), sent as one frame
     #: early in the next pass, and what their requests await until then (None: none waits)
@@ -113,7 +115,8 @@ class AuditTrail:
         self._pending = 0
         self.written = 0
         self.failures = 0
-        #: records the store refused, written as ``audit.unwritable`` records (``audit_refusals.py``)
+        #: records the store refused, written as ``audit.unwritable`` records (``audit_refusals.py``), and one for
+        #: each time a store refused a record and every stand-in for it (counted once until a write works)
         self.unwritable = 0
         #: told how many more records the store refused (the server counts them in a metric)
         self.on_unwritable: Callable[[int], None] | None = None
@@ -333,19 +336,27 @@ class AuditTrail:
         """Records the store refused, each written in its place as an ``audit.unwritable`` record."""
         if not refusals:  # (most writes)
             return
-        self.unwritable += len(refusals)
-        if self.on_unwritable is not None:
-            with contextlib.suppress(Exception):  # (a metric that fails must not stop the trail)
-                self.on_unwritable(len(refusals))
+        self._unwritable(len(refusals))
         for seq, error in refusals:
             log.error(
                 "the audit trail at %s refused a record: written in its place as an audit.unwritable record "
-                "(seq %d) that holds it as text: %s", lane.store.url, seq, error,
+                "(seq %d) that holds it as text (or its length and SHA-256, if refused as text): %s",
+                lane.store.url, seq, error,
             )  # fmt: skip
+
+    def _unwritable(self, count: int) -> None:
+        self.unwritable += count
+        if self.on_unwritable is not None:
+            with contextlib.suppress(Exception):  # (a metric that fails must not stop the trail)
+                self.on_unwritable(count)
 
     def _failing(self, lane: _Lane, err: Exception) -> None:
         self.failures += 1
-        if not lane.failing:
+        if isinstance(err, RefusingAll) and not lane.refusing_all:  # (an outage for the queue, said as what it is)
+            lane.refusing_all = True
+            self._unwritable(1)
+            log.error("the audit trail at %s: %s", lane.store.url, err.message)
+        elif not lane.failing:
             reason = err.message if isinstance(err, DhowError) else repr(err)
             log.error("cannot write to the audit trail at %s, retrying until it works: %s", lane.store.url, reason)
         lane.failing = True
@@ -355,7 +366,7 @@ class AuditTrail:
         self._counted(lane, count)
         if lane.failing:
             log.warning("the audit trail at %s is writable again; %d records behind", lane.store.url, self._pending)
-            lane.failing, lane.backoff_s = False, 0.0
+            lane.failing, lane.refusing_all, lane.backoff_s = False, False, 0.0
 
     def _counted(self, lane: _Lane, count: int) -> None:
         """``count`` more of the lane's records are durable."""

@@ -7,14 +7,15 @@ a record has left the server's process when its answer does: a server killed wit
 an answered request (this process reads what is in the pipe, writes it, and exits when the pipe closes). A
 thread drains the pipe as records come, so that it does not fill (and the server's answers wait) while a
 transaction runs.
-It writes the frames it has received (waiting that long for more, unless one is urgent: a change whose caller
-waits for it to be durable) in one transaction, then answers ``{"frames": n, "seq": last}`` (and ``"refused":
-[[seq, error], …]``: records the store refused, each written at that seq as an ``audit.unwritable`` record, see
-``audit_refusals.py``); when the store is down it answers ``{"error": …}`` once and retries with backoff until
-the write succeeds (records are never dropped). The server's frames are lines of JSON (JSON as orjson writes it
-holds no newline byte), so that what a read gathered is decoded as one JSON array, not frame by frame; the answers
-are the length-prefixed frames of ``core/frames.py``. The server talks to it over the child's stdin and stdout
-with asyncio: hashing and the database's work never take its interpreter lock.
+It writes the frames it has received (waiting that long for more, unless one is urgent: a change whose caller waits
+for it to be durable) in one transaction, then answers ``{"frames": n, "seq": last}`` (and ``"refused": [[seq,
+error], …]``: records the store refused, each written at that seq as an ``audit.unwritable`` record, see
+``audit_refusals.py``); when the store is down it answers ``{"error": …, "refusing_all": false}`` once (true: the
+store is up but refused a record and every stand-in for it) and retries with backoff until the write succeeds
+(records are never dropped). The server's frames are lines of JSON (JSON as orjson writes it holds no newline byte),
+so that what a read gathered is decoded as one JSON array, not frame by frame; the answers are the length-prefixed
+frames of ``core/frames.py``. The server talks to it over the child's stdin and stdout with asyncio: hashing and the
+database's work never take its interpreter lock.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import orjson
 
 from dhow.core.frames import frame
 from dhow.governance.audit import AuditStore
-from dhow.governance.audit_refusals import Appending, describe
+from dhow.governance.audit_refusals import Appending, RefusingAll, describe
 
 __all__ = ["encode_frame", "main"]
 
@@ -188,7 +189,7 @@ def _write(store: AuditStore | None, url: str, frames: list[Any], sink: IO[bytes
                 store.close()
                 store = None
             if not told:
-                _answer(sink, {"error": describe(exc)})
+                _answer(sink, {"error": describe(exc), "refusing_all": isinstance(exc, RefusingAll)})
                 told = True
             time.sleep(backoff)
             backoff = min(5.0, backoff * 2)

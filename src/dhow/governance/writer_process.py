@@ -16,6 +16,7 @@ import orjson
 from dhow.core.errors import Unavailable
 from dhow.core.frames import decode_frame_length, widen_pipe
 from dhow.governance.audit import AuditRow, _text, writable
+from dhow.governance.audit_refusals import RefusingAll
 from dhow.governance.audit_writer import COMMIT_S, encode_frame
 
 log = logging.getLogger("dhow.audit")
@@ -155,7 +156,7 @@ class WriterProcess:
             self._process = None
             raise Unavailable(f"the audit writer process stopped ({type(exc).__name__}); starting another") from None
         if "error" in answer:
-            raise Unavailable(str(answer["error"]))
+            raise (RefusingAll if answer.get("refusing_all") else Unavailable)(str(answer["error"]))
         self.refusals += [(int(seq), str(error)) for seq, error in answer.get("refused", ())]
         return sum(len(self._unacknowledged.popleft()) for _ in range(int(answer["frames"])))
 

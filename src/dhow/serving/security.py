@@ -96,7 +96,8 @@ class Security:
         unwritable = Counter(
             "dhow_audit_unwritable_records",
             "Audit records the store refused while it was up (a value it cannot hold, a trigger): each written in "
-            "its place as an audit.unwritable record that holds it as text; the server log says why",
+            "its place as an audit.unwritable record that holds it as text (or its length and SHA-256), or, "
+            "refused too, retried as in an outage (counted once until a write works); the server log says why",
             registry=registry,
         )
         self.audit.on_unwritable = unwritable.inc
