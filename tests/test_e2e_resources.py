@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dhow.core.heap import YOUNG_THRESHOLD
 from tests.conftest import DhowProcess, start_dhow
 from tests.monitoring_models import doubler_repository
 
@@ -62,6 +63,16 @@ def test_each_process_instance_reports_its_cpu_time_and_resident_memory(server: 
         assert float(rss.group(1)) > 10e6, "a Python process with numpy holds more than 10 MB"
     assert len(_children(server.process.pid)) >= 2, "the two instances are processes of the server"
     assert re.search(r"^process_resident_memory_bytes [0-9.e+]+$", text, re.M), "the server's own process"
+
+
+def test_the_server_settles_its_heap_once_ready(server: DhowProcess) -> None:
+    """``settle_heap`` ran before the server said ready: start-up's objects are frozen and the young threshold is
+    raised (an unsettled process has none frozen and Python's 700)."""
+    metrics = _metrics(server)
+    frozen = re.search(r"^dhow_gc_frozen_objects (\S+)$", metrics, re.M)
+    young = re.search(r'^dhow_gc_threshold\{generation="0"\} (\S+)$', metrics, re.M)
+    assert frozen is not None and young is not None, metrics
+    assert float(frozen.group(1)) > 10_000 and float(young.group(1)) == YOUNG_THRESHOLD
 
 
 def test_no_gpu_no_gpu_metrics_and_no_error(server: DhowProcess) -> None:

@@ -28,7 +28,7 @@ from dhow.core.heap import settle_heap
 from dhow.governance.masked_stream import mask_standard_streams
 from dhow.governance.masking import Masker, install_log_masking, parse_masking
 from dhow.monitoring.metrics import ServerMetrics
-from dhow.monitoring.resources import GpuCollector, InstanceCollector
+from dhow.monitoring.resources import GpuCollector, HeapCollector, InstanceCollector
 from dhow.protocols.grpc import GrpcConnectionLimits, GrpcServer, create_grpc_server
 from dhow.protocols.rest import RestApp
 from dhow.protocols.rest.access_log import AccessLog
@@ -268,10 +268,11 @@ class Server:
             settings, self.security, self.policies, metrics=metrics, router=table, observers=observers, events=store
         )
         models, dataplane, service = core.models, core.dataplane, core.service
-        # read at each scrape: this process, its process instances, the GPUs (absent without one)
-        for collector in (ProcessCollector(registry=None), InstanceCollector(models.process_instances)):
+        # read at each scrape: this process (and its heap), its process instances, the GPUs (absent without one)
+        instances = models.process_instances
+        for collector in (ProcessCollector(registry=None), HeapCollector(), InstanceCollector(instances)):
             metrics.add_collector(collector)
-        metrics.add_collector(GpuCollector(models.process_instances))
+        metrics.add_collector(GpuCollector(instances))
         editor = DeploymentEditor(store, models, table)
         watch = dataplane.watch
         assert watch is not None  # given the event history, the core watches its models

@@ -5,10 +5,13 @@
   the metrics are absent, never an error. A reading a GPU does not support (power on some boards) is left out.
 - ``InstanceCollector``: per process instance (``instances.kind: process``), its CPU time and resident memory,
   from ``/proc``. The server's own process is prometheus_client's ``process_*`` metrics.
+- ``HeapCollector``: the server process's garbage collector as ``core/heap.py`` settles it once the server is
+  ready: the objects frozen out of the collections' reach, and each generation's threshold.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -17,7 +20,7 @@ from typing import Any, NamedTuple
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["GpuCollector", "InstanceCollector", "InstanceProcess"]
+__all__ = ["GpuCollector", "HeapCollector", "InstanceCollector", "InstanceProcess"]
 
 log = logging.getLogger("dhow.monitoring")
 
@@ -160,3 +163,21 @@ class InstanceCollector(Collector):
             memory.add_metric(labels, float(int(fields[21]) * self._page))
         yield cpu
         yield memory
+
+
+class HeapCollector(Collector):
+    """This process's garbage collector, as ``settle_heap`` leaves it once the server is ready: how many objects
+    start-up built are frozen (none before), and the generations' thresholds (the youngest raised then)."""
+
+    def collect(self) -> Iterator[Metric]:
+        frozen = GaugeMetricFamily(
+            "dhow_gc_frozen_objects", "Objects out of the garbage collector's reach (frozen once start-up is done)"
+        )
+        frozen.add_metric([], float(gc.get_freeze_count()))
+        threshold = GaugeMetricFamily(
+            "dhow_gc_threshold", "The garbage collector's threshold of a generation", labels=["generation"]
+        )
+        for generation, value in enumerate(gc.get_threshold()):
+            threshold.add_metric([str(generation)], float(value))
+        yield frozen
+        yield threshold
