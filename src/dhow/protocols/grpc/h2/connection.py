@@ -314,6 +314,15 @@ class H2Connection(Sender, asyncio.Protocol):
             count = len(stream.messages)
             self._fail(stream, grpc.StatusCode.INTERNAL, f"a unary call needs one request message, it sent {count}")
         else:
+            # Started at once, inside ``data_received``, not on the next pass as the REST front's runners are, and
+            # that is sound: the REST front's parser (httptools, in C) is inside its callback when a request ends,
+            # and its app's end feeds it the next pipelined request; here the parse's state is ``_frames``' locals
+            # and ``_pending``/``_continuing``/the HPACK decoder, which no call touches (its answer's frames use no
+            # table). A call that ends in its first step (answered, refused) leaves ``streams``: frames for it later
+            # in the read are dropped as for any ended stream; a drain's close then leaves the rest unanswered as
+            # GOAWAY said. Order is as on the next pass: calls start in the order their requests ended, and the
+            # batcher's workers wake on a later pass, so the calls of one read (and of the pass's other reads)
+            # still queue together. What it saves: a ``call_soon`` handle a call (``runner.py``).
             stream.task = runner = CallRunner(self.loop, run_call(self, stream))
             runner.start()
 
