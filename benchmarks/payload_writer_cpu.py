@@ -15,10 +15,11 @@ shaped as ``tabular``'s over REST (the JSON body as sent, outputs ``label`` and 
 - ``unpaced``: the same frames as fast as the pipe takes them, into a queue that holds them all (the pure cost:
   no wake-ups, no pauses; the paced figure less this one is what the wake-ups cost).
 
-Once every event is reported logged (a few warm-up frames first, not counted), it prints the process's user and
-system CPU time per event (``/proc/<pid>/stat``), its threads' context switches per frame (voluntary and not,
-summed over ``/proc/<pid>/task/*/status``) and each thread's share (``/proc/<pid>/task/*/stat``), each tree in
-turn, ``--rounds`` times (the machine's speed moves: compare trees within a round).
+Once every event is reported logged (a few warm-up frames first, not counted), it prints the process's CPU time per
+event (its threads' ``/proc/<pid>/task/*/schedstat``, to the nanosecond; and user + system time from ``stat``, in
+ticks), its context switches per frame (voluntary and not, from each thread's ``status``), its page faults per frame,
+and each thread's CPU per event and voluntary switches per frame (the sink's thread, the reader, the reporter), each
+tree in turn, ``--rounds`` times (the machine's speed moves: compare trees within a round).
 """
 
 from __future__ import annotations
@@ -178,9 +179,9 @@ def run(src: Path, framed: list[bytes], per: int, interval: float | None) -> dic
         old = threads_before.get(task, (0.0, 0, 0))
         switches[0] += voluntary - old[1]
         switches[1] += involuntary - old[2]
-        shares.append((cpu - old[0]) / events * 1e6)
+        shares.append(((cpu - old[0]) / events * 1e6, (voluntary - old[1]) / len(measured)))
     return {
-        "us": sum(shares),
+        "us": sum(share for share, _ in shares),
         "ticks": (after[0] - before[0]) / events * 1e6,
         "faults": (after[1] - before[1]) / len(measured),
         "voluntary": switches[0] / len(measured),
@@ -206,12 +207,13 @@ def main() -> None:
         for interval in modes:
             for tree in trees:
                 found = run(tree, framed, args.per, interval)
-                threads = " ".join(f"{share:.2f}" for share in found["threads"] if share > 0.005)
+                threads = " ".join(f"{us:.2f} ({woken:.1f})" for us, woken in found["threads"] if us > 0.005)
                 mode = "paced" if interval else "unpaced"
                 print(
                     f"round {round_} {mode} {tree}: {found['us']:.2f} µs an event (user+system {found['ticks']:.2f}), "
                     f"context switches a frame {found['voluntary']:.1f} voluntary + {found['involuntary']:.1f} "
-                    f"involuntary, page faults {found['faults']:.0f}; threads (µs an event) {threads}",
+                    f"involuntary, page faults {found['faults']:.0f}; threads: µs an event (voluntary switches a "
+                    f"frame) {threads}",
                     flush=True,
                 )
                 if found["counts"]["dropped"] or found["counts"]["failed"]:
