@@ -39,12 +39,12 @@ _CHUNK = 512
 #: load and the model share, and the requests in flight then waited for it: ``tabular`` over REST at c=16 with the
 #: payload log to a file, p99 5.35 ms in one go against 4.6 in steps of 64 events (median of 8 rounds, all off 3.4),
 #: throughput the same. Those steps were ~0.5 ms each; the renderer got faster and steps of 64 shrank to ~0.2 ms, 4-5
-#: pauses a frame, and each pause is a wake-up that costs the writer more than the step it ends (cold caches):
-#: ``benchmarks/payload_writer_cpu.py``, 350 events every 50 ms, 7.6-8.9 µs of CPU an event with steps of 64, 6.1-7.4
-#: with no pause at all, 4.4-5.4 fed without pauses (2026-12-06). So a step is as many events as render in about
-#: ``_STEP_S`` of CPU at the pace of the step before (at least ``_STEP``): bursts as short as those measured, and the
-#: fewest pauses they allow (two a frame there; at 1 ms a step, one). A backlog (``_BEHIND``) is written without
-#: pauses: a writer that falls behind catches up at full speed.
+#: pauses a frame, and each pause is a wake-up that costs the writer more than the step it ends (cold caches, an idle
+#: core woken): ``benchmarks/payload_writer_cpu.py``, 350 events every 50 ms, 7.6-9.7 µs of CPU an event with steps
+#: of 64, 6.1-7.5 with no pause at all, 4.4-5.5 fed without pauses (2026-12-06; a pause ~300 µs of CPU). So a step
+#: is as many events as render in about ``_STEP_S`` of CPU at the pace of the step before (at least ``_STEP``):
+#: bursts as short as those measured, and the fewest pauses they allow (two a frame there; at 1 ms a step, one). A
+#: backlog (``_BEHIND``) is written without pauses: a writer that falls behind catches up at full speed.
 _STEP = 64
 _STEP_S = 0.0005
 _STEP_PAUSE_S = 0.001

@@ -25,7 +25,7 @@ from dhow.core.errors import DhowError
 from dhow.core.frames import split_frames
 from dhow.monitoring.payload_log import encode_frame
 
-__all__ = ["Answer", "Taker", "keep_freed_memory", "serve"]
+__all__ = ["Answer", "Taker", "serve"]
 
 #: sends a frame back to the server (from any thread)
 Answer = Callable[[Any], None]
@@ -39,7 +39,7 @@ Answer = Callable[[Any], None]
 _MALLOPT = ((-1, 64 << 20), (-3, 16 << 20))  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
 
 
-def keep_freed_memory() -> None:
+def _keep_freed_memory() -> None:
     """Ask glibc's allocator to keep freed memory for the next frame (``_MALLOPT``); elsewhere nothing changes."""
     with contextlib.suppress(OSError, AttributeError):
         mallopt = ctypes.CDLL(None).mallopt
@@ -64,7 +64,7 @@ def serve(
     read by ``decode`` (JSON unless the writer has a format of its own)."""
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, signal.SIG_IGN)
-    keep_freed_memory()
+    _keep_freed_memory()
     source, answers = sys.stdin.fileno(), sys.stdout.buffer
     lock = threading.Lock()
 
