@@ -63,6 +63,7 @@ def test_frames_after_the_first_take_no_fresh_pages(tmp_path: Path) -> None:
             writer.stdin.write(_frame(n, per, masking if n == 0 else None))
             writer.stdin.flush()
             while lines < (n + 1) * per:  # all written: the next (the writer's queue never full)
+                assert writer.poll() is None, "the writer stopped"
                 lines += written.read().count(b"\n")
                 time.sleep(0.005)
         faults = _minor_faults(writer.pid) - faults
