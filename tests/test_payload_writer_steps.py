@@ -1,4 +1,5 @@
-"""The payload and trace writers render what is queued in steps, pausing between them unless behind or stopping."""
+"""The payload and trace writers render what is queued in steps (sized by the time the last one took), pausing between
+them unless behind or stopping."""
 
 from __future__ import annotations
 
@@ -11,11 +12,18 @@ import pytest
 from dhow.serving import payload_writer
 from dhow.serving.payload_writer import Writer
 
+#: the CPU clock the steps are timed by (``_render_steps``), moved on by ``_Steps.render_chunk``
+_now = [0.0]
+
 
 class _Steps(Writer):
-    """A writer whose render records each step's size (no sink, no threads: ``_render_steps`` alone)."""
+    """A writer whose render records each step's size and takes ``cost`` seconds an event on a clock of its own (no
+    sink, no threads: ``_render_steps`` alone); by default as long as makes a step of ``_STEP`` events."""
 
-    def __init__(self, queued: int, *, stopping: bool = False, capacity: int = 10_000) -> None:
+    def __init__(
+        self, queued: int, *, stopping: bool = False, capacity: int = 10_000, cost: float | None = None
+    ) -> None:
+        self.cost = payload_writer._STEP_S / payload_writer._STEP if cost is None else cost
         self.capacity = capacity
         self._queue = collections.deque([[n] for n in range(queued)])
         self._stopping = threading.Event()
@@ -25,6 +33,7 @@ class _Steps(Writer):
 
     def render_chunk(self, chunk: list[Any]) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
         self.steps.append(len(chunk))
+        _now[0] += self.cost * len(chunk)
         failed = [(event, ValueError("odd")) for event in chunk if event[0] % 97 == 1]
         return [(str(event[0]), b"") for event in chunk if event[0] % 97 != 1], failed
 
@@ -33,6 +42,7 @@ class _Steps(Writer):
 def pauses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     slept: list[float] = []
     monkeypatch.setattr(payload_writer.time, "sleep", slept.append)
+    monkeypatch.setattr(payload_writer.time, "thread_time", lambda: _now[0])
     return slept
 
 
@@ -48,6 +58,26 @@ def test_a_frame_is_rendered_in_steps_with_a_pause_between_them(pauses: list[flo
     assert [int(key) for key, _ in rendered] == sorted(int(key) for key, _ in rendered)
     assert len(failures) == 5  # 1, 98, 195, 292, 389
     assert not writer._queue
+
+
+def test_a_step_is_as_many_events_as_render_in_about_its_time_at_the_last_steps_pace(pauses: list[float]) -> None:
+    # events that render 200 in a step's time: a first step of 64 (no pace known yet), then 200, then the rest
+    writer = _Steps(400, cost=payload_writer._STEP_S / 200)
+    rendered, failures = writer._render_steps()
+    assert writer.steps == [64, 200, 136]
+    assert pauses == [payload_writer._STEP_PAUSE_S] * 2  # not five: each pause is a wake-up
+    assert len(rendered) + len(failures) == 400
+    # cheap ones: a frame's worth in one step after the first (the pace is the writer's: the next frame starts so)
+    cheap = _Steps(400, cost=payload_writer._STEP_S / 1000)
+    cheap._render_steps()
+    assert cheap.steps == [64, 336]
+    cheap._queue.extend([[n] for n in range(400)])
+    cheap._render_steps()
+    assert cheap.steps[2:] == [400]
+    # dear ones: never fewer than 64 a step
+    dear = _Steps(200, cost=payload_writer._STEP_S)
+    dear._render_steps()
+    assert dear.steps == [64, 64, 72]
 
 
 def test_a_sink_gets_at_most_a_chunk_and_the_rest_stays_queued(pauses: list[float]) -> None:

@@ -33,13 +33,20 @@ __all__ = ["Writer", "main"]
 
 #: events handed to the sink at once (at most)
 _CHUNK = 512
-#: events rendered in one step, and the pause between two steps while more are queued. The server hands a writer
-#: what came in ``writer_pipe.FLUSH_S`` (50 ms: ~400 payload events at 8,000 requests a second); rendered and
-#: written in one go they took ~3-4 ms of CPU at once from the core the load and the model share, and the requests
-#: in flight then waited for it: ``tabular`` over REST at c=16 with the payload log to a file, p99 5.35 ms in one
-#: go against 4.6 in steps (median of 8 rounds, all off 3.4), throughput the same. A backlog (``_BEHIND``) is
-#: written without pauses: a writer that falls behind catches up at full speed.
+#: the least events rendered in one step, how long a step runs at most (about), and the pause between two steps while
+#: more are queued. The server hands a writer what came in ``writer_pipe.FLUSH_S`` (50 ms: ~350-400 payload events at
+#: 7,000-8,000 requests a second); rendered and written in one go they took ~3-4 ms of CPU at once from the core the
+#: load and the model share, and the requests in flight then waited for it: ``tabular`` over REST at c=16 with the
+#: payload log to a file, p99 5.35 ms in one go against 4.6 in steps of 64 events (median of 8 rounds, all off 3.4),
+#: throughput the same. Those steps were ~0.5 ms each; the renderer got faster and steps of 64 shrank to ~0.2 ms, 4-5
+#: pauses a frame, and each pause is a wake-up that costs the writer more than the step it ends (cold caches, an idle
+#: core woken): ``benchmarks/payload_writer_cpu.py``, 350 events every 50 ms, 7.6-9.7 µs of CPU an event with steps
+#: of 64, 6.1-7.5 with no pause at all, 4.4-5.5 fed without pauses (2026-12-06; a pause ~300 µs of CPU). So a step
+#: is as many events as render in about ``_STEP_S`` of CPU at the pace of the step before (at least ``_STEP``):
+#: bursts as short as those measured, and the fewest pauses they allow (two a frame there; at 1 ms a step, one). A
+#: backlog (``_BEHIND``) is written without pauses: a writer that falls behind catches up at full speed.
 _STEP = 64
+_STEP_S = 0.0005
 _STEP_PAUSE_S = 0.001
 _BEHIND = 4 * _CHUNK
 #: how often counts go back to the server (when something changed)
@@ -51,6 +58,8 @@ class Writer:
 
     #: how long the sink's thread waits after handing a chunk over, for more to come
     pause_s = 0.0
+    #: seconds an event took to render in the last step (what sizes the next: ``_render_steps``)
+    _event_s = _STEP_S / _STEP
 
     def __init__(self, sink: PayloadSink, *, capacity: int, source: str, report: Any) -> None:
         self.sink = sink
@@ -130,8 +139,9 @@ class Writer:
                 self._stopping.wait(self.pause_s)
 
     def _render_steps(self) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
-        """Up to ``_CHUNK`` queued events rendered, ``_STEP`` at a time with ``_STEP_PAUSE_S`` between steps unless
-        the writer is behind (``_BEHIND`` queued, or half its capacity) or stopping (then at once)."""
+        """Up to ``_CHUNK`` queued events rendered in steps of about ``_STEP_S`` (at least ``_STEP`` events) with
+        ``_STEP_PAUSE_S`` between steps unless the writer is behind (``_BEHIND`` queued, or half its capacity) or
+        stopping (then at once)."""
         rendered: list[tuple[str, bytes]] = []
         failures: list[tuple[Any, Exception]] = []
         queue = self._queue
@@ -141,10 +151,14 @@ class Writer:
             if done and len(queue) < behind and not self._stopping.is_set():
                 time.sleep(_STEP_PAUSE_S)
             left = min(len(queue), _CHUNK - done)
-            # (a remainder too short for the renderer's columns, ``payload_render._FEW``, goes with this step)
-            size = left if left - _STEP < _FEW else _STEP
+            size = min(left, max(_STEP, int(_STEP_S / self._event_s)))
+            if left - size < _FEW:  # (a remainder too short for the renderer's columns goes with this step)
+                size = left
             step = [queue.popleft() for _ in range(size)]
+            start = time.thread_time()
             written, failed = self.render_chunk(step)
+            # (the thread's CPU time: a step another thread preempted did not take the core all that while)
+            self._event_s = max(time.thread_time() - start, 1e-9) / size
             rendered += written
             failures += failed
             done += size

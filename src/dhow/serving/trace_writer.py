@@ -4,7 +4,7 @@ posts them to the collector, off the server's interpreter.
 ``python -m dhow.serving.trace_writer`` is run by ``monitoring.tracing.Tracing`` (``writer_main``'s loop): its
 settings are the collector's ``url``, the ``service`` name, ``capacity`` and ``close_timeout_s``; then it takes
 frames of finished requests (``tracing.Record``). The payload writer's queue and sink thread carry them (at most
-``capacity`` waiting, past it dropped and counted); a step's spans (64 requests, ``Writer._render_steps``) are
+``capacity`` waiting, past it dropped and counted); a step's spans (64 requests or more, ``Writer._render_steps``) are
 written at once from its records (``trace_chunk.chunk_fields``; one that cannot be fails alone), and the steps of
 up to 512 requests are one export, posted with ``http.client``, about one a second. Counts of exported and failed
 requests go back to the server.

@@ -1,0 +1,77 @@
+"""The payload log's writer process keeps the memory a frame freed for the next one (no page faults a frame)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dhow.core.frames import decode_frames, widen_pipe
+from dhow.governance.masking import Masker, parse_masking
+from dhow.monitoring.payload_log import encode_frame, frame_events
+
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/stat").exists() or platform.libc_ver()[0] != "glibc", reason="glibc's allocator, /proc"
+)
+
+_BODY = b'{"inputs":[{"name":"input","shape":[1,32],"datatype":"FP32","data":[' + b",".join(b"0.5" for _ in range(32))
+_BODY += b"]}]}"
+
+
+def _frame(n: int, per: int, masking: dict[str, object] | None) -> bytes:
+    """A frame of ``per`` events shaped as ``tabular``'s over REST, as ``PayloadLog._frame`` writes it."""
+    events = [[f"r-{n}-{k}", "tabular", "1", "anonymous", "default", "", "success", "", 1.0 + k, 0.001, {},
+               len(_BODY), 2, 1, 1] for k in range(per)]  # fmt: skip
+    outputs = [{"label": np.array([k % 2]), "probabilities": np.array([[0.25, 0.75]], np.float32)} for k in range(per)]
+    maskings = [(1, masking)] if masking else []
+    return frame_events(maskings, time.time(), events, [_BODY] * per, outputs)
+
+
+def _minor_faults(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[7])
+
+
+def test_frames_after_the_first_take_no_fresh_pages(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    writer = subprocess.Popen([sys.executable, "-m", "dhow.serving.payload_writer"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, env=env)  # fmt: skip
+    assert writer.stdin is not None and writer.stdout is not None
+    widen_pipe(writer.stdin.fileno())
+    out = tmp_path / "payloads.jsonl"
+    settings = {"url": f"file://{out}", "source": "dhow://test", "capacity": 10_000, "close_timeout_s": 5.0}
+    writer.stdin.write(encode_frame(settings))
+    writer.stdin.flush()
+    answers = bytearray()
+    while not (ready := decode_frames(answers)):
+        answers += os.read(writer.stdout.fileno(), 1 << 16)
+    assert ready[0] == {"ready": "file"}
+    per, masking = 350, Masker(parse_masking(None, "pii"), b"").spec()
+    lines = 0
+    try:
+        faults = 0
+        written = out.open("rb")
+        for n in range(60):
+            if n == 20:  # warm: the allocator's heaps as large as a frame needs
+                faults = _minor_faults(writer.pid)
+            writer.stdin.write(_frame(n, per, masking if n == 0 else None))
+            writer.stdin.flush()
+            while lines < (n + 1) * per:  # all written: the next (the writer's queue never full)
+                assert writer.poll() is None, "the writer stopped"
+                lines += written.read().count(b"\n")
+                time.sleep(0.005)
+        faults = _minor_faults(writer.pid) - faults
+        written.close()
+    finally:
+        writer.stdin.close()
+        writer.wait(30)
+    assert writer.returncode == 0
+    assert out.read_bytes().count(b"\n") == 60 * per
+    # (freed memory given back to the system and taken again: ~95 faults a frame of 350 events, each page zeroed)
+    assert faults < 40 * 10, f"{faults / 40:.0f} page faults a frame"
