@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from dhow.core.errors import Unavailable
 from dhow.governance.audit import AuditRecord, AuditStore
 from dhow.governance.audit_refusals import UNWRITABLE_KIND, Appending, RefusingAll
 from dhow.governance.audit_trail import AuditTrail
+from tests.conftest import PG_ADMIN_URL
 
 
 def _refuse(url: str, *values: str) -> None:
@@ -223,6 +225,55 @@ def test_a_store_that_refuses_even_the_smallest_stand_in_is_said_and_counted_onc
         assert len(said) == 1 and "refused by the test's trigger" in said[0] and "'r3'" in said[0]
     finally:
         store.close()
+
+
+def test_a_store_refusing_everything_after_an_outage_is_said_and_counted(
+    pg_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer process answered an outage (a read-only database) once; back, the store refuses a record and its
+    smallest stand-in: the writer says so too (the state it answered changed), so the server logs and counts it."""
+    store = AuditStore.open(pg_database)  # (its tables made: a read-only database could not)
+    _refuse(pg_database, "key:poison", "dhow:audit-writer")
+    name = pg_database.rpartition("/")[2]
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as pg:
+        pg.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')  # the writer's sessions
+    trail = AuditTrail({"ae": store}, "ae", writer="process", commit_s=0.1)
+    told: list[int] = []
+    trail.on_unwritable = told.append
+    records = [_record("key:poison" if i == 3 else "key:good", f"r{i}") for i in range(6)]
+
+    async def scenario() -> None:
+        await trail.start()
+        for record in records:
+            trail.record(record)
+        await _until(lambda: trail.failures >= 1)  # the outage, answered
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as pg:
+            pg.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')  # the writer's next session
+        await _until(lambda: bool(told))
+        assert told == [1] and trail.pending == 6 and store.head()[0] == 3  # (what came before r3 is written)
+        _allow(pg_database)
+        await asyncio.wait_for(trail.record_now(_record("key:good", "r6")), 30)
+        await trail.close()
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="dhow.audit"):
+            asyncio.run(scenario())
+        assert [row["request_id"] for row in store.read()] == [f"r{i}" for i in range(7)] and store.verify().ok
+        logged = [r.getMessage() for r in caplog.records]
+        assert any("read-only" in line and "retrying until it works" in line for line in logged), logged
+        said = [line for line in logged if "smallest audit.unwritable stand-in" in line]
+        assert len(said) == 1 and "'r3'" in said[0]
+    finally:
+        store.close()
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Wait until ``condition`` holds (a writer retries with backoff: 0.1 s doubling to 5 s); fail after a while."""
+    for _ in range(int(timeout_s / 0.1)):
+        if condition():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not within {timeout_s} s")
 
 
 def test_a_stand_in_keeps_the_tenant_unless_the_store_refuses_it_too(database_url: str) -> None:
