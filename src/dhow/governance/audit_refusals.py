@@ -15,7 +15,7 @@ stopped, and the server refused work once its backlog was full. So a failed writ
   goes in its place: no record body, only its size and the SHA-256 of its text (to match it to another copy) and
   the start of the store's error. Should the store refuse even that, it refuses everything (``RefusingAll``, an
   ``Unavailable``): it is treated as down (retried later, nothing replaced), and the trail says so (its log and
-  ``on_unwritable``): a store refusing everything is broken, not its records.
+  ``refusing_all``, until a write works): a store refusing everything is broken, not its records.
 
 A refusal that was only a passing fault (a record refused once, written the next time) is written in its stand-in
 all the same: its text is there in full (up to ``RECORD_CHARS``), so it is kept, if not in its own fields.
