@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +21,34 @@ from dhow.core.errors import Unavailable
 from dhow.governance.audit import AuditRecord, AuditStore
 from dhow.governance.audit_refusals import UNWRITABLE_KIND, Appending, RefusingAll
 from dhow.governance.audit_trail import AuditTrail
+from tests.conftest import PG_ADMIN_URL
 
 
-def _refuse(url: str, *values: str) -> None:
-    """Make the store refuse a record whose keys hold one of ``values`` (a trigger, as a DBA could add)."""
+def _refuse(url: str, *values: str, instead: bool = False) -> None:
+    """Make the store refuse a record whose keys hold one of ``values`` (a trigger, as a DBA could add);
+    ``instead``: of what it refused until now, in one transaction (a writer retrying meanwhile sees one or the
+    other)."""
     listed = ", ".join(f"'{value}'" for value in values)
     if url.startswith("sqlite://"):
-        with sqlite3.connect(url[len("sqlite://") :]) as conn:
-            conn.execute(
-                f"CREATE TRIGGER refuse BEFORE INSERT ON dhow_audit_keys WHEN NEW.value IN ({listed}) "
-                "BEGIN SELECT RAISE(ABORT, 'refused by the test''s trigger'); END"
+        conn = sqlite3.connect(url[len("sqlite://") :], isolation_level=None)
+        try:
+            conn.executescript(
+                "BEGIN; "
+                + ("DROP TRIGGER refuse; " if instead else "")
+                + f"CREATE TRIGGER refuse BEFORE INSERT ON dhow_audit_keys WHEN NEW.value IN ({listed}) "
+                "BEGIN SELECT RAISE(ABORT, 'refused by the test''s trigger'); END; COMMIT;"
             )
+        finally:
+            conn.close()
         return
     with psycopg.connect(url, autocommit=True) as pg:
         pg.execute(
-            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "CREATE OR REPLACE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
             f"IF NEW.value IN ({listed}) THEN RAISE EXCEPTION 'refused by the test''s trigger'; END IF; "
             "RETURN NEW; END $$"
         )
-        pg.execute("CREATE TRIGGER refuse BEFORE INSERT ON dhow_audit_keys FOR EACH ROW EXECUTE FUNCTION refuse()")
+        if not instead:
+            pg.execute("CREATE TRIGGER refuse BEFORE INSERT ON dhow_audit_keys FOR EACH ROW EXECUTE FUNCTION refuse()")
 
 
 def _allow(url: str) -> None:
@@ -189,14 +199,64 @@ _FIELDS = ("kind", "action", "actor", "tenant", "outcome", "model", "version", "
 
 
 @pytest.mark.parametrize("writer", ["process", "thread"])
-def test_a_store_that_refuses_even_the_smallest_stand_in_is_said_and_counted_once(
+def test_a_store_that_refuses_even_the_smallest_stand_in_is_said_once_and_shown_while_it_lasts(
     database_url: str, writer: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The store refuses a record and every stand-in for it: the trail waits for it as in an outage (nothing
-    replaced), and its log and metric say why, once however often it retries; mended, the record goes in as itself."""
+    replaced), says why once however often it retries, and shows it (``refusing_all``: the server's gauge) until a
+    write works; the record replaced once the store takes its stand-in is counted once, as a replaced record (the
+    episode before it is not a second count)."""
     store = AuditStore.open(database_url)
     _refuse(database_url, "key:poison", "dhow:audit-writer")
     trail = AuditTrail({"ae": store}, "ae", writer=writer, commit_s=0.1, flush_interval_s=0.1)  # type: ignore[arg-type]
+    told: list[int] = []
+    trail.on_unwritable = told.append  # (the server's metric, dhow_audit_unwritable_records_total)
+    records = [_record("key:poison" if i == 3 else "key:good", f"r{i}") for i in range(6)]
+    tries = None if database_url.startswith("sqlite://") else _counted_tries(database_url)
+
+    async def scenario() -> None:
+        await trail.start()
+        for record in records:
+            trail.record(record)
+        await _until(lambda: trail.refusing_all)
+        # held while the writer retries several times (0.1 s, then 0.2 s, 0.4 s …): each retry must say nothing new
+        if writer == "thread":
+            await _until(lambda: trail.failures >= 4)
+        elif tries is not None:
+            await _until(lambda: tries() >= 4)
+        else:  # (SQLite keeps no trace of a transaction rolled back: the writer retries ~4 times in 2.5 s)
+            await asyncio.sleep(2.5)
+        assert told == [] and trail.refusing_all and trail.pending >= 3 and store.head()[0] == 3
+        said = [r.getMessage() for r in caplog.records if "smallest audit.unwritable stand-in" in r.getMessage()]
+        assert len(said) == 1, said
+        _refuse(database_url, "key:poison", instead=True)  # the DBA lets the writer's own records in
+        await asyncio.wait_for(trail.record_now(_record("key:good", "r6")), 30)
+        assert not trail.refusing_all
+        await trail.close()
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="dhow.audit"):
+            asyncio.run(scenario())
+        rows = store.read()
+        assert [row["request_id"] for row in rows] == [f"r{i}" for i in range(7)] and store.verify().ok
+        assert rows[3]["kind"] == UNWRITABLE_KIND and told == [1] and trail.unwritable == 1
+        said = [r.getMessage() for r in caplog.records if "smallest audit.unwritable stand-in" in r.getMessage()]
+        assert len(said) == 1 and "refused by the test's trigger" in said[0] and "'r3'" in said[0]
+    finally:
+        store.close()
+
+
+def test_a_store_refusing_everything_after_an_outage_is_said_and_shown(
+    pg_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer process answered an outage (a read-only database) once; back, the store refuses a record and its
+    smallest stand-in: the writer says so too (the state it answered changed), so the server logs and shows it."""
+    store = AuditStore.open(pg_database)  # (its tables made: a read-only database could not)
+    _refuse(pg_database, "key:poison", "dhow:audit-writer")
+    name = pg_database.rpartition("/")[2]
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as pg:
+        pg.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')  # the writer's sessions
+    trail = AuditTrail({"ae": store}, "ae", writer="process", commit_s=0.1)
     told: list[int] = []
     trail.on_unwritable = told.append
     records = [_record("key:poison" if i == 3 else "key:good", f"r{i}") for i in range(6)]
@@ -205,24 +265,60 @@ def test_a_store_that_refuses_even_the_smallest_stand_in_is_said_and_counted_onc
         await trail.start()
         for record in records:
             trail.record(record)
-        for _ in range(300):  # until the writer retried a few times (0.1 s, then 0.2 s, 0.4 s …)
-            if trail.failures >= 3 or (writer == "process" and told):
-                break
-            await asyncio.sleep(0.1)
-        assert told == [1] and trail.pending >= 3 and store.head()[0] == 3  # (a writer process answers a batch whole)
-        _allow(database_url)
+        await _until(lambda: trail.failures >= 1)  # the outage, answered
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as pg:
+            pg.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')  # the writer's next session
+        await _until(lambda: trail.refusing_all)
+        assert told == [] and trail.pending == 6 and store.head()[0] == 3  # (what came before r3 is written)
+        _allow(pg_database)
         await asyncio.wait_for(trail.record_now(_record("key:good", "r6")), 30)
+        assert not trail.refusing_all
         await trail.close()
 
     try:
         with caplog.at_level(logging.ERROR, logger="dhow.audit"):
             asyncio.run(scenario())
-        assert [row["request_id"] for row in store.read()] == [f"r{i}" for i in range(7)]
-        assert store.read()[3]["actor"] == "key:poison" and store.verify().ok and told == [1]
-        said = [r.getMessage() for r in caplog.records if "smallest audit.unwritable stand-in" in r.getMessage()]
-        assert len(said) == 1 and "refused by the test's trigger" in said[0] and "'r3'" in said[0]
+        assert [row["request_id"] for row in store.read()] == [f"r{i}" for i in range(7)] and store.verify().ok
+        logged = [r.getMessage() for r in caplog.records]
+        assert any("read-only" in line and "retrying until it works" in line for line in logged), logged
+        said = [line for line in logged if "smallest audit.unwritable stand-in" in line]
+        assert len(said) == 1 and "'r3'" in said[0]
     finally:
         store.close()
+
+
+def _counted_tries(url: str) -> Callable[[], int]:
+    """How many times the writer tried the poison record alone (once a retry, as it splits the batch to find the
+    refused record), counted by PostgreSQL in a sequence, which no rollback undoes."""
+    with psycopg.connect(url, autocommit=True) as pg:
+        pg.execute("CREATE SEQUENCE poison_alone")
+        pg.execute(
+            "CREATE FUNCTION poison_alone() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.first_seq = NEW.last_seq AND position('key:poison' in NEW.records) > 0 "
+            "AND position('audit.unwritable' in NEW.records) = 0 THEN PERFORM nextval('poison_alone'); END IF; "
+            "RETURN NEW; END $$"
+        )
+        pg.execute(
+            "CREATE TRIGGER poison_alone BEFORE INSERT ON dhow_audit_blocks FOR EACH ROW EXECUTE FUNCTION "
+            "poison_alone()"
+        )
+
+    def tries() -> int:
+        with psycopg.connect(url, autocommit=True) as pg:
+            row = pg.execute("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM poison_alone").fetchone()
+            assert row is not None
+            return int(row[0])
+
+    return tries
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Wait until ``condition`` holds (a writer retries with backoff: 0.1 s doubling to 5 s); fail after a while."""
+    for _ in range(int(timeout_s / 0.1)):
+        if condition():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not within {timeout_s} s")
 
 
 def test_a_stand_in_keeps_the_tenant_unless_the_store_refuses_it_too(database_url: str) -> None:

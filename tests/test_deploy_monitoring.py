@@ -29,7 +29,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dhow-dashboard.json"
 #: what a scrape of this server must show: dhow's own series reached Prometheus
 SCRAPED = ("dhow_inference_requests_total", "dhow_request_duration_seconds_bucket", "dhow_payload_log_events_total",
            "dhow_instance_resident_memory_bytes", "process_cpu_seconds_total", "dhow_queue_depth",
-           "dhow_batch_fill_ratio_bucket")  # fmt: skip
+           "dhow_batch_fill_ratio_bucket", "dhow_audit_refusing_all")  # fmt: skip
 
 
 def _binary(name: str) -> str:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import shutil
 import time
 import urllib.request
 from pathlib import Path
 
 import jwt as pyjwt
+import psycopg
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from dhow.governance.audit import AuditStore
@@ -110,3 +112,47 @@ def test_a_record_the_store_refuses_is_written_as_unwritable_and_the_trail_goes_
         store.close()
         assert server.stop() == 0, server.log()
     assert "refused a record: written in its place as an audit.unwritable record" in server.log()
+
+
+def _metric(server: DhowProcess, key: rsa.RSAPrivateKey, name: str) -> float | None:
+    asked = urllib.request.Request(f"http://{server.http_url}/metrics")
+    asked.add_header("Authorization", f"Bearer {_token(key, 'prometheus', 'auditor')}")
+    metrics = urllib.request.urlopen(asked, timeout=10).read().decode()
+    found = re.search(rf"^{name} (\S+)$", metrics, re.M)
+    return None if found is None else float(found.group(1))
+
+
+def test_a_store_refusing_even_the_stand_in_is_shown_while_it_lasts(
+    demo_repository: Path, tmp_path: Path, latin1_database: str
+) -> None:
+    """The LATIN1 database refuses the emoji's record, and a DBA's trigger every record of the audit writer, its
+    stand-ins: ``dhow_audit_refusing_all`` is 1 (alert DhowAuditStoreRefusingAll) as long as that lasts, not a count
+    that an alert over 10 minutes forgets; the trigger dropped, the record is replaced and counted once."""
+    key, jwks = _issuer(tmp_path)
+    server = _server(demo_repository, tmp_path, latin1_database, jwks)
+    store = AuditStore.open(latin1_database)
+    try:
+        with psycopg.connect(latin1_database, autocommit=True) as pg:
+            pg.execute(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF NEW.value = "
+                "'dhow:audit-writer' THEN RAISE EXCEPTION 'no record of the writer'; END IF; RETURN NEW; END $$"
+            )
+            pg.execute("CREATE TRIGGER refuse BEFORE INSERT ON dhow_audit_keys FOR EACH ROW EXECUTE FUNCTION refuse()")
+        assert _metric(server, key, "dhow_audit_refusing_all") == 0
+        assert _infer(server.http_url, _token(key, "\U0001f600")) == 200, server.log()
+        wait_until(lambda: _metric(server, key, "dhow_audit_refusing_all") == 1, 30, "the gauge at 1")
+        for _ in range(3):  # it stays at 1 while the writer retries
+            time.sleep(1)
+            assert _metric(server, key, "dhow_audit_refusing_all") == 1
+        assert _metric(server, key, "dhow_audit_unwritable_records_total") == 0
+        with psycopg.connect(latin1_database, autocommit=True) as pg:
+            pg.execute("DROP TRIGGER refuse ON dhow_audit_keys")
+        wait_until(lambda: _metric(server, key, "dhow_audit_refusing_all") == 0, 30, "the gauge back at 0")
+        assert _metric(server, key, "dhow_audit_unwritable_records_total") == 1
+        assert [row["kind"] for row in store.read(limit=1000) if row["actor"] != "dhow:first-start"] == [
+            "audit.unwritable"
+        ]
+    finally:
+        store.close()
+        assert server.stop() == 0, server.log()
+    assert "and even its smallest audit.unwritable stand-in" in server.log()

@@ -4,12 +4,14 @@ collections come rarer."""
 from __future__ import annotations
 
 import gc
+import sys
 import weakref
 from collections.abc import Iterator
 
 import pytest
 
 from dhow.core.heap import YOUNG_THRESHOLD, settle_heap
+from dhow.monitoring.resources import HeapCollector
 
 
 class _Node:
@@ -46,3 +48,35 @@ def test_settle_heap_raises_the_young_threshold_only(unfrozen: None) -> None:
     gc.set_threshold(700, 11, 12)
     settle_heap(young_threshold=None)  # the stream runner's: its memory bound is a promise
     assert gc.get_threshold() == (700, 11, 12)
+
+
+def _scraped(collector: HeapCollector) -> tuple[dict[str, float], list[str]]:
+    """The collector's samples, and the C functions it called while collecting (``sys.setprofile`` sees them)."""
+    called: list[str] = []
+
+    def watch(frame: object, event: str, arg: object) -> None:
+        if event == "c_call":
+            called.append(getattr(arg, "__qualname__", repr(arg)))
+
+    sys.setprofile(watch)
+    try:
+        families = list(collector.collect())
+    finally:
+        sys.setprofile(None)
+    samples = {s.name + str(sorted(s.labels.values())): s.value for family in families for s in family.samples}
+    return samples, called
+
+
+def test_a_scrape_reads_the_frozen_count_settle_heap_kept_and_walks_nothing(unfrozen: None) -> None:
+    """``gc.get_freeze_count`` walks every frozen object (2-70 ms with numpy or torch loaded) and a scrape runs on
+    the event loop: the collector reports the count ``settle_heap`` took once, and never calls it."""
+    settle_heap()
+    settled = gc.get_freeze_count()
+    samples, called = _scraped(HeapCollector())
+    assert "get_freeze_count" not in called, called
+    assert samples["dhow_gc_frozen_objects[]"] == settled > 0
+    assert samples["dhow_gc_threshold['0']"] == YOUNG_THRESHOLD
+    kept = [[index] for index in range(1000)]
+    gc.freeze()  # (no server does this after settle_heap: what the metric shows is settle_heap's count, not a new one)
+    assert gc.get_freeze_count() >= settled + len(kept)
+    assert _scraped(HeapCollector())[0]["dhow_gc_frozen_objects[]"] == settled

@@ -15,7 +15,7 @@ stopped, and the server refused work once its backlog was full. So a failed writ
   goes in its place: no record body, only its size and the SHA-256 of its text (to match it to another copy) and
   the start of the store's error. Should the store refuse even that, it refuses everything (``RefusingAll``, an
   ``Unavailable``): it is treated as down (retried later, nothing replaced), and the trail says so (its log and
-  ``on_unwritable``): a store refusing everything is broken, not its records.
+  ``refusing_all``, until a write works): a store refusing everything is broken, not its records.
 
 A refusal that was only a passing fault (a record refused once, written the next time) is written in its stand-in
 all the same: its text is there in full (up to ``RECORD_CHARS``), so it is kept, if not in its own fields.
@@ -87,8 +87,16 @@ def _ascii(value: object) -> str:
 
 
 def record_digest(row: Any) -> tuple[int, str]:
-    """The length of a record's text (``details.record`` of its stand-in, whole) and the SHA-256 of that text, in
-    hex: what the smaller stand-in keeps of a record, for an auditor to match it to another copy."""
+    """The length of a record's whole text and the SHA-256 of that text's ASCII bytes, in hex: what the smaller
+    stand-in keeps of a record, for an auditor to match it to another copy.
+
+    The text (``_record_text``) is ``json.dumps(fields, ensure_ascii=True)`` (the default separators ``", "`` and
+    ``": "``, keys not sorted, NaN as ``NaN``) of an object of the record's 13 fields in this order: ``kind``,
+    ``action``, ``actor``, ``tenant``, ``outcome``, ``model``, ``version``, ``request_id``, ``region``,
+    ``latency_ms``, ``details``, ``at``, ``at_s``, each as the writer received it (a writer process: as the
+    server's JSON frame carried it). A full stand-in's ``details.record`` holds only the first ``RECORD_CHARS``
+    characters of that text (``details.record_chars`` its length, when longer): the hash covers the whole text,
+    which for a longer record is more than any stand-in holds."""
     text = _record_text(row)
     return len(text), hashlib.sha256(text.encode("ascii", "backslashreplace")).hexdigest()
 

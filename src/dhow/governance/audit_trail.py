@@ -51,7 +51,8 @@ class _Lane:
     #: (records enqueued when it was added, future) of each ``record_now`` waiting for durability
     waiters: deque[tuple[int, asyncio.Future[None]]] = field(default_factory=deque)
     failing: bool = False
-    #: the store refused a record and every stand-in for it (``RefusingAll``), said and counted once, until a write
+    #: the store refused a record and every stand-in for it (``RefusingAll``): said once, and kept until a write
+    #: works (an outage in between does not say that it stopped refusing)
     refusing_all: bool = False
     backoff_s: float = 0.0
     #: a writer process's records of this pass of the event loop (``record_before_answer``), sent as one frame
@@ -115,11 +116,17 @@ class AuditTrail:
         self._pending = 0
         self.written = 0
         self.failures = 0
-        #: records the store refused, written as ``audit.unwritable`` records (``audit_refusals.py``), and one for
-        #: each time a store refused a record and every stand-in for it (counted once until a write works)
+        #: records the store refused, each replaced by an ``audit.unwritable`` record (``audit_refusals.py``); one
+        #: it refused with every stand-in for it is not (``refusing_all``)
         self.unwritable = 0
         #: told how many more records the store refused (the server counts them in a metric)
         self.on_unwritable: Callable[[int], None] | None = None
+
+    @property
+    def refusing_all(self) -> bool:
+        """Whether a store refused a record and even its smallest stand-in, and no write has worked since: the trail
+        is stuck until someone mends the store (the server's gauge ``dhow_audit_refusing_all``)."""
+        return any(lane.refusing_all for lane in self._lanes.values())
 
     @property
     def pending(self) -> int:
@@ -336,7 +343,10 @@ class AuditTrail:
         """Records the store refused, each written in its place as an ``audit.unwritable`` record."""
         if not refusals:  # (most writes)
             return
-        self._unwritable(len(refusals))
+        self.unwritable += len(refusals)
+        if self.on_unwritable is not None:
+            with contextlib.suppress(Exception):  # (a metric that fails must not stop the trail)
+                self.on_unwritable(len(refusals))
         for seq, error in refusals:
             log.error(
                 "the audit trail at %s refused a record: written in its place as an audit.unwritable record "
@@ -344,17 +354,10 @@ class AuditTrail:
                 lane.store.url, seq, error,
             )  # fmt: skip
 
-    def _unwritable(self, count: int) -> None:
-        self.unwritable += count
-        if self.on_unwritable is not None:
-            with contextlib.suppress(Exception):  # (a metric that fails must not stop the trail)
-                self.on_unwritable(count)
-
     def _failing(self, lane: _Lane, err: Exception) -> None:
         self.failures += 1
         if isinstance(err, RefusingAll) and not lane.refusing_all:  # (an outage for the queue, said as what it is)
             lane.refusing_all = True
-            self._unwritable(1)
             log.error("the audit trail at %s: %s", lane.store.url, err.message)
         elif not lane.failing:
             reason = err.message if isinstance(err, DhowError) else repr(err)

@@ -10,12 +10,12 @@ transaction runs.
 It writes the frames it has received (waiting that long for more, unless one is urgent: a change whose caller waits
 for it to be durable) in one transaction, then answers ``{"frames": n, "seq": last}`` (and ``"refused": [[seq,
 error], …]``: records the store refused, each written at that seq as an ``audit.unwritable`` record, see
-``audit_refusals.py``); when the store is down it answers ``{"error": …, "refusing_all": false}`` once (true: the
-store is up but refused a record and every stand-in for it) and retries with backoff until the write succeeds
-(records are never dropped). The server's frames are lines of JSON (JSON as orjson writes it holds no newline byte),
-so that what a read gathered is decoded as one JSON array, not frame by frame; the answers are the length-prefixed
-frames of ``core/frames.py``. The server talks to it over the child's stdin and stdout with asyncio: hashing and the
-database's work never take its interpreter lock.
+``audit_refusals.py``); when the store is down it answers ``{"error": …, "refusing_all": false}`` (true: the
+store is up but refused a record and every stand-in for it), again whenever ``refusing_all`` changes, and retries
+with backoff until the write succeeds (records are never dropped). The server's frames are lines of JSON (JSON as
+orjson writes it holds no newline byte), so that what a read gathered is decoded as one JSON array, not frame by
+frame; the answers are the length-prefixed frames of ``core/frames.py``. The server talks to it over the child's
+stdin and stdout with asyncio: hashing and the database's work never take its interpreter lock.
 """
 
 from __future__ import annotations
@@ -178,19 +178,23 @@ def _write(store: AuditStore | None, url: str, frames: list[Any], sink: IO[bytes
     records the store refused (``audit_refusals``: each written in its place as an ``audit.unwritable`` record)."""
     rows = [row for frame in frames for row in (frame["rows"] if isinstance(frame, dict) else frame)]
     job = Appending(rows)
-    backoff, told = 0.1, False
+    backoff = 0.1
+    told: bool | None = None  # the ``refusing_all`` of the last error answer (None: none sent for this batch)
     while True:
         try:
             store = store or AuditStore.open(url)
             job.run(store)
             break
-        except Exception as exc:  # the store is down (or refuses even a stand-in): say so once, retry the rest
+        except Exception as exc:  # the store is down (or refuses even a stand-in): say so, retry the rest
             if store is not None:
                 store.close()
                 store = None
-            if not told:
-                _answer(sink, {"error": describe(exc), "refusing_all": isinstance(exc, RefusingAll)})
-                told = True
+            # said once, and again when it turns from down to refusing everything (or back): an outage first (the
+            # store unreachable, read-only) must not hide that, back, it refuses a record and its smallest stand-in
+            refusing_all = isinstance(exc, RefusingAll)
+            if told is not refusing_all:
+                _answer(sink, {"error": describe(exc), "refusing_all": refusing_all})
+                told = refusing_all
             time.sleep(backoff)
             backoff = min(5.0, backoff * 2)
     answer: dict[str, Any] = {"frames": len(frames), "seq": job.seq}

@@ -6,7 +6,8 @@
 - ``InstanceCollector``: per process instance (``instances.kind: process``), its CPU time and resident memory,
   from ``/proc``. The server's own process is prometheus_client's ``process_*`` metrics.
 - ``HeapCollector``: the server process's garbage collector as ``core/heap.py`` settles it once the server is
-  ready: the objects frozen out of the collections' reach, and each generation's threshold.
+  ready: the objects frozen out of the collections' reach (as ``settle_heap`` counted them: counting them again
+  walks them all, milliseconds on the event loop at each scrape), and each generation's threshold.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any, NamedTuple
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from dhow.core.heap import frozen_objects
 
 __all__ = ["GpuCollector", "HeapCollector", "InstanceCollector", "InstanceProcess"]
 
@@ -167,13 +170,14 @@ class InstanceCollector(Collector):
 
 class HeapCollector(Collector):
     """This process's garbage collector, as ``settle_heap`` leaves it once the server is ready: how many objects
-    start-up built are frozen (none before), and the generations' thresholds (the youngest raised then)."""
+    start-up built are frozen (none before; the count ``settle_heap`` kept, never ``gc.get_freeze_count``, which
+    walks them all), and the generations' thresholds (the youngest raised then)."""
 
     def collect(self) -> Iterator[Metric]:
         frozen = GaugeMetricFamily(
             "dhow_gc_frozen_objects", "Objects out of the garbage collector's reach (frozen once start-up is done)"
         )
-        frozen.add_metric([], float(gc.get_freeze_count()))
+        frozen.add_metric([], float(frozen_objects()))
         threshold = GaugeMetricFamily(
             "dhow_gc_threshold", "The garbage collector's threshold of a generation", labels=["generation"]
         )

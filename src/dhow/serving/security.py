@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from dhow.access.authenticator import Authenticator
 from dhow.access.jwt import JwtVerifier
@@ -95,12 +95,18 @@ class Security:
         await self.authenticator.start()
         unwritable = Counter(
             "dhow_audit_unwritable_records",
-            "Audit records the store refused while it was up (a value it cannot hold, a trigger): each written in "
-            "its place as an audit.unwritable record that holds it as text (or its length and SHA-256), or, "
-            "refused too, retried as in an outage (counted once until a write works); the server log says why",
+            "Audit records the store refused while it was up (a value it cannot hold, a trigger), each replaced by "
+            "an audit.unwritable record that holds it as text (or its length and SHA-256); the server log says why",
             registry=registry,
         )
         self.audit.on_unwritable = unwritable.inc
+        audit = self.audit
+        Gauge(
+            "dhow_audit_refusing_all",
+            "1 while an audit store refuses a record and even its smallest audit.unwritable stand-in (the trail "
+            "waits, as in an outage, until someone mends the store), else 0; the server log says why",
+            registry=registry,
+        ).set_function(lambda: float(audit.refusing_all))
         self.limiter = await RedisRateLimiter.connect(settings.redis) if settings.redis else LocalRateLimiter()
         if enabled and first_key:
             await self._first_key()
