@@ -41,6 +41,7 @@ class _Steps(Writer):
 @pytest.fixture
 def pauses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     slept: list[float] = []
+    _now[0] = 0.0  # (each test's steps are sized from the same clock reading, whichever tests ran before)
     monkeypatch.setattr(payload_writer.time, "sleep", slept.append)
     monkeypatch.setattr(payload_writer.time, "thread_time", lambda: _now[0])
     return slept
@@ -67,13 +68,14 @@ def test_a_step_is_as_many_events_as_render_in_about_its_time_at_the_last_steps_
     assert writer.steps == [64, 200, 136]
     assert pauses == [payload_writer._STEP_PAUSE_S] * 2  # not five: each pause is a wake-up
     assert len(rendered) + len(failures) == 400
-    # cheap ones: a frame's worth in one step after the first (the pace is the writer's: the next frame starts so)
+    # cheap ones: steps of at most _MOST, which bounds the one step a dearer event than the last makes too long
+    # (the pace is the writer's: the next frame starts so)
     cheap = _Steps(400, cost=payload_writer._STEP_S / 1000)
     cheap._render_steps()
-    assert cheap.steps == [64, 336]
+    assert cheap.steps == [64, payload_writer._MOST, 400 - 64 - payload_writer._MOST]
     cheap._queue.extend([[n] for n in range(400)])
     cheap._render_steps()
-    assert cheap.steps[2:] == [400]
+    assert cheap.steps[3:] == [payload_writer._MOST, 400 - payload_writer._MOST]
     # dear ones: never fewer than 64 a step
     dear = _Steps(200, cost=payload_writer._STEP_S)
     dear._render_steps()

@@ -43,9 +43,12 @@ _CHUNK = 512
 #: core woken): ``benchmarks/payload_writer_cpu.py``, 350 events every 50 ms, 7.6-9.7 µs of CPU an event with steps
 #: of 64, 6.1-7.5 with no pause at all, 4.4-5.5 fed without pauses (2026-12-06; a pause ~300 µs of CPU). So a step
 #: is as many events as render in about ``_STEP_S`` of CPU at the pace of the step before (at least ``_STEP``):
-#: bursts as short as those measured, and the fewest pauses they allow (two a frame there; at 1 ms a step, one). A
-#: backlog (``_BEHIND``) is written without pauses: a writer that falls behind catches up at full speed.
+#: bursts as short as those measured, and the fewest pauses they allow (one or two a frame there). At most ``_MOST``
+#: events a step: events far dearer than the last step's (``pii`` masking, large bodies) make one step at most 4x as
+#: long as a step of 64 of them, until the next step is sized by their pace. A backlog (``_BEHIND``) is written
+#: without pauses: a writer that falls behind catches up at full speed.
 _STEP = 64
+_MOST = 4 * _STEP
 _STEP_S = 0.0005
 _STEP_PAUSE_S = 0.001
 _BEHIND = 4 * _CHUNK
@@ -151,7 +154,7 @@ class Writer:
             if done and len(queue) < behind and not self._stopping.is_set():
                 time.sleep(_STEP_PAUSE_S)
             left = min(len(queue), _CHUNK - done)
-            size = min(left, max(_STEP, int(_STEP_S / self._event_s)))
+            size = min(left, _MOST, max(_STEP, int(_STEP_S / self._event_s)))
             if left - size < _FEW:  # (a remainder too short for the renderer's columns goes with this step)
                 size = left
             step = [queue.popleft() for _ in range(size)]
