@@ -91,18 +91,22 @@ def profiled_copy(models: Path, work: Path) -> Path:
     return copy
 
 
+def measure(config: Config, args: argparse.Namespace) -> tuple[loadgen.Result, float]:
+    """A warm-up pass, then the measured one (both counted in ``config.sent``): the result, server CPU µs a request."""
+    requests = [loadgen.http_post(f"127.0.0.1:{config.port}", "/v2/models/tabular/infer", BODY)]
+    cpu = cpu_seconds(config.pid)
+    warm = loadgen.run("127.0.0.1", config.port, requests, concurrency=args.concurrency, warmup=0, seconds=args.warmup)
+    result = loadgen.run("127.0.0.1", config.port, requests, concurrency=args.concurrency, warmup=0,
+                         seconds=args.seconds)  # fmt: skip
+    sent = warm.latencies_ms.size + result.latencies_ms.size + warm.failures + result.failures
+    config.sent += sent
+    return result, (cpu_seconds(config.pid) - cpu) / sent * 1e6
+
+
 def run_rounds(configs: list[Config], args: argparse.Namespace) -> None:
     for round_ in range(args.rounds):
         for config in configs[round_ % len(configs) :] + configs[: round_ % len(configs)]:
-            requests = [loadgen.http_post(f"127.0.0.1:{config.port}", "/v2/models/tabular/infer", BODY)]
-            cpu = cpu_seconds(config.pid)
-            warm = loadgen.run("127.0.0.1", config.port, requests, concurrency=args.concurrency, warmup=0,
-                               seconds=args.warmup)  # fmt: skip
-            result = loadgen.run("127.0.0.1", config.port, requests, concurrency=args.concurrency, warmup=0,
-                                 seconds=args.seconds)  # fmt: skip
-            sent = warm.latencies_ms.size + result.latencies_ms.size + warm.failures + result.failures
-            config.sent += sent
-            cpu_us = (cpu_seconds(config.pid) - cpu) / sent * 1e6
+            result, cpu_us = measure(config, args)
             config.runs.append((result, cpu_us))
             print(f"round {round_ + 1} {config.label}: {result.throughput:,.0f} infer/s, p50 "
                   f"{result.percentile(50):.2f} ms, p99 {result.percentile(99):.2f} ms, server CPU {cpu_us:.0f} "
@@ -144,20 +148,9 @@ def report(configs: list[Config], args: argparse.Namespace, logged: dict[str, di
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=HERE / "RESULTS-monitoring.md")
-    parser.add_argument("--receiver", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.receiver:
-        receive(args.receiver)
-        return
-    work = Path(tempfile.mkdtemp(prefix="dhow-bench-monitoring-"))
-    models = build_models(work)
+def configurations(work: Path, models: Path) -> tuple[dict[str, tuple[Path, tuple[str, ...]]], subprocess.Popen[bytes]]:
+    """The five configurations (label: repository, `dhow serve` arguments) and the OTLP receiver tracing posts to
+    (started here: the caller terminates it)."""
     otlp = free_port()
     receiver = subprocess.Popen([sys.executable, __file__, "--receiver", str(otlp)])
     payloads = f"file://{work}/payloads/events.jsonl"
@@ -170,6 +163,26 @@ def main() -> None:
         "(d) drift (profile, 10% sampled)": (drifting, ()),
         "(e) drift + payload log + tracing": (drifting, ("--payload-log", payloads.replace("events", "e"), *tracing)),
     }
+    return setups, receiver
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS-monitoring.md")
+    parser.add_argument("--only", default="abcde", help="the configurations to run, by letter (default abcde)")
+    parser.add_argument("--receiver", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.receiver:
+        receive(args.receiver)
+        return
+    work = Path(tempfile.mkdtemp(prefix="dhow-bench-monitoring-"))
+    models = build_models(work)
+    setups, receiver = configurations(work, models)
+    setups = {label: setup for label, setup in setups.items() if label[1] in args.only}
     servers: list[subprocess.Popen[bytes]] = []
     try:
         configs = []

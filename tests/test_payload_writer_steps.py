@@ -83,14 +83,14 @@ def test_a_step_is_as_many_events_as_render_in_about_its_time_at_the_last_steps_
 
 
 def test_a_sink_gets_at_most_a_chunk_and_the_rest_stays_queued(pauses: list[float]) -> None:
-    writer = _Steps(payload_writer._CHUNK + 100)
+    writer = _Steps(payload_writer.CHUNK + 100)
     rendered, failures = writer._render_steps()
-    assert len(rendered) + len(failures) == payload_writer._CHUNK
+    assert len(rendered) + len(failures) == payload_writer.CHUNK
     assert len(writer._queue) == 100
 
 
 def test_a_writer_behind_or_stopping_renders_without_pauses(pauses: list[float]) -> None:
-    behind = _Steps(payload_writer._BEHIND + payload_writer._CHUNK)
+    behind = _Steps(payload_writer._BEHIND + payload_writer.CHUNK)
     behind._render_steps()
     assert pauses == []
     stopping = _Steps(300, stopping=True)

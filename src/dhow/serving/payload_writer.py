@@ -29,10 +29,10 @@ from dhow.serving.payload_render import FEW as _FEW
 from dhow.serving.payload_render import cloud_events
 from dhow.serving.writer_main import Answer, serve
 
-__all__ = ["Writer", "main"]
+__all__ = ["CHUNK", "Writer", "main"]
 
 #: events handed to the sink at once (at most)
-_CHUNK = 512
+CHUNK = 512
 #: the least events rendered in one step, how long a step runs at most (about), and the pause between two steps while
 #: more are queued. The server hands a writer what came in ``writer_pipe.FLUSH_S`` (50 ms: ~350-400 payload events at
 #: 7,000-8,000 requests a second); rendered and written in one go they took ~3-4 ms of CPU at once from the core the
@@ -51,7 +51,7 @@ _STEP = 64
 _MOST = 4 * _STEP
 _STEP_S = 0.0005
 _STEP_PAUSE_S = 0.001
-_BEHIND = 4 * _CHUNK
+_BEHIND = 4 * CHUNK
 #: how often counts go back to the server (when something changed)
 _REPORT_S = 0.2
 
@@ -142,7 +142,7 @@ class Writer:
                 self._stopping.wait(self.pause_s)
 
     def _render_steps(self) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
-        """Up to ``_CHUNK`` queued events rendered in steps of about ``_STEP_S`` (at least ``_STEP`` events) with
+        """Up to ``CHUNK`` queued events rendered in steps of about ``_STEP_S`` (at least ``_STEP`` events) with
         ``_STEP_PAUSE_S`` between steps unless the writer is behind (``_BEHIND`` queued, or half its capacity) or
         stopping (then at once)."""
         rendered: list[tuple[str, bytes]] = []
@@ -150,10 +150,10 @@ class Writer:
         queue = self._queue
         behind = min(_BEHIND, self.capacity // 2)  # (a small queue must not fill while its writer pauses)
         done = 0
-        while queue and done < _CHUNK:
+        while queue and done < CHUNK:
             if done and len(queue) < behind and not self._stopping.is_set():
                 time.sleep(_STEP_PAUSE_S)
-            left = min(len(queue), _CHUNK - done)
+            left = min(len(queue), CHUNK - done)
             size = min(left, _MOST, max(_STEP, int(_STEP_S / self._event_s)))
             if left - size < _FEW:  # (a remainder too short for the renderer's columns goes with this step)
                 size = left

@@ -1,0 +1,77 @@
+"""Tracing's writer keeps up with more than one export's worth a second: a whole export is posted at once, the rest
+within the sink's ``post_s`` (or at the close)."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from typing import Any
+
+from tests.test_otlp_attribute_types import _record
+
+
+class _Collector(http.server.BaseHTTPRequestHandler):
+    """An OTLP/HTTP collector that counts the requests (SERVER spans) of each export it takes."""
+
+    exports: list[int] = []
+
+    def do_POST(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        body = self.rfile.read(int(self.headers["content-length"]))
+        message = ExportTraceServiceRequest.FromString(body)
+        spans = [s for r in message.resource_spans for scope in r.scope_spans for s in scope.spans]
+        self.exports.append(sum(span.name.startswith("infer ") for span in spans))
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _writer(post_s: float) -> tuple[Any, http.server.ThreadingHTTPServer]:
+    from dhow.serving.trace_writer import OtlpSink, TraceWriter
+
+    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    _Collector.exports = []
+    sink = OtlpSink(f"http://127.0.0.1:{collector.server_address[1]}/v1/traces", "test")
+    sink.post_s = post_s
+    return TraceWriter(sink, capacity=8192, source="", report=lambda _: None), collector
+
+
+def _wait_for(exported: int) -> None:
+    deadline = time.monotonic() + 60  # (a deadline for a loaded machine, not a measure of speed)
+    while sum(_Collector.exports) < exported and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_requests_are_rendered_as_they_come_and_posted_by_whole_exports_the_rest_at_the_interval_or_the_close() -> None:
+    records = [_record("k", n % 5, n) for n in range(1100)]
+    writer, collector = _writer(post_s=3600.0)  # the longest a request waits for its post: longer than this test
+    try:
+        writer.take(records[:100])
+        while writer._queue:  # the sink's thread took them (and rendered them: held, not posted)
+            time.sleep(0.01)
+        writer.take(records[100:])
+        _wait_for(2 * 512)
+        # two whole exports (whole steps of the writer's: 512 requests or a little more), posted at once, whatever came
+        # in between; the rest waits for the interval or the close
+        assert len(_Collector.exports) == 2 and min(_Collector.exports) >= 512
+    finally:
+        writer.close(10)
+        collector.shutdown()
+    assert len(_Collector.exports) == 3 and sum(_Collector.exports) == 1100
+
+
+def test_what_is_held_is_posted_within_the_interval_with_nothing_new_to_render() -> None:
+    writer, collector = _writer(post_s=0.05)
+    try:
+        writer.take([_record("k", n % 5, n) for n in range(10)])
+        _wait_for(10)
+        assert _Collector.exports == [10]
+    finally:
+        writer.close(10)
+        collector.shutdown()
