@@ -60,10 +60,12 @@ def test_requests_are_rendered_as_they_come_and_posted_by_whole_exports_the_rest
         # two whole exports (whole steps of the writer's: 512 requests or a little more), posted at once, whatever came
         # in between; the rest waits for the interval or the close
         assert len(_Collector.exports) == 2 and min(_Collector.exports) >= 512
+        whole = sum(_Collector.exports)
     finally:
         writer.close(10)
         collector.shutdown()
-    assert len(_Collector.exports) == 3 and sum(_Collector.exports) == 1100
+    # (steps are sized by the renderer's pace: the two whole exports may have carried all 1,100)
+    assert sum(_Collector.exports) == 1100 and len(_Collector.exports) == 2 + (whole < 1100)
 
 
 def test_what_is_held_is_posted_within_the_interval_with_nothing_new_to_render() -> None:
