@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from dhow.core.errors import DhowError
 from dhow.governance import audit as audit_module
 from dhow.governance.audit import GENESIS_HASH, AuditRecord, AuditStore
+from dhow.governance.audit_blocks import line_hash, line_hashes
 from dhow.governance.audit_lines import plain_lines
 from tests.conftest import store_opener
 from tests.test_audit import _block, _records, _rewrite_block, _sql
@@ -178,6 +179,17 @@ def test_usual_records_made_by_column_are_made_as_one_by_one(rows: list[tuple[An
         return
     assert made[0] == expected
     assert [list(column) for column in made[1]] == [[row[i] for row in rows] for i in (2, 0, 5, 4, 3)]
+
+
+@settings(max_examples=50, deadline=None)
+@given(lines=st.lists(st.binary(max_size=40), max_size=5), prev_hash=st.sampled_from([GENESIS_HASH, "ab" * 32]))
+def test_a_batch_is_hashed_as_a_chain_of_its_lines(lines: list[bytes], prev_hash: str) -> None:
+    """The writer hashes a batch in one loop: each record's hash as ``verify`` makes it from the one before."""
+    expected, before = [], prev_hash
+    for line in lines:
+        before = line_hash(before, line)
+        expected.append(before)
+    assert line_hashes(lines, prev_hash) == expected
 
 
 @pytest.mark.parametrize(
