@@ -201,6 +201,7 @@ def test_a_batch_is_hashed_as_a_chain_of_its_lines(lines: list[bytes], prev_hash
         {11: "2026-01-02T03:04:05.678901+00:00"},
         {2: "key:é"},
         {2: "key:\x00"},
+        {2: "key:\x7f"},  # DEL: ASCII, not printable
         {2: 7},
         {12: -1.5},
         {12: 10**400},  # past a float: a text, as _when writes it

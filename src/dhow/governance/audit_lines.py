@@ -27,6 +27,9 @@ _LINE = (
     '{"action":"%s","actor":"%s","at":"%s.%06d+00:00","details":"{}","kind":"%s","latency_ms":%r,"model":"%s",'
     '"outcome":"%s","region":"%s","request_id":"%s","seq":%d,"tenant":"%s","version":"%s"}'
 )
+#: the characters a usual record's texts are made of: printable ASCII but a quote and a backslash (one ``translate``
+#: deletes them from all the texts: what is left is not; ~3x faster than ``isprintable`` and two searches)
+_PLAIN = bytes(sorted(set(range(0x20, 0x7F)) - set(b'"\\')))
 #: the last second of the years the column path formats (1970 to 9999; others go record by record)
 _LAST_SECOND = 253_402_300_799
 
@@ -47,7 +50,7 @@ def plain_lines(rows: Sequence[Sequence[Any]], seq: int) -> tuple[list[bytes], t
         joined = "".join(itertools.chain.from_iterable(texts))
     except TypeError:  # a text that is not a string
         return None
-    if not (joined.isascii() and joined.isprintable()) or '"' in joined or "\\" in joined:
+    if not joined.isascii() or joined.encode().translate(None, _PLAIN):  # (a character that is not plain is left)
         return None
     try:
         # as _content rounds it; + 0.0 turns -0.0 into 0.0
