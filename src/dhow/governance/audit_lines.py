@@ -19,12 +19,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 __all__ = ["plain_lines", "second_text"]
 
 #: a usual record's canonical JSON (the keys sorted), its values in this order: action, actor, at (its second, then
-#: its microseconds), kind, latency (repr), model, outcome, region, request_id, seq, tenant, version
+#: its microseconds), kind, latency (as JSON writes it), model, outcome, region, request_id, seq, tenant, version
 _LINE = (
-    '{"action":"%s","actor":"%s","at":"%s.%06d+00:00","details":"{}","kind":"%s","latency_ms":%r,"model":"%s",'
+    '{"action":"%s","actor":"%s","at":"%s.%06d+00:00","details":"{}","kind":"%s","latency_ms":%s,"model":"%s",'
     '"outcome":"%s","region":"%s","request_id":"%s","seq":%d,"tenant":"%s","version":"%s"}'
 )
 #: the characters a usual record's texts are made of: printable ASCII but a quote and a backslash (one ``translate``
@@ -59,12 +61,14 @@ def plain_lines(rows: Sequence[Sequence[Any]], seq: int) -> tuple[list[bytes], t
         return None
     if not all(value == 0 or 1e-3 <= value < 1e16 for value in rounded):  # (NaN and infinities fail too)
         return None
+    # as JSON writes them, all in one call (the usual latencies, as ``repr`` writes them: the tests compare them)
+    latencies = orjson.dumps(rounded)[1:-1].decode().split(",")
     times = _times(at_s)
     if times is None:
         return None
     seconds, micros = times
     values = itertools.chain.from_iterable(
-        zip(action, actor, seconds, micros, kind, rounded, model, outcome, region, request_id,
+        zip(action, actor, seconds, micros, kind, latencies, model, outcome, region, request_id,
             range(seq + 1, seq + count + 1), tenant, version, strict=True)
     )  # fmt: skip
     lines = ("\n".join(itertools.repeat(_LINE, count)) % tuple(values)).encode().split(b"\n")
