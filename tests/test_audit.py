@@ -39,7 +39,7 @@ from dhow.core.errors import DhowError, ErrorCode, InvalidInput, Unavailable
 from dhow.core.frames import PIPE_BYTES
 from dhow.governance import audit as audit_module
 from dhow.governance.audit import GENESIS_HASH, AuditRecord, AuditStore
-from dhow.governance.audit_blocks import BLOCK_RECORDS, seq_of
+from dhow.governance.audit_blocks import BLOCK_RECORDS, line_hashes, seq_of
 from dhow.governance.audit_chain import MAX_PROBLEMS
 from dhow.governance.audit_trail import AuditTrail
 from dhow.governance.masking import Masker, parse_masking
@@ -236,7 +236,7 @@ def test_the_hashed_json_is_the_canonical_json_of_the_stored_fields(
     row = (kind, action, actor, tenant, outcome, model, version, request_id, region, latency, details, at, at_s)
     content = audit_module._content(row)
     line = audit_module._record_json(seq + 1, content)
-    (digest,) = audit_module._hashes([line], "ab" * 32)
+    (digest,) = line_hashes([line], "ab" * 32)
     stored = orjson.loads(line)  # the record as a block stores it
     assert stored["seq"] == seq + 1
     assert line == orjson.dumps(stored, option=orjson.OPT_SORT_KEYS)  # what an offline check of an export hashes

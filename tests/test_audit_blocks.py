@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from dhow.core.errors import DhowError
 from dhow.governance import audit as audit_module
 from dhow.governance.audit import GENESIS_HASH, AuditRecord, AuditStore
+from dhow.governance.audit_blocks import line_hash, line_hashes
 from dhow.governance.audit_lines import plain_lines
 from tests.conftest import store_opener
 from tests.test_audit import _block, _records, _rewrite_block, _sql
@@ -180,6 +181,17 @@ def test_usual_records_made_by_column_are_made_as_one_by_one(rows: list[tuple[An
     assert [list(column) for column in made[1]] == [[row[i] for row in rows] for i in (2, 0, 5, 4, 3)]
 
 
+@settings(max_examples=50, deadline=None)
+@given(lines=st.lists(st.binary(max_size=40), max_size=5), prev_hash=st.sampled_from([GENESIS_HASH, "ab" * 32]))
+def test_a_batch_is_hashed_as_a_chain_of_its_lines(lines: list[bytes], prev_hash: str) -> None:
+    """The writer hashes a batch in one loop: each record's hash as ``verify`` makes it from the one before."""
+    expected, before = [], prev_hash
+    for line in lines:
+        before = line_hash(before, line)
+        expected.append(before)
+    assert line_hashes(lines, prev_hash) == expected
+
+
 @pytest.mark.parametrize(
     "row_change",
     [
@@ -189,8 +201,10 @@ def test_usual_records_made_by_column_are_made_as_one_by_one(rows: list[tuple[An
         {11: "2026-01-02T03:04:05.678901+00:00"},
         {2: "key:é"},
         {2: "key:\x00"},
+        {2: "key:\x7f"},  # DEL: ASCII, not printable
         {2: 7},
         {12: -1.5},
+        {12: 10**400},  # past a float: a text, as _when writes it
     ],
 )
 def test_a_batch_with_an_unusual_record_goes_one_by_one(row_change: dict[int, Any]) -> None:

@@ -33,7 +33,7 @@ from dhow.governance.audit_blocks import (
     block_lines,
     encode_blocks,
     key_value,
-    line_hash,
+    line_hashes,
     missing_keys,
 )
 from dhow.governance.audit_chain import GENESIS_HASH, ChainCheck, VerifyReport
@@ -256,15 +256,6 @@ _SORTED = ("action", "actor", "at", "details", "kind", "latency_ms", "model", "o
            "tenant", "version")  # fmt: skip
 
 
-def _hashes(lines: Sequence[bytes], prev_hash: str) -> list[str]:
-    """The hashes of records whose lines (``_record_json``) follow a record whose hash is ``prev_hash``."""
-    hashes: list[str] = []
-    for line in lines:
-        prev_hash = line_hash(prev_hash, line)
-        hashes.append(prev_hash)
-    return hashes
-
-
 #: the fields of ``_content`` that a block's keys hold: actor, kind, model, outcome, tenant
 _KEYED = operator.itemgetter(1, 4, 6, 7, 10)
 
@@ -346,7 +337,7 @@ class AuditStore(Database):
             # under the lock (PostgreSQL) or BEGIN IMMEDIATE (SQLite) no other process moves the head meanwhile
             seq, prev_hash = _head(session)
             lines, keyed = _lines(rows, seq)
-            hashes = _hashes(lines, prev_hash)
+            hashes = line_hashes(lines, prev_hash)
             blocks, keys = encode_blocks(lines, hashes, keyed, seq, prev_hash)
             for block in blocks:
                 session.execute(_INSERT_BLOCK, block)
