@@ -4,6 +4,7 @@ rendering of an event, masked."""
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 from pathlib import Path
@@ -285,19 +286,23 @@ def test_an_event_that_cannot_be_rendered_fails_alone() -> None:
     assert len(rendered) == 30 and [event for event, _ in failures] == [events[5], events[7]]
 
 
+def _unstarted_log() -> PayloadLog:
+    """A payload log without its writer process: what ``offer`` queues stays in its queue (no flush is due)."""
+    log = PayloadLog.__new__(PayloadLog)
+    log._queue, log.capacity, log._gone, log._scheduled = collections.deque(), 100, False, True
+    return log
+
+
 def test_a_json_body_goes_to_the_writer_with_its_tensors_count() -> None:
     """``offer`` puts a JSON body after the frame's events and its number of tensors in the event (``TENSORS``)."""
-    log = PayloadLog.__new__(PayloadLog)
-    queued: list[Any] = []
-    log._refused = lambda count=1: False  # type: ignore[method-assign]
-    log._put = queued.append  # type: ignore[method-assign]
+    log = _unstarted_log()
     log._maskings, log._new_maskings, log._masking_count, log._bodies, log._outputs = {}, [], 0, [], []
     body = json.dumps({"inputs": [_NUMBERS, {**_NUMBERS, "name": "y"}]}).encode()
     masker = Masker(parse_masking(None, "pii"), b"")
     log.offer(["r-6", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, (body, 2), {"y": np.ones(1)}], masker)
     log.offer(["r-7", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, [["x", "FP32", [1], np.ones(1)]],
                None], masker)  # fmt: skip
-    maskings, events = read_events(split_frames(bytearray(log._frame(queued)))[0])
+    maskings, events = read_events(split_frames(bytearray(log._frame(list(log._queue))))[0])
     assert [len(event) for event in events] == [15, 14]
     assert events[0][11] == body and events[0][TENSORS] == 2 and events[0][MASKING] == events[1][MASKING] == 1
     assert maskings == [[1, masker.spec()]]
@@ -309,10 +314,7 @@ def test_outputs_go_to_the_writer_as_json_and_text_in_them_is_masked() -> None:
     """``offer`` writes an event's outputs as JSON after its body (their number in the event): the writer embeds
     numbers as they came, and parses and masks outputs that hold text; arrays orjson cannot take as they are (not
     native-endian, integers past 64 bits) are written all the same."""
-    log = PayloadLog.__new__(PayloadLog)
-    queued: list[Any] = []
-    log._refused = lambda count=1: False  # type: ignore[method-assign]
-    log._put = queued.append  # type: ignore[method-assign]
+    log = _unstarted_log()
     log._maskings, log._new_maskings, log._masking_count, log._bodies, log._outputs = {}, [], 0, [], []
     body = json.dumps({"inputs": [_NUMBERS]}).encode()
     masker = Masker(parse_masking(None, "pii"), b"")
@@ -324,7 +326,7 @@ def test_outputs_go_to_the_writer_as_json_and_text_in_them_is_masked() -> None:
     ]
     for n, each in enumerate(outputs):
         log.offer([f"r-{n}", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, (body, 1), each], masker)
-    _, events = read_events(split_frames(bytearray(log._frame(queued)))[0])
+    _, events = read_events(split_frames(bytearray(log._frame(list(log._queue))))[0])
     assert [event[12][1] for event in events] == [2] * 4 and [event[11] for event in events] == [body] * 4
     written = [json.loads(cloud_event(event, masker, "dhow://test"))["data"]["outputs"] for event in events]
     assert written[0] == {"y": [[0.25, 0.5]], "label": [1]}

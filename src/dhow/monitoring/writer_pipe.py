@@ -136,14 +136,18 @@ class WriterPipe:
         """Queue an item (``_refused`` said there is room); written within ``FLUSH_S``."""
         self._queue.append(item)
         if not self._scheduled:
-            self._scheduled = True
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # not on an event loop: written now
-                self._flush()
-                return
-            self._loop = loop
-            loop.call_later(FLUSH_S, self._flush)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        """Write what is queued within ``FLUSH_S`` (now, off an event loop)."""
+        self._scheduled = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on an event loop: written now
+            self._flush()
+            return
+        self._loop = loop
+        loop.call_later(FLUSH_S, self._flush)
 
     def _flush(self) -> None:
         """Write every queued item in one frame (unless the pipe has not taken the last one yet)."""

@@ -21,7 +21,7 @@ from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome, RequestedOutput
 from dhow.governance.masking import Masker, parse_masking
 from dhow.governance.residency import ResidencyPolicy
-from dhow.monitoring.payload_log import ERROR, LATENCY, OUTCOME, OUTPUTS, VERSION, PayloadLog
+from dhow.monitoring.payload_log import PayloadLog
 from dhow.serving.lifecycle import ModelLifecycle
 from dhow.serving.model_version import ModelVersion
 from dhow.serving.signature import response_outputs, validate_inputs
@@ -204,22 +204,20 @@ class DataPlane:
         """
         config, region, model, caller = placement
         payloads = self.payload_log if config.payload_log else None
-        # with a payload log, the request's event (in this coroutine: no other frame on the request's path)
-        event = self._payload_event(request, placement) if payloads is not None else None
+        # with a payload log, the request's start (its event is built once, when it ended)
+        start = time.perf_counter() if payloads is not None else 0.0
         try:
             self.residency.check(region, self.region)
             response = await self._route(request, model)
         except BaseException as exc:
-            if payloads is not None and event is not None:
-                event[OUTCOME], event[ERROR] = _error_of(exc)
-                event[VERSION] = request.model_version or model.version_label
-                event[LATENCY] = time.perf_counter() - event[LATENCY]
-                payloads.offer(event, self._masker(config))
+            if payloads is not None:
+                outcome, message = _error_of(exc)
+                version = request.model_version or model.version_label
+                self._log_payload(payloads, request, placement, start, version, outcome, message, None)
             raise
-        if payloads is not None and event is not None:
-            event[VERSION], event[LATENCY] = response.model_version, time.perf_counter() - event[LATENCY]
-            event[OUTPUTS] = {t.name: t.data for t in response.outputs}
-            payloads.offer(event, self._masker(config))
+        if payloads is not None:
+            outputs = {t.name: t.data for t in response.outputs}
+            self._log_payload(payloads, request, placement, start, response.model_version, "success", "", outputs)
         # copies made by in-process identities (a shadow's, with the original's id) are not the clients' traffic
         if self.watch is not None and caller is not None and not caller.principal.startswith(SERVICE_PREFIX):
             self.watch.observe(config, request, response, caller.request_id)
@@ -228,10 +226,19 @@ class DataPlane:
             payload = self._payload_sample(config, request, response)
         return response, Outcome(response.model_version, region, payload)
 
-    @staticmethod
-    def _payload_event(request: InferenceRequest, placement: Placement) -> list[Any]:
-        """The payload log's event of a request about to run (``payload_log.FIELDS``; its time and its latency hold
-        the ``perf_counter`` of its start, the latency until it ends). A JSON body goes as the client sent it: its
+    def _log_payload(
+        self,
+        payloads: PayloadLog,
+        request: InferenceRequest,
+        placement: Placement,
+        start: float,
+        version: str,
+        outcome: str,
+        error: str,
+        outputs: dict[str, Any] | None,
+    ) -> None:
+        """Offer the payload log the event of a request that ended (``payload_log.FIELDS``: its time is the
+        ``perf_counter`` of its start), built at once with its values. A JSON body goes as the client sent it: its
         numbers are not written again here, and with it the number of tensors decoded from it."""
         config, region, _, caller = placement
         body = request.json_body
@@ -240,12 +247,13 @@ class DataPlane:
             if body is not None
             else [[t.name, t.datatype, t.shape, t.data] for t in request.inputs]
         )
-        start = time.perf_counter()
-        return [
-            caller.request_id if caller is not None else request.id, config.name, request.model_version,
+        cached = self._maskers.get(config.name)  # ``_masker``'s look-up, spelt out: one call fewer a request
+        masker = cached[1] if cached is not None and cached[0] is config else self._masker(config)
+        payloads.offer([
+            caller.request_id if caller is not None else request.id, config.name, version,
             caller.principal if caller is not None else "", caller.tenant if caller is not None else "", region,
-            "success", "", start, start, request.parameters, inputs, None,
-        ]  # fmt: skip
+            outcome, error, start, time.perf_counter() - start, request.parameters, inputs, outputs,
+        ], masker)  # fmt: skip
 
     def _masker(self, config: ModelConfig) -> Masker:
         """The model's PII masking, built once per config (a reload builds it again)."""
