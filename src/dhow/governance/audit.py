@@ -142,7 +142,10 @@ def _when(at_s: object) -> str:
     try:
         return _iso_utc(float(at_s))  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError, OSError):
-        return _text(repr(at_s))
+        try:
+            return _text(repr(at_s))
+        except ValueError:  # (an int past Python's 4,300 digits has no text)
+            return f"<{type(at_s).__name__} too long to write>"
 
 
 def _text(value: object) -> str:
@@ -205,7 +208,7 @@ def _content(row: Sequence[Any]) -> tuple[Any, ...]:
     if latency is not None:
         try:  # 3 decimals survive every float column; + 0.0 turns -0.0 into 0.0, which SQLite would do on reading
             latency = round(float(latency), 3) + 0.0
-        except (TypeError, ValueError):  # not a number: kept as none rather than hold the queue with the record
+        except (TypeError, ValueError, OverflowError):  # not a number (or past floats): kept as none, not held
             latency = None
         latency = latency if latency is not None and math.isfinite(latency) else None
     texts: tuple[Any, ...] = _TEXTS(row)  # action, actor, kind, model, outcome, region, request_id, tenant, version

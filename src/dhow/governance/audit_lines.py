@@ -57,7 +57,7 @@ def plain_lines(rows: Sequence[Sequence[Any]], seq: int) -> tuple[list[bytes], t
     try:
         # as _content rounds it; + 0.0 turns -0.0 into 0.0
         rounded = [round(float(value), 3) + 0.0 for value in latency]
-    except (TypeError, ValueError):  # None (written "null") or not a number: record by record
+    except (TypeError, ValueError, OverflowError):  # None (written "null"), not a number or too large: one by one
         return None
     if not all(value == 0 or 1e-3 <= value < 1e16 for value in rounded):  # (NaN and infinities fail too)
         return None
