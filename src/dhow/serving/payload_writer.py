@@ -125,7 +125,10 @@ class Writer:
             if not self._queue:
                 if self._stopping.is_set():
                     return
-                self.sink.idle()
+                try:
+                    self.sink.idle()
+                except Exception as error:  # (a sink counts what it delivers: its thread must not die of a bug in it)
+                    self.failed(0, f"the {self.kind} sink failed while idle: {error!r}")
                 # (a sink with nothing to do meanwhile is woken by the reader alone: no turn every 20 ms)
                 self._wake.wait(self.sink.idle_s)
                 self._wake.clear()
@@ -182,7 +185,7 @@ class Writer:
             counts, self._counts = self._counts, {"logged": 0, "dropped": 0, "failed": 0}
             reason, self._reason = self._reason, ""
         queued = len(self._queue)
-        if any(counts.values()) or queued != self._reported_queued:
+        if any(counts.values()) or reason or queued != self._reported_queued:
             self._reported_queued = queued
             self._report_to({**counts, "queued": queued, "reason": reason})
 

@@ -76,7 +76,7 @@ class OtlpSink:
         self.idle_s = self.post_s if self._held else None
 
     def _post(self, requests: int) -> None:
-        """Post the first steps held, up to ``requests`` requests or the first step past it."""
+        """Post the first steps held, up to ``requests`` requests or the first step past it, and count them."""
         count, parts = 0, []
         while self._held and count < requests:
             step, fields = self._held.popleft()
@@ -86,13 +86,17 @@ class OtlpSink:
         self._posted = time.monotonic()
         if not count or self._counts is None:
             return
-        body = export_request_of(self._resource, "dhow", b"".join(parts))
         try:
+            body = export_request_of(self._resource, "dhow", b"".join(parts))
             self._connection.request("POST", self._path, body, {"content-type": "application/x-protobuf"})
             answer = self._connection.getresponse()
             answer.read()
             failure = "" if 200 <= answer.status < 300 else f"the collector answered {answer.status}"
-        except (OSError, http.client.HTTPException) as exc:
+        # OSError (RemoteDisconnected, timeouts, TLS errors), http.client's HTTPException (an answer it cannot read)
+        # and any other (a URL path http.client cannot encode: UnicodeEncodeError): these requests fail, counted
+        # here and once (the writer counts what ``write`` raises as the events it was given, which are held still),
+        # and the sink's thread goes on (``idle`` posts too)
+        except Exception as exc:
             self._connection.close()  # the next export connects again
             failure = repr(exc)
         if failure:

@@ -1,0 +1,142 @@
+"""Tracing's writer against collectors that fail: every traced request is counted once, exported or failed (with a
+reason), the sink's thread lives on, and the close keeps to its time against a collector that never answers."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from tests.test_otlp_attribute_types import _record
+
+#: how a ``_Collector`` answers each export it reads
+OK = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+GARBAGE = b"what is this\r\n\r\n"
+CUT = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc"  # then the connection closes mid-answer
+
+
+class _Collector:
+    """A collector on a real socket that reads each export whole and answers ``answer`` (then closes the
+    connection, unless the answer is ``OK``), or, with ``answer=None``, reads and never answers."""
+
+    def __init__(self, answer: bytes | None) -> None:
+        self.answer = answer
+        self.posts = 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = self._server.accept()
+                self._connections.append(connection)
+                threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        data = b""
+        with contextlib.suppress(OSError), connection:
+            while chunk := connection.recv(1 << 16):
+                data += chunk
+                while b"\r\n\r\n" in data:
+                    head, rest = data.split(b"\r\n\r\n", 1)
+                    length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+                    if len(rest) < length:
+                        break
+                    data = rest[length:]
+                    self.posts += 1
+                    if self.answer is None:
+                        continue  # read on, never answer
+                    connection.sendall(self.answer)
+                    if self.answer != OK:
+                        return
+
+    def close(self) -> None:
+        self._server.close()
+        for connection in self._connections:
+            with contextlib.suppress(OSError):
+                connection.close()
+
+
+class _Counts:
+    """What the writer reports, summed."""
+
+    def __init__(self) -> None:
+        self.logged = self.failed = self.dropped = 0
+        self.reasons: list[str] = []
+
+    def __call__(self, report: dict[str, Any]) -> None:
+        self.logged += report["logged"]
+        self.failed += report["failed"]
+        self.dropped += report["dropped"]
+        if report["reason"]:
+            self.reasons.append(report["reason"])
+
+    def wait_for(self, total: int) -> None:
+        deadline = time.monotonic() + 30  # (a deadline for a loaded machine, not a measure of speed)
+        while self.logged + self.failed < total and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def _writer(collector: _Collector, path: str = "/v1/traces", post_s: float = 0.05) -> tuple[Any, _Counts]:
+    from dhow.serving.trace_writer import OtlpSink, TraceWriter
+
+    counts = _Counts()
+    sink = OtlpSink(f"http://127.0.0.1:{collector.port}{path}", "test")
+    sink.post_s = post_s
+    return TraceWriter(sink, capacity=8192, source="", report=counts), counts
+
+
+def _records(start: int, count: int) -> list[list[Any]]:
+    return [_record("k", n % 5, n) for n in range(start, start + count)]
+
+
+@pytest.mark.parametrize(
+    ("answer", "path", "error"),
+    [
+        (GARBAGE, "/v1/traces", "BadStatusLine"),
+        (CUT, "/v1/traces", "IncompleteRead"),
+        # http.client cannot write this path into a request line: UnicodeEncodeError, neither OSError nor its own
+        (OK, "/v1/tr\u00e4ces", "UnicodeEncodeError"),
+    ],
+    ids=["garbage", "closed-mid-answer", "unencodable-path"],
+)
+def test_a_post_that_fails_in_any_way_fails_its_requests_once_and_the_writer_goes_on(
+    answer: bytes, path: str, error: str
+) -> None:
+    collector = _Collector(answer)
+    writer, counts = _writer(collector, path)
+    try:
+        writer.take(_records(0, 100))  # fewer than an export: posted by the sink's thread while idle
+        counts.wait_for(100)
+        assert (counts.logged, counts.failed) == (0, 100)
+        assert writer._thread.is_alive()
+        writer.take(_records(100, 700))  # a whole export posted as it is written, the rest while idle
+        counts.wait_for(800)
+        assert writer._thread.is_alive()
+    finally:
+        writer.close(5)
+        collector.close()
+    assert (counts.logged, counts.failed, counts.dropped) == (0, 800, 0)
+    assert all(error in reason for reason in counts.reasons)
+
+
+def test_the_requests_of_a_post_that_fails_are_failed_and_the_next_are_exported() -> None:
+    collector = _Collector(OK)
+    writer, counts = _writer(collector)
+    try:
+        collector.answer = CUT
+        writer.take(_records(0, 100))
+        counts.wait_for(100)
+        collector.answer = OK
+        writer.take(_records(100, 50))
+        counts.wait_for(150)
+    finally:
+        writer.close(5)
+        collector.close()
+    assert (counts.logged, counts.failed) == (50, 100)
