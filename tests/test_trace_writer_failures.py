@@ -140,3 +140,18 @@ def test_the_requests_of_a_post_that_fails_are_failed_and_the_next_are_exported(
         writer.close(5)
         collector.close()
     assert (counts.logged, counts.failed) == (50, 100)
+
+
+def test_the_close_keeps_to_its_time_against_a_collector_that_never_answers() -> None:
+    collector = _Collector(None)
+    writer, counts = _writer(collector, post_s=3600.0)
+    try:
+        writer.take(_records(0, 2000))  # four exports' worth, most of them still queued as the close begins
+        writer.close(1.0)
+    finally:
+        collector.close()
+    # the first post waited for what was left of the close's second (not the connection's 10 s), the others were not
+    # tried: each would have waited too
+    assert collector.posts <= 1
+    assert (counts.logged, counts.failed, counts.dropped) == (0, 2000, 0)
+    assert any("not posted within the 1 s" in reason for reason in counts.reasons)

@@ -7,8 +7,9 @@ frames of finished requests (``tracing.Record``). The payload writer's queue and
 ``capacity`` waiting, past it dropped and counted) and render them as they come: a step's spans (64 requests or
 more, ``Writer._render_steps``) are written at once from its records (``trace_chunk.chunk_fields``; one that cannot
 be fails alone). The sink holds the steps and posts them with ``http.client`` about a second apart, at once by whole
-steps when ``CHUNK`` (512) requests are held (``OtlpSink``). Counts of exported and failed requests go back to the
-server.
+steps when ``CHUNK`` (512) requests are held (``OtlpSink``), each post waiting at most ``post_timeout_s`` on the
+collector. At the close, what is queued and held is posted within ``close_timeout_s``, and what is not posted by then
+fails, untried. Counts of exported and failed requests go back to the server.
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ class OtlpSink:
     #: the longest a rendered request waits for its post (with nothing new to render, the writer's thread wakes
     #: this often to post what it holds)
     post_s = 1.0
+    #: the longest a post waits on the collector: to connect, to send, for each read of its answer (at the close,
+    #: what is left of its time: ``stop_by``)
+    post_timeout_s = 10.0
 
     def __init__(self, url: str, service: str) -> None:
         self.url = url
         self._resource = resource_bytes(service)
         target = urlsplit(url)
         kind = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
-        self._connection = kind(target.netloc, timeout=10)
+        self._connection = kind(target.netloc, timeout=self.post_timeout_s)
         self._path = target.path or "/"
         #: what is rendered and not posted yet: (requests, their spans written), as the writer rendered them (a step's
         #: spans are held by its first request, the others have none: a post takes whole steps)
@@ -54,8 +58,18 @@ class OtlpSink:
         self._requests = 0
         self._counts: PayloadCounts | None = None
         self._posted = time.monotonic()
+        #: when the writer must be done (``time.monotonic``), and the close's seconds it was set from: None until then
+        self._deadline: float | None = None
+        self._close_s = 0.0
         #: how long the writer's thread waits, with nothing to render: for the post of what is held, if anything
         self.idle_s: float | None = None
+
+    def stop_by(self, timeout_s: float) -> None:
+        """The writer is closing: what is posted from now on is posted within ``timeout_s`` or fails, and what is
+        left then fails without being tried. (A post already under way when this is called keeps its
+        ``post_timeout_s``: at most that long, less than the 10 s past the close's time that the server waits.)"""
+        self._deadline = time.monotonic() + timeout_s
+        self._close_s = timeout_s
 
     def write(self, events: list[tuple[str, bytes]], counts: PayloadCounts) -> None:
         self._counts = counts
@@ -86,25 +100,41 @@ class OtlpSink:
         self._posted = time.monotonic()
         if not count or self._counts is None:
             return
-        try:
-            body = export_request_of(self._resource, "dhow", b"".join(parts))
-            self._connection.request("POST", self._path, body, {"content-type": "application/x-protobuf"})
-            answer = self._connection.getresponse()
-            answer.read()
-            failure = "" if 200 <= answer.status < 300 else f"the collector answered {answer.status}"
-        # OSError (RemoteDisconnected, timeouts, TLS errors), http.client's HTTPException (an answer it cannot read)
-        # and any other (a URL path http.client cannot encode: UnicodeEncodeError): these requests fail, counted
-        # here and once (the writer counts what ``write`` raises as the events it was given, which are held still),
-        # and the sink's thread goes on (``idle`` posts too)
-        except Exception as exc:
-            self._connection.close()  # the next export connects again
-            failure = repr(exc)
+        failure = self._export(b"".join(parts))
         if failure:
             self._counts.failed(count, f"not exported to {self.url}: {failure}")
         else:
             self._counts.logged(count)
 
+    def _export(self, fields: bytes) -> str:
+        """Post one export of these spans: what went wrong, or "" when the collector took it."""
+        timeout = self.post_timeout_s
+        if self._deadline is not None:
+            timeout = min(timeout, self._deadline - time.monotonic())
+            if timeout <= 0:
+                return f"not posted within the {self._close_s:g} s the writer had to close"
+        self._connection.timeout = timeout  # (a connection opened for this post)
+        if self._connection.sock is not None:
+            self._connection.sock.settimeout(timeout)
+        try:
+            body = export_request_of(self._resource, "dhow", fields)
+            self._connection.request("POST", self._path, body, {"content-type": "application/x-protobuf"})
+            answer = self._connection.getresponse()
+            answer.read()
+        # OSError (RemoteDisconnected, timeouts, TLS errors), http.client's HTTPException (an answer it cannot read)
+        # and any other (a URL path http.client cannot encode: UnicodeEncodeError): these requests fail, counted
+        # once, by ``_post`` (the writer counts what ``write`` raises as the events it was given, which are held
+        # still), and the sink's thread goes on (``idle`` posts too)
+        except Exception as exc:
+            self._connection.close()  # the next export connects again
+            return repr(exc)
+        return "" if 200 <= answer.status < 300 else f"the collector answered {answer.status}"
+
     def close(self, timeout_s: float) -> None:
+        """Post what is held within ``timeout_s`` (counted from ``stop_by`` when the writer called it first); what
+        is not posted by then fails."""
+        if self._deadline is None:
+            self.stop_by(timeout_s)
         while self._held:
             self._post(CHUNK)
         self._connection.close()
@@ -117,6 +147,16 @@ class TraceWriter(Writer):
     every post it paused a second whatever waited: it exported at most ``CHUNK`` requests a second (at ratio 0.1,
     5,120 served a second), its queue grew past it, was rendered without pauses once behind, and dropped once
     full."""
+
+    def __init__(self, sink: OtlpSink, *, capacity: int, source: str = "", report: Any) -> None:
+        self.otlp = sink
+        super().__init__(sink, capacity=capacity, source=source, report=report)
+
+    def close(self, timeout_s: float) -> None:
+        """As the payload writer's, within ``timeout_s`` from now: the queue's last steps are posted by then too
+        (each whole export is posted as it is written), and what is not fails."""
+        self.otlp.stop_by(timeout_s)
+        super().close(timeout_s)
 
     def take(self, frame: list[Any]) -> None:
         self.queue(frame)
