@@ -155,3 +155,22 @@ def test_the_close_keeps_to_its_time_against_a_collector_that_never_answers() ->
     assert collector.posts <= 1
     assert (counts.logged, counts.failed, counts.dropped) == (0, 2000, 0)
     assert any("not posted within the 1 s" in reason for reason in counts.reasons)
+
+
+def test_what_the_sink_holds_for_its_post_is_reported_as_queued() -> None:
+    collector = _Collector(OK)
+    writer, counts = _writer(collector, post_s=3600.0)
+    reports: list[dict[str, Any]] = []
+    writer._report_to = lambda report: (reports.append(report), counts(report))
+    try:
+        writer.take(_records(0, 100))
+        deadline = time.monotonic() + 30  # (a deadline for a loaded machine, not a measure of speed)
+        while writer.sink.idle_s is None and time.monotonic() < deadline:  # rendered, handed to the sink, held
+            time.sleep(0.02)
+        writer.report()
+        # not on their way to the collector: lost if the writer died now, and the server counts them failed then
+        assert reports and reports[-1]["queued"] == 100 and counts.logged == 0
+    finally:
+        writer.close(5)
+        collector.close()
+    assert reports[-1]["queued"] == 0 and counts.logged == 100

@@ -184,10 +184,14 @@ class Writer:
         with self._lock:
             counts, self._counts = self._counts, {"logged": 0, "dropped": 0, "failed": 0}
             reason, self._reason = self._reason, ""
-        queued = len(self._queue)
+        queued = self.queued()
         if any(counts.values()) or reason or queued != self._reported_queued:
             self._reported_queued = queued
             self._report_to({**counts, "queued": queued, "reason": reason})
+
+    def queued(self) -> int:
+        """What the writer holds, as its reports count it (``queued``): the events not handed to the sink yet."""
+        return len(self._queue)
 
     def close(self, timeout_s: float) -> None:
         """Write what is queued, deliver what the sink holds (within about ``timeout_s``), send the last counts."""

@@ -55,6 +55,7 @@ class OtlpSink:
         #: what is rendered and not posted yet: (requests, their spans written), as the writer rendered them (a step's
         #: spans are held by its first request, the others have none: a post takes whole steps)
         self._held: collections.deque[tuple[int, bytes]] = collections.deque()
+        #: requests rendered and not counted yet: held, or being posted
         self._requests = 0
         self._counts: PayloadCounts | None = None
         self._posted = time.monotonic()
@@ -63,6 +64,12 @@ class OtlpSink:
         self._close_s = 0.0
         #: how long the writer's thread waits, with nothing to render: for the post of what is held, if anything
         self.idle_s: float | None = None
+
+    @property
+    def held(self) -> int:
+        """Requests rendered and not counted yet: held for their post (up to ``CHUNK`` for up to ``post_s``), or
+        being posted."""
+        return self._requests
 
     def stop_by(self, timeout_s: float) -> None:
         """The writer is closing: what is posted from now on is posted within ``timeout_s`` or fails, and what is
@@ -96,11 +103,11 @@ class OtlpSink:
             step, fields = self._held.popleft()
             count += step
             parts.append(fields)
-        self._requests -= count
         self._posted = time.monotonic()
-        if not count or self._counts is None:
+        failure = self._export(b"".join(parts)) if count and self._counts is not None else None
+        self._requests -= count  # (no longer what the writer holds: counted below)
+        if failure is None or self._counts is None:
             return
-        failure = self._export(b"".join(parts))
         if failure:
             self._counts.failed(count, f"not exported to {self.url}: {failure}")
         else:
@@ -151,6 +158,11 @@ class TraceWriter(Writer):
     def __init__(self, sink: OtlpSink, *, capacity: int, source: str = "", report: Any) -> None:
         self.otlp = sink
         super().__init__(sink, capacity=capacity, source=source, report=report)
+
+    def queued(self) -> int:
+        """Queued, and rendered but held by the sink until posted (``OtlpSink.held``): what is lost if the writer
+        dies."""
+        return len(self._queue) + self.otlp.held
 
     def close(self, timeout_s: float) -> None:
         """As the payload writer's, within ``timeout_s`` from now: the queue's last steps are posted by then too
