@@ -1,6 +1,7 @@
 """What do drift sampling, the payload log and tracing cost on the inference path?
 
     .venv/bin/python benchmarks/monitoring_overhead.py [--seconds 8] [--warmup 2] [--rounds 3] [--concurrency 16]
+        [--only LETTERS --out PATH]
 
 Builds the demo models and starts five `dhow serve` processes with only `tabular` (ONNX), in one run: (a) all
 monitoring off; (b) the payload log to a file (`--payload-log file://…`, every request masked and written as a
@@ -12,7 +13,9 @@ model.yaml's defaults, 10% of the requests sampled, scored every 30 s); (e) all 
 The same closed-loop generator (benchmarks/loadgen.py, JSON over REST,
 keep-alive, batch 1) drives each at the concurrency, the configurations alternated in rounds (order rotated each
 round), the median round reported. Afterwards it checks that the payload log's counters account for every request
-sent (logged + dropped) and reports the drops. Writes benchmarks/RESULTS-monitoring.md.
+sent (logged + dropped) and reports the drops. Writes benchmarks/RESULTS-monitoring.md; ``--only`` runs some of the
+configurations (by letter) and then needs ``--out`` (a part of the table must not replace the whole). Ratios are to
+the first configuration run: (a) unless ``--only`` leaves it out, and the table's header names it.
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ def run_rounds(configs: list[Config], args: argparse.Namespace) -> None:
 
 def report(configs: list[Config], args: argparse.Namespace, logged: dict[str, dict[str, float]]) -> str:
     base = configs[0].median()[0]
+    against = configs[0].label.split()[0]  # "(a)", or the first configuration run when --only left (a) out
     lines = [
         "# Monitoring overhead on the inference path",
         "",
@@ -125,8 +129,8 @@ def report(configs: list[Config], args: argparse.Namespace, logged: dict[str, di
         "load generator shares the cores with the server (and the OTLP receiver): ratios from this one run, not "
         "absolute capacity. Goal: (e) at >= 0.95 of (a)'s throughput, p99 within 10%.",
         "",
-        "| configuration | infer/s | p50 ms | p99 ms | failures | throughput ratio to (a) | p99 ratio to (a) "
-        "| server CPU µs/request |",
+        f"| configuration | infer/s | p50 ms | p99 ms | failures | throughput ratio to {against} | p99 ratio to "
+        f"{against} | server CPU µs/request |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for config in configs:
@@ -166,19 +170,37 @@ def configurations(work: Path, models: Path) -> tuple[dict[str, tuple[Path, tupl
     return setups, receiver
 
 
+def check_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--only``: some of the configurations, known letters, and an ``--out`` of its own (the default file holds
+    the whole table); without it, all five into the default file."""
+    if args.only is None:
+        args.only = "abcde"
+        args.out = args.out or HERE / "RESULTS-monitoring.md"
+        return
+    unknown = sorted(set(args.only) - set("abcde"))
+    if not args.only or unknown:
+        parser.error(f"--only {args.only!r}: expected some of the letters a, b, c, d, e (e.g. --only ae)")
+    if args.out is None:
+        parser.error("--only needs --out: a part of the table must not replace benchmarks/RESULTS-monitoring.md")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=HERE / "RESULTS-monitoring.md")
-    parser.add_argument("--only", default="abcde", help="the configurations to run, by letter (default abcde)")
+    parser.add_argument("--out", type=Path, help="where the table goes (default benchmarks/RESULTS-monitoring.md)")
+    parser.add_argument(
+        "--only",
+        help="the configurations to run, by letter (default abcde; needs --out); ratios are to the first one run",
+    )
     parser.add_argument("--receiver", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver:
         receive(args.receiver)
         return
+    check_only(parser, args)
     work = Path(tempfile.mkdtemp(prefix="dhow-bench-monitoring-"))
     models = build_models(work)
     setups, receiver = configurations(work, models)
