@@ -13,6 +13,8 @@ a run of intervals in which it was on a core at least half the interval, and its
 Prints, per configuration (all rounds together, per second of load): p99, the loop's late beats by lateness, the ms of
 stall by the loop's callback and by its innermost stacks, and per thread its CPU, its bursts >= 2 and >= 5 ms and the
 longest. Wall-clock figures move with the machine: compare configurations of one invocation, and counts over times.
+Servers of one worker only (``loop_watch`` watches one process's first loop: with ``DHOW_WORKERS`` > 1 that is the
+supervisor's, which serves nothing), so it refuses to run with ``DHOW_WORKERS`` set past 1.
 """
 
 from __future__ import annotations
@@ -241,6 +243,11 @@ def main() -> None:
         root, seconds, interval, out = args.sample
         sample(int(root), float(seconds), float(interval), Path(out))
         return
+    if not args.only or set(args.only) - set("abcde"):
+        parser.error(f"--only {args.only!r}: expected some of the letters a, b, c, d, e (e.g. --only ae)")
+    workers = os.environ.get("DHOW_WORKERS", "").strip()
+    if workers.isdigit() and int(workers) > 1:
+        parser.error("DHOW_WORKERS is set past 1: the loop watched would be the supervisor's, which serves nothing")
     work = Path(tempfile.mkdtemp(prefix="dhow-bench-stalls-"))
     models = build_models(work)
     setups, receiver = configurations(work, models)

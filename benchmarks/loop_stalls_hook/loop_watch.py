@@ -9,6 +9,12 @@ sockets) is counted to the first Python frame after it. A daemon thread (``_watc
 stall, from when it saw it to the next beat, into what the loop's thread ran, waited for a core, and neither
 (blocked: the GIL, a lock). Every second the counts, cumulative, are written to ``folder/<pid>.json`` with the
 process's threads (native id: name), for benchmarks/loop_stalls.py to diff.
+
+One process, its first loop: a ``dhow serve`` of one worker. With ``--workers`` > 1 (``DHOW_WORKERS``) the first
+loop of the ``dhow serve`` process is the supervisor's start-up (``asyncio.run`` of its preparations), which closes
+at once and serves nothing; each worker, a fresh interpreter (spawned), hooks its own first loop and writes its own
+``<pid>.json``, which loop_stalls.py does not read (it reads the server's pid, and takes its main thread for the
+loop's): loop_stalls.py refuses to run so.
 """
 
 from __future__ import annotations
