@@ -121,6 +121,9 @@ class AuditTrail:
         self.unwritable = 0
         #: told how many more records the store refused (the server counts them in a metric)
         self.on_unwritable: Callable[[int], None] | None = None
+        #: told when ``refusing_all`` changes (the server's gauge is set, not read at the scrape: with several
+        #: workers the scrape reads every worker's metric files, which a gauge read at the scrape never writes)
+        self.on_refusing_all: Callable[[bool], None] | None = None
 
     @property
     def refusing_all(self) -> bool:
@@ -357,7 +360,7 @@ class AuditTrail:
     def _failing(self, lane: _Lane, err: Exception) -> None:
         self.failures += 1
         if isinstance(err, RefusingAll) and not lane.refusing_all:  # (an outage for the queue, said as what it is)
-            lane.refusing_all = True
+            self._refusing(lane, True)
             log.error("the audit trail at %s: %s", lane.store.url, err.message)
         elif not lane.failing:
             reason = err.message if isinstance(err, DhowError) else repr(err)
@@ -369,7 +372,15 @@ class AuditTrail:
         self._counted(lane, count)
         if lane.failing:
             log.warning("the audit trail at %s is writable again; %d records behind", lane.store.url, self._pending)
-            lane.failing, lane.refusing_all, lane.backoff_s = False, False, 0.0
+            lane.failing, lane.backoff_s = False, 0.0
+            if lane.refusing_all:
+                self._refusing(lane, False)
+
+    def _refusing(self, lane: _Lane, refusing: bool) -> None:
+        lane.refusing_all = refusing
+        if self.on_refusing_all is not None:
+            with contextlib.suppress(Exception):  # (a metric that fails must not stop the trail)
+                self.on_refusing_all(self.refusing_all)
 
     def _counted(self, lane: _Lane, count: int) -> None:
         """``count`` more of the lane's records are durable."""
