@@ -253,6 +253,35 @@ def test_a_store_that_refuses_even_the_smallest_stand_in_is_said_once_and_shown_
             opens.close()
 
 
+def test_the_regions_of_a_store_refusing_everything_are_told(tmp_path: Path) -> None:
+    """The server's gauge has a series per data region: the regions whose records go to the store that refuses
+    everything (two sharing it) are told, when it starts and when it ends; the other region's store is not."""
+    urls = {name: f"sqlite://{tmp_path}/{name}.sqlite3" for name in ("ae", "eu")}
+    stores = {name: AuditStore.open(url) for name, url in urls.items()}
+    _refuse(urls["eu"], "key:poison", "dhow:audit-writer")
+    trail = AuditTrail({"ae": stores["ae"], "eu": stores["eu"], "us": stores["eu"]}, "ae", flush_interval_s=0.1)
+    told: list[tuple[str, bool]] = []
+    trail.on_refusing_all = lambda region, refusing: told.append((region, refusing))
+
+    async def scenario() -> None:
+        await trail.start()
+        trail.record(AuditRecord("inference", "infer", "key:poison", region="eu", request_id="r1"))
+        await _until(lambda: trail.refusing_all)
+        assert trail.refusing_regions == {"eu", "us"} and sorted(told) == [("eu", True), ("us", True)]
+        await asyncio.wait_for(trail.record_now(_record("key:good", "r2")), 30)  # (the region ae writes)
+        assert len(told) == 2
+        _allow(urls["eu"])
+        await asyncio.wait_for(trail.record_now(AuditRecord("admin", "x", "key:good", region="us")), 30)
+        assert trail.refusing_regions == set() and sorted(told[2:]) == [("eu", False), ("us", False)]
+        await trail.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for store in stores.values():
+            store.close()
+
+
 def test_a_store_refusing_everything_after_an_outage_is_said_and_shown(
     pg_database: str, caplog: pytest.LogCaptureFixture
 ) -> None:

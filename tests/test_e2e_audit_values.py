@@ -147,7 +147,8 @@ def test_a_store_refusing_even_the_stand_in_is_shown_while_it_lasts(
             pg.execute("CREATE TRIGGER refuse BEFORE INSERT ON dhow_audit_keys FOR EACH ROW EXECUTE FUNCTION refuse()")
         assert _metric(server, key, "dhow_audit_refusing_all") == 0
         assert _infer(server.http_url, _token(key, "\U0001f600")) == 200, server.log()
-        wait_until(lambda: _metric(server, key, "dhow_audit_refusing_all") == 1, 30, "the gauge at 1")
+        stuck = r'dhow_audit_refusing_all\{region="default"\}'  # (the store of the server's region, --region)
+        wait_until(lambda: _metric(server, key, stuck) == 1, 30, "the gauge at 1")
         for _ in range(3):  # it stays at 1 while the writer retries
             time.sleep(1)
             assert _metric(server, key, "dhow_audit_refusing_all") == 1

@@ -54,6 +54,8 @@ class _Lane:
     #: the store refused a record and every stand-in for it (``RefusingAll``): said once, and kept until a write
     #: works (an outage in between does not say that it stopped refusing)
     refusing_all: bool = False
+    #: the data regions whose records go to this store (regions sharing a store share its lane)
+    regions: list[str] = field(default_factory=list)
     backoff_s: float = 0.0
     #: a writer process's records of this pass of the event loop (``record_before_answer``), sent as one frame
     #: early in the next pass, and what their requests await until then (None: none waits)
@@ -103,6 +105,8 @@ class AuditTrail:
             )
             for region, store in stores.items()
         }
+        for region, lane in self._lanes.items():
+            lane.regions.append(region)
         self._default = self._lanes[default_region]
         #: how long a writer thread gathers records after the first before a transaction: ``flush_interval_s``
         #: when given, else ``commit_s``, as a writer process does (``audit_writer.COMMIT_S``)
@@ -121,15 +125,21 @@ class AuditTrail:
         self.unwritable = 0
         #: told how many more records the store refused (the server counts them in a metric)
         self.on_unwritable: Callable[[int], None] | None = None
-        #: told when ``refusing_all`` changes (the server's gauge is set, not read at the scrape: with several
-        #: workers the scrape reads every worker's metric files, which a gauge read at the scrape never writes)
-        self.on_refusing_all: Callable[[bool], None] | None = None
+        #: told, for each data region of a store, when whether it refuses all changes (``refusing_regions``; the
+        #: server's gauge is set, not read at the scrape: with several workers the scrape reads every worker's
+        #: metric files, which a gauge read at the scrape never writes)
+        self.on_refusing_all: Callable[[str, bool], None] | None = None
 
     @property
     def refusing_all(self) -> bool:
         """Whether a store refused a record and even its smallest stand-in, and no write has worked since: the trail
         is stuck until someone mends the store (the server's gauge ``dhow_audit_refusing_all``)."""
         return any(lane.refusing_all for lane in self._lanes.values())
+
+    @property
+    def refusing_regions(self) -> set[str]:
+        """The data regions whose store ``refusing_all`` is about (the label of the server's gauge)."""
+        return {region for region, lane in self._lanes.items() if lane.refusing_all}
 
     @property
     def pending(self) -> int:
@@ -380,7 +390,8 @@ class AuditTrail:
         lane.refusing_all = refusing
         if self.on_refusing_all is not None:
             with contextlib.suppress(Exception):  # (a metric that fails must not stop the trail)
-                self.on_refusing_all(self.refusing_all)
+                for region in lane.regions:
+                    self.on_refusing_all(region, refusing)
 
     def _counted(self, lane: _Lane, count: int) -> None:
         """``count`` more of the lane's records are durable."""

@@ -102,14 +102,18 @@ class Security:
         self.audit.on_unwritable = unwritable.inc
         refusing = Gauge(
             "dhow_audit_refusing_all",
-            "1 while an audit store refuses a record and even its smallest audit.unwritable stand-in (the trail "
-            "waits, as in an outage, until someone mends the store), else 0; the server log says why",
+            "1 while the audit store of the data region refuses a record and even its smallest audit.unwritable "
+            "stand-in (the trail waits, as in an outage, until someone mends the store), else 0; the server log says "
+            "why",
+            ["region"],  # (the regions given a store: --region and each --audit-region-store)
             registry=registry,
             multiprocess_mode="livemax",  # (several workers: 1 if one of them is stuck; a dead one's value goes)
         )
         # set as it changes, not read at the scrape: with several workers the scrape reads the workers' metric files
-        refusing.set(float(self.audit.refusing_all))
-        self.audit.on_refusing_all = lambda state: refusing.set(float(state))
+        stuck = self.audit.refusing_regions
+        for region in self._audit_stores:
+            refusing.labels(region).set(float(region in stuck))
+        self.audit.on_refusing_all = lambda region, state: refusing.labels(region).set(float(state))
         self.limiter = await RedisRateLimiter.connect(settings.redis) if settings.redis else LocalRateLimiter()
         if enabled and first_key:
             await self._first_key()
