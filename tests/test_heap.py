@@ -3,6 +3,7 @@ collections come rarer."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import weakref
@@ -10,7 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from dhow.core.heap import YOUNG_THRESHOLD, settle_heap
+from dhow.core import heap
+from dhow.core.heap import YOUNG_THRESHOLD, frozen_objects, settle_heap
 from dhow.monitoring.resources import HeapCollector
 
 
@@ -19,13 +21,32 @@ class _Node:
         self.itself = self
 
 
-@pytest.fixture
-def unfrozen() -> Iterator[None]:
+@contextlib.contextmanager
+def _unfrozen() -> Iterator[None]:
+    """An ordinary heap before and after (nothing frozen, the thresholds as they were), and ``frozen_objects``
+    saying so: a test's ``settle_heap`` must not leave its count to the collector of a later test's server."""
     thresholds = gc.get_threshold()
     gc.unfreeze()
-    yield
-    gc.unfreeze()  # the rest of the test run keeps an ordinary heap
-    gc.set_threshold(*thresholds)
+    heap._frozen = 0
+    try:
+        yield
+    finally:
+        gc.unfreeze()  # the rest of the test run keeps an ordinary heap
+        heap._frozen = 0
+        gc.set_threshold(*thresholds)
+
+
+@pytest.fixture
+def unfrozen() -> Iterator[None]:
+    with _unfrozen():
+        yield
+
+
+def test_unfrozen_leaves_nothing_frozen_nor_counted() -> None:
+    with _unfrozen():
+        settle_heap()
+        assert frozen_objects() > 0
+    assert frozen_objects() == 0 == gc.get_freeze_count()
 
 
 def test_settle_heap_collects_then_freezes_what_start_up_built(unfrozen: None) -> None:
