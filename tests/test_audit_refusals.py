@@ -23,7 +23,7 @@ import pytest
 
 from dhow.core.errors import Unavailable
 from dhow.governance.audit import AuditRecord, AuditStore
-from dhow.governance.audit_refusals import UNWRITABLE_KIND, Appending, RefusingAll
+from dhow.governance.audit_refusals import UNWRITABLE_KIND, Appending, RefusingAll, record_digest
 from dhow.governance.audit_trail import AuditTrail
 from tests.conftest import PG_ADMIN_URL
 
@@ -195,6 +195,19 @@ def test_a_stand_in_too_big_for_the_store_is_written_without_the_record(database
         assert store.verify().ok
     finally:
         store.close()
+
+
+def test_record_sha256_is_over_the_text_the_docs_give_with_its_fallbacks() -> None:
+    """What an auditor recomputes (docs/security.md): ``json.dumps`` with ``default=repr`` for a value JSON has no
+    form for; ``ascii(row)`` where ``json.dumps`` fails (here a cycle)."""
+    row = list(_record("key:good", "r1").as_tuple())
+    row[10] = {"odd": {1, 2}}
+    text = json.dumps(dict(zip(_FIELDS, row, strict=True)), ensure_ascii=True, default=repr)
+    assert '"{1, 2}"' in text and record_digest(row) == (len(text), hashlib.sha256(text.encode()).hexdigest())
+    cycle: dict[str, Any] = {}
+    cycle["self"] = cycle
+    row[10] = cycle
+    assert record_digest(row) == (len(ascii(row)), hashlib.sha256(ascii(row).encode()).hexdigest())
 
 
 #: a record's fields as a stand-in's ``details.record`` names them (``AuditRecord.as_tuple``'s order)

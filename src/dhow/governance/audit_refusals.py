@@ -90,13 +90,16 @@ def record_digest(row: Any) -> tuple[int, str]:
     """The length of a record's whole text and the SHA-256 of that text's ASCII bytes, in hex: what the smaller
     stand-in keeps of a record, for an auditor to match it to another copy.
 
-    The text (``_record_text``) is ``json.dumps(fields, ensure_ascii=True)`` (the default separators ``", "`` and
-    ``": "``, keys not sorted, NaN as ``NaN``) of an object of the record's 13 fields in this order: ``kind``,
-    ``action``, ``actor``, ``tenant``, ``outcome``, ``model``, ``version``, ``request_id``, ``region``,
-    ``latency_ms``, ``details``, ``at``, ``at_s``, each as the writer received it (a writer process: as the
-    server's JSON frame carried it). A full stand-in's ``details.record`` holds only the first ``RECORD_CHARS``
-    characters of that text (``details.record_chars`` its length, when longer): the hash covers the whole text,
-    which for a longer record is more than any stand-in holds."""
+    The text (``_record_text``) is ``json.dumps(fields, ensure_ascii=True, default=repr)`` (the default separators
+    ``", "`` and ``": "``, keys not sorted, NaN as ``NaN``, a value JSON has no form for as the JSON string of its
+    ``repr``) of an object of the record's 13 fields in this order: ``kind``, ``action``, ``actor``, ``tenant``,
+    ``outcome``, ``model``, ``version``, ``request_id``, ``region``, ``latency_ms``, ``details``, ``at``, ``at_s``,
+    each as the writer received it (a writer process: as the server's JSON frame carried it). Where ``json.dumps``
+    fails (a cycle, a key JSON has no form for, a ``repr`` that raises), the text is ``ascii(row)``, the row as
+    received (not named by field); where that fails too, ``<a TYPE that has no text>``. A full stand-in's
+    ``details.record`` holds only the first ``RECORD_CHARS`` characters of that text (``details.record_chars`` its
+    length, when longer): the hash covers the whole text, which for a longer record is more than any stand-in
+    holds."""
     text = _record_text(row)
     return len(text), hashlib.sha256(text.encode("ascii", "backslashreplace")).hexdigest()
 
