@@ -295,6 +295,44 @@ def test_the_regions_of_a_store_refusing_everything_are_told(tmp_path: Path) -> 
             store.close()
 
 
+def test_a_gauge_that_fails_for_one_region_is_still_set_for_the_others_and_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server's gauge callback raises for one region of a store refusing everything: the other region sharing
+    that store is told all the same, when it starts and when it ends, and the failure is logged once."""
+    urls = {name: f"sqlite://{tmp_path}/{name}.sqlite3" for name in ("ae", "eu")}
+    stores = {name: AuditStore.open(url) for name, url in urls.items()}
+    _refuse(urls["eu"], "key:poison", "dhow:audit-writer")
+    trail = AuditTrail({"ae": stores["ae"], "eu": stores["eu"], "us": stores["eu"]}, "ae", flush_interval_s=0.1)
+    told: list[tuple[str, bool]] = []
+
+    def gauge(region: str, refusing: bool) -> None:
+        if region == "eu":  # (the lane's first region: its failure must not keep "us" from being set)
+            raise ValueError("the gauge is broken")
+        told.append((region, refusing))
+
+    trail.on_refusing_all = gauge
+
+    async def scenario() -> None:
+        await trail.start()
+        trail.record(AuditRecord("inference", "infer", "key:poison", region="eu", request_id="r1"))
+        await _until(lambda: trail.refusing_all)
+        assert told == [("us", True)]
+        _allow(urls["eu"])
+        await asyncio.wait_for(trail.record_now(AuditRecord("admin", "x", "key:good", region="us")), 30)
+        assert told == [("us", True), ("us", False)]
+        await trail.close()
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="dhow.audit"):
+            asyncio.run(scenario())
+    finally:
+        for store in stores.values():
+            store.close()
+    said = [r.getMessage() for r in caplog.records if "dhow_audit_refusing_all" in r.getMessage()]
+    assert len(said) == 1 and "the gauge is broken" in said[0], said
+
+
 def test_a_store_refusing_everything_after_an_outage_is_said_and_shown(
     pg_database: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -129,6 +129,8 @@ class AuditTrail:
         #: server's gauge is set, not read at the scrape: with several workers the scrape reads every worker's
         #: metric files, which a gauge read at the scrape never writes)
         self.on_refusing_all: Callable[[str, bool], None] | None = None
+        #: whether ``on_refusing_all`` raised yet (logged the first time only)
+        self._refusing_all_failed = False
 
     @property
     def refusing_all(self) -> bool:
@@ -388,10 +390,17 @@ class AuditTrail:
 
     def _refusing(self, lane: _Lane, refusing: bool) -> None:
         lane.refusing_all = refusing
-        if self.on_refusing_all is not None:
-            with contextlib.suppress(Exception):  # (a metric that fails must not stop the trail)
-                for region in lane.regions:
-                    self.on_refusing_all(region, refusing)
+        if self.on_refusing_all is None:
+            return
+        failure: Exception | None = None
+        for region in lane.regions:
+            try:
+                self.on_refusing_all(region, refusing)
+            except Exception as exc:  # (a metric that fails must not stop the trail, nor the other regions' series)
+                failure = exc
+        if failure is not None and not self._refusing_all_failed:
+            self._refusing_all_failed = True
+            log.error("cannot set dhow_audit_refusing_all (said once, whatever fails later): %r", failure)
 
     def _counted(self, lane: _Lane, count: int) -> None:
         """``count`` more of the lane's records are durable."""
