@@ -157,6 +157,32 @@ def test_the_close_keeps_to_its_time_against_a_collector_that_never_answers() ->
     assert any("not posted within the 1 s" in reason for reason in counts.reasons)
 
 
+def test_a_post_that_raises_past_its_own_error_handling_still_counts_each_request_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever a post raises (here, a fault put in the export itself), the requests it took are failed once, none
+    stays held, and the writer's thread goes on: a whole export posted as it is written, the rest while idle."""
+    collector = _Collector(OK)
+    writer, counts = _writer(collector)
+
+    def broken(fields: bytes) -> str:
+        raise RuntimeError("a fault past the post's own error handling")
+
+    monkeypatch.setattr(writer.otlp, "_export", broken)
+    try:
+        writer.take(_records(0, 600))
+        counts.wait_for(600)
+        deadline = time.monotonic() + 30  # (a deadline for a loaded machine, not a measure of speed)
+        while writer.otlp.held and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert writer.otlp.held == 0 and writer._thread.is_alive()
+    finally:
+        writer.close(5)
+        collector.close()
+    assert (counts.logged, counts.failed, counts.dropped) == (0, 600, 0)
+    assert all("a fault past" in reason for reason in counts.reasons)
+
+
 def test_what_the_sink_holds_for_its_post_is_reported_as_queued() -> None:
     collector = _Collector(OK)
     writer, counts = _writer(collector, post_s=3600.0)

@@ -136,11 +136,13 @@ class Writer:
             rendered, failures = self._render_steps()
             for event, exc in failures:  # a value masking or JSON cannot take: that event fails, not the others
                 self.failed(1, f"could not render the event of request {event[0]}: {exc!r}")
-            if rendered:
-                try:
+            try:
+                if rendered:
                     self.sink.write(rendered, self)
-                except Exception as exc:
-                    self.failed(len(rendered), repr(exc))
+            # a sink's ``write`` that raises has counted none of them (one that holds events never raises once it
+            # holds them: ``OtlpSink.write``)
+            except Exception as exc:
+                self.failed(len(rendered), repr(exc))
             if self.pause_s:  # a sink that wants its events together (OTLP: a post a second)
                 self._stopping.wait(self.pause_s)
 

@@ -15,6 +15,7 @@ fails, untried. Counts of exported and failed requests go back to the server.
 from __future__ import annotations
 
 import collections
+import contextlib
 import http.client
 import sys
 import time
@@ -79,6 +80,8 @@ class OtlpSink:
         self._close_s = timeout_s
 
     def write(self, events: list[tuple[str, bytes]], counts: PayloadCounts) -> None:
+        # (never raises once a request is held: ``_post`` counts each it takes, and the writer counts what ``write``
+        # raises as failed, all the events it was given)
         self._counts = counts
         for _, fields in events:
             if fields or not self._held:
@@ -86,7 +89,7 @@ class OtlpSink:
             else:
                 requests, held = self._held.pop()
                 self._held.append((requests + 1, held))
-        self._requests += len(events)
+            self._requests += 1
         while self._requests >= CHUNK:
             self._post(CHUNK)
         self.idle()
@@ -104,10 +107,14 @@ class OtlpSink:
             count += step
             parts.append(fields)
         self._posted = time.monotonic()
-        failure = self._export(b"".join(parts)) if count and self._counts is not None else None
-        self._requests -= count  # (no longer what the writer holds: counted below)
-        if failure is None or self._counts is None:
+        if not count or self._counts is None:
             return
+        try:
+            failure = self._export(b"".join(parts))
+        except Exception as exc:  # (``_export`` catches the post's errors: anything else fails them all the same)
+            failure = repr(exc)
+        finally:
+            self._requests -= count  # (no longer what the writer holds: counted below, whatever happened)
         if failure:
             self._counts.failed(count, f"not exported to {self.url}: {failure}")
         else:
@@ -120,20 +127,20 @@ class OtlpSink:
             timeout = min(timeout, self._deadline - time.monotonic())
             if timeout <= 0:
                 return f"not posted within the {self._close_s:g} s the writer had to close"
-        self._connection.timeout = timeout  # (a connection opened for this post)
-        if self._connection.sock is not None:
-            self._connection.sock.settimeout(timeout)
         try:
+            self._connection.timeout = timeout  # (a connection opened for this post)
+            if self._connection.sock is not None:
+                self._connection.sock.settimeout(timeout)
             body = export_request_of(self._resource, "dhow", fields)
             self._connection.request("POST", self._path, body, {"content-type": "application/x-protobuf"})
             answer = self._connection.getresponse()
             answer.read()
         # OSError (RemoteDisconnected, timeouts, TLS errors), http.client's HTTPException (an answer it cannot read)
         # and any other (a URL path http.client cannot encode: UnicodeEncodeError): these requests fail, counted
-        # once, by ``_post`` (the writer counts what ``write`` raises as the events it was given, which are held
-        # still), and the sink's thread goes on (``idle`` posts too)
+        # once, by ``_post``, and the sink's thread goes on (``idle`` posts too)
         except Exception as exc:
-            self._connection.close()  # the next export connects again
+            with contextlib.suppress(Exception):
+                self._connection.close()  # the next export connects again
             return repr(exc)
         return "" if 200 <= answer.status < 300 else f"the collector answered {answer.status}"
 
