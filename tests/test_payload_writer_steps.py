@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import collections
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from dhow.monitoring.payload_sinks import open_sink
 from dhow.serving import payload_writer
 from dhow.serving.payload_writer import Writer
 
@@ -139,3 +141,32 @@ def test_tracings_writer_in_steps_exports_every_span_once_and_a_bad_record_fails
 
     # (a step writes its spans in an order of its own)
     assert sorted(map(shown, spans)) == sorted(shown(span) for each in written for span in each)
+
+
+class _Held(Writer):
+    """A writer whose rendering waits until the test lets it go (``go``), to a file sink."""
+
+    def __init__(self, path: str, reports: list[dict[str, Any]]) -> None:
+        self.rendering, self.go = threading.Event(), threading.Event()
+        super().__init__(open_sink(path), capacity=1000, source="test", report=reports.append)
+
+    def render_chunk(self, chunk: list[Any]) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
+        self.rendering.set()
+        self.go.wait(30)
+        return [(str(event[0]), b"{}") for event in chunk], []
+
+
+def test_what_is_being_rendered_is_reported_as_queued(tmp_path: Path) -> None:
+    """Events taken off the queue to be rendered are still the writer's (lost if it died now): its reports count
+    them as queued until the sink has them."""
+    reports: list[dict[str, Any]] = []
+    writer = _Held(f"file://{tmp_path}/payloads.jsonl", reports)
+    try:
+        writer.queue([[n] for n in range(10)])
+        assert writer.rendering.wait(30)
+        writer.report()
+        assert reports and reports[-1]["queued"] == 10 and reports[-1]["logged"] == 0
+    finally:
+        writer.go.set()
+        writer.close(5)
+    assert reports[-1]["queued"] == 0 and sum(report["logged"] for report in reports) == 10

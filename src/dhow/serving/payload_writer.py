@@ -63,6 +63,8 @@ class Writer:
     pause_s = 0.0
     #: seconds an event took to render in the last step (what sizes the next: ``_render_steps``)
     _event_s = _STEP_S / _STEP
+    #: events taken off the queue and not handed to the sink yet: being rendered, or being written (``queued``)
+    _rendering = 0
 
     def __init__(self, sink: PayloadSink, *, capacity: int, source: str, report: Any) -> None:
         self.sink = sink
@@ -143,6 +145,8 @@ class Writer:
             # holds them: ``OtlpSink.write``)
             except Exception as exc:
                 self.failed(len(rendered), repr(exc))
+            finally:
+                self._rendering = 0
             if self.pause_s:  # a sink that wants its events together (OTLP: a post a second)
                 self._stopping.wait(self.pause_s)
 
@@ -163,6 +167,7 @@ class Writer:
             if left - size < _FEW:  # (a remainder too short for the renderer's columns goes with this step)
                 size = left
             step = [queue.popleft() for _ in range(size)]
+            self._rendering += size
             start = time.thread_time()
             written, failed = self.render_chunk(step)
             # (the thread's CPU time: a step another thread preempted did not take the core all that while)
@@ -192,8 +197,9 @@ class Writer:
             self._report_to({**counts, "queued": queued, "reason": reason})
 
     def queued(self) -> int:
-        """What the writer holds, as its reports count it (``queued``): the events not handed to the sink yet."""
-        return len(self._queue)
+        """What the writer holds, as its reports count it (``queued``): the events not handed to the sink yet,
+        queued or being rendered."""
+        return len(self._queue) + self._rendering
 
     def close(self, timeout_s: float) -> None:
         """Write what is queued, deliver what the sink holds (within about ``timeout_s``), send the last counts."""

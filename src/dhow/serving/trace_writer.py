@@ -167,9 +167,9 @@ class TraceWriter(Writer):
         super().__init__(sink, capacity=capacity, source=source, report=report)
 
     def queued(self) -> int:
-        """Queued, and rendered but held by the sink until posted (``OtlpSink.held``): what is lost if the writer
-        dies."""
-        return len(self._queue) + self.otlp.held
+        """Queued, being rendered, and rendered but held by the sink until posted (``OtlpSink.held``): what is lost
+        if the writer dies."""
+        return super().queued() + self.otlp.held
 
     def close(self, timeout_s: float) -> None:
         """As the payload writer's, within ``timeout_s`` from now: the queue's last steps are posted by then too
