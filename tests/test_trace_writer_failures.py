@@ -142,16 +142,24 @@ def test_the_requests_of_a_post_that_fails_are_failed_and_the_next_are_exported(
     assert (counts.logged, counts.failed) == (50, 100)
 
 
-def test_the_close_keeps_to_its_time_against_a_collector_that_never_answers() -> None:
+def test_the_close_keeps_to_its_time_against_a_collector_that_never_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     collector = _Collector(None)
     writer, counts = _writer(collector, post_s=3600.0)
+    # nothing is rendered (so nothing posted) before the close sets its deadline: every post knows it
+    known = threading.Event()
+    stop_by, render_chunk = writer.otlp.stop_by, writer.render_chunk
+    monkeypatch.setattr(writer.otlp, "stop_by", lambda timeout_s: (stop_by(timeout_s), known.set()))
+    monkeypatch.setattr(writer, "render_chunk", lambda chunk: (known.wait(30), render_chunk(chunk))[1])
     try:
-        writer.take(_records(0, 2000))  # four exports' worth, most of them still queued as the close begins
+        writer.take(_records(0, 2000))  # four exports' worth, all of them queued as the close begins
+        start = time.monotonic()
         writer.close(1.0)
+        took = time.monotonic() - start
     finally:
         collector.close()
     # the first post waited for what was left of the close's second (not the connection's 10 s), the others were not
     # tried: each would have waited too
+    assert took < 5, took
     assert collector.posts <= 1
     assert (counts.logged, counts.failed, counts.dropped) == (0, 2000, 0)
     assert any("not posted within the 1 s" in reason for reason in counts.reasons)
