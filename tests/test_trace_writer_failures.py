@@ -165,6 +165,28 @@ def test_the_close_keeps_to_its_time_against_a_collector_that_never_answers(monk
     assert any("not posted within the 1 s" in reason for reason in counts.reasons)
 
 
+def test_a_post_under_way_as_the_close_begins_is_cut_at_the_close_s_time() -> None:
+    """A post that started before the close, with its 10 s to wait for the collector, is cut at the close's deadline
+    (the watchdog shuts its socket down): the close takes about its second, and its requests fail as late."""
+    collector = _Collector(None)
+    writer, counts = _writer(collector)
+    try:
+        writer.take(_records(0, 100))  # posted within post_s, and the collector never answers
+        deadline = time.monotonic() + 30  # (a deadline for a loaded machine, not a measure of speed)
+        while collector.posts < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert collector.posts == 1
+        start = time.monotonic()
+        writer.close(1.0)
+        took = time.monotonic() - start
+    finally:
+        collector.close()
+    assert took < 5, took  # (the post's own timeout is 10 s)
+    assert (counts.logged, counts.failed, counts.dropped) == (0, 100, 0)
+    assert any("not posted within the 1 s" in reason for reason in counts.reasons)
+    assert writer.otlp.held == 0
+
+
 def test_a_post_that_raises_past_its_own_error_handling_still_counts_each_request_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -9,7 +9,8 @@ more, ``Writer._render_steps``) are written at once from its records (``trace_ch
 be fails alone). The sink holds the steps and posts them with ``http.client`` about a second apart, at once by whole
 steps when ``CHUNK`` (512) requests are held (``OtlpSink``), each post waiting at most ``post_timeout_s`` on the
 collector. At the close, what is queued and held is posted within ``close_timeout_s``, and what is not posted by then
-fails, untried. Counts of exported and failed requests go back to the server.
+fails, untried: a watchdog shuts the socket of a post still under way down then (``OtlpSink.stop_by``). Counts of
+exported and failed requests go back to the server.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import http.client
+import socket
 import sys
+import threading
 import time
 from operator import itemgetter
 from typing import Any
@@ -52,6 +55,14 @@ class OtlpSink:
         target = urlsplit(url)
         kind = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
         self._connection = kind(target.netloc, timeout=self.post_timeout_s)
+        # (http.client's own seam: the sockets it connects are made by ``_connect``, where the watchdog finds them)
+        self._connection._create_connection = self._connect  # type: ignore[attr-defined]
+        #: the socket a post connects or uses, and whether the close's deadline passed: both the watchdog's
+        #: (``_cut_off``), under ``_cut_lock``
+        self._socket: socket.socket | None = None
+        self._cut = False
+        self._cut_lock = threading.Lock()
+        self._watchdog: threading.Timer | None = None
         self._path = target.path or "/"
         #: what is rendered and not posted yet: (requests, their spans written), as the writer rendered them (a step's
         #: spans are held by its first request, the others have none: a post takes whole steps)
@@ -74,10 +85,54 @@ class OtlpSink:
 
     def stop_by(self, timeout_s: float) -> None:
         """The writer is closing: what is posted from now on is posted within ``timeout_s`` or fails, and what is
-        left then fails without being tried. (A post already under way when this is called keeps its
-        ``post_timeout_s``: at most that long, less than the 10 s past the close's time that the server waits.)"""
+        left then fails without being tried. A post under way at that time (one started before this call, with its
+        ``post_timeout_s``, included) is cut then: a watchdog shuts its socket down, which ends its connect, its
+        send or its wait for the answer at once. Only a name lookup (``getaddrinfo``) cannot be cut: a writer stuck
+        in one past the 10 s the server waits beyond the close's time is killed, and the server counts what it
+        held failed."""
         self._deadline = time.monotonic() + timeout_s
         self._close_s = timeout_s
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = threading.Timer(max(timeout_s, 0.0), self._cut_off)
+        self._watchdog.daemon = True  # (cancelled by ``close``; never what keeps the process alive)
+        self._watchdog.start()
+
+    def _cut_off(self) -> None:
+        """The close's deadline (the watchdog's thread): the socket of a post under way is shut down, and no post
+        connects after it."""
+        with self._cut_lock:
+            self._cut = True
+            # (an HTTPS connection's socket wraps the one ``_connect`` made, which gave it its descriptor)
+            sockets = (self._connection.sock, self._socket)
+        for sock in sockets:
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _connect(
+        self, address: tuple[str, int], timeout: float | None, source_address: tuple[str, int] | None = None
+    ) -> socket.socket:
+        """``socket.create_connection``, each socket known to the watchdog (``_cut_off``) before it connects."""
+        error: OSError = OSError(f"{address[0]}: no address")
+        for family, kind, proto, _, target in socket.getaddrinfo(*address, 0, socket.SOCK_STREAM):
+            sock = socket.socket(family, kind, proto)
+            with self._cut_lock:
+                self._socket, cut = sock, self._cut
+            try:
+                if cut:
+                    raise TimeoutError("the close's deadline passed")
+                sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(target)
+                if self._cut:  # (the watchdog shut it down before it began to connect)
+                    raise TimeoutError("the close's deadline passed")
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+        raise error
 
     def write(self, events: list[tuple[str, bytes]], counts: PayloadCounts) -> None:
         # (never raises once a request is held: ``_post`` counts each it takes, and the writer counts what ``write``
@@ -125,8 +180,8 @@ class OtlpSink:
         timeout = self.post_timeout_s
         if self._deadline is not None:
             timeout = min(timeout, self._deadline - time.monotonic())
-            if timeout <= 0:
-                return f"not posted within the {self._close_s:g} s the writer had to close"
+            if timeout <= 0 or self._cut:
+                return self._late()
         try:
             self._connection.timeout = timeout  # (a connection opened for this post)
             if self._connection.sock is not None:
@@ -137,12 +192,16 @@ class OtlpSink:
             answer.read()
         # OSError (RemoteDisconnected, timeouts, TLS errors), http.client's HTTPException (an answer it cannot read)
         # and any other (a URL path http.client cannot encode: UnicodeEncodeError): these requests fail, counted
-        # once, by ``_post``, and the sink's thread goes on (``idle`` posts too)
+        # once, by ``_post``, and the sink's thread goes on (``idle`` posts too); a post the watchdog cut is late
         except Exception as exc:
             with contextlib.suppress(Exception):
                 self._connection.close()  # the next export connects again
-            return repr(exc)
+            return self._late() if self._cut else repr(exc)
         return "" if 200 <= answer.status < 300 else f"the collector answered {answer.status}"
+
+    def _late(self) -> str:
+        # (said when the post fails: one under way since before ``stop_by`` learns the close's time only then)
+        return f"not posted within the {self._close_s:g} s the writer had to close"
 
     def close(self, timeout_s: float) -> None:
         """Post what is held within ``timeout_s`` (counted from ``stop_by`` when the writer called it first); what
@@ -152,6 +211,8 @@ class OtlpSink:
         while self._held:
             self._post(CHUNK)
         self._connection.close()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
 
 
 class TraceWriter(Writer):
