@@ -5,7 +5,9 @@ The process (``command``) gets its settings as the first frame and answers ``{"r
 ``{"error": …}``: refused at start, as ``InvalidInput``); then it takes frames of whatever the subclass
 writes (``_frame``) and answers, as frames, counts: ``logged``, ``dropped``, ``failed``, ``queued`` and a
 failure's ``reason``. The queue never waits: a full one drops and counts; a writer that died fails and counts,
-once logged, and the request's path goes on (``dhow.serving.writer_main`` is the process's side).
+once logged, and the request's path goes on (``dhow.serving.writer_main`` is the process's side). Every item handed
+over is counted once: what a writer that died (or that the close had to kill) was handed and never counted is
+counted failed (``_settle``).
 """
 
 from __future__ import annotations
@@ -79,8 +81,15 @@ class WriterPipe:
             raise InvalidInput(str(first["error"]))
         self.kind = str(first["ready"])
         self._logged, self._dropped, self._failed, self._queued = self._metrics(registry)
-        #: items the writer holds (its last report): failed if it dies with them
+        #: items the writer holds (its last report: the gauge)
         self._writer_queued = 0
+        #: items handed to the writer (framed for its pipe), and items its reports counted (logged, dropped,
+        #: failed): the difference is what it holds or has not reported yet, failed if it dies (``_settle``);
+        #: both under ``_tally``, with ``_gone``, and ``_settled`` once its pipe closed and that was counted
+        self._handed = 0
+        self._reported = 0
+        self._settled = False
+        self._tally = threading.Lock()
         os.set_blocking(self._in, False)
         # a frame of ``FLUSH_S`` under load (at 4,500 requests a second, 100-160 KB: payload events of ~580 bytes) is
         # more than a default pipe's 64 KiB, and a frame the pipe cannot take whole goes in pieces, each a turn of the
@@ -156,15 +165,26 @@ class WriterPipe:
             return
         items = list(self._queue)
         self._queue.clear()
-        self._write(self._frame(items), len(items))
+        data = self._frame(items)
+        if self._hand(len(items)):
+            self._write(data)
 
-    def _write(self, data: bytes, count: int) -> None:
+    def _hand(self, count: int) -> bool:
+        """Count ``count`` items as handed to the writer: False (and failed) when it is gone."""
+        with self._tally:
+            if not self._gone:
+                self._handed += count
+                return True
+        self._failed.inc(count)
+        return False
+
+    def _write(self, data: bytes) -> None:
         try:
             written = os.write(self._in, data)
         except BlockingIOError:
             written = 0
-        except OSError as exc:  # the writer is gone
-            self._writer_gone(count, repr(exc))
+        except OSError as exc:  # the writer is gone: what it was handed is failed once its pipe closes (``_settle``)
+            self._writer_gone(repr(exc))
             return
         if written < len(data):
             self._unsent = data[written:]
@@ -179,7 +199,7 @@ class WriterPipe:
         except OSError as exc:
             self._unsent = b""
             self._stop_writing()
-            self._writer_gone(0, repr(exc))
+            self._writer_gone(repr(exc))
             return
         self._unsent = self._unsent[written:]
         if not self._unsent:
@@ -191,13 +211,25 @@ class WriterPipe:
             with contextlib.suppress(Exception):
                 self._loop.remove_writer(self._in)
 
-    def _writer_gone(self, count: int, reason: str) -> None:
-        if not self._gone and not self._closing:
+    def _writer_gone(self, reason: str) -> None:
+        with self._tally:
+            was_gone, self._gone = self._gone, True
+        if not was_gone and not self._closing:
             logging.getLogger(f"dhow.{self.what.replace(' ', '_')}").error(
                 "%s: the writer process stopped (%s, exit code %s): what it is handed is counted failed",
                 self.what, reason, self._process.poll())  # fmt: skip
-        self._gone = True
-        self._failed.inc(count)
+
+    def _settle(self) -> None:
+        """The writer's pipe closed (it exited, died or was killed): what it was handed and did not report is
+        counted failed, once (its last report may have missed what it delivered since: counted failed too, as
+        the server cannot know)."""
+        with self._tally:
+            self._gone = True
+            lost, self._reported = self._handed - self._reported, self._handed
+            self._settled = True
+        if lost > 0:
+            self._failed.inc(lost)
+        self._queued.set(0)
 
     # -- the counts, from the writer process (the reader's thread) --
 
@@ -212,10 +244,14 @@ class WriterPipe:
             self._answers += chunk
             for report in decode_frames(self._answers):
                 self._count(report)
-        if not self._closing:
-            self._writer_gone(self._writer_queued, "its pipe closed")
+        self._writer_gone("its pipe closed")
+        self._settle()
 
     def _count(self, report: dict[str, Any]) -> None:
+        with self._tally:
+            if self._settled:  # (counted failed already)
+                return
+            self._reported += report.get("logged", 0) + report.get("dropped", 0) + report.get("failed", 0)
         if report.get("logged"):
             self._logged.inc(report["logged"])
         if report.get("dropped"):
@@ -237,12 +273,14 @@ class WriterPipe:
         timeout = self.close_timeout_s if timeout_s is None else timeout_s
         self._closing = True
         self._stop_writing()
+        data = self._unsent
+        if self._queue:
+            items = list(self._queue)
+            self._queue.clear()
+            framed = self._frame(items)
+            if self._hand(len(items)):
+                data += framed
         if not self._gone:
-            data = self._unsent
-            if self._queue:
-                items = list(self._queue)
-                self._queue.clear()
-                data += self._frame(items)
             with contextlib.suppress(OSError):
                 os.set_blocking(self._in, True)
                 while data:
@@ -256,3 +294,6 @@ class WriterPipe:
             self._process.kill()
             self._process.wait()
         self._reader.join(5)
+        # (the reader settles once the pipe closes: this is for a reader still waiting on a pipe some other process
+        # holds open)
+        self._settle()

@@ -80,6 +80,9 @@ class Writer:
         self._reported_queued = 0
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        #: set once the close delivered what it could: the reporter reports until then (what the sink delivers
+        #: during the close too, reported even if the writer is killed before its last report)
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._drain, name="sink", daemon=True)
         self._thread.start()
         self._reporter = threading.Thread(target=self._report_loop, name="report", daemon=True)
@@ -184,7 +187,7 @@ class Writer:
     # -- the counts, back to the server --
 
     def _report_loop(self) -> None:
-        while not self._stopping.wait(_REPORT_S):
+        while not self._closed.wait(_REPORT_S):
             self.report()
 
     def report(self) -> None:
@@ -206,8 +209,11 @@ class Writer:
         self._stopping.set()
         self._wake.set()
         self._thread.join()
-        self.sink.close(timeout_s)
-        self._reporter.join()
+        try:
+            self.sink.close(timeout_s)
+        finally:
+            self._closed.set()
+            self._reporter.join()
         self.report()
 
 
