@@ -251,9 +251,7 @@ def test_a_store_that_refuses_even_the_smallest_stand_in_is_said_once_and_shown_
         said = [r.getMessage() for r in caplog.records if "smallest audit.unwritable stand-in" in r.getMessage()]
         assert len(said) == 1, said
         _refuse(database_url, "key:poison", instead=True)  # the DBA lets the writer's own records in
-        await asyncio.wait_for(trail.record_now(_record("key:good", "r6")), 30)
-        assert not trail.refusing_all
-        await trail.close()
+        await _written_again(trail)
 
     try:
         with caplog.at_level(logging.ERROR, logger="dhow.audit"):
@@ -361,9 +359,7 @@ def test_a_store_refusing_everything_after_an_outage_is_said_and_shown(
         await _until(lambda: trail.refusing_all)
         assert told == [] and trail.pending == 6 and store.head()[0] == 3  # (what came before r3 is written)
         _allow(pg_database)
-        await asyncio.wait_for(trail.record_now(_record("key:good", "r6")), 30)
-        assert not trail.refusing_all
-        await trail.close()
+        await _written_again(trail)
 
     try:
         with caplog.at_level(logging.ERROR, logger="dhow.audit"):
@@ -446,6 +442,13 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"not within {timeout_s} s")
+
+
+async def _written_again(trail: AuditTrail) -> None:
+    """Once the store takes the writer's records again: a new record is written, the state ends, the trail closes."""
+    await asyncio.wait_for(trail.record_now(_record("key:good", "r6")), 30)
+    assert not trail.refusing_all
+    await trail.close()
 
 
 def test_a_stand_in_keeps_the_tenant_unless_the_store_refuses_it_too(database_url: str) -> None:

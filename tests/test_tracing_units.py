@@ -4,6 +4,7 @@ for requests without a parent."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -186,9 +187,8 @@ def test_a_batch_whose_first_traced_request_was_queued_already_goes_with_the_nex
         tracing.shutdown()
 
 
-def test_a_full_queue_drops_and_a_dead_writer_fails_what_it_is_handed_and_both_are_counted() -> None:
-    registry = CollectorRegistry()
-    tracing = Tracing("http://127.0.0.1:9", 1.0, command=TRACE_WRITER, registry=registry, capacity=2)
+def traced_requests(tracing: Tracing, registry: CollectorRegistry) -> tuple[Callable[[str], float], Callable[[], None]]:
+    """How many traced requests ended as ``outcome`` (dhow_tracing_requests_total), and one more traced request."""
 
     def count(outcome: str) -> float:
         return registry.get_sample_value("dhow_tracing_requests_total", {"outcome": outcome}) or 0.0
@@ -197,6 +197,15 @@ def test_a_full_queue_drops_and_a_dead_writer_fails_what_it_is_handed_and_both_a
         trace = tracing.start({}, "m", "r", (1, 2, 3))
         assert trace is not None
         trace.finish("1", 4)
+
+    return count, finished
+
+
+def test_a_full_queue_drops_and_a_dead_writer_fails_what_it_is_handed_and_both_are_counted() -> None:
+    registry = CollectorRegistry()
+    tracing = Tracing("http://127.0.0.1:9", 1.0, command=TRACE_WRITER, registry=registry, capacity=2)
+
+    count, finished = traced_requests(tracing, registry)
 
     async def one_turn() -> None:  # three finish in one turn of the loop: the queue holds two until it ends
         for _ in range(3):

@@ -11,6 +11,7 @@ import time
 from prometheus_client import CollectorRegistry
 
 from dhow.monitoring.tracing import Tracing
+from tests.test_tracing_units import traced_requests
 
 #: a writer process that answers ready, exports the first ``_EXPORTED`` requests it is handed and holds the rest
 #: (as a writer whose collector is slow), reporting after each frame; when its stdin closes it exits without a last
@@ -44,13 +45,7 @@ def test_what_a_writer_stopping_in_the_close_did_not_report_is_counted_failed() 
         "http://127.0.0.1:9", 1.0, command=[sys.executable, "-c", _HOLDING_WRITER], registry=registry, capacity=100
     )
 
-    def count(outcome: str) -> float:
-        return registry.get_sample_value("dhow_tracing_requests_total", {"outcome": outcome}) or 0.0
-
-    def finished() -> None:
-        trace = tracing.start({}, "m", "r", (1, 2, 3))
-        assert trace is not None
-        trace.finish("1", 4)
+    count, finished = traced_requests(tracing, registry)
 
     for _ in range(10):  # off an event loop: each handed over at once
         finished()
