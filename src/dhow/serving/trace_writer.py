@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import http.client
+import os
 import socket
 import sys
 import threading
@@ -57,8 +58,8 @@ class OtlpSink:
         self._connection = kind(target.netloc, timeout=self.post_timeout_s)
         # (http.client's own seam: the sockets it connects are made by ``_connect``, where the watchdog finds them)
         self._connection._create_connection = self._connect  # type: ignore[attr-defined]
-        #: the socket a post connects or uses, and whether the close's deadline passed: both the watchdog's
-        #: (``_cut_off``), under ``_cut_lock``
+        #: a duplicate of the descriptor of the socket a post connects or uses (``_connect``), and whether the close's
+        #: deadline passed: both the watchdog's (``_cut_off``), under ``_cut_lock``
         self._socket: socket.socket | None = None
         self._cut = False
         self._cut_lock = threading.Lock()
@@ -103,22 +104,29 @@ class OtlpSink:
         connects after it."""
         with self._cut_lock:
             self._cut = True
-            # (an HTTPS connection's socket wraps the one ``_connect`` made, which gave it its descriptor)
-            sockets = (self._connection.sock, self._socket)
-        for sock in sockets:
-            if sock is not None:
+            # (a duplicate of the descriptor of the socket a post uses: shutting it down stops that socket, and an
+            # HTTPS connection's wrap of it, its TLS handshake included)
+            if self._socket is not None:
                 with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+                    self._socket.shutdown(socket.SHUT_RDWR)
 
     def _connect(
         self, address: tuple[str, int], timeout: float | None, source_address: tuple[str, int] | None = None
     ) -> socket.socket:
-        """``socket.create_connection``, each socket known to the watchdog (``_cut_off``) before it connects."""
+        """``socket.create_connection``, each socket known to the watchdog (``_cut_off``) before it connects: by a
+        duplicate of its descriptor, as the socket itself gives its own up when HTTPS wraps it (``SSLSocket`` takes
+        it with ``detach`` before its handshake)."""
         error: OSError = OSError(f"{address[0]}: no address")
         for family, kind, proto, _, target in socket.getaddrinfo(*address, 0, socket.SOCK_STREAM):
             sock = socket.socket(family, kind, proto)
+            try:
+                watched = socket.socket(fileno=os.dup(sock.fileno()))
+            except OSError:
+                sock.close()
+                raise
+            self._forget_socket(watched)
             with self._cut_lock:
-                self._socket, cut = sock, self._cut
+                cut = self._cut
             try:
                 if cut:
                     raise TimeoutError("the close's deadline passed")
@@ -133,6 +141,14 @@ class OtlpSink:
                 sock.close()
                 error = exc
         raise error
+
+    def _forget_socket(self, watched: socket.socket | None = None) -> None:
+        """The watchdog's duplicate of the last socket closed (a new one connects, or the sink closes), and
+        ``watched`` its next."""
+        with self._cut_lock:
+            old, self._socket = self._socket, watched
+        if old is not None:
+            old.close()
 
     def write(self, events: list[tuple[str, bytes]], counts: PayloadCounts) -> None:
         # (never raises once a request is held: ``_post`` counts each it takes, and the writer counts what ``write``
@@ -187,6 +203,10 @@ class OtlpSink:
             if self._connection.sock is not None:
                 self._connection.sock.settimeout(timeout)
             body = export_request_of(self._resource, "dhow", fields)
+            if self._connection.sock is None:
+                self._connection.connect()
+                if self._cut:  # (cut while it connected: an HTTPS handshake the watchdog stopped, or just done)
+                    raise TimeoutError("the close's deadline passed")
             self._connection.request("POST", self._path, body, {"content-type": "application/x-protobuf"})
             answer = self._connection.getresponse()
             answer.read()
@@ -213,6 +233,7 @@ class OtlpSink:
         self._connection.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
+        self._forget_socket()
 
 
 class TraceWriter(Writer):
