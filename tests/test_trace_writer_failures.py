@@ -332,3 +332,21 @@ def test_an_https_post_under_way_as_the_close_begins_is_cut_at_the_close_s_time(
     assert (counts.logged, counts.failed, counts.dropped) == (0, 100, 0)
     assert any("not posted within the 1 s" in reason for reason in counts.reasons), counts.reasons
     assert writer.otlp.held == 0
+
+
+def test_what_the_sink_took_is_counted_queued_once_while_its_post_waits() -> None:
+    """While a post of a whole export waits on the collector, its requests are held by the sink: counted in
+    ``queued`` there, not a second time as being rendered."""
+    collector = _Collector(None)
+    writer, counts = _writer(collector)
+    try:
+        writer.take(_records(0, 600))  # a whole export (512) posted at once, which the collector never answers
+        deadline = time.monotonic() + 30  # (a deadline for a loaded machine, not a measure of speed)
+        while collector.posts < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert collector.posts == 1
+        assert writer.queued() == 600  # 512 being posted, 88 queued
+    finally:
+        writer.close(1.0)
+        collector.close()
+    assert (counts.logged, counts.failed, counts.dropped) == (0, 600, 0)

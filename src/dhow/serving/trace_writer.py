@@ -153,6 +153,11 @@ class OtlpSink:
     def write(self, events: list[tuple[str, bytes]], counts: PayloadCounts) -> None:
         # (never raises once a request is held: ``_post`` counts each it takes, and the writer counts what ``write``
         # raises as failed, all the events it was given)
+        self.hold(events, counts)
+        self.post_held()
+
+    def hold(self, events: list[tuple[str, bytes]], counts: PayloadCounts) -> None:
+        """Take the requests rendered: held (``held``) until their post."""
         self._counts = counts
         for _, fields in events:
             if fields or not self._held:
@@ -161,6 +166,9 @@ class OtlpSink:
                 requests, held = self._held.pop()
                 self._held.append((requests + 1, held))
             self._requests += 1
+
+    def post_held(self) -> None:
+        """Post whole exports of what is held, at once, and the rest once it waited ``post_s``."""
         while self._requests >= CHUNK:
             self._post(CHUNK)
         self.idle()
@@ -258,6 +266,13 @@ class TraceWriter(Writer):
         (each whole export is posted as it is written), and what is not fails."""
         self.otlp.stop_by(timeout_s)
         super().close(timeout_s)
+
+    def hand(self, rendered: list[tuple[str, bytes]]) -> None:
+        """As the payload writer's, but what the sink holds is counted there (``OtlpSink.held``) from when it took
+        it, and no longer as being rendered: not twice in ``queued`` while its post waits on the collector."""
+        self.otlp.hold(rendered, self)
+        self._rendering = 0
+        self.otlp.post_held()
 
     def take(self, frame: list[Any]) -> None:
         self.queue(frame)
