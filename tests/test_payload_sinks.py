@@ -20,6 +20,7 @@ from dhow.governance.masking import Masker, parse_masking
 from dhow.monitoring.payload_log import MASKING, TENSORS, PayloadLog, frame_events, read_events
 from dhow.monitoring.payload_sinks import FileSink, open_sink, worker_sink_url
 from dhow.serving.payload_render import cloud_event, cloud_events
+from tests.payload_kafka_broker import KafkaBroker, payload_kafka_broker  # noqa: F401 (a fixture)
 
 
 class _Counts:
@@ -452,3 +453,73 @@ def test_a_refused_requests_tensor_names_are_masked() -> None:
     assert _EMAIL.encode() not in cloud_event(event, masker, "dhow://test")
     event[6], event[7], event[11] = "success", "", body
     assert body in cloud_event(event, masker, "dhow://test"), "a served request's bare body is still written as sent"
+
+
+class _Tally:
+    """What a sink counts, summed (a sink may report any outcome)."""
+
+    def __init__(self) -> None:
+        self.logged_count = self.dropped_count = self.failed_count = 0
+        self.reasons: list[str] = []
+
+    def logged(self, count: int) -> None:
+        self.logged_count += count
+
+    def dropped(self, count: int) -> None:
+        self.dropped_count += count
+
+    def failed(self, count: int, reason: str) -> None:
+        self.failed_count += count
+        self.reasons.append(reason)
+
+
+def test_an_event_the_kafka_client_refuses_fails_alone_and_each_event_is_counted_once(
+    payload_kafka_broker: KafkaBroker,  # noqa: F811 (the fixture)
+) -> None:
+    """An event larger than the producer's ``message.max.bytes``, among others: the client refuses it outright,
+    it alone fails, the others are delivered, and none is counted twice (``write`` never raises once some are
+    queued: the writer would count them all failed, and their delivery reports logged)."""
+    from dhow.monitoring.payload_sinks import KafkaSink
+
+    payload_kafka_broker.create_topic("payloads")
+    sink = KafkaSink(payload_kafka_broker.bootstrap, "payloads", {"message.max.bytes": "2000", "linger.ms": "5"})
+    tally = _Tally()
+    small = b'{"event": "small"}'
+    events = [(str(n), small) for n in range(3)] + [("big", b"x" * 10_000)] + [(str(n), small) for n in range(3, 6)]
+    sink.write(events, tally)
+    sink.close(30)
+    assert (tally.logged_count, tally.failed_count, tally.dropped_count) == (6, 1, 0), tally.reasons
+    assert len(tally.reasons) == 1 and "refused by the Kafka client" in tally.reasons[0], tally.reasons
+
+
+def test_an_event_whose_post_raises_fails_alone_in_one_event_per_post_mode() -> None:
+    """One event per POST: an error that is not httpx's own (here, a body httpx cannot send) fails that event
+    alone, after the events posted before it were counted logged, so ``write`` never raises (the writer would
+    count them all failed again)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+    from typing import cast
+
+    from dhow.monitoring.payload_sinks import HttpSink
+
+    class _Ok(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+    Thread(target=server.serve_forever, daemon=True).start()
+    sink = HttpSink(f"http://127.0.0.1:{server.server_port}/events", batch=False, timeout_s=10)
+    tally = _Tally()
+    try:
+        sink.write([("a", b"{}"), ("b", cast(bytes, 5)), ("c", b"{}")], tally)
+    finally:
+        sink.close(1)
+        server.shutdown()
+        server.server_close()
+    assert (tally.logged_count, tally.failed_count, tally.dropped_count) == (2, 1, 0), tally.reasons

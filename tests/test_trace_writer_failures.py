@@ -230,3 +230,123 @@ def test_what_the_sink_holds_for_its_post_is_reported_as_queued() -> None:
         writer.close(5)
         collector.close()
     assert reports[-1]["queued"] == 0 and counts.logged == 100
+
+
+def _self_signed(directory: Any) -> tuple[str, str]:
+    """A certificate for 127.0.0.1, signed by its own key: (its file, the key's file)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "collector.pem", directory / "collector.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(cert_file), str(key_file)
+
+
+class _TlsCollector:
+    """A collector over HTTPS that never answers: it completes the TLS handshake and reads on (``handshake=True``),
+    or reads the client's hello and never answers it, leaving the post in its handshake."""
+
+    def __init__(self, cert_file: str, key_file: str, *, handshake: bool) -> None:
+        import ssl
+
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(cert_file, key_file)
+        self._handshake = handshake
+        self.connected = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = self._server.accept()
+                self._connections.append(connection)
+                threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            if self._handshake:
+                connection = self._context.wrap_socket(connection, server_side=True)
+                self._connections.append(connection)
+            self.connected.set()
+            while connection.recv(1 << 16):
+                pass
+
+    def close(self) -> None:
+        self._server.close()
+        for connection in self._connections:
+            with contextlib.suppress(OSError):
+                connection.close()
+
+
+@pytest.mark.parametrize("handshake", [False, True], ids=["in-its-handshake", "waiting-for-the-answer"])
+def test_an_https_post_under_way_as_the_close_begins_is_cut_at_the_close_s_time(
+    handshake: bool, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over HTTPS too, a post under way at the close's deadline is cut then, in its TLS handshake as well as while
+    it waits for the answer (the watchdog holds a duplicate of its socket's descriptor, which the TLS socket took)."""
+    from dhow.serving.trace_writer import OtlpSink, TraceWriter
+
+    cert_file, key_file = _self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", cert_file)  # (the sink trusts what the system's default context trusts)
+    collector = _TlsCollector(cert_file, key_file, handshake=handshake)
+    counts = _Counts()
+    sink = OtlpSink(f"https://127.0.0.1:{collector.port}/v1/traces", "test")
+    sink.post_s = 0.05
+    writer = TraceWriter(sink, capacity=8192, source="", report=counts)
+    try:
+        writer.take(_records(0, 100))  # posted within post_s, and the collector never answers
+        assert collector.connected.wait(30)  # (a deadline for a loaded machine, not a measure of speed)
+        time.sleep(0.2)  # (into its handshake, or its wait for the answer)
+        start = time.monotonic()
+        writer.close(1.0)
+        took = time.monotonic() - start
+    finally:
+        collector.close()
+    assert took < 5, took  # (the post's own timeout is 10 s)
+    assert (counts.logged, counts.failed, counts.dropped) == (0, 100, 0)
+    assert any("not posted within the 1 s" in reason for reason in counts.reasons), counts.reasons
+    assert writer.otlp.held == 0
+
+
+def test_what_the_sink_took_is_counted_queued_once_while_its_post_waits() -> None:
+    """While a post of a whole export waits on the collector, its requests are held by the sink: counted in
+    ``queued`` there, not a second time as being rendered."""
+    collector = _Collector(None)
+    writer, counts = _writer(collector)
+    try:
+        writer.take(_records(0, 600))  # a whole export (512) posted at once, which the collector never answers
+        deadline = time.monotonic() + 30  # (a deadline for a loaded machine, not a measure of speed)
+        while collector.posts < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert collector.posts == 1
+        assert writer.queued() == 600  # 512 being posted, 88 queued
+    finally:
+        writer.close(1.0)
+        collector.close()
+    assert (counts.logged, counts.failed, counts.dropped) == (0, 600, 0)

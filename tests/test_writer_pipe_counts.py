@@ -5,9 +5,11 @@ what the close itself handed it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from dhow.monitoring.tracing import Tracing
@@ -63,3 +65,30 @@ def test_what_a_writer_stopping_in_the_close_did_not_report_is_counted_failed() 
     # the writer reported 4 exported and 6 held, then was handed 3 more and stopped: those 9 are lost with it
     assert (count("exported"), count("failed"), count("dropped")) == (_EXPORTED, 9, 0)
     assert registry.get_sample_value("dhow_tracing_queued") == 0
+
+
+#: a writer process that reports each request it is handed twice (a sink's bug that counts some twice)
+_TWICE_WRITER = _HOLDING_WRITER.replace('{"logged": exported', '{"logged": 2 * count').replace(
+    '"queued": taken - min(taken, 4)', '"queued": 0'
+)
+
+
+def test_a_writer_that_reported_more_than_it_was_handed_is_said_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """What a writer counted twice would hide as many it lost from the close's count (handed less reported): the
+    server says so."""
+    registry = CollectorRegistry()
+    tracing = Tracing(
+        "http://127.0.0.1:9", 1.0, command=[sys.executable, "-c", _TWICE_WRITER], registry=registry, capacity=100
+    )
+    for _ in range(3):
+        trace = tracing.start({}, "m", "r", (1, 2, 3))
+        assert trace is not None
+        trace.finish("1", 4)
+    deadline = time.monotonic() + 30  # (a deadline for a loaded machine, not a measure of speed)
+    while not registry.get_sample_value("dhow_tracing_requests_total", {"outcome": "exported"}) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.02)
+    with caplog.at_level(logging.ERROR, logger="dhow"):
+        tracing.close()
+    assert any("more than it was handed" in record.getMessage() for record in caplog.records), caplog.text

@@ -5,9 +5,10 @@ may import.
 
 What it settles once: the settings librdkafka refuses become an ``InvalidInput`` naming the destination; many
 messages are queued in one tight loop that stops (and says how far it got) when the client's queue is full
-instead of raising; delivery reports are served by whoever polls, or by a thread of its own
-(``serve_reports``); closing stops that thread before the last flush, so reports are never served by two threads
-at once (a report callback may then keep plain counters without a lock).
+instead of raising, and that hands a message the client refuses to the caller and goes on, if asked; delivery
+reports are served by whoever polls, or by a thread of its own (``serve_reports``); closing stops that thread
+before the last flush, so reports are never served by two threads at once (a report callback may then keep plain
+counters without a lock).
 """
 
 from __future__ import annotations
@@ -42,21 +43,32 @@ class KafkaProducer:
         self._closing = threading.Event()
         self._reports: threading.Thread | None = None
 
-    def produce_many(self, topic: str, messages: Sequence[OutgoingMessage], on_delivery: DeliveryReport) -> int:
-        """Queue messages in order until the client's queue is full: how many were queued (each reported to
-        ``on_delivery`` once the broker acknowledged or refused it). A message the client refuses outright (too
-        large, an unknown topic) raises ``KafkaException``."""
+    def produce_many(
+        self,
+        topic: str,
+        messages: Sequence[OutgoingMessage],
+        on_delivery: DeliveryReport,
+        on_refused: Callable[[int, Exception], None] | None = None,
+    ) -> int:
+        """Queue messages in order until the client's queue is full: how many were taken (each queued one is
+        reported to ``on_delivery`` once the broker acknowledged or refused it). A message the client refuses
+        outright (too large, an unknown topic) raises ``KafkaException``; given ``on_refused``, it is handed to it
+        instead (its index and the error), counted as taken, and the next ones are queued."""
         produce = self.client.produce
-        queued = 0
-        try:
-            for value, key, headers in messages:
+        taken = 0
+        for value, key, headers in messages:
+            try:
                 # positional (topic, value, key, partition, on_delivery, its alias, timestamp, headers): the client
                 # looks each keyword up in the call's dict by name, a third of the call's instructions
                 produce(topic, value, key, _ANY_PARTITION, on_delivery, None, 0, headers)
-                queued += 1
-        except BufferError:  # the client's queue is full: the broker is slower than we are
-            pass
-        return queued
+            except BufferError:  # the client's queue is full: the broker is slower than we are
+                break
+            except Exception as exc:
+                if on_refused is None:
+                    raise
+                on_refused(taken, exc)
+            taken += 1
+        return taken
 
     def poll(self, timeout_s: float = 0.0) -> None:
         """Serve the delivery reports that came (on the caller's thread)."""

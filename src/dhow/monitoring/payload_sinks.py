@@ -162,12 +162,22 @@ class KafkaSink:
     def write(self, events: list[tuple[str, bytes]], counts: PayloadCounts) -> None:
         self._counts = counts
         headers = [("content-type", _CLOUDEVENT)]
-        queued = self._producer.produce_many(
-            self.topic, [(event, key, headers) for key, event in events], self._delivered
+        # (never raises once an event is queued: the writer counts what ``write`` raises as failed, all the events
+        # it was given, and the queued ones are counted by their delivery reports)
+        taken = self._producer.produce_many(
+            self.topic, [(event, key, headers) for key, event in events], self._delivered, self._refused
         )
-        if queued < len(events):  # librdkafka's own buffer is full (the brokers are away or slow): dropped, counted
-            counts.dropped(len(events) - queued)
-        self._producer.poll()
+        if taken < len(events):  # librdkafka's own buffer is full (the brokers are away or slow): dropped, counted
+            counts.dropped(len(events) - taken)
+        try:
+            self._producer.poll()
+        except Exception as exc:  # (the reports it served are counted, the others come with the next poll)
+            counts.failed(0, f"the kafka sink failed serving delivery reports: {exc!r}")
+
+    def _refused(self, index: int, error: Exception) -> None:
+        """An event the client refused outright (larger than ``message.max.bytes``): it alone fails."""
+        if self._counts is not None:
+            self._counts.failed(1, f"refused by the Kafka client: {error}")
 
     def _delivered(self, error: Any, message: Any) -> None:
         if self._counts is None:
@@ -208,7 +218,9 @@ class HttpSink:
     def _post(self, body: bytes, content_type: str, count: int, counts: PayloadCounts) -> None:
         try:
             answer = self._client.post(self.endpoint, content=body, headers={"content-type": content_type})
-        except httpx.HTTPError as exc:
+        # (any error, not httpx's alone: one event per POST, the events posted before it are counted already, and
+        # what ``write`` raises the writer counts failed, all of them)
+        except Exception as exc:
             counts.failed(count, f"{self.endpoint}: {exc!r}")
             return
         if answer.is_success:

@@ -222,13 +222,18 @@ class WriterPipe:
     def _settle(self) -> None:
         """The writer's pipe closed (it exited, died or was killed): what it was handed and did not report is
         counted failed, once (its last report may have missed what it delivered since: counted failed too, as
-        the server cannot know)."""
+        the server cannot know). A writer that reported more than it was handed counted some twice, which would
+        hide as many it lost: said in the log."""
         with self._tally:
             self._gone = True
             lost, self._reported = self._handed - self._reported, self._handed
             self._settled = True
         if lost > 0:
             self._failed.inc(lost)
+        elif lost < 0:
+            logging.getLogger(f"dhow.{self.what.replace(' ', '_')}").error(
+                "%s: the writer reported %d item(s) more than it was handed: some were counted twice (a bug in its "
+                "%s sink), and as many it lost may not be counted failed", self.what, -lost, self.kind)  # fmt: skip
         self._queued.set(0)
 
     # -- the counts, from the writer process (the reader's thread) --

@@ -143,7 +143,7 @@ class Writer:
                 self.failed(1, f"could not render the event of request {event[0]}: {exc!r}")
             try:
                 if rendered:
-                    self.sink.write(rendered, self)
+                    self.hand(rendered)
             # a sink's ``write`` that raises has counted none of them (one that holds events never raises once it
             # holds them: ``OtlpSink.write``)
             except Exception as exc:
@@ -152,6 +152,10 @@ class Writer:
                 self._rendering = 0
             if self.pause_s:  # a sink that wants its events together (OTLP: a post a second)
                 self._stopping.wait(self.pause_s)
+
+    def hand(self, rendered: list[tuple[str, bytes]]) -> None:
+        """Give the sink what was rendered: counted as being rendered (``queued``) until ``write`` returns."""
+        self.sink.write(rendered, self)
 
     def _render_steps(self) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
         """Up to ``CHUNK`` queued events rendered in steps of about ``_STEP_S`` (at least ``_STEP`` events) with

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import http.client
+import os
 import socket
 import sys
 import threading
@@ -57,8 +58,8 @@ class OtlpSink:
         self._connection = kind(target.netloc, timeout=self.post_timeout_s)
         # (http.client's own seam: the sockets it connects are made by ``_connect``, where the watchdog finds them)
         self._connection._create_connection = self._connect  # type: ignore[attr-defined]
-        #: the socket a post connects or uses, and whether the close's deadline passed: both the watchdog's
-        #: (``_cut_off``), under ``_cut_lock``
+        #: a duplicate of the descriptor of the socket a post connects or uses (``_connect``), and whether the close's
+        #: deadline passed: both the watchdog's (``_cut_off``), under ``_cut_lock``
         self._socket: socket.socket | None = None
         self._cut = False
         self._cut_lock = threading.Lock()
@@ -103,22 +104,29 @@ class OtlpSink:
         connects after it."""
         with self._cut_lock:
             self._cut = True
-            # (an HTTPS connection's socket wraps the one ``_connect`` made, which gave it its descriptor)
-            sockets = (self._connection.sock, self._socket)
-        for sock in sockets:
-            if sock is not None:
+            # (a duplicate of the descriptor of the socket a post uses: shutting it down stops that socket, and an
+            # HTTPS connection's wrap of it, its TLS handshake included)
+            if self._socket is not None:
                 with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+                    self._socket.shutdown(socket.SHUT_RDWR)
 
     def _connect(
         self, address: tuple[str, int], timeout: float | None, source_address: tuple[str, int] | None = None
     ) -> socket.socket:
-        """``socket.create_connection``, each socket known to the watchdog (``_cut_off``) before it connects."""
+        """``socket.create_connection``, each socket known to the watchdog (``_cut_off``) before it connects: by a
+        duplicate of its descriptor, as the socket itself gives its own up when HTTPS wraps it (``SSLSocket`` takes
+        it with ``detach`` before its handshake)."""
         error: OSError = OSError(f"{address[0]}: no address")
         for family, kind, proto, _, target in socket.getaddrinfo(*address, 0, socket.SOCK_STREAM):
             sock = socket.socket(family, kind, proto)
+            try:
+                watched = socket.socket(fileno=os.dup(sock.fileno()))
+            except OSError:
+                sock.close()
+                raise
+            self._forget_socket(watched)
             with self._cut_lock:
-                self._socket, cut = sock, self._cut
+                cut = self._cut
             try:
                 if cut:
                     raise TimeoutError("the close's deadline passed")
@@ -134,9 +142,22 @@ class OtlpSink:
                 error = exc
         raise error
 
+    def _forget_socket(self, watched: socket.socket | None = None) -> None:
+        """The watchdog's duplicate of the last socket closed (a new one connects, or the sink closes), and
+        ``watched`` its next."""
+        with self._cut_lock:
+            old, self._socket = self._socket, watched
+        if old is not None:
+            old.close()
+
     def write(self, events: list[tuple[str, bytes]], counts: PayloadCounts) -> None:
         # (never raises once a request is held: ``_post`` counts each it takes, and the writer counts what ``write``
         # raises as failed, all the events it was given)
+        self.hold(events, counts)
+        self.post_held()
+
+    def hold(self, events: list[tuple[str, bytes]], counts: PayloadCounts) -> None:
+        """Take the requests rendered: held (``held``) until their post."""
         self._counts = counts
         for _, fields in events:
             if fields or not self._held:
@@ -145,6 +166,9 @@ class OtlpSink:
                 requests, held = self._held.pop()
                 self._held.append((requests + 1, held))
             self._requests += 1
+
+    def post_held(self) -> None:
+        """Post whole exports of what is held, at once, and the rest once it waited ``post_s``."""
         while self._requests >= CHUNK:
             self._post(CHUNK)
         self.idle()
@@ -187,6 +211,10 @@ class OtlpSink:
             if self._connection.sock is not None:
                 self._connection.sock.settimeout(timeout)
             body = export_request_of(self._resource, "dhow", fields)
+            if self._connection.sock is None:
+                self._connection.connect()
+                if self._cut:  # (cut while it connected: an HTTPS handshake the watchdog stopped, or just done)
+                    raise TimeoutError("the close's deadline passed")
             self._connection.request("POST", self._path, body, {"content-type": "application/x-protobuf"})
             answer = self._connection.getresponse()
             answer.read()
@@ -213,6 +241,7 @@ class OtlpSink:
         self._connection.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
+        self._forget_socket()
 
 
 class TraceWriter(Writer):
@@ -237,6 +266,13 @@ class TraceWriter(Writer):
         (each whole export is posted as it is written), and what is not fails."""
         self.otlp.stop_by(timeout_s)
         super().close(timeout_s)
+
+    def hand(self, rendered: list[tuple[str, bytes]]) -> None:
+        """As the payload writer's, but what the sink holds is counted there (``OtlpSink.held``) from when it took
+        it, and no longer as being rendered: not twice in ``queued`` while its post waits on the collector."""
+        self.otlp.hold(rendered, self)
+        self._rendering = 0
+        self.otlp.post_held()
 
     def take(self, frame: list[Any]) -> None:
         self.queue(frame)
