@@ -25,7 +25,7 @@ class _Collector:
 
     def __init__(self, answer: bytes | None) -> None:
         self.answer = answer
-        self.posts = 0
+        self.posts = self.ended = 0  # exports read; connections the writer closed (EOF read)
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         self._connections: list[socket.socket] = []
@@ -55,6 +55,7 @@ class _Collector:
                     connection.sendall(self.answer)
                     if self.answer != OK:
                         return
+            self.ended += 1
 
     def close(self) -> None:
         self._server.close()
@@ -140,6 +141,24 @@ def test_the_requests_of_a_post_that_fails_are_failed_and_the_next_are_exported(
         writer.close(5)
         collector.close()
     assert (counts.logged, counts.failed) == (50, 100)
+
+
+def test_a_post_that_timed_out_closes_its_connection() -> None:
+    """The close's watchdog holds a duplicate of the post's socket: a post that failed closes it too, or the
+    collector would keep a connection the writer gave up (no FIN sent) until the next post or the close."""
+    collector = _Collector(None)
+    writer, counts = _writer(collector)
+    writer.sink.post_timeout_s = 0.5
+    try:
+        writer.take(_records(0, 10))
+        counts.wait_for(10)
+        deadline = time.monotonic() + 30  # (a deadline for a loaded machine, not a measure of speed)
+        while not collector.ended and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert counts.failed == 10 and collector.ended == 1
+    finally:
+        writer.close(5)
+        collector.close()
 
 
 def test_the_close_keeps_to_its_time_against_a_collector_that_never_answers(monkeypatch: pytest.MonkeyPatch) -> None:

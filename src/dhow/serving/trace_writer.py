@@ -224,7 +224,10 @@ class OtlpSink:
         except Exception as exc:
             with contextlib.suppress(Exception):
                 self._connection.close()  # the next export connects again
+            self._forget_socket()  # (the watchdog's duplicate would keep the connection open: no FIN sent)
             return self._late() if self._cut else repr(exc)
+        if self._connection.sock is None:  # (the collector closed it: "Connection: close")
+            self._forget_socket()
         return "" if 200 <= answer.status < 300 else f"the collector answered {answer.status}"
 
     def _late(self) -> str:
