@@ -189,20 +189,24 @@ def test_a_post_under_way_as_the_close_begins_is_cut_at_the_close_s_time() -> No
     (the watchdog shuts its socket down): the close takes about its second, and its requests fail as late."""
     collector = _Collector(None)
     writer, counts = _writer(collector)
-    try:
+    with contextlib.closing(collector):
         writer.take(_records(0, 100))  # posted within post_s, and the collector never answers
         deadline = time.monotonic() + 30  # (a deadline for a loaded machine, not a measure of speed)
         while collector.posts < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert collector.posts == 1
-        start = time.monotonic()
-        writer.close(1.0)
-        took = time.monotonic() - start
-    finally:
-        collector.close()
+        _cut_at_the_close_s_time(writer, counts)
+
+
+def _cut_at_the_close_s_time(writer: Any, counts: _Counts) -> None:
+    """A close of 1 s with a post of 100 requests under way: it takes about that second, not the post's 10, and the
+    requests fail as late."""
+    start = time.monotonic()
+    writer.close(1.0)
+    took = time.monotonic() - start
     assert took < 5, took  # (the post's own timeout is 10 s)
     assert (counts.logged, counts.failed, counts.dropped) == (0, 100, 0)
-    assert any("not posted within the 1 s" in reason for reason in counts.reasons)
+    assert any("not posted within the 1 s" in reason for reason in counts.reasons), counts.reasons
     assert writer.otlp.held == 0
 
 
@@ -284,7 +288,7 @@ def _self_signed(directory: Any) -> tuple[str, str]:
     return str(cert_file), str(key_file)
 
 
-class _TlsCollector:
+class _TlsCollector(_Collector):
     """A collector over HTTPS that never answers: it completes the TLS handshake and reads on (``handshake=True``),
     or reads the client's hello and never answers it, leaving the post in its handshake."""
 
@@ -295,17 +299,7 @@ class _TlsCollector:
         self._context.load_cert_chain(cert_file, key_file)
         self._handshake = handshake
         self.connected = threading.Event()
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
-        self._connections: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                connection, _ = self._server.accept()
-                self._connections.append(connection)
-                threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+        super().__init__(None)
 
     def _serve(self, connection: socket.socket) -> None:
         with contextlib.suppress(OSError):
@@ -315,12 +309,6 @@ class _TlsCollector:
             self.connected.set()
             while connection.recv(1 << 16):
                 pass
-
-    def close(self) -> None:
-        self._server.close()
-        for connection in self._connections:
-            with contextlib.suppress(OSError):
-                connection.close()
 
 
 @pytest.mark.parametrize("handshake", [False, True], ids=["in-its-handshake", "waiting-for-the-answer"])
@@ -338,19 +326,11 @@ def test_an_https_post_under_way_as_the_close_begins_is_cut_at_the_close_s_time(
     sink = OtlpSink(f"https://127.0.0.1:{collector.port}/v1/traces", "test")
     sink.post_s = 0.05
     writer = TraceWriter(sink, capacity=8192, source="", report=counts)
-    try:
+    with contextlib.closing(collector):
         writer.take(_records(0, 100))  # posted within post_s, and the collector never answers
         assert collector.connected.wait(30)  # (a deadline for a loaded machine, not a measure of speed)
         time.sleep(0.2)  # (into its handshake, or its wait for the answer)
-        start = time.monotonic()
-        writer.close(1.0)
-        took = time.monotonic() - start
-    finally:
-        collector.close()
-    assert took < 5, took  # (the post's own timeout is 10 s)
-    assert (counts.logged, counts.failed, counts.dropped) == (0, 100, 0)
-    assert any("not posted within the 1 s" in reason for reason in counts.reasons), counts.reasons
-    assert writer.otlp.held == 0
+        _cut_at_the_close_s_time(writer, counts)
 
 
 def test_what_the_sink_took_is_counted_queued_once_while_its_post_waits() -> None:
