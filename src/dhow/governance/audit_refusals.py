@@ -100,7 +100,10 @@ def record_digest(row: Any) -> tuple[int, str]:
     ``details.record`` holds only the first ``RECORD_CHARS`` characters of that text (``details.record_chars`` its
     length, when longer): the hash covers the whole text, which for a longer record is more than any stand-in
     holds."""
-    text = _record_text(row)
+    return _digest(_record_text(row))
+
+
+def _digest(text: str) -> tuple[int, str]:
     return len(text), hashlib.sha256(text.encode("ascii", "backslashreplace")).hexdigest()
 
 
@@ -115,7 +118,7 @@ def unwritable_rows(row: Any, error: str) -> list[AuditRow]:
     details: dict[str, Any] = {"record": text[:RECORD_CHARS], "error": error[:ERROR_CHARS]}
     if len(text) > RECORD_CHARS:
         details["record_chars"] = len(text)
-    chars, digest = record_digest(row)
+    chars, digest = _digest(text)
     short = {"error": error[:SHORT_ERROR_CHARS], "record_chars": chars, "record_sha256": digest}
     kept: list[tuple[str, str, str]] = []
     when = time.time()

@@ -249,29 +249,23 @@ class PayloadLog(WriterPipe):
 
     def offer(self, event: list[Any], masking: Masking) -> None:
         """Queue an event (``FIELDS``), or drop and count it when the queue is full: never waits."""
-        # ``_refused``'s test and ``_put``, spelt out: two Python calls fewer a request
-        if len(self._queue) >= self.capacity or self._gone:
-            self._refused()
+        if self._refused():
             return
         number = self._maskings.get(masking)
         if number is None:
             number = self._masking_number(masking)
+        event.append(number)
         inputs = event[INPUTS]
         if type(inputs) is tuple:  # a JSON body: after the events, as it came; its tensors' count in the event
             body, tensors = inputs
             self._bodies.append(body)
             event[INPUTS] = len(body)
-            event.append(number)
             event.append(tensors)
-        else:
-            event.append(number)
         outputs = event[OUTPUTS]
         if outputs is not None:  # written as JSON after the bodies (``_frame``); their number in the event
             self._outputs.append(outputs)
             event[OUTPUTS] = len(outputs)
-        self._queue.append(event)
-        if not self._scheduled:
-            self._schedule()
+        self._put(event)
 
     def _masking_number(self, masking: Masking) -> int:
         """A number for the model's masking, its rules handed over with the next frame (once per masking)."""

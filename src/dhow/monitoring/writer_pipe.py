@@ -51,6 +51,11 @@ class WriterPipe:
     #: how the log names it ("payload log", "tracing")
     what = "writer"
 
+    @property
+    def _log(self) -> logging.Logger:
+        """The logger of what this pipe carries (``dhow.payload_log``, ``dhow.tracing``)."""
+        return logging.getLogger(f"dhow.{self.what.replace(' ', '_')}")
+
     def __init__(
         self,
         command: Sequence[str],
@@ -81,8 +86,6 @@ class WriterPipe:
             raise InvalidInput(str(first["error"]))
         self.kind = str(first["ready"])
         self._logged, self._dropped, self._failed, self._queued = self._metrics(registry)
-        #: items the writer holds (its last report: the gauge)
-        self._writer_queued = 0
         #: items handed to the writer (framed for its pipe), and items its reports counted (logged, dropped,
         #: failed): the difference is what it holds or has not reported yet, failed if it dies (``_settle``);
         #: both under ``_tally``, with ``_gone``, and ``_settled`` once its pipe closed and that was counted
@@ -145,18 +148,14 @@ class WriterPipe:
         """Queue an item (``_refused`` said there is room); written within ``FLUSH_S``."""
         self._queue.append(item)
         if not self._scheduled:
-            self._schedule()
-
-    def _schedule(self) -> None:
-        """Write what is queued within ``FLUSH_S`` (now, off an event loop)."""
-        self._scheduled = True
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not on an event loop: written now
-            self._flush()
-            return
-        self._loop = loop
-        loop.call_later(FLUSH_S, self._flush)
+            self._scheduled = True
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on an event loop: written now
+                self._flush()
+                return
+            self._loop = loop
+            loop.call_later(FLUSH_S, self._flush)
 
     def _flush(self) -> None:
         """Write every queued item in one frame (unless the pipe has not taken the last one yet)."""
@@ -215,7 +214,7 @@ class WriterPipe:
         with self._tally:
             was_gone, self._gone = self._gone, True
         if not was_gone and not self._closing:
-            logging.getLogger(f"dhow.{self.what.replace(' ', '_')}").error(
+            self._log.error(
                 "%s: the writer process stopped (%s, exit code %s): what it is handed is counted failed",
                 self.what, reason, self._process.poll())  # fmt: skip
 
@@ -231,7 +230,7 @@ class WriterPipe:
         if lost > 0:
             self._failed.inc(lost)
         elif lost < 0:
-            logging.getLogger(f"dhow.{self.what.replace(' ', '_')}").error(
+            self._log.error(
                 "%s: the writer reported %d item(s) more than it was handed: some were counted twice (a bug in its "
                 "%s sink), and as many it lost may not be counted failed", self.what, -lost, self.kind)  # fmt: skip
         self._queued.set(0)
@@ -263,15 +262,12 @@ class WriterPipe:
             self._dropped.inc(report["dropped"])
         if report.get("failed"):
             self._failed.inc(report["failed"])
-        self._writer_queued = int(report.get("queued", 0))
-        self._queued.set(self._writer_queued)
+        self._queued.set(int(report.get("queued", 0)))  # (what the writer holds, as its last report said)
         reason = report.get("reason")
         now = time.monotonic()
         if reason and now - self._last_failure > 10:  # one line per 10 s: a sink that is down must not flood the log
             self._last_failure = now
-            logging.getLogger(f"dhow.{self.what.replace(' ', '_')}").warning(
-                "%s: item(s) to the %s sink failed: %s", self.what, self.kind, reason
-            )
+            self._log.warning("%s: item(s) to the %s sink failed: %s", self.what, self.kind, reason)
 
     def close(self, timeout_s: float | None = None) -> None:
         """Hand over what is queued, then let the writer deliver what it holds, within about ``timeout_s``."""

@@ -59,8 +59,6 @@ _REPORT_S = 0.2
 class Writer:
     """The bounded queue of one writer process, the sink's thread that drains it, and the counts (PayloadCounts)."""
 
-    #: how long the sink's thread waits after handing a chunk over, for more to come
-    pause_s = 0.0
     #: seconds an event took to render in the last step (what sizes the next: ``_render_steps``)
     _event_s = _STEP_S / _STEP
     #: events taken off the queue and not handed to the sink yet: being rendered, or being written (``queued``)
@@ -150,8 +148,6 @@ class Writer:
                 self.failed(len(rendered), repr(exc))
             finally:
                 self._rendering = 0
-            if self.pause_s:  # a sink that wants its events together (OTLP: a post a second)
-                self._stopping.wait(self.pause_s)
 
     def hand(self, rendered: list[tuple[str, bytes]]) -> None:
         """Give the sink what was rendered: counted as being rendered (``queued``) until ``write`` returns."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import http.client
-import os
 import socket
 import sys
 import threading
@@ -120,15 +119,13 @@ class OtlpSink:
         for family, kind, proto, _, target in socket.getaddrinfo(*address, 0, socket.SOCK_STREAM):
             sock = socket.socket(family, kind, proto)
             try:
-                watched = socket.socket(fileno=os.dup(sock.fileno()))
+                watched = sock.dup()
             except OSError:
                 sock.close()
                 raise
-            self._forget_socket(watched)
-            with self._cut_lock:
-                cut = self._cut
+            self._forget_socket(watched)  # (under the lock: the watchdog shuts it down, or set ``_cut`` before)
             try:
-                if cut:
+                if self._cut:
                     raise TimeoutError("the close's deadline passed")
                 sock.settimeout(timeout)
                 if source_address:
