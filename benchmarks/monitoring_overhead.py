@@ -16,6 +16,9 @@ round), the median round reported. Afterwards it checks that the payload log's c
 sent (logged + dropped) and reports the drops. Writes benchmarks/RESULTS-monitoring.md; ``--only`` runs some of the
 configurations (by letter) and then needs ``--out`` (a part of the table must not replace the whole). Ratios are to
 the first configuration run: (a) unless ``--only`` leaves it out, and the table's header names it.
+``--compare SRC`` (repeatable, with ``--out``) serves each chosen configuration also from another source tree
+(``PYTHONPATH=SRC``, e.g. ``git archive HEAD src | tar -x -C /tmp/before``), in the same alternating rounds: an A/B
+of a change within one run, since the machine's speed moves more between runs than most changes do.
 """
 
 from __future__ import annotations
@@ -195,21 +198,35 @@ def main() -> None:
         "--only",
         help="the configurations to run, by letter (default abcde; needs --out); ratios are to the first one run",
     )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        action="append",
+        default=[],
+        help="another source tree (its src folder; repeatable): each configuration also served from it, in the "
+        "same rounds (an A/B of a change; needs --out)",
+    )
     parser.add_argument("--receiver", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver:
         receive(args.receiver)
         return
     check_only(parser, args)
+    if args.compare and args.out in (None, HERE / "RESULTS-monitoring.md"):
+        parser.error("--compare needs --out (and --only): the results file holds this tree's figures alone")
     work = Path(tempfile.mkdtemp(prefix="dhow-bench-monitoring-"))
     models = build_models(work)
     setups, receiver = configurations(work, models)
-    setups = {label: setup for label, setup in setups.items() if label[1] in args.only}
+    chosen = [(label, setup, None) for label, setup in setups.items() if label[1] in args.only]
+    # each configuration from this tree, and from each other one
+    chosen += [(f"{label} [{src}]", setup, src) for src in args.compare for label, setup, _ in list(chosen)]
     servers: list[subprocess.Popen[bytes]] = []
     try:
         configs = []
-        for index, (label, (repository, extra)) in enumerate(setups.items()):
-            server, port = start_server(work, f"server-{index}", repository, "--auth", "none", *extra)
+        for index, (label, (repository, extra), src) in enumerate(chosen):
+            if src is not None:  # (a payload file of its own)
+                extra = tuple(part.replace(".jsonl", f"-{index}.jsonl") for part in extra)
+            server, port = start_server(work, f"server-{index}", repository, "--auth", "none", *extra, src=src)
             servers.append(server)
             configs.append(Config(label, port, server.pid))
         run_rounds(configs, args)

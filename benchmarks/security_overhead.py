@@ -99,13 +99,17 @@ def make_jwt(work: Path) -> tuple[Path, str]:
     return jwks, "Bearer " + pyjwt.encode(claims, key, algorithm="RS256", headers={"kid": "bench-1"})
 
 
-def start_server(work: Path, name: str, models: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(
+    work: Path, name: str, models: Path, *extra: str, src: Path | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A ``dhow serve`` of ``models`` (from the sources ``src``, when given: an A/B of a change in one run)."""
     port = free_port()
+    env = None if src is None else os.environ | {"PYTHONPATH": str(src)}
     log = (work / f"{name}.log").open("wb")
     server = subprocess.Popen(
         [*DHOW, "serve", "--repository", str(models), "--http-port", str(port), "--grpc-port", str(free_port()),
          "--data-dir", str(work / name), "--log-level", "warning", *extra],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
     log.close()
     for _ in range(600):
