@@ -50,6 +50,17 @@ async def _app(scope: Scope, receive: Receive, send: Send) -> None:
     if path.startswith("/wait/"):
         await asyncio.sleep(int(path.rpartition("/")[2]) / 1000)
         body = path.encode()
+    if path.startswith("/held/"):  # native only: answered from a future 0.2 s later, as the REST door answers once
+        # an audit record has left; the future fails for /held/fail (then the refusal is the answer)
+        departure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if path == "/held/fail":
+            asyncio.get_running_loop().call_later(0.2, departure.set_exception, RuntimeError("gone"))
+        else:
+            asyncio.get_running_loop().call_later(0.2, departure.set_result, None)
+        exchange = send.__self__  # type: ignore[attr-defined]
+        exchange.answer_after(departure, (200, [(b"content-length", b"2")], b"ok"), _refused)
+        exchange.then = _HELD_STATUSES.append
+        return
     status = 413 if path == "/early" else 200
     if path == "/parts":
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -60,6 +71,15 @@ async def _app(scope: Scope, receive: Receive, send: Send) -> None:
     headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+#: the statuses the answers held until a future was done were sent with (what the REST door's access log gets)
+_HELD_STATUSES: list[int] = []
+
+
+def _refused(exc: BaseException) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    body = f"refused: {exc}".encode()
+    return 503, [(b"content-length", str(len(body)).encode())], body
 
 
 class _Native:
@@ -382,6 +402,19 @@ def test_a_pipelined_request_refused_when_crowded_is_answered_503_after_those_be
         served.thread.join(10)
     assert re.findall(rb"HTTP/1\.1 \d+", answers) == [b"HTTP/1.1 200", b"HTTP/1.1 200", b"HTTP/1.1 503"], answers
     assert answers.index(b"/wait/300") < answers.index(b"/wait/500") and b"third" not in answers, answers
+
+
+def test_an_answer_held_until_a_future_is_done_goes_then_in_its_order(native_port: int) -> None:
+    """The REST door's audited answer: sent from the future's callback once it is done (the app's coroutine has
+    ended meanwhile), before the next pipelined request's; a future that fails sends the refusal instead."""
+    _HELD_STATUSES.clear()
+    with _connect(native_port) as sock:
+        sock.sendall(_post("/held/ok", b"") + _post("/held/fail", b"") + _post("/echo", b"third"))
+        answers = _answers(sock, 3)
+    assert [(status.split()[1], body) for status, _, body in answers] == [
+        (b"200", b"ok"), (b"503", b"refused: gone"), (b"200", b"third")
+    ], answers  # fmt: skip
+    assert _HELD_STATUSES == [200, 503]
 
 
 def _wait_for(condition: Callable[[], object]) -> None:

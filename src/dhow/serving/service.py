@@ -126,6 +126,13 @@ class Call:
         waiting = self._finish("success")
         return _NOTHING if waiting is None else waiting
 
+    def leave(self) -> Awaitable[None] | None:
+        """The end of a call whose work raised nothing, as ``__aexit__`` ends it, for a door that sends its answer
+        once the record has left (what to wait for first; None: nothing) without resuming its coroutine for it."""
+        if self._trace is not None:
+            self._trace.finish(self._outcome.version if self._outcome else "", self._answered_ns, "")
+        return self._finish("success")
+
     async def _ended(self, exc: BaseException) -> None:
         """The end of a call that raised: its record says how, and an unexpected exception becomes an id."""
         if self._trace is not None:
