@@ -174,7 +174,7 @@ class Exchange:
                 status, headers, body = refusal(error)
             self.respond(status, headers, body)
             if self.then is not None:
-                self.then(499 if self.disconnected else status)
+                self.then(status)
         except Exception:  # as the app's failure while answering: logged, the connection closes (``_done``)
             log.exception("the REST app failed on %s %s", self.scope["method"], self.scope["path"])
         finally:
