@@ -61,6 +61,12 @@ async def _app(scope: Scope, receive: Receive, send: Send) -> None:
         exchange.answer_after(departure, (200, [(b"content-length", b"2")], b"ok"), _refused)
         exchange.then = _HELD_STATUSES.append
         return
+    if path == "/sent-before-return":  # the held answer is sent before the app returns
+        departure = asyncio.get_running_loop().create_future()
+        send.__self__.answer_after(departure, (200, [(b"content-length", b"4")], b"sent"), _refused)  # type: ignore[attr-defined]
+        departure.set_result(None)  # (its callback, the answer's, is scheduled now: before this coroutine goes on)
+        await asyncio.sleep(0)
+        return
     status = 413 if path == "/early" else 200
     if path == "/parts":
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -415,6 +421,15 @@ def test_an_answer_held_until_a_future_is_done_goes_then_in_its_order(native_por
         (b"200", b"ok"), (b"503", b"refused: gone"), (b"200", b"third")
     ], answers  # fmt: skip
     assert _HELD_STATUSES == [200, 503]
+
+
+def test_a_held_answer_sent_before_its_app_returned_goes_on_with_the_next_request_once(native_port: int) -> None:
+    """The connection goes on with the next pipelined request once for a held answer, also when the answer was
+    sent before the app's coroutine ended: the next two requests are not both started, each after the one before."""
+    with _connect(native_port) as sock:
+        sock.sendall(_post("/sent-before-return", b"") + _post("/wait/300", b"") + _post("/echo", b"third"))
+        answers = _answers(sock, 3)
+    assert [body for _, _, body in answers] == [b"sent", b"/wait/300", b"third"], answers
 
 
 def _wait_for(condition: Callable[[], object]) -> None:

@@ -64,6 +64,7 @@ class Exchange:
         "_waiter",
         "complete",
         "connection",
+        "deferred",
         "disconnected",
         "head",
         "headers_out",
@@ -95,6 +96,9 @@ class Exchange:
         #: the answer held until the request's audit record has left, and what to answer if it cannot
         #: (``answer_after``); None the rest of the time
         self.held: tuple[Answer, Callable[[BaseException], Answer]] | None = None
+        #: its answer is held (``answer_after``), for good: the connection's ``answered`` ends it, not the app's
+        #: return (``held`` is cleared once sent, which may come first)
+        self.deferred = False
         #: told the status an answer held was sent with (the access log's line), once it is
         self.then: Callable[[int], None] | None = None
 
@@ -162,6 +166,7 @@ class Exchange:
         exception; then tell ``then`` the status and the connection that this request is done (the next pipelined
         one runs). The app's coroutine ends at once, without awaiting the departure."""
         self.held = (answer, refusal)
+        self.deferred = True
         departure.add_done_callback(self._release)
 
     def _release(self, departure: asyncio.Future[None]) -> None:

@@ -282,9 +282,9 @@ class Http1Connection(asyncio.Protocol):
                 self.close()
                 raise
         finally:
-            if exchange.held is None:
+            if not exchange.deferred:
                 self.front.finished(exchange)
-        if exchange.held is None:  # (else its answer waits for its audit record: ``answered`` ends it)
+        if not exchange.deferred:  # (else its answer waits for its audit record: ``answered`` ends it)
             self._done(exchange)
 
     def answered(self, exchange: Exchange) -> None:
