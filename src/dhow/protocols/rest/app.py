@@ -7,7 +7,6 @@ one path split to route, one JSON parse per request, header lists built once.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +21,7 @@ from dhow.core.errors import CallCancelled, DhowError, InvalidInput, NotFound
 from dhow.core.ids import client_request_id, new_request_id
 from dhow.core.types import LazyHeaders
 from dhow.core.wire.v2 import decode_request, encode_response
+from dhow.governance.writer_process import Departure
 from dhow.protocols.rest.access_log import AccessLog
 from dhow.protocols.rest.body import (
     Receive,
@@ -245,7 +245,8 @@ class RestApp(PeerRoutes, MonitoringRoutes):
                     headers = [*headers, (b"content-encoding", encoding), (b"vary", b"accept-encoding")]
             if departure is not None:  # (dhow's own HTTP/1.1 answers when the record has left: ``held_answers.py``)
                 exchange = getattr(send, "__self__", None)
-                if type(exchange) is Exchange and isinstance(departure, asyncio.Future) and not departure.done():
+                # an audited inference's only: an audited admin change awaits its own durable write (``record_now``)
+                if type(exchange) is Exchange and type(departure) is Departure and not departure.done():
                     answer = (status, [*headers, (b"content-length", b"%d" % len(body))], body)
                     exchange.answer_after(departure, answer, REFUSALS[match.route.protocol])
                     return 0, principal, request_id
