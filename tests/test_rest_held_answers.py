@@ -8,8 +8,12 @@ from collections.abc import Awaitable
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from dhow.core.errors import Unavailable
+from dhow.governance.writer_process import Departure
 from dhow.protocols.rest import RestApp
+from dhow.protocols.rest import app as app_module
 from dhow.protocols.rest.exchange import Exchange
 
 _SCOPE = {
@@ -68,6 +72,27 @@ def _start(departure: Awaitable[None]) -> tuple[asyncio.Future[None], Exchange, 
 async def _passes(n: int = 5) -> None:
     for _ in range(n):
         await asyncio.sleep(0)
+
+
+def test_a_failed_compression_waits_for_the_record_before_the_app_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compression after ``leave`` fails (a large body's MemoryError): the app fails, and the front answers a
+    500, only once the record has left, as every answer."""
+
+    def fail(body: bytes, accept: bytes) -> tuple[bytes, bytes | None]:
+        raise MemoryError
+
+    monkeypatch.setattr(app_module, "compress", fail)
+
+    async def scenario() -> None:
+        departure = Departure()
+        running, _, connection = _start(departure)
+        await _passes()
+        assert not running.done() and connection.written == []
+        departure.set_result(None)
+        with pytest.raises(MemoryError):
+            await running
+
+    asyncio.run(scenario())
 
 
 def test_an_audited_admin_change_awaits_its_durable_write_as_before() -> None:

@@ -240,7 +240,13 @@ class RestApp(PeerRoutes, MonitoringRoutes):
                 raise
             departure = call.leave()  # (the guard raises when the audit trail cannot take the record: fail closed)
             if request.accept_encoding:
-                body, encoding = compress(body, request.accept_encoding)
+                # after ``leave``: the record's latency leaves compression out, as it did when the call ended first
+                try:
+                    body, encoding = compress(body, request.accept_encoding)
+                except BaseException:
+                    if departure is not None:  # no answer, not even the 500 this becomes, before the record left
+                        await departure
+                    raise
                 if encoding is not None:
                     headers = [*headers, (b"content-encoding", encoding), (b"vary", b"accept-encoding")]
             if departure is not None:  # (dhow's own HTTP/1.1 answers when the record has left: ``held_answers.py``)
