@@ -61,6 +61,12 @@ async def _app(scope: Scope, receive: Receive, send: Send) -> None:
         exchange.answer_after(departure, (200, [(b"content-length", b"2")], b"ok"), _refused)
         exchange.then = _HELD_STATUSES.append
         return
+    if path == "/never-released":  # held until a test releases it
+        departure = asyncio.get_running_loop().create_future()
+        _UNRELEASED.append(departure)
+        send.__self__.answer_after(departure, (200, [(b"content-length", b"2")], b"ok"), _refused)  # type: ignore[attr-defined]
+        send.__self__.then = _HELD_STATUSES.append  # type: ignore[attr-defined]
+        return
     if path == "/sent-before-return":  # the held answer is sent before the app returns
         departure = asyncio.get_running_loop().create_future()
         send.__self__.answer_after(departure, (200, [(b"content-length", b"4")], b"sent"), _refused)  # type: ignore[attr-defined]
@@ -81,6 +87,8 @@ async def _app(scope: Scope, receive: Receive, send: Send) -> None:
 
 #: the statuses the answers held until a future was done were sent with (what the REST door's access log gets)
 _HELD_STATUSES: list[int] = []
+#: the futures the answers of /never-released wait for
+_UNRELEASED: list[asyncio.Future[None]] = []
 
 
 def _refused(exc: BaseException) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -430,6 +438,35 @@ def test_a_held_answer_sent_before_its_app_returned_goes_on_with_the_next_reques
         sock.sendall(_post("/sent-before-return", b"") + _post("/wait/300", b"") + _post("/echo", b"third"))
         answers = _answers(sock, 3)
     assert [body for _, _, body in answers] == [b"sent", b"/wait/300", b"third"], answers
+
+
+def test_the_drain_gives_up_a_held_answer_with_its_line_saying_499(caplog: pytest.LogCaptureFixture) -> None:
+    """An answer still held for its record when the drain's time is up has no coroutine to cancel: it is given up,
+    its access log line said 499 then (not the 200 it was never sent with, later), and its connection closed;
+    its record's departure, when it comes, sends and logs nothing."""
+    _HELD_STATUSES.clear()
+
+    async def scenario() -> bytes:
+        front = HttpFront(_app, host="127.0.0.1", port=0, timeouts=TIMEOUTS, keepalive_s=KEEPALIVE_S, drain_s=0)
+        serving = asyncio.ensure_future(front.serve())
+        while not front.started:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", front.servers[0].sockets[0].getsockname()[1])
+        writer.write(_post("/never-released", b""))
+        while not any(exchange.deferred for exchange in front._running):
+            await asyncio.sleep(0.01)
+        front.should_exit = True
+        await serving
+        assert _HELD_STATUSES == [499] and not front._running
+        _UNRELEASED.pop().set_result(None)  # the record leaves after all
+        sent = await reader.read()
+        writer.close()
+        return sent
+
+    assert asyncio.run(scenario()) == b""
+    assert _HELD_STATUSES == [499]
+    assert "gave up 1 REST answer(s) held" in caplog.text and "cancelled" not in caplog.text
+    assert "failed" not in caplog.text and "Exception" not in caplog.text
 
 
 def _wait_for(condition: Callable[[], object]) -> None:

@@ -169,6 +169,14 @@ class Exchange:
         self.deferred = True
         departure.add_done_callback(self._release)
 
+    def abandon(self) -> None:
+        """The server closes the connection of a held answer before it could go (the drain's end): its access log
+        line says 499 now, while the log is open, and nothing is sent or logged when the departure comes."""
+        then, self.then = self.then, None
+        self.lose()  # (``respond`` sends nothing)
+        if then is not None:
+            then(499)
+
     def _release(self, departure: asyncio.Future[None]) -> None:
         held, self.held = self.held, None
         assert held is not None
