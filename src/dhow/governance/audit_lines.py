@@ -6,9 +6,9 @@ texts checked, the latency rounded, the time formatted, the JSON put together), 
 with the load and the model, a Python step costs far more than on a warm one (the writer wakes every few
 milliseconds with cold caches). Here the usual rows, those whose texts are printable ASCII without a quote or a
 backslash, with empty details, the time to be formatted from the clock and a latency JSON writes as ``repr`` does,
-are made with one check over all their texts, the times in one loop, and all the lines by one ``%`` over a template:
-byte for byte what ``_record_json(seq, _content(row))`` makes (the tests compare them). A batch with any other row
-goes record by record.
+are made with one check over all their texts, the times by whole columns, and all the lines by one ``%`` over one
+template per batch (a text every record of the batch shares written into it once): byte for byte what
+``_record_json(seq, _content(row))`` makes (the tests compare them). A batch with any other row goes record by record.
 """
 
 from __future__ import annotations

@@ -188,7 +188,8 @@ class Exchange:
             self.respond(status, headers, body)
             if self.then is not None:
                 self.then(status)
-        except Exception:  # as the app's failure while answering: logged, the connection closes (``_done``)
+        except Exception:  # as the app's failure while answering: logged; the connection closes if the answer is
+            # not all written, else (``then`` failed) goes on (``_done``)
             log.exception("the REST app failed on %s %s", self.scope["method"], self.scope["path"])
         finally:
             self.connection.answered(self)
