@@ -181,6 +181,25 @@ def test_usual_records_made_by_column_are_made_as_one_by_one(rows: list[tuple[An
     assert [list(column) for column in made[1]] == [[row[i] for row in rows] for i in (2, 0, 5, 4, 3)]
 
 
+#: texts a batch's records share more often than not, ``%`` among them (a shared one goes into the batch's template)
+_SHARED_TEXT = st.sampled_from(["infer", "key:a", "%s", "50%", "%%d", ""])
+_SHARED_ROW = st.tuples(
+    *[_SHARED_TEXT] * 7, st.sampled_from(["r1", "r%d"]), _SHARED_TEXT, st.sampled_from([0.8, 1.25, -1e-4]),
+    st.just({}), st.just(""), st.sampled_from([1.7e9, 1.7e9 + 0.25, 1796434089.9999999]),
+)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(_SHARED_ROW, min_size=1, max_size=6), seq=st.integers(min_value=0, max_value=2**53))
+def test_texts_shared_by_a_batch_are_made_as_one_by_one(rows: list[tuple[Any, ...]], seq: int) -> None:
+    """A column whose text every record of the batch shares is written once into the batch's template: its ``%``
+    are the text's, not conversions."""
+    made = plain_lines(rows, seq)
+    assert made is not None
+    expected = [audit_module._record_json(at, audit_module._content(row)) for at, row in enumerate(rows, seq + 1)]
+    assert made[0] == expected
+
+
 @settings(max_examples=50, deadline=None)
 @given(lines=st.lists(st.binary(max_size=40), max_size=5), prev_hash=st.sampled_from([GENESIS_HASH, "ab" * 32]))
 def test_a_batch_is_hashed_as_a_chain_of_its_lines(lines: list[bytes], prev_hash: str) -> None:

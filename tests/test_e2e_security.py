@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -371,6 +372,33 @@ def test_the_access_log_and_the_audit_record_share_the_request_id(world: dict[st
         return {r["request_id"] for r in answer["records"]}
 
     assert _eventually(lambda: {"trace-77", made} <= audited())
+
+
+def test_concurrent_inferences_are_each_audited_and_logged_with_their_answer(world: dict[str, Any]) -> None:
+    """With others in flight, an inference's record leaves with theirs and its answer is sent from that departure
+    (``held_answers.py``): every answer still comes, and each request is in the access log and the audit trail."""
+    server, keys = world["server"], world["keys"]
+    ids = [f"held-{n}" for n in range(48)]
+
+    def infer(request_id: str) -> tuple[int, dict[str, str], Any]:
+        return call(server, "POST", "/v2/models/tabular/infer", INFER_BODY, keys["invoker"], x_request_id=request_id)
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(infer, ids))
+    assert [status for status, _, _ in answers] == [200] * len(ids)
+    assert all(len(document["outputs"][0]["data"]) > 0 for _, _, document in answers)
+
+    def logged() -> set[str]:
+        pattern = r"POST /v2/models/tabular/infer 200 \S+ principal=key:invoker\S* request_id=(held-\d+)"
+        return set(re.findall(pattern, server.log()))
+
+    def audited() -> set[str]:
+        status, _, answer = call(server, "GET", "/v2/admin/audit?kind=inference&limit=10000", None, keys["auditor"])
+        assert status == 200, answer
+        return {r["request_id"] for r in answer["records"] if r["request_id"].startswith("held-")}
+
+    assert _eventually(lambda: logged() == set(ids)), sorted(set(ids) - logged())
+    assert _eventually(lambda: audited() == set(ids)), sorted(set(ids) - audited())
 
 
 # -- scopes and tenants --------------------------------------------------------------------------------

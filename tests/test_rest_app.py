@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 import tritonclient.http as httpclient
 import uvicorn
@@ -27,6 +28,7 @@ from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome
 from dhow.protocols.rest import RestApp
 from dhow.protocols.rest.connection import ConnectionTimeouts
 from dhow.protocols.rest.front import HttpFront
+from dhow.protocols.rest.held_answers import REFUSALS
 from dhow.serving.dataplane import DataPlane, Placement
 from tests.inprocess import StartingTrail, open_service
 
@@ -422,3 +424,14 @@ def test_metrics_off_and_lifespan() -> None:
     sent.clear()
     asyncio.run(call({"type": "lifespan"}, [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]))
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+def test_the_answer_of_a_call_whose_record_could_not_leave_is_the_refusal_of_its_protocol() -> None:
+    """What the held answer becomes when its audit record's departure fails: a 503 as the door answers one."""
+    status, headers, body = REFUSALS["v2"](Unavailable("the audit records could not be sent", retry_after=0.5))
+    assert status == 503 and orjson.loads(body) == {"error": "the audit records could not be sent"}
+    assert headers == [
+        (b"content-type", b"application/json"), (b"retry-after", b"1"), (b"content-length", b"%d" % len(body))
+    ]  # fmt: skip
+    status, headers, body = REFUSALS["torchserve"](RuntimeError("out of memory"))
+    assert status == 503 and orjson.loads(body)["code"] == 503 and b"RuntimeError" in body

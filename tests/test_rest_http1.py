@@ -50,6 +50,29 @@ async def _app(scope: Scope, receive: Receive, send: Send) -> None:
     if path.startswith("/wait/"):
         await asyncio.sleep(int(path.rpartition("/")[2]) / 1000)
         body = path.encode()
+    if path.startswith("/held/"):  # native only: answered from a future 0.2 s later, as the REST door answers once
+        # an audit record has left; the future fails for /held/fail (then the refusal is the answer)
+        departure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if path == "/held/fail":
+            asyncio.get_running_loop().call_later(0.2, departure.set_exception, RuntimeError("gone"))
+        else:
+            asyncio.get_running_loop().call_later(0.2, departure.set_result, None)
+        exchange = send.__self__  # type: ignore[attr-defined]
+        exchange.answer_after(departure, (200, [(b"content-length", b"2")], b"ok"), _refused)
+        exchange.then = _HELD_STATUSES.append
+        return
+    if path == "/never-released":  # held until a test releases it
+        departure = asyncio.get_running_loop().create_future()
+        _UNRELEASED.append(departure)
+        send.__self__.answer_after(departure, (200, [(b"content-length", b"2")], b"ok"), _refused)  # type: ignore[attr-defined]
+        send.__self__.then = _HELD_STATUSES.append  # type: ignore[attr-defined]
+        return
+    if path == "/sent-before-return":  # the held answer is sent before the app returns
+        departure = asyncio.get_running_loop().create_future()
+        send.__self__.answer_after(departure, (200, [(b"content-length", b"4")], b"sent"), _refused)  # type: ignore[attr-defined]
+        departure.set_result(None)  # (its callback, the answer's, is scheduled now: before this coroutine goes on)
+        await asyncio.sleep(0)
+        return
     status = 413 if path == "/early" else 200
     if path == "/parts":
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -60,6 +83,17 @@ async def _app(scope: Scope, receive: Receive, send: Send) -> None:
     headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+#: the statuses the answers held until a future was done were sent with (what the REST door's access log gets)
+_HELD_STATUSES: list[int] = []
+#: the futures the answers of /never-released wait for
+_UNRELEASED: list[asyncio.Future[None]] = []
+
+
+def _refused(exc: BaseException) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    body = f"refused: {exc}".encode()
+    return 503, [(b"content-length", str(len(body)).encode())], body
 
 
 class _Native:
@@ -382,6 +416,57 @@ def test_a_pipelined_request_refused_when_crowded_is_answered_503_after_those_be
         served.thread.join(10)
     assert re.findall(rb"HTTP/1\.1 \d+", answers) == [b"HTTP/1.1 200", b"HTTP/1.1 200", b"HTTP/1.1 503"], answers
     assert answers.index(b"/wait/300") < answers.index(b"/wait/500") and b"third" not in answers, answers
+
+
+def test_an_answer_held_until_a_future_is_done_goes_then_in_its_order(native_port: int) -> None:
+    """The REST door's audited answer: sent from the future's callback once it is done (the app's coroutine has
+    ended meanwhile), before the next pipelined request's; a future that fails sends the refusal instead."""
+    _HELD_STATUSES.clear()
+    with _connect(native_port) as sock:
+        sock.sendall(_post("/held/ok", b"") + _post("/held/fail", b"") + _post("/echo", b"third"))
+        answers = _answers(sock, 3)
+    assert [(status.split()[1], body) for status, _, body in answers] == [
+        (b"200", b"ok"), (b"503", b"refused: gone"), (b"200", b"third")
+    ], answers  # fmt: skip
+    assert _HELD_STATUSES == [200, 503]
+
+
+def test_a_held_answer_sent_before_its_app_returned_goes_on_with_the_next_request_once(native_port: int) -> None:
+    """The connection goes on with the next pipelined request once for a held answer, also when the answer was
+    sent before the app's coroutine ended: the next two requests are not both started, each after the one before."""
+    with _connect(native_port) as sock:
+        sock.sendall(_post("/sent-before-return", b"") + _post("/wait/300", b"") + _post("/echo", b"third"))
+        answers = _answers(sock, 3)
+    assert [body for _, _, body in answers] == [b"sent", b"/wait/300", b"third"], answers
+
+
+def test_the_drain_gives_up_a_held_answer_with_its_line_saying_499(caplog: pytest.LogCaptureFixture) -> None:
+    """An answer still held for its record when the drain's time is up has no coroutine to cancel: it is given up,
+    its access log line said 499 then (not the 200 it was never sent with, later), and its connection closed;
+    its record's departure, when it comes, sends and logs nothing."""
+    _HELD_STATUSES.clear()
+
+    async def scenario() -> bytes:
+        front = HttpFront(_app, host="127.0.0.1", port=0, timeouts=TIMEOUTS, keepalive_s=KEEPALIVE_S, drain_s=0)
+        serving = asyncio.ensure_future(front.serve())
+        while not front.started:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", front.servers[0].sockets[0].getsockname()[1])
+        writer.write(_post("/never-released", b""))
+        while not any(exchange.deferred for exchange in front._running):
+            await asyncio.sleep(0.01)
+        front.should_exit = True
+        await serving
+        assert _HELD_STATUSES == [499] and not front._running
+        _UNRELEASED.pop().set_result(None)  # the record leaves after all
+        sent = await reader.read()
+        writer.close()
+        return sent
+
+    assert asyncio.run(scenario()) == b""
+    assert _HELD_STATUSES == [499]
+    assert "gave up 1 REST answer(s) held" in caplog.text and "cancelled" not in caplog.text
+    assert "failed" not in caplog.text and "Exception" not in caplog.text
 
 
 def _wait_for(condition: Callable[[], object]) -> None:

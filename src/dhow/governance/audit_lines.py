@@ -6,15 +6,14 @@ texts checked, the latency rounded, the time formatted, the JSON put together), 
 with the load and the model, a Python step costs far more than on a warm one (the writer wakes every few
 milliseconds with cold caches). Here the usual rows, those whose texts are printable ASCII without a quote or a
 backslash, with empty details, the time to be formatted from the clock and a latency JSON writes as ``repr`` does,
-are made with one check over all their texts, the times in one loop, and all the lines by one ``%`` over a template:
-byte for byte what ``_record_json(seq, _content(row))`` makes (the tests compare them). A batch with any other row
-goes record by record.
+are made with one check over all their texts, the times by whole columns, and all the lines by one ``%`` over one
+template per batch (a text every record of the batch shares written into it once): byte for byte what
+``_record_json(seq, _content(row))`` makes (the tests compare them). A batch with any other row goes record by record.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -23,12 +22,21 @@ import orjson
 
 __all__ = ["plain_lines", "second_text"]
 
-#: a usual record's canonical JSON (the keys sorted), its values in this order: action, actor, at (its second, then
-#: its microseconds), kind, latency (as JSON writes it), model, outcome, region, request_id, seq, tenant, version
-_LINE = (
-    '{"action":"%s","actor":"%s","at":"%s.%06d+00:00","details":"{}","kind":"%s","latency_ms":%s,"model":"%s",'
-    '"outcome":"%s","region":"%s","request_id":"%s","seq":%d,"tenant":"%s","version":"%s"}'
-)
+#: a usual record's canonical JSON (the keys sorted) as the text before each of its values and the value's column:
+#: action, actor, at (its second, then its microseconds), kind, latency (as JSON writes it), model, outcome, region,
+#: request_id, seq, tenant, version
+_SHAPE = (
+    ('{"action":"', "action"), ('","actor":"', "actor"), ('","at":"', "second"), (".", "micros"),
+    ('+00:00","details":"{}","kind":"', "kind"), ('","latency_ms":', "latency"), (',"model":"', "model"),
+    ('","outcome":"', "outcome"), ('","region":"', "region"), ('","request_id":"', "request_id"),
+    ('","seq":', "seq"), (',"tenant":"', "tenant"), ('","version":"', "version"),
+)  # fmt: skip
+_END = '"}'
+#: each column's ``%`` conversion (``%s`` for the others)
+_SPECS = {"micros": "%06d", "seq": "%d"}
+#: the columns a batch's records mostly share (a batch of one key's calls to one model): one value for the whole batch
+#: goes into the batch's template once, not into each line by ``%``
+_SHARED = frozenset(("action", "actor", "second", "kind", "model", "outcome", "region", "tenant", "version"))
 #: the characters a usual record's texts are made of: printable ASCII but a quote and a backslash (one ``translate``
 #: deletes them from all the texts: what is left is not; ~3x faster than ``isprintable`` and two searches)
 _PLAIN = bytes(sorted(set(range(0x20, 0x7F)) - set(b'"\\')))
@@ -67,36 +75,54 @@ def plain_lines(rows: Sequence[Sequence[Any]], seq: int) -> tuple[list[bytes], t
     if times is None:
         return None
     seconds, micros = times
-    values = itertools.chain.from_iterable(
-        zip(action, actor, seconds, micros, kind, latencies, model, outcome, region, request_id,
-            range(seq + 1, seq + count + 1), tenant, version, strict=True)
-    )  # fmt: skip
-    lines = ("\n".join(itertools.repeat(_LINE, count)) % tuple(values)).encode().split(b"\n")
+    columns = {
+        "action": action, "actor": actor, "second": seconds, "micros": micros, "kind": kind, "latency": latencies,
+        "model": model, "outcome": outcome, "region": region, "request_id": request_id,
+        "seq": range(seq + 1, seq + count + 1), "tenant": tenant, "version": version,
+    }  # fmt: skip
+    template, varying = _template(columns, count)
+    values = itertools.chain.from_iterable(zip(*varying, strict=True))
+    lines = ("\n".join(itertools.repeat(template, count)) % tuple(values)).encode().split(b"\n")
     return lines, (actor, kind, model, outcome, tenant)
+
+
+def _template(columns: dict[str, Sequence[Any]], count: int) -> tuple[str, list[Sequence[Any]]]:
+    """The batch's line as a ``%`` template, with the value of each shared column that is the same in every record
+    written into it (its ``%`` doubled), and the columns left to fill, in the template's order."""
+    parts: list[str] = []
+    varying: list[Sequence[Any]] = []
+    for before, name in _SHAPE:
+        column = columns[name]
+        parts.append(before)
+        if name in _SHARED and column.count(column[0]) == count:
+            parts.append(column[0].replace("%", "%%"))
+        else:
+            parts.append(_SPECS.get(name, "%s"))
+            varying.append(column)
+    parts.append(_END)
+    return "".join(parts), varying
 
 
 def _times(at_s: Sequence[Any]) -> tuple[list[str], list[int]] | None:
     """Each time as ``audit._iso_utc`` formats it: its second (a text made once a second: a batch's records mostly
     share theirs) and its microseconds, rounded as it rounds them (the fraction's, half to even); None when a time
-    is not a number in the years 1970 to 9999. A loop of its steps: numpy's dozen calls on a batch cost the writer,
-    which wakes with cold caches, ~1.1 µs a record, this ~0.65 (``audit_writer_paced.py``)."""
-    seconds: list[int] = []
-    micros: list[int] = []
-    add_second, add_micros, modf = seconds.append, micros.append, math.modf
+    is not a number in the years 1970 to 9999. Made by whole columns (``map``, one list comprehension): numpy's dozen
+    calls on a batch cost the writer, which wakes with cold caches, ~1.1 µs a record, a loop of the steps ~0.65."""
     try:
-        for stamp in at_s:
-            fraction, whole = modf(value := float(stamp))
-            if not 0 <= value <= _LAST_SECOND:  # (NaN fails)
-                return None
-            micro = round(fraction * 1e6)
-            if micro >= 1_000_000:
-                add_second(int(whole) + 1)
-                add_micros(micro - 1_000_000)
-            else:
-                add_second(int(whole))
-                add_micros(micro)
+        values = list(map(float, at_s))
     except (TypeError, ValueError, OverflowError):  # not a number: record by record
         return None
+    # a NaN makes the sum NaN (min and max may pass over one), and so do infinities of both signs
+    total = sum(values)
+    if total != total or min(values) < 0 or max(values) > _LAST_SECOND:
+        return None
+    seconds = list(map(int, values))
+    # (the fraction of a time is its value less its whole second, exactly: ``math.modf``'s)
+    micros = [round((value - second) * 1e6) for value, second in zip(values, seconds, strict=True)]
+    if 1_000_000 in micros:  # a fraction that rounds up to the next second
+        for at, micro in enumerate(micros):
+            if micro == 1_000_000:
+                seconds[at], micros[at] = seconds[at] + 1, 0
     texts = {second: second_text(second) for second in set(seconds)}
     return list(map(texts.__getitem__, seconds)), micros
 

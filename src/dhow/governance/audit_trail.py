@@ -24,7 +24,7 @@ from dhow.core.errors import DhowError, InvalidInput, Unavailable
 from dhow.governance.audit import AuditRecord, AuditRow, AuditStore
 from dhow.governance.audit_refusals import Appending, RefusingAll
 from dhow.governance.audit_writer import COMMIT_S
-from dhow.governance.writer_process import WriterProcess, _depart, _Departure
+from dhow.governance.writer_process import Departure, WriterProcess, _depart
 
 __all__ = ["AuditTrail"]
 
@@ -60,7 +60,7 @@ class _Lane:
     #: a writer process's records of this pass of the event loop (``record_before_answer``), sent as one frame
     #: early in the next pass, and what their requests await until then (None: none waits)
     outbox: list[AuditRow] = field(default_factory=list)
-    departure: _Departure | None = None
+    departure: Departure | None = None
 
     @property
     def idle(self) -> bool:
@@ -179,7 +179,7 @@ class AuditTrail:
         lane.outbox.append(row)
         departure = lane.departure
         if departure is None:
-            departure = lane.departure = _Departure()
+            departure = lane.departure = Departure()
             departure.get_loop().call_soon(self._send_outbox, lane)
         return departure
 

@@ -190,7 +190,7 @@ def _widen(transport: asyncio.WriteTransport) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BYTES)  # up to net.core.wmem_max
 
 
-async def _depart(process: WriterProcess, departure: _Departure) -> None:
+async def _depart(process: WriterProcess, departure: Departure) -> None:
     """Done with the departure once the pipe took what waits in this process (the writer is behind)."""
     try:
         await process.handed_over()
@@ -203,7 +203,7 @@ async def _depart(process: WriterProcess, departure: _Departure) -> None:
     departure.set_result(None)
 
 
-def _fail(departure: _Departure, err: Unavailable) -> None:
+def _fail(departure: Departure, err: Unavailable) -> None:
     departure.set_exception(err)
     departure.exception()  # read: not logged as unretrieved when every request that awaited it was cancelled
 
@@ -234,7 +234,7 @@ def _encodable(row: tuple[object, ...]) -> tuple[object, ...]:
     return (*texts, writable(row[9]), details, _text(row[11]), writable(row[12]))
 
 
-class _Departure(asyncio.Future[None]):
+class Departure(asyncio.Future[None]):
     """What the requests whose records wait in one outbox await before they are answered: done once their frame
     is in the writer's pipe. Shared by them all, so it cannot be cancelled: a request cancelled while it waits is
     cancelled alone when it wakes (its task's own cancellation), the others' answers still go."""

@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Awaitable
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from dhow.access.actions import ACTIONS, Access
 from dhow.access.authenticator import ANONYMOUS, Credentials
@@ -113,16 +113,31 @@ class Call:
             self._admitted_ns = time.time_ns()
         return self
 
-    async def __aexit__(
+    def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, trace: TracebackType | None
-    ) -> None:
+    ) -> Awaitable[None]:
+        # a plain method: the usual call's end (no exception) is what to await for its record, or ``_NOTHING``, with
+        # no coroutine of its own to make and, for an audited inference, none to resume when its record has left
+        if exc is not None:
+            return self._ended(exc)
+        if self._trace is not None:
+            self._trace.finish(self._outcome.version if self._outcome else "", self._answered_ns, "")
+        # the guard raises when the audit trail cannot take the record: fail closed
+        waiting = self._finish("success")
+        return _NOTHING if waiting is None else waiting
+
+    def leave(self) -> Awaitable[None] | None:
+        """The end of a call whose work raised nothing, as ``__aexit__`` ends it, for a door that sends its answer
+        once the record has left (what to wait for first; None: nothing) without resuming its coroutine for it."""
+        if self._trace is not None:
+            self._trace.finish(self._outcome.version if self._outcome else "", self._answered_ns, "")
+        return self._finish("success")
+
+    async def _ended(self, exc: BaseException) -> None:
+        """The end of a call that raised: its record says how, and an unexpected exception becomes an id."""
         if self._trace is not None:
             self._trace.finish(self._outcome.version if self._outcome else "", self._answered_ns, _error_code(exc))
-        if exc is None:  # the guard raises when the audit trail cannot take the record: fail closed
-            waiting = self._finish("success")
-            if waiting is not None:
-                await waiting
-        elif isinstance(exc, DhowError):
+        if isinstance(exc, DhowError):
             await self._finished(exc.code.value, exc.message)
         elif isinstance(exc, CallCancelled | asyncio.CancelledError):
             await self._finished("CANCELLED")
@@ -199,6 +214,17 @@ class Call:
         if self._outcome is None and self._region is not None:
             return Outcome(data_region=self._region)
         return self._outcome
+
+
+class _Nothing(tuple[()]):
+    """What a call's end awaits when nothing must be waited for: done at once, its ``__await__`` tuple's own
+    iterator (C), so that awaiting it makes no coroutine and runs no Python frame."""
+
+    __slots__ = ()
+    __await__ = tuple.__iter__
+
+
+_NOTHING = cast(Awaitable[None], _Nothing())
 
 
 def _left(written: asyncio.Future[None]) -> None:

@@ -8,9 +8,9 @@ one path split to route, one JSON parse per request, header lists built once.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -21,6 +21,7 @@ from dhow.core.errors import CallCancelled, DhowError, InvalidInput, NotFound
 from dhow.core.ids import client_request_id, new_request_id
 from dhow.core.types import LazyHeaders
 from dhow.core.wire.v2 import decode_request, encode_response
+from dhow.governance.writer_process import Departure
 from dhow.protocols.rest.access_log import AccessLog
 from dhow.protocols.rest.body import (
     Receive,
@@ -32,6 +33,7 @@ from dhow.protocols.rest.body import (
     read_body,
     too_large,
 )
+from dhow.protocols.rest.held_answers import REFUSALS, log_later, retry_after
 from dhow.protocols.rest.http1 import Exchange
 from dhow.protocols.rest.monitoring import MonitoringRoutes
 from dhow.protocols.rest.openapi import openapi_document
@@ -213,6 +215,9 @@ class RestApp(PeerRoutes, MonitoringRoutes):
             return
         started = time.perf_counter()
         status, principal, request_id = await self._answer(scope, receive, send)
+        if not status:  # answered once its audit record has left (``Exchange.answer_after``): logged then
+            send.__self__.then = partial(log_later, access_log, scope, started, principal, request_id)  # type: ignore[attr-defined]
+            return
         access_log.write(scope, status, time.perf_counter() - started, principal, request_id or new_request_id())
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send) -> tuple[int, str, str]:
@@ -226,19 +231,38 @@ class RestApp(PeerRoutes, MonitoringRoutes):
         try:
             credentials = request.credentials(scope)
             call = self.service.call(credentials, match.route.access, match.model, request_id, request.traceparent)
-            async with call:
+            await call.__aenter__()  # ``async with``, but for its usual end (``leave``)
+            try:
                 principal, request_id = call.principal.name, call.request_id
                 status, headers, body = await self._handlers[match.route.name](request, call)
+            except BaseException as exc:
+                await call.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
+            departure = call.leave()  # (the guard raises when the audit trail cannot take the record: fail closed)
+            if request.accept_encoding:
+                # after ``leave``: the record's latency leaves compression out, as it did when the call ended first
+                try:
+                    body, encoding = compress(body, request.accept_encoding)
+                except BaseException:
+                    if departure is not None:  # no answer, not even the 500 this becomes, before the record left
+                        await departure
+                    raise
+                if encoding is not None:
+                    headers = [*headers, (b"content-encoding", encoding), (b"vary", b"accept-encoding")]
+            if departure is not None:  # (dhow's own HTTP/1.1 answers when the record has left: ``held_answers.py``)
+                exchange = getattr(send, "__self__", None)
+                # an audited inference's only: an audited admin change awaits its own durable write (``record_now``)
+                if type(exchange) is Exchange and type(departure) is Departure and not departure.done():
+                    answer = (status, [*headers, (b"content-length", b"%d" % len(body))], body)
+                    exchange.answer_after(departure, answer, REFUSALS[match.route.protocol])
+                    return 0, principal, request_id
+                await departure
         except DhowError as exc:
-            headers = _retry_after(exc.retry_after)
+            headers = retry_after(exc.retry_after)
             await _send_error(send, exc.http_status, exc.message, headers, match.route.protocol)
             return exc.http_status, principal, request_id
         except CallCancelled:
             return 499, principal, request_id  # nginx's code for a client that closed the connection before its answer
-        if request.accept_encoding:
-            body, encoding = compress(body, request.accept_encoding)
-            if encoding is not None:
-                headers = [*headers, (b"content-encoding", encoding), (b"vary", b"accept-encoding")]
         waiting = _send(send, status, headers, body)
         if waiting is not None:
             await waiting
@@ -425,12 +449,6 @@ def _json(document: Any) -> Answer:
 def _error(status: int, message: str, **members: Any) -> Answer:
     """An error answer; ``members`` go beside ``error`` (the health answers' ``ready: false``)."""
     return status, _JSON, orjson.dumps({**members, "error": message})
-
-
-def _retry_after(seconds: float | None) -> Headers:
-    if seconds is None:
-        return []
-    return [(b"retry-after", str(max(1, math.ceil(seconds))).encode())]
 
 
 async def _send_no_route(send: Send, path: str, method: str) -> int:

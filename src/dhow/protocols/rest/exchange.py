@@ -6,7 +6,9 @@ one write), the answer's head and chunks.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -17,6 +19,11 @@ if TYPE_CHECKING:
     from dhow.protocols.rest.http1 import Http1Connection
 
 __all__ = ["STATUS_LINES", "Exchange"]
+
+log = logging.getLogger("dhow.rest")
+
+#: an answer as a whole: status, headers (content-length last), body
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 #: the status line of each status, built once
 STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
@@ -57,13 +64,16 @@ class Exchange:
         "_waiter",
         "complete",
         "connection",
+        "deferred",
         "disconnected",
         "head",
         "headers_out",
+        "held",
         "keep_alive",
         "response_complete",
         "response_started",
         "scope",
+        "then",
     )
 
     def __init__(self, connection: Http1Connection, scope: Scope, keep_alive: bool, expect: bool) -> None:
@@ -83,6 +93,14 @@ class Exchange:
         self.disconnected = False
         self.response_started = False
         self.response_complete = False
+        #: the answer held until the request's audit record has left, and what to answer if it cannot
+        #: (``answer_after``); None the rest of the time
+        self.held: tuple[Answer, Callable[[BaseException], Answer]] | None = None
+        #: its answer is held (``answer_after``), for good: the connection's ``answered`` ends it, not the app's
+        #: return (``held`` is cleared once sent, which may come first)
+        self.deferred = False
+        #: told the status an answer held was sent with (the access log's line), once it is
+        self.then: Callable[[int], None] | None = None
 
     # -- what the parser feeds ---------------------------------------------------------------
 
@@ -140,6 +158,41 @@ class Exchange:
         )
         self.connection.write(self._head(body, False) + (b"" if self.head else self._chunk(body, False)))
         self.response_complete = True
+
+    def answer_after(
+        self, departure: asyncio.Future[None], answer: Answer, refusal: Callable[[BaseException], Answer]
+    ) -> None:
+        """Send ``answer`` (its content-length last) once ``departure`` is done, or what ``refusal`` makes of its
+        exception; then tell ``then`` the status and the connection that this request is done (the next pipelined
+        one runs). The app's coroutine ends at once, without awaiting the departure."""
+        self.held = (answer, refusal)
+        self.deferred = True
+        departure.add_done_callback(self._release)
+
+    def abandon(self) -> None:
+        """The server closes the connection of a held answer before it could go (the drain's end): its access log
+        line says 499 now, while the log is open, and nothing is sent or logged when the departure comes."""
+        then, self.then = self.then, None
+        self.lose()  # (``respond`` sends nothing)
+        if then is not None:
+            then(499)
+
+    def _release(self, departure: asyncio.Future[None]) -> None:
+        held, self.held = self.held, None
+        assert held is not None
+        (status, headers, body), refusal = held
+        try:
+            error = departure.exception()  # (a departure cannot be cancelled)
+            if error is not None:
+                status, headers, body = refusal(error)
+            self.respond(status, headers, body)
+            if self.then is not None:
+                self.then(status)
+        except Exception:  # as the app's failure while answering: logged; the connection closes if the answer is
+            # not all written, else (``then`` failed) goes on (``_done``)
+            log.exception("the REST app failed on %s %s", self.scope["method"], self.scope["path"])
+        finally:
+            self.connection.answered(self)
 
     # -- ASGI ----------------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ It does what the server needs of uvicorn's, with the same switches (``started``,
   armed and cancelled per request;
 - TLS through ``tls.py``'s port protocol (plain HTTP answered 400), the client certificate's name in the scope;
 - the drain: the port closed, idle connections closed, busy ones closed after their answer; then up to
-  ``drain_s`` for them, after which what is still running is cancelled.
+  ``drain_s`` for them, after which what is still running is cancelled, and the answers still held for their
+  audit records (``held_answers.py``) are given up: their connections closed, their access log lines 499.
 """
 
 from __future__ import annotations
@@ -128,6 +129,14 @@ class HttpFront:
             if asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(0.1)
+        held = [exchange for exchange in self._running if exchange.deferred]
+        if held:  # their coroutines have ended: nothing to cancel, their answers wait for their audit records
+            log.error(
+                "gave up %d REST answer(s) held for their audit records after the drain's %g s", len(held), self.drain_s
+            )
+            for exchange in held:
+                exchange.abandon()
+                del self._running[exchange]
         if self._running:
             log.error(
                 "cancelled %d REST request(s) still running after the drain's %g s", len(self._running), self.drain_s

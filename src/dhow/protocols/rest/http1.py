@@ -282,7 +282,14 @@ class Http1Connection(asyncio.Protocol):
                 self.close()
                 raise
         finally:
-            self.front.finished(exchange)
+            if not exchange.deferred:
+                self.front.finished(exchange)
+        if not exchange.deferred:  # (else its answer waits for its audit record: ``answered`` ends it)
+            self._done(exchange)
+
+    def answered(self, exchange: Exchange) -> None:
+        """A request whose answer was held until its audit record left (``Exchange.answer_after``) is done."""
+        self.front.finished(exchange)
         self._done(exchange)
 
     def _done(self, exchange: Exchange) -> None:
