@@ -12,7 +12,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from dhow.core.errors import InvalidInput
-from dhow.monitoring.tracing import Tracing, parse_traceparent, record_batch, spans_of, traces_url
+from dhow.monitoring import writer_pipe
+from dhow.monitoring.tracing import (
+    FLUSH_AT,
+    FLUSH_S,
+    Tracing,
+    parse_traceparent,
+    record_batch,
+    spans_of,
+    traces_url,
+)
 from dhow.serving.composition import TRACE_WRITER
 
 TRACE, SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
@@ -220,6 +229,32 @@ def test_a_full_queue_drops_and_a_dead_writer_fails_what_it_is_handed_and_both_a
         before = count("failed")
         finished()
         assert count("failed") == before + 1, "a request handed to a dead writer is counted failed, nothing raises"
+    finally:
+        tracing.shutdown()
+
+
+def test_traced_requests_wait_longer_than_payload_events_to_be_handed_over_and_a_full_frame_goes_at_once() -> None:
+    """Each frame wakes two of the writer's threads, and it posts about a second apart: tracing hands over every
+    ``FLUSH_S`` (not the payload log's 50 ms), or at once when ``FLUSH_AT`` are queued."""
+    registry = CollectorRegistry()
+    tracing = Tracing("http://127.0.0.1:9", 1.0, command=TRACE_WRITER, registry=registry, capacity=2 * FLUSH_AT)
+    _, finished = traced_requests(tracing, registry)
+    delays: list[float] = []
+
+    async def one_turn() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        call_later = loop.call_later
+        loop.call_later = lambda delay, *args: delays.append(delay) or call_later(delay, *args)  # type: ignore
+        for _ in range(FLUSH_AT):
+            finished()
+        queued = len(tracing._queue)
+        finished()  # one more in the same turn: the queue is handed over, not its timer's wait
+        return queued, len(tracing._queue)
+
+    try:
+        assert asyncio.run(one_turn()) == (FLUSH_AT, 0)
+        assert delays == [FLUSH_S] and FLUSH_S > writer_pipe.FLUSH_S
+        assert tracing._handed == FLUSH_AT + 1
     finally:
         tracing.shutdown()
 

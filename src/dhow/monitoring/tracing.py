@@ -12,13 +12,13 @@ without a (valid) parent, ``ratio`` of the requests are traced. The door decides
 (``sample``): an unsampled request costs a random draw (or, with a ``traceparent``, its parsing) and nothing else,
 no object and no clock reading. A sampled one is a ``RequestTrace`` that keeps the times the door and the batcher
 measure anyway as they are (trace ids as hex, span ids as ints, its batch one tuple its requests share: no object
-a stage); when it ends, its ``Record`` (a flat tuple) is queued, and every ``FLUSH_S`` what was queued is one frame
-into the pipe of tracing's writer process (``WriterPipe``; ``dhow.serving.trace_writer``), which writes its spans
-as OTLP protobuf (``record_fields``, ``otlp.py``: a request's stages in one ``struct`` pack) and posts them, about a
-second apart, off the server's interpreter. A full queue drops and counts; a writer that died fails and counts
-(``dhow_tracing_requests_total{outcome}``). Not the OpenTelemetry SDK: measured here, its spans and their encoding
-cost about 270 µs of CPU per traced request (seven spans). With no endpoint there is no
-``Tracing``: a request pays one ``is None`` test.
+a stage); when it ends, its ``Record`` (a flat tuple) is queued, and every ``FLUSH_S`` (or once ``FLUSH_AT`` are
+queued) what was queued is one frame into the pipe of tracing's writer process (``WriterPipe``;
+``dhow.serving.trace_writer``), which writes its spans as OTLP protobuf (``record_fields``, ``otlp.py``: a request's
+stages in one ``struct`` pack) and posts them, about a second apart, off the server's interpreter. A full queue
+drops and counts; a writer that died fails and counts (``dhow_tracing_requests_total{outcome}``). Not the
+OpenTelemetry SDK: measured here, its spans and their encoding cost about 270 µs of CPU per traced request (seven
+spans). With no endpoint there is no ``Tracing``: a request pays one ``is None`` test.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ from dhow.monitoring.otlp import (
 from dhow.monitoring.writer_pipe import WriterPipe
 
 __all__ = [
+    "FLUSH_AT",
+    "FLUSH_S",
     "PLAIN_STAGES",
     "Record",
     "RequestTrace",
@@ -64,6 +66,15 @@ __all__ = [
 #: traced requests waiting for the writer at most, here and there (past it new ones are dropped and counted:
 #: tracing never holds memory without bound)
 MAX_QUEUED = 8192
+#: how long a traced request waits here to be handed over with the others (``WriterPipe.flush_s``), unless
+#: ``FLUSH_AT`` are queued before: the writer posts about a second apart anyway, and each frame wakes two of its
+#: threads (the pipe's reader, then the sink's). At the 50 ms the payload log takes, tracing's writer woke ~53 times a
+#: second at 700 traced requests a second (``tabular``, REST, ~7,000 requests a second at ratio 0.1) and took 16.4 µs
+#: of CPU a traced request; at 0.5 s, ~16 times and ~12 µs (``benchmarks/trace_writer_cpu.py``, 2026-12-06)
+FLUSH_S = 0.5
+#: traced requests queued that are handed over at once, whatever the time: a frame stays a few hundred KB (~290 bytes
+#: a request) and the loop's stall to write it short (~0.2 ms), at ratio 1 too
+FLUSH_AT = 1024
 #: a sampled request's trace id and its parent span's id (empty: a root), as hex: what its record hands over as it
 #: is, and what a ``traceparent`` holds already
 Sampled = tuple[str, str]
@@ -106,6 +117,7 @@ class Tracing(WriterPipe):
     (``command``, given the collector's URL), which makes their spans and exports them."""
 
     what = "tracing"
+    flush_s = FLUSH_S
     metrics = (
         "dhow_tracing_requests",
         "Traced requests by outcome: exported (the collector took their spans), dropped (the queue was full), "
@@ -156,9 +168,13 @@ class Tracing(WriterPipe):
         return None if sampled is None else self.begin(sampled, model, request_id, times)
 
     def record(self, record: Record) -> None:
-        """Queue a finished request's ``Record`` for the writer (dropped and counted when the queue is full)."""
-        if len(self._queue) < self.capacity and not self._gone:  # ``_refused``'s test, spelt out: one call fewer
+        """Queue a finished request's ``Record`` for the writer (dropped and counted when the queue is full), handed
+        over at once when ``FLUSH_AT`` were queued."""
+        queued = len(self._queue)
+        if queued < self.capacity and not self._gone:  # ``_refused``'s test, spelt out: one call fewer
             self._put(record)
+            if queued >= FLUSH_AT:
+                self._flush()
         else:
             self._refused()
 

@@ -50,6 +50,8 @@ class WriterPipe:
 
     #: how the log names it ("payload log", "tracing")
     what = "writer"
+    #: how long an item waits to be handed over with the others (``FLUSH_S`` unless the pipe's items are rarer)
+    flush_s = FLUSH_S
 
     @property
     def _log(self) -> logging.Logger:
@@ -145,7 +147,7 @@ class WriterPipe:
         return True
 
     def _put(self, item: Any) -> None:
-        """Queue an item (``_refused`` said there is room); written within ``FLUSH_S``."""
+        """Queue an item (``_refused`` said there is room); written within ``flush_s``."""
         self._queue.append(item)
         if not self._scheduled:
             self._scheduled = True
@@ -155,7 +157,7 @@ class WriterPipe:
                 self._flush()
                 return
             self._loop = loop
-            loop.call_later(FLUSH_S, self._flush)
+            loop.call_later(self.flush_s, self._flush)
 
     def _flush(self) -> None:
         """Write every queued item in one frame (unless the pipe has not taken the last one yet)."""
