@@ -77,3 +77,36 @@ def test_what_is_held_is_posted_within_the_interval_with_nothing_new_to_render()
     finally:
         writer.close(10)
         collector.shutdown()
+
+
+def test_the_writer_leaves_the_objects_of_its_start_out_of_the_collector_s_passes() -> None:
+    """What the writer holds later is short-lived (the records it is handed): the collector's full passes, which
+    records reach by waiting in its queue, do not walk the modules and objects of its start each time."""
+    import gc
+
+    from dhow.serving import trace_writer
+
+    gc.unfreeze()
+    writer = trace_writer._open({"url": "http://127.0.0.1:9", "service": "test", "capacity": 8}, lambda _: None)
+    try:
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        writer.close(1)
+
+
+def test_the_writer_reports_its_counts_as_often_as_its_sink_posts() -> None:
+    """Counts change about once a post (a second apart): the reporter wakes no more often than that."""
+    from dhow.serving.trace_writer import OtlpSink, TraceWriter
+
+    waits: list[float] = []
+
+    class _Closed:
+        def wait(self, timeout: float) -> bool:
+            waits.append(timeout)
+            return len(waits) == 3
+
+    writer = TraceWriter.__new__(TraceWriter)  # its reporter's loop alone
+    writer._closed, writer.report = _Closed(), lambda: None  # type: ignore[assignment, method-assign]
+    writer._report_loop()
+    assert waits == [OtlpSink.post_s] * 3

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import http.client
 import socket
 import sys
@@ -252,9 +253,18 @@ class TraceWriter(Writer):
     5,120 served a second), its queue grew past it, was rendered without pauses once behind, and dropped once
     full."""
 
+    #: how often counts go back to the server (when something changed): the sink posts about a second apart, so
+    #: counts change about as often, and each turn of the reporter is a wake-up (~170 µs of CPU on a small machine,
+    #: cold caches: at the payload writer's 0.2 s, ~1.2 µs a traced request at 700 a second, ``trace_writer_cpu.py``)
+    report_s = OtlpSink.post_s
+
     def __init__(self, sink: OtlpSink, *, capacity: int, source: str = "", report: Any) -> None:
         self.otlp = sink
         super().__init__(sink, capacity=capacity, source=source, report=report)
+
+    def _report_loop(self) -> None:
+        while not self._closed.wait(self.report_s):
+            self.report()
 
     def queued(self) -> int:
         """Queued, being rendered, and rendered but held by the sink until posted (``OtlpSink.held``): what is lost
@@ -303,7 +313,13 @@ class TraceWriter(Writer):
 
 def _open(settings: dict[str, Any], answer: Answer) -> TraceWriter:
     sink = OtlpSink(str(settings["url"]), str(settings["service"]))
-    return TraceWriter(sink, capacity=int(settings["capacity"]), source="", report=answer)
+    writer = TraceWriter(sink, capacity=int(settings["capacity"]), source="", report=answer)
+    # what the process holds from now on is what it is handed, and none of it lives long: the objects of its start
+    # (its modules, opentelemetry-proto's) are left out of the collector's full passes. Records wait in the queue
+    # long enough to reach the oldest generation, so full passes come every few seconds under load, each walking
+    # every object of the start (~10 ms): ~3 µs of CPU a traced request at 700 a second (``trace_writer_cpu.py``)
+    gc.freeze()
+    return writer
 
 
 def main() -> int:
