@@ -110,3 +110,15 @@ def test_the_writer_reports_its_counts_as_often_as_its_sink_posts() -> None:
     writer._closed, writer.report = _Closed(), lambda: None  # type: ignore[assignment, method-assign]
     writer._report_loop()
     assert waits == [OtlpSink.post_s] * 3
+
+
+def test_the_sink_holds_each_step_s_spans_with_the_count_of_its_requests() -> None:
+    """A step's spans come with its first request, its others with none: what is held is counted by request, each
+    with the spans of its step (requests before any spans go with the step held last, or one without spans)."""
+    from dhow.serving.trace_writer import OtlpSink
+
+    sink, counts = OtlpSink("http://127.0.0.1:9/v1/traces", "test"), object()
+    sink.hold([("", b""), ("", b"")], counts)  # type: ignore[arg-type]
+    sink.hold([("", b""), ("a", b"A"), ("", b""), ("", b""), ("b", b"B")], counts)  # type: ignore[arg-type]
+    sink.hold([("", b""), ("c", b"C")], counts)  # type: ignore[arg-type]
+    assert list(sink._held) == [(3, b""), (3, b"A"), (2, b"B"), (1, b"C")] and sink.held == 9

@@ -335,11 +335,14 @@ def record_batch(
         return
     offset = carried[0].tracing.monotonic_offset
     batch = (start_mono_ns + offset, end_mono_ns + offset, {**label, "dhow.batch.requests": len(traces)})
+    # the batch span goes with the first request still to be queued: one whose client went away while the batch
+    # computed was queued already, without it (none left: the batch has no span). Found in the same loop: a
+    # generator's ``next`` cost a third of the rest
+    first = None
     for request, wait in zip(carried, compress(waits, traces), strict=True):
         request.batch, request.wait = batch, wait
-    # the batch span goes with the first request still to be queued: one whose client went away while the batch
-    # computed was queued already, without it (none left: the batch has no span)
-    first = next((request for request in carried if not request.finished), None)
+        if first is None and not request.finished:
+            first = request
     if first is not None:
         first.links = [(request.trace_id, request.span_id) for request in carried]
 

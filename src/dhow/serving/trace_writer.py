@@ -23,7 +23,8 @@ import socket
 import sys
 import threading
 import time
-from operator import itemgetter
+from itertools import compress
+from operator import itemgetter, sub
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,6 +36,9 @@ from dhow.serving.payload_writer import CHUNK, Writer
 from dhow.serving.writer_main import Answer, serve
 
 __all__ = ["OtlpSink", "TraceWriter", "main"]
+
+#: what ``TraceWriter.render_chunk`` gives each request of a step but its first (which holds the step's spans)
+_WITH_THE_FIRST = ("", b"")
 
 
 class OtlpSink:
@@ -157,13 +161,17 @@ class OtlpSink:
     def hold(self, events: list[tuple[str, bytes]], counts: PayloadCounts) -> None:
         """Take the requests rendered: held (``held``) until their post."""
         self._counts = counts
-        for _, fields in events:
-            if fields or not self._held:
-                self._held.append((1, fields))
-            else:
-                requests, held = self._held.pop()
-                self._held.append((requests + 1, held))
-            self._requests += 1
+        held, count = self._held, len(events)
+        # a step's spans are held by its first request, the others have none (``TraceWriter.render_chunk``): steps
+        # found in C (``compress``), not a Python turn a request
+        written = list(map(itemgetter(1), events))
+        starts = list(compress(range(count), written))
+        first = starts[0] if starts else count
+        if first:  # requests without spans before the first with some: the last step held takes them, or one of none
+            requests, fields = held.pop() if held else (0, b"")
+            held.append((requests + first, fields))
+        held.extend(zip(map(sub, [*starts[1:], count], starts), map(written.__getitem__, starts), strict=True))
+        self._requests += count
 
     def post_held(self) -> None:
         """Post whole exports of what is held, at once, and the rest once it waited ``post_s``."""
@@ -297,8 +305,8 @@ class TraceWriter(Writer):
             fields = chunk_fields(chunk)
         except Exception:  # which record: ``records`` finds it, and it alone fails
             return self.records(chunk)
-        keys = list(map(str, map(itemgetter(4), chunk)))
-        return list(zip(keys, [fields] + [b""] * (len(chunk) - 1), strict=True)), []
+        # (keys are not the OTLP sink's: none made, a Python step a request fewer)
+        return [("", fields)] + [_WITH_THE_FIRST] * (len(chunk) - 1), []
 
     def records(self, chunk: list[Any]) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
         """The chunk's records written one by one: one that cannot be is a failure of its own."""
