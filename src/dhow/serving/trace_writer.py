@@ -37,9 +37,6 @@ from dhow.serving.writer_main import Answer, serve
 
 __all__ = ["OtlpSink", "TraceWriter", "main"]
 
-#: what ``TraceWriter.render_chunk`` gives each request of a step but its first (which holds the step's spans)
-_WITH_THE_FIRST = ("", b"")
-
 
 class OtlpSink:
     """The collector (OTLP/HTTP): the requests' spans as the writer renders them, held and posted ``post_s`` apart,
@@ -305,8 +302,7 @@ class TraceWriter(Writer):
             fields = chunk_fields(chunk)
         except Exception:  # which record: ``records`` finds it, and it alone fails
             return self.records(chunk)
-        # (keys are not the OTLP sink's: none made, a Python step a request fewer)
-        return [("", fields)] + [_WITH_THE_FIRST] * (len(chunk) - 1), []
+        return list(zip(map(itemgetter(4), chunk), [fields] + [b""] * (len(chunk) - 1), strict=True)), []
 
     def records(self, chunk: list[Any]) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
         """The chunk's records written one by one: one that cannot be is a failure of its own."""
