@@ -72,8 +72,9 @@ MAX_QUEUED = 8192
 #: second at 700 traced requests a second (``tabular``, REST, ~7,000 requests a second at ratio 0.1) and took 16.4 µs
 #: of CPU a traced request; at 0.5 s, ~16 times and ~12 µs (``benchmarks/trace_writer_cpu.py``, 2026-12-06)
 FLUSH_S = 0.5
-#: traced requests queued that are handed over at once, whatever the time: a frame stays a few hundred KB (~290 bytes
-#: a request) and the loop's stall to write it short (~0.2 ms), at ratio 1 too
+#: traced requests queued that are handed over on the loop's next turn, whatever the time: a frame stays a few
+#: hundred KB (~290 bytes a request; more only when more end in that one turn) and the loop's stall to write it short
+#: (~0.2 ms), at ratio 1 too
 FLUSH_AT = 1024
 #: a sampled request's trace id and its parent span's id (empty: a root), as hex: what its record hands over as it
 #: is, and what a ``traceparent`` holds already
@@ -142,6 +143,8 @@ class Tracing(WriterPipe):
         self.ratio = ratio
         #: the batcher measures with the monotonic clock; spans want Unix nanoseconds
         self.monotonic_offset = time.time_ns() - time.monotonic_ns()
+        #: a hand-over on the loop's next turn is on its way (``_hand_over_soon``)
+        self._soon = False
         super().__init__(command, {"url": self.url, "service": service}, capacity=capacity, registry=registry,
                          close_timeout_s=close_timeout_s)  # fmt: skip
 
@@ -169,14 +172,29 @@ class Tracing(WriterPipe):
 
     def record(self, record: Record) -> None:
         """Queue a finished request's ``Record`` for the writer (dropped and counted when the queue is full), handed
-        over at once when ``FLUSH_AT`` were queued."""
+        over without waiting for ``flush_s`` once ``FLUSH_AT`` are queued (``_hand_over_soon``)."""
         queued = len(self._queue)
         if queued < self.capacity and not self._gone:  # ``_refused``'s test, spelt out: one call fewer
             self._put(record)
-            if queued >= FLUSH_AT:
-                self._flush()
+            if queued + 1 >= FLUSH_AT and not self._soon and not self._unsent:
+                self._hand_over_soon()
         else:
             self._refused()
+
+    def _hand_over_soon(self) -> None:
+        """Hand the queue over on the loop's next turn, in place of its timer: once a turn at most, whatever comes
+        meanwhile (a hand-over now would leave a timer for a frame of a few records, and one per record after it
+        in the same turn). Not while the pipe has not taken the last frame (``_unsent``): that waits for the pipe,
+        and the queue for its timer, as for the payload log."""
+        if self._timer is None or self._loop is None:  # (not on a loop: ``_put`` handed it over already)
+            return
+        self._timer.cancel()
+        self._soon = True
+        self._loop.call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        self._soon = False
+        self._flush()
 
     def _frame(self, items: list[Any]) -> bytes:
         return frame(orjson.dumps(items))

@@ -1,5 +1,6 @@
 """The server's side of a writer process of its own (the payload log's, tracing's): a bounded queue, written into the
-process's stdin as one frame every ``FLUSH_S`` at most, and a thread reading the counts it sends back.
+process's stdin as one frame every ``flush_s`` at most (``FLUSH_S``, the payload log's; tracing's is longer), and a
+thread reading the counts it sends back.
 
 The process (``command``) gets its settings as the first frame and answers ``{"ready": kind}`` (or
 ``{"error": …}``: refused at start, as ``InvalidInput``); then it takes frames of whatever the subclass
@@ -71,6 +72,8 @@ class WriterPipe:
         self.close_timeout_s = close_timeout_s
         self._queue: collections.deque[Any] = collections.deque()
         self._scheduled = False
+        #: the timer of the scheduled hand-over (``_put``): a subclass that hands over before it cancels it
+        self._timer: asyncio.TimerHandle | None = None
         #: bytes of a frame the pipe did not take yet (the writer is behind): nothing more is written meanwhile
         self._unsent = b""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -157,7 +160,7 @@ class WriterPipe:
                 self._flush()
                 return
             self._loop = loop
-            loop.call_later(self.flush_s, self._flush)
+            self._timer = loop.call_later(self.flush_s, self._flush)
 
     def _flush(self) -> None:
         """Write every queued item in one frame (unless the pipe has not taken the last one yet)."""
