@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import gc
 import http.client
 import socket
 import sys
@@ -28,6 +27,7 @@ from operator import itemgetter, sub
 from typing import Any
 from urllib.parse import urlsplit
 
+from dhow.core.heap import settle_heap
 from dhow.monitoring.otlp import export_request_of, resource_bytes
 from dhow.monitoring.payload_log import PayloadCounts
 from dhow.monitoring.trace_chunk import chunk_fields
@@ -321,8 +321,9 @@ def _open(settings: dict[str, Any], answer: Answer) -> TraceWriter:
     # what the process holds from now on is what it is handed, and none of it lives long: the objects of its start
     # (its modules, opentelemetry-proto's) are left out of the collector's full passes. Records wait in the queue
     # long enough to reach the oldest generation, so full passes come every few seconds under load, each walking
-    # every object of the start (~10 ms): ~3 µs of CPU a traced request at 700 a second (``trace_writer_cpu.py``)
-    gc.freeze()
+    # every object of the start (~10 ms): ~3 µs of CPU a traced request at 700 a second (``trace_writer_cpu.py``).
+    # Collected first: the start's cyclic garbage, frozen, would never be freed (the young threshold is left as it is)
+    settle_heap(young_threshold=None)
     return writer
 
 
