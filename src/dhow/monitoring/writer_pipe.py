@@ -51,7 +51,8 @@ class WriterPipe:
 
     #: how the log names it ("payload log", "tracing")
     what = "writer"
-    #: how long an item waits to be handed over with the others (``FLUSH_S`` unless the pipe's items are rarer)
+    #: how long an item waits to be handed over with the others (``FLUSH_S``; tracing's is longer: its writer posts
+    #: a second apart)
     flush_s = FLUSH_S
 
     @property
