@@ -58,6 +58,9 @@ class Config:
 
 
 class _Receiver(http.server.BaseHTTPRequestHandler):
+    #: keeps the connection, as a collector does (HTTP/1.0 closed it after each post: a reconnection a post)
+    protocol_version = "HTTP/1.1"
+
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["content-length"]))
         self.send_response(200)

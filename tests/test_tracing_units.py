@@ -12,7 +12,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from dhow.core.errors import InvalidInput
-from dhow.monitoring.tracing import Tracing, parse_traceparent, record_batch, spans_of, traces_url
+from dhow.monitoring import writer_pipe
+from dhow.monitoring.tracing import (
+    FLUSH_AT,
+    FLUSH_S,
+    Tracing,
+    parse_traceparent,
+    record_batch,
+    spans_of,
+    traces_url,
+)
 from dhow.serving.composition import TRACE_WRITER
 
 TRACE, SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
@@ -221,6 +230,69 @@ def test_a_full_queue_drops_and_a_dead_writer_fails_what_it_is_handed_and_both_a
         finished()
         assert count("failed") == before + 1, "a request handed to a dead writer is counted failed, nothing raises"
     finally:
+        tracing.shutdown()
+
+
+def _turns(tracing: Tracing, sizes: list[int]) -> tuple[list[int], list[int], list[float], int]:
+    """``sizes[n]`` traced requests finished in the loop's nth turn: what was queued after each turn, the frames
+    handed over (their records), the delays of the timers scheduled and how many are still pending."""
+    _, finished = traced_requests(tracing, CollectorRegistry())
+    frames: list[int] = []
+    hand = tracing._hand
+    tracing._hand = lambda count: frames.append(count) or hand(count)  # type: ignore[method-assign]
+    delays: list[float] = []
+    timers: list[asyncio.TimerHandle] = []
+
+    async def run() -> tuple[list[int], int]:
+        loop = asyncio.get_running_loop()
+        call_later = loop.call_later
+
+        def later(delay: float, *args: Any) -> asyncio.TimerHandle:
+            delays.append(delay)
+            timers.append(call_later(delay, *args))
+            return timers[-1]
+
+        loop.call_later = later  # type: ignore[method-assign, assignment]
+        queued = []
+        for size in sizes:
+            for _ in range(size):
+                finished()
+            await asyncio.sleep(0)
+            queued.append(len(tracing._queue))
+        return queued, sum(not timer.cancelled() for timer in timers)
+
+    queued, pending = asyncio.run(run())
+    return queued, frames, delays, pending
+
+
+def test_traced_requests_wait_longer_than_payload_events_and_a_full_frame_goes_on_the_next_turn_in_its_timer_s_place(
+) -> None:  # fmt: skip
+    """Each frame wakes two of the writer's threads, and it posts about a second apart: tracing hands over every
+    ``FLUSH_S`` (not the payload log's 50 ms), or on the loop's next turn once ``FLUSH_AT`` are queued, once a turn
+    whatever came meanwhile, its timer cancelled: no later frame of a few records, no timer left behind."""
+    tracing = Tracing("http://127.0.0.1:9", 1.0, command=TRACE_WRITER, registry=CollectorRegistry(),
+                      capacity=4 * FLUSH_AT)  # fmt: skip
+    try:
+        queued, frames, delays, pending = _turns(tracing, [FLUSH_AT - 1, 1, 600, 600, 600, 600, 10])
+        assert queued == [FLUSH_AT - 1, 0, 600, 0, 600, 0, 10]
+        assert frames == [FLUSH_AT, 1200, 1200] and pending == 1
+        assert set(delays) == {FLUSH_S} and FLUSH_S > writer_pipe.FLUSH_S
+    finally:
+        tracing.shutdown()
+
+
+def test_a_full_queue_waits_for_its_timer_while_the_pipe_has_not_taken_the_last_frame() -> None:
+    """The pipe has not taken the last frame: nothing is handed over before it has, and the queue past
+    ``FLUSH_AT`` waits for its one timer (not a timer a record)."""
+    tracing = Tracing("http://127.0.0.1:9", 1.0, command=TRACE_WRITER, registry=CollectorRegistry(),
+                      capacity=4 * FLUSH_AT)  # fmt: skip
+    tracing._unsent = b"a frame's rest"  # (as the pipe leaves it when full)
+    try:
+        queued, frames, delays, pending = _turns(tracing, [FLUSH_AT, 500, 500])
+        assert queued == [FLUSH_AT, FLUSH_AT + 500, FLUSH_AT + 1000]
+        assert frames == [] and delays == [FLUSH_S] and pending == 1
+    finally:
+        tracing._unsent = b""  # (never written: the writer would read it as a frame)
         tracing.shutdown()
 
 

@@ -16,6 +16,7 @@ import math
 import random
 import struct
 from collections.abc import Iterable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
@@ -330,16 +331,17 @@ def split_ids(ids: bytes) -> tuple[bytes, ...]:
     return repeated("<8s", len(ids) // 8).unpack(ids)
 
 
-def random_ids(count: int) -> tuple[bytes, ...]:
-    """``count`` random span ids, none all zero (W3C: an invalid id), drawn at once."""
-    split = repeated("<8s", count)
-    ids = split.unpack(random.getrandbits(64 * count).to_bytes(8 * count, "little"))
+def random_ids(count: int) -> list[bytes]:
+    """``count`` random span ids, none all zero (W3C: an invalid id), drawn at once (cut by a ``Struct`` of one id:
+    a chunk's count is ever new, and a ``Struct`` of ``count`` ids would be compiled each time)."""
+    ids = list(map(itemgetter(0), _ID.iter_unpack(random.getrandbits(64 * count).to_bytes(8 * count, "little"))))
     while _NO_ID in ids:  # one chance in 2**64 a span
-        ids = split.unpack(random.getrandbits(64 * count).to_bytes(8 * count, "little"))
+        ids = list(map(itemgetter(0), _ID.iter_unpack(random.getrandbits(64 * count).to_bytes(8 * count, "little"))))
     return ids
 
 
 _NO_ID = bytes(8)
+_ID = struct.Struct("8s")
 
 
 def resource_bytes(service: str) -> bytes:

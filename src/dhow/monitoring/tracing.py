@@ -12,13 +12,13 @@ without a (valid) parent, ``ratio`` of the requests are traced. The door decides
 (``sample``): an unsampled request costs a random draw (or, with a ``traceparent``, its parsing) and nothing else,
 no object and no clock reading. A sampled one is a ``RequestTrace`` that keeps the times the door and the batcher
 measure anyway as they are (trace ids as hex, span ids as ints, its batch one tuple its requests share: no object
-a stage); when it ends, its ``Record`` (a flat tuple) is queued, and every ``FLUSH_S`` what was queued is one frame
-into the pipe of tracing's writer process (``WriterPipe``; ``dhow.serving.trace_writer``), which writes its spans
-as OTLP protobuf (``record_fields``, ``otlp.py``: a request's stages in one ``struct`` pack) and posts them, about a
-second apart, off the server's interpreter. A full queue drops and counts; a writer that died fails and counts
-(``dhow_tracing_requests_total{outcome}``). Not the OpenTelemetry SDK: measured here, its spans and their encoding
-cost about 270 µs of CPU per traced request (seven spans). With no endpoint there is no
-``Tracing``: a request pays one ``is None`` test.
+a stage); when it ends, its ``Record`` (a flat tuple) is queued, and every ``FLUSH_S`` (or once ``FLUSH_AT`` are
+queued) what was queued is one frame into the pipe of tracing's writer process (``WriterPipe``;
+``dhow.serving.trace_writer``), which writes its spans as OTLP protobuf (``record_fields``, ``otlp.py``: a request's
+stages in one ``struct`` pack) and posts them, about a second apart, off the server's interpreter. A full queue
+drops and counts; a writer that died fails and counts (``dhow_tracing_requests_total{outcome}``). Not the
+OpenTelemetry SDK: measured here, its spans and their encoding cost about 270 µs of CPU per traced request (seven
+spans). With no endpoint there is no ``Tracing``: a request pays one ``is None`` test.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ from dhow.monitoring.otlp import (
 from dhow.monitoring.writer_pipe import WriterPipe
 
 __all__ = [
+    "FLUSH_AT",
+    "FLUSH_S",
     "PLAIN_STAGES",
     "Record",
     "RequestTrace",
@@ -64,6 +66,16 @@ __all__ = [
 #: traced requests waiting for the writer at most, here and there (past it new ones are dropped and counted:
 #: tracing never holds memory without bound)
 MAX_QUEUED = 8192
+#: how long a traced request waits here to be handed over with the others (``WriterPipe.flush_s``), unless
+#: ``FLUSH_AT`` are queued before: the writer posts about a second apart anyway, and each frame wakes two of its
+#: threads (the pipe's reader, then the sink's). At the 50 ms the payload log takes, tracing's writer woke ~53 times a
+#: second at 700 traced requests a second (``tabular``, REST, ~7,000 requests a second at ratio 0.1) and took 16.4 µs
+#: of CPU a traced request; at 0.5 s, ~16 times and ~12 µs (``benchmarks/trace_writer_cpu.py``, 2026-12-06)
+FLUSH_S = 0.5
+#: traced requests queued that are handed over on the loop's next turn, whatever the time: a frame stays a few
+#: hundred KB (~290 bytes a request; more only when more end in that one turn) and the loop's stall to write it short
+#: (~0.2 ms), at ratio 1 too
+FLUSH_AT = 1024
 #: a sampled request's trace id and its parent span's id (empty: a root), as hex: what its record hands over as it
 #: is, and what a ``traceparent`` holds already
 Sampled = tuple[str, str]
@@ -106,6 +118,7 @@ class Tracing(WriterPipe):
     (``command``, given the collector's URL), which makes their spans and exports them."""
 
     what = "tracing"
+    flush_s = FLUSH_S
     metrics = (
         "dhow_tracing_requests",
         "Traced requests by outcome: exported (the collector took their spans), dropped (the queue was full), "
@@ -130,6 +143,8 @@ class Tracing(WriterPipe):
         self.ratio = ratio
         #: the batcher measures with the monotonic clock; spans want Unix nanoseconds
         self.monotonic_offset = time.time_ns() - time.monotonic_ns()
+        #: a hand-over on the loop's next turn is on its way (``_hand_over_soon``)
+        self._soon = False
         super().__init__(command, {"url": self.url, "service": service}, capacity=capacity, registry=registry,
                          close_timeout_s=close_timeout_s)  # fmt: skip
 
@@ -156,11 +171,30 @@ class Tracing(WriterPipe):
         return None if sampled is None else self.begin(sampled, model, request_id, times)
 
     def record(self, record: Record) -> None:
-        """Queue a finished request's ``Record`` for the writer (dropped and counted when the queue is full)."""
-        if len(self._queue) < self.capacity and not self._gone:  # ``_refused``'s test, spelt out: one call fewer
+        """Queue a finished request's ``Record`` for the writer (dropped and counted when the queue is full), handed
+        over without waiting for ``flush_s`` once ``FLUSH_AT`` are queued (``_hand_over_soon``)."""
+        queued = len(self._queue)
+        if queued < self.capacity and not self._gone:  # ``_refused``'s test, spelt out: one call fewer
             self._put(record)
+            if queued + 1 >= FLUSH_AT and not self._soon and not self._unsent:
+                self._hand_over_soon()
         else:
             self._refused()
+
+    def _hand_over_soon(self) -> None:
+        """Hand the queue over on the loop's next turn, in place of its timer: once a turn at most, whatever comes
+        meanwhile (a hand-over now would leave a timer for a frame of a few records, and one per record after it
+        in the same turn). Not while the pipe has not taken the last frame (``_unsent``): that waits for the pipe,
+        and the queue for its timer, as for the payload log."""
+        if self._timer is None or self._loop is None:  # (not on a loop: ``_put`` handed it over already)
+            return
+        self._timer.cancel()
+        self._soon = True
+        self._loop.call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        self._soon = False
+        self._flush()
 
     def _frame(self, items: list[Any]) -> bytes:
         return frame(orjson.dumps(items))
@@ -319,11 +353,14 @@ def record_batch(
         return
     offset = carried[0].tracing.monotonic_offset
     batch = (start_mono_ns + offset, end_mono_ns + offset, {**label, "dhow.batch.requests": len(traces)})
+    # the batch span goes with the first request still to be queued: one whose client went away while the batch
+    # computed was queued already, without it (none left: the batch has no span). Found in the same loop: a
+    # generator's ``next`` cost a third of the rest
+    first = None
     for request, wait in zip(carried, compress(waits, traces), strict=True):
         request.batch, request.wait = batch, wait
-    # the batch span goes with the first request still to be queued: one whose client went away while the batch
-    # computed was queued already, without it (none left: the batch has no span)
-    first = next((request for request in carried if not request.finished), None)
+        if first is None and not request.finished:
+            first = request
     if first is not None:
         first.links = [(request.trace_id, request.span_id) for request in carried]
 

@@ -1,5 +1,6 @@
 """The server's side of a writer process of its own (the payload log's, tracing's): a bounded queue, written into the
-process's stdin as one frame every ``FLUSH_S`` at most, and a thread reading the counts it sends back.
+process's stdin as one frame every ``flush_s`` at most (``FLUSH_S``, the payload log's; tracing's is longer), and a
+thread reading the counts it sends back.
 
 The process (``command``) gets its settings as the first frame and answers ``{"ready": kind}`` (or
 ``{"error": …}``: refused at start, as ``InvalidInput``); then it takes frames of whatever the subclass
@@ -50,6 +51,9 @@ class WriterPipe:
 
     #: how the log names it ("payload log", "tracing")
     what = "writer"
+    #: how long an item waits to be handed over with the others (``FLUSH_S``; tracing's is longer: its writer posts
+    #: a second apart)
+    flush_s = FLUSH_S
 
     @property
     def _log(self) -> logging.Logger:
@@ -69,6 +73,8 @@ class WriterPipe:
         self.close_timeout_s = close_timeout_s
         self._queue: collections.deque[Any] = collections.deque()
         self._scheduled = False
+        #: the timer of the scheduled hand-over (``_put``): a subclass that hands over before it cancels it
+        self._timer: asyncio.TimerHandle | None = None
         #: bytes of a frame the pipe did not take yet (the writer is behind): nothing more is written meanwhile
         self._unsent = b""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -145,7 +151,7 @@ class WriterPipe:
         return True
 
     def _put(self, item: Any) -> None:
-        """Queue an item (``_refused`` said there is room); written within ``FLUSH_S``."""
+        """Queue an item (``_refused`` said there is room); written within ``flush_s``."""
         self._queue.append(item)
         if not self._scheduled:
             self._scheduled = True
@@ -155,7 +161,7 @@ class WriterPipe:
                 self._flush()
                 return
             self._loop = loop
-            loop.call_later(FLUSH_S, self._flush)
+            self._timer = loop.call_later(self.flush_s, self._flush)
 
     def _flush(self) -> None:
         """Write every queued item in one frame (unless the pipe has not taken the last one yet)."""

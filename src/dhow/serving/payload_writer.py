@@ -34,9 +34,10 @@ __all__ = ["CHUNK", "Writer", "main"]
 #: events handed to the sink at once (at most)
 CHUNK = 512
 #: the least events rendered in one step, how long a step runs at most (about), and the pause between two steps while
-#: more are queued. The server hands a writer what came in ``writer_pipe.FLUSH_S`` (50 ms: ~350-400 payload events at
-#: 7,000-8,000 requests a second); rendered and written in one go they took ~3-4 ms of CPU at once from the core the
-#: load and the model share, and the requests in flight then waited for it: ``tabular`` over REST at c=16 with the
+#: more are queued. The server hands the payload writer what came in ``writer_pipe.FLUSH_S`` (50 ms: ~350-400 payload
+#: events at 7,000-8,000 requests a second; the trace writer, what came in 0.5 s, ``tracing.FLUSH_S``, or 1024
+#: requests); rendered and written in one go they took ~3-4 ms of CPU at once from the core the load and the model
+#: share, and the requests in flight then waited for it: ``tabular`` over REST at c=16 with the
 #: payload log to a file, p99 5.35 ms in one go against 4.6 in steps of 64 events (median of 8 rounds, all off 3.4),
 #: throughput the same. Those steps were ~0.5 ms each; the renderer got faster and steps of 64 shrank to ~0.2 ms, 4-5
 #: pauses a frame, and each pause is a wake-up that costs the writer more than the step it ends (cold caches, an idle
