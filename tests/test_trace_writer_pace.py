@@ -8,7 +8,10 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.test_otlp_attribute_types import _record
 
@@ -83,14 +86,26 @@ def test_what_is_held_is_posted_within_the_interval_with_nothing_new_to_render()
         collector.shutdown()
 
 
-def test_the_writer_leaves_the_objects_of_its_start_out_of_the_collector_s_passes_once_collected() -> None:
-    """What the writer holds later is short-lived (the records it is handed): the collector's full passes, which
-    records reach by waiting in its queue, do not walk the modules and objects of its start each time; its start's
-    cyclic garbage is collected first, not frozen for good. In a process of its own: freezing (or unfreezing) this
-    one would change what the other tests' collector walks."""
-    check = """if True:
-        import gc, weakref
-        from dhow.serving import trace_writer
+@pytest.mark.parametrize(
+    ("module", "settings"),
+    [
+        ("trace_writer", {"url": "http://127.0.0.1:9", "service": "test"}),
+        ("payload_writer", {"url": "file://{folder}/payloads.jsonl", "source": "test"}),
+    ],
+)
+def test_a_writer_leaves_the_objects_of_its_start_out_of_the_collector_s_passes_once_collected(
+    module: str, settings: dict[str, str], tmp_path: Path
+) -> None:
+    """What a writer process holds later is short-lived (what it is handed): the collector's full passes, which it
+    reaches by waiting in the queue, do not walk the modules and objects of its start each time
+    (``writer_main.serve``); its start's cyclic garbage is collected first, not frozen for good. The process is
+    started as the server starts it (its settings on stdin, then stdin closed), in a process of its own: freezing
+    this one would change what the other tests' collector walks."""
+    settings = {key: value.format(folder=tmp_path) for key, value in settings.items()}
+    check = f"""if True:
+        import gc, os, sys, weakref
+        from dhow.monitoring.payload_log import encode_frame
+        from dhow.serving import {module}
         gc.disable()  # (only the writer's start collects)
         class Garbage:
             pass
@@ -98,12 +113,15 @@ def test_the_writer_leaves_the_objects_of_its_start_out_of_the_collector_s_passe
         cycle.self = cycle
         left = weakref.ref(cycle)
         del cycle
-        writer = trace_writer._open({"url": "http://127.0.0.1:9", "service": "test", "capacity": 8}, lambda _: None)
-        writer.close(1)
-        print(gc.get_freeze_count() > 0, left() is None)
+        read, write = os.pipe()
+        os.write(write, encode_frame({{**{settings!r}, "capacity": 8, "close_timeout_s": 1}}))
+        os.close(write)
+        os.dup2(read, 0)
+        assert {module}.main() == 0
+        print(gc.get_freeze_count() > 0, left() is None, file=sys.stderr)
     """
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, check=True)
-    assert done.stdout.split() == ["True", "True"]
+    assert done.stderr.split()[-2:] == ["True", "True"], done.stderr
 
 
 def test_the_writer_reports_its_counts_as_often_as_its_sink_posts() -> None:

@@ -27,7 +27,6 @@ from operator import itemgetter, sub
 from typing import Any
 from urllib.parse import urlsplit
 
-from dhow.core.heap import settle_heap
 from dhow.monitoring.otlp import export_request_of, resource_bytes
 from dhow.monitoring.payload_log import PayloadCounts
 from dhow.monitoring.trace_chunk import chunk_fields
@@ -317,14 +316,7 @@ class TraceWriter(Writer):
 
 def _open(settings: dict[str, Any], answer: Answer) -> TraceWriter:
     sink = OtlpSink(str(settings["url"]), str(settings["service"]))
-    writer = TraceWriter(sink, capacity=int(settings["capacity"]), source="", report=answer)
-    # what the process holds from now on is what it is handed, and none of it lives long: the objects of its start
-    # (its modules, opentelemetry-proto's) are left out of the collector's full passes. Records wait in the queue
-    # long enough to reach the oldest generation, so full passes come every few seconds under load, each walking
-    # every object of the start (~10 ms): ~3 µs of CPU a traced request at 700 a second (``trace_writer_cpu.py``).
-    # Collected first: the start's cyclic garbage, frozen, would never be freed (the young threshold is left as it is)
-    settle_heap(young_threshold=None)
-    return writer
+    return TraceWriter(sink, capacity=int(settings["capacity"]), source="", report=answer)
 
 
 def main() -> int:
