@@ -296,6 +296,75 @@ def test_a_full_queue_waits_for_its_timer_while_the_pipe_has_not_taken_the_last_
         tracing.shutdown()
 
 
+def _handed_in(tracing: Tracing, steps: Any) -> tuple[list[int], int]:
+    """``steps(finished)`` run on an event loop: the frames handed over (their records) and the timers still
+    pending."""
+    _, finished = traced_requests(tracing, CollectorRegistry())
+    frames: list[int] = []
+    hand = tracing._hand
+    tracing._hand = lambda count: frames.append(count) or hand(count)  # type: ignore[method-assign]
+    timers: list[asyncio.TimerHandle] = []
+
+    async def run() -> int:
+        loop = asyncio.get_running_loop()
+        call_later = loop.call_later
+
+        def later(delay: float, *args: Any) -> asyncio.TimerHandle:
+            timers.append(call_later(delay, *args))
+            return timers[-1]
+
+        loop.call_later = later  # type: ignore[method-assign, assignment]
+        await steps(finished)
+        return sum(not timer.cancelled() for timer in timers)
+
+    return frames, asyncio.run(run())
+
+
+def test_a_flush_when_the_pipe_drained_leaves_no_timer_behind() -> None:
+    """The pipe took a frame's rest: the flush that follows (``_write_more``) hands over in the pending timer's
+    place, which it cancels; left, it would write a stray frame and the next ``_put`` a second chain of timers."""
+    tracing = Tracing("http://127.0.0.1:9", 1.0, command=TRACE_WRITER, registry=CollectorRegistry(),
+                      capacity=4 * FLUSH_AT)  # fmt: skip
+    tracing._unsent = b"a frame's rest"  # (as the pipe leaves it when full)
+
+    async def steps(finished: Any) -> None:
+        for _ in range(10):
+            finished()
+        await asyncio.sleep(0)
+        tracing._unsent = b""  # the pipe took it ...
+        tracing._flush()  # ... and the loop's writer callback flushes (``_write_more``)
+        for _ in range(10):
+            finished()
+        await asyncio.sleep(0)
+
+    try:
+        frames, pending = _handed_in(tracing, steps)
+        assert frames == [10] and pending == 1
+    finally:
+        tracing.shutdown()
+
+
+def test_a_timer_due_once_the_close_began_hands_nothing_over() -> None:
+    """The server closes the pipe from another thread while its loop still runs: a timer due meanwhile hands
+    nothing over (the close takes what is queued itself: no record twice, no frame's bytes within another's)."""
+    tracing = Tracing("http://127.0.0.1:9", 1.0, command=TRACE_WRITER, registry=CollectorRegistry(),
+                      capacity=4 * FLUSH_AT)  # fmt: skip
+    left: list[int] = []
+
+    async def steps(finished: Any) -> None:
+        for _ in range(5):
+            finished()
+        tracing._closing = True  # (as ``close`` sets it first)
+        tracing._flush()  # the timer, due now
+        left.append(len(tracing._queue))
+        tracing._closing = False
+
+    frames, pending = _handed_in(tracing, steps)
+    assert frames == [] and left == [5] and pending == 0
+    tracing.shutdown()  # the close hands the five over
+    assert frames == [5]
+
+
 def _record(parent: str, error: str, computed: bool, first: bool) -> list[Any]:
     """A finished request's record as the writer gets it (JSON), computed in a batch or not (refused before), the
     first traced request of its batch (its batch span links two) or not, answered unless it failed."""

@@ -75,6 +75,10 @@ class WriterPipe:
         self._scheduled = False
         #: the timer of the scheduled hand-over (``_put``): a subclass that hands over before it cancels it
         self._timer: asyncio.TimerHandle | None = None
+        #: held while the queue is taken, framed and written: by ``_flush`` on the event loop, by ``close`` in the
+        #: thread the server closes it from (a timer due meanwhile must neither take items twice nor interleave its
+        #: frame's bytes with the close's in the pipe)
+        self._handing = threading.Lock()
         #: bytes of a frame the pipe did not take yet (the writer is behind): nothing more is written meanwhile
         self._unsent = b""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -164,15 +168,22 @@ class WriterPipe:
             self._timer = loop.call_later(self.flush_s, self._flush)
 
     def _flush(self) -> None:
-        """Write every queued item in one frame (unless the pipe has not taken the last one yet)."""
+        """Write every queued item in one frame (unless the pipe has not taken the last one yet), in place of the
+        timer that was due to (cancelled: a flush when the pipe drained, or an early one, leaves none behind to
+        write a stray frame, and ``_put`` starts one chain of timers, not a second). Not once ``close`` began: it
+        hands over what is left itself, from another thread (``_handing``)."""
         self._scheduled = False
-        if self._unsent or not self._queue:
-            return
-        items = list(self._queue)
-        self._queue.clear()
-        data = self._frame(items)
-        if self._hand(len(items)):
-            self._write(data)
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        with self._handing:
+            if self._closing or self._unsent or not self._queue:
+                return
+            items = list(self._queue)
+            self._queue.clear()
+            data = self._frame(items)
+            if self._hand(len(items)):
+                self._write(data)
 
     def _hand(self, count: int) -> bool:
         """Count ``count`` items as handed to the writer: False (and failed) when it is gone."""
@@ -278,20 +289,21 @@ class WriterPipe:
     def close(self, timeout_s: float | None = None) -> None:
         """Hand over what is queued, then let the writer deliver what it holds, within about ``timeout_s``."""
         timeout = self.close_timeout_s if timeout_s is None else timeout_s
-        self._closing = True
-        self._stop_writing()
-        data = self._unsent
-        if self._queue:
-            items = list(self._queue)
-            self._queue.clear()
-            framed = self._frame(items)
-            if self._hand(len(items)):
-                data += framed
-        if not self._gone:
-            with contextlib.suppress(OSError):
-                os.set_blocking(self._in, True)
-                while data:
-                    data = data[os.write(self._in, data) :]
+        with self._handing:  # (a flush the loop began meanwhile writes its frame whole first)
+            self._closing = True
+            self._stop_writing()
+            data = self._unsent
+            if self._queue:
+                items = list(self._queue)
+                self._queue.clear()
+                framed = self._frame(items)
+                if self._hand(len(items)):
+                    data += framed
+            if not self._gone:
+                with contextlib.suppress(OSError):
+                    os.set_blocking(self._in, True)
+                    while data:
+                        data = data[os.write(self._in, data) :]
         with contextlib.suppress(OSError):
             assert self._process.stdin is not None
             self._process.stdin.close()
