@@ -469,6 +469,34 @@ def test_the_drain_gives_up_a_held_answer_with_its_line_saying_499(caplog: pytes
     assert "failed" not in caplog.text and "Exception" not in caplog.text
 
 
+def test_a_held_answer_whose_client_left_is_logged_499() -> None:
+    """The client closes its connection while its answer is held for the record: when the record has left, nothing
+    is sent and its access log line says 499 (the client left before its answer), not the status never sent."""
+    _HELD_STATUSES.clear()
+
+    async def scenario() -> None:
+        front = HttpFront(_app, host="127.0.0.1", port=0, timeouts=TIMEOUTS, keepalive_s=KEEPALIVE_S, drain_s=0)
+        serving = asyncio.ensure_future(front.serve())
+        while not front.started:
+            await asyncio.sleep(0.01)
+        _, writer = await asyncio.open_connection("127.0.0.1", front.servers[0].sockets[0].getsockname()[1])
+        writer.write(_post("/never-released", b""))
+        while not any(exchange.deferred for exchange in front._running):
+            await asyncio.sleep(0.01)
+        (held,) = [exchange for exchange in front._running if exchange.deferred]
+        writer.close()
+        while not held.disconnected:
+            await asyncio.sleep(0.01)
+        _UNRELEASED.pop().set_result(None)  # the record leaves
+        while not _HELD_STATUSES:
+            await asyncio.sleep(0.01)
+        front.should_exit = True
+        await serving
+
+    asyncio.run(scenario())
+    assert _HELD_STATUSES == [499]
+
+
 def _wait_for(condition: Callable[[], object]) -> None:
     deadline = time.monotonic() + SAFETY_S
     while not condition():

@@ -186,8 +186,8 @@ class Exchange:
             if error is not None:
                 status, headers, body = refusal(error)
             self.respond(status, headers, body)
-            if self.then is not None:
-                self.then(status)
+            if self.then is not None:  # (a client that left meanwhile was sent nothing: 499, as the app logs it)
+                self.then(499 if self.disconnected else status)
         except Exception:  # as the app's failure while answering: logged; the connection closes if the answer is
             # not all written, else (``then`` failed) goes on (``_done``)
             log.exception("the REST app failed on %s %s", self.scope["method"], self.scope["path"])
