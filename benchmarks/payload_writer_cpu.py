@@ -98,23 +98,22 @@ def _user_system(pid: int) -> tuple[float, int]:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7])
 
 
-class _Writer:
-    """A writer process of ``src`` with a file sink in ``scratch``, and a thread summing the events it logged."""
+class WriterProcess:
+    """A writer process of ``src`` (``module``: ``dhow.serving.payload_writer`` or ``trace_writer``, given
+    ``settings``), and a thread summing what it reports (its counts, and how many reports)."""
 
-    def __init__(self, src: Path, scratch: str, capacity: int) -> None:
+    def __init__(self, src: Path, module: str, settings: dict[str, Any]) -> None:
         env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dhow.serving.payload_writer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            env=env,
-        )  # fmt: skip
+            [sys.executable, "-m", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
         assert self.process.stdin is not None and self.process.stdout is not None
         self.stdin, self.stdout = self.process.stdin, self.process.stdout
         widen_pipe(self.stdin.fileno())  # as the server does: a frame in one read
-        settings = {"url": f"file://{scratch}/payloads.jsonl", "source": "dhow://bench", "capacity": capacity,
-                    "close_timeout_s": 5.0}  # fmt: skip
         self.stdin.write(encode_frame(settings))
         self.stdin.flush()
         self.counts = {"logged": 0, "dropped": 0, "failed": 0}
+        self.reports = 0
         self.ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -128,6 +127,8 @@ class _Writer:
             for answer in decode_frames(buffer):
                 if "ready" in answer:
                     self.ready.set()
+                    continue
+                self.reports += 1
                 for outcome in self.counts:
                     self.counts[outcome] += int(answer.get(outcome, 0))
 
@@ -135,11 +136,12 @@ class _Writer:
         self.stdin.write(data)
         self.stdin.flush()
 
-    def wait_logged(self, count: int) -> None:
+    def wait_counted(self, count: int) -> None:
+        """Until the writer reported ``count`` items (logged, dropped or failed)."""
         deadline = time.monotonic() + 60
         while sum(self.counts.values()) < count:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the writer reported {self.counts} of {count} events")
+                raise RuntimeError(f"the writer reported {self.counts} of {count}")
             time.sleep(0.01)
 
     def close(self) -> None:
@@ -152,12 +154,14 @@ def run(src: Path, framed: list[bytes], per: int, interval: float | None) -> dic
     """The writer's CPU per event (µs), its context switches per frame and each thread's CPU per event, after the
     warm-up frames: paced at ``interval`` or, None, as fast as the pipe takes them."""
     with tempfile.TemporaryDirectory() as scratch:
-        writer = _Writer(src, scratch, 10_000 if interval else len(framed) * per)
+        settings = {"url": f"file://{scratch}/payloads.jsonl", "source": "dhow://bench",
+                    "capacity": 10_000 if interval else len(framed) * per, "close_timeout_s": 5.0}  # fmt: skip
+        writer = WriterProcess(src, "dhow.serving.payload_writer", settings)
         pid = writer.process.pid
         for data in framed[:_WARM_FRAMES]:
             writer.send(data)
             time.sleep(interval or 0)
-        writer.wait_logged(_WARM_FRAMES * per)
+        writer.wait_counted(_WARM_FRAMES * per)
         time.sleep(0.3)
         before, threads_before = _user_system(pid), _threads(pid)
         start = time.monotonic()
@@ -168,7 +172,7 @@ def run(src: Path, framed: list[bytes], per: int, interval: float | None) -> dic
                 if delay > 0:
                     time.sleep(delay)
             writer.send(data)
-        writer.wait_logged(len(framed) * per)
+        writer.wait_counted(len(framed) * per)
         after, threads_after = _user_system(pid), _threads(pid)
         counts = dict(writer.counts)
         writer.close()

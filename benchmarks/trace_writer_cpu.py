@@ -63,6 +63,7 @@ def made_frames(seconds: float, rate: float) -> dict[str, Any]:
     tracing._queue, tracing.capacity, tracing._gone, tracing._scheduled = collections.deque(), 1 << 30, False, False
     tracing._unsent, tracing._loop, tracing._closing = b"", None, False
     tracing._timer, tracing._soon = None, False  # (the early hand-over's, where the tree has one)
+    tracing._handing = threading.Lock()  # (the close's and the flush's, where the tree has one)
     tracing.ratio, tracing.monotonic_offset = 1.0, time.time_ns() - time.monotonic_ns()
     clock = [0.0]
     frames: list[list[Any]] = []
@@ -156,57 +157,6 @@ def _faults(pid: int) -> int:
         return int(stat.read().rsplit(")", 1)[1].split()[7])
 
 
-class _Writer:
-    """A trace writer process of ``src`` posting to ``url``, and a thread summing what it reports."""
-
-    def __init__(self, src: Path, url: str) -> None:
-        from dhow.core.frames import frame, widen_pipe  # (this tree's: the framing is every tree's)
-
-        env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1")
-        self.process = subprocess.Popen([sys.executable, "-m", "dhow.serving.trace_writer"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, env=env)  # fmt: skip
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.stdin, self.stdout = self.process.stdin, self.process.stdout
-        widen_pipe(self.stdin.fileno())
-        settings = {"url": url, "service": "dhow", "capacity": 8192, "close_timeout_s": 5.0}
-        self.send(frame(json.dumps(settings).encode()))
-        self.counts = {"logged": 0, "dropped": 0, "failed": 0}
-        self.reports = 0
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self.ready.wait(60):
-            raise RuntimeError("the writer did not start")
-
-    def _read(self) -> None:
-        from dhow.core.frames import decode_frames
-
-        buffer = bytearray()
-        while chunk := os.read(self.stdout.fileno(), 1 << 16):
-            buffer += chunk
-            for answer in decode_frames(buffer):
-                if "ready" in answer:
-                    self.ready.set()
-                    continue
-                self.reports += 1
-                for outcome in self.counts:
-                    self.counts[outcome] += int(answer.get(outcome, 0))
-
-    def send(self, data: bytes) -> None:
-        self.stdin.write(data)
-        self.stdin.flush()
-
-    def wait_counted(self, count: int) -> None:
-        deadline = time.monotonic() + 60
-        while sum(self.counts.values()) < count:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the writer reported {self.counts} of {count} traced requests")
-            time.sleep(0.01)
-
-    def close(self) -> None:
-        self.stdin.close()
-        self.process.wait(30)
-
-
 def run(src: Path, made: dict[str, Any], url: str, seconds: float) -> dict[str, Any]:
     """The writer's CPU per traced request (µs), its wake-ups, reports and posts a second, each thread's share:
     counted from the first paced frame's time to the last's plus ``_DRAIN_S`` (the same span for every tree, the
@@ -214,7 +164,12 @@ def run(src: Path, made: dict[str, Any], url: str, seconds: float) -> dict[str, 
     framed = [(when, count, bytes.fromhex(data)) for when, count, data in made["frames"]]
     warm = [frame for frame in framed if frame[0] < _WARM_S]
     paced = framed[len(warm) :]
-    writer = _Writer(src, url)
+    # (imported here, not in the ``--frames`` child: it imports this tree's dhow, and each tree's frames are made by
+    # its own hand-over)
+    from payload_writer_cpu import WriterProcess
+
+    settings = {"url": url, "service": "dhow", "capacity": 8192, "close_timeout_s": 5.0}
+    writer = WriterProcess(src, "dhow.serving.trace_writer", settings)
     pid = writer.process.pid
     begun = time.monotonic()
     for when, _, data in warm:
