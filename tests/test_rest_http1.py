@@ -463,7 +463,7 @@ def test_the_drain_gives_up_a_held_answer_with_its_line_saying_499(caplog: pytes
         writer.close()
         return sent
 
-    assert asyncio.run(scenario()) == b""
+    assert asyncio.run(asyncio.wait_for(scenario(), SAFETY_S)) == b""  # (bounded: a regression fails, not hangs)
     assert _HELD_STATUSES == [499]
     assert "gave up 1 REST answer(s) held" in caplog.text and "cancelled" not in caplog.text
     assert "failed" not in caplog.text and "Exception" not in caplog.text
@@ -493,7 +493,7 @@ def test_a_held_answer_whose_client_left_is_logged_499() -> None:
         front.should_exit = True
         await serving
 
-    asyncio.run(scenario())
+    asyncio.run(asyncio.wait_for(scenario(), SAFETY_S))  # (bounded: a regression fails, not hangs)
     assert _HELD_STATUSES == [499]
 
 

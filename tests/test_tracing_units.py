@@ -365,6 +365,27 @@ def test_a_timer_due_once_the_close_began_hands_nothing_over() -> None:
     assert frames == [5]
 
 
+def test_a_request_queued_after_the_close_took_the_queue_is_counted_failed() -> None:
+    """The close runs in a thread while the loop still runs: a traced request that ends after the close took the
+    queue is not handed over (no flush once the close began) and is counted failed once the close ends, not left
+    uncounted: every traced request is counted once."""
+    registry = CollectorRegistry()
+    tracing = Tracing("http://127.0.0.1:9", 1.0, command=TRACE_WRITER, registry=registry, capacity=8)
+    count, finished = traced_requests(tracing, registry)
+    tracing._scheduled = True  # (a timer is due: what ends is queued, not handed over at once)
+    finished()
+    hand = tracing._hand
+
+    def meanwhile(handed: int) -> bool:
+        finished()  # a request of the loop's, ending as the close hands the queue over
+        return hand(handed)
+
+    tracing._hand = meanwhile  # type: ignore[method-assign]
+    tracing.shutdown()
+    # the one handed over: failed by the writer (its collector unreachable); the one after: failed by the close
+    assert count("failed") == 2 and count("exported") == 0 and not tracing._queue
+
+
 def _record(parent: str, error: str, computed: bool, first: bool) -> list[Any]:
     """A finished request's record as the writer gets it (JSON), computed in a batch or not (refused before), the
     first traced request of its batch (its batch span links two) or not, answered unless it failed."""

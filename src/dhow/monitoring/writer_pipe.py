@@ -208,19 +208,23 @@ class WriterPipe:
                 self._loop.add_writer(self._in, self._write_more)
 
     def _write_more(self) -> None:
-        try:
-            written = os.write(self._in, self._unsent)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._unsent = b""
+        with self._handing:  # (the close writes what is left itself: the rest never twice)
+            if self._closing:
+                return
+            try:
+                written = os.write(self._in, self._unsent)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._unsent = b""
+                self._stop_writing()
+                self._writer_gone(repr(exc))
+                return
+            self._unsent = self._unsent[written:]
+            if self._unsent:
+                return
             self._stop_writing()
-            self._writer_gone(repr(exc))
-            return
-        self._unsent = self._unsent[written:]
-        if not self._unsent:
-            self._stop_writing()
-            self._flush()
+        self._flush()
 
     def _stop_writing(self) -> None:
         if self._loop is not None:
@@ -292,7 +296,7 @@ class WriterPipe:
         with self._handing:  # (a flush the loop began meanwhile writes its frame whole first)
             self._closing = True
             self._stop_writing()
-            data = self._unsent
+            data, self._unsent = self._unsent, b""
             if self._queue:
                 items = list(self._queue)
                 self._queue.clear()
@@ -316,3 +320,12 @@ class WriterPipe:
         # (the reader settles once the pipe closes: this is for a reader still waiting on a pipe some other process
         # holds open)
         self._settle()
+        # what the loop queued after the close took the queue (a request that ended meanwhile) is failed, counted
+        # once: ``_flush`` hands nothing over once the close began, and from now on ``_refused`` counts it so
+        left = 0
+        with contextlib.suppress(IndexError):
+            while True:
+                self._queue.popleft()
+                left += 1
+        if left:
+            self._failed.inc(left)
