@@ -222,8 +222,8 @@ def report(configs: list[Config], args: argparse.Namespace, total: int, chained:
         f"{args.seconds:g} s per configuration at concurrency {args.concurrency} and {args.latency_seconds:g} s at "
         f"concurrency 1, each after a {args.warmup:g} s warm-up, {args.rounds} rounds alternating the configurations "
         "(order rotated each round) in one run, the median round shown. The load generator shares the cores with "
-        "the server, and other engineers' tests ran on the machine at the same time: the figures are ratios from "
-        "this one run, not absolute capacity.",
+        "the server, and other work may share the machine: the figures are ratios from this one run, not absolute "
+        "capacity.",
         "",
         "(a) runs on a `--auth none` server; (b) to (d) on one `--auth on` server (`--jwt-issuer`, `--jwt-jwks` file), "
         "differing only in the credential sent, every inference written to the SQLite audit trail. Server CPU "
