@@ -249,9 +249,8 @@ class RestApp(PeerRoutes, MonitoringRoutes):
                     raise
                 if encoding is not None:
                     headers = [*headers, (b"content-encoding", encoding), (b"vary", b"accept-encoding")]
-            if departure is not None:  # (dhow's own HTTP/1.1 answers when the record has left: ``held_answers.py``)
-                exchange = getattr(send, "__self__", None)
-                # an audited inference's only: an audited admin change awaits its own durable write (``record_now``)
+            if departure is not None:  # dhow's own HTTP/1.1 answers an audited inference once its record has left
+                exchange = getattr(send, "__self__", None)  # (``held_answers.py``; an admin change awaits its write)
                 if type(exchange) is Exchange and type(departure) is Departure and not departure.done():
                     answer = (status, [*headers, (b"content-length", b"%d" % len(body))], body)
                     exchange.answer_after(departure, answer, REFUSALS[match.route.protocol])
