@@ -16,7 +16,10 @@ from tests.stream_processes import replies_by_key, slow_doubler, start_stream, s
 
 COUNT = 3000
 
-DOUBLER = slow_doubler(0.04)
+#: 0.08 s a batch of at most 8: ~100 rows a second per consumer, so the two first ones take ~6 s for the first half's
+#: rest after the first 300 replies, the third's start and join included (at 0.04 s, ~3 s: a fast machine's
+#: consumers answered the whole first half before the third joined, and the test proved nothing)
+DOUBLER = slow_doubler(0.08)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def broker() -> Iterator[Broker]:
 
 
 def _doubler(tmp_path: Path) -> Path:
-    """The model ``slow``: y = 2x, 200 rows a second per consumer, so that the topic is still flowing when the third
+    """The model ``slow``: y = 2x, ~100 rows a second per consumer, so that the topic is still flowing when the third
     consumer joins."""
     repository = tmp_path / "models"
     manifest = (
