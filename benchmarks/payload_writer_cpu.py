@@ -74,7 +74,7 @@ def frames(count: int, per: int) -> list[bytes]:
     return written
 
 
-def _threads(pid: int) -> dict[str, tuple[float, int, int]]:
+def thread_times(pid: int) -> dict[str, tuple[float, int, int]]:
     """Each thread's time on a CPU (seconds: ``schedstat``, to the nanosecond, where ``stat``'s user and system time
     are scaled from 10 ms ticks) and its voluntary and involuntary context switches, by thread id."""
     found = {}
@@ -90,7 +90,7 @@ def _threads(pid: int) -> dict[str, tuple[float, int, int]]:
     return found
 
 
-def _user_system(pid: int) -> tuple[float, int]:
+def user_system(pid: int) -> tuple[float, int]:
     """The process's user and system CPU time (seconds), as ``/proc/<pid>/stat`` counts it (in ticks), and its minor
     page faults (memory the allocator took from the system again: each a trap and a zeroed page)."""
     with open(f"/proc/{pid}/stat") as stat:
@@ -163,7 +163,7 @@ def run(src: Path, framed: list[bytes], per: int, interval: float | None) -> dic
             time.sleep(interval or 0)
         writer.wait_counted(_WARM_FRAMES * per)
         time.sleep(0.3)
-        before, threads_before = _user_system(pid), _threads(pid)
+        before, threads_before = user_system(pid), thread_times(pid)
         start = time.monotonic()
         measured = framed[_WARM_FRAMES:]
         for n, data in enumerate(measured):
@@ -173,7 +173,7 @@ def run(src: Path, framed: list[bytes], per: int, interval: float | None) -> dic
                     time.sleep(delay)
             writer.send(data)
         writer.wait_counted(len(framed) * per)
-        after, threads_after = _user_system(pid), _threads(pid)
+        after, threads_after = user_system(pid), thread_times(pid)
         counts = dict(writer.counts)
         writer.close()
     events = len(measured) * per

@@ -135,28 +135,6 @@ class _Receiver(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _threads(pid: int) -> dict[str, tuple[float, int]]:
-    """Each thread's time on a CPU (seconds, ``schedstat``) and its voluntary context switches, by thread id."""
-    found = {}
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat") as schedstat:
-                cpu = int(schedstat.read().split()[0]) / 1e9
-            with open(f"/proc/{pid}/task/{task}/status") as status:
-                lines = dict(line.split(":", 1) for line in status.read().splitlines() if ":" in line)
-        except FileNotFoundError:
-            continue
-        found[task] = (cpu, int(lines["voluntary_ctxt_switches"]))
-    return found
-
-
-def _faults(pid: int) -> int:
-    """The process's minor page faults (memory the allocators took from the system again: each a trap and a zeroed
-    page)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        return int(stat.read().rsplit(")", 1)[1].split()[7])
-
-
 def run(src: Path, made: dict[str, Any], url: str, seconds: float) -> dict[str, Any]:
     """The writer's CPU per traced request (µs), its wake-ups, reports and posts a second, each thread's share:
     counted from the first paced frame's time to the last's plus ``_DRAIN_S`` (the same span for every tree, the
@@ -166,7 +144,7 @@ def run(src: Path, made: dict[str, Any], url: str, seconds: float) -> dict[str, 
     paced = framed[len(warm) :]
     # (imported here, not in the ``--frames`` child: it imports this tree's dhow, and each tree's frames are made by
     # its own hand-over)
-    from payload_writer_cpu import WriterProcess
+    from payload_writer_cpu import WriterProcess, thread_times, user_system
 
     settings = {"url": url, "service": "dhow", "capacity": 8192, "close_timeout_s": 5.0}
     writer = WriterProcess(src, "dhow.serving.trace_writer", settings)
@@ -177,7 +155,7 @@ def run(src: Path, made: dict[str, Any], url: str, seconds: float) -> dict[str, 
         writer.send(data)
     writer.wait_counted(sum(count for _, count, _ in warm))
     time.sleep(0.5)
-    threads_before, reports, posts, faults = _threads(pid), writer.reports, _Receiver.posts, _faults(pid)
+    threads_before, reports, posts, faults = thread_times(pid), writer.reports, _Receiver.posts, user_system(pid)[1]
     start = time.monotonic()
     for when, _, data in paced:
         _sleep_until(start + when - _WARM_S)
@@ -185,8 +163,8 @@ def run(src: Path, made: dict[str, Any], url: str, seconds: float) -> dict[str, 
     writer.wait_counted(sum(count for _, count, _ in framed))
     late = time.monotonic() - (start + seconds + _DRAIN_S)
     _sleep_until(start + seconds + _DRAIN_S)
-    threads_after, reports, posts = _threads(pid), writer.reports - reports, _Receiver.posts - posts
-    faults = _faults(pid) - faults
+    threads_after, reports, posts = thread_times(pid), writer.reports - reports, _Receiver.posts - posts
+    faults = user_system(pid)[1] - faults
     counts = dict(writer.counts)
     writer.close()
     requests = sum(count for _, count, _ in paced)
@@ -194,8 +172,8 @@ def run(src: Path, made: dict[str, Any], url: str, seconds: float) -> dict[str, 
     # the process's first thread reads the pipe; the writer then starts the sink's thread and the reporter
     names = dict(zip(sorted(threads_after, key=int), ("reader", "sink", "reporter"), strict=False))
     shares, woken = [], 0
-    for task, (cpu, voluntary) in threads_after.items():
-        old = threads_before.get(task, (0.0, 0))
+    for task, (cpu, voluntary, _) in threads_after.items():
+        old = threads_before.get(task, (0.0, 0, 0))
         woken += voluntary - old[1]
         shares.append(((cpu - old[0]) / requests * 1e6, names.get(task, "other")))
     return {

@@ -440,6 +440,22 @@ def test_a_held_answer_sent_before_its_app_returned_goes_on_with_the_next_reques
     assert [body for _, _, body in answers] == [b"sent", b"/wait/300", b"third"], answers
 
 
+async def _front_holding_an_answer() -> tuple[
+    HttpFront, asyncio.Future[None], asyncio.StreamReader, asyncio.StreamWriter
+]:
+    """A front (drain time 0) serving, and one connection whose request's answer it holds for a record that has not
+    left (``/never-released``): the front, its serving, the connection's reader and writer."""
+    front = HttpFront(_app, host="127.0.0.1", port=0, timeouts=TIMEOUTS, keepalive_s=KEEPALIVE_S, drain_s=0)
+    serving = asyncio.ensure_future(front.serve())
+    while not front.started:
+        await asyncio.sleep(0.01)
+    reader, writer = await asyncio.open_connection("127.0.0.1", front.servers[0].sockets[0].getsockname()[1])
+    writer.write(_post("/never-released", b""))
+    while not any(exchange.deferred for exchange in front._running):
+        await asyncio.sleep(0.01)
+    return front, serving, reader, writer
+
+
 def test_the_drain_gives_up_a_held_answer_with_its_line_saying_499(caplog: pytest.LogCaptureFixture) -> None:
     """An answer still held for its record when the drain's time is up has no coroutine to cancel: it is given up,
     its access log line said 499 then (not the 200 it was never sent with, later), and its connection closed;
@@ -447,14 +463,7 @@ def test_the_drain_gives_up_a_held_answer_with_its_line_saying_499(caplog: pytes
     _HELD_STATUSES.clear()
 
     async def scenario() -> bytes:
-        front = HttpFront(_app, host="127.0.0.1", port=0, timeouts=TIMEOUTS, keepalive_s=KEEPALIVE_S, drain_s=0)
-        serving = asyncio.ensure_future(front.serve())
-        while not front.started:
-            await asyncio.sleep(0.01)
-        reader, writer = await asyncio.open_connection("127.0.0.1", front.servers[0].sockets[0].getsockname()[1])
-        writer.write(_post("/never-released", b""))
-        while not any(exchange.deferred for exchange in front._running):
-            await asyncio.sleep(0.01)
+        front, serving, reader, writer = await _front_holding_an_answer()
         front.should_exit = True
         await serving
         assert _HELD_STATUSES == [499] and not front._running
@@ -475,14 +484,7 @@ def test_a_held_answer_whose_client_left_is_logged_499() -> None:
     _HELD_STATUSES.clear()
 
     async def scenario() -> None:
-        front = HttpFront(_app, host="127.0.0.1", port=0, timeouts=TIMEOUTS, keepalive_s=KEEPALIVE_S, drain_s=0)
-        serving = asyncio.ensure_future(front.serve())
-        while not front.started:
-            await asyncio.sleep(0.01)
-        _, writer = await asyncio.open_connection("127.0.0.1", front.servers[0].sockets[0].getsockname()[1])
-        writer.write(_post("/never-released", b""))
-        while not any(exchange.deferred for exchange in front._running):
-            await asyncio.sleep(0.01)
+        front, serving, _, writer = await _front_holding_an_answer()
         (held,) = [exchange for exchange in front._running if exchange.deferred]
         writer.close()
         while not held.disconnected:
