@@ -18,7 +18,7 @@ import orjson
 
 from dhow.access.authenticator import Credentials
 from dhow.core.errors import CallCancelled, DhowError, InvalidInput, NotFound
-from dhow.core.ids import client_request_id, new_request_id
+from dhow.core.ids import client_request_id
 from dhow.core.types import LazyHeaders
 from dhow.core.wire.v2 import decode_request, encode_response
 from dhow.governance.writer_process import Departure
@@ -33,13 +33,12 @@ from dhow.protocols.rest.body import (
     read_body,
     too_large,
 )
-from dhow.protocols.rest.held_answers import REFUSALS, log_later, retry_after
+from dhow.protocols.rest.held_answers import REFUSALS, error_body, log_later, retry_after
 from dhow.protocols.rest.http1 import Exchange
 from dhow.protocols.rest.monitoring import MonitoringRoutes
 from dhow.protocols.rest.openapi import openapi_document
 from dhow.protocols.rest.peers import PeerRoutes
 from dhow.protocols.rest.router import Match, allowed_methods, resolve
-from dhow.protocols.rest.torchserve import error_body as torchserve_error
 from dhow.protocols.routes import ROUTES, Protocol
 from dhow.rollouts.editor import DeploymentEditor
 from dhow.serving.admin import KEY_FIELDS, AccessAdmin
@@ -218,7 +217,7 @@ class RestApp(PeerRoutes, MonitoringRoutes):
         if not status:  # answered once its audit record has left (``Exchange.answer_after``): logged then
             send.__self__.then = partial(log_later, access_log, scope, started, principal, request_id)  # type: ignore[attr-defined]
             return
-        access_log.write(scope, status, time.perf_counter() - started, principal, request_id or new_request_id())
+        log_later(access_log, scope, started, principal, request_id, status)
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send) -> tuple[int, str, str]:
         """Route, admit and answer one request; its status (499: the client left), who asked ("-": unknown) and
@@ -469,8 +468,7 @@ async def _send_error(
     send: Send, status: int, message: str, headers: Headers | None = None, protocol: Protocol = "v2"
 ) -> None:
     """``{"error": message}``; TorchServe's routes answer its own shape, which carries ``error`` too."""
-    body = torchserve_error(status, message) if protocol == "torchserve" else orjson.dumps({"error": message})
-    waiting = _send(send, status, [*_JSON, *(headers or ())], body)
+    waiting = _send(send, status, [*_JSON, *(headers or ())], error_body(protocol, status, message))
     if waiting is not None:
         await waiting
 

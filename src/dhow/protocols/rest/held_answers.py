@@ -21,12 +21,11 @@ from dhow.core.errors import DhowError, Unavailable
 from dhow.core.ids import new_request_id
 from dhow.protocols.rest.access_log import AccessLog
 from dhow.protocols.rest.body import Scope
+from dhow.protocols.rest.exchange import Answer
 from dhow.protocols.rest.torchserve import error_body as torchserve_error
 from dhow.protocols.routes import Protocol
 
-__all__ = ["REFUSALS", "log_later", "retry_after"]
-
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+__all__ = ["REFUSALS", "error_body", "log_later", "retry_after"]
 
 
 def _refusal(protocol: Protocol, exc: BaseException) -> Answer:
@@ -34,13 +33,14 @@ def _refusal(protocol: Protocol, exc: BaseException) -> Answer:
     its ``await`` of the departure would have raised (a 503, ``Unavailable``)."""
     if not isinstance(exc, DhowError):  # (a departure fails with ``Unavailable`` only)
         exc = Unavailable(f"the audit record could not leave ({type(exc).__name__})")
-    body = (
-        torchserve_error(exc.http_status, exc.message)
-        if protocol == "torchserve"
-        else orjson.dumps({"error": exc.message})
-    )
+    body = error_body(protocol, exc.http_status, exc.message)
     headers = [(b"content-type", b"application/json"), *retry_after(exc.retry_after)]
     return exc.http_status, [*headers, (b"content-length", b"%d" % len(body))], body
+
+
+def error_body(protocol: Protocol, status: int, message: str) -> bytes:
+    """``{"error": message}``; TorchServe's routes answer its own shape, which carries ``error`` too."""
+    return torchserve_error(status, message) if protocol == "torchserve" else orjson.dumps({"error": message})
 
 
 def retry_after(seconds: float | None) -> list[tuple[bytes, bytes]]:
@@ -57,5 +57,6 @@ REFUSALS = {protocol: partial(_refusal, protocol) for protocol in get_args(Proto
 def log_later(
     access_log: AccessLog, scope: Scope, started: float, principal: str, request_id: str, status: int
 ) -> None:
-    """The access log line of a request answered from its record's departure, with the status it was answered."""
+    """A request's access log line, with the status it was answered (from its record's departure when it waited for
+    it: ``partial`` of all but the status)."""
     access_log.write(scope, status, time.perf_counter() - started, principal, request_id or new_request_id())
