@@ -120,15 +120,13 @@ class Call:
         # no coroutine of its own to make and, for an audited inference, none to resume when its record has left
         if exc is not None:
             return self._ended(exc)
-        if self._trace is not None:
-            self._trace.finish(self._outcome.version if self._outcome else "", self._answered_ns, "")
-        # the guard raises when the audit trail cannot take the record: fail closed
-        waiting = self._finish("success")
+        waiting = self.leave()
         return _NOTHING if waiting is None else waiting
 
     def leave(self) -> Awaitable[None] | None:
-        """The end of a call whose work raised nothing, as ``__aexit__`` ends it, for a door that sends its answer
-        once the record has left (what to wait for first; None: nothing) without resuming its coroutine for it."""
+        """The end of a call whose work raised nothing (``__aexit__``'s, and that of a door that sends its answer
+        once the record has left without resuming its coroutine for it): what to wait for first; None: nothing. The
+        guard raises when the audit trail cannot take the record: fail closed."""
         if self._trace is not None:
             self._trace.finish(self._outcome.version if self._outcome else "", self._answered_ns, "")
         return self._finish("success")
