@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
-from security_overhead import BODY, DHOW, build_models, cpu_seconds, free_port, start_server
+from security_overhead import BODY, DHOW, build_models, cpu_seconds, free_port, paired, start_server
 
 HERE = Path(__file__).resolve().parent
 
@@ -131,20 +131,28 @@ def report(configs: list[Config], args: argparse.Namespace, logged: dict[str, di
         f"`{' '.join(['python', *sys.argv])}` on {platform.node()} ({platform.machine()}, {os.cpu_count()} cores), "
         f"{time.strftime('%Y-%m-%d')}: dhow serving `tabular` (ONNX), REST JSON batch 1, closed loop at concurrency "
         f"{args.concurrency}, {args.seconds:g} s per configuration after a {args.warmup:g} s warm-up, {args.rounds} "
-        "rounds alternating the configurations (order rotated each round) in one run, the median round shown. The "
+        "rounds alternating the configurations (order rotated each round) in one run, the median round shown; a paired "
+        "ratio is the median of the rounds' ratios (each round's run against the same round's run of the first "
+        "configuration, from the same source tree with --compare, measured seconds apart), with their range. The "
         "load generator shares the cores with the server (and the OTLP receiver): ratios from this one run, not "
         "absolute capacity. Goal: (e) at >= 0.95 of (a)'s throughput, p99 within 10%.",
         "",
-        f"| configuration | infer/s | p50 ms | p99 ms | failures | throughput ratio to {against} | p99 ratio to "
-        f"{against} | server CPU µs/request |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| configuration | infer/s | p50 ms | p99 ms | failures | throughput ratio to {against} | paired ratio to "
+        f"{against} | p99 ratio to {against} | paired p99 ratio | server CPU µs/request |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for config in configs:
         result, cpu_us = config.median()
+        # a tree's configurations against that tree's first (--compare: each tree's own (a))
+        reference = next(c for c in configs if c.label.split(" [")[1:] == config.label.split(" [")[1:])
+        rounds = [run.throughput for run, _ in config.runs]
+        tails = [run.percentile(99) for run, _ in config.runs]
         lines.append(
             f"| {config.label} | {result.throughput:,.0f} | {result.percentile(50):.2f} | {result.percentile(99):.2f} "
             f"| {result.failures} | {result.throughput / base.throughput:.3f} "
-            f"| {result.percentile(99) / base.percentile(99):.3f} | {cpu_us:.0f} |"
+            f"| {paired([run.throughput for run, _ in reference.runs], rounds)} "
+            f"| {result.percentile(99) / base.percentile(99):.3f} "
+            f"| {paired([run.percentile(99) for run, _ in reference.runs], tails)} | {cpu_us:.0f} |"
         )
     lines += ["", "Payload log check (every request sent, warm-ups included):", "",
               "| configuration | requests sent | logged | dropped | failed |", "|---|---|---|---|---|"]  # fmt: skip

@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -190,6 +191,16 @@ def run_rounds(configs: list[Config], secure_data: Path, args: argparse.Namespac
     return seq
 
 
+def paired(base: list[float], other: list[float]) -> str:
+    """Per-round ratios of ``other`` to ``base`` (the same round's, measured back to back): their median and range.
+    The machine's speed moves within a run (here up to a third over minutes, others' load on the host), more than
+    between two configurations measured a few seconds apart; a round's ratio cancels most of it, the median round
+    of each configuration does not."""
+    ratios = [value / reference for value, reference in zip(other, base, strict=True)]
+    middle, low, high = statistics.median(ratios), min(ratios), max(ratios)
+    return f"{middle:.3f} ({low:.2f}-{high:.2f})"
+
+
 def median(runs: list[Run]) -> Run:
     """The median round by throughput, so that one noisy round does not decide."""
     return sorted(runs, key=lambda run: run.result.throughput)[len(runs) // 2]
@@ -198,16 +209,18 @@ def median(runs: list[Run]) -> Run:
 def table(configs: list[Config], concurrency: int, cpu: bool) -> list[str]:
     """A results table; ``cpu`` adds server CPU per request (at concurrency 1 it mostly measures idle spinning)."""
     base = median(configs[0].runs[concurrency])
-    head = "| configuration | infer/s | p50 ms | p99 ms | failures | throughput ratio to (a) | p50 added µs |"
-    head += " server CPU µs/request | CPU ratio to (a) |" if cpu else ""
+    head = "| configuration | infer/s | p50 ms | p99 ms | failures | throughput ratio to (a) | paired ratio to (a) |"
+    head += " p50 added µs |" + (" server CPU µs/request | CPU ratio to (a) |" if cpu else "")
+    throughputs = [[run.result.throughput for run in config.runs[concurrency]] for config in configs]
     lines = [f"Concurrency {concurrency}:", "", head, "|---" * head.count(" | ") + "|---|"]
-    for config in configs:
+    for config, rounds in zip(configs, throughputs, strict=True):
         run = median(config.runs[concurrency])
         r = run.result
         added = (r.percentile(50) - base.result.percentile(50)) * 1000
         row = (
             f"| {config.label} | {r.throughput:,.0f} | {r.percentile(50):.2f} | {r.percentile(99):.2f} "
-            f"| {r.failures} | {r.throughput / base.result.throughput:.3f} | {added:+.0f} |"
+            f"| {r.failures} | {r.throughput / base.result.throughput:.3f} | {paired(throughputs[0], rounds)} "
+            f"| {added:+.0f} |"
         )
         lines.append(row + (f" {run.cpu_us:.0f} | {run.cpu_us / base.cpu_us:.2f} |" if cpu else ""))
     return [*lines, ""]
@@ -221,7 +234,9 @@ def report(configs: list[Config], args: argparse.Namespace, total: int, chained:
         f"{time.strftime('%Y-%m-%d')}: dhow serving `tabular` (ONNX), REST JSON batch 1, closed loop, "
         f"{args.seconds:g} s per configuration at concurrency {args.concurrency} and {args.latency_seconds:g} s at "
         f"concurrency 1, each after a {args.warmup:g} s warm-up, {args.rounds} rounds alternating the configurations "
-        "(order rotated each round) in one run, the median round shown. The load generator shares the cores with "
+        "(order rotated each round) in one run, the median round shown; the paired ratio is the median of the "
+        "rounds' ratios (each round's run against the same round's (a), measured seconds apart), with their range. "
+        "The load generator shares the cores with "
         "the server, and other work may share the machine: the figures are ratios from this one run, not absolute "
         "capacity.",
         "",
