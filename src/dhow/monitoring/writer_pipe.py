@@ -77,7 +77,8 @@ class WriterPipe:
         self._timer: asyncio.TimerHandle | None = None
         #: held while the queue is taken, framed and written: by ``_flush`` on the event loop, by ``close`` in the
         #: thread the server closes it from (a timer due meanwhile must neither take items twice nor interleave its
-        #: frame's bytes with the close's in the pipe)
+        #: frame's bytes with the close's in the pipe); the close writes after it let go, once ``_closing`` keeps
+        #: the loop from writing
         self._handing = threading.Lock()
         #: bytes of a frame the pipe did not take yet (the writer is behind): nothing more is written meanwhile
         self._unsent = b""
@@ -291,10 +292,13 @@ class WriterPipe:
             self._log.warning("%s: item(s) to the %s sink failed: %s", self.what, self.kind, reason)
 
     def close(self, timeout_s: float | None = None) -> None:
-        """Hand over what is queued, then let the writer deliver what it holds, within about ``timeout_s``."""
+        """Hand over what is queued, then let the writer deliver what it holds, within about ``timeout_s``; a writer
+        that does not take the last frames within it (it stopped reading: a hung sink, a stopped process) is killed,
+        and what it was handed is counted failed (``_settle``)."""
         timeout = self.close_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
         with self._handing:  # (a flush the loop began meanwhile writes its frame whole first)
-            self._closing = True
+            self._closing = True  # (from now on neither ``_flush`` nor ``_write_more`` writes: the pipe is ours)
             self._stop_writing()
             data, self._unsent = self._unsent, b""
             if self._queue:
@@ -303,11 +307,12 @@ class WriterPipe:
                 framed = self._frame(items)
                 if self._hand(len(items)):
                     data += framed
-            if not self._gone:
-                with contextlib.suppress(OSError):
-                    os.set_blocking(self._in, True)
-                    while data:
-                        data = data[os.write(self._in, data) :]
+        # written outside ``_handing``: a timer of the loop's due meanwhile returns at once instead of waiting on it
+        if not self._gone and not self._write_last(data, deadline):
+            self._log.error(
+                "%s: the writer process did not take its last frames within %g s (it stopped reading): killed, and "
+                "what it was handed and did not report is counted failed", self.what, timeout)  # fmt: skip
+            self._process.kill()
         with contextlib.suppress(OSError):
             assert self._process.stdin is not None
             self._process.stdin.close()
@@ -329,3 +334,21 @@ class WriterPipe:
                 left += 1
         if left:
             self._failed.inc(left)
+
+    def _write_last(self, data: bytes, deadline: float) -> bool:
+        """Write the close's ``data`` into the pipe as it takes it, never waiting past ``deadline``: False when the
+        writer did not take it all by then. A writer gone meanwhile is True: its reader settles what it was handed."""
+        view = memoryview(data)
+        poller = select.poll()  # (not ``select.select``: a server's descriptors may be numbered past its 1024)
+        poller.register(self._in, select.POLLOUT)
+        while view:
+            try:
+                view = view[os.write(self._in, view) :]
+            except BlockingIOError:  # the pipe is full: wait for room, not past the deadline
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                poller.poll(left * 1000 + 1)
+            except OSError:  # the writer is gone (its pipe closed)
+                return True
+        return True
