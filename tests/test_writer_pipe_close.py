@@ -1,8 +1,10 @@
 """The close of a writer pipe (the payload log's, tracing's) against a writer process that stopped reading (a hung
-sink, a stopped process): it keeps to about its time, kills the writer, and counts every item once."""
+sink, a stopped process): it keeps to about its time, kills the writer, and counts every item once; and it leaves
+the event loop's watch on the pipe to the loop's own thread, whether the loop still runs or was closed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -80,3 +82,54 @@ def test_the_close_kills_a_writer_that_stopped_reading_and_counts_every_event_on
     assert log._process.returncode == -signal.SIGKILL
     assert _counted(registry) == offered  # none logged: every event failed, counted once
     assert any("did not take its last frames within 1 s" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("loop_state", ["running", "closed"])
+def test_the_close_from_another_thread_leaves_the_loops_watch_on_the_pipe_to_the_loops_thread(
+    tmp_path: Path, loop_state: str
+) -> None:
+    """The events come on an event loop (its own thread), which watches the full pipe for room (``add_writer``);
+    the close comes from another thread: the watch is removed on the loop's thread (its methods are not
+    thread-safe), or not at all once the loop was closed, and the close neither raises nor hangs."""
+    log, registry = _stopped_log(tmp_path)
+    loop = asyncio.new_event_loop()
+    removed_on: list[int] = []
+    remove_writer = loop.remove_writer
+
+    def recorded(fd: int) -> bool:
+        removed_on.append(threading.get_ident())
+        return remove_writer(fd)
+
+    loop.remove_writer = recorded  # type: ignore[method-assign]
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+
+    async def fill() -> int:
+        offered = 0
+        while offered < 200 and not log._unsent:  # each handed over by its timer, until the pipe is full
+            _offer(log, offered)
+            offered += 1
+            await asyncio.sleep(log.flush_s * 2)
+        for _ in range(3):  # queued behind the frame's rest
+            _offer(log, offered)
+            offered += 1
+        return offered
+
+    try:
+        offered = asyncio.run_coroutine_threadsafe(fill(), loop).result(60)
+        assert log._unsent
+        if loop_state == "closed":
+            loop.call_soon_threadsafe(loop.stop)
+            runner.join(30)
+            loop.close()
+        assert _close_in_a_thread(log) == []
+    finally:
+        if log._process.poll() is None:
+            log._process.kill()
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(loop.stop)
+            runner.join(30)
+            loop.close()
+    assert set(removed_on) <= {runner.ident}, "the loop's watch was removed from the close's thread"
+    assert removed_on or loop_state == "closed"
+    assert _counted(registry) == offered

@@ -210,7 +210,8 @@ class WriterPipe:
 
     def _write_more(self) -> None:
         with self._handing:  # (the close writes what is left itself: the rest never twice)
-            if self._closing:
+            if self._closing:  # (a call the close's removal, scheduled on this thread, did not come before)
+                self._stop_writing()
                 return
             try:
                 written = os.write(self._in, self._unsent)
@@ -227,10 +228,26 @@ class WriterPipe:
             self._stop_writing()
         self._flush()
 
-    def _stop_writing(self) -> None:
-        if self._loop is not None:
+    def _stop_writing(self, stopped: threading.Event | None = None) -> None:
+        """Stop the loop's watch on the pipe (``_write_more``), on the loop's thread: its methods are not
+        thread-safe. From another thread (the close's) it is scheduled there, unless the loop no longer runs (then
+        nothing else touches it; a closed one has no watch left). ``stopped`` is set once it is done."""
+        loop = self._loop
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            here = False
+        if loop is not None and not here and loop.is_running():
+            try:
+                loop.call_soon_threadsafe(self._stop_writing, stopped)
+                return
+            except RuntimeError:  # (closed meanwhile)
+                pass
+        elif loop is not None and not loop.is_closed():
             with contextlib.suppress(Exception):
-                self._loop.remove_writer(self._in)
+                loop.remove_writer(self._in)
+        if stopped is not None:
+            stopped.set()
 
     def _writer_gone(self, reason: str) -> None:
         with self._tally:
@@ -297,9 +314,10 @@ class WriterPipe:
         and what it was handed is counted failed (``_settle``)."""
         timeout = self.close_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
+        stopped = threading.Event()
         with self._handing:  # (a flush the loop began meanwhile writes its frame whole first)
             self._closing = True  # (from now on neither ``_flush`` nor ``_write_more`` writes: the pipe is ours)
-            self._stop_writing()
+            self._stop_writing(stopped)
             data, self._unsent = self._unsent, b""
             if self._queue:
                 items = list(self._queue)
@@ -313,6 +331,7 @@ class WriterPipe:
                 "%s: the writer process did not take its last frames within %g s (it stopped reading): killed, and "
                 "what it was handed and did not report is counted failed", self.what, timeout)  # fmt: skip
             self._process.kill()
+        stopped.wait(1)  # (the loop's watch on the pipe gone before its descriptor is closed, unless the loop hangs)
         with contextlib.suppress(OSError):
             assert self._process.stdin is not None
             self._process.stdin.close()
