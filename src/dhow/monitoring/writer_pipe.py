@@ -77,7 +77,8 @@ class WriterPipe:
         self._timer: asyncio.TimerHandle | None = None
         #: held while the queue is taken, framed and written: by ``_flush`` on the event loop, by ``close`` in the
         #: thread the server closes it from (a timer due meanwhile must neither take items twice nor interleave its
-        #: frame's bytes with the close's in the pipe)
+        #: frame's bytes with the close's in the pipe); the close writes after it let go, once ``_closing`` keeps
+        #: the loop from writing
         self._handing = threading.Lock()
         #: bytes of a frame the pipe did not take yet (the writer is behind): nothing more is written meanwhile
         self._unsent = b""
@@ -209,7 +210,8 @@ class WriterPipe:
 
     def _write_more(self) -> None:
         with self._handing:  # (the close writes what is left itself: the rest never twice)
-            if self._closing:
+            if self._closing:  # (a call the close's removal, scheduled on this thread, did not come before)
+                self._stop_writing()
                 return
             try:
                 written = os.write(self._in, self._unsent)
@@ -226,10 +228,26 @@ class WriterPipe:
             self._stop_writing()
         self._flush()
 
-    def _stop_writing(self) -> None:
-        if self._loop is not None:
+    def _stop_writing(self, stopped: threading.Event | None = None) -> None:
+        """Stop the loop's watch on the pipe (``_write_more``), on the loop's thread: its methods are not
+        thread-safe. From another thread (the close's) it is scheduled there, unless the loop no longer runs (then
+        nothing else touches it; a closed one has no watch left). ``stopped`` is set once it is done."""
+        loop = self._loop
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            here = False
+        if loop is not None and not here and loop.is_running():
+            try:
+                loop.call_soon_threadsafe(self._stop_writing, stopped)
+                return
+            except RuntimeError:  # (closed meanwhile)
+                pass
+        elif loop is not None and not loop.is_closed():
             with contextlib.suppress(Exception):
-                self._loop.remove_writer(self._in)
+                loop.remove_writer(self._in)
+        if stopped is not None:
+            stopped.set()
 
     def _writer_gone(self, reason: str) -> None:
         with self._tally:
@@ -291,11 +309,15 @@ class WriterPipe:
             self._log.warning("%s: item(s) to the %s sink failed: %s", self.what, self.kind, reason)
 
     def close(self, timeout_s: float | None = None) -> None:
-        """Hand over what is queued, then let the writer deliver what it holds, within about ``timeout_s``."""
+        """Hand over what is queued, then let the writer deliver what it holds, within about ``timeout_s``; a writer
+        that does not take the last frames within it (it stopped reading: a hung sink, a stopped process) is killed,
+        and what it was handed is counted failed (``_settle``)."""
         timeout = self.close_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+        stopped = threading.Event()
         with self._handing:  # (a flush the loop began meanwhile writes its frame whole first)
-            self._closing = True
-            self._stop_writing()
+            self._closing = True  # (from now on neither ``_flush`` nor ``_write_more`` writes: the pipe is ours)
+            self._stop_writing(stopped)
             data, self._unsent = self._unsent, b""
             if self._queue:
                 items = list(self._queue)
@@ -303,11 +325,13 @@ class WriterPipe:
                 framed = self._frame(items)
                 if self._hand(len(items)):
                     data += framed
-            if not self._gone:
-                with contextlib.suppress(OSError):
-                    os.set_blocking(self._in, True)
-                    while data:
-                        data = data[os.write(self._in, data) :]
+        # written outside ``_handing``: a timer of the loop's due meanwhile returns at once instead of waiting on it
+        if not self._gone and not self._write_last(data, deadline):
+            self._log.error(
+                "%s: the writer process did not take its last frames within %g s (it stopped reading): killed, and "
+                "what it was handed and did not report is counted failed", self.what, timeout)  # fmt: skip
+            self._process.kill()
+        stopped.wait(1)  # (the loop's watch on the pipe gone before its descriptor is closed, unless the loop hangs)
         with contextlib.suppress(OSError):
             assert self._process.stdin is not None
             self._process.stdin.close()
@@ -329,3 +353,21 @@ class WriterPipe:
                 left += 1
         if left:
             self._failed.inc(left)
+
+    def _write_last(self, data: bytes, deadline: float) -> bool:
+        """Write the close's ``data`` into the pipe as it takes it, never waiting past ``deadline``: False when the
+        writer did not take it all by then. A writer gone meanwhile is True: its reader settles what it was handed."""
+        view = memoryview(data)
+        poller = select.poll()  # (not ``select.select``: a server's descriptors may be numbered past its 1024)
+        poller.register(self._in, select.POLLOUT)
+        while view:
+            try:
+                view = view[os.write(self._in, view) :]
+            except BlockingIOError:  # the pipe is full: wait for room, not past the deadline
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                poller.poll(left * 1000 + 1)
+            except OSError:  # the writer is gone (its pipe closed)
+                return True
+        return True

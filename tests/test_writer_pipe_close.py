@@ -1,0 +1,135 @@
+"""The close of a writer pipe (the payload log's, tracing's) against a writer process that stopped reading (a hung
+sink, a stopped process): it keeps to about its time, kills the writer, and counts every item once; and it leaves
+the event loop's watch on the pipe to the loop's own thread, whether the loop still runs or was closed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from dhow.governance.masking import Masker, parse_masking
+from dhow.monitoring.payload_log import PayloadLog
+from dhow.serving.composition import PAYLOAD_WRITER
+
+#: a request's JSON body of ~250 KB: a few fill the writer's pipe (1 MiB, or 64 KiB where it cannot be widened)
+_BODY = json.dumps({"inputs": [{"name": "x", "shape": [50_000], "datatype": "FP32", "data": [0.5] * 50_000}]})
+_MASKER = Masker(parse_masking(None, "pii"), b"")
+
+
+def _stopped_log(tmp_path: Path) -> tuple[PayloadLog, CollectorRegistry]:
+    """A payload log whose real writer process (to a file) started, answered ready, then was stopped (SIGSTOP): it
+    reads nothing more, and its pipe fills."""
+    registry = CollectorRegistry()
+    log = PayloadLog(f"file://{tmp_path}/payloads.jsonl", capacity=10_000, source="dhow://test",
+                     command=PAYLOAD_WRITER, registry=registry)  # fmt: skip
+    os.kill(log._process.pid, signal.SIGSTOP)
+    return log, registry
+
+
+def _offer(log: PayloadLog, n: int) -> None:
+    log.offer([f"r-{n}", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, (_BODY.encode(), 1), None], _MASKER)
+
+
+def _counted(registry: CollectorRegistry) -> int:
+    """Events counted logged, dropped or failed."""
+    return sum(
+        int(registry.get_sample_value("dhow_payload_log_events_total", {"sink": "file", "outcome": outcome}) or 0)
+        for outcome in ("logged", "dropped", "failed")
+    )
+
+
+def _close_in_a_thread(log: PayloadLog) -> list[BaseException]:
+    """``log.close(1.0)`` in a thread of its own (as the server's shutdown does): asserts it returned (a bound for a
+    loaded machine, not a measure of speed); what it raised, if anything."""
+    raised: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            log.close(1.0)
+        except BaseException as exc:  # (reported to the test)
+            raised.append(exc)
+
+    closing = threading.Thread(target=close, daemon=True)
+    closing.start()
+    closing.join(30)
+    assert not closing.is_alive(), "the close waits for ever on a writer that stopped reading"
+    return raised
+
+
+def test_the_close_kills_a_writer_that_stopped_reading_and_counts_every_event_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log, registry = _stopped_log(tmp_path)
+    try:
+        offered = 0
+        while offered < 200 and not (log._unsent and len(log._queue) >= 3):  # a frame's rest waits, more queued
+            _offer(log, offered)  # (not on an event loop: each handed over at once)
+            offered += 1
+        assert log._unsent and log._queue
+        with caplog.at_level(logging.ERROR, "dhow.payload_log"):
+            assert _close_in_a_thread(log) == []
+    finally:
+        if log._process.poll() is None:  # (a close that hangs: its write fails once the writer is gone)
+            log._process.kill()
+    assert log._process.returncode == -signal.SIGKILL
+    assert _counted(registry) == offered  # none logged: every event failed, counted once
+    assert any("did not take its last frames within 1 s" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("loop_state", ["running", "closed"])
+def test_the_close_from_another_thread_leaves_the_loops_watch_on_the_pipe_to_the_loops_thread(
+    tmp_path: Path, loop_state: str
+) -> None:
+    """The events come on an event loop (its own thread), which watches the full pipe for room (``add_writer``);
+    the close comes from another thread: the watch is removed on the loop's thread (its methods are not
+    thread-safe), or not at all once the loop was closed, and the close neither raises nor hangs."""
+    log, registry = _stopped_log(tmp_path)
+    loop = asyncio.new_event_loop()
+    removed_on: list[int] = []
+    remove_writer = loop.remove_writer
+
+    def recorded(fd: int) -> bool:
+        removed_on.append(threading.get_ident())
+        return remove_writer(fd)
+
+    loop.remove_writer = recorded  # type: ignore[method-assign]
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+
+    async def fill() -> int:
+        offered = 0
+        while offered < 200 and not log._unsent:  # each handed over by its timer, until the pipe is full
+            _offer(log, offered)
+            offered += 1
+            await asyncio.sleep(log.flush_s * 2)
+        for _ in range(3):  # queued behind the frame's rest
+            _offer(log, offered)
+            offered += 1
+        return offered
+
+    try:
+        offered = asyncio.run_coroutine_threadsafe(fill(), loop).result(60)
+        assert log._unsent
+        if loop_state == "closed":
+            loop.call_soon_threadsafe(loop.stop)
+            runner.join(30)
+            loop.close()
+        assert _close_in_a_thread(log) == []
+    finally:
+        if log._process.poll() is None:
+            log._process.kill()
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(loop.stop)
+            runner.join(30)
+            loop.close()
+    assert set(removed_on) <= {runner.ident}, "the loop's watch was removed from the close's thread"
+    assert removed_on or loop_state == "closed"
+    assert _counted(registry) == offered
