@@ -5,12 +5,14 @@ the event loop's watch on the pipe to the loop's own thread, whether the loop st
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -133,3 +135,78 @@ def test_the_close_from_another_thread_leaves_the_loops_watch_on_the_pipe_to_the
     assert set(removed_on) <= {runner.ident}, "the loop's watch was removed from the close's thread"
     assert removed_on or loop_state == "closed"
     assert _counted(registry) == offered
+
+
+class _QueuedMeanwhile(collections.deque[Any]):
+    """A queue to which the loop appends one more item the first time the close takes from it (or clears it): an
+    interleaving the interpreter lock allows between two of the close's steps."""
+
+    def __init__(self, items: Any, extra: Any) -> None:
+        super().__init__(items)
+        self.extra = extra
+
+    def _meanwhile(self) -> None:
+        if self.extra is not None:
+            extra, self.extra = self.extra, None
+            self.append(extra)
+
+    def popleft(self) -> Any:
+        self._meanwhile()
+        return super().popleft()
+
+    def clear(self) -> None:
+        self._meanwhile()
+        super().clear()
+
+
+def _log(tmp_path: Path) -> tuple[PayloadLog, CollectorRegistry]:
+    registry = CollectorRegistry()
+    log = PayloadLog(f"file://{tmp_path}/payloads.jsonl", capacity=10_000, source="dhow://test",
+                     command=PAYLOAD_WRITER, registry=registry)  # fmt: skip
+    return log, registry
+
+
+def test_an_event_queued_while_the_close_takes_the_queue_is_counted(tmp_path: Path) -> None:
+    """The close takes the queue while the loop's thread may still append to it: an event appended between its
+    steps is framed or counted failed, never cleared unseen."""
+    log, registry = _log(tmp_path)
+    loop = asyncio.new_event_loop()
+    try:
+
+        async def offer_three() -> None:
+            for n in range(3):  # queued, their hand-over due in 50 ms
+                _offer(log, n)
+
+        loop.run_until_complete(offer_three())
+        assert len(log._queue) == 3
+        late = ["r-late", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, (b"{}", 0), None]
+        log._queue = _QueuedMeanwhile(log._queue, late)
+        assert _close_in_a_thread(log) == []
+    finally:
+        loop.close()
+    assert _counted(registry) == 4
+
+
+def test_an_offer_that_passed_its_test_before_the_close_and_queued_after_it_is_counted(tmp_path: Path) -> None:
+    """An offer on the loop's thread that found room before the close began, then queued its event once the close
+    had ended (the close ran meanwhile in another thread): the close's last look, on the loop's thread, counts it."""
+    log, registry = _log(tmp_path)
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+
+    def offer_across_the_close() -> None:
+        assert not log._refused()  # room: the offer goes on...
+        assert _close_in_a_thread(log) == []  # ...while the server's shutdown closes the log
+        log._put(["r-late", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, 2, None, 1, 0])
+
+    try:
+        asyncio.run_coroutine_threadsafe(asyncio.to_thread(lambda: None), loop).result(30)  # (the loop runs)
+        loop.call_soon_threadsafe(offer_across_the_close)
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0.2), loop).result(30)  # the loop's next turns
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(30)
+        loop.close()
+    assert not log._queue, "an event stayed queued after the close, never counted"
+    assert _counted(registry) == 1

@@ -178,7 +178,11 @@ class WriterPipe:
         if timer is not None:
             timer.cancel()
         with self._handing:
-            if self._closing or self._unsent or not self._queue:
+            if self._closing:
+                if self._settled:  # (queued after the close ended: failed, as ``_refused`` counts it now)
+                    self._fail_queued()
+                return
+            if self._unsent or not self._queue:
                 return
             items = list(self._queue)
             self._queue.clear()
@@ -320,8 +324,10 @@ class WriterPipe:
             self._stop_writing(stopped)
             data, self._unsent = self._unsent, b""
             if self._queue:
-                items = list(self._queue)
-                self._queue.clear()
+                # taken item by item (``popleft`` holds the interpreter lock throughout): an item the loop queues
+                # meanwhile is taken too or stays queued, for ``_fail_queued``; never cleared unseen
+                queue = self._queue
+                items = [queue.popleft() for _ in range(len(queue))]
                 framed = self._frame(items)
                 if self._hand(len(items)):
                     data += framed
@@ -345,7 +351,13 @@ class WriterPipe:
         # holds open)
         self._settle()
         # what the loop queued after the close took the queue (a request that ended meanwhile) is failed, counted
-        # once: ``_flush`` hands nothing over once the close began, and from now on ``_refused`` counts it so
+        # once: ``_flush`` hands nothing over once the close began, and from now on (``_gone``) ``_refused`` counts it
+        # so. An ``offer`` the loop was in the middle of (its test passed before ``_gone``) may queue its item after
+        # this: the hand-over its ``_put`` scheduled (or one due already) counts it (``_flush``)
+        self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        """Count failed what is queued after the close (and take it: each once)."""
         left = 0
         with contextlib.suppress(IndexError):
             while True:
