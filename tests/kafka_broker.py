@@ -5,6 +5,7 @@ of the PyPI wheel ``noida-db``); and the few client calls the tests make (topics
 
 from __future__ import annotations
 
+import secrets
 import socket
 import subprocess
 import tempfile
@@ -80,20 +81,33 @@ class Broker:
             consumer.close()
 
 
+#: the key of the markers ``Tail.to_end`` writes (never a reply's: those are numbers)
+_END = b"dhow-test-end"
+
+
 class Tail:
-    """Every message of a topic, read from its start without a group, kept as it comes."""
+    """Every message of a topic, read from its start without a group, kept as it comes (``to_end``'s markers
+    apart)."""
 
     def __init__(self, servers: str, topic: str) -> None:
         from confluent_kafka import Consumer, TopicPartition
 
         self.messages: list[Any] = []
+        self._servers, self._topic = servers, topic
+        self._ends: dict[bytes, int] = {}
         self._consumer = Consumer({"bootstrap.servers": servers, "group.id": "unused", "enable.auto.commit": False})
-        partitions = self._consumer.list_topics(topic, 10).topics[topic].partitions
-        self._consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        self._partitions = list(self._consumer.list_topics(topic, 10).topics[topic].partitions)
+        self._consumer.assign([TopicPartition(topic, p, 0) for p in self._partitions])
 
     def count(self) -> int:
         """How many messages were read so far (reading what has come meanwhile)."""
-        self.messages.extend(m for m in self._consumer.consume(1000, 0.2) if m.error() is None)
+        for message in self._consumer.consume(1000, 0.2):
+            if message.error() is not None:
+                continue
+            if message.key() == _END:
+                self._ends[message.value()] = self._ends.get(message.value(), 0) + 1
+            else:
+                self.messages.append(message)
         return len(self.messages)
 
     def until_keys(self, keys: set[bytes], timeout: float = 90.0) -> list[Any]:
@@ -105,6 +119,24 @@ class Tail:
             start = len(self.messages)
             self.count()
             seen.update(m.key() for m in self.messages[start:])
+        return self.messages
+
+    def to_end(self, timeout: float = 90.0) -> list[Any]:
+        """Every message of a topic that no one writes to any more, whatever the machine's speed: a marker is
+        written to each partition, and the messages are read until every marker came back (a partition is read
+        in its order, so what it held before its marker has been read). For a read_committed reader, no
+        transaction may be left open in the topic (its marker would wait behind it)."""
+        from confluent_kafka import Producer
+
+        token = secrets.token_hex(8).encode()
+        producer = Producer({"bootstrap.servers": self._servers})
+        for partition in self._partitions:
+            producer.produce(self._topic, token, _END, partition=partition)
+        assert producer.flush(30) == 0
+        deadline = time.monotonic() + timeout
+        while self._ends.get(token, 0) < len(self._partitions):
+            assert time.monotonic() < deadline, f"{self._topic}: the end markers did not come back in {timeout} s"
+            self.count()
         return self.messages
 
     def close(self) -> None:

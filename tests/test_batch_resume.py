@@ -13,9 +13,48 @@ import orjson
 import pyarrow as pa
 
 from tests.batch_data import batch_command, read_output, run_batch, summary_of, write_parquet
-from tests.conftest import wait_until
+from tests.conftest import wait_until, write_model
 
 ROWS = 16_000
+
+#: a model that answers y = 2 * row only for the rows before the number in the file GATE: a batch holding a later
+#: row waits (and says so, in the file ``blocked-at-<gate>`` beside it), so a job goes exactly as far as the test
+#: lets it, on a machine of any speed; a waiting instance whose job was killed exits (its parent is gone)
+GATED = """
+import os
+import time
+from pathlib import Path
+
+GATE = Path({gate!r})
+
+
+class Gated:
+    def load(self, version_dir):
+        self.parent = os.getppid()
+
+    def predict(self, inputs):
+        last = int(inputs["row"].max())
+        while last >= (allowed := int(GATE.read_text())):
+            (GATE.parent / f"blocked-at-{{allowed}}").touch()
+            if os.getppid() != self.parent:
+                os._exit(0)
+            time.sleep(0.01)
+        return {{"y": inputs["row"] * 2}}
+"""
+
+
+def _gated(tmp_path: Path) -> tuple[Path, Path]:
+    """A repository with the model ``gated``, and its gate file (0: no row may pass)."""
+    gate = tmp_path / "gate" / "allowed"
+    gate.parent.mkdir()
+    gate.write_text("0")
+    manifest = (
+        "runtime: python\ninputs:\n  - {name: row, datatype: FP32, shape: [-1, 1]}\n"
+        "outputs:\n  - {name: y, datatype: FP32, shape: [-1, 1]}\nmax_batch_size: 200\n"
+    )
+    repository = tmp_path / "models"
+    write_model(repository, "gated", manifest, {"1/model.py": GATED.format(gate=str(gate))})
+    return repository, gate
 
 
 def _committed(out: Path) -> int:
@@ -34,38 +73,46 @@ def _committed(out: Path) -> int:
     return count
 
 
-def _running_until(process: subprocess.Popen[bytes], out: Path, parts: int) -> Callable[[], bool]:
-    """Whether the job ended, or its journal records ``parts`` parts."""
-    return lambda: process.poll() is not None or _committed(out) >= parts
+def _held_at(process: subprocess.Popen[bytes], waiting: Path, out: Path, parts: int) -> Callable[[], bool]:
+    """Whether the job ended, or waits at its gate (``waiting`` exists) with ``parts`` parts committed."""
+    return lambda: process.poll() is not None or (waiting.exists() and _committed(out) >= parts)
 
 
-def test_killed_at_several_points_the_rerun_loses_and_repeats_nothing(demo_repository: Path, tmp_path: Path) -> None:
-    # the wide ONNX net: slow enough per row that the job is still running when it is killed
-    x = np.random.default_rng(8).standard_normal((ROWS, 512)).astype(np.float32)
+def test_killed_at_several_points_the_rerun_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    repository, gate = _gated(tmp_path)
     ids = np.random.default_rng(9).permutation(ROWS * 3)[:ROWS]
-    table = pa.table({"id": pa.array(ids), "input": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 512)})
+    table = pa.table({"id": pa.array(ids), "row": pa.array(np.arange(ROWS, dtype=np.float32))})
     source = write_parquet(table, tmp_path / "in.parquet", row_group_rows=1500)
     out, data = tmp_path / "out", tmp_path / "data"
-    args = ("--model", "mlp", "--input", str(source), "--output", str(out), "--key", "id",
+    args = ("--model", "gated", "--input", str(source), "--output", str(out), "--key", "id",
             "--part-rows", "800", "--batch-rows", "200")  # fmt: skip
     env = {**os.environ, "DHOW_AUTH": "none"}
     env.pop("DHOW_KEY", None)
     killed_at = []
-    for parts in (0, 2, 4, 7):  # at most 13 of the 20 parts: room left for a fast machine before the last kill
-        process = subprocess.Popen(batch_command(demo_repository, data, *args), env=env, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)  # fmt: skip
-        wait_until(_running_until(process, out, _committed(out) + parts), 120, "parts committed")
+    # each attempt may score the rows before ``allowed``: held at its first batch (nothing written, the output
+    # not yet taken), then in parts 2, 6 and 13 of 20 (a part is committed once the next one's first batch is
+    # scored); it is killed once it waits at the gate, its parts before it committed
+    for allowed, parts in ((0, 0), (1800, 2), (5000, 6), (11000, 13)):
+        gate.write_text(str(allowed))
+        log = tmp_path / f"attempt-{allowed}.log"
+        with log.open("wb") as stderr:
+            process = subprocess.Popen(batch_command(repository, data, *args), env=env, stdout=subprocess.DEVNULL,
+                                       stderr=stderr)  # fmt: skip
+        held = _held_at(process, gate.parent / f"blocked-at-{allowed}", out, parts)
+        wait_until(held, 120, f"the job waiting at row {allowed}, {parts} parts committed")
+        assert process.poll() is None, log.read_text(errors="replace")[-3000:]
         process.send_signal(signal.SIGKILL)
         process.wait()
         killed_at.append(_committed(out))
         if killed_at[-1]:
             status = orjson.loads((out / "_summary.json").read_bytes())
             assert status["state"] == "running"  # what it said when killed; `status` tells it was interrupted
-    assert killed_at[-1] < ROWS // 800, "the job finished before the last kill: the test needs a slower job"
-    shown = subprocess.run([*batch_command(demo_repository, data)[:4], "status", str(out), "--json"],
+    assert killed_at == [0, 2, 6, 13]
+    shown = subprocess.run([*batch_command(repository, data)[:4], "status", str(out), "--json"],
                            capture_output=True, text=True, check=True)  # fmt: skip
     assert orjson.loads(shown.stdout)["state"] == "interrupted"
-    summary = summary_of(run_batch(demo_repository, data, *args))
+    gate.write_text(str(ROWS))
+    summary = summary_of(run_batch(repository, data, *args))
     assert (summary["rows_in"], summary["scored"], summary["errors"]) == (ROWS, ROWS, 0)
     assert summary["resumed_at_row"] == killed_at[-1] * 800
     scored = read_output(out)

@@ -37,8 +37,9 @@ class Echo:
         return {"y": x * 2 + 1, "batch": rows}
 """
 
-# a slow model that writes the ids of every batch it computes, before computing it
+# a slow model that writes the ids of every batch it computes, before computing it (held while CALLS.hold exists)
 SLOW_MODEL = """
+import os
 import time
 
 import numpy as np
@@ -54,6 +55,8 @@ class Slow:
         ids = inputs["id"].reshape(-1).tolist()
         with open(CALLS, "a") as log:
             log.write(" ".join(map(str, ids)) + "\\n")
+        while os.path.exists(CALLS + ".hold"):
+            time.sleep(0.01)
         time.sleep(0.3)
         return {{"echo": inputs["id"]}}
 """
@@ -273,16 +276,23 @@ def test_request_timing_out_in_the_queue_is_answered_and_never_computed(
     def ids(value: int) -> np.ndarray:
         return np.array([[value]], dtype=np.int64)
 
-    with ThreadPoolExecutor(5) as pool:
-        first = pool.submit(rest_infer, server, "slow", "id", ids(1))
-        # everything below queues behind request 1, which is now sleeping its 0.3 s on the only instance
-        _wait_until(lambda: 1 in _computed_ids(batching.slow_calls), "the slow model started request 1")
-        late_rest = pool.submit(rest_infer, server, "slow", "id", ids(2), 20_000)  # 20 ms
-        late_grpc = pool.submit(grpc_infer, stub, "slow", "id", ids(3), 20_000)
-        patient_rest = pool.submit(rest_infer, server, "slow", "id", ids(4))
-        patient_grpc = pool.submit(grpc_infer, stub, "slow", "id", ids(5), 30_000_000)  # 30 s: ample
-        answers = {4: patient_rest.result(), 5: patient_grpc.result(), 1: first.result()}
-        expired_rest, expired_grpc = late_rest.result(), late_grpc.result()
+    hold = Path(f"{batching.slow_calls}.hold")
+    hold.touch()
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            first = pool.submit(rest_infer, server, "slow", "id", ids(1))
+            # everything below queues behind request 1, held on the only instance until the late ones expired (as
+            # long as a slow machine takes to send them)
+            _wait_until(lambda: 1 in _computed_ids(batching.slow_calls), "the slow model started request 1")
+            late_rest = pool.submit(rest_infer, server, "slow", "id", ids(2), 20_000)  # 20 ms
+            late_grpc = pool.submit(grpc_infer, stub, "slow", "id", ids(3), 20_000)
+            patient_rest = pool.submit(rest_infer, server, "slow", "id", ids(4))
+            patient_grpc = pool.submit(grpc_infer, stub, "slow", "id", ids(5), 30_000_000)  # 30 s: ample
+            expired_rest, expired_grpc = late_rest.result(), late_grpc.result()
+            hold.unlink()
+            answers = {4: patient_rest.result(), 5: patient_grpc.result(), 1: first.result()}
+    finally:
+        hold.unlink(missing_ok=True)
 
     for value, answer in answers.items():
         assert answer.status == "200", (value, answer)

@@ -7,7 +7,6 @@ import base64
 import json
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -132,7 +131,7 @@ def test_poll_follows_the_repository_and_swaps_with_no_failed_request(repository
     server = start_dhow(repository, tmp_path, "--model-control", "poll", "--poll-interval", "0.2")
     http = httpclient.InferenceServerClient(server.http_url)
     failures: list[str] = []
-    versions_seen: set[str] = set()
+    answered: list[str] = []  # the version of each answer, in their order
     stop = threading.Event()
 
     def hammer() -> None:
@@ -141,7 +140,7 @@ def test_poll_follows_the_repository_and_swaps_with_no_failed_request(repository
             while not stop.is_set():
                 try:
                     result = client.infer("tabular", _tabular_input())
-                    versions_seen.add(result.get_response()["model_version"])
+                    answered.append(result.get_response()["model_version"])
                 except Exception as exc:
                     failures.append(repr(exc))
         finally:
@@ -151,20 +150,23 @@ def test_poll_follows_the_repository_and_swaps_with_no_failed_request(repository
     try:
         for worker in workers:
             worker.start()
-        time.sleep(0.5)
+        # each swap comes under traffic, and traffic runs on each version after it, however slow the machine (a
+        # failure ends the wait: the checks below say what it was)
+        _wait_for(lambda: "2" in answered or bool(failures))
         staging = repository / "tabular" / ".staging-3"
         shutil.copytree(repository / "tabular" / "1", staging)
         staging.rename(repository / "tabular" / "3")  # appears whole
         _wait_for(lambda: http.get_model_metadata("tabular")["versions"] == ["3"])
-        time.sleep(0.5)
+        _wait_for(lambda: "3" in answered or bool(failures))
         shutil.rmtree(repository / "tabular" / "3")
         _wait_for(lambda: http.get_model_metadata("tabular")["versions"] == ["2"])
-        time.sleep(0.5)
+        since = len(answered)
+        _wait_for(lambda: "2" in answered[since:] or bool(failures))
         stop.set()
         for worker in workers:
             worker.join()
         assert failures == [], failures[:5]
-        assert {"2", "3"} <= versions_seen
+        assert {"2", "3"} <= set(answered)
 
         # a new model appears, a broken one is reported, a removed one is unloaded
         shutil.copytree(repository / "mlp", repository / "mlp_copy")

@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.conftest import DhowProcess, start_dhow
+from tests.conftest import DhowProcess, start_dhow, wait_until
 
 SLOW_MODEL = """
 import time
@@ -54,6 +54,17 @@ def _post(server: DhowProcess) -> tuple[int, str | None]:
         connection.close()
 
 
+def _live(server: DhowProcess) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    try:
+        connection.request("GET", "/v2/health/live")
+        answer = connection.getresponse()
+        answer.read()
+        return answer.status
+    finally:
+        connection.close()
+
+
 def _computed(server: DhowProcess) -> int:
     connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=10)
     try:
@@ -84,12 +95,34 @@ def test_the_default_queue_is_bounded_by_what_the_model_serves_within_the_timeou
     assert statuses.count(200) >= 1
 
 
+#: the slow model of this test: it says it computes (the file COMPUTING), then waits while the file HOLD exists
+GATED_MODEL = """
+import pathlib
+import time
+
+
+class Gated:
+    def load(self):
+        pass
+
+    def predict(self, inputs):
+        pathlib.Path({computing!r}).touch()
+        while pathlib.Path({hold!r}).exists():
+            time.sleep(0.01)
+        return {{"y": inputs["x"] * 2}}
+"""
+
+
 def test_a_request_whose_client_has_gone_is_not_computed(tmp_path: Path) -> None:
-    server = start_dhow(_repository(tmp_path, 0.3), tmp_path)
+    repository = _repository(tmp_path, 0)
+    computing, hold = tmp_path / "computing", tmp_path / "hold"
+    (repository / "slow" / "1" / "model.py").write_text(GATED_MODEL.format(computing=str(computing), hold=str(hold)))
+    hold.touch()
+    server = start_dhow(repository, tmp_path)
     try:
         first = threading.Thread(target=_post, args=(server,))
-        first.start()  # occupies the only instance for 0.3 s
-        time.sleep(0.05)
+        first.start()
+        wait_until(computing.exists, 30, "the first request computing")  # it holds the only instance until released
         for _ in range(10):  # queued behind it, then the clients leave
             with socket.create_connection(("127.0.0.1", server.http_port)) as sock:
                 head = (
@@ -98,10 +131,17 @@ def test_a_request_whose_client_has_gone_is_not_computed(tmp_path: Path) -> None
                 ).encode()
                 sock.sendall(head + BODY)
                 time.sleep(0.01)
+        # the instance is freed once the server's event loop has had their ends: each had come before the first of
+        # two requests answered one after the other, so the loop read it at the latest in the turn that read that
+        # request, and ran what it scheduled before the turn that read the second
+        for _ in range(2):
+            assert _live(server) == 200
+        hold.unlink()
         first.join(30)
         assert _post(server)[0] == 200  # a client that waits is answered
         computed = _computed(server)
     finally:
+        hold.unlink(missing_ok=True)
         assert server.stop() == 0, server.log()
     # the first and the last; of the 10 that left, at most the one already taken into a batch when it left
     assert computed <= 3, computed

@@ -102,19 +102,28 @@ def _kill_and_restart(broker: Broker, tmp_path: Path, name: str) -> _Run:
     finally:
         first.kill()  # SIGKILL: its transaction in progress is left open
         first.wait()
-    time.sleep(1.0)
-    replies_seen.count()
+    # the kill froze what a read_committed reader can see (the transactions it committed, each with its replies
+    # and its offsets) until the restart fences its open one: read until each committed offset's reply was seen,
+    # however slowly the tail reads (or the time ran out: the tests' checks say what is missing)
+    deadline = time.monotonic() + 60
+    while True:
+        committed = _committed(broker, name, source)
+        at_kill = {(p, o) for p, upto in committed.items() for o in range(upto)}
+        if at_kill <= {_position(m) for m in replies_seen.messages} or time.monotonic() > deadline:
+            break
+        replies_seen.count()
     assert len(replies_seen.messages) < COUNT, "the consumer finished before it was killed: nothing was proved"
     answered = {_position(m) for m in replies_seen.messages}
-    committed = _committed(broker, name, source)
     second = start_stream(repository, data, broker, *args)
     try:
-        replies = replies_seen.until_keys({str(i).encode() for i in range(COUNT)})
-        time.sleep(1.0)  # anything answered twice would come now
-        replies_seen.count()
+        replies_seen.until_keys({str(i).encode() for i in range(COUNT)})
+    finally:
+        code = stop(second)
+    try:
+        replies = replies_seen.to_end()  # all it answered, twice included: it has stopped, its transactions ended
     finally:
         replies_seen.close()
-        assert stop(second) == 0, (data / "stream.log").read_text()
+    assert code == 0, (data / "stream.log").read_text()
     by_key = replies_by_key(replies)
     assert sorted(by_key) == list(range(COUNT)), f"lost: {sorted(set(range(COUNT)) - set(by_key))[:20]}"
     assert all(orjson.loads(m.value())["y"] == [2.0 * i] for i, v in by_key.items() for m in v)

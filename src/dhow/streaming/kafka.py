@@ -92,10 +92,12 @@ class KafkaSource:
 
     def _poll(self, max_records: int, timeout_s: float, paused: bool) -> list[Record]:
         if paused or self._paused:
+            # while a rebalance left nothing assigned, the change waits for the next assignment: the partitions
+            # that were paused when revoked come back paused when assigned again (a resume said to none is lost)
             assignment = self._consumer.assignment()
             if assignment:
                 (self._consumer.pause if paused else self._consumer.resume)(assignment)
-            self._paused = paused
+                self._paused = paused
         # what is there already, at once (consume waits for a full batch or its timeout); else wait for one
         messages = self._consumer.consume(max_records, 0)
         if not messages:
