@@ -78,6 +78,8 @@ class KafkaSource:
         self._lag: dict[str, int] = {}
         self._assigned: list[str] = []
         self._paused = False
+        #: the group gave partitions since the state (paused or not) was last said to the assignment (``_poll``)
+        self._reassigned = False
 
     async def start(self) -> None:
         """Check that the broker answers and the topic exists, then join the group."""
@@ -91,13 +93,14 @@ class KafkaSource:
         return await loop.run_in_executor(self._thread, self._poll, max(max_records, 1), timeout_s, paused)
 
     def _poll(self, max_records: int, timeout_s: float, paused: bool) -> list[Record]:
-        if paused or self._paused:
-            # while a rebalance left nothing assigned, the change waits for the next assignment: the partitions
-            # that were paused when revoked come back paused when assigned again (a resume said to none is lost)
+        if paused or self._paused or self._reassigned:
+            # said to every partition assigned now, and again once the group gave some: the client keeps the
+            # application's pause with a partition taken away, so one paused then comes back paused, whatever was
+            # said meanwhile to the others (a resume said while a rebalance left nothing assigned waits for them)
             assignment = self._consumer.assignment()
             if assignment:
                 (self._consumer.pause if paused else self._consumer.resume)(assignment)
-                self._paused = paused
+                self._paused, self._reassigned = paused, False
         # what is there already, at once (consume waits for a full batch or its timeout); else wait for one
         messages = self._consumer.consume(max_records, 0)
         if not messages:
@@ -175,6 +178,7 @@ class KafkaSource:
     # -- the group's callbacks (on the polling thread) --------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._reassigned = True
         self._assigned = sorted({*self._assigned, *(f"{p.topic}/{p.partition}" for p in partitions)})
         log.info("stream source %s: assigned %s (member %s)", self.endpoint, ", ".join(self._assigned) or "nothing",
                  consumer.memberid())  # fmt: skip
