@@ -99,10 +99,12 @@ def test_killed_at_several_points_the_rerun_loses_and_repeats_nothing(tmp_path: 
             process = subprocess.Popen(batch_command(repository, data, *args), env=env, stdout=subprocess.DEVNULL,
                                        stderr=stderr)  # fmt: skip
         held = _held_at(process, gate.parent / f"blocked-at-{allowed}", out, parts)
-        wait_until(held, 120, f"the job waiting at row {allowed}, {parts} parts committed")
-        assert process.poll() is None, log.read_text(errors="replace")[-3000:]
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        try:
+            wait_until(held, 120, f"the job waiting at row {allowed}, {parts} parts committed")
+            assert process.poll() is None, log.read_text(errors="replace")[-3000:]
+        finally:  # (also when the wait failed: a job held at its gate would wait there for ever)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
         killed_at.append(_committed(out))
         if killed_at[-1]:
             status = orjson.loads((out / "_summary.json").read_bytes())
