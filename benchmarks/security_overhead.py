@@ -196,7 +196,10 @@ def paired(base: list[float], other: list[float]) -> str:
     The machine's speed moves within a run (here up to a third over minutes, others' load on the host), more than
     between two configurations measured a few seconds apart; a round's ratio cancels most of it, the median round
     of each configuration does not."""
-    ratios = [value / reference for value, reference in zip(other, base, strict=True)]
+    # (a round whose reference read nothing, a server's hiccup, is left out rather than losing the report)
+    ratios = [value / reference for value, reference in zip(other, base, strict=True) if reference]
+    if not ratios:
+        return "-"
     middle, low, high = statistics.median(ratios), min(ratios), max(ratios)
     return f"{middle:.3f} ({low:.2f}-{high:.2f})"
 
