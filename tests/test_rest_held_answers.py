@@ -109,3 +109,34 @@ def test_an_audited_admin_change_awaits_its_durable_write_as_before() -> None:
         assert connection.written[0].startswith(b"HTTP/1.1 503 "), connection.written
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("left", [True, False], ids=["client-left", "client-there"])
+def test_an_awaited_departure_whose_client_left_meanwhile_is_logged_499(
+    monkeypatch: pytest.MonkeyPatch, left: bool
+) -> None:
+    """A record departure the app awaits itself (not a held answer's: a lone request's, uvicorn's, CORS's) whose
+    client closes its connection meanwhile: nothing is sent and the access log says 499, as for a held answer, not
+    the status it was never sent with."""
+    logged: list[int] = []
+    monkeypatch.setattr(app_module, "log_later", lambda *args: logged.append(args[-1]))
+
+    async def scenario() -> None:
+        left_behind: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        service: Any = SimpleNamespace(dataplane=SimpleNamespace(live=lambda: True), call=lambda *a: _Call(left_behind))
+        connection = _Connection()
+        exchange = Exchange(connection, dict(_SCOPE), True, False)  # type: ignore[arg-type]
+        exchange.complete = True
+        access_log: Any = SimpleNamespace(writing=True)
+        app = RestApp(service, access_log=access_log)
+        running = asyncio.ensure_future(app(exchange.scope, exchange.receive, exchange.send))
+        await _passes()
+        assert not running.done() and not exchange.deferred
+        if left:
+            exchange.disconnected = True  # (what the connection's loss sets)
+        left_behind.set_result(None)
+        await running
+        assert connection.written == [] if left else connection.written[0].startswith(b"HTTP/1.1 200 ")
+
+    asyncio.run(scenario())
+    assert logged == [499 if left else 200]

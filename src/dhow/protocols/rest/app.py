@@ -255,6 +255,8 @@ class RestApp(PeerRoutes, MonitoringRoutes):
                     exchange.answer_after(departure, answer, REFUSALS[match.route.protocol])
                     return 0, principal, request_id
                 await departure
+                if request.gone():  # its client left meanwhile: logged as a held answer's is (``Exchange._release``)
+                    return 499, principal, request_id
         except DhowError as exc:
             headers = retry_after(exc.retry_after)
             await _send_error(send, exc.http_status, exc.message, headers, match.route.protocol)
