@@ -59,13 +59,14 @@ class _Call:
         return self.departure
 
 
-def _start(departure: Awaitable[None]) -> tuple[asyncio.Future[None], Exchange, _Connection]:
+def _start(departure: Awaitable[None], access_log: Any = None) -> tuple[asyncio.Future[None], Exchange, _Connection]:
     """The live route through the REST app on one exchange, its call ending with ``departure``; run a few passes."""
     service: Any = SimpleNamespace(dataplane=SimpleNamespace(live=lambda: True), call=lambda *a: _Call(departure))
     connection = _Connection()
     exchange = Exchange(connection, dict(_SCOPE), True, False)  # type: ignore[arg-type]
     exchange.complete = True
-    running = asyncio.ensure_future(RestApp(service)(exchange.scope, exchange.receive, exchange.send))
+    app = RestApp(service, access_log=access_log)
+    running = asyncio.ensure_future(app(exchange.scope, exchange.receive, exchange.send))
     return running, exchange, connection
 
 
@@ -123,13 +124,7 @@ def test_an_awaited_departure_whose_client_left_meanwhile_is_logged_499(
 
     async def scenario() -> None:
         left_behind: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        service: Any = SimpleNamespace(dataplane=SimpleNamespace(live=lambda: True), call=lambda *a: _Call(left_behind))
-        connection = _Connection()
-        exchange = Exchange(connection, dict(_SCOPE), True, False)  # type: ignore[arg-type]
-        exchange.complete = True
-        access_log: Any = SimpleNamespace(writing=True)
-        app = RestApp(service, access_log=access_log)
-        running = asyncio.ensure_future(app(exchange.scope, exchange.receive, exchange.send))
+        running, exchange, connection = _start(left_behind, SimpleNamespace(writing=True))
         await _passes()
         assert not running.done() and not exchange.deferred
         if left:
