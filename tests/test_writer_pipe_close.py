@@ -26,12 +26,17 @@ _BODY = json.dumps({"inputs": [{"name": "x", "shape": [50_000], "datatype": "FP3
 _MASKER = Masker(parse_masking(None, "pii"), b"")
 
 
-def _stopped_log(tmp_path: Path) -> tuple[PayloadLog, CollectorRegistry]:
-    """A payload log whose real writer process (to a file) started, answered ready, then was stopped (SIGSTOP): it
-    reads nothing more, and its pipe fills."""
+def _log(tmp_path: Path) -> tuple[PayloadLog, CollectorRegistry]:
+    """A payload log with its real writer process (to a file), started and ready, and its metrics."""
     registry = CollectorRegistry()
     log = PayloadLog(f"file://{tmp_path}/payloads.jsonl", capacity=10_000, source="dhow://test",
                      command=PAYLOAD_WRITER, registry=registry)  # fmt: skip
+    return log, registry
+
+
+def _stopped_log(tmp_path: Path) -> tuple[PayloadLog, CollectorRegistry]:
+    """A payload log whose writer then was stopped (SIGSTOP): it reads nothing more, and its pipe fills."""
+    log, registry = _log(tmp_path)
     os.kill(log._process.pid, signal.SIGSTOP)
     return log, registry
 
@@ -159,13 +164,6 @@ class _QueuedMeanwhile(collections.deque[Any]):
         super().clear()
 
 
-def _log(tmp_path: Path) -> tuple[PayloadLog, CollectorRegistry]:
-    registry = CollectorRegistry()
-    log = PayloadLog(f"file://{tmp_path}/payloads.jsonl", capacity=10_000, source="dhow://test",
-                     command=PAYLOAD_WRITER, registry=registry)  # fmt: skip
-    return log, registry
-
-
 def test_an_event_queued_while_the_close_takes_the_queue_is_counted(tmp_path: Path) -> None:
     """The close takes the queue while the loop's thread may still append to it: an event appended between its
     steps is framed or counted failed, never cleared unseen."""
@@ -189,7 +187,7 @@ def test_an_event_queued_while_the_close_takes_the_queue_is_counted(tmp_path: Pa
 
 def test_an_offer_that_passed_its_test_before_the_close_and_queued_after_it_is_counted(tmp_path: Path) -> None:
     """An offer on the loop's thread that found room before the close began, then queued its event once the close
-    had ended (the close ran meanwhile in another thread): the close's last look, on the loop's thread, counts it."""
+    had ended (the close ran meanwhile in another thread): the hand-over its queueing scheduled counts it failed."""
     log, registry = _log(tmp_path)
     loop = asyncio.new_event_loop()
     runner = threading.Thread(target=loop.run_forever, daemon=True)
