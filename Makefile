@@ -6,7 +6,7 @@ DHOW := $(VENV)/bin/dhow
 STAMP := $(VENV)/.installed
 DEMO := demo-models
 
-.PHONY: run test install system-packages demo-models lint format check-proto proto image bench bench-rollouts bench-security bench-serving bench-protocols bench-batch bench-scaling bench-monitoring bench-drift bench-gateway bench-streaming clean
+.PHONY: run test install system-packages bench-packages demo-models lint format check-proto proto image bench bench-rollouts bench-security bench-serving bench-protocols bench-batch bench-scaling bench-monitoring bench-drift bench-gateway bench-streaming clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ SYSTEM_PACKAGES := haproxy nginx-light prometheus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-packages:
 	@test -x /usr/sbin/haproxy -a -x /usr/sbin/nginx -a -x /usr/bin/prometheus -a -x /usr/bin/promtool || { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); }
+
+# Debian's wrk, the C load generator of the overhead benchmarks' cross-check (benchmarks/wrk_load.py: ``--generator wrk``)
+BENCH_PACKAGES := wrk
+bench-packages:
+	@test -x /usr/bin/wrk || { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BENCH_PACKAGES); }
 
 $(DEMO)/.built: $(STAMP)
 	$(DHOW) demo build --out $(DEMO)
@@ -88,7 +93,7 @@ bench-scaling: $(STAMP)
 	$(PY) benchmarks/autoscale_sim.py
 
 # the payload log (file) and tracing (ratio 0.1) on and off, one run; about 3 minutes
-bench-monitoring: $(STAMP)
+bench-monitoring: $(STAMP) bench-packages
 	$(PY) benchmarks/monitoring_overhead.py
 
 # the proxy `dhow gateway config` writes (HAProxy, make system-packages) against dhow direct; about 2 minutes

@@ -10,8 +10,9 @@ decodes nothing and answers 200); (d) live drift (a copy of the repository whose
 profile, made by `dhow models profile` from 20,000 rows of the demo's training distribution: drift is on with
 model.yaml's defaults, 10% of the requests sampled, scored every 30 s); (e) all three.
 
-The same closed-loop generator (benchmarks/loadgen.py, JSON over REST,
-keep-alive, batch 1) drives each at the concurrency, the configurations alternated in rounds (order rotated each
+The same closed-loop generator (benchmarks/loadgen.py, JSON over REST, keep-alive, batch 1; ``--generator wrk``:
+wrk, benchmarks/wrk_load.py, a C generator whose CPU a request is a fraction of loadgen's, as a cross-check that
+the ratios are the server's) drives each at the concurrency, the configurations alternated in rounds (order rotated each
 round), the median round reported. Afterwards it checks that the payload log's counters account for every request
 sent (logged + dropped) and reports the drops. Writes benchmarks/RESULTS-monitoring.md; ``--only`` runs some of the
 configurations (by letter) and then needs ``--out`` (a part of the table must not replace the whole). Ratios are to
@@ -40,9 +41,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
+import wrk_load
 from security_overhead import BODY, DHOW, build_models, cpu_seconds, free_port, paired, start_server
 
 HERE = Path(__file__).resolve().parent
+PATH = "/v2/models/tabular/infer"
+#: the load generators, as the report names them
+GENERATORS = {"loadgen": "benchmarks/loadgen.py", "wrk": "wrk, benchmarks/wrk_load.py"}
 
 
 @dataclass
@@ -50,10 +55,12 @@ class Config:
     label: str
     port: int
     pid: int
-    runs: list[tuple[loadgen.Result, float]] = field(default_factory=list)
+    runs: list[tuple[loadgen.Result | wrk_load.Result, float]] = field(default_factory=list)
     sent: int = 0
+    #: requests that may have been sent and not counted in ``sent`` (wrk's, in flight when it stopped)
+    slack: int = 0
 
-    def median(self) -> tuple[loadgen.Result, float]:
+    def median(self) -> tuple[loadgen.Result | wrk_load.Result, float]:
         return sorted(self.runs, key=lambda run: run[0].throughput)[len(self.runs) // 2]
 
 
@@ -100,16 +107,22 @@ def profiled_copy(models: Path, work: Path) -> Path:
     return copy
 
 
-def measure(config: Config, args: argparse.Namespace) -> tuple[loadgen.Result, float]:
+def measure(config: Config, args: argparse.Namespace) -> tuple[loadgen.Result | wrk_load.Result, float]:
     """A warm-up pass, then the measured one (both counted in ``config.sent``): the result, server CPU µs a request."""
-    requests = [loadgen.http_post(f"127.0.0.1:{config.port}", "/v2/models/tabular/infer", BODY)]
     cpu = cpu_seconds(config.pid)
-    warm = loadgen.run("127.0.0.1", config.port, requests, concurrency=args.concurrency, warmup=0, seconds=args.warmup)
-    result = loadgen.run("127.0.0.1", config.port, requests, concurrency=args.concurrency, warmup=0,
-                         seconds=args.seconds)  # fmt: skip
-    sent = warm.latencies_ms.size + result.latencies_ms.size + warm.failures + result.failures
+    results: list[loadgen.Result | wrk_load.Result] = []
+    for seconds in (args.warmup, args.seconds):
+        if args.generator == "wrk":
+            result = wrk_load.run("127.0.0.1", config.port, PATH, BODY, concurrency=args.concurrency, seconds=seconds)
+            config.slack += result.in_flight
+            results.append(result)
+        else:
+            requests = [loadgen.http_post(f"127.0.0.1:{config.port}", PATH, BODY)]
+            results.append(loadgen.run("127.0.0.1", config.port, requests, concurrency=args.concurrency, warmup=0,
+                                       seconds=seconds))  # fmt: skip
+    sent = sum(result.requests for result in results)  # (failed answers included)
     config.sent += sent
-    return result, (cpu_seconds(config.pid) - cpu) / sent * 1e6
+    return results[1], (cpu_seconds(config.pid) - cpu) / sent * 1e6
 
 
 def run_rounds(configs: list[Config], args: argparse.Namespace) -> None:
@@ -134,7 +147,8 @@ def report(configs: list[Config], args: argparse.Namespace, logged: dict[str, di
         "rounds alternating the configurations (order rotated each round) in one run, the median round shown; a paired "
         "ratio is the median of the rounds' ratios (each round's run against the same round's run of the first "
         "configuration, from the same source tree with --compare, measured seconds apart), with their range. The "
-        "load generator shares the cores with the server (and the OTLP receiver): ratios from this one run, not "
+        f"load generator ({GENERATORS[args.generator]}) shares the cores with the server (and the OTLP receiver): "
+        "ratios from this one run, not "
         "absolute capacity. Goal: (e) at >= 0.95 of (a)'s throughput, p99 within 10%.",
         "",
         f"| configuration | infer/s | p50 ms | p99 ms | failures | throughput ratio to {against} | paired ratio to "
@@ -154,13 +168,19 @@ def report(configs: list[Config], args: argparse.Namespace, logged: dict[str, di
             f"| {result.percentile(99) / base.percentile(99):.3f} "
             f"| {paired([run.percentile(99) for run, _ in reference.runs], tails)} | {cpu_us:.0f} |"
         )
+    sent = (
+        "requests answered (+ those in flight when wrk stopped, at most)"
+        if args.generator == "wrk"
+        else ("requests sent")
+    )
     lines += ["", "Payload log check (every request sent, warm-ups included):", "",
-              "| configuration | requests sent | logged | dropped | failed |", "|---|---|---|---|---|"]  # fmt: skip
+              f"| configuration | {sent} | logged | dropped | failed |", "|---|---|---|---|---|"]  # fmt: skip
     for config in configs:
         if config.label in logged:
             counts = logged[config.label]
             lines.append(
-                f"| {config.label} | {config.sent:,} | {counts.get('logged', 0):,.0f} | "
+                f"| {config.label} | {config.sent:,}{f' (+{config.slack:,})' if config.slack else ''} | "
+                f"{counts.get('logged', 0):,.0f} | "
                 f"{counts.get('dropped', 0):,.0f} | {counts.get('failed', 0):,.0f} |"
             )
     return "\n".join(lines) + "\n"
@@ -217,12 +237,20 @@ def main() -> None:
         help="another source tree (its src folder; repeatable): each configuration also served from it, in the "
         "same rounds (an A/B of a change; needs --out)",
     )
+    parser.add_argument(
+        "--generator",
+        choices=sorted(GENERATORS),
+        default="loadgen",
+        help="the load generator: loadgen.py (default) or wrk (a cross-check; Debian's wrk package)",
+    )
     parser.add_argument("--receiver", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver:
         receive(args.receiver)
         return
     check_only(parser, args)
+    if args.generator == "wrk" and not wrk_load.available():
+        parser.error("--generator wrk: wrk is not installed (`make bench-monitoring` installs Debian's wrk package)")
     if args.compare and args.out in (None, HERE / "RESULTS-monitoring.md"):
         parser.error("--compare needs --out (and --only): the results file holds this tree's figures alone")
     work = Path(tempfile.mkdtemp(prefix="dhow-bench-monitoring-"))
@@ -251,7 +279,11 @@ def main() -> None:
     shutil.rmtree(work)
     args.out.write_text(report(configs, args, logged))
     print(f"wrote {args.out}")
-    unaccounted = [c.label for c in configs if c.label in logged and sum(logged[c.label].values()) != c.sent]
+    # every request the server answered is logged, dropped or failed: as many as were sent (wrk: as many as it counted
+    # answered, and at most those in flight when it stopped besides)
+    unaccounted = [
+        c.label for c in configs if c.label in logged and not 0 <= sum(logged[c.label].values()) - c.sent <= c.slack
+    ]
     if unaccounted:
         sys.exit(f"the payload log's counters do not account for every request sent: {unaccounted}")
 
