@@ -531,6 +531,28 @@ def test_an_abandoned_held_answer_closes_its_connection_serving_nothing_behind_i
     assert "gave up" not in caplog.text and "failed" not in caplog.text and "Exception" not in caplog.text
 
 
+def test_abandoning_a_held_answer_already_sent_changes_nothing() -> None:
+    """A held answer given up after it went (a caller that looked at it before): no second access log line, and its
+    connection, kept alive, goes on serving."""
+    _HELD_STATUSES.clear()
+
+    async def scenario() -> bytes:
+        front, serving, reader, writer = await _front_holding_an_answer()
+        (held,) = [exchange for exchange in front._running if exchange.deferred]
+        _UNRELEASED.pop().set_result(None)
+        await reader.readuntil(b"ok")
+        held.abandon()
+        writer.write(_post("/echo", b"after"))
+        answer = await reader.readuntil(b"after")
+        writer.close()
+        front.should_exit = True
+        await serving
+        return answer
+
+    assert asyncio.run(asyncio.wait_for(scenario(), SAFETY_S)).startswith(b"HTTP/1.1 200 ")
+    assert _HELD_STATUSES == [200]
+
+
 def _wait_for(condition: Callable[[], object]) -> None:
     deadline = time.monotonic() + SAFETY_S
     while not condition():

@@ -174,6 +174,8 @@ class Exchange:
         would otherwise wait for an answer that may never come, and nothing pipelined behind it is served; its
         access log line says 499 now, while the log is open, and nothing is sent or logged when the departure
         comes."""
+        if self.held is None:  # its answer went already (logged, the connection gone on): nothing to give up
+            return
         then, self.then = self.then, None
         self.lose()  # (``respond`` sends nothing)
         self.connection.abandoned(self)
