@@ -499,6 +499,60 @@ def test_a_held_answer_whose_client_left_is_logged_499() -> None:
     assert _HELD_STATUSES == [499]
 
 
+@pytest.mark.parametrize("released", [False, True], ids=["record-still-held", "record-left-after"])
+def test_an_abandoned_held_answer_closes_its_connection_serving_nothing_behind_it(
+    caplog: pytest.LogCaptureFixture, released: bool
+) -> None:
+    """A held answer given up (``Exchange.abandon``) by any caller, not only the drain, with a request pipelined
+    behind it: the client sees its connection closed with nothing sent, at once, not after a record that may never
+    leave; the request behind is not served; the record's departure, when it comes after, sends and logs nothing."""
+    _HELD_STATUSES.clear()
+
+    async def scenario() -> bytes:
+        front, serving, reader, writer = await _front_holding_an_answer()
+        (held,) = [exchange for exchange in front._running if exchange.deferred]
+        connection = held.connection
+        writer.write(_post("/echo", b"behind"))
+        while not connection._pipeline:
+            await asyncio.sleep(0.01)
+        held.abandon()
+        if released:  # the record leaves after all: its callback runs before the client reads
+            _UNRELEASED.pop().set_result(None)
+            while connection.running is not None:
+                await asyncio.sleep(0.01)
+        sent = await reader.read()
+        writer.close()
+        front.should_exit = True
+        await serving
+        return sent
+
+    assert asyncio.run(asyncio.wait_for(scenario(), SAFETY_S)) == b""  # (bounded: a regression fails, not hangs)
+    assert _HELD_STATUSES == [499]
+    assert "gave up" not in caplog.text and "failed" not in caplog.text and "Exception" not in caplog.text
+
+
+def test_abandoning_a_held_answer_already_sent_changes_nothing() -> None:
+    """A held answer given up after it went (a caller that looked at it before): no second access log line, and its
+    connection, kept alive, goes on serving."""
+    _HELD_STATUSES.clear()
+
+    async def scenario() -> bytes:
+        front, serving, reader, writer = await _front_holding_an_answer()
+        (held,) = [exchange for exchange in front._running if exchange.deferred]
+        _UNRELEASED.pop().set_result(None)
+        await reader.readuntil(b"ok")
+        held.abandon()
+        writer.write(_post("/echo", b"after"))
+        answer = await reader.readuntil(b"after")
+        writer.close()
+        front.should_exit = True
+        await serving
+        return answer
+
+    assert asyncio.run(asyncio.wait_for(scenario(), SAFETY_S)).startswith(b"HTTP/1.1 200 ")
+    assert _HELD_STATUSES == [200]
+
+
 def _wait_for(condition: Callable[[], object]) -> None:
     deadline = time.monotonic() + SAFETY_S
     while not condition():

@@ -170,10 +170,15 @@ class Exchange:
         departure.add_done_callback(self._release)
 
     def abandon(self) -> None:
-        """The server closes the connection of a held answer before it could go (the drain's end): its access log
-        line says 499 now, while the log is open, and nothing is sent or logged when the departure comes."""
+        """Give up a held answer before it could go (the drain's end): its connection closes now, as its client
+        would otherwise wait for an answer that may never come, and nothing pipelined behind it is served; its
+        access log line says 499 now, while the log is open, and nothing is sent or logged when the departure
+        comes."""
+        if self.held is None:  # its answer went already (logged, the connection gone on): nothing to give up
+            return
         then, self.then = self.then, None
         self.lose()  # (``respond`` sends nothing)
+        self.connection.abandoned(self)
         if then is not None:
             then(499)
 

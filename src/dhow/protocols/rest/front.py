@@ -135,8 +135,7 @@ class HttpFront:
                 "gave up %d REST answer(s) held for their audit records after the drain's %g s", len(held), self.drain_s
             )
             for exchange in held:
-                exchange.abandon()
-                del self._running[exchange]
+                exchange.abandon()  # (its connection closes, and it leaves ``_running``)
         if self._running:
             log.error(
                 "cancelled %d REST request(s) still running after the drain's %g s", len(self._running), self.drain_s

@@ -292,6 +292,13 @@ class Http1Connection(asyncio.Protocol):
         self.front.finished(exchange)
         self._done(exchange)
 
+    def abandoned(self, exchange: Exchange) -> None:
+        """A held answer was given up (``Exchange.abandon``): it no longer counts as running, and its connection
+        closes, the requests pipelined behind it unserved (when its departure comes, ``_done`` writes to a closed
+        transport: nothing)."""
+        self.front.finished(exchange)
+        self.close()
+
     def _done(self, exchange: Exchange) -> None:
         """After an answer: close, or go on with the next pipelined request, or wait for one."""
         self.running = None
