@@ -133,8 +133,11 @@ class WriterPipe:
 
     def _first_answer(self) -> dict[str, Any]:
         deadline = time.monotonic() + _START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if select.select([self._out], [], [], 0.5)[0]:
+        # (not ``select.select``: a server with many connections numbers its new pipes past 1024, which it refuses)
+        poller = select.poll()
+        poller.register(self._out, select.POLLIN)
+        while (left := deadline - time.monotonic()) > 0:
+            if poller.poll(left * 1000 + 1):
                 chunk = os.read(self._out, 1 << 16)
                 if not chunk:
                     break
