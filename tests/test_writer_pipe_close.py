@@ -208,3 +208,54 @@ def test_an_offer_that_passed_its_test_before_the_close_and_queued_after_it_is_c
         loop.close()
     assert not log._queue, "an event stayed queued after the close, never counted"
     assert _counted(registry) == 1
+
+
+def _numbers_up_to(number: int) -> list[int]:
+    """Descriptors opened (on /dev/null) until one is numbered ``number`` or past it: each takes the lowest free
+    number, so ``number`` is among them when it was free."""
+    opened = [os.open(os.devnull, os.O_RDONLY)]
+    while opened[-1] < number:
+        opened.append(os.open(os.devnull, os.O_RDONLY))
+    return opened
+
+
+def test_a_close_while_the_loop_hangs_keeps_the_pipe_s_number_until_the_loop_removed_its_watch(tmp_path: Path) -> None:
+    """The close (another thread) leaves the removal of the loop's watch on the pipe to the loop's thread, and the
+    loop is busy past the second the close waits for it: the number stays taken until the removal ran (freed
+    before, a new connection could have it, and the late removal would take that one's watch), while the writer
+    reads its end all the same, delivers what it was handed and exits."""
+    log, registry = _log(tmp_path)
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    hanging, release = threading.Event(), threading.Event()
+
+    def hang() -> None:
+        hanging.set()
+        release.wait(60)
+
+    async def offer_one() -> None:
+        _offer(log, 0)
+
+    try:
+        asyncio.run_coroutine_threadsafe(offer_one(), loop).result(30)  # (the pipe's loop is this one)
+        loop.call_soon_threadsafe(hang)
+        assert hanging.wait(30)
+        assert _close_in_a_thread(log) == []
+        taken = _numbers_up_to(log._in)
+        for number in taken:
+            os.close(number)
+        assert log._in not in taken, "the pipe's number was free before the loop removed its watch on it"
+        release.set()
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(30)  # (after the removal, scheduled before)
+        assert log._process.stdin is not None and log._process.stdin.closed
+    finally:
+        release.set()
+        if log._process.poll() is None:
+            log._process.kill()
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(30)
+        loop.close()
+    assert log._process.returncode == 0
+    assert registry.get_sample_value("dhow_payload_log_events_total", {"sink": "file", "outcome": "logged"}) == 1
+    assert _counted(registry) == 1
