@@ -228,15 +228,16 @@ class WriterPipe:
                 written = os.write(self._in, self._unsent)
             except BlockingIOError:
                 return
-            except OSError as exc:
+            except OSError as exc:  # the writer is gone: what waits behind the rest, whose timer may have come and
+                # gone, is counted failed by the flush below, not left queued until the close
                 self._unsent = b""
                 self._stop_writing()
                 self._writer_gone(repr(exc))
-                return
-            self._unsent = self._unsent[written:]
-            if self._unsent:
-                return
-            self._stop_writing()
+            else:
+                self._unsent = self._unsent[written:]
+                if self._unsent:
+                    return
+                self._stop_writing()
         self._flush()
 
     def _stop_writing(self, stopped: threading.Event | None = None) -> None:
