@@ -1,6 +1,7 @@
 """The close of a writer pipe (the payload log's, tracing's) against a writer process that stopped reading (a hung
 sink, a stopped process): it keeps to about its time, kills the writer, and counts every item once; and it leaves
-the event loop's watch on the pipe to the loop's own thread, whether the loop still runs or was closed."""
+the event loop's watch on the pipe to the loop's own thread, whether the loop still runs, hangs or was closed. And
+what waits for such a writer's pipe when it dies is counted failed then, without a close."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import logging
 import os
 import signal
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,19 +114,8 @@ def test_the_close_from_another_thread_leaves_the_loops_watch_on_the_pipe_to_the
     runner = threading.Thread(target=loop.run_forever, daemon=True)
     runner.start()
 
-    async def fill() -> int:
-        offered = 0
-        while offered < 200 and not log._unsent:  # each handed over by its timer, until the pipe is full
-            _offer(log, offered)
-            offered += 1
-            await asyncio.sleep(log.flush_s * 2)
-        for _ in range(3):  # queued behind the frame's rest
-            _offer(log, offered)
-            offered += 1
-        return offered
-
     try:
-        offered = asyncio.run_coroutine_threadsafe(fill(), loop).result(60)
+        offered = asyncio.run_coroutine_threadsafe(_fill(log), loop).result(60)
         assert log._unsent
         if loop_state == "closed":
             loop.call_soon_threadsafe(loop.stop)
@@ -140,6 +132,20 @@ def test_the_close_from_another_thread_leaves_the_loops_watch_on_the_pipe_to_the
     assert set(removed_on) <= {runner.ident}, "the loop's watch was removed from the close's thread"
     assert removed_on or loop_state == "closed"
     assert _counted(registry) == offered
+
+
+async def _fill(log: PayloadLog) -> int:
+    """On the loop: events offered, each handed over by its timer, until the pipe of a writer that stopped reading
+    is full (a frame's rest waits), then three queued behind that rest; how many were offered."""
+    offered = 0
+    while offered < 200 and not log._unsent:
+        _offer(log, offered)
+        offered += 1
+        await asyncio.sleep(log.flush_s * 2)
+    for _ in range(3):
+        _offer(log, offered)
+        offered += 1
+    return offered
 
 
 class _QueuedMeanwhile(collections.deque[Any]):
@@ -208,3 +214,90 @@ def test_an_offer_that_passed_its_test_before_the_close_and_queued_after_it_is_c
         loop.close()
     assert not log._queue, "an event stayed queued after the close, never counted"
     assert _counted(registry) == 1
+
+
+def _numbers_up_to(number: int) -> list[int]:
+    """Descriptors opened (on /dev/null) until one is numbered ``number`` or past it: each takes the lowest free
+    number, so ``number`` is among them when it was free."""
+    opened = [os.open(os.devnull, os.O_RDONLY)]
+    while opened[-1] < number:
+        opened.append(os.open(os.devnull, os.O_RDONLY))
+    return opened
+
+
+def test_a_close_while_the_loop_hangs_keeps_the_pipe_s_number_until_the_loop_removed_its_watch(tmp_path: Path) -> None:
+    """The close (another thread) leaves the removal of the loop's watch on the pipe to the loop's thread, and the
+    loop is busy past the second the close waits for it: the number stays taken until the removal ran (freed
+    before, a new connection could have it, and the late removal would take that one's watch), while the writer
+    reads its end all the same, delivers what it was handed and exits."""
+    log, registry = _log(tmp_path)
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    hanging, release = threading.Event(), threading.Event()
+
+    def hang() -> None:
+        hanging.set()
+        release.wait(60)
+
+    async def offer_one() -> None:
+        _offer(log, 0)
+
+    try:
+        asyncio.run_coroutine_threadsafe(offer_one(), loop).result(30)  # (the pipe's loop is this one)
+        loop.call_soon_threadsafe(hang)
+        assert hanging.wait(30)
+        assert _close_in_a_thread(log) == []
+        taken = _numbers_up_to(log._in)
+        for number in taken:
+            os.close(number)
+        assert log._in not in taken, "the pipe's number was free before the loop removed its watch on it"
+        release.set()
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(30)  # (after the removal, scheduled before)
+        assert log._process.stdin is not None and log._process.stdin.closed
+    finally:
+        release.set()
+        if log._process.poll() is None:
+            log._process.kill()
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(30)
+        loop.close()
+    assert log._process.returncode == 0
+    assert registry.get_sample_value("dhow_payload_log_events_total", {"sink": "file", "outcome": "logged"}) == 1
+    assert _counted(registry) == 1
+
+
+def test_what_waits_behind_a_frame_s_rest_when_the_writer_dies_is_counted_failed_then(tmp_path: Path) -> None:
+    """The writer stopped reading: events wait behind a frame's rest for the pipe, their timer come and gone (it
+    hands nothing over meanwhile). It then dies: the loop's watch on the pipe learns it, and those events are
+    counted failed then, not left queued and uncounted until a close that may come much later."""
+    log, registry = _stopped_log(tmp_path)
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    try:
+        offered = asyncio.run_coroutine_threadsafe(_fill(log), loop).result(60)
+        _wait_for(lambda: log._timer is None, "the queued events' timer")  # (now nothing but the pipe hands over)
+        assert log._unsent and len(log._queue) == 3
+        log._process.kill()
+        log._process.wait()
+        log._reader.join(10)  # (what the writer was handed: counted failed as its pipe closed)
+        _wait_for(lambda: not log._unsent, "the loop's watch on the pipe")  # (it found the writer gone)
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(30)  # (after that watch's callback)
+        assert not log._queue, "events queued behind the frame's rest stayed queued, uncounted"
+        assert _counted(registry) == offered
+        log.close(1.0)
+        assert _counted(registry) == offered  # (counted once)
+    finally:
+        if log._process.poll() is None:
+            log._process.kill()
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(30)
+        loop.close()
+
+
+def _wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not come within 30 s"
+        time.sleep(0.01)

@@ -84,6 +84,10 @@ class WriterPipe:
         self._unsent = b""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        #: the loop's removal of its watch on the pipe came after the close stopped waiting for it: the removal
+        #: closes the pipe's number, once it ran (``_release_pipe``); both under ``_releasing``
+        self._released_by_removal = False
+        self._releasing = threading.Lock()
         self._gone = False
         self._last_failure = 0.0
         self._process = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -133,8 +137,11 @@ class WriterPipe:
 
     def _first_answer(self) -> dict[str, Any]:
         deadline = time.monotonic() + _START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if select.select([self._out], [], [], 0.5)[0]:
+        # (not ``select.select``: a server with many connections numbers its new pipes past 1024, which it refuses)
+        poller = select.poll()
+        poller.register(self._out, select.POLLIN)
+        while (left := deadline - time.monotonic()) > 0:
+            if poller.poll(left * 1000 + 1):
                 chunk = os.read(self._out, 1 << 16)
                 if not chunk:
                     break
@@ -221,21 +228,23 @@ class WriterPipe:
                 written = os.write(self._in, self._unsent)
             except BlockingIOError:
                 return
-            except OSError as exc:
+            except OSError as exc:  # the writer is gone: what waits behind the rest, whose timer may have come and
+                # gone, is counted failed by the flush below, not left queued until the close
                 self._unsent = b""
                 self._stop_writing()
                 self._writer_gone(repr(exc))
-                return
-            self._unsent = self._unsent[written:]
-            if self._unsent:
-                return
-            self._stop_writing()
+            else:
+                self._unsent = self._unsent[written:]
+                if self._unsent:
+                    return
+                self._stop_writing()
         self._flush()
 
     def _stop_writing(self, stopped: threading.Event | None = None) -> None:
         """Stop the loop's watch on the pipe (``_write_more``), on the loop's thread: its methods are not
         thread-safe. From another thread (the close's) it is scheduled there, unless the loop no longer runs (then
-        nothing else touches it; a closed one has no watch left). ``stopped`` is set once it is done."""
+        nothing else touches it; a closed one has no watch left). ``stopped`` is set once it is done (and the pipe
+        closed, when the close left that to it: ``_release_pipe``)."""
         loop = self._loop
         try:
             here = asyncio.get_running_loop() is loop
@@ -251,7 +260,11 @@ class WriterPipe:
             with contextlib.suppress(Exception):
                 loop.remove_writer(self._in)
         if stopped is not None:
-            stopped.set()
+            with self._releasing:
+                stopped.set()
+                late = self._released_by_removal
+            if late:  # (the close left the pipe's number to this removal: ``_release_pipe``)
+                self._close_stdin()
 
     def _writer_gone(self, reason: str) -> None:
         with self._tally:
@@ -337,10 +350,7 @@ class WriterPipe:
                 "%s: the writer process did not take its last frames within %g s (it stopped reading): killed, and "
                 "what it was handed and did not report is counted failed", self.what, timeout)  # fmt: skip
             self._process.kill()
-        stopped.wait(1)  # (the loop's watch on the pipe gone before its descriptor is closed, unless the loop hangs)
-        with contextlib.suppress(OSError):
-            assert self._process.stdin is not None
-            self._process.stdin.close()
+        self._release_pipe(stopped)
         try:
             self._process.wait(timeout + 10)
         except subprocess.TimeoutExpired:
@@ -355,6 +365,27 @@ class WriterPipe:
         # so. An ``offer`` the loop was in the middle of (its test passed before ``_gone``) may queue its item after
         # this: the hand-over its ``_put`` scheduled (or one due already) counts it (``_flush``)
         self._fail_queued()
+
+    def _release_pipe(self, stopped: threading.Event) -> None:
+        """Close the pipe (the writer reads its end) once the loop's watch on it is gone (``stopped``): its number,
+        once free, may be a new connection's, whose watch a removal that came later would take. A loop that did not
+        remove it within a second (it hangs) finds /dev/null in the pipe's place under that number, closed by the
+        removal when it comes (``_stop_writing``): the writer reads its end now all the same."""
+        if not stopped.wait(1):
+            with self._releasing:
+                if not stopped.is_set():
+                    with contextlib.suppress(OSError):  # (no descriptor left for it: the pipe waits for the removal)
+                        null = os.open(os.devnull, os.O_WRONLY)
+                        os.dup2(null, self._in, inheritable=False)
+                        os.close(null)
+                    self._released_by_removal = True
+                    return
+        self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        with contextlib.suppress(OSError):
+            assert self._process.stdin is not None
+            self._process.stdin.close()
 
     def _fail_queued(self) -> None:
         """Count failed what is queued after the close (and take it: each once)."""
