@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from monitoring_overhead import Config, configurations, measure
+from monitoring_overhead import Config, configurations, generator_option, measure
 from security_overhead import build_models, start_server
 
 HOOK = Path(__file__).resolve().parent / "loop_stalls_hook"
@@ -228,6 +228,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--concurrency", type=int, default=16)
+    generator_option(parser)
     parser.add_argument("--interval", type=float, default=0.005, help="the threads' sampling interval (s)")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument(

@@ -204,6 +204,16 @@ def configurations(work: Path, models: Path) -> tuple[dict[str, tuple[Path, tupl
     return setups, receiver
 
 
+def generator_option(parser: argparse.ArgumentParser) -> None:
+    """``--generator``: which load generator ``measure`` drives the servers with."""
+    parser.add_argument(
+        "--generator",
+        choices=sorted(GENERATORS),
+        default="loadgen",
+        help="the load generator: loadgen.py (default) or wrk (a cross-check; Debian's wrk package)",
+    )
+
+
 def check_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``--only``: some of the configurations, known letters, and an ``--out`` of its own (the default file holds
     the whole table); without it, all five into the default file."""
@@ -237,12 +247,7 @@ def main() -> None:
         help="another source tree (its src folder; repeatable): each configuration also served from it, in the "
         "same rounds (an A/B of a change; needs --out)",
     )
-    parser.add_argument(
-        "--generator",
-        choices=sorted(GENERATORS),
-        default="loadgen",
-        help="the load generator: loadgen.py (default) or wrk (a cross-check; Debian's wrk package)",
-    )
+    generator_option(parser)
     parser.add_argument("--receiver", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver:
