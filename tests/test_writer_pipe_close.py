@@ -267,6 +267,49 @@ def test_a_close_while_the_loop_hangs_keeps_the_pipe_s_number_until_the_loop_rem
     assert _counted(registry) == 1
 
 
+def test_a_second_close_touches_nothing_though_the_pipe_s_number_is_another_s_by_then(tmp_path: Path) -> None:
+    """Closed once, the pipe's number is free for anything the server opens next (here /dev/null, as a new
+    connection's socket would be). A second close, while the loop is busy past the second a close waits for it,
+    must leave that descriptor alone: it neither takes its place (a stand-in put under the pipe's number) nor asks
+    the loop to remove a watch on it."""
+    log, registry = _log(tmp_path)
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    hanging, release = threading.Event(), threading.Event()
+
+    def hang() -> None:
+        hanging.set()
+        release.wait(60)
+
+    async def offer_one() -> None:
+        _offer(log, 0)
+
+    taken: list[int] = []
+    try:
+        asyncio.run_coroutine_threadsafe(offer_one(), loop).result(30)
+        assert _close_in_a_thread(log) == []  # (the loop is free: the pipe closed at once)
+        taken = _numbers_up_to(log._in)
+        assert log._in in taken  # (its number is another's now: a file of the test's, in place of the /dev/null)
+        other = tmp_path / "another"
+        other.write_bytes(b"")
+        opened = os.open(other, os.O_RDONLY)
+        os.dup2(opened, log._in)
+        os.close(opened)
+        loop.call_soon_threadsafe(hang)
+        assert hanging.wait(30)
+        assert _close_in_a_thread(log) == []
+        assert os.fstat(log._in).st_ino == other.stat().st_ino, "the second close took another's descriptor"
+    finally:
+        release.set()
+        for number in taken:
+            os.close(number)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(30)
+        loop.close()
+    assert _counted(registry) == 1
+
+
 def test_what_waits_behind_a_frame_s_rest_when_the_writer_dies_is_counted_failed_then(tmp_path: Path) -> None:
     """The writer stopped reading: events wait behind a frame's rest for the pipe, their timer come and gone (it
     hands nothing over meanwhile). It then dies: the loop's watch on the pipe learns it, and those events are

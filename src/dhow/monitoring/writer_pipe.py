@@ -333,6 +333,8 @@ class WriterPipe:
         deadline = time.monotonic() + timeout
         stopped = threading.Event()
         with self._handing:  # (a flush the loop began meanwhile writes its frame whole first)
+            if self._closing:  # closed already: the pipe's number may be another's by now, never touched again
+                return
             self._closing = True  # (from now on neither ``_flush`` nor ``_write_more`` writes: the pipe is ours)
             self._stop_writing(stopped)
             data, self._unsent = self._unsent, b""
@@ -369,15 +371,14 @@ class WriterPipe:
     def _release_pipe(self, stopped: threading.Event) -> None:
         """Close the pipe (the writer reads its end) once the loop's watch on it is gone (``stopped``): its number,
         once free, may be a new connection's, whose watch a removal that came later would take. A loop that did not
-        remove it within a second (it hangs) finds /dev/null in the pipe's place under that number, closed by the
-        removal when it comes (``_stop_writing``): the writer reads its end now all the same."""
+        remove it within a second (it hangs) finds a stand-in under that number, closed by the removal when it comes
+        (``_stop_writing``): the writer reads its end now all the same. The stand-in is a copy of the counts' pipe
+        (nothing writes through it): a descriptor already held, so that a server out of descriptors (many
+        connections) still gives the pipe up."""
         if not stopped.wait(1):
             with self._releasing:
                 if not stopped.is_set():
-                    with contextlib.suppress(OSError):  # (no descriptor left for it: the pipe waits for the removal)
-                        null = os.open(os.devnull, os.O_WRONLY)
-                        os.dup2(null, self._in, inheritable=False)
-                        os.close(null)
+                    os.dup2(self._out, self._in, inheritable=False)
                     self._released_by_removal = True
                     return
         self._close_stdin()
