@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import DhowProcess, start_dhow, wait_until
 
@@ -54,6 +56,18 @@ def _post(server: DhowProcess) -> tuple[int, str | None]:
         connection.close()
 
 
+def _outcomes(server: DhowProcess) -> dict[str, float]:
+    """The requests counter of the slow model, by outcome."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=10)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    found = re.findall(r'dhow_inference_requests_total\{model="slow",outcome="(\w+)",version="1"\} ([0-9.e+]+)', text)
+    return {outcome: float(count) for outcome, count in found}
+
+
 def _live(server: DhowProcess) -> int:
     connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
     try:
@@ -65,14 +79,18 @@ def _live(server: DhowProcess) -> int:
         connection.close()
 
 
-def _computed(server: DhowProcess) -> int:
+def _stats(server: DhowProcess) -> dict[str, Any]:
     connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=10)
     try:
         connection.request("GET", "/v2/models/slow/stats")
         (stats,) = json.loads(connection.getresponse().read())["model_stats"]
-        return int(stats["execution_count"])
+        return dict(stats)
     finally:
         connection.close()
+
+
+def _computed(server: DhowProcess) -> int:
+    return int(_stats(server)["execution_count"])
 
 
 def test_the_default_queue_is_bounded_by_what_the_model_serves_within_the_timeout(tmp_path: Path) -> None:
@@ -113,7 +131,9 @@ class Gated:
 """
 
 
-def test_a_request_whose_client_has_gone_is_not_computed(tmp_path: Path) -> None:
+def test_a_request_whose_client_has_gone_is_not_computed_and_is_counted_cancelled(tmp_path: Path) -> None:
+    """Not computed, and not forgotten either: the requests counter and the statistics count it (CANCELLED, a
+    failure), as the payload log and the audit trail do, so that their counts agree."""
     repository = _repository(tmp_path, 0)
     computing, hold = tmp_path / "computing", tmp_path / "hold"
     (repository / "slow" / "1" / "model.py").write_text(GATED_MODEL.format(computing=str(computing), hold=str(hold)))
@@ -140,8 +160,12 @@ def test_a_request_whose_client_has_gone_is_not_computed(tmp_path: Path) -> None
         first.join(30)
         assert _post(server)[0] == 200  # a client that waits is answered
         computed = _computed(server)
+        outcomes = _outcomes(server)
+        failed = _stats(server)["inference_stats"]["fail"]["count"]
     finally:
         hold.unlink(missing_ok=True)
         assert server.stop() == 0, server.log()
     # the first and the last; of the 10 that left, at most the one already taken into a batch when it left
     assert computed <= 3, computed
+    assert outcomes == {"success": 2, "CANCELLED": 10}, outcomes
+    assert failed == 10

@@ -318,8 +318,8 @@ class DataPlane:
                 f"model '{model.name}' version {model.version} failed while computing "
                 f"(error id {error_id}; see the server log)"
             ) from None
-        except DhowError as exc:
-            self._account(model, start, rows, exc.code.value)
+        except BaseException as exc:  # a refusal, a client that went away (CANCELLED), a fault of the server's
+            self._account(model, start, rows, _error_of(exc)[0])
             raise
         self._account(model, start, rows, "success")
         return InferenceResponse(model.name, model.version_label, outputs, id=request.id)
