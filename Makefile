@@ -28,7 +28,7 @@ system-packages:
 # Debian's wrk, the C load generator of the overhead benchmarks' cross-check (benchmarks/wrk_load.py: ``--generator wrk``)
 BENCH_PACKAGES := wrk
 bench-packages:
-	@test -x /usr/bin/wrk || { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BENCH_PACKAGES); }
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BENCH_PACKAGES); }
 
 $(DEMO)/.built: $(STAMP)
 	$(DHOW) demo build --out $(DEMO)
@@ -93,7 +93,7 @@ bench-scaling: $(STAMP)
 	$(PY) benchmarks/autoscale_sim.py
 
 # the payload log (file) and tracing (ratio 0.1) on and off, one run; about 3 minutes
-bench-monitoring: $(STAMP) bench-packages
+bench-monitoring: $(STAMP)
 	$(PY) benchmarks/monitoring_overhead.py
 
 # the proxy `dhow gateway config` writes (HAProxy, make system-packages) against dhow direct; about 2 minutes

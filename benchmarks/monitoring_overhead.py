@@ -14,7 +14,8 @@ The same closed-loop generator (benchmarks/loadgen.py, JSON over REST, keep-aliv
 wrk, benchmarks/wrk_load.py, a C generator whose CPU a request is a fraction of loadgen's, as a cross-check that
 the ratios are the server's) drives each at the concurrency, the configurations alternated in rounds (order rotated each
 round), the median round reported. Afterwards it checks that the payload log's counters account for every request
-sent (logged + dropped) and reports the drops. Writes benchmarks/RESULTS-monitoring.md; ``--only`` runs some of the
+the server served, each once (logged, dropped or failed), and that it served what was sent, and reports the drops.
+Writes benchmarks/RESULTS-monitoring.md; ``--only`` runs some of the
 configurations (by letter) and then needs ``--out`` (a part of the table must not replace the whole). Ratios are to
 the first configuration run: (a) unless ``--only`` leaves it out, and the table's header names it.
 ``--compare SRC`` (repeatable, with ``--out``) serves each chosen configuration also from another source tree
@@ -83,11 +84,14 @@ def receive(port: int) -> None:
     http.server.ThreadingHTTPServer(("127.0.0.1", port), _Receiver).serve_forever()
 
 
-def payload_counts(port: int) -> dict[str, float]:
+def payload_counts(port: int) -> tuple[dict[str, float], float]:
+    """The payload log's events by outcome, and the inference requests the server counted (every outcome), read
+    in one scrape."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
         text = answer.read().decode()
     found = re.findall(r'dhow_payload_log_events_total\{outcome="(\w+)",sink="file"\} ([0-9.e+]+)', text)
-    return {outcome: float(value) for outcome, value in found}
+    served = re.findall(r'dhow_inference_requests_total\{model="tabular",[^}]*\} ([0-9.e+]+)', text)
+    return {outcome: float(value) for outcome, value in found}, sum(map(float, served))
 
 
 def profiled_copy(models: Path, work: Path) -> Path:
@@ -135,7 +139,7 @@ def run_rounds(configs: list[Config], args: argparse.Namespace) -> None:
                   f"µs/request, {result.failures} failures", flush=True)  # fmt: skip
 
 
-def report(configs: list[Config], args: argparse.Namespace, logged: dict[str, dict[str, float]]) -> str:
+def report(configs: list[Config], args: argparse.Namespace, logged: dict[str, tuple[dict[str, float], float]]) -> str:
     base = configs[0].median()[0]
     against = configs[0].label.split()[0]  # "(a)", or the first configuration run when --only left (a) out
     lines = [
@@ -168,20 +172,17 @@ def report(configs: list[Config], args: argparse.Namespace, logged: dict[str, di
             f"| {result.percentile(99) / base.percentile(99):.3f} "
             f"| {paired([run.percentile(99) for run, _ in reference.runs], tails)} | {cpu_us:.0f} |"
         )
-    sent = (
-        "requests answered (+ those in flight when wrk stopped, at most)"
-        if args.generator == "wrk"
-        else ("requests sent")
-    )
-    lines += ["", "Payload log check (every request sent, warm-ups included):", "",
-              f"| configuration | {sent} | logged | dropped | failed |", "|---|---|---|---|---|"]  # fmt: skip
+    sent = "requests answered (+ those wrk may have sent uncounted, at most)" if args.generator == "wrk" else (
+        "requests sent")  # fmt: skip
+    head = f"| configuration | {sent} | served | logged | dropped | failed |"
+    lines += ["", "Payload log check (every request sent, warm-ups included; served: the server's own count):", "",
+              head, "|---|---|---|---|---|---|"]  # fmt: skip
     for config in configs:
         if config.label in logged:
-            counts = logged[config.label]
+            counts, served = logged[config.label]
             lines.append(
-                f"| {config.label} | {config.sent:,}{f' (+{config.slack:,})' if config.slack else ''} | "
-                f"{counts.get('logged', 0):,.0f} | "
-                f"{counts.get('dropped', 0):,.0f} | {counts.get('failed', 0):,.0f} |"
+                f"| {config.label} | {config.sent:,}{f' (+{config.slack:,})' if config.slack else ''} | {served:,.0f} "
+                f"| {counts.get('logged', 0):,.0f} | {counts.get('dropped', 0):,.0f} | {counts.get('failed', 0):,.0f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -202,6 +203,13 @@ def configurations(work: Path, models: Path) -> tuple[dict[str, tuple[Path, tupl
         "(e) drift + payload log + tracing": (drifting, ("--payload-log", payloads.replace("events", "e"), *tracing)),
     }
     return setups, receiver
+
+
+def accounted(config: Config, counts: dict[str, float], served: float) -> bool:
+    """Whether the payload log's counters hold every request the server served, each once (logged, dropped or
+    failed), and the server served what was sent: exactly (loadgen.py), or what wrk counted answered and at most
+    those it may have sent uncounted (``Config.slack``)."""
+    return sum(counts.values()) == served and 0 <= served - config.sent <= config.slack
 
 
 def generator_option(parser: argparse.ArgumentParser) -> None:
@@ -255,7 +263,9 @@ def main() -> None:
         return
     check_only(parser, args)
     if args.generator == "wrk" and not wrk_load.available():
-        parser.error("--generator wrk: wrk is not installed (`make bench-monitoring` installs Debian's wrk package)")
+        parser.error("--generator wrk: wrk is not installed (`make bench-packages` installs Debian's wrk package)")
+    if args.generator == "wrk" and not all(t == int(t) and t >= 1 for t in (args.seconds, args.warmup)):
+        parser.error(f"--generator wrk runs for whole seconds: --seconds {args.seconds:g} --warmup {args.warmup:g}")
     if args.compare and args.out in (None, HERE / "RESULTS-monitoring.md"):
         parser.error("--compare needs --out (and --only): the results file holds this tree's figures alone")
     work = Path(tempfile.mkdtemp(prefix="dhow-bench-monitoring-"))
@@ -284,11 +294,7 @@ def main() -> None:
     shutil.rmtree(work)
     args.out.write_text(report(configs, args, logged))
     print(f"wrote {args.out}")
-    # every request the server answered is logged, dropped or failed: as many as were sent (wrk: as many as it counted
-    # answered, and at most those in flight when it stopped besides)
-    unaccounted = [
-        c.label for c in configs if c.label in logged and not 0 <= sum(logged[c.label].values()) - c.sent <= c.slack
-    ]
+    unaccounted = [c.label for c in configs if c.label in logged and not accounted(c, *logged[c.label])]
     if unaccounted:
         sys.exit(f"the payload log's counters do not account for every request sent: {unaccounted}")
 

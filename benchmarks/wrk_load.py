@@ -4,7 +4,7 @@ come from the Python generator's own CPU on the cores it shares with the server.
 ``wrk -t1 -cN``: N keep-alive connections, each sending its next request when the last answers, the same body
 each time. Its per-request CPU is a fraction of ``loadgen.py``'s, so what the server's background work (writers,
 their wake-ups) takes from the two cores is no longer shared with a busy generator. Debian's ``wrk`` package
-(``make bench-monitoring`` installs it).
+(``make bench-packages`` installs it).
 
 wrk reports what was answered within the run; a request in flight when it stops is sent but not counted (at most
 one per connection): ``Result.in_flight`` bounds them, for checks that count every request the server saw.
@@ -45,14 +45,17 @@ end
 
 @dataclass(frozen=True)
 class Result:
-    #: requests answered within the run (wrk's count), of them ``failures`` not 2xx/3xx or lost to socket errors
+    #: requests answered within the run (wrk's count), of them ``failures`` not 2xx/3xx
     requests: int
     failures: int
     seconds: float
     #: latency percentiles, ms (``PERCENTILES``)
     latencies: dict[float, float]
-    #: the most requests that may have been sent and left unanswered when wrk stopped (one per connection)
+    #: the most requests that may have been sent and not counted answered: one per connection in flight when wrk
+    #: stopped, and one per socket error (a read or write that failed may have carried one)
     in_flight: int
+    #: socket errors (connect, read, write, timeout), apart from the answers
+    errors: int
 
     @property
     def throughput(self) -> float:
@@ -76,9 +79,12 @@ def run(
     seconds: float,
     headers: dict[str, str] | None = None,
 ) -> Result:
-    """Drive ``POST path`` with ``body`` at a fixed concurrency for ``seconds``; raises when wrk fails."""
+    """Drive ``POST path`` with ``body`` at a fixed concurrency for ``seconds`` (whole seconds: wrk takes no
+    fraction); raises when wrk fails."""
     if not available():
-        raise RuntimeError("wrk is not installed: `make bench-monitoring` installs it (Debian's wrk package)")
+        raise RuntimeError("wrk is not installed: `make bench-packages` installs it (Debian's wrk package)")
+    if seconds != int(seconds) or seconds < 1:
+        raise ValueError(f"wrk runs for whole seconds, at least 1: not {seconds:g}")
     with tempfile.TemporaryDirectory(prefix="dhow-wrk-") as folder:
         script, payload = Path(folder) / "post.lua", Path(folder) / "body"
         script.write_text(_SCRIPT)
@@ -93,5 +99,6 @@ def run(
         raise RuntimeError(f"wrk failed (exit {done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
     summary = json.loads(lines[-1].removeprefix("DHOW_WRK "))
     latencies = {q: us / 1000 for q, us in zip(PERCENTILES, summary["latency_us"], strict=True)}
-    return Result(summary["answered"], summary["errors"] + summary["status"], summary["us"] / 1e6, latencies,
-                  concurrency)  # fmt: skip
+    errors = summary["errors"]
+    return Result(summary["answered"], summary["status"], summary["us"] / 1e6, latencies, concurrency + errors,
+                  errors)  # fmt: skip
