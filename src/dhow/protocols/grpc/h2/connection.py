@@ -2,7 +2,7 @@
 
 Frames are parsed as they arrive; a unary call starts as soon as its request has ended (``CallRunner``, no Task),
 while the read goes on, so calls that arrive in one read queue together for the batcher. Flow control both ways:
-the client may send ``RECEIVE_WINDOW`` per stream and ``CONNECTION_WINDOW`` in all before the server's
+the client may send ``RECEIVE_WINDOW`` per stream and ``CONNECTION_WINDOW`` (``bounds``) in all before the server's
 WINDOW_UPDATEs, sent as the bytes are taken; answers wait for the client's windows. A protocol error ends the
 connection with GOAWAY and the error's code; an error of one call ends that call only.
 """
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
+from dhow.protocols.grpc.h2 import bounds
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.calls import INBOX_LIMIT, RECEIVE_WINDOW, RESET, CallContext, Stream, run_call
 from dhow.protocols.grpc.h2.requests import parse_request
@@ -27,18 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dhow.grpc")
 
-CONNECTION_WINDOW = 16 * 1024 * 1024
-MAX_FRAME_IN = 1024 * 1024
-MAX_STREAMS = 1000
-MAX_HEADER_LIST = 64 * 1024
-_OUR_SETTINGS = f.settings(
-    {
-        f.SETTINGS_MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-        f.SETTINGS_INITIAL_WINDOW_SIZE: RECEIVE_WINDOW,
-        f.SETTINGS_MAX_FRAME_SIZE: MAX_FRAME_IN,
-        f.SETTINGS_MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
-    }
-) + f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW)
 _HEADERS_FRAME = struct.Struct(">BHBBL")
 
 
@@ -52,12 +41,12 @@ class H2Connection(Sender, asyncio.Protocol):
         self.peer = ""
         self.auth_context: dict[str, list[bytes]] = {}
         self.streams: dict[int, Stream] = {}
-        self.decoder = f.HeaderDecoder(MAX_HEADER_LIST)
+        self.decoder = f.HeaderDecoder(bounds.MAX_HEADER_LIST)
         self.last_stream = 0
         self.send_window = f.DEFAULT_WINDOW
         self.initial_send_window = f.DEFAULT_WINDOW
         self.max_frame_out = f.DEFAULT_FRAME_SIZE
-        self.receive_window = CONNECTION_WINDOW
+        self.receive_window = bounds.CONNECTION_WINDOW
         self.received = 0
         self.closed = False
         self.goaway_sent = False
@@ -88,7 +77,7 @@ class H2Connection(Sender, asyncio.Protocol):
                 return
             self.auth_context = auth_context(transport.get_extra_info("peercert"))
         self.front.connections.add(self)
-        transport.write(_OUR_SETTINGS)
+        transport.write(bounds.ANNOUNCED)
         limits = self.front.limits
         self._timers.append(self.loop.call_later(limits.handshake_s, self._handshake_over))
         self._tick_s = max(0.05, min(limits.keepalive_s, limits.keepalive_timeout_s, limits.idle_s) / 4)
@@ -206,8 +195,8 @@ class H2Connection(Sender, asyncio.Protocol):
         while end - position >= 9:
             high, low, kind, flags, stream_id = unpack(data, position)
             length = high << 16 | low
-            if length > MAX_FRAME_IN:
-                raise f.ConnectionError_(f.FRAME_SIZE_ERROR, f"a frame of {length} bytes, above {MAX_FRAME_IN}")
+            if length > bounds.MAX_FRAME_IN:
+                raise f.ConnectionError_(f.FRAME_SIZE_ERROR, f"a frame of {length} bytes, above {bounds.MAX_FRAME_IN}")
             stop = position + 9 + length
             if stop > end:
                 break
@@ -252,7 +241,7 @@ class H2Connection(Sender, asyncio.Protocol):
         if self.receive_window < 0:
             raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "DATA beyond the connection's window")
         self.received += size
-        if self.received >= CONNECTION_WINDOW // 2:
+        if self.received >= bounds.CONNECTION_WINDOW // 2:
             self.write(f.window_update(0, self.received))
             self.receive_window += self.received
             self.received = 0
@@ -343,7 +332,7 @@ class H2Connection(Sender, asyncio.Protocol):
         if continuing is None or continuing[0] != stream_id:
             raise f.ConnectionError_(f.PROTOCOL_ERROR, "CONTINUATION without the HEADERS it continues")
         continuing[2].append(payload)
-        if sum(len(part) for part in continuing[2]) > 2 * MAX_HEADER_LIST:
+        if sum(len(part) for part in continuing[2]) > 2 * bounds.MAX_HEADER_LIST:
             raise f.ConnectionError_(f.ENHANCE_YOUR_CALM, "a header block larger than the server takes")
         if flags & f.END_HEADERS:
             self._continuing = None
@@ -361,7 +350,7 @@ class H2Connection(Sender, asyncio.Protocol):
         if stream_id % 2 == 0 or stream_id <= self.last_stream:
             raise f.ConnectionError_(f.PROTOCOL_ERROR, f"HEADERS opening stream {stream_id}, not a new client stream")
         self.last_stream = stream_id
-        if self.goaway_sent or len(self.streams) >= MAX_STREAMS:
+        if self.goaway_sent or len(self.streams) >= bounds.MAX_STREAMS:
             self.write(f.rst_stream(stream_id, f.REFUSED_STREAM))
             return
         self._opened += 1
