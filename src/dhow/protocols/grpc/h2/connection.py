@@ -94,10 +94,16 @@ class H2Connection(Sender, asyncio.Protocol):
         self._writable.set()
 
     def pause_writing(self) -> None:
+        # what a client asks for is answered whether it reads or not (PING and SETTINGS acknowledgements, resets,
+        # refusals): one that does not read is not read either, or the server would queue for it without end
         self._writable.clear()
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._writable.set()
+        if self.transport is not None:
+            self.transport.resume_reading()
 
     def close_with(self, code: int, reason: str) -> None:
         """GOAWAY with ``code`` (the reason as its debug data), then close once what is written has left."""
