@@ -4,16 +4,36 @@ do stays bounded (Rapid Reset, CONTINUATION and control-frame floods, a client t
 from __future__ import annotations
 
 import socket
+import time
 
+from dhow.protocols.grpc.h2 import bounds
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.server import NativeServer
 from tests.test_grpc_native_front import (
     HELLO,
     Door,
+    _connect,
+    _read_frames,
     door,  # noqa: F401 (a fixture)
 )
 
+#: a ModelInfer call's headers as literals without indexing: the same block opens any number of streams
+_INFER = b"".join(
+    f.literal(name, value)
+    for name, value in (
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/inference.GRPCInferenceService/ModelInfer"),
+        (b":authority", b"x"),
+        (b"content-type", b"application/grpc"),
+    )
+)
 _PING = f.frame(f.PING, 0, 0, b"12345678")
+
+
+def _opened(streams: range) -> bytes:
+    """HEADERS opening each stream, its request not sent: every one is a call the server holds."""
+    return b"".join(f.frame(f.HEADERS, f.END_HEADERS, stream, _INFER) for stream in streams)
 
 
 def test_a_client_that_does_not_read_is_not_read_either(door: Door) -> None:  # noqa: F811
@@ -41,3 +61,20 @@ async def _write_buffers(server: NativeServer) -> int:
         for connection in server.front.connections
         if connection.transport is not None
     )
+
+
+def test_a_settings_change_costs_no_work_per_open_stream(door: Door) -> None:  # noqa: F811
+    """SETTINGS_INITIAL_WINDOW_SIZE, over and over in large SETTINGS frames, with every stream the server allows
+    open: each change moves every stream's window, which must not cost a pass over the streams."""
+    entries = b"".join(
+        (f.SETTINGS_INITIAL_WINDOW_SIZE).to_bytes(2, "big") + (65_535 - i % 2).to_bytes(4, "big")
+        for i in range(bounds.MAX_FRAME_IN // 6)
+    )
+    with _connect(door) as sock:
+        sock.sendall(HELLO + _opened(range(1, 2 * bounds.MAX_STREAMS, 2)))
+        sock.sendall(f.frame(f.SETTINGS, 0, 0, entries) * 4 + _PING)
+        started = time.monotonic()
+        frames = _read_frames(sock, f.PING)  # 10 s at most
+        assert frames[-1] == (f.PING, f.ACK, 0, b"12345678"), frames[-1]
+        assert door.streams() == bounds.MAX_STREAMS
+    assert time.monotonic() - started < 10

@@ -368,7 +368,7 @@ class H2Connection(Sender, asyncio.Protocol):
             self.write(f.header_frames(stream_id, block, True, self.max_frame_out) + end)
             return
         assert request.method is not None
-        stream = Stream(stream_id, request.method, self.initial_send_window, request.gzip)
+        stream = Stream(stream_id, request.method, request.gzip)
         deadline = None if request.timeout is None else self.loop.time() + request.timeout
         stream.context = CallContext(self, stream, decoded, deadline)
         self.streams[stream_id] = stream
@@ -405,8 +405,8 @@ class H2Connection(Sender, asyncio.Protocol):
             if self.send_window > f.MAX_WINDOW:
                 raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "the connection's window above 2^31-1")
         elif (stream := self.streams.get(stream_id)) is not None:
-            stream.send_window += increment
-            if increment == 0 or stream.send_window > f.MAX_WINDOW:
+            stream.window_delta += increment
+            if increment == 0 or self.initial_send_window + stream.window_delta > f.MAX_WINDOW:
                 self._fail(stream, grpc.StatusCode.INTERNAL, "a bad WINDOW_UPDATE", f.FLOW_CONTROL_ERROR)
         self._window.set()
 
@@ -424,9 +424,7 @@ class H2Connection(Sender, asyncio.Protocol):
             if key == f.SETTINGS_INITIAL_WINDOW_SIZE:
                 if value > f.MAX_WINDOW:
                     raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1")
-                delta, self.initial_send_window = value - self.initial_send_window, value
-                for stream in self.streams.values():
-                    stream.send_window += delta
+                self.initial_send_window = value  # every stream's window with it (``Stream.window_delta``)
             elif key == f.SETTINGS_MAX_FRAME_SIZE:
                 if not f.DEFAULT_FRAME_SIZE <= value <= f.MAX_FRAME_SIZE_LIMIT:
                     raise f.ConnectionError_(f.PROTOCOL_ERROR, f"SETTINGS_MAX_FRAME_SIZE {value} out of range")

@@ -32,6 +32,7 @@ class Sender:
     transport: asyncio.Transport | None
     closed: bool
     send_window: int
+    initial_send_window: int
     max_frame_out: int
     _window: asyncio.Event
     _writable: asyncio.Event
@@ -48,12 +49,13 @@ class Sender:
     def respond(self, stream: Stream, data: bytes, trailing: Sequence[tuple[str, str | bytes]]) -> bool:
         """A unary answer in one write, when the windows take it whole; False to send it by ``send_message``."""
         size = len(data) + 5
-        if size > self.send_window or size > stream.send_window or size > self.max_frame_out or stream.headers_sent:
+        window = self.initial_send_window + stream.window_delta
+        if size > self.send_window or size > window or size > self.max_frame_out or stream.headers_sent:
             return False
         if len(data) > self.front.max_message:
             raise OverflowError(f"Sent message larger than max ({len(data)} vs. {self.front.max_message})")
         self.send_window -= size
-        stream.send_window -= size
+        stream.window_delta -= size
         stream.headers_sent, stream.ending = True, True
         sid = stream.id
         # the frames' headers packed at once around the message: HEADERS, DATA's header and the message's prefix
@@ -76,7 +78,8 @@ class Sender:
         message = memoryview(b"\x00" + len(data).to_bytes(4, "big") + data)
         position = 0
         while position < len(message):
-            allowed = min(self.send_window, stream.send_window, self.max_frame_out, len(message) - position)
+            window = self.initial_send_window + stream.window_delta
+            allowed = min(self.send_window, window, self.max_frame_out, len(message) - position)
             if self.closed:
                 raise asyncio.CancelledError
             if allowed <= 0:
@@ -86,7 +89,7 @@ class Sender:
             self.write(f.frame(f.DATA, 0, stream.id, bytes(message[position : position + allowed])))
             position += allowed
             self.send_window -= allowed
-            stream.send_window -= allowed
+            stream.window_delta -= allowed
             if not self._writable.is_set():
                 await self._writable.wait()
 
