@@ -13,6 +13,7 @@ from tests.test_grpc_native_front import (
     HELLO,
     Door,
     _connect,
+    _goaway_code,
     _read_frames,
     door,  # noqa: F401 (a fixture)
 )
@@ -78,3 +79,11 @@ def test_a_settings_change_costs_no_work_per_open_stream(door: Door) -> None:  #
         assert frames[-1] == (f.PING, f.ACK, 0, b"12345678"), frames[-1]
         assert door.streams() == bounds.MAX_STREAMS
     assert time.monotonic() - started < 10
+
+
+def test_a_header_block_in_endless_empty_continuations_is_refused(door: Door) -> None:  # noqa: F811
+    """Empty CONTINUATION frames add no bytes to a header block: their number is what bounds them."""
+    with _connect(door) as sock:
+        sock.sendall(HELLO + f.frame(f.HEADERS, 0, 1, _INFER))
+        sock.sendall(f.frame(f.CONTINUATION, 0, 1) * (bounds.MAX_HEADER_FRAMES + 1) + _PING)
+        assert _goaway_code(_read_frames(sock, f.GOAWAY))[0] == f.ENHANCE_YOUR_CALM

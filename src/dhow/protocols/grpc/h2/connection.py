@@ -337,8 +337,9 @@ class H2Connection(Sender, asyncio.Protocol):
         continuing = self._continuing
         if continuing is None or continuing[0] != stream_id:
             raise f.ConnectionError_(f.PROTOCOL_ERROR, "CONTINUATION without the HEADERS it continues")
-        continuing[2].append(payload)
-        if sum(len(part) for part in continuing[2]) > 2 * bounds.MAX_HEADER_LIST:
+        parts = continuing[2]
+        parts.append(payload)
+        if len(parts) > bounds.MAX_HEADER_FRAMES or sum(len(part) for part in parts) > 2 * bounds.MAX_HEADER_LIST:
             raise f.ConnectionError_(f.ENHANCE_YOUR_CALM, "a header block larger than the server takes")
         if flags & f.END_HEADERS:
             self._continuing = None
