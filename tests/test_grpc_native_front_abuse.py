@@ -87,3 +87,21 @@ def test_a_header_block_in_endless_empty_continuations_is_refused(door: Door) ->
         sock.sendall(HELLO + f.frame(f.HEADERS, 0, 1, _INFER))
         sock.sendall(f.frame(f.CONTINUATION, 0, 1) * (bounds.MAX_HEADER_FRAMES + 1) + _PING)
         assert _goaway_code(_read_frames(sock, f.GOAWAY))[0] == f.ENHANCE_YOUR_CALM
+
+
+def test_rapid_reset_ends_the_connection_past_its_budget(door: Door) -> None:  # noqa: F811
+    """Streams opened and reset at once: the burst a client may reset goes through, the flood past it ends the
+    connection with ENHANCE_YOUR_CALM (CVE-2023-44487)."""
+
+    def opened_and_reset(streams: range) -> bytes:
+        return b"".join(_opened(range(s, s + 1)) + f.rst_stream(s, f.CANCEL) for s in streams)
+
+    burst = bounds.RESET_BURST - 100  # what a client cancelling many calls at once may do
+    with _connect(door) as sock:
+        sock.sendall(HELLO + opened_and_reset(range(1, 2 * burst, 2)) + _PING)
+        frames = _read_frames(sock, f.PING)
+        assert frames[-1] == (f.PING, f.ACK, 0, b"12345678"), frames[-1]
+        assert door.streams() == 0
+        sock.sendall(opened_and_reset(range(2 * burst + 1, 2 * burst + 1000, 2)) + _PING)
+        code, reason = _goaway_code(_read_frames(sock, f.PING))
+    assert (code, reason) == (f.ENHANCE_YOUR_CALM, b"too many calls reset by the client")

@@ -59,6 +59,7 @@ class H2Connection(Sender, asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._timers: list[asyncio.TimerHandle] = []
+        self._resets = bounds.ResetBudget(self.loop)
         # keepalive and idle, counted by a tick rather than timed at every read
         self._reads = self._reads_seen = self._opened = self._opened_seen = 0
         self._quiet = self._idle = self._ping_wait = 0.0
@@ -394,6 +395,8 @@ class H2Connection(Sender, asyncio.Protocol):
         if stream is not None:
             stream.remote_closed = True
             self._end_call(stream, RESET)
+            if not self._resets.spend():
+                raise f.ConnectionError_(f.ENHANCE_YOUR_CALM, "too many calls reset by the client")
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
