@@ -6,15 +6,22 @@ from __future__ import annotations
 import socket
 import time
 
+import grpc
+import numpy as np
+
+from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from dhow.protocols.grpc.h2 import bounds
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.server import NativeServer
+from tests.conftest import wait_until
 from tests.test_grpc_native_front import (
     HELLO,
     Door,
+    _answer,
     _connect,
     _goaway_code,
     _read_frames,
+    _request,
     door,  # noqa: F401 (a fixture)
 )
 
@@ -105,3 +112,55 @@ def test_rapid_reset_ends_the_connection_past_its_budget(door: Door) -> None:  #
         sock.sendall(opened_and_reset(range(2 * burst + 1, 2 * burst + 1000, 2)) + _PING)
         code, reason = _goaway_code(_read_frames(sock, f.PING))
     assert (code, reason) == (f.ENHANCE_YOUR_CALM, b"too many calls reset by the client")
+
+
+def test_a_window_update_wakes_only_the_answers_it_lets_go_on(door: Door) -> None:  # noqa: F811
+    """Answers held back by windows of 0, then one-byte WINDOW_UPDATEs on one stream, each in a read of its own:
+    each wakes that stream's answer, not every answer waiting, so that the answers waiting on other streams cost
+    each such read nothing (a thousand would cost a client's 13 bytes a thousand calls' wake-up, CVE-2019-9511's
+    class). Measured against the same reads with no other answer waiting."""
+    alone, among_many = _one_byte_round_trips(door, 1), _one_byte_round_trips(door, bounds.MAX_STREAMS - 1)
+    assert among_many < 5 * alone + 0.25, (alone, among_many)
+
+
+def test_answers_larger_than_the_windows_all_arrive_at_concurrency_64(door: Door) -> None:  # noqa: F811
+    """A heavy client as perf_analyzer is, 64 calls at once on one connection: answers of 256 KiB wait in turn for
+    the connection's window (64 KiB at first, grpc's own), and every one arrives."""
+    with grpc.insecure_channel(door.address, options=[("grpc.max_receive_message_length", 1 << 24)]) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(3):
+            calls = [stub.ModelInfer.future(_request("echo", np.full((1, 65_536), i, np.float32))) for i in range(64)]
+            for i, call in enumerate(calls):
+                np.testing.assert_array_equal(_answer(call.result(timeout=60)), np.full((1, 65_536), 2 * i))
+
+
+def _one_byte_round_trips(served: Door, calls: int) -> float:
+    """Seconds for 300 one-byte WINDOW_UPDATEs on stream 1, each sent once the byte before it has come (``calls``
+    answers waiting); then every answer goes once the windows open."""
+    request = _request("echo", np.ones((1, 100), np.float32)).SerializeToString()
+    message = b"\0" + len(request).to_bytes(4, "big") + request
+    sent = b"".join(
+        f.frame(f.HEADERS, f.END_HEADERS, stream, _INFER) + f.frame(f.DATA, f.END_STREAM, stream, message)
+        for stream in range(1, 2 * calls, 2)
+    )
+    with _connect(served) as sock:
+        sock.sendall(f.PREFACE + f.settings({f.SETTINGS_INITIAL_WINDOW_SIZE: 0}) + sent)
+        waiting = "every answer waiting for a window"
+        wait_until(lambda: served.run(_answers_waiting(served.server)) == calls, 10, waiting)
+        started = time.monotonic()
+        for _ in range(300):
+            sock.sendall(f.window_update(1, 1))
+            _read_frames(sock, f.DATA, stream=1)
+        seconds = time.monotonic() - started
+        # every window opens: the answers, held by their streams' windows, then by the connection's, all go
+        sock.sendall(f.settings({f.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20}))
+        wait_until(lambda: served.run(_answers_waiting(served.server)) < calls, 10, "answers going on")
+        sock.sendall(f.window_update(0, 1 << 24))
+        wait_until(lambda: served.streams() == 0, 10, "every answer sent")
+        return seconds
+
+
+async def _answers_waiting(server: NativeServer) -> int:
+    return sum(
+        1 for connection in server.front.connections for stream in connection.streams.values() if stream.headers_sent
+    )

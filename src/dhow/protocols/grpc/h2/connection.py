@@ -20,7 +20,7 @@ from dhow.protocols.grpc.h2 import bounds
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.calls import INBOX_LIMIT, RECEIVE_WINDOW, RESET, CallContext, Stream, run_call
 from dhow.protocols.grpc.h2.requests import parse_request
-from dhow.protocols.grpc.h2.sending import Sender, auth_context, peer_name, trailers
+from dhow.protocols.grpc.h2.sending import Sender, WindowWaits, auth_context, peer_name, trailers
 from dhow.protocols.runner import CallRunner
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class H2Connection(Sender, asyncio.Protocol):
         self._preface = False
         self._settings = False
         self._continuing: tuple[int, int, list[bytes]] | None = None
-        self._window = asyncio.Event()
+        self.waits = WindowWaits()
         self._writable = asyncio.Event()
         self._writable.set()
         self._timers: list[asyncio.TimerHandle] = []
@@ -91,7 +91,7 @@ class H2Connection(Sender, asyncio.Protocol):
             timer.cancel()
         for stream in list(self.streams.values()):
             self._end_call(stream, RESET)
-        self._window.set()
+        self.waits.all()
         self._writable.set()
 
     def pause_writing(self) -> None:
@@ -408,11 +408,12 @@ class H2Connection(Sender, asyncio.Protocol):
             self.send_window += increment
             if self.send_window > f.MAX_WINDOW:
                 raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "the connection's window above 2^31-1")
+            self.waits.shared(self.send_window)
         elif (stream := self.streams.get(stream_id)) is not None:
             stream.window_delta += increment
             if increment == 0 or self.initial_send_window + stream.window_delta > f.MAX_WINDOW:
                 self._fail(stream, grpc.StatusCode.INTERNAL, "a bad WINDOW_UPDATE", f.FLOW_CONTROL_ERROR)
-        self._window.set()
+            self.waits.stream(stream_id)
 
     def _apply_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id != 0:
@@ -428,6 +429,8 @@ class H2Connection(Sender, asyncio.Protocol):
             if key == f.SETTINGS_INITIAL_WINDOW_SIZE:
                 if value > f.MAX_WINDOW:
                     raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1")
+                if value > self.initial_send_window:
+                    self.waits.streams()
                 self.initial_send_window = value  # every stream's window with it (``Stream.window_delta``)
             elif key == f.SETTINGS_MAX_FRAME_SIZE:
                 if not f.DEFAULT_FRAME_SIZE <= value <= f.MAX_FRAME_SIZE_LIMIT:
@@ -440,7 +443,6 @@ class H2Connection(Sender, asyncio.Protocol):
         if not self._settings:
             self._settings = True
             self._timers[0].cancel()
-        self._window.set()
 
     def _ping(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id != 0:
