@@ -233,6 +233,8 @@ class H2Connection(Sender, asyncio.Protocol):
                 if not self.streams:
                     self.close()
             elif kind == f.PRIORITY:
+                if stream_id == 0:  # else it would be answered with a RST_STREAM on stream 0, which is no stream
+                    raise f.ConnectionError_(f.PROTOCOL_ERROR, "PRIORITY on stream 0")
                 if length != 5:
                     self.write(f.rst_stream(stream_id, f.FRAME_SIZE_ERROR))
             elif kind == f.PUSH_PROMISE:
