@@ -36,6 +36,12 @@ _INFER = b"".join(
         (b"content-type", b"application/grpc"),
     )
 )
+#: a call of a method the port does not have, answered UNIMPLEMENTED as its headers arrive
+_UNKNOWN = (
+    f.literal(b":method", b"POST")
+    + f.literal(b":path", b"/no.Such/Method")
+    + f.literal(b"content-type", b"application/grpc")
+)
 _PING = f.frame(f.PING, 0, 0, b"12345678")
 
 
@@ -164,3 +170,20 @@ async def _answers_waiting(server: NativeServer) -> int:
     return sum(
         1 for connection in server.front.connections for stream in connection.streams.values() if stream.headers_sent
     )
+
+
+def test_large_header_blocks_are_not_kept(door: Door) -> None:  # noqa: F811
+    """Header blocks of 60 KiB each, every one new and leaving HPACK's table as it is: the connection's cache of
+    blocks sent again must not keep them (256 of them would hold 30 MiB a connection for as long as it lives)."""
+    with _connect(door) as sock:
+        sock.sendall(HELLO)
+        for stream in range(1, 2 * 64, 2):
+            pad = f.literal(b"x-pad", str(stream).encode().rjust(60_000, b"."))
+            sock.sendall(f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, stream, _UNKNOWN + pad))
+            _read_frames(sock, f.HEADERS, stream=stream)
+        kept = door.run(_cached_block_bytes(door.server))
+    assert kept < 1024 * 1024, kept
+
+
+async def _cached_block_bytes(server: NativeServer) -> int:
+    return sum(len(block) for connection in server.front.connections for block in connection.decoder._cache)
