@@ -225,6 +225,7 @@ HELLO = f.PREFACE + f.settings({})
         (HELLO + f.frame(f.CONTINUATION, f.END_HEADERS, 1, b"\x82"), f.PROTOCOL_ERROR),
         (HELLO + f.frame(f.SETTINGS, 0, 0, b"\0\5\0\0\0\1"), f.PROTOCOL_ERROR),  # MAX_FRAME_SIZE of 1
         (HELLO + f.frame(f.PUSH_PROMISE, f.END_HEADERS, 1, b"\0\0\0\2"), f.PROTOCOL_ERROR),
+        (HELLO + f.frame(f.PRIORITY, 0, 0, b"\0\0\0\1"), f.PROTOCOL_ERROR),  # on stream 0 (and of 4 bytes)
     ],
 )
 def test_protocol_errors_end_the_connection_with_goaway_not_the_server(door: Door, sent: bytes, code: int) -> None:

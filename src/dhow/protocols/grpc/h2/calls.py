@@ -93,16 +93,18 @@ class Stream:
         "method",
         "received",
         "remote_closed",
-        "send_window",
         "started",
         "task",
         "timer",
+        "window_delta",
     )
 
-    def __init__(self, stream_id: int, method: Method, send_window: int, gzip: bool) -> None:
+    def __init__(self, stream_id: int, method: Method, gzip: bool) -> None:
         self.id = stream_id
         self.method = method
-        self.send_window = send_window
+        # the stream's send window less the client's SETTINGS_INITIAL_WINDOW_SIZE (its WINDOW_UPDATEs less what was
+        # sent): a change of that setting moves every stream's window at once, with no work per stream
+        self.window_delta = 0
         self.gzip = gzip
         self.buffer = bytearray()
         self.messages: list[bytes] = []

@@ -2,7 +2,7 @@
 
 Frames are parsed as they arrive; a unary call starts as soon as its request has ended (``CallRunner``, no Task),
 while the read goes on, so calls that arrive in one read queue together for the batcher. Flow control both ways:
-the client may send ``RECEIVE_WINDOW`` per stream and ``CONNECTION_WINDOW`` in all before the server's
+the client may send ``RECEIVE_WINDOW`` per stream and ``CONNECTION_WINDOW`` (``bounds``) in all before the server's
 WINDOW_UPDATEs, sent as the bytes are taken; answers wait for the client's windows. A protocol error ends the
 connection with GOAWAY and the error's code; an error of one call ends that call only.
 """
@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
+from dhow.protocols.grpc.h2 import bounds
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.calls import INBOX_LIMIT, RECEIVE_WINDOW, RESET, CallContext, Stream, run_call
 from dhow.protocols.grpc.h2.requests import parse_request
-from dhow.protocols.grpc.h2.sending import Sender, auth_context, peer_name, trailers
+from dhow.protocols.grpc.h2.sending import Sender, WindowWaits, auth_context, peer_name, trailers
 from dhow.protocols.runner import CallRunner
 
 if TYPE_CHECKING:
@@ -27,18 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dhow.grpc")
 
-CONNECTION_WINDOW = 16 * 1024 * 1024
-MAX_FRAME_IN = 1024 * 1024
-MAX_STREAMS = 1000
-MAX_HEADER_LIST = 64 * 1024
-_OUR_SETTINGS = f.settings(
-    {
-        f.SETTINGS_MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-        f.SETTINGS_INITIAL_WINDOW_SIZE: RECEIVE_WINDOW,
-        f.SETTINGS_MAX_FRAME_SIZE: MAX_FRAME_IN,
-        f.SETTINGS_MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
-    }
-) + f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW)
 _HEADERS_FRAME = struct.Struct(">BHBBL")
 
 
@@ -52,12 +41,12 @@ class H2Connection(Sender, asyncio.Protocol):
         self.peer = ""
         self.auth_context: dict[str, list[bytes]] = {}
         self.streams: dict[int, Stream] = {}
-        self.decoder = f.HeaderDecoder(MAX_HEADER_LIST)
+        self.decoder = f.HeaderDecoder(bounds.MAX_HEADER_LIST)
         self.last_stream = 0
         self.send_window = f.DEFAULT_WINDOW
         self.initial_send_window = f.DEFAULT_WINDOW
         self.max_frame_out = f.DEFAULT_FRAME_SIZE
-        self.receive_window = CONNECTION_WINDOW
+        self.receive_window = bounds.CONNECTION_WINDOW
         self.received = 0
         self.closed = False
         self.goaway_sent = False
@@ -66,10 +55,11 @@ class H2Connection(Sender, asyncio.Protocol):
         self._preface = False
         self._settings = False
         self._continuing: tuple[int, int, list[bytes]] | None = None
-        self._window = asyncio.Event()
+        self.waits = WindowWaits()
         self._writable = asyncio.Event()
         self._writable.set()
         self._timers: list[asyncio.TimerHandle] = []
+        self._resets = bounds.ResetBudget(self.loop)
         # keepalive and idle, counted by a tick rather than timed at every read
         self._reads = self._reads_seen = self._opened = self._opened_seen = 0
         self._quiet = self._idle = self._ping_wait = 0.0
@@ -88,7 +78,7 @@ class H2Connection(Sender, asyncio.Protocol):
                 return
             self.auth_context = auth_context(transport.get_extra_info("peercert"))
         self.front.connections.add(self)
-        transport.write(_OUR_SETTINGS)
+        transport.write(bounds.ANNOUNCED)
         limits = self.front.limits
         self._timers.append(self.loop.call_later(limits.handshake_s, self._handshake_over))
         self._tick_s = max(0.05, min(limits.keepalive_s, limits.keepalive_timeout_s, limits.idle_s) / 4)
@@ -101,14 +91,20 @@ class H2Connection(Sender, asyncio.Protocol):
             timer.cancel()
         for stream in list(self.streams.values()):
             self._end_call(stream, RESET)
-        self._window.set()
+        self.waits.all()
         self._writable.set()
 
     def pause_writing(self) -> None:
+        # what a client asks for is answered whether it reads or not (PING and SETTINGS acknowledgements, resets,
+        # refusals): one that does not read is not read either, or the server would queue for it without end
         self._writable.clear()
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._writable.set()
+        if self.transport is not None:
+            self.transport.resume_reading()
 
     def close_with(self, code: int, reason: str) -> None:
         """GOAWAY with ``code`` (the reason as its debug data), then close once what is written has left."""
@@ -206,8 +202,8 @@ class H2Connection(Sender, asyncio.Protocol):
         while end - position >= 9:
             high, low, kind, flags, stream_id = unpack(data, position)
             length = high << 16 | low
-            if length > MAX_FRAME_IN:
-                raise f.ConnectionError_(f.FRAME_SIZE_ERROR, f"a frame of {length} bytes, above {MAX_FRAME_IN}")
+            if length > bounds.MAX_FRAME_IN:
+                raise f.ConnectionError_(f.FRAME_SIZE_ERROR, f"a frame of {length} bytes, above {bounds.MAX_FRAME_IN}")
             stop = position + 9 + length
             if stop > end:
                 break
@@ -237,6 +233,8 @@ class H2Connection(Sender, asyncio.Protocol):
                 if not self.streams:
                     self.close()
             elif kind == f.PRIORITY:
+                if stream_id == 0:  # else it would be answered with a RST_STREAM on stream 0, which is no stream
+                    raise f.ConnectionError_(f.PROTOCOL_ERROR, "PRIORITY on stream 0")
                 if length != 5:
                     self.write(f.rst_stream(stream_id, f.FRAME_SIZE_ERROR))
             elif kind == f.PUSH_PROMISE:
@@ -252,7 +250,7 @@ class H2Connection(Sender, asyncio.Protocol):
         if self.receive_window < 0:
             raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "DATA beyond the connection's window")
         self.received += size
-        if self.received >= CONNECTION_WINDOW // 2:
+        if self.received >= bounds.CONNECTION_WINDOW // 2:
             self.write(f.window_update(0, self.received))
             self.receive_window += self.received
             self.received = 0
@@ -342,8 +340,9 @@ class H2Connection(Sender, asyncio.Protocol):
         continuing = self._continuing
         if continuing is None or continuing[0] != stream_id:
             raise f.ConnectionError_(f.PROTOCOL_ERROR, "CONTINUATION without the HEADERS it continues")
-        continuing[2].append(payload)
-        if sum(len(part) for part in continuing[2]) > 2 * MAX_HEADER_LIST:
+        parts = continuing[2]
+        parts.append(payload)
+        if len(parts) > bounds.MAX_HEADER_FRAMES or sum(len(part) for part in parts) > 2 * bounds.MAX_HEADER_LIST:
             raise f.ConnectionError_(f.ENHANCE_YOUR_CALM, "a header block larger than the server takes")
         if flags & f.END_HEADERS:
             self._continuing = None
@@ -361,7 +360,7 @@ class H2Connection(Sender, asyncio.Protocol):
         if stream_id % 2 == 0 or stream_id <= self.last_stream:
             raise f.ConnectionError_(f.PROTOCOL_ERROR, f"HEADERS opening stream {stream_id}, not a new client stream")
         self.last_stream = stream_id
-        if self.goaway_sent or len(self.streams) >= MAX_STREAMS:
+        if self.goaway_sent or len(self.streams) >= bounds.MAX_STREAMS:
             self.write(f.rst_stream(stream_id, f.REFUSED_STREAM))
             return
         self._opened += 1
@@ -373,7 +372,7 @@ class H2Connection(Sender, asyncio.Protocol):
             self.write(f.header_frames(stream_id, block, True, self.max_frame_out) + end)
             return
         assert request.method is not None
-        stream = Stream(stream_id, request.method, self.initial_send_window, request.gzip)
+        stream = Stream(stream_id, request.method, request.gzip)
         deadline = None if request.timeout is None else self.loop.time() + request.timeout
         stream.context = CallContext(self, stream, decoded, deadline)
         self.streams[stream_id] = stream
@@ -398,6 +397,8 @@ class H2Connection(Sender, asyncio.Protocol):
         if stream is not None:
             stream.remote_closed = True
             self._end_call(stream, RESET)
+            if not self._resets.spend():
+                raise f.ConnectionError_(f.ENHANCE_YOUR_CALM, "too many calls reset by the client")
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
@@ -409,11 +410,12 @@ class H2Connection(Sender, asyncio.Protocol):
             self.send_window += increment
             if self.send_window > f.MAX_WINDOW:
                 raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "the connection's window above 2^31-1")
+            self.waits.shared(self.send_window)
         elif (stream := self.streams.get(stream_id)) is not None:
-            stream.send_window += increment
-            if increment == 0 or stream.send_window > f.MAX_WINDOW:
+            stream.window_delta += increment
+            if increment == 0 or self.initial_send_window + stream.window_delta > f.MAX_WINDOW:
                 self._fail(stream, grpc.StatusCode.INTERNAL, "a bad WINDOW_UPDATE", f.FLOW_CONTROL_ERROR)
-        self._window.set()
+            self.waits.stream(stream_id)
 
     def _apply_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id != 0:
@@ -429,9 +431,9 @@ class H2Connection(Sender, asyncio.Protocol):
             if key == f.SETTINGS_INITIAL_WINDOW_SIZE:
                 if value > f.MAX_WINDOW:
                     raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1")
-                delta, self.initial_send_window = value - self.initial_send_window, value
-                for stream in self.streams.values():
-                    stream.send_window += delta
+                if value > self.initial_send_window:
+                    self.waits.streams()
+                self.initial_send_window = value  # every stream's window with it (``Stream.window_delta``)
             elif key == f.SETTINGS_MAX_FRAME_SIZE:
                 if not f.DEFAULT_FRAME_SIZE <= value <= f.MAX_FRAME_SIZE_LIMIT:
                     raise f.ConnectionError_(f.PROTOCOL_ERROR, f"SETTINGS_MAX_FRAME_SIZE {value} out of range")
@@ -443,7 +445,6 @@ class H2Connection(Sender, asyncio.Protocol):
         if not self._settings:
             self._settings = True
             self._timers[0].cancel()
-        self._window.set()
 
     def _ping(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id != 0:

@@ -161,6 +161,11 @@ class Block:
         self.credentials: Any = None
 
 
+#: the largest block the cache keeps: a call sent again is a few indexes, or literals as long as a bearer token;
+#: a larger block kept would let a client make the connection hold 256 of them, up to 64 KiB each, for its life
+_CACHED_BLOCK = 8 * 1024
+
+
 class HeaderDecoder:
     """HPACK decoding with a cache of the blocks that leave the dynamic table as it is (see the module)."""
 
@@ -182,6 +187,6 @@ class HeaderDecoder:
             raise ConnectionError_(COMPRESSION_ERROR, f"cannot decode a header block: {exc}") from None
         if changes:
             self._cache.clear()
-        elif len(self._cache) < 256:
+        elif len(self._cache) < 256 and len(block) <= _CACHED_BLOCK:
             self._cache[block] = headers
         return headers

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import struct
 import urllib.parse
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,61 @@ _OK_CLOSING = struct.Struct(f">BHBBL{len(f.OK_TRAILERS)}s")
 _OK_HEAD = (0, len(f.OK_TRAILERS), f.HEADERS, f.END_HEADERS | f.END_STREAM)
 
 
+class WindowWaits:
+    """The answers waiting for a window to open: for their stream's own (woken by a WINDOW_UPDATE on that stream, or
+    by SETTINGS raising every stream's), or, that one open, for the connection's, woken in turn and no more at once
+    than it has bytes. A WINDOW_UPDATE wakes the answers it lets go on, never every answer waiting: else a client
+    sending small ones, a read at a time, would have the server wake a thousand calls for each (CVE-2019-9511's
+    class)."""
+
+    __slots__ = ("_own", "_shared")
+
+    def __init__(self) -> None:
+        self._own: dict[int, asyncio.Future[None]] = {}
+        self._shared: deque[asyncio.Future[None]] = deque()
+
+    async def wait(self, loop: asyncio.AbstractEventLoop, stream_id: int, own: bool, shared_left: int) -> None:
+        """Until the window may have grown: the stream's own when ``own``, else the connection's."""
+        waiter = loop.create_future()
+        if own:
+            self._own[stream_id] = waiter
+            if shared_left > 0:
+                self.shared(1)  # it may have been woken for the connection's bytes: another waiter takes them
+        else:
+            self._shared.append(waiter)
+        try:
+            await waiter
+        finally:
+            if own and self._own.get(stream_id) is waiter:
+                del self._own[stream_id]
+            elif waiter.cancelled():
+                with contextlib.suppress(ValueError):
+                    self._shared.remove(waiter)
+
+    def stream(self, stream_id: int) -> None:
+        waiter = self._own.pop(stream_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def streams(self) -> None:
+        for waiter in self._own.values():
+            if not waiter.done():
+                waiter.set_result(None)
+        self._own.clear()
+
+    def shared(self, window: int) -> None:
+        woken = 0
+        while self._shared and woken < window:
+            waiter = self._shared.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                woken += 1
+
+    def all(self) -> None:
+        self.streams()
+        self.shared(len(self._shared))
+
+
 class Sender:
     """The writing half of ``H2Connection``, which sets these attributes."""
 
@@ -32,8 +89,9 @@ class Sender:
     transport: asyncio.Transport | None
     closed: bool
     send_window: int
+    initial_send_window: int
     max_frame_out: int
-    _window: asyncio.Event
+    waits: WindowWaits
     _writable: asyncio.Event
 
     def write(self, data: bytes) -> None:
@@ -48,12 +106,13 @@ class Sender:
     def respond(self, stream: Stream, data: bytes, trailing: Sequence[tuple[str, str | bytes]]) -> bool:
         """A unary answer in one write, when the windows take it whole; False to send it by ``send_message``."""
         size = len(data) + 5
-        if size > self.send_window or size > stream.send_window or size > self.max_frame_out or stream.headers_sent:
+        window = self.initial_send_window + stream.window_delta
+        if size > self.send_window or size > window or size > self.max_frame_out or stream.headers_sent:
             return False
         if len(data) > self.front.max_message:
             raise OverflowError(f"Sent message larger than max ({len(data)} vs. {self.front.max_message})")
         self.send_window -= size
-        stream.send_window -= size
+        stream.window_delta -= size
         stream.headers_sent, stream.ending = True, True
         sid = stream.id
         # the frames' headers packed at once around the message: HEADERS, DATA's header and the message's prefix
@@ -76,17 +135,17 @@ class Sender:
         message = memoryview(b"\x00" + len(data).to_bytes(4, "big") + data)
         position = 0
         while position < len(message):
-            allowed = min(self.send_window, stream.send_window, self.max_frame_out, len(message) - position)
+            window = self.initial_send_window + stream.window_delta
+            allowed = min(self.send_window, window, self.max_frame_out, len(message) - position)
             if self.closed:
                 raise asyncio.CancelledError
             if allowed <= 0:
-                self._window.clear()
-                await self._window.wait()
+                await self.waits.wait(self.front.loop, stream.id, window <= 0, self.send_window)
                 continue
             self.write(f.frame(f.DATA, 0, stream.id, bytes(message[position : position + allowed])))
             position += allowed
             self.send_window -= allowed
-            stream.send_window -= allowed
+            stream.window_delta -= allowed
             if not self._writable.is_set():
                 await self._writable.wait()
 

@@ -1,0 +1,56 @@
+"""What one client may make a connection of the native front hold or do: the sizes the server's SETTINGS announce,
+and bounds on what HTTP/2 leaves unbounded (the frames of a header block, the calls a client resets).
+
+Rapid Reset (CVE-2023-44487) opens streams and resets them at once, endlessly, so that the bound on concurrent
+streams never holds back the work it makes (a header block read, a call started and cancelled, per stream):
+``ResetBudget`` is a token bucket per connection, with nghttp2's sizes, 1000 resets at once then 33 a second. Only
+a reset that ends a call counts: one that crosses the server's own answer costs it nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from dhow.protocols.grpc.h2 import frames as f
+from dhow.protocols.grpc.h2.calls import RECEIVE_WINDOW
+
+#: what a client may send in all before the server's WINDOW_UPDATE on the connection
+CONNECTION_WINDOW = 16 * 1024 * 1024
+MAX_FRAME_IN = 1024 * 1024
+MAX_STREAMS = 1000
+MAX_HEADER_LIST = 64 * 1024
+#: the frames of one header block: the largest block taken, in frames of the smallest size (16 KiB), doubled; an
+#: empty CONTINUATION adds no bytes, so only a count ends a flood of them (CVE-2024-27316's class)
+MAX_HEADER_FRAMES = 2 * (2 * MAX_HEADER_LIST // f.DEFAULT_FRAME_SIZE)
+#: the server's SETTINGS, and its WINDOW_UPDATE making the connection's window ``CONNECTION_WINDOW``
+ANNOUNCED = f.settings(
+    {
+        f.SETTINGS_MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+        f.SETTINGS_INITIAL_WINDOW_SIZE: RECEIVE_WINDOW,
+        f.SETTINGS_MAX_FRAME_SIZE: MAX_FRAME_IN,
+        f.SETTINGS_MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+    }
+) + f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW)
+#: the resets a connection may make at once, and those it gets back a second
+RESET_BURST = 1000
+RESET_RATE = 33.0
+
+
+class ResetBudget:
+    """The resets a connection has left (``spend``: one more, or False when none is left)."""
+
+    __slots__ = ("_left", "_loop", "_since")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._left = float(RESET_BURST)
+        self._since = loop.time()
+
+    def spend(self) -> bool:
+        now = self._loop.time()
+        self._left = min(RESET_BURST, self._left + (now - self._since) * RESET_RATE)
+        self._since = now
+        if self._left < 1:
+            return False
+        self._left -= 1
+        return True

@@ -1,0 +1,189 @@
+"""The native gRPC front against HTTP/2's known denial-of-service patterns: what a client makes the server hold or
+do stays bounded (Rapid Reset, CONTINUATION and control-frame floods, a client that does not read)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import grpc
+import numpy as np
+
+from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
+from dhow.protocols.grpc.h2 import bounds
+from dhow.protocols.grpc.h2 import frames as f
+from dhow.protocols.grpc.h2.server import NativeServer
+from tests.conftest import wait_until
+from tests.test_grpc_native_front import (
+    HELLO,
+    Door,
+    _answer,
+    _connect,
+    _goaway_code,
+    _read_frames,
+    _request,
+    door,  # noqa: F401 (a fixture)
+)
+
+#: a ModelInfer call's headers as literals without indexing: the same block opens any number of streams
+_INFER = b"".join(
+    f.literal(name, value)
+    for name, value in (
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/inference.GRPCInferenceService/ModelInfer"),
+        (b":authority", b"x"),
+        (b"content-type", b"application/grpc"),
+    )
+)
+#: a call of a method the port does not have, answered UNIMPLEMENTED as its headers arrive
+_UNKNOWN = (
+    f.literal(b":method", b"POST")
+    + f.literal(b":path", b"/no.Such/Method")
+    + f.literal(b"content-type", b"application/grpc")
+)
+_PING = f.frame(f.PING, 0, 0, b"12345678")
+
+
+def _opened(streams: range) -> bytes:
+    """HEADERS opening each stream, its request not sent: every one is a call the server holds."""
+    return b"".join(f.frame(f.HEADERS, f.END_HEADERS, stream, _INFER) for stream in streams)
+
+
+def test_a_client_that_does_not_read_is_not_read_either(door: Door) -> None:  # noqa: F811
+    """PING acknowledgements to a client that never reads: the server stops reading it rather than queue them."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", door.port))
+    with sock:
+        sock.sendall(HELLO)
+        pings, sent, limit = _PING * 60_000, 0, 64 * 1024 * 1024  # a megabyte of PINGs a send
+        sock.settimeout(2)
+        try:
+            while sent < limit:
+                sent += sock.send(pings)
+        except TimeoutError:
+            pass  # the server has stopped reading: the kernel's buffers both ways are full
+        buffered = door.run(_write_buffers(door.server))
+        assert sent < limit, "the server read all 64 MiB of PINGs from a client that reads nothing"
+        assert buffered < 4 * 1024 * 1024, buffered
+
+
+async def _write_buffers(server: NativeServer) -> int:
+    return sum(
+        connection.transport.get_write_buffer_size()
+        for connection in server.front.connections
+        if connection.transport is not None
+    )
+
+
+def test_a_settings_change_costs_no_work_per_open_stream(door: Door) -> None:  # noqa: F811
+    """SETTINGS_INITIAL_WINDOW_SIZE, over and over in large SETTINGS frames, with every stream the server allows
+    open: each change moves every stream's window, which must not cost a pass over the streams."""
+    entries = b"".join(
+        (f.SETTINGS_INITIAL_WINDOW_SIZE).to_bytes(2, "big") + (65_535 - i % 2).to_bytes(4, "big")
+        for i in range(bounds.MAX_FRAME_IN // 6)
+    )
+    with _connect(door) as sock:
+        sock.sendall(HELLO + _opened(range(1, 2 * bounds.MAX_STREAMS, 2)))
+        sock.sendall(f.frame(f.SETTINGS, 0, 0, entries) * 4 + _PING)
+        started = time.monotonic()
+        frames = _read_frames(sock, f.PING)  # 10 s at most
+        assert frames[-1] == (f.PING, f.ACK, 0, b"12345678"), frames[-1]
+        assert door.streams() == bounds.MAX_STREAMS
+    assert time.monotonic() - started < 10
+
+
+def test_a_header_block_in_endless_empty_continuations_is_refused(door: Door) -> None:  # noqa: F811
+    """Empty CONTINUATION frames add no bytes to a header block: their number is what bounds them."""
+    with _connect(door) as sock:
+        sock.sendall(HELLO + f.frame(f.HEADERS, 0, 1, _INFER))
+        sock.sendall(f.frame(f.CONTINUATION, 0, 1) * (bounds.MAX_HEADER_FRAMES + 1) + _PING)
+        assert _goaway_code(_read_frames(sock, f.GOAWAY))[0] == f.ENHANCE_YOUR_CALM
+
+
+def test_rapid_reset_ends_the_connection_past_its_budget(door: Door) -> None:  # noqa: F811
+    """Streams opened and reset at once: the burst a client may reset goes through, the flood past it ends the
+    connection with ENHANCE_YOUR_CALM (CVE-2023-44487)."""
+
+    def opened_and_reset(streams: range) -> bytes:
+        return b"".join(_opened(range(s, s + 1)) + f.rst_stream(s, f.CANCEL) for s in streams)
+
+    burst = bounds.RESET_BURST - 100  # what a client cancelling many calls at once may do
+    with _connect(door) as sock:
+        sock.sendall(HELLO + opened_and_reset(range(1, 2 * burst, 2)) + _PING)
+        frames = _read_frames(sock, f.PING)
+        assert frames[-1] == (f.PING, f.ACK, 0, b"12345678"), frames[-1]
+        assert door.streams() == 0
+        sock.sendall(opened_and_reset(range(2 * burst + 1, 2 * burst + 1000, 2)) + _PING)
+        code, reason = _goaway_code(_read_frames(sock, f.PING))
+    assert (code, reason) == (f.ENHANCE_YOUR_CALM, b"too many calls reset by the client")
+
+
+def test_a_window_update_wakes_only_the_answers_it_lets_go_on(door: Door) -> None:  # noqa: F811
+    """Answers held back by windows of 0, then one-byte WINDOW_UPDATEs on one stream, each in a read of its own:
+    each wakes that stream's answer, not every answer waiting, so that the answers waiting on other streams cost
+    each such read nothing (a thousand would cost a client's 13 bytes a thousand calls' wake-up, CVE-2019-9511's
+    class). Measured against the same reads with no other answer waiting."""
+    alone, among_many = _one_byte_round_trips(door, 1), _one_byte_round_trips(door, bounds.MAX_STREAMS - 1)
+    assert among_many < 5 * alone + 0.25, (alone, among_many)
+
+
+def test_answers_larger_than_the_windows_all_arrive_at_concurrency_64(door: Door) -> None:  # noqa: F811
+    """A heavy client as perf_analyzer is, 64 calls at once on one connection: answers of 256 KiB wait in turn for
+    the connection's window (64 KiB at first, grpc's own), and every one arrives."""
+    with grpc.insecure_channel(door.address, options=[("grpc.max_receive_message_length", 1 << 24)]) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(3):
+            calls = [stub.ModelInfer.future(_request("echo", np.full((1, 65_536), i, np.float32))) for i in range(64)]
+            for i, call in enumerate(calls):
+                np.testing.assert_array_equal(_answer(call.result(timeout=60)), np.full((1, 65_536), 2 * i))
+
+
+def _one_byte_round_trips(served: Door, calls: int) -> float:
+    """Seconds for 300 one-byte WINDOW_UPDATEs on stream 1, each sent once the byte before it has come (``calls``
+    answers waiting); then every answer goes once the windows open."""
+    request = _request("echo", np.ones((1, 100), np.float32)).SerializeToString()
+    message = b"\0" + len(request).to_bytes(4, "big") + request
+    sent = b"".join(
+        f.frame(f.HEADERS, f.END_HEADERS, stream, _INFER) + f.frame(f.DATA, f.END_STREAM, stream, message)
+        for stream in range(1, 2 * calls, 2)
+    )
+    with _connect(served) as sock:
+        sock.sendall(f.PREFACE + f.settings({f.SETTINGS_INITIAL_WINDOW_SIZE: 0}) + sent)
+        waiting = "every answer waiting for a window"
+        wait_until(lambda: served.run(_answers_waiting(served.server)) == calls, 10, waiting)
+        started = time.monotonic()
+        for _ in range(300):
+            sock.sendall(f.window_update(1, 1))
+            _read_frames(sock, f.DATA, stream=1)
+        seconds = time.monotonic() - started
+        # every window opens: the answers, held by their streams' windows, then by the connection's, all go
+        sock.sendall(f.settings({f.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20}))
+        wait_until(lambda: served.run(_answers_waiting(served.server)) < calls, 10, "answers going on")
+        sock.sendall(f.window_update(0, 1 << 24))
+        wait_until(lambda: served.streams() == 0, 10, "every answer sent")
+        return seconds
+
+
+async def _answers_waiting(server: NativeServer) -> int:
+    return sum(
+        1 for connection in server.front.connections for stream in connection.streams.values() if stream.headers_sent
+    )
+
+
+def test_large_header_blocks_are_not_kept(door: Door) -> None:  # noqa: F811
+    """Header blocks of 60 KiB each, every one new and leaving HPACK's table as it is: the connection's cache of
+    blocks sent again must not keep them (256 of them would hold 30 MiB a connection for as long as it lives)."""
+    with _connect(door) as sock:
+        sock.sendall(HELLO)
+        for stream in range(1, 2 * 64, 2):
+            pad = f.literal(b"x-pad", str(stream).encode().rjust(60_000, b"."))
+            sock.sendall(f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, stream, _UNKNOWN + pad))
+            _read_frames(sock, f.HEADERS, stream=stream)
+        kept = door.run(_cached_block_bytes(door.server))
+    assert kept < 1024 * 1024, kept
+
+
+async def _cached_block_bytes(server: NativeServer) -> int:
+    return sum(len(block) for connection in server.front.connections for block in connection.decoder._cache)
