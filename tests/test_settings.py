@@ -116,6 +116,13 @@ def test_shared_settings_take_cli_over_env_over_file_over_default(
     assert chosen({}, {}, None) == default
 
 
+def test_a_file_url_repository_is_its_path_and_another_host_is_refused(tmp_path: Path) -> None:
+    assert ServerSettings(repository=f"file://localhost{tmp_path}").repository_folder() == tmp_path
+    assert ServerSettings(repository=f"file://{tmp_path}").repository_folder() == tmp_path
+    with pytest.raises(InvalidInput, match=f"--repository 'file://walk{tmp_path}'.* write file:///walk{tmp_path}"):
+        ServerSettings(repository=f"file://walk{tmp_path}").repository_folder()
+
+
 def test_store_urls_follow_the_data_folder_that_won(tmp_path: Path) -> None:
     config = tmp_path / "dhow.yaml"
     config.write_text(f"data_dir: {tmp_path / 'file'}\n")
