@@ -73,6 +73,13 @@ def test_bad_option_values_are_refused(tmp_path: Path) -> None:
     assert "sometimes" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_trace_sample_ratio_without_a_collector_is_refused_at_start(tmp_path: Path) -> None:
+    ports = ("--http-port", "0", "--grpc-port", "0", "--data-dir", str(tmp_path / "data"))
+    done = _dhow("serve", "--repository", str(tmp_path), *ports, "--trace-sample-ratio", "0.5")
+    assert done.returncode == 2, done.stderr
+    assert "needs --otlp-endpoint" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_a_reader_that_leaves_early_gets_no_traceback(demo_repository: Path) -> None:
     # 'dhow rollout show NAME | grep -q promoted': grep exits at the first match, and dhow's next write
     # finds the pipe closed; here the reading end is closed before dhow writes anything

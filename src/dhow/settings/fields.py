@@ -358,7 +358,8 @@ class ServerSettings:
     )
     trace_sample_ratio: float = _setting(
         0.1,
-        "share of requests traced when the caller's traceparent decides nothing (a sampled parent is always followed)",
+        "share of requests traced when the caller's traceparent decides nothing (a sampled parent is always followed); "
+        "needs --otlp-endpoint",
         metavar="RATIO",
         group=_MONITORING,
     )
