@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from dhow.batch.job import Job
 from dhow.batch.mapping import convert, plan_inputs
 from dhow.batch.parts import JOURNAL, OutputFolder, part_name
 from dhow.batch.sources import Source
@@ -118,3 +119,13 @@ def test_a_resumed_read_starts_at_its_row_whatever_the_row_groups(tmp_path: Path
     read = [batch.column(0).to_numpy() for batch in source.batches(["id"], set(), skip)]
     got = np.concatenate(read) if read else np.array([], dtype=np.int64)
     np.testing.assert_array_equal(got, ids[skip:])
+
+
+def test_file_urls_of_localhost_name_local_paths(tmp_path: Path) -> None:
+    """``file://localhost/PATH`` is ``/PATH`` (RFC 8089), not ``./localhost/PATH``; another host is refused."""
+    path = write_parquet(pa.table({"id": np.arange(3)}), tmp_path / "in.parquet")
+    assert Source(f"file://localhost{path}", "parquet", batch_rows=2).files[0].endswith(str(path))
+    job = Job(model="m", version=None, input=f"file://localhost{path}", output=f"file://localhost{tmp_path}/out")
+    assert job.output_dir == str(tmp_path / "out")
+    with pytest.raises(InvalidInput, match=f"write file:///walk{tmp_path}/out"):
+        Job(model="m", version=None, input=str(path), output=f"file://walk{tmp_path}/out")

@@ -73,6 +73,13 @@ def test_bad_option_values_are_refused(tmp_path: Path) -> None:
     assert "sometimes" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_trace_sample_ratio_without_a_collector_is_refused_at_start(tmp_path: Path) -> None:
+    ports = ("--http-port", "0", "--grpc-port", "0", "--data-dir", str(tmp_path / "data"))
+    done = _dhow("serve", "--repository", str(tmp_path), *ports, "--trace-sample-ratio", "0.5")
+    assert done.returncode == 2, done.stderr
+    assert "needs --otlp-endpoint" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_a_reader_that_leaves_early_gets_no_traceback(demo_repository: Path) -> None:
     # 'dhow rollout show NAME | grep -q promoted': grep exits at the first match, and dhow's next write
     # finds the pipe closed; here the reading end is closed before dhow writes anything
@@ -87,3 +94,22 @@ def test_a_reader_that_leaves_early_gets_no_traceback(demo_repository: Path) -> 
         os.close(write_end)
     assert done.returncode == 1
     assert done.stderr == "", done.stderr
+
+
+@pytest.mark.parametrize("option", ["--repository", "--payload-log", "--input", "--output"])
+def test_a_file_url_whose_host_is_not_localhost_is_refused_at_start(tmp_path: Path, option: str) -> None:
+    """``file://walk/tmp/x`` (two slashes) names /tmp/x on the host ``walk``: refused, showing ``file:///walk/...``
+    (taken as a path, it was /tmp/x for the payload log and ./walk/tmp/x for the others)."""
+    (tmp_path / "in.csv").write_text("x\n1\n")
+    given = {"--repository": str(tmp_path), "--payload-log": f"{tmp_path}/e.jsonl",
+             "--input": str(tmp_path / "in.csv"), "--output": str(tmp_path / "out")}  # fmt: skip
+    given[option] = f"file://walk{given[option]}"
+    common = ("--repository", given["--repository"], "--data-dir", str(tmp_path / "data"))
+    if option in ("--input", "--output"):
+        paths = ("--input", given["--input"], "--output", given["--output"])
+        done = _dhow("batch", "run", *common, "--model", "m", *paths)
+    else:
+        ports = ("--http-port", "0", "--grpc-port", "0")
+        done = _dhow("serve", *common, *ports, "--payload-log", given["--payload-log"])
+    assert done.returncode == 2, done.stderr
+    assert f"write file:///walk{tmp_path}" in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dhow.monitoring.quality import figures_of
 from tests.conftest import DhowProcess, free_port, start_dhow, wait_until
 from tests.monitoring_models import doubler_repository
 
@@ -67,6 +68,53 @@ def _declared_by_dhow(series: str) -> bool:
 def test_promtool_accepts_the_rules() -> None:
     result = subprocess.run([_binary("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_dashboard_shows_every_quality_figure_dhow_exports() -> None:
+    """A classifier's accuracy, precision and recall and a regressor's mae and rmse: each on a panel."""
+    figures = set(figures_of("classification", [(1, 1)])) | set(figures_of("regression", [(1.0, 2.0)]))
+    queries = [query for query in _dashboard_queries() if "dhow_model_quality" in query]
+    matchers = [re.search(r'metric=~?"([^"]*)"', query) for query in queries]
+    shown = {f for f in figures for m in matchers if m is None or re.fullmatch(m.group(1), f)}  # PromQL anchors
+    assert shown == figures, f"no dashboard panel shows {figures - shown}"
+
+
+def _alert(name: str, labels: dict[str, str], summary: str, description: str) -> dict[str, Any]:
+    return {"alertname": name, "eval_time": "120m", "exp_alerts": [{
+        "exp_labels": {"severity": "warning", **labels},
+        "exp_annotations": {"summary": summary, "description": description},
+    }]}  # fmt: skip
+
+
+def test_quality_and_rollback_alerts_fire_as_their_readers_see_them(tmp_path: Path) -> None:
+    """promtool's rule tests over made-up series: a classifier's accuracy halved, a regressor's rmse doubled (its
+    mae steady), a canary rolled back; each alert fires with its text, and none before."""
+    quality = 'dhow_model_quality{{model="{}",version="1",metric="{}"}}'
+    feedback = "Measured from the labels posted to /v2/models/{}/feedback; retrain, or roll back a recent version."
+    tests = {"rule_files": [str(RULES)], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [
+            {"series": quality.format("iris", "accuracy"), "values": "1x60 0.5x120"},
+            {"series": quality.format("prices", "rmse"), "values": "2x60 4x120"},
+            {"series": quality.format("prices", "mae"), "values": "1x180"},
+            {"series": 'dhow_rollout_events_total{deployment="fraud",kind="rollback"}', "values": "0x110 1x70"},
+        ],
+        "alert_rule_test": [
+            *({"alertname": name, "eval_time": "60m", "exp_alerts": []}
+              for name in ("DhowQualityDrop", "DhowRegressionErrorRise", "DhowCanaryRolledBack")),
+            _alert("DhowQualityDrop", {"model": "iris", "version": "1"},
+                   "Model iris v1: accuracy at 50% of its best this week", feedback.format("iris")),
+            _alert("DhowRegressionErrorRise", {"model": "prices", "version": "1", "metric": "rmse"},
+                   "Model prices v1: rmse at 200% of its lowest this week", feedback.format("prices")),
+            _alert("DhowCanaryRolledBack", {"deployment": "fraud"}, "Deployment fraud: the canary was rolled back",
+                   "The canary analysis found a guard broken: its error rate (max_error_rate), its p99 latency "
+                   "(max_p99_ratio) or, with min_accuracy_ratio set, its accuracy from feedback, against the stable "
+                   "version's; 'dhow rollout history' has the guard and the figures."),
+        ],
+    }]}  # fmt: skip
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests))
+    result = subprocess.run([_binary("promtool"), "test", "rules", str(tmp_path / "tests.yaml")], capture_output=True)
+    assert result.returncode == 0, (result.stdout + result.stderr).decode()
 
 
 @pytest.fixture

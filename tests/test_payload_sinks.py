@@ -56,6 +56,19 @@ def test_a_bad_url_is_refused_saying_what_is_expected(url: str, said: str) -> No
     assert said in refused.value.message and repr(url) in refused.value.message
 
 
+def test_a_file_url_whose_host_is_not_localhost_is_refused_showing_the_path_meant(tmp_path: Path) -> None:
+    """``file://walk/tmp/...`` names the path /tmp/... on the host ``walk``: never what its writer meant."""
+    url = f"file://walk{tmp_path}/e.jsonl"
+    with pytest.raises(InvalidInput) as refused:
+        open_sink(url)
+    assert repr(url) in refused.value.message and f"write file:///walk{tmp_path}/e.jsonl" in refused.value.message
+    assert not (tmp_path / "e.jsonl").exists()
+    assert worker_sink_url(url, 2) == url  # each worker refuses the URL as its user wrote it
+    local = open_sink(f"file://localhost{tmp_path}/e.jsonl")
+    assert isinstance(local, FileSink) and local.path == tmp_path / "e.jsonl"
+    local.close(1)
+
+
 def test_a_kafka_setting_librdkafka_refuses_is_named() -> None:
     with pytest.raises(InvalidInput, match=r"no\.such\.setting"):
         open_sink("kafka://127.0.0.1:9/topic?no.such.setting=1")

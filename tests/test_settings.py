@@ -116,6 +116,27 @@ def test_shared_settings_take_cli_over_env_over_file_over_default(
     assert chosen({}, {}, None) == default
 
 
+def test_a_file_url_repository_is_its_path_and_another_host_is_refused(tmp_path: Path) -> None:
+    assert ServerSettings(repository=f"file://localhost{tmp_path}").repository_folder() == tmp_path
+    assert ServerSettings(repository=f"file://{tmp_path}").repository_folder() == tmp_path
+    with pytest.raises(InvalidInput, match=f"--repository 'file://walk{tmp_path}'.* write file:///walk{tmp_path}"):
+        ServerSettings(repository=f"file://walk{tmp_path}").repository_folder()
+
+
+def test_a_trace_sample_ratio_without_a_collector_is_refused(tmp_path: Path) -> None:
+    """It traced nothing, silently; an endpoint given empty is tracing turned off on purpose."""
+    needs = "needs --otlp-endpoint, the collector the spans go to"
+    with pytest.raises(InvalidInput, match=f"option --trace-sample-ratio: the share of requests traced {needs}"):
+        resolve_settings({"trace_sample_ratio": "0.5"}, {})
+    config = tmp_path / "dhow.yaml"
+    config.write_text("trace_sample_ratio: 0.5\n")
+    with pytest.raises(InvalidInput, match=f"settings file {config}: the share of requests traced {needs}"):
+        resolve_settings({}, {}, config)
+    endpoint = "http://127.0.0.1:4318"
+    assert resolve_settings({"trace_sample_ratio": "0.5"}, {"DHOW_OTLP_ENDPOINT": endpoint}).trace_sample_ratio == 0.5
+    assert resolve_settings({}, {"DHOW_OTLP_ENDPOINT": ""}, config).otlp_endpoint == ""
+
+
 def test_store_urls_follow_the_data_folder_that_won(tmp_path: Path) -> None:
     config = tmp_path / "dhow.yaml"
     config.write_text(f"data_dir: {tmp_path / 'file'}\n")

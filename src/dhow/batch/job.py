@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dhow.core.errors import InvalidInput
+from dhow.core.file_urls import local_path
 from dhow.core.names import check_model_name
 
 __all__ = ["ENGINES", "FORMATS", "Job", "parse_map", "parse_model"]
@@ -89,10 +90,12 @@ class Job:
             raise InvalidInput(
                 f"--output must be a local folder (object storage output is not supported yet): {self.output}"
             )
+        local_path(self.input, "--input")  # refused here, before any engine reads another folder than meant
+        local_path(self.output, "--output")
 
     @property
     def output_dir(self) -> str:
-        return os.path.abspath(self.output.removeprefix("file://"))
+        return os.path.abspath(local_path(self.output, "--output"))
 
     @property
     def format(self) -> str:

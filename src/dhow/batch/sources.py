@@ -25,6 +25,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from dhow.core.errors import InvalidInput
+from dhow.core.file_urls import local_path
 
 __all__ = ["UNREADABLE", "Source"]
 
@@ -42,7 +43,8 @@ class Source:
         self.kind = kind
         self.batch_rows = batch_rows
         try:
-            self.fs, root = fsspec.core.url_to_fs(url)
+            # the path of a file URL, not the URL: fsspec reads file://localhost/x as ./localhost/x
+            self.fs, root = fsspec.core.url_to_fs(local_path(url, "--input"))
             self.files = _files(self.fs, root, kind)
         except (OSError, ValueError, ImportError) as exc:
             raise InvalidInput(f"cannot read the input {url}: {exc}") from None

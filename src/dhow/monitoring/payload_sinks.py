@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 
 from dhow.core.errors import InvalidInput
+from dhow.core.file_urls import local_path
 from dhow.monitoring.payload_log import PayloadCounts, PayloadSink
 
 __all__ = ["FileSink", "HttpSink", "KafkaSink", "open_sink", "worker_sink_url"]
@@ -31,7 +32,8 @@ def open_sink(url: str) -> PayloadSink:
     parts = urlsplit(url)
     options = dict(parse_qsl(parts.query))
     if parts.scheme in ("", "file"):
-        return FileSink(Path(parts.path), **_file_options(options, url))
+        path = local_path(url, "--payload-log") if parts.scheme else parts.path
+        return FileSink(Path(path), **_file_options(options, url))
     if parts.scheme == "kafka":
         topic = parts.path.strip("/")
         if not parts.netloc or not topic or "/" in topic:
@@ -55,6 +57,10 @@ def worker_sink_url(url: str, worker: int) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("", "file") or not url:
         return url
+    try:
+        local_path(url, "--payload-log")
+    except InvalidInput:
+        return url  # refused when the worker opens its sink, as the user wrote it (the message shows their URL)
     path = Path(parts.path)
     return parts._replace(path=str(path.with_name(f"{path.stem}.worker-{worker}{path.suffix}"))).geturl()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dhow.core.errors import InvalidInput
+from dhow.core.file_urls import local_path
 from dhow.core.names import check_region_name
 
 __all__ = ["ANONYMOUS_ACTOR", "CONFIG_FILE_HELP", "ENV_PREFIX", "ServerSettings", "live_settings"]
@@ -357,7 +358,8 @@ class ServerSettings:
     )
     trace_sample_ratio: float = _setting(
         0.1,
-        "share of requests traced when the caller's traceparent decides nothing (a sampled parent is always followed)",
+        "share of requests traced when the caller's traceparent decides nothing (a sampled parent is always followed); "
+        "needs --otlp-endpoint",
         metavar="RATIO",
         group=_MONITORING,
     )
@@ -370,7 +372,7 @@ class ServerSettings:
     def repository_folder(self) -> Path:
         """The folder the server reads models from: the repository itself, or its object storage's local copy."""
         if not self.repository_is_remote():
-            return Path(str(self.repository).removeprefix("file://"))
+            return Path(local_path(str(self.repository), "--repository"))
         if self.repository_cache:
             return Path(self.repository_cache)
         digest = hashlib.sha256(str(self.repository).rstrip("/").encode()).hexdigest()[:12]

@@ -208,5 +208,11 @@ def resolve_settings_and_sources(
     (``{"data_dir": "environment variable DHOW_DATA_DIR"}``): a command can tell a folder someone
     named from the default one."""
     given = _given(cli, env, config_file)
+    if "trace_sample_ratio" in given and "otlp_endpoint" not in given:
+        # a ratio with no collector traced nothing, silently; an endpoint given empty turns tracing off on purpose
+        raise InvalidInput(
+            f"{given['trace_sample_ratio'][1]}: the share of requests traced needs --otlp-endpoint, the collector "
+            "the spans go to (e.g. http://127.0.0.1:4318); without one nothing is traced"
+        )
     settings = ServerSettings(**{name: value for name, (value, _) in given.items()})  # type: ignore[arg-type]
     return settings, {name: source for name, (_, source) in given.items()}
