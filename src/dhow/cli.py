@@ -145,6 +145,10 @@ def _serve(args: argparse.Namespace) -> int:
     if not settings.repository_is_remote() and not settings.repository_folder().is_dir():
         print(f"dhow: the model repository {settings.repository} is not a folder (see --repository)", file=sys.stderr)
         return 2
+    if settings.cpu_affinity == "auto":  # (said now, not by each worker as it starts)
+        from dhow.core.affinity import check
+
+        check(settings.workers)
     if settings.workers > 1:
         from dhow.supervisor import serve_workers
 

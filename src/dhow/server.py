@@ -16,6 +16,7 @@ import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ import uvicorn
 from prometheus_client import ProcessCollector
 
 from dhow.access.tls import ServerCertificates, TlsSettings
+from dhow.core import affinity
 from dhow.core.errors import DhowError
 from dhow.core.heap import settle_heap
 from dhow.governance.masked_stream import mask_standard_streams
@@ -453,11 +455,18 @@ def run_server(
     on_ready: Callable[[], None] | None = None,
     load_first: bool = False,
     source: SettingsSource | None = None,
+    worker_index: int = 0,
 ) -> None:
-    """Run one server process until SIGINT or SIGTERM (see ``Server``)."""
+    """Run one server process until SIGINT or SIGTERM (see ``Server``); ``worker_index``: which of ``--workers``
+    (from 0), for ``--cpu-affinity``."""
     configure_logging(settings)
+    pinned = settings.cpu_affinity == "auto"
+    if pinned:  # this thread runs the event loop: pinned before it starts anything (``core/affinity.py``)
+        log.info("CPU affinity: %s", affinity.pin_loop(settings.workers, worker_index))
 
     async def main() -> None:
+        if pinned:  # the loop's threads for blocking work (loading models, scoring drift) are not the loop's
+            asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(initializer=affinity.as_any))
         await Server(settings, http_socket, source).serve(on_ready, load_first=load_first)
 
     if settings.loop == "uvloop":

@@ -147,7 +147,12 @@ def _worker(
         sys.exit(f"dhow: cannot serve REST on {settings.host}:{settings.http_port}: {exc.strerror or exc}")
     try:
         run_server(
-            settings, http_socket=http_socket, on_ready=lambda: _say_ready(pipe), load_first=replacing, source=source
+            settings,
+            http_socket=http_socket,
+            on_ready=lambda: _say_ready(pipe),
+            load_first=replacing,
+            source=source,
+            worker_index=index - 1,
         )
     except DhowError as exc:
         print(f"dhow: {exc.message}", file=sys.stderr, flush=True)

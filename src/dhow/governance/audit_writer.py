@@ -29,6 +29,7 @@ from typing import IO, Any
 
 import orjson
 
+from dhow.core import affinity
 from dhow.core.frames import frame
 from dhow.governance.audit import AuditStore
 from dhow.governance.audit_refusals import Appending, RefusingAll, describe
@@ -214,6 +215,7 @@ def _answer(sink: IO[bytes], document: Any) -> None:
 
 
 def main() -> int:
+    affinity.as_helper()  # (off the event loop's CPU, with ``--cpu-affinity auto``)
     reader, sink = FrameReader(sys.stdin.fileno()), sys.stdout.buffer
     first = reader.batch(max_frames=1)
     if not first:

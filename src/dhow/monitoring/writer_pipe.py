@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from dhow.core import affinity
 from dhow.core.errors import InvalidInput
 from dhow.core.frames import decode_frames, frame, widen_pipe
 
@@ -294,6 +295,7 @@ class WriterPipe:
     # -- the counts, from the writer process (the reader's thread) --
 
     def _read_counts(self) -> None:
+        affinity.as_helper()  # (off the event loop's CPU, with ``--cpu-affinity auto``)
         while True:
             try:
                 chunk = os.read(self._out, 1 << 16)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dhow.core import affinity
 from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.monitoring.latency import LatencyRecorder
 from dhow.monitoring.metrics import ServerMetrics, observe_all
@@ -102,7 +103,9 @@ class ModelVersion:
         self.profile_error = ""
         #: queue and compute times of the current latency window (None: latency anomalies are off)
         self.latency = LatencyRecorder() if config.monitoring.latency.enabled else None
-        self._executor = ThreadPoolExecutor(len(runtimes), thread_name_prefix=f"dhow-{config.name}-{version}")
+        self._executor = ThreadPoolExecutor(
+            len(runtimes), thread_name_prefix=f"dhow-{config.name}-{version}", initializer=affinity.as_any
+        )
         self.batcher = DynamicBatcher(
             f"model '{config.name}' version {version}",
             [runtime.infer for runtime in runtimes],

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from dhow.core import affinity
 from dhow.core.errors import DhowError
 from dhow.core.frames import split_frames
 from dhow.core.heap import settle_heap
@@ -67,6 +68,7 @@ def serve(
     read by ``decode`` (JSON unless the writer has a format of its own)."""
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, signal.SIG_IGN)
+    affinity.as_helper()  # (off the event loop's CPU, with ``--cpu-affinity auto``)
     _keep_freed_memory()
     source, answers = sys.stdin.fileno(), sys.stdout.buffer
     lock = threading.Lock()

@@ -119,6 +119,12 @@ class ServerSettings:
         "(1: this process serves; more: a supervisor starts that many)",
         metavar="N",
     )
+    cpu_affinity: str = _setting(
+        "off",
+        "auto: each server process's event loop on a CPU of its own, the writer processes (payload log, tracing, "
+        "audit trail) on the others, so that their work never preempts a loop (Linux; needs more CPUs than "
+        "--workers; for a machine or a Kubernetes pod with CPUs of its own); off: the scheduler places everything",
+    )
 
     # -- connections: how long a client may take, and how many may be served at once --
     header_timeout: float = _setting(

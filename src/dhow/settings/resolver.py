@@ -39,6 +39,7 @@ _CHOICES = {
     "model_control": ("none", "poll", "explicit"),
     "log_level": ("debug", "info", "warning", "error"),
     "loop": ("uvloop", "asyncio"),
+    "cpu_affinity": ("off", "auto"),
     "auth": ("on", "none"),
     "tls_client_auth": ("required", "optional"),
     "grpc_front": ("native", "grpcio"),

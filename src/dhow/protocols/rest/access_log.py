@@ -19,6 +19,7 @@ import time
 from logging.handlers import QueueListener
 from typing import Any
 
+from dhow.core import affinity
 from dhow.protocols.rest.body import Scope
 
 __all__ = ["AccessLog"]
@@ -95,6 +96,10 @@ class _Lines(QueueListener):
     def __init__(self, lines: queue.SimpleQueue[_Line], name: str, *handlers: logging.Handler) -> None:
         super().__init__(lines, *handlers, respect_handler_level=True)
         self._name = name
+
+    def _monitor(self) -> None:
+        affinity.as_helper()  # (off the event loop's CPU, with ``--cpu-affinity auto``)
+        super()._monitor()  # type: ignore[misc]
 
     def prepare(self, record: Any) -> logging.LogRecord:
         *fields, created = record

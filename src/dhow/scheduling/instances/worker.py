@@ -24,6 +24,7 @@ import traceback
 
 import orjson
 
+from dhow.core import affinity
 from dhow.core.artifacts import install_decryptor
 from dhow.core.errors import DhowError, ModelFault, ModelLoadError
 from dhow.core.heap import settle_heap
@@ -56,6 +57,7 @@ def main(argv: list[str]) -> int:
     # systemd) stops the server, which finishes its batches and then closes the socket, ending this one
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    affinity.as_any()  # (started by the pinned event loop's thread: every CPU again, with ``--cpu-affinity auto``)
     fd = int(argv[1])
     # pass_fds left it inheritable: a process the model starts would hold it, and outlive this one unseen
     os.set_inheritable(fd, False)
