@@ -243,6 +243,30 @@ def test_feedback_gives_the_accuracy_computed_offline(server: DhowProcess) -> No
     assert again["joined"] == 0 and again["unmatched"] == 1
 
 
+def _feedback(server: DhowProcess, labels: dict[str, Any]) -> dict[str, Any]:
+    status, result = _call(server, "POST", "/v2/models/graded/feedback", {"labels": labels})
+    assert status == 200, result
+    return dict(result)
+
+
+def test_a_rejected_label_leaves_its_prediction_joinable(server: DhowProcess) -> None:
+    rng = np.random.default_rng(5)
+    _infer(server, "graded", _rows(rng, 2), id="two-rows")
+    _infer(server, "graded", _rows(rng, 1), id="one-row")
+    refused = _feedback(server, {"two-rows": 1, "one-row": [1, 0]})
+    assert refused["joined"] == 0 and refused["unmatched"] == 0, refused
+    assert refused["rejected"] == {
+        "two-rows": "the request had 2 rows: send a list of 2 labels",
+        "one-row": "the request had 1 row: send one label, not a list of 2",
+    }
+    assert _feedback(server, {"two-rows": [1, 0, 1]})["rejected"] == {
+        "two-rows": "the request had 2 rows: send a list of 2 labels, not 3"
+    }
+    # sent again as told, both join
+    again = _feedback(server, {"two-rows": [1, 0], "one-row": 1})
+    assert again["joined"] == 2 and again["rejected"] == {}, again
+
+
 @pytest.mark.parametrize(
     ("model", "body", "says"),
     [

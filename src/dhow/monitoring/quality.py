@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Labelled", "PredictionLog", "QualityWindow", "figures_of", "prediction_of"]
+__all__ = ["PredictionLog", "QualityWindow", "figures_of", "prediction_of"]
 
 
 def prediction_of(array: np.ndarray, task: str) -> list[Any]:
@@ -26,13 +25,6 @@ def prediction_of(array: np.ndarray, task: str) -> list[Any]:
     if task == "regression":
         return [float(v) for v in flat]
     return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v.item() for v in flat]
-
-
-@dataclass(frozen=True, slots=True)
-class Labelled:
-    version: str
-    prediction: Any
-    label: Any
 
 
 class PredictionLog:
@@ -52,10 +44,14 @@ class PredictionLog:
             self._pending.popitem(last=False)
             self.dropped += 1
 
-    def join(self, request_id: str, label: Any) -> Labelled | None:
-        """The prediction of that request with its label (taken out of the log), or None when it is unknown."""
-        found = self._pending.pop(request_id, None)
-        return None if found is None else Labelled(found[0], found[1], label)
+    def find(self, request_id: str) -> tuple[str, Any] | None:
+        """The version and prediction of that request, left in the log (a label refused leaves it joinable); None
+        when it is unknown."""
+        return self._pending.get(request_id)
+
+    def take(self, request_id: str) -> None:
+        """Take a joined prediction out of the log: a request is labelled once."""
+        del self._pending[request_id]
 
 
 class QualityWindow:

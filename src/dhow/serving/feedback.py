@@ -84,19 +84,21 @@ class FeedbackDesk:
         touched: set[str] = set()
         joined = 0
         for request_id, label in labels.items():
-            found = pending.join(request_id, label)
+            found = pending.find(request_id)
             if found is None:
                 unmatched.append(request_id)
                 continue
-            predictions = prediction_of(np.asarray(found.prediction), feedback.task)
-            values = label if isinstance(label, list) else [label]
-            if len(values) != len(predictions):
-                rejected[request_id] = f"the request had {len(predictions)} rows: send a list of as many labels"
+            version, kept = found
+            predictions = prediction_of(np.asarray(kept), feedback.task)
+            why = _misfit(len(predictions), label)
+            if why:  # the prediction stays: the label may be sent again as the reason says
+                rejected[request_id] = why
                 continue
-            window = self._window(name, found.version, feedback.task, feedback.window)
-            for prediction, value in zip(predictions, values, strict=True):
+            pending.take(request_id)
+            window = self._window(name, version, feedback.task, feedback.window)
+            for prediction, value in zip(predictions, label if isinstance(label, list) else [label], strict=True):
                 window.add(prediction, value)
-            touched.add(found.version)
+            touched.add(version)
             joined += 1
         self.metrics.feedback.labels(name, "joined").inc(joined)
         self.metrics.feedback.labels(name, "unmatched").inc(len(unmatched))
@@ -142,3 +144,14 @@ def _check_label(request_id: object, label: object, task: str) -> None:
         raise InvalidInput(
             f"label of request '{request_id}' must be a number (the model is a regression), got {label!r}"
         )
+
+
+def _misfit(rows: int, label: object) -> str:
+    """Why a label does not fit the prediction of a request of that many rows, saying what to send ("": it fits)."""
+    if not isinstance(label, list):
+        return "" if rows == 1 else f"the request had {rows} rows: send a list of {rows} labels"
+    if len(label) == rows:
+        return ""
+    if rows == 1:
+        return f"the request had 1 row: send one label, not a list of {len(label)}"
+    return f"the request had {rows} rows: send a list of {rows} labels, not {len(label)}"
