@@ -267,6 +267,21 @@ def test_a_rejected_label_leaves_its_prediction_joinable(server: DhowProcess) ->
     assert again["joined"] == 2 and again["rejected"] == {}, again
 
 
+def test_a_label_that_is_no_class_of_the_output_is_rejected(server: DhowProcess) -> None:
+    rng = np.random.default_rng(6)
+    wrong = {"typed-yes": "yes", "typed-half": 0.5, "typed-true": True, "typed-list": [0.0]}
+    for request_id in wrong:
+        _infer(server, "graded", _rows(rng, 1), id=request_id)
+    refused = _feedback(server, wrong)
+    assert refused["joined"] == 0 and "quality" in refused and refused["quality"] == {}, refused
+    assert refused["rejected"] == {
+        request_id: f"the prediction is INT64: send an integer class, not {label!r}"
+        for request_id, label in wrong.items()
+    }
+    # the predictions stay: sent as integer classes, they join
+    assert _feedback(server, dict.fromkeys(wrong, 1))["joined"] == 4
+
+
 @pytest.mark.parametrize(
     ("model", "body", "says"),
     [

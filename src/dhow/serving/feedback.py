@@ -20,7 +20,7 @@ from dhow.core.errors import InvalidInput
 from dhow.core.model_config import ModelConfig
 from dhow.core.types import InferenceRequest, InferenceResponse
 from dhow.monitoring.model_metrics import ModelMetrics
-from dhow.monitoring.quality import PredictionLog, QualityWindow, figures_of, prediction_of
+from dhow.monitoring.quality import PredictionLog, QualityWindow, figures_of, label_misfit, prediction_of
 from dhow.serving.lifecycle import ModelLifecycle
 
 __all__ = ["FeedbackDesk"]
@@ -89,8 +89,9 @@ class FeedbackDesk:
                 unmatched.append(request_id)
                 continue
             version, kept = found
-            predictions = prediction_of(np.asarray(kept), feedback.task)
-            why = _misfit(len(predictions), label)
+            array = np.asarray(kept)
+            predictions = prediction_of(array, feedback.task)
+            why = _misfit(len(predictions), label) or label_misfit(array, feedback.task, label)
             if why:  # the prediction stays: the label may be sent again as the reason says
                 rejected[request_id] = why
                 continue
