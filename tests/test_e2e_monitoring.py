@@ -282,6 +282,21 @@ def test_a_label_that_is_no_class_of_the_output_is_rejected(server: DhowProcess)
     assert _feedback(server, dict.fromkeys(wrong, 1))["joined"] == 4
 
 
+def test_a_feedback_output_the_model_lacks_is_refused_at_load(tmp_path: Path) -> None:
+    mislabelled = CLASSIFIER.format(extra="").replace("{task: classification}", "{task: classification, output: labl}")
+    _model(tmp_path / "models", "mislabelled", mislabelled, {1: THRESHOLD_MODEL.format(cut=0.0)})
+    server = start_dhow(tmp_path / "models", tmp_path, "--strict-readiness", "false")
+    try:
+        status, index = _call(server, "POST", "/v2/repository/index", {})
+    finally:
+        assert server.stop() == 0, server.log()
+    assert status == 200 and index[0]["state"] == "UNAVAILABLE", index
+    assert index[0]["reason"].endswith(
+        "mislabelled/model.yaml: field 'monitoring.feedback.output': expected a name of the model's outputs "
+        "(label), got 'labl'"
+    ), index
+
+
 @pytest.mark.parametrize(
     ("model", "body", "says"),
     [
