@@ -238,9 +238,11 @@ def test_feedback_gives_the_accuracy_computed_offline(server: DhowProcess) -> No
     assert f'dhow_model_quality{{metric="accuracy",model="graded",version="1"}} {accuracy_score(y_true, y_pred)}' in (
         metrics
     )
-    # joined labels are taken: sending them again joins nothing
-    _, again = _call(server, "POST", "/v2/models/graded/feedback", {"labels": {ids[0]: 1}})
-    assert again["joined"] == 0 and again["unmatched"] == 1
+    # joined labels are taken: sending them again joins nothing, and says so apart from an unknown id
+    _, again = _call(server, "POST", "/v2/models/graded/feedback", {"labels": {ids[0]: 1, "never-seen": 1}})
+    assert again["joined"] == 0 and again["unmatched_ids"] == ["never-seen"], again
+    assert again["already_joined"] == 1 and again["already_joined_ids"] == [ids[0]], again
+    _conforms("FeedbackResult", again)
 
 
 def _feedback(server: DhowProcess, labels: dict[str, Any]) -> dict[str, Any]:
@@ -249,8 +251,16 @@ def _feedback(server: DhowProcess, labels: dict[str, Any]) -> dict[str, Any]:
     return dict(result)
 
 
+def _labels_counted(server: DhowProcess) -> dict[str, float]:
+    _, metrics = _call(server, "GET", "/metrics")
+    prefix = 'dhow_feedback_labels_total{model="graded",outcome="'
+    lines = [line[len(prefix) :].split('"} ') for line in metrics.splitlines() if line.startswith(prefix)]
+    return {outcome: float(value) for outcome, value in lines}
+
+
 def test_a_rejected_label_leaves_its_prediction_joinable(server: DhowProcess) -> None:
     rng = np.random.default_rng(5)
+    before = _labels_counted(server)
     _infer(server, "graded", _rows(rng, 2), id="two-rows")
     _infer(server, "graded", _rows(rng, 1), id="one-row")
     refused = _feedback(server, {"two-rows": 1, "one-row": [1, 0]})
@@ -265,6 +275,9 @@ def test_a_rejected_label_leaves_its_prediction_joinable(server: DhowProcess) ->
     # sent again as told, both join
     again = _feedback(server, {"two-rows": [1, 0], "one-row": 1})
     assert again["joined"] == 2 and again["rejected"] == {}, again
+    counted = _labels_counted(server)
+    assert counted["rejected"] - before.get("rejected", 0) == 3, counted
+    assert counted["joined"] - before["joined"] == 2 and counted["unmatched"] == before["unmatched"], counted
 
 
 def test_a_label_that_is_no_class_of_the_output_is_rejected(server: DhowProcess) -> None:

@@ -67,6 +67,8 @@ class PredictionLog:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._pending: OrderedDict[str, tuple[str, Any]] = OrderedDict()
+        #: the ids of the newest ``capacity`` joined predictions: a label sent again is told from an unknown id's
+        self._joined: OrderedDict[str, None] = OrderedDict()
         self.dropped = 0
 
     def __len__(self) -> int:
@@ -86,6 +88,13 @@ class PredictionLog:
     def take(self, request_id: str) -> None:
         """Take a joined prediction out of the log: a request is labelled once."""
         del self._pending[request_id]
+        self._joined[request_id] = None
+        if len(self._joined) > self.capacity:
+            self._joined.popitem(last=False)
+
+    def joined(self, request_id: str) -> bool:
+        """Whether that request's prediction was labelled already (as far as the newest ``capacity`` go)."""
+        return request_id in self._joined
 
 
 class QualityWindow:

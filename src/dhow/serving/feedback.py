@@ -27,7 +27,7 @@ __all__ = ["FeedbackDesk"]
 
 log = logging.getLogger("dhow.monitoring")
 
-#: unmatched request ids listed in an answer (the count is always whole)
+#: unmatched (or already joined) request ids listed in an answer (the count is always whole)
 _LISTED = 100
 _SCALAR = (bool, int, float, str)
 
@@ -78,15 +78,18 @@ class FeedbackDesk:
             raise InvalidInput("the body needs 'labels': an object of request id -> label, e.g. {\"req-1\": 1}")
         for request_id, label in labels.items():
             _check_label(request_id, label, feedback.task)
-        pending = self._pending.get(name) or PredictionLog(feedback.pending)
+        pending = self._pending.get(name)
+        if pending is None:  # (not ``or``: a log that holds no prediction now still knows those it joined)
+            pending = PredictionLog(feedback.pending)
         unmatched: list[str] = []
+        already: list[str] = []
         rejected: dict[str, str] = {}
         touched: set[str] = set()
         joined = 0
         for request_id, label in labels.items():
             found = pending.find(request_id)
             if found is None:
-                unmatched.append(request_id)
+                (already if pending.joined(request_id) else unmatched).append(request_id)
                 continue
             version, kept = found
             array = np.asarray(kept)
@@ -101,8 +104,10 @@ class FeedbackDesk:
                 window.add(prediction, value)
             touched.add(version)
             joined += 1
-        self.metrics.feedback.labels(name, "joined").inc(joined)
-        self.metrics.feedback.labels(name, "unmatched").inc(len(unmatched))
+        counted = (("joined", joined), ("unmatched", len(unmatched)), ("already_joined", len(already)),
+                   ("rejected", len(rejected)))  # fmt: skip
+        for outcome, count in counted:
+            self.metrics.feedback.labels(name, outcome).inc(count)
         figures = {}
         for version in sorted(touched):
             window = self._windows[(name, version)]
@@ -112,6 +117,8 @@ class FeedbackDesk:
             "joined": joined,
             "unmatched": len(unmatched),
             "unmatched_ids": unmatched[:_LISTED],
+            "already_joined": len(already),
+            "already_joined_ids": already[:_LISTED],
             "rejected": rejected,
             "pending": len(pending),
             "dropped": pending.dropped,
