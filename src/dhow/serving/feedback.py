@@ -18,7 +18,7 @@ import numpy as np
 
 from dhow.core.errors import InvalidInput
 from dhow.core.model_config import ModelConfig
-from dhow.core.types import InferenceRequest, InferenceResponse
+from dhow.core.types import InferenceResponse
 from dhow.monitoring.model_metrics import ModelMetrics
 from dhow.monitoring.quality import PredictionLog, QualityWindow, figures_of, label_misfit, prediction_of
 from dhow.serving.lifecycle import ModelLifecycle
@@ -43,15 +43,11 @@ class FeedbackDesk:
         #: each version's figures as last computed, and the labels they rest on
         self._figures: dict[tuple[str, str], tuple[dict[str, float], int]] = {}
 
-    def keep(
-        self, config: ModelConfig, request: InferenceRequest, response: InferenceResponse, request_id: str
-    ) -> None:
-        """On the hot path: remember the answer's prediction output under the request's id (a dict insert)."""
+    def keep(self, config: ModelConfig, response: InferenceResponse, request_id: str) -> None:
+        """On the hot path: remember the answer's prediction output under the request's id (a dict insert): the id
+        the audit trail and the payload log say (``dhow.core.ids``)."""
         feedback = config.monitoring.feedback
-        if feedback is None:
-            return
-        key = request.id or request_id
-        if not key:
+        if feedback is None or not request_id:
             return
         pending = self._pending.get(config.name)
         if pending is None or pending.capacity != feedback.pending:
@@ -59,7 +55,7 @@ class FeedbackDesk:
         wanted = feedback.output
         for tensor in response.outputs:
             if not wanted or tensor.name == wanted:
-                pending.add(key, response.model_version, tensor.data)
+                pending.add(request_id, response.model_version, tensor.data)
                 return
 
     async def receive(self, name: str, labels: object) -> dict[str, Any]:
