@@ -238,9 +238,76 @@ def test_feedback_gives_the_accuracy_computed_offline(server: DhowProcess) -> No
     assert f'dhow_model_quality{{metric="accuracy",model="graded",version="1"}} {accuracy_score(y_true, y_pred)}' in (
         metrics
     )
-    # joined labels are taken: sending them again joins nothing
-    _, again = _call(server, "POST", "/v2/models/graded/feedback", {"labels": {ids[0]: 1}})
-    assert again["joined"] == 0 and again["unmatched"] == 1
+    # joined labels are taken: sending them again joins nothing, and says so apart from an unknown id
+    _, again = _call(server, "POST", "/v2/models/graded/feedback", {"labels": {ids[0]: 1, "never-seen": 1}})
+    assert again["joined"] == 0 and again["unmatched_ids"] == ["never-seen"], again
+    assert again["already_joined"] == 1 and again["already_joined_ids"] == [ids[0]], again
+    _conforms("FeedbackResult", again)
+
+
+def _feedback(server: DhowProcess, labels: dict[str, Any]) -> dict[str, Any]:
+    status, result = _call(server, "POST", "/v2/models/graded/feedback", {"labels": labels})
+    assert status == 200, result
+    return dict(result)
+
+
+def _labels_counted(server: DhowProcess) -> dict[str, float]:
+    _, metrics = _call(server, "GET", "/metrics")
+    prefix = 'dhow_feedback_labels_total{model="graded",outcome="'
+    lines = [line[len(prefix) :].split('"} ') for line in metrics.splitlines() if line.startswith(prefix)]
+    return {outcome: float(value) for outcome, value in lines}
+
+
+def test_a_rejected_label_leaves_its_prediction_joinable(server: DhowProcess) -> None:
+    rng = np.random.default_rng(5)
+    before = _labels_counted(server)
+    _infer(server, "graded", _rows(rng, 2), id="two-rows")
+    _infer(server, "graded", _rows(rng, 1), id="one-row")
+    refused = _feedback(server, {"two-rows": 1, "one-row": [1, 0]})
+    assert refused["joined"] == 0 and refused["unmatched"] == 0, refused
+    assert refused["rejected"] == {
+        "two-rows": "the request had 2 rows: send a list of 2 labels",
+        "one-row": "the request had 1 row: send one label, not a list of 2",
+    }
+    assert _feedback(server, {"two-rows": [1, 0, 1]})["rejected"] == {
+        "two-rows": "the request had 2 rows: send a list of 2 labels, not 3"
+    }
+    # sent again as told, both join
+    again = _feedback(server, {"two-rows": [1, 0], "one-row": 1})
+    assert again["joined"] == 2 and again["rejected"] == {}, again
+    counted = _labels_counted(server)
+    assert counted["rejected"] - before.get("rejected", 0) == 3, counted
+    assert counted["joined"] - before["joined"] == 2 and counted["unmatched"] == before["unmatched"], counted
+
+
+def test_a_label_that_is_no_class_of_the_output_is_rejected(server: DhowProcess) -> None:
+    rng = np.random.default_rng(6)
+    wrong = {"typed-yes": "yes", "typed-half": 0.5, "typed-true": True, "typed-list": [0.0]}
+    for request_id in wrong:
+        _infer(server, "graded", _rows(rng, 1), id=request_id)
+    refused = _feedback(server, wrong)
+    assert refused["joined"] == 0 and "quality" in refused and refused["quality"] == {}, refused
+    assert refused["rejected"] == {
+        request_id: f"the prediction is INT64: send an integer class, not {label!r}"
+        for request_id, label in wrong.items()
+    }
+    # the predictions stay: sent as integer classes, they join
+    assert _feedback(server, dict.fromkeys(wrong, 1))["joined"] == 4
+
+
+def test_a_feedback_output_the_model_lacks_is_refused_at_load(tmp_path: Path) -> None:
+    mislabelled = CLASSIFIER.format(extra="").replace("{task: classification}", "{task: classification, output: labl}")
+    _model(tmp_path / "models", "mislabelled", mislabelled, {1: THRESHOLD_MODEL.format(cut=0.0)})
+    server = start_dhow(tmp_path / "models", tmp_path, "--strict-readiness", "false")
+    try:
+        status, index = _call(server, "POST", "/v2/repository/index", {})
+    finally:
+        assert server.stop() == 0, server.log()
+    assert status == 200 and index[0]["state"] == "UNAVAILABLE", index
+    assert index[0]["reason"].endswith(
+        "mislabelled/model.yaml: field 'monitoring.feedback.output': expected a name of the model's outputs "
+        "(label), got 'labl'"
+    ), index
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,7 @@ def _grpc(server: DhowProcess, headers: dict[str, str]) -> None:
     client = grpcclient.InferenceServerClient(server.grpc_url)
     data = grpcclient.InferInput("x", [1, 1], "FP32")
     data.set_data_from_numpy(np.ones((1, 1), np.float32))
-    client.infer("doubler", [data], headers=headers)
+    client.infer("doubler", [data], headers=headers, request_id="grpc-1")  # its own id, no x-request-id
     client.close()
 
 
@@ -115,6 +115,8 @@ def test_spans_follow_the_callers_traceparent_and_a_batch_links_its_requests(
         assert children["compute"].end_time_unix_nano <= root.end_time_unix_nano
     attributes = {kv.key: kv.value.string_value for kv in roots[rest_parent[1]].attributes}
     assert attributes["dhow.request_id"] == "rest-1" and attributes["dhow.version"] == "1"
+    attributes = {kv.key: kv.value.string_value for kv in roots[grpc_parent[1]].attributes}
+    assert attributes["dhow.request_id"] == "grpc-1", "a request named in its body only is traced by that name"
 
     batches = [s for s in spans if s.name == "batch"]
     linked = [{link.span_id for link in batch.links} for batch in batches]

@@ -21,7 +21,7 @@ from dhow.core.model_config import LatencyConfig
 from dhow.monitoring.drift import DriftWindow, js_distance, psi, sampling_gap, score
 from dhow.monitoring.latency import LatencyBaseline
 from dhow.monitoring.profile import SKETCH_SIZE, FeatureSketch, ReferenceProfile
-from dhow.monitoring.quality import QualityWindow, prediction_of
+from dhow.monitoring.quality import QualityWindow, label_misfit, prediction_of
 from dhow.repository.encryption import Keyring, encrypt_repository, generate_key
 from dhow.repository.manifest import ManifestError, parse_manifest
 from dhow.repository.profiles import PROFILE, read_profile
@@ -100,6 +100,30 @@ def test_quality_figures() -> None:
     assert regression.figures() == pytest.approx({"mae": 4 / 3, "rmse": (10 / 3) ** 0.5})
     assert prediction_of(np.array([[0.2, 0.8], [0.9, 0.1]], dtype=np.float32), "classification") == [1, 0]
     assert prediction_of(np.array([[b"cat"], [b"dog"]], dtype=object), "classification") == ["cat", "dog"]
+
+
+SCORES = np.array([[0.2, 0.8], [0.9, 0.1]], dtype=np.float32)
+NAMES = np.array([[b"cat"], [b"dog"]], dtype=object)
+FLAGS = np.array([True, False])
+
+
+@pytest.mark.parametrize(
+    ("array", "label", "why"),
+    [
+        (SCORES, [1, 0], ""),
+        (
+            SCORES,
+            [1, 2],
+            "the prediction is the argmax of 2 FP32 scores a row: send a class index from 0 to 1, not [1, 2]",
+        ),
+        (NAMES, ["cat", "cow"], ""),
+        (NAMES, [1, 0], "the prediction is BYTES: send a string class, not [1, 0]"),
+        (FLAGS, [True, False], ""),
+        (FLAGS, [1, 0], "the prediction is BOOL: send true or false, not [1, 0]"),
+    ],
+)
+def test_a_label_is_checked_against_the_datatype_of_its_prediction(array: np.ndarray, label: object, why: str) -> None:
+    assert label_misfit(array, "classification", label) == why
 
 
 @pytest.mark.parametrize(

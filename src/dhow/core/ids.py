@@ -1,8 +1,10 @@
-"""Request ids: one per request, shared by the audit record and the access log line, so one finds the other.
+"""Request ids: one per request, shared by the audit record, the access log line, the payload log's event, the
+trace and the feedback join, so one finds the others.
 
-A client may name its request (``x-request-id``, a plain token); otherwise the server counts: a random
-prefix per process, then a counter (unique across servers, and no system call per request as random bytes
-would be).
+A client may name its request: its ``x-request-id`` header (gRPC: metadata), else the request's own ``id`` (the
+v2 JSON body's, ``ModelInferRequest.id``), whichever is a plain token first; otherwise the server counts: a
+random prefix per process, then a counter (unique across servers, and no system call per request as random
+bytes would be).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import itertools
 import re
 import secrets
 
-__all__ = ["client_request_id", "new_request_id"]
+__all__ = ["client_request_id", "is_client_request_id", "new_request_id"]
 
 _PREFIX = secrets.token_hex(4)
 _COUNTER = itertools.count(1)
 #: a request id a client may choose; anything else is replaced by one of ours
 _CLIENT_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+_CLIENT_TEXT = re.compile(_CLIENT_ID.pattern.decode())
 
 
 def new_request_id() -> str:
@@ -27,3 +30,8 @@ def new_request_id() -> str:
 def client_request_id(value: bytes) -> str:
     """The client's id when it is a plain token of up to 64 characters, else "" (the server makes one)."""
     return value.decode("ascii") if _CLIENT_ID.fullmatch(value) else ""
+
+
+def is_client_request_id(value: str) -> bool:
+    """Whether a request's own id (a body's) may name it: a plain token of up to 64 characters."""
+    return _CLIENT_TEXT.fullmatch(value) is not None

@@ -55,7 +55,8 @@ class ModelMetrics:
         )
         self.feedback = Counter(
             "dhow_feedback_labels",
-            "Labels received: joined to a prediction, or unmatched (unknown or expired request id).",
+            "Labels received: joined to a prediction, unmatched (unknown or expired request id), already_joined "
+            "(the request was labelled before) or rejected (no fit for its prediction: the prediction stays).",
             ["model", "outcome"],
             registry=registry,
         )

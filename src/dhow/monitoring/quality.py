@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import math
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Labelled", "PredictionLog", "QualityWindow", "figures_of", "prediction_of"]
+from dhow.core.datatypes import datatype_of
+
+__all__ = ["PredictionLog", "QualityWindow", "figures_of", "label_misfit", "prediction_of"]
+
+
+def _holds_scores(array: np.ndarray, task: str) -> bool:
+    """Whether a classifier's output holds scores (several floats a row), read as their argmax."""
+    return array.ndim >= 2 and array.shape[1] > 1 and task == "classification" and array.dtype.kind == "f"
 
 
 def prediction_of(array: np.ndarray, task: str) -> list[Any]:
     """One prediction per row of an output: a classifier's scores as their argmax, else the value itself."""
-    if array.ndim >= 2 and array.shape[1] > 1 and task == "classification" and array.dtype.kind == "f":
+    if _holds_scores(array, task):
         return [int(v) for v in np.argmax(array.reshape(array.shape[0], -1), axis=1)]
     flat = array.reshape(array.shape[0], -1)[:, 0] if array.ndim else array.reshape(1)
     if task == "regression":
@@ -28,11 +34,31 @@ def prediction_of(array: np.ndarray, task: str) -> list[Any]:
     return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v.item() for v in flat]
 
 
-@dataclass(frozen=True, slots=True)
-class Labelled:
-    version: str
-    prediction: Any
-    label: Any
+def label_misfit(array: np.ndarray, task: str, label: Any) -> str:
+    """Why a classifier's label (or list of labels) cannot be compared with its predictions from that output, by
+    the output's datatype, saying what to send ("": it can). A label of the wrong type would only count as a wrong
+    prediction. Booleans are the classes of a BOOL output only: JSON's ``true`` is no integer class."""
+    if task != "classification":
+        return ""
+    values, kind = label if isinstance(label, list) else [label], array.dtype.kind
+    what = datatype_of(array)
+    if _holds_scores(array, task):
+        classes = array.reshape(array.shape[0], -1).shape[1]
+        fits = all(_integer(v) and 0 <= v < classes for v in values)
+        what, expected = f"the argmax of {classes} {what} scores a row", f"a class index from 0 to {classes - 1}"
+    elif kind in "iu":
+        fits, expected = all(_integer(v) for v in values), "an integer class"
+    elif kind == "b":
+        fits, expected = all(isinstance(v, bool) for v in values), "true or false"
+    elif kind == "f":
+        fits, expected = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values), "a number"
+    else:
+        fits, expected = all(isinstance(v, str) for v in values), "a string class"
+    return "" if fits else f"the prediction is {what}: send {expected}, not {label!r}"
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class PredictionLog:
@@ -41,6 +67,8 @@ class PredictionLog:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._pending: OrderedDict[str, tuple[str, Any]] = OrderedDict()
+        #: the ids of the newest ``capacity`` joined predictions: a label sent again is told from an unknown id's
+        self._joined: OrderedDict[str, None] = OrderedDict()
         self.dropped = 0
 
     def __len__(self) -> int:
@@ -52,10 +80,21 @@ class PredictionLog:
             self._pending.popitem(last=False)
             self.dropped += 1
 
-    def join(self, request_id: str, label: Any) -> Labelled | None:
-        """The prediction of that request with its label (taken out of the log), or None when it is unknown."""
-        found = self._pending.pop(request_id, None)
-        return None if found is None else Labelled(found[0], found[1], label)
+    def find(self, request_id: str) -> tuple[str, Any] | None:
+        """The version and prediction of that request, left in the log (a label refused leaves it joinable); None
+        when it is unknown."""
+        return self._pending.get(request_id)
+
+    def take(self, request_id: str) -> None:
+        """Take a joined prediction out of the log: a request is labelled once."""
+        del self._pending[request_id]
+        self._joined[request_id] = None
+        if len(self._joined) > self.capacity:
+            self._joined.popitem(last=False)
+
+    def joined(self, request_id: str) -> bool:
+        """Whether that request's prediction was labelled already (as far as the newest ``capacity`` go)."""
+        return request_id in self._joined
 
 
 class QualityWindow:

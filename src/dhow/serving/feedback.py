@@ -18,16 +18,16 @@ import numpy as np
 
 from dhow.core.errors import InvalidInput
 from dhow.core.model_config import ModelConfig
-from dhow.core.types import InferenceRequest, InferenceResponse
+from dhow.core.types import InferenceResponse
 from dhow.monitoring.model_metrics import ModelMetrics
-from dhow.monitoring.quality import PredictionLog, QualityWindow, figures_of, prediction_of
+from dhow.monitoring.quality import PredictionLog, QualityWindow, figures_of, label_misfit, prediction_of
 from dhow.serving.lifecycle import ModelLifecycle
 
 __all__ = ["FeedbackDesk"]
 
 log = logging.getLogger("dhow.monitoring")
 
-#: unmatched request ids listed in an answer (the count is always whole)
+#: unmatched (or already joined) request ids listed in an answer (the count is always whole)
 _LISTED = 100
 _SCALAR = (bool, int, float, str)
 
@@ -43,15 +43,11 @@ class FeedbackDesk:
         #: each version's figures as last computed, and the labels they rest on
         self._figures: dict[tuple[str, str], tuple[dict[str, float], int]] = {}
 
-    def keep(
-        self, config: ModelConfig, request: InferenceRequest, response: InferenceResponse, request_id: str
-    ) -> None:
-        """On the hot path: remember the answer's prediction output under the request's id (a dict insert)."""
+    def keep(self, config: ModelConfig, response: InferenceResponse, request_id: str) -> None:
+        """On the hot path: remember the answer's prediction output under the request's id (a dict insert): the id
+        the audit trail and the payload log say (``dhow.core.ids``)."""
         feedback = config.monitoring.feedback
-        if feedback is None:
-            return
-        key = request.id or request_id
-        if not key:
+        if feedback is None or not request_id:
             return
         pending = self._pending.get(config.name)
         if pending is None or pending.capacity != feedback.pending:
@@ -59,7 +55,7 @@ class FeedbackDesk:
         wanted = feedback.output
         for tensor in response.outputs:
             if not wanted or tensor.name == wanted:
-                pending.add(key, response.model_version, tensor.data)
+                pending.add(request_id, response.model_version, tensor.data)
                 return
 
     async def receive(self, name: str, labels: object) -> dict[str, Any]:
@@ -78,28 +74,36 @@ class FeedbackDesk:
             raise InvalidInput("the body needs 'labels': an object of request id -> label, e.g. {\"req-1\": 1}")
         for request_id, label in labels.items():
             _check_label(request_id, label, feedback.task)
-        pending = self._pending.get(name) or PredictionLog(feedback.pending)
+        pending = self._pending.get(name)
+        if pending is None:  # (not ``or``: a log that holds no prediction now still knows those it joined)
+            pending = PredictionLog(feedback.pending)
         unmatched: list[str] = []
+        already: list[str] = []
         rejected: dict[str, str] = {}
         touched: set[str] = set()
         joined = 0
         for request_id, label in labels.items():
-            found = pending.join(request_id, label)
+            found = pending.find(request_id)
             if found is None:
-                unmatched.append(request_id)
+                (already if pending.joined(request_id) else unmatched).append(request_id)
                 continue
-            predictions = prediction_of(np.asarray(found.prediction), feedback.task)
-            values = label if isinstance(label, list) else [label]
-            if len(values) != len(predictions):
-                rejected[request_id] = f"the request had {len(predictions)} rows: send a list of as many labels"
+            version, kept = found
+            array = np.asarray(kept)
+            predictions = prediction_of(array, feedback.task)
+            why = _misfit(len(predictions), label) or label_misfit(array, feedback.task, label)
+            if why:  # the prediction stays: the label may be sent again as the reason says
+                rejected[request_id] = why
                 continue
-            window = self._window(name, found.version, feedback.task, feedback.window)
-            for prediction, value in zip(predictions, values, strict=True):
+            pending.take(request_id)
+            window = self._window(name, version, feedback.task, feedback.window)
+            for prediction, value in zip(predictions, label if isinstance(label, list) else [label], strict=True):
                 window.add(prediction, value)
-            touched.add(found.version)
+            touched.add(version)
             joined += 1
-        self.metrics.feedback.labels(name, "joined").inc(joined)
-        self.metrics.feedback.labels(name, "unmatched").inc(len(unmatched))
+        counted = (("joined", joined), ("unmatched", len(unmatched)), ("already_joined", len(already)),
+                   ("rejected", len(rejected)))  # fmt: skip
+        for outcome, count in counted:
+            self.metrics.feedback.labels(name, outcome).inc(count)
         figures = {}
         for version in sorted(touched):
             window = self._windows[(name, version)]
@@ -109,6 +113,8 @@ class FeedbackDesk:
             "joined": joined,
             "unmatched": len(unmatched),
             "unmatched_ids": unmatched[:_LISTED],
+            "already_joined": len(already),
+            "already_joined_ids": already[:_LISTED],
             "rejected": rejected,
             "pending": len(pending),
             "dropped": pending.dropped,
@@ -142,3 +148,14 @@ def _check_label(request_id: object, label: object, task: str) -> None:
         raise InvalidInput(
             f"label of request '{request_id}' must be a number (the model is a regression), got {label!r}"
         )
+
+
+def _misfit(rows: int, label: object) -> str:
+    """Why a label does not fit the prediction of a request of that many rows, saying what to send ("": it fits)."""
+    if not isinstance(label, list):
+        return "" if rows == 1 else f"the request had {rows} rows: send a list of {rows} labels"
+    if len(label) == rows:
+        return ""
+    if rows == 1:
+        return f"the request had 1 row: send one label, not a list of {len(label)}"
+    return f"the request had {rows} rows: send a list of {rows} labels, not {len(label)}"

@@ -375,6 +375,7 @@ class ModelLifecycle:
         version = ModelVersion(config, number, runtimes, self.metrics, queue_timeout_ms=self.queue_timeout_ms)
         await _attach_profile(version, source.version_dir(number), f"{source.name}/{number}")
         try:
+            _check_feedback_output(version)
             await warm(version)  # before it is in the table: a version is served, and ready, only once warmed
         except BaseException:
             await version.close()
@@ -440,3 +441,14 @@ async def _attach_profile(version: ModelVersion, version_dir: Path, where: str) 
     except DhowError as exc:
         version.profile_error = exc.message
         log.error("model %s: its reference profile is not used: %s", where, exc.message)
+
+
+def _check_feedback_output(version: ModelVersion) -> None:
+    """Refuse a ``monitoring.feedback.output`` the version does not have (an ONNX model's outputs are known only
+    now): no prediction would be kept, and every label would come back unmatched with no hint why."""
+    feedback = version.config.monitoring.feedback
+    if feedback is not None and feedback.output and feedback.output not in version.outputs:
+        raise ModelLoadError(
+            f"{version.name}/model.yaml: field 'monitoring.feedback.output': expected a name of the model's outputs "
+            f"({', '.join(version.outputs)}), got {feedback.output!r}"
+        )

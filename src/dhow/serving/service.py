@@ -19,6 +19,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, cast
 
@@ -26,10 +27,11 @@ from dhow.access.actions import ACTIONS, Access
 from dhow.access.authenticator import ANONYMOUS, Credentials
 from dhow.access.permissions import ALL_TENANTS, Grant, Permission, Principal
 from dhow.core.errors import CallCancelled, DhowError, InternalError
+from dhow.core.ids import is_client_request_id
 from dhow.core.names import check_model_name
 from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome
 from dhow.monitoring.tracing import RequestTrace, Sampled, Tracing
-from dhow.serving.dataplane import DataPlane
+from dhow.serving.dataplane import SERVICE_PREFIX, DataPlane
 from dhow.serving.guard import AccessGuard, Admission
 from dhow.serving.traffic import Invoke
 
@@ -58,7 +60,8 @@ class Call:
 
     __slots__ = (
         "_access", "_admission", "_admitted_ns", "_answered_ns", "_dataplane", "_details", "_entered_ns",
-        "_guard", "_model", "_outcome", "_region", "_sampled", "_trace", "_tracing", "_who", "principal", "request_id",
+        "_guard", "_model", "_named", "_outcome", "_region", "_sampled", "_trace", "_tracing", "_who", "principal",
+        "request_id",
     )  # fmt: skip
 
     def __init__(
@@ -80,8 +83,11 @@ class Call:
         self._admission = _OPEN
         #: who was let in (attributes, not properties: a door reads them on every request)
         self.principal = _OPEN.principal
-        #: the id of this request in the audit trail: the client's when it gave one, else the guard's once admitted
+        #: the id of this request everywhere (``dhow.core.ids``): the one the door read from a header, else the
+        #: request's own (``infer`` adopts it), else the guard's once admitted
         self.request_id = request_id
+        #: whether the id is decided (a header named the call, or its first inference was looked at)
+        self._named = bool(request_id)
         #: what inference decided (None: it did not end, or was not asked), and the data region placement gave
         #: (None: not placed): the outcome is built only when an audit record asks for it
         self._outcome: Outcome | None = None
@@ -180,6 +186,8 @@ class Call:
         self._details.update(details)
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        if request.id and not self._named:
+            self._adopt(request.id)
         if self._tracing is not None:
             times = (self._entered_ns, self._admitted_ns, time.time_ns())
             sampled = self._sampled
@@ -194,6 +202,18 @@ class Call:
         if self._trace is not None:
             self._answered_ns = time.time_ns()
         return response
+
+    def _adopt(self, request_id: str) -> None:
+        """Name the call by its request's own id, when the door read none from a header and it is a plain token: the
+        audit record, the access log, the payload log, the trace and the feedback join then all say it. An in-process
+        identity's call keeps its own (a stream's call infers many requests; a shadow's copy is not the client's)."""
+        self._named = True
+        admission = self._admission
+        if admission is _OPEN or admission.principal.name.startswith(SERVICE_PREFIX):
+            return
+        if is_client_request_id(request_id):
+            admission.caller = replace(admission.caller, request_id=request_id)
+            self.request_id = request_id
 
     def _finish(self, outcome: str, message: str = "") -> Awaitable[None] | None:
         """The guard's end of the call (none for an open route): what to await, None when nothing must be (the

@@ -105,7 +105,7 @@ class ModelWatch:
             }
             window.add(rows, inputs, outputs)
         if config.monitoring.feedback is not None:
-            self.feedback.keep(config, request, response, request_id)
+            self.feedback.keep(config, response, request_id)
 
     def _first_answer(self, name: str, version: str) -> _Watched | None:
         entry = self.models.entries.get(name)

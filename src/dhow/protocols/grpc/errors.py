@@ -17,6 +17,7 @@ import grpc.aio
 
 from dhow.access.authenticator import Credentials
 from dhow.core.errors import DhowError, ErrorCode
+from dhow.core.ids import client_request_id
 from dhow.protocols.grpc.decoding import Malformed
 from dhow.protocols.grpc.h2.calls import CallContext
 from dhow.protocols.routes import GRPC_ACCESS
@@ -76,7 +77,7 @@ def guarded(method: AdmittedMethod[_Servicer, _Request, _Response]) -> UnaryMeth
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
         model = getattr(request, "model_name", "") or getattr(request, "name", "")
         try:
-            async with self.service.call(credentials(context), access, model) as call:
+            async with self.service.call(credentials(context), access, model, request_id(context)) as call:
                 return await method(self, request, context, call)
         except DhowError as exc:
             await abort(context, exc)
@@ -93,6 +94,16 @@ def credentials(context: Context) -> Credentials:
     if isinstance(context, CallContext):
         return context.credentials(_read_credentials)
     return _read_credentials(context)
+
+
+def request_id(context: Context) -> str:
+    """The call's ``x-request-id`` metadata entry when it is a plain token, else "" (the request's own id names it,
+    else the admission point's: ``dhow.core.ids``)."""
+    if isinstance(context, CallContext):  # its headers are made once per header block
+        sent: object = context.headers().get("x-request-id", "")
+    else:
+        sent = next((value for key, value in context.invocation_metadata() or () if key == "x-request-id"), "")
+    return client_request_id(sent.encode()) if isinstance(sent, str) and sent else ""
 
 
 def _read_credentials(context: Context) -> Credentials:

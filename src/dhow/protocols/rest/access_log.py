@@ -2,13 +2,14 @@
 
     POST /v2/models/fraud/infer 200 3.1ms principal=key:ci-bot request_id=4f1c2a9b0d6e8f7a
 
-The request id is the one in the request's audit record: the client's ``x-request-id`` when it is a plain
-token, else one the server made. The event loop only puts the line's fields and the time on a queue; a thread
-(``QueueListener``) makes the log record, masks it and writes it through the root logger's handlers, the same
-masked ones every log line goes through, so a slow terminal or disk never stalls a request. Making the record
-on the loop (``logger.info``, then ``QueueHandler`` formatting and copying it) cost a request ~88k instructions
-there; the queued tuple costs ~3k. The path is the raw one (percent escapes kept: no decoded newline can forge
-a line) without its query string, which may carry data.
+The request id is the one in the request's audit record (``dhow.core.ids``): the client's ``x-request-id``,
+else an inference body's ``id``, when it is a plain token, else one the server made. The event loop only puts
+the line's fields and the time on a queue; a thread (``QueueListener``) makes the log record, masks it and
+writes it through the root logger's handlers, the same masked ones every log line goes through, so a slow
+terminal or disk never stalls a request. Making the record on the loop (``logger.info``, then ``QueueHandler``
+formatting and copying it) cost a request ~88k instructions there; the queued tuple costs ~3k. The path is the
+raw one (percent escapes kept: no decoded newline can forge a line) without its query string, which may carry
+data.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from logging.handlers import QueueListener
 from typing import Any
 
 from dhow.core import affinity
+from dhow.core.ids import client_request_id
 from dhow.protocols.rest.body import Scope
 
-__all__ = ["AccessLog"]
+__all__ = ["AccessLog", "unrouted_request_id"]
 
 _FORMAT = "%s %s %d %.1fms principal=%s request_id=%s"
 #: what the loop queues per line: method, path, status, seconds, principal, request id, time.time()
@@ -110,3 +112,11 @@ class _Lines(QueueListener):
         made.msecs = int((created - int(created)) * 1000) + 0.0
         made.message = message
         return made
+
+
+def unrouted_request_id(scope: Scope) -> str:
+    """The client's ``x-request-id`` of a request that matched no route (no ``Request`` was made for it), else ""."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            return client_request_id(value)
+    return ""

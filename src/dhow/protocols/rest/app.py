@@ -22,7 +22,7 @@ from dhow.core.ids import client_request_id
 from dhow.core.types import LazyHeaders
 from dhow.core.wire.v2 import decode_request, encode_response
 from dhow.governance.writer_process import Departure
-from dhow.protocols.rest.access_log import AccessLog
+from dhow.protocols.rest.access_log import AccessLog, unrouted_request_id
 from dhow.protocols.rest.body import (
     Receive,
     Scope,
@@ -97,7 +97,7 @@ class Request:
         self.authorization = b""
         self.authorization_count = 0
         self.claimed_actor = b""
-        #: the client's ``x-request-id`` when it is a plain token, else "" (the admission point makes one)
+        #: the client's ``x-request-id`` when it is a plain token, else "" (the body's id or the admission point's)
         self.request_id = ""
         #: the W3C ``traceparent`` (tracing decides with it once, before admission)
         self.traceparent: str | None = None
@@ -167,14 +167,6 @@ class Request:
         return json_object(await self.body(), empty_means={})
 
 
-def _client_request_id(scope: Scope) -> str:
-    """The client's ``x-request-id`` of a request that matched no route (no ``Request`` was made for it)."""
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            return client_request_id(value)
-    return ""
-
-
 class RestApp(PeerRoutes, MonitoringRoutes):
     """The ASGI application of the REST door: every route through the core service's one admission point.
 
@@ -224,7 +216,7 @@ class RestApp(PeerRoutes, MonitoringRoutes):
         its request id (the audit record's)."""
         match = resolve(scope["path"], scope["method"])
         if match is None:
-            return await _send_no_route(send, scope["path"], scope["method"]), "-", _client_request_id(scope)
+            return await _send_no_route(send, scope["path"], scope["method"]), "-", unrouted_request_id(scope)
         request = Request(scope, receive, match, self.max_body_bytes)
         principal, request_id = "-", request.request_id
         try:
@@ -232,11 +224,13 @@ class RestApp(PeerRoutes, MonitoringRoutes):
             call = self.service.call(credentials, match.route.access, match.model, request_id, request.traceparent)
             await call.__aenter__()  # ``async with``, but for its usual end (``leave``)
             try:
-                principal, request_id = call.principal.name, call.request_id
+                principal = call.principal.name
                 status, headers, body = await self._handlers[match.route.name](request, call)
             except BaseException as exc:
                 await call.__aexit__(type(exc), exc, exc.__traceback__)
                 raise
+            finally:  # read once it ran: an inference named only in its body is named so once that is read
+                request_id = call.request_id
             departure = call.leave()  # (the guard raises when the audit trail cannot take the record: fail closed)
             if request.accept_encoding:
                 # after ``leave``: the record's latency leaves compression out, as it did when the call ended first

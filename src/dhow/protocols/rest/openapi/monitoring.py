@@ -54,7 +54,13 @@ def monitoring_schemas() -> dict[str, Schema]:
                 "joined": integer("Labels joined to a prediction."),
                 "unmatched": integer("Labels of request ids this server process holds no prediction of."),
                 "unmatched_ids": array(string(), description="The first 100 of them."),
-                "rejected": {"type": "object", "additionalProperties": string(), "description": "Id -> why."},
+                "already_joined": integer("Labels of requests labelled before (a request is labelled once)."),
+                "already_joined_ids": array(string(), description="The first 100 of them."),
+                "rejected": {
+                    "type": "object",
+                    "additionalProperties": string(),
+                    "description": "Id -> why its label does not fit the prediction (kept: send it again, fixed).",
+                },
                 "pending": integer("Predictions still awaiting their label."),
                 "dropped": integer("Predictions dropped unlabelled (the oldest, beyond monitoring.feedback.pending)."),
                 "quality": {

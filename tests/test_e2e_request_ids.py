@@ -1,0 +1,93 @@
+"""One id per request, the same everywhere (``dhow.core.ids``; README, "Payload logging"): the x-request-id header
+(gRPC: metadata) when sent, else the request's own id, else one the server makes; the access log, the audit
+trail, the payload log and the feedback join all say it, over REST and gRPC alike."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from dhow.governance.audit import AuditStore
+from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
+from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
+from tests.conftest import DhowProcess, make_key, start_dhow, wait_until
+
+MODEL = """
+import numpy as np
+
+class Sign:
+    def load(self):
+        pass
+
+    def predict(self, inputs):
+        return {"label": (inputs["x"][:, 0] > 0).astype(np.int64)}
+"""
+MANIFEST = (
+    "runtime: python\nmax_batch_size: 8\n"
+    "inputs: [{name: x, datatype: FP32, shape: [-1, 1]}]\noutputs: [{name: label, datatype: INT64, shape: [-1]}]\n"
+    "monitoring: {feedback: {task: classification}}\n"
+)
+ROW = {"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}
+
+
+def _post(server: DhowProcess, key: str, path: str, body: Any, headers: dict[str, str] | None = None) -> Any:
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    try:
+        sent = {"content-type": "application/json", "authorization": f"Bearer {key}", **(headers or {})}
+        connection.request("POST", path, body=json.dumps(body), headers=sent)
+        answer = connection.getresponse()
+        result = json.loads(answer.read())
+        assert answer.status == 200, result
+        return result
+    finally:
+        connection.close()
+
+
+def _grpc_infer(server: DhowProcess, key: str, request_id: str, *metadata: tuple[str, str]) -> None:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 1])
+    tensor.contents.fp32_contents.append(1.0)
+    request = pb.ModelInferRequest(model_name="sign", id=request_id, inputs=[tensor])
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        answer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, metadata=(("authorization", f"Bearer {key}"), *metadata), timeout=30
+        )
+    assert answer.id == request_id  # the answer echoes the request's own id, as the protocol says
+
+
+def test_the_header_else_the_body_names_a_request_everywhere(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    (repository / "sign" / "1").mkdir(parents=True)
+    (repository / "sign" / "1" / "model.py").write_text(MODEL)
+    (repository / "sign" / "model.yaml").write_text(MANIFEST)
+    events_file = tmp_path / "events.jsonl"
+    key = make_key(tmp_path / "data", "ids", ["invoker"])  # (inferences are audited with authentication on)
+    server = start_dhow(repository, tmp_path, "--auth", "on", "--payload-log", f"file://{events_file}")
+    try:
+        infer = "/v2/models/sign/infer"
+        assert _post(server, key, infer, {"id": "body-7", "inputs": [ROW]})["id"] == "body-7"
+        assert _post(server, key, infer, {"id": "body-9", "inputs": [ROW]}, {"x-request-id": "hdr-9"})["id"] == "body-9"
+        _post(server, key, infer, {"id": "no token!", "inputs": [ROW]})  # not a plain token: the server names it
+        _grpc_infer(server, key, "grpc-body")
+        _grpc_infer(server, key, "grpc-body-2", ("x-request-id", "grpc-hdr"))
+        labels = dict.fromkeys(["body-7", "body-9", "hdr-9", "no token!", "grpc-body", "grpc-body-2", "grpc-hdr"], 1)
+        joined = _post(server, key, "/v2/models/sign/feedback", {"labels": labels})
+        assert joined["joined"] == 4 and joined["unmatched_ids"] == ["body-9", "no token!", "grpc-body-2"], joined
+        wait_until(lambda: len(events_file.read_text().splitlines()) == 5, what="5 payload events")
+        logged = [json.loads(line)["data"]["request_id"] for line in events_file.read_text().splitlines()]
+        assert logged[:2] == ["body-7", "hdr-9"] and logged[3:] == ["grpc-body", "grpc-hdr"], logged
+        assert re.fullmatch(r"[0-9a-f]{16}", logged[2]), logged
+        access = re.findall(r"POST /v2/models/sign/infer 200 \S+ principal=\S+ request_id=(\S+)", server.log())
+        assert access == logged[:3], access
+    finally:
+        assert server.stop() == 0, server.log()
+    store = AuditStore.open(f"sqlite:///{tmp_path / 'data' / 'audit.sqlite3'}")
+    try:
+        audited = [r["request_id"] for r in store.read(limit=100, kind="inference") if r["action"] == "infer"]
+    finally:
+        store.close()
+    assert audited == logged, audited
