@@ -58,6 +58,15 @@ class Broker:
         assert producer.flush(30) == 0
         return count
 
+    def group_stable(self, group: str) -> bool:
+        """Whether the broker says the group is stable: its rebalance over, each member sent its assignment."""
+        from confluent_kafka import ConsumerGroupState
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.servers})
+        described = admin.describe_consumer_groups([group])[group].result(10)
+        return bool(described.state == ConsumerGroupState.STABLE)
+
     def tail(self, topic: str) -> Tail:
         """A reader of the topic from its start (high watermarks are not a message count on tansu)."""
         return Tail(self.servers, topic)

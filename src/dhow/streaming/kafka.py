@@ -74,9 +74,12 @@ class KafkaSource:
             **endpoint.options,
         }
         self._consumer = Consumer(config)
+        #: the group's rebalances add partitions to the assignment (``incremental_assign``) rather than replace it
+        self._incremental = _incremental(config)
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dhow-kafka-poll")
         self._lag: dict[str, int] = {}
         self._assigned: list[str] = []
+        #: the application's state in its latest poll: partitions the group gives meanwhile come in it (``_on_assign``)
         self._paused = False
         #: the group gave partitions since the state (paused or not) was last said to the assignment (``_poll``)
         self._reassigned = False
@@ -100,7 +103,8 @@ class KafkaSource:
             assignment = self._consumer.assignment()
             if assignment:
                 (self._consumer.pause if paused else self._consumer.resume)(assignment)
-                self._paused, self._reassigned = paused, False
+                self._reassigned = False
+            self._paused = paused
         # what is there already, at once (consume waits for a full batch or its timeout); else wait for one
         messages = self._consumer.consume(max_records, 0)
         if not messages:
@@ -179,6 +183,12 @@ class KafkaSource:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._reassigned = True
+        if self._paused:
+            # the client fetches a partition once it is assigned, and this callback runs inside a poll that goes on
+            # waiting for records: the partitions are assigned here (the binding would, after the callback) and
+            # paused before any fetch of theirs can return, else this poll would read them despite the pause
+            (consumer.incremental_assign if self._incremental else consumer.assign)(partitions)
+            consumer.pause(partitions)
         self._assigned = sorted({*self._assigned, *(f"{p.topic}/{p.partition}" for p in partitions)})
         log.info("stream source %s: assigned %s (member %s)", self.endpoint, ", ".join(self._assigned) or "nothing",
                  consumer.memberid())  # fmt: skip
@@ -299,6 +309,12 @@ class _Acknowledged:
             self.future.set_result(None)
         else:
             self.future.set_exception(DeliveryFailed(f"{self.url}: {self.error}"))
+
+
+def _incremental(config: dict[str, Any]) -> bool:
+    """Whether the client's rebalance protocol is librdkafka's COOPERATIVE (what it decides from these two)."""
+    strategy = str(config.get("partition.assignment.strategy", "")).lower()
+    return "cooperative" in strategy or str(config.get("group.protocol", "classic")).lower() == "consumer"
 
 
 def _headers(raw: Any) -> list[Header]:
