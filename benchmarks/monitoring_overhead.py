@@ -146,7 +146,8 @@ def report(configs: list[Config], args: argparse.Namespace, logged: dict[str, tu
         "# Monitoring overhead on the inference path",
         "",
         f"`{' '.join(['python', *sys.argv])}` on {platform.node()} ({platform.machine()}, {os.cpu_count()} cores), "
-        f"{time.strftime('%Y-%m-%d')}: dhow serving `tabular` (ONNX), REST JSON batch 1, closed loop at concurrency "
+        f"{time.strftime('%Y-%m-%d')}: dhow serving `tabular` (ONNX, `--cpu-affinity {args.cpu_affinity}`), REST JSON "
+        "batch 1, closed loop at concurrency "
         f"{args.concurrency}, {args.seconds:g} s per configuration after a {args.warmup:g} s warm-up, {args.rounds} "
         "rounds alternating the configurations (order rotated each round) in one run, the median round shown; a paired "
         "ratio is the median of the rounds' ratios (each round's run against the same round's run of the first "
@@ -256,6 +257,9 @@ def main() -> None:
         "same rounds (an A/B of a change; needs --out)",
     )
     generator_option(parser)
+    parser.add_argument(
+        "--cpu-affinity", choices=("off", "auto"), default="off", help="the servers' --cpu-affinity (default off)"
+    )
     parser.add_argument("--receiver", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver:
@@ -280,7 +284,8 @@ def main() -> None:
         for index, (label, (repository, extra), src) in enumerate(chosen):
             if src is not None:  # (a payload file of its own)
                 extra = tuple(part.replace(".jsonl", f"-{index}.jsonl") for part in extra)
-            server, port = start_server(work, f"server-{index}", repository, "--auth", "none", *extra, src=src)
+            server, port = start_server(work, f"server-{index}", repository, "--auth", "none",
+                                        "--cpu-affinity", args.cpu_affinity, *extra, src=src)  # fmt: skip
             servers.append(server)
             configs.append(Config(label, port, server.pid))
         run_rounds(configs, args)

@@ -234,7 +234,8 @@ def report(configs: list[Config], args: argparse.Namespace, total: int, chained:
         "# Security overhead on the inference path",
         "",
         f"`{' '.join(['python', *sys.argv])}` on {platform.node()} ({platform.machine()}, {os.cpu_count()} cores), "
-        f"{time.strftime('%Y-%m-%d')}: dhow serving `tabular` (ONNX), REST JSON batch 1, closed loop, "
+        f"{time.strftime('%Y-%m-%d')}: dhow serving `tabular` (ONNX, `--cpu-affinity {args.cpu_affinity}`), REST JSON "
+        "batch 1, closed loop, "
         f"{args.seconds:g} s per configuration at concurrency {args.concurrency} and {args.latency_seconds:g} s at "
         f"concurrency 1, each after a {args.warmup:g} s warm-up, {args.rounds} rounds alternating the configurations "
         "(order rotated each round) in one run, the median round shown; the paired ratio is the median of the "
@@ -279,6 +280,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all configurations; the median is reported")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS-security.md")
+    parser.add_argument(
+        "--cpu-affinity", choices=("off", "auto"), default="off", help="the servers' --cpu-affinity (default off)"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="dhow-bench-security-"))
@@ -289,10 +293,11 @@ def main() -> None:
     jwks, token = make_jwt(work)
     servers: list[subprocess.Popen[bytes]] = []
     try:
-        open_server, open_port = start_server(work, "open", models, "--auth", "none")
+        pinning = ("--cpu-affinity", args.cpu_affinity)
+        open_server, open_port = start_server(work, "open", models, "--auth", "none", *pinning)
         servers.append(open_server)
         secure_server, port = start_server(
-            work, "secure", models, "--auth", "on", "--jwt-issuer", ISSUER, "--jwt-jwks", str(jwks)
+            work, "secure", models, "--auth", "on", "--jwt-issuer", ISSUER, "--jwt-jwks", str(jwks), *pinning
         )
         servers.append(secure_server)
         configs = [
