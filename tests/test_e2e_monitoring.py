@@ -200,6 +200,49 @@ def test_drift_is_flagged_on_the_shifted_features_only(server: DhowProcess) -> N
     assert _infer(server, "misprofiled", _rows(rng, 2))["outputs"][0]["shape"] == [2]
 
 
+def test_a_reload_resets_the_drift_gauges_and_closes_the_episode_saying_why(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    _model(repository, "reloaded", CLASSIFIER.format(extra=""), {1: THRESHOLD_MODEL.format(cut=0.0)})
+    pq.write_table(pa.table(_rows(np.random.default_rng(1), 5000)), tmp_path / "train.parquet")
+    made = subprocess.run(
+        [sys.executable, "-m", "dhow.cli", "models", "profile", str(repository / "reloaded" / "1"),
+         "--data", str(tmp_path / "train.parquet"), "--map", "x=a,b,c"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    server = start_dhow(repository, tmp_path, "--model-control", "poll", "--poll-interval", "0.2")
+    rng = np.random.default_rng(4)
+    series = ("dhow_drift_score{", "dhow_drift_features_drifted{", "dhow_drift_window_rows{")
+
+    def drifting() -> None:
+        for _ in range(10):
+            _infer(server, "reloaded", _rows(rng, 40, shifted=True))
+        wait_until(lambda: _drift(server, "reloaded")["state"] == "drift", what="drift flagged")
+        _, metrics = _call(server, "GET", "/metrics")
+        assert 'dhow_drift_features_drifted{model="reloaded",version="1"} 1.0' in metrics
+
+    def reset(state: str, reason: str, events: int) -> None:
+        wait_until(lambda: _drift(server, "reloaded")["state"] == state, what=f"the {state} state after a reload")
+        wait_until(lambda: len(_events(server, "reloaded", "drift_cleared")) == events, what="the episode's end")
+        assert reason in _events(server, "reloaded", "drift_cleared")[-1]["details"]["reason"]
+        _, metrics = _call(server, "GET", "/metrics")
+        stale = [line for line in metrics.splitlines() if line.startswith(series) and 'model="reloaded"' in line]
+        assert not stale, stale
+
+    try:
+        drifting()
+        manifest = repository / "reloaded" / "model.yaml"
+        manifest.write_text(manifest.read_text().replace("threshold: 0.2", "threshold: 0.25"))
+        reset("waiting", "the version reloaded", 1)
+        drifting()
+        (repository / "reloaded" / "1" / "profile.json").unlink()
+        reset("no_profile", "without its reference profile", 2)
+        _, metrics = _call(server, "GET", "/metrics")
+        assert 'dhow_model_reference_profile{model="reloaded",version="1"} 0.0' in metrics
+    finally:
+        assert server.stop() == 0, server.log()
+
+
 def _scored_on(server: DhowProcess, rows: int, since: float = 10.0) -> bool:
     report = _drift(server)
     recent = report.get("scored_seconds_ago", 99.0) < since
