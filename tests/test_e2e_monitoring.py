@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import subprocess
 import sys
 import time
@@ -358,6 +359,10 @@ def test_a_model_slowed_on_purpose_raises_a_latency_anomaly_a_steady_one_none(se
     assert event["part"] == "compute" and event["ratio"] >= 3.0, event
     # windows of a few requests: their p50 is judged, not their p99 (little more than their slowest)
     assert {(a["part"], a["quantile"]) for a in event["anomalies"]} == {("compute", "p50")}, event
+    logged = re.search(r"slowed version 1: compute p50 latency .* its baseline ([\d.]+) (ms|µs)", server.log())
+    assert logged is not None, server.log()
+    seconds = float(logged[1]) * (1e-3 if logged[2] == "ms" else 1e-6)
+    assert seconds == pytest.approx(event["anomalies"][0]["baseline_seconds"], abs=1e-4), logged[0]
     assert not _events(server, "steady", "latency_anomaly")
     _, metrics = _call(server, "GET", "/metrics")
     line = next(

@@ -19,7 +19,7 @@ from dhow.core.artifacts import install_decryptor
 from dhow.core.errors import ModelLoadError
 from dhow.core.model_config import LatencyConfig
 from dhow.monitoring.drift import DriftWindow, js_distance, psi, sampling_gap, score
-from dhow.monitoring.latency import LatencyBaseline
+from dhow.monitoring.latency import LatencyBaseline, duration_text
 from dhow.monitoring.profile import SKETCH_SIZE, FeatureSketch, ReferenceProfile
 from dhow.monitoring.quality import QualityWindow, prediction_of
 from dhow.repository.encryption import Keyring, encrypt_repository, generate_key
@@ -91,6 +91,10 @@ def test_a_slow_window_is_an_anomaly_and_stays_out_of_the_baseline() -> None:
     figures, anomalies = baseline.judge([0.0] * 20, [0.02] * 19 + [0.2])
     assert ("compute", "p99") not in figures and anomalies == []
     assert baseline.judge([0.1] * 4, [0.1] * 4) == ({}, [])  # too few requests to judge
+
+
+def test_a_duration_below_a_millisecond_is_logged_in_microseconds() -> None:
+    assert duration_text(0.000048) == "48 µs" and duration_text(0.0537) == "53.7 ms"
 
 
 def test_quality_figures() -> None:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from dhow.core.model_config import ModelConfig
 from dhow.core.types import InferenceRequest, InferenceResponse
 from dhow.monitoring.drift import DriftWindow, FeatureDrift, sampling_gap, score
-from dhow.monitoring.latency import PARTS, QUANTILES, LatencyBaseline
+from dhow.monitoring.latency import PARTS, QUANTILES, LatencyBaseline, duration_text
 from dhow.monitoring.model_metrics import ModelMetrics
 from dhow.serving.feedback import FeedbackDesk
 from dhow.serving.lifecycle import ModelLifecycle
@@ -260,9 +260,9 @@ class ModelWatch:
                 "anomalies": [_anomaly_json(a) for a in anomalies],
             }
             log.warning(
-                "model %s version %s: %s %s latency %.1f ms is %.1fx its baseline %.1f ms",
-                model.name, model.version_label, worst.part, worst.quantile, worst.seconds * 1000, worst.ratio,
-                worst.baseline * 1000,
+                "model %s version %s: %s %s latency %s is %.1fx its baseline %s",
+                model.name, model.version_label, worst.part, worst.quantile, duration_text(worst.seconds), worst.ratio,
+                duration_text(worst.baseline),
             )  # fmt: skip
             await self._episode(model, "latency_anomaly", details)
         elif not anomalies and watched.anomalous:
