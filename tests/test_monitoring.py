@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 
 from dhow.core.artifacts import install_decryptor
@@ -165,3 +166,30 @@ def test_drift_sampling_counts_down_geometric_gaps_with_the_rate_as_mean() -> No
     gaps = [sampling_gap(0.1) for _ in range(20_000)]
     assert min(gaps) == 1 and 9.7 < sum(gaps) / len(gaps) < 10.3, "every answer has the same chance: 1 in 10"
     assert sampling_gap(1.0) == 1 and sampling_gap(0.0) > 10**18
+
+
+def _profile_command(tmp_path: Path, version: str, *options: str) -> subprocess.CompletedProcess[str]:
+    """``dhow models profile`` of a classifier (label: INT64) on two float columns, f0 and f1."""
+    repository = tmp_path / "models"
+    if not repository.exists():
+        (repository / "m" / "1").mkdir(parents=True)
+        (repository / "m" / "model.yaml").write_text(
+            "runtime: python\nmax_batch_size: 4\ninputs: [{name: x, datatype: FP32, shape: [-1, 2]}]\n"
+            "outputs: [{name: label, datatype: INT64, shape: [-1]}]\n"
+        )
+        (repository / "m" / "1" / "model.py").write_text(
+            "class M:\n    def predict(self, inputs):\n        return {}\n"
+        )
+        pq.write_table(pa.table({"f0": [0.5, -1.25, 2.0], "f1": [1.0, 2.0, 3.0]}), tmp_path / "train.parquet")
+    command = [sys.executable, "-m", "dhow.cli", "models", "profile", str(repository / version),
+               "--data", str(tmp_path / "train.parquet"), "--map", "x=f0,f1", *options]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+def test_profiling_a_missing_version_lists_the_versions_or_models_there(tmp_path: Path) -> None:
+    missing = _profile_command(tmp_path, "m/9")
+    assert missing.returncode == 2, missing.stderr
+    assert f"m/9: no such folder; the versions of {tmp_path / 'models' / 'm'}: 1" in missing.stderr
+    misspelt = _profile_command(tmp_path, "mm/1")
+    assert misspelt.returncode == 2, misspelt.stderr
+    assert f"mm/1: no model mm in {tmp_path / 'models'}; its models: m" in misspelt.stderr

@@ -27,6 +27,7 @@ from dhow.monitoring.profile import FeatureSketch
 from dhow.repository.encryption import Keyring
 from dhow.repository.manifest import MANIFEST, read_manifest
 from dhow.repository.profiles import write_profile
+from dhow.repository.store import ModelRepository
 from dhow.settings import CONFIG_FILE_HELP, resolve_settings
 
 __all__ = ["add_parser", "run"]
@@ -92,10 +93,28 @@ def run(args: argparse.Namespace) -> int | None:
 
 def _config(version_dir: Path) -> ModelConfig:
     if not version_dir.is_dir() or not version_dir.name.isdigit():
-        raise InvalidInput(f"{version_dir}: expected a version folder REPO/MODEL/VERSION (e.g. models/tabular/1)")
+        raise InvalidInput(f"{version_dir}: {_not_a_version(version_dir)}")
     if not (version_dir.parent / MANIFEST).is_file():
         raise InvalidInput(f"{version_dir.parent} has no {MANIFEST}: expected REPO/MODEL/VERSION")
     return read_manifest(version_dir.parent)
+
+
+def _not_a_version(path: Path) -> str:
+    """Why the path is no version folder, with the version (or model) folders that are there."""
+    if (path / MANIFEST).is_file():
+        return f"a model folder, not a version folder; its versions: {_versions(path)}"
+    what = "no such folder" if not path.exists() else "not a version folder"
+    if (path.parent / MANIFEST).is_file():
+        return f"{what}; the versions of {path.parent}: {_versions(path.parent)}"
+    models = ModelRepository(path.parent.parent).model_names()
+    if models:
+        return f"no model {path.parent.name} in {path.parent.parent}; its models: {', '.join(models)}"
+    return f"{what}; expected a version folder REPO/MODEL/VERSION (e.g. models/tabular/1)"
+
+
+def _versions(model_dir: Path) -> str:
+    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    return ", ".join(map(str, versions)) or "none"
 
 
 def _signature(config: ModelConfig, version_dir: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
