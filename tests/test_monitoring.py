@@ -193,3 +193,17 @@ def test_profiling_a_missing_version_lists_the_versions_or_models_there(tmp_path
     misspelt = _profile_command(tmp_path, "mm/1")
     assert misspelt.returncode == 2, misspelt.stderr
     assert f"mm/1: no model mm in {tmp_path / 'models'}; its models: m" in misspelt.stderr
+
+
+@pytest.mark.parametrize(
+    ("output", "says"),
+    [
+        # a float column for an INT64 output: which column, which datatype, what to map instead
+        ("label=f0", "--output label=f0: column 'f0' holds double values that INT64 cannot hold"),
+        ("label=zz", "--output label=zz: no column 'zz'"),
+        ("label", "--output label=label: no column 'label'"),
+    ],
+)
+def test_a_bad_profile_output_is_refused_naming_the_option(tmp_path: Path, output: str, says: str) -> None:
+    refused = _profile_command(tmp_path, "m/1", "--output", output)
+    assert refused.returncode == 2 and says in refused.stderr and "Traceback" not in refused.stderr, refused.stderr

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from dhow.batch import input_format, parse_map
-from dhow.batch.mapping import InputPlan, Mapping, convert, plan_inputs
+from dhow.batch.mapping import Converted, InputPlan, Mapping, convert, plan_inputs
 from dhow.batch.sources import Source
 from dhow.core.artifacts import install_decryptor
 from dhow.core.errors import InvalidInput
@@ -140,13 +140,15 @@ def _output_mapping(outputs: tuple[TensorSpec, ...], schema: pa.Schema, given: l
     known = {spec.name for spec in outputs}
     for name in named - known:
         raise InvalidInput(f"--output {name}: the model has no output '{name}' (its outputs: {', '.join(known)})")
-    return plan_inputs([spec for spec in outputs if spec.name in named], schema, pairs, "")
+    return plan_inputs([spec for spec in outputs if spec.name in named], schema, pairs, "", "--output")
 
 
 def _profile(
     source: Source, mapping: Mapping, out_mapping: Mapping | None, specs: dict[str, TensorSpec]
 ) -> dict[str, Any]:
-    mappings = [("input", mapping)] + ([("output", out_mapping)] if out_mapping is not None else [])
+    # one output at a time: a column that cannot hold the output's values is refused naming its --output
+    outputs = out_mapping.inputs if out_mapping is not None else ()
+    mappings = [("input", mapping)] + [("output", Mapping((plan,), "")) for plan in outputs]
     columns = list(dict.fromkeys(c for _, m in mappings for c in m.columns))
     text = {c for _, m in mappings for c in m.text_columns}
     sketches: dict[str, list[FeatureSketch]] = {}
@@ -154,7 +156,7 @@ def _profile(
     for batch in source.batches(columns, text):
         rows += batch.num_rows
         for side, plans in mappings:
-            converted = convert(batch, plans)
+            converted = convert(batch, plans) if side == "input" else _converted_output(batch, plans)
             if side == "input":
                 refused += int((~converted.good).sum())
             for plan in plans.inputs:
@@ -171,6 +173,17 @@ def _profile(
     if rows == 0:
         raise InvalidInput(f"{source.url} holds no rows to profile")
     return {"format": 1, "rows": rows, "refused_rows": refused, "features": features}
+
+
+def _converted_output(batch: pa.RecordBatch, plans: Mapping) -> Converted:
+    try:
+        return convert(batch, plans)
+    except InvalidInput as exc:
+        plan = plans.inputs[0]
+        raise InvalidInput(
+            f"--output {plan.name}={','.join(plan.columns)}: {exc}; map the column of the model's own predictions "
+            f"of '{plan.name}' (e.g. a validation set's), whose values are {plan.datatype}"
+        ) from None
 
 
 def _sketches(plan: InputPlan, side: str, array: np.ndarray, spec: TensorSpec) -> list[FeatureSketch]:
