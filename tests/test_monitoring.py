@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,13 @@ def test_profiling_a_missing_version_lists_the_versions_or_models_there(tmp_path
 def test_a_bad_profile_output_is_refused_naming_the_option(tmp_path: Path, output: str, says: str) -> None:
     refused = _profile_command(tmp_path, "m/1", "--output", output)
     assert refused.returncode == 2 and says in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+
+
+def test_the_profile_prints_a_trust_command_that_runs_as_pasted(tmp_path: Path) -> None:
+    made = _profile_command(tmp_path, "m/1")
+    assert made.returncode == 0, made.stderr
+    words = shlex.split(made.stdout.splitlines()[-1])
+    assert words[:3] == ["dhow", "models", "trust"], made.stdout
+    env = {**os.environ, "DHOW_DATA_DIR": str(tmp_path / "data")}
+    trusted = subprocess.run([sys.executable, "-m", "dhow.cli", *words[1:]], capture_output=True, text=True, env=env)
+    assert trusted.returncode == 0 and "file(s) of m version 1" in trusted.stdout, trusted.stderr

@@ -10,6 +10,7 @@ beside the version's artifacts (``repository.profiles``): encrypted when they ar
 from __future__ import annotations
 
 import argparse
+import shlex
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,8 @@ def add_parser(model_commands: argparse._SubParsersAction[argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int | None:
     if getattr(args, "models_command", None) != "profile":
         return None
-    version_dir: Path = args.version_dir
+    # the model and the repository are the folders above: "2", run inside the model's folder, has them too
+    version_dir: Path = args.version_dir if len(args.version_dir.parts) >= 3 else args.version_dir.resolve()
     config = _config(version_dir)
     settings = resolve_settings({"kek_file": args.kek_file}, config_file=args.config)
     keyring = Keyring.load(settings.kek, settings.kek_file)
@@ -87,8 +89,18 @@ def run(args: argparse.Namespace) -> int | None:
         f"profiled {profile['rows']} rows of {args.data} ({profile['refused_rows']} refused): {counts['input']} input "
         f"and {counts['output']} output features -> {written}"
     )
-    print("if the server checks digests (--require-digests), record them again: dhow models trust")
+    print(
+        "if the server checks digests (--require-digests), record them again, with the server's --data-dir or "
+        f"--registry unless they are $DHOW_DATA_DIR or ./.dhow:\n  {_trust_command(version_dir, config, args.config)}"
+    )
     return 0
+
+
+def _trust_command(version_dir: Path, config: ModelConfig, config_file: Path | None) -> str:
+    """``dhow models trust`` for this version, as it can be pasted (from the folder this command ran in)."""
+    words = ["dhow", "models", "trust", str(version_dir.parent.parent), config.name, "--version", version_dir.name]
+    words += ["--config", str(config_file)] if config_file is not None else []
+    return shlex.join(words)
 
 
 def _config(version_dir: Path) -> ModelConfig:
