@@ -370,3 +370,16 @@ def test_a_model_slowed_on_purpose_raises_a_latency_anomaly_a_steady_one_none(se
         if line.startswith('dhow_latency_anomaly{model="slowed",part="compute",quantile="p50"')
     )  # fmt: skip
     assert float(line.split()[-1]) >= 3.0, line
+
+
+def test_the_events_of_an_unknown_model_are_refused_a_known_one_without_events_listed_empty(
+    server: DhowProcess,
+) -> None:
+    def events(name: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "dhow.cli", "rollout", "events", name, "--url", "http://" + server.http_url]
+        return subprocess.run(command, capture_output=True, text=True, check=False)
+
+    unknown = events("scorr")
+    assert unknown.returncode == 1 and "unknown model 'scorr'" in unknown.stderr, (unknown.stdout, unknown.stderr)
+    quiet = events("steady")  # served, never drifted nor rolled out
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "steady: no events", quiet.stderr
