@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shlex
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 from dhow.core.artifacts import install_decryptor
 from dhow.core.errors import ModelLoadError
 from dhow.core.model_config import LatencyConfig
+from dhow.demo import _tabular_data
 from dhow.monitoring.drift import DriftWindow, js_distance, psi, sampling_gap, score
 from dhow.monitoring.latency import LatencyBaseline, duration_text
 from dhow.monitoring.profile import SKETCH_SIZE, FeatureSketch, ReferenceProfile
@@ -218,3 +220,23 @@ def test_the_profile_prints_a_trust_command_that_runs_as_pasted(tmp_path: Path) 
     env = {**os.environ, "DHOW_DATA_DIR": str(tmp_path / "data")}
     trusted = subprocess.run([sys.executable, "-m", "dhow.cli", *words[1:]], capture_output=True, text=True, env=env)
     assert trusted.returncode == 0 and "file(s) of m version 1" in trusted.stdout, trusted.stderr
+
+
+def test_the_readme_profiles_the_demo_version_on_its_own_training_distribution(
+    repository_copy: Path, tmp_path: Path
+) -> None:
+    """Followed as written, the README's "Reference profiles" example makes a profile that finds no drift in the
+    rows the demo's tabular version 2 was trained on."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Reference profiles") : readme.index("### Drift")]
+    script = re.search(r'\.venv/bin/python -c "\n(.*?)"\n', section, re.DOTALL)
+    command = re.search(r"^\.venv/bin/dhow (models profile .*)$", section, re.MULTILINE)
+    assert script is not None and command is not None, section
+    subprocess.run([sys.executable, "-c", script[1]], cwd=tmp_path, check=True)
+    words = [str(repository_copy) + w[11:] if w.startswith("demo-models/") else w for w in shlex.split(command[1])]
+    subprocess.run([sys.executable, "-m", "dhow.cli", *words], cwd=tmp_path, check=True, capture_output=True)
+    written = read_profile(repository_copy / "tabular" / "2")
+    assert written is not None
+    training_rows, _ = _tabular_data(seed=1)  # version 2's: build_demo_repository(seed=0) trains it on seed + 1
+    scores = score(ReferenceProfile.from_dict(written, "readme"), [({"input": training_rows}, {})], threshold=0.2)
+    assert len(scores) == 32 and max(s.score for s in scores) < 0.05, scores[:3]
