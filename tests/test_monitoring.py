@@ -18,6 +18,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from dhow.access.actions import ACTIONS
+from dhow.access.permissions import ROLES
 from dhow.core.artifacts import install_decryptor
 from dhow.core.errors import ModelLoadError
 from dhow.core.model_config import LatencyConfig
@@ -240,3 +242,13 @@ def test_the_readme_profiles_the_demo_version_on_its_own_training_distribution(
     training_rows, _ = _tabular_data(seed=1)  # version 2's: build_demo_repository(seed=0) trains it on seed + 1
     scores = score(ReferenceProfile.from_dict(written, "readme"), [({"input": training_rows}, {})], threshold=0.2)
     assert len(scores) == 32 and max(s.score for s in scores) < 0.05, scores[:3]
+
+
+def test_the_readme_names_the_roles_that_may_read_a_versions_drift() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Drift") : readme.index("### Feedback")]
+    said = re.search(r"a key with the ([a-z, ]+) role: the ([a-z.]+) permission", section)
+    assert said is not None, section
+    permission = ACTIONS["model.drift"].permission
+    assert said[2] == permission.value
+    assert set(re.split(r", | or ", said[1])) == {role for role, granted in ROLES.items() if permission in granted}
