@@ -162,9 +162,26 @@ def _send(server: DhowProcess, rng: np.random.Generator, *, shifted: bool) -> No
         _infer(server, "scorer", _rows(rng, 40, shifted=shifted))
 
 
+def _readme_drift_examples() -> dict[str, dict[str, Any]]:
+    """The README's example answers of GET .../drift, by state (its "..." dropped)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Drift") : readme.index("### Feedback")]
+    lines = section[section.index("curl -s 127.0.0.1:8080/v2/models/tabular/versions/2/drift") :].splitlines()
+    texts: list[str] = []
+    for line in lines[1 : lines.index("```")]:
+        if line.startswith("# {"):
+            texts.append(line[2:])
+        elif line.startswith("#  ") and texts:
+            texts[-1] += line[3:]
+    examples = [json.loads(text.replace(", ...]", "]")) for text in texts]
+    return {example["state"]: example for example in examples}
+
+
 def test_drift_is_flagged_on_the_shifted_features_only(server: DhowProcess) -> None:
+    readme = _readme_drift_examples()
     first = _drift(server)
     assert first["profile"] is True and first["state"] == "waiting", first
+    assert readme["waiting"].keys() == first.keys(), "the README's example answer shows what the answer holds"
     rng = np.random.default_rng(2)
     _send(server, rng, shifted=False)
     wait_until(lambda: _scored_on(server, 400), what="a score of a full in-distribution window")
@@ -178,6 +195,7 @@ def test_drift_is_flagged_on_the_shifted_features_only(server: DhowProcess) -> N
     report = _drift(server)
     scores = {f["name"]: f for f in report["features"]}
     assert report["state"] == "drift" and set(report["drifted"]) == {"b", "city"}, report
+    assert readme["drift"].keys() == report.keys() and readme["drift"]["features"][0].keys() == scores["b"].keys()
     _conforms("DriftReport", report)
     assert [f["name"] for f in report["features"][:2]] == sorted(["b", "city"], key=lambda n: -scores[n]["score"])
     assert scores["b"]["method"] == "psi" and scores["city"]["method"] == "js"
