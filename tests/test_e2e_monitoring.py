@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import subprocess
 import sys
 import time
@@ -161,9 +162,26 @@ def _send(server: DhowProcess, rng: np.random.Generator, *, shifted: bool) -> No
         _infer(server, "scorer", _rows(rng, 40, shifted=shifted))
 
 
+def _readme_drift_examples() -> dict[str, dict[str, Any]]:
+    """The README's example answers of GET .../drift, by state (its "..." dropped)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Drift") : readme.index("### Feedback")]
+    lines = section[section.index("curl -s 127.0.0.1:8080/v2/models/tabular/versions/2/drift") :].splitlines()
+    texts: list[str] = []
+    for line in lines[1 : lines.index("```")]:
+        if line.startswith("# {"):
+            texts.append(line[2:])
+        elif line.startswith("#  ") and texts:
+            texts[-1] += line[3:]
+    examples = [json.loads(text.replace(", ...]", "]")) for text in texts]
+    return {example["state"]: example for example in examples}
+
+
 def test_drift_is_flagged_on_the_shifted_features_only(server: DhowProcess) -> None:
+    readme = _readme_drift_examples()
     first = _drift(server)
     assert first["profile"] is True and first["state"] == "waiting", first
+    assert readme["waiting"].keys() == first.keys(), "the README's example answer shows what the answer holds"
     rng = np.random.default_rng(2)
     _send(server, rng, shifted=False)
     wait_until(lambda: _scored_on(server, 400), what="a score of a full in-distribution window")
@@ -177,6 +195,7 @@ def test_drift_is_flagged_on_the_shifted_features_only(server: DhowProcess) -> N
     report = _drift(server)
     scores = {f["name"]: f for f in report["features"]}
     assert report["state"] == "drift" and set(report["drifted"]) == {"b", "city"}, report
+    assert readme["drift"].keys() == report.keys() and readme["drift"]["features"][0].keys() == scores["b"].keys()
     _conforms("DriftReport", report)
     assert [f["name"] for f in report["features"][:2]] == sorted(["b", "city"], key=lambda n: -scores[n]["score"])
     assert scores["b"]["method"] == "psi" and scores["city"]["method"] == "js"
@@ -198,6 +217,49 @@ def test_drift_is_flagged_on_the_shifted_features_only(server: DhowProcess) -> N
     assert unreadable["state"] == "no_profile" and "misprofiled/1/profile.json" in unreadable["reason"], unreadable
     assert str(server.repository) not in unreadable["reason"]  # the server's folders are not the client's business
     assert _infer(server, "misprofiled", _rows(rng, 2))["outputs"][0]["shape"] == [2]
+
+
+def test_a_reload_resets_the_drift_gauges_and_closes_the_episode_saying_why(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    _model(repository, "reloaded", CLASSIFIER.format(extra=""), {1: THRESHOLD_MODEL.format(cut=0.0)})
+    pq.write_table(pa.table(_rows(np.random.default_rng(1), 5000)), tmp_path / "train.parquet")
+    made = subprocess.run(
+        [sys.executable, "-m", "dhow.cli", "models", "profile", str(repository / "reloaded" / "1"),
+         "--data", str(tmp_path / "train.parquet"), "--map", "x=a,b,c"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    server = start_dhow(repository, tmp_path, "--model-control", "poll", "--poll-interval", "0.2")
+    rng = np.random.default_rng(4)
+    series = ("dhow_drift_score{", "dhow_drift_features_drifted{", "dhow_drift_window_rows{")
+
+    def drifting() -> None:
+        for _ in range(10):
+            _infer(server, "reloaded", _rows(rng, 40, shifted=True))
+        wait_until(lambda: _drift(server, "reloaded")["state"] == "drift", what="drift flagged")
+        _, metrics = _call(server, "GET", "/metrics")
+        assert 'dhow_drift_features_drifted{model="reloaded",version="1"} 1.0' in metrics
+
+    def reset(state: str, reason: str, events: int) -> None:
+        wait_until(lambda: _drift(server, "reloaded")["state"] == state, what=f"the {state} state after a reload")
+        wait_until(lambda: len(_events(server, "reloaded", "drift_cleared")) == events, what="the episode's end")
+        assert reason in _events(server, "reloaded", "drift_cleared")[-1]["details"]["reason"]
+        _, metrics = _call(server, "GET", "/metrics")
+        stale = [line for line in metrics.splitlines() if line.startswith(series) and 'model="reloaded"' in line]
+        assert not stale, stale
+
+    try:
+        drifting()
+        manifest = repository / "reloaded" / "model.yaml"
+        manifest.write_text(manifest.read_text().replace("threshold: 0.2", "threshold: 0.25"))
+        reset("waiting", "the version reloaded", 1)
+        drifting()
+        (repository / "reloaded" / "1" / "profile.json").unlink()
+        reset("no_profile", "without its reference profile", 2)
+        _, metrics = _call(server, "GET", "/metrics")
+        assert 'dhow_model_reference_profile{model="reloaded",version="1"} 0.0' in metrics
+    finally:
+        assert server.stop() == 0, server.log()
 
 
 def _scored_on(server: DhowProcess, rows: int, since: float = 10.0) -> bool:
@@ -382,6 +444,10 @@ def test_a_model_slowed_on_purpose_raises_a_latency_anomaly_a_steady_one_none(se
     assert event["part"] == "compute" and event["ratio"] >= 3.0, event
     # windows of a few requests: their p50 is judged, not their p99 (little more than their slowest)
     assert {(a["part"], a["quantile"]) for a in event["anomalies"]} == {("compute", "p50")}, event
+    logged = re.search(r"slowed version 1: compute p50 latency .* its baseline ([\d.]+) (ms|µs)", server.log())
+    assert logged is not None, server.log()
+    seconds = float(logged[1]) * (1e-3 if logged[2] == "ms" else 1e-6)
+    assert seconds == pytest.approx(event["anomalies"][0]["baseline_seconds"], abs=1e-4), logged[0]
     assert not _events(server, "steady", "latency_anomaly")
     _, metrics = _call(server, "GET", "/metrics")
     line = next(
@@ -389,3 +455,16 @@ def test_a_model_slowed_on_purpose_raises_a_latency_anomaly_a_steady_one_none(se
         if line.startswith('dhow_latency_anomaly{model="slowed",part="compute",quantile="p50"')
     )  # fmt: skip
     assert float(line.split()[-1]) >= 3.0, line
+
+
+def test_the_events_of_an_unknown_model_are_refused_a_known_one_without_events_listed_empty(
+    server: DhowProcess,
+) -> None:
+    def events(name: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "dhow.cli", "rollout", "events", name, "--url", "http://" + server.http_url]
+        return subprocess.run(command, capture_output=True, text=True, check=False)
+
+    unknown = events("scorr")
+    assert unknown.returncode == 1 and "unknown model 'scorr'" in unknown.stderr, (unknown.stdout, unknown.stderr)
+    quiet = events("steady")  # served, never drifted nor rolled out
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "steady: no events", quiet.stderr

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +15,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 
+from dhow.access.actions import ACTIONS
+from dhow.access.permissions import ROLES
 from dhow.core.artifacts import install_decryptor
 from dhow.core.errors import ModelLoadError
 from dhow.core.model_config import LatencyConfig
+from dhow.demo import _tabular_data
 from dhow.monitoring.drift import DriftWindow, js_distance, psi, sampling_gap, score
-from dhow.monitoring.latency import LatencyBaseline
+from dhow.monitoring.latency import LatencyBaseline, duration_text
 from dhow.monitoring.profile import SKETCH_SIZE, FeatureSketch, ReferenceProfile
 from dhow.monitoring.quality import QualityWindow, label_misfit, prediction_of
 from dhow.repository.encryption import Keyring, encrypt_repository, generate_key
@@ -55,7 +61,7 @@ def test_the_window_keeps_the_newest_rows_only() -> None:
     for start in range(0, 1000, 30):
         window.add(30, {"x": np.arange(start, start + 30).reshape(30, 1)}, {})
     rows = np.concatenate([inputs["x"] for inputs, _ in window.snapshot()])
-    assert 100 <= window.held < 130 and rows[-1, 0] == 1019 and window.sampled == 34 * 30
+    assert window.held == 100 and rows[:, 0].tolist() == list(range(920, 1020)) and window.sampled == 34 * 30
     window.add(500, {"x": np.zeros((500, 1))}, {})  # a request larger than the window: its first rows
     assert window.held == 100
 
@@ -91,6 +97,10 @@ def test_a_slow_window_is_an_anomaly_and_stays_out_of_the_baseline() -> None:
     figures, anomalies = baseline.judge([0.0] * 20, [0.02] * 19 + [0.2])
     assert ("compute", "p99") not in figures and anomalies == []
     assert baseline.judge([0.1] * 4, [0.1] * 4) == ({}, [])  # too few requests to judge
+
+
+def test_a_duration_below_a_millisecond_is_logged_in_microseconds() -> None:
+    assert duration_text(0.000048) == "48 µs" and duration_text(0.0537) == "53.7 ms"
 
 
 def test_quality_figures() -> None:
@@ -185,3 +195,84 @@ def test_drift_sampling_counts_down_geometric_gaps_with_the_rate_as_mean() -> No
     gaps = [sampling_gap(0.1) for _ in range(20_000)]
     assert min(gaps) == 1 and 9.7 < sum(gaps) / len(gaps) < 10.3, "every answer has the same chance: 1 in 10"
     assert sampling_gap(1.0) == 1 and sampling_gap(0.0) > 10**18
+
+
+def _profile_command(tmp_path: Path, version: str, *options: str) -> subprocess.CompletedProcess[str]:
+    """``dhow models profile`` of a classifier (label: INT64) on two float columns, f0 and f1."""
+    repository = tmp_path / "models"
+    if not repository.exists():
+        (repository / "m" / "1").mkdir(parents=True)
+        (repository / "m" / "model.yaml").write_text(
+            "runtime: python\nmax_batch_size: 4\ninputs: [{name: x, datatype: FP32, shape: [-1, 2]}]\n"
+            "outputs: [{name: label, datatype: INT64, shape: [-1]}]\n"
+        )
+        (repository / "m" / "1" / "model.py").write_text(
+            "class M:\n    def predict(self, inputs):\n        return {}\n"
+        )
+        pq.write_table(pa.table({"f0": [0.5, -1.25, 2.0], "f1": [1.0, 2.0, 3.0]}), tmp_path / "train.parquet")
+    command = [sys.executable, "-m", "dhow.cli", "models", "profile", str(repository / version),
+               "--data", str(tmp_path / "train.parquet"), "--map", "x=f0,f1", *options]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+def test_profiling_a_missing_version_lists_the_versions_or_models_there(tmp_path: Path) -> None:
+    missing = _profile_command(tmp_path, "m/9")
+    assert missing.returncode == 2, missing.stderr
+    assert f"m/9: no such folder; the versions of {tmp_path / 'models' / 'm'}: 1" in missing.stderr
+    misspelt = _profile_command(tmp_path, "mm/1")
+    assert misspelt.returncode == 2, misspelt.stderr
+    assert f"mm/1: no model mm in {tmp_path / 'models'}; its models: m" in misspelt.stderr
+
+
+@pytest.mark.parametrize(
+    ("output", "says"),
+    [
+        # a float column for an INT64 output: which column, which datatype, what to map instead
+        ("label=f0", "--output label=f0: column 'f0' holds double values that INT64 cannot hold"),
+        ("label=zz", "--output label=zz: no column 'zz'"),
+        ("label", "--output label=label: no column 'label'"),
+    ],
+)
+def test_a_bad_profile_output_is_refused_naming_the_option(tmp_path: Path, output: str, says: str) -> None:
+    refused = _profile_command(tmp_path, "m/1", "--output", output)
+    assert refused.returncode == 2 and says in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+
+
+def test_the_profile_prints_a_trust_command_that_runs_as_pasted(tmp_path: Path) -> None:
+    made = _profile_command(tmp_path, "m/1")
+    assert made.returncode == 0, made.stderr
+    words = shlex.split(made.stdout.splitlines()[-1])
+    assert words[:3] == ["dhow", "models", "trust"], made.stdout
+    env = {**os.environ, "DHOW_DATA_DIR": str(tmp_path / "data")}
+    trusted = subprocess.run([sys.executable, "-m", "dhow.cli", *words[1:]], capture_output=True, text=True, env=env)
+    assert trusted.returncode == 0 and "file(s) of m version 1" in trusted.stdout, trusted.stderr
+
+
+def test_the_readme_profiles_the_demo_version_on_its_own_training_distribution(
+    repository_copy: Path, tmp_path: Path
+) -> None:
+    """Followed as written, the README's "Reference profiles" example makes a profile that finds no drift in the
+    rows the demo's tabular version 2 was trained on."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Reference profiles") : readme.index("### Drift")]
+    script = re.search(r'\.venv/bin/python -c "\n(.*?)"\n', section, re.DOTALL)
+    command = re.search(r"^\.venv/bin/dhow (models profile .*)$", section, re.MULTILINE)
+    assert script is not None and command is not None, section
+    subprocess.run([sys.executable, "-c", script[1]], cwd=tmp_path, check=True)
+    words = [str(repository_copy) + w[11:] if w.startswith("demo-models/") else w for w in shlex.split(command[1])]
+    subprocess.run([sys.executable, "-m", "dhow.cli", *words], cwd=tmp_path, check=True, capture_output=True)
+    written = read_profile(repository_copy / "tabular" / "2")
+    assert written is not None
+    training_rows, _ = _tabular_data(seed=1)  # version 2's: build_demo_repository(seed=0) trains it on seed + 1
+    scores = score(ReferenceProfile.from_dict(written, "readme"), [({"input": training_rows}, {})], threshold=0.2)
+    assert len(scores) == 32 and max(s.score for s in scores) < 0.05, scores[:3]
+
+
+def test_the_readme_names_the_roles_that_may_read_a_versions_drift() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Drift") : readme.index("### Feedback")]
+    said = re.search(r"a key with the ([a-z, ]+) role: the ([a-z.]+) permission", section)
+    assert said is not None, section
+    permission = ACTIONS["model.drift"].permission
+    assert said[2] == permission.value
+    assert set(re.split(r", | or ", said[1])) == {role for role, granted in ROLES.items() if permission in granted}

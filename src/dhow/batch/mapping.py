@@ -70,8 +70,11 @@ class Mapping:
         return {c for plan in self.inputs for c in plan.columns}
 
 
-def plan_inputs(specs: Sequence[TensorSpec], schema: pa.Schema, maps: Sequence[tuple[str, str]], key: str) -> Mapping:
-    """Decide which columns feed which input; refuse what no row could satisfy."""
+def plan_inputs(
+    specs: Sequence[TensorSpec], schema: pa.Schema, maps: Sequence[tuple[str, str]], key: str, option: str = "--map"
+) -> Mapping:
+    """Decide which columns feed which input; refuse what no row could satisfy, naming ``option``, the
+    command's option that gave ``maps``."""
     names = [n for n in schema.names if n != UNREADABLE]
     if key and key not in names:
         raise InvalidInput(f"--key {key}: the input has no such column (its columns: {_listing(names)})")
@@ -84,16 +87,16 @@ def plan_inputs(specs: Sequence[TensorSpec], schema: pa.Schema, maps: Sequence[t
     for spec in specs:
         if spec.optional and spec.name not in mapped and spec.name not in names:
             continue
-        plans.append(_plan(spec, schema, names, mapped.get(spec.name), key, len(specs) == 1))
+        plans.append(_plan(spec, schema, names, mapped.get(spec.name), key, len(specs) == 1, option))
     return Mapping(tuple(plans), key)
 
 
 def _plan(
-    spec: TensorSpec, schema: pa.Schema, names: list[str], columns: str | None, key: str, single: bool
+    spec: TensorSpec, schema: pa.Schema, names: list[str], columns: str | None, key: str, single: bool, option: str
 ) -> InputPlan:
     dims = tuple(spec.shape[1:])
     if columns is not None:
-        chosen = _columns(columns, names, spec.name)
+        chosen = _columns(columns, names, f"{option} {spec.name}")
     elif spec.name in names:
         chosen = [spec.name]
     elif single:
@@ -122,14 +125,14 @@ def _plan(
     return plan
 
 
-def _columns(text: str, names: list[str], input_name: str) -> list[str]:
+def _columns(text: str, names: list[str], given: str) -> list[str]:
     chosen: list[str] = []
     for part in (p.strip() for p in text.split(",")):
         matched = [n for n in names if fnmatch.fnmatchcase(n, part)] if any(c in part for c in "*?[") else [part]
         missing = [n for n in matched if n not in names]
         if not matched or missing:
             raise InvalidInput(
-                f"--map {input_name}={text}: no column {missing[0] if missing else part!r} in the input "
+                f"{given}={text}: no column {missing[0] if missing else part!r} in the input "
                 f"(its columns: {_listing(names)})"
             )
         chosen.extend(n for n in matched if n not in chosen)
@@ -219,7 +222,12 @@ def _scalars(column: pa.Array, name: str, datatype: str, rows: _Rows) -> np.ndar
     blank = False if datatype == "BOOL" else 0
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         filled = column.fill_null(blank) if column.null_count else column
-        return _numpy(filled.cast(target))
+        try:
+            return _numpy(filled.cast(target))
+        except pa.ArrowInvalid as exc:  # e.g. a fraction for an integer: no row of the column can be trusted
+            raise InvalidInput(
+                f"column '{name}' holds {column.type} values that {datatype} cannot hold ({exc})"
+            ) from None
     try:
         return np.asarray(column.cast(target).fill_null(blank).to_numpy(zero_copy_only=False))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):

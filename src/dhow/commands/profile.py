@@ -10,6 +10,7 @@ beside the version's artifacts (``repository.profiles``): encrypted when they ar
 from __future__ import annotations
 
 import argparse
+import shlex
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from dhow.batch import input_format, parse_map
-from dhow.batch.mapping import InputPlan, Mapping, convert, plan_inputs
+from dhow.batch.mapping import Converted, InputPlan, Mapping, convert, plan_inputs
 from dhow.batch.sources import Source
 from dhow.core.artifacts import install_decryptor
 from dhow.core.errors import InvalidInput
@@ -27,6 +28,7 @@ from dhow.monitoring.profile import FeatureSketch
 from dhow.repository.encryption import Keyring
 from dhow.repository.manifest import MANIFEST, read_manifest
 from dhow.repository.profiles import write_profile
+from dhow.repository.store import ModelRepository
 from dhow.settings import CONFIG_FILE_HELP, resolve_settings
 
 __all__ = ["add_parser", "run"]
@@ -59,7 +61,8 @@ def add_parser(model_commands: argparse._SubParsersAction[argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int | None:
     if getattr(args, "models_command", None) != "profile":
         return None
-    version_dir: Path = args.version_dir
+    # the model and the repository are the folders above: "2", run inside the model's folder, has them too
+    version_dir: Path = args.version_dir if len(args.version_dir.parts) >= 3 else args.version_dir.resolve()
     config = _config(version_dir)
     settings = resolve_settings({"kek_file": args.kek_file}, config_file=args.config)
     keyring = Keyring.load(settings.kek, settings.kek_file)
@@ -86,16 +89,44 @@ def run(args: argparse.Namespace) -> int | None:
         f"profiled {profile['rows']} rows of {args.data} ({profile['refused_rows']} refused): {counts['input']} input "
         f"and {counts['output']} output features -> {written}"
     )
-    print("if the server checks digests (--require-digests), record them again: dhow models trust")
+    print(
+        "if the server checks digests (--require-digests), record them again, with the server's --data-dir or "
+        f"--registry unless they are $DHOW_DATA_DIR or ./.dhow:\n  {_trust_command(version_dir, config, args.config)}"
+    )
     return 0
+
+
+def _trust_command(version_dir: Path, config: ModelConfig, config_file: Path | None) -> str:
+    """``dhow models trust`` for this version, as it can be pasted (from the folder this command ran in)."""
+    words = ["dhow", "models", "trust", str(version_dir.parent.parent), config.name, "--version", version_dir.name]
+    words += ["--config", str(config_file)] if config_file is not None else []
+    return shlex.join(words)
 
 
 def _config(version_dir: Path) -> ModelConfig:
     if not version_dir.is_dir() or not version_dir.name.isdigit():
-        raise InvalidInput(f"{version_dir}: expected a version folder REPO/MODEL/VERSION (e.g. models/tabular/1)")
+        raise InvalidInput(f"{version_dir}: {_not_a_version(version_dir)}")
     if not (version_dir.parent / MANIFEST).is_file():
         raise InvalidInput(f"{version_dir.parent} has no {MANIFEST}: expected REPO/MODEL/VERSION")
     return read_manifest(version_dir.parent)
+
+
+def _not_a_version(path: Path) -> str:
+    """Why the path is no version folder, with the version (or model) folders that are there."""
+    if (path / MANIFEST).is_file():
+        return f"a model folder, not a version folder; its versions: {_versions(path)}"
+    what = "no such folder" if not path.exists() else "not a version folder"
+    if (path.parent / MANIFEST).is_file():
+        return f"{what}; the versions of {path.parent}: {_versions(path.parent)}"
+    models = ModelRepository(path.parent.parent).model_names()
+    if models:
+        return f"no model {path.parent.name} in {path.parent.parent}; its models: {', '.join(models)}"
+    return f"{what}; expected a version folder REPO/MODEL/VERSION (e.g. models/tabular/1)"
+
+
+def _versions(model_dir: Path) -> str:
+    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    return ", ".join(map(str, versions)) or "none"
 
 
 def _signature(config: ModelConfig, version_dir: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -121,13 +152,15 @@ def _output_mapping(outputs: tuple[TensorSpec, ...], schema: pa.Schema, given: l
     known = {spec.name for spec in outputs}
     for name in named - known:
         raise InvalidInput(f"--output {name}: the model has no output '{name}' (its outputs: {', '.join(known)})")
-    return plan_inputs([spec for spec in outputs if spec.name in named], schema, pairs, "")
+    return plan_inputs([spec for spec in outputs if spec.name in named], schema, pairs, "", "--output")
 
 
 def _profile(
     source: Source, mapping: Mapping, out_mapping: Mapping | None, specs: dict[str, TensorSpec]
 ) -> dict[str, Any]:
-    mappings = [("input", mapping)] + ([("output", out_mapping)] if out_mapping is not None else [])
+    # one output at a time: a column that cannot hold the output's values is refused naming its --output
+    outputs = out_mapping.inputs if out_mapping is not None else ()
+    mappings = [("input", mapping)] + [("output", Mapping((plan,), "")) for plan in outputs]
     columns = list(dict.fromkeys(c for _, m in mappings for c in m.columns))
     text = {c for _, m in mappings for c in m.text_columns}
     sketches: dict[str, list[FeatureSketch]] = {}
@@ -135,7 +168,7 @@ def _profile(
     for batch in source.batches(columns, text):
         rows += batch.num_rows
         for side, plans in mappings:
-            converted = convert(batch, plans)
+            converted = convert(batch, plans) if side == "input" else _converted_output(batch, plans)
             if side == "input":
                 refused += int((~converted.good).sum())
             for plan in plans.inputs:
@@ -152,6 +185,17 @@ def _profile(
     if rows == 0:
         raise InvalidInput(f"{source.url} holds no rows to profile")
     return {"format": 1, "rows": rows, "refused_rows": refused, "features": features}
+
+
+def _converted_output(batch: pa.RecordBatch, plans: Mapping) -> Converted:
+    try:
+        return convert(batch, plans)
+    except InvalidInput as exc:
+        plan = plans.inputs[0]
+        raise InvalidInput(
+            f"--output {plan.name}={','.join(plan.columns)}: {exc}; map the column of the model's own predictions "
+            f"of '{plan.name}' (e.g. a validation set's), whose values are {plan.datatype}"
+        ) from None
 
 
 def _sketches(plan: InputPlan, side: str, array: np.ndarray, spec: TensorSpec) -> list[FeatureSketch]:

@@ -62,6 +62,12 @@ class DriftWindow:
         self.sampled += rows
         while self.held - self._samples[0][0] >= self.rows:
             self.held -= self._samples.popleft()[0]
+        if self.held > self.rows:  # the oldest sample keeps its newest rows only (views: nothing is copied)
+            extra = self.held - self.rows
+            count, (old_inputs, old_outputs) = self._samples[0]
+            trimmed = ({n: a[extra:] for n, a in old_inputs.items()}, {n: a[extra:] for n, a in old_outputs.items()})
+            self._samples[0] = (count - extra, trimmed)
+            self.held = self.rows
 
     def snapshot(self) -> list[Sample]:
         """The window's samples now (the list, not the arrays, is copied: arrays are never written to)."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from dhow.core.model_config import LatencyConfig
 
-__all__ = ["PARTS", "QUANTILES", "Anomaly", "LatencyBaseline", "LatencyRecorder"]
+__all__ = ["PARTS", "QUANTILES", "Anomaly", "LatencyBaseline", "LatencyRecorder", "duration_text"]
 
 #: what is measured: time queued before the batch ran, time the batch computed
 PARTS = ("queue", "compute")
@@ -106,3 +106,11 @@ class LatencyBaseline:
         if score > self.config.threshold and ratio >= self.config.min_ratio and slack:
             return Anomaly(key[0], key[1], value, median, round(score, 2), round(ratio, 2))
         return None
+
+
+def duration_text(seconds: float) -> str:
+    """A duration for a log line, in µs below a millisecond (a queue's normal wait is often tens of µs, which
+    milliseconds to one decimal would show as 0.0)."""
+    if seconds < 0.001:
+        return f"{seconds * 1e6:.0f} µs"
+    return f"{seconds * 1000:.1f} ms"

@@ -194,7 +194,8 @@ _DEPLOYMENTS = (
           Doc("Every change of a deployment, oldest first", "deployments", "History", errors=(404, 503)),
           names_model=True),
     Route("deployment_events", "GET", f"{_DEPLOYMENT}/events", _A["deployment.read"], "_deployment_events",
-          Doc("The automatic analysis's decisions with their figures, oldest first", "deployments", "Events",
+          Doc("A model's events with their figures, oldest first: the analysis's decisions, the monitoring's "
+              "episodes", "deployments", "Events",
               errors=(404, 503)),
           names_model=True),
     *(

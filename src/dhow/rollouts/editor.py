@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from dhow.core.errors import Conflict, DhowError, InvalidInput, NotFound
+from dhow.core.errors import Conflict, DhowError, InvalidInput, NotFound, unknown_model
 from dhow.core.spelling import did_you_mean
 from dhow.rollouts.policy import CompiledPolicy, canary_weight, normalize, versions_of
 from dhow.rollouts.routing import Active, DeploymentTable
@@ -122,7 +122,12 @@ class DeploymentEditor:
         return [row.as_dict() for row in await asyncio.to_thread(self.store.history, name)]
 
     async def events(self, name: str) -> list[dict[str, Any]]:
-        return [event.as_dict() for event in await asyncio.to_thread(self.store.events, name)]
+        """The model's events; a model gone from the repository keeps its history, a name never known is refused
+        (a typo would otherwise read as a model with no events)."""
+        events = await asyncio.to_thread(self.store.events, name)
+        if not events and not self.models.knows(name):
+            raise unknown_model(name)
+        return [event.as_dict() for event in events]
 
     async def write(
         self, name: str, policy: dict[str, Any], expected: int, actor: str, action: str, reason: str

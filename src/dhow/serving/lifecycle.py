@@ -136,6 +136,10 @@ class ModelLifecycle:
             return Unavailable(f"model '{name}' is not loaded. {hint}".strip(), retry_after=5)
         return unknown_model(name)
 
+    def knows(self, name: str) -> bool:
+        """Whether the model exists here (in the repository, uploaded, or loaded), loaded or not."""
+        return name in self._known_names()
+
     def _known_names(self) -> set[str]:
         return set(self.repository.model_names()) | set(self._uploaded) | set(self.entries)
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from dhow.core.model_config import ModelConfig
 from dhow.core.types import InferenceRequest, InferenceResponse
 from dhow.monitoring.drift import DriftWindow, FeatureDrift, sampling_gap, score
-from dhow.monitoring.latency import PARTS, QUANTILES, LatencyBaseline
+from dhow.monitoring.latency import PARTS, QUANTILES, LatencyBaseline, duration_text
 from dhow.monitoring.model_metrics import ModelMetrics
 from dhow.serving.feedback import FeedbackDesk
 from dhow.serving.lifecycle import ModelLifecycle
@@ -121,6 +121,8 @@ class ModelWatch:
         """The version's last drift scores, the worst feature first."""
         model = self.models.resolve(name, version)
         watched = self._watched.get((name, model.version_label))
+        if watched is not None and watched.model is not model:  # reloaded since the last look: not scored yet
+            watched = None
         settings = model.config.monitoring.drift
         report: dict[str, Any] = {
             "model": name,
@@ -162,24 +164,42 @@ class ModelWatch:
 
     async def look(self) -> None:
         now = time.monotonic()
-        for watched in self._refresh():
-            await self._judge_latency(watched, now)
-            await self._score_drift(watched, now)
+        watched, ended = self._refresh()
+        for gone, why in ended:
+            await self._close_episodes(gone, why)
+        for each in watched:
+            await self._judge_latency(each, now)
+            await self._score_drift(each, now)
 
-    def _refresh(self) -> list[_Watched]:
-        """The watched versions, following loads and unloads (a reloaded version starts afresh)."""
+    def _refresh(self) -> tuple[list[_Watched], list[tuple[_Watched, str]]]:
+        """The watched versions, following loads and unloads (a reloaded version starts afresh), and those that
+        ended since the last look, with why."""
         current: dict[tuple[str, str], _Watched] = {}
+        ended: list[tuple[_Watched, str]] = []
         for entry in list(self.models.entries.values()):
             for model in list(entry.versions.values()):
                 key = (model.name, model.version_label)
                 watched = self._watched.get(key)
+                if watched is not None and watched.model is not model:
+                    # the old copy's gauges go before the new copy sets its own under the same labels
+                    self._forget(watched)
+                    ended.append((watched, _reloaded(watched.model, model)))
                 if watched is None or watched.model is not model:
                     watched = self._start(model)
                 current[key] = watched
         for key in set(self._watched) - set(current):
             self._forget(self._watched[key])
+            ended.append((self._watched[key], "the version was unloaded"))
         self._watched = current
-        return list(current.values())
+        return list(current.values()), ended
+
+    async def _close_episodes(self, watched: _Watched, why: str) -> None:
+        """An episode of a version that reloaded or unloaded ends with it: its window and baseline are gone."""
+        labels = {"version": watched.model.version_label, "reason": why}
+        if watched.drifting:
+            await self._record(watched.model.name, "drift_cleared", labels)
+        if watched.anomalous:
+            await self._record(watched.model.name, "latency_normal", labels)
 
     def _start(self, model: ModelVersion) -> _Watched:
         monitoring = model.config.monitoring
@@ -192,19 +212,23 @@ class ModelWatch:
         return _Watched(model, drift, baseline, profiled=frozenset((f.side, f.tensor) for f in features))
 
     def _forget(self, watched: _Watched) -> None:
-        """An unloaded version's gauges go with it (a reloaded copy starts its own)."""
+        """An unloaded or reloaded version's gauges go with it (a reloaded copy starts its own). Where a series
+        cannot be removed (several worker processes), the drift and anomaly figures it set fall to 0: no alert
+        stays on a window that is gone."""
         labels = (watched.model.name, watched.model.version_label)
         metrics = self.metrics
+        drift: list[tuple[Any, tuple[str, ...]]] = [(metrics.drifted, labels), (metrics.drift_rows, labels)]
+        drift += [(metrics.drift, (*labels, s.name, s.side, s.method)) for s in watched.scores]
+        anomaly = [(metrics.anomaly, (*labels, part, quantile)) for part in PARTS for quantile in QUANTILES]
         if not metrics.removable:
+            reset = (drift if watched.scored_at is not None else []) + (anomaly if watched.anomalous else [])
+            for gauge, values in reset:
+                gauge.labels(*values).set(0)
             return
-        gone: list[tuple[Any, tuple[str, ...]]] = [
-            (metrics.profile, labels), (metrics.drifted, labels), (metrics.drift_rows, labels),
-        ]  # fmt: skip
-        gone += [(metrics.drift, (*labels, s.name, s.side, s.method)) for s in watched.scores]
+        gone = [(metrics.profile, labels), *drift, *anomaly]
         for part in PARTS:
             for quantile in QUANTILES:
                 gone += [(gauge, (*labels, part, quantile)) for gauge in (metrics.latency, metrics.latency_baseline)]
-                gone.append((metrics.anomaly, (*labels, part, quantile)))
         for gauge, values in gone:
             with contextlib.suppress(KeyError):  # never set
                 gauge.remove(*values)
@@ -236,9 +260,9 @@ class ModelWatch:
                 "anomalies": [_anomaly_json(a) for a in anomalies],
             }
             log.warning(
-                "model %s version %s: %s %s latency %.1f ms is %.1fx its baseline %.1f ms",
-                model.name, model.version_label, worst.part, worst.quantile, worst.seconds * 1000, worst.ratio,
-                worst.baseline * 1000,
+                "model %s version %s: %s %s latency %s is %.1fx its baseline %s",
+                model.name, model.version_label, worst.part, worst.quantile, duration_text(worst.seconds), worst.ratio,
+                duration_text(worst.baseline),
             )  # fmt: skip
             await self._episode(model, "latency_anomaly", details)
         elif not anomalies and watched.anomalous:
@@ -290,6 +314,12 @@ class ModelWatch:
             await asyncio.to_thread(self.events.add_event, name, kind, details)
         except Exception as exc:  # the registry being down must not stop the watch; the metric still says it
             log.error("model %s: could not record the %s event in the registry: %s", name, kind, exc)
+
+
+def _reloaded(old: ModelVersion, new: ModelVersion) -> str:
+    if old.profile is not None and new.profile is None:
+        return "the version reloaded without its reference profile"
+    return "the version reloaded: its drift window and latency baseline start afresh"
 
 
 def _feature_json(found: FeatureDrift) -> dict[str, Any]:

@@ -264,9 +264,10 @@ def _add_history(actions: Subparsers, connection: argparse.ArgumentParser) -> No
     events = actions.add_parser(
         "events",
         parents=[connection],
-        help="list the automatic analysis's decisions",
-        description="List the decisions of the automatic analysis (advances, promotions, rollbacks) with their "
-        "figures, oldest first.",
+        help="list a model's events: the analysis's decisions and the monitoring's episodes",
+        description="List a model's events with their figures, oldest first: the decisions of the automatic "
+        "analysis (advances, promotions, rollbacks) and the episodes of its monitoring (drift, drift_cleared, "
+        "latency_anomaly, latency_normal). A model unknown to the server is refused.",
     )
     events.add_argument("name", metavar="NAME", help=_NAME_HELP)
 
