@@ -88,7 +88,8 @@ def _alert(name: str, labels: dict[str, str], summary: str, description: str) ->
 
 def test_quality_and_rollback_alerts_fire_as_their_readers_see_them(tmp_path: Path) -> None:
     """promtool's rule tests over made-up series: a classifier's accuracy halved, a regressor's rmse doubled (its
-    mae steady), a canary rolled back; each alert fires with its text, and none before."""
+    mae steady), another regressor's mae exactly 0 once, a canary rolled back; each alert fires with its text, and
+    none before (nor for the zero)."""
     quality = 'dhow_model_quality{{model="{}",version="1",metric="{}"}}'
     feedback = "Measured from the labels posted to /v2/models/{}/feedback; retrain, or roll back a recent version."
     tests = {"rule_files": [str(RULES)], "evaluation_interval": "1m", "tests": [{
@@ -97,6 +98,8 @@ def test_quality_and_rollback_alerts_fire_as_their_readers_see_them(tmp_path: Pa
             {"series": quality.format("iris", "accuracy"), "values": "1x60 0.5x120"},
             {"series": quality.format("prices", "rmse"), "values": "2x60 4x120"},
             {"series": quality.format("prices", "mae"), "values": "1x180"},
+            # one exact label made its mae 0 once: no infinite ratio, no alert
+            {"series": quality.format("exact", "mae"), "values": "0 0.05x179"},
             {"series": 'dhow_rollout_events_total{deployment="fraud",kind="rollback"}', "values": "0x110 1x70"},
         ],
         "alert_rule_test": [
@@ -105,7 +108,7 @@ def test_quality_and_rollback_alerts_fire_as_their_readers_see_them(tmp_path: Pa
             _alert("DhowQualityDrop", {"model": "iris", "version": "1"},
                    "Model iris v1: accuracy at 50% of its best this week", feedback.format("iris")),
             _alert("DhowRegressionErrorRise", {"model": "prices", "version": "1", "metric": "rmse"},
-                   "Model prices v1: rmse at 200% of its lowest this week", feedback.format("prices")),
+                   "Model prices v1: rmse at 200% of its low this week", feedback.format("prices")),
             _alert("DhowCanaryRolledBack", {"deployment": "fraud"}, "Deployment fraud: the canary was rolled back",
                    "The canary analysis found a guard broken: its error rate (max_error_rate), its p99 latency "
                    "(max_p99_ratio) or, with min_accuracy_ratio set, its accuracy from feedback, against the stable "

@@ -123,18 +123,25 @@ def test_a_file_url_repository_is_its_path_and_another_host_is_refused(tmp_path:
         ServerSettings(repository=f"file://walk{tmp_path}").repository_folder()
 
 
-def test_a_trace_sample_ratio_without_a_collector_is_refused(tmp_path: Path) -> None:
-    """It traced nothing, silently; an endpoint given empty is tracing turned off on purpose."""
+def test_a_trace_sample_ratio_without_a_collector_is_refused_to_a_server_only(tmp_path: Path) -> None:
+    """It traced nothing, silently; an endpoint given empty is tracing turned off on purpose. An admin command
+    (``dhow keys``) reading the server's environment or file, which takes no --otlp-endpoint, is not refused."""
     needs = "needs --otlp-endpoint, the collector the spans go to"
     with pytest.raises(InvalidInput, match=f"option --trace-sample-ratio: the share of requests traced {needs}"):
-        resolve_settings({"trace_sample_ratio": "0.5"}, {})
+        resolve_settings({"trace_sample_ratio": "0.5"}, {}, serving=True)
     config = tmp_path / "dhow.yaml"
     config.write_text("trace_sample_ratio: 0.5\n")
     with pytest.raises(InvalidInput, match=f"settings file {config}: the share of requests traced {needs}"):
-        resolve_settings({}, {}, config)
+        resolve_settings({}, {}, config, serving=True)
     endpoint = "http://127.0.0.1:4318"
-    assert resolve_settings({"trace_sample_ratio": "0.5"}, {"DHOW_OTLP_ENDPOINT": endpoint}).trace_sample_ratio == 0.5
-    assert resolve_settings({}, {"DHOW_OTLP_ENDPOINT": ""}, config).otlp_endpoint == ""
+    assert (
+        resolve_settings(
+            {"trace_sample_ratio": "0.5"}, {"DHOW_OTLP_ENDPOINT": endpoint}, serving=True
+        ).trace_sample_ratio
+        == 0.5
+    )
+    assert resolve_settings({}, {"DHOW_OTLP_ENDPOINT": ""}, config, serving=True).otlp_endpoint == ""
+    assert resolve_settings({}, {"DHOW_TRACE_SAMPLE_RATIO": "0.2"}).trace_sample_ratio == 0.2  # (an admin command)
 
 
 def test_store_urls_follow_the_data_folder_that_won(tmp_path: Path) -> None:

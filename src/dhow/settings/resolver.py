@@ -32,7 +32,7 @@ class SettingsSource:
     config_file: Path | None = None
 
     def read(self) -> ServerSettings:
-        return resolve_settings(self.cli, config_file=self.config_file)
+        return resolve_settings(self.cli, config_file=self.config_file, serving=True)
 
 
 _CHOICES = {
@@ -192,24 +192,34 @@ def _given(
 
 
 def resolve_settings(
-    cli: Mapping[str, object], env: Mapping[str, str] | None = None, config_file: Path | None = None
+    cli: Mapping[str, object],
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+    *,
+    serving: bool = False,
 ) -> ServerSettings:
     """Merge the sources: command line over DHOW_* environment over the YAML file over defaults.
 
     ``cli`` maps setting names to the options given (``None`` = not given; other names are ignored);
-    ``env`` is ``os.environ`` unless given.
+    ``env`` is ``os.environ`` unless given. ``serving``: for ``dhow serve``, which also refuses settings that
+    only a server would act on wrongly (a trace ratio without a collector); an admin command (``dhow keys``,
+    ``dhow audit``) sharing the server's environment or file must not be refused for them.
     """
-    return resolve_settings_and_sources(cli, env, config_file)[0]
+    return resolve_settings_and_sources(cli, env, config_file, serving=serving)[0]
 
 
 def resolve_settings_and_sources(
-    cli: Mapping[str, object], env: Mapping[str, str] | None = None, config_file: Path | None = None
+    cli: Mapping[str, object],
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+    *,
+    serving: bool = False,
 ) -> tuple[ServerSettings, dict[str, str]]:
     """``resolve_settings``, and where each setting that is not at its default came from
     (``{"data_dir": "environment variable DHOW_DATA_DIR"}``): a command can tell a folder someone
     named from the default one."""
     given = _given(cli, env, config_file)
-    if "trace_sample_ratio" in given and "otlp_endpoint" not in given:
+    if serving and "trace_sample_ratio" in given and "otlp_endpoint" not in given:
         # a ratio with no collector traced nothing, silently; an endpoint given empty turns tracing off on purpose
         raise InvalidInput(
             f"{given['trace_sample_ratio'][1]}: the share of requests traced needs --otlp-endpoint, the collector "
