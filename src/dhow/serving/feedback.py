@@ -18,7 +18,7 @@ import numpy as np
 
 from dhow.core.errors import InvalidInput
 from dhow.core.model_config import ModelConfig
-from dhow.core.types import InferenceResponse
+from dhow.core.types import InferenceRequest, InferenceResponse
 from dhow.monitoring.model_metrics import ModelMetrics
 from dhow.monitoring.quality import PredictionLog, QualityWindow, figures_of, label_misfit, prediction_of
 from dhow.serving.lifecycle import ModelLifecycle
@@ -30,6 +30,8 @@ log = logging.getLogger("dhow.monitoring")
 #: unmatched (or already joined) request ids listed in an answer (the count is always whole)
 _LISTED = 100
 _SCALAR = (bool, int, float, str)
+#: the longest id, as the client sent it, that its prediction is kept by (``feedback_id``)
+_LONGEST_ID = 256
 
 
 class FeedbackDesk:
@@ -44,8 +46,8 @@ class FeedbackDesk:
         self._figures: dict[tuple[str, str], tuple[dict[str, float], int]] = {}
 
     def keep(self, config: ModelConfig, response: InferenceResponse, request_id: str) -> None:
-        """On the hot path: remember the answer's prediction output under the request's id (a dict insert): the id
-        the audit trail and the payload log say (``dhow.core.ids``)."""
+        """On the hot path: remember the answer's prediction output under the request's ``feedback_id`` (a dict
+        insert)."""
         feedback = config.monitoring.feedback
         if feedback is None or not request_id:
             return
@@ -136,6 +138,16 @@ class FeedbackDesk:
         for metric, value in figures.items():
             self.metrics.quality.labels(name, version, metric).set(value)
         return {"labels": labels, **{k: round(v, 6) for k, v in figures.items()}}
+
+
+def feedback_id(request: InferenceRequest, request_id: str) -> str:
+    """The id a request's prediction is labelled by: the client's own as it sent it, its ``x-request-id`` else its
+    ``id``, any string of up to 256 characters; else the request's (``dhow.core.ids``: the one the logs say).
+
+    Not the logs' id alone: for an id that is no plain token the logs say one the server made, which the client
+    never learns (the answer's ``id`` echoes the request's), so its label could never join."""
+    sent = request.headers.get("x-request-id") or request.id
+    return sent if sent and len(sent) <= _LONGEST_ID else request_id
 
 
 def _check_label(request_id: object, label: object, task: str) -> None:

@@ -205,7 +205,7 @@ class Call:
 
     def _adopt(self, request_id: str) -> None:
         """Name the call by its request's own id, when the door read none from a header and it is a plain token: the
-        audit record, the access log, the payload log, the trace and the feedback join then all say it. An in-process
+        audit record, the access log, the payload log and the trace then all say it. An in-process
         identity's call keeps its own (a stream's call infers many requests; a shadow's copy is not the client's)."""
         self._named = True
         admission = self._admission

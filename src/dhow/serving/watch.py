@@ -22,7 +22,7 @@ from dhow.core.types import InferenceRequest, InferenceResponse
 from dhow.monitoring.drift import DriftWindow, FeatureDrift, sampling_gap, score
 from dhow.monitoring.latency import PARTS, QUANTILES, LatencyBaseline, duration_text
 from dhow.monitoring.model_metrics import ModelMetrics
-from dhow.serving.feedback import FeedbackDesk
+from dhow.serving.feedback import FeedbackDesk, feedback_id
 from dhow.serving.lifecycle import ModelLifecycle
 from dhow.serving.model_version import ModelVersion
 
@@ -105,7 +105,7 @@ class ModelWatch:
             }
             window.add(rows, inputs, outputs)
         if config.monitoring.feedback is not None:
-            self.feedback.keep(config, response, request_id)
+            self.feedback.keep(config, response, feedback_id(request, request_id))
 
     def _first_answer(self, name: str, version: str) -> _Watched | None:
         entry = self.models.entries.get(name)
