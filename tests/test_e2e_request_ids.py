@@ -48,11 +48,11 @@ def _post(server: DhowProcess, key: str, path: str, body: Any, headers: dict[str
         connection.close()
 
 
-def _repository(root: Path) -> Path:
+def _repository(root: Path, manifest: str = MANIFEST) -> Path:
     repository = root / "models"
     (repository / "sign" / "1").mkdir(parents=True)
     (repository / "sign" / "1" / "model.py").write_text(MODEL)
-    (repository / "sign" / "model.yaml").write_text(MANIFEST)
+    (repository / "sign" / "model.yaml").write_text(manifest)
     return repository
 
 
@@ -116,5 +116,36 @@ def test_a_label_joins_by_the_id_the_client_sent_a_plain_token_or_not(tmp_path: 
         labels = dict.fromkeys([*sent, "order/18", "l" * 257, "grpc/body", "grpc hdr", "plain-b", "grpc-b"], 1)
         joined = _post(server, key, "/v2/models/sign/feedback", {"labels": labels})
         assert joined["joined"] == 8 and joined["unmatched_ids"] == ["l" * 257, "plain-b", "grpc-b"], joined
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def _row(x: float) -> dict[str, Any]:
+    return {**ROW, "data": [x]}
+
+
+def test_a_prediction_is_kept_per_tenant_and_a_repeated_id_replaces_it_as_the_newest(tmp_path: Path) -> None:
+    """A label joins the prediction of a request of its sender's tenant (another principal's of that tenant too:
+    a labelling service's), never that of the same id sent by an all-tenants principal; an id sent again replaces
+    its prediction, counted, as the newest: the oldest one is dropped past ``pending``."""
+    manifest = MANIFEST.replace("{task: classification}", "{task: classification, pending: 2}") + "tenant: acme\n"
+    data = tmp_path / "data"
+    client, labeller = make_key(data, "client", ["invoker"], "acme"), make_key(data, "labeller", ["invoker"], "acme")
+    admin = make_key(data, "admin", ["invoker"], "*")
+    server = start_dhow(_repository(tmp_path, manifest), tmp_path, "--auth", "on")
+    try:
+        infer, feedback = "/v2/models/sign/infer", "/v2/models/sign/feedback"
+        _post(server, client, infer, {"id": "same", "inputs": [_row(1.0)]})  # predicts 1
+        _post(server, admin, infer, {"id": "same", "inputs": [_row(-1.0)]})  # predicts 0, kept apart
+        labelled = _post(server, labeller, feedback, {"labels": {"same": 1}})
+        assert labelled["joined"] == 1 and labelled["quality"]["1"]["accuracy"] == 1.0, labelled
+        labelled = _post(server, admin, feedback, {"labels": {"same": 0}})
+        assert labelled["joined"] == 1 and labelled["quality"]["1"]["accuracy"] == 1.0, labelled
+        for request_id, x in [("a", -1.0), ("b", 1.0), ("a", 1.0), ("c", 1.0)]:
+            _post(server, client, infer, {"id": request_id, "inputs": [_row(x)]})
+        labelled = _post(server, labeller, feedback, {"labels": {"a": 1, "b": 1}})
+        assert labelled["joined"] == 1 and labelled["unmatched_ids"] == ["b"], labelled  # "b" was the oldest
+        assert labelled["replaced"] == 1 and labelled["dropped"] == 1, labelled
+        assert labelled["quality"]["1"] == {"labels": 3, "accuracy": 1.0, "precision": 1.0, "recall": 1.0}, labelled
     finally:
         assert server.stop() == 0, server.log()

@@ -45,9 +45,9 @@ class FeedbackDesk:
         #: each version's figures as last computed, and the labels they rest on
         self._figures: dict[tuple[str, str], tuple[dict[str, float], int]] = {}
 
-    def keep(self, config: ModelConfig, response: InferenceResponse, request_id: str) -> None:
-        """On the hot path: remember the answer's prediction output under the request's ``feedback_id`` (a dict
-        insert)."""
+    def keep(self, config: ModelConfig, response: InferenceResponse, tenant: str, request_id: str) -> None:
+        """On the hot path: remember the answer's prediction output under the tenant of the request's principal
+        and its ``feedback_id`` (a dict insert)."""
         feedback = config.monitoring.feedback
         if feedback is None or not request_id:
             return
@@ -57,11 +57,13 @@ class FeedbackDesk:
         wanted = feedback.output
         for tensor in response.outputs:
             if not wanted or tensor.name == wanted:
-                pending.add(request_id, response.model_version, tensor.data)
+                pending.add((tenant, request_id), response.model_version, tensor.data)
                 return
 
-    async def receive(self, name: str, labels: object) -> dict[str, Any]:
-        """Join labels (request id -> label, or a list of labels for a request of several rows) to predictions.
+    async def receive(self, name: str, labels: object, tenant: str) -> dict[str, Any]:
+        """Join labels (request id -> label, or a list of labels for a request of several rows) to the predictions
+        of requests of that tenant (the sender's: any principal of the tenant may label, a labelling service's
+        too; ``*``, all tenants, is a tenant of its own here: an id names one request).
 
         The joins are dict look-ups on the event loop (the log is the request path's); the figures are computed
         on a snapshot of each window in a worker thread."""
@@ -85,9 +87,9 @@ class FeedbackDesk:
         touched: set[str] = set()
         joined = 0
         for request_id, label in labels.items():
-            found = pending.find(request_id)
+            found = pending.find((tenant, request_id))
             if found is None:
-                (already if pending.joined(request_id) else unmatched).append(request_id)
+                (already if pending.joined((tenant, request_id)) else unmatched).append(request_id)
                 continue
             version, kept = found
             array = np.asarray(kept)
@@ -96,7 +98,7 @@ class FeedbackDesk:
             if why:  # the prediction stays: the label may be sent again as the reason says
                 rejected[request_id] = why
                 continue
-            pending.take(request_id)
+            pending.take((tenant, request_id))
             window = self._window(name, version, feedback.task, feedback.window)
             for prediction, value in zip(predictions, label if isinstance(label, list) else [label], strict=True):
                 window.add(prediction, value)
@@ -120,6 +122,7 @@ class FeedbackDesk:
             "rejected": rejected,
             "pending": len(pending),
             "dropped": pending.dropped,
+            "replaced": pending.replaced,
             "quality": figures,
         }
 
