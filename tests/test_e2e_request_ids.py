@@ -149,3 +149,30 @@ def test_a_prediction_is_kept_per_tenant_and_a_repeated_id_replaces_it_as_the_ne
         assert labelled["quality"]["1"] == {"labels": 3, "accuracy": 1.0, "precision": 1.0, "recall": 1.0}, labelled
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_a_refused_request_without_an_id_has_the_same_one_in_its_audit_record_and_its_access_log(
+    tmp_path: Path,
+) -> None:
+    key = make_key(tmp_path / "data", "auditor", ["auditor"])  # may not infer: refused by permission, audited
+    server = start_dhow(_repository(tmp_path), tmp_path, "--auth", "on")
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+        try:
+            headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
+            connection.request("POST", "/v2/models/sign/infer", body=json.dumps({"inputs": [ROW]}), headers=headers)
+            assert connection.getresponse().status == 403
+        finally:
+            connection.close()
+        logged = r"POST /v2/models/sign/infer 403 \S+ principal=\S+ request_id=(\S+)"
+        wait_until(lambda: re.search(logged, server.log()) is not None, what="the access log line")
+        access = re.findall(logged, server.log())
+    finally:
+        assert server.stop() == 0, server.log()
+    store = AuditStore.open(f"sqlite:///{tmp_path / 'data' / 'audit.sqlite3'}")
+    try:
+        audited = [r["request_id"] for r in store.read(limit=100) if r["action"] == "infer"]
+    finally:
+        store.close()
+    assert len(access) == 1 and re.fullmatch(r"[0-9a-f]{16}", access[0]), access
+    assert audited == access, audited
