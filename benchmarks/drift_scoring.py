@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from dhow.core.model_config import DriftConfig, ModelConfig, MonitoringConfig
-from dhow.core.types import InferenceRequest, InferenceResponse, Tensor
+from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Tensor
 from dhow.monitoring.drift import psi, score, score_feature
 from dhow.monitoring.model_metrics import ModelMetrics
 from dhow.monitoring.profile import BINS, FeatureSketch, ReferenceProfile, bin_shares
@@ -85,7 +85,8 @@ def _observe_us(profile: ReferenceProfile, rate: float, calls: int) -> float:
     request = InferenceRequest("m", [Tensor("x", "FP32", [1, FEATURES], row),
                                      Tensor("city", "BYTES", [1, 1], np.array([[b"a"]], dtype=object))])  # fmt: skip
     response = InferenceResponse("m", "1", [Tensor("y", "FP32", [1, 2], np.zeros((1, 2), np.float32))])
-    return _median_ms(lambda: [watch.observe(config, request, response, "r") for _ in range(calls)], 7) * 1000 / calls
+    who = Caller("key:bench", "default", "r")
+    return _median_ms(lambda: [watch.observe(config, request, response, who) for _ in range(calls)], 7) * 1000 / calls
 
 
 def _metrics_us(calls: int) -> float:

@@ -1,7 +1,7 @@
 """Quality from delayed ground truth: predictions kept by request id until their label comes, then figures.
 
 ``PredictionLog`` is bounded (the oldest predictions are dropped, and counted) and lives in the server process
-that answered: a label is joined to the prediction this process made, by the request's id. ``QualityWindow``
+that answered: a label is joined to the prediction this process made, by the request's tenant and id. ``QualityWindow``
 keeps the newest labelled predictions of one version and computes accuracy, macro precision and recall
 (classification) or MAE and RMSE (regression) from them.
 """
@@ -61,40 +61,53 @@ def _integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+#: what a prediction is kept by: the request's tenant and id (one tenant's id never names another's request)
+Key = tuple[str, str]
+
+
 class PredictionLog:
-    """Predictions awaiting their label: request id -> (version, prediction); the oldest beyond ``capacity`` go."""
+    """Predictions awaiting their label: (tenant, request id) -> (version, prediction); the oldest beyond
+    ``capacity`` go."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._pending: OrderedDict[str, tuple[str, Any]] = OrderedDict()
-        #: the ids of the newest ``capacity`` joined predictions: a label sent again is told from an unknown id's
-        self._joined: OrderedDict[str, None] = OrderedDict()
+        self._pending: OrderedDict[Key, tuple[str, Any]] = OrderedDict()
+        #: the keys of the newest ``capacity`` joined predictions: a label sent again is told from an unknown id's
+        self._joined: OrderedDict[Key, None] = OrderedDict()
         self.dropped = 0
+        #: predictions replaced by a newer answer to a request of the same key
+        self.replaced = 0
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def add(self, request_id: str, version: str, prediction: Any) -> None:
-        self._pending[request_id] = (version, prediction)
-        if len(self._pending) > self.capacity:
-            self._pending.popitem(last=False)
+    def add(self, key: Key, version: str, prediction: Any) -> None:
+        """Keep a prediction as the newest. One already kept under its key is replaced, and counted: the newer
+        answer (a retry's) is the one the client acted on; left in its place it would be dropped first."""
+        pending = self._pending
+        if key in pending:
+            pending.move_to_end(key)
+            self.replaced += 1
+        pending[key] = (version, prediction)
+        if len(pending) > self.capacity:
+            pending.popitem(last=False)
             self.dropped += 1
 
-    def find(self, request_id: str) -> tuple[str, Any] | None:
+    def find(self, key: Key) -> tuple[str, Any] | None:
         """The version and prediction of that request, left in the log (a label refused leaves it joinable); None
         when it is unknown."""
-        return self._pending.get(request_id)
+        return self._pending.get(key)
 
-    def take(self, request_id: str) -> None:
+    def take(self, key: Key) -> None:
         """Take a joined prediction out of the log: a request is labelled once."""
-        del self._pending[request_id]
-        self._joined[request_id] = None
+        del self._pending[key]
+        self._joined[key] = None
         if len(self._joined) > self.capacity:
             self._joined.popitem(last=False)
 
-    def joined(self, request_id: str) -> bool:
+    def joined(self, key: Key) -> bool:
         """Whether that request's prediction was labelled already (as far as the newest ``capacity`` go)."""
-        return request_id in self._joined
+        return key in self._joined
 
 
 class QualityWindow:

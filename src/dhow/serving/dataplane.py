@@ -220,7 +220,7 @@ class DataPlane:
             self._log_payload(payloads, request, placement, start, response.model_version, "success", "", outputs)
         # copies made by in-process identities (a shadow's, with the original's id) are not the clients' traffic
         if self.watch is not None and caller is not None and not caller.principal.startswith(SERVICE_PREFIX):
-            self.watch.observe(config, request, response, caller.request_id)
+            self.watch.observe(config, request, response, caller)
         payload = None
         if config.payload_sample_rate and random.random() < config.payload_sample_rate:
             payload = self._payload_sample(config, request, response)

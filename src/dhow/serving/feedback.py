@@ -18,7 +18,7 @@ import numpy as np
 
 from dhow.core.errors import InvalidInput
 from dhow.core.model_config import ModelConfig
-from dhow.core.types import InferenceResponse
+from dhow.core.types import InferenceRequest, InferenceResponse
 from dhow.monitoring.model_metrics import ModelMetrics
 from dhow.monitoring.quality import PredictionLog, QualityWindow, figures_of, label_misfit, prediction_of
 from dhow.serving.lifecycle import ModelLifecycle
@@ -30,6 +30,8 @@ log = logging.getLogger("dhow.monitoring")
 #: unmatched (or already joined) request ids listed in an answer (the count is always whole)
 _LISTED = 100
 _SCALAR = (bool, int, float, str)
+#: the longest id, as the client sent it, that its prediction is kept by (``feedback_id``)
+_LONGEST_ID = 256
 
 
 class FeedbackDesk:
@@ -43,9 +45,9 @@ class FeedbackDesk:
         #: each version's figures as last computed, and the labels they rest on
         self._figures: dict[tuple[str, str], tuple[dict[str, float], int]] = {}
 
-    def keep(self, config: ModelConfig, response: InferenceResponse, request_id: str) -> None:
-        """On the hot path: remember the answer's prediction output under the request's id (a dict insert): the id
-        the audit trail and the payload log say (``dhow.core.ids``)."""
+    def keep(self, config: ModelConfig, response: InferenceResponse, tenant: str, request_id: str) -> None:
+        """On the hot path: remember the answer's prediction output under the tenant of the request's principal
+        and its ``feedback_id`` (a dict insert)."""
         feedback = config.monitoring.feedback
         if feedback is None or not request_id:
             return
@@ -55,11 +57,13 @@ class FeedbackDesk:
         wanted = feedback.output
         for tensor in response.outputs:
             if not wanted or tensor.name == wanted:
-                pending.add(request_id, response.model_version, tensor.data)
+                pending.add((tenant, request_id), response.model_version, tensor.data)
                 return
 
-    async def receive(self, name: str, labels: object) -> dict[str, Any]:
-        """Join labels (request id -> label, or a list of labels for a request of several rows) to predictions.
+    async def receive(self, name: str, labels: object, tenant: str) -> dict[str, Any]:
+        """Join labels (request id -> label, or a list of labels for a request of several rows) to the predictions
+        of requests of that tenant (the sender's: any principal of the tenant may label, a labelling service's
+        too; ``*``, all tenants, is a tenant of its own here: an id names one request).
 
         The joins are dict look-ups on the event loop (the log is the request path's); the figures are computed
         on a snapshot of each window in a worker thread."""
@@ -83,9 +87,9 @@ class FeedbackDesk:
         touched: set[str] = set()
         joined = 0
         for request_id, label in labels.items():
-            found = pending.find(request_id)
+            found = pending.find((tenant, request_id))
             if found is None:
-                (already if pending.joined(request_id) else unmatched).append(request_id)
+                (already if pending.joined((tenant, request_id)) else unmatched).append(request_id)
                 continue
             version, kept = found
             array = np.asarray(kept)
@@ -94,7 +98,7 @@ class FeedbackDesk:
             if why:  # the prediction stays: the label may be sent again as the reason says
                 rejected[request_id] = why
                 continue
-            pending.take(request_id)
+            pending.take((tenant, request_id))
             window = self._window(name, version, feedback.task, feedback.window)
             for prediction, value in zip(predictions, label if isinstance(label, list) else [label], strict=True):
                 window.add(prediction, value)
@@ -118,6 +122,7 @@ class FeedbackDesk:
             "rejected": rejected,
             "pending": len(pending),
             "dropped": pending.dropped,
+            "replaced": pending.replaced,
             "quality": figures,
         }
 
@@ -136,6 +141,16 @@ class FeedbackDesk:
         for metric, value in figures.items():
             self.metrics.quality.labels(name, version, metric).set(value)
         return {"labels": labels, **{k: round(v, 6) for k, v in figures.items()}}
+
+
+def feedback_id(request: InferenceRequest, request_id: str) -> str:
+    """The id a request's prediction is labelled by: the client's own as it sent it, its ``x-request-id`` else its
+    ``id``, any string of up to 256 characters; else the request's (``dhow.core.ids``: the one the logs say).
+
+    Not the logs' id alone: for an id that is no plain token the logs say one the server made, which the client
+    never learns (the answer's ``id`` echoes the request's), so its label could never join."""
+    sent = request.headers.get("x-request-id") or request.id
+    return sent if sent and len(sent) <= _LONGEST_ID else request_id
 
 
 def _check_label(request_id: object, label: object, task: str) -> None:

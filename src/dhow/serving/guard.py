@@ -188,7 +188,7 @@ class AccessGuard:
         """Check the principal's permission (a refusal is audited and raised) and let it in; the quotas it must
         still take (most principals have none). A refusal whose record waits in this process raises
         ``_HeldRefusal``: ``admit`` answers it once the record has left."""
-        request_id = request_id or new_request_id()
+        request_id = request_id or new_request_id()  # (``Call`` hands one in: its door logs the same)
         tenant = self.tenant_of(model) if model else ""
         try:
             check_permission(principal, access.permission, model, tenant)

@@ -27,7 +27,7 @@ from dhow.access.actions import ACTIONS, Access
 from dhow.access.authenticator import ANONYMOUS, Credentials
 from dhow.access.permissions import ALL_TENANTS, Grant, Permission, Principal
 from dhow.core.errors import CallCancelled, DhowError, InternalError
-from dhow.core.ids import is_client_request_id
+from dhow.core.ids import is_client_request_id, new_request_id
 from dhow.core.names import check_model_name
 from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Outcome
 from dhow.monitoring.tracing import RequestTrace, Sampled, Tracing
@@ -83,11 +83,12 @@ class Call:
         self._admission = _OPEN
         #: who was let in (attributes, not properties: a door reads them on every request)
         self.principal = _OPEN.principal
-        #: the id of this request everywhere (``dhow.core.ids``): the one the door read from a header, else the
-        #: request's own (``infer`` adopts it), else the guard's once admitted
-        self.request_id = request_id
         #: whether the id is decided (a header named the call, or its first inference was looked at)
         self._named = bool(request_id)
+        #: the id of this request everywhere (``dhow.core.ids``): the one the door read from a header, else the
+        #: request's own (``infer`` adopts it), else one made here, before admission: a refusal's audit record and
+        #: the door's access log line then say the same (an open route's, never audited, is the door's to make)
+        self.request_id = request_id or (new_request_id() if access is not None else "")
         #: what inference decided (None: it did not end, or was not asked), and the data region placement gave
         #: (None: not placed): the outcome is built only when an audit record asks for it
         self._outcome: Outcome | None = None
@@ -205,7 +206,7 @@ class Call:
 
     def _adopt(self, request_id: str) -> None:
         """Name the call by its request's own id, when the door read none from a header and it is a plain token: the
-        audit record, the access log, the payload log, the trace and the feedback join then all say it. An in-process
+        audit record, the access log, the payload log and the trace then all say it. An in-process
         identity's call keeps its own (a stream's call infers many requests; a shadow's copy is not the client's)."""
         self._named = True
         admission = self._admission

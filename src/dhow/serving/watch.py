@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dhow.core.model_config import ModelConfig
-from dhow.core.types import InferenceRequest, InferenceResponse
+from dhow.core.types import Caller, InferenceRequest, InferenceResponse
 from dhow.monitoring.drift import DriftWindow, FeatureDrift, sampling_gap, score
 from dhow.monitoring.latency import PARTS, QUANTILES, LatencyBaseline, duration_text
 from dhow.monitoring.model_metrics import ModelMetrics
-from dhow.serving.feedback import FeedbackDesk
+from dhow.serving.feedback import FeedbackDesk, feedback_id
 from dhow.serving.lifecycle import ModelLifecycle
 from dhow.serving.model_version import ModelVersion
 
@@ -71,19 +71,19 @@ class ModelWatch:
     # -- the request's path ---------------------------------------------------------------------------
 
     def observe(
-        self, config: ModelConfig, request: InferenceRequest, response: InferenceResponse, request_id: str
+        self, config: ModelConfig, request: InferenceRequest, response: InferenceResponse, caller: Caller
     ) -> None:
         """An answered request: sampled into its version's drift window, its prediction kept for feedback. A
         failure here is logged once per model and never reaches the request, which has its answer."""
         try:
-            self._observe(config, request, response, request_id)
+            self._observe(config, request, response, caller)
         except Exception:
             if config.name not in self._failed:
                 self._failed.add(config.name)
                 log.exception("model %s: monitoring could not observe an answer (logged once)", config.name)
 
     def _observe(
-        self, config: ModelConfig, request: InferenceRequest, response: InferenceResponse, request_id: str
+        self, config: ModelConfig, request: InferenceRequest, response: InferenceResponse, caller: Caller
     ) -> None:
         watched = self._watched.get((config.name, response.model_version))
         if watched is None:  # the version's first answer: watched from now on, not from the next tick
@@ -105,7 +105,7 @@ class ModelWatch:
             }
             window.add(rows, inputs, outputs)
         if config.monitoring.feedback is not None:
-            self.feedback.keep(config, response, request_id)
+            self.feedback.keep(config, response, caller.tenant, feedback_id(request, caller.request_id))
 
     def _first_answer(self, name: str, version: str) -> _Watched | None:
         entry = self.models.entries.get(name)

@@ -212,8 +212,7 @@ class RestApp(PeerRoutes, MonitoringRoutes):
         log_later(access_log, scope, started, principal, request_id, status)
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send) -> tuple[int, str, str]:
-        """Route, admit and answer one request; its status (499: the client left), who asked ("-": unknown) and
-        its request id (the audit record's)."""
+        """Route, admit and answer one request: its status (499: client gone), who ("-": unknown), its request id."""
         match = resolve(scope["path"], scope["method"])
         if match is None:
             return await _send_no_route(send, scope["path"], scope["method"]), "-", unrouted_request_id(scope)
@@ -222,6 +221,7 @@ class RestApp(PeerRoutes, MonitoringRoutes):
         try:
             credentials = request.credentials(scope)
             call = self.service.call(credentials, match.route.access, match.model, request_id, request.traceparent)
+            request_id = call.request_id  # a refusal's too: made by the call when the client sent none
             await call.__aenter__()  # ``async with``, but for its usual end (``leave``)
             try:
                 principal = call.principal.name

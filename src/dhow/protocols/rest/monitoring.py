@@ -46,6 +46,6 @@ class MonitoringRoutes:
                 'the body must be {"labels": {"<request id>": <label>, ...}}'
                 + (f"; unknown field {unknown[0]!r}" if unknown else "")
             )
-        result = await self._watch().feedback.receive(request.match.model, body["labels"])
+        result = await self._watch().feedback.receive(request.match.model, body["labels"], call.caller.tenant)
         call.note(joined=result["joined"], unmatched=result["unmatched"])
         return 200, _JSON, orjson.dumps(result)

@@ -63,6 +63,7 @@ def monitoring_schemas() -> dict[str, Schema]:
                 },
                 "pending": integer("Predictions still awaiting their label."),
                 "dropped": integer("Predictions dropped unlabelled (the oldest, beyond monitoring.feedback.pending)."),
+                "replaced": integer("Predictions replaced by a newer answer to a request of the same tenant and id."),
                 "quality": {
                     "type": "object",
                     "description": "Per version the labels were joined to: its figures over its newest labels.",
