@@ -1,6 +1,6 @@
 """``dhow serve --cpu-affinity auto`` (a real server): the event loop's thread on a CPU of its own, the writer
 processes on the others, the model's threads and a Kafka stream's client threads on every CPU; refused, saying
-why, where there are not enough CPUs."""
+why, where there are not enough CPUs; off, a plan inherited from the environment is not followed."""
 
 from __future__ import annotations
 
@@ -128,3 +128,22 @@ def test_a_kafka_streams_client_threads_are_not_left_on_the_loops_cpu(
         replies.close()
         assert server.stop() == 0, server.log()
 
+
+def test_off_a_plan_inherited_from_the_environment_is_not_followed(
+    demo_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server started from a pinned one's environment (by one of its models) places nothing unless asked to."""
+    allowed = sorted(os.sched_getaffinity(0))
+    monkeypatch.setenv("DHOW_CPU_PLAN", f"{','.join(map(str, allowed))}|{allowed[-1]}")
+    payloads = tmp_path / "payloads.jsonl"
+    server = start_dhow(demo_repository, tmp_path, "--payload-log", f"file://{payloads}")
+    try:
+        status, answer = http_request(server.http_port, "POST", "/v2/models/tabular/infer", BODY)
+        assert status == 200, answer
+        writers = _children(server.process.pid)
+        assert writers, "no writer process"
+        for writer in writers:
+            for tid, cpus in _threads(writer).items():
+                assert cpus == set(allowed), f"writer {writer} thread {tid} may run on {cpus}"
+    finally:
+        assert server.stop() == 0, server.log()
