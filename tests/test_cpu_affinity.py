@@ -1,6 +1,7 @@
 """``dhow serve --cpu-affinity auto`` (a real server): the event loop's thread on a CPU of its own, the writer
 processes on the others, the model's threads and a Kafka stream's client threads on every CPU; refused, saying
-why, where there are not enough CPUs; off, a plan inherited from the environment is not followed."""
+why, where there are not enough CPUs or with the grpcio front; off, a plan inherited from the environment is not
+followed."""
 
 from __future__ import annotations
 
@@ -93,6 +94,16 @@ def test_more_workers_than_cpus_leave_no_cpu_for_the_writers_and_are_refused(dem
     assert "--cpu-affinity auto needs more CPUs than workers" in done.stderr
     assert "Traceback" not in done.stderr
 
+
+def test_the_grpcio_front_whose_threads_would_share_the_loops_cpu_is_refused(demo_repository: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "dhow.cli", "serve", "--repository", str(demo_repository), "--http-port", "0",
+         "--grpc-port", "0", "--cpu-affinity", "auto", "--grpc-front", "grpcio"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "--cpu-affinity auto cannot place grpcio's threads" in done.stderr
+    assert "use --grpc-front native" in done.stderr
 
 
 @pytest.fixture(scope="module")
