@@ -1,5 +1,7 @@
 """``dhow serve --cpu-affinity auto`` (a real server): the event loop's thread on a CPU of its own, the writer
-processes on the others, the model's threads on every CPU; refused, saying why, where there are not enough CPUs."""
+processes on the others, the model's threads and a Kafka stream's client threads on every CPU; refused, saying
+why, where there are not enough CPUs or with the grpcio front; off, a plan inherited from the environment is not
+followed."""
 
 from __future__ import annotations
 
@@ -7,11 +9,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import http_request, start_dhow
+from tests.kafka_broker import Broker, start_broker
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
@@ -31,6 +36,12 @@ def _allowed(pid: int, tid: int) -> set[int]:
                 cpus.update(range(int(first), int(last or first) + 1))
             return cpus
     raise AssertionError(f"no Cpus_allowed_list for thread {tid} of {pid}")
+
+
+def _names(pid: int) -> dict[int, str]:
+    return {
+        int(tid): Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() for tid in os.listdir(f"/proc/{pid}/task")
+    }
 
 
 def _threads(pid: int) -> dict[int, set[int]]:
@@ -82,3 +93,68 @@ def test_more_workers_than_cpus_leave_no_cpu_for_the_writers_and_are_refused(dem
     assert done.returncode == 2, done.stderr
     assert "--cpu-affinity auto needs more CPUs than workers" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_grpcio_front_whose_threads_would_share_the_loops_cpu_is_refused(demo_repository: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "dhow.cli", "serve", "--repository", str(demo_repository), "--http-port", "0",
+         "--grpc-port", "0", "--cpu-affinity", "auto", "--grpc-front", "grpcio"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "--cpu-affinity auto cannot place grpcio's threads" in done.stderr
+    assert "use --grpc-front native" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[Broker]:
+    yield from start_broker()
+
+
+def test_a_kafka_streams_client_threads_are_not_left_on_the_loops_cpu(
+    broker: Broker, demo_repository: Path, tmp_path: Path
+) -> None:
+    """librdkafka starts its threads (``rdk:main``, one per broker) when its client is built, on the loop's thread:
+    they inherit its mask unless built elsewhere."""
+    allowed = sorted(os.sched_getaffinity(0))
+    broker.create_topics("affinity.requests", "affinity.replies", partitions=1)
+    settings = tmp_path / "dhow.yaml"
+    settings.write_text(yaml.safe_dump({"streams": [{
+        "name": "scoring", "model": "tabular:2", "format": "v2-json",
+        "source": broker.url("affinity.requests", group_options=True), "sink": broker.url("affinity.replies"),
+        "on_error": "skip",
+    }]}))  # fmt: skip
+    broker.produce("affinity.requests", [(b"0", BODY, [])])
+    server = start_dhow(demo_repository, tmp_path, "--cpu-affinity", "auto", "--config", str(settings))
+    replies = broker.tail("affinity.replies")
+    try:
+        replies.until_keys({b"0"})  # the stream polled, answered and had its reply acknowledged
+        pid = server.process.pid
+        names, threads = _names(pid), _threads(pid)
+        assert threads[pid] == {allowed[0]}, "the event loop's thread is not on a CPU of its own"
+        assert any(name.startswith("rdk:") for name in names.values()), names
+        on_the_loops = {names[tid] for tid, cpus in threads.items() if tid != pid and cpus == {allowed[0]}}
+        assert not on_the_loops, f"threads left on the event loop's CPU: {sorted(on_the_loops)}"
+    finally:
+        replies.close()
+        assert server.stop() == 0, server.log()
+
+
+def test_off_a_plan_inherited_from_the_environment_is_not_followed(
+    demo_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server started from a pinned one's environment (by one of its models) places nothing unless asked to."""
+    allowed = sorted(os.sched_getaffinity(0))
+    monkeypatch.setenv("DHOW_CPU_PLAN", f"{','.join(map(str, allowed))}|{allowed[-1]}")
+    payloads = tmp_path / "payloads.jsonl"
+    server = start_dhow(demo_repository, tmp_path, "--payload-log", f"file://{payloads}")
+    try:
+        status, answer = http_request(server.http_port, "POST", "/v2/models/tabular/infer", BODY)
+        assert status == 200, answer
+        writers = _children(server.process.pid)
+        assert writers, "no writer process"
+        for writer in writers:
+            for tid, cpus in _threads(writer).items():
+                assert cpus == set(allowed), f"writer {writer} thread {tid} may run on {cpus}"
+    finally:
+        assert server.stop() == 0, server.log()

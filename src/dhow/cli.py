@@ -149,6 +149,15 @@ def _serve(args: argparse.Namespace) -> int:
         from dhow.core.affinity import check
 
         check(settings.workers)
+        if settings.grpc_front == "grpcio":
+            # grpc.aio starts its threads (event engine, timers, its poller) on the loop's thread, and its poller is
+            # bound to that loop: they would share the loop's CPU, the very preemption the pinning is there to avoid
+            print(
+                "dhow: --cpu-affinity auto cannot place grpcio's threads, which would share the event loop's CPU; "
+                "use --grpc-front native (the default) or leave --cpu-affinity off",
+                file=sys.stderr,
+            )
+            return 2
     if settings.workers > 1:
         from dhow.supervisor import serve_workers
 

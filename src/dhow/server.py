@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterator
@@ -463,6 +464,8 @@ def run_server(
     pinned = settings.cpu_affinity == "auto"
     if pinned:  # this thread runs the event loop: pinned before it starts anything (``core/affinity.py``)
         log.info("CPU affinity: %s", affinity.pin_loop(settings.workers, worker_index))
+    else:  # a plan inherited (this server started by a pinned one's model) is not this one's: its writers ignore it
+        os.environ.pop(affinity.PLAN_ENV, None)
 
     async def main() -> None:
         if pinned:  # the loop's threads for blocking work (loading models, scoring drift) are not the loop's

@@ -11,7 +11,9 @@ the threads the loop starts for blocking work.
 The plan is made once per server process (``pin_loop``) from the CPUs it may use (its cgroup's cpuset, taskset):
 with N workers the N loops take the first N of them and the writers the rest, so it needs more CPUs than workers.
 Children learn it from the environment (``DHOW_CPU_PLAN``) and place themselves at start (``as_helper``,
-``as_any``): a child inherits the mask of the thread that started it, the loop's. Linux only (``sched_setaffinity``).
+``as_any``): a child inherits the mask of the thread that started it, the loop's. So does every thread a library
+starts (librdkafka's, an executor's): what starts threads of its own is built on a placed thread (``placed``), an
+executor's threads place themselves (``initializer=as_any``). Linux only (``sched_setaffinity``).
 Off by default: on a host shared with other work (a node without the Kubernetes static CPU manager), a pinned loop
 cannot move away from a busy CPU.
 """
@@ -20,13 +22,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from dhow.core.errors import InvalidInput
 
-__all__ = ["PLAN_ENV", "as_any", "as_helper", "check", "pin_loop"]
+__all__ = ["PLAN_ENV", "as_any", "as_helper", "check", "pin_loop", "placed"]
 
 #: the plan, as children read it: every CPU the server may use, then the writers' (``0,1,2,3|2,3``)
 PLAN_ENV = "DHOW_CPU_PLAN"
+
+T = TypeVar("T")
 
 
 def check(workers: int) -> list[int]:
@@ -62,6 +69,16 @@ def as_any() -> None:
     """Run the calling process or thread on every CPU the server may use (a model's threads and processes, the
     loop's helper threads), when the server pinned its loop (else nothing: it has them already)."""
     _place(0)
+
+
+def placed(make: Callable[[], T]) -> T:
+    """``make()``, run on a thread placed on every CPU the server may use when it pinned its loop (else on the
+    caller's): the threads it starts (a client library's) inherit those CPUs, not the loop's. Its exceptions
+    propagate."""
+    if not os.environ.get(PLAN_ENV):
+        return make()
+    with ThreadPoolExecutor(1, thread_name_prefix="dhow-placed", initializer=as_any) as once:
+        return once.submit(make).result()
 
 
 def _place(part: int) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from dhow.core import affinity
 from dhow.core.errors import InvalidInput, Unavailable
 from dhow.core.kafka import KafkaProducer
 from dhow.streaming.endpoints import Endpoint
@@ -73,10 +74,13 @@ class KafkaSource:
             "error_cb": log_error,
             **endpoint.options,
         }
-        self._consumer = Consumer(config)
+        # librdkafka's threads (rdk:main, a thread per broker) start here: off the pinned loop's CPU (``placed``)
+        self._consumer = affinity.placed(lambda: Consumer(config))
         #: the group's rebalances add partitions to the assignment (``incremental_assign``) rather than replace it
         self._incremental = _incremental(config)
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dhow-kafka-poll")
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="dhow-kafka-poll", initializer=affinity.as_any
+        )
         self._lag: dict[str, int] = {}
         self._assigned: list[str] = []
         #: the application's state in its latest poll: partitions the group gives meanwhile come in it (``_on_assign``)
@@ -250,12 +254,13 @@ class KafkaSink:
             "error_cb": log_error,
             **endpoint.options,
         }
-        self._producer = KafkaProducer(config, what=f"sink {endpoint}")
+        self._producer = affinity.placed(lambda: KafkaProducer(config, what=f"sink {endpoint}"))
 
     async def start(self) -> None:
         await check_topic(self._producer.client, self.endpoint, "sink")
         # the reports settle each batch's acknowledgement off the event loop: one hop to it per batch
-        self._producer.serve_reports("dhow-kafka-deliver")
+        # (on the stream's path: the acknowledgements free the in-flight bound; every CPU, as the poll's thread)
+        affinity.placed(lambda: self._producer.serve_reports("dhow-kafka-deliver"))
 
     async def send_batch(self, messages: Sequence[Outgoing]) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()

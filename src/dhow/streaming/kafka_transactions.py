@@ -25,6 +25,7 @@ from typing import Any
 
 from confluent_kafka import KafkaException, TopicPartition
 
+from dhow.core import affinity
 from dhow.core.errors import Unsupported
 from dhow.core.kafka import KafkaProducer
 from dhow.streaming.endpoints import Endpoint
@@ -56,9 +57,11 @@ class KafkaTransactions:
             "error_cb": log_error,
             **sink.options,
         }
-        self._producer = KafkaProducer(config, what=f"sink {sink}")
+        self._producer = affinity.placed(lambda: KafkaProducer(config, what=f"sink {sink}"))
         # the client's transactional calls block: they run on a thread of their own, one at a time
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dhow-kafka-txn")
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="dhow-kafka-txn", initializer=affinity.as_any
+        )
 
     async def start(self) -> None:
         """Check the topics, then register the transactional id (refused where the broker has no transactions)."""

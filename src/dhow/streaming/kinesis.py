@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dhow.core import affinity
 from dhow.core.errors import InvalidInput, Unavailable
 from dhow.streaming.carry import carried, header_length
 from dhow.streaming.endpoints import Endpoint
@@ -100,7 +101,9 @@ class KinesisSource:
         self._store: ShardStore | None = None
         self._client = _client(endpoint)
         self._binary = carry == "v2-binary"
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dhow-kinesis-read")
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="dhow-kinesis-read", initializer=affinity.as_any
+        )
         self._shards: dict[str, _Shard] = {}
         #: the tracker's number of each shard (it keys partitions by number, as Kafka numbers them)
         self._numbers: dict[str, int] = {}
@@ -356,7 +359,9 @@ class KinesisSink:
         self.url = endpoint.url
         self.carry = carry
         self._client = _client(endpoint)
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dhow-kinesis-put")
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="dhow-kinesis-put", initializer=affinity.as_any
+        )
         self._queue: deque[_Put] = deque()
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None

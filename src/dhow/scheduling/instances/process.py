@@ -22,6 +22,7 @@ from typing import IO
 
 import numpy as np
 
+from dhow.core import affinity
 from dhow.core.artifacts import installed_decryptor
 from dhow.core.errors import DhowError, ModelFault, ModelLoadError, Unavailable
 from dhow.core.model_config import ModelConfig
@@ -221,6 +222,7 @@ class ProcessInstance:
 
     def _relay(self, child: Child, stream: IO[bytes], tag: str) -> None:
         """Log what the child writes, as this server's records; when it ends, restart the child if it died."""
+        affinity.as_helper()  # (background work, off the event loop's CPU, with ``--cpu-affinity auto``)
         for line in stream:
             log_child_line(line, tag)
         stream.close()

@@ -58,6 +58,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     affinity.as_any()  # (started by the pinned event loop's thread: every CPU again, with ``--cpu-affinity auto``)
+    os.environ.pop(affinity.PLAN_ENV, None)  # the server's plan, for its own children: not the model's
     fd = int(argv[1])
     # pass_fds left it inheritable: a process the model starts would hold it, and outlive this one unseen
     os.set_inheritable(fd, False)
