@@ -3,11 +3,14 @@ do stays bounded (Rapid Reset, CONTINUATION and control-frame floods, a client t
 
 from __future__ import annotations
 
+import collections
 import socket
 import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
+import pytest
 
 from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from dhow.protocols.grpc.h2 import bounds
@@ -102,22 +105,48 @@ def test_a_header_block_in_endless_empty_continuations_is_refused(door: Door) ->
         assert _goaway_code(_read_frames(sock, f.GOAWAY))[0] == f.ENHANCE_YOUR_CALM
 
 
-def test_rapid_reset_ends_the_connection_past_its_budget(door: Door) -> None:  # noqa: F811
-    """Streams opened and reset at once: the burst a client may reset goes through, the flood past it ends the
-    connection with ENHANCE_YOUR_CALM (CVE-2023-44487)."""
+@pytest.mark.parametrize(
+    "ending",
+    [
+        pytest.param(lambda s: f.rst_stream(s, f.CANCEL), id="RST_STREAM"),
+        # MadeYouReset (CVE-2025-8671): a frame the server must answer by ending the call does what a reset does
+        pytest.param(lambda s: f.frame(f.WINDOW_UPDATE, 0, s, b"\0\0\0\0"), id="WINDOW_UPDATE-0"),
+        pytest.param(lambda s: f.frame(f.DATA, f.END_STREAM, s), id="no-request-message"),
+        pytest.param(lambda s: f.frame(f.DATA, 0, s, b"\7\0\0\0\0"), id="bad-message-flag"),
+    ],
+)
+def test_rapid_reset_ends_the_connection_past_its_budget(door: Door, ending: Callable[[int], bytes]) -> None:  # noqa: F811
+    """Streams opened and ended at once, by the client's RST_STREAM or by a frame the server ends the call for:
+    the burst a client may end goes through, the flood past it ends the connection with ENHANCE_YOUR_CALM
+    (CVE-2023-44487, CVE-2025-8671)."""
 
-    def opened_and_reset(streams: range) -> bytes:
-        return b"".join(_opened(range(s, s + 1)) + f.rst_stream(s, f.CANCEL) for s in streams)
+    def opened_and_ended(streams: range) -> bytes:
+        return b"".join(_opened(range(s, s + 1)) + ending(s) for s in streams)
 
     burst = bounds.RESET_BURST - 100  # what a client cancelling many calls at once may do
     with _connect(door) as sock:
-        sock.sendall(HELLO + opened_and_reset(range(1, 2 * burst, 2)) + _PING)
-        frames = _read_frames(sock, f.PING)
+        sock.sendall(HELLO + opened_and_ended(range(1, 2 * burst, 2)) + _PING)
+        frames = _read_frames(sock, f.PING, flags=f.ACK)
         assert frames[-1] == (f.PING, f.ACK, 0, b"12345678"), frames[-1]
         assert door.streams() == 0
-        sock.sendall(opened_and_reset(range(2 * burst + 1, 2 * burst + 1000, 2)) + _PING)
-        code, reason = _goaway_code(_read_frames(sock, f.PING))
+        sock.sendall(opened_and_ended(range(2 * burst + 1, 2 * burst + 1000, 2)) + _PING)
+        code, reason = _goaway_code(_read_frames(sock, f.PING, flags=f.ACK))
     assert (code, reason) == (f.ENHANCE_YOUR_CALM, b"too many calls reset by the client")
+
+
+def test_calls_their_client_gave_up_on_at_their_deadline_are_no_rapid_reset(door: Door) -> None:  # noqa: F811
+    """A grpc channel's deadlines reset each call when it expires: 1600 calls with a 0.1 s timeout to a model that
+    takes longer each end DEADLINE_EXCEEDED, and the connection is never ended as a reset flood."""
+    with grpc.insecure_channel(door.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        codes = collections.Counter()
+        for _ in range(16):
+            calls = [
+                stub.ModelInfer.future(_request("slow", np.ones((1, 4), np.float32)), timeout=0.1) for _ in range(100)
+            ]
+            for call in calls:
+                codes[call.exception(timeout=30).code()] += 1  # type: ignore[union-attr]
+    assert codes == {grpc.StatusCode.DEADLINE_EXCEEDED: 1600}, codes
 
 
 def test_a_window_update_wakes_only_the_answers_it_lets_go_on(door: Door) -> None:  # noqa: F811

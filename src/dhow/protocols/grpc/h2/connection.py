@@ -372,8 +372,8 @@ class H2Connection(Sender, asyncio.Protocol):
             self.write(f.header_frames(stream_id, block, True, self.max_frame_out) + end)
             return
         assert request.method is not None
-        stream = Stream(stream_id, request.method, request.gzip)
-        deadline = None if request.timeout is None else self.loop.time() + request.timeout
+        stream = Stream(stream_id, request.method, request.gzip, self.loop.time())
+        deadline = None if request.timeout is None else stream.opened + request.timeout
         stream.context = CallContext(self, stream, decoded, deadline)
         self.streams[stream_id] = stream
         if request.timeout is not None:
@@ -397,8 +397,7 @@ class H2Connection(Sender, asyncio.Protocol):
         if stream is not None:
             stream.remote_closed = True
             self._end_call(stream, RESET)
-            if not self._resets.spend():
-                raise f.ConnectionError_(f.ENHANCE_YOUR_CALM, "too many calls reset by the client")
+            self._charge(stream)
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
@@ -459,10 +458,17 @@ class H2Connection(Sender, asyncio.Protocol):
     # -- ending calls -------------------------------------------------------------------------------------
 
     def _fail(self, stream: Stream, code: grpc.StatusCode, message: str, reset: int = f.NO_ERROR) -> None:
-        """End one call with ``code`` (its stream reset with ``reset`` unless the client has ended its side)."""
+        """End one call with ``code`` (its stream reset with ``reset`` unless the client has ended its side), for
+        what the client sent: charged as the client's reset (``bounds``)."""
         self._end_call(stream, (code, message))
         if reset != f.NO_ERROR:
             self.write(f.rst_stream(stream.id, reset))
+        self._charge(stream)
+
+    def _charge(self, stream: Stream) -> None:
+        deadline = stream.context.deadline if stream.context is not None else None
+        if not self._resets.spend(stream.opened, deadline):
+            raise f.ConnectionError_(f.ENHANCE_YOUR_CALM, "too many calls reset by the client")
 
     def _end_call(self, stream: Stream, ending: Any) -> None:
         if stream.ending is not False:
