@@ -216,3 +216,28 @@ def test_large_header_blocks_are_not_kept(door: Door) -> None:  # noqa: F811
 
 async def _cached_block_bytes(server: NativeServer) -> int:
     return sum(len(block) for connection in server.front.connections for block in connection.decoder._cache)
+
+
+def test_a_wake_up_for_the_connections_window_is_handed_on_when_its_call_is_reset(door: Door) -> None:  # noqa: F811
+    """Four answers waiting for the connection's window; one byte of window, and the first answer's reset, in one
+    read: the byte wakes the first, which is cancelled before it runs, so the next answer must take the byte."""
+    request = _request("echo", np.ones((1, 17_000), np.float32)).SerializeToString()  # answers above 64 KiB
+    message = b"\0" + len(request).to_bytes(4, "big") + request
+    calls = b"".join(
+        f.frame(f.HEADERS, f.END_HEADERS, s, _INFER) + f.frame(f.DATA, f.END_STREAM, s, message) for s in (1, 3, 5, 7)
+    )
+    with _connect(door) as sock:
+        sock.sendall(f.PREFACE + f.settings({f.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20}) + calls)
+        waiting = "four answers waiting for the connection's window"
+        wait_until(lambda: door.run(_connection_waiters(door.server)) == 4, 10, waiting)
+        sock.sendall(f.window_update(0, 1) + f.rst_stream(1, f.CANCEL))
+        data, deadline = b"", time.monotonic() + 10
+        while b"\0\0\1\0\0\0\0\0" not in data:  # the header of a DATA frame of one byte, on a stream below 256
+            assert time.monotonic() < deadline, "no answer took the byte its reset call was woken for"
+            data += sock.recv(1 << 20)
+        stream = data[data.index(b"\0\0\1\0\0\0\0\0") + 8]
+        assert stream in (3, 5, 7), stream
+
+
+async def _connection_waiters(server: NativeServer) -> int:
+    return sum(len(connection.waits._shared) for connection in server.front.connections)
