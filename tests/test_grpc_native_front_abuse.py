@@ -16,6 +16,7 @@ from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from dhow.protocols.grpc.h2 import bounds
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.server import NativeServer
+from dhow.protocols.grpc.server import GrpcConnectionLimits
 from tests.conftest import wait_until
 from tests.test_grpc_native_front import (
     HELLO,
@@ -241,3 +242,24 @@ def test_a_wake_up_for_the_connections_window_is_handed_on_when_its_call_is_rese
 
 async def _connection_waiters(server: NativeServer) -> int:
     return sum(len(connection.waits._shared) for connection in server.front.connections)
+
+
+_QUICK = GrpcConnectionLimits(keepalive_s=0.3, keepalive_timeout_s=1.0, idle_s=30)
+
+
+@pytest.mark.parametrize("door", [_QUICK], indirect=True)
+def test_a_client_that_reads_nothing_is_disconnected(door: Door) -> None:  # noqa: F811
+    """A client that sends until the server stops reading it, and reads nothing: the keepalive closes it, and the
+    connection ends though its GOAWAY, behind what the client never read, cannot leave."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", door.port))
+    with sock:
+        sock.sendall(HELLO)
+        sock.settimeout(2)
+        try:
+            while True:
+                sock.send(_PING * 60_000)
+        except TimeoutError:
+            pass  # the server has stopped reading
+        wait_until(lambda: not door.server.front.connections, 10, "the server ending the connection")

@@ -35,6 +35,8 @@ ANNOUNCED = f.settings(
         f.SETTINGS_MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
     }
 ) + f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW)
+#: how long a closed connection's last frames (its GOAWAY) may take to leave before it is aborted
+CLOSE_GRACE_S = 2.0
 #: the resets a connection may make at once, and those it gets back a second
 RESET_BURST = 1000
 RESET_RATE = 33.0
