@@ -263,3 +263,14 @@ def test_a_client_that_reads_nothing_is_disconnected(door: Door) -> None:  # noq
         except TimeoutError:
             pass  # the server has stopped reading
         wait_until(lambda: not door.server.front.connections, 10, "the server ending the connection")
+
+
+def test_window_errors_are_those_rfc_9113_names(door: Door) -> None:  # noqa: F811
+    """A stream's WINDOW_UPDATE of 0 resets it PROTOCOL_ERROR (§6.9); a SETTINGS_INITIAL_WINDOW_SIZE that takes a
+    stream's window above 2^31-1 ends the connection FLOW_CONTROL_ERROR (§6.9.2)."""
+    with _connect(door) as sock:
+        sock.sendall(HELLO + _opened(range(1, 4, 2)) + f.frame(f.WINDOW_UPDATE, 0, 1, b"\0\0\0\0") + _PING)
+        frames = _read_frames(sock, f.PING, flags=f.ACK)
+        assert (f.RST_STREAM, 0, 1, f.PROTOCOL_ERROR.to_bytes(4, "big")) in frames, frames
+        sock.sendall(f.window_update(3, f.MAX_WINDOW - 65_535) + f.settings({f.SETTINGS_INITIAL_WINDOW_SIZE: 65_536}))
+        assert _goaway_code(_read_frames(sock, f.GOAWAY))[0] == f.FLOW_CONTROL_ERROR

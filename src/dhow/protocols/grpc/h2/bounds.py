@@ -14,9 +14,10 @@ would have ended it then at no cost to the client); a flood resets at once.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
 from dhow.protocols.grpc.h2 import frames as f
-from dhow.protocols.grpc.h2.calls import RECEIVE_WINDOW
+from dhow.protocols.grpc.h2.calls import RECEIVE_WINDOW, Stream
 
 #: what a client may send in all before the server's WINDOW_UPDATE on the connection
 CONNECTION_WINDOW = 16 * 1024 * 1024
@@ -66,3 +67,15 @@ class ResetBudget:
             return False
         self._left -= 1
         return True
+
+
+def largest_delta(initial: int, bound: int, streams: Iterable[Stream]) -> int:
+    """``bound`` (at least every open stream's ``window_delta``), or the exact largest when a stream's window may
+    pass 2^31-1 with ``initial`` as the client's SETTINGS_INITIAL_WINDOW_SIZE: a connection error if one does
+    (RFC 9113 §6.9.2). The pass over the streams comes only when the bound is crossed, and makes it exact: a client
+    cannot have each SETTINGS cost one without ending a stream whose window it raised between two."""
+    if initial + bound > f.MAX_WINDOW:
+        bound = max((stream.window_delta for stream in streams), default=0)
+        if initial + bound > f.MAX_WINDOW:
+            raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "a stream's window above 2^31-1")
+    return bound

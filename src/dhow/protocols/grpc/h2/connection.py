@@ -46,6 +46,7 @@ class H2Connection(Sender, asyncio.Protocol):
         self.last_stream = 0
         self.send_window = f.DEFAULT_WINDOW
         self.initial_send_window = f.DEFAULT_WINDOW
+        self.largest_delta = 0  # at least every open stream's ``window_delta`` (``bounds.largest_delta``)
         self.max_frame_out = f.DEFAULT_FRAME_SIZE
         self.receive_window = bounds.CONNECTION_WINDOW
         self.received = 0
@@ -403,9 +404,13 @@ class H2Connection(Sender, asyncio.Protocol):
                 raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "the connection's window above 2^31-1")
             self.waits.shared(self.send_window)
         elif (stream := self.streams.get(stream_id)) is not None:
+            if increment == 0:  # RFC 9113 §6.9: a stream error PROTOCOL_ERROR
+                self._fail(stream, grpc.StatusCode.INTERNAL, "a WINDOW_UPDATE of 0", f.PROTOCOL_ERROR)
+                return
             stream.window_delta += increment
-            if increment == 0 or self.initial_send_window + stream.window_delta > f.MAX_WINDOW:
-                self._fail(stream, grpc.StatusCode.INTERNAL, "a bad WINDOW_UPDATE", f.FLOW_CONTROL_ERROR)
+            self.largest_delta = max(self.largest_delta, stream.window_delta)
+            if self.initial_send_window + stream.window_delta > f.MAX_WINDOW:
+                self._fail(stream, grpc.StatusCode.INTERNAL, "a stream's window above 2^31-1", f.FLOW_CONTROL_ERROR)
             self.waits.stream(stream_id)
 
     def _apply_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
@@ -423,6 +428,7 @@ class H2Connection(Sender, asyncio.Protocol):
                 if value > f.MAX_WINDOW:
                     raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1")
                 if value > self.initial_send_window:
+                    self.largest_delta = bounds.largest_delta(value, self.largest_delta, self.streams.values())
                     self.waits.streams()
                 self.initial_send_window = value  # every stream's window with it (``Stream.window_delta``)
             elif key == f.SETTINGS_MAX_FRAME_SIZE:
