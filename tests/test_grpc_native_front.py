@@ -81,7 +81,9 @@ class Door:
 
 
 @pytest.fixture
-def door() -> Iterator[Door]:
+def door(request: pytest.FixtureRequest) -> Iterator[Door]:
+    """A native front on a free port, with the limits a test's indirect parameter gives (default: the defaults)."""
+    limits = getattr(request, "param", None) or GrpcConnectionLimits()
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="native-door", daemon=True)
     thread.start()
@@ -91,7 +93,9 @@ def door() -> Iterator[Door]:
     async def start() -> Any:
         plane.gate = asyncio.Event()
         await trail.start()
-        bound = await create_grpc_server(service, "127.0.0.1", 0, max_message_bytes=MAX_MESSAGE, front="native")
+        bound = await create_grpc_server(
+            service, "127.0.0.1", 0, max_message_bytes=MAX_MESSAGE, front="native", limits=limits
+        )
         await bound.server.start()
         return bound
 

@@ -3,16 +3,20 @@ do stays bounded (Rapid Reset, CONTINUATION and control-frame floods, a client t
 
 from __future__ import annotations
 
+import collections
 import socket
 import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
+import pytest
 
 from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from dhow.protocols.grpc.h2 import bounds
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.server import NativeServer
+from dhow.protocols.grpc.server import GrpcConnectionLimits
 from tests.conftest import wait_until
 from tests.test_grpc_native_front import (
     HELLO,
@@ -102,22 +106,48 @@ def test_a_header_block_in_endless_empty_continuations_is_refused(door: Door) ->
         assert _goaway_code(_read_frames(sock, f.GOAWAY))[0] == f.ENHANCE_YOUR_CALM
 
 
-def test_rapid_reset_ends_the_connection_past_its_budget(door: Door) -> None:  # noqa: F811
-    """Streams opened and reset at once: the burst a client may reset goes through, the flood past it ends the
-    connection with ENHANCE_YOUR_CALM (CVE-2023-44487)."""
+@pytest.mark.parametrize(
+    "ending",
+    [
+        pytest.param(lambda s: f.rst_stream(s, f.CANCEL), id="RST_STREAM"),
+        # MadeYouReset (CVE-2025-8671): a frame the server must answer by ending the call does what a reset does
+        pytest.param(lambda s: f.frame(f.WINDOW_UPDATE, 0, s, b"\0\0\0\0"), id="WINDOW_UPDATE-0"),
+        pytest.param(lambda s: f.frame(f.DATA, f.END_STREAM, s), id="no-request-message"),
+        pytest.param(lambda s: f.frame(f.DATA, 0, s, b"\7\0\0\0\0"), id="bad-message-flag"),
+    ],
+)
+def test_rapid_reset_ends_the_connection_past_its_budget(door: Door, ending: Callable[[int], bytes]) -> None:  # noqa: F811
+    """Streams opened and ended at once, by the client's RST_STREAM or by a frame the server ends the call for:
+    the burst a client may end goes through, the flood past it ends the connection with ENHANCE_YOUR_CALM
+    (CVE-2023-44487, CVE-2025-8671)."""
 
-    def opened_and_reset(streams: range) -> bytes:
-        return b"".join(_opened(range(s, s + 1)) + f.rst_stream(s, f.CANCEL) for s in streams)
+    def opened_and_ended(streams: range) -> bytes:
+        return b"".join(_opened(range(s, s + 1)) + ending(s) for s in streams)
 
     burst = bounds.RESET_BURST - 100  # what a client cancelling many calls at once may do
     with _connect(door) as sock:
-        sock.sendall(HELLO + opened_and_reset(range(1, 2 * burst, 2)) + _PING)
-        frames = _read_frames(sock, f.PING)
+        sock.sendall(HELLO + opened_and_ended(range(1, 2 * burst, 2)) + _PING)
+        frames = _read_frames(sock, f.PING, flags=f.ACK)
         assert frames[-1] == (f.PING, f.ACK, 0, b"12345678"), frames[-1]
         assert door.streams() == 0
-        sock.sendall(opened_and_reset(range(2 * burst + 1, 2 * burst + 1000, 2)) + _PING)
-        code, reason = _goaway_code(_read_frames(sock, f.PING))
+        sock.sendall(opened_and_ended(range(2 * burst + 1, 2 * burst + 1000, 2)) + _PING)
+        code, reason = _goaway_code(_read_frames(sock, f.PING, flags=f.ACK))
     assert (code, reason) == (f.ENHANCE_YOUR_CALM, b"too many calls reset by the client")
+
+
+def test_calls_their_client_gave_up_on_at_their_deadline_are_no_rapid_reset(door: Door) -> None:  # noqa: F811
+    """A grpc channel's deadlines reset each call when it expires: 1600 calls with a 0.1 s timeout to a model that
+    takes longer each end DEADLINE_EXCEEDED, and the connection is never ended as a reset flood."""
+    with grpc.insecure_channel(door.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        codes = collections.Counter()
+        for _ in range(16):
+            calls = [
+                stub.ModelInfer.future(_request("slow", np.ones((1, 4), np.float32)), timeout=0.1) for _ in range(100)
+            ]
+            for call in calls:
+                codes[call.exception(timeout=30).code()] += 1  # type: ignore[union-attr]
+    assert codes == {grpc.StatusCode.DEADLINE_EXCEEDED: 1600}, codes
 
 
 def test_a_window_update_wakes_only_the_answers_it_lets_go_on(door: Door) -> None:  # noqa: F811
@@ -187,3 +217,60 @@ def test_large_header_blocks_are_not_kept(door: Door) -> None:  # noqa: F811
 
 async def _cached_block_bytes(server: NativeServer) -> int:
     return sum(len(block) for connection in server.front.connections for block in connection.decoder._cache)
+
+
+def test_a_wake_up_for_the_connections_window_is_handed_on_when_its_call_is_reset(door: Door) -> None:  # noqa: F811
+    """Four answers waiting for the connection's window; one byte of window, and the first answer's reset, in one
+    read: the byte wakes the first, which is cancelled before it runs, so the next answer must take the byte."""
+    request = _request("echo", np.ones((1, 17_000), np.float32)).SerializeToString()  # answers above 64 KiB
+    message = b"\0" + len(request).to_bytes(4, "big") + request
+    calls = b"".join(
+        f.frame(f.HEADERS, f.END_HEADERS, s, _INFER) + f.frame(f.DATA, f.END_STREAM, s, message) for s in (1, 3, 5, 7)
+    )
+    with _connect(door) as sock:
+        sock.sendall(f.PREFACE + f.settings({f.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20}) + calls)
+        waiting = "four answers waiting for the connection's window"
+        wait_until(lambda: door.run(_connection_waiters(door.server)) == 4, 10, waiting)
+        sock.sendall(f.window_update(0, 1) + f.rst_stream(1, f.CANCEL))
+        data, deadline = b"", time.monotonic() + 10
+        while b"\0\0\1\0\0\0\0\0" not in data:  # the header of a DATA frame of one byte, on a stream below 256
+            assert time.monotonic() < deadline, "no answer took the byte its reset call was woken for"
+            data += sock.recv(1 << 20)
+        stream = data[data.index(b"\0\0\1\0\0\0\0\0") + 8]
+        assert stream in (3, 5, 7), stream
+
+
+async def _connection_waiters(server: NativeServer) -> int:
+    return sum(len(connection.waits._shared) for connection in server.front.connections)
+
+
+_QUICK = GrpcConnectionLimits(keepalive_s=0.3, keepalive_timeout_s=1.0, idle_s=30)
+
+
+@pytest.mark.parametrize("door", [_QUICK], indirect=True)
+def test_a_client_that_reads_nothing_is_disconnected(door: Door) -> None:  # noqa: F811
+    """A client that sends until the server stops reading it, and reads nothing: the keepalive closes it, and the
+    connection ends though its GOAWAY, behind what the client never read, cannot leave."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", door.port))
+    with sock:
+        sock.sendall(HELLO)
+        sock.settimeout(2)
+        try:
+            while True:
+                sock.send(_PING * 60_000)
+        except TimeoutError:
+            pass  # the server has stopped reading
+        wait_until(lambda: not door.server.front.connections, 10, "the server ending the connection")
+
+
+def test_window_errors_are_those_rfc_9113_names(door: Door) -> None:  # noqa: F811
+    """A stream's WINDOW_UPDATE of 0 resets it PROTOCOL_ERROR (§6.9); a SETTINGS_INITIAL_WINDOW_SIZE that takes a
+    stream's window above 2^31-1 ends the connection FLOW_CONTROL_ERROR (§6.9.2)."""
+    with _connect(door) as sock:
+        sock.sendall(HELLO + _opened(range(1, 4, 2)) + f.frame(f.WINDOW_UPDATE, 0, 1, b"\0\0\0\0") + _PING)
+        frames = _read_frames(sock, f.PING, flags=f.ACK)
+        assert (f.RST_STREAM, 0, 1, f.PROTOCOL_ERROR.to_bytes(4, "big")) in frames, frames
+        sock.sendall(f.window_update(3, f.MAX_WINDOW - 65_535) + f.settings({f.SETTINGS_INITIAL_WINDOW_SIZE: 65_536}))
+        assert _goaway_code(_read_frames(sock, f.GOAWAY))[0] == f.FLOW_CONTROL_ERROR

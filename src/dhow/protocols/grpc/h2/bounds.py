@@ -4,15 +4,20 @@ and bounds on what HTTP/2 leaves unbounded (the frames of a header block, the ca
 Rapid Reset (CVE-2023-44487) opens streams and resets them at once, endlessly, so that the bound on concurrent
 streams never holds back the work it makes (a header block read, a call started and cancelled, per stream):
 ``ResetBudget`` is a token bucket per connection, with nghttp2's sizes, 1000 resets at once then 33 a second. Only
-a reset that ends a call counts: one that crosses the server's own answer costs it nothing more.
+a reset that ends a call counts: one that crosses the server's own answer costs it nothing more. A call the server
+ends because the client sent it a bad frame counts as a reset (MadeYouReset, CVE-2025-8671: the same flood with a
+WINDOW_UPDATE of 0 or a malformed request in place of RST_STREAM), as nghttp2 1.66 counts it. A call that ran a
+while does not count: a second, or half its grpc-timeout, which a grpc client's own deadline resets at (the server
+would have ended it then at no cost to the client); a flood resets at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
 from dhow.protocols.grpc.h2 import frames as f
-from dhow.protocols.grpc.h2.calls import RECEIVE_WINDOW
+from dhow.protocols.grpc.h2.calls import RECEIVE_WINDOW, Stream
 
 #: what a client may send in all before the server's WINDOW_UPDATE on the connection
 CONNECTION_WINDOW = 16 * 1024 * 1024
@@ -31,13 +36,17 @@ ANNOUNCED = f.settings(
         f.SETTINGS_MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
     }
 ) + f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW)
+#: how long a closed connection's last frames (its GOAWAY) may take to leave before it is aborted
+CLOSE_GRACE_S = 2.0
 #: the resets a connection may make at once, and those it gets back a second
 RESET_BURST = 1000
 RESET_RATE = 33.0
+#: a call ended after it has run this long (or half its grpc-timeout) costs its client no reset
+RESET_FREE_AFTER_S = 1.0
 
 
 class ResetBudget:
-    """The resets a connection has left (``spend``: one more, or False when none is left)."""
+    """The resets a connection has left, and the calls it ends."""
 
     __slots__ = ("_left", "_loop", "_since")
 
@@ -46,11 +55,27 @@ class ResetBudget:
         self._left = float(RESET_BURST)
         self._since = loop.time()
 
-    def spend(self) -> bool:
+    def spend(self, opened: float, deadline: float | None) -> bool:
+        """One more call ended, opened at ``opened`` with ``deadline`` (loop times): False when none is left."""
         now = self._loop.time()
+        ran = now - opened
+        if ran >= RESET_FREE_AFTER_S or (deadline is not None and ran >= (deadline - opened) / 2):
+            return True
         self._left = min(RESET_BURST, self._left + (now - self._since) * RESET_RATE)
         self._since = now
         if self._left < 1:
             return False
         self._left -= 1
         return True
+
+
+def largest_delta(initial: int, bound: int, streams: Iterable[Stream]) -> int:
+    """``bound`` (at least every open stream's ``window_delta``), or the exact largest when a stream's window may
+    pass 2^31-1 with ``initial`` as the client's SETTINGS_INITIAL_WINDOW_SIZE: a connection error if one does
+    (RFC 9113 §6.9.2). The pass over the streams comes only when the bound is crossed, and makes it exact: a client
+    cannot have each SETTINGS cost one without ending a stream whose window it raised between two."""
+    if initial + bound > f.MAX_WINDOW:
+        bound = max((stream.window_delta for stream in streams), default=0)
+        if initial + bound > f.MAX_WINDOW:
+            raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "a stream's window above 2^31-1")
+    return bound

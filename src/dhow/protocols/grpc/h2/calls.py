@@ -91,6 +91,7 @@ class Stream:
         "inbox",
         "messages",
         "method",
+        "opened",
         "received",
         "remote_closed",
         "started",
@@ -99,9 +100,10 @@ class Stream:
         "window_delta",
     )
 
-    def __init__(self, stream_id: int, method: Method, gzip: bool) -> None:
+    def __init__(self, stream_id: int, method: Method, gzip: bool, opened: float) -> None:
         self.id = stream_id
         self.method = method
+        self.opened = opened  # the loop's time at its HEADERS
         # the stream's send window less the client's SETTINGS_INITIAL_WINDOW_SIZE (its WINDOW_UPDATEs less what was
         # sent): a change of that setting moves every stream's window at once, with no work per stream
         self.window_delta = 0

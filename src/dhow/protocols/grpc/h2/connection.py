@@ -19,6 +19,7 @@ import grpc
 from dhow.protocols.grpc.h2 import bounds
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.calls import INBOX_LIMIT, RECEIVE_WINDOW, RESET, CallContext, Stream, run_call
+from dhow.protocols.grpc.h2.keepalive import PING, Liveness
 from dhow.protocols.grpc.h2.requests import parse_request
 from dhow.protocols.grpc.h2.sending import Sender, WindowWaits, auth_context, peer_name, trailers
 from dhow.protocols.runner import CallRunner
@@ -45,6 +46,7 @@ class H2Connection(Sender, asyncio.Protocol):
         self.last_stream = 0
         self.send_window = f.DEFAULT_WINDOW
         self.initial_send_window = f.DEFAULT_WINDOW
+        self.largest_delta = 0  # at least every open stream's ``window_delta`` (``bounds.largest_delta``)
         self.max_frame_out = f.DEFAULT_FRAME_SIZE
         self.receive_window = bounds.CONNECTION_WINDOW
         self.received = 0
@@ -60,10 +62,8 @@ class H2Connection(Sender, asyncio.Protocol):
         self._writable.set()
         self._timers: list[asyncio.TimerHandle] = []
         self._resets = bounds.ResetBudget(self.loop)
-        # keepalive and idle, counted by a tick rather than timed at every read
-        self._reads = self._reads_seen = self._opened = self._opened_seen = 0
-        self._quiet = self._idle = self._ping_wait = 0.0
-        self._ping_out = False
+        self._liveness = Liveness(front.limits)
+        self._reads = self._opened = 0
 
     # -- the connection's life ----------------------------------------------------------------------------
 
@@ -79,10 +79,8 @@ class H2Connection(Sender, asyncio.Protocol):
             self.auth_context = auth_context(transport.get_extra_info("peercert"))
         self.front.connections.add(self)
         transport.write(bounds.ANNOUNCED)
-        limits = self.front.limits
-        self._timers.append(self.loop.call_later(limits.handshake_s, self._handshake_over))
-        self._tick_s = max(0.05, min(limits.keepalive_s, limits.keepalive_timeout_s, limits.idle_s) / 4)
-        self._timers.append(self.loop.call_later(self._tick_s, self._tick))
+        self._timers.append(self.loop.call_later(self.front.limits.handshake_s, self._handshake_over))
+        self._timers.append(self.loop.call_later(self._liveness.step, self._tick))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -102,6 +100,7 @@ class H2Connection(Sender, asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._reads += 1  # the client has taken what was written: it is heard from (``keepalive``)
         self._writable.set()
         if self.transport is not None:
             self.transport.resume_reading()
@@ -113,8 +112,7 @@ class H2Connection(Sender, asyncio.Protocol):
                 log.info("gRPC connection from %s closed: %s", self.peer, reason)
             self.transport.write(f.goaway(self.last_stream, code, reason))
             self.goaway_sent = True
-            self.transport.close()
-            self.closed = True
+            self.close()
 
     def drain(self) -> None:
         """Stop: no new calls (GOAWAY), the ones in flight go on; closed when the last ends."""
@@ -123,8 +121,7 @@ class H2Connection(Sender, asyncio.Protocol):
         self.transport.write(f.goaway(self.last_stream, f.NO_ERROR, "the server is stopping"))
         self.goaway_sent = True
         if not self.streams:
-            self.transport.close()
-            self.closed = True
+            self.close()
 
     def cut(self) -> list[asyncio.Future[None]]:
         """End every call in flight with UNAVAILABLE; the calls still finishing are returned."""
@@ -137,33 +134,29 @@ class H2Connection(Sender, asyncio.Protocol):
         return tasks
 
     def close(self) -> None:
+        """Close once what is written has left, or abort after ``bounds.CLOSE_GRACE_S``: a client that does not
+        read would otherwise hold the connection, and what waits for it, for ever."""
         if self.transport is not None and not self.closed:
             self.transport.close()
             self.closed = True
+            if self.transport.get_write_buffer_size():
+                self._timers.append(self.loop.call_later(bounds.CLOSE_GRACE_S, self.transport.abort))
 
     def _handshake_over(self) -> None:
         if not self._settings:
             self.close_with(f.PROTOCOL_ERROR, "handshake timeout: no HTTP/2 preface and SETTINGS in time")
 
     def _tick(self) -> None:
-        if self.closed:
+        if self.closed or self.transport is None:
             return
-        limits, step = self.front.limits, self._tick_s
-        if self._ping_out:
-            self._ping_wait += step
-            if self._ping_wait >= limits.keepalive_timeout_s:
-                self.close_with(f.NO_ERROR, "keepalive ping not answered")
-                return
-        self._quiet = self._quiet + step if self._reads == self._reads_seen else 0.0
-        self._idle = self._idle + step if not self.streams and self._opened == self._opened_seen else 0.0
-        self._reads_seen, self._opened_seen = self._reads, self._opened
-        if self._idle >= limits.idle_s:
-            self.close_with(f.NO_ERROR, "max_idle")
-            return
-        if self._quiet >= limits.keepalive_s and not self._ping_out:
+        buffered = None if self._writable.is_set() else self.transport.get_write_buffer_size()
+        verdict = self._liveness.tick(self._reads, self._opened, bool(self.streams), buffered)
+        if verdict == PING:
             self.write(f.frame(f.PING, 0, 0, b"keepaliv"))
-            self._ping_out, self._ping_wait, self._quiet = True, 0.0, 0.0
-        self._timers[1] = self.loop.call_later(step, self._tick)
+        elif verdict is not None:
+            self.close_with(f.NO_ERROR, verdict)
+            return
+        self._timers[1] = self.loop.call_later(self._liveness.step, self._tick)
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -372,8 +365,8 @@ class H2Connection(Sender, asyncio.Protocol):
             self.write(f.header_frames(stream_id, block, True, self.max_frame_out) + end)
             return
         assert request.method is not None
-        stream = Stream(stream_id, request.method, request.gzip)
-        deadline = None if request.timeout is None else self.loop.time() + request.timeout
+        stream = Stream(stream_id, request.method, request.gzip, self.loop.time())
+        deadline = None if request.timeout is None else stream.opened + request.timeout
         stream.context = CallContext(self, stream, decoded, deadline)
         self.streams[stream_id] = stream
         if request.timeout is not None:
@@ -397,8 +390,7 @@ class H2Connection(Sender, asyncio.Protocol):
         if stream is not None:
             stream.remote_closed = True
             self._end_call(stream, RESET)
-            if not self._resets.spend():
-                raise f.ConnectionError_(f.ENHANCE_YOUR_CALM, "too many calls reset by the client")
+            self._charge(stream)
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
@@ -412,9 +404,13 @@ class H2Connection(Sender, asyncio.Protocol):
                 raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "the connection's window above 2^31-1")
             self.waits.shared(self.send_window)
         elif (stream := self.streams.get(stream_id)) is not None:
+            if increment == 0:  # RFC 9113 §6.9: a stream error PROTOCOL_ERROR
+                self._fail(stream, grpc.StatusCode.INTERNAL, "a WINDOW_UPDATE of 0", f.PROTOCOL_ERROR)
+                return
             stream.window_delta += increment
-            if increment == 0 or self.initial_send_window + stream.window_delta > f.MAX_WINDOW:
-                self._fail(stream, grpc.StatusCode.INTERNAL, "a bad WINDOW_UPDATE", f.FLOW_CONTROL_ERROR)
+            self.largest_delta = max(self.largest_delta, stream.window_delta)
+            if self.initial_send_window + stream.window_delta > f.MAX_WINDOW:
+                self._fail(stream, grpc.StatusCode.INTERNAL, "a stream's window above 2^31-1", f.FLOW_CONTROL_ERROR)
             self.waits.stream(stream_id)
 
     def _apply_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
@@ -432,6 +428,7 @@ class H2Connection(Sender, asyncio.Protocol):
                 if value > f.MAX_WINDOW:
                     raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1")
                 if value > self.initial_send_window:
+                    self.largest_delta = bounds.largest_delta(value, self.largest_delta, self.streams.values())
                     self.waits.streams()
                 self.initial_send_window = value  # every stream's window with it (``Stream.window_delta``)
             elif key == f.SETTINGS_MAX_FRAME_SIZE:
@@ -451,18 +448,23 @@ class H2Connection(Sender, asyncio.Protocol):
             raise f.ConnectionError_(f.PROTOCOL_ERROR, "PING on a stream")
         if len(payload) != 8:
             raise f.ConnectionError_(f.FRAME_SIZE_ERROR, "PING must carry 8 bytes")
-        if flags & f.ACK:
-            self._ping_out = False
-        else:
+        if not flags & f.ACK:  # an acknowledgement is a read as any other (``keepalive``)
             self.write(f.frame(f.PING, f.ACK, 0, payload))
 
     # -- ending calls -------------------------------------------------------------------------------------
 
     def _fail(self, stream: Stream, code: grpc.StatusCode, message: str, reset: int = f.NO_ERROR) -> None:
-        """End one call with ``code`` (its stream reset with ``reset`` unless the client has ended its side)."""
+        """End one call with ``code`` (its stream reset with ``reset`` unless the client has ended its side), for
+        what the client sent: charged as the client's reset (``bounds``)."""
         self._end_call(stream, (code, message))
         if reset != f.NO_ERROR:
             self.write(f.rst_stream(stream.id, reset))
+        self._charge(stream)
+
+    def _charge(self, stream: Stream) -> None:
+        deadline = stream.context.deadline if stream.context is not None else None
+        if not self._resets.spend(stream.opened, deadline):
+            raise f.ConnectionError_(f.ENHANCE_YOUR_CALM, "too many calls reset by the client")
 
     def _end_call(self, stream: Stream, ending: Any) -> None:
         if stream.ending is not False:

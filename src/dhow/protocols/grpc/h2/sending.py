@@ -51,6 +51,10 @@ class WindowWaits:
             self._shared.append(waiter)
         try:
             await waiter
+        except asyncio.CancelledError:
+            if not own and waiter.done() and not waiter.cancelled():
+                self.shared(1)  # woken for the connection's bytes, then cancelled before it ran: hand them on
+            raise
         finally:
             if own and self._own.get(stream_id) is waiter:
                 del self._own[stream_id]
