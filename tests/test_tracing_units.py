@@ -268,7 +268,7 @@ def _turns(tracing: Tracing, sizes: list[int]) -> tuple[list[int], list[int], li
 def test_traced_requests_wait_longer_than_payload_events_and_a_full_frame_goes_on_the_next_turn_in_its_timer_s_place(
 ) -> None:  # fmt: skip
     """Each frame wakes two of the writer's threads, and it posts about a second apart: tracing hands over every
-    ``FLUSH_S`` (not the payload log's 50 ms), or on the loop's next turn once ``FLUSH_AT`` are queued, once a turn
+    ``FLUSH_S`` (not the payload log's 10 ms), or on the loop's next turn once ``FLUSH_AT`` are queued, once a turn
     whatever came meanwhile, its timer cancelled: no later frame of a few records, no timer left behind."""
     tracing = Tracing("http://127.0.0.1:9", 1.0, command=TRACE_WRITER, registry=CollectorRegistry(),
                       capacity=4 * FLUSH_AT)  # fmt: skip

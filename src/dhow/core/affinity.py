@@ -2,7 +2,7 @@
 writer processes (payload log, tracing, audit trail) on the others.
 
 The event loop's thread is where every request's Python runs; at load it is the bottleneck. Unpinned, the writers'
-wake-ups (a frame every 50 ms, its rendering in steps) land on whichever CPU the scheduler picks, often the loop's:
+wake-ups (a frame every 10 ms, its rendering in steps) land on whichever CPU the scheduler picks, often the loop's:
 the loop is preempted, migrates, and its caches go cold (measured on 2 vCPUs: the loop preempted ~4x as often with
 the payload log on). Pinned, the loop keeps its CPU and the writers work beside it. The model's threads and process
 instances keep every CPU the server was given (they are on the request's path: the loop waits for them), as do

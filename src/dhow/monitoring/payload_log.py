@@ -2,7 +2,7 @@
 
 The data plane ``offer``s one event per request: a plain list (``FIELDS``) of what it saw, the request's JSON body
 as the client sent it (or its decoded tensors) and the answer's tensors as they are, appended to a bounded queue,
-never a wait. Every 50 ms at most (``writer_pipe.FLUSH_S``), what was queued is written into the pipe of a
+never a wait. Every 10 ms at most (``writer_pipe.FLUSH_S``), what was queued is written into the pipe of a
 **writer process** of the server's own (``dhow.serving.payload_writer``) as one frame (``frame_events``): the events
 in one ``orjson`` call (numpy arrays as they are), the JSON bodies after them as they came, neither escaped nor
 parsed. That process masks each

@@ -66,11 +66,11 @@ __all__ = [
 #: traced requests waiting for the writer at most, here and there (past it new ones are dropped and counted:
 #: tracing never holds memory without bound)
 MAX_QUEUED = 8192
-#: how long a traced request waits here to be handed over with the others (``WriterPipe.flush_s``), unless
-#: ``FLUSH_AT`` are queued before: the writer posts about a second apart anyway, and each frame wakes two of its
-#: threads (the pipe's reader, then the sink's). At the 50 ms the payload log takes, tracing's writer woke ~53 times a
-#: second at 700 traced requests a second (``tabular``, REST, ~7,000 requests a second at ratio 0.1) and took 16.4 µs
-#: of CPU a traced request; at 0.5 s, ~16 times and ~12 µs (``benchmarks/trace_writer_cpu.py``, 2026-12-06)
+#: how long a traced request waits here to be handed over with the others (``WriterPipe.flush_s``), unless ``FLUSH_AT``
+#: are queued before: the writer posts about a second apart anyway, and each frame wakes two of its threads (the pipe's
+#: reader, then the sink's). At the 50 ms the payload log took then, tracing's writer woke ~53 times a second at 700
+#: traced requests a second (``tabular``, REST, ~7,000 requests a second at ratio 0.1) and took 16.4 µs of CPU a traced
+#: request; at 0.5 s, ~16 times and ~12 µs (``benchmarks/trace_writer_cpu.py``, 2026-12-06)
 FLUSH_S = 0.5
 #: traced requests queued that are handed over on the loop's next turn, whatever the time: a frame stays a few
 #: hundred KB (~290 bytes a request; more only when more end in that one turn) and the loop's stall to write it short

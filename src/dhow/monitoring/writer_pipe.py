@@ -38,12 +38,15 @@ __all__ = ["WriterPipe"]
 _START_TIMEOUT_S = 300.0
 #: how long an item waits to be handed over with the others that came meanwhile: one pipe write, and one wake-up
 #: of the writer process (its reader thread, then its sink thread), per interval instead of per turn of the event
-#: loop (thousands a second under load, each a context switch on the core the load and the model share). A writer
-#: woken after a sleep pays some 300 µs of CPU for the wake-up itself (cold caches), whatever it then does, and
-#: takes it from that core: at 10 ms the two writers took ~24 µs of CPU a request (``tabular``, REST, c=16, the
-#: payload log to a file and tracing at 0.1), at 50 ms ~13. Neither promises when an item is written, and the
-#: queue (``capacity``) bounds what waits meanwhile
-FLUSH_S = 0.05
+#: loop (thousands a second under load, each a context switch). The hand-over is a stall of the loop: the frame is
+#: made there, ~1.9 µs an event, so at 13,000 requests a second 50 ms of events (~650) held every request in flight
+#: for ~1 ms, twenty times a second, and that set the p99: ``tabular``, REST, c=16, monitoring all on, p99 1.65-1.97x
+#: all off's at 50 ms, 1.27-1.33x at 10 ms, 1.08x at 5 ms (one run), 1.57x at 20 ms; throughput 0.83-0.87 of all off
+#: at 50 ms, 0.83-0.94 at 10 ms, 0.91 at 5 ms, with no more server CPU a request (``monitoring_overhead.py --compare``,
+#: 2026-12-06 night, paired rounds). On 2026-12-05, when the writers' wake-ups were dearer (rendering in fixed
+#: steps), 10 ms had cost ~24 µs of CPU a request against ~13 at 50 ms; no longer seen. Neither promises when an item
+#: is written, and the queue (``capacity``) bounds what waits meanwhile
+FLUSH_S = 0.01
 
 
 class WriterPipe:

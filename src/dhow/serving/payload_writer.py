@@ -34,20 +34,20 @@ __all__ = ["CHUNK", "Writer", "main"]
 #: events handed to the sink at once (at most)
 CHUNK = 512
 #: the least events rendered in one step, how long a step runs at most (about), and the pause between two steps while
-#: more are queued. The server hands the payload writer what came in ``writer_pipe.FLUSH_S`` (50 ms: ~350-400 payload
-#: events at 7,000-8,000 requests a second; the trace writer, what came in 0.5 s, ``tracing.FLUSH_S``, or 1024
-#: requests); rendered and written in one go they took ~3-4 ms of CPU at once from the core the load and the model
-#: share, and the requests in flight then waited for it: ``tabular`` over REST at c=16 with the
+#: more are queued. The server handed the payload writer what came in ``writer_pipe.FLUSH_S`` (50 ms then, 10 ms now:
+#: ~350-400 payload events at 7,000-8,000 requests a second then; the trace writer, what came in 0.5 s,
+#: ``tracing.FLUSH_S``, or 1024 requests); rendered and written in one go they took ~3-4 ms of CPU at once from the core
+#: the load and the model share, and the requests in flight then waited for it: ``tabular`` over REST at c=16 with the
 #: payload log to a file, p99 5.35 ms in one go against 4.6 in steps of 64 events (median of 8 rounds, all off 3.4),
 #: throughput the same. Those steps were ~0.5 ms each; the renderer got faster and steps of 64 shrank to ~0.2 ms, 4-5
 #: pauses a frame, and each pause is a wake-up that costs the writer more than the step it ends (cold caches, an idle
-#: core woken): ``benchmarks/payload_writer_cpu.py``, 350 events every 50 ms, 7.6-9.7 µs of CPU an event with steps
-#: of 64, 6.1-7.5 with no pause at all, 4.4-5.5 fed without pauses (2026-12-06; a pause ~300 µs of CPU). So a step
-#: is as many events as render in about ``_STEP_S`` of CPU at the pace of the step before (at least ``_STEP``):
-#: bursts as short as those measured, and the fewest pauses they allow (one or two a frame there). At most ``_MOST``
-#: events a step: events far dearer than the last step's (``pii`` masking, large bodies) make one step at most 4x as
-#: long as a step of 64 of them, until the next step is sized by their pace. A backlog (``_BEHIND``) is written
-#: without pauses: a writer that falls behind catches up at full speed.
+#: core woken): ``benchmarks/payload_writer_cpu.py``, 350 events every 50 ms, 7.6-9.7 µs of CPU an event with steps of
+#: 64, 6.1-7.5 with no pause at all, 4.4-5.5 fed without pauses (2026-12-06; a pause ~300 µs of CPU). So a step is as
+#: many events as render in about ``_STEP_S`` of CPU at the pace of the step before (at least ``_STEP``): bursts as
+#: short as those measured, and the fewest pauses they allow (one or two a frame there). At most ``_MOST`` events a
+#: step: events far dearer than the last step's (``pii`` masking, large bodies) make one step at most 4x as long as a
+#: step of 64 of them, until the next step is sized by their pace. A backlog (``_BEHIND``) is written without pauses: a
+#: writer that falls behind catches up at full speed.
 _STEP = 64
 _MOST = 4 * _STEP
 _STEP_S = 0.0005
