@@ -225,43 +225,61 @@ def _numbers_up_to(number: int) -> list[int]:
     return opened
 
 
+class _HangingLoop:
+    """An event loop running in a thread of its own, which the test can keep busy (``hang``) past the second a
+    close waits for it; ``offered`` makes it the pipe's loop, with one event offered there."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._runner = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._runner.start()
+        self._hanging, self.release = threading.Event(), threading.Event()
+
+    def offered(self, log: PayloadLog) -> None:
+        async def offer_one() -> None:
+            _offer(log, 0)
+
+        asyncio.run_coroutine_threadsafe(offer_one(), self.loop).result(30)
+
+    def hang(self) -> None:
+        def hung() -> None:
+            self._hanging.set()
+            self.release.wait(60)
+
+        self.loop.call_soon_threadsafe(hung)
+        assert self._hanging.wait(30)
+
+    def stop(self) -> None:
+        self.release.set()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._runner.join(30)
+        self.loop.close()
+
+
 def test_a_close_while_the_loop_hangs_keeps_the_pipe_s_number_until_the_loop_removed_its_watch(tmp_path: Path) -> None:
     """The close (another thread) leaves the removal of the loop's watch on the pipe to the loop's thread, and the
     loop is busy past the second the close waits for it: the number stays taken until the removal ran (freed
     before, a new connection could have it, and the late removal would take that one's watch), while the writer
     reads its end all the same, delivers what it was handed and exits."""
     log, registry = _log(tmp_path)
-    loop = asyncio.new_event_loop()
-    runner = threading.Thread(target=loop.run_forever, daemon=True)
-    runner.start()
-    hanging, release = threading.Event(), threading.Event()
-
-    def hang() -> None:
-        hanging.set()
-        release.wait(60)
-
-    async def offer_one() -> None:
-        _offer(log, 0)
-
+    hanging = _HangingLoop()
     try:
-        asyncio.run_coroutine_threadsafe(offer_one(), loop).result(30)  # (the pipe's loop is this one)
-        loop.call_soon_threadsafe(hang)
-        assert hanging.wait(30)
+        hanging.offered(log)  # (the pipe's loop is this one)
+        hanging.hang()
         assert _close_in_a_thread(log) == []
         taken = _numbers_up_to(log._in)
         for number in taken:
             os.close(number)
         assert log._in not in taken, "the pipe's number was free before the loop removed its watch on it"
-        release.set()
-        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(30)  # (after the removal, scheduled before)
+        hanging.release.set()
+        # (after the removal, scheduled before)
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), hanging.loop).result(30)
         assert log._process.stdin is not None and log._process.stdin.closed
     finally:
-        release.set()
+        hanging.release.set()
         if log._process.poll() is None:
             log._process.kill()
-        loop.call_soon_threadsafe(loop.stop)
-        runner.join(30)
-        loop.close()
+        hanging.stop()
     assert log._process.returncode == 0
     assert registry.get_sample_value("dhow_payload_log_events_total", {"sink": "file", "outcome": "logged"}) == 1
     assert _counted(registry) == 1
@@ -273,21 +291,10 @@ def test_a_second_close_touches_nothing_though_the_pipe_s_number_is_another_s_by
     must leave that descriptor alone: it neither takes its place (a stand-in put under the pipe's number) nor asks
     the loop to remove a watch on it."""
     log, registry = _log(tmp_path)
-    loop = asyncio.new_event_loop()
-    runner = threading.Thread(target=loop.run_forever, daemon=True)
-    runner.start()
-    hanging, release = threading.Event(), threading.Event()
-
-    def hang() -> None:
-        hanging.set()
-        release.wait(60)
-
-    async def offer_one() -> None:
-        _offer(log, 0)
-
+    hanging = _HangingLoop()
     taken: list[int] = []
     try:
-        asyncio.run_coroutine_threadsafe(offer_one(), loop).result(30)
+        hanging.offered(log)
         assert _close_in_a_thread(log) == []  # (the loop is free: the pipe closed at once)
         taken = _numbers_up_to(log._in)
         assert log._in in taken  # (its number is another's now: a file of the test's, in place of the /dev/null)
@@ -296,17 +303,13 @@ def test_a_second_close_touches_nothing_though_the_pipe_s_number_is_another_s_by
         opened = os.open(other, os.O_RDONLY)
         os.dup2(opened, log._in)
         os.close(opened)
-        loop.call_soon_threadsafe(hang)
-        assert hanging.wait(30)
+        hanging.hang()
         assert _close_in_a_thread(log) == []
         assert os.fstat(log._in).st_ino == other.stat().st_ino, "the second close took another's descriptor"
     finally:
-        release.set()
         for number in taken:
             os.close(number)
-        loop.call_soon_threadsafe(loop.stop)
-        runner.join(30)
-        loop.close()
+        hanging.stop()
     assert _counted(registry) == 1
 
 
