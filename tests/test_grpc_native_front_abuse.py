@@ -116,13 +116,19 @@ def test_a_header_block_in_endless_empty_continuations_is_refused(door: Door) ->
         pytest.param(lambda s: f.frame(f.DATA, 0, s, b"\7\0\0\0\0"), id="bad-message-flag"),
     ],
 )
-def test_rapid_reset_ends_the_connection_past_its_budget(door: Door, ending: Callable[[int], bytes]) -> None:  # noqa: F811
+@pytest.mark.parametrize("due", [b"", b"0n", b"1n"], ids=["no-timeout", "timeout-0n", "timeout-1n"])
+def test_rapid_reset_ends_the_connection_past_its_budget(
+    door: Door,  # noqa: F811
+    ending: Callable[[int], bytes],
+    due: bytes,
+) -> None:
     """Streams opened and ended at once, by the client's RST_STREAM or by a frame the server ends the call for:
     the burst a client may end goes through, the flood past it ends the connection with ENHANCE_YOUR_CALM
-    (CVE-2023-44487, CVE-2025-8671)."""
+    (CVE-2023-44487, CVE-2025-8671); a grpc-timeout already past (0 or 1 ns) buys no free resets."""
+    block = _INFER + (f.literal(b"grpc-timeout", due) if due else b"")
 
     def opened_and_ended(streams: range) -> bytes:
-        return b"".join(_opened(range(s, s + 1)) + ending(s) for s in streams)
+        return b"".join(f.frame(f.HEADERS, f.END_HEADERS, s, block) + ending(s) for s in streams)
 
     burst = bounds.RESET_BURST - 100  # what a client cancelling many calls at once may do
     with _connect(door) as sock:

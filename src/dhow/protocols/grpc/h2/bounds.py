@@ -41,8 +41,10 @@ CLOSE_GRACE_S = 2.0
 #: the resets a connection may make at once, and those it gets back a second
 RESET_BURST = 1000
 RESET_RATE = 33.0
-#: a call ended after it has run this long (or half its grpc-timeout) costs its client no reset
+#: a call ended after it has run this long (or half its grpc-timeout, but never sooner than ``RESET_FREE_FLOOR_S``:
+#: a grpc-timeout of 0 or 1 ns would make every reset free, and a flood resets at once) costs its client no reset
 RESET_FREE_AFTER_S = 1.0
+RESET_FREE_FLOOR_S = 0.05
 
 
 class ResetBudget:
@@ -59,7 +61,9 @@ class ResetBudget:
         """One more call ended, opened at ``opened`` with ``deadline`` (loop times): False when none is left."""
         now = self._loop.time()
         ran = now - opened
-        if ran >= RESET_FREE_AFTER_S or (deadline is not None and ran >= (deadline - opened) / 2):
+        if ran >= RESET_FREE_AFTER_S or (
+            deadline is not None and ran >= max(RESET_FREE_FLOOR_S, (deadline - opened) / 2)
+        ):
             return True
         self._left = min(RESET_BURST, self._left + (now - self._since) * RESET_RATE)
         self._since = now
