@@ -178,7 +178,7 @@ def test_an_event_queued_while_the_close_takes_the_queue_is_counted(tmp_path: Pa
     try:
 
         async def offer_three() -> None:
-            for n in range(3):  # queued, their hand-over due in 50 ms
+            for n in range(3):  # queued, their hand-over due in 10 ms
                 _offer(log, n)
 
         loop.run_until_complete(offer_three())
