@@ -16,6 +16,7 @@ from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from dhow.protocols.grpc.h2 import bounds
 from dhow.protocols.grpc.h2 import frames as f
+from dhow.protocols.grpc.h2.keepalive import MIN_DRAIN_RATE, Liveness
 from dhow.protocols.grpc.h2.server import NativeServer
 from dhow.protocols.grpc.server import GrpcConnectionLimits
 from tests.conftest import wait_until
@@ -328,3 +329,18 @@ def _frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
         frames.append((kind, flags, stream, data[position + 9 : position + 9 + length]))
         position += 9 + length
     return frames
+
+
+@pytest.mark.parametrize(("taken", "closed"), [(1460, True), (MIN_DRAIN_RATE * 5, False)])
+def test_a_client_taking_its_answers_a_segment_at_a_time_is_silent(taken: int, closed: bool) -> None:
+    """A client whose buffered answers fall by one segment a tick (5 s with the default limits), sending nothing, is
+    pinged and closed as silent when its ping goes unanswered: any fall kept it and its answers for ever. One taking
+    ``MIN_DRAIN_RATE`` a second is heard from. ``Liveness`` on its own: the kernel's buffers move a socket's bytes in
+    bursts of their own sizing, which no test client can make a trickle of the server's buffer for certain."""
+    limits = GrpcConnectionLimits()
+    liveness = Liveness(limits)
+    buffered, verdicts = 64 * 1024 * 1024, []
+    for _ in range(round((limits.keepalive_s + limits.keepalive_timeout_s) / liveness.step) + 1):
+        verdicts.append(liveness.tick(0, 1, True, buffered))
+        buffered -= taken
+    assert ("keepalive ping not answered" in verdicts) is closed, verdicts
