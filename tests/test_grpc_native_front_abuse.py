@@ -12,9 +12,11 @@ import grpc
 import numpy as np
 import pytest
 
+from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from dhow.protocols.grpc.h2 import bounds
 from dhow.protocols.grpc.h2 import frames as f
+from dhow.protocols.grpc.h2.keepalive import MIN_DRAIN_RATE, Liveness
 from dhow.protocols.grpc.h2.server import NativeServer
 from dhow.protocols.grpc.server import GrpcConnectionLimits
 from tests.conftest import wait_until
@@ -280,3 +282,71 @@ def test_window_errors_are_those_rfc_9113_names(door: Door) -> None:  # noqa: F8
         assert (f.RST_STREAM, 0, 1, f.PROTOCOL_ERROR.to_bytes(4, "big")) in frames, frames
         sock.sendall(f.window_update(3, f.MAX_WINDOW - 65_535) + f.settings({f.SETTINGS_INITIAL_WINDOW_SIZE: 65_536}))
         assert _goaway_code(_read_frames(sock, f.GOAWAY))[0] == f.FLOW_CONTROL_ERROR
+
+
+def test_a_client_reading_slowly_gets_its_answer_after_the_connection_closes(door: Door) -> None:  # noqa: F811
+    """An 8 MB answer written at once (the client's windows and frame size take it whole), then the connection
+    closed as the call ends (the client sent GOAWAY): the client reads it at about 1 MB/s, slower than the buffer
+    leaves in the close's 2 s grace, but steadily, so it must get all of it and its trailers, not be cut."""
+    array = np.arange(2_097_152, dtype=np.float32).reshape(-1, 2)
+    message = _request("echo", array).SerializeToString()
+    framed = b"\0" + len(message).to_bytes(4, "big") + message
+    data = b"".join(
+        f.frame(f.DATA, f.END_STREAM if end >= len(framed) else 0, 1, framed[end - 16384 : end])
+        for end in range(16384, len(framed) + 16384, 16384)
+    )
+    opening = f.PREFACE + f.settings(
+        {f.SETTINGS_INITIAL_WINDOW_SIZE: f.MAX_WINDOW, f.SETTINGS_MAX_FRAME_SIZE: f.MAX_FRAME_SIZE_LIMIT}
+    )
+    goaway = f.frame(f.GOAWAY, 0, 0, b"\0\0\0\0\0\0\0\0")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.connect(("127.0.0.1", door.port))
+    with sock:
+        sock.sendall(opening + f.window_update(0, f.MAX_WINDOW - 65_535) + f.frame(f.HEADERS, f.END_HEADERS, 1, _INFER))
+        sock.sendall(data + goaway)
+        received = bytearray()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+            time.sleep(0.06)  # the pace of a slow reader, not a wait for the server
+    frames = _frames(bytes(received))
+    answer = b"".join(payload for kind, _, stream, payload in frames if kind == f.DATA and stream == 1)
+    assert frames and frames[-1][0] == f.HEADERS and frames[-1][1] & f.END_STREAM, (len(received), frames[-1:])
+    np.testing.assert_array_equal(_answer(pb.ModelInferResponse.FromString(answer[5:])), array * 2)
+    assert (b"grpc-status", b"0") in f.HeaderDecoder(65536).decode(frames[-1][3]).fields
+
+
+def _frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    """The whole frames in ``data``, in order."""
+    frames, position = [], 0
+    while len(data) - position >= 9:
+        length = int.from_bytes(data[position : position + 3], "big")
+        if len(data) - position < 9 + length:
+            break
+        kind, flags = data[position + 3], data[position + 4]
+        stream = int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF
+        frames.append((kind, flags, stream, data[position + 9 : position + 9 + length]))
+        position += 9 + length
+    return frames
+
+
+@pytest.mark.parametrize(("taken", "closed"), [(1460, True), (MIN_DRAIN_RATE * 5, False)])
+def test_a_client_taking_its_answers_a_segment_at_a_time_is_silent(taken: int, closed: bool) -> None:
+    """A client whose buffered answers fall by one segment a tick (5 s with the default limits), sending nothing, is
+    pinged and closed as silent when its ping goes unanswered: any fall kept it and its answers for ever. One taking
+    ``MIN_DRAIN_RATE`` a second is heard from. ``Liveness`` on its own: the kernel's buffers move a socket's bytes in
+    bursts of their own sizing, which no test client can make a trickle of the server's buffer for certain."""
+    limits = GrpcConnectionLimits()
+    liveness = Liveness(limits)
+    buffered, verdicts = 64 * 1024 * 1024, []
+    for _ in range(round((limits.keepalive_s + limits.keepalive_timeout_s) / liveness.step) + 1):
+        verdicts.append(liveness.tick(0, 1, True, buffered))
+        buffered -= taken
+    assert ("keepalive ping not answered" in verdicts) is closed, verdicts

@@ -19,7 +19,7 @@ import grpc
 from dhow.protocols.grpc.h2 import bounds
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.calls import INBOX_LIMIT, RECEIVE_WINDOW, RESET, CallContext, Stream, run_call
-from dhow.protocols.grpc.h2.keepalive import PING, Liveness
+from dhow.protocols.grpc.h2.keepalive import PING, Liveness, drained
 from dhow.protocols.grpc.h2.requests import parse_request
 from dhow.protocols.grpc.h2.sending import Sender, WindowWaits, auth_context, peer_name, trailers
 from dhow.protocols.runner import CallRunner
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dhow.grpc")
 
 _HEADERS_FRAME = struct.Struct(">BHBBL")
+_EXPIRED = (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
 
 class H2Connection(Sender, asyncio.Protocol):
@@ -134,13 +135,19 @@ class H2Connection(Sender, asyncio.Protocol):
         return tasks
 
     def close(self) -> None:
-        """Close once what is written has left, or abort after ``bounds.CLOSE_GRACE_S``: a client that does not
-        read would otherwise hold the connection, and what waits for it, for ever."""
+        """Close once what is written has left, or abort when it stops leaving: once the buffer has not been
+        ``drained`` for ``bounds.CLOSE_GRACE_S`` (a client that does not read would hold the connection for ever)."""
         if self.transport is not None and not self.closed:
             self.transport.close()
             self.closed = True
-            if self.transport.get_write_buffer_size():
-                self._timers.append(self.loop.call_later(bounds.CLOSE_GRACE_S, self.transport.abort))
+            self._abort_if_stuck(self.transport, None)
+
+    def _abort_if_stuck(self, transport: asyncio.Transport, before: int | None) -> None:
+        buffered = transport.get_write_buffer_size()
+        if before is not None and not drained(before, buffered, bounds.CLOSE_GRACE_S):
+            transport.abort()
+        elif buffered:  # the close's own slot: a long drain does not pile up timers
+            self._timers[2:] = [self.loop.call_later(bounds.CLOSE_GRACE_S, self._abort_if_stuck, transport, buffered)]
 
     def _handshake_over(self) -> None:
         if not self._settings:
@@ -370,16 +377,13 @@ class H2Connection(Sender, asyncio.Protocol):
         stream.context = CallContext(self, stream, decoded, deadline)
         self.streams[stream_id] = stream
         if request.timeout is not None:
-            stream.timer = self.loop.call_later(request.timeout, self._expired, stream)
+            stream.timer = self.loop.call_later(request.timeout, self._end_call, stream, _EXPIRED)
         if request.method.request_streaming:
             stream.inbox = asyncio.Queue()
             stream.task = self.loop.create_task(run_call(self, stream))
         if flags & f.END_STREAM:
             stream.remote_closed = True
             self._request_ended(stream)
-
-    def _expired(self, stream: Stream) -> None:
-        self._end_call(stream, (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
 
     def _rst_stream(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:

@@ -5,8 +5,10 @@ A client is alive while its frames arrive (any frame answers a ping, as grpc-cor
 also while it takes what the server writes: the server stops reading a client whose answers wait in its write buffer
 (``H2Connection.pause_writing``), so a client reading a large answer slowly is not heard, its ping's answer
 included, though it is well. The buffer going down shows it alive then: its fall below the low mark
-(``resume_writing``, counted as a read) or any fall from one tick to the next. One that neither sends nor takes
-anything is pinged and closed (and ``H2Connection.close`` aborts it when its last frames cannot leave).
+(``resume_writing``, counted as a read) or a fall of ``MIN_DRAIN_RATE`` a second at least from one tick to the next
+(``drained``): a client taking a segment now and then (a trickle) is silent, or it would keep its connection, calls
+and buffered answers for ever. One that neither sends nor takes enough is pinged and closed (and
+``H2Connection.close`` aborts it when its last frames stop leaving).
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ if TYPE_CHECKING:
 
 #: what ``Liveness.tick`` answers when the connection is to be pinged
 PING = "ping"
+#: the bytes a second a client must take of what waits for it to count as reading (``drained``): one taking less,
+#: a segment now and then, would hold its connection, calls and answers at next to no cost to itself
+MIN_DRAIN_RATE = 4096
+
+
+def drained(before: int, after: int, seconds: float) -> bool:
+    """Whether a write buffer holding ``before`` bytes, then ``after`` bytes ``seconds`` later, was taken from at
+    ``MIN_DRAIN_RATE`` at least (or emptied)."""
+    return before - after >= min(before, MIN_DRAIN_RATE * seconds)
 
 
 class Liveness:
@@ -36,7 +47,7 @@ class Liveness:
         """``PING``, the reason to close the connection, or None: from the reads and calls opened so far, whether a
         call is in flight, and the bytes waiting to be written (None while the server reads the client)."""
         limits, step = self._limits, self.step
-        heard = reads != self._reads or (buffered is not None and buffered < self._buffered)
+        heard = reads != self._reads or (buffered is not None and drained(self._buffered, buffered, step))
         self._buffered = buffered or 0
         self._idle = self._idle + step if not calls and opened == self._opened else 0.0
         self._reads, self._opened = reads, opened
