@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dhow.grpc")
 
-_HEADERS_FRAME = struct.Struct(">BHBBL")
 _EXPIRED = (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
 
