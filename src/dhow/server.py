@@ -179,6 +179,7 @@ class Server:
         await parts.rollouts.close()
         await parts.models.close()
         await asyncio.to_thread(parts.observers.close)  # after the models: every answered request is offered
+        await parts.watch.close()  # (the predictions kept for feedback and not written to --redis yet)
         parts.service.guard.close()
         await self.security.close()
         log.info("dhow stopped")

@@ -20,6 +20,7 @@ from dhow.core.names import check_region_name
 from dhow.governance.residency import ResidencyPolicy
 from dhow.monitoring.metrics import ServerMetrics
 from dhow.monitoring.payload_log import PayloadLog
+from dhow.monitoring.shared_predictions import SharedPredictions
 from dhow.monitoring.tracing import Tracing
 from dhow.repository.encryption import Keyring, trusted_files
 from dhow.repository.remote import MirroredRepository
@@ -127,10 +128,17 @@ async def compose_core(
         masking_key=key,
         strict_readiness=settings.strict_readiness,
         payload_log=observers.payload_log,
-        watch=ModelWatch(models, metrics.models, events=events) if events is not None else None,
+        watch=ModelWatch(models, metrics.models, events=events, shared=_shared(settings, metrics))
+        if events is not None
+        else None,
     )
     guard = await security.guard(models.tenant_of, metrics.registry, first_key=first_key)
     return Core(models, dataplane, CoreService(dataplane, guard, observers.tracing))
+
+
+def _shared(settings: ServerSettings, metrics: ServerMetrics) -> SharedPredictions | None:
+    """With ``--redis``, the predictions awaiting feedback go there: a label sent to any worker or pod joins."""
+    return SharedPredictions(settings.redis, metrics.registry) if settings.redis else None
 
 
 def _models(

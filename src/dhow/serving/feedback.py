@@ -2,10 +2,11 @@
 
 Predictions are kept in memory, per model, in a bounded ``PredictionLog`` (``monitoring.feedback.pending``):
 keeping them in the registry database would put a write on every request's path, which the hot path must not
-pay. The cost is that a label reaches only the process that answered; with ``--workers N`` a label sent to
-another worker is answered as unmatched (send feedback to the worker that answered, or run one worker per
-pod). The predictions are kept as the output arrays the answer held; the label is compared with the prediction
-(a classifier's argmax) only when it comes, off the request's path.
+pay. Alone, a label reaches only the process that answered, so with ``--workers N`` (or several replicas) a label
+sent to another process is answered as unmatched; with ``--redis`` the predictions are written there in batches
+off the request's path (``monitoring.shared_predictions``) and any process joins any label. The predictions are
+kept as the output arrays the answer held; the label is compared with the prediction (a classifier's argmax) only
+when it comes, off the request's path.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dhow.core.model_config import ModelConfig
 from dhow.core.types import InferenceRequest, InferenceResponse
 from dhow.monitoring.model_metrics import ModelMetrics
 from dhow.monitoring.quality import PredictionLog, QualityWindow, figures_of, label_misfit, prediction_of
+from dhow.monitoring.shared_predictions import JOINED, SharedPredictions, decode_prediction, field_of
 from dhow.serving.lifecycle import ModelLifecycle
 
 __all__ = ["FeedbackDesk"]
@@ -37,9 +39,11 @@ _LONGEST_ID = 256
 class FeedbackDesk:
     """The pending predictions and the labelled windows of the models that take feedback."""
 
-    def __init__(self, models: ModelLifecycle, metrics: ModelMetrics) -> None:
+    def __init__(self, models: ModelLifecycle, metrics: ModelMetrics, shared: SharedPredictions | None = None) -> None:
         self.models = models
         self.metrics = metrics
+        #: where the predictions go with ``--redis`` (shared by every worker and replica); None: in memory here
+        self.shared = shared
         self._pending: dict[str, PredictionLog] = {}
         self._windows: dict[tuple[str, str], QualityWindow] = {}
         #: each version's figures as last computed, and the labels they rest on
@@ -51,14 +55,29 @@ class FeedbackDesk:
         feedback = config.monitoring.feedback
         if feedback is None or not request_id:
             return
-        pending = self._pending.get(config.name)
-        if pending is None or pending.capacity != feedback.pending:
-            pending = self._pending[config.name] = PredictionLog(feedback.pending)
         wanted = feedback.output
         for tensor in response.outputs:
             if not wanted or tensor.name == wanted:
-                pending.add((tenant, request_id), response.model_version, tensor.data)
+                self._keep(config.name, feedback.pending, tenant, request_id, response.model_version, tensor.data)
                 return
+
+    def _keep(self, name: str, capacity: int, tenant: str, request_id: str, version: str, prediction: Any) -> None:
+        if self.shared is not None:
+            self.shared.add(name, capacity, field_of(tenant, request_id), version, prediction)
+            return
+        pending = self._pending.get(name)
+        if pending is None or pending.capacity != capacity:
+            pending = self._pending[name] = PredictionLog(capacity)
+        pending.add((tenant, request_id), version, prediction)
+
+    async def flush(self) -> None:
+        """Write the predictions kept since the last flush to the shared store (``--redis``; else nothing)."""
+        if self.shared is not None:
+            await self.shared.flush()
+
+    async def close(self) -> None:
+        if self.shared is not None:
+            await self.shared.close()
 
     async def receive(self, name: str, labels: object, tenant: str) -> dict[str, Any]:
         """Join labels (request id -> label, or a list of labels for a request of several rows) to the predictions
@@ -81,24 +100,30 @@ class FeedbackDesk:
         pending = self._pending.get(name)
         if pending is None:  # (not ``or``: a log that holds no prediction now still knows those it joined)
             pending = PredictionLog(feedback.pending)
+        ids = list(labels)
         unmatched: list[str] = []
         already: list[str] = []
         rejected: dict[str, str] = {}
-        touched: set[str] = set()
-        joined = 0
-        for request_id, label in labels.items():
-            found = pending.find((tenant, request_id))
-            if found is None:
-                (already if pending.joined((tenant, request_id)) else unmatched).append(request_id)
+        fitting: list[tuple[str, str, list[Any], Any]] = []
+        for request_id, found in zip(ids, await self._found(name, pending, tenant, ids), strict=True):
+            if not isinstance(found, tuple):  # unknown, or labelled already
+                (unmatched if found is None else already).append(request_id)
                 continue
-            version, kept = found
-            array = np.asarray(kept)
+            version, array = found
+            label = labels[request_id]
             predictions = prediction_of(array, feedback.task)
             why = _misfit(len(predictions), label) or label_misfit(array, feedback.task, label)
             if why:  # the prediction stays: the label may be sent again as the reason says
                 rejected[request_id] = why
                 continue
-            pending.take((tenant, request_id))
+            fitting.append((request_id, version, predictions, label))
+        touched: set[str] = set()
+        joined = 0
+        taken = await self._take(name, pending, tenant, [request_id for request_id, *_ in fitting])
+        for (request_id, version, predictions, label), took in zip(fitting, taken, strict=True):
+            if not took:  # (labelled meanwhile through another process: the same label sent twice at once)
+                already.append(request_id)
+                continue
             window = self._window(name, version, feedback.task, feedback.window)
             for prediction, value in zip(predictions, label if isinstance(label, list) else [label], strict=True):
                 window.add(prediction, value)
@@ -120,11 +145,34 @@ class FeedbackDesk:
             "already_joined": len(already),
             "already_joined_ids": already[:_LISTED],
             "rejected": rejected,
-            "pending": len(pending),
-            "dropped": pending.dropped,
-            "replaced": pending.replaced,
+            "pending": len(pending) if self.shared is None else self.shared.pending,
+            "dropped": pending.dropped if self.shared is None else self.shared.dropped,
+            "replaced": pending.replaced if self.shared is None else self.shared.replaced,
             "quality": figures,
         }
+
+    async def _found(
+        self, name: str, pending: PredictionLog, tenant: str, ids: list[str]
+    ) -> list[tuple[str, np.ndarray] | bytes | None]:
+        """Each id's version and prediction, ``JOINED`` when it was labelled already, or None (unknown)."""
+        if self.shared is None:
+            kept = [pending.find((tenant, request_id)) for request_id in ids]
+            return [
+                (found[0], np.asarray(found[1])) if found is not None
+                else JOINED if pending.joined((tenant, request_id)) else None
+                for request_id, found in zip(ids, kept, strict=True)
+            ]  # fmt: skip
+        values = await self.shared.find(name, [field_of(tenant, request_id) for request_id in ids])
+        return [value if value is None or value == JOINED else decode_prediction(value) for value in values]
+
+    async def _take(self, name: str, pending: PredictionLog, tenant: str, ids: list[str]) -> list[bool]:
+        """Take the predictions of the labels that joined (a request is labelled once): False for one another
+        process took first."""
+        if self.shared is not None:
+            return await self.shared.claim(name, [field_of(tenant, request_id) for request_id in ids])
+        for request_id in ids:
+            pending.take((tenant, request_id))
+        return [True] * len(ids)
 
     def quality(self, name: str, version: str) -> tuple[dict[str, float], int]:
         """The version's figures and how many labels they rest on, as last computed."""

@@ -22,6 +22,7 @@ from dhow.core.types import Caller, InferenceRequest, InferenceResponse
 from dhow.monitoring.drift import DriftWindow, FeatureDrift, sampling_gap, score
 from dhow.monitoring.latency import PARTS, QUANTILES, LatencyBaseline, duration_text
 from dhow.monitoring.model_metrics import ModelMetrics
+from dhow.monitoring.shared_predictions import SharedPredictions
 from dhow.serving.feedback import FeedbackDesk, feedback_id
 from dhow.serving.lifecycle import ModelLifecycle
 from dhow.serving.model_version import ModelVersion
@@ -58,12 +59,18 @@ class _Watched:
 
 
 class ModelWatch:
-    def __init__(self, models: ModelLifecycle, metrics: ModelMetrics, events: EventLog | None = None) -> None:
+    def __init__(
+        self,
+        models: ModelLifecycle,
+        metrics: ModelMetrics,
+        events: EventLog | None = None,
+        shared: SharedPredictions | None = None,
+    ) -> None:
         self.models = models
         self.metrics = metrics
         #: where episodes are written (the server's registry); None: counted only
         self.events = events
-        self.feedback = FeedbackDesk(models, metrics)
+        self.feedback = FeedbackDesk(models, metrics, shared)
         self._watched: dict[tuple[str, str], _Watched] = {}
         #: models whose observation failed (logged once)
         self._failed: set[str] = set()
@@ -164,12 +171,17 @@ class ModelWatch:
 
     async def look(self) -> None:
         now = time.monotonic()
+        await self.feedback.flush()
         watched, ended = self._refresh()
         for gone, why in ended:
             await self._close_episodes(gone, why)
         for each in watched:
             await self._judge_latency(each, now)
             await self._score_drift(each, now)
+
+    async def close(self) -> None:
+        """Write what is kept for feedback and not written yet (``--redis``), and let go of the store."""
+        await self.feedback.close()
 
     def _refresh(self) -> tuple[list[_Watched], list[tuple[_Watched, str]]]:
         """The watched versions, following loads and unloads (a reloaded version starts afresh), and those that

@@ -250,7 +250,8 @@ class ServerSettings:
     )
     redis: str = _setting(
         "",
-        "share rate limits through Redis (redis://host:port/db); unset: limits per process",
+        "share rate limits, and the predictions awaiting feedback, through Redis (redis://host:port/db); unset: "
+        "both per process",
         metavar="URL",
         group=_SECURITY,
     )

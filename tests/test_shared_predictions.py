@@ -1,0 +1,178 @@
+"""The predictions shared through Redis for feedback (``--redis``): written by one process, found and claimed by
+another, bounded per process, and a Redis that cannot be reached said, never taken for an unknown id."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from redis import Redis
+from redis.exceptions import RedisError
+
+from dhow.core.errors import Unavailable
+from dhow.monitoring.shared_predictions import (
+    BUCKETS,
+    JOINED,
+    SharedPredictions,
+    decode_prediction,
+    encode_prediction,
+    field_of,
+)
+
+REDIS_URL = os.environ.get("DHOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+IN_CI = os.environ.get("CI") == "true"
+
+
+@pytest.fixture(scope="module")
+def redis_available() -> None:
+    try:
+        with Redis.from_url(REDIS_URL, socket_connect_timeout=2) as client:
+            client.ping()
+    except (RedisError, OSError) as exc:
+        message = f"Redis is not reachable at {REDIS_URL} ({exc}); set DHOW_TEST_REDIS_URL"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def model(redis_available: None) -> Iterator[str]:
+    """A model name of this test's own; its keys are removed afterwards."""
+    name = f"test-{secrets.token_hex(4)}"
+    yield name
+    with Redis.from_url(REDIS_URL) as client:
+        keys = list(client.scan_iter(f"dhow:feedback:{name}:*"))
+        if keys:
+            client.delete(*keys)
+
+
+def _pair(model: str) -> tuple[SharedPredictions, SharedPredictions]:
+    return (
+        SharedPredictions(REDIS_URL, CollectorRegistry(), owner="worker-1"),
+        SharedPredictions(REDIS_URL, CollectorRegistry(), owner="worker-2"),
+    )
+
+
+def test_encoding_round_trips_numbers_and_text() -> None:
+    for array in (
+        np.array([[0.25, 0.75]], dtype=np.float32),
+        np.array([3, 1], dtype=np.int64),
+        np.array([True, False]),
+        np.array([b"cat", b"dog"], dtype=object),
+        np.array(["a", "b"]),
+    ):
+        version, back = decode_prediction(encode_prediction("12", array))
+        assert version == "12"
+        expected = [v.decode() if isinstance(v, bytes) else v for v in array.reshape(-1).tolist()]
+        assert back.shape == array.shape and back.reshape(-1).tolist() == expected
+
+
+def test_a_prediction_written_by_one_process_is_found_and_claimed_once_by_another(model: str) -> None:
+    async def scenario() -> None:
+        one, two = _pair(model)
+        try:
+            for n in range(3):
+                one.add(model, 1000, field_of("default", f"req-{n}"), "1", np.array([[0.1 * n, 1 - 0.1 * n]]))
+            one.add(model, 1000, field_of("other", "req-0"), "2", np.array([[0.9, 0.1]]))
+            await one.flush()
+            found = await two.find(model, [field_of("default", "req-1"), field_of("default", "nope")])
+            assert found[1] is None
+            assert found[0] is not None
+            version, array = decode_prediction(found[0])
+            assert version == "1" and array.shape == (1, 2) and array.reshape(-1).tolist() == pytest.approx([0.1, 0.9])
+            # one tenant's id never names another's request
+            other = await two.find(model, [field_of("other", "req-0")])
+            assert other[0] is not None and decode_prediction(other[0])[0] == "2"
+            assert await two.claim(model, [field_of("default", "req-1")]) == [True]
+            # taken: a label sent again, to any process, finds it labelled; a second claim takes nothing
+            assert await one.find(model, [field_of("default", "req-1")]) == [JOINED]
+            assert await one.claim(model, [field_of("default", "req-1")]) == [False]
+            assert one.counted.labels("written")._value.get() == 4
+        finally:
+            await one.close()
+            await two.close()
+
+    asyncio.run(scenario())
+
+
+def test_what_a_process_kept_and_did_not_write_yet_is_written_before_a_look_up(model: str) -> None:
+    async def scenario() -> None:
+        one = SharedPredictions(REDIS_URL, CollectorRegistry(), owner="w")
+        try:
+            one.add(model, 1000, field_of("default", "fresh"), "1", np.array([1]))
+            assert (await one.find(model, [field_of("default", "fresh")]))[0] is not None
+        finally:
+            await one.close()
+
+    asyncio.run(scenario())
+
+
+def test_each_process_keeps_about_pending_predictions_the_oldest_dropped_and_counted(model: str) -> None:
+    async def scenario() -> None:
+        one, two = _pair(model)
+        pending = 2 * BUCKETS  # buckets of 2
+        try:
+            for n in range(40):
+                one.add(model, pending, field_of("default", f"r{n}"), "1", np.array([n]))
+                if n % 3 == 2:
+                    await one.flush()
+            await one.flush()
+            for n in range(10):  # another process's predictions are its own to drop
+                two.add(model, pending, field_of("default", f"t{n}"), "1", np.array([n]))
+            await two.flush()
+            found = await two.find(model, [field_of("default", f"r{n}") for n in range(40)])
+            kept = [n for n, value in enumerate(found) if value is not None]
+            assert kept == list(range(40 - pending, 40))
+            assert one.dropped == 40 - pending
+            assert all(
+                value is not None for value in await one.find(model, [field_of("default", f"t{n}") for n in range(10)])
+            )
+            with Redis.from_url(REDIS_URL) as client:
+                assert client.zcard(f"dhow:feedback:{model}:index") == BUCKETS + 5
+                assert all(client.ttl(key) > 0 for key in client.scan_iter(f"dhow:feedback:{model}:w*"))
+        finally:
+            await one.close()
+            await two.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_prediction_kept_again_under_its_key_replaces_the_first(model: str) -> None:
+    async def scenario() -> None:
+        one = SharedPredictions(REDIS_URL, CollectorRegistry(), owner="w")
+        try:
+            one.add(model, 1000, field_of("default", "retry"), "1", np.array([0]))
+            await one.flush()
+            one.add(model, 1000, field_of("default", "retry"), "1", np.array([1]))
+            await one.flush()
+            found = await one.find(model, [field_of("default", "retry")])
+            assert found[0] is not None and decode_prediction(found[0])[1].tolist() == [1]
+            assert one.replaced == 1
+        finally:
+            await one.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_redis_that_cannot_be_reached_counts_the_writes_failed_and_refuses_the_look_up() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def scenario() -> None:
+        one = SharedPredictions(f"redis://127.0.0.1:{port}/0", CollectorRegistry(), owner="w")
+        one.add("m", 1000, field_of("default", "a"), "1", np.array([0]))
+        await one.flush()
+        assert one.counted.labels("failed")._value.get() == 1
+        with pytest.raises(Unavailable, match="send the labels again"):
+            await one.find("m", [field_of("default", "a")])
+        with pytest.raises(Unavailable):
+            await one.claim("m", [field_of("default", "a")])
+
+    asyncio.run(scenario())
