@@ -1,6 +1,7 @@
 """One id per request, the same everywhere (``dhow.core.ids``; README, "Payload logging"): the x-request-id header
 (gRPC: metadata) when sent, else the request's own id, else one the server makes; the access log, the audit
-trail, the payload log and the feedback join all say it, over REST and gRPC alike."""
+trail, the payload log and the feedback join all say it, over REST and gRPC alike; a gRPC stream's messages each
+have their own."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from dhow.governance.audit import AuditStore
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
@@ -118,6 +120,56 @@ def test_a_label_joins_by_the_id_the_client_sent_a_plain_token_or_not(tmp_path: 
         assert joined["joined"] == 8 and joined["unmatched_ids"] == ["l" * 257, "plain-b", "grpc-b"], joined
     finally:
         assert server.stop() == 0, server.log()
+
+
+def _grpc_stream(server: DhowProcess, key: str, ids: list[str], *metadata: tuple[str, str]) -> list[str]:
+    """One ``ModelStreamInfer`` call of a message per id ("": the message names none); its answers' ids."""
+    messages = []
+    for request_id in ids:
+        tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 1])
+        tensor.contents.fp32_contents.append(1.0)
+        messages.append(pb.ModelInferRequest(model_name="sign", id=request_id, inputs=[tensor]))
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        answers = list(
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+                iter(messages), metadata=(("authorization", f"Bearer {key}"), *metadata), timeout=30
+            )
+        )
+    assert [answer.error_message for answer in answers] == [""] * len(ids), answers
+    return [answer.infer_response.id for answer in answers]
+
+
+@pytest.mark.parametrize("front", ["native", "grpcio"])
+def test_each_message_of_a_grpc_stream_has_its_own_id(tmp_path: Path, front: str) -> None:
+    """A stream's message is named by its own id when it is a plain token, else by the stream's (its x-request-id,
+    else one the server makes) and its place in the stream: ``<stream id>.<n>``, n counting from 1. Its audit
+    record, payload log event and feedback join say that id; its answer echoes the message's own id."""
+    events_file = tmp_path / "events.jsonl"
+    key = make_key(tmp_path / "data", "ids", ["invoker"])
+    payload_log = ("--payload-log", f"file://{events_file}")
+    server = start_dhow(_repository(tmp_path), tmp_path, "--auth", "on", *payload_log, "--grpc-front", front)
+    try:
+        sent = ["", "", "", "own-4", "order/5"]
+        assert sorted(_grpc_stream(server, key, sent, ("x-request-id", "st"))) == sorted(sent)
+        assert _grpc_stream(server, key, ["", ""]) == ["", ""]  # no x-request-id: the server names the stream
+        labels = dict.fromkeys(["st.1", "st.2", "st.3", "own-4", "order/5", "st", "st.4", "st.5"], 1)
+        joined = _post(server, key, "/v2/models/sign/feedback", {"labels": labels})
+        # feedback takes a message's own id as sent, a plain token or not; else the one the logs say
+        assert joined["joined"] == 5 and joined["unmatched_ids"] == ["st", "st.4", "st.5"], joined
+        assert joined["replaced"] == 0 and joined["already_joined"] == 0, joined
+        wait_until(lambda: len(events_file.read_text().splitlines()) == 7, what="7 payload events")
+        logged = sorted(json.loads(line)["data"]["request_id"] for line in events_file.read_text().splitlines())
+        assert logged[2:] == ["own-4", "st.1", "st.2", "st.3", "st.5"], logged
+        made = logged[0].removesuffix(".1")
+        assert re.fullmatch(r"[0-9a-f]{16}", made) and logged[1] == f"{made}.2", logged
+    finally:
+        assert server.stop() == 0, server.log()
+    store = AuditStore.open(f"sqlite:///{tmp_path / 'data' / 'audit.sqlite3'}")
+    try:
+        audited = sorted(r["request_id"] for r in store.read(limit=100, kind="inference") if r["action"] == "infer")
+    finally:
+        store.close()
+    assert audited == logged, audited
 
 
 def _row(x: float) -> dict[str, Any]:

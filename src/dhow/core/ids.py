@@ -4,7 +4,8 @@ trace, so one finds the others (the feedback join takes the client's id as sent:
 A client may name its request: its ``x-request-id`` header (gRPC: metadata), else the request's own ``id`` (the
 v2 JSON body's, ``ModelInferRequest.id``), whichever is a plain token first; otherwise the server counts: a
 random prefix per process, then a counter (unique across servers, and no system call per request as random
-bytes would be).
+bytes would be). A gRPC stream's message is a request of its own: its own ``id`` when it is a plain token, else
+``<stream id>.<n>``, the stream's ``x-request-id`` (else one made here) and its place in the stream from 1.
 """
 
 from __future__ import annotations

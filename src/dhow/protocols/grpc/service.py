@@ -14,6 +14,7 @@ from google.protobuf import json_format
 
 from dhow.access.permissions import Principal
 from dhow.core.errors import DhowError
+from dhow.core.ids import is_client_request_id, new_request_id
 from dhow.core.types import LazyHeaders
 from dhow.protocols.grpc.codec import (
     parameters_from_proto,
@@ -24,7 +25,7 @@ from dhow.protocols.grpc.codec import (
     tensor_metadata,
 )
 from dhow.protocols.grpc.decoding import answers_bytes
-from dhow.protocols.grpc.errors import Context, abort, credentials, guarded
+from dhow.protocols.grpc.errors import Context, abort, credentials, guarded, request_id
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.generated import model_config_pb2 as mc
 from dhow.protocols.grpc.h2.calls import CallContext
@@ -139,6 +140,10 @@ class InferenceServicer:
         Requests run concurrently, as in Triton; clients match answers by ``id``. A failed request
         yields an ``error_message`` (with the request's model and id) and the stream goes on. The answers are
         serialized ``ModelStreamInferResponse`` messages.
+
+        Each request has its own id (``dhow.core.ids``), in its audit record, payload log event, trace and feedback
+        join: its own ``id`` when that is a plain token, else ``<stream id>.<n>``, the stream's id (its
+        ``x-request-id`` metadata, else one made here) and its place in the stream, counted from 1.
         """
         # one authentication per stream; each request is authorized, limited and audited on its own
         try:
@@ -146,7 +151,8 @@ class InferenceServicer:
         except DhowError as exc:
             await abort(context, exc)
         answers: asyncio.Queue[bytes | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._serve_stream(requests, answers, principal))
+        stream_id = request_id(context) or new_request_id()
+        reader = asyncio.create_task(self._serve_stream(requests, answers, principal, stream_id))
         try:
             while (answer := await answers.get()) is not None:
                 yield answer
@@ -159,11 +165,15 @@ class InferenceServicer:
         requests: AsyncIterator[pb.ModelInferRequest],
         answers: asyncio.Queue[bytes | None],
         principal: Principal,
+        stream_id: str,
     ) -> None:
         try:
             async with asyncio.TaskGroup() as group:
+                n = 0
                 async for request in requests:
-                    group.create_task(self._stream_answer(request, answers, principal))
+                    n += 1
+                    named = request.id if is_client_request_id(request.id) else f"{stream_id}.{n}"
+                    group.create_task(self._stream_answer(request, answers, principal, named))
         finally:
             answers.put_nowait(None)
 
@@ -172,9 +182,10 @@ class InferenceServicer:
         request: pb.ModelInferRequest,
         answers: asyncio.Queue[bytes | None],
         principal: Principal,
+        named: str,
     ) -> None:
         try:
-            async with self.service.call(principal, _STREAM_ACCESS, request.model_name) as call:
+            async with self.service.call(principal, _STREAM_ACCESS, request.model_name, named) as call:
                 inference = request_from_proto(request)
                 response = response_bytes(await call.infer(inference))
             answer = stream_response_bytes(response)
