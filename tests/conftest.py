@@ -25,6 +25,8 @@ import pytest
 IN_CI = os.environ.get("CI") == "true"
 #: a PostgreSQL role that may create databases; each test that needs one gets a fresh database
 PG_ADMIN_URL = os.environ.get("DHOW_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+#: the machine's Redis (rate limits and feedback shared between processes)
+REDIS_URL = os.environ.get("DHOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def unavailable(message: str) -> NoReturn:
@@ -45,6 +47,19 @@ def system_binary(name: str, install: str) -> str:
 def pg_url(database: str) -> str:
     base, _, _ = PG_ADMIN_URL.rpartition("/")
     return f"{base}/{database}"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """``REDIS_URL``, once it answers (else skipped, failed on CI)."""
+    import redis
+
+    try:
+        with redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2) as client:
+            client.ping()
+    except (redis.RedisError, OSError) as exc:
+        unavailable(f"Redis is not reachable at {REDIS_URL} ({exc}); set DHOW_TEST_REDIS_URL")
+    return REDIS_URL
 
 
 @pytest.fixture(scope="session")

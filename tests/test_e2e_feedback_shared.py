@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -14,13 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 from redis import Redis
-from redis.exceptions import RedisError
 from sklearn.metrics import accuracy_score
 
-from tests.conftest import DhowProcess, start_dhow, wait_until
+from tests.conftest import REDIS_URL, DhowProcess, start_dhow, wait_until
 
-REDIS_URL = os.environ.get("DHOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-IN_CI = os.environ.get("CI") == "true"
 MODEL = """
 import numpy as np
 
@@ -37,19 +33,6 @@ MANIFEST = (
     "outputs: [{name: label, datatype: INT64, shape: [-1]}]\n"
     "monitoring:\n  feedback: {task: classification}\n"
 )
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> str:
-    try:
-        with Redis.from_url(REDIS_URL, socket_connect_timeout=2) as client:
-            client.ping()
-    except (RedisError, OSError) as exc:
-        message = f"Redis is not reachable at {REDIS_URL} ({exc}); set DHOW_TEST_REDIS_URL"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return REDIS_URL
 
 
 @pytest.fixture(scope="module")

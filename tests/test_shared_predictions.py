@@ -4,7 +4,6 @@ another, bounded per process, and a Redis that cannot be reached said, never tak
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import socket
 from collections.abc import Iterator
@@ -13,7 +12,6 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 from redis import Redis
-from redis.exceptions import RedisError
 
 from dhow.core.errors import Unavailable
 from dhow.monitoring.shared_predictions import (
@@ -24,25 +22,11 @@ from dhow.monitoring.shared_predictions import (
     encode_prediction,
     field_of,
 )
-
-REDIS_URL = os.environ.get("DHOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-IN_CI = os.environ.get("CI") == "true"
-
-
-@pytest.fixture(scope="module")
-def redis_available() -> None:
-    try:
-        with Redis.from_url(REDIS_URL, socket_connect_timeout=2) as client:
-            client.ping()
-    except (RedisError, OSError) as exc:
-        message = f"Redis is not reachable at {REDIS_URL} ({exc}); set DHOW_TEST_REDIS_URL"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+from tests.conftest import REDIS_URL
 
 
 @pytest.fixture
-def model(redis_available: None) -> Iterator[str]:
+def model(redis_url: str) -> Iterator[str]:
     """A model name of this test's own; its keys are removed afterwards."""
     name = f"test-{secrets.token_hex(4)}"
     yield name
