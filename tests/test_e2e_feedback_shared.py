@@ -4,7 +4,6 @@ request's prediction, whichever worker answered it; the accuracy is the one comp
 
 from __future__ import annotations
 
-import http.client
 import json
 import secrets
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import pytest
 from redis import Redis
 from sklearn.metrics import accuracy_score
 
-from tests.conftest import REDIS_URL, DhowProcess, start_dhow, wait_until
+from tests.conftest import REDIS_URL, DhowProcess, http_request, start_dhow, wait_until
 
 MODEL = """
 import numpy as np
@@ -54,25 +53,14 @@ def workers(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterato
                 client.delete(*keys)
 
 
-def _call(server: DhowProcess, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
-    """One call on a connection of its own: the kernel spreads connections over the workers."""
-    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
-    try:
-        data = None if body is None else json.dumps(body).encode()
-        connection.request(method, path, body=data, headers={"content-type": "application/json", **(headers or {})})
-        answer = connection.getresponse()
-        return answer.status, json.loads(answer.read() or b"null")
-    finally:
-        connection.close()
+def _call(server: DhowProcess, method: str, path: str, body: Any = None) -> Any:
+    """One call on a connection of its own (the kernel spreads connections over the workers): status, JSON."""
+    status, answer = http_request(server.http_port, method, path, None if body is None else json.dumps(body).encode())
+    return status, json.loads(answer or b"null")
 
 
 def _written(server: DhowProcess) -> float:
-    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
-    try:
-        connection.request("GET", "/metrics")
-        text = connection.getresponse().read().decode()
-    finally:
-        connection.close()
+    text = http_request(server.http_port, "GET", "/metrics")[1].decode()
     prefix = 'dhow_feedback_shared_total{outcome="written"} '
     return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
 
