@@ -68,7 +68,7 @@ def test_connections_past_the_bound_are_closed_and_counted(door: Door) -> None: 
 @pytest.mark.parametrize("door", [_THREE], indirect=True)
 def test_a_grpc_client_past_the_bound_gets_unavailable_then_is_served(door: Door) -> None:  # noqa: F811
     """A grpc channel refused at the bound: its call fails UNAVAILABLE well before its deadline, and the channel
-    does not reconnect without pause (it did, 2000 times a second, when the refusal sent SETTINGS then GOAWAY);
+    does not reconnect without pause (it did, about 90 times a second, when the refusal sent SETTINGS then GOAWAY);
     once a slot is free, a new channel is served."""
     metrics = ServerMetrics()
     door.server.front.refused = metrics.connections_refused.labels(port="grpc").inc
