@@ -57,8 +57,9 @@ class Front:
         A refused connection is closed before the server's SETTINGS, not sent SETTINGS then GOAWAY: grpc's clients
         take a connection that sent SETTINGS as made, and after its GOAWAY reconnect at once, without backoff (176
         refused connections in 2 s from one channel, its call waiting to its deadline), while a connection closed
-        before them failed: the call fails UNAVAILABLE at once and the channel reconnects with its backoff. Counted in ``refused``, logged at most
-        once a minute. Its slot is freed when a connection is lost (``H2Connection.connection_lost``)."""
+        before them failed: the call fails UNAVAILABLE at once and the channel reconnects with its backoff. Counted
+        in ``refused``, logged at most once a minute. A slot is freed when its connection is lost
+        (``H2Connection.connection_lost``)."""
         bound = self.limits.max_connections
         if bound is not None and len(self.connections) >= bound:
             transport.close()
