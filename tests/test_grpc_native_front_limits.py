@@ -126,3 +126,23 @@ def test_calls_ended_by_a_grpc_timeout_too_short_to_run_are_charged_as_resets(do
     assert b"grpc-timeout" in reason, reason
     trailers = [payload for kind, _, _, payload in frames if kind == f.HEADERS]
     assert trailers, "the calls before the GOAWAY are answered"
+
+
+def test_a_reset_of_a_call_the_server_ended_is_not_charged_again(door: Door) -> None:  # noqa: F811
+    """Calls running (their requests whole), each ended by the server for a WINDOW_UPDATE of 0 (charged: MadeYouReset)
+    and then reset by the client in the same read, before the call's task has ended: one charge each, so 600 of
+    them stay within the budget of 1000 (charged twice, they went past it)."""
+    request = _request("slow", np.ones((1, 4), np.float32)).SerializeToString()
+    message = b"\0" + len(request).to_bytes(4, "big") + request
+    sent = b"".join(
+        f.frame(f.HEADERS, f.END_HEADERS, s, _INFER)
+        + f.frame(f.DATA, f.END_STREAM, s, message)
+        + f.frame(f.WINDOW_UPDATE, 0, s, b"\0\0\0\0")
+        + f.rst_stream(s, f.CANCEL)
+        for s in range(1, 1200, 2)
+    )
+    with _connect(door) as sock:
+        sock.sendall(HELLO + sent + _PING)
+        frames = _read_frames(sock, f.PING, flags=f.ACK)
+        assert not [frame for frame in frames if frame[0] == f.GOAWAY], _goaway_code(frames)
+        assert frames[-1] == (f.PING, f.ACK, 0, b"12345678"), frames[-1]
