@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
-from tests.conftest import DhowProcess, read_until_closed, start_dhow
+from tests.conftest import DhowProcess, read_until_closed, start_dhow, wait_until
 
 SAFETY_S = 30.0
 
@@ -97,6 +98,53 @@ def test_rest_connections_past_the_bound_are_refused_with_503(tmp_path: Path, fr
         for sock in holders:
             sock.close()
         assert _live(server) == 200
+        if front == "native":  # uvicorn's refusals are its own, not counted
+            assert _refused(server, "rest") == "1.0"
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def _refused(server: DhowProcess, port: str) -> str:
+    """The ``dhow_connections_refused_total`` sample of ``port`` in the server's metrics (empty when none)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=SAFETY_S)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    found = [line for line in text.splitlines() if line.startswith(f'dhow_connections_refused_total{{port="{port}"}}')]
+    return found[0].rsplit(" ", 1)[1] if found else ""
+
+
+def _grpc_live(client: grpcclient.InferenceServerClient) -> bool:
+    try:
+        return bool(client.is_server_live())
+    except InferenceServerException:
+        return False
+
+
+def test_grpc_connections_past_the_bound_are_refused(tmp_path: Path) -> None:
+    """``--max-connections`` bounds the gRPC port's connections too, counted apart from the REST port's: past it a
+    new connection is closed, the client's call fails UNAVAILABLE, and the refusal is counted; a connection that
+    closes frees its slot."""
+    (tmp_path / "models").mkdir()
+    server = start_dhow(tmp_path / "models", tmp_path, "--max-connections", "3", "--header-timeout", "60")
+    try:
+        holders = [_open(server.grpc_port) for _ in range(3)]
+        for sock in holders:
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\4\0\0\0\0\0")  # preface, SETTINGS
+            assert sock.recv(9)[3] == 4  # the server's SETTINGS: taken
+        assert _live(server) == 200  # the REST port's connections are counted apart
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        with pytest.raises(InferenceServerException) as refused:
+            client.is_server_live()
+        assert "UNAVAILABLE" in str(refused.value.status()), refused.value
+        assert float(_refused(server, "grpc")) >= 1
+        holders.pop().close()
+        wait_until(lambda: _grpc_live(client), SAFETY_S, "the closed connection's slot freed")
+        client.close()
+        for sock in holders:
+            sock.close()
     finally:
         assert server.stop() == 0, server.log()
 

@@ -346,6 +346,7 @@ class Server:
                 timeouts=timeouts,
                 keepalive_s=settings.keepalive_timeout,
                 limit=settings.max_connections or None,
+                refused=self.metrics.connections_refused.labels(port="rest").inc,
                 drain_s=settings.drain_seconds,
                 ssl_context=certificates.context if certificates is not None else None,
             )
@@ -392,8 +393,10 @@ class Server:
                 handshake_s=settings.header_timeout,
                 idle_s=settings.grpc_idle_timeout,
                 keepalive_s=settings.grpc_keepalive,
+                max_connections=settings.max_connections or None,
             ),
             front=settings.grpc_front,
+            refused=self.metrics.connections_refused.labels(port="grpc").inc,
         )
         await grpc.server.start()
         self._grpc = grpc

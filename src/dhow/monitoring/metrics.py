@@ -235,6 +235,13 @@ class ServerMetrics:
             buckets=_FILL_BUCKETS,
             registry=self.registry,
         )
+        self.connections_refused = Counter(
+            "dhow_connections_refused",
+            "Connections refused at --max-connections, by port: on the REST port (native front) a request answered "
+            "503 and its connection closed, on the gRPC port (native front) a new connection sent GOAWAY and closed.",
+            ["port"],
+            registry=self.registry,
+        )
         self.observer_failures = Counter(
             "dhow_batch_observer_failures",
             "Executed batches whose monitoring failed (the requests' counts and durations, the queue and compute "

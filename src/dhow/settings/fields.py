@@ -149,8 +149,9 @@ class ServerSettings:
     )
     max_connections: int = _setting(
         1000,
-        "REST connections and requests in flight a server process takes at once, counting the one asking; "
-        "past it a request is answered 503 and its connection closed (keep it below 'ulimit -n'); 0: no bound",
+        "connections a server process takes at once on each port, counted apart (keep twice it below 'ulimit -n'): "
+        "REST connections and requests in flight, counting the one asking, past it a request is answered 503 and "
+        "its connection closed; gRPC connections (native front), past it a new one is closed; 0: no bound",
         metavar="N",
         group=_CONNECTIONS,
     )

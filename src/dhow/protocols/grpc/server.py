@@ -5,6 +5,7 @@ and server reflection, over one of two fronts: ``native`` (dhow's own HTTP/2 on 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,7 +24,8 @@ from dhow.serving.service import CoreService
 
 @dataclass(frozen=True, slots=True)
 class GrpcConnectionLimits:
-    """How long a gRPC client may take to open a connection, keep it idle, or stay silent to pings."""
+    """How long a gRPC client may take to open a connection, keep it idle, or stay silent to pings, and how many
+    connections the port takes at once."""
 
     #: the TLS handshake, the HTTP/2 preface and the client's SETTINGS must all arrive within it
     handshake_s: float = 10.0
@@ -32,6 +34,9 @@ class GrpcConnectionLimits:
     #: the server pings a quiet connection this often, and closes it when a ping goes unanswered
     keepalive_s: float = 60.0
     keepalive_timeout_s: float = 20.0
+    #: the connections the port takes at once (``--max-connections``, counted apart from the REST port's); past it
+    #: a new one gets GOAWAY and is closed. None: no bound. The native front's only: grpcio's server has no such bound
+    max_connections: int | None = None
 
     def options(self) -> list[tuple[str, int]]:
         def ms(seconds: float) -> int:
@@ -82,6 +87,7 @@ async def create_grpc_server(
     limits: GrpcConnectionLimits | None = None,
     front: str = "native",
     ssl_context: ssl.SSLContext | None = None,
+    refused: Callable[[], None] | None = None,
 ) -> GrpcServer:
     """Create the server and bind it; the caller starts it (``await bound.server.start()``) and
     stops it (``await bound.server.stop(grace)``), so it can start the doors together.
@@ -91,7 +97,8 @@ async def create_grpc_server(
     ``reuse_port`` shares the port with the other workers of a supervisor, which checked it was free.
     ``limits``: the time limits of connections (default: ``GrpcConnectionLimits()``).
     ``front``: ``grpcio`` takes TLS as ``credentials``, ``native`` as ``ssl_context`` (which must offer ALPN
-    "h2": ``ServerCertificates.h2_context``).
+    "h2": ``ServerCertificates.h2_context``). ``refused``: called for each connection the native front refuses at
+    ``limits.max_connections``.
     """
     methods = Methods()
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), methods)
@@ -104,7 +111,7 @@ async def create_grpc_server(
             f"TLS on the {front} gRPC front is given as {'ssl_context' if front == 'native' else 'credentials'}"
         )
     if front == "native":
-        native = NativeServer(methods, limits or GrpcConnectionLimits(), max_message_bytes, ssl_context)
+        native = NativeServer(methods, limits or GrpcConnectionLimits(), max_message_bytes, ssl_context, refused)
         try:
             bound = await native.bind(host, port, reuse_port)
         except OSError as exc:

@@ -4,7 +4,7 @@ It does what the server needs of uvicorn's, with the same switches (``started``,
 ``force_exit``, ``serve(sockets)``), so that ``server.py`` starts and drains either the same way:
 
 - the connection bound: past ``limit`` connections or requests in flight, counting the one asking, a request
-  is answered ``503`` and its connection closed (as uvicorn's ``limit_concurrency``);
+  is answered ``503`` and its connection closed (as uvicorn's ``limit_concurrency``), and counted (``refused``);
 - the deadlines on slow clients (``ConnectionTimeouts``, as ``connection.py`` gives uvicorn) and the keep-alive
   limit, from one watchdog looking at the open connections a few times per time limit, instead of a timer
   armed and cancelled per request;
@@ -21,6 +21,7 @@ import contextlib
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 
 from dhow.protocols.rest.app import CLIENT_CN_SCOPE_KEY
 from dhow.protocols.rest.connection import BODY_LATE, HEADERS_LATE, ConnectionTimeouts
@@ -48,6 +49,7 @@ class HttpFront:
         timeouts: ConnectionTimeouts,
         keepalive_s: float,
         limit: int | None = None,
+        refused: Callable[[], None] | None = None,
         drain_s: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
@@ -57,6 +59,8 @@ class HttpFront:
         self.timeouts = timeouts
         self.keepalive_s = keepalive_s
         self.limit = limit
+        #: counts a request refused at ``limit`` (503)
+        self.refused = refused or (lambda: None)
         self.drain_s = drain_s
         self.ssl_context = ssl_context
         self.proxies = TrustedProxies()

@@ -242,6 +242,7 @@ class Http1Connection(asyncio.Protocol):
         exchange = Exchange(self, scope, parser.should_keep_alive(), self._expect)
         self.parsing = exchange
         if self.front.crowded():
+            self.front.refused()
             exchange.keep_alive = False
             self._refuse(_UNAVAILABLE)
         elif self.running is None:

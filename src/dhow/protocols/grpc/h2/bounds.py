@@ -8,16 +8,24 @@ a reset that ends a call counts: one that crosses the server's own answer costs 
 ends because the client sent it a bad frame counts as a reset (MadeYouReset, CVE-2025-8671: the same flood with a
 WINDOW_UPDATE of 0 or a malformed request in place of RST_STREAM), as nghttp2 1.66 counts it. A call that ran a
 while does not count: a second, or half its grpc-timeout, which a grpc client's own deadline resets at (the server
-would have ended it then at no cost to the client); a flood resets at once.
+would have ended it then at no cost to the client); a flood resets at once. A call the server ends at its
+grpc-timeout counts by the same rule (``expire``): one of 1 ns is started and ended at once, a reset flood's work
+with no reset sent, while one that ran its 50 ms or more costs nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import grpc
 
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.calls import RECEIVE_WINDOW, Stream
+
+if TYPE_CHECKING:
+    from dhow.protocols.grpc.h2.connection import H2Connection
 
 #: what a client may send in all before the server's WINDOW_UPDATE on the connection
 CONNECTION_WINDOW = 16 * 1024 * 1024
@@ -45,6 +53,8 @@ RESET_RATE = 33.0
 #: a grpc-timeout of 0 or 1 ns would make every reset free, and a flood resets at once) costs its client no reset
 RESET_FREE_AFTER_S = 1.0
 RESET_FREE_FLOOR_S = 0.05
+#: how a call past its grpc-timeout ends
+EXPIRED = (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
 
 class ResetBudget:
@@ -57,10 +67,11 @@ class ResetBudget:
         self._left = float(RESET_BURST)
         self._since = loop.time()
 
-    def spend(self, opened: float, deadline: float | None) -> bool:
-        """One more call ended, opened at ``opened`` with ``deadline`` (loop times): False when none is left."""
+    def spend(self, opened: float, deadline: float | None, ended: float | None = None) -> bool:
+        """One more call ended, opened at ``opened`` with ``deadline``, at ``ended`` (loop times; None: now): False
+        when none is left."""
         now = self._loop.time()
-        ran = now - opened
+        ran = (now if ended is None else ended) - opened
         if ran >= RESET_FREE_AFTER_S or (
             deadline is not None and ran >= max(RESET_FREE_FLOOR_S, (deadline - opened) / 2)
         ):
@@ -71,6 +82,25 @@ class ResetBudget:
             return False
         self._left -= 1
         return True
+
+    def charge(self, stream: Stream, expired: bool = False) -> None:
+        """One more call ended (``spend``), reset or ``expired``; a connection error ENHANCE_YOUR_CALM when none is
+        left. An expired call ran its grpc-timeout, whenever its timer fired: timers fire late behind a long read
+        (900 calls read at once: 0.1 s), and the calls of a 1 ns flood would not be charged for the server's lag."""
+        deadline = stream.context.deadline if stream.context is not None else None
+        if not self.spend(stream.opened, deadline, deadline if expired else None):
+            reason = "with a grpc-timeout too short to run" if expired else "reset by the client"
+            raise f.ConnectionError_(f.ENHANCE_YOUR_CALM, f"too many calls {reason}")
+
+
+def expire(connection: H2Connection, stream: Stream) -> None:
+    """The call's grpc-timeout has passed (its timer): it ends DEADLINE_EXCEEDED, charged as a reset at its deadline
+    would be (nothing when the timeout was ``RESET_FREE_FLOOR_S`` or more)."""
+    connection.end_call(stream, EXPIRED)
+    try:
+        connection.resets.charge(stream, expired=True)
+    except f.ConnectionError_ as exc:
+        connection.close_with(exc.code, exc.reason)
 
 
 def largest_delta(initial: int, bound: int, streams: Iterable[Stream]) -> int:

@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dhow.grpc")
 
-_EXPIRED = (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-
 
 class H2Connection(Sender, asyncio.Protocol):
     """One client's connection: frames in, calls started, frames out (``Sender``)."""
@@ -61,7 +59,7 @@ class H2Connection(Sender, asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._timers: list[asyncio.TimerHandle] = []
-        self._resets = bounds.ResetBudget(self.loop)
+        self.resets = bounds.ResetBudget(self.loop)
         self._liveness = Liveness(front.limits)
         self._reads = self._opened = 0
 
@@ -77,8 +75,8 @@ class H2Connection(Sender, asyncio.Protocol):
                 transport.close()  # an HTTPS client that did not ask for HTTP/2
                 return
             self.auth_context = auth_context(transport.get_extra_info("peercert"))
-        self.front.connections.add(self)
-        transport.write(bounds.ANNOUNCED)
+        if not self.front.admit(self, transport):  # past ``--max-connections``: GOAWAY and closed
+            return
         self._timers.append(self.loop.call_later(self.front.limits.handshake_s, self._handshake_over))
         self._timers.append(self.loop.call_later(self._liveness.step, self._tick))
 
@@ -88,7 +86,7 @@ class H2Connection(Sender, asyncio.Protocol):
         for timer in self._timers:
             timer.cancel()
         for stream in list(self.streams.values()):
-            self._end_call(stream, RESET)
+            self.end_call(stream, RESET)
         self.waits.all()
         self._writable.set()
 
@@ -127,7 +125,7 @@ class H2Connection(Sender, asyncio.Protocol):
         """End every call in flight with UNAVAILABLE; the calls still finishing are returned."""
         tasks: list[asyncio.Future[None]] = []
         for stream in list(self.streams.values()):
-            self._end_call(stream, (grpc.StatusCode.UNAVAILABLE, "the server stopped before the call ended"))
+            self.end_call(stream, (grpc.StatusCode.UNAVAILABLE, "the server stopped before the call ended"))
             task = stream.task
             if task is not None and not task.done():
                 tasks.append(task.finished() if isinstance(task, CallRunner) else task)
@@ -376,7 +374,7 @@ class H2Connection(Sender, asyncio.Protocol):
         stream.context = CallContext(self, stream, decoded, deadline)
         self.streams[stream_id] = stream
         if request.timeout is not None:
-            stream.timer = self.loop.call_later(request.timeout, self._end_call, stream, _EXPIRED)
+            stream.timer = self.loop.call_later(request.timeout, bounds.expire, self, stream)
         if request.method.request_streaming:
             stream.inbox = asyncio.Queue()
             stream.task = self.loop.create_task(run_call(self, stream))
@@ -392,8 +390,9 @@ class H2Connection(Sender, asyncio.Protocol):
         stream = self.streams.get(stream_id)
         if stream is not None:
             stream.remote_closed = True
-            self._end_call(stream, RESET)
-            self._charge(stream)
+            if stream.ending is False:  # else the server has ended it (``_fail``, its deadline): charged once only
+                self.end_call(stream, RESET)
+                self.resets.charge(stream)
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
@@ -459,17 +458,12 @@ class H2Connection(Sender, asyncio.Protocol):
     def _fail(self, stream: Stream, code: grpc.StatusCode, message: str, reset: int = f.NO_ERROR) -> None:
         """End one call with ``code`` (its stream reset with ``reset`` unless the client has ended its side), for
         what the client sent: charged as the client's reset (``bounds``)."""
-        self._end_call(stream, (code, message))
+        self.end_call(stream, (code, message))
         if reset != f.NO_ERROR:
             self.write(f.rst_stream(stream.id, reset))
-        self._charge(stream)
+        self.resets.charge(stream)
 
-    def _charge(self, stream: Stream) -> None:
-        deadline = stream.context.deadline if stream.context is not None else None
-        if not self._resets.spend(stream.opened, deadline):
-            raise f.ConnectionError_(f.ENHANCE_YOUR_CALM, "too many calls reset by the client")
-
-    def _end_call(self, stream: Stream, ending: Any) -> None:
+    def end_call(self, stream: Stream, ending: Any) -> None:
         if stream.ending is not False:
             return
         stream.ending = ending

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from dhow.protocols.grpc.h2 import bounds
 from dhow.protocols.grpc.h2.calls import Method
 from dhow.protocols.grpc.h2.connection import H2Connection
 
@@ -18,8 +21,12 @@ if TYPE_CHECKING:
 
 __all__ = ["Front", "NativeServer"]
 
+log = logging.getLogger("dhow.grpc")
+
 #: how often a stop looks whether the calls in flight have ended
 _DRAIN_POLL_S = 0.05
+#: how often at most the log says the port refuses connections at its bound
+_REFUSAL_LOG_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +46,31 @@ class Front:
     max_message: int
     loop: asyncio.AbstractEventLoop
     connections: set[H2Connection] = field(default_factory=set)
+    #: counts a connection refused past ``limits.max_connections``
+    refused: Callable[[], None] = lambda: None
+    _logged: float = float("-inf")
     _found: dict[str, Method] = field(default_factory=dict)
+
+    def admit(self, connection: H2Connection, transport: asyncio.Transport) -> bool:
+        """Count ``connection`` in and send the server's SETTINGS; past ``limits.max_connections``, refuse it: False.
+
+        A refused connection is closed before the server's SETTINGS, not sent SETTINGS then GOAWAY: grpc's clients
+        take a connection that sent SETTINGS as made, and after its GOAWAY reconnect at once, without backoff (176
+        refused connections in 2 s from one channel, its call waiting to its deadline), while a connection closed
+        before them failed: the call fails UNAVAILABLE at once and the channel reconnects with its backoff. Counted
+        in ``refused``, logged at most once a minute. A slot is freed when its connection is lost
+        (``H2Connection.connection_lost``)."""
+        bound = self.limits.max_connections
+        if bound is not None and len(self.connections) >= bound:
+            transport.close()
+            self.refused()
+            if self.loop.time() - self._logged >= _REFUSAL_LOG_S:
+                self._logged = self.loop.time()
+                log.warning("gRPC connections refused: %d open, the bound of --max-connections", bound)
+            return False
+        self.connections.add(connection)
+        transport.write(bounds.ANNOUNCED)
+        return True
 
     def method(self, name: str) -> Method | None:
         found = self._found.get(name)
@@ -55,9 +86,16 @@ class NativeServer:
     """Serves ``methods`` over HTTP/2 on the event loop; the interface of ``grpc.aio.Server`` dhow uses."""
 
     def __init__(
-        self, methods: Methods, limits: GrpcConnectionLimits, max_message: int, ssl_context: ssl.SSLContext | None
+        self,
+        methods: Methods,
+        limits: GrpcConnectionLimits,
+        max_message: int,
+        ssl_context: ssl.SSLContext | None,
+        refused: Callable[[], None] | None = None,
     ) -> None:
         self.front = Front(methods, limits, max_message, asyncio.get_running_loop())
+        if refused is not None:
+            self.front.refused = refused
         self._ssl = ssl_context
         self._server: asyncio.Server | None = None
         self._cut = asyncio.Event()
