@@ -160,3 +160,87 @@ def test_a_redis_that_cannot_be_reached_counts_the_writes_failed_and_refuses_the
             await one.claim("m", [field_of("default", "a")])
 
     asyncio.run(scenario())
+
+
+def test_the_store_s_password_is_in_no_answer() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def scenario() -> None:
+        one = SharedPredictions(f"redis://user:s3cret@127.0.0.1:{port}/0", CollectorRegistry(), owner="w")
+        with pytest.raises(Unavailable) as refused:
+            await one.find("m", [field_of("default", "a")])
+        assert "s3cret" not in refused.value.message and f"127.0.0.1:{port}" in refused.value.message
+
+    asyncio.run(scenario())
+
+
+def test_a_write_that_failed_leaves_no_bucket_unlisted_or_undying(model: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def scenario() -> None:
+        one = SharedPredictions(REDIS_URL, CollectorRegistry(), owner="w")
+        working = one._client
+        one._client = Redis.from_url(f"redis://127.0.0.1:{port}/0")  # type: ignore[assignment]
+        try:
+            one.add(model, 1000, field_of("default", "lost"), "1", np.array([0]))
+            await one.flush()
+            assert one.counted.labels("failed")._value.get() == 1
+            one._client = working
+            one.add(model, 1000, field_of("default", "kept"), "1", np.array([1]))
+            await one.flush()
+            found = await one.find(model, [field_of("default", "kept"), field_of("default", "lost")])
+            assert found[0] is not None and found[1] is None
+            with Redis.from_url(REDIS_URL) as client:
+                buckets = client.zrange(f"dhow:feedback:{model}:index", 0, -1)
+                assert buckets and all(client.ttl(bucket) > 0 for bucket in buckets)
+        finally:
+            await one.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_bucket_dropped_from_the_index_is_listed_again_by_its_next_write(model: str) -> None:
+    async def scenario() -> None:
+        one, two = _pair(model)
+        try:
+            one.add(model, 1000, field_of("default", "first"), "1", np.array([0]))
+            await one.flush()
+            assert await two.claim(model, [field_of("default", "first")]) == [True]
+            with Redis.from_url(REDIS_URL) as client:  # the bucket is empty (Redis deleted it): its joined set expires
+                for key in client.scan_iter(f"dhow:feedback:{model}:*:joined"):
+                    assert client.ttl(key) > 3600
+                    client.delete(key)
+            assert await two.find(model, [field_of("default", "first")]) == [None]  # (the index forgets the bucket)
+            one.add(model, 1000, field_of("default", "second"), "1", np.array([1]))
+            await one.flush()
+            assert (await two.find(model, [field_of("default", "second")]))[0] is not None
+        finally:
+            await one.close()
+            await two.close()
+
+    asyncio.run(scenario())
+
+
+def test_one_write_of_more_than_pending_keeps_the_newest_pending(model: str) -> None:
+    async def scenario() -> None:
+        one = SharedPredictions(REDIS_URL, CollectorRegistry(), owner="w")
+        try:
+            for n in range(40):
+                one.add(model, 3, field_of("default", f"r{n}"), "1", np.array([n]))
+            await one.flush()
+            found = await one.find(model, [field_of("default", f"r{n}") for n in range(40)])
+            assert [n for n, value in enumerate(found) if value is not None] == [37, 38, 39]
+            assert one.dropped == 37 and one.pending == 3
+        finally:
+            await one.close()
+
+    asyncio.run(scenario())
+
+
+def test_object_outputs_of_numpy_scalars_are_kept() -> None:
+    array = np.array([np.float32(0.5), np.int64(2)], dtype=object)
+    assert decode_prediction(encode_prediction("1", array))[1].tolist() == [0.5, 2]

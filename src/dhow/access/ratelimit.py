@@ -12,7 +12,6 @@ import logging
 import math
 import secrets
 import time
-import urllib.parse
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,6 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from dhow.core.addresses import redis_address
 from dhow.core.errors import InvalidInput, Overloaded, Unavailable
 
 __all__ = ["Limits", "LocalRateLimiter", "Permit", "RateLimiter", "RedisRateLimiter"]
@@ -216,7 +216,7 @@ class RedisRateLimiter:
     def __init__(self, url: str, *, prefix: str = "dhow:quota:", permit_ttl_s: float = PERMIT_TTL_S) -> None:
         self.prefix = prefix
         self.permit_ttl_s = permit_ttl_s
-        self.where = _where(url)
+        self.where = redis_address(url)
         try:
             # short timeouts and one quick retry (a pooled connection the server closed): a request waits on
             # this, and a store that does not answer must turn into a 503, not a hang
@@ -293,14 +293,3 @@ class RedisRateLimiter:
             f"the shared rate-limit store (Redis at {self.where}) is unreachable: {type(exc).__name__}: {exc}",
             retry_after=1.0,
         )
-
-
-def _where(url: str) -> str:
-    """HOST:PORT (or the socket path) of a Redis URL, without its user name or password."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme == "unix":
-            return parts.path
-        return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
-    except ValueError:
-        return "an unparseable URL"

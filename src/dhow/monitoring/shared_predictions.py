@@ -6,13 +6,15 @@ by chance. With ``--redis`` (the store the rate limits already share), each proc
 kept into Redis, and a label is looked up there by whichever process receives it.
 
 The request's path only appends to a list (``add``); the watch's task writes what was kept every tick
-(``flush``: one round trip, one ``HSET`` per model). Each process writes into buckets of its own (Redis hashes,
-``tenant NUL id`` -> the prediction), ``pending / BUCKETS`` predictions each; past ``BUCKETS`` buckets its oldest is
-deleted, so each process keeps about ``pending`` predictions there, as it would in memory (its drops counted as
-there). A bucket also expires ``BUCKET_TTL_S`` after it was started, so that those of a process that died go too.
-Every bucket of a model is listed in a sorted set (its index), newest first, which the look-ups walk in Redis
-(two Lua scripts: ``find``, then ``claim`` the predictions whose labels fit, moving each into its bucket's
-joined set, so that a label sent again, to any process, is told ``already_joined``).
+(``flush``: encoded in a thread, then one round trip, one ``HSET`` per model). Each process writes into buckets of
+its own (Redis hashes, ``tenant NUL id`` -> the prediction), ``pending / BUCKETS`` predictions each; past
+``BUCKETS`` buckets its oldest is deleted, so each process keeps about ``pending`` predictions there, as it would in
+memory (its drops counted as there). Every write sets its bucket's life (``BUCKET_TTL_S``, so that a process that
+died leaves nothing for ever) and lists it in the model's index, a sorted set the look-ups walk in Redis (two Lua
+scripts: ``find``, then ``claim`` the predictions whose labels fit, moving each into its bucket's joined set, so
+that a label sent again, to any process, is told ``already_joined``). The index lists ``MAX_INDEXED`` buckets at
+most (the oldest past it, dead processes' first, are deleted) and a script takes ``CHUNK`` labels: a look-up stops
+the Redis the rate limits share for a bounded time.
 
 Nothing is dropped unseen: a full list (Redis slower than the requests) drops the newest and counts it, a write
 that fails counts its predictions failed (``dhow_feedback_shared_total{outcome}``), and a label that cannot be
@@ -21,12 +23,12 @@ looked up (Redis down) is answered 503, to be sent again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
 import socket
 import time
-from collections import deque
 from typing import Any
 
 import numpy as np
@@ -35,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from dhow.core.addresses import redis_address
 from dhow.core.errors import Unavailable
 
 __all__ = [
@@ -55,13 +58,17 @@ BUCKET_TTL_S = 7 * 24 * 3600
 JOINED = b"\x00joined"
 #: predictions waiting for the next ``flush`` at most (past it the newest are dropped and counted)
 MAX_OUTGOING = 100_000
+#: buckets a model's index lists at most (every process's; the oldest past it are deleted): the look-ups walk them
+MAX_INDEXED = 256
+#: labels looked up (or claimed) in one script: Redis serves nothing else while a script runs
+CHUNK = 256
 _PREFIX = "dhow:feedback:"
 
 log = logging.getLogger("dhow.monitoring")
 
 #: KEYS[1]: the model's index (bucket -> start time); ARGV: the fields. For each field, in the newest bucket that
-#: knows it: its prediction, or ``JOINED`` if it was labelled there; then how many predictions await a label (every
-#: process's). Buckets gone (expired) leave the index.
+#: holds it: its prediction, else ``JOINED`` if a bucket's joined set has it; then how many predictions await a
+#: label (every process's). Buckets gone (expired or deleted) leave the index.
 _FIND = """
 local buckets = redis.call('ZREVRANGE', KEYS[1], 0, -1)
 local live = {}
@@ -73,37 +80,53 @@ for _, bucket in ipairs(buckets) do
   end
 end
 local found = {}
-local pending = 0
-for _, bucket in ipairs(live) do pending = pending + redis.call('HLEN', bucket) end
 for i, field in ipairs(ARGV) do
   found[i] = false
   for _, bucket in ipairs(live) do
     local value = redis.call('HGET', bucket, field)
     if value then found[i] = value break end
-    if redis.call('SISMEMBER', bucket .. ':joined', field) == 1 then found[i] = '\\0joined' break end
+  end
+  if not found[i] then
+    for _, bucket in ipairs(live) do
+      if redis.call('SISMEMBER', bucket .. ':joined', field) == 1 then found[i] = '\\0joined' break end
+    end
   end
 end
+local pending = 0
+for _, bucket in ipairs(live) do pending = pending + redis.call('HLEN', bucket) end
 found[#ARGV + 1] = pending
 return found
 """
 
-#: KEYS[1]: the model's index; ARGV: the fields whose labels joined. Each prediction is moved into its bucket's
-#: joined set: 1 if this call took it, 0 if another took it first (a label sent twice at once).
+#: KEYS[1]: the model's index; ARGV[1]: how long a joined set lives; then the fields whose labels joined. Each
+#: prediction (in the newest bucket holding it) moves into its bucket's joined set: 1 if this call took it, 0 if
+#: another took it first (a label sent twice at once).
 _CLAIM = """
 local buckets = redis.call('ZREVRANGE', KEYS[1], 0, -1)
 local taken = {}
-for i, field in ipairs(ARGV) do
-  taken[i] = 0
+for i = 2, #ARGV do
+  taken[i - 1] = 0
   for _, bucket in ipairs(buckets) do
-    if redis.call('HDEL', bucket, field) == 1 then
-      redis.call('SADD', bucket .. ':joined', field)
-      redis.call('EXPIRE', bucket .. ':joined', redis.call('TTL', bucket) > 0 and redis.call('TTL', bucket) or 60)
-      taken[i] = 1
+    if redis.call('HDEL', bucket, ARGV[i]) == 1 then
+      redis.call('SADD', bucket .. ':joined', ARGV[i])
+      redis.call('EXPIRE', bucket .. ':joined', ARGV[1])
+      taken[i - 1] = 1
       break
     end
   end
 end
 return taken
+"""
+
+#: KEYS[1]: the model's index; ARGV[1]: how many buckets it keeps. The oldest past them are deleted (every
+#: process's: the look-ups walk every bucket listed, so their number is bounded; dead processes' go first).
+_TRIM = """
+local old = redis.call('ZREVRANGE', KEYS[1], tonumber(ARGV[1]), -1)
+for _, bucket in ipairs(old) do
+  redis.call('DEL', bucket, bucket .. ':joined')
+  redis.call('ZREM', KEYS[1], bucket)
+end
+return #old
 """
 
 
@@ -116,7 +139,8 @@ def encode_prediction(version: str, array: np.ndarray) -> bytes:
         return b"\x00".join([version.encode(), array.dtype.str.encode(), shape.encode(), array.tobytes()])
     items = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in array.reshape(-1).tolist()]
     shape = ",".join(map(str, array.shape))
-    return b"\x00".join([version.encode(), b"json", shape.encode(), orjson.dumps(items)])
+    written = orjson.dumps(items, default=str, option=orjson.OPT_SERIALIZE_NUMPY)  # (numpy scalars; else as text)
+    return b"\x00".join([version.encode(), b"json", shape.encode(), written])
 
 
 def decode_prediction(value: bytes) -> tuple[str, np.ndarray]:
@@ -137,10 +161,12 @@ def field_of(tenant: str, request_id: str) -> bytes:
 class _Buckets:
     """One model's buckets of this process: the one written now, how many it holds, the older ones kept."""
 
-    def __init__(self) -> None:
-        self.current = ""
-        self.held = 0
-        self.kept: deque[str] = deque()
+    __slots__ = ("current", "held", "kept")
+
+    def __init__(self, current: str = "", held: int = 0, kept: tuple[str, ...] = ()) -> None:
+        self.current = current
+        self.held = held
+        self.kept = kept
 
 
 class _Pipe:
@@ -161,27 +187,33 @@ class SharedPredictions:
     look-ups of the labels it receives."""
 
     def __init__(self, url: str, registry: CollectorRegistry | None = None, *, owner: str = "") -> None:
-        self.url = url
+        #: where the store is, for messages (never its password)
+        self.where = redis_address(url)
         self._client: Redis = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         #: what names this process's buckets (several processes, on several hosts, write at once)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._outgoing: list[tuple[str, int, bytes, str, np.ndarray]] = []
         self._buckets: dict[str, _Buckets] = {}
+        #: buckets of this process's past its ``BUCKETS``, to delete (again, if the write that would have failed)
+        self._doomed: list[tuple[str, str]] = []
         self._serial = 0
+        #: one flush at a time: a label's look-up waits for the watch's flush in flight, then writes what is left
+        self._flushing = asyncio.Lock()
         self._find = self._client.register_script(_FIND)
         self._claim = self._client.register_script(_CLAIM)
         self.counted = Counter(
             "dhow_feedback_shared",
             "Predictions written to the shared store (--redis) for feedback: written, dropped (the list waiting "
-            "for Redis was full), failed (Redis refused or was unreachable)",
+            "for Redis was full, or more than the model's pending in one write), failed (Redis refused or was "
+            "unreachable, or the prediction could not be encoded)",
             ["outcome"],
             registry=registry,
         )
         #: this process's predictions dropped as the oldest (its buckets past ``BUCKETS``) and replaced
         self.dropped = 0
+        self.replaced = 0
         #: the predictions awaiting a label in the store (every process's), as the last ``find`` counted them
         self.pending = 0
-        self.replaced = 0
         self._last_failure = 0.0
 
     # -- the request's path --
@@ -196,60 +228,73 @@ class SharedPredictions:
     # -- the watch's task --
 
     async def flush(self) -> None:
-        """Write what was kept since the last flush: per model, into this process's current bucket (a new one
-        when it is full, the oldest deleted past ``BUCKETS``), in one round trip. A failure counts them failed:
-        the labels of those requests will be unmatched."""
-        if not self._outgoing:
-            return
-        outgoing, self._outgoing = self._outgoing, []
-        by_model: dict[str, list[tuple[int, bytes, str, np.ndarray]]] = {}
-        for model, pending, field, version, prediction in outgoing:
-            by_model.setdefault(model, []).append((pending, field, version, prediction))
-        pipe = _Pipe(self._client.pipeline(transaction=False))
-        added: list[tuple[int, int]] = []  # (the HSET's place in the pipe, how many fields it wrote)
-        dropped: list[int] = []  # (the places of the HLENs of buckets deleted)
-        for model, kept in by_model.items():
-            buckets = self._buckets.setdefault(model, _Buckets())
-            size = max(1, kept[-1][0] // BUCKETS)  # (the model's ``pending`` as its newest prediction had it)
-            start = 0
-            while start < len(kept):
-                fresh = not buckets.current or buckets.held >= size
-                if fresh:
-                    dropped += self._rotate(pipe, model, buckets)
-                room = min(len(kept) - start, size - buckets.held)
-                mapping = {field: encode_prediction(version, prediction)
-                           for _, field, version, prediction in kept[start : start + room]}  # fmt: skip
-                added.append((pipe.add("hset", buckets.current, mapping=mapping), len(mapping)))
-                if fresh:  # (a key's life is set once it exists: after its first fields)
-                    pipe.add("expire", buckets.current, BUCKET_TTL_S)
-                buckets.held += len(mapping)
-                start += room
-        try:
-            results = await pipe.pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._failed(len(outgoing), exc)
-            return
-        self.counted.labels("written").inc(len(outgoing))
-        # (``HSET`` answers how many fields it added: the others replaced a prediction kept under the same key)
-        self.replaced += sum(count - int(results[place]) for place, count in added)
-        self.dropped += sum(int(results[place]) for place in dropped)
+        """Write what was kept since the last flush, in one round trip: per model, into this process's current
+        bucket (a new one when it is full, its oldest deleted past ``BUCKETS``). Every write sets the bucket's life
+        and lists it in the model's index, so a write that failed leaves nothing unlisted or undying behind. A
+        failure counts the predictions failed: the labels of those requests will be unmatched."""
+        async with self._flushing:
+            if not self._outgoing and not self._doomed:
+                return
+            outgoing, self._outgoing = self._outgoing, []
+            # (encoded in a thread: thousands a tick would hold the event loop)
+            by_model, skipped, unfit = await asyncio.to_thread(_encoded, outgoing)
+            if skipped:
+                self.counted.labels("dropped").inc(skipped)
+                self.dropped += skipped
+            if unfit:
+                self._failed(unfit, TypeError("a prediction that could not be encoded"))
+            await self._write(by_model)
 
-    def _rotate(self, pipe: _Pipe, model: str, buckets: _Buckets) -> list[int]:
-        """Start a new bucket; the oldest past ``BUCKETS`` goes: the places of the counts of what they held."""
-        self._serial += 1
-        bucket = f"{_PREFIX}{model}:{self.owner}:{self._serial}"
-        index = f"{_PREFIX}{model}:index"
-        buckets.current, buckets.held = bucket, 0
-        buckets.kept.append(bucket)
-        pipe.add("zadd", index, {bucket: time.time()})
-        pipe.add("expire", index, BUCKET_TTL_S)
-        counts: list[int] = []
-        while len(buckets.kept) > BUCKETS:
-            old = buckets.kept.popleft()
+    async def _write(self, by_model: dict[str, tuple[int, list[tuple[bytes, bytes]], int]]) -> None:
+        pipe = _Pipe(self._client.pipeline(transaction=False))
+        added: list[tuple[int, int]] = []  # (an HSET's place in the answers, the fields it wrote)
+        counts: list[int] = []  # (the places of the HLENs of the buckets deleted)
+        states: dict[str, _Buckets] = {}
+        doomed = list(self._doomed)
+        serial = self._serial
+        for model, (pending, items, repeated) in by_model.items():
+            index = f"{_PREFIX}{model}:index"
+            state = self._buckets.get(model) or _Buckets()
+            current, held, kept = state.current, state.held, list(state.kept)
+            buckets = min(BUCKETS, pending)
+            size = -(-pending // buckets)  # (``buckets`` of them hold ``pending``, rounded up)
+            start, rotated = 0, False
+            while start < len(items):
+                if not current or held >= size:
+                    serial += 1
+                    current, held, rotated = f"{_PREFIX}{model}:{self.owner}:{serial}", 0, True
+                    kept.append(current)
+                    while len(kept) > buckets:
+                        doomed.append((model, kept.pop(0)))
+                room = min(len(items) - start, size - held)
+                written = dict(items[start : start + room])
+                added.append((pipe.add("hset", current, mapping=written), len(written)))
+                pipe.add("expire", current, BUCKET_TTL_S)
+                pipe.add("zadd", index, {current: time.time()}, nx=True)
+                held += room
+                start += room
+            pipe.add("expire", index, BUCKET_TTL_S)
+            if rotated:  # (the script's text each time: a rotation is rare, and a pipeline cannot load it first)
+                pipe.add("eval", _TRIM, 1, index, MAX_INDEXED)
+            states[model] = _Buckets(current, held, tuple(kept))
+            self.replaced += repeated
+        for model, old in doomed:
             counts.append(pipe.add("hlen", old))
             pipe.add("delete", old, old + ":joined")
-            pipe.add("zrem", index, old)
-        return counts
+            pipe.add("zrem", f"{_PREFIX}{model}:index", old)
+        written_count = sum(count for _, count in added)
+        try:
+            answers = await pipe.pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._doomed = doomed  # (deleted by the next write that goes through)
+            self._failed(written_count, exc)
+            return
+        self._buckets.update(states)
+        self._serial, self._doomed = serial, []
+        self.counted.labels("written").inc(written_count)
+        # (``HSET`` answers how many fields it added: the others replaced a prediction kept under the same key)
+        self.replaced += sum(count - int(answers[place]) for place, count in added)
+        self.dropped += sum(int(answers[place]) for place in counts)
 
     def _failed(self, count: int, exc: BaseException) -> None:
         self.counted.labels("failed").inc(count)
@@ -257,41 +302,82 @@ class SharedPredictions:
         if now - self._last_failure > 10:
             self._last_failure = now
             log.warning(
-                "feedback: %d prediction(s) could not be written to the shared store at %s: %s", count, self.url, exc
-            )
+                "feedback: %d prediction(s) could not be written to the shared store (Redis at %s): %s",
+                count, self.where, exc,
+            )  # fmt: skip
 
     # -- the labels --
 
     async def find(self, model: str, fields: list[bytes]) -> list[bytes | None]:
         """Each field's prediction (``encode_prediction``), ``JOINED`` when it was labelled, or None (unknown, or
-        gone with its bucket). What was kept here and not written yet is written first. Redis unreachable:
-        ``Unavailable`` (the labels are to be sent again)."""
+        gone with its bucket), ``CHUNK`` fields a script (each a bounded stop of Redis). What was kept here and
+        not written yet is written first. Redis unreachable: ``Unavailable`` (the labels are to be sent again)."""
         await self.flush()
+        found: list[bytes | None] = []
         try:
-            found = await self._find(keys=[f"{_PREFIX}{model}:index"], args=fields)
+            for start in range(0, len(fields), CHUNK):
+                answer = await self._find(keys=[f"{_PREFIX}{model}:index"], args=fields[start : start + CHUNK])
+                found += [value if value else None for value in answer[:-1]]
+                self.pending = int(answer[-1])
         except (RedisError, OSError) as exc:
             raise self._unreachable(exc) from None
-        self.pending = int(found[-1])
-        return [value if value else None for value in found[:-1]]
+        return found
 
     async def claim(self, model: str, fields: list[bytes]) -> list[bool]:
         """Take the predictions of labels that joined: True for each this call took (False: another took it first,
         the label was sent twice at once)."""
-        if not fields:
-            return []
+        taken: list[bool] = []
         try:
-            taken = await self._claim(keys=[f"{_PREFIX}{model}:index"], args=fields)
+            for start in range(0, len(fields), CHUNK):
+                answer = await self._claim(
+                    keys=[f"{_PREFIX}{model}:index"], args=[BUCKET_TTL_S, *fields[start : start + CHUNK]]
+                )
+                taken += [bool(t) for t in answer]
         except (RedisError, OSError) as exc:
             raise self._unreachable(exc) from None
-        self.pending = max(0, self.pending - sum(map(int, taken)))
-        return [bool(t) for t in taken]
+        self.pending = max(0, self.pending - sum(taken))
+        return taken
 
     def _unreachable(self, exc: BaseException) -> Unavailable:
         return Unavailable(
-            f"the shared store of predictions (--redis {self.url}) cannot be reached ({exc}); send the labels again",
+            f"the shared store of predictions (Redis at {self.where}) cannot be reached "
+            f"({type(exc).__name__}); send the labels again",
             retry_after=1.0,
         )
 
     async def close(self) -> None:
         await self.flush()
         await self._client.aclose()
+
+
+def _encoded(
+    outgoing: list[tuple[str, int, bytes, str, np.ndarray]],
+) -> tuple[dict[str, tuple[int, list[tuple[bytes, bytes]], int]], int, int]:
+    """Per model: its ``pending``, its newest ``pending`` predictions encoded (one per field: the newest), and how
+    many of them an answer of the same key replaced within this write; then how many were left out as past
+    ``pending`` and how many could not be encoded."""
+    by_model: dict[str, tuple[int, dict[bytes, bytes], int]] = {}
+    unfit = 0
+    for model, pending, field, version, prediction in outgoing:
+        entry = by_model.get(model)
+        if entry is None:
+            entry = by_model[model] = (pending, {}, 0)
+        try:
+            value = encode_prediction(version, prediction)
+        except (TypeError, ValueError):
+            unfit += 1
+            continue
+        fields = entry[1]
+        repeated = entry[2] + (field in fields)
+        fields.pop(field, None)  # (the newest last: the trim below keeps the newest)
+        fields[field] = value
+        by_model[model] = (pending, fields, repeated)
+    skipped = 0
+    result: dict[str, tuple[int, list[tuple[bytes, bytes]], int]] = {}
+    for model, (pending, fields, repeated) in by_model.items():
+        items = list(fields.items())
+        if len(items) > pending:
+            skipped += len(items) - pending
+            items = items[len(items) - pending :]
+        result[model] = (pending, items, repeated)
+    return result, skipped, unfit

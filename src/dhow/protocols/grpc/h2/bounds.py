@@ -9,8 +9,10 @@ ends because the client sent it a bad frame counts as a reset (MadeYouReset, CVE
 WINDOW_UPDATE of 0 or a malformed request in place of RST_STREAM), as nghttp2 1.66 counts it. A call that ran a
 while does not count: a second, or half its grpc-timeout, which a grpc client's own deadline resets at (the server
 would have ended it then at no cost to the client); a flood resets at once. A call the server ends at its
-grpc-timeout counts by the same rule (``expire``): one of 1 ns is started and ended at once, a reset flood's work
-with no reset sent, while one that ran its 50 ms or more costs nothing.
+grpc-timeout counts when the timeout is shorter than any model call over a network runs (``EXPIRY_FREE_FLOOR_S``,
+``expire``): one of 1 ns is started and ended at once, a reset flood's work with no reset sent. Tight deadlines a
+real-time client sets (10 ms and up) cost nothing however often an overloaded server misses them: a client is not
+disconnected for the server's own lateness.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ RESET_RATE = 33.0
 #: a grpc-timeout of 0 or 1 ns would make every reset free, and a flood resets at once) costs its client no reset
 RESET_FREE_AFTER_S = 1.0
 RESET_FREE_FLOOR_S = 0.05
+#: a call the server ended at its grpc-timeout costs its client a reset only when that timeout was shorter than this
+EXPIRY_FREE_FLOOR_S = 0.005
 #: how a call past its grpc-timeout ends
 EXPIRED = (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
@@ -67,14 +71,14 @@ class ResetBudget:
         self._left = float(RESET_BURST)
         self._since = loop.time()
 
-    def spend(self, opened: float, deadline: float | None, ended: float | None = None) -> bool:
-        """One more call ended, opened at ``opened`` with ``deadline``, at ``ended`` (loop times; None: now): False
-        when none is left."""
+    def spend(
+        self, opened: float, deadline: float | None, ended: float | None = None, floor: float = RESET_FREE_FLOOR_S
+    ) -> bool:
+        """One more call ended, opened at ``opened`` with ``deadline``, at ``ended`` (loop times; None: now), free
+        once it ran ``floor`` and half its timeout: False when none is left."""
         now = self._loop.time()
         ran = (now if ended is None else ended) - opened
-        if ran >= RESET_FREE_AFTER_S or (
-            deadline is not None and ran >= max(RESET_FREE_FLOOR_S, (deadline - opened) / 2)
-        ):
+        if ran >= RESET_FREE_AFTER_S or (deadline is not None and ran >= max(floor, (deadline - opened) / 2)):
             return True
         self._left = min(RESET_BURST, self._left + (now - self._since) * RESET_RATE)
         self._since = now
@@ -88,14 +92,15 @@ class ResetBudget:
         left. An expired call ran its grpc-timeout, whenever its timer fired: timers fire late behind a long read
         (900 calls read at once: 0.1 s), and the calls of a 1 ns flood would not be charged for the server's lag."""
         deadline = stream.context.deadline if stream.context is not None else None
-        if not self.spend(stream.opened, deadline, deadline if expired else None):
+        floor = EXPIRY_FREE_FLOOR_S if expired else RESET_FREE_FLOOR_S
+        if not self.spend(stream.opened, deadline, deadline if expired else None, floor):
             reason = "with a grpc-timeout too short to run" if expired else "reset by the client"
             raise f.ConnectionError_(f.ENHANCE_YOUR_CALM, f"too many calls {reason}")
 
 
 def expire(connection: H2Connection, stream: Stream) -> None:
-    """The call's grpc-timeout has passed (its timer): it ends DEADLINE_EXCEEDED, charged as a reset at its deadline
-    would be (nothing when the timeout was ``RESET_FREE_FLOOR_S`` or more)."""
+    """The call's grpc-timeout has passed (its timer): it ends DEADLINE_EXCEEDED, charged as a reset (nothing when
+    the timeout was ``EXPIRY_FREE_FLOOR_S`` or more)."""
     connection.end_call(stream, EXPIRED)
     try:
         connection.resets.charge(stream, expired=True)
