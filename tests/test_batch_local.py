@@ -223,3 +223,24 @@ def test_status_reads_the_summary(demo_repository: Path, tmp_path: Path) -> None
     status = orjson.loads(shown.stdout)
     assert (status["state"], status["rows_in"], status["engine"]) == ("succeeded", 100, "local")
     assert orjson.loads((out / "_summary.json").read_bytes())["run_id"] == status["run_id"]
+
+
+def test_file_urls_are_percent_decoded_and_plain_paths_taken_as_written(demo_repository: Path, tmp_path: Path) -> None:
+    """``file:///…/my%20data`` is the folder ``my data`` (RFC 8089 file URLs percent-encode, ``#`` as ``%23``); a
+    plain path is the name as written, ``%20`` and ``#`` included."""
+    tables = [tabular_table(300, seed=40 + i, first_id=1000 * i) for i in range(2)]
+    for index, table in enumerate(tables):
+        write_parquet(table, tmp_path / "my data" / f"day #{index}.parquet")
+    whole = pa.concat_tables(tables)
+    summary = summary_of(run_batch(demo_repository, tmp_path / "data", "--model", "tabular", "--input",
+                                   f"file://{tmp_path}/my%20data", "--output", f"file://localhost{tmp_path}/my%20out%231",
+                                   "--key", "id"))  # fmt: skip
+    assert (summary["rows_in"], summary["scored"], summary["errors"]) == (whole.num_rows, whole.num_rows, 0)
+    scored = read_output(tmp_path / "my out#1")
+    assert scored.column("id").to_pylist() == whole.column("id").to_pylist()
+    plain = tmp_path / "run #2 100%20"
+    (tmp_path / "my data").rename(plain)
+    summary = summary_of(run_batch(demo_repository, tmp_path / "data", "--model", "tabular", "--input", str(plain),
+                                   "--output", str(tmp_path / "out%20#3"), "--key", "id"))  # fmt: skip
+    assert summary["rows_in"] == whole.num_rows
+    assert read_output(tmp_path / "out%20#3").column("id").to_pylist() == whole.column("id").to_pylist()

@@ -40,11 +40,12 @@ def test_spark_local_scores_like_the_model_and_reports_bad_rows(
     valid = np.ones(ROWS, dtype=bool)
     valid[list(BAD)] = False
     table = table.set_column(5 + 1, "f5", pa.array(f5, mask=~valid))
-    source = write_parquet(table, tmp_path / "in" / "data.parquet", row_group_rows=4000)
+    write_parquet(table, tmp_path / "in #1" / "data.parquet", row_group_rows=4000)
+    source = f"file://{tmp_path}/in%20%231/data.parquet"  # Hadoop reads a URL's path as written: decoded for it
     data, out = tmp_path / "data", tmp_path / "out"
     token = make_key(data, "spark-job", ["invoker"])
     summary = summary_of(run_batch(demo_repository, data, "--model", "tabular", "--engine", "spark", "--input",
-                                   str(source), "--output", str(out), "--key", "id", "--map", "input=f*",
+                                   source, "--output", str(out), "--key", "id", "--map", "input=f*",
                                    "--batch-rows", "2048", key=token))  # fmt: skip
     assert (summary["engine"], summary["rows_in"], summary["scored"], summary["errors"]) == ("spark", ROWS, ROWS - 3, 3)
     scored = pq.read_table(out, partitioning=None, ignore_prefixes=["_", ".", "errors"])
@@ -60,6 +61,6 @@ def test_spark_local_scores_like_the_model_and_reports_bad_rows(
     errors = pq.read_table(out / "errors", ignore_prefixes=["_", "."])
     assert sorted(errors.column("id").to_pylist()) == sorted(ids[list(BAD)].tolist())
     assert all("null in column 'f5'" in reason for reason in errors.column("reason").to_pylist())
-    again = run_batch(demo_repository, data, "--model", "tabular", "--engine", "spark", "--input", str(source),
+    again = run_batch(demo_repository, data, "--model", "tabular", "--engine", "spark", "--input", source,
                       "--output", str(out), "--key", "id", key=token)  # fmt: skip
     assert again.returncode == 2 and "other arguments" in again.stderr  # --map and --batch-rows differ

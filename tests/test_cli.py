@@ -113,3 +113,23 @@ def test_a_file_url_whose_host_is_not_localhost_is_refused_at_start(tmp_path: Pa
         done = _dhow("serve", *common, *ports, "--payload-log", given["--payload-log"])
     assert done.returncode == 2, done.stderr
     assert f"write file:///walk{tmp_path}" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("option", ["--repository", "--payload-log", "--input", "--output"])
+def test_a_hash_in_a_file_url_is_refused_at_start_showing_it_escaped(tmp_path: Path, option: str) -> None:
+    """``#`` ends a URL's path (a fragment follows): ``file:///…/run#3`` named ``/…/run``, without a word."""
+    (tmp_path / "in.csv").write_text("x\n1\n")
+    given = {"--repository": str(tmp_path), "--payload-log": f"{tmp_path}/e.jsonl",
+             "--input": str(tmp_path / "in.csv"), "--output": str(tmp_path / "out")}  # fmt: skip
+    given[option] = f"file://{tmp_path}/run#3/{Path(given[option]).name}"
+    common = ("--repository", given["--repository"], "--data-dir", str(tmp_path / "data"))
+    if option in ("--input", "--output"):
+        paths = ("--input", given["--input"], "--output", given["--output"])
+        done = _dhow("batch", "run", *common, "--model", "m", *paths)
+    else:
+        ports = ("--http-port", "0", "--grpc-port", "0")
+        done = _dhow("serve", *common, *ports, "--payload-log", given["--payload-log"])
+    assert done.returncode == 2, done.stderr
+    meant = given[option].replace("#", "%23")
+    assert f"{option} {given[option]!r}: " in done.stderr and f"write # as %23: {meant}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()

@@ -34,7 +34,7 @@ ADMIN = "/v2/admin/deployments"
 #: min_requests so high that the analysis never judges (for tests that are not about the guards)
 NEVER_JUDGED = {"min_requests": 1_000_000_000}
 #: copies of the demo model `tabular` (versions 1 and 2), one per test, so that tests sharing a server do not meet
-TABULAR_COPIES = ("split", "sticky", "shadowed", "classified", "promoting", "bluegreen", "cli_flow")
+TABULAR_COPIES = ("split", "sticky", "shadowed", "classified", "promoting", "bluegreen", "cli_flow", "never_deployed")
 #: the PostgreSQL server of the shared-registry test (a fresh database is made on it per test)
 PG_SERVER = os.environ.get("DHOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 
@@ -769,6 +769,26 @@ def test_cli_flow_and_history(server: DhowProcess, rest: Rest) -> None:
     times = [datetime.fromisoformat(r["at"]) for r in rows]  # UTC ISO 8601, in order
     assert all(t.utcoffset() == timedelta(0) for t in times) and times == sorted(times)
     assert rows[-1]["before"]["state"] == "rolled_back" and rows[-1]["after"] == {"kind": "pinned", "version": 1}
+
+
+def test_cli_refuses_a_model_the_server_does_not_know(server: DhowProcess) -> None:
+    """``history`` printed nothing for a typo, exit 0, as for a model never deployed; every command that takes a
+    model refuses an unknown one (exit 1, the server's message), and a known one without history says so."""
+    unknown = "unknown model 'tabulr'; the repository index"
+    no_deployment = "no deployment 'tabulr'; GET /v2/admin/deployments lists them (HTTP 404)"
+    for args, message in [
+        (("history", "tabulr"), unknown),
+        (("events", "tabulr"), unknown),
+        (("pin", "tabulr", "1"), unknown),
+        (("canary", "tabulr", "--primary", "1", "--canary", "2"), unknown),
+        (("show", "tabulr"), no_deployment),
+        (("promote", "tabulr"), no_deployment),
+        (("switch", "tabulr"), no_deployment),
+        (("delete", "tabulr"), no_deployment),
+    ]:
+        _cli_refused(server, *args, message=message)
+    assert _cli_ok(server, "history", "never_deployed").strip() == "never_deployed: no history"
+    assert json.loads(_cli_ok(server, "history", "never_deployed", "--json")) == {"history": []}
 
 
 # -- 9. a registry shared on PostgreSQL ----------------------------------------------------------

@@ -69,6 +69,23 @@ def test_a_file_url_whose_host_is_not_localhost_is_refused_showing_the_path_mean
     local.close(1)
 
 
+def test_a_file_urls_path_is_percent_decoded_and_its_query_holds_the_options(tmp_path: Path) -> None:
+    """RFC 8089 file URLs percent-encode: ``my%20logs`` is the folder ``my logs``; a ``#`` ends the path (a
+    fragment follows), so it is refused showing ``%23``; a plain path is the file name as written."""
+    sink = open_sink(f"file://{tmp_path}/my%20logs/run%233.jsonl?max_bytes=100&backups=2")
+    assert isinstance(sink, FileSink) and sink.path == tmp_path / "my logs" / "run#3.jsonl"
+    assert (sink.max_bytes, sink.backups) == (100, 2)
+    sink.close(1)
+    url = f"file://{tmp_path}/run#3/e.jsonl"
+    with pytest.raises(InvalidInput) as refused:
+        open_sink(url)
+    assert refused.value.message.endswith(f"write # as %23: file://{tmp_path}/run%233/e.jsonl")
+    assert not (tmp_path / "run").exists()
+    plain = open_sink(f"{tmp_path}/run#3/my%20logs.jsonl")
+    assert isinstance(plain, FileSink) and plain.path == tmp_path / "run#3" / "my%20logs.jsonl"
+    plain.close(1)
+
+
 def test_a_kafka_setting_librdkafka_refuses_is_named() -> None:
     with pytest.raises(InvalidInput, match=r"no\.such\.setting"):
         open_sink("kafka://127.0.0.1:9/topic?no.such.setting=1")
@@ -127,6 +144,11 @@ def test_the_event_is_one_line_of_a_cloudevent_with_its_envelope() -> None:
 def test_each_worker_gets_a_file_of_its_own() -> None:
     assert worker_sink_url("file:///var/log/e.jsonl?max_bytes=5", 2) == "file:///var/log/e.worker-2.jsonl?max_bytes=5"
     assert worker_sink_url("/var/log/e.jsonl", 1) == "/var/log/e.worker-1.jsonl"
+    # the name is read decoded (an escaped dot starts the suffix), the URL stays encoded; a plain path as written
+    assert worker_sink_url("file:///my%20logs/e%2Ejsonl?backups=2", 2) == "file:///my%20logs/e.worker-2.jsonl?backups=2"
+    assert worker_sink_url("file:///logs/run%233.jsonl", 2) == "file:///logs/run%233.worker-2.jsonl"
+    assert worker_sink_url("/logs/run#3/my%20e.jsonl", 1) == "/logs/run#3/my%20e.worker-1.jsonl"
+    assert worker_sink_url("file:///logs/run#3/e.jsonl", 1) == "file:///logs/run#3/e.jsonl"  # refused at open
     assert worker_sink_url("kafka://a:9092/t", 3) == "kafka://a:9092/t"
     assert worker_sink_url("", 3) == ""
 

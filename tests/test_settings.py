@@ -123,6 +123,18 @@ def test_a_file_url_repository_is_its_path_and_another_host_is_refused(tmp_path:
         ServerSettings(repository=f"file://walk{tmp_path}").repository_folder()
 
 
+def test_a_file_url_repository_is_percent_decoded_and_a_hash_or_query_refused(tmp_path: Path) -> None:
+    """``#`` and ``?`` end a URL's path: ``file:///models/run#3`` named /models/run. Plain paths are as written."""
+    assert ServerSettings(repository=f"file://{tmp_path}/my%20models").repository_folder() == tmp_path / "my models"
+    assert ServerSettings(repository=f"{tmp_path}/run#3%20").repository_folder() == tmp_path / "run#3%20"
+    refusals = {"#": f"write # as %23: file://{tmp_path}/run%233", "?": f"write ? as %3F: file://{tmp_path}/run%3F3"}
+    for mark, said in refusals.items():
+        with pytest.raises(InvalidInput) as refused:
+            ServerSettings(repository=f"file://{tmp_path}/run{mark}3").repository_folder()
+        assert refused.value.message.startswith(f"--repository 'file://{tmp_path}/run{mark}3': ")
+        assert refused.value.message.endswith(said)
+
+
 def test_a_trace_sample_ratio_without_a_collector_is_refused_to_a_server_only(tmp_path: Path) -> None:
     """It traced nothing, silently; an endpoint given empty is tracing turned off on purpose. An admin command
     (``dhow keys``) reading the server's environment or file, which takes no --otlp-endpoint, is not refused."""

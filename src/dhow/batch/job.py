@@ -100,7 +100,7 @@ class Job:
     @property
     def format(self) -> str:
         """The input's format: ``--format``, else the input's extension, else Parquet."""
-        return input_format(self.input, self.input_format)
+        return input_format(local_path(self.input, "--input"), self.input_format)
 
     def fingerprint(self, batch_rows: int) -> dict[str, Any]:
         """What must be the same for a run to continue another's output."""

@@ -38,13 +38,15 @@ _SUFFIXES = {"parquet": (".parquet", ".pq"), "csv": (".csv",), "jsonl": (".jsonl
 class Source:
     """The input files of one format, in a fixed order (the order rows are numbered and parts are cut in)."""
 
-    def __init__(self, url: str, kind: str, batch_rows: int) -> None:
+    def __init__(self, url: str, kind: str, batch_rows: int, option: str = "--input") -> None:
         self.url = url
         self.kind = kind
         self.batch_rows = batch_rows
+        # the path of a file URL, decoded, not the URL: fsspec reads file://localhost/x as ./localhost/x, and
+        # file:///my%20data as the folder my%20data
+        path = local_path(url, option)
         try:
-            # the path of a file URL, not the URL: fsspec reads file://localhost/x as ./localhost/x
-            self.fs, root = fsspec.core.url_to_fs(local_path(url, "--input"))
+            self.fs, root = fsspec.core.url_to_fs(path)
             self.files = _files(self.fs, root, kind)
         except (OSError, ValueError, ImportError) as exc:
             raise InvalidInput(f"cannot read the input {url}: {exc}") from None

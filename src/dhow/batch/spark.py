@@ -32,6 +32,7 @@ from dhow.batch.runner import Admitted, admitted_job, job_credentials
 from dhow.batch.scoring import ORDINAL, Provenance, Scorer, result_tables
 from dhow.batch.sources import UNREADABLE
 from dhow.core.errors import InvalidInput
+from dhow.core.file_urls import local_path
 from dhow.serving.composition import CorePolicies, compose_core, load_pinned
 from dhow.serving.security import Security
 from dhow.serving.service import ACTIONS
@@ -129,7 +130,7 @@ def _run(admitted: Admitted, settings: ServerSettings, api_key: str, quiet: bool
 
 
 def _read(spark: Any, job: Job) -> Any:
-    path = job.input
+    path = _hadoop_path(job.input)
     if job.format == "parquet":
         return spark.read.parquet(path)
     if job.format == "csv":  # every column as text: the mapping converts it, a bad value is a bad row
@@ -141,6 +142,14 @@ def _read(spark: Any, job: Job) -> Any:
         return frame
     line = F.col(UNREADABLE)
     return frame.withColumn(UNREADABLE, F.when(line.isNotNull(), F.concat(F.lit("not a JSON line: "), line)))
+
+
+def _hadoop_path(location: str) -> str:
+    """What Hadoop reads as ``location``: it takes a URL's path as written, escapes and all (``my%20data``), and
+    ``file://localhost/`` as another file system than ``file:///``; a file URL is given as ``file://`` and its
+    decoded path (Hadoop escapes ``#``, ``%`` and spaces itself)."""
+    path = local_path(location, "--input")
+    return location if path == location else "file://" + path
 
 
 def _output_schema(admitted: Admitted, key_type: str) -> str:

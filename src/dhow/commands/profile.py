@@ -23,6 +23,7 @@ from dhow.batch.mapping import Converted, InputPlan, Mapping, convert, plan_inpu
 from dhow.batch.sources import Source
 from dhow.core.artifacts import install_decryptor
 from dhow.core.errors import InvalidInput
+from dhow.core.file_urls import local_path
 from dhow.core.model_config import ModelConfig, TensorSpec
 from dhow.monitoring.profile import FeatureSketch
 from dhow.repository.encryption import Keyring
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace) -> int | None:
             "rows, and a request of a model that does not batch has none"
         )
     inputs, outputs = _signature(config, version_dir)
-    source = Source(args.data, input_format(args.data, args.format or ""), _BATCH_ROWS)
+    data = local_path(args.data, "--data")  # (a file URL's path, decoded: its extension says the format)
+    source = Source(args.data, input_format(data, args.format or ""), _BATCH_ROWS, option="--data")
     mapping = plan_inputs(inputs, source.schema, [parse_map(m) for m in args.map], "")
     out_mapping = _output_mapping(outputs, source.schema, args.output)
     profile = _profile(source, mapping, out_mapping, {spec.name: spec for spec in (*inputs, *outputs)})

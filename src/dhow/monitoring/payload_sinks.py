@@ -1,7 +1,8 @@
 """The sinks of the payload log, each named by a URL (``--payload-log``):
 
-- ``file:///var/log/dhow/payloads.jsonl?max_bytes=104857600&backups=5`` (or a bare path): JSON Lines, one
-  CloudEvent a line, rotated at ``max_bytes`` into ``.1`` … ``.<backups>`` as logrotate would;
+- ``file:///var/log/dhow/payloads.jsonl?max_bytes=104857600&backups=5`` (its path percent-decoded, its query the
+  options; or a plain path, the file name as written, with the default options): JSON Lines, one CloudEvent a
+  line, rotated at ``max_bytes`` into ``.1`` … ``.<backups>`` as logrotate would;
 - ``kafka://broker1:9092,broker2:9092/topic?acks=all``: one message per event (key: the request id, header
   ``content-type: application/cloudevents+json``: the CloudEvents Kafka binding's structured mode); every query
   parameter is a librdkafka producer setting (``security.protocol``, ``message.timeout.ms``, ...);
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import httpx
 
@@ -31,9 +32,10 @@ def open_sink(url: str) -> PayloadSink:
     """The sink a ``--payload-log`` URL names; a URL it cannot use is refused saying what is expected."""
     parts = urlsplit(url)
     options = dict(parse_qsl(parts.query))
-    if parts.scheme in ("", "file"):
-        path = local_path(url, "--payload-log") if parts.scheme else parts.path
-        return FileSink(Path(path), **_file_options(options, url))
+    if not parts.scheme:  # a plain path: the file name as written, "?" and "#" included (options need file://)
+        return FileSink(Path(url), **_file_options({}, url))
+    if parts.scheme == "file":
+        return FileSink(Path(local_path(url, "--payload-log", query=True)), **_file_options(options, url))
     if parts.scheme == "kafka":
         topic = parts.path.strip("/")
         if not parts.netloc or not topic or "/" in topic:
@@ -57,12 +59,20 @@ def worker_sink_url(url: str, worker: int) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("", "file") or not url:
         return url
+    if not parts.scheme:
+        return str(_worker_file(Path(url), worker))
     try:
-        local_path(url, "--payload-log")
+        path = Path(local_path(url, "--payload-log", query=True))
     except InvalidInput:
         return url  # refused when the worker opens its sink, as the user wrote it (the message shows their URL)
-    path = Path(parts.path)
-    return parts._replace(path=str(path.with_name(f"{path.stem}.worker-{worker}{path.suffix}"))).geturl()
+    if not path.name:
+        return url  # refused when the worker opens its sink: a file sink needs a file name
+    # the name read decoded, the URL's path encoded again (the same path decoded: what the worker opens)
+    return parts._replace(path=quote(os.fsencode(_worker_file(path, worker)), safe="/")).geturl()
+
+
+def _worker_file(path: Path, worker: int) -> Path:
+    return path.with_name(f"{path.stem}.worker-{worker}{path.suffix}") if path.name else path
 
 
 def _number(value: str, name: str, url: str) -> float:

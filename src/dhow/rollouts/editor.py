@@ -119,7 +119,12 @@ class DeploymentEditor:
             await self.models.release_versions(name)
 
     async def history(self, name: str) -> list[dict[str, Any]]:
-        return [row.as_dict() for row in await asyncio.to_thread(self.store.history, name)]
+        """Every change of the model's deployment; a deleted deployment or a model gone from the repository keeps
+        its history, a name never known is refused (a typo would otherwise read as a model never deployed)."""
+        rows = await asyncio.to_thread(self.store.history, name)
+        if not rows and not self.models.knows(name):
+            raise unknown_model(name)
+        return [row.as_dict() for row in rows]
 
     async def events(self, name: str) -> list[dict[str, Any]]:
         """The model's events; a model gone from the repository keeps its history, a name never known is refused

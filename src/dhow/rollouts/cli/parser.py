@@ -258,7 +258,8 @@ def _add_history(actions: Subparsers, connection: argparse.ArgumentParser) -> No
         "history",
         parents=[connection],
         help="list a deployment's changes",
-        description="List every change of a deployment, oldest first.",
+        description="List every change of a deployment, oldest first (a deleted one's too). A model unknown to "
+        "the server is refused.",
     )
     history.add_argument("name", metavar="NAME", help=_NAME_HELP)
     events = actions.add_parser(
