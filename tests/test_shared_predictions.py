@@ -244,3 +244,45 @@ def test_one_write_of_more_than_pending_keeps_the_newest_pending(model: str) -> 
 def test_object_outputs_of_numpy_scalars_are_kept() -> None:
     array = np.array([np.float32(0.5), np.int64(2)], dtype=object)
     assert decode_prediction(encode_prediction("1", array))[1].tolist() == [0.5, 2]
+
+
+def test_many_labels_are_looked_up_in_chunks(model: str) -> None:
+    async def scenario() -> None:
+        one = SharedPredictions(REDIS_URL, CollectorRegistry(), owner="w")
+        try:
+            for n in range(0, 200, 7):
+                one.add(model, 1000, field_of("default", f"r{n}"), "1", np.array([n]))
+            found = await one.find(model, [field_of("default", f"r{n}") for n in range(200)])
+            assert [n for n, value in enumerate(found) if value is not None] == list(range(0, 200, 7))
+            taken = await one.claim(model, [field_of("default", f"r{n}") for n in range(0, 200, 7)])
+            assert all(taken) and one.pending == 0
+        finally:
+            await one.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_index_keeps_the_buckets_written_last_and_counts_what_it_deletes(
+    model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("dhow.monitoring.shared_predictions.MAX_INDEXED", 3)
+
+    async def scenario() -> None:
+        quiet, busy = _pair(model)
+        try:
+            quiet.add(model, 8, field_of("default", "quiet-0"), "1", np.array([0]))
+            await quiet.flush()
+            for n in range(3):  # three buckets of one, written after the quiet process's
+                busy.add(model, 8, field_of("default", f"busy-{n}"), "1", np.array([n]))
+                await busy.flush()
+            assert busy.dropped == 1  # the quiet process's bucket, the oldest written, went
+            quiet.add(model, 8, field_of("default", "quiet-1"), "1", np.array([1]))
+            await quiet.flush()  # written last now: the busy process's oldest goes
+            keys = ("quiet-0", "quiet-1", "busy-0", "busy-2")
+            found = await quiet.find(model, [field_of("default", k) for k in keys])
+            assert [value is not None for value in found] == [False, True, False, True]
+        finally:
+            await quiet.close()
+            await busy.close()
+
+    asyncio.run(scenario())

@@ -13,8 +13,10 @@ memory (its drops counted as there). Every write sets its bucket's life (``BUCKE
 died leaves nothing for ever) and lists it in the model's index, a sorted set the look-ups walk in Redis (two Lua
 scripts: ``find``, then ``claim`` the predictions whose labels fit, moving each into its bucket's joined set, so
 that a label sent again, to any process, is told ``already_joined``). The index lists ``MAX_INDEXED`` buckets at
-most (the oldest past it, dead processes' first, are deleted) and a script takes ``CHUNK`` labels: a look-up stops
-the Redis the rate limits share for a bounded time.
+most, ordered by their last write (by Redis's own count, never a host's clock): the oldest past it, dead processes'
+first, are deleted and counted dropped, so about ``MAX_INDEXED / BUCKETS`` processes share a model at most without
+losing predictions early. A look-up takes ``CHUNK`` labels a script: it stops the Redis the rate limits share for a
+bounded time.
 
 Nothing is dropped unseen: a full list (Redis slower than the requests) drops the newest and counts it, a write
 that fails counts its predictions failed (``dhow_feedback_shared_total{outcome}``), and a label that cannot be
@@ -60,8 +62,9 @@ JOINED = b"\x00joined"
 MAX_OUTGOING = 100_000
 #: buckets a model's index lists at most (every process's; the oldest past it are deleted): the look-ups walk them
 MAX_INDEXED = 256
-#: labels looked up (or claimed) in one script: Redis serves nothing else while a script runs
-CHUNK = 256
+#: labels looked up in one script: Redis serves nothing else while a script runs (256 unknown ids over 256 buckets:
+#: ~0.2 s; 32: ~25 ms)
+CHUNK = 32
 _PREFIX = "dhow:feedback:"
 
 log = logging.getLogger("dhow.monitoring")
@@ -118,15 +121,23 @@ end
 return taken
 """
 
-#: KEYS[1]: the model's index; ARGV[1]: how many buckets it keeps. The oldest past them are deleted (every
-#: process's: the look-ups walk every bucket listed, so their number is bounded; dead processes' go first).
-_TRIM = """
-local old = redis.call('ZREVRANGE', KEYS[1], tonumber(ARGV[1]), -1)
+#: KEYS[1]: the model's index, KEYS[2]: its clock; ARGV[1]: a bucket just written, ARGV[2]: how many buckets the
+#: index keeps, ARGV[3]: how long they live. The bucket is listed at the model's clock (Redis's count of writes, the
+#: same for every host: no host's clock orders it), newest last written last; the oldest past ARGV[2] (dead
+#: processes' first: they write no more) are deleted: how many predictions they held.
+_LIST = """
+local now = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local old = redis.call('ZREVRANGE', KEYS[1], tonumber(ARGV[2]), -1)
+local dropped = 0
 for _, bucket in ipairs(old) do
+  dropped = dropped + redis.call('HLEN', bucket)
   redis.call('DEL', bucket, bucket .. ':joined')
   redis.call('ZREM', KEYS[1], bucket)
 end
-return #old
+return dropped
 """
 
 
@@ -195,7 +206,7 @@ class SharedPredictions:
         self._outgoing: list[tuple[str, int, bytes, str, np.ndarray]] = []
         self._buckets: dict[str, _Buckets] = {}
         #: buckets of this process's past its ``BUCKETS``, to delete (again, if the write that would have failed)
-        self._doomed: list[tuple[str, str]] = []
+        self._doomed: dict[str, str] = {}
         self._serial = 0
         #: one flush at a time: a label's look-up waits for the watch's flush in flight, then writes what is left
         self._flushing = asyncio.Lock()
@@ -236,65 +247,83 @@ class SharedPredictions:
             if not self._outgoing and not self._doomed:
                 return
             outgoing, self._outgoing = self._outgoing, []
-            # (encoded in a thread: thousands a tick would hold the event loop)
-            by_model, skipped, unfit = await asyncio.to_thread(_encoded, outgoing)
+            try:
+                # (encoded in a thread: thousands a tick would hold the event loop)
+                by_model, skipped, unfit = await asyncio.to_thread(_encoded, outgoing)
+            except asyncio.CancelledError:  # (the watch stopped: ``close`` writes them)
+                self._outgoing[:0] = outgoing
+                raise
             if skipped:
                 self.counted.labels("dropped").inc(skipped)
                 self.dropped += skipped
             if unfit:
                 self._failed(unfit, TypeError("a prediction that could not be encoded"))
-            await self._write(by_model)
+            try:
+                await self._write(by_model)
+            except asyncio.CancelledError:  # (written or not: ``close`` writes them again, each once at last)
+                self._outgoing[:0] = outgoing
+                raise
 
     async def _write(self, by_model: dict[str, tuple[int, list[tuple[bytes, bytes]], int]]) -> None:
+        """One pipeline: each model's predictions into this process's buckets (each written bucket given its life
+        and listed again), then the deletion of the buckets past the model's count. The buckets' names move on
+        whatever Redis answers (a write that failed halfway never reuses a name it may have used), and each
+        command's answer is judged on its own."""
         pipe = _Pipe(self._client.pipeline(transaction=False))
-        added: list[tuple[int, int]] = []  # (an HSET's place in the answers, the fields it wrote)
-        counts: list[int] = []  # (the places of the HLENs of the buckets deleted)
-        states: dict[str, _Buckets] = {}
-        doomed = list(self._doomed)
-        serial = self._serial
+        added: list[tuple[int, int, int]] = []  # (an HSET's place in the answers, the fields it wrote, repeated)
+        listed: list[int] = []  # (the places of ``_LIST``'s answers: what their trims deleted)
+        counts: list[tuple[int, str]] = []  # (the places of the HLENs of this process's buckets deleted)
         for model, (pending, items, repeated) in by_model.items():
-            index = f"{_PREFIX}{model}:index"
             state = self._buckets.get(model) or _Buckets()
             current, held, kept = state.current, state.held, list(state.kept)
-            buckets = min(BUCKETS, pending)
-            size = -(-pending // buckets)  # (``buckets`` of them hold ``pending``, rounded up)
-            start, rotated = 0, False
+            size = -(-pending // BUCKETS)
+            buckets = -(-pending // size)  # (``buckets`` of ``size`` hold ``pending``, the least over it)
+            start = 0
             while start < len(items):
                 if not current or held >= size:
-                    serial += 1
-                    current, held, rotated = f"{_PREFIX}{model}:{self.owner}:{serial}", 0, True
+                    self._serial += 1
+                    current, held = f"{_PREFIX}{model}:{self.owner}:{self._serial}", 0
                     kept.append(current)
                     while len(kept) > buckets:
-                        doomed.append((model, kept.pop(0)))
+                        self._doomed[kept.pop(0)] = model
                 room = min(len(items) - start, size - held)
-                written = dict(items[start : start + room])
-                added.append((pipe.add("hset", current, mapping=written), len(written)))
+                chunk = dict(items[start : start + room])
+                added.append((pipe.add("hset", current, mapping=chunk), len(chunk), repeated))
+                repeated = 0
                 pipe.add("expire", current, BUCKET_TTL_S)
-                pipe.add("zadd", index, {current: time.time()}, nx=True)
+                index, clock = f"{_PREFIX}{model}:index", f"{_PREFIX}{model}:clock"
+                listed.append(pipe.add("eval", _LIST, 2, index, clock, current, MAX_INDEXED, BUCKET_TTL_S))
                 held += room
                 start += room
-            pipe.add("expire", index, BUCKET_TTL_S)
-            if rotated:  # (the script's text each time: a rotation is rare, and a pipeline cannot load it first)
-                pipe.add("eval", _TRIM, 1, index, MAX_INDEXED)
-            states[model] = _Buckets(current, held, tuple(kept))
-            self.replaced += repeated
-        for model, old in doomed:
-            counts.append(pipe.add("hlen", old))
+            self._buckets[model] = _Buckets(current, held, tuple(kept))
+        for old, model in self._doomed.items():
+            counts.append((pipe.add("hlen", old), old))
             pipe.add("delete", old, old + ":joined")
             pipe.add("zrem", f"{_PREFIX}{model}:index", old)
-        written_count = sum(count for _, count in added)
         try:
-            answers = await pipe.pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._doomed = doomed  # (deleted by the next write that goes through)
-            self._failed(written_count, exc)
+            answers = await pipe.pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:  # (not sent, or no answer: what was written is not known)
+            self._failed(sum(count for _, count, _ in added), exc)
             return
-        self._buckets.update(states)
-        self._serial, self._doomed = serial, []
-        self.counted.labels("written").inc(written_count)
-        # (``HSET`` answers how many fields it added: the others replaced a prediction kept under the same key)
-        self.replaced += sum(count - int(answers[place]) for place, count in added)
-        self.dropped += sum(int(answers[place]) for place in counts)
+        written = failed = 0
+        error: BaseException | None = None
+        for place, count, repeated in added:
+            answer = answers[place]
+            if isinstance(answer, BaseException):
+                failed, error = failed + count, answer
+                continue
+            written += count
+            # (``HSET`` answers how many fields it added: the others replaced a prediction kept under the same key)
+            self.replaced += repeated + count - int(answer)
+        if written:
+            self.counted.labels("written").inc(written)
+        if error is not None:
+            self._failed(failed, error)
+        self.dropped += sum(int(answers[place]) for place in listed if not isinstance(answers[place], BaseException))
+        for place, old in counts:
+            if not isinstance(answers[place + 1], BaseException):  # (its DEL went through)
+                self.dropped += int(answers[place]) if not isinstance(answers[place], BaseException) else 0
+                self._doomed.pop(old, None)
 
     def _failed(self, count: int, exc: BaseException) -> None:
         self.counted.labels("failed").inc(count)
@@ -326,13 +355,10 @@ class SharedPredictions:
     async def claim(self, model: str, fields: list[bytes]) -> list[bool]:
         """Take the predictions of labels that joined: True for each this call took (False: another took it first,
         the label was sent twice at once)."""
-        taken: list[bool] = []
-        try:
-            for start in range(0, len(fields), CHUNK):
-                answer = await self._claim(
-                    keys=[f"{_PREFIX}{model}:index"], args=[BUCKET_TTL_S, *fields[start : start + CHUNK]]
-                )
-                taken += [bool(t) for t in answer]
+        if not fields:
+            return []
+        try:  # (one script, not chunks: a claim that failed halfway would leave labels neither joined nor joinable)
+            taken = [bool(t) for t in await self._claim(keys=[f"{_PREFIX}{model}:index"], args=[BUCKET_TTL_S, *fields])]
         except (RedisError, OSError) as exc:
             raise self._unreachable(exc) from None
         self.pending = max(0, self.pending - sum(taken))
@@ -362,12 +388,12 @@ def _encoded(
         entry = by_model.get(model)
         if entry is None:
             entry = by_model[model] = (pending, {}, 0)
+        fields = entry[1]
         try:
             value = encode_prediction(version, prediction)
-        except (TypeError, ValueError):
-            unfit += 1
+        except (TypeError, ValueError):  # (and an older answer of the same key is not written in its place)
+            unfit += 1 + (fields.pop(field, None) is not None)
             continue
-        fields = entry[1]
         repeated = entry[2] + (field in fields)
         fields.pop(field, None)  # (the newest last: the trim below keeps the newest)
         fields[field] = value
