@@ -125,3 +125,6 @@ class InferenceResponse:
     outputs: list[Tensor]
     id: str = ""
     parameters: Parameters = field(default_factory=dict)
+    #: the model's feedback output as it computed it, when ``outputs`` do not hold it so (the client asked for
+    #: other outputs only, or for it as classes): what the feedback join keeps; no door sends it
+    prediction: np.ndarray | None = None

@@ -305,8 +305,13 @@ class DataPlane:
             timeout_ns = _timeout_ns(request.parameters) if request.parameters else 0
             # every output by default: the version's own tuple, the same object for every request of a batch
             names = model.output_names if wanted is None else tuple(o.name for o in wanted)
-            results = await model.batcher.submit(inputs, names, rows or 1, timeout_ns, request.gone, request.trace)
+            # asked for some outputs only (or for classes), a model that takes feedback computes its feedback
+            # output too, kept as it answered it: a label must not depend on the client's choice of outputs
+            kept = model.feedback_output if wanted is not None else ""
+            computed = (*names, kept) if kept and kept not in names else names
+            results = await model.batcher.submit(inputs, computed, rows or 1, timeout_ns, request.gone, request.trace)
             outputs = response_outputs(model, results, names, wanted)
+            prediction = response_outputs(model, results, (kept,), None)[0].data if kept else None
         except ModelFault as exc:
             error_id = secrets.token_hex(4)
             log.error(
@@ -322,7 +327,7 @@ class DataPlane:
             self._account(model, start, rows, _error_of(exc)[0])
             raise
         self._account(model, start, rows, "success")
-        return InferenceResponse(model.name, model.version_label, outputs, id=request.id)
+        return InferenceResponse(model.name, model.version_label, outputs, id=request.id, prediction=prediction)
 
     @staticmethod
     def _account(model: ModelVersion, start: int, rows: int, outcome: str) -> None:

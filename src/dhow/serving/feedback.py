@@ -51,9 +51,13 @@ class FeedbackDesk:
 
     def keep(self, config: ModelConfig, response: InferenceResponse, tenant: str, request_id: str) -> None:
         """On the hot path: remember the answer's prediction output under the tenant of the request's principal
-        and its ``feedback_id`` (a dict insert)."""
+        and its ``feedback_id`` (a dict insert): the response's ``prediction`` when the client asked for other
+        outputs (or for classes), else the output as answered."""
         feedback = config.monitoring.feedback
         if feedback is None or not request_id:
+            return
+        if response.prediction is not None:  # the client asked for other outputs, or for classes
+            self._keep(config.name, feedback.pending, tenant, request_id, response.model_version, response.prediction)
             return
         wanted = feedback.output
         for tensor in response.outputs:

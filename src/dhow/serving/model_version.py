@@ -74,6 +74,10 @@ class ModelVersion:
         self.inputs: dict[str, TensorSpec] = {spec.name: spec for spec in config.inputs or ()}
         self.outputs: dict[str, TensorSpec] = {spec.name: spec for spec in config.outputs or ()}
         self.output_names = tuple(self.outputs)
+        feedback = config.monitoring.feedback
+        #: the output whose prediction is kept for feedback, computed even for a request that asks for others
+        #: only ("": the model takes no feedback)
+        self.feedback_output = (feedback.output or next(iter(self.outputs), "")) if feedback is not None else ""
         # what every request's checks read, worked out once per version rather than once per request
         #: how errors name the model
         self.label = f"model '{config.name}'"
