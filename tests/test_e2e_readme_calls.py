@@ -1,0 +1,120 @@
+"""README's "Calling a model" and "Security", walked as a new user does, against a real server with keys on.
+
+What a first walk through them found: the tritonclient example failed over gRPC when its import was swapped as
+its comment says; an expired key was told to use "the key that replaced it" when none had; a key's name given
+to ``dhow keys revoke`` was "no API key with id" without the id it names; JSON's ``NaN`` and TorchServe's
+multipart forms, which the README says are not taken, were refused with a parser's message (and a multipart
+body sent to a BYTES model was taken as its data); ``dhow audit verify`` printed its head in another form than
+the ``SEQ:HASH`` that ``--expect-head`` takes; a server whose models failed to load (``--require-digests``)
+answered health/ready "not ready" without a word on why; the README's key rotation for encrypted models lacked
+the key file.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+import dhow
+from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
+from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
+from tests.conftest import DhowProcess, start_dhow, wait_until
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+FIRST_KEY = re.compile(r"^\s+(dhow_[0-9a-f]{12}_[A-Za-z0-9_-]+)\s*$", re.MULTILINE)
+ROW = np.linspace(-1, 1, 32, dtype=np.float32)
+INFER_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 32], "data": ROW.tolist()}]}
+
+
+@pytest.fixture(scope="module")
+def world(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("readme-calls")
+    repository = root / "models"
+    for name in ("tabular", "text_python"):
+        shutil.copytree(demo_repository / name, repository / name)
+    server = start_dhow(repository, root, "--auth", "on", "--registry-poll", "0.3")
+    found = FIRST_KEY.search(server.log())
+    assert found, f"the server printed no first-start key:\n{server.log()}"
+    yield {"server": server, "key": found.group(1), "data": root / "data", "root": root}
+    assert server.stop() == 0, server.log()
+
+
+def call(server: DhowProcess, path: str, body: bytes, key: str, **headers: str) -> tuple[int, Any]:
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    try:
+        sent = {k.replace("_", "-"): v for k, v in headers.items()}
+        connection.request("POST", path, body=body, headers={"authorization": f"Bearer {key}", **sent})
+        answer = connection.getresponse()
+        return answer.status, json.loads(answer.read())
+    finally:
+        connection.close()
+
+
+def grpc_infer(server: DhowProcess, key: str) -> grpc.RpcError | None:
+    request = pb.ModelInferRequest(
+        model_name="tabular",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, 32])],
+        raw_input_contents=[ROW.tobytes()],
+    )
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        try:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                request, metadata=[("authorization", f"Bearer {key}")], timeout=20
+            )
+        except grpc.RpcError as exc:
+            return exc
+    return None
+
+
+def dhow_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dhow.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+def _python_block_after(readme: str, lead: str) -> str:
+    _, found, section = readme.partition(lead)
+    assert found, f"README.md has no {lead!r}"
+    _, fence, rest = section.partition("```python\n")
+    block, closed, _ = rest.partition("\n```")
+    assert fence and closed, f"no closed ```python block after {lead!r}"
+    return block
+
+
+def test_the_tritonclient_example_runs_as_written_over_rest_and_over_grpc(world: dict[str, Any]) -> None:
+    pytest.importorskip("tritonclient.grpc")
+    pytest.importorskip("tritonclient.http")
+    server = world["server"]
+    block = _python_block_after(README.read_text(encoding="utf-8"), "With `tritonclient`")
+    # the block's own comments say what changes for gRPC: the import and the port
+    imports = re.findall(
+        r"^(import tritonclient\.http as (\w+))\s+# gRPC: (import tritonclient\.grpc as \2)", block, re.M
+    )
+    assert len(imports) == 1, "the example should name, beside its import, the one to use for gRPC"
+    rest_import, _, grpc_import = imports[0]
+    assert block.count('"127.0.0.1:8080"') == 1 and '"127.0.0.1:8081"' in block
+    doors = {
+        "REST": block.replace('"127.0.0.1:8080"', f'"{server.http_url}"'),
+        "gRPC": block.replace(rest_import, grpc_import).replace('"127.0.0.1:8080"', f'"{server.grpc_url}"'),
+    }
+    environment = {
+        **os.environ,
+        "DHOW_KEY": world["key"],
+        "PYTHONPATH": str(Path(dhow.__file__).resolve().parent.parent),
+    }
+    for door, script in doors.items():
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, f"over {door}:\n{done.stderr}"
+        assert done.stdout.count("[") >= 5 and "tabular" in done.stdout, f"over {door}:\n{done.stdout}"
