@@ -118,3 +118,30 @@ def test_the_tritonclient_example_runs_as_written_over_rest_and_over_grpc(world:
         )
         assert done.returncode == 0, f"over {door}:\n{done.stderr}"
         assert done.stdout.count("[") >= 5 and "tabular" in done.stdout, f"over {door}:\n{done.stdout}"
+
+
+def test_an_expired_key_is_told_what_to_do_over_rest_and_grpc(world: dict[str, Any]) -> None:
+    server, data = world["server"], world["data"]
+    made = dhow_cli("keys", "create", "short-lived", "--role", "invoker", "--expires-in", "1", "--data-dir", str(data))
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip().splitlines()[-1]
+    wait_until(lambda: "expired" in json.dumps(call(server, "/v2/models/tabular/infer", b"{}", token)[1]), 20)
+    status, answer = call(server, "/v2/models/tabular/infer", json.dumps(INFER_BODY).encode(), token)
+    assert status == 401
+    # nothing replaced this key: a new one is what its holder needs
+    assert "replaced" not in answer["error"] and "dhow keys create" in answer["error"], answer
+    refused = grpc_infer(server, token)
+    assert refused is not None and refused.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert refused.details() == answer["error"]
+
+
+def test_a_rotated_key_past_its_grace_is_told_to_use_the_new_one(world: dict[str, Any]) -> None:
+    server, data = world["server"], world["data"]
+    made = dhow_cli("keys", "create", "rotating", "--role", "invoker", "--data-dir", str(data))
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip().splitlines()[-1]
+    rotated = dhow_cli("keys", "rotate", token.split("_")[1], "--grace", "1", "--data-dir", str(data))
+    assert rotated.returncode == 0, rotated.stderr
+    wait_until(lambda: "expired" in json.dumps(call(server, "/v2/models/tabular/infer", b"{}", token)[1]), 20)
+    answer = call(server, "/v2/models/tabular/infer", b"{}", token)[1]
+    assert "rotated" in answer["error"] and "use the key that replaced it" in answer["error"], answer
