@@ -145,3 +145,14 @@ def test_a_rotated_key_past_its_grace_is_told_to_use_the_new_one(world: dict[str
     wait_until(lambda: "expired" in json.dumps(call(server, "/v2/models/tabular/infer", b"{}", token)[1]), 20)
     answer = call(server, "/v2/models/tabular/infer", b"{}", token)[1]
     assert "rotated" in answer["error"] and "use the key that replaced it" in answer["error"], answer
+
+
+def test_a_key_named_by_its_name_is_answered_with_its_id(world: dict[str, Any]) -> None:
+    data = world["data"]
+    made = dhow_cli("keys", "create", "ci-bot", "--role", "invoker", "--data-dir", str(data))
+    key_id = made.stdout.strip().splitlines()[-1].split("_")[1]
+    for action in (("revoke",), ("rotate", "--grace", "60")):
+        refused = dhow_cli("keys", action[0], "ci-bot", *action[1:], "--data-dir", str(data))
+        assert refused.returncode == 2, refused.stdout
+        assert f"'ci-bot' is the name of key {key_id}" in refused.stderr, refused.stderr
+        assert f"dhow keys {action[0]} {key_id}" in refused.stderr, refused.stderr
