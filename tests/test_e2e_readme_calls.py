@@ -156,3 +156,20 @@ def test_a_key_named_by_its_name_is_answered_with_its_id(world: dict[str, Any]) 
         assert refused.returncode == 2, refused.stdout
         assert f"'ci-bot' is the name of key {key_id}" in refused.stderr, refused.stderr
         assert f"dhow keys {action[0]} {key_id}" in refused.stderr, refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (
+            "/v2/models/tabular/infer",
+            b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1], "data": [NaN]}]}',
+        ),
+        ("/v1/models/tabular:predict", b'{"instances": [[Infinity, 0]]}'),
+        ("/predictions/tabular", b"[-Infinity, 1]"),
+    ],
+)
+def test_json_nan_and_infinity_are_refused_saying_so(world: dict[str, Any], path: str, body: bytes) -> None:
+    status, answer = call(world["server"], path, body, world["key"], content_type="application/json")
+    assert status == 400
+    assert "JSON has no NaN or Infinity" in answer["error"] and "binary" in answer["error"], answer
