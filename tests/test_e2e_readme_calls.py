@@ -173,3 +173,23 @@ def test_json_nan_and_infinity_are_refused_saying_so(world: dict[str, Any], path
     status, answer = call(world["server"], path, body, world["key"], content_type="application/json")
     assert status == 400
     assert "JSON has no NaN or Infinity" in answer["error"] and "binary" in answer["error"], answer
+
+
+@pytest.mark.parametrize("model", ["tabular", "text_python"])
+def test_a_multipart_form_is_refused_saying_to_send_the_file_as_the_body(world: dict[str, Any], model: str) -> None:
+    boundary = "x1234"
+    body = (
+        f'--{boundary}\r\ncontent-disposition: form-data; name="data"; filename="a.txt"\r\n\r\n'
+        f"hello\r\n--{boundary}--\r\n"
+    ).encode()
+    status, answer = call(
+        world["server"],
+        f"/predictions/{model}",
+        body,
+        world["key"],
+        content_type=f"multipart/form-data; boundary={boundary}",
+    )
+    # text_python's one input is BYTES: the form must not be taken as its element
+    assert status == 400, answer
+    assert "multipart" in answer["error"] and "as the body" in answer["error"], answer
+    assert answer["type"] == "BadRequestException"
