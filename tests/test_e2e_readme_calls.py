@@ -193,3 +193,14 @@ def test_a_multipart_form_is_refused_saying_to_send_the_file_as_the_body(world: 
     assert status == 400, answer
     assert "multipart" in answer["error"] and "as the body" in answer["error"], answer
     assert answer["type"] == "BadRequestException"
+
+
+def test_audit_verify_prints_the_head_that_expect_head_takes(world: dict[str, Any]) -> None:
+    data = world["data"]
+    call(world["server"], "/v2/models/tabular/infer", json.dumps(INFER_BODY).encode(), world["key"])
+    verified = dhow_cli("audit", "verify", "--data-dir", str(data))
+    assert verified.returncode == 0, verified.stderr
+    head = re.search(r"head (\d+:[0-9a-f]{64})\b", verified.stdout)
+    assert head, verified.stdout
+    anchored = dhow_cli("audit", "verify", "--data-dir", str(data), "--expect-head", head.group(1))
+    assert anchored.returncode == 0, anchored.stdout + anchored.stderr
