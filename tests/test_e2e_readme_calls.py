@@ -204,3 +204,23 @@ def test_audit_verify_prints_the_head_that_expect_head_takes(world: dict[str, An
     assert head, verified.stdout
     anchored = dhow_cli("audit", "verify", "--data-dir", str(data), "--expect-head", head.group(1))
     assert anchored.returncode == 0, anchored.stdout + anchored.stderr
+
+
+def test_a_server_whose_models_fail_to_load_says_why_it_is_not_ready(demo_repository: Path, tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    shutil.copytree(demo_repository / "tabular", repository / "tabular")
+    # "--require-digests then loads nothing else": nothing is trusted here, so tabular does not load
+    server = start_dhow(
+        repository, tmp_path, "--require-digests", wait=False, started=lambda s: "dhow is ready" in s.log()
+    )
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+        connection.request("GET", "/v2/health/ready")
+        answer = connection.getresponse()
+        body = json.loads(answer.read())
+        connection.close()
+        assert answer.status == 503 and body["ready"] is False
+        assert "POST /v2/repository/index" in body["error"] and "tabular" not in body["error"], body
+        assert "not ready while model(s) tabular have no version loaded" in server.log()
+    finally:
+        assert server.stop() == 0, server.log()
