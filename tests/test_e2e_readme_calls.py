@@ -224,3 +224,29 @@ def test_a_server_whose_models_fail_to_load_says_why_it_is_not_ready(demo_reposi
         assert "not ready while model(s) tabular have no version loaded" in server.log()
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_the_encryption_at_rest_commands_run_as_written_and_the_server_serves_the_result(
+    demo_repository: Path, tmp_path: Path
+) -> None:
+    readme = README.read_text(encoding="utf-8")
+    _, found, section = readme.partition("- **[Encryption at rest]")
+    assert found
+    bullet = section.split("\n- **[", 1)[0]
+    commands = re.findall(r"`(dhow models [^`]+)`", bullet)
+    assert [c.split()[2] for c in commands] == ["keygen", "encrypt", "keygen", "rewrap"], commands
+    shutil.copytree(demo_repository / "tabular", tmp_path / "models" / "tabular")
+    environment = {**os.environ, "PYTHONPATH": str(Path(dhow.__file__).resolve().parent.parent)}
+    for command in commands:
+        done = subprocess.run(
+            [sys.executable, "-m", "dhow.cli", *command.split()[1:]],
+            cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, f"{command}:\n{done.stdout}{done.stderr}"
+    assert list((tmp_path / "models" / "tabular" / "2").glob("*.enc"))
+    server = start_dhow(tmp_path / "models", tmp_path, "--kek-file", str(tmp_path / "kek.txt"))
+    try:
+        status, answer = call(server, "/v2/models/tabular/infer", json.dumps(INFER_BODY).encode(), "-")
+        assert status == 200 and answer["model_version"] == "2", answer
+    finally:
+        assert server.stop() == 0, server.log()
