@@ -250,3 +250,27 @@ def test_the_encryption_at_rest_commands_run_as_written_and_the_server_serves_th
         assert status == 200 and answer["model_version"] == "2", answer
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_grpc_contents_in_the_wrong_field_are_refused_naming_the_right_one(world: dict[str, Any]) -> None:
+    server = world["server"]
+    sent = {
+        "int_contents": pb.InferTensorContents(int_contents=[0] * 32),
+        "nothing": None,
+    }
+    answers = {}
+    for what, contents in sent.items():
+        tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, 32])
+        if contents is not None:
+            tensor.contents.CopyFrom(contents)
+        with grpc.insecure_channel(server.grpc_url) as channel, pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                pb.ModelInferRequest(model_name="tabular", inputs=[tensor]),
+                metadata=[("authorization", f"Bearer {world['key']}")],
+                timeout=20,
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        answers[what] = refused.value.details()
+    assert "needs 32 element(s) in contents.fp32_contents" in answers["int_contents"]
+    assert "filled contents.int_contents" in answers["int_contents"], answers
+    assert "raw_input_contents" in answers["nothing"], answers
