@@ -274,3 +274,25 @@ def test_grpc_contents_in_the_wrong_field_are_refused_naming_the_right_one(world
     assert "needs 32 element(s) in contents.fp32_contents" in answers["int_contents"]
     assert "filled contents.int_contents" in answers["int_contents"], answers
     assert "raw_input_contents" in answers["nothing"], answers
+
+
+def test_a_batch_over_max_batch_size_is_told_to_split_over_rest_and_grpc(world: dict[str, Any]) -> None:
+    server, key = world["server"], world["key"]
+    rows = np.zeros((100, 32), dtype=np.float32)
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [100, 32], "data": rows.ravel().tolist()}]}
+    status, answer = call(server, "/v2/models/tabular/infer", json.dumps(body).encode(), key)
+    assert status == 400
+    assert answer["error"] == (
+        "model 'tabular' takes at most 64 rows a request (its max_batch_size), got 100: split them into requests "
+        "of at most 64 rows"
+    )
+    request = pb.ModelInferRequest(
+        model_name="tabular",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[100, 32])],
+        raw_input_contents=[rows.tobytes()],
+    )
+    with grpc.insecure_channel(server.grpc_url) as channel, pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, metadata=[("authorization", f"Bearer {key}")], timeout=20
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and refused.value.details() == answer["error"]
