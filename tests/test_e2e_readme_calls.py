@@ -296,3 +296,20 @@ def test_a_batch_over_max_batch_size_is_told_to_split_over_rest_and_grpc(world: 
             request, metadata=[("authorization", f"Bearer {key}")], timeout=20
         )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and refused.value.details() == answer["error"]
+
+
+def test_a_missing_permission_names_the_roles_that_grant_it_over_rest_and_grpc(world: dict[str, Any]) -> None:
+    server, data = world["server"], world["data"]
+    made = dhow_cli("keys", "create", "scoped", "--role", "invoker:text*", "--data-dir", str(data))
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip().splitlines()[-1]
+    wait_until(lambda: call(server, "/v2/models/tabular/infer", b"{}", token)[0] == 403, 20)
+    status, answer = call(server, "/v2/models/tabular/infer", json.dumps(INFER_BODY).encode(), token)
+    assert status == 403
+    assert answer["error"].endswith(
+        "lacks permission 'infer' on model 'tabular' (its roles: invoker:text*); "
+        "roles that grant it: admin, invoker (e.g. 'invoker:tabular')"
+    ), answer
+    refused = grpc_infer(server, token)
+    assert refused is not None and refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert refused.details() == answer["error"]
