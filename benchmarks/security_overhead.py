@@ -129,7 +129,7 @@ def audit_head(data: Path) -> int:
     text = dhow("audit", "verify", "--data-dir", str(data))
     if not text.startswith("audit trail ok: "):
         raise RuntimeError(f"dhow audit verify failed: {text}")
-    return int(text.split("head seq ", 1)[1].split()[0])
+    return int(text.split(" head ", 1)[1].split(":", 1)[0])
 
 
 def audited_since(data: Path, since: int, config: Config, expected: int, timeout_s: float = 20.0) -> tuple[int, int]:

@@ -127,7 +127,7 @@ def test_appended_batches_form_one_verified_chain(store: AuditStore) -> None:
     report = store.verify()
     assert report.ok and report.problems == [] and report.count == 36
     assert (report.head_seq, report.head_hash) == store.head()
-    assert report.describe() == f"audit trail ok: 36 records, head seq 36 hash {rows[-1]['hash']}"
+    assert report.describe() == f"audit trail ok: 36 records, head 36:{rows[-1]['hash']}"
 
 
 def test_stored_values_read_back_as_recorded(store: AuditStore) -> None:
@@ -690,7 +690,7 @@ def test_cli_verify_exit_codes_and_messages(
     store.append(_records(5))
     seq, digest = store.head()
     assert _cli("audit", "verify", "--store", audit_url) == 0
-    assert capsys.readouterr().out == f"audit trail ok: 5 records, head seq 5 hash {digest}\n"
+    assert capsys.readouterr().out == f"audit trail ok: 5 records, head 5:{digest}\n"
     assert _cli("audit", "verify", "--store", audit_url, "--expect-head", f"{seq}:{digest}") == 0
     capsys.readouterr()
     lines, hashes = _block(audit_url)

@@ -164,6 +164,7 @@ class Server:
             watching = asyncio.create_task(parts.watch.run())
             streams = await self._start_streams(parts) if self.streams else None
             log.info("dhow is ready")
+            parts.dataplane.warn_if_unready()
             if on_ready is not None:
                 on_ready()
         await self._stop.wait()

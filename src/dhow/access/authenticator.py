@@ -56,9 +56,15 @@ class Credentials:
     repeated_authorization: bool = False
 
 
-def _expired(key_id: str) -> Unauthenticated:
-    """The refusal of an expired key (its remembered header, its secret checked, or a stream's key)."""
-    return Unauthenticated(f"the API key {key_id} has expired; use the key that replaced it")
+def _expired(record: PrincipalRecord) -> Unauthenticated:
+    """The refusal of an expired key (its remembered header, its secret checked, or a stream's key): a rotated
+    key's says to use its successor, a key made with an expiry's that a new one is needed."""
+    if record.replaced_by:
+        return Unauthenticated(f"the API key {record.id} was rotated and has expired; use the key that replaced it")
+    return Unauthenticated(
+        f"the API key {record.id} has expired (at {record.expires_at}); "
+        "ask an admin for a new one ('dhow keys create' or POST /v2/admin/keys)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +187,7 @@ class Authenticator:
         verified = memory.get(credentials.authorization)
         if verified is not None and not credentials.repeated_authorization:
             if time.time() >= verified.expires:
-                raise _expired(verified.record.id)
+                raise _expired(verified.record)
             return verified.principal
         if credentials.repeated_authorization:
             # a proxy and the client may each add one; taking either would let one override the other unseen
@@ -219,7 +225,7 @@ class Authenticator:
             # one message for unknown, revoked and wrong: do not tell a guesser which ids exist
             raise Unauthenticated("the API key is not valid (unknown, revoked or mistyped)")
         if time.time() >= key.expires:
-            raise _expired(key_id)
+            raise _expired(key.record)
         return key
 
     async def _jwt(self, token: str) -> Principal:
@@ -242,7 +248,7 @@ class Authenticator:
         key = self._keys.get(record_id)
         if key is not None:
             if time.time() >= key.expires:
-                raise _expired(record_id)
+                raise _expired(key.record)
             return key.principal
         record = self._records.get(record_id)
         current = self._certs.get(record.name) if record is not None and record.kind != "key" else None

@@ -132,4 +132,9 @@ def check_permission(principal: Principal, permission: Permission, model: str = 
             f"{principal.name} (tenant '{principal.tenant}') may not use model '{model}' of tenant '{tenant}'"
         )
     roles = ", ".join(str(g) for g in principal.grants) or "none"
-    raise Forbidden(f"{principal.name} lacks permission '{permission.value}'{target} (its roles: {roles})")
+    granting = [role for role, permissions in ROLES.items() if permission in permissions]
+    example = f" (e.g. '{granting[1]}:{model}')" if model and len(granting) > 1 else ""
+    raise Forbidden(
+        f"{principal.name} lacks permission '{permission.value}'{target} (its roles: {roles}); "
+        f"roles that grant it: {', '.join(granting)}{example}"
+    )

@@ -18,7 +18,7 @@ from dhow.access.ratelimit import Limits
 from dhow.access.store import AccessStore, PrincipalRecord
 from dhow.commands.stores import locate_stores
 from dhow.commands.table import format_table
-from dhow.core.errors import InvalidInput
+from dhow.core.errors import InvalidInput, NotFound
 from dhow.governance.audit import AuditRecord, AuditStore
 from dhow.settings import CONFIG_FILE_HELP, ServerSettings
 
@@ -183,10 +183,25 @@ def run(args: argparse.Namespace) -> int | None:
     store = AccessStore.open(settings.registry_url())
     try:
         action(store, settings, args)
+    except NotFound as exc:
+        raise _named_instead(store, args) or exc from None
     finally:
         store.close()
     sys.stdout.flush()
     return 0
+
+
+def _named_instead(store: AccessStore, args: argparse.Namespace) -> NotFound | None:
+    """The refusal of a key's name given where its id is wanted (``dhow keys revoke ci-bot``): it names the id.
+    None when the id given is no key's name either."""
+    given = getattr(args, "id", None)
+    ids = [record.id for record in store.principals() if given and record.name == given and record.active()]
+    if not ids:
+        return None
+    return NotFound(
+        f"{given!r} is the name of key {' and of key '.join(ids)}, not an id: give the id, "
+        f"'dhow keys {args.keys_command} {ids[0]}' ('dhow keys list' shows ids and names)"
+    )
 
 
 #: an action: the access store, where the audit trail is and who acts, the options

@@ -150,3 +150,11 @@ def unknown_model(name: str) -> NotFound:
         f"unknown model '{name}'; the repository index (REST POST /v2/repository/index, gRPC RepositoryIndex) "
         "lists the models you may use"
     )
+
+
+def too_many_rows(label: str, rows: int, max_rows: int) -> InvalidInput:
+    """The refusal of a request of more rows than its model's ``max_batch_size`` (``label``: "model 'm'")."""
+    return InvalidInput(
+        f"{label} takes at most {max_rows} rows a request (its max_batch_size), got {rows}: split them into "
+        f"requests of at most {max_rows} rows"
+    )

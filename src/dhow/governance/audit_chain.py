@@ -30,7 +30,8 @@ class VerifyReport:
         return not self.problems and not self.omitted
 
     def describe(self) -> str:
-        head = f"{self.count} records, head seq {self.head_seq} hash {self.head_hash}"
+        # the head as --expect-head takes it, to be copied where the store's writers cannot change it
+        head = f"{self.count} records, head {self.head_seq}:{self.head_hash}"
         if self.ok:
             return f"audit trail ok: {head}"
         total = len(self.problems) + self.omitted

@@ -35,6 +35,7 @@ from dhow.core.errors import (
     Overloaded,
     SignatureMismatch,
     Unavailable,
+    too_many_rows,
 )
 from dhow.core.model_config import BatchingConfig
 from dhow.scheduling.execution import Arrays, Instance, OutputCheck, Pending, in_thread, takes_row_parts
@@ -158,7 +159,7 @@ class DynamicBatcher:
         if len(self._queue) >= self._room_below:
             self._check_room()
         if self._max_rows and rows > self._max_rows:
-            raise InvalidInput(f"batch of {rows} rows exceeds {self.label}'s max_batch_size of {self._max_rows}")
+            raise too_many_rows(self.label, rows, self._max_rows)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Arrays] = loop.create_future()
         pending = Pending(

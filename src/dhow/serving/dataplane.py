@@ -104,6 +104,25 @@ class DataPlane:
         """Whether to send this server traffic (REST health/ready and gRPC ServerReady both ask here)."""
         return self.is_ready and not (self.strict_readiness and self.models.unready_models())
 
+    def not_ready_reason(self) -> str:
+        """Why ``ready`` is False, in words that name no model (the health checks are open to anyone)."""
+        if not self.is_ready:
+            return "the server is not ready: it is starting or stopping"
+        return (
+            "the server is not ready: a model it should serve has no version loaded (loading, or its load failed; "
+            "--strict-readiness); the repository index (POST /v2/repository/index) says which and why"
+        )
+
+    def warn_if_unready(self) -> None:
+        """Once start-up's loads are done: say in the log which models keep the server from being ready."""
+        unready = self.models.unready_models() if self.strict_readiness else []
+        if unready:
+            log.warning(
+                "not ready while model(s) %s have no version loaded (see their load errors above): health/ready "
+                "answers 503 until they do (--strict-readiness false: ready whatever the loads' outcome)",
+                ", ".join(unready),
+            )
+
     def server_metadata(self) -> dict[str, Any]:
         return {"name": self.server_name, "version": __version__, "extensions": EXTENSIONS}
 

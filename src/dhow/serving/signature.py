@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dhow.core.datatypes import NUMPY_DTYPE, as_bytes, datatype_of
-from dhow.core.errors import DhowError, InvalidInput, ModelFault, SignatureMismatch
+from dhow.core.errors import DhowError, InvalidInput, ModelFault, SignatureMismatch, too_many_rows
 from dhow.core.model_config import TensorSpec
 from dhow.core.types import InferenceRequest, RequestedOutput, Tensor
 
@@ -65,7 +65,7 @@ def validate_inputs(model: ModelVersion, request: InferenceRequest) -> tuple[dic
     if missing:
         raise InvalidInput(f"{label} needs input(s) {', '.join(missing)}, which the request lacks")
     if batched and rows > model.config.max_batch_size:
-        raise InvalidInput(f"batch of {rows} rows exceeds {label}'s max_batch_size of {model.config.max_batch_size}")
+        raise too_many_rows(label, rows, model.config.max_batch_size)
     return arrays, rows
 
 

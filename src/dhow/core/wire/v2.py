@@ -15,7 +15,7 @@ import orjson
 from dhow.core.datatypes import NUMPY_DTYPE, array_from_buffer, array_to_bytes
 from dhow.core.errors import InvalidInput, Unsupported
 from dhow.core.types import InferenceRequest, InferenceResponse, Parameters, RequestedOutput, Tensor
-from dhow.core.wire.tensors import array_from_json, json_data
+from dhow.core.wire.tensors import array_from_json, json_data, json_refusal
 
 __all__ = ["EncodedResponse", "decode_request", "encode_response"]
 
@@ -85,7 +85,7 @@ def _load_json(data: memoryview) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"malformed JSON: {exc}") from None
+        raise InvalidInput(f"malformed JSON: {json_refusal(exc, data)}") from None
 
 
 def _decode_input(

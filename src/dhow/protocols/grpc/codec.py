@@ -158,15 +158,28 @@ def _tensor_from_contents(tensor: Any) -> Tensor:
     values = getattr(tensor.contents, field)
     count = element_count(shape)
     if len(values) != count:
-        raise InvalidInput(
-            f"input '{name}' of shape {shape} needs {count} element(s) in contents.{field}, got {len(values)}"
-        )
+        raise _miscounted(tensor, datatype, count, field, len(values))
     if datatype == "BYTES":
         data = np.empty(count, dtype=np.object_)
         data[:] = list(values)
         return Tensor(name, datatype, shape, data.reshape(shape), parameters)
     wide = np.asarray(values, dtype=wire_dtype)
     return Tensor(name, datatype, shape, _narrowed(name, wide, datatype).reshape(shape), parameters)
+
+
+def _miscounted(tensor: Any, datatype: str, count: int, field: str, got: int) -> InvalidInput:
+    """The refusal of contents that do not hold the shape's elements, saying where they should be."""
+    message = (
+        f"input '{tensor.name}' of shape {list(tensor.shape)} needs {count} element(s) in contents.{field}, got {got}"
+    )
+    filled = [descriptor.name for descriptor, _ in tensor.contents.ListFields() if descriptor.name != field]
+    if filled and not got:
+        message += (
+            f"; the request filled contents.{filled[0]} instead: a {datatype} input's elements go in contents.{field}"
+        )
+    elif not got:
+        message += "; or send its bytes in raw_input_contents"
+    return InvalidInput(message)
 
 
 def _narrowed(name: str, wide: np.ndarray, datatype: str) -> np.ndarray:

@@ -271,7 +271,7 @@ class RestApp(PeerRoutes, MonitoringRoutes):
         return _LIVE if self.dataplane.live() else _error(503, "the server is not live", live=False)
 
     async def _ready(self, request: Request, call: Call) -> Answer:
-        return _READY if self.dataplane.ready() else _error(503, "the server is not ready", ready=False)
+        return _READY if self.dataplane.ready() else _error(503, self.dataplane.not_ready_reason(), ready=False)
 
     async def _metrics(self, request: Request, call: Call) -> Answer:
         if self.metrics_handler is None:

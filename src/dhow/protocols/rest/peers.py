@@ -142,7 +142,9 @@ class PeerRoutes:
         body = await request.body()
         model = request.match.model
         specs = self._inputs(request)
-        if torchserve.takes_raw(specs, _content_type(request)):
+        content_type = _content_type(request)
+        torchserve.refuse_forms(content_type)
+        if torchserve.takes_raw(specs, content_type):
             tensors, single = [torchserve.raw_tensor(body, specs[0])], True
         else:
             instances, single = torchserve.instances_of(body, model, specs)

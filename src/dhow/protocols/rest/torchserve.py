@@ -21,9 +21,10 @@ import orjson
 from dhow.core.errors import InvalidInput
 from dhow.core.model_config import TensorSpec
 from dhow.core.types import Tensor
+from dhow.core.wire.tensors import json_refusal
 from dhow.protocols.rest.tfserving import Specs, instance_ranks
 
-__all__ = ["error_body", "instances_of", "raw_tensor", "takes_raw"]
+__all__ = ["error_body", "instances_of", "raw_tensor", "refuse_forms", "takes_raw"]
 
 #: TorchServe's exception names by HTTP status (its frontend's ``type``)
 _TYPES = {
@@ -44,6 +45,16 @@ _TYPES = {
 def error_body(status: int, message: str) -> bytes:
     kind = _TYPES.get(status, "InternalServerException" if status >= 500 else "BadRequestException")
     return orjson.dumps({"code": status, "type": kind, "message": message, "error": message})
+
+
+def refuse_forms(content_type: bytes) -> None:
+    """Refuse a multipart form (``curl -F data=@file``), which TorchServe reads and dhow does not: taken as the
+    body of a BYTES input it would hand the model the form's boundaries and headers as data."""
+    if content_type.split(b";", 1)[0].strip().lower().startswith(b"multipart/"):
+        raise InvalidInput(
+            "multipart form bodies are not taken: send the file as the body "
+            "(curl -T FILE, or --data-binary @FILE), or JSON instances"
+        )
 
 
 def takes_raw(specs: Specs, content_type: bytes) -> bool:
@@ -68,8 +79,8 @@ def instances_of(body: bytes, model: str, specs: Specs) -> tuple[list[Any], bool
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(
-            f"the body is not JSON ({exc}); model '{model}' takes {_described(specs)}: send one instance or a "
-            "list of them as JSON"
+            f"the body is not JSON ({json_refusal(exc, body)}); model '{model}' takes {_described(specs)}: "
+            "send one instance or a list of them as JSON"
         ) from None
     if isinstance(document, dict):
         names = {spec.name for spec in specs}
