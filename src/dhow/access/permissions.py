@@ -133,7 +133,13 @@ def check_permission(principal: Principal, permission: Permission, model: str = 
         )
     roles = ", ".join(str(g) for g in principal.grants) or "none"
     granting = [role for role, permissions in ROLES.items() if permission in permissions]
-    example = f" (e.g. '{granting[1]}:{model}')" if model and len(granting) > 1 else ""
+    # the narrowest role that grants it, other than admin: least privilege as the example
+    narrowest = min((r for r in granting if r != "admin"), key=lambda r: len(ROLES[r]), default="")
+    if model:
+        example = f" (e.g. '{narrowest}:{model}')" if narrowest else ""
+    else:  # a permission of no model: only a grant on every model ('*') carries it
+        held = sorted({g.role for g in principal.grants if g.role in granting})
+        example = f" unscoped (its {', '.join(held)} grant is scoped to some models)" if held else ""
     raise Forbidden(
         f"{principal.name} lacks permission '{permission.value}'{target} (its roles: {roles}); "
         f"roles that grant it: {', '.join(granting)}{example}"

@@ -146,8 +146,9 @@ def _string(item: object, name: str) -> str:
 def json_refusal(exc: orjson.JSONDecodeError, body: bytes | bytearray | memoryview) -> str:
     """What a body the JSON parser refused is told: the parser's reason, and where it stopped at ``NaN`` or
     ``Infinity`` (which TensorFlow Serving's parser takes), that JSON has none and how to send them."""
-    at = bytes(memoryview(body)[exc.pos : exc.pos + len(b"Infinity")])
-    if at.startswith((b"NaN", b"Infinity")):
+    # (the parser's position counts characters, not bytes: read where it stopped in the text it decoded)
+    at = exc.doc[exc.pos : exc.pos + len("Infinity")] if isinstance(exc.doc, str) else ""
+    if at.startswith(("NaN", "-NaN", "Infinity", "-Infinity")):
         return (
             f"{exc}; JSON has no NaN or Infinity: send non-finite values in binary tensors (the Open Inference "
             "Protocol's binary data extension, or gRPC)"

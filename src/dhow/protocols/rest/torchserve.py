@@ -50,7 +50,9 @@ def error_body(status: int, message: str) -> bytes:
 def refuse_forms(content_type: bytes) -> None:
     """Refuse a multipart form (``curl -F data=@file``), which TorchServe reads and dhow does not: taken as the
     body of a BYTES input it would hand the model the form's boundaries and headers as data."""
-    if content_type.split(b";", 1)[0].strip().lower().startswith(b"multipart/"):
+    if content_type[:10].lower() == b"multipart/" and content_type.split(b";", 1)[0].strip().lower() == (
+        b"multipart/form-data"
+    ):  # (other multipart types, a MIME document, may be a BYTES model's raw body, as TorchServe takes them)
         raise InvalidInput(
             "multipart form bodies are not taken: send the file as the body "
             "(curl -T FILE, or --data-binary @FILE), or JSON instances"
