@@ -151,9 +151,8 @@ _MODELS = (
     Route("model_feedback", "POST", "/v2/models/{model}/feedback", _A["model.feedback"], "_feedback",
           Doc("Ground truth for earlier answers of {which}", "monitoring", "FeedbackResult", "FeedbackRequest",
               body_required=True, errors=(400, 404, 413, 503),
-              description="labels maps a request's id (its x-request-id or the inference request's id, as the "
-              "client sent it: either, when it sent both) to its label (a list of labels for a request of several "
-              "rows); a request is labelled once. "
+              description="labels maps a request's id (its x-request-id, else the inference request's id: the id "
+              "the access and payload logs say) to its label (a list of labels for a request of several rows). "
               "Each is joined to the prediction this server process made; the answer says how many were joined "
               "and the version's quality figures."),
           names_model=True),
