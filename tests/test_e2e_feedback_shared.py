@@ -4,7 +4,6 @@ request's prediction, whichever worker answered it; the accuracy is the one comp
 
 from __future__ import annotations
 
-import http.client
 import json
 import secrets
 from collections.abc import Iterator
@@ -99,33 +98,3 @@ def test_labels_join_the_predictions_of_every_worker(workers: tuple[DhowProcess,
     for _ in range(4):
         status, again = _call(server, "POST", f"/v2/models/{model}/feedback", {"labels": {ids[0]: 1}})
         assert status == 200 and again["joined"] == 0 and again["already_joined_ids"] == [ids[0]], again
-
-
-def _infer_behind_a_mesh(server: DhowProcess, model: str, request_id: str, mesh_id: str) -> None:
-    """An inference as a sidecar passes it on: the client's id in the body, the mesh's in x-request-id."""
-    body = {"id": request_id, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1.0, 0.0, 0.0]}]}
-    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
-    try:
-        headers = {"content-type": "application/json", "x-request-id": mesh_id}
-        connection.request("POST", f"/v2/models/{model}/infer", body=json.dumps(body), headers=headers)
-        answer = connection.getresponse()
-        assert answer.status == 200, answer.read()
-        answer.read()
-    finally:
-        connection.close()
-
-
-def test_behind_a_mesh_a_label_joins_by_either_id_once_whichever_worker_gets_it(
-    workers: tuple[DhowProcess, str],
-) -> None:
-    server, model = workers
-    before = _written(server)
-    for n in range(8):
-        _infer_behind_a_mesh(server, model, f"order-{n}", f"mesh-{n}")
-    wait_until(lambda: _written(server) == before + 8, 10.0, "the predictions written")
-    by_either = {f"order-{n}" if n % 2 else f"mesh-{n}": 1 for n in range(8)}
-    status, result = _call(server, "POST", f"/v2/models/{model}/feedback", {"labels": by_either})
-    assert status == 200 and result["joined"] == 8, result
-    by_the_other = {f"mesh-{n}" if n % 2 else f"order-{n}": 1 for n in range(8)}
-    status, again = _call(server, "POST", f"/v2/models/{model}/feedback", {"labels": by_the_other})
-    assert status == 200 and again["joined"] == 0 and again["already_joined_ids"] == list(by_the_other), again

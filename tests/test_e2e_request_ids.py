@@ -1,7 +1,7 @@
 """One id per request, the same everywhere (``dhow.core.ids``; README, "Payload logging"): the x-request-id header
 (gRPC: metadata) when sent, else the request's own id, else one the server makes; the access log, the audit
-trail and the payload log all say it, over REST and gRPC alike; a gRPC stream's messages each have their own. The
-feedback join takes the client's ids as sent (the header's and the body's)."""
+trail, the payload log and the feedback join all say it, over REST and gRPC alike; a gRPC stream's messages each
+have their own."""
 
 from __future__ import annotations
 
@@ -83,10 +83,8 @@ def test_the_header_else_the_body_names_a_request_everywhere(tmp_path: Path) -> 
         _grpc_infer(server, key, "grpc-body-2", ("x-request-id", "grpc-hdr"))
         labels = dict.fromkeys(["body-7", "body-9", "hdr-9", "no token!", "grpc-body", "grpc-body-2", "grpc-hdr"], 1)
         joined = _post(server, key, "/v2/models/sign/feedback", {"labels": labels})
-        # feedback takes the client's own ids as sent, a plain token or not: the header's and the body's when both,
-        # a request joined once through either
-        assert joined["joined"] == 5 and joined["unmatched"] == 0, joined
-        assert joined["already_joined_ids"] == ["hdr-9", "grpc-hdr"], joined
+        # feedback takes the client's own id as sent, a plain token or not (the header's when both)
+        assert joined["joined"] == 5 and joined["unmatched_ids"] == ["body-9", "grpc-body-2"], joined
         wait_until(lambda: len(events_file.read_text().splitlines()) == 5, what="5 payload events")
         logged = [json.loads(line)["data"]["request_id"] for line in events_file.read_text().splitlines()]
         assert logged[:2] == ["body-7", "hdr-9"] and logged[3:] == ["grpc-body", "grpc-hdr"], logged
@@ -119,8 +117,7 @@ def test_a_label_joins_by_the_id_the_client_sent_a_plain_token_or_not(tmp_path: 
         _grpc_infer(server, key, "grpc-b", ("x-request-id", "grpc hdr"))
         labels = dict.fromkeys([*sent, "order/18", "l" * 257, "grpc/body", "grpc hdr", "plain-b", "grpc-b"], 1)
         joined = _post(server, key, "/v2/models/sign/feedback", {"labels": labels})
-        assert joined["joined"] == 8 and joined["unmatched_ids"] == ["l" * 257], joined
-        assert joined["already_joined_ids"] == ["plain-b", "grpc-b"], joined  # joined by the header's id
+        assert joined["joined"] == 8 and joined["unmatched_ids"] == ["l" * 257, "plain-b", "grpc-b"], joined
     finally:
         assert server.stop() == 0, server.log()
 
@@ -177,46 +174,6 @@ def test_each_message_of_a_grpc_stream_has_its_own_id(tmp_path: Path, front: str
 
 def _row(x: float) -> dict[str, Any]:
     return {**ROW, "data": [x]}
-
-
-def test_behind_a_mesh_a_label_joins_by_the_body_id_too_once_and_within_the_bound(tmp_path: Path) -> None:
-    """A service mesh's sidecar adds an x-request-id to every request that lacks one: the client knows only its
-    body's id. The prediction is kept under both (per tenant), counted once against ``pending``, joined once
-    through either; an x-request-id sent on with several requests (a trace's) names the newest, the others stay
-    joinable by their own ids. The logs, the audit trail and tracing still say the header's id."""
-    manifest = MANIFEST.replace("{task: classification}", "{task: classification, pending: 3}")
-    key = make_key(tmp_path / "data", "ids", ["invoker"])
-    server = start_dhow(_repository(tmp_path, manifest), tmp_path, "--auth", "on")
-    try:
-        infer, feedback = "/v2/models/sign/infer", "/v2/models/sign/feedback"
-        _post(server, key, infer, {"id": "order-1", "inputs": [_row(1.0)]}, {"x-request-id": "mesh-1"})
-        _grpc_infer(server, key, "order-2", ("x-request-id", "mesh-2"))
-        labelled = _post(server, key, feedback, {"labels": {"order-1": 1, "order-2": 1}})
-        assert labelled["joined"] == 2 and labelled["pending"] == 0, labelled
-        # once: the label sent again by the other id is already joined, not counted twice
-        labelled = _post(server, key, feedback, {"labels": {"mesh-1": 1, "mesh-2": 0}})
-        assert labelled["joined"] == 0 and labelled["already_joined_ids"] == ["mesh-1", "mesh-2"], labelled
-        _post(server, key, infer, {"id": "order-3", "inputs": [_row(-1.0)]}, {"x-request-id": "mesh-3"})
-        labelled = _post(server, key, feedback, {"labels": {"mesh-3": 0, "order-3": 0}})
-        assert labelled["joined"] == 1 and labelled["already_joined_ids"] == ["order-3"], labelled
-        # a trace's id on three requests: it names the newest; each is joined by its own id
-        for request_id, x in [("call-a", 1.0), ("call-b", -1.0), ("call-c", 1.0)]:
-            _post(server, key, infer, {"id": request_id, "inputs": [_row(x)]}, {"x-request-id": "trace-1"})
-        labelled = _post(server, key, feedback, {"labels": {"trace-1": 1, "call-a": 1, "call-b": 0, "call-c": 1}})
-        assert labelled["joined"] == 3 and labelled["already_joined_ids"] == ["call-c"], labelled
-        assert labelled["replaced"] == 0 and labelled["quality"]["1"]["accuracy"] == 1.0, labelled
-        # the bound counts predictions, not ids: four of two ids each, the oldest dropped with both its ids
-        for index in range(4):
-            _post(server, key, infer, {"id": f"o-{index}", "inputs": [_row(1.0)]}, {"x-request-id": f"m-{index}"})
-        labelled = _post(server, key, feedback, {"labels": {"o-0": 1, "m-0": 1, "m-1": 1, "o-3": 1}})
-        assert labelled["joined"] == 2 and labelled["unmatched_ids"] == ["o-0", "m-0"], labelled
-        assert labelled["pending"] == 1 and labelled["dropped"] == 1, labelled
-        logged = r"POST /v2/models/sign/infer 200 \S+ principal=\S+ request_id=(\S+)"
-        wait_until(lambda: "m-3" in re.findall(logged, server.log()), what="the last access log line")
-        access = re.findall(logged, server.log())
-        assert access[:2] == ["mesh-1", "mesh-3"] and access[-1] == "m-3", access
-    finally:
-        assert server.stop() == 0, server.log()
 
 
 def test_a_prediction_is_kept_per_tenant_and_a_repeated_id_replaces_it_as_the_newest(tmp_path: Path) -> None:

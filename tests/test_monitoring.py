@@ -27,7 +27,7 @@ from dhow.demo import _tabular_data
 from dhow.monitoring.drift import DriftWindow, js_distance, psi, sampling_gap, score
 from dhow.monitoring.latency import LatencyBaseline, duration_text
 from dhow.monitoring.profile import SKETCH_SIZE, FeatureSketch, ReferenceProfile
-from dhow.monitoring.quality import PredictionLog, QualityWindow, label_misfit, prediction_of
+from dhow.monitoring.quality import QualityWindow, label_misfit, prediction_of
 from dhow.repository.encryption import Keyring, encrypt_repository, generate_key
 from dhow.repository.manifest import ManifestError, parse_manifest
 from dhow.repository.profiles import PROFILE, read_profile
@@ -110,30 +110,6 @@ def test_quality_figures() -> None:
     assert regression.figures() == pytest.approx({"mae": 4 / 3, "rmse": (10 / 3) ** 0.5})
     assert prediction_of(np.array([[0.2, 0.8], [0.9, 0.1]], dtype=np.float32), "classification") == [1, 0]
     assert prediction_of(np.array([[b"cat"], [b"dog"]], dtype=object), "classification") == ["cat", "dog"]
-
-
-def test_a_prediction_found_by_an_alias_too_counts_once_and_its_alias_goes_with_it() -> None:
-    """A prediction kept under its body id and found by its x-request-id too is one of ``capacity``; dropped, or
-    joined, its alias goes with it, and what the log holds stays bounded however many requests pass."""
-    log = PredictionLog(2)
-    for index in range(1000):
-        log.add(("t", f"body-{index}"), "1", index, ("t", f"mesh-{index}"))
-    assert len(log) == 2 and log.dropped == 998 and log.replaced == 0
-    assert log.find(("t", "body-997")) is None and log.find(("t", "mesh-997")) is None
-    assert log.find(("t", "body-998")) == ("1", 998) and log.find(("t", "mesh-999")) == ("1", 999)
-    assert log.take(("t", "mesh-998")) and not log.take(("t", "body-998"))  # once, through either
-    assert log.find(("t", "body-998")) is None and log.joined(("t", "body-998")) and log.joined(("t", "mesh-998"))
-    for index in range(1000, 1100):  # joined ones are remembered as far as the newest go, no further
-        log.add(("t", f"body-{index}"), "1", index, ("t", f"mesh-{index}"))
-        assert log.take(("t", f"body-{index}"))
-    assert log.joined(("t", "mesh-1099")) and not log.joined(("t", "body-998")) and len(log) == 1
-    assert len(log._aliases) == 1 and len(log._joined) == 4  # the bound is what is tested
-    # an alias names the newest prediction it came with; each stays found by its own id
-    log.add(("t", "call-a"), "1", "a", ("t", "trace"))
-    log.add(("t", "call-b"), "1", "b", ("t", "trace"))
-    assert log.find(("t", "call-a")) == ("1", "a") and log.find(("t", "trace")) == ("1", "b")
-    log.add(("t", "call-b"), "1", "b2", ("t", "trace"))
-    assert log.replaced == 1 and log.find(("t", "trace")) == ("1", "b2") and len(log) == 2
 
 
 SCORES = np.array([[0.2, 0.8], [0.9, 0.1]], dtype=np.float32)

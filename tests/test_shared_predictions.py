@@ -286,39 +286,3 @@ def test_the_index_keeps_the_buckets_written_last_and_counts_what_it_deletes(
             await busy.close()
 
     asyncio.run(scenario())
-
-
-def test_a_prediction_found_by_an_alias_too_is_claimed_once_through_either(model: str) -> None:
-    """Behind a service mesh a request is named by its body id and by the sidecar's x-request-id: the prediction is
-    written once, found by either from any process, claimed once through either; its alias goes with its bucket."""
-
-    async def scenario() -> None:
-        one, two = _pair(model)
-        pending = 2 * BUCKETS  # buckets of 2
-        try:
-            one.add(model, pending, field_of("t", "order-1"), "1", np.array([1]), field_of("t", "mesh-1"))
-            one.add(model, pending, field_of("t", "order-2"), "1", np.array([0]), field_of("t", "mesh-2"))
-            one.add(model, pending, field_of("t", "call-a"), "1", np.array([1]), field_of("t", "trace"))
-            one.add(model, pending, field_of("t", "call-b"), "1", np.array([0]), field_of("t", "trace"))
-            await one.flush()
-            ids = ["order-1", "mesh-1", "mesh-2", "trace", "call-a"]
-            found = await two.find(model, [field_of("t", request_id) for request_id in ids])
-            assert [decode_prediction(value)[1].tolist() for value in found if value] == [[1], [1], [0], [0], [1]]
-            assert two.pending == 4  # predictions, not ids
-            assert await two.claim(model, [field_of("t", "mesh-1"), field_of("t", "order-1")]) == [True, False]
-            assert await two.claim(model, [field_of("t", "order-2")]) == [True]
-            assert await one.claim(model, [field_of("t", "mesh-2")]) == [False]
-            gone = ["order-1", "mesh-1", "order-2", "mesh-2"]
-            assert await one.find(model, [field_of("t", request_id) for request_id in gone]) == [JOINED] * 4
-            for n in range(pending + 2):  # the buckets that held them go, their aliases with them
-                one.add(model, pending, field_of("t", f"r{n}"), "1", np.array([n]), field_of("t", f"m{n}"))
-                await one.flush()
-            assert await two.find(model, [field_of("t", "trace"), field_of("t", "mesh-2")]) == [None, None]
-            assert (await two.find(model, [field_of("t", f"m{pending + 1}")]))[0] is not None
-            with Redis.from_url(REDIS_URL) as client:
-                assert len(list(client.scan_iter(f"dhow:feedback:{model}:worker-1:*:alias"))) == BUCKETS
-        finally:
-            await one.close()
-            await two.close()
-
-    asyncio.run(scenario())

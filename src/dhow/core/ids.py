@@ -1,5 +1,5 @@
 """Request ids: one per request, shared by the audit record, the access log line, the payload log's event and the
-trace, so one finds the others (the feedback join takes the client's ids as sent: ``serving.feedback.feedback_ids``).
+trace, so one finds the others (the feedback join takes the client's id as sent: ``serving.feedback.feedback_id``).
 
 A client may name its request: its ``x-request-id`` header (gRPC: metadata), else the request's own ``id`` (the
 v2 JSON body's, ``ModelInferRequest.id``), whichever is a plain token first; otherwise the server counts: a

@@ -67,15 +67,12 @@ Key = tuple[str, str]
 
 class PredictionLog:
     """Predictions awaiting their label: (tenant, request id) -> (version, prediction); the oldest beyond
-    ``capacity`` go. A prediction may also be found by an alias (the x-request-id of a request that named itself
-    in its body too): it counts once against ``capacity``, and is joined once, by either."""
+    ``capacity`` go."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._pending: OrderedDict[Key, tuple[str, Any, Key | None]] = OrderedDict()
-        #: alias -> the key of the prediction it names (the newest it came with); the newest ``2 * capacity``
-        self._aliases: OrderedDict[Key, Key] = OrderedDict()
-        #: the keys (and aliases) of the newest joined predictions: a label sent again is told from an unknown id's
+        self._pending: OrderedDict[Key, tuple[str, Any]] = OrderedDict()
+        #: the keys of the newest ``capacity`` joined predictions: a label sent again is told from an unknown id's
         self._joined: OrderedDict[Key, None] = OrderedDict()
         self.dropped = 0
         #: predictions replaced by a newer answer to a request of the same key
@@ -84,63 +81,33 @@ class PredictionLog:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def add(self, key: Key, version: str, prediction: Any, alias: Key | None = None) -> None:
-        """Keep a prediction as the newest, found by its key and its alias. One already kept under its key is
-        replaced, and counted: the newer answer (a retry's) is the one the client acted on; left in its place it
-        would be dropped first. An alias names the newest prediction it came with (an x-request-id passed on with
-        several requests, a trace's, names the last; each stays found by its own key)."""
+    def add(self, key: Key, version: str, prediction: Any) -> None:
+        """Keep a prediction as the newest. One already kept under its key is replaced, and counted: the newer
+        answer (a retry's) is the one the client acted on; left in its place it would be dropped first."""
         pending = self._pending
         if key in pending:
             pending.move_to_end(key)
             self.replaced += 1
-        pending[key] = (version, prediction, alias)
-        aliases = self._aliases
-        if alias is not None:
-            aliases[alias] = key
-            aliases.move_to_end(alias)
-            if len(aliases) > 2 * self.capacity:
-                aliases.popitem(last=False)
+        pending[key] = (version, prediction)
         if len(pending) > self.capacity:
-            oldest, (_, _, its_alias) = pending.popitem(last=False)
-            if its_alias is not None and aliases.get(its_alias) == oldest:
-                del aliases[its_alias]
+            pending.popitem(last=False)
             self.dropped += 1
 
-    def _key_of(self, key: Key) -> Key | None:
-        return key if key in self._pending else self._aliases.get(key)
-
     def find(self, key: Key) -> tuple[str, Any] | None:
-        """The version and prediction of that request (by its key or its alias), left in the log (a label refused
-        leaves it joinable); None when it is unknown."""
-        own = self._key_of(key)
-        found = self._pending.get(own) if own is not None else None
-        return None if found is None else (found[0], found[1])
+        """The version and prediction of that request, left in the log (a label refused leaves it joinable); None
+        when it is unknown."""
+        return self._pending.get(key)
 
-    def take(self, key: Key) -> bool:
-        """Take a joined prediction out of the log, by its key or its alias: a request is labelled once. False
-        when it was taken already (its label sent by both its ids at once)."""
-        own = self._key_of(key)
-        if own is None or own not in self._pending:
-            return False
-        _, _, alias = self._pending.pop(own)
-        joined = self._joined
-        for each in {key, own, alias}:
-            if each is None:
-                continue
-            if self._aliases.get(each) == own:
-                del self._aliases[each]
-            joined[each] = None
-            joined.move_to_end(each)
-        while len(joined) > 2 * self.capacity:
-            joined.popitem(last=False)
-        return True
+    def take(self, key: Key) -> None:
+        """Take a joined prediction out of the log: a request is labelled once."""
+        del self._pending[key]
+        self._joined[key] = None
+        if len(self._joined) > self.capacity:
+            self._joined.popitem(last=False)
 
     def joined(self, key: Key) -> bool:
         """Whether that request's prediction was labelled already (as far as the newest ``capacity`` go)."""
-        if key in self._joined:
-            return True
-        own = self._aliases.get(key)
-        return own is not None and own in self._joined
+        return key in self._joined
 
 
 class QualityWindow:

@@ -66,15 +66,12 @@ MAX_INDEXED = 256
 #: ~0.2 s; 32: ~25 ms)
 CHUNK = 32
 _PREFIX = "dhow:feedback:"
-#: a prediction as written: its field, its encoded value, and the alias it is found by too (None: none)
-_Item = tuple[bytes, bytes, bytes | None]
 
 log = logging.getLogger("dhow.monitoring")
 
 #: KEYS[1]: the model's index (bucket -> start time); ARGV: the fields. For each field, in the newest bucket that
-#: holds it: its prediction, else ``JOINED`` if a bucket's joined set has it; else the same for the field that the
-#: newest bucket's ``:alias`` hash names for it (a request's body id, for its x-request-id); then how many
-#: predictions await a label (every process's). Buckets gone (expired or deleted) leave the index.
+#: holds it: its prediction, else ``JOINED`` if a bucket's joined set has it; then how many predictions await a
+#: label (every process's). Buckets gone (expired or deleted) leave the index.
 _FIND = """
 local buckets = redis.call('ZREVRANGE', KEYS[1], 0, -1)
 local live = {}
@@ -85,23 +82,16 @@ for _, bucket in ipairs(buckets) do
     redis.call('ZREM', KEYS[1], bucket)
   end
 end
-local function lookup(field)
-  for _, bucket in ipairs(live) do
-    local value = redis.call('HGET', bucket, field)
-    if value then return value end
-  end
-  for _, bucket in ipairs(live) do
-    if redis.call('SISMEMBER', bucket .. ':joined', field) == 1 then return '\\0joined' end
-  end
-  return false
-end
 local found = {}
 for i, field in ipairs(ARGV) do
-  found[i] = lookup(field)
+  found[i] = false
+  for _, bucket in ipairs(live) do
+    local value = redis.call('HGET', bucket, field)
+    if value then found[i] = value break end
+  end
   if not found[i] then
     for _, bucket in ipairs(live) do
-      local named = redis.call('HGET', bucket .. ':alias', field)
-      if named then found[i] = lookup(named) break end
+      if redis.call('SISMEMBER', bucket .. ':joined', field) == 1 then found[i] = '\\0joined' break end
     end
   end
 end
@@ -111,28 +101,20 @@ found[#ARGV + 1] = pending
 return found
 """
 
-#: KEYS[1]: the model's index; ARGV[1]: how long a joined set lives; then the fields whose labels joined (or an
-#: alias of one, as ``find`` reads it). Each prediction (in the newest bucket holding it) moves into its bucket's
-#: joined set: 1 if this call took it, 0 if another took it first (a label sent twice at once, or by both ids).
+#: KEYS[1]: the model's index; ARGV[1]: how long a joined set lives; then the fields whose labels joined. Each
+#: prediction (in the newest bucket holding it) moves into its bucket's joined set: 1 if this call took it, 0 if
+#: another took it first (a label sent twice at once).
 _CLAIM = """
 local buckets = redis.call('ZREVRANGE', KEYS[1], 0, -1)
-local function take(field)
-  for _, bucket in ipairs(buckets) do
-    if redis.call('HDEL', bucket, field) == 1 then
-      redis.call('SADD', bucket .. ':joined', field)
-      redis.call('EXPIRE', bucket .. ':joined', ARGV[1])
-      return 1
-    end
-  end
-  return 0
-end
 local taken = {}
 for i = 2, #ARGV do
-  taken[i - 1] = take(ARGV[i])
-  if taken[i - 1] == 0 then
-    for _, bucket in ipairs(buckets) do
-      local named = redis.call('HGET', bucket .. ':alias', ARGV[i])
-      if named then taken[i - 1] = take(named) break end
+  taken[i - 1] = 0
+  for _, bucket in ipairs(buckets) do
+    if redis.call('HDEL', bucket, ARGV[i]) == 1 then
+      redis.call('SADD', bucket .. ':joined', ARGV[i])
+      redis.call('EXPIRE', bucket .. ':joined', ARGV[1])
+      taken[i - 1] = 1
+      break
     end
   end
 end
@@ -152,7 +134,7 @@ local old = redis.call('ZREVRANGE', KEYS[1], tonumber(ARGV[2]), -1)
 local dropped = 0
 for _, bucket in ipairs(old) do
   dropped = dropped + redis.call('HLEN', bucket)
-  redis.call('DEL', bucket, bucket .. ':joined', bucket .. ':alias')
+  redis.call('DEL', bucket, bucket .. ':joined')
   redis.call('ZREM', KEYS[1], bucket)
 end
 return dropped
@@ -221,7 +203,7 @@ class SharedPredictions:
         self._client: Redis = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         #: what names this process's buckets (several processes, on several hosts, write at once)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self._outgoing: list[tuple[str, int, bytes, str, np.ndarray, bytes | None]] = []
+        self._outgoing: list[tuple[str, int, bytes, str, np.ndarray]] = []
         self._buckets: dict[str, _Buckets] = {}
         #: buckets of this process's past its ``BUCKETS``, to delete (again, if the write that would have failed)
         self._doomed: dict[str, str] = {}
@@ -247,15 +229,12 @@ class SharedPredictions:
 
     # -- the request's path --
 
-    def add(
-        self, model: str, pending: int, field: bytes, version: str, prediction: np.ndarray, alias: bytes | None = None
-    ) -> None:
-        """Keep a prediction for the next ``flush`` (an append; past ``MAX_OUTGOING`` it is dropped, counted),
-        found by ``alias`` too (a request's x-request-id: its bucket's ``:alias`` hash, which goes with it)."""
+    def add(self, model: str, pending: int, field: bytes, version: str, prediction: np.ndarray) -> None:
+        """Keep a prediction for the next ``flush`` (an append; past ``MAX_OUTGOING`` it is dropped, counted)."""
         if len(self._outgoing) >= MAX_OUTGOING:
             self.counted.labels("dropped").inc()
             return
-        self._outgoing.append((model, pending, field, version, prediction, alias))
+        self._outgoing.append((model, pending, field, version, prediction))
 
     # -- the watch's task --
 
@@ -285,7 +264,7 @@ class SharedPredictions:
                 self._outgoing[:0] = outgoing
                 raise
 
-    async def _write(self, by_model: dict[str, tuple[int, list[_Item], int]]) -> None:
+    async def _write(self, by_model: dict[str, tuple[int, list[tuple[bytes, bytes]], int]]) -> None:
         """One pipeline: each model's predictions into this process's buckets (each written bucket given its life
         and listed again), then the deletion of the buckets past the model's count. The buckets' names move on
         whatever Redis answers (a write that failed halfway never reuses a name it may have used), and each
@@ -308,14 +287,10 @@ class SharedPredictions:
                     while len(kept) > buckets:
                         self._doomed[kept.pop(0)] = model
                 room = min(len(items) - start, size - held)
-                chunk = {field: value for field, value, _ in items[start : start + room]}
+                chunk = dict(items[start : start + room])
                 added.append((pipe.add("hset", current, mapping=chunk), len(chunk), repeated))
                 repeated = 0
                 pipe.add("expire", current, BUCKET_TTL_S)
-                aliases = {alias: field for field, _, alias in items[start : start + room] if alias}
-                if aliases:  # (beside their predictions, as long as their bucket lives)
-                    pipe.add("hset", current + ":alias", mapping=aliases)
-                    pipe.add("expire", current + ":alias", BUCKET_TTL_S)
                 index, clock = f"{_PREFIX}{model}:index", f"{_PREFIX}{model}:clock"
                 listed.append(pipe.add("eval", _LIST, 2, index, clock, current, MAX_INDEXED, BUCKET_TTL_S))
                 held += room
@@ -323,7 +298,7 @@ class SharedPredictions:
             self._buckets[model] = _Buckets(current, held, tuple(kept))
         for old, model in self._doomed.items():
             counts.append((pipe.add("hlen", old), old))
-            pipe.add("delete", old, old + ":joined", old + ":alias")
+            pipe.add("delete", old, old + ":joined")
             pipe.add("zrem", f"{_PREFIX}{model}:index", old)
         try:
             answers = await pipe.pipe.execute(raise_on_error=False)
@@ -402,14 +377,14 @@ class SharedPredictions:
 
 
 def _encoded(
-    outgoing: list[tuple[str, int, bytes, str, np.ndarray, bytes | None]],
-) -> tuple[dict[str, tuple[int, list[_Item], int]], int, int]:
+    outgoing: list[tuple[str, int, bytes, str, np.ndarray]],
+) -> tuple[dict[str, tuple[int, list[tuple[bytes, bytes]], int]], int, int]:
     """Per model: its ``pending``, its newest ``pending`` predictions encoded (one per field: the newest), and how
     many of them an answer of the same key replaced within this write; then how many were left out as past
     ``pending`` and how many could not be encoded."""
-    by_model: dict[str, tuple[int, dict[bytes, tuple[bytes, bytes | None]], int]] = {}
+    by_model: dict[str, tuple[int, dict[bytes, bytes], int]] = {}
     unfit = 0
-    for model, pending, field, version, prediction, alias in outgoing:
+    for model, pending, field, version, prediction in outgoing:
         entry = by_model.get(model)
         if entry is None:
             entry = by_model[model] = (pending, {}, 0)
@@ -421,12 +396,12 @@ def _encoded(
             continue
         repeated = entry[2] + (field in fields)
         fields.pop(field, None)  # (the newest last: the trim below keeps the newest)
-        fields[field] = (value, alias)
+        fields[field] = value
         by_model[model] = (pending, fields, repeated)
     skipped = 0
-    result: dict[str, tuple[int, list[_Item], int]] = {}
+    result: dict[str, tuple[int, list[tuple[bytes, bytes]], int]] = {}
     for model, (pending, fields, repeated) in by_model.items():
-        items = [(field, value, alias) for field, (value, alias) in fields.items()]
+        items = list(fields.items())
         if len(items) > pending:
             skipped += len(items) - pending
             items = items[len(items) - pending :]

@@ -32,7 +32,7 @@ log = logging.getLogger("dhow.monitoring")
 #: unmatched (or already joined) request ids listed in an answer (the count is always whole)
 _LISTED = 100
 _SCALAR = (bool, int, float, str)
-#: the longest id, as the client sent it, that its prediction is kept by (``feedback_ids``)
+#: the longest id, as the client sent it, that its prediction is kept by (``feedback_id``)
 _LONGEST_ID = 256
 
 
@@ -49,32 +49,30 @@ class FeedbackDesk:
         #: each version's figures as last computed, and the labels they rest on
         self._figures: dict[tuple[str, str], tuple[dict[str, float], int]] = {}
 
-    def keep(self, config: ModelConfig, response: InferenceResponse, tenant: str, ids: tuple[str, str]) -> None:
+    def keep(self, config: ModelConfig, response: InferenceResponse, tenant: str, request_id: str) -> None:
         """On the hot path: remember the answer's prediction output under the tenant of the request's principal
-        and its ``feedback_ids`` (a dict insert): the response's ``prediction`` when the client asked for other
+        and its ``feedback_id`` (a dict insert): the response's ``prediction`` when the client asked for other
         outputs (or for classes), else the output as answered."""
         feedback = config.monitoring.feedback
-        if feedback is None or not ids[0]:
+        if feedback is None or not request_id:
             return
         if response.prediction is not None:  # the client asked for other outputs, or for classes
-            self._keep(config.name, feedback.pending, tenant, ids, response.model_version, response.prediction)
+            self._keep(config.name, feedback.pending, tenant, request_id, response.model_version, response.prediction)
             return
         wanted = feedback.output
         for tensor in response.outputs:
             if not wanted or tensor.name == wanted:
-                self._keep(config.name, feedback.pending, tenant, ids, response.model_version, tensor.data)
+                self._keep(config.name, feedback.pending, tenant, request_id, response.model_version, tensor.data)
                 return
 
-    def _keep(self, name: str, capacity: int, tenant: str, ids: tuple[str, str], version: str, prediction: Any) -> None:
-        request_id, alias = ids
+    def _keep(self, name: str, capacity: int, tenant: str, request_id: str, version: str, prediction: Any) -> None:
         if self.shared is not None:
-            also = field_of(tenant, alias) if alias else None
-            self.shared.add(name, capacity, field_of(tenant, request_id), version, prediction, also)
+            self.shared.add(name, capacity, field_of(tenant, request_id), version, prediction)
             return
         pending = self._pending.get(name)
         if pending is None or pending.capacity != capacity:
             pending = self._pending[name] = PredictionLog(capacity)
-        pending.add((tenant, request_id), version, prediction, (tenant, alias) if alias else None)
+        pending.add((tenant, request_id), version, prediction)
 
     async def flush(self) -> None:
         """Write the predictions kept since the last flush to the shared store (``--redis``; else nothing)."""
@@ -176,8 +174,9 @@ class FeedbackDesk:
         process took first."""
         if self.shared is not None:
             return await self.shared.claim(name, [field_of(tenant, request_id) for request_id in ids])
-        # (False: taken by the label of its other id, sent with it)
-        return [pending.take((tenant, request_id)) for request_id in ids]
+        for request_id in ids:
+            pending.take((tenant, request_id))
+        return [True] * len(ids)
 
     def quality(self, name: str, version: str) -> tuple[dict[str, float], int]:
         """The version's figures and how many labels they rest on, as last computed."""
@@ -196,22 +195,14 @@ class FeedbackDesk:
         return {"labels": labels, **{k: round(v, 6) for k, v in figures.items()}}
 
 
-def feedback_ids(request: InferenceRequest, request_id: str) -> tuple[str, str]:
-    """The id a request's prediction is labelled by, and another it is found by too ("": none): the client's own as
-    it sent them, its ``id`` and its ``x-request-id``, each any string of up to 256 characters; else the request's
-    (``dhow.core.ids``: the one the logs say).
+def feedback_id(request: InferenceRequest, request_id: str) -> str:
+    """The id a request's prediction is labelled by: the client's own as it sent it, its ``x-request-id`` else its
+    ``id``, any string of up to 256 characters; else the request's (``dhow.core.ids``: the one the logs say).
 
-    Both, when both are sent and differ: behind a service mesh, whose sidecar adds an x-request-id to every request
-    that lacks one, the client knows only its body's; the body's names the prediction (a retry under it replaces
-    it), the header's finds the newest it came with. Not the logs' id alone: for an id that is no plain token the
-    logs say one the server made, which the client never learns (the answer's ``id`` echoes the request's), so its
-    label could never join."""
-    header = request.headers.get("x-request-id") or ""
-    body = request.id
-    by_header = 0 < len(header) <= _LONGEST_ID
-    if 0 < len(body) <= _LONGEST_ID:
-        return body, header if by_header and header != body else ""
-    return (header if by_header else request_id), ""
+    Not the logs' id alone: for an id that is no plain token the logs say one the server made, which the client
+    never learns (the answer's ``id`` echoes the request's), so its label could never join."""
+    sent = request.headers.get("x-request-id") or request.id
+    return sent if sent and len(sent) <= _LONGEST_ID else request_id
 
 
 def _check_label(request_id: object, label: object, task: str) -> None:

@@ -23,7 +23,7 @@ from dhow.monitoring.drift import DriftWindow, FeatureDrift, sampling_gap, score
 from dhow.monitoring.latency import PARTS, QUANTILES, LatencyBaseline, duration_text
 from dhow.monitoring.model_metrics import ModelMetrics
 from dhow.monitoring.shared_predictions import SharedPredictions
-from dhow.serving.feedback import FeedbackDesk, feedback_ids
+from dhow.serving.feedback import FeedbackDesk, feedback_id
 from dhow.serving.lifecycle import ModelLifecycle
 from dhow.serving.model_version import ModelVersion
 
@@ -112,7 +112,7 @@ class ModelWatch:
             }
             window.add(rows, inputs, outputs)
         if config.monitoring.feedback is not None:
-            self.feedback.keep(config, response, caller.tenant, feedback_ids(request, caller.request_id))
+            self.feedback.keep(config, response, caller.tenant, feedback_id(request, caller.request_id))
 
     def _first_answer(self, name: str, version: str) -> _Watched | None:
         entry = self.models.entries.get(name)
