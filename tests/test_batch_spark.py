@@ -14,6 +14,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from dhow.batch.spark import _hadoop_path
+from dhow.core.errors import InvalidInput
 from tests.batch_data import features, run_batch, summary_of, tabular_table, write_parquet
 from tests.conftest import make_key, unavailable
 from tests.reference import run_directly
@@ -40,8 +42,10 @@ def test_spark_local_scores_like_the_model_and_reports_bad_rows(
     valid = np.ones(ROWS, dtype=bool)
     valid[list(BAD)] = False
     table = table.set_column(5 + 1, "f5", pa.array(f5, mask=~valid))
-    write_parquet(table, tmp_path / "in #1" / "data.parquet", row_group_rows=4000)
-    source = f"file://{tmp_path}/in%20%231/data.parquet"  # Hadoop reads a URL's path as written: decoded for it
+    write_parquet(table, tmp_path / "in #[1]?" / "data.parquet", row_group_rows=4000)
+    # Hadoop reads a URL's path as written (decoded for it) and as a glob (escaped for it): not the folder in #1X
+    write_parquet(tabular_table(10, seed=31, first_id=10 * ROWS), tmp_path / "in #1X" / "data.parquet")
+    source = f"file://{tmp_path}/in%20%23%5B1%5D%3F/data.parquet"
     data, out = tmp_path / "data", tmp_path / "out"
     token = make_key(data, "spark-job", ["invoker"])
     summary = summary_of(run_batch(demo_repository, data, "--model", "tabular", "--engine", "spark", "--input",
@@ -64,3 +68,22 @@ def test_spark_local_scores_like_the_model_and_reports_bad_rows(
     again = run_batch(demo_repository, data, "--model", "tabular", "--engine", "spark", "--input", source,
                       "--output", str(out), "--key", "id", key=token)  # fmt: skip
     assert again.returncode == 2 and "other arguments" in again.stderr  # --map and --batch-rows differ
+
+
+def test_a_file_urls_path_is_given_to_hadoop_decoded_and_escaped_from_its_globs() -> None:
+    """Hadoop reads ``?*[]{}`` and ``\\`` as a glob: ``run?1`` would also read ``runX1``, as the local engine never
+    does; another URL or a plain path is Hadoop's to read as written, globs included."""
+    assert _hadoop_path("file:///d/run%3F1/a%20%23b") == "file:///d/run\\?1/a #b"
+    assert _hadoop_path("file://localhost/d/*[x]{a,b}%5C") == "file:///d/\\*\\[x\\]\\{a,b\\}\\\\"
+    assert _hadoop_path("/d/day=*") == "/d/day=*" and _hadoop_path("s3a://b/d[12]") == "s3a://b/d[12]"
+
+
+@pytest.mark.parametrize("location", ["file:///data/caf%E9", "/data/caf\udce9"])
+def test_a_path_that_is_no_utf8_is_refused_for_spark(demo_repository: Path, tmp_path: Path, location: str) -> None:
+    """Java takes UTF-8 names only: Py4J cannot send ``caf\\xe9`` (its gateway would be lost). Refused before any
+    work, naming the option; the local engine reads such a name."""
+    with pytest.raises(InvalidInput, match=r"--input .*UTF-8"):
+        _hadoop_path(location)
+    run = run_batch(demo_repository, tmp_path / "data", "--model", "tabular", "--engine", "spark", "--input",
+                    location, "--output", str(tmp_path / "out"))  # fmt: skip
+    assert run.returncode == 2 and "UTF-8" in run.stderr and not (tmp_path / "out").exists()

@@ -129,3 +129,12 @@ def test_file_urls_of_localhost_name_local_paths(tmp_path: Path) -> None:
     assert job.output_dir == str(tmp_path / "out")
     with pytest.raises(InvalidInput, match=f"write file:///walk{tmp_path}/out"):
         Job(model="m", version=None, input=str(path), output=f"file://walk{tmp_path}/out")
+
+
+def test_a_local_path_with_two_colons_is_read_as_a_path_not_as_chained_urls(tmp_path: Path) -> None:
+    """fsspec reads ``a::b`` as the URL ``b`` chained to ``a``: the folder ``a``, not ``a::b``."""
+    write_parquet(pa.table({"id": np.arange(3)}), tmp_path / "a::b" / "in.parquet")
+    write_parquet(pa.table({"id": np.arange(5)}), tmp_path / "a" / "decoy.parquet")
+    for location in (f"file://{tmp_path}/a::b", str(tmp_path / "a::b"), f"file://{tmp_path}/a%3A%3Ab/"):
+        source = Source(location, "parquet", batch_rows=10)
+        assert source.files == [str(tmp_path / "a::b" / "in.parquet")] and source.total_rows == 3

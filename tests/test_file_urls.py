@@ -73,3 +73,39 @@ def test_the_payload_log_keeps_its_options_in_the_query() -> None:
 def test_a_nul_byte_is_refused() -> None:
     with pytest.raises(InvalidInput, match=r"--input 'file:///tmp/a%00b': .*NUL"):
         local_path("file:///tmp/a%00b", "--input")
+
+
+@pytest.mark.parametrize(
+    ("option", "meant"),
+    [("--input", "file:///data/run%233%3Fx"), ("--repository", "file:///data/run%233%3Fx"),
+     ("--payload-log", "file:///data/run%233?x")],
+)  # fmt: skip
+def test_the_url_shown_for_a_fragment_is_not_refused_again_for_its_query(option: str, meant: str) -> None:
+    """``file:///data/run#3?x``: its ``?`` is in the fragment; the URL shown encodes it too where no query is
+    taken (``run%233?x`` would be refused in turn), and keeps it as the query of ``--payload-log``."""
+    query = option == "--payload-log"
+    with pytest.raises(InvalidInput) as refused:
+        local_path("file:///data/run#3?x", option, query=query)
+    assert refused.value.message.endswith(meant)
+    assert local_path(meant, option, query=query) == ("/data/run#3?x" if not query else "/data/run#3")
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("file:data/x", "'data/x' is no absolute path"),
+        ("file:", "names no path"),
+        ("file://", "names no path"),
+        ("file://localhost", "names no path"),
+        ("file://localhost?x=1", "names no path"),
+        ("file:///tmp/a%2Fb", "%2F"),
+        ("file:///tmp/a%2fb/c", "%2F"),
+    ],
+)
+def test_a_relative_or_empty_path_or_an_escaped_slash_is_refused(url: str, said: str) -> None:
+    """A file URL names an absolute path (``file:data/x`` would be read from wherever the server runs, ``file://``
+    alone as ''); ``%2F`` would silently become a folder separator, so it is refused as ``%00`` is."""
+    with pytest.raises(InvalidInput) as refused:
+        local_path(url, "--input", query=True)
+    message = refused.value.message
+    assert message.startswith(f"--input {url!r}: ") and said in message

@@ -86,6 +86,27 @@ def test_a_file_urls_path_is_percent_decoded_and_its_query_holds_the_options(tmp
     plain.close(1)
 
 
+@pytest.mark.parametrize("query", ["max_bytes=1000", "backups=2&max_bytes=5", "max_bytes=1000&colour=red"])
+def test_a_plain_path_with_the_options_of_a_file_url_is_refused_showing_that_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, query: str
+) -> None:
+    """A plain path is the file name as written, so ``e.jsonl?max_bytes=1000`` would silently be a file of that
+    name with the default options: refused, showing the file URL whose query the options are (an absolute path,
+    percent-encoded); a plain ``?`` that holds no option is still part of the name."""
+    monkeypatch.chdir(tmp_path)
+    for url, meant in ((f"{tmp_path}/my logs/e.jsonl?{query}", f"file://{tmp_path}/my%20logs/e.jsonl?{query}"),
+                       (f"run#1/e.jsonl?{query}", f"file://{tmp_path}/run%231/e.jsonl?{query}"),
+                       (f"a?b/e.jsonl?{query}", f"file://{tmp_path}/a%3Fb/e.jsonl?{query}")):  # fmt: skip
+        with pytest.raises(InvalidInput) as refused:
+            open_sink(url)
+        assert repr(url) in refused.value.message and refused.value.message.endswith(meant)
+        assert worker_sink_url(url, 2) == url  # each worker refuses it as its user wrote it
+    assert not any(tmp_path.iterdir())
+    plain = open_sink(f"{tmp_path}/e?v2.jsonl")
+    assert isinstance(plain, FileSink) and plain.path == tmp_path / "e?v2.jsonl"
+    plain.close(1)
+
+
 def test_a_kafka_setting_librdkafka_refuses_is_named() -> None:
     with pytest.raises(InvalidInput, match=r"no\.such\.setting"):
         open_sink("kafka://127.0.0.1:9/topic?no.such.setting=1")

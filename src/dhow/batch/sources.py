@@ -23,6 +23,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem, make_path_posix
 
 from dhow.core.errors import InvalidInput
 from dhow.core.file_urls import local_path
@@ -43,10 +44,14 @@ class Source:
         self.kind = kind
         self.batch_rows = batch_rows
         # the path of a file URL, decoded, not the URL: fsspec reads file://localhost/x as ./localhost/x, and
-        # file:///my%20data as the folder my%20data
+        # file:///my%20data as the folder my%20data; a local path is read by the local file system itself, as
+        # fsspec would read /data/a::b as the URL b chained to /data/a
         path = local_path(url, option)
         try:
-            self.fs, root = fsspec.core.url_to_fs(path)
+            if path != url or "://" not in url:
+                self.fs, root = LocalFileSystem(), make_path_posix(path).rstrip("/") or "/"
+            else:
+                self.fs, root = fsspec.core.url_to_fs(path)
             self.files = _files(self.fs, root, kind)
         except (OSError, ValueError, ImportError) as exc:
             raise InvalidInput(f"cannot read the input {url}: {exc}") from None

@@ -69,6 +69,8 @@ def spark_session(master: str, app: str, batch_rows: int) -> Any:
 def run_spark_job(job: Job, settings: ServerSettings, api_key: str, *, quiet: bool = False) -> dict[str, Any]:
     if job.input.startswith("s3://"):
         raise InvalidInput("--engine spark reads s3a:// through Hadoop's S3A connector; give Spark an s3a:// URL")
+    _hadoop_path(job.input)  # refused here, before any work, what Hadoop cannot be given
+    _utf8(job.output_dir, job.output, "--output")
 
     async def main() -> dict[str, Any]:
         async with admitted_job(job, settings, api_key) as admitted:
@@ -147,9 +149,28 @@ def _read(spark: Any, job: Job) -> Any:
 def _hadoop_path(location: str) -> str:
     """What Hadoop reads as ``location``: it takes a URL's path as written, escapes and all (``my%20data``), and
     ``file://localhost/`` as another file system than ``file:///``; a file URL is given as ``file://`` and its
-    decoded path (Hadoop escapes ``#``, ``%`` and spaces itself)."""
+    decoded path (Hadoop escapes ``#``, ``%`` and spaces itself), its glob characters escaped with ``\\``:
+    Hadoop reads ``run?1`` as a glob that also matches ``runX1``, the local engine as the one folder. A plain path
+    or another URL is Hadoop's to read as written, globs included."""
     path = local_path(location, "--input")
-    return location if path == location else "file://" + path
+    hadoop = location if path == location else "file://" + path.translate(_HADOOP_GLOB)
+    return _utf8(hadoop, location, "--input")
+
+
+_HADOOP_GLOB = str.maketrans({char: "\\" + char for char in "\\?*[]{}"})
+
+
+def _utf8(path: str, location: str, option: str) -> str:
+    """``path``, refused when it is no UTF-8 (a name of bytes that are none, or a file URL's ``%FF``): Java takes
+    UTF-8 names only, and Py4J, failing to encode one, would lose its gateway to the JVM."""
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        raise InvalidInput(
+            f"{option} {location!r}: the Spark engine (Java) reads UTF-8 file names only, and this one is no "
+            "UTF-8; rename it, or run the local engine, which reads it"
+        ) from None
+    return path
 
 
 def _output_schema(admitted: Admitted, key_type: str) -> str:

@@ -9,6 +9,9 @@ Its path is percent-decoded, as RFC 8089 writes it: ``file:///tmp/my%20models`` 
 ends the path (a fragment follows) and so does a ``?`` (a query): ``file:///data/run#3/out`` would name
 ``/data/run``. Both are refused, showing the URL meant (``%23``, ``%3F``), but for ``--payload-log``, whose query
 holds the file sink's options. A plain path, without ``file:``, is the file name as written, ``#`` and ``%`` included.
+
+The path must be absolute (``file:data/x`` would name a folder of wherever the process runs, ``file://`` alone the
+path ''), and may not hold ``%2F``: decoded, it would silently be a folder separator, which no name can hold.
 """
 
 from __future__ import annotations
@@ -36,6 +39,14 @@ def local_path(location: str, option: str, *, query: bool = False) -> str:
             f"{option} {location!r}: a file URL's host must be empty or localhost, and {parts.netloc!r} is taken "
             f"as a host; for a path that starts with /{parts.netloc}, write {meant}"
         )
+    if not parts.path.startswith("/"):
+        said = f"{parts.path!r} is no absolute path" if parts.path else "names no path"
+        raise InvalidInput(
+            f"{option} {location!r}: a file URL {said}; write file:///ABSOLUTE/PATH (three slashes), or give a "
+            "relative path as it is, without file:"
+        )
+    if "%2f" in parts.path.lower():
+        raise InvalidInput(f"{option} {location!r}: %2F is '/', which no file's name can hold; write / between folders")
     if "?" in location.partition("#")[0] and not query:
         raise InvalidInput(
             f"{option} {location!r}: a file URL's path ends at its first '?' (a query follows, and {option} takes "
@@ -43,9 +54,12 @@ def local_path(location: str, option: str, *, query: bool = False) -> str:
             + location.replace("?", "%3F").replace("#", "%23")
         )
     if "#" in location:
+        # a '?' after the '#' is the path's too where the option takes no query: the URL shown encodes it as well
+        also = "?" in location and not query
+        meant = location.replace("#", "%23").replace("?", "%3F" if also else "?")
         raise InvalidInput(
             f"{option} {location!r}: a file URL's path ends at its first '#' (a fragment follows, which names no "
-            "file); for a path with '#' in it, write # as %23: " + location.replace("#", "%23")
+            f"file); for a path with '#' in it, write # as %23{' and ? as %3F' if also else ''}: {meant}"
         )
     # the bytes the escapes stand for, as the file system names them (a name that is no UTF-8 is kept, as os does)
     path = os.fsdecode(unquote_to_bytes(parts.path))

@@ -26,6 +26,7 @@ from dhow.monitoring.payload_log import PayloadCounts, PayloadSink
 __all__ = ["FileSink", "HttpSink", "KafkaSink", "open_sink", "worker_sink_url"]
 
 _CLOUDEVENT = "application/cloudevents+json"
+_FILE_OPTIONS = {"max_bytes", "backups"}
 
 
 def open_sink(url: str) -> PayloadSink:
@@ -33,7 +34,7 @@ def open_sink(url: str) -> PayloadSink:
     parts = urlsplit(url)
     options = dict(parse_qsl(parts.query))
     if not parts.scheme:  # a plain path: the file name as written, "?" and "#" included (options need file://)
-        return FileSink(Path(url), **_file_options({}, url))
+        return FileSink(_plain_file(url), **_file_options({}, url))
     if parts.scheme == "file":
         return FileSink(Path(local_path(url, "--payload-log", query=True)), **_file_options(options, url))
     if parts.scheme == "kafka":
@@ -60,7 +61,10 @@ def worker_sink_url(url: str, worker: int) -> str:
     if parts.scheme not in ("", "file") or not url:
         return url
     if not parts.scheme:
-        return str(_worker_file(Path(url), worker))
+        try:
+            return str(_worker_file(_plain_file(url), worker))
+        except InvalidInput:
+            return url  # refused when the worker opens its sink, as the user wrote it
     try:
         path = Path(local_path(url, "--payload-log", query=True))
     except InvalidInput:
@@ -69,6 +73,20 @@ def worker_sink_url(url: str, worker: int) -> str:
         return url  # refused when the worker opens its sink: a file sink needs a file name
     # the name read decoded, the URL's path encoded again (the same path decoded: what the worker opens)
     return parts._replace(path=quote(os.fsencode(_worker_file(path, worker)), safe="/")).geturl()
+
+
+def _plain_file(url: str) -> Path:
+    """The file a plain path names, as written; refused when what follows its ``?`` reads as the file sink's
+    options (``e.jsonl?max_bytes=1000``): as a name, it would silently be a file of that name with the default
+    options. The refusal shows the file URL that holds them (``file:///…/e.jsonl?max_bytes=1000``)."""
+    for at in reversed([at for at, char in enumerate(url) if char == "?"]):  # the last '?' before options
+        if {name for name, _ in parse_qsl(url[at + 1 :])} & _FILE_OPTIONS:
+            meant = "file://" + quote(os.fsencode(os.path.abspath(url[:at])), safe="/") + url[at:]
+            raise InvalidInput(
+                f"--payload-log {url!r}: a plain path is the file name as written, '?' included; the file's options "
+                f"go in a file URL's query: {meant}"
+            )
+    return Path(url)
 
 
 def _worker_file(path: Path, worker: int) -> Path:
@@ -86,7 +104,7 @@ def _number(value: str, name: str, url: str) -> float:
 
 
 def _file_options(options: dict[str, str], url: str) -> dict[str, int]:
-    unknown = set(options) - {"max_bytes", "backups"}
+    unknown = set(options) - _FILE_OPTIONS
     if unknown:
         raise InvalidInput(f"--payload-log {url!r}: unknown option(s) {sorted(unknown)}; known: max_bytes, backups")
     return {
