@@ -457,11 +457,13 @@ class H2Connection(Sender, asyncio.Protocol):
 
     def _fail(self, stream: Stream, code: grpc.StatusCode, message: str, reset: int = f.NO_ERROR) -> None:
         """End one call with ``code`` (its stream reset with ``reset`` unless the client has ended its side), for
-        what the client sent: charged as the client's reset (``bounds``)."""
+        what the client sent: charged as the client's reset (``bounds``), unless the call had already ended."""
+        ending = stream.ending
         self.end_call(stream, (code, message))
         if reset != f.NO_ERROR:
             self.write(f.rst_stream(stream.id, reset))
-        self.resets.charge(stream)
+        if ending is False:  # else ended by the server (failed, expired: charged then) or reset by the client
+            self.resets.charge(stream)
 
     def end_call(self, stream: Stream, ending: Any) -> None:
         if stream.ending is not False:
