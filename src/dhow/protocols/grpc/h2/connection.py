@@ -73,9 +73,11 @@ class H2Connection(Sender, asyncio.Protocol):
         if ssl_object is not None:
             if ssl_object.selected_alpn_protocol() not in (None, "h2"):
                 transport.close()  # an HTTPS client that did not ask for HTTP/2
+                self.closed = True  # what it sent with its handshake is not read (``data_received``)
                 return
             self.auth_context = auth_context(transport.get_extra_info("peercert"))
-        if not self.front.admit(self, transport):  # past ``--max-connections``: GOAWAY and closed
+        if not self.front.admit(self, transport):  # past ``--max-connections``: aborted before any SETTINGS
+            self.closed = True
             return
         self._timers.append(self.loop.call_later(self.front.limits.handshake_s, self._handshake_over))
         self._timers.append(self.loop.call_later(self._liveness.step, self._tick))
