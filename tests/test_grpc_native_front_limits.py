@@ -4,6 +4,7 @@ ended at once by a grpc-timeout too short to run (charged as resets, as Rapid Re
 
 from __future__ import annotations
 
+import collections
 import socket
 
 import grpc
@@ -139,6 +140,42 @@ def test_a_reset_of_a_call_the_server_ended_is_not_charged_again(door: Door) -> 
         + f.frame(f.DATA, f.END_STREAM, s, message)
         + f.frame(f.WINDOW_UPDATE, 0, s, b"\0\0\0\0")
         + f.rst_stream(s, f.CANCEL)
+        for s in range(1, 1200, 2)
+    )
+    with _connect(door) as sock:
+        sock.sendall(HELLO + sent + _PING)
+        frames = _read_frames(sock, f.PING, flags=f.ACK)
+        assert not [frame for frame in frames if frame[0] == f.GOAWAY], _goaway_code(frames)
+        assert frames[-1] == (f.PING, f.ACK, 0, b"12345678"), frames[-1]
+
+
+def test_grpc_client_calls_reset_at_a_tight_deadline_are_no_rapid_reset(door: Door) -> None:  # noqa: F811
+    """A grpc channel resets each call at its own deadline (RST_STREAM CANCEL), a little before the server's timer
+    would end it: 1800 calls with a 40 ms timeout to a model that does not answer in time each end
+    DEADLINE_EXCEEDED, and the connection is never ended as a reset flood (a reset is free once its call ran half
+    its timeout, as an expiry is; they were charged under 50 ms, and the 1800th call found the connection gone)."""
+    request = _request("slow", np.ones((1, 4), np.float32))
+    codes: collections.Counter[grpc.StatusCode] = collections.Counter()
+    with grpc.insecure_channel(door.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(6):
+            calls = [stub.ModelInfer.future(request, timeout=0.04) for _ in range(300)]
+            for call in calls:
+                codes[call.exception(timeout=30).code()] += 1  # type: ignore[union-attr]
+    assert codes == {grpc.StatusCode.DEADLINE_EXCEEDED: 1800}, codes
+
+
+def test_a_call_the_server_already_ended_is_not_charged_again(door: Door) -> None:  # noqa: F811
+    """Calls running (their requests whole), each failed by the server for a WINDOW_UPDATE of 0 (charged:
+    MadeYouReset), then sent DATA after its request's end in the same read, another frame the server ends a call
+    for: the call has ended, so one charge each, and 600 of them stay within the budget of 1000."""
+    request = _request("slow", np.ones((1, 4), np.float32)).SerializeToString()
+    message = b"\0" + len(request).to_bytes(4, "big") + request
+    sent = b"".join(
+        f.frame(f.HEADERS, f.END_HEADERS, s, _INFER)
+        + f.frame(f.DATA, f.END_STREAM, s, message)
+        + f.frame(f.WINDOW_UPDATE, 0, s, b"\0\0\0\0")
+        + f.frame(f.DATA, f.END_STREAM, s, message)
         for s in range(1, 1200, 2)
     )
     with _connect(door) as sock:

@@ -238,7 +238,8 @@ class ServerMetrics:
         self.connections_refused = Counter(
             "dhow_connections_refused",
             "Connections refused at --max-connections, by port: on the REST port (native front) a request answered "
-            "503 and its connection closed, on the gRPC port (native front) a new connection sent GOAWAY and closed.",
+            "503 and its connection closed, on the gRPC port (native front) a new connection closed before the "
+            "server's HTTP/2 SETTINGS, nothing sent.",
             ["port"],
             registry=self.registry,
         )

@@ -35,7 +35,8 @@ class GrpcConnectionLimits:
     keepalive_s: float = 60.0
     keepalive_timeout_s: float = 20.0
     #: the connections the port takes at once (``--max-connections``, counted apart from the REST port's); past it
-    #: a new one gets GOAWAY and is closed. None: no bound. The native front's only: grpcio's server has no such bound
+    #: a new one is closed before the server's SETTINGS, nothing sent. None: no bound. The native front's only:
+    #: grpcio's server has no such bound
     max_connections: int | None = None
 
     def options(self) -> list[tuple[str, int]]:

@@ -6,13 +6,20 @@ streams never holds back the work it makes (a header block read, a call started 
 ``ResetBudget`` is a token bucket per connection, with nghttp2's sizes, 1000 resets at once then 33 a second. Only
 a reset that ends a call counts: one that crosses the server's own answer costs it nothing more. A call the server
 ends because the client sent it a bad frame counts as a reset (MadeYouReset, CVE-2025-8671: the same flood with a
-WINDOW_UPDATE of 0 or a malformed request in place of RST_STREAM), as nghttp2 1.66 counts it. A call that ran a
-while does not count: a second, or half its grpc-timeout, which a grpc client's own deadline resets at (the server
-would have ended it then at no cost to the client); a flood resets at once. A call the server ends at its
-grpc-timeout counts when the timeout is shorter than any model call over a network runs (``EXPIRY_FREE_FLOOR_S``,
-``expire``): one of 1 ns is started and ended at once, a reset flood's work with no reset sent. Tight deadlines a
-real-time client sets (10 ms and up) cost nothing however often an overloaded server misses them: a client is not
-disconnected for the server's own lateness.
+WINDOW_UPDATE of 0 or a malformed request in place of RST_STREAM), as nghttp2 1.66 counts it, once however many
+bad frames follow.
+
+One rule for both ways a call with a grpc-timeout ends, the client's reset at its own deadline and the server's
+timer (``expire``): it is free once it has run half its timeout and at least ``RESET_FREE_FLOOR_S`` (5 ms); an
+expired call counts as having run its whole timeout, whenever its timer fired (timers fire late behind a long
+read: 900 calls read at once, 0.1 s). A call without a grpc-timeout is free once it has run ``RESET_FREE_AFTER_S``
+(1 s). So a flood still counts: calls reset at once, or given a grpc-timeout of 0 or 1 ns (started and ended at
+once, a reset flood's work with no reset sent). Why 5 ms and no more: with any floor above 0 the bound on
+concurrent streams holds back the work again (a client waits for a call to run the floor before it may open
+another in its place), and 1000 streams every 5 ms is already more calls than a server process parses. A floor
+of 50 ms disconnected real-time clients: a grpc client resets each call at its deadline, a little before the
+server's timer, and 10-50 ms deadlines that an overloaded server misses were charged, 1800 calls of 40 ms ending
+in GOAWAY. A client is not disconnected for the server's own lateness.
 """
 
 from __future__ import annotations
@@ -51,12 +58,10 @@ CLOSE_GRACE_S = 2.0
 #: the resets a connection may make at once, and those it gets back a second
 RESET_BURST = 1000
 RESET_RATE = 33.0
-#: a call ended after it has run this long (or half its grpc-timeout, but never sooner than ``RESET_FREE_FLOOR_S``:
-#: a grpc-timeout of 0 or 1 ns would make every reset free, and a flood resets at once) costs its client no reset
+#: a call ended (reset by the client, failed for its frames, or at its grpc-timeout) after it has run this long, or
+#: half its grpc-timeout but never under ``RESET_FREE_FLOOR_S``, costs its client no reset (see above)
 RESET_FREE_AFTER_S = 1.0
-RESET_FREE_FLOOR_S = 0.05
-#: a call the server ended at its grpc-timeout costs its client a reset only when that timeout was shorter than this
-EXPIRY_FREE_FLOOR_S = 0.005
+RESET_FREE_FLOOR_S = 0.005
 #: how a call past its grpc-timeout ends
 EXPIRED = (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
@@ -71,14 +76,14 @@ class ResetBudget:
         self._left = float(RESET_BURST)
         self._since = loop.time()
 
-    def spend(
-        self, opened: float, deadline: float | None, ended: float | None = None, floor: float = RESET_FREE_FLOOR_S
-    ) -> bool:
+    def spend(self, opened: float, deadline: float | None, ended: float | None = None) -> bool:
         """One more call ended, opened at ``opened`` with ``deadline``, at ``ended`` (loop times; None: now), free
-        once it ran ``floor`` and half its timeout: False when none is left."""
+        once it ran ``RESET_FREE_FLOOR_S`` and half its timeout: False when none is left."""
         now = self._loop.time()
         ran = (now if ended is None else ended) - opened
-        if ran >= RESET_FREE_AFTER_S or (deadline is not None and ran >= max(floor, (deadline - opened) / 2)):
+        if ran >= RESET_FREE_AFTER_S or (
+            deadline is not None and ran >= max(RESET_FREE_FLOOR_S, (deadline - opened) / 2)
+        ):
             return True
         self._left = min(RESET_BURST, self._left + (now - self._since) * RESET_RATE)
         self._since = now
@@ -89,18 +94,17 @@ class ResetBudget:
 
     def charge(self, stream: Stream, expired: bool = False) -> None:
         """One more call ended (``spend``), reset or ``expired``; a connection error ENHANCE_YOUR_CALM when none is
-        left. An expired call ran its grpc-timeout, whenever its timer fired: timers fire late behind a long read
-        (900 calls read at once: 0.1 s), and the calls of a 1 ns flood would not be charged for the server's lag."""
+        left. An expired call ran its grpc-timeout, whenever its timer fired: the calls of a 1 ns flood are not
+        freed by the server's lag."""
         deadline = stream.context.deadline if stream.context is not None else None
-        floor = EXPIRY_FREE_FLOOR_S if expired else RESET_FREE_FLOOR_S
-        if not self.spend(stream.opened, deadline, deadline if expired else None, floor):
+        if not self.spend(stream.opened, deadline, deadline if expired else None):
             reason = "with a grpc-timeout too short to run" if expired else "reset by the client"
             raise f.ConnectionError_(f.ENHANCE_YOUR_CALM, f"too many calls {reason}")
 
 
 def expire(connection: H2Connection, stream: Stream) -> None:
     """The call's grpc-timeout has passed (its timer): it ends DEADLINE_EXCEEDED, charged as a reset (nothing when
-    the timeout was ``EXPIRY_FREE_FLOOR_S`` or more)."""
+    the timeout was ``RESET_FREE_FLOOR_S`` or more)."""
     connection.end_call(stream, EXPIRED)
     try:
         connection.resets.charge(stream, expired=True)

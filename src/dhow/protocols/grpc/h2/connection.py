@@ -73,9 +73,11 @@ class H2Connection(Sender, asyncio.Protocol):
         if ssl_object is not None:
             if ssl_object.selected_alpn_protocol() not in (None, "h2"):
                 transport.close()  # an HTTPS client that did not ask for HTTP/2
+                self.closed = True  # what it sent with its handshake is not read (``data_received``)
                 return
             self.auth_context = auth_context(transport.get_extra_info("peercert"))
-        if not self.front.admit(self, transport):  # past ``--max-connections``: GOAWAY and closed
+        if not self.front.admit(self, transport):  # past ``--max-connections``: aborted before any SETTINGS
+            self.closed = True
             return
         self._timers.append(self.loop.call_later(self.front.limits.handshake_s, self._handshake_over))
         self._timers.append(self.loop.call_later(self._liveness.step, self._tick))
@@ -457,11 +459,13 @@ class H2Connection(Sender, asyncio.Protocol):
 
     def _fail(self, stream: Stream, code: grpc.StatusCode, message: str, reset: int = f.NO_ERROR) -> None:
         """End one call with ``code`` (its stream reset with ``reset`` unless the client has ended its side), for
-        what the client sent: charged as the client's reset (``bounds``)."""
+        what the client sent: charged as the client's reset (``bounds``), unless the call had already ended."""
+        ending = stream.ending
         self.end_call(stream, (code, message))
         if reset != f.NO_ERROR:
             self.write(f.rst_stream(stream.id, reset))
-        self.resets.charge(stream)
+        if ending is False:  # else ended by the server (failed, expired: charged then) or reset by the client
+            self.resets.charge(stream)
 
     def end_call(self, stream: Stream, ending: Any) -> None:
         if stream.ending is not False:

@@ -58,11 +58,12 @@ class Front:
         take a connection that sent SETTINGS as made, and after its GOAWAY reconnect at once, without backoff (176
         refused connections in 2 s from one channel, its call waiting to its deadline), while a connection closed
         before them failed: the call fails UNAVAILABLE at once and the channel reconnects with its backoff. Counted
-        in ``refused``, logged at most once a minute. A slot is freed when its connection is lost
+        in ``refused``, logged at most once a minute. Aborted, not closed: a TLS close would wait for the client's
+        close_notify, holding the socket. A slot is freed when its connection is lost
         (``H2Connection.connection_lost``)."""
         bound = self.limits.max_connections
         if bound is not None and len(self.connections) >= bound:
-            transport.close()
+            transport.abort()
             self.refused()
             if self.loop.time() - self._logged >= _REFUSAL_LOG_S:
                 self._logged = self.loop.time()
@@ -109,6 +110,8 @@ class NativeServer:
             port,
             ssl=self._ssl,
             ssl_handshake_timeout=self.front.limits.handshake_s if self._ssl is not None else None,
+            # a TLS close waits for the client's close_notify (30 s by default), holding the socket and its slot
+            ssl_shutdown_timeout=bounds.CLOSE_GRACE_S if self._ssl is not None else None,
             reuse_port=reuse_port or None,
             backlog=1024,
             start_serving=False,

@@ -1,0 +1,146 @@
+"""The native gRPC front over TLS, on both event loops (``--loop asyncio|uvloop``): a connection the server closes,
+or refuses at ``--max-connections``, gives back its socket and its slot at once, not after the client's TLS
+close_notify (asyncio's and uvloop's wait for it 30 s by default), and a refused connection's data is never read.
+Real sockets; the client speaks TLS through memory BIOs, so that it can stay silent where a library would answer."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import uvloop
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from dhow.protocols.grpc import create_grpc_server
+from dhow.protocols.grpc.h2 import frames as f
+from dhow.protocols.grpc.h2.server import NativeServer
+from dhow.protocols.grpc.server import GrpcConnectionLimits
+from tests.conftest import wait_until
+from tests.inprocess import open_service
+from tests.test_e2e_security_transport import _issue
+from tests.test_grpc_native_front import HELLO, GatedPlane, _request
+from tests.test_grpc_native_front_abuse import _INFER
+
+#: how long a socket waits for the server to act: a server that never does fails the test by this wait
+SAFETY_S = 10.0
+
+
+@dataclass
+class TlsDoor:
+    port: int
+    server: NativeServer
+    folder: Path
+    #: what the loop's exception handler was given ("Fatal error on SSL protocol" among them)
+    errors: list[dict[str, Any]]
+
+    def connections(self) -> int:
+        return len(self.server.front.connections)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def tls_door(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TlsDoor]:
+    """A native front speaking TLS (ALPN h2) on a free port: one connection at most, 1 s to say its preface."""
+    ca = _issue(tmp_path, "ca", "dhow test CA", None)
+    _issue(tmp_path, "server", "localhost", ca, ExtendedKeyUsageOID.SERVER_AUTH)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    context.set_alpn_protocols(["h2"])
+    loop = asyncio.new_event_loop() if request.param == "asyncio" else uvloop.new_event_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, error: errors.append(error))
+    thread = threading.Thread(target=loop.run_forever, name="tls-door", daemon=True)
+    thread.start()
+    plane = GatedPlane()
+    service, trail = open_service(plane)
+    limits = GrpcConnectionLimits(max_connections=1, handshake_s=1.0)
+
+    async def start() -> Any:
+        plane.gate = asyncio.Event()
+        await trail.start()
+        bound = await create_grpc_server(service, "127.0.0.1", 0, front="native", limits=limits, ssl_context=context)
+        await bound.server.start()
+        return bound
+
+    bound = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        yield TlsDoor(bound.port, bound.server, tmp_path, errors)
+    finally:
+        asyncio.run_coroutine_threadsafe(bound.server.stop(None), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def _handshake(door: TlsDoor, then: bytes = b"") -> socket.socket:
+    """A TLS connection whose client finishes the handshake, sends ``then`` in the same segment as its Finished,
+    and never answers the server's close_notify; the raw socket."""
+    context = ssl.create_default_context(cafile=door.folder / "ca.pem")
+    context.set_alpn_protocols(["h2"])
+    sock = socket.create_connection(("127.0.0.1", door.port), timeout=SAFETY_S)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            if outgoing.pending:
+                sock.sendall(outgoing.read())
+            incoming.write(sock.recv(65536))
+    if then:
+        tls.write(then)
+    sock.sendall(outgoing.read())
+    return sock
+
+
+def _closed_by_the_server(sock: socket.socket) -> bool:
+    """Read until the server closes the connection (True), or ``SAFETY_S`` passes without it (False)."""
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_a_closed_tls_connection_frees_its_slot_without_the_clients_close_notify(tls_door: TlsDoor) -> None:
+    """A client silent after its handshake is closed at the 1 s handshake limit: its socket and its slot are
+    freed within the close's grace (2 s) though it never answers the server's close_notify (30 s, before)."""
+    with _handshake(tls_door) as silent:
+        wait_until(lambda: tls_door.connections() == 1, SAFETY_S, "the connection admitted")
+        assert _closed_by_the_server(silent), "the server still holds the connection"
+        wait_until(lambda: tls_door.connections() == 0, SAFETY_S, "the slot freed")
+    with _handshake(tls_door, HELLO):
+        wait_until(lambda: tls_door.connections() == 1, SAFETY_S, "a new connection admitted in the slot")
+    assert not tls_door.errors, tls_door.errors
+
+
+def test_a_refused_tls_connection_is_closed_at_once_and_its_data_never_read(tls_door: TlsDoor) -> None:
+    """With the one slot held, a connection whose preface, SETTINGS and ten calls come with its handshake's end:
+    its socket is closed at once (not 30 s later, waiting for its close_notify), nothing of it is parsed (under
+    asyncio its SETTINGS were, and failed with an IndexError, "Fatal error on SSL protocol"), the held connection
+    goes on."""
+    request = _request("slow", np.ones((1, 4), np.float32)).SerializeToString()
+    message = b"\0" + len(request).to_bytes(4, "big") + request
+    calls = b"".join(
+        f.frame(f.HEADERS, f.END_HEADERS, s, _INFER) + f.frame(f.DATA, f.END_STREAM, s, message)
+        for s in range(1, 21, 2)
+    )
+    with _handshake(tls_door, HELLO):
+        wait_until(lambda: tls_door.connections() == 1, SAFETY_S, "the first connection admitted")
+        with _handshake(tls_door, HELLO + calls) as refused:
+            assert _closed_by_the_server(refused), "the refused connection still open"
+        assert tls_door.connections() == 1
+        (held_connection,) = tls_door.server.front.connections
+        assert not held_connection.streams
+    assert not tls_door.errors, tls_door.errors
