@@ -4,6 +4,9 @@ written."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from dhow.core.errors import InvalidInput
@@ -109,3 +112,24 @@ def test_a_relative_or_empty_path_or_an_escaped_slash_is_refused(url: str, said:
         local_path(url, "--input", query=True)
     message = refused.value.message
     assert message.startswith(f"--input {url!r}: ") and said in message
+
+
+def test_spark_refuses_a_local_input_path_holding_a_colon() -> None:
+    from dhow.batch.spark import _hadoop_path
+
+    with pytest.raises(InvalidInput, match="holding ':'"):
+        _hadoop_path("file:///data/a:b%3F")
+    assert _hadoop_path("file:///data/run%3F1") == "file:///data/run\\?1"
+
+
+def test_a_question_mark_in_a_folder_of_a_plain_payload_log_path_is_that_folder_s() -> None:
+    from dhow.monitoring.payload_sinks import open_sink
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "logs?max_bytes=1"
+        folder.mkdir()
+        sink = open_sink(str(folder / "e.jsonl"))
+        try:
+            assert sink.kind == "file"
+        finally:
+            sink.close(1.0)

@@ -153,6 +153,9 @@ def _hadoop_path(location: str) -> str:
     Hadoop reads ``run?1`` as a glob that also matches ``runX1``, the local engine as the one folder. A plain path
     or another URL is Hadoop's to read as written, globs included."""
     path = local_path(location, "--input")
+    if path != location and ":" in path:
+        # (Hadoop rebuilds each part of a path it globs as a URI: a ':' in one fails the job after it started)
+        raise InvalidInput(f"--input {location!r}: the Spark engine reads no local path holding ':'; rename it")
     hadoop = location if path == location else "file://" + path.translate(_HADOOP_GLOB)
     return _utf8(hadoop, location, "--input")
 
@@ -168,7 +171,7 @@ def _utf8(path: str, location: str, option: str) -> str:
     except UnicodeEncodeError:
         raise InvalidInput(
             f"{option} {location!r}: the Spark engine (Java) reads UTF-8 file names only, and this one is no "
-            "UTF-8; rename it, or run the local engine, which reads it"
+            "UTF-8; rename it (the local engine reads CSV and JSON Lines at it)"
         ) from None
     return path
 

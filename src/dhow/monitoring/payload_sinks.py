@@ -79,7 +79,8 @@ def _plain_file(url: str) -> Path:
     """The file a plain path names, as written; refused when what follows its ``?`` reads as the file sink's
     options (``e.jsonl?max_bytes=1000``): as a name, it would silently be a file of that name with the default
     options. The refusal shows the file URL that holds them (``file:///…/e.jsonl?max_bytes=1000``)."""
-    for at in reversed([at for at, char in enumerate(url) if char == "?"]):  # the last '?' before options
+    name = url.rfind("/") + 1  # (a '?' in a folder's name is that folder's)
+    for at in reversed([at for at, char in enumerate(url) if char == "?" and at >= name]):
         if {name for name, _ in parse_qsl(url[at + 1 :])} & _FILE_OPTIONS:
             meant = "file://" + quote(os.fsencode(os.path.abspath(url[:at])), safe="/") + url[at:]
             raise InvalidInput(
