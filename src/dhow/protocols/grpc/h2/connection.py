@@ -72,8 +72,8 @@ class H2Connection(Sender, asyncio.Protocol):
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             if ssl_object.selected_alpn_protocol() not in (None, "h2"):
-                transport.close()  # an HTTPS client that did not ask for HTTP/2
-                self.closed = True  # what it sent with its handshake is not read (``data_received``)
+                self.closed = True  # what it sent with its handshake is not read (``data_received``), also not
+                transport.close()  # by the close's own flush: an HTTPS client that did not ask for HTTP/2
                 return
             self.auth_context = auth_context(transport.get_extra_info("peercert"))
         if not self.front.admit(self, transport):  # past ``--max-connections``: aborted before any SETTINGS
