@@ -183,3 +183,24 @@ def test_a_call_the_server_already_ended_is_not_charged_again(door: Door) -> Non
         frames = _read_frames(sock, f.PING, flags=f.ACK)
         assert not [frame for frame in frames if frame[0] == f.GOAWAY], _goaway_code(frames)
         assert frames[-1] == (f.PING, f.ACK, 0, b"12345678"), frames[-1]
+
+
+def test_calls_sent_in_one_write_then_reset_behind_them_are_charged(door: Door) -> None:  # noqa: F811
+    """A flood written at once: groups of 1000 calls with a grpc-timeout of 10 ms, each group's resets right
+    behind it. The server parses such a write for longer than 5 ms, but the calls never ran: the time they count
+    from is the end of the read that opened them, and every reset is charged (GOAWAY ENHANCE_YOUR_CALM)."""
+    request = _request("slow", np.ones((1, 4), np.float32)).SerializeToString()
+    message = b"\0" + len(request).to_bytes(4, "big") + request
+    block = _INFER + f.literal(b"grpc-timeout", b"10m")
+    flood: list[bytes] = []
+    for group in range(10):
+        streams = range(1 + 2000 * group, 2000 * (group + 1), 2)
+        flood += [
+            f.frame(f.HEADERS, f.END_HEADERS, s, block) + f.frame(f.DATA, f.END_STREAM, s, message) for s in streams
+        ]
+        flood += [f.frame(f.RST_STREAM, 0, s, (8).to_bytes(4, "big")) for s in streams]
+    with _connect(door) as sock:
+        sock.sendall(HELLO + b"".join(flood) + _PING)
+        frames = _read_frames(sock, f.GOAWAY)
+    code, reason = _goaway_code(frames)
+    assert code == f.ENHANCE_YOUR_CALM and b"reset by the client" in reason, (code, reason)

@@ -69,18 +69,34 @@ EXPIRED = (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 class ResetBudget:
     """The resets a connection has left, and the calls it ends."""
 
-    __slots__ = ("_left", "_loop", "_since")
+    __slots__ = ("_left", "_loop", "_read", "_reading", "_since")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._left = float(RESET_BURST)
         self._since = loop.time()
+        #: when the read being parsed began, and the last whole read's beginning and end
+        self._reading = 0.0
+        self._read = (0.0, 0.0)
+
+    def begin_read(self) -> None:
+        self._reading = self._loop.time()
+
+    def end_read(self) -> None:
+        self._read = (self._reading, self._loop.time())
 
     def spend(self, opened: float, deadline: float | None, ended: float | None = None) -> bool:
-        """One more call ended, opened at ``opened`` with ``deadline``, at ``ended`` (loop times; None: now), free
-        once it ran ``RESET_FREE_FLOOR_S`` and half its timeout: False when none is left."""
+        """One more call ended, opened at ``opened`` with ``deadline``, at ``ended`` (loop times; None: when the
+        read that brought its end began), free once it ran ``RESET_FREE_FLOOR_S`` and half its timeout: False when
+        none is left. A call runs from the end of the read that opened it: the server's own time parsing a read of
+        many calls and their resets is not time they ran (a flood sent in one write, its resets behind its calls,
+        would otherwise be free on a busy server)."""
         now = self._loop.time()
-        ran = (now if ended is None else ended) - opened
+        if ended is None:
+            start, end = self._read
+            ran = min(now, self._reading) - (end if start <= opened <= end else opened)
+        else:
+            ran = ended - opened
         if ran >= RESET_FREE_AFTER_S or (
             deadline is not None and ran >= max(RESET_FREE_FLOOR_S, (deadline - opened) / 2)
         ):

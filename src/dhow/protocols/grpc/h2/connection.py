@@ -170,6 +170,7 @@ class H2Connection(Sender, asyncio.Protocol):
         if self.closed:
             return
         self._reads += 1
+        self.resets.begin_read()
         pending = self._pending
         if pending:
             pending += data
@@ -184,6 +185,7 @@ class H2Connection(Sender, asyncio.Protocol):
         except f.ConnectionError_ as exc:
             self.close_with(exc.code, exc.reason)
             return
+        self.resets.end_read()
         if used < len(data):
             pending += memoryview(data)[used:]
 
