@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -96,21 +97,28 @@ def test_a_reader_that_leaves_early_gets_no_traceback(demo_repository: Path) -> 
     assert done.stderr == "", done.stderr
 
 
+def _started_with(
+    tmp_path: Path, option: str, rewrite: Callable[[str], str]
+) -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
+    """``dhow serve`` (``--repository``, ``--payload-log``) or ``dhow batch run`` (``--input``, ``--output``)
+    started with ``option``'s path given as ``rewrite`` writes it: what it did, and what it was given."""
+    (tmp_path / "in.csv").write_text("x\n1\n")
+    given = {"--repository": str(tmp_path), "--payload-log": f"{tmp_path}/e.jsonl",
+             "--input": str(tmp_path / "in.csv"), "--output": str(tmp_path / "out")}  # fmt: skip
+    given[option] = rewrite(given[option])
+    common = ("--repository", given["--repository"], "--data-dir", str(tmp_path / "data"))
+    if option in ("--input", "--output"):
+        paths = ("--input", given["--input"], "--output", given["--output"])
+        return _dhow("batch", "run", *common, "--model", "m", *paths), given
+    ports = ("--http-port", "0", "--grpc-port", "0")
+    return _dhow("serve", *common, *ports, "--payload-log", given["--payload-log"]), given
+
+
 @pytest.mark.parametrize("option", ["--repository", "--payload-log", "--input", "--output"])
 def test_a_file_url_whose_host_is_not_localhost_is_refused_at_start(tmp_path: Path, option: str) -> None:
     """``file://walk/tmp/x`` (two slashes) names /tmp/x on the host ``walk``: refused, showing ``file:///walk/...``
     (taken as a path, it was /tmp/x for the payload log and ./walk/tmp/x for the others)."""
-    (tmp_path / "in.csv").write_text("x\n1\n")
-    given = {"--repository": str(tmp_path), "--payload-log": f"{tmp_path}/e.jsonl",
-             "--input": str(tmp_path / "in.csv"), "--output": str(tmp_path / "out")}  # fmt: skip
-    given[option] = f"file://walk{given[option]}"
-    common = ("--repository", given["--repository"], "--data-dir", str(tmp_path / "data"))
-    if option in ("--input", "--output"):
-        paths = ("--input", given["--input"], "--output", given["--output"])
-        done = _dhow("batch", "run", *common, "--model", "m", *paths)
-    else:
-        ports = ("--http-port", "0", "--grpc-port", "0")
-        done = _dhow("serve", *common, *ports, "--payload-log", given["--payload-log"])
+    done, _ = _started_with(tmp_path, option, lambda path: f"file://walk{path}")
     assert done.returncode == 2, done.stderr
     assert f"write file:///walk{tmp_path}" in done.stderr and "Traceback" not in done.stderr, done.stderr
 
@@ -118,17 +126,7 @@ def test_a_file_url_whose_host_is_not_localhost_is_refused_at_start(tmp_path: Pa
 @pytest.mark.parametrize("option", ["--repository", "--payload-log", "--input", "--output"])
 def test_a_hash_in_a_file_url_is_refused_at_start_showing_it_escaped(tmp_path: Path, option: str) -> None:
     """``#`` ends a URL's path (a fragment follows): ``file:///…/run#3`` named ``/…/run``, without a word."""
-    (tmp_path / "in.csv").write_text("x\n1\n")
-    given = {"--repository": str(tmp_path), "--payload-log": f"{tmp_path}/e.jsonl",
-             "--input": str(tmp_path / "in.csv"), "--output": str(tmp_path / "out")}  # fmt: skip
-    given[option] = f"file://{tmp_path}/run#3/{Path(given[option]).name}"
-    common = ("--repository", given["--repository"], "--data-dir", str(tmp_path / "data"))
-    if option in ("--input", "--output"):
-        paths = ("--input", given["--input"], "--output", given["--output"])
-        done = _dhow("batch", "run", *common, "--model", "m", *paths)
-    else:
-        ports = ("--http-port", "0", "--grpc-port", "0")
-        done = _dhow("serve", *common, *ports, "--payload-log", given["--payload-log"])
+    done, given = _started_with(tmp_path, option, lambda path: f"file://{tmp_path}/run#3/{Path(path).name}")
     assert done.returncode == 2, done.stderr
     meant = given[option].replace("#", "%23")
     assert f"{option} {given[option]!r}: " in done.stderr and f"write # as %23: {meant}" in done.stderr, done.stderr

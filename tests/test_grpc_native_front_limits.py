@@ -142,11 +142,16 @@ def test_a_reset_of_a_call_the_server_ended_is_not_charged_again(door: Door) -> 
         + f.rst_stream(s, f.CANCEL)
         for s in range(1, 1200, 2)
     )
+    _served_without_goaway(door, sent)
+
+
+def _served_without_goaway(door: Door, sent: bytes) -> None:  # noqa: F811
+    """``sent`` after the preface, then a PING: answered (its ACK last) with no GOAWAY before it."""
     with _connect(door) as sock:
         sock.sendall(HELLO + sent + _PING)
         frames = _read_frames(sock, f.PING, flags=f.ACK)
-        assert not [frame for frame in frames if frame[0] == f.GOAWAY], _goaway_code(frames)
-        assert frames[-1] == (f.PING, f.ACK, 0, b"12345678"), frames[-1]
+    assert not [frame for frame in frames if frame[0] == f.GOAWAY], _goaway_code(frames)
+    assert frames[-1] == (f.PING, f.ACK, 0, b"12345678"), frames[-1]
 
 
 def test_grpc_client_calls_reset_at_a_tight_deadline_are_no_rapid_reset(door: Door) -> None:  # noqa: F811
@@ -178,11 +183,7 @@ def test_a_call_the_server_already_ended_is_not_charged_again(door: Door) -> Non
         + f.frame(f.DATA, f.END_STREAM, s, message)
         for s in range(1, 1200, 2)
     )
-    with _connect(door) as sock:
-        sock.sendall(HELLO + sent + _PING)
-        frames = _read_frames(sock, f.PING, flags=f.ACK)
-        assert not [frame for frame in frames if frame[0] == f.GOAWAY], _goaway_code(frames)
-        assert frames[-1] == (f.PING, f.ACK, 0, b"12345678"), frames[-1]
+    _served_without_goaway(door, sent)
 
 
 def test_calls_sent_in_one_write_then_reset_behind_them_are_charged(door: Door) -> None:  # noqa: F811
