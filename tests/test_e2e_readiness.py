@@ -103,7 +103,7 @@ def _not_ready_bodies(server: DhowProcess) -> None:
     status, body = _get(server, "/v2/models/broken/ready")
     assert status == 503 and (body["name"], body["ready"]) == ("broken", False), body
     status, body = _get(server, "/ping")
-    assert status == 503 and body["status"] == "Unhealthy", body
+    assert status == 503 and body["status"] == "Unhealthy" and "has no version loaded" in body["error"], body
     status, body = _get(server, "/v1/models/broken")
     assert status == 503 and body["ready"] is False and "not ready" in body["error"], body
     (version,) = body["model_version_status"]

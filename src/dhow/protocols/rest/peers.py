@@ -136,7 +136,7 @@ class PeerRoutes:
     async def _torchserve_ping(self, request: Request, call: Call) -> Answer:
         if self.dataplane.ready():
             return _json({"status": "Healthy"})
-        return 503, _JSON, orjson.dumps({"status": "Unhealthy", "error": "the server is not ready"})
+        return 503, _JSON, orjson.dumps({"status": "Unhealthy", "error": self.dataplane.not_ready_reason()})
 
     async def _torchserve_predict(self, request: Request, call: Call) -> Answer:
         body = await request.body()
