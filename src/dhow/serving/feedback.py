@@ -80,8 +80,13 @@ class FeedbackDesk:
             await self.shared.flush()
 
     async def close(self) -> None:
+        """Write what is kept for the shared store and let go of it; a failure is logged, never raised: the server's
+        shutdown goes on (its audit trail and access log close after this)."""
         if self.shared is not None:
-            await self.shared.close()
+            try:
+                await self.shared.close()
+            except Exception:
+                log.exception("feedback: the shared store of predictions could not be closed")
 
     async def receive(self, name: str, labels: object, tenant: str) -> dict[str, Any]:
         """Join labels (request id -> label, or a list of labels for a request of several rows) to the predictions
