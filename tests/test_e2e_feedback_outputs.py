@@ -4,7 +4,6 @@ and kept as the model answered it, while its answer holds only what it asked for
 
 from __future__ import annotations
 
-import http.client
 import json
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import grpc
 
 from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
-from tests.conftest import DhowProcess, start_dhow, write_model
+from tests.conftest import DhowProcess, http_request, start_dhow, write_model
 
 # a python model computes what it is asked for: `predict` answers every output, the runtime keeps the asked ones
 MODEL = """
@@ -41,15 +40,10 @@ def _manifest(order: list[str], feedback: str) -> str:
 
 
 def _post(server: DhowProcess, path: str, body: Any) -> Any:
-    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
-    try:
-        connection.request("POST", path, body=json.dumps(body), headers={"content-type": "application/json"})
-        answer = connection.getresponse()
-        result = json.loads(answer.read())
-        assert answer.status == 200, result
-        return result
-    finally:
-        connection.close()
+    status, answer = http_request(server.http_port, "POST", path, json.dumps(body).encode())
+    result = json.loads(answer)
+    assert status == 200, result
+    return result
 
 
 def _infer(server: DhowProcess, model: str, request_id: str, x: float, outputs: list[dict[str, Any]]) -> Any:

@@ -30,6 +30,14 @@ from tests.test_grpc_native_front import (
 from tests.test_grpc_native_front_abuse import _INFER, _PING
 
 _THREE = GrpcConnectionLimits(max_connections=3)
+#: one ModelInfer request to the model that never answers in time, as a DATA frame's gRPC message
+_SLOW_REQUEST = _request("slow", np.ones((1, 4), np.float32)).SerializeToString()
+_SLOW_MESSAGE = b"\0" + len(_SLOW_REQUEST).to_bytes(4, "big") + _SLOW_REQUEST
+
+
+def _slow_call(stream: int, block: bytes) -> bytes:
+    """A whole call to the slow model on ``stream``: its header ``block``, then its request, ended."""
+    return f.frame(f.HEADERS, f.END_HEADERS, stream, block) + f.frame(f.DATA, f.END_STREAM, stream, _SLOW_MESSAGE)
 
 
 def _served(sock: socket.socket) -> bool:
@@ -106,14 +114,10 @@ def test_calls_ended_by_a_grpc_timeout_too_short_to_run_are_charged_as_resets(do
     """Calls with a grpc-timeout of 1 ns and no reset from the client: the server starts each and ends it
     DEADLINE_EXCEEDED at once, the work of a reset flood, so each is charged to the connection's reset budget (a
     burst goes through, a flood past it gets GOAWAY ENHANCE_YOUR_CALM)."""
-    request = _request("slow", np.ones((1, 4), np.float32)).SerializeToString()
-    message = b"\0" + len(request).to_bytes(4, "big") + request
     block = _INFER + f.literal(b"grpc-timeout", b"1n")
 
     def calls(streams: range) -> bytes:
-        return b"".join(
-            f.frame(f.HEADERS, f.END_HEADERS, s, block) + f.frame(f.DATA, f.END_STREAM, s, message) for s in streams
-        )
+        return b"".join(_slow_call(s, block) for s in streams)
 
     burst = bounds.RESET_BURST - 100
     with _connect(door) as sock:
@@ -133,13 +137,8 @@ def test_a_reset_of_a_call_the_server_ended_is_not_charged_again(door: Door) -> 
     """Calls running (their requests whole), each ended by the server for a WINDOW_UPDATE of 0 (charged: MadeYouReset)
     and then reset by the client in the same read, before the call's task has ended: one charge each, so 600 of
     them stay within the budget of 1000 (charged twice, they went past it)."""
-    request = _request("slow", np.ones((1, 4), np.float32)).SerializeToString()
-    message = b"\0" + len(request).to_bytes(4, "big") + request
     sent = b"".join(
-        f.frame(f.HEADERS, f.END_HEADERS, s, _INFER)
-        + f.frame(f.DATA, f.END_STREAM, s, message)
-        + f.frame(f.WINDOW_UPDATE, 0, s, b"\0\0\0\0")
-        + f.rst_stream(s, f.CANCEL)
+        _slow_call(s, _INFER) + f.frame(f.WINDOW_UPDATE, 0, s, b"\0\0\0\0") + f.rst_stream(s, f.CANCEL)
         for s in range(1, 1200, 2)
     )
     _served_without_goaway(door, sent)
@@ -174,13 +173,10 @@ def test_a_call_the_server_already_ended_is_not_charged_again(door: Door) -> Non
     """Calls running (their requests whole), each failed by the server for a WINDOW_UPDATE of 0 (charged:
     MadeYouReset), then sent DATA after its request's end in the same read, another frame the server ends a call
     for: the call has ended, so one charge each, and 600 of them stay within the budget of 1000."""
-    request = _request("slow", np.ones((1, 4), np.float32)).SerializeToString()
-    message = b"\0" + len(request).to_bytes(4, "big") + request
     sent = b"".join(
-        f.frame(f.HEADERS, f.END_HEADERS, s, _INFER)
-        + f.frame(f.DATA, f.END_STREAM, s, message)
+        _slow_call(s, _INFER)
         + f.frame(f.WINDOW_UPDATE, 0, s, b"\0\0\0\0")
-        + f.frame(f.DATA, f.END_STREAM, s, message)
+        + f.frame(f.DATA, f.END_STREAM, s, _SLOW_MESSAGE)
         for s in range(1, 1200, 2)
     )
     _served_without_goaway(door, sent)
@@ -190,15 +186,11 @@ def test_calls_sent_in_one_write_then_reset_behind_them_are_charged(door: Door) 
     """A flood written at once: groups of 1000 calls with a grpc-timeout of 10 ms, each group's resets right
     behind it. The server parses such a write for longer than 5 ms, but the calls never ran: the time they count
     from is the end of the read that opened them, and every reset is charged (GOAWAY ENHANCE_YOUR_CALM)."""
-    request = _request("slow", np.ones((1, 4), np.float32)).SerializeToString()
-    message = b"\0" + len(request).to_bytes(4, "big") + request
     block = _INFER + f.literal(b"grpc-timeout", b"10m")
     flood: list[bytes] = []
     for group in range(10):
         streams = range(1 + 2000 * group, 2000 * (group + 1), 2)
-        flood += [
-            f.frame(f.HEADERS, f.END_HEADERS, s, block) + f.frame(f.DATA, f.END_STREAM, s, message) for s in streams
-        ]
+        flood += [_slow_call(s, block) for s in streams]
         flood += [f.frame(f.RST_STREAM, 0, s, (8).to_bytes(4, "big")) for s in streams]
     with _connect(door) as sock:
         sock.sendall(HELLO + b"".join(flood) + _PING)

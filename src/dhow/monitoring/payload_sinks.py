@@ -80,13 +80,15 @@ def _plain_file(url: str) -> Path:
     options (``e.jsonl?max_bytes=1000``): as a name, it would silently be a file of that name with the default
     options. The refusal shows the file URL that holds them (``file:///…/e.jsonl?max_bytes=1000``)."""
     name = url.rfind("/") + 1  # (a '?' in a folder's name is that folder's)
-    for at in reversed([at for at, char in enumerate(url) if char == "?" and at >= name]):
-        if {name for name, _ in parse_qsl(url[at + 1 :])} & _FILE_OPTIONS:
+    at = url.rfind("?")
+    while at >= name:  # each '?' of the file's name, the last first
+        if {key for key, _ in parse_qsl(url[at + 1 :])} & _FILE_OPTIONS:
             meant = "file://" + quote(os.fsencode(os.path.abspath(url[:at])), safe="/") + url[at:]
             raise InvalidInput(
                 f"--payload-log {url!r}: a plain path is the file name as written, '?' included; the file's options "
                 f"go in a file URL's query: {meant}"
             )
+        at = url.rfind("?", name, at)
     return Path(url)
 
 

@@ -69,9 +69,9 @@ _PREFIX = "dhow:feedback:"
 
 log = logging.getLogger("dhow.monitoring")
 
-#: KEYS[1]: the model's index (bucket -> start time); ARGV: the fields. For each field, in the newest bucket that
-#: holds it: its prediction, else ``JOINED`` if a bucket's joined set has it; then how many predictions await a
-#: label (every process's). Buckets gone (expired or deleted) leave the index.
+#: KEYS[1]: the model's index (bucket -> the model's count of writes at its last write); ARGV: the fields. For each
+#: field, in the newest bucket that holds it: its prediction, else ``JOINED`` if a bucket's joined set has it; then
+#: how many predictions await a label (every process's). Buckets gone (expired or deleted) leave the index.
 _FIND = """
 local buckets = redis.call('ZREVRANGE', KEYS[1], 0, -1)
 local live = {}
@@ -145,13 +145,12 @@ def encode_prediction(version: str, array: np.ndarray) -> bytes:
     """A kept prediction as its bucket holds it: the version, then the array (numbers as their bytes, dtype and
     shape in front; any other array as JSON)."""
     array = np.asarray(array)
+    shape = ",".join(map(str, array.shape)).encode()
     if array.dtype.kind in "biuf":
-        shape = ",".join(map(str, array.shape))
-        return b"\x00".join([version.encode(), array.dtype.str.encode(), shape.encode(), array.tobytes()])
+        return b"\x00".join([version.encode(), array.dtype.str.encode(), shape, array.tobytes()])
     items = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in array.reshape(-1).tolist()]
-    shape = ",".join(map(str, array.shape))
     written = orjson.dumps(items, default=str, option=orjson.OPT_SERIALIZE_NUMPY)  # (numpy scalars; else as text)
-    return b"\x00".join([version.encode(), b"json", shape.encode(), written])
+    return b"\x00".join([version.encode(), b"json", shape, written])
 
 
 def decode_prediction(value: bytes) -> tuple[str, np.ndarray]:
