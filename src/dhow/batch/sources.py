@@ -8,7 +8,8 @@ from the top, their rows counted off.
 
 CSV and JSON Lines columns that feed a model are read as text and converted by the mapping, so that one bad
 value makes one bad row, not an unreadable file. A JSON line that does not parse is a row whose
-``_dhow_unreadable`` column says why.
+``_dhow_unreadable`` column says why and where (the file, the line and the column); one that holds the ``NaN`` or
+``Infinity`` Python's ``json.dumps`` writes also says that JSON has none and that Parquet holds them.
 """
 
 from __future__ import annotations
@@ -27,11 +28,15 @@ from fsspec.implementations.local import LocalFileSystem, make_path_posix
 
 from dhow.core.errors import InvalidInput
 from dhow.core.file_urls import local_path
+from dhow.core.wire.json_refusals import json_refusal
 
-__all__ = ["UNREADABLE", "Source"]
+__all__ = ["NON_FINITE", "UNREADABLE", "Source"]
 
 #: the column of a JSON Lines batch that says why a line could not be read (null: it could)
 UNREADABLE = "_dhow_unreadable"
+
+#: how a batch job takes the NaN and Infinity that JSON has not (a null makes the row an error, as any null)
+NON_FINITE = "give non-finite values in a Parquet input"
 
 _SUFFIXES = {"parquet": (".parquet", ".pq"), "csv": (".csv",), "jsonl": (".jsonl", ".ndjson", ".json")}
 
@@ -95,9 +100,12 @@ class Source:
         with self.fs.open(path, "rb") as handle:
             if self.kind == "csv":
                 return pacsv.open_csv(handle).schema
-            first = next(_json_batches(handle, 64), None)
+            first = next(_json_batches(handle, 64, path), None)
         if first is None:
             raise ValueError("no JSON line")
+        reasons = first.column(UNREADABLE)
+        if not reasons.null_count:  # no line read: no column to find, and the first line's reason is the one to fix
+            raise ValueError(f"no line among the first {len(reasons)} of it could be read; {reasons[0]}")
         return first.schema
 
     def batches(self, columns: list[str], text: set[str], skip: int = 0) -> Iterator[pa.RecordBatch]:
@@ -126,7 +134,7 @@ class Source:
             if self.kind == "csv":
                 yield from _csv_batches(handle, columns, text, self.batch_rows)
             else:
-                for batch in _json_batches(handle, self.batch_rows):
+                for batch in _json_batches(handle, self.batch_rows, path):
                     yield _select(batch, columns)
 
     def digest(self) -> str:
@@ -188,19 +196,23 @@ def _csv_batches(handle: IO[bytes], columns: list[str], text: set[str], batch_ro
             yield batch.slice(start, batch_rows)
 
 
-def _json_batches(handle: IO[bytes], batch_rows: int) -> Iterator[pa.RecordBatch]:
-    lines = (line for line in handle if line.strip())
+def _json_batches(handle: IO[bytes], batch_rows: int, path: str) -> Iterator[pa.RecordBatch]:
+    lines = ((number, line) for number, line in enumerate(handle, 1) if line.strip())
     while chunk := list(itertools.islice(lines, batch_rows)):
         rows: list[dict[str, Any]] = []
         unreadable: list[str | None] = []
-        for line in chunk:
+        for number, line in chunk:
             why: str | None = None
             try:
                 row = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
-                row, why = {}, f"not a JSON line ({exc}): {line[:200].decode(errors='replace')!r}"
+                refusal = json_refusal(exc, NON_FINITE, f"{exc.msg} at column {exc.colno}")
+                row, why = (
+                    {},
+                    f"line {number} of {path}: not a JSON line ({refusal}): {line[:200].decode(errors='replace')!r}",
+                )
             else:
-                row, why = (row, None) if isinstance(row, dict) else ({}, "not a JSON object")
+                row, why = (row, None) if isinstance(row, dict) else ({}, f"line {number} of {path}: not a JSON object")
             rows.append(row)
             unreadable.append(why)
         names = list(dict.fromkeys(name for row in rows for name in row))
