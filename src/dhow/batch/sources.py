@@ -207,10 +207,8 @@ def _json_batches(handle: IO[bytes], batch_rows: int, path: str) -> Iterator[pa.
                 row = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
                 refusal = json_refusal(exc, NON_FINITE, f"{exc.msg} at column {exc.colno}")
-                row, why = (
-                    {},
-                    f"line {number} of {path}: not a JSON line ({refusal}): {line[:200].decode(errors='replace')!r}",
-                )
+                snippet = line[:200].decode(errors="replace")
+                row, why = {}, f"line {number} of {path}: not a JSON line ({refusal}): {snippet!r}"
             else:
                 row, why = (row, None) if isinstance(row, dict) else ({}, f"line {number} of {path}: not a JSON object")
             rows.append(row)
