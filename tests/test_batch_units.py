@@ -115,7 +115,10 @@ def test_a_text_list_with_nan_is_a_bad_row_that_says_json_has_none() -> None:
     converted = convert(batch, plan_inputs(SPECS, batch.schema, [], ""))
     assert converted.good.tolist() == [True, False, False]
     assert "'[1, NaN, 3]' is not a list of numbers" in converted.reasons[0]
-    assert "JSON has no NaN or Infinity" in converted.reasons[0] and "Parquet" in converted.reasons[0]
+    assert "JSON has no NaN or Infinity" in converted.reasons[0], converted.reasons[0]
+    # the place in the cell, not read as a line of the file; and the Parquet column that holds them, not a string one
+    assert "at character 5 of the cell" in converted.reasons[0] and "line 1" not in converted.reasons[0]
+    assert "in a numeric or list column of a Parquet input" in converted.reasons[0], converted.reasons[0]
     assert "JSON has no NaN" not in converted.reasons[1]
 
 

@@ -330,7 +330,9 @@ def _relisted(column: pa.Array, name: str, rows: _Rows) -> pa.Array:
             try:
                 value = orjson.loads(text)
             except orjson.JSONDecodeError as exc:
-                value, refused = None, f" ({json_refusal(exc, NON_FINITE)})"
+                # (the place in the cell, which the parser's "line 1" would have read as the file's first line)
+                refusal = json_refusal(exc, NON_FINITE, f"{exc.msg} at character {exc.colno} of the cell")
+                value, refused = None, f" ({refusal})"
             if not (isinstance(value, list) and all(isinstance(v, int | float) for v in value)):
                 why = f"column '{name}': {str(text)[:80]!r} is not a list of numbers{refused}"
                 rows.mark(_one(len(column), row), why)

@@ -36,7 +36,7 @@ __all__ = ["NON_FINITE", "UNREADABLE", "Source"]
 UNREADABLE = "_dhow_unreadable"
 
 #: how a batch job takes the NaN and Infinity that JSON has not (a null makes the row an error, as any null)
-NON_FINITE = "give non-finite values in a Parquet input"
+NON_FINITE = "give non-finite values in a numeric or list column of a Parquet input"
 
 _SUFFIXES = {"parquet": (".parquet", ".pq"), "csv": (".csv",), "jsonl": (".jsonl", ".ndjson", ".json")}
 
