@@ -71,6 +71,14 @@ class Source:
         """The input's rows, when the format says without reading it (Parquet)."""
         return sum(self._rows) if self._rows is not None else None
 
+    def named(self, path: str) -> str:
+        """A file of the input as the user would name it: fsspec's ``bucket/key`` with the scheme of the URL given
+        (``s3://bucket/key``), a local file by its path."""
+        if self.local or "://" in path:
+            return path
+        scheme = self.url.rsplit("::", 1)[-1].split("://", 1)[0]  # (a chained URL's last link is the store's)
+        return f"{scheme}://{path}"
+
     def _open(self, path: str) -> Any:
         return path if self.local else self.fs.open(path, "rb")
 
@@ -87,12 +95,13 @@ class Source:
                 else:
                     schemas.append(self._text_schema(path))
             except (OSError, pa.ArrowException, ValueError) as exc:
-                raise InvalidInput(f"cannot read input file {path}: {exc}") from None
+                raise InvalidInput(f"cannot read input file {self.named(path)}: {exc}") from None
         first = schemas[0]
         for path, schema in zip(self.files[1:], schemas[1:], strict=True):
             missing = [name for name in first.names if name not in schema.names]
             if missing:
-                raise InvalidInput(f"input file {path} lacks column(s) {', '.join(missing)} of {self.files[0]}")
+                lacks, first_file = ", ".join(missing), self.named(self.files[0])
+                raise InvalidInput(f"input file {self.named(path)} lacks column(s) {lacks} of {first_file}")
         self._rows = rows if self.kind == "parquet" else None
         return first
 
@@ -100,7 +109,7 @@ class Source:
         with self.fs.open(path, "rb") as handle:
             if self.kind == "csv":
                 return pacsv.open_csv(handle).schema
-            first = next(_json_batches(handle, 64, path), None)
+            first = next(_json_batches(handle, 64, self.named(path)), None)
         if first is None:
             raise ValueError("no JSON line")
         reasons = first.column(UNREADABLE)
@@ -134,7 +143,7 @@ class Source:
             if self.kind == "csv":
                 yield from _csv_batches(handle, columns, text, self.batch_rows)
             else:
-                for batch in _json_batches(handle, self.batch_rows, path):
+                for batch in _json_batches(handle, self.batch_rows, self.named(path)):
                     yield _select(batch, columns)
 
     def digest(self) -> str:
