@@ -30,7 +30,7 @@ from dhow.core.errors import InvalidInput
 from dhow.core.file_urls import local_path
 from dhow.core.wire.json_refusals import json_refusal
 
-__all__ = ["NON_FINITE", "UNREADABLE", "Source"]
+__all__ = ["NON_FINITE", "UNREADABLE", "Source", "line_refusal"]
 
 #: the column of a JSON Lines batch that says why a line could not be read (null: it could)
 UNREADABLE = "_dhow_unreadable"
@@ -214,18 +214,28 @@ def _json_batches(handle: IO[bytes], batch_rows: int, path: str) -> Iterator[pa.
             why: str | None = None
             try:
                 row = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                refusal = json_refusal(exc, NON_FINITE, f"{exc.msg} at column {exc.colno}")
-                snippet = line[:200].decode(errors="replace")
-                row, why = {}, f"line {number} of {path}: not a JSON line ({refusal}): {snippet!r}"
-            else:
-                row, why = (row, None) if isinstance(row, dict) else ({}, f"line {number} of {path}: not a JSON object")
+            except orjson.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                row, why = {}, line_refusal(line, f"line {number} of {path}")
             rows.append(row)
             unreadable.append(why)
         names = list(dict.fromkeys(name for row in rows for name in row))
         arrays = {name: _json_column([row.get(name) for row in rows]) for name in names}
         arrays[UNREADABLE] = pa.array(unreadable, pa.string())
         yield pa.record_batch(arrays)
+
+
+def line_refusal(line: bytes, where: str) -> str:
+    """Why a JSON Lines line is no row, ``where`` naming it (its line and file; the Spark engine, which counts no
+    lines, its file): where the parser stopped in it and, at a ``NaN`` or ``Infinity``, how to give those instead;
+    "" for a JSON object (a row)."""
+    try:
+        row = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        refusal = json_refusal(exc, NON_FINITE, f"{exc.msg} at column {exc.colno}")
+        return f"{where}: not a JSON line ({refusal}): {line[:200].decode(errors='replace')!r}"
+    return "" if isinstance(row, dict) else f"{where}: not a JSON object"
 
 
 def _json_column(values: list[Any]) -> pa.Array:
