@@ -3,6 +3,7 @@ as the reference, compared row by row by key."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -244,3 +245,38 @@ def test_file_urls_are_percent_decoded_and_plain_paths_taken_as_written(demo_rep
                                    "--output", str(tmp_path / "out%20#3"), "--key", "id"))  # fmt: skip
     assert summary["rows_in"] == whole.num_rows
     assert read_output(tmp_path / "out%20#3").column("id").to_pylist() == whole.column("id").to_pylist()
+
+
+def test_jsonl_lines_with_nan_or_infinity_are_bad_rows_that_say_json_has_none(
+    demo_repository: Path, tmp_path: Path
+) -> None:
+    """Python's json.dumps writes NaN and Infinity, which JSON has not: each such line is a bad row saying so, where
+    it stopped and how to send the value; a file of nothing else is refused with the same words."""
+    _, x = _tabular_inputs(100, seed=7)
+    rows: list[dict[str, object]] = [{"id": i, "input": x[i].tolist()} for i in range(100)]
+    rows[3]["input"] = [1.0, float("nan"), *x[3, 2:].tolist()]
+    rows[50]["input"] = [float("-inf"), *x[50, 1:].tolist()]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    summary = summary_of(run_batch(demo_repository, tmp_path / "data", "--model", "tabular", "--input", str(source),
+                                   "--output", str(out), "--key", "id"))  # fmt: skip
+    assert (summary["scored"], summary["errors"]) == (98, 2)
+    errors = {row["row"]: row for row in read_errors(out).to_pylist()}
+    assert sorted(errors) == [3, 50]
+    for row, token in ((3, "NaN"), (50, "-Infinity")):
+        reason = str(errors[row]["reason"])
+        assert f"line {row + 1} of {source}" in reason and token in reason, reason
+        assert "JSON has no NaN or Infinity" in reason and "Parquet" in reason, reason
+    scored = read_output(out).sort_by("id")
+    good = [i for i in range(100) if i not in (3, 50)]
+    assert scored.column("id").to_pylist() == good
+    expected = run_directly(demo_repository, "tabular", 2, {"input": x[good]})
+    np.testing.assert_array_equal(scored.column("label").to_numpy(), expected["label"])
+
+    every = tmp_path / "all-nan.jsonl"
+    every.write_text("".join(json.dumps({"id": i, "input": [float("nan")] * 32}) + "\n" for i in range(3)))
+    refused = run_batch(demo_repository, tmp_path / "data", "--model", "tabular", "--input", str(every),
+                        "--output", str(tmp_path / "out-2"), "--key", "id")  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert f"line 1 of {every}" in refused.stderr and "JSON has no NaN or Infinity" in refused.stderr, refused.stderr

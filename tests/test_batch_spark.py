@@ -5,6 +5,7 @@ One Spark job for the module (a JVM start is the slow part); it runs as a real `
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -87,3 +88,30 @@ def test_a_path_that_is_no_utf8_is_refused_for_spark(demo_repository: Path, tmp_
     run = run_batch(demo_repository, tmp_path / "data", "--model", "tabular", "--engine", "spark", "--input",
                     location, "--output", str(tmp_path / "out"))  # fmt: skip
     assert run.returncode == 2 and "UTF-8" in run.stderr and not (tmp_path / "out").exists()
+
+
+def test_spark_json_lines_with_nan_or_infinity_are_bad_rows_as_in_the_local_engine(
+    spark_available: None, demo_repository: Path, tmp_path: Path
+) -> None:
+    """Spark's JSON reader takes NaN and Infinity unless told not to: such a line is a bad row here too (the same
+    job, the same output), its reason the local engine's, naming the file (Spark counts no lines)."""
+    x = features(tabular_table(40, seed=32))
+    rows: list[dict[str, object]] = [{"id": i, "input": x[i].tolist()} for i in range(40)]
+    rows[3]["input"] = [1.0, float("nan"), *x[3, 2:].tolist()]
+    rows[30]["input"] = [float("-inf"), *x[30, 1:].tolist()]
+    source = tmp_path / "in 2" / "a.jsonl"
+    source.parent.mkdir()
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    summary = summary_of(run_batch(demo_repository, tmp_path / "data", "--model", "tabular", "--engine", "spark",
+                                   "--input", str(source), "--output", str(out), "--key", "id"))  # fmt: skip
+    assert (summary["scored"], summary["errors"]) == (38, 2)
+    reasons = sorted(pq.read_table(out / "errors", ignore_prefixes=["_", "."]).column("reason").to_pylist())
+    for reason, token in zip(reasons, ("-Infinity", "NaN"), strict=True):
+        assert reason.startswith(f"{source}: not a JSON line (") and token in reason, reason
+        assert "JSON has no NaN or Infinity: give non-finite values in a numeric or list column of a Parquet" in reason
+    scored = pq.read_table(out, partitioning=None, ignore_prefixes=["_", ".", "errors"]).sort_by("id")
+    good = [i for i in range(40) if i not in (3, 30)]
+    assert scored.column("id").to_pylist() == good
+    expected = run_directly(demo_repository, "tabular", 2, {"input": x[good]})
+    np.testing.assert_array_equal(scored.column("label").to_numpy(), expected["label"])

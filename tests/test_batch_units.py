@@ -109,6 +109,19 @@ def test_list_columns_of_the_wrong_length_are_bad_rows() -> None:
     np.testing.assert_array_equal(converted.arrays["input"], np.array([[1, 2, 3], [7, 8, 9]], dtype=np.float32))
 
 
+def test_a_text_list_with_nan_is_a_bad_row_that_says_json_has_none() -> None:
+    """A CSV cell of a JSON list, as Python's json.dumps writes it: JSON has no NaN, and the row says so."""
+    batch = pa.record_batch({"input": pa.array(["[1, 2, 3]", "[1, NaN, 3]", "[1, 2]"])})
+    converted = convert(batch, plan_inputs(SPECS, batch.schema, [], ""))
+    assert converted.good.tolist() == [True, False, False]
+    assert "'[1, NaN, 3]' is not a list of numbers" in converted.reasons[0]
+    assert "JSON has no NaN or Infinity" in converted.reasons[0], converted.reasons[0]
+    # the place in the cell, not read as a line of the file; and the Parquet column that holds them, not a string one
+    assert "at character 5 of the cell" in converted.reasons[0] and "line 1" not in converted.reasons[0]
+    assert "in a numeric or list column of a Parquet input" in converted.reasons[0], converted.reasons[0]
+    assert "JSON has no NaN" not in converted.reasons[1]
+
+
 @pytest.mark.parametrize("skip", [0, 1, 1499, 1500, 1600, 4000, 5600, 14999, 15000, 15999, 16000])
 def test_a_resumed_read_starts_at_its_row_whatever_the_row_groups(tmp_path: Path, skip: int) -> None:
     # ten groups of 1,500 then one of 1,000: a smaller group after the resume point must not be skipped with the

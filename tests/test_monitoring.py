@@ -197,8 +197,11 @@ def test_drift_sampling_counts_down_geometric_gaps_with_the_rate_as_mean() -> No
     assert sampling_gap(1.0) == 1 and sampling_gap(0.0) > 10**18
 
 
-def _profile_command(tmp_path: Path, version: str, *options: str) -> subprocess.CompletedProcess[str]:
-    """``dhow models profile`` of a classifier (label: INT64) on two float columns, f0 and f1."""
+def _profile_command(
+    tmp_path: Path, version: str, *options: str, data: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``dhow models profile`` of a classifier (label: INT64) on two float columns, f0 and f1 (of ``data``, by
+    default a Parquet file of three rows)."""
     repository = tmp_path / "models"
     if not repository.exists():
         (repository / "m" / "1").mkdir(parents=True)
@@ -211,7 +214,7 @@ def _profile_command(tmp_path: Path, version: str, *options: str) -> subprocess.
         )
         pq.write_table(pa.table({"f0": [0.5, -1.25, 2.0], "f1": [1.0, 2.0, 3.0]}), tmp_path / "train.parquet")
     command = [sys.executable, "-m", "dhow.cli", "models", "profile", str(repository / version),
-               "--data", str(tmp_path / "train.parquet"), "--map", "x=f0,f1", *options]  # fmt: skip
+               "--data", str(data or tmp_path / "train.parquet"), "--map", "x=f0,f1", *options]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, check=False)
 
 
@@ -222,6 +225,22 @@ def test_profiling_a_missing_version_lists_the_versions_or_models_there(tmp_path
     misspelt = _profile_command(tmp_path, "mm/1")
     assert misspelt.returncode == 2, misspelt.stderr
     assert f"mm/1: no model mm in {tmp_path / 'models'}; its models: m" in misspelt.stderr
+
+
+def test_profiling_json_lines_with_nan_says_json_has_none(tmp_path: Path) -> None:
+    """Python's json.dumps writes NaN, which JSON has not: the refused rows are said so, and a file of nothing
+    else is refused with the same words (not as a file without the mapped columns)."""
+    some = tmp_path / "some.jsonl"
+    some.write_text("".join(json.dumps({"f0": f0, "f1": 1.0}) + "\n" for f0 in (0.5, float("nan"), 2.0, -1.0)))
+    profiled = _profile_command(tmp_path, "m/1", data=some)
+    assert profiled.returncode == 0, profiled.stderr
+    assert "profiled 4 rows" in profiled.stdout and "(1 refused" in profiled.stdout, profiled.stdout
+    assert f"line 2 of {some}" in profiled.stdout and "JSON has no NaN or Infinity" in profiled.stdout
+    every = tmp_path / "every.jsonl"
+    every.write_text(json.dumps({"f0": float("nan"), "f1": float("inf")}) + "\n")
+    refused = _profile_command(tmp_path, "m/1", data=every)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"line 1 of {every}" in refused.stderr and "JSON has no NaN or Infinity" in refused.stderr, refused.stderr
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ suite's time (the code path is the same).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -64,6 +65,8 @@ def test_every_request_answered_correctly_and_poison_dead_lettered(
         (b"p-json", b"{not json", [("trace", b"t1")]),
         (b"p-shape", orjson.dumps({"input": [1.0, 2.0]}), []),
         (b"p-name", orjson.dumps({"inputs": x[0].tolist()}), []),
+        # Python's json.dumps writes NaN, which JSON has not
+        (b"p-nan", json.dumps({"input": [float("nan"), *x[1, 1:].tolist()]}).encode(), []),
     ]
     messages = row_messages(x[:1000]) + poison + row_messages(x[1000:], first=1000)
     broker.produce(source, messages)
@@ -91,21 +94,27 @@ def test_every_request_answered_correctly_and_poison_dead_lettered(
     assert position in {(m.partition(), m.offset()) for m in broker.read_all(source, len(messages)) if m.key() == b"7"}
 
     letters = {m.key(): m for m in dead_letters}
-    assert set(letters) == {b"p-json", b"p-shape", b"p-name"}
+    assert set(letters) == {b"p-json", b"p-shape", b"p-name", b"p-nan"}
     assert letters[b"p-json"].value() == b"{not json" and headers_of(letters[b"p-json"])["trace"] == b"t1"
     reasons = {key: headers_of(m)["dhow-error-reason"].decode() for key, m in letters.items()}
     assert "malformed JSON" in reasons[b"p-json"]
     assert "shape" in reasons[b"p-shape"]
     assert "no input 'inputs'" in reasons[b"p-name"]
+    assert "JSON has no NaN or Infinity" in reasons[b"p-nan"]
+    assert "consumer run with --format v2-binary" in reasons[b"p-nan"]  # the consumer's option, said to be
+    nan_at = headers_of(letters[b"p-nan"])  # where it was: the source's partition and offset, as every letter says
+    sent = {(m.partition(), m.offset()) for m in broker.read_all(source, len(messages)) if m.key() == b"p-nan"}
+    assert {(int(nan_at["dhow-source-partition"]), int(nan_at["dhow-source-offset"]))} == sent
+    assert letters[b"p-nan"].value() == poison[3][1]
     assert all(headers_of(m)["dhow-error-code"] == b"INVALID_ARGUMENT" for m in dead_letters)
     assert all(headers_of(m)["dhow-source-topic"] == source.encode() for m in dead_letters)
 
     status = status_of(data)
-    assert status["state"] == "stopped" and status["answered"] == REQUESTS and status["dead_lettered"] == 3
+    assert status["state"] == "stopped" and status["answered"] == REQUESTS and status["dead_lettered"] == len(poison)
     shown = subprocess.run(
         [*_cli(), "stream", "status", "--data-dir", str(data)], capture_output=True, text=True, check=True
     ).stdout
-    assert f"answered        {REQUESTS}" in shown and "dead_lettered   3" in shown
+    assert f"answered        {REQUESTS}" in shown and f"dead_lettered   {len(poison)}" in shown
 
     # audited per batch, as the stream's identity: far fewer records than messages, every message counted
     store = AuditStore.open(f"sqlite:///{data / 'audit.sqlite3'}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -253,6 +254,37 @@ def test_json_messages_are_decoded_together_and_bad_ones_set_aside() -> None:
     assert [(i, orjson.loads(body)) for i, body, _, _ in replies] == [
         (0, {"label": 4, "p": [0.25, 0.75]}), (2, {"label": 5, "p": [0.5, 0.5]})
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["json", "v2-json", "v2-binary"])
+def test_a_message_with_nan_or_infinity_is_refused_saying_json_has_none(name: str) -> None:
+    """Python's json.dumps writes NaN and Infinity, which JSON has not: the message is set aside (its rows' stack
+    goes on without it) with the parser's place and the way its sender can send them."""
+    fmt = message_format(name)
+    inputs = [TensorSpec("input", "FP32", (-1, 3))]
+
+    def message(row: list[float]) -> bytes:
+        if name == "json":
+            return json.dumps({"input": row}).encode()
+        return json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": row}]}).encode()
+
+    values = [message([1, 2, 3]), message([1.0, float("nan"), 2.0]), message([4, 5, 6]), message([float("inf"), 0, 0])]
+    records = [
+        Record(v, str(i).encode(), [("inference-header-content-length", str(len(v)).encode())] * (name == "v2-binary"),
+               Position("in", 0, i))
+        for i, v in enumerate(values)
+    ]  # fmt: skip
+    decoded = fmt.decode_batch(records, "m", "", inputs, "")
+    assert sorted(decoded.errors) == [1, 3] and [s.indices for s in decoded.stacks] == [[0, 2]]
+    for index in (1, 3):
+        message_text = decoded.errors[index].message
+        assert message_text.startswith("malformed JSON") and "column" in message_text, message_text
+        assert "JSON has no NaN or Infinity" in message_text, message_text
+        if name == "json":  # the sender's way is a consumer of another format: the consumer's option, named so
+            assert "consumer run with --format v2-binary" in message_text, message_text
+        else:  # a v2 sender's own way: binary tensors, whichever v2 format the consumer reads
+            assert "binary data extension" in message_text and "inference-header-content-length" in message_text
+            assert "--format" not in message_text, message_text
 
 
 @pytest.mark.parametrize(

@@ -24,10 +24,11 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dhow.batch.sources import UNREADABLE
+from dhow.batch.sources import NON_FINITE, UNREADABLE
 from dhow.core.datatypes import NUMPY_DTYPE
 from dhow.core.errors import InvalidInput
 from dhow.core.model_config import TensorSpec
+from dhow.core.wire.json_refusals import json_refusal
 
 __all__ = ["Converted", "InputPlan", "Mapping", "convert", "plan_inputs"]
 
@@ -325,12 +326,16 @@ def _relisted(column: pa.Array, name: str, rows: _Rows) -> pa.Array:
     for row, text in enumerate(column.to_pylist()):
         value = None
         if text is not None:
+            refused = ""
             try:
                 value = orjson.loads(text)
-            except orjson.JSONDecodeError:
-                value = None
+            except orjson.JSONDecodeError as exc:
+                # (the place in the cell, which the parser's "line 1" would have read as the file's first line)
+                refusal = json_refusal(exc, NON_FINITE, f"{exc.msg} at character {exc.colno} of the cell")
+                value, refused = None, f" ({refusal})"
             if not (isinstance(value, list) and all(isinstance(v, int | float) for v in value)):
-                rows.mark(_one(len(column), row), f"column '{name}': {str(text)[:80]!r} is not a list of numbers")
+                why = f"column '{name}': {str(text)[:80]!r} is not a list of numbers{refused}"
+                rows.mark(_one(len(column), row), why)
                 value = None
         items.append(value)
     return pa.array(items, pa.list_(pa.float64()))

@@ -8,7 +8,8 @@ from the top, their rows counted off.
 
 CSV and JSON Lines columns that feed a model are read as text and converted by the mapping, so that one bad
 value makes one bad row, not an unreadable file. A JSON line that does not parse is a row whose
-``_dhow_unreadable`` column says why.
+``_dhow_unreadable`` column says why and where (the file, the line and the column); one that holds the ``NaN`` or
+``Infinity`` Python's ``json.dumps`` writes also says that JSON has none and that Parquet holds them.
 """
 
 from __future__ import annotations
@@ -27,11 +28,15 @@ from fsspec.implementations.local import LocalFileSystem, make_path_posix
 
 from dhow.core.errors import InvalidInput
 from dhow.core.file_urls import local_path
+from dhow.core.wire.json_refusals import json_refusal
 
-__all__ = ["UNREADABLE", "Source"]
+__all__ = ["NON_FINITE", "UNREADABLE", "Source", "line_refusal"]
 
 #: the column of a JSON Lines batch that says why a line could not be read (null: it could)
 UNREADABLE = "_dhow_unreadable"
+
+#: how a batch job takes the NaN and Infinity that JSON has not (a null makes the row an error, as any null)
+NON_FINITE = "give non-finite values in a numeric or list column of a Parquet input"
 
 _SUFFIXES = {"parquet": (".parquet", ".pq"), "csv": (".csv",), "jsonl": (".jsonl", ".ndjson", ".json")}
 
@@ -66,6 +71,14 @@ class Source:
         """The input's rows, when the format says without reading it (Parquet)."""
         return sum(self._rows) if self._rows is not None else None
 
+    def named(self, path: str) -> str:
+        """A file of the input as the user would name it: fsspec's ``bucket/key`` with the scheme of the URL given
+        (``s3://bucket/key``), a local file by its path."""
+        if self.local or "://" in path:
+            return path
+        scheme = self.url.rsplit("::", 1)[-1].split("://", 1)[0]  # (a chained URL's last link is the store's)
+        return f"{scheme}://{path}"
+
     def _open(self, path: str) -> Any:
         return path if self.local else self.fs.open(path, "rb")
 
@@ -82,12 +95,13 @@ class Source:
                 else:
                     schemas.append(self._text_schema(path))
             except (OSError, pa.ArrowException, ValueError) as exc:
-                raise InvalidInput(f"cannot read input file {path}: {exc}") from None
+                raise InvalidInput(f"cannot read input file {self.named(path)}: {exc}") from None
         first = schemas[0]
         for path, schema in zip(self.files[1:], schemas[1:], strict=True):
             missing = [name for name in first.names if name not in schema.names]
             if missing:
-                raise InvalidInput(f"input file {path} lacks column(s) {', '.join(missing)} of {self.files[0]}")
+                lacks, first_file = ", ".join(missing), self.named(self.files[0])
+                raise InvalidInput(f"input file {self.named(path)} lacks column(s) {lacks} of {first_file}")
         self._rows = rows if self.kind == "parquet" else None
         return first
 
@@ -95,9 +109,12 @@ class Source:
         with self.fs.open(path, "rb") as handle:
             if self.kind == "csv":
                 return pacsv.open_csv(handle).schema
-            first = next(_json_batches(handle, 64), None)
+            first = next(_json_batches(handle, 64, self.named(path)), None)
         if first is None:
             raise ValueError("no JSON line")
+        reasons = first.column(UNREADABLE)
+        if not reasons.null_count:  # no line read: no column to find, and the first line's reason is the one to fix
+            raise ValueError(f"no line among the first {len(reasons)} of it could be read; {reasons[0]}")
         return first.schema
 
     def batches(self, columns: list[str], text: set[str], skip: int = 0) -> Iterator[pa.RecordBatch]:
@@ -126,7 +143,7 @@ class Source:
             if self.kind == "csv":
                 yield from _csv_batches(handle, columns, text, self.batch_rows)
             else:
-                for batch in _json_batches(handle, self.batch_rows):
+                for batch in _json_batches(handle, self.batch_rows, self.named(path)):
                     yield _select(batch, columns)
 
     def digest(self) -> str:
@@ -188,25 +205,37 @@ def _csv_batches(handle: IO[bytes], columns: list[str], text: set[str], batch_ro
             yield batch.slice(start, batch_rows)
 
 
-def _json_batches(handle: IO[bytes], batch_rows: int) -> Iterator[pa.RecordBatch]:
-    lines = (line for line in handle if line.strip())
+def _json_batches(handle: IO[bytes], batch_rows: int, path: str) -> Iterator[pa.RecordBatch]:
+    lines = ((number, line) for number, line in enumerate(handle, 1) if line.strip())
     while chunk := list(itertools.islice(lines, batch_rows)):
         rows: list[dict[str, Any]] = []
         unreadable: list[str | None] = []
-        for line in chunk:
+        for number, line in chunk:
             why: str | None = None
             try:
                 row = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                row, why = {}, f"not a JSON line ({exc}): {line[:200].decode(errors='replace')!r}"
-            else:
-                row, why = (row, None) if isinstance(row, dict) else ({}, "not a JSON object")
+            except orjson.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                row, why = {}, line_refusal(line, f"line {number} of {path}")
             rows.append(row)
             unreadable.append(why)
         names = list(dict.fromkeys(name for row in rows for name in row))
         arrays = {name: _json_column([row.get(name) for row in rows]) for name in names}
         arrays[UNREADABLE] = pa.array(unreadable, pa.string())
         yield pa.record_batch(arrays)
+
+
+def line_refusal(line: bytes, where: str) -> str:
+    """Why a JSON Lines line is no row, ``where`` naming it (its line and file; the Spark engine, which counts no
+    lines, its file): where the parser stopped in it and, at a ``NaN`` or ``Infinity``, how to give those instead;
+    "" for a JSON object (a row)."""
+    try:
+        row = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        refusal = json_refusal(exc, NON_FINITE, f"{exc.msg} at column {exc.colno}")
+        return f"{where}: not a JSON line ({refusal}): {line[:200].decode(errors='replace')!r}"
+    return "" if isinstance(row, dict) else f"{where}: not a JSON object"
 
 
 def _json_column(values: list[Any]) -> pa.Array:

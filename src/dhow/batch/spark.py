@@ -23,6 +23,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 
@@ -30,7 +31,7 @@ from dhow.batch.job import Job
 from dhow.batch.mapping import Mapping, convert
 from dhow.batch.runner import Admitted, admitted_job, job_credentials
 from dhow.batch.scoring import ORDINAL, Provenance, Scorer, result_tables
-from dhow.batch.sources import UNREADABLE
+from dhow.batch.sources import UNREADABLE, line_refusal
 from dhow.core.errors import InvalidInput
 from dhow.core.file_urls import local_path
 from dhow.serving.composition import CorePolicies, compose_core, load_pinned
@@ -41,6 +42,8 @@ from dhow.settings import ServerSettings
 __all__ = ["run_spark_job", "spark_session"]
 
 REASON, INPUT = "_dhow_reason", "_dhow_input"
+#: the file of an unreadable JSON line, as Spark names it (a URI): its reason names it
+FILE = "_dhow_file"
 _SPARK_TYPES = {
     "BOOL": "boolean", "INT8": "tinyint", "INT16": "smallint", "INT32": "int", "INT64": "bigint",
     "UINT8": "smallint", "UINT16": "int", "UINT32": "bigint", "UINT64": "bigint",
@@ -110,7 +113,7 @@ def _run(admitted: Admitted, settings: ServerSettings, api_key: str, quiet: bool
     if not mapping.key:  # unique and in input order, not consecutive: give --key for a key of your own
         frame = frame.withColumn(ORDINAL, F.monotonically_increasing_id())
         mapping = Mapping(mapping.inputs, ORDINAL)
-    frame = frame.select(*mapping.columns, *([UNREADABLE] if UNREADABLE in frame.columns else []))
+    frame = frame.select(*mapping.columns, *([UNREADABLE, FILE] if UNREADABLE in frame.columns else []))
     schema = _output_schema(admitted, frame.schema[mapping.key].dataType.simpleString())
     task = _Task(
         settings, api_key, job.model, admitted.pinned.version, admitted.batch_rows, mapping,
@@ -139,11 +142,13 @@ def _read(spark: Any, job: Job) -> Any:
         return spark.read.option("header", True).csv(path)
     from pyspark.sql import functions as F
 
-    frame = spark.read.option("columnNameOfCorruptRecord", UNREADABLE).json(path)
+    # JSON has no NaN or Infinity, which Spark reads by default: a line holding one is a bad row, as it is to the
+    # local engine (the same job, the same output); each worker words why (``_explained``), as that engine does
+    reader = spark.read.option("columnNameOfCorruptRecord", UNREADABLE).option("allowNonNumericNumbers", False)
+    frame = reader.json(path)
     if UNREADABLE not in frame.columns:
         return frame
-    line = F.col(UNREADABLE)
-    return frame.withColumn(UNREADABLE, F.when(line.isNotNull(), F.concat(F.lit("not a JSON line: "), line)))
+    return frame.withColumn(FILE, F.when(F.col(UNREADABLE).isNotNull(), F.col("_metadata.file_path")))
 
 
 def _hadoop_path(location: str) -> str:
@@ -233,6 +238,7 @@ class _Worker:
 
     def score(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         task = self.task
+        batch = _explained(batch)
         converted = convert(batch, task.mapping)
         scores = self.loop.run_until_complete(self.scorer.score(converted))
         names = list(task.output_names)
@@ -251,6 +257,33 @@ class _Worker:
             await self.security.close()
 
         self.loop.run_until_complete(closing())
+
+
+def _explained(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch's unreadable JSON lines (Spark's raw text) given the local engine's reasons, each naming its file
+    (not its line: Spark counts none); the file's column dropped."""
+    if FILE not in batch.schema.names:
+        return batch
+    lines, files = batch.column(UNREADABLE).to_pylist(), batch.column(FILE).to_pylist()
+    reasons = [
+        None if line is None else _line_reason(line, _local_name(file or ""))
+        for line, file in zip(lines, files, strict=True)
+    ]
+    names = [name for name in batch.schema.names if name not in (UNREADABLE, FILE)]
+    columns = [batch.column(name) for name in names]
+    return pa.record_batch([*columns, pa.array(reasons, pa.string())], names=[*names, UNREADABLE])
+
+
+def _line_reason(line: str, file: str) -> str:
+    # (a line the local engine would read as a row that Spark did not: said as Spark's, with its text)
+    return line_refusal(line.encode(), file) or f"{file}: not a JSON line Spark reads: {line[:200]!r}"
+
+
+def _local_name(uri: str) -> str:
+    """Spark's URI of a file (``file:/data/in%20%231/a.jsonl``) as the local engine names it: a local file by its
+    decoded path; a file of another store as Spark says it."""
+    parts = urlsplit(uri)
+    return unquote(parts.path) if parts.scheme == "file" else uri
 
 
 def _error_names(errors: pa.Table, task: _Task) -> list[str]:

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int | None:
     source = Source(args.data, input_format(data, args.format or ""), _BATCH_ROWS, option="--data")
     mapping = plan_inputs(inputs, source.schema, [parse_map(m) for m in args.map], "")
     out_mapping = _output_mapping(outputs, source.schema, args.output)
-    profile = _profile(source, mapping, out_mapping, {spec.name: spec for spec in (*inputs, *outputs)})
+    profile, first_refusal = _profile(source, mapping, out_mapping, {spec.name: spec for spec in (*inputs, *outputs)})
     profile.update(
         model=config.name,
         version=int(version_dir.name),
@@ -87,8 +87,9 @@ def run(args: argparse.Namespace) -> int | None:
     )
     written = write_profile(version_dir, profile, keyring)
     counts = {side: sum(f["side"] == side for f in profile["features"].values()) for side in ("input", "output")}
+    refused = f"{profile['refused_rows']} refused" + (f"; the first: {first_refusal}" if first_refusal else "")
     print(
-        f"profiled {profile['rows']} rows of {args.data} ({profile['refused_rows']} refused): {counts['input']} input "
+        f"profiled {profile['rows']} rows of {args.data} ({refused}): {counts['input']} input "
         f"and {counts['output']} output features -> {written}"
     )
     print(
@@ -159,7 +160,8 @@ def _output_mapping(outputs: tuple[TensorSpec, ...], schema: pa.Schema, given: l
 
 def _profile(
     source: Source, mapping: Mapping, out_mapping: Mapping | None, specs: dict[str, TensorSpec]
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], str]:
+    """The profile, and why the first refused row was refused ("" when none was): what to fix in the data."""
     # one output at a time: a column that cannot hold the output's values is refused naming its --output
     outputs = out_mapping.inputs if out_mapping is not None else ()
     mappings = [("input", mapping)] + [("output", Mapping((plan,), "")) for plan in outputs]
@@ -167,12 +169,14 @@ def _profile(
     text = {c for _, m in mappings for c in m.text_columns}
     sketches: dict[str, list[FeatureSketch]] = {}
     rows = refused = 0
+    first_refusal = ""
     for batch in source.batches(columns, text):
         rows += batch.num_rows
         for side, plans in mappings:
             converted = convert(batch, plans) if side == "input" else _converted_output(batch, plans)
             if side == "input":
                 refused += int((~converted.good).sum())
+                first_refusal = first_refusal or next(iter(converted.reasons), "")
             for plan in plans.inputs:
                 array = converted.arrays[plan.name]
                 key = f"{side}:{plan.name}"
@@ -186,7 +190,7 @@ def _profile(
             features[name] = sketch.finish()
     if rows == 0:
         raise InvalidInput(f"{source.url} holds no rows to profile")
-    return {"format": 1, "rows": rows, "refused_rows": refused, "features": features}
+    return {"format": 1, "rows": rows, "refused_rows": refused, "features": features}, first_refusal
 
 
 def _converted_output(batch: pa.RecordBatch, plans: Mapping) -> Converted:

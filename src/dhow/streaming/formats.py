@@ -25,6 +25,7 @@ from dhow.core.datatypes import NUMPY_DTYPE
 from dhow.core.errors import DhowError, InvalidInput
 from dhow.core.model_config import TensorSpec
 from dhow.core.types import InferenceRequest, InferenceResponse, Tensor
+from dhow.core.wire.json_refusals import json_refusal
 from dhow.core.wire.tensors import array_from_json
 from dhow.core.wire.v2 import decode_request, encode_response
 from dhow.streaming.records import Header, Record
@@ -34,6 +35,15 @@ __all__ = ["FORMATS", "HEADER_LENGTH", "Decoded", "Encoded", "MessageFormat", "m
 
 #: the message header that carries the JSON header's length of a binary body
 HEADER_LENGTH = "inference-header-content-length"
+
+#: how a v2 message's sender gives the NaN and Infinity that JSON has not (a null is no number to a model either):
+#: in its own message, whichever v2 format the consumer reads (both take binary tensors)
+_V2_NON_FINITE = f"send non-finite values in binary tensors (the binary data extension, with an {HEADER_LENGTH} header)"
+#: and a json message's: it cannot carry them; a consumer of a v2 format, the consumer's option, takes them
+_JSON_NON_FINITE = (
+    "a json message cannot carry non-finite values: a consumer run with --format v2-binary (or v2-json, in binary "
+    "tensors) takes them"
+)
 
 
 @dataclass(slots=True)
@@ -99,7 +109,7 @@ class V2Json:
     binary = False
 
     def decode(self, record: Record, model: str, version: str, inputs: Sequence[TensorSpec]) -> InferenceRequest:
-        return decode_request(record.value, model, version, self._header_length(record))
+        return decode_request(record.value, model, version, self._header_length(record), _V2_NON_FINITE)
 
     def encode(self, request: InferenceRequest, response: InferenceResponse) -> tuple[bytes, list[Header]]:
         body, header_length = encode_response(response, request)
@@ -167,7 +177,7 @@ class JsonRecord:
         try:
             document = orjson.loads(record.value)
         except orjson.JSONDecodeError as exc:
-            raise InvalidInput(f"malformed JSON: {exc}") from None
+            raise InvalidInput(f"malformed JSON: {json_refusal(exc, _JSON_NON_FINITE)}") from None
         if not isinstance(document, dict):
             raise InvalidInput('a json message must be an object {"<input name>": <one row>, ...}')
         names = [spec.name for spec in inputs]

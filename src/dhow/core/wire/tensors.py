@@ -7,13 +7,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-import orjson
 
 from dhow.core.datatypes import NUMPY_DTYPE, element_count
 from dhow.core.errors import InvalidInput
 from dhow.core.types import Tensor
 
-__all__ = ["array_from_json", "json_data", "json_refusal"]
+__all__ = ["array_from_json", "json_data"]
 
 #: what JSON values each kind of datatype takes, by the numpy kinds np.asarray infers from them
 _ACCEPTED_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
@@ -141,16 +140,3 @@ def _string(item: object, name: str) -> str:
                 'request it with "parameters": {"binary_data": true}'
             ) from None
     return str(item)
-
-
-def json_refusal(exc: orjson.JSONDecodeError, body: bytes | bytearray | memoryview) -> str:
-    """What a body the JSON parser refused is told: the parser's reason, and where it stopped at ``NaN`` or
-    ``Infinity`` (which TensorFlow Serving's parser takes), that JSON has none and how to send them."""
-    # (the parser's position counts characters, not bytes: read where it stopped in the text it decoded)
-    at = exc.doc[exc.pos : exc.pos + len("Infinity")] if isinstance(exc.doc, str) else ""
-    if at.startswith(("NaN", "-NaN", "Infinity", "-Infinity")):
-        return (
-            f"{exc}; JSON has no NaN or Infinity: send non-finite values in binary tensors (the Open Inference "
-            "Protocol's binary data extension, or gRPC)"
-        )
-    return str(exc)

@@ -15,7 +15,8 @@ import orjson
 from dhow.core.datatypes import NUMPY_DTYPE, array_from_buffer, array_to_bytes
 from dhow.core.errors import InvalidInput, Unsupported
 from dhow.core.types import InferenceRequest, InferenceResponse, Parameters, RequestedOutput, Tensor
-from dhow.core.wire.tensors import array_from_json, json_data, json_refusal
+from dhow.core.wire.json_refusals import BINARY_TENSORS, json_refusal
+from dhow.core.wire.tensors import array_from_json, json_data
 
 __all__ = ["EncodedResponse", "decode_request", "encode_response"]
 
@@ -32,8 +33,10 @@ def decode_request(
     model_name: str,
     model_version: str = "",
     header_length: int | None = None,
+    non_finite: str = BINARY_TENSORS,
 ) -> InferenceRequest:
-    """Decode an infer request body; ``header_length`` is the ``Inference-Header-Content-Length`` value."""
+    """Decode an infer request body; ``header_length`` is the ``Inference-Header-Content-Length`` value,
+    ``non_finite`` how the door takes the NaN and Infinity that JSON has not (said when the body holds one)."""
     view = memoryview(body)
     if header_length is None:
         header_length = len(view)
@@ -41,7 +44,7 @@ def decode_request(
         raise InvalidInput(
             f"Inference-Header-Content-Length is {header_length} but the request body has {len(view)} bytes"
         )
-    document = _load_json(view[:header_length])
+    document = _load_json(view[:header_length], non_finite)
     if not isinstance(document, dict):
         raise InvalidInput(f"the inference request must be a JSON object, got {_json_type(document)}")
     raw_inputs = document.get("inputs")
@@ -79,13 +82,13 @@ def _holds_boolean(body: bytes | bytearray | memoryview, view: memoryview, end: 
     return data.find(b"true", 0, end) != -1 or data.find(b"false", 0, end) != -1
 
 
-def _load_json(data: memoryview) -> Any:
+def _load_json(data: memoryview, non_finite: str) -> Any:
     if not data:
         raise InvalidInput("the request body is empty; expected a JSON inference request")
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"malformed JSON: {json_refusal(exc, data)}") from None
+        raise InvalidInput(f"malformed JSON: {json_refusal(exc, non_finite)}") from None
 
 
 def _decode_input(

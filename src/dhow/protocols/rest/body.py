@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from dhow.core.errors import CallCancelled, DhowError, ErrorCode, InvalidInput
-from dhow.core.wire.tensors import json_refusal
+from dhow.core.wire.json_refusals import json_refusal
 
 __all__ = [
     "ClientDisconnected",
@@ -154,7 +154,7 @@ def json_object(body: bytes, example: str = "", *, empty_means: dict[str, Any] |
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"malformed JSON: {json_refusal(exc, body)}") from None
+        raise InvalidInput(f"malformed JSON: {json_refusal(exc)}") from None
     if not isinstance(document, dict):
         raise InvalidInput(f"the request body must be a JSON object{f', like {example}' if example else ''}")
     return document

@@ -21,7 +21,7 @@ import orjson
 from dhow.core.errors import InvalidInput
 from dhow.core.model_config import TensorSpec
 from dhow.core.types import Tensor
-from dhow.core.wire.tensors import json_refusal
+from dhow.core.wire.json_refusals import json_refusal
 from dhow.protocols.rest.tfserving import Specs, instance_ranks
 
 __all__ = ["error_body", "instances_of", "raw_tensor", "refuse_forms", "takes_raw"]
@@ -81,7 +81,7 @@ def instances_of(body: bytes, model: str, specs: Specs) -> tuple[list[Any], bool
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(
-            f"the body is not JSON ({json_refusal(exc, body)}); model '{model}' takes {_described(specs)}: "
+            f"the body is not JSON ({json_refusal(exc)}); model '{model}' takes {_described(specs)}: "
             "send one instance or a list of them as JSON"
         ) from None
     if isinstance(document, dict):
