@@ -27,8 +27,9 @@ from dhow.protocols.rest.app import CLIENT_CN_SCOPE_KEY
 from dhow.protocols.rest.connection import BODY_LATE, HEADERS_LATE, ConnectionTimeouts
 from dhow.protocols.rest.forwarded import TrustedProxies
 from dhow.protocols.rest.http1 import App, Exchange, Http1Connection
-from dhow.protocols.rest.tls import HttpsPortProtocol, common_name
+from dhow.protocols.rest.tls import common_name, https_door
 from dhow.protocols.runner import CallRunner
+from dhow.protocols.tls_door import alerting
 
 __all__ = ["HttpFront"]
 
@@ -62,7 +63,7 @@ class HttpFront:
         #: counts a request refused at ``limit`` (503)
         self.refused = refused or (lambda: None)
         self.drain_s = drain_s
-        self.ssl_context = ssl_context
+        self.ssl_context = alerting(ssl_context) if ssl_context is not None else None
         self.proxies = TrustedProxies()
         self.started = False
         self.should_exit = False
@@ -118,7 +119,7 @@ class HttpFront:
     def _protocol(self) -> asyncio.Protocol:
         if self.ssl_context is None:
             return Http1Connection(self)
-        return HttpsPortProtocol(self.ssl_context, lambda: Http1Connection(self))
+        return https_door(self.ssl_context, lambda: Http1Connection(self))
 
     async def _drain(self) -> None:
         for server in self.servers:

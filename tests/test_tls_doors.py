@@ -1,0 +1,156 @@
+"""A TLS port's mistakes answered as nginx and Envoy answer them, against real servers over real sockets: plain HTTP
+sent to the HTTPS port gets a 400 saying to use https://, a plaintext gRPC call to the TLS gRPC port fails with a
+message saying the port needs TLS (not grpcio's "Socket closed"), a client with no certificate where one is
+required gets the TLS alert saying so (not an empty reply), and a REST connection the server closes does not wait
+asyncio's 30 s for the client's close_notify.
+
+One server per REST front and event loop, with client certificates required; certificates are made here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import DhowProcess, start_dhow
+from tests.test_e2e_security_transport import _issue, _wait_tls_ready
+
+#: a wait for the server to act; a server that never does fails the test by this wait (asyncio's default wait
+#: for a close_notify is 30 s: a close bounded as the gRPC port's, 2 s, ends well within it)
+SAFETY_S = 15.0
+
+
+@dataclass(frozen=True)
+class Door:
+    server: DhowProcess
+    folder: Path
+
+    def context(self, client: bool = True) -> ssl.SSLContext:
+        """A client context trusting the test CA, presenting the client certificate when ``client``."""
+        context = ssl.create_default_context(cafile=self.folder / "ca.pem")
+        if client:
+            context.load_cert_chain(self.folder / "client.pem", self.folder / "client.key")
+        return context
+
+
+@pytest.fixture(scope="module", params=[("native", "uvloop"), ("uvicorn", "asyncio")], ids=lambda p: "-".join(p))
+def door(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Door]:
+    """TLS with client certificates required on both ports (native gRPC front), keep-alive 1 s, no model."""
+    http_front, loop = request.param
+    folder = tmp_path_factory.mktemp("door")
+    ca = _issue(folder, "ca", "dhow test CA", None)
+    _issue(folder, "server", "localhost", ca, ExtendedKeyUsageOID.SERVER_AUTH)
+    _issue(folder, "client", "svc-a", ca, ExtendedKeyUsageOID.CLIENT_AUTH)
+    (folder / "models").mkdir()
+    server = start_dhow(
+        folder / "models", folder,
+        "--tls-cert", str(folder / "server.pem"), "--tls-key", str(folder / "server.key"),
+        "--tls-client-ca", str(folder / "ca.pem"),
+        "--http-front", http_front, "--loop", loop, "--keepalive-timeout", "1",
+        wait=False,
+    )  # fmt: skip
+    done = Door(server, folder)
+    try:
+        _wait_tls_ready(server, done.context())
+    except BaseException:
+        server.stop()
+        raise
+    yield done
+    assert server.stop() == 0, server.log()
+
+
+def _closed_by_the_server(sock: socket.socket) -> bool:
+    """Read until the server closes the connection (True), or ``SAFETY_S`` passes without it (False)."""
+    sock.settimeout(SAFETY_S)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_plain_http_to_the_https_port_is_told_to_use_https_and_the_ca(door: Door) -> None:
+    done = subprocess.run(
+        ["curl", "-sS", "-i", f"http://{door.server.http_url}/v2/health/live"], capture_output=True, text=True
+    )
+    assert done.stdout.startswith("HTTP/1.1 400 Bad Request"), done
+    assert "use https:// for this address" in done.stdout, done.stdout
+    assert "--cacert" in done.stdout, done.stdout  # how a client that does not trust the certificate fixes it
+
+
+def test_a_plaintext_grpc_call_to_the_tls_port_says_the_port_needs_tls(door: Door) -> None:
+    with grpc.insecure_channel(door.server.grpc_url) as channel, pytest.raises(grpc.RpcError) as caught:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=SAFETY_S)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
+    assert "this port speaks gRPC over TLS only" in str(caught.value.details()), caught.value.details()
+    assert "secure_channel" in str(caught.value.details()), caught.value.details()
+
+
+@pytest.mark.parametrize("port", ["http", "grpc"])
+def test_no_client_certificate_where_one_is_required_gets_the_tls_alert(door: Door, port: str) -> None:
+    """TLS 1.3: the client's handshake ends before the server reads its (empty) certificate; the server's alert
+    certificate_required comes to its first read, which says why instead of an empty reply."""
+    address = ("127.0.0.1", door.server.http_port if port == "http" else door.server.grpc_port)
+    context = door.context(client=False)
+    if port == "grpc":
+        context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(address, timeout=SAFETY_S) as sock,
+        context.wrap_socket(sock, server_hostname="localhost") as tls,
+        pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"),
+    ):
+        tls.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: localhost\r\n\r\n" if port == "http" else b"PRI")
+        tls.recv(4096)
+    done = subprocess.run(
+        ["curl", "-sS", "--cacert", str(door.folder / "ca.pem"), f"https://localhost:{door.server.http_port}/"],
+        capture_output=True,
+        text=True,
+    )
+    assert "certificate required" in done.stderr, done
+    with (
+        grpc.secure_channel(
+            f"localhost:{door.server.grpc_port}", grpc.ssl_channel_credentials((door.folder / "ca.pem").read_bytes())
+        ) as channel,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=SAFETY_S)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
+
+
+def test_a_rest_connection_closed_by_the_server_does_not_wait_for_the_clients_close_notify(door: Door) -> None:
+    """The keep-alive (1 s) closes an idle connection: the server sends its close_notify, and its socket is closed
+    within the close's grace (2 s, as the gRPC port's) though the client never answers (asyncio waits 30 s)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = door.context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with socket.create_connection(("127.0.0.1", door.server.http_port), timeout=SAFETY_S) as sock:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if outgoing.pending:
+                    sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        tls.write(b"GET /v2/health/live HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        sock.sendall(outgoing.read())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            incoming.write(sock.recv(65536))
+            with contextlib.suppress(ssl.SSLWantReadError):
+                answer += tls.read(65536)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        # the client stays silent from here on: it reads, and never sends its close_notify
+        assert _closed_by_the_server(sock), "the server still holds the connection after its keep-alive"
