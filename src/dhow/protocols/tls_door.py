@@ -131,7 +131,7 @@ class TlsDoor(asyncio.Protocol):
         handshake = loop.create_future()
         # a failed handshake (a wrong certificate) ends the connection; its error needs no other reader
         handshake.add_done_callback(lambda done: done.cancelled() or done.exception())
-        _opening = transport  # the TLS object is made with the protocol (uvloop) or at its ``connection_made``
+        _opening = transport  # the TLS object is made by the protocol's constructor (asyncio's) or connection_made
         try:
             tls = self._tls_class(
                 loop,
