@@ -9,20 +9,29 @@ One server per REST front and event loop, with client certificates required; cer
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import ssl
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+import uvicorn
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import DhowProcess, start_dhow
+from dhow.protocols.rest.connection import ConnectionTimeouts, DeadlineHttpProtocol
+from dhow.protocols.rest.front import HttpFront
+from dhow.protocols.rest.tls import https_port_protocol
+from dhow.protocols.tls_door import CLOSE_GRACE_S
+from tests.conftest import DhowProcess, start_dhow, wait_until
 from tests.test_e2e_security_transport import _issue, _wait_tls_ready
 
 #: a wait for the server to act; a server that never does fails the test by this wait (asyncio's default wait
@@ -156,3 +165,58 @@ def test_a_rest_connection_closed_by_the_server_does_not_wait_for_the_clients_cl
         assert answer.startswith(b"HTTP/1.1 200"), answer
         # the client stays silent from here on: it reads, and never sends its close_notify
         assert _closed_by_the_server(sock), "the server still holds the connection after its keep-alive"
+
+
+#: an answer larger than what the loopback's socket buffers hold between the server and a client not reading yet
+_LARGE = 16 * 1024 * 1024
+
+
+async def _large_app(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % _LARGE)]})
+    await send({"type": "http.response.body", "body": b"x" * _LARGE})
+
+
+def _served_in_a_thread(front: str, context: ssl.SSLContext) -> Iterator[int]:
+    """A REST front (``native`` or ``uvicorn``) answering every request with ``_LARGE`` bytes over TLS; its port."""
+    timeouts = ConnectionTimeouts(header_s=SAFETY_S, body_s=SAFETY_S)
+    server: Any
+    if front == "native":
+        server = HttpFront(_large_app, host="127.0.0.1", port=0, timeouts=timeouts, keepalive_s=5, ssl_context=context)
+        thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
+    else:
+        protocol = https_port_protocol(context, DeadlineHttpProtocol.with_timeouts(timeouts))
+        config = uvicorn.Config(_large_app, host="127.0.0.1", port=0, loop="asyncio", lifespan="off", http=protocol)
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, SAFETY_S, "the front started")
+    yield int(server.servers[0].sockets[0].getsockname()[1])
+    server.should_exit = True
+    thread.join(SAFETY_S)
+
+
+@pytest.mark.parametrize("front", ["native", "uvicorn"])
+def test_a_large_answer_on_a_closing_connection_reaches_a_client_that_reads_it_late(front: str, tmp_path: Path) -> None:
+    """``Connection: close``: the server closes once its answer is written, and the close's grace for the client's
+    close_notify (2 s) starts only once the answer has left: a client that begins reading after it gets every
+    byte (the grace once began at the close, and cut the answer off after 2 s: 3.8 MB of 64 MiB came)."""
+    ca = _issue(tmp_path, "ca", "dhow test CA", None)
+    _issue(tmp_path, "server", "localhost", ca, ExtendedKeyUsageOID.SERVER_AUTH)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    client = ssl.create_default_context(cafile=tmp_path / "ca.pem")
+    for port in _served_in_a_thread(front, context):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # the kernel holds little for it
+        sock.settimeout(SAFETY_S)
+        sock.connect(("127.0.0.1", port))
+        with client.wrap_socket(sock, server_hostname="localhost") as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            time.sleep(CLOSE_GRACE_S + 1)  # the client is busy: it reads later
+            answer = bytearray()
+            with contextlib.suppress(ssl.SSLEOFError, ConnectionResetError):
+                while chunk := tls.recv(1024 * 1024):
+                    answer += chunk
+        head, _, body = bytes(answer).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert len(body) == _LARGE, f"{len(body)} of {_LARGE} bytes came"

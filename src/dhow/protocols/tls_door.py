@@ -12,7 +12,9 @@ required (TLS 1.3's alert certificate_required) read an empty reply. ``alerting`
 write that alert themselves before the failure is raised.
 
 A close waits at most ``CLOSE_GRACE_S`` for the client's close_notify (asyncio's and uvloop's default: 30 s, the
-socket and its connection slot held all that time by a client that never answers).
+socket and its connection slot held all that time by a client that never answers). The TLS protocols start that
+timer at the close, and discard what has not left when it fires: a connection's protocol closes only once its
+answer has left its write buffer (``close_when_sent``), or a large answer to a slow reader was cut off after 2 s.
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ from asyncio.sslproto import SSLProtocol
 from collections.abc import Callable
 from typing import Any, cast
 
-__all__ = ["CLOSE_GRACE_S", "FIRST_BYTE_TIMEOUT_S", "TlsDoor", "alerting", "ssl_protocol_class"]
+__all__ = [
+    "CLOSE_GRACE_S",
+    "FIRST_BYTE_TIMEOUT_S",
+    "MIN_DRAIN_RATE",
+    "TlsDoor",
+    "alerting",
+    "close_when_sent",
+    "drained",
+    "ssl_protocol_class",
+]
 
 #: the first byte of a TLS record carrying a handshake (RFC 8446 5.1, ContentType handshake(22))
 _TLS_HANDSHAKE = 0x16
@@ -31,6 +42,11 @@ _TLS_HANDSHAKE = 0x16
 FIRST_BYTE_TIMEOUT_S = 60.0
 #: how long a closed connection's last bytes (its close_notify, a GOAWAY) may take before it is aborted
 CLOSE_GRACE_S = 2.0
+#: the bytes a second a client must take of what waits for it to count as reading (``drained``): one taking less,
+#: a segment now and then, would hold its connection and the answers buffered for it at next to no cost to itself
+MIN_DRAIN_RATE = 4096
+#: how often a closing connection looks whether its answer has left
+_SENT_POLL_S = 0.05
 
 #: the transport of the connection whose TLS object is being made (in ``TlsDoor._start_tls``, synchronously)
 _opening: asyncio.Transport | None = None
@@ -61,6 +77,40 @@ class _AlertingSSLObject(ssl.SSLObject):
                 door.write(alert)  # the socket is closed right after: an alert is a few bytes, sent at once
             raise
         self._door = None  # the handshake is done: nothing more to say, and no cycle kept
+
+
+def drained(before: int, after: int, seconds: float) -> bool:
+    """Whether a write buffer holding ``before`` bytes, then ``after`` bytes ``seconds`` later, was taken from at
+    ``MIN_DRAIN_RATE`` at least (or emptied)."""
+    return before - after >= min(before, MIN_DRAIN_RATE * seconds)
+
+
+def close_when_sent(transport: asyncio.Transport, stall_s: float, wire: asyncio.Transport | None = None) -> None:
+    """Close ``transport`` once what was written to it has left its buffer, and ``wire``'s (the socket's transport
+    under TLS: the TLS protocol hands it all it encrypts, up to its high-water mark); abort it when its client stops
+    taking it: less than ``drained`` in ``stall_s``. Over TLS the close's grace for the client's close_notify
+    (``CLOSE_GRACE_S``) so starts when the answer is out, not while a slow reader is still taking it."""
+    loop = asyncio.get_running_loop()
+
+    def size() -> int:
+        return transport.get_write_buffer_size() + (wire.get_write_buffer_size() if wire is not None else 0)
+
+    def look(since: float, before: int) -> None:
+        if transport.is_closing():
+            return
+        buffered = size()
+        if not buffered:
+            transport.close()
+            return
+        now = loop.time()
+        if now - since >= stall_s:
+            if not drained(before, buffered, now - since):
+                transport.abort()
+                return
+            since, before = now, buffered
+        loop.call_later(_SENT_POLL_S, look, since, before)
+
+    look(loop.time(), size())
 
 
 def alerting(context: ssl.SSLContext) -> ssl.SSLContext:
@@ -131,11 +181,14 @@ class TlsDoor(asyncio.Protocol):
         handshake = loop.create_future()
         # a failed handshake (a wrong certificate) ends the connection; its error needs no other reader
         handshake.add_done_callback(lambda done: done.cancelled() or done.exception())
+        app = self._app()
+        if hasattr(app, "wire"):  # it closes once its answers have left the socket's buffer (``close_when_sent``)
+            app.wire = transport
         _opening = transport  # the TLS object is made by the protocol's constructor (asyncio's) or connection_made
         try:
             tls = self._tls_class(
                 loop,
-                self._app(),
+                app,
                 self._context,
                 handshake,
                 server_side=True,
