@@ -9,7 +9,7 @@ import asyncio
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from dhow.protocols.grpc import create_grpc_server
 from dhow.protocols.grpc.h2 import frames as f
+from dhow.protocols.grpc.h2.plaintext import MESSAGE, refuse_plaintext
 from dhow.protocols.grpc.h2.server import NativeServer
 from dhow.protocols.grpc.server import GrpcConnectionLimits
-from tests.conftest import wait_until
+from tests.conftest import read_until_closed, wait_until
 from tests.inprocess import open_service
 from tests.test_e2e_security_transport import _issue
 from tests.test_grpc_native_front import HELLO, GatedPlane, _request
@@ -144,3 +145,40 @@ def test_a_refused_tls_connection_is_closed_at_once_and_its_data_never_read(tls_
         (held_connection,) = tls_door.server.front.connections
         assert not held_connection.streams
     assert not tls_door.errors, tls_door.errors
+
+
+def _refusing(feed: Callable[[Any], None]) -> bytes:
+    """A plaintext connection on a real socket pair handed to ``refuse_plaintext`` after the preface's first byte,
+    then ``feed(its refusal)``; what the client got before the server closed."""
+    client, served = socket.socketpair()
+
+    async def run() -> None:
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(asyncio.Protocol, served)
+        refuse_plaintext(SAFETY_S)(transport, f.PREFACE[:1])
+        feed(transport.get_protocol())
+        await asyncio.sleep(0.1)  # the closed transport's connection_lost
+
+    with client:
+        client.settimeout(SAFETY_S)
+        asyncio.run(run())
+        return read_until_closed(client)
+
+
+def test_a_plaintext_clients_frames_one_a_read_are_each_looked_at_once() -> None:
+    """64 KiB of 9-byte frames, one a read: each read is looked at alone (every read parsed all that came before
+    it from the preface: 10 s of CPU for one connection); at the bound, GOAWAY saying the port needs TLS."""
+    empty = f.frame(f.SETTINGS, 1, 0, b"")  # an acknowledgement: a frame header and nothing more
+
+    def flood(refusal: Any) -> None:
+        refusal.data_received(f.PREFACE[1:] + f.settings({}))
+        while not refusal._transport.is_closing():
+            refusal.data_received(empty)
+            assert not refusal.pending and not refusal.skip, "a whole frame is kept after its read"
+        assert refusal.read > 64 * 1024
+
+    frames = _refusing(flood)
+    assert frames.startswith(f.settings({})) and MESSAGE.encode() in frames, frames[-200:]
+
+
+def test_a_plaintext_client_whose_preface_goes_wrong_after_its_first_byte_is_closed() -> None:
+    assert _refusing(lambda refusal: refusal.data_received(b"RI * HTTP/1.1\r\n\r\n")) == f.settings({})

@@ -38,7 +38,7 @@ def refuse_plaintext(limit_s: float) -> Callable[[asyncio.Transport, bytes], Non
     (``_Refusal``), anything else closed."""
 
     def refuse(transport: asyncio.Transport, first: bytes) -> None:
-        if not first.startswith(f.PREFACE[: len(first)]) and not first.startswith(f.PREFACE):  # not HTTP/2
+        if not first.startswith(f.PREFACE[: len(first)]):  # not HTTP/2 (the rest of a short preface: _Refusal)
             transport.close()
             return
         transport.write(f.settings({}))
@@ -50,11 +50,20 @@ def refuse_plaintext(limit_s: float) -> Callable[[asyncio.Transport, bytes], Non
 
 
 class _Refusal(asyncio.Protocol):
-    """Reads a plaintext client's frames up to its first call's HEADERS; answers it, GOAWAY, closes."""
+    """Reads a plaintext client's frames up to its first call's HEADERS; answers it, GOAWAY, closes.
+
+    Each byte is looked at once, whatever the reads' sizes: the preface's are checked as they come, a frame's
+    header is kept until whole, its payload skipped as it arrives (a client sending a frame a read would otherwise
+    have every read parse all it sent before)."""
 
     def __init__(self, transport: asyncio.Transport, limit_s: float) -> None:
         self._transport = transport
-        self._read = bytearray()
+        #: the preface's bytes checked so far, the bytes read in all, a frame header's bytes not yet whole
+        self.preface = 0
+        self.read = 0
+        self.pending = bytearray()
+        #: the bytes of the frame being read still to skip (its payload)
+        self.skip = 0
         self._timer = asyncio.get_running_loop().call_later(limit_s, transport.abort)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -63,18 +72,35 @@ class _Refusal(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._transport.is_closing():
             return
-        self._read += data
-        position = len(f.PREFACE)
-        while position + _FRAME_HEADER <= len(self._read):
-            size = int.from_bytes(self._read[position : position + 3], "big")
-            kind = self._read[position + 3]
-            stream = int.from_bytes(self._read[position + 5 : position + 9], "big") & 0x7FFFFFFF
-            if kind == f.HEADERS and stream % 2 == 1:
+        self.read += len(data)
+        view = memoryview(data)
+        if self.preface < len(f.PREFACE):
+            said = view[: len(f.PREFACE) - self.preface]
+            if said != f.PREFACE[self.preface : self.preface + len(said)]:  # not HTTP/2 after all
+                self._transport.close()
+                return
+            self.preface += len(said)
+            view = view[len(said) :]
+        skipped = min(self.skip, len(view))
+        self.skip -= skipped
+        view = view[skipped:]
+        while view:
+            wanted = _FRAME_HEADER - len(self.pending)
+            self.pending += view[:wanted]
+            view = view[wanted:]
+            if len(self.pending) < _FRAME_HEADER:
+                break
+            header, self.pending = self.pending, bytearray()
+            stream = int.from_bytes(header[5:9], "big") & 0x7FFFFFFF
+            if header[3] == f.HEADERS and stream % 2 == 1:
                 answer = f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, stream, _ANSWER)
                 self._end(answer + f.goaway(stream, f.NO_ERROR, MESSAGE))
                 return
-            position += _FRAME_HEADER + size
-        if len(self._read) > _MAX_READ:
+            size = int.from_bytes(header[:3], "big")
+            skipped = min(size, len(view))
+            self.skip = size - skipped
+            view = view[skipped:]
+        if self.read > _MAX_READ:
             self._end(f.goaway(0, f.NO_ERROR, MESSAGE))
 
     def _end(self, last: bytes) -> None:
