@@ -20,6 +20,7 @@ answer has left its write buffer (``close_when_sent``), or a large answer to a s
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ssl
 from asyncio.sslproto import SSLProtocol
 from collections.abc import Callable
@@ -48,22 +49,16 @@ MIN_DRAIN_RATE = 4096
 #: how often a closing connection looks whether its answer has left
 _SENT_POLL_S = 0.05
 
-#: the transport of the connection whose TLS object is being made (in ``TlsDoor._start_tls``, synchronously)
-_opening: asyncio.Transport | None = None
+#: the transport of the connection whose TLS object is being made (in ``TlsDoor._start_tls``, synchronously; a
+#: context variable: each thread's loop, and each task, sees its own)
+_opening: contextvars.ContextVar[asyncio.Transport | None] = contextvars.ContextVar("tls_door_opening", default=None)
 
 
 class _AlertingSSLObject(ssl.SSLObject):
     """An ``SSLObject`` that writes the alert of a failed handshake to its connection before raising."""
 
     _door: asyncio.Transport | None = None
-    _outgoing: ssl.MemoryBIO
-
-    @classmethod
-    def _create(cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, *args: Any, **kwargs: Any) -> Any:
-        made = super()._create(incoming, outgoing, *args, **kwargs)  # type: ignore[misc]
-        made._outgoing = outgoing
-        made._door = _opening
-        return made
+    _outgoing: ssl.MemoryBIO | None = None
 
     def do_handshake(self) -> None:
         try:
@@ -72,7 +67,7 @@ class _AlertingSSLObject(ssl.SSLObject):
             raise
         except ssl.SSLError:
             door, self._door = self._door, None
-            alert = self._outgoing.read()
+            alert = self._outgoing.read() if self._outgoing is not None else b""
             if door is not None and alert and not door.is_closing():
                 door.write(alert)  # the socket is closed right after: an alert is a few bytes, sent at once
             raise
@@ -114,8 +109,20 @@ def close_when_sent(transport: asyncio.Transport, stall_s: float, wire: asyncio.
 
 
 def alerting(context: ssl.SSLContext) -> ssl.SSLContext:
-    """``context``, its handshakes' failures sent to the client as their alerts (through ``TlsDoor``)."""
+    """``context``, its handshakes' failures sent to the client as their alerts (through ``TlsDoor``): its TLS
+    objects are ``_AlertingSSLObject``s, told their outgoing buffer and connection by its ``wrap_bio``."""
+    if context.sslobject_class is _AlertingSSLObject:
+        return context  # (a context reloaded in place, or given to both ports)
     context.sslobject_class = _AlertingSSLObject
+    wrap_bio = context.wrap_bio
+
+    def wrap_bio_alerting(incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, *args: Any, **kwargs: Any) -> Any:
+        made = wrap_bio(incoming, outgoing, *args, **kwargs)
+        made._outgoing = outgoing
+        made._door = _opening.get()
+        return made
+
+    context.wrap_bio = wrap_bio_alerting  # type: ignore[method-assign]
     return context
 
 
@@ -134,7 +141,8 @@ class TlsDoor(asyncio.Protocol):
     calls ``plaintext(transport, first bytes)``, which answers (and closes, or takes the transport on).
 
     ``tls_class``: the TLS protocol (``ssl_protocol_class``, or asyncio's); ``handshake_s``: its handshake's
-    limit (None: the default, 60 s); ``first_byte_s``: how long a connection may stay silent before its first byte."""
+    limit from the connection's accept, its first byte's wait included (None: the TLS protocol's default, 60 s,
+    from the first byte); ``first_byte_s``: how long a connection may stay silent before its first byte."""
 
     def __init__(
         self,
@@ -154,11 +162,14 @@ class TlsDoor(asyncio.Protocol):
         self._first_byte_s = first_byte_s
         self._transport: asyncio.Transport | None = None
         self._silence: asyncio.TimerHandle | None = None
+        self._accepted = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream transport (uvloop's do not subclass asyncio.Transport)
         self._transport = cast(asyncio.Transport, transport)
-        self._silence = asyncio.get_running_loop().call_later(self._first_byte_s, transport.close)
+        loop = asyncio.get_running_loop()
+        self._accepted = loop.time()
+        self._silence = loop.call_later(self._first_byte_s, transport.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._silence is not None:
@@ -176,15 +187,19 @@ class TlsDoor(asyncio.Protocol):
 
     def _start_tls(self, transport: asyncio.Transport, first: bytes) -> None:
         """Hand the connection to TLS, then to the app's protocol, with the bytes this protocol already read."""
-        global _opening
         loop = asyncio.get_running_loop()
+        handshake_s = self._handshake_s
+        if handshake_s is not None:  # what the first byte's wait left of it (the two do not stack)
+            handshake_s = max(0.001, handshake_s - (loop.time() - self._accepted))
         handshake = loop.create_future()
         # a failed handshake (a wrong certificate) ends the connection; its error needs no other reader
         handshake.add_done_callback(lambda done: done.cancelled() or done.exception())
         app = self._app()
         if hasattr(app, "wire"):  # it closes once its answers have left the socket's buffer (``close_when_sent``)
             app.wire = transport
-        _opening = transport  # the TLS object is made by the protocol's constructor (asyncio's) or connection_made
+        opening = _opening.set(
+            transport
+        )  # the TLS object is made by the protocol's constructor (asyncio's) or connection_made
         try:
             tls = self._tls_class(
                 loop,
@@ -192,13 +207,13 @@ class TlsDoor(asyncio.Protocol):
                 self._context,
                 handshake,
                 server_side=True,
-                ssl_handshake_timeout=self._handshake_s,
+                ssl_handshake_timeout=handshake_s,
                 ssl_shutdown_timeout=CLOSE_GRACE_S,
             )
             transport.set_protocol(tls)
             tls.connection_made(transport)
         finally:
-            _opening = None
+            _opening.reset(opening)
         view = memoryview(first)
         while view:
             buffer = tls.get_buffer(len(view))
