@@ -147,6 +147,19 @@ def test_a_refused_tls_connection_is_closed_at_once_and_its_data_never_read(tls_
     assert not tls_door.errors, tls_door.errors
 
 
+def test_a_server_stopping_closes_the_plaintext_connections_it_is_answering(tls_door: TlsDoor) -> None:
+    """A plaintext client that said its preface and no call yet is held until its handshake's limit: a stop closes
+    it at once, as it closes the TLS connections."""
+    with socket.create_connection(("127.0.0.1", tls_door.port), timeout=SAFETY_S) as plain:
+        plain.sendall(HELLO)
+        wait_until(lambda: len(tls_door.server._refusing) == 1, SAFETY_S, "the plaintext connection answered")
+        (held,) = tls_door.server._refusing
+        asyncio.run_coroutine_threadsafe(tls_door.server.stop(None), tls_door.server.front.loop).result(SAFETY_S)
+        assert held.is_closing(), "the stop left the plaintext connection to its handshake's limit"
+        assert read_until_closed(plain) == f.settings({})
+    assert not tls_door.server._refusing
+
+
 def _refusing(feed: Callable[[Any], None]) -> bytes:
     """A plaintext connection on a real socket pair handed to ``refuse_plaintext`` after the preface's first byte,
     then ``feed(its refusal)``; what the client got before the server closed."""
@@ -154,7 +167,7 @@ def _refusing(feed: Callable[[Any], None]) -> bytes:
 
     async def run() -> None:
         transport, _ = await asyncio.get_running_loop().connect_accepted_socket(asyncio.Protocol, served)
-        refuse_plaintext(SAFETY_S)(transport, f.PREFACE[:1])
+        refuse_plaintext(SAFETY_S, set())(transport, f.PREFACE[:1])
         feed(transport.get_protocol())
         await asyncio.sleep(0.1)  # the closed transport's connection_lost
 

@@ -91,6 +91,17 @@ def _closed_by_the_server(sock: socket.socket) -> bool:
     return True
 
 
+def _plaintext_refused(door: Door, port: str) -> float:
+    """The ``dhow_plaintext_refused_total`` sample of ``port`` in the server's metrics (0 when none)."""
+    done = subprocess.run(
+        ["curl", "-sS", "--cacert", str(door.folder / "ca.pem"), "--cert", str(door.folder / "client.pem"),
+         "--key", str(door.folder / "client.key"), f"https://localhost:{door.server.http_port}/metrics"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    prefix = f'dhow_plaintext_refused_total{{port="{port}"}} '
+    return sum(float(line.removeprefix(prefix)) for line in done.stdout.splitlines() if line.startswith(prefix))
+
+
 def test_plain_http_to_the_https_port_is_told_to_use_https_and_the_ca(door: Door) -> None:
     done = subprocess.run(
         ["curl", "-sS", "-i", f"http://{door.server.http_url}/v2/health/live"], capture_output=True, text=True
@@ -98,6 +109,7 @@ def test_plain_http_to_the_https_port_is_told_to_use_https_and_the_ca(door: Door
     assert done.stdout.startswith("HTTP/1.1 400 Bad Request"), done
     assert "use https:// for this address" in done.stdout, done.stdout
     assert "--cacert" in done.stdout, done.stdout  # how a client that does not trust the certificate fixes it
+    assert _plaintext_refused(door, "rest") >= 1
 
 
 def test_a_plaintext_grpc_call_to_the_tls_port_says_the_port_needs_tls(door: Door) -> None:
@@ -106,6 +118,7 @@ def test_a_plaintext_grpc_call_to_the_tls_port_says_the_port_needs_tls(door: Doo
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
     assert "this port speaks gRPC over TLS only" in str(caught.value.details()), caught.value.details()
     assert "secure_channel" in str(caught.value.details()), caught.value.details()
+    assert _plaintext_refused(door, "grpc") >= 1
 
 
 @pytest.mark.parametrize("port", ["http", "grpc"])

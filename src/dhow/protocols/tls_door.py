@@ -117,7 +117,7 @@ def alerting(context: ssl.SSLContext) -> ssl.SSLContext:
     wrap_bio = context.wrap_bio
 
     def wrap_bio_alerting(incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, *args: Any, **kwargs: Any) -> Any:
-        made = wrap_bio(incoming, outgoing, *args, **kwargs)
+        made = cast(_AlertingSSLObject, wrap_bio(incoming, outgoing, *args, **kwargs))
         made._outgoing = outgoing
         made._door = _opening.get()
         return made
@@ -142,7 +142,8 @@ class TlsDoor(asyncio.Protocol):
 
     ``tls_class``: the TLS protocol (``ssl_protocol_class``, or asyncio's); ``handshake_s``: its handshake's
     limit from the connection's accept, its first byte's wait included (None: the TLS protocol's default, 60 s,
-    from the first byte); ``first_byte_s``: how long a connection may stay silent before its first byte."""
+    from the first byte); ``first_byte_s``: how long a connection may stay silent before its first byte; ``counted``:
+    called for each connection that spoke plaintext (a metric)."""
 
     def __init__(
         self,
@@ -153,6 +154,7 @@ class TlsDoor(asyncio.Protocol):
         tls_class: Any = SSLProtocol,
         handshake_s: float | None = None,
         first_byte_s: float = FIRST_BYTE_TIMEOUT_S,
+        counted: Callable[[], None] | None = None,
     ) -> None:
         self._context = context
         self._app = app
@@ -160,6 +162,7 @@ class TlsDoor(asyncio.Protocol):
         self._tls_class = tls_class
         self._handshake_s = handshake_s
         self._first_byte_s = first_byte_s
+        self._counted = counted
         self._transport: asyncio.Transport | None = None
         self._silence: asyncio.TimerHandle | None = None
         self._accepted = 0.0
@@ -183,6 +186,8 @@ class TlsDoor(asyncio.Protocol):
         if data[0] == _TLS_HANDSHAKE:
             self._start_tls(transport, data)
         else:
+            if self._counted is not None:
+                self._counted()
             self._plaintext(transport, data)
 
     def _start_tls(self, transport: asyncio.Transport, first: bytes) -> None:

@@ -53,6 +53,7 @@ class HttpFront:
         refused: Callable[[], None] | None = None,
         drain_s: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
+        plaintext: Callable[[], None] | None = None,
     ) -> None:
         self.app = app
         self.host = host
@@ -64,6 +65,8 @@ class HttpFront:
         self.refused = refused or (lambda: None)
         self.drain_s = drain_s
         self.ssl_context = alerting(ssl_context) if ssl_context is not None else None
+        #: counts a connection that spoke plain HTTP to the HTTPS port (answered 400)
+        self.plaintext = plaintext
         self.proxies = TrustedProxies()
         self.started = False
         self.should_exit = False
@@ -119,7 +122,7 @@ class HttpFront:
     def _protocol(self) -> asyncio.Protocol:
         if self.ssl_context is None:
             return Http1Connection(self)
-        return https_door(self.ssl_context, lambda: Http1Connection(self))
+        return https_door(self.ssl_context, lambda: Http1Connection(self), self.plaintext)
 
     async def _drain(self) -> None:
         for server in self.servers:

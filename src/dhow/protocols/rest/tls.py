@@ -47,20 +47,25 @@ def plain_http(transport: asyncio.Transport, first: bytes) -> None:
     transport.close()
 
 
-def https_door(ssl_context: ssl.SSLContext, http: Callable[[], asyncio.Protocol]) -> TlsDoor:
-    """A connection's protocol on the HTTPS port: TLS then ``http``, or the 400 for plain HTTP. asyncio's
-    ``SSLProtocol`` on either loop, as before the door."""
-    return TlsDoor(ssl_context, http, plain_http)
+def https_door(
+    ssl_context: ssl.SSLContext, http: Callable[[], asyncio.Protocol], plaintext: Callable[[], None] | None = None
+) -> TlsDoor:
+    """A connection's protocol on the HTTPS port: TLS then ``http``, or the 400 for plain HTTP (``plaintext``
+    counts it). asyncio's ``SSLProtocol`` on either loop, as before the door."""
+    return TlsDoor(ssl_context, http, plain_http, counted=plaintext)
 
 
-def https_port_protocol(ssl_context: ssl.SSLContext, http: type[DeadlineHttpProtocol]) -> Any:
+def https_port_protocol(
+    ssl_context: ssl.SSLContext, http: type[DeadlineHttpProtocol], plaintext: Callable[[], None] | None = None
+) -> Any:
     """What uvicorn's ``http`` option takes: a factory of the port's protocol, called with uvicorn's arguments;
     ``http`` is the HTTP protocol a connection goes on with once TLS is started (with its time limits). The
-    context is the one ``ServerCertificates`` reloads on SIGHUP: new connections get the new certificate."""
+    context is the one ``ServerCertificates`` reloads on SIGHUP: new connections get the new certificate.
+    ``plaintext`` counts a connection that spoke plain HTTP."""
     alerting(ssl_context)
 
     def create(**uvicorn_arguments: Any) -> TlsDoor:
-        return https_door(ssl_context, functools.partial(http, **uvicorn_arguments))
+        return https_door(ssl_context, functools.partial(http, **uvicorn_arguments), plaintext)
 
     return create
 

@@ -33,16 +33,17 @@ _MAX_READ = 64 * 1024
 _FRAME_HEADER = 9
 
 
-def refuse_plaintext(limit_s: float) -> Callable[[asyncio.Transport, bytes], None]:
+def refuse_plaintext(limit_s: float, refusing: set[asyncio.Transport]) -> Callable[[asyncio.Transport, bytes], None]:
     """What ``TlsDoor`` calls with a connection whose first bytes are not TLS: an HTTP/2 preface is answered
-    (``_Refusal``), anything else closed."""
+    (``_Refusal``), anything else closed. ``refusing`` holds the connections being answered (a server's stop
+    closes them)."""
 
     def refuse(transport: asyncio.Transport, first: bytes) -> None:
         if not first.startswith(f.PREFACE[: len(first)]):  # not HTTP/2 (the rest of a short preface: _Refusal)
             transport.close()
             return
         transport.write(f.settings({}))
-        refusal = _Refusal(transport, limit_s)
+        refusal = _Refusal(transport, limit_s, refusing)
         transport.set_protocol(refusal)
         refusal.data_received(first)
 
@@ -56,8 +57,10 @@ class _Refusal(asyncio.Protocol):
     header is kept until whole, its payload skipped as it arrives (a client sending a frame a read would otherwise
     have every read parse all it sent before)."""
 
-    def __init__(self, transport: asyncio.Transport, limit_s: float) -> None:
+    def __init__(self, transport: asyncio.Transport, limit_s: float, refusing: set[asyncio.Transport]) -> None:
         self._transport = transport
+        self._refusing = refusing
+        refusing.add(transport)
         #: the preface's bytes checked so far, the bytes read in all, a frame header's bytes not yet whole
         self.preface = 0
         self.read = 0
@@ -68,6 +71,7 @@ class _Refusal(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._timer.cancel()
+        self._refusing.discard(self._transport)
 
     def data_received(self, data: bytes) -> None:
         if self._transport.is_closing():

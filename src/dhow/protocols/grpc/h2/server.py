@@ -95,13 +95,17 @@ class NativeServer:
         max_message: int,
         ssl_context: ssl.SSLContext | None,
         refused: Callable[[], None] | None = None,
+        plaintext: Callable[[], None] | None = None,
     ) -> None:
         self.front = Front(methods, limits, max_message, asyncio.get_running_loop())
         if refused is not None:
             self.front.refused = refused
         self._ssl = alerting(ssl_context) if ssl_context is not None else None
         self._tls_class = ssl_protocol_class(self.front.loop)
-        self._plaintext = refuse_plaintext(limits.handshake_s)
+        #: the plaintext connections being answered that the port needs TLS (closed by ``stop``), and their count
+        self._refusing: set[asyncio.Transport] = set()
+        self._plaintext = refuse_plaintext(limits.handshake_s, self._refusing)
+        self._plaintext_counted = plaintext
         self._server: asyncio.Server | None = None
         self._cut = asyncio.Event()
         self._stopped = False
@@ -128,6 +132,7 @@ class NativeServer:
             tls_class=self._tls_class,
             handshake_s=handshake_s,
             first_byte_s=handshake_s,
+            counted=self._plaintext_counted,
         )
 
     async def start(self) -> None:
@@ -144,6 +149,8 @@ class NativeServer:
         self._stopped = True
         if self._server is not None:
             self._server.close()
+        for refusing in list(self._refusing):
+            refusing.abort()
         for connection in list(self.front.connections):
             connection.drain()
         remaining = grace or 0.0
