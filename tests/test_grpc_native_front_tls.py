@@ -9,6 +9,7 @@ import asyncio
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,20 @@ def test_a_refused_tls_connection_is_closed_at_once_and_its_data_never_read(tls_
         (held_connection,) = tls_door.server.front.connections
         assert not held_connection.streams
     assert not tls_door.errors, tls_door.errors
+
+
+def test_the_handshakes_limit_counts_from_the_accept_not_from_the_tls_handshakes_end(tls_door: TlsDoor) -> None:
+    """--header-timeout covers a gRPC connection's start, TLS handshake and HTTP/2 settings together: a client that
+    waited before its handshake has that much less for its settings (each step had the whole limit: 3 times it)."""
+    with socket.create_connection(("127.0.0.1", tls_door.port), timeout=SAFETY_S) as sock:
+        time.sleep(0.5)  # half the fixture's 1 s limit before its first byte
+        context = ssl.create_default_context(cafile=tls_door.folder / "ca.pem")
+        context.set_alpn_protocols(["h2"])
+        with context.wrap_socket(sock, server_hostname="localhost"):
+            wait_until(lambda: tls_door.connections() == 1, SAFETY_S, "the connection admitted")
+            (connection,) = tls_door.server.front.connections
+            limit = tls_door.server.front.limits.handshake_s
+            assert connection._timers[0].when() <= connection.accepted + limit, "the settings got the whole limit"
 
 
 def test_a_server_stopping_closes_the_plaintext_connections_it_is_answering(tls_door: TlsDoor) -> None:

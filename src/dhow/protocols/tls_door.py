@@ -202,6 +202,8 @@ class TlsDoor(asyncio.Protocol):
         app = self._app()
         if hasattr(app, "wire"):  # it closes once its answers have left the socket's buffer (``close_when_sent``)
             app.wire = transport
+        if hasattr(app, "accepted"):  # its own limit on the connection's start counts from the accept as well
+            app.accepted = self._accepted
         opening = _opening.set(
             transport
         )  # the TLS object is made by the protocol's constructor (asyncio's) or connection_made

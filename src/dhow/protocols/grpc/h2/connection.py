@@ -39,6 +39,7 @@ class H2Connection(Sender, asyncio.Protocol):
         self.loop = front.loop
         self.transport: asyncio.Transport | None = None
         self.wire: asyncio.Transport | None = None  # under TLS, the socket's transport (``TlsDoor``)
+        self.accepted = 0.0  # under TLS, when the door accepted it: the handshake's limit counts from then
         self.peer = ""
         self.auth_context: dict[str, list[bytes]] = {}
         self.streams: dict[int, Stream] = {}
@@ -81,7 +82,8 @@ class H2Connection(Sender, asyncio.Protocol):
         if not self.front.admit(self, transport):  # past ``--max-connections``: aborted before any SETTINGS
             self.closed = True
             return
-        self._timers.append(self.loop.call_later(self.front.limits.handshake_s, self._handshake_over))
+        start = self.accepted or self.loop.time()
+        self._timers.append(self.loop.call_at(start + self.front.limits.handshake_s, self._handshake_over))
         self._timers.append(self.loop.call_later(self._liveness.step, self._tick))
 
     def connection_lost(self, exc: Exception | None) -> None:
