@@ -190,16 +190,22 @@ async def _large_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"x" * _LARGE})
 
 
-def _served_in_a_thread(front: str, context: ssl.SSLContext) -> Iterator[int]:
-    """A REST front (``native`` or ``uvicorn``) answering every request with ``_LARGE`` bytes over TLS; its port."""
+def _served_in_a_thread(
+    front: str, context: ssl.SSLContext, app: Any = _large_app, keepalive_s: int = 5
+) -> Iterator[int]:
+    """A REST front (``native`` or ``uvicorn``) serving ``app`` over TLS; its port."""
     timeouts = ConnectionTimeouts(header_s=SAFETY_S, body_s=SAFETY_S)
     server: Any
     if front == "native":
-        server = HttpFront(_large_app, host="127.0.0.1", port=0, timeouts=timeouts, keepalive_s=5, ssl_context=context)
+        server = HttpFront(
+            app, host="127.0.0.1", port=0, timeouts=timeouts, keepalive_s=keepalive_s, ssl_context=context
+        )
         thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
     else:
         protocol = https_port_protocol(context, DeadlineHttpProtocol.with_timeouts(timeouts))
-        config = uvicorn.Config(_large_app, host="127.0.0.1", port=0, loop="asyncio", lifespan="off", http=protocol)
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, loop="asyncio", lifespan="off", http=protocol, timeout_keep_alive=keepalive_s
+        )
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -209,16 +215,21 @@ def _served_in_a_thread(front: str, context: ssl.SSLContext) -> Iterator[int]:
     thread.join(SAFETY_S)
 
 
+def _tls_pair(folder: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context and a client context trusting its CA, made in ``folder``."""
+    ca = _issue(folder, "ca", "dhow test CA", None)
+    _issue(folder, "server", "localhost", ca, ExtendedKeyUsageOID.SERVER_AUTH)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(folder / "server.pem", folder / "server.key")
+    return context, ssl.create_default_context(cafile=folder / "ca.pem")
+
+
 @pytest.mark.parametrize("front", ["native", "uvicorn"])
 def test_a_large_answer_on_a_closing_connection_reaches_a_client_that_reads_it_late(front: str, tmp_path: Path) -> None:
     """``Connection: close``: the server closes once its answer is written, and the close's grace for the client's
     close_notify (2 s) starts only once the answer has left: a client that begins reading after it gets every
     byte (the grace once began at the close, and cut the answer off after 2 s: 3.8 MB of 64 MiB came)."""
-    ca = _issue(tmp_path, "ca", "dhow test CA", None)
-    _issue(tmp_path, "server", "localhost", ca, ExtendedKeyUsageOID.SERVER_AUTH)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
-    client = ssl.create_default_context(cafile=tmp_path / "ca.pem")
+    context, client = _tls_pair(tmp_path)
     for port in _served_in_a_thread(front, context):
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # the kernel holds little for it
@@ -234,3 +245,34 @@ def test_a_large_answer_on_a_closing_connection_reaches_a_client_that_reads_it_l
         head, _, body = bytes(answer).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), head
         assert len(body) == _LARGE, f"{len(body)} of {_LARGE} bytes came"
+
+
+@pytest.mark.parametrize("front", ["native", "uvicorn"])
+def test_a_connection_closing_while_its_answer_leaves_starts_no_request_sent_after_the_close(
+    front: str, tmp_path: Path
+) -> None:
+    """The keep-alive limit closes a connection whose large answer a slow client is still reading (the answer
+    waits to leave, ``close_when_sent``): the requests the client then pipelines are not run, their answers would
+    be thrown away (uvicorn's front ran each of them, and logged a 200 for answers never sent)."""
+    paths: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        paths.append(scope["path"])
+        await _large_app(scope, receive, send)
+
+    context, client = _tls_pair(tmp_path)
+    for port in _served_in_a_thread(front, context, app, keepalive_s=1):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        sock.settimeout(SAFETY_S)
+        sock.connect(("127.0.0.1", port))
+        with client.wrap_socket(sock, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /big HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            time.sleep(2.5)  # past the keep-alive limit: the server closes, its answer still leaving
+            tls.sendall(b"GET /again HTTP/1.1\r\nhost: localhost\r\n\r\n" * 3)
+            answer = bytearray()
+            with contextlib.suppress(ssl.SSLEOFError, ConnectionResetError):
+                while chunk := tls.recv(1024 * 1024):
+                    answer += chunk
+        assert len(answer) >= _LARGE, f"{len(answer)} bytes came"
+    assert paths == ["/big"]

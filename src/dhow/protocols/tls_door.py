@@ -84,8 +84,15 @@ def close_when_sent(transport: asyncio.Transport, stall_s: float, wire: asyncio.
     """Close ``transport`` once what was written to it has left its buffer, and ``wire``'s (the socket's transport
     under TLS: the TLS protocol hands it all it encrypts, up to its high-water mark); abort it when its client stops
     taking it: less than ``drained`` in ``stall_s``. Over TLS the close's grace for the client's close_notify
-    (``CLOSE_GRACE_S``) so starts when the answer is out, not while a slow reader is still taking it."""
+    (``CLOSE_GRACE_S``) so starts when the answer is out, not while a slow reader is still taking it.
+
+    Over TLS nothing is decrypted meanwhile (the protocol would only discard it: uvicorn's ran the requests a client
+    pipelined after the close): reading resumes at the close, for the TLS shutdown to read past what came to the
+    client's close_notify. A plaintext connection keeps reading (and its protocol discarding): bytes left unread at
+    the close would make it a reset, which could cut off the answer's end still in the kernel's buffer."""
     loop = asyncio.get_running_loop()
+    if wire is not None:
+        transport.pause_reading()
 
     def size() -> int:
         return transport.get_write_buffer_size() + (wire.get_write_buffer_size() if wire is not None else 0)
@@ -95,6 +102,8 @@ def close_when_sent(transport: asyncio.Transport, stall_s: float, wire: asyncio.
             return
         buffered = size()
         if not buffered:
+            if wire is not None:
+                transport.resume_reading()
             transport.close()
             return
         now = loop.time()

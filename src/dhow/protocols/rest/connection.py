@@ -26,6 +26,7 @@ import asyncio
 import contextvars
 import logging
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -125,6 +126,8 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():  # closed, its answer still leaving: a request sent now is never answered
+            return
         self._last_read = self.loop.time()
         super().data_received(data)
 
@@ -205,7 +208,8 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
 class _ClosingWhenSent:
     """A TLS connection's transport as uvicorn's protocol sees it: its ``close`` waits for what was written to
     leave (``close_when_sent``), so that the close's grace for the client's close_notify does not cut a large answer
-    off; nothing more is written meanwhile. uvicorn closes its transport itself, where the protocol is not told."""
+    off; nothing more is written or read meanwhile (a request pipelined after the close is not run). uvicorn closes
+    its transport itself, where the protocol is not told."""
 
     __slots__ = ("_shut", "_stall_s", "_transport", "_wire")
 
@@ -218,6 +222,14 @@ class _ClosingWhenSent:
     def write(self, data: bytes) -> None:
         if not self._shut:
             self._transport.write(data)
+
+    def writelines(self, data: Iterable[bytes]) -> None:
+        if not self._shut:
+            self._transport.writelines(data)
+
+    def resume_reading(self) -> None:
+        if not self._shut:  # (``close_when_sent`` reads again at the close, itself)
+            self._transport.resume_reading()
 
     def is_closing(self) -> bool:
         return self._shut or self._transport.is_closing()

@@ -123,6 +123,8 @@ class Http1Connection(asyncio.Protocol):
         self._pipeline.clear()
 
     def data_received(self, data: bytes) -> None:
+        if self._shut:  # closed, its answers still leaving: nothing sent now is answered
+            return
         self.last_read = self.loop.time()
         self.idle_since = 0.0
         try:
@@ -143,7 +145,7 @@ class Http1Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume(self) -> None:
-        if self.paused and self.transport is not None and not self._pipeline and not self.refusal:
+        if self.paused and self.transport is not None and not self._pipeline and not self.refusal and not self._shut:
             self.paused = False
             self.last_read = self.loop.time()  # the client could not send meanwhile: its deadlines start again
             self.transport.resume_reading()
