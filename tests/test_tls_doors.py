@@ -276,3 +276,33 @@ def test_a_connection_closing_while_its_answer_leaves_starts_no_request_sent_aft
                     answer += chunk
         assert len(answer) >= _LARGE, f"{len(answer)} bytes came"
     assert paths == ["/big"]
+
+
+@pytest.mark.parametrize("client", ["reading nothing", "silent at the tls door"])
+def test_a_connection_left_at_the_drains_end_is_cut_not_left_to_its_own_limits(client: str, tmp_path: Path) -> None:
+    """The native front's drain gives its connections ``drain_s``; then a connection still sending an answer to a
+    client that stopped reading, or still at the TLS door (no first byte yet), is aborted, not left to its own
+    limits (``--body-timeout`` with no byte taken; a minute for the first byte), which ``Server.wait_closed``
+    waits for on Python 3.12.1+. The bounds here are waits for the server, not timings of it."""
+    timeouts = ConnectionTimeouts(header_s=120.0, body_s=120.0)
+    context = _tls_pair(tmp_path)[0] if client == "silent at the tls door" else None
+    front = HttpFront(
+        _large_app, host="127.0.0.1", port=0, timeouts=timeouts, keepalive_s=60, drain_s=0.5, ssl_context=context
+    )
+    thread = threading.Thread(target=asyncio.run, args=(front.serve(),), daemon=True)
+    thread.start()
+    wait_until(lambda: front.started, SAFETY_S, "the front started")
+    port = int(front.servers[0].sockets[0].getsockname()[1])
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        sock.settimeout(SAFETY_S)
+        sock.connect(("127.0.0.1", port))
+        if context is None:
+            sock.sendall(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            assert sock.recv(1), "the answer began"  # then the client reads nothing more
+        else:
+            wait_until(lambda: front._opening, SAFETY_S, "the connection at the door")
+        front.should_exit = True
+        thread.join(SAFETY_S)
+        assert not thread.is_alive(), "the drain still waits for the connection"
+        assert _closed_by_the_server(sock), "the connection outlived the drain"

@@ -152,7 +152,8 @@ class TlsDoor(asyncio.Protocol):
     ``tls_class``: the TLS protocol (``ssl_protocol_class``, or asyncio's); ``handshake_s``: its handshake's
     limit from the connection's accept, its first byte's wait included (None: the TLS protocol's default, 60 s,
     from the first byte); ``first_byte_s``: how long a connection may stay silent before its first byte; ``counted``:
-    called for each connection that spoke plaintext (a metric)."""
+    called for each connection that spoke plaintext (a metric); ``opening``: holds the connection until its handshake
+    ends or its plaintext answer is handed it (a server's drain aborts those left)."""
 
     def __init__(
         self,
@@ -164,6 +165,7 @@ class TlsDoor(asyncio.Protocol):
         handshake_s: float | None = None,
         first_byte_s: float = FIRST_BYTE_TIMEOUT_S,
         counted: Callable[[], None] | None = None,
+        opening: set[asyncio.Transport] | None = None,
     ) -> None:
         self._context = context
         self._app = app
@@ -172,6 +174,7 @@ class TlsDoor(asyncio.Protocol):
         self._handshake_s = handshake_s
         self._first_byte_s = first_byte_s
         self._counted = counted
+        self._opening = opening if opening is not None else set()
         self._transport: asyncio.Transport | None = None
         self._silence: asyncio.TimerHandle | None = None
         self._accepted = 0.0
@@ -182,10 +185,13 @@ class TlsDoor(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._accepted = loop.time()
         self._silence = loop.call_later(self._first_byte_s, transport.close)
+        self._opening.add(self._transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._silence is not None:
             self._silence.cancel()
+        if self._transport is not None:
+            self._opening.discard(self._transport)
 
     def data_received(self, data: bytes) -> None:
         transport = self._transport
@@ -195,6 +201,7 @@ class TlsDoor(asyncio.Protocol):
         if data[0] == _TLS_HANDSHAKE:
             self._start_tls(transport, data)
         else:
+            self._opening.discard(transport)
             if self._counted is not None:
                 self._counted()
             self._plaintext(transport, data)
@@ -208,6 +215,7 @@ class TlsDoor(asyncio.Protocol):
         handshake = loop.create_future()
         # a failed handshake (a wrong certificate) ends the connection; its error needs no other reader
         handshake.add_done_callback(lambda done: done.cancelled() or done.exception())
+        handshake.add_done_callback(lambda _: self._opening.discard(transport))
         app = self._app()
         if hasattr(app, "wire"):  # it closes once its answers have left the socket's buffer (``close_when_sent``)
             app.wire = transport

@@ -159,6 +159,12 @@ class Http1Connection(asyncio.Protocol):
             self._shut = True
             close_when_sent(self.transport, self.front.timeouts.body_s, self.wire)
 
+    def abort(self) -> None:
+        """Cut the connection now, what it has not sent included (the drain's time is over)."""
+        self.closing = self._shut = True
+        if self.transport is not None:
+            self.transport.abort()
+
     def _refuse(self, answer: bytes) -> None:
         """Refuse the request being parsed (invalid, or the server crowded) and close the connection.
 

@@ -48,11 +48,14 @@ def plain_http(transport: asyncio.Transport, first: bytes) -> None:
 
 
 def https_door(
-    ssl_context: ssl.SSLContext, http: Callable[[], asyncio.Protocol], plaintext: Callable[[], None] | None = None
+    ssl_context: ssl.SSLContext,
+    http: Callable[[], asyncio.Protocol],
+    plaintext: Callable[[], None] | None = None,
+    opening: set[asyncio.Transport] | None = None,
 ) -> TlsDoor:
     """A connection's protocol on the HTTPS port: TLS then ``http``, or the 400 for plain HTTP (``plaintext``
-    counts it). asyncio's ``SSLProtocol`` on either loop, as before the door."""
-    return TlsDoor(ssl_context, http, plain_http, counted=plaintext)
+    counts it; ``opening``: see ``TlsDoor``). asyncio's ``SSLProtocol`` on either loop, as before the door."""
+    return TlsDoor(ssl_context, http, plain_http, counted=plaintext, opening=opening)
 
 
 def https_port_protocol(
