@@ -97,7 +97,7 @@ def _serve(mode: str, folder: str, base: str | None, ports: Any, control: Any) -
             tls_class = ssl_protocol_class(loop) if mode == "door-loop-class" else None
             kwargs = {"tls_class": tls_class} if tls_class is not None else {}
             server = await loop.create_server(
-                lambda: TlsDoor(context, _Echo, lambda transport, _: transport.close(), **kwargs), "127.0.0.1", 0
+                lambda: TlsDoor(context, _Echo, lambda transport, *_: transport.close(), **kwargs), "127.0.0.1", 0
             )
         ports.put(server.sockets[0].getsockname()[1])
         while True:

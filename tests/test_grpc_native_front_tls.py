@@ -175,6 +175,20 @@ def test_a_server_stopping_closes_the_plaintext_connections_it_is_answering(tls_
     assert not tls_door.server._refusing
 
 
+def test_a_plaintext_connections_limit_counts_from_the_accept_not_from_its_first_byte(tls_door: TlsDoor) -> None:
+    """A plaintext client that waited before its preface has that much less of the handshake's limit left for its
+    call (the refusal had the whole limit from the first byte: twice it in all)."""
+    with socket.create_connection(("127.0.0.1", tls_door.port), timeout=SAFETY_S) as plain:
+        time.sleep(0.5)  # half the fixture's 1 s limit before its first byte
+        plain.sendall(HELLO)
+        wait_until(lambda: len(tls_door.server._refusing) == 1, SAFETY_S, "the plaintext connection answered")
+        (held,) = tls_door.server._refusing
+        refusal: Any = held.get_protocol()
+        # accepted at most when the client's connect returned, 0.5 s ago: at most 0.5 s of the limit is left
+        left = refusal._timer.when() - tls_door.server.front.loop.time()
+        assert left < tls_door.server.front.limits.handshake_s * 0.75, f"{left:.2f} s left: the whole limit again"
+
+
 def _refusing(feed: Callable[[Any], None]) -> bytes:
     """A plaintext connection on a real socket pair handed to ``refuse_plaintext`` after the preface's first byte,
     then ``feed(its refusal)``; what the client got before the server closed."""
@@ -182,7 +196,7 @@ def _refusing(feed: Callable[[Any], None]) -> bytes:
 
     async def run() -> None:
         transport, _ = await asyncio.get_running_loop().connect_accepted_socket(asyncio.Protocol, served)
-        refuse_plaintext(SAFETY_S, set())(transport, f.PREFACE[:1])
+        refuse_plaintext(SAFETY_S, set())(transport, f.PREFACE[:1], asyncio.get_running_loop().time())
         feed(transport.get_protocol())
         await asyncio.sleep(0.1)  # the closed transport's connection_lost
 

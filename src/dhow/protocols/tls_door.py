@@ -147,7 +147,8 @@ def ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
 
 class TlsDoor(asyncio.Protocol):
     """Starts TLS on a connection whose first byte opens a handshake, with ``app`` the protocol behind it; else
-    calls ``plaintext(transport, first bytes)``, which answers (and closes, or takes the transport on).
+    calls ``plaintext(transport, first bytes, the accept's loop time)``, which answers (and closes, or takes the
+    transport on).
 
     ``tls_class``: the TLS protocol (``ssl_protocol_class``, or asyncio's); ``handshake_s``: its handshake's
     limit from the connection's accept, its first byte's wait included (None: the TLS protocol's default, 60 s,
@@ -159,7 +160,7 @@ class TlsDoor(asyncio.Protocol):
         self,
         context: ssl.SSLContext,
         app: Callable[[], asyncio.BaseProtocol],
-        plaintext: Callable[[asyncio.Transport, bytes], None],
+        plaintext: Callable[[asyncio.Transport, bytes, float], None],
         *,
         tls_class: Any = SSLProtocol,
         handshake_s: float | None = None,
@@ -204,7 +205,7 @@ class TlsDoor(asyncio.Protocol):
             self._opening.discard(transport)
             if self._counted is not None:
                 self._counted()
-            self._plaintext(transport, data)
+            self._plaintext(transport, data, self._accepted)
 
     def _start_tls(self, transport: asyncio.Transport, first: bytes) -> None:
         """Hand the connection to TLS, then to the app's protocol, with the bytes this protocol already read."""

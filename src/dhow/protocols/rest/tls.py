@@ -39,8 +39,9 @@ _PLAIN_HTTP_ANSWER = (
 )
 
 
-def plain_http(transport: asyncio.Transport, first: bytes) -> None:
-    """A connection to the HTTPS port whose first bytes are not TLS: a plain HTTP request gets the 400."""
+def plain_http(transport: asyncio.Transport, first: bytes, accepted: float) -> None:
+    """A connection to the HTTPS port whose first bytes are not TLS: a plain HTTP request gets the 400 (at once:
+    the accept's time, ``accepted``, bounds nothing)."""
     # an HTTP method starts with a capital letter; anything else gets no answer it could not read
     if first[:1].isupper():
         transport.write(_PLAIN_HTTP_ANSWER)

@@ -5,7 +5,8 @@ The answer is a call's, not the connection's: grpcio shows a GOAWAY's debug data
 once without backoff after it, and its call waits to its deadline ("Deadline Exceeded"); a call ended
 trailers-only with grpc-status 14 fails at once, its grpc-message as the error's details. grpc's clients send
 their first call only after the server's SETTINGS, so the server sends SETTINGS, reads up to that call's HEADERS,
-answers it, sends GOAWAY and closes. Bounded: ``limit_s`` in all (the handshake's limit), ``_MAX_READ`` bytes.
+answers it, sends GOAWAY and closes. Bounded: ``limit_s`` from the accept in all (the handshake's limit, the first
+byte's wait included), ``_MAX_READ`` bytes.
 """
 
 from __future__ import annotations
@@ -33,17 +34,19 @@ _MAX_READ = 64 * 1024
 _FRAME_HEADER = 9
 
 
-def refuse_plaintext(limit_s: float, refusing: set[asyncio.Transport]) -> Callable[[asyncio.Transport, bytes], None]:
-    """What ``TlsDoor`` calls with a connection whose first bytes are not TLS: an HTTP/2 preface is answered
-    (``_Refusal``), anything else closed. ``refusing`` holds the connections being answered (a server's stop
-    closes them)."""
+def refuse_plaintext(
+    limit_s: float, refusing: set[asyncio.Transport]
+) -> Callable[[asyncio.Transport, bytes, float], None]:
+    """What ``TlsDoor`` calls with a connection whose first bytes are not TLS, and the loop time of its accept: an
+    HTTP/2 preface is answered (``_Refusal``, until ``limit_s`` after the accept), anything else closed.
+    ``refusing`` holds the connections being answered (a server's stop closes them)."""
 
-    def refuse(transport: asyncio.Transport, first: bytes) -> None:
+    def refuse(transport: asyncio.Transport, first: bytes, accepted: float) -> None:
         if not first.startswith(f.PREFACE[: len(first)]):  # not HTTP/2 (the rest of a short preface: _Refusal)
             transport.close()
             return
         transport.write(f.settings({}))
-        refusal = _Refusal(transport, limit_s, refusing)
+        refusal = _Refusal(transport, accepted + limit_s, refusing)
         transport.set_protocol(refusal)
         refusal.data_received(first)
 
@@ -57,7 +60,7 @@ class _Refusal(asyncio.Protocol):
     header is kept until whole, its payload skipped as it arrives (a client sending a frame a read would otherwise
     have every read parse all it sent before)."""
 
-    def __init__(self, transport: asyncio.Transport, limit_s: float, refusing: set[asyncio.Transport]) -> None:
+    def __init__(self, transport: asyncio.Transport, due: float, refusing: set[asyncio.Transport]) -> None:
         self._transport = transport
         self._refusing = refusing
         refusing.add(transport)
@@ -67,7 +70,7 @@ class _Refusal(asyncio.Protocol):
         self.pending = bytearray()
         #: the bytes of the frame being read still to skip (its payload)
         self.skip = 0
-        self._timer = asyncio.get_running_loop().call_later(limit_s, transport.abort)
+        self._timer = asyncio.get_running_loop().call_at(due, transport.abort)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._timer.cancel()
