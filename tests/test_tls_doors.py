@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dhow.protocols.rest.connection import ConnectionTimeouts, DeadlineHttpProtocol
 from dhow.protocols.rest.front import HttpFront
-from dhow.protocols.rest.tls import https_port_protocol
+from dhow.protocols.rest.tls import HANDSHAKE_S, https_port_protocol
 from dhow.protocols.tls_door import CLOSE_GRACE_S
 from tests.conftest import DhowProcess, start_dhow, wait_until
 from tests.test_e2e_security_transport import _issue, _wait_tls_ready
@@ -190,6 +190,10 @@ async def _large_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"x" * _LARGE})
 
 
+#: the fronts ``_served_in_a_thread`` started, the last one's last
+_FRONTS: list[Any] = []
+
+
 def _served_in_a_thread(
     front: str, context: ssl.SSLContext, app: Any = _large_app, keepalive_s: int = 5
 ) -> Iterator[int]:
@@ -210,6 +214,7 @@ def _served_in_a_thread(
         thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(lambda: server.started, SAFETY_S, "the front started")
+    _FRONTS.append(server)
     yield int(server.servers[0].sockets[0].getsockname()[1])
     server.should_exit = True
     thread.join(SAFETY_S)
@@ -306,3 +311,21 @@ def test_a_connection_left_at_the_drains_end_is_cut_not_left_to_its_own_limits(c
         thread.join(SAFETY_S)
         assert not thread.is_alive(), "the drain still waits for the connection"
         assert _closed_by_the_server(sock), "the connection outlived the drain"
+
+
+def test_a_rest_connections_handshake_limit_counts_from_the_accept(tmp_path: Path) -> None:
+    """The HTTPS port's handshake limit includes the first byte's wait (the docs say so): a client that waited
+    before its ClientHello has that much less of it (it had a minute for its first byte, then a minute more)."""
+    context, client = _tls_pair(tmp_path)
+    for port in _served_in_a_thread("native", context):
+        with socket.create_connection(("127.0.0.1", port), timeout=SAFETY_S) as sock:
+            time.sleep(0.5)  # before its first byte
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            with contextlib.suppress(ssl.SSLWantReadError):
+                client.wrap_bio(incoming, outgoing, server_hostname="localhost").do_handshake()
+            sock.sendall(outgoing.read())  # its ClientHello, and nothing more
+            sock.recv(1)  # the server's answer: its TLS protocol has started
+            (tls,) = [door.get_protocol() for door in _FRONTS[-1]._opening]
+            # accepted at most when the client's connect returned, 0.5 s ago (asyncio's loop time is monotonic)
+            left = tls._handshake_timeout_handle.when() - time.monotonic()
+            assert left < HANDSHAKE_S - 0.25, f"{left:.2f} s left: the whole limit from the first byte"

@@ -22,9 +22,9 @@ from typing import Any
 
 from dhow.protocols.rest.app import CLIENT_CN_SCOPE_KEY
 from dhow.protocols.rest.connection import DeadlineHttpProtocol
-from dhow.protocols.tls_door import TlsDoor, alerting
+from dhow.protocols.tls_door import FIRST_BYTE_TIMEOUT_S, TlsDoor, alerting
 
-__all__ = ["ClientCertHttpProtocol", "common_name", "https_door", "https_port_protocol", "plain_http"]
+__all__ = ["HANDSHAKE_S", "ClientCertHttpProtocol", "common_name", "https_door", "https_port_protocol", "plain_http"]
 
 _PLAIN_HTTP_ERROR = json.dumps(
     {
@@ -37,6 +37,11 @@ _PLAIN_HTTP_ANSWER = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
     b"content-length: %d\r\n\r\n%s" % (len(_PLAIN_HTTP_ERROR), _PLAIN_HTTP_ERROR)
 )
+
+
+#: a connection's TLS handshake's limit from its accept, the first byte's wait included (asyncio's handshake limit,
+#: which would count from the first byte: 60 s for the first byte then 60 s more for the handshake)
+HANDSHAKE_S = FIRST_BYTE_TIMEOUT_S
 
 
 def plain_http(transport: asyncio.Transport, first: bytes, accepted: float) -> None:
@@ -56,7 +61,7 @@ def https_door(
 ) -> TlsDoor:
     """A connection's protocol on the HTTPS port: TLS then ``http``, or the 400 for plain HTTP (``plaintext``
     counts it; ``opening``: see ``TlsDoor``). asyncio's ``SSLProtocol`` on either loop, as before the door."""
-    return TlsDoor(ssl_context, http, plain_http, counted=plaintext, opening=opening)
+    return TlsDoor(ssl_context, http, plain_http, handshake_s=HANDSHAKE_S, counted=plaintext, opening=opening)
 
 
 def https_port_protocol(
