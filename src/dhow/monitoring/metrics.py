@@ -245,9 +245,10 @@ class ServerMetrics:
         )
         self.plaintext_refused = Counter(
             "dhow_plaintext_refused",
-            "Connections to a TLS port that spoke plaintext, by port: on the REST port a plain HTTP request answered "
-            "400 (use https://), on the gRPC port (native front) a plaintext call failed UNAVAILABLE saying the port "
-            "needs TLS; other bytes closed unanswered.",
+            "Connections to a TLS port whose first bytes were not TLS, whatever they were (scanners, HTTP/1 sent to "
+            "the gRPC port included), by port: on the REST port a plain HTTP request answered 400 (use https://), on "
+            "the gRPC port (native front) a plaintext call failed UNAVAILABLE saying the port needs TLS; other bytes "
+            "closed unanswered.",
             ["port"],
             registry=self.registry,
         )
