@@ -30,6 +30,7 @@ from dhow.protocols.rest.body import Message, Scope
 from dhow.protocols.rest.exchange import STATUS_LINES, Exchange
 from dhow.protocols.rest.framing import coding_refusal, parse_refusal
 from dhow.protocols.runner import CallRunner
+from dhow.protocols.tls_door import close_when_sent
 
 if TYPE_CHECKING:
     from dhow.protocols.rest.front import HttpFront
@@ -64,6 +65,8 @@ class Http1Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
+        #: under TLS, the socket's transport (``TlsDoor``): what the TLS protocol has sent on waits in its buffer
+        self.wire: asyncio.Transport | None = None
         self.client_cn = client_cn
         self._scheme = "http"
         #: each request runs in a copy of this (the loop's; not of the request before it's, which a pipelined
@@ -84,6 +87,8 @@ class Http1Connection(asyncio.Protocol):
         self._pipeline: deque[Exchange] = deque()
         self.paused = False
         self.closing = False
+        #: the transport is closing, or will once what was written has left (``close``)
+        self._shut = False
         #: the answer owed to a refused request, written after those accepted before it (then the connection
         #: closes; nothing more is read meanwhile)
         self.refusal = b""
@@ -118,6 +123,8 @@ class Http1Connection(asyncio.Protocol):
         self._pipeline.clear()
 
     def data_received(self, data: bytes) -> None:
+        if self._shut:  # closed, its answers still leaving: nothing sent now is answered
+            return
         self.last_read = self.loop.time()
         self.idle_since = 0.0
         try:
@@ -129,7 +136,7 @@ class Http1Connection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         transport = self.transport
-        if transport is not None and not transport.is_closing():
+        if transport is not None and not self._shut and not transport.is_closing():
             transport.write(data)
 
     def pause(self) -> None:
@@ -138,15 +145,25 @@ class Http1Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume(self) -> None:
-        if self.paused and self.transport is not None and not self._pipeline and not self.refusal:
+        if self.paused and self.transport is not None and not self._pipeline and not self.refusal and not self._shut:
             self.paused = False
             self.last_read = self.loop.time()  # the client could not send meanwhile: its deadlines start again
             self.transport.resume_reading()
 
     def close(self) -> None:
+        """Close once the answers written have left (``close_when_sent``: over TLS the close's grace for the
+        client's close_notify starts only then); abort when the client takes nothing for ``timeouts.body_s``, the
+        silence a request's body may keep. Nothing more is written meanwhile."""
         self.closing = True
+        if self.transport is not None and not self._shut:
+            self._shut = True
+            close_when_sent(self.transport, self.front.timeouts.body_s, self.wire)
+
+    def abort(self) -> None:
+        """Cut the connection now, what it has not sent included (the drain's time is over)."""
+        self.closing = self._shut = True
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
     def _refuse(self, answer: bytes) -> None:
         """Refuse the request being parsed (invalid, or the server crowded) and close the connection.

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from dhow.protocols import tls_door
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.calls import RECEIVE_WINDOW, Stream
 
@@ -53,8 +54,8 @@ ANNOUNCED = f.settings(
         f.SETTINGS_MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
     }
 ) + f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW)
-#: how long a closed connection's last frames (its GOAWAY) may take to leave before it is aborted
-CLOSE_GRACE_S = 2.0
+#: how long a closed connection's last frames (its GOAWAY, its close_notify) may take to leave before it is aborted
+CLOSE_GRACE_S = tls_door.CLOSE_GRACE_S
 #: the resets a connection may make at once, and those it gets back a second
 RESET_BURST = 1000
 RESET_RATE = 33.0

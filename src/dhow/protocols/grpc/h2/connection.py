@@ -19,10 +19,11 @@ import grpc
 from dhow.protocols.grpc.h2 import bounds
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.calls import INBOX_LIMIT, RECEIVE_WINDOW, RESET, CallContext, Stream, run_call
-from dhow.protocols.grpc.h2.keepalive import PING, Liveness, drained
+from dhow.protocols.grpc.h2.keepalive import PING, Liveness
 from dhow.protocols.grpc.h2.requests import parse_request
 from dhow.protocols.grpc.h2.sending import Sender, WindowWaits, auth_context, peer_name, trailers
 from dhow.protocols.runner import CallRunner
+from dhow.protocols.tls_door import close_when_sent
 
 if TYPE_CHECKING:
     from dhow.protocols.grpc.h2.server import Front
@@ -37,6 +38,8 @@ class H2Connection(Sender, asyncio.Protocol):
         self.front = front
         self.loop = front.loop
         self.transport: asyncio.Transport | None = None
+        self.wire: asyncio.Transport | None = None  # under TLS, the socket's transport (``TlsDoor``)
+        self.accepted = 0.0  # under TLS, when the door accepted it: the handshake's limit counts from then
         self.peer = ""
         self.auth_context: dict[str, list[bytes]] = {}
         self.streams: dict[int, Stream] = {}
@@ -79,7 +82,8 @@ class H2Connection(Sender, asyncio.Protocol):
         if not self.front.admit(self, transport):  # past ``--max-connections``: aborted before any SETTINGS
             self.closed = True
             return
-        self._timers.append(self.loop.call_later(self.front.limits.handshake_s, self._handshake_over))
+        start = self.accepted or self.loop.time()
+        self._timers.append(self.loop.call_at(start + self.front.limits.handshake_s, self._handshake_over))
         self._timers.append(self.loop.call_later(self._liveness.step, self._tick))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -135,18 +139,11 @@ class H2Connection(Sender, asyncio.Protocol):
 
     def close(self) -> None:
         """Close once what is written has left, or abort when it stops leaving: once the buffer has not been
-        ``drained`` for ``bounds.CLOSE_GRACE_S`` (a client that does not read would hold the connection for ever)."""
+        ``drained`` for ``bounds.CLOSE_GRACE_S`` (a client that does not read would hold the connection for ever).
+        Over TLS the close starts its own grace for the client's close_notify: only once the answers are out."""
         if self.transport is not None and not self.closed:
-            self.transport.close()
             self.closed = True
-            self._abort_if_stuck(self.transport, None)
-
-    def _abort_if_stuck(self, transport: asyncio.Transport, before: int | None) -> None:
-        buffered = transport.get_write_buffer_size()
-        if before is not None and not drained(before, buffered, bounds.CLOSE_GRACE_S):
-            transport.abort()
-        elif buffered:  # the close's own slot: a long drain does not pile up timers
-            self._timers[2:] = [self.loop.call_later(bounds.CLOSE_GRACE_S, self._abort_if_stuck, transport, buffered)]
+            close_when_sent(self.transport, bounds.CLOSE_GRACE_S, self.wire)
 
     def _handshake_over(self) -> None:
         if not self._settings:

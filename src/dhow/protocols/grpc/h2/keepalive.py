@@ -15,20 +15,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dhow.protocols.tls_door import MIN_DRAIN_RATE, drained
+
+__all__ = ["MIN_DRAIN_RATE", "PING", "Liveness", "drained"]
+
 if TYPE_CHECKING:
     from dhow.protocols.grpc.server import GrpcConnectionLimits
 
 #: what ``Liveness.tick`` answers when the connection is to be pinged
 PING = "ping"
-#: the bytes a second a client must take of what waits for it to count as reading (``drained``): one taking less,
-#: a segment now and then, would hold its connection, calls and answers at next to no cost to itself
-MIN_DRAIN_RATE = 4096
-
-
-def drained(before: int, after: int, seconds: float) -> bool:
-    """Whether a write buffer holding ``before`` bytes, then ``after`` bytes ``seconds`` later, was taken from at
-    ``MIN_DRAIN_RATE`` at least (or emptied)."""
-    return before - after >= min(before, MIN_DRAIN_RATE * seconds)
 
 
 class Liveness:
