@@ -4,19 +4,23 @@ another, bounded per process, and a Redis that cannot be reached said, never tak
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import socket
+import threading
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from dhow.core.errors import Unavailable
 from dhow.monitoring.shared_predictions import (
     BUCKETS,
     JOINED,
+    STEP,
     SharedPredictions,
     decode_prediction,
     encode_prediction,
@@ -284,5 +288,79 @@ def test_the_index_keeps_the_buckets_written_last_and_counts_what_it_deletes(
         finally:
             await quiet.close()
             await busy.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_large_backlog_is_written_in_bounded_steps_so_the_event_loop_never_stalls_long(model: str) -> None:
+    """redis-py packs a pipeline's commands on the event loop, in Python (~1 µs a prediction): 100k predictions
+    written in one go held the loop ~80 ms, and the requests in flight with it. Each HSET Redis receives (watched
+    with MONITOR, on the real server) holds ``STEP`` predictions at most, and every one is written and counted."""
+    backlog = 50_000
+    seen: list[int] = []
+    sentinel = f"done-{model}".encode()
+    ready = threading.Event()
+
+    def watch() -> None:
+        with Redis.from_url(REDIS_URL) as client, client.monitor() as monitor:
+            ready.set()
+            while True:
+                line = monitor.connection.read_response()
+                line = line if isinstance(line, bytes) else str(line).encode()
+                if sentinel in line:
+                    return
+                if b'"HSET"' in line.upper() and model.encode() in line:
+                    seen.append(line.count(b"default\\x00req-"))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert ready.wait(10)
+
+    async def scenario() -> None:
+        one = SharedPredictions(REDIS_URL, CollectorRegistry(), owner="w")
+        try:
+            for n in range(backlog):
+                one.add(model, 100_000, field_of("default", f"req-{n}"), "1", np.array([[0.25, 0.75]]))
+            await one.flush()
+            assert one.counted.labels("written")._value.get() == backlog
+        finally:
+            await one.close()
+
+    asyncio.run(scenario())
+    with Redis.from_url(REDIS_URL) as client:
+        client.echo(sentinel)
+        watcher.join(30)
+        assert not watcher.is_alive()
+        buckets = client.zrange(f"dhow:feedback:{model}:index", 0, -1)
+        assert sum(int(client.hlen(bucket)) for bucket in buckets) == backlog
+    assert sum(seen) == backlog
+    assert max(seen) <= STEP and len(seen) >= backlog // STEP
+
+
+def test_a_flush_cut_off_between_steps_leaves_the_rest_to_close_each_counted_once(model: str) -> None:
+    """The watch cancelled mid-backlog (shutdown): the steps that answered are counted, the rest (and the step in
+    flight, written or not) are handed back and written by ``close``, none counted twice."""
+    backlog = 20_000
+
+    async def scenario() -> None:
+        one = SharedPredictions(REDIS_URL, CollectorRegistry(), owner="w")
+        probe = AsyncRedis.from_url(REDIS_URL)
+        try:
+            for n in range(backlog):
+                one.add(model, 100_000, field_of("default", f"req-{n}"), "1", np.array([n]))
+            flushing = asyncio.create_task(one.flush())
+            while not await probe.hlen(f"dhow:feedback:{model}:w:1") and not flushing.done():
+                await asyncio.sleep(0.001)
+            flushing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flushing
+        finally:
+            await one.close()
+            await probe.aclose()
+        assert one.counted.labels("written")._value.get() == backlog
+        assert one.counted.labels("failed")._value.get() == 0 and one.replaced <= STEP
+        with Redis.from_url(REDIS_URL) as client:
+            buckets = client.zrange(f"dhow:feedback:{model}:index", 0, -1)
+            assert sum(int(client.hlen(bucket)) for bucket in buckets) == backlog
 
     asyncio.run(scenario())
