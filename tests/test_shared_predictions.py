@@ -312,10 +312,6 @@ def test_a_large_backlog_is_written_in_bounded_steps_so_the_event_loop_never_sta
                 if b'"HSET"' in line.upper() and model.encode() in line:
                     seen.append(line.count(b"default\\x00req-"))
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    assert ready.wait(10)
-
     async def scenario() -> None:
         one = SharedPredictions(REDIS_URL, CollectorRegistry(), owner="w")
         try:
@@ -326,11 +322,17 @@ def test_a_large_backlog_is_written_in_bounded_steps_so_the_event_loop_never_sta
         finally:
             await one.close()
 
-    asyncio.run(scenario())
-    with Redis.from_url(REDIS_URL) as client:
-        client.echo(sentinel)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        assert ready.wait(10)
+        asyncio.run(scenario())
+    finally:  # (whatever failed: a MONITOR left reading would copy every command of the shared Redis to this thread)
+        with Redis.from_url(REDIS_URL) as client:
+            client.echo(sentinel)
         watcher.join(30)
-        assert not watcher.is_alive()
+    assert not watcher.is_alive()
+    with Redis.from_url(REDIS_URL) as client:
         buckets = client.zrange(f"dhow:feedback:{model}:index", 0, -1)
         assert sum(int(client.hlen(bucket)) for bucket in buckets) == backlog
     assert sum(seen) == backlog
