@@ -9,6 +9,7 @@ import secrets
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -364,5 +365,52 @@ def test_a_flush_cut_off_between_steps_leaves_the_rest_to_close_each_counted_onc
         with Redis.from_url(REDIS_URL) as client:
             buckets = client.zrange(f"dhow:feedback:{model}:index", 0, -1)
             assert sum(int(client.hlen(bucket)) for bucket in buckets) == backlog
+
+    asyncio.run(scenario())
+
+
+async def _never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A Redis that accepts and reads, and never answers (hung, or its answers lost on the way)."""
+    try:
+        while await reader.read(65536):
+            pass
+    finally:
+        writer.close()
+
+
+def test_a_redis_that_never_answers_ends_the_flush_at_its_first_step_the_rest_counted_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each step waits the client's socket timeout for its answer: a backlog of 50 steps held the flush (and every
+    label's look-up, waiting on it to answer 503) for minutes. The first step unanswered ends it: what no step took
+    is counted failed, and no bucket is named for it."""
+    backlog = 3 * STEP
+
+    async def scenario() -> None:
+        silent = await asyncio.start_server(_never_answer, "127.0.0.1", 0)
+        url = f"redis://127.0.0.1:{silent.sockets[0].getsockname()[1]}/0"
+        one = SharedPredictions(url, CollectorRegistry(), owner="w")
+        await one._client.aclose()
+        one._client = AsyncRedis.from_url(url, socket_timeout=0.2)  # (the same wait as 5 s, shorter)
+        send, steps = one._send, 0
+
+        async def counting(pipe: Any) -> Any:
+            nonlocal steps
+            steps += 1
+            return await send(pipe)
+
+        monkeypatch.setattr(one, "_send", counting)
+        try:
+            for n in range(backlog):
+                one.add("m", BUCKETS * STEP, field_of("default", f"req-{n}"), "1", np.array([n]))
+            await one.flush()
+            assert steps == 1
+            assert one.counted.labels("failed")._value.get() == backlog
+            assert one.counted.labels("written")._value.get() == 0
+            assert one._serial == 1  # (buckets of STEP: the steps not made named none)
+        finally:
+            await one.close()
+            silent.close()
+            await silent.wait_closed()
 
     asyncio.run(scenario())

@@ -282,16 +282,23 @@ class SharedPredictions:
         self, by_model: dict[str, tuple[int, list[tuple[bytes, bytes]], int]], done: dict[str, int]
     ) -> None:
         """Each step's pipeline sent and its answers judged before the next is packed (the event loop serves the
-        requests in between); ``done`` counts, per model, the predictions of the steps that answered."""
+        requests in between); ``done`` counts, per model, the predictions of the steps made (answered or failed).
+        A step unanswered ends the write: each next step would wait the client's timeout again (Redis hung or
+        away: 100k predictions, 50 steps, minutes) while every label's look-up waits on this flush; what no step
+        took is counted failed, and no bucket is named for it (``_steps`` goes no further)."""
         for pipe in self._steps(by_model):
             for old, model in self._doomed.items():  # (every step deletes what is doomed, until a DEL goes through)
                 pipe.deleted.append((pipe.add("hlen", old), old))
                 pipe.add("delete", old, old + ":joined")
                 pipe.add("zrem", f"{_PREFIX}{model}:index", old)
-            if pipe.size:
-                await self._send(pipe)
+            answered = await self._send(pipe) if pipe.size else True
             for _, model, count, _ in pipe.added:
                 done[model] = done.get(model, 0) + count
+            if not answered:
+                rest = sum(len(items) for _, items, _ in by_model.values()) - sum(done.values())
+                if rest:  # (the step's own failure said why, in the log)
+                    self.counted.labels("failed").inc(rest)
+                return
 
     def _steps(self, by_model: dict[str, tuple[int, list[tuple[bytes, bytes]], int]]) -> Iterator[_Pipe]:
         """Pipelines of ``STEP`` predictions at most: each model's into this process's buckets (each written bucket
@@ -327,13 +334,13 @@ class SharedPredictions:
                     pipe = _Pipe(self._client.pipeline(transaction=False))
         yield pipe
 
-    async def _send(self, pipe: _Pipe) -> None:
-        """One step's round trip, each command's answer judged on its own."""
+    async def _send(self, pipe: _Pipe) -> bool:
+        """One step's round trip, each command's answer judged on its own: False when it got no answer."""
         try:
             answers = await pipe.pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:  # (not sent, or no answer: what was written is not known)
             self._failed(pipe.fields, exc)
-            return
+            return False
         written = failed = 0
         error: BaseException | None = None
         for place, _, count, repeated in pipe.added:
@@ -353,6 +360,7 @@ class SharedPredictions:
             if not isinstance(answers[place + 1], BaseException):  # (its DEL went through)
                 self.dropped += int(answers[place]) if not isinstance(answers[place], BaseException) else 0
                 self._doomed.pop(old, None)
+        return True
 
     def _failed(self, count: int, exc: BaseException) -> None:
         self.counted.labels("failed").inc(count)
