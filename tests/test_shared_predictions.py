@@ -414,3 +414,18 @@ def test_a_redis_that_never_answers_ends_the_flush_at_its_first_step_the_rest_co
             await silent.wait_closed()
 
     asyncio.run(scenario())
+
+
+def test_a_prediction_kept_again_within_a_flush_is_counted_replaced_whatever_the_write() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def scenario() -> None:
+        one = SharedPredictions(f"redis://127.0.0.1:{port}/0", CollectorRegistry(), owner="w")
+        one.add("m", 1000, field_of("default", "retry"), "1", np.array([0]))
+        one.add("m", 1000, field_of("default", "retry"), "1", np.array([1]))
+        await one.flush()
+        assert one.counted.labels("failed")._value.get() == 1 and one.replaced == 1
+
+    asyncio.run(scenario())

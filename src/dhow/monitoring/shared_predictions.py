@@ -185,13 +185,13 @@ class _Buckets:
 
 class _Pipe:
     """A pipeline that tells each command's place in its answers, and the ``HSET``s it holds: (its place, the
-    model, the fields it writes, how many of them replaced one of the same key within the flush)."""
+    model, the fields it writes)."""
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
         self.size = 0
         self.fields = 0
-        self.added: list[tuple[int, str, int, int]] = []
+        self.added: list[tuple[int, str, int]] = []
         self.listed: list[int] = []  # (the places of ``_LIST``'s answers: what their trims deleted)
         self.deleted: list[tuple[int, str]] = []  # (the places of the HLENs of this process's buckets deleted)
 
@@ -261,6 +261,8 @@ class SharedPredictions:
             except asyncio.CancelledError:  # (the watch stopped: ``close`` writes them)
                 self._outgoing[:0] = outgoing
                 raise
+            # (an older answer of the same key, replaced within this flush: so counted whatever the write does)
+            self.replaced += sum(repeated for _, _, repeated in by_model.values())
             if skipped:
                 self.counted.labels("dropped").inc(skipped)
                 self.dropped += skipped
@@ -292,7 +294,7 @@ class SharedPredictions:
                 pipe.add("delete", old, old + ":joined")
                 pipe.add("zrem", f"{_PREFIX}{model}:index", old)
             answered = await self._send(pipe) if pipe.size else True
-            for _, model, count, _ in pipe.added:
+            for _, model, count in pipe.added:
                 done[model] = done.get(model, 0) + count
             if not answered:
                 rest = sum(len(items) for _, items, _ in by_model.values()) - sum(done.values())
@@ -305,7 +307,7 @@ class SharedPredictions:
         given its life and listed again). The buckets' names move as the steps are made, whatever Redis answers (a
         write that failed halfway never reuses a name it may have used)."""
         pipe = _Pipe(self._client.pipeline(transaction=False))
-        for model, (pending, items, repeated) in by_model.items():
+        for model, (pending, items, _) in by_model.items():
             state = self._buckets.get(model) or _Buckets()
             current, held, kept = state.current, state.held, list(state.kept)
             size = -(-pending // BUCKETS)
@@ -320,9 +322,8 @@ class SharedPredictions:
                         self._doomed[kept.pop(0)] = model
                 room = min(len(items) - start, size - held, STEP - pipe.fields)
                 chunk = dict(items[start : start + room])
-                pipe.added.append((pipe.add("hset", current, mapping=chunk), model, len(chunk), repeated))
+                pipe.added.append((pipe.add("hset", current, mapping=chunk), model, len(chunk)))
                 pipe.fields += len(chunk)
-                repeated = 0
                 pipe.add("expire", current, BUCKET_TTL_S)
                 index, clock = f"{_PREFIX}{model}:index", f"{_PREFIX}{model}:clock"
                 pipe.listed.append(pipe.add("eval", _LIST, 2, index, clock, current, MAX_INDEXED, BUCKET_TTL_S))
@@ -343,14 +344,14 @@ class SharedPredictions:
             return False
         written = failed = 0
         error: BaseException | None = None
-        for place, _, count, repeated in pipe.added:
+        for place, _, count in pipe.added:
             answer = answers[place]
             if isinstance(answer, BaseException):
                 failed, error = failed + count, answer
                 continue
             written += count
             # (``HSET`` answers how many fields it added: the others replaced a prediction kept under the same key)
-            self.replaced += repeated + count - int(answer)
+            self.replaced += count - int(answer)
         if written:
             self.counted.labels("written").inc(written)
         if error is not None:
