@@ -4,7 +4,6 @@ another, bounded per process, and a Redis that cannot be reached said, never tak
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import socket
 import threading
@@ -340,31 +339,55 @@ def test_a_large_backlog_is_written_in_bounded_steps_so_the_event_loop_never_sta
     assert max(seen) <= STEP and len(seen) >= backlog // STEP
 
 
-def test_a_flush_cut_off_between_steps_leaves_the_rest_to_close_each_counted_once(model: str) -> None:
-    """The watch cancelled mid-backlog (shutdown): the steps that answered are counted, the rest (and the step in
-    flight, written or not) are handed back and written by ``close``, none counted twice."""
-    backlog = 20_000
+@pytest.mark.parametrize("cut", ["before the step is sent", "after Redis ran the step, its answer unread"])
+def test_a_flush_cut_off_mid_backlog_writes_each_prediction_once_the_rest_left_to_close(
+    model: str, cut: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watch cancelled mid-backlog (shutdown), at its second step: the step in flight is run to its end (sent
+    or not yet, answered or the answer on its way) and counted, the rest handed back and written by ``close``. A
+    step handed back after Redis ran it was written again into the next bucket: its labels could join twice."""
+    backlog = 3 * STEP
+    reached, go = asyncio.Event(), asyncio.Event()
 
     async def scenario() -> None:
         one = SharedPredictions(REDIS_URL, CollectorRegistry(), owner="w")
-        probe = AsyncRedis.from_url(REDIS_URL)
+        send, steps = one._send, 0
+
+        async def gated(pipe: Any) -> Any:  # (the cut, at the second step: before its round trip, or after it)
+            nonlocal steps
+            steps += 1
+            if steps == 2 and cut.startswith("before"):
+                reached.set()
+                await go.wait()
+            answered = await send(pipe)
+            if steps == 2 and cut.startswith("after"):
+                reached.set()
+                await go.wait()
+            return answered
+
+        monkeypatch.setattr(one, "_send", gated)
         try:
             for n in range(backlog):
                 one.add(model, 100_000, field_of("default", f"req-{n}"), "1", np.array([n]))
             flushing = asyncio.create_task(one.flush())
-            while not await probe.hlen(f"dhow:feedback:{model}:w:1") and not flushing.done():
-                await asyncio.sleep(0.001)
+            await reached.wait()
             flushing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)  # (the cancel delivered before the step goes on)
+            go.set()
+            with pytest.raises(asyncio.CancelledError):
                 await flushing
+            await one.flush()  # (as ``close`` does: what was handed back)
+            assert one.counted.labels("written")._value.get() == backlog
+            assert one.counted.labels("failed")._value.get() == 0 and one.replaced == 0
+            in_step = field_of("default", f"req-{STEP + STEP // 2}")  # (a prediction of the step cut)
+            assert await one.claim(model, [in_step]) == [True]
+            assert await one.find(model, [in_step]) == [JOINED]  # (not found again in another bucket: joined once)
+            assert steps == 3  # (the flush's two, the second run to its end; then the third's predictions)
         finally:
             await one.close()
-            await probe.aclose()
-        assert one.counted.labels("written")._value.get() == backlog
-        assert one.counted.labels("failed")._value.get() == 0 and one.replaced <= STEP
         with Redis.from_url(REDIS_URL) as client:
             buckets = client.zrange(f"dhow:feedback:{model}:index", 0, -1)
-            assert sum(int(client.hlen(bucket)) for bucket in buckets) == backlog
+            assert sum(int(client.hlen(bucket)) for bucket in buckets) == backlog - 1  # (each once; one claimed)
 
     asyncio.run(scenario())
 

@@ -70,6 +70,8 @@ CHUNK = 32
 #: (~1 µs a prediction), so a backlog of 100k written at once held it ~80 ms; 2,000 hold it a few ms a step
 STEP = 2_000
 _PREFIX = "dhow:feedback:"
+#: the client's timeouts (connecting; an answer): a step unanswered ends the flush after one of them
+_TIMEOUT_S = 5
 
 log = logging.getLogger("dhow.monitoring")
 
@@ -208,7 +210,7 @@ class SharedPredictions:
     def __init__(self, url: str, registry: CollectorRegistry | None = None, *, owner: str = "") -> None:
         #: where the store is, for messages (never its password)
         self.where = redis_address(url)
-        self._client: Redis = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._client: Redis = Redis.from_url(url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S)
         #: what names this process's buckets (several processes, on several hosts, write at once)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._outgoing: list[tuple[str, int, bytes, str, np.ndarray]] = []
@@ -268,10 +270,10 @@ class SharedPredictions:
                 self.dropped += skipped
             if unfit:
                 self._failed(unfit, TypeError("a prediction that could not be encoded"))
-            done: dict[str, int] = {}  # (per model: how many of its items a step that answered took)
+            done: dict[str, int] = {}  # (per model: how many of its items the steps that ended took)
             try:
                 await self._write(by_model, done)
-            except asyncio.CancelledError:  # (the step in flight written or not: ``close`` writes them again)
+            except asyncio.CancelledError:  # (the steps not made: ``close`` writes them)
                 left = {
                     (model, field)
                     for model, (_, items, _) in by_model.items()
@@ -293,9 +295,7 @@ class SharedPredictions:
                 pipe.deleted.append((pipe.add("hlen", old), old))
                 pipe.add("delete", old, old + ":joined")
                 pipe.add("zrem", f"{_PREFIX}{model}:index", old)
-            answered = await self._send(pipe) if pipe.size else True
-            for _, model, count in pipe.added:
-                done[model] = done.get(model, 0) + count
+            answered = await self._step(pipe, done) if pipe.size else True
             if not answered:
                 rest = sum(len(items) for _, items, _ in by_model.values()) - sum(done.values())
                 if rest:  # (the step's own failure said why, in the log)
@@ -334,6 +334,23 @@ class SharedPredictions:
                     yield pipe
                     pipe = _Pipe(self._client.pipeline(transaction=False))
         yield pipe
+
+    async def _step(self, pipe: _Pipe, done: dict[str, int]) -> bool:
+        """``_send``, run to its end even when the flush is cancelled meanwhile, then counted in ``done``: a step
+        Redis ran whose answer the cancel cut off, handed back, was written again by ``close`` into the next
+        bucket (a label could join twice). Its end is bounded by the client's timeouts (connect, then answer)."""
+        task = asyncio.create_task(self._send(pipe))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            finished, _ = await asyncio.wait({task}, timeout=2 * _TIMEOUT_S)
+            if not finished:  # (past the client's own timeouts: what it wrote is not known, so never written again)
+                task.cancel()
+                self._failed(pipe.fields, TimeoutError("the step in flight did not end"))
+            raise
+        finally:
+            for _, model, count in pipe.added:
+                done[model] = done.get(model, 0) + count
 
     async def _send(self, pipe: _Pipe) -> bool:
         """One step's round trip, each command's answer judged on its own: False when it got no answer."""
