@@ -19,8 +19,9 @@ count, never a host's clock): the oldest past it, dead processes' first, are del
 ``CHUNK`` labels a script: it stops the Redis the rate limits share for a bounded time.
 
 Nothing is dropped unseen: a full list (Redis slower than the requests) drops the newest and counts it, a write
-that fails counts its predictions failed (``dhow_feedback_shared_total{outcome}``), and a label that cannot be
-looked up (Redis down) is answered 503, to be sent again.
+that fails counts its predictions failed (``dhow_feedback_shared_total{outcome}``; a round trip unanswered ends
+the flush, the rest counted failed: a hung Redis holds the look-ups one timeout, not one a step), and a label that
+cannot be looked up (Redis down) is answered 503, to be sent again.
 """
 
 from __future__ import annotations
