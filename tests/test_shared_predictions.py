@@ -6,17 +6,21 @@ from __future__ import annotations
 import asyncio
 import secrets
 import socket
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from dhow.core.errors import Unavailable
 from dhow.monitoring.shared_predictions import (
     BUCKETS,
     JOINED,
+    STEP,
     SharedPredictions,
     decode_prediction,
     encode_prediction,
@@ -284,5 +288,167 @@ def test_the_index_keeps_the_buckets_written_last_and_counts_what_it_deletes(
         finally:
             await quiet.close()
             await busy.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_large_backlog_is_written_in_bounded_steps_so_the_event_loop_never_stalls_long(model: str) -> None:
+    """redis-py packs a pipeline's commands on the event loop, in Python (~1 µs a prediction): 100k predictions
+    written in one go held the loop ~80 ms, and the requests in flight with it. Each HSET Redis receives (watched
+    with MONITOR, on the real server) holds ``STEP`` predictions at most, and every one is written and counted."""
+    backlog = 50_000
+    seen: list[int] = []
+    sentinel = f"done-{model}".encode()
+    ready = threading.Event()
+
+    def watch() -> None:
+        with Redis.from_url(REDIS_URL) as client, client.monitor() as monitor:
+            ready.set()
+            while True:
+                line = monitor.connection.read_response()
+                line = line if isinstance(line, bytes) else str(line).encode()
+                if sentinel in line:
+                    return
+                if b'"HSET"' in line.upper() and model.encode() in line:
+                    seen.append(line.count(b"default\\x00req-"))
+
+    async def scenario() -> None:
+        one = SharedPredictions(REDIS_URL, CollectorRegistry(), owner="w")
+        try:
+            for n in range(backlog):
+                one.add(model, 100_000, field_of("default", f"req-{n}"), "1", np.array([[0.25, 0.75]]))
+            await one.flush()
+            assert one.counted.labels("written")._value.get() == backlog
+        finally:
+            await one.close()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        assert ready.wait(10)
+        asyncio.run(scenario())
+    finally:  # (whatever failed: a MONITOR left reading would copy every command of the shared Redis to this thread)
+        with Redis.from_url(REDIS_URL) as client:
+            client.echo(sentinel)
+        watcher.join(30)
+    assert not watcher.is_alive()
+    with Redis.from_url(REDIS_URL) as client:
+        buckets = client.zrange(f"dhow:feedback:{model}:index", 0, -1)
+        assert sum(int(client.hlen(bucket)) for bucket in buckets) == backlog
+    assert sum(seen) == backlog
+    assert max(seen) <= STEP and len(seen) >= backlog // STEP
+
+
+@pytest.mark.parametrize("cut", ["before the step is sent", "after Redis ran the step, its answer unread"])
+def test_a_flush_cut_off_mid_backlog_writes_each_prediction_once_the_rest_left_to_close(
+    model: str, cut: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watch cancelled mid-backlog (shutdown), at its second step: the step in flight is run to its end (sent
+    or not yet, answered or the answer on its way) and counted, the rest handed back and written by ``close``. A
+    step handed back after Redis ran it was written again into the next bucket: its labels could join twice."""
+    backlog = 3 * STEP
+    reached, go = asyncio.Event(), asyncio.Event()
+
+    async def scenario() -> None:
+        one = SharedPredictions(REDIS_URL, CollectorRegistry(), owner="w")
+        send, steps = one._send, 0
+
+        async def gated(pipe: Any) -> Any:  # (the cut, at the second step: before its round trip, or after it)
+            nonlocal steps
+            steps += 1
+            if steps == 2 and cut.startswith("before"):
+                reached.set()
+                await go.wait()
+            answered = await send(pipe)
+            if steps == 2 and cut.startswith("after"):
+                reached.set()
+                await go.wait()
+            return answered
+
+        monkeypatch.setattr(one, "_send", gated)
+        try:
+            for n in range(backlog):
+                one.add(model, 100_000, field_of("default", f"req-{n}"), "1", np.array([n]))
+            flushing = asyncio.create_task(one.flush())
+            await reached.wait()
+            flushing.cancel()
+            await asyncio.sleep(0)  # (the cancel delivered before the step goes on)
+            go.set()
+            with pytest.raises(asyncio.CancelledError):
+                await flushing
+            await one.flush()  # (as ``close`` does: what was handed back)
+            assert one.counted.labels("written")._value.get() == backlog
+            assert one.counted.labels("failed")._value.get() == 0 and one.replaced == 0
+            in_step = field_of("default", f"req-{STEP + STEP // 2}")  # (a prediction of the step cut)
+            assert await one.claim(model, [in_step]) == [True]
+            assert await one.find(model, [in_step]) == [JOINED]  # (not found again in another bucket: joined once)
+            assert steps == 3  # (the flush's two, the second run to its end; then the third's predictions)
+        finally:
+            await one.close()
+        with Redis.from_url(REDIS_URL) as client:
+            buckets = client.zrange(f"dhow:feedback:{model}:index", 0, -1)
+            assert sum(int(client.hlen(bucket)) for bucket in buckets) == backlog - 1  # (each once; one claimed)
+
+    asyncio.run(scenario())
+
+
+async def _never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A Redis that accepts and reads, and never answers (hung, or its answers lost on the way)."""
+    try:
+        while await reader.read(65536):
+            pass
+    finally:
+        writer.close()
+
+
+def test_a_redis_that_never_answers_ends_the_flush_at_its_first_step_the_rest_counted_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each step waits the client's socket timeout for its answer: a backlog of 50 steps held the flush (and every
+    label's look-up, waiting on it to answer 503) for minutes. The first step unanswered ends it: what no step took
+    is counted failed, and no bucket is named for it."""
+    backlog = 3 * STEP
+
+    async def scenario() -> None:
+        silent = await asyncio.start_server(_never_answer, "127.0.0.1", 0)
+        url = f"redis://127.0.0.1:{silent.sockets[0].getsockname()[1]}/0"
+        one = SharedPredictions(url, CollectorRegistry(), owner="w")
+        await one._client.aclose()
+        one._client = AsyncRedis.from_url(url, socket_timeout=0.2)  # (the same wait as 5 s, shorter)
+        send, steps = one._send, 0
+
+        async def counting(pipe: Any) -> Any:
+            nonlocal steps
+            steps += 1
+            return await send(pipe)
+
+        monkeypatch.setattr(one, "_send", counting)
+        try:
+            for n in range(backlog):
+                one.add("m", BUCKETS * STEP, field_of("default", f"req-{n}"), "1", np.array([n]))
+            await one.flush()
+            assert steps == 1
+            assert one.counted.labels("failed")._value.get() == backlog
+            assert one.counted.labels("written")._value.get() == 0
+            assert one._serial == 1  # (buckets of STEP: the steps not made named none)
+        finally:
+            await one.close()
+            silent.close()
+            await silent.wait_closed()
+
+    asyncio.run(scenario())
+
+
+def test_a_prediction_kept_again_within_a_flush_is_counted_replaced_whatever_the_write() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def scenario() -> None:
+        one = SharedPredictions(f"redis://127.0.0.1:{port}/0", CollectorRegistry(), owner="w")
+        one.add("m", 1000, field_of("default", "retry"), "1", np.array([0]))
+        one.add("m", 1000, field_of("default", "retry"), "1", np.array([1]))
+        await one.flush()
+        assert one.counted.labels("failed")._value.get() == 1 and one.replaced == 1
 
     asyncio.run(scenario())

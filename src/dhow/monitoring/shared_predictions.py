@@ -5,22 +5,23 @@ Without it a prediction lives in the memory of the process that answered (``qual
 by chance. With ``--redis`` (the store the rate limits already share), each process writes the predictions it
 kept into Redis, and a label is looked up there by whichever process receives it.
 
-The request's path only appends to a list (``add``); the watch's task writes what was kept every tick
-(``flush``: encoded in a thread, then one round trip, one ``HSET`` per model). Each process writes into buckets of
-its own (Redis hashes, ``tenant NUL id`` -> the prediction), ``pending / BUCKETS`` predictions each; past
-``BUCKETS`` buckets its oldest is deleted, so each process keeps about ``pending`` predictions there, as it would in
-memory (its drops counted as there). Every write sets its bucket's life (``BUCKET_TTL_S``, so that a process that
-died leaves nothing for ever) and lists it in the model's index, a sorted set the look-ups walk in Redis (two Lua
-scripts: ``find``, then ``claim`` the predictions whose labels fit, moving each into its bucket's joined set, so
-that a label sent again, to any process, is told ``already_joined``). The index lists ``MAX_INDEXED`` buckets at
-most, ordered by their last write (by Redis's own count, never a host's clock): the oldest past it, dead processes'
-first, are deleted and counted dropped, so about ``MAX_INDEXED / BUCKETS`` processes share a model at most without
-losing predictions early. A look-up takes ``CHUNK`` labels a script: it stops the Redis the rate limits share for a
-bounded time.
+The request's path only appends to a list (``add``); the watch's task writes what was kept every tick (``flush``:
+encoded in a thread, then a round trip, one ``HSET`` per model, per ``STEP`` predictions: the event loop serves the
+requests between them). Each process writes into buckets of its own (Redis hashes, ``tenant NUL id`` -> the
+prediction), ``pending / BUCKETS`` predictions each; past ``BUCKETS`` buckets its oldest is deleted, so each process
+keeps about ``pending`` predictions there, as it would in memory (its drops counted as there). Every write sets its
+bucket's life (``BUCKET_TTL_S``, so that a process that died leaves nothing for ever) and lists it in the model's
+index, a sorted set the look-ups walk in Redis (two Lua scripts: ``find``, then ``claim`` the predictions whose
+labels fit, moving each into its bucket's joined set, so that a label sent again, to any process, is told
+``already_joined``). The index lists ``MAX_INDEXED`` buckets at most, ordered by their last write (by Redis's own
+count, never a host's clock): the oldest past it, dead processes' first, are deleted and counted dropped, so about
+``MAX_INDEXED / BUCKETS`` processes share a model at most without losing predictions early. A look-up takes
+``CHUNK`` labels a script: it stops the Redis the rate limits share for a bounded time.
 
 Nothing is dropped unseen: a full list (Redis slower than the requests) drops the newest and counts it, a write
-that fails counts its predictions failed (``dhow_feedback_shared_total{outcome}``), and a label that cannot be
-looked up (Redis down) is answered 503, to be sent again.
+that fails counts its predictions failed (``dhow_feedback_shared_total{outcome}``; a round trip unanswered ends
+the flush, the rest counted failed: a hung Redis holds the look-ups one timeout, not one a step), and a label that
+cannot be looked up (Redis down) is answered 503, to be sent again.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -65,7 +67,12 @@ MAX_INDEXED = 256
 #: labels looked up in one script: Redis serves nothing else while a script runs (256 unknown ids over 256 buckets:
 #: ~0.2 s; 32: ~25 ms)
 CHUNK = 32
+#: predictions written in one pipeline at most: redis-py packs a pipeline's commands on the event loop, in Python
+#: (~1 µs a prediction), so a backlog of 100k written at once held it ~80 ms; 2,000 hold it a few ms a step
+STEP = 2_000
 _PREFIX = "dhow:feedback:"
+#: the client's timeouts (connecting; an answer): a step unanswered ends the flush after one of them
+_TIMEOUT_S = 5
 
 log = logging.getLogger("dhow.monitoring")
 
@@ -180,11 +187,16 @@ class _Buckets:
 
 
 class _Pipe:
-    """A pipeline that tells each command's place in its answers."""
+    """A pipeline that tells each command's place in its answers, and the ``HSET``s it holds: (its place, the
+    model, the fields it writes)."""
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
         self.size = 0
+        self.fields = 0
+        self.added: list[tuple[int, str, int]] = []
+        self.listed: list[int] = []  # (the places of ``_LIST``'s answers: what their trims deleted)
+        self.deleted: list[tuple[int, str]] = []  # (the places of the HLENs of this process's buckets deleted)
 
     def add(self, command: str, *args: Any, **kwargs: Any) -> int:
         getattr(self.pipe, command)(*args, **kwargs)
@@ -199,7 +211,7 @@ class SharedPredictions:
     def __init__(self, url: str, registry: CollectorRegistry | None = None, *, owner: str = "") -> None:
         #: where the store is, for messages (never its password)
         self.where = redis_address(url)
-        self._client: Redis = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._client: Redis = Redis.from_url(url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S)
         #: what names this process's buckets (several processes, on several hosts, write at once)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._outgoing: list[tuple[str, int, bytes, str, np.ndarray]] = []
@@ -238,10 +250,10 @@ class SharedPredictions:
     # -- the watch's task --
 
     async def flush(self) -> None:
-        """Write what was kept since the last flush, in one round trip: per model, into this process's current
-        bucket (a new one when it is full, its oldest deleted past ``BUCKETS``). Every write sets the bucket's life
-        and lists it in the model's index, so a write that failed leaves nothing unlisted or undying behind. A
-        failure counts the predictions failed: the labels of those requests will be unmatched."""
+        """Write what was kept since the last flush, a round trip per ``STEP`` predictions: per model, into this
+        process's current bucket (a new one when it is full, its oldest deleted past ``BUCKETS``). Every write sets the
+        bucket's life and lists it in the model's index, so a write that failed leaves nothing unlisted or undying
+        behind. A failure counts the predictions failed: the labels of those requests will be unmatched."""
         async with self._flushing:
             if not self._outgoing and not self._doomed:
                 return
@@ -252,27 +264,51 @@ class SharedPredictions:
             except asyncio.CancelledError:  # (the watch stopped: ``close`` writes them)
                 self._outgoing[:0] = outgoing
                 raise
+            # (an older answer of the same key, replaced within this flush: so counted whatever the write does)
+            self.replaced += sum(repeated for _, _, repeated in by_model.values())
             if skipped:
                 self.counted.labels("dropped").inc(skipped)
                 self.dropped += skipped
             if unfit:
                 self._failed(unfit, TypeError("a prediction that could not be encoded"))
+            done: dict[str, int] = {}  # (per model: how many of its items the steps that ended took)
             try:
-                await self._write(by_model)
-            except asyncio.CancelledError:  # (written or not: ``close`` writes them again, each once at last)
-                self._outgoing[:0] = outgoing
+                await self._write(by_model, done)
+            except asyncio.CancelledError:  # (the steps not made: ``close`` writes them)
+                left = {
+                    (model, field)
+                    for model, (_, items, _) in by_model.items()
+                    for field, _ in items[done.get(model, 0) :]
+                }
+                self._outgoing[:0] = _newest(outgoing, left)
                 raise
 
-    async def _write(self, by_model: dict[str, tuple[int, list[tuple[bytes, bytes]], int]]) -> None:
-        """One pipeline: each model's predictions into this process's buckets (each written bucket given its life
-        and listed again), then the deletion of the buckets past the model's count. The buckets' names move on
-        whatever Redis answers (a write that failed halfway never reuses a name it may have used), and each
-        command's answer is judged on its own."""
+    async def _write(
+        self, by_model: dict[str, tuple[int, list[tuple[bytes, bytes]], int]], done: dict[str, int]
+    ) -> None:
+        """Each step's pipeline sent and its answers judged before the next is packed (the event loop serves the
+        requests in between); ``done`` counts, per model, the predictions of the steps made (answered or failed).
+        A step unanswered ends the write: each next step would wait the client's timeout again (Redis hung or
+        away: 100k predictions, 50 steps, minutes) while every label's look-up waits on this flush; what no step
+        took is counted failed, and no bucket is named for it (``_steps`` goes no further)."""
+        for pipe in self._steps(by_model):
+            for old, model in self._doomed.items():  # (every step deletes what is doomed, until a DEL goes through)
+                pipe.deleted.append((pipe.add("hlen", old), old))
+                pipe.add("delete", old, old + ":joined")
+                pipe.add("zrem", f"{_PREFIX}{model}:index", old)
+            answered = await self._step(pipe, done) if pipe.size else True
+            if not answered:
+                rest = sum(len(items) for _, items, _ in by_model.values()) - sum(done.values())
+                if rest:  # (the step's own failure said why, in the log)
+                    self.counted.labels("failed").inc(rest)
+                return
+
+    def _steps(self, by_model: dict[str, tuple[int, list[tuple[bytes, bytes]], int]]) -> Iterator[_Pipe]:
+        """Pipelines of ``STEP`` predictions at most: each model's into this process's buckets (each written bucket
+        given its life and listed again). The buckets' names move as the steps are made, whatever Redis answers (a
+        write that failed halfway never reuses a name it may have used)."""
         pipe = _Pipe(self._client.pipeline(transaction=False))
-        added: list[tuple[int, int, int]] = []  # (an HSET's place in the answers, the fields it wrote, repeated)
-        listed: list[int] = []  # (the places of ``_LIST``'s answers: what their trims deleted)
-        counts: list[tuple[int, str]] = []  # (the places of the HLENs of this process's buckets deleted)
-        for model, (pending, items, repeated) in by_model.items():
+        for model, (pending, items, _) in by_model.items():
             state = self._buckets.get(model) or _Buckets()
             current, held, kept = state.current, state.held, list(state.kept)
             size = -(-pending // BUCKETS)
@@ -285,44 +321,65 @@ class SharedPredictions:
                     kept.append(current)
                     while len(kept) > buckets:
                         self._doomed[kept.pop(0)] = model
-                room = min(len(items) - start, size - held)
+                room = min(len(items) - start, size - held, STEP - pipe.fields)
                 chunk = dict(items[start : start + room])
-                added.append((pipe.add("hset", current, mapping=chunk), len(chunk), repeated))
-                repeated = 0
+                pipe.added.append((pipe.add("hset", current, mapping=chunk), model, len(chunk)))
+                pipe.fields += len(chunk)
                 pipe.add("expire", current, BUCKET_TTL_S)
                 index, clock = f"{_PREFIX}{model}:index", f"{_PREFIX}{model}:clock"
-                listed.append(pipe.add("eval", _LIST, 2, index, clock, current, MAX_INDEXED, BUCKET_TTL_S))
+                pipe.listed.append(pipe.add("eval", _LIST, 2, index, clock, current, MAX_INDEXED, BUCKET_TTL_S))
                 held += room
                 start += room
-            self._buckets[model] = _Buckets(current, held, tuple(kept))
-        for old, model in self._doomed.items():
-            counts.append((pipe.add("hlen", old), old))
-            pipe.add("delete", old, old + ":joined")
-            pipe.add("zrem", f"{_PREFIX}{model}:index", old)
+                self._buckets[model] = _Buckets(current, held, tuple(kept))
+                if pipe.fields >= STEP:
+                    yield pipe
+                    pipe = _Pipe(self._client.pipeline(transaction=False))
+        yield pipe
+
+    async def _step(self, pipe: _Pipe, done: dict[str, int]) -> bool:
+        """``_send``, run to its end even when the flush is cancelled meanwhile, then counted in ``done``: a step
+        Redis ran whose answer the cancel cut off, handed back, was written again by ``close`` into the next
+        bucket (a label could join twice). Its end is bounded by the client's timeouts (connect, then answer)."""
+        task = asyncio.create_task(self._send(pipe))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            finished, _ = await asyncio.wait({task}, timeout=2 * _TIMEOUT_S)
+            if not finished:  # (past the client's own timeouts: what it wrote is not known, so never written again)
+                task.cancel()
+                self._failed(pipe.fields, TimeoutError("the step in flight did not end"))
+            raise
+        finally:
+            for _, model, count in pipe.added:
+                done[model] = done.get(model, 0) + count
+
+    async def _send(self, pipe: _Pipe) -> bool:
+        """One step's round trip, each command's answer judged on its own: False when it got no answer."""
         try:
             answers = await pipe.pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:  # (not sent, or no answer: what was written is not known)
-            self._failed(sum(count for _, count, _ in added), exc)
-            return
+            self._failed(pipe.fields, exc)
+            return False
         written = failed = 0
         error: BaseException | None = None
-        for place, count, repeated in added:
+        for place, _, count in pipe.added:
             answer = answers[place]
             if isinstance(answer, BaseException):
                 failed, error = failed + count, answer
                 continue
             written += count
             # (``HSET`` answers how many fields it added: the others replaced a prediction kept under the same key)
-            self.replaced += repeated + count - int(answer)
+            self.replaced += count - int(answer)
         if written:
             self.counted.labels("written").inc(written)
         if error is not None:
             self._failed(failed, error)
-        self.dropped += sum(int(answers[place]) for place in listed if not isinstance(answers[place], BaseException))
-        for place, old in counts:
+        self.dropped += sum(int(answers[p]) for p in pipe.listed if not isinstance(answers[p], BaseException))
+        for place, old in pipe.deleted:
             if not isinstance(answers[place + 1], BaseException):  # (its DEL went through)
                 self.dropped += int(answers[place]) if not isinstance(answers[place], BaseException) else 0
                 self._doomed.pop(old, None)
+        return True
 
     def _failed(self, count: int, exc: BaseException) -> None:
         self.counted.labels("failed").inc(count)
@@ -406,3 +463,15 @@ def _encoded(
             items = items[len(items) - pending :]
         result[model] = (pending, items, repeated)
     return result, skipped, unfit
+
+
+def _newest(
+    outgoing: list[tuple[str, int, bytes, str, np.ndarray]], left: set[tuple[str, bytes]]
+) -> list[tuple[str, int, bytes, str, np.ndarray]]:
+    """The newest of ``outgoing`` of each (model, field) in ``left``, in their order: what a flush cut off hands
+    back (not those it counted, written, failed or dropped, nor an older answer that one replaced)."""
+    newest: dict[tuple[str, bytes], int] = {}
+    for place, (model, _, field, _, _) in enumerate(outgoing):
+        if (model, field) in left:
+            newest[(model, field)] = place
+    return [outgoing[place] for place in sorted(newest.values())]
