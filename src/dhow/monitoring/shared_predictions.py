@@ -36,13 +36,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import orjson
 from prometheus_client import CollectorRegistry, Counter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from dhow.core.addresses import redis_address
 from dhow.core.errors import Unavailable
+from dhow.monitoring.shared_encoding import decode_prediction, encode_prediction, encoded_by_model, newest_of
 
 __all__ = [
     "BUCKETS",
@@ -71,7 +71,8 @@ CHUNK = 32
 #: (~1 µs a prediction), so a backlog of 100k written at once held it ~80 ms; 2,000 hold it a few ms a step
 STEP = 2_000
 _PREFIX = "dhow:feedback:"
-#: the client's timeouts (connecting; an answer): a step unanswered ends the flush after one of them
+#: the client's timeouts (connecting; an answer): a step unanswered ends the flush after one of them; a step a
+#: cancelled flush waits for is given twice this (a slow Redis can exceed it: the step is then counted failed)
 _TIMEOUT_S = 5
 
 log = logging.getLogger("dhow.monitoring")
@@ -148,29 +149,6 @@ return dropped
 """
 
 
-def encode_prediction(version: str, array: np.ndarray) -> bytes:
-    """A kept prediction as its bucket holds it: the version, then the array (numbers as their bytes, dtype and
-    shape in front; any other array as JSON)."""
-    array = np.asarray(array)
-    shape = ",".join(map(str, array.shape)).encode()
-    if array.dtype.kind in "biuf":
-        return b"\x00".join([version.encode(), array.dtype.str.encode(), shape, array.tobytes()])
-    items = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in array.reshape(-1).tolist()]
-    written = orjson.dumps(items, default=str, option=orjson.OPT_SERIALIZE_NUMPY)  # (numpy scalars; else as text)
-    return b"\x00".join([version.encode(), b"json", shape, written])
-
-
-def decode_prediction(value: bytes) -> tuple[str, np.ndarray]:
-    """``encode_prediction``'s version and array."""
-    version, dtype, shape, data = value.split(b"\x00", 3)
-    dims = tuple(int(n) for n in shape.split(b",")) if shape else ()
-    if dtype == b"json":
-        array = np.asarray(orjson.loads(data), dtype=object).reshape(dims)
-    else:
-        array = np.frombuffer(data, dtype=np.dtype(dtype.decode())).reshape(dims)
-    return version.decode(), array
-
-
 def field_of(tenant: str, request_id: str) -> bytes:
     return f"{tenant}\x00{request_id}".encode()
 
@@ -197,6 +175,7 @@ class _Pipe:
         self.added: list[tuple[int, str, int]] = []
         self.listed: list[int] = []  # (the places of ``_LIST``'s answers: what their trims deleted)
         self.deleted: list[tuple[int, str]] = []  # (the places of the HLENs of this process's buckets deleted)
+        self.counted = False  # (its predictions counted: written or failed, once whichever path ends it)
 
     def add(self, command: str, *args: Any, **kwargs: Any) -> int:
         getattr(self.pipe, command)(*args, **kwargs)
@@ -221,6 +200,8 @@ class SharedPredictions:
         self._serial = 0
         #: one flush at a time: a label's look-up waits for the watch's flush in flight, then writes what is left
         self._flushing = asyncio.Lock()
+        #: the steps sent and not ended (a flush cancelled twice leaves its own running): ``close`` waits for them
+        self._in_flight: dict[asyncio.Task[bool], _Pipe] = {}
         self._find = self._client.register_script(_FIND)
         self._claim = self._client.register_script(_CLAIM)
         self.counted = Counter(
@@ -260,7 +241,7 @@ class SharedPredictions:
             outgoing, self._outgoing = self._outgoing, []
             try:
                 # (encoded in a thread: thousands a tick would hold the event loop)
-                by_model, skipped, unfit = await asyncio.to_thread(_encoded, outgoing)
+                by_model, skipped, unfit = await asyncio.to_thread(encoded_by_model, outgoing)
             except asyncio.CancelledError:  # (the watch stopped: ``close`` writes them)
                 self._outgoing[:0] = outgoing
                 raise
@@ -280,7 +261,7 @@ class SharedPredictions:
                     for model, (_, items, _) in by_model.items()
                     for field, _ in items[done.get(model, 0) :]
                 }
-                self._outgoing[:0] = _newest(outgoing, left)
+                self._outgoing[:0] = newest_of(outgoing, left)
                 raise
 
     async def _write(
@@ -339,27 +320,50 @@ class SharedPredictions:
     async def _step(self, pipe: _Pipe, done: dict[str, int]) -> bool:
         """``_send``, run to its end even when the flush is cancelled meanwhile, then counted in ``done``: a step
         Redis ran whose answer the cancel cut off, handed back, was written again by ``close`` into the next
-        bucket (a label could join twice). Its end is bounded by the client's timeouts (connect, then answer)."""
-        task = asyncio.create_task(self._send(pipe))
+        bucket (a label could join twice). A cancelled flush waits twice the client's timeouts for it at most (a
+        slow Redis can exceed that: the step is then counted failed); a second cancel leaves it to ``close``."""
+        task = asyncio.create_task(self._guarded(pipe))
+        self._in_flight[task] = pipe
+        task.add_done_callback(self._in_flight.pop)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            finished, _ = await asyncio.wait({task}, timeout=2 * _TIMEOUT_S)
-            if not finished:  # (past the client's own timeouts: what it wrote is not known, so never written again)
-                task.cancel()
-                self._failed(pipe.fields, TimeoutError("the step in flight did not end"))
+            await self._settle({task})
             raise
         finally:
             for _, model, count in pipe.added:
                 done[model] = done.get(model, 0) + count
+
+    async def _guarded(self, pipe: _Pipe) -> bool:
+        """``_send``; an error of its own (not Redis's: a bug) is logged, traced, its step counted failed (unless its
+        answers were counted), and ends the flush as no answer does: never lost in the task a cancel shields."""
+        try:
+            return await self._send(pipe)
+        except Exception as exc:
+            self._failed(0 if pipe.counted else pipe.fields, exc, bug=True)
+            pipe.counted = True
+            return False
+
+    async def _settle(self, tasks: set[asyncio.Task[bool]]) -> None:
+        """Wait for steps in flight, twice the client's timeouts at most; one still running then (a slow Redis) is
+        cancelled, its step counted failed: what it wrote is not known, so it is never written again."""
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=2 * _TIMEOUT_S)
+            for task in late:
+                self._lost(self._in_flight[task], TimeoutError("the step in flight did not end"))
+                task.cancel()
+            if late:  # (its connection closed before the pool is)
+                await asyncio.wait(late, timeout=_TIMEOUT_S)
 
     async def _send(self, pipe: _Pipe) -> bool:
         """One step's round trip, each command's answer judged on its own: False when it got no answer."""
         try:
             answers = await pipe.pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:  # (not sent, or no answer: what was written is not known)
-            self._failed(pipe.fields, exc)
+            self._lost(pipe, exc)
             return False
+        if pipe.counted:  # (given up on meanwhile: counted failed)
+            return True
         written = failed = 0
         error: BaseException | None = None
         for place, _, count in pipe.added:
@@ -370,6 +374,7 @@ class SharedPredictions:
             written += count
             # (``HSET`` answers how many fields it added: the others replaced a prediction kept under the same key)
             self.replaced += count - int(answer)
+        pipe.counted = True
         if written:
             self.counted.labels("written").inc(written)
         if error is not None:
@@ -381,14 +386,21 @@ class SharedPredictions:
                 self._doomed.pop(old, None)
         return True
 
-    def _failed(self, count: int, exc: BaseException) -> None:
+    def _lost(self, pipe: _Pipe, exc: BaseException) -> None:
+        """A step's predictions counted failed, unless they were counted already (each step counted once)."""
+        if not pipe.counted:
+            pipe.counted = True
+            self._failed(pipe.fields, exc)
+
+    def _failed(self, count: int, exc: BaseException, *, bug: bool = False) -> None:
+        """Counted failed; logged once in 10 s (Redis down fails every tick), an error of our own always, traced."""
         self.counted.labels("failed").inc(count)
         now = time.monotonic()
-        if now - self._last_failure > 10:
+        if bug or now - self._last_failure > 10:
             self._last_failure = now
             log.warning(
                 "feedback: %d prediction(s) could not be written to the shared store (Redis at %s): %s",
-                count, self.where, exc,
+                count, self.where, exc, exc_info=exc if bug else None,
             )  # fmt: skip
 
     # -- the labels --
@@ -428,50 +440,9 @@ class SharedPredictions:
         )
 
     async def close(self) -> None:
+        """Write what is left, then wait for the steps in flight (a flush cancelled twice left its own running)
+        before the pool closes: closed under a step, it counted it failed though written, or the loop ended
+        with the step never counted, and a step sent after reopened a connection nobody closed."""
         await self.flush()
+        await self._settle(set(self._in_flight))
         await self._client.aclose()
-
-
-def _encoded(
-    outgoing: list[tuple[str, int, bytes, str, np.ndarray]],
-) -> tuple[dict[str, tuple[int, list[tuple[bytes, bytes]], int]], int, int]:
-    """Per model: its ``pending``, its newest ``pending`` predictions encoded (one per field: the newest), and how
-    many of them an answer of the same key replaced within this write; then how many were left out as past
-    ``pending`` and how many could not be encoded."""
-    by_model: dict[str, tuple[int, dict[bytes, bytes], int]] = {}
-    unfit = 0
-    for model, pending, field, version, prediction in outgoing:
-        entry = by_model.get(model)
-        if entry is None:
-            entry = by_model[model] = (pending, {}, 0)
-        fields = entry[1]
-        try:
-            value = encode_prediction(version, prediction)
-        except (TypeError, ValueError):  # (and an older answer of the same key is not written in its place)
-            unfit += 1 + (fields.pop(field, None) is not None)
-            continue
-        repeated = entry[2] + (field in fields)
-        fields.pop(field, None)  # (the newest last: the trim below keeps the newest)
-        fields[field] = value
-        by_model[model] = (pending, fields, repeated)
-    skipped = 0
-    result: dict[str, tuple[int, list[tuple[bytes, bytes]], int]] = {}
-    for model, (pending, fields, repeated) in by_model.items():
-        items = list(fields.items())
-        if len(items) > pending:
-            skipped += len(items) - pending
-            items = items[len(items) - pending :]
-        result[model] = (pending, items, repeated)
-    return result, skipped, unfit
-
-
-def _newest(
-    outgoing: list[tuple[str, int, bytes, str, np.ndarray]], left: set[tuple[str, bytes]]
-) -> list[tuple[str, int, bytes, str, np.ndarray]]:
-    """The newest of ``outgoing`` of each (model, field) in ``left``, in their order: what a flush cut off hands
-    back (not those it counted, written, failed or dropped, nor an older answer that one replaced)."""
-    newest: dict[tuple[str, bytes], int] = {}
-    for place, (model, _, field, _, _) in enumerate(outgoing):
-        if (model, field) in left:
-            newest[(model, field)] = place
-    return [outgoing[place] for place in sorted(newest.values())]
