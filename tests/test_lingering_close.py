@@ -1,0 +1,260 @@
+"""A connection the server ends while its client is still sending: the client gets the last bytes (the native gRPC
+front's GOAWAY, the native HTTP/1.1 front's error answer) and then the end of the stream, not a reset that
+loses them (``linger.py``); and a client that never stops sending does not hold the connection past the bounds.
+
+Each case makes certain that bytes wait unread when the server decides to close, as a loaded server leaves them
+(the flaky rapid-reset tests): the server's loop is held by a callback blocking it (``_loop_held``) while the
+client sends the bytes that end the connection and more behind them, until the server's kernel has taken every
+one (none left unacknowledged in the client's: ``_unacked``). Released, the server reads at most 256 KiB at a
+time (asyncio's read size), closes on the first read, and the rest waits behind it. The server's receive window
+is first widened past one read by a few megabytes it reads at once (Linux grows it as a reader keeps up): at its
+first size the kernel would take no more than one read holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import socket
+import ssl
+import struct
+import termios
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvloop
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from dhow.protocols.grpc.h2 import frames as f
+from dhow.protocols.grpc.server import GrpcConnectionLimits
+from tests.conftest import wait_until
+from tests.test_e2e_security_transport import _issue
+from tests.test_grpc_native_front import HELLO, Door, _connect, _goaway_code, _read_frames, serving
+from tests.test_grpc_native_front_abuse import _INFER, _PING, _frames
+from tests.test_grpc_native_front_tls import TlsDoor, tls_door  # noqa: F401 (a fixture)
+from tests.test_rest_http1 import _Native, _post, _running, native_served  # noqa: F401 (a fixture)
+
+#: the longest any wait of these tests lasts before it fails: no measure of the server
+SAFETY_S = 30.0
+#: a frame of a type HTTP/2 does not define, which the server reads and ignores
+_IGNORED = f.frame(0xFA, 0, 0, bytes(16_000))
+
+
+def _unacked(sock: socket.socket) -> int:
+    """The bytes sent on ``sock`` that the peer's kernel has not acknowledged yet (Linux's SIOCOUTQ)."""
+    return int(struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+
+
+@contextlib.contextmanager
+def _loop_held(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+    """The server's loop blocked in a callback until the block ends: it reads nothing meanwhile."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait(SAFETY_S)
+
+    loop.call_soon_threadsafe(hold)
+    assert held.wait(SAFETY_S), "the server's loop never ran the hold"
+    try:
+        yield
+    finally:
+        release.set()
+
+
+def _sent_unread(sock: socket.socket, loop: asyncio.AbstractEventLoop, data: bytes) -> None:
+    """``data`` sent while the server's loop is held, all of it in the server's kernel when it goes on."""
+    with _loop_held(loop):
+        sock.sendall(data)
+        wait_until(lambda: _unacked(sock) == 0, SAFETY_S, "the server's kernel taking every byte sent")
+
+
+def _read_to_end(sock: socket.socket) -> tuple[bytes, str]:
+    """All the server sends, and how the connection ended: "end" (the server's FIN) or "reset"."""
+    received = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except ConnectionResetError:
+            return received, "reset"
+        if not chunk:
+            return received, "end"
+        received += chunk
+
+
+def _sent_until_refused(sock: socket.socket, data: bytes, pause_s: float) -> bool:
+    """Send ``data`` again and again (``pause_s`` apart) until the server no longer takes it: whether it stopped
+    taking it within ``SAFETY_S``."""
+    deadline = time.monotonic() + SAFETY_S
+    while time.monotonic() < deadline:
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            return True
+        time.sleep(pause_s)  # the client's own pace, not a wait for the server
+    return False
+
+
+# -- the native gRPC front ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def door(request: pytest.FixtureRequest) -> Iterator[Door]:
+    """A native gRPC front on either event loop (their transports half-close each their own way)."""
+    yield from serving(
+        GrpcConnectionLimits(), asyncio.new_event_loop() if request.param == "asyncio" else uvloop.new_event_loop()
+    )
+
+
+def _opened_and_reset(streams: range) -> bytes:
+    return b"".join(f.frame(f.HEADERS, f.END_HEADERS, s, _INFER) + f.rst_stream(s, f.CANCEL) for s in streams)
+
+
+def test_the_goaway_of_a_reset_flood_reaches_a_client_still_sending(door: Door) -> None:
+    """A Rapid Reset flood past its budget, and 600 KB more of it that the server has not read when it sends its
+    GOAWAY: the client reads the whole GOAWAY, with its code and reason, then the end; no stream behind the one
+    the server stopped at was read as a call."""
+    flood, more = _opened_and_reset(range(1, 2400, 2)), _opened_and_reset(range(2401, 12_001, 2))
+    with _connect(door) as sock:
+        sock.sendall(HELLO + _IGNORED * 512 + _PING)  # 8 MB read at once: the server's window widens
+        _read_frames(sock, f.PING, flags=f.ACK)
+        _sent_unread(sock, door.loop, flood + more)
+        received, ending = _read_to_end(sock)
+    frames = _frames(received)
+    assert _goaway_code(frames) == (f.ENHANCE_YOUR_CALM, b"too many calls reset by the client")
+    last_stream = next(int.from_bytes(p[:4], "big") for kind, _, _, p in frames if kind == f.GOAWAY)
+    assert last_stream < 2400, last_stream
+    assert ending == "end"
+    wait_until(lambda: not door.server.front.connections, SAFETY_S, "the connection ending on the server")
+
+
+@pytest.mark.parametrize(
+    ("sent", "pause_s"),
+    [
+        pytest.param(_IGNORED * 64, 0.0, id="flood"),  # ends at the bytes' bound
+        pytest.param(_PING, 0.05, id="trickle"),  # ends at the time's bound
+    ],
+)
+def test_a_client_that_never_stops_sending_is_closed_after_the_lingering_close(
+    door: Door,
+    sent: bytes,
+    pause_s: float,
+) -> None:
+    """A client sent a GOAWAY for a protocol error, which goes on sending for ever: the lingering close reads it
+    for a bounded time or number of bytes, then the connection ends."""
+    with _connect(door) as sock:
+        sock.sendall(HELLO + f.frame(f.DATA, 0, 7, b"\0\0\0\0\0"))  # DATA on a stream never opened
+        assert _goaway_code(_read_frames(sock, f.GOAWAY))[0] == f.PROTOCOL_ERROR
+        assert _sent_until_refused(sock, sent, pause_s), "the server read the client for ever"
+    wait_until(lambda: not door.server.front.connections, SAFETY_S, "the connection ending on the server")
+
+
+class _TlsClient:
+    """A TLS client over memory BIOs: it sends all it likes and reads the raw stream to its end, decrypted after."""
+
+    def __init__(self, door: TlsDoor) -> None:
+        context = ssl.create_default_context(cafile=door.folder / "ca.pem")
+        context.set_alpn_protocols(["h2"])
+        self.sock = socket.create_connection(("127.0.0.1", door.port), timeout=SAFETY_S)
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self._in, self._out, server_hostname="localhost")
+        while True:
+            try:
+                self.tls.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self._out.read())
+                self._in.write(self.sock.recv(65536))
+
+    def sendall(self, data: bytes) -> None:
+        for start in range(0, len(data), 16384):
+            self.tls.write(data[start : start + 16384])
+        self.sock.sendall(self._out.read())
+
+    def read(self, raw: bytes = b"") -> bytes:
+        """What ``raw`` and the records already read hold, decrypted."""
+        self._in.write(raw)
+        plain = b""
+        with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            while chunk := self.tls.read(1 << 20):
+                plain += chunk
+        return plain
+
+
+# uvloop's TLS close read and dropped them before: only asyncio's is a case (and uvloop widened its window less)
+@pytest.mark.parametrize("tls_door", ["asyncio"], indirect=True)
+def test_the_goaway_of_a_reset_flood_reaches_a_tls_client_still_sending(tls_door: TlsDoor) -> None:  # noqa: F811
+    """The same over TLS, which has no half-close: the client reads the GOAWAY and the end of the stream, not a
+    reset (asyncio's TLS close reset it: the records behind the flood's end were never read)."""
+    client = _TlsClient(tls_door)
+    with client.sock:
+        client.sendall(HELLO + _IGNORED * 2048 + _PING)  # 32 MB: a reader of TLS widens its window more slowly
+        answered = b""
+        while b"12345678" not in answered:
+            answered += client.read(client.sock.recv(1 << 20))
+        flood, more = _opened_and_reset(range(1, 2400, 2)), _opened_and_reset(range(2401, 8001, 2))
+        with _loop_held(tls_door.server.front.loop):
+            client.sendall(flood + more)
+            wait_until(lambda: _unacked(client.sock) == 0, SAFETY_S, "the server's kernel taking every byte sent")
+        received, ending = _read_to_end(client.sock)
+    frames = _frames(client.read(received))
+    assert _goaway_code(frames) == (f.ENHANCE_YOUR_CALM, b"too many calls reset by the client")
+    assert ending == "end"
+
+
+# -- the native HTTP/1.1 front -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sent", "status"),
+    [
+        pytest.param(b"NOT HTTP AT ALL\r\n\r\n" + b"x" * 600_000, b"400", id="invalid-request"),
+        # answered before its body is read, on a connection that closes after its answer
+        pytest.param(_post("/early", b"x" * 800_000, b"connection: close"), b"413", id="early-answer-closing"),
+    ],
+)
+def test_the_error_answer_reaches_a_client_still_sending(
+    native_served: _Native,  # noqa: F811
+    sent: bytes,
+    status: bytes,
+) -> None:
+    """A request the server answers with an error and then closes on, with 500 KB and more behind it that it has
+    not read: the client reads the whole answer, then the end."""
+    loop = native_served.front.servers[0].get_loop()
+    with socket.create_connection(("127.0.0.1", native_served.port()), timeout=SAFETY_S) as sock:
+        sock.sendall(_post("/echo", b"x" * 8_000_000))  # 8 MB read at once: the server's window widens
+        echoed = b""
+        while not echoed.endswith(b"x" * 1000) or len(echoed) < 8_000_000:
+            echoed += sock.recv(1 << 20)
+        _sent_unread(sock, loop, sent)
+        received, ending = _read_to_end(sock)
+    assert received.startswith(b"HTTP/1.1 " + status), received[:200]
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))[15:])
+    assert len(body) == length, (head, body)
+    assert ending == "end"
+
+
+def test_plain_http_to_the_https_port_gets_its_whole_400_though_it_goes_on_sending(tmp_path: Path) -> None:
+    """A plain HTTP request with a large body, to a port that speaks HTTPS only: its 400 (``tls.py``), then the end;
+    the body, still coming, is read and dropped. (No held loop here: the first read of a new connection takes all
+    its window holds, so no case of bytes certainly unread is made; this proves the port's close lingers.)"""
+    ca = _issue(tmp_path, "ca", "dhow test CA", None)
+    _issue(tmp_path, "server", "localhost", ca, ExtendedKeyUsageOID.SERVER_AUTH)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    served = _Native()
+    served.front.ssl_context = context
+    for running in _running(served):
+        with socket.create_connection(("127.0.0.1", running.port()), timeout=SAFETY_S) as sock:
+            sending = threading.Thread(target=_sent_until_refused, args=(sock, b"x" * 65536, 0.0), daemon=True)
+            sock.sendall(b"POST /echo HTTP/1.1\r\nhost: t\r\ncontent-length: 100000000\r\n\r\n")
+            sending.start()
+            received, ending = _read_to_end(sock)
+            sending.join(SAFETY_S)
+        assert received.startswith(b"HTTP/1.1 400 Bad Request\r\n") and received.endswith(b'address"}'), received
+        assert ending == "end"
