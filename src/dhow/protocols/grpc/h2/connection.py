@@ -4,7 +4,7 @@ Frames are parsed as they arrive; a unary call starts as soon as its request has
 while the read goes on, so calls that arrive in one read queue together for the batcher. Flow control both ways:
 the client may send ``RECEIVE_WINDOW`` per stream and ``CONNECTION_WINDOW`` (``bounds``) in all before the server's
 WINDOW_UPDATEs, sent as the bytes are taken; answers wait for the client's windows. A protocol error ends the
-connection with GOAWAY and the error's code; an error of one call ends that call only.
+connection with GOAWAY and the error's code, then a lingering close (``close``); an error of one call, that call.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import grpc
 from dhow.protocols.grpc.h2 import bounds
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.calls import INBOX_LIMIT, RECEIVE_WINDOW, RESET, CallContext, Stream, run_call
-from dhow.protocols.grpc.h2.keepalive import PING, Liveness, drained
+from dhow.protocols.grpc.h2.keepalive import PING, Liveness
 from dhow.protocols.grpc.h2.requests import parse_request
 from dhow.protocols.grpc.h2.sending import Sender, WindowWaits, auth_context, peer_name, trailers
+from dhow.protocols.linger import close_lingering
 from dhow.protocols.runner import CallRunner
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ class H2Connection(Sender, asyncio.Protocol):
             self.transport.resume_reading()
 
     def close_with(self, code: int, reason: str) -> None:
-        """GOAWAY with ``code`` (the reason as its debug data), then close once what is written has left."""
+        """GOAWAY with ``code`` (the reason as its debug data), then ``close``."""
         if self.transport is not None and not self.closed:
             if code != f.NO_ERROR:
                 log.info("gRPC connection from %s closed: %s", self.peer, reason)
@@ -133,20 +134,20 @@ class H2Connection(Sender, asyncio.Protocol):
                 tasks.append(task.finished() if isinstance(task, CallRunner) else task)
         return tasks
 
-    def close(self) -> None:
-        """Close once what is written has left, or abort when it stops leaving: once the buffer has not been
-        ``drained`` for ``bounds.CLOSE_GRACE_S`` (a client that does not read would hold the connection for ever)."""
-        if self.transport is not None and not self.closed:
-            self.transport.close()
+    def close(self, linger: bool = True) -> None:
+        """Close: the calls in flight end now, as when the connection is lost; the socket after a lingering close
+        (``linger.py``): a client still sending gets the last frames (its GOAWAY) rather than a reset, and nothing it
+        sends now is read as a frame. ``linger`` False (the stop's last step) closes at once, a lingering close too."""
+        transport = self.transport
+        if transport is None:
+            return
+        if not linger:
+            transport.close()
+        if not self.closed:
             self.closed = True
-            self._abort_if_stuck(self.transport, None)
-
-    def _abort_if_stuck(self, transport: asyncio.Transport, before: int | None) -> None:
-        buffered = transport.get_write_buffer_size()
-        if before is not None and not drained(before, buffered, bounds.CLOSE_GRACE_S):
-            transport.abort()
-        elif buffered:  # the close's own slot: a long drain does not pile up timers
-            self._timers[2:] = [self.loop.call_later(bounds.CLOSE_GRACE_S, self._abort_if_stuck, transport, buffered)]
+            close_lingering(transport, self, bounds.CLOSE_GRACE_S, bounds.CONNECTION_WINDOW)
+            for stream in list(self.streams.values()):
+                self.end_call(stream, RESET)
 
     def _handshake_over(self) -> None:
         if not self._settings:

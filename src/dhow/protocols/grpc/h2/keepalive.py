@@ -8,27 +8,20 @@ included, though it is well. The buffer going down shows it alive then: its fall
 (``resume_writing``, counted as a read) or a fall of ``MIN_DRAIN_RATE`` a second at least from one tick to the next
 (``drained``): a client taking a segment now and then (a trickle) is silent, or it would keep its connection, calls
 and buffered answers for ever. One that neither sends nor takes enough is pinged and closed (and
-``H2Connection.close`` aborts it when its last frames stop leaving).
+its lingering close, ``linger.py``, aborts it when its last frames stop leaving).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dhow.protocols.linger import drained
+
 if TYPE_CHECKING:
     from dhow.protocols.grpc.server import GrpcConnectionLimits
 
 #: what ``Liveness.tick`` answers when the connection is to be pinged
 PING = "ping"
-#: the bytes a second a client must take of what waits for it to count as reading (``drained``): one taking less,
-#: a segment now and then, would hold its connection, calls and answers at next to no cost to itself
-MIN_DRAIN_RATE = 4096
-
-
-def drained(before: int, after: int, seconds: float) -> bool:
-    """Whether a write buffer holding ``before`` bytes, then ``after`` bytes ``seconds`` later, was taken from at
-    ``MIN_DRAIN_RATE`` at least (or emptied)."""
-    return before - after >= min(before, MIN_DRAIN_RATE * seconds)
 
 
 class Liveness:

@@ -152,4 +152,4 @@ class NativeServer:
         if tasks:
             await asyncio.wait(tasks, timeout=5)
         for connection in connections:
-            connection.close()
+            connection.close(linger=False)  # the stop does not wait out a lingering close
