@@ -125,7 +125,7 @@ class HttpFront:
             server.close()
         for connection in list(self._open):
             if connection.running is None and connection.parsing is None:
-                connection.close()
+                connection.close(linger=False)
             else:
                 connection.closing = True  # closed once its answer is written
         deadline = asyncio.get_running_loop().time() + self.drain_s
@@ -147,7 +147,7 @@ class HttpFront:
             for task in self._running.values():
                 task.cancel()
         for connection in list(self._open):
-            connection.close()
+            connection.close(linger=False)
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
@@ -171,7 +171,7 @@ class HttpFront:
         if connection.closing:
             return
         if connection.idle_since and now - connection.idle_since > self.keepalive_s:
-            connection.close()
+            connection.close(linger=False)
             return
         parsing = connection.parsing
         if connection.headers_due:

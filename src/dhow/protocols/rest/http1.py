@@ -10,8 +10,9 @@ What the connection does besides: keep-alive; pipelined requests answered in ord
 pauses meanwhile); chunked request bodies (httptools de-chunks them); ``Expect: 100-continue`` (answered when
 the app first reads the body); HEAD (the headers only); a body the app answered without reading (a refusal)
 is read and dropped, as uvicorn does: closing with unread bytes would reset the connection, and the client
-could lose the answer. The deadlines on slow clients and the connection bound are the server's (``front.py``),
-which looks at its connections from one watchdog.
+could lose the answer; for the same reason a connection closed after an answer (a refusal, ``connection: close``)
+reads and drops what still comes for a while (``close``, ``linger.py``). The deadlines on slow clients and the
+connection bound are the server's (``front.py``), which looks at its connections from one watchdog.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from urllib.parse import unquote
 
 import httptools
 
+from dhow.protocols.linger import close_lingering
 from dhow.protocols.rest.body import Message, Scope
 from dhow.protocols.rest.exchange import STATUS_LINES, Exchange
 from dhow.protocols.rest.framing import coding_refusal, parse_refusal
@@ -83,7 +85,9 @@ class Http1Connection(asyncio.Protocol):
         self.running: Exchange | None = None
         self._pipeline: deque[Exchange] = deque()
         self.paused = False
+        #: to close once the answer being written is out (the drain), and closed: nothing more is written
         self.closing = False
+        self.closed = False
         #: the answer owed to a refused request, written after those accepted before it (then the connection
         #: closes; nothing more is read meanwhile)
         self.refusal = b""
@@ -110,8 +114,11 @@ class Http1Connection(asyncio.Protocol):
         self.front.opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
+        self.closing = self.closed = True
         self.front.closed(self)
+        self._lose_all()
+
+    def _lose_all(self) -> None:
         for exchange in (self.parsing, self.running, *self._pipeline):
             if exchange is not None:
                 exchange.lose()
@@ -129,11 +136,11 @@ class Http1Connection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         transport = self.transport
-        if transport is not None and not transport.is_closing():
+        if transport is not None and not self.closed and not transport.is_closing():
             transport.write(data)
 
     def pause(self) -> None:
-        if not self.paused and self.transport is not None:
+        if not self.paused and self.transport is not None and not self.closed:
             self.paused = True
             self.transport.pause_reading()
 
@@ -143,10 +150,19 @@ class Http1Connection(asyncio.Protocol):
             self.last_read = self.loop.time()  # the client could not send meanwhile: its deadlines start again
             self.transport.resume_reading()
 
-    def close(self) -> None:
-        self.closing = True
-        if self.transport is not None:
+    def close(self, linger: bool = True) -> None:
+        """Close after a lingering close (``linger.py``): a client still sending (a body not read, a request behind
+        a refused one) gets the answer just written rather than a reset, and nothing it sends now is read as a
+        request; the requests still open are lost now. ``linger`` False: at once (an idle connection, or the
+        drain's end, which also ends a lingering close)."""
+        if self.transport is None:
+            return
+        if not linger:
             self.transport.close()
+        if not self.closed:
+            self.closing = self.closed = True
+            close_lingering(self.transport, self)
+            self._lose_all()
 
     def _refuse(self, answer: bytes) -> None:
         """Refuse the request being parsed (invalid, or the server crowded) and close the connection.

@@ -21,6 +21,7 @@ from asyncio.sslproto import SSLProtocol
 from collections.abc import Callable
 from typing import Any, cast
 
+from dhow.protocols.linger import close_lingering
 from dhow.protocols.rest.app import CLIENT_CN_SCOPE_KEY
 from dhow.protocols.rest.connection import DeadlineHttpProtocol
 
@@ -67,7 +68,7 @@ class HttpsPortProtocol(asyncio.Protocol):
             # an HTTP method starts with a capital letter; anything else gets no answer it could not read
             if data[:1].isupper():
                 transport.write(_PLAIN_HTTP_ANSWER)
-            transport.close()
+            close_lingering(transport, self)  # the rest of the request (a body) read and dropped: not a reset
             return
         self._start_tls(transport, data)
 
