@@ -258,3 +258,22 @@ def test_plain_http_to_the_https_port_gets_its_whole_400_though_it_goes_on_sendi
             sending.join(SAFETY_S)
         assert received.startswith(b"HTTP/1.1 400 Bad Request\r\n") and received.endswith(b'address"}'), received
         assert ending == "end"
+
+
+def _settled(loop: asyncio.AbstractEventLoop) -> None:
+    """Once every callback the server's loop had queued has run (the read of the bytes it took among them)."""
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(SAFETY_S)
+
+
+def test_no_stream_behind_the_clients_goaway_is_opened(door: Door) -> None:
+    """The client's GOAWAY, no stream open, then 100 HEADERS in the same read: the server closes at the GOAWAY, and
+    none of the streams behind it is opened as a call on the closed connection (they would run till the lingering
+    close ends)."""
+    with _connect(door) as sock:
+        sock.sendall(HELLO + _PING)
+        _read_frames(sock, f.PING, flags=f.ACK)
+        behind = b"".join(f.frame(f.HEADERS, f.END_HEADERS, s, _INFER) for s in range(1, 201, 2))
+        _sent_unread(sock, door.loop, f.goaway(0, f.NO_ERROR) + behind)
+        _settled(door.loop)
+        assert [len(connection.streams) for connection in door.server.front.connections] in ([], [0])
+    wait_until(lambda: not door.server.front.connections, SAFETY_S, "the connection ending on the server")

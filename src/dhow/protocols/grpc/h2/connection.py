@@ -187,7 +187,7 @@ class H2Connection(Sender, asyncio.Protocol):
             self.close_with(exc.code, exc.reason)
             return
         self.resets.end_read()
-        if used < len(data):
+        if used < len(data) and not self.closed:
             pending += memoryview(data)[used:]
 
     def _frames(self, data: bytes) -> int:
@@ -201,7 +201,7 @@ class H2Connection(Sender, asyncio.Protocol):
                 raise f.ConnectionError_(f.PROTOCOL_ERROR, "not an HTTP/2 connection preface (gRPC needs HTTP/2)")
             self._preface, position = True, 24
         unpack = f.FRAME_HEADER.unpack_from
-        while end - position >= 9:
+        while end - position >= 9 and not self.closed:  # (closed by a frame: the rest is not read, nor served)
             high, low, kind, flags, stream_id = unpack(data, position)
             length = high << 16 | low
             if length > bounds.MAX_FRAME_IN:
@@ -362,7 +362,7 @@ class H2Connection(Sender, asyncio.Protocol):
         if stream_id % 2 == 0 or stream_id <= self.last_stream:
             raise f.ConnectionError_(f.PROTOCOL_ERROR, f"HEADERS opening stream {stream_id}, not a new client stream")
         self.last_stream = stream_id
-        if self.goaway_sent or len(self.streams) >= bounds.MAX_STREAMS:
+        if self.goaway_sent or self.closed or len(self.streams) >= bounds.MAX_STREAMS:
             self.write(f.rst_stream(stream_id, f.REFUSED_STREAM))
             return
         self._opened += 1
