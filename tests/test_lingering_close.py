@@ -29,6 +29,7 @@ import pytest
 import uvloop
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from dhow.protocols import linger
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.server import GrpcConnectionLimits
 from tests.conftest import wait_until
@@ -277,3 +278,19 @@ def test_no_stream_behind_the_clients_goaway_is_opened(door: Door) -> None:
         _settled(door.loop)
         assert [len(connection.streams) for connection in door.server.front.connections] in ([], [0])
     wait_until(lambda: not door.server.front.connections, SAFETY_S, "the connection ending on the server")
+
+
+def test_the_stop_does_not_wait_for_a_lingering_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request running when the server is asked to stop: it is answered, and its connection then closes with a
+    lingering close, its client never closing: the drain waits for requests and answers, not for a lingering close
+    (which the stop's last step ends), so it is over long before that close's own limit."""
+    monkeypatch.setattr(linger, "GRACE_S", 10 * SAFETY_S)  # this lingering close never ends on its own
+    served = _Native()
+    served.front.drain_s = 10 * SAFETY_S
+    for running in _running(served):
+        with socket.create_connection(("127.0.0.1", running.port()), timeout=SAFETY_S) as sock:
+            sock.sendall(_post("/wait/300", b""))
+            wait_until(lambda: served.front._running, SAFETY_S, "the request running")
+            served.front.should_exit = True
+            assert sock.recv(1 << 16).startswith(b"HTTP/1.1 200")
+            wait_until(lambda: not served.thread.is_alive(), SAFETY_S, "the stop, waiting on a lingering close")

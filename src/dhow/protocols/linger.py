@@ -90,14 +90,14 @@ class Lingering(asyncio.Protocol):
 def close_lingering(
     transport: asyncio.Transport,
     protocol: asyncio.BaseProtocol,
-    grace_s: float = GRACE_S,
+    grace_s: float | None = None,
     max_bytes: int = MAX_BYTES,
 ) -> None:
     """Close ``transport``, whose protocol is ``protocol``, once what is written has left and the client has read
-    it (see the module); nothing for a transport closing already."""
+    it (see the module); nothing for a transport closing already. ``grace_s``: ``GRACE_S`` as it is at the call."""
     if transport.is_closing() or isinstance(transport.get_protocol(), Lingering):
         return
-    transport.set_protocol(Lingering(transport, protocol, grace_s, max_bytes))
+    transport.set_protocol(Lingering(transport, protocol, GRACE_S if grace_s is None else grace_s, max_bytes))
     if transport.can_write_eof():
         try:
             transport.write_eof()

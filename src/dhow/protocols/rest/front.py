@@ -124,12 +124,14 @@ class HttpFront:
         for server in self.servers:
             server.close()
         for connection in list(self._open):
+            if connection.closed:
+                continue  # lingering: not waited for, and ended by the last step below
             if connection.running is None and connection.parsing is None:
                 connection.close(linger=False)
             else:
                 connection.closing = True  # closed once its answer is written
         deadline = asyncio.get_running_loop().time() + self.drain_s
-        while (self._open or self._running) and not self.force_exit:
+        while (any(not c.closed for c in self._open) or self._running) and not self.force_exit:
             if asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(0.1)
