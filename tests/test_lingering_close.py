@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import socket
 import ssl
 import struct
@@ -294,3 +295,21 @@ def test_the_stop_does_not_wait_for_a_lingering_connection(monkeypatch: pytest.M
             served.front.should_exit = True
             assert sock.recv(1 << 16).startswith(b"HTTP/1.1 200")
             wait_until(lambda: not served.thread.is_alive(), SAFETY_S, "the stop, waiting on a lingering close")
+
+
+def test_a_close_at_once_aborts_a_client_that_reads_nothing(door: Door) -> None:
+    """A client that sends until the server stops reading it, and reads nothing, its connection then closed at once
+    (the stop's last step, when its calls outlast the cut): the connection, the server's answers stuck in its write
+    buffer, is aborted rather than held for as long as the client likes."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", door.port))
+    with sock:
+        sock.sendall(HELLO)
+        sock.settimeout(2)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                sock.send(_PING * 60_000)  # till the server stops reading: its answers wait in its write buffer
+        (connection,) = door.server.front.connections
+        door.loop.call_soon_threadsafe(functools.partial(connection.close, linger=False))
+        wait_until(lambda: not door.server.front.connections, SAFETY_S, "the server ending the connection")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 
-__all__ = ["GRACE_S", "MAX_BYTES", "MIN_DRAIN_RATE", "Lingering", "close_lingering", "drained"]
+__all__ = ["GRACE_S", "MAX_BYTES", "MIN_DRAIN_RATE", "Lingering", "close_at_once", "close_lingering", "drained"]
 
 #: how long a closing connection's client has to read its last bytes once they have left the write buffer, and
 #: how long that buffer may stop falling before the connection is aborted
@@ -105,3 +105,12 @@ def close_lingering(
             transport.close()
             return
     transport.resume_reading()  # (a front pauses a client it has answers waiting for: this one is read to its end)
+
+
+def close_at_once(transport: asyncio.Transport) -> None:
+    """Close ``transport`` now, lingering or not (a stop's last step, an idle connection): aborted when bytes still
+    wait to leave, as a client that reads nothing would hold a transport's close (it waits for them) for ever."""
+    if transport.get_write_buffer_size():
+        transport.abort()
+    else:
+        transport.close()

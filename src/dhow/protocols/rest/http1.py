@@ -27,7 +27,7 @@ from urllib.parse import unquote
 
 import httptools
 
-from dhow.protocols.linger import close_lingering
+from dhow.protocols.linger import close_at_once, close_lingering
 from dhow.protocols.rest.body import Message, Scope
 from dhow.protocols.rest.exchange import STATUS_LINES, Exchange
 from dhow.protocols.rest.framing import coding_refusal, parse_refusal
@@ -153,12 +153,12 @@ class Http1Connection(asyncio.Protocol):
     def close(self, linger: bool = True) -> None:
         """Close after a lingering close (``linger.py``): a client still sending (a body not read, a request behind
         a refused one) gets the answer just written rather than a reset, and nothing it sends now is read as a
-        request; the requests still open are lost now. ``linger`` False: at once (an idle connection, or the
+        request; the requests still open are lost now. ``linger`` False: ``close_at_once`` (an idle connection, the
         drain's end, which also ends a lingering close)."""
         if self.transport is None:
             return
         if not linger:
-            self.transport.close()
+            close_at_once(self.transport)
         if not self.closed:
             self.closing = self.closed = True
             close_lingering(self.transport, self)

@@ -22,7 +22,7 @@ from dhow.protocols.grpc.h2.calls import INBOX_LIMIT, RECEIVE_WINDOW, RESET, Cal
 from dhow.protocols.grpc.h2.keepalive import PING, Liveness
 from dhow.protocols.grpc.h2.requests import parse_request
 from dhow.protocols.grpc.h2.sending import Sender, WindowWaits, auth_context, peer_name, trailers
-from dhow.protocols.linger import close_lingering
+from dhow.protocols.linger import close_at_once, close_lingering
 from dhow.protocols.runner import CallRunner
 
 if TYPE_CHECKING:
@@ -137,12 +137,12 @@ class H2Connection(Sender, asyncio.Protocol):
     def close(self, linger: bool = True) -> None:
         """Close: the calls in flight end now, as when the connection is lost; the socket after a lingering close
         (``linger.py``): a client still sending gets the last frames (its GOAWAY) rather than a reset, and nothing it
-        sends now is read as a frame. ``linger`` False (the stop's last step) closes at once, a lingering close too."""
+        sends now is read as a frame. ``linger`` False (the stop's last step): ``close_at_once``, lingering or not."""
         transport = self.transport
         if transport is None:
             return
         if not linger:
-            transport.close()
+            close_at_once(transport)
         if not self.closed:
             self.closed = True
             close_lingering(transport, self, bounds.CLOSE_GRACE_S, bounds.CONNECTION_WINDOW)
