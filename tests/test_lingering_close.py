@@ -313,3 +313,17 @@ def test_a_close_at_once_aborts_a_client_that_reads_nothing(door: Door) -> None:
         (connection,) = door.server.front.connections
         door.loop.call_soon_threadsafe(functools.partial(connection.close, linger=False))
         wait_until(lambda: not door.server.front.connections, SAFETY_S, "the server ending the connection")
+
+
+def test_a_lingering_close_ends_at_its_limit_however_the_client_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection lingering after its 400 whose client never closes, its grace made longer than the test: it
+    ends at the lingering close's own limit (``MAX_S``, made short here), as one read slowly would."""
+    monkeypatch.setattr(linger, "GRACE_S", 10 * SAFETY_S)
+    monkeypatch.setattr(linger, "MAX_S", 0.5)
+    served = _Native()
+    for running in _running(served):
+        with socket.create_connection(("127.0.0.1", running.port()), timeout=SAFETY_S) as sock:
+            sock.sendall(b"NOT HTTP AT ALL\\r\\n\\r\\n")
+            received, _ = _read_to_end(sock)
+            assert received.startswith(b"HTTP/1.1 400"), received[:200]
+            wait_until(lambda: not served.front._open, SAFETY_S, "the lingering connection ending on the server")

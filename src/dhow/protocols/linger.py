@@ -8,27 +8,40 @@ headers) gets a reset in place of the GOAWAY or the 400 that says why. A busy se
 in other pieces, so bytes wait behind the one it closes on more often: the rapid-reset tests failed so on a
 loaded machine.
 
-So the fronts close as nginx (``lingering_close``), Go's HTTP/2 server and h2o do: the last bytes written, the
-write side is shut (``write_eof``: the FIN follows them), and ``Lingering`` takes the connection's place as the
+So the fronts close as nginx (``lingering_close``), Go's HTTP/2 server and h2o do: the last bytes written, the write
+side is shut (``write_eof``: the FIN follows them), and ``Lingering`` takes the connection's place as the
 transport's protocol, reading what the client still sends and dropping it: nothing read now reaches the front's
-parser, so no frame or request behind the close is served. It closes when the client ends its side (it has read
-the end, or gone), once ``max_bytes`` are read (a client sending without end is reset, its bound spent), or
-``grace_s`` after the last bytes left the write buffer; it aborts a client whose buffer stops falling for
-``grace_s`` (``drained``: one that neither reads nor closes). TLS has no half-close: the client has the last
-bytes (a GOAWAY, an answer saying ``connection: close``) and no end of the stream until the close, whose
-close_notify then waits for the client's up to the port's ``ssl_shutdown_timeout``; the lingering is the same,
-and needed as much (asyncio's TLS close, on its own, resets a client whose records it has not read).
+parser, so no frame or request behind the close is served. It closes when the client ends its side (it has read the
+end, or gone), once ``max_bytes`` are read (a client sending without end is reset, its bound spent), or ``grace_s``
+after the last bytes left the write buffer; it aborts a client whose buffer stops falling for ``grace_s``
+(``drained``: one that neither reads nor closes), and ends after ``MAX_S`` in any case. TLS has no half-close: the
+client has the last bytes (a GOAWAY, an answer saying ``connection: close``) and no end of the stream until the
+close, whose close_notify then waits for the client's up to the port's ``ssl_shutdown_timeout``; the lingering is
+the same, and needed as much (asyncio's TLS close, on its own, resets a client whose records it has not read).
 """
 
 from __future__ import annotations
 
 import asyncio
 
-__all__ = ["GRACE_S", "MAX_BYTES", "MIN_DRAIN_RATE", "Lingering", "close_at_once", "close_lingering", "drained"]
+__all__ = [
+    "GRACE_S",
+    "MAX_BYTES",
+    "MAX_S",
+    "MIN_DRAIN_RATE",
+    "Lingering",
+    "close_at_once",
+    "close_lingering",
+    "drained",
+]
 
 #: how long a closing connection's client has to read its last bytes once they have left the write buffer, and
 #: how long that buffer may stop falling before the connection is aborted
 GRACE_S = 2.0
+#: the longest a lingering close lasts, however the client reads (nginx's ``lingering_time``): one taking its last
+#: bytes at ``MIN_DRAIN_RATE`` and no faster would hold its connection, and its slot of ``--max-connections``, for
+#: as long as its buffer takes to drain at that rate (megabytes: minutes)
+MAX_S = 30.0
 #: the most a closing connection reads and drops: far more than a client that stops once it reads the close has in
 #: flight, so that only one sending without end is reset
 MAX_BYTES = 16 * 1024 * 1024
@@ -62,6 +75,7 @@ class Lingering(asyncio.Protocol):
         #: the write buffer at the last look: a close once it was empty at two looks in a row (``_look``)
         self._before = transport.get_write_buffer_size()
         self._timer = asyncio.get_running_loop().call_later(grace_s, self._look)
+        self._cap = asyncio.get_running_loop().call_later(MAX_S, close_at_once, transport)
 
     def data_received(self, data: bytes) -> None:
         self._left -= len(data)
@@ -73,6 +87,7 @@ class Lingering(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._timer.cancel()
+        self._cap.cancel()
         self._protocol.connection_lost(exc)
 
     def _look(self) -> None:
