@@ -327,3 +327,14 @@ def test_a_lingering_close_ends_at_its_limit_however_the_client_reads(monkeypatc
             received, _ = _read_to_end(sock)
             assert received.startswith(b"HTTP/1.1 400"), received[:200]
             wait_until(lambda: not served.front._open, SAFETY_S, "the lingering connection ending on the server")
+
+
+def test_a_connection_that_never_sent_a_byte_is_closed_without_lingering(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection silent past the header limit: closed with nothing to say and nothing to read, so it does not
+    linger (its grace made longer than the test here: it would hold the connection till then)."""
+    monkeypatch.setattr(linger, "GRACE_S", 10 * SAFETY_S)
+    served = _Native()
+    for running in _running(served):
+        with socket.create_connection(("127.0.0.1", running.port()), timeout=SAFETY_S) as sock:
+            assert _read_to_end(sock)[0] == b""
+            wait_until(lambda: not served.front._open, SAFETY_S, "the silent connection ending on the server")

@@ -192,4 +192,4 @@ class HttpFront:
         if answer:
             connection.write(answer)
         log.debug("closed a connection from %s: its request came too slowly", connection.client)
-        connection.close()
+        connection.close(linger=bool(connection.last_read))  # one that never sent a byte has nothing in flight

@@ -21,6 +21,7 @@ from asyncio.sslproto import SSLProtocol
 from collections.abc import Callable
 from typing import Any, cast
 
+from dhow.protocols import linger
 from dhow.protocols.linger import close_lingering
 from dhow.protocols.rest.app import CLIENT_CN_SCOPE_KEY
 from dhow.protocols.rest.connection import DeadlineHttpProtocol
@@ -68,7 +69,11 @@ class HttpsPortProtocol(asyncio.Protocol):
             # an HTTP method starts with a capital letter; anything else gets no answer it could not read
             if data[:1].isupper():
                 transport.write(_PLAIN_HTTP_ANSWER)
-            close_lingering(transport, self)  # the rest of the request (a body) read and dropped: not a reset
+            # the rest of the request (a body) read and dropped: not a reset. Such a connection is not counted in
+            # --max-connections (only the HTTP connection made once TLS starts is), but no more is needed: its
+            # lingering close ends within ``linger.MAX_S`` (30 s) and reads ``linger.MAX_BYTES`` at most, less
+            # than a connection silent before its first byte may hold a socket uncounted (FIRST_BYTE_TIMEOUT_S)
+            close_lingering(transport, self)
             return
         self._start_tls(transport, data)
 
@@ -79,7 +84,10 @@ class HttpsPortProtocol(asyncio.Protocol):
         handshake = loop.create_future()
         # a failed handshake (a wrong certificate) ends the connection; its error needs no other reader
         handshake.add_done_callback(lambda done: done.cancelled() or done.exception())
-        tls = SSLProtocol(loop, http, self._ssl_context, handshake, server_side=True)
+        # its close waits for the client's close_notify as long as a lingering close waits (not asyncio's 30 s)
+        tls = SSLProtocol(
+            loop, http, self._ssl_context, handshake, server_side=True, ssl_shutdown_timeout=linger.GRACE_S
+        )
         transport.set_protocol(tls)
         tls.connection_made(transport)
         view = memoryview(first)
