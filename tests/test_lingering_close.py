@@ -31,6 +31,7 @@ import uvloop
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from dhow.protocols import linger
+from dhow.protocols.grpc.h2 import bounds
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.server import GrpcConnectionLimits
 from tests.conftest import wait_until
@@ -42,6 +43,9 @@ from tests.test_rest_http1 import _Native, _post, _running, native_served  # noq
 
 #: the longest any wait of these tests lasts before it fails: no measure of the server
 SAFETY_S = 30.0
+#: the longest the server's loop is held (``_loop_held``): longer than any wait made while it is held, so that the
+#: hold never ends before the test ends it
+_HOLD_S = 2 * SAFETY_S
 #: a frame of a type HTTP/2 does not define, which the server reads and ignores
 _IGNORED = f.frame(0xFA, 0, 0, bytes(16_000))
 
@@ -54,11 +58,12 @@ def _unacked(sock: socket.socket) -> int:
 @contextlib.contextmanager
 def _loop_held(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
     """The server's loop blocked in a callback until the block ends: it reads nothing meanwhile."""
-    held, release = threading.Event(), threading.Event()
+    held, release, expired = threading.Event(), threading.Event(), threading.Event()
 
     def hold() -> None:
         held.set()
-        release.wait(SAFETY_S)
+        if not release.wait(_HOLD_S):
+            expired.set()
 
     loop.call_soon_threadsafe(hold)
     assert held.wait(SAFETY_S), "the server's loop never ran the hold"
@@ -66,6 +71,7 @@ def _loop_held(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
         yield
     finally:
         release.set()
+    assert not expired.is_set(), f"the hold of the server's loop ended on its own after {_HOLD_S} s: no case was made"
 
 
 def _sent_unread(sock: socket.socket, loop: asyncio.AbstractEventLoop, data: bytes) -> None:
@@ -338,3 +344,48 @@ def test_a_connection_that_never_sent_a_byte_is_closed_without_lingering(monkeyp
         with socket.create_connection(("127.0.0.1", running.port()), timeout=SAFETY_S) as sock:
             assert _read_to_end(sock)[0] == b""
             wait_until(lambda: not served.front._open, SAFETY_S, "the silent connection ending on the server")
+
+
+def test_no_request_pipelined_behind_a_400_is_run(native_served: _Native) -> None:  # noqa: F811
+    """An invalid request and 50 valid ones behind it, all in the server's kernel when it reads: it answers the
+    400 only, then the end; none of those behind it is run (the lingering close drops them)."""
+    loop = native_served.front.servers[0].get_loop()
+    with socket.create_connection(("127.0.0.1", native_served.port()), timeout=SAFETY_S) as sock:
+        _sent_unread(sock, loop, b"NOT HTTP AT ALL\r\n\r\n" + _post("/echo", b"behind") * 50)
+        received, ending = _read_to_end(sock)
+    assert received.startswith(b"HTTP/1.1 400") and received.count(b"HTTP/1.1 ") == 1, received[:300]
+    assert b"behind" not in received and ending == "end"
+
+
+def test_a_lingering_connection_holds_its_rest_slot_till_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--max-connections`` counts a lingering connection (it still holds a socket), and its slot is free once it
+    ends: a request meanwhile is refused 503, one after it is served."""
+    monkeypatch.setattr(linger, "GRACE_S", 10 * SAFETY_S)  # the lingering close ends with its client only
+    served = _Native()
+    served.front.limit = 2  # (counting the connection asking)
+    for running in _running(served):
+        with socket.create_connection(("127.0.0.1", running.port()), timeout=SAFETY_S) as lingering:
+            lingering.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            assert _read_to_end(lingering)[0].startswith(b"HTTP/1.1 400")
+            with socket.create_connection(("127.0.0.1", running.port()), timeout=SAFETY_S) as crowded:
+                crowded.sendall(_post("/echo", b"crowded"))
+                assert _read_to_end(crowded)[0].startswith(b"HTTP/1.1 503")
+        wait_until(lambda: not served.front._open, SAFETY_S, "the lingering connections ending with their clients")
+        with socket.create_connection(("127.0.0.1", running.port()), timeout=SAFETY_S) as sock:
+            sock.sendall(_post("/echo", b"served"))
+            assert sock.recv(1 << 16).startswith(b"HTTP/1.1 200")
+
+
+def test_a_lingering_connection_holds_its_grpc_slot_till_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same on the native gRPC front: a connection made while one lingers is refused, one made after served."""
+    monkeypatch.setattr(bounds, "CLOSE_GRACE_S", 10 * SAFETY_S)
+    with contextlib.contextmanager(serving)(GrpcConnectionLimits(max_connections=1), asyncio.new_event_loop()) as door:
+        with _connect(door) as lingering:
+            lingering.sendall(HELLO + f.frame(f.DATA, 0, 7, b"\0\0\0\0\0"))  # DATA on a stream never opened
+            assert _goaway_code(_read_frames(lingering, f.GOAWAY))[0] == f.PROTOCOL_ERROR
+            with _connect(door) as refused:
+                assert _read_to_end(refused) in ((b"", "end"), (b"", "reset"))  # aborted before its SETTINGS
+        wait_until(lambda: not door.server.front.connections, SAFETY_S, "the lingering connection ending")
+        with _connect(door) as sock:
+            sock.sendall(HELLO + _PING)
+            _read_frames(sock, f.PING, flags=f.ACK)
