@@ -53,7 +53,9 @@ ANNOUNCED = f.settings(
         f.SETTINGS_MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
     }
 ) + f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW)
-#: how long a closed connection's last frames (its GOAWAY) may take to leave before it is aborted
+#: a closing connection's lingering close (``linger.py``): how long its client has to read its last frames (its
+#: GOAWAY) once they have left, and how long they may stop leaving before it is aborted; also how long a TLS close
+#: waits for the client's close_notify
 CLOSE_GRACE_S = 2.0
 #: the resets a connection may make at once, and those it gets back a second
 RESET_BURST = 1000
