@@ -9,7 +9,8 @@ import asyncio
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from dhow.protocols.grpc import create_grpc_server
 from dhow.protocols.grpc.h2 import frames as f
+from dhow.protocols.grpc.h2.plaintext import MESSAGE, refuse_plaintext
 from dhow.protocols.grpc.h2.server import NativeServer
 from dhow.protocols.grpc.server import GrpcConnectionLimits
-from tests.conftest import wait_until
+from tests.conftest import read_until_closed, wait_until
 from tests.inprocess import open_service
 from tests.test_e2e_security_transport import _issue
 from tests.test_grpc_native_front import HELLO, GatedPlane, _request
@@ -144,3 +146,81 @@ def test_a_refused_tls_connection_is_closed_at_once_and_its_data_never_read(tls_
         (held_connection,) = tls_door.server.front.connections
         assert not held_connection.streams
     assert not tls_door.errors, tls_door.errors
+
+
+def test_the_handshakes_limit_counts_from_the_accept_not_from_the_tls_handshakes_end(tls_door: TlsDoor) -> None:
+    """--header-timeout covers a gRPC connection's start, TLS handshake and HTTP/2 settings together: a client that
+    waited before its handshake has that much less for its settings (each step had the whole limit: 3 times it)."""
+    with socket.create_connection(("127.0.0.1", tls_door.port), timeout=SAFETY_S) as sock:
+        time.sleep(0.5)  # half the fixture's 1 s limit before its first byte
+        context = ssl.create_default_context(cafile=tls_door.folder / "ca.pem")
+        context.set_alpn_protocols(["h2"])
+        with context.wrap_socket(sock, server_hostname="localhost"):
+            wait_until(lambda: tls_door.connections() == 1, SAFETY_S, "the connection admitted")
+            (connection,) = tls_door.server.front.connections
+            limit = tls_door.server.front.limits.handshake_s
+            assert connection._timers[0].when() <= connection.accepted + limit, "the settings got the whole limit"
+
+
+def test_a_server_stopping_closes_the_plaintext_connections_it_is_answering(tls_door: TlsDoor) -> None:
+    """A plaintext client that said its preface and no call yet is held until its handshake's limit: a stop closes
+    it at once, as it closes the TLS connections."""
+    with socket.create_connection(("127.0.0.1", tls_door.port), timeout=SAFETY_S) as plain:
+        plain.sendall(HELLO)
+        wait_until(lambda: len(tls_door.server._refusing) == 1, SAFETY_S, "the plaintext connection answered")
+        (held,) = tls_door.server._refusing
+        asyncio.run_coroutine_threadsafe(tls_door.server.stop(None), tls_door.server.front.loop).result(SAFETY_S)
+        assert held.is_closing(), "the stop left the plaintext connection to its handshake's limit"
+        assert read_until_closed(plain) == f.settings({})
+    assert not tls_door.server._refusing
+
+
+def test_a_plaintext_connections_limit_counts_from_the_accept_not_from_its_first_byte(tls_door: TlsDoor) -> None:
+    """A plaintext client that waited before its preface has that much less of the handshake's limit left for its
+    call (the refusal had the whole limit from the first byte: twice it in all)."""
+    with socket.create_connection(("127.0.0.1", tls_door.port), timeout=SAFETY_S) as plain:
+        time.sleep(0.5)  # half the fixture's 1 s limit before its first byte
+        plain.sendall(HELLO)
+        wait_until(lambda: len(tls_door.server._refusing) == 1, SAFETY_S, "the plaintext connection answered")
+        (held,) = tls_door.server._refusing
+        refusal: Any = held.get_protocol()
+        # accepted at most when the client's connect returned, 0.5 s ago: at most 0.5 s of the limit is left
+        left = refusal._timer.when() - tls_door.server.front.loop.time()
+        assert left < tls_door.server.front.limits.handshake_s * 0.75, f"{left:.2f} s left: the whole limit again"
+
+
+def _refusing(feed: Callable[[Any], None]) -> bytes:
+    """A plaintext connection on a real socket pair handed to ``refuse_plaintext`` after the preface's first byte,
+    then ``feed(its refusal)``; what the client got before the server closed."""
+    client, served = socket.socketpair()
+
+    async def run() -> None:
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(asyncio.Protocol, served)
+        refuse_plaintext(SAFETY_S, set())(transport, f.PREFACE[:1], asyncio.get_running_loop().time())
+        feed(transport.get_protocol())
+        await asyncio.sleep(0.1)  # the closed transport's connection_lost
+
+    with client:
+        client.settimeout(SAFETY_S)
+        asyncio.run(run())
+        return read_until_closed(client)
+
+
+def test_a_plaintext_clients_frames_one_a_read_are_each_looked_at_once() -> None:
+    """64 KiB of 9-byte frames, one a read: each read is looked at alone (every read parsed all that came before
+    it from the preface: 10 s of CPU for one connection); at the bound, GOAWAY saying the port needs TLS."""
+    empty = f.frame(f.SETTINGS, 1, 0, b"")  # an acknowledgement: a frame header and nothing more
+
+    def flood(refusal: Any) -> None:
+        refusal.data_received(f.PREFACE[1:] + f.settings({}))
+        while not refusal._transport.is_closing():
+            refusal.data_received(empty)
+            assert not refusal.pending and not refusal.skip, "a whole frame is kept after its read"
+        assert refusal.read > 64 * 1024
+
+    frames = _refusing(flood)
+    assert frames.startswith(f.settings({})) and MESSAGE.encode() in frames, frames[-200:]
+
+
+def test_a_plaintext_client_whose_preface_goes_wrong_after_its_first_byte_is_closed() -> None:
+    assert _refusing(lambda refusal: refusal.data_received(b"RI * HTTP/1.1\r\n\r\n")) == f.settings({})

@@ -264,7 +264,7 @@ def test_plain_http_to_the_https_port_gets_its_whole_400_though_it_goes_on_sendi
             sending.start()
             received, ending = _read_to_end(sock)
             sending.join(SAFETY_S)
-        assert received.startswith(b"HTTP/1.1 400 Bad Request\r\n") and received.endswith(b'address"}'), received
+        assert received.startswith(b"HTTP/1.1 400 Bad Request\r\n") and received.endswith(b"'CA.pem'})\"}"), received
         assert ending == "end"
 
 

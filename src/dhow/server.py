@@ -350,6 +350,7 @@ class Server:
                 refused=self.metrics.connections_refused.labels(port="rest").inc,
                 drain_s=settings.drain_seconds,
                 ssl_context=certificates.context if certificates is not None else None,
+                plaintext=self.metrics.plaintext_refused.labels(port="rest").inc,
             )
         protocol = ClientCertHttpProtocol if certificates is not None else DeadlineHttpProtocol
         return _HttpServer(
@@ -364,7 +365,11 @@ class Server:
                 log_level="warning",
                 # with TLS the port's own protocol starts it, so that plain HTTP gets a 400 instead of silence
                 http=(
-                    https_port_protocol(certificates.context, protocol.with_timeouts(timeouts))
+                    https_port_protocol(
+                        certificates.context,
+                        protocol.with_timeouts(timeouts),
+                        self.metrics.plaintext_refused.labels(port="rest").inc,
+                    )
                     if certificates is not None
                     else protocol.with_timeouts(timeouts)
                 ),
@@ -398,6 +403,7 @@ class Server:
             ),
             front=settings.grpc_front,
             refused=self.metrics.connections_refused.labels(port="grpc").inc,
+            plaintext=self.metrics.plaintext_refused.labels(port="grpc").inc,
         )
         await grpc.server.start()
         self._grpc = grpc

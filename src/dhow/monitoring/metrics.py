@@ -243,6 +243,15 @@ class ServerMetrics:
             ["port"],
             registry=self.registry,
         )
+        self.plaintext_refused = Counter(
+            "dhow_plaintext_refused",
+            "Connections to a TLS port whose first bytes were not TLS, whatever they were (scanners, HTTP/1 sent to "
+            "the gRPC port included), by port: on the REST port a plain HTTP request answered 400 (use https://), on "
+            "the gRPC port (native front) a plaintext call failed UNAVAILABLE saying the port needs TLS; other bytes "
+            "closed unanswered.",
+            ["port"],
+            registry=self.registry,
+        )
         self.observer_failures = Counter(
             "dhow_batch_observer_failures",
             "Executed batches whose monitoring failed (the requests' counts and durations, the queue and compute "

@@ -89,6 +89,7 @@ async def create_grpc_server(
     front: str = "native",
     ssl_context: ssl.SSLContext | None = None,
     refused: Callable[[], None] | None = None,
+    plaintext: Callable[[], None] | None = None,
 ) -> GrpcServer:
     """Create the server and bind it; the caller starts it (``await bound.server.start()``) and
     stops it (``await bound.server.stop(grace)``), so it can start the doors together.
@@ -99,7 +100,7 @@ async def create_grpc_server(
     ``limits``: the time limits of connections (default: ``GrpcConnectionLimits()``).
     ``front``: ``grpcio`` takes TLS as ``credentials``, ``native`` as ``ssl_context`` (which must offer ALPN
     "h2": ``ServerCertificates.h2_context``). ``refused``: called for each connection the native front refuses at
-    ``limits.max_connections``.
+    ``limits.max_connections``; ``plaintext``: for each connection that spoke plaintext to its TLS port.
     """
     methods = Methods()
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), methods)
@@ -112,7 +113,9 @@ async def create_grpc_server(
             f"TLS on the {front} gRPC front is given as {'ssl_context' if front == 'native' else 'credentials'}"
         )
     if front == "native":
-        native = NativeServer(methods, limits or GrpcConnectionLimits(), max_message_bytes, ssl_context, refused)
+        native = NativeServer(
+            methods, limits or GrpcConnectionLimits(), max_message_bytes, ssl_context, refused, plaintext
+        )
         try:
             bound = await native.bind(host, port, reuse_port)
         except OSError as exc:

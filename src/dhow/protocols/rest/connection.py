@@ -26,13 +26,15 @@ import asyncio
 import contextvars
 import logging
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from dhow.protocols.linger import close_lingering
 from dhow.protocols.rest.body import Message
 from dhow.protocols.rest.framing import coding_refusal, parse_refusal
 
@@ -71,6 +73,8 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
     #: the open connections of this class (each server's own, made by ``with_timeouts``), for its watchdog
     _open: ClassVar[set[DeadlineHttpProtocol]] = set()
     _watchdog: ClassVar[asyncio.TimerHandle | None] = None
+    #: under TLS, the socket's transport (set by ``TlsDoor``): uvicorn's closes then wait for the answer to leave
+    wire: asyncio.Transport | None = None
 
     @classmethod
     def with_timeouts(cls, timeouts: ConnectionTimeouts) -> type[DeadlineHttpProtocol]:
@@ -107,6 +111,8 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         self.tasks.add(task)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.wire is not None:
+            transport = cast(asyncio.Transport, _ClosingWhenSent(transport, self, self.timeouts.body_s, self.wire))
         super().connection_made(transport)
         # a connection that says nothing is a request whose headers never come
         self._headers_due = self.loop.time() + self.timeouts.header_s
@@ -120,6 +126,8 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():  # closed, its answer still leaving: a request sent now is never answered
+            return
         self._last_read = self.loop.time()
         super().data_received(data)
 
@@ -195,3 +203,44 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
             self.transport.write(HEADERS_LATE)
         log.debug("closed a connection from %s: its request came too slowly", self.client)
         self.transport.close()
+
+
+class _ClosingWhenSent:
+    """A TLS connection's transport as uvicorn's protocol sees it: its ``close`` is ``linger.close_lingering``'s, which
+    waits for what was written to leave, so that the close's grace for the client's close_notify does not cut a
+    large answer off; nothing more is written or read meanwhile (a request pipelined after the close is not run).
+    uvicorn closes its transport itself, where the protocol is not told."""
+
+    __slots__ = ("_protocol", "_shut", "_stall_s", "_transport", "_wire")
+
+    def __init__(
+        self, transport: asyncio.Transport, protocol: asyncio.Protocol, stall_s: float, wire: asyncio.Transport
+    ) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._stall_s = stall_s
+        self._wire = wire
+        self._shut = False
+
+    def write(self, data: bytes) -> None:
+        if not self._shut:
+            self._transport.write(data)
+
+    def writelines(self, data: Iterable[bytes]) -> None:
+        if not self._shut:
+            self._transport.writelines(data)
+
+    def resume_reading(self) -> None:
+        if not self._shut:  # (``close_lingering`` reads again once the answer has left, itself)
+            self._transport.resume_reading()
+
+    def is_closing(self) -> bool:
+        return self._shut or self._transport.is_closing()
+
+    def close(self) -> None:
+        if not self._shut:
+            self._shut = True
+            close_lingering(self._transport, self._protocol, self._stall_s, self._wire)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)

@@ -11,7 +11,7 @@ It does what the server needs of uvicorn's, with the same switches (``started``,
 - TLS through ``tls.py``'s port protocol (plain HTTP answered 400), the client certificate's name in the scope;
 - the drain: the port closed, idle connections closed, busy ones closed after their answer; then up to
   ``drain_s`` for them, after which what is still running is cancelled, and the answers still held for their
-  audit records (``held_answers.py``) are given up: their connections closed, their access log lines 499.
+  audit records (``held_answers.py``) are given up: their access log lines 499; the connections left are aborted.
 """
 
 from __future__ import annotations
@@ -27,12 +27,16 @@ from dhow.protocols.rest.app import CLIENT_CN_SCOPE_KEY
 from dhow.protocols.rest.connection import BODY_LATE, HEADERS_LATE, ConnectionTimeouts
 from dhow.protocols.rest.forwarded import TrustedProxies
 from dhow.protocols.rest.http1 import App, Exchange, Http1Connection
-from dhow.protocols.rest.tls import HttpsPortProtocol, common_name
+from dhow.protocols.rest.tls import common_name, https_door
 from dhow.protocols.runner import CallRunner
+from dhow.protocols.tls_door import alerting
 
 __all__ = ["HttpFront"]
 
 log = logging.getLogger("dhow.rest")
+
+#: how long the drain's end waits for its aborted connections to be gone (they go on the loop's next turns)
+_WAIT_CLOSED_S = 1.0
 
 
 class HttpFront:
@@ -52,6 +56,7 @@ class HttpFront:
         refused: Callable[[], None] | None = None,
         drain_s: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
+        plaintext: Callable[[], None] | None = None,
     ) -> None:
         self.app = app
         self.host = host
@@ -62,7 +67,9 @@ class HttpFront:
         #: counts a request refused at ``limit`` (503)
         self.refused = refused or (lambda: None)
         self.drain_s = drain_s
-        self.ssl_context = ssl_context
+        self.ssl_context = alerting(ssl_context) if ssl_context is not None else None
+        #: counts a connection that spoke plain HTTP to the HTTPS port (answered 400)
+        self.plaintext = plaintext
         self.proxies = TrustedProxies()
         self.started = False
         self.should_exit = False
@@ -71,6 +78,8 @@ class HttpFront:
         self._open: set[Http1Connection] = set()
         self._running: dict[Exchange, CallRunner] = {}
         self._watchdog: asyncio.TimerHandle | None = None
+        #: the HTTPS connections still at the TLS door (waiting for a first byte, or in their handshake)
+        self._opening: set[asyncio.Transport] = set()
 
     # -- what the connections tell ----------------------------------------------------------
 
@@ -118,20 +127,20 @@ class HttpFront:
     def _protocol(self) -> asyncio.Protocol:
         if self.ssl_context is None:
             return Http1Connection(self)
-        return HttpsPortProtocol(self.ssl_context, lambda: Http1Connection(self))
+        return https_door(self.ssl_context, lambda: Http1Connection(self), self.plaintext, self._opening)
 
     async def _drain(self) -> None:
         for server in self.servers:
             server.close()
         for connection in list(self._open):
             if connection.closed:
-                continue  # lingering: not waited for, and ended by the last step below
+                continue  # its answer leaving (waited for, below) or lingering (not: the last step below ends it)
             if connection.running is None and connection.parsing is None:
                 connection.close(linger=False)
             else:
                 connection.closing = True  # closed once its answer is written
         deadline = asyncio.get_running_loop().time() + self.drain_s
-        while (any(not c.closed for c in self._open) or self._running) and not self.force_exit:
+        while (any(not c.closed or c.leaving for c in self._open) or self._running) and not self.force_exit:
             if asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(0.1)
@@ -148,11 +157,16 @@ class HttpFront:
             )
             for task in self._running.values():
                 task.cancel()
+        # the drain's time is over: a connection still open (an answer a client takes slowly, a lingering close, a
+        # close waiting for its close_notify, a door waiting for a first byte or a handshake) is cut, not left to its
+        # own limits, which ``wait_closed`` would wait for (Python 3.12.1+ waits for every connection)
         for connection in list(self._open):
-            connection.close(linger=False)
+            connection.abort()
+        for opening in list(self._opening):
+            opening.abort()
         for server in self.servers:
             with contextlib.suppress(Exception):
-                await server.wait_closed()
+                await asyncio.wait_for(server.wait_closed(), _WAIT_CLOSED_S)
 
     # -- the watchdog ------------------------------------------------------------------------
 

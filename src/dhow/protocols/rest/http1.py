@@ -27,7 +27,7 @@ from urllib.parse import unquote
 
 import httptools
 
-from dhow.protocols.linger import close_at_once, close_lingering
+from dhow.protocols.linger import close_at_once, close_lingering, leaving
 from dhow.protocols.rest.body import Message, Scope
 from dhow.protocols.rest.exchange import STATUS_LINES, Exchange
 from dhow.protocols.rest.framing import coding_refusal, parse_refusal
@@ -66,6 +66,8 @@ class Http1Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
+        #: under TLS, the socket's transport (``TlsDoor``): what the TLS protocol has sent on waits in its buffer
+        self.wire: asyncio.Transport | None = None
         self.client_cn = client_cn
         self._scheme = "http"
         #: each request runs in a copy of this (the loop's; not of the request before it's, which a pipelined
@@ -87,6 +89,7 @@ class Http1Connection(asyncio.Protocol):
         self.paused = False
         #: to close once the answer being written is out (the drain), and closed: nothing more is written
         self.closing = False
+        #: closed (``close``): nothing more is written or read as a request, its answers may still be leaving
         self.closed = False
         #: the answer owed to a refused request, written after those accepted before it (then the connection
         #: closes; nothing more is read meanwhile)
@@ -125,6 +128,8 @@ class Http1Connection(asyncio.Protocol):
         self._pipeline.clear()
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:  # closed, its answers still leaving: nothing sent now is answered (``linger.py`` drops it)
+            return
         self.last_read = self.loop.time()
         self.idle_since = 0.0
         try:
@@ -145,24 +150,34 @@ class Http1Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume(self) -> None:
-        if self.paused and self.transport is not None and not self._pipeline and not self.refusal:
+        if self.paused and self.transport is not None and not self._pipeline and not self.refusal and not self.closed:
             self.paused = False
             self.last_read = self.loop.time()  # the client could not send meanwhile: its deadlines start again
             self.transport.resume_reading()
 
     def close(self, linger: bool = True) -> None:
-        """Close after a lingering close (``linger.py``): a client still sending (a body not read, a request behind
-        a refused one) gets the answer just written rather than a reset, and nothing it sends now is read as a
-        request; the requests still open are lost now. ``linger`` False: ``close_at_once`` (an idle connection, the
-        drain's end, which also ends a lingering close)."""
-        if self.transport is None:
-            return
-        if not linger:
-            close_at_once(self.transport)
-        if not self.closed:
+        """Close as ``linger.py`` does: once the answers written have left (over TLS the close's grace for the
+        client's close_notify starts only then; a client taking nothing for ``timeouts.body_s``, the silence a
+        request's body may keep, is aborted), then a lingering close: a client still sending (a body not read, a
+        request behind a refused one) gets the answer rather than a reset, and nothing it sends now is read as a
+        request; the requests still open are lost now. ``linger`` False (an idle connection: nothing in flight to
+        drop): closed as soon as the answers have left."""
+        if self.transport is not None and not self.closed:
             self.closing = self.closed = True
-            close_lingering(self.transport, self)
+            close_lingering(self.transport, self, self.front.timeouts.body_s, self.wire, linger=linger)
             self._lose_all()
+
+    @property
+    def leaving(self) -> bool:
+        """Closed, and its answers still leaving (``linger.leaving``): a drain waits for them."""
+        return self.closed and self.transport is not None and leaving(self.transport)
+
+    def abort(self) -> None:
+        """End the connection now, closing or not, what it has not sent included (the drain's time is over):
+        ``close_at_once``."""
+        self.closing = self.closed = True
+        if self.transport is not None:
+            close_at_once(self.transport, self.wire)
 
     def _refuse(self, answer: bytes) -> None:
         """Refuse the request being parsed (invalid, or the server crowded) and close the connection.

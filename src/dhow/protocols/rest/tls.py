@@ -1,9 +1,9 @@
 """The REST port with TLS: HTTPS, a 400 for plain HTTP, and the client certificate's name in each request.
 
-``HttpsPortProtocol`` is the protocol the port's connections start with. It reads the first bytes: a TLS
-handshake record goes on through TLS (asyncio's ``SSLProtocol``) to uvicorn; a plain HTTP request is answered
-``400 use HTTPS``, as nginx does, instead of a closed connection the client cannot explain. (uvicorn's own
-TLS support wraps every connection before any byte is read, so it can only drop such a request.)
+The port's connections start with the TLS door (``protocols.tls_door``): it reads the first bytes; a TLS handshake
+record goes on through TLS (asyncio's ``SSLProtocol``) to the HTTP protocol; a plain HTTP request is answered
+``400 use HTTPS``, as nginx does, instead of a closed connection the client cannot explain. (uvicorn's own TLS
+support wraps every connection before any byte is read, so it can only drop such a request.)
 
 ``ClientCertHttpProtocol`` is uvicorn's HTTP protocol telling the app who the client certificate says the
 client is. ASGI has no standard place for the peer certificate, and uvicorn does not pass it on; it is read
@@ -17,23 +17,23 @@ import asyncio
 import functools
 import json
 import ssl
-from asyncio.sslproto import SSLProtocol
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from dhow.protocols import linger
 from dhow.protocols.linger import close_lingering
 from dhow.protocols.rest.app import CLIENT_CN_SCOPE_KEY
 from dhow.protocols.rest.connection import DeadlineHttpProtocol
+from dhow.protocols.tls_door import FIRST_BYTE_TIMEOUT_S, TlsDoor, alerting
 
-__all__ = ["ClientCertHttpProtocol", "HttpsPortProtocol", "common_name", "https_port_protocol"]
+__all__ = ["HANDSHAKE_S", "ClientCertHttpProtocol", "common_name", "https_door", "https_port_protocol", "plain_http"]
 
-#: the first byte of a TLS record carrying a handshake (RFC 8446 5.1, ContentType handshake(22))
-_TLS_HANDSHAKE = 0x16
-#: seconds a connection may stay silent before its first byte (then the TLS handshake has its own limit)
-FIRST_BYTE_TIMEOUT_S = 60.0
 _PLAIN_HTTP_ERROR = json.dumps(
-    {"error": "this port speaks HTTPS only: the request was sent as plain HTTP; use https:// for this address"}
+    {
+        "error": "this port speaks HTTPS only: the request was sent as plain HTTP; use https:// for this address "
+        "(a client that does not trust the server's certificate is given its CA: curl --cacert CA.pem, "
+        "tritonclient's ssl_options={'ca_certs': 'CA.pem'})"
+    }
 ).encode()
 _PLAIN_HTTP_ANSWER = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
@@ -41,71 +41,46 @@ _PLAIN_HTTP_ANSWER = (
 )
 
 
-class HttpsPortProtocol(asyncio.Protocol):
-    """Starts TLS on a connection whose first byte opens a handshake; answers plain HTTP with a 400. ``http``
-    makes the HTTP protocol the connection goes on with (uvicorn's or dhow's own, ``http1.py``)."""
-
-    def __init__(self, ssl_context: ssl.SSLContext, http: Callable[[], asyncio.Protocol]) -> None:
-        self._ssl_context = ssl_context
-        self._http = http
-        self._transport: asyncio.Transport | None = None
-        self._silence: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # a stream transport (uvloop's do not subclass asyncio.Transport)
-        self._transport = cast(asyncio.Transport, transport)
-        self._silence = asyncio.get_running_loop().call_later(FIRST_BYTE_TIMEOUT_S, transport.close)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._silence is not None:
-            self._silence.cancel()
-
-    def data_received(self, data: bytes) -> None:
-        transport = self._transport
-        assert transport is not None
-        if self._silence is not None:
-            self._silence.cancel()
-        if data[0] != _TLS_HANDSHAKE:
-            # an HTTP method starts with a capital letter; anything else gets no answer it could not read
-            if data[:1].isupper():
-                transport.write(_PLAIN_HTTP_ANSWER)
-            # the rest of the request (a body) read and dropped: not a reset. Such a connection is not counted in
-            # --max-connections (only the HTTP connection made once TLS starts is), but no more is needed: its
-            # lingering close ends within ``linger.MAX_S`` (30 s) and reads ``linger.MAX_BYTES`` at most, less
-            # than a connection silent before its first byte may hold a socket uncounted (FIRST_BYTE_TIMEOUT_S)
-            close_lingering(transport, self)
-            return
-        self._start_tls(transport, data)
-
-    def _start_tls(self, transport: asyncio.Transport, first: bytes) -> None:
-        """Hand the connection to TLS, then to HTTP, with the bytes this protocol already read."""
-        http = self._http()
-        loop = asyncio.get_running_loop()
-        handshake = loop.create_future()
-        # a failed handshake (a wrong certificate) ends the connection; its error needs no other reader
-        handshake.add_done_callback(lambda done: done.cancelled() or done.exception())
-        # its close waits for the client's close_notify as long as a lingering close waits (not asyncio's 30 s)
-        tls = SSLProtocol(
-            loop, http, self._ssl_context, handshake, server_side=True, ssl_shutdown_timeout=linger.GRACE_S
-        )
-        transport.set_protocol(tls)
-        tls.connection_made(transport)
-        view = memoryview(first)
-        while view:
-            buffer = tls.get_buffer(len(view))
-            size = min(len(buffer), len(view))
-            buffer[:size] = view[:size]
-            tls.buffer_updated(size)
-            view = view[size:]
+#: a connection's TLS handshake's limit from its accept, the first byte's wait included (asyncio's handshake limit,
+#: which would count from the first byte: 60 s for the first byte then 60 s more for the handshake)
+HANDSHAKE_S = FIRST_BYTE_TIMEOUT_S
 
 
-def https_port_protocol(ssl_context: ssl.SSLContext, http: type[DeadlineHttpProtocol]) -> Any:
+def plain_http(transport: asyncio.Transport, first: bytes, accepted: float) -> None:
+    """A connection to the HTTPS port whose first bytes are not TLS: a plain HTTP request gets the 400 (at once:
+    the accept's time, ``accepted``, bounds nothing)."""
+    # an HTTP method starts with a capital letter; anything else gets no answer it could not read
+    if first[:1].isupper():
+        transport.write(_PLAIN_HTTP_ANSWER)
+    # the rest of the request (a body) read and dropped: not a reset. Such a connection is not counted in
+    # --max-connections (only the HTTP connection made once TLS starts is), but no more is needed: its lingering
+    # close ends within ``linger.MAX_S`` (30 s) and reads ``linger.MAX_BYTES`` at most, less than a connection
+    # silent before its first byte may hold a socket uncounted (``FIRST_BYTE_TIMEOUT_S``)
+    close_lingering(transport, transport.get_protocol(), linger.GRACE_S)
+
+
+def https_door(
+    ssl_context: ssl.SSLContext,
+    http: Callable[[], asyncio.Protocol],
+    plaintext: Callable[[], None] | None = None,
+    opening: set[asyncio.Transport] | None = None,
+) -> TlsDoor:
+    """A connection's protocol on the HTTPS port: TLS then ``http``, or the 400 for plain HTTP (``plaintext``
+    counts it; ``opening``: see ``TlsDoor``). asyncio's ``SSLProtocol`` on either loop, as before the door."""
+    return TlsDoor(ssl_context, http, plain_http, handshake_s=HANDSHAKE_S, counted=plaintext, opening=opening)
+
+
+def https_port_protocol(
+    ssl_context: ssl.SSLContext, http: type[DeadlineHttpProtocol], plaintext: Callable[[], None] | None = None
+) -> Any:
     """What uvicorn's ``http`` option takes: a factory of the port's protocol, called with uvicorn's arguments;
     ``http`` is the HTTP protocol a connection goes on with once TLS is started (with its time limits). The
-    context is the one ``ServerCertificates`` reloads on SIGHUP: new connections get the new certificate."""
+    context is the one ``ServerCertificates`` reloads on SIGHUP: new connections get the new certificate.
+    ``plaintext`` counts a connection that spoke plain HTTP."""
+    alerting(ssl_context)
 
-    def create(**uvicorn_arguments: Any) -> HttpsPortProtocol:
-        return HttpsPortProtocol(ssl_context, functools.partial(http, **uvicorn_arguments))
+    def create(**uvicorn_arguments: Any) -> TlsDoor:
+        return https_door(ssl_context, functools.partial(http, **uvicorn_arguments), plaintext)
 
     return create
 

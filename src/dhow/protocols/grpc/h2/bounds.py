@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from dhow.protocols import linger
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.calls import RECEIVE_WINDOW, Stream
 
@@ -53,10 +54,10 @@ ANNOUNCED = f.settings(
         f.SETTINGS_MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
     }
 ) + f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW)
-#: a closing connection's lingering close (``linger.py``): how long its client has to read its last frames (its
-#: GOAWAY) once they have left, and how long they may stop leaving before it is aborted; also how long a TLS close
-#: waits for the client's close_notify
-CLOSE_GRACE_S = 2.0
+#: a closing connection's close (``linger.py``): how long its last frames (its GOAWAY) may leave slower than
+#: ``linger.MIN_DRAIN_RATE`` before it is aborted, and how long its client then has to read them (over TLS: to send
+#: its close_notify, ``tls_door.CLOSE_GRACE_S``, the same)
+CLOSE_GRACE_S = linger.GRACE_S
 #: the resets a connection may make at once, and those it gets back a second
 RESET_BURST = 1000
 RESET_RATE = 33.0

@@ -38,6 +38,8 @@ class H2Connection(Sender, asyncio.Protocol):
         self.front = front
         self.loop = front.loop
         self.transport: asyncio.Transport | None = None
+        self.wire: asyncio.Transport | None = None  # under TLS, the socket's transport (``TlsDoor``)
+        self.accepted = 0.0  # under TLS, when the door accepted it: the handshake's limit counts from then
         self.peer = ""
         self.auth_context: dict[str, list[bytes]] = {}
         self.streams: dict[int, Stream] = {}
@@ -80,7 +82,8 @@ class H2Connection(Sender, asyncio.Protocol):
         if not self.front.admit(self, transport):  # past ``--max-connections``: aborted before any SETTINGS
             self.closed = True
             return
-        self._timers.append(self.loop.call_later(self.front.limits.handshake_s, self._handshake_over))
+        start = self.accepted or self.loop.time()
+        self._timers.append(self.loop.call_at(start + self.front.limits.handshake_s, self._handshake_over))
         self._timers.append(self.loop.call_later(self._liveness.step, self._tick))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -135,17 +138,14 @@ class H2Connection(Sender, asyncio.Protocol):
         return tasks
 
     def close(self, linger: bool = True) -> None:
-        """Close: the calls in flight end now, as when the connection is lost; the socket after a lingering close
-        (``linger.py``): a client still sending gets the last frames (its GOAWAY) rather than a reset, and nothing it
-        sends now is read as a frame. ``linger`` False (the stop's last step): ``close_at_once``, lingering or not."""
-        transport = self.transport
-        if transport is None:
-            return
-        if not linger:
-            close_at_once(transport)
-        if not self.closed:
+        """The calls in flight end now, as when the connection is lost; the socket as ``linger.py`` closes it (nothing
+        the client sends now is read as a frame). ``linger`` False (the stop's last step): ``close_at_once``."""
+        transport, grace_s = self.transport, bounds.CLOSE_GRACE_S
+        if transport is not None and not linger:
+            close_at_once(transport, self.wire)
+        if transport is not None and not self.closed:
             self.closed = True
-            close_lingering(transport, self, bounds.CLOSE_GRACE_S, bounds.CONNECTION_WINDOW)
+            close_lingering(transport, self, grace_s, self.wire, grace_s=grace_s, max_bytes=bounds.CONNECTION_WINDOW)
             for stream in list(self.streams.values()):
                 self.end_call(stream, RESET)
 

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from dhow.protocols.grpc.h2 import bounds
 from dhow.protocols.grpc.h2.calls import Method
 from dhow.protocols.grpc.h2.connection import H2Connection
+from dhow.protocols.grpc.h2.plaintext import refuse_plaintext
+from dhow.protocols.tls_door import TlsDoor, alerting, ssl_protocol_class
 
 if TYPE_CHECKING:
     from dhow.protocols.grpc.decoding import Methods
@@ -93,11 +95,17 @@ class NativeServer:
         max_message: int,
         ssl_context: ssl.SSLContext | None,
         refused: Callable[[], None] | None = None,
+        plaintext: Callable[[], None] | None = None,
     ) -> None:
         self.front = Front(methods, limits, max_message, asyncio.get_running_loop())
         if refused is not None:
             self.front.refused = refused
-        self._ssl = ssl_context
+        self._ssl = alerting(ssl_context) if ssl_context is not None else None
+        self._tls_class = ssl_protocol_class(self.front.loop)
+        #: the plaintext connections being answered that the port needs TLS (closed by ``stop``), and their count
+        self._refusing: set[asyncio.Transport] = set()
+        self._plaintext = refuse_plaintext(limits.handshake_s, self._refusing)
+        self._plaintext_counted = plaintext
         self._server: asyncio.Server | None = None
         self._cut = asyncio.Event()
         self._stopped = False
@@ -105,19 +113,27 @@ class NativeServer:
     async def bind(self, host: str, port: int, reuse_port: bool) -> int:
         """Listen (not yet accepting); the port bound. Raises ``OSError`` when the address cannot be bound."""
         self._server = await self.front.loop.create_server(
-            lambda: H2Connection(self.front),
-            host,
-            port,
-            ssl=self._ssl,
-            ssl_handshake_timeout=self.front.limits.handshake_s if self._ssl is not None else None,
-            # a TLS close waits for the client's close_notify (30 s by default), holding the socket and its slot
-            ssl_shutdown_timeout=bounds.CLOSE_GRACE_S if self._ssl is not None else None,
-            reuse_port=reuse_port or None,
-            backlog=1024,
-            start_serving=False,
+            self._protocol, host, port, reuse_port=reuse_port or None, backlog=1024, start_serving=False
         )
         sockets: Any = self._server.sockets
         return int(sockets[0].getsockname()[1])
+
+    def _protocol(self) -> asyncio.Protocol:
+        """A connection's protocol: H2 in plaintext; with TLS, the TLS door (``protocols.tls_door``): the loop's own
+        TLS protocol with the handshake's limit, a close waiting ``bounds.CLOSE_GRACE_S`` at most for the client's
+        close_notify, a failed handshake's alert sent, a plaintext call answered that the port needs TLS."""
+        if self._ssl is None:
+            return H2Connection(self.front)
+        handshake_s = self.front.limits.handshake_s
+        return TlsDoor(
+            self._ssl,
+            lambda: H2Connection(self.front),
+            self._plaintext,
+            tls_class=self._tls_class,
+            handshake_s=handshake_s,
+            first_byte_s=handshake_s,
+            counted=self._plaintext_counted,
+        )
 
     async def start(self) -> None:
         assert self._server is not None, "bind first"
@@ -133,6 +149,8 @@ class NativeServer:
         self._stopped = True
         if self._server is not None:
             self._server.close()
+        for refusing in list(self._refusing):
+            refusing.abort()
         for connection in list(self.front.connections):
             connection.drain()
         remaining = grace or 0.0
