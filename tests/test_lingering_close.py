@@ -323,7 +323,7 @@ def test_a_close_at_once_aborts_a_client_that_reads_nothing(door: Door) -> None:
 
 def test_a_lingering_close_ends_at_its_limit_however_the_client_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     """A connection lingering after its 400 whose client never closes, its grace made longer than the test: it
-    ends at the lingering close's own limit (``MAX_S``, made short here), as one read slowly would."""
+    ends at the lingering close's own limit (``MAX_S`` after the answer left, made short here)."""
     monkeypatch.setattr(linger, "GRACE_S", 10 * SAFETY_S)
     monkeypatch.setattr(linger, "MAX_S", 0.5)
     served = _Native()
@@ -389,3 +389,45 @@ def test_a_lingering_connection_holds_its_grpc_slot_till_it_ends(monkeypatch: py
         with _connect(door) as sock:
             sock.sendall(HELLO + _PING)
             _read_frames(sock, f.PING, flags=f.ACK)
+
+
+def _read_steadily(sock: socket.socket) -> tuple[bytes, str]:
+    """All the server sends, taken 64 KiB every 20 ms (some 3 MB/s: far above ``linger.MIN_DRAIN_RATE``, a reader
+    keeping up), and how the connection ended."""
+    received = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return received, "reset"
+        if not chunk:
+            return received, "end"
+        received += chunk
+        time.sleep(0.02)  # the client's own pace, not a wait for the server
+
+
+@pytest.mark.parametrize(
+    "closing",
+    [
+        pytest.param(b"connection: close", id="connection-close"),
+        pytest.param(b"x-kept: alive", id="keep-alive-ends"),  # the keep-alive limit closes it, its answer leaving
+    ],
+)
+def test_a_large_answer_read_steadily_is_delivered_whole_though_it_outlasts_the_cap(
+    monkeypatch: pytest.MonkeyPatch, closing: bytes
+) -> None:
+    """An 8 MB answer on a closing connection, read steadily but for longer than ``MAX_S`` (made short here): the
+    cap counts from when the answer has left (nginx's ``lingering_time``), so the client gets every byte, then the
+    end. (Leaving, the answer is bounded by the drain rate only.)"""
+    monkeypatch.setattr(linger, "MAX_S", 0.5)
+    served = _Native()
+    served.front.keepalive_s = 0.1
+    body = bytes(range(256)) * (8 * 4096)
+    for running in _running(served):
+        with socket.create_connection(("127.0.0.1", running.port()), timeout=SAFETY_S) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            sock.sendall(_post("/echo", body, closing))
+            received, ending = _read_steadily(sock)
+        head, _, answer = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and answer == body, (head, len(answer))
+        assert ending == "end"

@@ -25,8 +25,10 @@ dropping it (nothing read now reaches the front's parser, so no frame or request
    door's ``ssl_shutdown_timeout`` (``GRACE_S``) bounds the wait for the client's. The lingering is needed there
    as much: asyncio's TLS close, once under way, stops reading a client still sending, and closes the socket on
    its records unread (a reset in place of the GOAWAY);
-3. whatever the client does, the whole close ends after ``MAX_S`` (nginx's ``lingering_time``), so that a reader
-   just fast enough cannot hold the connection and its slot of ``--max-connections`` for as long as it likes.
+3. whatever the client does, the close ends ``MAX_S`` after the answer has left (nginx's ``lingering_time``, which
+   counts from then too), so that a client that keeps sending cannot hold the connection and its slot of
+   ``--max-connections`` for as long as it likes. An answer still leaving is not cut by it (a large answer to a
+   steady reader reaches it whole): step 1's drain rate is what bounds that.
 
 ``linger`` False skips the read-and-drop of step 2 (an idle connection's close: no request in flight to drop).
 ``close_at_once`` is the stop's last step: it ends any of these now.
@@ -51,9 +53,8 @@ __all__ = [
 #: how long a closing connection's client has to read its last bytes once they have left (plaintext: before the
 #: socket closes; TLS: for its close_notify)
 GRACE_S = 2.0
-#: the longest a close lasts, however the client reads (nginx's ``lingering_time``): one taking its last bytes at
-#: ``MIN_DRAIN_RATE`` and no faster would hold its connection, and its slot of ``--max-connections``, for as long as
-#: its buffer takes to drain at that rate (megabytes: minutes)
+#: the longest a close lasts once its answer has left, whatever the client sends (nginx's ``lingering_time``);
+#: while the answer leaves, ``MIN_DRAIN_RATE`` bounds it (a client reading steadily gets all of it)
 MAX_S = 30.0
 #: the most a closing connection reads and drops: far more than a client that stops once it reads the close has in
 #: flight, so that only one sending without end is reset
@@ -98,7 +99,8 @@ class Lingering(asyncio.Protocol):
         #: when the drain rate was last measured, and the bytes waiting then
         self._since, self._before = loop.time(), self.buffered()
         self._timer: asyncio.TimerHandle | None = None
-        self._cap = loop.call_later(MAX_S, close_at_once, transport, wire)
+        #: ``MAX_S``'s end, set once the answer has left (``look``)
+        self._cap: asyncio.TimerHandle | None = None
 
     def buffered(self) -> int:
         """The bytes written that have not left yet: the transport's, and under TLS the socket's."""
@@ -116,7 +118,8 @@ class Lingering(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._cap.cancel()
+        if self._cap is not None:
+            self._cap.cancel()
         self._protocol.connection_lost(exc)
 
     def look(self) -> None:
@@ -132,6 +135,7 @@ class Lingering(asyncio.Protocol):
                 self._since, self._before = now, buffered
             self._timer = loop.call_later(_SENT_POLL_S, self.look)
             return
+        self._cap = loop.call_later(MAX_S, close_at_once, transport, self._wire)
         if transport.is_closing():  # (the client ended its side, or its bound: the transport is closing)
             return
         transport.resume_reading()  # (paused over TLS while the answer left)

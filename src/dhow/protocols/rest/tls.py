@@ -54,8 +54,9 @@ def plain_http(transport: asyncio.Transport, first: bytes, accepted: float) -> N
         transport.write(_PLAIN_HTTP_ANSWER)
     # the rest of the request (a body) read and dropped: not a reset. Such a connection is not counted in
     # --max-connections (only the HTTP connection made once TLS starts is), but no more is needed: its lingering
-    # close ends within ``linger.MAX_S`` (30 s) and reads ``linger.MAX_BYTES`` at most, less than a connection
-    # silent before its first byte may hold a socket uncounted (``FIRST_BYTE_TIMEOUT_S``)
+    # close ends within ``linger.MAX_S`` (30 s) of its short 400 leaving (a client not taking it is aborted after
+    # ``GRACE_S``) and reads ``linger.MAX_BYTES`` at most, less than a connection silent before its first byte may
+    # hold a socket uncounted (``FIRST_BYTE_TIMEOUT_S``)
     close_lingering(transport, transport.get_protocol(), linger.GRACE_S)
 
 
