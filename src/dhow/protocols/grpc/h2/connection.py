@@ -127,27 +127,21 @@ class H2Connection(Sender, asyncio.Protocol):
         if not self.streams:
             self.close()
 
-    def cut(self) -> list[asyncio.Future[None]]:
-        """End every call in flight with UNAVAILABLE; the calls still finishing are returned."""
-        tasks: list[asyncio.Future[None]] = []
-        for stream in list(self.streams.values()):
-            self.end_call(stream, (grpc.StatusCode.UNAVAILABLE, "the server stopped before the call ended"))
-            task = stream.task
-            if task is not None and not task.done():
-                tasks.append(task.finished() if isinstance(task, CallRunner) else task)
-        return tasks
-
-    def close(self, linger: bool = True) -> None:
+    def close(self) -> None:
         """The calls in flight end now, as when the connection is lost; the socket as ``linger.py`` closes it (nothing
-        the client sends now is read as a frame). ``linger`` False (the stop's last step): ``close_at_once``."""
+        the client sends now is read as a frame)."""
         transport, grace_s = self.transport, bounds.CLOSE_GRACE_S
-        if transport is not None and not linger:
-            close_at_once(transport, self.wire)
         if transport is not None and not self.closed:
             self.closed = True
             close_lingering(transport, self, grace_s, self.wire, grace_s=grace_s, max_bytes=bounds.CONNECTION_WINDOW)
             for stream in list(self.streams.values()):
                 self.end_call(stream, RESET)
+
+    def close_now(self) -> None:
+        """``close``, the socket closed now (``close_at_once``), what has not left included: the stop's last step."""
+        if self.transport is not None:
+            close_at_once(self.transport, self.wire)
+        self.close()
 
     def _handshake_over(self) -> None:
         if not self._settings:
@@ -193,12 +187,10 @@ class H2Connection(Sender, asyncio.Protocol):
     def _frames(self, data: bytes) -> int:
         position, end = 0, len(data)
         if not self._preface:
-            if end < 24:
-                if data != f.PREFACE[:end]:
-                    raise f.ConnectionError_(f.PROTOCOL_ERROR, "not an HTTP/2 connection preface (gRPC needs HTTP/2)")
-                return 0
-            if data[:24] != f.PREFACE:
+            if data[:24] != f.PREFACE[:end]:  # (the preface's start, while it has not all come)
                 raise f.ConnectionError_(f.PROTOCOL_ERROR, "not an HTTP/2 connection preface (gRPC needs HTTP/2)")
+            if end < 24:
+                return 0
             self._preface, position = True, 24
         unpack = f.FRAME_HEADER.unpack_from
         while end - position >= 9 and not self.closed:  # (closed by a frame: the rest is not read, nor served)
