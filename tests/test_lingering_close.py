@@ -36,7 +36,7 @@ from dhow.protocols.grpc.server import GrpcConnectionLimits
 from tests.conftest import wait_until
 from tests.test_e2e_security_transport import _issue
 from tests.test_grpc_native_front import HELLO, Door, _connect, _goaway_code, _read_frames, serving
-from tests.test_grpc_native_front_abuse import _INFER, _PING, _frames
+from tests.test_grpc_native_front_abuse import _INFER, _PING, _frames, _large_call
 from tests.test_grpc_native_front_tls import TlsDoor, tls_door  # noqa: F401 (a fixture)
 from tests.test_rest_http1 import _Native, _post, _running, native_served  # noqa: F401 (a fixture)
 
@@ -432,3 +432,43 @@ def test_a_large_answer_read_steadily_is_delivered_whole_though_it_outlasts_the_
         head, _, answer = received.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200") and answer == body, (head, len(answer))
         assert ending == "end"
+
+
+def test_a_rest_client_that_half_closes_without_reading_its_answer_is_aborted() -> None:
+    """A client that asks for an 8 MB answer, then ends its side (FIN) and reads nothing: the close the FIN makes
+    is one of ``linger.py``'s, so the answer not leaving aborts it (``--body-timeout`` of it), rather than the
+    socket's own close waiting for it to leave for ever."""
+    served = _Native()
+    for running in _running(served):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", running.port()))
+        with sock:
+            sock.sendall(_post("/echo", b"x" * 8_000_000))
+            assert sock.recv(16).startswith(b"HTTP/1.1 200")  # the answer is written
+            sock.shutdown(socket.SHUT_WR)
+            wait_until(lambda: not served.front._open, SAFETY_S, "the half-closed connection ending on the server")
+
+
+def test_a_grpc_client_that_half_closes_without_reading_its_answer_is_aborted(door: Door) -> None:
+    """The same on the native gRPC front: an 8 MB answer written, the client's FIN, nothing read. (The front stops
+    reading a client whose answers fill its write buffer past the buffer's high mark, which an 8 MB answer does;
+    one under it, a smaller answer to a client whose socket buffers are full, is read on, its FIN too: the mark is
+    raised here to make that case with a large answer.)"""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", door.port))
+    with sock:
+        wait_until(lambda: door.server.front.connections, SAFETY_S, "the connection made")
+        (connection,) = door.server.front.connections
+        raised = asyncio.run_coroutine_threadsafe(_high_mark(connection.transport), door.loop)
+        raised.result(SAFETY_S)
+        _large_call(sock)
+        wait_until(lambda: door.server.front.connections and door.streams() == 0, SAFETY_S, "the call answered")
+        sock.shutdown(socket.SHUT_WR)
+        wait_until(lambda: not door.server.front.connections, SAFETY_S, "the half-closed connection ending")
+
+
+async def _high_mark(transport: asyncio.Transport | None) -> None:
+    assert transport is not None
+    transport.set_write_buffer_limits(high=64 * 1024 * 1024)

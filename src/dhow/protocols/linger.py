@@ -158,19 +158,27 @@ def close_lingering(
     """Close ``transport``, whose protocol is ``protocol``, once what is written has left and the client has had
     ``grace_s`` to read it (``GRACE_S`` as it is at the call); see the module. ``stall_s``: how long the answer may
     leave slower than ``MIN_DRAIN_RATE`` before the connection is aborted; ``wire``: under TLS, the socket's
-    transport; ``linger`` False: closed as soon as the answer has left. Nothing for a transport closing already."""
-    if transport.is_closing() or isinstance(transport.get_protocol(), Lingering):
+    transport; ``linger`` False: closed as soon as the answer has left. A transport closing already (the client's
+    FIN closed it, as asyncio does) is watched while its answer leaves, as it would wait for it for ever: a client
+    not reading it is aborted, without lingering; nothing for one with nothing left to send."""
+    if isinstance(transport.get_protocol(), Lingering):
+        return
+    closing = transport.is_closing()
+    if closing and not transport.get_write_buffer_size() + (wire.get_write_buffer_size() if wire is not None else 0):
         return
     lingering = Lingering(
         transport,
         protocol,
         stall_s=stall_s,
         wire=wire,
-        linger=linger,
+        linger=linger and not closing,
         grace_s=GRACE_S if grace_s is None else grace_s,
         max_bytes=max_bytes,
     )
     transport.set_protocol(lingering)
+    if closing:  # (its own close ends it once the answer has left)
+        lingering.look()
+        return
     if transport.can_write_eof():
         try:
             transport.write_eof()

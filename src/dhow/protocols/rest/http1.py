@@ -155,6 +155,11 @@ class Http1Connection(asyncio.Protocol):
             self.last_read = self.loop.time()  # the client could not send meanwhile: its deadlines start again
             self.transport.resume_reading()
 
+    def eof_received(self) -> None:
+        """The client has ended its side (FIN): closed as ``close`` closes, without lingering (it sends no more), so
+        that an answer it does not read is bounded by the drain rate rather than waited for for ever."""
+        self.close(linger=False)
+
     def close(self, linger: bool = True) -> None:
         """Close as ``linger.py`` does: once the answers written have left (over TLS the close's grace for the
         client's close_notify starts only then; a client taking nothing for ``timeouts.body_s``, the silence a

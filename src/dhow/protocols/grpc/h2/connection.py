@@ -137,6 +137,10 @@ class H2Connection(Sender, asyncio.Protocol):
             for stream in list(self.streams.values()):
                 self.end_call(stream, RESET)
 
+    def eof_received(self) -> None:
+        """The client's FIN: ``close``, so that frames it does not read are bounded by the drain rate (``linger``)."""
+        self.close()
+
     def close_now(self) -> None:
         """``close``, the socket closed now (``close_at_once``), what has not left included: the stop's last step."""
         if self.transport is not None:
