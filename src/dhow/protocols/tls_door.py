@@ -106,7 +106,7 @@ class TlsDoor(asyncio.Protocol):
     limit from the connection's accept, its first byte's wait included (None: the TLS protocol's default, 60 s,
     from the first byte); ``first_byte_s``: how long a connection may stay silent before its first byte; ``counted``:
     called for each connection that spoke plaintext (a metric); ``opening``: holds the connection until its handshake
-    ends or its plaintext answer is handed it (a server's drain aborts those left)."""
+    ends or, one that spoke plaintext, until it ends (a server's drain aborts those left)."""
 
     def __init__(
         self,
@@ -153,8 +153,7 @@ class TlsDoor(asyncio.Protocol):
             self._silence.cancel()
         if data[0] == _TLS_HANDSHAKE:
             self._start_tls(transport, data)
-        else:
-            self._opening.discard(transport)
+        else:  # (held in ``opening`` till it ends: its answer's close, lingering, is the drain's to cut too)
             if self._counted is not None:
                 self._counted()
             self._plaintext(transport, data, self._accepted)

@@ -240,7 +240,12 @@ class _ClosingWhenSent:
     def close(self) -> None:
         if not self._shut:
             self._shut = True
-            close_lingering(self._transport, self._protocol, self._stall_s, self._wire)
+            # an idle connection (uvicorn's keep-alive limit or stop, its timer armed since its last answer) or one
+            # that never sent a byte: nothing in flight to drop, so no lingering, as on the native front
+            protocol = self._protocol
+            idle = getattr(protocol, "timeout_keep_alive_task", None) is not None
+            silent = not getattr(protocol, "_last_read", 1)
+            close_lingering(self._transport, protocol, self._stall_s, self._wire, linger=not (idle or silent))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
