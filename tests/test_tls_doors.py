@@ -28,6 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dhow.protocols import linger
+from dhow.protocols.rest import connection as connection_module
 from dhow.protocols.rest.connection import ConnectionTimeouts, DeadlineHttpProtocol
 from dhow.protocols.rest.front import HttpFront
 from dhow.protocols.rest.tls import HANDSHAKE_S, https_port_protocol
@@ -366,3 +367,29 @@ def test_plain_http_lingering_on_the_https_port_is_cut_at_the_drains_end(
         assert len(_FRONTS[-1]._opening) == 1, "the lingering connection is not among those the stop cuts"
         next(fronts, None)  # the front stops
         assert _closed_by_the_server(sock), "the lingering connection was left open by the stop"
+
+
+def test_a_uvicorn_tls_connection_whose_next_headers_began_lingers_at_the_keepalive_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn arms its keep-alive timer once an answer is complete, though the next request's headers had begun
+    arriving with the request before: that connection is not idle (its client is sending), so the close at the
+    keep-alive limit lingers (a reset could cost the client what it has not read). The close's ``linger`` is seen
+    through a pass-through wrapper: whether a close lingers shows on the wire only as time."""
+    closes: list[bool] = []
+    close_lingering = connection_module.close_lingering
+
+    def recorded(*args: Any, linger: bool = True) -> None:
+        closes.append(linger)
+        close_lingering(*args, linger=linger)
+
+    monkeypatch.setattr(connection_module, "close_lingering", recorded)
+    context, client = _tls_pair(tmp_path)
+    for port in _served_in_a_thread("uvicorn", context, keepalive_s=1):
+        with client.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost") as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\nGET / HTTP/1.1\r\nho")
+            answer = b""
+            while not answer.endswith(b"x" * 1024) or len(answer) < _LARGE:
+                answer += tls.recv(1024 * 1024)
+            wait_until(lambda: closes, SAFETY_S, "the keep-alive limit closing the connection")
+    assert closes == [True]

@@ -241,9 +241,11 @@ class _ClosingWhenSent:
         if not self._shut:
             self._shut = True
             # an idle connection (uvicorn's keep-alive limit or stop, its timer armed since its last answer) or one
-            # that never sent a byte: nothing in flight to drop, so no lingering, as on the native front
+            # that never sent a byte: nothing in flight to drop, so no lingering, as on the native front. uvicorn
+            # arms that timer also when the next request's headers had begun with the one answered: not idle
             protocol = self._protocol
-            idle = getattr(protocol, "timeout_keep_alive_task", None) is not None
+            armed = getattr(protocol, "timeout_keep_alive_task", None) is not None
+            idle = armed and not getattr(protocol, "_begun", False) and not getattr(protocol, "_headers_due", 0.0)
             silent = not getattr(protocol, "_last_read", 1)
             close_lingering(self._transport, protocol, self._stall_s, self._wire, linger=not (idle or silent))
 
