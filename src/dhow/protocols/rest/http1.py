@@ -157,7 +157,11 @@ class Http1Connection(asyncio.Protocol):
 
     def eof_received(self) -> None:
         """The client has ended its side (FIN): closed as ``close`` closes, without lingering (it sends no more), so
-        that an answer it does not read is bounded by the drain rate rather than waited for for ever."""
+        that an answer it does not read is bounded by the drain rate rather than waited for for ever.
+
+        Its requests still running are lost, a half-close (``shutdown(SHUT_WR)``: ``nc -N``, some scripted clients)
+        included: TCP cannot tell it from a client that gave up and closed, and answering it would compute every
+        abandoned request queued under overload (test_e2e_overload; the README's REST front section)."""
         self.close(linger=False)
 
     def close(self, linger: bool = True) -> None:
