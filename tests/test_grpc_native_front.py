@@ -83,8 +83,11 @@ class Door:
 @pytest.fixture
 def door(request: pytest.FixtureRequest) -> Iterator[Door]:
     """A native front on a free port, with the limits a test's indirect parameter gives (default: the defaults)."""
-    limits = getattr(request, "param", None) or GrpcConnectionLimits()
-    loop = asyncio.new_event_loop()
+    yield from serving(getattr(request, "param", None) or GrpcConnectionLimits(), asyncio.new_event_loop())
+
+
+def serving(limits: GrpcConnectionLimits, loop: asyncio.AbstractEventLoop) -> Iterator[Door]:
+    """A native front on a free port with ``limits``, served by ``loop`` in a thread of its own, until closed."""
     thread = threading.Thread(target=loop.run_forever, name="native-door", daemon=True)
     thread.start()
     plane = GatedPlane()

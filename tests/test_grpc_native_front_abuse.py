@@ -3,10 +3,13 @@ do stays bounded (Rapid Reset, CONTINUATION and control-frame floods, a client t
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
 
 import grpc
 import numpy as np
@@ -16,9 +19,10 @@ from dhow.protocols.grpc.generated import grpc_service_pb2 as pb
 from dhow.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from dhow.protocols.grpc.h2 import bounds
 from dhow.protocols.grpc.h2 import frames as f
-from dhow.protocols.grpc.h2.keepalive import MIN_DRAIN_RATE, Liveness
+from dhow.protocols.grpc.h2.keepalive import Liveness
 from dhow.protocols.grpc.h2.server import NativeServer
 from dhow.protocols.grpc.server import GrpcConnectionLimits
+from dhow.protocols.linger import MIN_DRAIN_RATE
 from tests.conftest import wait_until
 from tests.test_grpc_native_front import (
     HELLO,
@@ -258,7 +262,8 @@ _QUICK = GrpcConnectionLimits(keepalive_s=0.3, keepalive_timeout_s=1.0, idle_s=3
 @pytest.mark.parametrize("door", [_QUICK], indirect=True)
 def test_a_client_that_reads_nothing_is_disconnected(door: Door) -> None:  # noqa: F811
     """A client that sends until the server stops reading it, and reads nothing: the keepalive closes it, and the
-    connection ends though its GOAWAY, behind what the client never read, cannot leave."""
+    connection ends though its GOAWAY, behind what the client never read, cannot leave (its lingering close reads
+    the client again, for a while: the client may see the end as a reset while it still sends)."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", door.port))
@@ -268,8 +273,8 @@ def test_a_client_that_reads_nothing_is_disconnected(door: Door) -> None:  # noq
         try:
             while True:
                 sock.send(_PING * 60_000)
-        except TimeoutError:
-            pass  # the server has stopped reading
+        except (TimeoutError, ConnectionResetError, BrokenPipeError):
+            pass  # the server has stopped reading, or ended the connection
         wait_until(lambda: not door.server.front.connections, 10, "the server ending the connection")
 
 
@@ -284,10 +289,9 @@ def test_window_errors_are_those_rfc_9113_names(door: Door) -> None:  # noqa: F8
         assert _goaway_code(_read_frames(sock, f.GOAWAY))[0] == f.FLOW_CONTROL_ERROR
 
 
-def test_a_client_reading_slowly_gets_its_answer_after_the_connection_closes(door: Door) -> None:  # noqa: F811
-    """An 8 MB answer written at once (the client's windows and frame size take it whole), then the connection
-    closed as the call ends (the client sent GOAWAY): the client reads it at about 1 MB/s, slower than the buffer
-    leaves in the close's 2 s grace, but steadily, so it must get all of it and its trailers, not be cut."""
+def _large_call(sock: socket.socket) -> np.ndarray:
+    """An 8 MB echo call sent on ``sock``, whose answer the server writes at once (the client's windows and frame
+    size take it whole); the array it sends."""
     array = np.arange(2_097_152, dtype=np.float32).reshape(-1, 2)
     message = _request("echo", array).SerializeToString()
     framed = b"\0" + len(message).to_bytes(4, "big") + message
@@ -298,29 +302,65 @@ def test_a_client_reading_slowly_gets_its_answer_after_the_connection_closes(doo
     opening = f.PREFACE + f.settings(
         {f.SETTINGS_INITIAL_WINDOW_SIZE: f.MAX_WINDOW, f.SETTINGS_MAX_FRAME_SIZE: f.MAX_FRAME_SIZE_LIMIT}
     )
-    goaway = f.frame(f.GOAWAY, 0, 0, b"\0\0\0\0\0\0\0\0")
+    sock.sendall(opening + f.window_update(0, f.MAX_WINDOW - 65_535) + f.frame(f.HEADERS, f.END_HEADERS, 1, _INFER))
+    sock.sendall(data)
+    return array
+
+
+def _slow_reader(door: Door) -> socket.socket:  # noqa: F811
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     sock.connect(("127.0.0.1", door.port))
-    with sock:
-        sock.sendall(opening + f.window_update(0, f.MAX_WINDOW - 65_535) + f.frame(f.HEADERS, f.END_HEADERS, 1, _INFER))
-        sock.sendall(data + goaway)
-        received = bytearray()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            received += chunk
-            time.sleep(0.06)  # the pace of a slow reader, not a wait for the server
-    frames = _frames(bytes(received))
-    answer = b"".join(payload for kind, _, stream, payload in frames if kind == f.DATA and stream == 1)
+    return sock
+
+
+def _read_slowly(sock: socket.socket) -> bytes:
+    """All the server sends, read at about 1 MB/s, till the end (or a reset)."""
+    received = bytearray()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        received += chunk
+        time.sleep(0.06)  # the pace of a slow reader, not a wait for the server
+    return bytes(received)
+
+
+def _assert_whole_answer(received: bytes, array: np.ndarray) -> None:
+    """``received`` holds stream 1's whole answer and its trailers, grpc-status 0."""
+    frames = [frame for frame in _frames(received) if frame[2] == 1]
+    answer = b"".join(payload for kind, _, _, payload in frames if kind == f.DATA)
     assert frames and frames[-1][0] == f.HEADERS and frames[-1][1] & f.END_STREAM, (len(received), frames[-1:])
     np.testing.assert_array_equal(_answer(pb.ModelInferResponse.FromString(answer[5:])), array * 2)
     assert (b"grpc-status", b"0") in f.HeaderDecoder(65536).decode(frames[-1][3]).fields
+
+
+def test_a_client_reading_slowly_gets_its_answer_after_the_connection_closes(door: Door) -> None:  # noqa: F811
+    """An 8 MB answer written at once, then the connection closed as the call ends (the client sent GOAWAY): the
+    client reads it at about 1 MB/s, slower than the buffer leaves in the close's 2 s grace, but steadily, so it
+    must get all of it and its trailers, not be cut."""
+    with _slow_reader(door) as sock:
+        array = _large_call(sock)
+        sock.sendall(f.frame(f.GOAWAY, 0, 0, b"\0\0\0\0\0\0\0\0"))
+        received = _read_slowly(sock)
+    _assert_whole_answer(received, array)
+
+
+def test_a_call_answered_just_before_a_stop_reaches_a_slow_reader_whole(door: Door) -> None:  # noqa: F811
+    """An 8 MB answer written at once, its call ended, then the server stops with a grace of 30 s: the client,
+    reading at about 1 MB/s within the grace, gets all of it and its trailers; the stop's last step does not cut
+    an answer still leaving (it waits for it within the grace), and ends once it has left."""
+    with _slow_reader(door) as sock:
+        array = _large_call(sock)
+        wait_until(lambda: door.server.front.connections and door.streams() == 0, 30, "the call answered")
+        stopped: Future[Any] = asyncio.run_coroutine_threadsafe(door.server.stop(30), door.loop)
+        received = _read_slowly(sock)
+    _assert_whole_answer(received, array)
+    stopped.result(30)
 
 
 def _frames(data: bytes) -> list[tuple[int, int, int, bytes]]:

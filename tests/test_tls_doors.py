@@ -27,6 +27,8 @@ import uvicorn
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dhow.protocols import linger
+from dhow.protocols.rest import connection as connection_module
 from dhow.protocols.rest.connection import ConnectionTimeouts, DeadlineHttpProtocol
 from dhow.protocols.rest.front import HttpFront
 from dhow.protocols.rest.tls import HANDSHAKE_S, https_port_protocol
@@ -257,7 +259,7 @@ def test_a_connection_closing_while_its_answer_leaves_starts_no_request_sent_aft
     front: str, tmp_path: Path
 ) -> None:
     """The keep-alive limit closes a connection whose large answer a slow client is still reading (the answer
-    waits to leave, ``close_when_sent``): the requests the client then pipelines are not run, their answers would
+    waits to leave, ``linger.close_lingering``): the requests the client then pipelines are not run, their answers would
     be thrown away (uvicorn's front ran each of them, and logged a 200 for answers never sent)."""
     paths: list[str] = []
 
@@ -329,3 +331,65 @@ def test_a_rest_connections_handshake_limit_counts_from_the_accept(tmp_path: Pat
             # accepted at most when the client's connect returned, 0.5 s ago (asyncio's loop time is monotonic)
             left = tls._handshake_timeout_handle.when() - time.monotonic()
             assert left < HANDSHAKE_S - 0.25, f"{left:.2f} s left: the whole limit from the first byte"
+
+
+@pytest.mark.parametrize("front", ["native", "uvicorn"])
+def test_an_idle_tls_connection_closes_at_the_keepalive_limit_without_lingering(
+    front: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TLS connection idle after its answer, past the keep-alive limit: it closes once its answer has left, its
+    close_notify sent at once, without a lingering close (nothing in flight to drop; the grace of one made longer
+    than the test here, so a lingering close would hold it past the wait)."""
+    monkeypatch.setattr(linger, "GRACE_S", 10 * SAFETY_S)
+    context, client = _tls_pair(tmp_path)
+    for port in _served_in_a_thread(front, context, keepalive_s=1):
+        with client.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost") as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"x" * 1024) or len(answer) < _LARGE:
+                answer += tls.recv(1024 * 1024)
+            assert _closed_by_the_server(tls), "the idle connection lingered"
+
+
+def test_plain_http_lingering_on_the_https_port_is_cut_at_the_drains_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plain HTTP to the native HTTPS port, answered 400 and lingering (its client never closes, the grace made
+    longer than the test): it is among the connections the stop's last step cuts (those not yet HTTP ones) till it
+    ends, and the stop cuts it rather than leaving it open."""
+    monkeypatch.setattr(linger, "GRACE_S", 10 * SAFETY_S)
+    context, _ = _tls_pair(tmp_path)
+    fronts = _served_in_a_thread("native", context)
+    port = next(fronts)
+    with socket.create_connection(("127.0.0.1", port), timeout=SAFETY_S) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 400")
+        assert len(_FRONTS[-1]._opening) == 1, "the lingering connection is not among those the stop cuts"
+        next(fronts, None)  # the front stops
+        assert _closed_by_the_server(sock), "the lingering connection was left open by the stop"
+
+
+def test_a_uvicorn_tls_connection_whose_next_headers_began_lingers_at_the_keepalive_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn arms its keep-alive timer once an answer is complete, though the next request's headers had begun
+    arriving with the request before: that connection is not idle (its client is sending), so the close at the
+    keep-alive limit lingers (a reset could cost the client what it has not read). The close's ``linger`` is seen
+    through a pass-through wrapper: whether a close lingers shows on the wire only as time."""
+    closes: list[bool] = []
+    close_lingering = connection_module.close_lingering
+
+    def recorded(*args: Any, linger: bool = True) -> None:
+        closes.append(linger)
+        close_lingering(*args, linger=linger)
+
+    monkeypatch.setattr(connection_module, "close_lingering", recorded)
+    context, client = _tls_pair(tmp_path)
+    for port in _served_in_a_thread("uvicorn", context, keepalive_s=1):
+        with client.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost") as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\nGET / HTTP/1.1\r\nho")
+            answer = b""
+            while not answer.endswith(b"x" * 1024) or len(answer) < _LARGE:
+                answer += tls.recv(1024 * 1024)
+            wait_until(lambda: closes, SAFETY_S, "the keep-alive limit closing the connection")
+    assert closes == [True]

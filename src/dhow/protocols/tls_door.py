@@ -14,7 +14,8 @@ write that alert themselves before the failure is raised.
 A close waits at most ``CLOSE_GRACE_S`` for the client's close_notify (asyncio's and uvloop's default: 30 s, the
 socket and its connection slot held all that time by a client that never answers). The TLS protocols start that
 timer at the close, and discard what has not left when it fires: a connection's protocol closes only once its
-answer has left its write buffer (``close_when_sent``), or a large answer to a slow reader was cut off after 2 s.
+answer has left the socket's buffer too (``linger.close_lingering``, told the socket's transport as ``wire``), or
+a large answer to a slow reader was cut off after 2 s.
 """
 
 from __future__ import annotations
@@ -26,14 +27,13 @@ from asyncio.sslproto import SSLProtocol
 from collections.abc import Callable
 from typing import Any, cast
 
+from dhow.protocols.linger import GRACE_S
+
 __all__ = [
     "CLOSE_GRACE_S",
     "FIRST_BYTE_TIMEOUT_S",
-    "MIN_DRAIN_RATE",
     "TlsDoor",
     "alerting",
-    "close_when_sent",
-    "drained",
     "ssl_protocol_class",
 ]
 
@@ -41,13 +41,8 @@ __all__ = [
 _TLS_HANDSHAKE = 0x16
 #: seconds a connection may stay silent before its first byte (then the TLS handshake has its own limit)
 FIRST_BYTE_TIMEOUT_S = 60.0
-#: how long a closed connection's last bytes (its close_notify, a GOAWAY) may take before it is aborted
-CLOSE_GRACE_S = 2.0
-#: the bytes a second a client must take of what waits for it to count as reading (``drained``): one taking less,
-#: a segment now and then, would hold its connection and the answers buffered for it at next to no cost to itself
-MIN_DRAIN_RATE = 4096
-#: how often a closing connection looks whether its answer has left
-_SENT_POLL_S = 0.05
+#: how long a close waits for the client's close_notify once its answer has left: the lingering close's grace
+CLOSE_GRACE_S = GRACE_S
 
 #: the transport of the connection whose TLS object is being made (in ``TlsDoor._start_tls``, synchronously; a
 #: context variable: each thread's loop, and each task, sees its own)
@@ -72,49 +67,6 @@ class _AlertingSSLObject(ssl.SSLObject):
                 door.write(alert)  # the socket is closed right after: an alert is a few bytes, sent at once
             raise
         self._door = None  # the handshake is done: nothing more to say, and no cycle kept
-
-
-def drained(before: int, after: int, seconds: float) -> bool:
-    """Whether a write buffer holding ``before`` bytes, then ``after`` bytes ``seconds`` later, was taken from at
-    ``MIN_DRAIN_RATE`` at least (or emptied)."""
-    return before - after >= min(before, MIN_DRAIN_RATE * seconds)
-
-
-def close_when_sent(transport: asyncio.Transport, stall_s: float, wire: asyncio.Transport | None = None) -> None:
-    """Close ``transport`` once what was written to it has left its buffer, and ``wire``'s (the socket's transport
-    under TLS: the TLS protocol hands it all it encrypts, up to its high-water mark); abort it when its client stops
-    taking it: less than ``drained`` in ``stall_s``. Over TLS the close's grace for the client's close_notify
-    (``CLOSE_GRACE_S``) so starts when the answer is out, not while a slow reader is still taking it.
-
-    Over TLS nothing is decrypted meanwhile (the protocol would only discard it: uvicorn's ran the requests a client
-    pipelined after the close): reading resumes at the close, for the TLS shutdown to read past what came to the
-    client's close_notify. A plaintext connection keeps reading (and its protocol discarding): bytes left unread at
-    the close would make it a reset, which could cut off the answer's end still in the kernel's buffer."""
-    loop = asyncio.get_running_loop()
-    if wire is not None:
-        transport.pause_reading()
-
-    def size() -> int:
-        return transport.get_write_buffer_size() + (wire.get_write_buffer_size() if wire is not None else 0)
-
-    def look(since: float, before: int) -> None:
-        if transport.is_closing():
-            return
-        buffered = size()
-        if not buffered:
-            if wire is not None:
-                transport.resume_reading()
-            transport.close()
-            return
-        now = loop.time()
-        if now - since >= stall_s:
-            if not drained(before, buffered, now - since):
-                transport.abort()
-                return
-            since, before = now, buffered
-        loop.call_later(_SENT_POLL_S, look, since, before)
-
-    look(loop.time(), size())
 
 
 def alerting(context: ssl.SSLContext) -> ssl.SSLContext:
@@ -154,7 +106,7 @@ class TlsDoor(asyncio.Protocol):
     limit from the connection's accept, its first byte's wait included (None: the TLS protocol's default, 60 s,
     from the first byte); ``first_byte_s``: how long a connection may stay silent before its first byte; ``counted``:
     called for each connection that spoke plaintext (a metric); ``opening``: holds the connection until its handshake
-    ends or its plaintext answer is handed it (a server's drain aborts those left)."""
+    ends or, one that spoke plaintext, until it ends (a server's drain aborts those left)."""
 
     def __init__(
         self,
@@ -201,8 +153,7 @@ class TlsDoor(asyncio.Protocol):
             self._silence.cancel()
         if data[0] == _TLS_HANDSHAKE:
             self._start_tls(transport, data)
-        else:
-            self._opening.discard(transport)
+        else:  # (held in ``opening`` till it ends: its answer's close, lingering, is the drain's to cut too)
             if self._counted is not None:
                 self._counted()
             self._plaintext(transport, data, self._accepted)
@@ -218,7 +169,7 @@ class TlsDoor(asyncio.Protocol):
         handshake.add_done_callback(lambda done: done.cancelled() or done.exception())
         handshake.add_done_callback(lambda _: self._opening.discard(transport))
         app = self._app()
-        if hasattr(app, "wire"):  # it closes once its answers have left the socket's buffer (``close_when_sent``)
+        if hasattr(app, "wire"):  # it closes once its answers have left the socket's buffer (``linger.py``)
             app.wire = transport
         if hasattr(app, "accepted"):  # its own limit on the connection's start counts from the accept as well
             app.accepted = self._accepted

@@ -34,9 +34,9 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from dhow.protocols.linger import close_lingering
 from dhow.protocols.rest.body import Message
 from dhow.protocols.rest.framing import coding_refusal, parse_refusal
-from dhow.protocols.tls_door import close_when_sent
 
 __all__ = ["BODY_LATE", "HEADERS_LATE", "ConnectionTimeouts", "DeadlineHttpProtocol"]
 
@@ -112,7 +112,7 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if self.wire is not None:
-            transport = cast(asyncio.Transport, _ClosingWhenSent(transport, self.timeouts.body_s, self.wire))
+            transport = cast(asyncio.Transport, _ClosingWhenSent(transport, self, self.timeouts.body_s, self.wire))
         super().connection_made(transport)
         # a connection that says nothing is a request whose headers never come
         self._headers_due = self.loop.time() + self.timeouts.header_s
@@ -206,15 +206,18 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
 
 
 class _ClosingWhenSent:
-    """A TLS connection's transport as uvicorn's protocol sees it: its ``close`` waits for what was written to
-    leave (``close_when_sent``), so that the close's grace for the client's close_notify does not cut a large answer
-    off; nothing more is written or read meanwhile (a request pipelined after the close is not run). uvicorn closes
-    its transport itself, where the protocol is not told."""
+    """A TLS connection's transport as uvicorn's protocol sees it: its ``close`` is ``linger.close_lingering``'s, which
+    waits for what was written to leave, so that the close's grace for the client's close_notify does not cut a
+    large answer off; nothing more is written or read meanwhile (a request pipelined after the close is not run).
+    uvicorn closes its transport itself, where the protocol is not told."""
 
-    __slots__ = ("_shut", "_stall_s", "_transport", "_wire")
+    __slots__ = ("_protocol", "_shut", "_stall_s", "_transport", "_wire")
 
-    def __init__(self, transport: asyncio.Transport, stall_s: float, wire: asyncio.Transport) -> None:
+    def __init__(
+        self, transport: asyncio.Transport, protocol: asyncio.Protocol, stall_s: float, wire: asyncio.Transport
+    ) -> None:
         self._transport = transport
+        self._protocol = protocol
         self._stall_s = stall_s
         self._wire = wire
         self._shut = False
@@ -228,7 +231,7 @@ class _ClosingWhenSent:
             self._transport.writelines(data)
 
     def resume_reading(self) -> None:
-        if not self._shut:  # (``close_when_sent`` reads again at the close, itself)
+        if not self._shut:  # (``close_lingering`` reads again once the answer has left, itself)
             self._transport.resume_reading()
 
     def is_closing(self) -> bool:
@@ -237,7 +240,14 @@ class _ClosingWhenSent:
     def close(self) -> None:
         if not self._shut:
             self._shut = True
-            close_when_sent(self._transport, self._stall_s, self._wire)
+            # an idle connection (uvicorn's keep-alive limit or stop, its timer armed since its last answer) or one
+            # that never sent a byte: nothing in flight to drop, so no lingering, as on the native front. uvicorn
+            # arms that timer also when the next request's headers had begun with the one answered: not idle
+            protocol = self._protocol
+            armed = getattr(protocol, "timeout_keep_alive_task", None) is not None
+            idle = armed and not getattr(protocol, "_begun", False) and not getattr(protocol, "_headers_due", 0.0)
+            silent = not getattr(protocol, "_last_read", 1)
+            close_lingering(self._transport, protocol, self._stall_s, self._wire, linger=not (idle or silent))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)

@@ -133,12 +133,14 @@ class HttpFront:
         for server in self.servers:
             server.close()
         for connection in list(self._open):
+            if connection.closed:
+                continue  # its answer leaving (waited for, below) or lingering (not: the last step below ends it)
             if connection.running is None and connection.parsing is None:
-                connection.close()
+                connection.close(linger=False)
             else:
                 connection.closing = True  # closed once its answer is written
         deadline = asyncio.get_running_loop().time() + self.drain_s
-        while (self._open or self._running) and not self.force_exit:
+        while (any(not c.closed or c.leaving for c in self._open) or self._running) and not self.force_exit:
             if asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(0.1)
@@ -155,9 +157,9 @@ class HttpFront:
             )
             for task in self._running.values():
                 task.cancel()
-        # the drain's time is over: a connection still open (an answer a client takes slowly, a close waiting for
-        # its close_notify, a door waiting for a first byte or a handshake) is cut, not left to its own limits,
-        # which ``wait_closed`` would wait for (Python 3.12.1+ waits for every connection)
+        # the drain's time is over: a connection still open (an answer a client takes slowly, a lingering close, a
+        # close waiting for its close_notify, a door waiting for a first byte or a handshake) is cut, not left to its
+        # own limits, which ``wait_closed`` would wait for (Python 3.12.1+ waits for every connection)
         for connection in list(self._open):
             connection.abort()
         for opening in list(self._opening):
@@ -185,7 +187,7 @@ class HttpFront:
         if connection.closing:
             return
         if connection.idle_since and now - connection.idle_since > self.keepalive_s:
-            connection.close()
+            connection.close(linger=False)
             return
         parsing = connection.parsing
         if connection.headers_due:
@@ -204,4 +206,4 @@ class HttpFront:
         if answer:
             connection.write(answer)
         log.debug("closed a connection from %s: its request came too slowly", connection.client)
-        connection.close()
+        connection.close(linger=bool(connection.last_read))  # one that never sent a byte has nothing in flight

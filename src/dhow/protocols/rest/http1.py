@@ -10,8 +10,9 @@ What the connection does besides: keep-alive; pipelined requests answered in ord
 pauses meanwhile); chunked request bodies (httptools de-chunks them); ``Expect: 100-continue`` (answered when
 the app first reads the body); HEAD (the headers only); a body the app answered without reading (a refusal)
 is read and dropped, as uvicorn does: closing with unread bytes would reset the connection, and the client
-could lose the answer. The deadlines on slow clients and the connection bound are the server's (``front.py``),
-which looks at its connections from one watchdog.
+could lose the answer; for the same reason a connection closed after an answer (a refusal, ``connection: close``)
+reads and drops what still comes for a while (``close``, ``linger.py``). The deadlines on slow clients and the
+connection bound are the server's (``front.py``), which looks at its connections from one watchdog.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from urllib.parse import unquote
 
 import httptools
 
+from dhow.protocols.linger import close_at_once, close_lingering, leaving
 from dhow.protocols.rest.body import Message, Scope
 from dhow.protocols.rest.exchange import STATUS_LINES, Exchange
 from dhow.protocols.rest.framing import coding_refusal, parse_refusal
 from dhow.protocols.runner import CallRunner
-from dhow.protocols.tls_door import close_when_sent
 
 if TYPE_CHECKING:
     from dhow.protocols.rest.front import HttpFront
@@ -86,9 +87,10 @@ class Http1Connection(asyncio.Protocol):
         self.running: Exchange | None = None
         self._pipeline: deque[Exchange] = deque()
         self.paused = False
+        #: to close once the answer being written is out (the drain), and closed: nothing more is written
         self.closing = False
-        #: the transport is closing, or will once what was written has left (``close``)
-        self._shut = False
+        #: closed (``close``): nothing more is written or read as a request, its answers may still be leaving
+        self.closed = False
         #: the answer owed to a refused request, written after those accepted before it (then the connection
         #: closes; nothing more is read meanwhile)
         self.refusal = b""
@@ -115,15 +117,18 @@ class Http1Connection(asyncio.Protocol):
         self.front.opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
+        self.closing = self.closed = True
         self.front.closed(self)
+        self._lose_all()
+
+    def _lose_all(self) -> None:
         for exchange in (self.parsing, self.running, *self._pipeline):
             if exchange is not None:
                 exchange.lose()
         self._pipeline.clear()
 
     def data_received(self, data: bytes) -> None:
-        if self._shut:  # closed, its answers still leaving: nothing sent now is answered
+        if self.closed:  # closed, its answers still leaving: nothing sent now is answered (``linger.py`` drops it)
             return
         self.last_read = self.loop.time()
         self.idle_since = 0.0
@@ -136,34 +141,52 @@ class Http1Connection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         transport = self.transport
-        if transport is not None and not self._shut and not transport.is_closing():
+        if transport is not None and not self.closed and not transport.is_closing():
             transport.write(data)
 
     def pause(self) -> None:
-        if not self.paused and self.transport is not None:
+        if not self.paused and self.transport is not None and not self.closed:
             self.paused = True
             self.transport.pause_reading()
 
     def resume(self) -> None:
-        if self.paused and self.transport is not None and not self._pipeline and not self.refusal and not self._shut:
+        if self.paused and self.transport is not None and not self._pipeline and not self.refusal and not self.closed:
             self.paused = False
             self.last_read = self.loop.time()  # the client could not send meanwhile: its deadlines start again
             self.transport.resume_reading()
 
-    def close(self) -> None:
-        """Close once the answers written have left (``close_when_sent``: over TLS the close's grace for the
-        client's close_notify starts only then); abort when the client takes nothing for ``timeouts.body_s``, the
-        silence a request's body may keep. Nothing more is written meanwhile."""
-        self.closing = True
-        if self.transport is not None and not self._shut:
-            self._shut = True
-            close_when_sent(self.transport, self.front.timeouts.body_s, self.wire)
+    def eof_received(self) -> None:
+        """The client has ended its side (FIN): closed as ``close`` closes, without lingering (it sends no more), so
+        that an answer it does not read is bounded by the drain rate rather than waited for for ever.
+
+        Its requests still running are lost, a half-close (``shutdown(SHUT_WR)``: ``nc -N``, some scripted clients)
+        included: TCP cannot tell it from a client that gave up and closed, and answering it would compute every
+        abandoned request queued under overload (test_e2e_overload; the README's REST front section)."""
+        self.close(linger=False)
+
+    def close(self, linger: bool = True) -> None:
+        """Close as ``linger.py`` does: once the answers written have left (over TLS the close's grace for the
+        client's close_notify starts only then; a client taking nothing for ``timeouts.body_s``, the silence a
+        request's body may keep, is aborted), then a lingering close: a client still sending (a body not read, a
+        request behind a refused one) gets the answer rather than a reset, and nothing it sends now is read as a
+        request; the requests still open are lost now. ``linger`` False (an idle connection: nothing in flight to
+        drop): closed as soon as the answers have left."""
+        if self.transport is not None and not self.closed:
+            self.closing = self.closed = True
+            close_lingering(self.transport, self, self.front.timeouts.body_s, self.wire, linger=linger)
+            self._lose_all()
+
+    @property
+    def leaving(self) -> bool:
+        """Closed, and its answers still leaving (``linger.leaving``): a drain waits for them."""
+        return self.closed and self.transport is not None and leaving(self.transport)
 
     def abort(self) -> None:
-        """Cut the connection now, what it has not sent included (the drain's time is over)."""
-        self.closing = self._shut = True
+        """End the connection now, closing or not, what it has not sent included (the drain's time is over):
+        ``close_at_once``."""
+        self.closing = self.closed = True
         if self.transport is not None:
-            self.transport.abort()
+            close_at_once(self.transport, self.wire)
 
     def _refuse(self, answer: bytes) -> None:
         """Refuse the request being parsed (invalid, or the server crowded) and close the connection.

@@ -20,6 +20,8 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+from dhow.protocols import linger
+from dhow.protocols.linger import close_lingering
 from dhow.protocols.rest.app import CLIENT_CN_SCOPE_KEY
 from dhow.protocols.rest.connection import DeadlineHttpProtocol
 from dhow.protocols.tls_door import FIRST_BYTE_TIMEOUT_S, TlsDoor, alerting
@@ -50,7 +52,12 @@ def plain_http(transport: asyncio.Transport, first: bytes, accepted: float) -> N
     # an HTTP method starts with a capital letter; anything else gets no answer it could not read
     if first[:1].isupper():
         transport.write(_PLAIN_HTTP_ANSWER)
-    transport.close()
+    # the rest of the request (a body) read and dropped: not a reset. Such a connection is not counted in
+    # --max-connections (only the HTTP connection made once TLS starts is), but no more is needed: its lingering
+    # close ends within ``linger.MAX_S`` (30 s) of its short 400 leaving (a client not taking it is aborted after
+    # ``GRACE_S``) and reads ``linger.MAX_BYTES`` at most, less than a connection silent before its first byte may
+    # hold a socket uncounted (``FIRST_BYTE_TIMEOUT_S``)
+    close_lingering(transport, transport.get_protocol(), linger.GRACE_S)
 
 
 def https_door(

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from dhow.protocols import tls_door
+from dhow.protocols import linger
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.calls import RECEIVE_WINDOW, Stream
 
@@ -54,8 +54,10 @@ ANNOUNCED = f.settings(
         f.SETTINGS_MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
     }
 ) + f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW)
-#: how long a closed connection's last frames (its GOAWAY, its close_notify) may take to leave before it is aborted
-CLOSE_GRACE_S = tls_door.CLOSE_GRACE_S
+#: a closing connection's close (``linger.py``): how long its last frames (its GOAWAY) may leave slower than
+#: ``linger.MIN_DRAIN_RATE`` before it is aborted, and how long its client then has to read them (over TLS: to send
+#: its close_notify, ``tls_door.CLOSE_GRACE_S``, the same)
+CLOSE_GRACE_S = linger.GRACE_S
 #: the resets a connection may make at once, and those it gets back a second
 RESET_BURST = 1000
 RESET_RATE = 33.0

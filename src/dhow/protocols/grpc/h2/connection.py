@@ -4,7 +4,7 @@ Frames are parsed as they arrive; a unary call starts as soon as its request has
 while the read goes on, so calls that arrive in one read queue together for the batcher. Flow control both ways:
 the client may send ``RECEIVE_WINDOW`` per stream and ``CONNECTION_WINDOW`` (``bounds``) in all before the server's
 WINDOW_UPDATEs, sent as the bytes are taken; answers wait for the client's windows. A protocol error ends the
-connection with GOAWAY and the error's code; an error of one call ends that call only.
+connection with GOAWAY and the error's code, then a lingering close (``close``); an error of one call, that call.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from dhow.protocols.grpc.h2.calls import INBOX_LIMIT, RECEIVE_WINDOW, RESET, Cal
 from dhow.protocols.grpc.h2.keepalive import PING, Liveness
 from dhow.protocols.grpc.h2.requests import parse_request
 from dhow.protocols.grpc.h2.sending import Sender, WindowWaits, auth_context, peer_name, trailers
+from dhow.protocols.linger import close_at_once, close_lingering
 from dhow.protocols.runner import CallRunner
-from dhow.protocols.tls_door import close_when_sent
 
 if TYPE_CHECKING:
     from dhow.protocols.grpc.h2.server import Front
@@ -110,7 +110,7 @@ class H2Connection(Sender, asyncio.Protocol):
             self.transport.resume_reading()
 
     def close_with(self, code: int, reason: str) -> None:
-        """GOAWAY with ``code`` (the reason as its debug data), then close once what is written has left."""
+        """GOAWAY with ``code`` (the reason as its debug data), then ``close``."""
         if self.transport is not None and not self.closed:
             if code != f.NO_ERROR:
                 log.info("gRPC connection from %s closed: %s", self.peer, reason)
@@ -127,23 +127,25 @@ class H2Connection(Sender, asyncio.Protocol):
         if not self.streams:
             self.close()
 
-    def cut(self) -> list[asyncio.Future[None]]:
-        """End every call in flight with UNAVAILABLE; the calls still finishing are returned."""
-        tasks: list[asyncio.Future[None]] = []
-        for stream in list(self.streams.values()):
-            self.end_call(stream, (grpc.StatusCode.UNAVAILABLE, "the server stopped before the call ended"))
-            task = stream.task
-            if task is not None and not task.done():
-                tasks.append(task.finished() if isinstance(task, CallRunner) else task)
-        return tasks
-
     def close(self) -> None:
-        """Close once what is written has left, or abort when it stops leaving: once the buffer has not been
-        ``drained`` for ``bounds.CLOSE_GRACE_S`` (a client that does not read would hold the connection for ever).
-        Over TLS the close starts its own grace for the client's close_notify: only once the answers are out."""
-        if self.transport is not None and not self.closed:
+        """The calls in flight end now, as when the connection is lost; the socket as ``linger.py`` closes it (nothing
+        the client sends now is read as a frame)."""
+        transport, grace_s = self.transport, bounds.CLOSE_GRACE_S
+        if transport is not None and not self.closed:
             self.closed = True
-            close_when_sent(self.transport, bounds.CLOSE_GRACE_S, self.wire)
+            close_lingering(transport, self, grace_s, self.wire, grace_s=grace_s, max_bytes=bounds.CONNECTION_WINDOW)
+            for stream in list(self.streams.values()):
+                self.end_call(stream, RESET)
+
+    def eof_received(self) -> None:
+        """The client's FIN: ``close``, so that frames it does not read are bounded by the drain rate (``linger``)."""
+        self.close()
+
+    def close_now(self) -> None:
+        """``close``, the socket closed now (``close_at_once``), what has not left included: the stop's last step."""
+        if self.transport is not None:
+            close_at_once(self.transport, self.wire)
+        self.close()
 
     def _handshake_over(self) -> None:
         if not self._settings:
@@ -183,21 +185,19 @@ class H2Connection(Sender, asyncio.Protocol):
             self.close_with(exc.code, exc.reason)
             return
         self.resets.end_read()
-        if used < len(data):
+        if used < len(data) and not self.closed:
             pending += memoryview(data)[used:]
 
     def _frames(self, data: bytes) -> int:
         position, end = 0, len(data)
         if not self._preface:
-            if end < 24:
-                if data != f.PREFACE[:end]:
-                    raise f.ConnectionError_(f.PROTOCOL_ERROR, "not an HTTP/2 connection preface (gRPC needs HTTP/2)")
-                return 0
-            if data[:24] != f.PREFACE:
+            if data[:24] != f.PREFACE[:end]:  # (the preface's start, while it has not all come)
                 raise f.ConnectionError_(f.PROTOCOL_ERROR, "not an HTTP/2 connection preface (gRPC needs HTTP/2)")
+            if end < 24:
+                return 0
             self._preface, position = True, 24
         unpack = f.FRAME_HEADER.unpack_from
-        while end - position >= 9:
+        while end - position >= 9 and not self.closed:  # (closed by a frame: the rest is not read, nor served)
             high, low, kind, flags, stream_id = unpack(data, position)
             length = high << 16 | low
             if length > bounds.MAX_FRAME_IN:
@@ -358,7 +358,7 @@ class H2Connection(Sender, asyncio.Protocol):
         if stream_id % 2 == 0 or stream_id <= self.last_stream:
             raise f.ConnectionError_(f.PROTOCOL_ERROR, f"HEADERS opening stream {stream_id}, not a new client stream")
         self.last_stream = stream_id
-        if self.goaway_sent or len(self.streams) >= bounds.MAX_STREAMS:
+        if self.goaway_sent or self.closed or len(self.streams) >= bounds.MAX_STREAMS:
             self.write(f.rst_stream(stream_id, f.REFUSED_STREAM))
             return
         self._opened += 1

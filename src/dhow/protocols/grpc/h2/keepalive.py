@@ -6,18 +6,16 @@ also while it takes what the server writes: the server stops reading a client wh
 (``H2Connection.pause_writing``), so a client reading a large answer slowly is not heard, its ping's answer
 included, though it is well. The buffer going down shows it alive then: its fall below the low mark
 (``resume_writing``, counted as a read) or a fall of ``MIN_DRAIN_RATE`` a second at least from one tick to the next
-(``drained``): a client taking a segment now and then (a trickle) is silent, or it would keep its connection, calls
-and buffered answers for ever. One that neither sends nor takes enough is pinged and closed (and
-``H2Connection.close`` aborts it when its last frames stop leaving).
+(``drained``, both in ``linger.py``): a client taking a segment now and then (a trickle) is silent, or it would keep
+its connection, calls and buffered answers for ever. One that neither sends nor takes enough is pinged and closed
+(and its lingering close, ``linger.py``, aborts it when its last frames stop leaving).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dhow.protocols.tls_door import MIN_DRAIN_RATE, drained
-
-__all__ = ["MIN_DRAIN_RATE", "PING", "Liveness", "drained"]
+from dhow.protocols.linger import drained
 
 if TYPE_CHECKING:
     from dhow.protocols.grpc.server import GrpcConnectionLimits

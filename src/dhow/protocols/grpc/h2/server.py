@@ -11,10 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import grpc
+
 from dhow.protocols.grpc.h2 import bounds
 from dhow.protocols.grpc.h2.calls import Method
 from dhow.protocols.grpc.h2.connection import H2Connection
 from dhow.protocols.grpc.h2.plaintext import refuse_plaintext
+from dhow.protocols.linger import leaving
+from dhow.protocols.runner import CallRunner
 from dhow.protocols.tls_door import TlsDoor, alerting, ssl_protocol_class
 
 if TYPE_CHECKING:
@@ -141,10 +145,12 @@ class NativeServer:
 
     async def stop(self, grace: float | None) -> None:
         """Close the port, GOAWAY every connection, give the calls in flight ``grace`` seconds (None: none),
-        then end those left with UNAVAILABLE. A second ``stop`` while one waits cuts the wait short."""
+        then end those left with UNAVAILABLE; answers still leaving have what is left of ``grace`` (at least
+        ``bounds.CLOSE_GRACE_S``) to leave, then every connection closes at once. A second ``stop`` while one waits
+        cuts the wait short."""
         if self._stopped:
             self._cut.set()
-            await self._end_calls()
+            await self._end_calls(0.0)
             return
         self._stopped = True
         if self._server is not None:
@@ -153,21 +159,46 @@ class NativeServer:
             refusing.abort()
         for connection in list(self.front.connections):
             connection.drain()
-        remaining = grace or 0.0
         loop = self.front.loop
-        deadline = loop.time() + remaining
-        while any(c.streams for c in self.front.connections) and not self._cut.is_set():
+        deadline = loop.time() + (grace or 0.0)
+        # the calls in flight, and the answers of those ended still leaving (a client reading steadily gets them)
+        await self._wait(lambda: any(c.streams or _leaving(c) for c in self.front.connections), deadline)
+        await self._end_calls(max(deadline, loop.time() + bounds.CLOSE_GRACE_S))
+
+    async def _wait(self, busy: Callable[[], bool], deadline: float) -> None:
+        """Until ``busy()`` is false or ``deadline`` (loop time) has passed; a second ``stop`` cuts it short."""
+        loop = self.front.loop
+        while busy() and not self._cut.is_set():
             left = deadline - loop.time()
             if left <= 0:
-                break
+                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._cut.wait(), min(_DRAIN_POLL_S, left))
-        await self._end_calls()
 
-    async def _end_calls(self) -> None:
+    async def _end_calls(self, deadline: float) -> None:
+        """End the calls left UNAVAILABLE; their last frames, and the answers still leaving, have till ``deadline``
+        to leave (a client not taking them is aborted sooner, ``linger.drained``), then every connection closes at
+        once: the stop does not wait out a lingering close."""
         connections = list(self.front.connections)
-        tasks = [task for connection in connections for task in connection.cut()]
+        tasks = [task for connection in connections for task in _cut(connection)]
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+        await self._wait(lambda: any(_leaving(c) for c in connections), deadline)
         for connection in connections:
-            connection.close()
+            connection.close_now()
+
+
+def _leaving(connection: H2Connection) -> bool:
+    """Closed, its last frames still leaving (``linger.leaving``)."""
+    return connection.transport is not None and leaving(connection.transport)
+
+
+def _cut(connection: H2Connection) -> list[asyncio.Future[None]]:
+    """End every call in flight on ``connection`` with UNAVAILABLE; the calls still finishing are returned."""
+    tasks: list[asyncio.Future[None]] = []
+    for stream in list(connection.streams.values()):
+        connection.end_call(stream, (grpc.StatusCode.UNAVAILABLE, "the server stopped before the call ended"))
+        task = stream.task
+        if task is not None and not task.done():
+            tasks.append(task.finished() if isinstance(task, CallRunner) else task)
+    return tasks
