@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import socket
 import time
 from collections.abc import Callable
@@ -264,18 +265,28 @@ def test_a_client_that_reads_nothing_is_disconnected(door: Door) -> None:  # noq
     """A client that sends until the server stops reading it, and reads nothing: the keepalive closes it, and the
     connection ends though its GOAWAY, behind what the client never read, cannot leave (its lingering close reads
     the client again, for a while: the client may see the end as a reset while it still sends)."""
+    with _stuffed(door) as sock:
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # (the server has ended the connection)
+            _send_until_unread(sock)
+        wait_until(lambda: not door.server.front.connections, 10, "the server ending the connection")
+
+
+def _stuffed(served: Door) -> socket.socket:
+    """A connection to ``served`` that reads little (a small receive buffer), its preface sent."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", door.port))
-    with sock:
-        sock.sendall(HELLO)
-        sock.settimeout(2)
-        try:
-            while True:
-                sock.send(_PING * 60_000)
-        except (TimeoutError, ConnectionResetError, BrokenPipeError):
-            pass  # the server has stopped reading, or ended the connection
-        wait_until(lambda: not door.server.front.connections, 10, "the server ending the connection")
+    sock.connect(("127.0.0.1", served.port))
+    sock.sendall(HELLO)
+    sock.settimeout(2)
+    return sock
+
+
+def _send_until_unread(sock: socket.socket) -> None:
+    """PINGs sent, and nothing read, until the server stops reading ``sock`` (a send that waits 2 s): its answers
+    then wait in its write buffer."""
+    with contextlib.suppress(TimeoutError):
+        while True:
+            sock.send(_PING * 60_000)
 
 
 def test_window_errors_are_those_rfc_9113_names(door: Door) -> None:  # noqa: F811

@@ -36,7 +36,7 @@ from dhow.protocols.grpc.server import GrpcConnectionLimits
 from tests.conftest import wait_until
 from tests.test_e2e_security_transport import _issue
 from tests.test_grpc_native_front import HELLO, Door, _connect, _goaway_code, _read_frames, serving
-from tests.test_grpc_native_front_abuse import _INFER, _PING, _frames, _large_call
+from tests.test_grpc_native_front_abuse import _INFER, _PING, _frames, _large_call, _send_until_unread, _stuffed
 from tests.test_grpc_native_front_tls import TlsDoor, tls_door  # noqa: F401 (a fixture)
 from tests.test_rest_http1 import _Native, _post, _running, native_served  # noqa: F401 (a fixture)
 
@@ -308,15 +308,8 @@ def test_a_close_at_once_aborts_a_client_that_reads_nothing(door: Door, monkeypa
     buffer, is aborted rather than held for as long as the client likes (a lingering close, its grace made longer
     than the test here, would hold it past the wait)."""
     monkeypatch.setattr(bounds, "CLOSE_GRACE_S", 10 * SAFETY_S)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", door.port))
-    with sock:
-        sock.sendall(HELLO)
-        sock.settimeout(2)
-        with contextlib.suppress(TimeoutError):
-            while True:
-                sock.send(_PING * 60_000)  # till the server stops reading: its answers wait in its write buffer
+    with _stuffed(door) as sock:
+        _send_until_unread(sock)
         (connection,) = door.server.front.connections
         door.loop.call_soon_threadsafe(connection.close_now)
         wait_until(lambda: not door.server.front.connections, SAFETY_S, "the server ending the connection")

@@ -151,10 +151,15 @@ def test_a_prediction_kept_again_under_its_key_replaces_the_first(model: str) ->
     asyncio.run(scenario())
 
 
-def test_a_redis_that_cannot_be_reached_counts_the_writes_failed_and_refuses_the_look_up() -> None:
-    with socket.socket() as probe:  # a port nothing listens on
+def _unused_port() -> int:
+    """A port nothing listens on (a Redis that cannot be reached)."""
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return int(probe.getsockname()[1])
+
+
+def test_a_redis_that_cannot_be_reached_counts_the_writes_failed_and_refuses_the_look_up() -> None:
+    port = _unused_port()
 
     async def scenario() -> None:
         one = SharedPredictions(f"redis://127.0.0.1:{port}/0", CollectorRegistry(), owner="w")
@@ -538,9 +543,7 @@ def test_a_redis_that_never_answers_ends_the_flush_at_its_first_step_the_rest_co
 
 
 def test_a_prediction_kept_again_within_a_flush_is_counted_replaced_whatever_the_write() -> None:
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _unused_port()
 
     async def scenario() -> None:
         one = SharedPredictions(f"redis://127.0.0.1:{port}/0", CollectorRegistry(), owner="w")

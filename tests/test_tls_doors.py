@@ -35,6 +35,7 @@ from dhow.protocols.rest.tls import HANDSHAKE_S, https_port_protocol
 from dhow.protocols.tls_door import CLOSE_GRACE_S
 from tests.conftest import DhowProcess, start_dhow, wait_until
 from tests.test_e2e_security_transport import _issue, _wait_tls_ready
+from tests.test_grpc_native_front_tls import _closed_by_the_server as _read_to_the_end
 
 #: a wait for the server to act; a server that never does fails the test by this wait (asyncio's default wait
 #: for a close_notify is 30 s: a close bounded as the gRPC port's, 2 s, ends well within it)
@@ -83,14 +84,7 @@ def door(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 def _closed_by_the_server(sock: socket.socket) -> bool:
     """Read until the server closes the connection (True), or ``SAFETY_S`` passes without it (False)."""
     sock.settimeout(SAFETY_S)
-    try:
-        while sock.recv(65536):
-            pass
-    except ConnectionResetError:
-        pass
-    except TimeoutError:
-        return False
-    return True
+    return _read_to_the_end(sock)
 
 
 def _plaintext_refused(door: Door, port: str) -> float:
