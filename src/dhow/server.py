@@ -126,7 +126,7 @@ class Server:
         if not self._stop.is_set():
             self._stop.set()
             return
-        log.warning("a second signal: stopping now, without waiting for what is in flight")
+        log.warning("a second signal: stopping now, cutting the calls still in flight")
         self._forced.set()
         if self._http is not None:
             self._http.force_exit = True
