@@ -155,7 +155,9 @@ def test_the_handshakes_limit_counts_from_the_accept_not_from_the_tls_handshakes
         time.sleep(0.5)  # half the fixture's 1 s limit before its first byte
         context = ssl.create_default_context(cafile=tls_door.folder / "ca.pem")
         context.set_alpn_protocols(["h2"])
-        with context.wrap_socket(sock, server_hostname="localhost"):
+        with context.wrap_socket(sock, server_hostname="localhost") as tls:
+            # its preface (no settings): heard from, its close at the limit lingers, and it stays to be looked at
+            tls.sendall(f.PREFACE)
             wait_until(lambda: tls_door.connections() == 1, SAFETY_S, "the connection admitted")
             (connection,) = tls_door.server.front.connections
             limit = tls_door.server.front.limits.handshake_s
@@ -213,7 +215,7 @@ def test_a_plaintext_clients_frames_one_a_read_are_each_looked_at_once() -> None
 
     def flood(refusal: Any) -> None:
         refusal.data_received(f.PREFACE[1:] + f.settings({}))
-        while not refusal._transport.is_closing():
+        while refusal._transport.get_protocol() is refusal:  # (until its close, lingering, reads in its place)
             refusal.data_received(empty)
             assert not refusal.pending and not refusal.skip, "a whole frame is kept after its read"
         assert refusal.read > 64 * 1024

@@ -340,6 +340,16 @@ def test_a_connection_that_never_sent_a_byte_is_closed_without_lingering(monkeyp
             wait_until(lambda: not served.front._open, SAFETY_S, "the silent connection ending on the server")
 
 
+def test_a_grpc_connection_that_never_sent_a_byte_is_closed_without_lingering(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same on the native gRPC front: silent past the handshake's limit, it gets its GOAWAY and the end, and the
+    server lets it go once the GOAWAY has left, not after the lingering close's grace (longer than the test here)."""
+    monkeypatch.setattr(bounds, "CLOSE_GRACE_S", 10 * SAFETY_S)
+    limits = GrpcConnectionLimits(handshake_s=0.5)
+    with contextlib.contextmanager(serving)(limits, asyncio.new_event_loop()) as door, _connect(door) as silent:
+        assert _goaway_code(_read_frames(silent, f.GOAWAY))[0] == f.PROTOCOL_ERROR
+        wait_until(lambda: not door.server.front.connections, SAFETY_S, "the silent connection ending")
+
+
 def test_no_request_pipelined_behind_a_400_is_run(native_served: _Native) -> None:  # noqa: F811
     """An invalid request and 50 valid ones behind it, all in the server's kernel when it reads: it answers the
     400 only, then the end; none of those behind it is run (the lingering close drops them)."""

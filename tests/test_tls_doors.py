@@ -22,12 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import hpack
 import pytest
 import uvicorn
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dhow.protocols import linger
+from dhow.protocols.grpc.h2 import frames as f
+from dhow.protocols.grpc.h2.plaintext import MESSAGE
 from dhow.protocols.rest import connection as connection_module
 from dhow.protocols.rest.connection import ConnectionTimeouts, DeadlineHttpProtocol
 from dhow.protocols.rest.front import HttpFront
@@ -35,7 +38,10 @@ from dhow.protocols.rest.tls import HANDSHAKE_S, https_port_protocol
 from dhow.protocols.tls_door import CLOSE_GRACE_S
 from tests.conftest import DhowProcess, start_dhow, wait_until
 from tests.test_e2e_security_transport import _issue, _wait_tls_ready
+from tests.test_grpc_native_front import HELLO
+from tests.test_grpc_native_front_abuse import _INFER
 from tests.test_grpc_native_front_tls import _closed_by_the_server as _read_to_the_end
+from tests.test_lingering_close import _read_to_end
 
 #: a wait for the server to act; a server that never does fails the test by this wait (asyncio's default wait
 #: for a close_notify is 30 s: a close bounded as the gRPC port's, 2 s, ends well within it)
@@ -115,6 +121,37 @@ def test_a_plaintext_grpc_call_to_the_tls_port_says_the_port_needs_tls(door: Doo
     assert "this port speaks gRPC over TLS only" in str(caught.value.details()), caught.value.details()
     assert "secure_channel" in str(caught.value.details()), caught.value.details()
     assert _plaintext_refused(door, "grpc") >= 1
+
+
+def test_a_plaintext_grpc_call_still_sending_its_message_gets_the_whole_answer_then_the_end(door: Door) -> None:
+    """A plaintext call whose 4 MiB message follows its HEADERS (grpcio sends them at once): the server answers at
+    the HEADERS with most of the message still to come; its close lingers, reading the rest and dropping it, so the
+    client sends its whole message, then reads the UNAVAILABLE answer and its grpc-message, then the end. (A plain
+    close reset the connection under the client still sending: grpcio's write failed, the answer unread.)"""
+    message = f.frame(f.DATA, f.END_STREAM, 1, bytes(4 << 20))
+    with socket.create_connection(("127.0.0.1", door.server.grpc_port), timeout=SAFETY_S) as sock:
+        try:
+            sock.sendall(HELLO + f.frame(f.HEADERS, f.END_HEADERS, 1, _INFER) + message)
+            sent = "whole"
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            sent = repr(exc)
+        received, ending = _read_to_end(sock)
+    assert sent == "whole" and ending == "end", f"the connection was reset: sending {sent}, reading {ending}"
+    headers = [payload for kind, _, stream, payload in _frames_in(received) if kind == f.HEADERS and stream == 1]
+    assert headers, received[-300:]
+    answer = dict(hpack.Decoder().decode(headers[0]))
+    assert answer["grpc-status"] == "14" and answer["grpc-message"] == MESSAGE, answer
+
+
+def _frames_in(received: bytes) -> list[tuple[int, int, int, bytes]]:
+    """The whole frames of ``received`` (the server's bytes from its first), as (type, flags, stream, payload)."""
+    frames, position = [], 0
+    while len(received) - position >= 9:
+        size = int.from_bytes(received[position : position + 3], "big")
+        kind, flags, stream = received[position + 3], received[position + 4], received[position + 5 : position + 9]
+        frames.append((kind, flags, int.from_bytes(stream, "big"), received[position + 9 : position + 9 + size]))
+        position += 9 + size
+    return frames
 
 
 @pytest.mark.parametrize("port", ["http", "grpc"])

@@ -8,7 +8,8 @@ It does what the server needs of uvicorn's, with the same switches (``started``,
 - the deadlines on slow clients (``ConnectionTimeouts``, as ``connection.py`` gives uvicorn) and the keep-alive
   limit, from one watchdog looking at the open connections a few times per time limit, instead of a timer
   armed and cancelled per request;
-- TLS through ``tls.py``'s port protocol (plain HTTP answered 400), the client certificate's name in the scope;
+- TLS through ``tls.py``'s ``https_door`` (a ``tls_door.TlsDoor``: plain HTTP answered 400), the client
+  certificate's name in the scope;
 - the drain: the port closed, idle connections closed, busy ones closed after their answer; then up to
   ``drain_s`` for them, after which what is still running is cancelled, and the answers still held for their
   audit records (``held_answers.py``) are given up: their access log lines 499; the connections left are aborted.

@@ -129,11 +129,13 @@ class H2Connection(Sender, asyncio.Protocol):
 
     def close(self) -> None:
         """The calls in flight end now, as when the connection is lost; the socket as ``linger.py`` closes it (nothing
-        the client sends now is read as a frame)."""
-        transport, grace_s = self.transport, bounds.CLOSE_GRACE_S
+        the client sends now is read as a frame); without lingering if it was never heard from (``_reads``: a silent
+        client sent no byte, and is never paused for, with a SETTINGS and pings written to it)."""
+        transport, grace_s, heard = self.transport, bounds.CLOSE_GRACE_S, self._reads > 0
         if transport is not None and not self.closed:
             self.closed = True
-            close_lingering(transport, self, grace_s, self.wire, grace_s=grace_s, max_bytes=bounds.CONNECTION_WINDOW)
+            window = bounds.CONNECTION_WINDOW
+            close_lingering(transport, self, grace_s, self.wire, linger=heard, grace_s=grace_s, max_bytes=window)
             for stream in list(self.streams.values()):
                 self.end_call(stream, RESET)
 

@@ -6,7 +6,9 @@ once without backoff after it, and its call waits to its deadline ("Deadline Exc
 trailers-only with grpc-status 14 fails at once, its grpc-message as the error's details. grpc's clients send
 their first call only after the server's SETTINGS, so the server sends SETTINGS, reads up to that call's HEADERS,
 answers it, sends GOAWAY and closes. Bounded: ``limit_s`` from the accept in all (the handshake's limit, the first
-byte's wait included), ``_MAX_READ`` bytes.
+byte's wait included), ``_MAX_READ`` bytes. Every close is lingering (``linger.py``): grpcio sends a call's message
+right behind its HEADERS, and a plain close with those bytes unread reset the connection under it (its write
+failed, the answer unread).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable
 
 import hpack
 
+from dhow.protocols import linger
 from dhow.protocols.grpc.h2 import frames as f
 
 __all__ = ["MESSAGE", "refuse_plaintext"]
@@ -43,7 +46,7 @@ def refuse_plaintext(
 
     def refuse(transport: asyncio.Transport, first: bytes, accepted: float) -> None:
         if not first.startswith(f.PREFACE[: len(first)]):  # not HTTP/2 (the rest of a short preface: _Refusal)
-            transport.close()
+            linger.close_lingering(transport, transport.get_protocol(), linger.GRACE_S)
             return
         transport.write(f.settings({}))
         refusal = _Refusal(transport, accepted + limit_s, refusing)
@@ -84,7 +87,7 @@ class _Refusal(asyncio.Protocol):
         if self.preface < len(f.PREFACE):
             said = view[: len(f.PREFACE) - self.preface]
             if said != f.PREFACE[self.preface : self.preface + len(said)]:  # not HTTP/2 after all
-                self._transport.close()
+                self._end(b"")
                 return
             self.preface += len(said)
             view = view[len(said) :]
@@ -111,5 +114,9 @@ class _Refusal(asyncio.Protocol):
             self._end(f.goaway(0, f.NO_ERROR, MESSAGE))
 
     def _end(self, last: bytes) -> None:
-        self._transport.write(last)
-        self._transport.close()
+        """Write ``last``, then close lingering: what the client still sends is dropped; the limits are the
+        lingering close's now (``linger.Lingering`` hands the end on to ``connection_lost``)."""
+        self._timer.cancel()
+        if last:
+            self._transport.write(last)
+        linger.close_lingering(self._transport, self, linger.GRACE_S)
