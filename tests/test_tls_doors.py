@@ -31,11 +31,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dhow.protocols import linger
 from dhow.protocols.grpc.h2 import frames as f
 from dhow.protocols.grpc.h2.plaintext import MESSAGE
+from dhow.protocols.linger import GRACE_S
 from dhow.protocols.rest import connection as connection_module
 from dhow.protocols.rest.connection import ConnectionTimeouts, DeadlineHttpProtocol
 from dhow.protocols.rest.front import HttpFront
 from dhow.protocols.rest.tls import HANDSHAKE_S, https_port_protocol
-from dhow.protocols.tls_door import CLOSE_GRACE_S
 from tests.conftest import DhowProcess, start_dhow, wait_until
 from tests.test_e2e_security_transport import _issue, _wait_tls_ready
 from tests.test_grpc_native_front import HELLO
@@ -275,7 +275,7 @@ def test_a_large_answer_on_a_closing_connection_reaches_a_client_that_reads_it_l
         sock.connect(("127.0.0.1", port))
         with client.wrap_socket(sock, server_hostname="localhost") as tls:
             tls.sendall(b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
-            time.sleep(CLOSE_GRACE_S + 1)  # the client is busy: it reads later
+            time.sleep(GRACE_S + 1)  # the client is busy: it reads later
             answer = bytearray()
             with contextlib.suppress(ssl.SSLEOFError, ConnectionResetError):
                 while chunk := tls.recv(1024 * 1024):

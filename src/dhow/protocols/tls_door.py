@@ -11,7 +11,7 @@ handshake without writing what OpenSSL put in its outgoing buffer, so a client w
 required (TLS 1.3's alert certificate_required) read an empty reply. ``alerting`` makes a context's TLS objects
 write that alert themselves before the failure is raised.
 
-A close waits at most ``CLOSE_GRACE_S`` for the client's close_notify (asyncio's and uvloop's default: 30 s, the
+A close waits at most ``linger.GRACE_S`` for the client's close_notify (asyncio's and uvloop's default: 30 s, the
 socket and its connection slot held all that time by a client that never answers). The TLS protocols start that
 timer at the close, and discard what has not left when it fires: a connection's protocol closes only once its
 answer has left the socket's buffer too (``linger.close_lingering``, told the socket's transport as ``wire``), or
@@ -30,7 +30,6 @@ from typing import Any, cast
 from dhow.protocols.linger import GRACE_S
 
 __all__ = [
-    "CLOSE_GRACE_S",
     "FIRST_BYTE_TIMEOUT_S",
     "TlsDoor",
     "alerting",
@@ -41,8 +40,6 @@ __all__ = [
 _TLS_HANDSHAKE = 0x16
 #: seconds a connection may stay silent before its first byte (then the TLS handshake has its own limit)
 FIRST_BYTE_TIMEOUT_S = 60.0
-#: how long a close waits for the client's close_notify once its answer has left: the lingering close's grace
-CLOSE_GRACE_S = GRACE_S
 
 #: the transport of the connection whose TLS object is being made (in ``TlsDoor._start_tls``, synchronously; a
 #: context variable: each thread's loop, and each task, sees its own)
@@ -184,7 +181,7 @@ class TlsDoor(asyncio.Protocol):
                 handshake,
                 server_side=True,
                 ssl_handshake_timeout=handshake_s,
-                ssl_shutdown_timeout=CLOSE_GRACE_S,
+                ssl_shutdown_timeout=GRACE_S,  # (the close_notify's wait: the lingering close's grace)
             )
             transport.set_protocol(tls)
             tls.connection_made(transport)

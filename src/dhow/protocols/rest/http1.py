@@ -87,7 +87,7 @@ class Http1Connection(asyncio.Protocol):
         self.running: Exchange | None = None
         self._pipeline: deque[Exchange] = deque()
         self.paused = False
-        #: to close once the answer being written is out (the drain), and closed: nothing more is written
+        #: to close once the answer being written is out (the drain)
         self.closing = False
         #: closed (``close``): nothing more is written or read as a request, its answers may still be leaving
         self.closed = False

@@ -56,7 +56,7 @@ ANNOUNCED = f.settings(
 ) + f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW)
 #: a closing connection's close (``linger.py``): how long its last frames (its GOAWAY) may leave slower than
 #: ``linger.MIN_DRAIN_RATE`` before it is aborted, and how long its client then has to read them (over TLS: to send
-#: its close_notify, ``tls_door.CLOSE_GRACE_S``, the same)
+#: its close_notify, ``linger.GRACE_S``, the same)
 CLOSE_GRACE_S = linger.GRACE_S
 #: the resets a connection may make at once, and those it gets back a second
 RESET_BURST = 1000
