@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ class _Steps(Writer):
         self.capacity = capacity
         self._queue = collections.deque([[n] for n in range(queued)])
         self._stopping = threading.Event()
+        self._handover = threading.Event()
         if stopping:
             self._stopping.set()
         self.steps: list[int] = []
@@ -127,7 +129,7 @@ def test_tracings_writer_in_steps_exports_every_span_once_and_a_bad_record_fails
     bad[0] = "zz"  # a trace id that is not hex: it cannot be written
     records[130] = bad
     writer = TraceWriter.__new__(TraceWriter)  # its steps alone: no sink, no threads
-    writer._stopping, writer.capacity = threading.Event(), 8192
+    writer._stopping, writer._handover, writer.capacity = threading.Event(), threading.Event(), 8192
     writer._queue = collections.deque(records)
     rendered, failures = writer._render_steps()
     assert [event for event, _ in failures] == [bad]
@@ -170,3 +172,38 @@ def test_what_is_being_rendered_is_reported_as_queued(tmp_path: Path) -> None:
         writer.go.set()
         writer.close(5)
     assert reports[-1]["queued"] == 0 and sum(report["logged"] for report in reports) == 10
+
+
+class _Threads(_Held):
+    """A held writer that notes the thread each event is rendered on."""
+
+    threads: dict[int, int]
+
+    def render_chunk(self, chunk: list[Any]) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
+        rendered = super().render_chunk(chunk)
+        self.threads.update((event[0], threading.get_ident()) for event in chunk)
+        return rendered
+
+
+def test_the_close_writes_what_is_left_on_its_own_thread(tmp_path: Path) -> None:
+    """The sink's thread stops after the step it is in; what is still queued is rendered and written by the thread
+    that closes (``writer_main`` keeps it at the normal CPU priority while the others run at SCHED_IDLE)."""
+    reports: list[dict[str, Any]] = []
+    writer = _Threads(f"file://{tmp_path}/payloads.jsonl", reports)
+    writer.threads = {}
+    writer.queue([[n] for n in range(payload_writer._STEP)])
+    assert writer.rendering.wait(30)  # the sink's thread is in its step of 64
+    writer.queue([[n] for n in range(payload_writer._STEP, 3 * payload_writer._STEP)])
+    closing = threading.Thread(target=writer.close, args=(5,))
+    closing.start()
+    while not writer._handover.is_set():
+        time.sleep(0.01)
+    writer.go.set()
+    closing.join(30)
+    assert not closing.is_alive()
+    sink_thread = writer.threads[0]
+    assert sink_thread != closing.ident
+    assert {writer.threads[n] for n in range(payload_writer._STEP)} == {sink_thread}
+    assert {writer.threads[n] for n in range(payload_writer._STEP, 3 * payload_writer._STEP)} == {closing.ident}
+    assert sum(report["logged"] for report in reports) == 3 * payload_writer._STEP
+    assert len((tmp_path / "payloads.jsonl").read_text().splitlines()) == 3 * payload_writer._STEP

@@ -234,6 +234,7 @@ class PayloadLog(WriterPipe):
         command: Sequence[str],
         registry: CollectorRegistry | None = None,
         close_timeout_s: float = 5.0,
+        priority: str = "idle",
     ) -> None:
         self._maskings: dict[Masking, int] = {}
         self._masking_count = 0
@@ -242,8 +243,8 @@ class PayloadLog(WriterPipe):
         self._bodies: list[bytes] = []
         #: the outputs of the queued events that have them, in their order (the events hold their number)
         self._outputs: list[dict[str, Any]] = []
-        super().__init__(command, {"url": url, "source": source}, capacity=capacity, registry=registry,
-                         close_timeout_s=close_timeout_s)  # fmt: skip
+        super().__init__(command, {"url": url, "source": source, "priority": priority}, capacity=capacity,
+                         registry=registry, close_timeout_s=close_timeout_s)  # fmt: skip
 
     # -- the request's path (the event loop's thread) --
 

@@ -138,6 +138,7 @@ class Tracing(WriterPipe):
         registry: CollectorRegistry | None = None,
         capacity: int = MAX_QUEUED,
         close_timeout_s: float = 10.0,
+        priority: str = "idle",
     ) -> None:
         self.url = traces_url(endpoint)
         self.ratio = ratio
@@ -145,8 +146,8 @@ class Tracing(WriterPipe):
         self.monotonic_offset = time.time_ns() - time.monotonic_ns()
         #: a hand-over on the loop's next turn is on its way (``_hand_over_soon``)
         self._soon = False
-        super().__init__(command, {"url": self.url, "service": service}, capacity=capacity, registry=registry,
-                         close_timeout_s=close_timeout_s)  # fmt: skip
+        super().__init__(command, {"url": self.url, "service": service, "priority": priority}, capacity=capacity,
+                         registry=registry, close_timeout_s=close_timeout_s)  # fmt: skip
 
     def sample(self, traceparent: str | None) -> Sampled | None:
         """Whether a request is traced, decided once as it comes in: (trace id, parent span id), or None."""

@@ -74,11 +74,11 @@ class Observers:
         if settings.payload_log:
             queue, registry = settings.payload_log_queue, metrics.registry
             payload_log = PayloadLog(settings.payload_log, capacity=queue, source=source, command=PAYLOAD_WRITER,
-                                     registry=registry)  # fmt: skip
+                                     registry=registry, priority=settings.writer_priority)  # fmt: skip
         tracing = None
         if settings.otlp_endpoint:
             tracing = Tracing(settings.otlp_endpoint, settings.trace_sample_ratio, command=TRACE_WRITER,
-                              registry=metrics.registry)  # fmt: skip
+                              registry=metrics.registry, priority=settings.writer_priority)  # fmt: skip
         return cls(payload_log, tracing)
 
     def close(self) -> None:

@@ -80,6 +80,8 @@ class Writer:
         self._reported_queued = 0
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        #: set by ``close``: the sink's thread stops after its step, and the close writes the rest on its own thread
+        self._handover = threading.Event()
         #: set once the close delivered what it could: the reporter reports until then (what the sink delivers
         #: during the close too, reported even if the writer is killed before its last report)
         self._closed = threading.Event()
@@ -126,7 +128,7 @@ class Writer:
     # -- the sink's thread --
 
     def _drain(self) -> None:
-        while True:
+        while not self._handover.is_set():
             if not self._queue:
                 if self._stopping.is_set():
                     return
@@ -164,7 +166,7 @@ class Writer:
         queue = self._queue
         behind = min(_BEHIND, self.capacity // 2)  # (a small queue must not fill while its writer pauses)
         done = 0
-        while queue and done < CHUNK:
+        while queue and done < CHUNK and not self._handover.is_set():
             if done and len(queue) < behind and not self._stopping.is_set():
                 time.sleep(_STEP_PAUSE_S)
             left = min(len(queue), CHUNK - done)
@@ -207,10 +209,15 @@ class Writer:
         return len(self._queue) + self._rendering
 
     def close(self, timeout_s: float) -> None:
-        """Write what is queued, deliver what the sink holds (within about ``timeout_s``), send the last counts."""
+        """Write what is queued, deliver what the sink holds (within about ``timeout_s``), send the last counts: on
+        the calling thread (the sink's stops after its step), which ``writer_main`` keeps at the normal CPU priority
+        when the others yield it."""
         self._stopping.set()
+        self._handover.set()
         self._wake.set()
         self._thread.join()
+        self._handover.clear()
+        self._drain()
         try:
             self.sink.close(timeout_s)
         finally:

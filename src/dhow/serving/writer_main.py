@@ -16,7 +16,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import orjson
@@ -51,23 +52,29 @@ def _keep_freed_memory() -> None:
             mallopt(parameter, value)
 
 
-def _yield_cpu() -> None:
-    """Run this process (and the threads it starts, which inherit it) at Linux's lowest CPU priority,
-    ``SCHED_IDLE``: it takes a CPU only when no other process wants it, and any thread of the serving path that
-    wakes (the event loop, the model's, the load's) takes the CPU back at once. At normal priority a waking thread
-    of the request's path could wait behind a render step: on 2 vCPUs, ``tabular`` over REST at c=16 with drift,
-    the payload log and tracing on, ``SCHED_IDLE`` writers lifted throughput against all off from 0.85 / 0.83 to
-    0.92 / 0.92 and p99 from 1.28x / 1.17x to 0.98x / 0.94x (paired, two runs, ``monitoring_overhead.py
-    --compare``); ``nice 19`` did nothing (0.85, 1.18x). A machine busy with serving leaves the writers no CPU: their
-    bounded queues fill and events are dropped and counted (``dhow_payload_log_events_total{outcome="dropped"}``,
-    the ``DhowPayloadEventsDropped`` alert), never waited for. Not the audit trail's writer: it drops no record, so the
-    server's answers would wait for it once its pipe filled. Elsewhere (no ``SCHED_IDLE``), nothing changes."""
+def _yield_cpu(keep: Collection[int] = ()) -> None:
+    """Run this process's threads (all but ``keep``'s native ids; those they start inherit it) at Linux's lowest CPU
+    priority, ``SCHED_IDLE`` (``--writer-priority idle``, the default): the writer takes a CPU only when nothing
+    else wants it, and a thread of the serving path that wakes (the event loop, the model's, the load's) takes the
+    CPU back at once instead of waiting behind a render step. On 2 vCPUs, ``tabular`` over REST at c=16 with drift,
+    the payload log and tracing on (``monitoring_overhead.py --compare``, two runs): p99 against all off from
+    1.17-1.28x to 0.94-0.98x (paired), all on's own throughput +3-5%; ``nice 19`` kept the p99 (1.18x). A machine
+    busy with serving leaves the writer almost no CPU: its bounded queue fills and events are dropped and counted
+    (``dhow_payload_log_events_total{outcome="dropped"}``), never waited for. The close is not left to that: it runs
+    on a thread kept at the normal priority (``serve``). Not the audit trail's writer: it drops no record, so the
+    server's answers would wait for it once its pipe filled. Elsewhere (no ``SCHED_IDLE``, or refused), nothing
+    changes."""
     if not hasattr(os, "SCHED_IDLE"):
         return
     # every thread, not only this one (a policy is a thread's own): those an import started (numpy's BLAS pool)
-    for thread in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError):  # (a thread that ended meanwhile)
-            os.sched_setscheduler(int(thread), os.SCHED_IDLE, os.sched_param(0))
+    try:
+        threads = [int(thread) for thread in os.listdir("/proc/self/task")]
+    except OSError:  # (no /proc mounted: this thread alone, and those it starts)
+        threads = [0]
+    for thread in threads:
+        if thread not in keep:
+            with contextlib.suppress(OSError):  # (a thread that ended meanwhile; a refusal)
+                os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
 
 
 class Taker(Protocol):
@@ -88,7 +95,6 @@ def serve(
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, signal.SIG_IGN)
     affinity.as_helper()  # (off the event loop's CPU, with ``--cpu-affinity auto``)
-    _yield_cpu()
     _keep_freed_memory()
     source, answers = sys.stdin.fileno(), sys.stdout.buffer
     lock = threading.Lock()
@@ -110,6 +116,26 @@ def serve(
         buffer += chunk
         frames = split_frames(buffer)
     settings = orjson.loads(frames.pop(0))
+    # the close's thread, started before the others yield the CPU: at a stop, what the writer holds is written at the
+    # normal priority, within the close's time, however busy the machine (leaving SCHED_IDLE needs a privilege)
+    with ThreadPoolExecutor(1, thread_name_prefix="close") as closer:
+        if settings.get("priority", "idle") == "idle":
+            _yield_cpu(keep={closer.submit(threading.get_native_id).result()})
+        return _write(open_writer, settings, answer, flag, decode, buffer, frames, closer)
+
+
+def _write(
+    open_writer: Callable[[dict[str, Any], Answer], Taker],
+    settings: dict[str, Any],
+    answer: Answer,
+    flag: str,
+    decode: Callable[[bytes], Any],
+    buffer: bytearray,
+    frames: list[bytes],
+    closer: ThreadPoolExecutor,
+) -> int:
+    """Open the writer, hand it every frame until the server closes the pipe, then close it on ``closer``."""
+    source = sys.stdin.fileno()
     try:
         writer = open_writer(settings, answer)
     except DhowError as exc:
@@ -136,5 +162,5 @@ def serve(
         buffer += chunk
         for body in split_frames(buffer):
             writer.take(decode(body))
-    writer.close(float(settings.get("close_timeout_s", 5.0)))
+    closer.submit(writer.close, float(settings.get("close_timeout_s", 5.0))).result()
     return 0

@@ -357,6 +357,14 @@ class ServerSettings:
         metavar="N",
         group=_MONITORING,
     )
+    writer_priority: str = _setting(
+        "idle",
+        "CPU priority of the payload log's and tracing's writer processes (Linux): idle (SCHED_IDLE: they use CPU "
+        "time serving does not want, never delay a request, and a machine busy serving fills their queues: events "
+        "dropped and counted) or normal (they take a fair share beside serving: events kept while they keep up, "
+        "answers slower)",
+        group=_MONITORING,
+    )
     otlp_endpoint: str = _setting(
         "",
         "send OpenTelemetry spans (admission, queue, batch, compute, encoding) over OTLP/HTTP to this collector, "

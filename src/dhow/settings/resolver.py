@@ -40,6 +40,7 @@ _CHOICES = {
     "log_level": ("debug", "info", "warning", "error"),
     "loop": ("uvloop", "asyncio"),
     "cpu_affinity": ("off", "auto"),
+    "writer_priority": ("idle", "normal"),
     "auth": ("on", "none"),
     "tls_client_auth": ("required", "optional"),
     "grpc_front": ("native", "grpcio"),
