@@ -217,13 +217,21 @@ class Writer:
         self._wake.set()
         self._thread.join()
         self._handover.clear()
-        self._drain()
         try:
-            self.sink.close(timeout_s)
+            try:
+                self._drain()
+            finally:  # (what the sink holds is delivered, and counted, whatever the drain met)
+                self.sink.close(timeout_s)
         finally:
             self._closed.set()
             self._reporter.join()
         self.report()
+
+    def kept_threads(self) -> set[int]:
+        """The reporter's thread keeps the normal CPU priority when the writer's others yield it (``writer_main``):
+        its few wake-ups a second cost nothing, and a close on a thread of the normal priority must not wait for the
+        interpreter lock behind one that waits for a CPU."""
+        return {self._reporter.native_id} if self._reporter.native_id is not None else set()
 
 
 def _open(settings: dict[str, Any], answer: Answer) -> Writer:

@@ -53,23 +53,24 @@ def _keep_freed_memory() -> None:
 
 
 def _yield_cpu(keep: Collection[int] = ()) -> None:
-    """Run this process's threads (all but ``keep``'s native ids; those they start inherit it) at Linux's lowest CPU
-    priority, ``SCHED_IDLE`` (``--writer-priority idle``, the default): the writer takes a CPU only when nothing
-    else wants it, and a thread of the serving path that wakes (the event loop, the model's, the load's) takes the
-    CPU back at once instead of waiting behind a render step. On 2 vCPUs, ``tabular`` over REST at c=16 with drift,
-    the payload log and tracing on (``monitoring_overhead.py --compare``, two runs): p99 against all off from
-    1.17-1.28x to 0.94-0.98x (paired), all on's own throughput +3-5%; ``nice 19`` kept the p99 (1.18x). A machine
-    busy with serving leaves the writer almost no CPU: its bounded queue fills and events are dropped and counted
-    (``dhow_payload_log_events_total{outcome="dropped"}``), never waited for. The close is not left to that: it runs
-    on a thread kept at the normal priority (``serve``). Not the audit trail's writer: it drops no record, so the
-    server's answers would wait for it once its pipe filled. Elsewhere (no ``SCHED_IDLE``, or refused), nothing
-    changes."""
+    """Run this process's threads (all but ``keep``'s native ids; those started later inherit it) at Linux's lowest CPU
+    priority, ``SCHED_IDLE`` (``--writer-priority idle``, the default): the writer takes a CPU only when nothing else
+    wants it, and a thread of the serving path that wakes (the event loop, the model's, the load's) takes the CPU back
+    at once instead of waiting behind a render step. On 2 vCPUs, ``tabular`` over REST at c=16 with drift, the payload
+    log and tracing on (``monitoring_overhead.py --compare``, two runs): p99 against all off from 1.17-1.28x to
+    0.94-0.98x (paired), all on's own throughput +3-5%; ``nice 19`` left the p99 at 1.18x. A machine busy with serving
+    leaves the writer almost no CPU: its bounded queue fills and events are dropped and counted
+    (``dhow_payload_log_events_total{outcome="dropped"}``), never waited for. The close is not left to that: it runs on
+    a thread kept at the normal priority (``serve``), as the writer's reporter does (``kept_threads``); a Kafka sink's
+    own threads (librdkafka's) do not, so its last deliveries wait for a CPU as its others. Not the audit trail's
+    writer: it drops no record, so the server's answers would wait for it once its pipe filled. Elsewhere (no
+    ``SCHED_IDLE``, or refused), nothing changes."""
     if not hasattr(os, "SCHED_IDLE"):
         return
-    # every thread, not only this one (a policy is a thread's own): those an import started (numpy's BLAS pool)
+    # every thread, not only this one (a policy is a thread's own): the writer's, a sink library's, numpy's BLAS pool
     try:
         threads = [int(thread) for thread in os.listdir("/proc/self/task")]
-    except OSError:  # (no /proc mounted: this thread alone, and those it starts)
+    except OSError:  # (no /proc mounted: this thread alone, and those it starts from now on)
         threads = [0]
     for thread in threads:
         if thread not in keep:
@@ -84,6 +85,9 @@ class Taker(Protocol):
     def take(self, frame: Any) -> None: ...
 
     def close(self, timeout_s: float) -> None: ...
+
+    def kept_threads(self) -> set[int]:
+        """Native ids of its threads that must keep the normal priority (``_yield_cpu``)."""
 
 
 def serve(
@@ -116,12 +120,11 @@ def serve(
         buffer += chunk
         frames = split_frames(buffer)
     settings = orjson.loads(frames.pop(0))
-    # the close's thread, started before the others yield the CPU: at a stop, what the writer holds is written at the
-    # normal priority, within the close's time, however busy the machine (leaving SCHED_IDLE needs a privilege)
+    # the close's thread, started now: it keeps the normal priority when the others yield the CPU (``_write``), so
+    # that at a stop what the writer holds is written at it (leaving SCHED_IDLE needs a privilege)
     with ThreadPoolExecutor(1, thread_name_prefix="close") as closer:
-        if settings.get("priority", "idle") == "idle":
-            _yield_cpu(keep={closer.submit(threading.get_native_id).result()})
-        return _write(open_writer, settings, answer, flag, decode, buffer, frames, closer)
+        closing = closer.submit(threading.get_native_id).result()
+        return _write(open_writer, settings, answer, flag, decode, buffer, frames, (closer, closing))
 
 
 def _write(
@@ -132,9 +135,10 @@ def _write(
     decode: Callable[[bytes], Any],
     buffer: bytearray,
     frames: list[bytes],
-    closer: ThreadPoolExecutor,
+    closer: tuple[ThreadPoolExecutor, int],
 ) -> int:
-    """Open the writer, hand it every frame until the server closes the pipe, then close it on ``closer``."""
+    """Open the writer, hand it every frame until the server closes the pipe, then close it on ``closer`` (its
+    executor and the native id of its one thread)."""
     source = sys.stdin.fileno()
     try:
         writer = open_writer(settings, answer)
@@ -144,6 +148,8 @@ def _write(
     except Exception as exc:
         answer({"error": f"{flag}: {type(exc).__name__}: {exc}"})
         return 2
+    if settings.get("priority", "idle") == "idle":  # (before the first frame: every thread the writer started too)
+        _yield_cpu(keep={closer[1], *writer.kept_threads()})
     answer({"ready": writer.kind})
     # What the process holds from now on is what it is handed, and none of it lives long: the objects of its start
     # (its modules, a sink's library) are left out of the collector's full passes. What it is handed waits in its
@@ -162,5 +168,5 @@ def _write(
         buffer += chunk
         for body in split_frames(buffer):
             writer.take(decode(body))
-    closer.submit(writer.close, float(settings.get("close_timeout_s", 5.0))).result()
+    closer[0].submit(writer.close, float(settings.get("close_timeout_s", 5.0))).result()
     return 0
