@@ -1,10 +1,10 @@
 """The payload log's writer process: masks, renders and writes the events a server hands over.
 
 ``python -m dhow.serving.payload_writer`` reads frames on its stdin: first the settings (``url`` of the sink,
-``source``, ``capacity``, ``close_timeout_s``), answered ``{"ready": kind}`` once the sink is open (or
-``{"error": …}``, and it exits); then frames of events (``payload_log.frame_events``): the masking rules of models
-not seen before (``Masker.spec``, by number) and events (``payload_log.FIELDS``, a masking number and, for a
-JSON body, its number of tensors).
+``source``, ``capacity``, ``close_timeout_s``, ``priority``: ``writer_main._yield_cpu``), answered ``{"ready":
+kind}`` once the sink is open (or ``{"error": …}``, and it exits); then frames of events
+(``payload_log.frame_events``): the masking rules of models not seen before (``Masker.spec``, by number) and events
+(``payload_log.FIELDS``, a masking number and, for a JSON body, its number of tensors).
 
 A thread reads the pipe as fast as it fills, into a queue of at most ``capacity`` events (past it, events are
 dropped and counted: a slow sink never fills the pipe, so the server never waits); another masks each event by its
