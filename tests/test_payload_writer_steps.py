@@ -207,3 +207,31 @@ def test_the_close_writes_what_is_left_on_its_own_thread(tmp_path: Path) -> None
     assert {writer.threads[n] for n in range(payload_writer._STEP, 3 * payload_writer._STEP)} == {closing.ident}
     assert sum(report["logged"] for report in reports) == 3 * payload_writer._STEP
     assert len((tmp_path / "payloads.jsonl").read_text().splitlines()) == 3 * payload_writer._STEP
+
+
+class _Failing(_Held):
+    """A held writer whose render raises on any thread but the sink's (the close's drain: a bug in a renderer)."""
+
+    def render_chunk(self, chunk: list[Any]) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
+        if threading.current_thread() is not self._thread:
+            raise RuntimeError("a renderer's bug")
+        return super().render_chunk(chunk)
+
+
+def test_a_close_whose_drain_fails_still_closes_the_sink_and_reports_what_it_delivered(tmp_path: Path) -> None:
+    reports: list[dict[str, Any]] = []
+    writer = _Failing(f"file://{tmp_path}/payloads.jsonl", reports)
+    closed: list[float] = []
+    close = writer.sink.close
+    writer.sink.close = lambda timeout_s: (closed.append(timeout_s), close(timeout_s))[1]  # type: ignore[method-assign]
+    writer.queue([[n] for n in range(payload_writer._STEP)])
+    assert writer.rendering.wait(30)  # the sink's thread is in its step
+    writer.queue([[n] for n in range(payload_writer._STEP, 2 * payload_writer._STEP)])
+    writer.go.set()
+    with pytest.raises(RuntimeError, match="a renderer's bug"):
+        writer.close(5)
+    assert closed == [5]
+    # the step the sink's thread finished is reported logged, and the failed step is no longer counted as being
+    # rendered (the server counts what was handed over and never reported as failed)
+    assert sum(report["logged"] for report in reports) == payload_writer._STEP
+    assert reports[-1]["queued"] == 0

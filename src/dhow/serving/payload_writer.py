@@ -220,12 +220,13 @@ class Writer:
         try:
             try:
                 self._drain()
-            finally:  # (what the sink holds is delivered, and counted, whatever the drain met)
+            finally:  # (what the sink holds is delivered, and reported below, whatever the drain met)
+                self._rendering = 0
                 self.sink.close(timeout_s)
         finally:
             self._closed.set()
             self._reporter.join()
-        self.report()
+            self.report()
 
     def kept_threads(self) -> set[int]:
         """The reporter's thread keeps the normal CPU priority when the writer's others yield it (``writer_main``):

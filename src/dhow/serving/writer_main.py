@@ -67,15 +67,20 @@ def _yield_cpu(keep: Collection[int] = ()) -> None:
     ``SCHED_IDLE``, or refused), nothing changes."""
     if not hasattr(os, "SCHED_IDLE"):
         return
-    # every thread, not only this one (a policy is a thread's own): the writer's, a sink library's, numpy's BLAS pool
-    try:
-        threads = [int(thread) for thread in os.listdir("/proc/self/task")]
-    except OSError:  # (no /proc mounted: this thread alone, and those it starts from now on)
-        threads = [0]
-    for thread in threads:
-        if thread not in keep:
+    # every thread, not only this one (a policy is a thread's own): the writer's, a sink library's, numpy's BLAS pool;
+    # again until none is new (one a library started meanwhile, from a thread not set yet)
+    done = set(keep)
+    while True:
+        try:
+            threads = {int(thread) for thread in os.listdir("/proc/self/task")}
+        except OSError:  # (no /proc mounted: Python's own threads; a library's are left as they are)
+            threads = {thread.native_id or 0 for thread in threading.enumerate()}
+        if threads <= done:
+            return
+        for thread in threads - done:
             with contextlib.suppress(OSError):  # (a thread that ended meanwhile; a refusal)
                 os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
+        done |= threads
 
 
 class Taker(Protocol):
