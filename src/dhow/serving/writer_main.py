@@ -128,8 +128,8 @@ def serve(
     # the close's thread, started now: it keeps the normal priority when the others yield the CPU (``_write``), so
     # that at a stop what the writer holds is written at it (leaving SCHED_IDLE needs a privilege)
     with ThreadPoolExecutor(1, thread_name_prefix="close") as closer:
-        closing = closer.submit(threading.get_native_id).result()
-        return _write(open_writer, settings, answer, flag, decode, buffer, frames, (closer, closing))
+        closer.submit(threading.get_native_id).result()  # (its thread is started now, before any other)
+        return _write(open_writer, settings, answer, flag, decode, buffer, frames, closer)
 
 
 def _write(
@@ -140,10 +140,10 @@ def _write(
     decode: Callable[[bytes], Any],
     buffer: bytearray,
     frames: list[bytes],
-    closer: tuple[ThreadPoolExecutor, int],
+    closer: ThreadPoolExecutor,
 ) -> int:
-    """Open the writer, hand it every frame until the server closes the pipe, then close it on ``closer`` (its
-    executor and the native id of its one thread)."""
+    """Open the writer, hand it every frame until the server closes the pipe, then close it on ``closer``'s one
+    thread."""
     source = sys.stdin.fileno()
     try:
         writer = open_writer(settings, answer)
@@ -154,7 +154,7 @@ def _write(
         answer({"error": f"{flag}: {type(exc).__name__}: {exc}"})
         return 2
     if settings.get("priority", "idle") == "idle":  # (before the first frame: every thread the writer started too)
-        _yield_cpu(keep={closer[1], *writer.kept_threads()})
+        _yield_cpu(keep={closer.submit(threading.get_native_id).result(), *writer.kept_threads()})
     answer({"ready": writer.kind})
     # What the process holds from now on is what it is handed, and none of it lives long: the objects of its start
     # (its modules, a sink's library) are left out of the collector's full passes. What it is handed waits in its
@@ -173,5 +173,5 @@ def _write(
         buffer += chunk
         for body in split_frames(buffer):
             writer.take(decode(body))
-    closer[0].submit(writer.close, float(settings.get("close_timeout_s", 5.0))).result()
+    closer.submit(writer.close, float(settings.get("close_timeout_s", 5.0))).result()
     return 0
