@@ -77,7 +77,8 @@ def _queue_alone() -> Any:
 
     log = PayloadLog.__new__(PayloadLog)
     log._queue, log.capacity, log._gone, log._scheduled = collections.deque(), 1 << 30, False, True
-    log._maskings, log._new_maskings, log._masking_count, log._bodies, log._outputs = {}, [], 0, [], []
+    log._maskings, log._new_maskings, log._masking_count, log._by_config = {}, [], 0, {}
+    log._bodies, log._outputs = [], []  # (what older sources' ``offer`` appends to)
     return log
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 
 from dhow.core.errors import InvalidInput
 from dhow.core.frames import split_frames
+from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Tensor
 from dhow.core.wire.v2 import decode_request
 from dhow.governance.masking import Masker, parse_masking
 from dhow.monitoring.payload_log import MASKING, TENSORS, PayloadLog, frame_events, read_events
@@ -347,13 +349,13 @@ def _unstarted_log() -> PayloadLog:
     """A payload log without its writer process: what ``offer`` queues stays in its queue (no flush is due)."""
     log = PayloadLog.__new__(PayloadLog)
     log._queue, log.capacity, log._gone, log._scheduled = collections.deque(), 100, False, True
+    log._maskings, log._new_maskings, log._masking_count, log._by_config = {}, [], 0, {}
     return log
 
 
 def test_a_json_body_goes_to_the_writer_with_its_tensors_count() -> None:
     """``offer`` puts a JSON body after the frame's events and its number of tensors in the event (``TENSORS``)."""
     log = _unstarted_log()
-    log._maskings, log._new_maskings, log._masking_count, log._bodies, log._outputs = {}, [], 0, [], []
     body = json.dumps({"inputs": [_NUMBERS, {**_NUMBERS, "name": "y"}]}).encode()
     masker = Masker(parse_masking(None, "pii"), b"")
     log.offer(["r-6", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, (body, 2), {"y": np.ones(1)}], masker)
@@ -367,12 +369,58 @@ def test_a_json_body_goes_to_the_writer_with_its_tensors_count() -> None:
     assert written["data"]["request"] == json.loads(body)
 
 
+class _Config:
+    """What ``PayloadLog.answered`` reads of a model's config: its name (a reload is another object)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _Count:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, count: int = 1) -> None:
+        self.value += count
+
+
+def test_an_answered_request_becomes_its_event_when_the_frame_is_made() -> None:
+    """``answered`` queues what the request holds; the frame makes its event: the caller's id and names, the
+    version that answered, the JSON body as sent (its tensors' count) or the decoded tensors, the outputs, and the
+    number of its model's masking, found once per config (a reloaded config finds it again); a full queue drops
+    and counts."""
+    log = _unstarted_log()
+    masker = Masker(parse_masking(None, "pii"), b"")
+    asked: list[str] = []
+    log.use_masking(lambda config: asked.append(config.name) or masker)
+    config, caller = _Config("notes"), Caller("key:ci#1", "acme", "r-1")
+    body = json.dumps({"inputs": [_NUMBERS, {**_NUMBERS, "name": "y"}]}).encode()
+    sent = decode_request(body, "notes", "", None)
+    sent.json_body = body
+    answer = InferenceResponse("notes", "3", [Tensor("y", "FP32", [1], np.array([0.5], np.float32))])
+    log.answered((config, "ae", None, caller), 1.0, sent, answer)
+    binary = InferenceRequest("notes", [Tensor("x", "FP32", [1], np.array([2.0], np.float32))])
+    log.answered((_Config("notes"), "", None, replace(caller, request_id="r-2")), 1.0, binary, answer)
+    maskings, events = read_events(split_frames(bytearray(log._frame(list(log._queue))))[0])
+    assert asked == ["notes", "notes"] and maskings == [[1, masker.spec()]]
+    first, second = events
+    assert first[:8] == ["r-1", "notes", "3", "key:ci#1", "acme", "ae", "success", ""] and first[9] >= 0
+    assert first[11] == body and first[TENSORS] == 2 and first[MASKING] == second[MASKING] == 1
+    assert second[0] == "r-2" and second[11] == [["x", "FP32", [1], [2.0]]] and len(second) == 14
+    written = json.loads(cloud_event(first, masker, "dhow://test"))["data"]
+    assert written["request"] == json.loads(body) and written["outputs"] == {"y": [0.5]}
+    log._queue.clear()
+    log.capacity, log._dropped = 1, _Count()
+    log.answered((config, "ae", None, caller), 1.0, sent, answer)
+    log.answered((config, "ae", None, caller), 1.0, sent, answer)
+    assert len(log._queue) == 1 and log._dropped.value == 1
+
+
 def test_outputs_go_to_the_writer_as_json_and_text_in_them_is_masked() -> None:
     """``offer`` writes an event's outputs as JSON after its body (their number in the event): the writer embeds
     numbers as they came, and parses and masks outputs that hold text; arrays orjson cannot take as they are (not
     native-endian, integers past 64 bits) are written all the same."""
     log = _unstarted_log()
-    log._maskings, log._new_maskings, log._masking_count, log._bodies, log._outputs = {}, [], 0, [], []
     body = json.dumps({"inputs": [_NUMBERS]}).encode()
     masker = Masker(parse_masking(None, "pii"), b"")
     outputs: list[dict[str, Any]] = [

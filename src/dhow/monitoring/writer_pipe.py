@@ -170,14 +170,19 @@ class WriterPipe:
         """Queue an item (``_refused`` said there is room); written within ``flush_s``."""
         self._queue.append(item)
         if not self._scheduled:
-            self._scheduled = True
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # not on an event loop: written now
-                self._flush()
-                return
-            self._loop = loop
-            self._timer = loop.call_later(self.flush_s, self._flush)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        """The hand-over of what is queued, ``flush_s`` from now (a subclass that queues by itself calls it
+        unless ``_scheduled``)."""
+        self._scheduled = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on an event loop: written now
+            self._flush()
+            return
+        self._loop = loop
+        self._timer = loop.call_later(self.flush_s, self._flush)
 
     def _flush(self) -> None:
         """Write every queued item in one frame (unless the pipe has not taken the last one yet), in place of the

@@ -92,6 +92,8 @@ class DataPlane:
         self._maskers: dict[str, tuple[ModelConfig, Masker]] = {}
         #: every request's masked payload and every error, to the ``--payload-log`` sink (None: off)
         self.payload_log = payload_log
+        if payload_log is not None:
+            payload_log.use_masking(self._masker)
         #: drift sampling, latency anomalies and feedback (None: not watched, as in a batch job)
         self.watch = watch
 
@@ -223,7 +225,7 @@ class DataPlane:
         """
         config, region, model, caller = placement
         payloads = self.payload_log if config.payload_log else None
-        # with a payload log, the request's start (its event is built once, when it ended)
+        # with a payload log, the request's start (its event is made with the others when they are handed over)
         start = time.perf_counter() if payloads is not None else 0.0
         try:
             self.residency.check(region, self.region)
@@ -235,8 +237,11 @@ class DataPlane:
                 self._log_payload(payloads, request, placement, start, version, outcome, message, None)
             raise
         if payloads is not None:
-            outputs = {t.name: t.data for t in response.outputs}
-            self._log_payload(payloads, request, placement, start, response.model_version, "success", "", outputs)
+            if caller is not None:
+                payloads.answered(placement, start, request, response)
+            else:
+                outputs = {t.name: t.data for t in response.outputs}
+                self._log_payload(payloads, request, placement, start, response.model_version, "success", "", outputs)
         # copies made by in-process identities (a shadow's, with the original's id) are not the clients' traffic
         if self.watch is not None and caller is not None and not caller.principal.startswith(SERVICE_PREFIX):
             self.watch.observe(config, request, response, caller)
