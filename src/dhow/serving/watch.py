@@ -83,36 +83,20 @@ class ModelWatch:
         """An answered request: sampled into its version's drift window, its prediction kept for feedback. A
         failure here is logged once per model and never reaches the request, which has its answer."""
         try:
-            self._observe(config, request, response, caller)
+            watched = self._watched.get((config.name, response.model_version))
+            if watched is None:  # the version's first answer: watched from now on, not from the next tick
+                watched = self._first_answer(config.name, response.model_version)
+            if watched is not None and watched.drift is not None:  # (most answers only count down to a sample)
+                window = watched.drift
+                window.skip -= 1
+                if window.skip <= 0:
+                    _sample(watched, window, request, response)
+            if config.monitoring.feedback is not None:
+                self.feedback.keep(config, response, caller.tenant, feedback_id(request, caller.request_id))
         except Exception:
             if config.name not in self._failed:
                 self._failed.add(config.name)
                 log.exception("model %s: monitoring could not observe an answer (logged once)", config.name)
-
-    def _observe(
-        self, config: ModelConfig, request: InferenceRequest, response: InferenceResponse, caller: Caller
-    ) -> None:
-        watched = self._watched.get((config.name, response.model_version))
-        if watched is None:  # the version's first answer: watched from now on, not from the next tick
-            watched = self._first_answer(config.name, response.model_version)
-        window = watched.drift if watched is not None else None
-        if window is not None and window.skip > 1:
-            window.skip -= 1
-        elif window is not None:
-            window.skip = sampling_gap(window.rate)
-            first = request.inputs[0].data if request.inputs else None
-            rows = min(first.shape[0] if first is not None and first.ndim else 1, window.rows)
-            # only the profiled tensors, copied: a view would keep the whole request body alive in the window
-            profiled = watched.profiled if watched is not None else frozenset()
-            inputs = {
-                t.name: t.data[:rows].copy() for t in request.inputs if ("input", t.name) in profiled and t.data.ndim
-            }
-            outputs = {
-                t.name: t.data[:rows].copy() for t in response.outputs if ("output", t.name) in profiled and t.data.ndim
-            }
-            window.add(rows, inputs, outputs)
-        if config.monitoring.feedback is not None:
-            self.feedback.keep(config, response, caller.tenant, feedback_id(request, caller.request_id))
 
     def _first_answer(self, name: str, version: str) -> _Watched | None:
         entry = self.models.entries.get(name)
@@ -354,3 +338,15 @@ def _anomaly_json(anomaly: Any) -> dict[str, Any]:
         "ratio": anomaly.ratio,
         "mads": anomaly.score,
     }
+
+
+def _sample(watched: _Watched, window: DriftWindow, request: InferenceRequest, response: InferenceResponse) -> None:
+    """A sampled answer's rows into its version's drift window (``watched``), and the next sample drawn."""
+    window.skip = sampling_gap(window.rate)
+    first = request.inputs[0].data if request.inputs else None
+    rows = min(first.shape[0] if first is not None and first.ndim else 1, window.rows)
+    # only the profiled tensors, copied: a view would keep the whole request body alive in the window
+    profiled = watched.profiled
+    inputs = {t.name: t.data[:rows].copy() for t in request.inputs if ("input", t.name) in profiled and t.data.ndim}
+    outputs = {t.name: t.data[:rows].copy() for t in response.outputs if ("output", t.name) in profiled and t.data.ndim}
+    window.add(rows, inputs, outputs)
