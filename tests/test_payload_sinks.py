@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import json
 import re
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -346,15 +347,18 @@ def test_an_event_that_cannot_be_rendered_fails_alone() -> None:
 
 
 def _unstarted_log() -> PayloadLog:
-    """A payload log without its writer process: what ``offer`` queues stays in its queue (no flush is due)."""
+    """A payload log without its writer process: what ``offer`` and ``answered`` queue stays in its queue (no
+    flush is due); its counters count."""
     log = PayloadLog.__new__(PayloadLog)
     log._queue, log.capacity, log._gone, log._scheduled = collections.deque(), 100, False, True
     log._maskings, log._new_maskings, log._masking_count, log._by_config = {}, [], 0, {}
+    log._numbering, log._unmasked, log._unframed, log._masking_of = threading.Lock(), set(), 0, None
+    log._dropped, log._failed = _Count(), _Count()
     return log
 
 
 def test_a_json_body_goes_to_the_writer_with_its_tensors_count() -> None:
-    """``offer`` puts a JSON body after the frame's events and its number of tensors in the event (``TENSORS``)."""
+    """An offered JSON body goes after the frame's events, its number of tensors in the event (``TENSORS``)."""
     log = _unstarted_log()
     body = json.dumps({"inputs": [_NUMBERS, {**_NUMBERS, "name": "y"}]}).encode()
     masker = Masker(parse_masking(None, "pii"), b"")
@@ -386,38 +390,71 @@ class _Count:
 
 def test_an_answered_request_becomes_its_event_when_the_frame_is_made() -> None:
     """``answered`` queues what the request holds; the frame makes its event: the caller's id and names, the
-    version that answered, the JSON body as sent (its tensors' count) or the decoded tensors, the outputs, and the
-    number of its model's masking, found once per config (a reloaded config finds it again); a full queue drops
-    and counts."""
+    version that answered, its time and latency, its parameters, the JSON body as sent (its tensors' count) or the
+    decoded tensors, the outputs, and the number of its model's masking, found once per config (a reloaded config
+    finds it again); in a frame with offered events (errors), each keeps its own body and outputs; a full queue
+    drops and counts, a writer gone fails and counts."""
     log = _unstarted_log()
     masker = Masker(parse_masking(None, "pii"), b"")
     asked: list[str] = []
     log.use_masking(lambda config: asked.append(config.name) or masker)
-    config, caller = _Config("notes"), Caller("key:ci#1", "acme", "r-1")
+    config, reloaded, caller = _Config("notes"), _Config("notes"), Caller("key:ci#1", "acme", "r-1")
     body = json.dumps({"inputs": [_NUMBERS, {**_NUMBERS, "name": "y"}]}).encode()
     sent = decode_request(body, "notes", "", None)
-    sent.json_body = body
+    sent.json_body, sent.parameters = body, {"priority": 2}
     answer = InferenceResponse("notes", "3", [Tensor("y", "FP32", [1], np.array([0.5], np.float32))])
-    log.answered((config, "ae", None, caller), 1.0, sent, answer)
+    log.answered((config, "ae", None, caller), 0.0, sent, answer)
+    error = ["r-e", "notes", "3", "", "", "", "INVALID_ARGUMENT", "bad", 5.0, 0.0, {}, (b'{"inputs": []}', 0), None]
+    log.offer(error, masker)
     binary = InferenceRequest("notes", [Tensor("x", "FP32", [1], np.array([2.0], np.float32))])
-    log.answered((_Config("notes"), "", None, replace(caller, request_id="r-2")), 1.0, binary, answer)
+    log.answered((reloaded, "", None, replace(caller, request_id="r-2")), 1.0, binary, answer)
+    log.answered((reloaded, "", None, replace(caller, request_id="r-3")), 1.0, sent, answer)
+    log.offer(["r-o", "notes", "3", "", "", "", "success", "", 1.0, 0.0, {}, (body, 2), {"z": np.ones(2)}], masker)
     maskings, events = read_events(split_frames(bytearray(log._frame(list(log._queue))))[0])
     assert asked == ["notes", "notes"] and maskings == [[1, masker.spec()]]
-    first, second = events
-    assert first[:8] == ["r-1", "notes", "3", "key:ci#1", "acme", "ae", "success", ""] and first[9] >= 0
+    first, failed, second, third, offered = events
+    assert first[:8] == ["r-1", "notes", "3", "key:ci#1", "acme", "ae", "success", ""]
+    assert first[8] > 1e9 and first[9] > 0 and first[10] == {"priority": 2}
     assert first[11] == body and first[TENSORS] == 2 and first[MASKING] == second[MASKING] == 1
+    assert failed[11] == b'{"inputs": []}' and failed[12] is None and failed[TENSORS] == 0
     assert second[0] == "r-2" and second[11] == [["x", "FP32", [1], [2.0]]] and len(second) == 14
+    assert third[0] == "r-3" and third[11] == body and offered[11] == body and offered[12][1] == 1
     written = json.loads(cloud_event(first, masker, "dhow://test"))["data"]
     assert written["request"] == json.loads(body) and written["outputs"] == {"y": [0.5]}
+    assert json.loads(cloud_event(offered, masker, "dhow://test"))["data"]["outputs"] == {"z": [1.0, 1.0]}
     log._queue.clear()
-    log.capacity, log._dropped = 1, _Count()
+    log.capacity = 1
     log.answered((config, "ae", None, caller), 1.0, sent, answer)
     log.answered((config, "ae", None, caller), 1.0, sent, answer)
-    assert len(log._queue) == 1 and log._dropped.value == 1
+    log._gone = True
+    log.answered((config, "ae", None, caller), 1.0, sent, answer)
+    assert len(log._queue) == 1 and log._dropped.value == 1 and log._failed.value == 1
+
+
+def test_an_answer_whose_masking_cannot_be_made_fails_alone(caplog: pytest.LogCaptureFixture) -> None:
+    """A model whose masking cannot be made (its ``pii:`` rules, say): its answered events are counted failed and
+    logged once, not handed over; the frame's other events go as they are."""
+    log = _unstarted_log()
+    masker = Masker(parse_masking(None, "pii"), b"")
+
+    def masking_of(config: _Config) -> Masker:
+        if config.name == "broken":
+            raise ValueError("pii: no such detector 'emial'")
+        return masker
+
+    log.use_masking(masking_of)
+    caller = Caller("key:ci#1", "acme", "r-1")
+    sent = InferenceRequest("m", [Tensor("x", "FP32", [1], np.array([2.0], np.float32))])
+    answer = InferenceResponse("m", "1", [Tensor("y", "FP32", [1], np.array([0.5], np.float32))])
+    for name in ("broken", "fine", "broken"):
+        log.answered((_Config(name), "", None, caller), 1.0, sent, answer)
+    _, events = read_events(split_frames(bytearray(log._frame(list(log._queue))))[0])
+    assert [event[1] for event in events] == ["fine"] and log._unframed == 2 and log._failed.value == 2
+    assert caplog.text.count("model broken: its masking could not be made") == 1
 
 
 def test_outputs_go_to_the_writer_as_json_and_text_in_them_is_masked() -> None:
-    """``offer`` writes an event's outputs as JSON after its body (their number in the event): the writer embeds
+    """The frame writes an event's outputs as JSON after its body (their number in the event): the writer embeds
     numbers as they came, and parses and masks outputs that hold text; arrays orjson cannot take as they are (not
     native-endian, integers past 64 bits) are written all the same."""
     log = _unstarted_log()

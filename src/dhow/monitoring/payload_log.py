@@ -23,6 +23,7 @@ sink costs dropped events, never memory or latency (``dhow_payload_log_events_to
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -58,9 +59,10 @@ EVENT_TYPES = {True: "io.dhow.inference.response", False: "io.dhow.inference.err
 #: ``error``: the message the client got; ``time``: the ``perf_counter`` when it reached the data plane, made Unix
 #: time once per frame; ``inputs``: the request's Open Inference Protocol JSON body as the client sent it and the
 #: number of tensors the server decoded from it (a ``(bytes, int)`` tuple), or its decoded tensors as ``[name,
-#: datatype, shape, array]`` lists; ``outputs``: name -> array, None when it failed; ``offer`` leaves their number
-#: in the event, and the frame carries them as JSON after the bodies). ``offer`` appends the number
-#: of the model's masking and, for a JSON body, its number of tensors (``TENSORS``), in the writer a body's proof
+#: datatype, shape, array]`` lists; ``outputs``: name -> array, None when it failed). ``offer`` appends the number
+#: of the model's masking; the frame (``PayloadLog._frame``, which makes an ``answered`` request's event in this
+#: form too) leaves the outputs' number in the event and carries them as JSON after the bodies, and for a JSON body
+#: leaves its length in ``inputs`` and appends its number of tensors (``TENSORS``), in the writer a body's proof
 #: that it holds no string but the protocol's (``payload_render``).
 FIELDS = ("request_id", "model", "version", "principal", "tenant", "data_region", "outcome", "error", "time",
           "latency_s", "parameters", "inputs", "outputs")  # fmt: skip
@@ -70,7 +72,7 @@ Answered = tuple[Any, str, Any, Any]
 #: the indexes the data plane sets after the request ran
 VERSION, OUTCOME, ERROR, LATENCY, OUTPUTS = 2, 6, 7, 9, 12
 TIME, INPUTS = 8, 11
-#: the indexes of the masking's number and of a JSON body's number of tensors, which ``offer`` appends
+#: the indexes of the masking's number and of a JSON body's number of tensors, appended to ``FIELDS``
 MASKING, TENSORS = 13, 14
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
@@ -251,6 +253,11 @@ class PayloadLog(WriterPipe):
         self._masking_of: Callable[[Any], Masking] | None = None
         self._masking_count = 0
         self._new_maskings: list[tuple[int, dict[str, Any]]] = []
+        #: held while a masking is numbered: ``offer`` on the loop and a close's ``_frame`` on its own thread may
+        #: both number one
+        self._numbering = threading.Lock()
+        #: models whose masking could not be made for an answered request (logged once each)
+        self._unmasked: set[str] = set()
         super().__init__(command, {"url": url, "source": source, "priority": priority}, capacity=capacity,
                          registry=registry, close_timeout_s=close_timeout_s)  # fmt: skip
 
@@ -268,8 +275,8 @@ class PayloadLog(WriterPipe):
         reached the data plane. The request's path only queues what it holds: the event (``FIELDS``) is made with
         the others when the frame is (``_frame``), in one loop: cheaper there than one by one between requests."""
         queue = self._queue
-        if len(queue) >= self.capacity or self._gone:
-            self._refused()
+        if len(queue) >= self.capacity or self._gone:  # (counted here: a close may empty the queue meanwhile)
+            (self._failed if self._gone else self._dropped).inc()
             return
         # the request's JSON body, else its decoded tensors (not the request: a body's decoded arrays are not kept)
         body = request.json_body or request.inputs
@@ -289,21 +296,32 @@ class PayloadLog(WriterPipe):
 
     def _masking_number(self, masking: Masking) -> int:
         """A number for the model's masking, its rules handed over with the next frame (once per masking)."""
-        if len(self._maskings) >= MAX_MASKINGS:  # config reloads: the old ones are handed over again if still used
-            self._maskings.clear()
-            self._by_config.clear()
-        self._masking_count += 1
-        self._maskings[masking] = self._masking_count
-        self._new_maskings.append((self._masking_count, masking.spec()))
-        return self._masking_count
+        with self._numbering:
+            if len(self._maskings) >= MAX_MASKINGS:  # config reloads: the old ones are handed over again if used
+                self._maskings.clear()
+                self._by_config.clear()
+            self._masking_count += 1
+            number = self._masking_count
+            self._maskings[masking] = number
+            self._new_maskings.append((number, masking.spec()))
+        return number
 
-    def _config_number(self, config: Any) -> int:
-        """The number of a model's masking, found by its config (a model not seen before, or reloaded)."""
-        assert self._masking_of is not None, "PayloadLog.answered needs use_masking first"
-        masking = self._masking_of(config)
-        number = self._maskings.get(masking)
-        if number is None:
-            number = self._masking_number(masking)
+    def _config_number(self, config: Any) -> int | None:
+        """The number of a model's masking, found by its config (a model not seen before, or reloaded); None when
+        it cannot be made: the event is then counted failed (logged once per model), and the frame's others go."""
+        try:
+            if self._masking_of is None:
+                raise RuntimeError("PayloadLog.answered needs use_masking first")
+            masking = self._masking_of(config)
+            number = self._maskings.get(masking)
+            if number is None:
+                number = self._masking_number(masking)
+        except Exception:
+            self._failed.inc()
+            if config.name not in self._unmasked:
+                self._unmasked.add(config.name)
+                self._log.exception("model %s: its masking could not be made; its payload events fail", config.name)
+            return None
         self._by_config[config.name] = (config, number)
         return number
 
@@ -320,6 +338,9 @@ class PayloadLog(WriterPipe):
                 (config, region, _, caller), start, end, parameters, inputs, tensors, response = item
                 known = by_config.get(config.name)
                 number = known[1] if known is not None and known[0] is config else self._config_number(config)
+                if number is None:  # (counted failed: not handed over)
+                    self._unframed += 1
+                    continue
                 written = {t.name: t.data for t in response.outputs}
                 outputs.append(written)
                 event = [

@@ -84,6 +84,8 @@ class WriterPipe:
         #: frame's bytes with the close's in the pipe); the close writes after it let go, once ``_closing`` keeps
         #: the loop from writing
         self._handing = threading.Lock()
+        #: items the last ``_frame`` could not make (it counted them failed): not handed over, under ``_handing``
+        self._unframed = 0
         #: bytes of a frame the pipe did not take yet (the writer is behind): nothing more is written meanwhile
         self._unsent = b""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -203,7 +205,8 @@ class WriterPipe:
             items = list(self._queue)
             self._queue.clear()
             data = self._frame(items)
-            if self._hand(len(items)):
+            handed, self._unframed = len(items) - self._unframed, 0
+            if self._hand(handed):
                 self._write(data)
 
     def _hand(self, count: int) -> bool:
@@ -354,7 +357,8 @@ class WriterPipe:
                 queue = self._queue
                 items = [queue.popleft() for _ in range(len(queue))]
                 framed = self._frame(items)
-                if self._hand(len(items)):
+                handed, self._unframed = len(items) - self._unframed, 0
+                if self._hand(handed):
                     data += framed
         # written outside ``_handing``: a timer of the loop's due meanwhile returns at once instead of waiting on it
         if not self._gone and not self._write_last(data, deadline):
@@ -374,8 +378,8 @@ class WriterPipe:
         self._settle()
         # what the loop queued after the close took the queue (a request that ended meanwhile) is failed, counted
         # once: ``_flush`` hands nothing over once the close began, and from now on (``_gone``) ``_refused`` counts it
-        # so. An ``offer`` the loop was in the middle of (its test passed before ``_gone``) may queue its item after
-        # this: the hand-over its ``_put`` scheduled (or one due already) counts it (``_flush``)
+        # so. An item the loop was queuing meanwhile (its test passed before ``_gone``) may be queued after this:
+        # the hand-over its queuing scheduled (or one due already) counts it (``_flush``)
         self._fail_queued()
 
     def _release_pipe(self, stopped: threading.Event) -> None:
