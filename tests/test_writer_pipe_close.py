@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -347,3 +348,59 @@ def _wait_for(condition: Callable[[], bool], what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"{what} did not come within 30 s"
         time.sleep(0.01)
+
+
+class _Config:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def test_events_that_cannot_be_framed_are_counted_failed_once_and_the_others_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the real writer: an answered request whose model's masking cannot be made is counted failed once, not
+    handed over; a frame that cannot be written at all (parameters nested past what JSON writing takes) counts each
+    of its events failed once; the others are logged; and the writer never reports more than it was handed."""
+    from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Tensor
+
+    log, registry = _log(tmp_path)
+
+    def masking_of(config: _Config) -> Masker:
+        if config.name == "broken":
+            raise ValueError("pii: no such detector")
+        return _MASKER
+
+    log.use_masking(masking_of)
+    caller = Caller("key:ci#1", "acme", "r-1")
+    answer = InferenceResponse("m", "1", [Tensor("y", "FP32", [1], np.array([0.5], np.float32))])
+
+    def request(parameters: dict[str, Any]) -> InferenceRequest:
+        sent = InferenceRequest("m", [Tensor("x", "FP32", [1], np.array([2.0], np.float32))])
+        sent.parameters = parameters
+        return sent
+
+    deep: dict[str, Any] = {}
+    for _ in range(300):
+        deep = {"d": deep}
+    with caplog.at_level(logging.ERROR):
+        # frames of several events each: off an event loop a hand-over would be due at once, so one is said to be
+        # scheduled already, and each frame is handed over here
+        log._scheduled = True
+        for name in ("broken", "fine", "fine"):
+            log.answered((_Config(name), "", None, caller), 1.0, request({}), answer)
+        log._flush()
+        log._scheduled = True
+        log.answered((_Config("fine"), "", None, caller), 1.0, request(deep), answer)
+        log.answered((_Config("fine"), "", None, caller), 1.0, request({}), answer)
+        log._flush()
+        log._scheduled = True
+        log.answered((_Config("fine"), "", None, caller), 1.0, request({}), answer)
+        log.close(30)
+
+    def count(outcome: str) -> int:
+        return int(registry.get_sample_value("dhow_payload_log_events_total", {"sink": "file", "outcome": outcome})
+                   or 0)  # fmt: skip
+
+    assert (count("logged"), count("failed"), count("dropped")) == (3, 3, 0)
+    assert len((tmp_path / "payloads.jsonl").read_text().splitlines()) == 3
+    assert "counted twice" not in caplog.text and "could not be written: counted failed" in caplog.text

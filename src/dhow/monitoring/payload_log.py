@@ -248,13 +248,14 @@ class PayloadLog(WriterPipe):
     ) -> None:
         self._maskings: dict[Masking, int] = {}
         #: per model: the config its masking's number was found for, and the number (one lookup an answer)
-        self._by_config: dict[str, tuple[Any, int]] = {}
+        self._by_config: dict[str, tuple[Any, int | None]] = {}
         #: a model's masking by its config (``use_masking``: the data plane's, which holds the masking key)
         self._masking_of: Callable[[Any], Masking] | None = None
         self._masking_count = 0
         self._new_maskings: list[tuple[int, dict[str, Any]]] = []
-        #: held while a masking is numbered: ``offer`` on the loop and a close's ``_frame`` on its own thread may
-        #: both number one
+        #: held while a masking is numbered and while the frame takes the new ones: ``offer`` on the loop and a
+        #: close's ``_frame`` on its own thread may both number one (a number is published, in ``_maskings``, only
+        #: once its rules are among those to hand over)
         self._numbering = threading.Lock()
         #: models whose masking could not be made for an answered request (logged once each)
         self._unmasked: set[str] = set()
@@ -296,19 +297,25 @@ class PayloadLog(WriterPipe):
 
     def _masking_number(self, masking: Masking) -> int:
         """A number for the model's masking, its rules handed over with the next frame (once per masking)."""
+        spec = masking.spec()
         with self._numbering:
+            number = self._maskings.get(masking)  # (numbered meanwhile by the other thread)
+            if number is not None:
+                return number
             if len(self._maskings) >= MAX_MASKINGS:  # config reloads: the old ones are handed over again if used
                 self._maskings.clear()
                 self._by_config.clear()
             self._masking_count += 1
             number = self._masking_count
+            self._new_maskings.append((number, spec))
             self._maskings[masking] = number
-            self._new_maskings.append((number, masking.spec()))
         return number
 
     def _config_number(self, config: Any) -> int | None:
         """The number of a model's masking, found by its config (a model not seen before, or reloaded); None when
-        it cannot be made: the event is then counted failed (logged once per model), and the frame's others go."""
+        it cannot be made (logged once per model, and remembered for the config: its events fail, the frame's
+        others go)."""
+        number: int | None = None
         try:
             if self._masking_of is None:
                 raise RuntimeError("PayloadLog.answered needs use_masking first")
@@ -317,18 +324,17 @@ class PayloadLog(WriterPipe):
             if number is None:
                 number = self._masking_number(masking)
         except Exception:
-            self._failed.inc()
             if config.name not in self._unmasked:
                 self._unmasked.add(config.name)
                 self._log.exception("model %s: its masking could not be made; its payload events fail", config.name)
-            return None
         self._by_config[config.name] = (config, number)
         return number
 
     def _frame(self, items: list[Any]) -> bytes:
         """Every queued item as one frame (``_flush`` and ``close`` take them all), each made an event here: an
-        answered request's from what it holds, an offered event's as it is. A JSON body goes after the events, as
-        it came (the event holds its length and its number of tensors), and the outputs after the bodies."""
+        answered request's from what it holds (one whose model's masking cannot be made is counted failed instead,
+        ``_unframed``), an offered event's as it is. A JSON body goes after the events, as it came (the event holds
+        its length and its number of tensors), and the outputs after the bodies."""
         events: list[Any] = []
         bodies: list[bytes] = []
         outputs: list[dict[str, Any]] = []
@@ -338,7 +344,8 @@ class PayloadLog(WriterPipe):
                 (config, region, _, caller), start, end, parameters, inputs, tensors, response = item
                 known = by_config.get(config.name)
                 number = known[1] if known is not None and known[0] is config else self._config_number(config)
-                if number is None:  # (counted failed: not handed over)
+                if number is None:  # its masking could not be made: failed, not handed over
+                    self._failed.inc()
                     self._unframed += 1
                     continue
                 written = {t.name: t.data for t in response.outputs}
@@ -366,5 +373,11 @@ class PayloadLog(WriterPipe):
                     outputs.append(offered)
                     event[OUTPUTS] = len(offered)
             events.append(event)
-        maskings, self._new_maskings = self._new_maskings, []
-        return frame_events(maskings, time.time() - time.perf_counter(), events, bodies, outputs)
+        with self._numbering:
+            maskings, self._new_maskings = self._new_maskings, []
+        try:
+            return frame_events(maskings, time.time() - time.perf_counter(), events, bodies, outputs)
+        except Exception:  # (the frame fails whole: its maskings go with the next one)
+            with self._numbering:
+                self._new_maskings[:0] = maskings
+            raise

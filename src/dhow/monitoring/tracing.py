@@ -179,8 +179,8 @@ class Tracing(WriterPipe):
             self._put(record)
             if queued + 1 >= FLUSH_AT and not self._soon and not self._unsent:
                 self._hand_over_soon()
-        else:
-            self._refused()
+        else:  # (counted here: a close may empty the queue meanwhile, and ``_refused``'s test would then pass)
+            (self._failed if self._gone else self._dropped).inc()
 
     def _hand_over_soon(self) -> None:
         """Hand the queue over on the loop's next turn, in place of its timer: once a turn at most, whatever comes

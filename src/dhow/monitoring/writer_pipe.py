@@ -84,7 +84,8 @@ class WriterPipe:
         #: frame's bytes with the close's in the pipe); the close writes after it let go, once ``_closing`` keeps
         #: the loop from writing
         self._handing = threading.Lock()
-        #: items the last ``_frame`` could not make (it counted them failed): not handed over, under ``_handing``
+        #: items the ``_frame`` running could not make (it counted them failed): not handed over (``_framed``, under
+        #: ``_handing``)
         self._unframed = 0
         #: bytes of a frame the pipe did not take yet (the writer is behind): nothing more is written meanwhile
         self._unsent = b""
@@ -204,10 +205,23 @@ class WriterPipe:
                 return
             items = list(self._queue)
             self._queue.clear()
+            framed = self._framed(items)
+            if framed is not None and self._hand(framed[1]):
+                self._write(framed[0])
+
+    def _framed(self, items: list[Any]) -> tuple[bytes, int] | None:
+        """``_frame`` of ``items`` and how many it made (those it could not, it counted failed); None when it
+        failed whole: every item not counted yet is counted failed (logged), and the others go on (under
+        ``_handing``)."""
+        try:
             data = self._frame(items)
-            handed, self._unframed = len(items) - self._unframed, 0
-            if self._hand(handed):
-                self._write(data)
+        except Exception:
+            failed, self._unframed = len(items) - self._unframed, 0
+            self._failed.inc(failed)
+            self._log.exception("%s: %d item(s) could not be written: counted failed", self.what, failed)
+            return None
+        made, self._unframed = len(items) - self._unframed, 0
+        return data, made
 
     def _hand(self, count: int) -> bool:
         """Count ``count`` items as handed to the writer: False (and failed) when it is gone."""
@@ -356,10 +370,9 @@ class WriterPipe:
                 # meanwhile is taken too or stays queued, for ``_fail_queued``; never cleared unseen
                 queue = self._queue
                 items = [queue.popleft() for _ in range(len(queue))]
-                framed = self._frame(items)
-                handed, self._unframed = len(items) - self._unframed, 0
-                if self._hand(handed):
-                    data += framed
+                framed = self._framed(items)
+                if framed is not None and self._hand(framed[1]):
+                    data += framed[0]
         # written outside ``_handing``: a timer of the loop's due meanwhile returns at once instead of waiting on it
         if not self._gone and not self._write_last(data, deadline):
             self._log.error(
