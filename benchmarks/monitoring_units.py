@@ -15,7 +15,10 @@ looks fifty times dearer per request there than it is. This counts the per-reque
 - ``render``: one payload event masked and rendered as a CloudEvent by the writer process (tabular: its JSON body
   embedded as it came, outputs as numbers), in chunks of 64 as its sink's thread takes them;
 - ``frame``: one payload event offered and written into a frame on the event loop (``PayloadLog.offer``, then
-  one frame of 8 events, their JSON bodies after them).
+  one frame of 8 events, their JSON bodies after them);
+- ``answered``: one answered request's payload work on the event loop, as the data plane does it since 2026-12-07
+  (``PayloadLog.answered`` on its path, its event made in a frame of 8 by ``PayloadLog._frame``; sources from
+  before have no ``answered``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-UNITS = ("trace", "spans", "render", "frame")
+UNITS = ("trace", "spans", "render", "frame", "answered")
 #: the events the payload writer renders at once in the ``render`` unit (a 10 ms frame at ~6k requests a second, as
 #: the server handed them over until 2026-12-06; a 50 ms frame is now ~300: kept at 64 so that figures stay comparable)
 _CHUNK = 64
@@ -78,6 +82,7 @@ def _queue_alone() -> Any:
     log = PayloadLog.__new__(PayloadLog)
     log._queue, log.capacity, log._gone, log._scheduled = collections.deque(), 1 << 30, False, True
     log._maskings, log._new_maskings, log._masking_count, log._by_config = {}, [], 0, {}
+    log._numbering, log._unframed, log._unmasked = threading.Lock(), 0, set()
     log._bodies, log._outputs = [], []  # (what older sources' ``offer`` appends to)
     return log
 
@@ -160,6 +165,8 @@ def run_unit(unit: str, count: int) -> None:
                 writer.render(event)
         for done in range(0, count if chunk is not None else 0, _CHUNK):  # the sink's thread takes chunks
             chunk([event] * min(_CHUNK, count - done))
+    elif unit == "answered":
+        _answered_unit(count)
     else:  # as the event loop does: each event offered (PayloadLog.offer), the queue framed every 8
         from dhow.governance.masking import Masker, parse_masking
 
@@ -174,6 +181,32 @@ def run_unit(unit: str, count: int) -> None:
             if n % 8 == 7:  # as its flush does
                 log._frame(list(log._queue))
                 log._queue.clear()
+
+
+def _answered_unit(count: int) -> None:
+    """``count`` answered ``tabular`` requests (a REST JSON body, two outputs) as the data plane hands them to the
+    payload log, its queue framed every 8."""
+    from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Tensor
+    from dhow.governance.masking import Masker, parse_masking
+
+    body = _body()
+    masker = Masker(parse_masking(None, "pii"), b"")
+    log = _queue_alone()
+    log.use_masking(lambda config: masker)
+    config = argparse.Namespace(name="tabular")
+    placement = (config, "", None, Caller("anonymous", "default", "req-0001"))
+    rng = np.random.default_rng(0)
+    request = InferenceRequest("tabular", [Tensor("input", "FP32", [1, 32], rng.standard_normal((1, 32)))])
+    request.json_body = body
+    outputs = [Tensor("label", "INT64", [1], np.array([1])),
+               Tensor("probabilities", "FP32", [1, 2], rng.random((1, 2)).astype(np.float32))]  # fmt: skip
+    response = InferenceResponse("tabular", "1", outputs)
+    start = time.perf_counter()
+    for n in range(count):
+        log.answered(placement, start, request, response)
+        if n % 8 == 7:  # as its flush does
+            log._frame(list(log._queue))
+            log._queue.clear()
 
 
 def _instructions(unit: str, count: int, src: Path) -> int:

@@ -355,52 +355,83 @@ class _Config:
         self.name = name
 
 
-def test_events_that_cannot_be_framed_are_counted_failed_once_and_the_others_logged(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """With the real writer: an answered request whose model's masking cannot be made is counted failed once, not
-    handed over; a frame that cannot be written at all (parameters nested past what JSON writing takes) counts each
-    of its events failed once; the others are logged; and the writer never reports more than it was handed."""
+def _answers(log: PayloadLog, names: tuple[str, ...], parameters: dict[str, Any] | None = None) -> None:
+    """Answered requests of the models ``names`` (their configs made anew, as a reload would), queued together."""
     from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Tensor
 
-    log, registry = _log(tmp_path)
-
-    def masking_of(config: _Config) -> Masker:
-        if config.name == "broken":
-            raise ValueError("pii: no such detector")
-        return _MASKER
-
-    log.use_masking(masking_of)
-    caller = Caller("key:ci#1", "acme", "r-1")
     answer = InferenceResponse("m", "1", [Tensor("y", "FP32", [1], np.array([0.5], np.float32))])
-
-    def request(parameters: dict[str, Any]) -> InferenceRequest:
+    for name in names:
         sent = InferenceRequest("m", [Tensor("x", "FP32", [1], np.array([2.0], np.float32))])
-        sent.parameters = parameters
-        return sent
+        sent.parameters = parameters or {}
+        # off an event loop a hand-over would be due at once: one is said to be scheduled, the test hands over
+        log._scheduled = True
+        log.answered((_Config(name), "", None, Caller("key:ci#1", "acme", f"r-{name}")), 1.0, sent, answer)
 
+
+def _outcomes(registry: CollectorRegistry) -> tuple[int, ...]:
+    """Events counted logged, failed and dropped."""
+    return tuple(
+        int(registry.get_sample_value("dhow_payload_log_events_total", {"sink": "file", "outcome": outcome}) or 0)
+        for outcome in ("logged", "failed", "dropped")
+    )
+
+
+def _masking_of(config: _Config) -> Masker:
+    if config.name == "broken":
+        raise ValueError("pii: no such detector")
+    return _MASKER
+
+
+def test_a_clients_parameters_json_cannot_hold_cost_only_their_text(tmp_path: Path) -> None:
+    """Parameters nested past what JSON writing takes (a client's choice, answered all the same): that event is
+    logged with them as their text, and the frame's other events as they are."""
+    log, registry = _log(tmp_path)
+    log.use_masking(_masking_of)
     deep: dict[str, Any] = {}
     for _ in range(300):
         deep = {"d": deep}
+    _answers(log, ("deep",), deep)
+    _answers(log, ("fine",), {"k": 1})
+    log._flush()
+    log.close(30)
+    assert _outcomes(registry) == (2, 0, 0)
+    lines = [json.loads(line)["data"] for line in (tmp_path / "payloads.jsonl").read_text().splitlines()]
+    by_model = {line["model"]: line["parameters"] for line in lines}
+    assert by_model["fine"] == {"k": 1} and by_model["deep"]["unencodable"].startswith("{'d': {'d': ")
+
+
+def test_events_that_cannot_be_framed_are_counted_failed_once_and_the_frame_keeps_its_maskings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the real writer: an answered request whose model's masking cannot be made is counted failed once, not
+    handed over; a frame that cannot be made at all counts each of its events failed once and hands its models'
+    masking rules on to the next frame (whose events the writer then logs); a close whose last frame cannot be
+    made still closes, and counts it; the writer never reports more than it was handed."""
+    import dhow.monitoring.payload_log as payload_log
+
+    log, registry = _log(tmp_path)
+    log.use_masking(_masking_of)
+    making = payload_log.frame_events
+    failing = {"next": False}
+
+    def frame_events(*args: Any, **kwargs: Any) -> bytes:
+        if failing["next"]:
+            failing["next"] = False
+            raise RuntimeError("a frame that cannot be made")
+        return making(*args, **kwargs)
+
+    monkeypatch.setattr(payload_log, "frame_events", frame_events)
     with caplog.at_level(logging.ERROR):
-        # frames of several events each: off an event loop a hand-over would be due at once, so one is said to be
-        # scheduled already, and each frame is handed over here
-        log._scheduled = True
-        for name in ("broken", "fine", "fine"):
-            log.answered((_Config(name), "", None, caller), 1.0, request({}), answer)
+        failing["next"] = True
+        _answers(log, ("broken", "new", "new"))  # the masking of "new" numbered in a frame that fails
         log._flush()
-        log._scheduled = True
-        log.answered((_Config("fine"), "", None, caller), 1.0, request(deep), answer)
-        log.answered((_Config("fine"), "", None, caller), 1.0, request({}), answer)
+        assert _outcomes(registry)[1] == 3
+        _answers(log, ("new", "broken"))
         log._flush()
-        log._scheduled = True
-        log.answered((_Config("fine"), "", None, caller), 1.0, request({}), answer)
+        failing["next"] = True
+        _answers(log, ("new",))
         log.close(30)
-
-    def count(outcome: str) -> int:
-        return int(registry.get_sample_value("dhow_payload_log_events_total", {"sink": "file", "outcome": outcome})
-                   or 0)  # fmt: skip
-
-    assert (count("logged"), count("failed"), count("dropped")) == (3, 3, 0)
-    assert len((tmp_path / "payloads.jsonl").read_text().splitlines()) == 3
+    assert log._process.poll() is not None
+    assert _outcomes(registry) == (1, 5, 0)
+    assert len((tmp_path / "payloads.jsonl").read_text().splitlines()) == 1
     assert "counted twice" not in caplog.text and "could not be written: counted failed" in caplog.text

@@ -71,7 +71,7 @@ FIELDS = ("request_id", "model", "version", "principal", "tenant", "data_region"
 Answered = tuple[Any, str, Any, Any]
 #: the indexes the data plane sets after the request ran
 VERSION, OUTCOME, ERROR, LATENCY, OUTPUTS = 2, 6, 7, 9, 12
-TIME, INPUTS = 8, 11
+TIME, PARAMETERS, INPUTS = 8, 10, 11
 #: the indexes of the masking's number and of a JSON body's number of tensors, appended to ``FIELDS``
 MASKING, TENSORS = 13, 14
 
@@ -375,9 +375,39 @@ class PayloadLog(WriterPipe):
             events.append(event)
         with self._numbering:
             maskings, self._new_maskings = self._new_maskings, []
+        clock = time.time() - time.perf_counter()
         try:
-            return frame_events(maskings, time.time() - time.perf_counter(), events, bodies, outputs)
+            try:
+                return frame_events(maskings, clock, events, bodies, outputs)
+            except TypeError:  # an event JSON cannot hold (a client's parameters nested past orjson's limit)
+                _writable(events)
+                return frame_events(maskings, clock, events, bodies, outputs)
         except Exception:  # (the frame fails whole: its maskings go with the next one)
             with self._numbering:
                 self._new_maskings[:0] = maskings
             raise
+
+
+#: how much of a client's parameters that JSON cannot hold an event keeps, as their text
+_UNWRITABLE_TEXT = 2000
+
+
+def _writable(events: list[Any]) -> None:
+    """Make every event JSON can hold: one it cannot (parameters nested past orjson's limit, text with a lone
+    surrogate: a client's choice, answered all the same) keeps its parameters as their text (``{"unencodable":
+    …}``, cut, as the audit trail does) and its error message with such text escaped, so that one request costs
+    neither its own event nor the frame's others (an event still refused fails the frame: counted failed)."""
+    for event in events:
+        try:
+            _json(event)
+        except TypeError:
+            try:
+                _json(event[PARAMETERS])
+            except TypeError:
+                event[PARAMETERS] = {"unencodable": _escaped(repr(event[PARAMETERS]))[:_UNWRITABLE_TEXT]}
+            event[ERROR] = _escaped(event[ERROR])
+
+
+def _escaped(text: str) -> str:
+    """``text`` with what UTF-8 cannot hold (a lone surrogate) as its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -87,6 +87,7 @@ class WriterPipe:
         #: items the ``_frame`` running could not make (it counted them failed): not handed over (``_framed``, under
         #: ``_handing``)
         self._unframed = 0
+        self._last_unframed = 0.0
         #: bytes of a frame the pipe did not take yet (the writer is behind): nothing more is written meanwhile
         self._unsent = b""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -218,7 +219,10 @@ class WriterPipe:
         except Exception:
             failed, self._unframed = len(items) - self._unframed, 0
             self._failed.inc(failed)
-            self._log.exception("%s: %d item(s) could not be written: counted failed", self.what, failed)
+            now = time.monotonic()
+            if now - self._last_unframed > 10:  # one line per 10 s: a frame failing each time must not flood the log
+                self._last_unframed = now
+                self._log.exception("%s: %d item(s) could not be written: counted failed", self.what, failed)
             return None
         made, self._unframed = len(items) - self._unframed, 0
         return data, made
