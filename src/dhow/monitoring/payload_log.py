@@ -22,6 +22,7 @@ sink costs dropped events, never memory or latency (``dhow_payload_log_events_to
 
 from __future__ import annotations
 
+import reprlib
 import struct
 import threading
 import time
@@ -379,7 +380,8 @@ class PayloadLog(WriterPipe):
         try:
             try:
                 return frame_events(maskings, clock, events, bodies, outputs)
-            except TypeError:  # an event JSON cannot hold (a client's parameters nested past orjson's limit)
+            except (TypeError, RecursionError):  # an event JSON cannot hold (a client's parameters nested past
+                # orjson's limit, or past Python's in ``_lists``)
                 _writable(events)
                 return frame_events(maskings, clock, events, bodies, outputs)
         except Exception:  # (the frame fails whole: its maskings go with the next one)
@@ -388,8 +390,13 @@ class PayloadLog(WriterPipe):
             raise
 
 
-#: how much of a client's parameters that JSON cannot hold an event keeps, as their text
+#: how much of a client's parameters that JSON cannot hold an event keeps, as their text (``reprlib``'s: bounded in
+#: depth, where ``repr`` of parameters nested past Python's recursion limit raises)
 _UNWRITABLE_TEXT = 2000
+_TEXT = reprlib.Repr()
+_TEXT.maxlevel = 64
+_TEXT.maxdict = _TEXT.maxlist = _TEXT.maxtuple = _TEXT.maxset = _TEXT.maxfrozenset = _TEXT.maxdeque = 1000
+_TEXT.maxstring = _TEXT.maxlong = _TEXT.maxother = _UNWRITABLE_TEXT
 
 
 def _writable(events: list[Any]) -> None:
@@ -400,11 +407,11 @@ def _writable(events: list[Any]) -> None:
     for event in events:
         try:
             _json(event)
-        except TypeError:
+        except (TypeError, RecursionError):
             try:
                 _json(event[PARAMETERS])
-            except TypeError:
-                event[PARAMETERS] = {"unencodable": _escaped(repr(event[PARAMETERS]))[:_UNWRITABLE_TEXT]}
+            except (TypeError, RecursionError):
+                event[PARAMETERS] = {"unencodable": _escaped(_TEXT.repr(event[PARAMETERS]))[:_UNWRITABLE_TEXT]}
             event[ERROR] = _escaped(event[ERROR])
 
 
