@@ -382,24 +382,32 @@ def _masking_of(config: _Config) -> Masker:
     return _MASKER
 
 
-def test_a_clients_parameters_json_cannot_hold_cost_only_their_text(tmp_path: Path) -> None:
-    """Parameters nested past what JSON writing takes (a client's choice, answered all the same): that event is
-    logged with them as their text, and the frame's other events as they are."""
-    log, registry = _log(tmp_path)
-    log.use_masking(_masking_of)
+def test_a_clients_parameters_json_cannot_hold_cost_only_what_the_event_never_shows(tmp_path: Path) -> None:
+    """Parameters nested past what JSON writing takes, or text with a lone surrogate (a client's choice, answered
+    all the same): that event is logged with its top-level scalar parameters, as any event shows them, masked by
+    the model's field rules (``parameters.<name>``), and the frame's other events as they are."""
+    registry = CollectorRegistry()
+    log = PayloadLog(f"file://{tmp_path}/payloads.jsonl", capacity=100, source="dhow://test", command=PAYLOAD_WRITER,
+                     registry=registry)  # fmt: skip
+    hashing = Masker(parse_masking({"fields": {"parameters.customer": "hash"}}, "pii"), b"k" * 32)
+    log.use_masking(lambda config: hashing)
     for depth in (300, 1010):  # past orjson's limit; past Python's too, in the writing's second try (as lists)
         deep: dict[str, Any] = {}
         for _ in range(depth):
             deep = {"d": deep}
-        _answers(log, (f"deep-{depth}",), deep)
-    _answers(log, ("fine",), {"k": 1})
+        _answers(log, (f"deep-{depth}",), {"customer": "C-123", "k": 2**70, "deep": deep})
+    _answers(log, ("surrogate",), {"customer": "C-123", "note": "a\ud800b"})
+    _answers(log, ("fine",), {"customer": "C-123", "k": 1})
     log._flush()
     log.close(30)
-    assert _outcomes(registry) == (3, 0, 0)
+    assert _outcomes(registry) == (4, 0, 0)
     lines = [json.loads(line)["data"] for line in (tmp_path / "payloads.jsonl").read_text().splitlines()]
     by_model = {line["model"]: line["parameters"] for line in lines}
-    assert by_model["fine"] == {"k": 1}
-    assert all(by_model[f"deep-{depth}"]["unencodable"].startswith("{'d': {'d': ") for depth in (300, 1010))
+    hashed = by_model["fine"]["customer"]
+    assert hashed != "C-123" and by_model["fine"] == {"customer": hashed, "k": 1}
+    assert by_model["deep-300"] == by_model["deep-1010"] == {"customer": hashed, "k": str(2**70)}
+    assert by_model["surrogate"] == {"customer": hashed, "note": "a\\ud800b"}
+    assert "C-123" not in (tmp_path / "payloads.jsonl").read_text()
 
 
 def test_events_that_cannot_be_framed_are_counted_failed_once_and_the_frame_keeps_its_maskings(

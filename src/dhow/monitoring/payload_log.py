@@ -22,7 +22,6 @@ sink costs dropped events, never memory or latency (``dhow_payload_log_events_to
 
 from __future__ import annotations
 
-import reprlib
 import struct
 import threading
 import time
@@ -390,29 +389,38 @@ class PayloadLog(WriterPipe):
             raise
 
 
-#: how much of a client's parameters that JSON cannot hold an event keeps, as their text (``reprlib``'s: bounded in
-#: depth, where ``repr`` of parameters nested past Python's recursion limit raises)
-_UNWRITABLE_TEXT = 2000
-_TEXT = reprlib.Repr()
-_TEXT.maxlevel = 64
-_TEXT.maxdict = _TEXT.maxlist = _TEXT.maxtuple = _TEXT.maxset = _TEXT.maxfrozenset = _TEXT.maxdeque = 1000
-_TEXT.maxstring = _TEXT.maxlong = _TEXT.maxother = _UNWRITABLE_TEXT
-
-
 def _writable(events: list[Any]) -> None:
-    """Make every event JSON can hold: one it cannot (parameters nested past orjson's limit, text with a lone
-    surrogate: a client's choice, answered all the same) keeps its parameters as their text (``{"unencodable":
-    …}``, cut, as the audit trail does) and its error message with such text escaped, so that one request costs
-    neither its own event nor the frame's others (an event still refused fails the frame: counted failed)."""
+    """Make every event JSON can hold: one it cannot (parameters nested past orjson's or Python's limits, text with
+    a lone surrogate, an integer past 64 bits: a client's choice, answered all the same) keeps of its parameters
+    what the writer would write of them anyway, the top-level scalars (``payload_render``: masked there by the
+    model's rules, ``parameters.<name>``), with such text escaped and such an integer as its digits, and its error
+    message escaped: one request costs neither its own event nor the frame's others (an event still refused fails
+    the frame: counted failed)."""
     for event in events:
         try:
             _json(event)
         except (TypeError, RecursionError):
-            try:
-                _json(event[PARAMETERS])
-            except (TypeError, RecursionError):
-                event[PARAMETERS] = {"unencodable": _escaped(_TEXT.repr(event[PARAMETERS]))[:_UNWRITABLE_TEXT]}
-            event[ERROR] = _escaped(event[ERROR])
+            parameters = event[PARAMETERS]
+            if isinstance(parameters, dict):
+                event[PARAMETERS] = {
+                    _escaped(str(name)): _scalar(value) for name, value in parameters.items() if _is_scalar(value)
+                }
+            if type(event[ERROR]) is str:
+                event[ERROR] = _escaped(event[ERROR])
+
+
+def _is_scalar(value: Any) -> bool:
+    """What the writer keeps of an event's parameters (``payload_render``): text, numbers, booleans."""
+    return isinstance(value, str | int | float)
+
+
+def _scalar(value: Any) -> Any:
+    """A scalar parameter as JSON holds it: text escaped, an integer past 64 bits as its digits."""
+    if isinstance(value, str):
+        return _escaped(value)
+    if type(value) is int and not -(2**63) <= value < 2**64:
+        return str(value)
+    return value
 
 
 def _escaped(text: str) -> str:

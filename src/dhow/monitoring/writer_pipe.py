@@ -87,7 +87,7 @@ class WriterPipe:
         #: items the ``_frame`` running could not make (it counted them failed): not handed over (``_framed``, under
         #: ``_handing``)
         self._unframed = 0
-        self._last_unframed = 0.0
+        self._last_unframed = float("-inf")
         #: bytes of a frame the pipe did not take yet (the writer is behind): nothing more is written meanwhile
         self._unsent = b""
         self._loop: asyncio.AbstractEventLoop | None = None
