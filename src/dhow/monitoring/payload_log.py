@@ -390,8 +390,9 @@ class PayloadLog(WriterPipe):
 
 
 def _writable(events: list[Any]) -> None:
-    """Make every event JSON can hold: one it cannot (parameters nested past orjson's or Python's limits, text with
-    a lone surrogate, an integer past 64 bits: a client's choice, answered all the same) keeps of its parameters
+    """Make every event JSON can hold: one it cannot (parameters nested past orjson's or Python's limits, a
+    client's choice, answered all the same; or, should any reach it, text with a lone surrogate or an integer past
+    64 bits, which the doors' decoders refuse today) keeps of its parameters
     what the writer would write of them anyway, the top-level scalars (``payload_render``: masked there by the
     model's rules, ``parameters.<name>``), with such text escaped and such an integer as its digits, and its error
     message escaped: one request costs neither its own event nor the frame's others (an event still refused fails

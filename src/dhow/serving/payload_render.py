@@ -103,6 +103,27 @@ def _request_of(inputs: Any, masker: Masker, tensors: int, failed: bool) -> byte
     return masked
 
 
+def _shallow_request(inputs: Any, masker: Masker, failed: bool) -> dict[str, Any]:
+    """A request whose members are nested past what masking or JSON writing takes (parameters nested hundreds of
+    levels deep: a client's choice, answered all the same): its tensors masked as ever, and of its other members
+    their top-level text, numbers and booleans, masked (what an event shows of its own parameters)."""
+    document = orjson.loads(inputs) if isinstance(inputs, bytes | bytearray | memoryview) else None
+    if not isinstance(document, dict):  # decoded tensors: nothing nested but their data
+        return {"inputs": _masked(masker, [{"name": n, "datatype": d, "shape": s, "data": v}
+                                           for n, d, s, v in inputs], names=failed)}  # fmt: skip
+    shallow: dict[str, Any] = {}
+    for key, value in document.items():
+        if key == "inputs" and isinstance(value, list):
+            shallow[key] = _masked(masker, value, names=failed)
+            continue
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if isinstance(v, str | int | float)}
+        elif isinstance(value, list):
+            value = [v for v in value if isinstance(v, str | int | float)]
+        shallow[key if key in _REQUEST_MEMBERS else masker.mask_text(key)] = masker.mask_value(value, key)
+    return shallow
+
+
 #: the four members of a bare request's tensor
 _TENSOR_MEMBERS = frozenset(("name", "datatype", "shape", "data"))
 
@@ -215,7 +236,12 @@ def cloud_event(event: list[Any], masker: Masker, source: str) -> bytes:
     second = _second[1] if _second[0] == whole else _second_of(whole)
     micro = int((unix - whole) * 1e6 + 0.5)  # int(… + 0.5), not round(): its argument parsing costs more
     latency = int(event[9] * 1e6 + 0.5)  # in ms to the µs
-    request = _request_of(event[11], masker, event[14] if len(event) > 14 else -1, event[6] != "success")
+    failed = event[6] != "success"
+    try:
+        request = _request_of(event[11], masker, event[14] if len(event) > 14 else -1, failed)
+        request_json = request if type(request) is bytes else _dumps(request)
+    except (TypeError, RecursionError):  # members nested past what masking or JSON writing takes (a client's)
+        request_json = _dumps(_shallow_request(event[11], masker, failed))
     tail = b""
     if outputs is not None:
         # (as the frame brought them: their members, and how many)
@@ -237,7 +263,7 @@ def cloud_event(event: list[Any], masker: Masker, source: str) -> bytes:
                                  "parameters"))
         if parameters
         else b"{}",
-        request if type(request) is bytes else _dumps(request), tail,
+        request_json, tail,
     )  # fmt: skip
 
 
