@@ -459,15 +459,15 @@ def test_a_json_body_nested_past_what_masking_takes_is_logged_with_its_top_level
     takes, for a model with field rules (the body is parsed and masked): its tensors as ever and, of its
     parameters, the top-level scalars, masked by the same rules; nothing of the masked value is written."""
     nested = b'{"d":' * depth + b"{}" + b"}" * depth
-    body = b'{"inputs": [' + json.dumps(_NUMBERS).encode() + b'], "parameters": {"customer": "C-123", "deep": '
-    body += nested + b"}}"
+    tensor = json.dumps(_NUMBERS).encode()[:-1] + b', "parameters": {"customer": "C-123", "deep": ' + nested + b"}}"
+    body = b'{"inputs": [' + tensor + b'], "parameters": {"customer": "C-123", "deep": ' + nested + b"}}"
     masker = Masker(parse_masking({"fields": {"parameters.customer": "hash"}}, "pii"), b"k" * 32)
     event = ["r-1", "m", "1", "", "", "", "success", "", 1.7e9, 0.001, {"customer": "C-123"}, body, None, 1, 1]
     line = cloud_event(event, masker, "dhow://test")
     data = json.loads(line)["data"]
     hashed = data["parameters"]["customer"]
     assert hashed != "C-123" and data["request"]["parameters"] == {"customer": hashed}
-    assert data["request"]["inputs"] == [_NUMBERS] and b"C-123" not in line
+    assert data["request"]["inputs"] == [{**_NUMBERS, "parameters": {"customer": hashed}}] and b"C-123" not in line
 
 
 def test_outputs_go_to_the_writer_as_json_and_text_in_them_is_masked() -> None:

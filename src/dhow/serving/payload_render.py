@@ -105,23 +105,36 @@ def _request_of(inputs: Any, masker: Masker, tensors: int, failed: bool) -> byte
 
 def _shallow_request(inputs: Any, masker: Masker, failed: bool) -> dict[str, Any]:
     """A request whose members are nested past what masking or JSON writing takes (parameters nested hundreds of
-    levels deep: a client's choice, answered all the same): its tensors masked as ever, and of its other members
-    their top-level text, numbers and booleans, masked (what an event shows of its own parameters)."""
-    document = orjson.loads(inputs) if isinstance(inputs, bytes | bytearray | memoryview) else None
+    levels deep: a client's choice, answered all the same): its tensors masked as ever (a tensor's own members
+    besides name, datatype, shape and data cut as below) and, of its other members, their top-level text, numbers
+    and booleans, masked (what an event shows of its own parameters)."""
+    document = orjson.loads(inputs) if isinstance(inputs, str | bytes | bytearray | memoryview) else None
     if not isinstance(document, dict):  # decoded tensors: nothing nested but their data
         return {"inputs": _masked(masker, [{"name": n, "datatype": d, "shape": s, "data": v}
                                            for n, d, s, v in inputs], names=failed)}  # fmt: skip
     shallow: dict[str, Any] = {}
     for key, value in document.items():
         if key == "inputs" and isinstance(value, list):
-            shallow[key] = _masked(masker, value, names=failed)
-            continue
-        if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if isinstance(v, str | int | float)}
-        elif isinstance(value, list):
-            value = [v for v in value if isinstance(v, str | int | float)]
-        shallow[key if key in _REQUEST_MEMBERS else masker.mask_text(key)] = masker.mask_value(value, key)
+            tensors = [
+                {k: v if k in _TENSOR_MEMBERS else _top_level(v) for k, v in tensor.items()}
+                if isinstance(tensor, dict)
+                else _top_level(tensor)
+                for tensor in value
+            ]
+            shallow[key] = _masked(masker, tensors, names=failed)
+        else:
+            name = key if key in _REQUEST_MEMBERS else masker.mask_text(key)
+            shallow[name] = masker.mask_value(_top_level(value), key)
     return shallow
+
+
+def _top_level(value: Any) -> Any:
+    """Of a dict or a list, its text, numbers and booleans (what is nested in it left out); anything else as it is."""
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if isinstance(v, str | int | float)}
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str | int | float)]
+    return value
 
 
 #: the four members of a bare request's tensor
