@@ -51,6 +51,7 @@ __all__ = [
     "frame_events",
     "outputs_json",
     "read_events",
+    "top_level",
 ]
 
 #: the CloudEvents ``type`` of an answered request and of a failed one
@@ -277,7 +278,7 @@ class PayloadLog(WriterPipe):
         the others when the frame is (``_frame``), in one loop: cheaper there than one by one between requests."""
         queue = self._queue
         if len(queue) >= self.capacity or self._gone:  # (counted here: a close may empty the queue meanwhile)
-            (self._failed if self._gone else self._dropped).inc()
+            self._refuse()
             return
         # the request's JSON body, else its decoded tensors (not the request: a body's decoded arrays are not kept)
         body = request.json_body or request.inputs
@@ -404,15 +405,20 @@ def _writable(events: list[Any]) -> None:
             parameters = event[PARAMETERS]
             if isinstance(parameters, dict):
                 event[PARAMETERS] = {
-                    _escaped(str(name)): _scalar(value) for name, value in parameters.items() if _is_scalar(value)
+                    _escaped(str(name)): _scalar(value) for name, value in top_level(parameters).items()
                 }
             if type(event[ERROR]) is str:
                 event[ERROR] = _escaped(event[ERROR])
 
 
-def _is_scalar(value: Any) -> bool:
-    """What the writer keeps of an event's parameters (``payload_render``): text, numbers, booleans."""
-    return isinstance(value, str | int | float)
+def top_level(value: Any) -> Any:
+    """Of a dict or a list, its text, numbers and booleans, what is nested in it left out (what an event shows of a
+    request's parameters, ``payload_render``); anything else as it is."""
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if isinstance(v, str | int | float)}
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str | int | float)]
+    return value
 
 
 def _scalar(value: Any) -> Any:

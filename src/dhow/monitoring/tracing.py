@@ -180,7 +180,7 @@ class Tracing(WriterPipe):
             if queued + 1 >= FLUSH_AT and not self._soon and not self._unsent:
                 self._hand_over_soon()
         else:  # (counted here: a close may empty the queue meanwhile, and ``_refused``'s test would then pass)
-            (self._failed if self._gone else self._dropped).inc()
+            self._refuse()
 
     def _hand_over_soon(self) -> None:
         """Hand the queue over on the loop's next turn, in place of its timer: once a turn at most, whatever comes

@@ -167,8 +167,12 @@ class WriterPipe:
         """Whether the queue cannot take another item (counted dropped, or failed when the writer is gone)."""
         if len(self._queue) < self.capacity and not self._gone:
             return False
-        (self._failed if self._gone else self._dropped).inc(count)
+        self._refuse(count)
         return True
+
+    def _refuse(self, count: int = 1) -> None:
+        """Count items not queued: failed when the writer is gone, else dropped (the queue was full)."""
+        (self._failed if self._gone else self._dropped).inc(count)
 
     def _put(self, item: Any) -> None:
         """Queue an item (``_refused`` said there is room); written within ``flush_s``."""

@@ -28,7 +28,7 @@ import numpy as np
 import orjson
 
 from dhow.governance.masking import Masker
-from dhow.monitoring.payload_log import EVENT_TYPES, INPUTS, MASKING, TENSORS
+from dhow.monitoring.payload_log import EVENT_TYPES, INPUTS, MASKING, TENSORS, top_level
 
 __all__ = ["FEW", "cloud_event", "cloud_events"]
 
@@ -116,25 +116,16 @@ def _shallow_request(inputs: Any, masker: Masker, failed: bool) -> dict[str, Any
     for key, value in document.items():
         if key == "inputs" and isinstance(value, list):
             tensors = [
-                {k: v if k in _TENSOR_MEMBERS else _top_level(v) for k, v in tensor.items()}
+                {k: v if k in _TENSOR_MEMBERS else top_level(v) for k, v in tensor.items()}
                 if isinstance(tensor, dict)
-                else _top_level(tensor)
+                else top_level(tensor)
                 for tensor in value
             ]
             shallow[key] = _masked(masker, tensors, names=failed)
         else:
             name = key if key in _REQUEST_MEMBERS else masker.mask_text(key)
-            shallow[name] = masker.mask_value(_top_level(value), key)
+            shallow[name] = masker.mask_value(top_level(value), key)
     return shallow
-
-
-def _top_level(value: Any) -> Any:
-    """Of a dict or a list, its text, numbers and booleans (what is nested in it left out); anything else as it is."""
-    if isinstance(value, dict):
-        return {k: v for k, v in value.items() if isinstance(v, str | int | float)}
-    if isinstance(value, list):
-        return [v for v in value if isinstance(v, str | int | float)]
-    return value
 
 
 #: the four members of a bare request's tensor
@@ -272,8 +263,7 @@ def cloud_event(event: list[Any], masker: Masker, source: str) -> bytes:
         _ID_PREFIX, next(_ids), fixed[0], second, micro if micro < 1_000_000 else 999_999, _dumps(event[0]),
         fixed[1], latency // 1000, latency % 1000,
         # (masked as the request's own ``parameters`` are: a text parameter may hold what the detectors find)
-        _dumps(masker.mask_value({k: v for k, v in parameters.items() if isinstance(v, str | int | float | bool)},
-                                 "parameters"))
+        _dumps(masker.mask_value(top_level(parameters), "parameters"))
         if parameters
         else b"{}",
         request_json, tail,
