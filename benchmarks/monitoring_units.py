@@ -95,6 +95,7 @@ def _tracer() -> Any:
     tracing = Tracing.__new__(Tracing)
     tracing._queue, tracing.capacity, tracing._gone, tracing._scheduled = collections.deque(), 1 << 30, False, True
     tracing.ratio, tracing.monotonic_offset = 1.0, 1_700_000_000_000_000_000
+    tracing.skip = 1  # (every request its turn; sources before the count down draw by ``ratio``)
     return tracing
 
 

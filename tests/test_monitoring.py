@@ -24,10 +24,11 @@ from dhow.core.artifacts import install_decryptor
 from dhow.core.errors import ModelLoadError
 from dhow.core.model_config import LatencyConfig
 from dhow.demo import _tabular_data
-from dhow.monitoring.drift import DriftWindow, js_distance, psi, sampling_gap, score
+from dhow.monitoring.drift import DriftWindow, js_distance, psi, score
 from dhow.monitoring.latency import LatencyBaseline, duration_text
 from dhow.monitoring.profile import SKETCH_SIZE, FeatureSketch, ReferenceProfile
 from dhow.monitoring.quality import QualityWindow, label_misfit, prediction_of
+from dhow.monitoring.sampling import sampling_gap
 from dhow.repository.encryption import Keyring, encrypt_repository, generate_key
 from dhow.repository.manifest import ManifestError, parse_manifest
 from dhow.repository.profiles import PROFILE, read_profile

@@ -4,6 +4,8 @@ for requests without a parent."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +73,27 @@ def test_sampling_follows_the_caller_else_the_ratio() -> None:
         assert len(root.trace_id) == 32 and int(root.trace_id, 16) != 0
     finally:
         never.shutdown()
+        always.shutdown()
+
+
+def test_a_ratio_traces_its_share_of_requests_by_a_count_down_that_parents_do_not_move() -> None:
+    random.seed(11)
+    tracing, always = _tracing(0.2), _tracing(1.0)
+    try:
+        decisions = [tracing.sample(None) for _ in range(20_000)]
+        traced = [d for d in decisions if d is not None]
+        assert 0.19 < len(traced) / len(decisions) < 0.21, "each request without a parent has the ratio's chance"
+        assert len({trace_id for trace_id, _ in traced}) == len(traced) and all(p == "" for _, p in traced)
+        gaps = [n for n, d in enumerate(decisions) if d is not None]
+        assert min(b - a for a, b in itertools.pairwise(gaps)) == 1, "gaps are drawn, not fixed: two in a row happen"
+        # a request with a parent is the caller's decision: it does not move the count down of the others
+        tracing.skip = 3
+        assert tracing.sample(f"00-{TRACE}-{SPAN}-01") == (TRACE, SPAN)
+        assert tracing.sample(f"00-{TRACE}-{SPAN}-00") is None and tracing.skip == 3
+        assert [tracing.sample(None) is not None for _ in range(3)] == [False, False, True], "the third is its turn"
+        assert all(always.sample(None) is not None for _ in range(1_000)), "ratio 1: every request"
+    finally:
+        tracing.shutdown()
         always.shutdown()
 
 

@@ -11,8 +11,6 @@ profile's shares: the cost is one ``searchsorted`` (or one count) of the window'
 
 from __future__ import annotations
 
-import math
-import random
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,23 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from dhow.monitoring.profile import FeatureProfile, ReferenceProfile, bin_shares, category_shares
+from dhow.monitoring.sampling import sampling_gap
 
-__all__ = ["DriftWindow", "FeatureDrift", "js_distance", "psi", "sampling_gap", "score"]
+__all__ = ["DriftWindow", "FeatureDrift", "js_distance", "psi", "score"]
 
 #: a share below this counts as this (an empty bin would make PSI infinite)
 _FLOOR = 1e-4
 
 Sample = tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]
-
-
-def sampling_gap(rate: float) -> int:
-    """How many answers from one sampled answer to the next: geometric, so that sampling every ``gap``-th answer is
-    sampling each with probability ``rate`` (one draw per sample, a count down for the answers between)."""
-    if rate >= 1:
-        return 1
-    if rate <= 0:
-        return 1 << 62
-    return int(math.log(1.0 - random.random()) / math.log(1.0 - rate)) + 1
 
 
 class DriftWindow:

@@ -9,11 +9,12 @@ trace, linked to every traced request it carried.
 
 Sampling is W3C's and OpenTelemetry's ``ParentBased(TraceIdRatioBased)``: a caller's sampled flag is followed;
 without a (valid) parent, ``ratio`` of the requests are traced. The door decides once, as the request comes in
-(``sample``): an unsampled request costs a random draw (or, with a ``traceparent``, its parsing) and nothing else,
-no object and no clock reading. A sampled one is a ``RequestTrace`` that keeps the times the door and the batcher
-measure anyway as they are (trace ids as hex, span ids as ints, its batch one tuple its requests share: no object
-a stage); when it ends, its ``Record`` (a flat tuple) is queued, and every ``FLUSH_S`` (or once ``FLUSH_AT`` are
-queued) what was queued is one frame into the pipe of tracing's writer process (``WriterPipe``;
+(``sample``): an unsampled request costs a count down (``sampling.sampling_gap``: the door counts down itself and
+calls ``sample`` only for the request whose turn it is, or one with a ``traceparent``, which costs its parsing) and
+nothing else, no object and no clock reading. A sampled one is a ``RequestTrace`` that keeps the times the door and
+the batcher measure anyway as they are (trace ids as hex, span ids as ints, its batch one tuple its requests share:
+no object a stage); when it ends, its ``Record`` (a flat tuple) is queued, and every ``FLUSH_S`` (or once
+``FLUSH_AT`` are queued) what was queued is one frame into the pipe of tracing's writer process (``WriterPipe``;
 ``dhow.serving.trace_writer``), which writes its spans as OTLP protobuf (``record_fields``, ``otlp.py``: a request's
 stages in one ``struct`` pack) and posts them, about a second apart, off the server's interpreter. A full queue
 drops and counts; a writer that died fails and counts (``dhow_tracing_requests_total{outcome}``). Not the
@@ -45,6 +46,7 @@ from dhow.monitoring.otlp import (
     server_prefix,
     split_ids,
 )
+from dhow.monitoring.sampling import sampling_gap
 from dhow.monitoring.writer_pipe import WriterPipe
 
 __all__ = [
@@ -142,6 +144,9 @@ class Tracing(WriterPipe):
     ) -> None:
         self.url = traces_url(endpoint)
         self.ratio = ratio
+        #: requests without a parent to let by until the next traced one, that one included (``sample``, and the
+        #: door's own count down before it calls ``sample``: ``serving.service.Call``)
+        self.skip = sampling_gap(ratio)
         #: the batcher measures with the monotonic clock; spans want Unix nanoseconds
         self.monotonic_offset = time.time_ns() - time.monotonic_ns()
         #: a hand-over on the loop's next turn is on its way (``_hand_over_soon``)
@@ -155,8 +160,10 @@ class Tracing(WriterPipe):
             parent = _parsed_traceparent(traceparent)
             if parent is not None:
                 return (parent[0], parent[1]) if parent[2] else None
-        if random.random() >= self.ratio:  # ratio 0: never; 1: always
+        if self.skip > 1:  # ratio 0: never (a gap past any lifetime); 1: always (every gap 1)
+            self.skip -= 1
             return None
+        self.skip = sampling_gap(self.ratio)
         # 32 hex digits by ``to_bytes`` and ``hex``: less than half what a format spec ("032x") takes
         return (random.getrandbits(128) or 1).to_bytes(16, "big").hex(), ""
 

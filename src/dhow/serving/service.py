@@ -100,9 +100,13 @@ class Call:
         self._tracing = tracing
         self._sampled: Sampled | _Unread | None = None
         if tracing is not None:
-            self._sampled = tracing.sample(traceparent) if traceparent is not UNREAD else UNREAD
-            if self._sampled is None:
+            if traceparent is None and tracing.skip > 1:  # (most requests: not their turn, no call; ``sample``)
+                tracing.skip -= 1
                 self._tracing = None
+            else:
+                self._sampled = tracing.sample(traceparent) if traceparent is not UNREAD else UNREAD
+                if self._sampled is None:
+                    self._tracing = None
         self._trace: RequestTrace | None = None
         self._entered_ns = self._admitted_ns = self._answered_ns = 0
 

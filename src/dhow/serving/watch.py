@@ -19,9 +19,10 @@ from typing import Any, Protocol
 
 from dhow.core.model_config import ModelConfig
 from dhow.core.types import Caller, InferenceRequest, InferenceResponse
-from dhow.monitoring.drift import DriftWindow, FeatureDrift, sampling_gap, score
+from dhow.monitoring.drift import DriftWindow, FeatureDrift, score
 from dhow.monitoring.latency import PARTS, QUANTILES, LatencyBaseline, duration_text
 from dhow.monitoring.model_metrics import ModelMetrics
+from dhow.monitoring.sampling import sampling_gap
 from dhow.monitoring.shared_predictions import SharedPredictions
 from dhow.serving.feedback import FeedbackDesk, feedback_id
 from dhow.serving.lifecycle import ModelLifecycle
