@@ -340,27 +340,39 @@ class PayloadLog(WriterPipe):
         bodies: list[bytes] = []
         outputs: list[dict[str, Any]] = []
         by_config = self._by_config
+        # the frame's items are cold (queued up to ``FLUSH_S`` ago): each look-up and call here costs more than its
+        # instructions, so the usual model's masking number is kept from one item to the next, and the outputs and
+        # the event made by plain statements, not comprehensions (each a function made and called)
+        last: Any = None
+        number: int | None = None
         for item in items:
             if type(item) is tuple:
                 (config, region, _, caller), start, end, parameters, inputs, tensors, response = item
-                known = by_config.get(config.name)
-                number = known[1] if known is not None and known[0] is config else self._config_number(config)
+                if config is not last:
+                    known = by_config.get(config.name)
+                    number = known[1] if known is not None and known[0] is config else self._config_number(config)
+                    last = config
                 if number is None:  # its masking could not be made: failed, not handed over
                     self._failed.inc()
                     self._unframed += 1
                     continue
-                written = {t.name: t.data for t in response.outputs}
+                written = {}
+                for tensor in response.outputs:
+                    written[tensor.name] = tensor.data
                 outputs.append(written)
-                event = [
-                    caller.request_id, config.name, response.model_version, caller.principal, caller.tenant,
-                    region, "success", "", start, end - start, parameters, inputs, len(written), number,
-                ]  # fmt: skip
                 if type(inputs) is list:  # decoded tensors (gRPC, the binary extension), written as lists
-                    event[INPUTS] = [[t.name, t.datatype, t.shape, t.data] for t in inputs]
-                else:  # a JSON body: after the events, as it came
+                    event = [
+                        caller.request_id, config.name, response.model_version, caller.principal, caller.tenant,
+                        region, "success", "", start, end - start, parameters,
+                        [[t.name, t.datatype, t.shape, t.data] for t in inputs], len(written), number,
+                    ]  # fmt: skip
+                else:  # a JSON body: after the events, as it came (its length, then its number of tensors)
                     bodies.append(inputs)
-                    event[INPUTS] = len(inputs)
-                    event.append(tensors)
+                    event = [
+                        caller.request_id, config.name, response.model_version, caller.principal, caller.tenant,
+                        region, "success", "", start, end - start, parameters, len(inputs), len(written), number,
+                        tensors,
+                    ]  # fmt: skip
             else:
                 event = item
                 inputs = event[INPUTS]
