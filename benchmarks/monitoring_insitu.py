@@ -11,9 +11,9 @@ with each function of ``TARGETS`` wrapped in a timer (``time.perf_counter_ns`` a
 by the process; a wrapper adds about 0.1-0.3 µs inside what it measures), served as ``monitoring_overhead.py``
 serves its configurations, loaded by wrk (REST, ``tabular``, c=16) in alternating rounds. It reports, per
 configuration and tree: throughput (median round), the event loop thread's CPU a request, and each timed function's
-calls a request, time a call and time a request. The functions a change leaves alone read up to ~6% apart between
-the two servers of one run (the machine's speed moves between rounds): read a change by its own functions' figures,
-beside those of the functions it left alone.
+calls a request (the requests the server counted, warm-ups included), time a call and time a request. The
+functions a change leaves alone read up to ~6% apart between the two servers of one run (the machine's speed moves
+between rounds): read a change by its own functions' figures, beside those of the functions it left alone.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import monitoring_overhead
 import wrk_load
-from security_overhead import build_models, start_server
+from security_overhead import BODY, build_models, start_server
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -98,7 +99,7 @@ def instrumented(src: Path, into: Path) -> tuple[Path, list[str]]:
     missing = []
     for file, start, label in TARGETS:
         path = copy / file
-        text = path.read_text()
+        text = path.read_text() if path.exists() else ""
         if text.count("\n" + start) != 1:
             missing.append(label)
             continue
@@ -117,24 +118,31 @@ def loop_cpu_seconds(pid: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="e", help="configurations of monitoring_overhead.py (default e)")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=4, help="at least 1 (default 4)")
     parser.add_argument("--seconds", type=int, default=6, help="measured seconds a round (after 2 s of warm-up)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--compare", type=Path, action="append", default=[], help="another tree's src (repeatable)")
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args()
+    if not args.only or set(args.only) - set("abcde"):
+        parser.error(f"--only {args.only!r}: letters of the configurations, a to e (e.g. --only ae)")
+    if args.rounds < 1 or args.seconds < 1:
+        parser.error("--rounds and --seconds must be at least 1")
+    for src in args.compare:
+        if not (src / "dhow").is_dir():
+            parser.error(f"--compare {src}: not a source tree (no dhow package in it; give its src folder)")
     if not wrk_load.available():
         parser.error("wrk is not installed (`make bench-packages` installs Debian's wrk package)")
     work = Path(tempfile.mkdtemp(prefix="dhow-bench-insitu-"))
     timings = work / "timings"
     timings.mkdir()
     os.environ["DHOW_INSITU"] = str(timings)
-    models = build_models(work)
-    setups, receiver = monitoring_overhead.configurations(work, models)
     trees = []
     for index, src in enumerate([ROOT / "src", *args.compare]):
         copy, missing = instrumented(src, work / f"tree-{index}")
         trees.append((str(src), copy, missing))
+    models = build_models(work)
+    setups, receiver = monitoring_overhead.configurations(work, models)
     servers = []
     rows: list[tuple[str, int, int, list[float], list[float], list[int]]] = []
     try:
@@ -148,29 +156,34 @@ def main() -> None:
                 servers.append(server)
                 rows.append((f"{label} [{name}]", port, server.pid, [], [], []))
         for round_ in range(args.rounds):
-            for label, port, pid, rates, loop_us, counts in rows[round_ % len(rows) :] + rows[: round_ % len(rows)]:
-                wrk_load.run("127.0.0.1", port, monitoring_overhead.PATH, monitoring_overhead.BODY,
+            for label, port, pid, rates, loop_us, failures in rows[round_ % len(rows) :] + rows[: round_ % len(rows)]:
+                wrk_load.run("127.0.0.1", port, monitoring_overhead.PATH, BODY,
                              concurrency=args.concurrency, seconds=2)  # fmt: skip
                 before = loop_cpu_seconds(pid)
-                result = wrk_load.run("127.0.0.1", port, monitoring_overhead.PATH, monitoring_overhead.BODY,
+                result = wrk_load.run("127.0.0.1", port, monitoring_overhead.PATH, BODY,
                                       concurrency=args.concurrency, seconds=args.seconds)  # fmt: skip
                 rates.append(result.throughput)
                 loop_us.append((loop_cpu_seconds(pid) - before) / result.requests * 1e6)
-                counts.append(result.requests)
+                failures.append(result.failures)
                 print(f"round {round_ + 1} {label}: {result.throughput:,.0f} infer/s, loop {loop_us[-1]:.1f} µs a "
                       "request", flush=True)  # fmt: skip
         time.sleep(1)  # the timers' last totals written
         command = " ".join(["python", *sys.argv])
-        lines = [f"`{command}`: {args.rounds} rounds of {args.seconds} s, c={args.concurrency}", ""]
+        lines = [f"`{command}`: {args.rounds} rounds of {args.seconds} s, c={args.concurrency}. A function's time "
+                 "holds the time of those it calls (flush: the frame and the write; the frame: frame_events), each "
+                 "timer adding ~0.1-0.3 µs: do not add a column up. A request: one the server counted, warm-ups and "
+                 "failures included (the timed functions run on answered ones).", ""]  # fmt: skip
         for name, _, missing in trees:
             if missing:
                 lines.append(f"{name}: not found there (not timed): {', '.join(missing)}")
-        for label, _, pid, rates, loop_us, _ in rows:
+        for label, port, pid, rates, loop_us, failures in rows:
             totals = json.loads((timings / f"{pid}.json").read_text()) if (timings / f"{pid}.json").exists() else {}
-            served = totals.get("payload.answered", totals.get("watch.observe", totals.get("tracing.sample", [0])))[0]
+            # the server's own count of the requests it served (warm-ups included, as the totals are)
+            served = monitoring_overhead.payload_counts(port)[1]
             lines += ["", f"**{label}**: {statistics.median(rates):,.0f} infer/s (median round), event loop "
-                      f"{statistics.median(loop_us):.1f} µs CPU a request", ""]  # fmt: skip
-            if not served:
+                      f"{statistics.median(loop_us):.1f} µs CPU a request, {sum(failures)} failures", ""]  # fmt: skip
+            if not totals or not served:
+                lines.append("(no timings from this server)")
                 continue
             lines += ["| function | calls a request | ns a call | ns a request |", "|---|---|---|---|"]
             for function, (calls, total_ns) in sorted(totals.items()):
@@ -180,10 +193,17 @@ def main() -> None:
         print(text)
         if args.out:
             args.out.write_text(text)
+    except BaseException:
+        print(f"failed: the servers' logs are in {work}", file=sys.stderr)
+        raise
     finally:
         for server in servers:
             server.terminate()
-            server.wait(30)
+        for server in servers:
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
         receiver.terminate()
     shutil.rmtree(work)
 
