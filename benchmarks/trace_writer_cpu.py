@@ -65,6 +65,7 @@ def made_frames(seconds: float, rate: float) -> dict[str, Any]:
     tracing._timer, tracing._soon = None, False  # (the early hand-over's, where the tree has one)
     tracing._handing = threading.Lock()  # (the close's and the flush's, where the tree has one)
     tracing.ratio, tracing.monotonic_offset = 1.0, time.time_ns() - time.monotonic_ns()
+    tracing.skip = 1  # (every request its turn; sources before the count down draw by ``ratio``)
     clock = [0.0]
     frames: list[list[Any]] = []
 

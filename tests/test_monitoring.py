@@ -3,6 +3,7 @@ latency baseline, quality figures, the model.yaml section, and a profile kept en
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -10,28 +11,35 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from prometheus_client import CollectorRegistry
 
 from dhow.access.actions import ACTIONS
 from dhow.access.permissions import ROLES
 from dhow.core.artifacts import install_decryptor
 from dhow.core.errors import ModelLoadError
-from dhow.core.model_config import LatencyConfig
+from dhow.core.model_config import DriftConfig, LatencyConfig, MonitoringConfig
 from dhow.demo import _tabular_data
 from dhow.monitoring.drift import DriftWindow, js_distance, psi, score
 from dhow.monitoring.latency import LatencyBaseline, duration_text
+from dhow.monitoring.model_metrics import ModelMetrics
 from dhow.monitoring.profile import SKETCH_SIZE, FeatureSketch, ReferenceProfile
 from dhow.monitoring.quality import QualityWindow, label_misfit, prediction_of
 from dhow.monitoring.sampling import sampling_gap
 from dhow.repository.encryption import Keyring, encrypt_repository, generate_key
 from dhow.repository.manifest import ManifestError, parse_manifest
 from dhow.repository.profiles import PROFILE, read_profile
+from dhow.serving.watch import ModelWatch, _Watched
 
 
 def _profile(values: np.ndarray, cities: list[str]) -> ReferenceProfile:
@@ -296,3 +304,38 @@ def test_the_readme_names_the_roles_that_may_read_a_versions_drift() -> None:
     permission = ACTIONS["model.drift"].permission
     assert said[2] == permission.value
     assert set(re.split(r", | or ", said[1])) == {role for role, granted in ROLES.items() if permission in granted}
+
+
+def test_a_drift_report_says_drift_while_the_episode_is_being_written() -> None:
+    """The episode's event goes to the registry in a worker thread; a report asked meanwhile must say what the
+    scores say (it said "ok" with the drifted features listed until the write ended)."""
+    rng = np.random.default_rng(0)
+    profile = _profile(rng.normal(0, 1, 50_000), list(rng.choice(["p", "q"], 50_000)))
+    settings = DriftConfig(sample_rate=1.0, window=100, interval_s=0.0, min_rows=10, threshold=0.2)
+    model = SimpleNamespace(name="m", version_label="1", profile=profile,
+                            config=SimpleNamespace(monitoring=MonitoringConfig(drift=settings)))  # fmt: skip
+    writing, release = threading.Event(), threading.Event()
+
+    class SlowRegistry:
+        def add_event(self, name: str, kind: str, details: dict[str, Any]) -> None:
+            writing.set()
+            release.wait(10)
+
+    models: Any = SimpleNamespace(resolve=lambda name, version: model, entries={})
+    watch = ModelWatch(models, ModelMetrics(CollectorRegistry()), SlowRegistry())
+    window = DriftWindow(100, 1.0)
+    window.add(50, {"x": rng.normal(1.5, 1, (50, 1)), "city": np.full((50, 1), "r", dtype=object)}, {})
+    watched = _Watched(model, window, None)
+    watch._watched[("m", "1")] = watched
+
+    async def scored_while_written() -> dict[str, Any]:
+        scoring = asyncio.create_task(watch._score_drift(watched, time.monotonic() + 1))
+        assert await asyncio.to_thread(writing.wait, 10), "the drift episode is written"
+        report = watch.drift_report("m", "1")
+        release.set()
+        await scoring
+        return report
+
+    report = asyncio.run(scored_while_written())
+    assert report["state"] == "drift" and set(report["drifted"]) == {"a", "city"}, report
+    assert watch.drift_report("m", "1")["state"] == "drift"

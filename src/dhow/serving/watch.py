@@ -250,7 +250,9 @@ class ModelWatch:
                 self.metrics.latency_baseline.labels(*labels, part, quantile).set(median)
             found = next((a for a in anomalies if (a.part, a.quantile) == (part, quantile)), None)
             self.metrics.anomaly.labels(*labels, part, quantile).set(found.ratio if found is not None else 0)
-        if anomalies and not watched.anomalous:
+        # the state first, the record after: a report asked while the event is written says what the figures say
+        was, watched.anomalous = watched.anomalous, bool(anomalies)
+        if anomalies and not was:
             worst = max(anomalies, key=lambda a: a.ratio)
             details = {
                 "version": model.version_label,
@@ -265,9 +267,8 @@ class ModelWatch:
                 duration_text(worst.baseline),
             )  # fmt: skip
             await self._episode(model, "latency_anomaly", details)
-        elif not anomalies and watched.anomalous:
+        elif not anomalies and was:
             await self._record(model.name, "latency_normal", {"version": model.version_label})
-        watched.anomalous = bool(anomalies)
 
     async def _score_drift(self, watched: _Watched, now: float) -> None:
         model, window = watched.model, watched.drift
@@ -285,7 +286,10 @@ class ModelWatch:
         drifted = [s for s in scores if s.drifted]
         self.metrics.drifted.labels(*labels).set(len(drifted))
         self.metrics.drift_rows.labels(*labels).set(window.held)
-        if drifted and not watched.drifting:
+        # the state first, the record after: a report asked while the event is written (the registry, in a worker
+        # thread) says "drift" with the features it names, not "ok"
+        was, watched.drifting = watched.drifting, bool(drifted)
+        if drifted and not was:
             details = {
                 "version": model.version_label,
                 "threshold": settings.threshold,
@@ -299,9 +303,8 @@ class ModelWatch:
                 drifted[0].method, drifted[0].score,
             )  # fmt: skip
             await self._episode(model, "drift", details)
-        elif not drifted and watched.drifting:
+        elif not drifted and was:
             await self._record(model.name, "drift_cleared", {"version": model.version_label, "rows": window.held})
-        watched.drifting = bool(drifted)
 
     async def _episode(self, model: ModelVersion, kind: str, details: dict[str, Any]) -> None:
         self.metrics.events.labels(model.name, model.version_label, kind).inc()
