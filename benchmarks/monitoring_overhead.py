@@ -1,7 +1,7 @@
 """What do drift sampling, the payload log and tracing cost on the inference path?
 
     .venv/bin/python benchmarks/monitoring_overhead.py [--seconds 8] [--warmup 2] [--rounds 3] [--concurrency 16]
-        [--only LETTERS --out PATH]
+        [--only LETTERS --out PATH] [--generator wrk] [--fresh-servers]
 
 Builds the demo models and starts five `dhow serve` processes with only `tabular` (ONNX), in one run: (a) all
 monitoring off; (b) the payload log to a file (`--payload-log file://…`, every request masked and written as a
@@ -13,7 +13,10 @@ model.yaml's defaults, 10% of the requests sampled, scored every 30 s); (e) all 
 The same closed-loop generator (benchmarks/loadgen.py, JSON over REST, keep-alive, batch 1; ``--generator wrk``:
 wrk, benchmarks/wrk_load.py, a C generator whose CPU a request is a fraction of loadgen's, as a cross-check that
 the ratios are the server's) drives each at the concurrency, the configurations alternated in rounds (order rotated each
-round), the median round reported. Afterwards it checks that the payload log's counters account for every request
+round), the median round reported. ``--fresh-servers`` starts every configuration's server afresh each round: a
+server process's own speed moves its figures (all off, the same code, read 8% apart between two servers over six
+alternating rounds, 2026-12-07), so one server a configuration for the whole run leaves that in its ratio.
+Afterwards it checks that the payload log's counters account for every request
 the server served, each once (logged, dropped or failed), and that it served what was sent, and reports the drops.
 Writes benchmarks/RESULTS-monitoring.md; ``--only`` runs some of the
 configurations (by letter) and then needs ``--out`` (a part of the table must not replace the whole). Ratios are to
@@ -129,14 +132,54 @@ def measure(config: Config, args: argparse.Namespace) -> tuple[loadgen.Result | 
     return results[1], (cpu_seconds(config.pid) - cpu) / sent * 1e6
 
 
-def run_rounds(configs: list[Config], args: argparse.Namespace) -> None:
-    for round_ in range(args.rounds):
-        for config in configs[round_ % len(configs) :] + configs[: round_ % len(configs)]:
-            result, cpu_us = measure(config, args)
-            config.runs.append((result, cpu_us))
-            print(f"round {round_ + 1} {config.label}: {result.throughput:,.0f} infer/s, p50 "
-                  f"{result.percentile(50):.2f} ms, p99 {result.percentile(99):.2f} ms, server CPU {cpu_us:.0f} "
-                  f"µs/request, {result.failures} failures", flush=True)  # fmt: skip
+def run_round(configs: list[Config], round_: int, args: argparse.Namespace) -> None:
+    """One round: each configuration measured once, in an order rotated by ``round_``."""
+    for config in configs[round_ % len(configs) :] + configs[: round_ % len(configs)]:
+        result, cpu_us = measure(config, args)
+        config.runs.append((result, cpu_us))
+        print(f"round {round_ + 1} {config.label}: {result.throughput:,.0f} infer/s, p50 "
+              f"{result.percentile(50):.2f} ms, p99 {result.percentile(99):.2f} ms, server CPU {cpu_us:.0f} "
+              f"µs/request, {result.failures} failures", flush=True)  # fmt: skip
+
+
+def start_servers(
+    chosen: list[tuple[str, tuple[Path, tuple[str, ...]], Path | None]],
+    work: Path,
+    args: argparse.Namespace,
+    configs: list[Config],
+    servers: list[subprocess.Popen[bytes]],
+    round_: int = 0,
+) -> None:
+    """A server for each chosen configuration (appended to ``servers``), its port and pid set on its ``Config``
+    (appended to ``configs`` the first time); each its own payload file, each round's (``--fresh-servers``) too."""
+    for index, (label, (repository, extra), src) in enumerate(chosen):
+        extra = tuple(part.replace(".jsonl", f"-{index}-{round_}.jsonl") for part in extra)
+        server, port = start_server(work, f"server-{index}-{round_}", repository, "--auth", "none",
+                                    "--cpu-affinity", args.cpu_affinity, *extra, src=src)  # fmt: skip
+        servers.append(server)
+        if len(configs) <= index:
+            configs.append(Config(label, port, server.pid))
+        configs[index].port, configs[index].pid = port, server.pid
+
+
+def counted(configs: list[Config], logged: dict[str, tuple[dict[str, float], float]]) -> None:
+    """Add the payload log's counters and the served requests of each payload configuration's server to
+    ``logged`` (after a pause: the writers catch up)."""
+    time.sleep(2)
+    for config in configs:
+        if "payload" in config.label:
+            counts, served = payload_counts(config.port)
+            before, before_served = logged.get(config.label, ({}, 0.0))
+            logged[config.label] = ({k: before.get(k, 0) + counts.get(k, 0) for k in {*before, *counts}},
+                                    before_served + served)  # fmt: skip
+
+
+def stop(servers: list[subprocess.Popen[bytes]]) -> None:
+    for server in servers:
+        server.terminate()
+    for server in servers:
+        server.wait(30)
+    servers.clear()
 
 
 def report(configs: list[Config], args: argparse.Namespace, logged: dict[str, tuple[dict[str, float], float]]) -> str:
@@ -154,7 +197,13 @@ def report(configs: list[Config], args: argparse.Namespace, logged: dict[str, tu
         "configuration, from the same source tree with --compare, measured seconds apart), with their range. The "
         f"load generator ({GENERATORS[args.generator]}) shares the cores with the server (and the OTLP receiver): "
         "ratios from this one run, not "
-        "absolute capacity. Goal: (e) at >= 0.95 of (a)'s throughput, p99 within 10%.",
+        "absolute capacity. Goal: (e) at >= 0.95 of (a)'s throughput, p99 within 10%."
+        + (
+            " Every round started its servers afresh (--fresh-servers): a server process's own speed moves its "
+            "figures by several percent, averaged over the rounds' processes here."
+            if args.fresh_servers
+            else ""
+        ),
         "",
         f"| configuration | infer/s | p50 ms | p99 ms | failures | throughput ratio to {against} | paired ratio to "
         f"{against} | p99 ratio to {against} | paired p99 ratio | server CPU µs/request |",
@@ -260,6 +309,12 @@ def main() -> None:
     parser.add_argument(
         "--cpu-affinity", choices=("off", "auto"), default="off", help="the servers' --cpu-affinity (default off)"
     )
+    parser.add_argument(
+        "--fresh-servers",
+        action="store_true",
+        help="start every configuration's server afresh each round (a server process's own speed moves its figures "
+        "by several percent: averaged over the rounds' processes)",
+    )
     parser.add_argument("--receiver", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver:
@@ -279,18 +334,16 @@ def main() -> None:
     # each configuration from this tree, and from each other one
     chosen += [(f"{label} [{src}]", setup, src) for src in args.compare for label, setup, _ in list(chosen)]
     servers: list[subprocess.Popen[bytes]] = []
+    configs: list[Config] = []
+    logged: dict[str, tuple[dict[str, float], float]] = {}
     try:
-        configs = []
-        for index, (label, (repository, extra), src) in enumerate(chosen):
-            if src is not None:  # (a payload file of its own)
-                extra = tuple(part.replace(".jsonl", f"-{index}.jsonl") for part in extra)
-            server, port = start_server(work, f"server-{index}", repository, "--auth", "none",
-                                        "--cpu-affinity", args.cpu_affinity, *extra, src=src)  # fmt: skip
-            servers.append(server)
-            configs.append(Config(label, port, server.pid))
-        run_rounds(configs, args)
-        time.sleep(2)  # the writers catch up
-        logged = {c.label: payload_counts(c.port) for c in configs if "payload" in c.label}
+        for round_ in range(args.rounds):
+            if round_ == 0 or args.fresh_servers:
+                start_servers(chosen, work, args, configs, servers, round_)
+            run_round(configs, round_, args)
+            if args.fresh_servers or round_ == args.rounds - 1:
+                counted(configs, logged)
+                stop(servers)
     finally:
         for server in servers:
             server.terminate()
