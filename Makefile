@@ -92,9 +92,9 @@ bench-drift: $(STAMP)
 bench-scaling: $(STAMP)
 	$(PY) benchmarks/autoscale_sim.py
 
-# the payload log (file) and tracing (ratio 0.1) on and off, one run; about 3 minutes
-bench-monitoring: $(STAMP)
-	$(PY) benchmarks/monitoring_overhead.py
+# drift, the payload log (file) and tracing (ratio 0.1) on and off, one run (wrk, 5 rounds, fresh servers each); about 6 minutes
+bench-monitoring: $(STAMP) bench-packages
+	$(PY) benchmarks/monitoring_overhead.py --rounds 5 --generator wrk --fresh-servers
 
 # the proxy `dhow gateway config` writes (HAProxy, make system-packages) against dhow direct; about 2 minutes
 bench-gateway: $(STAMP) system-packages

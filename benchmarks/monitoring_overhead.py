@@ -165,7 +165,8 @@ def start_servers(
 def counted(configs: list[Config], logged: dict[str, tuple[dict[str, float], float]]) -> None:
     """Add the payload log's counters and the served requests of each payload configuration's server to
     ``logged`` (after a pause: the writers catch up)."""
-    time.sleep(2)
+    if any("payload" in config.label for config in configs):
+        time.sleep(2)
     for config in configs:
         if "payload" in config.label:
             counts, served = payload_counts(config.port)
@@ -175,10 +176,15 @@ def counted(configs: list[Config], logged: dict[str, tuple[dict[str, float], flo
 
 
 def stop(servers: list[subprocess.Popen[bytes]]) -> None:
+    """Stop the servers (killed when one does not stop in 30 s)."""
     for server in servers:
         server.terminate()
     for server in servers:
-        server.wait(30)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
     servers.clear()
 
 
@@ -225,7 +231,8 @@ def report(configs: list[Config], args: argparse.Namespace, logged: dict[str, tu
     sent = "requests answered (+ those wrk may have sent uncounted, at most)" if args.generator == "wrk" else (
         "requests sent")  # fmt: skip
     head = f"| configuration | {sent} | served | logged | dropped | failed |"
-    lines += ["", "Payload log check (every request sent, warm-ups included; served: the server's own count):", "",
+    own = "the servers' own count, summed over the rounds' servers" if args.fresh_servers else "the server's own count"
+    lines += ["", f"Payload log check (every request sent, warm-ups included; served: {own}):", "",
               head, "|---|---|---|---|---|---|"]  # fmt: skip
     for config in configs:
         if config.label in logged:
@@ -345,10 +352,10 @@ def main() -> None:
                 counted(configs, logged)
                 stop(servers)
     finally:
-        for server in servers:
-            server.terminate()
-            server.wait(30)
-        receiver.terminate()
+        try:
+            stop(servers)
+        finally:
+            receiver.terminate()
     shutil.rmtree(work)
     args.out.write_text(report(configs, args, logged))
     print(f"wrote {args.out}")

@@ -121,6 +121,8 @@ def start_server(
             return server, port
         except OSError:
             time.sleep(0.1)
+    server.kill()  # (not the caller's to stop: it never got it)
+    server.wait()
     raise TimeoutError(f"dhow serve did not become ready; see {work / name}.log")
 
 
