@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -197,14 +196,10 @@ def main() -> None:
         print(f"failed: the servers' logs are in {work}", file=sys.stderr)
         raise
     finally:
-        for server in servers:
-            server.terminate()
-        for server in servers:
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-        receiver.terminate()
+        try:
+            monitoring_overhead.stop(servers)
+        finally:
+            receiver.terminate()
     shutil.rmtree(work)
 
 
