@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,12 @@ _TRACED, _BATCH, _TRACED_A_BATCH = 8, 16, 2
 def _event(body: bytes | None) -> list[object]:
     rng = np.random.default_rng(0)
     inputs: object = len(body) if body is not None else [["input", "FP32", [1, 32], rng.standard_normal((1, 32))]]
-    outputs = {"label": np.array([1]), "probabilities": rng.random((1, 2)).astype(np.float32)}
+    from dhow.core.types import InferenceRequest
+
+    outputs: object = [["label", "INT64", [1], np.array([1])],
+                       ["probabilities", "FP32", [1, 2], rng.random((1, 2)).astype(np.float32)]]  # fmt: skip
+    if "payload_item" not in InferenceRequest.__slots__:  # (sources before 2026-12-07's JSON answer: name -> array)
+        outputs = {"label": np.array([1]), "probabilities": rng.random((1, 2)).astype(np.float32)}
     event = ["req-0001", "tabular", "1", "anonymous", "default", "", "success", "", time.time(), 0.0012, {}, inputs,
              outputs, 1]  # fmt: skip
     if body is not None:  # a JSON body's number of tensors, as PayloadLog.offer appends it
@@ -151,13 +157,19 @@ def run_unit(unit: str, count: int) -> None:
         _trace_unit(unit, count)
     elif unit == "render":
         from dhow.core.frames import split_frames
+        from dhow.core.types import InferenceRequest
         from dhow.governance.masking import Masker, parse_masking
         from dhow.monitoring.payload_log import read_events
         from dhow.serving.payload_writer import Writer
 
         masker = Masker(parse_masking(None, "pii"), b"")
-        body = _body()
-        event = read_events(split_frames(bytearray(_offered_frame(body, masker)))[0])[1][0]
+        if "payload_item" in InferenceRequest.__slots__:  # (sources since 2026-12-07: the JSON answer as sent)
+            log, answer = answered_log()
+            answer()
+            frame = log._frame(list(log._queue))
+        else:
+            frame = _offered_frame(_body(), masker)
+        event = read_events(split_frames(bytearray(frame))[0])[1][0]
         writer = Writer.__new__(Writer)  # its render alone: no sink, no threads
         writer._maskers, writer.source = {1: masker}, "dhow://bench"
         chunk = getattr(writer, "render_chunk", None)
@@ -186,8 +198,21 @@ def run_unit(unit: str, count: int) -> None:
 
 def _answered_unit(count: int) -> None:
     """``count`` answered ``tabular`` requests (a REST JSON body, two outputs) as the data plane hands them to the
-    payload log, its queue framed every 8."""
+    payload log (and the REST door its JSON answer, in sources that take it), its queue framed every 8."""
+    log, answer = answered_log()
+    for n in range(count):
+        answer()
+        if n % 8 == 7:  # as its flush does
+            log._frame(list(log._queue))
+            log._queue.clear()
+
+
+def answered_log() -> tuple[Any, Callable[[], None]]:
+    """A payload log without its writer process, and what answers one ``tabular`` request to it: the data plane's
+    ``PayloadLog.answered``, then, in sources since 2026-12-07 that take it, the REST door's answer as it sent it
+    put in the item (``InferenceRequest.payload_item``)."""
     from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Tensor
+    from dhow.core.wire.v2 import encode_response
     from dhow.governance.masking import Masker, parse_masking
 
     body = _body()
@@ -202,12 +227,16 @@ def _answered_unit(count: int) -> None:
     outputs = [Tensor("label", "INT64", [1], np.array([1])),
                Tensor("probabilities", "FP32", [1, 2], rng.random((1, 2)).astype(np.float32))]  # fmt: skip
     response = InferenceResponse("tabular", "1", outputs)
+    encoded = encode_response(response, request)[0]
     start = time.perf_counter()
-    for n in range(count):
+
+    def answer() -> None:
         log.answered(placement, start, request, response)
-        if n % 8 == 7:  # as its flush does
-            log._frame(list(log._queue))
-            log._queue.clear()
+        item = getattr(request, "payload_item", None)
+        if item is not None:  # as the REST door does
+            item[-1] = encoded
+
+    return log, answer
 
 
 def _instructions(unit: str, count: int, src: Path) -> int:

@@ -7,8 +7,9 @@ The writer's parts, timed warm in one process, are not its cost on a small machi
 wakes with cold caches, and each of its threads' wake-ups (the pipe's read, each paced render step, a report)
 costs it more CPU than a few events. This starts the writer as the server does (``python -m
 dhow.serving.payload_writer``, each ``--src`` tree's, its settings as ``writer_pipe.WriterPipe`` sends them) with a
-file sink in a scratch folder, and feeds its pipe frames made by ``payload_log.frame_events`` of ``--per`` events
-shaped as ``tabular``'s over REST (the JSON body as sent, outputs ``label`` and ``probabilities``):
+file sink in a scratch folder, and feeds its pipe frames of ``--per`` events as that tree's own event loop makes
+them: ``tabular`` requests over REST (the JSON body as sent, the JSON answer, outputs ``label`` and
+``probabilities``) answered to its ``PayloadLog`` and framed by it, in a child process with that tree on its path:
 
 - ``paced``: a frame every ``--interval`` (``writer_pipe.FLUSH_S``: 100 events every 10 ms is 10,000 requests a
   second; the figures of 2026-12-06 were taken at 350 every 50 ms, the hand-over then), for ``--seconds``;
@@ -34,44 +35,46 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))  # (monitoring_units: a tree's payload log, without its writer process)
+if "--frames" not in sys.argv:  # (the child that makes a tree's frames has that tree's own sources on its path)
+    sys.path.insert(0, str(HERE.parent / "src"))
 
 from dhow.core.frames import decode_frames, widen_pipe  # noqa: E402
-from dhow.governance.masking import Masker, parse_masking  # noqa: E402
-from dhow.monitoring.payload_log import encode_frame, frame_events  # noqa: E402
+from dhow.monitoring.payload_log import encode_frame  # noqa: E402
 
-ROW = [0.1 * i for i in range(32)]
-#: the body ``monitoring_overhead.py`` sends (``security_overhead.BODY``), as the client wrote it
-BODY = (
-    b'{"inputs": [{"name": "input", "shape": [1, 32], "datatype": "FP32", "data": ['
-    + ", ".join(map(str, ROW)).encode()
-    + b"]}]}"
-)
 _WARM_FRAMES = 10
 
 
 def frames(count: int, per: int) -> list[bytes]:
-    """``count`` frames of ``per`` events as ``PayloadLog._frame`` writes them (the masking handed over first)."""
-    rng = np.random.default_rng(0)
-    masker = Masker(parse_masking(None, "pii"), b"")
+    """``count`` frames of ``per`` events as the event loop of the tree on the path makes them (``--frames``):
+    ``tabular`` requests answered over REST to its ``PayloadLog`` (``monitoring_units.answered_log``: its
+    ``answered``, and the REST door's JSON answer put in the item where the tree takes it), framed by its
+    ``_frame`` every ``per`` (the masking handed over with the first)."""
+    from monitoring_units import answered_log
+
+    log, answer = answered_log()
     written = []
-    clock = time.time() - time.perf_counter()
-    for n in range(count):
-        events, bodies, outputs = [], [], []
-        start = time.perf_counter()
-        for k in range(per):
-            # (as ``PayloadLog.offer`` leaves an event: the body's length, the outputs' number, the masking's number
-            # and the body's number of tensors appended)
-            events.append([f"{n:06d}-{k:04d}-7f3a9c1e", "tabular", "1", "anonymous", "default", "", "success", "",
-                           start + k * 1e-4, 0.0008 + 1e-6 * k, {}, len(BODY), 2, 1, 1])  # fmt: skip
-            bodies.append(BODY)
-            outputs.append({"label": np.array([k % 2]), "probabilities": rng.random((1, 2)).astype(np.float32)})
-        maskings = [(1, masker.spec())] if n == 0 else []
-        written.append(frame_events(maskings, clock, events, bodies, outputs))
+    for _ in range(count):
+        for _ in range(per):
+            answer()
+        written.append(log._frame(list(log._queue)))
+        log._queue.clear()
     return written
+
+
+def tree_frames(tree: Path, count: int, per: int) -> list[bytes]:
+    """``frames`` made by ``tree``'s own code (a child with that tree on its path: each tree's writer reads the
+    frames its own server writes)."""
+    env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1")
+    command = [sys.executable, __file__, "--frames", str(count), "--per", str(per)]
+    data = subprocess.run(command, env=env, capture_output=True, check=True).stdout
+    made, at = [], 0
+    while at < len(data):  # (each frame: its 4-byte big-endian length, then that many bytes)
+        end = at + 4 + int.from_bytes(data[at : at + 4], "big")
+        made.append(data[at:end])
+        at = end
+    return made
 
 
 def thread_times(pid: int) -> dict[str, tuple[float, int, int]]:
@@ -203,14 +206,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="of paced feed")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mode", choices=("paced", "unpaced", "both"), default="both")
+    parser.add_argument("--frames", type=int, help=argparse.SUPPRESS)  # (the child of ``tree_frames``)
     args = parser.parse_args()
+    if args.frames is not None:
+        sys.stdout.buffer.write(b"".join(frames(args.frames, args.per)))
+        return
     trees = args.src or [HERE.parent / "src"]
-    framed = frames(_WARM_FRAMES + int(args.seconds / args.interval), args.per)
+    count = _WARM_FRAMES + int(args.seconds / args.interval)
+    framed = {tree: tree_frames(tree, count, args.per) for tree in trees}
     modes = {"paced": [args.interval], "unpaced": [None], "both": [args.interval, None]}[args.mode]
     for round_ in range(1, args.rounds + 1):
         for interval in modes:
             for tree in trees:
-                found = run(tree, framed, args.per, interval)
+                found = run(tree, framed[tree], args.per, interval)
                 threads = " ".join(f"{us:.2f} ({woken:.1f})" for us, woken in found["threads"] if us > 0.005)
                 mode = "paced" if interval else "unpaced"
                 print(

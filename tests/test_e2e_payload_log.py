@@ -101,7 +101,8 @@ def _check_events(events: list[dict[str, Any]]) -> None:
     ok = by_id["req-ok-1"]
     assert ok["specversion"] == "1.0" and ok["type"] == "io.dhow.inference.response"
     assert ok["subject"] == "notes/1" and ok["datacontenttype"] == "application/json"
-    assert ok["data"]["outcome"] == "success" and ok["data"]["outputs"] == {"y": [[2.0]]}
+    assert ok["data"]["outcome"] == "success"
+    assert ok["data"]["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [1, 1], "data": [2.0]}], "as answered"
     inputs = {tensor["name"]: tensor for tensor in ok["data"]["request"]["inputs"]}
     assert inputs["x"] == {"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}, "as the client sent it"
     assert EMAIL not in json.dumps(events), "the model's PII masking applies to the payload log"
@@ -249,8 +250,8 @@ PLAIN = (
 
 def test_a_json_body_is_logged_as_sent_and_binary_tensors_in_the_json_form(tmp_path: Path) -> None:
     """A model of numbers only: a JSON body goes into the event as the client sent it (its own id, newlines made
-    spaces: one event a line); a request with the binary tensor extension, as its decoded tensors in the
-    protocol's JSON form."""
+    spaces: one event a line), and the outputs as the JSON answer held them; a request with the binary tensor
+    extension, as its decoded tensors in the protocol's JSON form, and its outputs so too."""
     repository = tmp_path / "models"
     (repository / "plain" / "1").mkdir(parents=True)
     (repository / "plain" / "1" / "model.py").write_text(NOTES_MODEL)
@@ -272,10 +273,11 @@ def test_a_json_body_is_logged_as_sent_and_binary_tensors_in_the_json_form(tmp_p
         lines = log_file.read_text().splitlines()
         assert len(lines) == 2
         by_id = {event["data"]["request_id"]: event["data"] for event in map(json.loads, lines)}
-        assert by_id["as-sent"]["request"] == sent and by_id["as-sent"]["outputs"] == {"y": [[3.0]]}
+        assert by_id["as-sent"]["request"] == sent
+        assert by_id["as-sent"]["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [1, 1], "data": [3.0]}]
         (tensor,) = by_id["binary"]["request"]["inputs"]
         assert {k: tensor[k] for k in ("name", "datatype", "shape", "data")} == {
             "name": "x", "datatype": "FP32", "shape": [1, 1], "data": [[3.0]]}  # fmt: skip
-        assert by_id["binary"]["outputs"] == {"y": [[6.0]]}
+        assert by_id["binary"]["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [1, 1], "data": [[6.0]]}]
     finally:
         assert server.stop() == 0, server.log()

@@ -18,9 +18,9 @@ import pytest
 from dhow.core.errors import InvalidInput
 from dhow.core.frames import split_frames
 from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Tensor
-from dhow.core.wire.v2 import decode_request
+from dhow.core.wire.v2 import decode_request, encode_response
 from dhow.governance.masking import Masker, parse_masking
-from dhow.monitoring.payload_log import MASKING, TENSORS, PayloadLog, frame_events, read_events
+from dhow.monitoring.payload_log import ANSWER, MASKING, TENSORS, PayloadLog, frame_events, read_events
 from dhow.monitoring.payload_sinks import FileSink, open_sink, worker_sink_url
 from dhow.serving.payload_render import cloud_event, cloud_events
 from tests.payload_kafka_broker import KafkaBroker, payload_kafka_broker  # noqa: F401 (a fixture)
@@ -145,12 +145,14 @@ def test_a_chunk_written_at_once_still_rotates_before_the_line_that_would_overfl
 def test_the_event_is_one_line_of_a_cloudevent_with_its_envelope() -> None:
     """The rendered bytes: one line of JSON (JSON Lines), the CloudEvents envelope, the time in RFC 3339 with
     microseconds, the latency in milliseconds to the microsecond, the request as the client sent it (its newlines
-    made spaces) and outputs as they came."""
+    made spaces) and the outputs as the client got them, cut out of the JSON answer as they are."""
     masker = Masker(parse_masking(None, "pii"), b"")
     body = json.dumps({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [0.1, -2, 3e-7]}]},
                       indent=2)  # fmt: skip
+    answer = _answer(Tensor("label", "INT64", [1], np.array([1])),
+                     Tensor("p", "FP32", [1, 2], np.array([[0.25, 0.75]], np.float32)))  # fmt: skip
     event = ["r-3", "tabular", "2", "alice", "acme", "eu", "success", "", 1_700_000_000.25, 0.0012344, {"k": 1},
-             body, {"label": [1], "p": [[0.25, 0.75]]}, 1]  # fmt: skip
+             body, answer, 1]  # fmt: skip
     written = cloud_event(event, masker, "dhow://test")
     assert b"\n" not in written and b"\r" not in written
     document = json.loads(written)
@@ -160,9 +162,20 @@ def test_the_event_is_one_line_of_a_cloudevent_with_its_envelope() -> None:
         "subject": "tabular/2", "time": "2023-11-14T22:13:20.250000Z", "datacontenttype": "application/json",
         "data": {"request_id": "r-3", "model": "tabular", "version": "2", "principal": "alice", "tenant": "acme",
                  "data_region": "eu", "outcome": "success", "latency_ms": 1.234, "parameters": {"k": 1},
-                 "request": json.loads(body), "outputs": {"label": [1], "p": [[0.25, 0.75]]}},
+                 "request": json.loads(body), "outputs": json.loads(answer)["outputs"]},
     }  # fmt: skip
+    assert document["data"]["outputs"] == [
+        {"name": "label", "datatype": "INT64", "shape": [1], "data": [1]},
+        {"name": "p", "datatype": "FP32", "shape": [1, 2], "data": [0.25, 0.75]},
+    ]
     assert json.dumps(json.loads(body), indent=2).replace("\n", " ").encode() in written, "embedded as it came"
+    assert answer[answer.index(b'"outputs":') + 10 : -1] in written, "the answer's outputs as they are"
+
+
+def _answer(*tensors: Tensor, id: str = "", parameters: dict[str, Any] | None = None) -> bytes:
+    """A JSON answer as the REST door sends it (``wire.v2.encode_response``)."""
+    response = InferenceResponse("notes", "1", list(tensors), id=id, parameters=parameters or {})
+    return encode_response(response, InferenceRequest("notes", []))[0]
 
 
 def test_each_worker_gets_a_file_of_its_own() -> None:
@@ -208,11 +221,12 @@ def test_a_json_body_with_text_or_named_fields_is_parsed_and_masked() -> None:
         {"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": ["to bob@example.com"]},
         {"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1.5, 2, 3, 4]},
     ]}).encode()  # fmt: skip
-    event = ["r-2", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, body, {"y": [[3.0]]}, 1]
+    event = ["r-2", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, body, [["y", "FP32", [1, 1], [[3.0]]]], 1]
     data = json.loads(cloud_event(event, Masker(parse_masking(None, "pii"), b""), "dhow://test"))["data"]
     text, x = data["request"]["inputs"]
     assert text["data"] == ["to [REDACTED:email]"] and x["data"] == [1.5, 2, 3, 4] and data["request"]["id"] == "c-1"
-    assert data["outputs"] == {"y": [[3.0]]} and "error" not in data
+    assert data["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [1, 1], "data": [[3.0]]}]
+    assert "error" not in data
 
     numbers = json.dumps({"inputs": [{"name": "account", "shape": [1], "datatype": "INT64", "data": [42]}]}).encode()
     named = Masker(parse_masking({"fields": {"account": "hash"}}, "pii"), b"k" * 32)
@@ -291,13 +305,17 @@ def test_a_bodys_quotes_counted_against_its_tensors_let_no_other_string_through(
     assert bare.replace(b"\n", b" ") in cloud_event(event, masker, "dhow://test"), "embedded as it came"
 
 
+_ANSWERED = (Tensor("y", "FP32", [1, 1], np.array([[3.0]], np.float32)), Tensor("label", "INT64", [1], np.array([1])))
+_ANSWER = _answer(*_ANSWERED)
+
+
 def _chunk_events() -> list[list[Any]]:
     """Events of every kind a chunk may mix: common ones (a bare body, numbers out) and the others."""
     bare = json.dumps({"inputs": [_NUMBERS, {**_NUMBERS, "name": "y"}]}).encode()
 
     def event(body: bytes, tensors: int, **changes: Any) -> list[Any]:
         made = ["r-1", "notes", "1", "alice", "acme", "eu", "success", "", 1_700_000_000.2500004, 0.0012344, {},
-                body, (b'"y":[[3.0]],"label":[1]', 2), 1, tensors]  # fmt: skip
+                body, _ANSWER, 1, tensors]  # fmt: skip
         for index, value in changes.items():
             made[int(index[1:])] = value
         return made
@@ -307,8 +325,13 @@ def _chunk_events() -> list[list[Any]]:
     events += [
         event(bare, 2, i6="INVALID_ARGUMENT", i7=f"no such user {_EMAIL}", i12=None),
         event(bare, 2, i10={"mode": _EMAIL}),
-        event(bare, 2, i12=(json.dumps({"y": [[_EMAIL]]}).encode()[1:-1], 1)),
-        event(bare, 2, i12={"y": [[_EMAIL]], "z": [1.5]}),  # outputs as a dict (an event made in this process)
+        event(bare, 2, i12=_answer(Tensor("y", "BYTES", [1, 1], np.array([[_EMAIL.encode()]], object)))),
+        event(bare, 2, i12=_answer(Tensor("z", "FP32", [1], np.array([1.5], np.float32)), id=_EMAIL)),
+        # the outputs' key in a text the answer holds before its outputs: cut at the outputs
+        event(bare, 2, i12=_answer(*_ANSWERED, parameters={"note": '"outputs":[' + _EMAIL})),
+        event(bare, 2, i12=b'{"result": "' + _EMAIL.encode() + b'"}'),  # (not an answer of the protocol)
+        # outputs as tensors (gRPC, the binary extension, an event made in this process)
+        event(bare, 2, i12=[["y", "BYTES", [1, 1], [[_EMAIL]]], ["z", "FP32", [1], [1.5]]]),
         event(bare, 2, i13=2),  # a field rule on x
         event(json.dumps({"inputs": [_NUMBERS]}, indent=1).encode(), 1),  # newlines: as spaces
         event(bare, 2, i0='a","b\\', i8=1_700_000_000.9999996),  # a quote in the id; a time rounded up
@@ -341,7 +364,7 @@ def test_an_event_that_cannot_be_rendered_fails_alone() -> None:
     others of their chunk are rendered."""
     events = _chunk_events()[:8] * 4
     events[5] = [*events[5][:MASKING], 9, 2]
-    events[7] = [*events[7][:12], {("not", "a", "name"): [1.0]}, 1, 2]
+    events[7] = [*events[7][:12], [["y", "FP32", [1], object()]], 1, 2]
     rendered, failures = cloud_events(events, {1: Masker(parse_masking(None, "pii"), b"")}, "dhow://test")
     assert len(rendered) == 30 and [event for event, _ in failures] == [events[5], events[7]]
 
@@ -362,7 +385,8 @@ def test_a_json_body_goes_to_the_writer_with_its_tensors_count() -> None:
     log = _unstarted_log()
     body = json.dumps({"inputs": [_NUMBERS, {**_NUMBERS, "name": "y"}]}).encode()
     masker = Masker(parse_masking(None, "pii"), b"")
-    log.offer(["r-6", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, (body, 2), {"y": np.ones(1)}], masker)
+    outputs = [["y", "FP64", [1], np.ones(1)]]
+    log.offer(["r-6", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, (body, 2), outputs], masker)
     log.offer(["r-7", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, [["x", "FP32", [1], np.ones(1)]],
                None], masker)  # fmt: skip
     maskings, events = read_events(split_frames(bytearray(log._frame(list(log._queue))))[0])
@@ -391,9 +415,10 @@ class _Count:
 def test_an_answered_request_becomes_its_event_when_the_frame_is_made() -> None:
     """``answered`` queues what the request holds; the frame makes its event: the caller's id and names, the
     version that answered, its time and latency, its parameters, the JSON body as sent (its tensors' count) or the
-    decoded tensors, the outputs, and the number of its model's masking, found once per config (a reloaded config
-    finds it again); in a frame with offered events (errors), each keeps its own body and outputs; a full queue
-    drops and counts, a writer gone fails and counts."""
+    decoded tensors, the JSON answer the door put in the item (``payload_item``) after the body or else the
+    answer's tensors, and the number of its model's masking, found once per config (a reloaded config finds it
+    again); in a frame with offered events (errors), each keeps its own body and outputs; a full queue drops and
+    counts, a writer gone fails and counts."""
     log = _unstarted_log()
     masker = Masker(parse_masking(None, "pii"), b"")
     asked: list[str] = []
@@ -404,24 +429,38 @@ def test_an_answered_request_becomes_its_event_when_the_frame_is_made() -> None:
     sent.json_body, sent.parameters = body, {"priority": 2}
     answer = InferenceResponse("notes", "3", [Tensor("y", "FP32", [1], np.array([0.5], np.float32))])
     log.answered((config, "ae", None, caller), 0.0, sent, answer)
+    item = sent.payload_item
+    assert item is log._queue[0] and item[ANSWER] is answer and len(item) == ANSWER + 1
+    rendered = encode_response(answer, sent)[0]
+    item[-1] = rendered  # as the REST door does once it sent the answer
     error = ["r-e", "notes", "3", "", "", "", "INVALID_ARGUMENT", "bad", 5.0, 0.0, {}, (b'{"inputs": []}', 0), None]
     log.offer(error, masker)
     binary = InferenceRequest("notes", [Tensor("x", "FP32", [1], np.array([2.0], np.float32))])
     log.answered((reloaded, "", None, replace(caller, request_id="r-2")), 1.0, binary, answer)
+    assert binary.payload_item is None, "no JSON body: the answer goes as tensors"
     log.answered((reloaded, "", None, replace(caller, request_id="r-3")), 1.0, sent, answer)
-    log.offer(["r-o", "notes", "3", "", "", "", "success", "", 1.0, 0.0, {}, (body, 2), {"z": np.ones(2)}], masker)
+    offered = [["z", "FP64", [2], np.ones(2)]]
+    log.offer(["r-o", "notes", "3", "", "", "", "success", "", 1.0, 0.0, {}, (body, 2), offered], masker)
     maskings, events = read_events(split_frames(bytearray(log._frame(list(log._queue))))[0])
     assert asked == ["notes", "notes"] and maskings == [[1, masker.spec()]]
     first, failed, second, third, offered = events
     assert first[:8] == ["r-1", "notes", "3", "key:ci#1", "acme", "ae", "success", ""]
     assert first[8] > 1e9 and first[9] > 0 and first[10] == {"priority": 2}
-    assert first[11] == body and first[TENSORS] == 2 and first[MASKING] == second[MASKING] == 1
+    assert first[11] == body and first[12] == rendered and first[TENSORS] == 2
+    assert first[MASKING] == second[MASKING] == 1
     assert failed[11] == b'{"inputs": []}' and failed[12] is None and failed[TENSORS] == 0
     assert second[0] == "r-2" and second[11] == [["x", "FP32", [1], [2.0]]] and len(second) == 14
-    assert third[0] == "r-3" and third[11] == body and offered[11] == body and offered[12][1] == 1
+    assert second[12] == third[12] == [["y", "FP32", [1], [0.5]]], "the door did not put an answer: its tensors"
+    assert third[0] == "r-3" and third[11] == body and offered[11] == body
+    assert offered[12] == [["z", "FP64", [2], [1.0, 1.0]]]
+    expected = [{"name": "y", "datatype": "FP32", "shape": [1], "data": [0.5]}]
+    for event in (first, second, third):
+        assert json.loads(cloud_event(event, masker, "dhow://test"))["data"]["outputs"] == expected
     written = json.loads(cloud_event(first, masker, "dhow://test"))["data"]
-    assert written["request"] == json.loads(body) and written["outputs"] == {"y": [0.5]}
-    assert json.loads(cloud_event(offered, masker, "dhow://test"))["data"]["outputs"] == {"z": [1.0, 1.0]}
+    assert written["request"] == json.loads(body)
+    assert json.loads(cloud_event(offered, masker, "dhow://test"))["data"]["outputs"] == [
+        {"name": "z", "datatype": "FP64", "shape": [2], "data": [1.0, 1.0]}
+    ]
     log._queue.clear()
     log.capacity = 1
     log.answered((config, "ae", None, caller), 1.0, sent, answer)
@@ -470,70 +509,81 @@ def test_a_json_body_nested_past_what_masking_takes_is_logged_with_its_top_level
     assert data["request"]["inputs"] == [{**_NUMBERS, "parameters": {"customer": hashed}}] and b"C-123" not in line
 
 
-def test_outputs_go_to_the_writer_as_json_and_text_in_them_is_masked() -> None:
-    """The frame writes an event's outputs as JSON after its body (their number in the event): the writer embeds
-    numbers as they came, and parses and masks outputs that hold text; arrays orjson cannot take as they are (not
-    native-endian, integers past 64 bits) are written all the same."""
+def test_outputs_that_json_cannot_hold_as_they_are_and_text_in_them_are_written_masked() -> None:
+    """An answer's tensors (not sent as JSON: gRPC, the binary extension) go in the event as arrays: the writer
+    masks those that hold text; arrays orjson cannot take as they are (not native-endian, integers past 64 bits)
+    are written all the same, and the frame's other events with them."""
     log = _unstarted_log()
     body = json.dumps({"inputs": [_NUMBERS]}).encode()
     masker = Masker(parse_masking(None, "pii"), b"")
-    outputs: list[dict[str, Any]] = [
-        {"y": np.array([[0.25, 0.5]], np.float32), "label": np.array([1])},
-        {"note": np.array([[_EMAIL.encode()]], object), "y": np.ones(1)},
-        {"big": np.array([2**70], object), "swapped": np.array([1.5], ">f8")},
-        {"a},{": np.ones(1), "t": np.array([b"},{b"], object)},  # what the frame's outputs are cut at
+    outputs: list[list[list[Any]]] = [
+        [["y", "FP32", [1, 2], np.array([[0.25, 0.5]], np.float32)], ["label", "INT64", [1], np.array([1])]],
+        [["note", "BYTES", [1, 1], np.array([[_EMAIL.encode()]], object)], ["y", "FP64", [1], np.ones(1)]],
+        [["big", "INT64", [1], np.array([2**70], object)], ["swapped", "FP64", [1], np.array([1.5], ">f8")]],
+        [["swapped", "FP64", [1], np.array([2.5], ">f8")]],
     ]
     for n, each in enumerate(outputs):
         log.offer([f"r-{n}", "notes", "1", "", "", "", "success", "", 1.0, 0.0, {}, (body, 1), each], masker)
     _, events = read_events(split_frames(bytearray(log._frame(list(log._queue))))[0])
-    assert [event[12][1] for event in events] == [2] * 4 and [event[11] for event in events] == [body] * 4
+    assert [event[11] for event in events] == [body] * 4
     written = [json.loads(cloud_event(event, masker, "dhow://test"))["data"]["outputs"] for event in events]
-    assert written[0] == {"y": [[0.25, 0.5]], "label": [1]}
-    assert written[1] == {"note": [["[REDACTED:email]"]], "y": [1.0]}
-    assert written[2]["swapped"] == "[1.5]" and "big" in written[2]
-    assert written[3] == {"a},{": [1.0], "t": ["},{b"]}
+    assert written[0] == [{"name": "y", "datatype": "FP32", "shape": [1, 2], "data": [[0.25, 0.5]]},
+                          {"name": "label", "datatype": "INT64", "shape": [1], "data": [1]}]  # fmt: skip
+    assert written[1][0]["data"] == [["[REDACTED:email]"]] and written[1][1]["data"] == [1.0]
+    assert written[2][0]["name"] == "big" and len(written[2][0]["data"]) == 1 and written[2][1]["data"] == [1.5]
+    assert written[3] == [{"name": "swapped", "datatype": "FP64", "shape": [1], "data": [2.5]}]
     rendered, failures = cloud_events(events * 10, {1: masker}, "dhow://test")
     assert not failures and all(_EMAIL.encode() not in line for _, line in rendered)
 
 
-def test_outputs_whose_names_merge_or_whose_text_is_not_first_are_masked() -> None:
-    """Names 1 and "1" (written as one name: its quotes two short) beside a text value holding the cut marker (two
-    quotes more); text after a number, a null or an empty list: every one masked, alone and in a chunk, where a
-    short count beside an event with text would hide that text."""
+#: JSON answers as the REST door sends them, each with text a client or a model chose
+_TEXT_ANSWERS = [
+    _answer(Tensor("y", "BYTES", [1], np.array([_EMAIL.encode()], object))),
+    _answer(Tensor("y", "BYTES", [2], np.array([b"1", _EMAIL.encode()], object))),  # text not first
+    _answer(*_ANSWERED, Tensor("t", "BYTES", [1], np.array([('x"outputs":[' + _EMAIL).encode()], object))),
+    _answer(Tensor('a"b', "BYTES", [1], np.array([_EMAIL.encode()], object))),  # an escaped quote in a name
+    _answer(*_ANSWERED, id=_EMAIL, parameters={"note": f'"outputs":[{{"name":"{_EMAIL}"}}]'}),
+]
+
+
+def test_an_answers_text_outputs_are_masked_and_what_precedes_its_outputs_is_left_out() -> None:
+    """The writer cuts the outputs out of the JSON answer (the answer's id and parameters, before them, are the
+    request's and the model's: not the outputs), embeds them as they are when they hold numbers only, and masks
+    any that holds text, wherever it is, alone and in a chunk of common events."""
     masker = Masker(parse_masking(None, "pii"), b"")
-    cases: list[dict[Any, Any]] = [
-        {1: np.array([1.0]), "1": np.array([_EMAIL + " },{"], object)},
-        {1: np.array([2.0]), "1": np.array([3.0])},
-        {"y": np.array([_EMAIL + " },{"], object)},
-        {"y": np.array([1, _EMAIL], object)},
-        {"y": np.array([None, _EMAIL], object)},
-        {"y": [[], [_EMAIL]]},
+    events = [[f"r-{n}", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, b'{"inputs":[]}', answer, 1, 0]
+              for n, answer in enumerate(_TEXT_ANSWERS)]  # fmt: skip
+    for event, answer in zip(events, _TEXT_ANSWERS, strict=True):
+        written = cloud_event(event, masker, "dhow://test")
+        outputs = json.loads(written)["data"]["outputs"]
+        assert _EMAIL.encode() not in written
+        assert [o["name"] for o in outputs] == [o["name"] for o in json.loads(answer)["outputs"]]
+    assert json.loads(cloud_event(events[-1], masker, "dhow://test"))["data"]["outputs"] == [
+        {"name": "y", "datatype": "FP32", "shape": [1, 1], "data": [3.0]},  # (flat: as the client got it)
+        {"name": "label", "datatype": "INT64", "shape": [1], "data": [1]},
     ]
-    events = [
-        [f"r-{n}", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, [["x", "FP32", [1], [1.0]]], len(o), 1]
-        for n, o in enumerate(cases)
-    ]
-    (body,) = split_frames(bytearray(frame_events([], 1.7e9, events, [], cases)))
-    _, read = read_events(body)
-    assert all(_EMAIL.encode() not in cloud_event(event, masker, "dhow://test") for event in read)
-    rendered, failures = cloud_events(read * 5, {1: masker}, "dhow://test")
-    assert not failures and len(rendered) == 30 and all(_EMAIL.encode() not in line for _, line in rendered)
+    common = [[*events[0][:12], _ANSWER, 1, 0]] * 30
+    for chunk in (events * 6, common + events, events + common):
+        rendered, failures = cloud_events(chunk, {1: masker}, "dhow://test")
+        assert not failures and len(rendered) == len(chunk)
+        assert all(_EMAIL.encode() not in line for _, line in rendered)
 
 
-def test_a_frame_carries_json_bodies_after_the_events_as_they_came() -> None:
-    """Bodies travel unescaped after the events' JSON, each event holding its length; decoded tensors in the
-    JSON; every event's time made Unix time by the frame's clock."""
+def test_a_frame_carries_json_bodies_and_answers_after_the_events_as_they_came() -> None:
+    """Bodies and answers travel unescaped after the events' JSON, each event holding their lengths (its body's
+    before its answer's); decoded tensors in the JSON; every event's time made Unix time by the frame's clock."""
     first, second = b'{"inputs": [{"name": "x", "data": [1]}]}', b'{"inputs":\n[]}'
-    events = [["a", "m", "", "", "", "", "success", "", 2.0, 0.1, {}, len(first), None, 1],
-              ["b", "m", "", "", "", "", "success", "", 3.0, 0.1, {}, [["x", "FP32", [1], np.ones(1)]], None, 1],
+    events = [["a", "m", "", "", "", "", "success", "", 2.0, 0.1, {}, len(first), len(_ANSWER), 1],
+              ["b", "m", "", "", "", "", "success", "", 3.0, 0.1, {}, [["x", "FP32", [1], np.ones(1)]], 5, 1],
               ["c", "m", "", "", "", "", "success", "", 4.0, 0.1, {}, len(second), None, 1]]  # fmt: skip
-    buffer = bytearray(frame_events([[1, {"k": 1}]], 10.0, events, [first, second]) * 2)
+    buffer = bytearray(frame_events([[1, {"k": 1}]], 10.0, events, [first, _ANSWER, b"[1.0]", second]) * 2)
     bodies = split_frames(buffer)
     assert len(bodies) == 2 and not buffer
     maskings, decoded = read_events(bodies[1])
     assert maskings == [[1, {"k": 1}]]
     assert [event[8] for event in decoded] == [12.0, 13.0, 14.0]
     assert [event[11] for event in decoded] == [first, [["x", "FP32", [1], [1.0]]], second]
+    assert [event[12] for event in decoded] == [_ANSWER, b"[1.0]", None]
 
 
 def test_strings_a_client_chose_are_written_as_json_strings() -> None:
@@ -572,17 +622,27 @@ def test_strings_a_client_chose_are_written_as_json_strings() -> None:
 
 def test_text_outputs_are_masked_and_numbers_written_as_they_are() -> None:
     """Outputs of numbers only go as they are; an output holding text goes through the detectors, a field rule
-    names an output too."""
+    names an output too (in an answer as sent and in tensors alike)."""
     body = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}'
-    outputs = {"label": [["mail bob@example.com"]], "p": [[0.25, 0.75]], "account": [7]}
+    tensors = [Tensor("label", "BYTES", [1, 1], np.array([[b"mail bob@example.com"]], object)),
+               Tensor("p", "FP32", [1, 2], np.array([[0.25, 0.75]], np.float32)),
+               Tensor("account", "INT64", [1], np.array([7]))]  # fmt: skip
     masker = Masker(parse_masking({"fields": {"account": "redact"}}, "pii"), b"")
-    event = ["r-5", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, body, outputs, 1]
-    written = json.loads(cloud_event(event, masker, "dhow://test"))["data"]["outputs"]
-    assert written["label"] == [["mail [REDACTED:email]"]] and written["p"] == [[0.25, 0.75]]
-    assert written["account"] != [7], "a field rule masks a numeric output"
+    # (as the frame brings tensors: their data as JSON lists, text as text)
+    as_lists = [[t.name, t.datatype, t.shape, json.loads(json.dumps(t.data.tolist(), default=bytes.decode))]
+                for t in tensors]  # fmt: skip
+    for outputs in (_answer(*tensors), as_lists):
+        event = ["r-5", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, body, outputs, 1]
+        label, p, account = json.loads(cloud_event(event, masker, "dhow://test"))["data"]["outputs"]
+        assert label["data"] in (["mail [REDACTED:email]"], [["mail [REDACTED:email]"]]), label
+        assert p["data"] in ([0.25, 0.75], [[0.25, 0.75]]) and p["shape"] == [1, 2]
+        assert account["data"] != [7], "a field rule masks a numeric output"
     plain = Masker(parse_masking(None, "pii"), b"")
-    event = ["r-6", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, body, {'a"b': [1.5]}, 1]
-    assert json.loads(cloud_event(event, plain, "dhow://test"))["data"]["outputs"] == {'a"b': [1.5]}
+    answer = _answer(Tensor('a"b', "FP32", [1], np.array([1.5], np.float32)))
+    event = ["r-6", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, body, answer, 1]
+    assert json.loads(cloud_event(event, plain, "dhow://test"))["data"]["outputs"] == [
+        {"name": 'a"b', "datatype": "FP32", "shape": [1], "data": [1.5]}
+    ]
 
 
 def test_the_requests_parameters_are_masked_as_the_request_is() -> None:

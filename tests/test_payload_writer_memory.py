@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from dhow.core.frames import decode_frames, widen_pipe
@@ -24,13 +23,19 @@ _BODY = b'{"inputs":[{"name":"input","shape":[1,32],"datatype":"FP32","data":[' 
 _BODY += b"]}]}"
 
 
+#: ``tabular``'s JSON answer, as the REST door sends it (after the body, in place of the outputs' arrays)
+_ANSWER = (
+    b'{"model_name":"tabular","model_version":"1","outputs":[{"name":"label","datatype":"INT64","shape":[1],'
+    b'"data":[1]},{"name":"probabilities","datatype":"FP32","shape":[1,2],"data":[0.25,0.75]}]}'
+)
+
+
 def _frame(n: int, per: int, masking: dict[str, object] | None) -> bytes:
     """A frame of ``per`` events shaped as ``tabular``'s over REST, as ``PayloadLog._frame`` writes it."""
     events = [[f"r-{n}-{k}", "tabular", "1", "anonymous", "default", "", "success", "", 1.0 + k, 0.001, {},
-               len(_BODY), 2, 1, 1] for k in range(per)]  # fmt: skip
-    outputs = [{"label": np.array([k % 2]), "probabilities": np.array([[0.25, 0.75]], np.float32)} for k in range(per)]
+               len(_BODY), len(_ANSWER), 1, 1] for k in range(per)]  # fmt: skip
     maskings = [(1, masking)] if masking else []
-    return frame_events(maskings, time.time(), events, [_BODY] * per, outputs)
+    return frame_events(maskings, time.time(), events, [_BODY, _ANSWER] * per)
 
 
 def _minor_faults(pid: int) -> int:

@@ -184,7 +184,7 @@ def test_an_event_queued_while_the_close_takes_the_queue_is_counted(tmp_path: Pa
 
         loop.run_until_complete(offer_three())
         assert len(log._queue) == 3
-        late = ["r-late", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, (b"{}", 0), None]
+        late = (["r-late", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, (b"{}", 0), None, 1],)  # (as offered)
         log._queue = _QueuedMeanwhile(log._queue, late)
         assert _close_in_a_thread(log) == []
     finally:
@@ -203,7 +203,7 @@ def test_an_offer_that_passed_its_test_before_the_close_and_queued_after_it_is_c
     def offer_across_the_close() -> None:
         assert not log._refused()  # room: the offer goes on...
         assert _close_in_a_thread(log) == []  # ...while the server's shutdown closes the log
-        log._put(["r-late", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, 2, None, 1, 0])
+        log._put((["r-late", "m", "1", "", "", "", "success", "", 1.0, 0.0, {}, (b"{}", 0), None, 1],))  # (as offered)
 
     try:
         asyncio.run_coroutine_threadsafe(asyncio.to_thread(lambda: None), loop).result(30)  # (the loop runs)

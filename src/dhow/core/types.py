@@ -116,6 +116,9 @@ class InferenceRequest:
     #: the body as the client sent it, when it is an Open Inference Protocol JSON body (the REST door sets it):
     #: the payload log hands it over as it is instead of writing the decoded tensors again
     json_body: bytes | None = None
+    #: the payload log's item for this request (set by it; opaque here), where the door that sends the answer as
+    #: JSON puts those bytes (``payload_log.ANSWER``): the log then writes the answer as the client got it
+    payload_item: list[Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(slots=True)

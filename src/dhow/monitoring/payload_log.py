@@ -1,16 +1,18 @@
 """Payload logging: every inference's masked request and outputs, and every error, to a sink, off the hot path.
 
 The data plane queues one item per request, never a wait: an answered request's placement, times, request and
-response as they are (``answered``: one call on the request's path), or an error's event, a plain list
-(``FIELDS``, ``offer``). Every 10 ms at most (``writer_pipe.FLUSH_S``), what was queued becomes events in one loop
-(``_frame``: the request's JSON body as the client sent it, or its decoded tensors, and the answer's tensors as they
-are) and is written into the pipe of a **writer process** of the server's own (``dhow.serving.payload_writer``) as
-one frame (``frame_events``): the events in one ``orjson`` call (numpy arrays as they are), the JSON bodies after
-them as they came, neither escaped nor parsed. Made there, with the others, an event costs the event loop less than
-made on each request's path between two requests (``tabular``, REST, c=16, all monitoring on: the loop's CPU a
-request 1.5-5 µs less in paired rounds, 2026-12-07). That process masks each
-event by its model's ``pii:`` rules (handed over once per model), renders it as a CloudEvent and hands it to the
-sink (``payload_sinks``: a rotating JSON Lines file, a Kafka topic, an HTTP endpoint); it answers with counts of
+answer as they are (``answered``: one call on the request's path; the REST door then puts the JSON answer it
+sent in the item, in place of the answer's arrays), or an error's event, a plain list (``FIELDS``, ``offer``).
+Every 10 ms at most (``writer_pipe.FLUSH_S``), what was queued becomes events in one loop (``_frame``: the
+request's JSON body as the client sent it, or its decoded tensors, and the JSON answer as the client got it, or
+the answer's tensors) and is written into the pipe of a **writer process** of the server's own
+(``dhow.serving.payload_writer``) as one frame (``frame_events``): the events in one ``orjson`` call (numpy arrays
+as they are), the JSON bodies and answers after them as they came, neither escaped nor parsed. Made there, with
+the others, an event costs the event loop less than made on each request's path between two requests
+(``tabular``, REST, c=16, all monitoring on: the loop's CPU a request 1.5-5 µs less in paired rounds,
+2026-12-07); an item holding bytes, not the answer's tensors, is released for less there. That process masks
+each event by its model's ``pii:`` rules (handed over once per model), renders it as a CloudEvent and hands it to
+the sink (``payload_sinks``: a rotating JSON Lines file, a Kafka topic, an HTTP endpoint); it answers with counts of
 logged, dropped and failed events, which a thread here adds to the counters. Masking, rendering and the sink's
 work never take the server's interpreter lock or its CPU time.
 
@@ -37,6 +39,7 @@ from dhow.core.types import InferenceRequest, InferenceResponse
 from dhow.monitoring.writer_pipe import WriterPipe
 
 __all__ = [
+    "ANSWER",
     "EVENT_TYPES",
     "FIELDS",
     "MASKING",
@@ -49,7 +52,6 @@ __all__ = [
     "PayloadSink",
     "encode_frame",
     "frame_events",
-    "outputs_json",
     "read_events",
     "top_level",
 ]
@@ -60,11 +62,12 @@ EVENT_TYPES = {True: "io.dhow.inference.response", False: "io.dhow.inference.err
 #: ``error``: the message the client got; ``time``: the ``perf_counter`` when it reached the data plane, made Unix
 #: time once per frame; ``inputs``: the request's Open Inference Protocol JSON body as the client sent it and the
 #: number of tensors the server decoded from it (a ``(bytes, int)`` tuple), or its decoded tensors as ``[name,
-#: datatype, shape, array]`` lists; ``outputs``: name -> array, None when it failed). ``offer`` appends the number
-#: of the model's masking; the frame (``PayloadLog._frame``, which makes an ``answered`` request's event in this
-#: form too) leaves the outputs' number in the event and carries them as JSON after the bodies, and for a JSON body
-#: leaves its length in ``inputs`` and appends its number of tensors (``TENSORS``), in the writer a body's proof
-#: that it holds no string but the protocol's (``payload_render``).
+#: datatype, shape, array]`` lists; ``outputs``: the answer's tensors in that form, None when it failed).
+#: ``offer`` appends the number of the model's masking; the frame (``PayloadLog._frame``, which makes an
+#: ``answered`` request's event in this form too, its ``outputs`` there the JSON answer the REST door sent when it
+#: sent one) carries a JSON body and a JSON answer after the events, leaving their lengths in ``inputs`` and
+#: ``outputs``, and for a JSON body appends its number of tensors (``TENSORS``), in the writer a body's proof that
+#: it holds no string but the protocol's (``payload_render``).
 FIELDS = ("request_id", "model", "version", "principal", "tenant", "data_region", "outcome", "error", "time",
           "latency_s", "parameters", "inputs", "outputs")  # fmt: skip
 #: an answered request's placement, as ``PayloadLog.answered`` takes it: its model's config, its data region, the
@@ -75,6 +78,9 @@ VERSION, OUTCOME, ERROR, LATENCY, OUTPUTS = 2, 6, 7, 9, 12
 TIME, PARAMETERS, INPUTS = 8, 10, 11
 #: the indexes of the masking's number and of a JSON body's number of tensors, appended to ``FIELDS``
 MASKING, TENSORS = 13, 14
+#: where, in an ``answered`` request's item (``InferenceRequest.payload_item``), the door that sent the answer as
+#: JSON puts those bytes, in place of the answer
+ANSWER = 7
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 #: a ``frame_events`` frame's two lengths (``core.frames``': 4 bytes, big-endian): the frame's, then its header's
@@ -140,76 +146,33 @@ def _json(document: Any) -> bytes:
         return orjson.dumps(_lists(document), default=_plain, option=_NUMPY)
 
 
-def outputs_json(outputs: list[dict[str, Any]]) -> bytes:
-    """Events' outputs (name -> array) as one JSON array, by one ``orjson`` call (a value JSON cannot hold as it
-    is: that event's arrays as lists, or, an integer past 64 bits, as their text)."""
-    try:
-        return orjson.dumps(outputs, default=_plain, option=_NUMPY)
-    except TypeError:
-        return b"[" + b",".join(map(_outputs_json, outputs)) + b"]"
-
-
-def _outputs_json(outputs: dict[str, Any]) -> bytes:
-    try:
-        return orjson.dumps(outputs, default=_plain, option=_NUMPY)
-    except TypeError:  # an array orjson refuses as it is (not native-endian): as lists
-        try:
-            return orjson.dumps(_lists(outputs), default=_plain, option=_NUMPY)
-        except TypeError:  # as text, every name its own (names 1 and "1" would merge: the writer, counting two
-            # names' quotes, would take one name's two missing quotes for a text value's and leave it unmasked)
-            written: dict[str, str] = {}
-            for name, value in outputs.items():
-                key = str(name)
-                while key in written:
-                    key += "'"
-                written[key] = str(value)
-            return orjson.dumps(written)
-
-
-def frame_events(
-    maskings: list[Any], clock: float, events: list[Any], bodies: list[bytes], outputs: Sequence[Any] = ()
-) -> bytes:
-    """The payload log's frame: a 4-byte length, then ``[maskings, clock, events, length, number]`` as JSON
-    (``clock``: what makes the events' ``perf_counter`` times Unix times), then ``bodies``, the JSON bodies of the
-    events whose ``inputs`` is a number (their length), in their order, as they are, then ``outputs`` (``number``
-    of them) as one JSON array (``length`` bytes): those of the events whose ``outputs`` is a number (how many
-    outputs they have), in their order."""
-    written = outputs_json(list(outputs)) if outputs else b""
-    header = _json([maskings, clock, events, len(written), len(outputs)])
+def frame_events(maskings: list[Any], clock: float, events: list[Any], bodies: list[bytes]) -> bytes:
+    """The payload log's frame: a 4-byte length, then ``[maskings, clock, events]`` as JSON (``clock``: what makes
+    the events' ``perf_counter`` times Unix times), then ``bodies`` as they are: the JSON bodies and answers of the
+    events whose ``inputs`` or ``outputs`` is a number (their length), in the events' order, an event's body
+    before its answer."""
+    header = _json([maskings, clock, events])
     # both lengths in front, then every piece joined once (the bodies are most of a frame: copied once, not twice)
-    size = HEADER_SIZE + len(header) + sum(map(len, bodies)) + len(written)
-    return b"".join([_LENGTHS.pack(size, len(header)), header, *bodies, written])
+    size = HEADER_SIZE + len(header) + sum(map(len, bodies))
+    return b"".join([_LENGTHS.pack(size, len(header)), header, *bodies])
 
 
 def read_events(body: bytes) -> tuple[list[Any], list[Any]]:
-    """A ``frame_events`` frame's body: its maskings and its events, each with its Unix ``time``, its JSON body
-    (bytes) in ``inputs`` where it had one, and in ``outputs``, where they came after the bodies, their JSON
-    members (``{`` and ``}`` left off) and their number (a ``(bytes, int)`` tuple)."""
+    """A ``frame_events`` frame's body: its maskings and its events, each with its Unix ``time``, and its JSON body
+    (bytes) in ``inputs`` and its JSON answer (bytes) in ``outputs`` where it had them."""
     end = HEADER_SIZE + decode_frame_length(body[:HEADER_SIZE])
-    maskings, clock, events, length, number = orjson.loads(body[HEADER_SIZE:end])
-    pieces, counts = _members(body[len(body) - length :], number) if number else ([], None)
-    members, sizes = iter(pieces), iter(counts or ())
+    maskings, clock, events = orjson.loads(body[HEADER_SIZE:end])
     for event in events:
         event[TIME] += clock
         size = event[INPUTS]
         if type(size) is int:
             event[INPUTS] = body[end : end + size]
             end += size
-        count = event[OUTPUTS]
-        if type(count) is int:
-            event[OUTPUTS] = (next(members), next(sizes) if counts is not None else count)
+        size = event[OUTPUTS]
+        if type(size) is int:
+            event[OUTPUTS] = body[end : end + size]
+            end += size
     return maskings, events
-
-
-def _members(written: bytes, number: int) -> tuple[list[bytes], list[int] | None]:
-    """The members of each of ``number`` JSON objects in an array ``written`` by orjson: cut at ``},{``, where a
-    name or a text value may hold it too (then more pieces than objects: the array is parsed and each written,
-    with the number of names each really holds, which the writer's quote count then goes by, not the sender's)."""
-    pieces = written[2:-2].split(b"},{")
-    if len(pieces) == number:
-        return pieces, None
-    parsed = orjson.loads(written)
-    return [orjson.dumps(each)[1:-1] for each in parsed], [len(each) for each in parsed]
 
 
 def _lists(value: Any) -> Any:
@@ -275,14 +238,22 @@ class PayloadLog(WriterPipe):
         """An answered request's event, or dropped and counted when the queue is full: never waits. ``placement``:
         its model's config, data region, version and caller (with an id); ``start``: the ``perf_counter`` when it
         reached the data plane. The request's path only queues what it holds: the event (``FIELDS``) is made with
-        the others when the frame is (``_frame``), in one loop: cheaper there than one by one between requests."""
+        the others when the frame is (``_frame``), in one loop: cheaper there than one by one between requests.
+
+        For a request that came as a JSON body, the item is left in ``request.payload_item``: the door that then
+        sends the answer as JSON puts those bytes at ``ANSWER``, in place of the answer (whose tensors are then
+        released on the request's path, where they are at hand, and never written again)."""
         queue = self._queue
         if len(queue) >= self.capacity or self._gone:  # (counted here: a close may empty the queue meanwhile)
             self._refuse()
             return
         # the request's JSON body, else its decoded tensors (not the request: a body's decoded arrays are not kept)
-        body = request.json_body or request.inputs
-        queue.append((placement, start, time.perf_counter(), request.parameters, body, len(request.inputs), response))
+        body = request.json_body
+        item = [placement, start, time.perf_counter(), request.parameters, request.inputs if body is None else body,
+                len(request.inputs), response.model_version, response]  # fmt: skip
+        if body is not None:  # (``ANSWER`` is its last place: the door writes ``item[-1]``)
+            request.payload_item = item
+        queue.append(item)
         if not self._scheduled:
             self._schedule()
 
@@ -294,7 +265,7 @@ class PayloadLog(WriterPipe):
         if number is None:
             number = self._masking_number(masking)
         event.append(number)
-        self._put(event)
+        self._put((event,))  # (a tuple: an ``answered`` item is a list)
 
     def _masking_number(self, masking: Masking) -> int:
         """A number for the model's masking, its rules handed over with the next frame (once per masking)."""
@@ -334,20 +305,19 @@ class PayloadLog(WriterPipe):
     def _frame(self, items: list[Any]) -> bytes:
         """Every queued item as one frame (``_flush`` and ``close`` take them all), each made an event here: an
         answered request's from what it holds (one whose model's masking cannot be made is counted failed instead,
-        ``_unframed``), an offered event's as it is. A JSON body goes after the events, as it came (the event holds
-        its length and its number of tensors), and the outputs after the bodies."""
+        ``_unframed``), an offered event's as it is. A JSON body and a JSON answer go after the events, as they
+        came (the event holds their lengths, and the body's number of tensors)."""
         events: list[Any] = []
         bodies: list[bytes] = []
-        outputs: list[dict[str, Any]] = []
         by_config = self._by_config
         # the frame's items are cold (queued up to ``FLUSH_S`` ago): each look-up and call here costs more than its
-        # instructions, so the usual model's masking number is kept from one item to the next, and the outputs and
-        # the event made by plain statements, not comprehensions (each a function made and called)
+        # instructions, so the usual model's masking number is kept from one item to the next, and the event made
+        # by plain statements, not comprehensions (each a function made and called)
         last: Any = None
         number: int | None = None
         for item in items:
-            if type(item) is tuple:
-                (config, region, _, caller), start, end, parameters, inputs, tensors, response = item
+            if type(item) is list:  # an answered request (``answered``)
+                (config, region, _, caller), start, end, parameters, inputs, tensors, version, answer = item
                 if config is not last:
                     known = by_config.get(config.name)
                     number = known[1] if known is not None and known[0] is config else self._config_number(config)
@@ -356,46 +326,45 @@ class PayloadLog(WriterPipe):
                     self._failed.inc()
                     self._unframed += 1
                     continue
-                written = {}
-                for tensor in response.outputs:
-                    written[tensor.name] = tensor.data
-                outputs.append(written)
                 if type(inputs) is list:  # decoded tensors (gRPC, the binary extension), written as lists
                     event = [
-                        caller.request_id, config.name, response.model_version, caller.principal, caller.tenant,
-                        region, "success", "", start, end - start, parameters,
-                        [[t.name, t.datatype, t.shape, t.data] for t in inputs], len(written), number,
+                        caller.request_id, config.name, version, caller.principal, caller.tenant, region,
+                        "success", "", start, end - start, parameters,
+                        [[t.name, t.datatype, t.shape, t.data] for t in inputs], None, number,
                     ]  # fmt: skip
                 else:  # a JSON body: after the events, as it came (its length, then its number of tensors)
                     bodies.append(inputs)
                     event = [
-                        caller.request_id, config.name, response.model_version, caller.principal, caller.tenant,
-                        region, "success", "", start, end - start, parameters, len(inputs), len(written), number,
-                        tensors,
+                        caller.request_id, config.name, version, caller.principal, caller.tenant, region,
+                        "success", "", start, end - start, parameters, len(inputs), None, number, tensors,
                     ]  # fmt: skip
+                if type(answer) is bytes:  # the JSON answer as the door sent it: after the body, as it is
+                    bodies.append(answer)
+                    event[OUTPUTS] = len(answer)
+                else:
+                    written = []
+                    for tensor in answer.outputs:
+                        written.append([tensor.name, tensor.datatype, tensor.shape, tensor.data])
+                    event[OUTPUTS] = written
             else:
-                event = item
+                event = item[0]
                 inputs = event[INPUTS]
                 if type(inputs) is tuple:  # a JSON body and its number of tensors
                     body, tensors = inputs
                     bodies.append(body)
                     event[INPUTS] = len(body)
                     event.append(tensors)
-                offered = event[OUTPUTS]
-                if offered is not None:
-                    outputs.append(offered)
-                    event[OUTPUTS] = len(offered)
             events.append(event)
         with self._numbering:
             maskings, self._new_maskings = self._new_maskings, []
         clock = time.time() - time.perf_counter()
         try:
             try:
-                return frame_events(maskings, clock, events, bodies, outputs)
+                return frame_events(maskings, clock, events, bodies)
             except (TypeError, RecursionError):  # an event JSON cannot hold (a client's parameters nested past
                 # orjson's limit, or past Python's in ``_lists``)
                 _writable(events)
-                return frame_events(maskings, clock, events, bodies, outputs)
+                return frame_events(maskings, clock, events, bodies)
         except Exception:  # (the frame fails whole: its maskings go with the next one)
             with self._numbering:
                 self._new_maskings[:0] = maskings
@@ -405,11 +374,11 @@ class PayloadLog(WriterPipe):
 def _writable(events: list[Any]) -> None:
     """Make every event JSON can hold: one it cannot (parameters nested past orjson's or Python's limits, a
     client's choice, answered all the same; or, should any reach it, text with a lone surrogate or an integer past
-    64 bits, which the doors' decoders refuse today) keeps of its parameters
-    what the writer would write of them anyway, the top-level scalars (``payload_render``: masked there by the
-    model's rules, ``parameters.<name>``), with such text escaped and such an integer as its digits, and its error
-    message escaped: one request costs neither its own event nor the frame's others (an event still refused fails
-    the frame: counted failed)."""
+    64 bits, which the doors' decoders refuse today but a model's outputs may hold) keeps of its parameters what
+    the writer would write of them anyway, the top-level scalars (``payload_render``: masked there by the model's
+    rules, ``parameters.<name>``), with such text escaped and such an integer as its digits, and so its error
+    message and its tensors' data: one request costs neither its own event nor the frame's others (an event still
+    refused fails the frame: counted failed)."""
     for event in events:
         try:
             _json(event)
@@ -421,6 +390,9 @@ def _writable(events: list[Any]) -> None:
                 }
             if type(event[ERROR]) is str:
                 event[ERROR] = _escaped(event[ERROR])
+            for index in (INPUTS, OUTPUTS):
+                if type(event[index]) is list:
+                    event[index] = [[name, kind, shape, _scalars(data)] for name, kind, shape, data in event[index]]
 
 
 def top_level(value: Any) -> Any:
@@ -440,6 +412,17 @@ def _scalar(value: Any) -> Any:
     if type(value) is int and not -(2**63) <= value < 2**64:
         return str(value)
     return value
+
+
+def _scalars(value: Any) -> Any:
+    """An array's or a list's items as JSON holds them (``_scalar``; bytes as text), nested as they were."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, list | tuple):
+        return [_scalars(item) for item in value]
+    if isinstance(value, bytes | bytearray | memoryview):
+        return _escaped(bytes(value).decode("utf-8", "replace"))
+    return _scalar(value)
 
 
 def _escaped(text: str) -> str:

@@ -240,7 +240,7 @@ class DataPlane:
             if caller is not None:
                 payloads.answered(placement, start, request, response)
             else:
-                outputs = {t.name: t.data for t in response.outputs}
+                outputs = [[t.name, t.datatype, t.shape, t.data] for t in response.outputs]
                 self._log_payload(payloads, request, placement, start, response.model_version, "success", "", outputs)
         # copies made by in-process identities (a shadow's, with the original's id) are not the clients' traffic
         if self.watch is not None and caller is not None and not caller.principal.startswith(SERVICE_PREFIX):
@@ -259,7 +259,7 @@ class DataPlane:
         version: str,
         outcome: str,
         error: str,
-        outputs: dict[str, Any] | None,
+        outputs: list[list[Any]] | None,
     ) -> None:
         """Offer the payload log the event of a request that ended (``payload_log.FIELDS``: its time is the
         ``perf_counter`` of its start), built at once with its values. A JSON body goes as the client sent it: its

@@ -202,18 +202,49 @@ def _masked(masker: Masker, tensors: list[Any], *, names: bool = False) -> list[
     return masked
 
 
-def _masked_outputs(masker: Masker, tensors: dict[str, Any]) -> dict[str, Any]:
-    """``tensors`` with the ones that hold text anywhere, or that a field rule names, masked (``tensors`` itself
-    when none does: most events hold numbers only)."""
+#: what precedes the outputs in a JSON answer (``wire.v2.encode_response`` writes them last)
+_OUTPUTS_KEY = b'"outputs":['
+#: where the outputs' array starts after ``_OUTPUTS_KEY`` is found
+_CUT = len(_OUTPUTS_KEY) - 1
+
+
+def _outputs_of(outputs: Any, masker: Masker) -> bytes:
+    """The event's ``outputs``, masked, as JSON: the protocol's ``[{name, datatype, shape, data}]``. Of a JSON
+    answer (bytes), its ``outputs`` as the client got them, cut out as they are when they hold numbers only (each
+    tensor's 12 quotes: its four keys, name and datatype; a text value or an escaped quote adds more) and no field
+    rule names one; else parsed and masked. Tensors (gRPC, the binary extension, lists) in that form."""
+    if type(outputs) is bytes:
+        start = outputs.rfind(_OUTPUTS_KEY)  # (a string cannot hold it: its quotes are escaped)
+        if start < 0:  # (not an answer of the protocol: parsed, its outputs taken)
+            document = orjson.loads(outputs)
+            tensors = document.get("outputs") if type(document) is dict else None
+            return _dumps(_masked_outputs(masker, tensors if type(tensors) is list else []))
+        written = outputs[start + _CUT : -1]  # (the array; the answer's closing brace cut off)
+        if written.count(34) == 12 * written.count(b'"datatype":') and not masker.policy.fields:
+            return written
+        return _dumps(_masked_outputs(masker, orjson.loads(written)))
+    tensors = [{"name": n, "datatype": d, "shape": s, "data": v} for n, d, s, v in outputs]
+    return _dumps(_masked_outputs(masker, tensors))
+
+
+def _masked_outputs(masker: Masker, tensors: list[Any]) -> list[Any]:
+    """``tensors`` (the protocol's JSON form) with those that hold text anywhere, or that a field rule names, or
+    that carry more than name, datatype, shape and data, masked (copies of those; ``tensors`` itself when none
+    does: most answers hold numbers only). Their names are the model's own."""
     fields = masker.policy.fields
-    masked = None
-    for name, data in tensors.items():
-        # any string anywhere in it (not only a first value: ``[1, "a@b.c"]``, ``[null, …]``, ``[[], […]]``)
-        if name in fields or 34 in _dumps(data):
-            if masked is None:
-                masked = dict(tensors)
-            masked[name] = masker.mask_value(data, name)
-    return tensors if masked is None else masked
+    masked = []
+    for tensor in tensors:
+        if type(tensor) is not dict:
+            tensor = masker.mask_value(tensor, "outputs")
+        elif tensor.get("name") in fields or len(tensor) > 4 or 34 in _dumps(tensor.get("data")):
+            # (any string anywhere in it, not only a first value: ``[1, "a@b.c"]``, ``[null, …]``, ``[[], […]]``)
+            name = str(tensor.get("name"))
+            tensor = {
+                key: value if key in _PLAIN_MEMBERS else masker.mask_value(value, name if key == "data" else key)
+                for key, value in tensor.items()
+            }
+        masked.append(tensor)
+    return masked
 
 
 #: a CloudEvent with its parts (``cloud_event``): one formatting per event (each ``%`` alone costs about 1k
@@ -246,17 +277,7 @@ def cloud_event(event: list[Any], masker: Masker, source: str) -> bytes:
         request_json = request if type(request) is bytes else _dumps(request)
     except (TypeError, RecursionError):  # members nested past what masking or JSON writing takes (a client's)
         request_json = _dumps(_shallow_request(event[11], masker, failed))
-    tail = b""
-    if outputs is not None:
-        # (as the frame brought them: their members, and how many)
-        written, count = (
-            (b"{" + outputs[0] + b"}", outputs[1]) if type(outputs) is tuple else (_dumps(outputs), len(outputs))
-        )
-        # numbers only (each name its two quotes: a text value or an escaped quote adds more) and no field rule: as
-        # they are, without walking them
-        if written.count(34) != 2 * count or masker.policy.fields:
-            written = _dumps(_masked_outputs(masker, orjson.loads(written) if type(outputs) is tuple else outputs))
-        tail = b',"outputs":' + written
+    tail = b"" if outputs is None else b',"outputs":' + _outputs_of(outputs, masker)
     if error:
         tail += b',"error":' + _dumps(masker.mask_text(error))  # an error may quote what the request held
     return _EVENT % (
@@ -273,7 +294,7 @@ def cloud_event(event: list[Any], masker: Masker, source: str) -> bytes:
 #: the constant pieces of a common event's line (``cloud_events``)
 _OPENING = b'{"specversion":"1.0","id":"' + _ID_PREFIX + b"-"
 _DATA = b'Z","datacontenttype":"application/json","data":{"request_id":"'
-_LATENCY, _REQUEST, _OUTPUTS, _CLOSING = b',"latency_ms":', b',"parameters":{},"request":', b',"outputs":{', b"}}}"
+_LATENCY, _REQUEST, _OUTPUTS, _CLOSING = b',"latency_ms":', b',"parameters":{},"request":', b',"outputs":', b"}}"
 _POINT = b"."
 #: a chunk of fewer events is rendered one by one (the columns' calls cost more than they save)
 FEW = 24
@@ -350,7 +371,7 @@ def _common(events: list[list[Any]], maskers: dict[int, Masker]) -> list[bool] |
         or any(maskers[number].policy.fields for number in numbers)
         or set(map(type, columns[0])) != {str}
         or set(map(type, columns[INPUTS])) != {bytes}
-        or set(map(type, columns[12])) != {tuple}
+        or set(map(type, columns[12])) != {bytes}
         or columns[6].count("success") != len(events)
         or any(columns[7])  # an error
         or any(columns[10])  # parameters
@@ -374,7 +395,7 @@ def _is_common(event: list[Any], maskers: dict[int, Masker]) -> bool:
     return (
         type(event[0]) is str
         and type(body) is bytes
-        and type(event[12]) is tuple
+        and type(event[12]) is bytes
         and event[6] == "success"
         and not event[7]
         and not event[10]
@@ -412,13 +433,17 @@ def _lines(events: list[list[Any]], maskers: dict[int, Masker], source: str) -> 
         else [parts or _joints_of(source, key) for parts, key in zip(found, keys, strict=True)]
     )
     each, first, second = itertools.repeat, operator.itemgetter(0), operator.itemgetter(1)
-    written = list(map(first, outputs))  # their members, as the frame brought them
-    # numbers only (each name its two quotes; a text value adds more, and no output has fewer): as they came
-    if b"".join(written).count(34) != 2 * sum(map(second, outputs)):
-        for n, (members, count) in enumerate(outputs):
-            if members.count(34) != 2 * count:  # a text output: masked as cloud_event masks it
-                masked = _masked_outputs(maskers[events[n][MASKING]], orjson.loads(b"{" + members + b"}"))
-                written[n] = _dumps(masked)[1:-1]
+    # the answers' outputs, cut out as they are (``_outputs_of``); numbers only (each tensor's 12 quotes, and no
+    # tensor has fewer), else those with text masked
+    starts = list(map(bytes.rfind, outputs, each(_OUTPUTS_KEY)))
+    written: list[bytes] = list(
+        map(operator.getitem, outputs, map(slice, map(operator.add, starts, each(_CUT)), each(-1)))
+    )
+    joined = b"".join(written)
+    if -1 in starts or joined.count(34) != 12 * joined.count(b'"datatype":'):
+        for n, (start, piece) in enumerate(zip(starts, written, strict=True)):
+            if start < 0 or piece.count(34) != 12 * piece.count(b'"datatype":'):
+                written[n] = _outputs_of(outputs[n], maskers[events[n][MASKING]])
     joined = b"".join(bodies)
     if 10 in joined or 13 in joined:  # as sent, on one line (as cloud_event writes it)
         bodies = tuple(body.replace(b"\n", b" ").replace(b"\r", b" ") for body in bodies)

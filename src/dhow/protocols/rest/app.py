@@ -408,6 +408,9 @@ class RestApp(PeerRoutes, MonitoringRoutes):
         response = await call.infer(inference)
         encoded, json_length = encode_response(response, inference)
         if json_length is None:
+            item = inference.payload_item
+            if item is not None:  # the payload log writes the answer as sent (ANSWER: its last place)
+                item[-1] = encoded
             return 200, _JSON, encoded
         return 200, [_OCTET_STREAM, (_HEADER_LENGTH, b"%d" % json_length)], encoded
 
