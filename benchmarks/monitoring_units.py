@@ -13,7 +13,9 @@ looks fifty times dearer per request there than it is. This counts the per-reque
   spans made and written as OTLP protobuf (``TraceWriter.render_chunk``) in chunks of 512 as its sink's thread
   takes them from its queue, each an export;
 - ``render``: one payload event masked and rendered as a CloudEvent by the writer process (tabular: its JSON body
-  embedded as it came, outputs as numbers), in chunks of 64 as its sink's thread takes them;
+  embedded as it came; outputs as numbers: in sources since 2026-12-07's JSON answer, an answered request's, its
+  outputs cut out of the REST door's answer as sent; before, an offered event's, its outputs' arrays), in chunks of
+  64 as its sink's thread takes them;
 - ``frame``: one payload event offered and written into a frame on the event loop (``PayloadLog.offer``, then
   one frame of 8 events, their JSON bodies after them);
 - ``answered``: one answered request's payload work on the event loop, as the data plane does it since 2026-12-07
@@ -207,15 +209,16 @@ def _answered_unit(count: int) -> None:
             log._queue.clear()
 
 
-def answered_log() -> tuple[Any, Callable[[], None]]:
+def answered_log(body: bytes | None = None) -> tuple[Any, Callable[[], None]]:
     """A payload log without its writer process, and what answers one ``tabular`` request to it: the data plane's
     ``PayloadLog.answered``, then, in sources since 2026-12-07 that take it, the REST door's answer as it sent it
-    put in the item (``InferenceRequest.payload_item``)."""
+    put in the item (``InferenceRequest.payload_item``). ``body``: the request's JSON body (``_body()`` unless
+    given)."""
     from dhow.core.types import Caller, InferenceRequest, InferenceResponse, Tensor
     from dhow.core.wire.v2 import encode_response
     from dhow.governance.masking import Masker, parse_masking
 
-    body = _body()
+    body = body or _body()
     masker = Masker(parse_masking(None, "pii"), b"")
     log = _queue_alone()
     log.use_masking(lambda config: masker)

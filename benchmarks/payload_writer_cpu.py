@@ -8,8 +8,10 @@ wakes with cold caches, and each of its threads' wake-ups (the pipe's read, each
 costs it more CPU than a few events. This starts the writer as the server does (``python -m
 dhow.serving.payload_writer``, each ``--src`` tree's, its settings as ``writer_pipe.WriterPipe`` sends them) with a
 file sink in a scratch folder, and feeds its pipe frames of ``--per`` events as that tree's own event loop makes
-them: ``tabular`` requests over REST (the JSON body as sent, the JSON answer, outputs ``label`` and
-``probabilities``) answered to its ``PayloadLog`` and framed by it, in a child process with that tree on its path:
+them: ``tabular`` requests over REST (the JSON body ``monitoring_overhead.py`` sends; outputs ``label`` and
+``probabilities``, as the REST door's JSON answer in trees since 2026-12-07's, as arrays before) answered to its
+``PayloadLog`` and framed by it, in a child process with that tree on its path (trees since ``PayloadLog.answered``,
+2026-12-07):
 
 - ``paced``: a frame every ``--interval`` (``writer_pipe.FLUSH_S``: 100 events every 10 ms is 10,000 requests a
   second; the figures of 2026-12-06 were taken at 350 every 50 ms, the hand-over then), for ``--seconds``;
@@ -44,6 +46,13 @@ from dhow.core.frames import decode_frames, widen_pipe  # noqa: E402
 from dhow.monitoring.payload_log import encode_frame  # noqa: E402
 
 _WARM_FRAMES = 10
+ROW = [0.1 * i for i in range(32)]
+#: the body ``monitoring_overhead.py`` sends (``security_overhead.BODY``), as the client wrote it
+BODY = (
+    b'{"inputs": [{"name": "input", "shape": [1, 32], "datatype": "FP32", "data": ['
+    + ", ".join(map(str, ROW)).encode()
+    + b"]}]}"
+)
 
 
 def frames(count: int, per: int) -> list[bytes]:
@@ -53,7 +62,7 @@ def frames(count: int, per: int) -> list[bytes]:
     ``_frame`` every ``per`` (the masking handed over with the first)."""
     from monitoring_units import answered_log
 
-    log, answer = answered_log()
+    log, answer = answered_log(BODY)
     written = []
     for _ in range(count):
         for _ in range(per):
@@ -68,7 +77,10 @@ def tree_frames(tree: Path, count: int, per: int) -> list[bytes]:
     frames its own server writes)."""
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1")
     command = [sys.executable, __file__, "--frames", str(count), "--per", str(per)]
-    data = subprocess.run(command, env=env, capture_output=True, check=True).stdout
+    done = subprocess.run(command, env=env, capture_output=True)
+    if done.returncode:
+        raise SystemExit(f"{tree}: its frames could not be made:\n{done.stderr.decode(errors='replace')[-3000:]}")
+    data = done.stdout
     made, at = [], 0
     while at < len(data):  # (each frame: its 4-byte big-endian length, then that many bytes)
         end = at + 4 + int.from_bytes(data[at : at + 4], "big")
