@@ -164,14 +164,16 @@ def _write(
     # 350 events every 50 ms). Collected first: the start's cyclic garbage, frozen, would never be freed (the young
     # threshold is left as it is).
     settle_heap(young_threshold=None)
-    for body in frames:  # none: the server waits for the answer before it hands anything over
-        writer.take(decode(body))
-    while True:
-        chunk = os.read(source, 1 << 20)
-        if not chunk:
-            break
-        buffer += chunk
-        for body in split_frames(buffer):
+    try:
+        for body in frames:  # none: the server waits for the answer before it hands anything over
             writer.take(decode(body))
-    closer.submit(writer.close, float(settings.get("close_timeout_s", 5.0))).result()
+        while True:
+            chunk = os.read(source, 1 << 20)
+            if not chunk:
+                break
+            buffer += chunk
+            for body in split_frames(buffer):
+                writer.take(decode(body))
+    finally:  # (a frame that cannot be read, a server's bug, still leaves what was taken before it written)
+        closer.submit(writer.close, float(settings.get("close_timeout_s", 5.0))).result()
     return 0

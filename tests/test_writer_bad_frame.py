@@ -1,0 +1,48 @@
+"""A writer process handed a frame it cannot read (a server's bug) stops, but first writes what it took before it
+and reports it: nothing taken is lost."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dhow.core.frames import decode_frames, frame
+from dhow.governance.masking import Masker, parse_masking
+from dhow.monitoring.payload_log import encode_frame, frame_events
+
+_BODY = b'{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[0.5]}]}'
+_ANSWER = b'{"model_name":"m","model_version":"1","outputs":[{"name":"y","datatype":"FP32","shape":[1],"data":[1.0]}]}'
+
+
+def test_a_frame_the_writer_cannot_read_leaves_what_came_before_it_written(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    writer = subprocess.Popen([sys.executable, "-m", "dhow.serving.payload_writer"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
+    assert writer.stdin is not None and writer.stdout is not None and writer.stderr is not None
+    out = tmp_path / "payloads.jsonl"
+    settings = {"url": f"file://{out}", "source": "dhow://test", "capacity": 100, "close_timeout_s": 5.0}
+    try:
+        writer.stdin.write(encode_frame(settings))
+        writer.stdin.flush()
+        answers = bytearray()
+        while not (ready := decode_frames(answers)):
+            answers += os.read(writer.stdout.fileno(), 1 << 16)
+        assert ready[0] == {"ready": "file"}
+        events = [[f"r-{n}", "m", "1", "", "", "", "success", "", time.perf_counter(), 0.001, {}, len(_BODY),
+                   len(_ANSWER), 1, 1] for n in range(3)]  # fmt: skip
+        masking = Masker(parse_masking(None, "pii"), b"").spec()
+        good = frame_events([[1, masking]], time.time() - time.perf_counter(), events, [_BODY, _ANSWER] * 3)
+        writer.stdin.write(good + frame(b"\x00\x00\x00\x09not a frame"))
+        writer.stdin.flush()
+        assert writer.wait(30) != 0, "a frame it cannot read stops the writer"
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    lines = out.read_bytes().splitlines()
+    assert [line.count(b'"request_id":"r-') for line in lines] == [1, 1, 1], "what came before it is written"
+    reported = decode_frames(answers + writer.stdout.read())  # (the reports after the ready answer)
+    assert sum(report.get("logged", 0) for report in reported) == 3 and not any(r.get("failed") for r in reported)
+    assert b"Traceback" in writer.stderr.read(), "and says why"
