@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from dhow.core.frames import decode_frames, widen_pipe
 from dhow.governance.masking import Masker, parse_masking
-from dhow.monitoring.payload_log import encode_frame, frame_events
+from dhow.monitoring.payload_log import frame_events
+from tests.payload_writer_process import start_payload_writer
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/stat").exists() or platform.libc_ver()[0] != "glibc", reason="glibc's allocator, /proc"
@@ -44,19 +41,9 @@ def _minor_faults(pid: int) -> int:
 
 
 def test_frames_after_the_first_take_no_fresh_pages(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    writer = subprocess.Popen([sys.executable, "-m", "dhow.serving.payload_writer"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, env=env)  # fmt: skip
-    assert writer.stdin is not None and writer.stdout is not None
-    widen_pipe(writer.stdin.fileno())
     out = tmp_path / "payloads.jsonl"
-    settings = {"url": f"file://{out}", "source": "dhow://test", "capacity": 10_000, "close_timeout_s": 5.0}
-    writer.stdin.write(encode_frame(settings))
-    writer.stdin.flush()
-    answers = bytearray()
-    while not (ready := decode_frames(answers)):
-        answers += os.read(writer.stdout.fileno(), 1 << 16)
-    assert ready[0] == {"ready": "file"}
+    writer, _ = start_payload_writer(out, capacity=10_000)
+    assert writer.stdin is not None
     per, masking = 350, Masker(parse_masking(None, "pii"), b"").spec()
     lines = 0
     try:

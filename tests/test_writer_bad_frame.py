@@ -3,34 +3,24 @@ and reports it: nothing taken is lost."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from dhow.core.frames import decode_frames, frame
 from dhow.governance.masking import Masker, parse_masking
-from dhow.monitoring.payload_log import encode_frame, frame_events
+from dhow.monitoring.payload_log import frame_events
+from tests.payload_writer_process import start_payload_writer
 
 _BODY = b'{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[0.5]}]}'
 _ANSWER = b'{"model_name":"m","model_version":"1","outputs":[{"name":"y","datatype":"FP32","shape":[1],"data":[1.0]}]}'
 
 
 def test_a_frame_the_writer_cannot_read_leaves_what_came_before_it_written(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    writer = subprocess.Popen([sys.executable, "-m", "dhow.serving.payload_writer"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
-    assert writer.stdin is not None and writer.stdout is not None and writer.stderr is not None
     out = tmp_path / "payloads.jsonl"
-    settings = {"url": f"file://{out}", "source": "dhow://test", "capacity": 100, "close_timeout_s": 5.0}
+    writer, answers = start_payload_writer(out, capacity=100, stderr=subprocess.PIPE)
+    assert writer.stdin is not None and writer.stdout is not None and writer.stderr is not None
     try:
-        writer.stdin.write(encode_frame(settings))
-        writer.stdin.flush()
-        answers = bytearray()
-        while not (ready := decode_frames(answers)):
-            answers += os.read(writer.stdout.fileno(), 1 << 16)
-        assert ready[0] == {"ready": "file"}
         events = [[f"r-{n}", "m", "1", "", "", "", "success", "", time.perf_counter(), 0.001, {}, len(_BODY),
                    len(_ANSWER), 1, 1] for n in range(3)]  # fmt: skip
         masking = Masker(parse_masking(None, "pii"), b"").spec()
