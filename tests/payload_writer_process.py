@@ -22,11 +22,13 @@ def start_payload_writer(
                               stdout=subprocess.PIPE, stderr=stderr, env=env)  # fmt: skip
     assert writer.stdin is not None and writer.stdout is not None
     widen_pipe(writer.stdin.fileno())  # as the server does: a frame in one read
-    settings = {"url": f"file://{out}", "source": "dhow://test", "capacity": capacity, "close_timeout_s": 5.0}
+    # (at the normal CPU priority: on a busy machine a writer at the lowest one may wait long for a CPU)
+    settings = {"url": f"file://{out}", "source": "dhow://test", "capacity": capacity, "close_timeout_s": 5.0,
+                "priority": "normal"}  # fmt: skip
     writer.stdin.write(encode_frame(settings))
     writer.stdin.flush()
     answers = bytearray()
-    while not (ready := decode_frames(answers)):
+    while not (ready := decode_frames(answers, 1)):
         chunk = os.read(writer.stdout.fileno(), 1 << 16)
         assert chunk, f"the writer stopped: {writer.wait(30)}"
         answers += chunk

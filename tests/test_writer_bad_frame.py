@@ -27,7 +27,7 @@ def test_a_frame_the_writer_cannot_read_leaves_what_came_before_it_written(tmp_p
         good = frame_events([[1, masking]], time.time() - time.perf_counter(), events, [_BODY, _ANSWER] * 3)
         writer.stdin.write(good + frame(b"\x00\x00\x00\x09not a frame"))
         writer.stdin.flush()
-        assert writer.wait(30) != 0, "a frame it cannot read stops the writer"
+        assert writer.wait(30) == 1, "a frame it cannot read stops the writer"
     finally:
         if writer.poll() is None:
             writer.kill()
@@ -35,4 +35,4 @@ def test_a_frame_the_writer_cannot_read_leaves_what_came_before_it_written(tmp_p
     assert [line.count(b'"request_id":"r-') for line in lines] == [1, 1, 1], "what came before it is written"
     reported = decode_frames(answers + writer.stdout.read())  # (the reports after the ready answer)
     assert sum(report.get("logged", 0) for report in reported) == 3 and not any(r.get("failed") for r in reported)
-    assert b"Traceback" in writer.stderr.read(), "and says why"
+    assert b"JSONDecodeError" in writer.stderr.read(), "and says why"

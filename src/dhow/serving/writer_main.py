@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -164,6 +165,7 @@ def _write(
     # 350 events every 50 ms). Collected first: the start's cyclic garbage, frozen, would never be freed (the young
     # threshold is left as it is).
     settle_heap(young_threshold=None)
+    code = 0
     try:
         for body in frames:  # none: the server waits for the answer before it hands anything over
             writer.take(decode(body))
@@ -174,6 +176,9 @@ def _write(
             buffer += chunk
             for body in split_frames(buffer):
                 writer.take(decode(body))
-    finally:  # (a frame that cannot be read, a server's bug, still leaves what was taken before it written)
-        closer.submit(writer.close, float(settings.get("close_timeout_s", 5.0))).result()
-    return 0
+    except Exception:  # a frame that cannot be read (a server's bug): said now (the close may take its time), and
+        # what was taken before it still written and reported; what follows it is the server's to count failed
+        traceback.print_exc()
+        code = 1
+    closer.submit(writer.close, float(settings.get("close_timeout_s", 5.0))).result()
+    return code
