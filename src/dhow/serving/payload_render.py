@@ -177,19 +177,19 @@ _KNOWN_MEMBERS = _TENSOR_MEMBERS | {"parameters"}
 
 
 def _masked(masker: Masker, tensors: list[Any], *, names: bool = False) -> list[Any]:
-    """``tensors`` (the protocol's JSON form) with the ones that hold text, or that a field rule names, or that
-    carry more than name, datatype, shape and data (a tensor's ``parameters``, another key), masked (copies of
-    those); ``names``: every tensor's name masked too (a refused request's names are any text)."""
+    """``tensors`` (the protocol's JSON form: a request's inputs, an answer's outputs) with the ones that hold text
+    anywhere (not only a first value: ``[1, "a@b.c"]``, ``[null, …]``, ``[[], […]]``), or that a field rule names,
+    or that carry more than name, datatype, shape and data (a tensor's ``parameters``, another key), masked (copies
+    of those; ``tensors`` itself when none does: most hold numbers only); anything not a tensor masked whole;
+    ``names``: every tensor's name masked too (a refused request's names are any text)."""
     fields = masker.policy.fields
     masked = []
     for tensor in tensors:
-        if isinstance(tensor, dict):
-            name, data = str(tensor.get("name")), tensor.get("data")
-            first = data
-            while type(first) is list and first:
-                first = first[0]
-            if names or type(first) is str or name in fields or tensor.get("datatype") == "BYTES" or len(tensor) > 4:
-                # (a ragged text tensor may start with an empty list: its datatype says text)
+        if not isinstance(tensor, dict):
+            tensor = masker.mask_value(tensor, "")
+        else:
+            name = str(tensor.get("name"))
+            if names or name in fields or len(tensor) > 4 or 34 in _dumps(tensor.get("data")):
                 tensor = {
                     (key if key in _KNOWN_MEMBERS else masker.mask_text(str(key))): (
                         (masker.mask_text(value) if names and key == "name" and type(value) is str else value)
@@ -218,33 +218,13 @@ def _outputs_of(outputs: Any, masker: Masker) -> bytes:
         if start < 0:  # (not an answer of the protocol: parsed, its outputs taken)
             document = orjson.loads(outputs)
             tensors = document.get("outputs") if type(document) is dict else None
-            return _dumps(_masked_outputs(masker, tensors if type(tensors) is list else []))
+            return _dumps(_masked(masker, tensors if type(tensors) is list else []))
         written = outputs[start + _CUT : -1]  # (the array; the answer's closing brace cut off)
         if written.count(34) == 12 * written.count(b'"datatype":') and not masker.policy.fields:
             return written
-        return _dumps(_masked_outputs(masker, orjson.loads(written)))
+        return _dumps(_masked(masker, orjson.loads(written)))
     tensors = [{"name": n, "datatype": d, "shape": s, "data": v} for n, d, s, v in outputs]
-    return _dumps(_masked_outputs(masker, tensors))
-
-
-def _masked_outputs(masker: Masker, tensors: list[Any]) -> list[Any]:
-    """``tensors`` (the protocol's JSON form) with those that hold text anywhere, or that a field rule names, or
-    that carry more than name, datatype, shape and data, masked (copies of those; ``tensors`` itself when none
-    does: most answers hold numbers only). Their names are the model's own."""
-    fields = masker.policy.fields
-    masked = []
-    for tensor in tensors:
-        if type(tensor) is not dict:
-            tensor = masker.mask_value(tensor, "outputs")
-        elif tensor.get("name") in fields or len(tensor) > 4 or 34 in _dumps(tensor.get("data")):
-            # (any string anywhere in it, not only a first value: ``[1, "a@b.c"]``, ``[null, …]``, ``[[], […]]``)
-            name = str(tensor.get("name"))
-            tensor = {
-                key: value if key in _PLAIN_MEMBERS else masker.mask_value(value, name if key == "data" else key)
-                for key, value in tensor.items()
-            }
-        masked.append(tensor)
-    return masked
+    return _dumps(_masked(masker, tensors))
 
 
 #: a CloudEvent with its parts (``cloud_event``): one formatting per event (each ``%`` alone costs about 1k
