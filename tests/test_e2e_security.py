@@ -39,6 +39,13 @@ A, D, I, U = "admin", "deployer", "invoker", "auditor"  # noqa: E741
 
 ROW = np.linspace(-1, 1, 32, dtype=np.float32)
 INFER_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 32], "data": ROW.tolist()}]}
+#: a request to ``flags``, tenant acme's model
+FLAGS_BODY = {
+    "inputs": [
+        {"name": "mask", "datatype": "BOOL", "shape": [1, 4], "data": [True, False, True, True]},
+        {"name": "x", "datatype": "FP16", "shape": [1, 4], "data": [1, 2, 3, 4]},
+    ]
+}
 
 #: every REST route by its name: a request, and the roles that may make it (None: open to anyone)
 REST_MATRIX: dict[str, tuple[str, str, Any, frozenset[str] | None]] = {
@@ -429,12 +436,7 @@ def test_a_scoped_key_reaches_only_its_models(world: dict[str, Any]) -> None:
 
 def test_tenants_do_not_reach_each_others_models(world: dict[str, Any]) -> None:
     server, keys = world["server"], world["keys"]
-    flags = {
-        "inputs": [
-            {"name": "mask", "datatype": "BOOL", "shape": [1, 4], "data": [True, False, True, True]},
-            {"name": "x", "datatype": "FP16", "shape": [1, 4], "data": [1, 2, 3, 4]},
-        ]
-    }
+    flags = FLAGS_BODY
     assert call(server, "POST", "/v2/models/flags/infer", flags, keys["acme"])[0] == 200
     # another tenant's model answers as a missing one does: its name is not revealed (the refusal is audited)
     missing = call(server, "POST", "/v2/models/no-such-model/infer", flags, keys["invoker"])
@@ -472,12 +474,7 @@ def test_tenants_do_not_reach_each_others_models(world: dict[str, Any]) -> None:
 
 def test_a_tenant_auditor_verifies_the_chain_but_counts_only_its_tenant(world: dict[str, Any]) -> None:
     server, keys = world["server"], world["keys"]
-    flags = {
-        "inputs": [
-            {"name": "mask", "datatype": "BOOL", "shape": [1, 4], "data": [True, False, True, True]},
-            {"name": "x", "datatype": "FP16", "shape": [1, 4], "data": [1, 2, 3, 4]},
-        ]
-    }
+    flags = FLAGS_BODY
     assert call(server, "POST", "/v2/models/flags/infer", flags, keys["acme"])[0] == 200  # an acme record
     assert call(server, "POST", "/v2/models/tabular/infer", INFER_BODY, keys["invoker"])[0] == 200  # a default one
 
@@ -501,7 +498,15 @@ def test_keys_made_rotated_and_revoked_through_the_admin_api(world: dict[str, An
     server, keys = world["server"], world["keys"]
     status, _, made = call(server, "POST", "/v2/admin/keys", {"name": "batch-job", "roles": ["invoker"]}, keys["admin"])
     assert status == 200 and made["key"].startswith(f"dhow_{made['id']}_")
+    # made by an admin of every tenant without naming one: the default tenant's, as `dhow keys create` makes it,
+    # never every tenant's by omission
+    assert made["tenant"] == "default"
     assert call(server, "POST", "/v2/models/tabular/infer", INFER_BODY, made["key"])[0] == 200
+    assert call(server, "POST", "/v2/models/flags/infer", FLAGS_BODY, made["key"])[0] == 404  # acme's model
+    status, _, every = call(server, "POST", "/v2/admin/keys", {"name": "ops", "roles": ["invoker"], "tenant": "*"},
+                            keys["admin"])  # fmt: skip
+    assert status == 200 and every["tenant"] == "*", every
+    assert call(server, "DELETE", f"/v2/admin/keys/{every['id']}", None, keys["admin"])[0] == 200
     # the list never shows secrets or hashes
     _, _, listing = call(server, "GET", "/v2/admin/keys", None, keys["admin"])
     assert made["key"] not in json.dumps(listing) and "secret_hash" not in json.dumps(listing)

@@ -19,10 +19,21 @@ from fnmatch import fnmatchcase
 
 from dhow.core.errors import Forbidden, InvalidInput
 
-__all__ = ["ALL_TENANTS", "ROLES", "Grant", "Permission", "Principal", "check_permission", "parse_grant"]
+__all__ = [
+    "ALL_TENANTS",
+    "DEFAULT_TENANT",
+    "ROLES",
+    "Grant",
+    "Permission",
+    "Principal",
+    "check_permission",
+    "parse_grant",
+]
 
 #: the tenant of principals that span every tenant (the first admin key)
 ALL_TENANTS = "*"
+#: the tenant of a key made without one (by the CLI or the admin API), and of a model whose ``model.yaml`` names none
+DEFAULT_TENANT = "default"
 
 
 class Permission(enum.Enum):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dhow.access.permissions import DEFAULT_TENANT
 from dhow.access.ratelimit import Limits
 from dhow.access.store import AccessStore, PrincipalRecord
 from dhow.commands.stores import locate_stores
@@ -104,7 +105,7 @@ def _grant_options(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="admin, deployer, invoker or auditor, optionally scoped: invoker:fraud-*; repeatable",
     )
-    parser.add_argument("--tenant", default="default", help="the tenant (default: default; * = every tenant)")
+    parser.add_argument("--tenant", default=DEFAULT_TENANT, help="the tenant (default: default; * = every tenant)")
     parser.add_argument("--region", default="", help="data region of its requests when they name none")
     _limits_options(parser)
     _store_options(parser)

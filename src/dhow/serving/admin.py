@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dhow.access.authenticator import Authenticator
-from dhow.access.permissions import ALL_TENANTS
+from dhow.access.permissions import ALL_TENANTS, DEFAULT_TENANT
 from dhow.access.store import AccessStore, Limits, PrincipalRecord
 from dhow.core.errors import Forbidden, InvalidInput, NotFound
 from dhow.governance.audit import MAX_READ, AuditStore
@@ -43,7 +43,10 @@ class AccessAdmin:
         name, roles = body.get("name"), body.get("roles")
         if not isinstance(name, str) or not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise InvalidInput("the body needs 'name' (a string) and 'roles' (a list like ['invoker:fraud-*'])")
-        tenant = _text(body, "tenant", call.principal.tenant)
+        # omitted: the caller's own tenant, and for a caller of every tenant the default tenant, as ``dhow keys
+        # create`` does: a key for every tenant only when asked (least privilege)
+        caller_tenant = call.principal.tenant
+        tenant = _text(body, "tenant", DEFAULT_TENANT if caller_tenant == ALL_TENANTS else caller_tenant)
         if tenant == ALL_TENANTS and call.principal.tenant != ALL_TENANTS:
             raise Forbidden("only a principal of every tenant ('*') may make keys for every tenant")
         if call.principal.tenant not in (ALL_TENANTS, tenant):

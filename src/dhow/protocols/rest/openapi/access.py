@@ -36,7 +36,9 @@ def access_schemas() -> dict[str, Schema]:
             {
                 "name": string("What the key is for."),
                 "roles": array(string("admin, deployer, invoker or auditor, optionally 'role:model-pattern'.")),
-                "tenant": string("Default: the caller's tenant."),
+                "tenant": string(
+                    "Default: the caller's tenant; for a caller of every tenant, 'default' ('*' only when asked)."
+                ),
                 "region": string("The data region of its requests when they name none."),
                 "rate": number("Requests per second (0 = unlimited)."),
                 "burst": integer(minimum=0),
