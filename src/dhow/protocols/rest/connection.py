@@ -125,6 +125,15 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         type(self)._open.discard(self)
         super().connection_lost(exc)
 
+    def eof_received(self) -> None:
+        # the client's end (its FIN): the request it waits on is gone now, not when ``connection_lost`` says so, a
+        # turn later (once the loop has closed the transport), by which time a batch may have taken it: the
+        # batcher drops it before the model, as the native front's requests are (``Request.gone``). Returning
+        # nothing lets the loop close the transport, as uvicorn does
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+
     def data_received(self, data: bytes) -> None:
         if self.transport.is_closing():  # closed, its answer still leaving: a request sent now is never answered
             return
