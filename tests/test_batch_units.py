@@ -151,3 +151,55 @@ def test_a_local_path_with_two_colons_is_read_as_a_path_not_as_chained_urls(tmp_
     for location in (f"file://{tmp_path}/a::b", str(tmp_path / "a::b"), f"file://{tmp_path}/a%3A%3Ab/"):
         source = Source(location, "parquet", batch_rows=10)
         assert source.files == [str(tmp_path / "a::b" / "in.parquet")] and source.total_rows == 3
+
+
+def _csv_with_bad_widths(path: Path, rows: int) -> Path:
+    """``id,x,y`` rows, ~34 bytes each (past the reader's 4 MiB block from ~125,000 rows): a field too many at
+    rows 3, 150,000 and the last, one too few at row 150,001."""
+    with path.open("w") as out:
+        out.write("id,x,y\n")
+        for row in range(rows):
+            if row in (3, 150_000, rows - 1):
+                out.write(f"{row},{row}.500000,{row}.250000,extra\n")
+            elif row == 150_001:
+                out.write(f"{row},{row}.500000\n")
+            else:
+                out.write(f"{row},{row}.500000,{row}.250000\n")
+    return path
+
+
+def test_a_csv_row_of_another_width_is_a_bad_row_with_its_line_wherever_it_is(tmp_path: Path) -> None:
+    """Not a file refused at start (a bad row in the first block), nor a job stopped half-way by an exception (one
+    in a later block): each such row is a bad row naming its line; the others are read; a resumed read skips the
+    same rows as the first read."""
+    rows = 160_000
+    path = _csv_with_bad_widths(tmp_path / "in.csv", rows)
+    assert path.stat().st_size > 5_000_000  # the later bad rows in a later block
+    source = Source(str(path), "csv", batch_rows=4096)
+    assert source.schema.names == ["id", "x", "y"]
+
+    def read(skip: int) -> tuple[list[int | None], list[str | None]]:
+        ids: list[int | None] = []
+        reasons: list[str | None] = []
+        for batch in source.batches(["id", "x"], {"x"}, skip):
+            ids += batch.column("id").to_pylist()
+            reasons += batch.column("_dhow_unreadable").to_pylist()
+        return ids, reasons
+
+    ids, reasons = read(0)
+    bad = {row: reason for row, reason in enumerate(reasons) if reason is not None}
+    assert len(ids) == rows and len(bad) == 4, bad
+    assert sorted(i for i in ids if i is not None) == [
+        i for i in range(rows) if i not in (3, 150_000, 150_001, rows - 1)
+    ]
+    texts = sorted(bad.values(), key=lambda reason: int(reason.split()[1]))
+    assert texts[0].startswith(f"line 5 of {path}: 4 field(s) where the header has 3: '3,3.500000,3.250000,extra'"), (
+        texts
+    )
+    assert texts[1].startswith(f"line 150002 of {path}: 4 field(s)"), texts
+    assert texts[2].startswith(f"line 150003 of {path}: 2 field(s) where the header has 3"), texts
+    assert texts[3].startswith(f"line {rows + 1} of {path}: 4 field(s)"), texts
+    for row in bad:  # a bad row's columns are null
+        assert ids[row] is None
+    for skip in (1, 4095, min(bad), min(bad) + 1, max(bad), rows - 1):
+        assert read(skip) == (ids[skip:], reasons[skip:]), skip

@@ -174,6 +174,9 @@ async def ending(admitted: Admitted) -> AsyncIterator[None]:
     except (DhowError, OSError) as exc:
         run.state, run.error = "failed", exc.message if isinstance(exc, DhowError) else str(exc)
         raise
+    except Exception as exc:  # unforeseen: the summary still says the job failed, and why, not "running"
+        run.state, run.error = "failed", f"{type(exc).__name__}: {exc}"
+        raise
     finally:
         run.input_digest = await digest
         if run.opened:

@@ -107,8 +107,8 @@ class Source:
 
     def _text_schema(self, path: str) -> pa.Schema:
         with self.fs.open(path, "rb") as handle:
-            if self.kind == "csv":
-                return pacsv.open_csv(handle).schema
+            if self.kind == "csv":  # (a row of another width is a bad row when read, not a bad file)
+                return pacsv.open_csv(handle, parse_options=pacsv.ParseOptions(invalid_row_handler=_skip)).schema
             first = next(_json_batches(handle, 64, self.named(path)), None)
         if first is None:
             raise ValueError("no JSON line")
@@ -141,7 +141,7 @@ class Source:
     def _text_batches(self, path: str, columns: list[str], text: set[str]) -> Iterator[pa.RecordBatch]:
         with self.fs.open(path, "rb") as handle:
             if self.kind == "csv":
-                yield from _csv_batches(handle, columns, text, self.batch_rows)
+                yield from _csv_batches(handle, columns, text, self.batch_rows, self.named(path))
             else:
                 for batch in _json_batches(handle, self.batch_rows, self.named(path)):
                     yield _select(batch, columns)
@@ -193,16 +193,52 @@ def _row_group_batches(
         yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns)
 
 
-def _csv_batches(handle: IO[bytes], columns: list[str], text: set[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+def _csv_batches(
+    handle: IO[bytes], columns: list[str], text: set[str], batch_rows: int, path: str
+) -> Iterator[pa.RecordBatch]:
+    """The rows of a CSV file, with the unreadable-rows reasons column (``UNREADABLE``, as JSON Lines batches have
+    it): a row whose number of fields is not its header's is a bad row, with its line and text (all its columns
+    null), given after the rows of the block it was read in (the same place in every run: a resumed job skips
+    the same rows)."""
+    refused: list[str] = []
+
+    def refuse(row: pacsv.InvalidRow) -> str:
+        where = f"line {row.number} of {path}" if row.number is not None and row.number >= 0 else f"a line of {path}"
+        refused.append(
+            f"{where}: {row.actual_columns} field(s) where the header has {row.expected_columns}: {row.text[:200]!r}"
+        )
+        return "skip"
+
     convert = pacsv.ConvertOptions(
         include_columns=columns,
         column_types={name: pa.string() for name in text},
         strings_can_be_null=True,
     )
-    reader = pacsv.open_csv(handle, read_options=pacsv.ReadOptions(block_size=1 << 22), convert_options=convert)
+    reader = pacsv.open_csv(
+        handle,
+        # one thread: the bad rows are reported as their block is read, not as blocks ahead of it are
+        read_options=pacsv.ReadOptions(block_size=1 << 22, use_threads=False),
+        parse_options=pacsv.ParseOptions(invalid_row_handler=refuse),
+        convert_options=convert,
+    )
+    names = [*reader.schema.names, UNREADABLE]
+
+    def bad_rows() -> Iterator[pa.RecordBatch]:
+        while refused:
+            taken, refused[:] = refused[:batch_rows], refused[batch_rows:]
+            nulls = [pa.nulls(len(taken), field.type) for field in reader.schema]
+            yield pa.record_batch([*nulls, pa.array(taken, pa.string())], names=names)
+
     for batch in reader:
-        for start in range(0, batch.num_rows, batch_rows):
-            yield batch.slice(start, batch_rows)
+        read = pa.record_batch([*batch.columns, pa.nulls(batch.num_rows, pa.string())], names=names)
+        for start in range(0, read.num_rows, batch_rows):
+            yield read.slice(start, batch_rows)
+        yield from bad_rows()
+    yield from bad_rows()  # (a last block of bad rows only)
+
+
+def _skip(row: pacsv.InvalidRow) -> str:
+    return "skip"
 
 
 def _json_batches(handle: IO[bytes], batch_rows: int, path: str) -> Iterator[pa.RecordBatch]:
