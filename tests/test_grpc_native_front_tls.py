@@ -6,6 +6,7 @@ Real sockets; the client speaks TLS through memory BIOs, so that it can stay sil
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import threading
@@ -22,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from dhow.protocols.grpc import create_grpc_server
 from dhow.protocols.grpc.h2 import frames as f
-from dhow.protocols.grpc.h2.plaintext import MESSAGE, refuse_plaintext
+from dhow.protocols.grpc.h2.plaintext import MESSAGE, _Refusal, refuse_plaintext
 from dhow.protocols.grpc.h2.server import NativeServer
 from dhow.protocols.grpc.server import GrpcConnectionLimits
 from tests.conftest import read_until_closed, wait_until
@@ -169,13 +170,66 @@ def test_the_handshakes_limit_counts_from_the_accept_not_from_the_tls_handshakes
             )
 
 
+def _answered_plaintext(door: TlsDoor) -> asyncio.Transport:
+    """The one plaintext connection being answered that the port needs TLS (the server holds a connection from its
+    accept, at the TLS door, to the end of its handshake or of that answer)."""
+    found: list[asyncio.Transport] = []
+
+    def answered() -> bool:
+        found[:] = [t for t in list(door.server._refusing) if isinstance(t.get_protocol(), _Refusal)]
+        return len(found) == 1
+
+    wait_until(answered, SAFETY_S, "the plaintext connection answered")
+    return found[0]
+
+
+def _stop(door: TlsDoor) -> None:
+    asyncio.run_coroutine_threadsafe(door.server.stop(None), door.server.front.loop).result(SAFETY_S)
+
+
+def test_a_handshake_under_way_at_the_stop_is_cut_not_admitted_after_it(tls_door: TlsDoor) -> None:
+    """A client in its TLS handshake when the server stops does not finish it into a connection of the stopped
+    server (admitted, sent its SETTINGS, never a GOAWAY: its calls sent to a server that is going)."""
+    context = ssl.create_default_context(cafile=tls_door.folder / "ca.pem")
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", tls_door.port), timeout=SAFETY_S) as sock:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        sock.sendall(outgoing.read())  # its ClientHello
+        incoming.write(sock.recv(65536))  # the server's answer: the handshake is under way
+        _stop(tls_door)
+        received = b""
+        with contextlib.suppress(ssl.SSLError, OSError):  # (the cut: a reset, or the end of the stream)
+            tls.do_handshake()
+            tls.write(HELLO)
+            sock.sendall(outgoing.read())
+            sock.settimeout(0.5)
+            while chunk := sock.recv(65536):
+                incoming.write(chunk)
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    received += tls.read(65536)
+    assert not tls_door.server.front.connections, "a connection admitted after the stop"
+    assert f.settings({}) not in received, "the stopped server sent its SETTINGS to a new connection"
+
+
+def test_a_silent_connection_at_the_tls_door_is_cut_by_the_stop(tls_door: TlsDoor) -> None:
+    """Not left to its first byte's limit (the fixture's 1 s; 10 s by default) after the server stopped."""
+    with socket.create_connection(("127.0.0.1", tls_door.port), timeout=SAFETY_S) as sock:
+        wait_until(lambda: len(tls_door.server._refusing) == 1, SAFETY_S, "the connection accepted")
+        _stop(tls_door)
+        sock.settimeout(0.5)
+        with contextlib.suppress(ConnectionResetError):  # (cut: a reset, or the end of the stream)
+            assert sock.recv(1) == b""
+
+
 def test_a_server_stopping_closes_the_plaintext_connections_it_is_answering(tls_door: TlsDoor) -> None:
     """A plaintext client that said its preface and no call yet is held until its handshake's limit: a stop closes
     it at once, as it closes the TLS connections."""
     with socket.create_connection(("127.0.0.1", tls_door.port), timeout=SAFETY_S) as plain:
         plain.sendall(HELLO)
-        wait_until(lambda: len(tls_door.server._refusing) == 1, SAFETY_S, "the plaintext connection answered")
-        (held,) = tls_door.server._refusing
+        held = _answered_plaintext(tls_door)
         asyncio.run_coroutine_threadsafe(tls_door.server.stop(None), tls_door.server.front.loop).result(SAFETY_S)
         assert held.is_closing(), "the stop left the plaintext connection to its handshake's limit"
         assert read_until_closed(plain) == f.settings({})
@@ -188,9 +242,7 @@ def test_a_plaintext_connections_limit_counts_from_the_accept_not_from_its_first
     with socket.create_connection(("127.0.0.1", tls_door.port), timeout=SAFETY_S) as plain:
         time.sleep(0.5)  # half the fixture's 1 s limit before its first byte
         plain.sendall(HELLO)
-        wait_until(lambda: len(tls_door.server._refusing) == 1, SAFETY_S, "the plaintext connection answered")
-        (held,) = tls_door.server._refusing
-        refusal: Any = held.get_protocol()
+        refusal: Any = _answered_plaintext(tls_door).get_protocol()
         # accepted at most when the client's connect returned, 0.5 s ago: at most 0.5 s of the limit is left
         left = refusal._timer.when() - tls_door.server.front.loop.time()
         assert left < tls_door.server.front.limits.handshake_s * 0.75, f"{left:.2f} s left: the whole limit again"

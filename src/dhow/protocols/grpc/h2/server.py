@@ -106,7 +106,9 @@ class NativeServer:
             self.front.refused = refused
         self._ssl = alerting(ssl_context) if ssl_context is not None else None
         self._tls_class = ssl_protocol_class(self.front.loop)
-        #: the plaintext connections being answered that the port needs TLS (closed by ``stop``), and their count
+        #: the connections not yet HTTP/2 ones (closed by ``stop``): at the TLS door (no first byte yet, or in their
+        #: handshake: ``TlsDoor``'s ``opening``) or plaintext ones being answered that the port needs TLS; and the
+        #: count of those
         self._refusing: set[asyncio.Transport] = set()
         self._plaintext = refuse_plaintext(limits.handshake_s, self._refusing)
         self._plaintext_counted = plaintext
@@ -137,6 +139,7 @@ class NativeServer:
             handshake_s=handshake_s,
             first_byte_s=handshake_s,
             counted=self._plaintext_counted,
+            opening=self._refusing,
         )
 
     async def start(self) -> None:
