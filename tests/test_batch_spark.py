@@ -115,3 +115,39 @@ def test_spark_json_lines_with_nan_or_infinity_are_bad_rows_as_in_the_local_engi
     assert scored.column("id").to_pylist() == good
     expected = run_directly(demo_repository, "tabular", 2, {"input": x[good]})
     np.testing.assert_array_equal(scored.column("label").to_numpy(), expected["label"])
+
+
+def test_spark_csv_rows_of_another_width_are_bad_rows_as_in_the_local_engine(
+    spark_available: None, demo_repository: Path, tmp_path: Path
+) -> None:
+    """A row with a field too many or too few is a bad row to either engine, none scored cut to the header or
+    filled with nulls (Spark's CSV reader would do both, and only looks at the widths of rows when it parses every
+    column); the reasons say the same, the local engine's naming the line too (Spark counts none)."""
+    table = tabular_table(60, seed=33)
+    lines = [",".join(table.column_names)]
+    for i, row in enumerate(table.to_pylist()):
+        values = [str(row[name]) for name in table.column_names]
+        if i == 7:
+            values.append("1.5")  # a field too many: Spark would drop it and score the row
+        elif i == 40:
+            values = values[:20]  # too few
+        lines.append(",".join(values))
+    source = tmp_path / "in.csv"
+    source.write_text("\n".join(lines) + "\n")
+    ids = table.column("id").to_pylist()
+    reasons = {}
+    for engine in ("local", "spark"):
+        out = tmp_path / f"out-{engine}"
+        summary = summary_of(run_batch(demo_repository, tmp_path / "data", "--model", "tabular", "--engine", engine,
+                                       "--input", str(source), "--output", str(out), "--key", "id", "--map",
+                                       "input=f*"))  # fmt: skip
+        assert (summary["scored"], summary["errors"]) == (58, 2), (engine, summary)
+        errors = pq.read_table(out / "errors", ignore_prefixes=["_", "."])
+        reasons[engine] = sorted(errors.column("reason").to_pylist(), key=lambda reason: "34 " not in reason)
+        scored = pq.read_table(out, partitioning=None, ignore_prefixes=["_", ".", "errors"])
+        keys = sorted(int(key) for key in scored.column("id").to_pylist())  # (Spark reads CSV columns as text)
+        assert keys == [ids[i] for i in range(60) if i not in (7, 40)], engine
+    header = len(table.column_names)
+    assert reasons["spark"][0].startswith(f"{source}: {header + 1} field(s) where the header has {header}: '"), reasons
+    assert reasons["spark"][1].startswith(f"{source}: 20 field(s) where the header has {header}: '"), reasons
+    assert reasons["local"] == [f"line {n} of {reason}" for n, reason in zip((9, 42), reasons["spark"], strict=True)]

@@ -30,7 +30,7 @@ from dhow.core.errors import InvalidInput
 from dhow.core.file_urls import local_path
 from dhow.core.wire.json_refusals import json_refusal
 
-__all__ = ["NON_FINITE", "UNREADABLE", "Source", "line_refusal"]
+__all__ = ["NON_FINITE", "UNREADABLE", "Source", "csv_refusal", "line_refusal"]
 
 #: the column of a JSON Lines batch that says why a line could not be read (null: it could)
 UNREADABLE = "_dhow_unreadable"
@@ -204,9 +204,7 @@ def _csv_batches(
 
     def refuse(row: pacsv.InvalidRow) -> str:
         where = f"line {row.number} of {path}" if row.number is not None and row.number >= 0 else f"a line of {path}"
-        refused.append(
-            f"{where}: {row.actual_columns} field(s) where the header has {row.expected_columns}: {row.text[:200]!r}"
-        )
+        refused.append(csv_refusal(where, row.actual_columns, row.expected_columns, row.text))
         return "skip"
 
     convert = pacsv.ConvertOptions(
@@ -239,6 +237,14 @@ def _csv_batches(
 
 def _skip(row: pacsv.InvalidRow) -> str:
     return "skip"
+
+
+def csv_refusal(where: str, fields: int, header: int, text: str) -> str:
+    """Why a CSV row is no row, ``where`` naming it (its line and file; the Spark engine, which counts no lines,
+    its file): its number of fields against its header's, and its text."""
+    if fields == header:  # (Spark's reader refuses a row for its quoting too)
+        return f"{where}: a CSV row that cannot be read: {text[:200]!r}"
+    return f"{where}: {fields} field(s) where the header has {header}: {text[:200]!r}"
 
 
 def _json_batches(handle: IO[bytes], batch_rows: int, path: str) -> Iterator[pa.RecordBatch]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import csv
 import hashlib
 import os
 import sys
@@ -31,7 +32,7 @@ from dhow.batch.job import Job
 from dhow.batch.mapping import Mapping, convert
 from dhow.batch.runner import Admitted, admitted_job, job_credentials
 from dhow.batch.scoring import ORDINAL, Provenance, Scorer, result_tables
-from dhow.batch.sources import UNREADABLE, line_refusal
+from dhow.batch.sources import UNREADABLE, csv_refusal, line_refusal
 from dhow.core.errors import InvalidInput
 from dhow.core.file_urls import local_path
 from dhow.serving.composition import CorePolicies, compose_core, load_pinned
@@ -97,6 +98,8 @@ class _Task:
     provenance: Provenance
     data_region: str
     schema: pa.Schema
+    #: a CSV input's number of columns (its header's), 0 for another format: what a bad line's reason says
+    csv_fields: int = 0
 
 
 def _run(admitted: Admitted, settings: ServerSettings, api_key: str, quiet: bool) -> None:
@@ -109,6 +112,7 @@ def _run(admitted: Admitted, settings: ServerSettings, api_key: str, quiet: bool
     if quiet:
         spark.sparkContext.setLogLevel("ERROR")
     frame = _read(spark, job)
+    csv_fields = len([c for c in frame.columns if c not in (UNREADABLE, FILE)]) if job.format == "csv" else 0
     mapping = admitted.mapping
     if not mapping.key:  # unique and in input order, not consecutive: give --key for a key of your own
         frame = frame.withColumn(ORDINAL, F.monotonically_increasing_id())
@@ -119,6 +123,7 @@ def _run(admitted: Admitted, settings: ServerSettings, api_key: str, quiet: bool
         settings, api_key, job.model, admitted.pinned.version, admitted.batch_rows, mapping,
         tuple(admitted.output_names), Provenance(job.model, admitted.pinned.version, admitted.pinned.artifact_digest,
         run.run_id), job.data_region, to_arrow_schema(spark.createDataFrame([], schema).schema, timezone="UTC"),
+        csv_fields,
     )  # fmt: skip
     scored = frame.mapInArrow(lambda batches: _score_batches(task, batches), schema)
     scored = scored.persist(StorageLevel.DISK_ONLY)
@@ -138,9 +143,20 @@ def _read(spark: Any, job: Job) -> Any:
     path = _hadoop_path(job.input)
     if job.format == "parquet":
         return spark.read.parquet(path)
-    if job.format == "csv":  # every column as text: the mapping converts it, a bad value is a bad row
-        return spark.read.option("header", True).csv(path)
     from pyspark.sql import functions as F
+
+    if job.format == "csv":  # every column as text: the mapping converts it, a bad value is a bad row
+        # a row of more or fewer fields than the header is a bad row, as to the local engine (Spark would fill a
+        # short one with nulls and score a long one cut to the header): its text in the corrupt-record column,
+        # which Spark fills only while it parses every column (no pruning)
+        from pyspark.sql.types import StringType, StructField, StructType
+
+        spark.conf.set("spark.sql.csv.parser.columnPruning.enabled", "false")
+        reader = spark.read.option("header", True)
+        names = reader.csv(path).columns
+        schema = StructType([StructField(name, StringType()) for name in [*names, UNREADABLE]])
+        frame = reader.option("columnNameOfCorruptRecord", UNREADABLE).schema(schema).csv(path)
+        return frame.withColumn(FILE, F.when(F.col(UNREADABLE).isNotNull(), F.col("_metadata.file_path")))
 
     # JSON has no NaN or Infinity, which Spark reads by default: a line holding one is a bad row, as it is to the
     # local engine (the same job, the same output); each worker words why (``_explained``), as that engine does
@@ -238,7 +254,7 @@ class _Worker:
 
     def score(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         task = self.task
-        batch = _explained(batch)
+        batch = _explained(batch, task.csv_fields)
         converted = convert(batch, task.mapping)
         scores = self.loop.run_until_complete(self.scorer.score(converted))
         names = list(task.output_names)
@@ -259,19 +275,29 @@ class _Worker:
         self.loop.run_until_complete(closing())
 
 
-def _explained(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """A batch's unreadable JSON lines (Spark's raw text) given the local engine's reasons, each naming its file
-    (not its line: Spark counts none); the file's column dropped."""
+def _explained(batch: pa.RecordBatch, csv_fields: int = 0) -> pa.RecordBatch:
+    """A batch's unreadable JSON lines or CSV rows (Spark's raw text) given the local engine's reasons, each naming
+    its file (not its line: Spark counts none; ``csv_fields``: a CSV input's header's number of fields, 0 for JSON
+    Lines); the file's column dropped."""
     if FILE not in batch.schema.names:
         return batch
     lines, files = batch.column(UNREADABLE).to_pylist(), batch.column(FILE).to_pylist()
     reasons = [
-        None if line is None else _line_reason(line, _local_name(file or ""))
+        None
+        if line is None
+        else _csv_reason(line, _local_name(file or ""), csv_fields)
+        if csv_fields
+        else _line_reason(line, _local_name(file or ""))
         for line, file in zip(lines, files, strict=True)
     ]
     names = [name for name in batch.schema.names if name not in (UNREADABLE, FILE)]
     columns = [batch.column(name) for name in names]
     return pa.record_batch([*columns, pa.array(reasons, pa.string())], names=[*names, UNREADABLE])
+
+
+def _csv_reason(line: str, file: str, header: int) -> str:
+    fields = len(next(csv.reader([line]), []))
+    return csv_refusal(file, fields, header, line)
 
 
 def _line_reason(line: str, file: str) -> str:
