@@ -101,17 +101,22 @@ def test_spark_json_lines_with_nan_or_infinity_are_bad_rows_as_in_the_local_engi
     rows[30]["input"] = [float("-inf"), *x[30, 1:].tolist()]
     source = tmp_path / "in 2" / "a.jsonl"
     source.parent.mkdir()
-    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    lines = [json.dumps(row) for row in rows]
+    lines[12] = lines[12].replace('"id"', "'id'")  # single quotes: no JSON either, which Spark reads by default
+    source.write_text("".join(line + "\n" for line in lines))
     out = tmp_path / "out"
     summary = summary_of(run_batch(demo_repository, tmp_path / "data", "--model", "tabular", "--engine", "spark",
                                    "--input", str(source), "--output", str(out), "--key", "id"))  # fmt: skip
-    assert (summary["scored"], summary["errors"]) == (38, 2)
+    assert (summary["scored"], summary["errors"]) == (37, 3)
     reasons = sorted(pq.read_table(out / "errors", ignore_prefixes=["_", "."]).column("reason").to_pylist())
+    (quoted,) = [reason for reason in reasons if "NaN" not in reason and "Infinity" not in reason]
+    assert quoted.startswith(f"{source}: not a JSON line (") and "{\\'id\\': 12" in quoted, quoted
+    reasons.remove(quoted)
     for reason, token in zip(reasons, ("-Infinity", "NaN"), strict=True):
         assert reason.startswith(f"{source}: not a JSON line (") and token in reason, reason
         assert "JSON has no NaN or Infinity: give non-finite values in a numeric or list column of a Parquet" in reason
     scored = pq.read_table(out, partitioning=None, ignore_prefixes=["_", ".", "errors"]).sort_by("id")
-    good = [i for i in range(40) if i not in (3, 30)]
+    good = [i for i in range(40) if i not in (3, 12, 30)]
     assert scored.column("id").to_pylist() == good
     expected = run_directly(demo_repository, "tabular", 2, {"input": x[good]})
     np.testing.assert_array_equal(scored.column("label").to_numpy(), expected["label"])

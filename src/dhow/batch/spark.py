@@ -158,9 +158,11 @@ def _read(spark: Any, job: Job) -> Any:
         frame = reader.option("columnNameOfCorruptRecord", UNREADABLE).schema(schema).csv(path)
         return frame.withColumn(FILE, F.when(F.col(UNREADABLE).isNotNull(), F.col("_metadata.file_path")))
 
-    # JSON has no NaN or Infinity, which Spark reads by default: a line holding one is a bad row, as it is to the
-    # local engine (the same job, the same output); each worker words why (``_explained``), as that engine does
+    # JSON has no NaN or Infinity, nor single-quoted strings, which Spark reads by default: a line holding one is a
+    # bad row, as it is to the local engine (the same job, the same output); each worker words why
+    # (``_explained``), as that engine does
     reader = spark.read.option("columnNameOfCorruptRecord", UNREADABLE).option("allowNonNumericNumbers", False)
+    reader = reader.option("allowSingleQuotes", False)
     frame = reader.json(path)
     if UNREADABLE not in frame.columns:
         return frame
