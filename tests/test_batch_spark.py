@@ -155,4 +155,7 @@ def test_spark_csv_rows_of_another_width_are_bad_rows_as_in_the_local_engine(
     header = len(table.column_names)
     assert reasons["spark"][0].startswith(f"{source}: {header + 1} field(s) where the header has {header}: '"), reasons
     assert reasons["spark"][1].startswith(f"{source}: 20 field(s) where the header has {header}: '"), reasons
-    assert reasons["local"] == [f"line {n} of {reason}" for n, reason in zip((9, 42), reasons["spark"], strict=True)]
+    local = [f"row {n} of {source} (its header row 1): " for n in (9, 42)]
+    assert reasons["local"] == [
+        f"{at}{reason.removeprefix(f'{source}: ')}" for at, reason in zip(local, reasons["spark"], strict=True)
+    ]

@@ -11,7 +11,7 @@ import pytest
 from dhow.batch.job import Job
 from dhow.batch.mapping import convert, plan_inputs
 from dhow.batch.parts import JOURNAL, OutputFolder, part_name
-from dhow.batch.sources import Source
+from dhow.batch.sources import Source, _csv_batches
 from dhow.core.errors import Conflict, InvalidInput
 from dhow.core.model_config import TensorSpec
 from tests.batch_data import write_parquet
@@ -168,10 +168,10 @@ def _csv_with_bad_widths(path: Path, rows: int) -> Path:
     return path
 
 
-def test_a_csv_row_of_another_width_is_a_bad_row_with_its_line_wherever_it_is(tmp_path: Path) -> None:
+def test_a_csv_row_of_another_width_is_a_bad_row_in_its_place_wherever_it_is(tmp_path: Path) -> None:
     """Not a file refused at start (a bad row in the first block), nor a job stopped half-way by an exception (one
-    in a later block): each such row is a bad row naming its line; the others are read; a resumed read skips the
-    same rows as the first read."""
+    in a later block): each such row is a bad row in its place (every row keeps its ordinal: the key of a job
+    without --key), naming its row; the others are read; a resumed read skips the same rows as the first read."""
     rows = 160_000
     path = _csv_with_bad_widths(tmp_path / "in.csv", rows)
     assert path.stat().st_size > 5_000_000  # the later bad rows in a later block
@@ -187,19 +187,32 @@ def test_a_csv_row_of_another_width_is_a_bad_row_with_its_line_wherever_it_is(tm
         return ids, reasons
 
     ids, reasons = read(0)
-    bad = {row: reason for row, reason in enumerate(reasons) if reason is not None}
-    assert len(ids) == rows and len(bad) == 4, bad
-    assert sorted(i for i in ids if i is not None) == [
-        i for i in range(rows) if i not in (3, 150_000, 150_001, rows - 1)
-    ]
-    texts = sorted(bad.values(), key=lambda reason: int(reason.split()[1]))
-    assert texts[0].startswith(f"line 5 of {path}: 4 field(s) where the header has 3: '3,3.500000,3.250000,extra'"), (
-        texts
-    )
-    assert texts[1].startswith(f"line 150002 of {path}: 4 field(s)"), texts
-    assert texts[2].startswith(f"line 150003 of {path}: 2 field(s) where the header has 3"), texts
-    assert texts[3].startswith(f"line {rows + 1} of {path}: 4 field(s)"), texts
-    for row in bad:  # a bad row's columns are null
-        assert ids[row] is None
-    for skip in (1, 4095, min(bad), min(bad) + 1, max(bad), rows - 1):
+    bad = (3, 150_000, 150_001, rows - 1)
+    assert ids == [None if i in bad else i for i in range(rows)]
+    assert [i for i, reason in enumerate(reasons) if reason is not None] == list(bad)
+    where = [reasons[i] or "" for i in bad]
+    assert where[0].startswith(f"row 5 of {path} (its header row 1): 4 field(s) where the header has 3: '3,3.5"), where
+    assert where[1].startswith(f"row 150002 of {path} (its header row 1): 4 field(s)"), where
+    assert where[2].startswith(f"row 150003 of {path} (its header row 1): 2 field(s) where the header has 3"), where
+    assert where[3].startswith(f"row {rows + 1} of {path} (its header row 1): 4 field(s)"), where
+    for skip in (1, 4095, 4, 149_999, 150_000, 150_001, rows - 1):
         assert read(skip) == (ids[skip:], reasons[skip:]), skip
+
+
+def test_a_quoted_line_break_across_a_block_and_a_file_of_no_good_row(tmp_path: Path) -> None:
+    """A line break inside a quoted field never cuts its row in two where a block ends (two wrong rows, one of them
+    scored); a CSV file whose first block holds no row of its header's width is refused at start, with why."""
+    text = "id,note,x\n" + "".join(f'{i},"line one\nline two, {i}",{i}.5\n' for i in range(40))
+    path = tmp_path / "notes.csv"
+    path.write_text(text)
+    with path.open("rb") as handle:
+        batches = list(_csv_batches(handle, ["id", "note", "x"], {"note"}, 1000, str(path), block_size=64))
+    read = pa.Table.from_batches(batches)
+    assert read.column("id").to_pylist() == list(range(40))
+    assert read.column("note").to_pylist() == [f"line one\nline two, {i}" for i in range(40)]
+    assert read.column("_dhow_unreadable").null_count == 40
+    (tmp_path / "shifted.csv").write_text("id,x,\n1,2\n3,4\n")  # a trailing comma in the header: 3 columns
+    with pytest.raises(
+        InvalidInput, match=r"no row among the first 2 could be read; row 2 \(its header row 1\): 2 field"
+    ):
+        Source(str(tmp_path / "shifted.csv"), "csv", batch_rows=10)

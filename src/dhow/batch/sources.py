@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import fsspec
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -107,8 +108,22 @@ class Source:
 
     def _text_schema(self, path: str) -> pa.Schema:
         with self.fs.open(path, "rb") as handle:
-            if self.kind == "csv":  # (a row of another width is a bad row when read, not a bad file)
-                return pacsv.open_csv(handle, parse_options=pacsv.ParseOptions(invalid_row_handler=_skip)).schema
+            if self.kind == "csv":  # (a row of another width is a bad row when read, not a bad file...)
+                refused: list[pacsv.InvalidRow] = []
+
+                def refuse(row: pacsv.InvalidRow) -> str:
+                    refused.append(row)
+                    return "skip"
+
+                # (one thread, as the rows are read: Arrow numbers the rows it refuses only then)
+                read = pacsv.ReadOptions(use_threads=False)
+                reader = pacsv.open_csv(handle, read_options=read, parse_options=_csv_parsing(refuse))
+                first = next(iter(reader), None)
+                if refused and (first is None or not first.num_rows):  # (...unless no row of a block is one)
+                    bad = refused[0]
+                    why = csv_refusal(_row_of(bad, ""), bad.actual_columns, bad.expected_columns, bad.text)
+                    raise ValueError(f"no row among the first {len(refused)} could be read; {why}")
+                return reader.schema
             first = next(_json_batches(handle, 64, self.named(path)), None)
         if first is None:
             raise ValueError("no JSON line")
@@ -194,17 +209,17 @@ def _row_group_batches(
 
 
 def _csv_batches(
-    handle: IO[bytes], columns: list[str], text: set[str], batch_rows: int, path: str
+    handle: IO[bytes], columns: list[str], text: set[str], batch_rows: int, path: str, block_size: int = 1 << 22
 ) -> Iterator[pa.RecordBatch]:
     """The rows of a CSV file, with the unreadable-rows reasons column (``UNREADABLE``, as JSON Lines batches have
-    it): a row whose number of fields is not its header's is a bad row, with its line and text (all its columns
-    null), given after the rows of the block it was read in (the same place in every run: a resumed job skips
-    the same rows)."""
-    refused: list[str] = []
+    it): a row whose number of fields is not its header's is a bad row in its place (its columns null), its reason
+    naming its row and showing its text."""
+    #: the bad rows read and not given yet: each row's index among the file's rows (-1: not known), and why
+    refused: list[tuple[int, str]] = []
 
     def refuse(row: pacsv.InvalidRow) -> str:
-        where = f"line {row.number} of {path}" if row.number is not None and row.number >= 0 else f"a line of {path}"
-        refused.append(csv_refusal(where, row.actual_columns, row.expected_columns, row.text))
+        why = csv_refusal(_row_of(row, path), row.actual_columns, row.expected_columns, row.text)
+        refused.append((row.number - 2 if row.number is not None and row.number >= 2 else -1, why))
         return "skip"
 
     convert = pacsv.ConvertOptions(
@@ -214,29 +229,68 @@ def _csv_batches(
     )
     reader = pacsv.open_csv(
         handle,
-        # one thread: the bad rows are reported as their block is read, not as blocks ahead of it are
-        read_options=pacsv.ReadOptions(block_size=1 << 22, use_threads=False),
-        parse_options=pacsv.ParseOptions(invalid_row_handler=refuse),
+        # one thread: a block's bad rows are reported as it is read, not as blocks ahead of it are
+        read_options=pacsv.ReadOptions(block_size=block_size, use_threads=False),
+        parse_options=_csv_parsing(refuse),
         convert_options=convert,
     )
     names = [*reader.schema.names, UNREADABLE]
-
-    def bad_rows() -> Iterator[pa.RecordBatch]:
-        while refused:
-            taken, refused[:] = refused[:batch_rows], refused[batch_rows:]
-            nulls = [pa.nulls(len(taken), field.type) for field in reader.schema]
-            yield pa.record_batch([*nulls, pa.array(taken, pa.string())], names=names)
-
+    given = 0
     for batch in reader:
-        read = pa.record_batch([*batch.columns, pa.nulls(batch.num_rows, pa.string())], names=names)
-        for start in range(0, read.num_rows, batch_rows):
-            yield read.slice(start, batch_rows)
-        yield from bad_rows()
-    yield from bad_rows()  # (a last block of bad rows only)
+        good = pa.record_batch([*batch.columns, pa.nulls(batch.num_rows, pa.string())], names=names)
+        rows = _placed(good, refused, given, reader.schema)
+        given += rows.num_rows
+        yield from rows.to_batches(max_chunksize=batch_rows)
+    if refused:  # (bad rows after the last good one, in their order)
+        refused.sort(key=lambda entry: (entry[0] < 0, entry[0]))
+        bad = _bad_rows([reason for _, reason in refused], reader.schema, names)
+        yield from pa.Table.from_batches([bad]).to_batches(max_chunksize=batch_rows)
 
 
-def _skip(row: pacsv.InvalidRow) -> str:
-    return "skip"
+def _row_of(row: pacsv.InvalidRow, path: str) -> str:
+    """A refused CSV row as its reason names it: Arrow's row number (the header is row 1; blank lines are none)."""
+    of = f" of {path}" if path else ""
+    if row.number is None or row.number < 2:
+        return f"a row{of}"
+    return f"row {row.number}{of} (its header row 1)"
+
+
+def _placed(good: pa.RecordBatch, refused: list[tuple[int, str]], given: int, schema: pa.Schema) -> pa.Table:
+    """A block's good rows with its bad rows (taken from ``refused``) in their places (``given``: the rows of the
+    file before the block): a bad row at index ``i`` of the file is the block's row ``i - given``, unless a bad row
+    is past the block's rows, then it is the next block's (the same place either way). A bad row of no known place
+    goes at the block's end."""
+    known = sorted(entry for entry in refused if entry[0] >= given)
+    inside: list[tuple[int, str]] = []
+    for index, reason in known:
+        if index - given > good.num_rows + len(inside):
+            break
+        inside.append((index - given, reason))
+    unplaced = [reason for index, reason in refused if index < given]
+    refused[:] = known[len(inside) :]
+    reasons = [reason for _, reason in inside] + unplaced
+    if not reasons:
+        return pa.Table.from_batches([good])
+    total = good.num_rows + len(reasons)
+    bad_at = np.array([at for at, _ in inside] + list(range(total - len(unplaced), total)), dtype=np.int64)
+    is_bad = np.zeros(total, dtype=bool)
+    is_bad[bad_at] = True
+    order = np.empty(total, dtype=np.int64)
+    order[~is_bad] = np.arange(good.num_rows)
+    order[bad_at] = good.num_rows + np.arange(len(reasons))
+    bad = _bad_rows(reasons, schema, good.schema.names)
+    return pa.Table.from_batches([good, bad]).take(order).combine_chunks()
+
+
+def _bad_rows(reasons: list[str], schema: pa.Schema, names: list[str]) -> pa.RecordBatch:
+    nulls = [pa.nulls(len(reasons), field.type) for field in schema]
+    return pa.record_batch([*nulls, pa.array(reasons, pa.string())], names=names)
+
+
+def _csv_parsing(refuse: Callable[[pacsv.InvalidRow], str]) -> pacsv.ParseOptions:
+    """How CSV is read: a quoted field may hold line breaks (a block is never cut inside one, which would make two
+    wrong rows of it), and a row of another width than the header is handed to ``refuse``."""
+    return pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=refuse)
 
 
 def csv_refusal(where: str, fields: int, header: int, text: str) -> str:
