@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DhowProcess, start_dhow, wait_until
+from tests.conftest import DhowProcess, read_until_closed, start_dhow, wait_until
 
 SLOW_MODEL = """
 import time
@@ -202,3 +202,33 @@ def test_a_request_whose_client_ends_its_side_right_behind_it_is_not_computed(tm
     # saw it a turn late)
     assert computed <= 1 + 3, (computed, outcomes)
     assert outcomes["CANCELLED"] == 21 - computed and outcomes["success"] == computed, outcomes
+
+
+@pytest.mark.parametrize("front", ["native", "uvicorn"])
+def test_pipelined_requests_whose_client_ends_its_side_are_not_computed_for_no_one(tmp_path: Path, front: str) -> None:
+    """Three requests pipelined, then the client's FIN: those answered before the FIN was read reach the client;
+    none is computed for no one, the one running included (uvicorn marked only the last request read, one waiting
+    behind the running one, as gone: 5 of 5 computed for no one here). The native front counts every other one
+    CANCELLED; uvicorn never starts the pipelined requests of a closed connection (nor counts them)."""
+    server = start_dhow(_repository(tmp_path, 0), tmp_path, "--http-front", front)
+    request = (
+        f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(BODY)}\r\n\r\n"
+    ).encode() + BODY
+    answered = 0
+    try:
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
+                sock.sendall(request * 3)
+                sock.shutdown(socket.SHUT_WR)
+                answered += read_until_closed(sock).count(b"HTTP/1.1 200")
+        assert _post(server)[0] == 200
+        computed = _computed(server)
+        outcomes = _outcomes(server)
+    finally:
+        assert server.stop() == 0, server.log()
+    # computed: those answered, the last request, and at most one a batch took before its FIN was read
+    assert computed - answered - 1 <= 1, (computed, answered, outcomes)
+    assert outcomes["success"] == computed, outcomes
+    if front == "native":
+        assert outcomes["CANCELLED"] == 15 - computed + 1, outcomes

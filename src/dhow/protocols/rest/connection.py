@@ -93,6 +93,9 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         #: each request's task runs in a copy of this (the loop's), as the native front's requests do: uvicorn
         #: starts a pipelined request from the end of the one before it, whose context it would inherit
         self._context = contextvars.copy_context()
+        #: the requests started and not ended: the one running, and with it those uvicorn started while it was
+        #: answered (``self.cycle`` is the last request read, one pipelined behind it when there is one)
+        self._started: set[Any] = set()
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         if cycle.waiting_for_100_continue:
@@ -108,6 +111,8 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
             cycle.send = send_closing
         task = self.loop.create_task(cycle.run_asgi(app), context=self._context.copy())
         task.add_done_callback(self.tasks.discard)
+        self._started.add(cycle)
+        task.add_done_callback(lambda _: self._started.discard(cycle))
         self.tasks.add(task)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -126,13 +131,16 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def eof_received(self) -> None:
-        # the client's end (its FIN): the request it waits on is gone now, not when ``connection_lost`` says so, a
-        # turn later (once the loop has closed the transport), by which time a batch may have taken it: the
-        # batcher drops it before the model, as the native front's requests are (``Request.gone``). Returning
-        # nothing lets the loop close the transport, as uvicorn does
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            cycle.disconnected = True
+        # the client's end (its FIN): the requests it waits on are gone now, not when ``connection_lost`` says so, a
+        # turn later (once the loop has closed the transport), by which time a batch may have taken them, and not
+        # only the last one read (uvicorn's ``connection_lost`` marks that one alone, one pipelined behind the
+        # running one, which then computes for no one): the batcher drops them before the model, as the native
+        # front's are (``Request.gone``), and one waiting for its body wakes. Returning nothing lets the loop
+        # close the transport, as uvicorn does
+        for cycle in (*self._started, self.cycle):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
 
     def data_received(self, data: bytes) -> None:
         if self.transport.is_closing():  # closed, its answer still leaving: a request sent now is never answered
