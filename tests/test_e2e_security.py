@@ -186,6 +186,7 @@ def world(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         ("scoped", "default", ["invoker:tab*"], ""),
         ("acme", "acme", ["invoker"], ""),
         ("acme-auditor", "acme", ["auditor"], ""),
+        ("acme-admin", "acme", ["admin"], ""),
         ("eu-client", "default", ["invoker"], "eu"),
     ):
         made = store.create_key(name, tenant=tenant, roles=roles, actor="test", region=region)
@@ -507,6 +508,15 @@ def test_keys_made_rotated_and_revoked_through_the_admin_api(world: dict[str, An
                             keys["admin"])  # fmt: skip
     assert status == 200 and every["tenant"] == "*", every
     assert call(server, "DELETE", f"/v2/admin/keys/{every['id']}", None, keys["admin"])[0] == 200
+    # an admin of one tenant makes its own tenant's keys by default, and no other's
+    status, _, own = call(server, "POST", "/v2/admin/keys", {"name": "acme-job", "roles": ["invoker"]},
+                          keys["acme-admin"])  # fmt: skip
+    assert status == 200 and own["tenant"] == "acme", own
+    assert call(server, "DELETE", f"/v2/admin/keys/{own['id']}", None, keys["acme-admin"])[0] == 200
+    for other in ("*", "default"):
+        status, _, refused = call(server, "POST", "/v2/admin/keys", {"name": "x", "roles": ["invoker"],
+                                  "tenant": other}, keys["acme-admin"])  # fmt: skip
+        assert status == 403, (other, refused)
     # the list never shows secrets or hashes
     _, _, listing = call(server, "GET", "/v2/admin/keys", None, keys["admin"])
     assert made["key"] not in json.dumps(listing) and "secret_hash" not in json.dumps(listing)

@@ -32,7 +32,7 @@ __all__ = [
 
 #: the tenant of principals that span every tenant (the first admin key)
 ALL_TENANTS = "*"
-#: the tenant of a key made without one (by the CLI or the admin API), and of a model whose ``model.yaml`` names none
+#: the tenant of a key made without one by the CLI, or by the admin API for a caller of every tenant
 DEFAULT_TENANT = "default"
 
 
