@@ -201,7 +201,8 @@ def test_a_csv_row_of_another_width_is_a_bad_row_in_its_place_wherever_it_is(tmp
 
 def test_a_quoted_line_break_across_a_block_and_a_file_of_no_good_row(tmp_path: Path) -> None:
     """A line break inside a quoted field never cuts its row in two where a block ends (two wrong rows, one of them
-    scored); a CSV file whose first block holds no row of its header's width is refused at start, with why."""
+    scored); a CSV file none of whose first 64 rows (or rows) has its header's width is refused at start, with why,
+    reading no further."""
     text = "id,note,x\n" + "".join(f'{i},"line one\nline two, {i}",{i}.5\n' for i in range(40))
     path = tmp_path / "notes.csv"
     path.write_text(text)
@@ -212,7 +213,12 @@ def test_a_quoted_line_break_across_a_block_and_a_file_of_no_good_row(tmp_path: 
     assert read.column("note").to_pylist() == [f"line one\nline two, {i}" for i in range(40)]
     assert read.column("_dhow_unreadable").null_count == 40
     (tmp_path / "shifted.csv").write_text("id,x,\n1,2\n3,4\n")  # a trailing comma in the header: 3 columns
-    with pytest.raises(
-        InvalidInput, match=r"no row among the first 2 could be read; row 2 \(its header row 1\): 2 field"
-    ):
+    with pytest.raises(InvalidInput, match=r"none of its first 2 rows has its header's width; row 2 \(its header row"):
         Source(str(tmp_path / "shifted.csv"), "csv", batch_rows=10)
+    # a large one: refused at its 64th row, its bad rows not all read and kept
+    (tmp_path / "long.csv").write_text("id,x,\n" + "1,2\n" * 2_000_000)
+    with pytest.raises(InvalidInput, match=r"none of its first 64 rows has its header's width; row 2 "):
+        Source(str(tmp_path / "long.csv"), "csv", batch_rows=10)
+    # 63 bad rows, then a good one: read (a bad row is a row's fault, not the file's)
+    (tmp_path / "late.csv").write_text("id,x\n" + "1\n" * 63 + "1,2\n")
+    assert Source(str(tmp_path / "late.csv"), "csv", batch_rows=10).schema.names == ["id", "x"]

@@ -109,21 +109,7 @@ class Source:
     def _text_schema(self, path: str) -> pa.Schema:
         with self.fs.open(path, "rb") as handle:
             if self.kind == "csv":  # (a row of another width is a bad row when read, not a bad file...)
-                refused: list[pacsv.InvalidRow] = []
-
-                def refuse(row: pacsv.InvalidRow) -> str:
-                    refused.append(row)
-                    return "skip"
-
-                # (one thread, as the rows are read: Arrow numbers the rows it refuses only then)
-                read = pacsv.ReadOptions(use_threads=False)
-                reader = pacsv.open_csv(handle, read_options=read, parse_options=_csv_parsing(refuse))
-                first = next(iter(reader), None)
-                if refused and (first is None or not first.num_rows):  # (...unless no row of a block is one)
-                    bad = refused[0]
-                    why = csv_refusal(_row_of(bad, ""), bad.actual_columns, bad.expected_columns, bad.text)
-                    raise ValueError(f"no row among the first {len(refused)} could be read; {why}")
-                return reader.schema
+                return _csv_schema(handle)
             first = next(_json_batches(handle, 64, self.named(path)), None)
         if first is None:
             raise ValueError("no JSON line")
@@ -245,6 +231,50 @@ def _csv_batches(
         refused.sort(key=lambda entry: (entry[0] < 0, entry[0]))
         bad = _bad_rows([reason for _, reason in refused], reader.schema, names)
         yield from pa.Table.from_batches([bad]).to_batches(max_chunksize=batch_rows)
+
+
+def _csv_schema(handle: IO[bytes]) -> pa.Schema:
+    """A CSV file's columns, from its header; a file none of whose first ``_FIRST_ROWS`` rows (or none of its rows,
+    when it has fewer) has the header's width is refused, with the first one's reason (as a JSON Lines file none of
+    whose first lines is read): its header is the likelier mistake (a trailing comma)."""
+    refused: list[pacsv.InvalidRow] = []  # (the first only: the rest are counted)
+    count = 0
+
+    def refuse(row: pacsv.InvalidRow) -> str:
+        nonlocal count
+        count += 1
+        if not refused:
+            refused.append(row)
+        # every row so far refused (Arrow numbers them from the header's 1): stop reading, refuse the file
+        return "error" if count >= _FIRST_ROWS and row.number == count + 1 else "skip"
+
+    # (one thread, as the rows are read: Arrow numbers the rows it refuses only then)
+    read = pacsv.ReadOptions(use_threads=False)
+    try:
+        reader = pacsv.open_csv(handle, read_options=read, parse_options=_csv_parsing(refuse))
+    except pa.ArrowInvalid:
+        if not refused:
+            raise
+        reader, first = None, None
+    else:
+        try:
+            first = next(iter(reader), None)
+        except pa.ArrowInvalid:
+            if not refused:
+                raise
+            first = None
+        finally:
+            reader.close()
+    if refused and (first is None or not first.num_rows):  # (...unless no row of its first ones is one)
+        bad = refused[0]
+        why = csv_refusal(_row_of(bad, ""), bad.actual_columns, bad.expected_columns, bad.text)
+        raise ValueError(f"none of its first {count} rows has its header's width; {why}")
+    assert reader is not None
+    return reader.schema
+
+
+#: rows of a CSV file read, at most, before it is refused when none has its header's width
+_FIRST_ROWS = 64
 
 
 def _row_of(row: pacsv.InvalidRow, path: str) -> str:

@@ -298,7 +298,7 @@ def _explained(batch: pa.RecordBatch, csv_fields: int = 0) -> pa.RecordBatch:
 
 
 def _csv_reason(line: str, file: str, header: int) -> str:
-    fields = len(next(csv.reader([line]), []))
+    fields = len(next(csv.reader([line], escapechar="\\"), []))  # (Spark's CSV escape is a backslash)
     return csv_refusal(file, fields, header, line)
 
 
