@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import csv
+import functools
 import hashlib
 import os
 import sys
@@ -284,12 +285,9 @@ def _explained(batch: pa.RecordBatch, csv_fields: int = 0) -> pa.RecordBatch:
     if FILE not in batch.schema.names:
         return batch
     lines, files = batch.column(UNREADABLE).to_pylist(), batch.column(FILE).to_pylist()
+    explain = functools.partial(_csv_reason, header=csv_fields) if csv_fields else _line_reason
     reasons = [
-        None
-        if line is None
-        else _csv_reason(line, _local_name(file or ""), csv_fields)
-        if csv_fields
-        else _line_reason(line, _local_name(file or ""))
+        None if line is None else explain(line, _local_name(file or ""))
         for line, file in zip(lines, files, strict=True)
     ]
     names = [name for name in batch.schema.names if name not in (UNREADABLE, FILE)]
