@@ -47,6 +47,14 @@ _START_TIMEOUT_S = 300.0
 #: steps), 10 ms had cost ~24 µs of CPU a request against ~13 at 50 ms; no longer seen. Neither promises when an item
 #: is written, and the queue (``capacity``) bounds what waits meanwhile
 FLUSH_S = 0.01
+#: items framed in one turn of the event loop at most (``frame_items``): a writer that falls behind (its sink slow,
+#: or its process starved of CPU at the lowest priority on a machine with none idle) lets its pipe fill, and the
+#: queue then grows to its capacity while the pipe waits; framing all of it at once when the pipe drains held the
+#: loop, and every request in flight, 24-56 ms a time (10,000 payload events, 7 MB; ``tabular``, REST, c=16, a
+#: machine with a CPU spinning beside the server, 2026-12-08), twelve times in five seconds. In chunks, one a turn,
+#: the loop serves requests between them: ~1 ms a chunk at the payload log's ~2 µs an event, and a hand-over of
+#: ``FLUSH_S`` under load is a tenth of it (~100-130 events at 10,000-13,000 requests a second)
+FRAME_ITEMS = 512
 
 
 class WriterPipe:
@@ -58,6 +66,9 @@ class WriterPipe:
     #: how long an item waits to be handed over with the others (``FLUSH_S``; tracing's is longer: its writer posts
     #: a second apart)
     flush_s = FLUSH_S
+    #: items framed in one turn at most (``FRAME_ITEMS``): what is left is framed on the next turn, once the pipe
+    #: took the frame
+    frame_items = FRAME_ITEMS
 
     @property
     def _log(self) -> logging.Logger:
@@ -77,8 +88,9 @@ class WriterPipe:
         self.close_timeout_s = close_timeout_s
         self._queue: collections.deque[Any] = collections.deque()
         self._scheduled = False
-        #: the timer of the scheduled hand-over (``_put``): a subclass that hands over before it cancels it
-        self._timer: asyncio.TimerHandle | None = None
+        #: the timer of the scheduled hand-over (``_put``), or the next turn's (what a frame left, ``_flush``): a
+        #: subclass that hands over before it cancels it
+        self._timer: asyncio.Handle | None = None
         #: held while the queue is taken, framed and written: by ``_flush`` on the event loop, by ``close`` in the
         #: thread the server closes it from (a timer due meanwhile must neither take items twice nor interleave its
         #: frame's bytes with the close's in the pipe); the close writes after it let go, once ``_closing`` keeps
@@ -193,10 +205,11 @@ class WriterPipe:
         self._timer = loop.call_later(self.flush_s, self._flush)
 
     def _flush(self) -> None:
-        """Write every queued item in one frame (unless the pipe has not taken the last one yet), in place of the
-        timer that was due to (cancelled: a flush when the pipe drained, or an early one, leaves none behind to
-        write a stray frame, and ``_put`` starts one chain of timers, not a second). Not once ``close`` began: it
-        hands over what is left itself, from another thread (``_handing``)."""
+        """Write the queued items in one frame (unless the pipe has not taken the last one yet; ``frame_items`` at
+        most, the rest on the loop's next turn), in place of the timer that was due to (cancelled: a flush when the
+        pipe drained, or an early one, leaves none behind to write a stray frame, and ``_put`` starts one chain of
+        timers, not a second). Not once ``close`` began: it hands over what is left itself, from another thread
+        (``_handing``)."""
         self._scheduled = False
         timer, self._timer = self._timer, None
         if timer is not None:
@@ -206,13 +219,30 @@ class WriterPipe:
                 if self._settled:  # (queued after the close ended: failed, as ``_refused`` counts it now)
                     self._fail_queued()
                 return
-            if self._unsent or not self._queue:
+            queue = self._queue
+            if self._unsent or not queue:
                 return
-            items = list(self._queue)
-            self._queue.clear()
+            if len(queue) <= self.frame_items:
+                items = list(queue)
+                queue.clear()
+            else:  # (a writer behind: a chunk this turn, the rest on the next ones)
+                items = [queue.popleft() for _ in range(self.frame_items)]
             framed = self._framed(items)
             if framed is not None and self._hand(framed[1]):
                 self._write(framed[0])
+            if queue and not self._unsent and not self._scheduled:
+                # what is left, on the loop's next turn (a pipe that did not take the frame calls ``_flush`` itself
+                # once it drained: ``_write_more``)
+                self._next_turn()
+
+    def _next_turn(self) -> None:
+        """A hand-over on the loop's next turn (not on a loop: the next item queued hands over, as ever)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._scheduled = True
+        self._timer = loop.call_soon(self._flush)
 
     def _framed(self, items: list[Any]) -> tuple[bytes, int] | None:
         """``_frame`` of ``items`` and how many it made (those it could not, it counted failed); None when it
