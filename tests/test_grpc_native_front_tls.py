@@ -29,7 +29,7 @@ from dhow.protocols.grpc.server import GrpcConnectionLimits
 from tests.conftest import read_until_closed, wait_until
 from tests.inprocess import open_service
 from tests.test_e2e_security_transport import _issue
-from tests.test_grpc_native_front import HELLO, GatedPlane, _request
+from tests.test_grpc_native_front import HELLO, GatedPlane, _goaway_code, _read_frames, _request
 from tests.test_grpc_native_front_abuse import _INFER
 
 #: how long a socket waits for the server to act: a server that never does fails the test by this wait
@@ -290,3 +290,27 @@ def test_a_plaintext_clients_frames_one_a_read_are_each_looked_at_once() -> None
 
 def test_a_plaintext_client_whose_preface_goes_wrong_after_its_first_byte_is_closed() -> None:
     assert _refusing(lambda refusal: refusal.data_received(b"RI * HTTP/1.1\r\n\r\n")) == f.settings({})
+
+
+def test_a_connection_admitted_in_the_turn_its_handshake_ended_is_drained_by_the_stop_not_cut(
+    tls_door: TlsDoor,
+) -> None:
+    """A connection leaves the TLS door's set (what a stop cuts) on the turn after its handshake ended, while its
+    HTTP/2 connection is admitted already: a stop in that turn drains it (GOAWAY, its calls given their grace) as it
+    drains the others, never cuts it."""
+    context = ssl.create_default_context(cafile=tls_door.folder / "ca.pem")
+    context.set_alpn_protocols(["h2"])
+    raw = socket.create_connection(("127.0.0.1", tls_door.port), timeout=SAFETY_S)
+    with context.wrap_socket(raw, server_hostname="localhost") as sock:
+        sock.sendall(HELLO)
+        wait_until(lambda: tls_door.connections() == 1, SAFETY_S, "the connection admitted")
+
+        async def stop_in_that_turn() -> None:
+            server = tls_door.server
+            (connection,) = server.front.connections
+            assert connection.wire is not None
+            server._refusing.add(connection.wire)  # where it stands in the turn its handshake ended
+            await server.stop(None)
+
+        asyncio.run_coroutine_threadsafe(stop_in_that_turn(), tls_door.server.front.loop).result(SAFETY_S)
+        assert _goaway_code(_read_frames(sock, f.GOAWAY))[0] == f.NO_ERROR

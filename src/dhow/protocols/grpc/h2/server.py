@@ -158,8 +158,12 @@ class NativeServer:
         self._stopped = True
         if self._server is not None:
             self._server.close()
+        # (a handshake that ended this turn leaves the door's set on the next: its connection, admitted already,
+        # is drained below with the others, not cut)
+        admitted = {connection.wire for connection in self.front.connections}
         for refusing in list(self._refusing):
-            refusing.abort()
+            if refusing not in admitted:
+                refusing.abort()
         for connection in list(self.front.connections):
             connection.drain()
         loop = self.front.loop
