@@ -222,3 +222,21 @@ def test_a_quoted_line_break_across_a_block_and_a_file_of_no_good_row(tmp_path: 
     # 63 bad rows, then a good one: read (a bad row is a row's fault, not the file's)
     (tmp_path / "late.csv").write_text("id,x\n" + "1\n" * 63 + "1,2\n")
     assert Source(str(tmp_path / "late.csv"), "csv", batch_rows=10).schema.names == ["id", "x"]
+
+
+@pytest.mark.parametrize("header", [b"id,x", b"id,x\n", b"id,x\r\n", b"id,x\r"])
+def test_a_csv_file_of_its_header_alone_is_a_file_of_no_rows_its_last_line_ended_or_not(
+    tmp_path: Path, header: bytes
+) -> None:
+    """Arrow takes a header alone with no line break after it for no header ("Empty CSV file"); it is a file of
+    no rows, as with one, and read beside another file; a file of nothing at all is refused, saying why."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a-head.csv").write_bytes(header)
+    (tmp_path / "in" / "b-rows.csv").write_bytes(b"id,x\n1,2.5\n3,4")  # (its last row's line unended too)
+    source = Source(str(tmp_path / "in"), "csv", batch_rows=10)
+    assert source.schema.names == ["id", "x"]
+    read = pa.Table.from_batches(list(source.batches(["id", "x"], set())))
+    assert read.column("id").to_pylist() == [1, 3] and read.column("_dhow_unreadable").null_count == 2
+    (tmp_path / "empty.csv").write_bytes(b"")
+    with pytest.raises(InvalidInput, match=r"empty.csv: it is empty: a CSV input starts with its header row"):
+        Source(str(tmp_path / "empty.csv"), "csv", batch_rows=10)

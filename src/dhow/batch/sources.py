@@ -15,6 +15,7 @@ value makes one bad row, not an unreadable file. A JSON line that does not parse
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 from collections.abc import Callable, Iterator
 from typing import IO, Any
@@ -109,7 +110,7 @@ class Source:
     def _text_schema(self, path: str) -> pa.Schema:
         with self.fs.open(path, "rb") as handle:
             if self.kind == "csv":  # (a row of another width is a bad row when read, not a bad file...)
-                return _csv_schema(handle)
+                return _csv_schema(_LastLineEnded(handle))
             first = next(_json_batches(handle, 64, self.named(path)), None)
         if first is None:
             raise ValueError("no JSON line")
@@ -142,7 +143,7 @@ class Source:
     def _text_batches(self, path: str, columns: list[str], text: set[str]) -> Iterator[pa.RecordBatch]:
         with self.fs.open(path, "rb") as handle:
             if self.kind == "csv":
-                yield from _csv_batches(handle, columns, text, self.batch_rows, self.named(path))
+                yield from _csv_batches(_LastLineEnded(handle), columns, text, self.batch_rows, self.named(path))
             else:
                 for batch in _json_batches(handle, self.batch_rows, self.named(path)):
                     yield _select(batch, columns)
@@ -195,7 +196,12 @@ def _row_group_batches(
 
 
 def _csv_batches(
-    handle: IO[bytes], columns: list[str], text: set[str], batch_rows: int, path: str, block_size: int = 1 << 22
+    handle: IO[bytes] | io.RawIOBase,
+    columns: list[str],
+    text: set[str],
+    batch_rows: int,
+    path: str,
+    block_size: int = 1 << 22,
 ) -> Iterator[pa.RecordBatch]:
     """The rows of a CSV file, with the unreadable-rows reasons column (``UNREADABLE``, as JSON Lines batches have
     it): a row whose number of fields is not its header's is a bad row in its place (its columns null), its reason
@@ -233,7 +239,38 @@ def _csv_batches(
         yield from pa.Table.from_batches([bad]).to_batches(max_chunksize=batch_rows)
 
 
-def _csv_schema(handle: IO[bytes]) -> pa.Schema:
+class _LastLineEnded(io.RawIOBase):
+    """A CSV file read as it is, with a line break after its last line when the whole file fits in the first read
+    and has none: Arrow takes a header alone without one, in its first block, for no header at all ("Empty CSV
+    file"), where with one it is a file of no rows (a longer file's last row it reads with or without one)."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        super().__init__()
+        self._handle = handle
+        self._first = True
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        size = len(buffer)
+        if not self._first:
+            data = self._handle.read(size)
+        else:  # the first read filled (room left for the line break), or the whole file with its line ended
+            self._first = False
+            data = b""
+            while len(data) < size - 1:
+                more = self._handle.read(size - 1 - len(data))
+                if not more:
+                    if data and data[-1:] not in (b"\n", b"\r"):
+                        data += b"\n"
+                    break
+                data += more
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _csv_schema(handle: IO[bytes] | io.RawIOBase) -> pa.Schema:
     """A CSV file's columns, from its header; a file none of whose first ``_FIRST_ROWS`` rows (or none of its rows,
     when it has fewer) has the header's width is refused, with the first one's reason (as a JSON Lines file none of
     whose first lines is read): its header is the likelier mistake (a trailing comma)."""
@@ -252,7 +289,9 @@ def _csv_schema(handle: IO[bytes]) -> pa.Schema:
     read = pacsv.ReadOptions(use_threads=False)
     try:
         reader = pacsv.open_csv(handle, read_options=read, parse_options=_csv_parsing(refuse))
-    except pa.ArrowInvalid:
+    except pa.ArrowInvalid as exc:
+        if "Empty CSV file" in str(exc):
+            raise ValueError("it is empty: a CSV input starts with its header row (the columns' names)") from None
         if not refused:
             raise
         reader, first = None, None
