@@ -159,3 +159,36 @@ def test_spark_csv_rows_of_another_width_are_bad_rows_as_in_the_local_engine(
     assert reasons["local"] == [
         f"{at}{reason.removeprefix(f'{source}: ')}" for at, reason in zip(local, reasons["spark"], strict=True)
     ]
+
+
+def test_csv_files_whose_columns_come_in_another_order_are_refused_for_spark_and_read_by_name_locally(
+    demo_repository: Path, tmp_path: Path
+) -> None:
+    """Spark applies the first CSV file's header to every file by position: a file whose columns come in another
+    order would be scored on the wrong features. The Spark engine refuses such an input at admission (no Spark
+    started, nothing written), naming both headers; the local engine reads each file by its own header."""
+    table = tabular_table(20, seed=35)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = table.column_names
+    for part, columns in (("a", names), ("b", [*names[1:], names[0]])):  # the second's id column last
+        rows = table.slice(0 if part == "a" else 10, 10).select(columns).to_pylist()
+        lines = [",".join(columns)] + [",".join(str(row[name]) for name in columns) for row in rows]
+        (folder / f"{part}.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out-spark"
+    refused = run_batch(demo_repository, tmp_path / "data", "--model", "tabular", "--engine", "spark", "--input",
+                        str(folder), "--format", "csv", "--output", str(out), "--key", "id", "--map",
+                        "input=f*")  # fmt: skip
+    assert refused.returncode != 0
+    assert f"input file {folder / 'b.csv'} has the header {','.join([*names[1:], names[0]])} and " in refused.stderr
+    assert "the Spark engine applies the first file's header to every CSV file by position" in refused.stderr
+    assert not out.exists() or not any(out.iterdir())
+    summary = summary_of(run_batch(demo_repository, tmp_path / "data", "--model", "tabular", "--input", str(folder),
+                                   "--format", "csv", "--output", str(tmp_path / "out-local"), "--key", "id", "--map",
+                                   "input=f*"))  # fmt: skip
+    assert (summary["scored"], summary["errors"]) == (20, 0), summary
+    scored = pq.read_table(tmp_path / "out-local", partitioning=None, ignore_prefixes=["_", ".", "errors"])
+    order = np.argsort(scored.column("id").to_numpy())
+    x = np.stack([table.column(name).to_numpy() for name in names if name.startswith("f")], axis=1)
+    expected = run_directly(demo_repository, "tabular", 2, {"input": x.astype(np.float32)})
+    np.testing.assert_array_equal(scored.column("label").to_numpy()[order], expected["label"])

@@ -138,6 +138,8 @@ async def admitted_job(job: Job, settings: ServerSettings, api_key: str) -> Asyn
     batch_rows = job.batch_rows or DEFAULT_BATCH_ROWS
     policies = CorePolicies.load(settings)
     source = Source(job.input, job.format, batch_rows)
+    if job.engine == "spark":
+        source.check_same_header("the Spark engine")
     security = Security(settings)
     core = await compose_core(settings, security, policies, first_key=False)
     try:

@@ -66,6 +66,8 @@ class Source:
             raise InvalidInput(f"the input {url} holds no {kind} file ({', '.join(_SUFFIXES[kind])})")
         self.local = "file" in _protocols(self.fs)
         self._rows: list[int] | None = None
+        #: each file's columns, in its order (``check_same_header``)
+        self._names: list[list[str]] = []
         self.schema = self._check_files()
 
     @property
@@ -105,7 +107,24 @@ class Source:
                 lacks, first_file = ", ".join(missing), self.named(self.files[0])
                 raise InvalidInput(f"input file {self.named(path)} lacks column(s) {lacks} of {first_file}")
         self._rows = rows if self.kind == "parquet" else None
+        self._names = [schema.names for schema in schemas]
         return first
+
+    def check_same_header(self, engine: str) -> None:
+        """Refuse a CSV input whose files' headers are not all the first one's, names and order: ``engine`` (Spark)
+        applies the first file's header to every file by position, so a file whose columns come in another order
+        would have its values read under the wrong names (the local engine reads each file by its own header)."""
+        if self.kind != "csv":
+            return
+        first = self._names[0]
+        for path, names in zip(self.files[1:], self._names[1:], strict=True):
+            if names != first:
+                raise InvalidInput(
+                    f"input file {self.named(path)} has the header {','.join(names)} and "
+                    f"{self.named(self.files[0])} {','.join(first)}: {engine} applies the first file's header to "
+                    "every CSV file by position; give every file the same columns in the same order, or use the "
+                    "local engine, which reads each file by its own header"
+                )
 
     def _text_schema(self, path: str) -> pa.Schema:
         with self.fs.open(path, "rb") as handle:
