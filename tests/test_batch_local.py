@@ -150,16 +150,40 @@ def test_csv_with_bad_rows_scores_the_rest_and_reports_each(demo_repository: Pat
                                    "f10,f11,f12,f13,f14,f15,f16,f17,f18,f19,f20,f21,f22,f23,f24,f25,f26,f27,f28,f29,"
                                    "f30,f31"))  # fmt: skip
     assert (summary["rows_in"], summary["scored"], summary["errors"]) == (1000, 997, 3)
-    errors = read_errors(out).sort_by("id")
+    errors = _by_number(read_errors(out), "id")
     ids = table.column("id").to_numpy()
-    assert errors.column("id").to_pylist() == [ids[10], ids[20], ids[999]]
+    assert errors.column("id").to_pylist() == [str(ids[10]), str(ids[20]), str(ids[999])], "a CSV key is its text"
     reasons = errors.column("reason").to_pylist()
     assert "null in column 'f3'" in reasons[0] and "not-a-number" in reasons[1] and "f31" in reasons[2]
     assert orjson.loads(errors.column("input").to_pylist()[1])["f7"] == "not-a-number"
-    scored = read_output(out).sort_by("id")
+    scored = _by_number(read_output(out), "id")
     keep = np.setdiff1d(np.arange(1000), [10, 20, 999])
     expected = run_directly(demo_repository, "tabular", 2, {"input": x[keep]})
     np.testing.assert_array_equal(scored.column("label").to_numpy(), expected["label"])
+
+
+def _by_number(table: pa.Table, key: str) -> pa.Table:
+    """The rows in the order of their key's number (a CSV key is text: "143" sorts before "73")."""
+    return table.take(np.argsort(np.array(table.column(key).to_pylist(), dtype=np.int64), kind="stable"))
+
+
+def test_a_csv_key_is_its_text_leading_zeros_and_letters_kept(demo_repository: Path, tmp_path: Path) -> None:
+    """As Spark reads it: an id "00123" is not the number 123 (which no longer names the input's row), and a key of
+    letters in a later block of the file is a key, not a conversion error that fails the job half-way (Arrow would
+    type the column by the file's first block)."""
+    table, _ = _tabular_inputs(40_000, seed=8)
+    rows = table.cast(pa.schema([(name, pa.string()) for name in table.column_names])).to_pylist()
+    for n, row in enumerate(rows):
+        row["id"] = f"{n:07d}" if n < 39_990 else f"late-{n}"
+    source = tmp_path / "in.csv"
+    pacsv.write_csv(pa.Table.from_pylist(rows), source)
+    assert source.stat().st_size > 4 << 20, "the letters past the first block"
+    out = tmp_path / "out"
+    summary = summary_of(run_batch(demo_repository, tmp_path / "data", "--model", "tabular", "--input", str(source),
+                                   "--output", str(out), "--key", "id", "--map", "input=f*"))  # fmt: skip
+    assert (summary["scored"], summary["errors"]) == (40_000, 0), summary
+    keys = read_output(out).column("id").to_pylist()
+    assert sorted(keys) == sorted(row["id"] for row in rows) and "0000123" in keys and "late-39999" in keys
 
 
 def test_jsonl_with_wrong_widths_types_and_broken_lines(demo_repository: Path, tmp_path: Path) -> None:

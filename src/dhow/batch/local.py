@@ -84,7 +84,12 @@ class LocalEngine:
     async def run(self, first_row: int, first_part: int, commit: Commit, advance: Callable[[int], None]) -> None:
         """Score the input from ``first_row`` (the start of part ``first_part``) on, committing each part."""
         mapping = self.mapping
-        chunks = self._chunks(self.source.batches(mapping.columns, mapping.text_columns, first_row), first_row)
+        text = mapping.text_columns
+        if mapping.key and self.source.kind == "csv":
+            # a CSV key as its text, as Spark reads it: an id "00123" stays "00123" (a number would be 123, no
+            # longer the input's), and a later block's "A-1" is a key, not a conversion error that fails the job
+            text = text | {mapping.key}
+        chunks = self._chunks(self.source.batches(mapping.columns, text, first_row), first_row)
         pending: deque[asyncio.Task[_Chunk]] = deque()
         part = _Part(first_part, first_row)
         while True:
