@@ -61,6 +61,22 @@ HEADERS_LATE = _timeout_answer("headers")
 BODY_LATE = _timeout_answer("body")
 
 
+class _BodyThenGone:
+    """The ASGI ``receive`` of a request whose client is gone but whose body had arrived whole: the body, then the
+    disconnect; ``disconnected`` is what the REST door's ``gone`` reads (of ``receive``'s owner)."""
+
+    disconnected = True
+
+    def __init__(self, body: bytes | bytearray) -> None:
+        self._body: bytes | bytearray | None = body
+
+    async def receive(self) -> Message:
+        body, self._body = self._body, None
+        if body is None:
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": body, "more_body": False}
+
+
 class DeadlineHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, closing connections whose request headers or body come too slowly.
 
@@ -141,6 +157,14 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
             if cycle is not None and not cycle.response_complete:
                 cycle.disconnected = True
                 cycle.message_event.set()
+        # those pipelined behind the running one, which uvicorn would never start (nor count): started now, gone
+        # once their body is read, so that each is counted CANCELLED and computed for no one, as the native front's
+        while self.pipeline:
+            cycle, app = self.pipeline.pop()
+            cycle.disconnected = True  # (nothing is sent: uvicorn writes no 500 for an app that answered no one)
+            if not cycle.more_body:  # (its body whole; one cut short by the FIN is gone before it, as ever)
+                cycle.receive = _BodyThenGone(cycle.body).receive  # type: ignore[method-assign,assignment]
+            self._start_asgi_task(cycle, app)
 
     def data_received(self, data: bytes) -> None:
         if self.transport.is_closing():  # closed, its answer still leaving: a request sent now is never answered
