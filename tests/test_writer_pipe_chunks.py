@@ -46,7 +46,7 @@ def _small(log: PayloadLog, n: int) -> None:
 def test_a_burst_is_framed_in_chunks_one_a_turn(tmp_path: Path) -> None:
     registry = CollectorRegistry()
     log = PayloadLog(f"file://{tmp_path}/payloads.jsonl", capacity=10_000, source="dhow://test",
-                     command=PAYLOAD_WRITER, registry=registry)  # fmt: skip
+                     command=PAYLOAD_WRITER, registry=registry, priority="normal")  # fmt: skip
     log.frame_items = 8
     sizes = _framing(log)
     turns: list[int] = []
@@ -60,6 +60,7 @@ def test_a_burst_is_framed_in_chunks_one_a_turn(tmp_path: Path) -> None:
             await asyncio.sleep(0)
         turns.append(len(sizes))
         await _all_counted(registry, 43)
+        assert _counted(registry) == 43, "items left queued with nothing to hand them over"
 
     try:
         asyncio.run(main())
@@ -67,11 +68,15 @@ def test_a_burst_is_framed_in_chunks_one_a_turn(tmp_path: Path) -> None:
         log.close()
     assert sizes == [8, 8, 8, 8, 8, 3]
     steps = [later - earlier for earlier, later in itertools.pairwise(turns)]
-    assert max(steps) == 1, f"one chunk a turn: {sorted(set(turns))}"
+    assert max(steps) == 1 and turns[turns.index(1) :][:6] == [1, 2, 3, 4, 5, 6], "one chunk each turn, at once"
     logged = registry.get_sample_value("dhow_payload_log_events_total", {"sink": "file", "outcome": "logged"})
     assert logged == 43
-    lines = (tmp_path / "payloads.jsonl").read_text().splitlines()
-    assert len(lines) == 43 and len({line.split('"request_id":"')[1].split('"')[0] for line in lines}) == 43
+    assert _request_ids(tmp_path) == [f"r-{n}" for n in range(43)], "in the order they were queued"
+
+
+def _request_ids(folder: Path) -> list[str]:
+    lines = (folder / "payloads.jsonl").read_text().splitlines()
+    return [line.split('"request_id":"')[1].split('"')[0] for line in lines]
 
 
 def test_a_backlog_behind_a_full_pipe_is_framed_in_chunks_once_it_drains(tmp_path: Path) -> None:
@@ -79,7 +84,7 @@ def test_a_backlog_behind_a_full_pipe_is_framed_in_chunks_once_it_drains(tmp_pat
     pipe takes them, every event logged once."""
     registry = CollectorRegistry()
     log = PayloadLog(f"file://{tmp_path}/payloads.jsonl", capacity=10_000, source="dhow://test",
-                     command=PAYLOAD_WRITER, registry=registry)  # fmt: skip
+                     command=PAYLOAD_WRITER, registry=registry, priority="normal")  # fmt: skip
     log.frame_items = 4
     sizes = _framing(log)
     count = 40  # of ~250 KB each: 10 MB, ten times what the pipe holds
@@ -96,6 +101,7 @@ def test_a_backlog_behind_a_full_pipe_is_framed_in_chunks_once_it_drains(tmp_pat
             os.kill(log._process.pid, signal.SIGCONT)
         await _all_counted(registry, count)
         assert waiting > log.frame_items
+        assert _counted(registry) == count, "items left queued with nothing to hand them over"
 
     try:
         asyncio.run(main())
@@ -104,3 +110,4 @@ def test_a_backlog_behind_a_full_pipe_is_framed_in_chunks_once_it_drains(tmp_pat
     assert max(sizes) <= 4 and sum(sizes) == count
     logged = registry.get_sample_value("dhow_payload_log_events_total", {"sink": "file", "outcome": "logged"})
     assert logged == count
+    assert _request_ids(tmp_path) == [f"r-{n}" for n in range(count)], "in the order they were queued"

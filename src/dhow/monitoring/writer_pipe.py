@@ -52,8 +52,9 @@ FLUSH_S = 0.01
 #: queue then grows to its capacity while the pipe waits; framing all of it at once when the pipe drains held the
 #: loop, and every request in flight, 24-56 ms a time (10,000 payload events, 7 MB; ``tabular``, REST, c=16, a
 #: machine with a CPU spinning beside the server, 2026-12-08), twelve times in five seconds. In chunks, one a turn,
-#: the loop serves requests between them: ~1 ms a chunk at the payload log's ~2 µs an event, and a hand-over of
-#: ``FLUSH_S`` under load is a tenth of it (~100-130 events at 10,000-13,000 requests a second)
+#: the loop serves requests between them: ~1 ms a chunk at the payload log's ~2 µs an event (of a few hundred bytes:
+#: the bound is in events, not bytes), and a hand-over of ``FLUSH_S`` under load is a quarter of it or less (~100-130
+#: events at 10,000-13,000 requests a second)
 FRAME_ITEMS = 512
 
 
@@ -100,8 +101,9 @@ class WriterPipe:
         #: ``_handing``)
         self._unframed = 0
         self._last_unframed = float("-inf")
-        #: bytes of a frame the pipe did not take yet (the writer is behind): nothing more is written meanwhile
-        self._unsent = b""
+        #: bytes of a frame the pipe did not take yet (the writer is behind): nothing more is written meanwhile (a
+        #: view: a frame of many MB goes into a pipe of 1 MiB in as many writes, each without copying the rest)
+        self._unsent: bytes | memoryview = b""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         #: the loop's removal of its watch on the pipe came after the close stopped waiting for it: the removal
@@ -222,7 +224,14 @@ class WriterPipe:
             queue = self._queue
             if self._unsent or not queue:
                 return
-            if len(queue) <= self.frame_items:
+            if self._gone:  # (nothing to frame for: failed, all of it, as ``_hand`` would count each chunk)
+                self._fail_queued()
+                return
+            try:
+                loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:  # not on a loop: no next turn to leave the rest to
+                loop = None
+            if len(queue) <= self.frame_items or loop is None:
                 items = list(queue)
                 queue.clear()
             else:  # (a writer behind: a chunk this turn, the rest on the next ones)
@@ -230,19 +239,11 @@ class WriterPipe:
             framed = self._framed(items)
             if framed is not None and self._hand(framed[1]):
                 self._write(framed[0])
-            if queue and not self._unsent and not self._scheduled:
+            if queue and not self._unsent and loop is not None:
                 # what is left, on the loop's next turn (a pipe that did not take the frame calls ``_flush`` itself
                 # once it drained: ``_write_more``)
-                self._next_turn()
-
-    def _next_turn(self) -> None:
-        """A hand-over on the loop's next turn (not on a loop: the next item queued hands over, as ever)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        self._scheduled = True
-        self._timer = loop.call_soon(self._flush)
+                self._scheduled = True
+                self._timer = loop.call_soon(self._flush)
 
     def _framed(self, items: list[Any]) -> tuple[bytes, int] | None:
         """``_frame`` of ``items`` and how many it made (those it could not, it counted failed); None when it
@@ -279,7 +280,7 @@ class WriterPipe:
             self._writer_gone(repr(exc))
             return
         if written < len(data):
-            self._unsent = data[written:]
+            self._unsent = memoryview(data)[written:]
             if self._loop is not None and not self._closing:
                 self._loop.add_writer(self._in, self._write_more)
 
@@ -402,7 +403,7 @@ class WriterPipe:
                 return
             self._closing = True  # (from now on neither ``_flush`` nor ``_write_more`` writes: the pipe is ours)
             self._stop_writing(stopped)
-            data, self._unsent = self._unsent, b""
+            data, self._unsent = bytes(self._unsent), b""
             if self._queue:
                 # taken item by item (``popleft`` holds the interpreter lock throughout): an item the loop queues
                 # meanwhile is taken too or stays queued, for ``_fail_queued``; never cleared unseen
