@@ -186,6 +186,28 @@ def test_a_hanging_http_sink_drops_and_counts_never_blocks(
         assert server.stop() == 0, server.log()
 
 
+def test_large_bodies_behind_a_hanging_sink_are_dropped_at_the_queues_bytes_not_held(
+    tmp_path: Path, collector: tuple[int, type[_Collector]]
+) -> None:
+    """Events of 100 KB bodies behind a sink that does not answer: the writer's queue, far from its count of
+    events, holds no more than ``--payload-log-queue-bytes`` of them (about three here); the rest are dropped and
+    counted, none held, inference unaffected; once the sink answers, what was held is logged."""
+    port, handler = collector
+    handler.hold.set()
+    url = f"http://127.0.0.1:{port}/events?timeout=60"
+    server = start_dhow(_repository(tmp_path), tmp_path, "--payload-log", url, "--payload-log-queue-bytes", "350000")
+    try:
+        statuses = [_post(server, "notes", _body(1.0, "x" * 100_000), f"req-{n}") for n in range(24)]
+        assert statuses == [200] * 24, "inference is unaffected by a sink that does not answer"
+        wait_until(lambda: _counts(server, "http")["dropped"] >= 15, what="dropped events counted")
+        handler.hold.clear()
+        wait_until(lambda: sum(_counts(server, "http").values()) == 24, what="every event logged or dropped")
+        counts = _counts(server, "http")
+        assert 1 <= counts["logged"] <= 24 - 15 and counts["failed"] == 0, counts
+    finally:
+        assert server.stop() == 0, server.log()
+
+
 def test_kafka_topic_gets_every_event_and_a_lost_broker_is_counted(
     tmp_path: Path,
     payload_kafka_broker: KafkaBroker,  # noqa: F811 (the fixture)

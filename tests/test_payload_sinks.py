@@ -377,6 +377,7 @@ def _unstarted_log() -> PayloadLog:
     log._maskings, log._new_maskings, log._masking_count, log._by_config = {}, [], 0, {}
     log._numbering, log._unmasked, log._unframed, log._masking_of = threading.Lock(), set(), 0, None
     log._dropped, log._failed = _Count(), _Count()
+    log.capacity_bytes, log._bytes = 1 << 30, 0
     return log
 
 
@@ -741,3 +742,30 @@ def test_an_event_whose_post_raises_fails_alone_in_one_event_per_post_mode() -> 
         server.shutdown()
         server.server_close()
     assert (tally.logged_count, tally.failed_count, tally.dropped_count) == (2, 1, 0), tally.reasons
+
+
+def test_the_queue_drops_past_its_bytes_and_counts_them_out_as_they_are_taken() -> None:
+    """Past ``capacity_bytes`` of queued requests (JSON bodies, decoded arrays) a request's event is dropped and
+    counted, whatever the count of events; what a frame takes is counted out (a chunk by its items' bytes)."""
+    log = _unstarted_log()
+    log.use_masking(lambda config: Masker(parse_masking(None, "pii"), b""))
+    log.capacity_bytes = 1000
+    body = b'{"inputs": []}' + b" " * 286  # 300 bytes
+    sent = InferenceRequest("m", [])
+    sent.json_body = body
+    answer = InferenceResponse("m", "1", [])
+    caller = Caller("key:ci#1", "acme", "r-1")
+    for _ in range(4):
+        log.answered((_Config("m"), "", None, caller), 1.0, sent, answer)
+    assert len(log._queue) == 3 and log._bytes == 900 and log._dropped.value == 1
+    array = InferenceRequest("m", [Tensor("x", "FP64", [20], np.zeros(20))])  # 160 bytes: past the room left
+    log.answered((_Config("m"), "", None, caller), 1.0, array, answer)
+    log.offer(["r-e", "m", "1", "", "", "", "INVALID_ARGUMENT", "bad", 1.0, 0.0, {}, (body, 0), None],
+              Masker(parse_masking(None, "pii"), b""))  # fmt: skip
+    assert log._dropped.value == 3 and len(log._queue) == 3
+    log._took([log._queue.popleft()], everything=False)
+    assert log._bytes == 600
+    log.answered((_Config("m"), "", None, caller), 1.0, array, answer)
+    assert log._bytes == 760 and len(log._queue) == 3
+    log._took(list(log._queue), everything=True)
+    assert log._bytes == 0

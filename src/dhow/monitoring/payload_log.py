@@ -44,6 +44,7 @@ __all__ = [
     "FIELDS",
     "MASKING",
     "MAX_MASKINGS",
+    "QUEUE_BYTES",
     "TENSORS",
     "Answered",
     "Masking",
@@ -87,6 +88,10 @@ _NUMPY = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 _LENGTHS = struct.Struct(">II")
 #: masking rules remembered at most (one per model config; past it they are handed over again)
 MAX_MASKINGS = 4096
+#: bytes of requests (JSON bodies, decoded tensors) waiting at most, here and again in the writer (its bodies and
+#: answers), unless ``--payload-log-queue-bytes`` says otherwise: a sink slower than traffic of large bodies (JSON
+#: images) must drop events before the queue's count of them (``--payload-log-queue``) holds gigabytes
+QUEUE_BYTES = 256 << 20
 
 
 class Masking(Protocol):
@@ -209,7 +214,12 @@ class PayloadLog(WriterPipe):
         registry: CollectorRegistry | None = None,
         close_timeout_s: float = 5.0,
         priority: str = "idle",
+        capacity_bytes: int = QUEUE_BYTES,
     ) -> None:
+        #: the bytes of the requests queued at most (``QUEUE_BYTES``), and those queued (about: a close on another
+        #: thread counts them out as the loop queues)
+        self.capacity_bytes = capacity_bytes
+        self._bytes = 0
         self._maskings: dict[Masking, int] = {}
         #: per model: the config its masking's number was found for, and the number (one lookup an answer)
         self._by_config: dict[str, tuple[Any, int | None]] = {}
@@ -223,8 +233,8 @@ class PayloadLog(WriterPipe):
         self._numbering = threading.Lock()
         #: models whose masking could not be made for an answered request (logged once each)
         self._unmasked: set[str] = set()
-        super().__init__(command, {"url": url, "source": source, "priority": priority}, capacity=capacity,
-                         registry=registry, close_timeout_s=close_timeout_s)  # fmt: skip
+        settings = {"url": url, "source": source, "priority": priority, "capacity_bytes": capacity_bytes}
+        super().__init__(command, settings, capacity=capacity, registry=registry, close_timeout_s=close_timeout_s)
 
     def use_masking(self, masking_of: Callable[[Any], Masking]) -> None:
         """How an ``answered`` request's masking is found from its model's config (the data plane's, once)."""
@@ -244,11 +254,14 @@ class PayloadLog(WriterPipe):
         sends the answer as JSON puts those bytes at ``ANSWER``, in place of the answer (whose tensors are then
         released on the request's path, where they are at hand, and never written again)."""
         queue = self._queue
-        if len(queue) >= self.capacity or self._gone:  # (counted here: a close may empty the queue meanwhile)
-            self._refuse()
-            return
         # the request's JSON body, else its decoded tensors (not the request: a body's decoded arrays are not kept)
         body = request.json_body
+        size = len(body) if body is not None else _tensor_bytes(request.inputs)
+        # (counted here: a close may empty the queue meanwhile)
+        if len(queue) >= self.capacity or self._gone or self._bytes + size > self.capacity_bytes:
+            self._refuse()
+            return
+        self._bytes += size
         item = [placement, start, time.perf_counter(), request.parameters, request.inputs if body is None else body,
                 len(request.inputs), response.model_version, response]  # fmt: skip
         if body is not None:  # (``ANSWER`` is its last place: the door writes ``item[-1]``)
@@ -259,13 +272,26 @@ class PayloadLog(WriterPipe):
 
     def offer(self, event: list[Any], masking: Masking) -> None:
         """Queue an event (``FIELDS``), or drop and count it when the queue is full: never waits."""
+        size = _event_bytes(event[INPUTS])
         if self._refused():
             return
+        if self._bytes + size > self.capacity_bytes:
+            self._refuse()
+            return
+        self._bytes += size
         number = self._maskings.get(masking)
         if number is None:
             number = self._masking_number(masking)
         event.append(number)
         self._put((event,))  # (a tuple: an ``answered`` item is a list)
+
+    def _took(self, items: list[Any], everything: bool) -> None:
+        if everything:
+            self._bytes = 0
+        else:  # (a chunk: a writer behind)
+            self._bytes -= sum(
+                _event_bytes(item[0][INPUTS]) if type(item) is tuple else _event_bytes(item[4]) for item in items
+            )
 
     def _masking_number(self, masking: Masking) -> int:
         """A number for the model's masking, its rules handed over with the next frame (once per masking)."""
@@ -369,6 +395,27 @@ class PayloadLog(WriterPipe):
             with self._numbering:
                 self._new_maskings[:0] = maskings
             raise
+
+
+def _tensor_bytes(tensors: Sequence[Any]) -> int:
+    """The bytes of a request's decoded tensors' arrays (a text tensor's: its references)."""
+    size = 0
+    for tensor in tensors:
+        size += getattr(tensor.data, "nbytes", 0)
+    return size
+
+
+def _event_bytes(inputs: Any) -> int:
+    """The bytes of an event's or an item's request: a JSON body (or a body and its number of tensors), else
+    decoded tensors (``[name, datatype, shape, array]`` lists, or ``Tensor``s)."""
+    if type(inputs) is bytes:
+        return len(inputs)
+    if type(inputs) is tuple:
+        return len(inputs[0])
+    size = 0
+    for tensor in inputs:
+        size += getattr(tensor[3] if type(tensor) is list else tensor.data, "nbytes", 0)
+    return size
 
 
 def _writable(events: list[Any]) -> None:

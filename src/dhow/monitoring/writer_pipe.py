@@ -157,6 +157,10 @@ class WriterPipe:
         """The frame of what was queued (and of anything else the writer must learn first)."""
         raise NotImplementedError
 
+    def _took(self, items: list[Any], everything: bool) -> None:
+        """``items`` were taken off the queue (``everything``: all it held): a subclass that counts what its queue
+        holds counts them out."""
+
     def _first_answer(self) -> dict[str, Any]:
         deadline = time.monotonic() + _START_TIMEOUT_S
         # (not ``select.select``: a server with many connections numbers its new pipes past 1024, which it refuses)
@@ -234,8 +238,10 @@ class WriterPipe:
             if len(queue) <= self.frame_items or loop is None:
                 items = list(queue)
                 queue.clear()
+                self._took(items, everything=True)
             else:  # (a writer behind: a chunk this turn, the rest on the next ones)
                 items = [queue.popleft() for _ in range(self.frame_items)]
+                self._took(items, everything=False)
             framed = self._framed(items)
             if framed is not None and self._hand(framed[1]):
                 self._write(framed[0])
@@ -409,6 +415,7 @@ class WriterPipe:
                 # meanwhile is taken too or stays queued, for ``_fail_queued``; never cleared unseen
                 queue = self._queue
                 items = [queue.popleft() for _ in range(len(queue))]
+                self._took(items, everything=True)
                 framed = self._framed(items)
                 if framed is not None and self._hand(framed[1]):
                     data += framed[0]
@@ -461,6 +468,7 @@ class WriterPipe:
             while True:
                 self._queue.popleft()
                 left += 1
+        self._took([], everything=True)
         if left:
             self._failed.inc(left)
 

@@ -74,7 +74,8 @@ class Observers:
         if settings.payload_log:
             queue, registry = settings.payload_log_queue, metrics.registry
             payload_log = PayloadLog(settings.payload_log, capacity=queue, source=source, command=PAYLOAD_WRITER,
-                                     registry=registry, priority=settings.writer_priority)  # fmt: skip
+                                     registry=registry, priority=settings.writer_priority,
+                                     capacity_bytes=settings.payload_log_queue_bytes)  # fmt: skip
         tracing = None
         if settings.otlp_endpoint:
             tracing = Tracing(settings.otlp_endpoint, settings.trace_sample_ratio, command=TRACE_WRITER,

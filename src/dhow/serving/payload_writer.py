@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from dhow.governance.masking import Masker
-from dhow.monitoring.payload_log import MAX_MASKINGS, PayloadSink, read_events
+from dhow.monitoring.payload_log import INPUTS, MAX_MASKINGS, OUTPUTS, QUEUE_BYTES, PayloadSink, read_events
 from dhow.monitoring.payload_sinks import open_sink
 from dhow.serving.payload_render import FEW as _FEW
 from dhow.serving.payload_render import cloud_events
@@ -66,10 +66,17 @@ class Writer:
     #: events taken off the queue and not handed to the sink yet: being rendered, or being written (``queued``)
     _rendering = 0
 
-    def __init__(self, sink: PayloadSink, *, capacity: int, source: str, report: Any) -> None:
+    def __init__(
+        self, sink: PayloadSink, *, capacity: int, source: str, report: Any, capacity_bytes: int = QUEUE_BYTES
+    ) -> None:
         self.sink = sink
         self.kind = sink.kind
         self.capacity = capacity
+        #: the bytes of the queued events' JSON bodies and answers at most, and those queued (under ``_lock``), each
+        #: event's in ``_sizes`` (in step with ``_queue``: extended before it, taken after it)
+        self.capacity_bytes = capacity_bytes
+        self._bytes = 0
+        self._sizes: collections.deque[int] = collections.deque()
         self.source = source
         self._report_to = report
         self._queue: collections.deque[list[Any]] = collections.deque()
@@ -102,12 +109,23 @@ class Writer:
         self.queue(events)
 
     def queue(self, events: list[Any]) -> None:
-        """Queue events for the sink's thread, dropping (and counting) what the queue has no room for."""
+        """Queue events for the sink's thread, dropping (and counting) what the queue has no room for: past its
+        count of events, or of bytes (the newest dropped)."""
         room = self.capacity - len(self._queue)
-        if room < len(events):
-            self.dropped(len(events) - max(room, 0))
-            events = events[: max(room, 0)]
-        self._queue.extend(events)
+        kept = events[: max(room, 0)]
+        sizes = [_bytes_of(event[INPUTS]) + _bytes_of(event[OUTPUTS]) for event in kept]
+        total, room_bytes = 0, self.capacity_bytes - self._bytes
+        for n, size in enumerate(sizes):
+            if total + size > room_bytes:
+                kept, sizes = kept[:n], sizes[:n]
+                break
+            total += size
+        if len(kept) < len(events):
+            self.dropped(len(events) - len(kept))
+        with self._lock:
+            self._bytes += total
+        self._sizes.extend(sizes)
+        self._queue.extend(kept)
         self._wake.set()
 
     # -- PayloadCounts, called by the sink --
@@ -174,6 +192,10 @@ class Writer:
             if left - size < _FEW:  # (a remainder too short for the renderer's columns goes with this step)
                 size = left
             step = [queue.popleft() for _ in range(size)]
+            sizes = self._sizes
+            freed = sum([sizes.popleft() for _ in range(size)])
+            with self._lock:
+                self._bytes -= freed
             self._rendering += size
             start = time.thread_time()
             written, failed = self.render_chunk(step)
@@ -235,9 +257,15 @@ class Writer:
         return {self._reporter.native_id} if self._reporter.native_id is not None else set()
 
 
+def _bytes_of(part: Any) -> int:
+    """An event's JSON body or answer, in bytes (0 for decoded tensors: bounded by the server's count of them)."""
+    return len(part) if type(part) is bytes else 0
+
+
 def _open(settings: dict[str, Any], answer: Answer) -> Writer:
     sink = open_sink(str(settings["url"]))
-    return Writer(sink, capacity=int(settings["capacity"]), source=str(settings["source"]), report=answer)
+    return Writer(sink, capacity=int(settings["capacity"]), source=str(settings["source"]), report=answer,
+                  capacity_bytes=int(settings.get("capacity_bytes", QUEUE_BYTES)))  # fmt: skip
 
 
 def main() -> int:

@@ -357,6 +357,14 @@ class ServerSettings:
         metavar="N",
         group=_MONITORING,
     )
+    payload_log_queue_bytes: int = _setting(
+        256 << 20,
+        "bytes of payload events waiting for the sink at most (their requests' JSON bodies or arrays, and in the "
+        "writer process their JSON answers), in the server and again in its writer: past it new events are dropped "
+        "and counted, so that large bodies never hold gigabytes",
+        metavar="BYTES",
+        group=_MONITORING,
+    )
     writer_priority: str = _setting(
         "idle",
         "CPU priority of the payload log's and tracing's writer processes (Linux): idle (SCHED_IDLE: they use CPU "

@@ -47,7 +47,8 @@ _CHOICES = {
     "http_front": ("native", "uvicorn"),
 }
 #: integer settings with a lower bound
-_AT_LEAST = {"workers": 1, "max_connections": 0, "keepalive_timeout": 1, "payload_log_queue": 1}
+_AT_LEAST = {"workers": 1, "max_connections": 0, "keepalive_timeout": 1, "payload_log_queue": 1,
+             "payload_log_queue_bytes": 1}  # fmt: skip
 #: durations that must be more than zero (a zero timeout would close every connection at once)
 _POSITIVE = ("header_timeout", "body_timeout", "grpc_idle_timeout", "grpc_keepalive", "drain_seconds")
 _NOT_NEGATIVE = ("drain_delay",)
