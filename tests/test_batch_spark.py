@@ -188,7 +188,7 @@ def test_csv_files_whose_columns_come_in_another_order_are_refused_for_spark_and
                                    "input=f*"))  # fmt: skip
     assert (summary["scored"], summary["errors"]) == (20, 0), summary
     scored = pq.read_table(tmp_path / "out-local", partitioning=None, ignore_prefixes=["_", ".", "errors"])
-    order = np.argsort(scored.column("id").to_numpy())
+    order = np.argsort(np.array(scored.column("id").to_pylist(), dtype=np.int64))  # (a CSV key is its text)
     x = np.stack([table.column(name).to_numpy() for name in names if name.startswith("f")], axis=1)
     expected = run_directly(demo_repository, "tabular", 2, {"input": x.astype(np.float32)})
     np.testing.assert_array_equal(scored.column("label").to_numpy()[order], expected["label"])

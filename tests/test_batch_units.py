@@ -240,3 +240,21 @@ def test_a_csv_file_of_its_header_alone_is_a_file_of_no_rows_its_last_line_ended
     (tmp_path / "empty.csv").write_bytes(b"")
     with pytest.raises(InvalidInput, match=r"empty.csv: it is empty: a CSV input starts with its header row"):
         Source(str(tmp_path / "empty.csv"), "csv", batch_rows=10)
+
+
+def test_a_csv_files_last_quoted_field_left_open_is_read_as_it_was_and_a_long_header_is_not_called_empty(
+    tmp_path: Path,
+) -> None:
+    """The line break added to a header alone is never added to a file of rows (it would be a quoted field's
+    data); a header longer than the reader's first block is refused for that, not as an empty file."""
+    (tmp_path / "open.csv").write_bytes(b'id,x\n1,2\n3,"4')
+    source = Source(str(tmp_path / "open.csv"), "csv", batch_rows=10)
+    read = pa.Table.from_batches(list(source.batches(["id", "x"], {"x"})))
+    assert read.column("x").to_pylist() == ["2", "4"]
+    wide = ",".join(f"column_{n}" for n in range(100_000))
+    (tmp_path / "wide.csv").write_text(wide + "\n" + ",".join("1" * 100_000) + "\n")
+    with pytest.raises(InvalidInput) as refused:
+        Source(str(tmp_path / "wide.csv"), "csv", batch_rows=10)
+    assert "it is empty" not in str(refused.value) and "its header row must end within its first MiB" in str(
+        refused.value
+    )

@@ -116,4 +116,7 @@ class Job:
             "part_rows": self.part_rows,
             "data_region": self.data_region,
             "server": self.server,
+            # a CSV key is written as its text (2026-12-08; a number before): an output begun with numbers must not
+            # go on with text
+            **({"csv_key": "text"} if self.key and self.format == "csv" else {}),
         }

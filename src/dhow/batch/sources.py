@@ -259,33 +259,37 @@ def _csv_batches(
 
 
 class _LastLineEnded(io.RawIOBase):
-    """A CSV file read as it is, with a line break after its last line when the whole file fits in the first read
-    and has none: Arrow takes a header alone without one, in its first block, for no header at all ("Empty CSV
-    file"), where with one it is a file of no rows (a longer file's last row it reads with or without one)."""
+    """A CSV file read as it is, but for a file of one line without a line break that fits in the first read (a
+    header alone): given with one, which Arrow needs to read it as a header, a file of no rows (without it, in
+    its first block, Arrow takes it for no header at all: "Empty CSV file"). A file of more lines, its last
+    unended, Arrow reads as it is (a quoted field left open included: a line break added would be its data)."""
 
     def __init__(self, handle: IO[bytes]) -> None:
         super().__init__()
         self._handle = handle
         self._first = True
+        #: the bytes given so far (none: the file is empty)
+        self.given = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
         size = len(buffer)
-        if not self._first:
-            data = self._handle.read(size)
-        else:  # the first read filled (room left for the line break), or the whole file with its line ended
+        if not self._first or size < 2:
+            data: bytes | bytearray = self._handle.read(size)
+        else:  # the first read filled (room left for the line break), or the whole file
             self._first = False
-            data = b""
+            data = bytearray()
             while len(data) < size - 1:
                 more = self._handle.read(size - 1 - len(data))
                 if not more:
-                    if data and data[-1:] not in (b"\n", b"\r"):
+                    if data and 10 not in data and 13 not in data:
                         data += b"\n"
                     break
                 data += more
         buffer[: len(data)] = data
+        self.given += len(data)
         return len(data)
 
 
@@ -309,8 +313,10 @@ def _csv_schema(handle: IO[bytes] | io.RawIOBase) -> pa.Schema:
     try:
         reader = pacsv.open_csv(handle, read_options=read, parse_options=_csv_parsing(refuse))
     except pa.ArrowInvalid as exc:
-        if "Empty CSV file" in str(exc):
+        if "Empty CSV file" in str(exc) and getattr(handle, "given", None) == 0:
             raise ValueError("it is empty: a CSV input starts with its header row (the columns' names)") from None
+        if "Empty CSV file" in str(exc):
+            raise ValueError(f"{exc}: its header row must end within its first MiB") from None
         if not refused:
             raise
         reader, first = None, None
