@@ -21,6 +21,7 @@ from jwt import PyJWK
 from jwt.exceptions import InvalidSubjectError
 
 from dhow.core.errors import InvalidInput, Unauthenticated, Unavailable
+from dhow.core.model_config import DEFAULT_TENANT
 
 __all__ = ["ACCEPTED_ALGORITHMS", "JwtVerifier", "TokenClaims"]
 
@@ -187,7 +188,7 @@ class JwtVerifier:
         roles = payload.get(self.roles_claim, [])
         if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
             raise Unauthenticated(f"the bearer token's {self.roles_claim} claim must be a list of strings")
-        tenant = payload.get(self.tenant_claim, "default")
+        tenant = payload.get(self.tenant_claim, DEFAULT_TENANT)
         if not isinstance(tenant, str) or not tenant:
             raise Unauthenticated(f"the bearer token's {self.tenant_claim} claim must be a non-empty string")
         if tenant == "*":

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from dhow.core.errors import Forbidden, InvalidInput
+from dhow.core.model_config import DEFAULT_TENANT
 
 __all__ = [
     "ALL_TENANTS",
@@ -32,8 +33,6 @@ __all__ = [
 
 #: the tenant of principals that span every tenant (the first admin key)
 ALL_TENANTS = "*"
-#: the tenant of a key made without one by the CLI, or by the admin API for a caller of every tenant
-DEFAULT_TENANT = "default"
 
 
 class Permission(enum.Enum):
@@ -112,7 +111,7 @@ class Principal:
     #: cache of decisions: (permission, model, model tenant) -> allowed
     _decisions: dict[tuple[Permission, str, str], bool] = field(default_factory=dict, compare=False, repr=False)
 
-    def may(self, permission: Permission, model: str = "", model_tenant: str = "default") -> bool:
+    def may(self, permission: Permission, model: str = "", model_tenant: str = DEFAULT_TENANT) -> bool:
         key = (permission, model, model_tenant)
         decision = self._decisions.get(key)
         if decision is None:
@@ -134,7 +133,7 @@ class Principal:
 
 def check_permission(principal: Principal, permission: Permission, model: str = "", model_tenant: str = "") -> None:
     """Raise ``Forbidden`` saying what is missing, unless the principal may."""
-    tenant = model_tenant or "default"
+    tenant = model_tenant or DEFAULT_TENANT
     if principal.may(permission, model, tenant):
         return
     target = f" on model '{model}'" if model else ""

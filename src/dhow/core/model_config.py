@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+#: the tenant of a model, a key, a token or a record that names none
+DEFAULT_TENANT = "default"
+
 InstanceKind = Literal["thread", "process", "gpu"]
 
 #: the ``runtime:`` values a manifest may name
@@ -155,7 +158,7 @@ class ModelConfig:
     threads: int = 0
     owner: str = ""
     #: the tenant the model belongs to: keys and tokens of other tenants may not touch it
-    tenant: str = "default"
+    tenant: str = DEFAULT_TENANT
     #: where the model's data belongs (e.g. ae, eu): the data region of requests that name none
     region: str = ""
     #: PII masking rules (the ``pii:`` section, checked by ``dhow.governance.masking.parse_masking``)

@@ -28,6 +28,7 @@ from typing import IO, Any
 import orjson
 
 from dhow.core.errors import InvalidInput
+from dhow.core.model_config import DEFAULT_TENANT
 from dhow.governance.audit_blocks import (
     BLOCK_MIGRATION,
     block_lines,
@@ -88,7 +89,7 @@ class AuditRecord:
     kind: str  # "admin" | "inference" | "denial"
     action: str  # "infer", "model.load", "deployment.put", "key.revoke", ...
     actor: str  # the principal: "key:ci-bot", "jwt:alice@example.com", "cert:svc-a", "anonymous"
-    tenant: str = "default"
+    tenant: str = DEFAULT_TENANT
     outcome: str = "success"  # or the error code, e.g. "PERMISSION_DENIED"
     model: str = ""
     version: str = ""

@@ -13,6 +13,7 @@ import yaml
 
 from dhow.core.datatypes import DATATYPES
 from dhow.core.model_config import (
+    DEFAULT_TENANT,
     RUNTIME_NAMES,
     BatchingConfig,
     InstanceConfig,
@@ -202,7 +203,7 @@ def parse_manifest(data: object, path: Path | str, name: str) -> ModelConfig:
         precision=fields.get("precision", lambda v: v in ("fp32", "fp16", "bf16"), "one of fp32, fp16, bf16", "fp32"),
         threads=fields.get("threads", _non_negative_int, "an integer >= 0 (0 = sized to the cores)", 0),
         owner=fields.get("owner", _is_str, "a string", ""),
-        tenant=fields.get("tenant", _is_name, "a tenant name (letters, digits, '.', '_', '-')", "default"),
+        tenant=fields.get("tenant", _is_name, "a tenant name (letters, digits, '.', '_', '-')", DEFAULT_TENANT),
         region=fields.get("region", _is_str, "a string", ""),
         pii=fields.get("pii", lambda v: isinstance(v, dict), "a mapping (detectors, action, fields)", None),
         payload_sample_rate=fields.get("payload_sample_rate", _is_fraction, "a number from 0 to 1", 0.0),

@@ -23,6 +23,7 @@ from dhow.access.ratelimit import LocalRateLimiter, Permit, RateLimiter
 from dhow.access.store import Limits
 from dhow.core.errors import DhowError, ErrorCode, unknown_model
 from dhow.core.ids import new_request_id
+from dhow.core.model_config import DEFAULT_TENANT
 from dhow.core.types import Caller, Outcome
 from dhow.governance.audit import AuditRecord, AuditRow
 from dhow.governance.audit_trail import AuditTrail
@@ -196,7 +197,7 @@ class AccessGuard:
             self.refusals.labels(exc.code.value).inc()
             departure = self._deny(principal.name, principal.tenant, access, model, request_id, exc)
             answer: DhowError = exc
-            if model and principal.tenant not in (ALL_TENANTS, tenant or "default"):
+            if model and principal.tenant not in (ALL_TENANTS, tenant or DEFAULT_TENANT):
                 # another tenant's model answers as a missing one: no tenant learns another's model names
                 answer = unknown_model(model)
             if departure is not None:
