@@ -769,3 +769,9 @@ def test_the_queue_drops_past_its_bytes_and_counts_them_out_as_they_are_taken() 
     assert log._bytes == 760 and len(log._queue) == 3
     log._took(list(log._queue), everything=True)
     assert log._bytes == 0
+    # a bound below one request: one at a time still goes (into an empty queue), never none
+    log._queue.clear()
+    log.capacity_bytes = 100
+    log.answered((_Config("m"), "", None, caller), 1.0, sent, answer)
+    log.answered((_Config("m"), "", None, caller), 1.0, sent, answer)
+    assert len(log._queue) == 1 and log._bytes == 300 and log._dropped.value == 4

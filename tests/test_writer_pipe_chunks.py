@@ -102,6 +102,7 @@ def test_a_backlog_behind_a_full_pipe_is_framed_in_chunks_once_it_drains(tmp_pat
         await _all_counted(registry, count)
         assert waiting > log.frame_items
         assert _counted(registry) == count, "items left queued with nothing to hand them over"
+        assert log._bytes == 0, "the bytes of what was taken in chunks were not all counted out"
 
     try:
         asyncio.run(main())

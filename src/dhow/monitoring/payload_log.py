@@ -256,9 +256,10 @@ class PayloadLog(WriterPipe):
         queue = self._queue
         # the request's JSON body, else its decoded tensors (not the request: a body's decoded arrays are not kept)
         body = request.json_body
-        size = len(body) if body is not None else _tensor_bytes(request.inputs)
-        # (counted here: a close may empty the queue meanwhile)
-        if len(queue) >= self.capacity or self._gone or self._bytes + size > self.capacity_bytes:
+        size = (len(body) if body is not None else _tensor_bytes(request.inputs)) + _tensor_bytes(response.outputs)
+        # (counted here: a close may empty the queue meanwhile; an event larger than the bound alone goes into an
+        # empty queue: a bound set below one request must not drop them all)
+        if len(queue) >= self.capacity or self._gone or (self._bytes and self._bytes + size > self.capacity_bytes):
             self._refuse()
             return
         self._bytes += size
@@ -272,10 +273,10 @@ class PayloadLog(WriterPipe):
 
     def offer(self, event: list[Any], masking: Masking) -> None:
         """Queue an event (``FIELDS``), or drop and count it when the queue is full: never waits."""
-        size = _event_bytes(event[INPUTS])
+        size = _event_bytes(event[INPUTS]) + (_event_bytes(event[OUTPUTS]) if event[OUTPUTS] else 0)
         if self._refused():
             return
-        if self._bytes + size > self.capacity_bytes:
+        if self._bytes and self._bytes + size > self.capacity_bytes:
             self._refuse()
             return
         self._bytes += size
@@ -288,10 +289,9 @@ class PayloadLog(WriterPipe):
     def _took(self, items: list[Any], everything: bool) -> None:
         if everything:
             self._bytes = 0
-        else:  # (a chunk: a writer behind)
-            self._bytes -= sum(
-                _event_bytes(item[0][INPUTS]) if type(item) is tuple else _event_bytes(item[4]) for item in items
-            )
+        else:  # (a chunk: a writer behind; about what was counted in, the answer's bytes for its tensors: exact
+            # again once the queue is taken whole)
+            self._bytes = max(0, self._bytes - sum(map(_item_bytes, items)))
 
     def _masking_number(self, masking: Masking) -> int:
         """A number for the model's masking, its rules handed over with the next frame (once per masking)."""
@@ -398,24 +398,42 @@ class PayloadLog(WriterPipe):
 
 
 def _tensor_bytes(tensors: Sequence[Any]) -> int:
-    """The bytes of a request's decoded tensors' arrays (a text tensor's: its references)."""
+    """The bytes of decoded tensors' arrays (a text tensor's: its texts')."""
     size = 0
     for tensor in tensors:
-        size += getattr(tensor.data, "nbytes", 0)
+        size += _array_bytes(tensor.data)
     return size
 
 
-def _event_bytes(inputs: Any) -> int:
-    """The bytes of an event's or an item's request: a JSON body (or a body and its number of tensors), else
-    decoded tensors (``[name, datatype, shape, array]`` lists, or ``Tensor``s)."""
-    if type(inputs) is bytes:
-        return len(inputs)
-    if type(inputs) is tuple:
-        return len(inputs[0])
+def _array_bytes(data: Any) -> int:
+    if type(data) is np.ndarray and data.dtype != object:
+        return data.nbytes
+    try:  # text (objects: bytes or str), or a list
+        return sum(len(value) if isinstance(value, bytes | str) else 8 for value in np.asarray(data).ravel())
+    except (TypeError, ValueError):
+        return getattr(data, "nbytes", 0)
+
+
+def _event_bytes(part: Any) -> int:
+    """The bytes of an event's or an item's request or answer: a JSON body or answer (or a body and its number of
+    tensors), else decoded tensors (``[name, datatype, shape, array]`` lists, or ``Tensor``s)."""
+    if type(part) is bytes:
+        return len(part)
+    if type(part) is tuple:
+        return len(part[0])
     size = 0
-    for tensor in inputs:
-        size += getattr(tensor[3] if type(tensor) is list else tensor.data, "nbytes", 0)
+    for tensor in part:
+        size += _array_bytes(tensor[3] if type(tensor) is list else tensor.data)
     return size
+
+
+def _item_bytes(item: Any) -> int:
+    """What ``answered`` or ``offer`` counted in for a queued item (an answer's JSON bytes for its tensors')."""
+    if type(item) is tuple:  # an offered event
+        event = item[0]
+        return _event_bytes(event[INPUTS]) + (_event_bytes(event[OUTPUTS]) if event[OUTPUTS] else 0)
+    answer = item[ANSWER]
+    return _event_bytes(item[4]) + (len(answer) if type(answer) is bytes else _tensor_bytes(answer.outputs))
 
 
 def _writable(events: list[Any]) -> None:

@@ -77,6 +77,8 @@ class Writer:
         self.capacity_bytes = capacity_bytes
         self._bytes = 0
         self._sizes: collections.deque[int] = collections.deque()
+        #: the bytes of the events taken for the sink and not handed yet (counted out once handed)
+        self._freeing = 0
         self.source = source
         self._report_to = report
         self._queue: collections.deque[list[Any]] = collections.deque()
@@ -114,9 +116,11 @@ class Writer:
         room = self.capacity - len(self._queue)
         kept = events[: max(room, 0)]
         sizes = [_bytes_of(event[INPUTS]) + _bytes_of(event[OUTPUTS]) for event in kept]
-        total, room_bytes = 0, self.capacity_bytes - self._bytes
+        total, held = 0, self._bytes
         for n, size in enumerate(sizes):
-            if total + size > room_bytes:
+            # (an event larger than the bound alone goes into an empty queue: a bound below one request must not
+            # drop them all)
+            if held + total and held + total + size > self.capacity_bytes:
                 kept, sizes = kept[:n], sizes[:n]
                 break
             total += size
@@ -170,6 +174,9 @@ class Writer:
                 self.failed(len(rendered), repr(exc))
             finally:
                 self._rendering = 0
+                with self._lock:
+                    self._bytes -= self._freeing
+                self._freeing = 0
 
     def hand(self, rendered: list[tuple[str, bytes]]) -> None:
         """Give the sink what was rendered: counted as being rendered (``queued``) until ``write`` returns."""
@@ -193,9 +200,8 @@ class Writer:
                 size = left
             step = [queue.popleft() for _ in range(size)]
             sizes = self._sizes
-            freed = sum([sizes.popleft() for _ in range(size)])
-            with self._lock:
-                self._bytes -= freed
+            # (counted out once the sink took them: ``_drain``; rendered and handed, they are held till then)
+            self._freeing += sum([sizes.popleft() for _ in range(size)])
             self._rendering += size
             start = time.thread_time()
             written, failed = self.render_chunk(step)
@@ -258,8 +264,19 @@ class Writer:
 
 
 def _bytes_of(part: Any) -> int:
-    """An event's JSON body or answer, in bytes (0 for decoded tensors: bounded by the server's count of them)."""
-    return len(part) if type(part) is bytes else 0
+    """An event's JSON body or answer, in bytes; decoded tensors (``[name, datatype, shape, values]``, their values
+    lists of Python numbers here) at about 32 bytes a value."""
+    if type(part) is bytes:
+        return len(part)
+    if type(part) is not list:
+        return 0
+    size = 0
+    for tensor in part:
+        count = 1
+        for dim in tensor[2] if type(tensor) is list and len(tensor) > 2 and type(tensor[2]) is list else ():
+            count *= dim if type(dim) is int and dim > 0 else 1
+        size += 32 * count
+    return size
 
 
 def _open(settings: dict[str, Any], answer: Answer) -> Writer:

@@ -67,8 +67,8 @@ class _BodyThenGone:
 
     disconnected = True
 
-    def __init__(self, body: bytes | bytearray) -> None:
-        self._body: bytes | bytearray | None = body
+    def __init__(self, body: bytes) -> None:
+        self._body: bytes | None = body
 
     async def receive(self) -> Message:
         body, self._body = self._body, None
@@ -163,7 +163,7 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
             cycle, app = self.pipeline.pop()
             cycle.disconnected = True  # (nothing is sent: uvicorn writes no 500 for an app that answered no one)
             if not cycle.more_body:  # (its body whole; one cut short by the FIN is gone before it, as ever)
-                cycle.receive = _BodyThenGone(cycle.body).receive  # type: ignore[method-assign,assignment]
+                cycle.receive = _BodyThenGone(bytes(cycle.body)).receive  # type: ignore[method-assign,assignment]
             self._start_asgi_task(cycle, app)
 
     def data_received(self, data: bytes) -> None:
