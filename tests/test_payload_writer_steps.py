@@ -29,6 +29,7 @@ class _Steps(Writer):
         self.cost = payload_writer._STEP_S / payload_writer._STEP if cost is None else cost
         self.capacity = capacity
         self._queue = collections.deque([[n] for n in range(queued)])
+        self._sizes, self._freeing = collections.deque([0] * queued), 0
         self._stopping = threading.Event()
         self._handover = threading.Event()
         if stopping:
@@ -130,7 +131,7 @@ def test_tracings_writer_in_steps_exports_every_span_once_and_a_bad_record_fails
     records[130] = bad
     writer = TraceWriter.__new__(TraceWriter)  # its steps alone: no sink, no threads
     writer._stopping, writer._handover, writer.capacity = threading.Event(), threading.Event(), 8192
-    writer._queue = collections.deque(records)
+    writer._queue, writer._sizes, writer._freeing = collections.deque(records), collections.deque(), 0
     rendered, failures = writer._render_steps()
     assert [event for event, _ in failures] == [bad]
     assert [key for key, _ in rendered] == [f"r-{n}" for n in range(300) if n != 130]

@@ -115,7 +115,8 @@ class Writer:
         count of events, or of bytes (the newest dropped)."""
         room = self.capacity - len(self._queue)
         kept = events[: max(room, 0)]
-        sizes = [_bytes_of(event[INPUTS]) + _bytes_of(event[OUTPUTS]) for event in kept]
+        size_of = self._size
+        sizes = [size_of(event) for event in kept]
         total, held = 0, self._bytes
         for n, size in enumerate(sizes):
             # (an event larger than the bound alone goes into an empty queue: a bound below one request must not
@@ -131,6 +132,10 @@ class Writer:
         self._sizes.extend(sizes)
         self._queue.extend(kept)
         self._wake.set()
+
+    def _size(self, event: Any) -> int:
+        """What an event counts against ``capacity_bytes``: its JSON body and answer, or its tensors' values."""
+        return _bytes_of(event[INPUTS]) + _bytes_of(event[OUTPUTS]) if len(event) > OUTPUTS else 0
 
     # -- PayloadCounts, called by the sink --
 
@@ -200,8 +205,9 @@ class Writer:
                 size = left
             step = [queue.popleft() for _ in range(size)]
             sizes = self._sizes
-            # (counted out once the sink took them: ``_drain``; rendered and handed, they are held till then)
-            self._freeing += sum([sizes.popleft() for _ in range(size)])
+            # (counted out once the sink took them: ``_drain``; rendered and handed, they are held till then. Never
+            # more than it holds: events queued by another way than ``queue`` count nothing)
+            self._freeing += sum([sizes.popleft() for _ in range(min(size, len(sizes)))])
             self._rendering += size
             start = time.thread_time()
             written, failed = self.render_chunk(step)

@@ -291,6 +291,10 @@ class TraceWriter(Writer):
     def take(self, frame: list[Any]) -> None:
         self.queue(frame)
 
+    def _size(self, event: Any) -> int:
+        """Nothing: a traced request's record is a few hundred bytes, bounded by their count (``capacity``)."""
+        return 0
+
     def render_chunk(self, chunk: list[Any]) -> tuple[list[tuple[str, bytes]], list[tuple[Any, Exception]]]:
         """A step's spans written at once (``chunk_fields``), held by its first request (the sink joins them and
         counts requests); a chunk with a record that cannot be written is written one record at a time, and that
