@@ -92,6 +92,7 @@ def _queue_alone() -> Any:
     log._maskings, log._new_maskings, log._masking_count, log._by_config = {}, [], 0, {}
     log._numbering, log._unframed, log._unmasked = threading.Lock(), 0, set()
     log._bodies, log._outputs = [], []  # (what older sources' ``offer`` appends to)
+    log.capacity_bytes, log._bytes = 1 << 62, 0  # (sources since 2026-12-08: the queue's bytes)
     return log
 
 

@@ -256,7 +256,9 @@ class PayloadLog(WriterPipe):
         queue = self._queue
         # the request's JSON body, else its decoded tensors (not the request: a body's decoded arrays are not kept)
         body = request.json_body
-        size = (len(body) if body is not None else _tensor_bytes(request.inputs)) + _tensor_bytes(response.outputs)
+        # (a JSON request's answer, the JSON the door sends, is counted by the writer: here it would cost every
+        # answer a loop over its tensors, ~1.6k instructions of the event loop's)
+        size = len(body) if body is not None else _tensor_bytes(request.inputs) + _tensor_bytes(response.outputs)
         # (counted here: a close may empty the queue meanwhile; an event larger than the bound alone goes into an
         # empty queue: a bound set below one request must not drop them all)
         if len(queue) >= self.capacity or self._gone or (self._bytes and self._bytes + size > self.capacity_bytes):
@@ -406,7 +408,7 @@ def _tensor_bytes(tensors: Sequence[Any]) -> int:
 
 
 def _array_bytes(data: Any) -> int:
-    if type(data) is np.ndarray and data.dtype != object:
+    if type(data) is np.ndarray and not data.dtype.hasobject:  # (not ``dtype != object``: a dtype made each time)
         return data.nbytes
     try:  # text (objects: bytes or str), or a list
         return sum(len(value) if isinstance(value, bytes | str) else 8 for value in np.asarray(data).ravel())
@@ -428,12 +430,12 @@ def _event_bytes(part: Any) -> int:
 
 
 def _item_bytes(item: Any) -> int:
-    """What ``answered`` or ``offer`` counted in for a queued item (an answer's JSON bytes for its tensors')."""
+    """What ``answered`` or ``offer`` counted in for a queued item (a JSON request: its body alone)."""
     if type(item) is tuple:  # an offered event
         event = item[0]
         return _event_bytes(event[INPUTS]) + (_event_bytes(event[OUTPUTS]) if event[OUTPUTS] else 0)
-    answer = item[ANSWER]
-    return _event_bytes(item[4]) + (len(answer) if type(answer) is bytes else _tensor_bytes(answer.outputs))
+    inputs = item[4]
+    return len(inputs) if type(inputs) is bytes else _event_bytes(inputs) + _tensor_bytes(item[ANSWER].outputs)
 
 
 def _writable(events: list[Any]) -> None:
