@@ -313,9 +313,9 @@ def _csv_schema(handle: IO[bytes] | io.RawIOBase) -> pa.Schema:
     try:
         reader = pacsv.open_csv(handle, read_options=read, parse_options=_csv_parsing(refuse))
     except pa.ArrowInvalid as exc:
-        if "Empty CSV file" in str(exc) and getattr(handle, "given", None) == 0:
-            raise ValueError("it is empty: a CSV input starts with its header row (the columns' names)") from None
         if "Empty CSV file" in str(exc):
+            if getattr(handle, "given", None) == 0:
+                raise ValueError("it is empty: a CSV input starts with its header row (the columns' names)") from None
             raise ValueError(f"{exc}: its header row must end within its first MiB") from None
         if not refused:
             raise

@@ -275,7 +275,7 @@ class PayloadLog(WriterPipe):
 
     def offer(self, event: list[Any], masking: Masking) -> None:
         """Queue an event (``FIELDS``), or drop and count it when the queue is full: never waits."""
-        size = _event_bytes(event[INPUTS]) + (_event_bytes(event[OUTPUTS]) if event[OUTPUTS] else 0)
+        size = _offered_bytes(event)
         if self._refused():
             return
         if self._bytes and self._bytes + size > self.capacity_bytes:
@@ -418,22 +418,28 @@ def _array_bytes(data: Any) -> int:
 
 def _event_bytes(part: Any) -> int:
     """The bytes of an event's or an item's request or answer: a JSON body or answer (or a body and its number of
-    tensors), else decoded tensors (``[name, datatype, shape, array]`` lists, or ``Tensor``s)."""
+    tensors), else decoded tensors (``[name, datatype, shape, array]`` lists, or ``Tensor``s); none: 0."""
     if type(part) is bytes:
         return len(part)
     if type(part) is tuple:
         return len(part[0])
+    if part is None:
+        return 0
     size = 0
     for tensor in part:
         size += _array_bytes(tensor[3] if type(tensor) is list else tensor.data)
     return size
 
 
+def _offered_bytes(event: list[Any]) -> int:
+    """What ``offer`` counts in for an event: its request and its answer, if any."""
+    return _event_bytes(event[INPUTS]) + _event_bytes(event[OUTPUTS])
+
+
 def _item_bytes(item: Any) -> int:
     """What ``answered`` or ``offer`` counted in for a queued item (a JSON request: its body alone)."""
     if type(item) is tuple:  # an offered event
-        event = item[0]
-        return _event_bytes(event[INPUTS]) + (_event_bytes(event[OUTPUTS]) if event[OUTPUTS] else 0)
+        return _offered_bytes(item[0])
     inputs = item[4]
     return len(inputs) if type(inputs) is bytes else _event_bytes(inputs) + _tensor_bytes(item[ANSWER].outputs)
 

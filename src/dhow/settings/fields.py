@@ -359,10 +359,10 @@ class ServerSettings:
     )
     payload_log_queue_bytes: int = _setting(
         256 << 20,
-        "bytes of payload events waiting for the sink at most (their requests' and answers' JSON or arrays), in the "
-        "server and again in its writer: past it new events are dropped and counted, so that large bodies never "
-        "hold gigabytes (what is being handed over comes on top: up to about twice; one event larger than it goes "
-        "alone into an empty queue)",
+        "bytes of payload events waiting for the sink at most (their requests' JSON bodies or arrays and their "
+        "answers' arrays; in the writer their JSON answers too), in the server and again in its writer: past it "
+        "new events are dropped and counted, so that large bodies never hold gigabytes (what is being handed over "
+        "comes on top: up to about twice; one event larger than it goes alone into an empty queue)",
         metavar="BYTES",
         group=_MONITORING,
     )
